@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ZB := $(VENV)/bin/ziya-batch
+# torch's CPU build first: a bare `torch` requirement on a fresh venv pulls a multi-GB CUDA build
+TORCH_CPU ?= torch==2.13.0
+export ZIYA_BATCH_HOME ?= $(CURDIR)/.cache/ziya-batch
+
+.PHONY: venv demo test test-unit test-redis test-ray redis-server clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# redis-server from Debian's packages where the machine has none
+redis-server:
+	@command -v redis-server >/dev/null || { echo "installing redis-server from Debian's packages"; \
+	  (apt-get install -y -qq redis-server >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)); }
+
+demo: venv redis-server
+	$(ZB) demo-model .cache/demo-model
+	rm -rf .cache/demo-output
+	$(ZB) run jobs/demo.yaml
+
+test: venv redis-server
+	$(PY) -m pytest -q tests
+
+test-unit: venv
+	$(PY) -m pytest -q tests/unit
+
+clean:
+	rm -rf .cache $(VENV)

@@ -1,0 +1,56 @@
+"""Error types. Every error a user can cause is a ZiyaBatchError whose message says what was wrong and
+what to do; the CLI prints it as one line and exits with `exit_code`, never with a traceback."""
+from __future__ import annotations
+
+
+class ZiyaBatchError(Exception):
+    """Base of every error the user can cause or fix."""
+
+    exit_code = 1
+
+
+class SpecError(ZiyaBatchError):
+    """The job spec is invalid (unknown key, wrong type or range, missing input)."""
+
+    exit_code = 2
+
+
+class InputError(ZiyaBatchError):
+    """An input file cannot be read or indexed."""
+
+    exit_code = 2
+
+
+class ServiceError(ZiyaBatchError):
+    """A service (Redis, Ray, storage) is missing, unreachable or unsafely configured."""
+
+    exit_code = 3
+
+
+class JobNotFound(ZiyaBatchError):
+    exit_code = 4
+
+
+class ModelError(ZiyaBatchError):
+    """A model directory is missing, incomplete or of the wrong shape."""
+
+    exit_code = 2
+
+
+class LineError(Exception):
+    """One input line is invalid. Not fatal: it becomes one line in errors/ with this code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# error codes written to errors/part-*.jsonl
+INVALID_JSON = "invalid_json"
+MISSING_PROMPT = "missing_prompt"
+EMPTY_PROMPT = "empty_prompt"
+INVALID_SAMPLING = "invalid_sampling"
+PROMPT_TOO_LONG = "prompt_too_long"
+GENERATION_FAILED = "generation_failed"
+RETRIES_EXHAUSTED = "retries_exhausted"

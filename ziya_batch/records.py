@@ -1,0 +1,185 @@
+"""Plain data passed between layers, and the JSON records written to the output (DESIGN.md layout)."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from .spec import SamplingSpec
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """One leased unit of work: a byte range of one input file. Redis stores this, never the prompts."""
+
+    job_id: str
+    index: int          # shard number = output part number
+    file: str           # fsspec URL or local path of the input file
+    start: int          # first byte (inclusive)
+    end: int            # last byte (exclusive); the range holds whole lines
+    first_line: int     # 1-based line number of the line at `start`
+    num_lines: int
+
+    def part_name(self, ext: str = "jsonl") -> str:
+        return f"part-{self.index:05d}.{ext}"
+
+
+@dataclass(frozen=True)
+class PromptLine:
+    """One valid input line, ready to generate."""
+
+    id: str
+    file: str
+    line: int                                   # 1-based
+    text: str                                   # the full Ziya-format prompt
+    sampling: "SamplingSpec"
+    query: Optional[str] = None                 # single-turn prompt as given
+    messages: Optional[list] = None             # multi-turn conversation as given
+    endpoint: Optional[str] = None              # openai-batch: the request's url
+    model_name: Optional[str] = None            # openai-batch: body.model, echoed back
+
+
+@dataclass
+class SampleOutput:
+    """One generated sample of one prompt, as the engine returns it plus scoring added by the worker."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str                          # "stop" | "length"
+    logprobs: Optional[list[float]] = None
+    ref_logprobs: Optional[list[float]] = None
+    reward: Optional[float] = None
+
+
+@dataclass
+class LineResult:
+    """Everything generated for one PromptLine."""
+
+    line: PromptLine
+    prompt_ids: list[int]
+    samples: list[SampleOutput]
+
+
+@dataclass
+class LineFailure:
+    """One input line rejected (bad input) or given up on (retries exhausted)."""
+
+    id: str
+    file: str
+    line: int
+    code: str
+    message: str
+
+    def record(self) -> dict:
+        return {"id": self.id, "file": self.file, "line": self.line,
+                "error": {"code": self.code, "message": self.message}}
+
+
+def result_record(r: LineResult, s: SampleOutput) -> dict:
+    return {
+        "id": r.line.id,
+        "sample_index": s.index,
+        "prompt": r.line.query if r.line.query is not None else r.line.messages,
+        "response": s.text,
+        "finish_reason": s.finish_reason,
+        "usage": {"prompt_tokens": len(r.prompt_ids), "completion_tokens": len(s.token_ids)},
+    }
+
+
+def sft_record(r: LineResult, s: SampleOutput) -> dict:
+    """ShareGPT-style conversations for multi-turn lines, prompt/response for single-turn ones."""
+    rec: dict[str, Any] = {"id": r.line.id, "sample_index": s.index}
+    if r.line.messages is not None:
+        conv = [{"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]} for m in r.line.messages]
+        conv.append({"from": "gpt", "value": s.text})
+        rec["conversations"] = conv
+    else:
+        rec["prompt"] = r.line.query
+        rec["response"] = s.text
+    return rec
+
+
+def kl_terms(logprobs: list[float], ref_logprobs: list[float]) -> tuple[list[float], list[float]]:
+    """Per-token KL estimators as OpenRLHF computes them: k1 = log p - log q; k3 = (r - 1) - log r with
+    log r = log q - log p."""
+    import math
+
+    k1 = [lp - rp for lp, rp in zip(logprobs, ref_logprobs)]
+    k3 = [math.expm1(rp - lp) - (rp - lp) for lp, rp in zip(logprobs, ref_logprobs)]
+    return k1, k3
+
+
+def experience_record(r: LineResult, s: SampleOutput, group_id: Optional[str] = None) -> dict:
+    rec: dict[str, Any] = {
+        "id": r.line.id,
+        "sample_index": s.index,
+        "group_id": group_id if group_id is not None else r.line.id,
+        "prompt_ids": r.prompt_ids,
+        "response_ids": s.token_ids,
+        "logprobs": s.logprobs,
+        "ref_logprobs": s.ref_logprobs,
+        "kl": None,
+        "kl_k3": None,
+        "reward": s.reward,
+        "finish_reason": s.finish_reason,
+        "response_length": len(s.token_ids),
+        "total_length": len(r.prompt_ids) + len(s.token_ids),
+    }
+    if s.logprobs is not None and s.ref_logprobs is not None:
+        rec["kl"], rec["kl_k3"] = kl_terms(s.logprobs, s.ref_logprobs)
+    return rec
+
+
+def openai_batch_record(r: LineResult) -> dict:
+    """One OpenAI Batch output line for a request: all n samples as choices of one response."""
+    created = int(time.time())
+    prompt_tokens = len(r.prompt_ids)
+    completion_tokens = sum(len(s.token_ids) for s in r.samples)
+    chat = r.line.endpoint == "/v1/chat/completions" or r.line.messages is not None
+    if chat:
+        choices = [{"index": s.index, "message": {"role": "assistant", "content": s.text},
+                    "finish_reason": s.finish_reason, "logprobs": None} for s in r.samples]
+        obj = "chat.completion"
+    else:
+        choices = [{"index": s.index, "text": s.text, "finish_reason": s.finish_reason, "logprobs": None}
+                   for s in r.samples]
+        obj = "text_completion"
+    req_id = uuid.uuid4().hex
+    return {
+        "id": f"batch_req_{req_id[:24]}",
+        "custom_id": r.line.id,
+        "response": {
+            "status_code": 200,
+            "request_id": req_id,
+            "body": {
+                "id": f"{'chatcmpl' if chat else 'cmpl'}-{req_id[:24]}",
+                "object": obj,
+                "created": created,
+                "model": r.line.model_name or "ziya-llama-13b",
+                "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens},
+            },
+        },
+        "error": None,
+    }
+
+
+def openai_batch_error(f: LineFailure) -> dict:
+    return {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": f.id, "response": None,
+            "error": {"code": f.code, "message": f.message, "line": f.line, "file": f.file}}
+
+
+@dataclass
+class ShardOutput:
+    """What a worker produced for one shard: the lines of each part, ready to commit."""
+
+    shard: ShardRef
+    parts: dict[str, list[dict]] = field(default_factory=dict)   # kind -> records
+    prompts_done: int = 0
+    samples_done: int = 0
+    prompts_failed: int = 0
+    output_tokens: int = 0
