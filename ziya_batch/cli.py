@@ -1,0 +1,171 @@
+"""The `ziya-batch` command. Every error a user can cause ends in one line on stderr and a non-zero exit."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import List, Optional
+
+import typer
+
+from .errors import ZiyaBatchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Batch generation jobs for Ziya-LLaMA-13B on a Redis queue and a Ray cluster.")
+
+REDIS_HELP = "Redis URL (default: $ZIYA_BATCH_REDIS_URL; `run` starts a private redis-server without it)"
+
+
+def _broker(redis_url: Optional[str]):
+    from .runtime.services import connect_broker
+
+    return connect_broker(redis_url)
+
+
+@app.command()
+def run(
+    job: str = typer.Argument(..., help="Job spec (YAML or JSON)"),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker actors to start (default: one per local GPU, or one on the CPU)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
+):
+    """Start what is missing, submit the job (or resume it), run workers until it is done."""
+    from .runtime.local import run_job
+
+    code = run_job(job, redis_url=redis_url, ray_address=address, num_workers=workers, progress=not quiet)
+    raise typer.Exit(code)
+
+
+@app.command()
+def submit(
+    job: str = typer.Argument(..., help="Job spec (YAML or JSON)"),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
+):
+    """Validate the spec, index the input into shards and queue it; prints the job id."""
+    from .runtime.submit import submit_job
+    from .spec import load_spec
+
+    spec = load_spec(job)
+    broker = _broker(redis_url)
+    st = submit_job(spec, broker)
+    typer.echo(st.job_id)
+
+
+@app.command()
+def status(
+    job_id: Optional[str] = typer.Argument(None, help="A job id; without it every job is listed"),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh live until Ctrl-C"),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
+    interval_s: float = typer.Option(2.0, "--interval", help="Seconds between refreshes with --watch"),
+):
+    """Jobs with state, prompts done/failed/total, tokens/s, ETA and workers."""
+    from .runtime.status_view import show_status
+
+    show_status(_broker(redis_url), job_id, watch=watch, as_json=as_json, interval_s=interval_s)
+
+
+@app.command()
+def cancel(
+    job_id: str = typer.Argument(...),
+    abandon: bool = typer.Option(False, "--abandon", help="Abandon running shards instead of letting them finish"),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
+):
+    """Stop handing out the job's shards; committed parts stay."""
+    broker = _broker(redis_url)
+    st = broker.cancel(job_id, abandon_running=abandon)
+    how = "running shards are abandoned" if abandon else "running shards finish and are kept"
+    typer.echo(f"{job_id}: {st.state.value} ({how})")
+
+
+@app.command()
+def worker(
+    address: Optional[str] = typer.Option(None, "--address", help="Ray address to join (default: $RAY_ADDRESS)"),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
+):
+    """Join a Ray cluster and serve the queue with this node's GPUs until stopped."""
+    from .runtime.cluster import serve_node
+
+    serve_node(redis_url=redis_url, ray_address=address)
+
+
+@app.command("merge-delta")
+def merge_delta(
+    base: str = typer.Option(..., "--base", help="LLaMA base checkpoint directory"),
+    delta: str = typer.Option(..., "--delta", help="Ziya delta checkpoint directory"),
+    target: str = typer.Option(..., "--target", help="Where to write the merged checkpoint"),
+):
+    """The model card's apply_delta step, tensor by tensor in bounded memory."""
+    from .engine.merge_delta import merge_delta as do_merge
+
+    do_merge(base, delta, target)
+    typer.echo(f"merged checkpoint written to {target}")
+
+
+@app.command("demo-model")
+def demo_model(path: str = typer.Argument(..., help="Directory to write the tiny model into")):
+    """Write a tiny random-weight model with Ziya's architecture and a real sentencepiece tokenizer."""
+    from .engine.demo_model import write_demo_model
+
+    out = write_demo_model(path)
+    typer.echo(f"demo model written to {out}")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    model: Optional[str] = typer.Option(None, "--model", help="Model for OpenAI-batch jobs (default: $ZIYA_BATCH_MODEL)"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Where uploaded files and batch outputs go"),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)"),
+):
+    """The HTTP API on Ray Serve (token from $ZIYA_BATCH_API_TOKEN, input prefixes from $ZIYA_BATCH_ALLOWED_PREFIXES)."""
+    from .api.serve import serve_main
+
+    serve_main(host=host, port=port, model=model, storage=storage, redis_url=redis_url, ray_address=address)
+
+
+@app.command()
+def report(
+    job_id: str = typer.Argument(..., help="A job id, or an output URL holding a manifest"),
+    out: str = typer.Option("report.html", "--out", "-o", help="HTML file to write"),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
+):
+    """Write a self-contained HTML report of a job: throughput, lengths, finish reasons, rewards, errors."""
+    from .report import report_main
+
+    report_main(job_id, out, redis_url=redis_url)
+    typer.echo(f"report written to {out}")
+
+
+@app.command()
+def bench(
+    layers: int = typer.Option(40, "--layers", min=1, help="Decoder layers (40 = LLaMA-13B)"),
+    requests: int = typer.Option(1024, "--requests", min=1, help="Requests in workload W1"),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", min=1),
+    markdown: Optional[str] = typer.Option(None, "--markdown", help="Write the table into this markdown file"),
+    only: List[str] = typer.Option([], "--only", help="Run only these rows (engine, hf-static, hf-continuous, roofline)"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """The throughput benchmark on the 13B shape, workload W1, with the baselines side by side."""
+    from .engine.bench import BenchOptions, run_bench
+
+    run_bench(BenchOptions(layers=layers, requests=requests, tensor_parallel=tensor_parallel,
+                           markdown=markdown, only=tuple(only), seed=seed))
+
+
+def main(argv: Optional[list] = None) -> None:
+    try:
+        app(args=argv, standalone_mode=True)
+    except ZiyaBatchError as err:
+        print(f"ziya-batch: error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("ziya-batch: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

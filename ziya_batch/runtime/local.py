@@ -1,0 +1,110 @@
+"""`ziya-batch run`: the one-machine path. Starts what is missing (a private redis-server with AOF, a local
+Ray), submits or resumes the job, runs replicas until it is done, shows progress, stops what it started."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..errors import ServiceError
+from ..spec import load_spec
+from .finalize import finalize_if_ready
+from .services import REDIS_ENV, home_dir
+from .submit import submit_job
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+
+def _start_ray(address: Optional[str]):
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        return True
+    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             num_cpus=max(2, os.cpu_count() or 2))
+    return True
+
+
+def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optional[str] = None,
+            num_workers: Optional[int] = None, progress: bool = True, poll_s: float = 1.0) -> int:
+    import ray
+
+    from ..queue import Broker, JobState
+    from ..queue.server import PrivateRedis
+    from .replicas import ReplicaManager
+
+    t0 = time.time()
+    spec = load_spec(job_path)
+    private = None
+    url = redis_url or os.environ.get(REDIS_ENV)
+    if not url:
+        private = PrivateRedis(home_dir() / "redis")
+        url = private.start()
+        console.print(f"[dim]private redis-server at {url} (data in {private.data_dir})[/dim]")
+    broker = Broker.from_url(url)
+    problems = broker.check_server()
+    for w in problems:
+        if private is not None:
+            raise ServiceError(f"the private redis-server is unsafely configured: {w}")
+        console.print(f"[yellow]warning:[/yellow] {w}")
+    status = submit_job(spec, broker)
+    job_id = status.job_id
+    console.print(f"job [bold]{job_id}[/bold] ({spec.name}): {status.prompts_total} prompts in "
+                  f"{status.shards_total} shards -> {spec.output.path}")
+    started_ray = False
+    manager = None
+    try:
+        if not status.state.is_finished():
+            started_ray = _start_ray(ray_address)
+            cpu_threads = None if ray_address or os.environ.get("RAY_ADDRESS") else max(1, (os.cpu_count() or 2) - 1)
+            manager = ReplicaManager(url, tensor_parallel=spec.model.tensor_parallel,
+                                     replicas=num_workers or (None if spec.model.replicas == "auto" else spec.model.replicas),
+                                     cpu_threads=cpu_threads, worker_prefix=f"run-{job_id[:6]}")
+            status = _watch(broker, job_id, manager, progress, poll_s)
+        _print_summary(spec, status, time.time() - t0)
+        return 0 if status.state == JobState.COMPLETED else 1
+    finally:
+        if manager is not None:
+            manager.stop()
+        if started_ray:
+            ray.shutdown()
+        if private is not None:
+            private.stop()
+
+
+def _watch(broker, job_id: str, manager, progress: bool, poll_s: float):
+    status = broker.status(job_id)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
+                  disable=not progress, transient=False) as bar:
+        task = bar.add_task("prompts", total=status.prompts_total, rate="")
+        while True:
+            manager.reconcile()
+            broker.reap()
+            finalize_if_ready(broker, job_id)
+            status = broker.status(job_id)
+            bar.update(task, completed=status.prompts_done + status.prompts_failed,
+                       rate=f"{status.tokens_per_s:,.0f} tok/s  {len(manager.replicas)} replica(s)")
+            if status.state.is_finished():
+                return status
+            time.sleep(poll_s)
+
+
+def _print_summary(spec, status, seconds: float) -> None:
+    out = sys.stdout
+    print(f"job {status.job_id}: {status.state.value}", file=out)
+    print(f"  prompts   {status.prompts_done} done, {status.prompts_failed} failed, {status.prompts_total} total", file=out)
+    print(f"  samples   {status.samples}", file=out)
+    print(f"  tokens    {status.output_tokens} generated", file=out)
+    print(f"  seconds   {seconds:.1f}", file=out)
+    print(f"  output    {spec.output.path} (manifest.json lists the committed parts)", file=out)

@@ -1,0 +1,82 @@
+"""The models a worker holds: one engine per (checkpoint, dtype, engine settings), loaded once, plus the
+reference and reward scorers an experience job asks for."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from ..spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_path(spec: JobSpec) -> str:
+    """The merged checkpoint: the spec's path, or base+delta merged once into the local cache."""
+    if spec.model.path:
+        return spec.model.path
+    from ..engine.merge_delta import ensure_merged
+    from .services import home_dir
+
+    return str(ensure_merged(spec.model.base, spec.model.delta, home_dir() / "merged"))
+
+
+class ModelCache:
+    def __init__(self, device: str = "auto"):
+        self.device = resolve_device(device)
+        self._engines: dict[tuple, object] = {}
+        self._scorers: dict[tuple, object] = {}
+
+    def device_name(self) -> str:
+        if self.device.startswith("cuda"):
+            import torch
+
+            return torch.cuda.get_device_name(torch.device(self.device))
+        return "cpu"
+
+    def engine(self, spec: JobSpec):
+        from ..engine.engine import LLMEngine
+        from ..engine.types import EngineConfig
+
+        path = model_path(spec)
+        e = spec.engine
+        key = (path, spec.model.dtype, e.model_dump_json())
+        if key not in self._engines:
+            # one engine at a time on a device: drop others before loading (their memory is needed)
+            self._engines.clear()
+            log.info("loading %s on %s", path, self.device)
+            self._engines[key] = LLMEngine(EngineConfig(
+                model_path=path, dtype=spec.model.dtype, device=self.device, max_num_seqs=e.max_num_seqs,
+                max_num_batched_tokens=e.max_num_batched_tokens, block_size=e.block_size,
+                gpu_memory_fraction=e.gpu_memory_fraction, cuda_graphs=e.cuda_graphs,
+                trust_remote_code=spec.model.trust_remote_code))
+        return self._engines[key]
+
+    def reference(self, spec: JobSpec) -> Optional[object]:
+        path = spec.experience.reference_model
+        if not path:
+            return None
+        key = ("ref", path, spec.model.dtype)
+        if key not in self._scorers:
+            from ..engine.scoring import ReferenceScorer
+
+            self._scorers[key] = ReferenceScorer(path, device=self.device, dtype=spec.model.dtype)
+        return self._scorers[key]
+
+    def reward(self, spec: JobSpec) -> Optional[object]:
+        path = spec.experience.reward_model
+        if not path:
+            return None
+        key = ("reward", path, spec.model.dtype)
+        if key not in self._scorers:
+            from ..engine.scoring import RewardScorer
+
+            self._scorers[key] = RewardScorer(path, device=self.device, dtype=spec.model.dtype)
+        return self._scorers[key]

@@ -1,0 +1,94 @@
+"""`ziya-batch status`: a table of jobs (or one job in detail), live with --watch, or JSON."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Optional
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from ..errors import JobNotFound
+
+
+def _eta(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _jobs_table(statuses) -> Table:
+    t = Table(title="ziya-batch jobs", expand=False)
+    for col in ("job", "name", "state", "done", "failed", "total", "samples", "tok/s", "ETA", "workers", "retries", "dead"):
+        t.add_column(col, justify="right" if col not in ("job", "name", "state") else "left")
+    for st in statuses:
+        d = st.to_dict()
+        t.add_row(d["job_id"], d.get("name", ""), d["state"], str(d["prompts_done"]), str(d["prompts_failed"]),
+                  str(d["prompts_total"]), str(d["samples"]), f"{d['tokens_per_s']:,.0f}", _eta(d.get("eta_s")),
+                  str(len(d.get("workers", []))), str(d.get("retries", 0)), str(d.get("dead_shards", 0)))
+    return t
+
+
+def _job_detail(st):
+    d = st.to_dict()
+    parts = [_jobs_table([st])]
+    shards = Table(title="shards by state")
+    for k in d.get("shards", {}):
+        shards.add_column(k, justify="right")
+    shards.add_row(*(str(v) for v in d.get("shards", {}).values()))
+    parts.append(shards)
+    if d.get("workers"):
+        w = Table(title="active workers")
+        w.add_column("worker")
+        w.add_column("host")
+        for wk in d["workers"]:
+            w.add_row(str(wk.get("worker_id", wk)) if isinstance(wk, dict) else str(wk),
+                      str(wk.get("host", "")) if isinstance(wk, dict) else "")
+        parts.append(w)
+    if d.get("errors"):
+        e = Table(title="latest errors")
+        e.add_column("shard")
+        e.add_column("error")
+        for err in d["errors"][-10:]:
+            e.add_row(str(err.get("shard", "")), str(err.get("message", err)))
+        parts.append(e)
+    return Group(*parts)
+
+
+def _render(broker, job_id: Optional[str]):
+    if job_id is None:
+        return _jobs_table(broker.list_jobs())
+    if broker.find_job(job_id) is None:
+        raise JobNotFound(f"no job {job_id} in this Redis (list jobs with `ziya-batch status`)")
+    return _job_detail(broker.status(job_id, detail=True))
+
+
+def show_status(broker, job_id: Optional[str], watch: bool = False, as_json: bool = False,
+                interval_s: float = 2.0) -> None:
+    console = Console()
+    if as_json:
+        while True:
+            if job_id is None:
+                data = [st.to_dict() for st in broker.list_jobs()]
+            else:
+                if broker.find_job(job_id) is None:
+                    raise JobNotFound(f"no job {job_id} in this Redis (list jobs with `ziya-batch status`)")
+                data = broker.status(job_id, detail=True).to_dict()
+            print(json.dumps(data, ensure_ascii=False), flush=True)
+            if not watch:
+                return
+            time.sleep(interval_s)
+    if not watch:
+        console.print(_render(broker, job_id))
+        return
+    try:
+        with Live(_render(broker, job_id), console=console, refresh_per_second=4) as live:
+            while True:
+                time.sleep(interval_s)
+                live.update(_render(broker, job_id))
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,49 @@
+"""Submitting a job: validate inputs, index them into shards while streaming, resume from committed parts.
+
+No Ray here: the CLI, `run` and the HTTP API all submit through `submit_job`.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from .. import io
+from ..errors import SpecError
+from ..records import ShardRef
+from ..spec import JobSpec
+
+
+def _shard_refs(job_id: str, files: list[str], shard_size: int) -> Iterator[ShardRef]:
+    for index, (file, start, end, first_line, num_lines) in enumerate(io.index_inputs(files, shard_size)):
+        yield ShardRef(job_id, index, file, start, end, first_line, num_lines)
+
+
+def check_output_owner(spec: JobSpec) -> None:
+    """An output path belongs to one spec: refuse to mix a different job's parts into it."""
+    manifest = io.read_manifest(spec.output.path)
+    if manifest and manifest.get("job_id") not in (None, spec.identity()):
+        raise SpecError(
+            f"output.path {spec.output.path} already holds the output of another job ({manifest.get('job_id')}); "
+            "choose a new output.path or delete the old output")
+
+
+def submit_job(spec: JobSpec, broker):
+    """Queue `spec` (or find it again) and return its JobStatus. Idempotent: the same spec and output path
+    is the same job; if Redis lost it, the shards committed in storage are recorded as done."""
+    from ..queue import JobState
+
+    job_id = spec.identity()
+    existing = broker.find_job(job_id)
+    if existing is not None and existing.state not in (JobState.FAILED, JobState.CANCELLED):
+        return existing
+    files = io.expand_inputs(spec.input)
+    check_output_owner(spec)
+    committed = {i: _stats_from_marker(m) for i, m in io.committed_shards(spec.output.path).items()}
+    return broker.submit(spec, _shard_refs(job_id, files, spec.shard_size), committed=committed)
+
+
+def _stats_from_marker(marker):
+    from ..queue import ShardStats
+
+    return ShardStats(prompts_done=marker.prompts_done, prompts_failed=marker.prompts_failed,
+                      samples=marker.samples, output_tokens=marker.output_tokens,
+                      parts={k: (v[0], v[1]) for k, v in marker.parts.items()})
