@@ -1,0 +1,80 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ziya_batch.errors import SpecError
+from ziya_batch.spec import JobSpec, load_spec, parse_spec
+
+BASE = {"name": "t", "model": {"path": "m"}, "input": ["a.jsonl"], "output": {"path": "out"}}
+
+
+def test_defaults_are_the_model_cards():
+    s = parse_spec(BASE)
+    assert (s.sampling.top_p, s.sampling.temperature, s.sampling.repetition_penalty) == (0.85, 1.0, 1.0)
+    assert s.sampling.max_new_tokens == 1024 and s.sampling.n == 1 and s.shard_size == 512
+    assert s.output.records == ["results", "sft", "experience"]
+    assert s.model.replicas == "auto" and s.model.tensor_parallel == 1 and not s.model.trust_remote_code
+
+
+def test_unknown_key_suggests_closest():
+    with pytest.raises(SpecError, match=r"unknown key 'sampling.temprature' \(did you mean 'temperature'\?\)"):
+        parse_spec({**BASE, "sampling": {"temprature": 0.5}})
+    with pytest.raises(SpecError, match=r"unknown key 'shardsize' \(did you mean 'shard_size'\?\)"):
+        parse_spec({**BASE, "shardsize": 3})
+
+
+def test_ranges_and_types_name_the_field():
+    with pytest.raises(SpecError, match=r"'sampling.top_p'.*less than or equal to 1"):
+        parse_spec({**BASE, "sampling": {"top_p": 1.5}})
+    with pytest.raises(SpecError, match=r"'model.tensor_parallel'"):
+        parse_spec({**BASE, "model": {"path": "m", "tensor_parallel": "two"}})
+    with pytest.raises(SpecError, match=r"missing required key 'output'"):
+        parse_spec({k: v for k, v in BASE.items() if k != "output"})
+
+
+def test_model_path_or_base_and_delta():
+    assert parse_spec({**BASE, "model": {"base": "b", "delta": "d"}}).model.path is None
+    with pytest.raises(SpecError, match="either path, or base and delta"):
+        parse_spec({**BASE, "model": {"path": "m", "base": "b", "delta": "d"}})
+    with pytest.raises(SpecError, match="give path"):
+        parse_spec({**BASE, "model": {"base": "b"}})
+
+
+def test_line_sampling_override_validates():
+    s = parse_spec(BASE).sampling
+    assert s.merged({"temperature": 0}).temperature == 0
+    with pytest.raises(Exception):
+        s.merged({"temperature": -1})
+
+
+def test_identity_is_stable_and_depends_on_output(tmp_path):
+    a, b = parse_spec(BASE), parse_spec(json.loads(json.dumps(BASE)))
+    assert a.identity() == b.identity()
+    assert parse_spec({**BASE, "output": {"path": "other"}}).identity() != a.identity()
+
+
+def test_yaml_and_json_files(tmp_path):
+    y = tmp_path / "j.yaml"
+    y.write_text("name: x\nmodel: {path: m}\ninput: a.jsonl\noutput: {path: o}\n")
+    j = tmp_path / "j.json"
+    j.write_text(json.dumps(BASE))
+    assert load_spec(y).input == ["a.jsonl"]
+    assert isinstance(load_spec(j), JobSpec)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="no such job spec file"):
+        load_spec(tmp_path / "missing.yaml")
+
+
+def test_cli_spec_error_is_one_line_exit_2(tmp_path):
+    y = tmp_path / "j.yaml"
+    y.write_text("name: x\nmodel: {path: m, dtyp: float16}\ninput: a.jsonl\noutput: {path: o}\n")
+    r = subprocess.run([sys.executable, "-m", "ziya_batch.cli", "submit", str(y), "--redis-url", "redis://127.0.0.1:1/0"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0, r.stderr
+    assert "did you mean 'dtype'" in r.stderr and "Traceback" not in r.stderr
