@@ -1,0 +1,104 @@
+"""manifest.json: written last, it names every committed part; readers trust only the parts it lists.
+
+Shape (format_version 1)::
+
+    {
+      "format_version": 1,
+      "spec": {...},                         the job spec as submitted
+      "summary": {"prompts": .., "samples": .., "failed": .., "tokens": .., "state": ..},
+      "format": "jsonl" | "parquet",
+      "num_shards": 3,
+      "records": {"results": 1024, "sft": 1024, "errors": 2},     lines per kind over all parts
+      "parts": {"results": [{"shard": 0, "path": "results/part-00000.jsonl", "lines": 512,
+                             "sha256": "...", "size_bytes": 123456}, ...], ...},
+      "written_at": "2026-11-28T07:00:00Z"
+    }
+
+Paths are relative to the directory holding manifest.json, so an output copied elsewhere stays valid.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Iterator, Optional
+
+from ..errors import InputError
+from .parts import CommitMarker
+from .schema import KINDS, decode_part
+from .storage import join_url, open_output_fs, put_atomic, read_bytes
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def build_manifest(spec_json: str, summary: dict, markers: dict[int, CommitMarker]) -> dict:
+    ordered = [markers[i] for i in sorted(markers)]
+    formats = sorted({m.format for m in ordered})
+    parts: dict[str, list[dict]] = {}
+    for kind in KINDS:
+        rows = [{"shard": m.index, "path": p.path, "lines": p.lines, "sha256": p.sha256,
+                 "size_bytes": p.size_bytes}
+                for m in ordered for k, p in m.parts.items() if k == kind]
+        if rows:
+            parts[kind] = rows
+    return {
+        "format_version": FORMAT_VERSION,
+        "spec": json.loads(spec_json) if spec_json else None,
+        "summary": dict(summary),
+        "format": formats[0] if len(formats) == 1 else formats,
+        "num_shards": len(ordered),
+        "records": {kind: sum(r["lines"] for r in rows) for kind, rows in parts.items()},
+        "parts": parts,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_manifest(output_url: str, spec_json: str, summary: dict, markers: dict[int, CommitMarker]) -> dict:
+    """Write {output}/manifest.json atomically and return it. Call once every shard is committed."""
+    manifest = build_manifest(spec_json, summary, markers)
+    fs, root = open_output_fs(output_url)
+    data = json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8")
+    put_atomic(fs, join_url(root, MANIFEST), data)
+    return manifest
+
+
+def read_manifest(output_url: str) -> Optional[dict]:
+    """The manifest, or None when the job has not written one (yet)."""
+    fs, root = open_output_fs(output_url)
+    path = join_url(root, MANIFEST)
+    fs.invalidate_cache(path)
+    data = read_bytes(fs, path)
+    return json.loads(data) if data is not None else None
+
+
+def manifest_part_urls(output_url: str, kind: str, manifest: Optional[dict] = None) -> list[str]:
+    """URLs of the kind's parts that the manifest lists, in shard order (for data_files= arguments)."""
+    manifest = manifest if manifest is not None else _require(output_url)
+    return [join_url(output_url, p["path"]) for p in manifest["parts"].get(kind, [])]
+
+
+def read_parts(output_url: str, kind: str, verify: bool = False) -> Iterator[dict]:
+    """Records of every part of `kind` listed in the manifest, in shard order; files not listed (staged,
+    leftover, foreign) are never read. `verify` checks each part's sha256 and line count first."""
+    manifest = _require(output_url)
+    fs, root = open_output_fs(output_url)
+    for entry in manifest["parts"].get(kind, []):
+        data = read_bytes(fs, join_url(root, entry["path"]))
+        if data is None:
+            raise InputError(f"{output_url}: {entry['path']} is listed in manifest.json but missing")
+        if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise InputError(f"{output_url}: {entry['path']} does not match its sha256 in manifest.json")
+        records = decode_part(data, "parquet" if entry["path"].endswith(".parquet") else "jsonl")
+        if verify and len(records) != entry["lines"]:
+            raise InputError(f"{output_url}: {entry['path']} holds {len(records)} records, "
+                             f"manifest.json says {entry['lines']}")
+        yield from records
+
+
+def _require(output_url: str) -> dict:
+    manifest = read_manifest(output_url)
+    if manifest is None:
+        raise InputError(f"{output_url} has no {MANIFEST}: the job has not completed (parts without a "
+                         "manifest are not trusted)")
+    return manifest

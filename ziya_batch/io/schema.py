@@ -1,0 +1,223 @@
+"""Part encodings: JSONL, and Parquet with one explicit Arrow schema per record kind.
+
+JSONL parts hold the records exactly as records.py builds them, one JSON object per line, UTF-8
+(``ensure_ascii=False``). A non-finite float (NaN, ±inf) is written as ``null``, because strict JSON
+readers (pyarrow, ``datasets``) reject ``NaN``/``Infinity``.
+
+Parquet parts (``output.format: parquet``) use these schemas, fixed up front so that every part of a
+kind has the same schema (an empty part included) and ``datasets.load_dataset("parquet", ...)`` or
+``pyarrow.dataset`` read a whole directory without schema merging. All fields are nullable.
+
+``results/`` (format ``ziya``)::
+
+    id              string
+    sample_index    int32
+    prompt          string              single-turn query as given; null for multi-turn lines
+    messages        list<struct<role: string, content: string>>
+                                        multi-turn conversation as given (JSONL writes it under "prompt")
+    response        string
+    finish_reason   string              "stop" | "length"
+    usage           struct<prompt_tokens: int32, completion_tokens: int32>
+
+``sft/``::
+
+    id              string
+    sample_index    int32
+    prompt          string              single-turn lines
+    response        string              single-turn lines
+    conversations   list<struct<from: string, value: string>>   multi-turn lines (ShareGPT style)
+
+``experience/``::
+
+    id              string
+    sample_index    int32
+    group_id        string              samples of one prompt share it (GRPO-style grouping)
+    prompt_ids      list<int32>
+    response_ids    list<int32>
+    logprobs        list<float32>       policy logprob of each response token
+    ref_logprobs    list<float32>       reference-model logprobs (null without experience.reference_model)
+    kl              list<float32>       per-token k1 = logprobs - ref_logprobs
+    kl_k3           list<float32>       per-token k3 estimator
+    reward          float64             null without experience.reward_model
+    finish_reason   string
+    response_length int32
+    total_length    int32
+
+``errors/``::
+
+    id              string
+    file            string
+    line            int64
+    error           struct<code: string, message: string>
+
+``results/`` and ``errors/`` of format ``openai-batch`` (the OpenAI Batch API's output line)::
+
+    id              string
+    custom_id       string
+    response        struct<status_code: int32, request_id: string, body: struct<
+                        id: string, object: string, created: int64, model: string,
+                        choices: list<struct<index: int32, message: struct<role: string, content: string>,
+                                             text: string, finish_reason: string, logprobs: string>>,
+                        usage: struct<prompt_tokens: int32, completion_tokens: int32, total_tokens: int32>>>
+    error           struct<code: string, message: string, line: int64, file: string>
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+KINDS = ("results", "sft", "experience", "errors")
+EXTENSIONS = {"jsonl": "jsonl", "parquet": "parquet"}
+
+
+def _schemas() -> dict[str, Any]:
+    # pyarrow is imported only when a Parquet part is written or read: workers writing JSONL and the
+    # submit path never pay for it
+    import pyarrow as pa
+
+    f32s = pa.list_(pa.float32())
+    i32s = pa.list_(pa.int32())
+    usage3 = pa.struct([("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32()),
+                        ("total_tokens", pa.int32())])
+    choice = pa.struct([
+        ("index", pa.int32()),
+        ("message", pa.struct([("role", pa.string()), ("content", pa.string())])),
+        ("text", pa.string()),
+        ("finish_reason", pa.string()),
+        ("logprobs", pa.string()),
+    ])
+    body = pa.struct([("id", pa.string()), ("object", pa.string()), ("created", pa.int64()),
+                      ("model", pa.string()), ("choices", pa.list_(choice)), ("usage", usage3)])
+    return {
+        "results": pa.schema([
+            ("id", pa.string()),
+            ("sample_index", pa.int32()),
+            ("prompt", pa.string()),
+            ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))),
+            ("response", pa.string()),
+            ("finish_reason", pa.string()),
+            ("usage", pa.struct([("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32())])),
+        ]),
+        "sft": pa.schema([
+            ("id", pa.string()),
+            ("sample_index", pa.int32()),
+            ("prompt", pa.string()),
+            ("response", pa.string()),
+            ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
+        ]),
+        "experience": pa.schema([
+            ("id", pa.string()),
+            ("sample_index", pa.int32()),
+            ("group_id", pa.string()),
+            ("prompt_ids", i32s),
+            ("response_ids", i32s),
+            ("logprobs", f32s),
+            ("ref_logprobs", f32s),
+            ("kl", f32s),
+            ("kl_k3", f32s),
+            ("reward", pa.float64()),
+            ("finish_reason", pa.string()),
+            ("response_length", pa.int32()),
+            ("total_length", pa.int32()),
+        ]),
+        "errors": pa.schema([
+            ("id", pa.string()),
+            ("file", pa.string()),
+            ("line", pa.int64()),
+            ("error", pa.struct([("code", pa.string()), ("message", pa.string())])),
+        ]),
+        "openai-batch": pa.schema([
+            ("id", pa.string()),
+            ("custom_id", pa.string()),
+            ("response", pa.struct([("status_code", pa.int32()), ("request_id", pa.string()),
+                                    ("body", body)])),
+            ("error", pa.struct([("code", pa.string()), ("message", pa.string()), ("line", pa.int64()),
+                                 ("file", pa.string())])),
+        ]),
+    }
+
+
+_SCHEMAS: dict[str, Any] | None = None
+
+
+def parquet_schema(kind: str, input_format: str = "ziya"):
+    """The Arrow schema of a kind's Parquet parts (see the module docstring)."""
+    global _SCHEMAS
+    if _SCHEMAS is None:
+        _SCHEMAS = _schemas()
+    if input_format == "openai-batch" and kind in ("results", "errors"):
+        return _SCHEMAS["openai-batch"]
+    if kind not in _SCHEMAS:
+        raise ValueError(f"unknown record kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return _SCHEMAS[kind]
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def encode_jsonl(records: list[dict]) -> bytes:
+    out = []
+    for rec in records:
+        try:
+            out.append(json.dumps(rec, ensure_ascii=False, allow_nan=False))
+        except ValueError:     # NaN or inf somewhere: strict readers would reject the whole part
+            out.append(json.dumps(_finite(rec), ensure_ascii=False, allow_nan=False))
+    return ("\n".join(out) + "\n").encode("utf-8") if out else b""
+
+
+def _to_parquet_row(kind: str, rec: dict, schema, openai: bool) -> dict:
+    if kind == "results" and isinstance(rec.get("prompt"), list):
+        # a multi-turn result: JSONL keeps the conversation under "prompt"; Parquet needs one type per column
+        rec = {**rec, "messages": rec["prompt"], "prompt": None}
+    if openai:                                        # a choice's logprobs object is kept as JSON text
+        body = rec["response"].get("body") if isinstance(rec.get("response"), dict) else None
+        if body and body.get("choices"):
+            choices = [{**c, "logprobs": None if c.get("logprobs") is None else json.dumps(c["logprobs"])}
+                       for c in body["choices"]]
+            rec = {**rec, "response": {**rec["response"], "body": {**body, "choices": choices}}}
+    extra = set(rec) - set(schema.names)
+    if extra:
+        raise ValueError(f"{kind} record has fields the Parquet schema lacks: {', '.join(sorted(extra))} "
+                         "(update ziya_batch/io/schema.py)")
+    return _finite(rec)
+
+
+def encode_parquet(kind: str, records: list[dict], input_format: str = "ziya") -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if input_format == "ziya" and kind in ("results", "errors") and records and "custom_id" in records[0]:
+        input_format = "openai-batch"
+    schema = parquet_schema(kind, input_format)
+    openai = input_format == "openai-batch" and kind in ("results", "errors")
+    rows = [_to_parquet_row(kind, r, schema, openai) for r in records]
+    table = pa.Table.from_pylist(rows, schema=schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def encode_part(kind: str, records: list[dict], fmt: str, input_format: str = "ziya") -> bytes:
+    if fmt == "jsonl":
+        return encode_jsonl(records)
+    if fmt == "parquet":
+        return encode_parquet(kind, records, input_format)
+    raise ValueError(f"unknown output format {fmt!r}; expected jsonl or parquet")
+
+
+def decode_part(data: bytes, fmt: str) -> list[dict]:
+    """Records of a part's bytes (Parquet rows come back as dicts; nulls stay None)."""
+    if fmt == "jsonl":
+        return [json.loads(line) for line in data.split(b"\n") if line.strip()]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.read_table(pa.BufferReader(data)).to_pylist()

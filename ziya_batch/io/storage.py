@@ -1,0 +1,161 @@
+"""fsspec plumbing: turning URLs into (filesystem, path), joining them, and writing objects atomically.
+
+Every URL fsspec understands works: local paths, ``file://``, ``s3://``, ``gs://``, ``memory://``...
+
+How to pass storage options (credentials, endpoints) — no option lives in the job spec, so a spec
+never carries secrets and the same spec runs against AWS and a local S3-compatible store:
+
+1. The backend's own environment variables. For S3 that is botocore's chain: ``AWS_ACCESS_KEY_ID``,
+   ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``, ``AWS_PROFILE`` and, for MinIO/Ceph/moto,
+   ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` (honoured by botocore >= 1.31).
+2. fsspec's own configuration: environment variables ``FSSPEC_<PROTOCOL>_<OPTION>`` (e.g.
+   ``FSSPEC_S3_ENDPOINT_URL=http://127.0.0.1:9000``, read when fsspec is imported) or JSON/INI files in
+   ``FSSPEC_CONFIG_DIR`` (default ``~/.config/fsspec``).
+3. ``ZIYA_BATCH_STORAGE_OPTIONS``: a JSON object keyed by protocol, passed to the filesystem as keyword
+   arguments, e.g. ``{"s3": {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}, "anon": false}}``.
+   It wins over 2. Read on every call, so a process can change it at run time.
+
+Workers on other machines need the same variables; ``ziya-batch worker`` inherits its environment.
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from ..errors import ServiceError
+
+STORAGE_OPTIONS_ENV = "ZIYA_BATCH_STORAGE_OPTIONS"
+
+
+def storage_options(protocol: str) -> dict[str, Any]:
+    """Options for `protocol` from ZIYA_BATCH_STORAGE_OPTIONS (a JSON object keyed by protocol)."""
+    raw = os.environ.get(STORAGE_OPTIONS_ENV)
+    if not raw:
+        return {}
+    try:
+        conf = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ServiceError(f"{STORAGE_OPTIONS_ENV} is not valid JSON ({err}); expected e.g. "
+                           '{"s3": {"client_kwargs": {"endpoint_url": "http://host:9000"}}}') from None
+    if not isinstance(conf, dict) or not all(isinstance(v, dict) for v in conf.values()):
+        raise ServiceError(f"{STORAGE_OPTIONS_ENV} must map a protocol to an object of options, e.g. "
+                           '{"s3": {"anon": false}}')
+    aliases = {"s3a": "s3", "gcs": "gs"}
+    return dict(conf.get(protocol) or conf.get(aliases.get(protocol, protocol)) or {})
+
+
+def protocol_of(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def is_local(url: str) -> bool:
+    return protocol_of(url) in ("file", "local")
+
+
+def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for any fsspec URL or local path."""
+    try:
+        return fsspec.core.url_to_fs(url, **storage_options(protocol_of(url)))
+    except (ImportError, ValueError) as err:
+        raise ServiceError(f"cannot open {url}: {err} (is the fsspec backend for "
+                           f"'{protocol_of(url)}://' installed?)") from None
+
+
+def open_output_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, root path) of an output directory URL, without a trailing slash."""
+    fs, path = url_to_fs(url)
+    return fs, path.rstrip("/") or "/"
+
+
+def normalize_url(url: str) -> str:
+    """A URL every process can open: local paths and file:// become absolute paths (Ray workers run in
+    other working directories), remote URLs lose a trailing slash."""
+    if is_local(url):
+        path = url.split("://", 1)[1] if "://" in url else url
+        return os.path.abspath(os.path.expanduser(path))
+    return url.rstrip("/")
+
+
+def join_url(base: str, *parts: str) -> str:
+    """Join with '/' whatever the protocol (os.path.join would break s3:// on Windows and on '//')."""
+    out = base.rstrip("/") if base not in ("/", "") else base
+    for p in parts:
+        p = p.strip("/")
+        if p:
+            out = f"{out}/{p}" if out not in ("", "/") else f"{out}{p}"
+    return out
+
+
+def full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The URL of `path` in `fs`: local paths stay plain paths, remote ones get their protocol back."""
+    if isinstance(fs, LocalFileSystem):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` so that readers see the old object or the whole new one, never a torn one.
+
+    Local: a temp file in the same directory, fsync, then os.replace (atomic on POSIX). Object stores:
+    one PUT (s3fs sends one put_object below 100 MB, and a multipart upload becomes visible only on
+    completion), which is atomic by the store's semantics.
+    """
+    if isinstance(fs, LocalFileSystem):
+        parent = posixpath.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    fs.pipe_file(path, data)
+    fs.invalidate_cache(path)
+
+
+def move_atomic(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
+    """Move src over dst. Local: os.replace (atomic). Object stores: one server-side copy request (the
+    destination appears whole), then delete the source; a crash in between leaves both, which the
+    caller's idempotent retry resolves."""
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(posixpath.dirname(dst), exist_ok=True)
+        os.replace(src, dst)
+        return
+    fs.copy(src, dst)
+    fs.rm_file(src)
+    fs.invalidate_cache(src)
+    fs.invalidate_cache(dst)
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
+    """The object's bytes, or None when it does not exist (one request; no exists() race)."""
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+
+
+def exists_fresh(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """exists() that ignores fsspec's listing cache: another process may have just written it."""
+    fs.invalidate_cache(path)
+    return fs.exists(path)
+
+
+def list_fresh(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Names (full paths) under a directory, [] if it does not exist; bypasses the listing cache."""
+    fs.invalidate_cache(path)
+    try:
+        return sorted(fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
