@@ -4,6 +4,7 @@ Shape (format_version 1)::
 
     {
       "format_version": 1,
+      "job_id": "...",                       summary["job_id"], when given
       "spec": {...},                         the job spec as submitted
       "summary": {"prompts": .., "samples": .., "failed": .., "tokens": .., "state": ..},
       "format": "jsonl" | "parquet",
@@ -44,6 +45,7 @@ def build_manifest(spec_json: str, summary: dict, markers: dict[int, CommitMarke
             parts[kind] = rows
     return {
         "format_version": FORMAT_VERSION,
+        "job_id": summary.get("job_id"),
         "spec": json.loads(spec_json) if spec_json else None,
         "summary": dict(summary),
         "format": formats[0] if len(formats) == 1 else formats,

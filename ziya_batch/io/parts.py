@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional
 
 from ..errors import ZiyaBatchError
 from .schema import EXTENSIONS, KINDS, encode_part
@@ -49,35 +49,55 @@ class StagedPart:
     size_bytes: int = 0
 
 
-@dataclass(frozen=True)
-class PartInfo:
-    kind: str
-    path: str                 # relative to the output directory, e.g. "results/part-00005.jsonl"
+class PartInfo(NamedTuple):
+    """A committed part. A tuple whose first two items are (lines, sha256), like staged_info's values."""
+
     lines: int
     sha256: str
-    size_bytes: int
+    path: str                 # relative to the output directory, e.g. "results/part-00005.jsonl"
+    size_bytes: int = 0
 
 
 @dataclass(frozen=True)
 class CommitMarker:
+    """_committed/part-N.json: which token committed shard N, its parts, and the worker's counts."""
+
     index: int
     token: int
     format: str
     parts: dict[str, PartInfo] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)   # as the worker passed it (prompts_done, ...)
 
     @property
     def lines(self) -> dict[str, int]:
         return {k: p.lines for k, p in self.parts.items()}
 
+    @property
+    def prompts_done(self) -> int:
+        return int(self.stats.get("prompts_done", 0))
+
+    @property
+    def prompts_failed(self) -> int:
+        return int(self.stats.get("prompts_failed", 0))
+
+    @property
+    def samples(self) -> int:
+        return int(self.stats.get("samples", 0))
+
+    @property
+    def output_tokens(self) -> int:
+        return int(self.stats.get("output_tokens", 0))
+
     def to_json(self) -> str:
         return json.dumps({"index": self.index, "token": self.token, "format": self.format,
-                           "parts": {k: asdict(p) for k, p in self.parts.items()}}, sort_keys=True)
+                           "parts": {k: p._asdict() for k, p in self.parts.items()},
+                           "stats": self.stats}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "CommitMarker":
         d = json.loads(text)
         return cls(index=int(d["index"]), token=int(d["token"]), format=d["format"],
-                   parts={k: PartInfo(**p) for k, p in d["parts"].items()})
+                   parts={k: PartInfo(**p) for k, p in d["parts"].items()}, stats=d.get("stats") or {})
 
 
 def part_name(index: int, fmt: str) -> str:
@@ -138,11 +158,13 @@ def read_marker(output_url: str, index: int) -> Optional[CommitMarker]:
 
 
 def promote_shard(output_url: str, index: int, token: int,
-                  staged_info: Optional[dict[str, tuple[int, str]]] = None) -> CommitMarker:
+                  staged_info: Optional[dict[str, tuple[int, str]]] = None,
+                  stats: Optional[dict[str, Any]] = None) -> CommitMarker:
     """Move the token's staged parts to their final names, then write the commit marker; idempotent.
 
     Call only after Redis accepted this token's commit. `staged_info` (kind -> (lines, sha256)), when
-    given, is checked against what was staged. Raises CommitError when a newer token already committed
+    given, is checked against what was staged. `stats` (JSON-able counts: prompts_done, prompts_failed,
+    samples, output_tokens) is kept in the marker so a lost Redis can be rebuilt from storage. Raises CommitError when a newer token already committed
     the shard or nothing is staged under this token.
     """
     fs, root = open_output_fs(output_url)
@@ -186,8 +208,9 @@ def promote_shard(output_url: str, index: int, token: int,
             if data is None or hashlib.sha256(data).hexdigest() != info["sha256"]:
                 raise CommitError(f"shard {index} token {token}: staged {kind} part is gone and {rel} does "
                                   "not hold it; the shard must run again")
-        parts[kind] = PartInfo(kind, rel, int(info["lines"]), info["sha256"], int(info.get("size_bytes", 0)))
-    marker = CommitMarker(index=index, token=int(token), format=fmt, parts=parts)
+        parts[kind] = PartInfo(int(info["lines"]), info["sha256"], rel, int(info.get("size_bytes", 0)))
+    clean_stats = {k: v for k, v in (stats or {}).items() if k != "parts"}
+    marker = CommitMarker(index=index, token=int(token), format=fmt, parts=parts, stats=clean_stats)
     put_atomic(fs, marker_path, marker.to_json().encode())
     _remove_quietly(fs, [intent_path])
     return marker
