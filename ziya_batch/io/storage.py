@@ -132,7 +132,7 @@ def move_atomic(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
         os.makedirs(posixpath.dirname(dst), exist_ok=True)
         os.replace(src, dst)
         return
-    fs.copy(src, dst)
+    fs.cp_file(src, dst)
     fs.rm_file(src)
     fs.invalidate_cache(src)
     fs.invalidate_cache(dst)

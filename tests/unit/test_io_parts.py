@@ -1,0 +1,231 @@
+"""Committing parts: staging, fenced promotion, crash-safe retries, the manifest, and the two file formats."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from ziya_batch.io import (CommitError, clear_staging, committed_shards, discard_staged, part_path,
+                           promote_shard, read_manifest, read_parts, stage_shard, write_manifest)
+from ziya_batch.io.storage import join_url, normalize_url
+from ziya_batch.prompts import build_prompt
+from ziya_batch.records import (LineFailure, LineResult, PromptLine, SampleOutput, experience_record,
+                                openai_batch_error, openai_batch_record, result_record, sft_record)
+from ziya_batch.spec import SamplingSpec
+
+
+def _line_result(i: int, multi_turn: bool = False, n: int = 2, ref: bool = True) -> LineResult:
+    if multi_turn:
+        messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+                    {"role": "user", "content": f"question {i}"}]
+        line = PromptLine(id=f"m{i}", file="in.jsonl", line=i, text="...", sampling=SamplingSpec(),
+                          messages=messages)
+    else:
+        line = PromptLine(id=f"s{i}", file="in.jsonl", line=i, text=build_prompt(f"写一首诗 {i}"),
+                          sampling=SamplingSpec(), query=f"写一首诗 {i}")
+    samples = [SampleOutput(index=k, token_ids=[5, 6, 7 + k], text=f"答 {i}.{k}", finish_reason="stop",
+                            logprobs=[-0.5, -0.25, -1.0], ref_logprobs=[-0.6, -0.2, -1.5] if ref else None,
+                            reward=0.5 if ref else None) for k in range(n)]
+    return LineResult(line=line, prompt_ids=[1, 2, 3, 4], samples=samples)
+
+
+def _parts(n_lines: int = 3, start: int = 0) -> dict[str, list[dict]]:
+    results = [_line_result(i, multi_turn=i % 2 == 1, ref=i % 3 != 0) for i in range(start, start + n_lines)]
+    return {
+        "results": [result_record(r, s) for r in results for s in r.samples],
+        "sft": [sft_record(r, s) for r in results for s in r.samples],
+        "experience": [experience_record(r, s) for r in results for s in r.samples],
+        "errors": [LineFailure("bad", "in.jsonl", 99, "invalid_json", "not valid JSON").record()],
+    }
+
+
+def _sha(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _files(root) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def test_stage_then_promote_writes_final_parts_and_marker_last(tmp_path):
+    out = str(tmp_path / "out")
+    staged = stage_shard(out, 5, 11, _parts(), "jsonl")
+    assert set(staged) == {"results", "sft", "experience", "errors"}
+    assert staged["results"].lines == 6 and staged["errors"].lines == 1
+    assert not os.path.exists(part_path(out, "results", 5, "jsonl"))      # nothing final before promote
+    assert committed_shards(out) == {}
+    marker = promote_shard(out, 5, 11, {k: (p.lines, p.sha256) for k, p in staged.items()},
+                           stats={"prompts_done": 3, "samples": 6})
+    assert marker.token == 11 and marker.prompts_done == 3
+    for kind, part in staged.items():
+        final = part_path(out, kind, 5, "jsonl")
+        assert final.endswith(f"{kind}/part-00005.jsonl")
+        assert _sha(final) == part.sha256 == marker.parts[kind].sha256
+        assert marker.parts[kind].lines == part.lines
+    assert _files(out) == sorted(["_committed/part-00005.json"] + [f"{k}/part-00005.jsonl" for k in staged])
+    assert committed_shards(out) == {5: marker}
+
+
+def test_errors_part_is_always_written_even_empty(tmp_path):
+    out = str(tmp_path / "out")
+    staged = stage_shard(out, 0, 1, {"results": []}, "jsonl")
+    assert set(staged) == {"results", "errors"} and staged["errors"].lines == 0
+    marker = promote_shard(out, 0, 1)
+    assert os.path.getsize(part_path(out, "errors", 0, "jsonl")) == 0
+    assert marker.parts["errors"].lines == 0
+
+
+def test_stale_token_never_reaches_final_names(tmp_path):
+    out = str(tmp_path / "out")
+    winner, loser = _parts(2), {"results": [{"id": "stale"}]}
+    stage_shard(out, 3, 7, loser, "jsonl")             # lease lost later: token 7
+    stage_shard(out, 3, 8, winner, "jsonl")            # the re-leased attempt: token 8
+    promote_shard(out, 3, 8)
+    discard_staged(out, 3, 7)                          # what the stale worker does when Redis refuses it
+    with pytest.raises(CommitError, match="stale"):
+        promote_shard(out, 3, 7)                       # even a confused caller cannot roll back the winner
+    got = [json.loads(x) for x in open(part_path(out, "results", 3, "jsonl"))]
+    assert [r["id"] for r in got] == [r["id"] for r in winner["results"]]
+    assert committed_shards(out)[3].token == 8
+    assert not any("stale" in open(os.path.join(out, f), errors="replace").read()
+                   for f in _files(out))
+    assert not any(".7." in f for f in _files(out))
+
+
+def test_stale_promote_after_discard_finds_nothing(tmp_path):
+    out = str(tmp_path / "out")
+    stage_shard(out, 0, 2, _parts(1), "jsonl")
+    discard_staged(out, 0, 2)
+    with pytest.raises(CommitError, match="nothing staged"):
+        promote_shard(out, 0, 2)
+    assert _files(out) == []
+
+
+def test_promote_is_idempotent_after_crash_between_moves_and_marker(tmp_path):
+    out = str(tmp_path / "out")
+    staged = stage_shard(out, 1, 4, _parts(), "jsonl")
+    # simulate a crash after moving two of the four parts, before the marker
+    for kind in ("results", "sft"):
+        os.makedirs(os.path.join(out, kind), exist_ok=True)
+        os.replace(staged[kind].path, part_path(out, kind, 1, "jsonl"))
+    assert committed_shards(out) == {}
+    marker = promote_shard(out, 1, 4)
+    assert set(marker.parts) == set(staged)
+    assert all(_sha(part_path(out, k, 1, "jsonl")) == p.sha256 for k, p in staged.items())
+    # crash after the marker, before the intent was removed: calling again returns the same marker
+    again = promote_shard(out, 1, 4)
+    assert again == marker
+    assert not any(f.startswith("_staging/part-") for f in _files(out))
+
+
+def test_promote_refuses_when_a_moved_part_was_lost(tmp_path):
+    out = str(tmp_path / "out")
+    staged = stage_shard(out, 2, 9, _parts(1), "jsonl")
+    os.makedirs(os.path.join(out, "results"), exist_ok=True)
+    os.replace(staged["results"].path, part_path(out, "results", 2, "jsonl"))
+    with open(part_path(out, "results", 2, "jsonl"), "ab") as f:
+        f.write(b'{"id": "tampered"}\n')
+    with pytest.raises(CommitError, match="does not hold it"):
+        promote_shard(out, 2, 9)
+    assert committed_shards(out) == {}
+
+
+def test_promote_checks_reported_staged_info(tmp_path):
+    out = str(tmp_path / "out")
+    stage_shard(out, 0, 1, _parts(1), "jsonl")
+    with pytest.raises(CommitError, match="differ"):
+        promote_shard(out, 0, 1, {"results": (999, "0" * 64)})
+    assert committed_shards(out) == {}
+
+
+def test_retried_shard_with_newer_token_rewrites_the_same_part_name(tmp_path):
+    out = str(tmp_path / "out")
+    stage_shard(out, 0, 1, _parts(1), "jsonl")
+    first = promote_shard(out, 0, 1)
+    staged = stage_shard(out, 0, 2, _parts(2), "jsonl")
+    second = promote_shard(out, 0, 2)
+    assert second.token == 2 and second.parts["results"].sha256 != first.parts["results"].sha256
+    assert _sha(part_path(out, "results", 0, "jsonl")) == staged["results"].sha256
+    assert [f for f in _files(out) if f.startswith("results/")] == ["results/part-00000.jsonl"]
+
+
+def test_manifest_lists_exactly_the_committed_parts(tmp_path):
+    out = str(tmp_path / "out")
+    for index in (0, 1, 2):
+        stage_shard(out, index, 10 + index, _parts(2, start=index * 2), "jsonl")
+        if index != 1:
+            promote_shard(out, index, 10 + index, stats={"prompts_done": 2})
+    # a stray file that no marker names, and shard 1 only staged: neither may appear
+    os.makedirs(os.path.join(out, "results"), exist_ok=True)
+    with open(part_path(out, "results", 7, "jsonl"), "w") as f:
+        f.write('{"id": "stray"}\n')
+    markers = committed_shards(out)
+    manifest = write_manifest(out, json.dumps({"name": "t"}), {"prompts": 4, "state": "completed",
+                                                              "job_id": "abc"}, markers)
+    assert read_manifest(out) == manifest
+    assert manifest["spec"] == {"name": "t"} and manifest["job_id"] == "abc"
+    assert manifest["num_shards"] == 2
+    for kind in ("results", "sft", "experience", "errors"):
+        entries = manifest["parts"][kind]
+        assert [e["shard"] for e in entries] == [0, 2]
+        for e in entries:
+            path = os.path.join(out, e["path"])
+            assert _sha(path) == e["sha256"]
+            assert sum(1 for line in open(path, encoding="utf-8") if line.strip()) == e["lines"]
+    assert manifest["records"]["results"] == 8 and manifest["records"]["errors"] == 2
+    ids = [r["id"] for r in read_parts(out, "results", verify=True)]
+    assert "stray" not in ids and len(ids) == 8
+    assert ids == [r["id"] for i in (0, 2) for r in _parts(2, start=i * 2)["results"]]
+
+
+def test_read_parts_without_manifest_refuses(tmp_path):
+    out = str(tmp_path / "out")
+    stage_shard(out, 0, 1, _parts(1), "jsonl")
+    promote_shard(out, 0, 1)
+    assert read_manifest(out) is None
+    with pytest.raises(Exception, match="no manifest.json"):
+        list(read_parts(out, "results"))
+
+
+def test_read_parts_verify_detects_a_changed_part(tmp_path):
+    out = str(tmp_path / "out")
+    stage_shard(out, 0, 1, _parts(1), "jsonl")
+    write_manifest(out, "{}", {}, {0: promote_shard(out, 0, 1)})
+    with open(part_path(out, "results", 0, "jsonl"), "a") as f:
+        f.write('{"id": "extra"}\n')
+    with pytest.raises(Exception, match="sha256"):
+        list(read_parts(out, "results", verify=True))
+
+
+def test_discard_and_clear_staging_leave_committed_output_alone(tmp_path):
+    out = str(tmp_path / "out")
+    stage_shard(out, 0, 1, _parts(1), "parquet")
+    promote_shard(out, 0, 1)
+    stage_shard(out, 0, 5, _parts(1), "parquet")
+    stage_shard(out, 1, 6, _parts(1), "jsonl")
+    discard_staged(out, 0, 5)
+    assert not any(".5." in f for f in _files(out))
+    assert any(".6." in f for f in _files(out))
+    clear_staging(out)
+    assert _files(out) == sorted(["_committed/part-00000.json"] +
+                                 [f"{k}/part-00000.parquet" for k in ("results", "sft", "experience", "errors")])
+
+
+def test_jsonl_writes_non_finite_floats_as_null(tmp_path):
+    out = str(tmp_path / "out")
+    stage_shard(out, 0, 1, {"experience": [{"id": "x", "logprobs": [-1.0, float("-inf")],
+                                            "reward": float("nan")}]}, "jsonl")
+    promote_shard(out, 0, 1)
+    rec = json.loads(open(part_path(out, "experience", 0, "jsonl")).read())
+    assert rec == {"id": "x", "logprobs": [-1.0, None], "reward": None}
+
+
+def test_url_helpers():
+    assert join_url("s3://b/run/", "results", "part-00000.jsonl") == "s3://b/run/results/part-00000.jsonl"
+    assert join_url("/data/out", "/x/") == "/data/out/x"
+    assert part_path("s3://b/run", "sft", 12, "parquet") == "s3://b/run/sft/part-00012.parquet"
+    assert normalize_url("file:///tmp/x/") == "/tmp/x"
+    assert normalize_url("s3://b/p/") == "s3://b/p"
