@@ -199,9 +199,12 @@ def encode_parquet(kind: str, records: list[dict], input_format: str = "ziya") -
     schema = parquet_schema(kind, input_format)
     openai = input_format == "openai-batch" and kind in ("results", "errors")
     rows = [_to_parquet_row(kind, r, schema, openai) for r in records]
-    table = pa.Table.from_pylist(rows, schema=schema)
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+        # an empty part gets no row group at all: readers that size batches by the first row group
+        # (datasets' parquet builder) fail on a row group of 0 rows
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema=schema))
     return sink.getvalue().to_pybytes()
 
 
