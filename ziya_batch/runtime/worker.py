@@ -84,13 +84,29 @@ class Worker:
             done += 1
         return done
 
-    def serve_forever(self, stop: threading.Event, idle_sleep_s: float = 0.5) -> None:
+    def serve_forever(self, stop: threading.Event, idle_sleep_s: float = 0.5, max_backoff_s: float = 10.0) -> None:
+        """Serve until `stop` is set. A Redis outage (restart, failover) is waited out, not fatal: leases
+        that expire meanwhile come back through the reaper and fencing keeps the output exactly-once."""
+        import redis
+
+        backoff_s = idle_sleep_s
         try:
             while not stop.is_set():
-                if not self.run_once():
+                try:
+                    worked = self.run_once()
+                    backoff_s = idle_sleep_s
+                except (redis.ConnectionError, redis.TimeoutError) as err:
+                    log.warning("Redis unreachable (%s); retrying in %.1fs", err, backoff_s)
+                    stop.wait(backoff_s)
+                    backoff_s = min(max_backoff_s, backoff_s * 2)
+                    continue
+                if not worked:
                     stop.wait(idle_sleep_s)
         finally:
-            self.broker.unregister_worker(self.worker_id)
+            try:
+                self.broker.unregister_worker(self.worker_id)
+            except Exception:  # noqa: BLE001 - Redis gone at shutdown: the registration expires by itself
+                pass
 
     # -- one shard ----------------------------------------------------------------------------------------
     def spec_for(self, job_id: str) -> JobSpec:
