@@ -1,0 +1,183 @@
+"""The engine on the CPU in float32 against transformers' own generate on tiny random LLaMA models."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from ziya_batch.engine.engine import LLMEngine
+from ziya_batch.engine.testing import hf_greedy, tiny_llama
+from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
+
+
+def make_engine(num_kv_heads=4, **kw) -> LLMEngine:
+    cfg = dict(model_path="", device="cpu", max_num_batched_tokens=64, block_size=4)
+    cfg.update(kw)
+    return LLMEngine.from_model(tiny_llama(num_kv_heads), None, EngineConfig(**cfg))
+
+
+def greedy(max_new: int, **kw) -> SamplingParams:
+    # min_new_tokens = max_new masks EOS exactly as transformers' min_new_tokens does in the reference
+    return SamplingParams(max_new_tokens=max_new, min_new_tokens=max_new, temperature=0.0, **kw)
+
+
+def random_prompts(n: int, seed: int, lo: int = 1, hi: int = 60) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 300) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def check_against_hf(model, prompt: list[int], completion, max_new: int) -> None:
+    ref, logits = hf_greedy(model, prompt, max_new)
+    assert completion.token_ids == ref
+    want = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(ref)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(completion.logprobs), want, atol=1e-4)
+    assert completion.finish_reason == "length"
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_greedy_matches_transformers_over_mixed_prompt_lengths(num_kv_heads):
+    eng = make_engine(num_kv_heads)
+    prompts = random_prompts(10, seed=num_kv_heads)
+    outs = eng.generate([Request(f"r{i}", p, greedy(16)) for i, p in enumerate(prompts)])
+    assert [o.request_id for o in outs] == [f"r{i}" for i in range(10)]
+    for p, o in zip(prompts, outs):
+        check_against_hf(tiny_llama(num_kv_heads), p, o.completions[0], 16)
+
+
+def test_greedy_matches_transformers_under_preemption():
+    # 24 blocks of 4 tokens cannot hold 8 sequences of up to ~75 tokens: sequences are preempted and recomputed
+    eng = make_engine(num_kv_blocks=24)
+    prompts = random_prompts(8, seed=7, lo=20, hi=55)
+    outs = eng.generate([Request(f"r{i}", p, greedy(20)) for i, p in enumerate(prompts)])
+    assert eng.scheduler.num_preemptions > 0
+    for p, o in zip(prompts, outs):
+        check_against_hf(tiny_llama(), p, o.completions[0], 20)
+    assert eng.scheduler.pool.num_free == eng.num_blocks          # every block came back
+
+
+def test_requests_arriving_mid_run_match_transformers():
+    eng = make_engine()
+    prompts = random_prompts(6, seed=3)
+    for i in range(3):
+        eng.add_request(Request(f"r{i}", prompts[i], greedy(12)))
+    done = {}
+    for step in range(200):
+        if step == 4:
+            for i in range(3, 6):
+                eng.add_request(Request(f"r{i}", prompts[i], greedy(12)))
+        for out in eng.step():
+            done[out.request_id] = out
+        if not eng.has_unfinished() and step > 4:
+            break
+    assert sorted(done) == [f"r{i}" for i in range(6)]
+    for i, p in enumerate(prompts):
+        check_against_hf(tiny_llama(), p, done[f"r{i}"].completions[0], 12)
+
+
+@pytest.mark.parametrize("num_kv_blocks", [None, 30])
+def test_n_greedy_samples_share_the_prompt_and_all_match_transformers(num_kv_blocks):
+    eng = make_engine(num_kv_blocks=num_kv_blocks)
+    prompts = random_prompts(5, seed=11, lo=5, hi=30)          # lengths not multiples of the block size: COW
+    outs = eng.generate([Request(f"r{i}", p, greedy(14, n=3)) for i, p in enumerate(prompts)])
+    for p, o in zip(prompts, outs):
+        assert [c.index for c in o.completions] == [0, 1, 2]
+        for c in o.completions:
+            check_against_hf(tiny_llama(), p, c, 14)
+    assert eng.scheduler.pool.num_free == eng.num_blocks
+
+
+def sampled(max_new=12, **kw) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new, temperature=1.0, top_p=0.9, ignore_eos=True, **kw)
+
+
+def test_seed_reproduces_samples_regardless_of_batch():
+    p = random_prompts(1, seed=5, lo=10, hi=10)[0]
+    alone = make_engine().generate([Request("a", p, sampled(seed=123))])[0].completions[0]
+    others = [Request(f"o{i}", q, sampled()) for i, q in enumerate(random_prompts(5, seed=6))]
+    crowd = make_engine(num_kv_blocks=30).generate(others + [Request("a", p, sampled(seed=123))])[-1]
+    assert crowd.completions[0].token_ids == alone.token_ids
+    assert crowd.completions[0].logprobs == pytest.approx(alone.logprobs, abs=1e-5)
+    other_seed = make_engine().generate([Request("a", p, sampled(seed=124))])[0].completions[0]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def test_sample_i_of_n_uses_seed_plus_i():
+    p = random_prompts(1, seed=8, lo=9, hi=9)[0]
+    eng = make_engine()
+    group = eng.generate([Request("g", p, sampled(seed=40, n=3))])[0]
+    singles = eng.generate([Request(f"s{i}", p, sampled(seed=40 + i)) for i in range(3)])
+    assert [c.token_ids for c in group.completions] == [s.completions[0].token_ids for s in singles]
+    assert len({tuple(c.token_ids) for c in group.completions}) > 1
+
+
+def test_sampled_logprobs_are_those_of_the_processed_distribution():
+    eng = make_engine()
+    out = eng.generate([Request("a", [5, 6, 7], SamplingParams(max_new_tokens=8, temperature=0.7, top_k=5,
+                                                              ignore_eos=True, seed=1))])[0].completions[0]
+    assert all(lp <= 0.0 for lp in out.logprobs) and len(out.logprobs) == 8
+    # with top_k 5 no token can be less likely than 1/5 on average; a log-prob of -inf would mean a masked pick
+    assert min(out.logprobs) > -30
+
+
+def test_max_new_tokens_is_clamped_to_max_model_len_and_long_prompts_are_refused():
+    eng = make_engine(max_model_len=40)
+    out = eng.generate([Request("a", list(range(3, 33)), greedy(50))])[0].completions[0]
+    assert len(out.token_ids) == 10 and out.finish_reason == "length"
+    with pytest.raises(ValueError):
+        eng.add_request(Request("b", list(range(3, 43)), greedy(5)))
+    with pytest.raises(ValueError):
+        eng.add_request(Request("c", [], greedy(5)))
+
+
+def test_stop_token_ids_and_eos_end_with_stop_and_are_not_returned():
+    eng = make_engine()
+    p = random_prompts(1, seed=2)[0]
+    ref = eng.generate([Request("a", p, SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True))])[0]
+    toks = ref.completions[0].token_ids
+    stop_at = toks[5]
+    first = toks.index(stop_at)
+    out = eng.generate([Request("b", p, SamplingParams(max_new_tokens=12, temperature=0,
+                                                       stop_token_ids=(stop_at,)))])[0].completions[0]
+    assert out.finish_reason == "stop" and out.token_ids == toks[:first]
+    assert len(out.logprobs) == first
+    # min_new_tokens masks the stop id until enough tokens exist
+    late = eng.generate([Request("c", p, SamplingParams(max_new_tokens=12, temperature=0, min_new_tokens=first + 1,
+                                                        stop_token_ids=(stop_at,)))])[0].completions[0]
+    assert stop_at not in late.token_ids[:first + 1]
+
+
+class CharTokenizer:
+    """Each id decodes to one letter: enough to test stop strings without a real vocabulary."""
+    eos_token_id = 2
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i % 26) for i in ids if not (skip_special_tokens and i == 2))
+
+
+def test_stop_strings_cut_text_and_tokens():
+    tok = CharTokenizer()
+    eng = LLMEngine.from_model(tiny_llama(), tok, EngineConfig(model_path="", device="cpu", block_size=4))
+    p = random_prompts(1, seed=4)[0]
+    free = eng.generate([Request("a", p, SamplingParams(max_new_tokens=16, temperature=0,
+                                                       ignore_eos=True))])[0].completions[0]
+    assert free.text == tok.decode(free.token_ids)
+    stop = free.text[6:8]
+    cut = free.text.find(stop)
+    out = eng.generate([Request("b", p, SamplingParams(max_new_tokens=16, temperature=0, ignore_eos=True,
+                                                       stop=(stop,)))])[0].completions[0]
+    assert out.finish_reason == "stop"
+    assert out.text == free.text[:cut] and out.token_ids == free.token_ids[:cut]
+
+
+def test_abort_frees_the_request():
+    eng = make_engine()
+    eng.add_request(Request("a", [5, 6, 7], greedy(30)))
+    eng.add_request(Request("b", [8, 9], greedy(3)))
+    eng.step()
+    eng.abort("a")
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    assert [o.request_id for o in outs] == ["b"]
+    assert eng.scheduler.pool.num_free == eng.num_blocks

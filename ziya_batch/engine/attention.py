@@ -1,0 +1,146 @@
+"""Attention over the paged KV cache.
+
+A step's tokens are laid out decode-first: the first `num_decode` tokens each are one query at the end of
+its own sequence (decode, or a one-token prefill chunk) and go through the paged decode path, which reads
+only that sequence's blocks through its block table: a Triton kernel on CUDA, plain torch elsewhere. The
+remaining tokens are prefill chunks; each chunk attends to its sequence's cached context plus itself via
+torch SDPA over the gathered K/V.
+
+Cache layout per layer: k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim]; a token's slot is
+block_id * block_size + offset, so the cache viewed as [num_slots, kv_heads, head_dim] is indexed by slot.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+try:  # the GPU image has Triton; the CPU CI build may not
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+
+@dataclass
+class PrefillChunk:
+    token_start: int          # first row of this chunk in the step's flat token batch
+    num_tokens: int
+    context_start: int        # position of the chunk's first token (tokens before it are cached)
+    slots: torch.Tensor       # [context_start + num_tokens] int64: cache slots of positions 0..end-1
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor            # [T] int64: where each new token's K/V is written
+    num_decode: int                       # the first num_decode tokens use the paged decode path
+    block_tables: torch.Tensor            # [num_decode, max_blocks] int32
+    context_lens: torch.Tensor            # [num_decode] int32: tokens each decode query attends to (incl. itself)
+    block_size: int
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    use_triton: bool = False
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens). Writes k/v to the cache, returns [T, Hq, D]."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    k_flat = k_cache.view(-1, Hkv, D)        # [num_slots, Hkv, D]
+    v_flat = v_cache.view(-1, Hkv, D)
+    k_flat.index_copy_(0, meta.slot_mapping, k)
+    v_flat.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    nd = meta.num_decode
+    if nd:
+        if meta.use_triton:
+            decode_attention_triton(q[:nd], k_flat, v_flat, meta.block_tables, meta.context_lens, meta.block_size,
+                                    out[:nd])
+        else:
+            out[:nd] = decode_attention_torch(q[:nd], k_flat, v_flat, meta.block_tables, meta.context_lens,
+                                              meta.block_size)
+    for c in meta.prefills:
+        qs = q[c.token_start:c.token_start + c.num_tokens].transpose(0, 1).unsqueeze(0)   # [1, Hq, n, D]
+        ks = k_flat[c.slots].transpose(0, 1).unsqueeze(0)                                  # [1, Hkv, ctx, D]
+        vs = v_flat[c.slots].transpose(0, 1).unsqueeze(0)
+        if Hkv != Hq:
+            ks = ks.repeat_interleave(Hq // Hkv, dim=1)
+            vs = vs.repeat_interleave(Hq // Hkv, dim=1)
+        if c.context_start == 0:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+        else:
+            ctx = c.context_start + c.num_tokens
+            qpos = torch.arange(c.context_start, ctx, device=q.device)
+            mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]          # [n, ctx]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
+        out[c.token_start:c.token_start + c.num_tokens] = o[0].transpose(0, 1)
+    return out
+
+
+def decode_attention_torch(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Reference path: gather each sequence's K/V through its block table, mask past its length.
+    q: [B, Hq, D] -> [B, Hq, D]."""
+    B, Hq, D = q.shape
+    Hkv = k_flat.shape[1]
+    max_len = int(context_lens.max().item())
+    pos = torch.arange(max_len, device=q.device)                                          # [L]
+    page_idx = (pos // block_size).clamp(max=block_tables.shape[1] - 1).expand(B, -1)
+    slots = block_tables.long().gather(1, page_idx) * block_size + pos % block_size      # [B, L]
+    keys, vals = k_flat[slots], v_flat[slots]                                             # [B, L, Hkv, D]
+    if Hkv != Hq:
+        keys = keys.repeat_interleave(Hq // Hkv, dim=2)
+        vals = vals.repeat_interleave(Hq // Hkv, dim=2)
+    scores = torch.einsum("bhd,blhd->bhl", q.float(), keys.float()) / math.sqrt(D)        # [B, Hq, L]
+    valid = pos[None, :] < context_lens[:, None].long()                                   # [B, L]
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhl,blhd->bhd", probs, vals.float()).to(q.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _paged_decode_kernel(Q, K, V, O, BT, CTX, scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_btb,
+                             stride_ob, stride_oh, GROUP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+                             D: tl.constexpr):
+        # one program per (sequence, query head); online softmax over BLOCK_N tokens at a time
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        kvh = h // GROUP
+        ctx = tl.load(CTX + b)
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale        # [D]
+        m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
+        l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
+        acc = tl.zeros([D], tl.float32)
+        for start in range(0, ctx, BLOCK_N):
+            t = start + tl.arange(0, BLOCK_N)
+            mask = t < ctx
+            page = tl.load(BT + b * stride_btb + t // BS, mask=mask, other=0).to(tl.int64)
+            slot = page * BS + t % BS                                                     # [BLOCK_N]
+            offs = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+            k = tl.load(K + offs, mask=mask[:, None], other=0.0).to(tl.float32)          # [BLOCK_N, D]
+            s = tl.sum(k * q[None, :], axis=1)
+            s = tl.where(mask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            p = tl.exp(s - m_new)
+            alpha = tl.exp(m_i - m_new)
+            v = tl.load(V + offs, mask=mask[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+        out = acc / tl.maximum(l_i, 1e-20)
+        tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty))
+
+
+def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, block_tables: torch.Tensor,
+                            context_lens: torch.Tensor, block_size: int, out: torch.Tensor) -> None:
+    """q, out: [B, Hq, D]; rows with context_len 0 (CUDA-graph padding) produce zeros."""
+    B, Hq, D = q.shape
+    Hkv = k_flat.shape[1]
+    _paged_decode_kernel[(B, Hq)](
+        q, k_flat, v_flat, out, block_tables, context_lens, 1.0 / math.sqrt(D),
+        q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1), block_tables.stride(0),
+        out.stride(0), out.stride(1), GROUP=Hq // Hkv, BS=block_size, BLOCK_N=64, D=D, num_warps=4)

@@ -1,0 +1,248 @@
+"""LLMEngine: the public face of the engine. A step is three calls, as in vLLM v1's EngineCore: the scheduler
+decides (CPU bookkeeping), the runner runs the model and the sampler picks tokens on the device, the
+scheduler updates; then finished sequences are turned into RequestOutputs."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ziya_batch.engine.kv_cache import (allocate_kv_cache, copy_blocks, kv_bytes_per_token, num_blocks_from_memory)
+from ziya_batch.engine.model import LlamaModel, ModelArgs, from_hf_model, iter_checkpoint
+from ziya_batch.engine.runner import ModelRunner
+from ziya_batch.engine.sampling import build_sampling_tensors, sample
+from ziya_batch.engine.scheduler import Scheduler, SeqStatus, Sequence
+from ziya_batch.engine.types import Completion, EngineConfig, Request, RequestOutput
+
+# What the KV cache leaves free on the GPU for activations, logits and graph pools, besides the memory
+# fraction: a 2,048-token step of the 13B shape peaks near 1.5 GB, plus the prefill attention matrices.
+_GPU_RESERVE_BYTES = 3 << 30
+# CPU runs have no memory probe: cap the cache so a misconfigured run cannot eat the host.
+_CPU_CACHE_BYTES = 2 << 30
+
+
+@dataclass
+class _Group:
+    request: Request
+    seqs: list[Sequence] = field(default_factory=list)
+    done: dict[int, Completion] = field(default_factory=dict)
+
+
+@dataclass
+class StepStats:
+    """What the last step did (the benchmark's profile)."""
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    num_seqs: int = 0
+    context_tokens: int = 0        # tokens of KV read by the step's attention
+    decode_only: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoConfig, AutoTokenizer
+        trc = config.trust_remote_code
+        hf_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=trc)
+        tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=trc)
+        device = resolve_device(config.device)
+        args = ModelArgs.from_hf_config(hf_config)
+        model = LlamaModel.from_state_dict(args, iter_checkpoint(config.model_path), device,
+                                           _dtype_for(config, device))
+        self._setup(model, tokenizer, config, device, _eos_ids(hf_config, tokenizer))
+
+    @classmethod
+    def from_model(cls, model, tokenizer, config: EngineConfig) -> "LLMEngine":
+        """An engine over an already-built model: a transformers LlamaForCausalLM (its weights are copied into
+        the engine's layout) or our LlamaModel (used as is)."""
+        self = cls.__new__(cls)
+        if isinstance(model, LlamaModel):
+            device = model.embed.device
+            eos = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
+        else:
+            device = resolve_device(config.device) if config.device != "auto" else next(model.parameters()).device
+            eos = _eos_ids(model.config, tokenizer)
+            model = from_hf_model(model, device, _dtype_for(config, device))
+        self._setup(model, tokenizer, config, device, eos)
+        return self
+
+    def _setup(self, model: LlamaModel, tokenizer, config: EngineConfig, device: torch.device,
+               eos_ids: list[int]) -> None:
+        self.config, self.model, self.tokenizer, self.device = config, model, tokenizer, device
+        self.eos_ids = eos_ids
+        a = model.args
+        bs = config.block_size
+        kv_heads = model.layers[0].local_kv_heads
+        per_block = kv_bytes_per_token(a.num_layers, kv_heads, a.head_dim, model.embed.dtype) * bs
+        max_len = min(config.max_model_len or a.max_position_embeddings, a.max_position_embeddings)
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        elif device.type == "cuda":
+            num_blocks = num_blocks_from_memory(device, per_block, config.gpu_memory_fraction, _GPU_RESERVE_BYTES)
+        else:
+            num_blocks = min(config.max_num_seqs * -(-max_len // bs), _CPU_CACHE_BYTES // per_block)
+        if tp_hook := getattr(model, "agree_num_blocks", None):
+            num_blocks = tp_hook(num_blocks)       # tensor parallel ranks must build identical caches
+        # one sequence must always fit, or preemption could never make room for it
+        self.max_model_len = min(max_len, num_blocks * bs)
+        if self.max_model_len < 2:
+            raise ValueError(f"the KV cache ({num_blocks} blocks of {bs}) is too small for any sequence")
+        self.num_blocks = num_blocks
+        self.kv_caches = allocate_kv_cache(a.num_layers, num_blocks, bs, kv_heads, a.head_dim,
+                                           model.embed.dtype, device)
+        self.scheduler = Scheduler(num_blocks, bs, config.max_num_seqs, config.max_num_batched_tokens)
+        on_gpu = device.type == "cuda"
+        from ziya_batch.engine import attention
+        self.runner = ModelRunner(model, self.kv_caches, bs, config.max_num_seqs, self.max_model_len, device,
+                                  use_graphs=on_gpu and config.cuda_graphs,
+                                  use_triton=on_gpu and attention.triton is not None)
+        self._groups: dict[str, _Group] = {}
+        self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
+        self.last_step = StepStats()
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        p = request.params
+        if not request.prompt_ids:
+            raise ValueError(f"request {request.request_id}: prompt_ids is empty")
+        if len(request.prompt_ids) >= self.max_model_len:
+            raise ValueError(f"request {request.request_id}: prompt of {len(request.prompt_ids)} tokens does not "
+                             f"fit max_model_len {self.max_model_len}")
+        if p.n < 1 or p.max_new_tokens < 1:
+            raise ValueError(f"request {request.request_id}: n and max_new_tokens must be at least 1")
+        if request.request_id in self._groups:
+            raise ValueError(f"request {request.request_id} is already running")
+        fits = self.max_model_len - len(request.prompt_ids)
+        if p.max_new_tokens > fits:
+            p = dataclasses.replace(p, max_new_tokens=fits)
+        key = p.seed if p.seed is not None else self._rng.getrandbits(62)
+        seq = Sequence(self.scheduler.new_seq_id(), request.request_id, 0, list(request.prompt_ids),
+                       len(request.prompt_ids), p, sample_key=key, pending_forks=p.n - 1)
+        self._groups[request.request_id] = _Group(request, [seq])
+        self.scheduler.add(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def abort(self, request_id: str) -> None:
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for s in list(self.scheduler.running) + list(self.scheduler.waiting):
+            if s.request_id == request_id:
+                self.scheduler.finish(s, SeqStatus.FINISHED_ABORTED)
+
+    def generate(self, requests: list[Request]) -> list[RequestOutput]:
+        for r in requests:
+            self.add_request(r)
+        done: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                done[out.request_id] = out
+        return [done[r.request_id] for r in requests]
+
+    # ---- the step -------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.chunks:
+            return []
+        copy_blocks(self.kv_caches, out.block_copies)
+        logits, rows = self.runner.execute(out)
+        sampled: dict[int, tuple[int, float]] = {}
+        if rows:
+            bans = [self._bans(s) for s in rows]
+            tensors = build_sampling_tensors(rows, logits.shape[1], self.device, bans)
+            tok, lp = sample(logits, tensors)
+            both = torch.stack([tok.double(), lp.double()]).cpu().tolist()   # the step's one host sync
+            sampled = {s.seq_id: (int(t), l) for s, t, l in zip(rows, both[0], both[1])}
+        self.scheduler.update(out, sampled)
+        self.last_step = StepStats(
+            num_prefill_tokens=sum(c.num_tokens for c in out.chunks if c.num_tokens > 1),
+            num_decode_tokens=sum(1 for c in out.chunks if c.num_tokens == 1),
+            num_seqs=len(out.chunks), context_tokens=sum(c.start + c.num_tokens for c in out.chunks),
+            decode_only=out.is_decode_only)
+        finished: list[RequestOutput] = []
+        for s in rows:
+            if s.status is SeqStatus.RUNNING:
+                result = self._check_finished(s)
+                if result is not None:
+                    finished.extend(result)
+        return finished
+
+    def _bans(self, s: Sequence) -> list[int]:
+        p = s.params
+        if s.num_output_tokens >= p.min_new_tokens:
+            return []
+        return list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_ids)
+
+    def _check_finished(self, s: Sequence) -> Optional[list[RequestOutput]]:
+        p = s.params
+        last = s.token_ids[-1]
+        tokens, logprobs, text, status = None, None, None, None
+        if (last in p.stop_token_ids) or (not p.ignore_eos and last in self.eos_ids):
+            tokens, logprobs, status = s.output_ids[:-1], s.logprobs[:-1], SeqStatus.FINISHED_STOPPED
+        elif p.stop and self.tokenizer is not None:
+            hit = self._find_stop(s.output_ids, p.stop)
+            if hit is not None:
+                keep, text = hit
+                tokens, logprobs, status = s.output_ids[:keep], s.logprobs[:keep], SeqStatus.FINISHED_STOPPED
+        if status is None and s.num_output_tokens >= p.max_new_tokens:
+            tokens, logprobs, status = s.output_ids, list(s.logprobs), SeqStatus.FINISHED_LENGTH
+        if status is None:
+            return None
+        self.scheduler.finish(s, status)
+        if text is None:
+            text = self._decode(tokens)
+        group = self._groups.get(s.request_id)
+        if group is None:
+            return None
+        reason = "stop" if status is SeqStatus.FINISHED_STOPPED else "length"
+        group.done[s.sample_index] = Completion(s.sample_index, list(tokens), text, reason, list(logprobs))
+        if len(group.done) < group.request.params.n:
+            return None
+        del self._groups[s.request_id]
+        comps = [group.done[i] for i in range(group.request.params.n)]
+        return [RequestOutput(group.request.request_id, list(group.request.prompt_ids), comps)]
+
+    def _decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _find_stop(self, ids: list[int], stops: tuple[str, ...]) -> Optional[tuple[int, str]]:
+        """If a stop string appears in the decoded output: (tokens to keep, text cut before the stop)."""
+        text = self._decode(ids)
+        hits = [i for i in (text.find(st) for st in stops if st) if i >= 0]
+        if not hits:
+            return None
+        cut = min(hits)
+        keep = len(ids)
+        # drop the tokens that produced the stop string: keep the longest prefix whose text ends before it
+        while keep > 0 and len(self._decode(ids[:keep])) > cut:
+            keep -= 1
+        return keep, text[:cut]
+
+
+def _dtype_for(config: EngineConfig, device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[config.dtype]
+
+
+def _eos_ids(hf_config, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for src in (getattr(hf_config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        for i in (src if isinstance(src, (list, tuple)) else [src]):
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return ids

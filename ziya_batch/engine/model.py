@@ -1,0 +1,245 @@
+"""Our own LLaMA forward over a flat batch of tokens (every sequence's new tokens laid end to end), taking
+the weights of a Hugging Face LLaMA checkpoint. q/k/v and gate/up are fused into one matrix each so a
+decode step reads every weight once in as few kernels as possible. The attention itself (paged KV cache)
+lives in attention.py; this module only knows shapes."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ziya_batch.engine.attention import AttentionMetadata, paged_attention
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, config) -> "ModelArgs":
+        rope = getattr(config, "rope_parameters", None) or {}
+        rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+        scaling = getattr(config, "rope_scaling", None)
+        if rope_type != "default" or (isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type"))
+                                      not in (None, "default")):
+            raise NotImplementedError(f"rope scaling {rope_type or scaling} is not supported by the engine")
+        theta = getattr(config, "rope_theta", None) or rope.get("rope_theta", 10000.0)
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                   num_layers=config.num_hidden_layers, num_heads=heads,
+                   num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                   intermediate_size=config.intermediate_size, rms_norm_eps=config.rms_norm_eps,
+                   rope_theta=float(theta), max_position_embeddings=config.max_position_embeddings,
+                   tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)))
+
+
+# Named presets, gpt-fast style: the benchmark builds "13B" with random weights.
+PRESETS = {
+    "13B": dict(vocab_size=39424, hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, head_dim=128,
+                intermediate_size=13824, max_position_embeddings=2048),
+    "tiny": dict(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16,
+                 intermediate_size=128, max_position_embeddings=512),
+}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # same arithmetic as transformers' LlamaRMSNorm: normalise in float32, cast back, then scale
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; cos/sin: [T, 1, D] (rotate-half layout, as in HF LLaMA checkpoints)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Layer(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.a = a
+        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.input_norm = nn.Parameter(torch.ones(a.hidden_size))
+        self.qkv_proj = nn.Parameter(torch.empty(q + 2 * kv, a.hidden_size))   # [q|k|v, H]
+        self.o_proj = nn.Parameter(torch.empty(a.hidden_size, q))
+        self.post_norm = nn.Parameter(torch.ones(a.hidden_size))
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * a.intermediate_size, a.hidden_size))  # [gate|up, H]
+        self.down_proj = nn.Parameter(torch.empty(a.hidden_size, a.intermediate_size))
+        # Tensor parallelism (tp.py) shrinks the local head counts and sets an all-reduce hook.
+        self.local_heads, self.local_kv_heads = a.num_heads, a.num_kv_heads
+        self.all_reduce = None
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # h: [T, H]
+        a, T = self.a, h.shape[0]
+        x = rms_norm(h, self.input_norm, a.rms_norm_eps)
+        qkv = F.linear(x, self.qkv_proj)                                  # [T, (hq + 2 hkv) * D]
+        nq, nkv = self.local_heads * a.head_dim, self.local_kv_heads * a.head_dim
+        q = qkv[:, :nq].view(T, self.local_heads, a.head_dim)
+        k = qkv[:, nq:nq + nkv].view(T, self.local_kv_heads, a.head_dim)
+        v = qkv[:, nq + nkv:].view(T, self.local_kv_heads, a.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = paged_attention(q, k, v.contiguous(), k_cache, v_cache, meta)  # [T, hq, D]
+        o = F.linear(o.reshape(T, nq), self.o_proj)
+        if self.all_reduce is not None:
+            self.all_reduce(o)
+        h = h + o
+        x = rms_norm(h, self.post_norm, a.rms_norm_eps)
+        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)      # [T, I] each
+        m = F.linear(F.silu(gate) * up, self.down_proj)
+        if self.all_reduce is not None:
+            self.all_reduce(m)
+        return h + m
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.args = a
+        self.embed = nn.Parameter(torch.empty(a.vocab_size, a.hidden_size))
+        self.layers = nn.ModuleList(Layer(a) for _ in range(a.num_layers))
+        self.norm = nn.Parameter(torch.ones(a.hidden_size))
+        self.lm_head = nn.Parameter(torch.empty(a.vocab_size, a.hidden_size))
+        self._rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for positions 0..n-1, computed in float32 like transformers, stored in the model dtype."""
+        if self._rope_cache is None or self._rope_cache[0].shape[0] < n:
+            a, dev = self.args, self.embed.device
+            inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.int64, device=dev)
+                                               .float() / a.head_dim))
+            freqs = torch.outer(torch.arange(n, device=dev, dtype=torch.float32), inv_freq)  # [n, D/2]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope_cache = (emb.cos().to(self.embed.dtype), emb.sin().to(self.embed.dtype))
+        return self._rope_cache
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata, logits_rows: torch.Tensor) -> torch.Tensor:
+        """input_ids, positions: [T]; logits_rows: [R] indices into T whose next-token logits are wanted.
+        Returns float32 logits [R, V]."""
+        cos_t, sin_t = self.rope_tables(self.args.max_position_embeddings)
+        cos, sin = cos_t[positions].unsqueeze(1), sin_t[positions].unsqueeze(1)   # [T, 1, D]
+        h = F.embedding(input_ids, self.embed)                                     # [T, H]
+        for layer, (kc, vc) in zip(self.layers, kv_caches):
+            h = layer(h, cos, sin, kc, vc, meta)
+        h = rms_norm(h[logits_rows], self.norm, self.args.rms_norm_eps)             # [R, H]
+        return F.linear(h, self.lm_head).float()                                    # [R, V]
+
+    # ---- building -------------------------------------------------------------------------------------------
+    @classmethod
+    def random(cls, a: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0) -> "LlamaModel":
+        """Random weights made directly on the device (benchmarks): no host copy of a 26 GB model."""
+        with torch.device("meta"):
+            m = cls(a)
+        m = m.to_empty(device=device).to(dtype)
+        g = torch.Generator(device=device).manual_seed(seed)
+        for name, p in m.named_parameters():
+            with torch.no_grad():
+                if "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02, generator=g)
+        return m.eval().requires_grad_(False)
+
+    @classmethod
+    def from_state_dict(cls, a: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], device: torch.device,
+                        dtype: torch.dtype) -> "LlamaModel":
+        """Builds the model from (name, tensor) pairs named as in HF LLaMA checkpoints, fusing q/k/v and gate/up
+        as the pieces arrive, so at most one layer's unfused pieces are held besides the model."""
+        with torch.device("meta"):
+            m = cls(a)
+        m = m.to_empty(device=device).to(dtype)
+        pending: dict[tuple[int, str], torch.Tensor] = {}
+        seen: set[str] = set()
+        with torch.no_grad():
+            for name, t in tensors:
+                t = t.to(device=device, dtype=dtype)
+                if name.startswith("model."):
+                    name = name[len("model."):]
+                if name == "embed_tokens.weight":
+                    m.embed.copy_(t); seen.add("embed")
+                elif name == "norm.weight":
+                    m.norm.copy_(t); seen.add("norm")
+                elif name == "lm_head.weight":
+                    m.lm_head.copy_(t); seen.add("lm_head")
+                elif name.startswith("layers."):
+                    _, idx, rest = name.split(".", 2)
+                    i, layer = int(idx), m.layers[int(idx)]
+                    simple = {"input_layernorm.weight": layer.input_norm, "post_attention_layernorm.weight":
+                              layer.post_norm, "self_attn.o_proj.weight": layer.o_proj,
+                              "mlp.down_proj.weight": layer.down_proj}
+                    if rest in simple:
+                        simple[rest].copy_(t); seen.add(f"{i}.{rest}")
+                    elif rest.endswith(".weight") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj",
+                                                                               "gate_proj", "up_proj"):
+                        pending[(i, rest.split(".")[1])] = t
+                        _fuse_ready(layer, i, pending, seen)
+                    elif "rotary_emb" in rest:
+                        continue
+                    else:
+                        raise ValueError(f"unexpected weight {name}: not a LLaMA checkpoint the engine can load")
+        if "lm_head" not in seen and a.tie_word_embeddings:
+            m.lm_head = m.embed
+            seen.add("lm_head")
+        expected = 3 + a.num_layers * 6
+        if len(seen) != expected or pending:
+            raise ValueError(f"checkpoint is missing weights: loaded {len(seen)} of {expected} parameter groups")
+        return m.eval().requires_grad_(False)
+
+
+def _fuse_ready(layer: Layer, i: int, pending: dict, seen: set) -> None:
+    if all((i, p) in pending for p in ("q_proj", "k_proj", "v_proj")):
+        layer.qkv_proj.copy_(torch.cat([pending.pop((i, p)) for p in ("q_proj", "k_proj", "v_proj")]))
+        seen.add(f"{i}.qkv")
+    if all((i, p) in pending for p in ("gate_proj", "up_proj")):
+        layer.gate_up_proj.copy_(torch.cat([pending.pop((i, p)) for p in ("gate_proj", "up_proj")]))
+        seen.add(f"{i}.gate_up")
+
+
+def iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs from a HF checkpoint folder: safetensors first; .bin only with weights_only=True."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        from safetensors import safe_open
+        for f in files:
+            with safe_open(f, framework="pt", device="cpu") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name)
+        return
+    files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    index = os.path.join(path, "pytorch_model.bin.index.json")
+    if os.path.exists(index):
+        with open(index) as fh:
+            files = sorted({os.path.join(path, f) for f in json.load(fh)["weight_map"].values()})
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
+    for f in files:
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        for name, t in sd.items():
+            yield name, t
+        del sd
+
+
+def from_hf_model(hf_model, device: torch.device, dtype: torch.dtype) -> LlamaModel:
+    a = ModelArgs.from_hf_config(hf_model.config)
+    return LlamaModel.from_state_dict(a, iter(hf_model.state_dict().items()), device, dtype)

@@ -1,0 +1,142 @@
+"""Turns a SchedulerOutput into the model's input tensors and runs the step: decode-only steps replay a CUDA
+graph captured for the next batch-size bucket; steps with prefill chunks run eagerly. All host data goes
+to the device in one copy per step (graph steps: one per static buffer)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ziya_batch.engine.attention import AttentionMetadata, PrefillChunk
+from ziya_batch.engine.model import LlamaModel
+from ziya_batch.engine.scheduler import ScheduledChunk, SchedulerOutput, Sequence
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
+                 max_num_seqs: int, max_model_len: int, device: torch.device, use_graphs: bool, use_triton: bool):
+        self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
+        self.device, self.use_triton = device, use_triton
+        self.max_blocks = -(-max_model_len // block_size)
+        self.scratch_slot = (kv_caches[0][0].shape[0] - 1) * block_size   # the extra block (kv_cache.py)
+        self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs] if use_graphs else []
+        if use_graphs and max_num_seqs not in self.graph_sizes and max_num_seqs < GRAPH_BATCH_SIZES[-1]:
+            self.graph_sizes.append(max_num_seqs)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.graph_sizes:
+            self._capture_graphs()
+
+    # ---- inputs ---------------------------------------------------------------------------------------------
+    def _slots(self, seq: Sequence, start: int, end: int) -> np.ndarray:
+        pos = np.arange(start, end)
+        blocks = np.asarray(seq.block_ids, dtype=np.int64)
+        return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def execute(self, out: SchedulerOutput) -> tuple[Optional[torch.Tensor], list[Sequence]]:
+        """Runs the step; returns logits [R, V] float32 and the Sequence each row samples for."""
+        chunks = sorted(out.chunks, key=lambda c: c.num_tokens != 1)   # one-token chunks first (stable)
+        decodes = [c for c in chunks if c.num_tokens == 1]
+        rows: list[Sequence] = []
+        row_idx: list[int] = []
+        t = 0
+        for c in chunks:
+            if c.samples:
+                for s in (c.seq, *c.children):
+                    rows.append(s)
+                    row_idx.append(t + c.num_tokens - 1)
+            t += c.num_tokens
+        if not rows and not chunks:
+            return None, []
+        nd = len(decodes)
+        if nd == len(chunks) and self.graphs:
+            bucket = next((b for b in self.graph_sizes if b >= nd), None)
+            if bucket is not None and all(len(c.children) == 0 for c in chunks):
+                logits = self._replay(decodes, bucket)
+                return logits[torch.tensor(row_idx, device=self.device)] if len(row_idx) != nd else logits[:nd], rows
+        return self._run_eager(chunks, nd, row_idx), rows
+
+    def _run_eager(self, chunks: list[ScheduledChunk], nd: int, row_idx: list[int]) -> torch.Tensor:
+        ids, pos, slots = [], [], []
+        for c in chunks:
+            ids.append(np.asarray(c.seq.token_ids[c.start:c.start + c.num_tokens], dtype=np.int64))
+            pos.append(np.arange(c.start, c.start + c.num_tokens))
+            slots.append(self._slots(c.seq, c.start, c.start + c.num_tokens))
+        bt = np.zeros((nd, self.max_blocks), dtype=np.int64)
+        for i, c in enumerate(chunks[:nd]):
+            bt[i, :len(c.seq.block_ids)] = c.seq.block_ids
+        ctx = np.array([c.start + 1 for c in chunks[:nd]], dtype=np.int64)
+        prefill_slots = [self._slots(c.seq, 0, c.start + c.num_tokens) for c in chunks[nd:]]
+        ids_a, pos_a, slots_a = np.concatenate(ids), np.concatenate(pos), np.concatenate(slots)
+        T = len(ids_a)
+        packed = np.concatenate([ids_a, pos_a, slots_a, bt.reshape(-1), ctx, np.asarray(row_idx, dtype=np.int64),
+                                 *prefill_slots])
+        dev = torch.from_numpy(packed).to(self.device, non_blocking=True)
+        o = 0
+
+        def take(n: int) -> torch.Tensor:
+            nonlocal o
+            o += n
+            return dev[o - n:o]
+        ids_t, pos_t, slots_t = take(T), take(T), take(T)
+        bt_t = take(bt.size).view(nd, self.max_blocks).to(torch.int32)
+        ctx_t = take(nd).to(torch.int32)
+        rows_t = take(len(row_idx))
+        prefills, tok = [], nd
+        for c, ps in zip(chunks[nd:], prefill_slots):
+            prefills.append(PrefillChunk(tok, c.num_tokens, c.start, take(len(ps))))
+            tok += c.num_tokens
+        meta = AttentionMetadata(slots_t, nd, bt_t, ctx_t, self.block_size, prefills, self.use_triton)
+        return self.model(ids_t, pos_t, self.kv_caches, meta, rows_t)
+
+    # ---- CUDA graphs ----------------------------------------------------------------------------------------
+    def _capture_graphs(self) -> None:
+        n = max(self.graph_sizes)
+        dev = self.device
+        self.g_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.g_pos = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.g_slots = torch.full((n,), self.scratch_slot, dtype=torch.int64, device=dev)
+        self.g_bt = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
+        self.g_ctx = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.g_rows = torch.arange(n, device=dev)
+        self.g_logits: dict[int, torch.Tensor] = {}
+        pool = torch.cuda.graph_pool_handle()
+        for b in sorted(self.graph_sizes, reverse=True):     # largest first: smaller ones reuse its pool
+            meta = AttentionMetadata(self.g_slots[:b], b, self.g_bt[:b], self.g_ctx[:b], self.block_size, [],
+                                     self.use_triton)
+            args = (self.g_ids[:b], self.g_pos[:b], self.kv_caches, meta, self.g_rows[:b])
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):                       # warm-up: Triton compilation, rope tables, cuBLAS handles
+                    self.model(*args)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.g_logits[b] = self.model(*args)
+            self.graphs[b] = g
+        torch.cuda.synchronize()
+
+    def _replay(self, decodes: list[ScheduledChunk], bucket: int) -> torch.Tensor:
+        nd = len(decodes)
+        host = np.zeros((4, bucket), dtype=np.int64)
+        host[2, :] = self.scratch_slot
+        bt = np.zeros((bucket, self.max_blocks), dtype=np.int32)
+        bs = self.block_size
+        for i, c in enumerate(decodes):
+            seq, p = c.seq, c.start
+            host[0, i] = seq.token_ids[p]
+            host[1, i] = p
+            host[2, i] = seq.block_ids[p // bs] * bs + p % bs
+            host[3, i] = p + 1
+            bt[i, :len(seq.block_ids)] = seq.block_ids
+        dev = torch.from_numpy(host).to(self.device, non_blocking=True)
+        self.g_ids[:bucket].copy_(dev[0])
+        self.g_pos[:bucket].copy_(dev[1])
+        self.g_slots[:bucket].copy_(dev[2])
+        self.g_ctx[:bucket].copy_(dev[3])
+        self.g_bt[:bucket].copy_(torch.from_numpy(bt).to(self.device, non_blocking=True))
+        self.graphs[bucket].replay()
+        return self.g_logits[bucket]

@@ -1,0 +1,115 @@
+"""Batched sampling on the device: repetition penalty, min_new_tokens, temperature (0 = greedy), top_k, top_p,
+and the logprob of each chosen token under the processed distribution (the raw, penalised one for greedy rows).
+
+Randomness: Gumbel-max with noise from a counter-based hash of (sample key, output position, vocab id) rather
+than a torch.Generator. A sample's tokens then depend only on its seed and its own history, never on which
+other sequences shared the step, on preemption, or on batch order, and the noise is a pure function of
+tensors (graph-capturable). The sample key is the request's seed + the sample index, so completion i of a
+request with seed s draws exactly what completion 0 of the same prompt with seed s + i would."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def mix32_int(x: int) -> int:
+    """A 32-bit integer finaliser (lowbias32); the same function as mix32 on tensors."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    x ^= x >> 16
+    return x
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    # x: int64 values in [0, 2^32); a product may wrap int64 but its low 32 bits stay exact
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def row_key(sample_key: int, position: int) -> int:
+    """The noise key of one sampled token: sample key (64-bit seed + index) and output position."""
+    k = mix32_int(sample_key & _M32) ^ mix32_int(((sample_key >> 32) & _M32) + 0x9E3779B9)
+    return mix32_int(k ^ mix32_int(position * 0x85EBCA6B + 0x27D4EB2F))
+
+
+@dataclass
+class SamplingTensors:
+    temperature: torch.Tensor            # [R] float32; 0 = greedy
+    top_p: torch.Tensor                  # [R] float32; 1 = off
+    top_k: torch.Tensor                  # [R] int64; 0 = off
+    keys: torch.Tensor                   # [R] int64 noise keys (row_key)
+    penalty: Optional[torch.Tensor]      # [R] float32, or None when every row has 1.0
+    seen: Optional[torch.Tensor]         # [R, V] bool: tokens in prompt + output, for the penalty
+    banned: Optional[tuple[torch.Tensor, torch.Tensor]]  # (rows, token ids) masked before min_new_tokens
+    any_top_k: bool
+    any_top_p: bool
+    all_greedy: bool
+
+
+def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ban_ids: list[list[int]]
+                           ) -> SamplingTensors:
+    """rows: Sequences (one per logits row); ban_ids[i]: ids masked for row i (EOS/stop before min_new_tokens)."""
+    temps = [r.params.temperature for r in rows]
+    top_p = [r.params.top_p if r.params.temperature > 0 else 1.0 for r in rows]
+    top_k = [r.params.top_k if r.params.temperature > 0 else 0 for r in rows]
+    keys = [row_key(r.sample_key, r.num_output_tokens) for r in rows]
+    floats = torch.tensor([temps, top_p], dtype=torch.float32).to(device, non_blocking=True)
+    ints = torch.tensor([top_k, keys], dtype=torch.int64).to(device, non_blocking=True)
+    penalty = seen = banned = None
+    if any(r.params.repetition_penalty != 1.0 for r in rows):
+        penalty = torch.tensor([r.params.repetition_penalty for r in rows], dtype=torch.float32).to(device)
+        ri = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 for _ in r.token_ids]
+        ti = [t for r in rows if r.params.repetition_penalty != 1.0 for t in r.token_ids]
+        seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
+        seen[torch.tensor(ri, device=device), torch.tensor(ti, device=device)] = True
+    if any(ban_ids):
+        br = [i for i, ids in enumerate(ban_ids) for _ in ids]
+        bt = [t for ids in ban_ids for t in ids]
+        banned = (torch.tensor(br, device=device), torch.tensor(bt, device=device))
+    return SamplingTensors(floats[0], floats[1], ints[0], ints[1], penalty, seen, banned,
+                           any_top_k=any(k > 0 for k in top_k), any_top_p=any(p < 1.0 for p in top_p),
+                           all_greedy=all(t == 0 for t in temps))
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: [R, V] float32 -> (tokens [R] int64, logprobs [R] float32)."""
+    if t.penalty is not None:
+        # CTRL-style, as transformers: positive logits are divided, negative multiplied
+        p = t.penalty[:, None]
+        logits = torch.where(t.seen, torch.where(logits > 0, logits / p, logits * p), logits)
+    if t.banned is not None:
+        logits = logits.index_put((t.banned[0], t.banned[1]), torch.tensor(float("-inf"), device=logits.device))
+    greedy_tok = logits.argmax(dim=-1)
+    if t.all_greedy:
+        logp = torch.log_softmax(logits, dim=-1)
+        return greedy_tok, logp.gather(1, greedy_tok[:, None])[:, 0]
+    greedy = t.temperature == 0
+    x = logits / torch.where(greedy, 1.0, t.temperature)[:, None]
+    if t.any_top_k or t.any_top_p:
+        xs, idx = x.sort(dim=-1, descending=True)                                   # [R, V]
+        rank = torch.arange(x.shape[1], device=x.device)[None, :]
+        remove = (t.top_k[:, None] > 0) & (rank >= t.top_k[:, None])
+        xs = xs.masked_fill(remove, float("-inf"))
+        if t.any_top_p:
+            probs = torch.softmax(xs, dim=-1)
+            before = probs.cumsum(dim=-1) - probs                                   # mass ranked above each token
+            xs = xs.masked_fill((before >= t.top_p[:, None]) & (rank > 0), float("-inf"))
+        x = torch.full_like(x, float("-inf")).scatter(1, idx, xs)
+    x = torch.where(greedy[:, None], logits, x)
+    logp = torch.log_softmax(x, dim=-1)                                             # [R, V]
+    vocab = torch.arange(x.shape[1], device=x.device, dtype=torch.int64)
+    h = mix32(t.keys[:, None] ^ mix32(vocab)[None, :])                              # [R, V] in [0, 2^32)
+    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))                                # uniform in (0, 1)
+    gumbel = -torch.log(-torch.log(u))
+    tok = torch.where(greedy, greedy_tok, (logp + gumbel).argmax(dim=-1))
+    return tok, logp.gather(1, tok[:, None])[:, 0]

@@ -1,0 +1,217 @@
+"""The scheduler: plain CPU bookkeeping, no torch. Each step it decides which tokens of which sequences run,
+under a token budget (chunked prefill mixed into decode steps), admits waiting sequences every step while
+seats and blocks last, and preempts the most recently admitted running sequence (recompute: its blocks are
+freed and it goes back to the front of the queue, to be prefilled again with prompt + output) when blocks
+run out, so a long job never dies of out-of-memory.
+
+A sequence's state is (token_ids, num_computed): the tokens whose K/V are in the cache. A step computes the
+chunk [num_computed, num_computed + k); when the chunk reaches the last token the step samples a new one.
+Decode is just the chunk of length 1."""
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ziya_batch.engine.kv_cache import BlockPool
+from ziya_batch.engine.types import SamplingParams
+
+
+class SeqStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    FINISHED_STOPPED = 2
+    FINISHED_LENGTH = 3
+    FINISHED_ABORTED = 4
+
+    def is_finished(self) -> bool:
+        return self >= SeqStatus.FINISHED_STOPPED
+
+
+@dataclass(eq=False)
+class Sequence:
+    seq_id: int
+    request_id: str
+    sample_index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    sample_key: int = 0                  # seeds this sample's noise (see sampling.py)
+    pending_forks: int = 0               # samples still to fork off when the prompt's prefill completes
+    num_computed: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    logprobs: list[float] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+
+@dataclass
+class ScheduledChunk:
+    seq: Sequence
+    start: int                           # first position computed this step
+    num_tokens: int
+    samples: bool                        # the chunk reaches the last token: sample a new one
+    children: list[Sequence] = field(default_factory=list)  # forked samples that share this chunk's logits
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    block_copies: list[tuple[int, int]]  # (src, dst) copy-on-write, done before the step runs
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return all(c.num_tokens == 1 for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+        self.pool = BlockPool(num_blocks)
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._next_seq_id = 0
+        self.num_preemptions = 0
+
+    def new_seq_id(self) -> int:
+        self._next_seq_id += 1
+        return self._next_seq_id - 1
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- blocks ---------------------------------------------------------------------------------------------
+    def _blocks_needed(self, seq: Sequence, end: int) -> int:
+        """Blocks to allocate so positions [num_computed, end) have slots (incl. a copy-on-write block)."""
+        bs = self.block_size
+        need = max(0, -(-end // bs) - len(seq.block_ids))
+        if seq.num_computed % bs and self.pool.ref_counts[seq.block_ids[seq.num_computed // bs]] > 1:
+            need += 1
+        return need
+
+    def _reserve(self, seq: Sequence, end: int, copies: list[tuple[int, int]]) -> None:
+        bs = self.block_size
+        if seq.num_computed % bs:
+            i = seq.num_computed // bs
+            old = seq.block_ids[i]
+            if self.pool.ref_counts[old] > 1:
+                new = self.pool.allocate()
+                copies.append((old, new))
+                self.pool.decref(old)
+                seq.block_ids[i] = new
+        while len(seq.block_ids) * bs < end:
+            seq.block_ids.append(self.pool.allocate())
+
+    def _free(self, seq: Sequence) -> None:
+        for b in seq.block_ids:
+            self.pool.decref(b)
+        seq.block_ids = []
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._free(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # ---- the step -------------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        copies: list[tuple[int, int]] = []
+        preempted: list[Sequence] = []
+        self._forked: list[Sequence] = []    # join the running list after this step's scheduling
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            end = seq.num_computed + n
+            while self._blocks_needed(seq, end) > self.pool.num_free:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                break
+            self._reserve(seq, end, copies)
+            chunks.append(self._chunk(seq, n))
+            budget -= n
+            i += 1
+        while self.waiting and budget > 0 and not preempted:
+            seq = self.waiting[0]
+            seats = 1 + seq.pending_forks
+            if len(self.running) + len(self._forked) + seats > self.max_num_seqs:
+                break
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            if self._blocks_needed(seq, seq.num_computed + n) > self.pool.num_free:
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            self._reserve(seq, seq.num_computed + n, copies)
+            chunks.append(self._chunk(seq, n))
+            budget -= n
+        self.running.extend(self._forked)
+        return SchedulerOutput(chunks, copies, preempted)
+
+    def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:
+        samples = seq.num_computed + n == len(seq.token_ids)
+        chunk = ScheduledChunk(seq, seq.num_computed, n, samples)
+        if samples and seq.pending_forks:
+            # the prompt is complete: the other samples start here, sharing every block of the prompt
+            for k in range(seq.pending_forks):
+                child = Sequence(self.new_seq_id(), seq.request_id, seq.sample_index + 1 + k, list(seq.token_ids),
+                                 seq.num_prompt_tokens, seq.params, sample_key=seq.sample_key + 1 + k,
+                                 block_ids=list(seq.block_ids), status=SeqStatus.RUNNING)
+                for b in child.block_ids:
+                    self.pool.incref(b)
+                chunk.children.append(child)
+                self._forked.append(child)
+            seq.pending_forks = 0
+        return chunk
+
+    def update(self, out: SchedulerOutput, sampled: Optional[dict[int, tuple[int, float]]] = None) -> None:
+        """Advances num_computed by what ran and appends sampled (token, logprob) by seq_id."""
+        sampled = sampled or {}
+        for c in out.chunks:
+            c.seq.num_computed += c.num_tokens
+            for child in c.children:
+                child.num_computed = c.seq.num_computed
+        for c in out.chunks:
+            for s in [c.seq, *c.children]:
+                if s.seq_id in sampled and s.status is SeqStatus.RUNNING:
+                    tok, lp = sampled[s.seq_id]
+                    s.token_ids.append(tok)
+                    s.logprobs.append(lp)
+
+    def finish(self, seq: Sequence, status: SeqStatus) -> None:
+        assert status.is_finished()
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._free(seq)
+        seq.status = status

@@ -1,0 +1,31 @@
+"""Tiny random LLaMA models for the engine's tests (CPU and GPU) and transformers references."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_llama(num_kv_heads: int = 4, seed: int = 0, vocab_size: int = 300) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=num_kv_heads,
+                      intermediate_size=128, vocab_size=vocab_size, max_position_embeddings=512, rope_theta=10000.0,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).float().eval()
+    # larger weights than the default init, so the logits are peaked and greedy choices are not near-ties
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+    return model
+
+
+def hf_greedy(model: LlamaForCausalLM, prompt: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' own greedy tokens (EOS masked by min_new_tokens) and its processed logits at each step
+    (the raw logits with EOS masked), whose log_softmax the engine's logprobs must equal."""
+    out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=max_new_tokens,
+                         min_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences[0, len(prompt):].tolist(), torch.stack(out.scores)[:, 0].float().cpu()
