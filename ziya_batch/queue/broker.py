@@ -1,0 +1,331 @@
+"""The job queue on Redis: submit jobs as shard descriptors, lease shards to workers, commit them once.
+
+All state changes are Lua scripts (scripts.py) checked against the transition tables (states.py); all
+key names come from keys.py. Times that decide anything (lease expiry, backoff) are Redis server time.
+
+Job hash fields: state, sealed ('1' once every shard is written), name, priority, lease_ms, max_retries,
+output_path, created_ms, updated_ms, finished_ms, error, total_shards, total_prompts, n_pending, n_leased,
+n_committed, n_dead (shards per state), prompts_done, prompts_failed, samples, output_tokens (sums of
+committed stats), retries, dead_lines, progress_seq.
+
+Shard records (JSON in the job's shards hash): file (position in the files list), start, end, first_line,
+num_lines, state, token, attempts, failures, isolate, lease_isolate, in_flight, bad_lines, dead, owner,
+stats, committed_token. About 200 bytes a shard: a 10-million-line job of 512-line shards is ~4 MB.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Iterable, Mapping, Optional
+
+import redis
+
+from ..errors import JobNotFound
+from ..records import ShardRef
+from ..spec import JobSpec, parse_spec
+from .keys import Keys
+from .scripts import Scripts
+from .server import check_config
+from .states import JobState, ShardState
+from .types import JobStatus, Lease, ShardStats, WorkerInfo
+
+SUBMIT_BATCH = 1000          # shards per add_shards call while the input streams
+FINALIZE_TTL_S = 600.0       # a finalizer that has not finished in this long is presumed dead
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+class Broker:
+    def __init__(self, client: redis.Redis, prefix: str = "zb", backoff_base_s: float = 2.0,
+                 backoff_max_s: float = 300.0, errors_kept: int = 50, worker_ttl_s: float = 60.0,
+                 claim_scan: int = 64):
+        """`backoff_base_s`: delay before the first retry of a failed shard, doubled per failure up to
+        `backoff_max_s`. `errors_kept`: failures remembered per job for `status JOB_ID`. `worker_ttl_s`:
+        a worker silent this long is no longer listed. `claim_scan`: jobs a claim looks through."""
+        if not client.connection_pool.connection_kwargs.get("decode_responses"):
+            pool = client.connection_pool
+            client = redis.Redis(connection_pool=redis.ConnectionPool(
+                connection_class=pool.connection_class, **{**pool.connection_kwargs, "decode_responses": True}))
+        self.client = client
+        self.keys = Keys(prefix)
+        self.scripts = Scripts(client)
+        self.backoff_base_ms = int(backoff_base_s * 1000)
+        self.backoff_max_ms = int(backoff_max_s * 1000)
+        self.errors_kept = errors_kept
+        self.worker_ttl_s = worker_ttl_s
+        self.claim_scan = claim_scan
+        self._files: dict[tuple[str, str], list[str]] = {}   # (job_id, created_ms) -> input files
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "zb", **kwargs) -> "Broker":
+        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30), prefix, **kwargs)
+
+    def check_server(self) -> list[str]:
+        """Unsafe settings of this Redis, one sentence each (empty when it is safe to trust)."""
+        return check_config(self.client)
+
+    def server_time_s(self) -> float:
+        sec, usec = self.client.time()
+        return sec + usec / 1e6
+
+    # -- jobs -------------------------------------------------------------------------------------------
+    def submit(self, spec: JobSpec, shards: Iterable[ShardRef],
+               committed: Mapping[int, ShardStats] = {}) -> JobStatus:  # noqa: B006 - read only
+        """Queue a job, or find it again (resume). Idempotent: the job id is the spec's identity.
+
+        A job that exists is returned as it is, except that a failed or cancelled one is reopened and any
+        shard `committed` names (storage holds its part) is recorded committed. Shards stream into Redis
+        in batches; a submit that died midway is completed by the next one, and no shard is claimable
+        before the whole list is written."""
+        k, job_id = self.keys, spec.identity()
+        state, sealed = self.scripts.create_job(
+            keys=[k.job(job_id), k.spec(job_id), k.jobs()],
+            args=[job_id, spec.to_json(), spec.name, spec.priority, int(spec.reliability.lease_s * 1000),
+                  spec.reliability.max_retries, spec.output.path])
+        if sealed == "1":
+            if state in (JobState.FAILED.value, JobState.CANCELLED.value):
+                self._reopen(job_id)
+            if committed:
+                self._add_shards(job_id, [x for i, st in committed.items() for x in (i, "", _json(st.to_dict()))])
+            return self.status(job_id)
+        files = {f: i for i, f in enumerate(self.client.lrange(k.files(job_id), 0, -1))}
+        batch: list = []
+        for ref in shards:
+            if ref.job_id != job_id:
+                raise ValueError(f"shard {ref.index} belongs to job {ref.job_id}, not {job_id}")
+            if ref.file not in files:
+                # RPUSH's reply is the position, so two submitters racing on one job agree on it
+                files[ref.file] = self.client.rpush(k.files(job_id), ref.file) - 1
+            rec = {"file": files[ref.file], "start": ref.start, "end": ref.end, "first_line": ref.first_line,
+                   "num_lines": ref.num_lines}
+            st = committed.get(ref.index)
+            batch += [ref.index, _json(rec), _json(st.to_dict()) if st is not None else ""]
+            if len(batch) >= 3 * SUBMIT_BATCH:
+                self._add_shards(job_id, batch)
+                batch = []
+        if batch:
+            self._add_shards(job_id, batch)
+        self.scripts.seal(keys=[k.job(job_id), k.ready(), k.claim_seq()], args=[job_id])
+        return self.status(job_id)
+
+    def _add_shards(self, job_id: str, triples: list) -> int:
+        k = self.keys
+        return self.scripts.add_shards(keys=[k.job(job_id), k.shards(job_id), k.pending(job_id), k.ready()],
+                                       args=[job_id, *triples])
+
+    def _reopen(self, job_id: str) -> str:
+        k = self.keys
+        return self.scripts.reopen(keys=[k.job(job_id), k.shards(job_id), k.pending(job_id), k.dead(job_id),
+                                         k.ready(), k.claim_seq(), k.finalizer(job_id)], args=[job_id])
+
+    def get_spec(self, job_id: str) -> JobSpec:
+        raw = self.client.get(self.keys.spec(job_id))
+        if raw is None:
+            raise JobNotFound(f"no job {job_id} in this Redis (list jobs with `ziya-batch status`)")
+        return parse_spec(json.loads(raw), f"spec of job {job_id}")
+
+    def find_job(self, job_id: str) -> Optional[JobStatus]:
+        if not self.client.exists(self.keys.job(job_id)):
+            return None
+        return self.status(job_id)
+
+    def list_jobs(self) -> list[JobStatus]:
+        """Every job, oldest first."""
+        out = []
+        for job_id in self.client.zrange(self.keys.jobs(), 0, -1):
+            st = self.find_job(job_id)
+            if st is not None:
+                out.append(st)
+        return out
+
+    def delete_job(self, job_id: str) -> None:
+        """Forget a job (its output stays). Its leases are dropped: owners' commits then fail."""
+        k = self.keys
+        members = [k.lease_member(job_id, int(i)) for i in self.client.zrange(k.leased(job_id), 0, -1)]
+        with self.client.pipeline() as p:
+            if members:
+                p.zrem(k.leases(), *members)
+            p.zrem(k.ready(), job_id)
+            p.zrem(k.jobs(), job_id)
+            p.delete(*k.job_keys(job_id))
+            p.execute()
+
+    # -- leases -----------------------------------------------------------------------------------------
+    def claim(self, worker_id: str) -> Optional[Lease]:
+        """The next shard for this worker: highest priority job first, equal priorities in turn."""
+        k = self.keys
+        for job_id in self.client.zrange(k.ready(), 0, self.claim_scan - 1):
+            res = self.scripts.claim(
+                keys=[k.job(job_id), k.shards(job_id), k.pending(job_id), k.leased(job_id), k.leases(),
+                      k.ready(), k.claim_seq()],
+                args=[job_id, worker_id])
+            if res:
+                return self._lease(job_id, worker_id, *res)
+        return None
+
+    def _lease(self, job_id: str, worker_id: str, raw: str, index: str, lease_ms: str, created_ms: str) -> Lease:
+        sh = json.loads(raw)
+        files = self._files.get((job_id, created_ms))
+        if files is None or sh["file"] >= len(files):
+            files = self.client.lrange(self.keys.files(job_id), 0, -1)
+            self._files[(job_id, created_ms)] = files
+        ref = ShardRef(job_id, int(index), files[sh["file"]], sh["start"], sh["end"], sh["first_line"],
+                       sh["num_lines"])
+        bad = sh.get("bad_lines") or []
+        return Lease(job_id=job_id, shard=ref, token=int(sh["token"]), attempt=int(sh["attempts"]),
+                     lease_s=int(lease_ms) / 1000.0, worker_id=worker_id, isolate=bool(sh.get("isolate")),
+                     bad_lines=frozenset(int(b) for b in bad) if isinstance(bad, list) else frozenset(),
+                     dead_letter=bool(sh.get("dead")))
+
+    def heartbeat(self, lease: Lease) -> bool:
+        """Renew the lease. False if it was lost (expired and re-claimed, or its job abandoned it)."""
+        k, j = self.keys, lease.job_id
+        return bool(self.scripts.heartbeat(
+            keys=[k.job(j), k.shards(j), k.leased(j), k.leases()],
+            args=[lease.shard.index, lease.token, k.lease_member(j, lease.shard.index)]))
+
+    def line_started(self, lease: Lease, line_no: int) -> bool:
+        """Isolate mode: `line_no` is being generated now. If the worker dies before the next call, that
+        line becomes a bad line on the next claim (one crash of a line run alone is enough: rerunning it
+        would crash the next worker too). False if the lease was lost."""
+        return bool(self.scripts.line(keys=[self.keys.shards(lease.job_id)],
+                                      args=[lease.shard.index, lease.token, line_no]))
+
+    def line_finished(self, lease: Lease) -> bool:
+        """Isolate mode: no line in flight any more (call after the last line, before writing parts)."""
+        return bool(self.scripts.line(keys=[self.keys.shards(lease.job_id)],
+                                      args=[lease.shard.index, lease.token, ""]))
+
+    def commit(self, lease: Lease, stats: ShardStats) -> bool:
+        """Record the shard committed with `stats`, only if `lease` is still the shard's current lease."""
+        k, j = self.keys, lease.job_id
+        ok, _ = self.scripts.commit(
+            keys=[k.job(j), k.shards(j), k.leased(j), k.leases(), k.progress(j), k.credit(j), k.ready()],
+            args=[j, lease.shard.index, lease.token, _json(stats.to_dict()), lease.worker_id,
+                  k.lease_member(j, lease.shard.index)])
+        return ok == 1
+
+    def fail(self, lease: Lease, message: str, bad_line: Optional[int] = None) -> str:
+        """Give the shard back after a failure. Returns 'retry' (pending again after an exponential
+        backoff), 'dead' (retries exhausted: the next claim has dead_letter=True) or 'lost' (the lease
+        was no longer this worker's). `bad_line`: a line known to crash generation, dead-lettered alone;
+        that attempt then does not count against the shard's retry limit."""
+        out = self._requeue(lease.job_id, lease.shard.index, str(lease.token), message,
+                            "" if bad_line is None else bad_line, lease.worker_id)
+        return out or "lost"
+
+    def _requeue(self, job_id: str, index: int, token: str, message: str, bad_line, worker_id: str):
+        k, j = self.keys, job_id
+        return self.scripts.requeue(
+            keys=[k.job(j), k.shards(j), k.pending(j), k.leased(j), k.leases(), k.dead(j), k.errors(j),
+                  k.ready(), k.claim_seq()],
+            args=[j, index, token, message, bad_line, self.backoff_base_ms, self.backoff_max_ms,
+                  self.errors_kept, k.lease_member(j, index), worker_id])
+
+    def reap(self, limit: int = 1000) -> list[tuple[str, int, str]]:
+        """Requeue shards whose lease expired (a failed attempt each). Returns (job_id, index, outcome)
+        for each shard taken back. Cheap when nothing expired: one range query on the leases zset."""
+        sec, usec = self.client.time()
+        now_ms = sec * 1000 + usec // 1000
+        done = []
+        for member in self.client.zrangebyscore(self.keys.leases(), "-inf", now_ms, start=0, num=limit):
+            job_id, index = self.keys.parse_lease_member(member)
+            if not self.client.exists(self.keys.job(job_id)):
+                self.client.zrem(self.keys.leases(), member)      # job deleted under its lease
+                continue
+            out = self._requeue(job_id, index, "", "lease expired (worker died, hung or lost Redis)", "", "")
+            if out:
+                done.append((job_id, index, out))
+        return done
+
+    # -- job life -----------------------------------------------------------------------------------------
+    def begin_finalize(self, job_id: str, owner: Optional[str] = None, ttl_s: float = FINALIZE_TTL_S) -> bool:
+        """True for exactly one caller while the job is finalizing (again after `ttl_s` if it died)."""
+        k = self.keys
+        return self.scripts.finalize(keys=[k.job(job_id), k.finalizer(job_id)],
+                                     args=[owner or uuid.uuid4().hex, int(ttl_s * 1000)]) == 1
+
+    def _set_state(self, job_id: str, state: JobState, message: str = "") -> None:
+        k = self.keys
+        old = self.scripts.set_state(keys=[k.job(job_id), k.ready(), k.finalizer(job_id)],
+                                     args=[job_id, state.value, message])
+        if old is None:
+            raise JobNotFound(f"no job {job_id} in this Redis")
+
+    def mark_completed(self, job_id: str) -> None:
+        self._set_state(job_id, JobState.COMPLETED)
+
+    def mark_failed(self, job_id: str, message: str) -> None:
+        self._set_state(job_id, JobState.FAILED, message or "failed")
+
+    def cancel(self, job_id: str, abandon_running: bool = False) -> JobStatus:
+        """No new claims from the job from now on. Running shards may finish (the job is cancelling until
+        the last one commits, fails or expires), or with `abandon_running` are taken back at once."""
+        k = self.keys
+        res = self.scripts.cancel(
+            keys=[k.job(job_id), k.shards(job_id), k.pending(job_id), k.leased(job_id), k.leases(), k.ready()],
+            args=[job_id, "1" if abandon_running else "0"])
+        if res is None:
+            raise JobNotFound(f"no job {job_id} in this Redis (list jobs with `ziya-batch status`)")
+        return self.status(job_id)
+
+    def commits(self, job_id: str) -> dict[int, tuple[int, ShardStats]]:
+        """Committed shards: index -> (the token whose output won, its stats)."""
+        out = {}
+        for idx, raw in self.client.hscan_iter(self.keys.shards(job_id), count=1000):
+            sh = json.loads(raw)
+            if sh.get("state") == ShardState.COMMITTED.value:
+                out[int(idx)] = (int(sh.get("committed_token", 0)), ShardStats.from_dict(sh.get("stats") or {}))
+        return dict(sorted(out.items()))
+
+    def shard_counts(self, job_id: str) -> dict[str, int]:
+        vals = self.client.hmget(self.keys.job(job_id), [f"n_{s.value}" for s in ShardState])
+        return {s.value: int(v or 0) for s, v in zip(ShardState, vals)}
+
+    def add_progress(self, job_id: str, worker_id: str, prompts: int, samples: int, output_tokens: int) -> None:
+        """Mid-shard progress, for a live tokens/s; the shard's commit later counts only the rest."""
+        k = self.keys
+        self.scripts.progress(keys=[k.job(job_id), k.progress(job_id), k.credit(job_id)],
+                              args=[worker_id, int(prompts), int(output_tokens)])
+
+    # -- workers ------------------------------------------------------------------------------------------
+    def register_worker(self, worker_id: str, host: str, info: Optional[dict] = None) -> None:
+        k = self.keys
+        self.scripts.worker(keys=[k.workers(), k.worker(worker_id)], args=[worker_id, host, _json(info or {})])
+
+    def worker_heartbeat(self, worker_id: str) -> None:
+        k = self.keys
+        self.scripts.worker(keys=[k.workers(), k.worker(worker_id)], args=[worker_id, "", ""])
+
+    def unregister_worker(self, worker_id: str) -> None:
+        with self.client.pipeline() as p:
+            p.zrem(self.keys.workers(), worker_id)
+            p.delete(self.keys.worker(worker_id))
+            p.execute()
+
+    def workers(self) -> list[dict]:
+        """Workers seen within worker_ttl_s: worker_id, host, info, started_at, last_seen_s."""
+        return [w.to_dict() for w in self.worker_infos()]
+
+    def worker_infos(self) -> list[WorkerInfo]:
+        now_s = self.server_time_s()
+        seen = self.client.zrangebyscore(self.keys.workers(), (now_s - self.worker_ttl_s) * 1000, "+inf",
+                                         withscores=True)
+        with self.client.pipeline() as p:
+            for wid, _ in seen:
+                p.hgetall(self.keys.worker(wid))
+            rows = p.execute()
+        out = []
+        for (wid, last_ms), h in zip(seen, rows):
+            out.append(WorkerInfo(worker_id=wid, host=h.get("host", ""), info=json.loads(h.get("info") or "{}"),
+                                  started_at=int(h.get("started_ms", 0)) / 1000.0,
+                                  last_seen_s=max(0.0, now_s - last_ms / 1000.0)))
+        return out
+
+    # -- status -------------------------------------------------------------------------------------------
+    def status(self, job_id: str, detail: bool = False) -> JobStatus:
+        from .status import build_status
+
+        return build_status(self, job_id, detail)

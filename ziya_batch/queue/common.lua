@@ -1,0 +1,82 @@
+-- Helpers prepended to every script (after the transition tables JOB_ALLOWED and SHARD_ALLOWED, which
+-- states.py renders). Scripts check before they write: Redis does not roll back a script that errors.
+
+local function now_ms()
+  -- the Redis server's clock, so the clocks of worker hosts never decide whether a lease expired
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function int(x)
+  -- exact decimal for ZADD scores and counters (tostring would print 1e+15 and drop digits)
+  return string.format('%.0f', x)
+end
+
+local function allowed(tbl, src, dst)
+  return tbl[src] ~= nil and tbl[src][dst] == true
+end
+
+local function refuse(what, src, dst)
+  error({err = 'TRANSITION ' .. what .. ' cannot go from ' .. tostring(src) .. ' to ' .. tostring(dst)})
+end
+
+local function job_to(job_key, src, dst, now)
+  if not allowed(JOB_ALLOWED, src, dst) then refuse('job', src, dst) end
+  redis.call('HSET', job_key, 'state', dst, 'updated_ms', int(now))
+end
+
+local function get_shard(shards_key, idx)
+  local raw = redis.call('HGET', shards_key, idx)
+  if not raw then return nil end
+  return cjson.decode(raw)
+end
+
+local function put_shard(shards_key, idx, sh)
+  redis.call('HSET', shards_key, idx, cjson.encode(sh))
+end
+
+-- moves a shard between states and keeps the job's per-state counters (n_pending, n_leased, ...) in step
+local function shard_to(job_key, sh, dst)
+  if not allowed(SHARD_ALLOWED, sh.state, dst) then refuse('shard', sh.state, dst) end
+  redis.call('HINCRBY', job_key, 'n_' .. sh.state, -1)
+  redis.call('HINCRBY', job_key, 'n_' .. dst, 1)
+  sh.state = dst
+end
+
+-- a job's place among claimable jobs: higher priority first, then the one claimed from least recently
+local function ready_add(ready_key, seq_key, job_key, job_id, only_new)
+  local prio = tonumber(redis.call('HGET', job_key, 'priority') or '0')
+  local seq = redis.call('INCR', seq_key)
+  local score = int((1000 - prio) * 1e12 + seq)
+  if only_new then
+    redis.call('ZADD', ready_key, 'NX', score, job_id)
+  else
+    redis.call('ZADD', ready_key, score, job_id)
+  end
+end
+
+local function hnum(key, field)
+  return tonumber(redis.call('HGET', key, field) or '0') or 0
+end
+
+local function add_stats(job_key, st)
+  redis.call('HINCRBY', job_key, 'prompts_done', st.prompts_done or 0)
+  redis.call('HINCRBY', job_key, 'prompts_failed', st.prompts_failed or 0)
+  redis.call('HINCRBY', job_key, 'samples', st.samples or 0)
+  redis.call('HINCRBY', job_key, 'output_tokens', st.output_tokens or 0)
+end
+
+-- after a shard left `leased`: a cancelling job with no lease left is cancelled; a job whose shards are
+-- all committed goes to finalizing
+local function settle_job(job_key, ready_key, job_id, now)
+  local state = redis.call('HGET', job_key, 'state')
+  if state == 'cancelling' and hnum(job_key, 'n_leased') == 0 then
+    job_to(job_key, state, 'cancelled', now)
+    redis.call('HSET', job_key, 'finished_ms', int(now))
+  elseif (state == 'queued' or state == 'running') and redis.call('HGET', job_key, 'sealed') == '1'
+      and hnum(job_key, 'n_committed') == hnum(job_key, 'total_shards') then
+    job_to(job_key, state, 'finalizing', now)
+    redis.call('ZREM', ready_key, job_id)
+  end
+  return redis.call('HGET', job_key, 'state')
+end

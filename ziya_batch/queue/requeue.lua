@@ -1,0 +1,80 @@
+-- Take a shard back from its owner after a failure (ARGV[3] = the owner's token) or an expired lease
+-- (ARGV[3] = ''; checked against the Redis clock). Returns 'retry' | 'dead', or false if the shard was
+-- not the caller's to requeue (committed, re-claimed, or its lease was renewed meanwhile).
+-- A line that was in flight when an isolated shard's worker died, or that the worker names, becomes a
+-- bad line (dead-lettered alone) and that attempt does not count against the shard's retry limit: the
+-- shard made progress. Otherwise the failure counts; past max_retries the shard is dead-lettered.
+-- KEYS[1] job hash   KEYS[2] job shards hash   KEYS[3] job pending zset   KEYS[4] job leased zset
+-- KEYS[5] global leases zset   KEYS[6] job dead set   KEYS[7] job errors list   KEYS[8] ready zset
+-- KEYS[9] claim sequence counter
+-- ARGV[1] job_id  ARGV[2] shard index  ARGV[3] token or ''  ARGV[4] message  ARGV[5] bad line or ''
+-- ARGV[6] backoff_base_ms  ARGV[7] backoff_max_ms  ARGV[8] errors to keep  ARGV[9] leases member
+-- ARGV[10] worker_id (for the error record)
+local sh = get_shard(KEYS[2], ARGV[2])
+if not sh or sh.state ~= 'leased' then return false end
+local now = now_ms()
+local expired = ARGV[3] == ''
+if expired then
+  local expiry = redis.call('ZSCORE', KEYS[4], ARGV[2])
+  if expiry and tonumber(expiry) > now then return false end
+elseif sh.token ~= tonumber(ARGV[3]) then
+  return false
+end
+local bad = nil
+if ARGV[5] ~= '' then
+  bad = tonumber(ARGV[5])
+elseif expired and sh.lease_isolate and sh.in_flight then
+  bad = sh.in_flight
+end
+local new_bad = false
+if bad then
+  local known = false
+  for _, b in ipairs(sh.bad_lines or {}) do
+    if b == bad then known = true end
+  end
+  if not known then
+    if type(sh.bad_lines) ~= 'table' or next(sh.bad_lines) == nil then sh.bad_lines = {} end
+    table.insert(sh.bad_lines, bad)
+    new_bad = true
+    redis.call('HINCRBY', KEYS[1], 'dead_lines', 1)
+  end
+end
+if not new_bad then sh.failures = (sh.failures or 0) + 1 end
+sh.isolate = true
+local was_dead = sh.dead
+local target = 'pending'
+if was_dead then
+  target = 'dead'
+elseif sh.failures > hnum(KEYS[1], 'max_retries') then
+  target = 'dead'
+  sh.dead = true
+  redis.call('SADD', KEYS[6], ARGV[2])
+end
+local not_before = now
+if not new_bad and not (target == 'dead' and not was_dead) then
+  local base, cap = tonumber(ARGV[6]), tonumber(ARGV[7])
+  not_before = now + math.min(cap, base * 2 ^ math.max(0, sh.failures - 1))
+end
+shard_to(KEYS[1], sh, target)
+local owner, attempt, token = sh.owner, sh.attempts, sh.token
+sh.owner = nil
+sh.in_flight = nil
+sh.lease_isolate = nil
+put_shard(KEYS[2], ARGV[2], sh)
+redis.call('ZREM', KEYS[4], ARGV[2])
+redis.call('ZREM', KEYS[5], ARGV[9])
+redis.call('ZADD', KEYS[3], int(not_before), ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'retries', 1)
+local outcome = 'retry'
+if target == 'dead' then outcome = 'dead' end
+local entry = {ts_ms = now, shard = tonumber(ARGV[2]), token = token, attempt = attempt,
+  worker_id = owner or ARGV[10], reason = expired and 'lease expired' or 'failed',
+  message = string.sub(ARGV[4], 1, 2000), outcome = outcome}
+if bad then entry.bad_line = bad end
+redis.call('LPUSH', KEYS[7], cjson.encode(entry))
+redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[8]) - 1)
+local state = settle_job(KEYS[1], KEYS[8], ARGV[1], now)
+if state == 'queued' or state == 'running' then
+  ready_add(KEYS[8], KEYS[9], KEYS[1], ARGV[1], true)
+end
+return outcome

@@ -1,0 +1,119 @@
+"""Plain data the queue hands to the runtime: leases, per-shard stats, job status."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..records import ShardRef
+from .states import JobState
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The right to work on one shard until `lease_s` after the last heartbeat.
+
+    `token` fences the commit: it grows by one on every claim of the shard, and only the holder of the
+    current token can heartbeat, record lines or commit."""
+
+    job_id: str
+    shard: ShardRef
+    token: int                       # fencing token, monotonic per shard
+    attempt: int                     # 1-based claim number of this shard
+    lease_s: float
+    worker_id: str
+    isolate: bool = False            # the shard failed or expired before: run lines one by one
+    bad_lines: frozenset[int] = frozenset()   # line numbers known to crash: write them as retries_exhausted
+    dead_letter: bool = False        # retries exhausted: write every line as a retries_exhausted error
+
+
+@dataclass
+class ShardStats:
+    """What a committed shard produced. `parts`: record kind -> (lines, sha256 of the part)."""
+
+    prompts_done: int = 0
+    prompts_failed: int = 0
+    samples: int = 0
+    output_tokens: int = 0
+    parts: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"prompts_done": self.prompts_done, "prompts_failed": self.prompts_failed,
+                "samples": self.samples, "output_tokens": self.output_tokens,
+                "parts": {k: [int(v[0]), str(v[1])] for k, v in self.parts.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShardStats":
+        parts = d.get("parts") or {}
+        if isinstance(parts, list):          # Lua's cjson writes an empty table as []
+            parts = {}
+        return cls(prompts_done=int(d.get("prompts_done", 0)), prompts_failed=int(d.get("prompts_failed", 0)),
+                   samples=int(d.get("samples", 0)), output_tokens=int(d.get("output_tokens", 0)),
+                   parts={k: (int(v[0]), str(v[1])) for k, v in parts.items()})
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    host: str
+    info: dict
+    started_at: float                # unix seconds (Redis server clock)
+    last_seen_s: float               # seconds since the last heartbeat
+
+    def to_dict(self) -> dict:
+        return {"worker_id": self.worker_id, "host": self.host, "info": self.info,
+                "started_at": self.started_at, "last_seen_s": round(self.last_seen_s, 3)}
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """One job as `status` shows it. `to_dict()` is the `status --json` / HTTP API shape."""
+
+    job_id: str
+    name: str
+    state: JobState
+    priority: int
+    output_path: str
+    created_at: float                # unix seconds
+    updated_at: float
+    finished_at: Optional[float]
+    shards_total: int
+    shards: dict                     # shard state -> count (pending, leased, committed, dead)
+    prompts_total: int
+    prompts_done: int
+    prompts_failed: int
+    samples: int
+    output_tokens: int
+    tokens_per_s: float              # output tokens/s over the last minute
+    prompts_per_s: float
+    eta_s: Optional[float]           # remaining prompts / prompts_per_s; None while nothing is moving
+    workers: tuple                   # ({"worker_id", "host", "shards": [index, ...]}, ...) holding leases now
+    retries: int                     # failed or expired attempts, all shards together
+    dead_shards: int                 # shards that were dead-lettered
+    dead_lines: int                  # lines given up on alone (they crashed generation in isolate mode)
+    error: Optional[str] = None      # why the job failed
+    detail: bool = False
+    leases: tuple = ()               # detail: ({"shard", "worker_id", "attempt", "token", "expires_in_s"}, ...)
+    shard_lists: dict = field(default_factory=dict)   # detail: state -> shard indices (capped)
+    errors: tuple = ()               # detail: latest failures, newest first
+
+    @property
+    def prompts_remaining(self) -> int:
+        return max(0, self.prompts_total - self.prompts_done - self.prompts_failed)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "job_id": self.job_id, "name": self.name, "state": self.state.value, "priority": self.priority,
+            "output_path": self.output_path, "created_at": self.created_at, "updated_at": self.updated_at,
+            "finished_at": self.finished_at, "shards_total": self.shards_total, "shards": dict(self.shards),
+            "prompts_total": self.prompts_total, "prompts_done": self.prompts_done,
+            "prompts_failed": self.prompts_failed, "samples": self.samples, "output_tokens": self.output_tokens,
+            "tokens_per_s": round(self.tokens_per_s, 3), "prompts_per_s": round(self.prompts_per_s, 3),
+            "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
+            "workers": [dict(w) for w in self.workers], "retries": self.retries,
+            "dead_shards": self.dead_shards, "dead_lines": self.dead_lines, "error": self.error,
+        }
+        if self.detail:
+            d["leases"] = [dict(x) for x in self.leases]
+            d["shard_lists"] = {k: list(v) for k, v in self.shard_lists.items()}
+            d["errors"] = [dict(e) for e in self.errors]
+        return d
