@@ -1,0 +1,214 @@
+"""The HTTP API as a plain FastAPI app: jobs, health, metrics, and the OpenAI Batch subset.
+
+`create_app(settings, broker_factory)` builds it; Ray Serve wraps it in api/serve.py, and tests drive it
+with fastapi's TestClient. Every error is JSON in OpenAI's shape, `{"error": {"message", "type",
+"code"}}`, with a one-line message saying what to do; a client mistake is a 4xx, never a 500.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Callable, Optional
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import errors
+from ..errors import JobNotFound, ZiyaBatchError
+from ..spec import JobSpec, format_validation_error
+from .access import AccessDenied, check_expanded_inputs, check_job, token_matches
+from .settings import ApiSettings
+
+log = logging.getLogger(__name__)
+
+_STATUS_OF = [  # most specific first
+    (AccessDenied, 403, "permission_denied"),
+    (JobNotFound, 404, "not_found"),
+    (errors.SpecError, 422, "invalid_request_error"),
+    (errors.InputError, 400, "invalid_request_error"),
+    (errors.ModelError, 400, "invalid_request_error"),
+    (errors.ServiceError, 503, "service_unavailable"),
+    (ZiyaBatchError, 400, "invalid_request_error"),
+]
+
+
+class ApiError(Exception):
+    """An HTTP error with a one-line message (raised by route code for cases with no ZiyaBatchError)."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def error_response(status: int, message: str, kind: str, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status,
+                        headers=headers)
+
+
+class _BodyErrors:
+    """Quacks like pydantic's ValidationError for format_validation_error: FastAPI's errors with their
+    leading 'body' location removed, so messages name the spec's own keys (`sampling.top_p`)."""
+
+    def __init__(self, errs: list[dict]):
+        self._errs = [{**e, "loc": tuple(e.get("loc", ()))[1:] if tuple(e.get("loc", ()))[:1] == ("body",)
+                       else tuple(e.get("loc", ()))} for e in errs]
+
+    def errors(self) -> list[dict]:
+        return self._errs
+
+
+def format_request_errors(errs: list[dict], source: str) -> str:
+    return format_validation_error(_BodyErrors(errs), source)  # type: ignore[arg-type]
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errs = list(exc.errors())
+        bad_json = [e for e in errs if e.get("type") == "json_invalid"]
+        if bad_json:
+            reason = (bad_json[0].get("ctx") or {}).get("error", "JSON decode error")
+            return error_response(400, f"request body is not valid JSON: {reason}", "invalid_request_error")
+        raw_body = [e for e in errs if tuple(e.get("loc", ())) == ("body",) and isinstance(e.get("input"), (bytes, str))]
+        if raw_body:
+            return error_response(400, "request body must be a JSON object; send it with "
+                                       "'Content-Type: application/json'", "invalid_request_error")
+        source = "job spec" if request.url.path.rstrip("/") == "/v1/jobs" else "request"
+        return error_response(422, format_request_errors(errs, source), "invalid_request_error")
+
+    @app.exception_handler(ZiyaBatchError)
+    async def _user_error(request: Request, exc: ZiyaBatchError):
+        for cls, status, kind in _STATUS_OF:
+            if isinstance(exc, cls):
+                return error_response(status, str(exc), kind)
+        return error_response(400, str(exc), "invalid_request_error")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(exc.status, exc.message, exc.kind)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = {401: "authentication_error", 404: "not_found", 405: "invalid_request_error"}.get(
+            exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+        return error_response(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, f"internal error ({type(exc).__name__}); see the server log", "server_error")
+
+
+class BrokerHolder:
+    """One broker per app, made on first use (so the app starts even while Redis is still coming up)."""
+
+    def __init__(self, factory: Callable[[], Any]):
+        self._factory, self._broker, self._lock = factory, None, threading.Lock()
+
+    def get(self):
+        if self._broker is None:
+            with self._lock:
+                if self._broker is None:
+                    self._broker = self._factory()
+        return self._broker
+
+
+def _require_token_dependency(settings: ApiSettings):
+    bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer $ZIYA_BATCH_API_TOKEN")
+
+    def require_token(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+        if settings.insecure_no_auth and not settings.token:
+            return
+        given = creds.credentials if creds is not None and creds.scheme.lower() == "bearer" else None
+        if not token_matches(given, settings.token or ""):
+            raise StarletteHTTPException(
+                401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the server's "
+                     "ZIYA_BATCH_API_TOKEN", headers={"WWW-Authenticate": "Bearer"})
+
+    return require_token
+
+
+def _find_status(broker, job_id: str, detail: bool = True):
+    if broker.find_job(job_id) is None:
+        raise JobNotFound(f"no job {job_id}: list jobs with GET /v1/jobs")
+    return broker.status(job_id, detail=detail)
+
+
+def _jobs_router(settings: ApiSettings, brokers: BrokerHolder) -> APIRouter:
+    router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+    @router.post("", summary="Submit a job (the job spec as JSON)")
+    def submit(spec: JobSpec) -> dict:
+        from .. import io
+        from ..runtime.submit import submit_job
+
+        check_job(spec, settings)
+        check_expanded_inputs(io.expand_inputs(spec.input), settings)
+        status = submit_job(spec, brokers.get())
+        return {"id": status.job_id, "state": status.state.value}
+
+    @router.get("", summary="Every job with its status")
+    def list_jobs() -> dict:
+        return {"jobs": [s.to_dict() for s in brokers.get().list_jobs()]}
+
+    @router.get("/{job_id}", summary="A job's status (the fields of `ziya-batch status --json`)")
+    def get_job(job_id: str) -> dict:
+        return _find_status(brokers.get(), job_id).to_dict()
+
+    @router.post("/{job_id}/cancel", summary="Stop handing out the job's shards; committed parts stay")
+    def cancel(job_id: str, abandon_running: bool = False) -> dict:
+        broker = brokers.get()
+        _find_status(broker, job_id, detail=False)
+        return broker.cancel(job_id, abandon_running=abandon_running).to_dict()
+
+    @router.get("/{job_id}/manifest", summary="The job's manifest.json, once written")
+    def manifest(job_id: str) -> dict:
+        from .. import io
+
+        broker = brokers.get()
+        status = _find_status(broker, job_id, detail=False)
+        spec = broker.get_spec(job_id)
+        found = io.read_manifest(spec.output.path)
+        if found is None:
+            raise ApiError(404, f"job {job_id} has no manifest yet (state {status.state.value}); it is written "
+                                "when the job completes or is cancelled", "not_found")
+        return found
+
+    return router
+
+
+def create_app(settings: ApiSettings, broker_factory: Callable[[], Any]) -> FastAPI:
+    """The API app. `broker_factory()` returns a queue Broker; it is called once, on first use."""
+    from .metrics import metrics_response
+    from .openai_batch import batch_router
+
+    app = FastAPI(title="ziya-batch", version="0.1.0",
+                  description="Batch generation jobs for Ziya-LLaMA-13B, and the OpenAI Batch API subset. "
+                              "Every endpoint but /healthz needs 'Authorization: Bearer <token>'.")
+    brokers = BrokerHolder(broker_factory)
+    app.state.settings, app.state.brokers = settings, brokers
+    _install_error_handlers(app)
+    auth = [Depends(_require_token_dependency(settings))]
+
+    @app.get("/healthz", tags=["health"], summary="Liveness and Redis reachability (no token needed)")
+    def healthz() -> JSONResponse:
+        try:
+            broker = brokers.get()
+            broker.client.ping() if hasattr(broker, "client") else broker.list_jobs()
+            return JSONResponse({"status": "ok", "redis": True})
+        except Exception as err:  # noqa: BLE001 - health reports, never raises
+            return JSONResponse({"status": "degraded", "redis": False, "error": f"{type(err).__name__}: {err}"},
+                                status_code=503)
+
+    @app.get("/metrics", tags=["metrics"], dependencies=auth, response_class=Response,
+             summary="Prometheus metrics, read from Redis at scrape time")
+    def metrics() -> Response:
+        body, content_type = metrics_response(brokers)
+        return Response(body, media_type=content_type)
+
+    app.include_router(_jobs_router(settings, brokers), dependencies=auth)
+    app.include_router(batch_router(settings, brokers), dependencies=auth)
+    return app

@@ -1,0 +1,169 @@
+"""Prometheus metrics, read from Redis at scrape time.
+
+A custom collector on its own CollectorRegistry (never the global one, so two apps in one process, as in
+tests, do not collide): each scrape asks the broker for every job's status and the registered workers,
+and turns them into metric families. Nothing is counted in the API process itself, so every replica of
+the API reports the same numbers and a restart loses nothing.
+
+Per job (labels job_id, name): prompts done/failed, samples, output tokens (counters); prompts total,
+tokens/s, prompts/s, ETA, state, shards by state, retries, dead-lettered shards and lines. Over the
+queue: queue depth (pending shards of jobs that can be claimed), leased shards, dead-lettered shards,
+lease expiries (when the broker counts them). Workers (each worker process is one model replica):
+count, GPUs, and one info series per worker.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+log = logging.getLogger(__name__)
+
+JOB_STATES = ("queued", "running", "finalizing", "completed", "failed", "cancelling", "cancelled")
+SHARD_STATES = ("pending", "leased", "committed", "dead")
+
+
+def _as_dict(obj: Any) -> dict:
+    return obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
+
+
+def worker_gpus(info: dict) -> int:
+    """GPUs a registered worker drives: an explicit count, a device list, or one for a cuda device."""
+    inner = info.get("info") if isinstance(info.get("info"), dict) else info
+    if isinstance(inner.get("gpus"), int):
+        return inner["gpus"]
+    if isinstance(inner.get("devices"), (list, tuple)):
+        return sum(1 for d in inner["devices"] if str(d).startswith("cuda"))
+    return 1 if str(inner.get("device", "")).startswith("cuda") else 0
+
+
+class QueueCollector:
+    """Collects from the broker on every scrape."""
+
+    def __init__(self, brokers):
+        self.brokers = brokers
+
+    def describe(self):
+        return []       # families depend on Redis; describe nothing so registering never scrapes
+
+    def collect(self):
+        up = GaugeMetricFamily("ziya_batch_redis_up", "1 if the queue's Redis answered this scrape")
+        try:
+            broker = self.brokers.get()
+            jobs = [_as_dict(j) for j in broker.list_jobs()]
+            workers = [_as_dict(w) for w in broker.workers()]
+            expiries = self._lease_expiries(broker)
+        except Exception as err:  # noqa: BLE001 - a scrape reports Redis down instead of failing
+            log.warning("metrics: queue unreachable: %s", err)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield from self._job_families(jobs)
+        yield from self._worker_families(workers)
+        if expiries is not None:
+            c = CounterMetricFamily("ziya_batch_lease_expiries", "Leases that expired and were requeued by the reaper")
+            c.add_metric([], expiries)
+            yield c
+
+    @staticmethod
+    def _lease_expiries(broker):
+        fn = getattr(broker, "lease_expiries", None)
+        try:
+            return int(fn()) if callable(fn) else None
+        except Exception:  # noqa: BLE001 - optional counter
+            return None
+
+    @staticmethod
+    def _job_families(jobs: list[dict]):
+        labels = ["job_id", "name"]
+        fam = {
+            "done": CounterMetricFamily("ziya_batch_job_prompts_done", "Prompts generated", labels=labels),
+            "failed": CounterMetricFamily("ziya_batch_job_prompts_failed", "Prompts that became error lines", labels=labels),
+            "samples": CounterMetricFamily("ziya_batch_job_samples", "Samples generated", labels=labels),
+            "tokens": CounterMetricFamily("ziya_batch_job_output_tokens", "Output tokens generated", labels=labels),
+            "retries": CounterMetricFamily("ziya_batch_job_retries", "Failed or expired shard attempts", labels=labels),
+            "total": GaugeMetricFamily("ziya_batch_job_prompts", "Prompts in the job", labels=labels),
+            "tps": GaugeMetricFamily("ziya_batch_job_tokens_per_second", "Output tokens/s over the last minute", labels=labels),
+            "pps": GaugeMetricFamily("ziya_batch_job_prompts_per_second", "Prompts/s over the last minute", labels=labels),
+            "eta": GaugeMetricFamily("ziya_batch_job_eta_seconds", "Estimated seconds to completion (absent while idle)", labels=labels),
+            "dead": GaugeMetricFamily("ziya_batch_job_dead_letter_shards", "Shards whose retries are exhausted", labels=labels),
+            "dead_lines": GaugeMetricFamily("ziya_batch_job_dead_letter_lines", "Lines given up on alone", labels=labels),
+        }
+        state = GaugeMetricFamily("ziya_batch_job_state", "1 for the job's current state", labels=labels + ["state"])
+        shards = GaugeMetricFamily("ziya_batch_job_shards", "Shards by state", labels=labels + ["state"])
+        depth = leased = dead = 0
+        for j in jobs:
+            lv = [str(j.get("job_id")), str(j.get("name", ""))]
+            fam["done"].add_metric(lv, j.get("prompts_done", 0))
+            fam["failed"].add_metric(lv, j.get("prompts_failed", 0))
+            fam["samples"].add_metric(lv, j.get("samples", 0))
+            fam["tokens"].add_metric(lv, j.get("output_tokens", 0))
+            fam["retries"].add_metric(lv, j.get("retries", 0))
+            fam["total"].add_metric(lv, j.get("prompts_total", 0))
+            fam["tps"].add_metric(lv, j.get("tokens_per_s", 0.0))
+            fam["pps"].add_metric(lv, j.get("prompts_per_s", 0.0))
+            if j.get("eta_s") is not None:
+                fam["eta"].add_metric(lv, j["eta_s"])
+            fam["dead"].add_metric(lv, j.get("dead_shards", 0))
+            fam["dead_lines"].add_metric(lv, j.get("dead_lines", 0))
+            for s in JOB_STATES:
+                state.add_metric(lv + [s], 1 if j.get("state") == s else 0)
+            counts = j.get("shards") or {}
+            for s in SHARD_STATES:
+                shards.add_metric(lv + [s], counts.get(s, 0))
+            if j.get("state") in ("queued", "running"):
+                depth += counts.get("pending", 0)
+            leased += counts.get("leased", 0)
+            dead += j.get("dead_shards", 0)
+        yield from fam.values()
+        yield state
+        yield shards
+        for name, doc, value in (
+            ("ziya_batch_queue_depth", "Pending shards of jobs that can be claimed", depth),
+            ("ziya_batch_leased_shards", "Shards held by workers under a lease now", leased),
+            ("ziya_batch_dead_letter_shards", "Dead-lettered shards over all jobs", dead),
+            ("ziya_batch_jobs", "Jobs the queue knows", len(jobs)),
+        ):
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], value)
+            yield g
+
+    @staticmethod
+    def _worker_families(workers: list[dict]):
+        count = GaugeMetricFamily("ziya_batch_workers", "Registered workers (model replicas)")
+        count.add_metric([], len(workers))
+        gpus = GaugeMetricFamily("ziya_batch_worker_gpus", "GPUs driven by registered workers")
+        gpus.add_metric([], sum(worker_gpus(w) for w in workers))
+        info = GaugeMetricFamily("ziya_batch_worker_info", "One series per registered worker",
+                                 labels=["worker_id", "host", "device"])
+        seen = GaugeMetricFamily("ziya_batch_worker_last_seen_seconds", "Seconds since the worker's heartbeat",
+                                 labels=["worker_id"])
+        for w in workers:
+            inner = w.get("info") if isinstance(w.get("info"), dict) else w
+            info.add_metric([str(w.get("worker_id")), str(w.get("host", "")), str(inner.get("device", ""))], 1)
+            if w.get("last_seen_s") is not None:
+                seen.add_metric([str(w.get("worker_id"))], w["last_seen_s"])
+        yield from (count, gpus, info, seen)
+
+
+_lock = threading.Lock()
+
+
+def registry_for(brokers) -> CollectorRegistry:
+    """The app's own registry, kept on its broker holder (one per app)."""
+    with _lock:
+        reg = getattr(brokers, "metrics_registry", None)
+        if reg is None:
+            reg = CollectorRegistry(auto_describe=False)
+            reg.register(QueueCollector(brokers))
+            brokers.metrics_registry = reg
+        return reg
+
+
+def metrics_response(brokers) -> tuple[bytes, str]:
+    return generate_latest(registry_for(brokers)), CONTENT_TYPE_LATEST

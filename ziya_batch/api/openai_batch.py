@@ -1,0 +1,362 @@
+"""The OpenAI Batch API subset: /v1/files and /v1/batches, enough for the official `openai` client to
+upload an input file, create a batch, watch it, cancel it and download its output and error files.
+
+A batch is a job: its input is the uploaded file (format openai-batch), its model is the server's
+(--model), its output goes to storage under batches/<id>/output. Objects live in storage, not Redis:
+
+    {storage}/files/<file_id>/meta.json      the File object
+    {storage}/files/<file_id>/content        the bytes
+    {storage}/batches/<batch_id>.json        the Batch object as last seen, plus the job id
+    {storage}/batches/<batch_id>/output/     the job's output (results/, errors/, manifest.json)
+
+The batch's output file is the concatenation of the manifest's results parts and its error file that of
+the errors parts, written once when the job is finished under ids derived from the batch id, so that
+two readers racing to write them write the same thing.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from typing import Literal, Optional
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import io
+from ..errors import ZiyaBatchError
+from ..io.storage import put_atomic, read_bytes
+from ..spec import JobSpec
+from .app import ApiError
+from .settings import MODEL_ENV, ApiSettings
+
+MAX_UPLOAD_BYTES = 200 * 2**20          # OpenAI's own limit for batch input files
+COMPLETION_WINDOW_S = 24 * 3600
+_FILE_ID = re.compile(r"^file-[A-Za-z0-9_-]{1,80}$")
+_BATCH_ID = re.compile(r"^batch_[A-Za-z0-9]{1,64}$")
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+# job state -> batch status while the job runs; finished states are handled in _refresh
+_LIVE_STATUS = {"queued": "in_progress", "running": "in_progress", "finalizing": "finalizing",
+                "cancelling": "cancelling"}
+_STATUS_STAMP = {"in_progress": "in_progress_at", "finalizing": "finalizing_at", "cancelling": "cancelling_at",
+                 "completed": "completed_at", "failed": "failed_at", "cancelled": "cancelled_at",
+                 "expired": "expired_at"}
+_TERMINAL = ("completed", "failed", "cancelled", "expired")
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    input_file_id: str = Field(..., min_length=1, max_length=100)
+    endpoint: Literal["/v1/chat/completions", "/v1/completions"]
+    completion_window: Literal["24h"]
+    metadata: Optional[dict[str, str]] = None
+
+
+class _Store:
+    """Files and batch records in storage (any fsspec URL)."""
+
+    def __init__(self, url: str):
+        self.url = url.rstrip("/") or url
+
+    def _fs(self):
+        return io.open_output_fs(self.url)
+
+    def path(self, *parts: str) -> str:
+        fs, root = self._fs()
+        return io.join_url(root, *parts)
+
+    def url_of(self, *parts: str) -> str:
+        return io.join_url(io.normalize_url(self.url), *parts)
+
+    def put(self, data: bytes, *parts: str) -> None:
+        fs, _ = self._fs()
+        put_atomic(fs, self.path(*parts), data)
+
+    def get(self, *parts: str) -> Optional[bytes]:
+        fs, _ = self._fs()
+        path = self.path(*parts)
+        fs.invalidate_cache(path)
+        return read_bytes(fs, path)
+
+    def get_json(self, *parts: str) -> Optional[dict]:
+        data = self.get(*parts)
+        return json.loads(data) if data is not None else None
+
+    def put_json(self, obj: dict, *parts: str) -> None:
+        self.put(json.dumps(obj, ensure_ascii=False).encode("utf-8"), *parts)
+
+    def list_json(self, folder: str) -> list[dict]:
+        fs, _ = self._fs()
+        path = self.path(folder)
+        fs.invalidate_cache(path)
+        try:
+            names = [p for p in fs.ls(path, detail=False) if p.endswith(".json")]
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            try:
+                out.append(json.loads(fs.cat_file(name)))
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue        # a record being replaced right now
+        return out
+
+
+def _file_object(file_id: str, size_bytes: int, filename: str, purpose: str, created_at: int) -> dict:
+    return {"id": file_id, "object": "file", "bytes": size_bytes, "created_at": created_at, "filename": filename,
+            "purpose": purpose, "status": "processed", "expires_at": None, "status_details": None}
+
+
+def _public(record: dict) -> dict:
+    """The Batch object a client sees (our bookkeeping keys start with '_')."""
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+def _fail_list(code: str, message: str) -> dict:
+    return {"object": "list", "data": [{"code": code, "message": message, "param": None, "line": None}]}
+
+
+class Batches:
+    """The batch logic, independent of HTTP (routes below are thin)."""
+
+    def __init__(self, settings: ApiSettings, brokers):
+        self.settings, self.brokers = settings, brokers
+        self.store = _Store(settings.storage_url)
+
+    # -- files ------------------------------------------------------------------------------------------
+    def save_file(self, data: bytes, filename: str, purpose: str) -> dict:
+        file_id = f"file-{uuid.uuid4().hex[:24]}"
+        return self._save_file(file_id, data, filename, purpose)
+
+    def _save_file(self, file_id: str, data: bytes, filename: str, purpose: str) -> dict:
+        self.store.put(data, "files", file_id, "content")
+        meta = _file_object(file_id, len(data), filename, purpose, int(time.time()))
+        self.store.put_json(meta, "files", file_id, "meta.json")
+        return meta
+
+    def file(self, file_id: str) -> dict:
+        meta = self.store.get_json("files", file_id, "meta.json") if _FILE_ID.match(file_id) else None
+        if meta is None:
+            raise ApiError(404, f"no file {file_id}: upload one with POST /v1/files", "not_found")
+        return meta
+
+    def files(self, purpose: Optional[str]) -> list[dict]:
+        fs, _ = self.store._fs()
+        root = self.store.path("files")
+        fs.invalidate_cache(root)
+        try:
+            ids = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+        except FileNotFoundError:
+            return []
+        metas = [m for m in (self.store.get_json("files", i, "meta.json") for i in ids if _FILE_ID.match(i)) if m]
+        return [m for m in metas if purpose is None or m["purpose"] == purpose]
+
+    def content_stream(self, file_id: str):
+        self.file(file_id)
+        fs, _ = self.store._fs()
+        path = self.store.path("files", file_id, "content")
+
+        def chunks():
+            with fs.open(path, "rb") as f:
+                while True:
+                    block = f.read(1 << 20)
+                    if not block:
+                        return
+                    yield block
+
+        return chunks()
+
+    # -- batches ----------------------------------------------------------------------------------------
+    def create(self, req: BatchCreate) -> dict:
+        if not self.settings.model:
+            raise ApiError(400, f"this server has no model for batches: start `ziya-batch serve` with "
+                                f"--model DIR or set {MODEL_ENV}")
+        in_file = self.file(req.input_file_id)
+        if in_file["purpose"] != "batch":
+            raise ApiError(400, f"file {req.input_file_id} has purpose '{in_file['purpose']}'; upload the input "
+                                "with purpose 'batch'")
+        batch_id = f"batch_{uuid.uuid4().hex[:24]}"
+        now = int(time.time())
+        record = {
+            "id": batch_id, "object": "batch", "endpoint": req.endpoint, "errors": None,
+            "input_file_id": req.input_file_id, "completion_window": req.completion_window,
+            "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": now,
+            "in_progress_at": None, "expires_at": now + COMPLETION_WINDOW_S, "finalizing_at": None,
+            "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
+            "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": req.metadata, "model": self.settings.model_name(),
+            "_job_id": None, "_output": self.store.url_of("batches", batch_id, "output"),
+        }
+        self._save(record)
+        try:
+            spec = self.job_spec(record)
+            from ..runtime.submit import submit_job
+
+            status = submit_job(spec, self.brokers.get())
+        except ZiyaBatchError as err:
+            record.update(status="failed", failed_at=int(time.time()), errors=_fail_list("invalid_input", str(err)))
+            self._save(record)
+            return _public(record)
+        record.update(status="in_progress", in_progress_at=int(time.time()), _job_id=status.job_id)
+        record["request_counts"]["total"] = status.prompts_total
+        self._save(record)
+        return _public(record)
+
+    def job_spec(self, record: dict) -> JobSpec:
+        return JobSpec(
+            name=f"openai-{record['id']}", model={"path": self.settings.model},
+            input=[self.store.url_of("files", record["input_file_id"], "content")], format="openai-batch",
+            sampling={"max_new_tokens": self.settings.batch_max_new_tokens},
+            output={"path": record["_output"], "records": ["results"]},
+            shard_size=self.settings.batch_shard_size,
+        )
+
+    def _save(self, record: dict) -> None:
+        self.store.put_json(record, "batches", f"{record['id']}.json")
+
+    def _load(self, batch_id: str) -> dict:
+        rec = self.store.get_json("batches", f"{batch_id}.json") if _BATCH_ID.match(batch_id) else None
+        if rec is None:
+            raise ApiError(404, f"no batch {batch_id}: list batches with GET /v1/batches", "not_found")
+        return rec
+
+    def get(self, batch_id: str) -> dict:
+        return _public(self._refresh(self._load(batch_id)))
+
+    def cancel(self, batch_id: str) -> dict:
+        rec = self._refresh(self._load(batch_id))
+        if rec["status"] in _TERMINAL or rec["status"] == "cancelling":
+            return _public(rec)
+        self.brokers.get().cancel(rec["_job_id"], abandon_running=False)
+        rec["_cancel_requested"] = True
+        return _public(self._refresh(rec, force_save=True))
+
+    def list(self, after: Optional[str], limit: int) -> dict:
+        records = sorted(self.store.list_json("batches"), key=lambda r: (r.get("created_at", 0), r["id"]),
+                         reverse=True)
+        if after:
+            ids = [r["id"] for r in records]
+            records = records[ids.index(after) + 1:] if after in ids else []
+        page = [_public(self._refresh(r)) for r in records[:limit]]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(records) > limit}
+
+    # -- following the job --------------------------------------------------------------------------------
+    def _refresh(self, rec: dict, force_save: bool = False) -> dict:
+        """Bring a record up to date with its job; persist it when something changed."""
+        if rec["status"] in _TERMINAL or not rec.get("_job_id"):
+            return rec
+        before = json.dumps(rec, sort_keys=True)
+        broker = self.brokers.get()
+        status = broker.find_job(rec["_job_id"])
+        now = int(time.time())
+        if status is None:      # Redis lost it: storage decides (a manifest means it finished)
+            state = "completed" if io.read_manifest(rec["_output"]) else "failed"
+            error = None if state == "completed" else "the job is gone from the queue; create the batch again"
+        else:
+            state, error = status.state.value, status.error
+            rec["request_counts"] = {"total": status.prompts_total, "completed": status.prompts_done,
+                                     "failed": status.prompts_failed}
+        if state in _LIVE_STATUS and rec.get("expires_at") and now > rec["expires_at"]:
+            broker.cancel(rec["_job_id"], abandon_running=True)
+            rec["_expired"] = True
+        if state in _LIVE_STATUS:
+            new = "cancelling" if rec.get("_expired") else _LIVE_STATUS[state]
+        elif state == "cancelled":
+            new = "expired" if rec.get("_expired") else "cancelled"
+        else:
+            new = state                        # completed | failed
+        if new in _TERMINAL:
+            self._write_results(rec, broker)
+            if new == "failed" and error:
+                rec["errors"] = _fail_list("job_failed", error)
+        self._move_to(rec, new, now)
+        if force_save or json.dumps(rec, sort_keys=True) != before:
+            self._save(rec)
+        return rec
+
+    @staticmethod
+    def _move_to(rec: dict, new: str, now: int) -> None:
+        if rec["status"] == new:
+            return
+        rec["status"] = new
+        stamp = _STATUS_STAMP.get(new)
+        if stamp and rec.get(stamp) is None:
+            rec[stamp] = now
+
+    def _write_results(self, rec: dict, broker) -> None:
+        """Output and error files from the manifest's parts (the manifest is written when the job finishes;
+        a cancelled job gets one here if no worker wrote it)."""
+        out = rec["_output"]
+        manifest = io.read_manifest(out)
+        if manifest is None and rec.get("_job_id"):
+            from ..runtime.finalize import finalize_if_ready
+
+            try:
+                finalize_if_ready(broker, rec["_job_id"])
+            except Exception:  # noqa: BLE001 - the batch still reports its state without files
+                pass
+            manifest = io.read_manifest(out)
+        if manifest is None:
+            return
+        hex_id = rec["id"].split("_", 1)[1]
+        for kind, key, suffix in (("results", "output_file_id", "output"), ("errors", "error_file_id", "errors")):
+            if not manifest.get("parts", {}).get(kind):
+                continue
+            lines = [json.dumps(r, ensure_ascii=False) for r in io.read_parts(out, kind)]
+            data = ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
+            file_id = f"file-{hex_id}-{suffix}"
+            if self.store.get_json("files", file_id, "meta.json") is None:
+                self._save_file(file_id, data, f"{rec['id']}_{suffix}.jsonl", "batch_output")
+            rec[key] = file_id
+        counts = manifest.get("records", {})
+        if rec["request_counts"].get("total", 0) == 0:
+            done, failed = counts.get("results", 0), counts.get("errors", 0)
+            rec["request_counts"] = {"total": done + failed, "completed": done, "failed": failed}
+
+
+def batch_router(settings: ApiSettings, brokers) -> APIRouter:
+    batches = Batches(settings, brokers)
+    router = APIRouter(prefix="/v1", tags=["openai-batch"])
+
+    @router.post("/files", summary="Upload a batch input file (multipart: file, purpose=batch)")
+    def upload(file: UploadFile = File(...), purpose: str = Form(...)) -> dict:
+        if purpose != "batch":
+            raise ApiError(400, f"purpose '{purpose}' is not supported here; upload batch input with purpose 'batch'")
+        data = file.file.read(MAX_UPLOAD_BYTES + 1)
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise ApiError(413, f"file is larger than {MAX_UPLOAD_BYTES // 2**20} MiB; split it into several batches")
+        return batches.save_file(data, file.filename or "upload.jsonl", purpose)
+
+    @router.get("/files", summary="Uploaded and output files")
+    def list_files(purpose: Optional[str] = None) -> dict:
+        return {"object": "list", "data": batches.files(purpose), "has_more": False}
+
+    @router.get("/files/{file_id}", summary="A file's metadata")
+    def get_file(file_id: str) -> dict:
+        return batches.file(file_id)
+
+    @router.get("/files/{file_id}/content", summary="A file's bytes", response_class=StreamingResponse)
+    def file_content(file_id: str) -> StreamingResponse:
+        return StreamingResponse(batches.content_stream(file_id), media_type="application/octet-stream")
+
+    @router.post("/batches", summary="Create a batch from an uploaded input file")
+    def create(req: BatchCreate) -> dict:
+        return batches.create(req)
+
+    @router.get("/batches", summary="Batches, newest first")
+    def list_batches(after: Optional[str] = None, limit: int = Query(20, ge=1, le=100)) -> dict:
+        return batches.list(after, limit)
+
+    @router.get("/batches/{batch_id}", summary="A batch, with its status and request counts")
+    def get_batch(batch_id: str) -> dict:
+        return batches.get(batch_id)
+
+    @router.post("/batches/{batch_id}/cancel", summary="Cancel a batch (running requests finish)")
+    def cancel(batch_id: str) -> dict:
+        return batches.cancel(batch_id)
+
+    return router

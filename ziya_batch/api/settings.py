@@ -1,0 +1,83 @@
+"""What the HTTP API is configured with: token, allowed prefixes, the model and storage for OpenAI batches.
+
+Read from flags and the environment once, at start; every request sees the same frozen value.
+
+- ``ZIYA_BATCH_API_TOKEN``: the bearer token every endpoint but ``/healthz`` requires. ``serve`` refuses
+  to start without one unless started with ``--insecure-no-auth`` (for a loopback-only test setup).
+- ``ZIYA_BATCH_ALLOWED_PREFIXES``: comma-separated URL prefixes that a job's ``input`` and
+  ``output.path`` must lie under (``/data/prompts/,s3://bucket/runs/``). Unset or empty means none: every
+  job is refused, so a fresh server can never be used to read or overwrite its own files.
+- ``ZIYA_BATCH_ALLOWED_MODELS``: comma-separated prefixes that a job's model paths (``model.path``,
+  ``base``, ``delta``, ``experience.reference_model``, ``experience.reward_model``) must lie under. The
+  server's own ``--model`` directory is always allowed. Model directories are kept apart from data
+  prefixes on purpose: people can write to data prefixes, and a model directory decides what code runs.
+- ``ZIYA_BATCH_MODEL``: the model OpenAI-batch requests run on (``--model``).
+- ``--storage`` (default ``$ZIYA_BATCH_HOME/files``): where uploaded files, batch records and batch
+  outputs live; any fsspec URL.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import ServiceError
+
+TOKEN_ENV = "ZIYA_BATCH_API_TOKEN"
+PREFIXES_ENV = "ZIYA_BATCH_ALLOWED_PREFIXES"
+MODELS_ENV = "ZIYA_BATCH_ALLOWED_MODELS"
+MODEL_ENV = "ZIYA_BATCH_MODEL"
+
+
+def split_list(raw: Optional[str]) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (raw or "").split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    token: Optional[str]
+    """Bearer token; None only when auth is explicitly off (insecure_no_auth)."""
+    allowed_prefixes: tuple[str, ...] = ()
+    """Input and output URL prefixes jobs may name; empty refuses every job."""
+    allowed_models: tuple[str, ...] = ()
+    """Model directory prefixes jobs may name, besides `model`."""
+    model: Optional[str] = None
+    """Model directory (or URL) for OpenAI-batch requests; None refuses batches with a message."""
+    storage_url: str = ""
+    """Where /v1/files and /v1/batches keep their objects."""
+    insecure_no_auth: bool = False
+    batch_shard_size: int = 512
+    """Prompts per shard of a job made from an OpenAI batch."""
+    batch_max_new_tokens: int = 1024
+    """Default max_new_tokens of batch requests that name no max_tokens."""
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        if not self.insecure_no_auth and not self.token:
+            raise ServiceError(f"no API token: set {TOKEN_ENV} to a long random string (clients send it as "
+                               "'Authorization: Bearer <token>'), or start with --insecure-no-auth to serve "
+                               "without authentication on a trusted loopback address")
+        if self.token is not None and len(self.token) < 8:
+            raise ServiceError(f"{TOKEN_ENV} is too short ({len(self.token)} characters); use at least 8, "
+                               "e.g. the output of `openssl rand -hex 32`")
+
+    def model_name(self) -> str:
+        """The name batches report as their model: the model directory's last component."""
+        return (self.model or "").rstrip("/").rsplit("/", 1)[-1] or "ziya-llama-13b"
+
+    @classmethod
+    def from_env(cls, model: Optional[str] = None, storage: Optional[str] = None,
+                 insecure_no_auth: bool = False, **kw) -> "ApiSettings":
+        """Settings from flags (given here) over the environment."""
+        from ..runtime.services import home_dir
+
+        token = os.environ.get(TOKEN_ENV) or None
+        return cls(
+            token=None if insecure_no_auth and not token else token,
+            allowed_prefixes=split_list(os.environ.get(PREFIXES_ENV)),
+            allowed_models=split_list(os.environ.get(MODELS_ENV)),
+            model=model or os.environ.get(MODEL_ENV) or None,
+            storage_url=storage or str(home_dir() / "files"),
+            insecure_no_auth=insecure_no_auth,
+            **kw,
+        )

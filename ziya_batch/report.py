@@ -1,0 +1,390 @@
+"""`ziya-batch report`: one self-contained HTML page about a job, charts drawn as inline SVG.
+
+Computed from what storage holds (the manifest's parts, or, before the manifest exists, the committed
+parts their commit markers name) plus the job's Redis status when Redis is reachable. No JavaScript, no
+external resource: the file can be mailed, archived or opened offline. Memory is bounded: lengths are
+counted in Counters (one entry per distinct length) and rewards kept in a fixed-size reservoir.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+from . import io
+from .errors import ServiceError
+from .io.parts import COMMITTED
+from .io.schema import decode_part
+from .io.storage import read_bytes
+
+REWARD_RESERVOIR = 50_000
+
+
+@dataclass
+class JobStats:
+    job_id: str
+    name: str
+    state: str
+    output_url: str
+    source: str                                   # "manifest" or "commit markers"
+    shards_committed: int = 0
+    prompts_done: int = 0
+    prompts_failed: int = 0
+    samples: int = 0
+    output_tokens: int = 0
+    started_at: Optional[float] = None            # unix seconds
+    commits: list[tuple[float, int, int]] = field(default_factory=list)   # (time, output_tokens, prompts) per shard
+    prompt_tokens: Counter = field(default_factory=Counter)
+    response_tokens: Counter = field(default_factory=Counter)
+    finish_reasons: Counter = field(default_factory=Counter)
+    error_codes: Counter = field(default_factory=Counter)
+    rewards: list[float] = field(default_factory=list)
+    rewards_seen: int = 0
+    status: Optional[dict] = None                 # Redis status (JobStatus.to_dict()), when reachable
+
+
+# -- reading ---------------------------------------------------------------------------------------------
+
+def _parts(output_url: str, manifest: Optional[dict], markers: dict, kind: str) -> Iterator[dict]:
+    if manifest is not None:
+        yield from io.read_parts(output_url, kind)
+        return
+    fs, root = io.open_output_fs(output_url)
+    for index in sorted(markers):
+        info = markers[index].parts.get(kind)
+        if info is None:
+            continue
+        data = read_bytes(fs, io.join_url(root, info.path))
+        if data is not None:
+            yield from decode_part(data, "parquet" if info.path.endswith(".parquet") else "jsonl")
+
+
+def _commit_times(output_url: str) -> dict[int, float]:
+    """Shard index -> when its commit marker was written (the storage's modification time)."""
+    fs, root = io.open_output_fs(output_url)
+    path = io.join_url(root, COMMITTED)
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for e in entries:
+        name = str(e.get("name", "")).rsplit("/", 1)[-1]
+        if not (name.startswith("part-") and name.endswith(".json")):
+            continue
+        t = e.get("mtime") or e.get("LastModified") or e.get("last_modified") or e.get("created")
+        if hasattr(t, "timestamp"):
+            t = t.timestamp()
+        try:
+            out[int(name[5:-5])] = float(t)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _add_result(stats: JobStats, rec: dict) -> None:
+    if isinstance(rec.get("response"), dict) or "custom_id" in rec:       # openai-batch line
+        body = (rec.get("response") or {}).get("body") or {}
+        usage = body.get("usage") or {}
+        choices = body.get("choices") or []
+        if "prompt_tokens" in usage:
+            stats.prompt_tokens[int(usage["prompt_tokens"])] += 1
+        per_choice = int(usage.get("completion_tokens", 0)) // max(1, len(choices))
+        for c in choices:
+            stats.response_tokens[per_choice] += 1
+            stats.finish_reasons[str(c.get("finish_reason"))] += 1
+        return
+    usage = rec.get("usage") or {}
+    if rec.get("sample_index", 0) == 0 and "prompt_tokens" in usage:
+        stats.prompt_tokens[int(usage["prompt_tokens"])] += 1
+    if "completion_tokens" in usage:
+        stats.response_tokens[int(usage["completion_tokens"])] += 1
+    stats.finish_reasons[str(rec.get("finish_reason"))] += 1
+
+
+def _add_reward(stats: JobStats, value: float, rng: random.Random) -> None:
+    stats.rewards_seen += 1
+    if len(stats.rewards) < REWARD_RESERVOIR:
+        stats.rewards.append(value)
+    else:
+        j = rng.randrange(stats.rewards_seen)
+        if j < REWARD_RESERVOIR:
+            stats.rewards[j] = value
+
+
+def compute_stats(output_url: str, status: Optional[dict] = None) -> JobStats:
+    """Everything the report shows, from storage (and the Redis status, if given)."""
+    manifest = io.read_manifest(output_url)
+    markers = io.committed_shards(output_url)
+    if manifest is None and not markers:
+        raise ServiceError(f"{output_url} holds no manifest.json and no committed parts yet: nothing to report "
+                           "(is this the job's output.path? has any shard finished?)")
+    spec = (manifest or {}).get("spec") or {}
+    status = status or {}
+    stats = JobStats(
+        job_id=str((manifest or {}).get("job_id") or status.get("job_id") or "?"),
+        name=str(spec.get("name") or status.get("name") or "?"),
+        state=str(status.get("state") or ((manifest or {}).get("summary") or {}).get("state") or "running"),
+        output_url=output_url, source="manifest" if manifest is not None else "commit markers",
+        status=status or None, started_at=status.get("created_at"),
+    )
+    times = _commit_times(output_url)
+    for index, m in sorted(markers.items()):
+        stats.shards_committed += 1
+        stats.prompts_done += m.prompts_done
+        stats.prompts_failed += m.prompts_failed
+        stats.samples += m.samples
+        stats.output_tokens += m.output_tokens
+        if index in times:
+            stats.commits.append((times[index], m.output_tokens, m.prompts_done))
+    stats.commits.sort()
+    for rec in _parts(output_url, manifest, markers, "results"):
+        _add_result(stats, rec)
+    for rec in _parts(output_url, manifest, markers, "errors"):
+        err = rec.get("error") or {}
+        stats.error_codes[str(err.get("code", "unknown"))] += 1
+    rng = random.Random(0)
+    kinds = (manifest or {}).get("parts", {}) if manifest is not None else \
+        {k for m in markers.values() for k in m.parts}
+    if "experience" in kinds:
+        for rec in _parts(output_url, manifest, markers, "experience"):
+            r = rec.get("reward")
+            if isinstance(r, (int, float)) and math.isfinite(r):
+                _add_reward(stats, float(r), rng)
+    return stats
+
+
+# -- SVG ------------------------------------------------------------------------------------------------
+
+W, H, PAD_L, PAD_B, PAD_T, PAD_R = 560, 260, 56, 40, 14, 14
+_BAR = "#3b6ea8"
+_ACCENT = "#d0602a"
+
+
+def _fmt(x: float) -> str:
+    if abs(x) >= 1e6:
+        return f"{x / 1e6:.1f}M"
+    if abs(x) >= 1e4:
+        return f"{x / 1e3:.0f}k"
+    if abs(x) >= 100 or x == int(x):
+        return f"{x:.0f}"
+    return f"{x:.2f}"
+
+
+def _frame(inner: str, xlabel: str, ylabel: str, title: str) -> str:
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {H}" width="{W}" height="{H}" '
+            f'role="img" aria-label="{html.escape(title)}">'
+            f'<rect x="0" y="0" width="{W}" height="{H}" fill="#ffffff"/>{inner}'
+            f'<line x1="{PAD_L}" y1="{H - PAD_B}" x2="{W - PAD_R}" y2="{H - PAD_B}" stroke="#333"/>'
+            f'<line x1="{PAD_L}" y1="{PAD_T}" x2="{PAD_L}" y2="{H - PAD_B}" stroke="#333"/>'
+            f'<text x="{(PAD_L + W - PAD_R) / 2}" y="{H - 6}" text-anchor="middle" font-size="12">{html.escape(xlabel)}</text>'
+            f'<text x="14" y="{(PAD_T + H - PAD_B) / 2}" text-anchor="middle" font-size="12" '
+            f'transform="rotate(-90 14 {(PAD_T + H - PAD_B) / 2})">{html.escape(ylabel)}</text></svg>')
+
+
+def _empty(msg: str) -> str:
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} 80" width="{W}" height="80">'
+            f'<rect width="{W}" height="80" fill="#f4f4f4"/><text x="{W / 2}" y="45" text-anchor="middle" '
+            f'font-size="13" fill="#666">{html.escape(msg)}</text></svg>')
+
+
+def _y_axis(ymax: float) -> str:
+    out = []
+    for i in range(5):
+        v = ymax * i / 4
+        y = H - PAD_B - (H - PAD_B - PAD_T) * i / 4
+        out.append(f'<line x1="{PAD_L - 4}" y1="{y:.1f}" x2="{W - PAD_R}" y2="{y:.1f}" stroke="#e5e5e5"/>'
+                   f'<text x="{PAD_L - 6}" y="{y + 4:.1f}" text-anchor="end" font-size="10">{_fmt(v)}</text>')
+    return "".join(out)
+
+
+def histogram_svg(values: Counter | Iterable[float], xlabel: str, title: str, bins: int = 30) -> str:
+    """Bars of counts over equal-width bins of the values (a Counter maps value -> count)."""
+    counts = values if isinstance(values, Counter) else Counter(values)
+    if not counts:
+        return _empty(f"{title}: no data")
+    lo, hi = min(counts), max(counts)
+    if hi == lo:
+        hi = lo + 1
+    nb = min(bins, max(1, len(counts))) if all(float(v).is_integer() for v in counts) else bins
+    width = (hi - lo) / nb
+    heights = [0] * nb
+    for v, c in counts.items():
+        heights[min(nb - 1, int((v - lo) / width))] += c
+    ymax = max(heights) or 1
+    plot_w, plot_h = W - PAD_L - PAD_R, H - PAD_B - PAD_T
+    bw = plot_w / nb
+    bars = [f'<rect x="{PAD_L + i * bw + 1:.1f}" y="{H - PAD_B - plot_h * h / ymax:.1f}" width="{max(1.0, bw - 2):.1f}" '
+            f'height="{plot_h * h / ymax:.1f}" fill="{_BAR}"><title>{_fmt(lo + i * width)}..{_fmt(lo + (i + 1) * width)}: {h}</title></rect>'
+            for i, h in enumerate(heights)]
+    ticks = "".join(f'<text x="{PAD_L + plot_w * i / 4:.1f}" y="{H - PAD_B + 14}" text-anchor="middle" font-size="10">'
+                    f'{_fmt(lo + (hi - lo) * i / 4)}</text>' for i in range(5))
+    return _frame(_y_axis(ymax) + "".join(bars) + ticks, xlabel, "count", title)
+
+
+def categories_svg(counts: Counter, title: str) -> str:
+    """Horizontal bars, largest first (finish reasons, error codes)."""
+    if not counts:
+        return _empty(f"{title}: none")
+    items = counts.most_common(12)
+    row_h, label_w = 26, 170
+    height = PAD_T + row_h * len(items) + 10
+    vmax = max(c for _, c in items) or 1
+    plot_w = W - label_w - 70
+    rows = []
+    for i, (name, c) in enumerate(items):
+        y = PAD_T + i * row_h
+        w = plot_w * c / vmax
+        rows.append(f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end" font-size="12">{html.escape(str(name))[:28]}</text>'
+                    f'<rect x="{label_w}" y="{y + 4}" width="{max(1.0, w):.1f}" height="{row_h - 8}" fill="{_ACCENT}"/>'
+                    f'<text x="{label_w + w + 6:.1f}" y="{y + 16}" font-size="12">{c}</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {height}" width="{W}" height="{height}" '
+            f'role="img" aria-label="{html.escape(title)}"><rect width="{W}" height="{height}" fill="#fff"/>'
+            + "".join(rows) + "</svg>")
+
+
+def throughput_svg(commits: list[tuple[float, int, int]], started_at: Optional[float]) -> str:
+    """Cumulative output tokens over time (line) and tokens/s per interval (bars), from shard commits."""
+    if not commits:
+        return _empty("throughput: no committed shard yet")
+    t0 = min(started_at or commits[0][0], commits[0][0])
+    if started_at is None and len(commits) > 1:
+        # without a start time the first shard's duration is unknown: assume it took as long as the median gap
+        gaps = sorted(b[0] - a[0] for a, b in zip(commits, commits[1:]))
+        t0 = commits[0][0] - (gaps[len(gaps) // 2] or 1.0)
+    elif started_at is None:
+        t0 = commits[0][0] - 1.0
+    span = max(1e-6, commits[-1][0] - t0)
+    nb = min(30, max(1, len(commits)))
+    width = span / nb
+    per_bin = [0.0] * nb
+    for t, tokens, _ in commits:
+        per_bin[min(nb - 1, int((t - t0) / width))] += tokens
+    rates = [v / width for v in per_bin]
+    total = sum(c[1] for c in commits) or 1
+    rmax = max(rates) or 1
+    plot_w, plot_h = W - PAD_L - PAD_R, H - PAD_B - PAD_T
+    bw = plot_w / nb
+    bars = [f'<rect x="{PAD_L + i * bw + 1:.1f}" y="{H - PAD_B - plot_h * r / rmax:.1f}" width="{max(1.0, bw - 2):.1f}" '
+            f'height="{plot_h * r / rmax:.1f}" fill="{_BAR}" opacity="0.8"><title>{_fmt(r)} tokens/s</title></rect>'
+            for i, r in enumerate(rates)]
+    cum, pts = 0, [f"{PAD_L},{H - PAD_B}"]
+    for t, tokens, _ in commits:
+        cum += tokens
+        pts.append(f"{PAD_L + plot_w * (t - t0) / span:.1f},{H - PAD_B - plot_h * cum / total:.1f}")
+    line = f'<polyline points="{" ".join(pts)}" fill="none" stroke="{_ACCENT}" stroke-width="2"/>'
+    ticks = "".join(f'<text x="{PAD_L + plot_w * i / 4:.1f}" y="{H - PAD_B + 14}" text-anchor="middle" font-size="10">'
+                    f'{_fmt(span * i / 4)}</text>' for i in range(5))
+    legend = (f'<text x="{W - PAD_R - 4}" y="{PAD_T + 12}" text-anchor="end" font-size="11" fill="{_ACCENT}">'
+              f'cumulative tokens (0..{_fmt(total)})</text>')
+    return _frame(_y_axis(rmax) + "".join(bars) + line + ticks + legend, "seconds since start", "output tokens/s",
+                  "throughput")
+
+
+# -- HTML -----------------------------------------------------------------------------------------------
+
+_CSS = """body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{font-size:22px;margin:0 0 4px}.sub{color:#666;font-size:13px;margin-bottom:18px}
+table{border-collapse:collapse;margin-bottom:18px;background:#fff}td,th{border:1px solid #ddd;padding:5px 10px;font-size:13px;text-align:left}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(580px,1fr));gap:16px}
+.card{background:#fff;border:1px solid #e3e3e3;border-radius:6px;padding:10px 12px}h2{font-size:15px;margin:2px 0 8px}
+.state{display:inline-block;padding:1px 8px;border-radius:10px;background:#e8eef7;font-size:12px}"""
+
+
+def _summary_rows(s: JobStats) -> list[tuple[str, str]]:
+    st = s.status or {}
+    duration = (s.commits[-1][0] - s.started_at) if (s.commits and s.started_at) else None
+    rows = [("prompts done", f"{s.prompts_done:,}"), ("prompts failed", f"{s.prompts_failed:,}"),
+            ("samples", f"{s.samples:,}"), ("output tokens", f"{s.output_tokens:,}"),
+            ("shards committed", f"{s.shards_committed:,}" + (f" of {st['shards_total']:,}" if st.get("shards_total") else ""))]
+    if duration and duration > 0:
+        rows.append(("mean output tokens/s", f"{s.output_tokens / duration:,.1f} over {duration:,.0f} s"))
+    if st:
+        rows += [("prompts total", f"{st.get('prompts_total', 0):,}"), ("retries", str(st.get("retries", 0))),
+                 ("dead-lettered shards", str(st.get("dead_shards", 0)))]
+        if st.get("error"):
+            rows.append(("error", str(st["error"])))
+    if s.rewards:
+        mean = sum(s.rewards) / len(s.rewards)
+        rows.append(("mean reward", f"{mean:.4f} (of {s.rewards_seen:,} samples)"))
+    rows.append(("computed from", f"{s.source} under {s.output_url}"))
+    return rows
+
+
+def render_html(s: JobStats) -> str:
+    charts = [("Throughput over time", throughput_svg(s.commits, s.started_at)),
+              ("Prompt length (tokens)", histogram_svg(s.prompt_tokens, "prompt tokens", "prompt length")),
+              ("Response length (tokens)", histogram_svg(s.response_tokens, "response tokens", "response length")),
+              ("Finish reasons", categories_svg(s.finish_reasons, "finish reasons")),
+              ("Errors by code", categories_svg(s.error_codes, "errors"))]
+    if s.rewards:
+        charts.append((f"Reward distribution ({len(s.rewards):,} samples)",
+                       histogram_svg(s.rewards, "reward", "reward", bins=40)))
+    rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _summary_rows(s))
+    cards = "".join(f'<div class="card"><h2>{html.escape(t)}</h2>{svg}</div>' for t, svg in charts)
+    made = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>ziya-batch report: '
+            f'{html.escape(s.name)}</title><style>{_CSS}</style></head><body>'
+            f'<h1>{html.escape(s.name)} <span class="state">{html.escape(s.state)}</span></h1>'
+            f'<div class="sub">job {html.escape(s.job_id)} · report written {made}</div>'
+            f'<table>{rows}</table><div class="grid">{cards}</div></body></html>')
+
+
+# -- entry point ----------------------------------------------------------------------------------------
+
+def _looks_like_location(arg: str) -> bool:
+    return "://" in arg or "/" in arg or Path(arg).exists()
+
+
+def write_report(output_url: str, out_path: str | Path, status: Optional[dict] = None) -> Path:
+    stats = compute_stats(output_url, status)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(stats), encoding="utf-8")
+    return out
+
+
+def report_main(job_id_or_output_url: str, out_path: str | Path, redis_url: Optional[str] = None) -> Path:
+    """Write the report of a job (by id, through Redis) or of an output directory (by URL; Redis adds the
+    live status when it knows the job). Returns the path written."""
+    from .runtime.services import connect_broker
+
+    arg = job_id_or_output_url
+    broker, status = None, None
+    try:
+        broker = connect_broker(redis_url, warn=False)
+    except Exception as err:  # noqa: BLE001 - Redis is optional when the output URL is given
+        if not _looks_like_location(arg):
+            raise ServiceError(f"cannot look up job {arg} without Redis ({err}); pass the job's output path "
+                               "instead: ziya-batch report s3://bucket/runs/x/") from None
+    if _looks_like_location(arg):
+        output_url = arg
+        if broker is not None:
+            manifest = io.read_manifest(output_url)
+            job_id = (manifest or {}).get("job_id")
+            status = _status_dict(broker, job_id) if job_id else None
+    else:
+        from .errors import JobNotFound
+
+        if broker.find_job(arg) is None:
+            raise JobNotFound(f"no job {arg} in the queue; list jobs with `ziya-batch status`, or pass the job's "
+                              "output path instead")
+        output_url = broker.get_spec(arg).output.path
+        status = _status_dict(broker, arg)
+    return write_report(output_url, out_path, status)
+
+
+def _status_dict(broker, job_id: str) -> Optional[dict[str, Any]]:
+    try:
+        if broker.find_job(job_id) is None:
+            return None
+        return json.loads(json.dumps(broker.status(job_id).to_dict()))
+    except Exception:  # noqa: BLE001 - the report works without the live status
+        return None
