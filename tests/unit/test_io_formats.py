@@ -96,7 +96,10 @@ def test_jsonl_parts_load_with_datasets_and_pyarrow(tmp_path, hf_offline):
     assert ds[0]["prompt_ids"] == [1, 2, 3, 4]
     table = pj.read_json(manifest_part_urls(out, "errors", manifest)[0])
     assert table.num_rows == 1 and table.column("line").to_pylist() == [99]
-    # single-turn results alone load too (records.py writes a multi-turn prompt as a list under the same key)
+    # results mix a string prompt (single turn) and a list (multi turn) under one key: datasets types it Json
+    ds = datasets.load_dataset("json", data_files=manifest_part_urls(out, "results", manifest), split="train",
+                               cache_dir=hf_offline)
+    assert ds.num_rows == 8 and {type(p) for p in ds["prompt"]} == {str, list}
     single = str(tmp_path / "single")
     stage_shard(single, 0, 1, {"results": [r for r in _parts(3)["results"] if isinstance(r["prompt"], str)]},
                 "jsonl")
