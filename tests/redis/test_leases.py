@@ -1,0 +1,109 @@
+"""Claim, heartbeat, commit, and fencing: a lease that was lost can neither renew nor commit."""
+import time
+
+from queue_helpers import expire, make_shards, make_spec
+from ziya_batch.queue import JobState, ShardStats
+
+
+def test_claim_gives_shards_in_order_with_their_byte_ranges(broker):
+    spec = make_spec()
+    refs = list(make_shards(spec, 3, files=2))
+    job_id = broker.submit(spec, iter(refs)).job_id
+    leases = [broker.claim("w1") for _ in range(3)]
+    assert [l.shard for l in leases] == refs
+    assert all(l.token == 1 and l.attempt == 1 and not l.isolate and not l.dead_letter for l in leases)
+    assert leases[0].lease_s == spec.reliability.lease_s
+    assert broker.claim("w1") is None
+    assert broker.status(job_id).shards["leased"] == 3
+
+
+def test_heartbeat_renews_and_commit_records_stats(broker):
+    spec = make_spec()
+    job_id = broker.submit(spec, make_shards(spec, 1)).job_id
+    lease = broker.claim("w1")
+    k = broker.keys
+    before = broker.client.zscore(k.leases(), k.lease_member(job_id, 0))
+    time.sleep(0.02)
+    assert broker.heartbeat(lease)
+    assert broker.client.zscore(k.leases(), k.lease_member(job_id, 0)) > before
+    stats = ShardStats(prompts_done=9, prompts_failed=1, samples=18, output_tokens=700,
+                       parts={"results": (18, "ab" * 32), "errors": (1, "cd" * 32)})
+    assert broker.commit(lease, stats)
+    assert broker.commits(job_id) == {0: (1, stats)}
+    st = broker.status(job_id)
+    assert (st.prompts_done, st.prompts_failed, st.samples, st.output_tokens) == (9, 1, 18, 700)
+    assert st.state == JobState.FINALIZING
+    # committed is final: neither a second commit nor a heartbeat is accepted
+    assert not broker.commit(lease, stats)
+    assert not broker.heartbeat(lease)
+    assert broker.client.zcard(k.leases()) == 0
+
+
+def test_expired_and_reclaimed_lease_cannot_heartbeat_or_commit(broker):
+    spec = make_spec()
+    job_id = broker.submit(spec, make_shards(spec, 1)).job_id
+    old = broker.claim("slow")
+    expire(broker, old)
+    assert broker.reap() == [(job_id, 0, "retry")]
+    new = None
+    deadline = time.monotonic() + 5
+    while new is None and time.monotonic() < deadline:
+        new = broker.claim("fast")
+    assert new.token == old.token + 1 and new.attempt == 2 and new.isolate
+    assert not broker.heartbeat(old)
+    assert not broker.line_started(old, 3)
+    assert not broker.commit(old, ShardStats(prompts_done=10))
+    assert broker.fail(old, "late failure") == "lost"
+    assert broker.heartbeat(new)
+    assert broker.commit(new, ShardStats(prompts_done=10))
+    assert broker.commits(job_id)[0][0] == new.token
+
+
+def test_expired_but_not_reaped_lease_still_belongs_to_its_owner(broker):
+    spec = make_spec()
+    broker.submit(spec, make_shards(spec, 1))
+    lease = broker.claim("w")
+    expire(broker, lease)
+    # nobody took it over: the owner's heartbeat renews it and the reaper then leaves it alone
+    assert broker.heartbeat(lease)
+    assert broker.reap() == []
+    assert broker.commit(lease, ShardStats(prompts_done=10))
+
+
+def test_real_lease_expiry_on_the_redis_clock(broker):
+    spec = make_spec(lease_s=1.0)
+    job_id = broker.submit(spec, make_shards(spec, 1)).job_id
+    lease = broker.claim("w")
+    assert broker.reap() == []
+    time.sleep(1.1)
+    assert broker.reap() == [(job_id, 0, "retry")]
+    assert not broker.heartbeat(lease)
+
+
+def test_fencing_token_grows_by_one_per_claim(broker):
+    spec = make_spec(max_retries=5)
+    broker.submit(spec, make_shards(spec, 1))
+    tokens = []
+    for _ in range(4):
+        deadline = time.monotonic() + 5
+        lease = None
+        while lease is None and time.monotonic() < deadline:
+            lease = broker.claim("w")
+        tokens.append(lease.token)
+        broker.fail(lease, "again")
+    assert tokens == [1, 2, 3, 4]
+
+
+def test_workers_registry_and_lease_holders_in_status(broker):
+    spec = make_spec()
+    job_id = broker.submit(spec, make_shards(spec, 3)).job_id
+    broker.register_worker("w1", "gpu-node-1", {"device": "cuda:0"})
+    broker.register_worker("w2", "gpu-node-2", {"device": "cuda:1"})
+    broker.claim("w1"), broker.claim("w1"), broker.claim("w2")
+    broker.worker_heartbeat("w1")
+    assert {w["worker_id"]: w["host"] for w in broker.workers()} == {"w1": "gpu-node-1", "w2": "gpu-node-2"}
+    st = broker.status(job_id)
+    assert [(w["worker_id"], w["host"], w["shards"]) for w in st.workers] == \
+        [("w1", "gpu-node-1", [0, 1]), ("w2", "gpu-node-2", [2])]
+    broker.unregister_worker("w2")
+    assert [w["worker_id"] for w in broker.workers()] == ["w1"]
