@@ -70,8 +70,13 @@ def _no_prefixes_message() -> str:
 def check_data_location(url: str, what: str, settings: ApiSettings) -> None:
     if not settings.allowed_prefixes:
         raise AccessDenied(_no_prefixes_message())
+    try:
+        resolved = normalize_location(url)
+    except AccessDenied as err:
+        raise AccessDenied(f"{what} {err}") from None
     if not is_under(url, settings.allowed_prefixes):
-        raise AccessDenied(f"{what} {url} is outside the allowed prefixes ({', '.join(settings.allowed_prefixes)}); "
+        where = f" (it resolves to {resolved})" if resolved.rstrip("/") != url.rstrip("/") else ""
+        raise AccessDenied(f"{what} {url}{where} is outside the allowed prefixes ({', '.join(settings.allowed_prefixes)}); "
                            f"move the data under one of them, or add a prefix to {PREFIXES_ENV} on the server")
 
 

@@ -72,8 +72,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         if bad_json:
             reason = (bad_json[0].get("ctx") or {}).get("error", "JSON decode error")
             return error_response(400, f"request body is not valid JSON: {reason}", "invalid_request_error")
+        is_json = "json" in request.headers.get("content-type", "")
         raw_body = [e for e in errs if tuple(e.get("loc", ())) == ("body",) and isinstance(e.get("input"), (bytes, str))]
-        if raw_body:
+        if raw_body and not is_json:
             return error_response(400, "request body must be a JSON object; send it with "
                                        "'Content-Type: application/json'", "invalid_request_error")
         source = "job spec" if request.url.path.rstrip("/") == "/v1/jobs" else "request"

@@ -1,0 +1,46 @@
+"""Location normalisation and prefix checks of the API's allow-list (no services)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ziya_batch.api.access import AccessDenied, is_under, normalize_location, token_matches
+
+
+def test_token_comparison():
+    assert token_matches("abcdefgh", "abcdefgh")
+    assert not token_matches("abcdefgH", "abcdefgh")
+    assert not token_matches(None, "abcdefgh")
+    assert not token_matches("", "abcdefgh")
+    assert token_matches("令牌令牌令牌令牌", "令牌令牌令牌令牌")
+
+
+def test_local_paths_are_resolved(tmp_path):
+    (tmp_path / "allowed").mkdir()
+    (tmp_path / "allowed" / "out").symlink_to("/etc")
+    assert normalize_location(str(tmp_path / "allowed" / ".." / "x")) == os.path.realpath(tmp_path / "x")
+    assert normalize_location(f"file://{tmp_path}/allowed/out/passwd") == "/etc/passwd"
+    assert is_under(str(tmp_path / "allowed" / "a.jsonl"), [str(tmp_path / "allowed")])
+    assert is_under(str(tmp_path / "allowed" / "a.jsonl"), [str(tmp_path / "allowed") + "/"])
+    assert is_under(str(tmp_path / "allowed"), [str(tmp_path / "allowed")])
+    assert not is_under(str(tmp_path / "allowed-2" / "a.jsonl"), [str(tmp_path / "allowed")])
+    assert not is_under(str(tmp_path / "allowed" / "out" / "passwd"), [str(tmp_path / "allowed")])
+
+
+def test_remote_urls():
+    assert is_under("s3://bucket/runs/x/part.jsonl", ["s3://bucket/runs/"])
+    assert is_under("S3://bucket/runs/x", ["s3://bucket/runs"])
+    assert not is_under("s3://bucket/runs-other/x", ["s3://bucket/runs"])
+    assert not is_under("s3://other/runs/x", ["s3://bucket/runs/"])
+    assert not is_under("gs://bucket/runs/x", ["s3://bucket/runs/"])
+    assert not is_under("s3://bucket/runs/x", ["/bucket/runs"])
+    for url in ("s3://bucket/runs/../secret", "s3://bucket/runs/%2e%2e/secret", "s3://bucket/runs/./x"):
+        with pytest.raises(AccessDenied, match="segments"):
+            normalize_location(url)
+    with pytest.raises(AccessDenied, match="chained"):
+        normalize_location("zip://a.jsonl::s3://bucket/runs/x.zip")
+
+
+def test_a_bad_prefix_matches_nothing():
+    assert not is_under("s3://bucket/x", ["s3://bucket/../"])
