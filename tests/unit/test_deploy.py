@@ -7,6 +7,7 @@ name it. Nothing here talks to Kubernetes or AWS: it reads the files.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import json
 import re
@@ -545,6 +546,16 @@ def check_job_spec(d) -> list[str]:
                 mounts = _mounted_pvc_paths(t, c)
                 if target != path or not any(target.startswith(mp.rstrip("/") + "/") for mp in mounts):
                     problems.append(f"[job_spec] {where}: merge-delta --target {target} is not model.path {path} on the PVC")
+    for rj in _of(d, "RayJob"):
+        for words in _ziya_invocations(rj["spec"].get("entrypoint", "")):
+            if words and words[0] == "serve":
+                if _flag(words, "--model") != path:
+                    problems.append(f"[job_spec] serve --model {_flag(words, '--model')} is not model.path {path}")
+                if "://" not in (_flag(words, "--storage") or ""):
+                    problems.append("[job_spec] serve --storage must be a URL every node can read, not the head's disk")
+                models = _runtime_env_vars(rj).get("ZIYA_BATCH_ALLOWED_MODELS", "")
+                if not any(path.startswith(p) for p in models.split(",") if p):
+                    problems.append(f"[job_spec] model.path {path} is under no ZIYA_BATCH_ALLOWED_MODELS prefix ({models})")
     prefixes = {c_env["ZIYA_BATCH_ALLOWED_PREFIXES"]["value"] for _, _, c in _containers(d)
                 for c_env in [_env(c)] if "ZIYA_BATCH_ALLOWED_PREFIXES" in c_env}
     prefixes |= {_runtime_env_vars(rj)["ZIYA_BATCH_ALLOWED_PREFIXES"] for rj in _of(d, "RayJob")
@@ -632,22 +643,24 @@ def check_dockerfile(d) -> list[str]:
     return problems
 
 
-def _ray_schema():
+@functools.lru_cache(maxsize=1)
+def _ray_schema_validator():
+    """Ray's own schema for `ray up` files, read from the installed package without importing Ray."""
     spec = importlib.util.find_spec("ray")
     path = Path(spec.origin).parent / "autoscaler" / "ray-schema.json" if spec and spec.origin else None
-    return json.loads(path.read_text()) if path and path.exists() else None
+    if not (path and path.exists()):
+        return None
+    import jsonschema
+
+    schema = json.loads(path.read_text())
+    return jsonschema.validators.validator_for(schema)(schema)
 
 
 def check_cluster_file(d) -> list[str]:
     problems, cfg = [], d["cluster"]
-    schema = _ray_schema()
-    if schema is not None:
-        import jsonschema
-
-        try:
-            jsonschema.validate(cfg, schema)
-        except jsonschema.ValidationError as err:
-            problems.append(f"[cluster_file] not a valid ray up config: {err.message}")
+    validator = _ray_schema_validator()
+    if validator is not None:
+        problems += [f"[cluster_file] not a valid ray up config: {e.message}" for e in validator.iter_errors(cfg)]
     if cfg.get("provider", {}).get("type") != "aws" or not cfg["provider"].get("region"):
         problems.append("[cluster_file] provider must be aws with a region")
     types = cfg.get("available_node_types", {})
@@ -669,6 +682,9 @@ def check_cluster_file(d) -> list[str]:
     workers_cmd = [w for line in worker_start for w in _ziya_invocations(line) if w and w[0] == "worker"]
     if not workers_cmd or _flag(workers_cmd[0], "--address") != f"$RAY_HEAD_IP:{gcs_port}":
         problems.append("[cluster_file] workers do not run `ziya-batch worker --address $RAY_HEAD_IP:<gcs port>`")
+    k8s_head_cpus = {rc["spec"]["headGroupSpec"].get("rayStartParams", {}).get("num-cpus") for rc in _of(d, "RayCluster")}
+    if head is not None and {str(head.get("resources", {}).get("CPU"))} != k8s_head_cpus:
+        problems.append(f"[cluster_file] head CPU resource {head.get('resources')} differs from the RayCluster head's num-cpus {k8s_head_cpus}")
     init = " ".join((head or {}).get("initialization_commands", []))
     redis_port = re.search(r"redis-server\b.*?--port (\d+)", init)
     urls = re.findall(r"ZIYA_BATCH_REDIS_URL=redis://[^\s:/]+:(\d+)", joined + " " + " ".join(cfg.get("docker", {}).get("head_run_options", [])))
@@ -777,8 +793,12 @@ BREAKS = [
     ("merge target", _set([_obj("Job", "ziya-batch-merge-delta"), "spec", "template", "spec", "containers", 0, "command", 7])("/models/other"), "job_spec"),
     ("tensor_parallel", _set([_obj("ConfigMap", "ziya-batch-job"), "data", "job.yaml"])(lambda t: t.replace("tensor_parallel: 1", "tensor_parallel: 3")), "job_spec"),
     ("invalid spec", _set([_obj("ConfigMap", "ziya-batch-job"), "data", "job.yaml"])(lambda t: t + "shard_sise: 5\n"), "job_spec"),
+    ("serve model", _set([_obj("RayJob", "ziya-batch-serve"), "spec", "entrypoint"])(lambda e: e.replace("--model /models/ziya-llama-13b", "--model /models/other")), "job_spec"),
+    ("serve storage on the head", _set([_obj("RayJob", "ziya-batch-serve"), "spec", "entrypoint"])(lambda e: e.replace("s3://my-bucket/ziya-batch-files/", "/tmp/files")), "job_spec"),
+    ("model not allowed", lambda d: _one(d, "RayJob", "ziya-batch-serve")["spec"].update(runtimeEnvYAML=_one(d, "RayJob", "ziya-batch-serve")["spec"]["runtimeEnvYAML"].replace("ZIYA_BATCH_ALLOWED_MODELS: /models/", "ZIYA_BATCH_ALLOWED_MODELS: /other/")), "job_spec"),
+    ("input not allowed", _set([_obj("ConfigMap", "ziya-batch-job"), "data", "job.yaml"])(lambda t: t.replace("s3://my-bucket/prompts/xian/", "s3://other-bucket/")), "job_spec"),
     ("missing secret", _set([RC] + HEAD_C + ["envFrom", 0, "secretRef", "name"])("s3-creds"), "references"),
-    ("literal token", _set([RC] + HEAD_C + ["env", 2])({"name": "ZIYA_BATCH_API_TOKEN", "value": "hunter2"}), "references"),
+    ("literal token", _set([RC] + HEAD_C + ["env", 1])({"name": "ZIYA_BATCH_API_TOKEN", "value": "hunter2"}), "references"),
     ("missing PVC", _set([_obj("PersistentVolumeClaim", "ziya-batch-models"), "metadata", "name"])("models"), "references"),
     ("root user", _docker("USER", "root"), "dockerfile"),
     ("CMD", _docker("CMD", '["ziya-batch", "start"]'), "dockerfile"),
@@ -790,6 +810,7 @@ BREAKS = [
     ("unknown ray up key", lambda d: d["cluster"].update(head_node="x"), "cluster_file"),
     ("worker joins wrong port", lambda d: d["cluster"].update(worker_start_ray_commands=[c.replace("$RAY_HEAD_IP:6379", "$RAY_HEAD_IP:6380") for c in d["cluster"]["worker_start_ray_commands"]]), "cluster_file"),
     ("redis on the GCS port", lambda d: d["cluster"]["available_node_types"]["head.cpu"].update(initialization_commands=[c.replace("--port 6380", "--port 6379") for c in d["cluster"]["available_node_types"]["head.cpu"]["initialization_commands"]]), "cluster_file"),
+    ("ray up head schedules replicas", lambda d: d["cluster"]["available_node_types"]["head.cpu"].update(resources={}), "cluster_file"),
     ("ray up Redis evicts", lambda d: d["cluster"]["available_node_types"]["head.cpu"].update(initialization_commands=[c.replace("noeviction", "allkeys-lru") for c in d["cluster"]["available_node_types"]["head.cpu"]["initialization_commands"]]), "cluster_file"),
 ]
 
