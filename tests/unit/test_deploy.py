@@ -546,6 +546,12 @@ def check_job_spec(d) -> list[str]:
                 mounts = _mounted_pvc_paths(t, c)
                 if target != path or not any(target.startswith(mp.rstrip("/") + "/") for mp in mounts):
                     problems.append(f"[job_spec] {where}: merge-delta --target {target} is not model.path {path} on the PVC")
+                # the init container must stage exactly what merge-delta reads
+                staged = {str(a).rstrip("/") for ic in t["spec"].get("initContainers", []) for a in ic.get("command", [])
+                          if any(str(a).startswith(mp.rstrip("/") + "/") for mp in _mounted_pvc_paths(t, ic))}
+                for flag in ("--base", "--delta"):
+                    if (_flag(words, flag) or "").rstrip("/") not in staged:
+                        problems.append(f"[job_spec] {where}: merge-delta {flag} {_flag(words, flag)} is not staged by an init container {sorted(staged)}")
     for rj in _of(d, "RayJob"):
         for words in _ziya_invocations(rj["spec"].get("entrypoint", "")):
             if words and words[0] == "serve":
@@ -791,6 +797,7 @@ BREAKS = [
     ("model path", _set([_obj("ConfigMap", "ziya-batch-job"), "data", "job.yaml"])(lambda t: t.replace("path: /models/", "path: /weights/")), "job_spec"),
     ("PVC mount path", _set([RC] + H100_C + ["volumeMounts", 0, "mountPath"])("/weights"), "job_spec"),
     ("merge target", _set([_obj("Job", "ziya-batch-merge-delta"), "spec", "template", "spec", "containers", 0, "command", 7])("/models/other"), "job_spec"),
+    ("delta not staged", _set([_obj("Job", "ziya-batch-merge-delta"), "spec", "template", "spec", "initContainers", 0, "command", 6])("/models/delta/"), "job_spec"),
     ("tensor_parallel", _set([_obj("ConfigMap", "ziya-batch-job"), "data", "job.yaml"])(lambda t: t.replace("tensor_parallel: 1", "tensor_parallel: 3")), "job_spec"),
     ("invalid spec", _set([_obj("ConfigMap", "ziya-batch-job"), "data", "job.yaml"])(lambda t: t + "shard_sise: 5\n"), "job_spec"),
     ("serve model", _set([_obj("RayJob", "ziya-batch-serve"), "spec", "entrypoint"])(lambda e: e.replace("--model /models/ziya-llama-13b", "--model /models/other")), "job_spec"),
