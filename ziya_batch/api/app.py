@@ -44,6 +44,8 @@ class ApiError(Exception):
 
 
 def error_response(status: int, message: str, kind: str, headers: Optional[dict] = None) -> JSONResponse:
+    # one line, whatever a client put into the ids and values we echo back
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status,
                         headers=headers)
 

@@ -140,7 +140,7 @@ class Batches:
     def file(self, file_id: str) -> dict:
         meta = self.store.get_json("files", file_id, "meta.json") if _FILE_ID.match(file_id) else None
         if meta is None:
-            raise ApiError(404, f"no file {file_id}: upload one with POST /v1/files", "not_found")
+            raise ApiError(404, f"no file {file_id!r}: upload one with POST /v1/files", "not_found")
         return meta
 
     def files(self, purpose: Optional[str]) -> list[dict]:
@@ -220,7 +220,7 @@ class Batches:
     def _load(self, batch_id: str) -> dict:
         rec = self.store.get_json("batches", f"{batch_id}.json") if _BATCH_ID.match(batch_id) else None
         if rec is None:
-            raise ApiError(404, f"no batch {batch_id}: list batches with GET /v1/batches", "not_found")
+            raise ApiError(404, f"no batch {batch_id!r}: list batches with GET /v1/batches", "not_found")
         return rec
 
     def get(self, batch_id: str) -> dict:
@@ -325,7 +325,7 @@ def batch_router(settings: ApiSettings, brokers) -> APIRouter:
     @router.post("/files", summary="Upload a batch input file (multipart: file, purpose=batch)")
     def upload(file: UploadFile = File(...), purpose: str = Form(...)) -> dict:
         if purpose != "batch":
-            raise ApiError(400, f"purpose '{purpose}' is not supported here; upload batch input with purpose 'batch'")
+            raise ApiError(400, f"purpose {purpose!r} is not supported here; upload batch input with purpose 'batch'")
         data = file.file.read(MAX_UPLOAD_BYTES + 1)
         if len(data) > MAX_UPLOAD_BYTES:
             raise ApiError(413, f"file is larger than {MAX_UPLOAD_BYTES // 2**20} MiB; split it into several batches")
