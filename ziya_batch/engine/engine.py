@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,6 +41,8 @@ class StepStats:
     num_seqs: int = 0
     context_tokens: int = 0        # tokens of KV read by the step's attention
     decode_only: bool = False
+    host_s: float = 0.0            # CPU time from scheduling to the last kernel launch of the forward
+    wall_s: float = 0.0            # the whole step, the host sync on sampled tokens included
 
 
 def resolve_device(name: str) -> torch.device:
@@ -153,11 +156,13 @@ class LLMEngine:
     # ---- the step -------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
         copy_blocks(self.kv_caches, out.block_copies)
         logits, rows = self.runner.execute(out)
+        t_launched = time.perf_counter()
         sampled: dict[int, tuple[int, float]] = {}
         if rows:
             bans = [self._bans(s) for s in rows]
@@ -170,7 +175,7 @@ class LLMEngine:
             num_prefill_tokens=sum(c.num_tokens for c in out.chunks if c.num_tokens > 1),
             num_decode_tokens=sum(1 for c in out.chunks if c.num_tokens == 1),
             num_seqs=len(out.chunks), context_tokens=sum(c.start + c.num_tokens for c in out.chunks),
-            decode_only=out.is_decode_only)
+            decode_only=out.is_decode_only, host_s=t_launched - t0, wall_s=time.perf_counter() - t0)
         finished: list[RequestOutput] = []
         for s in rows:
             if s.status is SeqStatus.RUNNING:

@@ -50,6 +50,7 @@ def num_blocks_from_memory(device: torch.device, bytes_per_block: int, memory_fr
                            reserve_bytes: int) -> int:
     """Blocks that fit in what is left on the GPU after the weights (already loaded) and a reserve for
     activations, logits and CUDA graphs, keeping total use under memory_fraction of the card."""
+    torch.cuda.empty_cache()                      # cached but unused blocks count as free
     free, total = torch.cuda.mem_get_info(device)
     budget = free - (1.0 - memory_fraction) * total - reserve_bytes
     return max(int(budget // bytes_per_block), 0)

@@ -151,7 +151,7 @@ class LlamaModel(nn.Module):
         """Random weights made directly on the device (benchmarks): no host copy of a 26 GB model."""
         with torch.device("meta"):
             m = cls(a)
-        m = m.to_empty(device=device).to(dtype)
+        m = m.to(dtype=dtype).to_empty(device=device)   # meta -> dtype first: no float32 copy
         g = torch.Generator(device=device).manual_seed(seed)
         for name, p in m.named_parameters():
             with torch.no_grad():
@@ -168,7 +168,7 @@ class LlamaModel(nn.Module):
         as the pieces arrive, so at most one layer's unfused pieces are held besides the model."""
         with torch.device("meta"):
             m = cls(a)
-        m = m.to_empty(device=device).to(dtype)
+        m = m.to(dtype=dtype).to_empty(device=device)   # meta -> dtype first: no float32 copy
         pending: dict[tuple[int, str], torch.Tensor] = {}
         seen: set[str] = set()
         with torch.no_grad():

@@ -1,0 +1,332 @@
+"""The throughput benchmark (DESIGN.md "Benchmark"): LLaMA-13B's shape with random float16 weights made on
+the GPU, workload W1 (prompt and output lengths uniform in 32..512, EOS ignored), and in one run:
+our engine, the model card's method (transformers `generate` on static left-padded batches), transformers'
+own continuous batching, and the decode roofline (weights + KV bytes of every decode step the engine ran,
+over the measured device copy bandwidth).
+
+The two transformers baselines are slow, so each runs on the first requests of the workload for a bounded
+time and reports tokens/s over what it finished; the table's note says how much that was."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import inspect
+import os
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ziya_batch.engine.engine import LLMEngine
+from ziya_batch.engine.kv_cache import kv_bytes_per_token
+from ziya_batch.engine.model import PRESETS, LlamaModel, ModelArgs
+from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
+from ziya_batch.errors import ModelError
+
+METHODS = ("engine", "hf-generate", "hf-continuous", "roofline")
+SECTION = "## Engine (workload W1)"
+HF_GENERATE_BUDGET_S = 60.0      # wall-clock cap per transformers baseline
+HF_CONTINUOUS_BUDGET_S = 75.0
+HF_CONTINUOUS_REQUESTS = 256
+
+
+@dataclass
+class BenchOptions:
+    layers: int = 40
+    requests: int = 1024
+    tensor_parallel: int = 1
+    markdown: Optional[str] = None
+    only: tuple[str, ...] = ()
+    seed: int = 0
+
+
+def workload_w1(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
+    """(prompt ids, output length) per request: both lengths uniform in 32..512, ids random (no EOS, id 2)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num_requests):
+        plen, olen = rng.randint(32, 512), rng.randint(32, 512)
+        out.append(([rng.randrange(3, vocab_size) for _ in range(plen)], olen))
+    return out
+
+
+def measure_copy_bandwidth_bytes_s(device: torch.device) -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written over the median time."""
+    a = torch.empty(1 << 29, dtype=torch.float16, device=device).normal_()
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); b.copy_(a); e.record(); e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * (1 << 30) / sorted(times[2:])[len(times[2:]) // 2]
+
+
+def _args(layers: int) -> ModelArgs:
+    return ModelArgs(**{**PRESETS["13B"], "num_layers": layers})
+
+
+def _weight_bytes(a: ModelArgs) -> int:
+    per_layer = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim * a.hidden_size + a.hidden_size * a.num_heads * \
+        a.head_dim + 3 * a.hidden_size * a.intermediate_size
+    return 2 * (a.num_layers * per_layer + 2 * a.vocab_size * a.hidden_size)
+
+
+def _sampling(out_len: int) -> SamplingParams:
+    # the model card's sampling, EOS ignored so every request runs to its own length
+    return SamplingParams(max_new_tokens=out_len, temperature=1.0, top_p=0.85, ignore_eos=True)
+
+
+def bench_engine(a: ModelArgs, work, device, bw: float, seed: int) -> tuple[dict, dict]:
+    model = LlamaModel.random(a, device, torch.float16, seed)
+    cfg = EngineConfig(model_path="", dtype="float16", max_num_seqs=256, max_num_batched_tokens=2048,
+                       max_model_len=1024)
+    t_init = time.perf_counter()
+    eng = LLMEngine.from_model(model, None, cfg)
+    init_s = time.perf_counter() - t_init
+    eng.generate([Request("warm", list(range(3, 40)), _sampling(8))])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    reqs = [Request(str(i), p, _sampling(o)) for i, (p, o) in enumerate(work)]
+    for r in reqs:
+        eng.add_request(r)
+    kv_tok = kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, torch.float16)
+    w_bytes = _weight_bytes(a)
+    pre_s = pre_tok = dec_s = dec_tok = floor_s = host_dec = 0.0
+    n_dec_steps = 0
+    out_tokens = 0
+    t0 = time.perf_counter()
+    while eng.has_unfinished():
+        for o in eng.step():
+            out_tokens += sum(len(c.token_ids) for c in o.completions)
+        st = eng.last_step
+        if st.decode_only:
+            dec_s += st.wall_s; dec_tok += st.num_decode_tokens; n_dec_steps += 1; host_dec += st.host_s
+            floor_s += (w_bytes + st.context_tokens * kv_tok) / bw
+        else:
+            pre_s += st.wall_s; pre_tok += st.num_prefill_tokens
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated()
+    row = dict(method="engine", requests=len(reqs), output_tokens=out_tokens, wall_s=wall,
+               output_tok_s=out_tokens / wall, prefill_tok_s=pre_tok / max(pre_s, 1e-9),
+               decode_tok_s=dec_tok / max(dec_s, 1e-9), peak_gib=peak / 2**30,
+               note=f"{eng.num_blocks} KV blocks of {cfg.block_size}; {eng.scheduler.num_preemptions} preemptions; "
+                    f"{n_dec_steps} decode-only steps ({dec_s:.1f} s), mixed steps {pre_s:.1f} s; init {init_s:.0f} s")
+    prof = dict(decode_steps=n_dec_steps, decode_step_ms=1e3 * dec_s / max(n_dec_steps, 1),
+                floor_step_ms=1e3 * floor_s / max(n_dec_steps, 1), host_ms=1e3 * host_dec / max(n_dec_steps, 1),
+                decode_batch=dec_tok / max(n_dec_steps, 1), floor_tok_s=dec_tok / max(floor_s, 1e-9))
+    del eng, model
+    gc.collect(); torch.cuda.empty_cache()
+    return row, prof
+
+
+def _hf_model(a: ModelArgs, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=a.hidden_size, num_hidden_layers=a.num_layers, num_attention_heads=a.num_heads,
+                      num_key_value_heads=a.num_kv_heads, intermediate_size=a.intermediate_size,
+                      vocab_size=a.vocab_size, max_position_embeddings=a.max_position_embeddings,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device(device):
+            m = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return m.eval().requires_grad_(False)
+
+
+def bench_hf_generate(model, work, device) -> dict:
+    """The model card's method: static left-padded batches through `generate`; on OOM the batch halves."""
+    torch.cuda.reset_peak_memory_stats()
+    batch, done, useful, t0, note = 64, 0, 0, time.perf_counter(), []
+    while done < len(work) and time.perf_counter() - t0 < HF_GENERATE_BUDGET_S and batch >= 1:
+        chunk = work[done:done + batch]
+        width = max(len(p) for p, _ in chunk)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in chunk], device=device)
+        mask = (torch.arange(width, device=device)[None, :] >= torch.tensor(
+            [width - len(p) for p, _ in chunk], device=device)[:, None]).long()
+        new = max(o for _, o in chunk)
+        try:
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=True,
+                               top_p=0.85, temperature=1.0, pad_token_id=0)
+        except torch.OutOfMemoryError:
+            note.append(f"OOM at batch {batch}")
+            batch //= 2
+            gc.collect(); torch.cuda.empty_cache()
+            continue
+        done += len(chunk)
+        useful += sum(o for _, o in chunk)      # tokens past a request's own length are padding waste
+    wall = time.perf_counter() - t0
+    note.append(f"batch {batch}, first {done} requests in {wall:.0f} s (capped at {HF_GENERATE_BUDGET_S:.0f} s)")
+    return dict(method="hf-generate", requests=done, output_tokens=useful, wall_s=wall,
+                output_tok_s=useful / wall if done else 0.0, prefill_tok_s=None, decode_tok_s=None,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30, note="; ".join(note))
+
+
+def bench_hf_continuous(model, work, device) -> dict:
+    """transformers' continuous batching manager (paged attention, its own scheduler)."""
+    from transformers import GenerationConfig
+    sub = work[:HF_CONTINUOUS_REQUESTS]
+    torch.cuda.reset_peak_memory_stats()
+    gc_cfg = GenerationConfig(max_new_tokens=512, do_sample=True, top_p=0.85, temperature=1.0, eos_token_id=-1,
+                              pad_token_id=0)
+    manager = model.init_continuous_batching(generation_config=gc_cfg)
+    manager.start()
+    accepts_eos = "eos_token_id" in inspect.signature(manager.add_request).parameters
+    t0 = time.perf_counter()
+    for i, (p, o) in enumerate(sub):
+        kw = {"eos_token_id": -1} if accepts_eos else {}
+        manager.add_request(input_ids=p, request_id=f"r{i}", max_new_tokens=o, **kw)
+    got, tokens = 0, 0
+    while got < len(sub) and time.perf_counter() - t0 < HF_CONTINUOUS_BUDGET_S:
+        r = manager.get_result(timeout=1.0)
+        if r is not None:
+            got += 1
+            tokens += len(r.generated_tokens)
+    wall = time.perf_counter() - t0
+    try:
+        manager.stop(block=True, timeout=10)
+    except TypeError:
+        manager.stop()
+    return dict(method="hf-continuous", requests=got, output_tokens=tokens, wall_s=wall,
+                output_tok_s=tokens / wall, prefill_tok_s=None, decode_tok_s=None,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                note=f"{got} of the first {len(sub)} requests finished in {wall:.0f} s "
+                     f"(capped at {HF_CONTINUOUS_BUDGET_S:.0f} s); unfinished ones not counted")
+
+
+def run_bench(opts: BenchOptions) -> list[dict]:
+    if not torch.cuda.is_available():
+        raise ModelError("ziya-batch bench needs a CUDA GPU: run it on a machine with one")
+    if opts.tensor_parallel != 1:
+        raise ModelError("bench --tensor-parallel > 1 is not implemented yet; run with --tensor-parallel 1")
+    only = set(opts.only) or set(METHODS)
+    unknown = only - set(METHODS)
+    if unknown:
+        raise ModelError(f"unknown bench method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    device = torch.device("cuda")
+    a = _args(opts.layers)
+    work = workload_w1(opts.requests, a.vocab_size, opts.seed)
+    bw = measure_copy_bandwidth_bytes_s(device)
+    rows: list[dict] = []
+    prof: Optional[dict] = None
+    if only & {"engine", "roofline"}:
+        row, prof = bench_engine(a, work, device, bw, opts.seed)
+        if "engine" in only:
+            rows.append(row)
+        if "roofline" in only:
+            rows.append(dict(method="roofline", requests=len(work), output_tokens=row["output_tokens"],
+                             wall_s=None, output_tok_s=prof["floor_tok_s"], prefill_tok_s=None, decode_tok_s=None,
+                             peak_gib=None, note=f"engine's decode steps at {bw / 1e12:.2f} TB/s copy bandwidth "
+                                                 f"(weights + KV bytes per step)"))
+        _print_row(rows[-1])
+    if only & {"hf-generate", "hf-continuous"}:
+        model = _hf_model(a, device)
+        for name, fn in (("hf-generate", bench_hf_generate), ("hf-continuous", bench_hf_continuous)):
+            if name in only:
+                try:
+                    rows.append(fn(model, work, device))
+                except Exception as e:  # a baseline failing must not lose the engine's numbers
+                    rows.append(dict(method=name, requests=0, output_tokens=0, wall_s=None, output_tok_s=None,
+                                     prefill_tok_s=None, decode_tok_s=None, peak_gib=None,
+                                     note=f"failed: {type(e).__name__}: {str(e)[:160]}"))
+                _print_row(rows[-1])
+                gc.collect(); torch.cuda.empty_cache()
+        del model
+        gc.collect(); torch.cuda.empty_cache()
+    meta = dict(card=torch.cuda.get_device_name(device), date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+                commit=os.environ.get("ZIYA_BATCH_COMMIT") or _git_commit(), layers=opts.layers,
+                requests=opts.requests, bandwidth_tb_s=bw / 1e12)
+    _print_table(rows, meta, prof)
+    if opts.markdown:
+        write_markdown(opts.markdown, rows, meta, prof)
+    return rows
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _fmt(v, spec=",.0f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _print_row(r: dict) -> None:
+    print(f"[bench] {r['method']}: {_fmt(r['output_tok_s'])} output tok/s; {r['note']}", flush=True)
+
+
+def _print_table(rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    t = Table(title=f"W1 on {meta['card']}, {meta['layers']} layers, {meta['requests']} requests "
+                    f"({meta['date']}, {meta['commit']})")
+    for c in ("method", "output tok/s", "prefill tok/s", "decode tok/s", "peak GiB", "requests", "note"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["method"], _fmt(r["output_tok_s"]), _fmt(r["prefill_tok_s"]), _fmt(r["decode_tok_s"]),
+                  _fmt(r["peak_gib"], ".1f"), str(r["requests"]), r["note"])
+    Console(width=200).print(t)
+    if prof:
+        print(f"[bench] decode step: {prof['decode_step_ms']:.2f} ms measured vs {prof['floor_step_ms']:.2f} ms "
+              f"byte floor at mean batch {prof['decode_batch']:.1f}; host (schedule + inputs + launch) "
+              f"{prof['host_ms']:.2f} ms", flush=True)
+
+
+def render_markdown(rows: list[dict], meta: dict, prof: Optional[dict]) -> str:
+    lines = [SECTION, "",
+             f"Card: {meta['card']}; date: {meta['date']}; commit: {meta['commit']}; LLaMA-13B shape with "
+             f"{meta['layers']} layers, float16 random weights; {meta['requests']} requests; measured copy "
+             f"bandwidth {meta['bandwidth_tb_s']:.2f} TB/s.", "",
+             "| method | output tok/s | prefill tok/s | decode tok/s | peak GiB | requests | note |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {_fmt(r['output_tok_s'])} | {_fmt(r['prefill_tok_s'])} | "
+                     f"{_fmt(r['decode_tok_s'])} | {_fmt(r['peak_gib'], '.1f')} | {r['requests']} | {r['note']} |")
+    if prof:
+        lines += ["", f"One decode-only step, mean over {prof['decode_steps']} steps: {prof['decode_step_ms']:.2f} ms "
+                      f"measured against a byte floor of {prof['floor_step_ms']:.2f} ms (mean batch "
+                      f"{prof['decode_batch']:.1f}); host time per step (schedule, inputs, launch) "
+                      f"{prof['host_ms']:.2f} ms."]
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: str, rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
+    """Replaces this benchmark's section of the file (or appends it), leaving other sections alone."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    section = render_markdown(rows, meta, prof)
+    start = text.find(SECTION)
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        nxt = text.find("\n## ", start + len(SECTION))
+        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=BenchOptions.layers)
+    p.add_argument("--requests", type=int, default=BenchOptions.requests)
+    p.add_argument("--tensor-parallel", type=int, default=BenchOptions.tensor_parallel)
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--seed", type=int, default=BenchOptions.seed)
+    a = p.parse_args()
+    run_bench(BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown,
+                           tuple(x for x in a.only.split(",") if x), a.seed))
+
+
+if __name__ == "__main__":
+    main()
