@@ -40,3 +40,16 @@ def wait_claim(broker: Broker, worker: str, timeout_s: float = 5.0):
             return lease
         time.sleep(0.01)
     return None
+
+
+def claim_all(url: str, prefix: str, worker: str, start_at: float, out) -> None:
+    """Child process: claim until nothing is left, reporting (job_id, index, token) on `out`."""
+    from ziya_batch.queue import Broker
+
+    broker = Broker.from_url(url, prefix=prefix)
+    while time.time() < start_at:          # all processes start claiming together
+        time.sleep(0.001)
+    got = []
+    while (lease := broker.claim(worker)) is not None:
+        got.append((lease.job_id, lease.shard.index, lease.token))
+    out.put((worker, got))

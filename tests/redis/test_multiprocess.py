@@ -1,0 +1,45 @@
+"""Processes racing for the same shards: every (shard, token) is won by exactly one of them."""
+import collections
+import multiprocessing as mp
+import time
+
+from queue_helpers import claim_all, expire, make_shards, make_spec
+
+
+def _race(url, n_procs):
+    ctx = mp.get_context("fork")         # the children build their own clients
+    out = ctx.Queue()
+    start_at = time.time() + 0.5
+    procs = [ctx.Process(target=claim_all, args=(url, "zbtest", f"p{i}", start_at, out)) for i in range(n_procs)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(10)
+    return results
+
+
+def test_processes_racing_claim_each_shard_exactly_once(broker, redis_server):
+    jobs = [make_spec(f"one{i}") for i in range(10)] + [make_spec("many")]
+    expected = collections.Counter()
+    for spec in jobs:
+        n = 60 if spec.name == "many" else 1
+        broker.submit(spec, make_shards(spec, n))
+        expected.update((spec.identity(), i, 1) for i in range(n))
+    results = _race(redis_server.url, 4)
+    claims = collections.Counter(c for _, got in results for c in got)
+    assert claims == expected                                # a multiset: no shard twice, none missing
+    assert sum(1 for _, got in results if got) >= 2          # the race really had several winners
+
+    # every lease of the big job is lost; the processes race again for the same shards: token 2 each
+    many = make_spec("many").identity()
+    from ziya_batch.queue import Lease
+    from ziya_batch.records import ShardRef
+
+    for i in range(60):
+        expire(broker, Lease(many, ShardRef(many, i, "", 0, 0, 1, 1), token=1, attempt=1, lease_s=30, worker_id=""))
+    assert len(broker.reap()) == 60
+    time.sleep(0.3)                                          # the retry backoff (0.05 s first)
+    results = _race(redis_server.url, 2)
+    claims = collections.Counter(c for _, got in results for c in got)
+    assert claims == collections.Counter((many, i, 2) for i in range(60))
