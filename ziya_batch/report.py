@@ -266,7 +266,8 @@ def throughput_svg(commits: list[tuple[float, int, int]], started_at: Optional[f
     width = span / nb
     per_bin = [0.0] * nb
     for t, tokens, _ in commits:
-        per_bin[min(nb - 1, int((t - t0) / width))] += tokens
+        # a shard's tokens were made before its commit: a commit on a bin's right edge belongs to that bin
+        per_bin[max(0, min(nb - 1, math.ceil((t - t0) / width - 1e-9) - 1))] += tokens
     rates = [v / width for v in per_bin]
     total = sum(c[1] for c in commits) or 1
     rmax = max(rates) or 1
@@ -282,7 +283,7 @@ def throughput_svg(commits: list[tuple[float, int, int]], started_at: Optional[f
     line = f'<polyline points="{" ".join(pts)}" fill="none" stroke="{_ACCENT}" stroke-width="2"/>'
     ticks = "".join(f'<text x="{PAD_L + plot_w * i / 4:.1f}" y="{H - PAD_B + 14}" text-anchor="middle" font-size="10">'
                     f'{_fmt(span * i / 4)}</text>' for i in range(5))
-    legend = (f'<text x="{W - PAD_R - 4}" y="{PAD_T + 12}" text-anchor="end" font-size="11" fill="{_ACCENT}">'
+    legend = (f'<text x="{PAD_L + 8}" y="{PAD_T + 12}" font-size="11" fill="{_ACCENT}">'
               f'cumulative tokens (0..{_fmt(total)})</text>')
     return _frame(_y_axis(rmax) + "".join(bars) + line + ticks + legend, "seconds since start", "output tokens/s",
                   "throughput")
