@@ -31,6 +31,7 @@ from .types import JobStatus, Lease, ShardStats, WorkerInfo
 
 SUBMIT_BATCH = 1000          # shards per add_shards call while the input streams
 FINALIZE_TTL_S = 600.0       # a finalizer that has not finished in this long is presumed dead
+WORKER_FORGET_S = 86400.0    # registrations silent this long are deleted (worker ids are per process)
 
 
 def _json(obj) -> str:
@@ -84,9 +85,9 @@ class Broker:
             keys=[k.job(job_id), k.spec(job_id), k.jobs()],
             args=[job_id, spec.to_json(), spec.name, spec.priority, int(spec.reliability.lease_s * 1000),
                   spec.reliability.max_retries, spec.output.path])
+        if state in (JobState.FAILED.value, JobState.CANCELLED.value):
+            self._reopen(job_id)
         if sealed == "1":
-            if state in (JobState.FAILED.value, JobState.CANCELLED.value):
-                self._reopen(job_id)
             if committed:
                 self._add_shards(job_id, [x for i, st in committed.items() for x in (i, "", _json(st.to_dict()))])
             return self.status(job_id)
@@ -311,6 +312,12 @@ class Broker:
 
     def worker_infos(self) -> list[WorkerInfo]:
         now_s = self.server_time_s()
+        gone = self.client.zrangebyscore(self.keys.workers(), "-inf", (now_s - WORKER_FORGET_S) * 1000)
+        if gone:
+            with self.client.pipeline() as p:
+                p.zrem(self.keys.workers(), *gone)
+                p.delete(*(self.keys.worker(w) for w in gone))
+                p.execute()
         seen = self.client.zrangebyscore(self.keys.workers(), (now_s - self.worker_ttl_s) * 1000, "+inf",
                                          withscores=True)
         with self.client.pipeline() as p:

@@ -1,6 +1,9 @@
 -- Helpers prepended to every script (after the transition tables JOB_ALLOWED and SHARD_ALLOWED, which
 -- states.py renders). Scripts check before they write: Redis does not roll back a script that errors.
 
+-- Redis < 5 replicates scripts verbatim and then refuses TIME before a write; from 5 on this is a no-op
+if redis.replicate_commands then redis.replicate_commands() end
+
 local function now_ms()
   -- the Redis server's clock, so the clocks of worker hosts never decide whether a lease expired
   local t = redis.call('TIME')

@@ -79,11 +79,12 @@ def build_status(broker: "Broker", job_id: str, detail: bool = False) -> JobStat
     if detail:
         pending, dead, errors = res[4], res[5], res[6]
         dead_ix = sorted(int(i) for i in dead)
+        dead_set = set(dead_ix)
         extra = {
             "detail": True,
             "leases": tuple(sorted(lease_rows, key=lambda r: r["shard"])),
             "shard_lists": {
-                "pending": [int(i) for i in pending if int(i) not in set(dead_ix)][:LIST_CAP],
+                "pending": [int(i) for i in pending if int(i) not in dead_set][:LIST_CAP],
                 "leased": sorted(r["shard"] for r in lease_rows)[:LIST_CAP],
                 "dead_lettered": dead_ix[:LIST_CAP],
             },
