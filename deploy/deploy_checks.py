@@ -77,9 +77,9 @@ def check_kuberay_fields(d) -> list[str]:
             problems += [f"[kuberay_fields] group {g.get('groupName')}: missing {k!r}" for k in sorted(missing)]
             if not missing and not g["minReplicas"] <= g.get("replicas", 0) <= g["maxReplicas"]:
                 problems.append(f"[kuberay_fields] group {g['groupName']}: want minReplicas <= replicas <= maxReplicas")
-        for where, params, _, _ in ray_containers(d):
-            problems += [f"[kuberay_fields] {where}: rayStartParams[{k}] must be a string" for k, v in params.items()
-                         if not isinstance(v, str)]
+    for where, params, _, _ in ray_containers(d):
+        problems += [f"[kuberay_fields] {where}: rayStartParams[{k}] must be a string" for k, v in params.items()
+                     if not isinstance(v, str)]
     clusters = {rc["metadata"]["name"] for rc in objects_of(d, "RayCluster")}
     for rj in objects_of(d, "RayJob"):
         spec, name = rj["spec"], rj["metadata"]["name"]

@@ -43,7 +43,8 @@ def parse_dockerfile(text: str) -> list[list[str]]:
 
 def load_deployment(deploy_dir: Path = DEPLOY) -> dict:
     objects = []
-    for path in sorted((deploy_dir / "k8s").glob("*.yaml")):
+    # the secrets' example sits outside k8s/ so that `kubectl apply -f deploy/k8s/` never overwrites real ones
+    for path in sorted((deploy_dir / "k8s").glob("*.yaml")) + [deploy_dir / "secrets.example.yaml"]:
         for doc in yaml.safe_load_all(path.read_text()):
             if doc is not None:
                 objects.append(doc)
@@ -127,7 +128,8 @@ def image_tag(image: str) -> str:
 def size_bytes(quantity: str) -> int:
     """Kubernetes (4Gi, 500M) and redis.conf (3gb, 100mb) sizes in bytes."""
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([a-zA-Z]*)", str(quantity).strip())
-    assert m, f"not a size: {quantity!r}"
+    if not m:
+        raise ValueError(f"not a size: {quantity!r}")
     units = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "ki": 1024, "mi": 1024**2,
              "gi": 1024**3, "ti": 1024**4, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
     return int(float(m.group(1)) * units[m.group(2).lower()])
@@ -157,7 +159,11 @@ def ziya_invocations(text: str) -> list[list[str]]:
     out = []
     for m in re.finditer(r"(?<![\w./-])ziya-batch\s+(\S+)", text):
         rest = re.split(r"\s*(?:&&|\|\||;|\||>|&)\s*", text[m.start():])[0]
-        out.append(shlex.split(rest, posix=True)[1:] if rest else [])
+        try:
+            words = shlex.split(rest)
+        except ValueError:  # an unbalanced quote further on: plain words are enough to name the command
+            words = rest.split()
+        out.append(words[1:])
     return out
 
 
