@@ -80,3 +80,30 @@ def test_shard_counts_follow_transitions(broker):
     assert broker.fail(b, "boom") == "dead"
     assert broker.shard_counts(job_id) == {"pending": 1, "leased": 0, "committed": 1, "dead": 1}
     assert sum(broker.shard_counts(job_id).values()) == broker.status(job_id).shards_total == 3
+
+
+def test_lua_scripts_refuse_a_shard_transition_the_table_forbids(broker):
+    """Even with inconsistent keys (a committed shard listed as pending), claim will not re-lease it."""
+    import json
+
+    spec = make_spec()
+    job_id = broker.submit(spec, make_shards(spec, 1)).job_id
+    k = broker.keys
+    rec = json.loads(broker.client.hget(k.shards(job_id), "0"))
+    rec["state"] = "committed"
+    broker.client.hset(k.shards(job_id), "0", json.dumps(rec))
+    with pytest.raises(TransitionError, match="shard cannot go from committed to leased"):
+        broker.claim("w")
+    assert json.loads(broker.client.hget(k.shards(job_id), "0"))["state"] == "committed"
+
+
+def test_broker_accepts_a_client_without_decoded_responses(redis_server):
+    import redis
+
+    from ziya_batch.queue import Broker
+
+    broker = Broker(redis.Redis.from_url(redis_server.url), prefix="zbtest")
+    spec = make_spec()
+    broker.client.flushdb()
+    job_id = broker.submit(spec, make_shards(spec, 1)).job_id
+    assert broker.claim("w").job_id == job_id

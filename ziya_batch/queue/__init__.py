@@ -3,6 +3,26 @@
     broker = Broker.from_url("redis://127.0.0.1:6379/0")
     broker.submit(spec, shards)            # idempotent: resubmitting resumes
     lease = broker.claim(worker_id)        # heartbeat(lease) while working, then commit(lease, stats)
+
+Modules: keys (every key name), states (the transition tables), scripts + *.lua (every state change, one
+atomic script each), broker (the API), status (what `status` shows), server (config checks and the
+private redis-server of `run`), types (Lease, ShardStats, JobStatus).
+
+Policies:
+- Retries: a shard is tried once and retried `reliability.max_retries` times; the failure after that
+  dead-letters it (max_retries=0: the first failure does). Each retry waits backoff_base_s * 2^(n-1),
+  capped. An expired lease counts as a failure, like `fail()`.
+- Dead letters: a dead-lettered shard is claimed once more with `dead_letter=True`; the worker writes
+  every line as a `retries_exhausted` error and commits, so the job still ends with one part per shard.
+- Poison lines: after a shard's first failure its claims have `isolate=True`: lines run one by one and
+  the worker calls `line_started` before each. If the worker then dies (lease expires) with a line in
+  flight, that line becomes a bad line at once — one crash of a line run alone is enough, since running
+  it again would crash the next worker too. A failure that finds a new bad line does not count against
+  the shard's limit (the shard made progress); the worker writes bad lines as `retries_exhausted` errors.
+- Fairness: claims take the highest-priority job with a claimable shard; among equal priorities, the
+  job claimed from least recently (round robin per claim).
+- Losing Redis: submit() with `committed` (from storage) records those shards committed; a job is only
+  ever `completed` by a finalizer (mark_completed from finalizing), never by a rebuild.
 """
 from .broker import Broker
 from .keys import Keys
