@@ -147,11 +147,11 @@ _line = st.one_of(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(lines=st.lists(_line, max_size=40), crlf=st.booleans(), trailing=st.booleans(),
+@given(lines=st.lists(_line, max_size=40), crlf=st.booleans(), trailing=st.booleans(), bom=st.booleans(),
        shard_size=st.integers(1, 7), block=st.integers(1, 64))
-def test_index_read_matches_a_plain_line_split(tmp_path, lines, crlf, trailing, shard_size, block):
+def test_index_read_matches_a_plain_line_split(tmp_path, lines, crlf, trailing, bom, shard_size, block):
     sep = b"\r\n" if crlf else b"\n"
-    data = sep.join(lines) + (sep if trailing and lines else b"")
+    data = (b"\xef\xbb\xbf" if bom else b"") + sep.join(lines) + (sep if trailing and lines else b"")
     f = tmp_path / "h.jsonl"
     f.write_bytes(data)
     got = [(no, raw) for _, no, raw in _read_all([str(f)], shard_size, block_bytes=block)]

@@ -68,9 +68,10 @@ def _blank(line: bytes) -> bool:
     return not line or line.isspace()
 
 
-def _lines_with_offsets(f, block_bytes: int) -> Iterator[tuple[int, bytes]]:
-    """(byte length including its newline, line bytes without b"\\n") for each line of a binary stream,
-    holding one block plus one partial line in memory."""
+def _line_lists(f, block_bytes: int) -> Iterator[list[bytes]]:
+    """Lists of the complete lines (without b"\\n") in each block of a binary stream; a last line without
+    newline comes as a final one-item list, flagged by _NO_NEWLINE. Holds one block plus one partial line.
+    Lines come in lists, not one by one, because a Python call per line would dominate the indexing."""
     pending: list[bytes] = []     # pieces of a line longer than a block (avoids quadratic concatenation)
     while True:
         block = f.read(block_bytes)
@@ -85,13 +86,14 @@ def _lines_with_offsets(f, block_bytes: int) -> Iterator[tuple[int, bytes]]:
             pending = []
         lines = block.split(b"\n")
         tail = lines.pop()
-        for line in lines:
-            yield len(line) + 1, line
         if tail:
             pending.append(tail)
+        yield lines
     if pending:
-        last = b"".join(pending)
-        yield len(last), last
+        yield [_NO_NEWLINE, b"".join(pending)]
+
+
+_NO_NEWLINE = object()
 
 
 def index_file(file: str, shard_size: int, block_bytes: int = BLOCK_BYTES
@@ -101,7 +103,7 @@ def index_file(file: str, shard_size: int, block_bytes: int = BLOCK_BYTES
     pos = 0               # byte offset of the current line
     line_no = 0
     count = 0             # non-blank lines in the open shard
-    start = first = end = 0
+    start = first = 0
     try:
         # remote: one streaming GET per block; local: the OS page cache does the read-ahead
         f = fs.open(path, "rb") if isinstance(fs, LocalFileSystem) else \
@@ -109,23 +111,28 @@ def index_file(file: str, shard_size: int, block_bytes: int = BLOCK_BYTES
     except FileNotFoundError:
         raise InputError(f"input not found: {file} (removed after it was listed?)") from None
     with f:
-        for nbytes, line in _lines_with_offsets(f, block_bytes):
-            line_no += 1
-            if line_no == 1 and line.startswith(_BOM):
-                line = line[len(_BOM):]
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if not _blank(line):
-                if count == 0:
-                    start, first = pos, line_no
-                count += 1
-                end = pos + nbytes
-                if count == shard_size:
-                    yield file, start, end, first, count
-                    count = 0
-            pos += nbytes
+        for lines in _line_lists(f, block_bytes):
+            newline = 1
+            if lines[0] is _NO_NEWLINE:
+                lines = lines[1:]
+                newline = 0
+            if pos == 0 and lines[0].startswith(_BOM):
+                # the byte-order mark is not part of line 1: a BOM-only line is blank
+                pos, lines[0] = len(_BOM), lines[0][len(_BOM):]
+            # the hot loop: one iteration per input line, kept to a few C calls (a CRLF line's b"\r" is
+            # whitespace, so a blank CRLF line is isspace() without stripping it)
+            for line in lines:
+                line_no += 1
+                if line and not line.isspace():
+                    if count == 0:
+                        start, first = pos, line_no
+                    count += 1
+                    if count == shard_size:
+                        yield file, start, pos + len(line) + newline, first, count
+                        count = 0
+                pos += len(line) + newline
     if count:
-        yield file, start, end, first, count
+        yield file, start, pos, first, count      # trailing blank lines may ride along: readers skip them
 
 
 def index_inputs(files: list[str], shard_size: int, block_bytes: int = BLOCK_BYTES
