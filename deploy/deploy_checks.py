@@ -41,6 +41,9 @@ RAYJOB_SPEC_KEYS = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode"}
 GPUS_PER_INSTANCE = {"p5.48xlarge": 8, "p5e.48xlarge": 8, "p4d.24xlarge": 8, "g6e.12xlarge": 4, "g6e.48xlarge": 8}
 THIRD_PARTY_IMAGES = ("redis:",)  # images that are not ours and may differ from the worker image
+# The oldest Kubernetes the manifests are checked against (policy/v1 budgets, Job TTLs, EKS's oldest
+# standard-support release when this was written).
+K8S_VERSION = "1.31.0"
 
 
 # ---------------------------------------------------------------------------------------------- checks
@@ -61,6 +64,29 @@ def check_k8s_identity(d) -> list[str]:
         seen.add((kind, name))
         if kind != "Namespace" and o["metadata"].get("namespace") not in namespaces:
             problems.append(f"[k8s_identity] {kind}/{name}: namespace {o['metadata'].get('namespace')!r} is not one of {namespaces}")
+    return problems
+
+
+def check_k8s_schema(d) -> list[str]:
+    """Built-in objects against Kubernetes' own schemas, strictly (an unknown field is an error); the pod
+    templates inside RayClusters and RayJobs are checked as PodTemplates. Needs kubernetes-validate."""
+    try:
+        import kubernetes_validate as kv
+    except ImportError:
+        return []
+    docs = [(f"{o.get('kind')}/{o.get('metadata', {}).get('name')}", o) for o in d["objects"]
+            if not str(o.get("apiVersion", "")).startswith("ray.io/")]
+    docs += [(where, {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": t})
+             for where, t, _ in pod_templates(d) if where.startswith(("RayCluster/", "RayJob/"))]
+    problems = []
+    for where, doc in docs:
+        try:
+            kv.validate(doc, K8S_VERSION, strict=True)
+        except kv.ValidationError as err:
+            path = ".".join(str(p) for p in err.path)
+            problems.append(f"[k8s_schema] {where}: {path}: {err.message}")
+        except kv.SchemaNotFoundError:
+            problems.append(f"[k8s_schema] {where}: Kubernetes {K8S_VERSION} has no schema for it")
     return problems
 
 
@@ -528,7 +554,7 @@ def check_cluster_file(d) -> list[str]:
     return problems
 
 
-CHECKS = [check_k8s_identity, check_kuberay_fields, check_images, check_ray_version, check_redis_url,
+CHECKS = [check_k8s_identity, check_k8s_schema, check_kuberay_fields, check_images, check_ray_version, check_redis_url,
           check_redis_persistence, check_selectors, check_ports, check_commands, check_gpus, check_job_spec,
           check_references, check_dockerfile, check_cluster_file]
 
@@ -539,6 +565,9 @@ def run_checks(deployment: dict) -> list[str]:
 
 
 def main() -> int:
+    if importlib.util.find_spec("kubernetes_validate") is None:
+        print("note: `pip install kubernetes-validate` to also check the manifests against Kubernetes' schemas",
+              file=sys.stderr)
     problems = run_checks(load_deployment())
     for p in problems:
         print(p)
