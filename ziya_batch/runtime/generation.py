@@ -133,10 +133,13 @@ def build_parts(spec: JobSpec, results: list[LineResult], failures: list[LineFai
     if "results" in kinds:
         parts["results"] = [result_record(r, s) for r in results for s in r.samples]
     if "sft" in kinds:
-        parts["sft"] = [sft_record(r, s) for r, s in filters.select_sft(results, spec.output.filters)]
+        parts["sft"] = [sft_record(r, s) for r, s in filters.filter_sft(results, spec.output.filters)]
     if "experience" in kinds:
-        parts["experience"] = [rec for r in results for rec in filters.with_group_stats(
+        parts["experience"] = [rec for r in results for rec in filters.add_group_fields(
             [experience_record(r, s) for s in r.samples])]
+        if not spec.experience.logprobs:
+            for rec in parts["experience"]:
+                rec["logprobs"] = None
     parts["errors"] = [f.record() for f in failures]
     return parts
 

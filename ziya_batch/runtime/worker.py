@@ -123,7 +123,7 @@ class Worker:
                 parts, stats = self._produce(spec, lease, hb)
                 if hb.lost.is_set():
                     raise LeaseLost()
-                staged = io.stage_shard(spec.output.path, shard.index, lease.token, parts, spec.output.format)
+                staged = io.stage_shard(spec.output.path, shard.index, lease.token, parts, spec.output.format, spec.format)
                 stats.parts = {k: (p.lines, p.sha256) for k, p in staged.items()}
                 if not self.broker.commit(lease, stats):
                     io.discard_staged(spec.output.path, shard.index, lease.token)
@@ -164,6 +164,8 @@ class Worker:
             self.broker.line_started(lease, line_no)
 
         results, gen_failures = generate_lines(engine, work.prompts, before_line=before_line, one_by_one=lease.isolate)
+        if lease.isolate:
+            self.broker.line_finished(lease)
         if hb.lost.is_set():
             raise LeaseLost()
         score_results(results, self.models.reference(spec), self.models.reward(spec))

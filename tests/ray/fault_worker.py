@@ -1,0 +1,71 @@
+"""A real worker process for fault tests: the production Worker with a fault injected by name.
+
+usage: python fault_worker.py REDIS_URL FAULT [POISON_LINES]
+FAULT: none | die_after_stage | die_after_commit | exit_on_poison
+Runs until the queue has nothing left to claim (none, exit_on_poison) or until the fault fires.
+"""
+import logging
+import os
+import signal
+import sys
+import threading
+
+from ziya_batch import io
+from ziya_batch.queue import Broker
+from ziya_batch.runtime import worker as worker_mod
+from ziya_batch.runtime.models import ModelCache
+
+
+def _die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main():
+    logging.basicConfig(level=logging.WARNING)
+    url, fault = sys.argv[1], sys.argv[2]
+    poison = {int(x) for x in sys.argv[3].split(",")} if len(sys.argv) > 3 and sys.argv[3] else set()
+    broker = Broker.from_url(url)
+    models = ModelCache("cpu")
+    if fault == "die_after_stage":
+        orig_stage = io.stage_shard
+
+        def stage_then_die(*a, **kw):
+            orig_stage(*a, **kw)
+            _die()
+        worker_mod.io.stage_shard = stage_then_die
+    elif fault == "die_after_commit":
+        orig_commit = broker.commit
+
+        def commit_then_die(*a, **kw):
+            ok = orig_commit(*a, **kw)
+            _die()
+            return ok
+        broker.commit = commit_then_die
+    elif fault == "exit_on_poison":
+        orig_engine = models.engine
+
+        def engine_for(spec):
+            eng = orig_engine(spec)
+            if not getattr(eng, "_poisoned", False):
+                orig_generate = eng.generate
+
+                def generate(reqs):
+                    for r in reqs:
+                        if int(r.request_id.rsplit(":", 1)[1]) in poison:
+                            os._exit(3)  # the process dies, as a segfault or CUDA abort would take it
+                    return orig_generate(reqs)
+                eng.generate = generate
+                eng._poisoned = True
+            return eng
+        models.engine = engine_for
+    w = worker_mod.Worker(broker, worker_id=f"fault-{fault}-{os.getpid()}", device="cpu", models=models)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if os.environ.get("FAULT_WORKER_SERVE"):
+        w.serve_forever(stop, idle_sleep_s=0.2)
+    else:
+        w.run_until_idle()
+
+
+if __name__ == "__main__":
+    main()
