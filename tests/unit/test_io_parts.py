@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 
 import pytest
 
@@ -119,6 +120,31 @@ def test_promote_is_idempotent_after_crash_between_moves_and_marker(tmp_path):
     again = promote_shard(out, 1, 4)
     assert again == marker
     assert not any(f.startswith("_staging/part-") for f in _files(out))
+
+
+def test_concurrent_promotes_of_one_token_agree(tmp_path):
+    """The worker's promote and a finalizer's recovery promote may race; both must succeed, same marker."""
+    for round_ in range(15):
+        out = str(tmp_path / f"out{round_}")
+        staged = stage_shard(out, 0, 3, _parts(1), "jsonl")
+        barrier = threading.Barrier(3)
+        got, failed = [], []
+
+        def promote():
+            barrier.wait()
+            try:
+                got.append(promote_shard(out, 0, 3))
+            except Exception as err:  # noqa: BLE001 - the assertion below names it
+                failed.append(err)
+
+        threads = [threading.Thread(target=promote) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert failed == [] and len(got) == 3 and got[0] == got[1] == got[2]
+        assert all(_sha(part_path(out, k, 0, "jsonl")) == p.sha256 for k, p in staged.items())
+        assert committed_shards(out) == {0: got[0]}
 
 
 def test_promote_refuses_when_a_moved_part_was_lost(tmp_path):

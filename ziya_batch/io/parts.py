@@ -181,6 +181,11 @@ def promote_shard(output_url: str, index: int, token: int,
                           "it; discard this attempt")
     raw = read_bytes(fs, intent_path)
     if raw is None:
+        # a concurrent promote of the same token (the worker's and a finalizer's recovery) may have just
+        # finished and removed the intent: its marker is then the answer
+        now = read_bytes(fs, marker_path)
+        if now is not None and CommitMarker.from_json(now).token == int(token):
+            return CommitMarker.from_json(now)
         raise CommitError(f"shard {index}: nothing staged under token {token} in {output_url} "
                           "(never staged, or discarded)")
     intent = json.loads(raw)
@@ -194,16 +199,21 @@ def promote_shard(output_url: str, index: int, token: int,
     if old is not None:
         # a later accepted attempt replaces an older commit: drop the old marker first, so that no
         # marker ever names a part whose bytes it does not describe
-        fs.rm_file(marker_path)
+        _remove_quietly(fs, [marker_path])
     parts: dict[str, PartInfo] = {}
     for kind, info in intent["parts"].items():
         staged = join_url(root, STAGING, kind, _staged_name(index, token, fmt))
         rel = f"{kind}/{part_name(index, fmt)}"
         final = join_url(root, rel)
+        moved = False
         if exists_fresh(fs, staged):
-            move_atomic(fs, staged, final)
-        else:
-            # moved by an earlier, interrupted call: the final object must be exactly what was staged
+            try:
+                move_atomic(fs, staged, final)
+                moved = True
+            except FileNotFoundError:      # a concurrent promote of this token moved it first
+                pass
+        if not moved:
+            # moved by an earlier (interrupted or concurrent) call: the final object must be what was staged
             data = read_bytes(fs, final)
             if data is None or hashlib.sha256(data).hexdigest() != info["sha256"]:
                 raise CommitError(f"shard {index} token {token}: staged {kind} part is gone and {rel} does "
