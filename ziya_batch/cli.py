@@ -97,19 +97,17 @@ def merge_delta(
     target: str = typer.Option(..., "--target", help="Where to write the merged checkpoint"),
 ):
     """The model card's apply_delta step, tensor by tensor in bounded memory."""
-    from .engine.merge_delta import merge_delta as do_merge
+    from .engine.merge_delta import main as do_merge
 
     do_merge(base, delta, target)
-    typer.echo(f"merged checkpoint written to {target}")
 
 
 @app.command("demo-model")
 def demo_model(path: str = typer.Argument(..., help="Directory to write the tiny model into")):
     """Write a tiny random-weight model with Ziya's architecture and a real sentencepiece tokenizer."""
-    from .engine.demo_model import write_demo_model
+    from .engine.demo_model import main as write_demo
 
-    out = write_demo_model(path)
-    typer.echo(f"demo model written to {out}")
+    write_demo(path)
 
 
 @app.command()
@@ -120,11 +118,13 @@ def serve(
     storage: Optional[str] = typer.Option(None, "--storage", help="Where uploaded files and batch outputs go"),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
     address: Optional[str] = typer.Option(None, "--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)"),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Serve without a bearer token (local experiments only)"),
 ):
     """The HTTP API on Ray Serve (token from $ZIYA_BATCH_API_TOKEN, input prefixes from $ZIYA_BATCH_ALLOWED_PREFIXES)."""
     from .api.serve import serve_main
 
-    serve_main(host=host, port=port, model=model, storage=storage, redis_url=redis_url, ray_address=address)
+    serve_main(host=host, port=port, model=model, storage=storage, redis_url=redis_url, ray_address=address,
+               insecure_no_auth=insecure_no_auth)
 
 
 @app.command()
