@@ -132,6 +132,24 @@ def test_openai_batch_results_and_errors_in_parquet(tmp_path):
     assert pq.read_table(os.path.join(out, "results")).num_rows == 2
 
 
+def test_parquet_takes_the_records_the_worker_builds(tmp_path):
+    """Experience records as the worker writes them (group fields added) fit the schema."""
+    from ziya_batch.filters import add_group_fields
+
+    out = str(tmp_path / "out")
+    r = _line_result(3, n=3)
+    for k, s in enumerate(r.samples):
+        s.reward = float(k)
+    from ziya_batch.records import experience_record
+
+    records = add_group_fields([experience_record(r, s) for s in r.samples])
+    stage_shard(out, 0, 1, {"experience": records}, "parquet")
+    write_manifest(out, "{}", {}, {0: promote_shard(out, 0, 1)})
+    rows = list(read_parts(out, "experience", verify=True))
+    assert [row["advantage"] for row in rows] == pytest.approx([-1.0, 0.0, 1.0], abs=1e-3)
+    assert rows[0]["group_reward_mean"] == 1.0 and rows[0]["group_id"] == "s3"
+
+
 def test_parquet_refuses_a_record_field_the_schema_lacks(tmp_path):
     with pytest.raises(ValueError, match="surprise"):
         stage_shard(str(tmp_path / "out"), 0, 1, {"sft": [{"id": "x", "surprise": 1}]}, "parquet")

@@ -107,9 +107,14 @@ def test_expand_inputs_lists_every_missing_input_in_one_error(tmp_path):
         expand_inputs([str(tmp_path / "a.jsonl"), str(tmp_path / "missing.jsonl"), str(tmp_path / "x*.jsonl"),
                        str(tmp_path)])
     msg = str(exc.value)
-    assert msg.startswith("input not found: ")
-    assert "missing.jsonl" in msg and "x*.jsonl (no match)" in msg and "a directory" in msg
-    assert "a.jsonl," not in msg.replace("missing.jsonl", "")
+    assert msg == (f"input not found: {tmp_path}/missing.jsonl, {tmp_path}/x*.jsonl (no match); "
+                   f"input not usable: {tmp_path} (a directory: name its files, e.g. {tmp_path}/*.jsonl)")
+
+
+def test_expand_inputs_refuses_compressed_files(tmp_path):
+    (tmp_path / "a.jsonl.gz").write_bytes(b"\x1f\x8b")
+    with pytest.raises(InputError, match="a.jsonl.gz \\(compressed"):
+        expand_inputs([str(tmp_path / "*.gz")])
 
 
 def test_expand_inputs_order_dedup_and_absolute_paths(tmp_path, monkeypatch):

@@ -31,37 +31,48 @@ def _has_magic(url: str) -> bool:
     return _glob.has_magic(url.split("://", 1)[-1])
 
 
+_COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".zip", ".lz4", ".snappy")
+
+
 def expand_inputs(urls: list[str]) -> list[str]:
     """Input URLs with globs expanded: each glob's matches sorted, inputs in the order given, a file named
-    twice kept once. Every missing input is named in one InputError. Local paths become absolute."""
+    twice kept once. Every missing or unusable input is named in one InputError. Local paths become
+    absolute (workers run in other directories)."""
     files: list[str] = []
     missing: list[str] = []
+    unusable: list[str] = []
     for url in urls:
         target = normalize_url(url)
         try:
             fs, path = url_to_fs(target)
             if _has_magic(target):
-                matches = [m for m in sorted(fs.glob(path)) if fs.isfile(m)]
+                # detail=True: one listing gives the types, no request per match on object stores
+                found = fs.glob(path, detail=True)
+                matches = sorted(p for p, info in found.items() if info.get("type") != "directory")
                 if not matches:
                     missing.append(f"{url} (no match)")
                 files.extend(full_url(fs, m) for m in matches)
             elif not fs.exists(path):
                 missing.append(url)
             elif fs.isdir(path):
-                missing.append(f"{url} (a directory: name its files, e.g. {url.rstrip('/')}/*.jsonl)")
+                unusable.append(f"{url} (a directory: name its files, e.g. {url.rstrip('/')}/*.jsonl)")
             else:
                 files.append(full_url(fs, path))
-        except InputError:
-            raise
         except PermissionError:
-            missing.append(f"{url} (permission denied)")
+            unusable.append(f"{url} (permission denied)")
         except Exception as err:  # noqa: BLE001 - a storage backend may raise anything; name it
-            missing.append(f"{url} ({type(err).__name__}: {err}; check the URL and its credentials)")
-    if missing:
-        raise InputError("input not found: " + ", ".join(missing))
+            unusable.append(f"{url} ({type(err).__name__}: {err}; check the URL and its credentials)")
+    unusable.extend(f"{f} (compressed: shards are byte ranges of plain JSONL, decompress it first)"
+                    for f in files if f.lower().endswith(_COMPRESSED))
+    if missing or unusable:
+        problems = []
+        if missing:
+            problems.append("input not found: " + ", ".join(missing))
+        if unusable:
+            problems.append("input not usable: " + ", ".join(unusable))
+        raise InputError("; ".join(problems))
     seen: set[str] = set()
-    unique = [f for f in files if not (f in seen or seen.add(f))]
-    return unique
+    return [f for f in files if not (f in seen or seen.add(f))]
 
 
 def _blank(line: bytes) -> bool:

@@ -39,6 +39,9 @@ kind has the same schema (an empty part included) and ``datasets.load_dataset("p
     kl              list<float32>       per-token k1 = logprobs - ref_logprobs
     kl_k3           list<float32>       per-token k3 estimator
     reward          float64             null without experience.reward_model
+    group_reward_mean float64           mean reward of the prompt's n samples (null without rewards)
+    group_reward_std  float64           their sample standard deviation
+    advantage       float64             (reward - mean) / (std + eps), GRPO-style
     finish_reason   string
     response_length int32
     total_length    int32
@@ -117,6 +120,9 @@ def _schemas() -> dict[str, Any]:
             ("kl", f32s),
             ("kl_k3", f32s),
             ("reward", pa.float64()),
+            ("group_reward_mean", pa.float64()),
+            ("group_reward_std", pa.float64()),
+            ("advantage", pa.float64()),
             ("finish_reason", pa.string()),
             ("response_length", pa.int32()),
             ("total_length", pa.int32()),
