@@ -4,6 +4,7 @@ The data is one dict (`load_deployment`) so that checks and tests can work on, a
 {"objects": [every Kubernetes object], "cluster": the ray up file, "dockerfile": [[INSTR, args], ...],
 "pyproject": pyproject.toml}. The walkers below find the pods, containers and commands in it.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,9 +21,14 @@ except ModuleNotFoundError:  # Python 3.10
 
 DEPLOY = Path(__file__).resolve().parent
 GPU = "nvidia.com/gpu"
+# DESIGN.md's commands: the only words allowed after `ziya-batch`.
+SUBCOMMANDS = {"run", "submit", "status", "cancel", "worker", "merge-delta", "demo-model", "serve", "bench"}
+# GPUs of the instance types the manifests and the cluster file may name
+GPUS_PER_INSTANCE = {"p5.48xlarge": 8, "p5e.48xlarge": 8, "p4d.24xlarge": 8, "g6e.12xlarge": 4, "g6e.48xlarge": 8}
 
 
 # ---------------------------------------------------------------------------------------------- loading
+
 
 def parse_dockerfile(text: str) -> list[list[str]]:
     """[[INSTRUCTION, rest-of-line], ...] with continuation lines joined and comments dropped."""
@@ -58,6 +64,7 @@ def load_deployment(deploy_dir: Path = DEPLOY) -> dict:
 
 # ---------------------------------------------------------------------------------------------- helpers
 
+
 def objects_of(d, kind):
     return [o for o in d["objects"] if isinstance(o, dict) and o.get("kind") == kind]
 
@@ -80,8 +87,12 @@ def pod_templates(d):
         yield f"RayCluster/{name}/head", t, labels
         for g in spec.get("workerGroupSpecs", []):
             t = g["template"]
-            labels = {**t.get("metadata", {}).get("labels", {}), "ray.io/cluster": name,
-                      "ray.io/node-type": "worker", "ray.io/group": g.get("groupName")}
+            labels = {
+                **t.get("metadata", {}).get("labels", {}),
+                "ray.io/cluster": name,
+                "ray.io/node-type": "worker",
+                "ray.io/group": g.get("groupName"),
+            }
             yield f"RayCluster/{name}/{g.get('groupName')}", t, labels
     for rj in objects_of(d, "RayJob"):
         t = rj["spec"].get("submitterPodTemplate")
@@ -102,7 +113,9 @@ def ray_containers(d):
         groups = [("head", spec["headGroupSpec"])] + [(g.get("groupName"), g) for g in spec.get("workerGroupSpecs", [])]
         for gname, g in groups:
             t = g["template"]
-            yield f"RayCluster/{rc['metadata']['name']}/{gname}", g.get("rayStartParams", {}), t["spec"]["containers"][0], t
+            yield f"RayCluster/{rc['metadata']['name']}/{gname}", g.get("rayStartParams", {}), t["spec"]["containers"][
+                0
+            ], t
 
 
 def env_of(container) -> dict:
@@ -130,8 +143,20 @@ def size_bytes(quantity: str) -> int:
     m = re.fullmatch(r"(\d+(?:\.\d+)?)([a-zA-Z]*)", str(quantity).strip())
     if not m:
         raise ValueError(f"not a size: {quantity!r}")
-    units = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4, "ki": 1024, "mi": 1024**2,
-             "gi": 1024**3, "ti": 1024**4, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+    units = {
+        "": 1,
+        "k": 1000,
+        "m": 1000**2,
+        "g": 1000**3,
+        "t": 1000**4,
+        "ki": 1024,
+        "mi": 1024**2,
+        "gi": 1024**3,
+        "ti": 1024**4,
+        "kb": 1024,
+        "mb": 1024**2,
+        "gb": 1024**3,
+    }
     return int(float(m.group(1)) * units[m.group(2).lower()])
 
 
@@ -158,7 +183,7 @@ def ziya_invocations(text: str) -> list[list[str]]:
     """Each `ziya-batch SUB ...` in a shell line, as words up to the next shell separator."""
     out = []
     for m in re.finditer(r"(?<![\w./-])ziya-batch\s+(\S+)", text):
-        rest = re.split(r"\s*(?:&&|\|\||;|\||>|&)\s*", text[m.start():])[0]
+        rest = re.split(r"\s*(?:&&|\|\||;|\||>|&)\s*", text[m.start() :])[0]
         try:
             words = shlex.split(rest)
         except ValueError:  # an unbalanced quote further on: plain words are enough to name the command
@@ -171,8 +196,14 @@ def all_command_lines(d) -> list[tuple[str, str]]:
     lines = [(where, command_line(c)) for where, _, c in all_containers(d)]
     lines += [(f"RayJob/{rj['metadata']['name']}", rj["spec"].get("entrypoint", "")) for rj in objects_of(d, "RayJob")]
     cluster = d["cluster"]
-    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands", "head_start_ray_commands",
-                "worker_start_ray_commands", "initialization_commands"):
+    for key in (
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+        "initialization_commands",
+    ):
         lines += [(f"ray up/{key}", c) for c in cluster.get(key, [])]
     for tname, nt in cluster.get("available_node_types", {}).items():
         for key in ("initialization_commands", "worker_setup_commands"):
@@ -184,5 +215,3 @@ def all_command_lines(d) -> list[tuple[str, str]]:
             except ValueError:  # shell form; check_dockerfile reports it
                 lines.append((f"Dockerfile {instr}", rest))
     return lines
-
-
