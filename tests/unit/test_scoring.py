@@ -59,6 +59,7 @@ def test_reference_edge_cases(ref_dir):
         scorer.logprobs([[1] * 1000], [[5] * 100])  # past the 1024 positions
     with pytest.raises(ModelError):
         ReferenceScorer(ref_dir / "missing")
+    assert ReferenceScorer(ref_dir, "cpu", "float16").model.dtype == torch.float32  # the CPU runs float32
 
 
 class _ZiyaReward(torch.nn.Module):

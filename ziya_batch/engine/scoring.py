@@ -16,7 +16,8 @@ RewardScorer: one scalar per (prompt, response), from either of two checkpoint l
   special-token settings.
 The layout is detected from the checkpoint's weight names (a `value_head.weight` means "ziya").
 
-Both batch by a token budget, right-pad with the pad id and pass an attention mask. Texts longer than the
+Both run float32 on the CPU whatever dtype is asked for (as the job spec's model.dtype does), batch by a
+token budget, right-pad with the pad id and pass an attention mask. Texts longer than the
 model's context keep their END (where the score is read), dropping tokens after BOS.
 """
 from __future__ import annotations
@@ -46,9 +47,12 @@ def _device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _dtype(dtype: str) -> torch.dtype:
+def _dtype(dtype: str, device: Optional[torch.device] = None) -> torch.dtype:
+    """The dtype to run in; the CPU always runs float32 (as the job spec's model.dtype says)."""
     if dtype not in _DTYPES:
         raise ModelError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if device is not None and device.type == "cpu":
+        return torch.float32
     return _DTYPES[dtype]
 
 
@@ -86,7 +90,8 @@ class ReferenceScorer:
         self.max_batch_tokens = max_batch_tokens
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
-                str(model_path), dtype=_dtype(dtype), trust_remote_code=trust_remote_code).to(self.device).eval()
+                str(model_path), dtype=_dtype(dtype, self.device), trust_remote_code=trust_remote_code
+            ).to(self.device).eval()
         except (OSError, ValueError) as err:
             raise ModelError(f"reference model {model_path}: cannot load ({err})") from None
         self.pad_id = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else PAD_ID
@@ -152,7 +157,7 @@ class RewardScorer:
         self.device = _device(device)
         self.max_batch_tokens = max_batch_tokens
         self.layout = detect_reward_layout(model_path)
-        torch_dtype = _dtype(dtype)
+        torch_dtype = _dtype(dtype, self.device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(model_path), trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
