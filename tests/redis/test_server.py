@@ -103,3 +103,26 @@ def test_missing_binary_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(ServiceError, match="apt-get install redis-server"):
         PrivateRedis(tmp_path / "zb").start()
+
+
+def test_server_shared_by_two_runs_stays_up_until_the_last_stops(tmp_path):
+    import subprocess
+
+    srv = PrivateRedis(tmp_path / "zb")
+    url = srv.start()
+    other_run = subprocess.Popen(["sleep", "60"])             # another live process using the server
+    try:
+        (tmp_path / "zb" / "users" / str(other_run.pid)).touch()
+        srv.stop()
+        assert redis.Redis.from_url(url).ping()               # still serving the other run
+        other_run.kill()
+        other_run.wait()
+        last = PrivateRedis(tmp_path / "zb")
+        assert last.start() == url and last.reused
+        last.stop()
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    finally:
+        other_run.kill()
+        if srv._proc is not None:
+            srv._proc.wait(10)

@@ -8,10 +8,14 @@ The private server runs with `appendfsync everysec`, not `always`: `always` make
 wait for a disk sync, and the second `everysec` can lose is recoverable — a commit lost with it is found
 again from the commit markers in storage when the job is resubmitted, and a lease lost with it is run
 again under a new fencing token. Its data, log, pid and port files live under one directory; a server
-left running by a crashed run is found through them and reused, so its AOF state carries over.
+left running by a crashed run is found through them and reused, so its AOF state carries over. Two runs
+sharing the directory share the server: starting is serialized by a file lock, and each run registers
+itself under users/, so the last one to stop shuts the server down.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -93,9 +97,38 @@ class PrivateRedis:
         self._proc: Optional[subprocess.Popen] = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self):
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.base_dir / "start.lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _users(self) -> Path:
+        return self.base_dir / "users"
+
+    def _live_users(self) -> list[int]:
+        live = []
+        for entry in self._users().glob("*"):
+            pid = int(entry.name) if entry.name.isdigit() else -1
+            if pid > 0 and pid != os.getpid() and _pid_alive(pid):
+                live.append(pid)
+            elif pid != os.getpid():
+                entry.unlink(missing_ok=True)
+        return live
+
     def start(self) -> str:
         """Start the server, or reuse one a previous run left behind. Returns its redis:// URL."""
-        self.base_dir.mkdir(parents=True, exist_ok=True)
+        with self._locked():
+            url = self._start_locked()
+            self._users().mkdir(exist_ok=True)
+            (self._users() / str(os.getpid())).touch()
+            return url
+
+    def _start_locked(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         found = self._find_running()
         if found:
@@ -159,7 +192,7 @@ class PrivateRedis:
             except redis.RedisError:
                 pass
             time.sleep(0.05)
-        self.stop()
+        self._shutdown(2.0)
         raise ServiceError(f"redis-server did not answer within {self.start_timeout_s:.0f}s; see {self.log_path}")
 
     def _log_tail(self, n: int = 3) -> str:
@@ -169,9 +202,18 @@ class PrivateRedis:
             return "(no log)"
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Shut the server down (SHUTDOWN flushes the AOF) and wait for it to exit."""
+        """Shut the server down (SHUTDOWN flushes the AOF) and wait for it to exit, unless another live
+        process still uses it."""
         if self.url is None:
             return
+        with self._locked():
+            (self._users() / str(os.getpid())).unlink(missing_ok=True)
+            if self._live_users():
+                self.url = None
+                return
+            self._shutdown(timeout_s)
+
+    def _shutdown(self, timeout_s: float) -> None:
         try:
             self._client(self.url).shutdown(nosave=False)
         except redis.ConnectionError:
