@@ -53,3 +53,17 @@ def claim_all(url: str, prefix: str, worker: str, start_at: float, out) -> None:
     while (lease := broker.claim(worker)) is not None:
         got.append((lease.job_id, lease.shard.index, lease.token))
     out.put((worker, got))
+
+
+def hold_lease(url: str, prefix: str, out) -> None:
+    """Child process: claim a shard, report it, run lines in isolate mode and heartbeat until killed."""
+    from ziya_batch.queue import Broker
+
+    broker = Broker.from_url(url, prefix=prefix)
+    lease = broker.claim("doomed")
+    line = lease.shard.first_line
+    broker.line_started(lease, line)
+    out.put((lease.job_id, lease.shard.index, lease.token, line))
+    while True:
+        time.sleep(0.2)
+        broker.heartbeat(lease)

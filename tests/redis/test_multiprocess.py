@@ -43,3 +43,34 @@ def test_processes_racing_claim_each_shard_exactly_once(broker, redis_server):
     results = _race(redis_server.url, 2)
     claims = collections.Counter(c for _, got in results for c in got)
     assert claims == collections.Counter((many, i, 2) for i in range(60))
+
+
+def test_sigkilled_worker_keeps_its_lease_while_alive_and_loses_it_after(broker, redis_server):
+    import os
+    import signal
+
+    from queue_helpers import hold_lease
+
+    spec = make_spec(lease_s=1.0, max_retries=3)
+    job_id = broker.submit(spec, make_shards(spec, 1)).job_id
+    # the shard failed once already, so the doomed worker runs it in isolate mode
+    broker.fail(broker.claim("first"), "earlier failure")
+    time.sleep(0.1)
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=hold_lease, args=(redis_server.url, "zbtest", out))
+    child.start()
+    try:
+        got_job, index, token, line = out.get(timeout=30)
+        assert (got_job, index, token) == (job_id, 0, 2)
+        time.sleep(1.5)                                      # longer than lease_s: heartbeats keep it
+        assert broker.reap() == []
+        os.kill(child.pid, signal.SIGKILL)
+        child.join()
+        time.sleep(1.2)
+        assert broker.reap() == [(job_id, 0, "retry")]
+    finally:
+        if child.is_alive():
+            child.kill()
+    lease = broker.claim("heir")
+    assert lease.token == 3 and lease.bad_lines == {line}    # the line in flight at death is set aside
