@@ -26,10 +26,8 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
-from typing import Optional
 
 from ..errors import ModelError
 
