@@ -13,7 +13,7 @@ from ziya_batch.io import (CommitError, clear_staging, committed_shards, discard
 from ziya_batch.io.storage import join_url, normalize_url
 from ziya_batch.prompts import build_prompt
 from ziya_batch.records import (LineFailure, LineResult, PromptLine, SampleOutput, experience_record,
-                                openai_batch_error, openai_batch_record, result_record, sft_record)
+                                result_record, sft_record)
 from ziya_batch.spec import SamplingSpec
 
 
@@ -86,8 +86,8 @@ def test_stale_token_never_reaches_final_names(tmp_path):
     stage_shard(out, 3, 8, winner, "jsonl")            # the re-leased attempt: token 8
     promote_shard(out, 3, 8)
     discard_staged(out, 3, 7)                          # what the stale worker does when Redis refuses it
-    with pytest.raises(CommitError, match="stale"):
-        promote_shard(out, 3, 7)                       # even a confused caller cannot roll back the winner
+    stage_shard(out, 3, 7, loser, "jsonl")             # ... and a confused one that stages again and promotes
+    assert promote_shard(out, 3, 7).token == 8         # gets the winner's marker; nothing is replaced
     got = [json.loads(x) for x in open(part_path(out, "results", 3, "jsonl"))]
     assert [r["id"] for r in got] == [r["id"] for r in winner["results"]]
     assert committed_shards(out)[3].token == 8
@@ -167,15 +167,29 @@ def test_promote_checks_reported_staged_info(tmp_path):
     assert committed_shards(out) == {}
 
 
-def test_retried_shard_with_newer_token_rewrites_the_same_part_name(tmp_path):
+def test_retried_shard_rewrites_the_same_part_name(tmp_path):
+    """Attempts 1 and 2 failed after staging (nothing promoted); attempt 3 commits under the same name."""
     out = str(tmp_path / "out")
     stage_shard(out, 0, 1, _parts(1), "jsonl")
-    first = promote_shard(out, 0, 1)
-    staged = stage_shard(out, 0, 2, _parts(2), "jsonl")
-    second = promote_shard(out, 0, 2)
-    assert second.token == 2 and second.parts["results"].sha256 != first.parts["results"].sha256
+    stage_shard(out, 0, 2, _parts(3), "jsonl")
+    staged = stage_shard(out, 0, 3, _parts(2), "jsonl")
+    marker = promote_shard(out, 0, 3)
+    assert marker.token == 3 and marker.parts["results"].lines == 4
     assert _sha(part_path(out, "results", 0, "jsonl")) == staged["results"].sha256
     assert [f for f in _files(out) if f.startswith("results/")] == ["results/part-00000.jsonl"]
+
+
+def test_a_committed_shard_keeps_its_first_output(tmp_path):
+    """Redis lost a commit and the shard ran again under a new token: the committed part is not replaced,
+    the duplicate's staged parts are removed, and both callers get the same marker."""
+    out = str(tmp_path / "out")
+    stage_shard(out, 0, 5, _parts(1), "jsonl")
+    first = promote_shard(out, 0, 5)
+    stage_shard(out, 0, 1, _parts(2), "parquet")      # a lower token after a Redis reset, other format
+    again = promote_shard(out, 0, 1)
+    assert again == first
+    assert _files(out) == sorted(["_committed/part-00000.json"] +
+                                 [f"{k}/part-00000.jsonl" for k in ("results", "sft", "experience", "errors")])
 
 
 def test_manifest_lists_exactly_the_committed_parts(tmp_path):

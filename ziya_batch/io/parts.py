@@ -8,11 +8,15 @@ Layout under the output directory (part N belongs to shard N)::
     {kind}/part-00005.jsonl                     the final part; only promote_shard writes it
     _committed/part-00005.json                 the commit marker, written LAST by promote_shard
 
-Fencing. A lease's token is a number from Redis that grows with every grant of a shard. Every attempt
-stages under its own token, so two workers never write the same object; only the worker whose commit
-Redis accepted for its token calls promote_shard, and a worker whose lease was lost calls
-discard_staged. As a second line of defence promote_shard refuses a token older than the one in an
-existing marker, so even a confused caller cannot roll the winner's part back.
+Fencing. A lease's token is a number from Redis, new with every grant of a shard. Every attempt stages
+under its own token, so two workers never write the same object; only the worker whose commit Redis
+accepted for its token calls promote_shard, and a worker whose lease was lost calls discard_staged. As a
+second line of defence, committed output is never replaced: once a shard has a marker, promote_shard with
+any other token discards that token's staged parts and returns the existing marker. So a confused stale
+worker cannot overwrite the winner's part, and a shard run twice because Redis lost a commit keeps its
+first output (exactly-once output without relying on token order surviving a Redis loss). The one
+window left is two tokens promoted at the same moment for one shard with no marker yet, which the Redis
+fencing rules out.
 
 Crash safety. promote_shard is idempotent: called again after a crash between any two steps (parts
 half moved, moved but no marker, marker written but intent not yet removed) it finishes the job and
@@ -162,10 +166,12 @@ def promote_shard(output_url: str, index: int, token: int,
                   stats: Optional[dict[str, Any]] = None) -> CommitMarker:
     """Move the token's staged parts to their final names, then write the commit marker; idempotent.
 
-    Call only after Redis accepted this token's commit. `staged_info` (kind -> (lines, sha256)), when
-    given, is checked against what was staged. `stats` (JSON-able counts: prompts_done, prompts_failed,
-    samples, output_tokens) is kept in the marker so a lost Redis can be rebuilt from storage. Raises CommitError when a newer token already committed
-    the shard or nothing is staged under this token.
+    Call only after Redis accepted this token's commit. Returns the shard's commit marker. If the shard
+    is already committed under another token, nothing is replaced: that marker is returned (compare its
+    `token` with yours) and this token's staged parts are deleted. `staged_info` (kind -> (lines,
+    sha256)), when given, is checked against what was staged. `stats` (JSON-able counts: prompts_done,
+    prompts_failed, samples, output_tokens) is kept in the marker, so a lost Redis can be rebuilt from
+    storage. Raises CommitError when nothing is staged under this token or a moved part went missing.
     """
     fs, root = open_output_fs(output_url)
     marker_path = join_url(root, _marker_rel(index))
@@ -173,12 +179,14 @@ def promote_shard(output_url: str, index: int, token: int,
     fs.invalidate_cache(join_url(root, COMMITTED))
     existing = read_bytes(fs, marker_path)
     old = CommitMarker.from_json(existing) if existing is not None else None
-    if old is not None and old.token == int(token):
-        _remove_quietly(fs, [intent_path])          # a crash after the marker left the intent behind
+    if old is not None:
+        if old.token == int(token):
+            _remove_quietly(fs, [intent_path])      # a crash after the marker left the intent behind
+        else:
+            # committed output is never replaced: this attempt is a duplicate (a stale worker, or a shard
+            # run again because Redis lost its commit); its staged parts go, the committed ones stay
+            discard_staged(output_url, index, token)
         return old
-    if old is not None and old.token > int(token):
-        raise CommitError(f"shard {index}: token {token} is stale, token {old.token} already committed "
-                          "it; discard this attempt")
     raw = read_bytes(fs, intent_path)
     if raw is None:
         # a concurrent promote of the same token (the worker's and a finalizer's recovery) may have just
@@ -196,10 +204,6 @@ def promote_shard(output_url: str, index: int, token: int,
         if any(got.get(k) != v for k, v in want.items()):
             raise CommitError(f"shard {index} token {token}: staged parts differ from the ones reported "
                               f"at commit ({want} vs {got})")
-    if old is not None:
-        # a later accepted attempt replaces an older commit: drop the old marker first, so that no
-        # marker ever names a part whose bytes it does not describe
-        _remove_quietly(fs, [marker_path])
     parts: dict[str, PartInfo] = {}
     for kind, info in intent["parts"].items():
         staged = join_url(root, STAGING, kind, _staged_name(index, token, fmt))
