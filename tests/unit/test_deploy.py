@@ -64,6 +64,17 @@ def test_ray_reads_the_raycluster_as_its_autoscaler_would(deployment):
             assert any(k.startswith("ziya_node_") and v == 1 for k, v in resources.items())
 
 
+def test_ray_prepares_the_cluster_file(deployment):
+    """`ray up` fills in its defaults and validates the result: the file is one Ray would launch."""
+    util = pytest.importorskip("ray.autoscaler._private.util")
+    prepared = util.prepare_config(copy.deepcopy(deployment["cluster"]))
+    util.validate_config(prepared)
+    workers = prepared["available_node_types"]["worker.h100x8"]
+    assert workers["resources"]["GPU"] == 8 and workers["min_workers"] >= 1
+    # nothing is installed at launch (the launcher's default head setup pip-installs boto3): the image has it all
+    assert not any("pip install" in c for c in prepared["head_setup_commands"] + prepared["worker_setup_commands"])
+
+
 def _set(path):
     """A mutation that sets one field, addressed by a list of keys/indexes (a callable picks the object)."""
 
