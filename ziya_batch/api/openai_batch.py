@@ -306,7 +306,7 @@ class Batches:
         for kind, key, suffix in (("results", "output_file_id", "output"), ("errors", "error_file_id", "errors")):
             if not manifest.get("parts", {}).get(kind):
                 continue
-            lines = [json.dumps(r, ensure_ascii=False) for r in io.read_parts(out, kind)]
+            lines = [json.dumps(_client_line(r), ensure_ascii=False) for r in io.read_parts(out, kind)]
             data = ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
             file_id = f"file-{hex_id}-{suffix}"
             if self.store.get_json("files", file_id, "meta.json") is None:
@@ -316,6 +316,14 @@ class Batches:
         if rec["request_counts"].get("total", 0) == 0:
             done, failed = counts.get("results", 0), counts.get("errors", 0)
             rec["request_counts"] = {"total": done + failed, "completed": done, "failed": failed}
+
+
+def _client_line(rec: dict) -> dict:
+    """An output line as the client sees it: error lines lose the server's storage path of the input."""
+    err = rec.get("error")
+    if isinstance(err, dict) and "file" in err:
+        rec = {**rec, "error": {k: v for k, v in err.items() if k != "file"}}
+    return rec
 
 
 def batch_router(settings: ApiSettings, brokers) -> APIRouter:

@@ -41,7 +41,11 @@ def build_application(settings: ApiSettings, redis_url: str, num_replicas: int =
     """The Ray Serve application (bind it with serve.run)."""
     from ray import serve
 
-    ingress = serve.ingress(functools.partial(build_asgi_app, settings, redis_url))
+    def builder():
+        # a plain function: Serve runs builder functions on the replica (a partial would be taken for an app)
+        return build_asgi_app(settings, redis_url)
+
+    ingress = serve.ingress(builder)
 
     @serve.deployment(name="ApiDeployment", num_replicas=num_replicas,
                       ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": _forwarded_env()}})
