@@ -261,7 +261,7 @@ class Batches:
             rec["request_counts"] = {"total": status.prompts_total, "completed": status.prompts_done,
                                      "failed": status.prompts_failed}
         if state in _LIVE_STATUS and rec.get("expires_at") and now > rec["expires_at"]:
-            broker.cancel(rec["_job_id"], abandon_running=True)
+            state = broker.cancel(rec["_job_id"], abandon_running=True).state.value
             rec["_expired"] = True
         if state in _LIVE_STATUS:
             new = "cancelling" if rec.get("_expired") else _LIVE_STATUS[state]
