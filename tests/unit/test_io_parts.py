@@ -5,14 +5,16 @@ import hashlib
 import json
 import os
 import threading
+import uuid
 
 import pytest
 
-from ziya_batch.io import (CommitError, clear_staging, committed_shards, discard_staged, part_path,
-                           promote_shard, read_manifest, read_parts, stage_shard, write_manifest)
+from ziya_batch.io import (CommitError, clear_staging, committed_shards, discard_staged, expand_inputs, index_inputs,
+                           part_path, promote_shard, read_manifest, read_parts, read_shard, stage_shard,
+                           write_manifest)
 from ziya_batch.io.storage import join_url, normalize_url
 from ziya_batch.prompts import build_prompt
-from ziya_batch.records import (LineFailure, LineResult, PromptLine, SampleOutput, experience_record,
+from ziya_batch.records import (LineFailure, LineResult, PromptLine, SampleOutput, ShardRef, experience_record,
                                 result_record, sft_record)
 from ziya_batch.spec import SamplingSpec
 
@@ -261,6 +263,27 @@ def test_jsonl_writes_non_finite_floats_as_null(tmp_path):
     promote_shard(out, 0, 1)
     rec = json.loads(open(part_path(out, "experience", 0, "jsonl")).read())
     assert rec == {"id": "x", "logprobs": [-1.0, None], "reward": None}
+
+
+def test_any_fsspec_url_works_memory_filesystem():
+    """Nothing assumes a local disk or S3: the in-memory filesystem runs the whole cycle."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"memory://zb-{uuid.uuid4().hex[:8]}"
+    fs.pipe_file(f"{root}/in/a.jsonl", b'{"prompt": "x"}\n\n{"prompt": "y"}\n')
+    files = expand_inputs([f"{root}/in/*.jsonl"])
+    assert len(files) == 1 and files[0].startswith("memory://") and files[0].endswith(f"{root[9:]}/in/a.jsonl")
+    (file, start, end, first, num), = index_inputs(files, 10)
+    assert [no for no, _ in read_shard(ShardRef("j", 0, file, start, end, first, num))] == [1, 3]
+    out = f"{root}/out/"
+    stage_shard(out, 0, 1, _parts(1), "parquet")
+    stage_shard(out, 0, 2, {"results": [{"id": "stale"}]}, "jsonl")
+    write_manifest(out, "{}", {}, {0: promote_shard(out, 0, 1)})
+    discard_staged(out, 0, 2)
+    assert [r["id"] for r in read_parts(out, "results", verify=True)] == ["s0", "s0"]
+    assert not fs.exists(f"{root}/out/_staging/results/part-00000.2.jsonl")
+    fs.rm(root, recursive=True)
 
 
 def test_url_helpers():

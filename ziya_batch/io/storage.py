@@ -116,12 +116,27 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            _fsync_dir(parent)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return
     fs.pipe_file(path, data)
     fs.invalidate_cache(path)
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename durable: without it a power cut can forget the new name even after the file's fsync."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass                    # some filesystems refuse fsync on a directory; the rename still happened
+    finally:
+        os.close(fd)
 
 
 def move_atomic(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
@@ -131,6 +146,7 @@ def move_atomic(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
     if isinstance(fs, LocalFileSystem):
         os.makedirs(posixpath.dirname(dst), exist_ok=True)
         os.replace(src, dst)
+        _fsync_dir(posixpath.dirname(dst))
         return
     fs.cp_file(src, dst)
     fs.rm_file(src)
