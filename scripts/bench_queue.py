@@ -100,6 +100,18 @@ def bench_memory(url: str, lines: int, shard_size: int) -> dict:
             "used_memory_delta": used, "bytes_per_shard": job_b / st.shards_total, "submit_s": submit_s}
 
 
+def calibrate(url: str, n: int = 4000) -> dict:
+    """What one bare round trip costs here: PING's wall time and the Redis CPU it uses."""
+    broker = Broker.from_url(url)
+    c = broker.client
+    cpu0, t0 = c.info("cpu"), time.perf_counter()
+    for _ in range(n):
+        c.ping()
+    wall_s, cpu1 = time.perf_counter() - t0, c.info("cpu")
+    cpu_s = sum(cpu1[k] - cpu0[k] for k in ("used_cpu_sys", "used_cpu_user"))
+    return {"ping_wall_us": 1e6 * wall_s / n, "ping_redis_cpu_us": 1e6 * cpu_s / n}
+
+
 def _redis_version() -> str:
     try:
         return subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
@@ -107,8 +119,9 @@ def _redis_version() -> str:
         return "?"
 
 
-def render(cycles: list[dict], memory: list[dict], shards: int) -> str:
+def render(cycles: list[dict], memory: list[dict], shards: int, cal: dict) -> str:
     cpu = platform.processor() or platform.machine()
+    load = os.getloadavg()[0]
     lines = [
         "## Queue",
         "",
@@ -116,7 +129,10 @@ def render(cycles: list[dict], memory: list[dict], shards: int) -> str:
         f"{_redis_version().replace('v=', '')} on localhost with AOF (`appendfsync everysec`), Python "
         f"{platform.python_version()}; each worker is a process with its own connection. "
         f"A cycle is claim + heartbeat + commit of one shard (4 round trips: the ready-list read, then "
-        f"three Lua scripts); {shards} shards per run.",
+        f"three Lua scripts); {shards} shards per run. Load average {load:.1f} at the end. Calibration: "
+        f"a PING round trip takes {cal['ping_wall_us']:.0f} µs and {cal['ping_redis_cpu_us']:.0f} µs of "
+        "Redis CPU here; `Redis CPU ms/cycle` bounds what one Redis can serve (1000 / it cycles/s) "
+        "however many workers there are.",
         "",
         "| workers | cycles | seconds | cycles/s | Redis CPU ms/cycle |",
         "| ---: | ---: | ---: | ---: | ---: |",
@@ -156,9 +172,10 @@ def main(argv=None) -> int:
     ap.add_argument("--write", type=Path, help="put the table under '## Queue' in this Markdown file")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="zb-bench-") as d, PrivateRedis(Path(d) / "redis") as srv:
+        cal = calibrate(srv.url)
         cycles = [bench_cycles(srv.url, w, args.shards, heartbeat=True) for w in args.workers]
         memory = [bench_memory(srv.url, n, args.shard_size) for n in args.memory_lines]
-    section = render(cycles, memory, args.shards)
+    section = render(cycles, memory, args.shards, cal)
     print(section)
     if args.write:
         write_section(args.write, section)
