@@ -97,6 +97,20 @@ def test_s3_expand_index_and_read_byte_ranges(bucket, monkeypatch):
     assert [s[3:] for s in shards if s[0] == files[0]] == [(1, 2), (4, 2)]
 
 
+def test_s3_index_streams_in_blocks(bucket):
+    """Blocks far smaller than the object: lines cross block edges, the index still matches the lines."""
+    lines = [json.dumps({"id": i, "prompt": "长安" * (i % 50)}, ensure_ascii=False).encode() for i in range(400)]
+    data = b"\n".join(ln if i % 9 else ln + b"\r" for i, ln in enumerate(lines)) + b"\n\n"
+    _put(bucket, "big.jsonl", data)
+    file = f"s3://{bucket}/big.jsonl"
+    shards = list(index_inputs([file], 37, block_bytes=1000))
+    got = []
+    for index, (f, start, end, first, num) in enumerate(shards):
+        got.extend(raw for _, raw in read_shard(ShardRef("j", index, f, start, end, first, num)))
+    assert got == lines
+    assert [s[4] for s in shards] == [37] * 10 + [30]
+
+
 def test_s3_stage_promote_discard_and_manifest(bucket):
     out = f"s3://{bucket}/runs/x/"
     fs, root = url_to_fs(out)
