@@ -184,3 +184,14 @@ def test_indexing_memory_does_not_grow_with_file_size(tmp_path):
         tracemalloc.stop()
     assert lines == size // len(line)
     assert peak < 8 * 2**20, f"indexing a {size >> 20} MB file peaked at {peak >> 20} MB"
+
+
+def test_io_imports_no_torch_ray_redis_or_pyarrow():
+    """io sits below runtime and above the plain-data modules; submit and JSONL workers stay light."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ziya_batch.io; "
+            "print(sorted(m for m in ('torch', 'ray', 'redis', 'pyarrow', 's3fs') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
