@@ -213,7 +213,7 @@ def test_metrics_read_the_queue_at_scrape_time(api_env, api_redis_url):
     client = make_client()
     job_id = client.post("/v1/jobs", json=job_spec(data, models), headers=AUTH).json()["id"]
     broker = client.app.state.brokers.get()
-    broker.register_worker("w-gpu", "host-a", {"device": "cuda:0"})
+    broker.register_worker("w-gpu", "host-a", {"device": "NVIDIA H100 80GB HBM3", "gpu_ids": ["0", "1"]})
     broker.register_worker("w-cpu", "host-b", {"device": "cpu"})
     lease = broker.claim("w-gpu")
     assert lease is not None
@@ -229,7 +229,8 @@ def test_metrics_read_the_queue_at_scrape_time(api_env, api_redis_url):
     assert m[("ziya_batch_queue_depth", ())] == 1
     assert m[("ziya_batch_leased_shards", ())] == 1
     assert m[("ziya_batch_workers", ())] == 2
-    assert m[("ziya_batch_worker_gpus", ())] == 1
+    assert m[("ziya_batch_worker_gpus", ())] == 2
+    assert m[("ziya_batch_worker_info", (("device", "NVIDIA H100 80GB HBM3"), ("host", "host-a"), ("worker_id", "w-gpu")))] == 1
     assert ("ziya_batch_job_tokens_per_second", job) in m and ("ziya_batch_job_retries_total", job) in m
     assert ("ziya_batch_job_dead_letter_shards", job) in m
     # a second scrape sees the change: nothing is cached in the API process
@@ -245,3 +246,24 @@ def test_metrics_report_redis_down(tmp_path):
     app = create_app(ApiSettings(token=TOKEN, storage_url=str(tmp_path)), lambda: Broker.from_url("redis://127.0.0.1:1/0"))
     r = TestClient(app).get("/metrics", headers=AUTH)
     assert r.status_code == 200 and _samples(r.text)[("ziya_batch_redis_up", ())] == 0
+
+
+def test_worker_gpus_from_what_workers_register():
+    from ziya_batch.api.metrics import worker_gpus
+
+    assert worker_gpus({"info": {"device": "cpu", "pid": 1}}) == 0
+    assert worker_gpus({"info": {"device": "NVIDIA H100 80GB HBM3"}}) == 1
+    assert worker_gpus({"info": {"device": "NVIDIA H100", "gpu_ids": ["0", "1", "2"]}}) == 3
+    assert worker_gpus({"info": {"gpus": 4}}) == 4
+
+
+def test_serve_main_refuses_to_start_without_token_or_redis(monkeypatch):
+    from ziya_batch.api.serve import serve_main
+
+    monkeypatch.delenv("ZIYA_BATCH_API_TOKEN", raising=False)
+    with pytest.raises(ServiceError, match="--insecure-no-auth"):
+        serve_main(port=1)
+    monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", TOKEN)
+    monkeypatch.delenv("ZIYA_BATCH_REDIS_URL", raising=False)
+    with pytest.raises(ServiceError, match="Redis"):
+        serve_main(port=1)

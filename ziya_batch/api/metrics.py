@@ -31,13 +31,16 @@ def _as_dict(obj: Any) -> dict:
 
 
 def worker_gpus(info: dict) -> int:
-    """GPUs a registered worker drives: an explicit count, a device list, or one for a cuda device."""
+    """GPUs a registered worker drives: an explicit count, the Ray GPU ids it holds, or one when its
+    device is a GPU (the worker registers the device's name, e.g. "NVIDIA H100 80GB HBM3", or "cpu")."""
     inner = info.get("info") if isinstance(info.get("info"), dict) else info
     if isinstance(inner.get("gpus"), int):
         return inner["gpus"]
-    if isinstance(inner.get("devices"), (list, tuple)):
-        return sum(1 for d in inner["devices"] if str(d).startswith("cuda"))
-    return 1 if str(inner.get("device", "")).startswith("cuda") else 0
+    for key in ("gpu_ids", "devices"):
+        if isinstance(inner.get(key), (list, tuple)) and inner[key]:
+            return len(inner[key])
+    device = str(inner.get("device", "")).strip().lower()
+    return 0 if device in ("", "cpu") or device.startswith("cpu") else 1
 
 
 class QueueCollector:
