@@ -19,7 +19,7 @@ import json
 import re
 import time
 import uuid
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import io
 from ..errors import ZiyaBatchError
-from ..io.storage import put_atomic, read_bytes
+from ..io.storage import move_atomic, put_atomic, read_bytes
 from ..spec import JobSpec
 from .app import ApiError
 from .settings import MODEL_ENV, ApiSettings
@@ -134,6 +134,24 @@ class Batches:
     def _save_file(self, file_id: str, data: bytes, filename: str, purpose: str) -> dict:
         self.store.put(data, "files", file_id, "content")
         meta = _file_object(file_id, len(data), filename, purpose, int(time.time()))
+        self.store.put_json(meta, "files", file_id, "meta.json")
+        return meta
+
+    def _save_file_lines(self, file_id: str, records: Iterator[dict], filename: str, purpose: str) -> dict:
+        """A file written line by line (a batch's output can be far larger than memory): streamed aside,
+        moved into place, and only then described by its meta.json, so a reader never sees half of it."""
+        fs, _ = self.store._fs()
+        final = self.store.path("files", file_id, "content")
+        tmp = self.store.path("files", file_id, f".content.{uuid.uuid4().hex[:12]}.tmp")
+        fs.makedirs(self.store.path("files", file_id), exist_ok=True)
+        size_bytes = 0
+        with fs.open(tmp, "wb") as f:
+            for rec in records:
+                line = (json.dumps(_client_line(rec), ensure_ascii=False) + "\n").encode("utf-8")
+                f.write(line)
+                size_bytes += len(line)
+        move_atomic(fs, tmp, final)
+        meta = _file_object(file_id, size_bytes, filename, purpose, int(time.time()))
         self.store.put_json(meta, "files", file_id, "meta.json")
         return meta
 
@@ -306,11 +324,10 @@ class Batches:
         for kind, key, suffix in (("results", "output_file_id", "output"), ("errors", "error_file_id", "errors")):
             if not manifest.get("parts", {}).get(kind):
                 continue
-            lines = [json.dumps(_client_line(r), ensure_ascii=False) for r in io.read_parts(out, kind)]
-            data = ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
             file_id = f"file-{hex_id}-{suffix}"
             if self.store.get_json("files", file_id, "meta.json") is None:
-                self._save_file(file_id, data, f"{rec['id']}_{suffix}.jsonl", "batch_output")
+                self._save_file_lines(file_id, io.read_parts(out, kind), f"{rec['id']}_{suffix}.jsonl",
+                                      "batch_output")
             rec[key] = file_id
         counts = manifest.get("records", {})
         if rec["request_counts"].get("total", 0) == 0:
