@@ -2,6 +2,7 @@
 torch reference, CUDA-graph decode against eager decode, and preemption. Skipped without CUDA."""
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -24,19 +25,6 @@ def greedy(n_new: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n_new, min_new_tokens=n_new, temperature=0.0)
 
 
-def test_float16_greedy_matches_transformers_for_95_percent_of_prompts():
-    hf = tiny_llama(2).to("cuda", torch.float16)
-    try:
-        eng = LLMEngine.from_model(hf, None, EngineConfig(model_path="", dtype="float16", device="cuda",
-                                                          block_size=16, num_kv_blocks=512))
-        ps = prompts(40, seed=1)
-        outs = eng.generate([Request(str(i), p, greedy(32)) for i, p in enumerate(ps)])
-        same = sum(o.completions[0].token_ids == hf_greedy(hf, p, 32)[0] for p, o in zip(ps, outs))
-    finally:
-        hf.to("cpu", torch.float32)
-    assert same >= 0.95 * len(ps), f"{same} of {len(ps)} prompts equal for 32 tokens"
-
-
 @pytest.mark.parametrize("heads,kv_heads", [(40, 40), (32, 8)])
 def test_triton_paged_decode_matches_torch_reference(heads, kv_heads):
     torch.manual_seed(0)
@@ -53,6 +41,23 @@ def test_triton_paged_decode_matches_torch_reference(heads, kv_heads):
     ref = decode_attention_torch(q.float(), kc.float(), vc.float(), bt, lens, bs)
     err = (out.float() - ref).norm() / ref.norm()
     assert not out.isnan().any() and err < 3e-3
+
+
+def test_float16_greedy_matches_transformers_for_95_percent_of_prompts():
+    # a sharper head than the CPU tests' model: float16 rounding should not flip near-tied greedy picks
+    hf = copy.deepcopy(tiny_llama(2))
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(3.0)
+    hf = hf.to("cuda", torch.float16)
+    try:
+        eng = LLMEngine.from_model(hf, None, EngineConfig(model_path="", dtype="float16", device="cuda",
+                                                          block_size=16, num_kv_blocks=512))
+        ps = prompts(40, seed=1)
+        outs = eng.generate([Request(str(i), p, greedy(32)) for i, p in enumerate(ps)])
+        same = sum(o.completions[0].token_ids == hf_greedy(hf, p, 32)[0] for p, o in zip(ps, outs))
+    finally:
+        del hf
+    assert same >= 0.95 * len(ps), f"{same} of {len(ps)} prompts equal for 32 tokens"
 
 
 def test_cuda_graph_decode_equals_eager_decode_in_float32():

@@ -47,7 +47,7 @@ def test_greedy_matches_transformers_over_mixed_prompt_lengths(num_kv_heads):
 
 def test_greedy_matches_transformers_under_preemption():
     # 24 blocks of 4 tokens cannot hold 8 sequences of up to ~75 tokens: sequences are preempted and recomputed
-    eng = make_engine(num_kv_blocks=24)
+    eng = make_engine(num_kv_blocks=24, admission_horizon_tokens=0)
     prompts = random_prompts(8, seed=7, lo=20, hi=55)
     outs = eng.generate([Request(f"r{i}", p, greedy(20)) for i, p in enumerate(prompts)])
     assert eng.scheduler.num_preemptions > 0

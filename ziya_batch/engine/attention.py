@@ -104,7 +104,7 @@ if triton is not None:
     @triton.jit
     def _paged_decode_kernel(Q, K, V, O, BT, CTX, scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_btb,
                              stride_ob, stride_oh, GROUP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-                             D: tl.constexpr):
+                             D: tl.constexpr, NUM_STAGES: tl.constexpr):
         # one program per (sequence, query head); online softmax over BLOCK_N tokens at a time
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -115,32 +115,69 @@ if triton is not None:
         m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
         l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
         acc = tl.zeros([D], tl.float32)
-        for start in range(0, ctx, BLOCK_N):
+        for start in tl.range(0, ctx, BLOCK_N, num_stages=NUM_STAGES):
             t = start + tl.arange(0, BLOCK_N)
             mask = t < ctx
             page = tl.load(BT + b * stride_btb + t // BS, mask=mask, other=0).to(tl.int64)
             slot = page * BS + t % BS                                                     # [BLOCK_N]
             offs = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-            k = tl.load(K + offs, mask=mask[:, None], other=0.0).to(tl.float32)          # [BLOCK_N, D]
-            s = tl.sum(k * q[None, :], axis=1)
+            # issue both loads before any arithmetic, so V's latency hides behind K's
+            k = tl.load(K + offs, mask=mask[:, None], other=0.0)                         # [BLOCK_N, D]
+            v = tl.load(V + offs, mask=mask[:, None], other=0.0)
+            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
             s = tl.where(mask, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=0))
             p = tl.exp(s - m_new)
             alpha = tl.exp(m_i - m_new)
-            v = tl.load(V + offs, mask=mask[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
         out = acc / tl.maximum(l_i, 1e-20)
         tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty))
 
 
+# (BLOCK_N, num_warps, num_stages); tune_decode_kernel picks one per head shape on the real GPU
+DECODE_CONFIGS = [(32, 4, 2)] + [(bn, w, st) for bn in (64, 128) for w in (4, 8) for st in (1, 3)]
+_decode_config: dict[tuple, tuple[int, int, int]] = {}
+
+
 def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, block_tables: torch.Tensor,
-                            context_lens: torch.Tensor, block_size: int, out: torch.Tensor) -> None:
+                            context_lens: torch.Tensor, block_size: int, out: torch.Tensor,
+                            config: tuple[int, int, int] | None = None) -> None:
     """q, out: [B, Hq, D]; rows with context_len 0 (CUDA-graph padding) produce zeros."""
     B, Hq, D = q.shape
     Hkv = k_flat.shape[1]
+    bn, warps, stages = config or _decode_config.get((Hq, Hkv, D, q.dtype), (64, 4, 2))
     _paged_decode_kernel[(B, Hq)](
         q, k_flat, v_flat, out, block_tables, context_lens, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1), block_tables.stride(0),
-        out.stride(0), out.stride(1), GROUP=Hq // Hkv, BS=block_size, BLOCK_N=64, D=D, num_warps=4)
+        out.stride(0), out.stride(1), GROUP=Hq // Hkv, BS=block_size, BLOCK_N=bn, D=D, NUM_STAGES=stages,
+        num_warps=warps)
+
+
+def tune_decode_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, batch: int = 64,
+                       context: int = 512) -> list[tuple[tuple[int, int, int], float]]:
+    """Times every config on a synthetic decode batch over the real cache tensor (read only) and keeps the
+    fastest for this head shape. Returns [(config, seconds)] for the log. Run before graph capture."""
+    from triton.testing import do_bench
+    Hkv, D = k_flat.shape[1], k_flat.shape[2]
+    num_blocks = k_flat.shape[0] // block_size - 1
+    per_seq = -(-context // block_size)
+    if num_blocks < per_seq:
+        return []
+    dev = k_flat.device
+    q = torch.randn(batch, num_heads, D, device=dev, dtype=k_flat.dtype)
+    out = torch.empty_like(q)
+    bt = torch.randint(0, num_blocks, (batch, per_seq), device=dev, dtype=torch.int32)
+    lens = torch.full((batch,), context, device=dev, dtype=torch.int32)
+    results = []
+    for cfg in DECODE_CONFIGS:
+        try:
+            t = do_bench(lambda: decode_attention_triton(q, k_flat, k_flat, bt, lens, block_size, out, cfg),
+                         warmup=5, rep=20, return_mode="median") / 1e3
+        except Exception:  # a config the compiler rejects (resources) is skipped
+            continue
+        results.append((cfg, t))
+    if results:
+        _decode_config[(num_heads, Hkv, D, k_flat.dtype)] = min(results, key=lambda r: r[1])[0]
+    return results

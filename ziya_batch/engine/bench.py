@@ -85,7 +85,7 @@ def _sampling(out_len: int) -> SamplingParams:
 def bench_engine(a: ModelArgs, work, device, bw: float, seed: int) -> tuple[dict, dict]:
     model = LlamaModel.random(a, device, torch.float16, seed)
     cfg = EngineConfig(model_path="", dtype="float16", max_num_seqs=256, max_num_batched_tokens=2048,
-                       max_model_len=1024)
+                       max_model_len=1024, gpu_memory_fraction=0.95)
     t_init = time.perf_counter()
     eng = LLMEngine.from_model(model, None, cfg)
     init_s = time.perf_counter() - t_init
@@ -120,9 +120,55 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int) -> tuple[dict
     prof = dict(decode_steps=n_dec_steps, decode_step_ms=1e3 * dec_s / max(n_dec_steps, 1),
                 floor_step_ms=1e3 * floor_s / max(n_dec_steps, 1), host_ms=1e3 * host_dec / max(n_dec_steps, 1),
                 decode_batch=dec_tok / max(n_dec_steps, 1), floor_tok_s=dec_tok / max(floor_s, 1e-9))
+    prof["tuning"] = eng.runner.decode_tuning
+    prof["breakdown"] = profile_decode_step(eng, a, bw, batch=128, context=512)
     del eng, model
     gc.collect(); torch.cuda.empty_cache()
     return row, prof
+
+
+def _time_s(fn, reps: int = 10) -> float:
+    fn(); torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); fn(); e.record(); e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return sorted(times)[reps // 2]
+
+
+def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, context: int) -> dict:
+    """Where one decode step's time goes: the graph replayed at `batch` sequences of `context` tokens, the same
+    with 1-token contexts (weights only), the attention kernel alone, and sampling; each against bytes / bw."""
+    from ziya_batch.engine.attention import decode_attention_triton
+    from ziya_batch.engine.sampling import SamplingTensors, sample
+    r = eng.runner
+    b = next(x for x in r.graph_sizes if x >= batch)
+    dev = eng.device
+    per_seq = -(-context // r.block_size)
+    r.g_ids[:b].random_(3, a.vocab_size)
+    r.g_pos[:b].fill_(context - 1)
+    r.g_slots[:b].fill_(r.scratch_slot)
+    r.g_bt[:b, :per_seq].copy_(torch.randint(0, eng.num_blocks, (b, per_seq), device=dev, dtype=torch.int32))
+    r.g_ctx[:b].fill_(context)
+    full = _time_s(r.graphs[b].replay)
+    r.g_ctx[:b].fill_(1)
+    weights_only = _time_s(r.graphs[b].replay)
+    k, v = eng.kv_caches[0]
+    kf, vf = k.view(-1, k.shape[2], k.shape[3]), v.view(-1, v.shape[2], v.shape[3])
+    q = torch.randn(b, a.num_heads, a.head_dim, device=dev, dtype=k.dtype)
+    out = torch.empty_like(q)
+    lens = torch.full((b,), context, device=dev, dtype=torch.int32)
+    attn = _time_s(lambda: decode_attention_triton(q, kf, vf, r.g_bt[:b], lens, r.block_size, out)) * a.num_layers
+    logits = torch.randn(b, a.vocab_size, device=dev)
+    st = SamplingTensors(torch.ones(b, device=dev), torch.full((b,), 0.85, device=dev),
+                         torch.zeros(b, dtype=torch.int64, device=dev), torch.arange(b, device=dev), None, None,
+                         None, any_top_k=False, any_top_p=True, all_greedy=False)
+    samp = _time_s(lambda: sample(logits, st))
+    kv_bytes = b * context * kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, torch.float16)
+    return dict(batch=b, context=context, step_ms=1e3 * full, weights_only_ms=1e3 * weights_only,
+                attention_ms=1e3 * attn, sampling_ms=1e3 * samp, weights_floor_ms=1e3 * _weight_bytes(a) / bw,
+                kv_floor_ms=1e3 * kv_bytes / bw)
 
 
 def _hf_model(a: ModelArgs, device):
@@ -144,14 +190,16 @@ def _hf_model(a: ModelArgs, device):
 def bench_hf_generate(model, work, device) -> dict:
     """The model card's method: static left-padded batches through `generate`; on OOM the batch halves."""
     torch.cuda.reset_peak_memory_stats()
-    batch, done, useful, t0, note = 64, 0, 0, time.perf_counter(), []
-    while done < len(work) and time.perf_counter() - t0 < HF_GENERATE_BUDGET_S and batch >= 1:
+    batch, done, useful, wall, note = 64, 0, 0, 0.0, []
+    t_start = time.perf_counter()
+    while done < len(work) and time.perf_counter() - t_start < HF_GENERATE_BUDGET_S and batch >= 1:
         chunk = work[done:done + batch]
         width = max(len(p) for p, _ in chunk)
         ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in chunk], device=device)
         mask = (torch.arange(width, device=device)[None, :] >= torch.tensor(
             [width - len(p) for p, _ in chunk], device=device)[:, None]).long()
         new = max(o for _, o in chunk)
+        t0 = time.perf_counter()
         try:
             with torch.inference_mode():
                 model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=True,
@@ -161,10 +209,12 @@ def bench_hf_generate(model, work, device) -> dict:
             batch //= 2
             gc.collect(); torch.cuda.empty_cache()
             continue
+        torch.cuda.synchronize()
+        wall += time.perf_counter() - t0          # failed (OOM) batches are not counted
         done += len(chunk)
         useful += sum(o for _, o in chunk)      # tokens past a request's own length are padding waste
-    wall = time.perf_counter() - t0
-    note.append(f"batch {batch}, first {done} requests in {wall:.0f} s (capped at {HF_GENERATE_BUDGET_S:.0f} s)")
+    note.append(f"batch {batch}, first {done} requests in {wall:.0f} s (capped at {HF_GENERATE_BUDGET_S:.0f} s); "
+                f"tokens beyond a request's own length not counted")
     return dict(method="hf-generate", requests=done, output_tokens=useful, wall_s=wall,
                 output_tok_s=useful / wall if done else 0.0, prefill_tok_s=None, decode_tok_s=None,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30, note="; ".join(note))
@@ -221,12 +271,13 @@ def run_bench(opts: BenchOptions) -> list[dict]:
         row, prof = bench_engine(a, work, device, bw, opts.seed)
         if "engine" in only:
             rows.append(row)
+            _print_row(row)
         if "roofline" in only:
             rows.append(dict(method="roofline", requests=len(work), output_tokens=row["output_tokens"],
                              wall_s=None, output_tok_s=prof["floor_tok_s"], prefill_tok_s=None, decode_tok_s=None,
                              peak_gib=None, note=f"engine's decode steps at {bw / 1e12:.2f} TB/s copy bandwidth "
                                                  f"(weights + KV bytes per step)"))
-        _print_row(rows[-1])
+            _print_row(rows[-1])
     if only & {"hf-generate", "hf-continuous"}:
         model = _hf_model(a, device)
         for name, fn in (("hf-generate", bench_hf_generate), ("hf-continuous", bench_hf_continuous)):
@@ -281,6 +332,20 @@ def _print_table(rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
         print(f"[bench] decode step: {prof['decode_step_ms']:.2f} ms measured vs {prof['floor_step_ms']:.2f} ms "
               f"byte floor at mean batch {prof['decode_batch']:.1f}; host (schedule + inputs + launch) "
               f"{prof['host_ms']:.2f} ms", flush=True)
+        print("[bench] " + _breakdown_text(prof), flush=True)
+        print("[bench] decode kernel tuning (BLOCK_N, warps, stages) -> us: " + ", ".join(
+            f"{c}: {t * 1e6:.0f}" for c, t in prof.get("tuning", [])), flush=True)
+
+
+def _breakdown_text(prof: dict) -> str:
+    d = prof.get("breakdown")
+    if not d:
+        return ""
+    return (f"Profile of one decode step (CUDA graph, {d['batch']} sequences of {d['context']} tokens): "
+            f"{d['step_ms']:.2f} ms in all; the same step with 1-token contexts (weights, norms, sampling excluded) "
+            f"{d['weights_only_ms']:.2f} ms against a weight-byte floor of {d['weights_floor_ms']:.2f} ms; "
+            f"paged attention over all layers {d['attention_ms']:.2f} ms against a KV-byte floor of "
+            f"{d['kv_floor_ms']:.2f} ms; sampling (top_p) {d['sampling_ms']:.2f} ms.")
 
 
 def render_markdown(rows: list[dict], meta: dict, prof: Optional[dict]) -> str:
@@ -297,7 +362,7 @@ def render_markdown(rows: list[dict], meta: dict, prof: Optional[dict]) -> str:
         lines += ["", f"One decode-only step, mean over {prof['decode_steps']} steps: {prof['decode_step_ms']:.2f} ms "
                       f"measured against a byte floor of {prof['floor_step_ms']:.2f} ms (mean batch "
                       f"{prof['decode_batch']:.1f}); host time per step (schedule, inputs, launch) "
-                      f"{prof['host_ms']:.2f} ms."]
+                      f"{prof['host_ms']:.2f} ms.", "", _breakdown_text(prof)]
     return "\n".join(lines) + "\n"
 
 

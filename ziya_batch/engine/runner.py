@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ziya_batch.engine.attention import AttentionMetadata, PrefillChunk
+from ziya_batch.engine.attention import AttentionMetadata, PrefillChunk, tune_decode_kernel
 from ziya_batch.engine.model import LlamaModel
 from ziya_batch.engine.scheduler import ScheduledChunk, SchedulerOutput, Sequence
 
@@ -26,6 +26,11 @@ class ModelRunner:
         if use_graphs and max_num_seqs not in self.graph_sizes and max_num_seqs < GRAPH_BATCH_SIZES[-1]:
             self.graph_sizes.append(max_num_seqs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.decode_tuning: list = []
+        if use_triton:
+            k = kv_caches[0][0]
+            self.decode_tuning = tune_decode_kernel(k.view(-1, k.shape[2], k.shape[3]), model.layers[0].local_heads,
+                                                    block_size)
         if self.graph_sizes:
             self._capture_graphs()
 

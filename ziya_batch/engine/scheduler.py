@@ -79,8 +79,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 admission_horizon_tokens: int = 256):
         self.pool = BlockPool(num_blocks)
+        # A waiting sequence is admitted only if the blocks left after it still cover every running sequence's
+        # next min(remaining max_new_tokens, horizon) tokens: recompute after preemption costs a whole prefill,
+        # so over-admitting and preempting later is slower than waiting a few steps. 0 = admit on free blocks.
+        self.admission_horizon_tokens = admission_horizon_tokens
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -108,6 +113,13 @@ class Scheduler:
         if seq.num_computed % bs and self.pool.ref_counts[seq.block_ids[seq.num_computed // bs]] > 1:
             need += 1
         return need
+
+    def _growth_blocks(self, seq: Sequence) -> int:
+        """Blocks seq will need beyond its current ones to finish its prompt and its next horizon tokens."""
+        if not self.admission_horizon_tokens:
+            return 0
+        ahead = min(seq.params.max_new_tokens - seq.num_output_tokens, self.admission_horizon_tokens)
+        return max(0, -(-(len(seq.token_ids) + ahead) // self.block_size) - len(seq.block_ids))
 
     def _reserve(self, seq: Sequence, end: int, copies: list[tuple[int, int]]) -> None:
         bs = self.block_size
@@ -160,19 +172,22 @@ class Scheduler:
             chunks.append(self._chunk(seq, n))
             budget -= n
             i += 1
+        reserve = sum(self._growth_blocks(s) for s in self.running) if self.waiting else 0
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
             seats = 1 + seq.pending_forks
             if len(self.running) + len(self._forked) + seats > self.max_num_seqs:
                 break
             n = min(len(seq.token_ids) - seq.num_computed, budget)
-            if self._blocks_needed(seq, seq.num_computed + n) > self.pool.num_free:
+            need = self._blocks_needed(seq, seq.num_computed + n)
+            if need + reserve > self.pool.num_free and (self.running or need > self.pool.num_free):
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             self._reserve(seq, seq.num_computed + n, copies)
             chunks.append(self._chunk(seq, n))
+            reserve += self._growth_blocks(seq) * (1 + len(chunks[-1].children))
             budget -= n
         self.running.extend(self._forked)
         return SchedulerOutput(chunks, copies, preempted)

@@ -57,3 +57,6 @@ class EngineConfig:
     num_kv_blocks: Optional[int] = None  # override the memory-derived size (tests, preemption)
     max_model_len: Optional[int] = None  # default: the checkpoint's max_position_embeddings
     trust_remote_code: bool = False
+    # admit a waiting request only if the KV blocks left still cover each running sequence's next
+    # min(remaining max_new_tokens, this many) tokens; fewer preemptions (recompute) for a few idle blocks
+    admission_horizon_tokens: int = 256
