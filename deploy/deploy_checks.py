@@ -39,6 +39,7 @@ from deploy_checks_k8s import (
     check_k8s_identity,
     check_k8s_schema,
     check_kuberay_fields,
+    check_pod_security,
     check_ports,
     check_redis_persistence,
     check_references,
@@ -327,6 +328,7 @@ CHECKS = [
     check_gpus,
     check_job_spec,
     check_references,
+    check_pod_security,
     check_dockerfile,
     check_cluster_file,
 ]

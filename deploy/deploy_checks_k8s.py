@@ -316,3 +316,16 @@ def check_references(d) -> list[str]:
     if not any("ZIYA_BATCH_API_TOKEN" in env_of(c) for c in heads):
         problems.append("[references] the Ray head (where serve runs) has no ZIYA_BATCH_API_TOKEN")
     return problems
+
+
+def check_pod_security(d) -> list[str]:
+    """Every pod runs as a named non-root uid: the image's user for ours, the image's own for Redis."""
+    problems = []
+    for where, t, _ in pod_templates(d):
+        ctx = t["spec"].get("securityContext", {})
+        if ctx.get("runAsNonRoot") is not True or not ctx.get("runAsUser"):
+            problems.append(f"[pod_security] {where}: want securityContext runAsNonRoot: true and a non-zero runAsUser")
+        for c in t["spec"].get("initContainers", []) + t["spec"]["containers"]:
+            if c.get("securityContext", {}).get("runAsUser") == 0 or c.get("securityContext", {}).get("privileged"):
+                problems.append(f"[pod_security] {where}/{c['name']}: runs as root or privileged")
+    return problems

@@ -341,6 +341,21 @@ BREAKS = [
         _set([_obj("PersistentVolumeClaim", "ziya-batch-models"), "metadata", "name"])("models"),
         "references",
     ),
+    ("worker as root", _set([RC] + H100 + ["template", "spec", "securityContext", "runAsUser"])(0), "pod_security"),
+    (
+        "submitter without a user",
+        lambda d: find_object(d, "RayJob", "ziya-batch-serve")["spec"]["submitterPodTemplate"]["spec"].pop(
+            "securityContext"
+        ),
+        "pod_security",
+    ),
+    (
+        "privileged merge",
+        _set([_obj("Job", "ziya-batch-merge-delta"), "spec", "template", "spec", "containers", 0])(
+            lambda c: {**c, "securityContext": {"privileged": True}}
+        ),
+        "pod_security",
+    ),
     ("root user", _docker("USER", "root"), "dockerfile"),
     ("CMD", _docker("CMD", '["ziya-batch", "start"]'), "dockerfile"),
     ("shell-form CMD", _docker("CMD", "ziya-batch worker"), "dockerfile"),
