@@ -23,7 +23,9 @@ class WorkerActor:
         from .worker import Worker
 
         self._stop = threading.Event()
-        self.worker = Worker(Broker.from_url(redis_url), worker_id=worker_id, device=device)
+        ctx = ray.get_runtime_context()
+        self.worker = Worker(Broker.from_url(redis_url), worker_id=worker_id, device=device,
+                             extra_info={"node_id": ctx.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]})
 
     def serve(self) -> str:
         self.worker.serve_forever(self._stop)

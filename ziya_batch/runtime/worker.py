@@ -58,14 +58,15 @@ class _Heartbeat:
 class Worker:
     def __init__(self, broker, worker_id: Optional[str] = None, device: str = "auto",
                  models: Optional[ModelCache] = None, host: Optional[str] = None,
-                 on_shard_done: Optional[Callable[[str, int], None]] = None):
+                 on_shard_done: Optional[Callable[[str, int], None]] = None, extra_info: Optional[dict] = None):
         self.broker = broker
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.host = host or socket.gethostname()
         self.models = models or ModelCache(device)
         self.on_shard_done = on_shard_done
         self._specs: dict[str, JobSpec] = {}
-        self.broker.register_worker(self.worker_id, self.host, {"device": self.models.device_name(), "pid": os.getpid()})
+        self.broker.register_worker(self.worker_id, self.host, {"device": self.models.device_name(), "pid": os.getpid(),
+                                                                **(extra_info or {})})
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run_once(self) -> bool:
