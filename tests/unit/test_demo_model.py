@@ -80,6 +80,13 @@ def test_every_chinese_character_of_the_corpus_is_one_piece(tok, sp):
         tok.tokenize("帮我写一份去西安的旅游计划") == ["▁", "帮"] + list("我写一份去西安的旅游计划")
 
 
+def test_corpus_keeps_the_tokenizer_the_same_across_sentencepiece_versions(sp):
+    # 0.2.2 and 0.2.3 differ on tabs and on the training split marker (train_sentencepiece's docstring)
+    text = corpus_text()
+    assert "\t" not in text and "\x1f" not in text
+    assert all("\x1f" not in sp.id_to_piece(i) for i in range(sp.vocab_size()))
+
+
 def test_digits_are_split_and_bytes_fall_back(sp):
     assert sp.encode("2024", out_type=str) == ["▁", "2", "0", "2", "4"]
     assert sp.encode("𪚥", out_type=str) == ["▁", "<0xF0>", "<0xAA>", "<0x9A>", "<0xA5>"]

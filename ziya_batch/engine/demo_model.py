@@ -12,8 +12,8 @@ Tokenizer decisions, and why:
 - Vocabulary of exactly DEMO_VOCAB_SIZE (4096) pieces, and config.json's vocab_size is the same number,
   so there are no embedding rows beyond the tokenizer (as in Ziya, whose 39,410 rows match its tokenizer).
 - Every CJK character of the corpus is its own piece and no piece holds two CJK characters (Ziya added
-  ~7k Chinese characters as single tokens, so Chinese text costs about one token per character). Training
-  splits the corpus around CJK characters with sentencepiece's pretokenization_delimiter to get that.
+  ~7k Chinese characters as single tokens, so Chinese text costs about one token per character): pieces
+  with several CJK characters are removed from the trained model (see train_sentencepiece).
 - No whitespace-only pieces ("▁▁▁▁"): transformers' fast LLaMA tokenizer merges them differently from
   sentencepiece, and we want the two to agree token for token.
 - transformers 5 builds LlamaTokenizer with a Metaspace pre-tokenizer that adds the dummy prefix only when
@@ -59,20 +59,29 @@ def corpus_text() -> str:
 
 
 def train_sentencepiece(text: str, vocab_size: int = DEMO_VOCAB_SIZE) -> bytes:
-    """Train a LLaMA-style BPE sentencepiece model on `text`; returns the serialized model proto."""
+    """Train a LLaMA-style BPE sentencepiece model on `text`; returns the serialized model proto.
+
+    Training splits the text around every CJK character (sentencepiece's pretokenization_delimiter), so
+    no piece holds two of them and Chinese encodes one character per token, as in Ziya's vocabulary.
+    Sentencepiece 0.2.2 keeps the delimiter itself as a piece and 0.2.3 does not, so we train one piece
+    more than asked, remove any piece holding the delimiter, and cut the vocabulary to `vocab_size` by
+    dropping the last-learned merges (a BPE piece is built only from earlier pieces, so what is kept is
+    still a complete merge table). Both versions then give the same model for the shipped corpus (which
+    has no tab characters: 0.2.3 learns a piece for a space before a tab, 0.2.2 does not)."""
     import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb
 
     if _DELIMITER in text:
         raise ValueError("the corpus must not contain U+001F (used as the training split marker)")
     cjk_chars = "".join(sorted({c for c in text if is_cjk(c)}))
-    # isolate each CJK character so that no multi-character Chinese piece is learned
     lines = [_CJK_RE.sub(_DELIMITER + r"\1" + _DELIMITER, line) for line in text.split("\n") if line.strip()]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
         model_writer=model,
         model_type="bpe",
-        vocab_size=vocab_size,
+        vocab_size=vocab_size + 1,
+        pretokenization_delimiter=_DELIMITER,
         character_coverage=1.0,
         required_chars=cjk_chars,
         byte_fallback=True,
@@ -81,14 +90,26 @@ def train_sentencepiece(text: str, vocab_size: int = DEMO_VOCAB_SIZE) -> bytes:
         remove_extra_whitespaces=False,
         normalization_rule_name="identity",
         allow_whitespace_only_pieces=False,
-        pretokenization_delimiter=_DELIMITER,
         unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
         unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
         max_sentence_length=1 << 20,
         num_threads=1,
         minloglevel=2,
     )
-    return model.getvalue()
+    proto = sp_pb.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    normal = sp_pb.ModelProto.SentencePiece.NORMAL
+    keep = [p for p in proto.pieces
+            if not (p.type == normal and (_DELIMITER in p.piece or sum(map(is_cjk, p.piece)) > 1))]
+    merged = [i for i, p in enumerate(keep) if p.type == normal and len(p.piece) > 1]
+    excess = len(keep) - vocab_size
+    if excess < 0 or excess > len(merged):
+        raise ModelError(f"the tokenizer corpus gives {len(keep)} pieces, cannot make exactly {vocab_size}")
+    drop = set(sorted(merged, key=lambda i: keep[i].score)[:excess])
+    pieces = [p for i, p in enumerate(keep) if i not in drop]
+    del proto.pieces[:]
+    proto.pieces.extend(pieces)
+    return proto.SerializeToString()
 
 
 def _write_json(path: Path, obj: dict) -> None:
