@@ -11,7 +11,7 @@ import pytest
 
 from ziya_batch.io import (CommitError, clear_staging, committed_shards, discard_staged, expand_inputs, index_inputs,
                            part_path, promote_shard, read_manifest, read_parts, read_shard, stage_shard,
-                           write_manifest)
+                           verify_output, write_manifest)
 from ziya_batch.io.storage import join_url, normalize_url
 from ziya_batch.prompts import build_prompt
 from ziya_batch.records import (LineFailure, LineResult, PromptLine, SampleOutput, ShardRef, experience_record,
@@ -236,6 +236,9 @@ def test_read_parts_verify_detects_a_changed_part(tmp_path):
     out = str(tmp_path / "out")
     stage_shard(out, 0, 1, _parts(1), "jsonl")
     write_manifest(out, "{}", {}, {0: promote_shard(out, 0, 1)})
+    assert verify_output(out) == []
+    os.unlink(part_path(out, "sft", 0, "jsonl"))
+    assert verify_output(out) == ["sft/part-00000.jsonl is listed in manifest.json but missing"]
     with open(part_path(out, "results", 0, "jsonl"), "a") as f:
         f.write('{"id": "extra"}\n')
     with pytest.raises(Exception, match="sha256"):

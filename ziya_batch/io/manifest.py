@@ -98,6 +98,26 @@ def read_parts(output_url: str, kind: str, verify: bool = False) -> Iterator[dic
         yield from records
 
 
+def verify_output(output_url: str) -> list[str]:
+    """Problems with a finished output, one sentence each ([] = every part the manifest lists is present
+    with its sha256 and line count). Reads every part once."""
+    manifest = _require(output_url)
+    fs, root = open_output_fs(output_url)
+    problems = []
+    for kind, entries in manifest["parts"].items():
+        for entry in entries:
+            data = read_bytes(fs, join_url(root, entry["path"]))
+            if data is None:
+                problems.append(f"{entry['path']} is listed in manifest.json but missing")
+            elif hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                problems.append(f"{entry['path']} does not match its sha256 in manifest.json")
+            else:
+                n = len(decode_part(data, "parquet" if entry["path"].endswith(".parquet") else "jsonl"))
+                if n != entry["lines"]:
+                    problems.append(f"{entry['path']} holds {n} records, manifest.json says {entry['lines']}")
+    return problems
+
+
 def _require(output_url: str) -> dict:
     manifest = read_manifest(output_url)
     if manifest is None:
