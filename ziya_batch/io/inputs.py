@@ -17,10 +17,10 @@ from __future__ import annotations
 import glob as _glob
 from typing import Iterator
 
-from ..errors import InputError
-from ..records import ShardRef
 from fsspec.implementations.local import LocalFileSystem
 
+from ..errors import InputError
+from ..records import ShardRef
 from .storage import full_url, normalize_url, url_to_fs
 
 BLOCK_BYTES = 8 * 2**20       # read size while indexing; peak memory is a small multiple of this
@@ -81,7 +81,7 @@ def _blank(line: bytes) -> bool:
 
 def _line_lists(f, block_bytes: int) -> Iterator[list[bytes]]:
     """Lists of the complete lines (without b"\\n") in each block of a binary stream; a last line without
-    newline comes as a final one-item list, flagged by _NO_NEWLINE. Holds one block plus one partial line.
+    a newline comes alone in a final list [_NO_NEWLINE, line]. Holds one block plus one partial line.
     Lines come in lists, not one by one, because a Python call per line would dominate the indexing."""
     pending: list[bytes] = []     # pieces of a line longer than a block (avoids quadratic concatenation)
     while True:
