@@ -170,3 +170,19 @@ def test_s3_endpoint_from_aws_endpoint_url(moto_endpoint, monkeypatch):
     files = expand_inputs([f"s3://{name}/p.jsonl"])
     assert [s[3:] for s in index_inputs(files, 8)] == [(1, 1)]
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_s3_endpoint_from_fsspec_config_env(bucket, moto_endpoint):
+    """The third documented way: fsspec's FSSPEC_S3_ENDPOINT_URL (read when fsspec is imported)."""
+    import os
+    import subprocess
+    import sys
+
+    _put(bucket, "q.jsonl", b'{"prompt": "x"}\n{"prompt": "y"}\n')
+    env = {k: v for k, v in os.environ.items() if k != "ZIYA_BATCH_STORAGE_OPTIONS"}
+    env["FSSPEC_S3_ENDPOINT_URL"] = moto_endpoint
+    code = ("from ziya_batch.io import expand_inputs, index_inputs; "
+            f"print(list(index_inputs(expand_inputs(['s3://{bucket}/q*.jsonl']), 10)))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == f"[('s3://{bucket}/q.jsonl', 0, 32, 1, 2)]"
