@@ -173,7 +173,7 @@ def _fmt(x: float) -> str:
         return f"{x / 1e6:.1f}M"
     if abs(x) >= 1e4:
         return f"{x / 1e3:.0f}k"
-    if abs(x) >= 100 or x == int(x):
+    if abs(x) >= 10 or x == int(x):
         return f"{x:.0f}"
     return f"{x:.2f}"
 
@@ -262,7 +262,7 @@ def throughput_svg(commits: list[tuple[float, int, int]], started_at: Optional[f
     elif started_at is None:
         t0 = commits[0][0] - 1.0
     span = max(1e-6, commits[-1][0] - t0)
-    nb = min(30, max(1, len(commits)))
+    nb = min(30, max(1, len(commits) // 2))     # about two commits a bin: commits are discrete events
     width = span / nb
     per_bin = [0.0] * nb
     for t, tokens, _ in commits:

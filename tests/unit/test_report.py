@@ -182,7 +182,7 @@ def png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
 def screenshot(html_path: Path, png_path: Path, tmp_path: Path, size: str = "1280,1500") -> None:
     binary = _chromium()
     subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
                     f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--window-size={size}",
                     f"--screenshot={png_path}", html_path.resolve().as_uri()],
                    check=True, capture_output=True, timeout=120)
