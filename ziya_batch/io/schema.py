@@ -2,7 +2,8 @@
 
 JSONL parts hold the records exactly as records.py builds them, one JSON object per line, UTF-8
 (``ensure_ascii=False``). A non-finite float (NaN, ±inf) is written as ``null``, because strict JSON
-readers (pyarrow, ``datasets``) reject ``NaN``/``Infinity``.
+readers (pyarrow, ``datasets``) reject ``NaN``/``Infinity``; Parquet parts do the same, so both formats
+hold the same values.
 
 Parquet parts (``output.format: parquet``) use these schemas, fixed up front so that every part of a
 kind has the same schema (an empty part included) and ``datasets.load_dataset("parquet", ...)`` or
