@@ -29,11 +29,12 @@ def run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)"),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker actors to start (default: one per local GPU, or one on the CPU)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
+    cpu: bool = typer.Option(False, "--cpu", help="Run replicas on CPUs even where GPUs exist"),
 ):
     """Start what is missing, submit the job (or resume it), run workers until it is done."""
     from .runtime.local import run_job
 
-    code = run_job(job, redis_url=redis_url, ray_address=address, num_workers=workers, progress=not quiet)
+    code = run_job(job, redis_url=redis_url, ray_address=address, num_workers=workers, progress=not quiet, cpu=cpu)
     raise typer.Exit(code)
 
 

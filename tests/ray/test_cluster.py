@@ -28,18 +28,20 @@ def _free_port():
 
 
 @pytest.fixture
-def two_nodes(tmp_path):
+def two_nodes(tmp_path, monkeypatch):
     port = _free_port()
+    # a throwaway cluster on loopback: no token, and a dead node is noticed within seconds
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     env = {**os.environ, "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
            "RAY_health_check_initial_delay_ms": "1000"}
     env.pop("RAY_ADDRESS", None)
-    head = subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=1",
+    head = subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=1",
                            "--include-dashboard=false", "--disable-usage-stats"],
                           env=env, capture_output=True, text=True)
     assert head.returncode == 0, head.stderr
     address = f"127.0.0.1:{port}"
     # the second node in a session of its own, so killing its process group is a node dying
-    second = subprocess.Popen([RAY, "start", f"--address={address}", "--num-cpus=1", "--num-gpus=1", "--block"],
+    second = subprocess.Popen([RAY, "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=1", "--block"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         import ray

@@ -36,7 +36,8 @@ def _start_ray(address: Optional[str]):
 
 
 def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optional[str] = None,
-            num_workers: Optional[int] = None, progress: bool = True, poll_s: float = 1.0) -> int:
+            num_workers: Optional[int] = None, progress: bool = True, poll_s: float = 1.0,
+            cpu: bool = False) -> int:
     import ray
 
     from ..queue import Broker, JobState
@@ -66,8 +67,11 @@ def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optiona
     try:
         if not status.state.is_finished():
             started_ray = _start_ray(ray_address)
-            cpu_threads = None if ray_address or os.environ.get("RAY_ADDRESS") else max(1, (os.cpu_count() or 2) - 1)
-            manager = ReplicaManager(url, tensor_parallel=spec.model.tensor_parallel,
+            external = bool(ray_address or os.environ.get("RAY_ADDRESS"))
+            cpu_threads = None if external else max(1, (os.cpu_count() or 2) - 1)
+            # on a cluster, replicas wait for GPU nodes to join rather than load the model on a CPU node
+            use_gpus = False if cpu else (True if external else None)
+            manager = ReplicaManager(url, tensor_parallel=spec.model.tensor_parallel, use_gpus=use_gpus,
                                      replicas=num_workers or (None if spec.model.replicas == "auto" else spec.model.replicas),
                                      cpu_threads=cpu_threads, worker_prefix=f"run-{job_id[:6]}")
             status = _watch(broker, job_id, manager, progress, poll_s)
