@@ -27,6 +27,8 @@ demo: venv redis-server
 	$(ZB) demo-model .cache/demo-model
 	rm -rf .cache/demo-output
 	$(ZB) run jobs/demo.yaml
+	@echo; echo "first result line of .cache/demo-output/results/part-00000.jsonl:"
+	@head -n 1 .cache/demo-output/results/part-00000.jsonl
 
 test: venv redis-server
 	$(PY) -m pytest -q tests

@@ -50,6 +50,7 @@ def finalize_if_ready(broker, job_id: str) -> bool:
             return False
         io.write_manifest(out, spec.to_json(), {**_summary(status, markers), "state": "completed"}, markers)
         broker.mark_completed(job_id)
+        io.clear_staging(out)       # leftovers of lost attempts; the manifest no longer needs them
         log.info("job %s completed: manifest written to %s", job_id, out)
         return True
     except Exception as err:
