@@ -30,7 +30,8 @@ def _start_ray(address: Optional[str]):
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         return True
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+    # address="local": a fresh local Ray, never another cluster that happens to run on this machine
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
              num_cpus=max(2, os.cpu_count() or 2))
     return True
 
