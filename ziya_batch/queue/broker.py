@@ -88,8 +88,9 @@ class Broker:
         if state in (JobState.FAILED.value, JobState.CANCELLED.value):
             self._reopen(job_id)
         if sealed == "1":
-            if committed:
-                self._add_shards(job_id, [x for i, st in committed.items() for x in (i, "", _json(st.to_dict()))])
+            items = list(committed.items())
+            for at in range(0, len(items), SUBMIT_BATCH):
+                self._add_shards(job_id, [x for i, st in items[at:at + SUBMIT_BATCH] for x in (i, "", _json(st.to_dict()))])
             return self.status(job_id)
         files = {f: i for i, f in enumerate(self.client.lrange(k.files(job_id), 0, -1))}
         batch: list = []
