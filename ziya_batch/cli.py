@@ -74,8 +74,14 @@ def cancel(
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
 ):
     """Stop handing out the job's shards; committed parts stay."""
+    from .errors import JobNotFound
+    from .runtime.finalize import finalize_if_ready
+
     broker = _broker(redis_url)
+    if broker.find_job(job_id) is None:
+        raise JobNotFound(f"no job {job_id} in this Redis (list jobs with `ziya-batch status`)")
     st = broker.cancel(job_id, abandon_running=abandon)
+    finalize_if_ready(broker, job_id)      # a job with nothing running is cancelled now: write its manifest
     how = "running shards are abandoned" if abandon else "running shards finish and are kept"
     typer.echo(f"{job_id}: {st.state.value} ({how})")
 
