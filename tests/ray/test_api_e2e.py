@@ -27,7 +27,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory, demo_model, ray_local):
+def ray_private():
+    """A Ray of this module's own: address="local" never joins a cluster another process started."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, demo_model, ray_private):
     """(base URL, data dir, model dir, redis URL) of a Serve app on a private Redis."""
     from ray import serve
 
