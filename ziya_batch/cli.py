@@ -49,7 +49,7 @@ def submit(
 
     spec = load_spec(job)
     broker = _broker(redis_url)
-    st = submit_job(spec, broker)
+    st = submit_job(spec, broker, check_model_dir=True)
     typer.echo(st.job_id)
 
 

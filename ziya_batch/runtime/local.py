@@ -59,7 +59,7 @@ def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optiona
         if private is not None:
             raise ServiceError(f"the private redis-server is unsafely configured: {w}")
         console.print(f"[yellow]warning:[/yellow] {w}")
-    status = submit_job(spec, broker)
+    status = submit_job(spec, broker, check_model_dir=True)
     job_id = status.job_id
     console.print(f"job [bold]{job_id}[/bold] ({spec.name}): {status.prompts_total} prompts in "
                   f"{status.shards_total} shards -> {spec.output.path}")

@@ -26,9 +26,22 @@ def check_output_owner(spec: JobSpec) -> None:
             "choose a new output.path or delete the old output")
 
 
-def submit_job(spec: JobSpec, broker):
+def check_model(spec: JobSpec) -> None:
+    """A local model directory the spec names must exist now, not fail on every worker later."""
+    import os
+
+    for field in ("path", "base", "delta"):
+        path = getattr(spec.model, field)
+        if path and "://" not in path and not os.path.isdir(path):
+            raise SpecError(f"model.{field}: {path} is not a directory (a merged Hugging Face checkpoint; "
+                            "`ziya-batch demo-model DIR` writes a tiny one to try things with)")
+
+
+def submit_job(spec: JobSpec, broker, check_model_dir: bool = False):
     """Queue `spec` (or find it again) and return its JobStatus. Idempotent: the same spec and output path
-    is the same job; if Redis lost it, the shards committed in storage are recorded as done."""
+    is the same job; if Redis lost it, the shards committed in storage are recorded as done.
+    `check_model_dir`: the model must be a local directory here (the CLI, where workers share the host's
+    paths; the HTTP API's host may not hold the weights its workers load)."""
     from ..queue import JobState
 
     job_id = spec.identity()
@@ -36,6 +49,8 @@ def submit_job(spec: JobSpec, broker):
     if existing is not None and existing.state not in (JobState.FAILED, JobState.CANCELLED):
         return existing
     files = io.expand_inputs(spec.input)
+    if check_model_dir:
+        check_model(spec)
     check_output_owner(spec)
     committed = {i: _stats_from_marker(m) for i, m in io.committed_shards(spec.output.path).items()}
     return broker.submit(spec, _shard_refs(job_id, files, spec.shard_size), committed=committed)

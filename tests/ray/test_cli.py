@@ -1,0 +1,72 @@
+"""The ziya-batch command as a user runs it: submit, status --json, cancel, and one-line errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from ziya_batch import io
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "ziya_batch.cli", *args], capture_output=True, text=True,
+                           env=env, timeout=120)
+
+
+def _job(tmp_path, inputs, model="m"):
+    p = tmp_path / "job.yaml"
+    p.write_text(yaml.safe_dump({"name": "cli", "model": {"path": str(model)}, "input": inputs,
+                                 "output": {"path": str(tmp_path / "out")}, "shard_size": 5}))
+    return p
+
+
+def test_submit_status_cancel(tmp_path, redis_url, demo_model):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"a{i}", "prompt": "hi"}) + "\n" for i in range(23)))
+    job = _job(tmp_path, [str(inp)], demo_model)
+    r = cli("submit", str(job), "--redis-url", redis_url)
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip()
+    assert cli("submit", str(job), "--redis-url", redis_url).stdout.strip() == job_id   # same spec, same job
+    st = json.loads(cli("status", job_id, "--json", "--redis-url", redis_url).stdout)
+    assert st["job_id"] == job_id and st["state"] == "queued" and st["prompts_total"] == 23
+    assert st["shards_total"] == 5 and st["shards"]["pending"] == 5
+    listed = json.loads(cli("status", "--json", "--redis-url", redis_url).stdout)
+    assert [j["job_id"] for j in listed] == [job_id]
+    table = cli("status", "--redis-url", redis_url)
+    assert table.returncode == 0 and job_id in table.stdout
+    r = cli("cancel", job_id, "--redis-url", redis_url)
+    assert r.returncode == 0 and "cancelled" in r.stdout, r.stdout + r.stderr
+    manifest = io.read_manifest(str(tmp_path / "out"))
+    assert manifest is not None and manifest["summary"]["state"] == "cancelled" and manifest["parts"] == {}
+
+
+def test_unknown_job_and_missing_inputs_are_one_line_errors(tmp_path, redis_url):
+    r = cli("status", "nosuchjob", "--redis-url", redis_url)
+    assert r.returncode == 4 and r.stderr.count("\n") == 1 and "no job nosuchjob" in r.stderr
+    r = cli("cancel", "nosuchjob", "--redis-url", redis_url)
+    assert r.returncode == 4 and "Traceback" not in r.stderr
+    job = _job(tmp_path, [str(tmp_path / "a.jsonl"), str(tmp_path / "b*.jsonl")])
+    r = cli("submit", str(job), "--redis-url", redis_url)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "a.jsonl" in r.stderr and "b*.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_no_redis_configured_says_how(tmp_path):
+    job = _job(tmp_path, ["x.jsonl"])
+    env = {k: v for k, v in os.environ.items() if k != "ZIYA_BATCH_REDIS_URL"}
+    r = subprocess.run([sys.executable, "-m", "ziya_batch.cli", "submit", str(job)], capture_output=True,
+                       text=True, env={**env, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert r.returncode == 3 and "ZIYA_BATCH_REDIS_URL" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_missing_model_directory_is_refused_at_submit(tmp_path, redis_url):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "hi"}\n')
+    r = cli("submit", str(_job(tmp_path, [str(inp)], tmp_path / "nomodel")), "--redis-url", redis_url)
+    assert r.returncode == 2 and "model.path" in r.stderr and "demo-model" in r.stderr
