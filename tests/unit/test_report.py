@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest_api import api_redis_url  # noqa: F401 - fixture
 
 from ziya_batch import io
 from ziya_batch.report import compute_stats, histogram_svg, render_html, report_main, write_report
@@ -203,3 +204,25 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert len(colours) > 20, colours.most_common(5)
     assert colours[bytes.fromhex("3b6ea8")] > 50
     assert colours.most_common(1)[0][1] < 0.9 * sum(colours.values())
+
+
+def test_report_main_by_job_id_adds_the_redis_status(tmp_path, monkeypatch, api_redis_url):
+    from ziya_batch.queue import Broker
+    from ziya_batch.runtime.submit import submit_job
+    from ziya_batch.spec import parse_spec
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(f'{{"id": "p{i}", "prompt": "q{i}"}}\n' for i in range(100)))
+    out = make_output(tmp_path / "out", shards=4, per_shard=25, manifest=False)
+    spec = parse_spec({"name": "by-id", "model": {"path": "/m"}, "input": [str(inp)],
+                       "output": {"path": str(out)}, "shard_size": 25})
+    monkeypatch.setenv("ZIYA_BATCH_REDIS_URL", api_redis_url)
+    status = submit_job(spec, Broker.from_url(api_redis_url))
+    assert status.shards_total == 4
+    page = report_main(status.job_id, tmp_path / "r.html").read_text()
+    assert "by-id" in page and status.job_id in page and "commit markers" in page
+    assert "prompts total</th><td>100" in page
+    from ziya_batch.errors import JobNotFound
+
+    with pytest.raises(JobNotFound, match="no job nosuchjob"):
+        report_main("nosuchjob", tmp_path / "x.html")
