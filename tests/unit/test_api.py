@@ -1,7 +1,6 @@
 """The jobs API on FastAPI's TestClient with a real private Redis: auth, allow-list, error bodies, metrics."""
 from __future__ import annotations
 
-import os
 import re
 
 import pytest

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 from conftest_api import AUTH, api_env, api_redis_url  # noqa: F401 - fixtures
 
 LINES = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
