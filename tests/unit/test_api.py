@@ -263,8 +263,21 @@ def test_serve_main_refuses_to_start_without_token_or_redis(monkeypatch):
 
     monkeypatch.delenv("ZIYA_BATCH_API_TOKEN", raising=False)
     with pytest.raises(ServiceError, match="--insecure-no-auth"):
-        serve_main(port=1)
+        serve_main(port=0)
     monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", TOKEN)
     monkeypatch.delenv("ZIYA_BATCH_REDIS_URL", raising=False)
     with pytest.raises(ServiceError, match="Redis"):
-        serve_main(port=1)
+        serve_main(port=0)
+
+
+def test_serve_main_names_a_busy_port(monkeypatch):
+    import socket
+
+    from ziya_batch.api.serve import serve_main
+
+    monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", TOKEN)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ServiceError, match="--port"):
+            serve_main(host="127.0.0.1", port=busy.getsockname()[1])

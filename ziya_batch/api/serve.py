@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 import sys
 import time
 from typing import Optional
@@ -64,6 +65,16 @@ def start_serve(settings: ApiSettings, redis_url: str, host: str, port: int, num
     return serve.run(build_application(settings, redis_url, num_replicas), name=APP_NAME, route_prefix="/")
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Fail with one line before starting Ray when the port is taken (Serve would fail much later)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise ServiceError(f"cannot listen on {host}:{port} ({err.strerror}); pick another with --port, "
+                               "or stop what holds it") from None
+
+
 def serve_main(host: str = "127.0.0.1", port: int = 8000, model: Optional[str] = None,
                storage: Optional[str] = None, redis_url: Optional[str] = None, ray_address: Optional[str] = None,
                insecure_no_auth: bool = False, num_replicas: int = 1) -> None:
@@ -75,6 +86,7 @@ def serve_main(host: str = "127.0.0.1", port: int = 8000, model: Optional[str] =
 
     settings = ApiSettings.from_env(model=model, storage=storage, insecure_no_auth=insecure_no_auth)
     url = redis_url or os.environ.get(REDIS_ENV)
+    _check_port_free(host, port)
     connect_broker(url)             # fails here, with one line, when Redis is missing; prints unsafe settings
     if settings.insecure_no_auth:
         print("ziya-batch: warning: serving WITHOUT authentication (--insecure-no-auth)", file=sys.stderr)
