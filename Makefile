@@ -7,7 +7,7 @@ ZB := $(VENV)/bin/ziya-batch
 TORCH_CPU ?= torch==2.13.0
 export ZIYA_BATCH_HOME ?= $(CURDIR)/.cache/ziya-batch
 
-.PHONY: venv demo test test-unit test-redis test-ray redis-server clean
+.PHONY: venv demo test test-unit redis-server chromium clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,12 @@ redis-server:
 	@command -v redis-server >/dev/null || { echo "installing redis-server from Debian's packages"; \
 	  (apt-get install -y -qq redis-server >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq redis-server >/dev/null)); }
 
+# headless Chromium renders the HTML report in its test; best effort (the test says so when it is missing)
+chromium:
+	@command -v chromium >/dev/null || { echo "installing chromium from Debian's packages (report rendering test)"; \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null 2>&1)) || \
+	  echo "chromium could not be installed: the report rendering test will be skipped"; }
+
 demo: venv redis-server
 	$(ZB) demo-model .cache/demo-model
 	rm -rf .cache/demo-output
@@ -30,7 +36,7 @@ demo: venv redis-server
 	@echo; echo "first result line of .cache/demo-output/results/part-00000.jsonl:"
 	@head -n 1 .cache/demo-output/results/part-00000.jsonl
 
-test: venv redis-server
+test: venv redis-server chromium
 	$(PY) -m pytest -q tests
 
 test-unit: venv
