@@ -28,7 +28,7 @@ def greedy(n_new: int) -> SamplingParams:
 @pytest.mark.parametrize("heads,kv_heads", [(40, 40), (32, 8)])
 def test_triton_paged_decode_matches_torch_reference(heads, kv_heads):
     torch.manual_seed(0)
-    B, D, bs, nblocks = 37, 128, 16, 400
+    B, D, bs, nblocks = 37, 128, 16, 1700
     kc = torch.randn(nblocks * bs, kv_heads, D, device="cuda", dtype=torch.float16)
     vc = torch.randn_like(kc)
     lens = torch.randint(1, 700, (B,), device="cuda", dtype=torch.int32)
@@ -43,21 +43,35 @@ def test_triton_paged_decode_matches_torch_reference(heads, kv_heads):
     assert not out.isnan().any() and err < 3e-3
 
 
-def test_float16_greedy_matches_transformers_for_95_percent_of_prompts():
-    # a sharper head than the CPU tests' model: float16 rounding should not flip near-tied greedy picks
-    hf = copy.deepcopy(tiny_llama(2))
+def test_float16_greedy_matches_transformers_except_at_near_ties():
+    """float16 parity: the first 32 greedy tokens equal transformers' float16 generate for most prompts, and
+    wherever they differ, the two tokens were a near-tie in float32 (rounding, not a wrong computation)."""
+    # a sharper head than the CPU tests' model: fewer near-tied greedy picks
+    base = copy.deepcopy(tiny_llama(2))
     with torch.no_grad():
-        hf.lm_head.weight.mul_(3.0)
-    hf = hf.to("cuda", torch.float16)
-    try:
-        eng = LLMEngine.from_model(hf, None, EngineConfig(model_path="", dtype="float16", device="cuda",
-                                                          block_size=16, num_kv_blocks=512))
-        ps = prompts(40, seed=1)
-        outs = eng.generate([Request(str(i), p, greedy(32)) for i, p in enumerate(ps)])
-        same = sum(o.completions[0].token_ids == hf_greedy(hf, p, 32)[0] for p, o in zip(ps, outs))
-    finally:
-        del hf
-    assert same >= 0.95 * len(ps), f"{same} of {len(ps)} prompts equal for 32 tokens"
+        base.lm_head.weight.mul_(3.0)
+    hf = copy.deepcopy(base).to("cuda", torch.float16)
+    ref32 = base.to("cuda")
+    eng = LLMEngine.from_model(hf, None, EngineConfig(model_path="", dtype="float16", device="cuda",
+                                                      block_size=16, num_kv_blocks=512))
+    ps = prompts(40, seed=1)
+    outs = eng.generate([Request(str(i), p, greedy(32)) for i, p in enumerate(ps)])
+    same, near_tie, far = 0, 0, []
+    for p, o in zip(ps, outs):
+        mine, theirs = o.completions[0].token_ids, hf_greedy(hf, p, 32)[0]
+        if mine == theirs:
+            same += 1
+            continue
+        i = next(j for j, (x, y) in enumerate(zip(mine, theirs)) if x != y)
+        with torch.no_grad():
+            logits = ref32(torch.tensor([p + theirs[:i]], device="cuda")).logits[0, -1].float()
+        gap = (logits[theirs[i]] - logits[mine[i]]).abs().item()
+        if gap < 0.02 * logits.std().item():
+            near_tie += 1
+        else:
+            far.append((i, gap, logits.std().item()))
+    assert not far, f"divergences that are not near-ties: {far}"
+    assert same >= 0.85 * len(ps), f"{same} of {len(ps)} prompts equal for 32 tokens ({near_tie} near-ties)"
 
 
 def test_cuda_graph_decode_equals_eager_decode_in_float32():

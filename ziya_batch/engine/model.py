@@ -111,6 +111,28 @@ class Layer(nn.Module):
             self.all_reduce(m)
         return h + m
 
+    def forward_fused(self, h: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, cos_t: torch.Tensor,
+                      sin_t: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                      next_norm: torch.Tensor) -> torch.Tensor:
+        """The same layer through fused Triton kernels (GPU): h: [T, H] residual, updated in place; x: this
+        layer's normalised input. Returns the next layer's normalised input (next_norm applied)."""
+        from ziya_batch.engine import fused
+        a, T = self.a, h.shape[0]
+        nq, nkv = self.local_heads * a.head_dim, self.local_kv_heads * a.head_dim
+        qkv = F.linear(x, self.qkv_proj)                                  # [T, (hq + 2 hkv) * D]
+        fused.rope_(qkv, positions, cos_t, sin_t, self.local_heads + self.local_kv_heads, a.head_dim)
+        q = qkv[:, :nq].view(T, self.local_heads, a.head_dim)
+        k = qkv[:, nq:nq + nkv].view(T, self.local_kv_heads, a.head_dim)
+        v = qkv[:, nq + nkv:].view(T, self.local_kv_heads, a.head_dim)
+        o = F.linear(paged_attention(q, k, v, k_cache, v_cache, meta).reshape(T, nq), self.o_proj)
+        if self.all_reduce is not None:
+            self.all_reduce(o)
+        x = fused.add_rms_norm(h, o, self.post_norm, a.rms_norm_eps)
+        m = F.linear(fused.silu_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
+        if self.all_reduce is not None:
+            self.all_reduce(m)
+        return fused.add_rms_norm(h, m, next_norm, a.rms_norm_eps)
+
 
 class LlamaModel(nn.Module):
     def __init__(self, a: ModelArgs):
@@ -121,6 +143,7 @@ class LlamaModel(nn.Module):
         self.norm = nn.Parameter(torch.ones(a.hidden_size))
         self.lm_head = nn.Parameter(torch.empty(a.vocab_size, a.hidden_size))
         self._rope_cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self.use_fused = False          # set by the runner on CUDA once fused.check_fused agrees with torch
 
     def rope_tables(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for positions 0..n-1, computed in float32 like transformers, stored in the model dtype."""
@@ -138,12 +161,23 @@ class LlamaModel(nn.Module):
         """input_ids, positions: [T]; logits_rows: [R] indices into T whose next-token logits are wanted.
         Returns float32 logits [R, V]."""
         cos_t, sin_t = self.rope_tables(self.args.max_position_embeddings)
+        if self.use_fused:
+            return self._forward_fused(input_ids, positions, kv_caches, meta, logits_rows, cos_t, sin_t)
         cos, sin = cos_t[positions].unsqueeze(1), sin_t[positions].unsqueeze(1)   # [T, 1, D]
         h = F.embedding(input_ids, self.embed)                                     # [T, H]
         for layer, (kc, vc) in zip(self.layers, kv_caches):
             h = layer(h, cos, sin, kc, vc, meta)
         h = rms_norm(h[logits_rows], self.norm, self.args.rms_norm_eps)             # [R, H]
         return F.linear(h, self.lm_head).float()                                    # [R, V]
+
+    def _forward_fused(self, input_ids, positions, kv_caches, meta, logits_rows, cos_t, sin_t) -> torch.Tensor:
+        from ziya_batch.engine.fused import add_rms_norm
+        h = F.embedding(input_ids, self.embed)                                     # [T, H]
+        x = add_rms_norm(h, None, self.layers[0].input_norm, self.args.rms_norm_eps)
+        norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        for layer, (kc, vc), nxt in zip(self.layers, kv_caches, norms):
+            x = layer.forward_fused(h, x, positions, cos_t, sin_t, kc, vc, meta, nxt)
+        return F.linear(x[logits_rows], self.lm_head).float()                      # [R, V]
 
     # ---- building -------------------------------------------------------------------------------------------
     @classmethod

@@ -28,6 +28,10 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.decode_tuning: list = []
         if use_triton:
+            from ziya_batch.engine.fused import check_fused
+            a = model.args
+            model.use_fused = check_fused(device, model.embed.dtype, a.hidden_size, model.layers[0].local_heads,
+                                          a.head_dim, model.layers[0].gate_up_proj.shape[0] // 2, a.rope_theta)
             k = kv_caches[0][0]
             self.decode_tuning = tune_decode_kernel(k.view(-1, k.shape[2], k.shape[3]), model.layers[0].local_heads,
                                                     block_size)

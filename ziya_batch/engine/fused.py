@@ -1,0 +1,132 @@
+"""Fused Triton kernels for the element-wise parts of a layer on the GPU: residual add + RMSNorm, RoPE on q
+and k, and SiLU(gate) * up. In eager PyTorch these are ~35 small kernels per layer; at decode batch sizes
+each is a few microseconds, which for 40 layers was half as much time again as reading the weights (see
+docs/BENCHMARKS.md). Each kernel rounds where transformers' float16 code rounds where that matters for
+parity (the residual sum is stored in the model dtype before it is normalised).
+
+The torch versions in model.py stay the reference; `check_fused` compares the two once on the device and
+the model falls back to torch if they disagree."""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU builds without Triton
+    triton = None
+
+
+if triton is not None:
+    @triton.jit
+    def _add_rms_norm_kernel(H, X, W, OUT, stride_h, stride_x, stride_o, eps, N: tl.constexpr,
+                             BLOCK: tl.constexpr, HAS_X: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        h = tl.load(H + row * stride_h + cols, mask=mask, other=0.0)
+        if HAS_X:
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0)
+            h = (h.to(tl.float32) + x.to(tl.float32)).to(H.dtype.element_ty)   # the residual, rounded as stored
+            tl.store(H + row * stride_h + cols, h, mask=mask)
+        hf = h.to(tl.float32)
+        var = tl.sum(hf * hf, axis=0) / N
+        normed = (hf * tl.rsqrt(var + eps)).to(H.dtype.element_ty)
+        w = tl.load(W + cols, mask=mask, other=0.0)
+        tl.store(OUT + row * stride_o + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(OUT.dtype.element_ty),
+                 mask=mask)
+
+    @triton.jit
+    def _rope_kernel(QK, POS, COS, SIN, stride_t, stride_c, HALF: tl.constexpr, D: tl.constexpr,
+                     NUM_HEADS: tl.constexpr, BLOCK_H: tl.constexpr):
+        # in place on the q and k heads of one token (they are contiguous at the start of its qkv row)
+        t = tl.program_id(0)
+        pos = tl.load(POS + t)
+        hs = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, HALF)
+        hmask = hs < NUM_HEADS
+        c = tl.load(COS + pos * stride_c + d).to(tl.float32)
+        s = tl.load(SIN + pos * stride_c + d).to(tl.float32)
+        base = QK + t * stride_t + hs[:, None] * D + d[None, :]
+        x1 = tl.load(base, mask=hmask[:, None], other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF, mask=hmask[:, None], other=0.0).to(tl.float32)
+        tl.store(base, (x1 * c[None, :] - x2 * s[None, :]).to(QK.dtype.element_ty), mask=hmask[:, None])
+        tl.store(base + HALF, (x2 * c[None, :] + x1 * s[None, :]).to(QK.dtype.element_ty), mask=hmask[:, None])
+
+    @triton.jit
+    def _silu_mul_kernel(GU, OUT, stride_g, stride_o, N: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < N
+        g = tl.load(GU + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(GU + row * stride_g + N + cols, mask=mask, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty).to(tl.float32)   # silu rounded, as torch
+        tl.store(OUT + row * stride_o + cols, (act * u).to(OUT.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(h: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """h: [T, H] residual, updated in place to h + x (when x is given); returns rms_norm(h) * weight."""
+    T, N = h.shape
+    out = torch.empty_like(h)
+    _add_rms_norm_kernel[(T,)](h, x if x is not None else h, weight, out, h.stride(0),
+                               x.stride(0) if x is not None else 0, out.stride(0), eps, N=N,
+                               BLOCK=triton.next_power_of_2(N), HAS_X=x is not None, num_warps=8 if N >= 2048 else 4)
+    return out
+
+
+def rope_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_qk_heads: int,
+          head_dim: int) -> None:
+    """Rotates, in place, the first num_qk_heads heads (q then k) of each qkv row. qkv: [T, (hq+2hkv)*D];
+    cos, sin: [max_pos, D] (rotate-half layout)."""
+    T = qkv.shape[0]
+    _rope_kernel[(T,)](qkv, positions, cos, sin, qkv.stride(0), cos.stride(0), HALF=head_dim // 2, D=head_dim,
+                       NUM_HEADS=num_qk_heads, BLOCK_H=triton.next_power_of_2(num_qk_heads), num_warps=4)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up: [T, 2I] -> silu(gate) * up: [T, I]."""
+    T, N2 = gate_up.shape
+    N = N2 // 2
+    out = torch.empty(T, N, dtype=gate_up.dtype, device=gate_up.device)
+    BLOCK = 1024
+    _silu_mul_kernel[(T, triton.cdiv(N, BLOCK))](gate_up, out, gate_up.stride(0), out.stride(0), N=N, BLOCK=BLOCK,
+                                                 num_warps=4)
+    return out
+
+
+def check_fused(device: torch.device, dtype: torch.dtype, hidden: int, heads: int, head_dim: int,
+                intermediate: int, rope_theta: float = 10000.0) -> bool:
+    """True when the fused kernels agree with the torch reference on random data of the model's shapes."""
+    from ziya_batch.engine.model import apply_rope, rms_norm
+    if triton is None or device.type != "cuda":
+        return False
+    g = torch.Generator(device=device).manual_seed(0)
+    T = 37
+    h = torch.randn(T, hidden, device=device, dtype=dtype, generator=g)
+    x = torch.randn(T, hidden, device=device, dtype=dtype, generator=g)
+    w = torch.rand(hidden, device=device, dtype=dtype, generator=g) + 0.5
+    ref_h = h + x
+    ref = rms_norm(ref_h, w, 1e-6)
+    h2 = h.clone()
+    out = add_rms_norm(h2, x, w, 1e-6)
+    ok = torch.equal(h2, ref_h) and _close(out, ref)
+    qkv = torch.randn(T, 3 * heads * head_dim, device=device, dtype=dtype, generator=g)
+    pos = torch.randint(0, 500, (T,), device=device, generator=g)
+    inv = 1.0 / (rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    emb = torch.outer(torch.arange(512, device=device).float(), inv)
+    emb = torch.cat((emb, emb), -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    n = 2 * heads * head_dim
+    ref_qk = apply_rope(qkv[:, :n].view(T, 2 * heads, head_dim), cos[pos][:, None], sin[pos][:, None])
+    q2 = qkv.clone()
+    rope_(q2, pos, cos, sin, 2 * heads, head_dim)
+    ok = ok and _close(q2[:, :n].view(T, 2 * heads, head_dim), ref_qk) and torch.equal(q2[:, n:], qkv[:, n:])
+    gu = torch.randn(T, 2 * intermediate, device=device, dtype=dtype, generator=g)
+    gate, up = gu.chunk(2, dim=-1)
+    ok = ok and _close(silu_mul(gu), torch.nn.functional.silu(gate) * up)
+    return bool(ok)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    err = (a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)
+    return bool(err < 5e-3) and not bool(a.isnan().any())
