@@ -1,4 +1,4 @@
-"""Helpers shared by the Redis tests: job specs, shard descriptors, lease shortcuts."""
+"""Shared by the Redis tests: job specs, shard descriptors, lease shortcuts, child-process bodies."""
 from __future__ import annotations
 
 import time

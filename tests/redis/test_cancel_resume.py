@@ -1,7 +1,7 @@
 """Cancel (let running shards finish, or abandon them) and resume (submit again, rebuild after Redis loss)."""
 import pytest
 
-from queue_helpers import make_shards, make_spec
+from queue_support import make_shards, make_spec
 from ziya_batch.errors import JobNotFound
 from ziya_batch.queue import JobState, ShardStats
 
@@ -44,7 +44,7 @@ def test_cancel_of_idle_job_is_immediate_and_repeatable(broker):
 
 
 def test_expiry_of_the_last_lease_settles_a_cancelling_job(broker):
-    from queue_helpers import expire
+    from queue_support import expire
 
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 2)).job_id

@@ -3,7 +3,7 @@ import time
 
 import redis
 
-from queue_helpers import make_shards, make_spec
+from queue_support import make_shards, make_spec
 from ziya_batch.queue import Broker, JobState, ShardStats
 
 

@@ -2,7 +2,7 @@
 import json
 import threading
 
-from queue_helpers import make_shards, make_spec
+from queue_support import make_shards, make_spec
 from ziya_batch.queue import Broker, JobState, ShardStats
 
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from queue_helpers import expire, make_shards, make_spec
+from queue_support import expire, make_shards, make_spec
 from ziya_batch.queue import Broker, JobState, ShardStats
 
 

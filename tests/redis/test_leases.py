@@ -1,7 +1,7 @@
 """Claim, heartbeat, commit, and fencing: a lease that was lost can neither renew nor commit."""
 import time
 
-from queue_helpers import expire, make_shards, make_spec
+from queue_support import expire, make_shards, make_spec
 from ziya_batch.queue import JobState, ShardStats
 
 

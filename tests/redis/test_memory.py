@@ -1,5 +1,5 @@
 """Redis holds shard descriptors, never prompts: a job's memory grows with shards, not lines."""
-from queue_helpers import make_shards, make_spec
+from queue_support import make_shards, make_spec
 from ziya_batch.queue import ShardStats
 
 

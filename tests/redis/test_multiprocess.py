@@ -3,7 +3,7 @@ import collections
 import multiprocessing as mp
 import time
 
-from queue_helpers import claim_all, expire, make_shards, make_spec
+from queue_support import claim_all, expire, make_shards, make_spec
 
 
 def _race(url, n_procs):
@@ -49,7 +49,7 @@ def test_sigkilled_worker_keeps_its_lease_while_alive_and_loses_it_after(broker,
     import os
     import signal
 
-    from queue_helpers import hold_lease
+    from queue_support import hold_lease
 
     spec = make_spec(lease_s=1.0, max_retries=3)
     job_id = broker.submit(spec, make_shards(spec, 1)).job_id

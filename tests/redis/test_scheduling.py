@@ -1,7 +1,7 @@
 """Which job a claim serves: priority first, equal priorities in turn, never a cancelled job."""
 import collections
 
-from queue_helpers import make_shards, make_spec
+from queue_support import make_shards, make_spec
 from ziya_batch.queue import ShardStats
 
 

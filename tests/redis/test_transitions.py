@@ -1,7 +1,7 @@
 """The transition tables, and the scripts refusing what they do not allow."""
 import pytest
 
-from queue_helpers import make_shards, make_spec
+from queue_support import make_shards, make_spec
 from ziya_batch.queue import (JOB_TRANSITIONS, SHARD_TRANSITIONS, JobState, ShardState, ShardStats,
                               TransitionError, check_job_transition, check_shard_transition)
 from ziya_batch.queue.states import lua_tables

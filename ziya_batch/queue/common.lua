@@ -1,4 +1,4 @@
--- Helpers prepended to every script (after the transition tables JOB_ALLOWED and SHARD_ALLOWED, which
+-- Functions prepended to every script (after the transition tables JOB_ALLOWED and SHARD_ALLOWED, which
 -- states.py renders). Scripts check before they write: Redis does not roll back a script that errors.
 
 -- Redis < 5 replicates scripts verbatim and then refuses TIME before a write; from 5 on this is a no-op

@@ -1,4 +1,4 @@
-"""The Lua scripts of the queue, each with the transition tables and common helpers prepended.
+"""The Lua scripts of the queue, each with the transition tables and common functions prepended.
 
 Every state change runs as one script: atomic on the server, and checked against states.py's tables."""
 from __future__ import annotations
