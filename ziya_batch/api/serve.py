@@ -94,8 +94,10 @@ def serve_main(host: str = "127.0.0.1", port: int = 8000, model: Optional[str] =
         print("ziya-batch: warning: ZIYA_BATCH_ALLOWED_PREFIXES is unset: every job submitted over "
               "/v1/jobs will be refused", file=sys.stderr)
     try:
-        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or None, namespace=APP_NAME,
-                 log_to_driver=False)
+        # without an address, a Ray of our own: the API talks to workers only through Redis, so it never
+        # needs to sit in their cluster, and joining one found by chance would put Serve into it
+        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or "local", namespace=APP_NAME,
+                 include_dashboard=False, log_to_driver=False)
     except ConnectionError as err:
         raise ServiceError(f"cannot reach Ray at {ray_address or os.environ.get('RAY_ADDRESS')}: {err}") from None
     start_serve(settings, url, host, port, num_replicas)
