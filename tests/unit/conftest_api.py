@@ -2,6 +2,7 @@
 session, a fresh key prefix per test (no flushing: the server is ours alone anyway), and an app factory."""
 from __future__ import annotations
 
+import shutil
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="session")
 def api_redis_url(tmp_path_factory):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (`make redis-server` installs it from Debian's packages)")
     server = PrivateRedis(tmp_path_factory.mktemp("api-redis"))
     url = server.start()
     yield url
