@@ -90,6 +90,8 @@ class QueueCollector:
             "samples": CounterMetricFamily("ziya_batch_job_samples", "Samples generated", labels=labels),
             "tokens": CounterMetricFamily("ziya_batch_job_output_tokens", "Output tokens generated", labels=labels),
             "retries": CounterMetricFamily("ziya_batch_job_retries", "Failed or expired shard attempts", labels=labels),
+            "expiries": CounterMetricFamily("ziya_batch_job_lease_expiries", "Leases of the job that expired "
+                                            "(reported once the queue counts them per job)", labels=labels),
             "total": GaugeMetricFamily("ziya_batch_job_prompts", "Prompts in the job", labels=labels),
             "tps": GaugeMetricFamily("ziya_batch_job_tokens_per_second", "Output tokens/s over the last minute", labels=labels),
             "pps": GaugeMetricFamily("ziya_batch_job_prompts_per_second", "Prompts/s over the last minute", labels=labels),
@@ -107,6 +109,8 @@ class QueueCollector:
             fam["samples"].add_metric(lv, j.get("samples", 0))
             fam["tokens"].add_metric(lv, j.get("output_tokens", 0))
             fam["retries"].add_metric(lv, j.get("retries", 0))
+            if j.get("lease_expiries") is not None:
+                fam["expiries"].add_metric(lv, j["lease_expiries"])
             fam["total"].add_metric(lv, j.get("prompts_total", 0))
             fam["tps"].add_metric(lv, j.get("tokens_per_s", 0.0))
             fam["pps"].add_metric(lv, j.get("prompts_per_s", 0.0))
