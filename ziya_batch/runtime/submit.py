@@ -46,8 +46,10 @@ def submit_job(spec: JobSpec, broker, check_model_dir: bool = False):
 
     job_id = spec.identity()
     existing = broker.find_job(job_id)
-    if existing is not None and existing.state not in (JobState.FAILED, JobState.CANCELLED):
+    if existing is not None and existing.state == JobState.COMPLETED:
         return existing
+    # a job Redis knows is resubmitted too: the broker then reads no shard list, but records the parts
+    # that storage holds and Redis lost (the last second of writes before a crash, under appendfsync everysec)
     files = io.expand_inputs(spec.input)
     if check_model_dir:
         check_model(spec)
