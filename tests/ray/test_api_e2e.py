@@ -157,12 +157,12 @@ def test_openai_batch_round_trip_with_the_official_client(api):
     assert client.files.content(upload.id).content == _batch_input(5)
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
                                   completion_window="24h", metadata={"purpose": "e2e"})
-    assert batch.status in ("validating", "in_progress") and batch.metadata == {"purpose": "e2e"}
-    assert batch.request_counts.total == 6
+    assert batch.status == "validating" and batch.metadata == {"purpose": "e2e"}
     with _RunningWorker(redis_url):
         seen = _wait(lambda: client.batches.retrieve(batch.id).status,
                      lambda s: s in ("completed", "failed", "expired", "cancelled"))
-    assert seen[-1] == "completed" and seen[0] == "in_progress", seen
+    assert seen[-1] == "completed" and seen[0] in ("validating", "in_progress"), seen
+    assert set(seen) <= {"validating", "in_progress", "finalizing", "completed"}, seen
     done = client.batches.retrieve(batch.id)
     assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (6, 5, 1)
     assert done.completed_at >= done.in_progress_at >= done.created_at
@@ -183,8 +183,9 @@ def test_openai_batch_cancel(api):
     client = openai.OpenAI(base_url=f"{base}/v1", api_key=TOKEN, max_retries=0)
     upload = client.files.create(file=("c.jsonl", _batch_input(4, bad=False)), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
-    cancelled = client.batches.cancel(batch.id)            # no worker runs: nothing is leased, so it ends at once
+    cancelled = client.batches.cancel(batch.id)            # no worker runs: nothing is leased
     assert cancelled.status in ("cancelling", "cancelled")
+    _wait(lambda: client.batches.retrieve(batch.id).status, lambda s: s != "cancelling", timeout_s=30)
     final = client.batches.retrieve(batch.id)
     assert final.status == "cancelled" and final.cancelled_at is not None
     assert final.request_counts.completed == 0 and final.output_file_id is None

@@ -4,6 +4,7 @@ is tests/ray/test_api_e2e.py.)"""
 from __future__ import annotations
 
 import json
+import time
 
 from conftest_api import AUTH, api_env, api_redis_url  # noqa: F401 - fixtures
 
@@ -20,6 +21,17 @@ def _upload(client, data: bytes = DATA, purpose: str = "batch", name: str = "in.
 def _create(client, file_id: str, **extra):
     body = {"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h", **extra}
     return client.post("/v1/batches", json=body, headers=AUTH)
+
+
+def _settled(client, batch_id: str, timeout_s: float = 30.0) -> dict:
+    """The batch once its background validation is over."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        b = client.get(f"/v1/batches/{batch_id}", headers=AUTH).json()
+        if b["status"] != "validating":
+            return b
+        assert time.monotonic() < deadline, b
+        time.sleep(0.05)
 
 
 def test_files(api_env):
@@ -48,7 +60,8 @@ def test_create_follows_the_job(api_env):
     file_id = _upload(client).json()["id"]
     r = _create(client, file_id, metadata={"team": "rl"})
     assert r.status_code == 200, r.text
-    b = r.json()
+    assert r.json()["status"] == "validating"
+    b = _settled(client, r.json()["id"])
     assert b["object"] == "batch" and b["status"] == "in_progress" and b["metadata"] == {"team": "rl"}
     assert b["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
     assert b["expires_at"] == b["created_at"] + 24 * 3600 and b["in_progress_at"] >= b["created_at"]
@@ -71,20 +84,20 @@ def test_create_refusals(api_env):
     assert r.status_code == 400 and "--model" in r.json()["error"]["message"]
 
 
-def test_a_file_that_is_not_jsonl_fails_the_batch_not_the_server(api_env):
+def test_an_empty_file_makes_an_empty_completed_batch(api_env):
     _, _, make_client = api_env
     client = make_client()
     file_id = _upload(client, data=b"").json()["id"]
-    b = _create(client, file_id).json()
-    # an empty input is still a batch (zero requests); it must not be a 500
-    assert b["status"] in ("in_progress", "completed", "failed")
+    b = _settled(client, _create(client, file_id).json()["id"])
+    assert b["status"] == "completed", b
+    assert b["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
 
 
 def test_list_pages_newest_first(api_env):
     _, _, make_client = api_env
     client = make_client()
     file_id = _upload(client).json()["id"]
-    ids = [_create(client, file_id).json()["id"] for _ in range(3)]
+    ids = [_settled(client, _create(client, file_id).json()["id"])["id"] for _ in range(3)]
     page = client.get("/v1/batches?limit=2", headers=AUTH).json()
     assert page["object"] == "list" and page["has_more"] is True and len(page["data"]) == 2
     rest = client.get(f"/v1/batches?limit=2&after={page['last_id']}", headers=AUTH).json()
@@ -96,12 +109,12 @@ def test_cancel_and_expiry(api_env, tmp_path):
     _, _, make_client = api_env
     client = make_client()
     file_id = _upload(client).json()["id"]
-    b = _create(client, file_id).json()
+    b = _settled(client, _create(client, file_id).json()["id"])
     c = client.post(f"/v1/batches/{b['id']}/cancel", headers=AUTH).json()
     assert c["status"] == "cancelled" and c["cancelled_at"] is not None and c["output_file_id"] is None
     assert client.post(f"/v1/batches/{b['id']}/cancel", headers=AUTH).json()["status"] == "cancelled"
     # a batch past its completion window is stopped and reported expired
-    e = _create(client, file_id).json()
+    e = _settled(client, _create(client, file_id).json()["id"])
     record_path = tmp_path / "store" / "batches" / f"{e['id']}.json"
     record = json.loads(record_path.read_text())
     record["expires_at"] = record["created_at"] - 1
@@ -112,3 +125,26 @@ def test_cancel_and_expiry(api_env, tmp_path):
     assert job[0]["state"] == "cancelled"
     r = client.post("/v1/batches/batch_nope/cancel", headers=AUTH)
     assert r.status_code == 404
+
+
+def test_cancel_while_validating_and_a_lost_validation(api_env, tmp_path):
+    _, _, make_client = api_env
+    client = make_client()
+    batches = client.app.state.batches
+    file_id = _upload(client).json()["id"]
+    settled = _settled(client, _create(client, file_id).json()["id"])
+    # a record as create() leaves it before its submitter has run
+    record = json.loads((tmp_path / "store" / "batches" / f"{settled['id']}.json").read_text())
+    record.update(id="batch_" + "a" * 24, status="validating", _job_id=None, in_progress_at=None,
+                  _output=record["_output"].replace(settled["id"], "batch_" + "a" * 24))
+    batches._save(dict(record))
+    c = client.post(f"/v1/batches/{record['id']}/cancel", headers=AUTH).json()
+    assert c["status"] == "cancelling" and c["cancelling_at"] is not None
+    batches._submit(dict(record))                        # the submitter finishes and sees the cancel
+    final = client.get(f"/v1/batches/{record['id']}", headers=AUTH).json()
+    assert final["status"] == "cancelled"
+    # a validation whose thread died with the server ends as failed, not validating forever
+    record.update(id="batch_" + "b" * 24, created_at=record["created_at"] - 7200, status="validating")
+    batches._save(dict(record))
+    lost = client.get(f"/v1/batches/{record['id']}", headers=AUTH).json()
+    assert lost["status"] == "failed" and lost["errors"]["data"][0]["code"] == "validation_interrupted"

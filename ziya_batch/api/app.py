@@ -186,13 +186,14 @@ def _jobs_router(settings: ApiSettings, brokers: BrokerHolder) -> APIRouter:
 def create_app(settings: ApiSettings, broker_factory: Callable[[], Any]) -> FastAPI:
     """The API app. `broker_factory()` returns a queue Broker; it is called once, on first use."""
     from .metrics import metrics_response
-    from .openai_batch import batch_router
+    from .openai_batch import Batches, batch_router
 
     app = FastAPI(title="ziya-batch", version="0.1.0",
                   description="Batch generation jobs for Ziya-LLaMA-13B, and the OpenAI Batch API subset. "
                               "Every endpoint but /healthz needs 'Authorization: Bearer <token>'.")
     brokers = BrokerHolder(broker_factory)
     app.state.settings, app.state.brokers = settings, brokers
+    app.state.batches = Batches(settings, brokers)
     _install_error_handlers(app)
     auth = [Depends(_require_token_dependency(settings))]
 
@@ -212,5 +213,5 @@ def create_app(settings: ApiSettings, broker_factory: Callable[[], Any]) -> Fast
         return Response(body, media_type=content_type)
 
     app.include_router(_jobs_router(settings, brokers), dependencies=auth)
-    app.include_router(batch_router(settings, brokers), dependencies=auth)
+    app.include_router(batch_router(app.state.batches), dependencies=auth)
     return app

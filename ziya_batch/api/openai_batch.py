@@ -16,7 +16,9 @@ two readers racing to write them write the same thing.
 from __future__ import annotations
 
 import json
+import logging
 import re
+import threading
 import time
 import uuid
 from typing import Iterator, Literal, Optional
@@ -34,6 +36,8 @@ from .settings import MODEL_ENV, ApiSettings
 
 MAX_UPLOAD_BYTES = 200 * 2**20          # OpenAI's own limit for batch input files
 COMPLETION_WINDOW_S = 24 * 3600
+VALIDATE_TIMEOUT_S = 3600           # a batch validating longer than this lost its submitting thread
+log = logging.getLogger(__name__)
 _FILE_ID = re.compile(r"^file-[A-Za-z0-9_-]{1,80}$")
 _BATCH_ID = re.compile(r"^batch_[A-Za-z0-9]{1,64}$")
 _ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -209,19 +213,33 @@ class Batches:
             "_job_id": None, "_output": self.store.url_of("batches", batch_id, "output"),
         }
         self._save(record)
-        try:
-            spec = self.job_spec(record)
-            from ..runtime.submit import submit_job
+        # indexing a large input takes a while: answer 'validating' now, submit in the background
+        threading.Thread(target=self._submit, args=(record,), name=f"validate-{batch_id}", daemon=True).start()
+        return _public(record)
 
-            status = submit_job(spec, self.brokers.get())
+    def _submit(self, record: dict) -> None:
+        """Index the input and queue the job; the record goes to in_progress, or failed with the reason."""
+        from ..runtime.submit import submit_job
+
+        try:
+            status = submit_job(self.job_spec(record), self.brokers.get())
         except ZiyaBatchError as err:
             record.update(status="failed", failed_at=int(time.time()), errors=_fail_list("invalid_input", str(err)))
             self._save(record)
-            return _public(record)
+            return
+        except Exception as err:  # noqa: BLE001 - the batch must end, not stay validating
+            log.exception("batch %s: submitting failed", record["id"])
+            record.update(status="failed", failed_at=int(time.time()),
+                          errors=_fail_list("server_error", f"{type(err).__name__}: {err}; see the server log"))
+            self._save(record)
+            return
         record.update(status="in_progress", in_progress_at=int(time.time()), _job_id=status.job_id)
         record["request_counts"]["total"] = status.prompts_total
+        latest = self.store.get_json("batches", f"{record['id']}.json") or {}
+        if latest.get("_cancel_requested"):              # cancelled while validating
+            self.brokers.get().cancel(status.job_id, abandon_running=False)
+            record.update(_cancel_requested=True, status="cancelling", cancelling_at=latest.get("cancelling_at"))
         self._save(record)
-        return _public(record)
 
     def job_spec(self, record: dict) -> JobSpec:
         return JobSpec(
@@ -248,6 +266,10 @@ class Batches:
         rec = self._refresh(self._load(batch_id))
         if rec["status"] in _TERMINAL or rec["status"] == "cancelling":
             return _public(rec)
+        if not rec.get("_job_id"):                      # still validating: the submitter cancels the job
+            rec.update(_cancel_requested=True, status="cancelling", cancelling_at=int(time.time()))
+            self._save(rec)
+            return _public(rec)
         self.brokers.get().cancel(rec["_job_id"], abandon_running=False)
         rec["_cancel_requested"] = True
         return _public(self._refresh(rec, force_save=True))
@@ -265,7 +287,13 @@ class Batches:
     # -- following the job --------------------------------------------------------------------------------
     def _refresh(self, rec: dict, force_save: bool = False) -> dict:
         """Bring a record up to date with its job; persist it when something changed."""
-        if rec["status"] in _TERMINAL or not rec.get("_job_id"):
+        if rec["status"] in _TERMINAL:
+            return rec
+        if not rec.get("_job_id"):
+            if time.time() - rec["created_at"] > VALIDATE_TIMEOUT_S:     # its submitter died with its process
+                rec.update(status="failed", failed_at=int(time.time()), errors=_fail_list(
+                    "validation_interrupted", "the server stopped while validating this batch; create it again"))
+                self._save(rec)
             return rec
         before = json.dumps(rec, sort_keys=True)
         broker = self.brokers.get()
@@ -275,6 +303,12 @@ class Batches:
             state = "completed" if io.read_manifest(rec["_output"]) else "failed"
             error = None if state == "completed" else "the job is gone from the queue; create the batch again"
         else:
+            if status.state.value == "finalizing" and status.shards_total == 0:
+                # an empty input has no shard whose commit would finalize it: finish it here
+                from ..runtime.finalize import finalize_if_ready
+
+                finalize_if_ready(broker, rec["_job_id"])
+                status = broker.status(rec["_job_id"])
             state, error = status.state.value, status.error
             rec["request_counts"] = {"total": status.prompts_total, "completed": status.prompts_done,
                                      "failed": status.prompts_failed}
@@ -343,8 +377,7 @@ def _client_line(rec: dict) -> dict:
     return rec
 
 
-def batch_router(settings: ApiSettings, brokers) -> APIRouter:
-    batches = Batches(settings, brokers)
+def batch_router(batches: Batches) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["openai-batch"])
 
     @router.post("/files", summary="Upload a batch input file (multipart: file, purpose=batch)")
