@@ -1,0 +1,119 @@
+"""The scheduler as plain CPU bookkeeping: token budget, chunked prefill, admission, preemption, forks."""
+from __future__ import annotations
+
+from ziya_batch.engine.scheduler import Scheduler, SeqStatus, Sequence
+from ziya_batch.engine.types import SamplingParams
+
+
+def seq(s: Scheduler, prompt_len: int, n: int = 1, max_new: int = 8, rid: str = "r") -> Sequence:
+    q = Sequence(s.new_seq_id(), rid, 0, list(range(3, 3 + prompt_len)), prompt_len,
+                 SamplingParams(max_new_tokens=max_new, n=n), pending_forks=n - 1)
+    s.add(q)
+    return q
+
+
+def run_step(s: Scheduler, token: int = 7):
+    out = s.schedule()
+    sampled = {}
+    for c in out.chunks:
+        if c.samples:
+            for x in (c.seq, *c.children):
+                sampled[x.seq_id] = (token, -1.0)
+    s.update(out, sampled)
+    return out
+
+
+def test_status_order_and_is_finished():
+    assert not SeqStatus.RUNNING.is_finished() and not SeqStatus.WAITING.is_finished()
+    assert all(x.is_finished() for x in (SeqStatus.FINISHED_STOPPED, SeqStatus.FINISHED_LENGTH,
+                                          SeqStatus.FINISHED_ABORTED))
+
+
+def test_long_prompt_is_prefilled_in_chunks_under_the_token_budget():
+    s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=8, max_num_batched_tokens=16)
+    a = seq(s, 40)
+    sizes = []
+    for _ in range(3):
+        out = run_step(s)
+        sizes.append([(c.start, c.num_tokens, c.samples) for c in out.chunks])
+    assert sizes == [[(0, 16, False)], [(16, 16, False)], [(32, 8, True)]]
+    assert a.num_computed == 40 and a.output_ids == [7] and len(a.block_ids) == 10
+
+
+def test_decodes_and_a_new_prefill_share_one_step():
+    s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=8, max_num_batched_tokens=16)
+    seq(s, 5)
+    run_step(s)                                   # the first prompt is prefilled
+    seq(s, 30)
+    out = run_step(s)
+    assert [(c.num_tokens, c.samples) for c in out.chunks] == [(1, True), (15, False)]
+    assert out.num_tokens == 16 and not out.is_decode_only
+
+
+def test_admission_stops_at_max_num_seqs_counting_forked_samples():
+    s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=4, max_num_batched_tokens=64)
+    seq(s, 3, n=3, rid="a")
+    seq(s, 3, n=2, rid="b")
+    run_step(s)
+    assert len(s.running) == 3 and len(s.waiting) == 1     # b would need 2 more seats
+
+
+def test_forked_samples_share_prompt_blocks_and_copy_the_partial_block_on_write():
+    s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    parent = seq(s, 6, n=3)
+    out = run_step(s)
+    children = out.chunks[0].children
+    assert len(children) == 2 and [c.sample_key for c in children] == [1, 2]
+    assert all(c.block_ids == parent.block_ids for c in children)
+    assert [s.pool.ref_counts[b] for b in parent.block_ids] == [3, 3]
+    out = run_step(s)                              # each writes position 6 into the shared, half-full block 1
+    assert len(out.block_copies) == 2              # the first two copy; the last one owns the original
+    firsts = {x.block_ids[0] for x in (parent, *children)}
+    lasts = {x.block_ids[1] for x in (parent, *children)}
+    assert len(firsts) == 1 and len(lasts) == 3
+    assert s.pool.ref_counts[parent.block_ids[0]] == 3
+
+
+def test_preemption_frees_the_newest_sequence_and_recomputes_it_later():
+    s = Scheduler(num_blocks=6, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
+                  admission_horizon_tokens=0)
+    a, b = seq(s, 8, rid="a"), seq(s, 8, rid="b")
+    run_step(s)                                    # 2 + 2 blocks used, positions 0..7; both sampled a token
+    assert s.pool.num_free == 2
+    for _ in range(5):
+        run_step(s)                                # positions 8..12: a third block each, then a fourth
+    assert s.num_preemptions >= 1 and b.num_preemptions >= 1 and a.num_preemptions == 0
+    while b.status is not SeqStatus.RUNNING or b.num_computed < len(b.token_ids) - 1:
+        s.finish(a, SeqStatus.FINISHED_LENGTH) if a.status is SeqStatus.RUNNING else None
+        run_step(s)
+    assert b.token_ids[:8] == list(range(3, 11)) and set(b.output_ids) == {7}
+    s.finish(b, SeqStatus.FINISHED_LENGTH)
+    assert s.pool.num_free == 6
+
+
+def test_admission_horizon_keeps_room_for_running_sequences_to_grow():
+    s = Scheduler(num_blocks=10, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
+                  admission_horizon_tokens=16)
+    seq(s, 8, max_new=100, rid="a")
+    run_step(s)                                    # a: 2 blocks, 9 tokens; 16 ahead needs 5 more blocks
+    seq(s, 16, rid="b")                            # b needs 4 blocks: 4 + 5 > the 8 free
+    run_step(s)
+    assert [x.request_id for x in s.running] == ["a"] and len(s.waiting) == 1
+    loose = Scheduler(num_blocks=10, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
+                      admission_horizon_tokens=0)
+    seq(loose, 8, max_new=100, rid="a")
+    run_step(loose)
+    seq(loose, 16, rid="b")
+    run_step(loose)
+    assert len(loose.running) == 2
+
+
+def test_finish_returns_every_block():
+    s = Scheduler(num_blocks=20, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    xs = [seq(s, 7, n=2, rid=str(i)) for i in range(3)]
+    for _ in range(3):
+        run_step(s)
+    for x in list(s.running):
+        s.finish(x, SeqStatus.FINISHED_STOPPED)
+    assert s.pool.num_free == 20 and not s.has_unfinished()
+    assert all(x.status is SeqStatus.FINISHED_STOPPED for x in xs)
