@@ -148,3 +148,17 @@ def test_cancel_while_validating_and_a_lost_validation(api_env, tmp_path):
     batches._save(dict(record))
     lost = client.get(f"/v1/batches/{record['id']}", headers=AUTH).json()
     assert lost["status"] == "failed" and lost["errors"]["data"][0]["code"] == "validation_interrupted"
+
+
+def test_a_batch_whose_job_redis_lost_is_resubmitted(api_env):
+    _, _, make_client = api_env
+    client = make_client()
+    file_id = _upload(client).json()["id"]
+    b = _settled(client, _create(client, file_id).json()["id"])
+    broker = client.app.state.brokers.get()
+    job_id = broker.list_jobs()[0].job_id
+    broker.delete_job(job_id)
+    assert broker.find_job(job_id) is None
+    again = client.get(f"/v1/batches/{b['id']}", headers=AUTH).json()
+    assert again["status"] == "in_progress" and again["request_counts"]["total"] == 3
+    assert broker.find_job(job_id) is not None                 # the same job id: same spec, same output

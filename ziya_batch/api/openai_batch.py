@@ -212,6 +212,8 @@ class Batches:
             "metadata": req.metadata, "model": self.settings.model_name(),
             "_job_id": None, "_output": self.store.url_of("batches", batch_id, "output"),
         }
+        # kept with the batch, so that a server restarted with other settings resumes the same job
+        record["_spec"] = self.job_spec(record).model_dump(mode="json")
         self._save(record)
         # indexing a large input takes a while: answer 'validating' now, submit in the background
         threading.Thread(target=self._submit, args=(record,), name=f"validate-{batch_id}", daemon=True).start()
@@ -222,7 +224,7 @@ class Batches:
         from ..runtime.submit import submit_job
 
         try:
-            status = submit_job(self.job_spec(record), self.brokers.get())
+            status = submit_job(JobSpec(**record["_spec"]), self.brokers.get())
         except ZiyaBatchError as err:
             record.update(status="failed", failed_at=int(time.time()), errors=_fail_list("invalid_input", str(err)))
             self._save(record)
@@ -299,9 +301,16 @@ class Batches:
         broker = self.brokers.get()
         status = broker.find_job(rec["_job_id"])
         now = int(time.time())
-        if status is None:      # Redis lost it: storage decides (a manifest means it finished)
-            state = "completed" if io.read_manifest(rec["_output"]) else "failed"
-            error = None if state == "completed" else "the job is gone from the queue; create the batch again"
+        if status is None:
+            # Redis lost the job: submit it again, which resumes from the parts storage holds
+            from ..runtime.submit import submit_job
+
+            try:
+                status = submit_job(JobSpec(**rec["_spec"]), broker)
+            except ZiyaBatchError as err:
+                log.warning("batch %s: resubmitting its lost job failed: %s", rec["id"], err)
+        if status is None:
+            state, error = "failed", "the job is gone from the queue and could not be resubmitted; create the batch again"
         else:
             if status.state.value == "finalizing" and status.shards_total == 0:
                 # an empty input has no shard whose commit would finalize it: finish it here
