@@ -2,6 +2,7 @@
 gets a server error. Runs against the FastAPI app in-process (ASGI), with a real private Redis."""
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 import uuid
@@ -20,6 +21,7 @@ from ziya_batch.queue import Broker
 # The schema is loaded at import (schemathesis parametrizes at collection), so the app is built here;
 # its broker is made on the first request, from the URL the fixture below provides.
 _ROOT = Path(tempfile.mkdtemp(prefix="zb-schema-"))
+atexit.register(shutil.rmtree, _ROOT, True)        # also when the module is only collected
 (_ROOT / "data").mkdir()
 (_ROOT / "data" / "in.jsonl").write_text('{"id": "a", "prompt": "hello"}\n')
 _REDIS: dict[str, str] = {}
@@ -34,8 +36,6 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", api_app)
 @pytest.fixture(scope="module", autouse=True)
 def _redis_for_app(api_redis_url):
     _REDIS["url"] = api_redis_url
-    yield
-    shutil.rmtree(_ROOT, ignore_errors=True)
 
 
 @schema.parametrize()
