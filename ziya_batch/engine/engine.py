@@ -8,7 +8,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -52,7 +52,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, shard: Optional[Callable[[LlamaModel], LlamaModel]] = None):
+        """Loads the checkpoint at config.model_path. `shard` transforms the built model before the cache is
+        sized, e.g. `lambda m: tp.apply_tp(m, rank, world_size, group)` for tensor parallelism."""
         from transformers import AutoConfig, AutoTokenizer
         trc = config.trust_remote_code
         hf_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=trc)
@@ -61,6 +63,8 @@ class LLMEngine:
         args = ModelArgs.from_hf_config(hf_config)
         model = LlamaModel.from_state_dict(args, iter_checkpoint(config.model_path), device,
                                            _dtype_for(config, device))
+        if shard is not None:
+            model = shard(model)
         self._setup(model, tokenizer, config, device, _eos_ids(hf_config, tokenizer))
 
     @classmethod
@@ -112,6 +116,7 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self.last_step = StepStats()
+        self.plan_hook = None     # tensor parallel: rank 0 broadcasts each step's plan (tp.py)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -161,6 +166,8 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
+        if self.plan_hook is not None:
+            self.plan_hook(out)
         copy_blocks(self.kv_caches, out.block_copies)
         logits, rows = self.runner.execute(out)
         t_launched = time.perf_counter()

@@ -29,3 +29,39 @@ def hf_greedy(model: LlamaForCausalLM, prompt: list[int], max_new_tokens: int) -
                          min_new_tokens=max_new_tokens, do_sample=False, output_scores=True,
                          return_dict_in_generate=True, pad_token_id=0)
     return out.sequences[0, len(prompt):].tolist(), torch.stack(out.scores)[:, 0].float().cpu()
+
+
+def tp_generate_worker(rank: int, world_size: int, init_file: str, num_kv_heads: int, prompts: list,
+                       max_new_tokens: int, n: int, num_kv_blocks: int, result_file: str) -> None:
+    """One process of a CPU tensor-parallel run (gloo): rank 0 schedules and writes the greedy tokens of every
+    completion as JSON to result_file; the other ranks follow."""
+    import json
+
+    import torch.distributed as dist
+
+    from ziya_batch.engine.engine import LLMEngine
+    from ziya_batch.engine.model import from_hf_model
+    from ziya_batch.engine.tp import apply_tp, enable_tp_driver, serve_follower
+    from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = apply_tp(from_hf_model(tiny_llama(num_kv_heads), torch.device("cpu"), torch.float32), rank,
+                         world_size)
+        eng = LLMEngine.from_model(model, None, EngineConfig(model_path="", device="cpu", block_size=4,
+                                                             max_num_batched_tokens=64, num_kv_blocks=num_kv_blocks,
+                                                             admission_horizon_tokens=0))
+        if rank == 0:
+            driver = enable_tp_driver(eng)
+            params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, temperature=0.0,
+                                    n=n)
+            outs = eng.generate([Request(str(i), p, params) for i, p in enumerate(prompts)])
+            driver.stop()
+            with open(result_file, "w") as fh:
+                json.dump({"tokens": [[c.token_ids for c in o.completions] for o in outs],
+                           "preemptions": eng.scheduler.num_preemptions}, fh)
+        else:
+            serve_follower(eng)
+    finally:
+        dist.destroy_process_group()

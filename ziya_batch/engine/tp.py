@@ -1,0 +1,112 @@
+"""Tensor parallelism as a transformation of a built model (gpt-fast style), plus the engine side.
+
+`apply_tp(model, rank, world_size, group)` keeps this rank's share of every layer: q/k/v heads and gate/up
+columns (column-parallel), the matching input columns of o_proj and down_proj (row-parallel), and an
+all-reduce after o_proj and after down_proj. Embedding, norms and lm_head stay whole, so every rank ends
+a step with identical logits.
+
+One rank (0) owns the scheduler and the sampler. Each step it broadcasts the step's plan (which tokens of
+which sequences, their block tables, copy-on-write copies) and every rank runs the same forward on its
+shard of the paged cache, so the cache, the CUDA graphs and sampling code are the single-GPU ones."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ziya_batch.engine.kv_cache import copy_blocks
+from ziya_batch.engine.model import LlamaModel
+from ziya_batch.engine.scheduler import ScheduledChunk, SchedulerOutput, Sequence
+from ziya_batch.engine.types import SamplingParams
+
+
+def _shard(t: torch.Tensor, rank: int, world_size: int, dim: int) -> torch.Tensor:
+    size = t.shape[dim] // world_size
+    return t.narrow(dim, rank * size, size).clone()
+
+
+def apply_tp(model: LlamaModel, rank: int, world_size: int, group=None) -> LlamaModel:
+    a = model.args
+    if world_size == 1:
+        return model
+    for what, n in (("attention heads", a.num_heads), ("key/value heads", a.num_kv_heads),
+                    ("intermediate size", a.intermediate_size)):
+        if n % world_size:
+            raise ValueError(f"{what} ({n}) do not split over tensor_parallel={world_size}")
+    D = a.head_dim
+    with torch.no_grad():
+        for layer in model.layers:
+            q, k, v = layer.qkv_proj.split([a.num_heads * D, a.num_kv_heads * D, a.num_kv_heads * D])
+            layer.qkv_proj = torch.nn.Parameter(torch.cat([_shard(x, rank, world_size, 0) for x in (q, k, v)]),
+                                                requires_grad=False)
+            layer.o_proj = torch.nn.Parameter(_shard(layer.o_proj, rank, world_size, 1), requires_grad=False)
+            gate, up = layer.gate_up_proj.chunk(2, dim=0)
+            layer.gate_up_proj = torch.nn.Parameter(
+                torch.cat([_shard(gate, rank, world_size, 0), _shard(up, rank, world_size, 0)]), requires_grad=False)
+            layer.down_proj = torch.nn.Parameter(_shard(layer.down_proj, rank, world_size, 1), requires_grad=False)
+            layer.local_heads = a.num_heads // world_size
+            layer.local_kv_heads = a.num_kv_heads // world_size
+            layer.all_reduce = lambda t, g=group: dist.all_reduce(t, group=g)
+
+    def agree_num_blocks(n: int) -> int:
+        # every rank must build the same cache: take the smallest any rank can hold
+        x = torch.tensor([n], dtype=torch.int64, device=model.embed.device)
+        dist.all_reduce(x, op=dist.ReduceOp.MIN, group=group)
+        return int(x.item())
+    model.agree_num_blocks = agree_num_blocks
+    if model.embed.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return model
+
+
+def _plan(out: SchedulerOutput) -> dict:
+    """The step as plain data: only what the runner reads."""
+    return {"copies": out.block_copies,
+            "chunks": [(c.seq.seq_id, c.start, c.num_tokens, c.samples, c.seq.token_ids[c.start:c.start + c.num_tokens],
+                        list(c.seq.block_ids), len(c.children)) for c in out.chunks]}
+
+
+def _unplan(plan: dict) -> SchedulerOutput:
+    chunks = []
+    params = SamplingParams()
+    for seq_id, start, n, samples, tokens, blocks, n_children in plan["chunks"]:
+        seq = Sequence(seq_id, "", 0, [0] * start + tokens, 0, params, block_ids=blocks)
+        children = [Sequence(-1, "", 0, [], 0, params) for _ in range(n_children)]
+        chunks.append(ScheduledChunk(seq, start, n, samples, children))
+    return SchedulerOutput(chunks, [tuple(c) for c in plan["copies"]], [])
+
+
+class PlanBroadcaster:
+    """Installed on rank 0's engine as plan_hook: sends each step's plan to the other ranks."""
+
+    def __init__(self, group=None):
+        self.group = group
+
+    def __call__(self, out: Optional[SchedulerOutput]) -> None:
+        dist.broadcast_object_list([None if out is None else _plan(out)], src=0, group=self.group)
+
+    def stop(self) -> None:
+        """Tells the followers to return."""
+        self(None)
+
+
+def enable_tp_driver(engine, group=None) -> PlanBroadcaster:
+    """Rank 0: make `engine` broadcast its plans; call .stop() on the result when done."""
+    engine.plan_hook = PlanBroadcaster(group)
+    return engine.plan_hook
+
+
+def serve_follower(engine, group=None) -> int:
+    """Ranks > 0: run each step rank 0 broadcasts until it says stop. Returns the number of steps run."""
+    steps = 0
+    while True:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=group)
+        if box[0] is None:
+            return steps
+        out = _unplan(box[0])
+        with torch.inference_mode():
+            copy_blocks(engine.kv_caches, out.block_copies)
+            engine.runner.execute(out)
+        steps += 1
