@@ -24,7 +24,9 @@ def _eta(seconds: Optional[float]) -> str:
 def _jobs_table(statuses) -> Table:
     t = Table(title="ziya-batch jobs", expand=False)
     for col in ("job", "name", "state", "done", "failed", "total", "samples", "tok/s", "ETA", "workers", "retries", "dead"):
-        t.add_column(col, justify="right" if col not in ("job", "name", "state") else "left")
+        # ids and states never wrap: people copy them into `status JOB_ID` and `cancel JOB_ID`
+        t.add_column(col, justify="right" if col not in ("job", "name", "state") else "left",
+                     no_wrap=col in ("job", "state"))
     for st in statuses:
         d = st.to_dict()
         t.add_row(d["job_id"], d.get("name", ""), d["state"], str(d["prompts_done"]), str(d["prompts_failed"]),
@@ -69,7 +71,10 @@ def _render(broker, job_id: Optional[str]):
 
 def show_status(broker, job_id: Optional[str], watch: bool = False, as_json: bool = False,
                 interval_s: float = 2.0) -> None:
-    console = Console()
+    import sys
+
+    # piped output is not cut at 80 columns: a line per job stays a line per job
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     if as_json:
         while True:
             if job_id is None:
