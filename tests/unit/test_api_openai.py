@@ -162,3 +162,16 @@ def test_a_batch_whose_job_redis_lost_is_resubmitted(api_env):
     again = client.get(f"/v1/batches/{b['id']}", headers=AUTH).json()
     assert again["status"] == "in_progress" and again["request_counts"]["total"] == 3
     assert broker.find_job(job_id) is not None                 # the same job id: same spec, same output
+
+
+def test_an_upload_over_the_limit_is_a_413_and_leaves_nothing(api_env, tmp_path, monkeypatch):
+    from ziya_batch.api import openai_batch
+
+    _, _, make_client = api_env
+    client = make_client()
+    monkeypatch.setattr(openai_batch, "MAX_UPLOAD_BYTES", 3 * 2**20)
+    r = _upload(client, data=b"x" * (3 * 2**20 + 1))
+    assert r.status_code == 413 and "larger than 3 MiB" in r.json()["error"]["message"]
+    assert client.get("/v1/files", headers=AUTH).json()["data"] == []
+    assert list((tmp_path / "store" / "files").iterdir()) == []
+    assert _upload(client, data=b"y" * (3 * 2**20)).status_code == 200

@@ -129,35 +129,47 @@ class Batches:
     def __init__(self, settings: ApiSettings, brokers):
         self.settings, self.brokers = settings, brokers
         self.store = _Store(settings.storage_url)
+        # serialises the read-modify-write of a record between a cancel and the submitting thread
+        self._record_lock = threading.Lock()
 
     # -- files ------------------------------------------------------------------------------------------
-    def save_file(self, data: bytes, filename: str, purpose: str) -> dict:
-        file_id = f"file-{uuid.uuid4().hex[:24]}"
-        return self._save_file(file_id, data, filename, purpose)
+    def save_upload(self, stream, filename: str, purpose: str) -> dict:
+        """An uploaded file, copied from the request in blocks (never whole in memory)."""
+        def blocks():
+            while True:
+                block = stream.read(1 << 20)
+                if not block:
+                    return
+                yield block
 
-    def _save_file(self, file_id: str, data: bytes, filename: str, purpose: str) -> dict:
-        self.store.put(data, "files", file_id, "content")
-        meta = _file_object(file_id, len(data), filename, purpose, int(time.time()))
-        self.store.put_json(meta, "files", file_id, "meta.json")
-        return meta
+        return self._write_file(f"file-{uuid.uuid4().hex[:24]}", blocks(), filename, purpose, MAX_UPLOAD_BYTES)
 
-    def _save_file_lines(self, file_id: str, records: Iterator[dict], filename: str, purpose: str) -> dict:
-        """A file written line by line (a batch's output can be far larger than memory): streamed aside,
-        moved into place, and only then described by its meta.json, so a reader never sees half of it."""
+    def _write_file(self, file_id: str, chunks: Iterator[bytes], filename: str, purpose: str,
+                    max_bytes: Optional[int] = None) -> dict:
+        """Stream `chunks` aside, move them into place, and only then write meta.json, which is what makes
+        the file exist: a reader never sees half of one (a batch's output can be far larger than memory)."""
         fs, _ = self.store._fs()
         final = self.store.path("files", file_id, "content")
         tmp = self.store.path("files", file_id, f".content.{uuid.uuid4().hex[:12]}.tmp")
         fs.makedirs(self.store.path("files", file_id), exist_ok=True)
         size_bytes = 0
         with fs.open(tmp, "wb") as f:
-            for rec in records:
-                line = (json.dumps(_client_line(rec), ensure_ascii=False) + "\n").encode("utf-8")
-                f.write(line)
-                size_bytes += len(line)
+            for chunk in chunks:
+                size_bytes += len(chunk)
+                if max_bytes is not None and size_bytes > max_bytes:
+                    break
+                f.write(chunk)
+        if max_bytes is not None and size_bytes > max_bytes:
+            fs.rm(self.store.path("files", file_id), recursive=True)
+            raise ApiError(413, f"file is larger than {max_bytes // 2**20} MiB; split it into several batches")
         move_atomic(fs, tmp, final)
         meta = _file_object(file_id, size_bytes, filename, purpose, int(time.time()))
         self.store.put_json(meta, "files", file_id, "meta.json")
         return meta
+
+    def _write_lines(self, file_id: str, records: Iterator[dict], filename: str, purpose: str) -> dict:
+        lines = ((json.dumps(_client_line(r), ensure_ascii=False) + "\n").encode("utf-8") for r in records)
+        return self._write_file(file_id, lines, filename, purpose)
 
     def file(self, file_id: str) -> dict:
         meta = self.store.get_json("files", file_id, "meta.json") if _FILE_ID.match(file_id) else None
@@ -235,13 +247,14 @@ class Batches:
                           errors=_fail_list("server_error", f"{type(err).__name__}: {err}; see the server log"))
             self._save(record)
             return
-        record.update(status="in_progress", in_progress_at=int(time.time()), _job_id=status.job_id)
-        record["request_counts"]["total"] = status.prompts_total
-        latest = self.store.get_json("batches", f"{record['id']}.json") or {}
-        if latest.get("_cancel_requested"):              # cancelled while validating
-            self.brokers.get().cancel(status.job_id, abandon_running=False)
-            record.update(_cancel_requested=True, status="cancelling", cancelling_at=latest.get("cancelling_at"))
-        self._save(record)
+        with self._record_lock:
+            latest = self.store.get_json("batches", f"{record['id']}.json") or record
+            latest.update(status="in_progress", in_progress_at=int(time.time()), _job_id=status.job_id)
+            latest["request_counts"] = {"total": status.prompts_total, "completed": 0, "failed": 0}
+            if latest.get("_cancel_requested"):          # cancelled while validating
+                self.brokers.get().cancel(status.job_id, abandon_running=False)
+                latest["status"] = "cancelling"
+            self._save(latest)
 
     def job_spec(self, record: dict) -> JobSpec:
         return JobSpec(
@@ -268,10 +281,13 @@ class Batches:
         rec = self._refresh(self._load(batch_id))
         if rec["status"] in _TERMINAL or rec["status"] == "cancelling":
             return _public(rec)
-        if not rec.get("_job_id"):                      # still validating: the submitter cancels the job
-            rec.update(_cancel_requested=True, status="cancelling", cancelling_at=int(time.time()))
-            self._save(rec)
-            return _public(rec)
+        if not rec.get("_job_id"):
+            with self._record_lock:
+                rec = self._load(batch_id)
+                if not rec.get("_job_id"):              # still validating: the submitter cancels the job
+                    rec.update(_cancel_requested=True, status="cancelling", cancelling_at=int(time.time()))
+                    self._save(rec)
+                    return _public(rec)
         self.brokers.get().cancel(rec["_job_id"], abandon_running=False)
         rec["_cancel_requested"] = True
         return _public(self._refresh(rec, force_save=True))
@@ -369,8 +385,7 @@ class Batches:
                 continue
             file_id = f"file-{hex_id}-{suffix}"
             if self.store.get_json("files", file_id, "meta.json") is None:
-                self._save_file_lines(file_id, io.read_parts(out, kind), f"{rec['id']}_{suffix}.jsonl",
-                                      "batch_output")
+                self._write_lines(file_id, io.read_parts(out, kind), f"{rec['id']}_{suffix}.jsonl", "batch_output")
             rec[key] = file_id
         counts = manifest.get("records", {})
         if rec["request_counts"].get("total", 0) == 0:
@@ -393,10 +408,7 @@ def batch_router(batches: Batches) -> APIRouter:
     def upload(file: UploadFile = File(...), purpose: str = Form(...)) -> dict:
         if purpose != "batch":
             raise ApiError(400, f"purpose {purpose!r} is not supported here; upload batch input with purpose 'batch'")
-        data = file.file.read(MAX_UPLOAD_BYTES + 1)
-        if len(data) > MAX_UPLOAD_BYTES:
-            raise ApiError(413, f"file is larger than {MAX_UPLOAD_BYTES // 2**20} MiB; split it into several batches")
-        return batches.save_file(data, file.filename or "upload.jsonl", purpose)
+        return batches.save_upload(file.file, file.filename or "upload.jsonl", purpose)
 
     @router.get("/files", summary="Uploaded and output files")
     def list_files(purpose: Optional[str] = None) -> dict:
