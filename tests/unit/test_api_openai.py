@@ -175,3 +175,17 @@ def test_an_upload_over_the_limit_is_a_413_and_leaves_nothing(api_env, tmp_path,
     assert client.get("/v1/files", headers=AUTH).json()["data"] == []
     assert list((tmp_path / "store" / "files").iterdir()) == []
     assert _upload(client, data=b"y" * (3 * 2**20)).status_code == 200
+
+
+def test_cancel_right_after_create_always_ends_cancelled(api_env):
+    _, _, make_client = api_env
+    client = make_client()
+    file_id = _upload(client).json()["id"]
+    for _ in range(8):
+        batch_id = _create(client, file_id).json()["id"]
+        assert client.post(f"/v1/batches/{batch_id}/cancel", headers=AUTH).json()["status"] in ("cancelling", "cancelled")
+        deadline = time.monotonic() + 30
+        while (b := client.get(f"/v1/batches/{batch_id}", headers=AUTH).json())["status"] in ("validating", "cancelling"):
+            assert time.monotonic() < deadline, b
+            time.sleep(0.02)
+        assert b["status"] == "cancelled", b
