@@ -90,26 +90,29 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torc
     if t.banned is not None:
         logits = logits.index_put((t.banned[0], t.banned[1]), torch.tensor(float("-inf"), device=logits.device))
     greedy_tok = logits.argmax(dim=-1)
+    greedy_lp = logits.gather(1, greedy_tok[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
     if t.all_greedy:
-        logp = torch.log_softmax(logits, dim=-1)
-        return greedy_tok, logp.gather(1, greedy_tok[:, None])[:, 0]
+        return greedy_tok, greedy_lp
     greedy = t.temperature == 0
-    x = logits / torch.where(greedy, 1.0, t.temperature)[:, None]
+    x = logits / torch.where(greedy, 1.0, t.temperature)[:, None]                   # [R, V]
     if t.any_top_k or t.any_top_p:
-        xs, idx = x.sort(dim=-1, descending=True)                                   # [R, V]
+        x, ids = x.sort(dim=-1, descending=True)                                    # [R, V], by rank
         rank = torch.arange(x.shape[1], device=x.device)[None, :]
-        remove = (t.top_k[:, None] > 0) & (rank >= t.top_k[:, None])
-        xs = xs.masked_fill(remove, float("-inf"))
+        x = x.masked_fill((t.top_k[:, None] > 0) & (rank >= t.top_k[:, None]), float("-inf"))
         if t.any_top_p:
-            probs = torch.softmax(xs, dim=-1)
+            probs = torch.softmax(x, dim=-1)
             before = probs.cumsum(dim=-1) - probs                                   # mass ranked above each token
-            xs = xs.masked_fill((before >= t.top_p[:, None]) & (rank > 0), float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(1, idx, xs)
-    x = torch.where(greedy[:, None], logits, x)
-    logp = torch.log_softmax(x, dim=-1)                                             # [R, V]
-    vocab = torch.arange(x.shape[1], device=x.device, dtype=torch.int64)
-    h = mix32(t.keys[:, None] ^ mix32(vocab)[None, :])                              # [R, V] in [0, 2^32)
+            x = x.masked_fill((before >= t.top_p[:, None]) & (rank > 0), float("-inf"))
+        if x.device.type == "cpu":
+            # the nucleus is usually small: drawing noise only for surviving ranks is the same draw, cheaper
+            keep = int(torch.isfinite(x).sum(dim=-1).max())
+            x, ids = x[:, :keep], ids[:, :keep]
+    else:
+        ids = torch.arange(x.shape[1], device=x.device, dtype=torch.int64).expand_as(x)
+    logp = x - torch.logsumexp(x, dim=-1, keepdim=True)                             # [R, K]
+    # noise is a function of (row key, vocab id), whatever order or subset of ids is scored
+    h = mix32(t.keys[:, None] ^ mix32(ids))                                          # [R, K] in [0, 2^32)
     u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))                                # uniform in (0, 1)
-    gumbel = -torch.log(-torch.log(u))
-    tok = torch.where(greedy, greedy_tok, (logp + gumbel).argmax(dim=-1))
-    return tok, logp.gather(1, tok[:, None])[:, 0]
+    j = (logp - torch.log(-torch.log(u))).argmax(dim=-1, keepdim=True)              # Gumbel-max
+    tok = torch.where(greedy, greedy_tok, ids.gather(1, j)[:, 0])
+    return tok, torch.where(greedy, greedy_lp, logp.gather(1, j)[:, 0])
