@@ -181,3 +181,9 @@ def test_abort_frees_the_request():
         outs += eng.step()
     assert [o.request_id for o in outs] == ["b"]
     assert eng.scheduler.pool.num_free == eng.num_blocks
+
+
+def test_n_above_max_num_seqs_is_refused():
+    eng = make_engine(max_num_seqs=4)
+    with pytest.raises(ValueError):
+        eng.add_request(Request("a", [5, 6], greedy(3, n=5)))

@@ -128,6 +128,8 @@ class LLMEngine:
                              f"fit max_model_len {self.max_model_len}")
         if p.n < 1 or p.max_new_tokens < 1:
             raise ValueError(f"request {request.request_id}: n and max_new_tokens must be at least 1")
+        if p.n > self.config.max_num_seqs:
+            raise ValueError(f"request {request.request_id}: n={p.n} exceeds max_num_seqs {self.config.max_num_seqs}")
         if request.request_id in self._groups:
             raise ValueError(f"request {request.request_id} is already running")
         fits = self.max_model_len - len(request.prompt_ids)
@@ -165,6 +167,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.chunks:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("the scheduler cannot admit any waiting request (a bug: add_request checks sizes)")
             return []
         if self.plan_hook is not None:
             self.plan_hook(out)
