@@ -35,17 +35,29 @@ def two_nodes(tmp_path, monkeypatch):
     env = {**os.environ, "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
            "RAY_health_check_initial_delay_ms": "1000"}
     env.pop("RAY_ADDRESS", None)
-    head = subprocess.run([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=1",
-                           "--include-dashboard=false", "--disable-usage-stats"],
-                          env=env, capture_output=True, text=True)
-    assert head.returncode == 0, head.stderr
+    # a temp dir of its own: other Ray users on this machine must not find (and join) this cluster
+    temp_dir = f"/tmp/zb-ray-{port}"
+    # both nodes in sessions of their own (--block), so the test stops exactly its own processes
+    head = subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                             f"--temp-dir={temp_dir}", "--num-cpus=2", "--num-gpus=1", "--include-dashboard=false",
+                             "--disable-usage-stats", "--block"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"127.0.0.1:{port}"
-    # the second node in a session of its own, so killing its process group is a node dying
-    second = subprocess.Popen([RAY, "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=1", "--block"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    second = None
     try:
         import ray
-        ray.init(address=address, log_to_driver=False)
+        deadline = time.time() + 90
+        while True:
+            try:
+                ray.init(address=address, log_to_driver=False)
+                break
+            except (ConnectionError, RuntimeError):
+                assert time.time() < deadline and head.poll() is None, "the head node never came up"
+                time.sleep(1)
+        # the second node in a session of its own, so killing its process group is a node dying
+        second = subprocess.Popen([RAY, "start", f"--address={address}", "--node-ip-address=127.0.0.1",
+                                   "--num-cpus=1", "--num-gpus=1", "--block"],
+                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 60
         while len([n for n in ray.nodes() if n["Alive"]]) < 2:
             assert time.time() < deadline, "second node never joined"
@@ -54,10 +66,11 @@ def two_nodes(tmp_path, monkeypatch):
     finally:
         import ray
         ray.shutdown()
-        if second.poll() is None:
-            os.killpg(second.pid, signal.SIGKILL)
-            second.wait()
-        subprocess.run([RAY, "stop", "--force"], capture_output=True)
+        for node in (second, head):
+            if node is not None and node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+                node.wait()
+        subprocess.run(["rm", "-rf", temp_dir])
 
 
 def test_replicas_on_both_nodes_and_a_node_dying(tmp_path, demo_model, redis_url, two_nodes):

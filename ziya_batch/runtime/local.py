@@ -69,12 +69,12 @@ def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optiona
         if not status.state.is_finished():
             started_ray = _start_ray(ray_address)
             external = bool(ray_address or os.environ.get("RAY_ADDRESS"))
-            cpu_threads = None if external else max(1, (os.cpu_count() or 2) - 1)
+            cpu_threads = None if external else max(1, ((os.cpu_count() or 2) - 1) // spec.model.tensor_parallel)
             # on a cluster, replicas wait for GPU nodes to join rather than load the model on a CPU node
             use_gpus = False if cpu else (True if external else None)
             manager = ReplicaManager(url, tensor_parallel=spec.model.tensor_parallel, use_gpus=use_gpus,
                                      replicas=num_workers or (None if spec.model.replicas == "auto" else spec.model.replicas),
-                                     cpu_threads=cpu_threads, worker_prefix=f"run-{job_id[:6]}")
+                                     cpu_threads=cpu_threads, worker_prefix=f"run-{job_id[:6]}", job_id=job_id)
             status = _watch(broker, job_id, manager, progress, poll_s)
         _print_summary(spec, status, time.time() - t0)
         return 0 if status.state == JobState.COMPLETED else 1

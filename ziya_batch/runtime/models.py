@@ -28,11 +28,33 @@ def model_path(spec: JobSpec) -> str:
     return str(ensure_merged(spec.model.base, spec.model.delta, home_dir() / "merged"))
 
 
+def engine_config(spec: JobSpec, device: str):
+    from ..engine.types import EngineConfig
+
+    e = spec.engine
+    return EngineConfig(
+        model_path=model_path(spec), dtype=spec.model.dtype, device=device, max_num_seqs=e.max_num_seqs,
+        max_num_batched_tokens=e.max_num_batched_tokens, block_size=e.block_size,
+        gpu_memory_fraction=e.gpu_memory_fraction, cuda_graphs=e.cuda_graphs,
+        trust_remote_code=spec.model.trust_remote_code)
+
+
+def engine_key(spec: JobSpec) -> tuple:
+    """Jobs with equal keys can share one loaded engine."""
+    return (model_path(spec), spec.model.dtype, spec.model.tensor_parallel, spec.engine.model_dump_json())
+
+
 class ModelCache:
-    def __init__(self, device: str = "auto"):
+    def __init__(self, device: str = "auto", pinned: Optional[tuple] = None):
+        """`pinned`: (spec, engine) of a tensor-parallel replica, whose ranks hold one model for good; a job
+        that needs another model fails here and its shard goes to another replica."""
         self.device = resolve_device(device)
         self._engines: dict[tuple, object] = {}
         self._scorers: dict[tuple, object] = {}
+        self._pinned = None
+        if pinned is not None:
+            self._pinned = engine_key(pinned[0])
+            self._engines[self._pinned] = pinned[1]
 
     def device_name(self) -> str:
         if self.device.startswith("cuda"):
@@ -43,20 +65,17 @@ class ModelCache:
 
     def engine(self, spec: JobSpec):
         from ..engine.engine import LLMEngine
-        from ..engine.types import EngineConfig
+        from ..errors import ModelError
 
-        path = model_path(spec)
-        e = spec.engine
-        key = (path, spec.model.dtype, e.model_dump_json())
+        key = engine_key(spec)
+        if self._pinned is not None and key != self._pinned:
+            raise ModelError(f"this tensor-parallel replica holds {self._pinned[0]} (tensor_parallel "
+                             f"{self._pinned[2]}); the job needs {key[0]} (tensor_parallel {key[2]})")
         if key not in self._engines:
             # one engine at a time on a device: drop others before loading (their memory is needed)
             self._engines.clear()
-            log.info("loading %s on %s", path, self.device)
-            self._engines[key] = LLMEngine(EngineConfig(
-                model_path=path, dtype=spec.model.dtype, device=self.device, max_num_seqs=e.max_num_seqs,
-                max_num_batched_tokens=e.max_num_batched_tokens, block_size=e.block_size,
-                gpu_memory_fraction=e.gpu_memory_fraction, cuda_graphs=e.cuda_graphs,
-                trust_remote_code=spec.model.trust_remote_code))
+            log.info("loading %s on %s", key[0], self.device)
+            self._engines[key] = LLMEngine(engine_config(spec, self.device))
         return self._engines[key]
 
     def reference(self, spec: JobSpec) -> Optional[object]:

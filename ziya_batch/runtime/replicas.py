@@ -30,7 +30,7 @@ class Replica:
 class ReplicaManager:
     def __init__(self, redis_url: str, tensor_parallel: int = 1, replicas: Optional[int] = None,
                  use_gpus: Optional[bool] = None, cpu_threads: Optional[int] = None,
-                 worker_prefix: str = "replica", node_id: Optional[str] = None):
+                 worker_prefix: str = "replica", node_id: Optional[str] = None, job_id: Optional[str] = None):
         self.redis_url = redis_url
         self.tp = tensor_parallel
         self.fixed = replicas                       # None = auto from the cluster's GPUs
@@ -38,8 +38,10 @@ class ReplicaManager:
         self.cpu_threads = cpu_threads
         self.prefix = worker_prefix
         self.node_id = node_id                      # serve only this node's resources (`ziya-batch worker`)
+        self.job_id = job_id                        # tensor_parallel > 1: the job whose model the ranks hold
         self.replicas: dict[str, Replica] = {}
         self.restarts = 0
+        self._pending = None                        # a placement group still waiting for its resources
 
     # -- sizing ------------------------------------------------------------------------------------------
     def _resources(self) -> dict:
@@ -70,14 +72,16 @@ class ReplicaManager:
             # every node carries a tiny `node:<ip>` resource: asking for a sliver of it pins the bundle there
             ip = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == self.node_id)
             bundle[f"node:{ip}"] = 0.001
-        pg = placement_group([dict(bundle) for _ in range(self.tp)], strategy="STRICT_PACK")
-        ready, _ = ray.wait([pg.ready()], timeout=0.5)
+        if self._pending is None:
+            # kept across reconcile calls: on a busy or autoscaling cluster it may take a while to place
+            self._pending = placement_group([dict(bundle) for _ in range(self.tp)], strategy="STRICT_PACK")
+        ready, _ = ray.wait([self._pending.ready()], timeout=0.2)
         if not ready:
-            remove_placement_group(pg)
             return None
-        if self.tp > 1:
-            raise NotImplementedError("tensor_parallel > 1 replicas")
+        pg, self._pending = self._pending, None
         rid = f"{self.prefix}-{uuid.uuid4().hex[:8]}"
+        if self.tp > 1:
+            return self._start_tp(rid, pg, gpu)
         opts = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
         actor = WorkerActor.options(
             **opts, scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0),
@@ -85,6 +89,22 @@ class ReplicaManager:
         rep = Replica(rid, pg, [actor], [actor.serve.remote()])
         self.replicas[rid] = rep
         log.info("started replica %s (%s)", rid, "GPU" if gpu else "CPU")
+        return rep
+
+    def _start_tp(self, rid: str, pg, gpu: bool) -> Replica:
+        from .tp_actors import TPRankActor, rendezvous_address
+
+        if self.job_id is None:
+            raise ValueError("a tensor-parallel replica serves one job's model: pass job_id")
+        in_bundle = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
+        init_method = ray.get(rendezvous_address.options(scheduling_strategy=in_bundle(0)).remote())
+        opts = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}
+        actors = [TPRankActor.options(**opts, scheduling_strategy=in_bundle(r)).remote(
+                      r, self.tp, init_method, self.redis_url, self.job_id, rid, self.cpu_threads)
+                  for r in range(self.tp)]
+        rep = Replica(rid, pg, actors, [a.serve.remote() for a in actors])
+        self.replicas[rid] = rep
+        log.info("started tensor-parallel replica %s (%d ranks, %s)", rid, self.tp, "GPU" if gpu else "CPU")
         return rep
 
     def _drop(self, rep: Replica) -> None:
@@ -122,6 +142,9 @@ class ReplicaManager:
                     a.stop.remote()
                 except Exception:  # noqa: BLE001
                     pass
+        if self._pending is not None:
+            remove_placement_group(self._pending)
+            self._pending = None
         refs = [r for rep in self.replicas.values() for r in rep.serving]
         if refs:
             ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
