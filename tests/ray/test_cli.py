@@ -70,3 +70,13 @@ def test_missing_model_directory_is_refused_at_submit(tmp_path, redis_url):
     inp.write_text('{"prompt": "hi"}\n')
     r = cli("submit", str(_job(tmp_path, [str(inp)], tmp_path / "nomodel")), "--redis-url", redis_url)
     assert r.returncode == 2 and "model.path" in r.stderr and "demo-model" in r.stderr
+
+
+def test_an_empty_input_completes_at_submit(tmp_path, redis_url, demo_model):
+    inp = tmp_path / "empty.jsonl"
+    inp.write_text("\n\n")
+    r = cli("submit", str(_job(tmp_path, [str(inp)], demo_model)), "--redis-url", redis_url)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(cli("status", r.stdout.strip(), "--json", "--redis-url", redis_url).stdout)
+    assert st["state"] == "completed" and st["prompts_total"] == 0
+    assert io.read_manifest(str(tmp_path / "out"))["summary"]["state"] == "completed"

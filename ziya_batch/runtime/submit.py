@@ -55,7 +55,15 @@ def submit_job(spec: JobSpec, broker, check_model_dir: bool = False):
         check_model(spec)
     check_output_owner(spec)
     committed = {i: _stats_from_marker(m) for i, m in io.committed_shards(spec.output.path).items()}
-    return broker.submit(spec, _shard_refs(job_id, files, spec.shard_size), committed=committed)
+    status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size), committed=committed)
+    if status.state == JobState.FINALIZING:
+        # nothing left to run (an empty input, or every shard already in storage): no worker commit will
+        # come to finish the job, so finish it here
+        from .finalize import finalize_if_ready
+
+        finalize_if_ready(broker, job_id)
+        status = broker.status(job_id)
+    return status
 
 
 def _stats_from_marker(marker):
