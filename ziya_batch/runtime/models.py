@@ -78,24 +78,21 @@ class ModelCache:
             self._engines[key] = LLMEngine(engine_config(spec, self.device))
         return self._engines[key]
 
-    def reference(self, spec: JobSpec) -> Optional[object]:
-        path = spec.experience.reference_model
+    def _scorer(self, kind: str, path: Optional[str], dtype: str):
         if not path:
             return None
-        key = ("ref", path, spec.model.dtype)
+        key = (kind, path, dtype)
         if key not in self._scorers:
-            from ..engine.scoring import ReferenceScorer
+            from ..engine import scoring
 
-            self._scorers[key] = ReferenceScorer(path, device=self.device, dtype=spec.model.dtype)
+            cls = scoring.ReferenceScorer if kind == "reference" else scoring.RewardScorer
+            self._scorers[key] = cls(path, device=self.device, dtype=dtype)
         return self._scorers[key]
+
+    def reference(self, spec: JobSpec) -> Optional[object]:
+        """The reference model's scorer (ref_logprobs and kl), or None when the spec names none."""
+        return self._scorer("reference", spec.experience.reference_model, spec.model.dtype)
 
     def reward(self, spec: JobSpec) -> Optional[object]:
-        path = spec.experience.reward_model
-        if not path:
-            return None
-        key = ("reward", path, spec.model.dtype)
-        if key not in self._scorers:
-            from ..engine.scoring import RewardScorer
-
-            self._scorers[key] = RewardScorer(path, device=self.device, dtype=spec.model.dtype)
-        return self._scorers[key]
+        """The reward model's scorer, or None when the spec names none."""
+        return self._scorer("reward", spec.experience.reward_model, spec.model.dtype)
