@@ -132,6 +132,8 @@ def test_reaper_requeues_only_expired_leases_and_counts_them(broker):
     assert broker.reap() == []
     assert broker.heartbeat(b) and not broker.heartbeat(a)
     st = broker.status(job_id, detail=True)
-    assert st.retries == 2 and st.dead_shards == 2
+    assert st.retries == 2 and st.dead_shards == 2 and st.lease_expiries == 2
+    assert broker.fail(b, "boom") == "dead" and broker.status(job_id).lease_expiries == 2  # a failure is no expiry
+    assert broker.lease_expiries() == 2
     assert {e["reason"] for e in st.errors} == {"lease expired"}
     assert {e["worker_id"] for e in st.errors} == {"w1", "w3"}

@@ -242,6 +242,10 @@ class Broker:
                 done.append((job_id, index, out))
         return done
 
+    def lease_expiries(self) -> int:
+        """Leases that expired and were taken back by a reaper, over every job (the /metrics counter)."""
+        return sum(st.lease_expiries for st in self.list_jobs())
+
     # -- job life -----------------------------------------------------------------------------------------
     def begin_finalize(self, job_id: str, owner: Optional[str] = None, ttl_s: float = FINALIZE_TTL_S) -> bool:
         """True for exactly one caller while the job is finalizing (again after `ttl_s` if it died)."""

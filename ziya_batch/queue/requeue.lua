@@ -65,6 +65,7 @@ redis.call('ZREM', KEYS[4], ARGV[2])
 redis.call('ZREM', KEYS[5], ARGV[9])
 redis.call('ZADD', KEYS[3], int(not_before), ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'retries', 1)
+if expired then redis.call('HINCRBY', KEYS[1], 'lease_expiries', 1) end
 local outcome = 'retry'
 if target == 'dead' then outcome = 'dead' end
 local entry = {ts_ms = now, shard = tonumber(ARGV[2]), token = token, attempt = attempt,

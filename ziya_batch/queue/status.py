@@ -98,7 +98,8 @@ def build_status(broker: "Broker", job_id: str, detail: bool = False) -> JobStat
         shards_total=int(h.get("total_shards", 0)), shards=counts, prompts_total=total, prompts_done=done,
         prompts_failed=failed, samples=int(h.get("samples", 0)), output_tokens=int(h.get("output_tokens", 0)),
         tokens_per_s=tokens_per_s, prompts_per_s=prompts_per_s, eta_s=eta_s, workers=workers,
-        retries=int(h.get("retries", 0)), dead_shards=int(dead_count), dead_lines=int(h.get("dead_lines", 0)),
+        retries=int(h.get("retries", 0)), lease_expiries=int(h.get("lease_expiries", 0)),
+        dead_shards=int(dead_count), dead_lines=int(h.get("dead_lines", 0)),
         error=h.get("error"), **extra)
 
 

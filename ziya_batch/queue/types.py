@@ -88,6 +88,7 @@ class JobStatus:
     eta_s: Optional[float]           # remaining prompts / prompts_per_s; None while nothing is moving
     workers: tuple                   # ({"worker_id", "host", "shards": [index, ...]}, ...) holding leases now
     retries: int                     # failed or expired attempts, all shards together
+    lease_expiries: int              # of those, leases that expired (worker died, hung or lost Redis)
     dead_shards: int                 # shards that were dead-lettered
     dead_lines: int                  # lines given up on alone (they crashed generation in isolate mode)
     error: Optional[str] = None      # why the job failed
@@ -110,6 +111,7 @@ class JobStatus:
             "tokens_per_s": round(self.tokens_per_s, 3), "prompts_per_s": round(self.prompts_per_s, 3),
             "eta_s": None if self.eta_s is None else round(self.eta_s, 1),
             "workers": [dict(w) for w in self.workers], "retries": self.retries,
+            "lease_expiries": self.lease_expiries,
             "dead_shards": self.dead_shards, "dead_lines": self.dead_lines, "error": self.error,
         }
         if self.detail:
