@@ -234,6 +234,7 @@ def test_metrics_read_the_queue_at_scrape_time(api_env, api_redis_url):
     assert m[("ziya_batch_worker_info", (("device", "NVIDIA H100 80GB HBM3"), ("host", "host-a"), ("worker_id", "w-gpu")))] == 1
     assert ("ziya_batch_job_tokens_per_second", job) in m and ("ziya_batch_job_retries_total", job) in m
     assert ("ziya_batch_job_dead_letter_shards", job) in m
+    assert m[("ziya_batch_job_lease_expiries_total", job)] == 0 and m[("ziya_batch_lease_expiries_total", ())] == 0
     # a second scrape sees the change: nothing is cached in the API process
     broker.unregister_worker("w-cpu")
     assert _samples(client.get("/metrics", headers=AUTH).text)[("ziya_batch_workers", ())] == 1
