@@ -90,11 +90,16 @@ def cancel(
 def worker(
     address: Optional[str] = typer.Option(None, "--address", help="Ray address to join (default: $RAY_ADDRESS)"),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", min=1, help="GPUs one replica is sharded over"),
+    job: Optional[str] = typer.Option(None, "--job", help="With --tensor-parallel > 1: the job whose model the replicas hold"),
 ):
     """Join a Ray cluster and serve the queue with this node's GPUs until stopped."""
+    from .errors import SpecError
     from .runtime.cluster import serve_node
 
-    serve_node(redis_url=redis_url, ray_address=address)
+    if tensor_parallel > 1 and not job:
+        raise SpecError("--tensor-parallel > 1 shards one model over several GPUs: name the job it serves with --job JOB_ID")
+    serve_node(redis_url=redis_url, ray_address=address, tensor_parallel=tensor_parallel, job_id=job)
 
 
 @app.command("merge-delta")

@@ -36,7 +36,7 @@ def _join(address: str) -> bool:
 
 
 def serve_node(redis_url: Optional[str] = None, ray_address: Optional[str] = None,
-               tensor_parallel: int = 1, poll_s: float = 5.0) -> None:
+               tensor_parallel: int = 1, job_id: Optional[str] = None, poll_s: float = 5.0) -> None:
     import ray
 
     from .replicas import ReplicaManager
@@ -50,7 +50,8 @@ def serve_node(redis_url: Optional[str] = None, ray_address: Optional[str] = Non
     started = _join(address)
     ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
     node_id = ray.get_runtime_context().get_node_id()
-    manager = ReplicaManager(url, tensor_parallel=tensor_parallel, node_id=node_id, worker_prefix="node")
+    manager = ReplicaManager(url, tensor_parallel=tensor_parallel, node_id=node_id, worker_prefix="node",
+                             job_id=job_id)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
