@@ -212,16 +212,17 @@ def test_report_main_by_job_id_adds_the_redis_status(tmp_path, monkeypatch, api_
     from ziya_batch.spec import parse_spec
 
     inp = tmp_path / "in.jsonl"
-    inp.write_text("".join(f'{{"id": "p{i}", "prompt": "q{i}"}}\n' for i in range(100)))
+    # 5 shards, 4 of them already in storage: the job is still open, so the page reads the commit markers
+    inp.write_text("".join(f'{{"id": "p{i}", "prompt": "q{i}"}}\n' for i in range(125)))
     out = make_output(tmp_path / "out", shards=4, per_shard=25, manifest=False)
     spec = parse_spec({"name": "by-id", "model": {"path": "/m"}, "input": [str(inp)],
                        "output": {"path": str(out)}, "shard_size": 25})
     monkeypatch.setenv("ZIYA_BATCH_REDIS_URL", api_redis_url)
     status = submit_job(spec, Broker.from_url(api_redis_url))
-    assert status.shards_total == 4
+    assert status.shards_total == 5
     page = report_main(status.job_id, tmp_path / "r.html").read_text()
     assert "by-id" in page and status.job_id in page and "commit markers" in page
-    assert "prompts total</th><td>100" in page
+    assert "prompts total</th><td>125" in page
     from ziya_batch.errors import JobNotFound
 
     with pytest.raises(JobNotFound, match="no job nosuchjob"):
