@@ -1,8 +1,6 @@
 """The `ziya-batch` command. Every error a user can cause ends in one line on stderr and a non-zero exit."""
 from __future__ import annotations
 
-import json
-import os
 import sys
 from typing import List, Optional
 

@@ -205,6 +205,15 @@ def _y_axis(ymax: float) -> str:
     return "".join(out)
 
 
+def _bars(values: list[float], vmax: float, titles: list[str], extra: str = "") -> list[str]:
+    """One SVG bar per value, side by side across the plot area, scaled to vmax, each with a hover title."""
+    plot_w, plot_h = W - PAD_L - PAD_R, H - PAD_B - PAD_T
+    bw = plot_w / len(values)
+    return [f'<rect x="{PAD_L + i * bw + 1:.1f}" y="{H - PAD_B - plot_h * v / vmax:.1f}" width="{max(1.0, bw - 2):.1f}" '
+            f'height="{plot_h * v / vmax:.1f}" fill="{_BAR}"{extra}><title>{t}</title></rect>'
+            for i, (v, t) in enumerate(zip(values, titles))]
+
+
 def histogram_svg(values: Counter | Iterable[float], xlabel: str, title: str, bins: int = 30) -> str:
     """Bars of counts over equal-width bins of the values (a Counter maps value -> count)."""
     counts = values if isinstance(values, Counter) else Counter(values)
@@ -219,11 +228,9 @@ def histogram_svg(values: Counter | Iterable[float], xlabel: str, title: str, bi
     for v, c in counts.items():
         heights[min(nb - 1, int((v - lo) / width))] += c
     ymax = max(heights) or 1
-    plot_w, plot_h = W - PAD_L - PAD_R, H - PAD_B - PAD_T
-    bw = plot_w / nb
-    bars = [f'<rect x="{PAD_L + i * bw + 1:.1f}" y="{H - PAD_B - plot_h * h / ymax:.1f}" width="{max(1.0, bw - 2):.1f}" '
-            f'height="{plot_h * h / ymax:.1f}" fill="{_BAR}"><title>{_fmt(lo + i * width)}..{_fmt(lo + (i + 1) * width)}: {h}</title></rect>'
-            for i, h in enumerate(heights)]
+    plot_w = W - PAD_L - PAD_R
+    bars = _bars(heights, ymax, [f"{_fmt(lo + i * width)}..{_fmt(lo + (i + 1) * width)}: {h}"
+                                 for i, h in enumerate(heights)])
     ticks = "".join(f'<text x="{PAD_L + plot_w * i / 4:.1f}" y="{H - PAD_B + 14}" text-anchor="middle" font-size="10">'
                     f'{_fmt(lo + (hi - lo) * i / 4)}</text>' for i in range(5))
     return _frame(_y_axis(ymax) + "".join(bars) + ticks, xlabel, "count", title)
@@ -272,10 +279,7 @@ def throughput_svg(commits: list[tuple[float, int, int]], started_at: Optional[f
     total = sum(c[1] for c in commits) or 1
     rmax = max(rates) or 1
     plot_w, plot_h = W - PAD_L - PAD_R, H - PAD_B - PAD_T
-    bw = plot_w / nb
-    bars = [f'<rect x="{PAD_L + i * bw + 1:.1f}" y="{H - PAD_B - plot_h * r / rmax:.1f}" width="{max(1.0, bw - 2):.1f}" '
-            f'height="{plot_h * r / rmax:.1f}" fill="{_BAR}" opacity="0.8"><title>{_fmt(r)} tokens/s</title></rect>'
-            for i, r in enumerate(rates)]
+    bars = _bars(rates, rmax, [f"{_fmt(r)} tokens/s" for r in rates], ' opacity="0.8"')
     cum, pts = 0, [f"{PAD_L},{H - PAD_B}"]
     for t, tokens, _ in commits:
         cum += tokens

@@ -2,7 +2,6 @@
 import collections
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -3,7 +3,6 @@ fields, SFT filters and Parquet parts."""
 import collections
 import json
 import math
-import threading
 
 import pyarrow.parquet as pq
 import pytest

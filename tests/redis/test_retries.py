@@ -1,5 +1,4 @@
 """Retries with backoff, dead letters, isolate mode with bad lines, the reaper."""
-import time
 
 from queue_support import expire, make_shards, make_spec, wait_claim
 from ziya_batch.queue import Broker, JobState, ShardStats

@@ -48,7 +48,7 @@ def parse_shard(lines: Iterable[tuple[int, bytes]], file: str, spec: JobSpec, to
     work = ShardWork()
     for line_no, raw in lines:
         if line_no in bad_lines:
-            work.failures.append(LineFailure(_guess_id(raw, file, line_no, spec.format), file, line_no,
+            work.failures.append(LineFailure(line_id(raw, file, line_no, spec.format), file, line_no,
                                              errors.RETRIES_EXHAUSTED,
                                              "this line crashed generation on every attempt and was set aside"))
             continue
@@ -60,12 +60,14 @@ def parse_shard(lines: Iterable[tuple[int, bytes]], file: str, spec: JobSpec, to
                                 f"prompt is {len(ids)} tokens; the model's context is {max_model_len}")
             work.prompts.append((pl, ids))
         except LineError as err:
-            work.failures.append(LineFailure(_guess_id(raw, file, line_no, spec.format), file, line_no,
+            work.failures.append(LineFailure(line_id(raw, file, line_no, spec.format), file, line_no,
                                              err.code, err.message))
     return work
 
 
-def _guess_id(raw: bytes, file: str, line_no: int, fmt: str) -> str:
+def line_id(raw: bytes, file: str, line_no: int, fmt: str) -> str:
+    """The id an error line carries: the line's own id (custom_id for openai-batch) if it can be read,
+    else <file>:<line>."""
     import json
 
     try:

@@ -4,7 +4,6 @@ every step's plan is broadcast and all ranks compute it on their shard of the we
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 from typing import Optional

@@ -10,14 +10,13 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from typing import Callable, Optional
 
 from .. import errors, io
 from ..records import LineFailure
 from ..spec import JobSpec
-from .generation import build_parts, generate_lines, parse_shard, score_results
+from .generation import build_parts, generate_lines, line_id, parse_shard, score_results
 from .models import ModelCache
 
 log = logging.getLogger(__name__)
@@ -151,9 +150,9 @@ class Worker:
         shard = lease.shard
         lines = list(io.read_shard(shard))
         if lease.dead_letter:
-            failures = [LineFailure(_id, shard.file, no, errors.RETRIES_EXHAUSTED,
+            failures = [LineFailure(line_id(raw, shard.file, no, spec.format), shard.file, no, errors.RETRIES_EXHAUSTED,
                                     f"shard {shard.index} failed {lease.attempt - 1} times; giving up on its lines")
-                        for no, _id in ((no, _raw_id(raw, shard.file, no, spec.format)) for no, raw in lines)]
+                        for no, raw in lines]
             parts = build_parts(spec, [], failures)
             return parts, ShardStats(prompts_done=0, prompts_failed=len(failures), samples=0, output_tokens=0, parts={})
         engine = self.models.engine(spec)
@@ -177,8 +176,3 @@ class Worker:
         return parts, ShardStats(prompts_done=len(results), prompts_failed=len(failures), samples=samples,
                                  output_tokens=tokens, parts={})
 
-
-def _raw_id(raw: bytes, file: str, line_no: int, fmt: str) -> str:
-    from .generation import _guess_id
-
-    return _guess_id(raw, file, line_no, fmt)
