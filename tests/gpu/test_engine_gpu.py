@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from ziya_batch.engine.attention import decode_attention_torch, decode_attention_triton
+from ziya_batch.engine.attention import (PrefillBatch, decode_attention_torch, decode_attention_triton,
+                                         prefill_attention_torch, prefill_attention_triton, prefill_q_blocks)
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.testing import hf_greedy, tiny_llama
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
@@ -39,6 +40,33 @@ def test_triton_paged_decode_matches_torch_reference(heads, kv_heads):
     out = torch.full_like(q, float("nan"))
     decode_attention_triton(q, kc, vc, bt, lens, bs, out)
     ref = decode_attention_torch(q.float(), kc.float(), vc.float(), bt, lens, bs)
+    err = (out.float() - ref).norm() / ref.norm()
+    assert not out.isnan().any() and err < 3e-3
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(40, 40), (32, 8)])
+def test_triton_paged_prefill_matches_torch_reference(heads, kv_heads):
+    """Chunks with and without cached context, lengths that are not multiples of the query block, scattered
+    blocks: one kernel launch against one SDPA call per chunk."""
+    torch.manual_seed(0)
+    D, bs, nblocks = 128, 16, 1700
+    kc = torch.randn(nblocks * bs, kv_heads, D, device="cuda", dtype=torch.float16)
+    vc = torch.randn_like(kc)
+    shapes = [(1, 0), (5, 0), (64, 0), (65, 0), (300, 0), (17, 33), (128, 512), (200, 1), (3, 700)]  # (n, ctx0)
+    chunks, tok = [], 0
+    for n, ctx0 in shapes:
+        chunks.append((tok, n, ctx0))
+        tok += n
+    perm = torch.randperm(nblocks, device="cuda")
+    bt = perm[:len(shapes) * 48].view(len(shapes), 48).to(torch.int32)      # 48 * 16 >= 703
+    info = torch.tensor(chunks, device="cuda", dtype=torch.int32).T.contiguous()
+    qbs = torch.tensor(prefill_q_blocks([n for n, _ in shapes]), device="cuda", dtype=torch.int32).T.contiguous()
+    pre = PrefillBatch(chunks, bt, info, qbs)
+    q = torch.randn(tok, heads, D, device="cuda", dtype=torch.float16)
+    out = torch.full_like(q, float("nan"))
+    prefill_attention_triton(q, kc, vc, pre, bs, out)
+    ref = torch.zeros(tok, heads, D, device="cuda")
+    prefill_attention_torch(q.float(), kc.float(), vc.float(), pre, bs, ref)
     err = (out.float() - ref).norm() / ref.norm()
     assert not out.isnan().any() and err < 3e-3
 

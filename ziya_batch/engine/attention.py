@@ -2,9 +2,10 @@
 
 A step's tokens are laid out decode-first: the first `num_decode` tokens each are one query at the end of
 its own sequence (decode, or a one-token prefill chunk) and go through the paged decode path, which reads
-only that sequence's blocks through its block table: a Triton kernel on CUDA, plain torch elsewhere. The
-remaining tokens are prefill chunks; each chunk attends to its sequence's cached context plus itself via
-torch SDPA over the gathered K/V.
+only that sequence's blocks through its block table. The remaining tokens are prefill chunks; each chunk's
+queries attend causally to its sequence's cached context plus the chunk itself, also read through the block
+table (the chunk's own K/V are written to the cache first). On CUDA both paths are one Triton kernel launch a
+layer each, whatever the number of sequences; elsewhere they are plain torch (a loop over prefill chunks).
 
 Cache layout per layer: k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim]; a token's slot is
 block_id * block_size + offset, so the cache viewed as [num_slots, kv_heads, head_dim] is indexed by slot.
@@ -12,7 +13,8 @@ block_id * block_size + offset, so the cache viewed as [num_slots, kv_heads, hea
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +26,21 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
+# query rows per program of the Triton prefill kernel; the runner splits chunks into blocks of this size
+PREFILL_BLOCK_M = 64
+
+
 @dataclass
-class PrefillChunk:
-    token_start: int          # first row of this chunk in the step's flat token batch
-    num_tokens: int
-    context_start: int        # position of the chunk's first token (tokens before it are cached)
-    slots: torch.Tensor       # [context_start + num_tokens] int64: cache slots of positions 0..end-1
+class PrefillBatch:
+    """The step's prefill chunks. chunks (host ints, for the torch path): (token_start, num_tokens,
+    context_start) each, token_start being the chunk's first row in the step's flat batch and context_start
+    the position of its first token (positions before it are cached). Device tensors (Triton path):
+    info [3, P] int32 = the same three numbers; block_tables [P, max_blocks] int32; q_blocks [2, NQB] int32 =
+    (chunk index, first query offset in the chunk) for every PREFILL_BLOCK_M queries of every chunk."""
+    chunks: list[tuple[int, int, int]]
+    block_tables: torch.Tensor
+    info: torch.Tensor
+    q_blocks: torch.Tensor
 
 
 @dataclass
@@ -39,8 +50,13 @@ class AttentionMetadata:
     block_tables: torch.Tensor            # [num_decode, max_blocks] int32
     context_lens: torch.Tensor            # [num_decode] int32: tokens each decode query attends to (incl. itself)
     block_size: int
-    prefills: list[PrefillChunk] = field(default_factory=list)
+    prefill: Optional[PrefillBatch] = None
     use_triton: bool = False
+
+
+def prefill_q_blocks(lens: list[int]) -> list[tuple[int, int]]:
+    """(chunk index, query offset) of every PREFILL_BLOCK_M-row block of chunks with these lengths."""
+    return [(i, off) for i, n in enumerate(lens) for off in range(0, n, PREFILL_BLOCK_M)]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -61,22 +77,34 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         else:
             out[:nd] = decode_attention_torch(q[:nd], k_flat, v_flat, meta.block_tables, meta.context_lens,
                                               meta.block_size)
-    for c in meta.prefills:
-        qs = q[c.token_start:c.token_start + c.num_tokens].transpose(0, 1).unsqueeze(0)   # [1, Hq, n, D]
-        ks = k_flat[c.slots].transpose(0, 1).unsqueeze(0)                                  # [1, Hkv, ctx, D]
-        vs = v_flat[c.slots].transpose(0, 1).unsqueeze(0)
+    if meta.prefill is not None and meta.prefill.chunks:
+        if meta.use_triton:
+            prefill_attention_triton(q, k_flat, v_flat, meta.prefill, meta.block_size, out)
+        else:
+            prefill_attention_torch(q, k_flat, v_flat, meta.prefill, meta.block_size, out)
+    return out
+
+
+def prefill_attention_torch(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, pre: PrefillBatch,
+                            block_size: int, out: torch.Tensor) -> None:
+    """Reference path: one SDPA call per chunk over its gathered context. q, out: [T, Hq, D]."""
+    Hq, Hkv = q.shape[1], k_flat.shape[1]
+    for i, (tok, n, ctx0) in enumerate(pre.chunks):
+        ctx = ctx0 + n
+        pos = torch.arange(ctx, device=q.device)
+        slots = pre.block_tables[i].long()[pos // block_size] * block_size + pos % block_size
+        qs = q[tok:tok + n].transpose(0, 1).unsqueeze(0)                                 # [1, Hq, n, D]
+        ks = k_flat[slots].transpose(0, 1).unsqueeze(0)                                  # [1, Hkv, ctx, D]
+        vs = v_flat[slots].transpose(0, 1).unsqueeze(0)
         if Hkv != Hq:
             ks = ks.repeat_interleave(Hq // Hkv, dim=1)
             vs = vs.repeat_interleave(Hq // Hkv, dim=1)
-        if c.context_start == 0:
+        if ctx0 == 0:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
         else:
-            ctx = c.context_start + c.num_tokens
-            qpos = torch.arange(c.context_start, ctx, device=q.device)
-            mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]          # [n, ctx]
+            mask = pos[None, :] <= torch.arange(ctx0, ctx, device=q.device)[:, None]     # [n, ctx]
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask)
-        out[c.token_start:c.token_start + c.num_tokens] = o[0].transpose(0, 1)
-    return out
+        out[tok:tok + n] = o[0].transpose(0, 1)
 
 
 def decode_attention_torch(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, block_tables: torch.Tensor,
@@ -136,6 +164,71 @@ if triton is not None:
         tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty))
 
 
+if triton is not None:
+    @triton.jit
+    def _paged_prefill_kernel(Q, K, V, O, BT, INFO, QB, scale, stride_qt, stride_qh, stride_ks, stride_kh,
+                              stride_btb, stride_ot, stride_oh, stride_info, stride_qb, GROUP: tl.constexpr,
+                              BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                              NUM_STAGES: tl.constexpr):
+        # one program per (BLOCK_M queries of one chunk, query head): flash attention (online softmax,
+        # tensor-core dots) over the chunk's sequence read through its block table, causal by position
+        qb = tl.program_id(0)
+        h = tl.program_id(1)
+        kvh = h // GROUP
+        c = tl.load(QB + qb)
+        off = tl.load(QB + stride_qb + qb)
+        tok0 = tl.load(INFO + c)
+        n = tl.load(INFO + stride_info + c)
+        ctx0 = tl.load(INFO + 2 * stride_info + c)
+        m = off + tl.arange(0, BLOCK_M)
+        qmask = m < n
+        qpos = ctx0 + m                                                                    # [BLOCK_M]
+        d = tl.arange(0, D)
+        q = tl.load(Q + (tok0 + m)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=qmask[:, None],
+                    other=0.0)                                                             # [BLOCK_M, D]
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        end = ctx0 + tl.minimum(off + BLOCK_M, n)          # keys this block needs: positions < end
+        for start in tl.range(0, end, BLOCK_N, num_stages=NUM_STAGES):
+            t = start + tl.arange(0, BLOCK_N)
+            kmask = t < end
+            page = tl.load(BT + c * stride_btb + t // BS, mask=kmask, other=0).to(tl.int64)
+            offs = (page * BS + t % BS)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+            k = tl.load(K + offs, mask=kmask[:, None], other=0.0)                          # [BLOCK_N, D]
+            v = tl.load(V + offs, mask=kmask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale                                             # [BLOCK_M, BLOCK_N]
+            s = tl.where((t[None, :] <= qpos[:, None]) & kmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / tl.maximum(l_i, 1e-20)[:, None]
+        tl.store(O + (tok0 + m)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty),
+                 mask=qmask[:, None])
+
+
+# (BLOCK_N, num_warps, num_stages) of the prefill kernel; tune_prefill_kernel picks one on the real GPU
+PREFILL_CONFIGS = [(bn, w, st) for bn in (32, 64) for w in (4, 8) for st in (2, 3)]
+_prefill_config: dict[tuple, tuple[int, int, int]] = {}
+
+
+def prefill_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, pre: PrefillBatch,
+                             block_size: int, out: torch.Tensor, config: tuple[int, int, int] | None = None) -> None:
+    """One launch for every prefill chunk of the step. q, out: [T, Hq, D]."""
+    Hq, D = q.shape[1], q.shape[2]
+    Hkv = k_flat.shape[1]
+    bn, warps, stages = config or _prefill_config.get((Hq, Hkv, D, q.dtype), (64, 4, 2))
+    nqb = pre.q_blocks.shape[1]
+    _paged_prefill_kernel[(nqb, Hq)](
+        q, k_flat, v_flat, out, pre.block_tables, pre.info, pre.q_blocks, 1.0 / math.sqrt(D),
+        q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1), pre.block_tables.stride(0),
+        out.stride(0), out.stride(1), pre.info.stride(0), pre.q_blocks.stride(0), GROUP=Hq // Hkv, BS=block_size,
+        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=bn, D=D, NUM_STAGES=stages, num_warps=warps)
+
+
 # (BLOCK_N, num_warps, num_stages); tune_decode_kernel picks one per head shape on the real GPU
 DECODE_CONFIGS = [(32, 4, 2)] + [(bn, w, st) for bn in (64, 128) for w in (4, 8) for st in (1, 3)]
 _decode_config: dict[tuple, tuple[int, int, int]] = {}
@@ -180,4 +273,36 @@ def tune_decode_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, ba
         results.append((cfg, t))
     if results:
         _decode_config[(num_heads, Hkv, D, k_flat.dtype)] = min(results, key=lambda r: r[1])[0]
+    return results
+
+
+def tune_prefill_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, chunk: int = 512,
+                        num_chunks: int = 4) -> list[tuple[tuple[int, int, int], float]]:
+    """Times every prefill config on chunks of `chunk` new tokens after as many cached ones, over the real
+    cache tensor (read only), and keeps the fastest for this head shape. Returns [(config, seconds)]."""
+    from triton.testing import do_bench
+    Hkv, D = k_flat.shape[1], k_flat.shape[2]
+    per_seq = -(-2 * chunk // block_size)
+    num_blocks = k_flat.shape[0] // block_size - 1
+    if num_blocks < per_seq * num_chunks:
+        return []
+    dev = k_flat.device
+    T = chunk * num_chunks
+    q = torch.randn(T, num_heads, D, device=dev, dtype=k_flat.dtype)
+    out = torch.empty_like(q)
+    bt = torch.randperm(num_blocks, device=dev)[:per_seq * num_chunks].view(num_chunks, per_seq).to(torch.int32)
+    chunks = [(i * chunk, chunk, chunk) for i in range(num_chunks)]
+    info = torch.tensor(chunks, device=dev, dtype=torch.int32).T.contiguous()
+    qbs = torch.tensor(prefill_q_blocks([chunk] * num_chunks), device=dev, dtype=torch.int32).T.contiguous()
+    pre = PrefillBatch(chunks, bt, info, qbs)
+    results = []
+    for cfg in PREFILL_CONFIGS:
+        try:
+            t = do_bench(lambda: prefill_attention_triton(q, k_flat, k_flat, pre, block_size, out, cfg),
+                         warmup=5, rep=20, return_mode="median") / 1e3
+        except Exception:  # a config the compiler rejects (resources) is skipped
+            continue
+        results.append((cfg, t))
+    if results:
+        _prefill_config[(num_heads, Hkv, D, k_flat.dtype)] = min(results, key=lambda r: r[1])[0]
     return results

@@ -8,7 +8,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ziya_batch.engine.attention import AttentionMetadata, PrefillChunk, tune_decode_kernel
+from ziya_batch.engine.attention import (AttentionMetadata, PrefillBatch, prefill_q_blocks, tune_decode_kernel,
+                                         tune_prefill_kernel)
 from ziya_batch.engine.model import LlamaModel
 from ziya_batch.engine.scheduler import ScheduledChunk, SchedulerOutput, Sequence
 
@@ -27,14 +28,16 @@ class ModelRunner:
             self.graph_sizes.append(max_num_seqs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.decode_tuning: list = []
+        self.prefill_tuning: list = []
         if use_triton:
             from ziya_batch.engine.fused import check_fused
             a = model.args
             model.use_fused = check_fused(device, model.embed.dtype, a.hidden_size, model.layers[0].local_heads,
                                           a.head_dim, model.layers[0].gate_up_proj.shape[0] // 2, a.rope_theta)
             k = kv_caches[0][0]
-            self.decode_tuning = tune_decode_kernel(k.view(-1, k.shape[2], k.shape[3]), model.layers[0].local_heads,
-                                                    block_size)
+            k_flat = k.view(-1, k.shape[2], k.shape[3])
+            self.decode_tuning = tune_decode_kernel(k_flat, model.layers[0].local_heads, block_size)
+            self.prefill_tuning = tune_prefill_kernel(k_flat, model.layers[0].local_heads, block_size)
         if self.graph_sizes:
             self._capture_graphs()
 
@@ -73,31 +76,31 @@ class ModelRunner:
             ids.append(np.asarray(c.seq.token_ids[c.start:c.start + c.num_tokens], dtype=np.int64))
             pos.append(np.arange(c.start, c.start + c.num_tokens))
             slots.append(self._slots(c.seq, c.start, c.start + c.num_tokens))
-        bt = np.zeros((nd, self.max_blocks), dtype=np.int64)
-        for i, c in enumerate(chunks[:nd]):
+        bt = np.zeros((len(chunks), self.max_blocks), dtype=np.int64)    # decode rows, then prefill rows
+        for i, c in enumerate(chunks):
             bt[i, :len(c.seq.block_ids)] = c.seq.block_ids
         ctx = np.array([c.start + 1 for c in chunks[:nd]], dtype=np.int64)
-        prefill_slots = [self._slots(c.seq, 0, c.start + c.num_tokens) for c in chunks[nd:]]
+        pchunks, tok = [], nd
+        for c in chunks[nd:]:
+            pchunks.append((tok, c.num_tokens, c.start))
+            tok += c.num_tokens
+        info = np.asarray(pchunks, dtype=np.int64).reshape(-1, 3).T
+        qbs = np.asarray(prefill_q_blocks([n for _, n, _ in pchunks]), dtype=np.int64).reshape(-1, 2).T
         ids_a, pos_a, slots_a = np.concatenate(ids), np.concatenate(pos), np.concatenate(slots)
         T = len(ids_a)
-        packed = np.concatenate([ids_a, pos_a, slots_a, bt.reshape(-1), ctx, np.asarray(row_idx, dtype=np.int64),
-                                 *prefill_slots])
+        packed = np.concatenate([ids_a, pos_a, slots_a, np.asarray(row_idx, dtype=np.int64), ctx, bt.reshape(-1),
+                                 info.reshape(-1), qbs.reshape(-1)])
         dev = torch.from_numpy(packed).to(self.device, non_blocking=True)
-        o = 0
-
-        def take(n: int) -> torch.Tensor:
-            nonlocal o
-            o += n
-            return dev[o - n:o]
-        ids_t, pos_t, slots_t = take(T), take(T), take(T)
-        bt_t = take(bt.size).view(nd, self.max_blocks).to(torch.int32)
-        ctx_t = take(nd).to(torch.int32)
-        rows_t = take(len(row_idx))
-        prefills, tok = [], nd
-        for c, ps in zip(chunks[nd:], prefill_slots):
-            prefills.append(PrefillChunk(tok, c.num_tokens, c.start, take(len(ps))))
-            tok += c.num_tokens
-        meta = AttentionMetadata(slots_t, nd, bt_t, ctx_t, self.block_size, prefills, self.use_triton)
+        ids_t, pos_t, slots_t, rows_t = dev[:T], dev[T:2 * T], dev[2 * T:3 * T], dev[3 * T:3 * T + len(row_idx)]
+        small = dev[3 * T + len(row_idx):].to(torch.int32)       # one conversion for every int32 table
+        ctx_t = small[:nd]
+        bt_t = small[nd:nd + bt.size].view(len(chunks), self.max_blocks)
+        o = nd + bt.size
+        prefill = None
+        if pchunks:
+            prefill = PrefillBatch(pchunks, bt_t[nd:], small[o:o + info.size].view(3, -1),
+                                   small[o + info.size:].view(2, -1))
+        meta = AttentionMetadata(slots_t, nd, bt_t[:nd], ctx_t, self.block_size, prefill, self.use_triton)
         return self.model(ids_t, pos_t, self.kv_caches, meta, rows_t)
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------------
@@ -113,7 +116,7 @@ class ModelRunner:
         self.g_logits: dict[int, torch.Tensor] = {}
         pool = torch.cuda.graph_pool_handle()
         for b in sorted(self.graph_sizes, reverse=True):     # largest first: smaller ones reuse its pool
-            meta = AttentionMetadata(self.g_slots[:b], b, self.g_bt[:b], self.g_ctx[:b], self.block_size, [],
+            meta = AttentionMetadata(self.g_slots[:b], b, self.g_bt[:b], self.g_ctx[:b], self.block_size, None,
                                      self.use_triton)
             args = (self.g_ids[:b], self.g_pos[:b], self.kv_caches, meta, self.g_rows[:b])
             s = torch.cuda.Stream()
@@ -129,7 +132,6 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     def _replay(self, decodes: list[ScheduledChunk], bucket: int) -> torch.Tensor:
-        nd = len(decodes)
         host = np.zeros((4, bucket), dtype=np.int64)
         host[2, :] = self.scratch_slot
         bt = np.zeros((bucket, self.max_blocks), dtype=np.int32)
