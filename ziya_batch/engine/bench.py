@@ -82,21 +82,38 @@ def _sampling(out_len: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=out_len, temperature=1.0, top_p=0.85, ignore_eos=True)
 
 
-def bench_engine(a: ModelArgs, work, device, bw: float, seed: int) -> tuple[dict, dict]:
-    model = LlamaModel.random(a, device, torch.float16, seed)
-    cfg = EngineConfig(model_path="", dtype="float16", max_num_seqs=256, max_num_batched_tokens=2048,
-                       max_model_len=1024, gpu_memory_fraction=0.95)
+_ENGINE_CONFIG = dict(model_path="", dtype="float16", max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=1024,
+                      gpu_memory_fraction=0.95)
+
+
+def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: int = 1) -> tuple[LLMEngine, float]:
+    """The random-weight engine; with world_size > 1, this rank's tensor-parallel shard (every rank makes the
+    same weights from the seed, then keeps its share)."""
+    from ziya_batch.engine.tp import apply_tp
+    model = apply_tp(LlamaModel.random(a, device, torch.float16, seed), rank, world_size)
     t_init = time.perf_counter()
-    eng = LLMEngine.from_model(model, None, cfg)
-    init_s = time.perf_counter() - t_init
+    eng = LLMEngine.from_model(model, None, EngineConfig(**_ENGINE_CONFIG))
+    return eng, time.perf_counter() - t_init
+
+
+def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: int = 1) -> tuple[dict, dict]:
+    """Rank 0's side of the run (the only side when world_size is 1): with tensor parallelism the other
+    ranks follow each step (_tp_bench_rank)."""
+    eng, init_s = _build_engine(a, device, seed, 0, world_size)
+    model, cfg = eng.model, eng.config
+    driver = None
+    if world_size > 1:
+        from ziya_batch.engine.tp import enable_tp_driver
+        driver = enable_tp_driver(eng)
     eng.generate([Request("warm", list(range(3, 40)), _sampling(8))])
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     reqs = [Request(str(i), p, _sampling(o)) for i, (p, o) in enumerate(work)]
     for r in reqs:
         eng.add_request(r)
-    kv_tok = kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, torch.float16)
-    w_bytes = _weight_bytes(a)
+    # per GPU: each rank reads 1/K of the weights and of the KV cache a step (the all-reduces are not counted)
+    kv_tok = kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, torch.float16) / world_size
+    w_bytes = _weight_bytes(a) / world_size
     pre_s = pre_tok = dec_s = dec_tok = floor_s = host_dec = 0.0
     n_dec_steps = 0
     out_tokens = 0
@@ -117,15 +134,64 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int) -> tuple[dict
                decode_tok_s=dec_tok / max(dec_s, 1e-9), peak_gib=peak / 2**30,
                note=f"{eng.num_blocks} KV blocks of {cfg.block_size}; {eng.scheduler.num_preemptions} preemptions; "
                     f"{n_dec_steps} decode-only steps ({dec_s:.1f} s), mixed steps {pre_s:.1f} s; init {init_s:.0f} s; "
-                    f"fused kernels {'on' if model.use_fused else 'off'}")
+                    f"fused kernels {'on' if model.use_fused else 'off'}"
+                    + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else ""))
     prof = dict(decode_steps=n_dec_steps, decode_step_ms=1e3 * dec_s / max(n_dec_steps, 1),
                 floor_step_ms=1e3 * floor_s / max(n_dec_steps, 1), host_ms=1e3 * host_dec / max(n_dec_steps, 1),
                 decode_batch=dec_tok / max(n_dec_steps, 1), floor_tok_s=dec_tok / max(floor_s, 1e-9))
     prof["tuning"] = eng.runner.decode_tuning
-    prof["breakdown"] = profile_decode_step(eng, a, bw, batch=128, context=512)
+    if driver is not None:
+        driver.stop()     # the step profile replays rank 0's graphs alone: single GPU only
+    else:
+        prof["breakdown"] = profile_decode_step(eng, a, bw, batch=128, context=512)
     del eng, model
     gc.collect(); torch.cuda.empty_cache()
     return row, prof
+
+
+def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requests: int, seed: int,
+                   result_file: str) -> None:
+    """One process of `bench --tensor-parallel K`: one GPU each, NCCL; rank 0 runs the workload and writes
+    its row and profile as JSON, the others follow its steps."""
+    import json
+
+    import torch.distributed as dist
+
+    from ziya_batch.engine.tp import serve_follower
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            device_id=device)
+    try:
+        a = _args(layers)
+        bw = measure_copy_bandwidth_bytes_s(device)
+        if rank == 0:
+            row, prof = bench_engine(a, workload_w1(requests, a.vocab_size, seed), device, bw, seed, world_size)
+            with open(result_file, "w") as fh:
+                json.dump({"row": row, "prof": prof, "bw": bw}, fh)
+        else:
+            eng, _ = _build_engine(a, device, seed, rank, world_size)
+            serve_follower(eng)
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_engine_tp(opts: "BenchOptions") -> tuple[dict, dict, float]:
+    """Runs the engine over opts.tensor_parallel GPUs in as many processes; returns rank 0's (row, prof, bw)."""
+    import json
+    import tempfile
+
+    import torch.multiprocessing as mp
+    k = opts.tensor_parallel
+    if torch.cuda.device_count() < k:
+        raise ModelError(f"bench --tensor-parallel {k} needs {k} GPUs; this machine has {torch.cuda.device_count()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        result = os.path.join(tmp, "rank0.json")
+        mp.spawn(_tp_bench_rank, args=(k, os.path.join(tmp, "init"), opts.layers, opts.requests, opts.seed, result),
+                 nprocs=k, join=True)
+        with open(result) as fh:
+            got = json.load(fh)
+    return got["row"], got["prof"], got["bw"]
 
 
 def _time_s(fn, reps: int = 10) -> float:
@@ -256,8 +322,8 @@ def bench_hf_continuous(model, work, device) -> dict:
 def run_bench(opts: BenchOptions) -> list[dict]:
     if not torch.cuda.is_available():
         raise ModelError("ziya-batch bench needs a CUDA GPU: run it on a machine with one")
-    if opts.tensor_parallel != 1:
-        raise ModelError("bench --tensor-parallel > 1 is not implemented yet; run with --tensor-parallel 1")
+    if opts.tensor_parallel < 1:
+        raise ModelError("bench --tensor-parallel must be at least 1")
     only = set(opts.only) or set(METHODS)
     unknown = only - set(METHODS)
     if unknown:
@@ -265,11 +331,15 @@ def run_bench(opts: BenchOptions) -> list[dict]:
     device = torch.device("cuda")
     a = _args(opts.layers)
     work = workload_w1(opts.requests, a.vocab_size, opts.seed)
-    bw = measure_copy_bandwidth_bytes_s(device)
     rows: list[dict] = []
     prof: Optional[dict] = None
+    if opts.tensor_parallel > 1 and only & {"engine", "roofline"}:
+        row, prof, bw = bench_engine_tp(opts)       # first, while no GPU memory is held in this process
+    else:
+        bw = measure_copy_bandwidth_bytes_s(device)
     if only & {"engine", "roofline"}:
-        row, prof = bench_engine(a, work, device, bw, opts.seed)
+        if opts.tensor_parallel == 1:
+            row, prof = bench_engine(a, work, device, bw, opts.seed)
         if "engine" in only:
             rows.append(row)
             _print_row(row)
@@ -277,7 +347,9 @@ def run_bench(opts: BenchOptions) -> list[dict]:
             rows.append(dict(method="roofline", requests=len(work), output_tokens=row["output_tokens"],
                              wall_s=None, output_tok_s=prof["floor_tok_s"], prefill_tok_s=None, decode_tok_s=None,
                              peak_gib=None, note=f"engine's decode steps at {bw / 1e12:.2f} TB/s copy bandwidth "
-                                                 f"(weights + KV bytes per step)"))
+                                                 f"(weights + KV bytes per step"
+                                                 + (f", per GPU of {opts.tensor_parallel})" if opts.tensor_parallel > 1
+                                                    else ")")))
             _print_row(rows[-1])
     if only & {"hf-generate", "hf-continuous"}:
         model = _hf_model(a, device)
@@ -295,7 +367,7 @@ def run_bench(opts: BenchOptions) -> list[dict]:
         gc.collect(); torch.cuda.empty_cache()
     meta = dict(card=torch.cuda.get_device_name(device), date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
                 commit=os.environ.get("ZIYA_BATCH_COMMIT") or _git_commit(), layers=opts.layers,
-                requests=opts.requests, bandwidth_tb_s=bw / 1e12)
+                requests=opts.requests, bandwidth_tb_s=bw / 1e12, tensor_parallel=opts.tensor_parallel)
     _print_table(rows, meta, prof)
     if opts.markdown:
         write_markdown(opts.markdown, rows, meta, prof)
@@ -321,7 +393,8 @@ def _print_row(r: dict) -> None:
 def _print_table(rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
-    t = Table(title=f"W1 on {meta['card']}, {meta['layers']} layers, {meta['requests']} requests "
+    tp = f", tensor parallel {meta['tensor_parallel']}" if meta.get("tensor_parallel", 1) > 1 else ""
+    t = Table(title=f"W1 on {meta['card']}{tp}, {meta['layers']} layers, {meta['requests']} requests "
                     f"({meta['date']}, {meta['commit']})")
     for c in ("method", "output tok/s", "prefill tok/s", "decode tok/s", "peak GiB", "requests", "note"):
         t.add_column(c)
@@ -352,7 +425,9 @@ def _breakdown_text(prof: dict) -> str:
 def render_markdown(rows: list[dict], meta: dict, prof: Optional[dict]) -> str:
     lines = [SECTION, "",
              f"Card: {meta['card']}; date: {meta['date']}; commit: {meta['commit']}; LLaMA-13B shape with "
-             f"{meta['layers']} layers, float16 random weights; {meta['requests']} requests; measured copy "
+             f"{meta['layers']} layers, float16 random weights; {meta['requests']} requests; "
+             + (f"tensor parallel {meta['tensor_parallel']} (one GPU each, NCCL); "
+                if meta.get("tensor_parallel", 1) > 1 else "") + "measured copy "
              f"bandwidth {meta['bandwidth_tb_s']:.2f} TB/s.", "",
              "| method | output tok/s | prefill tok/s | decode tok/s | peak GiB | requests | note |",
              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]

@@ -22,6 +22,46 @@ def tiny_llama(num_kv_heads: int = 4, seed: int = 0, vocab_size: int = 300) -> L
     return model
 
 
+def markov_chain(vocab_size: int = 300, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random first-order chain over ids 3..vocab_size-1: each token has a likely (0.9) and an unlikely
+    (0.1) successor. Returns (likely, unlikely), each [vocab_size]."""
+    g = torch.Generator().manual_seed(seed)
+    likely = torch.randint(3, vocab_size, (vocab_size,), generator=g)
+    unlikely = torch.randint(3, vocab_size, (vocab_size,), generator=g)
+    return likely, unlikely
+
+
+def chain_sequences(n: int, length: int, chain: tuple[torch.Tensor, torch.Tensor], seed: int) -> torch.Tensor:
+    likely, unlikely = chain
+    g = torch.Generator().manual_seed(seed)
+    x = torch.empty(n, length, dtype=torch.int64)
+    x[:, 0] = torch.randint(3, len(likely), (n,), generator=g)
+    for t in range(1, length):
+        coin = torch.rand(n, generator=g) < 0.9
+        x[:, t] = torch.where(coin, likely[x[:, t - 1]], unlikely[x[:, t - 1]])
+    return x
+
+
+def trained_tiny_llama(device: str, steps: int = 300, seed: int = 0) -> LlamaForCausalLM:
+    """A tiny LLaMA trained (float32, a few seconds) on sequences of markov_chain(): its next-token
+    distributions are peaked like a real language model's, so greedy choices are rarely near-ties and
+    float16 parity can be asked token for token."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                      intermediate_size=256, vocab_size=300, max_position_embeddings=512, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg).float().to(device).train()
+    chain = markov_chain(300, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        x = chain_sequences(64, 128, chain, seed=seed * 100_000 + step).to(device)
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval().requires_grad_(False)
+
+
 def hf_greedy(model: LlamaForCausalLM, prompt: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
     """transformers' own greedy tokens (EOS masked by min_new_tokens) and its processed logits at each step
     (the raw logits with EOS masked), whose log_softmax the engine's logprobs must equal."""

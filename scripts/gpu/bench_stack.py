@@ -1,0 +1,241 @@
+"""Tensor parallelism and replicas through the whole stack (Redis, Ray, workers), on a machine with 2 GPUs.
+
+1. Writes a checkpoint of LLaMA-13B's shape (hidden 5120, 40 layers, 40 heads, intermediate 13824, float16
+   random weights) with the demo tokenizer (so its vocabulary is the demo's 4,096 rows, not 39,424).
+2. Parity: `ziya-batch run` of the same greedy job (64 prompts, 32 tokens, EOS ignored) with
+   tensor_parallel 1 and 2; counts prompts whose 32 token ids are equal.
+3. Throughput on W1 (1,024 prompts, prompt and output lengths uniform in 32..512, EOS ignored, the model
+   card's sampling) for one replica of TP=1, one of TP=2 and two of TP=1: a ReplicaManager on a local Ray
+   cluster and a private redis-server, as `ziya-batch run` uses them; each configuration first runs a small
+   warm-up job so every replica has loaded the model, then W1 is timed from submit to completed.
+
+Usage (GPU machine, repo root): python scripts/gpu/bench_stack.py --work /tmp/stack --out $OUT
+Writes $OUT/stack.json and $OUT/stack.md."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PARITY_TOKENS = 32
+
+
+SHAPES = {"13B": dict(hidden_size=5120, num_heads=40, num_kv_heads=40, intermediate_size=13824),
+          # a quick check of this script on a machine without GPUs (logical GPUs, gloo)
+          "small": dict(hidden_size=256, num_heads=4, num_kv_heads=4, intermediate_size=512)}
+
+
+def write_checkpoint(path: Path, layers: int, shape: str = "13B", seed: int = 0) -> None:
+    """Random float16 weights of the 13B shape, made on the GPU layer by layer, saved as safetensors."""
+    from safetensors.torch import save_file
+
+    from ziya_batch.engine.demo_model import demo_config, write_demo_tokenizer
+
+    if (path / "config.json").exists():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = demo_config(num_layers=layers, max_position_embeddings=2048, dtype="float16", **SHAPES[shape])
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.empty(*shape, device=dev, dtype=torch.float16).normal_(0.0, 0.02, generator=g).cpu()
+
+    H, I, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    save_file({"model.embed_tokens.weight": rnd(V, H), "model.norm.weight": torch.ones(H, dtype=torch.float16),
+               "lm_head.weight": rnd(V, H)}, str(path / "model-00000.safetensors"), metadata={"format": "pt"})
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t = {p + "input_layernorm.weight": torch.ones(H, dtype=torch.float16),
+             p + "post_attention_layernorm.weight": torch.ones(H, dtype=torch.float16)}
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            t[p + f"self_attn.{name}.weight"] = rnd(H, H)
+        t[p + "mlp.gate_proj.weight"], t[p + "mlp.up_proj.weight"] = rnd(I, H), rnd(I, H)
+        t[p + "mlp.down_proj.weight"] = rnd(H, I)
+        save_file(t, str(path / f"model-{i + 1:05d}.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(str(path))
+    write_demo_tokenizer(path, model_max_length=2048)
+
+
+def write_inputs(work: Path, model: Path, requests: int, seed: int = 0) -> tuple[Path, Path]:
+    """W1 as JSONL (prompt text cut from the shipped corpus to the drawn token length, per-line output length)
+    and the parity prompts (the demo prompts)."""
+    from transformers import AutoTokenizer
+
+    from ziya_batch.engine.demo_model import DATA_DIR, DEMO_PROMPTS_FILE, corpus_text
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    ids = tok(corpus_text(), add_special_tokens=False)["input_ids"]
+    rng = random.Random(seed)
+    w1 = work / "w1.jsonl"
+    with open(w1, "w") as fh:
+        for i in range(requests):
+            plen, olen = rng.randint(32, 512), rng.randint(32, 512)
+            off = rng.randrange(0, len(ids) - plen)
+            fh.write(json.dumps({"id": f"w1-{i}", "prompt": tok.decode(ids[off:off + plen]) or "hello",
+                                 "sampling": {"max_new_tokens": olen, "min_new_tokens": olen, "ignore_eos": True}},
+                                ensure_ascii=False) + "\n")
+    parity = work / "parity.jsonl"
+    lines = (DATA_DIR / DEMO_PROMPTS_FILE).read_text(encoding="utf-8").splitlines()[:64]
+    parity.write_text("".join(json.dumps({**json.loads(line), "id": f"p{i}"}, ensure_ascii=False) + "\n"
+                              for i, line in enumerate(lines)), encoding="utf-8")
+    return w1, parity
+
+
+def job_spec(name: str, model: Path, inp: Path, out: Path, tp: int, replicas: int, **extra) -> dict:
+    spec = {"name": name, "model": {"path": str(model), "tensor_parallel": tp, "replicas": replicas},
+            "input": [str(inp)], "output": {"path": str(out)}}
+    spec.update(extra)
+    return spec
+
+
+def parity(work: Path, model: Path, inp: Path, redis_url: str) -> dict:
+    import yaml
+
+    from ziya_batch import io
+
+    got = {}
+    for tp in (1, 2):
+        out = work / f"parity-out-tp{tp}"
+        spec = job_spec(f"parity-tp{tp}", model, inp, out, tp, 1,
+                        sampling={"temperature": 0, "max_new_tokens": PARITY_TOKENS, "min_new_tokens": PARITY_TOKENS,
+                                  "ignore_eos": True}, shard_size=64)
+        spec["output"]["records"] = ["results", "experience"]
+        path = work / f"parity-tp{tp}.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        t0 = time.time()
+        subprocess.run([sys.executable, "-m", "ziya_batch.cli", "run", str(path), "--redis-url", redis_url, "-q"],
+                       check=True)
+        print(f"[stack] parity tp={tp}: ziya-batch run took {time.time() - t0:.0f} s", flush=True)
+        got[tp] = {r["id"]: r["response_ids"] for r in io.read_parts(str(out), "experience")}
+    ids = sorted(got[1])
+    equal = sum(got[1][i] == got[2].get(i) for i in ids)
+    first_diff = [next((j for j, (x, y) in enumerate(zip(got[1][i], got[2].get(i, []))) if x != y), None)
+                  for i in ids if got[1][i] != got[2].get(i)]
+    return dict(prompts=len(ids), equal=equal, fraction=equal / max(1, len(ids)), first_divergence=first_diff)
+
+
+def throughput(work: Path, model: Path, w1: Path, redis_url: str, configs: list[tuple[int, int]]) -> list[dict]:
+    import ray
+
+    from ziya_batch.queue import Broker
+    from ziya_batch.runtime.replicas import ReplicaManager
+    from ziya_batch.runtime.submit import submit_job
+    from ziya_batch.spec import parse_spec
+
+    broker = Broker.from_url(redis_url)
+    warm_in = work / "warm.jsonl"
+    warm_in.write_text("".join(json.dumps({"id": f"warm{i}", "prompt": f"warm-up {i}"}) + "\n" for i in range(8)))
+    ray.init(address="local", num_gpus=torch.cuda.device_count() or 2, include_dashboard=False, log_to_driver=False)
+    rows = []
+    try:
+        for tp, replicas in configs:
+            tag = f"tp{tp}-x{replicas}"
+            engine = {"gpu_memory_fraction": 0.92}
+            warm = parse_spec(job_spec(f"warm-{tag}", model, warm_in, work / f"warm-out-{tag}", tp, replicas,
+                                       shard_size=1, sampling={"max_new_tokens": 8}, engine=engine))
+            job = parse_spec(job_spec(f"w1-{tag}", model, w1, work / f"w1-out-{tag}", tp, replicas,
+                                      shard_size=512, engine=engine))
+            t_load = time.time()
+            warm_id = submit_job(warm, broker).job_id
+            manager = ReplicaManager(redis_url, tensor_parallel=tp, replicas=replicas, use_gpus=True,
+                                     worker_prefix=f"bench-{tag}", job_id=warm_id)
+            try:
+                _wait(broker, manager, warm_id)
+                load_s = time.time() - t_load
+                t0 = time.time()
+                job_id = submit_job(job, broker).job_id
+                st = _wait(broker, manager, job_id, poll_s=0.2)
+                wall = time.time() - t0
+            finally:
+                manager.stop()
+            rows.append(dict(config=tag, tensor_parallel=tp, replicas=replicas, gpus=tp * replicas,
+                             prompts=st.prompts_done, failed=st.prompts_failed, output_tokens=st.output_tokens,
+                             wall_s=wall, output_tok_s=st.output_tokens / wall, warmup_s=load_s,
+                             state=st.state.value))
+            print(f"[stack] {tag}: {rows[-1]}", flush=True)
+    finally:
+        ray.shutdown()
+    return rows
+
+
+def _wait(broker, manager, job_id: str, poll_s: float = 0.5, timeout_s: float = 900):
+    from ziya_batch.runtime.finalize import finalize_if_ready
+
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        manager.reconcile()
+        broker.reap()
+        finalize_if_ready(broker, job_id)
+        st = broker.status(job_id)
+        if st.state.is_finished():
+            return st
+        time.sleep(poll_s)
+    raise TimeoutError(f"job {job_id} did not finish in {timeout_s} s")
+
+
+def render(par: dict, rows: list[dict], card: str, commit: str) -> str:
+    base = next((r for r in rows if r["config"] == "tp1-x1"), None)
+    lines = [f"Card: {card} x{max(1, torch.cuda.device_count())}; date: {time.strftime('%Y-%m-%d')}; commit: {commit}.", ""]
+    if par:
+        lines += [f"Parity (`ziya-batch run`, tensor_parallel 2 against 1, greedy, {PARITY_TOKENS} tokens, EOS "
+                  f"ignored): {par['equal']} of {par['prompts']} prompts equal ({100 * par['fraction']:.0f}%); first "
+                  f"differing token of the others: {par['first_divergence']}.", ""]
+    lines += ["| replicas x tensor_parallel | GPUs | prompts | output tokens | seconds | output tok/s | vs 1 x TP1 | "
+              "warm-up s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        rel = f"{r['output_tok_s'] / base['output_tok_s']:.2f}x" if base else "–"
+        lines.append(f"| {r['replicas']} x TP{r['tensor_parallel']} | {r['gpus']} | {r['prompts']} | "
+                     f"{r['output_tokens']:,} | {r['wall_s']:.1f} | {r['output_tok_s']:,.0f} | {rel} | "
+                     f"{r['warmup_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--work", default="/tmp/stack")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--layers", type=int, default=40)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="13B")
+    p.add_argument("--requests", type=int, default=1024)
+    p.add_argument("--skip-parity", action="store_true")
+    p.add_argument("--checkpoint-only", action="store_true", help="write the checkpoint and stop")
+    p.add_argument("--configs", default="1x1,2x1,1x2", help="TPxREPLICAS,... (default 1x1,2x1,1x2)")
+    a = p.parse_args()
+    from ziya_batch.queue.server import PrivateRedis
+
+    work, out = Path(a.work), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model = work / "model"
+    write_checkpoint(model, a.layers, a.shape)
+    print(f"[stack] checkpoint ready in {time.time() - t0:.0f} s", flush=True)
+    if a.checkpoint_only:
+        return
+    w1, par_in = write_inputs(work, model, a.requests)
+    redis = PrivateRedis(work / "redis")
+    url = redis.start()
+    try:
+        par = {} if a.skip_parity else parity(work, model, par_in, url)
+        if par:
+            print(f"[stack] parity: {par}", flush=True)
+        configs = [tuple(int(x) for x in c.split("x")) for c in a.configs.split(",")]
+        rows = throughput(work, model, w1, url, configs)
+    finally:
+        redis.stop()
+    commit = os.environ.get("ZIYA_BATCH_COMMIT", "unknown")
+    (out / "stack.json").write_text(json.dumps({"parity": par, "rows": rows}, indent=1))
+    md = render(par, rows, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", commit)
+    (out / "stack.md").write_text(md)
+    print(md, flush=True)
+
+
+if __name__ == "__main__":
+    main()
