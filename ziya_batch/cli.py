@@ -154,16 +154,20 @@ def report(
 def bench(
     layers: int = typer.Option(40, "--layers", min=1, help="Decoder layers (40 = LLaMA-13B)"),
     requests: int = typer.Option(1024, "--requests", min=1, help="Requests in workload W1"),
-    tensor_parallel: int = typer.Option(1, "--tensor-parallel", min=1),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", min=1,
+                                        help="The engine over this many GPUs (one process each, NCCL)"),
     markdown: Optional[str] = typer.Option(None, "--markdown", help="Write the table into this markdown file"),
-    only: List[str] = typer.Option([], "--only", help="Run only these rows (engine, hf-static, hf-continuous, roofline)"),
+    only: List[str] = typer.Option([], "--only", help="Run only these rows (engine, hf-generate, hf-continuous, roofline)"),
     seed: int = typer.Option(0, "--seed"),
+    schedule: str = typer.Option("longest-first", "--schedule",
+                                 help="The engine's admission order: longest-first (a batch job's default) or fcfs"),
 ):
     """The throughput benchmark on the 13B shape, workload W1, with the baselines side by side."""
     from .engine.bench import BenchOptions, run_bench
 
     run_bench(BenchOptions(layers=layers, requests=requests, tensor_parallel=tensor_parallel,
-                           markdown=markdown, only=tuple(only), seed=seed))
+                           markdown=markdown, only=tuple(x for o in only for x in o.split(",") if x), seed=seed,
+                           schedule=schedule))
 
 
 def main(argv: Optional[list] = None) -> None:

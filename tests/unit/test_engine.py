@@ -45,6 +45,17 @@ def test_greedy_matches_transformers_over_mixed_prompt_lengths(num_kv_heads):
         check_against_hf(tiny_llama(num_kv_heads), p, o.completions[0], 16)
 
 
+def test_longest_first_schedule_gives_the_same_greedy_output():
+    prompts = random_prompts(8, seed=11)
+    lengths = [4, 20, 9, 20, 1, 13, 6, 17]
+    reqs = [Request(f"r{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(prompts, lengths))]
+    eng = make_engine(max_num_seqs=3, schedule_policy="longest-first")
+    outs = eng.generate(reqs)
+    assert [o.request_id for o in outs] == [r.request_id for r in reqs]
+    for p, n, o in zip(prompts, lengths, outs):
+        check_against_hf(tiny_llama(), p, o.completions[0], n)
+
+
 def test_greedy_matches_transformers_under_preemption():
     # 24 blocks of 4 tokens cannot hold 8 sequences of up to ~75 tokens: sequences are preempted and recomputed
     eng = make_engine(num_kv_blocks=24, admission_horizon_tokens=0)

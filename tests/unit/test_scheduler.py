@@ -117,3 +117,31 @@ def test_finish_returns_every_block():
         s.finish(x, SeqStatus.FINISHED_STOPPED)
     assert s.pool.num_free == 20 and not s.has_unfinished()
     assert all(x.status is SeqStatus.FINISHED_STOPPED for x in xs)
+
+
+def test_longest_first_admits_the_largest_max_new_tokens_first_and_keeps_arrival_order_among_equals():
+    s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=2, max_num_batched_tokens=64, policy="longest-first")
+    short, long1, mid, long2 = (seq(s, 4, max_new=m, rid=r) for m, r in
+                                ((8, "short"), (64, "long1"), (16, "mid"), (64, "long2")))
+    assert [q.request_id for q in s.waiting] == ["long1", "long2", "mid", "short"]
+    out = run_step(s)
+    assert [c.seq.request_id for c in out.chunks] == ["long1", "long2"]      # two seats
+
+
+def test_longest_first_keeps_a_preempted_sequence_at_the_front():
+    s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, policy="longest-first")
+    a = seq(s, 4, max_new=8, rid="a")
+    run_step(s)
+    s._preempt(a)                                  # back to the front of the queue, to be recomputed
+    seq(s, 4, max_new=500, rid="b")
+    assert [q.request_id for q in s.waiting] == ["a", "b"]
+
+
+def test_fcfs_is_arrival_order_and_unknown_policies_are_refused():
+    s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    for m, r in ((8, "x"), (64, "y")):
+        seq(s, 4, max_new=m, rid=r)
+    assert [q.request_id for q in s.waiting] == ["x", "y"]
+    import pytest
+    with pytest.raises(ValueError, match="unknown scheduling policy"):
+        Scheduler(num_blocks=10, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, policy="random")

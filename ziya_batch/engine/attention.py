@@ -230,7 +230,7 @@ def prefill_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torc
 
 
 # (BLOCK_N, num_warps, num_stages); tune_decode_kernel picks one per head shape on the real GPU
-DECODE_CONFIGS = [(32, 4, 2)] + [(bn, w, st) for bn in (64, 128) for w in (4, 8) for st in (1, 3)]
+DECODE_CONFIGS = [(32, 4, 2), (256, 8, 2)] + [(bn, w, st) for bn in (64, 128) for w in (4, 8) for st in (1, 2, 3, 4)]
 _decode_config: dict[tuple, tuple[int, int, int]] = {}
 
 

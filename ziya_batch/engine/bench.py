@@ -15,6 +15,7 @@ import inspect
 import os
 import random
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -42,6 +43,7 @@ class BenchOptions:
     markdown: Optional[str] = None
     only: tuple[str, ...] = ()
     seed: int = 0
+    schedule: str = "longest-first"
 
 
 def workload_w1(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
@@ -83,23 +85,25 @@ def _sampling(out_len: int) -> SamplingParams:
 
 
 _ENGINE_CONFIG = dict(model_path="", dtype="float16", max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=1024,
-                      gpu_memory_fraction=0.95)
+                      gpu_memory_fraction=0.95, schedule_policy="longest-first")   # a batch job's engine
 
 
-def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: int = 1) -> tuple[LLMEngine, float]:
+def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: int = 1,
+                  schedule: str = "longest-first") -> tuple[LLMEngine, float]:
     """The random-weight engine; with world_size > 1, this rank's tensor-parallel shard (every rank makes the
     same weights from the seed, then keeps its share)."""
     from ziya_batch.engine.tp import apply_tp
     model = apply_tp(LlamaModel.random(a, device, torch.float16, seed), rank, world_size)
     t_init = time.perf_counter()
-    eng = LLMEngine.from_model(model, None, EngineConfig(**_ENGINE_CONFIG))
+    eng = LLMEngine.from_model(model, None, EngineConfig(**{**_ENGINE_CONFIG, "schedule_policy": schedule}))
     return eng, time.perf_counter() - t_init
 
 
-def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: int = 1) -> tuple[dict, dict]:
+def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: int = 1,
+                 schedule: str = "longest-first") -> tuple[dict, dict]:
     """Rank 0's side of the run (the only side when world_size is 1): with tensor parallelism the other
     ranks follow each step (_tp_bench_rank)."""
-    eng, init_s = _build_engine(a, device, seed, 0, world_size)
+    eng, init_s = _build_engine(a, device, seed, 0, world_size, schedule)
     model, cfg = eng.model, eng.config
     driver = None
     if world_size > 1:
@@ -134,7 +138,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                decode_tok_s=dec_tok / max(dec_s, 1e-9), peak_gib=peak / 2**30,
                note=f"{eng.num_blocks} KV blocks of {cfg.block_size}; {eng.scheduler.num_preemptions} preemptions; "
                     f"{n_dec_steps} decode-only steps ({dec_s:.1f} s), mixed steps {pre_s:.1f} s; init {init_s:.0f} s; "
-                    f"fused kernels {'on' if model.use_fused else 'off'}"
+                    f"fused kernels {'on' if model.use_fused else 'off'}; schedule {schedule}"
                     + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else ""))
     prof = dict(decode_steps=n_dec_steps, decode_step_ms=1e3 * dec_s / max(n_dec_steps, 1),
                 floor_step_ms=1e3 * floor_s / max(n_dec_steps, 1), host_ms=1e3 * host_dec / max(n_dec_steps, 1),
@@ -150,7 +154,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
 
 
 def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requests: int, seed: int,
-                   result_file: str) -> None:
+                   result_file: str, schedule: str = "longest-first") -> None:
     """One process of `bench --tensor-parallel K`: one GPU each, NCCL; rank 0 runs the workload and writes
     its row and profile as JSON, the others follow its steps."""
     import json
@@ -166,14 +170,20 @@ def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requ
         a = _args(layers)
         bw = measure_copy_bandwidth_bytes_s(device)
         if rank == 0:
-            row, prof = bench_engine(a, workload_w1(requests, a.vocab_size, seed), device, bw, seed, world_size)
+            row, prof = bench_engine(a, workload_w1(requests, a.vocab_size, seed), device, bw, seed, world_size,
+                                     schedule)
             with open(result_file, "w") as fh:
                 json.dump({"row": row, "prof": prof, "bw": bw}, fh)
         else:
-            eng, _ = _build_engine(a, device, seed, rank, world_size)
+            eng, _ = _build_engine(a, device, seed, rank, world_size, schedule)
             serve_follower(eng)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # done: leave without destroy_process_group, which can wait forever on a follower whose communicator is
+    # still referenced by captured CUDA graphs; the process exit frees everything
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def bench_engine_tp(opts: "BenchOptions") -> tuple[dict, dict, float]:
@@ -187,8 +197,8 @@ def bench_engine_tp(opts: "BenchOptions") -> tuple[dict, dict, float]:
         raise ModelError(f"bench --tensor-parallel {k} needs {k} GPUs; this machine has {torch.cuda.device_count()}")
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "rank0.json")
-        mp.spawn(_tp_bench_rank, args=(k, os.path.join(tmp, "init"), opts.layers, opts.requests, opts.seed, result),
-                 nprocs=k, join=True)
+        mp.spawn(_tp_bench_rank, args=(k, os.path.join(tmp, "init"), opts.layers, opts.requests, opts.seed, result,
+                                       opts.schedule), nprocs=k, join=True)
         with open(result) as fh:
             got = json.load(fh)
     return got["row"], got["prof"], got["bw"]
@@ -324,6 +334,8 @@ def run_bench(opts: BenchOptions) -> list[dict]:
         raise ModelError("ziya-batch bench needs a CUDA GPU: run it on a machine with one")
     if opts.tensor_parallel < 1:
         raise ModelError("bench --tensor-parallel must be at least 1")
+    if opts.schedule not in ("longest-first", "fcfs"):
+        raise ModelError(f"bench --schedule must be longest-first or fcfs, not {opts.schedule!r}")
     only = set(opts.only) or set(METHODS)
     unknown = only - set(METHODS)
     if unknown:
@@ -339,7 +351,7 @@ def run_bench(opts: BenchOptions) -> list[dict]:
         bw = measure_copy_bandwidth_bytes_s(device)
     if only & {"engine", "roofline"}:
         if opts.tensor_parallel == 1:
-            row, prof = bench_engine(a, work, device, bw, opts.seed)
+            row, prof = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule)
         if "engine" in only:
             rows.append(row)
             _print_row(row)
@@ -464,9 +476,11 @@ def main() -> None:
     p.add_argument("--markdown", default=None)
     p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--seed", type=int, default=BenchOptions.seed)
+    p.add_argument("--schedule", choices=("longest-first", "fcfs"), default=BenchOptions.schedule,
+                   help="the engine's admission order (a batch job's default is longest-first)")
     a = p.parse_args()
     run_bench(BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown,
-                           tuple(x for x in a.only.split(",") if x), a.seed))
+                           tuple(x for x in a.only.split(",") if x), a.seed, a.schedule))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,13 @@ from ziya_batch.engine.kv_cache import BlockPool
 from ziya_batch.engine.types import SamplingParams
 
 
+POLICIES = ("fcfs", "longest-first")
+
+
+def _length_key(seq: "Sequence") -> tuple[int, int]:
+    return (seq.params.max_new_tokens, seq.num_prompt_tokens)
+
+
 class SeqStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
@@ -80,7 +87,14 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 admission_horizon_tokens: int = 256):
+                 admission_horizon_tokens: int = 256, policy: str = "fcfs"):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {policy!r}; choose from {', '.join(POLICIES)}")
+        # "fcfs": admit in arrival order (an online server). "longest-first": admit the waiting request with
+        # the largest max_new_tokens first (ties: longer prompt, then arrival); in a batch whose requests are
+        # all known, the short ones then fill the end, so the final drain, when the batch shrinks and each
+        # step reads the weights for fewer tokens, is short (LPT scheduling of a makespan).
+        self.policy = policy
         self.pool = BlockPool(num_blocks)
         # A waiting sequence is admitted only if the blocks left after it still cover every running sequence's
         # next min(remaining max_new_tokens, horizon) tokens: recompute after preemption costs a whole prefill,
@@ -100,7 +114,16 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        if self.policy == "fcfs" or not self.waiting:
+            self.waiting.append(seq)
+            return
+        key = _length_key(seq)
+        # after every waiting sequence whose key is at least as large (stable among equals); a preempted
+        # sequence at the front keeps its place
+        i = len(self.waiting)
+        while i > 0 and _length_key(self.waiting[i - 1]) < key and self.waiting[i - 1].num_preemptions == 0:
+            i -= 1
+        self.waiting.insert(i, seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

@@ -105,3 +105,40 @@ def tp_generate_worker(rank: int, world_size: int, init_file: str, num_kv_heads:
             serve_follower(eng)
     finally:
         dist.destroy_process_group()
+
+
+def tp_generate_worker_cuda(rank: int, world_size: int, init_file: str, model_dir: str, prompts: list,
+                            max_new_tokens: int, result_file: str) -> None:
+    """One process of a GPU tensor-parallel run (NCCL, GPU `rank`, float16, CUDA graphs): the transformers
+    checkpoint at model_dir, sharded; rank 0 writes the greedy tokens of every prompt as JSON to result_file."""
+    import json
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    from ziya_batch.engine.engine import LLMEngine
+    from ziya_batch.engine.model import from_hf_model
+    from ziya_batch.engine.tp import apply_tp, enable_tp_driver, serve_follower
+    from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
+
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            device_id=device)
+    hf = LlamaForCausalLM.from_pretrained(model_dir)
+    model = apply_tp(from_hf_model(hf, device, torch.float16), rank, world_size)
+    eng = LLMEngine.from_model(model, None, EngineConfig(model_path="", dtype="float16", device=f"cuda:{rank}",
+                                                         block_size=16, num_kv_blocks=512,
+                                                         max_num_batched_tokens=256))
+    if rank == 0:
+        driver = enable_tp_driver(eng)
+        params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, temperature=0.0)
+        outs = eng.generate([Request(str(i), p, params) for i, p in enumerate(prompts)])
+        driver.stop()
+        with open(result_file, "w") as fh:
+            json.dump([o.completions[0].token_ids for o in outs], fh)
+    else:
+        serve_follower(eng)
+    sys.stdout.flush()
+    os._exit(0)     # no destroy_process_group: it can wait forever while captured graphs hold the communicator

@@ -60,3 +60,5 @@ class EngineConfig:
     # admit a waiting request only if the KV blocks left still cover each running sequence's next
     # min(remaining max_new_tokens, this many) tokens; fewer preemptions (recompute) for a few idle blocks
     admission_horizon_tokens: int = 256
+    # which waiting request is admitted first: "fcfs" or "longest-first" (largest max_new_tokens; see scheduler.py)
+    schedule_policy: str = "fcfs"

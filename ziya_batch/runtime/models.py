@@ -35,7 +35,7 @@ def engine_config(spec: JobSpec, device: str):
     return EngineConfig(
         model_path=model_path(spec), dtype=spec.model.dtype, device=device, max_num_seqs=e.max_num_seqs,
         max_num_batched_tokens=e.max_num_batched_tokens, block_size=e.block_size,
-        gpu_memory_fraction=e.gpu_memory_fraction, cuda_graphs=e.cuda_graphs,
+        gpu_memory_fraction=e.gpu_memory_fraction, cuda_graphs=e.cuda_graphs, schedule_policy=e.schedule,
         trust_remote_code=spec.model.trust_remote_code)
 
 
