@@ -99,9 +99,6 @@ def job_spec(name: str, model: Path, inp: Path, out: Path, tp: int, replicas: in
 def parity(work: Path, model: Path, inp: Path, redis_url: str) -> dict:
     import yaml
 
-    from ziya_batch import io
-
-    got = {}
     for tp in (1, 2):
         out = work / f"parity-out-tp{tp}"
         spec = job_spec(f"parity-tp{tp}", model, inp, out, tp, 1,
@@ -114,7 +111,14 @@ def parity(work: Path, model: Path, inp: Path, redis_url: str) -> dict:
         subprocess.run([sys.executable, "-m", "ziya_batch.cli", "run", str(path), "--redis-url", redis_url, "-q"],
                        check=True)
         print(f"[stack] parity tp={tp}: ziya-batch run took {time.time() - t0:.0f} s", flush=True)
-        got[tp] = {r["id"]: r["response_ids"] for r in io.read_parts(str(out), "experience")}
+    return compare_parity(work)
+
+
+def compare_parity(work: Path) -> dict:
+    from ziya_batch import io
+
+    got = {tp: {r["id"]: r["response_ids"] for r in io.read_parts(str(work / f"parity-out-tp{tp}"), "experience")}
+           for tp in (1, 2)}
     ids = sorted(got[1])
     equal = sum(got[1][i] == got[2].get(i) for i in ids)
     first_diff = [next((j for j, (x, y) in enumerate(zip(got[1][i], got[2].get(i, []))) if x != y), None)
@@ -122,7 +126,8 @@ def parity(work: Path, model: Path, inp: Path, redis_url: str) -> dict:
     return dict(prompts=len(ids), equal=equal, fraction=equal / max(1, len(ids)), first_divergence=first_diff)
 
 
-def throughput(work: Path, model: Path, w1: Path, redis_url: str, configs: list[tuple[int, int]]) -> list[dict]:
+def throughput(work: Path, model: Path, w1: Path, redis_url: str, configs: list[tuple[int, int]],
+               parity_in: Path | None = None) -> list[dict]:
     import ray
 
     from ziya_batch.queue import Broker
@@ -150,6 +155,14 @@ def throughput(work: Path, model: Path, w1: Path, redis_url: str, configs: list[
             try:
                 _wait(broker, manager, warm_id)
                 load_s = time.time() - t_load
+                if parity_in is not None and replicas == 1 and tp in (1, 2):
+                    # greedy parity job on the same loaded replica (same engine key as W1's)
+                    pspec = job_spec(f"parity-tp{tp}", model, parity_in, work / f"parity-out-tp{tp}", tp, replicas,
+                                     sampling={"temperature": 0, "max_new_tokens": PARITY_TOKENS,
+                                               "min_new_tokens": PARITY_TOKENS, "ignore_eos": True},
+                                     shard_size=64, engine=engine)
+                    pspec["output"]["records"] = ["results", "experience"]
+                    _wait(broker, manager, submit_job(parse_spec(pspec), broker).job_id)
                 t0 = time.time()
                 job_id = submit_job(job, broker).job_id
                 st = _wait(broker, manager, job_id, poll_s=0.2)
@@ -206,6 +219,9 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), default="13B")
     p.add_argument("--requests", type=int, default=1024)
     p.add_argument("--skip-parity", action="store_true")
+    p.add_argument("--parity-cli", action="store_true",
+                   help="parity through two `ziya-batch run` calls (two more model loads) instead of jobs on the "
+                        "throughput runs' loaded replicas")
     p.add_argument("--checkpoint-only", action="store_true", help="write the checkpoint and stop")
     p.add_argument("--configs", default="1x1,2x1,1x2", help="TPxREPLICAS,... (default 1x1,2x1,1x2)")
     a = p.parse_args()
@@ -223,11 +239,14 @@ def main() -> None:
     redis = PrivateRedis(work / "redis")
     url = redis.start()
     try:
-        par = {} if a.skip_parity else parity(work, model, par_in, url)
-        if par:
-            print(f"[stack] parity: {par}", flush=True)
         configs = [tuple(int(x) for x in c.split("x")) for c in a.configs.split(",")]
-        rows = throughput(work, model, w1, url, configs)
+        par = {}
+        if a.parity_cli:
+            par = parity(work, model, par_in, url)
+        rows = throughput(work, model, w1, url, configs, None if a.parity_cli or a.skip_parity else par_in)
+        if not a.parity_cli and not a.skip_parity:
+            par = compare_parity(work)
+        print(f"[stack] parity: {par}", flush=True)
     finally:
         redis.stop()
     commit = os.environ.get("ZIYA_BATCH_COMMIT", "unknown")
