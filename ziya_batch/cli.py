@@ -159,8 +159,8 @@ def bench(
     markdown: Optional[str] = typer.Option(None, "--markdown", help="Write the table into this markdown file"),
     only: List[str] = typer.Option([], "--only", help="Run only these rows (engine, hf-generate, hf-continuous, roofline)"),
     seed: int = typer.Option(0, "--seed"),
-    schedule: str = typer.Option("longest-first", "--schedule",
-                                 help="The engine's admission order: longest-first (a batch job's default) or fcfs"),
+    schedule: str = typer.Option("fcfs", "--schedule",
+                                 help="The engine's admission order: fcfs (default) or longest-first"),
 ):
     """The throughput benchmark on the 13B shape, workload W1, with the baselines side by side."""
     from .engine.bench import BenchOptions, run_bench

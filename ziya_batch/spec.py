@@ -136,9 +136,9 @@ class EngineSpec(_Strict):
     """Share of GPU memory the engine may use; the KV cache gets what is left after weights."""
     cuda_graphs: bool = True
     """Replay decode steps from CUDA graphs (GPU only)."""
-    schedule: Literal["longest-first", "fcfs"] = "longest-first"
-    """Which waiting prompt of a shard starts first: the one with the most max_new_tokens (the batch's short
-    prompts then fill its end, so less time is spent at small batch), or arrival order."""
+    schedule: Literal["fcfs", "longest-first"] = "fcfs"
+    """Which waiting prompt of a shard starts first: arrival order, or the one with the most max_new_tokens
+    (the short ones then fill the shard's end; on W1 it gave no gain, see docs/BENCHMARKS.md)."""
 
 
 class ReliabilitySpec(_Strict):

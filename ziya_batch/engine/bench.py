@@ -43,7 +43,7 @@ class BenchOptions:
     markdown: Optional[str] = None
     only: tuple[str, ...] = ()
     seed: int = 0
-    schedule: str = "longest-first"
+    schedule: str = "fcfs"
 
 
 def workload_w1(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
@@ -85,11 +85,11 @@ def _sampling(out_len: int) -> SamplingParams:
 
 
 _ENGINE_CONFIG = dict(model_path="", dtype="float16", max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=1024,
-                      gpu_memory_fraction=0.95, schedule_policy="longest-first")   # a batch job's engine
+                      gpu_memory_fraction=0.95)
 
 
 def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: int = 1,
-                  schedule: str = "longest-first") -> tuple[LLMEngine, float]:
+                  schedule: str = "fcfs") -> tuple[LLMEngine, float]:
     """The random-weight engine; with world_size > 1, this rank's tensor-parallel shard (every rank makes the
     same weights from the seed, then keeps its share)."""
     from ziya_batch.engine.tp import apply_tp
@@ -100,7 +100,7 @@ def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: in
 
 
 def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: int = 1,
-                 schedule: str = "longest-first") -> tuple[dict, dict]:
+                 schedule: str = "fcfs") -> tuple[dict, dict]:
     """Rank 0's side of the run (the only side when world_size is 1): with tensor parallelism the other
     ranks follow each step (_tp_bench_rank)."""
     eng, init_s = _build_engine(a, device, seed, 0, world_size, schedule)
@@ -154,7 +154,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
 
 
 def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requests: int, seed: int,
-                   result_file: str, schedule: str = "longest-first") -> None:
+                   result_file: str, schedule: str = "fcfs") -> None:
     """One process of `bench --tensor-parallel K`: one GPU each, NCCL; rank 0 runs the workload and writes
     its row and profile as JSON, the others follow its steps."""
     import json
@@ -476,8 +476,8 @@ def main() -> None:
     p.add_argument("--markdown", default=None)
     p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--seed", type=int, default=BenchOptions.seed)
-    p.add_argument("--schedule", choices=("longest-first", "fcfs"), default=BenchOptions.schedule,
-                   help="the engine's admission order (a batch job's default is longest-first)")
+    p.add_argument("--schedule", choices=("fcfs", "longest-first"), default=BenchOptions.schedule,
+                   help="the engine's admission order (engine.schedule of a job spec)")
     a = p.parse_args()
     run_bench(BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown,
                            tuple(x for x in a.only.split(",") if x), a.seed, a.schedule))
