@@ -93,3 +93,67 @@ def test_replicas_on_both_nodes_and_a_node_dying(tmp_path, demo_model, redis_url
     assert second.wait(10) is not None
     results = list(io.read_parts(str(out), "results"))
     assert collections.Counter(r["id"] for r in results) == collections.Counter(ids)
+
+
+@pytest.fixture
+def head_node():
+    port = _free_port()
+    temp_dir = f"/tmp/zb-ray-{port}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    address = f"127.0.0.1:{port}"
+    head = subprocess.Popen(
+        [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+         "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", "--block"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_nodes(address, env, 1)
+        yield address, env
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        subprocess.run(["rm", "-rf", temp_dir])
+
+
+def test_worker_command_serves_a_submitted_job_and_stops_on_sigterm(tmp_path, demo_model, redis_url, head_node):
+    """`ziya-batch submit` queues a job nobody serves; `ziya-batch worker --address` on a node of the cluster
+    starts its replica, which runs the job to completion; SIGTERM stops the command cleanly."""
+    address, env = head_node
+    zb = str(Path(sys.executable).with_name("ziya-batch"))
+    inp = tmp_path / "in.jsonl"
+    ids = [f"w{i}" for i in range(30)]
+    inp.write_text("".join(json.dumps({"id": i, "prompt": f"what is {i}?"}) + "\n" for i in ids))
+    out = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": "worker-cmd", "model": {"path": str(demo_model)}, "input": [str(inp)],
+                                   "sampling": {"max_new_tokens": 4, "seed": 3}, "output": {"path": str(out)},
+                                   "shard_size": 8}))
+    sub = subprocess.run([zb, "submit", str(job), "--redis-url", redis_url], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().splitlines()[-1]
+    # RAY_ADDRESS names the head: this host already is a node of it, so the command serves from that node
+    worker = subprocess.Popen([zb, "worker", "--address", address, "--redis-url", redis_url],
+                              env={**env, "RAY_ADDRESS": address}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        state = None
+        while time.time() < deadline and worker.poll() is None:
+            st = subprocess.run([zb, "status", job_id, "--json", "--redis-url", redis_url], env=env,
+                                capture_output=True, text=True)
+            state = json.loads(st.stdout)["state"] if st.returncode == 0 else None
+            if state == "completed":
+                break
+            time.sleep(2)
+        assert state == "completed", (state, worker.poll())
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+        log = worker.stdout.read()
+        assert "serving the queue" in log
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+    results = list(io.read_parts(str(out), "results"))
+    assert collections.Counter(r["id"] for r in results) == collections.Counter(ids)
