@@ -161,13 +161,14 @@ def bench(
     seed: int = typer.Option(0, "--seed"),
     schedule: str = typer.Option("fcfs", "--schedule",
                                  help="The engine's admission order: fcfs (default) or longest-first"),
+    kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="auto (the model's dtype) or fp8"),
 ):
     """The throughput benchmark on the 13B shape, workload W1, with the baselines side by side."""
     from .engine.bench import BenchOptions, run_bench
 
     run_bench(BenchOptions(layers=layers, requests=requests, tensor_parallel=tensor_parallel,
                            markdown=markdown, only=tuple(x for o in only for x in o.split(",") if x), seed=seed,
-                           schedule=schedule))
+                           schedule=schedule, kv_cache_dtype=kv_cache_dtype))
 
 
 def main(argv: Optional[list] = None) -> None:

@@ -136,6 +136,9 @@ class EngineSpec(_Strict):
     """Share of GPU memory the engine may use; the KV cache gets what is left after weights."""
     cuda_graphs: bool = True
     """Replay decode steps from CUDA graphs (GPU only)."""
+    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    """KV cache element type: the model's dtype, or float8 e4m3 (twice the tokens in the same memory and half
+    the bytes a decode step reads; K/V are rounded to 3 mantissa bits, so outputs differ slightly)."""
     schedule: Literal["fcfs", "longest-first"] = "fcfs"
     """Which waiting prompt of a shard starts first: arrival order, or the one with the most max_new_tokens
     (the short ones then fill the shard's end; on W1 it gave no gain, see docs/BENCHMARKS.md)."""

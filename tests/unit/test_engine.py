@@ -198,3 +198,36 @@ def test_n_above_max_num_seqs_is_refused():
     eng = make_engine(max_num_seqs=4)
     with pytest.raises(ValueError):
         eng.add_request(Request("a", [5, 6], greedy(3, n=5)))
+
+
+def test_fp8_kv_cache_computes_exactly_what_a_float32_cache_of_the_rounded_values_computes(monkeypatch):
+    """kv_cache_dtype fp8 stores K/V as float8 e4m3 and computes attention from them in float32: the same
+    tokens and logprobs as a float32 cache into which every K/V is written rounded through float8, over
+    chunked prefill, preemption and n=2 samples (copy-on-write copies the float8 bytes)."""
+    from ziya_batch.engine import attention
+
+    prompts = random_prompts(8, seed=13, lo=10, hi=50)
+    params = [greedy(12, n=2) if i % 3 == 0 else greedy(12) for i in range(len(prompts))]
+
+    def run(kv_dtype):
+        eng = make_engine(num_kv_blocks=40, admission_horizon_tokens=0, kv_cache_dtype=kv_dtype)
+        outs = eng.generate([Request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params))])
+        return eng, [[(c.token_ids, c.logprobs) for c in o.completions] for o in outs]
+
+    fp8_engine, fp8 = run("fp8")
+    assert fp8_engine.kv_caches[0][0].dtype == torch.float8_e4m3fn
+    assert fp8_engine.scheduler.num_preemptions > 0
+    real_write = attention.write_kv
+
+    def write_rounded(k_flat, v_flat, slots, k, v):
+        f8 = torch.float8_e4m3fn
+        real_write(k_flat, v_flat, slots, k.to(f8).to(k.dtype), v.to(f8).to(v.dtype))
+
+    monkeypatch.setattr(attention, "write_kv", write_rounded)
+    _, emulated = run("auto")
+    assert fp8 == emulated
+
+
+def test_unknown_kv_cache_dtype_is_refused():
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        make_engine(kv_cache_dtype="int4")

@@ -66,8 +66,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     Hkv = k.shape[1]
     k_flat = k_cache.view(-1, Hkv, D)        # [num_slots, Hkv, D]
     v_flat = v_cache.view(-1, Hkv, D)
-    k_flat.index_copy_(0, meta.slot_mapping, k)
-    v_flat.index_copy_(0, meta.slot_mapping, v)
+    write_kv(k_flat, v_flat, meta.slot_mapping, k, v)
     out = torch.empty_like(q)
     nd = meta.num_decode
     if nd:
@@ -85,6 +84,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
+def write_kv(k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Stores this step's K/V at their slots, converted to the cache's dtype (float8: through its bytes)."""
+    if k_flat.dtype == torch.float8_e4m3fn:
+        k_flat.view(torch.uint8).index_copy_(0, slots, k.to(k_flat.dtype).view(torch.uint8))
+        v_flat.view(torch.uint8).index_copy_(0, slots, v.to(v_flat.dtype).view(torch.uint8))
+    else:
+        k_flat.index_copy_(0, slots, k)
+        v_flat.index_copy_(0, slots, v)
+
+
 def prefill_attention_torch(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, pre: PrefillBatch,
                             block_size: int, out: torch.Tensor) -> None:
     """Reference path: one SDPA call per chunk over its gathered context. q, out: [T, Hq, D]."""
@@ -94,8 +103,8 @@ def prefill_attention_torch(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch
         pos = torch.arange(ctx, device=q.device)
         slots = pre.block_tables[i].long()[pos // block_size] * block_size + pos % block_size
         qs = q[tok:tok + n].transpose(0, 1).unsqueeze(0)                                 # [1, Hq, n, D]
-        ks = k_flat[slots].transpose(0, 1).unsqueeze(0)                                  # [1, Hkv, ctx, D]
-        vs = v_flat[slots].transpose(0, 1).unsqueeze(0)
+        ks = k_flat[slots].to(q.dtype).transpose(0, 1).unsqueeze(0)                      # [1, Hkv, ctx, D]
+        vs = v_flat[slots].to(q.dtype).transpose(0, 1).unsqueeze(0)
         if Hkv != Hq:
             ks = ks.repeat_interleave(Hq // Hkv, dim=1)
             vs = vs.repeat_interleave(Hq // Hkv, dim=1)
@@ -117,7 +126,7 @@ def decode_attention_torch(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.
     pos = torch.arange(max_len, device=q.device)                                          # [L]
     page_idx = (pos // block_size).clamp(max=block_tables.shape[1] - 1).expand(B, -1)
     slots = block_tables.long().gather(1, page_idx) * block_size + pos % block_size      # [B, L]
-    keys, vals = k_flat[slots], v_flat[slots]                                             # [B, L, Hkv, D]
+    keys, vals = k_flat[slots].float(), v_flat[slots].float()                             # [B, L, Hkv, D]
     if Hkv != Hq:
         keys = keys.repeat_interleave(Hq // Hkv, dim=2)
         vals = vals.repeat_interleave(Hq // Hkv, dim=2)
@@ -197,13 +206,13 @@ if triton is not None:
             offs = (page * BS + t % BS)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
             k = tl.load(K + offs, mask=kmask[:, None], other=0.0)                          # [BLOCK_N, D]
             v = tl.load(V + offs, mask=kmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale                                             # [BLOCK_M, BLOCK_N]
+            s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale                                 # [BLOCK_M, BLOCK_N]
             s = tl.where((t[None, :] <= qpos[:, None]) & kmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
             m_i = m_new
         out = acc / tl.maximum(l_i, 1e-20)[:, None]
         tl.store(O + (tok0 + m)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty),
@@ -220,7 +229,7 @@ def prefill_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torc
     """One launch for every prefill chunk of the step. q, out: [T, Hq, D]."""
     Hq, D = q.shape[1], q.shape[2]
     Hkv = k_flat.shape[1]
-    bn, warps, stages = config or _prefill_config.get((Hq, Hkv, D, q.dtype), (64, 4, 2))
+    bn, warps, stages = config or _prefill_config.get((Hq, Hkv, D, q.dtype, k_flat.dtype), (64, 4, 2))
     nqb = pre.q_blocks.shape[1]
     _paged_prefill_kernel[(nqb, Hq)](
         q, k_flat, v_flat, out, pre.block_tables, pre.info, pre.q_blocks, 1.0 / math.sqrt(D),
@@ -240,7 +249,7 @@ def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch
     """q, out: [B, Hq, D]; rows with context_len 0 (CUDA-graph padding) produce zeros."""
     B, Hq, D = q.shape
     Hkv = k_flat.shape[1]
-    bn, warps, stages = config or _decode_config.get((Hq, Hkv, D, q.dtype), (64, 4, 2))
+    bn, warps, stages = config or _decode_config.get((Hq, Hkv, D, q.dtype, k_flat.dtype), (64, 4, 2))
     _paged_decode_kernel[(B, Hq)](
         q, k_flat, v_flat, out, block_tables, context_lens, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1), block_tables.stride(0),
@@ -249,7 +258,7 @@ def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch
 
 
 def tune_decode_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, batch: int = 64,
-                       context: int = 512) -> list[tuple[tuple[int, int, int], float]]:
+                       context: int = 512, q_dtype: torch.dtype | None = None) -> list[tuple[tuple[int, int, int], float]]:
     """Times every config on a synthetic decode batch over the real cache tensor (read only) and keeps the
     fastest for this head shape. Returns [(config, seconds)] for the log. Run before graph capture."""
     from triton.testing import do_bench
@@ -259,7 +268,7 @@ def tune_decode_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, ba
     if num_blocks < per_seq:
         return []
     dev = k_flat.device
-    q = torch.randn(batch, num_heads, D, device=dev, dtype=k_flat.dtype)
+    q = torch.randn(batch, num_heads, D, device=dev, dtype=q_dtype or k_flat.dtype)
     out = torch.empty_like(q)
     bt = torch.randint(0, num_blocks, (batch, per_seq), device=dev, dtype=torch.int32)
     lens = torch.full((batch,), context, device=dev, dtype=torch.int32)
@@ -272,12 +281,13 @@ def tune_decode_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, ba
             continue
         results.append((cfg, t))
     if results:
-        _decode_config[(num_heads, Hkv, D, k_flat.dtype)] = min(results, key=lambda r: r[1])[0]
+        _decode_config[(num_heads, Hkv, D, q.dtype, k_flat.dtype)] = min(results, key=lambda r: r[1])[0]
     return results
 
 
 def tune_prefill_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, chunk: int = 512,
-                        num_chunks: int = 4) -> list[tuple[tuple[int, int, int], float]]:
+                        num_chunks: int = 4, q_dtype: torch.dtype | None = None
+                        ) -> list[tuple[tuple[int, int, int], float]]:
     """Times every prefill config on chunks of `chunk` new tokens after as many cached ones, over the real
     cache tensor (read only), and keeps the fastest for this head shape. Returns [(config, seconds)]."""
     from triton.testing import do_bench
@@ -288,7 +298,7 @@ def tune_prefill_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, c
         return []
     dev = k_flat.device
     T = chunk * num_chunks
-    q = torch.randn(T, num_heads, D, device=dev, dtype=k_flat.dtype)
+    q = torch.randn(T, num_heads, D, device=dev, dtype=q_dtype or k_flat.dtype)
     out = torch.empty_like(q)
     bt = torch.randperm(num_blocks, device=dev)[:per_seq * num_chunks].view(num_chunks, per_seq).to(torch.int32)
     chunks = [(i * chunk, chunk, chunk) for i in range(num_chunks)]
@@ -304,5 +314,5 @@ def tune_prefill_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, c
             continue
         results.append((cfg, t))
     if results:
-        _prefill_config[(num_heads, Hkv, D, k_flat.dtype)] = min(results, key=lambda r: r[1])[0]
+        _prefill_config[(num_heads, Hkv, D, q.dtype, k_flat.dtype)] = min(results, key=lambda r: r[1])[0]
     return results

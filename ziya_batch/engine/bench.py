@@ -44,6 +44,7 @@ class BenchOptions:
     only: tuple[str, ...] = ()
     seed: int = 0
     schedule: str = "fcfs"
+    kv_cache_dtype: str = "auto"
 
 
 def workload_w1(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
@@ -89,21 +90,22 @@ _ENGINE_CONFIG = dict(model_path="", dtype="float16", max_num_seqs=256, max_num_
 
 
 def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: int = 1,
-                  schedule: str = "fcfs") -> tuple[LLMEngine, float]:
+                  schedule: str = "fcfs", kv_cache_dtype: str = "auto") -> tuple[LLMEngine, float]:
     """The random-weight engine; with world_size > 1, this rank's tensor-parallel shard (every rank makes the
     same weights from the seed, then keeps its share)."""
     from ziya_batch.engine.tp import apply_tp
     model = apply_tp(LlamaModel.random(a, device, torch.float16, seed), rank, world_size)
     t_init = time.perf_counter()
-    eng = LLMEngine.from_model(model, None, EngineConfig(**{**_ENGINE_CONFIG, "schedule_policy": schedule}))
+    eng = LLMEngine.from_model(model, None, EngineConfig(**{**_ENGINE_CONFIG, "schedule_policy": schedule,
+                                                            "kv_cache_dtype": kv_cache_dtype}))
     return eng, time.perf_counter() - t_init
 
 
 def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: int = 1,
-                 schedule: str = "fcfs") -> tuple[dict, dict]:
+                 schedule: str = "fcfs", kv_cache_dtype: str = "auto") -> tuple[dict, dict]:
     """Rank 0's side of the run (the only side when world_size is 1): with tensor parallelism the other
     ranks follow each step (_tp_bench_rank)."""
-    eng, init_s = _build_engine(a, device, seed, 0, world_size, schedule)
+    eng, init_s = _build_engine(a, device, seed, 0, world_size, schedule, kv_cache_dtype)
     model, cfg = eng.model, eng.config
     driver = None
     if world_size > 1:
@@ -116,7 +118,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
     for r in reqs:
         eng.add_request(r)
     # per GPU: each rank reads 1/K of the weights and of the KV cache a step (the all-reduces are not counted)
-    kv_tok = kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, torch.float16) / world_size
+    kv_tok = kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, eng.kv_caches[0][0].dtype) / world_size
     w_bytes = _weight_bytes(a) / world_size
     pre_s = pre_tok = dec_s = dec_tok = floor_s = host_dec = 0.0
     n_dec_steps = 0
@@ -139,6 +141,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                note=f"{eng.num_blocks} KV blocks of {cfg.block_size}; {eng.scheduler.num_preemptions} preemptions; "
                     f"{n_dec_steps} decode-only steps ({dec_s:.1f} s), mixed steps {pre_s:.1f} s; init {init_s:.0f} s; "
                     f"fused kernels {'on' if model.use_fused else 'off'}; schedule {schedule}"
+                    + (f"; KV cache {kv_cache_dtype}" if kv_cache_dtype != "auto" else "")
                     + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else ""))
     prof = dict(decode_steps=n_dec_steps, decode_step_ms=1e3 * dec_s / max(n_dec_steps, 1),
                 floor_step_ms=1e3 * floor_s / max(n_dec_steps, 1), host_ms=1e3 * host_dec / max(n_dec_steps, 1),
@@ -154,7 +157,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
 
 
 def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requests: int, seed: int,
-                   result_file: str, schedule: str = "fcfs") -> None:
+                   result_file: str, schedule: str = "fcfs", kv_cache_dtype: str = "auto") -> None:
     """One process of `bench --tensor-parallel K`: one GPU each, NCCL; rank 0 runs the workload and writes
     its row and profile as JSON, the others follow its steps."""
     import json
@@ -171,11 +174,11 @@ def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requ
         bw = measure_copy_bandwidth_bytes_s(device)
         if rank == 0:
             row, prof = bench_engine(a, workload_w1(requests, a.vocab_size, seed), device, bw, seed, world_size,
-                                     schedule)
+                                     schedule, kv_cache_dtype)
             with open(result_file, "w") as fh:
                 json.dump({"row": row, "prof": prof, "bw": bw}, fh)
         else:
-            eng, _ = _build_engine(a, device, seed, rank, world_size, schedule)
+            eng, _ = _build_engine(a, device, seed, rank, world_size, schedule, kv_cache_dtype)
             serve_follower(eng)
     except BaseException:
         dist.destroy_process_group()
@@ -198,7 +201,7 @@ def bench_engine_tp(opts: "BenchOptions") -> tuple[dict, dict, float]:
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "rank0.json")
         mp.spawn(_tp_bench_rank, args=(k, os.path.join(tmp, "init"), opts.layers, opts.requests, opts.seed, result,
-                                       opts.schedule), nprocs=k, join=True)
+                                       opts.schedule, opts.kv_cache_dtype), nprocs=k, join=True)
         with open(result) as fh:
             got = json.load(fh)
     return got["row"], got["prof"], got["bw"]
@@ -233,7 +236,7 @@ def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, con
     weights_only = _time_s(r.graphs[b].replay)
     k, v = eng.kv_caches[0]
     kf, vf = k.view(-1, k.shape[2], k.shape[3]), v.view(-1, v.shape[2], v.shape[3])
-    q = torch.randn(b, a.num_heads, a.head_dim, device=dev, dtype=k.dtype)
+    q = torch.randn(b, a.num_heads, a.head_dim, device=dev, dtype=eng.model.embed.dtype)
     out = torch.empty_like(q)
     lens = torch.full((b,), context, device=dev, dtype=torch.int32)
     attn = _time_s(lambda: decode_attention_triton(q, kf, vf, r.g_bt[:b], lens, r.block_size, out)) * a.num_layers
@@ -242,7 +245,7 @@ def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, con
                          torch.zeros(b, dtype=torch.int64, device=dev), torch.arange(b, device=dev), None, None,
                          None, any_top_k=False, any_top_p=True, all_greedy=False)
     samp = _time_s(lambda: sample(logits, st))
-    kv_bytes = b * context * kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, torch.float16)
+    kv_bytes = b * context * kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, k.dtype)
     return dict(batch=b, context=context, step_ms=1e3 * full, weights_only_ms=1e3 * weights_only,
                 attention_ms=1e3 * attn, sampling_ms=1e3 * samp, weights_floor_ms=1e3 * _weight_bytes(a) / bw,
                 kv_floor_ms=1e3 * kv_bytes / bw)
@@ -334,6 +337,8 @@ def run_bench(opts: BenchOptions) -> list[dict]:
         raise ModelError("ziya-batch bench needs a CUDA GPU: run it on a machine with one")
     if opts.tensor_parallel < 1:
         raise ModelError("bench --tensor-parallel must be at least 1")
+    if opts.kv_cache_dtype not in ("auto", "fp8"):
+        raise ModelError(f"bench --kv-cache-dtype must be auto or fp8, not {opts.kv_cache_dtype!r}")
     if opts.schedule not in ("longest-first", "fcfs"):
         raise ModelError(f"bench --schedule must be longest-first or fcfs, not {opts.schedule!r}")
     only = set(opts.only) or set(METHODS)
@@ -351,7 +356,8 @@ def run_bench(opts: BenchOptions) -> list[dict]:
         bw = measure_copy_bandwidth_bytes_s(device)
     if only & {"engine", "roofline"}:
         if opts.tensor_parallel == 1:
-            row, prof = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule)
+            row, prof = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule,
+                                     kv_cache_dtype=opts.kv_cache_dtype)
         if "engine" in only:
             rows.append(row)
             _print_row(row)
@@ -478,9 +484,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=BenchOptions.seed)
     p.add_argument("--schedule", choices=("fcfs", "longest-first"), default=BenchOptions.schedule,
                    help="the engine's admission order (engine.schedule of a job spec)")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default=BenchOptions.kv_cache_dtype)
     a = p.parse_args()
     run_bench(BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown,
-                           tuple(x for x in a.only.split(",") if x), a.seed, a.schedule))
+                           tuple(x for x in a.only.split(",") if x), a.seed, a.schedule, a.kv_cache_dtype))
 
 
 if __name__ == "__main__":

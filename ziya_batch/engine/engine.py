@@ -12,7 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
-from ziya_batch.engine.kv_cache import (allocate_kv_cache, copy_blocks, kv_bytes_per_token, num_blocks_from_memory)
+from ziya_batch.engine.kv_cache import (allocate_kv_cache, cache_dtype, copy_blocks, kv_bytes_per_token,
+                                        num_blocks_from_memory)
 from ziya_batch.engine.model import LlamaModel, ModelArgs, from_hf_model, iter_checkpoint
 from ziya_batch.engine.runner import ModelRunner
 from ziya_batch.engine.sampling import build_sampling_tensors, sample
@@ -89,7 +90,8 @@ class LLMEngine:
         a = model.args
         bs = config.block_size
         kv_heads = model.layers[0].local_kv_heads
-        per_block = kv_bytes_per_token(a.num_layers, kv_heads, a.head_dim, model.embed.dtype) * bs
+        kv_dtype = cache_dtype(config.kv_cache_dtype, model.embed.dtype)
+        per_block = kv_bytes_per_token(a.num_layers, kv_heads, a.head_dim, kv_dtype) * bs
         max_len = min(config.max_model_len or a.max_position_embeddings, a.max_position_embeddings)
         if config.num_kv_blocks is not None:
             num_blocks = config.num_kv_blocks
@@ -104,8 +106,7 @@ class LLMEngine:
         if self.max_model_len < 2:
             raise ValueError(f"the KV cache ({num_blocks} blocks of {bs}) is too small for any sequence")
         self.num_blocks = num_blocks
-        self.kv_caches = allocate_kv_cache(a.num_layers, num_blocks, bs, kv_heads, a.head_dim,
-                                           model.embed.dtype, device)
+        self.kv_caches = allocate_kv_cache(a.num_layers, num_blocks, bs, kv_heads, a.head_dim, kv_dtype, device)
         self.scheduler = Scheduler(num_blocks, bs, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.admission_horizon_tokens, config.schedule_policy)
         on_gpu = device.type == "cuda"

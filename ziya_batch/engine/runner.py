@@ -36,8 +36,9 @@ class ModelRunner:
                                           a.head_dim, model.layers[0].gate_up_proj.shape[0] // 2, a.rope_theta)
             k = kv_caches[0][0]
             k_flat = k.view(-1, k.shape[2], k.shape[3])
-            self.decode_tuning = tune_decode_kernel(k_flat, model.layers[0].local_heads, block_size)
-            self.prefill_tuning = tune_prefill_kernel(k_flat, model.layers[0].local_heads, block_size)
+            dt = model.embed.dtype
+            self.decode_tuning = tune_decode_kernel(k_flat, model.layers[0].local_heads, block_size, q_dtype=dt)
+            self.prefill_tuning = tune_prefill_kernel(k_flat, model.layers[0].local_heads, block_size, q_dtype=dt)
         if self.graph_sizes:
             self._capture_graphs()
 

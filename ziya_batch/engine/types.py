@@ -62,3 +62,5 @@ class EngineConfig:
     admission_horizon_tokens: int = 256
     # which waiting request is admitted first: "fcfs" or "longest-first" (largest max_new_tokens; see scheduler.py)
     schedule_policy: str = "fcfs"
+    # "auto" (the model's dtype) or "fp8" (float8 e4m3: twice the tokens in the same memory; see kv_cache.py)
+    kv_cache_dtype: str = "auto"
