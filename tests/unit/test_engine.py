@@ -231,3 +231,15 @@ def test_fp8_kv_cache_computes_exactly_what_a_float32_cache_of_the_rounded_value
 def test_unknown_kv_cache_dtype_is_refused():
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         make_engine(kv_cache_dtype="int4")
+
+
+def test_fp8_cache_writes_clamp_out_of_range_values_instead_of_storing_nan():
+    from ziya_batch.engine.attention import write_kv
+
+    kf = torch.zeros(4, 1, 2, dtype=torch.float8_e4m3fn)
+    vf = torch.zeros_like(kf)
+    k = torch.tensor([[[1000.0, -1000.0]], [[1.5, -2.0]]])
+    write_kv(kf, vf, torch.tensor([0, 3]), k, -k)
+    assert not kf.float().isnan().any() and not vf.float().isnan().any()
+    assert kf[0].float().tolist() == [[448.0, -448.0]] and vf[0].float().tolist() == [[-448.0, 448.0]]
+    assert kf[3].float().tolist() == [[1.5, -2.0]]

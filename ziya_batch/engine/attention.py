@@ -87,8 +87,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 def write_kv(k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Stores this step's K/V at their slots, converted to the cache's dtype (float8: through its bytes)."""
     if k_flat.dtype == torch.float8_e4m3fn:
-        k_flat.view(torch.uint8).index_copy_(0, slots, k.to(k_flat.dtype).view(torch.uint8))
-        v_flat.view(torch.uint8).index_copy_(0, slots, v.to(v_flat.dtype).view(torch.uint8))
+        # clamp to e4m3's range first: some torch versions cast out-of-range values to NaN, not to +-448
+        for flat, x in ((k_flat, k), (v_flat, v)):
+            flat.view(torch.uint8).index_copy_(0, slots, x.clamp(-448.0, 448.0).to(flat.dtype).view(torch.uint8))
     else:
         k_flat.index_copy_(0, slots, k)
         v_flat.index_copy_(0, slots, v)
@@ -178,7 +179,7 @@ if triton is not None:
     def _paged_prefill_kernel(Q, K, V, O, BT, INFO, QB, scale, stride_qt, stride_qh, stride_ks, stride_kh,
                               stride_btb, stride_ot, stride_oh, stride_info, stride_qb, GROUP: tl.constexpr,
                               BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                              NUM_STAGES: tl.constexpr):
+                              NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr):
         # one program per (BLOCK_M queries of one chunk, query head): flash attention (online softmax,
         # tensor-core dots) over the chunk's sequence read through its block table, causal by position
         qb = tl.program_id(0)
@@ -206,13 +207,13 @@ if triton is not None:
             offs = (page * BS + t % BS)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
             k = tl.load(K + offs, mask=kmask[:, None], other=0.0)                          # [BLOCK_N, D]
             v = tl.load(V + offs, mask=kmask[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k.to(q.dtype))) * scale                                 # [BLOCK_M, BLOCK_N]
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION) * scale      # [BLOCK_M, BLOCK_N]
             s = tl.where((t[None, :] <= qpos[:, None]) & kmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
             m_i = m_new
         out = acc / tl.maximum(l_i, 1e-20)[:, None]
         tl.store(O + (tok0 + m)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty),
@@ -235,7 +236,9 @@ def prefill_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torc
         q, k_flat, v_flat, out, pre.block_tables, pre.info, pre.q_blocks, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1), pre.block_tables.stride(0),
         out.stride(0), out.stride(1), pre.info.stride(0), pre.q_blocks.stride(0), GROUP=Hq // Hkv, BS=block_size,
-        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=bn, D=D, NUM_STAGES=stages, num_warps=warps)
+        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=bn, D=D, NUM_STAGES=stages,
+        # float32 models: full-precision dots (Triton's default for float32 is TF32)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
 
 
 # (BLOCK_N, num_warps, num_stages); tune_decode_kernel picks one per head shape on the real GPU

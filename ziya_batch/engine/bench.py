@@ -181,8 +181,12 @@ def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requ
             eng, _ = _build_engine(a, device, seed, rank, world_size, schedule, kv_cache_dtype)
             serve_follower(eng)
     except BaseException:
-        dist.destroy_process_group()
-        raise
+        # no destroy_process_group (see below): report and leave, so mp.spawn sees the failure and stops the
+        # other ranks instead of waiting on a peer stuck in a collective
+        import traceback
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
     # done: leave without destroy_process_group, which can wait forever on a follower whose communicator is
     # still referenced by captured CUDA graphs; the process exit frees everything
     sys.stdout.flush()

@@ -9,6 +9,7 @@ chunk [num_computed, num_computed + k); when the chunk reaches the last token th
 Decode is just the chunk of length 1."""
 from __future__ import annotations
 
+import bisect
 import enum
 from collections import deque
 from dataclasses import dataclass, field
@@ -21,8 +22,9 @@ from ziya_batch.engine.types import SamplingParams
 POLICIES = ("fcfs", "longest-first")
 
 
-def _length_key(seq: "Sequence") -> tuple[int, int]:
-    return (seq.params.max_new_tokens, seq.num_prompt_tokens)
+def _queue_key(seq: "Sequence") -> tuple[int, int, int]:
+    """longest-first order of the waiting queue (ascending)."""
+    return (0 if seq.num_preemptions else 1, -seq.params.max_new_tokens, -seq.num_prompt_tokens)
 
 
 class SeqStatus(enum.IntEnum):
@@ -119,13 +121,9 @@ class Scheduler:
         if self.policy == "fcfs" or not self.waiting:
             self.waiting.append(seq)
             return
-        key = _length_key(seq)
-        # after every waiting sequence whose key is at least as large (stable among equals); a preempted
-        # sequence at the front keeps its place
-        i = len(self.waiting)
-        while i > 0 and _length_key(self.waiting[i - 1]) < key and self.waiting[i - 1].num_preemptions == 0:
-            i -= 1
-        self.waiting.insert(i, seq)
+        # the queue is ordered by _queue_key: preempted sequences first (they wait at the front for recompute),
+        # then the largest max_new_tokens; after its equals, so arrival order holds among them
+        self.waiting.insert(bisect.bisect_right(self.waiting, _queue_key(seq), key=_queue_key), seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
