@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ziya_batch.engine.attention import (PrefillBatch, decode_attention_torch, decode_attention_triton,
-                                         prefill_attention_torch, prefill_attention_triton, prefill_q_blocks)
+                                         prefill_attention_torch, prefill_attention_triton, prefill_batch)
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.testing import chain_sequences, hf_greedy, markov_chain, tiny_llama, trained_tiny_llama
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
@@ -20,6 +20,18 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def prompts(n: int, seed: int, lo=4, hi=120) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(3, 300) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def prefill_case(shapes: list[tuple[int, int]], nblocks: int, blocks_per_seq: int) -> tuple[PrefillBatch, int]:
+    """Chunks of (new tokens, cached tokens) laid end to end, each over its own scattered blocks; returns the
+    batch and the number of query rows."""
+    chunks, tok = [], 0
+    for n, ctx0 in shapes:
+        chunks.append((tok, n, ctx0))
+        tok += n
+    perm = torch.randperm(nblocks, device="cuda")
+    bt = perm[:len(shapes) * blocks_per_seq].view(len(shapes), blocks_per_seq).to(torch.int32)
+    return prefill_batch(chunks, bt), tok
 
 
 def greedy(n_new: int) -> SamplingParams:
@@ -53,15 +65,7 @@ def test_triton_paged_prefill_matches_torch_reference(heads, kv_heads):
     kc = torch.randn(nblocks * bs, kv_heads, D, device="cuda", dtype=torch.float16)
     vc = torch.randn_like(kc)
     shapes = [(1, 0), (5, 0), (64, 0), (65, 0), (300, 0), (17, 33), (128, 512), (200, 1), (3, 700)]  # (n, ctx0)
-    chunks, tok = [], 0
-    for n, ctx0 in shapes:
-        chunks.append((tok, n, ctx0))
-        tok += n
-    perm = torch.randperm(nblocks, device="cuda")
-    bt = perm[:len(shapes) * 48].view(len(shapes), 48).to(torch.int32)      # 48 * 16 >= 703
-    info = torch.tensor(chunks, device="cuda", dtype=torch.int32).T.contiguous()
-    qbs = torch.tensor(prefill_q_blocks([n for n, _ in shapes]), device="cuda", dtype=torch.int32).T.contiguous()
-    pre = PrefillBatch(chunks, bt, info, qbs)
+    pre, tok = prefill_case(shapes, nblocks, 48)                                # 48 * 16 >= 703
     q = torch.randn(tok, heads, D, device="cuda", dtype=torch.float16)
     out = torch.full_like(q, float("nan"))
     prefill_attention_triton(q, kc, vc, pre, bs, out)
@@ -132,14 +136,7 @@ def test_triton_kernels_read_a_float8_cache_like_the_torch_reference():
     ref = decode_attention_torch(q.float(), kc, vc, bt, lens, bs)
     assert not out.isnan().any() and (out.float() - ref).norm() / ref.norm() < 3e-3
     shapes = [(5, 0), (130, 0), (40, 200), (1, 50)]
-    chunks, tok = [], 0
-    for n, ctx0 in shapes:
-        chunks.append((tok, n, ctx0))
-        tok += n
-    pbt = torch.randperm(nblocks, device="cuda")[:len(shapes) * 20].view(len(shapes), 20).to(torch.int32)
-    info = torch.tensor(chunks, device="cuda", dtype=torch.int32).T.contiguous()
-    qbs = torch.tensor(prefill_q_blocks([n for n, _ in shapes]), device="cuda", dtype=torch.int32).T.contiguous()
-    pre = PrefillBatch(chunks, pbt, info, qbs)
+    pre, tok = prefill_case(shapes, nblocks, 20)
     qp = torch.randn(tok, H, D, device="cuda", dtype=torch.float16)
     outp = torch.full_like(qp, float("nan"))
     prefill_attention_triton(qp, kc, vc, pre, bs, outp)

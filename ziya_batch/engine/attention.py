@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ziya_batch.engine.kv_cache import as_storage
+
 try:  # the GPU image has Triton; the CPU CI build may not
     import triton
     import triton.language as tl
@@ -59,6 +61,16 @@ def prefill_q_blocks(lens: list[int]) -> list[tuple[int, int]]:
     return [(i, off) for i, n in enumerate(lens) for off in range(0, n, PREFILL_BLOCK_M)]
 
 
+def prefill_batch(chunks: list[tuple[int, int, int]], block_tables: torch.Tensor) -> PrefillBatch:
+    """A PrefillBatch on block_tables' device from host (token_start, num_tokens, context_start) chunks (the
+    runner packs the same tables into its one host-to-device copy instead)."""
+    dev = block_tables.device
+    info = torch.tensor(chunks, device=dev, dtype=torch.int32).reshape(-1, 3).T.contiguous()
+    q_blocks = torch.tensor(prefill_q_blocks([n for _, n, _ in chunks]), device=dev,
+                            dtype=torch.int32).reshape(-1, 2).T.contiguous()
+    return PrefillBatch(chunks, block_tables, info, q_blocks)
+
+
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens). Writes k/v to the cache, returns [T, Hq, D]."""
@@ -86,13 +98,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
 def write_kv(k_flat: torch.Tensor, v_flat: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Stores this step's K/V at their slots, converted to the cache's dtype (float8: through its bytes)."""
-    if k_flat.dtype == torch.float8_e4m3fn:
-        # clamp to e4m3's range first: some torch versions cast out-of-range values to NaN, not to +-448
-        for flat, x in ((k_flat, k), (v_flat, v)):
-            flat.view(torch.uint8).index_copy_(0, slots, x.clamp(-448.0, 448.0).to(flat.dtype).view(torch.uint8))
-    else:
-        k_flat.index_copy_(0, slots, k)
-        v_flat.index_copy_(0, slots, v)
+    for flat, x in ((k_flat, k), (v_flat, v)):
+        if flat.dtype == torch.float8_e4m3fn:
+            # clamp to e4m3's range first: some torch versions cast out-of-range values to NaN, not to +-448
+            x = x.clamp(-448.0, 448.0).to(flat.dtype)
+        as_storage(flat).index_copy_(0, slots, as_storage(x))
 
 
 def prefill_attention_torch(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, pre: PrefillBatch,
@@ -264,7 +274,6 @@ def tune_decode_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, ba
                        context: int = 512, q_dtype: torch.dtype | None = None) -> list[tuple[tuple[int, int, int], float]]:
     """Times every config on a synthetic decode batch over the real cache tensor (read only) and keeps the
     fastest for this head shape. Returns [(config, seconds)] for the log. Run before graph capture."""
-    from triton.testing import do_bench
     Hkv, D = k_flat.shape[1], k_flat.shape[2]
     num_blocks = k_flat.shape[0] // block_size - 1
     per_seq = -(-context // block_size)
@@ -275,17 +284,9 @@ def tune_decode_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, ba
     out = torch.empty_like(q)
     bt = torch.randint(0, num_blocks, (batch, per_seq), device=dev, dtype=torch.int32)
     lens = torch.full((batch,), context, device=dev, dtype=torch.int32)
-    results = []
-    for cfg in DECODE_CONFIGS:
-        try:
-            t = do_bench(lambda: decode_attention_triton(q, k_flat, k_flat, bt, lens, block_size, out, cfg),
-                         warmup=5, rep=20, return_mode="median") / 1e3
-        except Exception:  # a config the compiler rejects (resources) is skipped
-            continue
-        results.append((cfg, t))
-    if results:
-        _decode_config[(num_heads, Hkv, D, q.dtype, k_flat.dtype)] = min(results, key=lambda r: r[1])[0]
-    return results
+    return _keep_fastest(DECODE_CONFIGS, lambda cfg: decode_attention_triton(q, k_flat, k_flat, bt, lens, block_size,
+                                                                            out, cfg),
+                         _decode_config, (num_heads, Hkv, D, q.dtype, k_flat.dtype))
 
 
 def tune_prefill_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, chunk: int = 512,
@@ -293,7 +294,6 @@ def tune_prefill_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, c
                         ) -> list[tuple[tuple[int, int, int], float]]:
     """Times every prefill config on chunks of `chunk` new tokens after as many cached ones, over the real
     cache tensor (read only), and keeps the fastest for this head shape. Returns [(config, seconds)]."""
-    from triton.testing import do_bench
     Hkv, D = k_flat.shape[1], k_flat.shape[2]
     per_seq = -(-2 * chunk // block_size)
     num_blocks = k_flat.shape[0] // block_size - 1
@@ -304,18 +304,23 @@ def tune_prefill_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, c
     q = torch.randn(T, num_heads, D, device=dev, dtype=q_dtype or k_flat.dtype)
     out = torch.empty_like(q)
     bt = torch.randperm(num_blocks, device=dev)[:per_seq * num_chunks].view(num_chunks, per_seq).to(torch.int32)
-    chunks = [(i * chunk, chunk, chunk) for i in range(num_chunks)]
-    info = torch.tensor(chunks, device=dev, dtype=torch.int32).T.contiguous()
-    qbs = torch.tensor(prefill_q_blocks([chunk] * num_chunks), device=dev, dtype=torch.int32).T.contiguous()
-    pre = PrefillBatch(chunks, bt, info, qbs)
+    pre = prefill_batch([(i * chunk, chunk, chunk) for i in range(num_chunks)], bt)
+    return _keep_fastest(PREFILL_CONFIGS, lambda cfg: prefill_attention_triton(q, k_flat, k_flat, pre, block_size,
+                                                                              out, cfg),
+                         _prefill_config, (num_heads, Hkv, D, q.dtype, k_flat.dtype))
+
+
+def _keep_fastest(configs: list, run, chosen: dict, key: tuple) -> list[tuple[tuple[int, int, int], float]]:
+    """Times run(config) for every config (median of do_bench), records the fastest as chosen[key] and
+    returns [(config, seconds)]; a config the compiler rejects (resources) is skipped."""
+    from triton.testing import do_bench
     results = []
-    for cfg in PREFILL_CONFIGS:
+    for cfg in configs:
         try:
-            t = do_bench(lambda: prefill_attention_triton(q, k_flat, k_flat, pre, block_size, out, cfg),
-                         warmup=5, rep=20, return_mode="median") / 1e3
-        except Exception:  # a config the compiler rejects (resources) is skipped
+            t = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median") / 1e3
+        except Exception:  # noqa: BLE001 - see the docstring
             continue
         results.append((cfg, t))
     if results:
-        _prefill_config[(num_heads, Hkv, D, q.dtype, k_flat.dtype)] = min(results, key=lambda r: r[1])[0]
+        chosen[key] = min(results, key=lambda r: r[1])[0]
     return results

@@ -23,8 +23,9 @@ from typing import Optional
 import torch
 
 from ziya_batch.engine.engine import LLMEngine
-from ziya_batch.engine.kv_cache import kv_bytes_per_token
+from ziya_batch.engine.kv_cache import KV_CACHE_DTYPES, kv_bytes_per_token
 from ziya_batch.engine.model import PRESETS, LlamaModel, ModelArgs
+from ziya_batch.engine.scheduler import POLICIES
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
 from ziya_batch.errors import ModelError
 
@@ -341,10 +342,11 @@ def run_bench(opts: BenchOptions) -> list[dict]:
         raise ModelError("ziya-batch bench needs a CUDA GPU: run it on a machine with one")
     if opts.tensor_parallel < 1:
         raise ModelError("bench --tensor-parallel must be at least 1")
-    if opts.kv_cache_dtype not in ("auto", "fp8"):
-        raise ModelError(f"bench --kv-cache-dtype must be auto or fp8, not {opts.kv_cache_dtype!r}")
-    if opts.schedule not in ("longest-first", "fcfs"):
-        raise ModelError(f"bench --schedule must be longest-first or fcfs, not {opts.schedule!r}")
+    if opts.kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ModelError(f"bench --kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                         f"not {opts.kv_cache_dtype!r}")
+    if opts.schedule not in POLICIES:
+        raise ModelError(f"bench --schedule must be one of {', '.join(POLICIES)}, not {opts.schedule!r}")
     only = set(opts.only) or set(METHODS)
     unknown = only - set(METHODS)
     if unknown:
@@ -486,9 +488,9 @@ def main() -> None:
     p.add_argument("--markdown", default=None)
     p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--seed", type=int, default=BenchOptions.seed)
-    p.add_argument("--schedule", choices=("fcfs", "longest-first"), default=BenchOptions.schedule,
+    p.add_argument("--schedule", choices=POLICIES, default=BenchOptions.schedule,
                    help="the engine's admission order (engine.schedule of a job spec)")
-    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default=BenchOptions.kv_cache_dtype)
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=BenchOptions.kv_cache_dtype)
     a = p.parse_args()
     run_bench(BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown,
                            tuple(x for x in a.only.split(",") if x), a.seed, a.schedule, a.kv_cache_dtype))
