@@ -11,6 +11,7 @@ import torch
 from ziya_batch.engine.attention import (PrefillBatch, decode_attention_torch, decode_attention_triton,
                                          prefill_attention_torch, prefill_attention_triton, prefill_batch)
 from ziya_batch.engine.engine import LLMEngine
+from ziya_batch.engine.sampling import build_sampling_tensors, sample_torch, sample_triton
 from ziya_batch.engine.testing import chain_sequences, hf_greedy, markov_chain, tiny_llama, trained_tiny_llama
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
 
@@ -73,6 +74,37 @@ def test_triton_paged_prefill_matches_torch_reference(heads, kv_heads):
     prefill_attention_torch(q.float(), kc.float(), vc.float(), pre, bs, ref)
     err = (out.float() - ref).norm() / ref.norm()
     assert not out.isnan().any() and err < 3e-3
+
+
+class _Row:
+    def __init__(self, params: SamplingParams, key: int):
+        self.params, self.sample_key, self.num_output_tokens, self.token_ids = params, key, key % 7, [1, 2]
+
+
+def test_triton_sampler_draws_what_the_sorting_sampler_draws():
+    """The sort-free kernel (bisection for the top_k/top_p cut-offs) against the reference: same noise, so the
+    same tokens, for greedy rows, top_p alone, top_k alone, both, bans, peaked and near-uniform rows."""
+    torch.manual_seed(0)
+    R, V = 96, 39424
+    logits = torch.randn(R, V, device="cuda") * torch.linspace(0.05, 8, R, device="cuda")[:, None]
+    logits[:, :64] = logits[:, :64].round()                 # exact ties among the top values
+    kinds = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_p=0.85),
+             SamplingParams(temperature=0.7, top_k=40, top_p=1.0), SamplingParams(temperature=1.3, top_k=200, top_p=0.5),
+             SamplingParams(temperature=1.0, top_p=1.0), SamplingParams(temperature=1.0, top_p=0.05)]
+    rows = [_Row(kinds[i % len(kinds)], 1000 + i) for i in range(R)]
+    bans = [[5, 7, int(logits[i].argmax())] if i % 5 == 0 else [] for i in range(R)]
+    t = build_sampling_tensors(rows, V, torch.device("cuda"), bans)
+    logits = logits.index_put((t.banned[0], t.banned[1]), torch.tensor(float("-inf"), device="cuda"))
+    same = total = 0
+    for trial in range(4):
+        t.keys = t.keys + 7919 * trial
+        a_tok, a_lp = sample_torch(logits, t)
+        b_tok, b_lp = sample_triton(logits, t)
+        eq = a_tok == b_tok
+        same, total = same + int(eq.sum()), total + R
+        assert (a_lp - b_lp)[eq].abs().max() < 1e-4
+        assert not any(int(b_tok[i]) in bans[i] for i in range(R))
+    assert same >= total - 2            # float rounding of the cumulative mass at the nucleus' edge, at most
 
 
 def test_float16_greedy_matches_transformers_except_at_near_ties():

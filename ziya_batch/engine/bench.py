@@ -121,8 +121,8 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
     # per GPU: each rank reads 1/K of the weights and of the KV cache a step (the all-reduces are not counted)
     kv_tok = kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, eng.kv_caches[0][0].dtype) / world_size
     w_bytes = _weight_bytes(a) / world_size
-    pre_s = pre_tok = dec_s = dec_tok = floor_s = host_dec = 0.0
-    n_dec_steps = 0
+    pre_s = pre_tok = dec_s = dec_tok = floor_s = host_dec = mix_dec = mix_host = 0.0
+    n_dec_steps = n_mix_steps = 0
     out_tokens = 0
     t0 = time.perf_counter()
     while eng.has_unfinished():
@@ -133,7 +133,8 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
             dec_s += st.wall_s; dec_tok += st.num_decode_tokens; n_dec_steps += 1; host_dec += st.host_s
             floor_s += (w_bytes + st.context_tokens * kv_tok) / bw
         else:
-            pre_s += st.wall_s; pre_tok += st.num_prefill_tokens
+            pre_s += st.wall_s; pre_tok += st.num_prefill_tokens; n_mix_steps += 1
+            mix_dec += st.num_decode_tokens; mix_host += st.host_s
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated()
     row = dict(method="engine", requests=len(reqs), output_tokens=out_tokens, wall_s=wall,
@@ -146,7 +147,10 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                     + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else ""))
     prof = dict(decode_steps=n_dec_steps, decode_step_ms=1e3 * dec_s / max(n_dec_steps, 1),
                 floor_step_ms=1e3 * floor_s / max(n_dec_steps, 1), host_ms=1e3 * host_dec / max(n_dec_steps, 1),
-                decode_batch=dec_tok / max(n_dec_steps, 1), floor_tok_s=dec_tok / max(floor_s, 1e-9))
+                decode_batch=dec_tok / max(n_dec_steps, 1), floor_tok_s=dec_tok / max(floor_s, 1e-9),
+                mixed_steps=n_mix_steps, mixed_step_ms=1e3 * pre_s / max(n_mix_steps, 1),
+                mixed_prefill=pre_tok / max(n_mix_steps, 1), mixed_decode=mix_dec / max(n_mix_steps, 1),
+                mixed_host_ms=1e3 * mix_host / max(n_mix_steps, 1))
     prof["tuning"] = eng.runner.decode_tuning
     if driver is not None:
         driver.stop()     # the step profile replays rank 0's graphs alone: single GPU only
@@ -251,9 +255,36 @@ def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, con
                          None, any_top_k=False, any_top_p=True, all_greedy=False)
     samp = _time_s(lambda: sample(logits, st))
     kv_bytes = b * context * kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, k.dtype)
+    r.g_ctx[:b].fill_(context)
     return dict(batch=b, context=context, step_ms=1e3 * full, weights_only_ms=1e3 * weights_only,
                 attention_ms=1e3 * attn, sampling_ms=1e3 * samp, weights_floor_ms=1e3 * _weight_bytes(a) / bw,
-                kv_floor_ms=1e3 * kv_bytes / bw)
+                kv_floor_ms=1e3 * kv_bytes / bw, kernels=_kernel_profile(eng, b))
+
+
+def _kernel_profile(eng: LLMEngine, b: int, top: int = 10) -> list[tuple[str, float, int]]:
+    """The same step run eagerly under the torch profiler: (kernel, device ms per step, launches per step) for
+    the kernels with the most device time. A graph replay runs the same kernels without the launch gaps."""
+    from torch.profiler import ProfilerActivity, profile
+    from ziya_batch.engine.attention import AttentionMetadata
+    r = eng.runner
+    meta = AttentionMetadata(r.g_slots[:b], b, r.g_bt[:b], r.g_ctx[:b], r.block_size, None, r.use_triton)
+    run = lambda: eng.model(r.g_ids[:b], r.g_pos[:b], eng.kv_caches, meta, r.g_rows[:b])  # noqa: E731
+    run(); torch.cuda.synchronize()
+    reps = 3
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    rows = []
+    for e in p.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0.0)
+        if t > 0:
+            rows.append((e.key[:90], t / 1e3 / reps, e.count // reps))
+    rows.sort(key=lambda x: -x[1])
+    total = sum(t for _, t, _ in rows)
+    return [("all kernels", total, sum(c for _, _, c in rows))] + rows[:top]
 
 
 def _hf_model(a: ModelArgs, device):
@@ -430,7 +461,12 @@ def _print_table(rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
         print(f"[bench] decode step: {prof['decode_step_ms']:.2f} ms measured vs {prof['floor_step_ms']:.2f} ms "
               f"byte floor at mean batch {prof['decode_batch']:.1f}; host (schedule + inputs + launch) "
               f"{prof['host_ms']:.2f} ms", flush=True)
+        print(f"[bench] mixed steps (prefill + decode, eager): {prof['mixed_steps']} steps, {prof['mixed_step_ms']:.2f} "
+              f"ms each, {prof['mixed_prefill']:.0f} prefill + {prof['mixed_decode']:.0f} decode tokens each; host "
+              f"{prof['mixed_host_ms']:.2f} ms", flush=True)
         print("[bench] " + _breakdown_text(prof), flush=True)
+        for name, ms, n in (prof.get("breakdown") or {}).get("kernels", []):
+            print(f"[bench]   {ms:8.3f} ms {n:5d}x  {name}", flush=True)
         print("[bench] decode kernel tuning (BLOCK_N, warps, stages) -> us: " + ", ".join(
             f"{c}: {t * 1e6:.0f}" for c, t in prof.get("tuning", [])), flush=True)
 
@@ -462,7 +498,9 @@ def render_markdown(rows: list[dict], meta: dict, prof: Optional[dict]) -> str:
         lines += ["", f"One decode-only step, mean over {prof['decode_steps']} steps: {prof['decode_step_ms']:.2f} ms "
                       f"measured against a byte floor of {prof['floor_step_ms']:.2f} ms (mean batch "
                       f"{prof['decode_batch']:.1f}); host time per step (schedule, inputs, launch) "
-                      f"{prof['host_ms']:.2f} ms.", "", _breakdown_text(prof)]
+                      f"{prof['host_ms']:.2f} ms. Steps with prefill (eager): {prof['mixed_steps']}, "
+                      f"{prof['mixed_step_ms']:.2f} ms each, {prof['mixed_prefill']:.0f} prefill and "
+                      f"{prof['mixed_decode']:.0f} decode tokens each.", "", _breakdown_text(prof)]
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,12 @@ from typing import Optional
 
 import torch
 
+try:  # the GPU image has Triton; the CPU CI build may not
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
 _M32 = 0xFFFFFFFF
 
 
@@ -83,12 +89,25 @@ def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ba
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [R, V] float32 -> (tokens [R] int64, logprobs [R] float32)."""
+    logits = _process(logits, t)
+    if triton is not None and logits.is_cuda and not t.all_greedy:
+        return sample_triton(logits, t)
+    return sample_torch(logits, t)
+
+
+def _process(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """The logits processors that come before temperature: repetition penalty, bans before min_new_tokens."""
     if t.penalty is not None:
         # CTRL-style, as transformers: positive logits are divided, negative multiplied
         p = t.penalty[:, None]
         logits = torch.where(t.seen, torch.where(logits > 0, logits / p, logits * p), logits)
     if t.banned is not None:
         logits = logits.index_put((t.banned[0], t.banned[1]), torch.tensor(float("-inf"), device=logits.device))
+    return logits
+
+
+def sample_torch(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference path (CPU, and GPUs without Triton): sorts each row for top_k/top_p."""
     greedy_tok = logits.argmax(dim=-1)
     greedy_lp = logits.gather(1, greedy_tok[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
     if t.all_greedy:
@@ -116,3 +135,113 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torc
     j = (logp - torch.log(-torch.log(u))).argmax(dim=-1, keepdim=True)              # Gumbel-max
     tok = torch.where(greedy, greedy_tok, ids.gather(1, j)[:, 0])
     return tok, torch.where(greedy, greedy_lp, logp.gather(1, j)[:, 0])
+
+
+def sample_triton(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Triton program per row, no sort: the top_k and top_p cut-offs are found by bisection over the
+    row's values (as order-preserving integer keys, so 32 halvings reach the exact value), then a Gumbel-max
+    over the kept tokens with the same counter-hash noise as sample_torch. A top_k cut keeps ties with the
+    k-th value, as transformers' TopKLogitsWarper does; otherwise it keeps what sample_torch keeps, up to
+    float rounding of the cumulative mass at the nucleus' edge."""
+    logits = logits.contiguous()
+    R, V = logits.shape
+    tok = torch.empty(R, dtype=torch.int64, device=logits.device)
+    lp = torch.empty(R, dtype=torch.float32, device=logits.device)
+    _sample_kernel[(R,)](logits, V, t.temperature, t.top_p, t.top_k, t.keys, tok, lp, BLOCK=2048, num_warps=8)
+    return tok, lp
+
+
+if triton is not None:
+    @triton.jit
+    def _mix32_tl(x):
+        # x: int64 in [0, 2^32); the same finaliser as mix32 (products wrap, their low 32 bits are exact)
+        x = x ^ (x >> 16)
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x = x ^ (x >> 15)
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _order_key(x):
+        # float32 -> int64 with the same order (negative floats' bits reversed): bisection over exact values
+        b = x.to(tl.int32, bitcast=True)
+        return tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.int64)
+
+    @triton.jit
+    def _sample_kernel(logits_ptr, V, temp_ptr, top_p_ptr, top_k_ptr, keys_ptr, tok_ptr, lp_ptr,
+                       BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        base = logits_ptr + row.to(tl.int64) * V
+        temp = tl.load(temp_ptr + row)
+        greedy = temp == 0.0
+        div = tl.where(greedy, 1.0, temp)
+        top_p = tl.load(top_p_ptr + row)
+        top_k = tl.load(top_k_ptr + row)
+        offs = tl.arange(0, BLOCK)
+        # the row's max, then the softmax normaliser relative to it
+        mvec = tl.full([BLOCK], float("-inf"), tl.float32)
+        for start in range(0, V, BLOCK):
+            idx = start + offs
+            mvec = tl.maximum(mvec, tl.load(base + idx, mask=idx < V, other=float("-inf")) / div)
+        m = tl.max(mvec, 0)
+        top = _order_key(m)
+        # top_k: the largest key with at least top_k values at or above it (HF keeps ties with the k-th)
+        kth = top * 0 - 2147483648
+        if (temp > 0.0) & (top_k > 0) & (top_k < V):
+            lo = kth
+            hi = top + 1
+            while hi - lo > 1:
+                mid = lo + (hi - lo) // 2
+                cnt = tl.zeros([BLOCK], tl.int32)
+                for start in range(0, V, BLOCK):
+                    idx = start + offs
+                    x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / div
+                    cnt += ((_order_key(x) >= mid) & (idx < V)).to(tl.int32)
+                ok = tl.sum(cnt, 0) >= top_k
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid)
+            kth = lo
+        # top_p: the largest key whose values at or above it (within top_k) hold top_p of the kept mass
+        cut = kth
+        if (temp > 0.0) & (top_p < 1.0):
+            zvec = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, V, BLOCK):
+                idx = start + offs
+                x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / div
+                zvec += tl.where(_order_key(x) >= kth, tl.exp(x - m), 0.0)
+            target = top_p * tl.sum(zvec, 0)
+            lo = kth
+            hi = top + 1
+            while hi - lo > 1:
+                mid = lo + (hi - lo) // 2
+                svec = tl.zeros([BLOCK], tl.float32)
+                for start in range(0, V, BLOCK):
+                    idx = start + offs
+                    x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / div
+                    svec += tl.where(_order_key(x) >= mid, tl.exp(x - m), 0.0)
+                ok = tl.sum(svec, 0) >= target
+                lo = tl.where(ok, mid, lo)
+                hi = tl.where(ok, hi, mid)
+            cut = lo
+        # Gumbel-max over the kept tokens (greedy rows: plain argmax), and the kept mass for the logprob
+        rkey = tl.load(keys_ptr + row)
+        zs = tl.zeros([BLOCK], tl.float32)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)
+        bidx = tl.zeros([BLOCK], tl.int32)
+        for start in range(0, V, BLOCK):
+            idx = start + offs
+            x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / div
+            keep = (_order_key(x) >= cut) & (idx < V)
+            zs += tl.where(keep, tl.exp(x - m), 0.0)
+            h = _mix32_tl(rkey ^ _mix32_tl(idx.to(tl.int64)))
+            u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            g = tl.where(greedy, x, x - tl.log(-tl.log(u)))
+            g = tl.where(keep, g, float("-inf"))
+            upd = g > best
+            best = tl.where(upd, g, best)
+            bidx = tl.where(upd, idx, bidx)
+        gmax = tl.max(best, 0)
+        j = tl.min(tl.where(best == gmax, bidx, V), 0)
+        xj = tl.load(base + j) / div
+        tl.store(tok_ptr + row, j.to(tl.int64))
+        tl.store(lp_ptr + row, xj - m - tl.log(tl.sum(zs, 0)))
