@@ -243,3 +243,19 @@ def test_fp8_cache_writes_clamp_out_of_range_values_instead_of_storing_nan():
     assert not kf.float().isnan().any() and not vf.float().isnan().any()
     assert kf[0].float().tolist() == [[448.0, -448.0]] and vf[0].float().tolist() == [[-448.0, 448.0]]
     assert kf[3].float().tolist() == [[1.5, -2.0]]
+
+
+def test_packed_step_tables_start_16_byte_aligned():
+    """Triton specialises kernels on pointer alignment: tables at step-dependent offsets would compile new
+    kernel variants in the middle of a run."""
+    import numpy as np
+    from ziya_batch.engine.runner import _packed
+    rng = np.random.default_rng(0)
+    for sizes in ([3, 5, 1, 7], [1, 1, 1, 1], [0, 2, 9, 4]):
+        wide = [rng.integers(0, 1000, n) for n in sizes]
+        narrow = [rng.integers(0, 1000, n + 1) for n in sizes] + [rng.integers(0, 1000, 6)]
+        w, n = _packed(wide, narrow, torch.device("cpu"))
+        assert all(t.data_ptr() % 16 == 0 for t in w + n)
+        assert [t.dtype for t in w] == [torch.int64] * 4 and [t.dtype for t in n] == [torch.int32] * 5
+        assert [t.tolist() for t in w] == [a.tolist() for a in wide]
+        assert [t.tolist() for t in n] == [a.tolist() for a in narrow]

@@ -185,7 +185,9 @@ if triton is not None:
 
 
 if triton is not None:
-    @triton.jit
+    # stride_info and stride_qb are the step's chunk and query-block counts: not specialised on, or every new
+    # value that is 1 or a multiple of 16 would compile another variant mid-run
+    @triton.jit(do_not_specialize=["stride_info", "stride_qb"])
     def _paged_prefill_kernel(Q, K, V, O, BT, INFO, QB, scale, stride_qt, stride_qh, stride_ks, stride_kh,
                               stride_btb, stride_ot, stride_oh, stride_info, stride_qb, GROUP: tl.constexpr,
                               BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,

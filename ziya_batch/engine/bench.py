@@ -123,6 +123,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
     w_bytes = _weight_bytes(a) / world_size
     pre_s = pre_tok = dec_s = dec_tok = floor_s = host_dec = mix_dec = mix_host = 0.0
     n_dec_steps = n_mix_steps = 0
+    mix_hosts: list[float] = []
     out_tokens = 0
     t0 = time.perf_counter()
     while eng.has_unfinished():
@@ -134,7 +135,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
             floor_s += (w_bytes + st.context_tokens * kv_tok) / bw
         else:
             pre_s += st.wall_s; pre_tok += st.num_prefill_tokens; n_mix_steps += 1
-            mix_dec += st.num_decode_tokens; mix_host += st.host_s
+            mix_dec += st.num_decode_tokens; mix_host += st.host_s; mix_hosts.append(st.host_s)
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated()
     row = dict(method="engine", requests=len(reqs), output_tokens=out_tokens, wall_s=wall,
@@ -150,7 +151,9 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                 decode_batch=dec_tok / max(n_dec_steps, 1), floor_tok_s=dec_tok / max(floor_s, 1e-9),
                 mixed_steps=n_mix_steps, mixed_step_ms=1e3 * pre_s / max(n_mix_steps, 1),
                 mixed_prefill=pre_tok / max(n_mix_steps, 1), mixed_decode=mix_dec / max(n_mix_steps, 1),
-                mixed_host_ms=1e3 * mix_host / max(n_mix_steps, 1))
+                mixed_host_ms=1e3 * mix_host / max(n_mix_steps, 1),
+                mixed_host_median_ms=1e3 * sorted(mix_hosts)[len(mix_hosts) // 2] if mix_hosts else 0.0,
+                mixed_host_max_ms=1e3 * max(mix_hosts, default=0.0))
     prof["tuning"] = eng.runner.decode_tuning
     if driver is not None:
         driver.stop()     # the step profile replays rank 0's graphs alone: single GPU only
@@ -463,7 +466,8 @@ def _print_table(rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
               f"{prof['host_ms']:.2f} ms", flush=True)
         print(f"[bench] mixed steps (prefill + decode, eager): {prof['mixed_steps']} steps, {prof['mixed_step_ms']:.2f} "
               f"ms each, {prof['mixed_prefill']:.0f} prefill + {prof['mixed_decode']:.0f} decode tokens each; host "
-              f"{prof['mixed_host_ms']:.2f} ms", flush=True)
+              f"{prof['mixed_host_ms']:.2f} ms (median {prof['mixed_host_median_ms']:.2f}, max "
+              f"{prof['mixed_host_max_ms']:.0f})", flush=True)
         print("[bench] " + _breakdown_text(prof), flush=True)
         for name, ms, n in (prof.get("breakdown") or {}).get("kernels", []):
             print(f"[bench]   {ms:8.3f} ms {n:5d}x  {name}", flush=True)

@@ -88,20 +88,19 @@ class ModelRunner:
         info = np.asarray(pchunks, dtype=np.int64).reshape(-1, 3).T
         qbs = np.asarray(prefill_q_blocks([n for _, n, _ in pchunks]), dtype=np.int64).reshape(-1, 2).T
         ids_a, pos_a, slots_a = np.concatenate(ids), np.concatenate(pos), np.concatenate(slots)
-        T = len(ids_a)
-        packed = np.concatenate([ids_a, pos_a, slots_a, np.asarray(row_idx, dtype=np.int64), ctx, bt.reshape(-1),
-                                 info.reshape(-1), qbs.reshape(-1)])
-        dev = torch.from_numpy(packed).to(self.device, non_blocking=True)
-        ids_t, pos_t, slots_t, rows_t = dev[:T], dev[T:2 * T], dev[2 * T:3 * T], dev[3 * T:3 * T + len(row_idx)]
-        small = dev[3 * T + len(row_idx):].to(torch.int32)       # one conversion for every int32 table
-        ctx_t = small[:nd]
-        bt_t = small[nd:nd + bt.size].view(len(chunks), self.max_blocks)
-        o = nd + bt.size
+        # Every table starts 16-byte aligned: Triton specialises kernels on pointer alignment, so tables at
+        # step-dependent offsets would compile new variants of the attention and RoPE kernels mid-run.
+        wide, narrow = _packed([ids_a, pos_a, slots_a, np.asarray(row_idx, dtype=np.int64)],
+                               [ctx, bt[:nd].reshape(-1), bt[nd:].reshape(-1), info.reshape(-1), qbs.reshape(-1)],
+                               self.device)
+        ids_t, pos_t, slots_t, rows_t = wide
+        ctx_t, bt_dec, bt_pre, info_t, qbs_t = narrow
         prefill = None
         if pchunks:
-            prefill = PrefillBatch(pchunks, bt_t[nd:], small[o:o + info.size].view(3, -1),
-                                   small[o + info.size:].view(2, -1))
-        meta = AttentionMetadata(slots_t, nd, bt_t[:nd], ctx_t, self.block_size, prefill, self.use_triton)
+            prefill = PrefillBatch(pchunks, bt_pre.view(-1, self.max_blocks), info_t.view(3, -1),
+                                   qbs_t.view(2, -1))
+        meta = AttentionMetadata(slots_t, nd, bt_dec.view(-1, self.max_blocks), ctx_t, self.block_size, prefill,
+                                 self.use_triton)
         return self.model(ids_t, pos_t, self.kv_caches, meta, rows_t)
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------------
@@ -152,3 +151,26 @@ class ModelRunner:
         self.g_bt[:bucket].copy_(torch.from_numpy(bt).to(self.device, non_blocking=True))
         self.graphs[bucket].replay()
         return self.g_logits[bucket]
+
+
+def _packed(wide: list[np.ndarray], narrow: list[np.ndarray], device: torch.device
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One host-to-device copy of int64 arrays: `wide` ones stay int64, `narrow` ones become int32 (one
+    conversion for all). Each array starts at a 16-byte boundary. Returns the device views of each."""
+    def layout(arrays: list[np.ndarray], align: int) -> tuple[list[int], int]:
+        starts, n = [], 0
+        for a in arrays:
+            starts.append(n)
+            n += -(-a.size // align) * align
+        return starts, n
+    ws, wn = layout(wide, 2)          # int64: 2 elements = 16 bytes
+    ns, nn = layout(narrow, 4)        # int32: 4 elements = 16 bytes
+    host = np.zeros(wn + nn, dtype=np.int64)
+    for a, st in zip(wide, ws):
+        host[st:st + a.size] = a
+    for a, st in zip(narrow, ns):
+        host[wn + st:wn + st + a.size] = a
+    dev = torch.from_numpy(host).to(device, non_blocking=True)
+    small = dev[wn:].to(torch.int32)
+    return ([dev[st:st + a.size] for a, st in zip(wide, ws)],
+            [small[st:st + a.size] for a, st in zip(narrow, ns)])

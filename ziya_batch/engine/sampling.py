@@ -69,8 +69,11 @@ def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ba
     top_p = [r.params.top_p if r.params.temperature > 0 else 1.0 for r in rows]
     top_k = [r.params.top_k if r.params.temperature > 0 else 0 for r in rows]
     keys = [row_key(r.sample_key, r.num_output_tokens) for r in rows]
-    floats = torch.tensor([temps, top_p], dtype=torch.float32).to(device, non_blocking=True)
-    ints = torch.tensor([top_k, keys], dtype=torch.int64).to(device, non_blocking=True)
+    # rows padded to a multiple of 4: each table starts 16-byte aligned (the Triton sampler specialises on it)
+    pad = [0] * (-len(rows) % 4)
+    floats = torch.tensor([temps + pad, top_p + pad], dtype=torch.float32).to(device, non_blocking=True)
+    ints = torch.tensor([top_k + pad, keys + pad], dtype=torch.int64).to(device, non_blocking=True)
+    R = len(rows)
     penalty = seen = banned = None
     if any(r.params.repetition_penalty != 1.0 for r in rows):
         penalty = torch.tensor([r.params.repetition_penalty for r in rows], dtype=torch.float32).to(device)
@@ -82,7 +85,7 @@ def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ba
         br = [i for i, ids in enumerate(ban_ids) for _ in ids]
         bt = [t for ids in ban_ids for t in ids]
         banned = (torch.tensor(br, device=device), torch.tensor(bt, device=device))
-    return SamplingTensors(floats[0], floats[1], ints[0], ints[1], penalty, seen, banned,
+    return SamplingTensors(floats[0, :R], floats[1, :R], ints[0, :R], ints[1, :R], penalty, seen, banned,
                            any_top_k=any(k > 0 for k in top_k), any_top_p=any(p < 1.0 for p in top_p),
                            all_greedy=all(t == 0 for t in temps))
 
