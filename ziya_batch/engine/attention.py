@@ -153,11 +153,9 @@ if triton is not None:
     def _paged_decode_kernel(Q, K, V, O, BT, CTX, scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_btb,
                              stride_ob, stride_oh, GROUP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
                              D: tl.constexpr, NUM_STAGES: tl.constexpr):
-        # one program per (query head, sequence), heads fastest: the GPU starts programs in this order, so
-        # with sequences sorted longest first (the runner does) the last programs to start are the shortest
-        # and no long sequence is left alone at the tail of the launch; online softmax, BLOCK_N tokens a time
-        h = tl.program_id(0)
-        b = tl.program_id(1)
+        # one program per (sequence, query head); online softmax over BLOCK_N tokens at a time
+        b = tl.program_id(0)
+        h = tl.program_id(1)
         kvh = h // GROUP
         ctx = tl.load(CTX + b)
         d = tl.arange(0, D)
@@ -267,7 +265,7 @@ def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch
     B, Hq, D = q.shape
     Hkv = k_flat.shape[1]
     bn, warps, stages = config or _decode_config.get((Hq, Hkv, D, q.dtype, k_flat.dtype), (64, 4, 2))
-    _paged_decode_kernel[(Hq, B)](
+    _paged_decode_kernel[(B, Hq)](
         q, k_flat, v_flat, out, block_tables, context_lens, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1), GROUP=Hq // Hkv, BS=block_size, BLOCK_N=bn, D=D, NUM_STAGES=stages,

@@ -50,8 +50,7 @@ class ModelRunner:
 
     def execute(self, out: SchedulerOutput) -> tuple[Optional[torch.Tensor], list[Sequence]]:
         """Runs the step; returns logits [R, V] float32 and the Sequence each row samples for."""
-        # one-token chunks first, the longest context first among them (the decode kernel's launch order)
-        chunks = sorted(out.chunks, key=lambda c: (c.num_tokens != 1, -c.start if c.num_tokens == 1 else 0))
+        chunks = sorted(out.chunks, key=lambda c: c.num_tokens != 1)   # one-token chunks first (stable)
         decodes = [c for c in chunks if c.num_tokens == 1]
         rows: list[Sequence] = []
         row_idx: list[int] = []
