@@ -44,6 +44,7 @@ class StepStats:
     decode_only: bool = False
     host_s: float = 0.0            # CPU time from scheduling to the last kernel launch of the forward
     wall_s: float = 0.0            # the whole step, the host sync on sampled tokens included
+    gpu_s: Optional[float] = None  # with time_gpu: from the forward's first launch to sampling's end, on the GPU
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,6 +119,7 @@ class LLMEngine:
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self.last_step = StepStats()
         self.plan_hook = None     # tensor parallel: rank 0 broadcasts each step's plan (tp.py)
+        self.time_gpu = False     # the benchmark: time each step on the GPU too (StepStats.gpu_s)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -174,6 +176,10 @@ class LLMEngine:
         if self.plan_hook is not None:
             self.plan_hook(out)
         copy_blocks(self.kv_caches, out.block_copies)
+        events = None
+        if self.time_gpu and self.device.type == "cuda":
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
         logits, rows = self.runner.execute(out)
         t_launched = time.perf_counter()
         sampled: dict[int, tuple[int, float]] = {}
@@ -181,6 +187,8 @@ class LLMEngine:
             bans = [self._bans(s) for s in rows]
             tensors = build_sampling_tensors(rows, logits.shape[1], self.device, bans)
             tok, lp = sample(logits, tensors)
+            if events is not None:
+                events[1].record()
             both = torch.stack([tok.double(), lp.double()]).cpu().tolist()   # the step's one host sync
             sampled = {s.seq_id: (int(t), l) for s, t, l in zip(rows, both[0], both[1])}
         self.scheduler.update(out, sampled)
@@ -188,7 +196,8 @@ class LLMEngine:
             num_prefill_tokens=sum(c.num_tokens for c in out.chunks if c.num_tokens > 1),
             num_decode_tokens=sum(1 for c in out.chunks if c.num_tokens == 1),
             num_seqs=len(out.chunks), context_tokens=sum(c.start + c.num_tokens for c in out.chunks),
-            decode_only=out.is_decode_only, host_s=t_launched - t0, wall_s=time.perf_counter() - t0)
+            decode_only=out.is_decode_only, host_s=t_launched - t0, wall_s=time.perf_counter() - t0,
+            gpu_s=events[0].elapsed_time(events[1]) / 1e3 if events is not None and rows else None)
         finished: list[RequestOutput] = []
         for s in rows:
             if s.status is SeqStatus.RUNNING:
