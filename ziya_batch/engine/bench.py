@@ -31,6 +31,8 @@ from ziya_batch.errors import ModelError
 
 METHODS = ("engine", "hf-generate", "hf-continuous", "roofline")
 SECTION = "## Engine (workload W1)"
+# the part of SECTION that --markdown rewrites; the section's other subsections are hand-written notes
+GENERATED = "### Last `ziya-batch bench --markdown` run"
 HF_GENERATE_BUDGET_S = 60.0      # wall-clock cap per transformers baseline
 HF_CONTINUOUS_BUDGET_S = 75.0
 HF_CONTINUOUS_REQUESTS = 256
@@ -493,7 +495,7 @@ def _breakdown_text(prof: dict) -> str:
 
 
 def render_markdown(rows: list[dict], meta: dict, prof: Optional[dict]) -> str:
-    lines = [SECTION, "",
+    lines = [GENERATED, "",
              f"Card: {meta['card']}; date: {meta['date']}; commit: {meta['commit']}; LLaMA-13B shape with "
              f"{meta['layers']} layers, float16 random weights; {meta['requests']} requests; "
              + (f"tensor parallel {meta['tensor_parallel']} (one GPU each, NCCL); "
@@ -517,15 +519,26 @@ def render_markdown(rows: list[dict], meta: dict, prof: Optional[dict]) -> str:
 
 
 def write_markdown(path: str, rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
-    """Replaces this benchmark's section of the file (or appends it), leaving other sections alone."""
+    """Writes this run as the GENERATED subsection of SECTION: replaces the previous one, or puts it first in
+    the section (adding the section at the end of the file if it has none). Everything else in the file, the
+    section's hand-written subsections included, stays as it is."""
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    section = render_markdown(rows, meta, prof)
-    start = text.find(SECTION)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
+    block = render_markdown(rows, meta, prof)
+    start = text.find("\n" + GENERATED + "\n")
+    if start >= 0:
+        start += 1
+        ends = [i for i in (text.find("\n## ", start), text.find("\n### ", start + len(GENERATED))) if i >= 0]
+        end = min(ends) + 1 if ends else len(text)
+        text = text[:start] + block + ("\n" if end < len(text) else "") + text[end:]
     else:
-        nxt = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[nxt + 1:] if nxt >= 0 else "")
+        sec = text.find(SECTION + "\n")
+        if sec < 0:
+            text = text.rstrip("\n") + "\n\n" + SECTION + "\n\n" + block
+        else:
+            at = sec + len(SECTION) + 1
+            nxt = [i for i in (text.find("\n## ", at), text.find("\n### ", at)) if i >= 0]
+            at = min(nxt) + 1 if nxt else len(text)       # after the section's introduction
+            text = text[:at] + block + "\n" + text[at:]
     with open(path, "w") as fh:
         fh.write(text)
 

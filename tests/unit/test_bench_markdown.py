@@ -1,0 +1,34 @@
+"""`ziya-batch bench --markdown`: rewrites only its own subsection of docs/BENCHMARKS.md's engine section."""
+from ziya_batch.engine.bench import GENERATED, SECTION, write_markdown
+
+META = dict(card="GPU-X", date="2026-01-01", commit="abc1234", layers=40, requests=1024, bandwidth_tb_s=3.0)
+
+
+def rows(tok_s):
+    return [dict(method="engine", output_tok_s=tok_s, prefill_tok_s=2.0, decode_tok_s=3.0, peak_gib=4.0,
+                 requests=1024, note="n")]
+
+
+def test_markdown_keeps_hand_written_subsections_and_replaces_its_own(tmp_path):
+    path = tmp_path / "B.md"
+    path.write_text(f"# Benchmarks\n\n## Queue\n\nq\n\n{SECTION}\n\nIntro.\n\n### Notes by hand\n\nkeep me\n\n"
+                    "## Later section\n\nlater\n")
+    write_markdown(str(path), rows(1111.0), META, None)
+    text = path.read_text()
+    assert text.index("Intro.") < text.index(GENERATED) < text.index("### Notes by hand")
+    assert "| engine | 1,111 |" in text and "keep me" in text and "later" in text and "\nq\n" in text
+    write_markdown(str(path), rows(2222.0), META, None)
+    again = path.read_text()
+    assert again.count(GENERATED) == 1 and "1,111" not in again and "| engine | 2,222 |" in again
+    assert again.replace("2,222", "1,111") == text
+
+
+def test_markdown_adds_the_section_to_a_file_without_it(tmp_path):
+    path = tmp_path / "B.md"
+    path.write_text("# Benchmarks\n\n## Queue\n\nq\n")
+    write_markdown(str(path), rows(5.0), META, None)
+    text = path.read_text()
+    assert text.index("## Queue") < text.index(SECTION) < text.index(GENERATED)
+    fresh = tmp_path / "new.md"
+    write_markdown(str(fresh), rows(5.0), META, None)
+    assert fresh.read_text().startswith("# Benchmarks\n\n" + SECTION + "\n\n" + GENERATED)
