@@ -148,9 +148,11 @@ def sample_torch(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor
 def sample_triton(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
     """One Triton program per row, no sort: the top_k and top_p cut-offs are found by bisection over the
     row's values (as order-preserving integer keys, so 32 halvings reach the exact value), then a Gumbel-max
-    over the kept tokens with the same counter-hash noise as sample_torch. A top_k cut keeps ties with the
-    k-th value, as transformers' TopKLogitsWarper does; otherwise it keeps what sample_torch keeps, up to
-    float rounding of the cumulative mass at the nucleus' edge."""
+    over the kept tokens with the same counter-hash noise as sample_torch. Cut-offs are values, so tokens
+    tied with the last kept one are all kept: for top_k as transformers' TopKLogitsWarper does; for top_p,
+    where sample_torch and transformers break such exact ties by sort order, the nucleus may grow by the tied
+    tokens. Otherwise it keeps what sample_torch keeps, up to float rounding of the cumulative mass at the
+    nucleus' edge."""
     logits = logits.contiguous()
     R, V = logits.shape
     tok = torch.empty(R, dtype=torch.int64, device=logits.device)
