@@ -90,14 +90,18 @@ def worker(
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
     tensor_parallel: int = typer.Option(1, "--tensor-parallel", min=1, help="GPUs one replica is sharded over"),
     job: Optional[str] = typer.Option(None, "--job", help="With --tensor-parallel > 1: the job whose model the replicas hold"),
+    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", min=0,
+                                           help="GPUs the node offers when this command starts it (default: all)"),
 ):
-    """Join a Ray cluster and serve the queue with this node's GPUs until stopped."""
+    """Join a Ray cluster and serve the queue with this node's GPUs until stopped. Starts a Ray node for the
+    purpose unless this host already is one; that node stops with the command."""
     from .errors import SpecError
     from .runtime.cluster import serve_node
 
     if tensor_parallel > 1 and not job:
         raise SpecError("--tensor-parallel > 1 shards one model over several GPUs: name the job it serves with --job JOB_ID")
-    serve_node(redis_url=redis_url, ray_address=address, tensor_parallel=tensor_parallel, job_id=job)
+    serve_node(redis_url=redis_url, ray_address=address, tensor_parallel=tensor_parallel, job_id=job,
+               num_gpus=num_gpus)
 
 
 @app.command("merge-delta")

@@ -157,3 +157,64 @@ def test_worker_command_serves_a_submitted_job_and_stops_on_sigterm(tmp_path, de
             worker.wait()
     results = list(io.read_parts(str(out), "results"))
     assert collections.Counter(r["id"] for r in results) == collections.Counter(ids)
+
+
+def test_worker_that_starts_its_own_node_stops_only_that_node(tmp_path, demo_model, redis_url, head_node):
+    """With no node of the cluster on the host (RAY_ADDRESS unset, the head in a temp dir of its own),
+    `ziya-batch worker --address` starts a node (with a logical GPU), serves a job from it, and on SIGTERM stops
+    that node only: the head on the same host keeps running (`ray stop` would have killed it too)."""
+    address, env = head_node
+    zb = str(Path(sys.executable).with_name("ziya-batch"))
+    inp = tmp_path / "in.jsonl"
+    ids = [f"own{i}" for i in range(24)]
+    inp.write_text("".join(json.dumps({"id": i, "prompt": f"name {i}"}) + "\n" for i in ids))
+    out = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": "own-node", "model": {"path": str(demo_model)}, "input": [str(inp)],
+                                   "sampling": {"max_new_tokens": 3, "seed": 5}, "output": {"path": str(out)},
+                                   "shard_size": 8}))
+    sub = subprocess.run([zb, "submit", str(job), "--redis-url", redis_url], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().splitlines()[-1]
+    worker = subprocess.Popen([zb, "worker", "--address", address, "--redis-url", redis_url, "--num-gpus", "1"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
+    try:
+        _wait_nodes(address, env, 2, timeout_s=120)
+        deadline = time.time() + 300
+        state = None
+        while time.time() < deadline and worker.poll() is None:
+            st = subprocess.run([zb, "status", job_id, "--json", "--redis-url", redis_url], env=env,
+                                capture_output=True, text=True)
+            state = json.loads(st.stdout)["state"] if st.returncode == 0 else None
+            if state == "completed":
+                break
+            time.sleep(2)
+        assert state == "completed", (state, worker.poll())
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(90) == 0
+        log = worker.stdout.read()
+        assert "started by this command" in log, log[-2000:]
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+    _wait_nodes(address, env, 1)          # the head answers, and only the worker's node is gone
+    results = list(io.read_parts(str(out), "results"))
+    assert collections.Counter(r["id"] for r in results) == collections.Counter(ids)
+
+
+def test_a_killed_worker_takes_the_node_it_started_with_it(redis_url, head_node):
+    """SIGKILL leaves the worker no time to stop its node: the node's `ray start` gets SIGTERM from the kernel
+    when its parent dies (PR_SET_PDEATHSIG) and shuts the node down; no orphan node is left serving nothing."""
+    address, env = head_node
+    zb = str(Path(sys.executable).with_name("ziya-batch"))
+    worker = subprocess.Popen([zb, "worker", "--address", address, "--redis-url", redis_url, "--num-gpus", "0"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_nodes(address, env, 2, timeout_s=120)
+    finally:
+        worker.kill()
+        worker.wait()
+    _wait_nodes(address, env, 1, timeout_s=90)

@@ -1,42 +1,135 @@
 """`ziya-batch worker`: join a Ray cluster as a node and serve the queue with this node's GPUs.
 
-The node joins with `ray start --address` (unless this host already is a Ray node), then a replica
-manager pinned to this node keeps GPUs // tensor_parallel replicas running until the command is stopped.
-A `run` on the head sees the new GPUs too: both only ever fill free GPUs, so they never oversubscribe.
+If this host already is a node of that cluster, the command serves from it. Otherwise it starts one, as
+`ray start --address ... --block` in a child process, so the node lives exactly as long as the command: when
+the command stops, it stops that node and nothing else (other Ray nodes on the host, a head included, stay).
+Then a replica manager pinned to the node keeps GPUs // tensor_parallel replicas running until the command is
+stopped. A `run` on the head sees the new GPUs too: both only ever fill free GPUs, so they never oversubscribe.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import socket
 import subprocess
+import sys
+import tempfile
 import threading
-from typing import Optional
+import time
+import uuid
+from typing import Callable, Optional
 
 from ..errors import ServiceError
 from .services import REDIS_ENV
 
 log = logging.getLogger(__name__)
 
+_JOIN_TIMEOUT_S = 120.0
 
-def _join(address: str) -> bool:
-    """Start a Ray node that joins `address`; False if this host is already a node of a cluster."""
+
+def _same_address(a: str, b: str) -> bool:
+    def norm(x: str) -> tuple[str, str]:
+        host, _, port = x.rpartition(":")
+        try:
+            return socket.gethostbyname(host), port
+        except OSError:
+            return host, port
+    return norm(a) == norm(b)
+
+
+def _local_cluster() -> Optional[str]:
+    """The GCS address of the cluster whose node runs on this host (what `ray.init("auto")` finds), or None."""
     import ray
 
     try:
         ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
+    except Exception:  # noqa: BLE001 - no local node
+        return None
+    try:
+        return ray.get_runtime_context().gcs_address
+    finally:
         ray.shutdown()
-        return False
-    except Exception:  # noqa: BLE001 - no local node: start one
-        pass
-    res = subprocess.run(["ray", "start", f"--address={address}"], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise ServiceError(f"could not join the Ray cluster at {address}: {res.stderr.strip().splitlines()[-1:]}")
-    return True
+
+
+def _ray_command() -> str:
+    """The `ray` script of this Python's environment (a venv's bin need not be on PATH), else PATH's."""
+    sibling = os.path.join(os.path.dirname(sys.executable), "ray")
+    return sibling if os.access(sibling, os.X_OK) else "ray"
+
+
+def _death_signal_hook():
+    """A preexec_fn (Linux) that makes the child get SIGTERM when this process dies, even by SIGKILL, so the
+    node it runs goes too; None elsewhere. libc is loaded here, in the parent: the hook itself only calls it."""
+    try:
+        import ctypes
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, signal.SIGTERM)         # PR_SET_PDEATHSIG
+
+
+class _OwnNode:
+    """A Ray node this command started (`ray start --block`): stopping the child stops that node only."""
+
+    def __init__(self, address: str, num_gpus: Optional[int]):
+        self.tag = f"ziya_batch_node_{uuid.uuid4().hex[:12]}"     # a resource only this node has: finds it
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="ziya-batch-ray-start-", suffix=".log", delete=False)
+        cmd = [_ray_command(), "start", f"--address={address}", "--block",
+               f"--resources={json.dumps({self.tag: 1})}"]
+        if num_gpus is not None:
+            cmd.append(f"--num-gpus={num_gpus}")
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_death_signal_hook())
+        except FileNotFoundError as e:
+            raise ServiceError("could not start a Ray node: the `ray` command is not installed here") from e
+
+    def wait_node_id(self, address: str, stop: threading.Event, connected: Callable[[], None]) -> Optional[str]:
+        """Connects to the cluster (then calls `connected`) and returns the started node's id once it has
+        joined (None if `stop` is set first)."""
+        import ray
+
+        deadline = time.monotonic() + _JOIN_TIMEOUT_S
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        connected()
+        while time.monotonic() < deadline and not stop.is_set():
+            for n in ray.nodes():
+                if n["Alive"] and self.tag in n.get("Resources", {}):
+                    return n["NodeID"]
+            if self.proc.poll() is not None:
+                break
+            stop.wait(0.5)
+        if stop.is_set():
+            return None
+        raise ServiceError(f"could not join the Ray cluster at {address}: {self._last_line()}")
+
+    def _last_line(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        lines = [x.strip() for x in self.log.read().splitlines() if x.strip()]
+        return lines[-1] if lines else "ray start printed nothing"
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)       # ray start --block shuts its node down on SIGTERM
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+        try:
+            os.unlink(self.log.name)
+        except OSError:
+            pass
 
 
 def serve_node(redis_url: Optional[str] = None, ray_address: Optional[str] = None,
-               tensor_parallel: int = 1, job_id: Optional[str] = None, poll_s: float = 5.0) -> None:
+               tensor_parallel: int = 1, job_id: Optional[str] = None, poll_s: float = 5.0,
+               num_gpus: Optional[int] = None) -> None:
+    """num_gpus: the GPUs a node this command starts offers to Ray (default: Ray counts them)."""
     import ray
 
     from .replicas import ReplicaManager
@@ -47,21 +140,40 @@ def serve_node(redis_url: Optional[str] = None, ray_address: Optional[str] = Non
         raise ServiceError("no Ray cluster to join: pass --address or set RAY_ADDRESS (host:port of the head)")
     if not url:
         raise ServiceError(f"no Redis queue: pass --redis-url or set {REDIS_ENV}")
-    started = _join(address)
-    ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
-    node_id = ray.get_runtime_context().get_node_id()
-    manager = ReplicaManager(url, tensor_parallel=tensor_parallel, node_id=node_id, worker_prefix="node",
-                             job_id=job_id)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    print(f"serving the queue at {url} from node {node_id[:12]} of {address}; Ctrl-C stops", flush=True)
+
+    def trap() -> None:
+        # ray.init installs its own SIGTERM handler (exit at once): ours goes back on after each connect
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    trap()
+    own = None
+    local = _local_cluster()
+    trap()
+    if local is not None and not _same_address(local, address):
+        print(f"this host is a node of another Ray cluster ({local}): starting a node of {address}", file=sys.stderr)
     try:
-        while not stop.is_set():
-            manager.reconcile()
-            stop.wait(poll_s)
+        if local is not None and _same_address(local, address):
+            ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
+            trap()
+            node_id = ray.get_runtime_context().get_node_id()
+        else:
+            own = _OwnNode(address, num_gpus)
+            node_id = own.wait_node_id(address, stop, trap)
+            if node_id is None:
+                return
+        manager = ReplicaManager(url, tensor_parallel=tensor_parallel, node_id=node_id, worker_prefix="node",
+                                 job_id=job_id)
+        how = "started by this command" if own else "already running on this host"
+        print(f"serving the queue at {url} from node {node_id[:12]} ({how}) of {address}; Ctrl-C stops", flush=True)
+        try:
+            while not stop.is_set():
+                manager.reconcile()
+                stop.wait(poll_s)
+        finally:
+            manager.stop()
     finally:
-        manager.stop()
         ray.shutdown()
-        if started:
-            subprocess.run(["ray", "stop"], capture_output=True)
+        if own is not None:
+            own.stop()
