@@ -7,7 +7,8 @@ import torch
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TopKLogitsWarper,
                                                     TopPLogitsWarper)
 
-from ziya_batch.engine.sampling import build_sampling_tensors, mix32, mix32_int, row_key, sample
+from ziya_batch.engine.sampling import (build_sampling_tensors, mix32, mix32_int, row_key, sample,
+                                        uniform_from_hash)
 from ziya_batch.engine.types import SamplingParams
 
 
@@ -82,3 +83,10 @@ def test_banned_ids_are_never_sampled():
         tok, _ = sample(logits, tensors([Row(SamplingParams(temperature=1.0, top_p=1.0), sample_key=k)], V=5,
                                         bans=[[2]]))
         assert tok.item() != 2
+
+
+def test_uniform_noise_never_reaches_0_or_1():
+    """The largest hash must stay below 1.0 (its noise would be +inf and win over any probability)."""
+    u = uniform_from_hash(torch.tensor([0, 1, 2**31, 2**32 - 512, 2**32 - 1]))
+    assert bool((u > 0).all()) and bool((u < 1).all())
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()

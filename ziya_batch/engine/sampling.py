@@ -47,6 +47,13 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def uniform_from_hash(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> float32 uniform in the open interval (0, 1). The top 23 bits plus a half are exact in
+    float32; 24 bits plus a half would round the largest value up to 1.0, whose Gumbel noise is +inf: that
+    token would win whatever its probability (a masked one included, as NaN)."""
+    return ((h >> 9).float() + 0.5) * (1.0 / (1 << 23))
+
+
 def row_key(sample_key: int, position: int) -> int:
     """The noise key of one sampled token: sample key (64-bit seed + index) and output position."""
     k = mix32_int(sample_key & _M32) ^ mix32_int(((sample_key >> 32) & _M32) + 0x9E3779B9)
@@ -139,7 +146,7 @@ def sample_torch(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor
     logp = x - torch.logsumexp(x, dim=-1, keepdim=True)                             # [R, K]
     # noise is a function of (row key, vocab id), whatever order or subset of ids is scored
     h = mix32(t.keys[:, None] ^ mix32(ids))                                          # [R, K] in [0, 2^32)
-    u = ((h >> 8).float() + 0.5) * (1.0 / (1 << 24))                                # uniform in (0, 1)
+    u = uniform_from_hash(h)
     j = (logp - torch.log(-torch.log(u))).argmax(dim=-1, keepdim=True)              # Gumbel-max
     tok = torch.where(greedy, greedy_tok, ids.gather(1, j)[:, 0])
     return tok, torch.where(greedy, greedy_lp, logp.gather(1, j)[:, 0])
@@ -153,7 +160,8 @@ def sample_triton(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tenso
     where sample_torch and transformers break such exact ties by sort order, the nucleus may grow by the tied
     tokens. Otherwise it keeps what sample_torch keeps, up to float rounding of the cumulative mass at the
     nucleus' edge."""
-    logits = logits.contiguous()
+    # temperature applied here, as sample_torch does (Triton's float32 division is not correctly rounded)
+    logits = (logits / torch.where(t.temperature == 0, 1.0, t.temperature)[:, None]).contiguous()
     R, V = logits.shape
     tok = torch.empty(R, dtype=torch.int64, device=logits.device)
     lp = torch.empty(R, dtype=torch.float32, device=logits.device)
@@ -173,8 +181,9 @@ if triton is not None:
 
     @triton.jit
     def _order_key(x):
-        # float32 -> int64 with the same order (negative floats' bits reversed): bisection over exact values
-        b = x.to(tl.int32, bitcast=True)
+        # float32 -> int64 with the same order (negative floats' bits reversed): bisection over exact values;
+        # + 0.0 turns -0.0 into +0.0, so the two zeros get one key (a tie stays a tie)
+        b = (x + 0.0).to(tl.int32, bitcast=True)
         return tl.where(b >= 0, b, b ^ 0x7FFFFFFF).to(tl.int64)
 
     @triton.jit
@@ -182,9 +191,8 @@ if triton is not None:
                        BLOCK: tl.constexpr):
         row = tl.program_id(0)
         base = logits_ptr + row.to(tl.int64) * V
-        temp = tl.load(temp_ptr + row)
+        temp = tl.load(temp_ptr + row)       # only tells greedy rows (0): the logits come already divided by it
         greedy = temp == 0.0
-        div = tl.where(greedy, 1.0, temp)
         top_p = tl.load(top_p_ptr + row)
         top_k = tl.load(top_k_ptr + row)
         offs = tl.arange(0, BLOCK)
@@ -192,7 +200,7 @@ if triton is not None:
         mvec = tl.full([BLOCK], float("-inf"), tl.float32)
         for start in range(0, V, BLOCK):
             idx = start + offs
-            mvec = tl.maximum(mvec, tl.load(base + idx, mask=idx < V, other=float("-inf")) / div)
+            mvec = tl.maximum(mvec, tl.load(base + idx, mask=idx < V, other=float("-inf")))
         m = tl.max(mvec, 0)
         top = _order_key(m)
         # top_k: the largest key with at least top_k values at or above it (HF keeps ties with the k-th)
@@ -205,7 +213,7 @@ if triton is not None:
                 cnt = tl.zeros([BLOCK], tl.int32)
                 for start in range(0, V, BLOCK):
                     idx = start + offs
-                    x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / div
+                    x = tl.load(base + idx, mask=idx < V, other=float("-inf"))
                     cnt += ((_order_key(x) >= mid) & (idx < V)).to(tl.int32)
                 ok = tl.sum(cnt, 0) >= top_k
                 lo = tl.where(ok, mid, lo)
@@ -217,7 +225,7 @@ if triton is not None:
             zvec = tl.zeros([BLOCK], tl.float32)
             for start in range(0, V, BLOCK):
                 idx = start + offs
-                x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / div
+                x = tl.load(base + idx, mask=idx < V, other=float("-inf"))
                 zvec += tl.where(_order_key(x) >= kth, tl.exp(x - m), 0.0)
             target = top_p * tl.sum(zvec, 0)
             lo = kth
@@ -227,7 +235,7 @@ if triton is not None:
                 svec = tl.zeros([BLOCK], tl.float32)
                 for start in range(0, V, BLOCK):
                     idx = start + offs
-                    x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / div
+                    x = tl.load(base + idx, mask=idx < V, other=float("-inf"))
                     svec += tl.where(_order_key(x) >= mid, tl.exp(x - m), 0.0)
                 ok = tl.sum(svec, 0) >= target
                 lo = tl.where(ok, mid, lo)
@@ -240,11 +248,11 @@ if triton is not None:
         bidx = tl.zeros([BLOCK], tl.int32)
         for start in range(0, V, BLOCK):
             idx = start + offs
-            x = tl.load(base + idx, mask=idx < V, other=float("-inf")) / div
+            x = tl.load(base + idx, mask=idx < V, other=float("-inf"))
             keep = (_order_key(x) >= cut) & (idx < V)
             zs += tl.where(keep, tl.exp(x - m), 0.0)
             h = _mix32_tl(rkey ^ _mix32_tl(idx.to(tl.int64)))
-            u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)      # as sample_torch: never 1.0
             g = tl.where(greedy, x, x - tl.log(-tl.log(u)))
             g = tl.where(keep, g, float("-inf"))
             upd = g > best
@@ -252,6 +260,6 @@ if triton is not None:
             bidx = tl.where(upd, idx, bidx)
         gmax = tl.max(best, 0)
         j = tl.min(tl.where(best == gmax, bidx, V), 0)
-        xj = tl.load(base + j) / div
+        xj = tl.load(base + j)
         tl.store(tok_ptr + row, j.to(tl.int64))
         tl.store(lp_ptr + row, xj - m - tl.log(tl.sum(zs, 0)))
