@@ -92,6 +92,8 @@ def worker(
     job: Optional[str] = typer.Option(None, "--job", help="With --tensor-parallel > 1: the job whose model the replicas hold"),
     num_gpus: Optional[int] = typer.Option(None, "--num-gpus", min=0,
                                            help="GPUs the node offers when this command starts it (default: all)"),
+    start_node: bool = typer.Option(False, "--start-node",
+                                    help="Start a node even if this host already is one (e.g. a head offering no GPUs)"),
 ):
     """Join a Ray cluster and serve the queue with this node's GPUs until stopped. Starts a Ray node for the
     purpose unless this host already is one; that node stops with the command."""
@@ -101,7 +103,7 @@ def worker(
     if tensor_parallel > 1 and not job:
         raise SpecError("--tensor-parallel > 1 shards one model over several GPUs: name the job it serves with --job JOB_ID")
     serve_node(redis_url=redis_url, ray_address=address, tensor_parallel=tensor_parallel, job_id=job,
-               num_gpus=num_gpus)
+               num_gpus=num_gpus, start_node=start_node)
 
 
 @app.command("merge-delta")

@@ -160,9 +160,9 @@ def test_worker_command_serves_a_submitted_job_and_stops_on_sigterm(tmp_path, de
 
 
 def test_worker_that_starts_its_own_node_stops_only_that_node(tmp_path, demo_model, redis_url, head_node):
-    """With no node of the cluster on the host (RAY_ADDRESS unset, the head in a temp dir of its own),
-    `ziya-batch worker --address` starts a node (with a logical GPU), serves a job from it, and on SIGTERM stops
-    that node only: the head on the same host keeps running (`ray stop` would have killed it too)."""
+    """`ziya-batch worker --address --start-node` starts a node of its own (with a logical GPU) on a host that
+    already runs the head, serves a job from it, and on SIGTERM stops that node only: the head keeps running
+    (`ray stop` would have killed it too)."""
     address, env = head_node
     zb = str(Path(sys.executable).with_name("ziya-batch"))
     inp = tmp_path / "in.jsonl"
@@ -177,7 +177,8 @@ def test_worker_that_starts_its_own_node_stops_only_that_node(tmp_path, demo_mod
                          timeout=120)
     assert sub.returncode == 0, sub.stderr
     job_id = sub.stdout.strip().splitlines()[-1]
-    worker = subprocess.Popen([zb, "worker", "--address", address, "--redis-url", redis_url, "--num-gpus", "1"],
+    worker = subprocess.Popen([zb, "worker", "--address", address, "--redis-url", redis_url, "--num-gpus", "1",
+                               "--start-node"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     try:
@@ -210,7 +211,8 @@ def test_a_killed_worker_takes_the_node_it_started_with_it(redis_url, head_node)
     when its parent dies (PR_SET_PDEATHSIG) and shuts the node down; no orphan node is left serving nothing."""
     address, env = head_node
     zb = str(Path(sys.executable).with_name("ziya-batch"))
-    worker = subprocess.Popen([zb, "worker", "--address", address, "--redis-url", redis_url, "--num-gpus", "0"],
+    worker = subprocess.Popen([zb, "worker", "--address", address, "--redis-url", redis_url, "--num-gpus", "0",
+                               "--start-node"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_nodes(address, env, 2, timeout_s=120)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,14 +30,37 @@ log = logging.getLogger(__name__)
 _JOIN_TIMEOUT_S = 120.0
 
 
+def _this_host(ip: str) -> bool:
+    if ip.startswith("127.") or ip == "::1":
+        return True
+    try:
+        return ip in socket.gethostbyname_ex(socket.gethostname())[2] or ip == _primary_ip()
+    except OSError:
+        return False
+
+
+def _primary_ip() -> str:
+    """The address this host reaches others from (what Ray calls the node IP); no packet is sent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
 def _same_address(a: str, b: str) -> bool:
+    """Whether two GCS addresses name the same server: same port, and the same host once resolved, where
+    loopback and this host's own addresses are one host (Ray reports a head started on 127.0.0.1 or
+    localhost by its node IP)."""
     def norm(x: str) -> tuple[str, str]:
         host, _, port = x.rpartition(":")
         try:
             return socket.gethostbyname(host), port
         except OSError:
             return host, port
-    return norm(a) == norm(b)
+    (ha, pa), (hb, pb) = norm(a), norm(b)
+    return pa == pb and (ha == hb or (_this_host(ha) and _this_host(hb)))
 
 
 def _local_cluster() -> Optional[str]:
@@ -59,15 +83,12 @@ def _ray_command() -> str:
     return sibling if os.access(sibling, os.X_OK) else "ray"
 
 
-def _death_signal_hook():
-    """A preexec_fn (Linux) that makes the child get SIGTERM when this process dies, even by SIGKILL, so the
-    node it runs goes too; None elsewhere. libc is loaded here, in the parent: the hook itself only calls it."""
-    try:
-        import ctypes
-        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return lambda: prctl(1, signal.SIGTERM)         # PR_SET_PDEATHSIG
+# Runs `ray start` after asking the kernel (Linux) for SIGTERM when its parent, this command, dies, even by
+# SIGKILL, so the node goes too. A separate interpreter, not a preexec_fn: ray.init may have left threads here.
+_WITH_PARENT = ("import ctypes, os, signal, sys\n"
+                "try:\n    ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+                "except (OSError, AttributeError):\n    pass\n"
+                "os.execv(sys.argv[1], sys.argv[1:])\n")
 
 
 class _OwnNode:
@@ -75,24 +96,48 @@ class _OwnNode:
 
     def __init__(self, address: str, num_gpus: Optional[int]):
         self.tag = f"ziya_batch_node_{uuid.uuid4().hex[:12]}"     # a resource only this node has: finds it
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="ziya-batch-ray-start-", suffix=".log", delete=False)
-        cmd = [_ray_command(), "start", f"--address={address}", "--block",
+        ray_cmd = _ray_command()
+        if not os.path.isabs(ray_cmd):
+            ray_cmd = shutil.which(ray_cmd) or ""
+        if not ray_cmd:
+            raise ServiceError("could not start a Ray node: the `ray` command is not installed here")
+        # appended to by the child, read by us: "a" mode, so our reads never move where its writes go
+        fd, self.log_path = tempfile.mkstemp(prefix="ziya-batch-ray-start-", suffix=".log")
+        os.close(fd)
+        cmd = [sys.executable, "-c", _WITH_PARENT, ray_cmd, "start", f"--address={address}", "--block",
                f"--resources={json.dumps({self.tag: 1})}"]
         if num_gpus is not None:
             cmd.append(f"--num-gpus={num_gpus}")
         try:
-            self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         preexec_fn=_death_signal_hook())
-        except FileNotFoundError as e:
-            raise ServiceError("could not start a Ray node: the `ray` command is not installed here") from e
+            with open(self.log_path, "a") as out:
+                self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as e:
+            os.unlink(self.log_path)
+            raise ServiceError(f"could not start a Ray node: {e}") from e
+
+    def _log_text(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as fh:
+                return fh.read()
+        except OSError:
+            return ""
 
     def wait_node_id(self, address: str, stop: threading.Event, connected: Callable[[], None]) -> Optional[str]:
-        """Connects to the cluster (then calls `connected`) and returns the started node's id once it has
-        joined (None if `stop` is set first)."""
+        """Waits for `ray start` to bring the node up, connects to the cluster (then calls `connected`) and
+        returns the node's id once it has joined. None if `stop` is set first."""
         import ray
 
         deadline = time.monotonic() + _JOIN_TIMEOUT_S
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        # ray.init waits a minute for a local node: connect only once ours runs, so a failed start fails fast
+        while "Ray runtime started" not in self._log_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise ServiceError(f"could not join the Ray cluster at {address}: {self._last_line()}")
+            if stop.wait(0.2):
+                return None
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except Exception as e:  # noqa: BLE001 - Ray's own errors, made one clear line
+            raise ServiceError(f"could not connect to the Ray cluster at {address}: {e}") from e
         connected()
         while time.monotonic() < deadline and not stop.is_set():
             for n in ray.nodes():
@@ -106,12 +151,12 @@ class _OwnNode:
         raise ServiceError(f"could not join the Ray cluster at {address}: {self._last_line()}")
 
     def _last_line(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        lines = [x.strip() for x in self.log.read().splitlines() if x.strip()]
+        lines = [x.strip() for x in self._log_text().splitlines() if x.strip()]
         return lines[-1] if lines else "ray start printed nothing"
 
-    def stop(self, timeout_s: float = 30.0) -> None:
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """SIGTERM, then SIGKILL of its process group after timeout_s (`ray start --block` drains its node for
+        up to 30 s first)."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)       # ray start --block shuts its node down on SIGTERM
             try:
@@ -119,17 +164,17 @@ class _OwnNode:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        self.log.close()
         try:
-            os.unlink(self.log.name)
+            os.unlink(self.log_path)
         except OSError:
             pass
 
 
 def serve_node(redis_url: Optional[str] = None, ray_address: Optional[str] = None,
                tensor_parallel: int = 1, job_id: Optional[str] = None, poll_s: float = 5.0,
-               num_gpus: Optional[int] = None) -> None:
-    """num_gpus: the GPUs a node this command starts offers to Ray (default: Ray counts them)."""
+               num_gpus: Optional[int] = None, start_node: bool = False) -> None:
+    """num_gpus: the GPUs a node this command starts offers to Ray (default: Ray counts them). start_node:
+    start one even if this host already is a node of the cluster (e.g. a head that offers no GPUs)."""
     import ray
 
     from .replicas import ReplicaManager
@@ -142,14 +187,18 @@ def serve_node(redis_url: Optional[str] = None, ray_address: Optional[str] = Non
         raise ServiceError(f"no Redis queue: pass --redis-url or set {REDIS_ENV}")
     stop = threading.Event()
 
+    def on_signal(*_) -> None:
+        # Event.set takes a lock the main thread may hold right now (inside stop.wait): set it from a thread
+        threading.Thread(target=stop.set, daemon=True).start()
+
     def trap() -> None:
         # ray.init installs its own SIGTERM handler (exit at once): ours goes back on after each connect
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
 
     trap()
     own = None
-    local = _local_cluster()
+    local = None if start_node else _local_cluster()
     trap()
     if local is not None and not _same_address(local, address):
         print(f"this host is a node of another Ray cluster ({local}): starting a node of {address}", file=sys.stderr)
@@ -174,6 +223,8 @@ def serve_node(redis_url: Optional[str] = None, ray_address: Optional[str] = Non
         finally:
             manager.stop()
     finally:
-        ray.shutdown()
-        if own is not None:
-            own.stop()
+        try:
+            ray.shutdown()
+        finally:
+            if own is not None:
+                own.stop()
