@@ -201,7 +201,9 @@ def serve_node(redis_url: Optional[str] = None, ray_address: Optional[str] = Non
     local = None if start_node else _local_cluster()
     trap()
     if local is not None and not _same_address(local, address):
-        print(f"this host is a node of another Ray cluster ({local}): starting a node of {address}", file=sys.stderr)
+        # a second node on this host would offer its GPUs twice, unless the user says the first is another's
+        raise ServiceError(f"this host is a node of the Ray cluster at {local}, not {address}: pass "
+                           f"--address {local}, or --start-node to start a node of {address} beside it")
     try:
         if local is not None and _same_address(local, address):
             ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
