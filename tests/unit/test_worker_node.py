@@ -15,7 +15,7 @@ def test_same_address_treats_loopback_and_this_hosts_ip_as_one_host():
 
 def test_a_node_of_another_cluster_on_this_host_is_refused_not_doubled(monkeypatch):
     monkeypatch.setattr(cluster.signal, "signal", lambda *a: None)      # leave pytest's handlers alone
-    monkeypatch.setattr(cluster, "_local_cluster", lambda: "198.51.100.9:6379")
+    monkeypatch.setattr(cluster, "_local_clusters", lambda: ["198.51.100.9:6379"])
     started = []
     monkeypatch.setattr(cluster, "_OwnNode", lambda *a: started.append(a))
     with pytest.raises(ServiceError, match="--start-node"):

@@ -63,18 +63,22 @@ def _same_address(a: str, b: str) -> bool:
     return pa == pb and (ha == hb or (_this_host(ha) and _this_host(hb)))
 
 
-def _local_cluster() -> Optional[str]:
-    """The GCS address of the cluster whose node runs on this host (what `ray.init("auto")` finds), or None."""
-    import ray
-
+def _local_clusters() -> list[str]:
+    """GCS addresses of the clusters that have a node on this host, read off the raylets' command lines (no
+    connection: `ray.init("auto")` would wait a minute for a raylet when Ray's address file is stale)."""
     try:
-        ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
-    except Exception:  # noqa: BLE001 - no local node
-        return None
-    try:
-        return ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
+        from ray._private.services import find_gcs_addresses
+    except ImportError:  # pragma: no cover - another Ray layout: ask Ray itself
+        import ray
+        try:
+            ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
+        except Exception:  # noqa: BLE001 - no local node
+            return []
+        try:
+            return [ray.get_runtime_context().gcs_address]
+        finally:
+            ray.shutdown()
+    return sorted(find_gcs_addresses())
 
 
 def _ray_command() -> str:
@@ -198,15 +202,16 @@ def serve_node(redis_url: Optional[str] = None, ray_address: Optional[str] = Non
 
     trap()
     own = None
-    local = None if start_node else _local_cluster()
+    local = [] if start_node else _local_clusters()
     trap()
-    if local is not None and not _same_address(local, address):
+    mine = next((a for a in local if _same_address(a, address)), None)
+    if local and mine is None:
         # a second node on this host would offer its GPUs twice, unless the user says the first is another's
-        raise ServiceError(f"this host is a node of the Ray cluster at {local}, not {address}: pass "
-                           f"--address {local}, or --start-node to start a node of {address} beside it")
+        raise ServiceError(f"this host is a node of the Ray cluster at {', '.join(local)}, not {address}: pass "
+                           f"that --address, or --start-node to start a node of {address} beside it")
     try:
-        if local is not None and _same_address(local, address):
-            ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
+        if mine is not None:
+            ray.init(address=mine, log_to_driver=False, logging_level=logging.WARNING)
             trap()
             node_id = ray.get_runtime_context().get_node_id()
         else:
