@@ -115,38 +115,48 @@ def head_node():
         subprocess.run(["rm", "-rf", temp_dir])
 
 
+def _submit(tmp_path, zb, demo_model, redis_url, env, name, ids, prompt, sampling):
+    """Writes a JSONL of `ids` and a job spec, `ziya-batch submit`s it; returns (job id, output dir)."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": prompt.format(i)}) + "\n" for i in ids))
+    out = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": name, "model": {"path": str(demo_model)}, "input": [str(inp)],
+                                   "sampling": sampling, "output": {"path": str(out)}, "shard_size": 8}))
+    sub = subprocess.run([zb, "submit", str(job), "--redis-url", redis_url], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert sub.returncode == 0, sub.stderr
+    return sub.stdout.strip().splitlines()[-1], out
+
+
+def _wait_completed(zb, job_id, redis_url, env, worker, timeout_s=300):
+    """Polls `ziya-batch status` until the job completes (or the worker exits); asserts it completed."""
+    deadline = time.time() + timeout_s
+    state = None
+    while time.time() < deadline and worker.poll() is None:
+        st = subprocess.run([zb, "status", job_id, "--json", "--redis-url", redis_url], env=env,
+                            capture_output=True, text=True)
+        state = json.loads(st.stdout)["state"] if st.returncode == 0 else None
+        if state == "completed":
+            break
+        time.sleep(2)
+    assert state == "completed", (state, worker.poll())
+
+
 def test_worker_command_serves_a_submitted_job_and_stops_on_sigterm(tmp_path, demo_model, redis_url, head_node):
     """`ziya-batch submit` queues a job nobody serves; `ziya-batch worker --address` on a node of the cluster
     starts its replica, which runs the job to completion; SIGTERM stops the command cleanly."""
     address, env = head_node
     zb = str(Path(sys.executable).with_name("ziya-batch"))
-    inp = tmp_path / "in.jsonl"
     ids = [f"w{i}" for i in range(30)]
-    inp.write_text("".join(json.dumps({"id": i, "prompt": f"what is {i}?"}) + "\n" for i in ids))
-    out = tmp_path / "out"
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({"name": "worker-cmd", "model": {"path": str(demo_model)}, "input": [str(inp)],
-                                   "sampling": {"max_new_tokens": 4, "seed": 3}, "output": {"path": str(out)},
-                                   "shard_size": 8}))
-    sub = subprocess.run([zb, "submit", str(job), "--redis-url", redis_url], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert sub.returncode == 0, sub.stderr
-    job_id = sub.stdout.strip().splitlines()[-1]
+    job_id, out = _submit(tmp_path, zb, demo_model, redis_url, env, "worker-cmd", ids, "what is {}?",
+                          {"max_new_tokens": 4, "seed": 3})
     # RAY_ADDRESS names the head: this host already is a node of it, so the command serves from that node
     worker = subprocess.Popen([zb, "worker", "--address", address, "--redis-url", redis_url],
                               env={**env, "RAY_ADDRESS": address}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        state = None
-        while time.time() < deadline and worker.poll() is None:
-            st = subprocess.run([zb, "status", job_id, "--json", "--redis-url", redis_url], env=env,
-                                capture_output=True, text=True)
-            state = json.loads(st.stdout)["state"] if st.returncode == 0 else None
-            if state == "completed":
-                break
-            time.sleep(2)
-        assert state == "completed", (state, worker.poll())
+        _wait_completed(zb, job_id, redis_url, env, worker)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(60) == 0
         log = worker.stdout.read()
@@ -165,34 +175,16 @@ def test_worker_that_starts_its_own_node_stops_only_that_node(tmp_path, demo_mod
     (`ray stop` would have killed it too)."""
     address, env = head_node
     zb = str(Path(sys.executable).with_name("ziya-batch"))
-    inp = tmp_path / "in.jsonl"
     ids = [f"own{i}" for i in range(24)]
-    inp.write_text("".join(json.dumps({"id": i, "prompt": f"name {i}"}) + "\n" for i in ids))
-    out = tmp_path / "out"
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({"name": "own-node", "model": {"path": str(demo_model)}, "input": [str(inp)],
-                                   "sampling": {"max_new_tokens": 3, "seed": 5}, "output": {"path": str(out)},
-                                   "shard_size": 8}))
-    sub = subprocess.run([zb, "submit", str(job), "--redis-url", redis_url], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert sub.returncode == 0, sub.stderr
-    job_id = sub.stdout.strip().splitlines()[-1]
+    job_id, out = _submit(tmp_path, zb, demo_model, redis_url, env, "own-node", ids, "name {}",
+                          {"max_new_tokens": 3, "seed": 5})
     worker = subprocess.Popen([zb, "worker", "--address", address, "--redis-url", redis_url, "--num-gpus", "1",
                                "--start-node"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     try:
         _wait_nodes(address, env, 2, timeout_s=120)
-        deadline = time.time() + 300
-        state = None
-        while time.time() < deadline and worker.poll() is None:
-            st = subprocess.run([zb, "status", job_id, "--json", "--redis-url", redis_url], env=env,
-                                capture_output=True, text=True)
-            state = json.loads(st.stdout)["state"] if st.returncode == 0 else None
-            if state == "completed":
-                break
-            time.sleep(2)
-        assert state == "completed", (state, worker.poll())
+        _wait_completed(zb, job_id, redis_url, env, worker)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(90) == 0
         log = worker.stdout.read()
