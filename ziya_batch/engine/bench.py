@@ -124,7 +124,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
     # per GPU: each rank reads 1/K of the weights and of the KV cache a step (the all-reduces are not counted)
     kv_tok = kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, eng.kv_caches[0][0].dtype) / world_size
     w_bytes = _weight_bytes(a) / world_size
-    pre_s = pre_tok = dec_s = dec_tok = floor_s = host_dec = mix_dec = mix_host = 0.0
+    pre_s = pre_tok = dec_s = dec_tok = floor_s = host_dec = mix_dec = 0.0
     n_dec_steps = n_mix_steps = 0
     mix_hosts: list[float] = []
     gpu_dec = gpu_mix = 0.0
@@ -140,7 +140,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
             gpu_dec += st.gpu_s or 0.0
         else:
             pre_s += st.wall_s; pre_tok += st.num_prefill_tokens; n_mix_steps += 1
-            mix_dec += st.num_decode_tokens; mix_host += st.host_s; mix_hosts.append(st.host_s)
+            mix_dec += st.num_decode_tokens; mix_hosts.append(st.host_s)
             gpu_mix += st.gpu_s or 0.0
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated()
@@ -157,7 +157,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                 decode_batch=dec_tok / max(n_dec_steps, 1), floor_tok_s=dec_tok / max(floor_s, 1e-9),
                 mixed_steps=n_mix_steps, mixed_step_ms=1e3 * pre_s / max(n_mix_steps, 1),
                 mixed_prefill=pre_tok / max(n_mix_steps, 1), mixed_decode=mix_dec / max(n_mix_steps, 1),
-                mixed_host_ms=1e3 * mix_host / max(n_mix_steps, 1),
+                mixed_host_ms=1e3 * sum(mix_hosts) / max(n_mix_steps, 1),
                 mixed_host_median_ms=1e3 * sorted(mix_hosts)[len(mix_hosts) // 2] if mix_hosts else 0.0,
                 mixed_host_max_ms=1e3 * max(mix_hosts, default=0.0),
                 decode_gpu_ms=1e3 * gpu_dec / max(n_dec_steps, 1), mixed_gpu_ms=1e3 * gpu_mix / max(n_mix_steps, 1))

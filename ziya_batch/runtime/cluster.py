@@ -81,10 +81,11 @@ def _local_clusters() -> list[str]:
     return sorted(find_gcs_addresses())
 
 
-def _ray_command() -> str:
-    """The `ray` script of this Python's environment (a venv's bin need not be on PATH), else PATH's."""
+def _ray_command() -> Optional[str]:
+    """The `ray` script of this Python's environment (a venv's bin need not be on PATH), else PATH's; None if
+    neither has one."""
     sibling = os.path.join(os.path.dirname(sys.executable), "ray")
-    return sibling if os.access(sibling, os.X_OK) else "ray"
+    return sibling if os.access(sibling, os.X_OK) else shutil.which("ray")
 
 
 # Runs `ray start` after asking the kernel (Linux) for SIGTERM when its parent, this command, dies, even by
@@ -101,9 +102,7 @@ class _OwnNode:
     def __init__(self, address: str, num_gpus: Optional[int]):
         self.tag = f"ziya_batch_node_{uuid.uuid4().hex[:12]}"     # a resource only this node has: finds it
         ray_cmd = _ray_command()
-        if not os.path.isabs(ray_cmd):
-            ray_cmd = shutil.which(ray_cmd) or ""
-        if not ray_cmd:
+        if ray_cmd is None:
             raise ServiceError("could not start a Ray node: the `ray` command is not installed here")
         # appended to by the child, read by us: "a" mode, so our reads never move where its writes go
         fd, self.log_path = tempfile.mkstemp(prefix="ziya-batch-ray-start-", suffix=".log")
