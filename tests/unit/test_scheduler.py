@@ -14,12 +14,11 @@ def seq(s: Scheduler, prompt_len: int, n: int = 1, max_new: int = 8, rid: str = 
 
 def run_step(s: Scheduler, token: int = 7):
     out = s.schedule()
-    sampled = {}
-    for c in out.chunks:
-        if c.samples:
-            for x in (c.seq, *c.children):
-                sampled[x.seq_id] = (token, -1.0)
-    s.update(out, sampled)
+    rows = [x for c in out.chunks if c.samples for x in (c.seq, *c.children)]
+    pending = s.advance(out, rows)
+    for x in rows:
+        if x.seq_id in pending:
+            s.fill(x, token, -1.0)
     return out
 
 

@@ -17,7 +17,7 @@ from ziya_batch.engine.kv_cache import (allocate_kv_cache, cache_dtype, copy_blo
 from ziya_batch.engine.model import LlamaModel, ModelArgs, from_hf_model, iter_checkpoint
 from ziya_batch.engine.runner import ModelRunner
 from ziya_batch.engine.sampling import build_sampling_tensors, sample
-from ziya_batch.engine.scheduler import Scheduler, SeqStatus, Sequence
+from ziya_batch.engine.scheduler import Scheduler, SchedulerOutput, SeqStatus, Sequence
 from ziya_batch.engine.types import Completion, EngineConfig, Request, RequestOutput
 
 # What the KV cache leaves free on the GPU for activations, logits and graph pools, besides the memory
@@ -34,6 +34,20 @@ class _Group:
     done: dict[int, Completion] = field(default_factory=dict)
 
 
+@dataclass(eq=False)
+class _Launched:
+    """A step whose kernels are queued: its plan, its sampling rows and their results on the way to the host."""
+    out: SchedulerOutput
+    rows: list[Sequence]
+    t0: float
+    host_s: float
+    events: Optional[tuple] = None
+    tokens: Optional[torch.Tensor] = None      # [R] int64 on the device: the next step's inputs read them there
+    host: Optional[torch.Tensor] = None        # [2, R] float64 tokens and logprobs, filled by a non-blocking copy
+    ready: Optional[torch.cuda.Event] = None   # recorded after that copy (CUDA)
+    pending: dict[int, int] = field(default_factory=dict)   # seq_id -> row of each row given a pending token
+
+
 @dataclass
 class StepStats:
     """What the last step did (the benchmark's profile)."""
@@ -43,8 +57,10 @@ class StepStats:
     context_tokens: int = 0        # tokens of KV read by the step's attention
     decode_only: bool = False
     host_s: float = 0.0            # CPU time from scheduling to the last kernel launch of the forward
-    wall_s: float = 0.0            # the whole step, the host sync on sampled tokens included
-    gpu_s: Optional[float] = None  # with time_gpu: from the forward's first launch to sampling's end, on the GPU
+    wall_s: float = 0.0            # from the previous step's completion (or this one's launch, if later) to this
+    #                                one's: with async scheduling the steps' wall times add up to the run's
+    gpu_s: Optional[float] = None  # with time_gpu: from the forward's first launch (or the end of the step before,
+    #                                if it was still running) to sampling's end, on the GPU
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,6 +134,11 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self.last_step = StepStats()
+        self._inflight: Optional[_Launched] = None
+        self._num_penalised = 0        # requests with a repetition penalty (steps are then completed in order)
+        self._pinned: Optional[list[torch.Tensor]] = None
+        self._flip = 0
+        self._last_done = 0.0
         self.plan_hook = None     # tensor parallel: rank 0 broadcasts each step's plan (tp.py)
         self.time_gpu = False     # the benchmark: time each step on the GPU too (StepStats.gpu_s)
 
@@ -142,15 +163,17 @@ class LLMEngine:
         seq = Sequence(self.scheduler.new_seq_id(), request.request_id, 0, list(request.prompt_ids),
                        len(request.prompt_ids), p, sample_key=key, pending_forks=p.n - 1)
         self._groups[request.request_id] = _Group(request, [seq])
+        self._num_penalised += p.repetition_penalty != 1.0
         self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def abort(self, request_id: str) -> None:
         group = self._groups.pop(request_id, None)
         if group is None:
             return
+        self._num_penalised -= group.request.params.repetition_penalty != 1.0
         for s in list(self.scheduler.running) + list(self.scheduler.waiting):
             if s.request_id == request_id:
                 self.scheduler.finish(s, SeqStatus.FINISHED_ABORTED)
@@ -165,45 +188,105 @@ class LLMEngine:
         return [done[r.request_id] for r in requests]
 
     # ---- the step -------------------------------------------------------------------------------------------
+    # A step is launched (scheduled, its kernels and sampling queued on the device, its sampled tokens on their
+    # way to the host) and later completed (tokens read back, stop conditions checked). With async_scheduling,
+    # step() launches step N+1 before it completes step N: the host schedules and prepares N+1 while the GPU
+    # still runs N, and N+1 reads N's tokens on the device. A sequence that N ends by EOS or a stop string
+    # costs one wasted row in N+1; one that N ends by length is not scheduled again (Scheduler._complete).
+    # Steps are completed one at a time, in order, when the host needs what they hold before anything else:
+    # tensor parallelism (the plan sent to the other ranks carries token values) and repetition penalties
+    # (built from the tokens on the host).
+    def _overlap(self) -> bool:
+        return self.config.async_scheduling and self.plan_hook is None and not self._num_penalised
+
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        """Runs one step; returns the requests that finished with the step completed by this call."""
+        prev, self._inflight = self._inflight, None
+        finished: list[RequestOutput] = []
+        if prev is not None and not self._overlap():
+            finished, prev = self._complete(prev), None
+        cur = self._launch(prev)
+        if prev is not None:
+            finished = self._complete(prev)
+        if cur is not None:
+            cur.pending = self.scheduler.advance(cur.out, cur.rows)
+            if self._overlap():
+                self._inflight = cur
+            else:
+                finished += self._complete(cur)
+        return finished
+
+    def _launch(self, prev: Optional[_Launched]) -> Optional[_Launched]:
         t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if not out.chunks:
             if self.scheduler.waiting and not self.scheduler.running:
                 raise RuntimeError("the scheduler cannot admit any waiting request (a bug: add_request checks sizes)")
-            return []
+            return None
         if self.plan_hook is not None:
             self.plan_hook(out)
         copy_blocks(self.kv_caches, out.block_copies)
         events = None
         if self.time_gpu and self.device.type == "cuda":
-            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            events[0].record()
-        logits, rows = self.runner.execute(out)
-        t_launched = time.perf_counter()
-        sampled: dict[int, tuple[int, float]] = {}
+            if prev is not None and prev.events is not None:
+                events = (prev.events[1], torch.cuda.Event(enable_timing=True))   # the GPU starts it after prev
+            else:
+                events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                events[0].record()
+        logits, rows = self.runner.execute(out, *((prev.tokens, prev.pending) if prev is not None else ()))
+        host_s = time.perf_counter() - t0
+        step = _Launched(out, rows, t0, host_s, events)
         if rows:
             bans = [self._bans(s) for s in rows]
             tensors = build_sampling_tensors(rows, logits.shape[1], self.device, bans)
-            tok, lp = sample(logits, tensors)
-            if events is not None:
-                events[1].record()
-            both = torch.stack([tok.double(), lp.double()]).cpu().tolist()   # the step's one host sync
-            sampled = {s.seq_id: (int(t), l) for s, t, l in zip(rows, both[0], both[1])}
-        self.scheduler.update(out, sampled)
+            step.tokens, lp = sample(logits, tensors)
+            step.host = self._host_buffer(len(rows))
+            step.host.copy_(torch.stack([step.tokens.double(), lp.double()]), non_blocking=True)
+            if self.device.type == "cuda":
+                step.ready = torch.cuda.Event()
+                step.ready.record()
+        if events is not None:
+            events[1].record()
+        return step
+
+    def _host_buffer(self, n: int) -> torch.Tensor:
+        """[2, n] float64 for a step's tokens and logprobs: on CUDA a slice of one of two pinned buffers, taken
+        in turn (a step's copy lands while the one before is being read)."""
+        if self.device.type != "cuda":
+            return torch.empty(2, n, dtype=torch.float64)
+        if self._pinned is None:
+            self._pinned = [torch.empty(2 * self.config.max_num_seqs, dtype=torch.float64, pin_memory=True)
+                            for _ in range(2)]
+        self._flip ^= 1
+        return self._pinned[self._flip][:2 * n].view(2, n)
+
+    def _complete(self, step: _Launched) -> list[RequestOutput]:
+        out, rows = step.out, step.rows
+        sampled = [[], []]
+        if rows:
+            if step.ready is not None:
+                step.ready.synchronize()
+            sampled = step.host.tolist()
+        done = [s for i, s in enumerate(rows) if step.pending.get(s.seq_id) == i and not s.status.is_finished()]
+        for s in done:
+            i = step.pending[s.seq_id]
+            self.scheduler.fill(s, int(sampled[0][i]), sampled[1][i])
+        now = time.perf_counter()
+        ev = step.events
         self.last_step = StepStats(
             num_prefill_tokens=sum(c.num_tokens for c in out.chunks if c.num_tokens > 1),
             num_decode_tokens=sum(1 for c in out.chunks if c.num_tokens == 1),
             num_seqs=len(out.chunks), context_tokens=sum(c.start + c.num_tokens for c in out.chunks),
-            decode_only=out.is_decode_only, host_s=t_launched - t0, wall_s=time.perf_counter() - t0,
-            gpu_s=events[0].elapsed_time(events[1]) / 1e3 if events is not None and rows else None)
+            decode_only=out.is_decode_only, host_s=step.host_s, wall_s=now - max(step.t0, self._last_done),
+            gpu_s=ev[0].elapsed_time(ev[1]) / 1e3 if ev is not None and rows else None)
+        self._last_done = now
         finished: list[RequestOutput] = []
-        for s in rows:
-            if s.status is SeqStatus.RUNNING:
-                result = self._check_finished(s)
-                if result is not None:
-                    finished.extend(result)
+        for s in done:
+            # a preempted (waiting) sequence is checked too: it may have sampled EOS before it was preempted
+            result = self._check_finished(s)
+            if result is not None:
+                finished.extend(result)
         return finished
 
     def _bans(self, s: Sequence) -> list[int]:
@@ -238,6 +321,7 @@ class LLMEngine:
         if len(group.done) < group.request.params.n:
             return None
         del self._groups[s.request_id]
+        self._num_penalised -= group.request.params.repetition_penalty != 1.0
         comps = [group.done[i] for i in range(group.request.params.n)]
         return [RequestOutput(group.request.request_id, list(group.request.prompt_ids), comps)]
 

@@ -11,7 +11,7 @@ import torch
 from ziya_batch.engine.attention import (AttentionMetadata, PrefillBatch, prefill_q_blocks, tune_decode_kernel,
                                          tune_prefill_kernel)
 from ziya_batch.engine.model import LlamaModel
-from ziya_batch.engine.scheduler import ScheduledChunk, SchedulerOutput, Sequence
+from ziya_batch.engine.scheduler import PENDING_TOKEN, ScheduledChunk, SchedulerOutput, Sequence
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
@@ -48,8 +48,11 @@ class ModelRunner:
         blocks = np.asarray(seq.block_ids, dtype=np.int64)
         return blocks[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def execute(self, out: SchedulerOutput) -> tuple[Optional[torch.Tensor], list[Sequence]]:
-        """Runs the step; returns logits [R, V] float32 and the Sequence each row samples for."""
+    def execute(self, out: SchedulerOutput, prev_tokens: Optional[torch.Tensor] = None,
+                pending: Optional[dict[int, int]] = None) -> tuple[Optional[torch.Tensor], list[Sequence]]:
+        """Runs the step; returns logits [R, V] float32 and the Sequence each row samples for. A chunk whose last
+        token is still PENDING_TOKEN takes it on the device from prev_tokens[pending[seq_id]] (the step before,
+        launched but not read back)."""
         chunks = sorted(out.chunks, key=lambda c: c.num_tokens != 1)   # one-token chunks first (stable)
         decodes = [c for c in chunks if c.num_tokens == 1]
         rows: list[Sequence] = []
@@ -63,20 +66,27 @@ class ModelRunner:
             t += c.num_tokens
         if not rows and not chunks:
             return None, []
+        # src[i]: the row of prev_tokens holding chunk i's last token, -1 where the host has it
+        src = [pending[c.seq.seq_id] if c.seq.token_ids[c.start + c.num_tokens - 1] == PENDING_TOKEN else -1
+               for c in chunks]
+        fix = prev_tokens if any(i >= 0 for i in src) else None
         nd = len(decodes)
         if nd == len(chunks) and self.graphs:
             bucket = next((b for b in self.graph_sizes if b >= nd), None)
             if bucket is not None and all(len(c.children) == 0 for c in chunks):
-                logits = self._replay(decodes, bucket)
+                logits = self._replay(decodes, bucket, src, fix)
                 return logits[torch.tensor(row_idx, device=self.device)] if len(row_idx) != nd else logits[:nd], rows
-        return self._run_eager(chunks, nd, row_idx), rows
+        return self._run_eager(chunks, nd, row_idx, src, fix), rows
 
-    def _run_eager(self, chunks: list[ScheduledChunk], nd: int, row_idx: list[int]) -> torch.Tensor:
-        ids, pos, slots = [], [], []
-        for c in chunks:
+    def _run_eager(self, chunks: list[ScheduledChunk], nd: int, row_idx: list[int], src: list[int],
+                   prev_tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        ids, pos, slots, fix = [], [], [], []
+        for c, i in zip(chunks, src):
             ids.append(np.asarray(c.seq.token_ids[c.start:c.start + c.num_tokens], dtype=np.int64))
             pos.append(np.arange(c.start, c.start + c.num_tokens))
             slots.append(self._slots(c.seq, c.start, c.start + c.num_tokens))
+            fix.append(np.full(c.num_tokens, -1, dtype=np.int64))
+            fix[-1][-1] = i
         bt = np.zeros((len(chunks), self.max_blocks), dtype=np.int64)    # decode rows, then prefill rows
         for i, c in enumerate(chunks):
             bt[i, :len(c.seq.block_ids)] = c.seq.block_ids
@@ -90,10 +100,12 @@ class ModelRunner:
         ids_a, pos_a, slots_a = np.concatenate(ids), np.concatenate(pos), np.concatenate(slots)
         # Every table starts 16-byte aligned: Triton specialises kernels on pointer alignment, so tables at
         # step-dependent offsets would compile new variants of the attention and RoPE kernels mid-run.
-        wide, narrow = _packed([ids_a, pos_a, slots_a, np.asarray(row_idx, dtype=np.int64)],
+        wide, narrow = _packed([ids_a, pos_a, slots_a, np.asarray(row_idx, dtype=np.int64), np.concatenate(fix)],
                                [ctx, bt[:nd].reshape(-1), bt[nd:].reshape(-1), info.reshape(-1), qbs.reshape(-1)],
                                self.device)
-        ids_t, pos_t, slots_t, rows_t = wide
+        ids_t, pos_t, slots_t, rows_t, fix_t = wide
+        if prev_tokens is not None:
+            ids_t = _take_pending(ids_t, fix_t, prev_tokens)
         ctx_t, bt_dec, bt_pre, info_t, qbs_t = narrow
         prefill = None
         if pchunks:
@@ -131,9 +143,11 @@ class ModelRunner:
             self.graphs[b] = g
         torch.cuda.synchronize()
 
-    def _replay(self, decodes: list[ScheduledChunk], bucket: int) -> torch.Tensor:
-        host = np.zeros((4, bucket), dtype=np.int64)
+    def _replay(self, decodes: list[ScheduledChunk], bucket: int, src: list[int],
+                prev_tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        host = np.zeros((5, bucket), dtype=np.int64)
         host[2, :] = self.scratch_slot
+        host[4, :len(src)] = src
         bt = np.zeros((bucket, self.max_blocks), dtype=np.int32)
         bs = self.block_size
         for i, c in enumerate(decodes):
@@ -144,13 +158,18 @@ class ModelRunner:
             host[3, i] = p + 1
             bt[i, :len(seq.block_ids)] = seq.block_ids
         dev = torch.from_numpy(host).to(self.device, non_blocking=True)
-        self.g_ids[:bucket].copy_(dev[0])
+        self.g_ids[:bucket].copy_(dev[0] if prev_tokens is None else _take_pending(dev[0], dev[4], prev_tokens))
         self.g_pos[:bucket].copy_(dev[1])
         self.g_slots[:bucket].copy_(dev[2])
         self.g_ctx[:bucket].copy_(dev[3])
         self.g_bt[:bucket].copy_(torch.from_numpy(bt).to(self.device, non_blocking=True))
         self.graphs[bucket].replay()
         return self.g_logits[bucket]
+
+
+def _take_pending(ids: torch.Tensor, src: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
+    """ids with ids[i] = prev_tokens[src[i]] wherever src[i] >= 0 (tokens sampled by a step not read back)."""
+    return torch.where(src >= 0, prev_tokens[src.clamp(min=0)], ids)
 
 
 def _packed(wide: list[np.ndarray], narrow: list[np.ndarray], device: torch.device

@@ -13,13 +13,15 @@ import bisect
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
 
 from ziya_batch.engine.kv_cache import BlockPool
 from ziya_batch.engine.types import SamplingParams
 
 
 POLICIES = ("fcfs", "longest-first")
+# The token of a launched step not yet read back (asynchronous scheduling: the engine schedules and launches the
+# next step while the GPU still samples this one). advance() appends it, fill() replaces it.
+PENDING_TOKEN = -1
 
 
 def _queue_key(seq: "Sequence") -> tuple[int, int, int]:
@@ -137,9 +139,16 @@ class Scheduler:
             need += 1
         return need
 
+    @staticmethod
+    def _complete(seq: Sequence) -> bool:
+        """seq has all its max_new_tokens, the last one pending: it finishes once that token is read, so it is
+        not scheduled (nor preempted) again. Never true of a running sequence when every step is read back
+        before the next is scheduled."""
+        return seq.num_output_tokens >= seq.params.max_new_tokens
+
     def _growth_blocks(self, seq: Sequence) -> int:
         """Blocks seq will need beyond its current ones to finish its prompt and its next horizon tokens."""
-        if not self.admission_horizon_tokens:
+        if not self.admission_horizon_tokens or self._complete(seq):
             return 0
         ahead = min(seq.params.max_new_tokens - seq.num_output_tokens, self.admission_horizon_tokens)
         return max(0, -(-(len(seq.token_ids) + ahead) // self.block_size) - len(seq.block_ids))
@@ -181,10 +190,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if self._complete(seq):
+                i += 1
+                continue
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             end = seq.num_computed + n
             while self._blocks_needed(seq, end) > self.pool.num_free:
-                victim = self.running[-1]
+                victim = next(s for s in reversed(self.running) if not self._complete(s))
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
@@ -231,19 +243,26 @@ class Scheduler:
             seq.pending_forks = 0
         return chunk
 
-    def update(self, out: SchedulerOutput, sampled: Optional[dict[int, tuple[int, float]]] = None) -> None:
-        """Advances num_computed by what ran and appends sampled (token, logprob) by seq_id."""
-        sampled = sampled or {}
+    def advance(self, out: SchedulerOutput, rows: list[Sequence]) -> dict[int, int]:
+        """The step is launched: its chunks count as computed and each running sampling row gets PENDING_TOKEN
+        as its next token (fill() sets it). Returns {seq_id: row} of those rows."""
         for c in out.chunks:
             c.seq.num_computed += c.num_tokens
             for child in c.children:
                 child.num_computed = c.seq.num_computed
-        for c in out.chunks:
-            for s in [c.seq, *c.children]:
-                if s.seq_id in sampled and s.status is SeqStatus.RUNNING:
-                    tok, lp = sampled[s.seq_id]
-                    s.token_ids.append(tok)
-                    s.logprobs.append(lp)
+        pending = {}
+        for i, s in enumerate(rows):
+            if s.status is SeqStatus.RUNNING:
+                s.token_ids.append(PENDING_TOKEN)
+                pending[s.seq_id] = i
+        return pending
+
+    @staticmethod
+    def fill(seq: Sequence, token: int, logprob: float) -> None:
+        """Sets seq's pending token (the last: a sequence is advanced again only after it was filled)."""
+        assert seq.token_ids[-1] == PENDING_TOKEN, "fill() without a pending token"
+        seq.token_ids[-1] = token
+        seq.logprobs.append(logprob)
 
     def finish(self, seq: Sequence, status: SeqStatus) -> None:
         assert status.is_finished()

@@ -64,3 +64,5 @@ class EngineConfig:
     schedule_policy: str = "fcfs"
     # "auto" (the model's dtype) or "fp8" (float8 e4m3: twice the tokens in the same memory; see kv_cache.py)
     kv_cache_dtype: str = "auto"
+    # schedule and launch step N+1 while the device still runs step N (see LLMEngine.step)
+    async_scheduling: bool = True
