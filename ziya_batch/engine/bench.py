@@ -470,8 +470,8 @@ def _print_table(rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
     if prof:
         print(f"[bench] decode step: {prof['decode_step_ms']:.2f} ms measured vs {prof['floor_step_ms']:.2f} ms "
               f"byte floor at mean batch {prof['decode_batch']:.1f}; host (schedule + inputs + launch) "
-              f"{prof['host_ms']:.2f} ms; on the GPU, first launch to end of sampling {prof['decode_gpu_ms']:.2f} ms "
-              f"(the rest of the step the GPU waits for the host)", flush=True)
+              f"{prof['host_ms']:.2f} ms; on the GPU, from the end of the step before (or its first launch, if "
+              f"the GPU was idle) to the end of its sampling {prof['decode_gpu_ms']:.2f} ms", flush=True)
         print(f"[bench] mixed steps (prefill + decode, eager): {prof['mixed_steps']} steps, {prof['mixed_step_ms']:.2f} "
               f"ms each, {prof['mixed_prefill']:.0f} prefill + {prof['mixed_decode']:.0f} decode tokens each; host "
               f"{prof['mixed_host_ms']:.2f} ms (median {prof['mixed_host_median_ms']:.2f}, max "
@@ -510,8 +510,8 @@ def render_markdown(rows: list[dict], meta: dict, prof: Optional[dict]) -> str:
         lines += ["", f"One decode-only step, mean over {prof['decode_steps']} steps: {prof['decode_step_ms']:.2f} ms "
                       f"measured against a byte floor of {prof['floor_step_ms']:.2f} ms (mean batch "
                       f"{prof['decode_batch']:.1f}); host time per step (schedule, inputs, launch) "
-                      f"{prof['host_ms']:.2f} ms; from its first launch to the end of sampling on the GPU "
-                      f"{prof['decode_gpu_ms']:.2f} ms. Steps with prefill (eager): {prof['mixed_steps']}, "
+                      f"{prof['host_ms']:.2f} ms; on the GPU, from the end of the step before (or its first "
+                      f"launch, if the GPU was idle) to the end of its sampling {prof['decode_gpu_ms']:.2f} ms. Steps with prefill (eager): {prof['mixed_steps']}, "
                       f"{prof['mixed_step_ms']:.2f} ms each ({prof['mixed_gpu_ms']:.2f} ms on the GPU), "
                       f"{prof['mixed_prefill']:.0f} prefill and {prof['mixed_decode']:.0f} decode tokens each.", "",
                       _breakdown_text(prof)]
