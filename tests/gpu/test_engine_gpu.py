@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from ziya_batch.engine.attention import (PrefillBatch, decode_attention_torch, decode_attention_triton,
+from ziya_batch.engine.attention import (DECODE_CONFIGS, PrefillBatch, decode_attention_torch, decode_attention_triton,
                                          prefill_attention_torch, prefill_attention_triton, prefill_batch)
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.sampling import build_sampling_tensors, sample_torch, sample_triton
@@ -49,12 +49,14 @@ def test_triton_paged_decode_matches_torch_reference(heads, kv_heads):
     lens[0] = 1
     perm = torch.randperm(nblocks, device="cuda")
     bt = perm[:B * 44].view(B, 44).to(torch.int32)          # scattered blocks, 44 * 16 >= 700
+    lens[1] = 128                                            # full tiles only, no remainder
     q = torch.randn(B, heads, D, device="cuda", dtype=torch.float16)
-    out = torch.full_like(q, float("nan"))
-    decode_attention_triton(q, kc, vc, bt, lens, bs, out)
     ref = decode_attention_torch(q.float(), kc.float(), vc.float(), bt, lens, bs)
-    err = (out.float() - ref).norm() / ref.norm()
-    assert not out.isnan().any() and err < 3e-3
+    for config in [None] + DECODE_CONFIGS:                   # the default and every one the tuner may pick
+        out = torch.full_like(q, float("nan"))
+        decode_attention_triton(q, kc, vc, bt, lens, bs, out, config)
+        err = (out.float() - ref).norm() / ref.norm()
+        assert not out.isnan().any() and err < 3e-3, config
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(40, 40), (32, 8)])

@@ -152,8 +152,10 @@ if triton is not None:
     @triton.jit
     def _paged_decode_kernel(Q, K, V, O, BT, CTX, scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_btb,
                              stride_ob, stride_oh, GROUP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-                             D: tl.constexpr, NUM_STAGES: tl.constexpr):
-        # one program per (sequence, query head); online softmax over BLOCK_N tokens at a time
+                             TAIL_N: tl.constexpr, D: tl.constexpr, NUM_STAGES: tl.constexpr):
+        # one program per (sequence, query head); online softmax over BLOCK_N tokens at a time, unmasked, then
+        # the context's remainder in masked tiles of TAIL_N: masking every tile cost ~10% of the bandwidth, and
+        # one half-empty BLOCK_N tile per sequence as much again over mixed context lengths
         b = tl.program_id(0)
         h = tl.program_id(1)
         kvh = h // GROUP
@@ -163,25 +165,38 @@ if triton is not None:
         m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
         l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
         acc = tl.zeros([D], tl.float32)
-        for start in tl.range(0, ctx, BLOCK_N, num_stages=NUM_STAGES):
+        full = ctx // BLOCK_N * BLOCK_N
+        for start in tl.range(0, full, BLOCK_N, num_stages=NUM_STAGES):
             t = start + tl.arange(0, BLOCK_N)
+            page = tl.load(BT + b * stride_btb + t // BS).to(tl.int64)
+            offs = (page * BS + t % BS)[:, None] * stride_ks + kvh * stride_kh + d[None, :]   # [BLOCK_N, D]
+            # issue both loads before any arithmetic, so V's latency hides behind K's
+            k = tl.load(K + offs)
+            v = tl.load(V + offs)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, t, m_i, l_i, acc, MASKED=False)
+        for start in tl.range(full, ctx, TAIL_N):
+            t = start + tl.arange(0, TAIL_N)
             mask = t < ctx
             page = tl.load(BT + b * stride_btb + t // BS, mask=mask, other=0).to(tl.int64)
-            slot = page * BS + t % BS                                                     # [BLOCK_N]
-            offs = slot[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-            # issue both loads before any arithmetic, so V's latency hides behind K's
-            k = tl.load(K + offs, mask=mask[:, None], other=0.0)                         # [BLOCK_N, D]
+            offs = (page * BS + t % BS)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
+            k = tl.load(K + offs, mask=mask[:, None], other=0.0)
             v = tl.load(V + offs, mask=mask[:, None], other=0.0)
-            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-            s = tl.where(mask, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            p = tl.exp(s - m_new)
-            alpha = tl.exp(m_i - m_new)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(q, k, v, mask, m_i, l_i, acc, MASKED=True)
         out = acc / tl.maximum(l_i, 1e-20)
         tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty))
+
+    @triton.jit
+    def _online_softmax_step(q, k, v, mask, m_i, l_i, acc, MASKED: tl.constexpr):
+        # one tile of keys/values [N, D] for the query q [D]; mask [N] is read only if MASKED
+        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+        if MASKED:
+            s = tl.where(mask, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        p = tl.exp(s - m_new)
+        alpha = tl.exp(m_i - m_new)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        return m_new, l_i, acc
 
 
 if triton is not None:
@@ -253,40 +268,45 @@ def prefill_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torc
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
 
 
-# (BLOCK_N, num_warps, num_stages); tune_decode_kernel picks one per head shape on the real GPU
-DECODE_CONFIGS = [(32, 4, 2), (256, 8, 2)] + [(bn, w, st) for bn in (64, 128) for w in (4, 8) for st in (1, 2, 3, 4)]
-_decode_config: dict[tuple, tuple[int, int, int]] = {}
+# (BLOCK_N, num_warps, num_stages, TAIL_N); tune_decode_kernel picks one per head shape on the real GPU. The
+# fastest on an H200 (2026-11-29, scripts/gpu/decode_kernel_variants.py) were (128, 4, 1|2, 64) and (64, 4, 1, 32).
+DECODE_CONFIGS = [(128, 4, 1, 64), (128, 4, 2, 64), (128, 4, 2, 32), (128, 8, 2, 64), (64, 4, 1, 32),
+                  (64, 4, 2, 32), (64, 4, 1, 16), (256, 8, 2, 64), (32, 4, 2, 16)]
+_decode_config: dict[tuple, tuple[int, int, int, int]] = {}
 
 
 def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, block_tables: torch.Tensor,
                             context_lens: torch.Tensor, block_size: int, out: torch.Tensor,
-                            config: tuple[int, int, int] | None = None) -> None:
+                            config: tuple[int, int, int, int] | None = None) -> None:
     """q, out: [B, Hq, D]; rows with context_len 0 (CUDA-graph padding) produce zeros."""
     B, Hq, D = q.shape
     Hkv = k_flat.shape[1]
-    bn, warps, stages = config or _decode_config.get((Hq, Hkv, D, q.dtype, k_flat.dtype), (64, 4, 2))
+    bn, warps, stages, tail = config or _decode_config.get((Hq, Hkv, D, q.dtype, k_flat.dtype), (64, 4, 1, 32))
     _paged_decode_kernel[(B, Hq)](
         q, k_flat, v_flat, out, block_tables, context_lens, 1.0 / math.sqrt(D),
         q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1), block_tables.stride(0),
-        out.stride(0), out.stride(1), GROUP=Hq // Hkv, BS=block_size, BLOCK_N=bn, D=D, NUM_STAGES=stages,
-        num_warps=warps)
+        out.stride(0), out.stride(1), GROUP=Hq // Hkv, BS=block_size, BLOCK_N=bn, TAIL_N=tail, D=D,
+        NUM_STAGES=stages, num_warps=warps)
 
 
-def tune_decode_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, batch: int = 64,
-                       context: int = 512, q_dtype: torch.dtype | None = None) -> list[tuple[tuple[int, int, int], float]]:
-    """Times every config on a synthetic decode batch over the real cache tensor (read only) and keeps the
-    fastest for this head shape. Returns [(config, seconds)] for the log. Run before graph capture."""
+def tune_decode_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: int, block_size: int,
+                       batch: int = 128, max_context: int = 1024, q_dtype: torch.dtype | None = None
+                       ) -> list[tuple[tuple[int, int, int, int], float]]:
+    """Times every config on a synthetic decode batch over the real cache tensors (read only; contexts of mixed
+    lengths up to max_context, as a running batch has) and keeps the fastest for this head shape. Returns
+    [(config, seconds)] for the log. Run before graph capture."""
     Hkv, D = k_flat.shape[1], k_flat.shape[2]
     num_blocks = k_flat.shape[0] // block_size - 1
-    per_seq = -(-context // block_size)
+    per_seq = -(-max_context // block_size)
     if num_blocks < per_seq:
         return []
     dev = k_flat.device
-    q = torch.randn(batch, num_heads, D, device=dev, dtype=q_dtype or k_flat.dtype)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, num_heads, D, generator=g).to(dev, q_dtype or k_flat.dtype)
     out = torch.empty_like(q)
-    bt = torch.randint(0, num_blocks, (batch, per_seq), device=dev, dtype=torch.int32)
-    lens = torch.full((batch,), context, device=dev, dtype=torch.int32)
-    return _keep_fastest(DECODE_CONFIGS, lambda cfg: decode_attention_triton(q, k_flat, k_flat, bt, lens, block_size,
+    bt = torch.randint(0, num_blocks, (batch, per_seq), generator=g, dtype=torch.int32).to(dev)
+    lens = torch.randint(min(32, max_context), max_context + 1, (batch,), generator=g, dtype=torch.int32).to(dev)
+    return _keep_fastest(DECODE_CONFIGS, lambda cfg: decode_attention_triton(q, k_flat, v_flat, bt, lens, block_size,
                                                                             out, cfg),
                          _decode_config, (num_heads, Hkv, D, q.dtype, k_flat.dtype))
 
@@ -312,7 +332,7 @@ def tune_prefill_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, c
                          _prefill_config, (num_heads, Hkv, D, q.dtype, k_flat.dtype))
 
 
-def _keep_fastest(configs: list, run, chosen: dict, key: tuple) -> list[tuple[tuple[int, int, int], float]]:
+def _keep_fastest(configs: list, run, chosen: dict, key: tuple) -> list[tuple[tuple, float]]:
     """Times run(config) for every config (median of do_bench), records the fastest as chosen[key] and
     returns [(config, seconds)]; a config the compiler rejects (resources) is skipped."""
     from triton.testing import do_bench

@@ -479,7 +479,7 @@ def _print_table(rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
         print("[bench] " + _breakdown_text(prof), flush=True)
         for name, ms, n in (prof.get("breakdown") or {}).get("kernels", []):
             print(f"[bench]   {ms:8.3f} ms {n:5d}x  {name}", flush=True)
-        print("[bench] decode kernel tuning (BLOCK_N, warps, stages) -> us: " + ", ".join(
+        print("[bench] decode kernel tuning (BLOCK_N, warps, stages, TAIL_N) -> us: " + ", ".join(
             f"{c}: {t * 1e6:.0f}" for c, t in prof.get("tuning", [])), flush=True)
 
 

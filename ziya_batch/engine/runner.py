@@ -34,10 +34,11 @@ class ModelRunner:
             a = model.args
             model.use_fused = check_fused(device, model.embed.dtype, a.hidden_size, model.layers[0].local_heads,
                                           a.head_dim, model.layers[0].gate_up_proj.shape[0] // 2, a.rope_theta)
-            k = kv_caches[0][0]
-            k_flat = k.view(-1, k.shape[2], k.shape[3])
+            k, v = kv_caches[0]
+            k_flat, v_flat = k.view(-1, k.shape[2], k.shape[3]), v.view(-1, v.shape[2], v.shape[3])
             dt = model.embed.dtype
-            self.decode_tuning = tune_decode_kernel(k_flat, model.layers[0].local_heads, block_size, q_dtype=dt)
+            self.decode_tuning = tune_decode_kernel(k_flat, v_flat, model.layers[0].local_heads, block_size,
+                                                    max_context=min(max_model_len, 1024), q_dtype=dt)
             self.prefill_tuning = tune_prefill_kernel(k_flat, model.layers[0].local_heads, block_size, q_dtype=dt)
         if self.graph_sizes:
             self._capture_graphs()
