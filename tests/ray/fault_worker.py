@@ -47,14 +47,13 @@ def main():
         def engine_for(spec):
             eng = orig_engine(spec)
             if not getattr(eng, "_poisoned", False):
-                orig_generate = eng.generate
+                orig_add = eng.add_request
 
-                def generate(reqs):
-                    for r in reqs:
-                        if int(r.request_id.rsplit(":", 1)[1]) in poison:
-                            os._exit(3)  # the process dies, as a segfault or CUDA abort would take it
-                    return orig_generate(reqs)
-                eng.generate = generate
+                def add_request(req):
+                    if int(req.request_id.rsplit(":", 1)[1]) in poison:
+                        os._exit(3)  # the process dies, as a segfault or CUDA abort would take it
+                    return orig_add(req)
+                eng.add_request = add_request
                 eng._poisoned = True
             return eng
         models.engine = engine_for

@@ -80,6 +80,51 @@ def line_id(raw: bytes, file: str, line_no: int, fmt: str) -> str:
     return default_id(file, line_no)
 
 
+class ShardStream:
+    """The requests of one or more shards in one engine at once, so the next shard's lines fill the batch while
+    the last lines of the one before finish. Each shard's prompts are added under a key unique in the engine;
+    a step turns finished requests into LineResults and reports the shards whose every line has finished."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._lines: dict[str, tuple[str, PromptLine, list[int]]] = {}   # request id -> (key, line, prompt ids)
+        self._results: dict[str, list[LineResult]] = {}                  # key -> results so far
+        self._left: dict[str, int] = {}                                  # key -> requests not finished
+
+    def add(self, key: str, prompts: list[tuple[PromptLine, list[int]]]) -> None:
+        self._results[key], self._left[key] = [], len(prompts)
+        for pl, ids in prompts:
+            request_id = f"{key}:{pl.file}:{pl.line}"
+            self._lines[request_id] = (key, pl, ids)
+            self.engine.add_request(Request(request_id, ids, sampling_params(pl.sampling, pl.file, pl.line)))
+
+    def admitted(self) -> bool:
+        """Every line added has been admitted by the scheduler: the batch has room for another shard."""
+        return not self.engine.scheduler.waiting
+
+    def step(self) -> list[tuple[str, list[LineResult]]]:
+        """One engine step; the shards now finished (key, results), forgotten here."""
+        for out in self.engine.step():
+            key, pl, ids = self._lines.pop(out.request_id)
+            samples = [SampleOutput(c.index, c.token_ids, c.text, c.finish_reason, c.logprobs)
+                       for c in out.completions]
+            self._results[key].append(LineResult(pl, ids, samples))
+            self._left[key] -= 1
+        done = [key for key, left in self._left.items() if left == 0]
+        for key in done:
+            del self._left[key]
+        # in line order, as the prompts came: the order scoring batches them in
+        return [(key, sorted(self._results.pop(key), key=lambda r: (r.line.file, r.line.line))) for key in done]
+
+    def abort(self, key: Optional[str] = None) -> None:
+        """Drop one shard's requests (every shard's without a key) from the engine."""
+        for request_id in [r for r, (k, _, _) in self._lines.items() if key is None or k == key]:
+            self.engine.abort(request_id)
+            del self._lines[request_id]
+        for k in [k for k in self._left if key is None or k == key]:
+            del self._left[k], self._results[k]
+
+
 def generate_lines(engine, prompts: list[tuple[PromptLine, list[int]]],
                    before_line: Optional[Callable[[int], None]] = None,
                    one_by_one: bool = False) -> tuple[list[LineResult], list[LineFailure]]:
@@ -90,13 +135,16 @@ def generate_lines(engine, prompts: list[tuple[PromptLine, list[int]]],
     failures: list[LineFailure] = []
 
     def run(batch):
-        reqs = [Request(f"{pl.file}:{pl.line}", ids, sampling_params(pl.sampling, pl.file, pl.line))
-                for pl, ids in batch]
-        outs = engine.generate(reqs)
-        for (pl, ids), out in zip(batch, outs):
-            samples = [SampleOutput(c.index, c.token_ids, c.text, c.finish_reason, c.logprobs)
-                       for c in out.completions]
-            results.append(LineResult(pl, ids, samples))
+        stream = ShardStream(engine)
+        done = []
+        try:
+            stream.add("batch", batch)
+            while not done:
+                done = stream.step()
+        except Exception:
+            stream.abort()       # a failed batch's requests must not stay in the engine for the halves
+            raise
+        results.extend(done[0][1])
 
     def bisect(batch):
         try:
