@@ -1,7 +1,7 @@
 """Every test session starts its own redis-server (temp dir, free port, AOF on); tests flush only it.
 
 Never touches a Redis on 6379. `restartable_redis` is a second server per test that a test may SIGKILL
-and restart from its AOF."""
+and restart from its AOF. `demo_model` is the tiny random-weight model, for tests that run a Worker."""
 from __future__ import annotations
 
 import os
@@ -112,3 +112,10 @@ def restartable_redis(tmp_path):
     srv = RedisProc(tmp_path / "restartable").start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory):
+    from ziya_batch.engine.demo_model import write_demo_model
+
+    return write_demo_model(tmp_path_factory.mktemp("model") / "demo")

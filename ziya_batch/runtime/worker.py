@@ -3,6 +3,10 @@
 A plain class (no Ray): Ray actors wrap it (runtime/actors.py) and tests drive it directly.
 Exactly-once output: parts are staged under the lease's fencing token; only the owner whose commit Redis
 accepts (compare-and-set on the token) promotes them to their final names; a stale owner discards its own.
+The engine's batch does not drain at each shard's end: once the scheduler has admitted every line in flight,
+the next shard is claimed and its lines join the same engine (ShardStream); each shard is committed as soon
+as its own lines are done. Dead-letter and isolate shards run alone, after the shards in flight are done; so
+does the first shard of a job that needs another engine.
 """
 from __future__ import annotations
 
@@ -11,15 +15,23 @@ import os
 import socket
 import threading
 import uuid
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Optional
 
 from .. import errors, io
-from ..records import LineFailure
+from ..records import LineFailure, LineResult
 from ..spec import JobSpec
-from .generation import build_parts, generate_lines, line_id, parse_shard, score_results
-from .models import ModelCache
+from .generation import ShardStream, ShardWork, build_parts, generate_lines, line_id, parse_shard, score_results
+from .models import ModelCache, engine_key
+
+if TYPE_CHECKING:
+    from ..queue import Lease
 
 log = logging.getLogger(__name__)
+
+# Shards whose lines share the engine at once: the one finishing its longest lines and the one filling the
+# batch behind it. More would only hold more leases; a shard is claimed only when the batch has room.
+MAX_SHARDS_IN_FLIGHT = 2
 
 
 class LeaseLost(Exception):
@@ -45,57 +57,85 @@ class _Heartbeat:
             except Exception as err:  # noqa: BLE001 - Redis down: keep trying until the lease would expire
                 log.warning("heartbeat failed: %s", err)
 
-    def __enter__(self):
+    def start(self) -> "_Heartbeat":
         self._thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+@dataclass
+class _Flight:
+    """A claimed shard being worked on, with its lease's heartbeat."""
+
+    lease: Lease
+    spec: JobSpec
+    hb: _Heartbeat
+    work: Optional[ShardWork] = None      # its parsed lines, while they are in the shared engine
 
 
 class Worker:
     def __init__(self, broker, worker_id: Optional[str] = None, device: str = "auto",
                  models: Optional[ModelCache] = None, host: Optional[str] = None,
-                 on_shard_done: Optional[Callable[[str, int], None]] = None, extra_info: Optional[dict] = None):
+                 on_shard_done: Optional[Callable[[str, int], None]] = None, extra_info: Optional[dict] = None,
+                 max_in_flight: int = MAX_SHARDS_IN_FLIGHT):
         self.broker = broker
         self.worker_id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.host = host or socket.gethostname()
         self.models = models or ModelCache(device)
         self.on_shard_done = on_shard_done
+        self.max_in_flight = max_in_flight
         self._specs: dict[str, JobSpec] = {}
+        self._stream: Optional[ShardStream] = None      # the engine the shards in flight share
+        self._engine_key: Optional[tuple] = None        # engine_key of the jobs in the stream
+        self._flights: dict[str, _Flight] = {}          # stream key -> shard whose lines are in the stream
         self.broker.register_worker(self.worker_id, self.host, {"device": self.models.device_name(), "pid": os.getpid(),
                                                                 **(extra_info or {})})
 
     # -- the loop ---------------------------------------------------------------------------------------
-    def run_once(self) -> bool:
-        """Reap expired leases, claim one shard and process it. False when there was nothing to claim."""
+    def run_once(self, claim: bool = True) -> bool:
+        """Reap expired leases, claim a shard if the engine has room for one, then generate until a shard is
+        done or the engine has room for the next. False when there was nothing to claim and nothing in
+        flight. `claim=False` only carries on with the shards in flight."""
         self.broker.reap()
         self.broker.worker_heartbeat(self.worker_id)
-        lease = self.broker.claim(self.worker_id)
-        if lease is None:
+        lease = self.broker.claim(self.worker_id) if claim and self._has_room() else None
+        if lease is None and not self._flights:
             return False
-        self.process(lease)
+        try:
+            if lease is not None:
+                self._start(lease)
+            if self._flights:
+                self._advance(until_room=lease is not None)
+        except BaseException:
+            self._abandon()       # Redis down mid-commit, or a bug: leave nothing heartbeating unattended
+            raise
         return True
 
     def run_until_idle(self) -> int:
+        """Run until there is nothing to claim and nothing in flight; the number of rounds that worked."""
         done = 0
         while self.run_once():
             done += 1
         return done
 
     def serve_forever(self, stop: threading.Event, idle_sleep_s: float = 0.5, max_backoff_s: float = 10.0) -> None:
-        """Serve until `stop` is set. A Redis outage (restart, failover) is waited out, not fatal: leases
-        that expire meanwhile come back through the reaper and fencing keeps the output exactly-once."""
+        """Serve until `stop` is set, then finish the shards in flight. A Redis outage (restart, failover) is
+        waited out, not fatal: leases that expire meanwhile come back through the reaper and fencing keeps
+        the output exactly-once."""
         import redis
 
         backoff_s = idle_sleep_s
         try:
-            while not stop.is_set():
+            while not stop.is_set() or self._flights:
                 try:
-                    worked = self.run_once()
+                    worked = self.run_once(claim=not stop.is_set())
                     backoff_s = idle_sleep_s
                 except (redis.ConnectionError, redis.TimeoutError) as err:
+                    if stop.is_set():
+                        break         # stopping: what is in flight is left to expire
                     log.warning("Redis unreachable (%s); retrying in %.1fs", err, backoff_s)
                     stop.wait(backoff_s)
                     backoff_s = min(max_backoff_s, backoff_s * 2)
@@ -103,24 +143,123 @@ class Worker:
                 if not worked:
                     stop.wait(idle_sleep_s)
         finally:
+            self._abandon()
             try:
                 self.broker.unregister_worker(self.worker_id)
             except Exception:  # noqa: BLE001 - Redis gone at shutdown: the registration expires by itself
                 pass
 
-    # -- one shard ----------------------------------------------------------------------------------------
+    # -- shards -------------------------------------------------------------------------------------------
     def spec_for(self, job_id: str) -> JobSpec:
         if job_id not in self._specs:
             self._specs[job_id] = self.broker.get_spec(job_id)
         return self._specs[job_id]
 
-    def process(self, lease) -> bool:
-        """Generate one shard and commit it. True if this worker's output became the shard's part."""
-        spec = self.spec_for(lease.job_id)
-        shard = lease.shard
+    def _has_room(self) -> bool:
+        return not self._flights or (len(self._flights) < self.max_in_flight and self._stream.admitted())
+
+    def _start(self, lease) -> None:
+        """Begin a claimed shard: beside the shards in flight if it can share their engine, else after them."""
+        flight = _Flight(lease, self.spec_for(lease.job_id), _Heartbeat(self.broker, lease).start())
+        alone = lease.dead_letter or lease.isolate
+        if self._flights and (alone or not self._shares_engine(flight.spec)):
+            try:
+                self._drain()        # the new lease's heartbeat runs meanwhile
+            except BaseException:
+                flight.hb.stop()
+                raise
+        if alone:
+            self._finish(flight, lambda: self._produce_alone(flight))
+        else:
+            self._admit(flight)
+
+    def _shares_engine(self, spec: JobSpec) -> bool:
         try:
-            with _Heartbeat(self.broker, lease) as hb:
-                parts, stats = self._produce(spec, lease, hb)
+            return engine_key(spec) == self._engine_key
+        except Exception:  # noqa: BLE001 - loading its engine raises again, and fails the shard, after the drain
+            return False
+
+    def _admit(self, flight: _Flight) -> None:
+        """Add a shard's lines to the shared engine."""
+        lease, spec, shard = flight.lease, flight.spec, flight.lease.shard
+        try:
+            engine = self.models.engine(spec)
+            flight.work = parse_shard(io.read_shard(shard), shard.file, spec, engine.tokenizer, engine.max_model_len,
+                                      lease.bad_lines)
+        except Exception as err:  # noqa: BLE001 - a failed shard is retried by the queue, never lost
+            flight.hb.stop()
+            self._fail(lease, err)
+            return
+        if not self._flights:
+            self._stream, self._engine_key = ShardStream(engine), engine_key(spec)
+        # unique in the engine: two jobs may read one file, and a shard may come back to this worker
+        key = f"{lease.job_id}/{shard.index}/{lease.token}"
+        self._flights[key] = flight
+        try:
+            self._stream.add(key, flight.work.prompts)
+        except Exception as err:  # noqa: BLE001 - a request the engine refuses is isolated like a failed step
+            self._redo_alone(err)
+
+    def _advance(self, until_room: bool) -> None:
+        """Step the shared engine until a shard is done or, with `until_room`, until it has room for another."""
+        while self._flights and not (until_room and self._has_room()):
+            for key in [k for k, f in self._flights.items() if f.hb.lost.is_set()]:
+                self._stream.abort(key)
+                flight = self._flights.pop(key)
+                flight.hb.stop()
+                log.warning("shard %s/%d: lease lost; its lines aborted", flight.lease.job_id, flight.lease.shard.index)
+            try:
+                done = self._stream.step()
+            except Exception as err:  # noqa: BLE001 - isolated line by line, as in a shard generated alone
+                self._redo_alone(err)
+                return
+            for key, results in done:
+                flight = self._flights.pop(key)
+                self._finish(flight, lambda: (results, flight.work.failures))
+            if done:
+                return
+
+    def _drain(self) -> None:
+        while self._flights:
+            self._advance(until_room=False)
+
+    def _redo_alone(self, err: Exception) -> None:
+        """The engine raised with shards in flight: drop all their requests and generate each shard again
+        alone through generate_lines, which splits it until the line that raises stands alone."""
+        log.warning("engine failed with %d shard(s) in flight (%s: %s); generating each alone",
+                    len(self._flights), type(err).__name__, err)
+        self._stream.abort()
+        while self._flights:
+            flight = self._flights.pop(next(iter(self._flights)))
+            self._finish(flight, lambda: self._generate_alone(flight))
+
+    def _abandon(self) -> None:
+        """Stop the shards in flight without committing: their leases expire and the reaper requeues them."""
+        for key, flight in self._flights.items():
+            log.warning("shard %s/%d: abandoned in flight", flight.lease.job_id, flight.lease.shard.index)
+            self._stream.abort(key)
+            flight.hb.stop()
+        self._flights.clear()
+
+    # -- one shard ----------------------------------------------------------------------------------------
+    def _finish(self, flight: _Flight, produce: Callable[[], tuple[list[LineResult], list[LineFailure]]]) -> bool:
+        """Take the shard's results and error lines from `produce`, score them, stage the parts and commit
+        them under the lease's token; promote them if Redis took the commit. True if this worker's output
+        became the shard's part."""
+        from ..queue import ShardStats
+
+        lease, spec, hb, shard = flight.lease, flight.spec, flight.hb, flight.lease.shard
+        try:
+            try:
+                results, failures = produce()
+                if hb.lost.is_set():
+                    raise LeaseLost()
+                if results:
+                    score_results(results, self.models.reference(spec), self.models.reward(spec))
+                parts = build_parts(spec, results, failures)
+                stats = ShardStats(prompts_done=len(results), prompts_failed=len(failures),
+                                   samples=sum(len(r.samples) for r in results),
+                                   output_tokens=sum(len(s.token_ids) for r in results for s in r.samples))
                 if hb.lost.is_set():
                     raise LeaseLost()
                 staged = io.stage_shard(spec.output.path, shard.index, lease.token, parts, spec.output.format, spec.format)
@@ -129,13 +268,14 @@ class Worker:
                     io.discard_staged(spec.output.path, shard.index, lease.token)
                     log.warning("shard %s/%d: lease lost before commit; output discarded", lease.job_id, shard.index)
                     return False
+            finally:
+                hb.stop()
             io.promote_shard(spec.output.path, shard.index, lease.token, stats.parts, stats=stats.to_dict())
         except LeaseLost:
             log.warning("shard %s/%d: lease lost; stopped", lease.job_id, shard.index)
             return False
         except Exception as err:  # noqa: BLE001 - a failed shard is retried by the queue, never lost
-            log.exception("shard %s/%d failed", lease.job_id, shard.index)
-            self.broker.fail(lease, f"{type(err).__name__}: {err}")
+            self._fail(lease, err)
             return False
         from .finalize import finalize_if_ready
 
@@ -144,17 +284,22 @@ class Worker:
             self.on_shard_done(lease.job_id, shard.index)
         return True
 
-    def _produce(self, spec: JobSpec, lease, hb: _Heartbeat):
-        from ..queue import ShardStats
+    def _fail(self, lease, err: Exception) -> None:
+        log.error("shard %s/%d failed", lease.job_id, lease.shard.index, exc_info=err)
+        self.broker.fail(lease, f"{type(err).__name__}: {err}")
 
-        shard = lease.shard
+    def _generate_alone(self, flight: _Flight) -> tuple[list[LineResult], list[LineFailure]]:
+        results, failures = generate_lines(self._stream.engine, flight.work.prompts)
+        return results, flight.work.failures + failures
+
+    def _produce_alone(self, flight: _Flight) -> tuple[list[LineResult], list[LineFailure]]:
+        """A dead-letter shard's lines as errors, or an isolate shard generated one line at a time."""
+        lease, spec, hb, shard = flight.lease, flight.spec, flight.hb, flight.lease.shard
         lines = list(io.read_shard(shard))
         if lease.dead_letter:
-            failures = [LineFailure(line_id(raw, shard.file, no, spec.format), shard.file, no, errors.RETRIES_EXHAUSTED,
+            return [], [LineFailure(line_id(raw, shard.file, no, spec.format), shard.file, no, errors.RETRIES_EXHAUSTED,
                                     f"shard {shard.index} failed {lease.attempt - 1} times; giving up on its lines")
                         for no, raw in lines]
-            parts = build_parts(spec, [], failures)
-            return parts, ShardStats(prompts_done=0, prompts_failed=len(failures), samples=0, output_tokens=0, parts={})
         engine = self.models.engine(spec)
         work = parse_shard(lines, shard.file, spec, engine.tokenizer, engine.max_model_len, lease.bad_lines)
 
@@ -163,16 +308,6 @@ class Worker:
                 raise LeaseLost()
             self.broker.line_started(lease, line_no)
 
-        results, gen_failures = generate_lines(engine, work.prompts, before_line=before_line, one_by_one=lease.isolate)
-        if lease.isolate:
-            self.broker.line_finished(lease)
-        if hb.lost.is_set():
-            raise LeaseLost()
-        score_results(results, self.models.reference(spec), self.models.reward(spec))
-        failures = work.failures + gen_failures
-        parts = build_parts(spec, results, failures)
-        samples = sum(len(r.samples) for r in results)
-        tokens = sum(len(s.token_ids) for r in results for s in r.samples)
-        return parts, ShardStats(prompts_done=len(results), prompts_failed=len(failures), samples=samples,
-                                 output_tokens=tokens, parts={})
-
+        results, gen_failures = generate_lines(engine, work.prompts, before_line=before_line, one_by_one=True)
+        self.broker.line_finished(lease)
+        return results, work.failures + gen_failures
