@@ -144,3 +144,28 @@ def test_fcfs_is_arrival_order_and_unknown_policies_are_refused():
     import pytest
     with pytest.raises(ValueError, match="unknown scheduling policy"):
         Scheduler(num_blocks=10, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, policy="random")
+
+
+def test_a_sequence_whose_last_token_is_pending_is_neither_scheduled_nor_preempted():
+    """With asynchronous scheduling the next step is planned before this one's tokens are read back: a sequence
+    that has sampled its max_new_tokens-th token waits only to be finished, so it gets no chunk and is never the
+    victim of a preemption (recomputing it would generate past its limit)."""
+    from ziya_batch.engine.scheduler import PENDING_TOKEN
+
+    s = Scheduler(num_blocks=6, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, admission_horizon_tokens=0)
+    done = seq(s, 8, max_new=1, rid="done")        # 2 blocks; finishes with its first token
+    grow = seq(s, 8, max_new=20, rid="grow")       # 2 blocks now, more as it decodes
+    out = s.schedule()
+    rows = [c.seq for c in out.chunks if c.samples]
+    assert s.advance(out, rows) == {done.seq_id: 0, grow.seq_id: 1}
+    assert done.token_ids[-1] == grow.token_ids[-1] == PENDING_TOKEN
+    s.fill(grow, 7, -1.0)                          # only grow's token is read back
+    for _ in range(12):                            # grow needs a 7th block at its 17th token: someone must make room
+        out = s.schedule()
+        assert [c.seq for c in out.chunks] in ([grow], [])
+        assert done.status is SeqStatus.RUNNING and len(done.block_ids) == 2
+        if not out.chunks:
+            break
+        s.advance(out, [grow])
+        s.fill(grow, 7, -1.0)
+    assert grow.status is SeqStatus.WAITING and s.num_preemptions == 1   # grow preempted itself, not done

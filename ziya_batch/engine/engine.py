@@ -192,7 +192,7 @@ class LLMEngine:
     # way to the host) and later completed (tokens read back, stop conditions checked). With async_scheduling,
     # step() launches step N+1 before it completes step N: the host schedules and prepares N+1 while the GPU
     # still runs N, and N+1 reads N's tokens on the device. A sequence that N ends by EOS or a stop string
-    # costs one wasted row in N+1; one that N ends by length is not scheduled again (Scheduler._complete).
+    # costs one wasted row in N+1; one that N ends by length is not scheduled again (Scheduler._has_all_tokens).
     # Steps are completed one at a time, in order, when the host needs what they hold before anything else:
     # tensor parallelism (the plan sent to the other ranks carries token values) and repetition penalties
     # (built from the tokens on the host).

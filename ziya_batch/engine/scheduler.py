@@ -140,7 +140,7 @@ class Scheduler:
         return need
 
     @staticmethod
-    def _complete(seq: Sequence) -> bool:
+    def _has_all_tokens(seq: Sequence) -> bool:
         """seq has all its max_new_tokens, the last one pending: it finishes once that token is read, so it is
         not scheduled (nor preempted) again. Never true of a running sequence when every step is read back
         before the next is scheduled."""
@@ -148,7 +148,7 @@ class Scheduler:
 
     def _growth_blocks(self, seq: Sequence) -> int:
         """Blocks seq will need beyond its current ones to finish its prompt and its next horizon tokens."""
-        if not self.admission_horizon_tokens or self._complete(seq):
+        if not self.admission_horizon_tokens or self._has_all_tokens(seq):
             return 0
         ahead = min(seq.params.max_new_tokens - seq.num_output_tokens, self.admission_horizon_tokens)
         return max(0, -(-(len(seq.token_ids) + ahead) // self.block_size) - len(seq.block_ids))
@@ -190,13 +190,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if self._complete(seq):
+            if self._has_all_tokens(seq):
                 i += 1
                 continue
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             end = seq.num_computed + n
             while self._blocks_needed(seq, end) > self.pool.num_free:
-                victim = next(s for s in reversed(self.running) if not self._complete(s))
+                victim = next(s for s in reversed(self.running) if not self._has_all_tokens(s))
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
