@@ -81,8 +81,12 @@ class ModelRunner:
 
     def _run_eager(self, chunks: list[ScheduledChunk], nd: int, row_idx: list[int], src: list[int],
                    prev_tokens: Optional[torch.Tensor]) -> torch.Tensor:
-        ids, pos, slots, fix = [], [], [], []
-        for c, i in zip(chunks, src):
+        bs = self.block_size
+        # decode rows as plain ints (one token each: numpy per row costs more than it saves), then prefill chunks
+        one = [(c.seq.token_ids[c.start], c.start, c.seq.block_ids[c.start // bs] * bs + c.start % bs, i)
+               for c, i in zip(chunks[:nd], src)]
+        ids, pos, slots, fix = ([np.asarray(col, dtype=np.int64)] for col in (zip(*one) if one else ((),) * 4))
+        for c, i in zip(chunks[nd:], src[nd:]):
             ids.append(np.asarray(c.seq.token_ids[c.start:c.start + c.num_tokens], dtype=np.int64))
             pos.append(np.arange(c.start, c.start + c.num_tokens))
             slots.append(self._slots(c.seq, c.start, c.start + c.num_tokens))
