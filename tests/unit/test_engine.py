@@ -320,3 +320,32 @@ def test_a_repetition_penalty_request_makes_steps_complete_in_order():
             assert eng._inflight is None
     ref = make_engine(async_scheduling=False).generate(reqs)
     assert [outs[r.request_id].completions[0].token_ids for r in reqs] == [o.completions[0].token_ids for o in ref]
+
+
+def test_a_step_that_raises_loses_nothing_of_the_step_before():
+    """The step before a failing one is still in flight (async scheduling): it is read back by the next call,
+    so its tokens are neither lost nor left pending, and the run can go on."""
+    prompts = random_prompts(4, seed=23)
+    reqs = [Request(f"r{i}", p, greedy(10)) for i, p in enumerate(prompts)]
+    ref = make_engine().generate(reqs)
+    eng = make_engine()
+    for r in reqs:
+        eng.add_request(r)
+    execute, calls = eng.runner.execute, []
+
+    def flaky(*a):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("device error")
+        return execute(*a)
+
+    eng.runner.execute = flaky
+    outs = {}
+    while eng.has_unfinished():
+        try:
+            for o in eng.step():
+                outs[o.request_id] = o
+        except RuntimeError:
+            assert eng._inflight is not None
+    assert len(calls) > 5
+    assert [outs[r.request_id].completions[0].token_ids for r in reqs] == [o.completions[0].token_ids for o in ref]

@@ -206,7 +206,11 @@ class LLMEngine:
         finished: list[RequestOutput] = []
         if prev is not None and not self._overlap():
             finished, prev = self._complete(prev), None
-        cur = self._launch(prev)
+        try:
+            cur = self._launch(prev)
+        except BaseException:
+            self._inflight = prev     # still read back by the next step, whatever the caller aborts meanwhile
+            raise
         if prev is not None:
             finished = self._complete(prev)
         if cur is not None:
