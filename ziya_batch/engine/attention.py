@@ -311,11 +311,11 @@ def tune_decode_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: in
                          _decode_config, (num_heads, Hkv, D, q.dtype, k_flat.dtype))
 
 
-def tune_prefill_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, chunk: int = 512,
-                        num_chunks: int = 4, q_dtype: torch.dtype | None = None
+def tune_prefill_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: int, block_size: int,
+                        chunk: int = 512, num_chunks: int = 4, q_dtype: torch.dtype | None = None
                         ) -> list[tuple[tuple[int, int, int], float]]:
     """Times every prefill config on chunks of `chunk` new tokens after as many cached ones, over the real
-    cache tensor (read only), and keeps the fastest for this head shape. Returns [(config, seconds)]."""
+    cache tensors (read only), and keeps the fastest for this head shape. Returns [(config, seconds)]."""
     Hkv, D = k_flat.shape[1], k_flat.shape[2]
     per_seq = -(-2 * chunk // block_size)
     num_blocks = k_flat.shape[0] // block_size - 1
@@ -327,7 +327,7 @@ def tune_prefill_kernel(k_flat: torch.Tensor, num_heads: int, block_size: int, c
     out = torch.empty_like(q)
     bt = torch.randperm(num_blocks, device=dev)[:per_seq * num_chunks].view(num_chunks, per_seq).to(torch.int32)
     pre = prefill_batch([(i * chunk, chunk, chunk) for i in range(num_chunks)], bt)
-    return _keep_fastest(PREFILL_CONFIGS, lambda cfg: prefill_attention_triton(q, k_flat, k_flat, pre, block_size,
+    return _keep_fastest(PREFILL_CONFIGS, lambda cfg: prefill_attention_triton(q, k_flat, v_flat, pre, block_size,
                                                                               out, cfg),
                          _prefill_config, (num_heads, Hkv, D, q.dtype, k_flat.dtype))
 

@@ -39,7 +39,8 @@ class ModelRunner:
             dt = model.embed.dtype
             self.decode_tuning = tune_decode_kernel(k_flat, v_flat, model.layers[0].local_heads, block_size,
                                                     max_context=min(max_model_len, 1024), q_dtype=dt)
-            self.prefill_tuning = tune_prefill_kernel(k_flat, model.layers[0].local_heads, block_size, q_dtype=dt)
+            self.prefill_tuning = tune_prefill_kernel(k_flat, v_flat, model.layers[0].local_heads, block_size,
+                                                      q_dtype=dt)
         if self.graph_sizes:
             self._capture_graphs()
 
