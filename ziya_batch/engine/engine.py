@@ -135,7 +135,6 @@ class LLMEngine:
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self.last_step = StepStats()
         self._inflight: Optional[_Launched] = None
-        self._num_penalised = 0        # requests with a repetition penalty (steps are then completed in order)
         self._pinned: Optional[list[torch.Tensor]] = None
         self._flip = 0
         self._last_done = 0.0
@@ -163,7 +162,6 @@ class LLMEngine:
         seq = Sequence(self.scheduler.new_seq_id(), request.request_id, 0, list(request.prompt_ids),
                        len(request.prompt_ids), p, sample_key=key, pending_forks=p.n - 1)
         self._groups[request.request_id] = _Group(request, [seq])
-        self._num_penalised += p.repetition_penalty != 1.0
         self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
@@ -173,7 +171,6 @@ class LLMEngine:
         group = self._groups.pop(request_id, None)
         if group is None:
             return
-        self._num_penalised -= group.request.params.repetition_penalty != 1.0
         for s in list(self.scheduler.running) + list(self.scheduler.waiting):
             if s.request_id == request_id:
                 self.scheduler.finish(s, SeqStatus.FINISHED_ABORTED)
@@ -193,11 +190,10 @@ class LLMEngine:
     # step() launches step N+1 before it completes step N: the host schedules and prepares N+1 while the GPU
     # still runs N, and N+1 reads N's tokens on the device. A sequence that N ends by EOS or a stop string
     # costs one wasted row in N+1; one that N ends by length is not scheduled again (Scheduler._has_all_tokens).
-    # Steps are completed one at a time, in order, when the host needs what they hold before anything else:
-    # tensor parallelism (the plan sent to the other ranks carries token values) and repetition penalties
-    # (built from the tokens on the host).
+    # Under tensor parallelism steps are completed one at a time, in order: the plan sent to the other ranks
+    # carries token values.
     def _overlap(self) -> bool:
-        return self.config.async_scheduling and self.plan_hook is None and not self._num_penalised
+        return self.config.async_scheduling and self.plan_hook is None
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
@@ -243,7 +239,8 @@ class LLMEngine:
         step = _Launched(out, rows, t0, host_s, events)
         if rows:
             bans = [self._bans(s) for s in rows]
-            tensors = build_sampling_tensors(rows, logits.shape[1], self.device, bans)
+            tensors = build_sampling_tensors(rows, logits.shape[1], self.device, bans,
+                                             *((prev.tokens, prev.pending) if prev is not None else ()))
             step.tokens, lp = sample(logits, tensors)
             step.host = self._host_buffer(len(rows))
             step.host.copy_(torch.stack([step.tokens.double(), lp.double()]), non_blocking=True)
@@ -325,7 +322,6 @@ class LLMEngine:
         if len(group.done) < group.request.params.n:
             return None
         del self._groups[s.request_id]
-        self._num_penalised -= group.request.params.repetition_penalty != 1.0
         comps = [group.done[i] for i in range(group.request.params.n)]
         return [RequestOutput(group.request.request_id, list(group.request.prompt_ids), comps)]
 

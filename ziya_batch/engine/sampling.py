@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from ziya_batch.engine.scheduler import PENDING_TOKEN
+
 try:  # the GPU image has Triton; the CPU CI build may not
     import triton
     import triton.language as tl
@@ -74,9 +76,12 @@ class SamplingTensors:
     all_greedy: bool
 
 
-def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ban_ids: list[list[int]]
+def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ban_ids: list[list[int]],
+                           prev_tokens: Optional[torch.Tensor] = None, pending: Optional[dict[int, int]] = None
                            ) -> SamplingTensors:
-    """rows: Sequences (one per logits row); ban_ids[i]: ids masked for row i (EOS/stop before min_new_tokens)."""
+    """rows: Sequences (one per logits row); ban_ids[i]: ids masked for row i (EOS/stop before min_new_tokens).
+    A row whose last token is still pending (PENDING_TOKEN, async scheduling) has it in
+    prev_tokens[pending[seq_id]] on the device: the repetition penalty reads it there."""
     temps = [r.params.temperature for r in rows]
     top_p = [r.params.top_p if r.params.temperature > 0 else 1.0 for r in rows]
     top_k = [r.params.top_k if r.params.temperature > 0 else 0 for r in rows]
@@ -89,10 +94,20 @@ def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ba
     penalty = seen = banned = None
     if any(r.params.repetition_penalty != 1.0 for r in rows):
         penalty = torch.tensor([r.params.repetition_penalty for r in rows], dtype=torch.float32).to(device)
-        ri = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 for _ in r.token_ids]
-        ti = [t for r in rows if r.params.repetition_penalty != 1.0 for t in r.token_ids]
+        ri, ti, late = [], [], []
+        for i, r in enumerate(rows):
+            if r.params.repetition_penalty != 1.0:
+                for t in r.token_ids:
+                    if t == PENDING_TOKEN:
+                        late.append((i, pending[r.seq_id]))
+                    else:
+                        ri.append(i)
+                        ti.append(t)
         seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
         seen[torch.tensor(ri, device=device), torch.tensor(ti, device=device)] = True
+        if late:
+            rows_t, src = torch.tensor(late, device=device).T
+            seen[rows_t, prev_tokens[src]] = True
     if any(ban_ids):
         br = [i for i, ids in enumerate(ban_ids) for _ in ids]
         bt = [t for ids in ban_ids for t in ids]
