@@ -135,6 +135,7 @@ class LLMEngine:
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self.last_step = StepStats()
         self._inflight: Optional[_Launched] = None
+        self._carried: list[RequestOutput] = []      # finished by a call that then raised: the next call returns them
         self._pinned: Optional[list[torch.Tensor]] = None
         self._flip = 0
         self._last_done = 0.0
@@ -165,7 +166,7 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None
+        return self.scheduler.has_unfinished() or self._inflight is not None or bool(self._carried)
 
     def abort(self, request_id: str) -> None:
         group = self._groups.pop(request_id, None)
@@ -199,16 +200,18 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one step; returns the requests that finished with the step completed by this call."""
         prev, self._inflight = self._inflight, None
-        finished: list[RequestOutput] = []
+        finished, self._carried = self._carried, []
         if prev is not None and not self._overlap():
-            finished, prev = self._complete(prev), None
+            finished, prev = finished + self._complete(prev), None
         try:
             cur = self._launch(prev)
         except BaseException:
-            self._inflight = prev     # still read back by the next step, whatever the caller aborts meanwhile
+            # the step before is still read back by the next call, whatever the caller aborts meanwhile, and
+            # what finished already is returned then
+            self._inflight, self._carried = prev, finished
             raise
         if prev is not None:
-            finished = self._complete(prev)
+            finished += self._complete(prev)
         if cur is not None:
             cur.pending = self.scheduler.advance(cur.out, cur.rows)
             if self._overlap():
