@@ -203,6 +203,8 @@ def main() -> None:
         eng.step()
         steps += 1
         st = eng.last_step
+        if st is None:
+            continue
         if st.decode_only:
             floor = (_weight_bytes(a) + st.context_tokens * kv_tok) / bw
             by_batch.setdefault(st.num_decode_tokens // 32 * 32, []).append((st.wall_s, st.gpu_s or 0.0, floor))

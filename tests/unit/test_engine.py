@@ -382,3 +382,61 @@ def test_requests_finished_by_a_call_that_raises_are_returned_by_the_next():
                 assert o.request_id not in got
                 got[o.request_id] = o.completions[0].token_ids
         assert got == want, fail_at
+    # an aborted request's output is not returned, even one finished by the call that raised
+    eng = make_engine()
+    for r in reqs:
+        eng.add_request(r)
+    eng.step()
+    eng.plan_hook = boom
+    with pytest.raises(RuntimeError):
+        eng.step()
+    aborted = {o.request_id for o in eng._carried}
+    for rid in aborted:
+        eng.abort(rid)
+    eng.plan_hook = None
+    rest = []
+    while eng.has_unfinished():
+        rest += [o.request_id for o in eng.step()]
+    assert aborted and not aborted & set(rest) and set(rest) | aborted == set(want)
+
+
+def test_a_finish_check_that_raises_drops_its_request_and_the_others_go_on():
+    """A stop-string check can fail (a tokenizer error). The request is dropped (its blocks freed), the error
+    raised, and the run goes on: a sequence holding all its tokens must not be left running, never scheduled
+    nor checked again, which made every later step() return nothing forever."""
+    prompts = random_prompts(3, seed=25, lo=3, hi=9)
+    reqs = [Request(f"r{i}", p, greedy(6)) for i, p in enumerate(prompts)]
+    want = {o.request_id: o.completions[0].token_ids for o in make_engine().generate(reqs)}
+    for async_scheduling in (True, False):
+        eng = make_engine(async_scheduling=async_scheduling)
+        for r in reqs:
+            eng.add_request(r)
+        check, fired = eng._check_finished, []
+
+        def flaky(s):
+            if s.request_id == "r1" and s.num_output_tokens == 6 and not fired:
+                fired.append(1)
+                raise RuntimeError("tokenizer failed")
+            return check(s)
+
+        eng._check_finished = flaky
+        got, errors = {}, 0
+        for _ in range(100):
+            if not eng.has_unfinished():
+                break
+            try:
+                got.update((o.request_id, o.completions[0].token_ids) for o in eng.step())
+            except RuntimeError:
+                errors += 1
+        assert errors == 1 and not eng.has_unfinished()
+        assert got == {k: v for k, v in want.items() if k != "r1"}
+        assert eng.scheduler.pool.num_free == eng.num_blocks
+
+
+def test_last_step_is_none_when_a_call_completes_no_step():
+    eng = make_engine()
+    eng.add_request(Request("a", [5, 6, 7], greedy(3)))
+    eng.step()
+    assert eng.last_step is None                    # launched only: nothing read back yet
+    eng.step()
+    assert eng.last_step is not None and eng.last_step.num_prefill_tokens == 3

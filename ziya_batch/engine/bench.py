@@ -134,6 +134,8 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
         for o in eng.step():
             out_tokens += sum(len(c.token_ids) for c in o.completions)
         st = eng.last_step
+        if st is None:                 # the call only launched a step (asynchronous scheduling)
+            continue
         if st.decode_only:
             dec_s += st.wall_s; dec_tok += st.num_decode_tokens; n_dec_steps += 1; host_dec += st.host_s
             floor_s += (w_bytes + st.context_tokens * kv_tok) / bw

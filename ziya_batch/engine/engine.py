@@ -133,7 +133,7 @@ class LLMEngine:
                                   use_triton=on_gpu and attention.triton is not None)
         self._groups: dict[str, _Group] = {}
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
-        self.last_step = StepStats()
+        self.last_step: Optional[StepStats] = StepStats()
         self._inflight: Optional[_Launched] = None
         self._carried: list[RequestOutput] = []      # finished by a call that then raised: the next call returns them
         self._pinned: Optional[list[torch.Tensor]] = None
@@ -169,6 +169,9 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or self._inflight is not None or bool(self._carried)
 
     def abort(self, request_id: str) -> None:
+        """Drops a request: its sequences free their blocks and no output of it is returned, not even one that
+        a call which then raised had already finished."""
+        self._carried = [o for o in self._carried if o.request_id != request_id]
         group = self._groups.pop(request_id, None)
         if group is None:
             return
@@ -198,26 +201,31 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Runs one step; returns the requests that finished with the step completed by this call."""
+        """Runs one step; returns the requests that finished with the step completed by this call. last_step
+        describes that step (None if the call completed none). If it raises, requests it had finished are
+        returned by the next call."""
         prev, self._inflight = self._inflight, None
         finished, self._carried = self._carried, []
-        if prev is not None and not self._overlap():
-            finished, prev = finished + self._complete(prev), None
+        self.last_step = None
         try:
-            cur = self._launch(prev)
+            if prev is not None and not self._overlap():
+                finished, prev = finished + self._complete(prev), None
+            try:
+                cur = self._launch(prev)
+            except BaseException:
+                self._inflight = prev     # still read back by the next call, whatever the caller aborts meanwhile
+                raise
+            if prev is not None:
+                finished += self._complete(prev)
+            if cur is not None:
+                cur.pending = self.scheduler.advance(cur.out, cur.rows)
+                if self._overlap():
+                    self._inflight = cur
+                else:
+                    finished += self._complete(cur)
         except BaseException:
-            # the step before is still read back by the next call, whatever the caller aborts meanwhile, and
-            # what finished already is returned then
-            self._inflight, self._carried = prev, finished
+            self._carried = finished + self._carried
             raise
-        if prev is not None:
-            finished += self._complete(prev)
-        if cur is not None:
-            cur.pending = self.scheduler.advance(cur.out, cur.rows)
-            if self._overlap():
-                self._inflight = cur
-            else:
-                finished += self._complete(cur)
         return finished
 
     def _launch(self, prev: Optional[_Launched]) -> Optional[_Launched]:
@@ -245,12 +253,14 @@ class LLMEngine:
             tensors = build_sampling_tensors(rows, logits.shape[1], self.device, bans,
                                              *((prev.tokens, prev.pending) if prev is not None else ()))
             step.tokens, lp = sample(logits, tensors)
+            if events is not None:
+                events[1].record()
             step.host = self._host_buffer(len(rows))
             step.host.copy_(torch.stack([step.tokens.double(), lp.double()]), non_blocking=True)
             if self.device.type == "cuda":
                 step.ready = torch.cuda.Event()
-                step.ready.record()
-        if events is not None:
+                step.ready.record()       # after events[1]: once it is reached, both events are complete
+        elif events is not None:
             events[1].record()
         return step
 
@@ -286,11 +296,25 @@ class LLMEngine:
             gpu_s=ev[0].elapsed_time(ev[1]) / 1e3 if ev is not None and rows else None)
         self._last_done = now
         finished: list[RequestOutput] = []
+        error = None
         for s in done:
+            if s.status.is_finished():        # a sibling's failed check below aborted its request
+                continue
             # a preempted (waiting) sequence is checked too: it may have sampled EOS before it was preempted
-            result = self._check_finished(s)
+            try:
+                result = self._check_finished(s)
+            except Exception as err:  # noqa: BLE001 - e.g. the tokenizer failing on a stop-string check
+                # this request cannot be finished: drop it rather than leave it holding seats and blocks
+                # (one with all its tokens would never be scheduled, nor checked, again); raise once the
+                # others are checked, and return what they finished with the next call
+                self.abort(s.request_id)
+                error = error or err
+                continue
             if result is not None:
                 finished.extend(result)
+        if error is not None:
+            self._carried.extend(finished)
+            raise error
         return finished
 
     def _bans(self, s: Sequence) -> list[int]:
