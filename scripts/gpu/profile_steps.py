@@ -23,7 +23,7 @@ import torch
 
 from ziya_batch.engine import attention
 from ziya_batch.engine.bench import (_args, _build_engine, _kernel_profile, _sampling, _time_s, _weight_bytes,
-                                     measure_copy_bandwidth_bytes_s, workload_w1)
+                                     measure_copy_bandwidth_bytes_s, profile_kernels, workload_w1)
 from ziya_batch.engine.kv_cache import kv_bytes_per_token
 from ziya_batch.engine.scheduler import ScheduledChunk, SchedulerOutput
 from ziya_batch.engine.types import Request
@@ -39,22 +39,6 @@ def frozen(out: SchedulerOutput) -> SchedulerOutput:
         s.block_ids = list(c.seq.block_ids)
         chunks.append(ScheduledChunk(s, c.start, c.num_tokens, c.samples))
     return SchedulerOutput(chunks, [], [])
-
-
-def profile_kernels(fn, reps: int = 3, top: int = 14) -> list[tuple[str, float, int]]:
-    from torch.profiler import ProfilerActivity, profile
-    fn(); torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    rows = []
-    for e in p.key_averages():
-        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-        if t > 0:
-            rows.append((e.key[:100], t / 1e3 / reps, e.count // reps))
-    rows.sort(key=lambda x: -x[1])
-    return [("all kernels", sum(t for _, t, _ in rows), sum(c for _, _, c in rows))] + rows[:top]
 
 
 def show(title: str, rows) -> None:
@@ -136,7 +120,7 @@ def mixed_step(eng, a, out: SchedulerOutput) -> None:
         s.record(); run(); e.record(); e.synchronize()
         ts.append(s.elapsed_time(e))
     print(f"  eager step (forward + logits), median of 6: {statistics.median(ts[1:]):.2f} ms")
-    show("its kernels (ms per step)", profile_kernels(run))
+    show("its kernels (ms per step)", profile_kernels(run, top=14))
     if pre and r.use_triton:
         chunks = sorted(out.chunks, key=lambda c: c.num_tokens != 1)
         tok, pch = nd, []

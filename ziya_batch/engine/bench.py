@@ -276,13 +276,17 @@ def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, con
 def _kernel_profile(eng: LLMEngine, b: int, top: int = 10) -> list[tuple[str, float, int]]:
     """The same step run eagerly under the torch profiler: (kernel, device ms per step, launches per step) for
     the kernels with the most device time. A graph replay runs the same kernels without the launch gaps."""
-    from torch.profiler import ProfilerActivity, profile
     from ziya_batch.engine.attention import AttentionMetadata
     r = eng.runner
     meta = AttentionMetadata(r.g_slots[:b], b, r.g_bt[:b], r.g_ctx[:b], r.block_size, None, r.use_triton)
-    run = lambda: eng.model(r.g_ids[:b], r.g_pos[:b], eng.kv_caches, meta, r.g_rows[:b])  # noqa: E731
+    return profile_kernels(lambda: eng.model(r.g_ids[:b], r.g_pos[:b], eng.kv_caches, meta, r.g_rows[:b]), top=top)
+
+
+def profile_kernels(run, reps: int = 3, top: int = 10) -> list[tuple[str, float, int]]:
+    """run() (after one warm-up call) `reps` times under the torch profiler: ("all kernels", ms, launches) and
+    then (kernel, device ms per call, launches per call) for the `top` kernels with the most device time."""
+    from torch.profiler import ProfilerActivity, profile
     run(); torch.cuda.synchronize()
-    reps = 3
     with profile(activities=[ProfilerActivity.CUDA]) as p:
         for _ in range(reps):
             run()
