@@ -153,6 +153,7 @@ class ModelRunner:
                 prev_tokens: Optional[torch.Tensor]) -> torch.Tensor:
         host = np.zeros((5, bucket), dtype=np.int64)
         host[2, :] = self.scratch_slot
+        host[4, :] = -1                  # padding rows take no token from the step before
         host[4, :len(src)] = src
         bt = np.zeros((bucket, self.max_blocks), dtype=np.int32)
         bs = self.block_size
