@@ -5,6 +5,10 @@ History (one H200, 2026-11-29): masking every tile had cost ~10% (88% of the flo
 full tiles unmasked plus the remainder in smaller masked tiles gave 98% there, and 78% -> 82% over W1's mixed
 lengths, where each sequence's partly filled last tile still costs nearly a full one. A variant with several
 query heads a program (their K/V rows are adjacent in the cache) was slower in every configuration (71% at best).
+Then TAIL_N 0 (one pipelined loop; the positions past the context re-read its last token, only their scores
+masked): over the 224 mixed contexts here (mean 391) 80% -> 96% with (64, 2, 2, 0); ncu had shown the masked-tail
+kernel at 3 programs an SM (157 registers, 68 KB of shared memory) and 72% of DRAM bandwidth. A cache laid out
+[block, head, offset, dim] (each head's block contiguous) instead of [block, offset, head, dim] gained ~1% at best.
 
 Checks every configuration against the torch reference first, then times each over 40 layers' worth of
 launches on: 224 sequences with W1-like mixed contexts (32..1024, mean ~460), 160 such, and 128 x 512 uniform.

@@ -150,12 +150,17 @@ def decode_attention_torch(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.
 
 if triton is not None:
     @triton.jit
-    def _paged_decode_kernel(Q, K, V, O, BT, CTX, scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_btb,
-                             stride_ob, stride_oh, GROUP: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-                             TAIL_N: tl.constexpr, D: tl.constexpr, NUM_STAGES: tl.constexpr):
-        # one program per (sequence, query head); online softmax over BLOCK_N tokens at a time, unmasked, then
-        # the context's remainder in masked tiles of TAIL_N: masking every tile cost ~10% of the bandwidth, and
-        # one half-empty BLOCK_N tile per sequence as much again over mixed context lengths
+    def _paged_decode_kernel(Q, K, V, O, BT, CTX, scale, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
+                             stride_btb, stride_ob, stride_oh, GROUP: tl.constexpr, BS: tl.constexpr,
+                             BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, D: tl.constexpr, NUM_STAGES: tl.constexpr):
+        # one program per (sequence, query head); online softmax over BLOCK_N tokens at a time. A token's K/V row
+        # is at page * stride_kb + offset * stride_ks + head * stride_kh. How a context's last, partly filled
+        # tile is read depends on TAIL_N:
+        # - TAIL_N > 0: full tiles unmasked, then the remainder in masked tiles of TAIL_N after the loop (masking
+        #   every tile cost ~10% of the bandwidth, one half-empty BLOCK_N tile per sequence as much again);
+        # - TAIL_N == 0: one pipelined loop over every tile, in which the positions past the context read the
+        #   context's last token again (the same cache lines: no extra DRAM bytes, no predicated loads) and only
+        #   their scores are masked, so the remainder's loads are issued inside the pipeline.
         b = tl.program_id(0)
         h = tl.program_id(1)
         kvh = h // GROUP
@@ -165,23 +170,33 @@ if triton is not None:
         m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
         l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
         acc = tl.zeros([D], tl.float32)
-        full = ctx // BLOCK_N * BLOCK_N
-        for start in tl.range(0, full, BLOCK_N, num_stages=NUM_STAGES):
-            t = start + tl.arange(0, BLOCK_N)
-            page = tl.load(BT + b * stride_btb + t // BS).to(tl.int64)
-            offs = (page * BS + t % BS)[:, None] * stride_ks + kvh * stride_kh + d[None, :]   # [BLOCK_N, D]
-            # issue both loads before any arithmetic, so V's latency hides behind K's
-            k = tl.load(K + offs)
-            v = tl.load(V + offs)
-            m_i, l_i, acc = _online_softmax_step(q, k, v, t, m_i, l_i, acc, MASKED=False)
-        for start in tl.range(full, ctx, TAIL_N):
-            t = start + tl.arange(0, TAIL_N)
-            mask = t < ctx
-            page = tl.load(BT + b * stride_btb + t // BS, mask=mask, other=0).to(tl.int64)
-            offs = (page * BS + t % BS)[:, None] * stride_ks + kvh * stride_kh + d[None, :]
-            k = tl.load(K + offs, mask=mask[:, None], other=0.0)
-            v = tl.load(V + offs, mask=mask[:, None], other=0.0)
-            m_i, l_i, acc = _online_softmax_step(q, k, v, mask, m_i, l_i, acc, MASKED=True)
+        if TAIL_N == 0:
+            for start in tl.range(0, ctx, BLOCK_N, num_stages=NUM_STAGES):
+                t = start + tl.arange(0, BLOCK_N)
+                tc = tl.minimum(t, ctx - 1)
+                page = tl.load(BT + b * stride_btb + tc // BS).to(tl.int64)
+                offs = (page * stride_kb + (tc % BS) * stride_ks)[:, None] + kvh * stride_kh + d[None, :]
+                k = tl.load(K + offs)
+                v = tl.load(V + offs)
+                m_i, l_i, acc = _online_softmax_step(q, k, v, t < ctx, m_i, l_i, acc, MASKED=True)
+        else:
+            full = ctx // BLOCK_N * BLOCK_N
+            for start in tl.range(0, full, BLOCK_N, num_stages=NUM_STAGES):
+                t = start + tl.arange(0, BLOCK_N)
+                page = tl.load(BT + b * stride_btb + t // BS).to(tl.int64)
+                offs = (page * stride_kb + (t % BS) * stride_ks)[:, None] + kvh * stride_kh + d[None, :]
+                # issue both loads before any arithmetic, so V's latency hides behind K's
+                k = tl.load(K + offs)
+                v = tl.load(V + offs)
+                m_i, l_i, acc = _online_softmax_step(q, k, v, t, m_i, l_i, acc, MASKED=False)
+            for start in tl.range(full, ctx, TAIL_N):
+                t = start + tl.arange(0, TAIL_N)
+                mask = t < ctx
+                page = tl.load(BT + b * stride_btb + t // BS, mask=mask, other=0).to(tl.int64)
+                offs = (page * stride_kb + (t % BS) * stride_ks)[:, None] + kvh * stride_kh + d[None, :]
+                k = tl.load(K + offs, mask=mask[:, None], other=0.0)
+                v = tl.load(V + offs, mask=mask[:, None], other=0.0)
+                m_i, l_i, acc = _online_softmax_step(q, k, v, mask, m_i, l_i, acc, MASKED=True)
         out = acc / tl.maximum(l_i, 1e-20)
         tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty))
 
@@ -268,10 +283,13 @@ def prefill_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torc
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
 
 
-# (BLOCK_N, num_warps, num_stages, TAIL_N); tune_decode_kernel picks one per head shape on the real GPU. The
-# fastest on an H200 (2026-11-29, scripts/gpu/decode_kernel_variants.py) were (128, 4, 1|2, 64) and (64, 4, 1, 32).
-DECODE_CONFIGS = [(128, 4, 1, 64), (128, 4, 2, 64), (128, 4, 2, 32), (128, 8, 2, 64), (64, 4, 1, 32),
-                  (64, 4, 2, 32), (64, 4, 1, 16), (256, 8, 2, 64), (32, 4, 2, 16)]
+# (BLOCK_N, num_warps, num_stages, TAIL_N); tune_decode_kernel picks one per head shape on the real GPU. On an
+# H200 (2026-11-29, scripts/gpu/decode_kernel_variants.py and profile_steps.py), over a real W1 batch of 223
+# sequences (contexts 52..899): TAIL_N 0 with small programs, (64, 2, 2|3, 0) and (32, 1, 3, 0), 21.0-21.1 ms
+# over 40 layers against a KV-byte floor of 20.2 (96%); the separate masked tail, (128, 4, 2, 64), 24.8 ms.
+DECODE_CONFIGS = [(128, 4, 1, 64), (128, 4, 2, 64), (64, 4, 1, 32), (64, 4, 2, 32), (128, 4, 2, 0), (64, 4, 2, 0),
+                  (64, 2, 2, 0), (64, 2, 3, 0), (64, 2, 1, 0), (32, 2, 3, 0), (32, 2, 2, 0), (32, 1, 2, 0),
+                  (32, 1, 3, 0), (16, 1, 3, 0)]
 _decode_config: dict[tuple, tuple[int, int, int, int]] = {}
 
 
@@ -281,12 +299,12 @@ def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch
     """q, out: [B, Hq, D]; rows with context_len 0 (CUDA-graph padding) produce zeros."""
     B, Hq, D = q.shape
     Hkv = k_flat.shape[1]
-    bn, warps, stages, tail = config or _decode_config.get((Hq, Hkv, D, q.dtype, k_flat.dtype), (64, 4, 1, 32))
+    bn, warps, stages, tail = config or _decode_config.get((Hq, Hkv, D, q.dtype, k_flat.dtype), (64, 2, 3, 0))
     _paged_decode_kernel[(B, Hq)](
         q, k_flat, v_flat, out, block_tables, context_lens, 1.0 / math.sqrt(D),
-        q.stride(0), q.stride(1), k_flat.stride(0), k_flat.stride(1), block_tables.stride(0),
-        out.stride(0), out.stride(1), GROUP=Hq // Hkv, BS=block_size, BLOCK_N=bn, TAIL_N=tail, D=D,
-        NUM_STAGES=stages, num_warps=warps)
+        q.stride(0), q.stride(1), block_size * k_flat.stride(0), k_flat.stride(0), k_flat.stride(1),
+        block_tables.stride(0), out.stride(0), out.stride(1), GROUP=Hq // Hkv, BS=block_size, BLOCK_N=bn,
+        TAIL_N=tail, D=D, NUM_STAGES=stages, num_warps=warps)
 
 
 def tune_decode_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: int, block_size: int,

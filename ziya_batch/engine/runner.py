@@ -38,6 +38,7 @@ class ModelRunner:
             k_flat, v_flat = k.view(-1, k.shape[2], k.shape[3]), v.view(-1, v.shape[2], v.shape[3])
             dt = model.embed.dtype
             self.decode_tuning = tune_decode_kernel(k_flat, v_flat, model.layers[0].local_heads, block_size,
+                                                    batch=min(max_num_seqs, 256),
                                                     max_context=min(max_model_len, 1024), q_dtype=dt)
             self.prefill_tuning = tune_prefill_kernel(k_flat, v_flat, model.layers[0].local_heads, block_size,
                                                       q_dtype=dt)
