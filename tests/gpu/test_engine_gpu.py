@@ -223,3 +223,25 @@ def test_preemption_on_gpu_keeps_greedy_output():
         if blocks == 40:
             assert eng.scheduler.num_preemptions > 0
     assert sum(a == b for a, b in zip(*res)) >= 15
+
+
+def test_a_tensor_parallel_rank_never_holds_the_whole_model_on_its_gpu(tmp_path):
+    """What lets a 26 GB model run over two 24 GB cards: a rank loading a checkpoint puts only its shard of the
+    projections on the GPU, one layer's pieces at a time (peak allocation ~0.6 of the whole model here, where
+    loading the whole model first would need at least all of it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ziya_batch.engine.testing import load_sharded
+    cfg = LlamaConfig(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
+                      intermediate_size=1024, vocab_size=300, max_position_embeddings=512)
+    hf = LlamaForCausalLM(cfg).half()
+    hf.save_pretrained(tmp_path / "m")
+    whole = sum(p.numel() * p.element_size() for p in hf.parameters())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model = load_sharded(str(tmp_path / "m"), 1, 2, torch.device("cuda"), torch.float16)
+    shard = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = torch.cuda.max_memory_allocated() - base
+    assert shard < 0.6 * whole
+    assert peak < 0.75 * whole, (peak, shard, whole)

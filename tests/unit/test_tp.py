@@ -9,9 +9,9 @@ import torch
 import torch.multiprocessing as mp
 
 from ziya_batch.engine.engine import LLMEngine
-from ziya_batch.engine.testing import tiny_llama, tp_generate_worker
+from ziya_batch.engine.testing import load_sharded, tiny_llama, tp_generate_worker
 from ziya_batch.engine.tp import apply_tp
-from ziya_batch.engine.model import from_hf_model
+from ziya_batch.engine.model import LlamaModel, ModelArgs, from_hf_model, iter_checkpoint
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
 
 
@@ -21,12 +21,58 @@ def test_apply_tp_refuses_a_split_that_does_not_divide():
         apply_tp(model, 0, 4)             # 2 key/value heads over 4 ranks
 
 
-@pytest.mark.parametrize("num_kv_heads", [2])   # 4 heads, 2 key/value heads: 2 + 1 per rank
-def test_two_gloo_ranks_match_one_process_token_for_token(tmp_path, num_kv_heads):
+@pytest.mark.parametrize("num_kv_heads", [2, 4])
+def test_a_rank_loads_only_its_shard_of_the_checkpoint(tmp_path, num_kv_heads):
+    """from_state_dict(tp=...) keeps, of every projection read from the checkpoint, exactly the rows (q/k/v heads,
+    gate/up columns) or columns (o_proj, down_proj) of its rank, in tensors of the shard's own size; the same
+    as apply_tp on the whole model."""
+    hf = tiny_llama(num_kv_heads)
+    hf.save_pretrained(tmp_path / "m")
+    sd = {k: v for k, v in hf.state_dict().items()}
+    D, H = 16, 4                                                  # head_dim, heads of tiny_llama
+    for rank in range(2):
+        got = load_sharded(str(tmp_path / "m"), rank, 2, torch.device("cpu"), torch.float32)
+        whole = apply_tp(from_hf_model(tiny_llama(num_kv_heads), torch.device("cpu"), torch.float32), rank, 2)
+        kv = num_kv_heads // 2
+        for i, (layer, ref) in enumerate(zip(got.layers, whole.layers)):
+            w = lambda name: sd[f"model.layers.{i}.{name}.weight"]  # noqa: E731
+            q_rows = slice(rank * (H // 2) * D, (rank + 1) * (H // 2) * D)
+            kv_rows = slice(rank * kv * D, (rank + 1) * kv * D)
+            assert torch.equal(layer.qkv_proj, torch.cat([w("self_attn.q_proj")[q_rows], w("self_attn.k_proj")[kv_rows],
+                                                          w("self_attn.v_proj")[kv_rows]]))
+            assert torch.equal(layer.o_proj, w("self_attn.o_proj")[:, q_rows])
+            cols = slice(rank * 64, (rank + 1) * 64)              # intermediate 128 over 2 ranks
+            assert torch.equal(layer.gate_up_proj, torch.cat([w("mlp.gate_proj")[cols], w("mlp.up_proj")[cols]]))
+            assert torch.equal(layer.down_proj, w("mlp.down_proj")[:, cols])
+            assert (layer.local_heads, layer.local_kv_heads) == (H // 2, kv)
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "input_norm", "post_norm"):
+                p = getattr(layer, name)
+                assert torch.equal(p, getattr(ref, name)), name
+                assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name   # not a view of the whole
+        for name in ("embed", "norm", "lm_head"):
+            assert torch.equal(getattr(got, name), getattr(whole, name)), name
+
+
+def test_a_sharded_load_refuses_a_split_that_does_not_divide(tmp_path):
+    tiny_llama(2).save_pretrained(tmp_path / "m")
+    args = ModelArgs.from_hf_config(tiny_llama(2).config)
+    with pytest.raises(ValueError, match="key/value heads"):
+        LlamaModel.from_state_dict(args, iter_checkpoint(str(tmp_path / "m")), torch.device("cpu"), torch.float32,
+                                   tp=(0, 4))
+
+
+@pytest.mark.parametrize("num_kv_heads,loaded", [(2, False), (2, True)])   # 4 heads, 2 kv heads: 2 + 1 per rank
+def test_two_gloo_ranks_match_one_process_token_for_token(tmp_path, num_kv_heads, loaded):
+    """Both ways a rank gets its shard: apply_tp on the whole model, and loading the saved checkpoint sharded
+    (as LLMEngine does for `model.tensor_parallel`)."""
     rng = random.Random(num_kv_heads)
     prompts = [[rng.randrange(3, 300) for _ in range(rng.randint(3, 40))] for _ in range(6)]
+    model_dir = ""
+    if loaded:
+        tiny_llama(num_kv_heads).save_pretrained(tmp_path / "m")
+        model_dir = str(tmp_path / "m")
     # few blocks: the tensor-parallel run also preempts and recomputes, and n=2 forks share blocks
-    args = (2, str(tmp_path / "init"), num_kv_heads, prompts, 10, 2, 40, str(tmp_path / "out.json"))
+    args = (2, str(tmp_path / "init"), num_kv_heads, prompts, 10, 2, 40, str(tmp_path / "out.json"), model_dir)
     mp.spawn(tp_generate_worker, args=args, nprocs=2, join=True)
     got = json.loads((tmp_path / "out.json").read_text())
     # the same path as the ranks (our model, no tokenizer, so no EOS id), unsharded

@@ -8,7 +8,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -70,9 +70,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, shard: Optional[Callable[[LlamaModel], LlamaModel]] = None):
-        """Loads the checkpoint at config.model_path. `shard` transforms the built model before the cache is
-        sized, e.g. `lambda m: tp.apply_tp(m, rank, world_size, group)` for tensor parallelism."""
+    def __init__(self, config: EngineConfig, tensor_parallel: tuple[int, int] = (0, 1), tp_group=None):
+        """Loads the checkpoint at config.model_path. tensor_parallel = (rank, world_size) loads only that rank's
+        shard of the weights and joins the ranks' process group (tp_group, or the default one) before the cache
+        is sized; every rank of a replica builds its engine this way (tp.py)."""
         from transformers import AutoConfig, AutoTokenizer
         trc = config.trust_remote_code
         hf_config = AutoConfig.from_pretrained(config.model_path, trust_remote_code=trc)
@@ -80,9 +81,10 @@ class LLMEngine:
         device = resolve_device(config.device)
         args = ModelArgs.from_hf_config(hf_config)
         model = LlamaModel.from_state_dict(args, iter_checkpoint(config.model_path), device,
-                                           _dtype_for(config, device))
-        if shard is not None:
-            model = shard(model)
+                                           _dtype_for(config, device), tp=tensor_parallel)
+        if tensor_parallel[1] > 1:
+            from ziya_batch.engine.tp import attach_tp
+            model = attach_tp(model, *tensor_parallel, group=tp_group)
         self._setup(model, tokenizer, config, device, _eos_ids(hf_config, tokenizer))
 
     @classmethod

@@ -59,6 +59,25 @@ PRESETS = {
 }
 
 
+# Tensor parallelism (tp.py) splits each layer's projections: column-parallel ones (q/k/v heads, gate/up
+# columns) along their output rows, row-parallel ones (o_proj, down_proj) along their input columns, so each
+# rank holds 1/K of every attention and MLP weight. Norms, the embedding and lm_head stay whole.
+TP_SPLIT_DIM = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "down_proj": 1}
+
+
+def tp_slice(t: torch.Tensor, dim: int, rank: int, world_size: int) -> torch.Tensor:
+    """Rank `rank`'s contiguous 1/world_size of t along dim (a view)."""
+    size = t.shape[dim] // world_size
+    return t.narrow(dim, rank * size, size)
+
+
+def check_tp_split(a: ModelArgs, world_size: int) -> None:
+    for what, n in (("attention heads", a.num_heads), ("key/value heads", a.num_kv_heads),
+                    ("intermediate size", a.intermediate_size)):
+        if n % world_size:
+            raise ValueError(f"{what} ({n}) do not split over tensor_parallel={world_size}")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # same arithmetic as transformers' LlamaRMSNorm: normalise in float32, cast back, then scale
     xf = x.float()
@@ -87,6 +106,19 @@ class Layer(nn.Module):
         # Tensor parallelism (tp.py) shrinks the local head counts and sets an all-reduce hook.
         self.local_heads, self.local_kv_heads = a.num_heads, a.num_kv_heads
         self.all_reduce = None
+
+    def shrink_to_shard(self, world_size: int) -> None:
+        """Replaces the four projections by empty ones of one tensor-parallel rank's shape, on their device (on
+        the meta device before loading: a rank never allocates the whole layer)."""
+        a = self.a
+        heads, kv_heads, inter = a.num_heads // world_size, a.num_kv_heads // world_size, a.intermediate_size // world_size
+        dev, dt = self.qkv_proj.device, self.qkv_proj.dtype
+        empty = lambda *shape: nn.Parameter(torch.empty(*shape, device=dev, dtype=dt), requires_grad=False)  # noqa: E731
+        self.qkv_proj = empty((heads + 2 * kv_heads) * a.head_dim, a.hidden_size)
+        self.o_proj = empty(a.hidden_size, heads * a.head_dim)
+        self.gate_up_proj = empty(2 * inter, a.hidden_size)
+        self.down_proj = empty(a.hidden_size, inter)
+        self.local_heads, self.local_kv_heads = heads, kv_heads
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -197,19 +229,31 @@ class LlamaModel(nn.Module):
 
     @classmethod
     def from_state_dict(cls, a: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], device: torch.device,
-                        dtype: torch.dtype) -> "LlamaModel":
+                        dtype: torch.dtype, tp: tuple[int, int] = (0, 1)) -> "LlamaModel":
         """Builds the model from (name, tensor) pairs named as in HF LLaMA checkpoints, fusing q/k/v and gate/up
-        as the pieces arrive, so at most one layer's unfused pieces are held besides the model."""
+        as the pieces arrive, so at most one layer's unfused pieces are held besides the model. With
+        tp = (rank, world_size), only that tensor-parallel rank's share of each projection is kept: every
+        tensor is sliced where it was read (host memory) before it goes to the device, so the device never
+        holds more than the shard (tp.attach_tp then joins the ranks)."""
+        rank, world_size = tp
+        if world_size > 1:
+            check_tp_split(a, world_size)
         with torch.device("meta"):
             m = cls(a)
+            if world_size > 1:
+                for layer in m.layers:
+                    layer.shrink_to_shard(world_size)
         m = m.to(dtype=dtype).to_empty(device=device)   # meta -> dtype first: no float32 copy
         pending: dict[tuple[int, str], torch.Tensor] = {}
         seen: set[str] = set()
         with torch.no_grad():
             for name, t in tensors:
-                t = t.to(device=device, dtype=dtype)
                 if name.startswith("model."):
                     name = name[len("model."):]
+                kind = name.split(".")[-2] if name.startswith("layers.") and name.endswith(".weight") else ""
+                if world_size > 1 and kind in TP_SPLIT_DIM:
+                    t = tp_slice(t, TP_SPLIT_DIM[kind], rank, world_size)
+                t = t.to(device=device, dtype=dtype)
                 if name == "embed_tokens.weight":
                     m.embed.copy_(t); seen.add("embed")
                 elif name == "norm.weight":

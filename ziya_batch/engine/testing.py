@@ -71,10 +71,24 @@ def hf_greedy(model: LlamaForCausalLM, prompt: list[int], max_new_tokens: int) -
     return out.sequences[0, len(prompt):].tolist(), torch.stack(out.scores)[:, 0].float().cpu()
 
 
+def load_sharded(model_dir: str, rank: int, world_size: int, device: torch.device, dtype: torch.dtype):
+    """A transformers checkpoint folder loaded as tensor-parallel rank `rank` loads it in LLMEngine: only its
+    shard of each projection reaches the device, then the ranks are joined."""
+    from transformers import AutoConfig
+
+    from ziya_batch.engine.model import LlamaModel, ModelArgs, iter_checkpoint
+    from ziya_batch.engine.tp import attach_tp
+
+    args = ModelArgs.from_hf_config(AutoConfig.from_pretrained(model_dir))
+    model = LlamaModel.from_state_dict(args, iter_checkpoint(model_dir), device, dtype, tp=(rank, world_size))
+    return attach_tp(model, rank, world_size)
+
+
 def tp_generate_worker(rank: int, world_size: int, init_file: str, num_kv_heads: int, prompts: list,
-                       max_new_tokens: int, n: int, num_kv_blocks: int, result_file: str) -> None:
+                       max_new_tokens: int, n: int, num_kv_blocks: int, result_file: str, model_dir: str = "") -> None:
     """One process of a CPU tensor-parallel run (gloo): rank 0 schedules and writes the greedy tokens of every
-    completion as JSON to result_file; the other ranks follow."""
+    completion as JSON to result_file; the other ranks follow. The model is tiny_llama(num_kv_heads), built
+    whole and sharded by apply_tp, or, with model_dir (that model saved there), loaded sharded."""
     import json
 
     import torch.distributed as dist
@@ -87,8 +101,11 @@ def tp_generate_worker(rank: int, world_size: int, init_file: str, num_kv_heads:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        model = apply_tp(from_hf_model(tiny_llama(num_kv_heads), torch.device("cpu"), torch.float32), rank,
-                         world_size)
+        if model_dir:
+            model = load_sharded(model_dir, rank, world_size, torch.device("cpu"), torch.float32)
+        else:
+            model = apply_tp(from_hf_model(tiny_llama(num_kv_heads), torch.device("cpu"), torch.float32), rank,
+                             world_size)
         eng = LLMEngine.from_model(model, None, EngineConfig(model_path="", device="cpu", block_size=4,
                                                              max_num_batched_tokens=64, num_kv_blocks=num_kv_blocks,
                                                              admission_horizon_tokens=0))
@@ -118,16 +135,14 @@ def tp_generate_worker_cuda(rank: int, world_size: int, init_file: str, model_di
     import torch.distributed as dist
 
     from ziya_batch.engine.engine import LLMEngine
-    from ziya_batch.engine.model import from_hf_model
-    from ziya_batch.engine.tp import apply_tp, enable_tp_driver, serve_follower
+    from ziya_batch.engine.tp import enable_tp_driver, serve_follower
     from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
 
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             device_id=device)
-    hf = LlamaForCausalLM.from_pretrained(model_dir)
-    model = apply_tp(from_hf_model(hf, device, torch.float16), rank, world_size)
+    model = load_sharded(model_dir, rank, world_size, device, torch.float16)
     eng = LLMEngine.from_model(model, None, EngineConfig(model_path="", dtype="float16", device=f"cuda:{rank}",
                                                          block_size=16, num_kv_blocks=512,
                                                          max_num_batched_tokens=256))

@@ -1,9 +1,11 @@
 """Tensor parallelism as a transformation of a built model (gpt-fast style), plus the engine side.
 
-`apply_tp(model, rank, world_size, group)` keeps this rank's share of every layer: q/k/v heads and gate/up
-columns (column-parallel), the matching input columns of o_proj and down_proj (row-parallel), and an
-all-reduce after o_proj and after down_proj. Embedding, norms and lm_head stay whole, so every rank ends
-a step with identical logits.
+Each rank holds its share of every layer: q/k/v heads and gate/up columns (column-parallel), the matching
+input columns of o_proj and down_proj (row-parallel), with an all-reduce after o_proj and after down_proj.
+Embedding, norms and lm_head stay whole, so every rank ends a step with identical logits. A checkpoint is
+loaded sharded (`LlamaModel.from_state_dict(..., tp=(rank, world_size))`: a rank's device never holds the
+whole model, as on cards too small for it), then `attach_tp` joins the ranks; `apply_tp` does both to a
+model built whole (random benchmark weights, tests).
 
 One rank (0) owns the scheduler and the sampler. Each step it broadcasts the step's plan (which tokens of
 which sequences, their block tables, copy-on-write copies) and every rank runs the same forward on its
@@ -16,38 +18,49 @@ import torch
 import torch.distributed as dist
 
 from ziya_batch.engine.kv_cache import copy_blocks
-from ziya_batch.engine.model import LlamaModel
+from ziya_batch.engine.model import TP_SPLIT_DIM, LlamaModel, check_tp_split, tp_slice
 from ziya_batch.engine.scheduler import ScheduledChunk, SchedulerOutput, Sequence
 from ziya_batch.engine.types import SamplingParams
 
 
-def _shard(t: torch.Tensor, rank: int, world_size: int, dim: int) -> torch.Tensor:
-    size = t.shape[dim] // world_size
-    return t.narrow(dim, rank * size, size).clone()
-
-
 def apply_tp(model: LlamaModel, rank: int, world_size: int, group=None) -> LlamaModel:
+    """Keeps this rank's share of a whole model's projections (see model.TP_SPLIT_DIM) and joins the ranks.
+    A checkpoint is better loaded sharded (LlamaModel.from_state_dict(tp=...), then attach_tp): this
+    transformation needs the whole model on the device first."""
     a = model.args
     if world_size == 1:
         return model
-    for what, n in (("attention heads", a.num_heads), ("key/value heads", a.num_kv_heads),
-                    ("intermediate size", a.intermediate_size)):
-        if n % world_size:
-            raise ValueError(f"{what} ({n}) do not split over tensor_parallel={world_size}")
+    check_tp_split(a, world_size)
     D = a.head_dim
     with torch.no_grad():
         for layer in model.layers:
             q, k, v = layer.qkv_proj.split([a.num_heads * D, a.num_kv_heads * D, a.num_kv_heads * D])
-            layer.qkv_proj = torch.nn.Parameter(torch.cat([_shard(x, rank, world_size, 0) for x in (q, k, v)]),
-                                                requires_grad=False)
-            layer.o_proj = torch.nn.Parameter(_shard(layer.o_proj, rank, world_size, 1), requires_grad=False)
             gate, up = layer.gate_up_proj.chunk(2, dim=0)
-            layer.gate_up_proj = torch.nn.Parameter(
-                torch.cat([_shard(gate, rank, world_size, 0), _shard(up, rank, world_size, 0)]), requires_grad=False)
-            layer.down_proj = torch.nn.Parameter(_shard(layer.down_proj, rank, world_size, 1), requires_grad=False)
-            layer.local_heads = a.num_heads // world_size
-            layer.local_kv_heads = a.num_kv_heads // world_size
-            layer.all_reduce = lambda t, g=group: dist.all_reduce(t, group=g)
+            whole = {"qkv": torch.cat([tp_slice(x, 0, rank, world_size) for x in (q, k, v)]),
+                     "gate_up": torch.cat([tp_slice(x, 0, rank, world_size) for x in (gate, up)]),
+                     "o": tp_slice(layer.o_proj, TP_SPLIT_DIM["o_proj"], rank, world_size).clone(),
+                     "down": tp_slice(layer.down_proj, TP_SPLIT_DIM["down_proj"], rank, world_size).clone()}
+            layer.shrink_to_shard(world_size)
+            layer.qkv_proj.copy_(whole["qkv"])
+            layer.gate_up_proj.copy_(whole["gate_up"])
+            layer.o_proj.copy_(whole["o"])
+            layer.down_proj.copy_(whole["down"])
+    if model.embed.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return attach_tp(model, rank, world_size, group)
+
+
+def attach_tp(model: LlamaModel, rank: int, world_size: int, group=None) -> LlamaModel:
+    """Joins a model that already holds rank `rank`'s shard (from_state_dict(tp=...) or apply_tp) to the
+    other ranks: an all-reduce after o_proj and after down_proj, and one cache size for all ranks."""
+    a = model.args
+    if world_size == 1:
+        return model
+    for layer in model.layers:
+        if layer.local_heads != a.num_heads // world_size:
+            raise ValueError(f"the model holds {layer.local_heads} of {a.num_heads} heads a layer, not the share of "
+                             f"one rank of {world_size}")
+        layer.all_reduce = lambda t, g=group: dist.all_reduce(t, group=g)
 
     def agree_num_blocks(n: int) -> int:
         # every rank must build the same cache: take the smallest any rank can hold
@@ -55,8 +68,6 @@ def apply_tp(model: LlamaModel, rank: int, world_size: int, group=None) -> Llama
         dist.all_reduce(x, op=dist.ReduceOp.MIN, group=group)
         return int(x.item())
     model.agree_num_blocks = agree_num_blocks
-    if model.embed.device.type == "cuda":
-        torch.cuda.empty_cache()
     return model
 
 

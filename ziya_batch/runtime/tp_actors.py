@@ -44,8 +44,7 @@ class TPRankActor:
         self._stop = threading.Event()
         broker = Broker.from_url(redis_url)
         spec = broker.get_spec(job_id)
-        self.engine = LLMEngine(engine_config(spec, device),
-                                shard=lambda m: tp.apply_tp(m, rank, world_size))
+        self.engine = LLMEngine(engine_config(spec, device), tensor_parallel=(rank, world_size))
         self.worker = None
         if rank == 0:
             self.driver = tp.enable_tp_driver(self.engine)
