@@ -33,8 +33,8 @@ def _spy_queue(monkeypatch, broker):
     events, leases = [], {}
     claim, commit = broker.claim, broker.commit
 
-    def spy_claim(worker_id):
-        lease = claim(worker_id)
+    def spy_claim(worker_id, **kw):
+        lease = claim(worker_id, **kw)
         if lease is not None:
             events.append(("claim", lease.shard.index, lease.token))
             leases.setdefault(lease.shard.index, lease)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Iterable, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
 import redis
 
@@ -155,10 +155,13 @@ class Broker:
             p.execute()
 
     # -- leases -----------------------------------------------------------------------------------------
-    def claim(self, worker_id: str) -> Optional[Lease]:
-        """The next shard for this worker: highest priority job first, equal priorities in turn."""
+    def claim(self, worker_id: str, accept: Optional[Callable[[str], bool]] = None) -> Optional[Lease]:
+        """The next shard for this worker: highest priority job first, equal priorities in turn. `accept(job_id)`
+        False skips a job this worker cannot serve (its shards stay pending, their attempts untouched)."""
         k = self.keys
         for job_id in self.client.zrange(k.ready(), 0, self.claim_scan - 1):
+            if accept is not None and not accept(job_id):
+                continue
             res = self.scripts.claim(
                 keys=[k.job(job_id), k.shards(job_id), k.pending(job_id), k.leased(job_id), k.leases(),
                       k.ready(), k.claim_seq()],

@@ -47,8 +47,9 @@ def engine_key(spec: JobSpec) -> tuple:
 
 class ModelCache:
     def __init__(self, device: str = "auto", pinned: Optional[tuple] = None):
-        """`pinned`: (spec, engine) of a tensor-parallel replica, whose ranks hold one model for good; a job
-        that needs another model fails here and its shard goes to another replica."""
+        """`pinned`: (spec, engine) of a tensor-parallel replica, whose ranks hold one model for good; its
+        worker claims no shard of a job that needs another model (can_serve), and one that reaches it anyway
+        fails here and goes to another replica."""
         self.device = resolve_device(device)
         self._engines: dict[tuple, object] = {}
         self._scorers: dict[tuple, object] = {}
@@ -63,6 +64,14 @@ class ModelCache:
 
             return torch.cuda.get_device_name(torch.device(self.device))
         return "cpu"
+
+    def can_serve(self, spec: JobSpec) -> bool:
+        """Whether this cache's replica serves the job: a tensor-parallel replica only jobs of the model (and
+        tensor_parallel, dtype, engine settings) it holds, a one-device replica only jobs of tensor_parallel 1
+        (a job asking for its model to be sharded waits for replicas of its shape)."""
+        if self._pinned is not None:
+            return engine_key(spec) == self._pinned
+        return spec.model.tensor_parallel == 1
 
     def engine(self, spec: JobSpec):
         from ..engine.engine import LLMEngine

@@ -101,7 +101,7 @@ class Worker:
         flight. `claim=False` only carries on with the shards in flight."""
         self.broker.reap()
         self.broker.worker_heartbeat(self.worker_id)
-        lease = self.broker.claim(self.worker_id) if claim and self._has_room() else None
+        lease = self.broker.claim(self.worker_id, accept=self._serves) if claim and self._has_room() else None
         if lease is None and not self._flights:
             return False
         try:
@@ -150,6 +150,14 @@ class Worker:
                 pass
 
     # -- shards -------------------------------------------------------------------------------------------
+    def _serves(self, job_id: str) -> bool:
+        """Claim filter: skip jobs this worker's models cannot serve (a job whose spec cannot even be read is
+        claimed, so that its shards fail with the reason instead of waiting)."""
+        try:
+            return self.models.can_serve(self.spec_for(job_id))
+        except Exception:  # noqa: BLE001 - see the docstring
+            return True
+
     def spec_for(self, job_id: str) -> JobSpec:
         if job_id not in self._specs:
             self._specs[job_id] = self.broker.get_spec(job_id)
