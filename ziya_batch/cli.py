@@ -89,7 +89,8 @@ def worker(
     address: Optional[str] = typer.Option(None, "--address", help="Ray address to join (default: $RAY_ADDRESS)"),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
     tensor_parallel: int = typer.Option(1, "--tensor-parallel", min=1, help="GPUs one replica is sharded over"),
-    job: Optional[str] = typer.Option(None, "--job", help="With --tensor-parallel > 1: the job whose model the replicas hold"),
+    job: Optional[str] = typer.Option(None, "--job", help="With --tensor-parallel > 1: load this job's model at start "
+                                      "(replicas otherwise load the model of the first shard they claim)"),
     num_gpus: Optional[int] = typer.Option(None, "--num-gpus", min=0,
                                            help="GPUs the node offers when this command starts it (default: all)"),
     start_node: bool = typer.Option(False, "--start-node",
@@ -97,11 +98,8 @@ def worker(
 ):
     """Join a Ray cluster and serve the queue with this node's GPUs until stopped. Starts a Ray node for the
     purpose unless this host already is one; that node stops with the command."""
-    from .errors import SpecError
     from .runtime.cluster import serve_node
 
-    if tensor_parallel > 1 and not job:
-        raise SpecError("--tensor-parallel > 1 shards one model over several GPUs: name the job it serves with --job JOB_ID")
     serve_node(redis_url=redis_url, ray_address=address, tensor_parallel=tensor_parallel, job_id=job,
                num_gpus=num_gpus, start_node=start_node)
 

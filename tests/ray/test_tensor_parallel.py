@@ -32,3 +32,48 @@ def test_tensor_parallel_2_matches_1(tmp_path, demo_model, redis_url, ray_local)
 
     ranks = [a for a in actors().values() if a["ActorClassName"].endswith("TPRankActor")]
     assert len(ranks) == 2                          # the tp=2 job really ran on two rank actors
+
+
+def test_a_tensor_parallel_replica_serves_jobs_of_two_models(tmp_path, demo_model, redis_url, ray_local):
+    """One tensor_parallel 2 replica started with no job (as `ziya-batch worker --tensor-parallel 2` starts
+    them) serves two queued jobs of different models: it loads each job's model on both ranks when it claims its
+    shards, and each job's tokens equal tensor_parallel 1's on that model."""
+    import time
+
+    from ziya_batch.engine.demo_model import write_demo_model
+    from ziya_batch.queue import Broker, JobState
+    from ziya_batch.runtime.replicas import ReplicaManager
+    from ziya_batch.runtime.submit import submit_job
+    from ziya_batch.spec import parse_spec
+
+    other = write_demo_model(tmp_path / "other-model", seed=1)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"s{i}", "prompt": f"tell me about {i}"}) + "\n" for i in range(16)))
+    want = {}
+    for i, m in enumerate((demo_model, other)):
+        (tmp_path / f"ref-{i}").mkdir()
+        want[m] = _run(tmp_path / f"ref-{i}", m, inp, 1, redis_url)
+    assert want[demo_model] != want[other]
+
+    broker = Broker.from_url(redis_url)
+    jobs = {}
+    for i, m in enumerate((demo_model, other)):
+        spec = parse_spec({"name": f"switch{i}", "model": {"path": str(m), "tensor_parallel": 2}, "input": [str(inp)],
+                           "sampling": {"max_new_tokens": 8, "temperature": 0}, "shard_size": 4,
+                           "output": {"path": str(tmp_path / f"out-{i}"), "records": ["results", "experience"]}})
+        jobs[m] = (submit_job(spec, broker).job_id, tmp_path / f"out-{i}")
+    manager = ReplicaManager(redis_url, tensor_parallel=2, replicas=1, use_gpus=False, cpu_threads=1)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            manager.reconcile()
+            if all(broker.status(j).state == JobState.COMPLETED for j, _ in jobs.values()):
+                break
+            time.sleep(1)
+        assert manager.restarts == 0
+    finally:
+        manager.stop()
+    for m, (job_id, out) in jobs.items():
+        assert broker.status(job_id).state == JobState.COMPLETED
+        got = {(r["id"], tuple(r["response_ids"])) for r in io.read_parts(str(out), "experience")}
+        assert got == want[m]

@@ -1,13 +1,11 @@
-"""A replica claims only shards of jobs it can serve. A tensor-parallel replica holds one model for good, and
-a one-device replica must not load a model its job asked to shard: claiming such a shard only to fail it
-burned one of the shard's attempts each time, and enough of them dead-lettered lines that any fitting
+"""A replica claims only shards of jobs it can serve: jobs of its own tensor_parallel. Claiming a shard only to
+fail it burned one of the shard's attempts each time, and enough of them dead-lettered lines that a fitting
 replica would have generated. The demo model on the CPU, a real Redis, local output."""
 import collections
 import json
 
 from ziya_batch import io
-from ziya_batch.engine.engine import LLMEngine
-from ziya_batch.runtime.models import ModelCache, engine_config
+from ziya_batch.runtime.models import TPModelCache
 from ziya_batch.runtime.submit import submit_job
 from ziya_batch.runtime.worker import Worker
 from ziya_batch.spec import parse_spec
@@ -36,16 +34,15 @@ def _ids(out):
     return collections.Counter(r["id"] for r in io.read_parts(str(out), "results"))
 
 
-def test_a_pinned_replica_claims_only_its_models_jobs(tmp_path, demo_model, broker):
-    spec_a, job_a = _submit(tmp_path, demo_model, broker, "a")
-    _, job_b = _submit(tmp_path, demo_model, broker, "b", dtype="bfloat16")    # another engine: another key
-    engine = LLMEngine(engine_config(spec_a, "cpu"))
-    pinned = Worker(broker, worker_id="tp", device="cpu", models=ModelCache("cpu", pinned=(spec_a, engine)))
-    pinned.run_until_idle()
-    assert _ids(tmp_path / "a") == collections.Counter(f"a{i}" for i in range(N_LINES))
-    _untouched(broker, job_b)
-    Worker(broker, worker_id="one", device="cpu").run_until_idle()              # any one-device replica serves b
-    assert _ids(tmp_path / "b") == collections.Counter(f"b{i}" for i in range(N_LINES))
+def test_a_tensor_parallel_replica_leaves_other_shapes_alone(tmp_path, demo_model, broker):
+    """A replica of 2 ranks claims nothing of a tensor_parallel 1 job (it would switch to that model and shard
+    it against the job's spec); a one-device replica then serves the job."""
+    _, job = _submit(tmp_path, demo_model, broker, "one")
+    tp_worker = Worker(broker, worker_id="tp", device="cpu", models=TPModelCache("cpu", 2, driver=None))
+    assert tp_worker.run_until_idle() == 0
+    _untouched(broker, job)
+    Worker(broker, worker_id="one", device="cpu").run_until_idle()
+    assert _ids(tmp_path / "one") == collections.Counter(f"one{i}" for i in range(N_LINES))
 
 
 def test_a_one_device_replica_leaves_a_tensor_parallel_job_to_its_replicas(tmp_path, demo_model, broker):

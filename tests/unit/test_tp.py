@@ -83,3 +83,32 @@ def test_two_gloo_ranks_match_one_process_token_for_token(tmp_path, num_kv_heads
          for i, p in enumerate(prompts)])]
     assert got["tokens"] == want
     assert got["preemptions"] > 0
+
+
+def test_a_replica_switches_models_on_every_rank(tmp_path):
+    """Rank 0 of a tensor-parallel replica claims jobs of two models in turn (a, b, then a again): each switch
+    loads the new model's shards on both ranks, and each job's greedy tokens equal that model's in one process."""
+    from ziya_batch.engine.demo_model import write_demo_model
+    from ziya_batch.engine.testing import tp_switch_worker
+    from ziya_batch.runtime.models import engine_config
+    from ziya_batch.spec import parse_spec
+
+    specs = []
+    for name, seed in (("a", 0), ("b", 1)):
+        model = write_demo_model(tmp_path / name, seed=seed)
+        specs.append(parse_spec({"name": name, "model": {"path": str(model), "tensor_parallel": 2},
+                                 "input": ["unused.jsonl"], "output": {"path": str(tmp_path / f"out-{name}")}}))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 200) for _ in range(rng.randint(3, 30))] for _ in range(5)]
+    order = [specs[0], specs[1], specs[0]]
+    mp.spawn(tp_switch_worker, args=(2, str(tmp_path / "init"), [s.model_dump_json() for s in order], prompts, 6,
+                                     str(tmp_path / "out.json")), nprocs=2, join=True)
+    got = json.loads((tmp_path / "out.json").read_text())
+    params = SamplingParams(max_new_tokens=6, min_new_tokens=6, temperature=0.0)
+    want = {}
+    for s in specs:
+        eng = LLMEngine(engine_config(s, "cpu"))
+        want[s.name] = [o.completions[0].token_ids for o in eng.generate(
+            [Request(str(i), p, params) for i, p in enumerate(prompts)])]
+    assert want["a"] != want["b"]                      # the two models really differ
+    assert got == [want["a"], want["b"], want["a"]]

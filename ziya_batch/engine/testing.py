@@ -157,3 +157,45 @@ def tp_generate_worker_cuda(rank: int, world_size: int, init_file: str, model_di
         serve_follower(eng)
     sys.stdout.flush()
     os._exit(0)     # no destroy_process_group: it can wait forever while captured graphs hold the communicator
+
+
+def tp_switch_worker(rank: int, world_size: int, init_file: str, specs_json: list, prompts: list,
+                     max_new_tokens: int, result_file: str) -> None:
+    """One process of a CPU tensor-parallel replica (gloo) that switches models: rank 0 serves the job specs
+    in order through a TPModelCache (each switch tells the other ranks first) and writes the greedy tokens
+    per spec as JSON to result_file; the other ranks follow, loading what rank 0 tells them to."""
+    import datetime
+    import json
+
+    import torch.distributed as dist
+
+    from ziya_batch.engine.engine import LLMEngine
+    from ziya_batch.engine.tp import PlanBroadcaster, serve_follower
+    from ziya_batch.engine.types import Request, SamplingParams
+    from ziya_batch.runtime.models import TPModelCache, engine_config
+    from ziya_batch.spec import JobSpec
+
+    torch.set_num_threads(1)
+    # a rank that misses a collective fails the test in a minute instead of hanging it for gloo's 30
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        if rank == 0:
+            driver = PlanBroadcaster()
+            cache = TPModelCache("cpu", world_size, driver)
+            params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, temperature=0.0)
+            got = []
+            for raw in specs_json:
+                eng = cache.engine(JobSpec.model_validate_json(raw))
+                got.append([o.completions[0].token_ids
+                            for o in eng.generate([Request(str(i), p, params) for i, p in enumerate(prompts)])])
+            driver.stop()
+            with open(result_file, "w") as fh:
+                json.dump(got, fh)
+        else:
+            def load(raw: str):
+                return LLMEngine(engine_config(JobSpec.model_validate_json(raw), "cpu"),
+                                 tensor_parallel=(rank, world_size))
+            serve_follower(None, on_load=load)
+    finally:
+        dist.destroy_process_group()

@@ -12,7 +12,7 @@ which sequences, their block tables, copy-on-write copies) and every rank runs t
 shard of the paged cache, so the cache, the CUDA graphs and sampling code are the single-GPU ones."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -97,6 +97,11 @@ class PlanBroadcaster:
     def __call__(self, out: Optional[SchedulerOutput]) -> None:
         dist.broadcast_object_list([None if out is None else _plan(out)], src=0, group=self.group)
 
+    def load(self, what: str) -> None:
+        """Tells the followers to drop their engine and build the one `what` describes (for the replica's
+        on_load, e.g. a job spec as JSON); rank 0 then builds its own, at the same time."""
+        dist.broadcast_object_list([{"load": what}], src=0, group=self.group)
+
     def stop(self) -> None:
         """Tells the followers to return."""
         self(None)
@@ -108,15 +113,26 @@ def enable_tp_driver(engine, group=None) -> PlanBroadcaster:
     return engine.plan_hook
 
 
-def serve_follower(engine, group=None) -> int:
-    """Ranks > 0: run each step rank 0 broadcasts until it says stop. Returns the number of steps run."""
+def serve_follower(engine, group=None, on_load: Optional[Callable[[str], object]] = None) -> int:
+    """Ranks > 0: run each step rank 0 broadcasts until it says stop. Returns the number of steps run. When rank
+    0 switches models (PlanBroadcaster.load), `on_load(what)` must drop this rank's engine and return the new
+    one; `engine` may be None until the first load."""
     steps = 0
     while True:
         box = [None]
         dist.broadcast_object_list(box, src=0, group=group)
-        if box[0] is None:
+        msg = box[0]
+        if msg is None:
             return steps
-        out = _unplan(box[0])
+        if "load" in msg:
+            if on_load is None:
+                raise RuntimeError("rank 0 switched models, and this rank was given no way to load one")
+            engine = None             # this frame's reference goes first: the memory is needed for the next model
+            engine = on_load(msg["load"])
+            continue
+        if engine is None:
+            raise RuntimeError("rank 0 sent a step before any model was loaded")
+        out = _unplan(msg)
         with torch.inference_mode():
             copy_blocks(engine.kv_caches, out.block_copies)
             engine.runner.execute(out)

@@ -45,18 +45,18 @@ def engine_key(spec: JobSpec) -> tuple:
     return (model_path(spec), spec.model.dtype, spec.model.tensor_parallel, spec.engine.model_dump_json())
 
 
+class ReplicaBroken(BaseException):
+    """A tensor-parallel replica whose ranks no longer hold the same model (a load failed on rank 0 after the
+    other ranks had started it): not a shard's failure but the replica's, so it passes the worker's per-shard
+    handling (a BaseException), stops the replica, and its manager starts a new one."""
+
+
 class ModelCache:
-    def __init__(self, device: str = "auto", pinned: Optional[tuple] = None):
-        """`pinned`: (spec, engine) of a tensor-parallel replica, whose ranks hold one model for good; its
-        worker claims no shard of a job that needs another model (can_serve), and one that reaches it anyway
-        fails here and goes to another replica."""
+    def __init__(self, device: str = "auto"):
+        """The engines of a one-device replica (tensor_parallel 1)."""
         self.device = resolve_device(device)
         self._engines: dict[tuple, object] = {}
         self._scorers: dict[tuple, object] = {}
-        self._pinned = None
-        if pinned is not None:
-            self._pinned = engine_key(pinned[0])
-            self._engines[self._pinned] = pinned[1]
 
     def device_name(self) -> str:
         if self.device.startswith("cuda"):
@@ -66,27 +66,36 @@ class ModelCache:
         return "cpu"
 
     def can_serve(self, spec: JobSpec) -> bool:
-        """Whether this cache's replica serves the job: a tensor-parallel replica only jobs of the model (and
-        tensor_parallel, dtype, engine settings) it holds, a one-device replica only jobs of tensor_parallel 1
-        (a job asking for its model to be sharded waits for replicas of its shape)."""
-        if self._pinned is not None:
-            return engine_key(spec) == self._pinned
+        """Whether this replica serves the job: a one-device replica only jobs of tensor_parallel 1 (a job that
+        asks for its model to be sharded waits for replicas of its shape)."""
         return spec.model.tensor_parallel == 1
 
     def engine(self, spec: JobSpec):
-        from ..engine.engine import LLMEngine
-        from ..errors import ModelError
-
         key = engine_key(spec)
-        if self._pinned is not None and key != self._pinned:
-            raise ModelError(f"this tensor-parallel replica holds {self._pinned[0]} (tensor_parallel "
-                             f"{self._pinned[2]}); the job needs {key[0]} (tensor_parallel {key[2]})")
         if key not in self._engines:
-            # one engine at a time on a device: drop others before loading (their memory is needed)
-            self._engines.clear()
+            self._drop_engines()
             log.info("loading %s on %s", key[0], self.device)
-            self._engines[key] = LLMEngine(engine_config(spec, self.device))
+            self._engines[key] = self._load(spec)
         return self._engines[key]
+
+    def _load(self, spec: JobSpec):
+        from ..engine.engine import LLMEngine
+
+        return LLMEngine(engine_config(spec, self.device))
+
+    def _drop_engines(self) -> None:
+        """One engine at a time on a device: drop the others before loading (their memory is needed)."""
+        if not self._engines:
+            return
+        self._engines.clear()
+        import gc
+
+        import torch
+
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
 
     def _scorer(self, kind: str, path: Optional[str], dtype: str):
         if not path:
@@ -106,3 +115,39 @@ class ModelCache:
     def reward(self, spec: JobSpec) -> Optional[object]:
         """The reward model's scorer, or None when the spec names none."""
         return self._scorer("reward", spec.experience.reward_model, spec.model.dtype)
+
+
+class TPModelCache(ModelCache):
+    """Rank 0's engines in a tensor-parallel replica of `world_size` ranks: one model at a time, loaded on every
+    rank. Switching models tells the other ranks first (driver.load, with the job spec), then builds rank 0's
+    shard; all ranks load together, as their engines agree on one cache size."""
+
+    def __init__(self, device: str, world_size: int, driver, loaded: Optional[tuple] = None):
+        super().__init__(device)
+        self.world_size, self.driver = world_size, driver
+        if loaded is not None:                       # (spec, engine) loaded on every rank when the replica started
+            self._engines[engine_key(loaded[0])] = loaded[1]
+
+    def can_serve(self, spec: JobSpec) -> bool:
+        return spec.model.tensor_parallel == self.world_size
+
+    def _load(self, spec: JobSpec):
+        from transformers import AutoConfig
+
+        from ..engine.engine import LLMEngine
+        from ..errors import ModelError
+
+        if spec.model.tensor_parallel != self.world_size:
+            raise ModelError(f"this replica is sharded over {self.world_size} GPUs; the job asks for "
+                             f"tensor_parallel {spec.model.tensor_parallel}")
+        path = model_path(spec)
+        # what can fail on rank 0 alone fails before the other ranks are told: the shard fails, the replica stays
+        AutoConfig.from_pretrained(path, trust_remote_code=spec.model.trust_remote_code)
+        self.driver.load(spec.model_dump_json())
+        try:
+            engine = LLMEngine(engine_config(spec, self.device), tensor_parallel=(0, self.world_size))
+        except Exception as err:
+            raise ReplicaBroken(f"rank 0 failed to load {path} after the other ranks started loading it: "
+                                f"{type(err).__name__}: {err}") from err
+        engine.plan_hook = self.driver
+        return engine

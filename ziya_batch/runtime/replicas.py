@@ -38,7 +38,7 @@ class ReplicaManager:
         self.cpu_threads = cpu_threads
         self.prefix = worker_prefix
         self.node_id = node_id                      # serve only this node's resources (`ziya-batch worker`)
-        self.job_id = job_id                        # tensor_parallel > 1: the job whose model the ranks hold
+        self.job_id = job_id                        # tensor_parallel > 1: a job whose model the ranks load first
         self.replicas: dict[str, Replica] = {}
         self.restarts = 0
         self._pending = None                        # a placement group still waiting for its resources
@@ -94,8 +94,6 @@ class ReplicaManager:
     def _start_tp(self, rid: str, pg, gpu: bool) -> Replica:
         from .tp_actors import TPRankActor, rendezvous_address
 
-        if self.job_id is None:
-            raise ValueError("a tensor-parallel replica serves one job's model: pass job_id")
         in_bundle = lambda i: PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)  # noqa: E731
         init_method = ray.get(rendezvous_address.options(scheduling_strategy=in_bundle(0)).remote())
         opts = {"num_gpus": 1, "num_cpus": 1} if gpu else {"num_cpus": 1}

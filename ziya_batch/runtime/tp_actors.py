@@ -22,37 +22,65 @@ def rendezvous_address() -> str:
 
 @ray.remote(max_concurrency=4)
 class TPRankActor:
-    def __init__(self, rank: int, world_size: int, init_method: str, redis_url: str, job_id: str,
+    """One rank of a tensor-parallel replica. With job_id, every rank loads that job's model at start;
+    without, the replica loads the model of the first shard it claims. Rank 0 switches models when it claims a
+    shard of a job with another one (TPModelCache): the other ranks load it when rank 0 tells them."""
+
+    def __init__(self, rank: int, world_size: int, init_method: str, redis_url: str, job_id: Optional[str],
                  worker_id: str, cpu_threads: Optional[int] = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         import torch
         import torch.distributed as dist
 
         from ..engine import tp
-        from ..engine.engine import LLMEngine
         from ..queue import Broker
-        from .models import ModelCache, engine_config
+        from .models import TPModelCache
         from .worker import Worker
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         cuda = torch.cuda.is_available()
-        device = "cuda" if cuda else "cpu"          # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        self.device = "cuda" if cuda else "cpu"     # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
         dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank,
                                 world_size=world_size)
-        self.rank = rank
+        self.rank, self.world_size = rank, world_size
         self._stop = threading.Event()
         broker = Broker.from_url(redis_url)
-        spec = broker.get_spec(job_id)
-        self.engine = LLMEngine(engine_config(spec, device), tensor_parallel=(rank, world_size))
+        spec = broker.get_spec(job_id) if job_id else None
+        self.engine = self._build(spec) if spec is not None else None
         self.worker = None
         if rank == 0:
-            self.driver = tp.enable_tp_driver(self.engine)
+            self.driver = tp.PlanBroadcaster()
+            if self.engine is not None:
+                self.engine.plan_hook = self.driver
             ctx = ray.get_runtime_context()
-            self.worker = Worker(broker, worker_id=worker_id, device=device,
-                                 models=ModelCache(device, pinned=(spec, self.engine)),
+            models = TPModelCache(self.device, world_size, self.driver,
+                                  loaded=(spec, self.engine) if spec is not None else None)
+            self.engine = None                      # the cache holds rank 0's engine, and drops it to switch
+            self.worker = Worker(broker, worker_id=worker_id, device=self.device, models=models,
                                  extra_info={"node_id": ctx.get_node_id(), "tensor_parallel": world_size,
                                              "gpu_ids": [str(g) for g in ray.get_gpu_ids()]})
+
+    def _build(self, spec):
+        from ..engine.engine import LLMEngine
+        from .models import engine_config
+
+        return LLMEngine(engine_config(spec, self.device), tensor_parallel=(self.rank, self.world_size))
+
+    def _load(self, spec_json: str):
+        """A follower's on_load: drop this rank's engine, build the one rank 0 switched to."""
+        import gc
+
+        import torch
+
+        from ..spec import JobSpec
+
+        self.engine = None
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        self.engine = self._build(JobSpec.model_validate_json(spec_json))
+        return self.engine
 
     def serve(self) -> int:
         from ..engine import tp
@@ -63,7 +91,7 @@ class TPRankActor:
             finally:
                 self.driver.stop()                  # the followers return from serve_follower
             return 0
-        return tp.serve_follower(self.engine)
+        return tp.serve_follower(self.engine, on_load=self._load)
 
     def stop(self) -> None:
         self._stop.set()
