@@ -50,13 +50,20 @@ def test_triton_paged_decode_matches_torch_reference(heads, kv_heads):
     perm = torch.randperm(nblocks, device="cuda")
     bt = perm[:B * 44].view(B, 44).to(torch.int32)          # scattered blocks, 44 * 16 >= 700
     lens[1] = 128                                            # full tiles only, no remainder
+    lens[2] = 0                                              # a CUDA-graph padding row: zeros, nothing read
     q = torch.randn(B, heads, D, device="cuda", dtype=torch.float16)
     ref = decode_attention_torch(q.float(), kc.float(), vc.float(), bt, lens, bs)
+    # block-table columns past a row's blocks hold garbage in a real step: any read of one faults here
+    used = (lens + bs - 1) // bs
+    bad = torch.arange(bt.shape[1], device="cuda")[None, :] >= used[:, None]
+    bt_poisoned = bt.masked_fill(bad, 2 ** 30)
     for config in [None] + DECODE_CONFIGS:                   # the default and every one the tuner may pick
         out = torch.full_like(q, float("nan"))
-        decode_attention_triton(q, kc, vc, bt, lens, bs, out, config)
+        decode_attention_triton(q, kc, vc, bt_poisoned, lens, bs, out, config)
+        torch.cuda.synchronize()
         err = (out.float() - ref).norm() / ref.norm()
         assert not out.isnan().any() and err < 3e-3, config
+        assert (out[2] == 0).all(), config
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(40, 40), (32, 8)])
