@@ -21,13 +21,13 @@ def test_apply_tp_refuses_a_split_that_does_not_divide():
         apply_tp(model, 0, 4)             # 2 key/value heads over 4 ranks
 
 
-@pytest.mark.parametrize("num_kv_heads", [2, 4])
-def test_a_rank_loads_only_its_shard_of_the_checkpoint(tmp_path, num_kv_heads):
+@pytest.mark.parametrize("num_kv_heads,safetensors", [(2, True), (4, True), (2, False)])
+def test_a_rank_loads_only_its_shard_of_the_checkpoint(tmp_path, num_kv_heads, safetensors):
     """from_state_dict(tp=...) keeps, of every projection read from the checkpoint, exactly the rows (q/k/v heads,
     gate/up columns) or columns (o_proj, down_proj) of its rank, in tensors of the shard's own size; the same
-    as apply_tp on the whole model."""
+    as apply_tp on the whole model. From safetensors and from .bin files."""
     hf = tiny_llama(num_kv_heads)
-    hf.save_pretrained(tmp_path / "m")
+    hf.save_pretrained(tmp_path / "m", safe_serialization=safetensors)
     sd = {k: v for k, v in hf.state_dict().items()}
     D, H = 16, 4                                                  # head_dim, heads of tiny_llama
     for rank in range(2):
@@ -51,6 +51,30 @@ def test_a_rank_loads_only_its_shard_of_the_checkpoint(tmp_path, num_kv_heads):
                 assert p.untyped_storage().nbytes() == p.numel() * p.element_size(), name   # not a view of the whole
         for name in ("embed", "norm", "lm_head"):
             assert torch.equal(getattr(got, name), getattr(whole, name)), name
+
+
+def test_iter_checkpoint_reads_only_a_ranks_slice_of_each_projection(tmp_path):
+    hf = tiny_llama(2)
+    hf.save_pretrained(tmp_path / "m")
+    whole = dict(iter_checkpoint(str(tmp_path / "m")))
+    part = dict(iter_checkpoint(str(tmp_path / "m"), tp=(1, 2)))
+    assert part.keys() == whole.keys()
+    for name, t in whole.items():
+        kind = name.split(".")[-2]
+        if kind in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            assert torch.equal(part[name], t[t.shape[0] // 2:]), name
+        elif kind in ("o_proj", "down_proj"):
+            assert torch.equal(part[name], t[:, t.shape[1] // 2:]), name
+        else:
+            assert torch.equal(part[name], t), name                  # norms, embedding, lm_head: whole
+
+
+def test_a_sharded_load_refuses_a_projection_of_another_size(tmp_path):
+    tiny_llama(2).save_pretrained(tmp_path / "m")
+    args = ModelArgs.from_hf_config(tiny_llama(2).config)
+    bad = ((n, t[:3] if n.endswith("q_proj.weight") else t) for n, t in iter_checkpoint(str(tmp_path / "m")))
+    with pytest.raises(ValueError, match="q_proj"):
+        LlamaModel.from_state_dict(args, bad, torch.device("cpu"), torch.float32, tp=(0, 2))
 
 
 def test_a_sharded_load_refuses_a_split_that_does_not_divide(tmp_path):

@@ -71,6 +71,12 @@ def tp_slice(t: torch.Tensor, dim: int, rank: int, world_size: int) -> torch.Ten
     return t.narrow(dim, rank * size, size)
 
 
+def _full_size(a: ModelArgs, kind: str) -> int:
+    """A projection's whole extent along the dimension tensor parallelism splits (TP_SPLIT_DIM)."""
+    heads, kv_heads = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    return {"q_proj": heads, "o_proj": heads, "k_proj": kv_heads, "v_proj": kv_heads}.get(kind, a.intermediate_size)
+
+
 def check_tp_split(a: ModelArgs, world_size: int) -> None:
     for what, n in (("attention heads", a.num_heads), ("key/value heads", a.num_kv_heads),
                     ("intermediate size", a.intermediate_size)):
@@ -111,9 +117,12 @@ class Layer(nn.Module):
         """Replaces the four projections by empty ones of one tensor-parallel rank's shape, on their device (on
         the meta device before loading: a rank never allocates the whole layer)."""
         a = self.a
-        heads, kv_heads, inter = a.num_heads // world_size, a.num_kv_heads // world_size, a.intermediate_size // world_size
+        heads, kv_heads = a.num_heads // world_size, a.num_kv_heads // world_size
+        inter = a.intermediate_size // world_size
         dev, dt = self.qkv_proj.device, self.qkv_proj.dtype
-        empty = lambda *shape: nn.Parameter(torch.empty(*shape, device=dev, dtype=dt), requires_grad=False)  # noqa: E731
+
+        def empty(*shape):
+            return nn.Parameter(torch.empty(*shape, device=dev, dtype=dt), requires_grad=False)
         self.qkv_proj = empty((heads + 2 * kv_heads) * a.head_dim, a.hidden_size)
         self.o_proj = empty(a.hidden_size, heads * a.head_dim)
         self.gate_up_proj = empty(2 * inter, a.hidden_size)
@@ -250,9 +259,15 @@ class LlamaModel(nn.Module):
             for name, t in tensors:
                 if name.startswith("model."):
                     name = name[len("model."):]
-                kind = name.split(".")[-2] if name.startswith("layers.") and name.endswith(".weight") else ""
-                if world_size > 1 and kind in TP_SPLIT_DIM:
-                    t = tp_slice(t, TP_SPLIT_DIM[kind], rank, world_size)
+                dim = _tp_dim(name) if world_size > 1 else None
+                if dim is not None:
+                    # whole (sliced here) or already this rank's slice (iter_checkpoint(tp=...))
+                    full = _full_size(a, name.split(".")[-2])
+                    if t.shape[dim] == full:
+                        t = tp_slice(t, dim, rank, world_size)
+                    elif t.shape[dim] != full // world_size:
+                        raise ValueError(f"{name}: {t.shape[dim]} along dimension {dim} is neither the whole "
+                                         f"{full} nor one rank's {full // world_size}")
                 t = t.to(device=device, dtype=dtype)
                 if name == "embed_tokens.weight":
                     m.embed.copy_(t); seen.add("embed")
@@ -294,15 +309,32 @@ def _fuse_ready(layer: Layer, i: int, pending: dict, seen: set) -> None:
         seen.add(f"{i}.gate_up")
 
 
-def iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) pairs from a HF checkpoint folder: safetensors first; .bin only with weights_only=True."""
+def _tp_dim(name: str) -> Optional[int]:
+    """The dimension tensor parallelism splits a checkpoint tensor along, or None if every rank keeps it whole."""
+    if not (name.startswith(("layers.", "model.layers.")) and name.endswith(".weight")):
+        return None
+    return TP_SPLIT_DIM.get(name.split(".")[-2])
+
+
+def iter_checkpoint(path: str, tp: tuple[int, int] = (0, 1)) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs from a HF checkpoint folder: safetensors first; .bin only with weights_only=True.
+    With tp = (rank, world_size), the projections tensor parallelism splits come as that rank's slice, read
+    alone from safetensors (a rank reads 1/world_size of those bytes)."""
+    rank, world_size = tp
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if files:
         from safetensors import safe_open
         for f in files:
             with safe_open(f, framework="pt", device="cpu") as st:
                 for name in st.keys():
-                    yield name, st.get_tensor(name)
+                    dim = _tp_dim(name) if world_size > 1 else None
+                    if dim is None:
+                        yield name, st.get_tensor(name)
+                        continue
+                    sl = st.get_slice(name)
+                    size = sl.get_shape()[dim] // world_size
+                    part = slice(rank * size, (rank + 1) * size)
+                    yield name, sl[part] if dim == 0 else sl[:, part]
         return
     files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
     index = os.path.join(path, "pytorch_model.bin.index.json")
@@ -314,7 +346,9 @@ def iter_checkpoint(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     for f in files:
         sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         for name, t in sd.items():
-            yield name, t
+            dim = _tp_dim(name) if world_size > 1 else None
+            # a slice of the memory-mapped tensor: only its pages are read
+            yield name, (t if dim is None else tp_slice(t, dim, rank, world_size))
         del sd
 
 
