@@ -5,7 +5,7 @@ import collections
 import json
 
 from ziya_batch import io
-from ziya_batch.runtime.models import TPModelCache
+from ziya_batch.runtime.models import ModelCache, TPModelCache
 from ziya_batch.runtime.submit import submit_job
 from ziya_batch.runtime.worker import Worker
 from ziya_batch.spec import parse_spec
@@ -49,3 +49,40 @@ def test_a_one_device_replica_leaves_a_tensor_parallel_job_to_its_replicas(tmp_p
     _, job = _submit(tmp_path, demo_model, broker, "tp2", tensor_parallel=2)
     assert Worker(broker, worker_id="one", device="cpu").run_until_idle() == 0
     _untouched(broker, job)
+
+
+def test_skipped_jobs_do_not_count_against_the_claim_scan(tmp_path, demo_model, redis_client):
+    """With more jobs it cannot serve ahead of it than a claim looks through, a worker still finds the job it
+    can serve behind them."""
+    from ziya_batch.queue import Broker
+
+    broker = Broker(redis_client, prefix="zbscan", claim_scan=2)
+    skipped = [_submit(tmp_path, demo_model, broker, f"tp{i}", tensor_parallel=2)[1] for i in range(3)]
+    _, job = _submit(tmp_path, demo_model, broker, "mine")
+    lease = broker.claim("one", accept=lambda job_id: job_id not in skipped)
+    assert lease is not None and lease.job_id == job
+
+
+def test_a_worker_lets_go_of_one_model_before_loading_the_next(tmp_path, demo_model, broker):
+    """Between jobs of two models nothing may keep the first engine alive while the second loads (its weights
+    and KV cache would stay on the device): the shard stream held it."""
+    import gc
+    import weakref
+
+    alive_at_load = []
+
+    class Cache(ModelCache):
+        def _load(self, spec):
+            gc.collect()
+            alive_at_load.append([r() is not None for r in refs])
+            engine = super()._load(spec)
+            refs.append(weakref.ref(engine))
+            return engine
+
+    refs = []
+    _submit(tmp_path, demo_model, broker, "first")
+    _submit(tmp_path, demo_model, broker, "second", dtype="bfloat16")
+    Worker(broker, worker_id="one", device="cpu", models=Cache("cpu")).run_until_idle()
+    # equal priorities take turns, so the worker switches more than once: every load found the others gone
+    assert len(alive_at_load) >= 2 and not any(any(alive) for alive in alive_at_load), alive_at_load
+    assert _ids(tmp_path / "second") == collections.Counter(f"second{i}" for i in range(N_LINES))

@@ -159,15 +159,25 @@ class Broker:
         """The next shard for this worker: highest priority job first, equal priorities in turn. `accept(job_id)`
         False skips a job this worker cannot serve (its shards stay pending, their attempts untouched)."""
         k = self.keys
-        for job_id in self.client.zrange(k.ready(), 0, self.claim_scan - 1):
-            if accept is not None and not accept(job_id):
-                continue
-            res = self.scripts.claim(
-                keys=[k.job(job_id), k.shards(job_id), k.pending(job_id), k.leased(job_id), k.leases(),
-                      k.ready(), k.claim_seq()],
-                args=[job_id, worker_id])
-            if res:
-                return self._lease(job_id, worker_id, *res)
+        tried, start = 0, 0
+        # jobs this worker skips do not count against claim_scan: enough of them ahead would starve it
+        while tried < self.claim_scan:
+            page = self.client.zrange(k.ready(), start, start + self.claim_scan - 1)
+            for job_id in page:
+                if accept is not None and not accept(job_id):
+                    continue
+                tried += 1
+                res = self.scripts.claim(
+                    keys=[k.job(job_id), k.shards(job_id), k.pending(job_id), k.leased(job_id), k.leases(),
+                          k.ready(), k.claim_seq()],
+                    args=[job_id, worker_id])
+                if res:
+                    return self._lease(job_id, worker_id, *res)
+                if tried >= self.claim_scan:
+                    return None
+            if len(page) < self.claim_scan:
+                return None
+            start += self.claim_scan
         return None
 
     def _lease(self, job_id: str, worker_id: str, raw: str, index: str, lease_ms: str, created_ms: str) -> Lease:

@@ -132,8 +132,6 @@ class TPModelCache(ModelCache):
         return spec.model.tensor_parallel == self.world_size
 
     def _load(self, spec: JobSpec):
-        from transformers import AutoConfig
-
         from ..engine.engine import LLMEngine
         from ..errors import ModelError
 
@@ -142,7 +140,7 @@ class TPModelCache(ModelCache):
                              f"tensor_parallel {spec.model.tensor_parallel}")
         path = model_path(spec)
         # what can fail on rank 0 alone fails before the other ranks are told: the shard fails, the replica stays
-        AutoConfig.from_pretrained(path, trust_remote_code=spec.model.trust_remote_code)
+        self._check(path, spec.model.trust_remote_code)
         self.driver.load(spec.model_dump_json())
         try:
             engine = LLMEngine(engine_config(spec, self.device), tensor_parallel=(0, self.world_size))
@@ -151,3 +149,23 @@ class TPModelCache(ModelCache):
                                 f"{type(err).__name__}: {err}") from err
         engine.plan_hook = self.driver
         return engine
+
+    def _check(self, path: str, trust_remote_code: bool) -> None:
+        """The checks of a model that need no other rank: its config and tokenizer load, its heads split over the
+        ranks, and it has weight files."""
+        import glob
+        import os
+
+        from transformers import AutoConfig, AutoTokenizer
+
+        from ..engine.model import ModelArgs, check_tp_split
+        from ..errors import ModelError
+
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        try:
+            check_tp_split(ModelArgs.from_hf_config(config), self.world_size)
+        except ValueError as err:
+            raise ModelError(str(err)) from None
+        if not any(glob.glob(os.path.join(path, pattern)) for pattern in ("*.safetensors", "pytorch_model*.bin")):
+            raise ModelError(f"no *.safetensors or pytorch_model*.bin weights in {path}")

@@ -3,6 +3,7 @@ torch.distributed group of their own (NCCL on GPUs, gloo on CPUs). Rank 0 claims
 every step's plan is broadcast and all ranks compute it on their shard of the weights and the KV cache."""
 from __future__ import annotations
 
+import datetime
 import logging
 import socket
 import threading
@@ -41,8 +42,10 @@ class TPRankActor:
             torch.set_num_threads(cpu_threads)
         cuda = torch.cuda.is_available()
         self.device = "cuda" if cuda else "cpu"     # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+        # the other ranks wait in a broadcast for as long as rank 0 finds no shard: the default timeouts (NCCL
+        # 10 minutes, gloo 30) would end an idle replica, and its manager would rebuild and reload it
         dist.init_process_group("nccl" if cuda else "gloo", init_method=init_method, rank=rank,
-                                world_size=world_size)
+                                world_size=world_size, timeout=datetime.timedelta(hours=24))
         self.rank, self.world_size = rank, world_size
         self._stop = threading.Event()
         broker = Broker.from_url(redis_url)
@@ -86,10 +89,10 @@ class TPRankActor:
         from ..engine import tp
 
         if self.rank == 0:
-            try:
-                self.worker.serve_forever(self._stop)
-            finally:
-                self.driver.stop()                  # the followers return from serve_follower
+            # no stop message after a failure: the other ranks may be inside a collective (loading a model)
+            # that the message would be matched against; the manager sees this call end and stops them all
+            self.worker.serve_forever(self._stop)
+            self.driver.stop()                      # the followers return from serve_follower
             return 0
         return tp.serve_follower(self.engine, on_load=self._load)
 

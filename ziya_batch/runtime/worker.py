@@ -191,13 +191,16 @@ class Worker:
         """Add a shard's lines to the shared engine."""
         lease, spec, shard = flight.lease, flight.spec, flight.lease.shard
         try:
-            engine = self.models.engine(spec)
+            engine = self._engine_for(spec)
             flight.work = parse_shard(io.read_shard(shard), shard.file, spec, engine.tokenizer, engine.max_model_len,
                                       lease.bad_lines)
         except Exception as err:  # noqa: BLE001 - a failed shard is retried by the queue, never lost
             flight.hb.stop()
             self._fail(lease, err)
             return
+        except BaseException:
+            flight.hb.stop()      # the replica is going down (ReplicaBroken): the lease expires and is requeued
+            raise
         if not self._flights:
             self._stream, self._engine_key = ShardStream(engine), engine_key(spec)
         # unique in the engine: two jobs may read one file, and a shard may come back to this worker
@@ -207,6 +210,14 @@ class Worker:
             self._stream.add(key, flight.work.prompts)
         except Exception as err:  # noqa: BLE001 - a request the engine refuses is isolated like a failed step
             self._redo_alone(err)
+
+    def _engine_for(self, spec: JobSpec):
+        """The engine for a shard about to start. With nothing in flight the stream lets go of its engine first:
+        if the shard needs another model, the one loaded is dropped before the next loads (the stream's
+        reference kept its weights and KV cache on the device)."""
+        if not self._flights:
+            self._stream = self._engine_key = None
+        return self.models.engine(spec)
 
     def _advance(self, until_room: bool) -> None:
         """Step the shared engine until a shard is done or, with `until_room`, until it has room for another."""
@@ -308,7 +319,7 @@ class Worker:
             return [], [LineFailure(line_id(raw, shard.file, no, spec.format), shard.file, no, errors.RETRIES_EXHAUSTED,
                                     f"shard {shard.index} failed {lease.attempt - 1} times; giving up on its lines")
                         for no, raw in lines]
-        engine = self.models.engine(spec)
+        engine = self._engine_for(spec)
         work = parse_shard(lines, shard.file, spec, engine.tokenizer, engine.max_model_len, lease.bad_lines)
 
         def before_line(line_no: int) -> None:
