@@ -45,10 +45,14 @@ def submit(
     from .runtime.submit import submit_job
     from .spec import load_spec
 
+    from .runtime.models import unserved_note
+
     spec = load_spec(job)
     broker = _broker(redis_url)
     st = submit_job(spec, broker, check_model_dir=True)
     typer.echo(st.job_id)
+    if not st.state.is_finished() and (note := unserved_note(broker, st.job_id)):
+        typer.echo(f"note: {note}", err=True)
 
 
 @app.command()

@@ -86,3 +86,17 @@ def test_a_worker_lets_go_of_one_model_before_loading_the_next(tmp_path, demo_mo
     # equal priorities take turns, so the worker switches more than once: every load found the others gone
     assert len(alive_at_load) >= 2 and not any(any(alive) for alive in alive_at_load), alive_at_load
     assert _ids(tmp_path / "second") == collections.Counter(f"second{i}" for i in range(N_LINES))
+
+
+def test_status_says_when_no_live_worker_serves_a_jobs_shape(tmp_path, demo_model, broker):
+    from ziya_batch.runtime.models import unserved_note
+
+    _, job = _submit(tmp_path, demo_model, broker, "tp2", tensor_parallel=2)
+    assert "tensor_parallel 2" in unserved_note(broker, job)                    # nobody registered at all
+    Worker(broker, worker_id="one", device="cpu")                               # a one-device replica registers
+    assert "--tensor-parallel 2" in unserved_note(broker, job)
+    Worker(broker, worker_id="tp", device="cpu", models=TPModelCache("cpu", 2, driver=None),
+           extra_info={"tensor_parallel": 2})
+    assert unserved_note(broker, job) is None
+    _, job1 = _submit(tmp_path, demo_model, broker, "one")
+    assert unserved_note(broker, job1) is None                                  # "one" serves tensor_parallel 1

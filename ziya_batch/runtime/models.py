@@ -45,6 +45,17 @@ def engine_key(spec: JobSpec) -> tuple:
     return (model_path(spec), spec.model.dtype, spec.model.tensor_parallel, spec.engine.model_dump_json())
 
 
+def unserved_note(broker, job_id: str) -> Optional[str]:
+    """A line saying why a job's shards may wait with nobody to claim them: no live worker serves its
+    tensor_parallel (a replica claims only jobs of its own shape). None when one does."""
+    tp = broker.get_spec(job_id).model.tensor_parallel
+    if any(int(w.info.get("tensor_parallel", 1)) == tp for w in broker.worker_infos()):
+        return None
+    how = (f"`ziya-batch worker --tensor-parallel {tp}`" if tp > 1 else "`ziya-batch worker`")
+    return (f"no live worker serves tensor_parallel {tp} jobs: its shards wait until one does ({how} on GPU "
+            f"nodes, or `ziya-batch run` with this job's spec)")
+
+
 class ReplicaBroken(BaseException):
     """A tensor-parallel replica whose ranks no longer hold the same model (a load failed on rank 0 after the
     other ranks had started it): not a shard's failure but the replica's, so it passes the worker's per-shard

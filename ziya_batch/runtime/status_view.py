@@ -35,9 +35,11 @@ def _jobs_table(statuses) -> Table:
     return t
 
 
-def _job_detail(st):
+def _job_detail(st, note: Optional[str] = None):
     d = st.to_dict()
     parts = [_jobs_table([st])]
+    if note:
+        parts.append(f"[yellow]{note}[/yellow]")
     shards = Table(title="shards by state")
     for k in d.get("shards", {}):
         shards.add_column(k, justify="right")
@@ -66,7 +68,13 @@ def _render(broker, job_id: Optional[str]):
         return _jobs_table(broker.list_jobs())
     if broker.find_job(job_id) is None:
         raise JobNotFound(f"no job {job_id} in this Redis (list jobs with `ziya-batch status`)")
-    return _job_detail(broker.status(job_id, detail=True))
+    st = broker.status(job_id, detail=True)
+    note = None
+    if not st.state.is_finished() and st.shards.get("pending", 0):
+        from .models import unserved_note
+
+        note = unserved_note(broker, job_id)
+    return _job_detail(st, note)
 
 
 def show_status(broker, job_id: Optional[str], watch: bool = False, as_json: bool = False,

@@ -92,7 +92,7 @@ class Worker:
         self._engine_key: Optional[tuple] = None        # engine_key of the jobs in the stream
         self._flights: dict[str, _Flight] = {}          # stream key -> shard whose lines are in the stream
         self.broker.register_worker(self.worker_id, self.host, {"device": self.models.device_name(), "pid": os.getpid(),
-                                                                **(extra_info or {})})
+                                                                "tensor_parallel": 1, **(extra_info or {})})
 
     # -- the loop ---------------------------------------------------------------------------------------
     def run_once(self, claim: bool = True) -> bool:
