@@ -102,8 +102,14 @@ def worker(
 ):
     """Join a Ray cluster and serve the queue with this node's GPUs until stopped. Starts a Ray node for the
     purpose unless this host already is one; that node stops with the command."""
+    from .errors import SpecError
     from .runtime.cluster import serve_node
 
+    if job:
+        want = _broker(redis_url).get_spec(job).model.tensor_parallel
+        if want != tensor_parallel:
+            raise SpecError(f"--job {job} asks for tensor_parallel {want}, but --tensor-parallel is {tensor_parallel}: "
+                            f"these replicas would never serve it")
     serve_node(redis_url=redis_url, ray_address=address, tensor_parallel=tensor_parallel, job_id=job,
                num_gpus=num_gpus, start_node=start_node)
 

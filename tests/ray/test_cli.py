@@ -80,3 +80,17 @@ def test_an_empty_input_completes_at_submit(tmp_path, redis_url, demo_model):
     st = json.loads(cli("status", r.stdout.strip(), "--json", "--redis-url", redis_url).stdout)
     assert st["state"] == "completed" and st["prompts_total"] == 0
     assert io.read_manifest(str(tmp_path / "out"))["summary"]["state"] == "completed"
+
+
+def test_worker_refuses_a_preload_job_of_another_shape(tmp_path, redis_url, demo_model):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "a", "prompt": "hi"}) + "\n")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": "tp2", "model": {"path": str(demo_model), "tensor_parallel": 2},
+                                   "input": [str(inp)], "output": {"path": str(tmp_path / "out")}}))
+    r = cli("submit", str(job), "--redis-url", redis_url)
+    assert r.returncode == 0, r.stderr
+    assert "tensor_parallel 2" in r.stderr                  # nobody serves that shape yet: said at submit
+    r = cli("worker", "--job", r.stdout.strip(), "--redis-url", redis_url)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "tensor_parallel 2" in r.stderr and "Traceback" not in r.stderr
