@@ -155,29 +155,33 @@ class Broker:
             p.execute()
 
     # -- leases -----------------------------------------------------------------------------------------
-    def claim(self, worker_id: str, accept: Optional[Callable[[str], bool]] = None) -> Optional[Lease]:
+    def claim(self, worker_id: str, accept: Optional[Callable[[str], bool]] = None,
+              prefer: Optional[Callable[[str], bool]] = None) -> Optional[Lease]:
         """The next shard for this worker: highest priority job first, equal priorities in turn. `accept(job_id)`
-        False skips a job this worker cannot serve (its shards stay pending, their attempts untouched)."""
+        False skips a job this worker cannot serve (its shards stay pending, their attempts untouched); jobs it
+        skips do not count against claim_scan, or enough of them ahead would starve it. Among jobs of equal
+        priority, those `prefer(job_id)` says yes to come first (a worker keeps the model it has loaded rather
+        than reloading one on every shard)."""
         k = self.keys
-        tried, start = 0, 0
-        # jobs this worker skips do not count against claim_scan: enough of them ahead would starve it
-        while tried < self.claim_scan:
-            page = self.client.zrange(k.ready(), start, start + self.claim_scan - 1)
-            for job_id in page:
-                if accept is not None and not accept(job_id):
-                    continue
-                tried += 1
-                res = self.scripts.claim(
-                    keys=[k.job(job_id), k.shards(job_id), k.pending(job_id), k.leased(job_id), k.leases(),
-                          k.ready(), k.claim_seq()],
-                    args=[job_id, worker_id])
-                if res:
-                    return self._lease(job_id, worker_id, *res)
-                if tried >= self.claim_scan:
-                    return None
+        order, start = [], 0
+        while len(order) < self.claim_scan:
+            page = self.client.zrange(k.ready(), start, start + self.claim_scan - 1, withscores=True)
+            for job_id, score in page:
+                if accept is None or accept(job_id):
+                    # the score is (1000 - priority) * 1e12 + a turn counter (common.lua ready_add)
+                    order.append((int(score // 1e12), prefer is not None and not prefer(job_id), len(order), job_id))
+                    if len(order) >= self.claim_scan:
+                        break
             if len(page) < self.claim_scan:
-                return None
+                break
             start += self.claim_scan
+        for *_, job_id in sorted(order):
+            res = self.scripts.claim(
+                keys=[k.job(job_id), k.shards(job_id), k.pending(job_id), k.leased(job_id), k.leases(),
+                      k.ready(), k.claim_seq()],
+                args=[job_id, worker_id])
+            if res:
+                return self._lease(job_id, worker_id, *res)
         return None
 
     def _lease(self, job_id: str, worker_id: str, raw: str, index: str, lease_ms: str, created_ms: str) -> Lease:

@@ -81,6 +81,10 @@ class ModelCache:
         asks for its model to be sharded waits for replicas of its shape)."""
         return spec.model.tensor_parallel == 1
 
+    def holds(self, spec: JobSpec) -> bool:
+        """Whether the job's engine is the one loaded."""
+        return engine_key(spec) in self._engines
+
     def engine(self, spec: JobSpec):
         key = engine_key(spec)
         if key not in self._engines:

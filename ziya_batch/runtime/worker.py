@@ -101,7 +101,8 @@ class Worker:
         flight. `claim=False` only carries on with the shards in flight."""
         self.broker.reap()
         self.broker.worker_heartbeat(self.worker_id)
-        lease = self.broker.claim(self.worker_id, accept=self._serves) if claim and self._has_room() else None
+        lease = (self.broker.claim(self.worker_id, accept=self._serves, prefer=self._loaded)
+                 if claim and self._has_room() else None)
         if lease is None and not self._flights:
             return False
         try:
@@ -157,6 +158,13 @@ class Worker:
             return self.models.can_serve(self.spec_for(job_id))
         except Exception:  # noqa: BLE001 - see the docstring
             return True
+
+    def _loaded(self, job_id: str) -> bool:
+        """Claim preference: the job runs on the engine this worker holds (no model to load)."""
+        try:
+            return self.models.holds(self.spec_for(job_id))
+        except Exception:  # noqa: BLE001 - a spec that cannot be read is no preference
+            return False
 
     def spec_for(self, job_id: str) -> JobSpec:
         if job_id not in self._specs:
