@@ -111,3 +111,25 @@ def test_a_claim_prefers_the_loaded_model_within_a_priority_only(tmp_path, demo_
     assert broker.claim("w", prefer=lambda j: j == loaded).job_id == urgent        # not of a higher one
     assert broker.claim("w").job_id == urgent                                     # no preference: as before
     assert first != loaded
+
+
+def test_jobs_of_equal_priority_still_take_turns_when_the_preference_runs_out(tmp_path, demo_model, broker,
+                                                                             monkeypatch):
+    """The preference for the loaded model lasts STICKY_CLAIMS claims in a row; then a claim in the fair order
+    may switch models, so a worker does not keep one model's job to itself while another of equal priority
+    waits (here: 2 claims, so the 3-shard jobs interleave and take more than one load each)."""
+    from ziya_batch.runtime import worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "STICKY_CLAIMS", 1)
+    loads = []
+
+    class Cache(ModelCache):
+        def _load(self, spec):
+            loads.append(spec.name)
+            return super()._load(spec)
+
+    _submit(tmp_path, demo_model, broker, "first")
+    _submit(tmp_path, demo_model, broker, "second", dtype="bfloat16")
+    Worker(broker, worker_id="one", device="cpu", models=Cache("cpu"), max_in_flight=1).run_until_idle()
+    assert len(loads) > 2 and set(loads) == {"first", "second"}, loads
+    assert _ids(tmp_path / "second") == collections.Counter(f"second{i}" for i in range(N_LINES))

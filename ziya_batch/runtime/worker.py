@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 # Shards whose lines share the engine at once: the one finishing its longest lines and the one filling the
 # batch behind it. More would only hold more leases; a shard is claimed only when the batch has room.
 MAX_SHARDS_IN_FLIGHT = 2
+# Claims in a row that prefer jobs of the loaded model (among equal priorities) before one is made in the fair
+# order again: a model loads at most about once per this many shards, and jobs of equal priority still take turns.
+STICKY_CLAIMS = 8
 
 
 class LeaseLost(Exception):
@@ -91,6 +94,7 @@ class Worker:
         self._stream: Optional[ShardStream] = None      # the engine the shards in flight share
         self._engine_key: Optional[tuple] = None        # engine_key of the jobs in the stream
         self._flights: dict[str, _Flight] = {}          # stream key -> shard whose lines are in the stream
+        self._same_model_claims = 0                     # claims in a row that needed no model load
         self.broker.register_worker(self.worker_id, self.host, {"device": self.models.device_name(), "pid": os.getpid(),
                                                                 "tensor_parallel": 1, **(extra_info or {})})
 
@@ -101,8 +105,12 @@ class Worker:
         flight. `claim=False` only carries on with the shards in flight."""
         self.broker.reap()
         self.broker.worker_heartbeat(self.worker_id)
-        lease = (self.broker.claim(self.worker_id, accept=self._serves, prefer=self._loaded)
-                 if claim and self._has_room() else None)
+        lease = None
+        if claim and self._has_room():
+            sticky = self._same_model_claims < STICKY_CLAIMS
+            lease = self.broker.claim(self.worker_id, accept=self._serves, prefer=self._loaded if sticky else None)
+            if lease is not None:
+                self._same_model_claims = self._same_model_claims + 1 if self._loaded(lease.job_id) else 0
         if lease is None and not self._flights:
             return False
         try:
