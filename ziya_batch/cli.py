@@ -51,7 +51,11 @@ def submit(
     broker = _broker(redis_url)
     st = submit_job(spec, broker, check_model_dir=True)
     typer.echo(st.job_id)
-    if not st.state.is_finished() and (note := unserved_note(broker, st.job_id)):
+    try:
+        note = None if st.state.is_finished() else unserved_note(broker, st.job_id)
+    except Exception:  # noqa: BLE001 - the job is queued; a hint that cannot be worked out is left out
+        note = None
+    if note:
         typer.echo(f"note: {note}", err=True)
 
 
@@ -106,7 +110,15 @@ def worker(
     from .runtime.cluster import serve_node
 
     if job:
-        want = _broker(redis_url).get_spec(job).model.tensor_parallel
+        from .errors import ZiyaBatchError
+        from .runtime.services import connect_broker
+
+        try:
+            want = connect_broker(redis_url, warn=False).get_spec(job).model.tensor_parallel
+        except ZiyaBatchError:
+            raise
+        except Exception:  # noqa: BLE001 - Redis not reachable yet: the replicas wait for it, as without --job
+            want = tensor_parallel
         if want != tensor_parallel:
             raise SpecError(f"--job {job} asks for tensor_parallel {want}, but --tensor-parallel is {tensor_parallel}: "
                             f"these replicas would never serve it")

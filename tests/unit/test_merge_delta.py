@@ -223,3 +223,21 @@ def test_parse_size_bytes():
     assert md.parse_size_bytes(123) == 123
     with pytest.raises(ModelError):
         md.parse_size_bytes("lots")
+
+
+def test_comparing_jobs_merges_nothing(tmp_path, monkeypatch):
+    """A worker compares jobs' engines on every claim (which model is loaded, which jobs share one): for a base +
+    delta spec that must not merge, or even look at, the checkpoints; only loading its engine does."""
+    from ziya_batch.engine import merge_delta
+    from ziya_batch.runtime.models import engine_key
+    from ziya_batch.spec import parse_spec
+
+    def no_merge(*a, **k):
+        raise AssertionError("merged while comparing jobs")
+
+    monkeypatch.setattr(merge_delta, "ensure_merged", no_merge)
+    spec = parse_spec({"name": "m", "model": {"base": str(tmp_path / "base"), "delta": str(tmp_path / "delta")},
+                       "input": ["a.jsonl"], "output": {"path": str(tmp_path / "o")}})
+    other = parse_spec({"name": "n", "model": {"base": str(tmp_path / "base"), "delta": str(tmp_path / "delta2")},
+                        "input": ["a.jsonl"], "output": {"path": str(tmp_path / "o2")}})
+    assert engine_key(spec) == engine_key(spec.model_copy()) and engine_key(spec) != engine_key(other)

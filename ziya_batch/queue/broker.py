@@ -163,10 +163,14 @@ class Broker:
         priority, those `prefer(job_id)` says yes to come first (a worker keeps the model it has loaded rather
         than reloading one on every shard)."""
         k = self.keys
-        order, start = [], 0
-        while len(order) < self.claim_scan:
+        order, start, seen = [], 0, set()
+        # skipped jobs do not count, but the scan stops somewhere: 16 pages
+        while len(order) < self.claim_scan and start < 16 * self.claim_scan:
             page = self.client.zrange(k.ready(), start, start + self.claim_scan - 1, withscores=True)
             for job_id, score in page:
+                if job_id in seen:      # other workers' claims move jobs back between pages
+                    continue
+                seen.add(job_id)
                 if accept is None or accept(job_id):
                     # the score is (1000 - priority) * 1e12 + a turn counter (common.lua ready_add)
                     order.append((int(score // 1e12), prefer is not None and not prefer(job_id), len(order), job_id))

@@ -41,8 +41,10 @@ def engine_config(spec: JobSpec, device: str):
 
 
 def engine_key(spec: JobSpec) -> tuple:
-    """Jobs with equal keys can share one loaded engine."""
-    return (model_path(spec), spec.model.dtype, spec.model.tensor_parallel, spec.engine.model_dump_json())
+    """Jobs with equal keys can share one loaded engine. Named as the spec names the model, without resolving
+    it: a base + delta pair is merged only when its engine loads, not whenever a claim compares jobs."""
+    m = spec.model
+    return (m.path or f"{m.base} + {m.delta}", m.dtype, m.tensor_parallel, spec.engine.model_dump_json())
 
 
 def unserved_note(broker, job_id: str) -> Optional[str]:
