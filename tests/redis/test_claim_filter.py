@@ -133,3 +133,25 @@ def test_jobs_of_equal_priority_still_take_turns_when_the_preference_runs_out(tm
     Worker(broker, worker_id="one", device="cpu", models=Cache("cpu"), max_in_flight=1).run_until_idle()
     assert len(loads) > 2 and set(loads) == {"first", "second"}, loads
     assert _ids(tmp_path / "second") == collections.Counter(f"second{i}" for i in range(N_LINES))
+
+
+def test_a_replica_that_breaks_while_loading_leaves_no_heartbeat_behind(tmp_path, demo_model, broker):
+    """ReplicaBroken (a load failed after the other ranks had started it) ends the worker, not just the shard:
+    the shard's heartbeat must stop with it, so that its lease expires and the reaper gives the shard to
+    another replica. A heartbeat left running would hold the lease for as long as the process lives."""
+    import threading
+
+    import pytest
+
+    from ziya_batch.runtime.models import ReplicaBroken
+
+    class Broken(ModelCache):
+        def _load(self, spec):
+            raise ReplicaBroken("rank 0 failed to load after the other ranks started")
+
+    _, job = _submit(tmp_path, demo_model, broker, "broken")
+    before = sum(t.name == "lease-heartbeat" for t in threading.enumerate())
+    with pytest.raises(ReplicaBroken):
+        Worker(broker, worker_id="w", device="cpu", models=Broken("cpu")).run_until_idle()
+    assert sum(t.name == "lease-heartbeat" and t.is_alive() for t in threading.enumerate()) == before
+    assert broker.shard_counts(job)["leased"] == 1          # not failed: its lease runs out and it is requeued
