@@ -155,3 +155,13 @@ def test_a_replica_that_breaks_while_loading_leaves_no_heartbeat_behind(tmp_path
         Worker(broker, worker_id="w", device="cpu", models=Broken("cpu")).run_until_idle()
     assert sum(t.name == "lease-heartbeat" and t.is_alive() for t in threading.enumerate()) == before
     assert broker.shard_counts(job)["leased"] == 1          # not failed: its lease runs out and it is requeued
+
+
+def test_a_worker_keeps_a_bounded_number_of_job_specs(tmp_path, demo_model, broker, monkeypatch):
+    from ziya_batch.runtime import worker as worker_mod
+
+    monkeypatch.setattr(worker_mod, "SPECS_KEPT", 2)
+    jobs = [_submit(tmp_path, demo_model, broker, f"j{i}", tensor_parallel=2)[1] for i in range(5)]
+    w = Worker(broker, worker_id="one", device="cpu")
+    assert w.run_until_idle() == 0                      # it read every job's spec to skip it
+    assert len(w._specs) <= 2 and w.spec_for(jobs[0]).name == "j0"

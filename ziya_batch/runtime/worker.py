@@ -35,6 +35,8 @@ MAX_SHARDS_IN_FLIGHT = 2
 # Claims in a row that prefer jobs of the loaded model (among equal priorities) before one is made in the fair
 # order again: a model loads at most about once per this many shards, and jobs of equal priority still take turns.
 STICKY_CLAIMS = 8
+# Job specs a worker keeps read (a long-lived worker sees every job ever queued)
+SPECS_KEPT = 256
 
 
 class LeaseLost(Exception):
@@ -176,6 +178,10 @@ class Worker:
 
     def spec_for(self, job_id: str) -> JobSpec:
         if job_id not in self._specs:
+            if len(self._specs) >= SPECS_KEPT:
+                # claims look at every ready job's spec: keep those in flight, read the others again when needed
+                busy = {f.lease.job_id for f in self._flights.values()}
+                self._specs = {j: sp for j, sp in self._specs.items() if j in busy}
             self._specs[job_id] = self.broker.get_spec(job_id)
         return self._specs[job_id]
 
