@@ -42,10 +42,9 @@ def submit(
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
 ):
     """Validate the spec, index the input into shards and queue it; prints the job id."""
+    from .runtime.models import unserved_note
     from .runtime.submit import submit_job
     from .spec import load_spec
-
-    from .runtime.models import unserved_note
 
     spec = load_spec(job)
     broker = _broker(redis_url)
@@ -106,12 +105,11 @@ def worker(
 ):
     """Join a Ray cluster and serve the queue with this node's GPUs until stopped. Starts a Ray node for the
     purpose unless this host already is one; that node stops with the command."""
-    from .errors import SpecError
+    from .errors import SpecError, ZiyaBatchError
     from .runtime.cluster import serve_node
+    from .runtime.services import connect_broker
 
     if job:
-        from .errors import ZiyaBatchError
-        from .runtime.services import connect_broker
 
         try:
             want = connect_broker(redis_url, warn=False).get_spec(job).model.tensor_parallel

@@ -316,13 +316,29 @@ def _tp_dim(name: str) -> Optional[int]:
     return TP_SPLIT_DIM.get(name.split(".")[-2])
 
 
+def checkpoint_files(path: str) -> tuple[bool, list[str]]:
+    """(safetensors?, weight files) of a HF checkpoint folder: its *.safetensors, else its pytorch_model*.bin
+    (as its index lists them, if it has one). FileNotFoundError if it has neither."""
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if files:
+        return True, files
+    files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    index = os.path.join(path, "pytorch_model.bin.index.json")
+    if os.path.exists(index):
+        with open(index) as fh:
+            files = sorted({os.path.join(path, f) for f in json.load(fh)["weight_map"].values()})
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
+    return False, files
+
+
 def iter_checkpoint(path: str, tp: tuple[int, int] = (0, 1)) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs from a HF checkpoint folder: safetensors first; .bin only with weights_only=True.
     With tp = (rank, world_size), the projections tensor parallelism splits come as that rank's slice, read
     alone from safetensors (a rank reads 1/world_size of those bytes)."""
     rank, world_size = tp
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if files:
+    safetensors, files = checkpoint_files(path)
+    if safetensors:
         from safetensors import safe_open
         for f in files:
             with safe_open(f, framework="pt", device="cpu") as st:
@@ -336,13 +352,6 @@ def iter_checkpoint(path: str, tp: tuple[int, int] = (0, 1)) -> Iterator[tuple[s
                     part = slice(rank * size, (rank + 1) * size)
                     yield name, sl[part] if dim == 0 else sl[:, part]
         return
-    files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
-    index = os.path.join(path, "pytorch_model.bin.index.json")
-    if os.path.exists(index):
-        with open(index) as fh:
-            files = sorted({os.path.join(path, f) for f in json.load(fh)["weight_map"].values()})
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
     for f in files:
         sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         for name, t in sd.items():

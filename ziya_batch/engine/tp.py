@@ -36,15 +36,14 @@ def apply_tp(model: LlamaModel, rank: int, world_size: int, group=None) -> Llama
         for layer in model.layers:
             q, k, v = layer.qkv_proj.split([a.num_heads * D, a.num_kv_heads * D, a.num_kv_heads * D])
             gate, up = layer.gate_up_proj.chunk(2, dim=0)
-            whole = {"qkv": torch.cat([tp_slice(x, 0, rank, world_size) for x in (q, k, v)]),
-                     "gate_up": torch.cat([tp_slice(x, 0, rank, world_size) for x in (gate, up)]),
-                     "o": tp_slice(layer.o_proj, TP_SPLIT_DIM["o_proj"], rank, world_size).clone(),
-                     "down": tp_slice(layer.down_proj, TP_SPLIT_DIM["down_proj"], rank, world_size).clone()}
+            # this rank's pieces (the o/down slices are views: they keep the whole weight only until copied)
+            shard = {"qkv_proj": torch.cat([tp_slice(x, 0, rank, world_size) for x in (q, k, v)]),
+                     "gate_up_proj": torch.cat([tp_slice(x, 0, rank, world_size) for x in (gate, up)]),
+                     "o_proj": tp_slice(layer.o_proj, TP_SPLIT_DIM["o_proj"], rank, world_size),
+                     "down_proj": tp_slice(layer.down_proj, TP_SPLIT_DIM["down_proj"], rank, world_size)}
             layer.shrink_to_shard(world_size)
-            layer.qkv_proj.copy_(whole["qkv"])
-            layer.gate_up_proj.copy_(whole["gate_up"])
-            layer.o_proj.copy_(whole["o"])
-            layer.down_proj.copy_(whole["down"])
+            for name, t in shard.items():
+                getattr(layer, name).copy_(t)
     if model.embed.device.type == "cuda":
         torch.cuda.empty_cache()
     return attach_tp(model, rank, world_size, group)

@@ -58,6 +58,17 @@ def unserved_note(broker, job_id: str) -> Optional[str]:
             f"nodes, or `ziya-batch run` with this job's spec)")
 
 
+def release_memory(device: str) -> None:
+    """Frees what dropped engines held (their graphs and caches keep reference cycles) before another loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
 class ReplicaBroken(BaseException):
     """A tensor-parallel replica whose ranks no longer hold the same model (a load failed on rank 0 after the
     other ranks had started it): not a shard's failure but the replica's, so it passes the worker's per-shard
@@ -105,13 +116,7 @@ class ModelCache:
         if not self._engines:
             return
         self._engines.clear()
-        import gc
-
-        import torch
-
-        gc.collect()
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        release_memory(self.device)
 
 
     def _scorer(self, kind: str, path: Optional[str], dtype: str):
@@ -170,12 +175,9 @@ class TPModelCache(ModelCache):
     def _check(self, path: str, trust_remote_code: bool) -> None:
         """The checks of a model that need no other rank: its config and tokenizer load, its heads split over the
         ranks, and it has weight files."""
-        import glob
-        import os
-
         from transformers import AutoConfig, AutoTokenizer
 
-        from ..engine.model import ModelArgs, check_tp_split
+        from ..engine.model import ModelArgs, check_tp_split, checkpoint_files
         from ..errors import ModelError
 
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -184,5 +186,7 @@ class TPModelCache(ModelCache):
             check_tp_split(ModelArgs.from_hf_config(config), self.world_size)
         except ValueError as err:
             raise ModelError(str(err)) from None
-        if not any(glob.glob(os.path.join(path, pattern)) for pattern in ("*.safetensors", "pytorch_model*.bin")):
-            raise ModelError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
+        try:
+            checkpoint_files(path)
+        except FileNotFoundError as err:
+            raise ModelError(str(err)) from None

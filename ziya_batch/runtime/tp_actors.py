@@ -72,16 +72,11 @@ class TPRankActor:
 
     def _load(self, spec_json: str):
         """A follower's on_load: drop this rank's engine, build the one rank 0 switched to."""
-        import gc
-
-        import torch
-
         from ..spec import JobSpec
+        from .models import release_memory
 
         self.engine = None
-        gc.collect()
-        if self.device == "cuda":
-            torch.cuda.empty_cache()
+        release_memory(self.device)
         self.engine = self._build(JobSpec.model_validate_json(spec_json))
         return self.engine
 
