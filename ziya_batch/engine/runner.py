@@ -13,7 +13,11 @@ from ziya_batch.engine.attention import (AttentionMetadata, PrefillBatch, prefil
 from ziya_batch.engine.model import LlamaModel
 from ziya_batch.engine.scheduler import PENDING_TOKEN, ScheduledChunk, SchedulerOutput, Sequence
 
-GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+# Decode batch sizes a CUDA graph is captured for; a batch runs in the first at or above it, padded. Every 8 rows
+# from 128: there the projections are no longer a plain read of the weights, and cuBLAS's time grows with the
+# rows in steps (at 216 -> 217 rows by 9%, scripts/gpu/gemm_blas.py), so padding a batch by up to 31 rows cost
+# up to ~1.5 ms a step; below 128 their time is nearly flat in the rows.
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112) + tuple(range(128, 257, 8))
 
 
 class ModelRunner:
@@ -132,7 +136,10 @@ class ModelRunner:
         self.g_bt = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
         self.g_ctx = torch.zeros(n, dtype=torch.int32, device=dev)
         self.g_rows = torch.arange(n, device=dev)
-        self.g_logits: dict[int, torch.Tensor] = {}
+        # one logits buffer for every graph: each graph's own output would stay allocated (~160 KB a row of
+        # LLaMA's vocabulary in float32, ~0.6 GB over all sizes); a step's logits are sampled before the next
+        # step's graph runs on the same stream
+        self.g_logits: Optional[torch.Tensor] = None
         pool = torch.cuda.graph_pool_handle()
         for b in sorted(self.graph_sizes, reverse=True):     # largest first: smaller ones reuse its pool
             meta = AttentionMetadata(self.g_slots[:b], b, self.g_bt[:b], self.g_ctx[:b], self.block_size, None,
@@ -142,11 +149,14 @@ class ModelRunner:
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 for _ in range(2):                       # warm-up: Triton compilation, rope tables, cuBLAS handles
-                    self.model(*args)
+                    warm = self.model(*args)
             torch.cuda.current_stream().wait_stream(s)
+            if self.g_logits is None:
+                self.g_logits = torch.empty((n, *warm.shape[1:]), dtype=warm.dtype, device=dev)
+            del warm
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
-                self.g_logits[b] = self.model(*args)
+                self.g_logits[:b].copy_(self.model(*args))
             self.graphs[b] = g
         torch.cuda.synchronize()
 
@@ -172,7 +182,7 @@ class ModelRunner:
         self.g_ctx[:bucket].copy_(dev[3])
         self.g_bt[:bucket].copy_(torch.from_numpy(bt).to(self.device, non_blocking=True))
         self.graphs[bucket].replay()
-        return self.g_logits[bucket]
+        return self.g_logits[:bucket]
 
 
 def _take_pending(ids: torch.Tensor, src: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,36 @@
+"""`ziya-batch bench` on a card made to look smaller: a ballast allocation first, so the engine's KV cache is the
+size it would be on a card of --card-gib GiB (e.g. 79.1 for an H100 80GB) with the same gpu_memory_fraction.
+Bandwidth and compute stay this card's; the run shows the batch sizes and the share of the roofline that the
+smaller card's cache allows. Any other argument goes to the bench as it is.
+
+Usage (GPU): PYTHONPATH=. python3 scripts/gpu/card_like.py --card-gib 79.1 --only engine,roofline [...]"""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from ziya_batch.engine import bench
+from ziya_batch.engine.bench import _ENGINE_CONFIG
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    i = args.index("--card-gib")
+    target = float(args[i + 1]) * 2**30
+    del args[i:i + 2]
+    free, total = torch.cuda.mem_get_info()
+    frac = _ENGINE_CONFIG["gpu_memory_fraction"]
+    # budget = free - (1 - frac) * total - reserve: a ballast of frac * (total - target) leaves the budget of a
+    # card with `target` bytes in all
+    ballast_b = int(frac * (total - target))
+    ballast = torch.empty(ballast_b, dtype=torch.uint8, device="cuda")
+    print(f"card of {total / 2**30:.1f} GiB made to look like {target / 2**30:.1f} GiB: "
+          f"ballast {ballast_b / 2**30:.1f} GiB", flush=True)
+    sys.argv = [sys.argv[0]] + args
+    bench.main()
+    del ballast
+
+
+if __name__ == "__main__":
+    main()
