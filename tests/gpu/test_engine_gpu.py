@@ -252,3 +252,33 @@ def test_a_tensor_parallel_rank_never_holds_the_whole_model_on_its_gpu(tmp_path)
     peak = torch.cuda.max_memory_allocated() - base
     assert shard < 0.6 * whole
     assert peak < 0.75 * whole, (peak, shard, whole)
+
+
+def test_a_worker_switches_models_on_the_gpu_and_frees_the_one_it_drops(tmp_path):
+    """A one-GPU replica serving jobs of two models in turn (a, b, a) through the worker's ModelCache: each
+    switch drops the loaded engine (weights, KV cache, CUDA graphs) before the next loads, so every engine gets
+    the same size of cache, and a model loaded again gives the greedy tokens it gave the first time."""
+    from ziya_batch.engine.demo_model import write_demo_model
+    from ziya_batch.runtime.models import ModelCache
+    from ziya_batch.spec import parse_spec
+
+    specs = {}
+    for name, seed in (("a", 0), ("b", 1)):
+        model = write_demo_model(tmp_path / name, hidden_size=256, num_layers=2, num_heads=4, intermediate_size=512,
+                                 seed=seed, dtype="float16")
+        specs[name] = parse_spec({"name": name, "model": {"path": str(model), "dtype": "float16"},
+                                  "engine": {"gpu_memory_fraction": 0.5},
+                                  "input": ["unused.jsonl"], "output": {"path": str(tmp_path / f"out-{name}")}})
+    cache = ModelCache("cuda")
+    params = greedy(12)
+    got, blocks = [], []
+    for name in ("a", "b", "a"):
+        eng = cache.engine(specs[name])
+        assert cache.holds(specs[name]) and eng.runner.graphs
+        blocks.append(eng.num_blocks)
+        got.append([o.completions[0].token_ids
+                    for o in eng.generate([Request(str(i), p, params) for i, p in enumerate(prompts(6, 3))])])
+        del eng
+    assert got[0] == got[2] and got[0] != got[1]
+    # an engine left behind would hold half the card: the next one's cache would be far smaller
+    assert min(blocks) >= 0.98 * max(blocks), blocks
