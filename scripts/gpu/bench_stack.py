@@ -9,6 +9,14 @@
    cluster and a private redis-server, as `ziya-batch run` uses them; each configuration first runs a small
    warm-up job so every replica has loaded the model, then W1 is timed from submit to completed.
 
+With --trained-steps N the checkpoint is not random but trained for N steps (bfloat16, AdamW, one GPU) on
+sequences of a few dozen tokens of the shipped corpus followed by a first-order Markov chain over the demo
+vocabulary that starts from the text's last token (each token: one successor with probability 0.9, another with
+0.1), as tests/gpu's trained tiny model is trained on such a chain: after any text prompt its next-token
+distributions are then peaked like a real model's, where random weights make most greedy choices near-ties that float16 rounding decides (see
+docs/BENCHMARKS.md). The training's held-out accuracy (argmax = the likely successor) is printed and kept in
+stack.json; a parity run on such weights says whether tensor parallelism changes what the model computes.
+
 Usage (GPU machine, repo root): python scripts/gpu/bench_stack.py --work /tmp/stack --out $OUT
 Writes $OUT/stack.json and $OUT/stack.md."""
 from __future__ import annotations
@@ -23,8 +31,10 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 PARITY_TOKENS = 32
+FIRST_WEIGHT = 20.0
 
 
 SHAPES = {"13B": dict(hidden_size=5120, num_heads=40, num_kv_heads=40, intermediate_size=13824),
@@ -62,6 +72,120 @@ def write_checkpoint(path: Path, layers: int, shape: str = "13B", seed: int = 0)
         save_file(t, str(path / f"model-{i + 1:05d}.safetensors"), metadata={"format": "pt"})
     cfg.save_pretrained(str(path))
     write_demo_tokenizer(path, model_max_length=2048)
+
+
+def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int = 0, lr: float = 3e-4,
+                     batch: int = 8, seq: int = 256) -> dict:
+    """A checkpoint of the shape trained for `steps` on markov_chain() sequences (see the module's doc); saved
+    in float16 with the demo tokenizer. Returns the training's summary (loss, held-out accuracy)."""
+    from transformers import LlamaForCausalLM
+
+    from transformers import AutoTokenizer
+
+    from ziya_batch.engine.demo_model import corpus_text, demo_config, write_demo_tokenizer
+    from ziya_batch.engine.testing import markov_chain
+
+    summary_file = path / "trained.json"
+    if summary_file.exists():
+        return json.loads(summary_file.read_text())
+    path.mkdir(parents=True, exist_ok=True)
+    write_demo_tokenizer(path, model_max_length=2048)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    text = tok(corpus_text(), add_special_tokens=False)["input_ids"]
+    cfg = demo_config(num_layers=layers, max_position_embeddings=2048, dtype="float16", **SHAPES[shape])
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    with dev:
+        model = LlamaForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16)
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable()     # 13B: the activations of 40 layers would not fit beside Adam's state
+    model.train()
+    chain = markov_chain(cfg.vocab_size, seed)
+    # bfloat16 parameters and moments (13B: 26 GB each of weights, gradients and the two moments) and no
+    # foreach temporaries, so the 13B shape trains on one 141 GB card
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+    warmup = max(1, steps // 10)
+    t0, losses = time.time(), []
+    for step in range(steps):
+        for gr in opt.param_groups:
+            gr["lr"] = lr * min(1.0, (step + 1) / warmup)
+        x, _, firsts = text_then_chain(batch, seq, tok, text, chain, seed * 100_000 + step)
+        x = x.to(dev)
+        logits = model(x).logits[:, :-1].float()
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+        # a prompt's last position has one example per segment against ~20 in its chain: weighted up, or the
+        # look-back past the format's tokens is learnt far more slowly than the chain itself
+        w = torch.ones(batch, seq - 1, device=dev)
+        for b, t, _ in firsts:
+            w[b, t] = FIRST_WEIGHT
+        loss = (ce * w.reshape(-1)).sum() / w.sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 20 == 0 or step == steps - 1:
+            print(f"[stack] train step {step}: loss {losses[-1]:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    del opt
+    model.eval()
+    with torch.no_grad():
+        x, in_chain, firsts = text_then_chain(8, seq, tok, text, chain, seed * 100_000 + 99_999)
+        pred = model(x.to(dev)).logits.argmax(-1).cpu()
+        # in the chain, the prediction is the likely successor of the token before
+        acc = (pred == chain[0][x])[in_chain].float().mean().item()
+        # at a prompt's last token: the likely successor of the text's last token
+        first = sum(int(pred[b, t] == chain[0][k]) for b, t, k in firsts) / max(1, len(firsts))
+    model = model.to(torch.float16)
+    model.save_pretrained(str(path), safe_serialization=True)
+    summary = dict(steps=steps, lr=lr, batch=batch, seq=seq, final_loss=sum(losses[-10:]) / len(losses[-10:]),
+                   heldout_accuracy=acc, heldout_first_accuracy=first, train_s=time.time() - t0)
+    summary_file.write_text(json.dumps(summary))
+    print(f"[stack] trained: {summary}", flush=True)
+    del model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return summary
+
+
+def text_then_chain(batch: int, seq: int, tok, text: list[int], chain: tuple[torch.Tensor, torch.Tensor],
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int]]]:
+    """[batch, seq] token ids, each row segments of: a prompt as the workers build it (Ziya's format around
+    8..64 tokens of corpus text, tokenized whole), then 8..32 tokens of the chain from the text's last token
+    (before the format's "\\n<bot>:"), so the model must look back past the format's tokens. Also returns
+    where x[b, t + 1] is the chain's step from x[b, t], and (b, t, key) for each prompt's last position t whose
+    next token is the chain's step from the text's last token `key`."""
+    from ziya_batch.prompts import HUMAN, build_prompt
+
+    likely, unlikely = chain
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(batch, seq, dtype=torch.int64)
+    in_chain = torch.zeros(batch, seq, dtype=torch.bool)
+    firsts = []
+    for b in range(batch):
+        t = 0
+        while t < seq:
+            n = int(torch.randint(8, 65, (1,), generator=g))
+            off = int(torch.randint(0, len(text) - n, (1,), generator=g))
+            query = tok.decode(text[off:off + n]).strip() or "hello"
+            ids = tok(build_prompt(query))["input_ids"]
+            head = tok(HUMAN + query)["input_ids"]
+            key = head[-1] if ids[:len(head)] == head else ids[-1]
+            ids = ids[:seq - t]
+            x[b, t:t + len(ids)] = torch.tensor(ids)
+            t += len(ids)
+            if t >= seq:
+                break
+            firsts.append((b, t - 1, key))
+            prev = key
+            for _ in range(int(torch.randint(8, 33, (1,), generator=g))):
+                if t >= seq:
+                    break
+                prev = int((likely if torch.rand(1, generator=g).item() < 0.9 else unlikely)[prev])
+                x[b, t] = prev
+                if t + 1 < seq:
+                    in_chain[b, t] = True
+                t += 1
+            in_chain[b, t - 1] = False          # its next token starts a new prompt
+    return x, in_chain, firsts
 
 
 def write_inputs(work: Path, model: Path, requests: int, seed: int = 0) -> tuple[Path, Path]:
@@ -223,6 +347,9 @@ def main() -> None:
                    help="parity through two `ziya-batch run` calls (two more model loads) instead of jobs on the "
                         "throughput runs' loaded replicas")
     p.add_argument("--checkpoint-only", action="store_true", help="write the checkpoint and stop")
+    p.add_argument("--trained-steps", type=int, default=0,
+                   help="train the checkpoint this many steps on a Markov chain (0: random weights)")
+    p.add_argument("--trained-lr", type=float, default=3e-4, help="peak learning rate of that training")
     p.add_argument("--configs", default="1x1,2x1,1x2", help="TPxREPLICAS,... (default 1x1,2x1,1x2)")
     a = p.parse_args()
     from ziya_batch.queue.server import PrivateRedis
@@ -230,8 +357,13 @@ def main() -> None:
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    model = work / "model"
-    write_checkpoint(model, a.layers, a.shape)
+    trained = {}
+    if a.trained_steps:
+        model = work / f"model-trained{a.trained_steps}"
+        trained = train_checkpoint(model, a.layers, a.shape, a.trained_steps, lr=a.trained_lr)
+    else:
+        model = work / "model"
+        write_checkpoint(model, a.layers, a.shape)
     print(f"[stack] checkpoint ready in {time.time() - t0:.0f} s", flush=True)
     if a.checkpoint_only:
         return
@@ -245,13 +377,20 @@ def main() -> None:
             par = parity(work, model, par_in, url)
         rows = throughput(work, model, w1, url, configs, None if a.parity_cli or a.skip_parity else par_in)
         if not a.parity_cli and not a.skip_parity:
-            par = compare_parity(work)
+            if {(1, 1), (2, 1)} <= set(configs):
+                par = compare_parity(work)
+            else:
+                print("[stack] parity needs the configurations 1x1 and 2x1: not measured", flush=True)
         print(f"[stack] parity: {par}", flush=True)
     finally:
         redis.stop()
     commit = os.environ.get("ZIYA_BATCH_COMMIT", "unknown")
-    (out / "stack.json").write_text(json.dumps({"parity": par, "rows": rows}, indent=1))
+    (out / "stack.json").write_text(json.dumps({"parity": par, "rows": rows, "trained": trained}, indent=1))
     md = render(par, rows, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", commit)
+    if trained:
+        md = (f"Weights: trained {trained['steps']} steps on a Markov chain (final loss {trained['final_loss']:.3f}, "
+              f"held-out accuracy {100 * trained['heldout_accuracy']:.1f}%, on the first token after the text "
+              f"{100 * trained['heldout_first_accuracy']:.1f}%).\n\n") + md
     (out / "stack.md").write_text(md)
     print(md, flush=True)
 
