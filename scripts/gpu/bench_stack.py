@@ -136,7 +136,8 @@ def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int 
         first = sum(int(pred[b, t] == chain[0][k]) for b, t, k in firsts) / max(1, len(firsts))
     model = model.to(torch.float16)
     model.save_pretrained(str(path), safe_serialization=True)
-    summary = dict(steps=steps, lr=lr, batch=batch, seq=seq, final_loss=sum(losses[-10:]) / len(losses[-10:]),
+    summary = dict(steps=steps, lr=lr, batch=batch, seq=seq,
+                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None, final_loss=sum(losses[-10:]) / len(losses[-10:]),
                    heldout_accuracy=acc, heldout_first_accuracy=first, train_s=time.time() - t0)
     summary_file.write_text(json.dumps(summary))
     print(f"[stack] trained: {summary}", flush=True)
@@ -352,8 +353,6 @@ def main() -> None:
     p.add_argument("--trained-lr", type=float, default=3e-4, help="peak learning rate of that training")
     p.add_argument("--configs", default="1x1,2x1,1x2", help="TPxREPLICAS,... (default 1x1,2x1,1x2)")
     a = p.parse_args()
-    from ziya_batch.queue.server import PrivateRedis
-
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -367,6 +366,8 @@ def main() -> None:
     print(f"[stack] checkpoint ready in {time.time() - t0:.0f} s", flush=True)
     if a.checkpoint_only:
         return
+    from ziya_batch.queue.server import PrivateRedis
+
     w1, par_in = write_inputs(work, model, a.requests)
     redis = PrivateRedis(work / "redis")
     url = redis.start()
