@@ -161,12 +161,16 @@ def tp_generate_worker_cuda(rank: int, world_size: int, init_file: str, model_di
 
 
 def tp_switch_worker(rank: int, world_size: int, init_file: str, specs_json: list, prompts: list,
-                     max_new_tokens: int, result_file: str) -> None:
-    """One process of a CPU tensor-parallel replica (gloo) that switches models: rank 0 serves the job specs
-    in order through a TPModelCache (each switch tells the other ranks first) and writes the greedy tokens
-    per spec as JSON to result_file; the other ranks follow, loading what rank 0 tells them to."""
+                     max_new_tokens: int, result_file: str, on_gpu: bool = False) -> None:
+    """One process of a tensor-parallel replica that switches models (CPU and gloo, or with on_gpu GPU `rank`,
+    NCCL and CUDA graphs): rank 0 serves the job specs in order through a TPModelCache (each switch tells the
+    other ranks first) and writes the greedy tokens per spec as JSON to result_file; the other ranks follow,
+    loading what rank 0 tells them to."""
     import datetime
     import json
+    import os
+    import sys
+    import traceback
 
     import torch.distributed as dist
 
@@ -177,13 +181,20 @@ def tp_switch_worker(rank: int, world_size: int, init_file: str, specs_json: lis
     from ziya_batch.spec import JobSpec
 
     torch.set_num_threads(1)
+    device = f"cuda:{rank}" if on_gpu else "cpu"
     # a rank that misses a collective fails the test in a minute instead of hanging it for gloo's 30
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+    timeout = datetime.timedelta(seconds=60)
+    if on_gpu:
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                                timeout=timeout, device_id=torch.device(device))
+    else:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                                timeout=timeout)
     try:
         if rank == 0:
             driver = PlanBroadcaster()
-            cache = TPModelCache("cpu", world_size, driver)
+            cache = TPModelCache(device, world_size, driver)
             params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, temperature=0.0)
             got = []
             for raw in specs_json:
@@ -195,8 +206,17 @@ def tp_switch_worker(rank: int, world_size: int, init_file: str, specs_json: lis
                 json.dump(got, fh)
         else:
             def load(raw: str):
-                return LLMEngine(engine_config(JobSpec.model_validate_json(raw), "cpu"),
+                return LLMEngine(engine_config(JobSpec.model_validate_json(raw), device),
                                  tensor_parallel=(rank, world_size))
             serve_follower(None, on_load=load)
+    except BaseException:
+        if on_gpu:
+            traceback.print_exc()
+            sys.stdout.flush()
+            os._exit(1)
+        raise
     finally:
+        if on_gpu:
+            sys.stdout.flush()
+            os._exit(0)     # no destroy_process_group: it can wait while captured graphs hold the communicator
         dist.destroy_process_group()
