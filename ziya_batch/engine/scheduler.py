@@ -13,6 +13,9 @@ import bisect
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
 
 from ziya_batch.engine.kv_cache import BlockPool
 from ziya_batch.engine.types import SamplingParams
@@ -102,9 +105,11 @@ class Scheduler:
         # job spec's default is fcfs.
         self.policy = policy
         self.pool = BlockPool(num_blocks)
-        # A waiting sequence is admitted only if the blocks left after it still cover every running sequence's
-        # next min(remaining max_new_tokens, horizon) tokens: recompute after preemption costs a whole prefill,
-        # so over-admitting and preempting later is slower than waiting a few steps. 0 = admit on free blocks.
+        # A waiting sequence is admitted only if the blocks left after it still cover what the running ones will
+        # need over the next `horizon` steps: recompute after preemption costs a whole prefill, so over-admitting
+        # and preempting later is slower than waiting a few steps. The need is the peak over those steps of
+        # their growth, less the blocks of those that must have finished by then (max_new_tokens reached; see
+        # _GrowthPlan), not the sum of every sequence's own growth. 0 = admit on free blocks.
         self.admission_horizon_tokens = admission_horizon_tokens
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -145,13 +150,6 @@ class Scheduler:
         not scheduled (nor preempted) again. Never true of a running sequence when every step is read back
         before the next is scheduled."""
         return seq.num_output_tokens >= seq.params.max_new_tokens
-
-    def _growth_blocks(self, seq: Sequence) -> int:
-        """Blocks seq will need beyond its current ones to finish its prompt and its next horizon tokens."""
-        if not self.admission_horizon_tokens or self._has_all_tokens(seq):
-            return 0
-        ahead = min(seq.params.max_new_tokens - seq.num_output_tokens, self.admission_horizon_tokens)
-        return max(0, -(-(len(seq.token_ids) + ahead) // self.block_size) - len(seq.block_ids))
 
     def _reserve(self, seq: Sequence, end: int, copies: list[tuple[int, int]]) -> None:
         bs = self.block_size
@@ -207,7 +205,7 @@ class Scheduler:
             chunks.append(self._chunk(seq, n))
             budget -= n
             i += 1
-        reserve = sum(self._growth_blocks(s) for s in self.running) if self.waiting else 0
+        plan: Optional[_GrowthPlan] = None
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
             seats = 1 + seq.pending_forks
@@ -215,6 +213,11 @@ class Scheduler:
                 break
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             need = self._blocks_needed(seq, seq.num_computed + n)
+            # what the running ones and this one (its own growth too, each of its samples) will need
+            reserve = 0
+            if self.admission_horizon_tokens:
+                plan = plan or _GrowthPlan(self, self.running)
+                reserve = plan.peak(with_new=(seq, need, 1 + seq.pending_forks))
             if need + reserve > self.pool.num_free and (self.running or need > self.pool.num_free):
                 break
             self.waiting.popleft()
@@ -222,7 +225,8 @@ class Scheduler:
             self.running.append(seq)
             self._reserve(seq, seq.num_computed + n, copies)
             chunks.append(self._chunk(seq, n))
-            reserve += self._growth_blocks(seq) * (1 + len(chunks[-1].children))
+            if plan is not None:
+                plan.add(seq, copies=1 + len(chunks[-1].children))
             budget -= n
         self.running.extend(self._forked)
         return SchedulerOutput(chunks, copies, preempted)
@@ -272,3 +276,53 @@ class Scheduler:
             self.waiting.remove(seq)
         self._free(seq)
         seq.status = status
+
+
+class _GrowthPlan:
+    """The running sequences' block needs over the next `horizon` steps, for admission. Within the horizon a
+    sequence needs blocks for its whole prompt and one more token a step until it has its max_new_tokens; one
+    that must have finished by some step (it can sample no more) has freed its blocks by then. The need is the
+    peak over the steps of (growth of those still running) - (blocks of those finished): at most the sum of
+    every sequence's own growth, which is what admission reserved before, and as safe: whatever is admitted
+    now, the running sequences do not run out of blocks within the horizon unless more are admitted later.
+
+    Steps are taken in groups of STEP_GROUP, each at its worst (the growth at its end, the frees of before its
+    start). Freed blocks count only for sequences past their prompt and alone in their blocks (a block shared
+    by forked samples is freed with its last holder); a sequence is taken to free its blocks two steps after
+    its last token (with asynchronous scheduling that token is read back a step later)."""
+
+    STEP_GROUP = 8
+
+    def __init__(self, sched: Scheduler, running: list[Sequence]):
+        self.block_size = sched.block_size
+        self.horizon = sched.admission_horizon_tokens
+        self.cols: list[tuple[int, int, int, int, float]] = []    # (prompt + tokens, blocks, ahead, copies, free)
+        for seq in running:
+            self.add(seq)
+
+    def add(self, seq: Sequence, copies: int = 1) -> None:
+        self.cols.append(self._col(seq, len(seq.block_ids), copies))
+
+    @staticmethod
+    def _col(seq: Sequence, blocks: int, copies: int) -> tuple[int, int, int, int, float]:
+        ahead = max(0, seq.params.max_new_tokens - seq.num_output_tokens)
+        prefilled = seq.num_computed >= len(seq.token_ids) - 1
+        free = ahead + 2 if copies == 1 and seq.params.n == 1 and prefilled else np.inf
+        # one with all its tokens is not scheduled again: its last (pending) token needs no slot
+        return (len(seq.token_ids) if ahead else 0, blocks, ahead, copies, free)
+
+    def peak(self, with_new: Optional[tuple[Sequence, int, int]] = None) -> int:
+        """The peak need of the planned sequences, and of (seq, blocks it is about to get, samples) if given,
+        beyond the blocks they hold."""
+        cols = self.cols
+        if with_new is not None:
+            seq, need, copies = with_new
+            cols = cols + [self._col(seq, len(seq.block_ids) + need, copies)]
+        if not cols:
+            return 0
+        length, blocks, ahead, copies, free = (np.asarray(c) for c in zip(*cols))
+        g = self.STEP_GROUP
+        ends = np.minimum(np.arange(g - 1, self.horizon + g, g), self.horizon)[:, None]     # [groups, 1]
+        grown = -(-(length + np.minimum(ends, ahead)) // self.block_size) - blocks
+        need = np.where(free <= ends - g + 1, -blocks, np.maximum(grown, 0) * copies).sum(axis=1)
+        return max(0, int(need.max()))

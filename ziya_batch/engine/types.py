@@ -57,8 +57,9 @@ class EngineConfig:
     num_kv_blocks: Optional[int] = None  # override the memory-derived size (tests, preemption)
     max_model_len: Optional[int] = None  # default: the checkpoint's max_position_embeddings
     trust_remote_code: bool = False
-    # admit a waiting request only if the KV blocks left still cover each running sequence's next
-    # min(remaining max_new_tokens, this many) tokens; fewer preemptions (recompute) for a few idle blocks
+    # admit a waiting request only if the KV blocks left still cover what the running sequences and it will
+    # need over this many steps (each grows a token a step up to its max_new_tokens; those bound to finish
+    # within them free their blocks); fewer preemptions (recompute) for a few idle blocks. 0: no reserve
     admission_horizon_tokens: int = 256
     # which waiting request is admitted first: "fcfs" or "longest-first" (largest max_new_tokens; see scheduler.py)
     schedule_policy: str = "fcfs"
