@@ -108,13 +108,16 @@ def test_admission_horizon_keeps_room_for_running_sequences_to_grow():
 
 
 def test_finish_returns_every_block():
-    s = Scheduler(num_blocks=20, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    # 24 blocks: each request's two samples may grow to 15 tokens (4 blocks each, one a copy of the shared
+    # partly filled prompt block), so all three are admitted at once
+    s = Scheduler(num_blocks=24, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
     xs = [seq(s, 7, n=2, rid=str(i)) for i in range(3)]
     for _ in range(3):
         run_step(s)
+    assert len(s.running) == 6
     for x in list(s.running):
         s.finish(x, SeqStatus.FINISHED_STOPPED)
-    assert s.pool.num_free == 20 and not s.has_unfinished()
+    assert s.pool.num_free == 24 and not s.has_unfinished()
     assert all(x.status is SeqStatus.FINISHED_STOPPED for x in xs)
 
 
@@ -186,47 +189,62 @@ def test_admission_counts_the_blocks_of_sequences_that_must_finish_within_the_ho
     assert got == {100: ["a"], 3: ["a", "b"]}
 
 
-def _drive(s: Scheduler) -> tuple[int, float]:
-    """Runs every sequence to its max_new_tokens (the worst case for memory); returns (steps, mean rows)."""
-    steps = rows_total = 0
-    while s.has_unfinished():
-        out = run_step(s)
+def _drive(s: Scheduler) -> int:
+    """Runs every sequence to its max_new_tokens (the worst case for memory) as the engine's asynchronous
+    pipeline does: step k is scheduled before step k - 1's tokens are read back. Returns the steps."""
+    steps, prev = 0, None
+
+    def read_back(step):
+        rows, pending = step
+        for i, x in enumerate(rows):
+            if pending.get(x.seq_id) == i and not x.status.is_finished():
+                s.fill(x, 7, -1.0)
+                if x.num_output_tokens >= x.params.max_new_tokens:
+                    s.finish(x, SeqStatus.FINISHED_LENGTH)
+    while s.has_unfinished() or prev:
+        out = s.schedule()
+        rows = [x for c in out.chunks if c.samples for x in (c.seq, *c.children)]
+        if prev:
+            read_back(prev)
+        prev = (rows, s.advance(out, rows)) if out.chunks else None
         steps += 1
-        rows_total += len(out.chunks)
-        for x in list(s.running):
-            if x.num_output_tokens >= x.params.max_new_tokens and x.token_ids[-1] != -1:
-                s.finish(x, SeqStatus.FINISHED_LENGTH)
-    return steps, rows_total / steps
+    return steps
 
 
 def test_admission_never_leads_to_preemption_when_the_horizon_covers_every_output(monkeypatch):
-    """Sequences that all run to max_new_tokens, on caches from tight to loose: with the horizon at least the
-    longest output, admission keeps every running sequence's blocks for its whole life, so nothing is ever
-    preempted; and counting the blocks of sequences bound to finish admits sooner than reserving every
-    sequence's own growth (fewer steps for the same tokens)."""
+    """Requests of 1-3 samples that all run to max_new_tokens, on caches from tight to loose (each request fits
+    alone), chunked prefill, the asynchronous pipeline: with the horizon at least the longest output, admission
+    keeps every running sample's blocks for its whole life (copies of shared prompt blocks included), so nothing
+    is ever preempted; and counting the blocks of sequences bound to finish admits sooner than reserving every
+    sequence's own growth (no more steps for the same tokens)."""
     import random
 
     from ziya_batch.engine import scheduler as sched
 
-    for seed in range(12):
+    for seed in range(40):
         rng = random.Random(seed)
-        lens = [(rng.randint(1, 30), rng.randint(1, 40)) for _ in range(40)]
+        reqs = [(rng.randint(1, 20), rng.randint(1, 20), rng.choice([1, 1, 2, 3])) for _ in range(24)]
         nb = rng.choice([24, 40, 80])
         steps = {}
         for credit in (True, False):
             if not credit:
-                monkeypatch.setattr(sched._GrowthPlan, "add", _no_credit_add)
-            s = Scheduler(num_blocks=nb, block_size=4, max_num_seqs=16, max_num_batched_tokens=64,
+                monkeypatch.setattr(sched._GrowthPlan, "_col", _no_credit_col)
+            s = Scheduler(num_blocks=nb, block_size=4, max_num_seqs=16, max_num_batched_tokens=16,
                           admission_horizon_tokens=64)
-            for i, (p, o) in enumerate(lens):
-                seq(s, p, max_new=o, rid=str(i))
-            steps[credit], _ = _drive(s)
+            for i, (p, o, n) in enumerate(reqs):
+                seq(s, p, n=n, max_new=o, rid=str(i))
+            steps[credit] = _drive(s)
             assert s.num_preemptions == 0, (seed, credit)
             assert s.pool.num_free == nb
             monkeypatch.undo()
         assert steps[True] <= steps[False], (seed, steps)
 
 
-def _no_credit_add(self, seq, copies=1):
-    ahead = max(0, seq.params.max_new_tokens - seq.num_output_tokens)
-    self.cols.append((len(seq.token_ids) if ahead else 0, len(seq.block_ids), ahead, copies, float("inf")))
+def _no_credit_col(self, seq, blocks, copies, copy_on_write):
+    col = _ORIGINAL_COL(self, seq, blocks, copies, copy_on_write)
+    return col[:4] + (-1,) + col[5:]            # never freed within the horizon: the old rule's reserve
+
+
+from ziya_batch.engine.scheduler import _GrowthPlan  # noqa: E402
+
+_ORIGINAL_COL = _GrowthPlan._col

@@ -216,7 +216,8 @@ class Scheduler:
             # what the running ones and this one (its own growth too, each of its samples) will need
             reserve = 0
             if self.admission_horizon_tokens:
-                plan = plan or _GrowthPlan(self, self.running)
+                # samples forked this step from a running sequence's last prompt chunk grow from the next
+                plan = plan or _GrowthPlan(self, self.running + self._forked)
                 reserve = plan.peak(with_new=(seq, need, 1 + seq.pending_forks))
             if need + reserve > self.pool.num_free and (self.running or need > self.pool.num_free):
                 break
@@ -226,7 +227,7 @@ class Scheduler:
             self._reserve(seq, seq.num_computed + n, copies)
             chunks.append(self._chunk(seq, n))
             if plan is not None:
-                plan.add(seq, copies=1 + len(chunks[-1].children))
+                plan.add(seq, copies=1 + len(chunks[-1].children) + seq.pending_forks)
             budget -= n
         self.running.extend(self._forked)
         return SchedulerOutput(chunks, copies, preempted)
@@ -287,42 +288,65 @@ class _GrowthPlan:
     now, the running sequences do not run out of blocks within the horizon unless more are admitted later.
 
     Steps are taken in groups of STEP_GROUP, each at its worst (the growth at its end, the frees of before its
-    start). Freed blocks count only for sequences past their prompt and alone in their blocks (a block shared
-    by forked samples is freed with its last holder); a sequence is taken to free its blocks two steps after
-    its last token (with asynchronous scheduling that token is read back a step later)."""
+    start). Freed blocks count only for single samples past their prompt (a block shared by forked samples is
+    freed with its last holder); a sequence is taken to free its blocks two steps after its last token (with
+    asynchronous scheduling that token is read back a step later). Samples that share a partly filled block
+    each need a copy of it (copy-on-write) before they write. The need per group is kept as a sum, so a
+    candidate costs one column, not the whole plan again."""
 
     STEP_GROUP = 8
 
-    def __init__(self, sched: Scheduler, running: list[Sequence]):
-        self.block_size = sched.block_size
+    def __init__(self, sched: Scheduler, seqs: list[Sequence]):
+        self.s = sched
         self.horizon = sched.admission_horizon_tokens
-        self.cols: list[tuple[int, int, int, int, float]] = []    # (prompt + tokens, blocks, ahead, copies, free)
-        for seq in running:
-            self.add(seq)
+        g = self.STEP_GROUP
+        self.ends = np.minimum(np.arange(g - 1, self.horizon + g, g), self.horizon)[:, None]     # [groups, 1]
+        self.starts = self.ends - g + 1
+        # a sequence still in its prompt may have samples to fork when it completes (pending_forks)
+        cols: list[list[int]] = [[], [], [], [], [], []]
+        for q in seqs:       # one list per field, not a tuple per sequence: fewer objects for the collector
+            for col, v in zip(cols, self._col(q, len(q.block_ids), 1 + q.pending_forks,
+                                              self._copy_due(q) + self._shared_tail(q, 1 + q.pending_forks))):
+                col.append(v)
+        self.need = self._need(cols)
 
-    def add(self, seq: Sequence, copies: int = 1) -> None:
-        self.cols.append(self._col(seq, len(seq.block_ids), copies))
-
-    @staticmethod
-    def _col(seq: Sequence, blocks: int, copies: int) -> tuple[int, int, int, int, float]:
+    def _col(self, seq: Sequence, blocks: int, copies: int, copy_on_write: int) -> tuple:
+        """(tokens, blocks, tokens ahead, copies, step its blocks are free, copy-on-write blocks)."""
         ahead = max(0, seq.params.max_new_tokens - seq.num_output_tokens)
         prefilled = seq.num_computed >= len(seq.token_ids) - 1
-        free = ahead + 2 if copies == 1 and seq.params.n == 1 and prefilled else np.inf
+        free = ahead + 2 if copies == 1 and seq.params.n == 1 and prefilled and ahead + 2 <= self.horizon else -1
+        ahead = min(ahead, self.horizon)
         # one with all its tokens is not scheduled again: its last (pending) token needs no slot
-        return (len(seq.token_ids) if ahead else 0, blocks, ahead, copies, free)
+        return (len(seq.token_ids) if ahead else 0, blocks, ahead, copies, free, copy_on_write)
+
+    def _need(self, cols) -> np.ndarray:
+        """Blocks needed beyond those held, per group of steps, by the sequences of these columns (one sequence
+        of each field, or one list of each field)."""
+        length, blocks, ahead, copies, free, cow = (np.asarray(c, dtype=np.int64) for c in cols)
+        grown = -(-(length + np.minimum(self.ends, ahead)) // self.s.block_size) - blocks
+        freed = (free >= 0) & (free <= self.starts)
+        return np.where(freed, -blocks, np.maximum(grown, 0) * copies + cow).sum(axis=1)
+
+    def add(self, seq: Sequence, copies: int = 1) -> None:
+        """seq was admitted this step (its blocks for this step reserved), with `copies` samples in all."""
+        self.need += self._need(self._col(seq, len(seq.block_ids), copies, self._shared_tail(seq, copies)))
+
+    def _shared_tail(self, seq: Sequence, copies: int) -> int:
+        """Copies of a partly filled last prompt block that samples still to be forked will need."""
+        return (copies - 1) if copies > 1 and len(seq.token_ids) % self.s.block_size else 0
+
+    def _copy_due(self, seq: Sequence) -> int:
+        """1 if a forked sample still shares its partly filled prompt block (it copies it before writing;
+        counted for every sharer, one more than the copies made)."""
+        bs, i = self.s.block_size, seq.num_prompt_tokens // self.s.block_size
+        shared = seq.num_prompt_tokens % bs and i < len(seq.block_ids) and self.s.pool.ref_counts[seq.block_ids[i]] > 1
+        return 1 if shared else 0
 
     def peak(self, with_new: Optional[tuple[Sequence, int, int]] = None) -> int:
-        """The peak need of the planned sequences, and of (seq, blocks it is about to get, samples) if given,
-        beyond the blocks they hold."""
-        cols = self.cols
+        """The peak need of the planned sequences, and of (seq, blocks it is about to get, samples) if given."""
+        need = self.need
         if with_new is not None:
-            seq, need, copies = with_new
-            cols = cols + [self._col(seq, len(seq.block_ids) + need, copies)]
-        if not cols:
-            return 0
-        length, blocks, ahead, copies, free = (np.asarray(c) for c in zip(*cols))
-        g = self.STEP_GROUP
-        ends = np.minimum(np.arange(g - 1, self.horizon + g, g), self.horizon)[:, None]     # [groups, 1]
-        grown = -(-(length + np.minimum(ends, ahead)) // self.block_size) - blocks
-        need = np.where(free <= ends - g + 1, -blocks, np.maximum(grown, 0) * copies).sum(axis=1)
+            seq, more, copies = with_new
+            need = need + self._need(self._col(seq, len(seq.block_ids) + more, copies,
+                                               self._shared_tail(seq, copies)))
         return max(0, int(need.max()))
