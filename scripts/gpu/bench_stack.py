@@ -129,16 +129,21 @@ def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int 
     model.eval()
     with torch.no_grad():
         x, in_chain, firsts = text_then_chain(8, seq, tok, text, chain, seed * 100_000 + 99_999)
-        pred = model(x.to(dev)).logits.argmax(-1).cpu()
+        logits = model(x.to(dev)).logits.float().cpu()
+        pred = logits.argmax(-1)
         # in the chain, the prediction is the likely successor of the token before
         acc = (pred == chain[0][x])[in_chain].float().mean().item()
         # at a prompt's last token: the likely successor of the text's last token
         first = sum(int(pred[b, t] == chain[0][k]) for b, t, k in firsts) / max(1, len(firsts))
+        # what decides near-ties at the first generated token: the gap between the two highest logits there
+        top2 = torch.stack([logits[b, t].topk(2).values for b, t, _ in firsts]) if firsts else torch.zeros(1, 2)
+        first_gap = (top2[:, 0] - top2[:, 1]).median().item()
     model = model.to(torch.float16)
     model.save_pretrained(str(path), safe_serialization=True)
     summary = dict(steps=steps, lr=lr, batch=batch, seq=seq,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None, final_loss=sum(losses[-10:]) / len(losses[-10:]),
-                   heldout_accuracy=acc, heldout_first_accuracy=first, train_s=time.time() - t0)
+                   heldout_accuracy=acc, heldout_first_accuracy=first, heldout_first_logit_gap=first_gap,
+                   train_s=time.time() - t0)
     summary_file.write_text(json.dumps(summary))
     print(f"[stack] trained: {summary}", flush=True)
     del model
