@@ -10,12 +10,13 @@
    warm-up job so every replica has loaded the model, then W1 is timed from submit to completed.
 
 With --trained-steps N the checkpoint is not random but trained for N steps (bfloat16, AdamW, one GPU) on
-sequences of a few dozen tokens of the shipped corpus followed by a first-order Markov chain over the demo
-vocabulary that starts from the text's last token (each token: one successor with probability 0.9, another with
-0.1), as tests/gpu's trained tiny model is trained on such a chain: after any text prompt its next-token
-distributions are then peaked like a real model's, where random weights make most greedy choices near-ties that float16 rounding decides (see
-docs/BENCHMARKS.md). The training's held-out accuracy (argmax = the likely successor) is printed and kept in
-stack.json; a parity run on such weights says whether tensor parallelism changes what the model computes.
+prompts in Ziya's format around a few dozen tokens of the shipped corpus, each followed by a first-order Markov
+chain over the demo vocabulary that starts from the prompt text's last token (each token: one successor with
+probability 0.9, another with 0.1), as tests/gpu's trained tiny model is trained on such a chain: after a prompt
+its next-token distributions are then peaked like a real model's, where random weights make most greedy choices
+near-ties that float16 rounding decides (see docs/BENCHMARKS.md). The training's held-out accuracy (argmax = the
+likely successor) and the gap between the two highest logits at the first generated token are printed and kept
+in stack.json; a parity run on such weights says whether tensor parallelism changes what the model computes.
 
 Usage (GPU machine, repo root): python scripts/gpu/bench_stack.py --work /tmp/stack --out $OUT
 Writes $OUT/stack.json and $OUT/stack.md."""
@@ -141,7 +142,8 @@ def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int 
     model = model.to(torch.float16)
     model.save_pretrained(str(path), safe_serialization=True)
     summary = dict(steps=steps, lr=lr, batch=batch, seq=seq,
-                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None, final_loss=sum(losses[-10:]) / len(losses[-10:]),
+                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
+                   final_loss=sum(losses[-10:]) / len(losses[-10:]),
                    heldout_accuracy=acc, heldout_first_accuracy=first, heldout_first_logit_gap=first_gap,
                    train_s=time.time() - t0)
     summary_file.write_text(json.dumps(summary))
