@@ -16,8 +16,10 @@ from ziya_batch.engine.scheduler import PENDING_TOKEN, ScheduledChunk, Scheduler
 # Decode batch sizes a CUDA graph is captured for; a batch runs in the first at or above it, padded. Every 8 rows
 # from 128: there the projections are no longer a plain read of the weights, and cuBLAS's time grows with the
 # rows in steps (at 216 -> 217 rows by 9%, scripts/gpu/gemm_blas.py), so padding a batch by up to 31 rows cost
-# up to ~1.5 ms a step; below 128 their time is nearly flat in the rows.
-GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112) + tuple(range(128, 257, 8))
+# up to ~1.5 ms a step; below 128 their time is nearly flat in the rows. Above 256 (max_num_seqs beyond its
+# default) every 32 rows up to 512; only sizes up to max_num_seqs are captured.
+GRAPH_BATCH_SIZES = ((1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112) + tuple(range(128, 257, 8))
+                     + tuple(range(288, 513, 32)))
 
 
 class ModelRunner:
