@@ -4,7 +4,8 @@ Works with any fsspec URL (local paths, file://, s3://, ...); see storage.py for
 endpoints, schema.py for the Parquet schemas, parts.py for the commit protocol.
 """
 from .inputs import expand_inputs, index_inputs, read_shard, shard_refs
-from .manifest import manifest_part_urls, read_manifest, read_parts, verify_output, write_manifest
+from .manifest import (manifest_part_urls, manifest_shards, output_owner, read_manifest, read_parts,
+                       set_output_owner, verify_output, write_manifest)
 from .parts import (CommitError, CommitMarker, PartInfo, StagedPart, clear_staging, committed_shards,
                     discard_staged, part_path, promote_shard, read_marker, stage_shard)
 from .schema import KINDS, parquet_schema
@@ -14,6 +15,7 @@ __all__ = [
     "expand_inputs", "index_inputs", "read_shard", "shard_refs",
     "stage_shard", "promote_shard", "discard_staged", "clear_staging", "committed_shards", "read_marker",
     "part_path", "StagedPart", "CommitMarker", "PartInfo", "CommitError",
-    "write_manifest", "read_manifest", "read_parts", "manifest_part_urls", "verify_output",
+    "write_manifest", "read_manifest", "read_parts", "manifest_part_urls", "verify_output", "manifest_shards",
+    "output_owner", "set_output_owner",
     "KINDS", "parquet_schema", "open_output_fs", "url_to_fs", "join_url", "normalize_url",
 ]

@@ -65,6 +65,29 @@ def write_manifest(output_url: str, spec_json: str, summary: dict, markers: dict
     return manifest
 
 
+OWNER = "_owner.json"
+
+
+def output_owner(output_url: str) -> Optional[str]:
+    """The job id that writes into this output directory (recorded at submit), or None."""
+    fs, root = open_output_fs(output_url)
+    path = join_url(root, OWNER)
+    fs.invalidate_cache(path)
+    data = read_bytes(fs, path)
+    return json.loads(data).get("job_id") if data is not None else None
+
+
+def set_output_owner(output_url: str, job_id: str) -> None:
+    """Record that job_id writes into this output directory: parts and commit markers in it are its own."""
+    fs, root = open_output_fs(output_url)
+    put_atomic(fs, join_url(root, OWNER), json.dumps({"job_id": job_id}).encode())
+
+
+def manifest_shards(manifest: dict) -> set[int]:
+    """The shards a manifest lists (each committed shard has at least its errors part)."""
+    return {row["shard"] for rows in manifest.get("parts", {}).values() for row in rows}
+
+
 def read_manifest(output_url: str) -> Optional[dict]:
     """The manifest, or None when the job has not written one (yet)."""
     fs, root = open_output_fs(output_url)

@@ -32,11 +32,7 @@ def finalize_if_ready(broker, job_id: str) -> bool:
     spec = broker.get_spec(job_id)
     out = spec.output.path
     if status.state == JobState.CANCELLED:
-        if io.read_manifest(out) is None:
-            markers = io.committed_shards(out)
-            io.write_manifest(out, spec.to_json(), _summary(status, markers), markers)
-            return True
-        return False
+        return _finalize_cancelled(broker, job_id, status, spec)
     if status.state != JobState.FINALIZING or not broker.begin_finalize(job_id):
         return False
     try:
@@ -44,8 +40,8 @@ def finalize_if_ready(broker, job_id: str) -> bool:
         for index, (token, stats) in broker.commits(job_id).items():
             if index not in markers:
                 markers[index] = io.promote_shard(out, index, token, stats.parts, stats=stats.to_dict())
-        if len(markers) < status.shards_total:
-            missing = status.shards_total - len(markers)
+        if any(i not in markers for i in range(status.shards_total)):
+            missing = sum(1 for i in range(status.shards_total) if i not in markers)
             broker.mark_failed(job_id, f"{missing} shard(s) have no committed parts in storage")
             return False
         io.write_manifest(out, spec.to_json(), {**_summary(status, markers), "state": "completed"}, markers)
@@ -56,3 +52,26 @@ def finalize_if_ready(broker, job_id: str) -> bool:
     except Exception as err:
         broker.mark_failed(job_id, f"finalizing failed: {type(err).__name__}: {err}")
         raise
+
+
+def _finalize_cancelled(broker, job_id: str, status, spec) -> bool:
+    """A cancelled job's manifest lists every shard committed before the cancel took hold: a commit can land
+    (and move the job from cancelling to cancelled) before its parts are promoted, so parts Redis accepted
+    are promoted here too, and a manifest written before a late promote is written again. Every caller
+    checks again after writing, so the last writer lists them all. True if this call wrote the manifest."""
+    out = spec.output.path
+    wrote = False
+    for _ in range(3):
+        markers = io.committed_shards(out)
+        for index, (token, stats) in broker.commits(job_id).items():
+            if index not in markers:
+                try:
+                    markers[index] = io.promote_shard(out, index, token, stats.parts, stats=stats.to_dict())
+                except io.CommitError as err:      # its parts are gone: the shard stays out of the output
+                    log.warning("job %s shard %s: %s", job_id, index, err)
+        manifest = io.read_manifest(out)
+        if manifest is not None and set(markers) <= io.manifest_shards(manifest):
+            return wrote
+        io.write_manifest(out, spec.to_json(), _summary(status, markers), markers)
+        wrote = True
+    return wrote

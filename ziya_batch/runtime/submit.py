@@ -18,12 +18,21 @@ def _shard_refs(job_id: str, files: list[str], shard_size: int) -> Iterator[Shar
 
 
 def check_output_owner(spec: JobSpec) -> None:
-    """An output path belongs to one spec: refuse to mix a different job's parts into it."""
-    manifest = io.read_manifest(spec.output.path)
+    """An output path belongs to one spec: refuse to mix a different job's parts into it, finished (its
+    manifest) or not (the owner recorded at its submit: a changed spec, e.g. another shard_size, would
+    otherwise take the other job's committed parts for its own shards)."""
+    out = spec.output.path
+    manifest = io.read_manifest(out)
     if manifest and manifest.get("job_id") not in (None, spec.identity()):
         raise SpecError(
-            f"output.path {spec.output.path} already holds the output of another job ({manifest.get('job_id')}); "
+            f"output.path {out} already holds the output of another job ({manifest.get('job_id')}); "
             "choose a new output.path or delete the old output")
+    owner = io.output_owner(out)
+    if owner not in (None, spec.identity()):
+        raise SpecError(
+            f"output.path {out} holds the parts of another job ({owner}) that has not finished (a different "
+            "spec to the same path): resume that job with its own spec, or choose a new output.path, or "
+            "delete the old output")
 
 
 def check_model(spec: JobSpec) -> None:
@@ -54,6 +63,8 @@ def submit_job(spec: JobSpec, broker, check_model_dir: bool = False):
     if check_model_dir:
         check_model(spec)
     check_output_owner(spec)
+    if io.output_owner(spec.output.path) is None:
+        io.set_output_owner(spec.output.path, job_id)
     committed = {i: _stats_from_marker(m) for i, m in io.committed_shards(spec.output.path).items()}
     status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size), committed=committed)
     if status.state == JobState.FINALIZING:

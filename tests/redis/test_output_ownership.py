@@ -1,0 +1,69 @@
+"""An output path's parts belong to one job: a changed spec cannot adopt an unfinished job's committed parts,
+and a cancelled job's manifest lists every part committed before the cancel took hold. The demo model on the
+CPU, a real Redis, local output; each test checks the exact output ids."""
+import json
+
+import pytest
+
+from ziya_batch import io
+from ziya_batch.errors import SpecError
+from ziya_batch.queue import JobState
+from ziya_batch.runtime.finalize import finalize_if_ready
+from ziya_batch.runtime.submit import submit_job
+from ziya_batch.runtime.worker import Worker
+from ziya_batch.spec import parse_spec
+
+
+def _spec(tmp_path, model, shard_size, n_lines=12):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) + "\n" for i in range(n_lines)))
+    return parse_spec({"name": "own", "model": {"path": str(model)}, "input": [str(inp)],
+                       "sampling": {"max_new_tokens": 4, "ignore_eos": True, "seed": 1},
+                       "output": {"path": str(tmp_path / "out")}, "shard_size": shard_size})
+
+
+@pytest.mark.parametrize("forget_first", [True, False])
+def test_a_changed_spec_cannot_take_an_unfinished_jobs_parts(tmp_path, demo_model, broker, forget_first):
+    """Job A (shard_size 2) commits 2 of its 6 shards and stops; the same spec with shard_size 4 to the same
+    path is refused (it would count A's parts 0-1, lines p0-p3, as its own shards 0-1, lines p0-p7), whether
+    Redis still has A or not; A itself resumes and completes with every id once."""
+    a = _spec(tmp_path, demo_model, 2)
+    job_a = submit_job(a, broker).job_id
+    worker = Worker(broker, device="cpu", max_in_flight=1)
+    worker.run_once()
+    worker.run_once()
+    assert sorted(io.committed_shards(str(tmp_path / "out"))) == [0, 1]
+    if forget_first:
+        broker.delete_job(job_a)
+    with pytest.raises(SpecError, match="holds the parts of another job"):
+        submit_job(_spec(tmp_path, demo_model, 4), broker)
+    assert submit_job(a, broker).job_id == job_a
+    Worker(broker, device="cpu").run_until_idle()
+    assert broker.status(job_a).state == JobState.COMPLETED
+    ids = [r["id"] for r in io.read_parts(str(tmp_path / "out"), "results")]
+    assert ids == [f"p{i}" for i in range(12)]
+
+
+def test_a_cancelled_jobs_manifest_lists_a_part_committed_as_the_cancel_took_hold(tmp_path, demo_model, broker):
+    """The cancel arrives while the last running shard works; its commit moves the job to cancelled, and a
+    finalize call (the `run` watcher, `ziya-batch cancel`, another worker) lands before the worker promotes
+    the part: the manifest still lists that part, and the worker's own finalize call leaves it right."""
+    spec = _spec(tmp_path, demo_model, 2, n_lines=4)
+    job = submit_job(spec, broker).job_id
+    worker = Worker(broker, device="cpu", max_in_flight=1)
+    worker.run_once()                                   # shard 0 committed and promoted
+    commit = broker.commit
+
+    def cancel_then_commit(lease, stats):
+        broker.cancel(job)
+        ok = commit(lease, stats)
+        assert broker.status(job).state == JobState.CANCELLED
+        finalize_if_ready(broker, job)                  # before the worker promotes shard 1
+        return ok
+    broker.commit = cancel_then_commit
+    worker.run_once()
+    broker.commit = commit
+    finalize_if_ready(broker, job)
+    manifest = io.read_manifest(str(tmp_path / "out"))
+    assert io.manifest_shards(manifest) == {0, 1}
+    assert [r["id"] for r in io.read_parts(str(tmp_path / "out"), "results")] == ["p0", "p1", "p2", "p3"]
