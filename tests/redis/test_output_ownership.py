@@ -67,3 +67,40 @@ def test_a_cancelled_jobs_manifest_lists_a_part_committed_as_the_cancel_took_hol
     manifest = io.read_manifest(str(tmp_path / "out"))
     assert io.manifest_shards(manifest) == {0, 1}
     assert [r["id"] for r in io.read_parts(str(tmp_path / "out"), "results")] == ["p0", "p1", "p2", "p3"]
+
+
+def test_two_workers_granted_one_token_by_a_redis_that_lost_writes_keep_their_own_staged_parts(tmp_path, demo_model,
+                                                                                              broker):
+    """Redis loses its last second of writes (a claim), so the shard's next claim gets the same token again:
+    two live workers hold token 1. Each stages under its own attempt id, as Worker._finish does; the one whose
+    commit Redis refuses discards only its own attempt, and the other's promote finds its parts: the job
+    completes with the accepted worker's output, once."""
+    from ziya_batch.queue import ShardStats
+
+    spec = _spec(tmp_path, demo_model, 2, n_lines=2)
+    job = submit_job(spec, broker).job_id
+    keys = broker.client.keys(f"{broker.keys.prefix}:*")
+    snapshot = {k: broker.client.dump(k) for k in keys}
+    first = broker.claim("w1")
+    for k in broker.client.keys(f"{broker.keys.prefix}:*"):      # the crash: the AOF replay lacks that claim
+        broker.client.delete(k)
+    for k, v in snapshot.items():
+        broker.client.restore(k, 0, v)
+    second = broker.claim("w2")
+    assert first.token == second.token
+
+    out = str(tmp_path / "out")
+
+    def stage(who):
+        attempt = io.new_attempt()
+        recs = {"results": [{"id": f"p{i}", "sample_index": 0, "response": who} for i in range(2)], "errors": []}
+        staged = io.stage_shard(out, 0, first.token, recs, attempt=attempt)
+        return ShardStats(prompts_done=2, parts={k: (p.lines, p.sha256) for k, p in staged.items()}, attempt=attempt)
+    s1, s2 = stage("w1"), stage("w2")
+    assert broker.commit(second, s2)
+    assert not broker.commit(first, s1)
+    io.discard_staged(out, 0, first.token, s1.attempt)
+    io.promote_shard(out, 0, second.token, s2.parts, stats=s2.to_dict(), attempt=s2.attempt)
+    finalize_if_ready(broker, job)
+    assert broker.status(job).state == JobState.COMPLETED
+    assert [(r["id"], r["response"]) for r in io.read_parts(out, "results")] == [("p0", "w2"), ("p1", "w2")]

@@ -7,13 +7,13 @@ from .inputs import expand_inputs, index_inputs, read_shard, shard_refs
 from .manifest import (manifest_part_urls, manifest_shards, output_owner, read_manifest, read_parts,
                        set_output_owner, verify_output, write_manifest)
 from .parts import (CommitError, CommitMarker, PartInfo, StagedPart, clear_staging, committed_shards,
-                    discard_staged, part_path, promote_shard, read_marker, stage_shard)
+                    discard_staged, new_attempt, part_path, promote_shard, read_marker, stage_shard)
 from .schema import KINDS, parquet_schema
 from .storage import join_url, normalize_url, open_output_fs, url_to_fs
 
 __all__ = [
     "expand_inputs", "index_inputs", "read_shard", "shard_refs",
-    "stage_shard", "promote_shard", "discard_staged", "clear_staging", "committed_shards", "read_marker",
+    "stage_shard", "promote_shard", "discard_staged", "new_attempt", "clear_staging", "committed_shards", "read_marker",
     "part_path", "StagedPart", "CommitMarker", "PartInfo", "CommitError",
     "write_manifest", "read_manifest", "read_parts", "manifest_part_urls", "verify_output", "manifest_shards",
     "output_owner", "set_output_owner",

@@ -2,14 +2,16 @@
 
 Layout under the output directory (part N belongs to shard N)::
 
-    _staging/{kind}/part-00005.{token}.jsonl    a worker's attempt, written whole in one atomic put
-    _staging/part-00005.{token}.json           the attempt's intent: format, per-kind lines and sha256;
-                                               written after every part, so its presence = staged whole
+    _staging/{kind}/part-00005.{token}-{attempt}.jsonl   a worker's attempt, written whole in one atomic put
+    _staging/part-00005.{token}-{attempt}.json          the attempt's intent: format, per-kind lines and
+                                                        sha256; written after every part, so its presence =
+                                                        staged whole
     {kind}/part-00005.jsonl                     the final part; only promote_shard writes it
     _committed/part-00005.json                 the commit marker, written LAST by promote_shard
 
 Fencing. A lease's token is a number from Redis, new with every grant of a shard. Every attempt stages
-under its own token, so two workers never write the same object; only the worker whose commit Redis
+under its own token and a random attempt id (a Redis that lost its last writes can grant one token twice),
+so two workers never write the same object; only the worker whose commit Redis
 accepted for its token calls promote_shard, and a worker whose lease was lost calls discard_staged. As a
 second line of defence, committed output is never replaced: once a shard has a marker, promote_shard with
 any other token discards that token's staged parts and returns the existing marker. So a confused stale
@@ -113,12 +115,23 @@ def part_path(output_url: str, kind: str, index: int, fmt: str = "jsonl") -> str
     return join_url(output_url, kind, part_name(index, fmt))
 
 
-def _staged_name(index: int, token: int, fmt: str) -> str:
-    return f"part-{index:05d}.{int(token)}.{EXTENSIONS[fmt]}"
+def _attempt_key(token: int, attempt: str) -> str:
+    return f"{int(token)}-{attempt}" if attempt else str(int(token))
 
 
-def _intent_rel(index: int, token: int) -> str:
-    return f"{STAGING}/part-{index:05d}.{int(token)}.json"
+def _staged_name(index: int, token: int, fmt: str, attempt: str = "") -> str:
+    return f"part-{index:05d}.{_attempt_key(token, attempt)}.{EXTENSIONS[fmt]}"
+
+
+def _intent_rel(index: int, token: int, attempt: str = "") -> str:
+    return f"{STAGING}/part-{index:05d}.{_attempt_key(token, attempt)}.json"
+
+
+def new_attempt() -> str:
+    """A random id for one attempt at a shard, for stage_shard/promote_shard/discard_staged."""
+    import uuid
+
+    return uuid.uuid4().hex[:12]
 
 
 def _marker_rel(index: int) -> str:
@@ -126,7 +139,7 @@ def _marker_rel(index: int) -> str:
 
 
 def stage_shard(output_url: str, index: int, token: int, parts: dict[str, list[dict]], fmt: str = "jsonl",
-                input_format: str = "ziya") -> dict[str, StagedPart]:
+                input_format: str = "ziya", attempt: str = "") -> dict[str, StagedPart]:
     """Write every kind's part of one attempt aside (one atomic put each), then the attempt's intent.
 
     `parts` maps kind (results, sft, experience, errors) to records. An errors part is always written,
@@ -144,13 +157,13 @@ def stage_shard(output_url: str, index: int, token: int, parts: dict[str, list[d
     for kind in kinds:
         records = parts.get(kind) or []
         data = encode_part(kind, records, fmt, input_format)
-        path = join_url(root, STAGING, kind, _staged_name(index, token, fmt))
+        path = join_url(root, STAGING, kind, _staged_name(index, token, fmt, attempt))
         put_atomic(fs, path, data)
         staged[kind] = StagedPart(kind, len(records), hashlib.sha256(data).hexdigest(), path, len(data))
     intent = {"index": index, "token": int(token), "format": fmt,
               "parts": {k: {"lines": s.lines, "sha256": s.sha256, "size_bytes": s.size_bytes}
                         for k, s in staged.items()}}
-    put_atomic(fs, join_url(root, _intent_rel(index, token)), json.dumps(intent, sort_keys=True).encode())
+    put_atomic(fs, join_url(root, _intent_rel(index, token, attempt)), json.dumps(intent, sort_keys=True).encode())
     return staged
 
 
@@ -163,7 +176,7 @@ def read_marker(output_url: str, index: int) -> Optional[CommitMarker]:
 
 def promote_shard(output_url: str, index: int, token: int,
                   staged_info: Optional[dict[str, tuple[int, str]]] = None,
-                  stats: Optional[dict[str, Any]] = None) -> CommitMarker:
+                  stats: Optional[dict[str, Any]] = None, attempt: str = "") -> CommitMarker:
     """Move the token's staged parts to their final names, then write the commit marker; idempotent.
 
     Call only after Redis accepted this token's commit. Returns the shard's commit marker. If the shard
@@ -175,17 +188,17 @@ def promote_shard(output_url: str, index: int, token: int,
     """
     fs, root = open_output_fs(output_url)
     marker_path = join_url(root, _marker_rel(index))
-    intent_path = join_url(root, _intent_rel(index, token))
+    intent_path = join_url(root, _intent_rel(index, token, attempt))
     fs.invalidate_cache(join_url(root, COMMITTED))
     existing = read_bytes(fs, marker_path)
     old = CommitMarker.from_json(existing) if existing is not None else None
     if old is not None:
-        if old.token == int(token):
+        if old.token == int(token) and old.stats.get("attempt", "") == attempt:
             _remove_quietly(fs, [intent_path])      # a crash after the marker left the intent behind
         else:
             # committed output is never replaced: this attempt is a duplicate (a stale worker, or a shard
             # run again because Redis lost its commit); its staged parts go, the committed ones stay
-            discard_staged(output_url, index, token)
+            discard_staged(output_url, index, token, attempt)
         return old
     raw = read_bytes(fs, intent_path)
     if raw is None:
@@ -194,6 +207,7 @@ def promote_shard(output_url: str, index: int, token: int,
         now = read_bytes(fs, marker_path)
         if now is not None and CommitMarker.from_json(now).token == int(token):
             return CommitMarker.from_json(now)
+        # (a marker of this token but another attempt is returned too: the caller compares tokens only)
         raise CommitError(f"shard {index}: nothing staged under token {token} in {output_url} "
                           "(never staged, or discarded)")
     intent = json.loads(raw)
@@ -206,7 +220,7 @@ def promote_shard(output_url: str, index: int, token: int,
                               f"at commit ({want} vs {got})")
     parts: dict[str, PartInfo] = {}
     for kind, info in intent["parts"].items():
-        staged = join_url(root, STAGING, kind, _staged_name(index, token, fmt))
+        staged = join_url(root, STAGING, kind, _staged_name(index, token, fmt, attempt))
         rel = f"{kind}/{part_name(index, fmt)}"
         final = join_url(root, rel)
         moved = False
@@ -223,20 +237,22 @@ def promote_shard(output_url: str, index: int, token: int,
                 raise CommitError(f"shard {index} token {token}: staged {kind} part is gone and {rel} does "
                                   "not hold it; the shard must run again")
         parts[kind] = PartInfo(int(info["lines"]), info["sha256"], rel, int(info.get("size_bytes", 0)))
-    clean_stats = {k: v for k, v in (stats or {}).items() if k != "parts"}
+    clean_stats = {k: v for k, v in (stats or {}).items() if k not in ("parts", "attempt")}
+    if attempt:
+        clean_stats["attempt"] = attempt
     marker = CommitMarker(index=index, token=int(token), format=fmt, parts=parts, stats=clean_stats)
     put_atomic(fs, marker_path, marker.to_json().encode())
     _remove_quietly(fs, [intent_path])
     return marker
 
 
-def discard_staged(output_url: str, index: int, token: int) -> None:
+def discard_staged(output_url: str, index: int, token: int, attempt: str = "") -> None:
     """Delete one attempt's staged parts and intent. Never touches final parts or markers."""
     fs, root = open_output_fs(output_url)
-    paths = [join_url(root, _intent_rel(index, token))]      # the intent first: no half-staged "whole"
+    paths = [join_url(root, _intent_rel(index, token, attempt))]      # the intent first: no half-staged "whole"
     for kind in KINDS:
         for fmt in EXTENSIONS:
-            paths.append(join_url(root, STAGING, kind, _staged_name(index, token, fmt)))
+            paths.append(join_url(root, STAGING, kind, _staged_name(index, token, fmt, attempt)))
     _remove_quietly(fs, paths)
 
 

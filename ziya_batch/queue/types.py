@@ -35,11 +35,17 @@ class ShardStats:
     samples: int = 0
     output_tokens: int = 0
     parts: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # the attempt whose staged parts these are (io.stage_shard): unique even if a Redis that lost writes
+    # hands one token to two workers
+    attempt: str = ""
 
     def to_dict(self) -> dict:
-        return {"prompts_done": self.prompts_done, "prompts_failed": self.prompts_failed,
-                "samples": self.samples, "output_tokens": self.output_tokens,
-                "parts": {k: [int(v[0]), str(v[1])] for k, v in self.parts.items()}}
+        d = {"prompts_done": self.prompts_done, "prompts_failed": self.prompts_failed,
+             "samples": self.samples, "output_tokens": self.output_tokens,
+             "parts": {k: [int(v[0]), str(v[1])] for k, v in self.parts.items()}}
+        if self.attempt:
+            d["attempt"] = self.attempt
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShardStats":
@@ -48,7 +54,7 @@ class ShardStats:
             parts = {}
         return cls(prompts_done=int(d.get("prompts_done", 0)), prompts_failed=int(d.get("prompts_failed", 0)),
                    samples=int(d.get("samples", 0)), output_tokens=int(d.get("output_tokens", 0)),
-                   parts={k: (int(v[0]), str(v[1])) for k, v in parts.items()})
+                   parts={k: (int(v[0]), str(v[1])) for k, v in parts.items()}, attempt=str(d.get("attempt") or ""))
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ def finalize_if_ready(broker, job_id: str) -> bool:
         markers = io.committed_shards(out)
         for index, (token, stats) in broker.commits(job_id).items():
             if index not in markers:
-                markers[index] = io.promote_shard(out, index, token, stats.parts, stats=stats.to_dict())
+                markers[index] = io.promote_shard(out, index, token, stats.parts, stats=stats.to_dict(),
+                                                   attempt=stats.attempt)
         if any(i not in markers for i in range(status.shards_total)):
             missing = sum(1 for i in range(status.shards_total) if i not in markers)
             broker.mark_failed(job_id, f"{missing} shard(s) have no committed parts in storage")
@@ -66,7 +67,8 @@ def _finalize_cancelled(broker, job_id: str, status, spec) -> bool:
         for index, (token, stats) in broker.commits(job_id).items():
             if index not in markers:
                 try:
-                    markers[index] = io.promote_shard(out, index, token, stats.parts, stats=stats.to_dict())
+                    markers[index] = io.promote_shard(out, index, token, stats.parts, stats=stats.to_dict(),
+                                                   attempt=stats.attempt)
                 except io.CommitError as err:      # its parts are gone: the shard stays out of the output
                     log.warning("job %s shard %s: %s", job_id, index, err)
         manifest = io.read_manifest(out)

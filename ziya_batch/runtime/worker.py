@@ -303,15 +303,18 @@ class Worker:
                                    output_tokens=sum(len(s.token_ids) for r in results for s in r.samples))
                 if hb.lost.is_set():
                     raise LeaseLost()
-                staged = io.stage_shard(spec.output.path, shard.index, lease.token, parts, spec.output.format, spec.format)
+                stats.attempt = io.new_attempt()
+                staged = io.stage_shard(spec.output.path, shard.index, lease.token, parts, spec.output.format,
+                                        spec.format, attempt=stats.attempt)
                 stats.parts = {k: (p.lines, p.sha256) for k, p in staged.items()}
                 if not self.broker.commit(lease, stats):
-                    io.discard_staged(spec.output.path, shard.index, lease.token)
+                    io.discard_staged(spec.output.path, shard.index, lease.token, stats.attempt)
                     log.warning("shard %s/%d: lease lost before commit; output discarded", lease.job_id, shard.index)
                     return False
             finally:
                 hb.stop()
-            io.promote_shard(spec.output.path, shard.index, lease.token, stats.parts, stats=stats.to_dict())
+            io.promote_shard(spec.output.path, shard.index, lease.token, stats.parts, stats=stats.to_dict(),
+                             attempt=stats.attempt)
         except LeaseLost:
             log.warning("shard %s/%d: lease lost; stopped", lease.job_id, shard.index)
             return False
