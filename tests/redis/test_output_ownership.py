@@ -104,3 +104,20 @@ def test_two_workers_granted_one_token_by_a_redis_that_lost_writes_keep_their_ow
     finalize_if_ready(broker, job)
     assert broker.status(job).state == JobState.COMPLETED
     assert [(r["id"], r["response"]) for r in io.read_parts(out, "results")] == [("p0", "w2"), ("p1", "w2")]
+
+
+def test_a_completed_job_whose_output_was_deleted_runs_again(tmp_path, demo_model, broker):
+    """Submitting a completed job's spec again is a no-op while its output is there; once the output has been
+    deleted it runs again and writes every id (it reported completed and wrote nothing)."""
+    import shutil
+
+    spec = _spec(tmp_path, demo_model, 2, n_lines=4)
+    job = submit_job(spec, broker).job_id
+    Worker(broker, device="cpu").run_until_idle()
+    assert broker.status(job).state == JobState.COMPLETED
+    assert submit_job(spec, broker).state == JobState.COMPLETED          # output there: nothing to do
+    shutil.rmtree(tmp_path / "out")
+    assert submit_job(spec, broker).state != JobState.COMPLETED
+    Worker(broker, device="cpu").run_until_idle()
+    assert broker.status(job).state == JobState.COMPLETED
+    assert [r["id"] for r in io.read_parts(str(tmp_path / "out"), "results")] == ["p0", "p1", "p2", "p3"]

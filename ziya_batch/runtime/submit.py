@@ -56,7 +56,10 @@ def submit_job(spec: JobSpec, broker, check_model_dir: bool = False):
     job_id = spec.identity()
     existing = broker.find_job(job_id)
     if existing is not None and existing.state == JobState.COMPLETED:
-        return existing
+        if io.read_manifest(spec.output.path) is not None:
+            return existing
+        # completed, but its output has been deleted since: the same spec runs again from the start
+        broker.delete_job(job_id)
     # a job Redis knows is resubmitted too: the broker then reads no shard list, but records the parts
     # that storage holds and Redis lost (the last second of writes before a crash, under appendfsync everysec)
     files = io.expand_inputs(spec.input)
