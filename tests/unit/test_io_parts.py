@@ -72,6 +72,25 @@ def test_stage_then_promote_writes_final_parts_and_marker_last(tmp_path):
     assert committed_shards(out) == {5: marker}
 
 
+def test_a_commit_marker_that_cannot_be_read_is_an_error_not_a_shard_left_out(tmp_path, monkeypatch):
+    from fsspec.implementations.local import LocalFileSystem
+
+    out = str(tmp_path / "out")
+    for index in (0, 1):
+        staged = stage_shard(out, index, 3, _parts(), "jsonl")
+        promote_shard(out, index, 3, {k: (p.lines, p.sha256) for k, p in staged.items()})
+    assert sorted(committed_shards(out)) == [0, 1]
+    cat_file = LocalFileSystem.cat_file
+
+    def flaky(self, path, *a, **kw):
+        if str(path).endswith("part-00001.json"):
+            raise OSError("read failed")
+        return cat_file(self, path, *a, **kw)
+    monkeypatch.setattr(LocalFileSystem, "cat_file", flaky)
+    with pytest.raises(OSError, match="read failed"):
+        committed_shards(out)
+
+
 def test_errors_part_is_always_written_even_empty(tmp_path):
     out = str(tmp_path / "out")
     staged = stage_shard(out, 0, 1, {"results": []}, "jsonl")

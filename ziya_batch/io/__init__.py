@@ -13,7 +13,8 @@ from .storage import join_url, normalize_url, open_output_fs, url_to_fs
 
 __all__ = [
     "expand_inputs", "index_inputs", "read_shard", "shard_refs",
-    "stage_shard", "promote_shard", "discard_staged", "new_attempt", "clear_staging", "committed_shards", "read_marker",
+    "stage_shard", "promote_shard", "discard_staged", "new_attempt", "clear_staging", "committed_shards",
+    "read_marker",
     "part_path", "StagedPart", "CommitMarker", "PartInfo", "CommitError",
     "write_manifest", "read_manifest", "read_parts", "manifest_part_urls", "verify_output", "manifest_shards",
     "output_owner", "set_output_owner",

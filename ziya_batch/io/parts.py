@@ -270,7 +270,9 @@ def committed_shards(output_url: str) -> dict[int, CommitMarker]:
     names = [p for p in list_fresh(fs, join_url(root, COMMITTED)) if p.endswith(".json")]
     if not names:
         return {}
-    blobs = fs.cat(names, on_error="omit")          # one concurrent batch on object stores
+    # one concurrent batch on object stores; a marker that cannot be read is an error, not a shard left out
+    # (a cancelled job's manifest would miss its part; a resubmit would run it again)
+    blobs = fs.cat(names, on_error="raise")
     markers = {}
     for data in blobs.values():
         m = CommitMarker.from_json(data)
