@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from ..errors import InputError
 from .parts import CommitMarker
@@ -70,11 +70,8 @@ OWNER = "_owner.json"
 
 def output_owner(output_url: str) -> Optional[str]:
     """The job id that writes into this output directory (recorded at submit), or None."""
-    fs, root = open_output_fs(output_url)
-    path = join_url(root, OWNER)
-    fs.invalidate_cache(path)
-    data = read_bytes(fs, path)
-    return json.loads(data).get("job_id") if data is not None else None
+    owner = _read_json(output_url, OWNER)
+    return owner.get("job_id") if owner is not None else None
 
 
 def set_output_owner(output_url: str, job_id: str) -> None:
@@ -90,8 +87,13 @@ def manifest_shards(manifest: dict) -> set[int]:
 
 def read_manifest(output_url: str) -> Optional[dict]:
     """The manifest, or None when the job has not written one (yet)."""
+    return _read_json(output_url, MANIFEST)
+
+
+def _read_json(output_url: str, name: str) -> Optional[Any]:
+    """A JSON file at the top of the output directory, read fresh (no listing cache), or None if absent."""
     fs, root = open_output_fs(output_url)
-    path = join_url(root, MANIFEST)
+    path = join_url(root, name)
     fs.invalidate_cache(path)
     data = read_bytes(fs, path)
     return json.loads(data) if data is not None else None

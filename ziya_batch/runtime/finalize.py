@@ -36,14 +36,10 @@ def finalize_if_ready(broker, job_id: str) -> bool:
     if status.state != JobState.FINALIZING or not broker.begin_finalize(job_id):
         return False
     try:
-        markers = io.committed_shards(out)
-        for index, (token, stats) in broker.commits(job_id).items():
-            if index not in markers:
-                markers[index] = io.promote_shard(out, index, token, stats.parts, stats=stats.to_dict(),
-                                                   attempt=stats.attempt)
-        if any(i not in markers for i in range(status.shards_total)):
-            missing = sum(1 for i in range(status.shards_total) if i not in markers)
-            broker.mark_failed(job_id, f"{missing} shard(s) have no committed parts in storage")
+        markers = _committed(broker, job_id, out)
+        missing = [i for i in range(status.shards_total) if i not in markers]
+        if missing:
+            broker.mark_failed(job_id, f"{len(missing)} shard(s) have no committed parts in storage")
             return False
         io.write_manifest(out, spec.to_json(), {**_summary(status, markers), "state": "completed"}, markers)
         broker.mark_completed(job_id)
@@ -55,6 +51,24 @@ def finalize_if_ready(broker, job_id: str) -> bool:
         raise
 
 
+def _committed(broker, job_id: str, out: str, skip_lost: bool = False) -> dict:
+    """Every shard's commit marker, after promoting the parts of commits Redis accepted whose promotion a
+    crash (or a finalize call racing the worker) left undone. `skip_lost`: a shard whose staged parts are gone
+    is logged and left out instead of raising CommitError."""
+    markers = io.committed_shards(out)
+    for index, (token, stats) in broker.commits(job_id).items():
+        if index in markers:
+            continue
+        try:
+            markers[index] = io.promote_shard(out, index, token, stats.parts, stats=stats.to_dict(),
+                                              attempt=stats.attempt)
+        except io.CommitError as err:
+            if not skip_lost:
+                raise
+            log.warning("job %s shard %s: %s", job_id, index, err)
+    return markers
+
+
 def _finalize_cancelled(broker, job_id: str, status, spec) -> bool:
     """A cancelled job's manifest lists every shard committed before the cancel took hold: a commit can land
     (and move the job from cancelling to cancelled) before its parts are promoted, so parts Redis accepted
@@ -63,14 +77,7 @@ def _finalize_cancelled(broker, job_id: str, status, spec) -> bool:
     out = spec.output.path
     wrote = False
     for _ in range(3):
-        markers = io.committed_shards(out)
-        for index, (token, stats) in broker.commits(job_id).items():
-            if index not in markers:
-                try:
-                    markers[index] = io.promote_shard(out, index, token, stats.parts, stats=stats.to_dict(),
-                                                   attempt=stats.attempt)
-                except io.CommitError as err:      # its parts are gone: the shard stays out of the output
-                    log.warning("job %s shard %s: %s", job_id, index, err)
+        markers = _committed(broker, job_id, out, skip_lost=True)
         manifest = io.read_manifest(out)
         if manifest is not None and set(markers) <= io.manifest_shards(manifest):
             return wrote

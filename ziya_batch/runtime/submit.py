@@ -4,7 +4,7 @@ No Ray here: the CLI, `run` and the HTTP API all submit through `submit_job`.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 from .. import io
 from ..errors import SpecError
@@ -17,10 +17,11 @@ def _shard_refs(job_id: str, files: list[str], shard_size: int) -> Iterator[Shar
         yield ShardRef(job_id, index, file, start, end, first_line, num_lines)
 
 
-def check_output_owner(spec: JobSpec) -> None:
+def check_output_owner(spec: JobSpec) -> Optional[str]:
     """An output path belongs to one spec: refuse to mix a different job's parts into it, finished (its
     manifest) or not (the owner recorded at its submit: a changed spec, e.g. another shard_size, would
-    otherwise take the other job's committed parts for its own shards)."""
+    otherwise take the other job's committed parts for its own shards). Returns the owner recorded (this
+    spec's job id), or None if none is yet."""
     out = spec.output.path
     manifest = io.read_manifest(out)
     if manifest and manifest.get("job_id") not in (None, spec.identity()):
@@ -33,6 +34,7 @@ def check_output_owner(spec: JobSpec) -> None:
             f"output.path {out} holds the parts of another job ({owner}) that has not finished (a different "
             "spec to the same path): resume that job with its own spec, or choose a new output.path, or "
             "delete the old output")
+    return owner
 
 
 def check_model(spec: JobSpec) -> None:
@@ -65,8 +67,7 @@ def submit_job(spec: JobSpec, broker, check_model_dir: bool = False):
     files = io.expand_inputs(spec.input)
     if check_model_dir:
         check_model(spec)
-    check_output_owner(spec)
-    if io.output_owner(spec.output.path) is None:
+    if check_output_owner(spec) is None:
         io.set_output_owner(spec.output.path, job_id)
     committed = {i: _stats_from_marker(m) for i, m in io.committed_shards(spec.output.path).items()}
     status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size), committed=committed)
