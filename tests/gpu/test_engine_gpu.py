@@ -223,8 +223,10 @@ def test_preemption_on_gpu_keeps_greedy_output():
     ps = prompts(16, seed=3, lo=40, hi=100)
     res = []
     for blocks in (800, 40):
+        # no admission horizon: the growth plan would admit only what the 40 blocks can finish, and preempt nothing
         eng = LLMEngine.from_model(hf, None, EngineConfig(model_path="", dtype="float32", device="cuda",
-                                                          num_kv_blocks=blocks, max_num_seqs=32))
+                                                          num_kv_blocks=blocks, max_num_seqs=32,
+                                                          admission_horizon_tokens=0))
         res.append([o.completions[0].token_ids for o in
                     eng.generate([Request(str(i), p, greedy(40)) for i, p in enumerate(ps)])])
         if blocks == 40:

@@ -201,11 +201,17 @@ def tp_switch_worker(rank: int, world_size: int, init_file: str, specs_json: lis
                 eng = cache.engine(JobSpec.model_validate_json(raw))
                 got.append([o.completions[0].token_ids
                             for o in eng.generate([Request(str(i), p, params) for i, p in enumerate(prompts)])])
+                # as a worker does: the cache holds the only reference, so a switch frees the GPU memory (with
+                # this one left, the next model found no room for its KV cache)
+                eng = None
             driver.stop()
             with open(result_file, "w") as fh:
                 json.dump(got, fh)
         else:
             def load(raw: str):
+                from ziya_batch.runtime.models import release_memory
+
+                release_memory(device)        # what serve_follower dropped, as the replica's actor does
                 return LLMEngine(engine_config(JobSpec.model_validate_json(raw), device),
                                  tensor_parallel=(rank, world_size))
             serve_follower(None, on_load=load)
