@@ -15,6 +15,7 @@ stats, committed_token. About 200 bytes a shard: a 10-million-line job of 512-li
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from typing import Callable, Iterable, Mapping, Optional
 
@@ -58,6 +59,7 @@ class Broker:
         self.worker_ttl_s = worker_ttl_s
         self.claim_scan = claim_scan
         self._files: dict[tuple[str, str], list[str]] = {}   # (job_id, created_ms) -> input files
+        self._work: Optional[redis.client.PubSub] = None     # watch_work's subscription
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "zb", **kwargs) -> "Broker":
@@ -110,6 +112,7 @@ class Broker:
         if batch:
             self._add_shards(job_id, batch)
         self.scripts.seal(keys=[k.job(job_id), k.ready(), k.claim_seq()], args=[job_id])
+        self.announce_work(job_id)
         return self.status(job_id)
 
     def _add_shards(self, job_id: str, triples: list) -> int:
@@ -119,8 +122,43 @@ class Broker:
 
     def _reopen(self, job_id: str) -> str:
         k = self.keys
-        return self.scripts.reopen(keys=[k.job(job_id), k.shards(job_id), k.pending(job_id), k.dead(job_id),
-                                         k.ready(), k.claim_seq(), k.finalizer(job_id)], args=[job_id])
+        state = self.scripts.reopen(keys=[k.job(job_id), k.shards(job_id), k.pending(job_id), k.dead(job_id),
+                                          k.ready(), k.claim_seq(), k.finalizer(job_id)], args=[job_id])
+        self.announce_work(job_id)
+        return state
+
+    # -- waking idle workers ----------------------------------------------------------------------------
+    def announce_work(self, job_id: str) -> None:
+        """Tell idle workers (wait_for_work) that `job_id` may have claimable shards: after a submit, a reopen
+        and a requeue. A hint only: a worker also looks on its own after each idle interval, so a message that
+        reaches nobody (no worker listening, one reconnecting) costs at most that interval."""
+        self.client.publish(self.keys.work_channel(), job_id)
+
+    def watch_work(self) -> None:
+        """Subscribe to announce_work's channel, before the first claim: what is announced between a claim that
+        found nothing and the wait after it is then kept for that wait, not missed."""
+        if self._work is None:
+            self._work = self.client.pubsub(ignore_subscribe_messages=True)
+            self._work.subscribe(self.keys.work_channel())
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        """Block up to `timeout_s` for an announcement; True if one came (those that came while this worker was
+        busy are read at once, all of them: one claim round answers them)."""
+        self.watch_work()
+        end = time.monotonic() + timeout_s
+        # get_message also returns None, early, for the subscription's own confirmation: wait out the rest
+        while self._work.get_message(timeout=max(0.0, end - time.monotonic())) is None:
+            if time.monotonic() >= end:
+                return False
+        for _ in range(10_000):
+            if self._work.get_message(timeout=0) is None:
+                break
+        return True
+
+    def unwatch_work(self) -> None:
+        if self._work is not None:
+            work, self._work = self._work, None
+            work.close()
 
     def get_spec(self, job_id: str) -> JobSpec:
         raw = self.client.get(self.keys.spec(job_id))
@@ -241,11 +279,14 @@ class Broker:
 
     def _requeue(self, job_id: str, index: int, token: str, message: str, bad_line, worker_id: str):
         k, j = self.keys, job_id
-        return self.scripts.requeue(
+        out = self.scripts.requeue(
             keys=[k.job(j), k.shards(j), k.pending(j), k.leased(j), k.leases(), k.dead(j), k.errors(j),
                   k.ready(), k.claim_seq()],
             args=[j, index, token, message, bad_line, self.backoff_base_ms, self.backoff_max_ms,
                   self.errors_kept, k.lease_member(j, index), worker_id])
+        if out:
+            self.announce_work(job_id)      # pending again (after its backoff) or dead-lettered: claimable
+        return out
 
     def reap(self, limit: int = 1000) -> list[tuple[str, int, str]]:
         """Requeue shards whose lease expired (a failed attempt each). Returns (job_id, index, outcome)

@@ -7,6 +7,7 @@ Layout (prefix `zb` by default; `<job>` is JobSpec.identity(), 16 hex digits):
     zb:claim_seq            string counter                         round-robin order between jobs
     zb:leases               zset   "<job>|<index>" -> expiry_ms    every leased shard (the reaper's view)
     zb:workers              zset   worker id -> last_seen_ms
+    zb:work                 pub/sub job id, published when a job may have new claimable shards (wakes idle workers)
     zb:worker:<id>          hash   host, info (JSON), started_ms
     zb:job:<job>            hash   state, counters, lease_ms, max_retries, ... (see broker.py)
     zb:job:<job>:spec       string the job spec as JSON
@@ -55,6 +56,10 @@ class Keys:
 
     def workers(self) -> str:
         return self._k("workers")
+
+    def work_channel(self) -> str:
+        """A pub/sub channel, not a key: Broker.announce_work publishes on it, idle workers listen."""
+        return self._k("work")
 
     def worker(self, worker_id: str) -> str:
         return self._k("worker", worker_id)

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
@@ -37,6 +38,8 @@ MAX_SHARDS_IN_FLIGHT = 2
 STICKY_CLAIMS = 8
 # Job specs a worker keeps read (a long-lived worker sees every job ever queued)
 SPECS_KEPT = 256
+# An idle worker waits for announced work in slices of this long, to see a stop at once
+IDLE_SLICE_S = 0.1
 
 
 class LeaseLost(Exception):
@@ -140,6 +143,7 @@ class Worker:
 
         backoff_s = idle_sleep_s
         try:
+            self._watch_work()
             while not stop.is_set() or self._flights:
                 try:
                     worked = self.run_once(claim=not stop.is_set())
@@ -152,13 +156,40 @@ class Worker:
                     backoff_s = min(max_backoff_s, backoff_s * 2)
                     continue
                 if not worked:
-                    stop.wait(idle_sleep_s)
+                    self._idle(stop, idle_sleep_s)
         finally:
             self._abandon()
+            self.broker.unwatch_work()
             try:
                 self.broker.unregister_worker(self.worker_id)
             except Exception:  # noqa: BLE001 - Redis gone at shutdown: the registration expires by itself
                 pass
+
+    def _watch_work(self) -> None:
+        import redis
+
+        try:
+            self.broker.watch_work()
+        except redis.RedisError as err:      # Redis not up yet: the loop waits it out; _idle subscribes later
+            log.debug("cannot watch for work yet: %s", err)
+
+    def _idle(self, stop: threading.Event, seconds: float) -> None:
+        """Nothing to claim: wait `seconds` for a job to announce work (a submit, a shard given back), in slices
+        short enough that `stop` is seen at once."""
+        import redis
+
+        end = time.monotonic() + seconds
+        while not stop.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                if self.broker.wait_for_work(min(left, IDLE_SLICE_S)):
+                    return
+            except redis.RedisError:          # the subscription broke: plain waiting until the next look
+                self.broker.unwatch_work()
+                stop.wait(max(0.0, end - time.monotonic()))
+                return
 
     # -- shards -------------------------------------------------------------------------------------------
     def _serves(self, job_id: str) -> bool:
