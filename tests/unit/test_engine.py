@@ -45,11 +45,12 @@ def test_greedy_matches_transformers_over_mixed_prompt_lengths(num_kv_heads):
         check_against_hf(tiny_llama(num_kv_heads), p, o.completions[0], 16)
 
 
-def test_longest_first_schedule_gives_the_same_greedy_output():
+@pytest.mark.parametrize("policy", ["longest-first", "tail-longest-first"])
+def test_longest_first_schedules_give_the_same_greedy_output(policy):
     prompts = random_prompts(8, seed=11)
     lengths = [4, 20, 9, 20, 1, 13, 6, 17]
     reqs = [Request(f"r{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(prompts, lengths))]
-    eng = make_engine(max_num_seqs=3, schedule_policy="longest-first")
+    eng = make_engine(max_num_seqs=3, schedule_policy=policy)
     outs = eng.generate(reqs)
     assert [o.request_id for o in outs] == [r.request_id for r in reqs]
     for p, n, o in zip(prompts, lengths, outs):

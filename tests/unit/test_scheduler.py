@@ -139,6 +139,46 @@ def test_longest_first_keeps_a_preempted_sequence_at_the_front():
     assert [q.request_id for q in s.waiting] == ["a", "b"]
 
 
+def test_tail_longest_first_keeps_arrival_order_until_the_waiting_fit_the_seats_then_starts_the_longest():
+    s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=2, max_num_batched_tokens=64,
+                  policy="tail-longest-first")
+    for m, r in ((8, "a"), (64, "b"), (16, "c"), (64, "d")):
+        seq(s, 4, max_new=m, rid=r)
+    admitted = []
+
+    def step():
+        out = run_step(s)
+        admitted.extend(c.seq.request_id for c in out.chunks if c.start == 0)
+        for q in list(s.running):
+            if q.num_output_tokens >= q.params.max_new_tokens:
+                s.finish(q, SeqStatus.FINISHED_LENGTH)
+
+    step()
+    assert admitted == ["a", "b"]                       # 4 waiting, 2 seats: arrival order
+    assert [q.request_id for q in s.waiting] == ["c", "d"]
+    step()
+    assert [q.request_id for q in s.waiting] == ["d", "c"]   # 2 waiting, 2 seats: the longest first
+    # a late arrival puts the queue back in arrival order until it fits the seats again
+    seq(s, 4, max_new=200, rid="e")
+    assert [q.request_id for q in s.waiting] == ["d", "c", "e"]
+    while s.has_unfinished():
+        step()
+    assert admitted == ["a", "b", "d", "e", "c"]
+
+
+def test_tail_longest_first_preempts_nothing_when_the_horizon_covers_every_output():
+    import random
+
+    for seed in range(20):
+        rng = random.Random(seed)
+        s = Scheduler(num_blocks=rng.choice([24, 40, 80]), block_size=4, max_num_seqs=6, max_num_batched_tokens=16,
+                      admission_horizon_tokens=64, policy="tail-longest-first")
+        for i in range(24):
+            seq(s, rng.randint(1, 20), n=rng.choice([1, 1, 2]), max_new=rng.randint(1, 20), rid=str(i))
+        _drive(s)
+        assert s.num_preemptions == 0 and s.pool.num_free == s.pool.num_blocks, seed
+
+
 def test_fcfs_is_arrival_order_and_unknown_policies_are_refused():
     s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
     for m, r in ((8, "x"), (64, "y")):

@@ -21,7 +21,7 @@ from ziya_batch.engine.kv_cache import BlockPool
 from ziya_batch.engine.types import SamplingParams
 
 
-POLICIES = ("fcfs", "longest-first")
+POLICIES = ("fcfs", "longest-first", "tail-longest-first")
 # The token of a launched step not yet read back (asynchronous scheduling: the engine schedules and launches the
 # next step while the GPU still samples this one). advance() appends it, fill() replaces it.
 PENDING_TOKEN = -1
@@ -101,9 +101,13 @@ class Scheduler:
         # the largest max_new_tokens first (ties: longer prompt, then arrival); in a batch whose requests are
         # all known, the short ones then fill the end, so the final drain, when the batch shrinks and each
         # step reads the weights for fewer tokens, is short (LPT scheduling of a makespan). On W1 (H200) it
-        # raised the mean decode batch from 159 to 226 but also caused preemptions: no net gain, so the
-        # job spec's default is fcfs.
+        # raised the mean decode batch from 159 to 226 but also caused preemptions: no net gain. Where the
+        # KV cache bounds the batch (an H100's) it is worse: long requests together hold more of the cache.
+        # "tail-longest-first": arrival order until no more requests wait than the batch has seats, then those
+        # longest first: the mix of lengths that fills the cache well is kept, and the end of the queue is
+        # not a long request started last that runs on alone while the batch drains (scripts/sim_schedule.py).
         self.policy = policy
+        self._tail_sorted = False
         self.pool = BlockPool(num_blocks)
         # A waiting sequence is admitted only if the blocks left after it still cover what the running ones will
         # need over the next `horizon` steps: recompute after preemption costs a whole prefill, so over-admitting
@@ -125,8 +129,9 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        if self.policy == "fcfs" or not self.waiting:
+        if self.policy != "longest-first" or not self.waiting:
             self.waiting.append(seq)
+            self._tail_sorted = False
             return
         # the queue is ordered by _queue_key: preempted sequences first (they wait at the front for recompute),
         # then the largest max_new_tokens; after its equals, so arrival order holds among them
@@ -206,6 +211,9 @@ class Scheduler:
             budget -= n
             i += 1
         plan: Optional[_GrowthPlan] = None
+        if self.policy == "tail-longest-first" and not self._tail_sorted and len(self.waiting) <= self.max_num_seqs:
+            self.waiting = deque(sorted(self.waiting, key=_queue_key))      # stable: arrival order among equals
+            self._tail_sorted = True
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
             seats = 1 + seq.pending_forks
