@@ -274,7 +274,7 @@ def compare_parity(work: Path) -> dict:
 
 
 def throughput(work: Path, model: Path, w1: Path, redis_url: str, configs: list[tuple[int, int]],
-               parity_in: Path | None = None, shard_size: int = 512) -> list[dict]:
+               parity_in: Path | None = None, shard_size: int = 512, schedule: str = "fcfs") -> list[dict]:
     import ray
 
     from ziya_batch.queue import Broker
@@ -290,7 +290,7 @@ def throughput(work: Path, model: Path, w1: Path, redis_url: str, configs: list[
     try:
         for tp, replicas in configs:
             tag = f"tp{tp}-x{replicas}"
-            engine = {"gpu_memory_fraction": 0.92}
+            engine = {"gpu_memory_fraction": 0.92, "schedule": schedule}
             warm = parse_spec(job_spec(f"warm-{tag}", model, warm_in, work / f"warm-out-{tag}", tp, replicas,
                                        shard_size=1, sampling={"max_new_tokens": 8}, engine=engine))
             job = parse_spec(job_spec(f"w1-{tag}", model, w1, work / f"w1-out-{tag}", tp, replicas,
@@ -316,7 +316,7 @@ def throughput(work: Path, model: Path, w1: Path, redis_url: str, configs: list[
                 wall = time.time() - t0
             finally:
                 manager.stop()
-            rows.append(dict(config=tag, tensor_parallel=tp, replicas=replicas, gpus=tp * replicas, shard_size=shard_size,
+            rows.append(dict(config=tag, tensor_parallel=tp, replicas=replicas, gpus=tp * replicas, shard_size=shard_size, schedule=schedule,
                              prompts=st.prompts_done, failed=st.prompts_failed, output_tokens=st.output_tokens,
                              wall_s=wall, output_tok_s=st.output_tokens / wall, warmup_s=load_s,
                              state=st.state.value))
@@ -348,11 +348,11 @@ def render(par: dict, rows: list[dict], card: str, commit: str) -> str:
         lines += [f"Parity (`ziya-batch run`, tensor_parallel 2 against 1, greedy, {PARITY_TOKENS} tokens, EOS "
                   f"ignored): {par['equal']} of {par['prompts']} prompts equal ({100 * par['fraction']:.0f}%); first "
                   f"differing token of the others: {par['first_divergence']}.", ""]
-    lines += ["| replicas x tensor_parallel | GPUs | shard_size | prompts | output tokens | seconds | output tok/s | "
-              "vs 1 x TP1 | warm-up s |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["| replicas x tensor_parallel | GPUs | shard_size | schedule | prompts | output tokens | seconds | "
+              "output tok/s | vs 1 x TP1 | warm-up s |", "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         rel = f"{r['output_tok_s'] / base['output_tok_s']:.2f}x" if base else "–"
-        lines.append(f"| {r['replicas']} x TP{r['tensor_parallel']} | {r['gpus']} | {r['shard_size']} | {r['prompts']} | "
+        lines.append(f"| {r['replicas']} x TP{r['tensor_parallel']} | {r['gpus']} | {r['shard_size']} | {r['schedule']} | {r['prompts']} | "
                      f"{r['output_tokens']:,} | {r['wall_s']:.1f} | {r['output_tok_s']:,.0f} | {rel} | "
                      f"{r['warmup_s']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -377,6 +377,7 @@ def main() -> None:
                    help="the embedding's rate as a multiple of --trained-lr")
     p.add_argument("--train-max-s", type=float, default=0, help="stop the training after this many seconds")
     p.add_argument("--shard-size", type=int, default=512, help="W1's shard_size (default 512, the spec's default)")
+    p.add_argument("--schedule", default="fcfs", help="the jobs' engine.schedule (default fcfs)")
     p.add_argument("--configs", default="1x1,2x1,1x2", help="TPxREPLICAS,... (default 1x1,2x1,1x2)")
     a = p.parse_args()
     work, out = Path(a.work), Path(a.out)
@@ -404,7 +405,7 @@ def main() -> None:
         if a.parity_cli:
             par = parity(work, model, par_in, url)
         rows = throughput(work, model, w1, url, configs, None if a.parity_cli or a.skip_parity else par_in,
-                          a.shard_size)
+                          a.shard_size, a.schedule)
         if not a.parity_cli and not a.skip_parity:
             if {(1, 1), (2, 1)} <= set(configs):
                 par = compare_parity(work)
