@@ -183,8 +183,9 @@ def bench(
     markdown: Optional[str] = typer.Option(None, "--markdown", help="Write the table into this markdown file"),
     only: List[str] = typer.Option([], "--only", help="Run only these rows (engine, hf-generate, hf-continuous, roofline)"),
     seed: int = typer.Option(0, "--seed"),
-    schedule: str = typer.Option("fcfs", "--schedule",
-                                 help="The engine's admission order: fcfs (default) or longest-first"),
+    schedule: str = typer.Option("tail-longest-first", "--schedule",
+                                 help="The engine's admission order: tail-longest-first (default), fcfs or "
+                                      "longest-first"),
     kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="auto (the model's dtype) or fp8"),
 ):
     """The throughput benchmark on the 13B shape, workload W1, with the baselines side by side."""

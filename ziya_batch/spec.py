@@ -139,7 +139,7 @@ class EngineSpec(_Strict):
     kv_cache_dtype: Literal["auto", "fp8"] = "auto"
     """KV cache element type: the model's dtype, or float8 e4m3 (twice the tokens in the same memory and half
     the bytes a decode step reads; K/V are rounded to 3 mantissa bits, so outputs differ slightly)."""
-    schedule: Literal["fcfs", "longest-first", "tail-longest-first"] = "fcfs"
+    schedule: Literal["fcfs", "longest-first", "tail-longest-first"] = "tail-longest-first"
     """Which waiting prompt of a shard starts first: arrival order, or the one with the most max_new_tokens
     (the short ones then fill the shard's end; on W1 it gave no gain, see docs/BENCHMARKS.md)."""
 

@@ -274,7 +274,7 @@ def compare_parity(work: Path) -> dict:
 
 
 def throughput(work: Path, model: Path, w1: Path, redis_url: str, configs: list[tuple[int, int]],
-               parity_in: Path | None = None, shard_size: int = 512, schedule: str = "fcfs") -> list[dict]:
+               parity_in: Path | None = None, shard_size: int = 512, schedule: str = "tail-longest-first") -> list[dict]:
     import ray
 
     from ziya_batch.queue import Broker
@@ -377,9 +377,12 @@ def main() -> None:
                    help="the embedding's rate as a multiple of --trained-lr")
     p.add_argument("--train-max-s", type=float, default=0, help="stop the training after this many seconds")
     p.add_argument("--shard-size", type=int, default=512, help="W1's shard_size (default 512, the spec's default)")
-    p.add_argument("--schedule", default="fcfs", help="the jobs' engine.schedule (default fcfs)")
+    p.add_argument("--schedule", default=None, help="the jobs' engine.schedule (default: the spec's)")
     p.add_argument("--configs", default="1x1,2x1,1x2", help="TPxREPLICAS,... (default 1x1,2x1,1x2)")
     a = p.parse_args()
+    if a.schedule is None:
+        from ziya_batch.spec import EngineSpec
+        a.schedule = EngineSpec.model_fields["schedule"].default
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

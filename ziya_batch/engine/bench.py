@@ -46,7 +46,7 @@ class BenchOptions:
     markdown: Optional[str] = None
     only: tuple[str, ...] = ()
     seed: int = 0
-    schedule: str = "fcfs"
+    schedule: str = "tail-longest-first"
     kv_cache_dtype: str = "auto"
 
 
@@ -93,7 +93,7 @@ _ENGINE_CONFIG = dict(model_path="", dtype="float16", max_num_seqs=256, max_num_
 
 
 def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: int = 1,
-                  schedule: str = "fcfs", kv_cache_dtype: str = "auto") -> tuple[LLMEngine, float]:
+                  schedule: str = BenchOptions.schedule, kv_cache_dtype: str = "auto") -> tuple[LLMEngine, float]:
     """The random-weight engine; with world_size > 1, this rank's tensor-parallel shard (every rank makes the
     same weights from the seed, then keeps its share)."""
     from ziya_batch.engine.tp import apply_tp
@@ -105,7 +105,7 @@ def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: in
 
 
 def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: int = 1,
-                 schedule: str = "fcfs", kv_cache_dtype: str = "auto") -> tuple[dict, dict]:
+                 schedule: str = BenchOptions.schedule, kv_cache_dtype: str = "auto") -> tuple[dict, dict]:
     """Rank 0's side of the run (the only side when world_size is 1): with tensor parallelism the other
     ranks follow each step (_tp_bench_rank)."""
     eng, init_s = _build_engine(a, device, seed, 0, world_size, schedule, kv_cache_dtype)
@@ -174,7 +174,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
 
 
 def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requests: int, seed: int,
-                   result_file: str, schedule: str = "fcfs", kv_cache_dtype: str = "auto") -> None:
+                   result_file: str, schedule: str = BenchOptions.schedule, kv_cache_dtype: str = "auto") -> None:
     """One process of `bench --tensor-parallel K`: one GPU each, NCCL; rank 0 runs the workload and writes
     its row and profile as JSON, the others follow its steps."""
     import json

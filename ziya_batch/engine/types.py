@@ -61,8 +61,8 @@ class EngineConfig:
     # need over this many steps (each grows a token a step up to its max_new_tokens; those bound to finish
     # within them free their blocks); fewer preemptions (recompute) for a few idle blocks. 0: no reserve
     admission_horizon_tokens: int = 256
-    # which waiting request is admitted first: "fcfs" or "longest-first" (largest max_new_tokens; see scheduler.py)
-    schedule_policy: str = "fcfs"
+    # which waiting request is admitted first: "tail-longest-first", "fcfs" or "longest-first" (see scheduler.py)
+    schedule_policy: str = "tail-longest-first"
     # "auto" (the model's dtype) or "fp8" (float8 e4m3: twice the tokens in the same memory; see kv_cache.py)
     kv_cache_dtype: str = "auto"
     # schedule and launch step N+1 while the device still runs step N (see LLMEngine.step)
