@@ -84,3 +84,14 @@ def test_an_idle_worker_starts_a_submitted_job_at_once_and_stops_at_once(tmp_pat
         thread.join(timeout=10.0)
     assert not thread.is_alive()
     assert time.monotonic() - t_stop < 2.0
+
+
+def test_an_announcement_never_fails_what_it_follows():
+    """What announce_work follows (a submit, a requeue) is written already: a Redis it cannot reach is not an
+    error of that call."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                   # nothing listens there once closed
+    Broker.from_url(f"redis://127.0.0.1:{port}/0").announce_work("job")

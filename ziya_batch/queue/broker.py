@@ -15,6 +15,7 @@ stats, committed_token. About 200 bytes a shard: a 10-million-line job of 512-li
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Callable, Iterable, Mapping, Optional
@@ -29,6 +30,8 @@ from .scripts import Scripts
 from .server import check_config
 from .states import JobState, ShardState
 from .types import JobStatus, Lease, ShardStats, WorkerInfo
+
+log = logging.getLogger(__name__)
 
 SUBMIT_BATCH = 1000          # shards per add_shards call while the input streams
 FINALIZE_TTL_S = 600.0       # a finalizer that has not finished in this long is presumed dead
@@ -131,8 +134,12 @@ class Broker:
     def announce_work(self, job_id: str) -> None:
         """Tell idle workers (wait_for_work) that `job_id` may have claimable shards: after a submit, a reopen
         and a requeue. A hint only: a worker also looks on its own after each idle interval, so a message that
-        reaches nobody (no worker listening, one reconnecting) costs at most that interval."""
-        self.client.publish(self.keys.work_channel(), job_id)
+        reaches nobody (no worker listening, one reconnecting) costs at most that interval. Never raises: what it
+        announces is already written."""
+        try:
+            self.client.publish(self.keys.work_channel(), job_id)
+        except redis.RedisError as err:
+            log.debug("could not announce work of %s: %s", job_id, err)
 
     def watch_work(self) -> None:
         """Subscribe to announce_work's channel, before the first claim: what is announced between a claim that
@@ -158,7 +165,10 @@ class Broker:
     def unwatch_work(self) -> None:
         if self._work is not None:
             work, self._work = self._work, None
-            work.close()
+            try:
+                work.close()
+            except redis.RedisError:          # its connection is gone already
+                pass
 
     def get_spec(self, job_id: str) -> JobSpec:
         raw = self.client.get(self.keys.spec(job_id))
