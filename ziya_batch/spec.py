@@ -140,8 +140,11 @@ class EngineSpec(_Strict):
     """KV cache element type: the model's dtype, or float8 e4m3 (twice the tokens in the same memory and half
     the bytes a decode step reads; K/V are rounded to 3 mantissa bits, so outputs differ slightly)."""
     schedule: Literal["fcfs", "longest-first", "tail-longest-first"] = "tail-longest-first"
-    """Which waiting prompt of a shard starts first: arrival order, or the one with the most max_new_tokens
-    (the short ones then fill the shard's end; on W1 it gave no gain, see docs/BENCHMARKS.md)."""
+    """Which waiting prompt starts first. tail-longest-first: arrival order until the prompts left fit the batch's
+    seats, then those with the most max_new_tokens first, so the end of the work is not one long prompt started
+    last (W1 on an H200: +3.8%, half of it +8.9%; see docs/BENCHMARKS.md). fcfs: arrival order. longest-first:
+    all by max_new_tokens (worse where the KV cache bounds the batch). It orders work only: a line's output does
+    not depend on it (beyond the rounding of the batch it runs in)."""
 
 
 class ReliabilitySpec(_Strict):

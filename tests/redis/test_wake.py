@@ -95,3 +95,26 @@ def test_an_announcement_never_fails_what_it_follows():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]                   # nothing listens there once closed
     Broker.from_url(f"redis://127.0.0.1:{port}/0").announce_work("job")
+
+
+def test_a_subscription_that_failed_is_made_again_later(redis_client):
+    """A worker that could not subscribe (Redis away) is not left with a subscription that never was, whose
+    waits would time out from then on: it subscribes at its next wait."""
+    import socket
+
+    import pytest
+    import redis
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    away = Broker.from_url(f"redis://127.0.0.1:{port}/0")
+    with pytest.raises(redis.ConnectionError):
+        away.watch_work()
+    assert away._work is None
+    up = Broker(redis_client, prefix="zbwake")
+    up.watch_work()
+    waker = threading.Timer(0.2, Broker(redis_client, prefix="zbwake").announce_work, args=("job",))
+    waker.start()
+    assert up.wait_for_work(5.0)
+    up.unwatch_work()

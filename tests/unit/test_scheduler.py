@@ -158,12 +158,27 @@ def test_tail_longest_first_keeps_arrival_order_until_the_waiting_fit_the_seats_
     assert [q.request_id for q in s.waiting] == ["c", "d"]
     step()
     assert [q.request_id for q in s.waiting] == ["d", "c"]   # 2 waiting, 2 seats: the longest first
-    # a late arrival puts the queue back in arrival order until it fits the seats again
+    # a late arrival queues behind that order, however long: once sorted, nobody is overtaken by newer requests
+    # until the queue has emptied (a worker adds a shard's lines only then)
     seq(s, 4, max_new=200, rid="e")
-    assert [q.request_id for q in s.waiting] == ["d", "c", "e"]
     while s.has_unfinished():
         step()
-    assert admitted == ["a", "b", "d", "e", "c"]
+    assert admitted == ["a", "b", "d", "c", "e"]
+    # the next queue starts in arrival order and is sorted once it fits the seats
+    for m, r in ((8, "f"), (64, "g")):
+        seq(s, 4, max_new=m, rid=r)
+    step()
+    assert admitted[-2:] == ["g", "f"]
+
+
+def test_tail_longest_first_counts_the_seats_of_every_sample():
+    """Two requests of 3 samples need 6 seats: with 4, the queue is not yet the batch's tail."""
+    s = Scheduler(num_blocks=100, block_size=4, max_num_seqs=4, max_num_batched_tokens=64,
+                  policy="tail-longest-first")
+    seq(s, 4, n=3, max_new=8, rid="short")
+    seq(s, 4, n=3, max_new=64, rid="long")
+    out = run_step(s)
+    assert [c.seq.request_id for c in out.chunks] == ["short"]
 
 
 def test_tail_longest_first_preempts_nothing_when_the_horizon_covers_every_output():

@@ -55,6 +55,17 @@ def test_identity_is_stable_and_depends_on_output(tmp_path):
     assert parse_spec({**BASE, "output": {"path": "other"}}).identity() != a.identity()
 
 
+def test_identity_of_a_spec_is_the_same_from_version_to_version():
+    """The id hashes every field, defaults included: a new field or a changed default gives every spec that does
+    not set it a new id, and an unfinished job then no longer resumes from the same spec after an upgrade (its
+    output path is refused as another job's). If this value must change, say so where upgrades are described.
+    Last changed 2026-11-29: engine.schedule's default became tail-longest-first (`engine.schedule: fcfs` in a
+    spec gives the id it had before)."""
+    assert parse_spec(BASE).identity() == "5cb10aec0f187c5d"
+    fcfs = {**BASE, "engine": {"schedule": "fcfs"}}
+    assert parse_spec(fcfs).identity() == "cf0de894cb73a90a"        # BASE's id before that change
+
+
 def test_yaml_and_json_files(tmp_path):
     y = tmp_path / "j.yaml"
     y.write_text("name: x\nmodel: {path: m}\ninput: a.jsonl\noutput: {path: o}\n")

@@ -103,9 +103,10 @@ class Scheduler:
         # step reads the weights for fewer tokens, is short (LPT scheduling of a makespan). On W1 (H200) it
         # raised the mean decode batch from 159 to 226 but also caused preemptions: no net gain. Where the
         # KV cache bounds the batch (an H100's) it is worse: long requests together hold more of the cache.
-        # "tail-longest-first" (the jobs' default): arrival order until no more requests wait than the batch has
-        # seats, then those longest first: the mix of lengths that fills the cache well is kept, and the end of
-        # the queue is not a long request started last that runs on alone while the batch drains. On W1 (H200,
+        # "tail-longest-first" (the jobs' default): arrival order until the waiting requests (and their samples)
+        # need no more seats than the batch has, then those longest first: the mix of lengths that fills the
+        # cache well is kept, and the end of the queue is not a long request started last that runs on alone
+        # while the batch drains. A worker adds a shard's lines only once the queue is empty. On W1 (H200,
         # 2026-11-29) 5,220 -> 5,420 tok/s, and on its first 512 requests 5,016 -> 5,464 (docs/BENCHMARKS.md).
         self.policy = policy
         self._tail_sorted = False
@@ -131,8 +132,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
         if self.policy != "longest-first" or not self.waiting:
+            if not self.waiting:
+                # tail-longest-first sorts a queue once, when it fits the seats: later arrivals queue behind
+                # that order until the queue has emptied, so none is overtaken by newer ones again and again
+                self._tail_sorted = False
             self.waiting.append(seq)
-            self._tail_sorted = False
             return
         # the queue is ordered by _queue_key: preempted sequences first (they wait at the front for recompute),
         # then the largest max_new_tokens; after its equals, so arrival order holds among them
@@ -212,7 +216,8 @@ class Scheduler:
             budget -= n
             i += 1
         plan: Optional[_GrowthPlan] = None
-        if self.policy == "tail-longest-first" and not self._tail_sorted and len(self.waiting) <= self.max_num_seqs:
+        if (self.policy == "tail-longest-first" and not self._tail_sorted and len(self.waiting) <= self.max_num_seqs
+                and sum(1 + q.pending_forks for q in self.waiting) <= self.max_num_seqs):
             self.waiting = deque(sorted(self.waiting, key=_queue_key))      # stable: arrival order among equals
             self._tail_sorted = True
         while self.waiting and budget > 0 and not preempted:

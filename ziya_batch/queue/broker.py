@@ -145,8 +145,13 @@ class Broker:
         """Subscribe to announce_work's channel, before the first claim: what is announced between a claim that
         found nothing and the wait after it is then kept for that wait, not missed."""
         if self._work is None:
-            self._work = self.client.pubsub(ignore_subscribe_messages=True)
-            self._work.subscribe(self.keys.work_channel())
+            work = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                work.subscribe(self.keys.work_channel())
+            except BaseException:
+                work.close()                  # kept unsubscribed, it would wait out every timeout from now on
+                raise
+            self._work = work
 
     def wait_for_work(self, timeout_s: float) -> bool:
         """Block up to `timeout_s` for an announcement; True if one came (those that came while this worker was
