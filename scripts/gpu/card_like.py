@@ -14,22 +14,28 @@ from ziya_batch.engine import bench
 from ziya_batch.engine.bench import _ENGINE_CONFIG
 
 
-def main() -> None:
-    args = sys.argv[1:]
-    i = args.index("--card-gib")
-    target = float(args[i + 1]) * 2**30
-    del args[i:i + 2]
+def ballast(card_gib: float) -> torch.Tensor:
+    """An allocation that leaves the bench's engine the KV cache of a card with `card_gib` GiB in all; keep it
+    alive while the engine is built."""
+    target = card_gib * 2**30
     free, total = torch.cuda.mem_get_info()
     frac = _ENGINE_CONFIG["gpu_memory_fraction"]
     # budget = free - (1 - frac) * total - reserve: a ballast of frac * (total - target) leaves the budget of a
     # card with `target` bytes in all
     ballast_b = int(frac * (total - target))
-    ballast = torch.empty(ballast_b, dtype=torch.uint8, device="cuda")
     print(f"card of {total / 2**30:.1f} GiB made to look like {target / 2**30:.1f} GiB: "
           f"ballast {ballast_b / 2**30:.1f} GiB", flush=True)
+    return torch.empty(ballast_b, dtype=torch.uint8, device="cuda")
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    i = args.index("--card-gib")
+    weight = ballast(float(args[i + 1]))
+    del args[i:i + 2]
     sys.argv = [sys.argv[0]] + args
     bench.main()
-    del ballast
+    del weight
 
 
 if __name__ == "__main__":

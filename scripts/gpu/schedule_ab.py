@@ -25,9 +25,18 @@ def main() -> None:
     p.add_argument("--plan", default=DEFAULT_PLAN, help="REQUESTS:SCHEDULE,... in order")
     p.add_argument("--layers", type=int, default=40)
     p.add_argument("--budget-s", type=float, default=300.0)
+    p.add_argument("--card-gib", type=float, default=0.0,
+                   help="give the engine the KV cache of a card this size (card_like.py), e.g. 79.1 for an H100")
     a = p.parse_args()
     plan = [(int(n), pol) for n, pol in (x.split(":") for x in a.plan.split(","))]
     args = _args(a.layers)
+    weight = None
+    if a.card_gib:
+        import sys
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from card_like import ballast
+        weight = ballast(a.card_gib)
     eng, init_s = _build_engine(args, torch.device("cuda"), 0)
     eng.generate([Request("warm", list(range(3, 40)), _sampling(8))])
     work = workload_w1(max(n for n, _ in plan), args.vocab_size, 0)
@@ -49,13 +58,15 @@ def main() -> None:
                 steps += 1
                 decode_only += int(eng.last_step.decode_only)
         wall = time.perf_counter() - t0
-        rows.append(dict(requests=n, schedule=pol, output_tok_s=round(tokens / wall), wall_s=round(wall, 2),
+        rows.append(dict(requests=n, schedule=pol, kv_blocks=eng.num_blocks, output_tok_s=round(tokens / wall), wall_s=round(wall, 2),
                          output_tokens=tokens, steps=steps, decode_only_steps=decode_only,
                          preemptions=s.num_preemptions - pre))
         print(json.dumps(rows[-1]), flush=True)
-    meta = dict(card=torch.cuda.get_device_name(0), init_s=init_s, commit=os.environ.get("ZIYA_BATCH_COMMIT", "unknown"))
+    meta = dict(card=torch.cuda.get_device_name(0), card_gib=a.card_gib or None, kv_blocks=eng.num_blocks,
+                init_s=init_s, commit=os.environ.get("ZIYA_BATCH_COMMIT", "unknown"))
     with open(os.path.join(os.environ.get("OUT", "."), "schedule_ab.json"), "w") as fh:
         json.dump({"meta": meta, "runs": rows}, fh, indent=1)
+    del weight                  # the ballast, if any, held its memory for as long as the engine ran
 
 
 if __name__ == "__main__":
