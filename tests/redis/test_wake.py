@@ -118,3 +118,34 @@ def test_a_subscription_that_failed_is_made_again_later(redis_client):
     waker.start()
     assert up.wait_for_work(5.0)
     up.unwatch_work()
+
+
+def test_an_idle_worker_still_wakes_for_work_after_redis_restarts(tmp_path, demo_model, restartable_redis):
+    """Redis restarts under an idle worker (its subscription's connection closes): it subscribes again, and a
+    job submitted afterwards starts at once, not after the worker's idle interval (a minute here)."""
+    url = restartable_redis.url
+    worker = Worker(Broker.from_url(url), worker_id="w-restart", device="cpu")
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.serve_forever, args=(stop,), kwargs={"idle_sleep_s": 60.0}, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.0)
+        restartable_redis.kill()
+        time.sleep(0.5)
+        restartable_redis.start()
+        time.sleep(1.0)                                 # a few slices: the worker is subscribed again
+        inp = tmp_path / "in.jsonl"
+        inp.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) + "\n" for i in range(3)))
+        spec = parse_spec({"name": "restart", "model": {"path": str(demo_model)}, "input": [str(inp)],
+                           "sampling": {"max_new_tokens": 2, "seed": 1}, "output": {"path": str(tmp_path / "out")},
+                           "shard_size": 3})
+        broker = Broker.from_url(url)
+        t0 = time.monotonic()
+        job_id = submit_job(spec, broker).job_id
+        while broker.status(job_id).shards.get("committed", 0) < 1:
+            assert time.monotonic() - t0 < 30.0, broker.status(job_id)
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join(timeout=10.0)
+    assert not thread.is_alive()

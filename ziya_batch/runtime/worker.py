@@ -186,10 +186,10 @@ class Worker:
             try:
                 if self.broker.wait_for_work(min(left, IDLE_SLICE_S)):
                     return
-            except redis.RedisError:          # the subscription broke: plain waiting until the next look
+            except redis.RedisError:
+                # the subscription broke (Redis restarted or away): the next slice subscribes again
                 self.broker.unwatch_work()
-                stop.wait(max(0.0, end - time.monotonic()))
-                return
+                stop.wait(min(left, IDLE_SLICE_S))
 
     # -- shards -------------------------------------------------------------------------------------------
     def _serves(self, job_id: str) -> bool:
