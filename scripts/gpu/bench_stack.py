@@ -274,14 +274,15 @@ def compare_parity(work: Path) -> dict:
 
 
 def throughput(work: Path, model: Path, w1: Path, redis_url: str, configs: list[tuple[int, int]],
-               parity_in: Path | None = None, shard_size: int = 512, schedule: str = "tail-longest-first") -> list[dict]:
+               parity_in: Path | None = None, shard_size: int = 512, schedule: str | None = None) -> list[dict]:
     import ray
 
     from ziya_batch.queue import Broker
     from ziya_batch.runtime.replicas import ReplicaManager
     from ziya_batch.runtime.submit import submit_job
-    from ziya_batch.spec import parse_spec
+    from ziya_batch.spec import EngineSpec, parse_spec
 
+    schedule = schedule or EngineSpec.model_fields["schedule"].default
     broker = Broker.from_url(redis_url)
     warm_in = work / "warm.jsonl"
     warm_in.write_text("".join(json.dumps({"id": f"warm{i}", "prompt": f"warm-up {i}"}) + "\n" for i in range(8)))
@@ -380,9 +381,6 @@ def main() -> None:
     p.add_argument("--schedule", default=None, help="the jobs' engine.schedule (default: the spec's)")
     p.add_argument("--configs", default="1x1,2x1,1x2", help="TPxREPLICAS,... (default 1x1,2x1,1x2)")
     a = p.parse_args()
-    if a.schedule is None:
-        from ziya_batch.spec import EngineSpec
-        a.schedule = EngineSpec.model_fields["schedule"].default
     work, out = Path(a.work), Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

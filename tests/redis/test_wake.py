@@ -2,6 +2,7 @@
 look: a job starts on an idle replica at once, and an idle worker still sees a stop at once. A real Redis; the
 last test runs the demo model on the CPU."""
 import json
+import socket
 import threading
 import time
 
@@ -10,6 +11,22 @@ from ziya_batch.queue import Broker, JobState
 from ziya_batch.runtime.submit import submit_job
 from ziya_batch.runtime.worker import Worker
 from ziya_batch.spec import parse_spec
+
+
+def _unreachable_url() -> str:
+    """A Redis URL where nothing listens (a port taken from the OS, then let go)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+
+
+def _small_job(tmp_path, model, name: str, lines: int):
+    """A job of `lines` short prompts in shards of 3 on the demo model, 2 tokens each."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) + "\n" for i in range(lines)))
+    return parse_spec({"name": name, "model": {"path": str(model)}, "input": [str(inp)],
+                       "sampling": {"max_new_tokens": 2, "seed": 1}, "output": {"path": str(tmp_path / "out")},
+                       "shard_size": 3})
 
 
 def _listener(broker: Broker) -> Broker:
@@ -66,11 +83,7 @@ def test_an_idle_worker_starts_a_submitted_job_at_once_and_stops_at_once(tmp_pat
     thread.start()
     try:
         time.sleep(1.0)                                 # idle: it found nothing and waits
-        inp = tmp_path / "in.jsonl"
-        inp.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) + "\n" for i in range(6)))
-        spec = parse_spec({"name": "wake", "model": {"path": str(demo_model)}, "input": [str(inp)],
-                           "sampling": {"max_new_tokens": 2, "seed": 1}, "output": {"path": str(tmp_path / "out")},
-                           "shard_size": 3})
+        spec = _small_job(tmp_path, demo_model, "wake", 6)
         t0 = time.monotonic()
         job_id = submit_job(spec, broker).job_id
         while broker.status(job_id).shards.get("committed", 0) < 2:
@@ -89,26 +102,16 @@ def test_an_idle_worker_starts_a_submitted_job_at_once_and_stops_at_once(tmp_pat
 def test_an_announcement_never_fails_what_it_follows():
     """What announce_work follows (a submit, a requeue) is written already: a Redis it cannot reach is not an
     error of that call."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]                   # nothing listens there once closed
-    Broker.from_url(f"redis://127.0.0.1:{port}/0").announce_work("job")
+    Broker.from_url(_unreachable_url()).announce_work("job")
 
 
 def test_a_subscription_that_failed_is_made_again_later(redis_client):
     """A worker that could not subscribe (Redis away) is not left with a subscription that never was, whose
     waits would time out from then on: it subscribes at its next wait."""
-    import socket
-
     import pytest
     import redis
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    away = Broker.from_url(f"redis://127.0.0.1:{port}/0")
+    away = Broker.from_url(_unreachable_url())
     with pytest.raises(redis.ConnectionError):
         away.watch_work()
     assert away._work is None
@@ -134,11 +137,7 @@ def test_an_idle_worker_still_wakes_for_work_after_redis_restarts(tmp_path, demo
         time.sleep(0.5)
         restartable_redis.start()
         time.sleep(1.0)                                 # a few slices: the worker is subscribed again
-        inp = tmp_path / "in.jsonl"
-        inp.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) + "\n" for i in range(3)))
-        spec = parse_spec({"name": "restart", "model": {"path": str(demo_model)}, "input": [str(inp)],
-                           "sampling": {"max_new_tokens": 2, "seed": 1}, "output": {"path": str(tmp_path / "out")},
-                           "shard_size": 3})
+        spec = _small_job(tmp_path, demo_model, "restart", 3)
         broker = Broker.from_url(url)
         t0 = time.monotonic()
         job_id = submit_job(spec, broker).job_id
