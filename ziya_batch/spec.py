@@ -179,8 +179,36 @@ class JobSpec(_Strict):
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
 
     def identity(self) -> str:
-        """Stable id of 'this spec to this output path': running it again resumes the same job."""
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+        """Stable id of 'this spec to this output path': submitting it again finds the same job and resumes it.
+        It hashes what decides the output (model, input, sampling, records, filters, ...), defaults included,
+        but not RUN_FIELDS: lowering engine.gpu_memory_fraction or max_num_seqs after an out-of-memory, or
+        moving to model.tensor_parallel 2, resumes the job with the new values instead of starting another."""
+        d = self.model_dump(mode="json")
+        for *section, name in RUN_FIELDS:
+            parent = d
+            for key in section:
+                parent = parent[key]
+            del parent[name]
+        return _hash(d)
+
+    def legacy_identity(self) -> str:
+        """The id earlier releases (until 2026-11-29) gave this spec (the hash of every field): a job started under it
+        resumes under it (runtime/submit.py)."""
+        return _hash(self.model_dump(mode="json"))
+
+
+# How fast and where a job runs, not what it writes: a job submitted again with other values of these is the same
+# job (JobSpec.identity), and runs on with the new ones (workers that start after the resubmit build their engine
+# with them; a changed lease applies at each shard's next renewal, never shorter than the one it was claimed with).
+RUN_FIELDS: tuple[tuple[str, ...], ...] = (
+    ("model", "tensor_parallel"), ("model", "replicas"),
+    ("engine", "max_num_seqs"), ("engine", "max_num_batched_tokens"), ("engine", "block_size"),
+    ("engine", "gpu_memory_fraction"), ("engine", "cuda_graphs"), ("engine", "schedule"),
+    ("reliability", "lease_s"), ("reliability", "max_retries"), ("priority",))
+
+
+def _hash(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def _all_fields(model: type[BaseModel]) -> list[str]:

@@ -107,3 +107,19 @@ def test_workers_registry_and_lease_holders_in_status(broker):
         [("w1", "gpu-node-1", [0, 1]), ("w2", "gpu-node-2", [2])]
     broker.unregister_worker("w2")
     assert [w["worker_id"] for w in broker.workers()] == ["w1"]
+
+
+def test_a_shorter_lease_given_on_a_resubmit_never_expires_a_lease_claimed_with_a_longer_one(broker):
+    """The job takes the resubmitted lease_s, but a worker renews a lease at a third of the length it claimed
+    with: its renewals keep that length, and only shards claimed afterwards get the shorter one."""
+    spec = make_spec(lease_s=30.0)
+    job_id = broker.submit(spec, make_shards(spec, 2)).job_id
+    held = broker.claim("w1")
+    assert broker.submit(make_spec(lease_s=2.0), make_shards(spec, 2)).job_id == job_id
+    assert broker.get_spec(job_id).reliability.lease_s == 2.0
+    assert broker.heartbeat(held)
+    now_ms = broker.server_time_s() * 1000
+    assert broker.client.zscore(broker.keys.leased(job_id), str(held.shard.index)) >= now_ms + 29_000
+    fresh = broker.claim("w2")
+    assert fresh.lease_s == 2.0 and broker.heartbeat(fresh)
+    assert broker.client.zscore(broker.keys.leased(job_id), str(fresh.shard.index)) <= now_ms + 3_000

@@ -44,6 +44,58 @@ def test_a_changed_spec_cannot_take_an_unfinished_jobs_parts(tmp_path, demo_mode
     assert ids == [f"p{i}" for i in range(12)]
 
 
+@pytest.mark.parametrize("forget_first", [True, False])
+def test_a_job_resumed_with_other_engine_settings_keeps_its_parts_and_runs_with_them(tmp_path, demo_model, broker,
+                                                                                      forget_first):
+    """The resume after an out-of-memory: job A commits 2 of its 6 shards and stops; the same spec with a lower
+    gpu_memory_fraction and max_num_seqs is job A (whether Redis still has it or not), the stored spec takes
+    the new settings, and the job completes with every id once. (tensor_parallel is one of those settings too,
+    tests/unit/test_spec.py; this worker runs no tensor-parallel replicas.)"""
+    a = _spec(tmp_path, demo_model, 2)
+    job_a = submit_job(a, broker).job_id
+    worker = Worker(broker, device="cpu", max_in_flight=1)
+    worker.run_once()
+    worker.run_once()
+    if forget_first:
+        broker.delete_job(job_a)
+    retuned = a.model_copy(update={"engine": a.engine.model_copy(update={"gpu_memory_fraction": 0.6,
+                                                                         "max_num_seqs": 8})})
+    st = submit_job(retuned, broker)
+    assert st.job_id == job_a and st.shards["committed"] == 2
+    stored = broker.get_spec(job_a)
+    assert (stored.engine.max_num_seqs, stored.engine.gpu_memory_fraction) == (8, 0.6)
+    worker = Worker(broker, device="cpu")           # a worker started after the resubmit builds with the new ones
+    assert worker.spec_for(job_a).engine.max_num_seqs == 8
+    worker.run_until_idle()
+    assert broker.status(job_a).state == JobState.COMPLETED
+    ids = [r["id"] for r in io.read_parts(str(tmp_path / "out"), "results")]
+    assert ids == [f"p{i}" for i in range(12)]
+
+
+def test_a_job_an_earlier_release_started_resumes_under_its_id(tmp_path, demo_model, broker, monkeypatch):
+    """Releases until 2026-11-29 hashed every field into the job id (legacy_identity): a job one of them started
+    and left unfinished resumes under that id, from Redis or from the parts in storage alone."""
+    from ziya_batch.spec import JobSpec
+
+    a = _spec(tmp_path, demo_model, 2)
+    with monkeypatch.context() as m:
+        m.setattr(JobSpec, "identity", JobSpec.legacy_identity)      # the earlier release
+        old_id = submit_job(a, broker).job_id
+        Worker(broker, device="cpu", max_in_flight=1).run_once()
+    assert old_id == a.legacy_identity() != a.identity()
+    for forget in (False, True):
+        if forget:
+            broker.delete_job(old_id)
+        st = submit_job(a, broker)
+        assert st.job_id == old_id and st.shards["committed"] == 1
+    Worker(broker, device="cpu").run_until_idle()
+    assert broker.status(old_id).state == JobState.COMPLETED
+    assert io.read_manifest(str(tmp_path / "out"))["job_id"] == old_id
+    ids = [r["id"] for r in io.read_parts(str(tmp_path / "out"), "results")]
+    assert ids == [f"p{i}" for i in range(12)]
+    assert submit_job(a, broker).job_id == old_id                    # completed: found again, not rerun
+
+
 def test_a_cancelled_jobs_manifest_lists_a_part_committed_as_the_cancel_took_hold(tmp_path, demo_model, broker):
     """The cancel arrives while the last running shard works; its commit moves the job to cancelled, and a
     finalize call (the `run` watcher, `ziya-batch cancel`, another worker) lands before the worker promotes

@@ -51,3 +51,15 @@ def test_lower_priority_job_is_idle_until_higher_ones_drain(broker):
     hi_id = broker.submit(hi, make_shards(hi, 3)).job_id
     got = [broker.claim(f"w{i}").job_id for i in range(3)]
     assert got == [hi_id] * 3
+
+
+def test_a_job_submitted_again_with_another_priority_moves_in_the_claim_order(broker):
+    """Priority decides how the job runs, not what it writes: the same job (same id), served from its new place."""
+    a, b = make_spec("a"), make_spec("b")
+    a_id = broker.submit(a, make_shards(a, 3)).job_id
+    b_id = broker.submit(b, make_shards(b, 3)).job_id
+    assert broker.claim("w").job_id == a_id
+    urgent = make_spec("b", priority=50)
+    assert broker.submit(urgent, make_shards(urgent, 3)).job_id == b_id
+    assert broker.get_spec(b_id).priority == 50
+    assert [broker.claim("w").job_id for _ in range(4)] == [b_id, b_id, b_id, a_id]

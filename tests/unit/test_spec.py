@@ -56,14 +56,42 @@ def test_identity_is_stable_and_depends_on_output(tmp_path):
 
 
 def test_identity_of_a_spec_is_the_same_from_version_to_version():
-    """The id hashes every field, defaults included: a new field or a changed default gives every spec that does
-    not set it a new id, and an unfinished job then no longer resumes from the same spec after an upgrade (its
-    output path is refused as another job's). If this value must change, say so where upgrades are described.
-    Last changed 2026-11-29: engine.schedule's default became tail-longest-first (`engine.schedule: fcfs` in a
-    spec gives the id it had before)."""
-    assert parse_spec(BASE).identity() == "5cb10aec0f187c5d"
+    """The id hashes every field that decides the output, defaults included: a new such field or a changed
+    default gives every spec that does not set it a new id, and an unfinished job then no longer resumes from
+    the same spec after an upgrade (unless submit adopts the old id, as it does for legacy_identity). If this
+    value must change, say so where upgrades are described. Changed again 2026-11-29: the id stopped hashing
+    RUN_FIELDS (legacy_identity is the id before, which runtime/submit.py still resumes)."""
+    assert parse_spec(BASE).identity() == "9a00f24076b5f4c0"
+    assert parse_spec(BASE).legacy_identity() == "5cb10aec0f187c5d"        # BASE's id until RUN_FIELDS left it
     fcfs = {**BASE, "engine": {"schedule": "fcfs"}}
-    assert parse_spec(fcfs).identity() == "cf0de894cb73a90a"        # BASE's id before that change
+    assert parse_spec(fcfs).legacy_identity() == "cf0de894cb73a90a"        # ... and until 2026-11-29
+
+
+@pytest.mark.parametrize("section,name,value", [
+    ("model", "tensor_parallel", 2), ("model", "replicas", 3), ("engine", "max_num_seqs", 64),
+    ("engine", "max_num_batched_tokens", 512), ("engine", "block_size", 32), ("engine", "gpu_memory_fraction", 0.5),
+    ("engine", "cuda_graphs", False), ("engine", "schedule", "fcfs"), ("reliability", "lease_s", 10.0),
+    ("reliability", "max_retries", 9), (None, "priority", 7)])
+def test_settings_of_how_a_job_runs_keep_its_identity(section, name, value):
+    """A resubmit after an out-of-memory with a lower gpu_memory_fraction, or on tensor_parallel 2, is the same
+    job; every field of RUN_FIELDS is tried, and each of them does change the legacy id (every field)."""
+    from ziya_batch.spec import RUN_FIELDS
+
+    assert ((section, name) if section else (name,)) in RUN_FIELDS
+    changed = {**BASE, **({section: {name: value}} if section else {name: value})}
+    if section == "model":
+        changed[section] = {**BASE["model"], name: value}
+    assert parse_spec(changed).identity() == parse_spec(BASE).identity()
+    assert parse_spec(changed).legacy_identity() != parse_spec(BASE).legacy_identity()
+
+
+@pytest.mark.parametrize("change", [
+    {"name": "u"}, {"model": {"path": "m2"}}, {"model": {"path": "m", "dtype": "bfloat16"}}, {"input": ["b.jsonl"]},
+    {"sampling": {"temperature": 0.5}}, {"sampling": {"seed": 3}}, {"output": {"path": "out", "format": "parquet"}},
+    {"engine": {"kv_cache_dtype": "fp8"}}, {"shard_size": 100}, {"experience": {"logprobs": False}},
+    {"format": "openai-batch"}])
+def test_what_decides_a_jobs_output_changes_its_identity(change):
+    assert parse_spec({**BASE, **change}).identity() != parse_spec(BASE).identity()
 
 
 def test_yaml_and_json_files(tmp_path):

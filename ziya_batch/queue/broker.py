@@ -78,16 +78,19 @@ class Broker:
 
     # -- jobs -------------------------------------------------------------------------------------------
     def submit(self, spec: JobSpec, shards: Iterable[ShardRef],
-               committed: Mapping[int, ShardStats] = {}) -> JobStatus:  # noqa: B006 - read only
-        """Queue a job, or find it again (resume). Idempotent: the job id is the spec's identity.
+               committed: Mapping[int, ShardStats] = {},  # noqa: B006 - read only
+               job_id: Optional[str] = None) -> JobStatus:
+        """Queue a job, or find it again (resume). Idempotent: the job id is the spec's identity (or `job_id`:
+        the id an earlier release gave it, runtime/submit.job_id_for).
 
-        A job that exists is returned as it is, except that a failed or cancelled one is reopened and any
-        shard `committed` names (storage holds its part) is recorded committed. Shards stream into Redis
-        in batches; a submit that died midway is completed by the next one, and no shard is claimable
-        before the whole list is written."""
-        k, job_id = self.keys, spec.identity()
+        A job that exists is returned as it is, except that a failed or cancelled one is reopened, any shard
+        `committed` names (storage holds its part) is recorded committed, and an unfinished one takes this
+        spec's values of the fields the identity leaves out (spec.RUN_FIELDS: how the job runs). Shards stream
+        into Redis in batches; a submit that died midway is completed by the next one, and no shard is
+        claimable before the whole list is written."""
+        k, job_id = self.keys, job_id or spec.identity()
         state, sealed = self.scripts.create_job(
-            keys=[k.job(job_id), k.spec(job_id), k.jobs()],
+            keys=[k.job(job_id), k.spec(job_id), k.jobs(), k.ready(), k.claim_seq()],
             args=[job_id, spec.to_json(), spec.name, spec.priority, int(spec.reliability.lease_s * 1000),
                   spec.reliability.max_retries, spec.output.path])
         if state in (JobState.FAILED.value, JobState.CANCELLED.value):
@@ -260,7 +263,7 @@ class Broker:
         k, j = self.keys, lease.job_id
         return bool(self.scripts.heartbeat(
             keys=[k.job(j), k.shards(j), k.leased(j), k.leases()],
-            args=[lease.shard.index, lease.token, k.lease_member(j, lease.shard.index)]))
+            args=[lease.shard.index, lease.token, k.lease_member(j, lease.shard.index), int(lease.lease_s * 1000)]))
 
     def line_started(self, lease: Lease, line_no: int) -> bool:
         """Isolate mode: `line_no` is being generated now. If the worker dies before the next call, that

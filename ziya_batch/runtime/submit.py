@@ -17,23 +17,35 @@ def _shard_refs(job_id: str, files: list[str], shard_size: int) -> Iterator[Shar
         yield ShardRef(job_id, index, file, start, end, first_line, num_lines)
 
 
-def check_output_owner(spec: JobSpec) -> Optional[str]:
-    """An output path belongs to one spec: refuse to mix a different job's parts into it, finished (its
-    manifest) or not (the owner recorded at its submit: a changed spec, e.g. another shard_size, would
-    otherwise take the other job's committed parts for its own shards). Returns the owner recorded (this
-    spec's job id), or None if none is yet."""
+def job_id_for(spec: JobSpec) -> str:
+    """The id `spec` runs under: its identity, or, where the output path holds a job that an earlier release
+    started under this spec's legacy identity (the hash of every field), that job's id, so the job resumes."""
+    job_id, legacy = spec.identity(), spec.legacy_identity()
     out = spec.output.path
+    recorded = (io.read_manifest(out) or {}).get("job_id") or io.output_owner(out)
+    return legacy if recorded == legacy else job_id
+
+
+def check_output_owner(spec: JobSpec, job_id: Optional[str] = None) -> Optional[str]:
+    """An output path belongs to one job: refuse to mix a different job's parts into it, finished (its
+    manifest) or not (the owner recorded at its submit: a spec that writes something else, e.g. another
+    shard_size or sampling, would otherwise take the other job's committed parts for its own shards). A spec
+    that differs only in how the job runs (spec.RUN_FIELDS) is the same job. Returns the owner recorded
+    (`job_id`, by default job_id_for(spec)), or None if none is yet."""
+    out = spec.output.path
+    job_id = job_id or job_id_for(spec)
     manifest = io.read_manifest(out)
-    if manifest and manifest.get("job_id") not in (None, spec.identity()):
+    if manifest and manifest.get("job_id") not in (None, job_id):
         raise SpecError(
             f"output.path {out} already holds the output of another job ({manifest.get('job_id')}); "
             "choose a new output.path or delete the old output")
     owner = io.output_owner(out)
-    if owner not in (None, spec.identity()):
+    if owner not in (None, job_id):
         raise SpecError(
-            f"output.path {out} holds the parts of another job ({owner}) that has not finished (a different "
-            "spec to the same path): resume that job with its own spec, or choose a new output.path, or "
-            "delete the old output")
+            f"output.path {out} holds the parts of another job ({owner}) that has not finished (a spec that "
+            "writes something else to the same path; only model.tensor_parallel/replicas, the engine's "
+            "throughput settings, reliability and priority may change on a resume): resume that job with "
+            "its own spec, or choose a new output.path, or delete the old output")
     return owner
 
 
@@ -55,7 +67,7 @@ def submit_job(spec: JobSpec, broker, check_model_dir: bool = False):
     paths; the HTTP API's host may not hold the weights its workers load)."""
     from ..queue import JobState
 
-    job_id = spec.identity()
+    job_id = job_id_for(spec)
     existing = broker.find_job(job_id)
     if existing is not None and existing.state == JobState.COMPLETED:
         if io.read_manifest(spec.output.path) is not None:
@@ -67,10 +79,10 @@ def submit_job(spec: JobSpec, broker, check_model_dir: bool = False):
     files = io.expand_inputs(spec.input)
     if check_model_dir:
         check_model(spec)
-    if check_output_owner(spec) is None:
+    if check_output_owner(spec, job_id) is None:
         io.set_output_owner(spec.output.path, job_id)
     committed = {i: _stats_from_marker(m) for i, m in io.committed_shards(spec.output.path).items()}
-    status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size), committed=committed)
+    status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size), committed=committed, job_id=job_id)
     if status.state == JobState.FINALIZING:
         # nothing left to run (an empty input, or every shard already in storage): no worker commit will
         # come to finish the job, so finish it here
