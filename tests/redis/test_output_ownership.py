@@ -46,7 +46,7 @@ def test_a_changed_spec_cannot_take_an_unfinished_jobs_parts(tmp_path, demo_mode
 
 @pytest.mark.parametrize("forget_first", [True, False])
 def test_a_job_resumed_with_other_engine_settings_keeps_its_parts_and_runs_with_them(tmp_path, demo_model, broker,
-                                                                                      forget_first):
+                                                                                      forget_first, monkeypatch):
     """The resume after an out-of-memory: job A commits 2 of its 6 shards and stops; the same spec with a lower
     gpu_memory_fraction and max_num_seqs is job A (whether Redis still has it or not), the stored spec takes
     the new settings, and the job completes with every id once. (tensor_parallel is one of those settings too,
@@ -64,9 +64,14 @@ def test_a_job_resumed_with_other_engine_settings_keeps_its_parts_and_runs_with_
     assert st.job_id == job_a and st.shards["committed"] == 2
     stored = broker.get_spec(job_a)
     assert (stored.engine.max_num_seqs, stored.engine.gpu_memory_fraction) == (8, 0.6)
-    worker = Worker(broker, device="cpu")           # a worker started after the resubmit builds with the new ones
+    # the worker that ran the first shards still holds the spec it read; it reads the job's spec again once that
+    # is SPEC_REREAD_S old, and its next shards run with the new settings
+    assert worker.spec_for(job_a).engine.max_num_seqs == a.engine.max_num_seqs
+    monkeypatch.setattr("ziya_batch.runtime.worker.SPEC_REREAD_S", 0.0)
     assert worker.spec_for(job_a).engine.max_num_seqs == 8
+    worker.max_in_flight = 4
     worker.run_until_idle()
+    assert worker.models.holds(stored) and not worker.models.holds(a)     # the engine built with them
     assert broker.status(job_a).state == JobState.COMPLETED
     ids = [r["id"] for r in io.read_parts(str(tmp_path / "out"), "results")]
     assert ids == [f"p{i}" for i in range(12)]

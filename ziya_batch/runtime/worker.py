@@ -38,6 +38,9 @@ MAX_SHARDS_IN_FLIGHT = 2
 STICKY_CLAIMS = 8
 # Job specs a worker keeps read (a long-lived worker sees every job ever queued)
 SPECS_KEPT = 256
+# a job's spec is read again after this long: a resubmit may change how the job runs (spec.RUN_FIELDS), and the
+# shards claimed after it then run with the new settings (a shard in flight keeps the spec it started with)
+SPEC_REREAD_S = 10.0
 # An idle worker waits for announced work in slices of this long, to see a stop at once
 IDLE_SLICE_S = 0.1
 
@@ -95,7 +98,7 @@ class Worker:
         self.models = models or ModelCache(device)
         self.on_shard_done = on_shard_done
         self.max_in_flight = max_in_flight
-        self._specs: dict[str, JobSpec] = {}
+        self._specs: dict[str, tuple[float, JobSpec]] = {}      # job id -> (monotonic time read, spec)
         self._stream: Optional[ShardStream] = None      # the engine the shards in flight share
         self._engine_key: Optional[tuple] = None        # engine_key of the jobs in the stream
         self._flights: dict[str, _Flight] = {}          # stream key -> shard whose lines are in the stream
@@ -208,13 +211,15 @@ class Worker:
             return False
 
     def spec_for(self, job_id: str) -> JobSpec:
-        if job_id not in self._specs:
-            if len(self._specs) >= SPECS_KEPT:
+        now = time.monotonic()
+        got = self._specs.get(job_id)
+        if got is None or now - got[0] > SPEC_REREAD_S:
+            if got is None and len(self._specs) >= SPECS_KEPT:
                 # claims look at every ready job's spec: keep those in flight, read the others again when needed
                 busy = {f.lease.job_id for f in self._flights.values()}
                 self._specs = {j: sp for j, sp in self._specs.items() if j in busy}
-            self._specs[job_id] = self.broker.get_spec(job_id)
-        return self._specs[job_id]
+            got = self._specs[job_id] = (now, self.broker.get_spec(job_id))
+        return got[1]
 
     def _has_room(self) -> bool:
         return not self._flights or (len(self._flights) < self.max_in_flight and self._stream.admitted())
