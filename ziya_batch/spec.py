@@ -207,6 +207,18 @@ RUN_FIELDS: tuple[tuple[str, ...], ...] = (
     ("reliability", "lease_s"), ("reliability", "max_retries"), ("priority",))
 
 
+def run_field_changes(old: JobSpec, new: JobSpec) -> list[str]:
+    """'field: old -> new' for each of RUN_FIELDS that `new` sets otherwise than `old` (a job resumed with them)."""
+    changes = []
+    for path in RUN_FIELDS:
+        a, b = old, new
+        for key in path:
+            a, b = getattr(a, key), getattr(b, key)
+        if a != b:
+            changes.append(f"{'.'.join(path)}: {a} -> {b}")
+    return changes
+
+
 def _hash(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 

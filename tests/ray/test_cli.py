@@ -46,6 +46,26 @@ def test_submit_status_cancel(tmp_path, redis_url, demo_model):
     assert manifest is not None and manifest["summary"]["state"] == "cancelled" and manifest["parts"] == {}
 
 
+def test_a_resubmit_with_other_run_settings_is_the_same_job_and_says_what_changed(tmp_path, redis_url, demo_model):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"a{i}", "prompt": "hi"}) + "\n" for i in range(7)))
+    job = _job(tmp_path, [str(inp)], demo_model)
+    first = cli("submit", str(job), "--redis-url", redis_url)
+    assert first.returncode == 0 and "resumed" not in first.stderr, first.stderr
+    spec = yaml.safe_load(job.read_text())
+    spec["engine"] = {"max_num_seqs": 8, "gpu_memory_fraction": 0.5}
+    spec["model"]["tensor_parallel"] = 2
+    job.write_text(yaml.safe_dump(spec))
+    again = cli("submit", str(job), "--redis-url", redis_url)
+    assert again.returncode == 0 and again.stdout.strip() == first.stdout.strip(), again.stderr
+    assert ("resumed with model.tensor_parallel: 1 -> 2; engine.max_num_seqs: 256 -> 8; "
+            "engine.gpu_memory_fraction: 0.9 -> 0.5") in again.stderr
+    spec["sampling"] = {"temperature": 0.3}                       # what the job writes: another job, refused
+    job.write_text(yaml.safe_dump(spec))
+    other = cli("submit", str(job), "--redis-url", redis_url)
+    assert other.returncode != 0 and other.stderr.count("\n") == 1 and "holds the parts of another job" in other.stderr
+
+
 def test_unknown_job_and_missing_inputs_are_one_line_errors(tmp_path, redis_url):
     r = cli("status", "nosuchjob", "--redis-url", redis_url)
     assert r.returncode == 4 and r.stderr.count("\n") == 1 and "no job nosuchjob" in r.stderr

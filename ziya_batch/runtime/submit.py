@@ -60,6 +60,22 @@ def check_model(spec: JobSpec) -> None:
                             "`ziya-batch demo-model DIR` writes a tiny one to try things with)")
 
 
+def run_settings_changed(spec: JobSpec, broker) -> list[str]:
+    """What submitting `spec` changes in how the unfinished job it resumes runs ('engine.max_num_seqs: 256 -> 64',
+    spec.run_field_changes); empty for a new job, a finished one or the same settings. Call before submit_job."""
+    from ..errors import JobNotFound
+    from ..spec import run_field_changes
+
+    job_id = job_id_for(spec)
+    existing = broker.find_job(job_id)
+    if existing is None or existing.state.is_finished():
+        return []
+    try:
+        return run_field_changes(broker.get_spec(job_id), spec)
+    except JobNotFound:              # deleted meanwhile: submit_job makes it anew
+        return []
+
+
 def submit_job(spec: JobSpec, broker, check_model_dir: bool = False):
     """Queue `spec` (or find it again) and return its JobStatus. Idempotent: the same spec and output path
     is the same job; if Redis lost it, the shards committed in storage are recorded as done.
