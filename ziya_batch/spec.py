@@ -175,6 +175,14 @@ class JobSpec(_Strict):
     def _input_list(cls, v):
         return [v] if isinstance(v, str) else v
 
+    @model_validator(mode="after")
+    def _samples_fit_the_batch(self):
+        # a prompt's n samples decode together: more than the engine's seats could never start
+        if self.sampling.n > self.engine.max_num_seqs:
+            raise ValueError(f"sampling.n ({self.sampling.n}) exceeds engine.max_num_seqs "
+                             f"({self.engine.max_num_seqs}): raise max_num_seqs or lower n")
+        return self
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
 
@@ -198,8 +206,11 @@ class JobSpec(_Strict):
 
 
 # How fast and where a job runs, not what it writes: a job submitted again with other values of these is the same
-# job (JobSpec.identity), and runs on with the new ones (workers that start after the resubmit build their engine
-# with them; a changed lease applies at each shard's next renewal, never shorter than the one it was claimed with).
+# job (JobSpec.identity), and runs on with the new ones (workers read a job's spec again every few seconds and build
+# their engine with them; a changed lease applies at each shard's next renewal, never shorter than the one it was
+# claimed with). Two limits: sampling.n must stay within engine.max_num_seqs (checked), and where the KV cache is
+# smaller than the model's context (a tiny GPU budget; never at LLaMA-13B's 2,048 tokens on a data-center card),
+# the memory settings bound the prompt plus output length a line may have.
 RUN_FIELDS: tuple[tuple[str, ...], ...] = (
     ("model", "tensor_parallel"), ("model", "replicas"),
     ("engine", "max_num_seqs"), ("engine", "max_num_batched_tokens"), ("engine", "block_size"),

@@ -85,6 +85,12 @@ def test_settings_of_how_a_job_runs_keep_its_identity(section, name, value):
     assert parse_spec(changed).legacy_identity() != parse_spec(BASE).legacy_identity()
 
 
+def test_more_samples_than_the_batch_has_seats_is_refused():
+    with pytest.raises(SpecError, match=r"sampling.n \(8\) exceeds engine.max_num_seqs \(4\)"):
+        parse_spec({**BASE, "sampling": {"n": 8}, "engine": {"max_num_seqs": 4}})
+    assert parse_spec({**BASE, "sampling": {"n": 4}, "engine": {"max_num_seqs": 4}}).sampling.n == 4
+
+
 @pytest.mark.parametrize("change", [
     {"name": "u"}, {"model": {"path": "m2"}}, {"model": {"path": "m", "dtype": "bfloat16"}}, {"input": ["b.jsonl"]},
     {"sampling": {"temperature": 0.5}}, {"sampling": {"seed": 3}}, {"output": {"path": "out", "format": "parquet"}},

@@ -17,13 +17,31 @@ def _shard_refs(job_id: str, files: list[str], shard_size: int) -> Iterator[Shar
         yield ShardRef(job_id, index, file, start, end, first_line, num_lines)
 
 
-def job_id_for(spec: JobSpec) -> str:
-    """The id `spec` runs under: its identity, or, where the output path holds a job that an earlier release
-    started under this spec's legacy identity (the hash of every field), that job's id, so the job resumes."""
-    job_id, legacy = spec.identity(), spec.legacy_identity()
+def job_id_for(spec: JobSpec, broker=None) -> str:
+    """The id `spec` runs under: its identity, or the id of the job its output path holds where that job is the
+    same job under an id an earlier release gave it (which hashed every field, run settings too): its id is
+    this spec's legacy identity, or its stored spec (in Redis, or in the manifest of a finished job) has this
+    spec's identity. So such a job resumes, with this spec's run settings."""
+    job_id = spec.identity()
     out = spec.output.path
-    recorded = (io.read_manifest(out) or {}).get("job_id") or io.output_owner(out)
-    return legacy if recorded == legacy else job_id
+    manifest = io.read_manifest(out)
+    recorded = (manifest or {}).get("job_id") or io.output_owner(out)
+    if recorded in (None, job_id):
+        return job_id
+    if recorded == spec.legacy_identity():
+        return recorded
+    try:
+        if manifest and manifest.get("job_id") == recorded and manifest.get("spec"):
+            stored = JobSpec.model_validate(manifest["spec"])
+        elif broker is not None and broker.find_job(recorded) is not None:
+            stored = broker.get_spec(recorded)
+        else:
+            stored = None
+        if stored is not None and stored.identity() == job_id:
+            return recorded
+    except Exception:  # noqa: BLE001 - a stored spec this release cannot read is another job's, as before
+        pass
+    return job_id
 
 
 def check_output_owner(spec: JobSpec, job_id: Optional[str] = None) -> Optional[str]:
@@ -62,17 +80,18 @@ def check_model(spec: JobSpec) -> None:
 
 def run_settings_changed(spec: JobSpec, broker) -> list[str]:
     """What submitting `spec` changes in how the unfinished job it resumes runs ('engine.max_num_seqs: 256 -> 64',
-    spec.run_field_changes); empty for a new job, a finished one or the same settings. Call before submit_job."""
-    from ..errors import JobNotFound
+    spec.run_field_changes); empty for a new job, a completed one or the same settings. Call before submit_job."""
     from ..spec import run_field_changes
 
-    job_id = job_id_for(spec)
-    existing = broker.find_job(job_id)
-    if existing is None or existing.state.is_finished():
-        return []
+    from ..queue import JobState
+
     try:
+        job_id = job_id_for(spec, broker)
+        existing = broker.find_job(job_id)
+        if existing is None or existing.state == JobState.COMPLETED:    # failed and cancelled ones reopen
+            return []
         return run_field_changes(broker.get_spec(job_id), spec)
-    except JobNotFound:              # deleted meanwhile: submit_job makes it anew
+    except Exception:  # noqa: BLE001 - a note only: submit_job says what is wrong, if anything is
         return []
 
 
@@ -83,7 +102,7 @@ def submit_job(spec: JobSpec, broker, check_model_dir: bool = False):
     paths; the HTTP API's host may not hold the weights its workers load)."""
     from ..queue import JobState
 
-    job_id = job_id_for(spec)
+    job_id = job_id_for(spec, broker)
     existing = broker.find_job(job_id)
     if existing is not None and existing.state == JobState.COMPLETED:
         if io.read_manifest(spec.output.path) is not None:
