@@ -114,3 +114,34 @@ def test_openai_batch_job_writes_openai_lines(tmp_path, demo_model, redis_url, r
     assert all(r["response"]["body"]["object"] == "chat.completion" for r in res)
     errs = _lines(tmp_path / "out", "errors")
     assert [e["custom_id"] for e in errs] == ["req-bad"] and errs[0]["error"]["code"] == "missing_prompt"
+
+
+def test_a_run_whose_engine_cannot_load_stops_with_the_reason_and_resumes_once_fixed(tmp_path, demo_model, redis_url):
+    """A checkpoint this node cannot load (here: its weights file cut short; on a GPU, an engine that runs out of
+    memory): `run` does not turn the job's lines into errors. Its replica gives every shard back untried, the run
+    stops with one error naming the cause, and the job stays queued; once the model loads, the same command
+    resumes it and every id comes out once."""
+    import shutil
+
+    from ziya_batch.errors import ModelError
+    from ziya_batch.queue import Broker, JobState
+    from ziya_batch.spec import load_spec
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_model, model)
+    weights = next(model.glob("*.safetensors"))
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:len(whole) // 2])
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"hello {i}"}) + "\n" for i in range(6)))
+    job = _job(tmp_path, model, [str(inp)], n=1, shard_size=2, reliability={"max_retries": 0})
+    with pytest.raises(ModelError, match="the engine would not load on any of its 1 replica"):
+        run_job(str(job), redis_url=redis_url, progress=False, num_workers=1, poll_s=0.2)
+    st = Broker.from_url(redis_url).status(load_spec(str(job)).identity())
+    assert not st.state.is_finished() and st.retries == 0 and st.prompts_failed == 0 and st.dead_shards == 0
+    weights.write_bytes(whole)
+    assert run_job(str(job), redis_url=redis_url, progress=False, num_workers=1, poll_s=0.2) == 0
+    out = tmp_path / "out"
+    assert sorted(r["id"] for r in _lines(out, "results")) == [f"q{i}" for i in range(6)]
+    assert _lines(out, "errors") == []
+    assert Broker.from_url(redis_url).status(load_spec(str(job)).identity()).state == JobState.COMPLETED

@@ -77,3 +77,29 @@ def test_a_tensor_parallel_replica_serves_jobs_of_two_models(tmp_path, demo_mode
         assert broker.status(job_id).state == JobState.COMPLETED
         got = {(r["id"], tuple(r["response_ids"])) for r in io.read_parts(str(out), "experience")}
         assert got == want[m]
+
+
+def test_a_tensor_parallel_run_whose_ranks_cannot_load_the_model_stops_with_the_cause(tmp_path, demo_model, redis_url,
+                                                                                       ray_local):
+    """The ranks of a tensor-parallel replica load the job's model as they start; where they cannot (a weights
+    file cut short here; out of memory on a GPU), every replica dies at once and would be rebuilt forever: `run`
+    stops after DEATHS_WITHOUT_PROGRESS deaths in a row with the ranks' own error, and the job stays queued."""
+    import shutil
+
+    from ziya_batch.errors import ModelError
+    from ziya_batch.queue import Broker
+    from ziya_batch.spec import load_spec
+
+    model = tmp_path / "model"
+    shutil.copytree(demo_model, model)
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"t{i}", "prompt": f"q {i}"}) + "\n" for i in range(4)))
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"name": "tp-broken", "model": {"path": str(model), "tensor_parallel": 2},
+                                   "input": [str(inp)], "output": {"path": str(tmp_path / "out")}}))
+    with pytest.raises(ModelError, match=r"its replicas died 3 times in a row \(.*Error"):
+        run_job(str(job), redis_url=redis_url, progress=False, poll_s=0.2)
+    st = Broker.from_url(redis_url).status(load_spec(str(job)).identity())
+    assert not st.state.is_finished() and st.prompts_done == st.prompts_failed == 0

@@ -295,13 +295,23 @@ class Broker:
                             "" if bad_line is None else bad_line, lease.worker_id)
         return out or "lost"
 
-    def _requeue(self, job_id: str, index: int, token: str, message: str, bad_line, worker_id: str):
+    def give_back(self, lease: Lease, message: str) -> str:
+        """Return the shard untried: this worker cannot run it (its engine would not load, or the job's spec
+        changed to one it does not serve). Not a failure: no retry is counted and the shard is not isolated; it
+        is claimable again after backoff_base_s. `message` goes to the job's errors (status shows it). Returns
+        'retry', or 'lost' if the lease was no longer this worker's."""
+        out = self._requeue(lease.job_id, lease.shard.index, str(lease.token), message, "", lease.worker_id,
+                            given_back=True)
+        return out or "lost"
+
+    def _requeue(self, job_id: str, index: int, token: str, message: str, bad_line, worker_id: str,
+                 given_back: bool = False):
         k, j = self.keys, job_id
         out = self.scripts.requeue(
             keys=[k.job(j), k.shards(j), k.pending(j), k.leased(j), k.leases(), k.dead(j), k.errors(j),
                   k.ready(), k.claim_seq()],
             args=[j, index, token, message, bad_line, self.backoff_base_ms, self.backoff_max_ms,
-                  self.errors_kept, k.lease_member(j, index), worker_id])
+                  self.errors_kept, k.lease_member(j, index), worker_id, "1" if given_back else "0"])
         if out:
             self.announce_work(job_id)      # pending again (after its backoff) or dead-lettered: claimable
         return out
@@ -385,6 +395,18 @@ class Broker:
         k = self.keys
         self.scripts.worker(keys=[k.workers(), k.worker(worker_id)], args=[worker_id, "", ""])
 
+    def note_cannot_load(self, worker_id: str, job_id: str, message: Optional[str]) -> None:
+        """Record on the worker's entry that it could not load `job_id`'s engine (why), or, with None, that it
+        can again; `ziya-batch run` stops when none of its workers can (WorkerInfo.cannot_load)."""
+        key = self.keys.worker(worker_id)
+        notes = json.loads(self.client.hget(key, "cannot_load") or "{}")
+        if message is None:
+            if notes.pop(job_id, None) is None:
+                return
+        else:
+            notes[job_id] = message[:2000]
+        self.client.hset(key, "cannot_load", _json(notes))
+
     def unregister_worker(self, worker_id: str) -> None:
         with self.client.pipeline() as p:
             p.zrem(self.keys.workers(), worker_id)
@@ -413,7 +435,8 @@ class Broker:
         for (wid, last_ms), h in zip(seen, rows):
             out.append(WorkerInfo(worker_id=wid, host=h.get("host", ""), info=json.loads(h.get("info") or "{}"),
                                   started_at=int(h.get("started_ms", 0)) / 1000.0,
-                                  last_seen_s=max(0.0, now_s - last_ms / 1000.0)))
+                                  last_seen_s=max(0.0, now_s - last_ms / 1000.0),
+                                  cannot_load=json.loads(h.get("cannot_load") or "{}")))
         return out
 
     # -- status -------------------------------------------------------------------------------------------

@@ -9,7 +9,10 @@
 -- KEYS[9] claim sequence counter
 -- ARGV[1] job_id  ARGV[2] shard index  ARGV[3] token or ''  ARGV[4] message  ARGV[5] bad line or ''
 -- ARGV[6] backoff_base_ms  ARGV[7] backoff_max_ms  ARGV[8] errors to keep  ARGV[9] leases member
--- ARGV[10] worker_id (for the error record)
+-- ARGV[10] worker_id (for the error record)   ARGV[11] '1': given back, not failed (optional)
+-- A shard given back (its worker could not load the job's engine, or no longer serves the job's spec) did not
+-- fail: its lines were not tried, so the attempt does not count, the shard is not isolated, and it waits only
+-- backoff_base_ms before another claim.
 local sh = get_shard(KEYS[2], ARGV[2])
 if not sh or sh.state ~= 'leased' then return false end
 local now = now_ms()
@@ -39,8 +42,9 @@ if bad then
     redis.call('HINCRBY', KEYS[1], 'dead_lines', 1)
   end
 end
-if not new_bad then sh.failures = (sh.failures or 0) + 1 end
-sh.isolate = true
+local given_back = ARGV[11] == '1'
+if not new_bad and not given_back then sh.failures = (sh.failures or 0) + 1 end
+if not given_back then sh.isolate = true end
 local was_dead = sh.dead
 local target = 'pending'
 if was_dead then
@@ -51,7 +55,9 @@ elseif sh.failures > hnum(KEYS[1], 'max_retries') then
   redis.call('SADD', KEYS[6], ARGV[2])
 end
 local not_before = now
-if not new_bad and not (target == 'dead' and not was_dead) then
+if given_back then
+  not_before = now + tonumber(ARGV[6])
+elseif not new_bad and not (target == 'dead' and not was_dead) then
   local base, cap = tonumber(ARGV[6]), tonumber(ARGV[7])
   not_before = now + math.min(cap, base * 2 ^ math.max(0, sh.failures - 1))
 end
@@ -64,12 +70,12 @@ put_shard(KEYS[2], ARGV[2], sh)
 redis.call('ZREM', KEYS[4], ARGV[2])
 redis.call('ZREM', KEYS[5], ARGV[9])
 redis.call('ZADD', KEYS[3], int(not_before), ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'retries', 1)
+if not given_back then redis.call('HINCRBY', KEYS[1], 'retries', 1) end
 if expired then redis.call('HINCRBY', KEYS[1], 'lease_expiries', 1) end
 local outcome = 'retry'
 if target == 'dead' then outcome = 'dead' end
 local entry = {ts_ms = now, shard = tonumber(ARGV[2]), token = token, attempt = attempt,
-  worker_id = owner or ARGV[10], reason = expired and 'lease expired' or 'failed',
+  worker_id = owner or ARGV[10], reason = expired and 'lease expired' or (given_back and 'given back' or 'failed'),
   message = string.sub(ARGV[4], 1, 2000), outcome = outcome}
 if bad then entry.bad_line = bad end
 redis.call('LPUSH', KEYS[7], cjson.encode(entry))

@@ -64,10 +64,12 @@ class WorkerInfo:
     info: dict
     started_at: float                # unix seconds (Redis server clock)
     last_seen_s: float               # seconds since the last heartbeat
+    cannot_load: dict = field(default_factory=dict)   # job id -> why this worker could not load its engine
 
     def to_dict(self) -> dict:
         return {"worker_id": self.worker_id, "host": self.host, "info": self.info,
-                "started_at": self.started_at, "last_seen_s": round(self.last_seen_s, 3)}
+                "started_at": self.started_at, "last_seen_s": round(self.last_seen_s, 3),
+                "cannot_load": self.cannot_load}
 
 
 @dataclass(frozen=True)

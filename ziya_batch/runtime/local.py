@@ -11,7 +11,7 @@ from typing import Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from ..errors import ServiceError
+from ..errors import ModelError, ServiceError
 from ..spec import load_spec
 from .finalize import finalize_if_ready
 from .services import REDIS_ENV, home_dir
@@ -90,8 +90,14 @@ def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optiona
             private.stop()
 
 
+# replicas that die this many times in a row without a prompt finished meanwhile stop the run (a crash loop: e.g. a
+# tensor-parallel replica whose ranks run out of memory loading the model)
+DEATHS_WITHOUT_PROGRESS = 3
+
+
 def _watch(broker, job_id: str, manager, progress: bool, poll_s: float):
     status = broker.status(job_id)
+    deaths, seen_restarts, seen_moved = 0, manager.restarts, -1
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
                   disable=not progress, transient=False) as bar:
@@ -101,11 +107,37 @@ def _watch(broker, job_id: str, manager, progress: bool, poll_s: float):
             broker.reap()
             finalize_if_ready(broker, job_id)
             status = broker.status(job_id)
-            bar.update(task, completed=status.prompts_done + status.prompts_failed,
+            done = status.prompts_done + status.prompts_failed
+            bar.update(task, completed=done,
                        rate=f"{status.tokens_per_s:,.0f} tok/s  {len(manager.replicas)} replica(s)")
             if status.state.is_finished():
                 return status
+            # progress: a prompt finished, or a line that crashed its worker set aside (each such line costs a
+            # death or two before the reaper sets it aside; a replica that cannot even start never progresses)
+            moved = done + status.dead_lines + status.retries
+            deaths = 0 if moved != seen_moved else deaths + manager.restarts - seen_restarts
+            seen_moved, seen_restarts = moved, manager.restarts
+            why = _cannot_run(broker, job_id, manager, deaths)
+            if why:
+                raise ModelError(f"job {job_id} cannot run here: {why}. It stays queued with its committed parts: "
+                                 "fix the cause (out of memory: lower engine.gpu_memory_fraction or "
+                                 "engine.max_num_seqs, or raise model.tensor_parallel) and run again to resume it")
             time.sleep(poll_s)
+
+
+def _cannot_run(broker, job_id: str, manager, deaths: int) -> Optional[str]:
+    """Why no replica of this run can make progress on the job, or None: every replica reports that the job's
+    engine would not load on it (Worker gives such shards back untried), or replicas keep dying without a
+    prompt finished in between."""
+    if deaths >= DEATHS_WITHOUT_PROGRESS:
+        return f"its replicas died {deaths} times in a row ({manager.last_death or 'no reason given'})"
+    if not manager.replicas:
+        return None
+    notes = {w.worker_id: w.cannot_load.get(job_id) for w in broker.worker_infos()}
+    reasons = [notes.get(rid) for rid in manager.replicas]
+    if all(reasons):
+        return f"the engine would not load on any of its {len(reasons)} replica(s) ({reasons[0]})"
+    return None
 
 
 def _print_summary(spec, status, seconds: float) -> None:

@@ -41,6 +41,7 @@ class ReplicaManager:
         self.job_id = job_id                        # tensor_parallel > 1: a job whose model the ranks load first
         self.replicas: dict[str, Replica] = {}
         self.restarts = 0
+        self.last_death: Optional[str] = None       # why the last replica that died did, in a line
         self._pending = None                        # a placement group still waiting for its resources
 
     # -- sizing ------------------------------------------------------------------------------------------
@@ -127,6 +128,7 @@ class ReplicaManager:
                     log.info("replica %s stopped", rep.replica_id)
                 except Exception as err:  # noqa: BLE001 - actor or node died
                     log.warning("replica %s died: %s", rep.replica_id, str(err).splitlines()[0])
+                    self.last_death = _cause(err)
                 self.restarts += 1
                 self._drop(rep)
         while len(self.replicas) < self.desired():
@@ -148,3 +150,13 @@ class ReplicaManager:
             ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         for rep in list(self.replicas.values()):
             self._drop(rep)
+
+
+def _cause(err: Exception) -> str:
+    """A dead actor's error in one line: the exception its task raised (the last line of Ray's text, which ends
+    with the original traceback), else its first line."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    last = next((ln for ln in reversed(lines) if "Error" in ln.split(":")[0]), lines[0])
+    return last[:500]

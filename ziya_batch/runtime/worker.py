@@ -41,6 +41,9 @@ SPECS_KEPT = 256
 # a job's spec is read again after this long: a resubmit may change how the job runs (spec.RUN_FIELDS), and the
 # shards claimed after it then run with the new settings (a shard in flight keeps the spec it started with)
 SPEC_REREAD_S = 10.0
+# A worker that could not load a job's engine (out of memory, a broken checkpoint on this node) gives the shard back
+# untried and leaves that engine's jobs to other workers for this long before it tries again
+LOAD_RETRY_S = 60.0
 # An idle worker waits for announced work in slices of this long, to see a stop at once
 IDLE_SLICE_S = 0.1
 
@@ -103,6 +106,7 @@ class Worker:
         self._engine_key: Optional[tuple] = None        # engine_key of the jobs in the stream
         self._flights: dict[str, _Flight] = {}          # stream key -> shard whose lines are in the stream
         self._same_model_claims = 0                     # claims in a row that needed no model load
+        self._unloadable: dict[tuple, float] = {}       # engine_key -> when it last failed to load here
         self.broker.register_worker(self.worker_id, self.host, {"device": self.models.device_name(), "pid": os.getpid(),
                                                                 "tensor_parallel": 1, **(extra_info or {})})
 
@@ -199,9 +203,35 @@ class Worker:
         """Claim filter: skip jobs this worker's models cannot serve (a job whose spec cannot even be read is
         claimed, so that its shards fail with the reason instead of waiting)."""
         try:
-            return self.models.can_serve(self.spec_for(job_id))
+            spec = self.spec_for(job_id)
+            return self.models.can_serve(spec) and not self._failed_to_load(spec)
         except Exception:  # noqa: BLE001 - see the docstring
             return True
+
+    def _failed_to_load(self, spec: JobSpec) -> bool:
+        """This worker could not load the spec's engine less than LOAD_RETRY_S ago."""
+        failed = self._unloadable.get(engine_key(spec))
+        return failed is not None and time.monotonic() - failed < LOAD_RETRY_S
+
+    def _engine_or_give_back(self, flight: _Flight):
+        """The flight's engine, or None after giving its shard back untried because the engine would not load
+        here: not the shard's failure (broker.give_back), and this worker leaves the job's engine to others for
+        LOAD_RETRY_S; `ziya-batch run` stops with the reason once none of its workers can load it."""
+        lease, spec = flight.lease, flight.spec
+        try:
+            engine = self._engine_for(spec)
+        except Exception as err:  # noqa: BLE001 - out of memory, a broken checkpoint: this worker's, not the shard's
+            flight.hb.stop()
+            why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            log.error("shard %s/%d: the engine would not load on %s (%s); giving the shard back", lease.job_id,
+                      lease.shard.index, self.worker_id, why)
+            self._unloadable[engine_key(spec)] = time.monotonic()
+            self.broker.give_back(lease, f"engine would not load on {self.worker_id}: {why}")
+            self.broker.note_cannot_load(self.worker_id, lease.job_id, why)
+            return None
+        if self._unloadable.pop(engine_key(spec), None) is not None:
+            self.broker.note_cannot_load(self.worker_id, lease.job_id, None)
+        return engine
 
     def _loaded(self, job_id: str) -> bool:
         """Claim preference: the job runs on the engine this worker holds (no model to load)."""
@@ -227,6 +257,12 @@ class Worker:
     def _start(self, lease) -> None:
         """Begin a claimed shard: beside the shards in flight if it can share their engine, else after them."""
         flight = _Flight(lease, self.spec_for(lease.job_id), _Heartbeat(self.broker, lease).start())
+        if not lease.dead_letter and not self.models.can_serve(flight.spec):
+            # the spec read again since the claim filter saw it asks for another shape (a resubmit changed it)
+            flight.hb.stop()
+            self.broker.give_back(lease, f"{self.worker_id} does not serve the job's spec as it is now "
+                                         f"(model.tensor_parallel {flight.spec.model.tensor_parallel})")
+            return
         alone = lease.dead_letter or lease.isolate
         if self._flights and (alone or not self._shares_engine(flight.spec)):
             try:
@@ -235,7 +271,8 @@ class Worker:
                 flight.hb.stop()
                 raise
         if alone:
-            self._finish(flight, lambda: self._produce_alone(flight))
+            if lease.dead_letter or self._engine_or_give_back(flight) is not None:
+                self._finish(flight, lambda: self._produce_alone(flight))
         else:
             self._admit(flight)
 
@@ -248,8 +285,10 @@ class Worker:
     def _admit(self, flight: _Flight) -> None:
         """Add a shard's lines to the shared engine."""
         lease, spec, shard = flight.lease, flight.spec, flight.lease.shard
+        engine = self._engine_or_give_back(flight)
+        if engine is None:
+            return
         try:
-            engine = self._engine_for(spec)
             flight.work = parse_shard(io.read_shard(shard), shard.file, spec, engine.tokenizer, engine.max_model_len,
                                       lease.bad_lines)
         except Exception as err:  # noqa: BLE001 - a failed shard is retried by the queue, never lost
@@ -288,7 +327,10 @@ class Worker:
             try:
                 done = self._stream.step()
             except Exception as err:  # noqa: BLE001 - isolated line by line, as in a shard generated alone
-                self._redo_alone(err)
+                if _out_of_memory(err):
+                    self._give_back_all(err)
+                else:
+                    self._redo_alone(err)
                 return
             for key, results in done:
                 flight = self._flights.pop(key)
@@ -309,6 +351,23 @@ class Worker:
         while self._flights:
             flight = self._flights.pop(next(iter(self._flights)))
             self._finish(flight, lambda: self._generate_alone(flight))
+
+    def _give_back_all(self, err: Exception) -> None:
+        """The engine ran out of memory mid-step: no line's fault (the KV cache and the step's budget are fixed;
+        what ran out is the room the settings left). Give every shard in flight back untried and leave the
+        engine's jobs to other workers for LOAD_RETRY_S, as for an engine that would not load (the engine itself
+        stays: a tensor-parallel replica's ranks must keep holding the same one)."""
+        why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        log.error("engine out of memory with %d shard(s) in flight (%s); giving them back", len(self._flights), why)
+        self._stream.abort()
+        if self._engine_key is not None:
+            self._unloadable[self._engine_key] = time.monotonic()
+        for flight in self._flights.values():
+            flight.hb.stop()
+            self.broker.give_back(flight.lease, f"engine out of memory on {self.worker_id}: {why}")
+            self.broker.note_cannot_load(self.worker_id, flight.lease.job_id, why)
+        self._flights.clear()
+        self._stream = self._engine_key = None
 
     def _abandon(self) -> None:
         """Stop the shards in flight without committing: their leases expire and the reaper requeues them."""
@@ -391,3 +450,10 @@ class Worker:
         results, gen_failures = generate_lines(engine, work.prompts, before_line=before_line, one_by_one=True)
         self.broker.line_finished(lease)
         return results, work.failures + gen_failures
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """A device out-of-memory (torch.cuda.OutOfMemoryError, or the text CUDA and the allocator use)."""
+    import torch
+
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
