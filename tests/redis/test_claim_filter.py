@@ -101,6 +101,12 @@ def test_status_says_when_no_live_worker_serves_a_jobs_shape(tmp_path, demo_mode
     assert unserved_note(broker, job) is None
     _, job1 = _submit(tmp_path, demo_model, broker, "one")
     assert unserved_note(broker, job1) is None                                  # "one" serves tensor_parallel 1
+    # the one worker that serves it could not load the job's engine: the note says so, and why
+    broker.note_cannot_load("one", job1, "OutOfMemoryError: CUDA out of memory")
+    note = unserved_note(broker, job1)
+    assert "none of the 1 live worker(s)" in note and "CUDA out of memory" in note
+    broker.note_cannot_load("one", job1, None)
+    assert unserved_note(broker, job1) is None
 
 
 def test_a_claim_prefers_the_loaded_model_within_a_priority_only(tmp_path, demo_model, broker):

@@ -229,6 +229,9 @@ class Worker:
             self.broker.give_back(lease, f"engine would not load on {self.worker_id}: {why}")
             self.broker.note_cannot_load(self.worker_id, lease.job_id, why)
             return None
+        except BaseException:
+            flight.hb.stop()      # the replica is going down (ReplicaBroken): the lease expires and is requeued
+            raise
         if self._unloadable.pop(engine_key(spec), None) is not None:
             self.broker.note_cannot_load(self.worker_id, lease.job_id, None)
         return engine
