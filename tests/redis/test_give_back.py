@@ -70,7 +70,11 @@ def test_a_worker_that_loads_the_engine_again_clears_its_note(tmp_path, demo_mod
     assert w.run_once()
     oom = "RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB"
     assert [x.cannot_load for x in broker.worker_infos() if x.worker_id == "flaky"] == [{job: oom}]
-    w.models = ModelCache("cpu")                              # the memory is free again
+    # the job is resubmitted with a smaller memory share (another engine key), and that one loads
+    submit_job(spec.model_copy(update={"engine": spec.engine.model_copy(update={"gpu_memory_fraction": 0.5})}),
+               broker)
+    monkeypatch.setattr(worker_mod, "SPEC_REREAD_S", 0.0)
+    w.models = ModelCache("cpu")
     monkeypatch.setattr(worker_mod, "LOAD_RETRY_S", 0.0)
     time.sleep(0.2)
     w.run_until_idle()

@@ -107,6 +107,7 @@ class Worker:
         self._flights: dict[str, _Flight] = {}          # stream key -> shard whose lines are in the stream
         self._same_model_claims = 0                     # claims in a row that needed no model load
         self._unloadable: dict[tuple, float] = {}       # engine_key -> when it last failed to load here
+        self._noted: set[str] = set()                   # jobs noted on the registration as not loadable here
         self.broker.register_worker(self.worker_id, self.host, {"device": self.models.device_name(), "pid": os.getpid(),
                                                                 "tensor_parallel": 1, **(extra_info or {})})
 
@@ -227,14 +228,19 @@ class Worker:
                       lease.shard.index, self.worker_id, why)
             self._unloadable[engine_key(spec)] = time.monotonic()
             self.broker.give_back(lease, f"engine would not load on {self.worker_id}: {why}")
-            self.broker.note_cannot_load(self.worker_id, lease.job_id, why)
+            self._note(lease.job_id, why)
             return None
         except BaseException:
             flight.hb.stop()      # the replica is going down (ReplicaBroken): the lease expires and is requeued
             raise
-        if self._unloadable.pop(engine_key(spec), None) is not None:
-            self.broker.note_cannot_load(self.worker_id, lease.job_id, None)
+        self._unloadable.pop(engine_key(spec), None)
+        if lease.job_id in self._noted:           # loaded now (perhaps with settings a resubmit changed)
+            self._note(lease.job_id, None)
         return engine
+
+    def _note(self, job_id: str, why: Optional[str]) -> None:
+        self.broker.note_cannot_load(self.worker_id, job_id, why)
+        (self._noted.add if why else self._noted.discard)(job_id)
 
     def _loaded(self, job_id: str) -> bool:
         """Claim preference: the job runs on the engine this worker holds (no model to load)."""
@@ -368,7 +374,7 @@ class Worker:
         for flight in self._flights.values():
             flight.hb.stop()
             self.broker.give_back(flight.lease, f"engine out of memory on {self.worker_id}: {why}")
-            self.broker.note_cannot_load(self.worker_id, flight.lease.job_id, why)
+            self._note(flight.lease.job_id, why)
         self._flights.clear()
         self._stream = self._engine_key = None
 
