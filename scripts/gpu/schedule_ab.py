@@ -3,7 +3,7 @@ config and sampling) is built once, then W1 (or its first N requests) runs under
 so both see the same card, clocks and graphs. Prints one JSON line a run and writes $OUT/schedule_ab.json.
 
 Usage (GPU machine, repo root): PYTHONPATH=. python3 scripts/gpu/schedule_ab.py [--plan 1024:fcfs,1024:tail-longest-first,...]
-[--budget-s 300] (runs not started once the budget is spent)"""
+[--budget-s 300] (runs not started once the budget is spent) [--max-num-seqs 384] [--kv-cache-dtype fp8]"""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,8 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=300.0)
     p.add_argument("--card-gib", type=float, default=0.0,
                    help="give the engine the KV cache of a card this size (card_like.py), e.g. 79.1 for an H100")
+    p.add_argument("--max-num-seqs", type=int, default=0, help="the engine's seats (default: the bench's)")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8")
     a = p.parse_args()
     plan = [(int(n), pol) for n, pol in (x.split(":") for x in a.plan.split(","))]
     args = _args(a.layers)
@@ -37,7 +39,10 @@ def main() -> None:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from card_like import ballast
         weight = ballast(a.card_gib)
-    eng, init_s = _build_engine(args, torch.device("cuda"), 0)
+    if a.max_num_seqs:
+        from ziya_batch.engine import bench
+        bench._ENGINE_CONFIG["max_num_seqs"] = a.max_num_seqs
+    eng, init_s = _build_engine(args, torch.device("cuda"), 0, kv_cache_dtype=a.kv_cache_dtype)
     eng.generate([Request("warm", list(range(3, 40)), _sampling(8))])
     work = workload_w1(max(n for n, _ in plan), args.vocab_size, 0)
     rows, t_start = [], time.time()
@@ -58,11 +63,13 @@ def main() -> None:
                 steps += 1
                 decode_only += int(eng.last_step.decode_only)
         wall = time.perf_counter() - t0
-        rows.append(dict(requests=n, schedule=pol, kv_blocks=eng.num_blocks, output_tok_s=round(tokens / wall), wall_s=round(wall, 2),
+        rows.append(dict(requests=n, schedule=pol, seats=eng.config.max_num_seqs, kv=a.kv_cache_dtype,
+                         kv_blocks=eng.num_blocks, output_tok_s=round(tokens / wall), wall_s=round(wall, 2),
                          output_tokens=tokens, steps=steps, decode_only_steps=decode_only,
                          preemptions=s.num_preemptions - pre))
         print(json.dumps(rows[-1]), flush=True)
     meta = dict(card=torch.cuda.get_device_name(0), card_gib=a.card_gib or None, kv_blocks=eng.num_blocks,
+                max_num_seqs=eng.config.max_num_seqs, kv_cache_dtype=a.kv_cache_dtype,
                 init_s=init_s, commit=os.environ.get("ZIYA_BATCH_COMMIT", "unknown"))
     with open(os.path.join(os.environ.get("OUT", "."), "schedule_ab.json"), "w") as fh:
         json.dump({"meta": meta, "runs": rows}, fh, indent=1)
