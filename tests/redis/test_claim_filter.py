@@ -143,8 +143,8 @@ def test_jobs_of_equal_priority_still_take_turns_when_the_preference_runs_out(tm
 
 def test_a_replica_that_breaks_while_loading_leaves_no_heartbeat_behind(tmp_path, demo_model, broker):
     """ReplicaBroken (a load failed after the other ranks had started it) ends the worker, not just the shard:
-    the shard's heartbeat must stop with it, so that its lease expires and the reaper gives the shard to
-    another replica. A heartbeat left running would hold the lease for as long as the process lives."""
+    the shard's heartbeat must stop with it (one left running would hold the lease for as long as the process
+    lives), and the shard goes back untried at once, not through its lease's expiry (a counted retry)."""
     import threading
 
     import pytest
@@ -160,7 +160,9 @@ def test_a_replica_that_breaks_while_loading_leaves_no_heartbeat_behind(tmp_path
     with pytest.raises(ReplicaBroken):
         Worker(broker, worker_id="w", device="cpu", models=Broken("cpu")).run_until_idle()
     assert sum(t.name == "lease-heartbeat" and t.is_alive() for t in threading.enumerate()) == before
-    assert broker.shard_counts(job)["leased"] == 1          # not failed: its lease runs out and it is requeued
+    st = broker.status(job, detail=True)
+    assert st.shards["leased"] == 0 and st.shards["pending"] == st.shards_total and st.retries == 0
+    assert st.errors[0]["reason"] == "given back" and "ReplicaBroken" in st.errors[0]["message"]
 
 
 def test_a_worker_keeps_a_bounded_number_of_job_specs(tmp_path, demo_model, broker, monkeypatch):

@@ -38,8 +38,9 @@ def test_a_worker_that_cannot_load_the_engine_gives_shards_back_untried(tmp_path
     spec = _spec(tmp_path, demo_model, n_lines=2)            # one shard
     job = submit_job(spec, broker).job_id
     small = Worker(broker, worker_id="small-card", models=NoRoom(), max_in_flight=1)
-    monkeypatch.setattr(worker_mod, "LOAD_RETRY_S", 0.0)
-    for _ in range(3):                    # more attempts than max_retries allows failures: none of them counts
+    for attempt in range(3):              # more attempts than max_retries allows failures: none of them counts
+        # no backoff between this worker's attempts, except after the last (below)
+        monkeypatch.setattr(worker_mod, "LOAD_RETRY_S", 3600.0 if attempt == 2 else 0.0)
         deadline = time.monotonic() + 5   # each waits out the shard's backoff (0.05 s here) first
         while not small.run_once():
             assert time.monotonic() < deadline
@@ -51,8 +52,8 @@ def test_a_worker_that_cannot_load_the_engine_gives_shards_back_untried(tmp_path
     assert not shard.get("isolate") and not shard.get("failures")
     (info,) = [w for w in broker.worker_infos() if w.worker_id == "small-card"]
     assert info.cannot_load == {job: "RuntimeError: CUDA out of memory. Tried to allocate 20.00 GiB"}
-    # within LOAD_RETRY_S the worker leaves the job to others instead of loading again
-    monkeypatch.setattr(worker_mod, "LOAD_RETRY_S", 3600.0)
+    # within its backoff the worker leaves the job to others instead of loading again
+    time.sleep(0.2)
     assert not small.run_once() and small.models.loads == 3
     time.sleep(0.2)                       # the given-back shard's backoff (backoff_base_s: 0.05 s here)
     Worker(broker, device="cpu").run_until_idle()
@@ -112,6 +113,7 @@ def test_an_engine_out_of_memory_mid_step_gives_the_shards_in_flight_back(tmp_pa
     def no_room(self):
         raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
     monkeypatch.setattr(LLMEngine, "step", no_room)
+    monkeypatch.setattr(worker_mod, "LOAD_RETRY_S", 0.0)        # no backoff: the test retries at once
     assert w.run_once()
     st = broker.status(job, detail=True)
     assert st.retries == 0 and st.prompts_failed == 0 and st.shards["leased"] == 0 and st.shards["pending"] == 3
@@ -124,3 +126,58 @@ def test_an_engine_out_of_memory_mid_step_gives_the_shards_in_flight_back(tmp_pa
     st = broker.status(job)
     assert st.state == JobState.COMPLETED and st.retries == 0 and st.prompts_failed == 0
     assert [r["id"] for r in io.read_parts(str(tmp_path / "out"), "results")] == [f"p{i}" for i in range(6)]
+
+
+def test_out_of_memory_while_generating_a_shard_alone_gives_it_back_too(tmp_path, demo_model, broker, monkeypatch):
+    """A shard runs alone (isolate mode) after a failure; an out-of-memory there is not bisected down to lines
+    marked generation_failed: the shard goes back untried."""
+    from ziya_batch.engine.engine import LLMEngine
+
+    spec = _spec(tmp_path, demo_model, n_lines=4, shard_size=4)
+    job = submit_job(spec, broker).job_id
+    lease = broker.claim("crashed")
+    assert broker.fail(lease, "worker crashed") == "retry"               # now isolated, one failure counted
+    time.sleep(0.2)
+    step = LLMEngine.step
+
+    def no_room(self):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    monkeypatch.setattr(LLMEngine, "step", no_room)
+    monkeypatch.setattr(worker_mod, "LOAD_RETRY_S", 0.0)        # no backoff: the test retries at once
+    w = Worker(broker, device="cpu", max_in_flight=1)
+    assert w.run_once()
+    st = broker.status(job, detail=True)
+    assert st.prompts_failed == 0 and st.shards["pending"] == 1 and st.retries == 1
+    assert st.errors[0]["reason"] == "given back" and "out of memory" in st.errors[0]["message"]
+    monkeypatch.setattr(LLMEngine, "step", step)
+    monkeypatch.setattr(worker_mod, "LOAD_RETRY_S", 0.0)
+    time.sleep(0.2)
+    w.run_until_idle()
+    assert broker.status(job).state == JobState.COMPLETED
+    assert [r["id"] for r in io.read_parts(str(tmp_path / "out"), "results")] == [f"p{i}" for i in range(4)]
+
+
+def test_a_shard_given_back_is_never_dead_lettered_even_past_a_lowered_retry_limit(tmp_path, demo_model, broker):
+    spec = _spec(tmp_path, demo_model, n_lines=2)
+    spec = spec.model_copy(update={"reliability": spec.reliability.model_copy(update={"max_retries": 3})})
+    job = submit_job(spec, broker).job_id
+    for _ in range(2):
+        assert broker.fail(broker.claim("w"), "crashed") == "retry"
+        time.sleep(0.3)
+    lowered = spec.model_copy(update={"reliability": spec.reliability.model_copy(update={"max_retries": 0})})
+    submit_job(lowered, broker)                                              # 2 failures, 0 allowed now
+    assert broker.give_back(broker.claim("w"), "engine would not load") == "retry"
+    assert broker.status(job).dead_shards == 0
+
+
+def test_a_worker_backs_off_longer_after_each_failed_load_of_one_engine(tmp_path, demo_model, broker, monkeypatch):
+    monkeypatch.setattr(worker_mod, "LOAD_RETRY_S", 10.0)
+    monkeypatch.setattr(worker_mod, "LOAD_RETRY_MAX_S", 35.0)
+    spec = _spec(tmp_path, demo_model, n_lines=2)
+    w = Worker(broker, worker_id="small-card", models=NoRoom())
+    key = __import__("ziya_batch.runtime.models", fromlist=["engine_key"]).engine_key(spec)
+    backoffs = []
+    for _ in range(4):
+        w._mark_unloadable(key)
+        backoffs.append(w._unloadable[key][1])
+    assert backoffs == [10.0, 20.0, 35.0, 35.0] and w._failed_to_load(spec)

@@ -49,7 +49,7 @@ local was_dead = sh.dead
 local target = 'pending'
 if was_dead then
   target = 'dead'
-elseif sh.failures > hnum(KEYS[1], 'max_retries') then
+elseif not given_back and sh.failures > hnum(KEYS[1], 'max_retries') then
   target = 'dead'
   sh.dead = true
   redis.call('SADD', KEYS[6], ARGV[2])

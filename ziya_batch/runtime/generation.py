@@ -129,8 +129,9 @@ def generate_lines(engine, prompts: list[tuple[PromptLine, list[int]]],
                    before_line: Optional[Callable[[int], None]] = None,
                    one_by_one: bool = False) -> tuple[list[LineResult], list[LineFailure]]:
     """Generate every prompt. A batch that raises is split in halves until the line that raises stands
-    alone; that line becomes a generation_failed error and the rest are generated. `one_by_one` (with
-    `before_line` called before each) is the isolate mode used after a worker process died on a shard."""
+    alone; that line becomes a generation_failed error and the rest are generated. An out-of-memory is raised
+    instead (no line's fault). `one_by_one` (with `before_line` called before each) is the isolate mode used
+    after a worker process died on a shard."""
     results: list[LineResult] = []
     failures: list[LineFailure] = []
 
@@ -150,6 +151,8 @@ def generate_lines(engine, prompts: list[tuple[PromptLine, list[int]]],
         try:
             run(batch)
         except Exception as err:  # noqa: BLE001 - any engine failure is isolated to its line
+            if out_of_memory(err):
+                raise            # not a line's failure: the worker gives the shard back (Worker._finish)
             if len(batch) == 1:
                 pl = batch[0][0]
                 log.warning("line %s:%d failed generation: %s", pl.file, pl.line, err)
@@ -208,3 +211,14 @@ def score_results(results: list[LineResult], ref_scorer=None, reward_scorer=None
         rewards = reward_scorer.score(queries, [s.text for _, s in pairs])
         for (_, s), rw in zip(pairs, rewards):
             s.reward = float(rw)
+
+
+def out_of_memory(err: BaseException) -> bool:
+    """A device or host allocation failure (torch's OutOfMemoryError, or the text CUDA, cuBLAS and the CPU
+    allocator use): the memory the settings left ran out, which no line causes alone."""
+    import torch
+
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return any(s in text for s in ("out of memory", "cublas_status_alloc_failed", "can't allocate memory"))

@@ -90,14 +90,14 @@ def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optiona
             private.stop()
 
 
-# replicas that die this many times in a row without a prompt finished meanwhile stop the run (a crash loop: e.g. a
-# tensor-parallel replica whose ranks run out of memory loading the model)
+# replicas that die this many times in a row while starting or loading the job's engine, with no prompt finished
+# meanwhile, stop the run (a crash loop: e.g. a tensor-parallel replica whose ranks run out of memory loading it)
 DEATHS_WITHOUT_PROGRESS = 3
 
 
 def _watch(broker, job_id: str, manager, progress: bool, poll_s: float):
     status = broker.status(job_id)
-    deaths, seen_restarts, seen_moved = 0, manager.restarts, -1
+    loop = _CrashLoop(job_id)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
                   disable=not progress, transient=False) as bar:
@@ -112,12 +112,8 @@ def _watch(broker, job_id: str, manager, progress: bool, poll_s: float):
                        rate=f"{status.tokens_per_s:,.0f} tok/s  {len(manager.replicas)} replica(s)")
             if status.state.is_finished():
                 return status
-            # progress: a prompt finished, or a line that crashed its worker set aside (each such line costs a
-            # death or two before the reaper sets it aside; a replica that cannot even start never progresses)
-            moved = done + status.dead_lines + status.retries
-            deaths = 0 if moved != seen_moved else deaths + manager.restarts - seen_restarts
-            seen_moved, seen_restarts = moved, manager.restarts
-            why = _cannot_run(broker, job_id, manager, deaths)
+            workers = {w.worker_id: w for w in broker.worker_infos()}
+            why = loop.update(done, manager.deaths, workers) or _cannot_load(job_id, manager, workers)
             if why:
                 raise ModelError(f"job {job_id} cannot run here: {why}. It stays queued with its committed parts: "
                                  "fix the cause (out of memory: lower engine.gpu_memory_fraction or "
@@ -125,16 +121,37 @@ def _watch(broker, job_id: str, manager, progress: bool, poll_s: float):
             time.sleep(poll_s)
 
 
-def _cannot_run(broker, job_id: str, manager, deaths: int) -> Optional[str]:
-    """Why no replica of this run can make progress on the job, or None: every replica reports that the job's
-    engine would not load on it (Worker gives such shards back untried), or replicas keep dying without a
-    prompt finished in between."""
-    if deaths >= DEATHS_WITHOUT_PROGRESS:
-        return f"its replicas died {deaths} times in a row ({manager.last_death or 'no reason given'})"
+class _CrashLoop:
+    """Counts replica deaths in a row that say the job's engine cannot run here: a replica that died starting
+    (its constructor raised, e.g. tensor-parallel ranks loading the model), one that never registered its
+    worker, or one whose worker noted it could not load the job's engine. A finished prompt, or a replica that
+    dies otherwise (a node lost, a line that crashes its worker: the queue sets such lines aside), resets it."""
+
+    def __init__(self, job_id: str):
+        self.job_id, self.streak, self.last, self.seen, self.done = job_id, 0, "", 0, -1
+
+    def update(self, done: int, deaths: list, workers: dict) -> Optional[str]:
+        if done != self.done:
+            self.done, self.streak = done, 0
+        for rid, cause, at_start in deaths[self.seen:]:
+            w = workers.get(rid)
+            note = w.cannot_load.get(self.job_id) if w is not None else None
+            if at_start or w is None or note:
+                self.streak, self.last = self.streak + 1, note or cause
+            else:
+                self.streak = 0
+        self.seen = len(deaths)
+        if self.streak >= DEATHS_WITHOUT_PROGRESS:
+            return f"its replicas died {self.streak} times in a row starting or loading its engine ({self.last})"
+        return None
+
+
+def _cannot_load(job_id: str, manager, workers: dict) -> Optional[str]:
+    """Every replica of this run reports that the job's engine would not load on it (Worker gives such shards
+    back untried), or None."""
     if not manager.replicas:
         return None
-    notes = {w.worker_id: w.cannot_load.get(job_id) for w in broker.worker_infos()}
-    reasons = [notes.get(rid) for rid in manager.replicas]
+    reasons = [workers[rid].cannot_load.get(job_id) if rid in workers else None for rid in manager.replicas]
     if all(reasons):
         return f"the engine would not load on any of its {len(reasons)} replica(s) ({reasons[0]})"
     return None

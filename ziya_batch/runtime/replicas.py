@@ -41,7 +41,8 @@ class ReplicaManager:
         self.job_id = job_id                        # tensor_parallel > 1: a job whose model the ranks load first
         self.replicas: dict[str, Replica] = {}
         self.restarts = 0
-        self.last_death: Optional[str] = None       # why the last replica that died did, in a line
+        # replicas that died: (replica id, why in a line, whether it died starting: its constructor raised)
+        self.deaths: list[tuple[str, str, bool]] = []
         self._pending = None                        # a placement group still waiting for its resources
 
     # -- sizing ------------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ class ReplicaManager:
                     log.info("replica %s stopped", rep.replica_id)
                 except Exception as err:  # noqa: BLE001 - actor or node died
                     log.warning("replica %s died: %s", rep.replica_id, str(err).splitlines()[0])
-                    self.last_death = _cause(err)
+                    self.deaths.append((rep.replica_id, _cause(err), "creation task" in str(err)))
                 self.restarts += 1
                 self._drop(rep)
         while len(self.replicas) < self.desired():

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING, Callable, Optional
 from .. import errors, io
 from ..records import LineFailure, LineResult
 from ..spec import JobSpec
-from .generation import ShardStream, ShardWork, build_parts, generate_lines, line_id, parse_shard, score_results
-from .models import ModelCache, engine_key
+from .generation import (ShardStream, ShardWork, build_parts, generate_lines, line_id, out_of_memory, parse_shard,
+                         score_results)
+from .models import ModelCache, ReplicaBroken, engine_key
 
 if TYPE_CHECKING:
     from ..queue import Lease
@@ -42,8 +43,10 @@ SPECS_KEPT = 256
 # shards claimed after it then run with the new settings (a shard in flight keeps the spec it started with)
 SPEC_REREAD_S = 10.0
 # A worker that could not load a job's engine (out of memory, a broken checkpoint on this node) gives the shard back
-# untried and leaves that engine's jobs to other workers for this long before it tries again
+# untried and leaves that engine's jobs to other workers for this long before it tries again, twice as long after
+# each failure in a row up to LOAD_RETRY_MAX_S (a load that fails drops the engine loaded before it)
 LOAD_RETRY_S = 60.0
+LOAD_RETRY_MAX_S = 3600.0
 # An idle worker waits for announced work in slices of this long, to see a stop at once
 IDLE_SLICE_S = 0.1
 
@@ -106,7 +109,7 @@ class Worker:
         self._engine_key: Optional[tuple] = None        # engine_key of the jobs in the stream
         self._flights: dict[str, _Flight] = {}          # stream key -> shard whose lines are in the stream
         self._same_model_claims = 0                     # claims in a row that needed no model load
-        self._unloadable: dict[tuple, float] = {}       # engine_key -> when it last failed to load here
+        self._unloadable: dict[tuple, tuple[float, float]] = {}   # engine_key -> (retry after, backoff s)
         self._noted: set[str] = set()                   # jobs noted on the registration as not loadable here
         self.broker.register_worker(self.worker_id, self.host, {"device": self.models.device_name(), "pid": os.getpid(),
                                                                 "tensor_parallel": 1, **(extra_info or {})})
@@ -210,9 +213,14 @@ class Worker:
             return True
 
     def _failed_to_load(self, spec: JobSpec) -> bool:
-        """This worker could not load the spec's engine less than LOAD_RETRY_S ago."""
+        """This worker could not load the spec's engine and its backoff (LOAD_RETRY_S, doubling) has not passed."""
         failed = self._unloadable.get(engine_key(spec))
-        return failed is not None and time.monotonic() - failed < LOAD_RETRY_S
+        return failed is not None and time.monotonic() < failed[0]
+
+    def _mark_unloadable(self, key: tuple) -> None:
+        prev = self._unloadable.get(key)
+        backoff = LOAD_RETRY_S if prev is None else min(LOAD_RETRY_MAX_S, max(LOAD_RETRY_S, 2 * prev[1]))
+        self._unloadable[key] = (time.monotonic() + backoff, backoff)
 
     def _engine_or_give_back(self, flight: _Flight):
         """The flight's engine, or None after giving its shard back untried because the engine would not load
@@ -223,15 +231,22 @@ class Worker:
             engine = self._engine_for(spec)
         except Exception as err:  # noqa: BLE001 - out of memory, a broken checkpoint: this worker's, not the shard's
             flight.hb.stop()
-            why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+            why = _one_line(err)
             log.error("shard %s/%d: the engine would not load on %s (%s); giving the shard back", lease.job_id,
                       lease.shard.index, self.worker_id, why)
-            self._unloadable[engine_key(spec)] = time.monotonic()
+            self._mark_unloadable(engine_key(spec))
             self.broker.give_back(lease, f"engine would not load on {self.worker_id}: {why}")
             self._note(lease.job_id, why)
             return None
+        except ReplicaBroken as err:
+            # a tensor-parallel replica whose rank 0 could not load after the others started: the replica goes
+            # down, and the shard goes back untried now rather than through its lease's expiry (a counted retry)
+            flight.hb.stop()
+            self._note(lease.job_id, _one_line(err))
+            self.broker.give_back(lease, f"engine would not load on {self.worker_id}: {_one_line(err)}")
+            raise
         except BaseException:
-            flight.hb.stop()      # the replica is going down (ReplicaBroken): the lease expires and is requeued
+            flight.hb.stop()      # the process is going down: the lease expires and is requeued
             raise
         self._unloadable.pop(engine_key(spec), None)
         if lease.job_id in self._noted:           # loaded now (perhaps with settings a resubmit changed)
@@ -336,7 +351,7 @@ class Worker:
             try:
                 done = self._stream.step()
             except Exception as err:  # noqa: BLE001 - isolated line by line, as in a shard generated alone
-                if _out_of_memory(err):
+                if out_of_memory(err):
                     self._give_back_all(err)
                 else:
                     self._redo_alone(err)
@@ -365,18 +380,22 @@ class Worker:
         """The engine ran out of memory mid-step: no line's fault (the KV cache and the step's budget are fixed;
         what ran out is the room the settings left). Give every shard in flight back untried and leave the
         engine's jobs to other workers for LOAD_RETRY_S, as for an engine that would not load (the engine itself
-        stays: a tensor-parallel replica's ranks must keep holding the same one)."""
-        why = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        stays loaded; a tensor-parallel replica, whose other ranks may be stuck in the failed step, goes down after
+        giving its shards back, and its manager starts a new one)."""
+        why = _one_line(err)
         log.error("engine out of memory with %d shard(s) in flight (%s); giving them back", len(self._flights), why)
         self._stream.abort()
         if self._engine_key is not None:
-            self._unloadable[self._engine_key] = time.monotonic()
+            self._mark_unloadable(self._engine_key)
         for flight in self._flights.values():
             flight.hb.stop()
             self.broker.give_back(flight.lease, f"engine out of memory on {self.worker_id}: {why}")
             self._note(flight.lease.job_id, why)
         self._flights.clear()
         self._stream = self._engine_key = None
+        if getattr(self.models, "world_size", 1) > 1:
+            # the other ranks may be inside this step's all-reduces: only a new replica is in step again
+            raise ReplicaBroken(f"tensor-parallel engine out of memory mid-step: {why}")
 
     def _abandon(self) -> None:
         """Stop the shards in flight without committing: their leases expire and the reaper requeues them."""
@@ -423,7 +442,15 @@ class Worker:
             log.warning("shard %s/%d: lease lost; stopped", lease.job_id, shard.index)
             return False
         except Exception as err:  # noqa: BLE001 - a failed shard is retried by the queue, never lost
-            self._fail(lease, err)
+            if out_of_memory(err):
+                # generating it alone, or loading its reference or reward model: no line's failure either
+                why = _one_line(err)
+                log.error("shard %s/%d: out of memory (%s); giving the shard back", lease.job_id, shard.index, why)
+                self._mark_unloadable(engine_key(spec))
+                self.broker.give_back(lease, f"out of memory on {self.worker_id}: {why}")
+                self._note(lease.job_id, why)
+            else:
+                self._fail(lease, err)
             return False
         from .finalize import finalize_if_ready
 
@@ -461,8 +488,6 @@ class Worker:
         return results, work.failures + gen_failures
 
 
-def _out_of_memory(err: BaseException) -> bool:
-    """A device out-of-memory (torch.cuda.OutOfMemoryError, or the text CUDA and the allocator use)."""
-    import torch
-
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
