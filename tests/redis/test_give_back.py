@@ -181,3 +181,22 @@ def test_a_worker_backs_off_longer_after_each_failed_load_of_one_engine(tmp_path
         w._mark_unloadable(key)
         backoffs.append(w._unloadable[key][1])
     assert backoffs == [10.0, 20.0, 35.0, 35.0] and w._failed_to_load(spec)
+
+
+def test_out_of_memory_loading_the_reference_model_gives_the_shard_back(tmp_path, demo_model, broker, monkeypatch):
+    """A reference model for the experience records is a second model on the same device: running out of memory
+    loading it, after the shard's lines were generated, is no line's failure either."""
+    spec = _spec(tmp_path, demo_model, n_lines=2)
+    spec = spec.model_copy(update={"experience": spec.experience.model_copy(
+        update={"reference_model": str(demo_model)})})
+    job = submit_job(spec, broker).job_id
+
+    def no_room(self, spec):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 26.00 GiB")
+    monkeypatch.setattr(ModelCache, "reference", no_room)
+    monkeypatch.setattr(worker_mod, "LOAD_RETRY_S", 0.0)
+    w = Worker(broker, device="cpu", max_in_flight=1)
+    assert w.run_once()
+    st = broker.status(job, detail=True)
+    assert st.prompts_failed == 0 and st.retries == 0 and st.shards["pending"] == 1 and st.dead_shards == 0
+    assert st.errors[0]["reason"] == "given back" and "out of memory" in st.errors[0]["message"]
