@@ -135,7 +135,7 @@ def test_a_run_whose_engine_cannot_load_stops_with_the_reason_and_resumes_once_f
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"hello {i}"}) + "\n" for i in range(6)))
     job = _job(tmp_path, model, [str(inp)], n=1, shard_size=2, reliability={"max_retries": 0})
-    with pytest.raises(ModelError, match="the engine would not load on any of its 1 replica"):
+    with pytest.raises(ModelError, match="engine would not load, or ran out of memory, on every one of its 1 replica"):
         run_job(str(job), redis_url=redis_url, progress=False, num_workers=1, poll_s=0.2)
     st = Broker.from_url(redis_url).status(load_spec(str(job)).identity())
     assert not st.state.is_finished() and st.retries == 0 and st.prompts_failed == 0 and st.dead_shards == 0

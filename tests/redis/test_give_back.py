@@ -200,3 +200,44 @@ def test_out_of_memory_loading_the_reference_model_gives_the_shard_back(tmp_path
     st = broker.status(job, detail=True)
     assert st.prompts_failed == 0 and st.retries == 0 and st.shards["pending"] == 1 and st.dead_shards == 0
     assert st.errors[0]["reason"] == "given back" and "out of memory" in st.errors[0]["message"]
+
+
+class TwoRanks(ModelCache):
+    """Rank 0's cache of a tensor-parallel replica, as far as the worker can tell (world_size > 1); the engine
+    itself is a plain CPU one here."""
+    world_size = 2
+
+
+def test_a_tensor_parallel_replica_out_of_memory_mid_step_gives_back_then_goes_down(tmp_path, demo_model, broker,
+                                                                                    monkeypatch):
+    """Its other ranks may be stuck in the failed step: the replica gives every shard back untried and raises
+    ReplicaBroken (its manager starts a new one), even when Redis fails it while it gives back."""
+    import pytest
+    import redis
+
+    from ziya_batch.engine.engine import LLMEngine
+    from ziya_batch.runtime.models import ReplicaBroken
+
+    spec = _spec(tmp_path, demo_model, n_lines=4)
+    job = submit_job(spec, broker).job_id
+
+    def no_room(self):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB")
+    monkeypatch.setattr(LLMEngine, "step", no_room)
+    w = Worker(broker, device="cpu", models=TwoRanks("cpu"), max_in_flight=2)
+    monkeypatch.setattr(w.models, "can_serve", lambda spec: True)
+    with pytest.raises(ReplicaBroken, match="out of memory"):
+        w.run_once()
+    st = broker.status(job, detail=True)
+    assert st.shards["leased"] == 0 and st.retries == 0 and st.prompts_failed == 0
+    assert {e["reason"] for e in st.errors} == {"given back"}
+    # the same with Redis refusing the give-back: ReplicaBroken still ends the replica (the lease then expires)
+    time.sleep(0.2)
+    w2 = Worker(broker, device="cpu", models=TwoRanks("cpu"), max_in_flight=1)
+    monkeypatch.setattr(w2.models, "can_serve", lambda spec: True)
+
+    def refused(*a, **k):
+        raise redis.ConnectionError("Redis went away")
+    monkeypatch.setattr(broker, "give_back", refused)
+    with pytest.raises(ReplicaBroken):
+        w2.run_once()

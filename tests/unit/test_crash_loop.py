@@ -30,17 +30,26 @@ def test_a_node_lost_with_many_registered_replicas_or_a_poison_line_does_not_sto
 def test_progress_resets_the_count_and_noted_load_failures_count():
     loop, deaths = _CrashLoop("job"), []
     workers = {"a": worker({"job": "OutOfMemoryError: CUDA out of memory"}), "b": worker(), "c": worker()}
-    deaths += [("a", "x", False), ("gone", "never registered", False)]
+    deaths += [("a", "x", False), ("b", "died starting", True)]
     assert loop.update(0, deaths, workers) is None and loop.streak == 2
     assert loop.update(5, deaths, workers) is None and loop.streak == 0              # a prompt finished
     deaths += [("a", "x", False)] * DEATHS_WITHOUT_PROGRESS
-    assert "CUDA out of memory" in loop.update(5, deaths, workers)
+    # "a" has dropped out of the live list meanwhile (busy between heartbeats): its note is remembered
+    assert "CUDA out of memory" in loop.update(5, deaths, {"b": worker()})
+
+
+def test_replicas_lost_before_they_registered_do_not_stop_the_run():
+    """A node lost while its replicas were still starting (loading the model): Ray reports a system error, not
+    the constructor's, and their workers never registered. Not a crash loop."""
+    loop = _CrashLoop("job")
+    deaths = [(f"r{i}", "ActorDiedError: the node died", False) for i in range(4)]
+    assert loop.update(0, deaths, {}) is None and loop.streak == 0
 
 
 def test_the_run_stops_when_every_replica_noted_the_engine_would_not_load():
     manager = SimpleNamespace(replicas={"a": 1, "b": 1})
     assert _cannot_load("job", manager, {"a": worker({"job": "OOM"}), "b": worker()}) is None
     assert _cannot_load("job", manager, {"a": worker({"job": "OOM"})}) is None       # b not registered yet
-    assert "any of its 2 replica(s) (OOM)" in _cannot_load("job", manager, {"a": worker({"job": "OOM"}),
+    assert "every one of its 2 replica(s) (OOM)" in _cannot_load("job", manager, {"a": worker({"job": "OOM"}),
                                                                              "b": worker({"job": "OOM"})})
     assert _cannot_load("job", SimpleNamespace(replicas={}), {}) is None

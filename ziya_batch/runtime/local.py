@@ -123,20 +123,23 @@ def _watch(broker, job_id: str, manager, progress: bool, poll_s: float):
 
 class _CrashLoop:
     """Counts replica deaths in a row that say the job's engine cannot run here: a replica that died starting
-    (its constructor raised, e.g. tensor-parallel ranks loading the model), one that never registered its
-    worker, or one whose worker noted it could not load the job's engine. A finished prompt, or a replica that
-    dies otherwise (a node lost, a line that crashes its worker: the queue sets such lines aside), resets it."""
+    (its constructor raised: e.g. tensor-parallel ranks loading the model), or one whose worker had noted that
+    it could not load the job's engine or ran out of memory with it. A finished prompt, or a replica that dies
+    otherwise (a node lost, a line that crashes its worker: the queue sets such lines aside), resets it.
+    Workers are remembered across polls: a busy worker drops out of the live list between its heartbeats."""
 
     def __init__(self, job_id: str):
         self.job_id, self.streak, self.last, self.seen, self.done = job_id, 0, "", 0, -1
+        self.notes: dict[str, Optional[str]] = {}        # worker id -> its last note for this job (None: none)
 
     def update(self, done: int, deaths: list, workers: dict) -> Optional[str]:
+        for wid, w in workers.items():
+            self.notes[wid] = w.cannot_load.get(self.job_id)
         if done != self.done:
             self.done, self.streak = done, 0
         for rid, cause, at_start in deaths[self.seen:]:
-            w = workers.get(rid)
-            note = w.cannot_load.get(self.job_id) if w is not None else None
-            if at_start or w is None or note:
+            note = self.notes.get(rid)
+            if at_start or note:
                 self.streak, self.last = self.streak + 1, note or cause
             else:
                 self.streak = 0
@@ -153,7 +156,8 @@ def _cannot_load(job_id: str, manager, workers: dict) -> Optional[str]:
         return None
     reasons = [workers[rid].cannot_load.get(job_id) if rid in workers else None for rid in manager.replicas]
     if all(reasons):
-        return f"the engine would not load on any of its {len(reasons)} replica(s) ({reasons[0]})"
+        return (f"the engine would not load, or ran out of memory, on every one of its {len(reasons)} replica(s) "
+                f"({reasons[0]})")
     return None
 
 

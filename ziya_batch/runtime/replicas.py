@@ -129,7 +129,8 @@ class ReplicaManager:
                     log.info("replica %s stopped", rep.replica_id)
                 except Exception as err:  # noqa: BLE001 - actor or node died
                     log.warning("replica %s died: %s", rep.replica_id, str(err).splitlines()[0])
-                    self.deaths.append((rep.replica_id, _cause(err), "creation task" in str(err)))
+                    at_start = bool(getattr(err, "actor_init_failed", False)) or "creation task" in str(err)
+                    self.deaths.append((rep.replica_id, _cause(err), at_start))
                 self.restarts += 1
                 self._drop(rep)
         while len(self.replicas) < self.desired():

@@ -227,6 +227,7 @@ class Worker:
         here: not the shard's failure (broker.give_back), and this worker leaves the job's engine to others for
         LOAD_RETRY_S; `ziya-batch run` stops with the reason once none of its workers can load it."""
         lease, spec = flight.lease, flight.spec
+        cached = self.models.holds(spec)
         try:
             engine = self._engine_for(spec)
         except Exception as err:  # noqa: BLE001 - out of memory, a broken checkpoint: this worker's, not the shard's
@@ -242,20 +243,36 @@ class Worker:
             # a tensor-parallel replica whose rank 0 could not load after the others started: the replica goes
             # down, and the shard goes back untried now rather than through its lease's expiry (a counted retry)
             flight.hb.stop()
-            self._note(lease.job_id, _one_line(err))
-            self.broker.give_back(lease, f"engine would not load on {self.worker_id}: {_one_line(err)}")
+            self._give_back_quietly(lease, f"engine would not load on {self.worker_id}: {_one_line(err)}",
+                                    _one_line(err))
             raise
         except BaseException:
             flight.hb.stop()      # the process is going down: the lease expires and is requeued
             raise
-        self._unloadable.pop(engine_key(spec), None)
-        if lease.job_id in self._noted:           # loaded now (perhaps with settings a resubmit changed)
-            self._note(lease.job_id, None)
+        if not cached:                            # loaded now: a backoff for it (doubling) starts over
+            self._unloadable.pop(engine_key(spec), None)
+            if lease.job_id in self._noted:       # (perhaps with settings a resubmit changed)
+                self._note(lease.job_id, None)
         return engine
 
     def _note(self, job_id: str, why: Optional[str]) -> None:
         self.broker.note_cannot_load(self.worker_id, job_id, why)
         (self._noted.add if why else self._noted.discard)(job_id)
+
+    def _give_back_quietly(self, lease, message: str, why: str) -> None:
+        """give_back and note, on the way out of a broken replica: a Redis error here must not replace the
+        ReplicaBroken being raised (the lease then expires and is requeued, as it would have anyway)."""
+        try:
+            self.broker.give_back(lease, message)
+            self._note(lease.job_id, why)
+        except Exception as err:  # noqa: BLE001 - see the docstring
+            log.warning("shard %s/%d: could not give it back (%s); its lease will expire", lease.job_id,
+                        lease.shard.index, err)
+
+    def _broken_replica(self) -> bool:
+        """A tensor-parallel replica: after a failed step its other ranks may be stuck in the step's collectives,
+        so only a new replica is in step again."""
+        return getattr(self.models, "world_size", 1) > 1
 
     def _loaded(self, job_id: str) -> bool:
         """Claim preference: the job runs on the engine this worker holds (no model to load)."""
@@ -291,6 +308,11 @@ class Worker:
         if self._flights and (alone or not self._shares_engine(flight.spec)):
             try:
                 self._drain()        # the new lease's heartbeat runs meanwhile
+            except ReplicaBroken as err:
+                flight.hb.stop()     # untried: back now, not through its lease's expiry (a counted retry)
+                self._give_back_quietly(lease, f"replica {self.worker_id} broke before this shard started: "
+                                               f"{_one_line(err)}", _one_line(err))
+                raise
             except BaseException:
                 flight.hb.stop()
                 raise
@@ -374,7 +396,19 @@ class Worker:
         self._stream.abort()
         while self._flights:
             flight = self._flights.pop(next(iter(self._flights)))
-            self._finish(flight, lambda: self._generate_alone(flight))
+            try:
+                self._finish(flight, lambda: self._generate_alone(flight))
+            except ReplicaBroken as broke:        # out of memory on a tensor-parallel replica (_finish)
+                self._give_back_rest(broke)
+                raise
+
+    def _give_back_rest(self, err: BaseException) -> None:
+        """The replica is going down: the shards still in flight go back untried now."""
+        for flight in self._flights.values():
+            flight.hb.stop()
+            self._give_back_quietly(flight.lease, f"replica {self.worker_id} broke: {_one_line(err)}",
+                                    _one_line(err))
+        self._flights.clear()
 
     def _give_back_all(self, err: Exception) -> None:
         """The engine ran out of memory mid-step: no line's fault (the KV cache and the step's budget are fixed;
@@ -387,15 +421,16 @@ class Worker:
         self._stream.abort()
         if self._engine_key is not None:
             self._mark_unloadable(self._engine_key)
+        self._stream = self._engine_key = None
+        if self._broken_replica():
+            broke = ReplicaBroken(f"tensor-parallel engine out of memory mid-step: {why}")
+            self._give_back_rest(broke)
+            raise broke
         for flight in self._flights.values():
             flight.hb.stop()
             self.broker.give_back(flight.lease, f"engine out of memory on {self.worker_id}: {why}")
             self._note(flight.lease.job_id, why)
         self._flights.clear()
-        self._stream = self._engine_key = None
-        if getattr(self.models, "world_size", 1) > 1:
-            # the other ranks may be inside this step's all-reduces: only a new replica is in step again
-            raise ReplicaBroken(f"tensor-parallel engine out of memory mid-step: {why}")
 
     def _abandon(self) -> None:
         """Stop the shards in flight without committing: their leases expire and the reaper requeues them."""
@@ -447,6 +482,9 @@ class Worker:
                 why = _one_line(err)
                 log.error("shard %s/%d: out of memory (%s); giving the shard back", lease.job_id, shard.index, why)
                 self._mark_unloadable(engine_key(spec))
+                if self._broken_replica():
+                    self._give_back_quietly(lease, f"out of memory on {self.worker_id}: {why}", why)
+                    raise ReplicaBroken(f"tensor-parallel engine out of memory: {why}") from err
                 self.broker.give_back(lease, f"out of memory on {self.worker_id}: {why}")
                 self._note(lease.job_id, why)
             else:
