@@ -236,15 +236,14 @@ class Worker:
             log.error("shard %s/%d: the engine would not load on %s (%s); giving the shard back", lease.job_id,
                       lease.shard.index, self.worker_id, why)
             self._mark_unloadable(engine_key(spec))
-            self.broker.give_back(lease, f"engine would not load on {self.worker_id}: {why}")
-            self._note(lease.job_id, why)
+            self._give_back(lease, f"engine would not load on {self.worker_id}: {why}", why)
             return None
         except ReplicaBroken as err:
             # a tensor-parallel replica whose rank 0 could not load after the others started: the replica goes
             # down, and the shard goes back untried now rather than through its lease's expiry (a counted retry)
             flight.hb.stop()
-            self._give_back_quietly(lease, f"engine would not load on {self.worker_id}: {_one_line(err)}",
-                                    _one_line(err))
+            self._give_back(lease, f"engine would not load on {self.worker_id}: {_one_line(err)}", _one_line(err),
+                            quietly=True)
             raise
         except BaseException:
             flight.hb.stop()      # the process is going down: the lease expires and is requeued
@@ -259,15 +258,25 @@ class Worker:
         self.broker.note_cannot_load(self.worker_id, job_id, why)
         (self._noted.add if why else self._noted.discard)(job_id)
 
-    def _give_back_quietly(self, lease, message: str, why: str) -> None:
-        """give_back and note, on the way out of a broken replica: a Redis error here must not replace the
-        ReplicaBroken being raised (the lease then expires and is requeued, as it would have anyway)."""
+    def _give_back(self, lease, message: str, why: str, quietly: bool = False) -> None:
+        """Give the shard back untried (broker.give_back) and note why on this worker's registration. `quietly`:
+        on the way out of a broken replica, where a Redis error must not replace the ReplicaBroken being raised
+        (the lease then expires and is requeued, as it would have anyway)."""
         try:
             self.broker.give_back(lease, message)
             self._note(lease.job_id, why)
         except Exception as err:  # noqa: BLE001 - see the docstring
+            if not quietly:
+                raise
             log.warning("shard %s/%d: could not give it back (%s); its lease will expire", lease.job_id,
                         lease.shard.index, err)
+
+    def _give_back_flights(self, message: str, why: str, quietly: bool = False) -> None:
+        """Every shard still in flight goes back untried (_give_back)."""
+        for flight in self._flights.values():
+            flight.hb.stop()
+            self._give_back(flight.lease, message, why, quietly)
+        self._flights.clear()
 
     def _broken_replica(self) -> bool:
         """A tensor-parallel replica: after a failed step its other ranks may be stuck in the step's collectives,
@@ -310,8 +319,8 @@ class Worker:
                 self._drain()        # the new lease's heartbeat runs meanwhile
             except ReplicaBroken as err:
                 flight.hb.stop()     # untried: back now, not through its lease's expiry (a counted retry)
-                self._give_back_quietly(lease, f"replica {self.worker_id} broke before this shard started: "
-                                               f"{_one_line(err)}", _one_line(err))
+                self._give_back(lease, f"replica {self.worker_id} broke before this shard started: "
+                                       f"{_one_line(err)}", _one_line(err), quietly=True)
                 raise
             except BaseException:
                 flight.hb.stop()
@@ -399,16 +408,9 @@ class Worker:
             try:
                 self._finish(flight, lambda: self._generate_alone(flight))
             except ReplicaBroken as broke:        # out of memory on a tensor-parallel replica (_finish)
-                self._give_back_rest(broke)
+                self._give_back_flights(f"replica {self.worker_id} broke: {_one_line(broke)}", _one_line(broke),
+                                        quietly=True)
                 raise
-
-    def _give_back_rest(self, err: BaseException) -> None:
-        """The replica is going down: the shards still in flight go back untried now."""
-        for flight in self._flights.values():
-            flight.hb.stop()
-            self._give_back_quietly(flight.lease, f"replica {self.worker_id} broke: {_one_line(err)}",
-                                    _one_line(err))
-        self._flights.clear()
 
     def _give_back_all(self, err: Exception) -> None:
         """The engine ran out of memory mid-step: no line's fault (the KV cache and the step's budget are fixed;
@@ -422,15 +424,10 @@ class Worker:
         if self._engine_key is not None:
             self._mark_unloadable(self._engine_key)
         self._stream = self._engine_key = None
-        if self._broken_replica():
-            broke = ReplicaBroken(f"tensor-parallel engine out of memory mid-step: {why}")
-            self._give_back_rest(broke)
-            raise broke
-        for flight in self._flights.values():
-            flight.hb.stop()
-            self.broker.give_back(flight.lease, f"engine out of memory on {self.worker_id}: {why}")
-            self._note(flight.lease.job_id, why)
-        self._flights.clear()
+        broken = self._broken_replica()
+        self._give_back_flights(f"engine out of memory on {self.worker_id}: {why}", why, quietly=broken)
+        if broken:
+            raise ReplicaBroken(f"tensor-parallel engine out of memory mid-step: {why}")
 
     def _abandon(self) -> None:
         """Stop the shards in flight without committing: their leases expire and the reaper requeues them."""
@@ -482,11 +479,10 @@ class Worker:
                 why = _one_line(err)
                 log.error("shard %s/%d: out of memory (%s); giving the shard back", lease.job_id, shard.index, why)
                 self._mark_unloadable(engine_key(spec))
-                if self._broken_replica():
-                    self._give_back_quietly(lease, f"out of memory on {self.worker_id}: {why}", why)
+                broken = self._broken_replica()
+                self._give_back(lease, f"out of memory on {self.worker_id}: {why}", why, quietly=broken)
+                if broken:
                     raise ReplicaBroken(f"tensor-parallel engine out of memory: {why}") from err
-                self.broker.give_back(lease, f"out of memory on {self.worker_id}: {why}")
-                self._note(lease.job_id, why)
             else:
                 self._fail(lease, err)
             return False
