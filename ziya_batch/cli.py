@@ -43,13 +43,13 @@ def submit(
 ):
     """Validate the spec, index the input into shards and queue it; prints the job id."""
     from .runtime.models import unserved_note
-    from .runtime.submit import run_settings_changed, submit_job
+    from .runtime.submit import submit_job
     from .spec import load_spec
 
     spec = load_spec(job)
     broker = _broker(redis_url)
-    changed = run_settings_changed(spec, broker)
-    st = submit_job(spec, broker, check_model_dir=True)
+    changed: list[str] = []
+    st = submit_job(spec, broker, check_model_dir=True, changes=changed)
     typer.echo(st.job_id)
     if changed:
         typer.echo(f"resumed with {'; '.join(changed)} (workers that start from now on use them)", err=True)

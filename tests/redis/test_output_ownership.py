@@ -9,7 +9,7 @@ from ziya_batch import io
 from ziya_batch.errors import SpecError
 from ziya_batch.queue import JobState
 from ziya_batch.runtime.finalize import finalize_if_ready
-from ziya_batch.runtime.submit import run_settings_changed, submit_job
+from ziya_batch.runtime.submit import submit_job
 from ziya_batch.runtime.worker import Worker
 from ziya_batch.spec import parse_spec
 
@@ -90,8 +90,9 @@ def test_a_job_an_earlier_release_started_resumes_under_its_id(tmp_path, demo_mo
     assert old_id == a.legacy_identity() != a.identity()
     # with other run settings too, while Redis holds the job (its stored spec has this spec's identity) ...
     retuned = a.model_copy(update={"engine": a.engine.model_copy(update={"max_num_seqs": 8})})
-    assert run_settings_changed(retuned, broker) == ["engine.max_num_seqs: 256 -> 8"]
-    st = submit_job(retuned, broker)
+    changes = []
+    st = submit_job(retuned, broker, changes=changes)
+    assert changes == ["engine.max_num_seqs: 256 -> 8"]
     assert st.job_id == old_id and st.shards["committed"] == 1
     for forget in (False, True):
         if forget:
@@ -112,13 +113,16 @@ def test_a_cancelled_job_resubmitted_with_other_run_settings_reopens_with_them(t
     Worker(broker, device="cpu", max_in_flight=1).run_once()
     broker.cancel(job)
     retuned = a.model_copy(update={"engine": a.engine.model_copy(update={"gpu_memory_fraction": 0.5})})
-    assert run_settings_changed(retuned, broker) == ["engine.gpu_memory_fraction: 0.9 -> 0.5"]
-    st = submit_job(retuned, broker)
+    changes = []
+    st = submit_job(retuned, broker, changes=changes)
+    assert changes == ["engine.gpu_memory_fraction: 0.9 -> 0.5"]
     assert st.job_id == job and st.state == JobState.QUEUED and st.shards["committed"] == 1
     assert broker.get_spec(job).engine.gpu_memory_fraction == 0.5
     Worker(broker, device="cpu").run_until_idle()
     assert [r["id"] for r in io.read_parts(str(tmp_path / "out"), "results")] == [f"p{i}" for i in range(12)]
-    assert run_settings_changed(a, broker) == []                     # completed: nothing to resume
+    changes = []
+    submit_job(a, broker, changes=changes)
+    assert changes == []                                             # completed: nothing to resume
 
 
 def test_a_cancelled_jobs_manifest_lists_a_part_committed_as_the_cancel_took_hold(tmp_path, demo_model, broker):

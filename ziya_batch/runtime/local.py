@@ -15,7 +15,7 @@ from ..errors import ModelError, ServiceError
 from ..spec import load_spec
 from .finalize import finalize_if_ready
 from .services import REDIS_ENV, home_dir
-from .submit import run_settings_changed, submit_job
+from .submit import submit_job
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -59,8 +59,8 @@ def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optiona
         if private is not None:
             raise ServiceError(f"the private redis-server is unsafely configured: {w}")
         console.print(f"[yellow]warning:[/yellow] {w}")
-    changed = run_settings_changed(spec, broker)
-    status = submit_job(spec, broker, check_model_dir=True)
+    changed: list[str] = []
+    status = submit_job(spec, broker, check_model_dir=True, changes=changed)
     job_id = status.job_id
     console.print(f"job [bold]{job_id}[/bold] ({spec.name}): {status.prompts_total} prompts in "
                   f"{status.shards_total} shards -> {spec.output.path}")

@@ -78,28 +78,23 @@ def check_model(spec: JobSpec) -> None:
                             "`ziya-batch demo-model DIR` writes a tiny one to try things with)")
 
 
-def run_settings_changed(spec: JobSpec, broker) -> list[str]:
-    """What submitting `spec` changes in how the unfinished job it resumes runs ('engine.max_num_seqs: 256 -> 64',
-    spec.run_field_changes); empty for a new job, a completed one or the same settings. Call before submit_job."""
+def _run_settings_changed(spec: JobSpec, broker, job_id: str) -> list[str]:
+    """What submitting `spec` changes in how the unfinished job `job_id` runs (spec.run_field_changes)."""
     from ..spec import run_field_changes
 
-    from ..queue import JobState
-
     try:
-        job_id = job_id_for(spec, broker)
-        existing = broker.find_job(job_id)
-        if existing is None or existing.state == JobState.COMPLETED:    # failed and cancelled ones reopen
-            return []
         return run_field_changes(broker.get_spec(job_id), spec)
     except Exception:  # noqa: BLE001 - a note only: submit_job says what is wrong, if anything is
         return []
 
 
-def submit_job(spec: JobSpec, broker, check_model_dir: bool = False):
+def submit_job(spec: JobSpec, broker, check_model_dir: bool = False, changes: Optional[list[str]] = None):
     """Queue `spec` (or find it again) and return its JobStatus. Idempotent: the same spec and output path
     is the same job; if Redis lost it, the shards committed in storage are recorded as done.
     `check_model_dir`: the model must be a local directory here (the CLI, where workers share the host's
-    paths; the HTTP API's host may not hold the weights its workers load)."""
+    paths; the HTTP API's host may not hold the weights its workers load). `changes`: a list that receives
+    what this submit changes in how the unfinished job it resumes runs ('engine.max_num_seqs: 256 -> 64'):
+    nothing for a new job, a completed one or the same settings (a failed or cancelled one reopens)."""
     from ..queue import JobState
 
     job_id = job_id_for(spec, broker)
@@ -109,6 +104,8 @@ def submit_job(spec: JobSpec, broker, check_model_dir: bool = False):
             return existing
         # completed, but its output has been deleted since: the same spec runs again from the start
         broker.delete_job(job_id)
+    elif existing is not None and changes is not None:
+        changes.extend(_run_settings_changed(spec, broker, job_id))      # before submit stores the new spec
     # a job Redis knows is resubmitted too: the broker then reads no shard list, but records the parts
     # that storage holds and Redis lost (the last second of writes before a crash, under appendfsync everysec)
     files = io.expand_inputs(spec.input)
