@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Optional
 from .. import errors, filters
 from ..engine.types import Request, SamplingParams
 from ..errors import LineError
-from ..prompts import default_id, parse_line
+from ..prompts import default_id, line_id_of, load_json, parse_line
 from ..records import (LineFailure, LineResult, PromptLine, SampleOutput, experience_record, openai_batch_error,
                        openai_batch_record, result_record, sft_record)
 from ..spec import JobSpec, SamplingSpec
@@ -45,6 +45,8 @@ class ShardWork:
 
 def parse_shard(lines: Iterable[tuple[int, bytes]], file: str, spec: JobSpec, tokenizer, max_model_len: int,
                 bad_lines: frozenset = frozenset()) -> ShardWork:
+    """Each line becomes a prompt or its own error line, whatever it holds: nothing a line does here fails the
+    shard (only an out-of-memory, which is no line's fault, is raised)."""
     work = ShardWork()
     for line_no, raw in lines:
         if line_no in bad_lines:
@@ -62,20 +64,23 @@ def parse_shard(lines: Iterable[tuple[int, bytes]], file: str, spec: JobSpec, to
         except LineError as err:
             work.failures.append(LineFailure(line_id(raw, file, line_no, spec.format), file, line_no,
                                              err.code, err.message))
+        except Exception as err:  # noqa: BLE001 - the per-line boundary (the tokenizer on a hostile text, ...)
+            if out_of_memory(err):
+                raise
+            work.failures.append(LineFailure(line_id(raw, file, line_no, spec.format), file, line_no,
+                                             errors.INVALID_LINE, f"cannot prepare this line: {type(err).__name__}: {err}"))
     return work
 
 
 def line_id(raw: bytes, file: str, line_no: int, fmt: str) -> str:
     """The id an error line carries: the line's own id (custom_id for openai-batch) if it can be read,
-    else <file>:<line>."""
-    import json
-
+    else <file>:<line>. Never raises, whatever the line holds: a dead-lettered shard's lines all pass here."""
     try:
-        obj = json.loads(raw)
+        obj = load_json(raw)
         key = "custom_id" if fmt == "openai-batch" else "id"
-        if isinstance(obj, dict) and obj.get(key) is not None:
-            return str(obj[key])
-    except (ValueError, UnicodeDecodeError):
+        if isinstance(obj, dict):
+            return line_id_of(obj.get(key), file, line_no)
+    except Exception:  # noqa: BLE001 - an unreadable line (or id) is named by its place
         pass
     return default_id(file, line_no)
 
