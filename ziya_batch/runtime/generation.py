@@ -12,9 +12,9 @@ from typing import Callable, Iterable, Optional
 from .. import errors, filters
 from ..engine.types import Request, SamplingParams
 from ..errors import LineError
-from ..prompts import default_id, line_id_of, load_json, parse_line
-from ..records import (LineFailure, LineResult, PromptLine, SampleOutput, experience_record, openai_batch_error,
-                       openai_batch_record, result_record, sft_record)
+from ..prompts import default_id, line_id_of, parse_line
+from ..records import (LineFailure, LineResult, PromptLine, SampleOutput, TooLongLine, experience_record,
+                       openai_batch_error, openai_batch_record, result_record, sft_record)
 from ..spec import JobSpec, SamplingSpec
 
 log = logging.getLogger(__name__)
@@ -74,9 +74,14 @@ def parse_shard(lines: Iterable[tuple[int, bytes]], file: str, spec: JobSpec, to
 
 def line_id(raw: bytes, file: str, line_no: int, fmt: str) -> str:
     """The id an error line carries: the line's own id (custom_id for openai-batch) if it can be read,
-    else <file>:<line>. Never raises, whatever the line holds: a dead-lettered shard's lines all pass here."""
+    else <file>:<line>. Never raises, whatever the line holds: a dead-lettered shard's lines all pass here.
+    Plain json.loads, not the line parser's strict one: a line refused for a NaN still has a readable id."""
+    import json
+
+    if isinstance(raw, TooLongLine):
+        return default_id(file, line_no)      # only its head was read
     try:
-        obj = load_json(raw)
+        obj = json.loads(raw)
         key = "custom_id" if fmt == "openai-batch" else "id"
         if isinstance(obj, dict):
             return line_id_of(obj.get(key), file, line_no)
