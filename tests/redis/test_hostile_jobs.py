@@ -117,3 +117,17 @@ def test_a_dead_lettered_shard_of_hostile_lines_lets_its_job_complete(tmp_path, 
     assert collections.Counter(e["id"] for e in errs) == collections.Counter(_expected_error_ids(inp, 1))
     assert {e["error"]["code"] for e in errs} == {"retries_exhausted"}
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["job_id"] == job
+
+
+def test_a_dead_lettered_shard_whose_input_is_gone_still_lets_its_job_complete(tmp_path, demo_model, broker):
+    lines = [json.dumps({"id": f"g{i}", "prompt": f"question {i}"}).encode() for i in range(3)]
+    spec, inp = _job(tmp_path, demo_model, lines, max_retries=0, shard_size=3)
+    job = submit_job(spec, broker).job_id
+    assert broker.fail(broker.claim("doomed-worker"), "worker killed") == "dead"
+    os.unlink(inp)                          # read_shard now raises: the dead letter must not fail again
+    Worker(broker, device="cpu").run_until_idle()
+    st = broker.status(job)
+    assert st.state == JobState.COMPLETED and st.prompts_failed == 3, st
+    errs = list(io.read_parts(str(tmp_path / "out"), "errors"))
+    assert collections.Counter(e["id"] for e in errs) == collections.Counter(f"{inp}:{n}" for n in (1, 2, 3))
+    assert all("could not be read back" in e["error"]["message"] for e in errs)

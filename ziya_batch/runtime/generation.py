@@ -90,6 +90,21 @@ def line_id(raw: bytes, file: str, line_no: int, fmt: str) -> str:
     return default_id(file, line_no)
 
 
+def dead_letter_failures(shard, fmt: str, message: str, read_lines: Callable) -> list[LineFailure]:
+    """A dead-lettered shard's lines as retries_exhausted errors: the one thing left to do with it, so it cannot
+    fail, or the shard would be dead-lettered again on every claim and its job never finish. `read_lines(shard)`
+    gives its (line number, bytes); where the input cannot be read back (deleted, changed), each of the shard's
+    num_lines lines is still written, numbered from its first line (blank lines between would shift them)."""
+    try:
+        lines = list(read_lines(shard))
+    except Exception as err:  # noqa: BLE001 - whatever storage says, the shard's lines are given up on
+        why = f"{message}; its input could not be read back ({type(err).__name__}: {err})"
+        return [LineFailure(default_id(shard.file, shard.first_line + i), shard.file, shard.first_line + i,
+                            errors.RETRIES_EXHAUSTED, why) for i in range(shard.num_lines)]
+    return [LineFailure(line_id(raw, shard.file, no, fmt), shard.file, no, errors.RETRIES_EXHAUSTED, message)
+            for no, raw in lines]
+
+
 class ShardStream:
     """The requests of one or more shards in one engine at once, so the next shard's lines fill the batch while
     the last lines of the one before finish. Each shard's prompts are added under a key unique in the engine;
