@@ -148,6 +148,17 @@ def _open_local(file: str, path: str):
     return _Bounded(os.fdopen(fd, "rb"), st.st_size)
 
 
+def _open_remote(file: str, f):
+    """An object read only up to the size its store reported: a URL whose size is unknown (a stream) might
+    never end, and is refused."""
+    size = getattr(f, "size", None)
+    if not isinstance(size, int):
+        f.close()
+        raise InputError(f"input not usable: {file} (its size is unknown, as a stream's is: inputs are files or "
+                         "objects)")
+    return _Bounded(f, size)
+
+
 class _Bounded:
     """A binary stream that ends after `size` bytes: a file that grows while it is read (or never ends) is read
     as it was when opened."""
@@ -254,7 +265,7 @@ def index_file(file: str, shard_size: int, block_bytes: int = BLOCK_BYTES, max_l
     try:
         # remote: one streaming GET per block; local: the OS page cache does the read-ahead
         f = _open_local(file, path) if isinstance(fs, LocalFileSystem) else \
-            fs.open(path, "rb", block_size=block_bytes, cache_type="readahead")
+            _open_remote(file, fs.open(path, "rb", block_size=block_bytes, cache_type="readahead"))
     except FileNotFoundError:
         raise InputError(f"input not found: {file} (removed after it was listed?)") from None
     with f:
