@@ -29,6 +29,7 @@ from .keys import Keys
 from .scripts import Scripts
 from .server import check_config
 from .states import JobState, ShardState
+from .status import build_status
 from .types import JobStatus, Lease, ShardStats, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -441,6 +442,4 @@ class Broker:
 
     # -- status -------------------------------------------------------------------------------------------
     def status(self, job_id: str, detail: bool = False) -> JobStatus:
-        from .status import build_status
-
-        return build_status(self, job_id, detail)
+        return build_status(self.client, self.keys, job_id, detail)
