@@ -487,7 +487,7 @@ class Worker:
             else:
                 self._fail(lease, err)
             return False
-        from .finalize import finalize_if_ready
+        from ..jobs import finalize_if_ready
 
         finalize_if_ready(self.broker, lease.job_id)
         if self.on_shard_done:
