@@ -42,8 +42,8 @@ def submit(
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
 ):
     """Validate the spec, index the input into shards and queue it; prints the job id."""
+    from .jobs import submit_job
     from .runtime.models import unserved_note
-    from .runtime.submit import submit_job
     from .spec import load_spec
 
     spec = load_spec(job)
@@ -82,14 +82,9 @@ def cancel(
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
 ):
     """Stop handing out the job's shards; committed parts stay."""
-    from .errors import JobNotFound
-    from .runtime.finalize import finalize_if_ready
+    from .jobs import cancel_job
 
-    broker = _broker(redis_url)
-    if broker.find_job(job_id) is None:
-        raise JobNotFound(f"no job {job_id} in this Redis (list jobs with `ziya-batch status`)")
-    st = broker.cancel(job_id, abandon_running=abandon)
-    finalize_if_ready(broker, job_id)      # a job with nothing running is cancelled now: write its manifest
+    st = cancel_job(_broker(redis_url), job_id, abandon_running=abandon)
     how = "running shards are abandoned" if abandon else "running shards finish and are kept"
     typer.echo(f"{job_id}: {st.state.value} ({how})")
 

@@ -279,7 +279,7 @@ def throughput(work: Path, model: Path, w1: Path, redis_url: str, configs: list[
 
     from ziya_batch.queue import Broker
     from ziya_batch.runtime.replicas import ReplicaManager
-    from ziya_batch.runtime.submit import submit_job
+    from ziya_batch.jobs import submit_job
     from ziya_batch.spec import EngineSpec, parse_spec
 
     schedule = schedule or EngineSpec.model_fields["schedule"].default
@@ -328,7 +328,7 @@ def throughput(work: Path, model: Path, w1: Path, redis_url: str, configs: list[
 
 
 def _wait(broker, manager, job_id: str, poll_s: float = 0.5, timeout_s: float = 900):
-    from ziya_batch.runtime.finalize import finalize_if_ready
+    from ziya_batch.jobs import finalize_if_ready
 
     t0 = time.time()
     while time.time() - t0 < timeout_s:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from .. import errors, filters
 from ..engine.types import Request, SamplingParams
@@ -16,6 +16,9 @@ from ..prompts import default_id, line_id_of, parse_line
 from ..records import (LineFailure, LineResult, PromptLine, SampleOutput, TooLongLine, experience_record,
                        openai_batch_error, openai_batch_record, result_record, sft_record)
 from ..spec import JobSpec, SamplingSpec
+
+if TYPE_CHECKING:
+    from ..protocols import GenerationEngine
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +113,7 @@ class ShardStream:
     the last lines of the one before finish. Each shard's prompts are added under a key unique in the engine;
     a step turns finished requests into LineResults and reports the shards whose every line has finished."""
 
-    def __init__(self, engine):
+    def __init__(self, engine: "GenerationEngine"):
         self.engine = engine
         self._lines: dict[str, tuple[str, PromptLine, list[int]]] = {}   # request id -> (key, line, prompt ids)
         self._results: dict[str, list[LineResult]] = {}                  # key -> results so far
@@ -150,7 +153,7 @@ class ShardStream:
             del self._left[k], self._results[k]
 
 
-def generate_lines(engine, prompts: list[tuple[PromptLine, list[int]]],
+def generate_lines(engine: "GenerationEngine", prompts: list[tuple[PromptLine, list[int]]],
                    before_line: Optional[Callable[[int], None]] = None,
                    one_by_one: bool = False) -> tuple[list[LineResult], list[LineFailure]]:
     """Generate every prompt. A batch that raises is split in halves until the line that raises stands

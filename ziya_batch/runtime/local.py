@@ -12,10 +12,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import ModelError, ServiceError
+from ..jobs import finalize_if_ready, submit_job
 from ..spec import load_spec
-from .finalize import finalize_if_ready
 from .services import REDIS_ENV, home_dir
-from .submit import submit_job
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)

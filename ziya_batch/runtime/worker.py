@@ -27,6 +27,7 @@ from .generation import (ShardStream, ShardWork, build_parts, dead_letter_failur
 from .models import ModelCache, ReplicaBroken, engine_key
 
 if TYPE_CHECKING:
+    from ..protocols import WorkerBroker
     from ..queue import Lease
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class _Flight:
 
 
 class Worker:
-    def __init__(self, broker, worker_id: Optional[str] = None, device: str = "auto",
+    def __init__(self, broker: "WorkerBroker", worker_id: Optional[str] = None, device: str = "auto",
                  models: Optional[ModelCache] = None, host: Optional[str] = None,
                  on_shard_done: Optional[Callable[[str, int], None]] = None, extra_info: Optional[dict] = None,
                  max_in_flight: int = MAX_SHARDS_IN_FLIGHT):
@@ -486,7 +487,7 @@ class Worker:
             else:
                 self._fail(lease, err)
             return False
-        from .finalize import finalize_if_ready
+        from ..jobs import finalize_if_ready
 
         finalize_if_ready(self.broker, lease.job_id)
         if self.on_shard_done:
