@@ -150,3 +150,10 @@ def test_too_long_line_is_its_own_error(tmp_path):
     with pytest.raises(LineError) as ei:
         parse_line(back[1][1], "ziya", file, 2, SamplingSpec())
     assert ei.value.code == errors.LINE_TOO_LONG and "over the limit of 64 bytes" in ei.value.message
+
+
+def test_a_glob_matching_a_broken_symlink_names_it(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"prompt": "x"}\n')
+    os.symlink(tmp_path / "gone.jsonl", tmp_path / "b.jsonl")
+    msg = _refused(str(tmp_path / "*.jsonl"))
+    assert "b.jsonl (a broken symlink" in msg

@@ -107,7 +107,10 @@ def not_regular(fs, path: str) -> Optional[str]:
     only objects. Checked before anything opens it: opening a FIFO blocks until a writer comes."""
     if not isinstance(fs, LocalFileSystem):
         return None
-    st = os.stat(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "a broken symlink, or removed while listed"
     kind = _special_kind(st.st_mode)
     if kind:
         return f"{kind}, not a regular file: inputs are JSONL files"
