@@ -258,6 +258,7 @@ def _submodel_at(loc: tuple) -> type[BaseModel]:
 MAX_SPEC_BYTES = 2**20          # a job spec file is a few hundred bytes; refuse anything past this before parsing
 MAX_SPEC_SIZE = 4 * 2**20       # a spec's size with every YAML alias expanded (strings by length, others 1 each)
 VALUE_CHARS = 80                # how much of a wrong value an error message quotes
+MAX_FIELD_ERRORS = 5            # fields one error message names (a spec of 1,000 wrong keys is still one line)
 
 _SHOW = reprlib.Repr()
 _SHOW.maxstring = _SHOW.maxother = VALUE_CHARS
@@ -284,7 +285,8 @@ def format_validation_error(err: ValidationError, source: str = "job spec") -> s
     """One line naming each wrong field, what is allowed, and the closest key for unknown ones; a wrong value is
     quoted by at most its first VALUE_CHARS characters."""
     parts = []
-    for e in err.errors():
+    errs = err.errors()
+    for e in errs[:MAX_FIELD_ERRORS]:
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after", "function-before")))
         dotted = show_text(".".join(str(p) for p in loc)) if loc else "(top level)"
         if e["type"] == "extra_forbidden":
@@ -299,9 +301,8 @@ def format_validation_error(err: ValidationError, source: str = "job spec") -> s
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
             parts.append(f"'{dotted}': {msg[:200]} (got {show_value(e.get('input'))})")
-        if len(parts) == 5:
-            parts.append(f"and {len(err.errors()) - 5} more")
-            break
+    if len(errs) > MAX_FIELD_ERRORS:
+        parts.append(f"and {len(errs) - MAX_FIELD_ERRORS} more")
     return f"{source}: " + "; ".join(parts)
 
 

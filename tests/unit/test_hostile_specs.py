@@ -170,3 +170,13 @@ def yaml_texts(draw) -> str:
 def test_random_specs_give_a_jobspec_or_one_short_line(tmp_path, text):
     got = _load(tmp_path, text)
     assert isinstance(got, (JobSpec, SpecError))
+
+
+def test_many_wrong_fields_are_named_five_at_a_time():
+    base = {"name": "x", "model": {"path": "m"}, "input": ["a"], "output": {"path": "o"}}
+    with pytest.raises(SpecError) as ei:
+        parse_spec({**base, **{f"bad{i}": i for i in range(5)}})
+    assert str(ei.value).count("unknown key") == 5 and "more" not in str(ei.value)
+    with pytest.raises(SpecError) as ei:
+        parse_spec({**base, **{f"bad{i}": i for i in range(7)}})
+    assert str(ei.value).count("unknown key") == 5 and str(ei.value).endswith("; and 2 more")
