@@ -134,7 +134,8 @@ def _copies(tree: ast.AST) -> list[tuple[int, str]]:
 
 
 def test_no_default_is_spelled_outside_its_home():
-    assert {"top_p", "max_num_seqs", "max_new_tokens", "gpu_memory_fraction", "schedule"} <= set(_distinctive_defaults())
+    assert {"top_p", "max_num_seqs", "max_new_tokens", "gpu_memory_fraction", "schedule"} <= \
+        set(_distinctive_defaults())
     found = [f"{path.relative_to(PACKAGE.parent)}:{line}: {what}"
              for path, tree in _sources() if path != HOME for line, what in _copies(tree)]
     assert not found, "defaults spelled again outside engine/types.py:\n" + "\n".join(sorted(set(found)))

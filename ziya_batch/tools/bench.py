@@ -53,9 +53,9 @@ class BenchOptions:
     kv_cache_dtype: str = EngineConfig.kv_cache_dtype
 
 
-# the engine the bench runs: the engine's defaults but for a float16 model, prompt + output of W1 within 1,024
+# the engine the bench runs: the engine's defaults (float16 on the GPU) but W1's prompt + output within 1,024
 # positions, and a larger share of the GPU (nothing else runs on it)
-BENCH_ENGINE = EngineConfig(model_path="", dtype="float16", max_model_len=1024, gpu_memory_fraction=0.95)
+BENCH_ENGINE = EngineConfig(model_path="", max_model_len=1024, gpu_memory_fraction=0.95)
 
 
 def workload_w1(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
@@ -100,7 +100,8 @@ CARD = SamplingParams()       # the model card's temperature and top_p, for the 
 
 
 def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: int = 1,
-                  schedule: str = BenchOptions.schedule, kv_cache_dtype: str = BenchOptions.kv_cache_dtype) -> tuple[LLMEngine, float]:
+                  schedule: str = BenchOptions.schedule,
+                  kv_cache_dtype: str = BenchOptions.kv_cache_dtype) -> tuple[LLMEngine, float]:
     """The random-weight engine; with world_size > 1, this rank's tensor-parallel shard (every rank makes the
     same weights from the seed, then keeps its share)."""
     from ziya_batch.engine.tp import apply_tp
@@ -112,7 +113,8 @@ def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: in
 
 
 def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: int = 1,
-                 schedule: str = BenchOptions.schedule, kv_cache_dtype: str = BenchOptions.kv_cache_dtype) -> tuple[dict, dict]:
+                 schedule: str = BenchOptions.schedule,
+                 kv_cache_dtype: str = BenchOptions.kv_cache_dtype) -> tuple[dict, dict]:
     """Rank 0's side of the run (the only side when world_size is 1): with tensor parallelism the other
     ranks follow each step (_tp_bench_rank)."""
     eng, init_s = _build_engine(a, device, seed, 0, world_size, schedule, kv_cache_dtype)
