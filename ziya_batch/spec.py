@@ -1,10 +1,14 @@
 """The job spec: what to generate, from what, with which model, and where to write it.
 
-Parsed from YAML or JSON and validated when built. Defaults are defined here once and used by the CLI,
-the HTTP API and the docs alike; the sampling defaults are the model card's.
+Parsed from YAML or JSON and validated when built. The sampling.* and engine.* defaults are the engine's own
+(SamplingParams and EngineConfig in engine/types.py, the sampling ones the model card's): the fields here read
+them from there, and `sampling_params` / `engine_config` convert a spec into those objects by field name, so a
+default or a field mapping is written once. Other defaults are defined here once and used by the CLI, the HTTP
+API and the docs alike.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -18,7 +22,10 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .engine.types import EngineConfig, SamplingParams
 from .errors import SpecError
+
+_SP, _EC = SamplingParams, EngineConfig      # the homes of the sampling.* and engine.* defaults
 
 
 class _Strict(BaseModel):
@@ -32,13 +39,13 @@ class ModelSpec(_Strict):
     """LLaMA base checkpoint; with `delta`, merged once into the cache on first use (model card step 2)."""
     delta: Optional[str] = None
     """Ziya delta checkpoint, applied to `base`."""
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    dtype: Literal["float16", "bfloat16", "float32"] = _EC.dtype
     """Weight and activation dtype on GPUs; the CPU always runs float32."""
     tensor_parallel: int = Field(1, ge=1, le=64)
     """GPU actors one replica is sharded over (heads and MLP columns split K ways)."""
     replicas: Union[Literal["auto"], int] = "auto"
     """Model copies; auto = GPUs // tensor_parallel (one on a machine without GPUs)."""
-    trust_remote_code: bool = False
+    trust_remote_code: bool = _EC.trust_remote_code
     """Allow custom modelling code from the checkpoint. Off unless you trust the checkpoint."""
 
     @field_validator("replicas")
@@ -58,25 +65,25 @@ class ModelSpec(_Strict):
 
 
 class SamplingSpec(_Strict):
-    max_new_tokens: int = Field(1024, ge=1, le=1_000_000)
+    max_new_tokens: int = Field(_SP.max_new_tokens, ge=1, le=1_000_000)
     """Upper bound on generated tokens per sample."""
-    min_new_tokens: int = Field(0, ge=0)
+    min_new_tokens: int = Field(_SP.min_new_tokens, ge=0)
     """EOS is not sampled before this many tokens (the benchmark uses it to fix output lengths)."""
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    temperature: float = Field(_SP.temperature, ge=0.0, le=100.0)
     """0 means greedy."""
-    top_p: float = Field(0.85, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_p: float = Field(_SP.top_p, gt=0.0, le=1.0)
+    top_k: int = Field(_SP.top_k, ge=0)
     """0 means no top-k cut."""
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(_SP.repetition_penalty, gt=0.0, le=10.0)
     """CTRL-style penalty on tokens already in the prompt or the response; 1.0 is off."""
-    n: int = Field(1, ge=1, le=1024)
+    n: int = Field(_SP.n, ge=1, le=1024)
     """Samples per prompt; they share the prompt's KV blocks."""
-    seed: Optional[int] = None
+    seed: Optional[int] = _SP.seed
     """Per-request seed; a line's seed is seed + its line number, so a job is reproducible."""
-    stop: list[str] = Field(default_factory=list)
+    stop: list[str] = Field(default_factory=lambda: list(_SP.stop))
     """Stop strings; generation ends before the first one and finish_reason is 'stop'."""
-    stop_token_ids: list[int] = Field(default_factory=list)
-    ignore_eos: bool = False
+    stop_token_ids: list[int] = Field(default_factory=lambda: list(_SP.stop_token_ids))
+    ignore_eos: bool = _SP.ignore_eos
     """Keep generating past EOS up to max_new_tokens (used by benchmarks)."""
 
     def merged(self, override: Optional[dict]) -> "SamplingSpec":
@@ -130,20 +137,20 @@ class ExperienceSpec(_Strict):
 
 
 class EngineSpec(_Strict):
-    max_num_seqs: int = Field(256, ge=1, le=4096)
+    max_num_seqs: int = Field(_EC.max_num_seqs, ge=1, le=4096)
     """Most sequences decoded together in one step."""
-    max_num_batched_tokens: int = Field(2048, ge=16)
+    max_num_batched_tokens: int = Field(_EC.max_num_batched_tokens, ge=16)
     """Token budget of one step (decode tokens plus prefill chunk)."""
-    block_size: int = Field(16, ge=1, le=256)
+    block_size: int = Field(_EC.block_size, ge=1, le=256)
     """Tokens per KV-cache block."""
-    gpu_memory_fraction: float = Field(0.90, gt=0.0, le=1.0)
+    gpu_memory_fraction: float = Field(_EC.gpu_memory_fraction, gt=0.0, le=1.0)
     """Share of GPU memory the engine may use; the KV cache gets what is left after weights."""
-    cuda_graphs: bool = True
+    cuda_graphs: bool = _EC.cuda_graphs
     """Replay decode steps from CUDA graphs (GPU only)."""
-    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    kv_cache_dtype: Literal["auto", "fp8"] = _EC.kv_cache_dtype
     """KV cache element type: the model's dtype, or float8 e4m3 (twice the tokens in the same memory and half
     the bytes a decode step reads; K/V are rounded to 3 mantissa bits, so outputs differ slightly)."""
-    schedule: Literal["fcfs", "longest-first", "tail-longest-first"] = "tail-longest-first"
+    schedule: Literal["fcfs", "longest-first", "tail-longest-first"] = _EC.schedule
     """Which waiting prompt starts first. tail-longest-first: arrival order until the prompts left fit the batch's
     seats, then those with the most max_new_tokens first, so the end of the work is not one long prompt started
     last (W1 on an H200: +3.8%, half of it +8.9%; see docs/BENCHMARKS.md). fcfs: arrival order. longest-first:
@@ -232,6 +239,24 @@ def run_field_changes(old: JobSpec, new: JobSpec) -> list[str]:
         if a != b:
             changes.append(f"{'.'.join(path)}: {a} -> {b}")
     return changes
+
+
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+_ENGINE_FIELDS = frozenset(f.name for f in dataclasses.fields(EngineConfig))
+
+
+def sampling_params(s: SamplingSpec, **given) -> SamplingParams:
+    """The engine's SamplingParams of a (line's) sampling spec: every field of the same name, lists as tuples;
+    `given` replaces fields (the worker passes each line's own seed)."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in s if k in _SAMPLING_FIELDS}
+    return SamplingParams(**{**values, **given})
+
+
+def engine_config(spec: JobSpec, model_path: str, device: str) -> EngineConfig:
+    """The engine's EngineConfig of a job: its engine.* fields and the model.* fields the engine reads (dtype,
+    trust_remote_code), each to the config field of the same name."""
+    values = {k: v for section in (spec.model, spec.engine) for k, v in section if k in _ENGINE_FIELDS}
+    return EngineConfig(model_path=model_path, device=device, **values)
 
 
 def _hash(fields: dict) -> str:

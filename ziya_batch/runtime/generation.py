@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from .. import errors, filters
-from ..engine.types import Request, SamplingParams
+from ..engine.types import Request
 from ..errors import LineError
 from ..prompts import default_id, line_id_of, parse_line
 from ..records import (LineFailure, LineResult, PromptLine, SampleOutput, TooLongLine, experience_record,
                        openai_batch_error, openai_batch_record, result_record, sft_record)
-from ..spec import JobSpec, SamplingSpec
+from ..spec import JobSpec, sampling_params
 
 if TYPE_CHECKING:
     from ..protocols import GenerationEngine
@@ -28,14 +28,6 @@ def line_seed(seed: Optional[int], file: str, line: int) -> Optional[int]:
     if seed is None:
         return None
     return (seed * 1_000_003 + zlib.crc32(f"{file}:{line}".encode())) & 0x7FFF_FFFF
-
-
-def sampling_params(s: SamplingSpec, file: str, line: int) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, temperature=s.temperature,
-        top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty, n=s.n,
-        seed=line_seed(s.seed, file, line), stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
-        ignore_eos=s.ignore_eos)
 
 
 @dataclass
@@ -124,7 +116,8 @@ class ShardStream:
         for pl, ids in prompts:
             request_id = f"{key}:{pl.file}:{pl.line}"
             self._lines[request_id] = (key, pl, ids)
-            self.engine.add_request(Request(request_id, ids, sampling_params(pl.sampling, pl.file, pl.line)))
+            params = sampling_params(pl.sampling, seed=line_seed(pl.sampling.seed, pl.file, pl.line))
+            self.engine.add_request(Request(request_id, ids, params))
 
     def admitted(self) -> bool:
         """Every line added has been admitted by the scheduler: the batch has room for another shard."""
