@@ -23,12 +23,13 @@ def _section(title: str) -> str:
 
 
 def _rows(section: str) -> dict[str, list[str]]:
-    """First cell `key` -> the other cells, for the rows of the markdown tables in `section`."""
+    """For the rows of the markdown tables in `section` whose first cell starts with `key`: key -> [the rest
+    of the first cell, then the other cells]."""
     rows = {}
     for line in section.splitlines():
-        m = re.match(r"\| `([^`]+)` \|(.*)\|\s*$", line)
+        m = re.match(r"\| `([^`]+)`([^|]*)\|(.*)\|\s*$", line)
         if m:
-            rows[m.group(1)] = [c.strip() for c in m.group(2).split(" | ")]
+            rows[m.group(1)] = [m.group(2).strip()] + [c.strip() for c in m.group(3).split(" | ")]
     return rows
 
 
@@ -49,7 +50,27 @@ def test_spec_reference_names_every_key_with_its_default():
     expected = dict(_leaves(JobSpec))
     assert set(rows) == set(expected), (sorted(set(expected) - set(rows)), sorted(set(rows) - set(expected)))
     for key, default in expected.items():
-        assert rows[key][1] == default, (key, rows[key][1], default)
+        assert rows[key][2] == default, (key, rows[key][2], default)
+
+
+def test_troubleshooting_explains_every_error_class_with_its_exit_code():
+    """Every ZiyaBatchError subclass in the package has its row (found in the source, so a module that moves
+    is still found); the exit code in the rows of errors.py's classes is the class's."""
+    parents = {}
+    for path in Path(errors.__file__).parent.rglob("*.py"):
+        for name, base in re.findall(r"^class (\w+)\((?:\w+\.)?(\w+)\)", path.read_text(encoding="utf-8"), re.M):
+            parents[name] = base
+    user_errors, grew = {"ZiyaBatchError"}, True
+    while grew:
+        more = {name for name, base in parents.items() if base in user_errors} - user_errors
+        user_errors |= more
+        grew = bool(more)
+    rows = _rows(_section("Troubleshooting"))
+    missing = user_errors - {"ZiyaBatchError"} - set(rows)
+    assert not missing, sorted(missing)
+    assert len(user_errors) >= 9
+    for name in user_errors & set(vars(errors)) - {"ZiyaBatchError"}:
+        assert rows[name][0].startswith(f"({getattr(errors, name).exit_code}, "), (name, rows[name][0])
 
 
 def test_troubleshooting_explains_every_line_error_code():
