@@ -1,6 +1,6 @@
-"""The README's job spec reference and line-error table against the code: every spec key with its default,
-every line error code. A field added to spec.py without its row (or a default changed in one place only)
-fails here."""
+"""The README against the code: the job spec reference has every spec key with its default, Troubleshooting
+every error class with its exit code and every line error code. A field added to spec.py without its row (or
+a default changed in one place only) fails here."""
 from __future__ import annotations
 
 import json
