@@ -1,4 +1,4 @@
-"""Plain data passed between layers, and the JSON records written to the output (DESIGN.md layout)."""
+"""Plain data passed between layers, and the JSON records written to the output (the README's Outputs)."""
 from __future__ import annotations
 
 import time

@@ -212,7 +212,7 @@ class JobSpec(_Strict):
 
     def legacy_identity(self) -> str:
         """The id earlier releases (until 2026-11-29) gave this spec (the hash of every field): a job started under it
-        resumes under it (runtime/submit.py)."""
+        resumes under it (jobs/submit.py)."""
         return _hash(self.model_dump(mode="json"))
 
 

@@ -1,4 +1,4 @@
-"""The throughput benchmark (DESIGN.md "Benchmark"): LLaMA-13B's shape with random float16 weights made on
+"""The throughput benchmark (README, `ziya-batch bench`; docs/BENCHMARKS.md): LLaMA-13B's shape with random float16 weights made on
 the GPU, workload W1 (prompt and output lengths uniform in 32..512, EOS ignored), and in one run:
 our engine, the model card's method (transformers `generate` on static left-padded batches), transformers'
 own continuous batching, and the decode roofline (weights + KV bytes of every decode step the engine ran,
