@@ -36,7 +36,7 @@ def engine_config(spec: JobSpec, device: str):
         model_path=model_path(spec), dtype=spec.model.dtype, device=device, max_num_seqs=e.max_num_seqs,
         max_num_batched_tokens=e.max_num_batched_tokens, block_size=e.block_size,
         gpu_memory_fraction=e.gpu_memory_fraction, cuda_graphs=e.cuda_graphs, schedule_policy=e.schedule,
-        kv_cache_dtype=e.kv_cache_dtype,
+        kv_cache_dtype=e.kv_cache_dtype, prefix_caching=e.prefix_caching,
         trust_remote_code=spec.model.trust_remote_code)
 
 
