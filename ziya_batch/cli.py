@@ -190,13 +190,16 @@ def bench(
                                  help="The engine's admission order: tail-longest-first (default), fcfs or "
                                       "longest-first"),
     kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="auto (the model's dtype) or fp8"),
+    workload: str = typer.Option("W1", "--workload", help="W1, W2 (a shared 1,024-token prefix) or W2g (n = 8)"),
+    prefix_caching: str = typer.Option("on", "--prefix-caching", help="on, off or both (one engine row each)"),
 ):
     """The throughput benchmark on the 13B shape, workload W1, with the baselines side by side."""
     from .engine.bench import BenchOptions, run_bench
 
     run_bench(BenchOptions(layers=layers, requests=requests, tensor_parallel=tensor_parallel,
                            markdown=markdown, only=tuple(x for o in only for x in o.split(",") if x), seed=seed,
-                           schedule=schedule, kv_cache_dtype=kv_cache_dtype))
+                           schedule=schedule, kv_cache_dtype=kv_cache_dtype, workload=workload,
+                           prefix_caching=prefix_caching))
 
 
 def main(argv: Optional[list] = None) -> None:
