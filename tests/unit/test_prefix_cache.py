@@ -231,3 +231,27 @@ def test_fp8_cache_gives_the_same_greedy_output_with_caching_on_and_off():
         return [Request(f"r{i}", p, greedy(8)) for i, p in enumerate(prompts)]
     outs = run_both(reqs, kv_cache_dtype="fp8", max_num_batched_tokens=32)
     assert tokens(outs[True][1]) == tokens(outs[False][1]) and outs[True][0].prefix_cache_hit_tokens > 0
+
+
+def test_a_shard_stream_adds_lines_sharing_a_prefix_together_and_returns_them_in_line_order():
+    from ziya_batch.records import PromptLine
+    from ziya_batch.runtime.generation import ShardStream
+    from ziya_batch.spec import SamplingSpec
+
+    sampling = SamplingSpec(max_new_tokens=3, min_new_tokens=3, temperature=0.0)
+    a, b = list(range(100, 124)), list(range(200, 224))          # two templates of 6 blocks, interleaved
+    lines = [(PromptLine(f"l{n}", "f", n, "", sampling), (a if n % 2 else b) + [5 + n]) for n in range(8)]
+    eng = make_engine(max_num_seqs=2)
+    added = []
+    real_add = eng.add_request
+    eng.add_request = lambda r: (added.append(r.prompt_ids[0]), real_add(r))[1]
+    stream = ShardStream(eng)
+    stream.add("s", lines)
+    assert added == [100] * 4 + [200] * 4
+    done = []
+    while not done:
+        done = stream.step()
+    results = done[0][1]
+    assert [r.line.line for r in results] == list(range(8))
+    assert sorted(r.cached_tokens for r in results) == [0, 0] + [24] * 6
+    assert sum(r.cached_tokens for r in results) == eng.prefix_cache_hit_tokens
