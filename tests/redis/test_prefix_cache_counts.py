@@ -54,3 +54,5 @@ def test_a_templated_job_reuses_its_shared_prefix_across_shards_and_reports_it(t
     assert summary["prefix_cache_hit_tokens"] == st.prefix_cache_hit_tokens
     # one line computes the template once; every other line of every shard (one engine for all) finds it
     assert st.prefix_cache_hit_rate > 0.8
+    hits = [m.stats["prefix_cache_hit_tokens"] for _, m in sorted(io.committed_shards(str(tmp_path / "out")).items())]
+    assert hits[0] > 0 and hits[0] % 7 == 0 and hits[1:] == [hits[0] // 7 * 8] * 2
