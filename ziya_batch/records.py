@@ -61,6 +61,7 @@ class LineResult:
     line: PromptLine
     prompt_ids: list[int]
     samples: list[SampleOutput]
+    cached_tokens: int = 0           # prompt tokens whose KV the engine found in its prefix cache
 
 
 class TooLongLine(bytes):
