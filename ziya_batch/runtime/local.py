@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import settings
-from ..errors import ModelError, ServiceError
+from ..errors import ModelError
 from ..jobs import finalize_if_ready, submit_job
 from ..spec import load_spec
 from .services import redis_for
