@@ -259,12 +259,28 @@ def serve_node(redis_url: Optional[str] = None, ray_address: Optional[str] = Non
     if not settings.redis_url(redis_url) and not _this_host(_resolve(host)):
         raise ServiceError(f"the Ray cluster at {address} is on another host, and this host's private redis-server "
                            f"is not its queue: pass --redis-url or set {REDIS_ENV} to the queue the head uses")
+    _check_reachable(address)
     url, private = redis_for(redis_url, register=True)
     try:
         _serve_node(url, address, tensor_parallel, job_id, poll_s, num_gpus, start_node)
     finally:
         if private is not None:
             private.release()
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail in one line at once when nothing listens at the head's address (`ray start` would retry for
+    minutes before giving up)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except ValueError:
+        raise ServiceError(f"--address {address!r} is not HOST:PORT of a Ray head (or `auto`)") from None
+    except OSError as err:
+        raise ServiceError(f"could not join the Ray cluster at {address}: nothing answers there "
+                           f"({err.strerror or type(err).__name__}); start the head (`ray start --head`) or "
+                           "pass its --address") from None
 
 
 def _resolve(host: str) -> str:
