@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -33,7 +34,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 import redis
 
@@ -69,19 +70,16 @@ def check_config(client: redis.Redis) -> list[str]:
 _ADMIN_NAME = "ziya-batch-admin"
 
 
+_USERINFO = re.compile(r"^(?P<scheme>[a-z+]+://)(?:(?P<user>[^:@/]*):[^@]*@)?")
+_QUERY_PASSWORD = re.compile(r"(?<=[?&])password=[^&#]*")
+
+
 def mask_url(url: Optional[str]) -> str:
-    """The URL as it may be shown: its password (in the netloc or a `password=` query) as ***."""
+    """The URL as it may be shown: its password (in the userinfo or a `password=` query) as ***."""
     if not url:
         return str(url)
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        user_pass, host = netloc.rsplit("@", 1)
-        user = user_pass.split(":", 1)[0] if ":" in user_pass else ""
-        netloc = f"{user}:***@{host}"
-    query = "&".join("password=***" if q.startswith("password=") else q for q in parts.query.split("&")) \
-        if parts.query else ""
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    shown = _USERINFO.sub(lambda m: m["scheme"] + (f"{m['user']}:***@" if m["user"] is not None else ""), url, 1)
+    return _QUERY_PASSWORD.sub("password=***", shown)
 
 
 def _free_port() -> int:

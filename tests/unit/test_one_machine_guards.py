@@ -1,0 +1,55 @@
+"""Guards of the one-machine path that need no service: /healthz tells no error text, remote model code needs
+the worker's own consent, `worker --address auto` without a local cluster and Ray's token mode."""
+import pytest
+from fastapi.testclient import TestClient
+
+from ziya_batch import settings
+from ziya_batch.api.app import create_app
+from ziya_batch.api.settings import ApiSettings
+from ziya_batch.errors import ModelError, ServiceError
+from ziya_batch.runtime import cluster
+from ziya_batch.runtime.models import check_remote_code
+from ziya_batch.spec import JobSpec
+
+
+def test_healthz_tells_unauthenticated_callers_no_error_text():
+    def broken():
+        raise ConnectionError("cannot reach redis://:hunter2@10.1.2.3:6379/0 from /srv/secret")
+
+    app = create_app(ApiSettings(token="t" * 24, allowed_prefixes=("/tmp/",)), broken)
+    r = TestClient(app).get("/healthz")
+    assert r.status_code == 503 and r.json() == {"status": "degraded", "redis": False}
+
+
+def _spec(trust: bool) -> JobSpec:
+    return JobSpec.model_validate({"name": "x", "model": {"path": "/m", "trust_remote_code": trust},
+                                   "input": ["/in.jsonl"], "output": {"path": "/out"}})
+
+
+def test_remote_code_needs_the_workers_consent(monkeypatch):
+    monkeypatch.delenv(settings.REMOTE_CODE_ENV, raising=False)
+    check_remote_code(_spec(False))
+    with pytest.raises(ModelError, match="--allow-remote-code"):
+        check_remote_code(_spec(True))
+    monkeypatch.setenv(settings.REMOTE_CODE_ENV, "1")
+    check_remote_code(_spec(True))
+
+
+def test_address_auto_without_a_local_cluster_is_one_line(monkeypatch):
+    monkeypatch.setattr(cluster, "_local_clusters", lambda: [])
+    with pytest.raises(ServiceError, match="no Ray cluster runs on this host: start one"):
+        cluster.resolve_address("auto")
+    assert cluster.resolve_address("10.0.0.1:6379") == "10.0.0.1:6379"
+
+
+def test_a_token_at_hand_turns_rays_token_mode_on(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in (settings.RAY_AUTH_MODE_ENV, *settings.RAY_AUTH_TOKEN_ENVS):
+        monkeypatch.setenv(name, "")              # restored (unset) after the test, whatever the code sets
+        monkeypatch.delenv(name)
+    assert cluster._use_ray_token() is False and settings.ray_auth_mode() is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("x" * 32)
+    assert cluster._use_ray_token() is True and settings.ray_auth_mode() == "token"
+    monkeypatch.setenv(settings.RAY_AUTH_MODE_ENV, "disabled")      # a mode the user chose is kept
+    assert cluster._use_ray_token() is False and settings.ray_auth_mode() == "disabled"
