@@ -140,7 +140,9 @@ def _serve_until_interrupted(broker, manager, poll_s: float) -> None:
     import signal
 
     stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    # SIGINT too: a shell's background job starts with SIGINT ignored, where Python raises no KeyboardInterrupt
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(True))
     try:
         while not stop:
             if manager is not None:
