@@ -73,6 +73,13 @@ def set_allow_remote_code() -> None:
     os.environ[REMOTE_CODE_ENV] = "1"
 
 
+def worker_runtime_env() -> dict:
+    """What a ray.init passes on to the workers it starts on nodes it did not start (their processes do not
+    inherit this one's environment): the remote-code consent, when given."""
+    env = environment((REMOTE_CODE_ENV,))
+    return {"env_vars": env} if env else {}
+
+
 def ray_auth_mode() -> Optional[str]:
     return _get(RAY_AUTH_MODE_ENV)
 

@@ -53,3 +53,10 @@ def test_a_token_at_hand_turns_rays_token_mode_on(monkeypatch, tmp_path):
     assert cluster._use_ray_token() is True and settings.ray_auth_mode() == "token"
     monkeypatch.setenv(settings.RAY_AUTH_MODE_ENV, "disabled")      # a mode the user chose is kept
     assert cluster._use_ray_token() is False and settings.ray_auth_mode() == "disabled"
+
+
+def test_the_remote_code_consent_travels_to_workers_on_other_nodes(monkeypatch):
+    monkeypatch.delenv(settings.REMOTE_CODE_ENV, raising=False)
+    assert settings.worker_runtime_env() == {}
+    monkeypatch.setenv(settings.REMOTE_CODE_ENV, "1")
+    assert settings.worker_runtime_env() == {"env_vars": {settings.REMOTE_CODE_ENV: "1"}}

@@ -146,7 +146,8 @@ class _OwnNode:
             if stop.wait(0.2):
                 return None
         try:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
+                     runtime_env=settings.worker_runtime_env() or None)
         except Exception as e:  # noqa: BLE001 - Ray's own errors, made one clear line
             raise _join_error(address, e) from None
         connected()
@@ -320,7 +321,8 @@ def _serve_node(url: str, address: str, tensor_parallel: int, job_id: Optional[s
     try:
         try:
             if mine is not None:
-                ray.init(address=mine, log_to_driver=False, logging_level=logging.WARNING)
+                ray.init(address=mine, log_to_driver=False, logging_level=logging.WARNING,
+                         runtime_env=settings.worker_runtime_env() or None)
                 trap()
                 node_id = ray.get_runtime_context().get_node_id()
             else:

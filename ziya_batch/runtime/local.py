@@ -29,7 +29,8 @@ def _start_ray(address: Optional[str]):
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
+                 runtime_env=settings.worker_runtime_env() or None)
         return True
     # address="local": a fresh local Ray, never another cluster that happens to run on this machine
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
