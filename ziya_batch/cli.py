@@ -42,7 +42,7 @@ def submit(
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
 ):
     """Validate the spec, index the input into shards and queue it; prints the job id."""
-    from .runtime.models import unserved_note
+    from .work.models import unserved_note
     from .runtime.submit import submit_job
     from .spec import load_spec
 

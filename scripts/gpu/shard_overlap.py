@@ -14,7 +14,7 @@ import torch
 
 from ziya_batch.engine import bench as B
 from ziya_batch.records import PromptLine
-from ziya_batch.runtime.generation import ShardStream, generate_lines
+from ziya_batch.work.generation import ShardStream, generate_lines
 from ziya_batch.spec import SamplingSpec
 
 dev = torch.device("cuda")

@@ -12,8 +12,8 @@ import threading
 
 from ziya_batch import io
 from ziya_batch.queue import Broker
-from ziya_batch.runtime import worker as worker_mod
-from ziya_batch.runtime.models import ModelCache
+from ziya_batch.work import worker as worker_mod
+from ziya_batch.work.models import ModelCache
 
 
 def _die():

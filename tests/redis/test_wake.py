@@ -9,7 +9,7 @@ import time
 from queue_support import make_shards, make_spec
 from ziya_batch.queue import Broker, JobState
 from ziya_batch.runtime.submit import submit_job
-from ziya_batch.runtime.worker import Worker
+from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 
 

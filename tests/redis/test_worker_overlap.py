@@ -11,7 +11,7 @@ from queue_support import expire
 from ziya_batch import io
 from ziya_batch.queue import JobState
 from ziya_batch.runtime.submit import submit_job
-from ziya_batch.runtime.worker import Worker
+from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 
 N_LINES, SHARD_SIZE, N = 40, 8, 2
