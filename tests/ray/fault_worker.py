@@ -32,7 +32,7 @@ def main():
         def stage_then_die(*a, **kw):
             orig_stage(*a, **kw)
             _die()
-        worker_mod.io.stage_shard = stage_then_die
+        io.stage_shard = stage_then_die      # (the io package, as the commit path calls it)
     elif fault == "die_after_commit":
         orig_commit = broker.commit
 

@@ -16,6 +16,7 @@ from ..prompts import default_id, parse_line
 from ..records import (LineFailure, LineResult, PromptLine, SampleOutput, experience_record, openai_batch_error,
                        openai_batch_record, result_record, sft_record)
 from ..spec import JobSpec, SamplingSpec
+from .failures import EngineOutOfMemory, engine_calls
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ class ShardStream:
         for pl, ids in prompts:
             request_id = f"{key}:{pl.file}:{pl.line}"
             self._lines[request_id] = (key, pl, ids)
-            self.engine.add_request(Request(request_id, ids, sampling_params(pl.sampling, pl.file, pl.line)))
+            with engine_calls():
+                self.engine.add_request(Request(request_id, ids, sampling_params(pl.sampling, pl.file, pl.line)))
 
     def admitted(self) -> bool:
         """Every line added has been admitted by the scheduler: the batch has room for another shard."""
@@ -104,7 +106,9 @@ class ShardStream:
 
     def step(self) -> list[tuple[str, list[LineResult]]]:
         """One engine step; the shards now finished (key, results), forgotten here."""
-        for out in self.engine.step():
+        with engine_calls():
+            outs = self.engine.step()
+        for out in outs:
             key, pl, ids = self._lines.pop(out.request_id)
             samples = [SampleOutput(c.index, c.token_ids, c.text, c.finish_reason, c.logprobs)
                        for c in out.completions]
@@ -150,9 +154,9 @@ def generate_lines(engine, prompts: list[tuple[PromptLine, list[int]]],
     def bisect(batch):
         try:
             run(batch)
-        except Exception as err:  # noqa: BLE001 - any engine failure is isolated to its line
-            if out_of_memory(err):
-                raise            # not a line's failure: the worker gives the shard back (Worker._finish)
+        except EngineOutOfMemory:
+            raise                # not a line's failure: the worker gives the shard back (failures.decide)
+        except Exception as err:  # noqa: BLE001 - any other engine failure is isolated to its line
             if len(batch) == 1:
                 pl = batch[0][0]
                 log.warning("line %s:%d failed generation: %s", pl.file, pl.line, err)
@@ -212,13 +216,3 @@ def score_results(results: list[LineResult], ref_scorer=None, reward_scorer=None
         for (_, s), rw in zip(pairs, rewards):
             s.reward = float(rw)
 
-
-def out_of_memory(err: BaseException) -> bool:
-    """A device or host allocation failure (torch's OutOfMemoryError, or the text CUDA, cuBLAS and the CPU
-    allocator use): the memory the settings left ran out, which no line causes alone."""
-    import torch
-
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(err).lower()
-    return any(s in text for s in ("out of memory", "cublas_status_alloc_failed", "can't allocate memory"))

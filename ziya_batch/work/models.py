@@ -23,7 +23,7 @@ def model_path(spec: JobSpec) -> str:
     if spec.model.path:
         return spec.model.path
     from ..engine.merge_delta import ensure_merged
-    from .services import home_dir
+    from ..runtime.services import home_dir   # (Ray-free; moves with submit and finalize)
 
     return str(ensure_merged(spec.model.base, spec.model.delta, home_dir() / "merged"))
 
