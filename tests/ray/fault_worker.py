@@ -27,12 +27,12 @@ def main():
     broker = Broker.from_url(url)
     models = ModelCache("cpu")
     if fault == "die_after_stage":
-        orig_stage = io.stage_shard
+        orig_stage = io.OutputDir.stage
 
-        def stage_then_die(*a, **kw):
-            orig_stage(*a, **kw)
+        def stage_then_die(self, *a, **kw):
+            orig_stage(self, *a, **kw)
             _die()
-        io.stage_shard = stage_then_die      # (the io package, as the commit path calls it)
+        io.OutputDir.stage = stage_then_die
     elif fault == "die_after_commit":
         orig_commit = broker.commit
 

@@ -37,14 +37,13 @@ class ShardCommit:
                            output_tokens=sum(len(s.token_ids) for r in results for s in r.samples))
         if flight.lost:
             raise LeaseLost()
+        out = io.OutputDir(spec.output.path, spec.output.format)
         stats.attempt = io.new_attempt()
-        staged = io.stage_shard(spec.output.path, shard.index, lease.token, parts, spec.output.format, spec.format,
-                                attempt=stats.attempt)
+        staged = out.stage(shard.index, lease.token, stats.attempt, parts, spec.format)
         stats.parts = {k: (p.lines, p.sha256) for k, p in staged.items()}
         if not self.broker.commit(lease, stats):
-            io.discard_staged(spec.output.path, shard.index, lease.token, stats.attempt)
+            out.discard(shard.index, lease.token, stats.attempt)
             log.warning("shard %s/%d: lease lost before commit; output discarded", lease.job_id, shard.index)
             return False
-        io.promote_shard(spec.output.path, shard.index, lease.token, stats.parts, stats=stats.to_dict(),
-                         attempt=stats.attempt)
+        out.promote(shard.index, lease.token, stats.attempt, stats.parts, stats=stats.to_dict())
         return True
