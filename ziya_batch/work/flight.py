@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    """Renews a lease every lease_s/3 in a background thread; records when the lease is lost. A context manager:
-    it beats from `start` (or entering) until leaving; stopping twice is harmless."""
+    """Renews a lease every lease_s/3 in a background thread; records when the lease is lost. Stopping twice is
+    harmless."""
 
     def __init__(self, broker, lease):
         self.broker, self.lease = broker, lease
@@ -44,14 +44,6 @@ class Heartbeat:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-
-    def __enter__(self) -> "Heartbeat":
-        if not self._thread.is_alive() and not self._stop.is_set():
-            self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 @dataclass
