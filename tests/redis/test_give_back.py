@@ -178,9 +178,9 @@ def test_a_worker_backs_off_longer_after_each_failed_load_of_one_engine(tmp_path
     key = __import__("ziya_batch.work.models", fromlist=["engine_key"]).engine_key(spec)
     backoffs = []
     for _ in range(4):
-        w._mark_unloadable(key)
-        backoffs.append(w._unloadable[key][1])
-    assert backoffs == [10.0, 20.0, 35.0, 35.0] and w._failed_to_load(spec)
+        w._backoff.failed(key)
+        backoffs.append(w._backoff.backoff_s(key))
+    assert backoffs == [10.0, 20.0, 35.0, 35.0] and w._backoff.blocks(spec)
 
 
 def test_out_of_memory_loading_the_reference_model_gives_the_shard_back(tmp_path, demo_model, broker, monkeypatch):

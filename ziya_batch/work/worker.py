@@ -50,6 +50,40 @@ LOAD_RETRY_MAX_S = 3600.0
 IDLE_SLICE_S = 0.1
 
 
+class LoadBackoff:
+    """The engines this worker could not load (or ran out of memory in): it leaves their jobs to other workers for
+    LOAD_RETRY_S, twice as long after each failure in a row up to LOAD_RETRY_MAX_S, and notes why on its
+    registration, so that status and `ziya-batch run` can say why a job waits. A load that works starts over."""
+
+    def __init__(self, broker, worker_id: str):
+        self.broker, self.worker_id = broker, worker_id
+        self._until: dict[tuple, tuple[float, float]] = {}   # engine_key -> (retry after, backoff s)
+        self._noted: set[str] = set()                        # jobs noted on the registration as not loadable
+
+    def blocks(self, spec: JobSpec) -> bool:
+        """This worker could not load the spec's engine and its backoff has not passed."""
+        failed = self._until.get(engine_key(spec))
+        return failed is not None and time.monotonic() < failed[0]
+
+    def backoff_s(self, key: tuple) -> Optional[float]:
+        return self._until[key][1] if key in self._until else None
+
+    def failed(self, key: tuple) -> None:
+        prev = self._until.get(key)
+        backoff = LOAD_RETRY_S if prev is None else min(LOAD_RETRY_MAX_S, max(LOAD_RETRY_S, 2 * prev[1]))
+        self._until[key] = (time.monotonic() + backoff, backoff)
+
+    def loaded(self, spec: JobSpec, job_id: str) -> None:
+        """The spec's engine loaded (perhaps with settings a resubmit changed): no backoff, no note left."""
+        self._until.pop(engine_key(spec), None)
+        if job_id in self._noted:
+            self.note(job_id, None)
+
+    def note(self, job_id: str, why: Optional[str]) -> None:
+        self.broker.note_cannot_load(self.worker_id, job_id, why)
+        (self._noted.add if why else self._noted.discard)(job_id)
+
+
 class Worker:
     def __init__(self, broker, worker_id: Optional[str] = None, device: str = "auto",
                  models: Optional[ModelCache] = None, host: Optional[str] = None,
@@ -66,8 +100,7 @@ class Worker:
         self._engine_key: Optional[tuple] = None        # engine_key of the jobs in the stream
         self._flights: dict[str, Flight] = {}           # flight.key -> shard whose lines are in the stream
         self._same_model_claims = 0                     # claims in a row that needed no model load
-        self._unloadable: dict[tuple, tuple[float, float]] = {}   # engine_key -> (retry after, backoff s)
-        self._noted: set[str] = set()                   # jobs noted on the registration as not loadable here
+        self._backoff = LoadBackoff(broker, self.worker_id)
         self._commit = ShardCommit(broker, self.models)
         self.broker.register_worker(self.worker_id, self.host, {"device": self.models.device_name(), "pid": os.getpid(),
                                                                 "tensor_parallel": 1, **(extra_info or {})})
@@ -166,19 +199,9 @@ class Worker:
         claimed, so that its shards fail with the reason instead of waiting)."""
         try:
             spec = self.spec_for(job_id)
-            return self.models.can_serve(spec) and not self._failed_to_load(spec)
+            return self.models.can_serve(spec) and not self._backoff.blocks(spec)
         except Exception:  # noqa: BLE001 - see the docstring
             return True
-
-    def _failed_to_load(self, spec: JobSpec) -> bool:
-        """This worker could not load the spec's engine and its backoff (LOAD_RETRY_S, doubling) has not passed."""
-        failed = self._unloadable.get(engine_key(spec))
-        return failed is not None and time.monotonic() < failed[0]
-
-    def _mark_unloadable(self, key: tuple) -> None:
-        prev = self._unloadable.get(key)
-        backoff = LOAD_RETRY_S if prev is None else min(LOAD_RETRY_MAX_S, max(LOAD_RETRY_S, 2 * prev[1]))
-        self._unloadable[key] = (time.monotonic() + backoff, backoff)
 
     def _engine_or_give_back(self, flight: Flight):
         """The flight's engine, or None after the failure policy dealt with a load that failed (an engine that will
@@ -192,14 +215,8 @@ class Worker:
             self._act(err, Stage.LOAD, [flight])
             return None
         if not cached:                            # loaded now: a backoff for it (doubling) starts over
-            self._unloadable.pop(engine_key(flight.spec), None)
-            if flight.lease.job_id in self._noted:       # (perhaps with settings a resubmit changed)
-                self._note(flight.lease.job_id, None)
+            self._backoff.loaded(flight.spec, flight.lease.job_id)
         return engine
-
-    def _note(self, job_id: str, why: Optional[str]) -> None:
-        self.broker.note_cannot_load(self.worker_id, job_id, why)
-        (self._noted.add if why else self._noted.discard)(job_id)
 
     def _give_back(self, lease, message: str, why: str, quietly: bool = False) -> None:
         """Give the shard back untried (broker.give_back) and note why on this worker's registration. `quietly`:
@@ -207,7 +224,7 @@ class Worker:
         (the lease then expires and is requeued, as it would have anyway)."""
         try:
             self.broker.give_back(lease, message)
-            self._note(lease.job_id, why)
+            self._backoff.note(lease.job_id, why)
         except Exception as err:  # noqa: BLE001 - see the docstring
             if not quietly:
                 raise
@@ -329,7 +346,7 @@ class Worker:
             self._split_failed_step(err)
             return
         if d.back_off and flights:
-            self._mark_unloadable(engine_key(flights[0].spec))
+            self._backoff.failed(engine_key(flights[0].spec))
         if stage is Stage.STEP and d.action is Action.GIVE_BACK:
             # out of memory mid-step: every request goes; the engine itself stays loaded (a tensor-parallel replica
             # goes down after giving its shards back, and its manager starts a new one)
