@@ -43,7 +43,7 @@ def submit(
 ):
     """Validate the spec, index the input into shards and queue it; prints the job id."""
     from .jobs import submit_job
-    from .runtime.models import unserved_note
+    from .work.models import unserved_note
     from .spec import load_spec
 
     spec = load_spec(job)

@@ -22,9 +22,6 @@ class ShardRef:
     first_line: int     # 1-based line number of the line at `start`
     num_lines: int
 
-    def part_name(self, ext: str = "jsonl") -> str:
-        return f"part-{self.index:05d}.{ext}"
-
 
 @dataclass(frozen=True)
 class PromptLine:

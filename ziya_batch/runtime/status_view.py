@@ -72,7 +72,7 @@ def _render(broker, job_id: Optional[str]):
     st = jobs.job_status(broker, job_id, detail=True)
     note = None
     if not st.state.is_finished() and st.shards.get("pending", 0):
-        from .models import unserved_note
+        from ..work.models import unserved_note
 
         note = unserved_note(broker, job_id)
     return _job_detail(st, note)

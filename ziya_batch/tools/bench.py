@@ -667,7 +667,7 @@ def run_prefix_bench(opts: BenchOptions) -> list[dict]:
         print(f"[bench] {opts.workload}: prefix caching on / off = "
               f"{rows[0]['output_tok_s'] / rows[1]['output_tok_s']:.2f}x output tok/s", flush=True)
     meta = dict(card=torch.cuda.get_device_name(device), date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
-                commit=os.environ.get("ZIYA_BATCH_COMMIT") or _git_commit(), layers=opts.layers,
+                commit=settings.commit() or _git_commit(), layers=opts.layers,
                 requests=len(work), bandwidth_tb_s=bw / 1e12, tensor_parallel=1, workload=opts.workload)
     _print_table(rows, meta, prof)
     return rows

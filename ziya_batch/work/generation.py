@@ -19,6 +19,7 @@ from ..spec import JobSpec, sampling_params
 
 if TYPE_CHECKING:
     from ..protocols import GenerationEngine
+from .failures import EngineOutOfMemory, engine_calls
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def parse_shard(lines: Iterable[tuple[int, bytes]], file: str, spec: JobSpec, to
             work.failures.append(LineFailure(line_id(raw, file, line_no, spec.format), file, line_no,
                                              err.code, err.message))
         except Exception as err:  # noqa: BLE001 - the per-line boundary (the tokenizer on a hostile text, ...)
-            if out_of_memory(err):
+            if isinstance(err, MemoryError):     # the host ran out, not this line's fault (work/failures.py)
                 raise
             work.failures.append(LineFailure(line_id(raw, file, line_no, spec.format), file, line_no,
                                              errors.INVALID_LINE, f"cannot prepare this line: {type(err).__name__}: {err}"))
@@ -119,7 +120,8 @@ class ShardStream:
             request_id = f"{key}:{pl.file}:{pl.line}"
             self._lines[request_id] = (key, pl, ids)
             params = sampling_params(pl.sampling, seed=line_seed(pl.sampling.seed, pl.file, pl.line))
-            self.engine.add_request(Request(request_id, ids, params))
+            with engine_calls():
+                self.engine.add_request(Request(request_id, ids, params))
 
     def admitted(self) -> bool:
         """Every line added has been admitted by the scheduler: the batch has room for another shard."""
@@ -127,7 +129,9 @@ class ShardStream:
 
     def step(self) -> list[tuple[str, list[LineResult]]]:
         """One engine step; the shards now finished (key, results), forgotten here."""
-        for out in self.engine.step():
+        with engine_calls():
+            outs = self.engine.step()
+        for out in outs:
             key, pl, ids = self._lines.pop(out.request_id)
             samples = [SampleOutput(c.index, c.token_ids, c.text, c.finish_reason, c.logprobs)
                        for c in out.completions]
@@ -173,9 +177,9 @@ def generate_lines(engine: "GenerationEngine", prompts: list[tuple[PromptLine, l
     def bisect(batch):
         try:
             run(batch)
-        except Exception as err:  # noqa: BLE001 - any engine failure is isolated to its line
-            if out_of_memory(err):
-                raise            # not a line's failure: the worker gives the shard back (Worker._finish)
+        except EngineOutOfMemory:
+            raise                # not a line's failure: the worker gives the shard back (failures.decide)
+        except Exception as err:  # noqa: BLE001 - any other engine failure is isolated to its line
             if len(batch) == 1:
                 pl = batch[0][0]
                 log.warning("line %s:%d failed generation: %s", pl.file, pl.line, err)
@@ -235,13 +239,3 @@ def score_results(results: list[LineResult], ref_scorer=None, reward_scorer=None
         for (_, s), rw in zip(pairs, rewards):
             s.reward = float(rw)
 
-
-def out_of_memory(err: BaseException) -> bool:
-    """A device or host allocation failure (torch's OutOfMemoryError, or the text CUDA, cuBLAS and the CPU
-    allocator use): the memory the settings left ran out, which no line causes alone."""
-    import torch
-
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(err).lower()
-    return any(s in text for s in ("out of memory", "cublas_status_alloc_failed", "can't allocate memory"))

@@ -1,8 +1,9 @@
-"""The worker: claims shards from the queue, generates them, commits their parts exactly once.
+"""The worker: claims shards from the queue, shares the engine between them, commits their parts exactly once.
 
-A plain class (no Ray): Ray actors wrap it (runtime/actors.py) and tests drive it directly.
-Exactly-once output: parts are staged under the lease's fencing token; only the owner whose commit Redis
-accepts (compare-and-set on the token) promotes them to their final names; a stale owner discards its own.
+A plain class (no Ray): Ray actors wrap it (runtime/actors.py) and tests drive it directly. Its rules live one
+place each: what a failure means in failures.decide (carried out by Worker._act), the commit path in
+commit.ShardCommit (stage under the lease's fencing token, commit in Redis, promote), and each claimed shard's
+heartbeat in its flight.Flight (`with flight:` stops it, however the shard ends).
 The engine's batch does not drain at each shard's end: once the scheduler has admitted every line in flight,
 the next shard is claimed and its lines join the same engine (ShardStream); each shard is committed as soon
 as its own lines are done. Dead-letter and isolate shards run alone, after the shards in flight are done; so
@@ -16,14 +17,15 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .. import io
 from ..records import LineFailure, LineResult
 from ..spec import JobSpec
-from .generation import (ShardStream, ShardWork, build_parts, dead_letter_failures, generate_lines, out_of_memory,
-                         parse_shard, score_results)
+from .commit import ShardCommit
+from .failures import Action, LeaseLost, RunMode, Stage, decide, engine_calls, one_line, run_mode
+from .flight import Flight
+from .generation import ShardStream, dead_letter_failures, generate_lines, parse_shard
 from .models import ModelCache, ReplicaBroken, engine_key
 
 if TYPE_CHECKING:
@@ -52,46 +54,38 @@ LOAD_RETRY_MAX_S = 3600.0
 IDLE_SLICE_S = 0.1
 
 
-class LeaseLost(Exception):
-    """The lease expired or the job was abandoned: stop working on this shard, commit nothing."""
+class LoadBackoff:
+    """The engines this worker could not load (or ran out of memory in): it leaves their jobs to other workers for
+    LOAD_RETRY_S, twice as long after each failure in a row up to LOAD_RETRY_MAX_S, and notes why on its
+    registration, so that status and `ziya-batch run` can say why a job waits. A load that works starts over."""
 
+    def __init__(self, broker, worker_id: str):
+        self.broker, self.worker_id = broker, worker_id
+        self._until: dict[tuple, tuple[float, float]] = {}   # engine_key -> (retry after, backoff s)
+        self._noted: set[str] = set()                        # jobs noted on the registration as not loadable
 
-class _Heartbeat:
-    """Renews a lease every lease_s/3 in a background thread; records when the lease is lost."""
+    def blocks(self, spec: JobSpec) -> bool:
+        """This worker could not load the spec's engine and its backoff has not passed."""
+        failed = self._until.get(engine_key(spec))
+        return failed is not None and time.monotonic() < failed[0]
 
-    def __init__(self, broker, lease):
-        self.broker, self.lease = broker, lease
-        self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lease-heartbeat", daemon=True)
+    def backoff_s(self, key: tuple) -> Optional[float]:
+        return self._until[key][1] if key in self._until else None
 
-    def _run(self):
-        interval_s = max(0.2, self.lease.lease_s / 3)
-        while not self._stop.wait(interval_s):
-            try:
-                if not self.broker.heartbeat(self.lease):
-                    self.lost.set()
-                    return
-            except Exception as err:  # noqa: BLE001 - Redis down: keep trying until the lease would expire
-                log.warning("heartbeat failed: %s", err)
+    def failed(self, key: tuple) -> None:
+        prev = self._until.get(key)
+        backoff = LOAD_RETRY_S if prev is None else min(LOAD_RETRY_MAX_S, max(LOAD_RETRY_S, 2 * prev[1]))
+        self._until[key] = (time.monotonic() + backoff, backoff)
 
-    def start(self) -> "_Heartbeat":
-        self._thread.start()
-        return self
+    def loaded(self, spec: JobSpec, job_id: str) -> None:
+        """The spec's engine loaded (perhaps with settings a resubmit changed): no backoff, no note left."""
+        self._until.pop(engine_key(spec), None)
+        if job_id in self._noted:
+            self.note(job_id, None)
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-@dataclass
-class _Flight:
-    """A claimed shard being worked on, with its lease's heartbeat."""
-
-    lease: Lease
-    spec: JobSpec
-    hb: _Heartbeat
-    work: Optional[ShardWork] = None      # its parsed lines, while they are in the shared engine
+    def note(self, job_id: str, why: Optional[str]) -> None:
+        self.broker.note_cannot_load(self.worker_id, job_id, why)
+        (self._noted.add if why else self._noted.discard)(job_id)
 
 
 class Worker:
@@ -108,10 +102,10 @@ class Worker:
         self._specs: dict[str, tuple[float, JobSpec]] = {}      # job id -> (monotonic time read, spec)
         self._stream: Optional[ShardStream] = None      # the engine the shards in flight share
         self._engine_key: Optional[tuple] = None        # engine_key of the jobs in the stream
-        self._flights: dict[str, _Flight] = {}          # stream key -> shard whose lines are in the stream
+        self._flights: dict[str, Flight] = {}           # flight.key -> shard whose lines are in the stream
         self._same_model_claims = 0                     # claims in a row that needed no model load
-        self._unloadable: dict[tuple, tuple[float, float]] = {}   # engine_key -> (retry after, backoff s)
-        self._noted: set[str] = set()                   # jobs noted on the registration as not loadable here
+        self._backoff = LoadBackoff(broker, self.worker_id)
+        self._commit = ShardCommit(broker, self.models)
         self.broker.register_worker(self.worker_id, self.host, {"device": self.models.device_name(), "pid": os.getpid(),
                                                                 "tensor_parallel": 1, **(extra_info or {})})
 
@@ -209,55 +203,24 @@ class Worker:
         claimed, so that its shards fail with the reason instead of waiting)."""
         try:
             spec = self.spec_for(job_id)
-            return self.models.can_serve(spec) and not self._failed_to_load(spec)
+            return self.models.can_serve(spec) and not self._backoff.blocks(spec)
         except Exception:  # noqa: BLE001 - see the docstring
             return True
 
-    def _failed_to_load(self, spec: JobSpec) -> bool:
-        """This worker could not load the spec's engine and its backoff (LOAD_RETRY_S, doubling) has not passed."""
-        failed = self._unloadable.get(engine_key(spec))
-        return failed is not None and time.monotonic() < failed[0]
-
-    def _mark_unloadable(self, key: tuple) -> None:
-        prev = self._unloadable.get(key)
-        backoff = LOAD_RETRY_S if prev is None else min(LOAD_RETRY_MAX_S, max(LOAD_RETRY_S, 2 * prev[1]))
-        self._unloadable[key] = (time.monotonic() + backoff, backoff)
-
-    def _engine_or_give_back(self, flight: _Flight):
-        """The flight's engine, or None after giving its shard back untried because the engine would not load
-        here: not the shard's failure (broker.give_back), and this worker leaves the job's engine to others for
-        LOAD_RETRY_S; `ziya-batch run` stops with the reason once none of its workers can load it."""
-        lease, spec = flight.lease, flight.spec
-        cached = self.models.holds(spec)
+    def _engine_or_give_back(self, flight: Flight):
+        """The flight's engine, or None after the failure policy dealt with a load that failed (an engine that will
+        not load here is this worker's trouble, not the shard's: the shard goes back untried and this worker
+        leaves the engine to others for LOAD_RETRY_S; `ziya-batch run` stops with the reason once none of its
+        workers can load it)."""
+        cached = self.models.holds(flight.spec)
         try:
-            engine = self._engine_for(spec)
-        except Exception as err:  # noqa: BLE001 - out of memory, a broken checkpoint: this worker's, not the shard's
-            flight.hb.stop()
-            why = _one_line(err)
-            log.error("shard %s/%d: the engine would not load on %s (%s); giving the shard back", lease.job_id,
-                      lease.shard.index, self.worker_id, why)
-            self._mark_unloadable(engine_key(spec))
-            self._give_back(lease, f"engine would not load on {self.worker_id}: {why}", why)
+            engine = self._engine_for(flight.spec)
+        except BaseException as err:
+            self._act(err, Stage.LOAD, [flight])
             return None
-        except ReplicaBroken as err:
-            # a tensor-parallel replica whose rank 0 could not load after the others started: the replica goes
-            # down, and the shard goes back untried now rather than through its lease's expiry (a counted retry)
-            flight.hb.stop()
-            self._give_back(lease, f"engine would not load on {self.worker_id}: {_one_line(err)}", _one_line(err),
-                            quietly=True)
-            raise
-        except BaseException:
-            flight.hb.stop()      # the process is going down: the lease expires and is requeued
-            raise
         if not cached:                            # loaded now: a backoff for it (doubling) starts over
-            self._unloadable.pop(engine_key(spec), None)
-            if lease.job_id in self._noted:       # (perhaps with settings a resubmit changed)
-                self._note(lease.job_id, None)
+            self._backoff.loaded(flight.spec, flight.lease.job_id)
         return engine
-
-    def _note(self, job_id: str, why: Optional[str]) -> None:
-        self.broker.note_cannot_load(self.worker_id, job_id, why)
-        (self._noted.add if why else self._noted.discard)(job_id)
 
     def _give_back(self, lease, message: str, why: str, quietly: bool = False) -> None:
         """Give the shard back untried (broker.give_back) and note why on this worker's registration. `quietly`:
@@ -265,19 +228,12 @@ class Worker:
         (the lease then expires and is requeued, as it would have anyway)."""
         try:
             self.broker.give_back(lease, message)
-            self._note(lease.job_id, why)
+            self._backoff.note(lease.job_id, why)
         except Exception as err:  # noqa: BLE001 - see the docstring
             if not quietly:
                 raise
             log.warning("shard %s/%d: could not give it back (%s); its lease will expire", lease.job_id,
                         lease.shard.index, err)
-
-    def _give_back_flights(self, message: str, why: str, quietly: bool = False) -> None:
-        """Every shard still in flight goes back untried (_give_back)."""
-        for flight in self._flights.values():
-            flight.hb.stop()
-            self._give_back(flight.lease, message, why, quietly)
-        self._flights.clear()
 
     def _broken_replica(self) -> bool:
         """A tensor-parallel replica: after a failed step its other ranks may be stuck in the step's collectives,
@@ -307,28 +263,25 @@ class Worker:
 
     def _start(self, lease) -> None:
         """Begin a claimed shard: beside the shards in flight if it can share their engine, else after them."""
-        flight = _Flight(lease, self.spec_for(lease.job_id), _Heartbeat(self.broker, lease).start())
-        if not lease.dead_letter and not self.models.can_serve(flight.spec):
+        flight = Flight.begin(self.broker, lease, self.spec_for(lease.job_id))
+        mode = run_mode(lease)
+        if mode is not RunMode.DEAD_LETTER and not self.models.can_serve(flight.spec):
             # the spec read again since the claim filter saw it asks for another shape (a resubmit changed it)
-            flight.hb.stop()
-            self.broker.give_back(lease, f"{self.worker_id} does not serve the job's spec as it is now "
-                                         f"(model.tensor_parallel {flight.spec.model.tensor_parallel})")
+            with flight:
+                self.broker.give_back(lease, f"{self.worker_id} does not serve the job's spec as it is now "
+                                             f"(model.tensor_parallel {flight.spec.model.tensor_parallel})")
             return
-        alone = lease.dead_letter or lease.isolate
-        if self._flights and (alone or not self._shares_engine(flight.spec)):
+        if self._flights and (mode is not RunMode.SHARED or not self._shares_engine(flight.spec)):
             try:
                 self._drain()        # the new lease's heartbeat runs meanwhile
-            except ReplicaBroken as err:
-                flight.hb.stop()     # untried: back now, not through its lease's expiry (a counted retry)
-                self._give_back(lease, f"replica {self.worker_id} broke before this shard started: "
-                                       f"{_one_line(err)}", _one_line(err), quietly=True)
+            except BaseException as err:
+                self._act(err, Stage.DRAIN, [flight])        # (raises: the replica or the process goes down)
                 raise
-            except BaseException:
-                flight.hb.stop()
-                raise
-        if alone:
-            if lease.dead_letter or self._engine_or_give_back(flight) is not None:
-                self._finish(flight, lambda: self._produce_alone(flight))
+        if mode is RunMode.DEAD_LETTER:
+            self._finish(flight, lambda: self._dead_lettered(flight))
+        elif mode is RunMode.ISOLATE:
+            if self._engine_or_give_back(flight) is not None:
+                self._finish(flight, lambda: self._isolated(flight))
         else:
             self._admit(flight)
 
@@ -338,7 +291,7 @@ class Worker:
         except Exception:  # noqa: BLE001 - loading its engine raises again, and fails the shard, after the drain
             return False
 
-    def _admit(self, flight: _Flight) -> None:
+    def _admit(self, flight: Flight) -> None:
         """Add a shard's lines to the shared engine."""
         lease, spec, shard = flight.lease, flight.spec, flight.lease.shard
         engine = self._engine_or_give_back(flight)
@@ -347,22 +300,16 @@ class Worker:
         try:
             flight.work = parse_shard(io.read_shard(shard), shard.file, spec, engine.tokenizer, engine.max_model_len,
                                       lease.bad_lines)
-        except Exception as err:  # noqa: BLE001 - a failed shard is retried by the queue, never lost
-            flight.hb.stop()
-            self._fail(lease, err)
+        except BaseException as err:
+            self._act(err, Stage.READ, [flight])
             return
-        except BaseException:
-            flight.hb.stop()      # the replica is going down (ReplicaBroken): the lease expires and is requeued
-            raise
         if not self._flights:
             self._stream, self._engine_key = ShardStream(engine), engine_key(spec)
-        # unique in the engine: two jobs may read one file, and a shard may come back to this worker
-        key = f"{lease.job_id}/{shard.index}/{lease.token}"
-        self._flights[key] = flight
+        self._flights[flight.key] = flight
         try:
-            self._stream.add(key, flight.work.prompts)
-        except Exception as err:  # noqa: BLE001 - a request the engine refuses is isolated like a failed step
-            self._redo_alone(err)
+            self._stream.add(flight.key, flight.work.prompts)
+        except Exception as err:  # noqa: BLE001 - the failure policy decides (a refused request is isolated)
+            self._act(err, Stage.ADMIT, list(self._flights.values()))
 
     def _engine_for(self, spec: JobSpec):
         """The engine for a shard about to start. With nothing in flight the stream lets go of its engine first:
@@ -370,23 +317,18 @@ class Worker:
         reference kept its weights and KV cache on the device)."""
         if not self._flights:
             self._stream = self._engine_key = None
-        return self.models.engine(spec)
+        with engine_calls():
+            return self.models.engine(spec)
 
     def _advance(self, until_room: bool) -> None:
         """Step the shared engine until a shard is done or, with `until_room`, until it has room for another."""
         while self._flights and not (until_room and self._has_room()):
-            for key in [k for k, f in self._flights.items() if f.hb.lost.is_set()]:
-                self._stream.abort(key)
-                flight = self._flights.pop(key)
-                flight.hb.stop()
-                log.warning("shard %s/%d: lease lost; its lines aborted", flight.lease.job_id, flight.lease.shard.index)
+            for flight in [f for f in self._flights.values() if f.lost]:
+                self._act(LeaseLost(), Stage.STEP, [flight])
             try:
                 done = self._stream.step()
-            except Exception as err:  # noqa: BLE001 - isolated line by line, as in a shard generated alone
-                if out_of_memory(err):
-                    self._give_back_all(err)
-                else:
-                    self._redo_alone(err)
+            except Exception as err:  # noqa: BLE001 - the failure policy decides (out of memory, or a line's fault)
+                self._act(err, Stage.STEP, list(self._flights.values()))
                 return
             for key, results in done:
                 flight = self._flights.pop(key)
@@ -398,8 +340,50 @@ class Worker:
         while self._flights:
             self._advance(until_room=False)
 
-    def _redo_alone(self, err: Exception) -> None:
-        """The engine raised with shards in flight: drop all their requests and generate each shard again
+    # -- failures (the policy is failures.decide; this carries it out) ----------------------------------------
+    def _act(self, err: BaseException, stage: Stage, flights: list[Flight]) -> None:
+        """Carry out what the failure policy decides for `flights` after `err` at `stage`: each flight is done
+        with here (out of the stream, its heartbeat stopped) unless they are to be generated again alone. Raises
+        when the replica or the process goes down."""
+        d = decide(err, stage, self.worker_id, tensor_parallel=self._broken_replica())
+        if d.action is Action.REDO_ALONE:
+            self._split_failed_step(err)
+            return
+        if d.back_off and flights:
+            self._backoff.failed(engine_key(flights[0].spec))
+        if stage is Stage.STEP and d.action is Action.GIVE_BACK:
+            # out of memory mid-step: every request goes; the engine itself stays loaded (a tensor-parallel replica
+            # goes down after giving its shards back, and its manager starts a new one)
+            log.error("engine out of memory with %d shard(s) in flight (%s); giving them back", len(flights), d.why)
+            self._stream.abort()
+            self._stream = self._engine_key = None
+        for flight in flights:
+            if self._flights.pop(flight.key, None) is not None and self._stream is not None:
+                self._stream.abort(flight.key)
+            with flight:
+                self._settle(flight, d.action, err, d.message, d.why, d.quietly)
+        broken = d.replica_broken(err)
+        if broken is err or d.action is Action.ABANDON:
+            raise err
+        if broken is not None:
+            raise broken from err
+
+    def _settle(self, flight: Flight, action: Action, err: BaseException, message: str, why: str,
+                quietly: bool) -> None:
+        job_id, index = flight.lease.job_id, flight.lease.shard.index
+        if action is Action.GIVE_BACK:
+            log.error("shard %s/%d: %s; giving the shard back", job_id, index, message)
+            self._give_back(flight.lease, message, why, quietly)
+        elif action is Action.FAIL:
+            log.error("shard %s/%d failed", job_id, index, exc_info=err)
+            self.broker.fail(flight.lease, message)
+        elif action is Action.DROP:
+            log.warning("shard %s/%d: lease lost; stopped", job_id, index)
+        else:
+            log.warning("shard %s/%d: abandoned in flight (%s)", job_id, index, one_line(err))
+
+    def _split_failed_step(self, err: Exception) -> None:
+        """The shared engine raised with shards in flight: drop all their requests and generate each shard again
         alone through generate_lines, which splits it until the line that raises stands alone."""
         log.warning("engine failed with %d shard(s) in flight (%s: %s); generating each alone",
                     len(self._flights), type(err).__name__, err)
@@ -407,116 +391,53 @@ class Worker:
         while self._flights:
             flight = self._flights.pop(next(iter(self._flights)))
             try:
-                self._finish(flight, lambda: self._generate_alone(flight))
+                self._finish(flight, lambda: self._bisected(flight))
             except ReplicaBroken as broke:        # out of memory on a tensor-parallel replica (_finish)
-                self._give_back_flights(f"replica {self.worker_id} broke: {_one_line(broke)}", _one_line(broke),
-                                        quietly=True)
+                self._act(broke, Stage.REDO, list(self._flights.values()))
                 raise
-
-    def _give_back_all(self, err: Exception) -> None:
-        """The engine ran out of memory mid-step: no line's fault (the KV cache and the step's budget are fixed;
-        what ran out is the room the settings left). Give every shard in flight back untried and leave the
-        engine's jobs to other workers for LOAD_RETRY_S, as for an engine that would not load (the engine itself
-        stays loaded; a tensor-parallel replica, whose other ranks may be stuck in the failed step, goes down after
-        giving its shards back, and its manager starts a new one)."""
-        why = _one_line(err)
-        log.error("engine out of memory with %d shard(s) in flight (%s); giving them back", len(self._flights), why)
-        self._stream.abort()
-        if self._engine_key is not None:
-            self._mark_unloadable(self._engine_key)
-        self._stream = self._engine_key = None
-        broken = self._broken_replica()
-        self._give_back_flights(f"engine out of memory on {self.worker_id}: {why}", why, quietly=broken)
-        if broken:
-            raise ReplicaBroken(f"tensor-parallel engine out of memory mid-step: {why}")
 
     def _abandon(self) -> None:
         """Stop the shards in flight without committing: their leases expire and the reaper requeues them."""
-        for key, flight in self._flights.items():
-            log.warning("shard %s/%d: abandoned in flight", flight.lease.job_id, flight.lease.shard.index)
-            self._stream.abort(key)
-            flight.hb.stop()
+        for flight in list(self._flights.values()):
+            with flight:
+                log.warning("shard %s/%d: abandoned in flight", flight.lease.job_id, flight.lease.shard.index)
+                self._stream.abort(flight.key)
         self._flights.clear()
 
     # -- one shard ----------------------------------------------------------------------------------------
-    def _finish(self, flight: _Flight, produce: Callable[[], tuple[list[LineResult], list[LineFailure]]]) -> bool:
-        """Take the shard's results and error lines from `produce`, score them, stage the parts and commit
-        them under the lease's token; promote them if Redis took the commit. True if this worker's output
-        became the shard's part."""
-        from ..queue import ShardStats
-
-        lease, spec, hb, shard = flight.lease, flight.spec, flight.hb, flight.lease.shard
-        try:
+    def _finish(self, flight: Flight, produce: Callable[[], tuple[list[LineResult], list[LineFailure]]]) -> bool:
+        """Take the shard's results and error lines from `produce` and commit them (ShardCommit). True if this
+        worker's output became the shard's part."""
+        with flight:
             try:
                 results, failures = produce()
-                if hb.lost.is_set():
-                    raise LeaseLost()
-                if results:
-                    score_results(results, self.models.reference(spec), self.models.reward(spec))
-                parts = build_parts(spec, results, failures)
-                stats = ShardStats(prompts_done=len(results), prompts_failed=len(failures),
-                                   samples=sum(len(r.samples) for r in results),
-                                   output_tokens=sum(len(s.token_ids) for r in results for s in r.samples),
-                                   prefix_cache_query_tokens=sum(len(r.prompt_ids) for r in results)
-                                   if spec.engine.prefix_caching else 0,
-                                   prefix_cache_hit_tokens=sum(r.cached_tokens for r in results))
-                if hb.lost.is_set():
-                    raise LeaseLost()
-                stats.attempt = io.new_attempt()
-                staged = io.stage_shard(spec.output.path, shard.index, lease.token, parts, spec.output.format,
-                                        spec.format, attempt=stats.attempt)
-                stats.parts = {k: (p.lines, p.sha256) for k, p in staged.items()}
-                if not self.broker.commit(lease, stats):
-                    io.discard_staged(spec.output.path, shard.index, lease.token, stats.attempt)
-                    log.warning("shard %s/%d: lease lost before commit; output discarded", lease.job_id, shard.index)
+                if not self._commit(flight, results, failures):
                     return False
-            finally:
-                hb.stop()
-            io.promote_shard(spec.output.path, shard.index, lease.token, stats.parts, stats=stats.to_dict(),
-                             attempt=stats.attempt)
-        except LeaseLost:
-            log.warning("shard %s/%d: lease lost; stopped", lease.job_id, shard.index)
-            return False
-        except Exception as err:  # noqa: BLE001 - a failed shard is retried by the queue, never lost
-            if out_of_memory(err):
-                # generating it alone, or loading its reference or reward model: no line's failure either
-                why = _one_line(err)
-                log.error("shard %s/%d: out of memory (%s); giving the shard back", lease.job_id, shard.index, why)
-                self._mark_unloadable(engine_key(spec))
-                broken = self._broken_replica()
-                self._give_back(lease, f"out of memory on {self.worker_id}: {why}", why, quietly=broken)
-                if broken:
-                    raise ReplicaBroken(f"tensor-parallel engine out of memory: {why}") from err
-            else:
-                self._fail(lease, err)
-            return False
+            except BaseException as err:
+                self._act(err, Stage.SHARD, [flight])
+                return False
         from ..jobs import finalize_if_ready
 
-        finalize_if_ready(self.broker, lease.job_id)
+        finalize_if_ready(self.broker, flight.lease.job_id)
         if self.on_shard_done:
-            self.on_shard_done(lease.job_id, shard.index)
+            self.on_shard_done(flight.lease.job_id, flight.lease.shard.index)
         return True
 
-    def _fail(self, lease, err: Exception) -> None:
-        log.error("shard %s/%d failed", lease.job_id, lease.shard.index, exc_info=err)
-        self.broker.fail(lease, f"{type(err).__name__}: {err}")
-
-    def _generate_alone(self, flight: _Flight) -> tuple[list[LineResult], list[LineFailure]]:
+    def _bisected(self, flight: Flight) -> tuple[list[LineResult], list[LineFailure]]:
+        """A shard of the failed step, from its parsed lines, split until the line that raises stands alone."""
         results, failures = generate_lines(self._stream.engine, flight.work.prompts)
         return results, flight.work.failures + failures
 
-    def _produce_alone(self, flight: _Flight) -> tuple[list[LineResult], list[LineFailure]]:
-        """A dead-letter shard's lines as errors, or an isolate shard generated one line at a time."""
-        lease, spec, hb, shard = flight.lease, flight.spec, flight.hb, flight.lease.shard
-        if lease.dead_letter:
-            return [], dead_letter_failures(shard, spec.format, f"shard {shard.index} failed {lease.attempt - 1} times; "
-                                                                "giving up on its lines", io.read_shard)
-        lines = list(io.read_shard(shard))
+    def _isolated(self, flight: Flight) -> tuple[list[LineResult], list[LineFailure]]:
+        """An isolate shard (a process died on it) generated one line at a time, each line noted before it
+        starts, so that a line that kills the process is known next time."""
+        lease, spec, shard = flight.lease, flight.spec, flight.lease.shard
         engine = self._engine_for(spec)
-        work = parse_shard(lines, shard.file, spec, engine.tokenizer, engine.max_model_len, lease.bad_lines)
+        work = parse_shard(io.read_shard(shard), shard.file, spec, engine.tokenizer, engine.max_model_len,
+                           lease.bad_lines)
 
         def before_line(line_no: int) -> None:
-            if hb.lost.is_set():
+            if flight.lost:
                 raise LeaseLost()
             self.broker.line_started(lease, line_no)
 
@@ -524,7 +445,8 @@ class Worker:
         self.broker.line_finished(lease)
         return results, work.failures + gen_failures
 
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+    def _dead_lettered(self, flight: Flight) -> tuple[list[LineResult], list[LineFailure]]:
+        """A dead-letter shard's lines, every one a retries_exhausted error line."""
+        lease, spec, shard = flight.lease, flight.spec, flight.lease.shard
+        return [], dead_letter_failures(shard, spec.format, f"shard {shard.index} failed {lease.attempt - 1} times; "
+                                                            "giving up on its lines", io.read_shard)
