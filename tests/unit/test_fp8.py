@@ -278,3 +278,10 @@ def test_the_quantize_command_writes_a_checkpoint_and_fails_in_one_line(demo_dir
         main(["quantize", "--model", str(tmp_path / "missing"), "--target", str(tmp_path / "q2")])
     err = capsys.readouterr().err
     assert code.value.code == 2 and err.count("\n") == 1 and err.startswith("ziya-batch: error:")
+
+
+def test_the_fused_activation_quantisation_is_off_on_the_cpu():
+    assert quant.check_fused_quantize(CPU, torch.float32) is False
+    assert not any(getattr(layer, n).fused for layer in quant.quantize_model(
+        from_hf_model(tiny_llama(2), CPU, torch.float32)).layers for n in PROJ)
+

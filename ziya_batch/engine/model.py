@@ -264,8 +264,9 @@ class LlamaModel(nn.Module):
         m = m.to(dtype=dtype)                 # meta -> dtype first: no float32 copy
         if quantization == "fp8":             # after .to(dtype), which would widen float8 buffers
             quant.require_fp8(device)
+            fused = quant.check_fused_quantize(device, dtype)
             for layer in m.layers:
-                quant.use_fp8_linears(layer)
+                quant.use_fp8_linears(layer, fused)
         return m.to_empty(device=device)
 
     @classmethod

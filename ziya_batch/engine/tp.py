@@ -54,7 +54,7 @@ def apply_tp(model: LlamaModel, rank: int, world_size: int, group=None) -> Llama
                     # a float8 weight's per-output-channel scales go with its rows: split with the rows of a
                     # column-parallel weight, kept whole for a row-parallel one (every output row stays)
                     shard[name] = Fp8Linear(fn(w.weight).contiguous(),
-                                            w.scale if fn is cols else fn(w.scale).contiguous())
+                                            w.scale if fn is cols else fn(w.scale).contiguous(), w.fused)
                 else:
                     shard[name] = fn(w)
             layer.shrink_to_shard(world_size)
