@@ -285,3 +285,10 @@ def test_the_fused_activation_quantisation_is_off_on_the_cpu():
     assert not any(getattr(layer, n).fused for layer in quant.quantize_model(
         from_hf_model(tiny_llama(2), CPU, torch.float32)).layers for n in PROJ)
 
+
+def test_the_bench_roofline_counts_one_byte_a_float8_weight():
+    from ziya_batch.engine.bench import _args, _weight_bytes
+    a = _args(40)
+    embeddings = 2 * 2 * a.vocab_size * a.hidden_size              # embedding and lm_head stay float16
+    f16, f8 = _weight_bytes(a) - embeddings, _weight_bytes(a, "fp8") - embeddings
+    assert f16 / 2 < f8 < f16 / 2 * 1.002                            # plus 4 bytes of scale per output row

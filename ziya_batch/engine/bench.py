@@ -48,6 +48,7 @@ class BenchOptions:
     seed: int = 0
     schedule: str = "tail-longest-first"
     kv_cache_dtype: str = "auto"
+    quantization: Optional[str] = None      # "fp8": the linear weights in float8 e4m3 (quant.py)
 
 
 def workload_w1(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
@@ -77,10 +78,13 @@ def _args(layers: int) -> ModelArgs:
     return ModelArgs(**{**PRESETS["13B"], "num_layers": layers})
 
 
-def _weight_bytes(a: ModelArgs) -> int:
+def _weight_bytes(a: ModelArgs, quantization: Optional[str] = None) -> int:
     per_layer = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim * a.hidden_size + a.hidden_size * a.num_heads * \
         a.head_dim + 3 * a.hidden_size * a.intermediate_size
-    return 2 * (a.num_layers * per_layer + 2 * a.vocab_size * a.hidden_size)
+    # fp8: 1 byte a linear weight plus a float32 scale per output row; embedding and lm_head stay float16
+    rows = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + 2 * a.hidden_size + 2 * a.intermediate_size
+    linear = a.num_layers * (per_layer + 4 * rows) if quantization == "fp8" else 2 * a.num_layers * per_layer
+    return linear + 2 * 2 * a.vocab_size * a.hidden_size
 
 
 def _sampling(out_len: int) -> SamplingParams:
@@ -93,22 +97,25 @@ _ENGINE_CONFIG = dict(model_path="", dtype="float16", max_num_seqs=256, max_num_
 
 
 def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: int = 1,
-                  schedule: str = BenchOptions.schedule, kv_cache_dtype: str = "auto") -> tuple[LLMEngine, float]:
+                  schedule: str = BenchOptions.schedule, kv_cache_dtype: str = "auto",
+                  quantization: Optional[str] = None) -> tuple[LLMEngine, float]:
     """The random-weight engine; with world_size > 1, this rank's tensor-parallel shard (every rank makes the
     same weights from the seed, then keeps its share)."""
     from ziya_batch.engine.tp import apply_tp
-    model = apply_tp(LlamaModel.random(a, device, torch.float16, seed), rank, world_size)
+    model = apply_tp(LlamaModel.random(a, device, torch.float16, seed, quantization), rank, world_size)
     t_init = time.perf_counter()
     eng = LLMEngine.from_model(model, None, EngineConfig(**{**_ENGINE_CONFIG, "schedule_policy": schedule,
-                                                            "kv_cache_dtype": kv_cache_dtype}))
+                                                            "kv_cache_dtype": kv_cache_dtype,
+                                                            "quantization": quantization}))
     return eng, time.perf_counter() - t_init
 
 
 def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: int = 1,
-                 schedule: str = BenchOptions.schedule, kv_cache_dtype: str = "auto") -> tuple[dict, dict]:
+                 schedule: str = BenchOptions.schedule, kv_cache_dtype: str = "auto",
+                 quantization: Optional[str] = None) -> tuple[dict, dict]:
     """Rank 0's side of the run (the only side when world_size is 1): with tensor parallelism the other
     ranks follow each step (_tp_bench_rank)."""
-    eng, init_s = _build_engine(a, device, seed, 0, world_size, schedule, kv_cache_dtype)
+    eng, init_s = _build_engine(a, device, seed, 0, world_size, schedule, kv_cache_dtype, quantization)
     model, cfg = eng.model, eng.config
     driver = None
     if world_size > 1:
@@ -123,7 +130,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
         eng.add_request(r)
     # per GPU: each rank reads 1/K of the weights and of the KV cache a step (the all-reduces are not counted)
     kv_tok = kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, eng.kv_caches[0][0].dtype) / world_size
-    w_bytes = _weight_bytes(a) / world_size
+    w_bytes = _weight_bytes(a, quantization) / world_size
     pre_s = pre_tok = dec_s = dec_tok = floor_s = host_dec = mix_dec = 0.0
     n_dec_steps = n_mix_steps = 0
     mix_hosts: list[float] = []
@@ -153,6 +160,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                     f"{n_dec_steps} decode-only steps ({dec_s:.1f} s), mixed steps {pre_s:.1f} s; init {init_s:.0f} s; "
                     f"fused kernels {'on' if model.use_fused else 'off'}; schedule {schedule}"
                     + (f"; KV cache {kv_cache_dtype}" if kv_cache_dtype != "auto" else "")
+                    + (f"; weights {quantization}" if quantization else "")
                     + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else ""))
     prof = dict(decode_steps=n_dec_steps, decode_step_ms=1e3 * dec_s / max(n_dec_steps, 1),
                 floor_step_ms=1e3 * floor_s / max(n_dec_steps, 1), host_ms=1e3 * host_dec / max(n_dec_steps, 1),
@@ -174,7 +182,8 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
 
 
 def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requests: int, seed: int,
-                   result_file: str, schedule: str = BenchOptions.schedule, kv_cache_dtype: str = "auto") -> None:
+                   result_file: str, schedule: str = BenchOptions.schedule, kv_cache_dtype: str = "auto",
+                   quantization: Optional[str] = None) -> None:
     """One process of `bench --tensor-parallel K`: one GPU each, NCCL; rank 0 runs the workload and writes
     its row and profile as JSON, the others follow its steps."""
     import json
@@ -191,11 +200,11 @@ def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requ
         bw = measure_copy_bandwidth_bytes_s(device)
         if rank == 0:
             row, prof = bench_engine(a, workload_w1(requests, a.vocab_size, seed), device, bw, seed, world_size,
-                                     schedule, kv_cache_dtype)
+                                     schedule, kv_cache_dtype, quantization)
             with open(result_file, "w") as fh:
                 json.dump({"row": row, "prof": prof, "bw": bw}, fh)
         else:
-            eng, _ = _build_engine(a, device, seed, rank, world_size, schedule, kv_cache_dtype)
+            eng, _ = _build_engine(a, device, seed, rank, world_size, schedule, kv_cache_dtype, quantization)
             serve_follower(eng)
     except BaseException:
         # no destroy_process_group (see below): report and leave, so mp.spawn sees the failure and stops the
@@ -222,7 +231,7 @@ def bench_engine_tp(opts: "BenchOptions") -> tuple[dict, dict, float]:
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "rank0.json")
         mp.spawn(_tp_bench_rank, args=(k, os.path.join(tmp, "init"), opts.layers, opts.requests, opts.seed, result,
-                                       opts.schedule, opts.kv_cache_dtype), nprocs=k, join=True)
+                                       opts.schedule, opts.kv_cache_dtype, opts.quantization), nprocs=k, join=True)
         with open(result) as fh:
             got = json.load(fh)
     return got["row"], got["prof"], got["bw"]
@@ -269,7 +278,7 @@ def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, con
     kv_bytes = b * context * kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, k.dtype)
     r.g_ctx[:b].fill_(context)
     return dict(batch=b, context=context, step_ms=1e3 * full, weights_only_ms=1e3 * weights_only,
-                attention_ms=1e3 * attn, sampling_ms=1e3 * samp, weights_floor_ms=1e3 * _weight_bytes(a) / bw,
+                attention_ms=1e3 * attn, sampling_ms=1e3 * samp, weights_floor_ms=1e3 * _weight_bytes(a, eng.config.quantization) / bw,
                 kv_floor_ms=1e3 * kv_bytes / bw, kernels=_kernel_profile(eng, b))
 
 
@@ -410,7 +419,7 @@ def run_bench(opts: BenchOptions) -> list[dict]:
     if only & {"engine", "roofline"}:
         if opts.tensor_parallel == 1:
             row, prof = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule,
-                                     kv_cache_dtype=opts.kv_cache_dtype)
+                                     kv_cache_dtype=opts.kv_cache_dtype, quantization=opts.quantization)
         if "engine" in only:
             rows.append(row)
             _print_row(row)
@@ -560,9 +569,11 @@ def main() -> None:
     p.add_argument("--schedule", choices=POLICIES, default=BenchOptions.schedule,
                    help="the engine's admission order (engine.schedule of a job spec)")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=BenchOptions.kv_cache_dtype)
+    p.add_argument("--quantization", choices=("fp8",), default=None, help="fp8: float8 linear weights (W8A8)")
     a = p.parse_args()
     run_bench(BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown,
-                           tuple(x for x in a.only.split(",") if x), a.seed, a.schedule, a.kv_cache_dtype))
+                           tuple(x for x in a.only.split(",") if x), a.seed, a.schedule, a.kv_cache_dtype,
+                           a.quantization))
 
 
 if __name__ == "__main__":
