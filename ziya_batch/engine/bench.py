@@ -278,7 +278,8 @@ def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, con
     kv_bytes = b * context * kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, k.dtype)
     r.g_ctx[:b].fill_(context)
     return dict(batch=b, context=context, step_ms=1e3 * full, weights_only_ms=1e3 * weights_only,
-                attention_ms=1e3 * attn, sampling_ms=1e3 * samp, weights_floor_ms=1e3 * _weight_bytes(a, eng.config.quantization) / bw,
+                attention_ms=1e3 * attn, sampling_ms=1e3 * samp,
+                weights_floor_ms=1e3 * _weight_bytes(a, eng.config.quantization) / bw,
                 kv_floor_ms=1e3 * kv_bytes / bw, kernels=_kernel_profile(eng, b))
 
 
