@@ -87,7 +87,7 @@ def test_the_fused_activation_quantisation_matches_torch(rows, cols):
 def test_scaled_mm_matches_the_float32_emulation():
     w = torch.randn(13824, 5120, device="cuda") * 0.02
     x = torch.randn(64, 5120, device="cuda", dtype=torch.float16)
-    lin = quant.Fp8Linear(*quant.quantize_weight(w))
+    lin = quant.Fp8Linear(*quant.quantize_weight(w), mm_dtype=quant.require_fp8(torch.device("cuda")))
     want = quant.fp8_linear_reference(x.float(), lin.weight, lin.scale)
     for fused in (False, True):
         lin.fused = fused

@@ -182,7 +182,7 @@ def _load(path, tp=(0, 1), quantization="fp8"):
 @pytest.fixture
 def fp8_on_cpu(monkeypatch):
     # the loading code, not the hardware check (tested below), on a machine without FP8
-    monkeypatch.setattr(quant, "require_fp8", lambda device: None)
+    monkeypatch.setattr(quant, "require_fp8", lambda device, dtype=None: None)
 
 
 def test_loading_quantises_a_float16_checkpoint_as_the_writer_does(demo_dirs, fp8_on_cpu):

@@ -263,10 +263,10 @@ class LlamaModel(nn.Module):
                     layer.shrink_to_shard(world_size)
         m = m.to(dtype=dtype)                 # meta -> dtype first: no float32 copy
         if quantization == "fp8":             # after .to(dtype), which would widen float8 buffers
-            quant.require_fp8(device)
+            mm_dtype = quant.require_fp8(device, dtype)
             fused = quant.check_fused_quantize(device, dtype)
             for layer in m.layers:
-                quant.use_fp8_linears(layer, fused)
+                quant.use_fp8_linears(layer, fused, mm_dtype)
         return m.to_empty(device=device)
 
     @classmethod

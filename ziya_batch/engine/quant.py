@@ -152,16 +152,23 @@ class Fp8Linear(nn.Module):
     """y = x @ (weight * scale).T: weight float8 e4m3 [out, in], scale float32 [out, 1]. Takes the place of a
     projection's float16 Parameter in model.Layer (model._linear calls it)."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, fused: bool = False):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, fused: bool = False,
+                 mm_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.register_buffer("weight", weight)     # [N, K] float8_e4m3fn
         self.register_buffer("scale", scale)       # [N, 1] float32
         self.fused = fused                         # activations through quantize_rows_fused (check_fused_quantize)
+        self.mm_dtype = mm_dtype                   # _scaled_mm's output dtype if not x's (require_fp8)
 
     @classmethod
-    def empty(cls, rows: int, cols: int, device=None, fused: bool = False) -> "Fp8Linear":
+    def empty(cls, rows: int, cols: int, device=None, fused: bool = False,
+              mm_dtype: Optional[torch.dtype] = None) -> "Fp8Linear":
         return cls(torch.empty(rows, cols, dtype=FP8, device=device),
-                   torch.empty(rows, 1, dtype=torch.float32, device=device), fused)
+                   torch.empty(rows, 1, dtype=torch.float32, device=device), fused, mm_dtype)
+
+    def like(self, weight: torch.Tensor, scale: torch.Tensor) -> "Fp8Linear":
+        """Another weight (a tensor-parallel shard) with this one's kernel choices."""
+        return Fp8Linear(weight, scale, self.fused, self.mm_dtype)
 
     @property
     def shape(self) -> torch.Size:
@@ -173,19 +180,34 @@ class Fp8Linear(nn.Module):
             return fp8_linear_reference(x, self.weight, self.scale)
         x8, sx = quantize_rows_fused(x) if self.fused else quantize_rows(x)
         # weight.t() is [K, N] column-major, as _scaled_mm wants its second operand; [N, 1] -> [1, N] is a view
-        return torch._scaled_mm(x8, self.weight.t(), scale_a=sx, scale_b=self.scale.view(1, -1),
-                                out_dtype=x.dtype)
+        y = torch._scaled_mm(x8, self.weight.t(), scale_a=sx, scale_b=self.scale.view(1, -1),
+                             out_dtype=self.mm_dtype or x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def require_fp8(device: torch.device) -> None:
-    """Refuses, in one line, a device without FP8 matrix multiplies (the CPU, GPUs before compute capability 8.9)."""
+def require_fp8(device: torch.device, dtype: torch.dtype = torch.float16) -> Optional[torch.dtype]:
+    """Refuses, in one line, a device without FP8 matrix multiplies (the CPU, GPUs before compute capability 8.9,
+    a torch whose _scaled_mm cannot scale rows there). Returns the output dtype to ask _scaled_mm for: None
+    (dtype itself), or bfloat16 where row-wise scaling gives only that (older torch; Fp8Linear then casts)."""
     how = "run it on an NVIDIA GPU of compute capability 8.9 or newer (Ada, Hopper), or remove model.quantization"
     if device.type != "cuda":
         raise ModelError(f"model.quantization fp8 needs FP8 matrix multiplies, which the {device.type} lacks: {how}")
     major, minor = torch.cuda.get_device_capability(device)
+    name = torch.cuda.get_device_name(device)
     if (major, minor) < (8, 9):
-        raise ModelError(f"model.quantization fp8 needs FP8 matrix multiplies; {torch.cuda.get_device_name(device)} "
-                         f"(compute capability {major}.{minor}) lacks them: {how}")
+        raise ModelError(f"model.quantization fp8 needs FP8 matrix multiplies; {name} (compute capability "
+                         f"{major}.{minor}) lacks them: {how}")
+    a8, sa = quantize_rows(torch.ones(16, 32, device=device))
+    b8, sb = quantize_weight(torch.ones(32, 32, device=device))
+    errors = []
+    for out in (dtype, torch.bfloat16):
+        try:
+            torch._scaled_mm(a8, b8.t(), scale_a=sa, scale_b=sb.view(1, -1), out_dtype=out)
+            return None if out == dtype else out
+        except (RuntimeError, ValueError) as err:
+            errors.append(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    raise ModelError(f"model.quantization fp8: torch {torch.__version__} cannot multiply float8 with row-wise scales "
+                     f"on {name} ({errors[-1]}): upgrade torch (2.5 or newer), or remove model.quantization")
 
 
 def check_quantization(quantization: Optional[str]) -> None:
@@ -193,25 +215,26 @@ def check_quantization(quantization: Optional[str]) -> None:
         raise ModelError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATIONS)} or none")
 
 
-def use_fp8_linears(layer: nn.Module, fused: bool = False,
+def use_fp8_linears(layer: nn.Module, fused: bool = False, mm_dtype: Optional[torch.dtype] = None,
                     names: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")) -> None:
     """Replaces each named 2-d Parameter of `layer` by an empty Fp8Linear of its shape on its device (the meta
     device before loading: the float16 weights are never allocated)."""
     for name in names:
         p = getattr(layer, name)
-        set_projection(layer, name, Fp8Linear.empty(*p.shape, device=p.device, fused=fused))
+        set_projection(layer, name, Fp8Linear.empty(*p.shape, device=p.device, fused=fused, mm_dtype=mm_dtype))
 
 
 def quantize_model(model: nn.Module) -> nn.Module:
     """Quantises a built model's linear weights in place (each layer's qkv/o/gate_up/down), on their device
     and without a hardware check: for models built in memory (tests; the CPU runs the float32 emulation)."""
-    fused = check_fused_quantize(model.embed.device, model.embed.dtype)
+    dev, dt = model.embed.device, model.embed.dtype
+    fused, mm_dtype = check_fused_quantize(dev, dt), require_fp8(dev, dt) if dev.type == "cuda" else None
     with torch.no_grad():
         for layer in model.layers:
             for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
                 w = getattr(layer, name)
                 if not isinstance(w, Fp8Linear):
-                    set_projection(layer, name, Fp8Linear(*quantize_weight(w), fused))
+                    set_projection(layer, name, Fp8Linear(*quantize_weight(w), fused, mm_dtype))
     return model
 
 

@@ -53,8 +53,7 @@ def apply_tp(model: LlamaModel, rank: int, world_size: int, group=None) -> Llama
                 if isinstance(w, Fp8Linear):
                     # a float8 weight's per-output-channel scales go with its rows: split with the rows of a
                     # column-parallel weight, kept whole for a row-parallel one (every output row stays)
-                    shard[name] = Fp8Linear(fn(w.weight).contiguous(),
-                                            w.scale if fn is cols else fn(w.scale).contiguous(), w.fused)
+                    shard[name] = w.like(fn(w.weight).contiguous(), w.scale if fn is cols else fn(w.scale).contiguous())
                 else:
                     shard[name] = fn(w)
             layer.shrink_to_shard(world_size)
