@@ -280,7 +280,10 @@ class LlamaModel(nn.Module):
         holds more than the shard (tp.attach_tp then joins the ranks).
         quantization "fp8" (quant.py) quantises each linear weight as it arrives, or takes it and its
         weight_scale as they are from an FP8 checkpoint; without it, an FP8 checkpoint's weights are widened
-        to dtype (twice the memory, for devices without FP8)."""
+        to dtype (twice the memory, for devices without FP8). A rank quantising a float16 checkpoint sees only
+        its columns of o_proj/down_proj, so their row scales are its own: each rank's partial product is exact
+        to its scales and the all-reduce sums the same product, but the rounding differs from one GPU's (an FP8
+        checkpoint gives every rank the whole rows' scales)."""
         rank, world_size = tp
         if world_size > 1:
             check_tp_split(a, world_size)

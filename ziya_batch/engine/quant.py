@@ -178,6 +178,7 @@ class Fp8Linear(nn.Module):
         # x: [T, K] float16/bfloat16 -> [T, N] in x's dtype
         if x.device.type != "cuda":
             return fp8_linear_reference(x, self.weight, self.scale)
+        x = x.contiguous()       # _scaled_mm wants a row-major first operand; the kernel reads rows of stride 1
         x8, sx = quantize_rows_fused(x) if self.fused else quantize_rows(x)
         # weight.t() is [K, N] column-major, as _scaled_mm wants its second operand; [N, 1] -> [1, N] is a view
         y = torch._scaled_mm(x8, self.weight.t(), scale_a=sx, scale_b=self.scale.view(1, -1),
