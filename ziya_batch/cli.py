@@ -148,7 +148,7 @@ def quantize(
 ):
     """Write an FP8 copy of a checkpoint (float8 linear weights with per-channel scales, compressed-tensors
     layout), tensor by tensor, for jobs with model.quantization: fp8."""
-    from .engine.quant import main as do_quantize
+    from .engine.fp8_checkpoint import main as do_quantize
 
     do_quantize(model, target, max_shard_size, device)
 

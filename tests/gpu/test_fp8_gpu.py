@@ -14,7 +14,7 @@ import statistics
 import pytest
 import torch
 
-from ziya_batch.engine import quant
+from ziya_batch.engine import fp8_checkpoint, quant
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.model import LlamaModel, ModelArgs, iter_checkpoint
 from ziya_batch.engine.testing import chain_sequences, markov_chain, trained_tiny_llama
@@ -30,7 +30,7 @@ def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8gpu")
     hf = copy.deepcopy(trained_tiny_llama("cuda")).to(torch.float16)
     hf.save_pretrained(str(root / "f16"))
-    quant.write_fp8_checkpoint(root / "f16", root / "fp8", device="cuda")
+    fp8_checkpoint.write_fp8_checkpoint(root / "f16", root / "fp8", device="cuda")
     return str(root / "f16"), str(root / "fp8")
 
 

@@ -10,7 +10,7 @@ import statistics
 import pytest
 import torch
 
-from ziya_batch.engine import quant
+from ziya_batch.engine import fp8_checkpoint, quant
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.model import LlamaModel, ModelArgs, from_hf_model, iter_checkpoint
 from ziya_batch.engine.testing import tiny_llama
@@ -132,7 +132,7 @@ def demo_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8")
     src = write_demo_model(root / "f16", dtype="float16", hidden_size=64, num_heads=4, num_kv_heads=2,
                            intermediate_size=128)
-    dst = quant.write_fp8_checkpoint(src, root / "fp8", max_shard_size="60KB")
+    dst = fp8_checkpoint.write_fp8_checkpoint(src, root / "fp8", max_shard_size="60KB")
     return src, dst
 
 
@@ -151,9 +151,9 @@ def test_the_writer_stores_float8_weights_with_per_channel_scales_and_the_rest_a
         else:
             assert after[name].dtype == t.dtype and torch.equal(after[name], t), name
     config = json.loads((dst / "config.json").read_text())
-    assert quant.checkpoint_quantization(config) == "fp8"
+    assert fp8_checkpoint.checkpoint_quantization(config) == "fp8"
     assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["strategy"] == "channel"
-    index = json.loads((dst / quant.INDEX_FILE).read_text())
+    index = json.loads((dst / fp8_checkpoint.INDEX_FILE).read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and files == sorted(p.name for p in dst.glob("*.safetensors"))   # 60KB shards
     assert set(index["weight_map"]) == set(after)
@@ -165,11 +165,11 @@ def test_the_writer_stores_float8_weights_with_per_channel_scales_and_the_rest_a
 def test_the_writer_refuses_a_target_in_use_and_a_checkpoint_already_quantised(demo_dirs, tmp_path):
     src, dst = demo_dirs
     with pytest.raises(ModelError, match="not an empty directory"):
-        quant.write_fp8_checkpoint(src, dst)
+        fp8_checkpoint.write_fp8_checkpoint(src, dst)
     with pytest.raises(ModelError, match="already quantised"):
-        quant.write_fp8_checkpoint(dst, tmp_path / "again")
+        fp8_checkpoint.write_fp8_checkpoint(dst, tmp_path / "again")
     with pytest.raises(ModelError, match="config.json"):
-        quant.write_fp8_checkpoint(tmp_path / "nowhere", tmp_path / "x")
+        fp8_checkpoint.write_fp8_checkpoint(tmp_path / "nowhere", tmp_path / "x")
 
 
 def _load(path, tp=(0, 1), quantization="fp8"):
@@ -273,7 +273,7 @@ def test_the_quantize_command_writes_a_checkpoint_and_fails_in_one_line(demo_dir
         main(["quantize", "--model", str(src), "--target", str(tmp_path / "q"), "--device", "cpu"])
     assert code.value.code == 0
     assert "model.quantization: fp8" in capsys.readouterr().out
-    assert quant.checkpoint_quantization(json.loads((tmp_path / "q" / "config.json").read_text())) == "fp8"
+    assert fp8_checkpoint.checkpoint_quantization(json.loads((tmp_path / "q" / "config.json").read_text())) == "fp8"
     with pytest.raises(SystemExit) as code:
         main(["quantize", "--model", str(tmp_path / "missing"), "--target", str(tmp_path / "q2")])
     err = capsys.readouterr().err
@@ -325,7 +325,7 @@ def test_two_gloo_ranks_with_fp8_weights_agree_with_one_process(tmp_path, fp8_on
     process's (as in vLLM); on this random model with near-ties most first tokens still agree."""
     import torch.multiprocessing as mp
     tiny_llama(2).save_pretrained(tmp_path / "f32")
-    quant.write_fp8_checkpoint(tmp_path / "f32", tmp_path / "fp8")
+    fp8_checkpoint.write_fp8_checkpoint(tmp_path / "f32", tmp_path / "fp8")
     prompts = _prompts(32, seed=4)
     mp.spawn(_gloo_fp8_rank, args=(2, str(tmp_path / "init"), str(tmp_path / "fp8"), prompts,
                                    str(tmp_path / "out.json")), nprocs=2, join=True)
