@@ -63,15 +63,57 @@ class LineResult:
     samples: list[SampleOutput]
 
 
+class TooLongLine(bytes):
+    """Stands in for an input line longer than the reader's limit (io.inputs.MAX_LINE_BYTES), which is never
+    read into memory whole: it holds the line's first bytes. Parsing it gives a line_too_long error."""
+
+    def __new__(cls, head: bytes, length: int, limit: int):
+        self = super().__new__(cls, head)
+        self.length, self.limit = length, limit
+        return self
+
+
+MESSAGE_CHARS = 200       # an error line's message: one short line, whatever the input held
+
+
+def short_text(text: object, limit: int = MESSAGE_CHARS) -> str:
+    """`text` as one line of at most `limit` characters that encodes as UTF-8 (a lone surrogate from a JSON
+    escape is written as its escape). Never raises: it builds error messages from hostile values."""
+    try:
+        s = text if isinstance(text, str) else str(text)
+    except Exception:  # noqa: BLE001 - str() of a hostile value (a huge int, a deep structure) may raise
+        s = f"<{type(text).__name__} that cannot be shown>"
+    s = " ".join(s[:limit * 4].split())
+    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def utf8_safe(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 @dataclass
 class LineFailure:
-    """One input line rejected (bad input) or given up on (retries exhausted)."""
+    """One input line rejected (bad input) or given up on (retries exhausted).
+
+    Built from whatever a hostile line held, so it makes itself safe to write: an id that is not a string
+    that encodes as UTF-8 becomes <file>:<line>, and the message becomes one short line. An error record
+    that could not be written would fail its whole shard, and a dead-lettered shard forever."""
 
     id: str
     file: str
     line: int
     code: str
     message: str
+
+    def __post_init__(self):
+        if not (isinstance(self.id, str) and utf8_safe(self.id)):
+            self.id = f"{self.file}:{self.line}"
+        self.message = short_text(self.message)
 
     def record(self) -> dict:
         return {"id": self.id, "file": self.file, "line": self.line,

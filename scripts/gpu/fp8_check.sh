@@ -15,7 +15,7 @@ tests_rc=$?
 declare -A FLAGS=([f16]="" [kv8]="--kv-cache-dtype fp8" [w8]="--quantization fp8"
                   [w8kv8]="--quantization fp8 --kv-cache-dtype fp8")
 for v in ${VARIANTS:-f16 kv8 w8kv8}; do
-  timeout ${BENCH_S:-150} python3 -m ziya_batch.engine.bench --layers "$LAYERS" --requests "$REQUESTS" \
+  timeout ${BENCH_S:-150} python3 -m ziya_batch.tools.bench --layers "$LAYERS" --requests "$REQUESTS" \
       --only engine,roofline ${FLAGS[$v]} 2>&1 | tee "$OUT/bench_$v.log"
 done
 echo

@@ -17,7 +17,7 @@ import torch
 from ziya_batch.engine import fp8_checkpoint, quant
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.model import LlamaModel, ModelArgs, iter_checkpoint
-from ziya_batch.engine.testing import chain_sequences, markov_chain, trained_tiny_llama
+from ziya_batch.tools.testing import chain_sequences, markov_chain, trained_tiny_llama
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),

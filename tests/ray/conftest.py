@@ -10,7 +10,7 @@ HERE = os.path.dirname(__file__)
 
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
-    from ziya_batch.engine.demo_model import write_demo_model
+    from ziya_batch.tools.demo_model import write_demo_model
 
     return write_demo_model(tmp_path_factory.mktemp("model") / "demo")
 

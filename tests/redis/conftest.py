@@ -116,6 +116,6 @@ def restartable_redis(tmp_path):
 
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
-    from ziya_batch.engine.demo_model import write_demo_model
+    from ziya_batch.tools.demo_model import write_demo_model
 
     return write_demo_model(tmp_path_factory.mktemp("model") / "demo")

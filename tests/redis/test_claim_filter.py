@@ -5,8 +5,8 @@ import collections
 import json
 
 from ziya_batch import io
+from ziya_batch.jobs import submit_job
 from ziya_batch.runtime.models import ModelCache, TPModelCache
-from ziya_batch.runtime.submit import submit_job
 from ziya_batch.runtime.worker import Worker
 from ziya_batch.spec import parse_spec
 

@@ -5,10 +5,10 @@ import json
 import time
 
 from ziya_batch import io
+from ziya_batch.jobs import submit_job
 from ziya_batch.queue import JobState
 from ziya_batch.runtime import worker as worker_mod
 from ziya_batch.runtime.models import ModelCache
-from ziya_batch.runtime.submit import submit_job
 from ziya_batch.runtime.worker import Worker
 from ziya_batch.spec import parse_spec
 

@@ -7,9 +7,8 @@ import pytest
 
 from ziya_batch import io
 from ziya_batch.errors import SpecError
+from ziya_batch.jobs import finalize_if_ready, submit_job
 from ziya_batch.queue import JobState
-from ziya_batch.runtime.finalize import finalize_if_ready
-from ziya_batch.runtime.submit import submit_job
 from ziya_batch.runtime.worker import Worker
 from ziya_batch.spec import parse_spec
 

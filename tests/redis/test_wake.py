@@ -7,8 +7,8 @@ import threading
 import time
 
 from queue_support import make_shards, make_spec
+from ziya_batch.jobs import submit_job
 from ziya_batch.queue import Broker, JobState
-from ziya_batch.runtime.submit import submit_job
 from ziya_batch.runtime.worker import Worker
 from ziya_batch.spec import parse_spec
 

@@ -9,8 +9,8 @@ import pytest
 
 from queue_support import expire
 from ziya_batch import io
+from ziya_batch.jobs import submit_job
 from ziya_batch.queue import JobState
-from ziya_batch.runtime.submit import submit_job
 from ziya_batch.runtime.worker import Worker
 from ziya_batch.spec import parse_spec
 

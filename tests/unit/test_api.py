@@ -99,6 +99,24 @@ def test_submit_list_get_cancel(api_env):
     c = client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH)
     assert c.status_code == 200 and c.json()["state"] in ("cancelling", "cancelled")
     assert client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()["state"] == "cancelled"
+    # nothing was running: the cancel wrote the manifest of what is committed (nothing), as `ziya-batch cancel` does
+    m = client.get(f"/v1/jobs/{job_id}/manifest", headers=AUTH)
+    assert m.status_code == 200 and m.json()["summary"]["state"] == "cancelled" and m.json()["parts"] == {}
+
+
+def test_submit_lists_the_inputs_once(api_env, monkeypatch):
+    """The allowed-prefix check and the shard index read one listing of the input globs, not two."""
+    from ziya_batch import io
+
+    data, models, make_client = api_env
+    (data / "in2.jsonl").write_text('{"id": "c", "prompt": "x"}\n')
+    calls = []
+    real = io.expand_inputs
+    monkeypatch.setattr(io, "expand_inputs", lambda urls: calls.append(list(urls)) or real(urls))
+    r = make_client().post("/v1/jobs", json=job_spec(data, models, input=[str(data / "in*.jsonl")]), headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert calls == [[str(data / "in*.jsonl")]]
+    assert make_client().get(f"/v1/jobs/{r.json()['id']}", headers=AUTH).json()["prompts_total"] == 3
 
 
 def test_unknown_job_is_404(api_env):

@@ -13,7 +13,7 @@ import torch
 from ziya_batch.engine import fp8_checkpoint, quant
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.model import LlamaModel, ModelArgs, from_hf_model, iter_checkpoint
-from ziya_batch.engine.testing import tiny_llama
+from ziya_batch.tools.testing import tiny_llama
 from ziya_batch.engine.tp import apply_tp
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
 from ziya_batch.errors import ModelError, SpecError
@@ -128,7 +128,7 @@ def test_every_sampling_option_runs_on_an_fp8_model_and_seeds_reproduce():
 
 @pytest.fixture(scope="module")
 def demo_dirs(tmp_path_factory):
-    from ziya_batch.engine.demo_model import write_demo_model
+    from ziya_batch.tools.demo_model import write_demo_model
     root = tmp_path_factory.mktemp("fp8")
     src = write_demo_model(root / "f16", dtype="float16", hidden_size=64, num_heads=4, num_kv_heads=2,
                            intermediate_size=128)
@@ -287,7 +287,7 @@ def test_the_fused_activation_quantisation_is_off_on_the_cpu():
 
 
 def test_the_bench_roofline_counts_one_byte_a_float8_weight():
-    from ziya_batch.engine.bench import _args, _weight_bytes
+    from ziya_batch.tools.bench import _args, _weight_bytes
     a = _args(40)
     embeddings = 2 * 2 * a.vocab_size * a.hidden_size              # embedding and lm_head stay float16
     f16, f8 = _weight_bytes(a) - embeddings, _weight_bytes(a, "fp8") - embeddings

@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ziya_batch.engine import merge_delta as md
-from ziya_batch.engine.demo_model import write_demo_model
 from ziya_batch.engine.merge_delta import ensure_merged, is_merged, is_taken_from_delta, merge_delta
 from ziya_batch.errors import ModelError
+from ziya_batch.tools.demo_model import write_demo_model
 
 BASE_VOCAB = 4000  # smaller than the demo tokenizer's 4096, as LLaMA's 32,000 is smaller than Ziya's 39,410
 SIDE = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",

@@ -208,7 +208,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
 def test_report_main_by_job_id_adds_the_redis_status(tmp_path, monkeypatch, api_redis_url):
     from ziya_batch.queue import Broker
-    from ziya_batch.runtime.submit import submit_job
+    from ziya_batch.jobs import submit_job
     from ziya_batch.spec import parse_spec
 
     inp = tmp_path / "in.jsonl"

@@ -1,6 +1,7 @@
 """What the HTTP API is configured with: token, allowed prefixes, the model and storage for OpenAI batches.
 
-Read from flags and the environment once, at start; every request sees the same frozen value.
+Read from flags and the environment once, at start (the variables through ziya_batch/settings.py, the one
+module that reads the environment); every request sees the same frozen value.
 
 - ``ZIYA_BATCH_API_TOKEN``: the bearer token every endpoint but ``/healthz`` requires. ``serve`` refuses
   to start without one unless started with ``--insecure-no-auth`` (for a loopback-only test setup).
@@ -17,20 +18,14 @@ Read from flags and the environment once, at start; every request sees the same 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .. import settings as env
 from ..errors import ServiceError
-
-TOKEN_ENV = "ZIYA_BATCH_API_TOKEN"
-PREFIXES_ENV = "ZIYA_BATCH_ALLOWED_PREFIXES"
-MODELS_ENV = "ZIYA_BATCH_ALLOWED_MODELS"
-MODEL_ENV = "ZIYA_BATCH_MODEL"
-
-
-def split_list(raw: Optional[str]) -> tuple[str, ...]:
-    return tuple(p.strip() for p in (raw or "").split(",") if p.strip())
+# the variables' names, for messages (access.py and openai_batch.py import them from here)
+from ..settings import MODEL_ENV, MODELS_ENV, PREFIXES_ENV, TOKEN_ENV  # noqa: F401
+from ..spec import JobSpec, SamplingSpec
 
 
 @dataclass(frozen=True)
@@ -46,9 +41,9 @@ class ApiSettings:
     storage_url: str = ""
     """Where /v1/files and /v1/batches keep their objects."""
     insecure_no_auth: bool = False
-    batch_shard_size: int = 512
+    batch_shard_size: int = JobSpec.model_fields["shard_size"].default
     """Prompts per shard of a job made from an OpenAI batch."""
-    batch_max_new_tokens: int = 1024
+    batch_max_new_tokens: int = SamplingSpec.model_fields["max_new_tokens"].default
     """Default max_new_tokens of batch requests that name no max_tokens."""
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -69,15 +64,13 @@ class ApiSettings:
     def from_env(cls, model: Optional[str] = None, storage: Optional[str] = None,
                  insecure_no_auth: bool = False, **kw) -> "ApiSettings":
         """Settings from flags (given here) over the environment."""
-        from ..runtime.services import home_dir
-
-        token = os.environ.get(TOKEN_ENV) or None
+        token = env.api_token()
         return cls(
             token=None if insecure_no_auth and not token else token,
-            allowed_prefixes=split_list(os.environ.get(PREFIXES_ENV)),
-            allowed_models=split_list(os.environ.get(MODELS_ENV)),
-            model=model or os.environ.get(MODEL_ENV) or None,
-            storage_url=storage or str(home_dir() / "files"),
+            allowed_prefixes=env.allowed_prefixes(),
+            allowed_models=env.allowed_models(),
+            model=env.api_model(model),
+            storage_url=storage or str(env.home_dir() / "files"),
             insecure_no_auth=insecure_no_auth,
             **kw,
         )

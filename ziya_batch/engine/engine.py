@@ -128,7 +128,7 @@ class LLMEngine:
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_cache(a.num_layers, num_blocks, bs, kv_heads, a.head_dim, kv_dtype, device)
         self.scheduler = Scheduler(num_blocks, bs, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.admission_horizon_tokens, config.schedule_policy)
+                                   config.admission_horizon_tokens, config.schedule)
         on_gpu = device.type == "cuda"
         from ziya_batch.engine import attention
         self.runner = ModelRunner(model, self.kv_caches, bs, config.max_num_seqs, self.max_model_len, device,

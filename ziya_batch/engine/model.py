@@ -16,8 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ziya_batch.engine import quant
+from ziya_batch.engine import fused, quant
 from ziya_batch.engine.attention import AttentionMetadata, paged_attention
+from ziya_batch.engine.fused import apply_rope, rms_norm
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +94,6 @@ def _linear(x: torch.Tensor, w) -> torch.Tensor:
     return w(x) if isinstance(w, nn.Module) else F.linear(x, w)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # same arithmetic as transformers' LlamaRMSNorm: normalise in float32, cast back, then scale
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, D]; cos/sin: [T, 1, D] (rotate-half layout, as in HF LLaMA checkpoints)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class Layer(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -166,7 +153,6 @@ class Layer(nn.Module):
                       next_norm: torch.Tensor) -> torch.Tensor:
         """The same layer through fused Triton kernels (GPU): h: [T, H] residual, updated in place; x: this
         layer's normalised input. Returns the next layer's normalised input (next_norm applied)."""
-        from ziya_batch.engine import fused
         a, T = self.a, h.shape[0]
         nq, nkv = self.local_heads * a.head_dim, self.local_kv_heads * a.head_dim
         qkv = _linear(x, self.qkv_proj)                                  # [T, (hq + 2 hkv) * D]
@@ -221,9 +207,8 @@ class LlamaModel(nn.Module):
         return F.linear(h, self.lm_head).float()                                    # [R, V]
 
     def _forward_fused(self, input_ids, positions, kv_caches, meta, logits_rows, cos_t, sin_t) -> torch.Tensor:
-        from ziya_batch.engine.fused import add_rms_norm
         h = F.embedding(input_ids, self.embed)                                     # [T, H]
-        x = add_rms_norm(h, None, self.layers[0].input_norm, self.args.rms_norm_eps)
+        x = fused.add_rms_norm(h, None, self.layers[0].input_norm, self.args.rms_norm_eps)
         norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
         for layer, (kc, vc), nxt in zip(self.layers, kv_caches, norms):
             x = layer.forward_fused(h, x, positions, cos_t, sin_t, kc, vc, meta, nxt)

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 
 from ziya_batch.engine.kv_cache import BlockPool
-from ziya_batch.engine.types import SamplingParams
+from ziya_batch.engine.types import EngineConfig, SamplingParams
 
 
 POLICIES = ("fcfs", "longest-first", "tail-longest-first")
@@ -94,7 +94,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 admission_horizon_tokens: int = 256, policy: str = "fcfs"):
+                 admission_horizon_tokens: int = EngineConfig.admission_horizon_tokens, policy: str = "fcfs"):
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}; choose from {', '.join(POLICIES)}")
         # "fcfs": admit in arrival order (an online server). "longest-first": admit the waiting request with

@@ -22,15 +22,14 @@ model's context keep their END (where the score is read), dropping tokens after 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 
 from ..errors import ModelError
-from .demo_model import PAD_ID, demo_config, write_demo_model, write_demo_tokenizer
 from .merge_delta import CheckpointReader
+from .types import PAD_ID
 
 Conversation = list[dict]          # [{"role": "user"|"assistant", "content": str}, ...], ending with user
 PromptLike = Union[str, Conversation]
@@ -252,47 +251,3 @@ class RewardScorer:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         return self.score_ids([self.encode(p, r) for p, r in zip(prompts, responses)])
-
-
-def write_demo_reference_model(path: str | Path, *, seed: int = 1, dtype: str = "float32", **sizes) -> Path:
-    """A demo causal LM (different weights from the default demo policy) to use as reference_model."""
-    return write_demo_model(path, seed=seed, dtype=dtype, **sizes)
-
-
-def write_demo_reward_model(path: str | Path, layout: str = "ziya", *, seed: int = 2, dtype: str = "float32",
-                            hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                            intermediate_size: int = 172, max_position_embeddings: int = 1024) -> Path:
-    """A random-weight reward checkpoint with the demo tokenizer, in the 'ziya' or 'seqcls' layout."""
-    from safetensors.torch import save_file
-    from transformers import LlamaForSequenceClassification, LlamaModel
-
-    if layout not in ("ziya", "seqcls"):
-        raise ValueError(f"layout must be 'ziya' or 'seqcls', got {layout!r}")
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    config = demo_config(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                         num_kv_heads=num_heads, intermediate_size=intermediate_size,
-                         max_position_embeddings=max_position_embeddings, dtype=dtype)
-    torch_dtype = _dtype(dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if layout == "ziya":
-            body = LlamaModel(config)
-            # std 1/sqrt(H) on unit-RMS hidden states: rewards of order 1 that differ between samples
-            head = torch.randn(1, hidden_size) / hidden_size ** 0.5
-        else:
-            config.num_labels = 1
-            model = LlamaForSequenceClassification(config)
-    if layout == "ziya":
-        state = {f"model.{k}": v.to(torch_dtype).contiguous() for k, v in body.state_dict().items()}
-        state["value_head.weight"] = head.to(torch_dtype)
-        for stale in out.glob("model*.safetensors*"):
-            stale.unlink()
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        cfg = config.to_dict()
-        cfg["architectures"] = ["LlamaRewardModel"]
-        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    else:
-        model.to(torch_dtype).save_pretrained(str(out), safe_serialization=True)
-    write_demo_tokenizer(out, model_max_length=max_position_embeddings)
-    return out

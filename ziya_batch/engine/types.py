@@ -1,9 +1,17 @@
 """The engine's plain-data interface. Callers (the worker, the benchmark, tests) build Requests and get
-RequestOutputs; nothing here imports torch, so upper layers can use these types freely."""
+RequestOutputs; nothing here imports torch, so upper layers can use these types freely.
+
+SamplingParams and EngineConfig are the one home of their defaults: the job spec (spec.py) takes its
+sampling.* and engine.* defaults from them and converts to them in one function each, and the benchmark
+starts from them, so a default is never written twice."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+# Ziya's special token ids (model card: bos 1, eos 2, pad 0; unk shares pad's 0): the fallback where a checkpoint's
+# config names none, and the ids the demo model is written with
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 0
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,9 @@ class EngineConfig:
     # need over this many steps (each grows a token a step up to its max_new_tokens; those bound to finish
     # within them free their blocks); fewer preemptions (recompute) for a few idle blocks. 0: no reserve
     admission_horizon_tokens: int = 256
-    # which waiting request is admitted first: "tail-longest-first", "fcfs" or "longest-first" (see scheduler.py)
-    schedule_policy: str = "tail-longest-first"
+    # which waiting request is admitted first: "tail-longest-first", "fcfs" or "longest-first" (see scheduler.py);
+    # the same name as the job spec's engine.schedule, so the spec converts to this config field by field name
+    schedule: str = "tail-longest-first"
     # "auto" (the model's dtype) or "fp8" (float8 e4m3: twice the tokens in the same memory; see kv_cache.py)
     kv_cache_dtype: str = "auto"
     # None (linear weights in dtype) or "fp8" (float8 e4m3 weights with per-channel scales, activations

@@ -29,6 +29,7 @@ from .keys import Keys
 from .scripts import Scripts
 from .server import check_config
 from .states import JobState, ShardState
+from .status import build_status
 from .types import JobStatus, Lease, ShardStats, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class Broker:
                committed: Mapping[int, ShardStats] = {},  # noqa: B006 - read only
                job_id: Optional[str] = None) -> JobStatus:
         """Queue a job, or find it again (resume). Idempotent: the job id is the spec's identity (or `job_id`:
-        the id an earlier release gave it, runtime/submit.job_id_for).
+        the id an earlier release gave it, jobs/submit.job_id_for).
 
         A job that exists is returned as it is, except that a failed or cancelled one is reopened, any shard
         `committed` names (storage holds its part) is recorded committed, and an unfinished one takes this
@@ -441,6 +442,4 @@ class Broker:
 
     # -- status -------------------------------------------------------------------------------------------
     def status(self, job_id: str, detail: bool = False) -> JobStatus:
-        from .status import build_status
-
-        return build_status(self, job_id, detail)
+        return build_status(self.client, self.keys, job_id, detail)

@@ -1,15 +1,17 @@
-"""Building a job's status from its Redis keys: counters, the last minute's rate, lease holders."""
+"""Building a job's status from its Redis keys: counters, the last minute's rate, lease holders.
+
+Takes the Redis client and the Keys, not the Broker, so that broker.py imports this module and not the
+other way round."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+
+import redis
 
 from ..errors import JobNotFound
+from .keys import Keys
 from .states import JobState, ShardState
 from .types import JobStatus
-
-if TYPE_CHECKING:
-    from .broker import Broker
 
 RATE_WINDOW_S = 60.0
 LIST_CAP = 1000              # shard indices per state in `status JOB_ID`
@@ -25,8 +27,8 @@ def _rate(entries: list[str], window_s: float) -> tuple[float, float]:
     return prompts / window_s, tokens / window_s
 
 
-def build_status(broker: "Broker", job_id: str, detail: bool = False) -> JobStatus:
-    k, c = broker.keys, broker.client
+def build_status(client: redis.Redis, keys: Keys, job_id: str, detail: bool = False) -> JobStatus:
+    k, c = keys, client
     sec, usec = c.time()
     now_ms = sec * 1000 + usec // 1000
     with c.pipeline(transaction=True) as p:

@@ -7,15 +7,18 @@ from __future__ import annotations
 import logging
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from .. import errors, filters
-from ..engine.types import Request, SamplingParams
+from ..engine.types import Request
 from ..errors import LineError
-from ..prompts import default_id, parse_line
-from ..records import (LineFailure, LineResult, PromptLine, SampleOutput, experience_record, openai_batch_error,
-                       openai_batch_record, result_record, sft_record)
-from ..spec import JobSpec, SamplingSpec
+from ..prompts import default_id, line_id_of, parse_line
+from ..records import (LineFailure, LineResult, PromptLine, SampleOutput, TooLongLine, experience_record,
+                       openai_batch_error, openai_batch_record, result_record, sft_record)
+from ..spec import JobSpec, sampling_params
+
+if TYPE_CHECKING:
+    from ..protocols import GenerationEngine
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +28,6 @@ def line_seed(seed: Optional[int], file: str, line: int) -> Optional[int]:
     if seed is None:
         return None
     return (seed * 1_000_003 + zlib.crc32(f"{file}:{line}".encode())) & 0x7FFF_FFFF
-
-
-def sampling_params(s: SamplingSpec, file: str, line: int) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, temperature=s.temperature,
-        top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty, n=s.n,
-        seed=line_seed(s.seed, file, line), stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
-        ignore_eos=s.ignore_eos)
 
 
 @dataclass
@@ -45,6 +40,8 @@ class ShardWork:
 
 def parse_shard(lines: Iterable[tuple[int, bytes]], file: str, spec: JobSpec, tokenizer, max_model_len: int,
                 bad_lines: frozenset = frozenset()) -> ShardWork:
+    """Each line becomes a prompt or its own error line, whatever it holds: nothing a line does here fails the
+    shard (only an out-of-memory, which is no line's fault, is raised)."""
     work = ShardWork()
     for line_no, raw in lines:
         if line_no in bad_lines:
@@ -62,22 +59,45 @@ def parse_shard(lines: Iterable[tuple[int, bytes]], file: str, spec: JobSpec, to
         except LineError as err:
             work.failures.append(LineFailure(line_id(raw, file, line_no, spec.format), file, line_no,
                                              err.code, err.message))
+        except Exception as err:  # noqa: BLE001 - the per-line boundary (the tokenizer on a hostile text, ...)
+            if out_of_memory(err):
+                raise
+            work.failures.append(LineFailure(line_id(raw, file, line_no, spec.format), file, line_no,
+                                             errors.INVALID_LINE, f"cannot prepare this line: {type(err).__name__}: {err}"))
     return work
 
 
 def line_id(raw: bytes, file: str, line_no: int, fmt: str) -> str:
     """The id an error line carries: the line's own id (custom_id for openai-batch) if it can be read,
-    else <file>:<line>."""
+    else <file>:<line>. Never raises, whatever the line holds: a dead-lettered shard's lines all pass here.
+    Plain json.loads, not the line parser's strict one: a line refused for a NaN still has a readable id."""
     import json
 
+    if isinstance(raw, TooLongLine):
+        return default_id(file, line_no)      # only its head was read
     try:
         obj = json.loads(raw)
         key = "custom_id" if fmt == "openai-batch" else "id"
-        if isinstance(obj, dict) and obj.get(key) is not None:
-            return str(obj[key])
-    except (ValueError, UnicodeDecodeError):
+        if isinstance(obj, dict):
+            return line_id_of(obj.get(key), file, line_no)
+    except Exception:  # noqa: BLE001 - an unreadable line (or id) is named by its place
         pass
     return default_id(file, line_no)
+
+
+def dead_letter_failures(shard, fmt: str, message: str, read_lines: Callable) -> list[LineFailure]:
+    """A dead-lettered shard's lines as retries_exhausted errors: the one thing left to do with it, so it cannot
+    fail, or the shard would be dead-lettered again on every claim and its job never finish. `read_lines(shard)`
+    gives its (line number, bytes); where the input cannot be read back (deleted, changed), each of the shard's
+    num_lines lines is still written, numbered from its first line (blank lines between would shift them)."""
+    try:
+        lines = list(read_lines(shard))
+    except Exception as err:  # noqa: BLE001 - whatever storage says, the shard's lines are given up on
+        why = f"{message}; its input could not be read back ({type(err).__name__}: {err})"
+        return [LineFailure(default_id(shard.file, shard.first_line + i), shard.file, shard.first_line + i,
+                            errors.RETRIES_EXHAUSTED, why) for i in range(shard.num_lines)]
+    return [LineFailure(line_id(raw, shard.file, no, fmt), shard.file, no, errors.RETRIES_EXHAUSTED, message)
+            for no, raw in lines]
 
 
 class ShardStream:
@@ -85,7 +105,7 @@ class ShardStream:
     the last lines of the one before finish. Each shard's prompts are added under a key unique in the engine;
     a step turns finished requests into LineResults and reports the shards whose every line has finished."""
 
-    def __init__(self, engine):
+    def __init__(self, engine: "GenerationEngine"):
         self.engine = engine
         self._lines: dict[str, tuple[str, PromptLine, list[int]]] = {}   # request id -> (key, line, prompt ids)
         self._results: dict[str, list[LineResult]] = {}                  # key -> results so far
@@ -96,7 +116,8 @@ class ShardStream:
         for pl, ids in prompts:
             request_id = f"{key}:{pl.file}:{pl.line}"
             self._lines[request_id] = (key, pl, ids)
-            self.engine.add_request(Request(request_id, ids, sampling_params(pl.sampling, pl.file, pl.line)))
+            params = sampling_params(pl.sampling, seed=line_seed(pl.sampling.seed, pl.file, pl.line))
+            self.engine.add_request(Request(request_id, ids, params))
 
     def admitted(self) -> bool:
         """Every line added has been admitted by the scheduler: the batch has room for another shard."""
@@ -125,7 +146,7 @@ class ShardStream:
             del self._left[k], self._results[k]
 
 
-def generate_lines(engine, prompts: list[tuple[PromptLine, list[int]]],
+def generate_lines(engine: "GenerationEngine", prompts: list[tuple[PromptLine, list[int]]],
                    before_line: Optional[Callable[[int], None]] = None,
                    one_by_one: bool = False) -> tuple[list[LineResult], list[LineFailure]]:
     """Generate every prompt. A batch that raises is split in halves until the line that raises stands

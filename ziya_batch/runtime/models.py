@@ -6,6 +6,7 @@ import logging
 from typing import Optional
 
 from ..spec import JobSpec
+from ..spec import engine_config as spec_engine_config
 
 log = logging.getLogger(__name__)
 
@@ -23,21 +24,14 @@ def model_path(spec: JobSpec) -> str:
     if spec.model.path:
         return spec.model.path
     from ..engine.merge_delta import ensure_merged
-    from .services import home_dir
+    from ..settings import home_dir
 
     return str(ensure_merged(spec.model.base, spec.model.delta, home_dir() / "merged"))
 
 
-def engine_config(spec: JobSpec, device: str):
-    from ..engine.types import EngineConfig
-
-    e = spec.engine
-    return EngineConfig(
-        model_path=model_path(spec), dtype=spec.model.dtype, device=device, max_num_seqs=e.max_num_seqs,
-        max_num_batched_tokens=e.max_num_batched_tokens, block_size=e.block_size,
-        gpu_memory_fraction=e.gpu_memory_fraction, cuda_graphs=e.cuda_graphs, schedule_policy=e.schedule,
-        kv_cache_dtype=e.kv_cache_dtype, quantization=spec.model.quantization,
-        trust_remote_code=spec.model.trust_remote_code)
+def engine_config(spec: JobSpec, device: str, path: Optional[str] = None):
+    """The job's EngineConfig (spec.engine_config) on its merged checkpoint (`path` when already resolved)."""
+    return spec_engine_config(spec, path or model_path(spec), device)
 
 
 def engine_key(spec: JobSpec) -> tuple:
@@ -178,7 +172,7 @@ class TPModelCache(ModelCache):
             require_fp8(torch.device(self.device))
         self.driver.load(spec.model_dump_json())
         try:
-            engine = LLMEngine(engine_config(spec, self.device), tensor_parallel=(0, self.world_size))
+            engine = LLMEngine(engine_config(spec, self.device, path), tensor_parallel=(0, self.world_size))
         except Exception as err:
             raise ReplicaBroken(f"rank 0 failed to load {path} after the other ranks started loading it: "
                                 f"{type(err).__name__}: {err}") from err

@@ -19,14 +19,15 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
-from .. import errors, io
+from .. import io
 from ..records import LineFailure, LineResult
 from ..spec import JobSpec
-from .generation import (ShardStream, ShardWork, build_parts, generate_lines, line_id, out_of_memory, parse_shard,
-                         score_results)
+from .generation import (ShardStream, ShardWork, build_parts, dead_letter_failures, generate_lines, out_of_memory,
+                         parse_shard, score_results)
 from .models import ModelCache, ReplicaBroken, engine_key
 
 if TYPE_CHECKING:
+    from ..protocols import WorkerBroker
     from ..queue import Lease
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class _Flight:
 
 
 class Worker:
-    def __init__(self, broker, worker_id: Optional[str] = None, device: str = "auto",
+    def __init__(self, broker: "WorkerBroker", worker_id: Optional[str] = None, device: str = "auto",
                  models: Optional[ModelCache] = None, host: Optional[str] = None,
                  on_shard_done: Optional[Callable[[str, int], None]] = None, extra_info: Optional[dict] = None,
                  max_in_flight: int = MAX_SHARDS_IN_FLIGHT):
@@ -486,7 +487,7 @@ class Worker:
             else:
                 self._fail(lease, err)
             return False
-        from .finalize import finalize_if_ready
+        from ..jobs import finalize_if_ready
 
         finalize_if_ready(self.broker, lease.job_id)
         if self.on_shard_done:
@@ -504,11 +505,10 @@ class Worker:
     def _produce_alone(self, flight: _Flight) -> tuple[list[LineResult], list[LineFailure]]:
         """A dead-letter shard's lines as errors, or an isolate shard generated one line at a time."""
         lease, spec, hb, shard = flight.lease, flight.spec, flight.hb, flight.lease.shard
-        lines = list(io.read_shard(shard))
         if lease.dead_letter:
-            return [], [LineFailure(line_id(raw, shard.file, no, spec.format), shard.file, no, errors.RETRIES_EXHAUSTED,
-                                    f"shard {shard.index} failed {lease.attempt - 1} times; giving up on its lines")
-                        for no, raw in lines]
+            return [], dead_letter_failures(shard, spec.format, f"shard {shard.index} failed {lease.attempt - 1} times; "
+                                                                "giving up on its lines", io.read_shard)
+        lines = list(io.read_shard(shard))
         engine = self._engine_for(spec)
         work = parse_shard(lines, shard.file, spec, engine.tokenizer, engine.max_model_len, lease.bad_lines)
 

@@ -4,8 +4,13 @@ job completed. A job is completed only when storage holds a commit marker for ev
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from .. import io
+
+if TYPE_CHECKING:
+    from ..protocols import JobsBroker
+    from ..queue import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +27,7 @@ def _summary(status, markers) -> dict:
     }
 
 
-def finalize_if_ready(broker, job_id: str) -> bool:
+def finalize_if_ready(broker: "JobsBroker", job_id: str) -> bool:
     """True if this call wrote the manifest. Safe to call from every worker after every commit."""
     from ..queue import JobState
 
@@ -51,7 +56,19 @@ def finalize_if_ready(broker, job_id: str) -> bool:
         raise
 
 
-def _committed(broker, job_id: str, out: str, skip_lost: bool = False) -> dict:
+def finish_empty_job(broker: "JobsBroker", status: "JobStatus") -> "JobStatus":
+    """A job that is finalizing with no shard left to run (an empty input, or every shard already committed in
+    storage when it was submitted) gets no worker commit to finish it: finish it here. Returns its status,
+    as it is after that."""
+    from ..queue import JobState
+
+    if status.state != JobState.FINALIZING:
+        return status
+    finalize_if_ready(broker, status.job_id)
+    return broker.status(status.job_id)
+
+
+def _committed(broker: "JobsBroker", job_id: str, out: str, skip_lost: bool = False) -> dict:
     """Every shard's commit marker, after promoting the parts of commits Redis accepted whose promotion a
     crash (or a finalize call racing the worker) left undone. `skip_lost`: a shard whose staged parts are gone
     is logged and left out instead of raising CommitError."""
@@ -69,7 +86,7 @@ def _committed(broker, job_id: str, out: str, skip_lost: bool = False) -> dict:
     return markers
 
 
-def _finalize_cancelled(broker, job_id: str, status, spec) -> bool:
+def _finalize_cancelled(broker: "JobsBroker", job_id: str, status, spec) -> bool:
     """A cancelled job's manifest lists every shard committed before the cancel took hold: a commit can land
     (and move the job from cancelling to cancelled) before its parts are promoted, so parts Redis accepted
     are promoted here too, and a manifest written before a late promote is written again. Every caller

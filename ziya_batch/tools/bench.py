@@ -9,6 +9,7 @@ time and reports tokens/s over what it finished; the table's note says how much 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import inspect
@@ -22,11 +23,12 @@ from typing import Optional
 
 import torch
 
+from ziya_batch import settings
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.kv_cache import KV_CACHE_DTYPES, kv_bytes_per_token
 from ziya_batch.engine.model import PRESETS, LlamaModel, ModelArgs
 from ziya_batch.engine.scheduler import POLICIES
-from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
+from ziya_batch.engine.types import PAD_ID, EngineConfig, Request, SamplingParams
 from ziya_batch.errors import ModelError
 
 METHODS = ("engine", "hf-generate", "hf-continuous", "roofline")
@@ -40,15 +42,21 @@ HF_CONTINUOUS_REQUESTS = 256
 
 @dataclass
 class BenchOptions:
-    layers: int = 40
+    """What one run measures; `parser()` builds the command line (of `ziya-batch bench` too) from these."""
+    layers: int = PRESETS["13B"]["num_layers"]
     requests: int = 1024
     tensor_parallel: int = 1
     markdown: Optional[str] = None
     only: tuple[str, ...] = ()
     seed: int = 0
-    schedule: str = "tail-longest-first"
-    kv_cache_dtype: str = "auto"
-    quantization: Optional[str] = None      # "fp8": the linear weights in float8 e4m3 (quant.py)
+    schedule: str = EngineConfig.schedule
+    kv_cache_dtype: str = EngineConfig.kv_cache_dtype
+    quantization: Optional[str] = EngineConfig.quantization    # "fp8": the linear weights in float8 e4m3 (quant.py)
+
+
+# the engine the bench runs: the engine's defaults (float16 on the GPU) but W1's prompt + output within 1,024
+# positions, and a larger share of the GPU (nothing else runs on it)
+BENCH_ENGINE = EngineConfig(model_path="", max_model_len=1024, gpu_memory_fraction=0.95)
 
 
 def workload_w1(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
@@ -88,31 +96,30 @@ def _weight_bytes(a: ModelArgs, quantization: Optional[str] = None) -> int:
 
 
 def _sampling(out_len: int) -> SamplingParams:
-    # the model card's sampling, EOS ignored so every request runs to its own length
-    return SamplingParams(max_new_tokens=out_len, temperature=1.0, top_p=0.85, ignore_eos=True)
+    # the model card's sampling (SamplingParams' defaults), EOS ignored so every request runs to its own length
+    return SamplingParams(max_new_tokens=out_len, ignore_eos=True)
 
 
-_ENGINE_CONFIG = dict(model_path="", dtype="float16", max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=1024,
-                      gpu_memory_fraction=0.95)
+CARD = SamplingParams()       # the model card's temperature and top_p, for the transformers baselines
 
 
 def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: int = 1,
-                  schedule: str = BenchOptions.schedule, kv_cache_dtype: str = "auto",
-                  quantization: Optional[str] = None) -> tuple[LLMEngine, float]:
+                  schedule: str = BenchOptions.schedule, kv_cache_dtype: str = BenchOptions.kv_cache_dtype,
+                  quantization: Optional[str] = BenchOptions.quantization) -> tuple[LLMEngine, float]:
     """The random-weight engine; with world_size > 1, this rank's tensor-parallel shard (every rank makes the
     same weights from the seed, then keeps its share)."""
     from ziya_batch.engine.tp import apply_tp
     model = apply_tp(LlamaModel.random(a, device, torch.float16, seed, quantization), rank, world_size)
     t_init = time.perf_counter()
-    eng = LLMEngine.from_model(model, None, EngineConfig(**{**_ENGINE_CONFIG, "schedule_policy": schedule,
-                                                            "kv_cache_dtype": kv_cache_dtype,
-                                                            "quantization": quantization}))
+    eng = LLMEngine.from_model(model, None, dataclasses.replace(BENCH_ENGINE, schedule=schedule,
+                                                                kv_cache_dtype=kv_cache_dtype,
+                                                                quantization=quantization))
     return eng, time.perf_counter() - t_init
 
 
 def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: int = 1,
-                 schedule: str = BenchOptions.schedule, kv_cache_dtype: str = "auto",
-                 quantization: Optional[str] = None) -> tuple[dict, dict]:
+                 schedule: str = BenchOptions.schedule, kv_cache_dtype: str = BenchOptions.kv_cache_dtype,
+                 quantization: Optional[str] = BenchOptions.quantization) -> tuple[dict, dict]:
     """Rank 0's side of the run (the only side when world_size is 1): with tensor parallelism the other
     ranks follow each step (_tp_bench_rank)."""
     eng, init_s = _build_engine(a, device, seed, 0, world_size, schedule, kv_cache_dtype, quantization)
@@ -159,7 +166,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                note=f"{eng.num_blocks} KV blocks of {cfg.block_size}; {eng.scheduler.num_preemptions} preemptions; "
                     f"{n_dec_steps} decode-only steps ({dec_s:.1f} s), mixed steps {pre_s:.1f} s; init {init_s:.0f} s; "
                     f"fused kernels {'on' if model.use_fused else 'off'}; schedule {schedule}"
-                    + (f"; KV cache {kv_cache_dtype}" if kv_cache_dtype != "auto" else "")
+                    + (f"; KV cache {kv_cache_dtype}" if kv_cache_dtype != EngineConfig.kv_cache_dtype else "")
                     + (f"; weights {quantization}" if quantization else "")
                     + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else ""))
     prof = dict(decode_steps=n_dec_steps, decode_step_ms=1e3 * dec_s / max(n_dec_steps, 1),
@@ -182,8 +189,9 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
 
 
 def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requests: int, seed: int,
-                   result_file: str, schedule: str = BenchOptions.schedule, kv_cache_dtype: str = "auto",
-                   quantization: Optional[str] = None) -> None:
+                   result_file: str, schedule: str = BenchOptions.schedule,
+                   kv_cache_dtype: str = BenchOptions.kv_cache_dtype,
+                   quantization: Optional[str] = BenchOptions.quantization) -> None:
     """One process of `bench --tensor-parallel K`: one GPU each, NCCL; rank 0 runs the workload and writes
     its row and profile as JSON, the others follow its steps."""
     import json
@@ -271,7 +279,7 @@ def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, con
     lens = torch.full((b,), context, device=dev, dtype=torch.int32)
     attn = _time_s(lambda: decode_attention_triton(q, kf, vf, r.g_bt[:b], lens, r.block_size, out)) * a.num_layers
     logits = torch.randn(b, a.vocab_size, device=dev)
-    st = SamplingTensors(torch.ones(b, device=dev), torch.full((b,), 0.85, device=dev),
+    st = SamplingTensors(torch.ones(b, device=dev), torch.full((b,), CARD.top_p, device=dev),
                          torch.zeros(b, dtype=torch.int64, device=dev), torch.arange(b, device=dev), None, None,
                          None, any_top_k=False, any_top_p=True, all_greedy=False)
     samp = _time_s(lambda: sample(logits, st))
@@ -345,7 +353,7 @@ def bench_hf_generate(model, work, device) -> dict:
         try:
             with torch.inference_mode():
                 model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=True,
-                               top_p=0.85, temperature=1.0, pad_token_id=0)
+                               top_p=CARD.top_p, temperature=CARD.temperature, pad_token_id=PAD_ID)
         except torch.OutOfMemoryError:
             note.append(f"OOM at batch {batch}")
             batch //= 2
@@ -367,8 +375,8 @@ def bench_hf_continuous(model, work, device) -> dict:
     from transformers import GenerationConfig
     sub = work[:HF_CONTINUOUS_REQUESTS]
     torch.cuda.reset_peak_memory_stats()
-    gc_cfg = GenerationConfig(max_new_tokens=512, do_sample=True, top_p=0.85, temperature=1.0, eos_token_id=-1,
-                              pad_token_id=0)
+    gc_cfg = GenerationConfig(max_new_tokens=512, do_sample=True, top_p=CARD.top_p, temperature=CARD.temperature,
+                              eos_token_id=-1, pad_token_id=PAD_ID)
     manager = model.init_continuous_batching(generation_config=gc_cfg)
     manager.start()
     accepts_eos = "eos_token_id" in inspect.signature(manager.add_request).parameters
@@ -447,7 +455,7 @@ def run_bench(opts: BenchOptions) -> list[dict]:
         del model
         gc.collect(); torch.cuda.empty_cache()
     meta = dict(card=torch.cuda.get_device_name(device), date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
-                commit=os.environ.get("ZIYA_BATCH_COMMIT") or _git_commit(), layers=opts.layers,
+                commit=settings.commit() or _git_commit(), layers=opts.layers,
                 requests=opts.requests, bandwidth_tb_s=bw / 1e12, tensor_parallel=opts.tensor_parallel)
     _print_table(rows, meta, prof)
     if opts.markdown:
@@ -559,22 +567,46 @@ def write_markdown(path: str, rows: list[dict], meta: dict, prof: Optional[dict]
         fh.write(text)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=BenchOptions.layers)
-    p.add_argument("--requests", type=int, default=BenchOptions.requests)
-    p.add_argument("--tensor-parallel", type=int, default=BenchOptions.tensor_parallel)
-    p.add_argument("--markdown", default=None)
-    p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(METHODS)}")
-    p.add_argument("--seed", type=int, default=BenchOptions.seed)
-    p.add_argument("--schedule", choices=POLICIES, default=BenchOptions.schedule,
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
+
+def parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The bench's one command line: `ziya-batch bench` hands its arguments to it, and so does
+    `python -m ziya_batch.tools.bench`. Defaults are BenchOptions'."""
+    d = BenchOptions
+    p = argparse.ArgumentParser(prog=prog, description=" ".join(__doc__.split("\n\n")[0].split()))
+    p.add_argument("--layers", type=_positive, default=d.layers,
+                   help=f"decoder layers ({d.layers} = LLaMA-13B)")
+    p.add_argument("--requests", type=_positive, default=d.requests, help="requests in workload W1")
+    p.add_argument("--tensor-parallel", type=_positive, default=d.tensor_parallel,
+                   help="the engine over this many GPUs (one process each, NCCL)")
+    p.add_argument("--markdown", default=d.markdown, metavar="FILE",
+                   help="write the table into this markdown file (docs/BENCHMARKS.md format)")
+    p.add_argument("--only", action="append", default=[], metavar="METHODS",
+                   help=f"run only these rows, comma-separated or repeated: {','.join(METHODS)}")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--schedule", choices=POLICIES, default=d.schedule,
                    help="the engine's admission order (engine.schedule of a job spec)")
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=BenchOptions.kv_cache_dtype)
-    p.add_argument("--quantization", choices=("fp8",), default=None, help="fp8: float8 linear weights (W8A8)")
-    a = p.parse_args()
-    run_bench(BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown,
-                           tuple(x for x in a.only.split(",") if x), a.seed, a.schedule, a.kv_cache_dtype,
-                           a.quantization))
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=d.kv_cache_dtype,
+                   help="the model's dtype (auto) or fp8 (engine.kv_cache_dtype of a job spec)")
+    p.add_argument("--quantization", choices=("fp8",), default=d.quantization,
+                   help="fp8: float8 linear weights, W8A8 (model.quantization of a job spec)")
+    return p
+
+
+def parse_options(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> BenchOptions:
+    a = parser(prog).parse_args(argv)
+    only = tuple(x for o in a.only for x in o.split(",") if x)
+    return BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown, only, a.seed, a.schedule,
+                        a.kv_cache_dtype, a.quantization)
+
+
+def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> None:
+    run_bench(parse_options(argv, prog))
 
 
 if __name__ == "__main__":

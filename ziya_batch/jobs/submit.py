@@ -1,15 +1,20 @@
 """Submitting a job: validate inputs, index them into shards while streaming, resume from committed parts.
 
-No Ray here: the CLI, `run` and the HTTP API all submit through `submit_job`.
+No Ray here: the CLI, `run`, the HTTP API and OpenAI batches all submit through `submit_job`.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from .. import io
 from ..errors import SpecError
 from ..records import ShardRef
 from ..spec import JobSpec
+from .finalize import finish_empty_job
+
+if TYPE_CHECKING:
+    from ..protocols import JobsBroker
+    from ..queue import JobStatus
 
 
 def _shard_refs(job_id: str, files: list[str], shard_size: int) -> Iterator[ShardRef]:
@@ -17,7 +22,14 @@ def _shard_refs(job_id: str, files: list[str], shard_size: int) -> Iterator[Shar
         yield ShardRef(job_id, index, file, start, end, first_line, num_lines)
 
 
-def job_id_for(spec: JobSpec, broker=None) -> str:
+def list_inputs(spec: JobSpec) -> list[str]:
+    """The input files `spec` names, globs expanded (InputError naming every input that matches nothing).
+    A surface that must check the files before submitting (the HTTP API's allowed prefixes) lists them
+    here once and hands the list to submit_job."""
+    return io.expand_inputs(spec.input)
+
+
+def job_id_for(spec: JobSpec, broker: Optional["JobsBroker"] = None) -> str:
     """The id `spec` runs under: its identity, or the id of the job its output path holds where that job is the
     same job under an id an earlier release gave it (which hashed every field, run settings too): its id is
     this spec's legacy identity, or its stored spec (in Redis, or in the manifest of a finished job) has this
@@ -78,7 +90,7 @@ def check_model(spec: JobSpec) -> None:
                             "`ziya-batch demo-model DIR` writes a tiny one to try things with)")
 
 
-def _run_settings_changed(spec: JobSpec, broker, job_id: str) -> list[str]:
+def _run_settings_changed(spec: JobSpec, broker: "JobsBroker", job_id: str) -> list[str]:
     """What submitting `spec` changes in how the unfinished job `job_id` runs (spec.run_field_changes)."""
     from ..spec import run_field_changes
 
@@ -88,13 +100,15 @@ def _run_settings_changed(spec: JobSpec, broker, job_id: str) -> list[str]:
         return []
 
 
-def submit_job(spec: JobSpec, broker, check_model_dir: bool = False, changes: Optional[list[str]] = None):
+def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = False,
+               changes: Optional[list[str]] = None, files: Optional[list[str]] = None) -> "JobStatus":
     """Queue `spec` (or find it again) and return its JobStatus. Idempotent: the same spec and output path
     is the same job; if Redis lost it, the shards committed in storage are recorded as done.
     `check_model_dir`: the model must be a local directory here (the CLI, where workers share the host's
     paths; the HTTP API's host may not hold the weights its workers load). `changes`: a list that receives
     what this submit changes in how the unfinished job it resumes runs ('engine.max_num_seqs: 256 -> 64'):
-    nothing for a new job, a completed one or the same settings (a failed or cancelled one reopens)."""
+    nothing for a new job, a completed one or the same settings (a failed or cancelled one reopens).
+    `files`: the inputs as list_inputs(spec) gave them, where the caller listed them already."""
     from ..queue import JobState
 
     job_id = job_id_for(spec, broker)
@@ -108,21 +122,15 @@ def submit_job(spec: JobSpec, broker, check_model_dir: bool = False, changes: Op
         changes.extend(_run_settings_changed(spec, broker, job_id))      # before submit stores the new spec
     # a job Redis knows is resubmitted too: the broker then reads no shard list, but records the parts
     # that storage holds and Redis lost (the last second of writes before a crash, under appendfsync everysec)
-    files = io.expand_inputs(spec.input)
+    if files is None:
+        files = list_inputs(spec)
     if check_model_dir:
         check_model(spec)
     if check_output_owner(spec, job_id) is None:
         io.set_output_owner(spec.output.path, job_id)
     committed = {i: _stats_from_marker(m) for i, m in io.committed_shards(spec.output.path).items()}
     status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size), committed=committed, job_id=job_id)
-    if status.state == JobState.FINALIZING:
-        # nothing left to run (an empty input, or every shard already in storage): no worker commit will
-        # come to finish the job, so finish it here
-        from .finalize import finalize_if_ready
-
-        finalize_if_ready(broker, job_id)
-        status = broker.status(job_id)
-    return status
+    return finish_empty_job(broker, status)
 
 
 def _stats_from_marker(marker):

@@ -29,6 +29,7 @@ import re
 import sys
 from pathlib import Path
 
+from ..engine.types import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from ..errors import ModelError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -36,7 +37,6 @@ CORPUS_FILES = ("tokenizer_corpus_zh.txt", "tokenizer_corpus_en.txt", "tokenizer
 DEMO_PROMPTS_FILE = "demo_prompts.jsonl"       # >= 240 lines in the ziya input format
 DEMO_BAD_LINES_FILE = "demo_bad_lines.jsonl"   # invalid lines, one per error code, for error-line demos
 DEMO_VOCAB_SIZE = 4096  # pieces in the tokenizer = rows of the embedding (a multiple of 64)
-UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 0  # Ziya's ids (model card: bos 1, eos 2, pad 0)
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _CJK_RE = re.compile(f"([{_CJK}])")
@@ -187,9 +187,7 @@ def write_demo_model(path: str | Path, *, hidden_size: int = 64, num_layers: int
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ModelError(f"{out} exists and is not a directory; give a new or existing directory for the demo model")
-    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        raise ModelError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    torch_dtype = _torch_dtype(dtype)
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ModelError(f"hidden_size ({hidden_size}) must divide by num_heads ({num_heads}), "
                          f"and num_heads by num_kv_heads ({num_kv_heads})")
@@ -210,6 +208,60 @@ def write_demo_model(path: str | Path, *, hidden_size: int = 64, num_layers: int
     return out
 
 
+def _torch_dtype(dtype: str):
+    import torch
+
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise ModelError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return torch_dtype
+
+
+def write_demo_reference_model(path: str | Path, *, seed: int = 1, dtype: str = "float32", **sizes) -> Path:
+    """A demo causal LM (different weights from the default demo policy) to use as reference_model."""
+    return write_demo_model(path, seed=seed, dtype=dtype, **sizes)
+
+
+def write_demo_reward_model(path: str | Path, layout: str = "ziya", *, seed: int = 2, dtype: str = "float32",
+                            hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                            intermediate_size: int = 172, max_position_embeddings: int = 1024) -> Path:
+    """A random-weight reward checkpoint with the demo tokenizer, in the 'ziya' or 'seqcls' layout."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaForSequenceClassification, LlamaModel
+
+    if layout not in ("ziya", "seqcls"):
+        raise ValueError(f"layout must be 'ziya' or 'seqcls', got {layout!r}")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    config = demo_config(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                         num_kv_heads=num_heads, intermediate_size=intermediate_size,
+                         max_position_embeddings=max_position_embeddings, dtype=dtype)
+    torch_dtype = _torch_dtype(dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if layout == "ziya":
+            body = LlamaModel(config)
+            # std 1/sqrt(H) on unit-RMS hidden states: rewards of order 1 that differ between samples
+            head = torch.randn(1, hidden_size) / hidden_size ** 0.5
+        else:
+            config.num_labels = 1
+            model = LlamaForSequenceClassification(config)
+    if layout == "ziya":
+        state = {f"model.{k}": v.to(torch_dtype).contiguous() for k, v in body.state_dict().items()}
+        state["value_head.weight"] = head.to(torch_dtype)
+        for stale in out.glob("model*.safetensors*"):
+            stale.unlink()
+        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+        cfg = config.to_dict()
+        cfg["architectures"] = ["LlamaRewardModel"]
+        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    else:
+        model.to(torch_dtype).save_pretrained(str(out), safe_serialization=True)
+    write_demo_tokenizer(out, model_max_length=max_position_embeddings)
+    return out
+
+
 def main(path: str, dtype: str = "float32") -> Path:
     """`ziya-batch demo-model DIR`: write the demo model and say what was written."""
     out = write_demo_model(path, dtype=dtype)
@@ -219,5 +271,5 @@ def main(path: str, dtype: str = "float32") -> Path:
     return out
 
 
-if __name__ == "__main__":  # python -m ziya_batch.engine.demo_model DIR
+if __name__ == "__main__":  # python -m ziya_batch.tools.demo_model DIR
     main(sys.argv[1] if len(sys.argv) > 1 else "demo-model")

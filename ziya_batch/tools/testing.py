@@ -145,8 +145,7 @@ def tp_generate_worker_cuda(rank: int, world_size: int, init_file: str, model_di
                             device_id=device)
     model = load_sharded(model_dir, rank, world_size, device, torch.float16)
     eng = LLMEngine.from_model(model, None, EngineConfig(model_path="", dtype="float16", device=f"cuda:{rank}",
-                                                         block_size=16, num_kv_blocks=512,
-                                                         max_num_batched_tokens=256))
+                                                         num_kv_blocks=512, max_num_batched_tokens=256))
     if rank == 0:
         driver = enable_tp_driver(eng)
         params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, temperature=0.0)
