@@ -38,7 +38,6 @@ QUANTIZATIONS = ("fp8",)
 _PROJECTION = re.compile(r"^(model\.)?layers\.\d+\.(self_attn|mlp)\.(" + "|".join(QUANTIZED) + r")\.weight$")
 
 
-
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: [M, K] -> (float8 [M, K], float32 scale [M, 1]) with x ~= q * scale, each row scaled so its largest
     magnitude maps to 448. Device ops only (no host sync): safe inside a CUDA graph."""
