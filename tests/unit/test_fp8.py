@@ -333,3 +333,10 @@ def test_two_gloo_ranks_with_fp8_weights_agree_with_one_process(tmp_path, fp8_on
     one = [c.token_ids for c in _first_tokens(_load(tmp_path / "fp8"), prompts)]
     same = sum(a == b for a, b in zip(one, two))
     assert len(two) == len(prompts) and same >= 0.8 * len(prompts), f"{same} of {len(prompts)} agree"
+
+
+def test_an_engine_over_a_transformers_model_honours_the_quantization_too(fp8_on_cpu):
+    """LLMEngine.from_model(hf_model, config) copies the weights through the same loader: quantization fp8 there
+    gives Fp8Linear projections (the CPU refusal bypassed, as on an FP8 GPU), not a silent float copy."""
+    eng = LLMEngine.from_model(tiny_llama(2), None, EngineConfig(model_path="", device="cpu", quantization="fp8"))
+    assert all(isinstance(getattr(layer, n), quant.Fp8Linear) for layer in eng.model.layers for n in PROJ)

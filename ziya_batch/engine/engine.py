@@ -99,7 +99,7 @@ class LLMEngine:
         else:
             device = resolve_device(config.device) if config.device != "auto" else next(model.parameters()).device
             eos = _eos_ids(model.config, tokenizer)
-            model = from_hf_model(model, device, _dtype_for(config, device))
+            model = from_hf_model(model, device, _dtype_for(config, device), config.quantization)
         self._setup(model, tokenizer, config, device, eos)
         return self
 

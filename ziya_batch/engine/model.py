@@ -412,6 +412,8 @@ def iter_checkpoint(path: str, tp: tuple[int, int] = (0, 1)) -> Iterator[tuple[s
         del sd
 
 
-def from_hf_model(hf_model, device: torch.device, dtype: torch.dtype) -> LlamaModel:
+def from_hf_model(hf_model, device: torch.device, dtype: torch.dtype,
+                  quantization: Optional[str] = None) -> LlamaModel:
     a = ModelArgs.from_hf_config(hf_model.config)
-    return LlamaModel.from_state_dict(a, iter(hf_model.state_dict().items()), device, dtype)
+    return LlamaModel.from_state_dict(a, iter(hf_model.state_dict().items()), device, dtype,
+                                      quantization=quantization)
