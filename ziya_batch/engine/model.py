@@ -350,7 +350,7 @@ def _fuse_ready(layer: Layer, i: int, pending: dict, seen: set, dtype: torch.dty
         pieces = [(pending.pop((i, p, "weight")), pending.pop((i, p, "scale"), None)) for p in parts]
         target = getattr(layer, name)
         if isinstance(target, quant.Fp8Linear):
-            target.weight.copy_(torch.cat([w for w, _ in pieces]))
+            target.weight.copy_(quant.cat_rows([w for w, _ in pieces]))
             target.scale.copy_(torch.cat([quant.per_channel(s, w.shape[0]) for w, s in pieces]))
         else:
             target.copy_(torch.cat([w if s is None else quant.dequantize(w, s, dtype) for w, s in pieces]))

@@ -102,6 +102,14 @@ def check_fused_quantize(device: torch.device, dtype: torch.dtype) -> bool:
     return ok
 
 
+def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat along dim 0; float8 through its bytes (not every torch build concatenates float8 on every
+    device, while a byte view of the same size always works)."""
+    if tensors[0].dtype == FP8:
+        return torch.cat([t.view(torch.uint8) for t in tensors]).view(FP8)
+    return torch.cat(tensors)
+
+
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear weight [out, in] -> (float8 [out, in], float32 scale [out, 1]): one scale per output channel."""
     if w.dim() != 2:

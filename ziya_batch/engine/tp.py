@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from ziya_batch.engine.kv_cache import copy_blocks
 from ziya_batch.engine.model import LlamaModel, check_tp_split, tp_slice
-from ziya_batch.engine.quant import Fp8Linear, set_projection
+from ziya_batch.engine.quant import Fp8Linear, cat_rows, set_projection
 from ziya_batch.engine.scheduler import ScheduledChunk, SchedulerOutput, Sequence
 from ziya_batch.engine.types import SamplingParams
 
@@ -37,7 +37,7 @@ def apply_tp(model: LlamaModel, rank: int, world_size: int, group=None) -> Llama
 
     def rows(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         # column-parallel: this rank's rows of each fused piece (q/k/v heads, gate/up columns)
-        return torch.cat([tp_slice(x, 0, rank, world_size) for x in t.split(sizes)])
+        return cat_rows([tp_slice(x, 0, rank, world_size) for x in t.split(sizes)])
 
     def cols(t: torch.Tensor) -> torch.Tensor:
         # row-parallel: this rank's input columns (a view: it keeps the whole weight only until copied)
