@@ -1,4 +1,4 @@
-"""Plain data passed between layers, and the JSON records written to the output (DESIGN.md layout)."""
+"""Plain data passed between layers, and the JSON records written to the output (the README's Outputs)."""
 from __future__ import annotations
 
 import time
@@ -61,6 +61,7 @@ class LineResult:
     line: PromptLine
     prompt_ids: list[int]
     samples: list[SampleOutput]
+    cached_tokens: int = 0           # prompt tokens whose KV the engine found in its prefix cache
 
 
 class TooLongLine(bytes):

@@ -162,6 +162,10 @@ class EngineSpec(_Strict):
     last (W1 on an H200: +3.8%, half of it +8.9%; see docs/BENCHMARKS.md). fcfs: arrival order. longest-first:
     all by max_new_tokens (worse where the KV cache bounds the batch). It orders work only: a line's output does
     not depend on it (beyond the rounding of the batch it runs in)."""
+    prefix_caching: bool = _EC.prefix_caching
+    """Reuse the KV blocks of a prompt prefix computed before (a shared system prompt or few-shot examples, the
+    same prompt again) instead of computing it for every line; cached blocks are evicted, least recently used
+    first, when memory is needed. Speed only: greedy outputs are the same with it off."""
 
 
 class ReliabilitySpec(_Strict):
@@ -218,8 +222,10 @@ class JobSpec(_Strict):
 
     def legacy_identity(self) -> str:
         """The id earlier releases (until 2026-11-29) gave this spec (the hash of every field): a job started under it
-        resumes under it (runtime/submit.py)."""
-        return _hash(_unset_later_fields(self.model_dump(mode="json")))
+        resumes under it (jobs/submit.py)."""
+        d = _unset_later_fields(self.model_dump(mode="json"))
+        del d["engine"]["prefix_caching"]          # added since: not part of those ids
+        return _hash(d)
 
 
 # How fast and where a job runs, not what it writes: a job submitted again with other values of these is the same
@@ -232,6 +238,7 @@ RUN_FIELDS: tuple[tuple[str, ...], ...] = (
     ("model", "tensor_parallel"), ("model", "replicas"),
     ("engine", "max_num_seqs"), ("engine", "max_num_batched_tokens"), ("engine", "block_size"),
     ("engine", "gpu_memory_fraction"), ("engine", "cuda_graphs"), ("engine", "schedule"),
+    ("engine", "prefix_caching"),
     ("reliability", "lease_s"), ("reliability", "max_retries"), ("priority",))
 
 

@@ -1,11 +1,21 @@
+"""A local Ray cluster and a private redis-server for end-to-end runs. Every test here is marked `ray`, so
+`pytest -m "not ray"` leaves them out; the longest also carry `slow`."""
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
 from ziya_batch.queue import PrivateRedis
 
 HERE = os.path.dirname(__file__)
+
+
+def pytest_collection_modifyitems(config, items):
+    # the hook sees every collected item, not only this directory's
+    for item in items:
+        if Path(HERE) in item.path.parents:
+            item.add_marker(pytest.mark.ray)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from ziya_batch.tools.bench import BenchOptions, parse_options
 def test_defaults_are_the_options_and_the_engines():
     assert parse_options([]) == BenchOptions()
     assert (BenchOptions.schedule, BenchOptions.kv_cache_dtype) == (EngineConfig.schedule, EngineConfig.kv_cache_dtype)
-    assert BenchOptions.layers == 40                     # LLaMA-13B's depth (DESIGN.md "Benchmark")
+    assert BenchOptions.layers == 40                     # LLaMA-13B's depth (README, `ziya-batch bench`)
 
 
 def test_only_takes_commas_and_repeats():

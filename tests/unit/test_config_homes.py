@@ -75,7 +75,7 @@ def test_engine_config_carries_every_field():
     s = parse_spec({**BASE, "model": {"path": "m", "dtype": "bfloat16", "trust_remote_code": True},
                     "engine": {"max_num_seqs": 9, "max_num_batched_tokens": 99, "block_size": 8,
                                "gpu_memory_fraction": 0.5, "cuda_graphs": False, "kv_cache_dtype": "fp8",
-                               "schedule": "fcfs"}})
+                               "schedule": "fcfs", "prefix_caching": False}})
     c = engine_config(s, "/models/x", "cpu")
     assert (c.model_path, c.device, c.dtype, c.trust_remote_code) == ("/models/x", "cpu", "bfloat16", True)
     for name in EngineSpec.model_fields:

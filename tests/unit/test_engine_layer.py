@@ -1,4 +1,4 @@
-"""engine/ is inference only: it imports nothing above it (DESIGN.md "Layers"), and its modules import each
+"""engine/ is inference only: it imports nothing above it (README "Layout"), and its modules import each
 other without cycles. Read from the source with ast, imports inside functions included."""
 from __future__ import annotations
 

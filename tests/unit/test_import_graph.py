@@ -1,5 +1,5 @@
 """The import graph of ziya_batch, read from the source (ast, no import runs): no cycles, and the layers of
-DESIGN.md hold. Every import counts, at module level or inside a function, under TYPE_CHECKING or not: a cycle
+the README's Layout holds. Every import counts, at module level or inside a function, under TYPE_CHECKING or not: a cycle
 that only a lazy import keeps from failing is still two modules that cannot be read one without the other."""
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def _pkg(*names: str) -> tuple[str, ...]:
     return tuple(f"{PACKAGE}.{n}" for n in names)
 
 
-# (modules the rule is about, what they must not import, the rule as DESIGN.md says it)
+# (modules the rule is about, what they must not import, the rule as the README's Layout says it)
 LAYER_RULES = [
     (_pkg("engine"), ("redis", "ray") + _pkg("queue", "io", "runtime", "api", "cli", "jobs"),
      "engine/ never imports redis or ray, nor the layers above it"),
@@ -147,7 +147,7 @@ def test_no_import_cycles(graph):
 
 def test_layers_hold(graph):
     broken = sorted((m, t, rule) for m, t, rule in violations(graph) if (m, t) not in KNOWN_LAYER_EXCEPTIONS)
-    assert broken == [], "imports against DESIGN.md's layers"
+    assert broken == [], "imports against the README's layers (Layout)"
 
 
 def test_known_exceptions_are_still_needed(graph):

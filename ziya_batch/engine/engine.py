@@ -128,7 +128,8 @@ class LLMEngine:
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_cache(a.num_layers, num_blocks, bs, kv_heads, a.head_dim, kv_dtype, device)
         self.scheduler = Scheduler(num_blocks, bs, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.admission_horizon_tokens, config.schedule)
+                                   config.admission_horizon_tokens, config.schedule,
+                                   prefix_caching=config.prefix_caching)
         on_gpu = device.type == "cuda"
         from ziya_batch.engine import attention
         self.runner = ModelRunner(model, self.kv_caches, bs, config.max_num_seqs, self.max_model_len, device,
@@ -167,6 +168,16 @@ class LLMEngine:
                        len(request.prompt_ids), p, sample_key=key, pending_forks=p.n - 1)
         self._groups[request.request_id] = _Group(request, [seq])
         self.scheduler.add(seq)
+
+    @property
+    def prefix_cache_query_tokens(self) -> int:
+        """Prompt tokens looked up in the prefix cache since the engine was built (cumulative)."""
+        return self.scheduler.prefix_cache_query_tokens
+
+    @property
+    def prefix_cache_hit_tokens(self) -> int:
+        """Of those, the tokens found cached (not computed)."""
+        return self.scheduler.prefix_cache_hit_tokens
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None or bool(self._carried)
@@ -353,7 +364,8 @@ class LLMEngine:
             return None
         del self._groups[s.request_id]
         comps = [group.done[i] for i in range(group.request.params.n)]
-        return [RequestOutput(group.request.request_id, list(group.request.prompt_ids), comps)]
+        return [RequestOutput(group.request.request_id, list(group.request.prompt_ids), comps,
+                              num_cached_tokens=group.seqs[0].num_cached_tokens)]
 
     def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:

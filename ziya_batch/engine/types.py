@@ -50,6 +50,7 @@ class RequestOutput:
     request_id: str
     prompt_ids: list[int]
     completions: list[Completion]
+    num_cached_tokens: int = 0       # prompt tokens whose KV came from the prefix cache (not computed)
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,5 @@ class EngineConfig:
     quantization: Optional[str] = None
     # schedule and launch step N+1 while the device still runs step N (see LLMEngine.step)
     async_scheduling: bool = True
+    # keep computed full KV blocks keyed by their token prefix and reuse them across requests (see scheduler.py)
+    prefix_caching: bool = True

@@ -24,6 +24,9 @@ def _summary(status, markers) -> dict:
         "prompts_failed": sum(m.prompts_failed for m in markers.values()),
         "samples": sum(m.samples for m in markers.values()),
         "output_tokens": sum(m.output_tokens for m in markers.values()),
+        # a marker's stats are the worker's ShardStats as committed (older markers lack these: 0)
+        "prefix_cache_hit_tokens": sum(int(m.stats.get("prefix_cache_hit_tokens", 0)) for m in markers.values()),
+        "prefix_cache_query_tokens": sum(int(m.stats.get("prefix_cache_query_tokens", 0)) for m in markers.values()),
     }
 
 

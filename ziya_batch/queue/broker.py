@@ -5,8 +5,8 @@ key names come from keys.py. Times that decide anything (lease expiry, backoff) 
 
 Job hash fields: state, sealed ('1' once every shard is written), name, priority, lease_ms, max_retries,
 output_path, created_ms, updated_ms, finished_ms, error, total_shards, total_prompts, n_pending, n_leased,
-n_committed, n_dead (shards per state), prompts_done, prompts_failed, samples, output_tokens (sums of
-committed stats), retries, dead_lines, progress_seq.
+n_committed, n_dead (shards per state), prompts_done, prompts_failed, samples, output_tokens,
+prefix_cache_query_tokens, prefix_cache_hit_tokens (sums of committed stats), retries, dead_lines, progress_seq.
 
 Shard records (JSON in the job's shards hash): file (position in the files list), start, end, first_line,
 num_lines, state, token, attempts, failures, isolate, lease_isolate, in_flight, bad_lines, dead, owner,

@@ -102,7 +102,8 @@ def build_status(client: redis.Redis, keys: Keys, job_id: str, detail: bool = Fa
         tokens_per_s=tokens_per_s, prompts_per_s=prompts_per_s, eta_s=eta_s, workers=workers,
         retries=int(h.get("retries", 0)), lease_expiries=int(h.get("lease_expiries", 0)),
         dead_shards=int(dead_count), dead_lines=int(h.get("dead_lines", 0)),
-        error=h.get("error"), **extra)
+        error=h.get("error"), prefix_cache_query_tokens=int(h.get("prefix_cache_query_tokens", 0)),
+        prefix_cache_hit_tokens=int(h.get("prefix_cache_hit_tokens", 0)), **extra)
 
 
 def _error(e: dict) -> dict:

@@ -113,7 +113,9 @@ class ShardStream:
 
     def add(self, key: str, prompts: list[tuple[PromptLine, list[int]]]) -> None:
         self._results[key], self._left[key] = [], len(prompts)
-        for pl, ids in prompts:
+        # lines that share a prompt prefix (a template's system prompt, a repeated prompt) start close together,
+        # so its cached KV blocks are reused before they are evicted; step() puts results back in line order
+        for pl, ids in sorted(prompts, key=lambda p: p[1]):
             request_id = f"{key}:{pl.file}:{pl.line}"
             self._lines[request_id] = (key, pl, ids)
             params = sampling_params(pl.sampling, seed=line_seed(pl.sampling.seed, pl.file, pl.line))
@@ -129,7 +131,7 @@ class ShardStream:
             key, pl, ids = self._lines.pop(out.request_id)
             samples = [SampleOutput(c.index, c.token_ids, c.text, c.finish_reason, c.logprobs)
                        for c in out.completions]
-            self._results[key].append(LineResult(pl, ids, samples))
+            self._results[key].append(LineResult(pl, ids, samples, cached_tokens=out.num_cached_tokens))
             self._left[key] -= 1
         done = [key for key, left in self._left.items() if left == 0]
         for key in done:

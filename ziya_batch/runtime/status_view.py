@@ -38,6 +38,9 @@ def _jobs_table(statuses) -> Table:
 def _job_detail(st, note: Optional[str] = None):
     d = st.to_dict()
     parts = [_jobs_table([st])]
+    if d.get("prefix_cache_hit_rate") is not None:
+        parts.append(f"prefix cache: {d['prefix_cache_hit_rate']:.0%} of {d['prefix_cache_query_tokens']:,} prompt "
+                     "tokens reused")
     if note:
         parts.append(f"[yellow]{note}[/yellow]")
     shards = Table(title="shards by state")

@@ -456,7 +456,10 @@ class Worker:
                 parts = build_parts(spec, results, failures)
                 stats = ShardStats(prompts_done=len(results), prompts_failed=len(failures),
                                    samples=sum(len(r.samples) for r in results),
-                                   output_tokens=sum(len(s.token_ids) for r in results for s in r.samples))
+                                   output_tokens=sum(len(s.token_ids) for r in results for s in r.samples),
+                                   prefix_cache_query_tokens=sum(len(r.prompt_ids) for r in results)
+                                   if spec.engine.prefix_caching else 0,
+                                   prefix_cache_hit_tokens=sum(r.cached_tokens for r in results))
                 if hb.lost.is_set():
                     raise LeaseLost()
                 stats.attempt = io.new_attempt()

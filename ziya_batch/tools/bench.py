@@ -1,4 +1,4 @@
-"""The throughput benchmark (DESIGN.md "Benchmark"): LLaMA-13B's shape with random float16 weights made on
+"""The throughput benchmark (README, `ziya-batch bench`; docs/BENCHMARKS.md): LLaMA-13B's shape with random float16 weights made on
 the GPU, workload W1 (prompt and output lengths uniform in 32..512, EOS ignored), and in one run:
 our engine, the model card's method (transformers `generate` on static left-padded batches), transformers'
 own continuous batching, and the decode roofline (weights + KV bytes of every decode step the engine ran,
@@ -51,7 +51,9 @@ class BenchOptions:
     seed: int = 0
     schedule: str = EngineConfig.schedule
     kv_cache_dtype: str = EngineConfig.kv_cache_dtype
-    quantization: Optional[str] = EngineConfig.quantization    # "fp8": the linear weights in float8 e4m3 (quant.py)
+    workload: str = "W1"             # W1 | W2 | W2g (workload_w2, workload_w2g)
+    prefix_caching: str = "on"       # on | off | both (one engine row each)
+    quantization: Optional[str] = EngineConfig.quantization    # "fp8": float8 linear weights (engine/quant.py)
 
 
 # the engine the bench runs: the engine's defaults (float16 on the GPU) but W1's prompt + output within 1,024
@@ -95,34 +97,35 @@ def _weight_bytes(a: ModelArgs, quantization: Optional[str] = None) -> int:
     return linear + 2 * 2 * a.vocab_size * a.hidden_size
 
 
-def _sampling(out_len: int) -> SamplingParams:
+def _sampling(out_len: int, n: int = 1) -> SamplingParams:
     # the model card's sampling (SamplingParams' defaults), EOS ignored so every request runs to its own length
-    return SamplingParams(max_new_tokens=out_len, ignore_eos=True)
+    return SamplingParams(max_new_tokens=out_len, ignore_eos=True, n=n)
 
 
 CARD = SamplingParams()       # the model card's temperature and top_p, for the transformers baselines
 
 
 def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: int = 1,
-                  schedule: str = BenchOptions.schedule, kv_cache_dtype: str = BenchOptions.kv_cache_dtype,
-                  quantization: Optional[str] = BenchOptions.quantization) -> tuple[LLMEngine, float]:
+                  schedule: str = BenchOptions.schedule,
+                  kv_cache_dtype: str = BenchOptions.kv_cache_dtype, **config) -> tuple[LLMEngine, float]:
     """The random-weight engine; with world_size > 1, this rank's tensor-parallel shard (every rank makes the
     same weights from the seed, then keeps its share)."""
     from ziya_batch.engine.tp import apply_tp
-    model = apply_tp(LlamaModel.random(a, device, torch.float16, seed, quantization), rank, world_size)
+    model = apply_tp(LlamaModel.random(a, device, torch.float16, seed, config.get("quantization")), rank,
+                     world_size)
     t_init = time.perf_counter()
     eng = LLMEngine.from_model(model, None, dataclasses.replace(BENCH_ENGINE, schedule=schedule,
-                                                                kv_cache_dtype=kv_cache_dtype,
-                                                                quantization=quantization))
+                                                                kv_cache_dtype=kv_cache_dtype, **config))
     return eng, time.perf_counter() - t_init
 
 
 def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: int = 1,
-                 schedule: str = BenchOptions.schedule, kv_cache_dtype: str = BenchOptions.kv_cache_dtype,
-                 quantization: Optional[str] = BenchOptions.quantization) -> tuple[dict, dict]:
+                 schedule: str = BenchOptions.schedule,
+                 kv_cache_dtype: str = BenchOptions.kv_cache_dtype, **config) -> tuple[dict, dict]:
     """Rank 0's side of the run (the only side when world_size is 1): with tensor parallelism the other
-    ranks follow each step (_tp_bench_rank)."""
-    eng, init_s = _build_engine(a, device, seed, 0, world_size, schedule, kv_cache_dtype, quantization)
+    ranks follow each step (_tp_bench_rank). work: (prompt ids, output length[, samples]) per request; config:
+    EngineConfig fields to override."""
+    eng, init_s = _build_engine(a, device, seed, 0, world_size, schedule, kv_cache_dtype, **config)
     model, cfg = eng.model, eng.config
     driver = None
     if world_size > 1:
@@ -132,12 +135,12 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
     eng.time_gpu = True
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    reqs = [Request(str(i), p, _sampling(o)) for i, (p, o) in enumerate(work)]
+    reqs = [Request(str(i), w[0], _sampling(*w[1:])) for i, w in enumerate(work)]
     for r in reqs:
         eng.add_request(r)
     # per GPU: each rank reads 1/K of the weights and of the KV cache a step (the all-reduces are not counted)
     kv_tok = kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, eng.kv_caches[0][0].dtype) / world_size
-    w_bytes = _weight_bytes(a, quantization) / world_size
+    w_bytes = _weight_bytes(a, cfg.quantization) / world_size
     pre_s = pre_tok = dec_s = dec_tok = floor_s = host_dec = mix_dec = 0.0
     n_dec_steps = n_mix_steps = 0
     mix_hosts: list[float] = []
@@ -167,8 +170,9 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                     f"{n_dec_steps} decode-only steps ({dec_s:.1f} s), mixed steps {pre_s:.1f} s; init {init_s:.0f} s; "
                     f"fused kernels {'on' if model.use_fused else 'off'}; schedule {schedule}"
                     + (f"; KV cache {kv_cache_dtype}" if kv_cache_dtype != EngineConfig.kv_cache_dtype else "")
-                    + (f"; weights {quantization}" if quantization else "")
-                    + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else ""))
+                    + (f"; weights {cfg.quantization}" if cfg.quantization else "")
+                    + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else "")
+                    + f"; prefix caching {_hit_note(eng)}")
     prof = dict(decode_steps=n_dec_steps, decode_step_ms=1e3 * dec_s / max(n_dec_steps, 1),
                 floor_step_ms=1e3 * floor_s / max(n_dec_steps, 1), host_ms=1e3 * host_dec / max(n_dec_steps, 1),
                 decode_batch=dec_tok / max(n_dec_steps, 1), floor_tok_s=dec_tok / max(floor_s, 1e-9),
@@ -208,11 +212,12 @@ def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requ
         bw = measure_copy_bandwidth_bytes_s(device)
         if rank == 0:
             row, prof = bench_engine(a, workload_w1(requests, a.vocab_size, seed), device, bw, seed, world_size,
-                                     schedule, kv_cache_dtype, quantization)
+                                     schedule, kv_cache_dtype, quantization=quantization)
             with open(result_file, "w") as fh:
                 json.dump({"row": row, "prof": prof, "bw": bw}, fh)
         else:
-            eng, _ = _build_engine(a, device, seed, rank, world_size, schedule, kv_cache_dtype, quantization)
+            eng, _ = _build_engine(a, device, seed, rank, world_size, schedule, kv_cache_dtype,
+                                   quantization=quantization)
             serve_follower(eng)
     except BaseException:
         # no destroy_process_group (see below): report and leave, so mp.spawn sees the failure and stops the
@@ -416,6 +421,8 @@ def run_bench(opts: BenchOptions) -> list[dict]:
     unknown = only - set(METHODS)
     if unknown:
         raise ModelError(f"unknown bench method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if opts.workload != "W1" or opts.prefix_caching != "on":
+        return run_prefix_bench(opts)
     device = torch.device("cuda")
     a = _args(opts.layers)
     work = workload_w1(opts.requests, a.vocab_size, opts.seed)
@@ -483,7 +490,7 @@ def _print_table(rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
     tp = f", tensor parallel {meta['tensor_parallel']}" if meta.get("tensor_parallel", 1) > 1 else ""
-    t = Table(title=f"W1 on {meta['card']}{tp}, {meta['layers']} layers, {meta['requests']} requests "
+    t = Table(title=f"{meta.get('workload', 'W1')} on {meta['card']}{tp}, {meta['layers']} layers, {meta['requests']} requests "
                     f"({meta['date']}, {meta['commit']})")
     for c in ("method", "output tok/s", "prefill tok/s", "decode tok/s", "peak GiB", "requests", "note"):
         t.add_column(c)
@@ -593,6 +600,10 @@ def parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="the engine's admission order (engine.schedule of a job spec)")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=d.kv_cache_dtype,
                    help="the model's dtype (auto) or fp8 (engine.kv_cache_dtype of a job spec)")
+    p.add_argument("--workload", choices=WORKLOADS, default=d.workload,
+                   help="W1; W2 (a shared 1,024-token prefix); W2g (GRPO-like, n = 8)")
+    p.add_argument("--prefix-caching", choices=PREFIX_CACHING, default=d.prefix_caching,
+                   help="on, off or both (one engine row each; engine.prefix_caching of a job spec)")
     p.add_argument("--quantization", choices=("fp8",), default=d.quantization,
                    help="fp8: float8 linear weights, W8A8 (model.quantization of a job spec)")
     return p
@@ -602,11 +613,75 @@ def parse_options(argv: Optional[list[str]] = None, prog: Optional[str] = None) 
     a = parser(prog).parse_args(argv)
     only = tuple(x for o in a.only for x in o.split(",") if x)
     return BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown, only, a.seed, a.schedule,
-                        a.kv_cache_dtype, a.quantization)
+                        a.kv_cache_dtype, a.workload, a.prefix_caching, a.quantization)
 
 
 def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> None:
     run_bench(parse_options(argv, prog))
+
+
+# ---- shared-prefix workloads (prefix caching) ------------------------------------------------------------------
+WORKLOADS = ("W1", "W2", "W2g")
+PREFIX_CACHING = ("on", "off", "both")
+
+
+def workload_w2(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
+    """A templated job: one 1,024-token prefix (system prompt and few-shot examples) shared by every request,
+    then a unique 32..128-token suffix; outputs 32..256 tokens."""
+    rng = random.Random(seed)
+    prefix = [rng.randrange(3, vocab_size) for _ in range(1024)]
+    return [(prefix + [rng.randrange(3, vocab_size) for _ in range(rng.randint(32, 128))], rng.randint(32, 256))
+            for _ in range(num_requests)]
+
+
+def workload_w2g(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int, int]]:
+    """GRPO-style: num_requests / 8 prompts of 256..512 tokens, 8 samples each; outputs 32..256 tokens."""
+    rng = random.Random(seed)
+    return [([rng.randrange(3, vocab_size) for _ in range(rng.randint(256, 512))], rng.randint(32, 256), 8)
+            for _ in range(max(1, num_requests // 8))]
+
+
+def _hit_note(eng: LLMEngine) -> str:
+    if not eng.config.prefix_caching:
+        return "off"
+    q, h = eng.prefix_cache_query_tokens, eng.prefix_cache_hit_tokens
+    return (f"on ({h:,} of {q:,} prompt tokens cached, {h / max(q, 1):.0%}; "
+            f"{eng.scheduler.pool.num_evicted:,} evictions)")
+
+
+def run_prefix_bench(opts: BenchOptions) -> list[dict]:
+    """The engine alone, on one GPU, with prefix caching on, off or both (one row each, in one process, on the
+    same workload); no transformers baselines. W2's prompts reach 1,152 tokens and its outputs 256: the
+    engine's context is LLaMA's 2,048 (W1's runs use 1,024)."""
+    if opts.workload not in WORKLOADS or opts.prefix_caching not in PREFIX_CACHING:
+        raise ModelError(f"bench --workload must be one of {', '.join(WORKLOADS)} and --prefix-caching one of "
+                         f"{', '.join(PREFIX_CACHING)}")
+    if opts.tensor_parallel != 1 or opts.markdown:
+        raise ModelError("bench --workload W2/W2g and --prefix-caching off/both run on one GPU and print their "
+                         "table: leave out --tensor-parallel and --markdown")
+    device = torch.device("cuda")
+    a = _args(opts.layers)
+    make = {"W1": workload_w1, "W2": workload_w2, "W2g": workload_w2g}[opts.workload]
+    work = make(opts.requests, a.vocab_size, opts.seed)
+    bw = measure_copy_bandwidth_bytes_s(device)
+    settings = {"on": (True,), "off": (False,), "both": (True, False)}[opts.prefix_caching]
+    rows, prof = [], None
+    for on in settings:
+        row, p = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule,
+                              kv_cache_dtype=opts.kv_cache_dtype, prefix_caching=on, quantization=opts.quantization,
+                              max_model_len=2048 if opts.workload != "W1" else BENCH_ENGINE.max_model_len)
+        row["method"] = f"engine, prefix caching {'on' if on else 'off'}"
+        rows.append(row)
+        prof = prof or p
+        _print_row(row)
+    if len(rows) == 2:
+        print(f"[bench] {opts.workload}: prefix caching on / off = "
+              f"{rows[0]['output_tok_s'] / rows[1]['output_tok_s']:.2f}x output tok/s", flush=True)
+    meta = dict(card=torch.cuda.get_device_name(device), date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+                commit=os.environ.get("ZIYA_BATCH_COMMIT") or _git_commit(), layers=opts.layers,
+                requests=len(work), bandwidth_tb_s=bw / 1e12, tensor_parallel=1, workload=opts.workload)
+    _print_table(rows, meta, prof)
+    return rows
 
 
 if __name__ == "__main__":

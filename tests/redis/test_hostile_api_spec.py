@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest_api import AUTH, api_env, api_redis_url, job_spec  # noqa: F401 - fixtures
+from api_support import AUTH, job_spec
 
 
 def test_non_finite_and_huge_values_over_http_are_one_short_422(api_env):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from conftest_api import AUTH, api_env, api_redis_url  # noqa: F401 - fixtures
+from api_support import AUTH
 
 LINES = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
           "body": {"model": "m", "prompt": f"hello {i}", "max_tokens": 2}} for i in range(3)]

@@ -4,11 +4,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest_api import AUTH, TOKEN, api_env, api_redis_url, job_spec  # noqa: F401 - fixtures
+from api_support import AUTH, TOKEN, job_spec
 from prometheus_client.parser import text_string_to_metric_families
 
 from ziya_batch.api.settings import ApiSettings
-from ziya_batch.errors import ServiceError
 from ziya_batch.queue import Broker
 
 
@@ -23,18 +22,6 @@ def test_health_answers_without_a_token(api_env):
     assert r.status_code == 200 and r.json() == {"status": "ok", "redis": True}
 
 
-def test_health_reports_redis_down_as_503(api_env, tmp_path):
-    _, _, make_client = api_env
-    from fastapi.testclient import TestClient
-
-    from ziya_batch.api.app import create_app
-
-    app = create_app(ApiSettings(token=TOKEN, storage_url=str(tmp_path)),
-                     lambda: Broker.from_url("redis://127.0.0.1:1/0"))
-    r = TestClient(app).get("/healthz")
-    assert r.status_code == 503 and r.json()["redis"] is False
-
-
 def test_every_other_endpoint_needs_the_token(api_env):
     _, _, make_client = api_env
     client = make_client()
@@ -46,30 +33,6 @@ def test_every_other_endpoint_needs_the_token(api_env):
             assert r.status_code == 401, (method, path, headers, r.status_code)
             assert r.headers["www-authenticate"] == "Bearer"
             assert "ZIYA_BATCH_API_TOKEN" in r.json()["error"]["message"]
-
-
-def test_settings_refuse_to_start_without_a_token(monkeypatch):
-    monkeypatch.delenv("ZIYA_BATCH_API_TOKEN", raising=False)
-    with pytest.raises(ServiceError, match="--insecure-no-auth"):
-        ApiSettings.from_env()
-    monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", "short")
-    with pytest.raises(ServiceError, match="too short"):
-        ApiSettings.from_env()
-    monkeypatch.delenv("ZIYA_BATCH_API_TOKEN")
-    assert ApiSettings.from_env(insecure_no_auth=True).insecure_no_auth
-
-
-def test_settings_from_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", TOKEN)
-    monkeypatch.setenv("ZIYA_BATCH_ALLOWED_PREFIXES", " /data/a/ , s3://b/runs/,,")
-    monkeypatch.setenv("ZIYA_BATCH_ALLOWED_MODELS", "/models/")
-    monkeypatch.setenv("ZIYA_BATCH_MODEL", "/models/ziya")
-    monkeypatch.setenv("ZIYA_BATCH_HOME", str(tmp_path))
-    s = ApiSettings.from_env()
-    assert s.allowed_prefixes == ("/data/a/", "s3://b/runs/")
-    assert s.allowed_models == ("/models/",) and s.model == "/models/ziya" and s.model_name() == "ziya"
-    assert s.storage_url == str(tmp_path / "files")
-    assert ApiSettings.from_env(model="/m2", storage="s3://x/files").storage_url == "s3://x/files"
 
 
 def test_insecure_no_auth_serves_without_a_token(api_env):
@@ -266,37 +229,3 @@ def test_metrics_report_redis_down(tmp_path):
     app = create_app(ApiSettings(token=TOKEN, storage_url=str(tmp_path)), lambda: Broker.from_url("redis://127.0.0.1:1/0"))
     r = TestClient(app).get("/metrics", headers=AUTH)
     assert r.status_code == 200 and _samples(r.text)[("ziya_batch_redis_up", ())] == 0
-
-
-def test_worker_gpus_from_what_workers_register():
-    from ziya_batch.api.metrics import worker_gpus
-
-    assert worker_gpus({"info": {"device": "cpu", "pid": 1}}) == 0
-    assert worker_gpus({"info": {"device": "NVIDIA H100 80GB HBM3"}}) == 1
-    assert worker_gpus({"info": {"device": "NVIDIA H100", "gpu_ids": ["0", "1", "2"]}}) == 3
-    assert worker_gpus({"info": {"gpus": 4}}) == 4
-
-
-def test_serve_main_refuses_to_start_without_token_or_redis(monkeypatch):
-    from ziya_batch.api.serve import serve_main
-
-    monkeypatch.delenv("ZIYA_BATCH_API_TOKEN", raising=False)
-    with pytest.raises(ServiceError, match="--insecure-no-auth"):
-        serve_main(port=0)
-    monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", TOKEN)
-    monkeypatch.delenv("ZIYA_BATCH_REDIS_URL", raising=False)
-    with pytest.raises(ServiceError, match="Redis"):
-        serve_main(port=0)
-
-
-def test_serve_main_names_a_busy_port(monkeypatch):
-    import socket
-
-    from ziya_batch.api.serve import serve_main
-
-    monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", TOKEN)
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        with pytest.raises(ServiceError, match="--port"):
-            serve_main(host="127.0.0.1", port=busy.getsockname()[1])

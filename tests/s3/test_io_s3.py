@@ -1,10 +1,9 @@
-"""The storage layer on S3, against an in-process moto server on 127.0.0.1 (no network, no AWS account)."""
+"""The storage layer on S3, against the moto server that conftest.py starts on 127.0.0.1."""
 from __future__ import annotations
 
 import collections
 import hashlib
 import json
-import socket
 import uuid
 
 import pytest
@@ -17,28 +16,6 @@ from ziya_batch.io import (committed_shards, expand_inputs, index_inputs,  # noq
                            part_path, promote_shard, read_manifest, read_parts, read_shard, stage_shard,
                            url_to_fs, write_manifest)
 from ziya_batch.records import ShardRef  # noqa: E402
-
-try:
-    from .test_io_parts import _parts
-except ImportError:
-    from test_io_parts import _parts
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture()
@@ -111,13 +88,13 @@ def test_s3_index_streams_in_blocks(bucket):
     assert [s[4] for s in shards] == [37] * 10 + [30]
 
 
-def test_s3_stage_promote_discard_and_manifest(bucket):
+def test_s3_stage_promote_discard_and_manifest(bucket, shard_parts):
     out = f"s3://{bucket}/runs/x/"
     fs, root = url_to_fs(out)
     staged = {}
     for index in range(3):
         stage_shard(out, index, 20 + index, {"results": [{"id": "stale"}]}, "jsonl")      # a lost lease
-        staged[index] = stage_shard(out, index, 30 + index, _parts(2, start=2 * index), "jsonl")
+        staged[index] = stage_shard(out, index, 30 + index, shard_parts(2, start=2 * index), "jsonl")
         promote_shard(out, index, 30 + index, {k: (p.lines, p.sha256) for k, p in staged[index].items()},
                       stats={"prompts_done": 2})
         assert promote_shard(out, index, 20 + index).token == 30 + index       # never replaces the winner
@@ -137,10 +114,10 @@ def test_s3_stage_promote_discard_and_manifest(bucket):
     assert sum(k.endswith(".jsonl") for k in keys) == 12
 
 
-def test_s3_promote_is_idempotent_after_a_crash_mid_move(bucket):
+def test_s3_promote_is_idempotent_after_a_crash_mid_move(bucket, shard_parts):
     out = f"s3://{bucket}/runs/crash"
     fs, root = url_to_fs(out)
-    staged = stage_shard(out, 4, 7, _parts(1), "parquet")
+    staged = stage_shard(out, 4, 7, shard_parts(1), "parquet")
     # crash after the server-side copy of results, before deleting its staged object and the rest
     fs.cp_file(staged["results"].path, part_path(out, "results", 4, "parquet").removeprefix("s3://"))
     assert committed_shards(out) == {}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import schemathesis
-from conftest_api import AUTH, TOKEN, api_redis_url  # noqa: F401 - fixtures
+from api_support import AUTH, TOKEN
 from hypothesis import HealthCheck, settings
 
 from ziya_batch.api.app import create_app
