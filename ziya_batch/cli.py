@@ -134,6 +134,20 @@ def merge_delta(
     do_merge(base, delta, target)
 
 
+@app.command()
+def quantize(
+    model: str = typer.Option(..., "--model", help="Float16 Hugging Face LLaMA checkpoint directory"),
+    target: str = typer.Option(..., "--target", help="New or empty directory for the FP8 checkpoint"),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest output file (bounds host memory)"),
+    device: str = typer.Option("auto", "--device", help="Where to quantise: auto (a GPU if any), cpu, cuda:N"),
+):
+    """Write an FP8 copy of a checkpoint (float8 linear weights with per-channel scales, compressed-tensors
+    layout), tensor by tensor, for jobs with model.quantization: fp8."""
+    from .engine.fp8_checkpoint import main as do_quantize
+
+    do_quantize(model, target, max_shard_size, device)
+
+
 @app.command("demo-model")
 def demo_model(path: str = typer.Argument(..., help="Directory to write the tiny model into")):
     """Write a tiny random-weight model with Ziya's architecture and a real sentencepiece tokenizer."""

@@ -47,6 +47,12 @@ class ModelSpec(_Strict):
     """Model copies; auto = GPUs // tensor_parallel (one on a machine without GPUs)."""
     trust_remote_code: bool = _EC.trust_remote_code
     """Allow custom modelling code from the checkpoint. Off unless you trust the checkpoint."""
+    quantization: Optional[Literal["fp8"]] = _EC.quantization
+    """fp8: the linear layers' weights in float8 e4m3 with per-output-channel scales and activations quantised
+    per token (W8A8), half the weight memory and bytes a decode step reads; outputs differ slightly from
+    float16. Quantised when the engine loads a float16 checkpoint, or read as is from one `ziya-batch
+    quantize` wrote. Needs GPUs of compute capability 8.9 or newer (Ada, Hopper): elsewhere the engine
+    refuses to load. null: weights in `dtype` (an FP8 checkpoint's are then widened to it)."""
 
     @field_validator("replicas")
     @classmethod
@@ -206,7 +212,7 @@ class JobSpec(_Strict):
         It hashes what decides the output (model, input, sampling, records, filters, ...), defaults included,
         but not RUN_FIELDS: lowering engine.gpu_memory_fraction or max_num_seqs after an out-of-memory, or
         moving to model.tensor_parallel 2, resumes the job with the new values instead of starting another."""
-        d = self.model_dump(mode="json")
+        d = _unset_later_fields(self.model_dump(mode="json"))
         for *section, name in RUN_FIELDS:
             parent = d
             for key in section:
@@ -217,7 +223,7 @@ class JobSpec(_Strict):
     def legacy_identity(self) -> str:
         """The id earlier releases (until 2026-11-29) gave this spec (the hash of every field): a job started under it
         resumes under it (jobs/submit.py)."""
-        d = self.model_dump(mode="json")
+        d = _unset_later_fields(self.model_dump(mode="json"))
         del d["engine"]["prefix_caching"]          # added since: not part of those ids
         return _hash(d)
 
@@ -246,6 +252,19 @@ def run_field_changes(old: JobSpec, new: JobSpec) -> list[str]:
         if a != b:
             changes.append(f"{'.'.join(path)}: {a} -> {b}")
     return changes
+
+
+# Fields added after jobs were started, with the value that gives the output those jobs had: left out of the id
+# at that value, so an unfinished job still resumes from its spec after an upgrade, while another value (which
+# changes the output) gives another id.
+LATER_FIELDS: dict[tuple[str, str], Any] = {("model", "quantization"): None}
+
+
+def _unset_later_fields(d: dict) -> dict:
+    for (section, name), value in LATER_FIELDS.items():
+        if d[section].get(name, value) == value:
+            d[section].pop(name, None)
+    return d
 
 
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))

@@ -81,7 +81,8 @@ class LLMEngine:
         device = resolve_device(config.device)
         args = ModelArgs.from_hf_config(hf_config)
         model = LlamaModel.from_state_dict(args, iter_checkpoint(config.model_path, tp=tensor_parallel), device,
-                                           _dtype_for(config, device), tp=tensor_parallel)
+                                           _dtype_for(config, device), tp=tensor_parallel,
+                                           quantization=config.quantization)
         if tensor_parallel[1] > 1:
             from ziya_batch.engine.tp import attach_tp
             model = attach_tp(model, *tensor_parallel, group=tp_group)
@@ -98,7 +99,7 @@ class LLMEngine:
         else:
             device = resolve_device(config.device) if config.device != "auto" else next(model.parameters()).device
             eos = _eos_ids(model.config, tokenizer)
-            model = from_hf_model(model, device, _dtype_for(config, device))
+            model = from_hf_model(model, device, _dtype_for(config, device), config.quantization)
         self._setup(model, tokenizer, config, device, eos)
         return self
 

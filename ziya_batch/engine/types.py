@@ -75,6 +75,9 @@ class EngineConfig:
     schedule: str = "tail-longest-first"
     # "auto" (the model's dtype) or "fp8" (float8 e4m3: twice the tokens in the same memory; see kv_cache.py)
     kv_cache_dtype: str = "auto"
+    # None (linear weights in dtype) or "fp8" (float8 e4m3 weights with per-channel scales, activations
+    # quantised per token: half the weight bytes a step reads; GPUs of compute capability 8.9+; see quant.py)
+    quantization: Optional[str] = None
     # schedule and launch step N+1 while the device still runs step N (see LLMEngine.step)
     async_scheduling: bool = True
     # keep computed full KV blocks keyed by their token prefix and reuse them across requests (see scheduler.py)
