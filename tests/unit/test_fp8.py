@@ -252,7 +252,7 @@ def test_a_sharded_fp8_rank_computes_its_share_of_the_whole_layer(demo_dirs, fp8
 
 
 def test_the_spec_field_reaches_the_engine_config_and_the_engine_key(tmp_path):
-    from ziya_batch.runtime.models import engine_config, engine_key
+    from ziya_batch.work.models import engine_config, engine_key
     from ziya_batch.spec import RUN_FIELDS, parse_spec
 
     base = {"name": "x", "model": {"path": str(tmp_path)}, "input": ["a.jsonl"], "output": {"path": str(tmp_path)}}

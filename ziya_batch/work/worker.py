@@ -30,7 +30,6 @@ from .models import ModelCache, ReplicaBroken, engine_key
 
 if TYPE_CHECKING:
     from ..protocols import WorkerBroker
-    from ..queue import Lease
 
 log = logging.getLogger(__name__)
 
