@@ -57,6 +57,7 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)   # if params.top_logprobs
     num_preemptions: int = 0
 
     @property
