@@ -155,10 +155,13 @@ class ExperienceSpec(_Strict):
     @field_validator("reward_function")
     @classmethod
     def _function_ref(cls, v):
-        if v is not None:
+        from .rewards import BUILTINS
+
+        if v is not None and v not in BUILTINS:
             target, sep, name = v.rpartition(":")
             if not sep or not target or not name.isidentifier():
-                raise ValueError("expected 'package.module:function' or 'path/to/file.py:function'")
+                raise ValueError(f"expected a built-in ({', '.join(BUILTINS)}), 'package.module:function' or "
+                                 "'path/to/file.py:function'")
         return v
 
     @field_validator("reward_url")

@@ -11,6 +11,11 @@ Read from flags and the environment once, at start; every request sees the same 
   ``base``, ``delta``, ``experience.reference_model``, ``experience.reward_model``) must lie under. The
   server's own ``--model`` directory is always allowed. Model directories are kept apart from data
   prefixes on purpose: people can write to data prefixes, and a model directory decides what code runs.
+- ``ZIYA_BATCH_ALLOWED_REWARD_FUNCTIONS``: comma-separated ``experience.reward_function`` values jobs may name
+  besides the built-ins (``exact_match``, ``math_answer``, ``json_schema``); a reward function runs its code on
+  the workers, so over HTTP only these are accepted, exactly as written (``my_pkg.scoring:passes_tests``).
+- ``ZIYA_BATCH_ALLOWED_REWARD_URLS``: comma-separated URL prefixes ``experience.reward_url`` must lie under
+  (the workers POST prompts and responses there). Unset: no job may name a reward_url over HTTP.
 - ``ZIYA_BATCH_MODEL``: the model OpenAI-batch requests run on (``--model``).
 - ``--storage`` (default ``$ZIYA_BATCH_HOME/files``): where uploaded files, batch records and batch
   outputs live; any fsspec URL.
@@ -27,6 +32,8 @@ TOKEN_ENV = "ZIYA_BATCH_API_TOKEN"
 PREFIXES_ENV = "ZIYA_BATCH_ALLOWED_PREFIXES"
 MODELS_ENV = "ZIYA_BATCH_ALLOWED_MODELS"
 MODEL_ENV = "ZIYA_BATCH_MODEL"
+REWARD_FUNCTIONS_ENV = "ZIYA_BATCH_ALLOWED_REWARD_FUNCTIONS"
+REWARD_URLS_ENV = "ZIYA_BATCH_ALLOWED_REWARD_URLS"
 
 
 def split_list(raw: Optional[str]) -> tuple[str, ...]:
@@ -43,6 +50,10 @@ class ApiSettings:
     """Model directory prefixes jobs may name, besides `model`."""
     model: Optional[str] = None
     """Model directory (or URL) for OpenAI-batch requests; None refuses batches with a message."""
+    allowed_reward_functions: tuple[str, ...] = ()
+    """experience.reward_function values accepted besides the built-ins."""
+    allowed_reward_urls: tuple[str, ...] = ()
+    """Prefixes experience.reward_url must start with; empty refuses every reward_url."""
     storage_url: str = ""
     """Where /v1/files and /v1/batches keep their objects."""
     insecure_no_auth: bool = False
@@ -76,6 +87,8 @@ class ApiSettings:
             token=None if insecure_no_auth and not token else token,
             allowed_prefixes=split_list(os.environ.get(PREFIXES_ENV)),
             allowed_models=split_list(os.environ.get(MODELS_ENV)),
+            allowed_reward_functions=split_list(os.environ.get(REWARD_FUNCTIONS_ENV)),
+            allowed_reward_urls=split_list(os.environ.get(REWARD_URLS_ENV)),
             model=model or os.environ.get(MODEL_ENV) or None,
             storage_url=storage or str(home_dir() / "files"),
             insecure_no_auth=insecure_no_auth,
