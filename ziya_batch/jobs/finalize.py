@@ -24,6 +24,9 @@ def _summary(status, markers) -> dict:
         "prompts_failed": sum(m.prompts_failed for m in markers.values()),
         "samples": sum(m.samples for m in markers.values()),
         "output_tokens": sum(m.output_tokens for m in markers.values()),
+        # prompts whose samples all got one reward, left out of experience/ (output.filters)
+        "dropped_constant_reward_groups": sum(int(m.stats.get("dropped_constant_reward_groups", 0))
+                                              for m in markers.values()),
     }
 
 

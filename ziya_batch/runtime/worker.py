@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
-from .. import errors, io
+from .. import errors, filters, io
 from ..records import LineFailure, LineResult
 from ..spec import JobSpec
 from .generation import (ShardStream, ShardWork, build_parts, generate_lines, line_id, out_of_memory, parse_shard,
@@ -452,11 +452,13 @@ class Worker:
                 if hb.lost.is_set():
                     raise LeaseLost()
                 if results:
-                    score_results(results, self.models.reference(spec), self.models.reward(spec))
+                    score_results(results, self.models.reference(spec), self.models.reward(spec), spec.experience)
                 parts = build_parts(spec, results, failures)
                 stats = ShardStats(prompts_done=len(results), prompts_failed=len(failures),
                                    samples=sum(len(r.samples) for r in results),
-                                   output_tokens=sum(len(s.token_ids) for r in results for s in r.samples))
+                                   output_tokens=sum(len(s.token_ids) for r in results for s in r.samples),
+                                   dropped_constant_reward_groups=filters.dropped_constant_reward_groups(
+                                       results, spec.output.filters))
                 if hb.lost.is_set():
                     raise LeaseLost()
                 stats.attempt = io.new_attempt()
