@@ -185,13 +185,16 @@ def bench(
                                  help="The engine's admission order: tail-longest-first (default), fcfs or "
                                       "longest-first"),
     kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="auto (the model's dtype) or fp8"),
+    logprobs: str = typer.Option("", "--logprobs", help="Extra engine runs, one per logprobs variant (MODE or "
+                                 "MODE+topK), e.g. processed,temperature,temperature+top5"),
 ):
     """The throughput benchmark on the 13B shape, workload W1, with the baselines side by side."""
     from .engine.bench import BenchOptions, run_bench
 
     run_bench(BenchOptions(layers=layers, requests=requests, tensor_parallel=tensor_parallel,
                            markdown=markdown, only=tuple(x for o in only for x in o.split(",") if x), seed=seed,
-                           schedule=schedule, kv_cache_dtype=kv_cache_dtype))
+                           schedule=schedule, kv_cache_dtype=kv_cache_dtype,
+                           logprobs=tuple(x for x in logprobs.split(",") if x)))
 
 
 def main(argv: Optional[list] = None) -> None:

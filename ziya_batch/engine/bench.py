@@ -48,6 +48,18 @@ class BenchOptions:
     seed: int = 0
     schedule: str = "tail-longest-first"
     kv_cache_dtype: str = "auto"
+    # extra engine runs of W1, one per variant: a logprobs mode, optionally with top logprobs ("processed",
+    # "temperature", "temperature+top5"), to measure what experience.logprobs_mode / top_logprobs cost
+    logprobs: tuple[str, ...] = ()
+
+
+def parse_logprobs_variant(v: str) -> dict:
+    """'temperature+top5' -> {logprobs_mode: 'temperature', top_logprobs: 5}."""
+    mode, _, top = v.partition("+top")
+    if mode not in ("temperature", "raw", "processed") or (top and not (top.isdigit() and int(top) <= 20)):
+        raise ModelError(f"bench --logprobs: {v!r} is not MODE or MODE+topK (MODE temperature, raw or processed; "
+                         "K 0..20), e.g. temperature,processed,temperature+top5")
+    return {"logprobs_mode": mode, "top_logprobs": int(top or 0)}
 
 
 def workload_w1(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
@@ -83,9 +95,9 @@ def _weight_bytes(a: ModelArgs) -> int:
     return 2 * (a.num_layers * per_layer + 2 * a.vocab_size * a.hidden_size)
 
 
-def _sampling(out_len: int) -> SamplingParams:
+def _sampling(out_len: int, **logprobs) -> SamplingParams:
     # the model card's sampling, EOS ignored so every request runs to its own length
-    return SamplingParams(max_new_tokens=out_len, temperature=1.0, top_p=0.85, ignore_eos=True)
+    return SamplingParams(max_new_tokens=out_len, temperature=1.0, top_p=0.85, ignore_eos=True, **logprobs)
 
 
 _ENGINE_CONFIG = dict(model_path="", dtype="float16", max_num_seqs=256, max_num_batched_tokens=2048, max_model_len=1024,
@@ -105,7 +117,8 @@ def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: in
 
 
 def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: int = 1,
-                 schedule: str = BenchOptions.schedule, kv_cache_dtype: str = "auto") -> tuple[dict, dict]:
+                 schedule: str = BenchOptions.schedule, kv_cache_dtype: str = "auto",
+                 logprobs: Optional[dict] = None) -> tuple[dict, dict]:
     """Rank 0's side of the run (the only side when world_size is 1): with tensor parallelism the other
     ranks follow each step (_tp_bench_rank)."""
     eng, init_s = _build_engine(a, device, seed, 0, world_size, schedule, kv_cache_dtype)
@@ -118,7 +131,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
     eng.time_gpu = True
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    reqs = [Request(str(i), p, _sampling(o)) for i, (p, o) in enumerate(work)]
+    reqs = [Request(str(i), p, _sampling(o, **(logprobs or {}))) for i, (p, o) in enumerate(work)]
     for r in reqs:
         eng.add_request(r)
     # per GPU: each rank reads 1/K of the weights and of the KV cache a step (the all-reduces are not counted)
@@ -392,6 +405,8 @@ def run_bench(opts: BenchOptions) -> list[dict]:
     if opts.kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ModelError(f"bench --kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                          f"not {opts.kv_cache_dtype!r}")
+    for v in opts.logprobs:
+        parse_logprobs_variant(v)          # a typo fails now, not after the first run
     if opts.schedule not in POLICIES:
         raise ModelError(f"bench --schedule must be one of {', '.join(POLICIES)}, not {opts.schedule!r}")
     only = set(opts.only) or set(METHODS)
@@ -422,6 +437,8 @@ def run_bench(opts: BenchOptions) -> list[dict]:
                                                  + (f", per GPU of {opts.tensor_parallel})" if opts.tensor_parallel > 1
                                                     else ")")))
             _print_row(rows[-1])
+    if opts.logprobs:
+        rows += bench_logprobs(a, work, device, bw, opts)
     if only & {"hf-generate", "hf-continuous"}:
         model = _hf_model(a, device)
         for name, fn in (("hf-generate", bench_hf_generate), ("hf-continuous", bench_hf_continuous)):
@@ -442,6 +459,24 @@ def run_bench(opts: BenchOptions) -> list[dict]:
     _print_table(rows, meta, prof)
     if opts.markdown:
         write_markdown(opts.markdown, rows, meta, prof)
+    return rows
+
+
+def bench_logprobs(a: ModelArgs, work, device, bw: float, opts: BenchOptions) -> list[dict]:
+    """The engine on W1 once per logprobs variant, output tok/s side by side with the cost against the first."""
+    variants = [(v, parse_logprobs_variant(v)) for v in opts.logprobs]
+    rows = []
+    for name, params in variants:
+        row, _ = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule,
+                              kv_cache_dtype=opts.kv_cache_dtype, logprobs=params)
+        row = {**row, "method": f"engine [{name}]", "note": f"logprobs {name}; " + row["note"]}
+        rows.append(row)
+        _print_row(row)
+    base = rows[0]["output_tok_s"]
+    print(f"[bench] logprobs variants on W1 (cost against {rows[0]['method']}):", flush=True)
+    for r in rows:
+        print(f"[bench]   {r['method']:<32} {r['output_tok_s']:>9,.0f} tok/s  {100 * (1 - r['output_tok_s'] / base):+6.2f}%",
+              flush=True)
     return rows
 
 
@@ -560,9 +595,12 @@ def main() -> None:
     p.add_argument("--schedule", choices=POLICIES, default=BenchOptions.schedule,
                    help="the engine's admission order (engine.schedule of a job spec)")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=BenchOptions.kv_cache_dtype)
+    p.add_argument("--logprobs", default="", help="comma-separated extra engine runs, one per logprobs variant "
+                                                  "(MODE or MODE+topK), e.g. processed,temperature,temperature+top5")
     a = p.parse_args()
     run_bench(BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown,
-                           tuple(x for x in a.only.split(",") if x), a.seed, a.schedule, a.kv_cache_dtype))
+                           tuple(x for x in a.only.split(",") if x), a.seed, a.schedule, a.kv_cache_dtype,
+                           tuple(x for x in a.logprobs.split(",") if x)))
 
 
 if __name__ == "__main__":
