@@ -41,8 +41,8 @@ def test_sample_full_on_cuda_matches_the_cpu_path(mode):
 def test_engine_logprobs_equal_a_float32_forward_and_kl_to_itself_is_zero(tmp_path, mode):
     model = tiny_llama()
     model.save_pretrained(tmp_path / "ref", safe_serialization=True)
-    eng = LLMEngine.from_model(tiny_llama().cuda(), None, EngineConfig(model_path="", device="cuda", dtype="float32",
-                                                                       block_size=16, cuda_graphs=True))
+    eng = LLMEngine.from_model(tiny_llama(), None, EngineConfig(model_path="", device="cuda", dtype="float32",
+                                                                max_num_seqs=32, num_kv_blocks=400))
     p = SamplingParams(max_new_tokens=16, temperature=0.7, top_p=0.9, seed=3, ignore_eos=True, logprobs_mode=mode,
                        top_logprobs=3)
     c = eng.generate([Request("a", PROMPT, p)])[0].completions[0]

@@ -102,9 +102,17 @@ def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ba
     top_p = [r.params.top_p if r.params.temperature > 0 else 1.0 for r in rows]
     top_k = [r.params.top_k if r.params.temperature > 0 else 0 for r in rows]
     keys = [row_key(r.sample_key, r.num_output_tokens) for r in rows]
-    # rows padded to a multiple of 4: each table starts 16-byte aligned (the Triton sampler specialises on it)
+    # logprob modes (SamplingParams.logprobs_mode): the divisor of the logits a row's logprob is read from (T in
+    # temperature mode, 1 for raw and greedy rows) and whether it is the processed distribution's instead
+    modes = [r.params.logprobs_mode for r in rows]
+    div = [r.params.temperature if m == "temperature" and r.params.temperature > 0 else 1.0
+           for m, r in zip(modes, rows)]
+    processed = [1.0 if m == "processed" else 0.0 for m in modes]
+    # rows padded to a multiple of 4: each table starts 16-byte aligned (the Triton sampler specialises on it);
+    # one host-to-device copy for every per-row float
     pad = [0] * (-len(rows) % 4)
-    floats = torch.tensor([temps + pad, top_p + pad], dtype=torch.float32).to(device, non_blocking=True)
+    floats = torch.tensor([temps + pad, top_p + pad, div + pad, processed + pad],
+                          dtype=torch.float32).to(device, non_blocking=True)
     ints = torch.tensor([top_k + pad, keys + pad], dtype=torch.int64).to(device, non_blocking=True)
     R = len(rows)
     penalty = seen = banned = None
@@ -128,23 +136,15 @@ def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ba
         br = [i for i, ids in enumerate(ban_ids) for _ in ids]
         bt = [t for ids in ban_ids for t in ids]
         banned = (torch.tensor(br, device=device), torch.tensor(bt, device=device))
-    t = SamplingTensors(floats[0, :R], floats[1, :R], ints[0, :R], ints[1, :R], penalty, seen, banned,
-                        any_top_k=any(k > 0 for k in top_k), any_top_p=any(p < 1.0 for p in top_p),
-                        all_greedy=all(t == 0 for t in temps))
-    _add_logprob_modes(t, rows, device)
-    return t
-
-
-def _add_logprob_modes(t: SamplingTensors, rows: list, device: torch.device) -> None:
-    modes = [r.params.logprobs_mode for r in rows]
-    t.num_top = max(r.params.top_logprobs for r in rows)
-    t.top_processed = t.num_top > 0 and any(m == "processed" and r.params.top_logprobs for m, r in zip(modes, rows))
-    if all(m == "processed" for m in modes):
-        return
-    div = [r.params.temperature if m == "temperature" and r.params.temperature > 0 else 1.0
-           for m, r in zip(modes, rows)]
-    t.lp_divisor = torch.tensor(div, dtype=torch.float32).to(device, non_blocking=True)
-    t.processed = torch.tensor([m == "processed" for m in modes]).to(device, non_blocking=True)
+    num_top = max(r.params.top_logprobs for r in rows)
+    all_processed = all(processed)
+    return SamplingTensors(floats[0, :R], floats[1, :R], ints[0, :R], ints[1, :R], penalty, seen, banned,
+                           any_top_k=any(k > 0 for k in top_k), any_top_p=any(p < 1.0 for p in top_p),
+                           all_greedy=all(t == 0 for t in temps),
+                           lp_divisor=None if all_processed else floats[2, :R],
+                           processed=None if all_processed else floats[3, :R] > 0,
+                           num_top=num_top, top_processed=num_top > 0 and any(
+                               p and r.params.top_logprobs for p, r in zip(processed, rows)))
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
