@@ -171,11 +171,22 @@ class ExperienceSpec(_Strict):
             raise ValueError("must be an http:// or https:// URL")
         return v
 
+    def reward_names(self) -> list[str]:
+        """The reward components this spec configures, by the names `rewards` and reward_weights use."""
+        names = ["model"] if self.reward_model else []
+        if self.reward_function:
+            names.append(self.reward_function.rpartition(":")[2])
+        return names + (["url"] if self.reward_url else [])
+
     @model_validator(mode="after")
-    def _mode_fits_reference(self):
+    def _consistent(self):
         if self.logprobs_mode == "processed" and self.reference_model:
             raise ValueError("logprobs_mode 'processed' cannot be used with a reference_model (the reference cannot "
                              "reproduce the policy's top_k/top_p cut, so kl would be biased): use 'temperature'")
+        unknown = sorted(set(self.reward_weights) - set(self.reward_names()))
+        if unknown:
+            raise ValueError(f"reward_weights names {', '.join(unknown)}, not a configured reward (configured: "
+                             f"{', '.join(self.reward_names()) or 'none'})")
         return self
 
 
@@ -228,6 +239,13 @@ class JobSpec(_Strict):
     @classmethod
     def _input_list(cls, v):
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _filters_have_rewards(self):
+        if self.output.filters.drop_constant_reward_groups and not self.experience.reward_names():
+            raise ValueError("output.filters.drop_constant_reward_groups needs a reward: set experience.reward_model, "
+                             "reward_function or reward_url")
+        return self
 
     @model_validator(mode="after")
     def _samples_fit_the_batch(self):

@@ -25,11 +25,17 @@ def test_defaults_are_materialised_and_keep_the_pinned_id():
 
 @pytest.mark.parametrize("exp", [{"logprobs_mode": "raw"}, {"logprobs_mode": "processed"}, {"top_logprobs": 5},
                                  {"reward_function": "math_answer"}, {"reward_url": "http://j/"},
-                                 {"reward_weights": {"model": 2.0}}])
+                                 {"reward_model": "rm", "reward_weights": {"model": 2.0}}])
 def test_fields_that_change_the_output_change_the_id(exp):
     assert parse_spec(with_exp(**exp)).identity() != parse_spec(BASE).identity()
+
+
+def test_dropping_constant_groups_needs_a_reward_and_changes_the_id():
     drop = {**BASE, "output": {"path": "out", "filters": {"drop_constant_reward_groups": True}}}
-    assert parse_spec(drop).identity() != parse_spec(BASE).identity()
+    with pytest.raises(SpecError, match="needs a reward"):
+        parse_spec(drop)
+    spec = parse_spec({**drop, "experience": {"reward_function": "exact_match"}})
+    assert spec.identity() != parse_spec(with_exp(reward_function="exact_match")).identity()
 
 
 @pytest.mark.parametrize("exp,msg", [
@@ -38,6 +44,7 @@ def test_fields_that_change_the_output_change_the_id(exp):
     ({"top_logprobs": 21}, "top_logprobs"),
     ({"reward_function": "no_colon_here"}, "built-in"),
     ({"reward_url": "file:///etc/passwd"}, "http"),
+    ({"reward_function": "math_answer", "reward_weights": {"math": 1.0}}, "not a configured reward"),
 ])
 def test_invalid_experience_settings_are_one_line_errors(exp, msg):
     with pytest.raises(SpecError, match=msg) as err:

@@ -134,3 +134,12 @@ def test_combine_weights_components_and_nulls():
     out = combine(comps, {"model": 0.5}, 2)
     assert out[0] == (1.5, {"model": 1.0, "math_answer": 1.0}, None)
     assert out[1] == (None, {"model": 2.0, "math_answer": None}, "math_answer: timed out after 2 s")
+
+
+def test_a_builtin_by_bare_name_runs_in_the_pool(pool):
+    runner = FunctionRewards("math_answer", 20.0, 1)
+    try:
+        out = runner.score([("q", "so \\boxed{12}", {"answer": 12}), ("q", "13", {"answer": "12"}), ("q", "x", {})])
+    finally:
+        runner.close()
+    assert out[:2] == [(1.0, None), (0.0, None)] and "no 'answer' field" in out[2][1]
