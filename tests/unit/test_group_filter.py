@@ -22,8 +22,8 @@ def test_constant_groups():
 
 def test_dropped_groups_write_no_experience_but_keep_results():
     results = [line(0, [1.0, 1.0]), line(1, [1.0, 0.0]), line(2, [0.0, 0.0]), line(3, [None, 2.0])]
-    spec = parse_spec({"name": "t", "model": {"path": "m"}, "input": ["a"], "experience": {"reward_function": "exact_match"},
-                       "output": {"path": "o", "filters": {"drop_constant_reward_groups": True}}, "sampling": {"n": 2}})
+    spec = parse_spec({"name": "t", "model": {"path": "m"}, "input": ["a"],
+                       "experience": {"reward_function": "exact_match"}, "output": {"path": "o", "filters": {"drop_constant_reward_groups": True}}, "sampling": {"n": 2}})
     parts = build_parts(spec, results, [])
     assert [r["id"] for r in parts["experience"]] == ["p1", "p1", "p3", "p3"]
     assert len(parts["results"]) == 8 and all(r["metadata"] == {"answer": r["id"][1:]} for r in parts["results"])

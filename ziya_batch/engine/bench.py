@@ -475,8 +475,8 @@ def bench_logprobs(a: ModelArgs, work, device, bw: float, opts: BenchOptions) ->
     base = rows[0]["output_tok_s"]
     print(f"[bench] logprobs variants on W1 (cost against {rows[0]['method']}):", flush=True)
     for r in rows:
-        print(f"[bench]   {r['method']:<32} {r['output_tok_s']:>9,.0f} tok/s  {100 * (1 - r['output_tok_s'] / base):+6.2f}%",
-              flush=True)
+        cost = 100 * (1 - r["output_tok_s"] / base)
+        print(f"[bench]   {r['method']:<32} {r['output_tok_s']:>9,.0f} tok/s  {cost:+6.2f}%", flush=True)
     return rows
 
 
