@@ -27,6 +27,9 @@ def _summary(status, markers) -> dict:
         # a marker's stats are the worker's ShardStats as committed (older markers lack these: 0)
         "prefix_cache_hit_tokens": sum(int(m.stats.get("prefix_cache_hit_tokens", 0)) for m in markers.values()),
         "prefix_cache_query_tokens": sum(int(m.stats.get("prefix_cache_query_tokens", 0)) for m in markers.values()),
+        # prompts whose samples all got one reward, left out of experience/ (output.filters)
+        "dropped_constant_reward_groups": sum(int(m.stats.get("dropped_constant_reward_groups", 0))
+                                              for m in markers.values()),
     }
 
 

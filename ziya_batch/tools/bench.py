@@ -54,11 +54,23 @@ class BenchOptions:
     workload: str = "W1"             # W1 | W2 | W2g (workload_w2, workload_w2g)
     prefix_caching: str = "on"       # on | off | both (one engine row each)
     quantization: Optional[str] = EngineConfig.quantization    # "fp8": float8 linear weights (engine/quant.py)
+    # extra engine runs of W1, one per variant: a logprobs mode, optionally with top logprobs ("processed",
+    # "temperature", "temperature+top5"), to measure what experience.logprobs_mode / top_logprobs cost
+    logprobs: tuple[str, ...] = ()
 
 
 # the engine the bench runs: the engine's defaults (float16 on the GPU) but W1's prompt + output within 1,024
 # positions, and a larger share of the GPU (nothing else runs on it)
 BENCH_ENGINE = EngineConfig(model_path="", max_model_len=1024, gpu_memory_fraction=0.95)
+
+
+def parse_logprobs_variant(v: str) -> dict:
+    """'temperature+top5' -> {logprobs_mode: 'temperature', top_logprobs: 5}."""
+    mode, _, top = v.partition("+top")
+    if mode not in ("temperature", "raw", "processed") or (top and not (top.isdigit() and int(top) <= 20)):
+        raise ModelError(f"bench --logprobs: {v!r} is not MODE or MODE+topK (MODE temperature, raw or processed; "
+                         "K 0..20), e.g. temperature,processed,temperature+top5")
+    return {"logprobs_mode": mode, "top_logprobs": int(top or 0)}
 
 
 def workload_w1(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
@@ -97,9 +109,9 @@ def _weight_bytes(a: ModelArgs, quantization: Optional[str] = None) -> int:
     return linear + 2 * 2 * a.vocab_size * a.hidden_size
 
 
-def _sampling(out_len: int, n: int = 1) -> SamplingParams:
+def _sampling(out_len: int, n: int = 1, **logprobs) -> SamplingParams:
     # the model card's sampling (SamplingParams' defaults), EOS ignored so every request runs to its own length
-    return SamplingParams(max_new_tokens=out_len, ignore_eos=True, n=n)
+    return SamplingParams(max_new_tokens=out_len, ignore_eos=True, n=n, **logprobs)
 
 
 CARD = SamplingParams()       # the model card's temperature and top_p, for the transformers baselines
@@ -120,8 +132,8 @@ def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: in
 
 
 def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: int = 1,
-                 schedule: str = BenchOptions.schedule,
-                 kv_cache_dtype: str = BenchOptions.kv_cache_dtype, **config) -> tuple[dict, dict]:
+                 schedule: str = BenchOptions.schedule, kv_cache_dtype: str = BenchOptions.kv_cache_dtype,
+                 logprobs: Optional[dict] = None, **config) -> tuple[dict, dict]:
     """Rank 0's side of the run (the only side when world_size is 1): with tensor parallelism the other
     ranks follow each step (_tp_bench_rank). work: (prompt ids, output length[, samples]) per request; config:
     EngineConfig fields to override."""
@@ -135,7 +147,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
     eng.time_gpu = True
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    reqs = [Request(str(i), w[0], _sampling(*w[1:])) for i, w in enumerate(work)]
+    reqs = [Request(str(i), w[0], _sampling(*w[1:], **(logprobs or {}))) for i, w in enumerate(work)]
     for r in reqs:
         eng.add_request(r)
     # per GPU: each rank reads 1/K of the weights and of the KV cache a step (the all-reduces are not counted)
@@ -415,6 +427,8 @@ def run_bench(opts: BenchOptions) -> list[dict]:
     if opts.kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ModelError(f"bench --kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                          f"not {opts.kv_cache_dtype!r}")
+    for v in opts.logprobs:
+        parse_logprobs_variant(v)          # a typo fails now, not after the first run
     if opts.schedule not in POLICIES:
         raise ModelError(f"bench --schedule must be one of {', '.join(POLICIES)}, not {opts.schedule!r}")
     only = set(opts.only) or set(METHODS)
@@ -447,6 +461,8 @@ def run_bench(opts: BenchOptions) -> list[dict]:
                                                  + (f", per GPU of {opts.tensor_parallel})" if opts.tensor_parallel > 1
                                                     else ")")))
             _print_row(rows[-1])
+    if opts.logprobs:
+        rows += bench_logprobs(a, work, device, bw, opts)
     if only & {"hf-generate", "hf-continuous"}:
         model = _hf_model(a, device)
         for name, fn in (("hf-generate", bench_hf_generate), ("hf-continuous", bench_hf_continuous)):
@@ -467,6 +483,25 @@ def run_bench(opts: BenchOptions) -> list[dict]:
     _print_table(rows, meta, prof)
     if opts.markdown:
         write_markdown(opts.markdown, rows, meta, prof)
+    return rows
+
+
+def bench_logprobs(a: ModelArgs, work, device, bw: float, opts: BenchOptions) -> list[dict]:
+    """The engine on W1 once per logprobs variant, output tok/s side by side with the cost against the first."""
+    variants = [(v, parse_logprobs_variant(v)) for v in opts.logprobs]
+    rows = []
+    for name, params in variants:
+        row, _ = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule,
+                              kv_cache_dtype=opts.kv_cache_dtype, logprobs=params,
+                              quantization=opts.quantization)
+        row = {**row, "method": f"engine [{name}]", "note": f"logprobs {name}; " + row["note"]}
+        rows.append(row)
+        _print_row(row)
+    base = rows[0]["output_tok_s"]
+    print(f"[bench] logprobs variants on W1 (cost against {rows[0]['method']}):", flush=True)
+    for r in rows:
+        cost = 100 * (1 - r["output_tok_s"] / base)
+        print(f"[bench]   {r['method']:<32} {r['output_tok_s']:>9,.0f} tok/s  {cost:+6.2f}%", flush=True)
     return rows
 
 
@@ -606,6 +641,9 @@ def parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="on, off or both (one engine row each; engine.prefix_caching of a job spec)")
     p.add_argument("--quantization", choices=("fp8",), default=d.quantization,
                    help="fp8: float8 linear weights, W8A8 (model.quantization of a job spec)")
+    p.add_argument("--logprobs", action="append", default=[], metavar="VARIANTS",
+                   help="extra W1 engine runs, one per logprobs variant (MODE or MODE+topK), comma-separated or "
+                        "repeated, e.g. processed,temperature,temperature+top5")
     return p
 
 
@@ -613,7 +651,8 @@ def parse_options(argv: Optional[list[str]] = None, prog: Optional[str] = None) 
     a = parser(prog).parse_args(argv)
     only = tuple(x for o in a.only for x in o.split(",") if x)
     return BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown, only, a.seed, a.schedule,
-                        a.kv_cache_dtype, a.workload, a.prefix_caching, a.quantization)
+                        a.kv_cache_dtype, a.workload, a.prefix_caching, a.quantization,
+                        tuple(x for o in a.logprobs for x in o.split(",") if x))
 
 
 def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> None:

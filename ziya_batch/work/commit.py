@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from .. import io
+from .. import filters, io
 from ..records import LineFailure, LineResult
 from .failures import LeaseLost, engine_calls
 from .flight import Flight
@@ -30,14 +30,16 @@ class ShardCommit:
             raise LeaseLost()
         if results:
             with engine_calls():          # the reference and reward models load here, and run on the device
-                score_results(results, self.models.reference(spec), self.models.reward(spec))
+                score_results(results, self.models.reference(spec), self.models.reward(spec), spec.experience)
         parts = build_parts(spec, results, failures)
         stats = ShardStats(prompts_done=len(results), prompts_failed=len(failures),
                            samples=sum(len(r.samples) for r in results),
                            output_tokens=sum(len(s.token_ids) for r in results for s in r.samples),
                            prefix_cache_query_tokens=sum(len(r.prompt_ids) for r in results)
                            if spec.engine.prefix_caching else 0,
-                           prefix_cache_hit_tokens=sum(r.cached_tokens for r in results))
+                           prefix_cache_hit_tokens=sum(r.cached_tokens for r in results),
+                           dropped_constant_reward_groups=filters.dropped_constant_reward_groups(
+                               results, spec.output.filters))
         if flight.lost:
             raise LeaseLost()
         out = io.OutputDir(spec.output.path, spec.output.format)
