@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from ziya_batch import io
-from ziya_batch.engine.scoring import write_demo_reward_model
+from ziya_batch.tools.demo_model import write_demo_reward_model
 from ziya_batch.jobs import submit_job
 from ziya_batch.queue import Broker, JobState
 from ziya_batch.work.worker import Worker
