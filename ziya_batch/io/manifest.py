@@ -56,10 +56,15 @@ def build_manifest(spec_json: str, summary: dict, markers: dict[int, CommitMarke
     }
 
 
-def write_manifest(output_url: str, spec_json: str, summary: dict, markers: dict[int, CommitMarker]) -> dict:
+def _dir(output: "OutputDir | str") -> OutputDir:
+    """The output directory a caller holds, or one opened from its URL."""
+    return output if isinstance(output, OutputDir) else OutputDir(output)
+
+
+def write_manifest(output: "OutputDir | str", spec_json: str, summary: dict, markers: dict[int, CommitMarker]) -> dict:
     """Write {output}/manifest.json atomically and return it. Call once every shard is committed."""
     manifest = build_manifest(spec_json, summary, markers)
-    OutputDir(output_url).put(MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
+    _dir(output).put(MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
     return manifest
 
 
@@ -78,9 +83,9 @@ def manifest_shards(manifest: dict) -> set[int]:
     return {row["shard"] for rows in manifest.get("parts", {}).values() for row in rows}
 
 
-def read_manifest(output_url: str) -> Optional[dict]:
+def read_manifest(output: "OutputDir | str") -> Optional[dict]:
     """The manifest, or None when the job has not written one (yet)."""
-    return OutputDir(output_url).read_json(MANIFEST)
+    return _dir(output).read_json(MANIFEST)
 
 
 def manifest_part_urls(output_url: str, kind: str, manifest: Optional[dict] = None) -> list[str]:
