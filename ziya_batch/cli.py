@@ -55,7 +55,7 @@ def submit(
 ):
     """Validate the spec, index the input into shards and queue it; prints the job id."""
     from .jobs import submit_job
-    from .runtime.models import unserved_note
+    from .work.models import unserved_note
     from .spec import load_spec
 
     spec = load_spec(job)
@@ -147,6 +147,20 @@ def merge_delta(
     from .engine.merge_delta import main as do_merge
 
     do_merge(base, delta, target)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Option(..., "--model", help="Float16 Hugging Face LLaMA checkpoint directory"),
+    target: str = typer.Option(..., "--target", help="New or empty directory for the FP8 checkpoint"),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest output file (bounds host memory)"),
+    device: str = typer.Option("auto", "--device", help="Where to quantise: auto (a GPU if any), cpu, cuda:N"),
+):
+    """Write an FP8 copy of a checkpoint (float8 linear weights with per-channel scales, compressed-tensors
+    layout), tensor by tensor, for jobs with model.quantization: fp8."""
+    from .engine.fp8_checkpoint import main as do_quantize
+
+    do_quantize(model, target, max_shard_size, device)
 
 
 @app.command("demo-model")

@@ -79,6 +79,28 @@ def _sampling(base: SamplingSpec, override: Any) -> SamplingSpec:
         raise LineError(errors.INVALID_SAMPLING, f"sampling: {type(err).__name__}: {short_text(err)}") from None
 
 
+# the fields a line's format gives a meaning to; every other field is the line's metadata (labels for rewards)
+_ZIYA_FIELDS = ("id", "prompt", "messages", "sampling")
+_OPENAI_FIELDS = ("custom_id", "method", "url", "body")
+
+
+def _metadata(obj: dict, known: tuple[str, ...]) -> dict:
+    return {k: v for k, v in obj.items() if k not in known}
+
+
+def _openai_logprobs(body: dict) -> tuple[bool, int]:
+    """(logprobs asked, top_logprobs k) of an OpenAI request: chat has logprobs: bool + top_logprobs: int,
+    the legacy completions endpoint logprobs: int (the k)."""
+    want, k = body.get("logprobs"), body.get("top_logprobs")
+    if isinstance(want, int) and not isinstance(want, bool):
+        want, k = True, want if k is None else k
+    if want is not None and not isinstance(want, bool):
+        raise LineError(errors.INVALID_SAMPLING, "'body.logprobs' must be true/false (or an integer 0..20)")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20):
+        raise LineError(errors.INVALID_SAMPLING, f"'body.top_logprobs' must be an integer 0..20, got {k!r}")
+    return bool(want), int(k or 0) if want else 0
+
+
 def default_id(file: str, line_no: int) -> str:
     return f"{file}:{line_no}"
 
@@ -190,7 +212,7 @@ def _parse_ziya(obj: dict, file: str, line_no: int, sampling: SamplingSpec) -> P
     return PromptLine(
         id=line_id, file=file, line=line_no, text=text,
         query=obj.get("prompt") if messages is None else None, messages=messages,
-        sampling=_sampling(sampling, obj.get("sampling")),
+        sampling=_sampling(sampling, obj.get("sampling")), metadata=_metadata(obj, _ZIYA_FIELDS),
     )
 
 
@@ -200,6 +222,7 @@ def _parse_openai(obj: dict, file: str, line_no: int, sampling: SamplingSpec) ->
     if not isinstance(body, dict):
         raise LineError(errors.MISSING_PROMPT, "openai-batch line has no 'body' object")
     override = {ours: body[theirs] for theirs, ours in _OPENAI_SAMPLING.items() if body.get(theirs) is not None}
+    want_logprobs, top_logprobs = _openai_logprobs(body)
     if isinstance(override.get("stop"), str):
         override["stop"] = [override["stop"]]
     messages = None
@@ -221,4 +244,5 @@ def _parse_openai(obj: dict, file: str, line_no: int, sampling: SamplingSpec) ->
         query=body.get("prompt") if messages is None else None, messages=messages,
         sampling=_sampling(sampling, override or None),
         endpoint=short_text(obj.get("url") or endpoint), model_name=short_text(body.get("model") or "ziya-llama-13b"),
+        metadata=_metadata(obj, _OPENAI_FIELDS), want_logprobs=want_logprobs, top_logprobs=top_logprobs,
     )

@@ -6,6 +6,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
+from .engine.types import SamplingParams
+
 if TYPE_CHECKING:
     from .spec import SamplingSpec
 
@@ -22,9 +24,6 @@ class ShardRef:
     first_line: int     # 1-based line number of the line at `start`
     num_lines: int
 
-    def part_name(self, ext: str = "jsonl") -> str:
-        return f"part-{self.index:05d}.{ext}"
-
 
 @dataclass(frozen=True)
 class PromptLine:
@@ -39,6 +38,10 @@ class PromptLine:
     messages: Optional[list] = None             # multi-turn conversation as given
     endpoint: Optional[str] = None              # openai-batch: the request's url
     model_name: Optional[str] = None            # openai-batch: body.model, echoed back
+    metadata: Optional[dict] = None             # the line's other fields (labels: an answer, a schema), as given
+    logprobs_mode: str = SamplingParams.logprobs_mode    # experience.logprobs_mode of the job
+    top_logprobs: int = SamplingParams.top_logprobs      # per token (the job's, or an OpenAI request's)
+    want_logprobs: bool = False                 # openai-batch: the request asked for logprobs
 
 
 @dataclass
@@ -52,6 +55,10 @@ class SampleOutput:
     logprobs: Optional[list[float]] = None
     ref_logprobs: Optional[list[float]] = None
     reward: Optional[float] = None
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None   # per token [(id, logprob), ...]
+    rewards: Optional[dict[str, Optional[float]]] = None           # reward components by name
+    reward_error: Optional[str] = None                             # why a component is null (one line)
+    openai_logprobs: Optional[dict] = None                         # openai-batch: the choice's logprobs object
 
 
 @dataclass
@@ -129,6 +136,7 @@ def result_record(r: LineResult, s: SampleOutput) -> dict:
         "response": s.text,
         "finish_reason": s.finish_reason,
         "usage": {"prompt_tokens": len(r.prompt_ids), "completion_tokens": len(s.token_ids)},
+        "metadata": r.line.metadata,
     }
 
 
@@ -142,6 +150,7 @@ def sft_record(r: LineResult, s: SampleOutput) -> dict:
     else:
         rec["prompt"] = r.line.query
         rec["response"] = s.text
+    rec["metadata"] = r.line.metadata
     return rec
 
 
@@ -167,9 +176,13 @@ def experience_record(r: LineResult, s: SampleOutput, group_id: Optional[str] = 
         "kl": None,
         "kl_k3": None,
         "reward": s.reward,
+        "rewards": s.rewards,
+        "reward_error": s.reward_error,
         "finish_reason": s.finish_reason,
         "response_length": len(s.token_ids),
         "total_length": len(r.prompt_ids) + len(s.token_ids),
+        "top_logprobs": None if s.top_logprobs is None else [[[i, lp] for i, lp in pos] for pos in s.top_logprobs],
+        "metadata": r.line.metadata,
     }
     if s.logprobs is not None and s.ref_logprobs is not None:
         rec["kl"], rec["kl_k3"] = kl_terms(s.logprobs, s.ref_logprobs)
@@ -184,11 +197,11 @@ def openai_batch_record(r: LineResult) -> dict:
     chat = r.line.endpoint == "/v1/chat/completions" or r.line.messages is not None
     if chat:
         choices = [{"index": s.index, "message": {"role": "assistant", "content": s.text},
-                    "finish_reason": s.finish_reason, "logprobs": None} for s in r.samples]
+                    "finish_reason": s.finish_reason, "logprobs": s.openai_logprobs} for s in r.samples]
         obj = "chat.completion"
     else:
-        choices = [{"index": s.index, "text": s.text, "finish_reason": s.finish_reason, "logprobs": None}
-                   for s in r.samples]
+        choices = [{"index": s.index, "text": s.text, "finish_reason": s.finish_reason,
+                    "logprobs": s.openai_logprobs} for s in r.samples]
         obj = "text_completion"
     req_id = uuid.uuid4().hex
     return {
@@ -209,6 +222,41 @@ def openai_batch_record(r: LineResult) -> dict:
         },
         "error": None,
     }
+
+
+def token_piece(piece: str) -> tuple[str, list[int]]:
+    """(text, UTF-8 bytes) of a sentencepiece piece: '▁' is a space, '<0x0A>' a raw byte."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            b = [int(piece[3:5], 16)]
+            return bytes(b).decode("utf-8", errors="replace"), b
+        except ValueError:
+            pass
+    text = piece.replace("\u2581", " ")
+    return text, list(text.encode("utf-8"))
+
+
+def openai_logprobs(token_ids: list[int], logprobs: list[float], top: Optional[list[list[tuple[int, float]]]],
+                    pieces, chat: bool) -> dict:
+    """The logprobs object of an OpenAI choice. chat: {"content": [{token, logprob, bytes, top_logprobs:
+    [{token, logprob, bytes}]}]}; completions: {tokens, token_logprobs, top_logprobs: [{token: logprob}],
+    text_offset}. `pieces(ids)` gives the tokenizer's pieces of token ids."""
+    names = [token_piece(p) for p in pieces(list(token_ids))]
+    top = top or [[] for _ in token_ids]
+    top_names = [[token_piece(p) for p in pieces([i for i, _ in pos])] for pos in top]
+    if chat:
+        return {"content": [
+            {"token": t, "logprob": lp, "bytes": b,
+             "top_logprobs": [{"token": tt, "logprob": tlp, "bytes": tb}
+                              for (tt, tb), (_, tlp) in zip(tn, pos)]}
+            for (t, b), lp, pos, tn in zip(names, logprobs, top, top_names)]}
+    offsets, at = [], 0
+    for t, _ in names:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": [t for t, _ in names], "token_logprobs": list(logprobs),
+            "top_logprobs": [{tt: tlp for (tt, _), (_, tlp) in zip(tn, pos)} for pos, tn in zip(top, top_names)],
+            "text_offset": offsets}
 
 
 def openai_batch_error(f: LineFailure) -> dict:

@@ -30,6 +30,8 @@ TOKEN_ENV = "ZIYA_BATCH_API_TOKEN"
 PREFIXES_ENV = "ZIYA_BATCH_ALLOWED_PREFIXES"
 MODELS_ENV = "ZIYA_BATCH_ALLOWED_MODELS"
 MODEL_ENV = "ZIYA_BATCH_MODEL"
+REWARD_FUNCTIONS_ENV = "ZIYA_BATCH_ALLOWED_REWARD_FUNCTIONS"
+REWARD_URLS_ENV = "ZIYA_BATCH_ALLOWED_REWARD_URLS"
 STORAGE_OPTIONS_ENV = "ZIYA_BATCH_STORAGE_OPTIONS"
 COMMIT_ENV = "ZIYA_BATCH_COMMIT"
 REDIS_IDLE_ENV = "ZIYA_BATCH_REDIS_IDLE_S"
@@ -109,6 +111,14 @@ def allowed_prefixes() -> tuple[str, ...]:
 
 def allowed_models() -> tuple[str, ...]:
     return split_list(_get(MODELS_ENV))
+
+
+def allowed_reward_functions() -> tuple[str, ...]:
+    return split_list(_get(REWARD_FUNCTIONS_ENV))
+
+
+def allowed_reward_urls() -> tuple[str, ...]:
+    return split_list(_get(REWARD_URLS_ENV))
 
 
 def api_model(given: Optional[str] = None) -> Optional[str]:

@@ -47,6 +47,12 @@ class ModelSpec(_Strict):
     """Model copies; auto = GPUs // tensor_parallel (one on a machine without GPUs)."""
     trust_remote_code: bool = _EC.trust_remote_code
     """Allow custom modelling code from the checkpoint. Off unless you trust the checkpoint."""
+    quantization: Optional[Literal["fp8"]] = _EC.quantization
+    """fp8: the linear layers' weights in float8 e4m3 with per-output-channel scales and activations quantised
+    per token (W8A8), half the weight memory and bytes a decode step reads; outputs differ slightly from
+    float16. Quantised when the engine loads a float16 checkpoint, or read as is from one `ziya-batch
+    quantize` wrote. Needs GPUs of compute capability 8.9 or newer (Ada, Hopper): elsewhere the engine
+    refuses to load. null: weights in `dtype` (an FP8 checkpoint's are then widened to it)."""
 
     @field_validator("replicas")
     @classmethod
@@ -103,7 +109,10 @@ class FiltersSpec(_Strict):
     dedup: bool = False
     """Drop exact-duplicate responses (normalized hash) within a shard."""
     min_reward: Optional[float] = None
-    """Drop samples whose reward is below this (needs experience.reward_model)."""
+    """Drop samples whose reward is below this (needs a reward: experience.reward_model/function/url)."""
+    drop_constant_reward_groups: bool = False
+    """Write no experience records for a prompt whose n samples all got the same reward (zero advantage: no
+    gradient for GRPO-style trainers); counted in the manifest summary. results/ and sft/ are unaffected."""
 
 
 RecordKind = Literal["results", "sft", "experience"]
@@ -127,13 +136,75 @@ class OutputSpec(_Strict):
         return v
 
 
+LogprobsMode = Literal["temperature", "raw", "processed"]
+# a stored spec from before experience.logprobs_mode (2026-12-06) was produced with processed logprobs: it
+# resumes in that mode (stored_spec); with a reference model, where processed is refused, in temperature mode
+LEGACY_LOGPROBS_MODE: LogprobsMode = "processed"
+
+
 class ExperienceSpec(_Strict):
     logprobs: bool = True
     """Record each sampled token's logprob under the policy."""
+    logprobs_mode: LogprobsMode = _SP.logprobs_mode
+    """Which distribution `logprobs` (and `ref_logprobs`, `top_logprobs`) are taken under. temperature:
+    log-softmax of logits / T over the full vocabulary (T the sample's temperature, 1 for greedy rows), what
+    PPO/GRPO trainers recompute; raw: log-softmax of the logits; processed: the distribution sampled from,
+    after repetition penalty, top_k and top_p (no reference model: it cannot reproduce the cut)."""
+    top_logprobs: int = Field(_SP.top_logprobs, ge=0, le=20)
+    """Per response token, the k most likely token ids with their logprobs (under logprobs_mode); 0 = off."""
     reference_model: Optional[str] = None
     """Checkpoint whose logprobs of the response give ref_logprobs and per-token kl."""
     reward_model: Optional[str] = None
-    """Reward checkpoint (Ziya-LLaMA-7B-Reward layout or a 1-label sequence classifier): adds reward."""
+    """Reward checkpoint (Ziya-LLaMA-7B-Reward layout or a 1-label sequence classifier): adds rewards.model."""
+    reward_function: Optional[str] = None
+    """'package.module:function' or 'path/to/file.py:function', called as f(prompt, response, metadata) ->
+    float on the workers (built-ins: ziya_batch.rewards:exact_match, math_answer, json_schema). Adds
+    rewards.<function name>."""
+    reward_url: Optional[str] = None
+    """http(s) endpoint receiving POST {"items": [{prompt, response, metadata}, ...]} and answering
+    {"rewards": [float|null, ...]}: a sandbox running tests, a judge. Adds rewards.url."""
+    reward_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    """Per call of reward_function, and per HTTP request to reward_url; past it that sample's reward is null."""
+    reward_weights: dict[str, float] = Field(default_factory=dict)
+    """Weight of each reward component by name ("model", the function's name, "url"); default 1 each.
+    reward = the weighted sum, null if any component is null."""
+
+    @field_validator("reward_function")
+    @classmethod
+    def _function_ref(cls, v):
+        from .rewards import BUILTINS
+
+        if v is not None and v not in BUILTINS:
+            target, sep, name = v.rpartition(":")
+            if not sep or not target or not name.isidentifier():
+                raise ValueError(f"expected a built-in ({', '.join(BUILTINS)}), 'package.module:function' or "
+                                 "'path/to/file.py:function'")
+        return v
+
+    @field_validator("reward_url")
+    @classmethod
+    def _http_url(cls, v):
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+    def reward_names(self) -> list[str]:
+        """The reward components this spec configures, by the names `rewards` and reward_weights use."""
+        names = ["model"] if self.reward_model else []
+        if self.reward_function:
+            names.append(self.reward_function.rpartition(":")[2])
+        return names + (["url"] if self.reward_url else [])
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.logprobs_mode == "processed" and self.reference_model:
+            raise ValueError("logprobs_mode 'processed' cannot be used with a reference_model (the reference cannot "
+                             "reproduce the policy's top_k/top_p cut, so kl would be biased): use 'temperature'")
+        unknown = sorted(set(self.reward_weights) - set(self.reward_names()))
+        if unknown:
+            raise ValueError(f"reward_weights names {', '.join(unknown)}, not a configured reward (configured: "
+                             f"{', '.join(self.reward_names()) or 'none'})")
+        return self
 
 
 class EngineSpec(_Strict):
@@ -191,6 +262,13 @@ class JobSpec(_Strict):
         return [v] if isinstance(v, str) else v
 
     @model_validator(mode="after")
+    def _filters_have_rewards(self):
+        if self.output.filters.drop_constant_reward_groups and not self.experience.reward_names():
+            raise ValueError("output.filters.drop_constant_reward_groups needs a reward: set experience.reward_model, "
+                             "reward_function or reward_url")
+        return self
+
+    @model_validator(mode="after")
     def _samples_fit_the_batch(self):
         # a prompt's n samples decode together: more than the engine's seats could never start
         if self.sampling.n > self.engine.max_num_seqs:
@@ -212,14 +290,14 @@ class JobSpec(_Strict):
             for key in section:
                 parent = parent[key]
             del parent[name]
-        return _hash(d)
+        return _hash(_without_new_defaults(d))
 
     def legacy_identity(self) -> str:
         """The id earlier releases (until 2026-11-29) gave this spec (the hash of every field): a job started under it
         resumes under it (jobs/submit.py)."""
         d = self.model_dump(mode="json")
         del d["engine"]["prefix_caching"]          # added since: not part of those ids
-        return _hash(d)
+        return _hash(_without_new_defaults(d))
 
 
 # How fast and where a job runs, not what it writes: a job submitted again with other values of these is the same
@@ -246,6 +324,35 @@ def run_field_changes(old: JobSpec, new: JobSpec) -> list[str]:
         if a != b:
             changes.append(f"{'.'.join(path)}: {a} -> {b}")
     return changes
+
+
+# Fields added after jobs were already running, with the value that leaves a job's identity as it was: a spec that
+# keeps the default hashes as it did before the field existed (so an upgrade does not start its job again).
+NEW_FIELD_DEFAULTS: tuple[tuple[tuple[str, ...], Any], ...] = (
+    (("experience", "logprobs_mode"), "temperature"), (("experience", "top_logprobs"), 0),
+    (("experience", "reward_function"), None), (("experience", "reward_url"), None),
+    (("experience", "reward_timeout_s"), 30.0), (("experience", "reward_weights"), {}),
+    (("output", "filters", "drop_constant_reward_groups"), False), (("model", "quantization"), None))
+
+
+def _without_new_defaults(d: dict) -> dict:
+    for (*section, name), default in NEW_FIELD_DEFAULTS:
+        parent = d
+        for key in section:
+            parent = parent.get(key, {})
+        if name in parent and parent[name] == default:
+            del parent[name]
+    return d
+
+
+def stored_spec(data: dict, source: str = "stored job spec") -> "JobSpec":
+    """A spec as a job stored it (Redis, a manifest). One stored before experience.logprobs_mode existed ran with
+    processed logprobs, so it resumes in that mode (its parts stay consistent); with a reference model, where
+    processed is refused, in temperature mode (its ref_logprobs were already taken at temperature 1)."""
+    exp = data.get("experience") if isinstance(data, dict) else None
+    if isinstance(exp, dict) and "logprobs_mode" not in exp and not exp.get("reference_model"):
+        data = {**data, "experience": {**exp, "logprobs_mode": LEGACY_LOGPROBS_MODE}}
+    return parse_spec(data, source)
 
 
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))

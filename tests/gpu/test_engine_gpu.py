@@ -261,7 +261,7 @@ def test_a_worker_switches_models_on_the_gpu_and_frees_the_one_it_drops(tmp_path
     switch drops the loaded engine (weights, KV cache, CUDA graphs) before the next loads, so every engine gets
     the same size of cache, and a model loaded again gives the greedy tokens it gave the first time."""
     from ziya_batch.tools.demo_model import write_demo_model
-    from ziya_batch.runtime.models import ModelCache
+    from ziya_batch.work.models import ModelCache
     from ziya_batch.spec import parse_spec
 
     specs = {}

@@ -47,7 +47,7 @@ def test_a_tensor_parallel_replica_switches_models_on_both_gpus(tmp_path):
 
     from ziya_batch.tools.demo_model import write_demo_model
     from ziya_batch.tools.testing import tp_switch_worker
-    from ziya_batch.runtime.models import engine_config
+    from ziya_batch.work.models import engine_config
     from ziya_batch.spec import parse_spec
 
     specs = {}

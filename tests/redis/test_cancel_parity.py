@@ -11,7 +11,7 @@ from ziya_batch.api.app import create_app
 from ziya_batch.api.settings import ApiSettings
 from ziya_batch.jobs import submit_job
 from ziya_batch.queue import Broker, JobState
-from ziya_batch.runtime.worker import Worker
+from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 
 TOKEN = "test-token-0123456789"

@@ -18,7 +18,7 @@ import yaml
 from ziya_batch import io
 from ziya_batch.queue import JobState
 from ziya_batch.jobs import submit_job
-from ziya_batch.runtime.worker import Worker
+from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 
 REPO = Path(__file__).resolve().parents[2]

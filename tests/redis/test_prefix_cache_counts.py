@@ -34,7 +34,7 @@ def test_a_templated_job_reuses_its_shared_prefix_across_shards_and_reports_it(t
     from ziya_batch import io
     from ziya_batch.queue import JobState
     from ziya_batch.jobs.submit import submit_job
-    from ziya_batch.runtime.worker import Worker
+    from ziya_batch.work.worker import Worker
     from ziya_batch.spec import parse_spec
 
     template = "You are a careful travel guide. " * 12 + "Answer in one sentence. Question: "

@@ -10,7 +10,8 @@ import pytest
 from ziya_batch import io
 from ziya_batch.jobs import submit_job
 from ziya_batch.queue import JobState
-from ziya_batch.runtime.worker import Worker
+from ziya_batch.jobs import submit_job
+from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 
 N_LINES, SHARD_SIZE, N = 40, 8, 2

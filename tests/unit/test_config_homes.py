@@ -12,7 +12,7 @@ import pytest
 
 from ziya_batch import spec as spec_module
 from ziya_batch.engine.types import EngineConfig, SamplingParams
-from ziya_batch.spec import EngineSpec, ModelSpec, SamplingSpec, engine_config, parse_spec, sampling_params
+from ziya_batch.spec import EngineSpec, ExperienceSpec, ModelSpec, SamplingSpec, engine_config, parse_spec, sampling_params
 
 PACKAGE = Path(spec_module.__file__).resolve().parent
 HOME = PACKAGE / "engine" / "types.py"
@@ -20,6 +20,8 @@ BASE = {"name": "t", "model": {"path": "m"}, "input": ["a.jsonl"], "output": {"p
 
 # spec fields the engine does not read (none today); a new one must be named here on purpose
 SAMPLING_SPEC_ONLY: frozenset[str] = frozenset()
+# SamplingParams fields a job sets under experience.* (the worker passes them to spec.sampling_params)
+SAMPLING_FROM_EXPERIENCE = frozenset({"logprobs_mode", "top_logprobs"})
 ENGINE_SPEC_ONLY: frozenset[str] = frozenset()
 # EngineConfig fields a job spec does not set: where they come from instead
 ENGINE_CONFIG_NOT_IN_SPEC = {"model_path", "device", "num_kv_blocks", "max_model_len", "admission_horizon_tokens",
@@ -44,7 +46,10 @@ def test_every_sampling_field_has_the_engines_name_and_default():
         want = engine[name].default
         got = _default(SamplingSpec, name)
         assert (tuple(got) if isinstance(got, list) else got) == want, f"sampling.{name}: {got!r} != {want!r}"
-    assert set(engine) <= set(SamplingSpec.model_fields), "a SamplingParams field a job spec cannot set"
+    assert set(engine) - SAMPLING_FROM_EXPERIENCE <= set(SamplingSpec.model_fields), \
+        "a SamplingParams field a job spec cannot set"
+    for name in SAMPLING_FROM_EXPERIENCE:
+        assert _default(ExperienceSpec, name) == engine[name].default, f"experience.{name} and SamplingParams differ"
 
 
 def test_every_engine_field_has_the_engines_name_and_default():
@@ -63,8 +68,9 @@ def test_sampling_params_carries_every_field():
     # a value unlike each default, so a field dropped on the way shows
     s = SamplingSpec(max_new_tokens=7, min_new_tokens=2, temperature=0.5, top_p=0.5, top_k=3, repetition_penalty=1.2,
                      n=2, seed=11, stop=["x"], stop_token_ids=[9], ignore_eos=True)
-    p = sampling_params(s)
-    for name in _fields(SamplingParams):
+    p = sampling_params(s, logprobs_mode="raw", top_logprobs=3)
+    assert (p.logprobs_mode, p.top_logprobs) == ("raw", 3)
+    for name in set(_fields(SamplingParams)) - SAMPLING_FROM_EXPERIENCE:
         got, want = getattr(p, name), getattr(s, name)
         assert got == (tuple(want) if isinstance(want, list) else want), name
         assert got != getattr(SamplingParams(), name), f"{name}: the test's value must differ from the default"

@@ -18,8 +18,10 @@ def make_engine(num_kv_heads=4, **kw) -> LLMEngine:
 
 
 def greedy(max_new: int, **kw) -> SamplingParams:
-    # min_new_tokens = max_new masks EOS exactly as transformers' min_new_tokens does in the reference
-    return SamplingParams(max_new_tokens=max_new, min_new_tokens=max_new, temperature=0.0, **kw)
+    # min_new_tokens = max_new masks EOS exactly as transformers' min_new_tokens does in the reference, whose
+    # scores are the processed distribution's
+    return SamplingParams(max_new_tokens=max_new, min_new_tokens=max_new, temperature=0.0,
+                          logprobs_mode="processed", **kw)
 
 
 def random_prompts(n: int, seed: int, lo: int = 1, hi: int = 60) -> list[list[int]]:

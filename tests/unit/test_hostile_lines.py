@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from ziya_batch import errors
 from ziya_batch.io.schema import encode_jsonl
 from ziya_batch.records import MESSAGE_CHARS, LineFailure, LineResult, SampleOutput, TooLongLine
-from ziya_batch.runtime.generation import build_parts, line_id, parse_shard
+from ziya_batch.work.generation import build_parts, line_id, parse_shard
 from ziya_batch.spec import parse_spec
 
 BASE = {"name": "h", "model": {"path": "m"}, "input": ["in.jsonl"], "output": {"path": "o"}}

@@ -286,3 +286,29 @@ def test_url_helpers():
     assert part_path("s3://b/run", "sft", 12, "parquet") == "s3://b/run/sft/part-00012.parquet"
     assert normalize_url("file:///tmp/x/") == "/tmp/x"
     assert normalize_url("s3://b/p/") == "s3://b/p"
+
+
+def test_output_dir_holds_the_filesystem_names_and_owner_once(tmp_path, monkeypatch, shard_parts):
+    """One OutputDir opens the directory once and serves the whole commit protocol, the owner file and the names;
+    the URL functions are its methods."""
+    from ziya_batch.io import OutputDir, new_attempt
+    from ziya_batch.io import storage
+
+    opened = []
+    real = storage.url_to_fs
+    monkeypatch.setattr(storage, "url_to_fs", lambda url: opened.append(url) or real(url))
+    out = OutputDir(str(tmp_path / "out"), "parquet")
+    attempt = new_attempt()
+    staged = out.stage(7, 3, attempt, shard_parts())
+    assert sorted(os.path.basename(p.path) for p in staged.values()) == [f"part-00007.3-{attempt}.parquet"] * 4
+    marker = out.promote(7, 3, attempt, {k: (p.lines, p.sha256) for k, p in staged.items()}, {"prompts_done": 3})
+    assert marker.parts["results"].path == "results/part-00007.parquet" == out.part_rel("results", 7, "parquet")
+    assert out.part_url("sft", 7) == str(tmp_path / "out" / "sft" / "part-00007.parquet")
+    assert out.committed_shards() == {7: marker} and out.read_marker(7) == marker
+    assert list(out.commit_times()) == [7]
+    assert out.owner() is None
+    out.set_owner("job-1")
+    assert out.owner() == "job-1" and out.read_json("_owner.json") == {"job_id": "job-1"}
+    out.discard(7, 3, attempt)                # a discard after the commit leaves the committed output alone
+    assert out.read(marker.parts["errors"].path) is not None
+    assert opened == [str(tmp_path / "out")]

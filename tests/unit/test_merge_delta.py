@@ -229,7 +229,7 @@ def test_comparing_jobs_merges_nothing(tmp_path, monkeypatch):
     """A worker compares jobs' engines on every claim (which model is loaded, which jobs share one): for a base +
     delta spec that must not merge, or even look at, the checkpoints; only loading its engine does."""
     from ziya_batch.engine import merge_delta
-    from ziya_batch.runtime.models import engine_key
+    from ziya_batch.work.models import engine_key
     from ziya_batch.spec import parse_spec
 
     def no_merge(*a, **k):

@@ -8,7 +8,7 @@ from ziya_batch.api.app import create_app
 from ziya_batch.api.settings import ApiSettings
 from ziya_batch.errors import ModelError, ServiceError
 from ziya_batch.runtime import cluster
-from ziya_batch.runtime.models import check_remote_code
+from ziya_batch.work.models import check_remote_code
 from ziya_batch.spec import JobSpec
 
 

@@ -235,7 +235,7 @@ def test_fp8_cache_gives_the_same_greedy_output_with_caching_on_and_off():
 
 def test_a_shard_stream_adds_lines_sharing_a_prefix_together_and_returns_them_in_line_order():
     from ziya_batch.records import PromptLine
-    from ziya_batch.runtime.generation import ShardStream
+    from ziya_batch.work.generation import ShardStream
     from ziya_batch.spec import SamplingSpec
 
     sampling = SamplingSpec(max_new_tokens=3, min_new_tokens=3, temperature=0.0)

@@ -114,7 +114,7 @@ def test_a_replica_switches_models_on_every_rank(tmp_path):
     loads the new model's shards on both ranks, and each job's greedy tokens equal that model's in one process."""
     from ziya_batch.tools.demo_model import write_demo_model
     from ziya_batch.tools.testing import tp_switch_worker
-    from ziya_batch.runtime.models import engine_config
+    from ziya_batch.work.models import engine_config
     from ziya_batch.spec import parse_spec
 
     specs = []

@@ -12,6 +12,11 @@ module that reads the environment); every request sees the same frozen value.
   ``base``, ``delta``, ``experience.reference_model``, ``experience.reward_model``) must lie under. The
   server's own ``--model`` directory is always allowed. Model directories are kept apart from data
   prefixes on purpose: people can write to data prefixes, and a model directory decides what code runs.
+- ``ZIYA_BATCH_ALLOWED_REWARD_FUNCTIONS``: comma-separated ``experience.reward_function`` values jobs may name
+  besides the built-ins (``exact_match``, ``math_answer``, ``json_schema``); a reward function runs its code on
+  the workers, so over HTTP only these are accepted, exactly as written (``my_pkg.scoring:passes_tests``).
+- ``ZIYA_BATCH_ALLOWED_REWARD_URLS``: comma-separated URL prefixes ``experience.reward_url`` must lie under
+  (the workers POST prompts and responses there). Unset: no job may name a reward_url over HTTP.
 - ``ZIYA_BATCH_MODEL``: the model OpenAI-batch requests run on (``--model``).
 - ``--storage`` (default ``$ZIYA_BATCH_HOME/files``): where uploaded files, batch records and batch
   outputs live; any fsspec URL.
@@ -24,7 +29,8 @@ from typing import Optional
 from .. import settings as env
 from ..errors import ServiceError
 # the variables' names, for messages (access.py and openai_batch.py import them from here)
-from ..settings import MODEL_ENV, MODELS_ENV, PREFIXES_ENV, TOKEN_ENV  # noqa: F401
+from ..settings import (MODEL_ENV, MODELS_ENV, PREFIXES_ENV, REWARD_FUNCTIONS_ENV, REWARD_URLS_ENV,  # noqa: F401
+                        TOKEN_ENV)
 from ..spec import JobSpec, SamplingSpec
 
 
@@ -38,6 +44,10 @@ class ApiSettings:
     """Model directory prefixes jobs may name, besides `model`."""
     model: Optional[str] = None
     """Model directory (or URL) for OpenAI-batch requests; None refuses batches with a message."""
+    allowed_reward_functions: tuple[str, ...] = ()
+    """experience.reward_function values accepted besides the built-ins."""
+    allowed_reward_urls: tuple[str, ...] = ()
+    """Prefixes experience.reward_url must start with; empty refuses every reward_url."""
     storage_url: str = ""
     """Where /v1/files and /v1/batches keep their objects."""
     insecure_no_auth: bool = False
@@ -69,6 +79,8 @@ class ApiSettings:
             token=None if insecure_no_auth and not token else token,
             allowed_prefixes=env.allowed_prefixes(),
             allowed_models=env.allowed_models(),
+            allowed_reward_functions=env.allowed_reward_functions(),
+            allowed_reward_urls=env.allowed_reward_urls(),
             model=env.api_model(model),
             storage_url=storage or str(env.home_dir() / "files"),
             insecure_no_auth=insecure_no_auth,

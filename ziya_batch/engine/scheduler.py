@@ -64,6 +64,7 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)   # if params.top_logprobs
     num_preemptions: int = 0
     block_keys: list[bytes] = field(default_factory=list)   # prefix caching: keys of full blocks of token_ids
     num_keyed: int = 0                   # leading block_ids already in the cache (hits, or cached once computed)

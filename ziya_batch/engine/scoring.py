@@ -1,7 +1,9 @@
 """Scoring generated samples for experience records: reference-model logprobs and reward-model scores.
 
-ReferenceScorer: the logprob of each response token under a reference causal LM (temperature 1, no
-sampling processors), for ref_logprobs and the per-token KL.
+ReferenceScorer: the logprob of each response token under a reference causal LM, for ref_logprobs and the
+per-token KL: log-softmax of the logits divided by the sample's temperature (experience.logprobs_mode
+temperature; 1 for greedy samples and for raw mode), the definition the policy's logprobs use, so the KL of
+the policy against itself is zero.
 
 RewardScorer: one scalar per (prompt, response), from either of two checkpoint layouts:
 - "ziya": Ziya-LLaMA-7B-Reward's. A LlamaModel (`model.*` weights) plus `value_head` (Linear(hidden, k),
@@ -97,10 +99,13 @@ class ReferenceScorer:
         self.max_len = getattr(self.model.config, "max_position_embeddings", None)
 
     @torch.no_grad()
-    def logprobs(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> list[list[float]]:
-        """logprob of response_ids[i][j] given prompt_ids[i] + response_ids[i][:j], for every i, j."""
+    def logprobs(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                 temperatures: Optional[Sequence[float]] = None) -> list[list[float]]:
+        """logprob of response_ids[i][j] given prompt_ids[i] + response_ids[i][:j], for every i, j, under
+        log_softmax(logits / temperatures[i]) (1 where not given or 0: greedy)."""
         if len(prompt_ids) != len(response_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+        temps = [t if t and t > 0 else 1.0 for t in (temperatures or [1.0] * len(prompt_ids))]
         out: list[list[float]] = [[] for _ in prompt_ids]
         todo = []
         for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
@@ -121,7 +126,8 @@ class ReferenceScorer:
             for row, i in enumerate(rows):
                 p, r = len(prompt_ids[i]), len(response_ids[i])
                 # the token at position t is predicted by the logits at t - 1
-                lp = logits[row, p - 1: p + r - 1].float().log_softmax(dim=-1)  # [R, V]
+                # the same float32 division the policy's sampler does (sampling.sample_full)
+                lp = (logits[row, p - 1: p + r - 1].float() / temps[i]).log_softmax(dim=-1)  # [R, V]
                 target = ids[row, p: p + r].unsqueeze(-1)  # [R, 1]
                 out[i] = lp.gather(-1, target).squeeze(-1).tolist()
         return out

@@ -27,6 +27,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()       # stop strings: the text is cut before the first one
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False         # benchmarks: run to max_new_tokens regardless of EOS
+    # which distribution Completion.logprobs are taken under: "temperature" (log-softmax of logits / T over the
+    # full vocabulary, T = 1 for greedy: what PPO/GRPO trainers recompute), "raw" (log-softmax of the logits) or
+    # "processed" (the one sampled from: after repetition penalty, min_new_tokens bans, top_k and top_p)
+    logprobs_mode: str = "temperature"
+    top_logprobs: int = 0            # per token, the k most likely ids with logprobs under logprobs_mode
 
 
 @dataclass
@@ -42,7 +47,8 @@ class Completion:
     token_ids: list[int]             # generated ids; a stop string's tokens and EOS are not included
     text: str                        # decoded text, cut before a stop string
     finish_reason: str               # "stop" | "length"
-    logprobs: list[float]            # logprob of each returned token under the (processed) policy
+    logprobs: list[float]            # logprob of each returned token under params.logprobs_mode
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None   # per token [(id, logprob)...] if asked
 
 
 @dataclass
@@ -75,6 +81,9 @@ class EngineConfig:
     schedule: str = "tail-longest-first"
     # "auto" (the model's dtype) or "fp8" (float8 e4m3: twice the tokens in the same memory; see kv_cache.py)
     kv_cache_dtype: str = "auto"
+    # None (linear weights in dtype) or "fp8" (float8 e4m3 weights with per-channel scales, activations
+    # quantised per token: half the weight bytes a step reads; GPUs of compute capability 8.9+; see quant.py)
+    quantization: Optional[str] = None
     # schedule and launch step N+1 while the device still runs step N (see LLMEngine.step)
     async_scheduling: bool = True
     # keep computed full KV blocks keyed by their token prefix and reuse them across requests (see scheduler.py)

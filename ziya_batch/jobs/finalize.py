@@ -27,6 +27,9 @@ def _summary(status, markers) -> dict:
         # a marker's stats are the worker's ShardStats as committed (older markers lack these: 0)
         "prefix_cache_hit_tokens": sum(int(m.stats.get("prefix_cache_hit_tokens", 0)) for m in markers.values()),
         "prefix_cache_query_tokens": sum(int(m.stats.get("prefix_cache_query_tokens", 0)) for m in markers.values()),
+        # prompts whose samples all got one reward, left out of experience/ (output.filters)
+        "dropped_constant_reward_groups": sum(int(m.stats.get("dropped_constant_reward_groups", 0))
+                                              for m in markers.values()),
     }
 
 
@@ -38,9 +41,9 @@ def finalize_if_ready(broker: "JobsBroker", job_id: str) -> bool:
     if status is None:
         return False
     spec = broker.get_spec(job_id)
-    out = spec.output.path
+    out = io.OutputDir(spec.output.path, spec.output.format)
     if status.state == JobState.CANCELLED:
-        return _finalize_cancelled(broker, job_id, status, spec)
+        return _finalize_cancelled(broker, job_id, status, spec, out)
     if status.state != JobState.FINALIZING or not broker.begin_finalize(job_id):
         return False
     try:
@@ -51,7 +54,7 @@ def finalize_if_ready(broker: "JobsBroker", job_id: str) -> bool:
             return False
         io.write_manifest(out, spec.to_json(), {**_summary(status, markers), "state": "completed"}, markers)
         broker.mark_completed(job_id)
-        io.clear_staging(out)       # leftovers of lost attempts; the manifest no longer needs them
+        out.clear_staging()         # leftovers of lost attempts; the manifest no longer needs them
         log.info("job %s completed: manifest written to %s", job_id, out)
         return True
     except Exception as err:
@@ -71,17 +74,16 @@ def finish_empty_job(broker: "JobsBroker", status: "JobStatus") -> "JobStatus":
     return broker.status(status.job_id)
 
 
-def _committed(broker: "JobsBroker", job_id: str, out: str, skip_lost: bool = False) -> dict:
+def _committed(broker: "JobsBroker", job_id: str, out: "io.OutputDir", skip_lost: bool = False) -> dict:
     """Every shard's commit marker, after promoting the parts of commits Redis accepted whose promotion a
     crash (or a finalize call racing the worker) left undone. `skip_lost`: a shard whose staged parts are gone
     is logged and left out instead of raising CommitError."""
-    markers = io.committed_shards(out)
+    markers = out.committed_shards()
     for index, (token, stats) in broker.commits(job_id).items():
         if index in markers:
             continue
         try:
-            markers[index] = io.promote_shard(out, index, token, stats.parts, stats=stats.to_dict(),
-                                              attempt=stats.attempt)
+            markers[index] = out.promote(index, token, stats.attempt, stats.parts, stats.to_dict())
         except io.CommitError as err:
             if not skip_lost:
                 raise
@@ -89,12 +91,11 @@ def _committed(broker: "JobsBroker", job_id: str, out: str, skip_lost: bool = Fa
     return markers
 
 
-def _finalize_cancelled(broker: "JobsBroker", job_id: str, status, spec) -> bool:
+def _finalize_cancelled(broker: "JobsBroker", job_id: str, status, spec, out: "io.OutputDir") -> bool:
     """A cancelled job's manifest lists every shard committed before the cancel took hold: a commit can land
     (and move the job from cancelling to cancelled) before its parts are promoted, so parts Redis accepted
     are promoted here too, and a manifest written before a late promote is written again. Every caller
     checks again after writing, so the last writer lists them all. True if this call wrote the manifest."""
-    out = spec.output.path
     wrote = False
     for _ in range(3):
         markers = _committed(broker, job_id, out, skip_lost=True)

@@ -100,6 +100,18 @@ def _run_settings_changed(spec: JobSpec, broker: "JobsBroker", job_id: str) -> l
         return []
 
 
+def _keep_logprobs_mode(spec: JobSpec, broker: "JobsBroker", job_id: str) -> JobSpec:
+    """A job started before experience.logprobs_mode existed keeps the mode its parts were written in
+    (spec.stored_spec) when its spec is submitted again: the same id, so only that legacy default can differ."""
+    try:
+        mode = broker.get_spec(job_id).experience.logprobs_mode
+    except Exception:  # noqa: BLE001 - unreadable: submit_job stores the new spec, as before
+        return spec
+    if mode == spec.experience.logprobs_mode:
+        return spec
+    return spec.model_copy(update={"experience": spec.experience.model_copy(update={"logprobs_mode": mode})})
+
+
 def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = False,
                changes: Optional[list[str]] = None, files: Optional[list[str]] = None) -> "JobStatus":
     """Queue `spec` (or find it again) and return its JobStatus. Idempotent: the same spec and output path
@@ -120,6 +132,8 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
         broker.delete_job(job_id)
     elif existing is not None and changes is not None:
         changes.extend(_run_settings_changed(spec, broker, job_id))      # before submit stores the new spec
+    if existing is not None:
+        spec = _keep_logprobs_mode(spec, broker, job_id)
     # a job Redis knows is resubmitted too: the broker then reads no shard list, but records the parts
     # that storage holds and Redis lost (the last second of writes before a crash, under appendfsync everysec)
     if files is None:

@@ -24,7 +24,7 @@ import redis
 
 from ..errors import JobNotFound
 from ..records import ShardRef
-from ..spec import JobSpec, parse_spec
+from ..spec import JobSpec, stored_spec
 from .keys import Keys
 from .scripts import Scripts
 from .server import check_config
@@ -183,7 +183,7 @@ class Broker:
         raw = self.client.get(self.keys.spec(job_id))
         if raw is None:
             raise JobNotFound(f"no job {job_id} in this Redis (list jobs with `ziya-batch status`)")
-        return parse_spec(json.loads(raw), f"spec of job {job_id}")
+        return stored_spec(json.loads(raw), f"spec of job {job_id}")
 
     def find_job(self, job_id: str) -> Optional[JobStatus]:
         if not self.client.exists(self.keys.job(job_id)):

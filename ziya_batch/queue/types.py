@@ -40,6 +40,7 @@ class ShardStats:
     # the attempt whose staged parts these are (io.stage_shard): unique even if a Redis that lost writes
     # hands one token to two workers
     attempt: str = ""
+    dropped_constant_reward_groups: int = 0   # prompts left out of experience/ (output.filters)
 
     def to_dict(self) -> dict:
         d = {"prompts_done": self.prompts_done, "prompts_failed": self.prompts_failed,
@@ -49,6 +50,8 @@ class ShardStats:
              "parts": {k: [int(v[0]), str(v[1])] for k, v in self.parts.items()}}
         if self.attempt:
             d["attempt"] = self.attempt
+        if self.dropped_constant_reward_groups:
+            d["dropped_constant_reward_groups"] = self.dropped_constant_reward_groups
         return d
 
     @classmethod

@@ -74,7 +74,7 @@ def waiting_note(broker, status) -> Optional[str]:
     nothing pending. Shown by `status` and GET /v1/jobs/{id}."""
     if not status.state.is_claimable() or not status.shards.get("pending", 0) or status.shards.get("leased", 0):
         return None
-    from .models import unserved_note
+    from ..work.models import unserved_note
 
     try:
         return unserved_note(broker, status.job_id)

@@ -53,11 +53,24 @@ class BenchOptions:
     kv_cache_dtype: str = EngineConfig.kv_cache_dtype
     workload: str = "W1"             # W1 | W2 | W2g (workload_w2, workload_w2g)
     prefix_caching: str = "on"       # on | off | both (one engine row each)
+    quantization: Optional[str] = EngineConfig.quantization    # "fp8": float8 linear weights (engine/quant.py)
+    # extra engine runs of W1, one per variant: a logprobs mode, optionally with top logprobs ("processed",
+    # "temperature", "temperature+top5"), to measure what experience.logprobs_mode / top_logprobs cost
+    logprobs: tuple[str, ...] = ()
 
 
 # the engine the bench runs: the engine's defaults (float16 on the GPU) but W1's prompt + output within 1,024
 # positions, and a larger share of the GPU (nothing else runs on it)
 BENCH_ENGINE = EngineConfig(model_path="", max_model_len=1024, gpu_memory_fraction=0.95)
+
+
+def parse_logprobs_variant(v: str) -> dict:
+    """'temperature+top5' -> {logprobs_mode: 'temperature', top_logprobs: 5}."""
+    mode, _, top = v.partition("+top")
+    if mode not in ("temperature", "raw", "processed") or (top and not (top.isdigit() and int(top) <= 20)):
+        raise ModelError(f"bench --logprobs: {v!r} is not MODE or MODE+topK (MODE temperature, raw or processed; "
+                         "K 0..20), e.g. temperature,processed,temperature+top5")
+    return {"logprobs_mode": mode, "top_logprobs": int(top or 0)}
 
 
 def workload_w1(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
@@ -87,15 +100,18 @@ def _args(layers: int) -> ModelArgs:
     return ModelArgs(**{**PRESETS["13B"], "num_layers": layers})
 
 
-def _weight_bytes(a: ModelArgs) -> int:
+def _weight_bytes(a: ModelArgs, quantization: Optional[str] = None) -> int:
     per_layer = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim * a.hidden_size + a.hidden_size * a.num_heads * \
         a.head_dim + 3 * a.hidden_size * a.intermediate_size
-    return 2 * (a.num_layers * per_layer + 2 * a.vocab_size * a.hidden_size)
+    # fp8: 1 byte a linear weight plus a float32 scale per output row; embedding and lm_head stay float16
+    rows = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + 2 * a.hidden_size + 2 * a.intermediate_size
+    linear = a.num_layers * (per_layer + 4 * rows) if quantization == "fp8" else 2 * a.num_layers * per_layer
+    return linear + 2 * 2 * a.vocab_size * a.hidden_size
 
 
-def _sampling(out_len: int, n: int = 1) -> SamplingParams:
+def _sampling(out_len: int, n: int = 1, **logprobs) -> SamplingParams:
     # the model card's sampling (SamplingParams' defaults), EOS ignored so every request runs to its own length
-    return SamplingParams(max_new_tokens=out_len, ignore_eos=True, n=n)
+    return SamplingParams(max_new_tokens=out_len, ignore_eos=True, n=n, **logprobs)
 
 
 CARD = SamplingParams()       # the model card's temperature and top_p, for the transformers baselines
@@ -107,7 +123,8 @@ def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: in
     """The random-weight engine; with world_size > 1, this rank's tensor-parallel shard (every rank makes the
     same weights from the seed, then keeps its share)."""
     from ziya_batch.engine.tp import apply_tp
-    model = apply_tp(LlamaModel.random(a, device, torch.float16, seed), rank, world_size)
+    model = apply_tp(LlamaModel.random(a, device, torch.float16, seed, config.get("quantization")), rank,
+                     world_size)
     t_init = time.perf_counter()
     eng = LLMEngine.from_model(model, None, dataclasses.replace(BENCH_ENGINE, schedule=schedule,
                                                                 kv_cache_dtype=kv_cache_dtype, **config))
@@ -115,8 +132,8 @@ def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: in
 
 
 def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: int = 1,
-                 schedule: str = BenchOptions.schedule,
-                 kv_cache_dtype: str = BenchOptions.kv_cache_dtype, **config) -> tuple[dict, dict]:
+                 schedule: str = BenchOptions.schedule, kv_cache_dtype: str = BenchOptions.kv_cache_dtype,
+                 logprobs: Optional[dict] = None, **config) -> tuple[dict, dict]:
     """Rank 0's side of the run (the only side when world_size is 1): with tensor parallelism the other
     ranks follow each step (_tp_bench_rank). work: (prompt ids, output length[, samples]) per request; config:
     EngineConfig fields to override."""
@@ -130,12 +147,12 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
     eng.time_gpu = True
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    reqs = [Request(str(i), w[0], _sampling(*w[1:])) for i, w in enumerate(work)]
+    reqs = [Request(str(i), w[0], _sampling(*w[1:], **(logprobs or {}))) for i, w in enumerate(work)]
     for r in reqs:
         eng.add_request(r)
     # per GPU: each rank reads 1/K of the weights and of the KV cache a step (the all-reduces are not counted)
     kv_tok = kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, eng.kv_caches[0][0].dtype) / world_size
-    w_bytes = _weight_bytes(a) / world_size
+    w_bytes = _weight_bytes(a, cfg.quantization) / world_size
     pre_s = pre_tok = dec_s = dec_tok = floor_s = host_dec = mix_dec = 0.0
     n_dec_steps = n_mix_steps = 0
     mix_hosts: list[float] = []
@@ -165,6 +182,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                     f"{n_dec_steps} decode-only steps ({dec_s:.1f} s), mixed steps {pre_s:.1f} s; init {init_s:.0f} s; "
                     f"fused kernels {'on' if model.use_fused else 'off'}; schedule {schedule}"
                     + (f"; KV cache {kv_cache_dtype}" if kv_cache_dtype != EngineConfig.kv_cache_dtype else "")
+                    + (f"; weights {cfg.quantization}" if cfg.quantization else "")
                     + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else "")
                     + f"; prefix caching {_hit_note(eng)}")
     prof = dict(decode_steps=n_dec_steps, decode_step_ms=1e3 * dec_s / max(n_dec_steps, 1),
@@ -188,7 +206,8 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
 
 def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requests: int, seed: int,
                    result_file: str, schedule: str = BenchOptions.schedule,
-                   kv_cache_dtype: str = BenchOptions.kv_cache_dtype) -> None:
+                   kv_cache_dtype: str = BenchOptions.kv_cache_dtype,
+                   quantization: Optional[str] = BenchOptions.quantization) -> None:
     """One process of `bench --tensor-parallel K`: one GPU each, NCCL; rank 0 runs the workload and writes
     its row and profile as JSON, the others follow its steps."""
     import json
@@ -205,11 +224,12 @@ def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requ
         bw = measure_copy_bandwidth_bytes_s(device)
         if rank == 0:
             row, prof = bench_engine(a, workload_w1(requests, a.vocab_size, seed), device, bw, seed, world_size,
-                                     schedule, kv_cache_dtype)
+                                     schedule, kv_cache_dtype, quantization=quantization)
             with open(result_file, "w") as fh:
                 json.dump({"row": row, "prof": prof, "bw": bw}, fh)
         else:
-            eng, _ = _build_engine(a, device, seed, rank, world_size, schedule, kv_cache_dtype)
+            eng, _ = _build_engine(a, device, seed, rank, world_size, schedule, kv_cache_dtype,
+                                   quantization=quantization)
             serve_follower(eng)
     except BaseException:
         # no destroy_process_group (see below): report and leave, so mp.spawn sees the failure and stops the
@@ -236,7 +256,7 @@ def bench_engine_tp(opts: "BenchOptions") -> tuple[dict, dict, float]:
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "rank0.json")
         mp.spawn(_tp_bench_rank, args=(k, os.path.join(tmp, "init"), opts.layers, opts.requests, opts.seed, result,
-                                       opts.schedule, opts.kv_cache_dtype), nprocs=k, join=True)
+                                       opts.schedule, opts.kv_cache_dtype, opts.quantization), nprocs=k, join=True)
         with open(result) as fh:
             got = json.load(fh)
     return got["row"], got["prof"], got["bw"]
@@ -283,7 +303,8 @@ def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, con
     kv_bytes = b * context * kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, k.dtype)
     r.g_ctx[:b].fill_(context)
     return dict(batch=b, context=context, step_ms=1e3 * full, weights_only_ms=1e3 * weights_only,
-                attention_ms=1e3 * attn, sampling_ms=1e3 * samp, weights_floor_ms=1e3 * _weight_bytes(a) / bw,
+                attention_ms=1e3 * attn, sampling_ms=1e3 * samp,
+                weights_floor_ms=1e3 * _weight_bytes(a, eng.config.quantization) / bw,
                 kv_floor_ms=1e3 * kv_bytes / bw, kernels=_kernel_profile(eng, b))
 
 
@@ -406,6 +427,8 @@ def run_bench(opts: BenchOptions) -> list[dict]:
     if opts.kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ModelError(f"bench --kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                          f"not {opts.kv_cache_dtype!r}")
+    for v in opts.logprobs:
+        parse_logprobs_variant(v)          # a typo fails now, not after the first run
     if opts.schedule not in POLICIES:
         raise ModelError(f"bench --schedule must be one of {', '.join(POLICIES)}, not {opts.schedule!r}")
     only = set(opts.only) or set(METHODS)
@@ -426,7 +449,7 @@ def run_bench(opts: BenchOptions) -> list[dict]:
     if only & {"engine", "roofline"}:
         if opts.tensor_parallel == 1:
             row, prof = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule,
-                                     kv_cache_dtype=opts.kv_cache_dtype)
+                                     kv_cache_dtype=opts.kv_cache_dtype, quantization=opts.quantization)
         if "engine" in only:
             rows.append(row)
             _print_row(row)
@@ -438,6 +461,8 @@ def run_bench(opts: BenchOptions) -> list[dict]:
                                                  + (f", per GPU of {opts.tensor_parallel})" if opts.tensor_parallel > 1
                                                     else ")")))
             _print_row(rows[-1])
+    if opts.logprobs:
+        rows += bench_logprobs(a, work, device, bw, opts)
     if only & {"hf-generate", "hf-continuous"}:
         model = _hf_model(a, device)
         for name, fn in (("hf-generate", bench_hf_generate), ("hf-continuous", bench_hf_continuous)):
@@ -458,6 +483,25 @@ def run_bench(opts: BenchOptions) -> list[dict]:
     _print_table(rows, meta, prof)
     if opts.markdown:
         write_markdown(opts.markdown, rows, meta, prof)
+    return rows
+
+
+def bench_logprobs(a: ModelArgs, work, device, bw: float, opts: BenchOptions) -> list[dict]:
+    """The engine on W1 once per logprobs variant, output tok/s side by side with the cost against the first."""
+    variants = [(v, parse_logprobs_variant(v)) for v in opts.logprobs]
+    rows = []
+    for name, params in variants:
+        row, _ = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule,
+                              kv_cache_dtype=opts.kv_cache_dtype, logprobs=params,
+                              quantization=opts.quantization)
+        row = {**row, "method": f"engine [{name}]", "note": f"logprobs {name}; " + row["note"]}
+        rows.append(row)
+        _print_row(row)
+    base = rows[0]["output_tok_s"]
+    print(f"[bench] logprobs variants on W1 (cost against {rows[0]['method']}):", flush=True)
+    for r in rows:
+        cost = 100 * (1 - r["output_tok_s"] / base)
+        print(f"[bench]   {r['method']:<32} {r['output_tok_s']:>9,.0f} tok/s  {cost:+6.2f}%", flush=True)
     return rows
 
 
@@ -595,6 +639,11 @@ def parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                    help="W1; W2 (a shared 1,024-token prefix); W2g (GRPO-like, n = 8)")
     p.add_argument("--prefix-caching", choices=PREFIX_CACHING, default=d.prefix_caching,
                    help="on, off or both (one engine row each; engine.prefix_caching of a job spec)")
+    p.add_argument("--quantization", choices=("fp8",), default=d.quantization,
+                   help="fp8: float8 linear weights, W8A8 (model.quantization of a job spec)")
+    p.add_argument("--logprobs", action="append", default=[], metavar="VARIANTS",
+                   help="extra W1 engine runs, one per logprobs variant (MODE or MODE+topK), comma-separated or "
+                        "repeated, e.g. processed,temperature,temperature+top5")
     return p
 
 
@@ -602,7 +651,8 @@ def parse_options(argv: Optional[list[str]] = None, prog: Optional[str] = None) 
     a = parser(prog).parse_args(argv)
     only = tuple(x for o in a.only for x in o.split(",") if x)
     return BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown, only, a.seed, a.schedule,
-                        a.kv_cache_dtype, a.workload, a.prefix_caching)
+                        a.kv_cache_dtype, a.workload, a.prefix_caching, a.quantization,
+                        tuple(x for o in a.logprobs for x in o.split(",") if x))
 
 
 def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> None:
@@ -657,7 +707,7 @@ def run_prefix_bench(opts: BenchOptions) -> list[dict]:
     rows, prof = [], None
     for on in settings:
         row, p = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule,
-                              kv_cache_dtype=opts.kv_cache_dtype, prefix_caching=on,
+                              kv_cache_dtype=opts.kv_cache_dtype, prefix_caching=on, quantization=opts.quantization,
                               max_model_len=2048 if opts.workload != "W1" else BENCH_ENGINE.max_model_len)
         row["method"] = f"engine, prefix caching {'on' if on else 'off'}"
         rows.append(row)
@@ -667,7 +717,7 @@ def run_prefix_bench(opts: BenchOptions) -> list[dict]:
         print(f"[bench] {opts.workload}: prefix caching on / off = "
               f"{rows[0]['output_tok_s'] / rows[1]['output_tok_s']:.2f}x output tok/s", flush=True)
     meta = dict(card=torch.cuda.get_device_name(device), date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
-                commit=os.environ.get("ZIYA_BATCH_COMMIT") or _git_commit(), layers=opts.layers,
+                commit=settings.commit() or _git_commit(), layers=opts.layers,
                 requests=len(work), bandwidth_tb_s=bw / 1e12, tensor_parallel=1, workload=opts.workload)
     _print_table(rows, meta, prof)
     return rows

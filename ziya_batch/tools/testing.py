@@ -176,7 +176,7 @@ def tp_switch_worker(rank: int, world_size: int, init_file: str, specs_json: lis
     from ziya_batch.engine.engine import LLMEngine
     from ziya_batch.engine.tp import PlanBroadcaster, serve_follower
     from ziya_batch.engine.types import Request, SamplingParams
-    from ziya_batch.runtime.models import TPModelCache, engine_config
+    from ziya_batch.work.models import TPModelCache, engine_config
     from ziya_batch.spec import JobSpec
 
     torch.set_num_threads(1)
@@ -208,7 +208,7 @@ def tp_switch_worker(rank: int, world_size: int, init_file: str, specs_json: lis
                 json.dump(got, fh)
         else:
             def load(raw: str):
-                from ziya_batch.runtime.models import release_memory
+                from ziya_batch.work.models import release_memory
 
                 release_memory(device)        # what serve_follower dropped, as the replica's actor does
                 return LLMEngine(engine_config(JobSpec.model_validate_json(raw), device),

@@ -38,7 +38,8 @@ def engine_key(spec: JobSpec) -> tuple:
     """Jobs with equal keys can share one loaded engine. Named as the spec names the model, without resolving
     it: a base + delta pair is merged only when its engine loads, not whenever a claim compares jobs."""
     m = spec.model
-    return (m.path or f"{m.base} + {m.delta}", m.dtype, m.tensor_parallel, spec.engine.model_dump_json())
+    return (m.path or f"{m.base} + {m.delta}", m.dtype, m.tensor_parallel, spec.engine.model_dump_json(),
+            m.quantization)
 
 
 def unserved_note(broker, job_id: str) -> Optional[str]:
@@ -178,6 +179,11 @@ class TPModelCache(ModelCache):
         path = model_path(spec)
         # what can fail on rank 0 alone fails before the other ranks are told: the shard fails, the replica stays
         self._check(path, spec.model.trust_remote_code)
+        if spec.model.quantization == "fp8":
+            import torch
+
+            from ..engine.quant import require_fp8
+            require_fp8(torch.device(self.device))
         self.driver.load(spec.model_dump_json())
         try:
             engine = LLMEngine(engine_config(spec, self.device, path), tensor_parallel=(0, self.world_size))

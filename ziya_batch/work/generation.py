@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from .. import errors, filters
@@ -14,11 +14,13 @@ from ..engine.types import Request
 from ..errors import LineError
 from ..prompts import default_id, line_id_of, parse_line
 from ..records import (LineFailure, LineResult, PromptLine, SampleOutput, TooLongLine, experience_record,
-                       openai_batch_error, openai_batch_record, result_record, sft_record)
-from ..spec import JobSpec, sampling_params
+                       openai_batch_error, openai_batch_record, openai_logprobs, result_record, sft_record)
+from ..spec import ExperienceSpec, JobSpec, sampling_params
+from .rewarding import score_rewards
 
 if TYPE_CHECKING:
     from ..protocols import GenerationEngine
+from .failures import EngineOutOfMemory, engine_calls
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ def parse_shard(lines: Iterable[tuple[int, bytes]], file: str, spec: JobSpec, to
             continue
         try:
             pl = parse_line(raw, spec.format, file, line_no, spec.sampling)
+            pl = replace(pl, logprobs_mode=spec.experience.logprobs_mode,
+                         top_logprobs=max(pl.top_logprobs, spec.experience.top_logprobs))
             ids = tokenizer(pl.text).input_ids
             if len(ids) >= max_model_len:
                 raise LineError(errors.PROMPT_TOO_LONG,
@@ -60,7 +64,7 @@ def parse_shard(lines: Iterable[tuple[int, bytes]], file: str, spec: JobSpec, to
             work.failures.append(LineFailure(line_id(raw, file, line_no, spec.format), file, line_no,
                                              err.code, err.message))
         except Exception as err:  # noqa: BLE001 - the per-line boundary (the tokenizer on a hostile text, ...)
-            if out_of_memory(err):
+            if isinstance(err, MemoryError):     # the host ran out, not this line's fault (work/failures.py)
                 raise
             work.failures.append(LineFailure(line_id(raw, file, line_no, spec.format), file, line_no,
                                              errors.INVALID_LINE, f"cannot prepare this line: {type(err).__name__}: {err}"))
@@ -118,8 +122,14 @@ class ShardStream:
         for pl, ids in sorted(prompts, key=lambda p: p[1]):
             request_id = f"{key}:{pl.file}:{pl.line}"
             self._lines[request_id] = (key, pl, ids)
-            params = sampling_params(pl.sampling, seed=line_seed(pl.sampling.seed, pl.file, pl.line))
-            self.engine.add_request(Request(request_id, ids, params))
+            params = sampling_params(pl.sampling, seed=line_seed(pl.sampling.seed, pl.file, pl.line),
+                                     logprobs_mode=pl.logprobs_mode, top_logprobs=pl.top_logprobs)
+            with engine_calls():
+                self.engine.add_request(Request(request_id, ids, params))
+
+    def _pieces(self, ids: list[int]) -> list[str]:
+        tok = getattr(self.engine, "tokenizer", None)
+        return tok.convert_ids_to_tokens(ids) if tok is not None else [str(i) for i in ids]
 
     def admitted(self) -> bool:
         """Every line added has been admitted by the scheduler: the batch has room for another shard."""
@@ -127,10 +137,17 @@ class ShardStream:
 
     def step(self) -> list[tuple[str, list[LineResult]]]:
         """One engine step; the shards now finished (key, results), forgotten here."""
-        for out in self.engine.step():
+        with engine_calls():
+            outs = self.engine.step()
+        for out in outs:
             key, pl, ids = self._lines.pop(out.request_id)
-            samples = [SampleOutput(c.index, c.token_ids, c.text, c.finish_reason, c.logprobs)
-                       for c in out.completions]
+            samples = [SampleOutput(c.index, c.token_ids, c.text, c.finish_reason, c.logprobs,
+                                    top_logprobs=c.top_logprobs) for c in out.completions]
+            if pl.want_logprobs:
+                chat = pl.endpoint == "/v1/chat/completions" or pl.messages is not None
+                for smp in samples:
+                    smp.openai_logprobs = openai_logprobs(smp.token_ids, smp.logprobs, smp.top_logprobs,
+                                                          self._pieces, chat)
             self._results[key].append(LineResult(pl, ids, samples, cached_tokens=out.num_cached_tokens))
             self._left[key] -= 1
         done = [key for key, left in self._left.items() if left == 0]
@@ -173,9 +190,9 @@ def generate_lines(engine: "GenerationEngine", prompts: list[tuple[PromptLine, l
     def bisect(batch):
         try:
             run(batch)
-        except Exception as err:  # noqa: BLE001 - any engine failure is isolated to its line
-            if out_of_memory(err):
-                raise            # not a line's failure: the worker gives the shard back (Worker._finish)
+        except EngineOutOfMemory:
+            raise                # not a line's failure: the worker gives the shard back (failures.decide)
+        except Exception as err:  # noqa: BLE001 - any other engine failure is isolated to its line
             if len(batch) == 1:
                 pl = batch[0][0]
                 log.warning("line %s:%d failed generation: %s", pl.file, pl.line, err)
@@ -211,7 +228,8 @@ def build_parts(spec: JobSpec, results: list[LineResult], failures: list[LineFai
     if "sft" in kinds:
         parts["sft"] = [sft_record(r, s) for r, s in filters.filter_sft(results, spec.output.filters)]
     if "experience" in kinds:
-        parts["experience"] = [rec for r in results for rec in filters.add_group_fields(
+        kept = filters.experience_groups(results, spec.output.filters)
+        parts["experience"] = [rec for r in kept for rec in filters.add_group_fields(
             [experience_record(r, s) for s in r.samples])]
         if not spec.experience.logprobs:
             for rec in parts["experience"]:
@@ -220,28 +238,17 @@ def build_parts(spec: JobSpec, results: list[LineResult], failures: list[LineFai
     return parts
 
 
-def score_results(results: list[LineResult], ref_scorer=None, reward_scorer=None) -> None:
-    """Add reference logprobs and rewards to every sample, in batches over the whole shard."""
+def score_results(results: list[LineResult], ref_scorer=None, reward_scorer=None,
+                  experience: Optional[ExperienceSpec] = None) -> None:
+    """Add reference logprobs and rewards to every sample, in batches over the whole shard. ref_logprobs use
+    the policy's logprobs definition (temperature mode: the sample's temperature; raw: 1)."""
     pairs = [(r, s) for r in results for s in r.samples]
     if not pairs:
         return
     if ref_scorer is not None:
-        ref = ref_scorer.logprobs([r.prompt_ids for r, _ in pairs], [s.token_ids for _, s in pairs])
+        temps = [r.line.sampling.temperature if r.line.logprobs_mode == "temperature" else 1.0 for r, _ in pairs]
+        ref = ref_scorer.logprobs([r.prompt_ids for r, _ in pairs], [s.token_ids for _, s in pairs], temps)
         for (_, s), lp in zip(pairs, ref):
             s.ref_logprobs = lp
-    if reward_scorer is not None:
-        queries = [r.line.messages if r.line.messages is not None else r.line.query for r, _ in pairs]
-        rewards = reward_scorer.score(queries, [s.text for _, s in pairs])
-        for (_, s), rw in zip(pairs, rewards):
-            s.reward = float(rw)
+    score_rewards(pairs, reward_scorer, experience)
 
-
-def out_of_memory(err: BaseException) -> bool:
-    """A device or host allocation failure (torch's OutOfMemoryError, or the text CUDA, cuBLAS and the CPU
-    allocator use): the memory the settings left ran out, which no line causes alone."""
-    import torch
-
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(err).lower()
-    return any(s in text for s in ("out of memory", "cublas_status_alloc_failed", "can't allocate memory"))
