@@ -260,7 +260,6 @@ def serve_node(redis_url: Optional[str] = None, ray_address: Optional[str] = Non
     if not settings.redis_url(redis_url) and not _this_host(_resolve(host)):
         raise ServiceError(f"the Ray cluster at {address} is on another host, and this host's private redis-server "
                            f"is not its queue: pass --redis-url or set {REDIS_ENV} to the queue the head uses")
-    _check_reachable(address)
     url, private = redis_for(redis_url, register=True)
     try:
         _serve_node(url, address, tensor_parallel, job_id, poll_s, num_gpus, start_node)
@@ -326,6 +325,7 @@ def _serve_node(url: str, address: str, tensor_parallel: int, job_id: Optional[s
                 trap()
                 node_id = ray.get_runtime_context().get_node_id()
             else:
+                _check_reachable(address)
                 own = _OwnNode(address, num_gpus)
                 node_id = own.wait_node_id(address, stop, trap)
                 if node_id is None:
