@@ -78,7 +78,7 @@ def serve_main(host: str = "127.0.0.1", port: int = 8000, model: Optional[str] =
                storage: Optional[str] = None, redis_url: Optional[str] = None, ray_address: Optional[str] = None,
                insecure_no_auth: bool = False, num_replicas: int = 1, workers: bool = True,
                tensor_parallel: int = 1, cpu: bool = False, poll_s: float = 2.0) -> None:
-    """Run the API until Ctrl-C. Refuses to start without a token (unless insecure_no_auth) or Redis.
+    """Run the API until Ctrl-C. Refuses to start without a token (unless insecure_no_auth) or a reachable Redis.
 
     Without a Ray address it starts a Ray of its own and, unless `workers` is off, runs replicas on this
     machine's GPUs (or one on the CPU) as `run` does, so a job submitted over HTTP completes with nothing else
