@@ -206,6 +206,14 @@ def test_worker_address_auto_joins_the_local_head(tmp_path, demo_model, home):
             assert worker.poll() is None, _tail(logs)
             return json.loads(cli(env, "status", job_id, "--json").stdout)["state"] == "completed"
         _wait(finished, 300, every_s=2, what="the worker to run the job")
+        # a spec in Redis asking for remote model code: this worker was not started allowing it, so it refuses
+        remote = _job(tmp_path, demo_model, "rc", 2)
+        remote.write_text(remote.read_text().replace("model:\n", "model:\n  trust_remote_code: true\n"))
+        rc_id = cli(env, "submit", str(remote)).stdout.strip()
+        note = _wait(lambda: json.loads(cli(env, "status", rc_id, "--json").stdout)["note"] or None, 120, every_s=2,
+                     what="the refusal of remote code")
+        assert "could load this job's engine" in note and "--allow-remote-code" in note
+        assert json.loads(cli(env, "status", rc_id, "--json").stdout)["prompts_done"] == 0
         out = Path(f"{logs}.out").read_text()
         assert out.startswith("serving the queue at redis://:***@127.0.0.1:") and f":{port}; Ctrl-C stops" in out, out
     finally:

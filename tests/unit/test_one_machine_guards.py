@@ -60,3 +60,15 @@ def test_the_remote_code_consent_travels_to_workers_on_other_nodes(monkeypatch):
     assert settings.worker_runtime_env() == {}
     monkeypatch.setenv(settings.REMOTE_CODE_ENV, "1")
     assert settings.worker_runtime_env() == {"env_vars": {settings.REMOTE_CODE_ENV: "1"}}
+
+
+def test_remote_code_is_refused_even_when_the_same_model_is_loaded(monkeypatch):
+    from ziya_batch.work.models import ModelCache, engine_key
+
+    monkeypatch.delenv(settings.REMOTE_CODE_ENV, raising=False)
+    cache = ModelCache(device="cpu")
+    loaded = object()
+    cache._engines[engine_key(_spec(False))] = loaded          # another job's engine, the same checkpoint
+    assert engine_key(_spec(True)) == engine_key(_spec(False)) and cache.engine(_spec(False)) is loaded
+    with pytest.raises(ModelError, match="trust_remote_code"):
+        cache.engine(_spec(True))

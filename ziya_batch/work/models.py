@@ -114,9 +114,10 @@ class ModelCache:
         return engine_key(spec) in self._engines
 
     def engine(self, spec: JobSpec):
+        # every job, also one whose model another job already loaded: the consent is asked of each spec
+        check_remote_code(spec)
         key = engine_key(spec)
         if key not in self._engines:
-            check_remote_code(spec)
             self._drop_engines()
             log.info("loading %s on %s", key[0], self.device)
             self._engines[key] = self._load(spec)
