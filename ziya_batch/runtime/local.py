@@ -48,6 +48,10 @@ def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optiona
         if private is not None:
             console.print(f"[dim]private redis-server at {private.masked_url} (data in {private.data_dir}; "
                           "`ziya-batch status` from any shell shows this job)[/dim]")
+            if settings.ray_address(ray_address):
+                console.print("[yellow]warning:[/yellow] the queue is this host's private redis-server (127.0.0.1 "
+                              "only): replicas on other nodes cannot reach it; give a Redis they can reach with "
+                              f"--redis-url or {settings.REDIS_ENV}", markup=True)
         return _run(spec, url, private, ray_address, num_workers, progress, poll_s, cpu, t0)
     finally:
         if private is not None:
