@@ -72,3 +72,14 @@ def test_remote_code_is_refused_even_when_the_same_model_is_loaded(monkeypatch):
     assert engine_key(_spec(True)) == engine_key(_spec(False)) and cache.engine(_spec(False)) is loaded
     with pytest.raises(ModelError, match="trust_remote_code"):
         cache.engine(_spec(True))
+
+
+def test_a_failed_join_is_one_line_and_names_the_token_when_none_was_sent(monkeypatch):
+    monkeypatch.setenv(settings.RAY_AUTH_MODE_ENV, "disabled")
+    err = cluster._join_error("10.0.0.1:6379", ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379\n"
+                                                                "Traceback ..."))
+    assert "\n" not in str(err) and "Failed to connect" in str(err) and "RAY_AUTH_TOKEN" in str(err)
+    auth = cluster._join_error("h:1", RuntimeError("Authentication failed: token mismatch"))
+    assert str(auth).startswith("the Ray cluster at h:1 requires token authentication")
+    monkeypatch.setenv(settings.RAY_AUTH_MODE_ENV, "token")
+    assert "RAY_AUTH_TOKEN" not in str(cluster._join_error("h:1", ConnectionError("refused")))

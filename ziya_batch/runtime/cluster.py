@@ -217,7 +217,13 @@ def _join_error(address: str, err: BaseException) -> ServiceError:
                             f"copy the head's {_ray_token_file()} to this host, or set RAY_AUTH_TOKEN (or "
                             "RAY_AUTH_TOKEN_PATH) to the head's token, and RAY_AUTH_MODE=token")
     first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
-    return ServiceError(f"could not join the Ray cluster at {address}: {first[:300]}")
+    hint = ""
+    if (settings.ray_auth_mode() or "").lower() != "token":
+        # a head with token authentication answers a client without a token by closing the connection, which
+        # Ray reports as a plain connection failure
+        hint = (f"; if the head uses token authentication, copy its {_ray_token_file()} here or set "
+                "RAY_AUTH_TOKEN and RAY_AUTH_MODE=token")
+    return ServiceError(f"could not join the Ray cluster at {address}: {first[:300]}{hint}")
 
 
 def _latest_local_cluster() -> Optional[str]:
