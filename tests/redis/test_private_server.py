@@ -1,4 +1,5 @@
 """The private redis-server commands share without a Redis URL: its password and the idle watchdog."""
+import json
 import os
 import stat
 import time
@@ -78,3 +79,22 @@ def test_the_idle_server_stops_but_not_while_used(tmp_path):
     finally:
         if _pid_alive(pid):
             os.kill(pid, 9)
+
+
+def test_a_server_left_without_a_password_is_replaced_by_one_with(tmp_path):
+    old = PrivateRedis(tmp_path / "zb")
+    url = old.start()
+    client = redis.Redis.from_url(url)
+    client.set("kept", 1)
+    client.config_set("requirepass", "")                 # as an older ziya-batch left it: no password
+    state = json.loads((tmp_path / "zb" / "server.json").read_text())
+    state["url"] = url.replace(url.split("://")[1].split("@")[0] + "@", "")
+    (tmp_path / "zb" / "server.json").write_text(json.dumps(state))
+    new = PrivateRedis(tmp_path / "zb")
+    try:
+        new.start()
+        assert not new.reused and new.pid != old.pid and "@" in new.url
+        assert redis.Redis.from_url(new.url).get("kept") == b"1"
+        old._proc.wait(5)
+    finally:
+        new.stop()

@@ -189,6 +189,11 @@ class PrivateRedis:
     def _start_locked(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         found = self._find_running()
+        if found and "@" not in found[0].split("://", 1)[1]:
+            # a server of an older ziya-batch, without a password: stopped (its AOF flushed), started again below
+            self.url, self.pid = found
+            self._shutdown(10.0)
+            found = None
         if found:
             self.url, self.pid, self.reused = found[0], found[1], True
             return self.url
