@@ -125,6 +125,7 @@ def _jobs_router(settings: ApiSettings, brokers: BrokerHolder) -> APIRouter:
 
     @router.post("", summary="Submit a job (the job spec as JSON)")
     def submit(spec: JobSpec) -> dict:
+        spec = jobs.absolute_locations(spec)      # checked as stored: the locations fsspec opens
         check_job(spec, settings)
         files = jobs.list_inputs(spec)
         check_expanded_inputs(files, settings)

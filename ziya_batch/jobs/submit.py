@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 from .. import io
 from ..errors import SpecError
+from ..io.claims import claim_output
 from ..records import ShardRef
 from ..spec import JobSpec
 from .finalize import finish_empty_job
@@ -27,6 +28,23 @@ def list_inputs(spec: JobSpec) -> list[str]:
     A surface that must check the files before submitting (the HTTP API's allowed prefixes) lists them
     here once and hands the list to submit_job."""
     return io.expand_inputs(spec.input)
+
+
+def absolute_locations(spec: JobSpec) -> JobSpec:
+    """`spec` with its input and output locations as every process opens them (io.storage.absolute_url): a
+    relative or `file:`/`local://`/`~` local path becomes the absolute path fsspec opens from here, since
+    workers run in other directories or on other machines. The stored spec holds this form."""
+    inputs = [io.absolute_url(u) for u in spec.input]
+    out = io.absolute_url(spec.output.path)
+    if inputs == spec.input and out == spec.output.path:
+        return spec
+    return spec.model_copy(update={"input": inputs, "output": spec.output.model_copy(update={"path": out})})
+
+
+def _same_job(stored: JobSpec, job_id: str) -> bool:
+    """The stored spec is this job's: its identity, or (a spec stored before locations were made absolute at
+    submit) the identity of its relative paths made absolute from here."""
+    return stored.identity() == job_id or absolute_locations(stored).identity() == job_id
 
 
 def job_id_for(spec: JobSpec, broker: Optional["JobsBroker"] = None) -> str:
@@ -49,7 +67,7 @@ def job_id_for(spec: JobSpec, broker: Optional["JobsBroker"] = None) -> str:
             stored = broker.get_spec(recorded)
         else:
             stored = None
-        if stored is not None and stored.identity() == job_id:
+        if stored is not None and _same_job(stored, job_id):
             return recorded
     except Exception:  # noqa: BLE001 - a stored spec this release cannot read is another job's, as before
         pass
@@ -111,6 +129,7 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
     `files`: the inputs as list_inputs(spec) gave them, where the caller listed them already."""
     from ..queue import JobState
 
+    spec = absolute_locations(spec)
     job_id = job_id_for(spec, broker)
     existing = broker.find_job(job_id)
     if existing is not None and existing.state == JobState.COMPLETED:
@@ -126,11 +145,18 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
         files = list_inputs(spec)
     if check_model_dir:
         check_model(spec)
-    if check_output_owner(spec, job_id) is None:
-        io.set_output_owner(spec.output.path, job_id)
+    check_output_owner(spec, job_id)
+    claim_output(spec.output.path, job_id, _known_outputs(broker, job_id))
     committed = {i: _stats_from_marker(m) for i, m in io.committed_shards(spec.output.path).items()}
     status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size), committed=committed, job_id=job_id)
     return finish_empty_job(broker, status)
+
+
+def _known_outputs(broker: "JobsBroker", job_id: str) -> Iterator[tuple[str, str]]:
+    """(job id, output path) of every other job this Redis knows, read lazily (only a new claim reads them)."""
+    for st in broker.list_jobs():
+        if st.job_id != job_id:
+            yield st.job_id, st.output_path
 
 
 def _stats_from_marker(marker):
