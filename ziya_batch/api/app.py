@@ -10,6 +10,7 @@ import logging
 import threading
 from typing import Any, Callable, Optional
 
+import redis.exceptions as redis_errors
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -21,6 +22,7 @@ from ..errors import JobNotFound, ZiyaBatchError
 from ..spec import JobSpec, format_validation_error
 from .access import AccessDenied, check_expanded_inputs, check_job, token_matches
 from .http_errors import ApiError, error_response
+from .limits import BodyLimit
 from .settings import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         kind = {401: "authentication_error", 404: "not_found", 405: "invalid_request_error"}.get(
             exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
         return error_response(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(redis_errors.ConnectionError)
+    @app.exception_handler(redis_errors.TimeoutError)
+    async def _redis_down(request: Request, exc: Exception):
+        # Redis unreachable (or refusing our password) is the service's state, not a bug: 503, try again later
+        return error_response(503, f"the job queue (Redis) cannot be reached: {' '.join(str(exc).split())}",
+                              "service_unavailable", headers={"Retry-After": "5"})
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -163,6 +172,7 @@ def create_app(settings: ApiSettings, broker_factory: Callable[[], Any]) -> Fast
     app.state.settings, app.state.brokers = settings, brokers
     app.state.batches = Batches(settings, brokers)
     _install_error_handlers(app)
+    app.add_middleware(BodyLimit)
     auth = [Depends(_require_token_dependency(settings))]
 
     @app.get("/healthz", tags=["health"], summary="Liveness and Redis reachability (no token needed)")

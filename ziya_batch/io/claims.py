@@ -16,7 +16,7 @@ from __future__ import annotations
 import posixpath
 from typing import Iterable, Optional
 
-from ..errors import SpecError
+from ..errors import InputError, SpecError
 from .manifest import MANIFEST
 from .parts import OutputDir
 from .storage import canonical_location, location_within
@@ -104,11 +104,12 @@ def _name(out: OutputDir, path: str) -> str:
 
 
 def check_output_dir(url: str) -> None:
-    """An output path must be a directory (or not exist yet): SpecError naming what it is otherwise."""
+    """An output path must be a directory (or not exist yet): InputError naming what it is otherwise."""
     out = OutputDir(url)
     try:
         if out.fs.isfile(out.root):
-            raise SpecError(f"output.path {url} is a file; name a directory (it receives results/, sft/, ...)")
+            raise InputError(f"{url} is a file, or lies under one; an output path names a directory (it "
+                             "receives results/, sft/, ...)")
     except PermissionError:
         raise SpecError(f"output.path {url}: permission denied; choose a directory this user can write") from None
 

@@ -184,7 +184,10 @@ class OutputDir:
         self.fs.invalidate_cache(path)
         try:
             data = read_bytes(self.fs, path)
-        except (IsADirectoryError, NotADirectoryError, PermissionError) as err:
+        except NotADirectoryError:
+            raise InputError(f"{self.url} is a file, or lies under one; an output path names a directory (it "
+                             "receives results/, sft/, ...)") from None
+        except (IsADirectoryError, PermissionError) as err:
             raise InputError(f"{self.url}: cannot read {name} ({err.strerror or type(err).__name__}); choose "
                              "another output.path") from None
         if data is None:
