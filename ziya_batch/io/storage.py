@@ -100,7 +100,10 @@ def absolute_url(url: str) -> str:
         cls, path = fs_class_path(url)
     except (ValueError, ImportError):
         return url
-    return path if issubclass(cls, LocalFileSystem) else url
+    if not issubclass(cls, LocalFileSystem):
+        return url
+    # fsspec leaves `~name` of an unknown user relative (expanduser keeps it): relative to here, as it opens it
+    return path if path.startswith("/") else f"{os.getcwd()}/{path}"
 
 
 def canonical_location(url: str) -> str:
