@@ -37,7 +37,8 @@ def test_racing_submit_processes_one_new_output_exactly_one_wins(data, redis_ser
     n = 5
     specs = [_write_spec(data / f"s{i}.json", f"racer-{i}", data, str(data / "shared-out")) for i in range(n)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-m", "ziya_batch.cli", "submit", str(s), "--redis-url", redis_server.url],
+    procs = [subprocess.Popen([sys.executable, "-m", "ziya_batch.cli", "submit", str(s),
+                               "--redis-url", redis_server.url],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=data)
              for s in specs]
     results = [(p.wait(120), *p.communicate()) for p in procs]
