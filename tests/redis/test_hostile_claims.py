@@ -14,7 +14,7 @@ import pytest
 
 from ziya_batch.errors import SpecError
 from ziya_batch.io.claims import claim_output
-from ziya_batch.jobs import submit_job
+from ziya_batch.jobs import absolute_locations, submit_job
 from ziya_batch.spec import parse_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,3 +120,18 @@ def test_a_relative_output_is_stored_absolute_and_resumes(tmp_path, broker, monk
     assert stored.output.path == f"{tmp_path}/o" and stored.input == [f"{tmp_path}/in.jsonl"]
     assert submit_job(spec, broker).job_id == st.job_id
     assert submit_job(stored, broker).job_id == st.job_id
+
+
+def test_a_job_stored_with_relative_paths_before_this_release_resumes_under_its_id(tmp_path, broker, monkeypatch):
+    from ziya_batch import io
+
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n{"prompt": "yo"}\n')
+    monkeypatch.chdir(tmp_path)
+    spec = parse_spec({"name": "old", "model": {"path": "/m"}, "input": ["in.jsonl"], "output": {"path": "o"},
+                       "shard_size": 1})
+    old_id = spec.identity()              # what earlier releases stored: the relative spec and its identity
+    assert absolute_locations(spec).identity() != old_id
+    broker.submit(spec, io.shard_refs(old_id, [str(tmp_path / "in.jsonl")], 1), job_id=old_id)
+    io.set_output_owner(str(tmp_path / "o"), old_id)
+    assert submit_job(spec, broker).job_id == old_id
+    assert len(broker.list_jobs()) == 1
