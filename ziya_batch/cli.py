@@ -188,7 +188,7 @@ def _one_line(text: str) -> str:
 
 def user_error(err: BaseException) -> Optional[tuple[str, int]]:
     """(message, exit code) for an error a user caused or can fix that arrives as a library's own exception:
-    Redis unreachable (3), a malformed Redis URL (2), a file that cannot be written or read (2). None for
+    Redis unreachable or refusing writes (3), a malformed Redis URL (2), a file that cannot be written or read (2). None for
     anything else, which is a bug and keeps its traceback."""
     from .settings import REDIS_ENV
 
@@ -199,6 +199,9 @@ def user_error(err: BaseException) -> Optional[tuple[str, int]]:
     if rex is not None and isinstance(err, (rex.ConnectionError, rex.TimeoutError)):
         return (f"cannot reach Redis ({_one_line(err)}): start it, or pass the right --redis-url "
                 f"(or {REDIS_ENV})", 3)
+    if rex is not None and isinstance(err, (rex.ReadOnlyError, rex.OutOfMemoryError)):
+        return (f"Redis refused the write ({_one_line(err)}): point --redis-url at the primary, or give it "
+                "memory", 3)
     if isinstance(err, ValueError) and _raised_in(err, "redis", ("from_url", "parse_url")):
         return (f"bad Redis URL ({_one_line(err)}): expected redis://[:password@]host:port/db, rediss://... or "
                 "unix:///path/to/redis.sock", 2)

@@ -145,3 +145,21 @@ def test_an_output_that_is_a_file_is_a_4xx(api_env, below):
     (data / "afile").write_text("x")
     spec = job_spec(data, models, output={"path": str(data / "afile") + below})
     assert "is a file" in _error(make_client().post("/v1/jobs", json=spec, headers=AUTH), 400)
+
+
+def test_a_redis_refusing_writes_is_503_json(api_env, tmp_path):
+    import redis.exceptions as rex
+    from fastapi.testclient import TestClient
+
+    from ziya_batch.api.app import create_app
+    from ziya_batch.api.settings import ApiSettings
+
+    class ReadOnlyBroker:
+        def list_jobs(self):
+            raise rex.ReadOnlyError("READONLY You can't write against a read only replica.")
+
+    data, models, _ = api_env
+    settings = ApiSettings(token=TOKEN, allowed_prefixes=(str(data),), storage_url=str(tmp_path / "store"))
+    client = TestClient(create_app(settings, ReadOnlyBroker), raise_server_exceptions=False)
+    r = client.get("/v1/jobs", headers=AUTH)
+    assert "READONLY" in _error(r, 503) and r.headers["Retry-After"] == "5"

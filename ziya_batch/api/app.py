@@ -89,8 +89,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(redis_errors.ConnectionError)
     @app.exception_handler(redis_errors.TimeoutError)
+    @app.exception_handler(redis_errors.ReadOnlyError)
+    @app.exception_handler(redis_errors.OutOfMemoryError)
     async def _redis_down(request: Request, exc: Exception):
-        # Redis unreachable (or refusing our password) is the service's state, not a bug: 503, try again later
+        # Redis unreachable, refusing our password, a read-only replica or out of memory is the service's state,
+        # not a bug: 503, try again later
         return error_response(503, f"the job queue (Redis) cannot be reached: {' '.join(str(exc).split())}",
                               "service_unavailable", headers={"Retry-After": "5"})
 
