@@ -72,3 +72,17 @@ def test_corrupt_bookkeeping_is_one_line(tmp_path):
         with pytest.raises(InputError, match="_owner.json is corrupt") as err:
             claim_output(str(tmp_path / "o"), "j")
         assert "\n" not in str(err.value)
+
+
+def test_without_hard_links_the_claim_is_still_exclusive(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    out = OutputDir(str(tmp_path / "o"))
+    assert out.claim_owner("first") is None
+    assert out.claim_owner("second") == "first"
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["_owner.json"]      # no temp file left

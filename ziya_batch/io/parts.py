@@ -27,6 +27,7 @@ returns the same marker. The markers are the truth a lost Redis is rebuilt from 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -37,7 +38,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import InputError, ZiyaBatchError
 from .schema import EXTENSIONS, KINDS, encode_part
-from .storage import exists_fresh, join_url, list_fresh, move_atomic, open_output_fs, put_atomic, read_bytes
+from .storage import (_fsync_dir, exists_fresh, join_url, list_fresh, move_atomic, open_output_fs, put_atomic,
+                      read_bytes)
 
 STAGING = "_staging"
 COMMITTED = "_committed"
@@ -228,19 +230,7 @@ class OutputDir:
         data = json.dumps({"job_id": job_id}).encode()
         path = self.path(self.OWNER)
         if isinstance(self.fs, LocalFileSystem):
-            os.makedirs(self.root, exist_ok=True)
-            tmp = self.path(f".{self.OWNER}.{new_attempt()}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return self.owner()
-            finally:
-                os.unlink(tmp)
-            return None
+            return self._claim_local(path, data)
         try:
             with self.fs.open(path, "xb") as f:
                 f.write(data)
@@ -253,6 +243,33 @@ class OutputDir:
             self.put(self.OWNER, data)
         finally:
             self.fs.invalidate_cache(path)
+        return None
+
+    def _claim_local(self, path: str, data: bytes) -> Optional[str]:
+        os.makedirs(self.root, exist_ok=True)
+        tmp = self.path(f".{self.OWNER}.{new_attempt()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            return self.owner()
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK) or not os.path.exists(tmp):
+                raise
+            # no hard links here (some network and FUSE filesystems): O_EXCL on the name itself, written at once
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return self.owner()
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        _fsync_dir(self.root)
         return None
 
     def release_owner(self, job_id: str) -> None:
