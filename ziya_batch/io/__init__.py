@@ -3,8 +3,8 @@
 Works with any fsspec URL (local paths, file://, s3://, ...); see storage.py for passing credentials and
 endpoints, schema.py for the Parquet schemas, parts.py for the output directory (OutputDir: its names and the
 commit protocol), claims.py for claiming an output directory for one job (atomic, never inside or around
-another job's output). The URL functions (stage_shard, committed_shards, ...) are OutputDir's methods for callers that
-hold a URL.
+another job's output). The URL functions (stage_shard, committed_shards, ...) are OutputDir's methods for
+callers that hold a URL.
 """
 from .inputs import expand_inputs, index_inputs, read_shard, shard_refs
 from .manifest import (manifest_part_urls, manifest_shards, output_owner, read_manifest, read_parts,
