@@ -37,7 +37,11 @@ def test_remote_urls():
     assert not is_under("s3://other/runs/x", ["s3://bucket/runs/"])
     assert not is_under("memory://bucket/runs/x", ["s3://bucket/runs/"])
     assert not is_under("s3://bucket/runs/x", ["/bucket/runs"])
-    for url in ("s3://bucket/runs/../secret", "s3://bucket/runs/%2e%2e/secret", "s3://bucket/runs/./x"):
+    assert is_under("https://h/runs/x.jsonl", ["https://h/runs/"])
+    assert not is_under("http://h/runs/x.jsonl", ["https://h/runs/"])
+    assert not is_under("https://h/runs2", ["https://h/runs"])
+    for url in ("s3://bucket/runs/../secret", "s3://bucket/runs/%2e%2e/secret", "s3://bucket/runs/./x",
+                "https://h/runs/x%2f..%2f..%2fsecret", "https://h/runs/x\\..\\secret"):
         with pytest.raises(AccessDenied, match="segments"):
             normalize_location(url)
     with pytest.raises(AccessDenied, match="chained"):

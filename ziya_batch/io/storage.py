@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import uuid
 from typing import Any
 from urllib.parse import unquote
@@ -111,7 +112,8 @@ def canonical_location(url: str) -> str:
     the kernel's rules (os.path.realpath: `..` after symlinks, `~`, relative to this working directory), remote
     ones as `<protocol>://<backend path>` under the filesystem class's first protocol (s3a:// is s3://).
     Raises ValueError, saying why, for a location whose meaning backends disagree on: chained URLs, `.`/`..`
-    segments in a remote path (also percent-encoded), an unknown protocol, a path no file can have."""
+    segments in a remote path (also percent-encoded or after a backslash), an unknown protocol, a path no file
+    can have."""
     if is_chained(url):
         raise ValueError("chained fsspec URLs (a::b) are not accepted; name the object directly")
     try:
@@ -124,8 +126,11 @@ def canonical_location(url: str) -> str:
             return os.path.realpath(path)
         except ValueError:          # a NUL byte, a lone surrogate
             raise ValueError("not a valid path") from None
-    if any(s in (".", "..") or unquote(s) in (".", "..") for s in path.split("/")):
+    # raw, percent-decoded, and split at backslashes too: an HTTP server may decode %2f or read \ as a slash
+    if any(s in (".", "..") for s in re.split(r"[/\\]", path) + re.split(r"[/\\]", unquote(path))):
         raise ValueError("'.' and '..' segments are not accepted in remote URLs; name the object directly")
+    if "://" in path:               # a backend that keeps the whole URL as its path (http, https)
+        return path.rstrip("/")
     family = cls.protocol if isinstance(cls.protocol, str) else cls.protocol[0]
     return f"{family}://{path.rstrip('/')}"
 
