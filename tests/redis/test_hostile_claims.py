@@ -114,10 +114,12 @@ def test_a_job_cannot_nest_in_another_known_only_to_redis(tmp_path, broker):
 def test_a_relative_output_is_stored_absolute_and_resumes(tmp_path, broker, monkeypatch):
     (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
     monkeypatch.chdir(tmp_path)
-    spec = parse_spec({"name": "rel", "model": {"path": "/m"}, "input": ["file:in.jsonl"], "output": {"path": "o"}})
+    spec = parse_spec({"name": "rel", "model": {"path": "m"}, "input": ["file:in.jsonl"], "output": {"path": "o"},
+                       "experience": {"reward_model": "local://rm"}})
     st = submit_job(spec, broker)
     stored = broker.get_spec(st.job_id)
     assert stored.output.path == f"{tmp_path}/o" and stored.input == [f"{tmp_path}/in.jsonl"]
+    assert stored.model.path == f"{tmp_path}/m" and stored.experience.reward_model == f"{tmp_path}/rm"
     assert submit_job(spec, broker).job_id == st.job_id
     assert submit_job(stored, broker).job_id == st.job_id
 

@@ -30,15 +30,29 @@ def list_inputs(spec: JobSpec) -> list[str]:
     return io.expand_inputs(spec.input)
 
 
+# the spec's single locations besides `input`, as (section, field)
+_LOCATIONS = (("output", "path"), ("model", "path"), ("model", "base"), ("model", "delta"),
+              ("experience", "reference_model"), ("experience", "reward_model"))
+
+
 def absolute_locations(spec: JobSpec) -> JobSpec:
-    """`spec` with its input and output locations as every process opens them (io.storage.absolute_url): a
-    relative or `file:`/`local://`/`~` local path becomes the absolute path fsspec opens from here, since
-    workers run in other directories or on other machines. The stored spec holds this form."""
+    """`spec` with its input, output and model locations as every process opens them (io.storage.absolute_url):
+    a relative or `file:`/`local://`/`~` local path becomes the absolute path fsspec opens from here, since
+    workers run in other directories or on other machines (and the HTTP API's allow-list judged it from here).
+    The stored spec holds this form."""
+    update: dict = {}
     inputs = [io.absolute_url(u) for u in spec.input]
-    out = io.absolute_url(spec.output.path)
-    if inputs == spec.input and out == spec.output.path:
+    if inputs != spec.input:
+        update["input"] = inputs
+    for section, name in _LOCATIONS:
+        value = getattr(getattr(spec, section), name)
+        if value and io.absolute_url(value) != value:
+            fields = update.setdefault(section, {})
+            fields[name] = io.absolute_url(value)
+    if not update:
         return spec
-    return spec.model_copy(update={"input": inputs, "output": spec.output.model_copy(update={"path": out})})
+    sections = {k: getattr(spec, k).model_copy(update=v) if isinstance(v, dict) else v for k, v in update.items()}
+    return spec.model_copy(update=sections)
 
 
 def _same_job(stored: JobSpec, job_id: str) -> bool:
