@@ -19,11 +19,11 @@ from typing import Iterable, Optional
 from ..errors import InputError, SpecError
 from .manifest import MANIFEST
 from .parts import OutputDir
-from .storage import canonical_location, location_within
+from .storage import canonical_location, exists_fresh, list_fresh_detail, location_within
 
 MARKS = (OutputDir.OWNER, MANIFEST)   # a directory holding either is a job's output
 MAX_WALK_DIRS = 200                   # directories listed below a new output, at most (a claim stays cheap)
-MAX_WALK_DEPTH = 4
+MAX_WALK_DEPTH = 4                    # levels below it (its parts are one level down, staged ones two)
 
 
 def _canonical(url: str) -> Optional[str]:
@@ -34,7 +34,10 @@ def _canonical(url: str) -> Optional[str]:
 
 
 def _marked(out: OutputDir, path: str) -> bool:
-    return any(out.fs.exists(posixpath.join(path, m)) for m in MARKS)
+    try:
+        return any(exists_fresh(out.fs, posixpath.join(path, m)) for m in MARKS)
+    except OSError:             # a directory we may not look into holds nothing we could break
+        return False
 
 
 def _ancestor_output(out: OutputDir) -> Optional[str]:
@@ -50,26 +53,25 @@ def _ancestor_output(out: OutputDir) -> Optional[str]:
 
 
 def _descendant_output(out: OutputDir) -> Optional[str]:
-    """A directory below `out` holding an owner file or a manifest, looked for breadth first over at most
-    MAX_WALK_DIRS directories and MAX_WALK_DEPTH levels; None when none was found."""
-    level, listed = [out.root.rstrip("/") or "/"], 0
-    for _ in range(MAX_WALK_DEPTH):
+    """A directory below `out` holding an owner file or a manifest, looked for breadth first down to
+    MAX_WALK_DEPTH levels, one listing per directory and at most MAX_WALK_DIRS of them; None when none was
+    found (symlinked directories are not followed)."""
+    root = out.root.rstrip("/") or "/"
+    level, listed = [root], 0
+    for _ in range(MAX_WALK_DEPTH + 1):
         below = []
         for d in level:
             if listed >= MAX_WALK_DIRS:
                 return None
             listed += 1
-            out.fs.invalidate_cache(d)
             try:
-                entries = out.fs.ls(d, detail=True)
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
+                entries = list_fresh_detail(out.fs, d)
+            except OSError:
                 continue
-            for e in entries:
-                if e.get("type") == "directory" and not e.get("islink"):
-                    name = e["name"].rstrip("/")
-                    if _marked(out, name):
-                        return name
-                    below.append(name)
+            names = {posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") != "directory"}
+            if d != root and names & set(MARKS):
+                return d
+            below += [e["name"].rstrip("/") for e in entries if e.get("type") == "directory" and not e.get("islink")]
         level = below
     return None
 

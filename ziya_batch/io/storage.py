@@ -240,3 +240,12 @@ def list_fresh(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
         return sorted(fs.ls(path, detail=False))
     except FileNotFoundError:
         return []
+
+
+def list_fresh_detail(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
+    """fs.ls(path, detail=True) bypassing the listing cache, [] if it does not exist."""
+    fs.invalidate_cache(path)
+    try:
+        return list(fs.ls(path, detail=True))
+    except FileNotFoundError:
+        return []
