@@ -256,6 +256,46 @@ def bench(ctx: typer.Context):
     run_bench(ctx.args, prog="ziya-batch bench")
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def user_error(err: BaseException) -> Optional[tuple[str, int]]:
+    """(message, exit code) for an error a user caused or can fix that arrives as a library's own exception:
+    Redis unreachable or refusing writes (3), a malformed Redis URL (2), a file that cannot be written or read (2). None for
+    anything else, which is a bug and keeps its traceback."""
+    from .settings import REDIS_ENV
+
+    try:
+        import redis.exceptions as rex
+    except ImportError:           # pragma: no cover - redis is a dependency
+        rex = None
+    if rex is not None and isinstance(err, (rex.ConnectionError, rex.TimeoutError)):
+        return (f"cannot reach Redis ({_one_line(err)}): start it, or pass the right --redis-url "
+                f"(or {REDIS_ENV})", 3)
+    if rex is not None and isinstance(err, (rex.ReadOnlyError, rex.OutOfMemoryError)):
+        return (f"Redis refused the write ({_one_line(err)}): point --redis-url at the primary, or give it "
+                "memory", 3)
+    if isinstance(err, ValueError) and _raised_in(err, "redis", ("from_url", "parse_url")):
+        return (f"bad Redis URL ({_one_line(err)}): expected redis://[:password@]host:port/db, rediss://... or "
+                "unix:///path/to/redis.sock", 2)
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename}: {err.strerror or _one_line(err)}", 2
+    return None
+
+
+def _raised_in(err: BaseException, package: str, functions: tuple[str, ...]) -> bool:
+    """True when a frame of err's traceback is one of `functions` in `package` (how a library's ValueError
+    for its own argument is told from a bug of ours)."""
+    tb = err.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in functions and f"/{package}/" in code.co_filename.replace("\\", "/"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def main(argv: Optional[list] = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
@@ -265,6 +305,12 @@ def main(argv: Optional[list] = None) -> None:
     except KeyboardInterrupt:
         print("ziya-batch: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as err:
+        known = user_error(err)
+        if known is None:
+            raise
+        print(f"ziya-batch: error: {known[0]}", file=sys.stderr)
+        sys.exit(known[1])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 import reprlib
 import stat
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -27,17 +27,30 @@ from .errors import SpecError
 
 _SP, _EC = SamplingParams, EngineConfig      # the homes of the sampling.* and engine.* defaults
 
+# Upper bounds a sane spec stays far below; past them a value is a typo or an attack, and would otherwise be
+# queued and then fail every line (a top_k of 10**20) or hold a worker for days (a lease of a year).
+MAX_TOKENS = 1_000_000          # max/min_new_tokens, filters' token counts: far past any context length
+MAX_VOCAB = 1_000_000           # top_k and token ids: Ziya's vocabulary is 39,410; no tokenizer nears this
+MAX_SEED = 2**63 - 1            # seeds are signed 64-bit in torch's generators
+MAX_STOPS = 64                  # stop strings (and stop token ids) per request
+MAX_STOP_CHARS = 1_000          # one stop string
+MAX_LOCATION_CHARS = 4_096      # a path or URL (PATH_MAX on Linux)
+MAX_INPUTS = 10_000             # input entries (each may be a glob)
+MAX_LEASE_S = 86_400.0          # a day: a shard that runs longer wants a smaller shard_size
+
+Location = Annotated[str, Field(min_length=1, max_length=MAX_LOCATION_CHARS)]
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)   # no NaN/inf in any float field
 
 
 class ModelSpec(_Strict):
-    path: Optional[str] = None
+    path: Optional[Location] = None
     """Merged Hugging Face checkpoint directory (local path or fsspec URL)."""
-    base: Optional[str] = None
+    base: Optional[Location] = None
     """LLaMA base checkpoint; with `delta`, merged once into the cache on first use (model card step 2)."""
-    delta: Optional[str] = None
+    delta: Optional[Location] = None
     """Ziya delta checkpoint, applied to `base`."""
     dtype: Literal["float16", "bfloat16", "float32"] = _EC.dtype
     """Weight and activation dtype on GPUs; the CPU always runs float32."""
@@ -57,8 +70,8 @@ class ModelSpec(_Strict):
     @field_validator("replicas")
     @classmethod
     def _replicas_positive(cls, v):
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be 'auto' or an integer >= 1")
+        if isinstance(v, int) and not 1 <= v <= 4096:
+            raise ValueError("must be 'auto' or an integer from 1 to 4096")
         return v
 
     @model_validator(mode="after")
@@ -71,26 +84,35 @@ class ModelSpec(_Strict):
 
 
 class SamplingSpec(_Strict):
-    max_new_tokens: int = Field(_SP.max_new_tokens, ge=1, le=1_000_000)
+    max_new_tokens: int = Field(_SP.max_new_tokens, ge=1, le=MAX_TOKENS)
     """Upper bound on generated tokens per sample."""
-    min_new_tokens: int = Field(_SP.min_new_tokens, ge=0)
+    min_new_tokens: int = Field(_SP.min_new_tokens, ge=0, le=MAX_TOKENS)
     """EOS is not sampled before this many tokens (the benchmark uses it to fix output lengths)."""
     temperature: float = Field(_SP.temperature, ge=0.0, le=100.0)
     """0 means greedy."""
     top_p: float = Field(_SP.top_p, gt=0.0, le=1.0)
-    top_k: int = Field(_SP.top_k, ge=0)
+    top_k: int = Field(_SP.top_k, ge=0, le=MAX_VOCAB)
     """0 means no top-k cut."""
     repetition_penalty: float = Field(_SP.repetition_penalty, gt=0.0, le=10.0)
     """CTRL-style penalty on tokens already in the prompt or the response; 1.0 is off."""
     n: int = Field(_SP.n, ge=1, le=1024)
     """Samples per prompt; they share the prompt's KV blocks."""
-    seed: Optional[int] = _SP.seed
+    seed: Optional[int] = Field(_SP.seed, ge=0, le=MAX_SEED)
     """Per-request seed; a line's seed is seed + its line number, so a job is reproducible."""
-    stop: list[str] = Field(default_factory=lambda: list(_SP.stop))
+    stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
+        default_factory=lambda: list(_SP.stop), max_length=MAX_STOPS)
     """Stop strings; generation ends before the first one and finish_reason is 'stop'."""
-    stop_token_ids: list[int] = Field(default_factory=lambda: list(_SP.stop_token_ids))
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=MAX_VOCAB)]] = Field(
+        default_factory=lambda: list(_SP.stop_token_ids), max_length=MAX_STOPS)
     ignore_eos: bool = _SP.ignore_eos
     """Keep generating past EOS up to max_new_tokens (used by benchmarks)."""
+
+    @model_validator(mode="after")
+    def _min_within_max(self):
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"min_new_tokens ({self.min_new_tokens}) exceeds max_new_tokens "
+                             f"({self.max_new_tokens})")
+        return self
 
     def merged(self, override: Optional[dict]) -> "SamplingSpec":
         """A copy with a line's `sampling` object applied; raises pydantic's ValidationError."""
@@ -104,8 +126,8 @@ class FiltersSpec(_Strict):
 
     drop_truncated: bool = False
     """Drop samples whose finish_reason is 'length'."""
-    min_response_tokens: int = Field(0, ge=0)
-    max_response_tokens: Optional[int] = Field(None, ge=1)
+    min_response_tokens: int = Field(0, ge=0, le=MAX_TOKENS)
+    max_response_tokens: Optional[int] = Field(None, ge=1, le=MAX_TOKENS)
     dedup: bool = False
     """Drop exact-duplicate responses (normalized hash) within a shard."""
     min_reward: Optional[float] = None
@@ -119,7 +141,7 @@ RecordKind = Literal["results", "sft", "experience"]
 
 
 class OutputSpec(_Strict):
-    path: str
+    path: Location
     """Directory (local or fsspec URL) that receives results/, sft/, experience/, errors/, manifest.json."""
     records: list[RecordKind] = Field(default_factory=lambda: ["results", "sft", "experience"])
     format: Literal["jsonl", "parquet"] = "jsonl"
@@ -152,20 +174,20 @@ class ExperienceSpec(_Strict):
     after repetition penalty, top_k and top_p (no reference model: it cannot reproduce the cut)."""
     top_logprobs: int = Field(_SP.top_logprobs, ge=0, le=20)
     """Per response token, the k most likely token ids with their logprobs (under logprobs_mode); 0 = off."""
-    reference_model: Optional[str] = None
+    reference_model: Optional[Location] = None
     """Checkpoint whose logprobs of the response give ref_logprobs and per-token kl."""
-    reward_model: Optional[str] = None
+    reward_model: Optional[Location] = None
     """Reward checkpoint (Ziya-LLaMA-7B-Reward layout or a 1-label sequence classifier): adds rewards.model."""
-    reward_function: Optional[str] = None
+    reward_function: Optional[str] = Field(None, max_length=4096)
     """'package.module:function' or 'path/to/file.py:function', called as f(prompt, response, metadata) ->
     float on the workers (built-ins: ziya_batch.rewards:exact_match, math_answer, json_schema). Adds
     rewards.<function name>."""
-    reward_url: Optional[str] = None
+    reward_url: Optional[Location] = None
     """http(s) endpoint receiving POST {"items": [{prompt, response, metadata}, ...]} and answering
     {"rewards": [float|null, ...]}: a sandbox running tests, a judge. Adds rewards.url."""
     reward_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
     """Per call of reward_function, and per HTTP request to reward_url; past it that sample's reward is null."""
-    reward_weights: dict[str, float] = Field(default_factory=dict)
+    reward_weights: dict[str, float] = Field(default_factory=dict, max_length=64)
     """Weight of each reward component by name ("model", the function's name, "url"); default 1 each.
     reward = the weighted sum, null if any component is null."""
 
@@ -210,7 +232,7 @@ class ExperienceSpec(_Strict):
 class EngineSpec(_Strict):
     max_num_seqs: int = Field(_EC.max_num_seqs, ge=1, le=4096)
     """Most sequences decoded together in one step."""
-    max_num_batched_tokens: int = Field(_EC.max_num_batched_tokens, ge=16)
+    max_num_batched_tokens: int = Field(_EC.max_num_batched_tokens, ge=16, le=MAX_TOKENS)
     """Token budget of one step (decode tokens plus prefill chunk)."""
     block_size: int = Field(_EC.block_size, ge=1, le=256)
     """Tokens per KV-cache block."""
@@ -234,7 +256,7 @@ class EngineSpec(_Strict):
 
 
 class ReliabilitySpec(_Strict):
-    lease_s: float = Field(120.0, ge=1.0)
+    lease_s: float = Field(120.0, ge=1.0, le=MAX_LEASE_S)
     """A claimed shard is requeued when its worker has not renewed the lease for this long."""
     max_retries: int = Field(3, ge=0, le=100)
     """Failed attempts after which a shard or line is dead-lettered (error code retries_exhausted)."""
@@ -243,7 +265,7 @@ class ReliabilitySpec(_Strict):
 class JobSpec(_Strict):
     name: str = Field(..., min_length=1, max_length=200)
     model: ModelSpec
-    input: list[str] = Field(..., min_length=1)
+    input: list[Location] = Field(..., min_length=1, max_length=MAX_INPUTS)
     """Input JSONL files: local paths or fsspec URLs, globs allowed."""
     format: Literal["ziya", "openai-batch"] = "ziya"
     sampling: SamplingSpec = Field(default_factory=SamplingSpec)

@@ -112,6 +112,16 @@ def test_serve_guards_the_api(api):
     r = requests.post(f"{base}/v1/jobs", data=b"{oops", headers={**AUTH, "Content-Type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     assert requests.get(f"{base}/openapi.json").json()["info"]["title"] == "ziya-batch"
+    # through Serve's proxy too: a body over the limit is refused while read, declared or streamed
+    big = b'{"name": "' + b"x" * (2 * 2**20) + b'"}'
+    r = requests.post(f"{base}/v1/jobs", data=big, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+    r = requests.post(f"{base}/v1/jobs", data=iter([big[:2**20], big[2**20:]]),
+                      headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413 and "larger than" in r.json()["error"]["message"]
+    spec.update(input=[str(data / "x.jsonl")], output={"path": f"file:{data}/o/../../escaped"})
+    r = requests.post(f"{base}/v1/jobs", json=spec, headers=AUTH)
+    assert r.status_code == 403 and "output.path" in r.json()["error"]["message"], r.text
 
 
 def test_job_over_http(api):

@@ -56,3 +56,26 @@ def test_schema_names_every_endpoint():
             "/metrics", "/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content", "/v1/batches",
             "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel"} <= set(paths)
     assert "JobSpec" in str(paths["/v1/jobs"]["post"]["requestBody"])
+
+
+# The same app over a Redis that cannot be reached: the queue's absence is a 503 JSON error, never a 500.
+_DOWN_ROOT = Path(tempfile.mkdtemp(prefix="zb-schema-down-"))
+atexit.register(shutil.rmtree, _DOWN_ROOT, True)
+(_DOWN_ROOT / "data").mkdir()
+down_app = create_app(
+    ApiSettings(token=TOKEN, allowed_prefixes=(str(_DOWN_ROOT / "data"),), allowed_models=(str(_DOWN_ROOT / "m"),),
+                model=str(_DOWN_ROOT / "m"), storage_url=str(_DOWN_ROOT / "store")),
+    lambda: Broker.from_url("redis://127.0.0.1:1/0"))
+down_schema = schemathesis.openapi.from_asgi("/openapi.json", down_app)
+
+
+@down_schema.parametrize()
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+def test_redis_down_is_never_a_server_error(case):
+    response = case.call(headers=AUTH)
+    assert response.status_code < 500 or response.status_code == 503, (case.method, case.path, response.text[:300])
+    if response.status_code >= 400:
+        body = response.json()
+        error = body["error"]            # /healthz says {"status": "degraded", "error": "..."}
+        message = error["message"] if isinstance(error, dict) else error
+        assert message and "\n" not in message, body

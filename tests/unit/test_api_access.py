@@ -30,12 +30,18 @@ def test_local_paths_are_resolved(tmp_path):
 
 def test_remote_urls():
     assert is_under("s3://bucket/runs/x/part.jsonl", ["s3://bucket/runs/"])
-    assert is_under("S3://bucket/runs/x", ["s3://bucket/runs"])
+    assert is_under("s3a://bucket/runs/x", ["s3://bucket/runs"])       # one filesystem class, two names
+    with pytest.raises(AccessDenied, match="can open"):
+        normalize_location("S3://bucket/runs/x")                          # fsspec knows no 'S3' protocol
     assert not is_under("s3://bucket/runs-other/x", ["s3://bucket/runs"])
     assert not is_under("s3://other/runs/x", ["s3://bucket/runs/"])
-    assert not is_under("gs://bucket/runs/x", ["s3://bucket/runs/"])
+    assert not is_under("memory://bucket/runs/x", ["s3://bucket/runs/"])
     assert not is_under("s3://bucket/runs/x", ["/bucket/runs"])
-    for url in ("s3://bucket/runs/../secret", "s3://bucket/runs/%2e%2e/secret", "s3://bucket/runs/./x"):
+    assert is_under("https://h/runs/x.jsonl", ["https://h/runs/"])
+    assert not is_under("http://h/runs/x.jsonl", ["https://h/runs/"])
+    assert not is_under("https://h/runs2", ["https://h/runs"])
+    for url in ("s3://bucket/runs/../secret", "s3://bucket/runs/%2e%2e/secret", "s3://bucket/runs/./x",
+                "https://h/runs/x%2f..%2f..%2fsecret", "https://h/runs/x\\..\\secret"):
         with pytest.raises(AccessDenied, match="segments"):
             normalize_location(url)
     with pytest.raises(AccessDenied, match="chained"):

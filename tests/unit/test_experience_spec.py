@@ -91,3 +91,19 @@ def test_api_settings_read_the_allow_lists_from_the_environment(monkeypatch):
     monkeypatch.setenv("ZIYA_BATCH_ALLOWED_REWARD_URLS", "https://j/")
     s = ApiSettings.from_env(storage="/tmp/x")
     assert s.allowed_reward_functions == ("a.b:c", "d.py:e") and s.allowed_reward_urls == ("https://j/",)
+
+
+def test_a_reward_function_file_is_made_absolute_at_submit(tmp_path, monkeypatch):
+    """Workers run in other directories: 'file.py:function' is stored with the file's absolute path, a module
+    reference as given."""
+    import os
+
+    from ziya_batch.jobs.submit import absolute_locations
+    from ziya_batch.spec import parse_spec
+
+    monkeypatch.chdir(tmp_path)
+    base = {"name": "t", "model": {"path": "/m"}, "input": ["/in.jsonl"], "output": {"path": "/out"}}
+    spec = absolute_locations(parse_spec({**base, "experience": {"reward_function": "rw/score.py:check"}}))
+    assert spec.experience.reward_function == f"{os.path.join(str(tmp_path), 'rw', 'score.py')}:check"
+    spec = absolute_locations(parse_spec({**base, "experience": {"reward_function": "my_pkg.scoring:check"}}))
+    assert spec.experience.reward_function == "my_pkg.scoring:check"

@@ -1,21 +1,20 @@
 """Who may call the API, and which URLs a job sent over it may name.
 
-Tokens are compared in constant time. Every input, output and model location a job names is normalised
-before it is compared with the allowed prefixes: local paths are resolved (`..`, symlinks, `~`), so a
-link under an allowed directory that points elsewhere is judged by where it points; remote URLs with
-`.`/`..` segments or fsspec chaining (`a::b`) are refused outright, since backends disagree on what they
-mean. Inputs are checked again after glob expansion, file by file.
+Tokens are compared in constant time. Every input, output and model location a job names (and every allowed
+prefix) is normalised to what fsspec will open before the two are compared: the protocol and path by fsspec's
+own rules, local paths then resolved (`..`, symlinks, `~`), so a link under an allowed directory that points
+elsewhere is judged by where it points; remote URLs with `.`/`..` segments (also percent-encoded) or fsspec
+chaining (`a::b`) are refused outright, since backends disagree on what they mean. Inputs are checked again
+after glob expansion, file by file.
 """
 from __future__ import annotations
 
 import hmac
-import os
-import posixpath
 from typing import Iterable, Optional
-from urllib.parse import unquote
 
 from ..errors import ZiyaBatchError
-from ..spec import JobSpec
+from ..io.storage import canonical_location, location_within
+from ..spec import JobSpec, show_text
 from .settings import MODELS_ENV, PREFIXES_ENV, ApiSettings
 
 
@@ -29,34 +28,26 @@ def token_matches(given: Optional[str], expected: str) -> bool:
     return given is not None and hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
 
 
-def _protocol(url: str) -> str:
-    return url.split("://", 1)[0].lower() if "://" in url else "file"
-
-
 def normalize_location(url: str) -> str:
-    """The canonical form of a location for prefix comparison; raises AccessDenied for unsafe URLs."""
-    if "::" in url:
-        raise AccessDenied(f"{url}: chained fsspec URLs (a::b) are not accepted by the API; name the object directly")
-    proto = _protocol(url)
-    if proto in ("file", "local"):
-        path = url.split("://", 1)[1] if "://" in url else url
-        return os.path.realpath(os.path.expanduser(path))
-    rest = url.split("://", 1)[1]
-    segments = unquote(rest).split("/")
-    if any(s in (".", "..") for s in segments):
-        raise AccessDenied(f"{url}: '.' and '..' segments are not accepted in remote URLs; name the object directly")
-    return f"{proto}://{posixpath.normpath(rest) if rest else rest}"
+    """The location fsspec opens for `url` in one canonical spelling (io.storage.canonical_location: fsspec's own
+    rules for the protocol and path, then realpath for local paths); AccessDenied for a URL the check cannot
+    read the way every backend does."""
+    try:
+        return canonical_location(url)
+    except ValueError as err:
+        raise AccessDenied(f"{show_text(url)}: {err}") from None
 
 
 def is_under(location: str, prefixes: Iterable[str]) -> bool:
-    """True when the normalised location equals an allowed prefix or lies below one (at a '/' boundary)."""
+    """True when the normalised location equals an allowed prefix or lies below one, at a path-component
+    boundary (`/data/in` admits `/data/in/x`, never `/data/input-secret`)."""
     loc = normalize_location(location)
     for prefix in prefixes:
         try:
             p = normalize_location(prefix)
         except AccessDenied:
             continue
-        if loc == p or loc.startswith(p.rstrip("/") + "/"):
+        if location_within(loc, p):
             return True
     return False
 

@@ -10,6 +10,7 @@ import logging
 import threading
 from typing import Any, Callable, Optional
 
+import redis.exceptions as redis_errors
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -21,6 +22,7 @@ from ..errors import JobNotFound, ZiyaBatchError
 from ..spec import JobSpec, format_validation_error
 from .access import AccessDenied, check_expanded_inputs, check_job, token_matches
 from .http_errors import ApiError, error_response
+from .limits import BodyLimit
 from .settings import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,16 @@ def _install_error_handlers(app: FastAPI) -> None:
             exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
         return error_response(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))
 
+    @app.exception_handler(redis_errors.ConnectionError)
+    @app.exception_handler(redis_errors.TimeoutError)
+    @app.exception_handler(redis_errors.ReadOnlyError)
+    @app.exception_handler(redis_errors.OutOfMemoryError)
+    async def _redis_down(request: Request, exc: Exception):
+        # Redis unreachable, refusing our password, a read-only replica or out of memory is the service's state,
+        # not a bug: 503, try again later
+        return error_response(503, f"the job queue (Redis) cannot be reached: {' '.join(str(exc).split())}",
+                              "service_unavailable", headers={"Retry-After": "5"})
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -125,6 +137,7 @@ def _jobs_router(settings: ApiSettings, brokers: BrokerHolder) -> APIRouter:
 
     @router.post("", summary="Submit a job (the job spec as JSON)")
     def submit(spec: JobSpec) -> dict:
+        spec = jobs.absolute_locations(spec)      # checked as stored: the locations fsspec opens
         check_job(spec, settings)
         files = jobs.list_inputs(spec)
         check_expanded_inputs(files, settings)
@@ -166,6 +179,7 @@ def create_app(settings: ApiSettings, broker_factory: Callable[[], Any]) -> Fast
     app.state.settings, app.state.brokers = settings, brokers
     app.state.batches = Batches(settings, brokers)
     _install_error_handlers(app)
+    app.add_middleware(BodyLimit)
     auth = [Depends(_require_token_dependency(settings))]
 
     @app.get("/healthz", tags=["health"], summary="Liveness and Redis reachability (no token needed)")

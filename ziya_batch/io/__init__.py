@@ -2,8 +2,9 @@
 
 Works with any fsspec URL (local paths, file://, s3://, ...); see storage.py for passing credentials and
 endpoints, schema.py for the Parquet schemas, parts.py for the output directory (OutputDir: its names and the
-commit protocol). The URL functions (stage_shard, committed_shards, ...) are OutputDir's methods for callers that
-hold a URL.
+commit protocol), claims.py for claiming an output directory for one job (atomic, never inside or around
+another job's output). The URL functions (stage_shard, committed_shards, ...) are OutputDir's methods for
+callers that hold a URL.
 """
 from .inputs import expand_inputs, index_inputs, read_shard, shard_refs
 from .manifest import (manifest_part_urls, manifest_shards, output_owner, read_manifest, read_parts,
@@ -11,7 +12,7 @@ from .manifest import (manifest_part_urls, manifest_shards, output_owner, read_m
 from .parts import (CommitError, CommitMarker, OutputDir, PartInfo, StagedPart, clear_staging, committed_shards,
                     discard_staged, new_attempt, part_path, promote_shard, read_marker, stage_shard)
 from .schema import KINDS, parquet_schema
-from .storage import join_url, normalize_url, open_output_fs, url_to_fs
+from .storage import absolute_url, join_url, normalize_url, open_output_fs, url_to_fs
 
 __all__ = [
     "expand_inputs", "index_inputs", "read_shard", "shard_refs",
@@ -20,5 +21,5 @@ __all__ = [
     "part_path", "StagedPart", "CommitMarker", "PartInfo", "CommitError",
     "write_manifest", "read_manifest", "read_parts", "manifest_part_urls", "verify_output", "manifest_shards",
     "output_owner", "set_output_owner",
-    "KINDS", "parquet_schema", "open_output_fs", "url_to_fs", "join_url", "normalize_url",
+    "KINDS", "parquet_schema", "open_output_fs", "url_to_fs", "join_url", "normalize_url", "absolute_url",
 ]

@@ -27,14 +27,19 @@ returns the same marker. The markers are the truth a lost Redis is rebuilt from 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
-from ..errors import ZiyaBatchError
+from fsspec.implementations.local import LocalFileSystem
+
+from ..errors import InputError, ZiyaBatchError
 from .schema import EXTENSIONS, KINDS, encode_part
-from .storage import exists_fresh, join_url, list_fresh, move_atomic, open_output_fs, put_atomic, read_bytes
+from .storage import (_fsync_dir, exists_fresh, join_url, list_fresh, move_atomic, open_output_fs, put_atomic,
+                      read_bytes)
 
 STAGING = "_staging"
 COMMITTED = "_committed"
@@ -179,8 +184,21 @@ class OutputDir:
         """A JSON file at the top of the directory, read fresh (no listing cache), or None if absent."""
         path = self.path(name)
         self.fs.invalidate_cache(path)
-        data = read_bytes(self.fs, path)
-        return json.loads(data) if data is not None else None
+        try:
+            data = read_bytes(self.fs, path)
+        except NotADirectoryError:
+            raise InputError(f"{self.url} is a file, or lies under one; an output path names a directory (it "
+                             "receives results/, sft/, ...)") from None
+        except (IsADirectoryError, PermissionError) as err:
+            raise InputError(f"{self.url}: cannot read {name} ({err.strerror or type(err).__name__}); choose "
+                             "another output.path") from None
+        if data is None:
+            return None
+        try:
+            return json.loads(data)
+        except ValueError:          # also not UTF-8
+            raise InputError(f"{self.url}: {name} is corrupt (not JSON); if no job writes into this directory "
+                             f"any more, delete {name}, or choose another output.path") from None
 
     def put(self, name: str, data: bytes) -> None:
         put_atomic(self.fs, self.path(name), data)
@@ -192,11 +210,72 @@ class OutputDir:
     def owner(self) -> Optional[str]:
         """The job id that writes into this directory (recorded at submit), or None."""
         owner = self.read_json(self.OWNER)
-        return owner.get("job_id") if owner is not None else None
+        if owner is None:
+            return None
+        if not isinstance(owner, dict) or not isinstance(owner.get("job_id"), str):
+            raise InputError(f"{self.url}: {self.OWNER} is corrupt (no job_id); if no job writes into this "
+                             f"directory any more, delete {self.OWNER}, or choose another output.path")
+        return owner["job_id"]
 
     def set_owner(self, job_id: str) -> None:
         """Record that job_id writes into this directory: parts and commit markers in it are its own."""
         self.put(self.OWNER, json.dumps({"job_id": job_id}).encode())
+
+    def claim_owner(self, job_id: str) -> Optional[str]:
+        """Record job_id as the owner unless one is recorded: create-if-absent, so of several processes claiming
+        one new directory at the same moment exactly one wins. Returns None when this call created the owner
+        file, else the owner found. Local: the file is written whole aside and hard-linked into place (link
+        fails if the name exists; readers never see it half written); other filesystems: open(mode="xb") (a
+        conditional put on S3), or where a backend has no exclusive create, a check then a put."""
+        data = json.dumps({"job_id": job_id}).encode()
+        path = self.path(self.OWNER)
+        if isinstance(self.fs, LocalFileSystem):
+            return self._claim_local(path, data)
+        try:
+            with self.fs.open(path, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return self.owner()
+        except (NotImplementedError, ValueError):       # no exclusive create on this backend
+            found = self.owner()
+            if found is not None:
+                return found
+            self.put(self.OWNER, data)
+        finally:
+            self.fs.invalidate_cache(path)
+        return None
+
+    def _claim_local(self, path: str, data: bytes) -> Optional[str]:
+        os.makedirs(self.root, exist_ok=True)
+        tmp = self.path(f".{self.OWNER}.{new_attempt()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            return self.owner()
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK) or not os.path.exists(tmp):
+                raise
+            # no hard links here (some network and FUSE filesystems): O_EXCL on the name itself, written at once
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return self.owner()
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        _fsync_dir(self.root)
+        return None
+
+    def release_owner(self, job_id: str) -> None:
+        """Remove the owner file if it still names job_id (a claim withdrawn before anything was written)."""
+        if self.owner() == job_id:
+            _remove_quietly(self.fs, [self.path(self.OWNER)])
 
     # -- the commit protocol ----------------------------------------------------------------------------------
     def stage(self, index: int, token: int, attempt: str, parts: dict[str, list[dict]],

@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import uuid
 from typing import Any
+from urllib.parse import unquote
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -73,13 +75,76 @@ def open_output_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path.rstrip("/") or "/"
 
 
+def is_chained(url: str) -> bool:
+    """fsspec reads `a::b` as a chain of filesystems (simplecache::s3://...), wherever the `::` is."""
+    return "::" in url
+
+
+def fs_class_path(url: str) -> tuple[type, str]:
+    """The filesystem class and the path in it that fsspec.core.url_to_fs opens for a URL that is not chained,
+    worked out as fsspec does (split_protocol, then the class's _strip_protocol) without creating the
+    filesystem. So `file:rel`, `file://host/p`, `local://p` and `~/p` are the local paths fsspec opens, made
+    absolute from this working directory. Raises ValueError for an unknown protocol, ImportError for a
+    backend that is not installed."""
+    protocol = fsspec.core.split_protocol(url)[0] or "file"
+    cls = fsspec.get_filesystem_class(protocol)
+    return cls, cls._strip_protocol(url)
+
+
+def absolute_url(url: str) -> str:
+    """The URL as any process opens it wherever it runs: a local location in any spelling fsspec accepts
+    becomes the absolute path fsspec opens from this working directory (kept as fsspec spells it: `..` stays,
+    so a symlink means what it means to the kernel); other URLs, and ones fsspec cannot open, are unchanged."""
+    if is_chained(url):
+        return url
+    try:
+        cls, path = fs_class_path(url)
+    except (ValueError, ImportError):
+        return url
+    if not issubclass(cls, LocalFileSystem):
+        return url
+    # fsspec leaves `~name` of an unknown user relative (expanduser keeps it): relative to here, as it opens it
+    return path if path.startswith("/") else f"{os.getcwd()}/{path}"
+
+
+def canonical_location(url: str) -> str:
+    """The place fsspec opens for `url`, in one spelling that compares as a path: local locations resolved by
+    the kernel's rules (os.path.realpath: `..` after symlinks, `~`, relative to this working directory), remote
+    ones as `<protocol>://<backend path>` under the filesystem class's first protocol (s3a:// is s3://).
+    Raises ValueError, saying why, for a location whose meaning backends disagree on: chained URLs, `.`/`..`
+    segments in a remote path (also percent-encoded or after a backslash), an unknown protocol, a path no file
+    can have."""
+    if is_chained(url):
+        raise ValueError("chained fsspec URLs (a::b) are not accepted; name the object directly")
+    try:
+        cls, path = fs_class_path(url)
+    except (ValueError, ImportError):
+        raise ValueError("not a location this server can open (unknown protocol or no backend installed "
+                         "for it)") from None
+    if issubclass(cls, LocalFileSystem):
+        try:
+            return os.path.realpath(path)
+        except ValueError:          # a NUL byte, a lone surrogate
+            raise ValueError("not a valid path") from None
+    # raw, percent-decoded, and split at backslashes too: an HTTP server may decode %2f or read \ as a slash
+    if any(s in (".", "..") for s in re.split(r"[/\\]", path) + re.split(r"[/\\]", unquote(path))):
+        raise ValueError("'.' and '..' segments are not accepted in remote URLs; name the object directly")
+    if "://" in path:               # a backend that keeps the whole URL as its path (http, https)
+        return path.rstrip("/")
+    family = cls.protocol if isinstance(cls.protocol, str) else cls.protocol[0]
+    return f"{family}://{path.rstrip('/')}"
+
+
+def location_within(inner: str, outer: str) -> bool:
+    """True when canonical location `inner` is `outer` or lies below it, at a path-component boundary
+    (`/data/in` holds `/data/in/x`, never `/data/input-secret`)."""
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
 def normalize_url(url: str) -> str:
-    """A URL every process can open: local paths and file:// become absolute paths (Ray workers run in
-    other working directories), remote URLs lose a trailing slash."""
-    if is_local(url):
-        path = url.split("://", 1)[1] if "://" in url else url
-        return os.path.abspath(os.path.expanduser(path))
-    return url.rstrip("/")
+    """A URL every process can open: local locations become absolute paths (Ray workers run in other working
+    directories), remote URLs lose a trailing slash."""
+    return absolute_url(url) if is_local(url) else url.rstrip("/")
 
 
 def join_url(base: str, *parts: str) -> str:
@@ -173,5 +238,14 @@ def list_fresh(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     fs.invalidate_cache(path)
     try:
         return sorted(fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def list_fresh_detail(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
+    """fs.ls(path, detail=True) bypassing the listing cache, [] if it does not exist."""
+    fs.invalidate_cache(path)
+    try:
+        return list(fs.ls(path, detail=True))
     except FileNotFoundError:
         return []

@@ -4,10 +4,13 @@ No Ray here: the CLI, `run`, the HTTP API and OpenAI batches all submit through 
 """
 from __future__ import annotations
 
+import os
+
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from .. import io
 from ..errors import SpecError
+from ..io.claims import claim_output
 from ..records import ShardRef
 from ..spec import JobSpec
 from .finalize import finish_empty_job
@@ -27,6 +30,42 @@ def list_inputs(spec: JobSpec) -> list[str]:
     A surface that must check the files before submitting (the HTTP API's allowed prefixes) lists them
     here once and hands the list to submit_job."""
     return io.expand_inputs(spec.input)
+
+
+# the spec's single locations besides `input`, as (section, field)
+_LOCATIONS = (("output", "path"), ("model", "path"), ("model", "base"), ("model", "delta"),
+              ("experience", "reference_model"), ("experience", "reward_model"))
+
+
+def absolute_locations(spec: JobSpec) -> JobSpec:
+    """`spec` with its input, output and model locations as every process opens them (io.storage.absolute_url):
+    a relative or `file:`/`local://`/`~` local path becomes the absolute path fsspec opens from here, since
+    workers run in other directories or on other machines (and the HTTP API's allow-list judged it from here).
+    The stored spec holds this form."""
+    update: dict = {}
+    inputs = [io.absolute_url(u) for u in spec.input]
+    if inputs != spec.input:
+        update["input"] = inputs
+    for section, name in _LOCATIONS:
+        value = getattr(getattr(spec, section), name)
+        if value and io.absolute_url(value) != value:
+            fields = update.setdefault(section, {})
+            fields[name] = io.absolute_url(value)
+    # a reward function given as 'file.py:function' runs on the workers, which do not share this directory
+    fn = spec.experience.reward_function
+    target, sep, name = (fn or "").rpartition(":")
+    if sep and target.endswith(".py") and not os.path.isabs(target):
+        update.setdefault("experience", {})["reward_function"] = f"{os.path.abspath(target)}:{name}"
+    if not update:
+        return spec
+    sections = {k: getattr(spec, k).model_copy(update=v) if isinstance(v, dict) else v for k, v in update.items()}
+    return spec.model_copy(update=sections)
+
+
+def _same_job(stored: JobSpec, job_id: str) -> bool:
+    """The stored spec is this job's: its identity, or (a spec stored before locations were made absolute at
+    submit) the identity of its relative paths made absolute from here."""
+    return stored.identity() == job_id or absolute_locations(stored).identity() == job_id
 
 
 def job_id_for(spec: JobSpec, broker: Optional["JobsBroker"] = None) -> str:
@@ -49,7 +88,7 @@ def job_id_for(spec: JobSpec, broker: Optional["JobsBroker"] = None) -> str:
             stored = broker.get_spec(recorded)
         else:
             stored = None
-        if stored is not None and stored.identity() == job_id:
+        if stored is not None and _same_job(stored, job_id):
             return recorded
     except Exception:  # noqa: BLE001 - a stored spec this release cannot read is another job's, as before
         pass
@@ -123,6 +162,7 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
     `files`: the inputs as list_inputs(spec) gave them, where the caller listed them already."""
     from ..queue import JobState
 
+    spec = absolute_locations(spec)
     job_id = job_id_for(spec, broker)
     existing = broker.find_job(job_id)
     if existing is not None and existing.state == JobState.COMPLETED:
@@ -140,11 +180,18 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
         files = list_inputs(spec)
     if check_model_dir:
         check_model(spec)
-    if check_output_owner(spec, job_id) is None:
-        io.set_output_owner(spec.output.path, job_id)
+    check_output_owner(spec, job_id)
+    claim_output(spec.output.path, job_id, _known_outputs(broker, job_id))
     committed = {i: _stats_from_marker(m) for i, m in io.committed_shards(spec.output.path).items()}
     status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size), committed=committed, job_id=job_id)
     return finish_empty_job(broker, status)
+
+
+def _known_outputs(broker: "JobsBroker", job_id: str) -> Iterator[tuple[str, str]]:
+    """(job id, output path) of every other job this Redis knows, read lazily (only a new claim reads them)."""
+    for st in broker.list_jobs():
+        if st.job_id != job_id:
+            yield st.job_id, st.output_path
 
 
 def _stats_from_marker(marker):

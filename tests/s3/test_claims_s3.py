@@ -1,0 +1,25 @@
+"""Claiming an output directory on S3: the owner file is a conditional put (If-None-Match), so a second job's claim
+of the same prefix is refused, and nesting is seen through the objects above and below."""
+from __future__ import annotations
+
+import pytest
+from test_io_s3 import bucket  # noqa: F401 - the fixture
+
+from ziya_batch.errors import SpecError
+from ziya_batch.io import OutputDir
+from ziya_batch.io.claims import claim_output
+
+
+def test_s3_claim_is_create_if_absent(bucket):  # noqa: F811
+    url = f"s3://{bucket}/runs/a"
+    claim_output(url, "job1")
+    claim_output(url, "job1")
+    assert OutputDir(url).claim_owner("job2") == "job1"
+    with pytest.raises(SpecError, match="belongs to another job"):
+        claim_output(url, "job2")
+    with pytest.raises(SpecError, match="lies inside another job's output"):
+        claim_output(f"s3://{bucket}/runs/a/_staging", "job3")
+    with pytest.raises(SpecError, match="contains another job's output"):
+        claim_output(f"s3://{bucket}/runs", "job3")
+    claim_output(f"s3://{bucket}/runs/a2", "job3")
+    assert OutputDir(url).owner() == "job1"

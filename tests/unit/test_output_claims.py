@@ -1,0 +1,88 @@
+"""Claiming output directories without Redis: the owner file is created only if absent (locally by a hard link, on
+other filesystems by open(mode="xb")), and an output may not lie inside or contain another's."""
+from __future__ import annotations
+
+import json
+import uuid
+
+import fsspec
+import pytest
+
+from ziya_batch.errors import InputError, SpecError
+from ziya_batch.io import OutputDir
+from ziya_batch.io.claims import MAX_WALK_DEPTH, claim_output, output_conflict
+
+
+@pytest.fixture(params=["local", "memory"])
+def base(request, tmp_path) -> str:
+    return str(tmp_path) if request.param == "local" else f"memory://claims-{uuid.uuid4().hex[:8]}"
+
+
+def test_one_owner_per_directory(base):
+    claim_output(f"{base}/a", "job1")
+    claim_output(f"{base}/a", "job1")                                  # the same job resumes
+    with pytest.raises(SpecError, match="belongs to another job \\(job1\\)"):
+        claim_output(f"{base}/a", "job2")
+    assert OutputDir(f"{base}/a").owner() == "job1"
+    assert OutputDir(f"{base}/a").claim_owner("job3") == "job1"       # create-if-absent, never overwrite
+
+
+def test_nested_outputs_are_refused_both_ways(base):
+    claim_output(f"{base}/runs/a", "job1")
+    for inner in ("runs/a/_staging", "runs/a/results/deeper"):
+        with pytest.raises(SpecError, match="lies inside another job's output"):
+            claim_output(f"{base}/{inner}", "job2")
+    for outer in ("runs", ""):
+        with pytest.raises(SpecError, match="contains another job's output"):
+            claim_output(f"{base}/{outer}".rstrip("/"), "job2")
+    claim_output(f"{base}/runs/a2", "job2")                            # a sibling with a shared name prefix
+    assert OutputDir(f"{base}/runs").owner() is None
+
+
+def test_a_manifest_marks_an_output_too(base):
+    fs, root = fsspec.core.url_to_fs(f"{base}/done")
+    fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(f"{root}/manifest.json", json.dumps({"job_id": "old"}).encode())
+    assert "lies inside" in output_conflict(f"{base}/done/x", "new")
+
+
+def test_jobs_known_to_the_caller_count_even_without_files(tmp_path):
+    known = [("j1", f"file://{tmp_path}/a/")]
+    inside = output_conflict(str(tmp_path / "a" / "b"), "j2", known)
+    assert inside == f"lies inside the output of job j1 ({known[0][1]})"
+    assert "contains the output of job j1" in output_conflict(str(tmp_path), "j2", known)
+    assert output_conflict(str(tmp_path / "a-b"), "j2", known) is None
+    assert output_conflict(str(tmp_path / "a"), "j1", known) is None
+
+
+def test_the_walk_below_is_bounded(tmp_path):
+    deep = tmp_path.joinpath(*["d"] * (MAX_WALK_DEPTH + 1))
+    deep.mkdir(parents=True)
+    (deep / "_owner.json").write_text('{"job_id": "far"}')
+    assert output_conflict(str(tmp_path), "x") is None                  # beyond the walk: not looked for
+    near = tmp_path.joinpath(*["d"] * (MAX_WALK_DEPTH - 1))
+    (near / "_owner.json").write_text('{"job_id": "near"}')
+    assert "contains another job's output" in output_conflict(str(tmp_path), "x")
+
+
+def test_corrupt_bookkeeping_is_one_line(tmp_path):
+    (tmp_path / "o").mkdir()
+    for content in (b"{", b"\xff", b"[]", b'{"job_id": 3}'):
+        (tmp_path / "o" / "_owner.json").write_bytes(content)
+        with pytest.raises(InputError, match="_owner.json is corrupt") as err:
+            claim_output(str(tmp_path / "o"), "j")
+        assert "\n" not in str(err.value)
+
+
+def test_without_hard_links_the_claim_is_still_exclusive(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    out = OutputDir(str(tmp_path / "o"))
+    assert out.claim_owner("first") is None
+    assert out.claim_owner("second") == "first"
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["_owner.json"]      # no temp file left
