@@ -191,7 +191,9 @@ def create_app(settings: ApiSettings, broker_factory: Callable[[], Any]) -> Fast
             # the cause goes to the server log only: its text can name hosts, paths or a Redis URL, and
             # /healthz answers anyone
             log.warning("healthz: Redis not reachable: %s", type(err).__name__)
-            return JSONResponse({"status": "degraded", "redis": False}, status_code=503)
+            return JSONResponse({"status": "degraded", "redis": False,
+                                 "error": "the job queue (Redis) cannot be reached; the server log says why"},
+                                status_code=503)
 
     @app.get("/metrics", tags=["metrics"], dependencies=auth, response_class=Response,
              summary="Prometheus metrics, read from Redis at scrape time")
