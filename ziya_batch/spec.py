@@ -73,7 +73,34 @@ class SamplingSpec(_Strict):
     """Stop strings; generation ends before the first one and finish_reason is 'stop'."""
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
-    """Keep generating past EOS up to max_new_tokens (used by benchmarks)."""
+    """Keep generating past EOS up to max_new_tokens (used by benchmarks). A constrained sample ignores it: its
+    grammar decides where it ends."""
+    json_schema: Optional[dict[str, Any]] = None
+    """Structured output: every response that finishes ('stop') is JSON valid against this JSON Schema."""
+    regex: Optional[str] = None
+    """Structured output: every response that finishes matches this regex as a whole (Rust regex syntax: no
+    look-around or backreferences)."""
+    choice: Optional[list[str]] = None
+    """Structured output: every response that finishes is exactly one of these strings."""
+    json_whitespace: Literal["compact", "flexible"] = "compact"
+    """With json_schema: 'compact' allows no whitespace between JSON tokens; 'flexible' lets the model add it."""
+
+    @field_validator("json_schema", "regex", "choice")
+    @classmethod
+    def _compiles(cls, v, info):
+        # the grammar library's reason for a constraint it cannot enforce: a spec error, or the line's
+        # invalid_sampling error
+        from .constraints import check
+        if v is not None:
+            check(**{info.field_name: v})
+        return v
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        given = [k for k in ("json_schema", "regex", "choice") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of json_schema, regex and choice (got {' and '.join(given)})")
+        return self
 
     def merged(self, override: Optional[dict]) -> "SamplingSpec":
         """A copy with a line's `sampling` object applied; raises pydantic's ValidationError."""
@@ -230,7 +257,16 @@ def run_field_changes(old: JobSpec, new: JobSpec) -> list[str]:
     return changes
 
 
+# Sampling fields added after job ids were first handed out: hashed only when set, so a spec without them keeps
+# the id it had (a job started before them resumes).
+_HASHED_WHEN_SET = {"json_schema": None, "regex": None, "choice": None, "json_whitespace": "compact"}
+
+
 def _hash(fields: dict) -> str:
+    sampling = fields.get("sampling")
+    if isinstance(sampling, dict):
+        fields = {**fields, "sampling": {k: v for k, v in sampling.items()
+                                         if k not in _HASHED_WHEN_SET or v != _HASHED_WHEN_SET[k]}}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 

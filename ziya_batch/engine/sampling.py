@@ -1,5 +1,5 @@
-"""Batched sampling on the device: repetition penalty, min_new_tokens, temperature (0 = greedy), top_k, top_p,
-and the logprob of each chosen token under the processed distribution (the raw, penalised one for greedy rows).
+"""Batched sampling on the device: repetition penalty, min_new_tokens, structured-output masks (grammar.py),
+temperature (0 = greedy), top_k, top_p, and the logprob of each chosen token under the processed distribution (the raw, penalised one for greedy rows).
 
 Randomness: Gumbel-max with noise from a counter-based hash of (sample key, output position, vocab id) rather
 than a torch.Generator. A sample's tokens then depend only on its seed and its own history, never on which
@@ -74,12 +74,14 @@ class SamplingTensors:
     any_top_k: bool
     any_top_p: bool
     all_greedy: bool
+    allowed: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # grammars: (rows [Rc], bitmask [Rc, V/32] int32)
 
 
 def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ban_ids: list[list[int]],
-                           prev_tokens: Optional[torch.Tensor] = None, pending: Optional[dict[int, int]] = None
-                           ) -> SamplingTensors:
-    """rows: Sequences (one per logits row); ban_ids[i]: ids masked for row i (EOS/stop before min_new_tokens).
+                           prev_tokens: Optional[torch.Tensor] = None, pending: Optional[dict[int, int]] = None,
+                           allowed: Optional[tuple[list[int], torch.Tensor]] = None) -> SamplingTensors:
+    """rows: Sequences (one per logits row); ban_ids[i]: ids masked for row i (EOS/stop before min_new_tokens);
+    allowed: (row indices, host bitmask) of the rows under a grammar (grammar.Grammars.masks), or None.
     A row whose last token is still pending (PENDING_TOKEN, async scheduling) has it in
     prev_tokens[pending[seq_id]] on the device: the repetition penalty reads it there."""
     temps = [r.params.temperature for r in rows]
@@ -112,9 +114,12 @@ def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ba
         br = [i for i, ids in enumerate(ban_ids) for _ in ids]
         bt = [t for ids in ban_ids for t in ids]
         banned = (torch.tensor(br, device=device), torch.tensor(bt, device=device))
+    if allowed is not None:
+        allowed = (torch.tensor(allowed[0], dtype=torch.int64).to(device, non_blocking=True),
+                   allowed[1].to(device, non_blocking=True))
     return SamplingTensors(floats[0, :R], floats[1, :R], ints[0, :R], ints[1, :R], penalty, seen, banned,
                            any_top_k=any(k > 0 for k in top_k), any_top_p=any(p < 1.0 for p in top_p),
-                           all_greedy=all(t == 0 for t in temps))
+                           all_greedy=all(t == 0 for t in temps), allowed=allowed)
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +138,11 @@ def _process(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         logits = torch.where(t.seen, torch.where(logits > 0, logits / p, logits * p), logits)
     if t.banned is not None:
         logits = logits.index_put((t.banned[0], t.banned[1]), torch.tensor(float("-inf"), device=logits.device))
+    if t.allowed is not None:
+        # after the penalty, before temperature/top_k/top_p: the nucleus is taken among the allowed tokens,
+        # and logprobs are those of the distribution actually sampled from
+        from ziya_batch.engine.grammar import apply_masks
+        logits = apply_masks(logits, *t.allowed)
     return logits
 
 

@@ -18,7 +18,12 @@ class SamplingParams:
     seed: Optional[int] = None       # per-request seed; None = engine's generator
     stop: tuple[str, ...] = ()       # stop strings: the text is cut before the first one
     stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False         # benchmarks: run to max_new_tokens regardless of EOS
+    ignore_eos: bool = False         # benchmarks: run to max_new_tokens regardless of EOS (not constrained rows)
+    # structured output, at most one (engine/grammar.py): a finished response satisfies it, whatever the weights
+    json_schema: Optional[str] = None     # a JSON Schema, as JSON text (hashable, and the grammar cache's key)
+    regex: Optional[str] = None           # the whole response matches it
+    choice: tuple[str, ...] = ()          # the response is one of these
+    json_whitespace: str = "compact"      # "compact" | "flexible": whitespace between JSON tokens
 
 
 @dataclass

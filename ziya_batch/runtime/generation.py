@@ -4,6 +4,7 @@ Plain Python over the engine (no Redis, no Ray), so it is tested directly on the
 """
 from __future__ import annotations
 
+import json
 import logging
 import zlib
 from dataclasses import dataclass, field
@@ -32,7 +33,9 @@ def sampling_params(s: SamplingSpec, file: str, line: int) -> SamplingParams:
         max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, temperature=s.temperature,
         top_p=s.top_p, top_k=s.top_k, repetition_penalty=s.repetition_penalty, n=s.n,
         seed=line_seed(s.seed, file, line), stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
-        ignore_eos=s.ignore_eos)
+        ignore_eos=s.ignore_eos,
+        json_schema=None if s.json_schema is None else json.dumps(s.json_schema, sort_keys=True, ensure_ascii=False),
+        regex=s.regex, choice=tuple(s.choice or ()), json_whitespace=s.json_whitespace)
 
 
 @dataclass
