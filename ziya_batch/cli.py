@@ -190,13 +190,15 @@ def bench(
                                  help="The engine's admission order: tail-longest-first (default), fcfs or "
                                       "longest-first"),
     kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="auto (the model's dtype) or fp8"),
+    workload: str = typer.Option("W1", "--workload",
+                                 help="W1, or W3: W1 constrained to a JSON schema, against W1 at the same lengths"),
 ):
     """The throughput benchmark on the 13B shape, workload W1, with the baselines side by side."""
     from .engine.bench import BenchOptions, run_bench
 
     run_bench(BenchOptions(layers=layers, requests=requests, tensor_parallel=tensor_parallel,
                            markdown=markdown, only=tuple(x for o in only for x in o.split(",") if x), seed=seed,
-                           schedule=schedule, kv_cache_dtype=kv_cache_dtype))
+                           schedule=schedule, kv_cache_dtype=kv_cache_dtype, workload=workload))
 
 
 def main(argv: Optional[list] = None) -> None:

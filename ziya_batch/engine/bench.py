@@ -9,6 +9,7 @@ time and reports tokens/s over what it finished; the table's note says how much 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import inspect
@@ -48,6 +49,7 @@ class BenchOptions:
     seed: int = 0
     schedule: str = "tail-longest-first"
     kv_cache_dtype: str = "auto"
+    workload: str = "W1"             # or "W3": W1 constrained to a JSON schema, against W1 at the same lengths
 
 
 def workload_w1(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
@@ -171,6 +173,79 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
     del eng, model
     gc.collect(); torch.cuda.empty_cache()
     return row, prof
+
+
+def w3_schema(max_chars: int) -> dict:
+    """W3's record: a free-text string of bounded length, an enum, a bounded integer and a boolean."""
+    return {"type": "object", "additionalProperties": False, "required": ["summary", "category", "score", "verified"],
+            "properties": {"summary": {"type": "string", "maxLength": max_chars},
+                           "category": {"enum": ["travel", "food", "history", "science", "other"]},
+                           "score": {"type": "integer", "minimum": 0, "maximum": 100},
+                           "verified": {"type": "boolean"}}}
+
+
+def bench_w3(a: ModelArgs, work, device, seed: int) -> list[dict]:
+    """W3: W1's prompts, each constrained to w3_schema with maxLength = its W1 output length (in characters,
+    rounded up to 32: 16 distinct grammars). EOS is not ignored (the grammar ends each record), so W1 runs
+    after it with each request's max_new_tokens = the length its record took (EOS ignored): both runs decode
+    the same tokens, and output tok/s compare the constraint's cost alone. Both again with synchronous steps
+    give the cost of waiting for each step's tokens before the next step's masks. The tokenizer is the demo
+    model's (4,096 pieces; masks forbid the other ids of the 39,424-row vocabulary)."""
+    import json
+    import tempfile
+
+    import jsonschema
+    from transformers import AutoTokenizer
+
+    from ziya_batch.engine.demo_model import write_demo_tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = AutoTokenizer.from_pretrained(str(write_demo_tokenizer(tmp)))
+    model = LlamaModel.random(a, device, torch.float16, seed)
+    eng = LLMEngine.from_model(model, tok, EngineConfig(**_ENGINE_CONFIG))
+    schemas = {n: json.dumps(w3_schema(n)) for n in range(32, 513, 32)}
+
+    def constrained(o: int, i: int = -1) -> SamplingParams:
+        return SamplingParams(max_new_tokens=o + 64, temperature=1.0, top_p=0.85, json_schema=schemas[-(-o // 32) * 32],
+                              seed=seed * 100_003 + i + 1)   # seeded: async and sync runs draw the same
+
+    eng.generate([Request("warm", list(range(3, 40)), constrained(32)), Request("w", list(range(3, 40)), _sampling(8))])
+    rows, lengths = [], None
+    for sync in (False, True):
+        eng.config = dataclasses.replace(eng.config, async_scheduling=not sync)
+        for kind in ("W3", "W1"):
+            if kind == "W3":
+                reqs = [Request(str(i), p, constrained(o, i)) for i, (p, o) in enumerate(work)]
+            else:
+                reqs = [Request(str(i), p, _sampling(max(1, lengths[str(i)]))) for i, (p, _) in enumerate(work)]
+            g = eng._grammars
+            g.mask_s = g.fill_s = 0.0
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            outs = eng.generate(reqs)
+            wall = time.perf_counter() - t0
+            tokens = sum(len(c.token_ids) for o in outs for c in o.completions)
+            note = f"{'synchronous' if sync else 'async'} steps"
+            if kind == "W3":
+                lengths = lengths or {o.request_id: len(o.completions[0].token_ids) for o in outs}
+                ok = 0
+                for o in outs:
+                    c = o.completions[0]
+                    try:
+                        jsonschema.validate(json.loads(c.text), w3_schema(512))
+                        ok += c.finish_reason == "stop"
+                    except (ValueError, jsonschema.ValidationError):
+                        pass
+                note += (f"; {ok}/{len(outs)} records valid; masks {g.mask_s:.2f} s of host time "
+                         f"({g.fill_s:.2f} s filling them)")
+            else:
+                note += "; the W3 run's output lengths, EOS ignored"
+            rows.append(dict(method=kind, requests=len(reqs), output_tokens=tokens, wall_s=wall,
+                             output_tok_s=tokens / wall, note=note))
+            _print_row(rows[-1])
+    for sync in (0, 2):
+        print(f"[bench] W3 / W1 ({rows[sync]['note'].split(';')[0]}): "
+              f"{rows[sync]['output_tok_s'] / rows[sync + 1]['output_tok_s']:.1%}", flush=True)
+    return rows
 
 
 def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requests: int, seed: int,
@@ -400,6 +475,10 @@ def run_bench(opts: BenchOptions) -> list[dict]:
         raise ModelError(f"unknown bench method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
     device = torch.device("cuda")
     a = _args(opts.layers)
+    if opts.workload == "W3":
+        return bench_w3(a, workload_w1(opts.requests, a.vocab_size, opts.seed), device, opts.seed)
+    if opts.workload != "W1":
+        raise ModelError(f"bench --workload must be W1 or W3, not {opts.workload!r}")
     work = workload_w1(opts.requests, a.vocab_size, opts.seed)
     rows: list[dict] = []
     prof: Optional[dict] = None
@@ -560,9 +639,12 @@ def main() -> None:
     p.add_argument("--schedule", choices=POLICIES, default=BenchOptions.schedule,
                    help="the engine's admission order (engine.schedule of a job spec)")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=BenchOptions.kv_cache_dtype)
+    p.add_argument("--workload", choices=("W1", "W3"), default=BenchOptions.workload,
+                   help="W3: W1 constrained to a JSON schema, against W1 at the same output lengths")
     a = p.parse_args()
     run_bench(BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown,
-                           tuple(x for x in a.only.split(",") if x), a.seed, a.schedule, a.kv_cache_dtype))
+                           tuple(x for x in a.only.split(",") if x), a.seed, a.schedule, a.kv_cache_dtype,
+                           a.workload))
 
 
 if __name__ == "__main__":
