@@ -237,3 +237,50 @@ def test_a_job_through_runtime_generation_writes_only_valid_records(model_dir):
         check(kind, rec["response"])
     assert {k: len(v) for k, v in by_id.items()} == {"j1": 2, "r1": 2, "c1": 3, "j2": 2}
     assert [e["id"] for e in parts["errors"]] == ["bad"]
+
+
+# ---- tensor parallel: rank 0 samples from the full logits, so constraints run there alone ------------------------
+def _tp_worker(rank: int, world_size: int, init_file: str, model_dir: str, requests: list, result_file: str) -> None:
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from ziya_batch.engine.testing import load_sharded
+    from ziya_batch.engine.tp import enable_tp_driver, serve_follower
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = load_sharded(model_dir, rank, world_size, torch.device("cpu"), torch.float32)
+        eng = LLMEngine.from_model(model, AutoTokenizer.from_pretrained(model_dir),
+                                   EngineConfig(model_path="", device="cpu", max_num_batched_tokens=256))
+        if rank == 0:
+            driver = enable_tp_driver(eng)
+            outs = eng.generate([Request(rid, ids, SamplingParams(**p)) for rid, ids, p in requests])
+            driver.stop()
+            with open(result_file, "w") as fh:
+                json.dump([[c.text for c in o.completions] for o in outs], fh)
+        else:
+            serve_follower(eng)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_2_gives_the_constrained_output_of_one_process(model_dir, tmp_path):
+    import torch.multiprocessing as mp
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(str(model_dir))("<human>:记录\n<bot>:").input_ids
+    reqs = [("j", ids, dict(max_new_tokens=60, temperature=0.0, json_schema=json.dumps(SCHEMA))),
+            ("r", ids, dict(max_new_tokens=30, temperature=0.0, n=2, regex=REGEX)),
+            ("c", ids, dict(max_new_tokens=10, temperature=0.0, choice=CHOICE)),
+            ("u", ids, dict(max_new_tokens=8, temperature=0.0))]
+    mp.spawn(_tp_worker, args=(2, str(tmp_path / "init"), str(model_dir), reqs, str(tmp_path / "out.json")),
+             nprocs=2, join=True)
+    two = json.loads((tmp_path / "out.json").read_text())
+    eng = make_engine(model_dir)
+    one = [[c.text for c in o.completions]
+           for o in eng.generate([Request(rid, i, SamplingParams(**p)) for rid, i, p in reqs])]
+    assert two == one
+    for (rid, _, _), texts in zip(reqs[:3], two):
+        for text in texts:
+            check({"j": "json", "r": "regex", "c": "choice"}[rid], text)
