@@ -231,7 +231,7 @@ def bench_w3(a: ModelArgs, work, device, seed: int) -> list[dict]:
                 for o in outs:
                     c = o.completions[0]
                     try:
-                        jsonschema.validate(json.loads(c.text), w3_schema(512))
+                        jsonschema.validate(json.loads(c.text), json.loads(reqs[int(o.request_id)].params.json_schema))
                         ok += c.finish_reason == "stop"
                     except (ValueError, jsonschema.ValidationError):
                         pass
