@@ -140,6 +140,33 @@ def test_stop_strings_still_cut_a_constrained_response(model_dir):
     assert c.finish_reason == "stop" and c.text == '{"title'
 
 
+def test_grammars_compile_off_the_step_and_each_distinct_one_once(model_dir, monkeypatch):
+    import threading
+    release, compiled = threading.Event(), []
+    compile_ = Grammars._compile
+
+    def slow(self, grammar):
+        compiled.append(grammar)
+        release.wait(60)
+        return compile_(self, grammar)
+
+    monkeypatch.setattr(Grammars, "_compile", slow)
+    eng = make_engine(model_dir)
+    ids = prompt_ids(eng)
+    eng.add_request(Request("free", ids, SamplingParams(max_new_tokens=4, seed=1)))
+    for i in range(3):
+        eng.add_request(Request(f"c{i}", ids, SamplingParams(max_new_tokens=20, seed=i, choice=CHOICE)))
+    done = []
+    while eng.has_unfinished() and not done:
+        done += eng.step()          # the unconstrained request runs while the grammar compiles
+    assert [o.request_id for o in done] == ["free"] and len(eng._grammars.waiting) == 3
+    release.set()
+    while eng.has_unfinished():
+        done += eng.step()
+    assert sorted(o.request_id for o in done) == ["c0", "c1", "c2", "free"]
+    assert len(compiled) == 1       # three requests, one grammar
+
+
 def test_a_constraint_the_engine_cannot_compile_fails_only_its_request(model_dir):
     eng = make_engine(model_dir)
     ids = prompt_ids(eng)
