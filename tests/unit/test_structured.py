@@ -132,6 +132,22 @@ def test_seeded_constrained_samples_do_not_depend_on_the_batch(model_dir):
     assert crowd[-1].completions[0].token_ids == alone
 
 
+def test_preemption_and_recompute_keep_each_samples_matcher_in_step(model_dir):
+    def run(**kw):
+        eng = make_engine(model_dir, **kw)
+        ids = prompt_ids(eng, "记录")
+        outs = eng.generate([Request(str(i), ids, SamplingParams(max_new_tokens=90, n=2, seed=i,
+                                                                 json_schema=json.dumps(SCHEMA))) for i in range(5)])
+        return [[c.text for c in o.completions] for o in outs], eng.scheduler.num_preemptions
+
+    roomy, _ = run()
+    tight, preemptions = run(num_kv_blocks=14, admission_horizon_tokens=0)
+    assert preemptions > 0 and tight == roomy
+    for texts in tight:
+        for text in texts:
+            check("json", text)
+
+
 def test_stop_strings_still_cut_a_constrained_response(model_dir):
     eng = make_engine(model_dir)
     out = eng.generate([Request("s", prompt_ids(eng), SamplingParams(max_new_tokens=80, seed=1, stop=('":',),
