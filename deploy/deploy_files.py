@@ -21,7 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 DEPLOY = Path(__file__).resolve().parent
 GPU = "nvidia.com/gpu"
-# DESIGN.md's commands: the only words allowed after `ziya-batch`.
+# The commands of the README's command table: the only words allowed after `ziya-batch`.
 SUBCOMMANDS = {"run", "submit", "status", "cancel", "worker", "merge-delta", "demo-model", "serve", "bench"}
 # GPUs of the instance types the manifests and the cluster file may name
 GPUS_PER_INSTANCE = {"p5.48xlarge": 8, "p5e.48xlarge": 8, "p4d.24xlarge": 8, "g6e.12xlarge": 4, "g6e.48xlarge": 8}

@@ -79,7 +79,7 @@ def child(args) -> None:
 
     if args.mode == "submit":
         from ziya_batch.queue import Broker
-        from ziya_batch.runtime.submit import submit_job
+        from ziya_batch.jobs import submit_job
 
         broker = Broker.from_url(args.redis_url)
     rss_before = _vm("VmRSS")

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from ziya_batch.engine.bench import workload_w1
 from ziya_batch.engine.scheduler import POLICIES, Scheduler, Sequence, SeqStatus
 from ziya_batch.engine.types import SamplingParams
+from ziya_batch.tools.bench import workload_w1
 
 WEIGHT_BYTES, FLOP_PER_ROW, KV_BYTES_PER_TOKEN = 26.0e9, 26.0e9, 819_200      # LLaMA-13B, float16
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import sys
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
@@ -42,8 +42,8 @@ def submit(
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
 ):
     """Validate the spec, index the input into shards and queue it; prints the job id."""
-    from .runtime.models import unserved_note
-    from .runtime.submit import submit_job
+    from .jobs import submit_job
+    from .work.models import unserved_note
     from .spec import load_spec
 
     spec = load_spec(job)
@@ -82,14 +82,9 @@ def cancel(
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
 ):
     """Stop handing out the job's shards; committed parts stay."""
-    from .errors import JobNotFound
-    from .runtime.finalize import finalize_if_ready
+    from .jobs import cancel_job
 
-    broker = _broker(redis_url)
-    if broker.find_job(job_id) is None:
-        raise JobNotFound(f"no job {job_id} in this Redis (list jobs with `ziya-batch status`)")
-    st = broker.cancel(job_id, abandon_running=abandon)
-    finalize_if_ready(broker, job_id)      # a job with nothing running is cancelled now: write its manifest
+    st = cancel_job(_broker(redis_url), job_id, abandon_running=abandon)
     how = "running shards are abandoned" if abandon else "running shards finish and are kept"
     typer.echo(f"{job_id}: {st.state.value} ({how})")
 
@@ -139,10 +134,24 @@ def merge_delta(
     do_merge(base, delta, target)
 
 
+@app.command()
+def quantize(
+    model: str = typer.Option(..., "--model", help="Float16 Hugging Face LLaMA checkpoint directory"),
+    target: str = typer.Option(..., "--target", help="New or empty directory for the FP8 checkpoint"),
+    max_shard_size: str = typer.Option("2GB", "--max-shard-size", help="Largest output file (bounds host memory)"),
+    device: str = typer.Option("auto", "--device", help="Where to quantise: auto (a GPU if any), cpu, cuda:N"),
+):
+    """Write an FP8 copy of a checkpoint (float8 linear weights with per-channel scales, compressed-tensors
+    layout), tensor by tensor, for jobs with model.quantization: fp8."""
+    from .engine.fp8_checkpoint import main as do_quantize
+
+    do_quantize(model, target, max_shard_size, device)
+
+
 @app.command("demo-model")
 def demo_model(path: str = typer.Argument(..., help="Directory to write the tiny model into")):
     """Write a tiny random-weight model with Ziya's architecture and a real sentencepiece tokenizer."""
-    from .engine.demo_model import main as write_demo
+    from .tools.demo_model import main as write_demo
 
     write_demo(path)
 
@@ -177,28 +186,14 @@ def report(
     typer.echo(f"report written to {out}")
 
 
-@app.command()
-def bench(
-    layers: int = typer.Option(40, "--layers", min=1, help="Decoder layers (40 = LLaMA-13B)"),
-    requests: int = typer.Option(1024, "--requests", min=1, help="Requests in workload W1"),
-    tensor_parallel: int = typer.Option(1, "--tensor-parallel", min=1,
-                                        help="The engine over this many GPUs (one process each, NCCL)"),
-    markdown: Optional[str] = typer.Option(None, "--markdown", help="Write the table into this markdown file"),
-    only: List[str] = typer.Option([], "--only", help="Run only these rows (engine, hf-generate, hf-continuous, roofline)"),
-    seed: int = typer.Option(0, "--seed"),
-    schedule: str = typer.Option("tail-longest-first", "--schedule",
-                                 help="The engine's admission order: tail-longest-first (default), fcfs or "
-                                      "longest-first"),
-    kv_cache_dtype: str = typer.Option("auto", "--kv-cache-dtype", help="auto (the model's dtype) or fp8"),
-    workload: str = typer.Option("W1", "--workload",
-                                 help="W1, or W3: W1 constrained to a JSON schema, against W1 at the same lengths"),
-):
-    """The throughput benchmark on the 13B shape, workload W1, with the baselines side by side."""
-    from .engine.bench import BenchOptions, run_bench
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def bench(ctx: typer.Context):
+    """The throughput benchmark on the 13B shape, workload W1, with the baselines side by side
+    (`ziya-batch bench --help` lists its options)."""
+    # the options are defined once, by the bench's own parser (tools/bench.py), which gets the arguments as given
+    from .tools.bench import main as run_bench
 
-    run_bench(BenchOptions(layers=layers, requests=requests, tensor_parallel=tensor_parallel,
-                           markdown=markdown, only=tuple(x for o in only for x in o.split(",") if x), seed=seed,
-                           schedule=schedule, kv_cache_dtype=kv_cache_dtype, workload=workload))
+    run_bench(ctx.args, prog="ziya-batch bench")
 
 
 def main(argv: Optional[list] = None) -> None:

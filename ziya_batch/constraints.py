@@ -19,12 +19,14 @@ from typing import Optional
 
 import llguidance
 
+from .engine.types import SamplingParams
+
 WHITESPACE = ("compact", "flexible")
 
 
 def grammar_text(json_schema: Optional[object] = None, regex: Optional[str] = None,
-                 choice: Optional[list[str] | tuple[str, ...]] = None, json_whitespace: str = "compact"
-                 ) -> Optional[str]:
+                 choice: Optional[list[str] | tuple[str, ...]] = None,
+                 json_whitespace: str = SamplingParams.json_whitespace) -> Optional[str]:
     """The llguidance grammar for the one constraint given (json_schema: a dict or its JSON text), or None
     without any. The caller checks that at most one is given (SamplingSpec does)."""
     if json_schema is not None:
@@ -56,7 +58,7 @@ def _one_line(reason: str) -> str:
     return " ".join(keep)
 
 
-def check(json_schema=None, regex=None, choice=None, json_whitespace: str = "compact") -> None:
+def check(json_schema=None, regex=None, choice=None, json_whitespace: str = SamplingParams.json_whitespace) -> None:
     """Raises ValueError (the message says what to fix) unless the fields name at most one constraint that
     the grammar library can enforce."""
     given = [name for name, v in (("json_schema", json_schema), ("regex", regex), ("choice", choice))

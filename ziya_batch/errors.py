@@ -54,3 +54,5 @@ INVALID_SAMPLING = "invalid_sampling"
 PROMPT_TOO_LONG = "prompt_too_long"
 GENERATION_FAILED = "generation_failed"
 RETRIES_EXHAUSTED = "retries_exhausted"
+INVALID_LINE = "invalid_line"          # valid JSON that could not be prepared (whatever Python raised on it)
+LINE_TOO_LONG = "line_too_long"        # longer than io.inputs.MAX_LINE_BYTES: never read into memory

@@ -112,6 +112,28 @@ def advantage(reward: Optional[float], mean: Optional[float], std: Optional[floa
     return (reward - mean) / (std + ADVANTAGE_EPS)
 
 
+def constant_reward(samples: Sequence[SampleOutput]) -> bool:
+    """Every sample of the group has a reward and all are equal: zero advantage, nothing for GRPO to learn (a
+    group of one sample included). A group with a null reward is not constant: its rewards are not known."""
+    rewards = [s.reward for s in samples]
+    if not rewards or any(r is None or math.isnan(r) for r in rewards):
+        return False
+    return all(r == rewards[0] for r in rewards)
+
+
+def experience_groups(results: Sequence[LineResult], spec: FiltersSpec) -> list[LineResult]:
+    """The lines whose samples become experience records: all, or with drop_constant_reward_groups those
+    whose group's rewards differ."""
+    if not spec.drop_constant_reward_groups:
+        return list(results)
+    return [r for r in results if not constant_reward(r.samples)]
+
+
+def dropped_constant_reward_groups(results: Sequence[LineResult], spec: FiltersSpec) -> int:
+    """How many prompts experience_groups leaves out (the manifest summary counts them)."""
+    return sum(1 for r in results if constant_reward(r.samples)) if spec.drop_constant_reward_groups else 0
+
+
 def add_group_fields(records: Sequence[dict], group_id: Optional[str] = None) -> list[dict]:
     """Copies of one prompt's n experience records with group_id, group_reward_mean, group_reward_std and
     advantage added. group_id defaults to the records' own group_id, else their id."""

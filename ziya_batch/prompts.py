@@ -6,13 +6,15 @@ Multi turn:   "<human>:q1\n<bot>:a1</s><human>:q2\n<bot>:"
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any, Optional
 
 from pydantic import ValidationError
 
 from . import errors
 from .errors import LineError
-from .records import PromptLine
+from .records import PromptLine, TooLongLine, short_text
 from .spec import SamplingSpec, format_validation_error
 
 HUMAN = "<human>:"
@@ -46,7 +48,8 @@ def build_chat_prompt(messages: list[dict]) -> str:
             raise LineError(errors.MISSING_PROMPT, f"messages[{i}] is not an object")
         role, content = m.get("role"), m.get("content")
         if role not in ("user", "assistant"):
-            raise LineError(errors.MISSING_PROMPT, f"messages[{i}].role must be 'user' or 'assistant', got {role!r}")
+            raise LineError(errors.MISSING_PROMPT,
+                           f"messages[{i}].role must be 'user' or 'assistant', got {short_text(repr(role), 40)}")
         if role != expect:
             raise LineError(errors.MISSING_PROMPT, f"messages[{i}] should be a {expect} turn (turns alternate, starting with user)")
         if not isinstance(content, str):
@@ -78,8 +81,30 @@ def _sampling(base: SamplingSpec, override: Any) -> SamplingSpec:
         return base.merged(override)
     except ValidationError as err:
         raise LineError(errors.INVALID_SAMPLING, format_validation_error(err, "sampling")) from None
-    except TypeError as err:
-        raise LineError(errors.INVALID_SAMPLING, f"sampling: {err}") from None
+    except Exception as err:  # noqa: BLE001 - whatever a hostile override raises is this line's error
+        raise LineError(errors.INVALID_SAMPLING, f"sampling: {type(err).__name__}: {short_text(err)}") from None
+
+
+# the fields a line's format gives a meaning to; every other field is the line's metadata (labels for rewards)
+_ZIYA_FIELDS = ("id", "prompt", "messages", "sampling")
+_OPENAI_FIELDS = ("custom_id", "method", "url", "body")
+
+
+def _metadata(obj: dict, known: tuple[str, ...]) -> dict:
+    return {k: v for k, v in obj.items() if k not in known}
+
+
+def _openai_logprobs(body: dict) -> tuple[bool, int]:
+    """(logprobs asked, top_logprobs k) of an OpenAI request: chat has logprobs: bool + top_logprobs: int,
+    the legacy completions endpoint logprobs: int (the k)."""
+    want, k = body.get("logprobs"), body.get("top_logprobs")
+    if isinstance(want, int) and not isinstance(want, bool):
+        want, k = True, want if k is None else k
+    if want is not None and not isinstance(want, bool):
+        raise LineError(errors.INVALID_SAMPLING, "'body.logprobs' must be true/false (or an integer 0..20)")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20):
+        raise LineError(errors.INVALID_SAMPLING, f"'body.top_logprobs' must be an integer 0..20, got {k!r}")
+    return bool(want), int(k or 0) if want else 0
 
 
 def _response_format(fmt: Any) -> dict:
@@ -103,18 +128,96 @@ def default_id(file: str, line_no: int) -> str:
     return f"{file}:{line_no}"
 
 
-def parse_line(raw: bytes | str, fmt: str, file: str, line_no: int, sampling: SamplingSpec) -> PromptLine:
-    """Parse one JSONL line (line_no is 1-based) into a PromptLine, or raise LineError."""
+MAX_DEPTH = 64       # nesting a line may have: output echoes it, and json.dumps must never hit the recursion limit
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def load_json(raw: bytes | str) -> Any:
+    """json.loads for one input line, or LineError(invalid_json) whatever it raised: NaN, Infinity and
+    numbers beyond a float are refused (no JSON reader elsewhere takes them back), as is nesting deeper than
+    MAX_DEPTH or a lone surrogate (neither could be written back out)."""
+    if isinstance(raw, TooLongLine):
+        raise LineError(errors.LINE_TOO_LONG, f"line is {raw.length} bytes, over the limit of {raw.limit} bytes; "
+                                              "split the prompt or shorten it")
     try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise LineError(errors.INVALID_JSON, f"not valid JSON: {err}") from None
-    if not isinstance(obj, dict):
-        raise LineError(errors.INVALID_JSON, f"expected a JSON object, got {type(obj).__name__}")
-    if fmt == "openai-batch":
-        return _parse_openai(obj, file, line_no, sampling)
-    line_id = obj.get("id")
-    line_id = default_id(file, line_no) if line_id is None else str(line_id)
+        obj = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise LineError(errors.INVALID_JSON, f"not valid JSON: nested deeper than {MAX_DEPTH} levels") from None
+    except UnicodeDecodeError:
+        raise LineError(errors.INVALID_JSON, "not valid JSON: not UTF-8 text") from None
+    except ValueError as err:
+        text = str(err)
+        if "integer string conversion" in text:
+            text = "a number has more than 4300 digits"
+        raise LineError(errors.INVALID_JSON, f"not valid JSON: {short_text(text)}") from None
+    except Exception as err:  # noqa: BLE001 - a line is never more than its own error
+        raise LineError(errors.INVALID_JSON, f"not valid JSON: {type(err).__name__}") from None
+    _check_tree(obj)
+    return obj
+
+
+def _check_tree(obj: Any) -> None:
+    """Depth and text of a parsed line, without recursion (the line chose the depth)."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            if _SURROGATE.search(node):
+                raise LineError(errors.INVALID_JSON, "not valid JSON text: a lone surrogate escape (\\ud800-\\udfff) "
+                                                     "is not a Unicode character")
+        elif isinstance(node, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise LineError(errors.INVALID_JSON, f"not valid JSON: nested deeper than {MAX_DEPTH} levels")
+            if isinstance(node, dict):
+                stack.extend((k, depth) for k in node)
+                stack.extend((v, depth + 1) for v in node.values())
+            else:
+                stack.extend((v, depth + 1) for v in node)
+
+
+def line_id_of(value: Any, file: str, line_no: int) -> str:
+    """A line's id as text: <file>:<line> without one. str() of a hostile id may raise (a deep structure)."""
+    if value is None:
+        return default_id(file, line_no)
+    if isinstance(value, str):
+        return value
+    try:
+        return str(value)
+    except Exception as err:  # noqa: BLE001 - str() of any JSON value; its failure is the line's error
+        raise LineError(errors.INVALID_LINE, f"'id' cannot be turned into text: {type(err).__name__}") from None
+
+
+def parse_line(raw: bytes | str, fmt: str, file: str, line_no: int, sampling: SamplingSpec) -> PromptLine:
+    """Parse one JSONL line (line_no is 1-based) into a PromptLine, or raise LineError.
+
+    Whatever a line holds, this raises only LineError: a line costs no more than its own error record."""
+    try:
+        obj = load_json(raw)
+        if not isinstance(obj, dict):
+            raise LineError(errors.INVALID_JSON, f"expected a JSON object, got {type(obj).__name__}")
+        if fmt == "openai-batch":
+            return _parse_openai(obj, file, line_no, sampling)
+        return _parse_ziya(obj, file, line_no, sampling)
+    except LineError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the per-line boundary: anything else is this line's error too
+        raise LineError(errors.INVALID_LINE, f"cannot prepare this line: {type(err).__name__}: {short_text(err)}") \
+            from None
+
+
+def _parse_ziya(obj: dict, file: str, line_no: int, sampling: SamplingSpec) -> PromptLine:
+    line_id = line_id_of(obj.get("id"), file, line_no)
     messages: Optional[list] = None
     if "messages" in obj:
         messages = obj["messages"]
@@ -132,17 +235,17 @@ def parse_line(raw: bytes | str, fmt: str, file: str, line_no: int, sampling: Sa
     return PromptLine(
         id=line_id, file=file, line=line_no, text=text,
         query=obj.get("prompt") if messages is None else None, messages=messages,
-        sampling=_sampling(sampling, obj.get("sampling")),
+        sampling=_sampling(sampling, obj.get("sampling")), metadata=_metadata(obj, _ZIYA_FIELDS),
     )
 
 
 def _parse_openai(obj: dict, file: str, line_no: int, sampling: SamplingSpec) -> PromptLine:
-    custom_id = obj.get("custom_id")
-    line_id = default_id(file, line_no) if custom_id is None else str(custom_id)
+    line_id = line_id_of(obj.get("custom_id"), file, line_no)
     body = obj.get("body")
     if not isinstance(body, dict):
         raise LineError(errors.MISSING_PROMPT, "openai-batch line has no 'body' object")
     override = {ours: body[theirs] for theirs, ours in _OPENAI_SAMPLING.items() if body.get(theirs) is not None}
+    want_logprobs, top_logprobs = _openai_logprobs(body)
     if isinstance(override.get("stop"), str):
         override["stop"] = [override["stop"]]
     if body.get("response_format") is not None:
@@ -165,5 +268,6 @@ def _parse_openai(obj: dict, file: str, line_no: int, sampling: SamplingSpec) ->
         id=line_id, file=file, line=line_no, text=text,
         query=body.get("prompt") if messages is None else None, messages=messages,
         sampling=_sampling(sampling, override or None),
-        endpoint=str(obj.get("url") or endpoint), model_name=str(body.get("model") or "ziya-llama-13b"),
+        endpoint=short_text(obj.get("url") or endpoint), model_name=short_text(body.get("model") or "ziya-llama-13b"),
+        metadata=_metadata(obj, _OPENAI_FIELDS), want_logprobs=want_logprobs, top_logprobs=top_logprobs,
     )

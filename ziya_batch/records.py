@@ -1,10 +1,12 @@
-"""Plain data passed between layers, and the JSON records written to the output (DESIGN.md layout)."""
+"""Plain data passed between layers, and the JSON records written to the output (the README's Outputs)."""
 from __future__ import annotations
 
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
+
+from .engine.types import SamplingParams
 
 if TYPE_CHECKING:
     from .spec import SamplingSpec
@@ -22,9 +24,6 @@ class ShardRef:
     first_line: int     # 1-based line number of the line at `start`
     num_lines: int
 
-    def part_name(self, ext: str = "jsonl") -> str:
-        return f"part-{self.index:05d}.{ext}"
-
 
 @dataclass(frozen=True)
 class PromptLine:
@@ -39,6 +38,10 @@ class PromptLine:
     messages: Optional[list] = None             # multi-turn conversation as given
     endpoint: Optional[str] = None              # openai-batch: the request's url
     model_name: Optional[str] = None            # openai-batch: body.model, echoed back
+    metadata: Optional[dict] = None             # the line's other fields (labels: an answer, a schema), as given
+    logprobs_mode: str = SamplingParams.logprobs_mode    # experience.logprobs_mode of the job
+    top_logprobs: int = SamplingParams.top_logprobs      # per token (the job's, or an OpenAI request's)
+    want_logprobs: bool = False                 # openai-batch: the request asked for logprobs
 
 
 @dataclass
@@ -52,6 +55,10 @@ class SampleOutput:
     logprobs: Optional[list[float]] = None
     ref_logprobs: Optional[list[float]] = None
     reward: Optional[float] = None
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None   # per token [(id, logprob), ...]
+    rewards: Optional[dict[str, Optional[float]]] = None           # reward components by name
+    reward_error: Optional[str] = None                             # why a component is null (one line)
+    openai_logprobs: Optional[dict] = None                         # openai-batch: the choice's logprobs object
 
 
 @dataclass
@@ -61,17 +68,60 @@ class LineResult:
     line: PromptLine
     prompt_ids: list[int]
     samples: list[SampleOutput]
+    cached_tokens: int = 0           # prompt tokens whose KV the engine found in its prefix cache
+
+
+class TooLongLine(bytes):
+    """Stands in for an input line longer than the reader's limit (io.inputs.MAX_LINE_BYTES), which is never
+    read into memory whole: it holds the line's first bytes. Parsing it gives a line_too_long error."""
+
+    def __new__(cls, head: bytes, length: int, limit: int):
+        self = super().__new__(cls, head)
+        self.length, self.limit = length, limit
+        return self
+
+
+MESSAGE_CHARS = 200       # an error line's message: one short line, whatever the input held
+
+
+def short_text(text: object, limit: int = MESSAGE_CHARS) -> str:
+    """`text` as one line of at most `limit` characters that encodes as UTF-8 (a lone surrogate from a JSON
+    escape is written as its escape). Never raises: it builds error messages from hostile values."""
+    try:
+        s = text if isinstance(text, str) else str(text)
+    except Exception:  # noqa: BLE001 - str() of a hostile value (a huge int, a deep structure) may raise
+        s = f"<{type(text).__name__} that cannot be shown>"
+    s = " ".join(s[:limit * 4].split())
+    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+def utf8_safe(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 @dataclass
 class LineFailure:
-    """One input line rejected (bad input) or given up on (retries exhausted)."""
+    """One input line rejected (bad input) or given up on (retries exhausted).
+
+    Built from whatever a hostile line held, so it makes itself safe to write: an id that is not a string
+    that encodes as UTF-8 becomes <file>:<line>, and the message becomes one short line. An error record
+    that could not be written would fail its whole shard, and a dead-lettered shard forever."""
 
     id: str
     file: str
     line: int
     code: str
     message: str
+
+    def __post_init__(self):
+        if not (isinstance(self.id, str) and utf8_safe(self.id)):
+            self.id = f"{self.file}:{self.line}"
+        self.message = short_text(self.message)
 
     def record(self) -> dict:
         return {"id": self.id, "file": self.file, "line": self.line,
@@ -86,6 +136,7 @@ def result_record(r: LineResult, s: SampleOutput) -> dict:
         "response": s.text,
         "finish_reason": s.finish_reason,
         "usage": {"prompt_tokens": len(r.prompt_ids), "completion_tokens": len(s.token_ids)},
+        "metadata": r.line.metadata,
     }
 
 
@@ -99,6 +150,7 @@ def sft_record(r: LineResult, s: SampleOutput) -> dict:
     else:
         rec["prompt"] = r.line.query
         rec["response"] = s.text
+    rec["metadata"] = r.line.metadata
     return rec
 
 
@@ -124,9 +176,13 @@ def experience_record(r: LineResult, s: SampleOutput, group_id: Optional[str] = 
         "kl": None,
         "kl_k3": None,
         "reward": s.reward,
+        "rewards": s.rewards,
+        "reward_error": s.reward_error,
         "finish_reason": s.finish_reason,
         "response_length": len(s.token_ids),
         "total_length": len(r.prompt_ids) + len(s.token_ids),
+        "top_logprobs": None if s.top_logprobs is None else [[[i, lp] for i, lp in pos] for pos in s.top_logprobs],
+        "metadata": r.line.metadata,
     }
     if s.logprobs is not None and s.ref_logprobs is not None:
         rec["kl"], rec["kl_k3"] = kl_terms(s.logprobs, s.ref_logprobs)
@@ -141,11 +197,11 @@ def openai_batch_record(r: LineResult) -> dict:
     chat = r.line.endpoint == "/v1/chat/completions" or r.line.messages is not None
     if chat:
         choices = [{"index": s.index, "message": {"role": "assistant", "content": s.text},
-                    "finish_reason": s.finish_reason, "logprobs": None} for s in r.samples]
+                    "finish_reason": s.finish_reason, "logprobs": s.openai_logprobs} for s in r.samples]
         obj = "chat.completion"
     else:
-        choices = [{"index": s.index, "text": s.text, "finish_reason": s.finish_reason, "logprobs": None}
-                   for s in r.samples]
+        choices = [{"index": s.index, "text": s.text, "finish_reason": s.finish_reason,
+                    "logprobs": s.openai_logprobs} for s in r.samples]
         obj = "text_completion"
     req_id = uuid.uuid4().hex
     return {
@@ -166,6 +222,41 @@ def openai_batch_record(r: LineResult) -> dict:
         },
         "error": None,
     }
+
+
+def token_piece(piece: str) -> tuple[str, list[int]]:
+    """(text, UTF-8 bytes) of a sentencepiece piece: '▁' is a space, '<0x0A>' a raw byte."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        try:
+            b = [int(piece[3:5], 16)]
+            return bytes(b).decode("utf-8", errors="replace"), b
+        except ValueError:
+            pass
+    text = piece.replace("\u2581", " ")
+    return text, list(text.encode("utf-8"))
+
+
+def openai_logprobs(token_ids: list[int], logprobs: list[float], top: Optional[list[list[tuple[int, float]]]],
+                    pieces, chat: bool) -> dict:
+    """The logprobs object of an OpenAI choice. chat: {"content": [{token, logprob, bytes, top_logprobs:
+    [{token, logprob, bytes}]}]}; completions: {tokens, token_logprobs, top_logprobs: [{token: logprob}],
+    text_offset}. `pieces(ids)` gives the tokenizer's pieces of token ids."""
+    names = [token_piece(p) for p in pieces(list(token_ids))]
+    top = top or [[] for _ in token_ids]
+    top_names = [[token_piece(p) for p in pieces([i for i, _ in pos])] for pos in top]
+    if chat:
+        return {"content": [
+            {"token": t, "logprob": lp, "bytes": b,
+             "top_logprobs": [{"token": tt, "logprob": tlp, "bytes": tb}
+                              for (tt, tb), (_, tlp) in zip(tn, pos)]}
+            for (t, b), lp, pos, tn in zip(names, logprobs, top, top_names)]}
+    offsets, at = [], 0
+    for t, _ in names:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": [t for t, _ in names], "token_logprobs": list(logprobs),
+            "top_logprobs": [{tt: tlp for (tt, _), (_, tlp) in zip(tn, pos)} for pos, tn in zip(top, top_names)],
+            "text_offset": offsets}
 
 
 def openai_batch_error(f: LineFailure) -> dict:

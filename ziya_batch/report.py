@@ -19,9 +19,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from . import io
 from .errors import ServiceError
-from .io.parts import COMMITTED
 from .io.schema import decode_part
-from .io.storage import read_bytes
 
 REWARD_RESERVOIR = 50_000
 
@@ -55,38 +53,14 @@ def _parts(output_url: str, manifest: Optional[dict], markers: dict, kind: str) 
     if manifest is not None:
         yield from io.read_parts(output_url, kind)
         return
-    fs, root = io.open_output_fs(output_url)
+    out = io.OutputDir(output_url)
     for index in sorted(markers):
         info = markers[index].parts.get(kind)
         if info is None:
             continue
-        data = read_bytes(fs, io.join_url(root, info.path))
+        data = out.read(info.path)
         if data is not None:
             yield from decode_part(data, "parquet" if info.path.endswith(".parquet") else "jsonl")
-
-
-def _commit_times(output_url: str) -> dict[int, float]:
-    """Shard index -> when its commit marker was written (the storage's modification time)."""
-    fs, root = io.open_output_fs(output_url)
-    path = io.join_url(root, COMMITTED)
-    fs.invalidate_cache(path)
-    try:
-        entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return {}
-    out = {}
-    for e in entries:
-        name = str(e.get("name", "")).rsplit("/", 1)[-1]
-        if not (name.startswith("part-") and name.endswith(".json")):
-            continue
-        t = e.get("mtime") or e.get("LastModified") or e.get("last_modified") or e.get("created")
-        if hasattr(t, "timestamp"):
-            t = t.timestamp()
-        try:
-            out[int(name[5:-5])] = float(t)
-        except (TypeError, ValueError):
-            continue
-    return out
 
 
 def _add_result(stats: JobStats, rec: dict) -> None:
@@ -135,7 +109,7 @@ def compute_stats(output_url: str, status: Optional[dict] = None) -> JobStats:
         output_url=output_url, source="manifest" if manifest is not None else "commit markers",
         status=status or None, started_at=status.get("created_at"),
     )
-    times = _commit_times(output_url)
+    times = io.OutputDir(output_url).commit_times()
     for index, m in sorted(markers.items()):
         stats.shards_committed += 1
         stats.prompts_done += m.prompts_done

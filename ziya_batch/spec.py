@@ -1,24 +1,35 @@
 """The job spec: what to generate, from what, with which model, and where to write it.
 
-Parsed from YAML or JSON and validated when built. Defaults are defined here once and used by the CLI,
-the HTTP API and the docs alike; the sampling defaults are the model card's.
+Parsed from YAML or JSON and validated when built. The sampling.* and engine.* defaults are the engine's own
+(SamplingParams and EngineConfig in engine/types.py, the sampling ones the model card's): the fields here read
+them from there, and `sampling_params` / `engine_config` convert a spec into those objects by field name, so a
+default or a field mapping is written once. Other defaults are defined here once and used by the CLI, the HTTP
+API and the docs alike.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import os
+import reprlib
+import stat
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .engine.types import EngineConfig, SamplingParams
 from .errors import SpecError
+
+_SP, _EC = SamplingParams, EngineConfig      # the homes of the sampling.* and engine.* defaults
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)   # no NaN/inf in any float field
 
 
 class ModelSpec(_Strict):
@@ -28,14 +39,20 @@ class ModelSpec(_Strict):
     """LLaMA base checkpoint; with `delta`, merged once into the cache on first use (model card step 2)."""
     delta: Optional[str] = None
     """Ziya delta checkpoint, applied to `base`."""
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    dtype: Literal["float16", "bfloat16", "float32"] = _EC.dtype
     """Weight and activation dtype on GPUs; the CPU always runs float32."""
     tensor_parallel: int = Field(1, ge=1, le=64)
     """GPU actors one replica is sharded over (heads and MLP columns split K ways)."""
     replicas: Union[Literal["auto"], int] = "auto"
     """Model copies; auto = GPUs // tensor_parallel (one on a machine without GPUs)."""
-    trust_remote_code: bool = False
+    trust_remote_code: bool = _EC.trust_remote_code
     """Allow custom modelling code from the checkpoint. Off unless you trust the checkpoint."""
+    quantization: Optional[Literal["fp8"]] = _EC.quantization
+    """fp8: the linear layers' weights in float8 e4m3 with per-output-channel scales and activations quantised
+    per token (W8A8), half the weight memory and bytes a decode step reads; outputs differ slightly from
+    float16. Quantised when the engine loads a float16 checkpoint, or read as is from one `ziya-batch
+    quantize` wrote. Needs GPUs of compute capability 8.9 or newer (Ada, Hopper): elsewhere the engine
+    refuses to load. null: weights in `dtype` (an FP8 checkpoint's are then widened to it)."""
 
     @field_validator("replicas")
     @classmethod
@@ -54,35 +71,35 @@ class ModelSpec(_Strict):
 
 
 class SamplingSpec(_Strict):
-    max_new_tokens: int = Field(1024, ge=1, le=1_000_000)
+    max_new_tokens: int = Field(_SP.max_new_tokens, ge=1, le=1_000_000)
     """Upper bound on generated tokens per sample."""
-    min_new_tokens: int = Field(0, ge=0)
+    min_new_tokens: int = Field(_SP.min_new_tokens, ge=0)
     """EOS is not sampled before this many tokens (the benchmark uses it to fix output lengths)."""
-    temperature: float = Field(1.0, ge=0.0, le=100.0)
+    temperature: float = Field(_SP.temperature, ge=0.0, le=100.0)
     """0 means greedy."""
-    top_p: float = Field(0.85, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)
+    top_p: float = Field(_SP.top_p, gt=0.0, le=1.0)
+    top_k: int = Field(_SP.top_k, ge=0)
     """0 means no top-k cut."""
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(_SP.repetition_penalty, gt=0.0, le=10.0)
     """CTRL-style penalty on tokens already in the prompt or the response; 1.0 is off."""
-    n: int = Field(1, ge=1, le=1024)
+    n: int = Field(_SP.n, ge=1, le=1024)
     """Samples per prompt; they share the prompt's KV blocks."""
-    seed: Optional[int] = None
+    seed: Optional[int] = _SP.seed
     """Per-request seed; a line's seed is seed + its line number, so a job is reproducible."""
-    stop: list[str] = Field(default_factory=list)
+    stop: list[str] = Field(default_factory=lambda: list(_SP.stop))
     """Stop strings; generation ends before the first one and finish_reason is 'stop'."""
-    stop_token_ids: list[int] = Field(default_factory=list)
-    ignore_eos: bool = False
+    stop_token_ids: list[int] = Field(default_factory=lambda: list(_SP.stop_token_ids))
+    ignore_eos: bool = _SP.ignore_eos
     """Keep generating past EOS up to max_new_tokens (used by benchmarks). A constrained sample ignores it: its
     grammar decides where it ends."""
-    json_schema: Optional[dict[str, Any]] = None
+    json_schema: Optional[dict[str, Any]] = _SP.json_schema
     """Structured output: every response that finishes ('stop') is JSON valid against this JSON Schema."""
-    regex: Optional[str] = None
+    regex: Optional[str] = _SP.regex
     """Structured output: every response that finishes matches this regex as a whole (Rust regex syntax: no
     look-around or backreferences)."""
-    choice: Optional[list[str]] = None
+    choice: Optional[list[str]] = _SP.choice
     """Structured output: every response that finishes is exactly one of these strings."""
-    json_whitespace: Literal["compact", "flexible"] = "compact"
+    json_whitespace: Literal["compact", "flexible"] = _SP.json_whitespace
     """With json_schema: 'compact' allows no whitespace between JSON tokens; 'flexible' lets the model add it."""
 
     @field_validator("json_schema", "regex", "choice")
@@ -119,7 +136,10 @@ class FiltersSpec(_Strict):
     dedup: bool = False
     """Drop exact-duplicate responses (normalized hash) within a shard."""
     min_reward: Optional[float] = None
-    """Drop samples whose reward is below this (needs experience.reward_model)."""
+    """Drop samples whose reward is below this (needs a reward: experience.reward_model/function/url)."""
+    drop_constant_reward_groups: bool = False
+    """Write no experience records for a prompt whose n samples all got the same reward (zero advantage: no
+    gradient for GRPO-style trainers); counted in the manifest summary. results/ and sft/ are unaffected."""
 
 
 RecordKind = Literal["results", "sft", "experience"]
@@ -143,35 +163,101 @@ class OutputSpec(_Strict):
         return v
 
 
+LogprobsMode = Literal["temperature", "raw", "processed"]
+# a stored spec from before experience.logprobs_mode (2026-12-06) was produced with processed logprobs: it
+# resumes in that mode (stored_spec); with a reference model, where processed is refused, in temperature mode
+LEGACY_LOGPROBS_MODE: LogprobsMode = "processed"
+
+
 class ExperienceSpec(_Strict):
     logprobs: bool = True
     """Record each sampled token's logprob under the policy."""
+    logprobs_mode: LogprobsMode = _SP.logprobs_mode
+    """Which distribution `logprobs` (and `ref_logprobs`, `top_logprobs`) are taken under. temperature:
+    log-softmax of logits / T over the full vocabulary (T the sample's temperature, 1 for greedy rows), what
+    PPO/GRPO trainers recompute; raw: log-softmax of the logits; processed: the distribution sampled from,
+    after repetition penalty, top_k and top_p (no reference model: it cannot reproduce the cut)."""
+    top_logprobs: int = Field(_SP.top_logprobs, ge=0, le=20)
+    """Per response token, the k most likely token ids with their logprobs (under logprobs_mode); 0 = off."""
     reference_model: Optional[str] = None
     """Checkpoint whose logprobs of the response give ref_logprobs and per-token kl."""
     reward_model: Optional[str] = None
-    """Reward checkpoint (Ziya-LLaMA-7B-Reward layout or a 1-label sequence classifier): adds reward."""
+    """Reward checkpoint (Ziya-LLaMA-7B-Reward layout or a 1-label sequence classifier): adds rewards.model."""
+    reward_function: Optional[str] = None
+    """'package.module:function' or 'path/to/file.py:function', called as f(prompt, response, metadata) ->
+    float on the workers (built-ins: ziya_batch.rewards:exact_match, math_answer, json_schema). Adds
+    rewards.<function name>."""
+    reward_url: Optional[str] = None
+    """http(s) endpoint receiving POST {"items": [{prompt, response, metadata}, ...]} and answering
+    {"rewards": [float|null, ...]}: a sandbox running tests, a judge. Adds rewards.url."""
+    reward_timeout_s: float = Field(30.0, gt=0.0, le=3600.0)
+    """Per call of reward_function, and per HTTP request to reward_url; past it that sample's reward is null."""
+    reward_weights: dict[str, float] = Field(default_factory=dict)
+    """Weight of each reward component by name ("model", the function's name, "url"); default 1 each.
+    reward = the weighted sum, null if any component is null."""
+
+    @field_validator("reward_function")
+    @classmethod
+    def _function_ref(cls, v):
+        from .rewards import BUILTINS
+
+        if v is not None and v not in BUILTINS:
+            target, sep, name = v.rpartition(":")
+            if not sep or not target or not name.isidentifier():
+                raise ValueError(f"expected a built-in ({', '.join(BUILTINS)}), 'package.module:function' or "
+                                 "'path/to/file.py:function'")
+        return v
+
+    @field_validator("reward_url")
+    @classmethod
+    def _http_url(cls, v):
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+    def reward_names(self) -> list[str]:
+        """The reward components this spec configures, by the names `rewards` and reward_weights use."""
+        names = ["model"] if self.reward_model else []
+        if self.reward_function:
+            names.append(self.reward_function.rpartition(":")[2])
+        return names + (["url"] if self.reward_url else [])
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.logprobs_mode == "processed" and self.reference_model:
+            raise ValueError("logprobs_mode 'processed' cannot be used with a reference_model (the reference cannot "
+                             "reproduce the policy's top_k/top_p cut, so kl would be biased): use 'temperature'")
+        unknown = sorted(set(self.reward_weights) - set(self.reward_names()))
+        if unknown:
+            raise ValueError(f"reward_weights names {', '.join(unknown)}, not a configured reward (configured: "
+                             f"{', '.join(self.reward_names()) or 'none'})")
+        return self
 
 
 class EngineSpec(_Strict):
-    max_num_seqs: int = Field(256, ge=1, le=4096)
+    max_num_seqs: int = Field(_EC.max_num_seqs, ge=1, le=4096)
     """Most sequences decoded together in one step."""
-    max_num_batched_tokens: int = Field(2048, ge=16)
+    max_num_batched_tokens: int = Field(_EC.max_num_batched_tokens, ge=16)
     """Token budget of one step (decode tokens plus prefill chunk)."""
-    block_size: int = Field(16, ge=1, le=256)
+    block_size: int = Field(_EC.block_size, ge=1, le=256)
     """Tokens per KV-cache block."""
-    gpu_memory_fraction: float = Field(0.90, gt=0.0, le=1.0)
+    gpu_memory_fraction: float = Field(_EC.gpu_memory_fraction, gt=0.0, le=1.0)
     """Share of GPU memory the engine may use; the KV cache gets what is left after weights."""
-    cuda_graphs: bool = True
+    cuda_graphs: bool = _EC.cuda_graphs
     """Replay decode steps from CUDA graphs (GPU only)."""
-    kv_cache_dtype: Literal["auto", "fp8"] = "auto"
+    kv_cache_dtype: Literal["auto", "fp8"] = _EC.kv_cache_dtype
     """KV cache element type: the model's dtype, or float8 e4m3 (twice the tokens in the same memory and half
     the bytes a decode step reads; K/V are rounded to 3 mantissa bits, so outputs differ slightly)."""
-    schedule: Literal["fcfs", "longest-first", "tail-longest-first"] = "tail-longest-first"
+    schedule: Literal["fcfs", "longest-first", "tail-longest-first"] = _EC.schedule
     """Which waiting prompt starts first. tail-longest-first: arrival order until the prompts left fit the batch's
     seats, then those with the most max_new_tokens first, so the end of the work is not one long prompt started
     last (W1 on an H200: +3.8%, half of it +8.9%; see docs/BENCHMARKS.md). fcfs: arrival order. longest-first:
     all by max_new_tokens (worse where the KV cache bounds the batch). It orders work only: a line's output does
     not depend on it (beyond the rounding of the batch it runs in)."""
+    prefix_caching: bool = _EC.prefix_caching
+    """Reuse the KV blocks of a prompt prefix computed before (a shared system prompt or few-shot examples, the
+    same prompt again) instead of computing it for every line; cached blocks are evicted, least recently used
+    first, when memory is needed. Speed only: greedy outputs are the same with it off."""
 
 
 class ReliabilitySpec(_Strict):
@@ -203,6 +289,13 @@ class JobSpec(_Strict):
         return [v] if isinstance(v, str) else v
 
     @model_validator(mode="after")
+    def _filters_have_rewards(self):
+        if self.output.filters.drop_constant_reward_groups and not self.experience.reward_names():
+            raise ValueError("output.filters.drop_constant_reward_groups needs a reward: set experience.reward_model, "
+                             "reward_function or reward_url")
+        return self
+
+    @model_validator(mode="after")
     def _samples_fit_the_batch(self):
         # a prompt's n samples decode together: more than the engine's seats could never start
         if self.sampling.n > self.engine.max_num_seqs:
@@ -224,12 +317,14 @@ class JobSpec(_Strict):
             for key in section:
                 parent = parent[key]
             del parent[name]
-        return _hash(d)
+        return _hash(_without_new_defaults(d))
 
     def legacy_identity(self) -> str:
         """The id earlier releases (until 2026-11-29) gave this spec (the hash of every field): a job started under it
-        resumes under it (runtime/submit.py)."""
-        return _hash(self.model_dump(mode="json"))
+        resumes under it (jobs/submit.py)."""
+        d = self.model_dump(mode="json")
+        del d["engine"]["prefix_caching"]          # added since: not part of those ids
+        return _hash(_without_new_defaults(d))
 
 
 # How fast and where a job runs, not what it writes: a job submitted again with other values of these is the same
@@ -242,6 +337,7 @@ RUN_FIELDS: tuple[tuple[str, ...], ...] = (
     ("model", "tensor_parallel"), ("model", "replicas"),
     ("engine", "max_num_seqs"), ("engine", "max_num_batched_tokens"), ("engine", "block_size"),
     ("engine", "gpu_memory_fraction"), ("engine", "cuda_graphs"), ("engine", "schedule"),
+    ("engine", "prefix_caching"),
     ("reliability", "lease_s"), ("reliability", "max_retries"), ("priority",))
 
 
@@ -257,16 +353,59 @@ def run_field_changes(old: JobSpec, new: JobSpec) -> list[str]:
     return changes
 
 
-# Sampling fields added after job ids were first handed out: hashed only when set, so a spec without them keeps
-# the id it had (a job started before them resumes).
-_HASHED_WHEN_SET = {"json_schema": None, "regex": None, "choice": None, "json_whitespace": "compact"}
+# Fields added after jobs were already running, with the value that leaves a job's identity as it was: a spec that
+# keeps the default hashes as it did before the field existed (so an upgrade does not start its job again).
+NEW_FIELD_DEFAULTS: tuple[tuple[tuple[str, ...], Any], ...] = (
+    (("experience", "logprobs_mode"), "temperature"), (("experience", "top_logprobs"), 0),
+    (("experience", "reward_function"), None), (("experience", "reward_url"), None),
+    (("experience", "reward_timeout_s"), 30.0), (("experience", "reward_weights"), {}),
+    (("output", "filters", "drop_constant_reward_groups"), False), (("model", "quantization"), None),
+    (("sampling", "json_schema"), None), (("sampling", "regex"), None), (("sampling", "choice"), None),
+    (("sampling", "json_whitespace"), "compact"))
+
+
+def _without_new_defaults(d: dict) -> dict:
+    for (*section, name), default in NEW_FIELD_DEFAULTS:
+        parent = d
+        for key in section:
+            parent = parent.get(key, {})
+        if name in parent and parent[name] == default:
+            del parent[name]
+    return d
+
+
+def stored_spec(data: dict, source: str = "stored job spec") -> "JobSpec":
+    """A spec as a job stored it (Redis, a manifest). One stored before experience.logprobs_mode existed ran with
+    processed logprobs, so it resumes in that mode (its parts stay consistent); with a reference model, where
+    processed is refused, in temperature mode (its ref_logprobs were already taken at temperature 1)."""
+    exp = data.get("experience") if isinstance(data, dict) else None
+    if isinstance(exp, dict) and "logprobs_mode" not in exp and not exp.get("reference_model"):
+        data = {**data, "experience": {**exp, "logprobs_mode": LEGACY_LOGPROBS_MODE}}
+    return parse_spec(data, source)
+
+
+_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+_ENGINE_FIELDS = frozenset(f.name for f in dataclasses.fields(EngineConfig))
+
+
+def sampling_params(s: SamplingSpec, **given) -> SamplingParams:
+    """The engine's SamplingParams of a (line's) sampling spec: every field of the same name, lists as tuples,
+    json_schema as its JSON text (hashable: the engine's grammar cache key); `given` replaces fields (the worker
+    passes each line's own seed)."""
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in s if k in _SAMPLING_FIELDS}
+    if s.json_schema is not None:
+        values["json_schema"] = json.dumps(s.json_schema, sort_keys=True, ensure_ascii=False)
+    return SamplingParams(**{**values, **given})
+
+
+def engine_config(spec: JobSpec, model_path: str, device: str) -> EngineConfig:
+    """The engine's EngineConfig of a job: its engine.* fields and the model.* fields the engine reads (dtype,
+    trust_remote_code), each to the config field of the same name."""
+    values = {k: v for section in (spec.model, spec.engine) for k, v in section if k in _ENGINE_FIELDS}
+    return EngineConfig(model_path=model_path, device=device, **values)
 
 
 def _hash(fields: dict) -> str:
-    sampling = fields.get("sampling")
-    if isinstance(sampling, dict):
-        fields = {**fields, "sampling": {k: v for k, v in sampling.items()
-                                         if k not in _HASHED_WHEN_SET or v != _HASHED_WHEN_SET[k]}}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
@@ -287,49 +426,160 @@ def _submodel_at(loc: tuple) -> type[BaseModel]:
     return model
 
 
+MAX_SPEC_BYTES = 2**20          # a job spec file is a few hundred bytes; refuse anything past this before parsing
+MAX_SPEC_SIZE = 4 * 2**20       # a spec's size with every YAML alias expanded (strings by length, others 1 each)
+VALUE_CHARS = 80                # how much of a wrong value an error message quotes
+MAX_FIELD_ERRORS = 5            # fields one error message names (a spec of 1,000 wrong keys is still one line)
+
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = VALUE_CHARS
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxtuple, _SHOW.maxset = 2, 4, 4, 4, 4
+
+
+def show_value(value: Any) -> str:
+    """A short repr of a value from a spec or a line: never longer than VALUE_CHARS, never built in full (an
+    aliased YAML tree's full repr can be gigabytes), never raising (a repr of a huge int does)."""
+    try:
+        text = _SHOW.repr(value)
+    except Exception:  # noqa: BLE001 - repr of any value a user can write
+        text = f"<{type(value).__name__}>"
+    return show_text(text)
+
+
+def show_text(text: str, limit: int = VALUE_CHARS) -> str:
+    """`text` as one line of at most `limit` characters that encodes as UTF-8."""
+    text = " ".join(text[:limit * 4].split()).encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def format_validation_error(err: ValidationError, source: str = "job spec") -> str:
-    """One line naming each wrong field, what is allowed, and the closest key for unknown ones."""
+    """One line naming each wrong field, what is allowed, and the closest key for unknown ones; a wrong value is
+    quoted by at most its first VALUE_CHARS characters."""
     parts = []
-    for e in err.errors():
+    errs = err.errors()
+    for e in errs[:MAX_FIELD_ERRORS]:
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after", "function-before")))
-        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        dotted = show_text(".".join(str(p) for p in loc)) if loc else "(top level)"
         if e["type"] == "extra_forbidden":
             owner = _submodel_at(loc)
-            close = difflib.get_close_matches(str(loc[-1]), _all_fields(owner), n=1)
+            close = difflib.get_close_matches(str(loc[-1])[:VALUE_CHARS], _all_fields(owner), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (allowed: {', '.join(_all_fields(owner))})"
             parts.append(f"unknown key '{dotted}'{hint}")
         elif e["type"] == "missing":
             parts.append(f"missing required key '{dotted}'")
         else:
-            msg = e["msg"]
+            msg = " ".join(str(e["msg"]).split())
             if msg.startswith("Value error, "):
                 msg = msg[len("Value error, "):]
-            parts.append(f"'{dotted}': {msg} (got {e.get('input')!r})")
+            parts.append(f"'{dotted}': {msg[:200]} (got {show_value(e.get('input'))})")
+    if len(errs) > MAX_FIELD_ERRORS:
+        parts.append(f"and {len(errs) - MAX_FIELD_ERRORS} more")
     return f"{source}: " + "; ".join(parts)
+
+
+def check_spec_data(data: Any, source: str = "job spec") -> None:
+    """Bounds on a spec's data before pydantic sees it, whatever it came from (a YAML file, an HTTP body, Redis):
+    its size with shared (aliased) parts counted at each use, no cycles, and finite numbers only (a NaN
+    temperature or an infinite lease would pass the fields' range checks or break the job later). Iterative,
+    and linear in the data as stored (each shared part is sized once)."""
+    sizes: dict[int, int] = {}                 # id(container) -> its expanded size
+    open_: set[int] = set()                    # containers whose parts are being sized (a cycle comes back to one)
+    stack: list[tuple[Any, str, bool]] = [(data, "", False)]
+    while stack:
+        node, path, done = stack.pop()
+        if isinstance(node, float) and not math.isfinite(node):
+            raise SpecError(f"{source}: '{show_text(path) or '(top level)'}': {node} is not a finite number")
+        if not isinstance(node, (dict, list, tuple)):
+            continue
+        items = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
+        if done:
+            total = 1 + sum(_size(k) + sizes.get(id(v), _size(v)) for k, v in items)
+            if total > MAX_SPEC_SIZE:
+                raise SpecError(f"{source}: too large with its YAML aliases expanded (over {MAX_SPEC_SIZE} units at "
+                                f"'{show_text(path) or '(top level)'}'): write the values out, or share less")
+            sizes[id(node)] = total
+            open_.discard(id(node))
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_:
+            raise SpecError(f"{source}: '{show_text(path) or '(top level)'}' contains itself (a recursive YAML alias)")
+        open_.add(id(node))
+        stack.append((node, path, True))
+        for k, v in items:
+            if id(v) not in sizes:
+                stack.append((v, f"{path}.{k}" if path else str(k), False))
+
+
+def _size(leaf: Any) -> int:
+    return len(leaf) if isinstance(leaf, (str, bytes)) else 1
 
 
 def parse_spec(data: Any, source: str = "job spec") -> JobSpec:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: expected a mapping of keys (name, model, input, output, ...), got {type(data).__name__}")
+    check_spec_data(data, source)
     try:
         return JobSpec(**data)
     except ValidationError as err:
         raise SpecError(format_validation_error(err, source)) from None
+    except TypeError as err:       # keys that are not strings (YAML allows `1: x`, `? [a]: b`)
+        raise SpecError(f"{source}: every key must be a string ({show_text(str(err))})") from None
+
+
+class _SpecLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """yaml.safe_load that refuses a key given twice in one mapping (YAML keeps the last silently, so a
+    second `sampling:` would drop the first without a word). On libyaml where installed: the pure-Python
+    scanner is quadratic in nesting depth (a line of 2,000 '[' took seconds), libyaml refuses deep nesting at
+    once."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise SpecError(f"duplicate key '{show_text(key_node.value)}' at line {key_node.start_mark.line + 1} "
+                                    f"(first at line {seen[key]}): give each key once")
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_spec(path: str | Path) -> JobSpec:
-    """Read a YAML or JSON job spec (JSON is valid YAML) and validate it."""
+    """Read a YAML or JSON job spec (JSON is valid YAML) and validate it. Only a regular file of at most
+    MAX_SPEC_BYTES is read; whatever its content, the result is a JobSpec or one SpecError line."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        st = os.stat(p)
+        if not stat.S_ISREG(st.st_mode):
+            raise SpecError(f"{path}: not a regular file; a job spec is a YAML or JSON file")
+        if st.st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"{path}: {st.st_size} bytes, over the {MAX_SPEC_BYTES}-byte limit for a job spec")
+        with open(p, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
         raise SpecError(f"{path}: no such job spec file") from None
     except OSError as err:
         raise SpecError(f"{path}: cannot read job spec: {err.strerror}") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: over the {MAX_SPEC_BYTES}-byte limit for a job spec")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: not UTF-8 text (byte {err.start}); save the spec as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader subclass
+    except SpecError as err:
+        raise SpecError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise SpecError(f"{path}: not valid YAML or JSON{where}: {getattr(err, 'problem', err)}") from None
+        problem = show_text(str(getattr(err, "problem", None) or err))
+        raise SpecError(f"{path}: not valid YAML or JSON{where}: {problem}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: nested too deeply to be a job spec") from None
+    except Exception as err:  # noqa: BLE001 - e.g. an int past 4300 digits, a date out of range: one line
+        raise SpecError(f"{path}: cannot read a value: {show_text(str(err))}") from None
     return parse_spec(data, str(path))

@@ -48,7 +48,7 @@ def write_checkpoint(path: Path, layers: int, shape: str = "13B", seed: int = 0)
     """Random float16 weights of the 13B shape, made on the GPU layer by layer, saved as safetensors."""
     from safetensors.torch import save_file
 
-    from ziya_batch.engine.demo_model import demo_config, write_demo_tokenizer
+    from ziya_batch.tools.demo_model import demo_config, write_demo_tokenizer
 
     if (path / "config.json").exists():
         return
@@ -84,8 +84,8 @@ def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int 
 
     from transformers import AutoTokenizer
 
-    from ziya_batch.engine.demo_model import corpus_text, demo_config, write_demo_tokenizer
-    from ziya_batch.engine.testing import markov_chain
+    from ziya_batch.tools.demo_model import corpus_text, demo_config, write_demo_tokenizer
+    from ziya_batch.tools.testing import markov_chain
 
     summary_file = path / "trained.json"
     if summary_file.exists():
@@ -216,7 +216,7 @@ def write_inputs(work: Path, model: Path, requests: int, seed: int = 0) -> tuple
     and the parity prompts (the demo prompts)."""
     from transformers import AutoTokenizer
 
-    from ziya_batch.engine.demo_model import DATA_DIR, DEMO_PROMPTS_FILE, corpus_text
+    from ziya_batch.tools.demo_model import DATA_DIR, DEMO_PROMPTS_FILE, corpus_text
 
     tok = AutoTokenizer.from_pretrained(str(model))
     ids = tok(corpus_text(), add_special_tokens=False)["input_ids"]
@@ -279,7 +279,7 @@ def throughput(work: Path, model: Path, w1: Path, redis_url: str, configs: list[
 
     from ziya_batch.queue import Broker
     from ziya_batch.runtime.replicas import ReplicaManager
-    from ziya_batch.runtime.submit import submit_job
+    from ziya_batch.jobs import submit_job
     from ziya_batch.spec import EngineSpec, parse_spec
 
     schedule = schedule or EngineSpec.model_fields["schedule"].default
@@ -328,7 +328,7 @@ def throughput(work: Path, model: Path, w1: Path, redis_url: str, configs: list[
 
 
 def _wait(broker, manager, job_id: str, poll_s: float = 0.5, timeout_s: float = 900):
-    from ziya_batch.runtime.finalize import finalize_if_ready
+    from ziya_batch.jobs import finalize_if_ready
 
     t0 = time.time()
     while time.time() - t0 < timeout_s:

@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from ziya_batch.engine import bench
-from ziya_batch.engine.bench import _ENGINE_CONFIG
+from ziya_batch.tools import bench
+from ziya_batch.tools.bench import BENCH_ENGINE
 
 
 def ballast(card_gib: float) -> torch.Tensor:
@@ -19,7 +19,7 @@ def ballast(card_gib: float) -> torch.Tensor:
     alive while the engine is built."""
     target = card_gib * 2**30
     free, total = torch.cuda.mem_get_info()
-    frac = _ENGINE_CONFIG["gpu_memory_fraction"]
+    frac = BENCH_ENGINE.gpu_memory_fraction
     # budget = free - (1 - frac) * total - reserve: a ballast of frac * (total - target) leaves the budget of a
     # card with `target` bytes in all
     ballast_b = int(frac * (total - target))
@@ -33,8 +33,7 @@ def main() -> None:
     i = args.index("--card-gib")
     weight = ballast(float(args[i + 1]))
     del args[i:i + 2]
-    sys.argv = [sys.argv[0]] + args
-    bench.main()
+    bench.main(args)
     del weight
 
 

@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, "scripts/gpu")
 from profile_steps import frozen  # noqa: E402
 
-from ziya_batch.engine.bench import _args, _build_engine, _sampling, workload_w1  # noqa: E402
 from ziya_batch.engine.scheduler import SchedulerOutput  # noqa: E402
 from ziya_batch.engine.types import Request  # noqa: E402
+from ziya_batch.tools.bench import _args, _build_engine, _sampling, workload_w1  # noqa: E402
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import statistics
 import torch
 
 from ziya_batch.engine import attention
-from ziya_batch.engine.bench import (_args, _build_engine, _kernel_profile, _sampling, _time_s, _weight_bytes,
+from ziya_batch.tools.bench import (_args, _build_engine, _kernel_profile, _sampling, _time_s, _weight_bytes,
                                      measure_copy_bandwidth_bytes_s, profile_kernels, workload_w1)
 from ziya_batch.engine.kv_cache import kv_bytes_per_token
 from ziya_batch.engine.scheduler import ScheduledChunk, SchedulerOutput

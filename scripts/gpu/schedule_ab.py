@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from ziya_batch.engine.bench import _args, _build_engine, _sampling, workload_w1
 from ziya_batch.engine.types import Request
+from ziya_batch.tools.bench import _args, _build_engine, _sampling, workload_w1
 
 DEFAULT_PLAN = ("1024:fcfs,1024:tail-longest-first,512:tail-longest-first,512:fcfs,512:fcfs,512:tail-longest-first,"
                 "1024:tail-longest-first,1024:fcfs")
@@ -40,8 +40,10 @@ def main() -> None:
         from card_like import ballast
         weight = ballast(a.card_gib)
     if a.max_num_seqs:
-        from ziya_batch.engine import bench
-        bench._ENGINE_CONFIG["max_num_seqs"] = a.max_num_seqs
+        import dataclasses
+
+        from ziya_batch.tools import bench
+        bench.BENCH_ENGINE = dataclasses.replace(bench.BENCH_ENGINE, max_num_seqs=a.max_num_seqs)
     eng, init_s = _build_engine(args, torch.device("cuda"), 0, kv_cache_dtype=a.kv_cache_dtype)
     eng.generate([Request("warm", list(range(3, 40)), _sampling(8))])
     work = workload_w1(max(n for n, _ in plan), args.vocab_size, 0)

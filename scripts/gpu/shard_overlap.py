@@ -12,10 +12,10 @@ import time
 
 import torch
 
-from ziya_batch.engine import bench as B
 from ziya_batch.records import PromptLine
-from ziya_batch.runtime.generation import ShardStream, generate_lines
+from ziya_batch.work.generation import ShardStream, generate_lines
 from ziya_batch.spec import SamplingSpec
+from ziya_batch.tools import bench as B
 
 dev = torch.device("cuda")
 a = B._args(40)

@@ -15,5 +15,5 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 timeout 240 python3 -m pytest -q -s tests/gpu/test_structured_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/structured_gpu_tests.log"
-timeout ${BENCH_S:-400} python3 -m ziya_batch.engine.bench --workload W3 --layers ${LAYERS:-40} \
+timeout ${BENCH_S:-400} python3 -m ziya_batch.tools.bench --workload W3 --layers ${LAYERS:-40} \
     --requests ${REQUESTS:-1024} 2>&1 | tee "$OUT/bench_w3.log"

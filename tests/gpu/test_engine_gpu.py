@@ -12,8 +12,8 @@ from ziya_batch.engine.attention import (DECODE_CONFIGS, PrefillBatch, decode_at
                                          prefill_attention_torch, prefill_attention_triton, prefill_batch)
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.sampling import build_sampling_tensors, sample_torch, sample_triton
-from ziya_batch.engine.testing import chain_sequences, hf_greedy, markov_chain, tiny_llama, trained_tiny_llama
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
+from ziya_batch.tools.testing import chain_sequences, hf_greedy, markov_chain, tiny_llama, trained_tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -240,7 +240,7 @@ def test_a_tensor_parallel_rank_never_holds_the_whole_model_on_its_gpu(tmp_path)
     loading the whole model first would need at least all of it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ziya_batch.engine.testing import load_sharded
+    from ziya_batch.tools.testing import load_sharded
     cfg = LlamaConfig(hidden_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
                       intermediate_size=1024, vocab_size=300, max_position_embeddings=512)
     hf = LlamaForCausalLM(cfg).half()
@@ -260,8 +260,8 @@ def test_a_worker_switches_models_on_the_gpu_and_frees_the_one_it_drops(tmp_path
     """A one-GPU replica serving jobs of two models in turn (a, b, a) through the worker's ModelCache: each
     switch drops the loaded engine (weights, KV cache, CUDA graphs) before the next loads, so every engine gets
     the same size of cache, and a model loaded again gives the greedy tokens it gave the first time."""
-    from ziya_batch.engine.demo_model import write_demo_model
-    from ziya_batch.runtime.models import ModelCache
+    from ziya_batch.tools.demo_model import write_demo_model
+    from ziya_batch.work.models import ModelCache
     from ziya_batch.spec import parse_spec
 
     specs = {}

@@ -22,7 +22,7 @@ CHOICE = ("yes", "no way", "中文")
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from ziya_batch.engine.demo_model import write_demo_model
+    from ziya_batch.tools.demo_model import write_demo_model
     return write_demo_model(tmp_path_factory.mktemp("demo") / "model", hidden_size=256, num_layers=2,
                             num_heads=4, intermediate_size=512, dtype="float16")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ziya_batch.engine.engine import LLMEngine
-from ziya_batch.engine.testing import chain_sequences, markov_chain, tp_generate_worker_cuda, trained_tiny_llama
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
+from ziya_batch.tools.testing import chain_sequences, markov_chain, tp_generate_worker_cuda, trained_tiny_llama
 
 pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 
@@ -45,9 +45,9 @@ def test_a_tensor_parallel_replica_switches_models_on_both_gpus(tmp_path):
     the other model's shard would give unrelated tokens."""
     import torch.multiprocessing as mp
 
-    from ziya_batch.engine.demo_model import write_demo_model
-    from ziya_batch.engine.testing import tp_switch_worker
-    from ziya_batch.runtime.models import engine_config
+    from ziya_batch.tools.demo_model import write_demo_model
+    from ziya_batch.tools.testing import tp_switch_worker
+    from ziya_batch.work.models import engine_config
     from ziya_batch.spec import parse_spec
 
     specs = {}

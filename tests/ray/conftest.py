@@ -1,5 +1,8 @@
+"""A local Ray cluster and a private redis-server for end-to-end runs. Every test here is marked `ray`, so
+`pytest -m "not ray"` leaves them out; the longest also carry `slow`."""
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -8,9 +11,16 @@ from ziya_batch.queue import PrivateRedis
 HERE = os.path.dirname(__file__)
 
 
+def pytest_collection_modifyitems(config, items):
+    # the hook sees every collected item, not only this directory's
+    for item in items:
+        if Path(HERE) in item.path.parents:
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
-    from ziya_batch.engine.demo_model import write_demo_model
+    from ziya_batch.tools.demo_model import write_demo_model
 
     return write_demo_model(tmp_path_factory.mktemp("model") / "demo")
 

@@ -12,8 +12,8 @@ import threading
 
 from ziya_batch import io
 from ziya_batch.queue import Broker
-from ziya_batch.runtime import worker as worker_mod
-from ziya_batch.runtime.models import ModelCache
+from ziya_batch.work import worker as worker_mod
+from ziya_batch.work.models import ModelCache
 
 
 def _die():
@@ -27,12 +27,12 @@ def main():
     broker = Broker.from_url(url)
     models = ModelCache("cpu")
     if fault == "die_after_stage":
-        orig_stage = io.stage_shard
+        orig_stage = io.OutputDir.stage
 
-        def stage_then_die(*a, **kw):
-            orig_stage(*a, **kw)
+        def stage_then_die(self, *a, **kw):
+            orig_stage(self, *a, **kw)
             _die()
-        worker_mod.io.stage_shard = stage_then_die
+        io.OutputDir.stage = stage_then_die
     elif fault == "die_after_commit":
         orig_commit = broker.commit
 

@@ -71,7 +71,7 @@ class _RunningWorker:
     """A queue Worker on the CPU in a thread of this process, for the duration of a `with` block."""
 
     def __init__(self, redis_url: str):
-        from ziya_batch.runtime.worker import Worker
+        from ziya_batch.work.worker import Worker
 
         self.stop = threading.Event()
         self.worker = Worker(Broker.from_url(redis_url), "api-e2e-worker", device="cpu")

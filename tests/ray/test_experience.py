@@ -9,11 +9,12 @@ import pytest
 import yaml
 
 from ziya_batch import io
-from ziya_batch.engine.scoring import write_demo_reference_model, write_demo_reward_model
+from ziya_batch.jobs import submit_job
 from ziya_batch.queue import Broker, JobState
-from ziya_batch.runtime.submit import submit_job
-from ziya_batch.runtime.worker import Worker
+from ziya_batch.jobs import submit_job
+from ziya_batch.work.worker import Worker
 from ziya_batch.spec import load_spec
+from ziya_batch.tools.demo_model import write_demo_reference_model, write_demo_reward_model
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from ziya_batch import io
+from ziya_batch.jobs import submit_job
 from ziya_batch.queue import Broker, JobState, PrivateRedis
-from ziya_batch.runtime.submit import submit_job
 from ziya_batch.spec import load_spec
 
 pytestmark = pytest.mark.slow

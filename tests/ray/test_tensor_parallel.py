@@ -40,10 +40,10 @@ def test_a_tensor_parallel_replica_serves_jobs_of_two_models(tmp_path, demo_mode
     shards, and each job's tokens equal tensor_parallel 1's on that model."""
     import time
 
-    from ziya_batch.engine.demo_model import write_demo_model
+    from ziya_batch.tools.demo_model import write_demo_model
     from ziya_batch.queue import Broker, JobState
     from ziya_batch.runtime.replicas import ReplicaManager
-    from ziya_batch.runtime.submit import submit_job
+    from ziya_batch.jobs import submit_job
     from ziya_batch.spec import parse_spec
 
     other = write_demo_model(tmp_path / "other-model", seed=1)

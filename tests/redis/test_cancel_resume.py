@@ -1,12 +1,11 @@
 """Cancel (let running shards finish, or abandon them) and resume (submit again, rebuild after Redis loss)."""
 import pytest
 
-from queue_support import make_shards, make_spec
 from ziya_batch.errors import JobNotFound
 from ziya_batch.queue import JobState, ShardStats
 
 
-def test_cancel_lets_running_shards_finish(broker):
+def test_cancel_lets_running_shards_finish(broker, make_shards, make_spec):
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 4)).job_id
     a, b = broker.claim("w1"), broker.claim("w2")
@@ -22,7 +21,7 @@ def test_cancel_lets_running_shards_finish(broker):
     assert broker.claim("w3") is None
 
 
-def test_cancel_with_abandon_takes_leases_back_at_once(broker):
+def test_cancel_with_abandon_takes_leases_back_at_once(broker, make_shards, make_spec):
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 3)).job_id
     a = broker.claim("w1")
@@ -34,7 +33,7 @@ def test_cancel_with_abandon_takes_leases_back_at_once(broker):
     assert broker.status(job_id).shards["pending"] == 3
 
 
-def test_cancel_of_idle_job_is_immediate_and_repeatable(broker):
+def test_cancel_of_idle_job_is_immediate_and_repeatable(broker, make_shards, make_spec):
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 2)).job_id
     assert broker.cancel(job_id).state == JobState.CANCELLED
@@ -43,8 +42,7 @@ def test_cancel_of_idle_job_is_immediate_and_repeatable(broker):
         broker.cancel("0123456789abcdef")
 
 
-def test_expiry_of_the_last_lease_settles_a_cancelling_job(broker):
-    from queue_support import expire
+def test_expiry_of_the_last_lease_settles_a_cancelling_job(broker, expire, make_shards, make_spec):
 
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 2)).job_id
@@ -55,7 +53,7 @@ def test_expiry_of_the_last_lease_settles_a_cancelling_job(broker):
     assert broker.status(job_id).state == JobState.CANCELLED
 
 
-def test_submit_twice_is_one_job(broker):
+def test_submit_twice_is_one_job(broker, make_shards, make_spec):
     spec = make_spec()
     first = broker.submit(spec, make_shards(spec, 5))
     lease = broker.claim("w")
@@ -71,7 +69,7 @@ def test_submit_twice_is_one_job(broker):
     assert [s.job_id for s in broker.list_jobs()] == [first.job_id]
 
 
-def test_resubmitting_a_cancelled_job_reopens_it_keeping_committed_shards(broker):
+def test_resubmitting_a_cancelled_job_reopens_it_keeping_committed_shards(broker, make_shards, make_spec):
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 3)).job_id
     broker.commit(broker.claim("w"), ShardStats(prompts_done=10))
@@ -82,7 +80,7 @@ def test_resubmitting_a_cancelled_job_reopens_it_keeping_committed_shards(broker
     assert got == [1, 2]
 
 
-def test_resubmitting_a_failed_job_gives_dead_shards_new_retries(broker):
+def test_resubmitting_a_failed_job_gives_dead_shards_new_retries(broker, make_shards, make_spec):
     spec = make_spec(max_retries=0)
     job_id = broker.submit(spec, make_shards(spec, 2)).job_id
     assert broker.fail(broker.claim("w"), "boom") == "dead"
@@ -93,7 +91,7 @@ def test_resubmitting_a_failed_job_gives_dead_shards_new_retries(broker):
     assert lease.shard.index == 0 and not lease.dead_letter
 
 
-def test_rebuild_after_redis_loss_records_committed_shards_and_never_completes(broker):
+def test_rebuild_after_redis_loss_records_committed_shards_and_never_completes(broker, make_shards, make_spec):
     spec = make_spec()
     job_id = spec.identity()
     broker.submit(spec, make_shards(spec, 4))
@@ -108,14 +106,14 @@ def test_rebuild_after_redis_loss_records_committed_shards_and_never_completes(b
     assert sorted(broker.claim("w").shard.index for _ in range(2)) == [1, 3]
 
 
-def test_rebuild_with_every_shard_committed_goes_to_finalizing_not_completed(broker):
+def test_rebuild_with_every_shard_committed_goes_to_finalizing_not_completed(broker, make_shards, make_spec):
     spec = make_spec()
     st = broker.submit(spec, make_shards(spec, 3), committed={i: ShardStats(prompts_done=10) for i in range(3)})
     assert st.state == JobState.FINALIZING
     assert broker.claim("w") is None
 
 
-def test_resubmit_reconciles_parts_that_storage_has_and_redis_lost(broker):
+def test_resubmit_reconciles_parts_that_storage_has_and_redis_lost(broker, make_shards, make_spec):
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 2)).job_id
     st = broker.submit(spec, make_shards(spec, 2), committed={1: ShardStats(prompts_done=10)})
@@ -125,7 +123,7 @@ def test_resubmit_reconciles_parts_that_storage_has_and_redis_lost(broker):
     assert broker.status(job_id).prompts_done == 10
 
 
-def test_interrupted_submit_is_completed_by_the_next_one_and_unclaimable_before(broker):
+def test_interrupted_submit_is_completed_by_the_next_one_and_unclaimable_before(broker, make_shards, make_spec):
     spec = make_spec()
     job_id = spec.identity()
 
@@ -143,7 +141,7 @@ def test_interrupted_submit_is_completed_by_the_next_one_and_unclaimable_before(
     assert [broker.claim("w").shard.index for _ in range(5)] == [0, 1, 2, 3, 4]
 
 
-def test_shards_must_belong_to_the_spec(broker):
+def test_shards_must_belong_to_the_spec(broker, make_shards, make_spec):
     spec, other = make_spec("a"), make_spec("b")
     with pytest.raises(ValueError, match="belongs to job"):
         broker.submit(spec, make_shards(other, 1))

@@ -5,9 +5,9 @@ import collections
 import json
 
 from ziya_batch import io
-from ziya_batch.runtime.models import ModelCache, TPModelCache
-from ziya_batch.runtime.submit import submit_job
-from ziya_batch.runtime.worker import Worker
+from ziya_batch.work.models import ModelCache, TPModelCache
+from ziya_batch.jobs import submit_job
+from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 
 N_LINES, SHARD_SIZE = 12, 4
@@ -90,7 +90,7 @@ def test_a_worker_lets_go_of_one_model_before_loading_the_next(tmp_path, demo_mo
 
 
 def test_status_says_when_no_live_worker_serves_a_jobs_shape(tmp_path, demo_model, broker):
-    from ziya_batch.runtime.models import unserved_note
+    from ziya_batch.work.models import unserved_note
 
     _, job = _submit(tmp_path, demo_model, broker, "tp2", tensor_parallel=2)
     assert "tensor_parallel 2" in unserved_note(broker, job)                    # nobody registered at all
@@ -124,7 +124,7 @@ def test_jobs_of_equal_priority_still_take_turns_when_the_preference_runs_out(tm
     """The preference for the loaded model lasts STICKY_CLAIMS claims in a row; then a claim in the fair order
     may switch models, so a worker does not keep one model's job to itself while another of equal priority
     waits (here: 2 claims, so the 3-shard jobs interleave and take more than one load each)."""
-    from ziya_batch.runtime import worker as worker_mod
+    from ziya_batch.work import worker as worker_mod
 
     monkeypatch.setattr(worker_mod, "STICKY_CLAIMS", 1)
     loads = []
@@ -149,7 +149,7 @@ def test_a_replica_that_breaks_while_loading_leaves_no_heartbeat_behind(tmp_path
 
     import pytest
 
-    from ziya_batch.runtime.models import ReplicaBroken
+    from ziya_batch.work.models import ReplicaBroken
 
     class Broken(ModelCache):
         def _load(self, spec):
@@ -166,7 +166,7 @@ def test_a_replica_that_breaks_while_loading_leaves_no_heartbeat_behind(tmp_path
 
 
 def test_a_worker_keeps_a_bounded_number_of_job_specs(tmp_path, demo_model, broker, monkeypatch):
-    from ziya_batch.runtime import worker as worker_mod
+    from ziya_batch.work import worker as worker_mod
 
     monkeypatch.setattr(worker_mod, "SPECS_KEPT", 2)
     jobs = [_submit(tmp_path, demo_model, broker, f"j{i}", tensor_parallel=2)[1] for i in range(5)]

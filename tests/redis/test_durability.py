@@ -3,7 +3,6 @@ import time
 
 import redis
 
-from queue_support import make_shards, make_spec
 from ziya_batch.queue import Broker, JobState, ShardStats
 
 
@@ -16,7 +15,7 @@ def _wait_up(broker):
             time.sleep(0.05)
 
 
-def test_committed_state_survives_sigkill_and_restart(restartable_redis):
+def test_committed_state_survives_sigkill_and_restart(restartable_redis, make_shards, make_spec):
     broker = Broker.from_url(restartable_redis.url, prefix="zb")
     spec = make_spec(max_retries=0)
     job_id = broker.submit(spec, make_shards(spec, 4)).job_id
@@ -46,7 +45,7 @@ def test_committed_state_survives_sigkill_and_restart(restartable_redis):
     assert broker.status(job_id).state == JobState.FINALIZING
 
 
-def test_submit_interrupted_by_a_redis_crash_completes_on_resubmit(restartable_redis):
+def test_submit_interrupted_by_a_redis_crash_completes_on_resubmit(restartable_redis, make_shards, make_spec):
     broker = Broker.from_url(restartable_redis.url, prefix="zb")
     spec = make_spec(shard_size=5)
 

@@ -2,11 +2,10 @@
 import json
 import threading
 
-from queue_support import make_shards, make_spec
 from ziya_batch.queue import Broker, JobState, ShardStats
 
 
-def test_begin_finalize_has_one_winner_among_threads(broker, redis_server):
+def test_begin_finalize_has_one_winner_among_threads(broker, redis_server, make_shards, make_spec):
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 1)).job_id
     broker.commit(broker.claim("w"), ShardStats(prompts_done=10))
@@ -26,7 +25,7 @@ def test_begin_finalize_has_one_winner_among_threads(broker, redis_server):
     assert sorted(wins) == [False] * 15 + [True]
 
 
-def test_begin_finalize_only_in_finalizing_and_again_after_the_winner_died(broker):
+def test_begin_finalize_only_in_finalizing_and_again_after_the_winner_died(broker, make_shards, make_spec):
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 1)).job_id
     assert not broker.begin_finalize(job_id)                 # queued: nothing to finalize
@@ -38,7 +37,7 @@ def test_begin_finalize_only_in_finalizing_and_again_after_the_winner_died(broke
     assert not broker.begin_finalize(job_id)
 
 
-def test_status_counts_rate_eta_and_json(broker):
+def test_status_counts_rate_eta_and_json(broker, make_shards, make_spec):
     spec = make_spec(max_retries=0)
     job_id = broker.submit(spec, make_shards(spec, 4)).job_id
     broker.register_worker("w1", "node-a", {})
@@ -64,7 +63,7 @@ def test_status_counts_rate_eta_and_json(broker):
     assert "errors" not in broker.status(job_id).to_dict()
 
 
-def test_progress_credit_is_not_counted_twice(broker):
+def test_progress_credit_is_not_counted_twice(broker, make_shards, make_spec):
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 2)).job_id
     lease = broker.claim("w")
@@ -76,7 +75,7 @@ def test_progress_credit_is_not_counted_twice(broker):
     assert sum(int(m.split(":")[2]) for m in members) == 10
 
 
-def test_errors_list_is_capped(redis_client):
+def test_errors_list_is_capped(redis_client, make_shards, make_spec):
     broker = Broker(redis_client, prefix="zbtest", backoff_base_s=0.0, errors_kept=5)
     spec = make_spec(max_retries=50)
     job_id = broker.submit(spec, make_shards(spec, 1)).job_id
@@ -86,7 +85,7 @@ def test_errors_list_is_capped(redis_client):
     assert [e["message"] for e in errs] == [f"failure {i}" for i in range(11, 6, -1)]
 
 
-def test_list_jobs_and_find_job(broker):
+def test_list_jobs_and_find_job(broker, make_shards, make_spec):
     a, b = make_spec("a"), make_spec("b")
     broker.submit(a, make_shards(a, 1))
     broker.submit(b, make_shards(b, 1))

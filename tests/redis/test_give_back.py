@@ -5,11 +5,12 @@ import json
 import time
 
 from ziya_batch import io
+from ziya_batch.jobs import submit_job
 from ziya_batch.queue import JobState
-from ziya_batch.runtime import worker as worker_mod
-from ziya_batch.runtime.models import ModelCache
-from ziya_batch.runtime.submit import submit_job
-from ziya_batch.runtime.worker import Worker
+from ziya_batch.work import worker as worker_mod
+from ziya_batch.work.models import ModelCache
+from ziya_batch.jobs import submit_job
+from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 
 
@@ -175,12 +176,12 @@ def test_a_worker_backs_off_longer_after_each_failed_load_of_one_engine(tmp_path
     monkeypatch.setattr(worker_mod, "LOAD_RETRY_MAX_S", 35.0)
     spec = _spec(tmp_path, demo_model, n_lines=2)
     w = Worker(broker, worker_id="small-card", models=NoRoom())
-    key = __import__("ziya_batch.runtime.models", fromlist=["engine_key"]).engine_key(spec)
+    key = __import__("ziya_batch.work.models", fromlist=["engine_key"]).engine_key(spec)
     backoffs = []
     for _ in range(4):
-        w._mark_unloadable(key)
-        backoffs.append(w._unloadable[key][1])
-    assert backoffs == [10.0, 20.0, 35.0, 35.0] and w._failed_to_load(spec)
+        w._backoff.failed(key)
+        backoffs.append(w._backoff.backoff_s(key))
+    assert backoffs == [10.0, 20.0, 35.0, 35.0] and w._backoff.blocks(spec)
 
 
 def test_out_of_memory_loading_the_reference_model_gives_the_shard_back(tmp_path, demo_model, broker, monkeypatch):
@@ -216,7 +217,7 @@ def test_a_tensor_parallel_replica_out_of_memory_mid_step_gives_back_then_goes_d
     import redis
 
     from ziya_batch.engine.engine import LLMEngine
-    from ziya_batch.runtime.models import ReplicaBroken
+    from ziya_batch.work.models import ReplicaBroken
 
     spec = _spec(tmp_path, demo_model, n_lines=4)
     job = submit_job(spec, broker).job_id

@@ -4,7 +4,6 @@ import random
 
 import pytest
 
-from queue_support import expire, make_shards, make_spec
 from ziya_batch.queue import Broker, JobState, ShardStats
 
 
@@ -44,7 +43,7 @@ def check_invariants(broker: Broker, job_id: str, tokens_seen: dict) -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_random_operations_keep_keys_consistent(redis_client, seed):
+def test_random_operations_keep_keys_consistent(redis_client, seed, expire, make_shards, make_spec):
     rng = random.Random(seed)
     broker = Broker(redis_client, prefix="zbtest", backoff_base_s=0.0, backoff_max_s=0.0)
     spec = make_spec(f"rand{seed}", max_retries=rng.choice([0, 1, 3]))

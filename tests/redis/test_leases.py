@@ -1,11 +1,10 @@
 """Claim, heartbeat, commit, and fencing: a lease that was lost can neither renew nor commit."""
 import time
 
-from queue_support import expire, make_shards, make_spec
 from ziya_batch.queue import JobState, ShardStats
 
 
-def test_claim_gives_shards_in_order_with_their_byte_ranges(broker):
+def test_claim_gives_shards_in_order_with_their_byte_ranges(broker, make_shards, make_spec):
     spec = make_spec()
     refs = list(make_shards(spec, 3, files=2))
     job_id = broker.submit(spec, iter(refs)).job_id
@@ -17,7 +16,7 @@ def test_claim_gives_shards_in_order_with_their_byte_ranges(broker):
     assert broker.status(job_id).shards["leased"] == 3
 
 
-def test_heartbeat_renews_and_commit_records_stats(broker):
+def test_heartbeat_renews_and_commit_records_stats(broker, make_shards, make_spec):
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 1)).job_id
     lease = broker.claim("w1")
@@ -39,7 +38,7 @@ def test_heartbeat_renews_and_commit_records_stats(broker):
     assert broker.client.zcard(k.leases()) == 0
 
 
-def test_expired_and_reclaimed_lease_cannot_heartbeat_or_commit(broker):
+def test_expired_and_reclaimed_lease_cannot_heartbeat_or_commit(broker, expire, make_shards, make_spec):
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 1)).job_id
     old = broker.claim("slow")
@@ -59,7 +58,7 @@ def test_expired_and_reclaimed_lease_cannot_heartbeat_or_commit(broker):
     assert broker.commits(job_id)[0][0] == new.token
 
 
-def test_expired_but_not_reaped_lease_still_belongs_to_its_owner(broker):
+def test_expired_but_not_reaped_lease_still_belongs_to_its_owner(broker, expire, make_shards, make_spec):
     spec = make_spec()
     broker.submit(spec, make_shards(spec, 1))
     lease = broker.claim("w")
@@ -70,7 +69,7 @@ def test_expired_but_not_reaped_lease_still_belongs_to_its_owner(broker):
     assert broker.commit(lease, ShardStats(prompts_done=10))
 
 
-def test_real_lease_expiry_on_the_redis_clock(broker):
+def test_real_lease_expiry_on_the_redis_clock(broker, make_shards, make_spec):
     spec = make_spec(lease_s=1.0)
     job_id = broker.submit(spec, make_shards(spec, 1)).job_id
     lease = broker.claim("w")
@@ -80,7 +79,7 @@ def test_real_lease_expiry_on_the_redis_clock(broker):
     assert not broker.heartbeat(lease)
 
 
-def test_fencing_token_grows_by_one_per_claim(broker):
+def test_fencing_token_grows_by_one_per_claim(broker, make_shards, make_spec):
     spec = make_spec(max_retries=5)
     broker.submit(spec, make_shards(spec, 1))
     tokens = []
@@ -94,7 +93,7 @@ def test_fencing_token_grows_by_one_per_claim(broker):
     assert tokens == [1, 2, 3, 4]
 
 
-def test_workers_registry_and_lease_holders_in_status(broker):
+def test_workers_registry_and_lease_holders_in_status(broker, make_shards, make_spec):
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 3)).job_id
     broker.register_worker("w1", "gpu-node-1", {"device": "cuda:0"})
@@ -109,7 +108,8 @@ def test_workers_registry_and_lease_holders_in_status(broker):
     assert [w["worker_id"] for w in broker.workers()] == ["w1"]
 
 
-def test_a_shorter_lease_given_on_a_resubmit_never_expires_a_lease_claimed_with_a_longer_one(broker):
+def test_a_shorter_lease_given_on_a_resubmit_never_expires_a_lease_claimed_with_a_longer_one(broker, make_shards,
+                                                                                              make_spec):
     """The job takes the resubmitted lease_s, but a worker renews a lease at a third of the length it claimed
     with: its renewals keep that length, and only shards claimed afterwards get the shorter one."""
     spec = make_spec(lease_s=30.0)

@@ -1,5 +1,4 @@
 """Redis holds shard descriptors, never prompts: a job's memory grows with shards, not lines."""
-from queue_support import make_shards, make_spec
 from ziya_batch.queue import ShardStats
 
 
@@ -8,7 +7,7 @@ def job_bytes(broker, job_id: str) -> int:
     return sum(c.memory_usage(key, samples=0) or 0 for key in broker.keys.job_keys(job_id))
 
 
-def test_memory_grows_with_shards_not_lines(broker):
+def test_memory_grows_with_shards_not_lines(broker, make_shards, make_spec):
     # the same 200 shards holding 10 or 10,000 lines each
     small, big = make_spec("small", shard_size=10), make_spec("big", shard_size=10_000)
     small_id = broker.submit(small, make_shards(small, 200)).job_id
@@ -22,7 +21,7 @@ def test_memory_grows_with_shards_not_lines(broker):
     assert 1.6 < job_bytes(broker, more_id) / small_b < 2.4
 
 
-def test_million_line_job_costs_under_a_megabyte(broker):
+def test_million_line_job_costs_under_a_megabyte(broker, make_shards, make_spec):
     spec = make_spec("million", shard_size=512)
     n_shards = -(-1_000_000 // 512)
     job_id = broker.submit(spec, make_shards(spec, n_shards)).job_id

@@ -3,7 +3,32 @@ import collections
 import multiprocessing as mp
 import time
 
-from queue_support import claim_all, expire, make_shards, make_spec
+
+def claim_all(url: str, prefix: str, worker: str, start_at: float, out) -> None:
+    """Child process: claim until nothing is left, reporting (job_id, index, token) on `out`."""
+    from ziya_batch.queue import Broker
+
+    broker = Broker.from_url(url, prefix=prefix)
+    while time.time() < start_at:          # all processes start claiming together
+        time.sleep(0.001)
+    got = []
+    while (lease := broker.claim(worker)) is not None:
+        got.append((lease.job_id, lease.shard.index, lease.token))
+    out.put((worker, got))
+
+
+def hold_lease(url: str, prefix: str, out) -> None:
+    """Child process: claim a shard, report it, run lines in isolate mode and heartbeat until killed."""
+    from ziya_batch.queue import Broker
+
+    broker = Broker.from_url(url, prefix=prefix)
+    lease = broker.claim("doomed")
+    line = lease.shard.first_line
+    broker.line_started(lease, line)
+    out.put((lease.job_id, lease.shard.index, lease.token, line))
+    while True:
+        time.sleep(0.2)
+        broker.heartbeat(lease)
 
 
 def _race(url, n_procs):
@@ -19,7 +44,7 @@ def _race(url, n_procs):
     return results
 
 
-def test_processes_racing_claim_each_shard_exactly_once(broker, redis_server):
+def test_processes_racing_claim_each_shard_exactly_once(broker, redis_server, expire, make_shards, make_spec):
     jobs = [make_spec(f"one{i}") for i in range(10)] + [make_spec("many")]
     expected = collections.Counter()
     for spec in jobs:
@@ -45,11 +70,10 @@ def test_processes_racing_claim_each_shard_exactly_once(broker, redis_server):
     assert claims == collections.Counter((many, i, 2) for i in range(60))
 
 
-def test_sigkilled_worker_keeps_its_lease_while_alive_and_loses_it_after(broker, redis_server):
+def test_sigkilled_worker_keeps_its_lease_while_alive_and_loses_it_after(broker, redis_server, make_shards, make_spec):
     import os
     import signal
 
-    from queue_support import hold_lease
 
     spec = make_spec(lease_s=1.0, max_retries=3)
     job_id = broker.submit(spec, make_shards(spec, 1)).job_id

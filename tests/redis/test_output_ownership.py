@@ -7,10 +7,11 @@ import pytest
 
 from ziya_batch import io
 from ziya_batch.errors import SpecError
+from ziya_batch.jobs import finalize_if_ready, submit_job
 from ziya_batch.queue import JobState
-from ziya_batch.runtime.finalize import finalize_if_ready
-from ziya_batch.runtime.submit import submit_job
-from ziya_batch.runtime.worker import Worker
+from ziya_batch.jobs import finalize_if_ready
+from ziya_batch.jobs import submit_job
+from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 
 
@@ -67,7 +68,7 @@ def test_a_job_resumed_with_other_engine_settings_keeps_its_parts_and_runs_with_
     # the worker that ran the first shards still holds the spec it read; it reads the job's spec again once that
     # is SPEC_REREAD_S old, and its next shards run with the new settings
     assert worker.spec_for(job_a).engine.max_num_seqs == a.engine.max_num_seqs
-    monkeypatch.setattr("ziya_batch.runtime.worker.SPEC_REREAD_S", 0.0)
+    monkeypatch.setattr("ziya_batch.work.worker.SPEC_REREAD_S", 0.0)
     assert worker.spec_for(job_a).engine.max_num_seqs == 8
     worker.max_in_flight = 4
     worker.run_until_idle()

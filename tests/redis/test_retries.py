@@ -1,10 +1,9 @@
 """Retries with backoff, dead letters, isolate mode with bad lines, the reaper."""
 
-from queue_support import expire, make_shards, make_spec, wait_claim
 from ziya_batch.queue import Broker, JobState, ShardStats
 
 
-def test_failed_shard_waits_out_an_exponential_backoff(redis_client):
+def test_failed_shard_waits_out_an_exponential_backoff(redis_client, make_shards, make_spec, wait_claim):
     broker = Broker(redis_client, prefix="zbtest", backoff_base_s=0.3, backoff_max_s=10)
     spec = make_spec(max_retries=5)
     broker.submit(spec, make_shards(spec, 1))
@@ -21,7 +20,7 @@ def test_failed_shard_waits_out_an_exponential_backoff(redis_client):
     assert 450 < wait_ms <= 600
 
 
-def test_backoff_is_capped(redis_client):
+def test_backoff_is_capped(redis_client, make_shards, make_spec, wait_claim):
     broker = Broker(redis_client, prefix="zbtest", backoff_base_s=0.01, backoff_max_s=0.05)
     spec = make_spec(max_retries=20)
     broker.submit(spec, make_shards(spec, 1))
@@ -33,7 +32,8 @@ def test_backoff_is_capped(redis_client):
     assert wait_ms <= 50
 
 
-def test_shard_is_dead_lettered_after_max_retries_and_then_written_as_errors(broker):
+def test_shard_is_dead_lettered_after_max_retries_and_then_written_as_errors(broker, make_shards, make_spec,
+                                                                            wait_claim):
     spec = make_spec(max_retries=2)
     job_id = broker.submit(spec, make_shards(spec, 1)).job_id
     outcomes = []
@@ -54,7 +54,7 @@ def test_shard_is_dead_lettered_after_max_retries_and_then_written_as_errors(bro
     assert st.shard_lists["dead_lettered"] == [0]
 
 
-def test_failing_dead_letter_lease_stays_dead(broker):
+def test_failing_dead_letter_lease_stays_dead(broker, make_shards, make_spec, wait_claim):
     spec = make_spec(max_retries=0)
     broker.submit(spec, make_shards(spec, 1))
     assert broker.fail(broker.claim("w"), "boom") == "dead"
@@ -65,7 +65,7 @@ def test_failing_dead_letter_lease_stays_dead(broker):
     assert lease.dead_letter and lease.attempt == 3
 
 
-def test_isolate_mode_collects_bad_lines_without_sinking_the_shard(broker):
+def test_isolate_mode_collects_bad_lines_without_sinking_the_shard(broker, expire, make_shards, make_spec, wait_claim):
     spec = make_spec(max_retries=1)
     job_id = broker.submit(spec, make_shards(spec, 1)).job_id
     lease = broker.claim("w")
@@ -95,7 +95,7 @@ def test_isolate_mode_collects_bad_lines_without_sinking_the_shard(broker):
     assert [e.get("bad_line") for e in st.errors] == [9, 7, 4, None]
 
 
-def test_line_finished_keeps_a_late_crash_off_the_last_line(broker):
+def test_line_finished_keeps_a_late_crash_off_the_last_line(broker, expire, make_shards, make_spec, wait_claim):
     spec = make_spec(max_retries=3)
     job_id = broker.submit(spec, make_shards(spec, 1)).job_id
     expire(broker, broker.claim("w"))
@@ -110,7 +110,7 @@ def test_line_finished_keeps_a_late_crash_off_the_last_line(broker):
     assert broker.status(job_id).dead_lines == 0
 
 
-def test_fail_may_name_the_bad_line(broker):
+def test_fail_may_name_the_bad_line(broker, make_shards, make_spec):
     spec = make_spec(max_retries=0)
     job_id = broker.submit(spec, make_shards(spec, 1)).job_id
     lease = broker.claim("w")
@@ -121,7 +121,7 @@ def test_fail_may_name_the_bad_line(broker):
     assert broker.status(job_id).dead_lines == 1
 
 
-def test_reaper_requeues_only_expired_leases_and_counts_them(broker):
+def test_reaper_requeues_only_expired_leases_and_counts_them(broker, expire, make_shards, make_spec):
     spec = make_spec(max_retries=0)
     job_id = broker.submit(spec, make_shards(spec, 3)).job_id
     a, b, c = broker.claim("w1"), broker.claim("w2"), broker.claim("w3")

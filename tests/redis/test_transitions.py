@@ -1,7 +1,6 @@
 """The transition tables, and the scripts refusing what they do not allow."""
 import pytest
 
-from queue_support import make_shards, make_spec
 from ziya_batch.queue import (JOB_TRANSITIONS, SHARD_TRANSITIONS, JobState, ShardState, ShardStats,
                               TransitionError, check_job_transition, check_shard_transition)
 from ziya_batch.queue.states import lua_tables
@@ -34,7 +33,7 @@ def test_python_checks_match_tables():
     assert '["completed"]={}' in lua and '["running"]={["finalizing"]=true' in lua
 
 
-def test_refused_job_transitions_raise_and_change_nothing(broker):
+def test_refused_job_transitions_raise_and_change_nothing(broker, make_shards, make_spec):
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 2)).job_id
     with pytest.raises(TransitionError, match="queued to completed"):
@@ -54,7 +53,7 @@ def test_refused_job_transitions_raise_and_change_nothing(broker):
     assert broker.commit(lease, ShardStats(prompts_done=10))
 
 
-def test_allowed_job_path_to_completed(broker):
+def test_allowed_job_path_to_completed(broker, make_shards, make_spec):
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 2)).job_id
     seen = [broker.status(job_id).state]
@@ -71,7 +70,7 @@ def test_allowed_job_path_to_completed(broker):
         broker.mark_failed(job_id, "too late")
 
 
-def test_shard_counts_follow_transitions(broker):
+def test_shard_counts_follow_transitions(broker, make_shards, make_spec):
     spec = make_spec(max_retries=0)
     job_id = broker.submit(spec, make_shards(spec, 3)).job_id
     a, b = broker.claim("w"), broker.claim("w")
@@ -82,7 +81,7 @@ def test_shard_counts_follow_transitions(broker):
     assert sum(broker.shard_counts(job_id).values()) == broker.status(job_id).shards_total == 3
 
 
-def test_lua_scripts_refuse_a_shard_transition_the_table_forbids(broker):
+def test_lua_scripts_refuse_a_shard_transition_the_table_forbids(broker, make_shards, make_spec):
     """Even with inconsistent keys (a committed shard listed as pending), claim will not re-lease it."""
     import json
 
@@ -97,7 +96,7 @@ def test_lua_scripts_refuse_a_shard_transition_the_table_forbids(broker):
     assert json.loads(broker.client.hget(k.shards(job_id), "0"))["state"] == "committed"
 
 
-def test_broker_accepts_a_client_without_decoded_responses(redis_server):
+def test_broker_accepts_a_client_without_decoded_responses(redis_server, make_shards, make_spec):
     import redis
 
     from ziya_batch.queue import Broker

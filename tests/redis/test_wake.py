@@ -6,10 +6,10 @@ import socket
 import threading
 import time
 
-from queue_support import make_shards, make_spec
+from ziya_batch.jobs import submit_job
 from ziya_batch.queue import Broker, JobState
-from ziya_batch.runtime.submit import submit_job
-from ziya_batch.runtime.worker import Worker
+from ziya_batch.jobs import submit_job
+from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 
 
@@ -54,7 +54,7 @@ def test_an_announcement_wakes_a_waiting_broker_and_a_burst_wakes_it_once(broker
         listener.unwatch_work()
 
 
-def test_submit_reopen_and_a_requeue_announce_work(broker):
+def test_submit_reopen_and_a_requeue_announce_work(broker, make_shards, make_spec):
     listener = _listener(broker)
     try:
         spec = make_spec(max_retries=3)

@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-from queue_support import expire
 from ziya_batch import io
+from ziya_batch.jobs import submit_job
 from ziya_batch.queue import JobState
-from ziya_batch.runtime.submit import submit_job
-from ziya_batch.runtime.worker import Worker
+from ziya_batch.jobs import submit_job
+from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 
 N_LINES, SHARD_SIZE, N = 40, 8, 2
@@ -82,7 +82,7 @@ def test_next_shard_is_claimed_before_the_first_commits(tmp_path, demo_model, br
     _assert_output(tmp_path / "out")
 
 
-def test_lost_lease_aborts_only_its_shard(tmp_path, demo_model, broker, monkeypatch):
+def test_lost_lease_aborts_only_its_shard(tmp_path, demo_model, broker, monkeypatch, expire):
     job_id = _submit(tmp_path, demo_model, broker, lease_s=1.0)
     events, leases = _spy_queue(monkeypatch, broker)
     worker = Worker(broker, device="cpu")

@@ -1,5 +1,5 @@
 """`ziya-batch bench --markdown`: rewrites only its own subsection of docs/BENCHMARKS.md's engine section."""
-from ziya_batch.engine.bench import GENERATED, SECTION, write_markdown
+from ziya_batch.tools.bench import GENERATED, SECTION, write_markdown
 
 META = dict(card="GPU-X", date="2026-01-01", commit="abc1234", layers=40, requests=1024, bandwidth_tb_s=3.0)
 

@@ -8,11 +8,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ziya_batch.engine import demo_model
-from ziya_batch.engine.demo_model import DEMO_VOCAB_SIZE, corpus_text, is_cjk, write_demo_model
 from ziya_batch.errors import LineError
 from ziya_batch.prompts import build_chat_prompt, build_prompt, parse_line
 from ziya_batch.spec import SamplingSpec
+from ziya_batch.tools import demo_model
+from ziya_batch.tools.demo_model import DEMO_VOCAB_SIZE, corpus_text, is_cjk, write_demo_model
 
 TRICKY = [
     "hello  world", "a\nb\n\nc\n", "tab\there\r\nwindows", "😀🎉 emoji 👨‍👩‍👧 ☀️", "罕见字:龘齉爩𠀀𪚥",

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ziya_batch.engine.engine import LLMEngine
-from ziya_batch.engine.testing import hf_greedy, tiny_llama
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
+from ziya_batch.tools.testing import hf_greedy, tiny_llama
 
 
 def make_engine(num_kv_heads=4, **kw) -> LLMEngine:
@@ -18,8 +18,10 @@ def make_engine(num_kv_heads=4, **kw) -> LLMEngine:
 
 
 def greedy(max_new: int, **kw) -> SamplingParams:
-    # min_new_tokens = max_new masks EOS exactly as transformers' min_new_tokens does in the reference
-    return SamplingParams(max_new_tokens=max_new, min_new_tokens=max_new, temperature=0.0, **kw)
+    # min_new_tokens = max_new masks EOS exactly as transformers' min_new_tokens does in the reference, whose
+    # scores are the processed distribution's
+    return SamplingParams(max_new_tokens=max_new, min_new_tokens=max_new, temperature=0.0,
+                          logprobs_mode="processed", **kw)
 
 
 def random_prompts(n: int, seed: int, lo: int = 1, hi: int = 60) -> list[list[int]]:
@@ -50,7 +52,7 @@ def test_longest_first_schedules_give_the_same_greedy_output(policy):
     prompts = random_prompts(8, seed=11)
     lengths = [4, 20, 9, 20, 1, 13, 6, 17]
     reqs = [Request(f"r{i}", p, greedy(n)) for i, (p, n) in enumerate(zip(prompts, lengths))]
-    eng = make_engine(max_num_seqs=3, schedule_policy=policy)
+    eng = make_engine(max_num_seqs=3, schedule=policy)
     outs = eng.generate(reqs)
     assert [o.request_id for o in outs] == [r.request_id for r in reqs]
     for p, n, o in zip(prompts, lengths, outs):

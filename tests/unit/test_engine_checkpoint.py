@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ziya_batch.engine.demo_model import write_demo_model
 from ziya_batch.engine.engine import LLMEngine
-from ziya_batch.engine.testing import hf_greedy
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
+from ziya_batch.tools.demo_model import write_demo_model
+from ziya_batch.tools.testing import hf_greedy
 
 
 @pytest.fixture(scope="module")

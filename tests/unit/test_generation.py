@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from ziya_batch.engine.engine import LLMEngine
-from ziya_batch.engine.testing import tiny_llama
 from ziya_batch.engine.types import EngineConfig
 from ziya_batch.records import PromptLine
-from ziya_batch.runtime.generation import ShardStream, generate_lines
+from ziya_batch.work.generation import ShardStream, generate_lines
 from ziya_batch.spec import SamplingSpec
+from ziya_batch.tools.testing import tiny_llama
 
 
 def make_engine(max_num_seqs=8) -> LLMEngine:

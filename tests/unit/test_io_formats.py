@@ -13,11 +13,6 @@ from ziya_batch.records import LineFailure, LineResult, PromptLine, SampleOutput
     openai_batch_record
 from ziya_batch.spec import SamplingSpec
 
-try:                                   # tests/unit as a package or as a rootdir-relative directory
-    from .test_io_parts import _line_result, _parts
-except ImportError:
-    from test_io_parts import _line_result, _parts
-
 KINDS = ("results", "sft", "experience", "errors")
 
 
@@ -29,17 +24,18 @@ def hf_offline(tmp_path, monkeypatch):
     return str(tmp_path / "hf-cache")
 
 
-def _commit(out: str, fmt: str, shards: int = 3) -> dict:
+def _commit(shard_parts, out: str, fmt: str, shards: int = 3) -> dict:
     for i in range(shards):
-        parts = _parts(2, start=2 * i) if i != 1 else {"results": [], "sft": [], "experience": []}  # an empty shard
+        # shard 1 is empty
+        parts = shard_parts(2, start=2 * i) if i != 1 else {"results": [], "sft": [], "experience": []}
         stage_shard(out, i, 100 + i, parts, fmt)
         promote_shard(out, i, 100 + i)
     return write_manifest(out, "{}", {"state": "completed"}, committed_shards(out))
 
 
-def test_parquet_parts_have_the_documented_schema_and_round_trip(tmp_path):
+def test_parquet_parts_have_the_documented_schema_and_round_trip(tmp_path, shard_parts):
     out = str(tmp_path / "out")
-    manifest = _commit(out, "parquet")
+    manifest = _commit(shard_parts, out, "parquet")
     for kind in KINDS:
         for url in manifest_part_urls(out, kind, manifest):
             assert url.endswith(".parquet")
@@ -64,11 +60,11 @@ def test_parquet_parts_have_the_documented_schema_and_round_trip(tmp_path):
     assert errors[0]["error"] == {"code": "invalid_json", "message": "not valid JSON"}
 
 
-def test_parquet_parts_load_with_datasets(tmp_path, hf_offline):
+def test_parquet_parts_load_with_datasets(tmp_path, hf_offline, shard_parts):
     import datasets
 
     out = str(tmp_path / "out")
-    manifest = _commit(out, "parquet")
+    manifest = _commit(shard_parts, out, "parquet")
     for kind in KINDS:
         ds = datasets.load_dataset("parquet", data_files=manifest_part_urls(out, kind, manifest), split="train",
                                    cache_dir=hf_offline)
@@ -79,12 +75,12 @@ def test_parquet_parts_load_with_datasets(tmp_path, hf_offline):
     assert ds[0]["response_ids"] == [5, 6, 7]
 
 
-def test_jsonl_parts_load_with_datasets_and_pyarrow(tmp_path, hf_offline):
+def test_jsonl_parts_load_with_datasets_and_pyarrow(tmp_path, hf_offline, shard_parts):
     import datasets
     import pyarrow.json as pj
 
     out = str(tmp_path / "out")
-    manifest = _commit(out, "jsonl")
+    manifest = _commit(shard_parts, out, "jsonl")
     # experience, sft and errors have one JSON type per key: every part loads as is
     # (empty parts included: shard 1 produced nothing)
     for kind in ("experience", "sft", "errors"):
@@ -101,7 +97,7 @@ def test_jsonl_parts_load_with_datasets_and_pyarrow(tmp_path, hf_offline):
                                cache_dir=hf_offline)
     assert ds.num_rows == 8 and {type(p) for p in ds["prompt"]} == {str, list}
     single = str(tmp_path / "single")
-    stage_shard(single, 0, 1, {"results": [r for r in _parts(3)["results"] if isinstance(r["prompt"], str)]},
+    stage_shard(single, 0, 1, {"results": [r for r in shard_parts(3)["results"] if isinstance(r["prompt"], str)]},
                 "jsonl")
     write_manifest(single, "{}", {}, {0: promote_shard(single, 0, 1)})
     ds = datasets.load_dataset("json", data_files=manifest_part_urls(single, "results"), split="train",
@@ -109,9 +105,9 @@ def test_jsonl_parts_load_with_datasets_and_pyarrow(tmp_path, hf_offline):
     assert ds.num_rows == 4 and ds[0]["usage"]["prompt_tokens"] == 4
 
 
-def test_openai_batch_results_and_errors_in_parquet(tmp_path):
+def test_openai_batch_results_and_errors_in_parquet(tmp_path, line_result):
     out = str(tmp_path / "out")
-    chat = _line_result(1, multi_turn=True)
+    chat = line_result(1, multi_turn=True)
     line = PromptLine(id="c1", file="in.jsonl", line=1, text="t", sampling=SamplingSpec(), query="hi",
                       endpoint="/v1/completions", model_name="ziya")
     completion = LineResult(line=line, prompt_ids=[1, 2], samples=[SampleOutput(0, [3], "ok", "length")])
@@ -132,12 +128,12 @@ def test_openai_batch_results_and_errors_in_parquet(tmp_path):
     assert pq.read_table(os.path.join(out, "results")).num_rows == 2
 
 
-def test_parquet_takes_the_records_the_worker_builds(tmp_path):
+def test_parquet_takes_the_records_the_worker_builds(tmp_path, line_result):
     """Experience records as the worker writes them (group fields added) fit the schema."""
     from ziya_batch.filters import add_group_fields
 
     out = str(tmp_path / "out")
-    r = _line_result(3, n=3)
+    r = line_result(3, n=3)
     for k, s in enumerate(r.samples):
         s.reward = float(k)
     from ziya_batch.records import experience_record

@@ -13,35 +13,7 @@ from ziya_batch.io import (CommitError, clear_staging, committed_shards, discard
                            part_path, promote_shard, read_manifest, read_parts, read_shard, stage_shard,
                            verify_output, write_manifest)
 from ziya_batch.io.storage import join_url, normalize_url
-from ziya_batch.prompts import build_prompt
-from ziya_batch.records import (LineFailure, LineResult, PromptLine, SampleOutput, ShardRef, experience_record,
-                                result_record, sft_record)
-from ziya_batch.spec import SamplingSpec
-
-
-def _line_result(i: int, multi_turn: bool = False, n: int = 2, ref: bool = True) -> LineResult:
-    if multi_turn:
-        messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
-                    {"role": "user", "content": f"question {i}"}]
-        line = PromptLine(id=f"m{i}", file="in.jsonl", line=i, text="...", sampling=SamplingSpec(),
-                          messages=messages)
-    else:
-        line = PromptLine(id=f"s{i}", file="in.jsonl", line=i, text=build_prompt(f"写一首诗 {i}"),
-                          sampling=SamplingSpec(), query=f"写一首诗 {i}")
-    samples = [SampleOutput(index=k, token_ids=[5, 6, 7 + k], text=f"答 {i}.{k}", finish_reason="stop",
-                            logprobs=[-0.5, -0.25, -1.0], ref_logprobs=[-0.6, -0.2, -1.5] if ref else None,
-                            reward=0.5 if ref else None) for k in range(n)]
-    return LineResult(line=line, prompt_ids=[1, 2, 3, 4], samples=samples)
-
-
-def _parts(n_lines: int = 3, start: int = 0) -> dict[str, list[dict]]:
-    results = [_line_result(i, multi_turn=i % 2 == 1, ref=i % 3 != 0) for i in range(start, start + n_lines)]
-    return {
-        "results": [result_record(r, s) for r in results for s in r.samples],
-        "sft": [sft_record(r, s) for r in results for s in r.samples],
-        "experience": [experience_record(r, s) for r in results for s in r.samples],
-        "errors": [LineFailure("bad", "in.jsonl", 99, "invalid_json", "not valid JSON").record()],
-    }
+from ziya_batch.records import ShardRef
 
 
 def _sha(path: str) -> str:
@@ -53,9 +25,9 @@ def _files(root) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
-def test_stage_then_promote_writes_final_parts_and_marker_last(tmp_path):
+def test_stage_then_promote_writes_final_parts_and_marker_last(tmp_path, shard_parts):
     out = str(tmp_path / "out")
-    staged = stage_shard(out, 5, 11, _parts(), "jsonl")
+    staged = stage_shard(out, 5, 11, shard_parts(), "jsonl")
     assert set(staged) == {"results", "sft", "experience", "errors"}
     assert staged["results"].lines == 6 and staged["errors"].lines == 1
     assert not os.path.exists(part_path(out, "results", 5, "jsonl"))      # nothing final before promote
@@ -72,12 +44,12 @@ def test_stage_then_promote_writes_final_parts_and_marker_last(tmp_path):
     assert committed_shards(out) == {5: marker}
 
 
-def test_a_commit_marker_that_cannot_be_read_is_an_error_not_a_shard_left_out(tmp_path, monkeypatch):
+def test_a_commit_marker_that_cannot_be_read_is_an_error_not_a_shard_left_out(tmp_path, monkeypatch, shard_parts):
     from fsspec.implementations.local import LocalFileSystem
 
     out = str(tmp_path / "out")
     for index in (0, 1):
-        staged = stage_shard(out, index, 3, _parts(), "jsonl")
+        staged = stage_shard(out, index, 3, shard_parts(), "jsonl")
         promote_shard(out, index, 3, {k: (p.lines, p.sha256) for k, p in staged.items()})
     assert sorted(committed_shards(out)) == [0, 1]
     cat_file = LocalFileSystem.cat_file
@@ -100,9 +72,9 @@ def test_errors_part_is_always_written_even_empty(tmp_path):
     assert marker.parts["errors"].lines == 0
 
 
-def test_stale_token_never_reaches_final_names(tmp_path):
+def test_stale_token_never_reaches_final_names(tmp_path, shard_parts):
     out = str(tmp_path / "out")
-    winner, loser = _parts(2), {"results": [{"id": "stale"}]}
+    winner, loser = shard_parts(2), {"results": [{"id": "stale"}]}
     stage_shard(out, 3, 7, loser, "jsonl")             # lease lost later: token 7
     stage_shard(out, 3, 8, winner, "jsonl")            # the re-leased attempt: token 8
     promote_shard(out, 3, 8)
@@ -117,18 +89,18 @@ def test_stale_token_never_reaches_final_names(tmp_path):
     assert not any(".7." in f for f in _files(out))
 
 
-def test_stale_promote_after_discard_finds_nothing(tmp_path):
+def test_stale_promote_after_discard_finds_nothing(tmp_path, shard_parts):
     out = str(tmp_path / "out")
-    stage_shard(out, 0, 2, _parts(1), "jsonl")
+    stage_shard(out, 0, 2, shard_parts(1), "jsonl")
     discard_staged(out, 0, 2)
     with pytest.raises(CommitError, match="nothing staged"):
         promote_shard(out, 0, 2)
     assert _files(out) == []
 
 
-def test_promote_is_idempotent_after_crash_between_moves_and_marker(tmp_path):
+def test_promote_is_idempotent_after_crash_between_moves_and_marker(tmp_path, shard_parts):
     out = str(tmp_path / "out")
-    staged = stage_shard(out, 1, 4, _parts(), "jsonl")
+    staged = stage_shard(out, 1, 4, shard_parts(), "jsonl")
     # simulate a crash after moving two of the four parts, before the marker
     for kind in ("results", "sft"):
         os.makedirs(os.path.join(out, kind), exist_ok=True)
@@ -143,11 +115,11 @@ def test_promote_is_idempotent_after_crash_between_moves_and_marker(tmp_path):
     assert not any(f.startswith("_staging/part-") for f in _files(out))
 
 
-def test_concurrent_promotes_of_one_token_agree(tmp_path):
+def test_concurrent_promotes_of_one_token_agree(tmp_path, shard_parts):
     """The worker's promote and a finalizer's recovery promote may race; both must succeed, same marker."""
     for round_ in range(15):
         out = str(tmp_path / f"out{round_}")
-        staged = stage_shard(out, 0, 3, _parts(1), "jsonl")
+        staged = stage_shard(out, 0, 3, shard_parts(1), "jsonl")
         barrier = threading.Barrier(3)
         got, failed = [], []
 
@@ -168,9 +140,9 @@ def test_concurrent_promotes_of_one_token_agree(tmp_path):
         assert committed_shards(out) == {0: got[0]}
 
 
-def test_promote_refuses_when_a_moved_part_was_lost(tmp_path):
+def test_promote_refuses_when_a_moved_part_was_lost(tmp_path, shard_parts):
     out = str(tmp_path / "out")
-    staged = stage_shard(out, 2, 9, _parts(1), "jsonl")
+    staged = stage_shard(out, 2, 9, shard_parts(1), "jsonl")
     os.makedirs(os.path.join(out, "results"), exist_ok=True)
     os.replace(staged["results"].path, part_path(out, "results", 2, "jsonl"))
     with open(part_path(out, "results", 2, "jsonl"), "ab") as f:
@@ -180,43 +152,43 @@ def test_promote_refuses_when_a_moved_part_was_lost(tmp_path):
     assert committed_shards(out) == {}
 
 
-def test_promote_checks_reported_staged_info(tmp_path):
+def test_promote_checks_reported_staged_info(tmp_path, shard_parts):
     out = str(tmp_path / "out")
-    stage_shard(out, 0, 1, _parts(1), "jsonl")
+    stage_shard(out, 0, 1, shard_parts(1), "jsonl")
     with pytest.raises(CommitError, match="differ"):
         promote_shard(out, 0, 1, {"results": (999, "0" * 64)})
     assert committed_shards(out) == {}
 
 
-def test_retried_shard_rewrites_the_same_part_name(tmp_path):
+def test_retried_shard_rewrites_the_same_part_name(tmp_path, shard_parts):
     """Attempts 1 and 2 failed after staging (nothing promoted); attempt 3 commits under the same name."""
     out = str(tmp_path / "out")
-    stage_shard(out, 0, 1, _parts(1), "jsonl")
-    stage_shard(out, 0, 2, _parts(3), "jsonl")
-    staged = stage_shard(out, 0, 3, _parts(2), "jsonl")
+    stage_shard(out, 0, 1, shard_parts(1), "jsonl")
+    stage_shard(out, 0, 2, shard_parts(3), "jsonl")
+    staged = stage_shard(out, 0, 3, shard_parts(2), "jsonl")
     marker = promote_shard(out, 0, 3)
     assert marker.token == 3 and marker.parts["results"].lines == 4
     assert _sha(part_path(out, "results", 0, "jsonl")) == staged["results"].sha256
     assert [f for f in _files(out) if f.startswith("results/")] == ["results/part-00000.jsonl"]
 
 
-def test_a_committed_shard_keeps_its_first_output(tmp_path):
+def test_a_committed_shard_keeps_its_first_output(tmp_path, shard_parts):
     """Redis lost a commit and the shard ran again under a new token: the committed part is not replaced,
     the duplicate's staged parts are removed, and both callers get the same marker."""
     out = str(tmp_path / "out")
-    stage_shard(out, 0, 5, _parts(1), "jsonl")
+    stage_shard(out, 0, 5, shard_parts(1), "jsonl")
     first = promote_shard(out, 0, 5)
-    stage_shard(out, 0, 1, _parts(2), "parquet")      # a lower token after a Redis reset, other format
+    stage_shard(out, 0, 1, shard_parts(2), "parquet")      # a lower token after a Redis reset, other format
     again = promote_shard(out, 0, 1)
     assert again == first
     assert _files(out) == sorted(["_committed/part-00000.json"] +
                                  [f"{k}/part-00000.jsonl" for k in ("results", "sft", "experience", "errors")])
 
 
-def test_manifest_lists_exactly_the_committed_parts(tmp_path):
+def test_manifest_lists_exactly_the_committed_parts(tmp_path, shard_parts):
     out = str(tmp_path / "out")
     for index in (0, 1, 2):
-        stage_shard(out, index, 10 + index, _parts(2, start=index * 2), "jsonl")
+        stage_shard(out, index, 10 + index, shard_parts(2, start=index * 2), "jsonl")
         if index != 1:
             promote_shard(out, index, 10 + index, stats={"prompts_done": 2})
     # a stray file that no marker names, and shard 1 only staged: neither may appear
@@ -239,21 +211,21 @@ def test_manifest_lists_exactly_the_committed_parts(tmp_path):
     assert manifest["records"]["results"] == 8 and manifest["records"]["errors"] == 2
     ids = [r["id"] for r in read_parts(out, "results", verify=True)]
     assert "stray" not in ids and len(ids) == 8
-    assert ids == [r["id"] for i in (0, 2) for r in _parts(2, start=i * 2)["results"]]
+    assert ids == [r["id"] for i in (0, 2) for r in shard_parts(2, start=i * 2)["results"]]
 
 
-def test_read_parts_without_manifest_refuses(tmp_path):
+def test_read_parts_without_manifest_refuses(tmp_path, shard_parts):
     out = str(tmp_path / "out")
-    stage_shard(out, 0, 1, _parts(1), "jsonl")
+    stage_shard(out, 0, 1, shard_parts(1), "jsonl")
     promote_shard(out, 0, 1)
     assert read_manifest(out) is None
     with pytest.raises(Exception, match="no manifest.json"):
         list(read_parts(out, "results"))
 
 
-def test_read_parts_verify_detects_a_changed_part(tmp_path):
+def test_read_parts_verify_detects_a_changed_part(tmp_path, shard_parts):
     out = str(tmp_path / "out")
-    stage_shard(out, 0, 1, _parts(1), "jsonl")
+    stage_shard(out, 0, 1, shard_parts(1), "jsonl")
     write_manifest(out, "{}", {}, {0: promote_shard(out, 0, 1)})
     assert verify_output(out) == []
     os.unlink(part_path(out, "sft", 0, "jsonl"))
@@ -264,12 +236,12 @@ def test_read_parts_verify_detects_a_changed_part(tmp_path):
         list(read_parts(out, "results", verify=True))
 
 
-def test_discard_and_clear_staging_leave_committed_output_alone(tmp_path):
+def test_discard_and_clear_staging_leave_committed_output_alone(tmp_path, shard_parts):
     out = str(tmp_path / "out")
-    stage_shard(out, 0, 1, _parts(1), "parquet")
+    stage_shard(out, 0, 1, shard_parts(1), "parquet")
     promote_shard(out, 0, 1)
-    stage_shard(out, 0, 5, _parts(1), "parquet")
-    stage_shard(out, 1, 6, _parts(1), "jsonl")
+    stage_shard(out, 0, 5, shard_parts(1), "parquet")
+    stage_shard(out, 1, 6, shard_parts(1), "jsonl")
     discard_staged(out, 0, 5)
     assert not any(".5." in f for f in _files(out))
     assert any(".6." in f for f in _files(out))
@@ -287,7 +259,7 @@ def test_jsonl_writes_non_finite_floats_as_null(tmp_path):
     assert rec == {"id": "x", "logprobs": [-1.0, None], "reward": None}
 
 
-def test_any_fsspec_url_works_memory_filesystem():
+def test_any_fsspec_url_works_memory_filesystem(shard_parts):
     """Nothing assumes a local disk or S3: the in-memory filesystem runs the whole cycle."""
     import fsspec
 
@@ -299,7 +271,7 @@ def test_any_fsspec_url_works_memory_filesystem():
     (file, start, end, first, num), = index_inputs(files, 10)
     assert [no for no, _ in read_shard(ShardRef("j", 0, file, start, end, first, num))] == [1, 3]
     out = f"{root}/out/"
-    stage_shard(out, 0, 1, _parts(1), "parquet")
+    stage_shard(out, 0, 1, shard_parts(1), "parquet")
     stage_shard(out, 0, 2, {"results": [{"id": "stale"}]}, "jsonl")
     write_manifest(out, "{}", {}, {0: promote_shard(out, 0, 1)})
     discard_staged(out, 0, 2)
@@ -314,3 +286,29 @@ def test_url_helpers():
     assert part_path("s3://b/run", "sft", 12, "parquet") == "s3://b/run/sft/part-00012.parquet"
     assert normalize_url("file:///tmp/x/") == "/tmp/x"
     assert normalize_url("s3://b/p/") == "s3://b/p"
+
+
+def test_output_dir_holds_the_filesystem_names_and_owner_once(tmp_path, monkeypatch, shard_parts):
+    """One OutputDir opens the directory once and serves the whole commit protocol, the owner file and the names;
+    the URL functions are its methods."""
+    from ziya_batch.io import OutputDir, new_attempt
+    from ziya_batch.io import storage
+
+    opened = []
+    real = storage.url_to_fs
+    monkeypatch.setattr(storage, "url_to_fs", lambda url: opened.append(url) or real(url))
+    out = OutputDir(str(tmp_path / "out"), "parquet")
+    attempt = new_attempt()
+    staged = out.stage(7, 3, attempt, shard_parts())
+    assert sorted(os.path.basename(p.path) for p in staged.values()) == [f"part-00007.3-{attempt}.parquet"] * 4
+    marker = out.promote(7, 3, attempt, {k: (p.lines, p.sha256) for k, p in staged.items()}, {"prompts_done": 3})
+    assert marker.parts["results"].path == "results/part-00007.parquet" == out.part_rel("results", 7, "parquet")
+    assert out.part_url("sft", 7) == str(tmp_path / "out" / "sft" / "part-00007.parquet")
+    assert out.committed_shards() == {7: marker} and out.read_marker(7) == marker
+    assert list(out.commit_times()) == [7]
+    assert out.owner() is None
+    out.set_owner("job-1")
+    assert out.owner() == "job-1" and out.read_json("_owner.json") == {"job_id": "job-1"}
+    out.discard(7, 3, attempt)                # a discard after the commit leaves the committed output alone
+    assert out.read(marker.parts["errors"].path) is not None
+    assert opened == [str(tmp_path / "out")]

@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ziya_batch.engine import merge_delta as md
-from ziya_batch.engine.demo_model import write_demo_model
 from ziya_batch.engine.merge_delta import ensure_merged, is_merged, is_taken_from_delta, merge_delta
 from ziya_batch.errors import ModelError
+from ziya_batch.tools.demo_model import write_demo_model
 
 BASE_VOCAB = 4000  # smaller than the demo tokenizer's 4096, as LLaMA's 32,000 is smaller than Ziya's 39,410
 SIDE = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
@@ -229,7 +229,7 @@ def test_comparing_jobs_merges_nothing(tmp_path, monkeypatch):
     """A worker compares jobs' engines on every claim (which model is loaded, which jobs share one): for a base +
     delta spec that must not merge, or even look at, the checkpoints; only loading its engine does."""
     from ziya_batch.engine import merge_delta
-    from ziya_batch.runtime.models import engine_key
+    from ziya_batch.work.models import engine_key
     from ziya_batch.spec import parse_spec
 
     def no_merge(*a, **k):

@@ -2,7 +2,6 @@
 page, and checked by rendering it in headless Chromium."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import struct
@@ -12,49 +11,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest_api import api_redis_url  # noqa: F401 - fixture
 
 from ziya_batch import io
 from ziya_batch.report import compute_stats, histogram_svg, render_html, report_main, write_report
 
-FINISH = ("stop", "length")
 
-
-def _shard_records(index: int, per_shard: int) -> dict[str, list[dict]]:
-    results, experience, errors = [], [], []
-    for j in range(per_shard):
-        i = index * per_shard + j
-        prompt_tokens, completion_tokens = 10 + i % 50, 5 + (i * 7) % 120
-        for s in range(2):                               # n = 2 samples per prompt
-            results.append({"id": f"p{i}", "sample_index": s, "prompt": "q", "response": "a",
-                            "finish_reason": FINISH[(i + s) % 2],
-                            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens + s}})
-            experience.append({"id": f"p{i}", "sample_index": s, "reward": (i % 20) / 10 - 1.0 + s * 0.05,
-                               "response_length": completion_tokens + s})
-    if index % 2 == 0:
-        errors.append({"id": f"bad{index}", "file": "in.jsonl", "line": index, "error": {"code": "invalid_json", "message": "x"}})
-    if index == 3:
-        errors.append({"id": "bad-r", "file": "in.jsonl", "line": 99, "error": {"code": "retries_exhausted", "message": "y"}})
-    return {"results": results, "experience": experience, "errors": errors}
-
-
-def make_output(out: Path, shards: int = 4, per_shard: int = 25, manifest: bool = True, t0: float = 1.7e9) -> Path:
-    """A job output as workers leave it: staged and promoted parts, commit markers a few seconds apart."""
-    markers = {}
-    for index in range(shards):
-        parts = _shard_records(index, per_shard)
-        io.stage_shard(str(out), index, 1, parts)
-        stats = {"prompts_done": per_shard, "prompts_failed": len(parts["errors"]), "samples": 2 * per_shard,
-                 "output_tokens": sum(r["usage"]["completion_tokens"] for r in parts["results"])}
-        markers[index] = io.promote_shard(str(out), index, 1, stats=stats)
-        os.utime(out / "_committed" / f"part-{index:05d}.json", (t0 + 10 * (index + 1), t0 + 10 * (index + 1)))
-    if manifest:
-        io.write_manifest(str(out), '{"name": "report-test"}', {"job_id": "job123", "state": "completed"}, markers)
-    return out
-
-
-def test_stats_from_the_manifest(tmp_path):
-    out = make_output(tmp_path / "out")
+def test_stats_from_the_manifest(tmp_path, job_output):
+    out = job_output(tmp_path / "out")
     s = compute_stats(str(out), {"job_id": "job123", "created_at": 1.7e9, "state": "completed"})
     assert s.source == "manifest" and s.name == "report-test" and s.job_id == "job123"
     assert s.shards_committed == 4 and s.prompts_done == 100 and s.samples == 200
@@ -67,8 +30,8 @@ def test_stats_from_the_manifest(tmp_path):
     assert sum(c[1] for c in s.commits) == s.output_tokens > 0
 
 
-def test_stats_before_the_manifest_come_from_commit_markers(tmp_path):
-    out = make_output(tmp_path / "out", shards=3, manifest=False)
+def test_stats_before_the_manifest_come_from_commit_markers(tmp_path, job_output):
+    out = job_output(tmp_path / "out", shards=3, manifest=False)
     (out / "_staging").mkdir(exist_ok=True)
     s = compute_stats(str(out))
     assert s.source == "commit markers" and s.shards_committed == 3 and s.prompts_done == 75
@@ -95,8 +58,8 @@ def test_nothing_to_report_is_a_clear_error(tmp_path):
         compute_stats(str(tmp_path / "empty"))
 
 
-def test_html_is_self_contained(tmp_path):
-    out = make_output(tmp_path / "out")
+def test_html_is_self_contained(tmp_path, job_output):
+    out = job_output(tmp_path / "out")
     page = render_html(compute_stats(str(out)))
     assert page.startswith("<!DOCTYPE html>") and page.count("<svg") >= 6
     assert "<script" not in page and "src=" not in page and "href=" not in page and "@import" not in page
@@ -107,8 +70,8 @@ def test_html_is_self_contained(tmp_path):
     assert "retries_exhausted" in page and "invalid_json" in page
 
 
-def test_names_are_escaped(tmp_path):
-    out = make_output(tmp_path / "out", shards=1)
+def test_names_are_escaped(tmp_path, job_output):
+    out = job_output(tmp_path / "out", shards=1)
     s = compute_stats(str(out))
     s.name = "<img src=x onerror=alert(1)>"
     s.error_codes = Counter({"<b>code</b>": 1})
@@ -123,9 +86,9 @@ def test_histogram_bins_hold_every_count():
     assert "no data" in histogram_svg(Counter(), "x", "t")
 
 
-def test_report_main_takes_an_output_path_without_redis(tmp_path, monkeypatch):
+def test_report_main_takes_an_output_path_without_redis(tmp_path, monkeypatch, job_output):
     monkeypatch.delenv("ZIYA_BATCH_REDIS_URL", raising=False)
-    out = make_output(tmp_path / "out")
+    out = job_output(tmp_path / "out")
     path = report_main(str(out), tmp_path / "r" / "report.html")
     assert path.exists() and "report-test" in path.read_text()
     from ziya_batch.errors import ZiyaBatchError
@@ -191,8 +154,8 @@ def screenshot(html_path: Path, png_path: Path, tmp_path: Path, size: str = "128
 
 @pytest.mark.skipif(_chromium() is None, reason="chromium is not installed (apt-get install -y chromium); "
                                                  "the HTML report cannot be rendered")
-def test_report_renders_in_headless_chromium(tmp_path):
-    out = make_output(tmp_path / "out")
+def test_report_renders_in_headless_chromium(tmp_path, job_output):
+    out = job_output(tmp_path / "out")
     html_path = write_report(str(out), tmp_path / "report.html", {"created_at": 1.7e9, "state": "completed"})
     png = tmp_path / "report.png"
     screenshot(html_path, png, tmp_path, size="1000,900")
@@ -204,26 +167,3 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert len(colours) > 20, colours.most_common(5)
     assert colours[bytes.fromhex("3b6ea8")] > 50
     assert colours.most_common(1)[0][1] < 0.9 * sum(colours.values())
-
-
-def test_report_main_by_job_id_adds_the_redis_status(tmp_path, monkeypatch, api_redis_url):
-    from ziya_batch.queue import Broker
-    from ziya_batch.runtime.submit import submit_job
-    from ziya_batch.spec import parse_spec
-
-    inp = tmp_path / "in.jsonl"
-    # 5 shards, 4 of them already in storage: the job is still open, so the page reads the commit markers
-    inp.write_text("".join(f'{{"id": "p{i}", "prompt": "q{i}"}}\n' for i in range(125)))
-    out = make_output(tmp_path / "out", shards=4, per_shard=25, manifest=False)
-    spec = parse_spec({"name": "by-id", "model": {"path": "/m"}, "input": [str(inp)],
-                       "output": {"path": str(out)}, "shard_size": 25})
-    monkeypatch.setenv("ZIYA_BATCH_REDIS_URL", api_redis_url)
-    status = submit_job(spec, Broker.from_url(api_redis_url))
-    assert status.shards_total == 5
-    page = report_main(status.job_id, tmp_path / "r.html").read_text()
-    assert "by-id" in page and status.job_id in page and "commit markers" in page
-    assert "prompts total</th><td>125" in page
-    from ziya_batch.errors import JobNotFound
-
-    with pytest.raises(JobNotFound, match="no job nosuchjob"):
-        report_main("nosuchjob", tmp_path / "x.html")

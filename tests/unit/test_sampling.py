@@ -38,7 +38,8 @@ def test_greedy_rows_take_the_argmax_with_its_log_softmax():
 
 def test_repetition_penalty_matches_transformers():
     logits = torch.randn(2, 50) * 3
-    rows = [Row(SamplingParams(temperature=0.0, repetition_penalty=1.3), token_ids=[4, 9, 9, 17]),
+    rows = [Row(SamplingParams(temperature=0.0, repetition_penalty=1.3, logprobs_mode="processed"),
+                token_ids=[4, 9, 9, 17]),
             Row(SamplingParams(temperature=0.0), token_ids=[4])]
     _, lp = sample(logits, tensors(rows))
     ref = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([[4, 9, 9, 17]]), logits[:1].clone())

@@ -6,12 +6,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaModel
 
-from ziya_batch.engine.scoring import (
-    ReferenceScorer, RewardScorer, detect_reward_layout, reward_text, write_demo_reference_model,
-    write_demo_reward_model,
-)
+from ziya_batch.engine.scoring import ReferenceScorer, RewardScorer, detect_reward_layout, reward_text
 from ziya_batch.errors import ModelError
 from ziya_batch.prompts import build_prompt
+from ziya_batch.tools.demo_model import write_demo_reference_model, write_demo_reward_model
 
 QUERIES = ["帮我写一份去西安的旅游计划", "What is 17% of 240?", "写一首关于秋天的诗。"]
 RESPONSES = ["第一天去兵马俑,第二天逛城墙。", "40.8", "秋风吹过稻田边,金色波浪卷向天。\n雁字南飞声渐远。"]
@@ -138,7 +136,7 @@ def test_conversation_scores_and_length_mismatch(tmp_path):
 def test_a_multi_label_classifier_is_refused(tmp_path):
     from transformers import LlamaForSequenceClassification
 
-    from ziya_batch.engine.demo_model import demo_config, write_demo_tokenizer
+    from ziya_batch.tools.demo_model import demo_config, write_demo_tokenizer
 
     cfg = demo_config()
     cfg.num_labels = 3

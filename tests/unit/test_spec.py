@@ -60,7 +60,7 @@ def test_identity_of_a_spec_is_the_same_from_version_to_version():
     default gives every spec that does not set it a new id, and an unfinished job then no longer resumes from
     the same spec after an upgrade (unless submit adopts the old id, as it does for legacy_identity). If this
     value must change, say so where upgrades are described. Changed again 2026-11-29: the id stopped hashing
-    RUN_FIELDS (legacy_identity is the id before, which runtime/submit.py still resumes)."""
+    RUN_FIELDS (legacy_identity is the id before, which jobs/submit.py still resumes)."""
     assert parse_spec(BASE).identity() == "9a00f24076b5f4c0"
     assert parse_spec(BASE).legacy_identity() == "5cb10aec0f187c5d"        # BASE's id until RUN_FIELDS left it
     fcfs = {**BASE, "engine": {"schedule": "fcfs"}}

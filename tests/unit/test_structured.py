@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from ziya_batch import errors
-from ziya_batch.engine.demo_model import write_demo_model
+from ziya_batch.tools.demo_model import write_demo_model
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.grammar import Grammars, apply_masks, grammar_of
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
 from ziya_batch.errors import LineError, SpecError
 from ziya_batch.prompts import parse_line
-from ziya_batch.runtime.generation import build_parts, generate_lines, parse_shard
+from ziya_batch.work.generation import build_parts, generate_lines, parse_shard
 from ziya_batch.spec import SamplingSpec, parse_spec
 
 SCHEMA = {
@@ -287,7 +287,7 @@ def _tp_worker(rank: int, world_size: int, init_file: str, model_dir: str, reque
     import torch.distributed as dist
     from transformers import AutoTokenizer
 
-    from ziya_batch.engine.testing import load_sharded
+    from ziya_batch.tools.testing import load_sharded
     from ziya_batch.engine.tp import enable_tp_driver, serve_follower
 
     torch.set_num_threads(1)

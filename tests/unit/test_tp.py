@@ -9,10 +9,10 @@ import torch
 import torch.multiprocessing as mp
 
 from ziya_batch.engine.engine import LLMEngine
-from ziya_batch.engine.testing import load_sharded, tiny_llama, tp_generate_worker
-from ziya_batch.engine.tp import apply_tp
 from ziya_batch.engine.model import LlamaModel, ModelArgs, from_hf_model, iter_checkpoint
+from ziya_batch.engine.tp import apply_tp
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
+from ziya_batch.tools.testing import load_sharded, tiny_llama, tp_generate_worker
 
 
 def test_apply_tp_refuses_a_split_that_does_not_divide():
@@ -112,9 +112,9 @@ def test_two_gloo_ranks_match_one_process_token_for_token(tmp_path, num_kv_heads
 def test_a_replica_switches_models_on_every_rank(tmp_path):
     """Rank 0 of a tensor-parallel replica claims jobs of two models in turn (a, b, then a again): each switch
     loads the new model's shards on both ranks, and each job's greedy tokens equal that model's in one process."""
-    from ziya_batch.engine.demo_model import write_demo_model
-    from ziya_batch.engine.testing import tp_switch_worker
-    from ziya_batch.runtime.models import engine_config
+    from ziya_batch.tools.demo_model import write_demo_model
+    from ziya_batch.tools.testing import tp_switch_worker
+    from ziya_batch.work.models import engine_config
     from ziya_batch.spec import parse_spec
 
     specs = []

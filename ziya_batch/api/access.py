@@ -104,6 +104,27 @@ def check_job(spec: JobSpec, settings: ApiSettings) -> None:
             names = ", ".join(allowed) if allowed else "none"
             raise AccessDenied(f"{field_name} {url} is not an allowed model location (allowed: {names}); "
                                f"add its directory to {MODELS_ENV} on the server, or use the server's --model")
+    check_rewards(spec, settings)
+
+
+def check_rewards(spec: JobSpec, settings: ApiSettings) -> None:
+    """A reward function runs code on the workers and a reward URL receives the job's text: over HTTP only the
+    built-ins and the functions the server lists, and URLs under the prefixes it lists."""
+    from ..rewards import BUILTINS
+    from .settings import REWARD_FUNCTIONS_ENV, REWARD_URLS_ENV
+
+    ref = spec.experience.reward_function
+    builtin = ref in BUILTINS or (ref or "").startswith("ziya_batch.rewards:") and ref.rpartition(":")[2] in BUILTINS
+    if ref and not builtin and ref not in settings.allowed_reward_functions:
+        raise AccessDenied(f"experience.reward_function {ref} is not allowed over the API (it would run code on the "
+                           f"workers): use a built-in ({', '.join(BUILTINS)}) or add it to {REWARD_FUNCTIONS_ENV} "
+                           "on the server")
+    url = spec.experience.reward_url
+    if url and not any(url == p or url.startswith(p if p.endswith("/") else p + "/")
+                       for p in settings.allowed_reward_urls):
+        names = ", ".join(settings.allowed_reward_urls) or "none"
+        raise AccessDenied(f"experience.reward_url {url} is not an allowed reward endpoint (allowed: {names}); "
+                           f"add its prefix to {REWARD_URLS_ENV} on the server")
 
 
 def check_expanded_inputs(files: Iterable[str], settings: ApiSettings) -> None:

@@ -16,10 +16,11 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import errors
+from .. import errors, jobs
 from ..errors import JobNotFound, ZiyaBatchError
 from ..spec import JobSpec, format_validation_error
 from .access import AccessDenied, check_expanded_inputs, check_job, token_matches
+from .http_errors import ApiError, error_response
 from .settings import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -33,21 +34,6 @@ _STATUS_OF = [  # most specific first
     (errors.ServiceError, 503, "service_unavailable"),
     (ZiyaBatchError, 400, "invalid_request_error"),
 ]
-
-
-class ApiError(Exception):
-    """An HTTP error with a one-line message (raised by route code for cases with no ZiyaBatchError)."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-
-def error_response(status: int, message: str, kind: str, headers: Optional[dict] = None) -> JSONResponse:
-    # one line, whatever a client put into the ids and values we echo back
-    message = message.replace("\r", "\\r").replace("\n", "\\n")
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status,
-                        headers=headers)
 
 
 class _BodyErrors:
@@ -134,51 +120,32 @@ def _require_token_dependency(settings: ApiSettings):
     return require_token
 
 
-def _find_status(broker, job_id: str, detail: bool = True):
-    if broker.find_job(job_id) is None:
-        raise JobNotFound(f"no job {job_id}: list jobs with GET /v1/jobs")
-    return broker.status(job_id, detail=detail)
-
-
 def _jobs_router(settings: ApiSettings, brokers: BrokerHolder) -> APIRouter:
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
     @router.post("", summary="Submit a job (the job spec as JSON)")
     def submit(spec: JobSpec) -> dict:
-        from .. import io
-        from ..runtime.submit import submit_job
-
         check_job(spec, settings)
-        check_expanded_inputs(io.expand_inputs(spec.input), settings)
-        status = submit_job(spec, brokers.get())
+        files = jobs.list_inputs(spec)
+        check_expanded_inputs(files, settings)
+        status = jobs.submit_job(spec, brokers.get(), files=files)
         return {"id": status.job_id, "state": status.state.value}
 
     @router.get("", summary="Every job with its status")
     def list_jobs() -> dict:
-        return {"jobs": [s.to_dict() for s in brokers.get().list_jobs()]}
+        return {"jobs": [s.to_dict() for s in jobs.list_jobs(brokers.get())]}
 
     @router.get("/{job_id}", summary="A job's status (the fields of `ziya-batch status --json`)")
     def get_job(job_id: str) -> dict:
-        return _find_status(brokers.get(), job_id).to_dict()
+        return jobs.job_status(brokers.get(), job_id, detail=True, hint=jobs.API_HINT).to_dict()
 
     @router.post("/{job_id}/cancel", summary="Stop handing out the job's shards; committed parts stay")
     def cancel(job_id: str, abandon_running: bool = False) -> dict:
-        broker = brokers.get()
-        _find_status(broker, job_id, detail=False)
-        return broker.cancel(job_id, abandon_running=abandon_running).to_dict()
+        return jobs.cancel_job(brokers.get(), job_id, abandon_running=abandon_running, hint=jobs.API_HINT).to_dict()
 
     @router.get("/{job_id}/manifest", summary="The job's manifest.json, once written")
     def manifest(job_id: str) -> dict:
-        from .. import io
-
-        broker = brokers.get()
-        status = _find_status(broker, job_id, detail=False)
-        spec = broker.get_spec(job_id)
-        found = io.read_manifest(spec.output.path)
-        if found is None:
-            raise ApiError(404, f"job {job_id} has no manifest yet (state {status.state.value}); it is written "
-                                "when the job completes or is cancelled", "not_found")
-        return found
+        return jobs.get_manifest(brokers.get(), job_id, hint=jobs.API_HINT)
 
     return router
 

@@ -98,6 +98,13 @@ class QueueCollector:
             "eta": GaugeMetricFamily("ziya_batch_job_eta_seconds", "Estimated seconds to completion (absent while idle)", labels=labels),
             "dead": GaugeMetricFamily("ziya_batch_job_dead_letter_shards", "Shards whose retries are exhausted", labels=labels),
             "dead_lines": GaugeMetricFamily("ziya_batch_job_dead_letter_lines", "Lines given up on alone", labels=labels),
+            "pc_hit": CounterMetricFamily("ziya_batch_job_prefix_cache_hit_tokens",
+                                          "Prompt tokens found in the prefix cache", labels=labels),
+            "pc_query": CounterMetricFamily("ziya_batch_job_prefix_cache_query_tokens",
+                                            "Prompt tokens looked up in the prefix cache", labels=labels),
+            "pc_rate": GaugeMetricFamily("ziya_batch_job_prefix_cache_hit_rate",
+                                         "Share of looked-up prompt tokens found cached (absent before any)",
+                                         labels=labels),
         }
         state = GaugeMetricFamily("ziya_batch_job_state", "1 for the job's current state", labels=labels + ["state"])
         shards = GaugeMetricFamily("ziya_batch_job_shards", "Shards by state", labels=labels + ["state"])
@@ -118,6 +125,10 @@ class QueueCollector:
                 fam["eta"].add_metric(lv, j["eta_s"])
             fam["dead"].add_metric(lv, j.get("dead_shards", 0))
             fam["dead_lines"].add_metric(lv, j.get("dead_lines", 0))
+            fam["pc_hit"].add_metric(lv, j.get("prefix_cache_hit_tokens", 0))
+            fam["pc_query"].add_metric(lv, j.get("prefix_cache_query_tokens", 0))
+            if j.get("prefix_cache_hit_rate") is not None:
+                fam["pc_rate"].add_metric(lv, j["prefix_cache_hit_rate"])
             for s in JOB_STATES:
                 state.add_metric(lv + [s], 1 if j.get("state") == s else 0)
             counts = j.get("shards") or {}

@@ -27,11 +27,11 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import io
+from .. import io, jobs
 from ..errors import ZiyaBatchError
 from ..io.storage import move_atomic, put_atomic, read_bytes
 from ..spec import JobSpec
-from .app import ApiError
+from .http_errors import ApiError
 from .settings import MODEL_ENV, ApiSettings
 
 MAX_UPLOAD_BYTES = 200 * 2**20          # OpenAI's own limit for batch input files
@@ -233,10 +233,8 @@ class Batches:
 
     def _submit(self, record: dict) -> None:
         """Index the input and queue the job; the record goes to in_progress, or failed with the reason."""
-        from ..runtime.submit import submit_job
-
         try:
-            status = submit_job(JobSpec(**record["_spec"]), self.brokers.get())
+            status = jobs.submit_job(JobSpec(**record["_spec"]), self.brokers.get())
         except ZiyaBatchError as err:
             record.update(status="failed", failed_at=int(time.time()), errors=_fail_list("invalid_input", str(err)))
             self._save(record)
@@ -252,7 +250,7 @@ class Batches:
             latest.update(status="in_progress", in_progress_at=int(time.time()), _job_id=status.job_id)
             latest["request_counts"] = {"total": status.prompts_total, "completed": 0, "failed": 0}
             if latest.get("_cancel_requested"):          # cancelled while validating
-                self.brokers.get().cancel(status.job_id, abandon_running=False)
+                jobs.cancel_job(self.brokers.get(), status.job_id, hint=jobs.API_HINT)
                 latest["status"] = "cancelling"
             self._save(latest)
 
@@ -288,7 +286,7 @@ class Batches:
                     rec.update(_cancel_requested=True, status="cancelling", cancelling_at=int(time.time()))
                     self._save(rec)
                     return _public(rec)
-        self.brokers.get().cancel(rec["_job_id"], abandon_running=False)
+        jobs.cancel_job(self.brokers.get(), rec["_job_id"], hint=jobs.API_HINT)
         rec["_cancel_requested"] = True
         return _public(self._refresh(rec, force_save=True))
 
@@ -319,26 +317,19 @@ class Batches:
         now = int(time.time())
         if status is None:
             # Redis lost the job: submit it again, which resumes from the parts storage holds
-            from ..runtime.submit import submit_job
-
             try:
-                status = submit_job(JobSpec(**rec["_spec"]), broker)
+                status = jobs.submit_job(JobSpec(**rec["_spec"]), broker)
             except ZiyaBatchError as err:
                 log.warning("batch %s: resubmitting its lost job failed: %s", rec["id"], err)
         if status is None:
             state, error = "failed", "the job is gone from the queue and could not be resubmitted; create the batch again"
         else:
-            if status.state.value == "finalizing" and status.shards_total == 0:
-                # an empty input has no shard whose commit would finalize it: finish it here
-                from ..runtime.finalize import finalize_if_ready
-
-                finalize_if_ready(broker, rec["_job_id"])
-                status = broker.status(rec["_job_id"])
+            status = jobs.finish_empty_job(broker, status)
             state, error = status.state.value, status.error
             rec["request_counts"] = {"total": status.prompts_total, "completed": status.prompts_done,
                                      "failed": status.prompts_failed}
         if state in _LIVE_STATUS and rec.get("expires_at") and now > rec["expires_at"]:
-            state = broker.cancel(rec["_job_id"], abandon_running=True).state.value
+            state = jobs.cancel_job(broker, rec["_job_id"], abandon_running=True, hint=jobs.API_HINT).state.value
             rec["_expired"] = True
         if state in _LIVE_STATUS:
             new = "cancelling" if rec.get("_expired") else _LIVE_STATUS[state]
@@ -370,10 +361,8 @@ class Batches:
         out = rec["_output"]
         manifest = io.read_manifest(out)
         if manifest is None and rec.get("_job_id"):
-            from ..runtime.finalize import finalize_if_ready
-
             try:
-                finalize_if_ready(broker, rec["_job_id"])
+                jobs.finalize_if_ready(broker, rec["_job_id"])
             except Exception:  # noqa: BLE001 - the batch still reports its state without files
                 pass
             manifest = io.read_manifest(out)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import socket
 import sys
 import time
 from typing import Optional
 
+from .. import settings as env
 from ..errors import ServiceError
 from .settings import ApiSettings
 
@@ -26,8 +26,7 @@ _FORWARD_ENV_PREFIXES = ("ZIYA_BATCH_", "AWS_", "FSSPEC_", "GOOGLE_APPLICATION_C
 
 def _forwarded_env() -> dict[str, str]:
     # the token and prefixes travel inside ApiSettings; storage credentials are needed by the replica
-    return {k: v for k, v in os.environ.items()
-            if k.startswith(_FORWARD_ENV_PREFIXES) and k != "ZIYA_BATCH_API_TOKEN"}
+    return env.environment(_FORWARD_ENV_PREFIXES, leave_out=(env.TOKEN_ENV,))
 
 
 def build_asgi_app(settings: ApiSettings, redis_url: str):
@@ -82,10 +81,10 @@ def serve_main(host: str = "127.0.0.1", port: int = 8000, model: Optional[str] =
     import ray
     from ray import serve
 
-    from ..runtime.services import REDIS_ENV, connect_broker
+    from ..runtime.services import connect_broker
 
     settings = ApiSettings.from_env(model=model, storage=storage, insecure_no_auth=insecure_no_auth)
-    url = redis_url or os.environ.get(REDIS_ENV)
+    url = env.redis_url(redis_url)
     _check_port_free(host, port)
     connect_broker(url)             # fails here, with one line, when Redis is missing; prints unsafe settings
     if settings.insecure_no_auth:
@@ -96,10 +95,10 @@ def serve_main(host: str = "127.0.0.1", port: int = 8000, model: Optional[str] =
     try:
         # without an address, a Ray of our own: the API talks to workers only through Redis, so it never
         # needs to sit in their cluster, and joining one found by chance would put Serve into it
-        ray.init(address=ray_address or os.environ.get("RAY_ADDRESS") or "local", namespace=APP_NAME,
+        ray.init(address=env.ray_address(ray_address) or "local", namespace=APP_NAME,
                  include_dashboard=False, log_to_driver=False)
     except ConnectionError as err:
-        raise ServiceError(f"cannot reach Ray at {ray_address or os.environ.get('RAY_ADDRESS')}: {err}") from None
+        raise ServiceError(f"cannot reach Ray at {env.ray_address(ray_address)}: {err}") from None
     start_serve(settings, url, host, port, num_replicas)
     print(f"ziya-batch API on http://{host}:{port} (OpenAPI schema at /openapi.json, docs at /docs); "
           "Ctrl-C stops it", flush=True)

@@ -17,7 +17,7 @@ from ziya_batch.engine.kv_cache import (allocate_kv_cache, cache_dtype, copy_blo
 from ziya_batch.engine.model import LlamaModel, ModelArgs, from_hf_model, iter_checkpoint
 from ziya_batch.engine.runner import ModelRunner
 from ziya_batch.engine.grammar import Grammars, grammar_of
-from ziya_batch.engine.sampling import build_sampling_tensors, sample
+from ziya_batch.engine.sampling import build_sampling_tensors, sample_full
 from ziya_batch.engine.scheduler import Scheduler, SchedulerOutput, SeqStatus, Sequence
 from ziya_batch.engine.types import Completion, EngineConfig, Request, RequestOutput
 
@@ -47,6 +47,7 @@ class _Launched:
     host: Optional[torch.Tensor] = None        # [2, R] float64 tokens and logprobs, filled by a non-blocking copy
     ready: Optional[torch.cuda.Event] = None   # recorded after that copy (CUDA)
     pending: dict[int, int] = field(default_factory=dict)   # seq_id -> row of each row given a pending token
+    top: Optional[torch.Tensor] = None         # [2, R, k] float32 top_logprobs ids and values, if any row asks
 
 
 @dataclass
@@ -82,7 +83,8 @@ class LLMEngine:
         device = resolve_device(config.device)
         args = ModelArgs.from_hf_config(hf_config)
         model = LlamaModel.from_state_dict(args, iter_checkpoint(config.model_path, tp=tensor_parallel), device,
-                                           _dtype_for(config, device), tp=tensor_parallel)
+                                           _dtype_for(config, device), tp=tensor_parallel,
+                                           quantization=config.quantization)
         if tensor_parallel[1] > 1:
             from ziya_batch.engine.tp import attach_tp
             model = attach_tp(model, *tensor_parallel, group=tp_group)
@@ -99,7 +101,7 @@ class LLMEngine:
         else:
             device = resolve_device(config.device) if config.device != "auto" else next(model.parameters()).device
             eos = _eos_ids(model.config, tokenizer)
-            model = from_hf_model(model, device, _dtype_for(config, device))
+            model = from_hf_model(model, device, _dtype_for(config, device), config.quantization)
         self._setup(model, tokenizer, config, device, eos)
         return self
 
@@ -128,7 +130,8 @@ class LLMEngine:
         self.num_blocks = num_blocks
         self.kv_caches = allocate_kv_cache(a.num_layers, num_blocks, bs, kv_heads, a.head_dim, kv_dtype, device)
         self.scheduler = Scheduler(num_blocks, bs, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.admission_horizon_tokens, config.schedule_policy)
+                                   config.admission_horizon_tokens, config.schedule,
+                                   prefix_caching=config.prefix_caching)
         on_gpu = device.type == "cuda"
         from ziya_batch.engine import attention
         self.runner = ModelRunner(model, self.kv_caches, bs, config.max_num_seqs, self.max_model_len, device,
@@ -175,6 +178,16 @@ class LLMEngine:
             self._grammars.add(seq, grammar)        # compiled in a thread; _admit_compiled schedules it
         else:
             self.scheduler.add(seq)
+
+    @property
+    def prefix_cache_query_tokens(self) -> int:
+        """Prompt tokens looked up in the prefix cache since the engine was built (cumulative)."""
+        return self.scheduler.prefix_cache_query_tokens
+
+    @property
+    def prefix_cache_hit_tokens(self) -> int:
+        """Of those, the tokens found cached (not computed)."""
+        return self.scheduler.prefix_cache_hit_tokens
 
     def has_unfinished(self) -> bool:
         return (self.scheduler.has_unfinished() or self._inflight is not None or bool(self._carried)
@@ -271,11 +284,17 @@ class LLMEngine:
             tensors = build_sampling_tensors(rows, logits.shape[1], self.device, bans,
                                              *((prev.tokens, prev.pending) if prev is not None else ()),
                                              allowed=allowed)
-            step.tokens, lp = sample(logits, tensors)
+            sampled = sample_full(logits, tensors)
+            step.tokens, lp = sampled.tokens, sampled.logprobs
             if events is not None:
                 events[1].record()
             step.host = self._host_buffer(len(rows))
             step.host.copy_(torch.stack([step.tokens.double(), lp.double()]), non_blocking=True)
+            if sampled.top_ids is not None:
+                # ids as float32 are exact below 2^24 (vocabularies are far smaller); pinned, so the copy is async
+                top = torch.stack([sampled.top_ids.float(), sampled.top_logprobs])
+                step.top = torch.empty(top.shape, pin_memory=self.device.type == "cuda")
+                step.top.copy_(top, non_blocking=True)
             if self.device.type == "cuda":
                 step.ready = torch.cuda.Event()
                 step.ready.record()       # after events[1]: once it is reached, both events are complete
@@ -302,9 +321,14 @@ class LLMEngine:
                 step.ready.synchronize()
             sampled = step.host.tolist()
         done = [s for i, s in enumerate(rows) if step.pending.get(s.seq_id) == i and not s.status.is_finished()]
+        top = step.top.tolist() if step.top is not None else None
         for s in done:
             i = step.pending[s.seq_id]
             self.scheduler.fill(s, int(sampled[0][i]), sampled[1][i])
+            if top is not None and s.params.top_logprobs:
+                k = s.params.top_logprobs
+                s.top_logprobs.append([(int(t), v) for t, v in zip(top[0][i][:k], top[1][i][:k])
+                                       if v != float("-inf")])
         now = time.perf_counter()
         ev = step.events
         self.last_step = StepStats(
@@ -360,7 +384,8 @@ class LLMEngine:
 
     def _bans(self, s: Sequence) -> list[int]:
         p = s.params
-        if s.num_output_tokens >= p.min_new_tokens or (self._grammars is not None and self._grammars.is_constrained(s)):
+        constrained = self._grammars is not None and self._grammars.is_constrained(s)
+        if s.num_output_tokens >= p.min_new_tokens or constrained:
             return []               # a grammar decides where a constrained sample may end
         return list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_ids)
 
@@ -392,14 +417,16 @@ class LLMEngine:
         if group is None:
             return None
         reason = "stop" if status is SeqStatus.FINISHED_STOPPED else "length"
-        group.done[s.sample_index] = Completion(s.sample_index, list(tokens), text, reason, list(logprobs))
+        top = s.top_logprobs[:len(tokens)] if s.params.top_logprobs else None
+        group.done[s.sample_index] = Completion(s.sample_index, list(tokens), text, reason, list(logprobs), top)
         if len(group.done) < group.request.params.n:
             return None
         del self._groups[s.request_id]
         if self._grammars is not None:
             self._grammars.drop_request(s.request_id, [])
         comps = [group.done[i] for i in range(group.request.params.n)]
-        return [RequestOutput(group.request.request_id, list(group.request.prompt_ids), comps)]
+        return [RequestOutput(group.request.request_id, list(group.request.prompt_ids), comps,
+                              num_cached_tokens=group.seqs[0].num_cached_tokens)]
 
     def _decode(self, ids: list[int]) -> str:
         if self.tokenizer is None:

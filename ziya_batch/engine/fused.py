@@ -4,8 +4,9 @@ each is a few microseconds, which for 40 layers was half as much time again as r
 docs/BENCHMARKS.md). Each kernel rounds where transformers' float16 code rounds where that matters for
 parity (the residual sum is stored in the model dtype before it is normalised).
 
-The torch versions in model.py stay the reference; `check_fused` compares the two once on the device and
-the model falls back to torch if they disagree."""
+The torch versions (rms_norm, apply_rope, here so that this module needs nothing from model.py, which imports
+it) stay the reference and the CPU path; `check_fused` compares the two once on the device and the model
+falls back to torch if they disagree."""
 from __future__ import annotations
 
 import torch
@@ -15,6 +16,20 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - CPU builds without Triton
     triton = None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # same arithmetic as transformers' LlamaRMSNorm: normalise in float32, cast back, then scale
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; cos/sin: [T, 1, D] (rotate-half layout, as in HF LLaMA checkpoints)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
 if triton is not None:
@@ -97,7 +112,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def check_fused(device: torch.device, dtype: torch.dtype, hidden: int, heads: int, head_dim: int,
                 intermediate: int, rope_theta: float = 10000.0) -> bool:
     """True when the fused kernels agree with the torch reference on random data of the model's shapes."""
-    from ziya_batch.engine.model import apply_rope, rms_norm
     if triton is None or device.type != "cuda":
         return False
     g = torch.Generator(device=device).manual_seed(0)

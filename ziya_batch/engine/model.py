@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -14,8 +16,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ziya_batch.engine import fused, quant
 from ziya_batch.engine.attention import AttentionMetadata, paged_attention
+from ziya_batch.engine.fused import apply_rope, rms_norm
 
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -84,18 +89,9 @@ def check_tp_split(a: ModelArgs, world_size: int) -> None:
             raise ValueError(f"{what} ({n}) do not split over tensor_parallel={world_size}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # same arithmetic as transformers' LlamaRMSNorm: normalise in float32, cast back, then scale
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, D]; cos/sin: [T, 1, D] (rotate-half layout, as in HF LLaMA checkpoints)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _linear(x: torch.Tensor, w) -> torch.Tensor:
+    # w: a float Parameter [N, K], or a quant.Fp8Linear in its place (model.quantization fp8)
+    return w(x) if isinstance(w, nn.Module) else F.linear(x, w)
 
 
 class Layer(nn.Module):
@@ -119,7 +115,7 @@ class Layer(nn.Module):
         a = self.a
         heads, kv_heads = a.num_heads // world_size, a.num_kv_heads // world_size
         inter = a.intermediate_size // world_size
-        dev, dt = self.qkv_proj.device, self.qkv_proj.dtype
+        dev, dt = self.input_norm.device, self.input_norm.dtype   # (a projection may be an Fp8Linear)
 
         def empty(*shape):
             return nn.Parameter(torch.empty(*shape, device=dev, dtype=dt), requires_grad=False)
@@ -134,20 +130,20 @@ class Layer(nn.Module):
         # h: [T, H]
         a, T = self.a, h.shape[0]
         x = rms_norm(h, self.input_norm, a.rms_norm_eps)
-        qkv = F.linear(x, self.qkv_proj)                                  # [T, (hq + 2 hkv) * D]
+        qkv = _linear(x, self.qkv_proj)                                  # [T, (hq + 2 hkv) * D]
         nq, nkv = self.local_heads * a.head_dim, self.local_kv_heads * a.head_dim
         q = qkv[:, :nq].view(T, self.local_heads, a.head_dim)
         k = qkv[:, nq:nq + nkv].view(T, self.local_kv_heads, a.head_dim)
         v = qkv[:, nq + nkv:].view(T, self.local_kv_heads, a.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = paged_attention(q, k, v.contiguous(), k_cache, v_cache, meta)  # [T, hq, D]
-        o = F.linear(o.reshape(T, nq), self.o_proj)
+        o = _linear(o.reshape(T, nq), self.o_proj)
         if self.all_reduce is not None:
             self.all_reduce(o)
         h = h + o
         x = rms_norm(h, self.post_norm, a.rms_norm_eps)
-        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)      # [T, I] each
-        m = F.linear(F.silu(gate) * up, self.down_proj)
+        gate, up = _linear(x, self.gate_up_proj).chunk(2, dim=-1)      # [T, I] each
+        m = _linear(F.silu(gate) * up, self.down_proj)
         if self.all_reduce is not None:
             self.all_reduce(m)
         return h + m
@@ -157,19 +153,18 @@ class Layer(nn.Module):
                       next_norm: torch.Tensor) -> torch.Tensor:
         """The same layer through fused Triton kernels (GPU): h: [T, H] residual, updated in place; x: this
         layer's normalised input. Returns the next layer's normalised input (next_norm applied)."""
-        from ziya_batch.engine import fused
         a, T = self.a, h.shape[0]
         nq, nkv = self.local_heads * a.head_dim, self.local_kv_heads * a.head_dim
-        qkv = F.linear(x, self.qkv_proj)                                  # [T, (hq + 2 hkv) * D]
+        qkv = _linear(x, self.qkv_proj)                                  # [T, (hq + 2 hkv) * D]
         fused.rope_(qkv, positions, cos_t, sin_t, self.local_heads + self.local_kv_heads, a.head_dim)
         q = qkv[:, :nq].view(T, self.local_heads, a.head_dim)
         k = qkv[:, nq:nq + nkv].view(T, self.local_kv_heads, a.head_dim)
         v = qkv[:, nq + nkv:].view(T, self.local_kv_heads, a.head_dim)
-        o = F.linear(paged_attention(q, k, v, k_cache, v_cache, meta).reshape(T, nq), self.o_proj)
+        o = _linear(paged_attention(q, k, v, k_cache, v_cache, meta).reshape(T, nq), self.o_proj)
         if self.all_reduce is not None:
             self.all_reduce(o)
         x = fused.add_rms_norm(h, o, self.post_norm, a.rms_norm_eps)
-        m = F.linear(fused.silu_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
+        m = _linear(fused.silu_mul(_linear(x, self.gate_up_proj)), self.down_proj)
         if self.all_reduce is not None:
             self.all_reduce(m)
         return fused.add_rms_norm(h, m, next_norm, a.rms_norm_eps)
@@ -212,9 +207,8 @@ class LlamaModel(nn.Module):
         return F.linear(h, self.lm_head).float()                                    # [R, V]
 
     def _forward_fused(self, input_ids, positions, kv_caches, meta, logits_rows, cos_t, sin_t) -> torch.Tensor:
-        from ziya_batch.engine.fused import add_rms_norm
         h = F.embedding(input_ids, self.embed)                                     # [T, H]
-        x = add_rms_norm(h, None, self.layers[0].input_norm, self.args.rms_norm_eps)
+        x = fused.add_rms_norm(h, None, self.layers[0].input_norm, self.args.rms_norm_eps)
         norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
         for layer, (kc, vc), nxt in zip(self.layers, kv_caches, norms):
             x = layer.forward_fused(h, x, positions, cos_t, sin_t, kc, vc, meta, nxt)
@@ -222,44 +216,71 @@ class LlamaModel(nn.Module):
 
     # ---- building -------------------------------------------------------------------------------------------
     @classmethod
-    def random(cls, a: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0) -> "LlamaModel":
-        """Random weights made directly on the device (benchmarks): no host copy of a 26 GB model."""
-        with torch.device("meta"):
-            m = cls(a)
-        m = m.to(dtype=dtype).to_empty(device=device)   # meta -> dtype first: no float32 copy
+    def random(cls, a: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0,
+               quantization: Optional[str] = None) -> "LlamaModel":
+        """Random weights made directly on the device (benchmarks): no host copy of a 26 GB model. With
+        quantization "fp8", each linear weight is drawn in dtype and quantised alone."""
+        m = cls._empty(a, device, dtype, 1, quantization)
         g = torch.Generator(device=device).manual_seed(seed)
-        for name, p in m.named_parameters():
-            with torch.no_grad():
+        with torch.no_grad():
+            for name, p in m.named_parameters():
                 if "norm" in name:
                     p.fill_(1.0)
                 else:
                     p.normal_(0.0, 0.02, generator=g)
+            for lin in m.modules():
+                if isinstance(lin, quant.Fp8Linear):
+                    w8, scale = quant.quantize_weight(torch.empty(lin.shape, device=device, dtype=dtype)
+                                                      .normal_(0.0, 0.02, generator=g))
+                    lin.weight.copy_(w8); lin.scale.copy_(scale)
         return m.eval().requires_grad_(False)
 
     @classmethod
-    def from_state_dict(cls, a: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], device: torch.device,
-                        dtype: torch.dtype, tp: tuple[int, int] = (0, 1)) -> "LlamaModel":
-        """Builds the model from (name, tensor) pairs named as in HF LLaMA checkpoints, fusing q/k/v and gate/up
-        as the pieces arrive, so at most one layer's unfused pieces are held besides the model. With
-        tp = (rank, world_size), only that tensor-parallel rank's share of each projection is kept: every
-        tensor is sliced where it was read (host memory) before it goes to the device, so the device never
-        holds more than the shard (tp.attach_tp then joins the ranks)."""
-        rank, world_size = tp
-        if world_size > 1:
-            check_tp_split(a, world_size)
+    def _empty(cls, a: ModelArgs, device: torch.device, dtype: torch.dtype, world_size: int,
+               quantization: Optional[str]) -> "LlamaModel":
+        """Uninitialised weights of one tensor-parallel rank's shape, made on the meta device first so nothing is
+        allocated twice; with quantization "fp8" the projections are Fp8Linear (float16 never allocated)."""
+        quant.check_quantization(quantization)
         with torch.device("meta"):
             m = cls(a)
             if world_size > 1:
                 for layer in m.layers:
                     layer.shrink_to_shard(world_size)
-        m = m.to(dtype=dtype).to_empty(device=device)   # meta -> dtype first: no float32 copy
-        pending: dict[tuple[int, str], torch.Tensor] = {}
+        m = m.to(dtype=dtype)                 # meta -> dtype first: no float32 copy
+        if quantization == "fp8":             # after .to(dtype), which would widen float8 buffers
+            mm_dtype = quant.require_fp8(device, dtype)
+            fused = quant.check_fused_quantize(device, dtype)
+            for layer in m.layers:
+                quant.use_fp8_linears(layer, fused, mm_dtype)
+        return m.to_empty(device=device)
+
+    @classmethod
+    def from_state_dict(cls, a: ModelArgs, tensors: Iterator[tuple[str, torch.Tensor]], device: torch.device,
+                        dtype: torch.dtype, tp: tuple[int, int] = (0, 1),
+                        quantization: Optional[str] = None) -> "LlamaModel":
+        """Builds the model from (name, tensor) pairs named as in HF LLaMA checkpoints, fusing q/k/v and gate/up
+        as the pieces arrive, so at most one layer's unfused pieces are held besides the model. With
+        tp = (rank, world_size), only that tensor-parallel rank's share of each projection is kept: every
+        tensor is sliced where it was read (host memory) before it goes to the device, so the device never
+        holds more than the shard (tp.attach_tp then joins the ranks).
+        quantization "fp8" (quant.py) quantises each linear weight as it arrives, or takes it and its
+        weight_scale as they are from an FP8 checkpoint; without it, an FP8 checkpoint's weights are widened
+        to dtype (twice the memory, for devices without FP8). A rank quantising a float16 checkpoint sees only
+        its columns of o_proj/down_proj, so their row scales are its own: each rank's partial product is exact
+        to its scales and the all-reduce sums the same product, but the rounding differs from one GPU's (an FP8
+        checkpoint gives every rank the whole rows' scales)."""
+        rank, world_size = tp
+        if world_size > 1:
+            check_tp_split(a, world_size)
+        m = cls._empty(a, device, dtype, world_size, quantization)
+        pending: dict[tuple[int, str, str], torch.Tensor] = {}     # (layer, q_proj..., weight|scale)
         seen: set[str] = set()
+        widened = False
         with torch.no_grad():
             for name, t in tensors:
                 if name.startswith("model."):
                     name = name[len("model."):]
-                dim = _tp_dim(name) if world_size > 1 else None
+                dim = _tp_dim(name) if world_size > 1 and t.numel() > 1 else None   # per-tensor scales stay
                 if dim is not None:
                     # whole (sliced here) or already this rank's slice (iter_checkpoint(tp=...))
                     full = _full_size(a, name.split(".")[-2])
@@ -268,7 +289,14 @@ class LlamaModel(nn.Module):
                     elif t.shape[dim] != full // world_size:
                         raise ValueError(f"{name}: {t.shape[dim]} along dimension {dim} is neither the whole "
                                          f"{full} nor one rank's {full // world_size}")
-                t = t.to(device=device, dtype=dtype)
+                # float8 weights, their scales and weights to quantise keep their dtype until _fuse_ready
+                keep = t.dtype == quant.FP8 or name.endswith("_scale") or (quantization and
+                                                                           quant.is_quantized_weight(name))
+                t = t.to(device=device) if keep else t.to(device=device, dtype=dtype)
+                if t.dtype == quant.FP8 and not quantization and not widened:
+                    widened = True
+                    log.warning("the checkpoint's linear weights are float8 but model.quantization is not fp8: "
+                                "they are widened to %s (twice the memory)", dtype)
                 if name == "embed_tokens.weight":
                     m.embed.copy_(t); seen.add("embed")
                 elif name == "norm.weight":
@@ -279,14 +307,18 @@ class LlamaModel(nn.Module):
                     _, idx, rest = name.split(".", 2)
                     i, layer = int(idx), m.layers[int(idx)]
                     simple = {"input_layernorm.weight": layer.input_norm, "post_attention_layernorm.weight":
-                              layer.post_norm, "self_attn.o_proj.weight": layer.o_proj,
-                              "mlp.down_proj.weight": layer.down_proj}
+                              layer.post_norm}
+                    kind = rest.split(".")[1] if rest.count(".") == 2 else ""
                     if rest in simple:
                         simple[rest].copy_(t); seen.add(f"{i}.{rest}")
-                    elif rest.endswith(".weight") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj",
-                                                                               "gate_proj", "up_proj"):
-                        pending[(i, rest.split(".")[1])] = t
-                        _fuse_ready(layer, i, pending, seen)
+                    elif kind in quant.QUANTIZED and rest.endswith((".weight", ".weight_scale")):
+                        part = "scale" if rest.endswith("_scale") else "weight"
+                        if quantization and part == "weight" and t.dtype != quant.FP8:
+                            t, pending[(i, kind, "scale")] = quant.quantize_weight(t)
+                        pending[(i, kind, part)] = t
+                        _fuse_ready(layer, i, pending, seen, dtype)
+                    elif kind in quant.QUANTIZED and rest.endswith(".input_scale"):
+                        continue          # a static activation scale: activations are scaled per token here
                     elif "rotary_emb" in rest:
                         continue
                     else:
@@ -300,20 +332,39 @@ class LlamaModel(nn.Module):
         return m.eval().requires_grad_(False)
 
 
-def _fuse_ready(layer: Layer, i: int, pending: dict, seen: set) -> None:
-    if all((i, p) in pending for p in ("q_proj", "k_proj", "v_proj")):
-        layer.qkv_proj.copy_(torch.cat([pending.pop((i, p)) for p in ("q_proj", "k_proj", "v_proj")]))
-        seen.add(f"{i}.qkv")
-    if all((i, p) in pending for p in ("gate_proj", "up_proj")):
-        layer.gate_up_proj.copy_(torch.cat([pending.pop((i, p)) for p in ("gate_proj", "up_proj")]))
-        seen.add(f"{i}.gate_up")
+# each of the layer's weights and the checkpoint pieces it is made of (q/k/v and gate/up fused, in this order)
+_PIECES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj"),
+           "o_proj": ("o_proj",), "down_proj": ("down_proj",)}
+
+
+def _fuse_ready(layer: Layer, i: int, pending: dict, seen: set, dtype: torch.dtype) -> None:
+    """Sets each of layer i's weights whose pieces have all arrived: float (a Parameter), or float8 with
+    per-channel scales (an Fp8Linear, which then takes float8 weights with their scales, widening none); a
+    float8 piece waits for its weight_scale."""
+    def ready(p):
+        w = pending.get((i, p, "weight"))
+        return w is not None and (w.dtype != quant.FP8 or (i, p, "scale") in pending)
+    for name, parts in _PIECES.items():
+        if not all(ready(p) for p in parts):
+            continue
+        pieces = [(pending.pop((i, p, "weight")), pending.pop((i, p, "scale"), None)) for p in parts]
+        target = getattr(layer, name)
+        if isinstance(target, quant.Fp8Linear):
+            target.weight.copy_(quant.cat_rows([w for w, _ in pieces]))
+            target.scale.copy_(torch.cat([quant.per_channel(s, w.shape[0]) for w, s in pieces]))
+        else:
+            target.copy_(torch.cat([w if s is None else quant.dequantize(w, s, dtype) for w, s in pieces]))
+        seen.add(f"{i}.{name}")
 
 
 def _tp_dim(name: str) -> Optional[int]:
     """The dimension tensor parallelism splits a checkpoint tensor along, or None if every rank keeps it whole."""
-    if not (name.startswith(("layers.", "model.layers.")) and name.endswith(".weight")):
+    if not name.startswith(("layers.", "model.layers.")):
         return None
-    return TP_SPLIT_DIM.get(name.split(".")[-2])
+    if name.endswith(".weight"):
+        return TP_SPLIT_DIM.get(name.split(".")[-2])
+    # an FP8 weight's per-channel scale [out, 1] goes with its output rows: split where the rows are
+    return 0 if name.endswith(".weight_scale") and TP_SPLIT_DIM.get(name.split(".")[-2]) == 0 else None
 
 
 def checkpoint_files(path: str) -> tuple[bool, list[str]]:
@@ -344,10 +395,10 @@ def iter_checkpoint(path: str, tp: tuple[int, int] = (0, 1)) -> Iterator[tuple[s
             with safe_open(f, framework="pt", device="cpu") as st:
                 for name in st.keys():
                     dim = _tp_dim(name) if world_size > 1 else None
-                    if dim is None:
+                    sl = st.get_slice(name)
+                    if dim is None or math.prod(sl.get_shape()) <= 1:      # (a per-tensor scale stays whole)
                         yield name, st.get_tensor(name)
                         continue
-                    sl = st.get_slice(name)
                     size = sl.get_shape()[dim] // world_size
                     part = slice(rank * size, (rank + 1) * size)
                     yield name, sl[part] if dim == 0 else sl[:, part]
@@ -355,12 +406,14 @@ def iter_checkpoint(path: str, tp: tuple[int, int] = (0, 1)) -> Iterator[tuple[s
     for f in files:
         sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         for name, t in sd.items():
-            dim = _tp_dim(name) if world_size > 1 else None
+            dim = _tp_dim(name) if world_size > 1 and t.numel() > 1 else None
             # a slice of the memory-mapped tensor: only its pages are read
             yield name, (t if dim is None else tp_slice(t, dim, rank, world_size))
         del sd
 
 
-def from_hf_model(hf_model, device: torch.device, dtype: torch.dtype) -> LlamaModel:
+def from_hf_model(hf_model, device: torch.device, dtype: torch.dtype,
+                  quantization: Optional[str] = None) -> LlamaModel:
     a = ModelArgs.from_hf_config(hf_model.config)
-    return LlamaModel.from_state_dict(a, iter(hf_model.state_dict().items()), device, dtype)
+    return LlamaModel.from_state_dict(a, iter(hf_model.state_dict().items()), device, dtype,
+                                      quantization=quantization)

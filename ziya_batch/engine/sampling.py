@@ -1,5 +1,8 @@
 """Batched sampling on the device: repetition penalty, min_new_tokens, structured-output masks (grammar.py),
-temperature (0 = greedy), top_k, top_p, and the logprob of each chosen token under the processed distribution (the raw, penalised one for greedy rows).
+temperature (0 = greedy), top_k, top_p, and the logprob of each chosen token (with the top_logprobs asked for)
+under the row's logprobs_mode: temperature (log-softmax of the logits / T, T = 1 for greedy rows), raw
+(log-softmax of the logits) or processed (the distribution sampled from, grammar mask included; the penalised
+log-softmax for greedy rows). See sample_full.
 
 Randomness: Gumbel-max with noise from a counter-based hash of (sample key, output position, vocab id) rather
 than a torch.Generator. A sample's tokens then depend only on its seed and its own history, never on which
@@ -74,7 +77,21 @@ class SamplingTensors:
     any_top_k: bool
     any_top_p: bool
     all_greedy: bool
+    # logprob modes (SamplingParams.logprobs_mode): rows not in "processed" take their logprobs from the logits
+    # before any processor, divided by lp_divisor (T, or 1 for raw and greedy rows); None: every row processed
+    lp_divisor: Optional[torch.Tensor] = None      # [R] float32
+    processed: Optional[torch.Tensor] = None       # [R] bool: the row's logprobs are the sampled distribution's
+    num_top: int = 0                               # most top_logprobs any row asks for; 0 = none
+    top_processed: bool = False                    # some row asks for top_logprobs of the processed distribution
     allowed: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # grammars: (rows [Rc], bitmask [Rc, V/32] int32)
+
+
+@dataclass
+class Sampled:
+    tokens: torch.Tensor                           # [R] int64
+    logprobs: torch.Tensor                         # [R] float32, under each row's logprobs_mode
+    top_ids: Optional[torch.Tensor] = None         # [R, num_top] int64, most likely first
+    top_logprobs: Optional[torch.Tensor] = None    # [R, num_top] float32; -inf past the tokens the mode allows
 
 
 def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ban_ids: list[list[int]],
@@ -88,9 +105,17 @@ def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ba
     top_p = [r.params.top_p if r.params.temperature > 0 else 1.0 for r in rows]
     top_k = [r.params.top_k if r.params.temperature > 0 else 0 for r in rows]
     keys = [row_key(r.sample_key, r.num_output_tokens) for r in rows]
-    # rows padded to a multiple of 4: each table starts 16-byte aligned (the Triton sampler specialises on it)
+    # logprob modes (SamplingParams.logprobs_mode): the divisor of the logits a row's logprob is read from (T in
+    # temperature mode, 1 for raw and greedy rows) and whether it is the processed distribution's instead
+    modes = [r.params.logprobs_mode for r in rows]
+    div = [r.params.temperature if m == "temperature" and r.params.temperature > 0 else 1.0
+           for m, r in zip(modes, rows)]
+    processed = [1.0 if m == "processed" else 0.0 for m in modes]
+    # rows padded to a multiple of 4: each table starts 16-byte aligned (the Triton sampler specialises on it);
+    # one host-to-device copy for every per-row float
     pad = [0] * (-len(rows) % 4)
-    floats = torch.tensor([temps + pad, top_p + pad], dtype=torch.float32).to(device, non_blocking=True)
+    floats = torch.tensor([temps + pad, top_p + pad, div + pad, processed + pad],
+                          dtype=torch.float32).to(device, non_blocking=True)
     ints = torch.tensor([top_k + pad, keys + pad], dtype=torch.int64).to(device, non_blocking=True)
     R = len(rows)
     penalty = seen = banned = None
@@ -117,17 +142,48 @@ def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ba
     if allowed is not None:
         allowed = (torch.tensor(allowed[0], dtype=torch.int64).to(device, non_blocking=True),
                    allowed[1].to(device, non_blocking=True))
+    num_top = max(r.params.top_logprobs for r in rows)
+    all_processed = all(processed)
     return SamplingTensors(floats[0, :R], floats[1, :R], ints[0, :R], ints[1, :R], penalty, seen, banned,
                            any_top_k=any(k > 0 for k in top_k), any_top_p=any(p < 1.0 for p in top_p),
-                           all_greedy=all(t == 0 for t in temps), allowed=allowed)
+                           all_greedy=all(t == 0 for t in temps),
+                           lp_divisor=None if all_processed else floats[2, :R],
+                           processed=None if all_processed else floats[3, :R] > 0,
+                           num_top=num_top, top_processed=num_top > 0 and any(
+                               p and r.params.top_logprobs for p, r in zip(processed, rows)),
+                           allowed=allowed)
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: [R, V] float32 -> (tokens [R] int64, logprobs [R] float32)."""
+    out = sample_full(logits, t)
+    return out.tokens, out.logprobs
+
+
+def sample_full(logits: torch.Tensor, t: SamplingTensors) -> Sampled:
+    """The draw, each row's logprob under its logprobs_mode, and the top_logprobs asked for, all from this one
+    set of logits (no second forward): temperature and raw modes read the logits before the processors."""
+    raw = logits
     logits = _process(logits, t)
-    if triton is not None and logits.is_cuda and not t.all_greedy:
-        return sample_triton(logits, t)
-    return sample_torch(logits, t)
+    top = None
+    if triton is not None and logits.is_cuda and not t.all_greedy and not t.top_processed:
+        tok, lp = sample_triton(logits, t)
+    else:
+        tok, lp, *rest = sample_torch(logits, t, num_top=t.num_top if t.top_processed else 0)
+        top = rest[0] if rest else None
+    if t.lp_divisor is None:
+        return Sampled(tok, lp, *(top or (None, None)))
+    x = raw / t.lp_divisor[:, None]                                                 # [R, V]
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)                                  # [R, 1]
+    lp = torch.where(t.processed, lp, x.gather(1, tok[:, None])[:, 0] - lse[:, 0])
+    if not t.num_top:
+        return Sampled(tok, lp)
+    top_lp, top_ids = torch.topk(x, t.num_top, dim=-1)                              # [R, k]
+    top_lp = top_lp - lse
+    if top is not None:
+        top_ids = torch.where(t.processed[:, None], top[0], top_ids)
+        top_lp = torch.where(t.processed[:, None], top[1], top_lp)
+    return Sampled(tok, lp, top_ids, top_lp)
 
 
 def _process(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
@@ -139,18 +195,24 @@ def _process(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     if t.banned is not None:
         logits = logits.index_put((t.banned[0], t.banned[1]), torch.tensor(float("-inf"), device=logits.device))
     if t.allowed is not None:
-        # after the penalty, before temperature/top_k/top_p: the nucleus is taken among the allowed tokens,
-        # and logprobs are those of the distribution actually sampled from
+        # after the penalty, before temperature/top_k/top_p: the nucleus is taken among the allowed tokens, and
+        # processed-mode logprobs are those of the distribution actually sampled from (temperature and raw modes
+        # read the logits before every processor, this mask included)
         from ziya_batch.engine.grammar import apply_masks
         logits = apply_masks(logits, *t.allowed)
     return logits
 
 
-def sample_torch(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference path (CPU, and GPUs without Triton): sorts each row for top_k/top_p."""
+def sample_torch(logits: torch.Tensor, t: SamplingTensors, num_top: int = 0):
+    """The reference path (CPU, GPUs without Triton, and processed-mode top_logprobs): sorts each row for
+    top_k/top_p. Returns (tokens, logprobs), plus (top ids, top logprobs) of the processed distribution when
+    num_top > 0."""
     greedy_tok = logits.argmax(dim=-1)
     greedy_lp = logits.gather(1, greedy_tok[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
     if t.all_greedy:
+        if num_top:
+            top_lp, top_ids = torch.topk(torch.log_softmax(logits, dim=-1), num_top, dim=-1)
+            return greedy_tok, greedy_lp, (top_ids, top_lp)
         return greedy_tok, greedy_lp
     greedy = t.temperature == 0
     x = logits / torch.where(greedy, 1.0, t.temperature)[:, None]                   # [R, V]
@@ -174,7 +236,18 @@ def sample_torch(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor
     u = uniform_from_hash(h)
     j = (logp - torch.log(-torch.log(u))).argmax(dim=-1, keepdim=True)              # Gumbel-max
     tok = torch.where(greedy, greedy_tok, ids.gather(1, j)[:, 0])
-    return tok, torch.where(greedy, greedy_lp, logp.gather(1, j)[:, 0])
+    lp = torch.where(greedy, greedy_lp, logp.gather(1, j)[:, 0])
+    if not num_top:
+        return tok, lp
+    # greedy rows' logp is the processed log-softmax too (temperature 1, no cut); the CPU may have kept fewer
+    # columns than num_top (the nucleus): pad with -inf, which the engine drops
+    k = min(num_top, logp.shape[1])
+    top_lp, j = torch.topk(logp, k, dim=-1)
+    top_ids = ids.gather(1, j)
+    if k < num_top:
+        top_lp = torch.nn.functional.pad(top_lp, (0, num_top - k), value=float("-inf"))
+        top_ids = torch.nn.functional.pad(top_ids, (0, num_top - k), value=0)
+    return tok, lp, (top_ids, top_lp)
 
 
 def sample_triton(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,14 @@ run out, so a long job never dies of out-of-memory.
 
 A sequence's state is (token_ids, num_computed): the tokens whose K/V are in the cache. A step computes the
 chunk [num_computed, num_computed + k); when the chunk reaches the last token the step samples a new one.
-Decode is just the chunk of length 1."""
+Decode is just the chunk of length 1.
+
+Prefix caching (prefix_caching=True): every full block, once computed, is keyed by its tokens and all before
+them (kv_cache.hash_block) and stays in the pool after its sequence frees it, until its memory is needed. A
+sequence being admitted takes the cached blocks of its longest keyed prefix and starts computing after them
+(never all of it: the last token's logits are needed). One whose next uncached block is being computed by a
+running sequence (e.g. admitted in the same step with the same system prompt) waits a step for it instead of
+computing it a second time alongside."""
 from __future__ import annotations
 
 import bisect
@@ -17,8 +24,8 @@ from typing import Optional
 
 import numpy as np
 
-from ziya_batch.engine.kv_cache import BlockPool
-from ziya_batch.engine.types import SamplingParams
+from ziya_batch.engine.kv_cache import BlockPool, hash_block
+from ziya_batch.engine.types import EngineConfig, SamplingParams
 
 
 POLICIES = ("fcfs", "longest-first", "tail-longest-first")
@@ -57,7 +64,11 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)   # if params.top_logprobs
     num_preemptions: int = 0
+    block_keys: list[bytes] = field(default_factory=list)   # prefix caching: keys of full blocks of token_ids
+    num_keyed: int = 0                   # leading block_ids already in the cache (hits, or cached once computed)
+    num_cached_tokens: int = 0           # prompt tokens found in the cache when first admitted
 
     @property
     def num_output_tokens(self) -> int:
@@ -94,7 +105,8 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 admission_horizon_tokens: int = 256, policy: str = "fcfs"):
+                 admission_horizon_tokens: int = EngineConfig.admission_horizon_tokens, policy: str = "fcfs",
+                 prefix_caching: bool = False):
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r}; choose from {', '.join(POLICIES)}")
         # "fcfs": admit in arrival order (an online server). "longest-first": admit the waiting request with
@@ -124,6 +136,11 @@ class Scheduler:
         self.running: list[Sequence] = []
         self._next_seq_id = 0
         self.num_preemptions = 0
+        self.prefix_caching = prefix_caching
+        # prompt tokens of admitted requests looked up in the cache, and those found (first admissions only:
+        # a recompute after preemption or a forked sample is not a new prompt)
+        self.prefix_cache_query_tokens = 0
+        self.prefix_cache_hit_tokens = 0
 
     def new_seq_id(self) -> int:
         self._next_seq_id += 1
@@ -175,14 +192,64 @@ class Scheduler:
             seq.block_ids.append(self.pool.allocate())
 
     def _free(self, seq: Sequence) -> None:
-        for b in seq.block_ids:
+        # last block first: cached blocks are evicted in the order freed, and a prefix's tail is worth less than
+        # its head (a later request sharing only the head still finds it)
+        for b in reversed(seq.block_ids):
             self.pool.decref(b)
         seq.block_ids = []
+        seq.num_keyed = 0
+
+    # ---- prefix caching -------------------------------------------------------------------------------------
+    def _keys(self, seq: Sequence) -> list[bytes]:
+        """seq's block keys, extended over its full blocks whose tokens are all known."""
+        bs, keys, toks = self.block_size, seq.block_keys, seq.token_ids
+        while (len(keys) + 1) * bs <= len(toks):
+            i = len(keys)
+            if (i + 1) * bs == len(toks) and toks[-1] == PENDING_TOKEN:    # only the last token can be pending
+                break
+            keys.append(hash_block(keys[-1] if keys else b"", toks[i * bs:(i + 1) * bs]))
+        return keys
+
+    def _cache_computed(self, seq: Sequence) -> None:
+        """Keys seq's blocks that are full and computed (as of the step just launched: a later step that reads
+        them runs after it on the device)."""
+        full = seq.num_computed // self.block_size
+        if seq.num_keyed >= full or seq.status is not SeqStatus.RUNNING:
+            return
+        keys = self._keys(seq)
+        end = min(full, len(keys))
+        for i in range(seq.num_keyed, end):
+            self.pool.cache(seq.block_ids[i], keys[i])
+        seq.num_keyed = max(seq.num_keyed, end)
+
+    def _lookup(self, seq: Sequence) -> list[int]:
+        """The cached blocks seq can start from: its longest cached prefix, short of its last token."""
+        hits = self.pool.lookup(self._keys(seq))
+        if hits and len(hits) * self.block_size >= len(seq.token_ids):
+            hits.pop()                   # the last token is computed again: its logits are sampled
+        return hits
+
+    def _keys_in_flight(self) -> set[bytes]:
+        """Keys of the full blocks that running sequences have still to compute."""
+        bs = self.block_size
+        return {k for s in self.running if s.num_computed < len(s.block_keys) * bs
+                for k in s.block_keys[s.num_computed // bs:]}
+
+    def _take_hits(self, seq: Sequence, hits: list[int]) -> None:
+        for b in hits:
+            self.pool.incref(b)
+        seq.block_ids = list(hits)
+        seq.num_keyed = len(hits)
+        seq.num_computed = len(hits) * self.block_size
+        if not seq.num_preemptions:
+            seq.num_cached_tokens = min(seq.num_computed, seq.num_prompt_tokens)
+            self.prefix_cache_query_tokens += seq.num_prompt_tokens
+            self.prefix_cache_hit_tokens += seq.num_cached_tokens
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self._free(seq)
-        seq.num_computed = 0
+        seq.num_computed = 0         # its keyed blocks stay cached until needed: the recompute may find them
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -220,25 +287,40 @@ class Scheduler:
                 and sum(1 + q.pending_forks for q in self.waiting) <= self.max_num_seqs):
             self.waiting = deque(sorted(self.waiting, key=_queue_key))      # stable: arrival order among equals
             self._tail_sorted = True
+        in_flight: Optional[set[bytes]] = None
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
             seats = 1 + seq.pending_forks
             if len(self.running) + len(self._forked) + seats > self.max_num_seqs:
                 break
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
-            need = self._blocks_needed(seq, seq.num_computed + n)
+            hits: list[int] = []
+            if self.prefix_caching:
+                hits = self._lookup(seq)
+                if len(hits) < len(seq.block_keys):
+                    in_flight = self._keys_in_flight() if in_flight is None else in_flight
+                    if seq.block_keys[len(hits)] in in_flight:
+                        break            # computed by a running sequence: shared from the next step on
+            start = len(hits) * self.block_size
+            n = min(len(seq.token_ids) - start, budget)
+            new = -(-(start + n) // self.block_size) - len(hits)
+            revived = sum(1 for b in hits if self.pool.ref_counts[b] == 0)    # cached free blocks leave the queue
+            need = new + revived
             # what the running ones and this one (its own growth too, each of its samples) will need
             reserve = 0
             if self.admission_horizon_tokens:
                 # samples forked this step from a running sequence's last prompt chunk grow from the next
                 plan = plan or _GrowthPlan(self, self.running + self._forked)
-                reserve = plan.peak(with_new=(seq, need, 1 + seq.pending_forks))
+                reserve = plan.peak(with_new=(seq, len(hits) + new, 1 + seq.pending_forks))
             if need + reserve > self.pool.num_free and (self.running or need > self.pool.num_free):
                 break
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            self._reserve(seq, seq.num_computed + n, copies)
+            if self.prefix_caching:
+                self._take_hits(seq, hits)
+                if in_flight is not None:
+                    in_flight.update(seq.block_keys[len(hits):])
+            self._reserve(seq, start + n, copies)
             chunks.append(self._chunk(seq, n))
             if plan is not None:
                 plan.add(seq, copies=1 + len(chunks[-1].children) + seq.pending_forks)
@@ -254,7 +336,8 @@ class Scheduler:
             for k in range(seq.pending_forks):
                 child = Sequence(self.new_seq_id(), seq.request_id, seq.sample_index + 1 + k, list(seq.token_ids),
                                  seq.num_prompt_tokens, seq.params, sample_key=seq.sample_key + 1 + k,
-                                 block_ids=list(seq.block_ids), status=SeqStatus.RUNNING)
+                                 block_ids=list(seq.block_ids), status=SeqStatus.RUNNING,
+                                 block_keys=list(seq.block_keys))
                 for b in child.block_ids:
                     self.pool.incref(b)
                 chunk.children.append(child)
@@ -267,8 +350,10 @@ class Scheduler:
         as its next token (fill() sets it). Returns {seq_id: row} of those rows."""
         for c in out.chunks:
             c.seq.num_computed += c.num_tokens
+            if self.prefix_caching:
+                self._cache_computed(c.seq)
             for child in c.children:
-                child.num_computed = c.seq.num_computed
+                child.num_computed, child.num_keyed = c.seq.num_computed, c.seq.num_keyed
         pending = {}
         for i, s in enumerate(rows):
             if s.status is SeqStatus.RUNNING:
@@ -304,7 +389,8 @@ class _GrowthPlan:
     Steps are taken in groups of STEP_GROUP, each at its worst (the growth at its end, the frees of before its
     start). Freed blocks count only for single samples past their prompt (a block shared by forked samples is
     freed with its last holder); a sequence is taken to free its blocks two steps after its last token (with
-    asynchronous scheduling that token is read back a step later). Samples that share a partly filled block
+    asynchronous scheduling that token is read back a step later); with prefix caching, only the blocks it
+    holds alone are freed (blocks shared with other requests stay held). Samples that share a partly filled block
     each need a copy of it (copy-on-write) before they write. The need per group is kept as a sum, so a
     candidate costs one column, not the whole plan again."""
 
@@ -317,7 +403,7 @@ class _GrowthPlan:
         self.ends = np.minimum(np.arange(g - 1, self.horizon + g, g), self.horizon)[:, None]     # [groups, 1]
         self.starts = self.ends - g + 1
         # a sequence still in its prompt may have samples to fork when it completes (pending_forks)
-        cols: list[list[int]] = [[], [], [], [], [], []]
+        cols: list[list[int]] = [[], [], [], [], [], [], []]
         for q in seqs:       # one list per field, not a tuple per sequence: fewer objects for the collector
             for col, v in zip(cols, self._col(q, len(q.block_ids), 1 + q.pending_forks,
                                               self._copy_due(q) + self._shared_tail(q, 1 + q.pending_forks))):
@@ -325,21 +411,34 @@ class _GrowthPlan:
         self.need = self._need(cols)
 
     def _col(self, seq: Sequence, blocks: int, copies: int, copy_on_write: int) -> tuple:
-        """(tokens, blocks, tokens ahead, copies, step its blocks are free, copy-on-write blocks)."""
+        """(tokens, blocks, tokens ahead, copies, step its blocks are free, copy-on-write blocks, blocks it holds
+        alone)."""
         ahead = max(0, seq.params.max_new_tokens - seq.num_output_tokens)
         prefilled = seq.num_computed >= len(seq.token_ids) - 1
         free = ahead + 2 if copies == 1 and seq.params.n == 1 and prefilled and ahead + 2 <= self.horizon else -1
         ahead = min(ahead, self.horizon)
         # one with all its tokens is not scheduled again: its last (pending) token needs no slot
-        return (len(seq.token_ids) if ahead else 0, blocks, ahead, copies, free, copy_on_write)
+        own = blocks - self._shared(seq) if free >= 0 else blocks
+        return (len(seq.token_ids) if ahead else 0, blocks, ahead, copies, free, copy_on_write, own)
+
+    def _shared(self, seq: Sequence) -> int:
+        """Leading blocks seq shares with other requests (prefix caching): a block's holders also hold every
+        block before it (they found the same prefix), so the shared ones come first and bisect finds their end."""
+        ids = seq.block_ids
+        if not self.s.prefix_caching or not ids:
+            return 0
+        ref = self.s.pool.ref_counts
+        if ref[ids[0]] <= 1:
+            return 0
+        return bisect.bisect_left(ids, True, key=lambda b: ref[b] <= 1)
 
     def _need(self, cols) -> np.ndarray:
         """Blocks needed beyond those held, per group of steps, by the sequences of these columns (one sequence
         of each field, or one list of each field)."""
-        length, blocks, ahead, copies, free, cow = (np.asarray(c, dtype=np.int64) for c in cols)
+        length, blocks, ahead, copies, free, cow, own = (np.asarray(c, dtype=np.int64) for c in cols)
         grown = -(-(length + np.minimum(self.ends, ahead)) // self.s.block_size) - blocks
         freed = (free >= 0) & (free <= self.starts)
-        return np.where(freed, -blocks, np.maximum(grown, 0) * copies + cow).sum(axis=1)
+        return np.where(freed, -own, np.maximum(grown, 0) * copies + cow).sum(axis=1)
 
     def add(self, seq: Sequence, copies: int = 1) -> None:
         """seq was admitted this step (its blocks for this step reserved), with `copies` samples in all."""
@@ -357,7 +456,8 @@ class _GrowthPlan:
         return 1 if shared else 0
 
     def peak(self, with_new: Optional[tuple[Sequence, int, int]] = None) -> int:
-        """The peak need of the planned sequences, and of (seq, blocks it is about to get, samples) if given."""
+        """The peak need of the planned sequences, and of (seq, blocks it is about to get, samples) if given (a
+        candidate is never counted as freeing blocks: it has its prompt to compute)."""
         need = self.need
         if with_new is not None:
             seq, more, copies = with_new

@@ -1,7 +1,9 @@
 """Scoring generated samples for experience records: reference-model logprobs and reward-model scores.
 
-ReferenceScorer: the logprob of each response token under a reference causal LM (temperature 1, no
-sampling processors), for ref_logprobs and the per-token KL.
+ReferenceScorer: the logprob of each response token under a reference causal LM, for ref_logprobs and the
+per-token KL: log-softmax of the logits divided by the sample's temperature (experience.logprobs_mode
+temperature; 1 for greedy samples and for raw mode), the definition the policy's logprobs use, so the KL of
+the policy against itself is zero.
 
 RewardScorer: one scalar per (prompt, response), from either of two checkpoint layouts:
 - "ziya": Ziya-LLaMA-7B-Reward's. A LlamaModel (`model.*` weights) plus `value_head` (Linear(hidden, k),
@@ -22,15 +24,14 @@ model's context keep their END (where the score is read), dropping tokens after 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 
 from ..errors import ModelError
-from .demo_model import PAD_ID, demo_config, write_demo_model, write_demo_tokenizer
 from .merge_delta import CheckpointReader
+from .types import PAD_ID
 
 Conversation = list[dict]          # [{"role": "user"|"assistant", "content": str}, ...], ending with user
 PromptLike = Union[str, Conversation]
@@ -98,10 +99,13 @@ class ReferenceScorer:
         self.max_len = getattr(self.model.config, "max_position_embeddings", None)
 
     @torch.no_grad()
-    def logprobs(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> list[list[float]]:
-        """logprob of response_ids[i][j] given prompt_ids[i] + response_ids[i][:j], for every i, j."""
+    def logprobs(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]],
+                 temperatures: Optional[Sequence[float]] = None) -> list[list[float]]:
+        """logprob of response_ids[i][j] given prompt_ids[i] + response_ids[i][:j], for every i, j, under
+        log_softmax(logits / temperatures[i]) (1 where not given or 0: greedy)."""
         if len(prompt_ids) != len(response_ids):
             raise ValueError(f"{len(prompt_ids)} prompts but {len(response_ids)} responses")
+        temps = [t if t and t > 0 else 1.0 for t in (temperatures or [1.0] * len(prompt_ids))]
         out: list[list[float]] = [[] for _ in prompt_ids]
         todo = []
         for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
@@ -122,7 +126,8 @@ class ReferenceScorer:
             for row, i in enumerate(rows):
                 p, r = len(prompt_ids[i]), len(response_ids[i])
                 # the token at position t is predicted by the logits at t - 1
-                lp = logits[row, p - 1: p + r - 1].float().log_softmax(dim=-1)  # [R, V]
+                # the same float32 division the policy's sampler does (sampling.sample_full)
+                lp = (logits[row, p - 1: p + r - 1].float() / temps[i]).log_softmax(dim=-1)  # [R, V]
                 target = ids[row, p: p + r].unsqueeze(-1)  # [R, 1]
                 out[i] = lp.gather(-1, target).squeeze(-1).tolist()
         return out
@@ -252,47 +257,3 @@ class RewardScorer:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         return self.score_ids([self.encode(p, r) for p, r in zip(prompts, responses)])
-
-
-def write_demo_reference_model(path: str | Path, *, seed: int = 1, dtype: str = "float32", **sizes) -> Path:
-    """A demo causal LM (different weights from the default demo policy) to use as reference_model."""
-    return write_demo_model(path, seed=seed, dtype=dtype, **sizes)
-
-
-def write_demo_reward_model(path: str | Path, layout: str = "ziya", *, seed: int = 2, dtype: str = "float32",
-                            hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                            intermediate_size: int = 172, max_position_embeddings: int = 1024) -> Path:
-    """A random-weight reward checkpoint with the demo tokenizer, in the 'ziya' or 'seqcls' layout."""
-    from safetensors.torch import save_file
-    from transformers import LlamaForSequenceClassification, LlamaModel
-
-    if layout not in ("ziya", "seqcls"):
-        raise ValueError(f"layout must be 'ziya' or 'seqcls', got {layout!r}")
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    config = demo_config(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                         num_kv_heads=num_heads, intermediate_size=intermediate_size,
-                         max_position_embeddings=max_position_embeddings, dtype=dtype)
-    torch_dtype = _dtype(dtype)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if layout == "ziya":
-            body = LlamaModel(config)
-            # std 1/sqrt(H) on unit-RMS hidden states: rewards of order 1 that differ between samples
-            head = torch.randn(1, hidden_size) / hidden_size ** 0.5
-        else:
-            config.num_labels = 1
-            model = LlamaForSequenceClassification(config)
-    if layout == "ziya":
-        state = {f"model.{k}": v.to(torch_dtype).contiguous() for k, v in body.state_dict().items()}
-        state["value_head.weight"] = head.to(torch_dtype)
-        for stale in out.glob("model*.safetensors*"):
-            stale.unlink()
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        cfg = config.to_dict()
-        cfg["architectures"] = ["LlamaRewardModel"]
-        (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    else:
-        model.to(torch_dtype).save_pretrained(str(out), safe_serialization=True)
-    write_demo_tokenizer(out, model_max_length=max_position_embeddings)
-    return out

@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 
 from ziya_batch.engine.kv_cache import copy_blocks
-from ziya_batch.engine.model import TP_SPLIT_DIM, LlamaModel, check_tp_split, tp_slice
+from ziya_batch.engine.model import LlamaModel, check_tp_split, tp_slice
+from ziya_batch.engine.quant import Fp8Linear, cat_rows, set_projection
 from ziya_batch.engine.scheduler import ScheduledChunk, SchedulerOutput, Sequence
 from ziya_batch.engine.types import SamplingParams
 
@@ -32,18 +33,35 @@ def apply_tp(model: LlamaModel, rank: int, world_size: int, group=None) -> Llama
         return model
     check_tp_split(a, world_size)
     D = a.head_dim
+    qkv_rows = [a.num_heads * D, a.num_kv_heads * D, a.num_kv_heads * D]
+
+    def rows(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        # column-parallel: this rank's rows of each fused piece (q/k/v heads, gate/up columns)
+        return cat_rows([tp_slice(x, 0, rank, world_size) for x in t.split(sizes)])
+
+    def cols(t: torch.Tensor) -> torch.Tensor:
+        # row-parallel: this rank's input columns (a view: it keeps the whole weight only until copied)
+        return tp_slice(t, 1, rank, world_size)
+
     with torch.no_grad():
         for layer in model.layers:
-            q, k, v = layer.qkv_proj.split([a.num_heads * D, a.num_kv_heads * D, a.num_kv_heads * D])
-            gate, up = layer.gate_up_proj.chunk(2, dim=0)
-            # this rank's pieces (the o/down slices are views: they keep the whole weight only until copied)
-            shard = {"qkv_proj": torch.cat([tp_slice(x, 0, rank, world_size) for x in (q, k, v)]),
-                     "gate_up_proj": torch.cat([tp_slice(x, 0, rank, world_size) for x in (gate, up)]),
-                     "o_proj": tp_slice(layer.o_proj, TP_SPLIT_DIM["o_proj"], rank, world_size),
-                     "down_proj": tp_slice(layer.down_proj, TP_SPLIT_DIM["down_proj"], rank, world_size)}
+            cut = {"qkv_proj": lambda t: rows(t, qkv_rows),
+                   "gate_up_proj": lambda t: rows(t, [a.intermediate_size] * 2), "o_proj": cols, "down_proj": cols}
+            shard = {}
+            for name, fn in cut.items():
+                w = getattr(layer, name)
+                if isinstance(w, Fp8Linear):
+                    # a float8 weight's per-output-channel scales go with its rows: split with the rows of a
+                    # column-parallel weight, kept whole for a row-parallel one (every output row stays)
+                    shard[name] = w.like(fn(w.weight).contiguous(), w.scale if fn is cols else fn(w.scale).contiguous())
+                else:
+                    shard[name] = fn(w)
             layer.shrink_to_shard(world_size)
             for name, t in shard.items():
-                getattr(layer, name).copy_(t)
+                if isinstance(t, Fp8Linear):
+                    set_projection(layer, name, t)
+                else:
+                    getattr(layer, name).copy_(t)
     if model.embed.device.type == "cuda":
         torch.cuda.empty_cache()
     return attach_tp(model, rank, world_size, group)

@@ -1,9 +1,17 @@
 """The engine's plain-data interface. Callers (the worker, the benchmark, tests) build Requests and get
-RequestOutputs; nothing here imports torch, so upper layers can use these types freely."""
+RequestOutputs; nothing here imports torch, so upper layers can use these types freely.
+
+SamplingParams and EngineConfig are the one home of their defaults: the job spec (spec.py) takes its
+sampling.* and engine.* defaults from them and converts to them in one function each, and the benchmark
+starts from them, so a default is never written twice."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+# Ziya's special token ids (model card: bos 1, eos 2, pad 0; unk shares pad's 0): the fallback where a checkpoint's
+# config names none, and the ids the demo model is written with
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 0
 
 
 @dataclass(frozen=True)
@@ -19,10 +27,15 @@ class SamplingParams:
     stop: tuple[str, ...] = ()       # stop strings: the text is cut before the first one
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False         # benchmarks: run to max_new_tokens regardless of EOS (not constrained rows)
+    # which distribution Completion.logprobs are taken under: "temperature" (log-softmax of logits / T over the
+    # full vocabulary, T = 1 for greedy: what PPO/GRPO trainers recompute), "raw" (log-softmax of the logits) or
+    # "processed" (the one sampled from: after repetition penalty, min_new_tokens bans, top_k and top_p)
+    logprobs_mode: str = "temperature"
+    top_logprobs: int = 0            # per token, the k most likely ids with logprobs under logprobs_mode
     # structured output, at most one (engine/grammar.py): a finished response satisfies it, whatever the weights
     json_schema: Optional[str] = None     # a JSON Schema, as JSON text (hashable, and the grammar cache's key)
     regex: Optional[str] = None           # the whole response matches it
-    choice: tuple[str, ...] = ()          # the response is one of these
+    choice: Optional[tuple[str, ...]] = None  # the response is one of these
     json_whitespace: str = "compact"      # "compact" | "flexible": whitespace between JSON tokens
 
 
@@ -39,7 +52,8 @@ class Completion:
     token_ids: list[int]             # generated ids; a stop string's tokens and EOS are not included
     text: str                        # decoded text, cut before a stop string
     finish_reason: str               # "stop" | "length"
-    logprobs: list[float]            # logprob of each returned token under the (processed) policy
+    logprobs: list[float]            # logprob of each returned token under params.logprobs_mode
+    top_logprobs: Optional[list[list[tuple[int, float]]]] = None   # per token [(id, logprob)...] if asked
 
 
 @dataclass
@@ -47,6 +61,7 @@ class RequestOutput:
     request_id: str
     prompt_ids: list[int]
     completions: list[Completion]
+    num_cached_tokens: int = 0       # prompt tokens whose KV came from the prefix cache (not computed)
 
 
 @dataclass(frozen=True)
@@ -66,9 +81,15 @@ class EngineConfig:
     # need over this many steps (each grows a token a step up to its max_new_tokens; those bound to finish
     # within them free their blocks); fewer preemptions (recompute) for a few idle blocks. 0: no reserve
     admission_horizon_tokens: int = 256
-    # which waiting request is admitted first: "tail-longest-first", "fcfs" or "longest-first" (see scheduler.py)
-    schedule_policy: str = "tail-longest-first"
+    # which waiting request is admitted first: "tail-longest-first", "fcfs" or "longest-first" (see scheduler.py);
+    # the same name as the job spec's engine.schedule, so the spec converts to this config field by field name
+    schedule: str = "tail-longest-first"
     # "auto" (the model's dtype) or "fp8" (float8 e4m3: twice the tokens in the same memory; see kv_cache.py)
     kv_cache_dtype: str = "auto"
+    # None (linear weights in dtype) or "fp8" (float8 e4m3 weights with per-channel scales, activations
+    # quantised per token: half the weight bytes a step reads; GPUs of compute capability 8.9+; see quant.py)
+    quantization: Optional[str] = None
     # schedule and launch step N+1 while the device still runs step N (see LLMEngine.step)
     async_scheduling: bool = True
+    # keep computed full KV blocks keyed by their token prefix and reuse them across requests (see scheduler.py)
+    prefix_caching: bool = True

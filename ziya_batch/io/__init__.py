@@ -1,19 +1,21 @@
 """Storage layer (fsspec): input shards by byte range, atomic commit of output parts, the manifest.
 
 Works with any fsspec URL (local paths, file://, s3://, ...); see storage.py for passing credentials and
-endpoints, schema.py for the Parquet schemas, parts.py for the commit protocol.
+endpoints, schema.py for the Parquet schemas, parts.py for the output directory (OutputDir: its names and the
+commit protocol). The URL functions (stage_shard, committed_shards, ...) are OutputDir's methods for callers that
+hold a URL.
 """
 from .inputs import expand_inputs, index_inputs, read_shard, shard_refs
 from .manifest import (manifest_part_urls, manifest_shards, output_owner, read_manifest, read_parts,
                        set_output_owner, verify_output, write_manifest)
-from .parts import (CommitError, CommitMarker, PartInfo, StagedPart, clear_staging, committed_shards,
+from .parts import (CommitError, CommitMarker, OutputDir, PartInfo, StagedPart, clear_staging, committed_shards,
                     discard_staged, new_attempt, part_path, promote_shard, read_marker, stage_shard)
 from .schema import KINDS, parquet_schema
 from .storage import join_url, normalize_url, open_output_fs, url_to_fs
 
 __all__ = [
     "expand_inputs", "index_inputs", "read_shard", "shard_refs",
-    "stage_shard", "promote_shard", "discard_staged", "new_attempt", "clear_staging", "committed_shards",
+    "OutputDir", "stage_shard", "promote_shard", "discard_staged", "new_attempt", "clear_staging", "committed_shards",
     "read_marker",
     "part_path", "StagedPart", "CommitMarker", "PartInfo", "CommitError",
     "write_manifest", "read_manifest", "read_parts", "manifest_part_urls", "verify_output", "manifest_shards",

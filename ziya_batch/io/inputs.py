@@ -10,20 +10,30 @@ Line rules, shared by index and read so they agree exactly:
 - a blank line (empty or ASCII whitespace only) is skipped: it is not counted in a shard and gets no
   output line, but it does count in line numbers (line numbers are the file's, 1-based, as an editor
   shows them);
-- a UTF-8 byte-order mark at the start of a file is not part of line 1.
+- a UTF-8 byte-order mark at the start of a file is not part of line 1;
+- a line longer than MAX_LINE_BYTES is never held in memory: it is counted like any line and read back as a
+  TooLongLine (its first bytes), which becomes that line's line_too_long error (a blank one stays blank).
+
+Only regular files (or objects in object storage) are inputs: a device, FIFO, socket, directory or a
+pseudo-file of unknown size (/proc) could be endless or block forever, so it is refused before reading, and
+a local file is read only up to the size it had when opened.
 """
 from __future__ import annotations
 
 import glob as _glob
-from typing import Iterator
+import os
+import stat as _stat
+from typing import Iterator, Optional
 
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import InputError
-from ..records import ShardRef
+from ..records import ShardRef, TooLongLine
 from .storage import full_url, normalize_url, url_to_fs
 
 BLOCK_BYTES = 8 * 2**20       # read size while indexing; peak memory is a small multiple of this
+MAX_LINE_BYTES = 16 * 2**20   # a longer line is that line's error (line_too_long), never read into memory
+_HEAD_BYTES = 64              # what a TooLongLine keeps of its line
 _BOM = b"\xef\xbb\xbf"
 
 
@@ -51,11 +61,18 @@ def expand_inputs(urls: list[str]) -> list[str]:
                 matches = sorted(p for p, info in found.items() if info.get("type") != "directory")
                 if not matches:
                     missing.append(f"{url} (no match)")
-                files.extend(full_url(fs, m) for m in matches)
+                for m in matches:
+                    why = not_regular(fs, m)
+                    if why:
+                        unusable.append(f"{full_url(fs, m)} ({why})")
+                    else:
+                        files.append(full_url(fs, m))
             elif not fs.exists(path):
                 missing.append(url)
             elif fs.isdir(path):
                 unusable.append(f"{url} (a directory: name its files, e.g. {url.rstrip('/')}/*.jsonl)")
+            elif not_regular(fs, path):
+                unusable.append(f"{url} ({not_regular(fs, path)})")
             else:
                 files.append(full_url(fs, path))
         except PermissionError:
@@ -75,39 +92,172 @@ def expand_inputs(urls: list[str]) -> list[str]:
     return [f for f in files if not (f in seen or seen.add(f))]
 
 
+_KINDS = ((_stat.S_ISFIFO, "a named pipe"), (_stat.S_ISCHR, "a character device"),
+          (_stat.S_ISBLK, "a block device"), (_stat.S_ISSOCK, "a socket"), (_stat.S_ISDIR, "a directory"))
+
+
+def _special_kind(mode: int) -> Optional[str]:
+    if _stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def not_regular(fs, path: str) -> Optional[str]:
+    """Why a local path (symlinks followed) cannot be an input, or None for a regular file; object stores hold
+    only objects. Checked before anything opens it: opening a FIFO blocks until a writer comes."""
+    if not isinstance(fs, LocalFileSystem):
+        return None
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "a broken symlink, or removed while listed"
+    kind = _special_kind(st.st_mode)
+    if kind:
+        return f"{kind}, not a regular file: inputs are JSONL files"
+    if st.st_size == 0 and _pseudo_file(path):
+        return "a pseudo-file whose size is unknown (like those under /proc): copy it to a regular file"
+    return None
+
+
+def _pseudo_file(path: str) -> bool:
+    """A regular file that says it is empty yet has bytes (/proc, /sys): it may never end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        return bool(os.read(fd, 1))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _open_local(file: str, path: str):
+    """A regular file opened for reading, checked on the open descriptor (the path may have been swapped for a
+    FIFO or device since it was listed; O_NONBLOCK keeps a FIFO's open from waiting for a writer), and read only
+    up to the size it has now."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise InputError(f"input not found: {file} (removed after it was listed?)") from None
+    except OSError as err:
+        raise InputError(f"input not usable: {file} ({err.strerror})") from None
+    st = os.fstat(fd)
+    kind = _special_kind(st.st_mode)
+    if kind:
+        os.close(fd)
+        raise InputError(f"input not usable: {file} ({kind}, not a regular file: inputs are JSONL files)")
+    return _Bounded(os.fdopen(fd, "rb"), st.st_size)
+
+
+def _open_remote(file: str, f):
+    """An object read only up to the size its store reported: a URL whose size is unknown (a stream) might
+    never end, and is refused."""
+    size = getattr(f, "size", None)
+    if not isinstance(size, int):
+        f.close()
+        raise InputError(f"input not usable: {file} (its size is unknown, as a stream's is: inputs are files or "
+                         "objects)")
+    return _Bounded(f, size)
+
+
+class _Bounded:
+    """A binary stream that ends after `size` bytes: a file that grows while it is read (or never ends) is read
+    as it was when opened."""
+
+    def __init__(self, f, size: int):
+        self.f, self.left = f, size
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(min(n, self.left)) if self.left > 0 else b""
+        self.left -= len(data)
+        return data
+
+    def seek(self, pos: int) -> None:
+        self.left -= pos - self.f.tell()
+        self.f.seek(pos)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
 def _blank(line: bytes) -> bool:
     return not line or line.isspace()
 
 
-def _line_lists(f, block_bytes: int) -> Iterator[list[bytes]]:
+def _line_lists(f, block_bytes: int, max_line_bytes: int = MAX_LINE_BYTES, first: bytes = b"") -> Iterator[list]:
     """Lists of the complete lines (without b"\\n") in each block of a binary stream; a last line without
-    a newline comes alone in a final list [_NO_NEWLINE, line]. Holds one block plus one partial line.
-    Lines come in lists, not one by one, because a Python call per line would dominate the indexing."""
+    a newline comes alone in a final list [_NO_NEWLINE, line]; a line longer than `max_line_bytes` comes alone
+    as [TooLongLine] (with .length, .blank and .newline), only its head kept. Holds one block plus one partial
+    line of at most `max_line_bytes`. Lines come in lists, not one by one, because a Python call per line would
+    dominate the indexing. `first`: bytes already read from the stream (see _skip_bom)."""
+    block_bytes = min(block_bytes, max_line_bytes)   # then a line inside one block is never too long
     pending: list[bytes] = []     # pieces of a line longer than a block (avoids quadratic concatenation)
+    pending_len = 0
+    long: Optional[list] = None   # [head, length, blank] of a line past the limit, read on without keeping it
     while True:
-        block = f.read(block_bytes)
+        block = first + f.read(max(1, block_bytes - len(first))) if first else f.read(block_bytes)
+        first = b""
         if not block:
             break
-        if b"\n" not in block:
-            pending.append(block)
+        cut = block.find(b"\n")
+        if cut < 0:
+            if long is not None:
+                long[1] += len(block)
+                long[2] = long[2] and block.isspace()
+            else:
+                pending.append(block)
+                pending_len += len(block)
+                if pending_len > max_line_bytes:
+                    long, pending, pending_len = _long(pending), [], 0
             continue
-        if pending:
+        if long is None and pending and pending_len + cut > max_line_bytes:
+            long, pending, pending_len = _long(pending), [], 0
+        if long is not None:
+            yield [_too_long(long, block[:cut], max_line_bytes, newline=True)]
+            long, block = None, block[cut + 1:]
+        elif pending:
             pending.append(block)
             block = b"".join(pending)
-            pending = []
+            pending, pending_len = [], 0
         lines = block.split(b"\n")
         tail = lines.pop()
         if tail:
-            pending.append(tail)
-        yield lines
-    if pending:
+            pending, pending_len = [tail], len(tail)
+        if lines:
+            yield lines
+    if long is not None:
+        yield [_too_long(long, b"", max_line_bytes, newline=False)]
+    elif pending:
         yield [_NO_NEWLINE, b"".join(pending)]
+
+
+def _skip_bom(f) -> tuple[int, bytes]:
+    """Read past a UTF-8 byte-order mark at the start of a stream: (bytes skipped, bytes read that are not one),
+    so that no line, long or not, includes it."""
+    head = f.read(len(_BOM))
+    return (len(_BOM), b"") if head == _BOM else (0, head)
+
+
+def _long(pieces: list[bytes]) -> list:
+    return [b"".join(pieces)[:_HEAD_BYTES], sum(map(len, pieces)), all(p.isspace() for p in pieces)]
+
+
+def _too_long(long: list, last: bytes, limit: int, newline: bool) -> TooLongLine:
+    line = TooLongLine(long[0], long[1] + len(last), limit)
+    # b"\r" is whitespace: a blank CRLF line stays blank
+    line.blank, line.newline = long[2] and (not last or last.isspace()), int(newline)
+    return line
 
 
 _NO_NEWLINE = object()
 
 
-def index_file(file: str, shard_size: int, block_bytes: int = BLOCK_BYTES
+def index_file(file: str, shard_size: int, block_bytes: int = BLOCK_BYTES, max_line_bytes: int = MAX_LINE_BYTES
                ) -> Iterator[tuple[str, int, int, int, int]]:
     """Shards of one file: (file, start, end, first_line, num_lines)."""
     fs, path = url_to_fs(file)
@@ -117,19 +267,30 @@ def index_file(file: str, shard_size: int, block_bytes: int = BLOCK_BYTES
     start = first = 0
     try:
         # remote: one streaming GET per block; local: the OS page cache does the read-ahead
-        f = fs.open(path, "rb") if isinstance(fs, LocalFileSystem) else \
-            fs.open(path, "rb", block_size=block_bytes, cache_type="readahead")
+        f = _open_local(file, path) if isinstance(fs, LocalFileSystem) else \
+            _open_remote(file, fs.open(path, "rb", block_size=block_bytes, cache_type="readahead"))
     except FileNotFoundError:
         raise InputError(f"input not found: {file} (removed after it was listed?)") from None
     with f:
-        for lines in _line_lists(f, block_bytes):
+        pos, head = _skip_bom(f)     # the byte-order mark is not part of line 1: a BOM-only line is blank
+        for lines in _line_lists(f, block_bytes, max_line_bytes, head):
             newline = 1
+            if type(lines[0]) is TooLongLine:
+                long = lines[0]
+                length = long.length
+                line_no += 1
+                if not long.blank:
+                    if count == 0:
+                        start, first = pos, line_no
+                    count += 1
+                    if count == shard_size:
+                        yield file, start, pos + length + long.newline, first, count
+                        count = 0
+                pos += length + long.newline
+                continue
             if lines[0] is _NO_NEWLINE:
                 lines = lines[1:]
                 newline = 0
-            if pos == 0 and lines[0].startswith(_BOM):
-                # the byte-order mark is not part of line 1: a BOM-only line is blank
-                pos, lines[0] = len(_BOM), lines[0][len(_BOM):]
             # the hot loop: one iteration per input line, kept to a few C calls (a CRLF line's b"\r" is
             # whitespace, so a blank CRLF line is isspace() without stripping it)
             for line in lines:
@@ -146,8 +307,8 @@ def index_file(file: str, shard_size: int, block_bytes: int = BLOCK_BYTES
         yield file, start, pos, first, count      # trailing blank lines may ride along: readers skip them
 
 
-def index_inputs(files: list[str], shard_size: int, block_bytes: int = BLOCK_BYTES
-                 ) -> Iterator[tuple[str, int, int, int, int]]:
+def index_inputs(files: list[str], shard_size: int, block_bytes: int = BLOCK_BYTES,
+                 max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, int, int, int, int]]:
     """Stream (file, start, end, first_line, num_lines) for every shard of every file, in order.
 
     Each shard holds `shard_size` non-blank lines (a file's last shard may hold fewer; shards never span
@@ -157,7 +318,7 @@ def index_inputs(files: list[str], shard_size: int, block_bytes: int = BLOCK_BYT
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
     for file in files:
-        yield from index_file(file, shard_size, block_bytes)
+        yield from index_file(file, shard_size, block_bytes, max_line_bytes)
 
 
 def shard_refs(job_id: str, files: list[str], shard_size: int) -> Iterator[ShardRef]:
@@ -166,19 +327,32 @@ def shard_refs(job_id: str, files: list[str], shard_size: int) -> Iterator[Shard
         yield ShardRef(job_id, index, file, start, end, first, num)
 
 
-def read_shard(ref: ShardRef) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number in its file, line bytes without newline) for each non-blank line of the shard.
+def read_shard(ref: ShardRef, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number in its file, line bytes without newline) for each non-blank line of the shard; a
+    line longer than `max_line_bytes` comes as a TooLongLine.
 
-    One ranged read of [start, end). Raises InputError (before yielding anything) when the file no longer
-    holds what it held at submit (too short, or a different number of lines in the range): a changed
-    input would otherwise silently produce wrong ids.
+    One ranged read of [start, end), streamed in blocks where the range could hold a line too long to keep.
+    Raises InputError (before yielding anything) when the file no longer holds what it held at submit (too
+    short, or a different number of lines in the range): a changed input would otherwise silently produce
+    wrong ids.
     """
     fs, path = url_to_fs(ref.file)
     try:
-        data = fs.cat_file(path, start=ref.start, end=ref.end)
+        if isinstance(fs, LocalFileSystem) or ref.end - ref.start > max_line_bytes:
+            got, complete = _stream_range(ref, fs, path, max_line_bytes)
+        else:
+            got, complete = _split_range(ref, fs.cat_file(path, start=ref.start, end=ref.end))
     except FileNotFoundError:
         raise InputError(f"input {ref.file} disappeared after submit (shard {ref.index}); "
                          "restore it or cancel the job") from None
+    if not complete or len(got) != ref.num_lines:
+        raise InputError(f"input {ref.file} changed after submit: shard {ref.index} (bytes {ref.start}.."
+                         f"{ref.end}) now holds {len(got)} lines, expected {ref.num_lines}; "
+                         "resubmit the job with the new file")
+    return iter(got)
+
+
+def _split_range(ref: ShardRef, data: bytes) -> tuple[list[tuple[int, bytes]], bool]:
     complete = len(data) == ref.end - ref.start
     if ref.start == 0 and data.startswith(_BOM):
         data = data[len(_BOM):]
@@ -191,8 +365,37 @@ def read_shard(ref: ShardRef) -> Iterator[tuple[int, bytes]]:
             line = line[:-1]
         if not _blank(line):
             out.append((line_no, line))
-    if not complete or len(out) != ref.num_lines:
-        raise InputError(f"input {ref.file} changed after submit: shard {ref.index} (bytes {ref.start}.."
-                         f"{ref.end}) now holds {len(out)} lines, expected {ref.num_lines}; "
-                         "resubmit the job with the new file")
-    return iter(out)
+    return out, complete
+
+
+def _stream_range(ref: ShardRef, fs, path: str, max_line_bytes: int) -> tuple[list[tuple[int, bytes]], bool]:
+    """_split_range for a range read block by block: no line past `max_line_bytes` is held whole. Local files
+    come here too, opened as regular files only (a path swapped for a FIFO must not block a worker forever)."""
+    local = isinstance(fs, LocalFileSystem)
+    if local:
+        if not os.path.exists(path):
+            raise FileNotFoundError(path)
+        f = _open_local(ref.file, path)
+    else:
+        f = fs.open(path, "rb", block_size=BLOCK_BYTES, cache_type="readahead")
+    out: list[tuple[int, bytes]] = []
+    line_no = ref.first_line
+    with f:
+        f.seek(ref.start)
+        r = _Bounded(f, ref.end - ref.start)
+        head = _skip_bom(r)[1] if ref.start == 0 else b""
+        for lines in _line_lists(r, BLOCK_BYTES, max_line_bytes, head):
+            if type(lines[0]) is TooLongLine:
+                if not lines[0].blank:
+                    out.append((line_no, lines[0]))
+                line_no += 1
+                continue
+            if lines[0] is _NO_NEWLINE:
+                lines = lines[1:]
+            for line in lines:
+                if line.endswith(b"\r"):
+                    line = line[:-1]
+                if not _blank(line):
+                    out.append((line_no, line))
+                line_no += 1
+        return out, r.left == 0

@@ -22,12 +22,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 from ..errors import InputError
-from .parts import CommitMarker
+from .parts import CommitMarker, OutputDir
 from .schema import KINDS, decode_part
-from .storage import join_url, open_output_fs, put_atomic, read_bytes
+from .storage import join_url
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -56,28 +56,26 @@ def build_manifest(spec_json: str, summary: dict, markers: dict[int, CommitMarke
     }
 
 
-def write_manifest(output_url: str, spec_json: str, summary: dict, markers: dict[int, CommitMarker]) -> dict:
+def _dir(output: "OutputDir | str") -> OutputDir:
+    """The output directory a caller holds, or one opened from its URL."""
+    return output if isinstance(output, OutputDir) else OutputDir(output)
+
+
+def write_manifest(output: "OutputDir | str", spec_json: str, summary: dict, markers: dict[int, CommitMarker]) -> dict:
     """Write {output}/manifest.json atomically and return it. Call once every shard is committed."""
     manifest = build_manifest(spec_json, summary, markers)
-    fs, root = open_output_fs(output_url)
-    data = json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8")
-    put_atomic(fs, join_url(root, MANIFEST), data)
+    _dir(output).put(MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
     return manifest
-
-
-OWNER = "_owner.json"
 
 
 def output_owner(output_url: str) -> Optional[str]:
     """The job id that writes into this output directory (recorded at submit), or None."""
-    owner = _read_json(output_url, OWNER)
-    return owner.get("job_id") if owner is not None else None
+    return OutputDir(output_url).owner()
 
 
 def set_output_owner(output_url: str, job_id: str) -> None:
     """Record that job_id writes into this output directory: parts and commit markers in it are its own."""
-    fs, root = open_output_fs(output_url)
-    put_atomic(fs, join_url(root, OWNER), json.dumps({"job_id": job_id}).encode())
+    OutputDir(output_url).set_owner(job_id)
 
 
 def manifest_shards(manifest: dict) -> set[int]:
@@ -85,18 +83,9 @@ def manifest_shards(manifest: dict) -> set[int]:
     return {row["shard"] for rows in manifest.get("parts", {}).values() for row in rows}
 
 
-def read_manifest(output_url: str) -> Optional[dict]:
+def read_manifest(output: "OutputDir | str") -> Optional[dict]:
     """The manifest, or None when the job has not written one (yet)."""
-    return _read_json(output_url, MANIFEST)
-
-
-def _read_json(output_url: str, name: str) -> Optional[Any]:
-    """A JSON file at the top of the output directory, read fresh (no listing cache), or None if absent."""
-    fs, root = open_output_fs(output_url)
-    path = join_url(root, name)
-    fs.invalidate_cache(path)
-    data = read_bytes(fs, path)
-    return json.loads(data) if data is not None else None
+    return _dir(output).read_json(MANIFEST)
 
 
 def manifest_part_urls(output_url: str, kind: str, manifest: Optional[dict] = None) -> list[str]:
@@ -109,9 +98,9 @@ def read_parts(output_url: str, kind: str, verify: bool = False) -> Iterator[dic
     """Records of every part of `kind` listed in the manifest, in shard order; files not listed (staged,
     leftover, foreign) are never read. `verify` checks each part's sha256 and line count first."""
     manifest = _require(output_url)
-    fs, root = open_output_fs(output_url)
+    out = OutputDir(output_url)
     for entry in manifest["parts"].get(kind, []):
-        data = read_bytes(fs, join_url(root, entry["path"]))
+        data = out.read(entry["path"])
         if data is None:
             raise InputError(f"{output_url}: {entry['path']} is listed in manifest.json but missing")
         if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
@@ -127,11 +116,11 @@ def verify_output(output_url: str) -> list[str]:
     """Problems with a finished output, one sentence each ([] = every part the manifest lists is present
     with its sha256 and line count). Reads every part once."""
     manifest = _require(output_url)
-    fs, root = open_output_fs(output_url)
+    out = OutputDir(output_url)
     problems = []
     for kind, entries in manifest["parts"].items():
         for entry in entries:
-            data = read_bytes(fs, join_url(root, entry["path"]))
+            data = out.read(entry["path"])
             if data is None:
                 problems.append(f"{entry['path']} is listed in manifest.json but missing")
             elif hashlib.sha256(data).hexdigest() != entry["sha256"]:

@@ -1,4 +1,5 @@
-"""Committing a shard's output parts: stage aside, promote to the final names, mark committed last.
+"""The output directory (OutputDir) and committing a shard's parts in it: stage aside, promote to the final
+names, mark committed last.
 
 Layout under the output directory (part N belongs to shard N)::
 
@@ -6,21 +7,21 @@ Layout under the output directory (part N belongs to shard N)::
     _staging/part-00005.{token}-{attempt}.json          the attempt's intent: format, per-kind lines and
                                                         sha256; written after every part, so its presence =
                                                         staged whole
-    {kind}/part-00005.jsonl                     the final part; only promote_shard writes it
-    _committed/part-00005.json                 the commit marker, written LAST by promote_shard
+    {kind}/part-00005.jsonl                     the final part; only OutputDir.promote writes it
+    _committed/part-00005.json                 the commit marker, written LAST by OutputDir.promote
 
 Fencing. A lease's token is a number from Redis, new with every grant of a shard. Every attempt stages
 under its own token and a random attempt id (a Redis that lost its last writes can grant one token twice),
 so two workers never write the same object; only the worker whose commit Redis
-accepted for its token calls promote_shard, and a worker whose lease was lost calls discard_staged. As a
-second line of defence, committed output is never replaced: once a shard has a marker, promote_shard with
+accepted for its token calls OutputDir.promote, and a worker whose lease was lost calls OutputDir.discard. As a
+second line of defence, committed output is never replaced: once a shard has a marker, promote with
 any other token discards that token's staged parts and returns the existing marker. So a confused stale
 worker cannot overwrite the winner's part, and a shard run twice because Redis lost a commit keeps its
 first output (exactly-once output without relying on token order surviving a Redis loss). The one
 window left is two tokens promoted at the same moment for one shard with no marker yet, which the Redis
 fencing rules out.
 
-Crash safety. promote_shard is idempotent: called again after a crash between any two steps (parts
+Crash safety. OutputDir.promote is idempotent: called again after a crash between any two steps (parts
 half moved, moved but no marker, marker written but intent not yet removed) it finishes the job and
 returns the same marker. The markers are the truth a lost Redis is rebuilt from (committed_shards).
 """
@@ -106,178 +107,283 @@ class CommitMarker:
                    parts={k: PartInfo(**p) for k, p in d["parts"].items()}, stats=d.get("stats") or {})
 
 
+def new_attempt() -> str:
+    """A random id for one attempt at a shard, for OutputDir.stage/promote/discard."""
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
+_PREFIX = "part-"
+
+
+def _stem(index: int) -> str:
+    """Every name of shard N's files starts so (the one place the part-name format is spelled)."""
+    return f"{_PREFIX}{index:05d}"
+
+
+def _index_of(name: str) -> Optional[int]:
+    """The shard index in a part, marker or intent name (`part-00005.json` -> 5), None for other names."""
+    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
+    digits = stem[len(_PREFIX):]
+    return int(digits) if stem.startswith(_PREFIX) and digits.isdigit() else None
+
+
 def part_name(index: int, fmt: str) -> str:
-    return f"part-{index:05d}.{EXTENSIONS[fmt]}"
-
-
-def part_path(output_url: str, kind: str, index: int, fmt: str = "jsonl") -> str:
-    """URL of a final part, e.g. s3://b/run/results/part-00005.jsonl."""
-    return join_url(output_url, kind, part_name(index, fmt))
+    return f"{_stem(index)}.{EXTENSIONS[fmt]}"
 
 
 def _attempt_key(token: int, attempt: str) -> str:
     return f"{int(token)}-{attempt}" if attempt else str(int(token))
 
 
-def _staged_name(index: int, token: int, fmt: str, attempt: str = "") -> str:
-    return f"part-{index:05d}.{_attempt_key(token, attempt)}.{EXTENSIONS[fmt]}"
+class OutputDir:
+    """One output directory (output.path): its filesystem and root, opened once, and the output format its parts
+    are staged in. Owns every name in it (parts, staged attempts, intents, commit markers, the owner file) and the
+    commit protocol above."""
+
+    OWNER = "_owner.json"
+
+    def __init__(self, url: str, fmt: str = "jsonl"):
+        self.url = url
+        self.format = fmt
+        self.fs, self.root = open_output_fs(url)
+
+    def __repr__(self) -> str:
+        return f"OutputDir({self.url!r}, {self.format!r})"
+
+    # -- names ------------------------------------------------------------------------------------------------
+    def path(self, *rel: str) -> str:
+        """The path in the filesystem of a name relative to the directory."""
+        return join_url(self.root, *rel)
+
+    def part_url(self, kind: str, index: int, fmt: Optional[str] = None) -> str:
+        """URL of a final part, e.g. s3://b/run/results/part-00005.jsonl."""
+        return join_url(self.url, kind, part_name(index, fmt or self.format))
+
+    @staticmethod
+    def part_rel(kind: str, index: int, fmt: str) -> str:
+        return f"{kind}/{part_name(index, fmt)}"
+
+    def _staged(self, kind: str, index: int, token: int, attempt: str, fmt: str) -> str:
+        return self.path(STAGING, kind, f"{_stem(index)}.{_attempt_key(token, attempt)}.{EXTENSIONS[fmt]}")
+
+    def _intent(self, index: int, token: int, attempt: str) -> str:
+        return self.path(STAGING, f"{_stem(index)}.{_attempt_key(token, attempt)}.json")
+
+    def _marker(self, index: int) -> str:
+        return self.path(COMMITTED, f"{_stem(index)}.json")
+
+    # -- small files at the top -------------------------------------------------------------------------------
+    def read_json(self, name: str) -> Optional[Any]:
+        """A JSON file at the top of the directory, read fresh (no listing cache), or None if absent."""
+        path = self.path(name)
+        self.fs.invalidate_cache(path)
+        data = read_bytes(self.fs, path)
+        return json.loads(data) if data is not None else None
+
+    def put(self, name: str, data: bytes) -> None:
+        put_atomic(self.fs, self.path(name), data)
+
+    def read(self, rel: str) -> Optional[bytes]:
+        """The bytes of a file in the directory (e.g. a part's path from its marker), None if absent."""
+        return read_bytes(self.fs, self.path(rel))
+
+    def owner(self) -> Optional[str]:
+        """The job id that writes into this directory (recorded at submit), or None."""
+        owner = self.read_json(self.OWNER)
+        return owner.get("job_id") if owner is not None else None
+
+    def set_owner(self, job_id: str) -> None:
+        """Record that job_id writes into this directory: parts and commit markers in it are its own."""
+        self.put(self.OWNER, json.dumps({"job_id": job_id}).encode())
+
+    # -- the commit protocol ----------------------------------------------------------------------------------
+    def stage(self, index: int, token: int, attempt: str, parts: dict[str, list[dict]],
+              input_format: str = "ziya") -> dict[str, StagedPart]:
+        """Write every kind's part of one attempt aside (one atomic put each), then the attempt's intent.
+
+        `parts` maps kind (results, sft, experience, errors) to records. An errors part is always written,
+        even empty, so a committed shard is complete. `input_format` (the spec's `format`) picks the
+        openai-batch Parquet schema for results and errors.
+        """
+        fmt = self.format
+        if fmt not in EXTENSIONS:
+            raise ValueError(f"unknown output format {fmt!r}; expected jsonl or parquet")
+        unknown = set(parts) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown record kinds {sorted(unknown)}; expected {', '.join(KINDS)}")
+        staged: dict[str, StagedPart] = {}
+        for kind in [k for k in KINDS if k in parts or k == "errors"]:
+            records = parts.get(kind) or []
+            data = encode_part(kind, records, fmt, input_format)
+            path = self._staged(kind, index, token, attempt, fmt)
+            put_atomic(self.fs, path, data)
+            staged[kind] = StagedPart(kind, len(records), hashlib.sha256(data).hexdigest(), path, len(data))
+        intent = {"index": index, "token": int(token), "format": fmt,
+                  "parts": {k: {"lines": s.lines, "sha256": s.sha256, "size_bytes": s.size_bytes}
+                            for k, s in staged.items()}}
+        put_atomic(self.fs, self._intent(index, token, attempt), json.dumps(intent, sort_keys=True).encode())
+        return staged
+
+    def read_marker(self, index: int) -> Optional[CommitMarker]:
+        self.fs.invalidate_cache(self.path(COMMITTED))
+        data = read_bytes(self.fs, self._marker(index))
+        return CommitMarker.from_json(data) if data is not None else None
+
+    def promote(self, index: int, token: int, attempt: str = "",
+                staged_info: Optional[dict[str, tuple[int, str]]] = None,
+                stats: Optional[dict[str, Any]] = None) -> CommitMarker:
+        """Move the token's staged parts to their final names, then write the commit marker; idempotent.
+
+        Call only after Redis accepted this token's commit. Returns the shard's commit marker. If the shard
+        is already committed under another token, nothing is replaced: that marker is returned (compare its
+        `token` with yours) and this token's staged parts are deleted. `staged_info` (kind -> (lines,
+        sha256)), when given, is checked against what was staged. `stats` (JSON-able counts: prompts_done,
+        prompts_failed, samples, output_tokens) is kept in the marker, so a lost Redis can be rebuilt from
+        storage. Raises CommitError when nothing is staged under this token or a moved part went missing.
+        """
+        fs = self.fs
+        marker_path, intent_path = self._marker(index), self._intent(index, token, attempt)
+        fs.invalidate_cache(self.path(COMMITTED))
+        existing = read_bytes(fs, marker_path)
+        old = CommitMarker.from_json(existing) if existing is not None else None
+        if old is not None:
+            if old.token == int(token) and old.stats.get("attempt", "") == attempt:
+                _remove_quietly(fs, [intent_path])      # a crash after the marker left the intent behind
+            else:
+                # committed output is never replaced: this attempt is a duplicate (a stale worker, or a shard
+                # run again because Redis lost its commit); its staged parts go, the committed ones stay
+                self.discard(index, token, attempt)
+            return old
+        raw = read_bytes(fs, intent_path)
+        if raw is None:
+            # a concurrent promote of the same token (the worker's and a finalizer's recovery) may have just
+            # finished and removed the intent: its marker is then the answer
+            now = read_bytes(fs, marker_path)
+            if now is not None and CommitMarker.from_json(now).token == int(token):
+                return CommitMarker.from_json(now)
+            # (a marker of this token but another attempt is returned too: the caller compares tokens only)
+            raise CommitError(f"shard {index}: nothing staged under token {token} in {self.url} "
+                              "(never staged, or discarded)")
+        intent = json.loads(raw)
+        fmt = intent["format"]
+        if staged_info is not None:
+            got = {k: (v["lines"], v["sha256"]) for k, v in intent["parts"].items()}
+            want = {k: (int(v[0]), str(v[1])) for k, v in staged_info.items()}
+            if any(got.get(k) != v for k, v in want.items()):
+                raise CommitError(f"shard {index} token {token}: staged parts differ from the ones reported "
+                                  f"at commit ({want} vs {got})")
+        parts: dict[str, PartInfo] = {}
+        for kind, info in intent["parts"].items():
+            staged = self._staged(kind, index, token, attempt, fmt)
+            rel = self.part_rel(kind, index, fmt)
+            final = self.path(rel)
+            moved = False
+            if exists_fresh(fs, staged):
+                try:
+                    move_atomic(fs, staged, final)
+                    moved = True
+                except FileNotFoundError:      # a concurrent promote of this token moved it first
+                    pass
+            if not moved:
+                # moved by an earlier (interrupted or concurrent) call: the final object must be what was staged
+                data = read_bytes(fs, final)
+                if data is None or hashlib.sha256(data).hexdigest() != info["sha256"]:
+                    raise CommitError(f"shard {index} token {token}: staged {kind} part is gone and {rel} does "
+                                      "not hold it; the shard must run again")
+            parts[kind] = PartInfo(int(info["lines"]), info["sha256"], rel, int(info.get("size_bytes", 0)))
+        clean_stats = {k: v for k, v in (stats or {}).items() if k not in ("parts", "attempt")}
+        if attempt:
+            clean_stats["attempt"] = attempt
+        marker = CommitMarker(index=index, token=int(token), format=fmt, parts=parts, stats=clean_stats)
+        put_atomic(fs, marker_path, marker.to_json().encode())
+        _remove_quietly(fs, [intent_path])
+        return marker
+
+    def discard(self, index: int, token: int, attempt: str = "") -> None:
+        """Delete one attempt's staged parts and intent. Never touches final parts or markers."""
+        paths = [self._intent(index, token, attempt)]      # the intent first: no half-staged "whole"
+        for kind in KINDS:
+            for fmt in EXTENSIONS:
+                paths.append(self._staged(kind, index, token, attempt, fmt))
+        _remove_quietly(self.fs, paths)
+
+    def clear_staging(self) -> None:
+        """Remove everything under _staging/ (leftovers of lost attempts), e.g. once the job is complete."""
+        path = self.path(STAGING)
+        if exists_fresh(self.fs, path):
+            self.fs.rm(path, recursive=True)
+
+    def committed_shards(self) -> dict[int, CommitMarker]:
+        """Every shard's commit marker, by shard index: what is done, even if Redis lost it."""
+        names = [p for p in list_fresh(self.fs, self.path(COMMITTED)) if p.endswith(".json")]
+        if not names:
+            return {}
+        # one concurrent batch on object stores; a marker that cannot be read is an error, not a shard left out
+        # (a cancelled job's manifest would miss its part; a resubmit would run it again)
+        blobs = self.fs.cat(names, on_error="raise")
+        markers = {}
+        for data in blobs.values():
+            m = CommitMarker.from_json(data)
+            markers[m.index] = m
+        return markers
+
+    def commit_times(self) -> dict[int, float]:
+        """Shard index -> when its commit marker was written (the storage's modification time)."""
+        path = self.path(COMMITTED)
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for e in entries:
+            name = str(e.get("name", ""))
+            index = _index_of(name) if name.endswith(".json") else None
+            if index is None:
+                continue
+            t = e.get("mtime") or e.get("LastModified") or e.get("last_modified") or e.get("created")
+            if hasattr(t, "timestamp"):
+                t = t.timestamp()
+            try:
+                out[index] = float(t)
+            except (TypeError, ValueError):
+                continue
+        return out
 
 
-def _intent_rel(index: int, token: int, attempt: str = "") -> str:
-    return f"{STAGING}/part-{index:05d}.{_attempt_key(token, attempt)}.json"
-
-
-def new_attempt() -> str:
-    """A random id for one attempt at a shard, for stage_shard/promote_shard/discard_staged."""
-    import uuid
-
-    return uuid.uuid4().hex[:12]
-
-
-def _marker_rel(index: int) -> str:
-    return f"{COMMITTED}/part-{index:05d}.json"
+# The same, one call each, for callers holding a URL (each opens the directory again).
+def part_path(output_url: str, kind: str, index: int, fmt: str = "jsonl") -> str:
+    """URL of a final part, e.g. s3://b/run/results/part-00005.jsonl."""
+    return OutputDir(output_url, fmt).part_url(kind, index)
 
 
 def stage_shard(output_url: str, index: int, token: int, parts: dict[str, list[dict]], fmt: str = "jsonl",
                 input_format: str = "ziya", attempt: str = "") -> dict[str, StagedPart]:
-    """Write every kind's part of one attempt aside (one atomic put each), then the attempt's intent.
-
-    `parts` maps kind (results, sft, experience, errors) to records. An errors part is always written,
-    even empty, so a committed shard is complete. `input_format` (the spec's `format`) picks the
-    openai-batch Parquet schema for results and errors.
-    """
-    if fmt not in EXTENSIONS:
-        raise ValueError(f"unknown output format {fmt!r}; expected jsonl or parquet")
-    unknown = set(parts) - set(KINDS)
-    if unknown:
-        raise ValueError(f"unknown record kinds {sorted(unknown)}; expected {', '.join(KINDS)}")
-    fs, root = open_output_fs(output_url)
-    kinds = [k for k in KINDS if k in parts or k == "errors"]
-    staged: dict[str, StagedPart] = {}
-    for kind in kinds:
-        records = parts.get(kind) or []
-        data = encode_part(kind, records, fmt, input_format)
-        path = join_url(root, STAGING, kind, _staged_name(index, token, fmt, attempt))
-        put_atomic(fs, path, data)
-        staged[kind] = StagedPart(kind, len(records), hashlib.sha256(data).hexdigest(), path, len(data))
-    intent = {"index": index, "token": int(token), "format": fmt,
-              "parts": {k: {"lines": s.lines, "sha256": s.sha256, "size_bytes": s.size_bytes}
-                        for k, s in staged.items()}}
-    put_atomic(fs, join_url(root, _intent_rel(index, token, attempt)), json.dumps(intent, sort_keys=True).encode())
-    return staged
+    return OutputDir(output_url, fmt).stage(index, token, attempt, parts, input_format)
 
 
 def read_marker(output_url: str, index: int) -> Optional[CommitMarker]:
-    fs, root = open_output_fs(output_url)
-    fs.invalidate_cache(join_url(root, COMMITTED))
-    data = read_bytes(fs, join_url(root, _marker_rel(index)))
-    return CommitMarker.from_json(data) if data is not None else None
+    return OutputDir(output_url).read_marker(index)
 
 
 def promote_shard(output_url: str, index: int, token: int,
                   staged_info: Optional[dict[str, tuple[int, str]]] = None,
                   stats: Optional[dict[str, Any]] = None, attempt: str = "") -> CommitMarker:
-    """Move the token's staged parts to their final names, then write the commit marker; idempotent.
-
-    Call only after Redis accepted this token's commit. Returns the shard's commit marker. If the shard
-    is already committed under another token, nothing is replaced: that marker is returned (compare its
-    `token` with yours) and this token's staged parts are deleted. `staged_info` (kind -> (lines,
-    sha256)), when given, is checked against what was staged. `stats` (JSON-able counts: prompts_done,
-    prompts_failed, samples, output_tokens) is kept in the marker, so a lost Redis can be rebuilt from
-    storage. Raises CommitError when nothing is staged under this token or a moved part went missing.
-    """
-    fs, root = open_output_fs(output_url)
-    marker_path = join_url(root, _marker_rel(index))
-    intent_path = join_url(root, _intent_rel(index, token, attempt))
-    fs.invalidate_cache(join_url(root, COMMITTED))
-    existing = read_bytes(fs, marker_path)
-    old = CommitMarker.from_json(existing) if existing is not None else None
-    if old is not None:
-        if old.token == int(token) and old.stats.get("attempt", "") == attempt:
-            _remove_quietly(fs, [intent_path])      # a crash after the marker left the intent behind
-        else:
-            # committed output is never replaced: this attempt is a duplicate (a stale worker, or a shard
-            # run again because Redis lost its commit); its staged parts go, the committed ones stay
-            discard_staged(output_url, index, token, attempt)
-        return old
-    raw = read_bytes(fs, intent_path)
-    if raw is None:
-        # a concurrent promote of the same token (the worker's and a finalizer's recovery) may have just
-        # finished and removed the intent: its marker is then the answer
-        now = read_bytes(fs, marker_path)
-        if now is not None and CommitMarker.from_json(now).token == int(token):
-            return CommitMarker.from_json(now)
-        # (a marker of this token but another attempt is returned too: the caller compares tokens only)
-        raise CommitError(f"shard {index}: nothing staged under token {token} in {output_url} "
-                          "(never staged, or discarded)")
-    intent = json.loads(raw)
-    fmt = intent["format"]
-    if staged_info is not None:
-        got = {k: (v["lines"], v["sha256"]) for k, v in intent["parts"].items()}
-        want = {k: (int(v[0]), str(v[1])) for k, v in staged_info.items()}
-        if any(got.get(k) != v for k, v in want.items()):
-            raise CommitError(f"shard {index} token {token}: staged parts differ from the ones reported "
-                              f"at commit ({want} vs {got})")
-    parts: dict[str, PartInfo] = {}
-    for kind, info in intent["parts"].items():
-        staged = join_url(root, STAGING, kind, _staged_name(index, token, fmt, attempt))
-        rel = f"{kind}/{part_name(index, fmt)}"
-        final = join_url(root, rel)
-        moved = False
-        if exists_fresh(fs, staged):
-            try:
-                move_atomic(fs, staged, final)
-                moved = True
-            except FileNotFoundError:      # a concurrent promote of this token moved it first
-                pass
-        if not moved:
-            # moved by an earlier (interrupted or concurrent) call: the final object must be what was staged
-            data = read_bytes(fs, final)
-            if data is None or hashlib.sha256(data).hexdigest() != info["sha256"]:
-                raise CommitError(f"shard {index} token {token}: staged {kind} part is gone and {rel} does "
-                                  "not hold it; the shard must run again")
-        parts[kind] = PartInfo(int(info["lines"]), info["sha256"], rel, int(info.get("size_bytes", 0)))
-    clean_stats = {k: v for k, v in (stats or {}).items() if k not in ("parts", "attempt")}
-    if attempt:
-        clean_stats["attempt"] = attempt
-    marker = CommitMarker(index=index, token=int(token), format=fmt, parts=parts, stats=clean_stats)
-    put_atomic(fs, marker_path, marker.to_json().encode())
-    _remove_quietly(fs, [intent_path])
-    return marker
+    return OutputDir(output_url).promote(index, token, attempt, staged_info, stats)
 
 
 def discard_staged(output_url: str, index: int, token: int, attempt: str = "") -> None:
-    """Delete one attempt's staged parts and intent. Never touches final parts or markers."""
-    fs, root = open_output_fs(output_url)
-    paths = [join_url(root, _intent_rel(index, token, attempt))]      # the intent first: no half-staged "whole"
-    for kind in KINDS:
-        for fmt in EXTENSIONS:
-            paths.append(join_url(root, STAGING, kind, _staged_name(index, token, fmt, attempt)))
-    _remove_quietly(fs, paths)
+    OutputDir(output_url).discard(index, token, attempt)
 
 
 def clear_staging(output_url: str) -> None:
-    """Remove everything under _staging/ (leftovers of lost attempts), e.g. once the job is complete."""
-    fs, root = open_output_fs(output_url)
-    path = join_url(root, STAGING)
-    if exists_fresh(fs, path):
-        fs.rm(path, recursive=True)
+    OutputDir(output_url).clear_staging()
 
 
 def committed_shards(output_url: str) -> dict[int, CommitMarker]:
-    """Every shard's commit marker, by shard index: what is done, even if Redis lost it."""
-    fs, root = open_output_fs(output_url)
-    names = [p for p in list_fresh(fs, join_url(root, COMMITTED)) if p.endswith(".json")]
-    if not names:
-        return {}
-    # one concurrent batch on object stores; a marker that cannot be read is an error, not a shard left out
-    # (a cancelled job's manifest would miss its part; a resubmit would run it again)
-    blobs = fs.cat(names, on_error="raise")
-    markers = {}
-    for data in blobs.values():
-        m = CommitMarker.from_json(data)
-        markers[m.index] = m
-    return markers
+    return OutputDir(output_url).committed_shards()
 
 
 def _remove_quietly(fs, paths: list[str]) -> None:

@@ -19,6 +19,7 @@ kind has the same schema (an empty part included) and ``datasets.load_dataset("p
     response        string
     finish_reason   string              "stop" | "length"
     usage           struct<prompt_tokens: int32, completion_tokens: int32>
+    metadata        string              JSON text of the input line's other fields (labels), as given
 
 ``sft/``::
 
@@ -27,6 +28,7 @@ kind has the same schema (an empty part included) and ``datasets.load_dataset("p
     prompt          string              single-turn lines
     response        string              single-turn lines
     conversations   list<struct<from: string, value: string>>   multi-turn lines (ShareGPT style)
+    metadata        string              JSON text, as in results/
 
 ``experience/``::
 
@@ -39,13 +41,19 @@ kind has the same schema (an empty part included) and ``datasets.load_dataset("p
     ref_logprobs    list<float32>       reference-model logprobs (null without experience.reference_model)
     kl              list<float32>       per-token k1 = logprobs - ref_logprobs
     kl_k3           list<float32>       per-token k3 estimator
-    reward          float64             null without experience.reward_model
+    reward          float64             weighted sum of `rewards` (null without a reward, or if one is null)
+    rewards         struct<model: float64, url: float64, function: float64>
+                                        components; JSONL names the function's component by its name,
+                                        Parquet under "function"
+    reward_error    string              why a component is null (one line)
     group_reward_mean float64           mean reward of the prompt's n samples (null without rewards)
     group_reward_std  float64           their sample standard deviation
     advantage       float64             (reward - mean) / (std + eps), GRPO-style
     finish_reason   string
     response_length int32
     total_length    int32
+    top_logprobs    list<list<struct<id: int32, logprob: float32>>>   per response token (experience.top_logprobs)
+    metadata        string              JSON text, as in results/
 
 ``errors/``::
 
@@ -102,6 +110,7 @@ def _schemas() -> dict[str, Any]:
             ("response", pa.string()),
             ("finish_reason", pa.string()),
             ("usage", pa.struct([("prompt_tokens", pa.int32()), ("completion_tokens", pa.int32())])),
+            ("metadata", pa.string()),
         ]),
         "sft": pa.schema([
             ("id", pa.string()),
@@ -109,6 +118,7 @@ def _schemas() -> dict[str, Any]:
             ("prompt", pa.string()),
             ("response", pa.string()),
             ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
+            ("metadata", pa.string()),
         ]),
         "experience": pa.schema([
             ("id", pa.string()),
@@ -121,12 +131,16 @@ def _schemas() -> dict[str, Any]:
             ("kl", f32s),
             ("kl_k3", f32s),
             ("reward", pa.float64()),
+            ("rewards", pa.struct([("model", pa.float64()), ("url", pa.float64()), ("function", pa.float64())])),
+            ("reward_error", pa.string()),
             ("group_reward_mean", pa.float64()),
             ("group_reward_std", pa.float64()),
             ("advantage", pa.float64()),
             ("finish_reason", pa.string()),
             ("response_length", pa.int32()),
             ("total_length", pa.int32()),
+            ("top_logprobs", pa.list_(pa.list_(pa.struct([("id", pa.int32()), ("logprob", pa.float32())])))),
+            ("metadata", pa.string()),
         ]),
         "errors": pa.schema([
             ("id", pa.string()),
@@ -190,11 +204,30 @@ def _to_parquet_row(kind: str, rec: dict, schema, openai: bool) -> dict:
             choices = [{**c, "logprobs": None if c.get("logprobs") is None else json.dumps(c["logprobs"])}
                        for c in body["choices"]]
             rec = {**rec, "response": {**rec["response"], "body": {**body, "choices": choices}}}
+    if kind in ("results", "sft", "experience") and not openai:
+        rec = _plain_columns(kind, rec)
     extra = set(rec) - set(schema.names)
     if extra:
         raise ValueError(f"{kind} record has fields the Parquet schema lacks: {', '.join(sorted(extra))} "
                          "(update ziya_batch/io/schema.py)")
     return _finite(rec)
+
+
+def _plain_columns(kind: str, rec: dict) -> dict:
+    """metadata as JSON text (any object fits one column); top_logprobs pairs as structs; the reward function's
+    component (named after the function in JSONL) under "function"."""
+    rec = dict(rec)
+    if rec.get("metadata") is not None:
+        rec["metadata"] = json.dumps(_finite(rec["metadata"]), ensure_ascii=False, allow_nan=False, default=str)
+    if kind == "experience":
+        if rec.get("top_logprobs") is not None:
+            rec["top_logprobs"] = [[{"id": i, "logprob": lp} for i, lp in pos] for pos in rec["top_logprobs"]]
+        if rec.get("rewards") is not None:
+            rw = rec["rewards"]
+            others = [v for k, v in rw.items() if k not in ("model", "url")]
+            rec["rewards"] = {"model": rw.get("model"), "url": rw.get("url"),
+                              "function": others[0] if others else None}
+    return rec
 
 
 def encode_parquet(kind: str, records: list[dict], input_format: str = "ziya") -> bytes:

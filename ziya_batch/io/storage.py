@@ -28,14 +28,14 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from .. import settings
 from ..errors import ServiceError
-
-STORAGE_OPTIONS_ENV = "ZIYA_BATCH_STORAGE_OPTIONS"
+from ..settings import STORAGE_OPTIONS_ENV
 
 
 def storage_options(protocol: str) -> dict[str, Any]:
     """Options for `protocol` from ZIYA_BATCH_STORAGE_OPTIONS (a JSON object keyed by protocol)."""
-    raw = os.environ.get(STORAGE_OPTIONS_ENV)
+    raw = settings.storage_options_json()
     if not raw:
         return {}
     try:

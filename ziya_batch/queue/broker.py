@@ -5,8 +5,8 @@ key names come from keys.py. Times that decide anything (lease expiry, backoff) 
 
 Job hash fields: state, sealed ('1' once every shard is written), name, priority, lease_ms, max_retries,
 output_path, created_ms, updated_ms, finished_ms, error, total_shards, total_prompts, n_pending, n_leased,
-n_committed, n_dead (shards per state), prompts_done, prompts_failed, samples, output_tokens (sums of
-committed stats), retries, dead_lines, progress_seq.
+n_committed, n_dead (shards per state), prompts_done, prompts_failed, samples, output_tokens,
+prefix_cache_query_tokens, prefix_cache_hit_tokens (sums of committed stats), retries, dead_lines, progress_seq.
 
 Shard records (JSON in the job's shards hash): file (position in the files list), start, end, first_line,
 num_lines, state, token, attempts, failures, isolate, lease_isolate, in_flight, bad_lines, dead, owner,
@@ -24,11 +24,12 @@ import redis
 
 from ..errors import JobNotFound
 from ..records import ShardRef
-from ..spec import JobSpec, parse_spec
+from ..spec import JobSpec, stored_spec
 from .keys import Keys
 from .scripts import Scripts
 from .server import check_config
 from .states import JobState, ShardState
+from .status import build_status
 from .types import JobStatus, Lease, ShardStats, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class Broker:
                committed: Mapping[int, ShardStats] = {},  # noqa: B006 - read only
                job_id: Optional[str] = None) -> JobStatus:
         """Queue a job, or find it again (resume). Idempotent: the job id is the spec's identity (or `job_id`:
-        the id an earlier release gave it, runtime/submit.job_id_for).
+        the id an earlier release gave it, jobs/submit.job_id_for).
 
         A job that exists is returned as it is, except that a failed or cancelled one is reopened, any shard
         `committed` names (storage holds its part) is recorded committed, and an unfinished one takes this
@@ -182,7 +183,7 @@ class Broker:
         raw = self.client.get(self.keys.spec(job_id))
         if raw is None:
             raise JobNotFound(f"no job {job_id} in this Redis (list jobs with `ziya-batch status`)")
-        return parse_spec(json.loads(raw), f"spec of job {job_id}")
+        return stored_spec(json.loads(raw), f"spec of job {job_id}")
 
     def find_job(self, job_id: str) -> Optional[JobStatus]:
         if not self.client.exists(self.keys.job(job_id)):
@@ -441,6 +442,4 @@ class Broker:
 
     # -- status -------------------------------------------------------------------------------------------
     def status(self, job_id: str, detail: bool = False) -> JobStatus:
-        from .status import build_status
-
-        return build_status(self, job_id, detail)
+        return build_status(self.client, self.keys, job_id, detail)

@@ -67,6 +67,8 @@ local function add_stats(job_key, st)
   redis.call('HINCRBY', job_key, 'prompts_failed', st.prompts_failed or 0)
   redis.call('HINCRBY', job_key, 'samples', st.samples or 0)
   redis.call('HINCRBY', job_key, 'output_tokens', st.output_tokens or 0)
+  redis.call('HINCRBY', job_key, 'prefix_cache_query_tokens', st.prefix_cache_query_tokens or 0)
+  redis.call('HINCRBY', job_key, 'prefix_cache_hit_tokens', st.prefix_cache_hit_tokens or 0)
 end
 
 -- after a shard left `leased`: a cancelling job with no lease left is cancelled; a job whose shards are

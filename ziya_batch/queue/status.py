@@ -1,15 +1,17 @@
-"""Building a job's status from its Redis keys: counters, the last minute's rate, lease holders."""
+"""Building a job's status from its Redis keys: counters, the last minute's rate, lease holders.
+
+Takes the Redis client and the Keys, not the Broker, so that broker.py imports this module and not the
+other way round."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+
+import redis
 
 from ..errors import JobNotFound
+from .keys import Keys
 from .states import JobState, ShardState
 from .types import JobStatus
-
-if TYPE_CHECKING:
-    from .broker import Broker
 
 RATE_WINDOW_S = 60.0
 LIST_CAP = 1000              # shard indices per state in `status JOB_ID`
@@ -25,8 +27,8 @@ def _rate(entries: list[str], window_s: float) -> tuple[float, float]:
     return prompts / window_s, tokens / window_s
 
 
-def build_status(broker: "Broker", job_id: str, detail: bool = False) -> JobStatus:
-    k, c = broker.keys, broker.client
+def build_status(client: redis.Redis, keys: Keys, job_id: str, detail: bool = False) -> JobStatus:
+    k, c = keys, client
     sec, usec = c.time()
     now_ms = sec * 1000 + usec // 1000
     with c.pipeline(transaction=True) as p:
@@ -100,7 +102,8 @@ def build_status(broker: "Broker", job_id: str, detail: bool = False) -> JobStat
         tokens_per_s=tokens_per_s, prompts_per_s=prompts_per_s, eta_s=eta_s, workers=workers,
         retries=int(h.get("retries", 0)), lease_expiries=int(h.get("lease_expiries", 0)),
         dead_shards=int(dead_count), dead_lines=int(h.get("dead_lines", 0)),
-        error=h.get("error"), **extra)
+        error=h.get("error"), prefix_cache_query_tokens=int(h.get("prefix_cache_query_tokens", 0)),
+        prefix_cache_hit_tokens=int(h.get("prefix_cache_hit_tokens", 0)), **extra)
 
 
 def _error(e: dict) -> dict:

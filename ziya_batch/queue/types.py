@@ -34,17 +34,24 @@ class ShardStats:
     prompts_failed: int = 0
     samples: int = 0
     output_tokens: int = 0
+    prefix_cache_query_tokens: int = 0   # prompt tokens looked up in the engine's prefix cache
+    prefix_cache_hit_tokens: int = 0     # of those, found there (not computed)
     parts: dict[str, tuple[int, str]] = field(default_factory=dict)
     # the attempt whose staged parts these are (io.stage_shard): unique even if a Redis that lost writes
     # hands one token to two workers
     attempt: str = ""
+    dropped_constant_reward_groups: int = 0   # prompts left out of experience/ (output.filters)
 
     def to_dict(self) -> dict:
         d = {"prompts_done": self.prompts_done, "prompts_failed": self.prompts_failed,
              "samples": self.samples, "output_tokens": self.output_tokens,
+             "prefix_cache_query_tokens": self.prefix_cache_query_tokens,
+             "prefix_cache_hit_tokens": self.prefix_cache_hit_tokens,
              "parts": {k: [int(v[0]), str(v[1])] for k, v in self.parts.items()}}
         if self.attempt:
             d["attempt"] = self.attempt
+        if self.dropped_constant_reward_groups:
+            d["dropped_constant_reward_groups"] = self.dropped_constant_reward_groups
         return d
 
     @classmethod
@@ -54,6 +61,8 @@ class ShardStats:
             parts = {}
         return cls(prompts_done=int(d.get("prompts_done", 0)), prompts_failed=int(d.get("prompts_failed", 0)),
                    samples=int(d.get("samples", 0)), output_tokens=int(d.get("output_tokens", 0)),
+                   prefix_cache_query_tokens=int(d.get("prefix_cache_query_tokens", 0)),
+                   prefix_cache_hit_tokens=int(d.get("prefix_cache_hit_tokens", 0)),
                    parts={k: (int(v[0]), str(v[1])) for k, v in parts.items()}, attempt=str(d.get("attempt") or ""))
 
 
@@ -100,10 +109,18 @@ class JobStatus:
     dead_shards: int                 # shards that were dead-lettered
     dead_lines: int                  # lines given up on alone (they crashed generation in isolate mode)
     error: Optional[str] = None      # why the job failed
+    prefix_cache_query_tokens: int = 0   # prompt tokens of committed shards looked up in the prefix cache
+    prefix_cache_hit_tokens: int = 0     # of those, found cached
     detail: bool = False
     leases: tuple = ()               # detail: ({"shard", "worker_id", "attempt", "token", "expires_in_s"}, ...)
     shard_lists: dict = field(default_factory=dict)   # detail: state -> shard indices (capped)
     errors: tuple = ()               # detail: latest failures, newest first
+
+    @property
+    def prefix_cache_hit_rate(self) -> Optional[float]:
+        """Share of looked-up prompt tokens found in the prefix cache; None before any were looked up."""
+        q = self.prefix_cache_query_tokens
+        return round(self.prefix_cache_hit_tokens / q, 4) if q else None
 
     @property
     def prompts_remaining(self) -> int:
@@ -121,6 +138,9 @@ class JobStatus:
             "workers": [dict(w) for w in self.workers], "retries": self.retries,
             "lease_expiries": self.lease_expiries,
             "dead_shards": self.dead_shards, "dead_lines": self.dead_lines, "error": self.error,
+            "prefix_cache_query_tokens": self.prefix_cache_query_tokens,
+            "prefix_cache_hit_tokens": self.prefix_cache_hit_tokens,
+            "prefix_cache_hit_rate": self.prefix_cache_hit_rate,
         }
         if self.detail:
             d["leases"] = [dict(x) for x in self.leases]

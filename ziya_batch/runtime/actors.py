@@ -20,7 +20,7 @@ class WorkerActor:
 
             torch.set_num_threads(cpu_threads)
         from ..queue import Broker
-        from .worker import Worker
+        from ..work.worker import Worker
 
         self._stop = threading.Event()
         ctx = ray.get_runtime_context()

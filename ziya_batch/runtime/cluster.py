@@ -22,8 +22,9 @@ import time
 import uuid
 from typing import Callable, Optional
 
+from .. import settings
 from ..errors import ServiceError
-from .services import REDIS_ENV
+from ..settings import REDIS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,8 @@ def serve_node(redis_url: Optional[str] = None, ray_address: Optional[str] = Non
 
     from .replicas import ReplicaManager
 
-    address = ray_address or os.environ.get("RAY_ADDRESS")
-    url = redis_url or os.environ.get(REDIS_ENV)
+    address = settings.ray_address(ray_address)
+    url = settings.redis_url(redis_url)
     if not address:
         raise ServiceError("no Ray cluster to join: pass --address or set RAY_ADDRESS (host:port of the head)")
     if not url:

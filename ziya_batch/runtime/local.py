@@ -11,11 +11,10 @@ from typing import Optional
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .. import settings
 from ..errors import ModelError, ServiceError
+from ..jobs import finalize_if_ready, submit_job
 from ..spec import load_spec
-from .finalize import finalize_if_ready
-from .services import REDIS_ENV, home_dir
-from .submit import submit_job
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -24,7 +23,7 @@ console = Console(stderr=True)
 def _start_ray(address: Optional[str]):
     import ray
 
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = settings.ray_address(address)
     if ray.is_initialized():
         return False
     if address:
@@ -48,9 +47,9 @@ def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optiona
     t0 = time.time()
     spec = load_spec(job_path)
     private = None
-    url = redis_url or os.environ.get(REDIS_ENV)
+    url = settings.redis_url(redis_url)
     if not url:
-        private = PrivateRedis(home_dir() / "redis")
+        private = PrivateRedis(settings.home_dir() / "redis")
         url = private.start()
         console.print(f"[dim]private redis-server at {url} (data in {private.data_dir})[/dim]")
     broker = Broker.from_url(url)
@@ -71,7 +70,7 @@ def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optiona
     try:
         if not status.state.is_finished():
             started_ray = _start_ray(ray_address)
-            external = bool(ray_address or os.environ.get("RAY_ADDRESS"))
+            external = bool(settings.ray_address(ray_address))
             cpu_threads = None if external else max(1, ((os.cpu_count() or 2) - 1) // spec.model.tensor_parallel)
             # on a cluster, replicas wait for GPU nodes to join rather than load the model on a CPU node
             use_gpus = False if cpu else (True if external else None)

@@ -9,7 +9,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from ..errors import JobNotFound
+from .. import jobs
 
 
 def _eta(seconds: Optional[float]) -> str:
@@ -38,6 +38,9 @@ def _jobs_table(statuses) -> Table:
 def _job_detail(st, note: Optional[str] = None):
     d = st.to_dict()
     parts = [_jobs_table([st])]
+    if d.get("prefix_cache_hit_rate") is not None:
+        parts.append(f"prefix cache: {d['prefix_cache_hit_rate']:.0%} of {d['prefix_cache_query_tokens']:,} prompt "
+                     "tokens reused")
     if note:
         parts.append(f"[yellow]{note}[/yellow]")
     shards = Table(title="shards by state")
@@ -65,13 +68,11 @@ def _job_detail(st, note: Optional[str] = None):
 
 def _render(broker, job_id: Optional[str]):
     if job_id is None:
-        return _jobs_table(broker.list_jobs())
-    if broker.find_job(job_id) is None:
-        raise JobNotFound(f"no job {job_id} in this Redis (list jobs with `ziya-batch status`)")
-    st = broker.status(job_id, detail=True)
+        return _jobs_table(jobs.list_jobs(broker))
+    st = jobs.job_status(broker, job_id, detail=True)
     note = None
     if not st.state.is_finished() and st.shards.get("pending", 0):
-        from .models import unserved_note
+        from ..work.models import unserved_note
 
         note = unserved_note(broker, job_id)
     return _job_detail(st, note)
@@ -86,11 +87,9 @@ def show_status(broker, job_id: Optional[str], watch: bool = False, as_json: boo
     if as_json:
         while True:
             if job_id is None:
-                data = [st.to_dict() for st in broker.list_jobs()]
+                data = [st.to_dict() for st in jobs.list_jobs(broker)]
             else:
-                if broker.find_job(job_id) is None:
-                    raise JobNotFound(f"no job {job_id} in this Redis (list jobs with `ziya-batch status`)")
-                data = broker.status(job_id, detail=True).to_dict()
+                data = jobs.job_status(broker, job_id, detail=True).to_dict()
             print(json.dumps(data, ensure_ascii=False), flush=True)
             if not watch:
                 return

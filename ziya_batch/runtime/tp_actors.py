@@ -35,8 +35,8 @@ class TPRankActor:
 
         from ..engine import tp
         from ..queue import Broker
-        from .models import TPModelCache
-        from .worker import Worker
+        from ..work.models import TPModelCache
+        from ..work.worker import Worker
 
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
@@ -66,14 +66,14 @@ class TPRankActor:
 
     def _build(self, spec):
         from ..engine.engine import LLMEngine
-        from .models import engine_config
+        from ..work.models import engine_config
 
         return LLMEngine(engine_config(spec, self.device), tensor_parallel=(self.rank, self.world_size))
 
     def _load(self, spec_json: str):
         """A follower's on_load: drop this rank's engine, build the one rank 0 switched to."""
         from ..spec import JobSpec
-        from .models import release_memory
+        from ..work.models import release_memory
 
         self.engine = None
         release_memory(self.device)

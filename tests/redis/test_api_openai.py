@@ -1,0 +1,191 @@
+"""The OpenAI Batch subset on the TestClient with a real private Redis and no worker: files, batch
+creation, listing and paging, cancel and expiry. (The round trip with a worker and the official client
+is tests/ray/test_api_e2e.py.)"""
+from __future__ import annotations
+
+import json
+import time
+
+from api_support import AUTH
+
+LINES = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+          "body": {"model": "m", "prompt": f"hello {i}", "max_tokens": 2}} for i in range(3)]
+DATA = ("\n".join(json.dumps(x) for x in LINES) + "\n").encode()
+
+
+def _upload(client, data: bytes = DATA, purpose: str = "batch", name: str = "in.jsonl"):
+    return client.post("/v1/files", files={"file": (name, data, "application/jsonl")}, data={"purpose": purpose},
+                       headers=AUTH)
+
+
+def _create(client, file_id: str, **extra):
+    body = {"input_file_id": file_id, "endpoint": "/v1/completions", "completion_window": "24h", **extra}
+    return client.post("/v1/batches", json=body, headers=AUTH)
+
+
+def _settled(client, batch_id: str, timeout_s: float = 30.0) -> dict:
+    """The batch once its background validation is over."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        b = client.get(f"/v1/batches/{batch_id}", headers=AUTH).json()
+        if b["status"] != "validating":
+            return b
+        assert time.monotonic() < deadline, b
+        time.sleep(0.05)
+
+
+def test_files(api_env):
+    _, _, make_client = api_env
+    client = make_client()
+    r = _upload(client)
+    assert r.status_code == 200, r.text
+    f = r.json()
+    assert f["object"] == "file" and f["bytes"] == len(DATA) and f["purpose"] == "batch" and f["filename"] == "in.jsonl"
+    assert client.get(f"/v1/files/{f['id']}", headers=AUTH).json() == f
+    assert client.get(f"/v1/files/{f['id']}/content", headers=AUTH).content == DATA
+    assert [x["id"] for x in client.get("/v1/files", headers=AUTH).json()["data"]] == [f["id"]]
+    assert client.get("/v1/files?purpose=batch_output", headers=AUTH).json()["data"] == []
+    for bad in ("file-nope", "../../etc/passwd", "file-..", "x"):
+        r = client.get(f"/v1/files/{bad}/content", headers=AUTH)
+        assert r.status_code == 404, (bad, r.status_code)
+    r = _upload(client, purpose="assistants")
+    assert r.status_code == 400 and "purpose 'batch'" in r.json()["error"]["message"]
+    r = client.post("/v1/files", data={"purpose": "batch"}, headers=AUTH)
+    assert r.status_code == 422 and "file" in r.json()["error"]["message"]
+
+
+def test_create_follows_the_job(api_env):
+    _, _, make_client = api_env
+    client = make_client()
+    file_id = _upload(client).json()["id"]
+    r = _create(client, file_id, metadata={"team": "rl"})
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "validating"
+    b = _settled(client, r.json()["id"])
+    assert b["object"] == "batch" and b["status"] == "in_progress" and b["metadata"] == {"team": "rl"}
+    assert b["request_counts"] == {"total": 3, "completed": 0, "failed": 0}
+    assert b["expires_at"] == b["created_at"] + 24 * 3600 and b["in_progress_at"] >= b["created_at"]
+    assert not any(k.startswith("_") for k in b)
+    job = client.get("/v1/jobs", headers=AUTH).json()["jobs"]
+    assert len(job) == 1 and job[0]["name"] == f"openai-{b['id']}" and job[0]["prompts_total"] == 3
+    assert client.get(f"/v1/batches/{b['id']}", headers=AUTH).json()["status"] == "in_progress"
+
+
+def test_create_refusals(api_env):
+    _, _, make_client = api_env
+    client = make_client()
+    r = _create(client, "file-doesnotexist")
+    assert r.status_code == 404 and "no file" in r.json()["error"]["message"]
+    r = client.post("/v1/batches", json={"input_file_id": "f", "endpoint": "/v1/completions",
+                                         "completion_window": "1h"}, headers=AUTH)
+    assert r.status_code == 422 and "completion_window" in r.json()["error"]["message"]
+    file_id = _upload(client).json()["id"]
+    r = _create(make_client(model=None), file_id)
+    assert r.status_code == 400 and "--model" in r.json()["error"]["message"]
+
+
+def test_an_empty_file_makes_an_empty_completed_batch(api_env):
+    _, _, make_client = api_env
+    client = make_client()
+    file_id = _upload(client, data=b"").json()["id"]
+    b = _settled(client, _create(client, file_id).json()["id"])
+    assert b["status"] == "completed", b
+    assert b["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+
+
+def test_list_pages_newest_first(api_env):
+    _, _, make_client = api_env
+    client = make_client()
+    file_id = _upload(client).json()["id"]
+    ids = [_settled(client, _create(client, file_id).json()["id"])["id"] for _ in range(3)]
+    page = client.get("/v1/batches?limit=2", headers=AUTH).json()
+    assert page["object"] == "list" and page["has_more"] is True and len(page["data"]) == 2
+    rest = client.get(f"/v1/batches?limit=2&after={page['last_id']}", headers=AUTH).json()
+    assert rest["has_more"] is False
+    assert sorted(x["id"] for x in page["data"] + rest["data"]) == sorted(ids)
+
+
+def test_cancel_and_expiry(api_env, tmp_path):
+    _, _, make_client = api_env
+    client = make_client()
+    file_id = _upload(client).json()["id"]
+    b = _settled(client, _create(client, file_id).json()["id"])
+    c = client.post(f"/v1/batches/{b['id']}/cancel", headers=AUTH).json()
+    assert c["status"] == "cancelled" and c["cancelled_at"] is not None and c["output_file_id"] is None
+    assert client.post(f"/v1/batches/{b['id']}/cancel", headers=AUTH).json()["status"] == "cancelled"
+    # a batch past its completion window is stopped and reported expired
+    e = _settled(client, _create(client, file_id).json()["id"])
+    record_path = tmp_path / "store" / "batches" / f"{e['id']}.json"
+    record = json.loads(record_path.read_text())
+    record["expires_at"] = record["created_at"] - 1
+    record_path.write_text(json.dumps(record))
+    got = client.get(f"/v1/batches/{e['id']}", headers=AUTH).json()
+    assert got["status"] == "expired" and got["expired_at"] is not None
+    job = [j for j in client.get("/v1/jobs", headers=AUTH).json()["jobs"] if j["name"] == f"openai-{e['id']}"]
+    assert job[0]["state"] == "cancelled"
+    r = client.post("/v1/batches/batch_nope/cancel", headers=AUTH)
+    assert r.status_code == 404
+
+
+def test_cancel_while_validating_and_a_lost_validation(api_env, tmp_path):
+    _, _, make_client = api_env
+    client = make_client()
+    batches = client.app.state.batches
+    file_id = _upload(client).json()["id"]
+    settled = _settled(client, _create(client, file_id).json()["id"])
+    # a record as create() leaves it before its submitter has run
+    record = json.loads((tmp_path / "store" / "batches" / f"{settled['id']}.json").read_text())
+    record.update(id="batch_" + "a" * 24, status="validating", _job_id=None, in_progress_at=None,
+                  _output=record["_output"].replace(settled["id"], "batch_" + "a" * 24))
+    batches._save(dict(record))
+    c = client.post(f"/v1/batches/{record['id']}/cancel", headers=AUTH).json()
+    assert c["status"] == "cancelling" and c["cancelling_at"] is not None
+    batches._submit(dict(record))                        # the submitter finishes and sees the cancel
+    final = client.get(f"/v1/batches/{record['id']}", headers=AUTH).json()
+    assert final["status"] == "cancelled"
+    # a validation whose thread died with the server ends as failed, not validating forever
+    record.update(id="batch_" + "b" * 24, created_at=record["created_at"] - 7200, status="validating")
+    batches._save(dict(record))
+    lost = client.get(f"/v1/batches/{record['id']}", headers=AUTH).json()
+    assert lost["status"] == "failed" and lost["errors"]["data"][0]["code"] == "validation_interrupted"
+
+
+def test_a_batch_whose_job_redis_lost_is_resubmitted(api_env):
+    _, _, make_client = api_env
+    client = make_client()
+    file_id = _upload(client).json()["id"]
+    b = _settled(client, _create(client, file_id).json()["id"])
+    broker = client.app.state.brokers.get()
+    job_id = broker.list_jobs()[0].job_id
+    broker.delete_job(job_id)
+    assert broker.find_job(job_id) is None
+    again = client.get(f"/v1/batches/{b['id']}", headers=AUTH).json()
+    assert again["status"] == "in_progress" and again["request_counts"]["total"] == 3
+    assert broker.find_job(job_id) is not None                 # the same job id: same spec, same output
+
+
+def test_an_upload_over_the_limit_is_a_413_and_leaves_nothing(api_env, tmp_path, monkeypatch):
+    from ziya_batch.api import openai_batch
+
+    _, _, make_client = api_env
+    client = make_client()
+    monkeypatch.setattr(openai_batch, "MAX_UPLOAD_BYTES", 3 * 2**20)
+    r = _upload(client, data=b"x" * (3 * 2**20 + 1))
+    assert r.status_code == 413 and "larger than 3 MiB" in r.json()["error"]["message"]
+    assert client.get("/v1/files", headers=AUTH).json()["data"] == []
+    assert list((tmp_path / "store" / "files").iterdir()) == []
+    assert _upload(client, data=b"y" * (3 * 2**20)).status_code == 200
+
+
+def test_cancel_right_after_create_always_ends_cancelled(api_env):
+    _, _, make_client = api_env
+    client = make_client()
+    file_id = _upload(client).json()["id"]
+    for _ in range(8):
+        batch_id = _create(client, file_id).json()["id"]
+        assert client.post(f"/v1/batches/{batch_id}/cancel", headers=AUTH).json()["status"] in ("cancelling", "cancelled")
+        deadline = time.monotonic() + 30
+        while (b := client.get(f"/v1/batches/{batch_id}", headers=AUTH).json())["status"] in ("validating", "cancelling"):
+            assert time.monotonic() < deadline, b
+            time.sleep(0.02)
+        assert b["status"] == "cancelled", b

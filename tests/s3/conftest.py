@@ -1,0 +1,37 @@
+"""The storage layer against S3: moto's server in a thread on 127.0.0.1 (no network, no AWS account). s3fs
+talks to S3 through aiobotocore, which moto's in-process mock does not intercept, so a real endpoint it
+is. Every test here is marked `s3` (`pytest -m "not s3"` leaves them out)."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(config, items):
+    # the hook sees every collected item, not only this directory's
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.s3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """The URL of a moto S3 server for the session."""
+    pytest.importorskip("moto.server")
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

@@ -1,0 +1,81 @@
+"""The API's settings and its answers when Redis is down, and serve's refusals to start: nothing here
+needs a server (the rest of the API runs against a real Redis in tests/redis/test_api*.py)."""
+from __future__ import annotations
+
+import pytest
+
+from ziya_batch.api.settings import ApiSettings
+from ziya_batch.errors import ServiceError
+from ziya_batch.queue import Broker
+
+TOKEN = "test-token-0123456789"
+
+
+def test_health_reports_redis_down_as_503(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from ziya_batch.api.app import create_app
+
+    app = create_app(ApiSettings(token=TOKEN, storage_url=str(tmp_path)),
+                     lambda: Broker.from_url("redis://127.0.0.1:1/0"))
+    r = TestClient(app).get("/healthz")
+    assert r.status_code == 503 and r.json()["redis"] is False
+
+
+def test_settings_refuse_to_start_without_a_token(monkeypatch):
+    monkeypatch.delenv("ZIYA_BATCH_API_TOKEN", raising=False)
+    with pytest.raises(ServiceError, match="--insecure-no-auth"):
+        ApiSettings.from_env()
+    monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", "short")
+    with pytest.raises(ServiceError, match="too short"):
+        ApiSettings.from_env()
+    monkeypatch.delenv("ZIYA_BATCH_API_TOKEN")
+    assert ApiSettings.from_env(insecure_no_auth=True).insecure_no_auth
+
+
+def test_settings_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", TOKEN)
+    monkeypatch.setenv("ZIYA_BATCH_ALLOWED_PREFIXES", " /data/a/ , s3://b/runs/,,")
+    monkeypatch.setenv("ZIYA_BATCH_ALLOWED_MODELS", "/models/")
+    monkeypatch.setenv("ZIYA_BATCH_MODEL", "/models/ziya")
+    monkeypatch.setenv("ZIYA_BATCH_HOME", str(tmp_path))
+    s = ApiSettings.from_env()
+    assert s.allowed_prefixes == ("/data/a/", "s3://b/runs/")
+    assert s.allowed_models == ("/models/",) and s.model == "/models/ziya" and s.model_name() == "ziya"
+    assert s.storage_url == str(tmp_path / "files")
+    assert ApiSettings.from_env(model="/m2", storage="s3://x/files").storage_url == "s3://x/files"
+
+
+def test_worker_gpus_from_what_workers_register():
+    from ziya_batch.api.metrics import worker_gpus
+
+    assert worker_gpus({"info": {"device": "cpu", "pid": 1}}) == 0
+    assert worker_gpus({"info": {"device": "NVIDIA H100 80GB HBM3"}}) == 1
+    assert worker_gpus({"info": {"device": "NVIDIA H100", "gpu_ids": ["0", "1", "2"]}}) == 3
+    assert worker_gpus({"info": {"gpus": 4}}) == 4
+
+
+def test_serve_main_refuses_to_start_without_token_or_redis(monkeypatch):
+    from ziya_batch.api.serve import serve_main
+
+    monkeypatch.delenv("ZIYA_BATCH_API_TOKEN", raising=False)
+    with pytest.raises(ServiceError, match="--insecure-no-auth"):
+        serve_main(port=0)
+    monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", TOKEN)
+    monkeypatch.delenv("ZIYA_BATCH_REDIS_URL", raising=False)
+    with pytest.raises(ServiceError, match="Redis"):
+        serve_main(port=0)
+
+
+def test_serve_main_names_a_busy_port(monkeypatch):
+    import socket
+
+    from ziya_batch.api.serve import serve_main
+
+    monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", TOKEN)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(ServiceError, match="--port"):
+            serve_main(host="127.0.0.1", port=busy.getsockname()[1])
+

@@ -1,0 +1,93 @@
+"""The experience spec fields of issue 20: logprobs_mode, rewards, top_logprobs, group filtering; job ids of
+specs that leave them at their defaults are unchanged; a job stored before logprobs_mode keeps processed."""
+import pytest
+
+from ziya_batch.api.access import AccessDenied, check_job
+from ziya_batch.api.settings import ApiSettings
+from ziya_batch.errors import SpecError
+from ziya_batch.spec import parse_spec, stored_spec
+
+BASE = {"name": "t", "model": {"path": "m"}, "input": ["a.jsonl"], "output": {"path": "out"}}
+
+
+def with_exp(**exp):
+    return {**BASE, "experience": exp}
+
+
+def test_defaults_are_materialised_and_keep_the_pinned_id():
+    spec = parse_spec(BASE)
+    assert spec.experience.logprobs_mode == "temperature"
+    assert '"logprobs_mode": "temperature"' in spec.to_json()          # the stored spec names the mode
+    assert spec.identity() == "9a00f24076b5f4c0"                       # tests/unit/test_spec.py pins it too
+    assert parse_spec(with_exp(logprobs_mode="temperature", top_logprobs=0, reward_weights={})).identity() == \
+        spec.identity()
+
+
+@pytest.mark.parametrize("exp", [{"logprobs_mode": "raw"}, {"logprobs_mode": "processed"}, {"top_logprobs": 5},
+                                 {"reward_function": "math_answer"}, {"reward_url": "http://j/"},
+                                 {"reward_model": "rm", "reward_weights": {"model": 2.0}}])
+def test_fields_that_change_the_output_change_the_id(exp):
+    assert parse_spec(with_exp(**exp)).identity() != parse_spec(BASE).identity()
+
+
+def test_dropping_constant_groups_needs_a_reward_and_changes_the_id():
+    drop = {**BASE, "output": {"path": "out", "filters": {"drop_constant_reward_groups": True}}}
+    with pytest.raises(SpecError, match="needs a reward"):
+        parse_spec(drop)
+    spec = parse_spec({**drop, "experience": {"reward_function": "exact_match"}})
+    assert spec.identity() != parse_spec(with_exp(reward_function="exact_match")).identity()
+
+
+@pytest.mark.parametrize("exp,msg", [
+    ({"logprobs_mode": "processed", "reference_model": "r"}, "cannot be used with a reference_model"),
+    ({"logprobs_mode": "softmax"}, "logprobs_mode"),
+    ({"top_logprobs": 21}, "top_logprobs"),
+    ({"reward_function": "no_colon_here"}, "built-in"),
+    ({"reward_url": "file:///etc/passwd"}, "http"),
+    ({"reward_function": "math_answer", "reward_weights": {"math": 1.0}}, "not a configured reward"),
+])
+def test_invalid_experience_settings_are_one_line_errors(exp, msg):
+    with pytest.raises(SpecError, match=msg) as err:
+        parse_spec(with_exp(**exp))
+    assert "\n" not in str(err.value)
+
+
+def test_a_spec_stored_before_logprobs_mode_resumes_in_processed_mode():
+    old = parse_spec(BASE).model_dump(mode="json")
+    del old["experience"]["logprobs_mode"]
+    assert stored_spec(old).experience.logprobs_mode == "processed"
+    old["experience"]["reference_model"] = "ref"          # processed is refused with a reference: temperature
+    assert stored_spec(old).experience.logprobs_mode == "temperature"
+    assert stored_spec(parse_spec(with_exp(logprobs_mode="raw")).model_dump(mode="json")).experience.logprobs_mode \
+        == "raw"
+
+
+def _settings(**kw):
+    return ApiSettings(token="t" * 16, allowed_prefixes=("/data/",), model="/models/m", **kw)
+
+
+def _api_spec(**exp):
+    return parse_spec({**BASE, "model": {"path": "/models/m"}, "input": ["/data/a.jsonl"],
+                       "output": {"path": "/data/out"}, "experience": exp})
+
+
+def test_api_accepts_builtins_and_listed_functions_and_urls_only():
+    check_job(_api_spec(reward_function="math_answer"), _settings())
+    check_job(_api_spec(reward_function="ziya_batch.rewards:json_schema"), _settings())
+    with pytest.raises(AccessDenied, match="ZIYA_BATCH_ALLOWED_REWARD_FUNCTIONS"):
+        check_job(_api_spec(reward_function="/tmp/evil.py:f"), _settings())
+    check_job(_api_spec(reward_function="pkg.mod:f"), _settings(allowed_reward_functions=("pkg.mod:f",)))
+    with pytest.raises(AccessDenied, match="ZIYA_BATCH_ALLOWED_REWARD_URLS"):
+        check_job(_api_spec(reward_url="http://169.254.169.254/latest"), _settings())
+    ok = _settings(allowed_reward_urls=("http://judge:8000",))
+    check_job(_api_spec(reward_url="http://judge:8000/score"), ok)
+    with pytest.raises(AccessDenied):
+        check_job(_api_spec(reward_url="http://judge:8000@evil.example/"), ok)
+
+
+def test_api_settings_read_the_allow_lists_from_the_environment(monkeypatch):
+    monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", "x" * 16)
+    monkeypatch.setenv("ZIYA_BATCH_ALLOWED_REWARD_FUNCTIONS", "a.b:c, d.py:e")
+    monkeypatch.setenv("ZIYA_BATCH_ALLOWED_REWARD_URLS", "https://j/")
+    s = ApiSettings.from_env(storage="/tmp/x")
+    assert s.allowed_reward_functions == ("a.b:c", "d.py:e") and s.allowed_reward_urls == ("https://j/",)

@@ -1,0 +1,89 @@
+"""The worker's failure policy (work/failures.py) on plain exceptions: what each failure at each stage does."""
+import pytest
+import torch
+
+from ziya_batch.work.failures import (Action, EngineOutOfMemory, LeaseLost, RunMode, Stage, decide, engine_calls,
+                                      run_mode)
+from ziya_batch.work.models import ReplicaBroken
+
+
+def _oom(text="CUDA out of memory. Tried to allocate 2.00 GiB\nallocator details"):
+    with pytest.raises(EngineOutOfMemory) as got:
+        with engine_calls():
+            raise torch.OutOfMemoryError(text)
+    return got.value
+
+
+def test_the_engine_boundary_turns_every_allocation_failure_into_one_type():
+    assert _oom().why == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    for text in ("CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate", "DefaultCPUAllocator: can't allocate memory"):
+        with pytest.raises(EngineOutOfMemory, match="RuntimeError"):
+            with engine_calls():
+                raise RuntimeError(text)
+    # anything else passes unchanged
+    with pytest.raises(ValueError, match="bad token"):
+        with engine_calls():
+            raise ValueError("bad token")
+    with pytest.raises(ReplicaBroken):
+        with engine_calls():
+            raise ReplicaBroken("rank 0 failed")
+
+
+def test_out_of_memory_is_no_lines_fault():
+    step = decide(_oom(), Stage.STEP, "w1")
+    assert step.action is Action.GIVE_BACK and step.back_off and not step.replica_down
+    assert step.message == ("engine out of memory on w1: "
+                            "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    shard = decide(_oom(), Stage.SHARD, "w1")
+    assert shard.action is Action.GIVE_BACK and shard.back_off and shard.message.startswith("out of memory on w1")
+    # the same on a tensor-parallel replica: give back quietly, then the replica goes down
+    tp = decide(_oom(), Stage.STEP, "w1", tensor_parallel=True)
+    assert tp.action is Action.GIVE_BACK and tp.replica_down and tp.quietly
+    broken = tp.replica_broken(_oom())
+    assert isinstance(broken, ReplicaBroken) and "out of memory mid-step" in str(broken)
+    # the message text alone, without the boundary, is not an out-of-memory: a line's failure is bisected
+    assert decide(RuntimeError("CUDA out of memory"), Stage.STEP).action is Action.REDO_ALONE
+
+
+def test_an_engine_that_will_not_load_gives_the_shard_back_and_backs_off():
+    for err in (_oom(), OSError("no such checkpoint on this node")):
+        d = decide(err, Stage.LOAD, "w1")
+        assert d.action is Action.GIVE_BACK and d.back_off and not d.replica_down
+        assert d.message.startswith("engine would not load on w1: ")
+    d = decide(ReplicaBroken("rank 0 failed to load"), Stage.LOAD, "w1")
+    assert d.action is Action.GIVE_BACK and d.replica_down and d.quietly and not d.back_off
+
+
+def test_a_failed_step_is_redone_alone_and_a_shards_own_failure_fails_it():
+    assert decide(ValueError("bad request"), Stage.STEP).action is Action.REDO_ALONE
+    assert decide(ValueError("bad request"), Stage.ADMIT).action is Action.REDO_ALONE
+    assert decide(_oom(), Stage.ADMIT).action is Action.REDO_ALONE
+    for stage in (Stage.READ, Stage.SHARD):
+        d = decide(KeyError("results"), stage)
+        assert d.action is Action.FAIL and d.message == "KeyError: 'results'" and not d.back_off
+    assert decide(_oom(), Stage.READ).action is Action.FAIL
+
+
+def test_a_lost_lease_drops_and_a_dying_process_abandons():
+    assert decide(LeaseLost(), Stage.SHARD).action is Action.DROP
+    assert decide(LeaseLost(), Stage.STEP).action is Action.DROP
+    for stage in Stage:
+        assert decide(KeyboardInterrupt(), stage).action is Action.ABANDON
+    for stage in (Stage.READ, Stage.ADMIT, Stage.STEP, Stage.SHARD):
+        assert decide(ReplicaBroken("x"), stage).action is Action.ABANDON
+    # shards waiting on others: a broken replica gives them back untried; any other error leaves them to expire
+    for stage in (Stage.DRAIN, Stage.REDO):
+        d = decide(ReplicaBroken("rank 1 died"), stage, "w1")
+        assert d.action is Action.GIVE_BACK and d.replica_down and d.quietly and "replica w1 broke" in d.message
+        assert decide(ConnectionError("Redis went away"), stage).action is Action.ABANDON
+
+
+class _Lease:
+    def __init__(self, dead_letter=False, isolate=False):
+        self.dead_letter, self.isolate = dead_letter, isolate
+
+
+def test_run_mode():
+    assert run_mode(_Lease()) is RunMode.SHARED
+    assert run_mode(_Lease(isolate=True)) is RunMode.ISOLATE
+    assert run_mode(_Lease(dead_letter=True, isolate=True)) is RunMode.DEAD_LETTER

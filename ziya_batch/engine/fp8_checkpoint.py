@@ -1,0 +1,127 @@
+"""`ziya-batch quantize`: an FP8 copy of a float16 Hugging Face LLaMA checkpoint, written tensor by tensor in
+bounded memory, in the layout quant.py describes (llm-compressor's FP8_DYNAMIC, "compressed-tensors": linear
+weights float8_e4m3fn with a float32 weight_scale [out, 1], everything else as it was) with config.json's
+quantization_config saying so, so replicas load it without quantising (model.quantization: fp8)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ziya_batch.engine.merge_delta import parse_size_bytes
+from ziya_batch.engine.model import checkpoint_files, iter_checkpoint
+from ziya_batch.engine.quant import is_quantized_weight, quantize_weight
+from ziya_batch.errors import ModelError
+
+QUANTIZATION_CONFIG = {
+    "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+    "ignore": ["lm_head"], "kv_cache_scheme": None,
+    "config_groups": {"group_0": {
+        "targets": ["Linear"],
+        "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False,
+                    "group_size": None, "block_structure": None, "actorder": None, "observer": "minmax"},
+        "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                              "dynamic": True, "group_size": None, "block_structure": None, "actorder": None,
+                              "observer": None},
+        "output_activations": None}},
+}
+# what is not copied beside the new weights: the old weights and their indexes
+_WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.index\.json|\.pt|\.pth|\.msgpack|\.h5)$")
+DEFAULT_MAX_SHARD_SIZE = "2GB"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def checkpoint_quantization(config: dict) -> Optional[str]:
+    """'fp8' when a config.json says its linear weights are float8 (compressed-tensors or vLLM's fp8)."""
+    q = config.get("quantization_config") or {}
+    method = q.get("quant_method")
+    if method == "fp8":
+        return "fp8"
+    if method == "compressed-tensors":
+        for group in (q.get("config_groups") or {}).values():
+            w = group.get("weights") or {}
+            if w.get("type") == "float" and w.get("num_bits") == 8:
+                return "fp8"
+    return None if not method else str(method)
+
+
+def write_fp8_checkpoint(src: str | Path, target: str | Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                         device: str = "cpu", on_shard=None) -> Path:
+    """Writes an FP8 copy of the Hugging Face LLaMA checkpoint `src` to `target` (a new or empty directory):
+    every linear weight as float8 + weight_scale, everything else as it was; the tokenizer and other side
+    files copied; config.json with QUANTIZATION_CONFIG. Tensors are read, quantised (on `device`) and written
+    one at a time, so host memory holds at most one output shard (max_shard_size) and one input tensor. The
+    index is written last: a target with one is complete. `on_shard(n)` after the n-th shard."""
+    from safetensors.torch import save_file
+
+    src, target = Path(src), Path(target)
+    if not (src / "config.json").is_file():
+        raise ModelError(f"{src}: no config.json; give a Hugging Face checkpoint directory")
+    config = json.loads((src / "config.json").read_text())
+    if checkpoint_quantization(config):
+        raise ModelError(f"{src} is already quantised ({checkpoint_quantization(config)}); give the float16 checkpoint")
+    try:
+        checkpoint_files(str(src))
+    except FileNotFoundError as err:
+        raise ModelError(str(err)) from None
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ModelError(f"target {target} is not an empty directory; give a new or empty one")
+    limit = parse_size_bytes(max_shard_size)
+    target.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device)
+    written: list[tuple[str, list[str]]] = []       # (temporary file, tensor names)
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            tmp = target / f".shard-{len(written) + 1:05d}.tmp"
+            save_file(shard, str(tmp), metadata={"format": "pt"})
+            written.append((tmp.name, list(shard)))
+            if on_shard is not None:
+                on_shard(len(written))
+        shard, size = {}, 0
+
+    with torch.no_grad():
+        for name, t in iter_checkpoint(str(src)):
+            if is_quantized_weight(name):
+                w8, scale = quantize_weight(t.to(dev))
+                out = {name: w8.cpu(), name + "_scale": scale.cpu()}
+            else:
+                out = {name: t.contiguous()}
+            n = sum(x.numel() * x.element_size() for x in out.values())
+            if shard and size + n > limit:
+                flush()
+            shard.update(out)
+            size += n
+            total += n
+    flush()
+    weight_map = {}
+    for i, (tmp, names) in enumerate(written):
+        final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        os.replace(target / tmp, target / final)
+        weight_map.update({n: final for n in names})
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name != "config.json" and not _WEIGHT_FILE.search(f.name) and not f.name.startswith("."):
+            shutil.copyfile(f, target / f.name)
+    (target / "config.json").write_text(json.dumps({**config, "quantization_config": QUANTIZATION_CONFIG},
+                                                   indent=2, sort_keys=True) + "\n")
+    (target / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=2, sort_keys=True) + "\n")
+    return target
+
+
+def main(model: str, target: str, max_shard_size: str = DEFAULT_MAX_SHARD_SIZE, device: str = "auto") -> Path:
+    """`ziya-batch quantize --model DIR --target DIR`."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = write_fp8_checkpoint(model, target, max_shard_size, device,
+                               on_shard=lambda n: print(f"wrote shard {n}", flush=True))
+    print(f"FP8 checkpoint written to {out}; load it with model.quantization: fp8")
+    return out

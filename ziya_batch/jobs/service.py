@@ -1,0 +1,53 @@
+"""Finding, listing, cancelling a job and reading its manifest: what the CLI, the HTTP API and OpenAI
+batches do to a job once it is submitted, done the same way on every surface."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from .. import io
+from ..errors import JobNotFound
+from .finalize import finalize_if_ready
+
+if TYPE_CHECKING:
+    from ..protocols import JobsBroker
+    from ..queue import JobStatus
+
+# how a user of each surface finds the ids there are; the text that follows "no job ID" in JobNotFound
+CLI_HINT = " in this Redis (list jobs with `ziya-batch status`)"
+API_HINT = ": list jobs with GET /v1/jobs"
+
+
+class ManifestNotReady(JobNotFound):
+    """The job exists but has not finished: its manifest.json is not written yet (HTTP 404)."""
+
+
+def job_status(broker: "JobsBroker", job_id: str, detail: bool = False, hint: str = CLI_HINT) -> "JobStatus":
+    """The job's status; JobNotFound (ending in `hint`) when this Redis has no such job."""
+    if broker.find_job(job_id) is None:
+        raise JobNotFound(f"no job {job_id}{hint}")
+    return broker.status(job_id, detail=detail)
+
+
+def list_jobs(broker: "JobsBroker") -> list["JobStatus"]:
+    return broker.list_jobs()
+
+
+def cancel_job(broker: "JobsBroker", job_id: str, abandon_running: bool = False,
+               hint: str = CLI_HINT) -> "JobStatus":
+    """Stop handing out the job's shards; committed parts stay. A job with nothing running is cancelled at
+    once, and its manifest (the parts committed so far) is written now; one with shards running gets it from
+    the commit (or lease expiry) that settles the last of them. Returns the status the cancel left."""
+    job_status(broker, job_id, hint=hint)
+    status = broker.cancel(job_id, abandon_running=abandon_running)
+    finalize_if_ready(broker, job_id)
+    return status
+
+
+def get_manifest(broker: "JobsBroker", job_id: str, hint: str = CLI_HINT) -> dict:
+    """The job's manifest.json; ManifestNotReady while it is not written yet."""
+    status = job_status(broker, job_id, hint=hint)
+    found: Optional[dict] = io.read_manifest(broker.get_spec(job_id).output.path)
+    if found is None:
+        raise ManifestNotReady(f"job {job_id} has no manifest yet (state {status.state.value}); it is written "
+                               "when the job completes or is cancelled")
+    return found

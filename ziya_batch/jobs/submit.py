@@ -1,0 +1,155 @@
+"""Submitting a job: validate inputs, index them into shards while streaming, resume from committed parts.
+
+No Ray here: the CLI, `run`, the HTTP API and OpenAI batches all submit through `submit_job`.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterator, Optional
+
+from .. import io
+from ..errors import SpecError
+from ..records import ShardRef
+from ..spec import JobSpec
+from .finalize import finish_empty_job
+
+if TYPE_CHECKING:
+    from ..protocols import JobsBroker
+    from ..queue import JobStatus
+
+
+def _shard_refs(job_id: str, files: list[str], shard_size: int) -> Iterator[ShardRef]:
+    for index, (file, start, end, first_line, num_lines) in enumerate(io.index_inputs(files, shard_size)):
+        yield ShardRef(job_id, index, file, start, end, first_line, num_lines)
+
+
+def list_inputs(spec: JobSpec) -> list[str]:
+    """The input files `spec` names, globs expanded (InputError naming every input that matches nothing).
+    A surface that must check the files before submitting (the HTTP API's allowed prefixes) lists them
+    here once and hands the list to submit_job."""
+    return io.expand_inputs(spec.input)
+
+
+def job_id_for(spec: JobSpec, broker: Optional["JobsBroker"] = None) -> str:
+    """The id `spec` runs under: its identity, or the id of the job its output path holds where that job is the
+    same job under an id an earlier release gave it (which hashed every field, run settings too): its id is
+    this spec's legacy identity, or its stored spec (in Redis, or in the manifest of a finished job) has this
+    spec's identity. So such a job resumes, with this spec's run settings."""
+    job_id = spec.identity()
+    out = spec.output.path
+    manifest = io.read_manifest(out)
+    recorded = (manifest or {}).get("job_id") or io.output_owner(out)
+    if recorded in (None, job_id):
+        return job_id
+    if recorded == spec.legacy_identity():
+        return recorded
+    try:
+        if manifest and manifest.get("job_id") == recorded and manifest.get("spec"):
+            stored = JobSpec.model_validate(manifest["spec"])
+        elif broker is not None and broker.find_job(recorded) is not None:
+            stored = broker.get_spec(recorded)
+        else:
+            stored = None
+        if stored is not None and stored.identity() == job_id:
+            return recorded
+    except Exception:  # noqa: BLE001 - a stored spec this release cannot read is another job's, as before
+        pass
+    return job_id
+
+
+def check_output_owner(spec: JobSpec, job_id: Optional[str] = None) -> Optional[str]:
+    """An output path belongs to one job: refuse to mix a different job's parts into it, finished (its
+    manifest) or not (the owner recorded at its submit: a spec that writes something else, e.g. another
+    shard_size or sampling, would otherwise take the other job's committed parts for its own shards). A spec
+    that differs only in how the job runs (spec.RUN_FIELDS) is the same job. Returns the owner recorded
+    (`job_id`, by default job_id_for(spec)), or None if none is yet."""
+    out = spec.output.path
+    job_id = job_id or job_id_for(spec)
+    manifest = io.read_manifest(out)
+    if manifest and manifest.get("job_id") not in (None, job_id):
+        raise SpecError(
+            f"output.path {out} already holds the output of another job ({manifest.get('job_id')}); "
+            "choose a new output.path or delete the old output")
+    owner = io.output_owner(out)
+    if owner not in (None, job_id):
+        raise SpecError(
+            f"output.path {out} holds the parts of another job ({owner}) that has not finished (a spec that "
+            "writes something else to the same path; only model.tensor_parallel/replicas, the engine's "
+            "throughput settings, reliability and priority may change on a resume): resume that job with "
+            "its own spec, or choose a new output.path, or delete the old output")
+    return owner
+
+
+def check_model(spec: JobSpec) -> None:
+    """A local model directory the spec names must exist now, not fail on every worker later."""
+    import os
+
+    for field in ("path", "base", "delta"):
+        path = getattr(spec.model, field)
+        if path and "://" not in path and not os.path.isdir(path):
+            raise SpecError(f"model.{field}: {path} is not a directory (a merged Hugging Face checkpoint; "
+                            "`ziya-batch demo-model DIR` writes a tiny one to try things with)")
+
+
+def _run_settings_changed(spec: JobSpec, broker: "JobsBroker", job_id: str) -> list[str]:
+    """What submitting `spec` changes in how the unfinished job `job_id` runs (spec.run_field_changes)."""
+    from ..spec import run_field_changes
+
+    try:
+        return run_field_changes(broker.get_spec(job_id), spec)
+    except Exception:  # noqa: BLE001 - a note only: submit_job says what is wrong, if anything is
+        return []
+
+
+def _keep_logprobs_mode(spec: JobSpec, broker: "JobsBroker", job_id: str) -> JobSpec:
+    """A job started before experience.logprobs_mode existed keeps the mode its parts were written in
+    (spec.stored_spec) when its spec is submitted again: the same id, so only that legacy default can differ."""
+    try:
+        mode = broker.get_spec(job_id).experience.logprobs_mode
+    except Exception:  # noqa: BLE001 - unreadable: submit_job stores the new spec, as before
+        return spec
+    if mode == spec.experience.logprobs_mode:
+        return spec
+    return spec.model_copy(update={"experience": spec.experience.model_copy(update={"logprobs_mode": mode})})
+
+
+def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = False,
+               changes: Optional[list[str]] = None, files: Optional[list[str]] = None) -> "JobStatus":
+    """Queue `spec` (or find it again) and return its JobStatus. Idempotent: the same spec and output path
+    is the same job; if Redis lost it, the shards committed in storage are recorded as done.
+    `check_model_dir`: the model must be a local directory here (the CLI, where workers share the host's
+    paths; the HTTP API's host may not hold the weights its workers load). `changes`: a list that receives
+    what this submit changes in how the unfinished job it resumes runs ('engine.max_num_seqs: 256 -> 64'):
+    nothing for a new job, a completed one or the same settings (a failed or cancelled one reopens).
+    `files`: the inputs as list_inputs(spec) gave them, where the caller listed them already."""
+    from ..queue import JobState
+
+    job_id = job_id_for(spec, broker)
+    existing = broker.find_job(job_id)
+    if existing is not None and existing.state == JobState.COMPLETED:
+        if io.read_manifest(spec.output.path) is not None:
+            return existing
+        # completed, but its output has been deleted since: the same spec runs again from the start
+        broker.delete_job(job_id)
+    elif existing is not None and changes is not None:
+        changes.extend(_run_settings_changed(spec, broker, job_id))      # before submit stores the new spec
+    if existing is not None:
+        spec = _keep_logprobs_mode(spec, broker, job_id)
+    # a job Redis knows is resubmitted too: the broker then reads no shard list, but records the parts
+    # that storage holds and Redis lost (the last second of writes before a crash, under appendfsync everysec)
+    if files is None:
+        files = list_inputs(spec)
+    if check_model_dir:
+        check_model(spec)
+    if check_output_owner(spec, job_id) is None:
+        io.set_output_owner(spec.output.path, job_id)
+    committed = {i: _stats_from_marker(m) for i, m in io.committed_shards(spec.output.path).items()}
+    status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size), committed=committed, job_id=job_id)
+    return finish_empty_job(broker, status)
+
+
+def _stats_from_marker(marker):
+    from ..queue import ShardStats
+
+    return ShardStats(prompts_done=marker.prompts_done, prompts_failed=marker.prompts_failed,
+                      samples=marker.samples, output_tokens=marker.output_tokens,
+                      parts={k: (v[0], v[1]) for k, v in marker.parts.items()})

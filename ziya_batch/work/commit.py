@@ -1,0 +1,54 @@
+"""Committing one shard exactly once: score its results, build its parts, stage them under the lease's fencing
+token, commit in Redis (compare-and-set on the token), and promote them only if Redis took the commit; a stale
+owner discards what it staged (io/parts.py has the storage side of the protocol)."""
+from __future__ import annotations
+
+import logging
+
+from .. import filters, io
+from ..records import LineFailure, LineResult
+from .failures import LeaseLost, engine_calls
+from .flight import Flight
+from .generation import build_parts, score_results
+
+log = logging.getLogger(__name__)
+
+
+class ShardCommit:
+    """The one commit path of a worker's shards."""
+
+    def __init__(self, broker, models):
+        self.broker, self.models = broker, models
+
+    def __call__(self, flight: Flight, results: list[LineResult], failures: list[LineFailure]) -> bool:
+        """True if this worker's output became the shard's part; False if Redis refused the commit (the lease
+        was lost meanwhile). Raises LeaseLost when the heartbeat lost the lease before the commit was tried."""
+        from ..queue import ShardStats
+
+        lease, spec, shard = flight.lease, flight.spec, flight.lease.shard
+        if flight.lost:
+            raise LeaseLost()
+        if results:
+            with engine_calls():          # the reference and reward models load here, and run on the device
+                score_results(results, self.models.reference(spec), self.models.reward(spec), spec.experience)
+        parts = build_parts(spec, results, failures)
+        stats = ShardStats(prompts_done=len(results), prompts_failed=len(failures),
+                           samples=sum(len(r.samples) for r in results),
+                           output_tokens=sum(len(s.token_ids) for r in results for s in r.samples),
+                           prefix_cache_query_tokens=sum(len(r.prompt_ids) for r in results)
+                           if spec.engine.prefix_caching else 0,
+                           prefix_cache_hit_tokens=sum(r.cached_tokens for r in results),
+                           dropped_constant_reward_groups=filters.dropped_constant_reward_groups(
+                               results, spec.output.filters))
+        if flight.lost:
+            raise LeaseLost()
+        out = io.OutputDir(spec.output.path, spec.output.format)
+        stats.attempt = io.new_attempt()
+        staged = out.stage(shard.index, lease.token, stats.attempt, parts, spec.format)
+        stats.parts = {k: (p.lines, p.sha256) for k, p in staged.items()}
+        if not self.broker.commit(lease, stats):
+            out.discard(shard.index, lease.token, stats.attempt)
+            log.warning("shard %s/%d: lease lost before commit; output discarded", lease.job_id, shard.index)
+            return False
+        out.promote(shard.index, lease.token, stats.attempt, stats.parts, stats=stats.to_dict())
+        return True

@@ -1,0 +1,157 @@
+"""What a failure means for the shards it touches: the worker's failure policy, in one table.
+
+A worker meets failures at a few stages of a shard (loading its engine, reading its lines, adding them to the
+shared engine, a shared step, producing and committing it alone, waiting for the shards in flight before it).
+`decide(err, stage, ...)` says what happens to the shard(s) involved:
+
+    GIVE_BACK  back to the queue untried (broker.give_back): not the shard's fault, so no retry is counted
+    REDO_ALONE drop the shared step's requests and generate each shard in flight again alone, bisecting down
+               to the line that raises (generation.generate_lines)
+    FAIL       the shard's own failure (broker.fail): retried, then isolated, then dead-lettered by the queue
+    DROP       the lease was lost: commit nothing, the shard is someone else's now
+    ABANDON    the process or replica is going down: stop heartbeating; the lease expires and the reaper
+               requeues the shard (a counted retry; after one, the shard runs isolated, see run_mode)
+
+Failures are told apart by type. The engine boundary (`engine_calls`) turns every way of running out of memory
+into EngineOutOfMemory, so nothing past it reads message text.
+"""
+from __future__ import annotations
+
+import enum
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from ..errors import ZiyaBatchError
+from .models import ReplicaBroken
+
+
+class LeaseLost(Exception):
+    """The lease expired or the job was abandoned: stop working on this shard, commit nothing."""
+
+
+class EngineOutOfMemory(ZiyaBatchError):
+    """The engine ran out of device or host memory (raised at the engine boundary, from the allocator's error).
+    No line causes it alone: the memory the settings left ran out."""
+
+    def __init__(self, why: str):
+        super().__init__(why)
+        self.why = why
+
+
+# cuBLAS and the CPU allocator report running out of memory as a plain RuntimeError: only their text tells.
+# Read here, once, where the engine is called; everything after this boundary goes by type.
+_ALLOCATOR_TEXTS = ("out of memory", "cublas_status_alloc_failed", "can't allocate memory")
+
+
+@contextmanager
+def engine_calls() -> Iterator[None]:
+    """Wrap calls into the engine (load, add, step, score): an allocation failure leaves as EngineOutOfMemory."""
+    import torch
+
+    try:
+        yield
+    except EngineOutOfMemory:
+        raise
+    except torch.OutOfMemoryError as err:
+        raise EngineOutOfMemory(one_line(err)) from err
+    except Exception as err:
+        if any(s in str(err).lower() for s in _ALLOCATOR_TEXTS):
+            raise EngineOutOfMemory(one_line(err)) from err
+        raise
+
+
+class Stage(enum.Enum):
+    LOAD = "load"       # loading the engine a claimed shard needs
+    READ = "read"       # reading and tokenizing a shard's lines
+    ADMIT = "admit"     # adding a shard's lines to the engine the shards in flight share
+    STEP = "step"       # a step of that shared engine (every shard in flight is involved)
+    SHARD = "shard"     # producing one shard (alone, or its results taken from the stream), scoring, committing
+    DRAIN = "drain"     # a claimed shard waiting for the shards in flight to finish before it starts
+    REDO = "redo"       # shards waiting to be generated alone again after a shared step failed
+
+
+class Action(enum.Enum):
+    GIVE_BACK = "give back"
+    REDO_ALONE = "redo alone"
+    FAIL = "fail"
+    DROP = "drop"
+    ABANDON = "abandon"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    message: str = ""               # what the queue records for a shard given back or failed
+    why: str = ""                   # one line for the worker's registration (why it gave the engine's jobs up)
+    back_off: bool = False          # leave this engine's jobs to other workers for a while (worker.LOAD_RETRY_S)
+    replica_down: bool = False      # then raise ReplicaBroken: only a new replica is in step again
+    quietly: bool = False           # a Redis error while giving back must not replace the ReplicaBroken raised
+    down_message: str = ""          # the ReplicaBroken's, when the replica goes down for a plain error
+
+    def replica_broken(self, err: BaseException) -> Optional[ReplicaBroken]:
+        """The ReplicaBroken to raise once the decision is carried out, if it takes the replica down."""
+        if not self.replica_down:
+            return None
+        return err if isinstance(err, ReplicaBroken) else ReplicaBroken(self.down_message)
+
+
+def decide(err: BaseException, stage: Stage, worker_id: str = "this worker",
+           tensor_parallel: bool = False) -> Decision:
+    """The one place that says what a failure at `stage` does to the shard(s) involved. `tensor_parallel`: the
+    worker is rank 0 of a replica whose other ranks may be stuck in a step that failed on it."""
+    why = describe(err)
+    if isinstance(err, LeaseLost):
+        return Decision(Action.DROP)
+    if isinstance(err, ReplicaBroken):
+        if stage is Stage.LOAD:
+            # rank 0 could not load after the other ranks started: the replica goes, the shard back untried now
+            # rather than through its lease's expiry (a counted retry)
+            return Decision(Action.GIVE_BACK, f"engine would not load on {worker_id}: {why}", why,
+                            replica_down=True, quietly=True)
+        if stage is Stage.DRAIN:
+            return Decision(Action.GIVE_BACK, f"replica {worker_id} broke before this shard started: {why}", why,
+                            replica_down=True, quietly=True)
+        if stage is Stage.REDO:
+            return Decision(Action.GIVE_BACK, f"replica {worker_id} broke: {why}", why, replica_down=True,
+                            quietly=True)
+        return Decision(Action.ABANDON)
+    if stage in (Stage.DRAIN, Stage.REDO) or not isinstance(err, Exception):
+        # a waiting shard was not the one that failed; KeyboardInterrupt, SystemExit: the process is going down
+        return Decision(Action.ABANDON)
+    if stage is Stage.LOAD:
+        # out of memory, or a checkpoint this node cannot read: this worker's trouble, not the shard's
+        return Decision(Action.GIVE_BACK, f"engine would not load on {worker_id}: {why}", why, back_off=True)
+    if isinstance(err, EngineOutOfMemory) and stage in (Stage.STEP, Stage.SHARD):
+        what, when = ("engine out of memory", " mid-step") if stage is Stage.STEP else ("out of memory", "")
+        return Decision(Action.GIVE_BACK, f"{what} on {worker_id}: {why}", why, back_off=True,
+                        replica_down=tensor_parallel, quietly=tensor_parallel,
+                        down_message=f"tensor-parallel engine out of memory{when}: {why}")
+    if stage in (Stage.STEP, Stage.ADMIT):
+        return Decision(Action.REDO_ALONE)       # some line in the batch raised: find it shard by shard
+    return Decision(Action.FAIL, f"{type(err).__name__}: {err}")
+
+
+class RunMode(enum.Enum):
+    SHARED = "shared"              # its lines join the engine the shards in flight share
+    ISOLATE = "isolate"            # alone, one line at a time, each line noted before it starts
+    DEAD_LETTER = "dead letter"    # no generation: every line becomes a retries_exhausted error line
+
+
+def run_mode(lease) -> RunMode:
+    """A worker process died holding this shard before (isolate): run it alone line by line, noting each line
+    before it starts, so that a line that kills the process is known and set aside next time (lease.bad_lines).
+    A shard past its retry limit (dead_letter) is not generated at all."""
+    if lease.dead_letter:
+        return RunMode.DEAD_LETTER
+    return RunMode.ISOLATE if lease.isolate else RunMode.SHARED
+
+
+def describe(err: BaseException) -> str:
+    """One line naming the error: for an out-of-memory, the allocator's own (type and first line)."""
+    return err.why if isinstance(err, EngineOutOfMemory) else one_line(err)
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"

@@ -1,0 +1,227 @@
+"""Running verifiable rewards for experience records: a reward function in a process pool, an HTTP reward
+endpoint, and their weighted sum with the reward model's score. No torch, no Ray.
+
+A reward is per sample: a function that raises, returns something that is not a finite number, or runs past
+experience.reward_timeout_s gives that sample `null` and a one-line error, never a failed shard. A hung
+function's pool is torn down (its processes killed) and rebuilt, so one bad line cannot stall a worker.
+Functions run in spawned processes: user code cannot corrupt the worker's CUDA context or hold its GIL.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import importlib
+import importlib.util
+import json
+import math
+import os
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Optional
+
+Score = tuple[Optional[float], Optional[str]]     # (value, why it is None)
+Item = tuple[Any, str, Optional[dict]]            # (prompt or messages, response, metadata)
+
+MODEL = "model"       # reward component names; a function's component is its own name
+URL = "url"
+
+
+def function_name(ref: str) -> str:
+    """The component name of reward_function `ref`: the function's name."""
+    return ref.rpartition(":")[2]
+
+
+def resolve(ref: str) -> Callable:
+    """'package.module:function', 'path/to/file.py:function', or a bare built-in name (ziya_batch.rewards)."""
+    from .. import rewards
+
+    target, _, name = ref.rpartition(":")
+    if not target:
+        if ref not in rewards.BUILTINS:
+            raise ValueError(f"{ref!r} is not a built-in reward ({', '.join(rewards.BUILTINS)}); "
+                             "give 'package.module:function' or 'file.py:function'")
+        return getattr(rewards, ref)
+    if target.endswith(".py"):
+        mod_name = "ziya_reward_" + hashlib.sha256(target.encode()).hexdigest()[:12]
+        spec = importlib.util.spec_from_file_location(mod_name, target)
+        if spec is None or spec.loader is None or not os.path.isfile(target):
+            raise ValueError(f"reward function file {target} does not exist on this worker")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise ValueError(f"{target} has no function {name!r}")
+    return fn
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}"[:500] if text else type(err).__name__
+
+
+def as_reward(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"a reward must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"a reward must be finite, got {value}")
+    return value
+
+
+def _warm() -> None:
+    return None
+
+
+_LOADED: dict[str, Callable] = {}      # in each pool process: reward functions loaded so far
+
+
+def _call(ref: str, prompt: Any, response: str, metadata: Optional[dict]) -> float:
+    fn = _LOADED.get(ref)
+    if fn is None:
+        fn = _LOADED[ref] = resolve(ref)
+    return as_reward(fn(prompt, response, metadata))
+
+
+class FunctionRewards:
+    """experience.reward_function over a ProcessPoolExecutor (spawn), one call per sample with a timeout."""
+
+    def __init__(self, ref: str, timeout_s: float, processes: Optional[int] = None):
+        self.ref, self.timeout_s = ref, timeout_s
+        self.processes = processes or max(1, min(8, os.cpu_count() or 1))
+        self._pool: Optional[ProcessPoolExecutor] = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            import multiprocessing
+
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"))
+            # start every process (spawn and imports take seconds) before any call's timeout starts counting
+            for fut in [self._pool.submit(_warm) for _ in range(self.processes)]:
+                fut.result()
+        return self._pool
+
+    def close(self) -> None:
+        """Kill the pool's processes (a hung call never returns to let shutdown finish)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(timeout=5)
+
+    def score(self, items: list[Item]) -> list[Score]:
+        out: list[Score] = [(None, "not scored")] * len(items)
+        # as many calls at once as there are processes, so each call's timeout counts from about its start
+        for lo in range(0, len(items), self.processes):
+            chunk = range(lo, min(lo + self.processes, len(items)))
+            pool = self._executor()
+            futures = {i: pool.submit(_call, self.ref, *items[i]) for i in chunk}
+            deadline = time.monotonic() + self.timeout_s
+            rebuild, died = False, []
+            for i, fut in futures.items():
+                try:
+                    out[i] = (fut.result(timeout=max(0.0, deadline - time.monotonic())), None)
+                except FutureTimeout:
+                    out[i] = (None, f"timed out after {self.timeout_s:g} s")
+                    rebuild = True
+                except BrokenProcessPool:
+                    out[i] = (None, "the reward process died (crashed or killed) while scoring")
+                    rebuild = True
+                    died.append(i)
+                except Exception as err:  # noqa: BLE001 - the function's own error, for this sample only
+                    out[i] = (None, one_line(err))
+            if rebuild:
+                self.close()
+            if len(chunk) > 1:
+                # a dead process breaks the whole pool: score those calls again one at a time, so only the
+                # sample whose call kills its process gets the error
+                for i in died:
+                    out[i] = self.score([items[i]])[0]
+        return out
+
+
+class UrlRewards:
+    """experience.reward_url: POST {"items": [{prompt, response, metadata}...]} in batches, at most
+    `concurrency` requests at once, each retried on connection errors, timeouts and 5xx/429 answers."""
+
+    def __init__(self, url: str, timeout_s: float, *, batch_size: int = 32, concurrency: int = 4,
+                 retries: int = 2, backoff_s: float = 0.5):
+        self.url, self.timeout_s = url, timeout_s
+        self.batch_size, self.concurrency, self.retries, self.backoff_s = batch_size, concurrency, retries, backoff_s
+
+    def _post(self, batch: list[Item]) -> list[Score]:
+        body = json.dumps({"items": [{"prompt": p, "response": r, "metadata": m} for p, r, m in batch]},
+                          ensure_ascii=False).encode()
+        error = "not sent"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            req = urllib.request.Request(self.url, data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:   # noqa: S310 - http(s) only
+                    answer = json.loads(resp.read())
+            except urllib.error.HTTPError as err:
+                error = f"reward_url answered HTTP {err.code}"
+                if err.code < 500 and err.code != 429:
+                    break                       # the request is wrong: sending it again will not help
+                continue
+            except (urllib.error.URLError, OSError, ValueError) as err:
+                error = f"reward_url: {one_line(getattr(err, 'reason', None) or err)}"
+                continue
+            rewards = answer.get("rewards") if isinstance(answer, dict) else None
+            if not isinstance(rewards, list) or len(rewards) != len(batch):
+                return [(None, f"reward_url must answer {{\"rewards\": [...]}} with {len(batch)} values")] * len(batch)
+            out: list[Score] = []
+            for v in rewards:
+                try:
+                    out.append((None, "reward_url gave null") if v is None else (as_reward(v), None))
+                except (TypeError, ValueError) as err:
+                    out.append((None, f"reward_url: {err}"))
+            return out
+        return [(None, error)] * len(batch)
+
+    def score(self, items: list[Item]) -> list[Score]:
+        batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
+        with ThreadPoolExecutor(max(1, min(self.concurrency, len(batches) or 1))) as pool:
+            return [s for part in pool.map(self._post, batches) for s in part]
+
+
+_FUNCTIONS: dict[tuple[str, float], FunctionRewards] = {}
+
+
+def function_rewards(ref: str, timeout_s: float) -> FunctionRewards:
+    """One pool per (function, timeout) per worker process, kept between shards (spawning is slow)."""
+    key = (ref, timeout_s)
+    if key not in _FUNCTIONS:
+        _FUNCTIONS[key] = FunctionRewards(ref, timeout_s)
+    return _FUNCTIONS[key]
+
+
+@atexit.register
+def _close_pools() -> None:
+    for f in _FUNCTIONS.values():
+        f.close()
+
+
+def combine(components: dict[str, list[Score]], weights: dict[str, float], n: int
+            ) -> list[tuple[Optional[float], dict[str, Optional[float]], Optional[str]]]:
+    """Per sample (reward, rewards {name: value}, reward_error): reward is the weighted sum of the components
+    (weight 1 unless given), None if any component is None."""
+    out = []
+    for i in range(n):
+        values = {name: scores[i][0] for name, scores in components.items()}
+        errors = [f"{name}: {scores[i][1]}" for name, scores in components.items() if scores[i][0] is None]
+        total = None if errors else math.fsum(weights.get(k, 1.0) * v for k, v in values.items())
+        out.append((total, values, "; ".join(errors) or None))
+    return out
