@@ -66,11 +66,17 @@ def build_chat_prompt(messages: list[dict]) -> str:
     return "".join(out)
 
 
+_CONSTRAINTS = ("json_schema", "regex", "choice")
+
+
 def _sampling(base: SamplingSpec, override: Any) -> SamplingSpec:
     if override is None:
         return base
     if not isinstance(override, dict):
         raise LineError(errors.INVALID_SAMPLING, "'sampling' must be an object")
+    if any(override.get(k) is not None for k in _CONSTRAINTS):
+        # a line's constraint replaces the job's, whichever kind each is (only one may be in force)
+        override = {**{k: None for k in _CONSTRAINTS}, **override}
     try:
         return base.merged(override)
     except ValidationError as err:
@@ -99,6 +105,23 @@ def _openai_logprobs(body: dict) -> tuple[bool, int]:
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20):
         raise LineError(errors.INVALID_SAMPLING, f"'body.top_logprobs' must be an integer 0..20, got {k!r}")
     return bool(want), int(k or 0) if want else 0
+
+
+def _response_format(fmt: Any) -> dict:
+    """OpenAI's response_format as our sampling fields: json_schema -> its schema, json_object -> any object."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"json_schema": {"type": "object"}}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise LineError(errors.INVALID_SAMPLING, "response_format.json_schema.schema must be a JSON Schema object")
+        return {"json_schema": schema}
+    raise LineError(errors.INVALID_SAMPLING, "response_format.type must be 'text', 'json_object' or 'json_schema', "
+                                             f"got {kind!r}")
 
 
 def default_id(file: str, line_no: int) -> str:
@@ -225,6 +248,8 @@ def _parse_openai(obj: dict, file: str, line_no: int, sampling: SamplingSpec) ->
     want_logprobs, top_logprobs = _openai_logprobs(body)
     if isinstance(override.get("stop"), str):
         override["stop"] = [override["stop"]]
+    if body.get("response_format") is not None:
+        override.update(_response_format(body["response_format"]))
     messages = None
     if "messages" in body:
         messages = body["messages"]

@@ -36,6 +36,8 @@ MAX_STOPS = 64                  # stop strings (and stop token ids) per request
 MAX_STOP_CHARS = 1_000          # one stop string
 MAX_LOCATION_CHARS = 4_096      # a path or URL (PATH_MAX on Linux)
 MAX_INPUTS = 10_000             # input entries (each may be a glob)
+MAX_CONSTRAINT_CHARS = 100_000  # a regex, or a JSON schema as JSON text: grammars past this are a mistake or an attack
+MAX_CHOICES = 1_000             # choice strings, each at most MAX_STOP_CHARS
 MAX_LEASE_S = 86_400.0          # a day: a shard that runs longer wants a smaller shard_size
 
 Location = Annotated[str, Field(min_length=1, max_length=MAX_LOCATION_CHARS)]
@@ -105,7 +107,39 @@ class SamplingSpec(_Strict):
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=MAX_VOCAB)]] = Field(
         default_factory=lambda: list(_SP.stop_token_ids), max_length=MAX_STOPS)
     ignore_eos: bool = _SP.ignore_eos
-    """Keep generating past EOS up to max_new_tokens (used by benchmarks)."""
+    """Keep generating past EOS up to max_new_tokens (used by benchmarks). A constrained sample ignores it: its
+    grammar decides where it ends."""
+    json_schema: Optional[dict[str, Any]] = _SP.json_schema
+    """Structured output: every response that finishes ('stop') is JSON valid against this JSON Schema."""
+    regex: Optional[str] = Field(_SP.regex, min_length=1, max_length=MAX_CONSTRAINT_CHARS)
+    """Structured output: every response that finishes matches this regex as a whole (Rust regex syntax: no
+    look-around or backreferences)."""
+    choice: Optional[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]]] = Field(
+        _SP.choice, min_length=1, max_length=MAX_CHOICES)
+    """Structured output: every response that finishes is exactly one of these strings."""
+    json_whitespace: Literal["compact", "flexible"] = _SP.json_whitespace
+    """With json_schema: 'compact' allows no whitespace between JSON tokens; 'flexible' lets the model add it."""
+
+    @field_validator("json_schema", "regex", "choice")
+    @classmethod
+    def _compiles(cls, v, info):
+        # the grammar library's reason for a constraint it cannot enforce: a spec error, or the line's
+        # invalid_sampling error
+        from .constraints import check
+        if info.field_name == "json_schema" and v is not None:
+            size = len(json.dumps(v, ensure_ascii=False))
+            if size > MAX_CONSTRAINT_CHARS:
+                raise ValueError(f"is {size:,} characters as JSON; at most {MAX_CONSTRAINT_CHARS:,}")
+        if v is not None:
+            check(**{info.field_name: v})
+        return v
+
+    @model_validator(mode="after")
+    def _one_constraint(self):
+        given = [k for k in ("json_schema", "regex", "choice") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of json_schema, regex and choice (got {' and '.join(given)})")
+        return self
 
     @model_validator(mode="after")
     def _min_within_max(self):
@@ -354,7 +388,9 @@ NEW_FIELD_DEFAULTS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("experience", "logprobs_mode"), "temperature"), (("experience", "top_logprobs"), 0),
     (("experience", "reward_function"), None), (("experience", "reward_url"), None),
     (("experience", "reward_timeout_s"), 30.0), (("experience", "reward_weights"), {}),
-    (("output", "filters", "drop_constant_reward_groups"), False), (("model", "quantization"), None))
+    (("output", "filters", "drop_constant_reward_groups"), False), (("model", "quantization"), None),
+    (("sampling", "json_schema"), None), (("sampling", "regex"), None), (("sampling", "choice"), None),
+    (("sampling", "json_whitespace"), "compact"))
 
 
 def _without_new_defaults(d: dict) -> dict:
@@ -382,9 +418,12 @@ _ENGINE_FIELDS = frozenset(f.name for f in dataclasses.fields(EngineConfig))
 
 
 def sampling_params(s: SamplingSpec, **given) -> SamplingParams:
-    """The engine's SamplingParams of a (line's) sampling spec: every field of the same name, lists as tuples;
-    `given` replaces fields (the worker passes each line's own seed)."""
+    """The engine's SamplingParams of a (line's) sampling spec: every field of the same name, lists as tuples,
+    json_schema as its JSON text (hashable: the engine's grammar cache key); `given` replaces fields (the worker
+    passes each line's own seed)."""
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in s if k in _SAMPLING_FIELDS}
+    if s.json_schema is not None:
+        values["json_schema"] = json.dumps(s.json_schema, sort_keys=True, ensure_ascii=False)
     return SamplingParams(**{**values, **given})
 
 

@@ -43,3 +43,19 @@ def test_the_command_help_is_the_parsers(capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: ziya-batch bench") and "--kv-cache-dtype" in out and "--tensor-parallel" in out
+
+
+def test_workload_w3_is_a_parser_choice(monkeypatch):
+    got = []
+    monkeypatch.setattr(bench, "run_bench", got.append)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--workload", "W3", "--requests", "8"])
+    assert exc.value.code == 0
+    assert got == [BenchOptions(requests=8, workload="W3")]
+
+
+def test_workload_w3_refuses_options_it_would_ignore(monkeypatch):
+    # W3 is its own comparison on one float16 engine: options it would ignore are refused before any GPU work
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(bench.ModelError, match="--workload W3"):
+        bench.run_bench(BenchOptions(workload="W3", prefix_caching="both"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -64,16 +65,28 @@ def test_every_engine_field_has_the_engines_name_and_default():
     assert set(engine) - spec_names == ENGINE_CONFIG_NOT_IN_SPEC
 
 
-def test_sampling_params_carries_every_field():
+# the structured-output constraints exclude each other: the test below sets each in turn
+CONSTRAINTS = {"json_schema": {"type": "object", "required": ["a"]}, "regex": "a+", "choice": ["yes", "no"]}
+
+
+@pytest.mark.parametrize("constraint", sorted(CONSTRAINTS))
+def test_sampling_params_carries_every_field(constraint):
     # a value unlike each default, so a field dropped on the way shows
     s = SamplingSpec(max_new_tokens=7, min_new_tokens=2, temperature=0.5, top_p=0.5, top_k=3, repetition_penalty=1.2,
-                     n=2, seed=11, stop=["x"], stop_token_ids=[9], ignore_eos=True)
+                     n=2, seed=11, stop=["x"], stop_token_ids=[9], ignore_eos=True, json_whitespace="flexible",
+                     **{constraint: CONSTRAINTS[constraint]})
     p = sampling_params(s, logprobs_mode="raw", top_logprobs=3)
     assert (p.logprobs_mode, p.top_logprobs) == ("raw", 3)
-    for name in set(_fields(SamplingParams)) - SAMPLING_FROM_EXPERIENCE:
+    others = set(CONSTRAINTS) - {constraint}
+    for name in set(_fields(SamplingParams)) - SAMPLING_FROM_EXPERIENCE - others:
         got, want = getattr(p, name), getattr(s, name)
+        if name == "json_schema":
+            assert isinstance(got, str), "the engine takes a schema as its JSON text"
+            got = json.loads(got)
         assert got == (tuple(want) if isinstance(want, list) else want), name
-        assert got != getattr(SamplingParams(), name), f"{name}: the test's value must differ from the default"
+        assert getattr(p, name) != getattr(SamplingParams(), name), \
+            f"{name}: the test's value must differ from the default"
+    assert all(getattr(p, name) is None for name in others)
     assert sampling_params(s, seed=5).seed == 5
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ziya_batch import spec as S
+from pydantic import ValidationError
+
 from ziya_batch.errors import LineError, SpecError
 from ziya_batch.prompts import _sampling
 
@@ -75,3 +77,14 @@ def test_defaults_stay_inside_their_bounds():
     spec = S.parse_spec(BASE)
     assert 0 <= spec.sampling.min_new_tokens <= spec.sampling.max_new_tokens <= S.MAX_TOKENS
     assert spec.reliability.lease_s <= S.MAX_LEASE_S and spec.sampling.top_k <= S.MAX_VOCAB
+
+
+@pytest.mark.parametrize("sampling", [{"regex": "a" * 100_001}, {"regex": ""}, {"choice": []},
+                                      {"choice": ["x"] * 1_001}, {"choice": ["y" * 1_001]},
+                                      {"json_schema": {"type": "string", "description": "z" * 100_001}}])
+def test_structured_output_constraints_are_bounded(sampling):
+    """A grammar is compiled on every worker: its size is bounded before the library sees it."""
+    from ziya_batch.spec import SamplingSpec
+
+    with pytest.raises(ValidationError):
+        SamplingSpec(**sampling)

@@ -16,6 +16,7 @@ from ziya_batch.engine.kv_cache import (allocate_kv_cache, cache_dtype, copy_blo
                                         num_blocks_from_memory)
 from ziya_batch.engine.model import LlamaModel, ModelArgs, from_hf_model, iter_checkpoint
 from ziya_batch.engine.runner import ModelRunner
+from ziya_batch.engine.grammar import Grammars, grammar_of
 from ziya_batch.engine.sampling import build_sampling_tensors, sample_full
 from ziya_batch.engine.scheduler import Scheduler, SchedulerOutput, SeqStatus, Sequence
 from ziya_batch.engine.types import Completion, EngineConfig, Request, RequestOutput
@@ -145,6 +146,7 @@ class LLMEngine:
         self._flip = 0
         self._last_done = 0.0
         self.plan_hook = None     # tensor parallel: rank 0 broadcasts each step's plan (tp.py)
+        self._grammars: Optional[Grammars] = None     # structured output, made with the first constrained request
         self.time_gpu = False     # the benchmark: time each step on the GPU too (StepStats.gpu_s)
 
     # ---- requests -------------------------------------------------------------------------------------------
@@ -167,8 +169,15 @@ class LLMEngine:
         key = p.seed if p.seed is not None else self._rng.getrandbits(62)
         seq = Sequence(self.scheduler.new_seq_id(), request.request_id, 0, list(request.prompt_ids),
                        len(request.prompt_ids), p, sample_key=key, pending_forks=p.n - 1)
+        grammar = grammar_of(p)
+        if grammar is not None and self._grammars is None:
+            self._grammars = Grammars(self.tokenizer, self.model.args.vocab_size, self.eos_ids,
+                                      pin_memory=self.device.type == "cuda")
         self._groups[request.request_id] = _Group(request, [seq])
-        self.scheduler.add(seq)
+        if grammar is not None:
+            self._grammars.add(seq, grammar)        # compiled in a thread; _admit_compiled schedules it
+        else:
+            self.scheduler.add(seq)
 
     @property
     def prefix_cache_query_tokens(self) -> int:
@@ -181,7 +190,8 @@ class LLMEngine:
         return self.scheduler.prefix_cache_hit_tokens
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or self._inflight is not None or bool(self._carried)
+        return (self.scheduler.has_unfinished() or self._inflight is not None or bool(self._carried)
+                or (self._grammars is not None and bool(self._grammars.waiting)))
 
     def abort(self, request_id: str) -> None:
         """Drops a request: its sequences free their blocks and no output of it is returned, not even one that
@@ -190,9 +200,11 @@ class LLMEngine:
         group = self._groups.pop(request_id, None)
         if group is None:
             return
-        for s in list(self.scheduler.running) + list(self.scheduler.waiting):
-            if s.request_id == request_id:
-                self.scheduler.finish(s, SeqStatus.FINISHED_ABORTED)
+        seqs = [s for s in list(self.scheduler.running) + list(self.scheduler.waiting) if s.request_id == request_id]
+        for s in seqs:
+            self.scheduler.finish(s, SeqStatus.FINISHED_ABORTED)
+        if self._grammars is not None:
+            self._grammars.drop_request(request_id, [s.seq_id for s in seqs])
 
     def generate(self, requests: list[Request]) -> list[RequestOutput]:
         for r in requests:
@@ -245,6 +257,8 @@ class LLMEngine:
 
     def _launch(self, prev: Optional[_Launched]) -> Optional[_Launched]:
         t0 = time.perf_counter()
+        if self._grammars is not None and self._grammars.waiting:
+            self._admit_compiled(block=prev is None and not self.scheduler.has_unfinished())
         out = self.scheduler.schedule()
         if not out.chunks:
             if self.scheduler.waiting and not self.scheduler.running:
@@ -265,8 +279,11 @@ class LLMEngine:
         step = _Launched(out, rows, t0, host_s, events)
         if rows:
             bans = [self._bans(s) for s in rows]
+            # built while the GPU runs the forward; a row whose last token is still on its way waits for it
+            allowed = self._grammars.masks(rows, self._pending_reader(prev)) if self._grammars is not None else None
             tensors = build_sampling_tensors(rows, logits.shape[1], self.device, bans,
-                                             *((prev.tokens, prev.pending) if prev is not None else ()))
+                                             *((prev.tokens, prev.pending) if prev is not None else ()),
+                                             allowed=allowed)
             sampled = sample_full(logits, tensors)
             step.tokens, lp = sampled.tokens, sampled.logprobs
             if events is not None:
@@ -343,17 +360,44 @@ class LLMEngine:
             raise error
         return finished
 
+    # ---- structured output (grammar.py) ---------------------------------------------------------------------
+    def _admit_compiled(self, block: bool) -> None:
+        """Schedules the requests whose grammar is compiled (with block, waits for one: nothing else can run); a
+        request whose grammar failed is dropped and its error raised, as _complete does for a failed check."""
+        ready, failed = self._grammars.ready(block)
+        for seq in ready:
+            self.scheduler.add(seq)
+        for seq, _ in failed:
+            self.abort(seq.request_id)
+        if failed:
+            seq, err = failed[0]
+            raise ValueError(f"request {seq.request_id}: its constraint cannot be compiled: {err}")
+
+    @staticmethod
+    def _pending_reader(prev: Optional[_Launched]):
+        """Reads a row's token of the step before from the host, once that step's copy has landed."""
+        def read(seq: Sequence) -> int:
+            if prev.ready is not None:
+                prev.ready.synchronize()
+            return int(prev.host[0, prev.pending[seq.seq_id]])
+        return read
+
     def _bans(self, s: Sequence) -> list[int]:
         p = s.params
-        if s.num_output_tokens >= p.min_new_tokens:
-            return []
+        constrained = self._grammars is not None and self._grammars.is_constrained(s)
+        if s.num_output_tokens >= p.min_new_tokens or constrained:
+            return []               # a grammar decides where a constrained sample may end
         return list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_ids)
 
     def _check_finished(self, s: Sequence) -> Optional[list[RequestOutput]]:
         p = s.params
         last = s.token_ids[-1]
         tokens, logprobs, text, status = None, None, None, None
-        if (last in p.stop_token_ids) or (not p.ignore_eos and last in self.eos_ids):
+        if self._grammars is not None and self._grammars.is_constrained(s) and self._grammars.finished(s):
+            # the grammar is complete (or ended by EOS, allowed only once it accepted): EOS is not returned
+            keep = s.num_output_tokens - (last in self.eos_ids)
+            tokens, logprobs, status = s.output_ids[:keep], s.logprobs[:keep], SeqStatus.FINISHED_STOPPED
+        elif (last in p.stop_token_ids) or (not p.ignore_eos and last in self.eos_ids):
             tokens, logprobs, status = s.output_ids[:-1], s.logprobs[:-1], SeqStatus.FINISHED_STOPPED
         elif p.stop and self.tokenizer is not None:
             hit = self._find_stop(s.output_ids, p.stop)
@@ -365,6 +409,8 @@ class LLMEngine:
         if status is None:
             return None
         self.scheduler.finish(s, status)
+        if self._grammars is not None:
+            self._grammars.drop(s.seq_id)
         if text is None:
             text = self._decode(tokens)
         group = self._groups.get(s.request_id)
@@ -376,6 +422,8 @@ class LLMEngine:
         if len(group.done) < group.request.params.n:
             return None
         del self._groups[s.request_id]
+        if self._grammars is not None:
+            self._grammars.drop_request(s.request_id, [])
         comps = [group.done[i] for i in range(group.request.params.n)]
         return [RequestOutput(group.request.request_id, list(group.request.prompt_ids), comps,
                               num_cached_tokens=group.seqs[0].num_cached_tokens)]

@@ -1,7 +1,8 @@
-"""Batched sampling on the device: repetition penalty, min_new_tokens, temperature (0 = greedy), top_k, top_p,
-and the logprob of each chosen token (with the top_logprobs asked for) under the row's logprobs_mode:
-temperature (log-softmax of the logits / T, T = 1 for greedy rows), raw (log-softmax of the logits) or
-processed (the distribution sampled from; the penalised log-softmax for greedy rows). See sample_full.
+"""Batched sampling on the device: repetition penalty, min_new_tokens, structured-output masks (grammar.py),
+temperature (0 = greedy), top_k, top_p, and the logprob of each chosen token (with the top_logprobs asked for)
+under the row's logprobs_mode: temperature (log-softmax of the logits / T, T = 1 for greedy rows), raw
+(log-softmax of the logits) or processed (the distribution sampled from, grammar mask included; the penalised
+log-softmax for greedy rows). See sample_full.
 
 Randomness: Gumbel-max with noise from a counter-based hash of (sample key, output position, vocab id) rather
 than a torch.Generator. A sample's tokens then depend only on its seed and its own history, never on which
@@ -82,6 +83,7 @@ class SamplingTensors:
     processed: Optional[torch.Tensor] = None       # [R] bool: the row's logprobs are the sampled distribution's
     num_top: int = 0                               # most top_logprobs any row asks for; 0 = none
     top_processed: bool = False                    # some row asks for top_logprobs of the processed distribution
+    allowed: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # grammars: (rows [Rc], bitmask [Rc, V/32] int32)
 
 
 @dataclass
@@ -93,9 +95,10 @@ class Sampled:
 
 
 def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ban_ids: list[list[int]],
-                           prev_tokens: Optional[torch.Tensor] = None, pending: Optional[dict[int, int]] = None
-                           ) -> SamplingTensors:
-    """rows: Sequences (one per logits row); ban_ids[i]: ids masked for row i (EOS/stop before min_new_tokens).
+                           prev_tokens: Optional[torch.Tensor] = None, pending: Optional[dict[int, int]] = None,
+                           allowed: Optional[tuple[list[int], torch.Tensor]] = None) -> SamplingTensors:
+    """rows: Sequences (one per logits row); ban_ids[i]: ids masked for row i (EOS/stop before min_new_tokens);
+    allowed: (row indices, host bitmask) of the rows under a grammar (grammar.Grammars.masks), or None.
     A row whose last token is still pending (PENDING_TOKEN, async scheduling) has it in
     prev_tokens[pending[seq_id]] on the device: the repetition penalty reads it there."""
     temps = [r.params.temperature for r in rows]
@@ -136,6 +139,9 @@ def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ba
         br = [i for i, ids in enumerate(ban_ids) for _ in ids]
         bt = [t for ids in ban_ids for t in ids]
         banned = (torch.tensor(br, device=device), torch.tensor(bt, device=device))
+    if allowed is not None:
+        allowed = (torch.tensor(allowed[0], dtype=torch.int64).to(device, non_blocking=True),
+                   allowed[1].to(device, non_blocking=True))
     num_top = max(r.params.top_logprobs for r in rows)
     all_processed = all(processed)
     return SamplingTensors(floats[0, :R], floats[1, :R], ints[0, :R], ints[1, :R], penalty, seen, banned,
@@ -144,7 +150,8 @@ def build_sampling_tensors(rows: list, vocab_size: int, device: torch.device, ba
                            lp_divisor=None if all_processed else floats[2, :R],
                            processed=None if all_processed else floats[3, :R] > 0,
                            num_top=num_top, top_processed=num_top > 0 and any(
-                               p and r.params.top_logprobs for p, r in zip(processed, rows)))
+                               p and r.params.top_logprobs for p, r in zip(processed, rows)),
+                           allowed=allowed)
 
 
 def sample(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,6 +194,12 @@ def _process(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         logits = torch.where(t.seen, torch.where(logits > 0, logits / p, logits * p), logits)
     if t.banned is not None:
         logits = logits.index_put((t.banned[0], t.banned[1]), torch.tensor(float("-inf"), device=logits.device))
+    if t.allowed is not None:
+        # after the penalty, before temperature/top_k/top_p: the nucleus is taken among the allowed tokens, and
+        # processed-mode logprobs are those of the distribution actually sampled from (temperature and raw modes
+        # read the logits before every processor, this mask included)
+        from ziya_batch.engine.grammar import apply_masks
+        logits = apply_masks(logits, *t.allowed)
     return logits
 
 

@@ -26,12 +26,17 @@ class SamplingParams:
     seed: Optional[int] = None       # per-request seed; None = engine's generator
     stop: tuple[str, ...] = ()       # stop strings: the text is cut before the first one
     stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False         # benchmarks: run to max_new_tokens regardless of EOS
+    ignore_eos: bool = False         # benchmarks: run to max_new_tokens regardless of EOS (not constrained rows)
     # which distribution Completion.logprobs are taken under: "temperature" (log-softmax of logits / T over the
     # full vocabulary, T = 1 for greedy: what PPO/GRPO trainers recompute), "raw" (log-softmax of the logits) or
     # "processed" (the one sampled from: after repetition penalty, min_new_tokens bans, top_k and top_p)
     logprobs_mode: str = "temperature"
     top_logprobs: int = 0            # per token, the k most likely ids with logprobs under logprobs_mode
+    # structured output, at most one (engine/grammar.py): a finished response satisfies it, whatever the weights
+    json_schema: Optional[str] = None     # a JSON Schema, as JSON text (hashable, and the grammar cache's key)
+    regex: Optional[str] = None           # the whole response matches it
+    choice: Optional[tuple[str, ...]] = None  # the response is one of these
+    json_whitespace: str = "compact"      # "compact" | "flexible": whitespace between JSON tokens
 
 
 @dataclass

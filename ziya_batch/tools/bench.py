@@ -51,7 +51,7 @@ class BenchOptions:
     seed: int = 0
     schedule: str = EngineConfig.schedule
     kv_cache_dtype: str = EngineConfig.kv_cache_dtype
-    workload: str = "W1"             # W1 | W2 | W2g (workload_w2, workload_w2g)
+    workload: str = "W1"             # W1 | W2 | W2g (workload_w2, workload_w2g) | W3 (bench_w3: W1 under a JSON schema)
     prefix_caching: str = "on"       # on | off | both (one engine row each)
     quantization: Optional[str] = EngineConfig.quantization    # "fp8": float8 linear weights (engine/quant.py)
     # extra engine runs of W1, one per variant: a logprobs mode, optionally with top logprobs ("processed",
@@ -202,6 +202,81 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
     del eng, model
     gc.collect(); torch.cuda.empty_cache()
     return row, prof
+
+
+def w3_schema(max_chars: int) -> dict:
+    """W3's record: a free-text string of bounded length, an enum, a bounded integer and a boolean."""
+    return {"type": "object", "additionalProperties": False, "required": ["summary", "category", "score", "verified"],
+            "properties": {"summary": {"type": "string", "maxLength": max_chars},
+                           "category": {"enum": ["travel", "food", "history", "science", "other"]},
+                           "score": {"type": "integer", "minimum": 0, "maximum": 100},
+                           "verified": {"type": "boolean"}}}
+
+
+def bench_w3(a: ModelArgs, work, device, seed: int) -> list[dict]:
+    """W3: W1's prompts, each constrained to w3_schema with maxLength = its W1 output length (in characters,
+    rounded up to 32: 16 distinct grammars). EOS is not ignored (the grammar ends each record), so W1 runs
+    after it with each request's max_new_tokens = the length its record took (EOS ignored): both runs decode
+    the same tokens, and output tok/s compare the constraint's cost alone. Both again with synchronous steps
+    give the cost of waiting for each step's tokens before the next step's masks. The tokenizer is the demo
+    model's (4,096 pieces; masks forbid the other ids of the 39,424-row vocabulary)."""
+    import json
+    import tempfile
+
+    import jsonschema
+    from transformers import AutoTokenizer
+
+    from ziya_batch.tools.demo_model import write_demo_tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = AutoTokenizer.from_pretrained(str(write_demo_tokenizer(tmp)))
+    model = LlamaModel.random(a, device, torch.float16, seed)
+    # prefix caching off: the W1 runs reuse W3's prompts, and cached prompts would flatter them
+    eng = LLMEngine.from_model(model, tok, dataclasses.replace(BENCH_ENGINE, prefix_caching=False))
+    schemas = {n: json.dumps(w3_schema(n)) for n in range(32, 513, 32)}
+
+    def constrained(o: int, i: int = -1) -> SamplingParams:
+        # the model card's sampling (SamplingParams' defaults); seeded: async and sync runs draw the same
+        return SamplingParams(max_new_tokens=o + 64, json_schema=schemas[-(-o // 32) * 32],
+                              seed=seed * 100_003 + i + 1)
+
+    eng.generate([Request("warm", list(range(3, 40)), constrained(32)), Request("w", list(range(3, 40)), _sampling(8))])
+    rows, lengths = [], None
+    for sync in (False, True):
+        eng.config = dataclasses.replace(eng.config, async_scheduling=not sync)
+        for kind in ("W3", "W1"):
+            if kind == "W3":
+                reqs = [Request(str(i), p, constrained(o, i)) for i, (p, o) in enumerate(work)]
+            else:
+                reqs = [Request(str(i), p, _sampling(max(1, lengths[str(i)]))) for i, (p, _) in enumerate(work)]
+            g = eng._grammars
+            g.mask_s = g.fill_s = 0.0
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            outs = eng.generate(reqs)
+            wall = time.perf_counter() - t0
+            tokens = sum(len(c.token_ids) for o in outs for c in o.completions)
+            note = f"{'synchronous' if sync else 'async'} steps"
+            if kind == "W3":
+                lengths = lengths or {o.request_id: len(o.completions[0].token_ids) for o in outs}
+                ok = 0
+                for o in outs:
+                    c = o.completions[0]
+                    try:
+                        jsonschema.validate(json.loads(c.text), json.loads(reqs[int(o.request_id)].params.json_schema))
+                        ok += c.finish_reason == "stop"
+                    except (ValueError, jsonschema.ValidationError):
+                        pass
+                note += (f"; {ok}/{len(outs)} records valid; masks {g.mask_s:.2f} s of host time "
+                         f"({g.fill_s:.2f} s filling them)")
+            else:
+                note += "; the W3 run's output lengths, EOS ignored"
+            rows.append(dict(method=kind, requests=len(reqs), output_tokens=tokens, wall_s=wall,
+                             output_tok_s=tokens / wall, note=note))
+            _print_row(rows[-1])
+    for sync in (0, 2):
+        print(f"[bench] W3 / W1 ({rows[sync]['note'].split(';')[0]}): "
+              f"{rows[sync]['output_tok_s'] / rows[sync + 1]['output_tok_s']:.1%}", flush=True)
+    return rows
 
 
 def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requests: int, seed: int,
@@ -435,6 +510,13 @@ def run_bench(opts: BenchOptions) -> list[dict]:
     unknown = only - set(METHODS)
     if unknown:
         raise ModelError(f"unknown bench method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if opts.workload == "W3":
+        if (opts.tensor_parallel != 1 or opts.markdown or opts.prefix_caching != "on" or opts.quantization
+                or opts.logprobs):
+            raise ModelError("bench --workload W3 runs one float16 engine on one GPU and prints its rows: leave out "
+                             "--tensor-parallel, --markdown, --prefix-caching, --quantization and --logprobs")
+        a = _args(opts.layers)
+        return bench_w3(a, workload_w1(opts.requests, a.vocab_size, opts.seed), torch.device("cuda"), opts.seed)
     if opts.workload != "W1" or opts.prefix_caching != "on":
         return run_prefix_bench(opts)
     device = torch.device("cuda")
@@ -636,7 +718,8 @@ def parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=d.kv_cache_dtype,
                    help="the model's dtype (auto) or fp8 (engine.kv_cache_dtype of a job spec)")
     p.add_argument("--workload", choices=WORKLOADS, default=d.workload,
-                   help="W1; W2 (a shared 1,024-token prefix); W2g (GRPO-like, n = 8)")
+                   help="W1; W2 (a shared 1,024-token prefix); W2g (GRPO-like, n = 8); W3 (W1 constrained to a "
+                        "JSON schema, against W1 at the same output lengths)")
     p.add_argument("--prefix-caching", choices=PREFIX_CACHING, default=d.prefix_caching,
                    help="on, off or both (one engine row each; engine.prefix_caching of a job spec)")
     p.add_argument("--quantization", choices=("fp8",), default=d.quantization,
@@ -660,7 +743,7 @@ def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> None:
 
 
 # ---- shared-prefix workloads (prefix caching) ------------------------------------------------------------------
-WORKLOADS = ("W1", "W2", "W2g")
+WORKLOADS = ("W1", "W2", "W2g", "W3")
 PREFIX_CACHING = ("on", "off", "both")
 
 
