@@ -35,6 +35,8 @@ demo: venv redis-server
 	$(ZB) run jobs/demo.yaml
 	@echo; echo "first result line of .cache/demo-output/results/part-00000.jsonl:"
 	@head -n 1 .cache/demo-output/results/part-00000.jsonl
+	@echo; echo "ziya-batch status (the private redis-server that run started stays up for it; it stops when idle):"
+	$(ZB) status
 
 test: venv redis-server chromium
 	$(PY) -m pytest -q tests

@@ -94,3 +94,16 @@ def shard_parts():
     """shard_parts(n_lines=3, start=0) -> {kind: records}: what a worker stages for one shard (every other line
     multi-turn, n = 2, one error line)."""
     return _shard_parts
+
+
+@pytest.fixture(autouse=True)
+def _own_ziya_batch_home(tmp_path, monkeypatch):
+    """Every test gets a ZIYA_BATCH_HOME of its own, never the user's: without a Redis URL a command starts the
+    home's private redis-server (e.g. `report JOB_ID`); one a test left running is stopped after it."""
+    home = tmp_path / "zb-home"
+    monkeypatch.setenv("ZIYA_BATCH_HOME", str(home))
+    yield
+    if (home / "redis" / "server.json").exists():
+        from ziya_batch.queue import PrivateRedis
+
+        PrivateRedis(home / "redis").shutdown()

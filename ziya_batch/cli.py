@@ -11,7 +11,17 @@ from .errors import ZiyaBatchError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Batch generation jobs for Ziya-LLaMA-13B on a Redis queue and a Ray cluster.")
 
-REDIS_HELP = "Redis URL (default: $ZIYA_BATCH_REDIS_URL; `run` starts a private redis-server without it)"
+REDIS_HELP = ("Redis URL (default: $ZIYA_BATCH_REDIS_URL; without it, the private redis-server under "
+              "$ZIYA_BATCH_HOME that every command shares, started when not running)")
+REMOTE_CODE_HELP = ("Let this command's workers load models with trust_remote_code (runs Python code from the model "
+                    "directory); without it a job asking for it is refused. Also $ZIYA_BATCH_ALLOW_REMOTE_CODE=1")
+
+
+def _allow_remote_code(given: bool) -> None:
+    from . import settings
+
+    if given:
+        settings.set_allow_remote_code()
 
 
 def _broker(redis_url: Optional[str]):
@@ -28,10 +38,12 @@ def run(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker actors to start (default: one per local GPU, or one on the CPU)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
     cpu: bool = typer.Option(False, "--cpu", help="Run replicas on CPUs even where GPUs exist"),
+    allow_remote_code: bool = typer.Option(False, "--allow-remote-code", help=REMOTE_CODE_HELP),
 ):
     """Start what is missing, submit the job (or resume it), run workers until it is done."""
     from .runtime.local import run_job
 
+    _allow_remote_code(allow_remote_code)
     code = run_job(job, redis_url=redis_url, ray_address=address, num_workers=workers, progress=not quiet, cpu=cpu)
     raise typer.Exit(code)
 
@@ -91,7 +103,8 @@ def cancel(
 
 @app.command()
 def worker(
-    address: Optional[str] = typer.Option(None, "--address", help="Ray address to join (default: $RAY_ADDRESS)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray address to join, or `auto` for the cluster "
+                                          "with a node on this host (default: $RAY_ADDRESS, else `auto`)"),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
     tensor_parallel: int = typer.Option(1, "--tensor-parallel", min=1, help="GPUs one replica is sharded over"),
     job: Optional[str] = typer.Option(None, "--job", help="With --tensor-parallel > 1: load this job's model at start "
@@ -100,6 +113,7 @@ def worker(
                                            help="GPUs the node offers when this command starts it (default: all)"),
     start_node: bool = typer.Option(False, "--start-node",
                                     help="Start a node even if this host already is one (e.g. a head offering no GPUs)"),
+    allow_remote_code: bool = typer.Option(False, "--allow-remote-code", help=REMOTE_CODE_HELP),
 ):
     """Join a Ray cluster and serve the queue with this node's GPUs until stopped. Starts a Ray node for the
     purpose unless this host already is one; that node stops with the command."""
@@ -107,6 +121,7 @@ def worker(
     from .runtime.cluster import serve_node
     from .runtime.services import connect_broker
 
+    _allow_remote_code(allow_remote_code)
     if job:
 
         try:
@@ -165,12 +180,19 @@ def serve(
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
     address: Optional[str] = typer.Option(None, "--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)"),
     insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Serve without a bearer token (local experiments only)"),
+    no_workers: bool = typer.Option(False, "--no-workers", help="Only the API: run no replicas here (a front door "
+                                    "for a cluster's workers); on a Ray cluster (--address) there are none anyway"),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", min=1, help="GPUs each local replica is sharded over"),
+    cpu: bool = typer.Option(False, "--cpu", help="Run the local replica on CPUs even where GPUs exist"),
+    allow_remote_code: bool = typer.Option(False, "--allow-remote-code", help=REMOTE_CODE_HELP),
 ):
-    """The HTTP API on Ray Serve (token from $ZIYA_BATCH_API_TOKEN, input prefixes from $ZIYA_BATCH_ALLOWED_PREFIXES)."""
+    """The HTTP API on Ray Serve (token from $ZIYA_BATCH_API_TOKEN, input prefixes from $ZIYA_BATCH_ALLOWED_PREFIXES).
+    Without a Ray cluster it also runs replicas on this machine's GPUs (or one on the CPU) until it stops."""
     from .api.serve import serve_main
 
+    _allow_remote_code(allow_remote_code)
     serve_main(host=host, port=port, model=model, storage=storage, redis_url=redis_url, ray_address=address,
-               insecure_no_auth=insecure_no_auth)
+               insecure_no_auth=insecure_no_auth, workers=not no_workers, tensor_parallel=tensor_parallel, cpu=cpu)
 
 
 @app.command()
@@ -184,6 +206,44 @@ def report(
 
     report_main(job_id, out, redis_url=redis_url)
     typer.echo(f"report written to {out}")
+
+
+redis_app = typer.Typer(no_args_is_help=True, help="The private redis-server under $ZIYA_BATCH_HOME that commands "
+                        "share when given no Redis URL")
+app.add_typer(redis_app, name="redis")
+
+
+@redis_app.command("status")
+def redis_status():
+    """Whether it runs, where (password masked), its data, and what keeps it busy."""
+    from .runtime.services import private_redis
+
+    srv = private_redis()
+    if not srv.running():
+        typer.echo(f"not running (data in {srv.data_dir}; any command without --redis-url starts it)")
+        return
+    use = srv.usage()
+    typer.echo(f"running: pid {srv.pid} at {srv.masked_url} (data in {srv.data_dir}); {use['clients']} client(s), "
+               f"{use['leased_shards']} leased shard(s), {use['commands']} command(s) using it; stops after "
+               f"{srv.idle_s:.0f}s with none of these")
+
+
+@redis_app.command("stop")
+def redis_stop(force: bool = typer.Option(False, "--force", help="Stop it even while shards are leased")):
+    """Shut it down (its AOF keeps every job for the next start)."""
+    from .errors import ServiceError
+    from .runtime.services import private_redis
+
+    srv = private_redis()
+    if not srv.running():
+        typer.echo("not running")
+        return
+    leased = srv.usage()["leased_shards"]
+    if leased and not force:
+        raise ServiceError(f"{leased} shard(s) are leased (a job is running on this server): stop its workers "
+                           "first, or pass --force (their leases expire and are requeued at the next start)")
+    srv.shutdown()
+    typer.echo(f"stopped (data kept in {srv.data_dir})")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})

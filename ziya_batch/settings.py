@@ -5,7 +5,12 @@ hold; a flag the user gave always wins over the variable (the `given` arguments)
 
 - ZIYA_BATCH_HOME: where `run` keeps its private Redis, merged checkpoints and the API's files
   (default ~/.cache/ziya-batch).
-- ZIYA_BATCH_REDIS_URL: the Redis queue (`--redis-url` wins).
+- ZIYA_BATCH_REDIS_URL: the Redis queue (`--redis-url` wins). Without it, the private redis-server under the home.
+- ZIYA_BATCH_REDIS_IDLE_S: seconds the private redis-server waits unused before it stops (default 600).
+- ZIYA_BATCH_ALLOW_REMOTE_CODE: "1" lets this process's workers load models with trust_remote_code
+  (`--allow-remote-code` wins); a spec alone never can.
+- RAY_AUTH_MODE, RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH: Ray's token authentication (Ray reads them too);
+  `worker` looks at them to say which one is missing.
 - RAY_ADDRESS: the Ray cluster (`--address` wins); Ray itself reads it too.
 - ZIYA_BATCH_API_TOKEN, ZIYA_BATCH_ALLOWED_PREFIXES, ZIYA_BATCH_ALLOWED_MODELS, ZIYA_BATCH_MODEL: the HTTP API's
   (api/settings.py says what each means).
@@ -29,6 +34,10 @@ REWARD_FUNCTIONS_ENV = "ZIYA_BATCH_ALLOWED_REWARD_FUNCTIONS"
 REWARD_URLS_ENV = "ZIYA_BATCH_ALLOWED_REWARD_URLS"
 STORAGE_OPTIONS_ENV = "ZIYA_BATCH_STORAGE_OPTIONS"
 COMMIT_ENV = "ZIYA_BATCH_COMMIT"
+REDIS_IDLE_ENV = "ZIYA_BATCH_REDIS_IDLE_S"
+REMOTE_CODE_ENV = "ZIYA_BATCH_ALLOW_REMOTE_CODE"
+RAY_AUTH_MODE_ENV = "RAY_AUTH_MODE"
+RAY_AUTH_TOKEN_ENVS = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 def _get(name: str) -> Optional[str]:
@@ -46,6 +55,45 @@ def redis_url(given: Optional[str] = None) -> Optional[str]:
 
 def ray_address(given: Optional[str] = None) -> Optional[str]:
     return given or _get(RAY_ENV)
+
+
+def redis_idle_s() -> float:
+    raw = _get(REDIS_IDLE_ENV)
+    try:
+        return max(1.0, float(raw)) if raw else 600.0
+    except ValueError:
+        return 600.0
+
+
+def allow_remote_code(given: bool = False) -> bool:
+    return given or (_get(REMOTE_CODE_ENV) or "").lower() in ("1", "true", "yes")
+
+
+def set_allow_remote_code() -> None:
+    """Let this process and the Ray workers it starts load remote model code (a flag given on the command line):
+    they read it from the environment, as a worker started by another process must too."""
+    os.environ[REMOTE_CODE_ENV] = "1"
+
+
+def worker_runtime_env() -> dict:
+    """What a ray.init passes on to the workers it starts on nodes it did not start (their processes do not
+    inherit this one's environment): the remote-code consent, when given."""
+    env = environment((REMOTE_CODE_ENV,))
+    return {"env_vars": env} if env else {}
+
+
+def ray_auth_mode() -> Optional[str]:
+    return _get(RAY_AUTH_MODE_ENV)
+
+
+def ray_auth_token_set() -> bool:
+    """Whether a Ray token is given through the environment (else Ray looks at ~/.ray/auth_token)."""
+    return any(_get(n) for n in RAY_AUTH_TOKEN_ENVS)
+
+
+def set_ray_auth_mode(mode: str) -> None:
+    """Ray reads its mode from the environment only, in this process and in the `ray start` it runs."""
+    os.environ[RAY_AUTH_MODE_ENV] = mode
 
 
 def api_token() -> Optional[str]:

@@ -77,12 +77,16 @@ def test_unknown_job_and_missing_inputs_are_one_line_errors(tmp_path, redis_url)
     assert "a.jsonl" in r.stderr and "b*.jsonl" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_no_redis_configured_says_how(tmp_path):
+def test_no_redis_configured_and_none_to_start_says_how(tmp_path):
+    # without a URL the home's private redis-server is used (tests/ray/test_one_machine.py); here there is no
+    # redis-server binary to start it with
     job = _job(tmp_path, ["x.jsonl"])
     env = {k: v for k, v in os.environ.items() if k != "ZIYA_BATCH_REDIS_URL"}
+    env.update(PYTHONPATH=str(REPO), PATH=str(tmp_path / "empty"), ZIYA_BATCH_HOME=str(tmp_path / "home"))
     r = subprocess.run([sys.executable, "-m", "ziya_batch.cli", "submit", str(job)], capture_output=True,
-                       text=True, env={**env, "PYTHONPATH": str(REPO)}, timeout=60)
-    assert r.returncode == 3 and "ZIYA_BATCH_REDIS_URL" in r.stderr and r.stderr.count("\n") == 1
+                       text=True, env=env, timeout=60)
+    assert r.returncode == 3 and r.stderr.count("\n") == 1, r.stderr
+    assert "redis-server is not installed" in r.stderr and "ZIYA_BATCH_REDIS_URL" in r.stderr
 
 
 def test_missing_model_directory_is_refused_at_submit(tmp_path, redis_url):

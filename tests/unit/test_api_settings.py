@@ -62,9 +62,9 @@ def test_serve_main_refuses_to_start_without_token_or_redis(monkeypatch):
     with pytest.raises(ServiceError, match="--insecure-no-auth"):
         serve_main(port=0)
     monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", TOKEN)
-    monkeypatch.delenv("ZIYA_BATCH_REDIS_URL", raising=False)
-    with pytest.raises(ServiceError, match="Redis"):
-        serve_main(port=0)
+    # (without a URL it would start the home's private redis-server: tests/ray/test_one_machine.py runs that)
+    with pytest.raises(ServiceError, match=r"cannot reach Redis at redis://:\*\*\*@127.0.0.1:1/0"):
+        serve_main(port=0, redis_url="redis://:pw@127.0.0.1:1/0")
 
 
 def test_serve_main_names_a_busy_port(monkeypatch):

@@ -150,7 +150,11 @@ def _jobs_router(settings: ApiSettings, brokers: BrokerHolder) -> APIRouter:
 
     @router.get("/{job_id}", summary="A job's status (the fields of `ziya-batch status --json`)")
     def get_job(job_id: str) -> dict:
-        return jobs.job_status(brokers.get(), job_id, detail=True, hint=jobs.API_HINT).to_dict()
+        from ..runtime.services import waiting_note
+
+        status = jobs.job_status(brokers.get(), job_id, detail=True, hint=jobs.API_HINT)
+        # "note": why its shards wait with no worker to take them, or null
+        return {**status.to_dict(), "note": waiting_note(brokers.get(), status)}
 
     @router.post("/{job_id}/cancel", summary="Stop handing out the job's shards; committed parts stay")
     def cancel(job_id: str, abandon_running: bool = False) -> dict:
@@ -184,7 +188,11 @@ def create_app(settings: ApiSettings, broker_factory: Callable[[], Any]) -> Fast
             brokers.get().client.ping()
             return JSONResponse({"status": "ok", "redis": True})
         except Exception as err:  # noqa: BLE001 - health reports, never raises
-            return JSONResponse({"status": "degraded", "redis": False, "error": f"{type(err).__name__}: {err}"},
+            # the cause goes to the server log only: its text can name hosts, paths or a Redis URL, and
+            # /healthz answers anyone
+            log.warning("healthz: Redis not reachable: %s", type(err).__name__)
+            return JSONResponse({"status": "degraded", "redis": False,
+                                 "error": "the job queue (Redis) cannot be reached; the server log says why"},
                                 status_code=503)
 
     @app.get("/metrics", tags=["metrics"], dependencies=auth, response_class=Response,

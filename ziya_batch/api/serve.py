@@ -76,37 +76,81 @@ def _check_port_free(host: str, port: int) -> None:
 
 def serve_main(host: str = "127.0.0.1", port: int = 8000, model: Optional[str] = None,
                storage: Optional[str] = None, redis_url: Optional[str] = None, ray_address: Optional[str] = None,
-               insecure_no_auth: bool = False, num_replicas: int = 1) -> None:
-    """Run the API until Ctrl-C. Refuses to start without a token (unless insecure_no_auth) or Redis."""
+               insecure_no_auth: bool = False, num_replicas: int = 1, workers: bool = True,
+               tensor_parallel: int = 1, cpu: bool = False, poll_s: float = 2.0) -> None:
+    """Run the API until Ctrl-C. Refuses to start without a token (unless insecure_no_auth) or a reachable Redis.
+
+    Without a Ray address it starts a Ray of its own and, unless `workers` is off, runs replicas on this
+    machine's GPUs (or one on the CPU) as `run` does, so a job submitted over HTTP completes with nothing else
+    started. On a cluster (an address) the cluster's `ziya-batch worker`s do the work."""
     import ray
     from ray import serve
 
-    from ..runtime.services import connect_broker
+    from ..queue.server import mask_url
+    from ..runtime.services import connect_broker, redis_for
 
     settings = ApiSettings.from_env(model=model, storage=storage, insecure_no_auth=insecure_no_auth)
-    url = env.redis_url(redis_url)
     _check_port_free(host, port)
-    connect_broker(url)             # fails here, with one line, when Redis is missing; prints unsafe settings
-    if settings.insecure_no_auth:
-        print("ziya-batch: warning: serving WITHOUT authentication (--insecure-no-auth)", file=sys.stderr)
-    if not settings.allowed_prefixes:
-        print("ziya-batch: warning: ZIYA_BATCH_ALLOWED_PREFIXES is unset: every job submitted over "
-              "/v1/jobs will be refused", file=sys.stderr)
+    url, private = redis_for(redis_url, register=True)
+    manager = None
     try:
-        # without an address, a Ray of our own: the API talks to workers only through Redis, so it never
-        # needs to sit in their cluster, and joining one found by chance would put Serve into it
-        ray.init(address=env.ray_address(ray_address) or "local", namespace=APP_NAME,
-                 include_dashboard=False, log_to_driver=False)
-    except ConnectionError as err:
-        raise ServiceError(f"cannot reach Ray at {env.ray_address(ray_address)}: {err}") from None
-    start_serve(settings, url, host, port, num_replicas)
-    print(f"ziya-batch API on http://{host}:{port} (OpenAPI schema at /openapi.json, docs at /docs); "
-          "Ctrl-C stops it", flush=True)
+        broker = connect_broker(url)    # fails here, with one line, when Redis is missing; prints unsafe settings
+        if settings.insecure_no_auth:
+            print("ziya-batch: warning: serving WITHOUT authentication (--insecure-no-auth)", file=sys.stderr)
+        if not settings.allowed_prefixes:
+            print("ziya-batch: warning: ZIYA_BATCH_ALLOWED_PREFIXES is unset: every job submitted over "
+                  "/v1/jobs will be refused", file=sys.stderr)
+        address = env.ray_address(ray_address)
+        if address and private is not None:
+            print("ziya-batch: warning: the queue is this host's private redis-server (127.0.0.1 only): workers "
+                  f"on other hosts cannot reach it; give a Redis they can reach with --redis-url or {env.REDIS_ENV}",
+                  file=sys.stderr)
+        try:
+            # without an address, a Ray of our own: the API talks to workers only through Redis, so it never
+            # needs to sit in their cluster, and joining one found by chance would put Serve into it
+            ray.init(address=address or "local", namespace=APP_NAME,
+                     include_dashboard=False, log_to_driver=False)
+        except ConnectionError as err:
+            raise ServiceError(f"cannot reach Ray at {address}: {err}") from None
+        start_serve(settings, url, host, port, num_replicas)
+        if workers and not address:
+            from ..runtime.local import start_local_replicas
+
+            manager = start_local_replicas(url, None, tensor_parallel, cpu=cpu, worker_prefix="serve")
+        where = ("replicas on this machine run the jobs" if manager else
+                 "no workers here: `ziya-batch worker` on GPU nodes runs the jobs")
+        print(f"ziya-batch API on http://{host}:{port} (OpenAPI schema at /openapi.json, docs at /docs), queue "
+              f"at {mask_url(url)}; {where}; Ctrl-C stops it", flush=True)
+        _serve_until_interrupted(broker, manager, poll_s)
+    finally:
+        try:
+            if manager is not None:
+                manager.stop()
+            if ray.is_initialized():
+                serve.shutdown()
+                ray.shutdown()
+        finally:
+            if private is not None:
+                private.release()
+
+
+def _serve_until_interrupted(broker, manager, poll_s: float) -> None:
+    """Keep the local replicas running (one that dies is started again) and requeue expired leases, until
+    Ctrl-C or SIGTERM."""
+    import signal
+
+    stop = []
+    # SIGINT too: a shell's background job starts with SIGINT ignored, where Python raises no KeyboardInterrupt
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(True))
     try:
-        while True:
-            time.sleep(1.0)
+        while not stop:
+            if manager is not None:
+                manager.reconcile()
+                try:
+                    broker.reap()
+                except Exception as err:  # noqa: BLE001 - Redis away for a moment: the next poll tries again
+                    log.warning("could not reap expired leases: %s", type(err).__name__)
+            time.sleep(poll_s)
     except KeyboardInterrupt:
         pass
-    finally:
-        serve.shutdown()
-        ray.shutdown()

@@ -1,4 +1,4 @@
-"""The Redis a queue may trust, and the private redis-server `ziya-batch run` starts when given none.
+"""The Redis a queue may trust, and the private redis-server every command shares when given none.
 
 Safe means: persistence on (AOF, so a restart loses at most a second of queue state) and
 `maxmemory-policy noeviction` (an evicting Redis silently drops job keys under memory pressure; with
@@ -8,9 +8,16 @@ The private server runs with `appendfsync everysec`, not `always`: `always` make
 wait for a disk sync, and the second `everysec` can lose is recoverable — a commit lost with it is found
 again from the commit markers in storage when the job is resubmitted, and a lease lost with it is run
 again under a new fencing token. Its data, log, pid and port files live under one directory; a server
-left running by a crashed run is found through them and reused, so its AOF state carries over. Two runs
-sharing the directory share the server: starting is serialized by a file lock, and each run registers
-itself under users/, so the last one to stop shuts the server down.
+left running (by a command that ended, or crashed) is found through them and reused, so its AOF state carries
+over. Commands sharing the directory share the server: starting is serialized by a file lock, long-running
+commands (run, serve, worker) register under users/, and a small watchdog process stops the server once
+nothing has used it for `idle_s` (no client, no registered command, no leased shard).
+
+It requires a password, on 127.0.0.1 (not a unix socket only): the Ray workers of `run` and `serve` are
+other processes, possibly of a Ray node started by another user on this host, and 127.0.0.1 is reachable by
+every local user; the password (generated once, in files of mode 0600) keeps out whoever cannot read this
+home. A unix socket alone would do the same for local users but leaves nothing for a later remote worker to
+use; the bind to 127.0.0.1 keeps other hosts out either way. URLs carrying it are shown only through mask_url.
 """
 from __future__ import annotations
 
@@ -18,12 +25,16 @@ import contextlib
 import fcntl
 import json
 import os
+import re
+import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Optional
+from urllib.parse import quote
 
 import redis
 
@@ -56,6 +67,21 @@ def check_config(client: redis.Redis) -> list[str]:
     return problems
 
 
+_ADMIN_NAME = "ziya-batch-admin"
+
+
+_USERINFO = re.compile(r"^(?P<scheme>[a-z+]+://)(?:(?P<user>[^:@/]*):[^@]*@)?")
+_QUERY_PASSWORD = re.compile(r"(?<=[?&])password=[^&#]*")
+
+
+def mask_url(url: Optional[str]) -> str:
+    """The URL as it may be shown: its password (in the userinfo or a `password=` query) as ***."""
+    if not url:
+        return str(url)
+    shown = _USERINFO.sub(lambda m: m["scheme"] + (f"{m['user']}:***@" if m["user"] is not None else ""), url, 1)
+    return _QUERY_PASSWORD.sub("password=***", shown)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,30 +102,47 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (mode 0600 from the start, never readable in between)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o600)      # an older file of wider mode keeps its mode through O_CREAT: narrow it
+
+
 class PrivateRedis:
-    """A redis-server of our own under `base_dir`: data/ (the AOF), redis.log, redis.pid, server.json."""
+    """A redis-server of our own under `base_dir`: data/ (the AOF), redis.conf, password, redis.log,
+    redis.pid, server.json (pid and URL), users/ (pids of the commands using it)."""
 
     def __init__(self, base_dir: str | os.PathLike, port: Optional[int] = None, unix_socket: bool = False,
-                 start_timeout_s: float = 15.0):
+                 start_timeout_s: float = 15.0, idle_s: Optional[float] = None):
         self.base_dir = Path(base_dir)
         self.data_dir = self.base_dir / "data"
         self.log_path = self.base_dir / "redis.log"
         self.pid_path = self.base_dir / "redis.pid"
         self.state_path = self.base_dir / "server.json"
         self.socket_path = self.base_dir / "redis.sock"
+        self.conf_path = self.base_dir / "redis.conf"
+        self.password_path = self.base_dir / "password"
         self.port = port
         # unix socket paths are limited to ~107 bytes; fall back to TCP on localhost when too long
         self.unix_socket = unix_socket and len(str(self.socket_path.absolute())) < 100
         self.start_timeout_s = start_timeout_s
+        self.idle_s = idle_s                 # None: no watchdog (the server stops with stop() only)
         self.url: Optional[str] = None
         self.pid: Optional[int] = None
         self.reused = False
         self._proc: Optional[subprocess.Popen] = None
 
+    @property
+    def masked_url(self) -> str:
+        return mask_url(self.url)
+
     # -- lifecycle ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self):
         self.base_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.base_dir, 0o700)
         with open(self.base_dir / "start.lock", "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
@@ -120,17 +163,37 @@ class PrivateRedis:
                 entry.unlink(missing_ok=True)
         return live
 
-    def start(self) -> str:
-        """Start the server, or reuse one a previous run left behind. Returns its redis:// URL."""
+    def start(self, register: bool = True) -> str:
+        """Start the server, or reuse the running one. Returns its redis:// URL (with the password: show it
+        only through mask_url). `register`: count this process as a user until stop() or release()."""
         with self._locked():
             url = self._start_locked()
-            self._users().mkdir(exist_ok=True)
-            (self._users() / str(os.getpid())).touch()
+            if register:
+                self._users().mkdir(exist_ok=True)
+                (self._users() / str(os.getpid())).touch()
             return url
+
+    def _password(self) -> str:
+        """The server's password, generated on first start and kept (the AOF outlives any one server)."""
+        try:
+            found = self.password_path.read_text().strip()
+            if found:
+                os.chmod(self.password_path, 0o600)
+                return found
+        except OSError:
+            pass
+        password = secrets.token_urlsafe(32)
+        _write_private(self.password_path, password + "\n")
+        return password
 
     def _start_locked(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         found = self._find_running()
+        if found and "@" not in found[0].split("://", 1)[1]:
+            # a server of an older ziya-batch, without a password: stopped (its AOF flushed), started again below
+            self.url, self.pid = found
+            self._shutdown(10.0)
+            found = None
         if found:
             self.url, self.pid, self.reused = found[0], found[1], True
             return self.url
@@ -140,27 +203,44 @@ class PrivateRedis:
         for stale in (self.state_path, self.pid_path, self.socket_path):
             stale.unlink(missing_ok=True)
         port = 0 if self.unix_socket else (self.port or _free_port())
-        args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(self.data_dir.absolute()),
-                "--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction",
-                "--save", "", "--daemonize", "no", "--protected-mode", "yes",
-                "--pidfile", str(self.pid_path.absolute()), "--logfile", str(self.log_path.absolute())]
+        password = self._password()
+        conf = [f"port {port}", "bind 127.0.0.1", f'dir "{self.data_dir.absolute()}"', "appendonly yes",
+                "appendfsync everysec", "maxmemory-policy noeviction", 'save ""', "daemonize no",
+                "protected-mode yes", f'pidfile "{self.pid_path.absolute()}"', f'logfile "{self.log_path.absolute()}"',
+                # in a file of mode 0600, not on the command line: every local user can read a process's argv
+                f'requirepass "{password}"']
         if self.unix_socket:
-            args += ["--unixsocket", str(self.socket_path.absolute()), "--unixsocketperm", "700"]
-        # a session of its own: Ctrl-C on `run` must not kill it before the AOF is flushed by SHUTDOWN
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+            conf += [f'unixsocket "{self.socket_path.absolute()}"', "unixsocketperm 700"]
+        _write_private(self.conf_path, "\n".join(conf) + "\n")
+        # a session of its own: Ctrl-C on a command must not kill it before the AOF is flushed by SHUTDOWN
+        self._proc = subprocess.Popen([binary, str(self.conf_path.absolute())], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True, close_fds=True)
         self.pid = self._proc.pid
-        self.url = (f"unix://{self.socket_path.absolute()}?db=0" if self.unix_socket
-                    else f"redis://127.0.0.1:{port}/0")
+        secret = quote(password, safe="")
+        self.url = (f"unix://:{secret}@{self.socket_path.absolute()}?db=0" if self.unix_socket
+                    else f"redis://:{secret}@127.0.0.1:{port}/0")
         self._wait_ready()
-        self.state_path.write_text(json.dumps({"pid": self.pid, "url": self.url, "data_dir": str(self.data_dir.absolute())}))
+        _write_private(self.state_path, json.dumps({"pid": self.pid, "url": self.url,
+                                                    "data_dir": str(self.data_dir.absolute())}))
+        if self.idle_s is not None:
+            self._start_watchdog()
         return self.url
 
+    def _start_watchdog(self) -> None:
+        # a detached process: the commands that use the server come and go, the watchdog stays with the server
+        subprocess.Popen([sys.executable, "-m", "ziya_batch.queue.server", "watch", str(self.base_dir.absolute()),
+                          str(self.idle_s), str(self.pid)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, close_fds=True)
+
     def _client(self, url: str) -> redis.Redis:
-        return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True)
+        # named, so that usage() does not count our own checks as clients
+        return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True,
+                                    client_name=_ADMIN_NAME)
 
     def _find_running(self) -> Optional[tuple[str, int]]:
-        """A server from an earlier run: its pid alive, answering PING, and serving our data dir."""
+        """The running server: its pid alive, answering PING, and serving our data dir."""
         try:
             state = json.loads(self.state_path.read_text())
             url, pid = state["url"], int(state["pid"])
@@ -175,6 +255,22 @@ class PrivateRedis:
         except redis.RedisError:
             return None
         return url, pid
+
+    def running(self) -> bool:
+        """Whether the server runs now (and then self.url and self.pid name it); starts nothing."""
+        found = self._find_running()
+        if found:
+            self.url, self.pid = found
+        return bool(found)
+
+    def usage(self) -> dict:
+        """What keeps the running server busy: clients connected, shards leased, commands registered."""
+        from .keys import Keys
+
+        c = self._client(self.url)
+        others = [x for x in c.client_list() if x.get("name") != _ADMIN_NAME]
+        return {"clients": len(others), "leased_shards": int(c.zcard(Keys().leases())),
+                "commands": len(self._live_users())}
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout_s
@@ -201,6 +297,11 @@ class PrivateRedis:
         except OSError:
             return "(no log)"
 
+    def release(self) -> None:
+        """This process no longer uses the server; it keeps running for the others (and the watchdog)."""
+        (self._users() / str(os.getpid())).unlink(missing_ok=True)
+        self.url = None
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """Shut the server down (SHUTDOWN flushes the AOF) and wait for it to exit, unless another live
         process still uses it."""
@@ -212,6 +313,12 @@ class PrivateRedis:
                 self.url = None
                 return
             self._shutdown(timeout_s)
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Shut the running server down, whoever uses it (`ziya-batch redis stop`)."""
+        with self._locked():
+            if self.running():
+                self._shutdown(timeout_s)
 
     def _shutdown(self, timeout_s: float) -> None:
         try:
@@ -245,3 +352,29 @@ def _terminate(pid: int) -> None:
         os.kill(pid, 15)
     except ProcessLookupError:
         pass
+
+
+def watch_idle(base_dir: str, idle_s: float, pid: int) -> None:
+    """Stop the server of `base_dir` (pid `pid`) once it has been idle for idle_s: no client but this one, no
+    registered command alive, no shard leased (a job running). Returns when the server is gone."""
+    srv = PrivateRedis(base_dir)
+    check_s = max(0.5, min(30.0, idle_s / 4))
+    idle_since = time.monotonic()
+    while True:
+        time.sleep(check_s)
+        with srv._locked():
+            if not srv.running() or srv.pid != pid:
+                return                      # stopped, or replaced by a newer server with its own watchdog
+            try:
+                busy = any(srv.usage().values())
+            except redis.RedisError:
+                continue
+            if busy:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= idle_s:
+                srv._shutdown(10.0)
+                return
+
+
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "watch":
+    watch_idle(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]))

@@ -5,6 +5,13 @@ If this host already is a node of that cluster, the command serves from it. Othe
 the command stops, it stops that node and nothing else (other Ray nodes on the host, a head included, stay).
 Then a replica manager pinned to the node keeps GPUs // tensor_parallel replicas running until the command is
 stopped. A `run` on the head sees the new GPUs too: both only ever fill free GPUs, so they never oversubscribe.
+
+`--address auto` (and no address at all) joins the cluster that has a node on this host. Without a Redis URL
+the worker uses this home's private redis-server, which only a worker on this host can reach. Ray 2.x token
+authentication: a head started by `ray.init()` (run, serve) or by `ray start --head` where a token exists
+requires it, but `ray start --address` only sends the token when RAY_AUTH_MODE=token; with a token at hand
+(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token, the file the local head uses) the worker sets that
+mode itself, and without one it says which file or variable to set.
 """
 from __future__ import annotations
 
@@ -139,9 +146,10 @@ class _OwnNode:
             if stop.wait(0.2):
                 return None
         try:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
+                     runtime_env=settings.worker_runtime_env() or None)
         except Exception as e:  # noqa: BLE001 - Ray's own errors, made one clear line
-            raise ServiceError(f"could not connect to the Ray cluster at {address}: {e}") from e
+            raise _join_error(address, e) from None
         connected()
         while time.monotonic() < deadline and not stop.is_set():
             for n in ray.nodes():
@@ -174,21 +182,127 @@ class _OwnNode:
             pass
 
 
+def _ray_token_file() -> str:
+    return os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+
+
+def _use_ray_token() -> bool:
+    """Turn on Ray's token mode for this process and the `ray start` it runs when a token is at hand and no mode
+    was chosen (the same rule `ray start --head` follows). Returns whether token mode is on."""
+    mode = settings.ray_auth_mode()
+    if mode is not None:
+        return mode.lower() == "token"
+    if not (settings.ray_auth_token_set() or os.path.isfile(_ray_token_file())):
+        return False
+    settings.set_ray_auth_mode("token")
+    if "ray" in sys.modules:
+        try:   # Ray caches its config on first use: read the mode again (as Ray's own _enable_token_auth does)
+            from ray._raylet import Config
+            Config.initialize("")
+        except Exception:  # noqa: BLE001 - another Ray layout: `ray start` still gets it from the environment
+            pass
+    return True
+
+
+def _is_auth_error(err: BaseException) -> bool:
+    text = str(err).lower()
+    return "authenticat" in text or "auth_token" in text or "ray_auth" in text or "unauthenticated" in text
+
+
+def _join_error(address: str, err: BaseException) -> ServiceError:
+    """Ray's error on joining, as one line that says what to do."""
+    text = str(err)
+    if _is_auth_error(err):
+        return ServiceError(f"the Ray cluster at {address} requires token authentication and refused this node: "
+                            f"copy the head's {_ray_token_file()} to this host, or set RAY_AUTH_TOKEN (or "
+                            "RAY_AUTH_TOKEN_PATH) to the head's token, and RAY_AUTH_MODE=token")
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(err).__name__)
+    hint = ""
+    if (settings.ray_auth_mode() or "").lower() != "token":
+        # a head with token authentication answers a client without a token by closing the connection, which
+        # Ray reports as a plain connection failure
+        hint = (f"; if the head uses token authentication, copy its {_ray_token_file()} here or set "
+                "RAY_AUTH_TOKEN and RAY_AUTH_MODE=token")
+    return ServiceError(f"could not join the Ray cluster at {address}: {first[:300]}{hint}")
+
+
+def _latest_local_cluster() -> Optional[str]:
+    try:
+        from ray._private.utils import read_ray_address
+        return read_ray_address()
+    except Exception:  # noqa: BLE001 - another Ray layout, or no file: no preference
+        return None
+
+
+def resolve_address(address: Optional[str]) -> str:
+    """The GCS address to join: the given one, or for `auto` (and none given) the cluster with a node on this
+    host."""
+    if address and address != "auto":
+        return address
+    local = _local_clusters()
+    if not local:
+        raise ServiceError("no Ray cluster runs on this host: start one (`ray start --head`, or `ziya-batch "
+                           "serve`), or pass --address HOST:PORT of the head (or set RAY_ADDRESS)")
+    latest = _latest_local_cluster()
+    if len(local) > 1 and latest:
+        # several: the one Ray itself would pick for "auto" (its address file names the last one started here)
+        local = [a for a in local if _same_address(a, latest)] or local
+    if len(local) > 1:
+        raise ServiceError(f"this host has nodes of {len(local)} Ray clusters ({', '.join(local)}): pass --address "
+                           "with the one to join")
+    return local[0]
+
+
 def serve_node(redis_url: Optional[str] = None, ray_address: Optional[str] = None,
                tensor_parallel: int = 1, job_id: Optional[str] = None, poll_s: float = 5.0,
                num_gpus: Optional[int] = None, start_node: bool = False) -> None:
     """num_gpus: the GPUs a node this command starts offers to Ray (default: Ray counts them). start_node:
     start one even if this host already is a node of the cluster (e.g. a head that offers no GPUs)."""
+    from .services import redis_for
+
+    _use_ray_token()
+    address = resolve_address(settings.ray_address(ray_address))
+    host = address.rpartition(":")[0]
+    if not settings.redis_url(redis_url) and not _this_host(_resolve(host)):
+        raise ServiceError(f"the Ray cluster at {address} is on another host, and this host's private redis-server "
+                           f"is not its queue: pass --redis-url or set {REDIS_ENV} to the queue the head uses")
+    url, private = redis_for(redis_url, register=True)
+    try:
+        _serve_node(url, address, tensor_parallel, job_id, poll_s, num_gpus, start_node)
+    finally:
+        if private is not None:
+            private.release()
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail in one line at once when nothing listens at the head's address (`ray start` would retry for
+    minutes before giving up)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except ValueError:
+        raise ServiceError(f"--address {address!r} is not HOST:PORT of a Ray head (or `auto`)") from None
+    except OSError as err:
+        raise ServiceError(f"could not join the Ray cluster at {address}: nothing answers there "
+                           f"({err.strerror or type(err).__name__}); start the head (`ray start --head`) or "
+                           "pass its --address") from None
+
+
+def _resolve(host: str) -> str:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host
+
+
+def _serve_node(url: str, address: str, tensor_parallel: int, job_id: Optional[str], poll_s: float,
+                num_gpus: Optional[int], start_node: bool) -> None:
     import ray
 
+    from ..queue.server import mask_url
     from .replicas import ReplicaManager
 
-    address = settings.ray_address(ray_address)
-    url = settings.redis_url(redis_url)
-    if not address:
-        raise ServiceError("no Ray cluster to join: pass --address or set RAY_ADDRESS (host:port of the head)")
-    if not url:
-        raise ServiceError(f"no Redis queue: pass --redis-url or set {REDIS_ENV}")
     stop = threading.Event()
 
     def on_signal(*_) -> None:
@@ -210,19 +324,26 @@ def serve_node(redis_url: Optional[str] = None, ray_address: Optional[str] = Non
         raise ServiceError(f"this host is a node of the Ray cluster at {', '.join(local)}, not {address}: pass "
                            f"that --address, or --start-node to start a node of {address} beside it")
     try:
-        if mine is not None:
-            ray.init(address=mine, log_to_driver=False, logging_level=logging.WARNING)
-            trap()
-            node_id = ray.get_runtime_context().get_node_id()
-        else:
-            own = _OwnNode(address, num_gpus)
-            node_id = own.wait_node_id(address, stop, trap)
-            if node_id is None:
-                return
+        try:
+            if mine is not None:
+                ray.init(address=mine, log_to_driver=False, logging_level=logging.WARNING,
+                         runtime_env=settings.worker_runtime_env() or None)
+                trap()
+                node_id = ray.get_runtime_context().get_node_id()
+            else:
+                _check_reachable(address)
+                own = _OwnNode(address, num_gpus)
+                node_id = own.wait_node_id(address, stop, trap)
+                if node_id is None:
+                    return
+        except ServiceError as err:
+            raise (_join_error(address, err) if _is_auth_error(err) else err) from None
+        except Exception as err:  # noqa: BLE001 - Ray's own errors, made one line
+            raise _join_error(address, err) from None
         manager = ReplicaManager(url, tensor_parallel=tensor_parallel, node_id=node_id, worker_prefix="node",
                                  job_id=job_id)
         how = "started by this command" if own else "already running on this host"
-        print(f"serving the queue at {url} from node {node_id[:12]} ({how}) of {address}; Ctrl-C stops", flush=True)
+        print(f"serving the queue at {mask_url(url)} from node {node_id[:12]} ({how}) of {address}; Ctrl-C stops", flush=True)
         try:
             while not stop.is_set():
                 manager.reconcile()

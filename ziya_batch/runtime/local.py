@@ -1,5 +1,6 @@
 """`ziya-batch run`: the one-machine path. Starts what is missing (a private redis-server with AOF, a local
-Ray), submits or resumes the job, runs replicas until it is done, shows progress, stops what it started."""
+Ray), submits or resumes the job, runs replicas until it is done, shows progress, stops the Ray it started
+(the private redis-server stays for the commands that follow, until it has been idle a while)."""
 from __future__ import annotations
 
 import logging
@@ -12,9 +13,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import settings
-from ..errors import ModelError, ServiceError
+from ..errors import ModelError
 from ..jobs import finalize_if_ready, submit_job
 from ..spec import load_spec
+from .services import redis_for
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -27,7 +29,8 @@ def _start_ray(address: Optional[str]):
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
+                 runtime_env=settings.worker_runtime_env() or None)
         return True
     # address="local": a fresh local Ray, never another cluster that happens to run on this machine
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
@@ -38,26 +41,49 @@ def _start_ray(address: Optional[str]):
 def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optional[str] = None,
             num_workers: Optional[int] = None, progress: bool = True, poll_s: float = 1.0,
             cpu: bool = False) -> int:
+    t0 = time.time()
+    spec = load_spec(job_path)
+    url, private = redis_for(redis_url, register=True)
+    try:
+        if private is not None:
+            console.print(f"[dim]private redis-server at {private.masked_url} (data in {private.data_dir}; "
+                          "`ziya-batch status` from any shell shows this job)[/dim]")
+            if settings.ray_address(ray_address):
+                console.print("[yellow]warning:[/yellow] the queue is this host's private redis-server (127.0.0.1 "
+                              "only): replicas on other nodes cannot reach it; give a Redis they can reach with "
+                              f"--redis-url or {settings.REDIS_ENV}", markup=True)
+        return _run(spec, url, private, ray_address, num_workers, progress, poll_s, cpu, t0)
+    finally:
+        if private is not None:
+            private.release()      # the server stays for `status` and the next command; it stops when idle
+
+
+def start_local_replicas(url: str, ray_address: Optional[str], tensor_parallel: int = 1,
+                         replicas: Optional[int] = None, cpu: bool = False, worker_prefix: str = "run",
+                         job_id: Optional[str] = None):
+    """A ReplicaManager for the Ray this process is connected to: on a local Ray, one replica per
+    tensor_parallel local GPUs, or one on the CPU threads left over; on a cluster, replicas that wait for
+    GPU nodes. Call reconcile() on it every few seconds and stop() at the end (`run` and `serve` do)."""
+    from .replicas import ReplicaManager
+
+    external = bool(settings.ray_address(ray_address))
+    cpu_threads = None if external else max(1, ((os.cpu_count() or 2) - 1) // tensor_parallel)
+    # on a cluster, replicas wait for GPU nodes to join rather than load the model on a CPU node
+    use_gpus = False if cpu else (True if external else None)
+    return ReplicaManager(url, tensor_parallel=tensor_parallel, use_gpus=use_gpus, replicas=replicas,
+                          cpu_threads=cpu_threads, worker_prefix=worker_prefix, job_id=job_id)
+
+
+def _run(spec, url: str, private, ray_address, num_workers, progress: bool, poll_s: float, cpu: bool,
+         t0: float) -> int:
     import ray
 
     from ..queue import Broker, JobState
-    from ..queue.server import PrivateRedis
-    from .replicas import ReplicaManager
 
-    t0 = time.time()
-    spec = load_spec(job_path)
-    private = None
-    url = settings.redis_url(redis_url)
-    if not url:
-        private = PrivateRedis(settings.home_dir() / "redis")
-        url = private.start()
-        console.print(f"[dim]private redis-server at {url} (data in {private.data_dir})[/dim]")
     broker = Broker.from_url(url)
-    problems = broker.check_server()
-    for w in problems:
-        if private is not None:
-            raise ServiceError(f"the private redis-server is unsafely configured: {w}")
-        console.print(f"[yellow]warning:[/yellow] {w}")
+    if private is None:
+        for w in broker.check_server():
+            console.print(f"[yellow]warning:[/yellow] {w}")
     changed: list[str] = []
     status = submit_job(spec, broker, check_model_dir=True, changes=changed)
     job_id = status.job_id
@@ -70,13 +96,10 @@ def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optiona
     try:
         if not status.state.is_finished():
             started_ray = _start_ray(ray_address)
-            external = bool(settings.ray_address(ray_address))
-            cpu_threads = None if external else max(1, ((os.cpu_count() or 2) - 1) // spec.model.tensor_parallel)
-            # on a cluster, replicas wait for GPU nodes to join rather than load the model on a CPU node
-            use_gpus = False if cpu else (True if external else None)
-            manager = ReplicaManager(url, tensor_parallel=spec.model.tensor_parallel, use_gpus=use_gpus,
-                                     replicas=num_workers or (None if spec.model.replicas == "auto" else spec.model.replicas),
-                                     cpu_threads=cpu_threads, worker_prefix=f"run-{job_id[:6]}", job_id=job_id)
+            manager = start_local_replicas(
+                url, ray_address, spec.model.tensor_parallel, cpu=cpu, worker_prefix=f"run-{job_id[:6]}",
+                replicas=num_workers or (None if spec.model.replicas == "auto" else spec.model.replicas),
+                job_id=job_id)
             status = _watch(broker, job_id, manager, progress, poll_s)
         _print_summary(spec, status, time.time() - t0)
         return 0 if status.state == JobState.COMPLETED else 1
@@ -85,8 +108,6 @@ def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optiona
             manager.stop()
         if started_ray:
             ray.shutdown()
-        if private is not None:
-            private.stop()
 
 
 # replicas that die this many times in a row while starting or loading the job's engine, with no prompt finished

@@ -1,23 +1,82 @@
-"""Connecting to the services a command needs: the Redis queue (given, or a private one for `run`)."""
+"""Connecting to the services a command needs: the Redis queue, given by URL or else the one private
+redis-server under $ZIYA_BATCH_HOME that every command of this home shares (started when not running)."""
 from __future__ import annotations
 
 import sys
 from typing import Optional
 
+import redis
+
 from .. import settings
 from ..errors import ServiceError
-from ..settings import REDIS_ENV
+
+
+def private_redis():
+    """The private redis-server of this home (not started yet: call start())."""
+    from ..queue.server import PrivateRedis
+
+    return PrivateRedis(settings.home_dir() / "redis", idle_s=settings.redis_idle_s())
+
+
+def start_private_redis(register: bool = False):
+    """Start (or reuse) this home's private redis-server; refuses one that is unsafely configured."""
+    from ..queue import Broker
+
+    private = private_redis()
+    url = private.start(register=register)
+    problems = Broker.from_url(url).check_server()
+    if problems:
+        if register:
+            private.release()
+        raise ServiceError(f"the private redis-server is unsafely configured: {problems[0]}")
+    return private
+
+
+def redis_for(redis_url: Optional[str], register: bool = False) -> tuple[str, Optional[object]]:
+    """The Redis URL a command uses and, without a given one, the PrivateRedis it shares (else None).
+    `register`: a long-running command counts as a user of the private server until it calls release()."""
+    url = settings.redis_url(redis_url)
+    if url:
+        return url, None
+    private = start_private_redis(register=register)
+    return private.url, private
 
 
 def connect_broker(redis_url: Optional[str] = None, warn: bool = True):
-    """A Broker on the given URL or $ZIYA_BATCH_REDIS_URL; unsafe server settings are named on stderr."""
+    """A Broker on the given URL or $ZIYA_BATCH_REDIS_URL, else on this home's private redis-server; a Redis
+    that cannot be reached is one line (with the URL's password masked); unsafe settings are named on stderr."""
     from ..queue import Broker
+    from ..queue.server import mask_url
 
-    url = settings.redis_url(redis_url)
-    if not url:
-        raise ServiceError(f"no Redis to talk to: pass --redis-url or set {REDIS_ENV} (e.g. redis://host:6379/0)")
+    url, _ = redis_for(redis_url)
     broker = Broker.from_url(url)
-    if warn:
-        for w in broker.check_server():
-            print(f"ziya-batch: warning: {w}", file=sys.stderr)
+    try:
+        broker.client.ping()
+        problems = broker.check_server() if warn else []
+    except redis.AuthenticationError:
+        raise ServiceError(f"Redis at {mask_url(url)} refused the password: check the URL's password") from None
+    except redis.ResponseError as err:
+        if "NOAUTH" in str(err) or "WRONGPASS" in str(err):
+            raise ServiceError(f"Redis at {mask_url(url)} needs a password: put it in the URL "
+                               "(redis://:PASSWORD@host:port/0)") from None
+        raise ServiceError(f"Redis at {mask_url(url)} answered with an error: {err}") from None
+    except redis.RedisError as err:
+        raise ServiceError(f"cannot reach Redis at {mask_url(url)} ({type(err).__name__}): start it, or pass "
+                           f"the right --redis-url / {settings.REDIS_ENV}") from None
+    for w in problems:
+        print(f"ziya-batch: warning: {w}", file=sys.stderr)
     return broker
+
+
+def waiting_note(broker, status) -> Optional[str]:
+    """Why a job's pending shards may wait with no worker to take them (no live worker, none of its
+    tensor_parallel shape, or every one failed to load its engine); None when some worker can, or the job has
+    nothing pending. Shown by `status` and GET /v1/jobs/{id}."""
+    if not status.state.is_claimable() or not status.shards.get("pending", 0) or status.shards.get("leased", 0):
+        return None
+    from ..work.models import unserved_note
+
+    try:
+        return unserved_note(broker, status.job_id)
+    except Exception:  # noqa: BLE001 - a hint that cannot be worked out (Redis hiccup) is left out
+        return None

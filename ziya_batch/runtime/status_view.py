@@ -10,6 +10,8 @@ from rich.live import Live
 from rich.table import Table
 
 from .. import jobs
+from ..queue import JobState
+from .services import waiting_note
 
 
 def _eta(seconds: Optional[float]) -> str:
@@ -68,14 +70,12 @@ def _job_detail(st, note: Optional[str] = None):
 
 def _render(broker, job_id: Optional[str]):
     if job_id is None:
-        return _jobs_table(jobs.list_jobs(broker))
+        statuses = jobs.list_jobs(broker)
+        notes = [f"[yellow]{st.job_id}: {note}[/yellow]" for st in statuses
+                 if st.state == JobState.QUEUED and (note := waiting_note(broker, st))]
+        return Group(_jobs_table(statuses), *notes) if notes else _jobs_table(statuses)
     st = jobs.job_status(broker, job_id, detail=True)
-    note = None
-    if not st.state.is_finished() and st.shards.get("pending", 0):
-        from ..work.models import unserved_note
-
-        note = unserved_note(broker, job_id)
-    return _job_detail(st, note)
+    return _job_detail(st, waiting_note(broker, st))
 
 
 def show_status(broker, job_id: Optional[str], watch: bool = False, as_json: bool = False,
@@ -89,7 +89,8 @@ def show_status(broker, job_id: Optional[str], watch: bool = False, as_json: boo
             if job_id is None:
                 data = [st.to_dict() for st in jobs.list_jobs(broker)]
             else:
-                data = jobs.job_status(broker, job_id, detail=True).to_dict()
+                st = jobs.job_status(broker, job_id, detail=True)
+                data = {**st.to_dict(), "note": waiting_note(broker, st)}
             print(json.dumps(data, ensure_ascii=False), flush=True)
             if not watch:
                 return

@@ -60,6 +60,19 @@ def unserved_note(broker, job_id: str) -> Optional[str]:
             f"nodes, or `ziya-batch run` with this job's spec)")
 
 
+def check_remote_code(spec: JobSpec) -> None:
+    """A spec in Redis alone never makes a worker run code from a model directory: the worker's own process must
+    allow it (--allow-remote-code / ZIYA_BATCH_ALLOW_REMOTE_CODE). Raised here, the job's shards go back with
+    this line noted on the worker, which `status` shows."""
+    from ..errors import ModelError
+    from ..settings import REMOTE_CODE_ENV, allow_remote_code
+
+    if spec.model.trust_remote_code and not allow_remote_code():
+        raise ModelError("the job sets model.trust_remote_code (it runs Python code from the model directory) and "
+                         "this worker was not started allowing it: start workers with --allow-remote-code (or "
+                         f"{REMOTE_CODE_ENV}=1) only if you trust that code")
+
+
 def release_memory(device: str) -> None:
     """Frees what dropped engines held (their graphs and caches keep reference cycles) before another loads."""
     import gc
@@ -101,6 +114,8 @@ class ModelCache:
         return engine_key(spec) in self._engines
 
     def engine(self, spec: JobSpec):
+        # every job, also one whose model another job already loaded: the consent is asked of each spec
+        check_remote_code(spec)
         key = engine_key(spec)
         if key not in self._engines:
             self._drop_engines()

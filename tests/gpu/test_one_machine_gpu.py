@@ -1,0 +1,82 @@
+"""`ziya-batch serve` on a GPU machine with nothing else started (issue 19): it runs one replica per local GPU
+itself, and a job submitted over HTTP completes on them. No Redis URL anywhere: the private redis-server of a
+temporary ZIYA_BATCH_HOME."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(env, *args, **kw):
+    return subprocess.run([sys.executable, "-m", "ziya_batch.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=120, **kw)
+
+
+def test_serve_runs_replicas_on_every_local_gpu(tmp_path):
+    from ziya_batch.queue import Broker
+    from ziya_batch.tools.demo_model import write_demo_model
+
+    model = write_demo_model(tmp_path / "model")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in.jsonl").write_text("".join(json.dumps({"id": f"g{i}", "prompt": f"你好 {i}"}) + "\n"
+                                           for i in range(64)))
+    token, port, home = "gpu-one-machine-token-0123456789", _free_port(), tmp_path / "home"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ZIYA_BATCH_HOME": str(home), "ZIYA_BATCH_API_TOKEN": token,
+           "ZIYA_BATCH_ALLOWED_PREFIXES": str(tmp_path)}
+    for name in ("ZIYA_BATCH_REDIS_URL", "RAY_ADDRESS"):
+        env.pop(name, None)
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "ziya_batch.cli", "serve", "--port", str(port), "--model",
+                               str(model)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.monotonic() < deadline, "serve never answered /healthz"
+            time.sleep(1)
+        spec = {"name": "gpu", "model": {"path": str(model)}, "input": [str(data / "in.jsonl")],
+                "sampling": {"max_new_tokens": 16, "n": 2}, "output": {"path": str(data / "out")}, "shard_size": 4}
+        job_id = requests.post(f"{base}/v1/jobs", json=spec, headers=auth).json()["id"]
+        deadline = time.monotonic() + 300
+        while (st := requests.get(f"{base}/v1/jobs/{job_id}", headers=auth).json())["state"] not in ("completed", "failed"):
+            assert time.monotonic() < deadline, st
+            time.sleep(1)
+        assert st["state"] == "completed" and st["prompts_done"] == 64 and st["samples"] == 128
+        url = json.loads((home / "redis" / "server.json").read_text())["url"]
+        devices = [w.info.get("device", "") for w in Broker.from_url(url).worker_infos()]
+        # one replica per GPU, each on its GPU (none on the CPU)
+        assert len(devices) == torch.cuda.device_count() and all(d != "cpu" for d in devices), devices
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        _cli(env, "redis", "stop", "--force")
