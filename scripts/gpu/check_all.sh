@@ -4,14 +4,7 @@
 # Missing Python packages travel as wheels in .whl/ (carry it). Logs go to $OUT. Usage there:
 #   [TESTS_S=200] [REQUESTS=1024] [BENCH_S=110] [W2_REQUESTS=512] bash scripts/gpu/check_all.sh
 set -o pipefail
-export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:.
-else
-  export PYTHONPATH=.
-fi
+. "$(dirname "$0")/env.sh"
 nvidia-smi --query-gpu=name,memory.total,compute_cap,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, triton, pydantic; print(torch.__version__, transformers.__version__, triton.__version__, pydantic.__version__)" | tee -a "$OUT/gpu.txt"
 timeout ${TESTS_S:-200} python3 -m pytest -q -rfE tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -40

@@ -5,14 +5,7 @@
 # Missing Python packages travel as wheels in .whl/ (carry it). Logs go to $OUT. About 9 minutes. Usage there:
 #   ZIYA_BATCH_COMMIT=<sha> [REQUESTS=256] bash scripts/gpu/features_bench.sh
 set -o pipefail
-export PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:.
-else
-  export PYTHONPATH=.
-fi
+. "$(dirname "$0")/env.sh"
 nvidia-smi --query-gpu=name,memory.total,compute_cap --format=csv,noheader | tee "$OUT/gpu.txt"
 R=${REQUESTS:-256}
 bench() { local name=$1 limit=$2; shift 2
