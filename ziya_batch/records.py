@@ -204,7 +204,7 @@ def openai_batch_record(r: LineResult) -> dict:
                     "logprobs": s.openai_logprobs} for s in r.samples]
         obj = "text_completion"
     req_id = uuid.uuid4().hex
-    return {
+    rec = {
         "id": f"batch_req_{req_id[:24]}",
         "custom_id": r.line.id,
         "response": {
@@ -222,6 +222,10 @@ def openai_batch_record(r: LineResult) -> dict:
         },
         "error": None,
     }
+    if r.line.metadata:
+        # the request line's own extra fields (labels), as on ziya-format records; OpenAI's client ignores it
+        rec["metadata"] = r.line.metadata
+    return rec
 
 
 def token_piece(piece: str) -> tuple[str, list[int]]:

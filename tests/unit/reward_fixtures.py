@@ -36,3 +36,14 @@ def echo_prompt_kind(prompt, response, metadata):
 def length_unless_constant(prompt, response, metadata):
     """A label-driven reward: constant for lines marked so (their groups have zero advantage)."""
     return 1.0 if metadata.get("constant") else float(len(response)) + float(metadata["bonus"])
+
+
+def always_hang(prompt, response, metadata):
+    time.sleep(60)
+    return 1.0
+
+
+def numpy_reward(prompt, response, metadata):
+    import numpy as np
+
+    return np.float32(1.5) if response == "f" else np.int64(2)

@@ -35,6 +35,18 @@ def test_openai_extras_and_logprobs():
             parse_line(json.dumps({"custom_id": "x", "body": {"prompt": "q", **bad}}), "openai-batch", "f", 1, S)
 
 
+def test_openai_output_lines_carry_the_request_lines_labels():
+    from ziya_batch.records import openai_batch_record
+
+    line = {"custom_id": "c", "url": "/v1/chat/completions", "label": {"answer": "72"},
+            "body": {"messages": [{"role": "user", "content": "q"}]}}
+    pl = parse_line(json.dumps(line), "openai-batch", "f", 1, S)
+    rec = openai_batch_record(LineResult(pl, [1, 2], [SampleOutput(0, [5], "ok", "stop", [-0.5])]))
+    assert rec["metadata"] == {"label": {"answer": "72"}} and rec["custom_id"] == "c"
+    plain = parse_line(json.dumps({"custom_id": "d", "body": {"prompt": "q"}}), "openai-batch", "f", 1, S)
+    assert "metadata" not in openai_batch_record(LineResult(plain, [1], [SampleOutput(0, [5], "ok", "stop", [])]))
+
+
 def _result():
     pl = parse_line(json.dumps({"id": "a", "prompt": "hi", "answer": {"v": 1}}), "ziya", "f", 1, S)
     s = SampleOutput(0, [5, 6], "ok", "stop", [-0.5, -1.0], top_logprobs=[[(5, -0.5), (9, -2.0)], [(6, -1.0)]],

@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import json
 import math
+import numbers
 import os
 import time
 import urllib.error
@@ -66,7 +67,8 @@ def one_line(err: BaseException) -> str:
 
 
 def as_reward(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # numbers.Real takes numpy's scalars too (a reward computed with numpy returns np.float32, np.int64)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"a reward must be a number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
@@ -89,7 +91,11 @@ def _call(ref: str, prompt: Any, response: str, metadata: Optional[dict]) -> flo
 
 
 class FunctionRewards:
-    """experience.reward_function over a ProcessPoolExecutor (spawn), one call per sample with a timeout."""
+    """experience.reward_function over a ProcessPoolExecutor (spawn), one call per sample with a timeout. After
+    TIMED_OUT_ROUNDS rounds in a row in which every call timed out, the rest of the batch is not called (each
+    such sample gets that reason): a function that always hangs costs a shard a few timeouts, not one per sample."""
+
+    TIMED_OUT_ROUNDS = 3
 
     def __init__(self, ref: str, timeout_s: float, processes: Optional[int] = None):
         self.ref, self.timeout_s = ref, timeout_s
@@ -121,25 +127,33 @@ class FunctionRewards:
 
     def score(self, items: list[Item]) -> list[Score]:
         out: list[Score] = [(None, "not scored")] * len(items)
+        hung_rounds = 0
         # as many calls at once as there are processes, so each call's timeout counts from about its start
         for lo in range(0, len(items), self.processes):
             chunk = range(lo, min(lo + self.processes, len(items)))
+            if hung_rounds >= self.TIMED_OUT_ROUNDS:
+                why = (f"not called: every call timed out (after {self.timeout_s:g} s) in "
+                       f"{hung_rounds} rounds in a row")
+                for i in range(lo, len(items)):
+                    out[i] = (None, why)
+                break
             pool = self._executor()
             futures = {i: pool.submit(_call, self.ref, *items[i]) for i in chunk}
             deadline = time.monotonic() + self.timeout_s
-            rebuild, died = False, []
+            rebuild, died, timed_out = False, [], 0
             for i, fut in futures.items():
                 try:
                     out[i] = (fut.result(timeout=max(0.0, deadline - time.monotonic())), None)
                 except FutureTimeout:
                     out[i] = (None, f"timed out after {self.timeout_s:g} s")
-                    rebuild = True
+                    rebuild, timed_out = True, timed_out + 1
                 except BrokenProcessPool:
                     out[i] = (None, "the reward process died (crashed or killed) while scoring")
                     rebuild = True
                     died.append(i)
                 except Exception as err:  # noqa: BLE001 - the function's own error, for this sample only
                     out[i] = (None, one_line(err))
+            hung_rounds = hung_rounds + 1 if timed_out == len(chunk) else 0
             if rebuild:
                 self.close()
             if len(chunk) > 1:
