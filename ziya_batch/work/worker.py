@@ -20,6 +20,7 @@ import uuid
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .. import io
+from ..queue.errors import BROKER_ERRORS, BROKER_UNREACHABLE
 from ..records import LineFailure, LineResult
 from ..spec import JobSpec
 from .commit import ShardCommit
@@ -144,8 +145,6 @@ class Worker:
         """Serve until `stop` is set, then finish the shards in flight. A Redis outage (restart, failover) is
         waited out, not fatal: leases that expire meanwhile come back through the reaper and fencing keeps
         the output exactly-once."""
-        import redis
-
         backoff_s = idle_sleep_s
         try:
             self._watch_work()
@@ -153,7 +152,7 @@ class Worker:
                 try:
                     worked = self.run_once(claim=not stop.is_set())
                     backoff_s = idle_sleep_s
-                except (redis.ConnectionError, redis.TimeoutError) as err:
+                except BROKER_UNREACHABLE as err:
                     if stop.is_set():
                         break         # stopping: what is in flight is left to expire
                     log.warning("Redis unreachable (%s); retrying in %.1fs", err, backoff_s)
@@ -171,18 +170,14 @@ class Worker:
                 pass
 
     def _watch_work(self) -> None:
-        import redis
-
         try:
             self.broker.watch_work()
-        except redis.RedisError as err:      # Redis not up yet: the loop waits it out; _idle subscribes later
+        except BROKER_ERRORS as err:      # Redis not up yet: the loop waits it out; _idle subscribes later
             log.debug("cannot watch for work yet: %s", err)
 
     def _idle(self, stop: threading.Event, seconds: float) -> None:
         """Nothing to claim: wait `seconds` for a job to announce work (a submit, a shard given back), in slices
         short enough that `stop` is seen at once."""
-        import redis
-
         end = time.monotonic() + seconds
         while not stop.is_set():
             left = end - time.monotonic()
@@ -191,7 +186,7 @@ class Worker:
             try:
                 if self.broker.wait_for_work(min(left, IDLE_SLICE_S)):
                     return
-            except redis.RedisError:
+            except BROKER_ERRORS:
                 # the subscription broke (Redis restarted or away): the next slice subscribes again
                 self.broker.unwatch_work()
                 stop.wait(min(left, IDLE_SLICE_S))
