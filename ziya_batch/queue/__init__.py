@@ -34,5 +34,5 @@ from .states import (JOB_TRANSITIONS, SHARD_TRANSITIONS, JobState, ShardState, T
 from .types import JobStatus, Lease, ShardStats, WorkerInfo
 
 __all__ = ["Broker", "BROKER_ERRORS", "BROKER_UNREACHABLE", "Keys", "PrivateRedis", "check_config", "JobState",
-           "ShardState", "JOB_TRANSITIONS", "SHARD_TRANSITIONS", "TransitionError", "check_job_transition", "check_shard_transition",
-           "JobStatus", "Lease", "ShardStats", "WorkerInfo"]
+           "ShardState", "JOB_TRANSITIONS", "SHARD_TRANSITIONS", "TransitionError", "check_job_transition",
+           "check_shard_transition", "JobStatus", "Lease", "ShardStats", "WorkerInfo"]
