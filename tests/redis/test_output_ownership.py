@@ -9,8 +9,6 @@ from ziya_batch import io
 from ziya_batch.errors import SpecError
 from ziya_batch.jobs import finalize_if_ready, submit_job
 from ziya_batch.queue import JobState
-from ziya_batch.jobs import finalize_if_ready
-from ziya_batch.jobs import submit_job
 from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 

@@ -83,7 +83,7 @@ def test_a_spec_this_worker_cannot_read_goes_back_untried():
     err = SpecUnreadable("SpecError: spec of job j1: name: Input should be a valid string")
     d = decide(err, Stage.CLAIM, "w1")
     assert d.action is Action.GIVE_BACK and not d.back_off and not d.replica_down
-    assert d.message == f"w1 cannot read the job's spec ({err})" and d.why == str(err)
+    assert d.why == f"cannot read the job's spec ({err})" and d.message == f"w1 {d.why}"
     # by type, whatever the stage; a plain error at the claim is still the shard's own
     assert decide(err, Stage.SHARD).action is Action.GIVE_BACK
     assert decide(ValueError("x"), Stage.CLAIM).action is Action.FAIL

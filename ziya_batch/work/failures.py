@@ -125,7 +125,8 @@ def decide(err: BaseException, stage: Stage, worker_id: str = "this worker",
         return Decision(Action.ABANDON)
     if isinstance(err, SpecUnreadable):
         # no retry counted and no backoff on an engine: the job waits for a worker that reads its spec
-        return Decision(Action.GIVE_BACK, f"{worker_id} cannot read the job's spec ({err})", str(err))
+        why = f"cannot read the job's spec ({err})"
+        return Decision(Action.GIVE_BACK, f"{worker_id} {why}", why)
     if stage in (Stage.DRAIN, Stage.REDO) or not isinstance(err, Exception):
         # a waiting shard was not the one that failed; KeyboardInterrupt, SystemExit: the process is going down
         return Decision(Action.ABANDON)

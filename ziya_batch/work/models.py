@@ -53,8 +53,8 @@ def unserved_note(broker, job_id: str) -> Optional[str]:
         notes = [w.cannot_load[job_id] for w in broker.worker_infos() if job_id in w.cannot_load]
         if not notes:
             raise
-        return (f"{len(notes)} live worker(s) cannot read this job's spec ({notes[0]}): its shards wait for a "
-                f"worker that can (one of the release that submitted it)")
+        return (f"{len(notes)} live worker(s) left this job ({notes[0]}): its shards wait for a worker that can "
+                f"read its spec (one of the release that submitted it)")
     serving = [w for w in broker.worker_infos() if int(w.info.get("tensor_parallel", 1)) == tp]
     failed = [w.cannot_load[job_id] for w in serving if job_id in w.cannot_load]
     if serving and len(failed) == len(serving):

@@ -20,6 +20,7 @@ import uuid
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .. import io
+from ..errors import JobNotFound
 from ..queue.errors import BROKER_ERRORS, BROKER_UNREACHABLE
 from ..records import LineFailure, LineResult
 from ..spec import JobSpec
@@ -201,9 +202,10 @@ class Worker:
         try:
             spec = self._readable_spec(job_id)
         except SpecUnreadable as err:
-            if self._unreadable.get(job_id) != str(err):
-                self._backoff.note(job_id, str(err))
-                self._unreadable[job_id] = str(err)
+            why = decide(err, Stage.CLAIM, self.worker_id).why
+            if self._unreadable.get(job_id) != why and not isinstance(err.__cause__, JobNotFound):
+                self._backoff.note(job_id, why)           # once per reason: the filter runs on every claim
+                self._unreadable[job_id] = why
             return False
         if self._unreadable.pop(job_id, None) is not None:
             self._backoff.note(job_id, None)
