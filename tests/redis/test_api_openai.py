@@ -189,3 +189,19 @@ def test_cancel_right_after_create_always_ends_cancelled(api_env):
             assert time.monotonic() < deadline, b
             time.sleep(0.02)
         assert b["status"] == "cancelled", b
+
+
+def test_the_file_store_opens_its_filesystem_once(api_env, monkeypatch):
+    """Every upload, read and listing goes through one (filesystem, root) opened at the store's first use."""
+    from ziya_batch import io
+
+    opened = []
+    real = io.open_output_fs
+    monkeypatch.setattr(io, "open_output_fs", lambda url: opened.append(url) or real(url))
+    _, _, make_client = api_env
+    client = make_client()
+    f = _upload(client).json()
+    assert client.get(f"/v1/files/{f['id']}/content", headers=AUTH).content == DATA
+    assert [x["id"] for x in client.get("/v1/files", headers=AUTH).json()["data"]] == [f["id"]]
+    assert client.get(f"/v1/files/{f['id']}", headers=AUTH).json() == f
+    assert len(opened) == 1

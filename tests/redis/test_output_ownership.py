@@ -9,8 +9,6 @@ from ziya_batch import io
 from ziya_batch.errors import SpecError
 from ziya_batch.jobs import finalize_if_ready, submit_job
 from ziya_batch.queue import JobState
-from ziya_batch.jobs import finalize_if_ready
-from ziya_batch.jobs import submit_job
 from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 
@@ -203,3 +201,22 @@ def test_a_completed_job_whose_output_was_deleted_runs_again(tmp_path, demo_mode
     Worker(broker, device="cpu").run_until_idle()
     assert broker.status(job).state == JobState.COMPLETED
     assert [r["id"] for r in io.read_parts(str(tmp_path / "out"), "results")] == ["p0", "p1", "p2", "p3"]
+
+
+def test_a_submit_opens_the_output_filesystem_once(tmp_path, demo_model, broker, monkeypatch):
+    """submit_job turns output.path into a filesystem once and hands that OutputDir down (job id, owner checks,
+    the claim, the committed parts), for a new job and for a resume alike."""
+    from ziya_batch.io import parts
+
+    opened = []
+    real = parts.open_output_fs
+    monkeypatch.setattr(parts, "open_output_fs", lambda url: opened.append(url) or real(url))
+    spec = _spec(tmp_path, demo_model, 4)
+    job = submit_job(spec, broker).job_id
+    assert opened == [str(tmp_path / "out")]
+    assert io.output_owner(str(tmp_path / "out")) == job
+    Worker(broker, device="cpu", max_in_flight=1).run_once()          # one part committed, then a resume
+    opened.clear()
+    broker.delete_job(job)
+    assert submit_job(spec, broker).job_id == job and opened == [str(tmp_path / "out")]
+    assert broker.status(job).shards["committed"] == 1

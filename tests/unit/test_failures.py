@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from ziya_batch.work.failures import (Action, EngineOutOfMemory, LeaseLost, RunMode, Stage, decide, engine_calls,
-                                      run_mode)
+from ziya_batch.work.failures import (Action, EngineOutOfMemory, LeaseLost, RunMode, SpecUnreadable, Stage, decide,
+                                      engine_calls, run_mode)
 from ziya_batch.work.models import ReplicaBroken
 
 
@@ -76,6 +76,17 @@ def test_a_lost_lease_drops_and_a_dying_process_abandons():
         d = decide(ReplicaBroken("rank 1 died"), stage, "w1")
         assert d.action is Action.GIVE_BACK and d.replica_down and d.quietly and "replica w1 broke" in d.message
         assert decide(ConnectionError("Redis went away"), stage).action is Action.ABANDON
+
+
+def test_a_spec_this_worker_cannot_read_goes_back_untried():
+    # a newer release's spec (unknown keys) during a rolling upgrade: not the shard's fault, no engine to back off
+    err = SpecUnreadable("SpecError: spec of job j1: name: Input should be a valid string")
+    d = decide(err, Stage.CLAIM, "w1")
+    assert d.action is Action.GIVE_BACK and not d.back_off and not d.replica_down
+    assert d.why == f"cannot read the job's spec ({err})" and d.message == f"w1 {d.why}"
+    # by type, whatever the stage; a plain error at the claim is still the shard's own
+    assert decide(err, Stage.SHARD).action is Action.GIVE_BACK
+    assert decide(ValueError("x"), Stage.CLAIM).action is Action.FAIL
 
 
 class _Lease:

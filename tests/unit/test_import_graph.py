@@ -106,8 +106,9 @@ LAYER_RULES = [
     (_pkg("io"), _pkg("queue"), "io/ sits below queue/"),
     (_pkg("jobs"), ("ray", "torch") + _pkg("runtime", "api", "cli"),
      "the jobs service has no Ray and no torch and sits below cli/, api/ and runtime/"),
-    (_pkg("work"), ("ray",) + _pkg("runtime", "api", "cli"),
-     "work/ (the worker, generation, models, failure policy, commit) has no Ray and sits below runtime/'s adapters"),
+    (_pkg("work"), ("ray", "redis") + _pkg("runtime", "api", "cli"),
+     "work/ (the worker, generation, models, failure policy, commit) has no Ray, reaches Redis only through queue/ "
+     "(it catches queue.BROKER_UNREACHABLE, not redis's types) and sits below runtime/'s adapters"),
 ]
 
 
@@ -162,3 +163,9 @@ def test_protocols_module_imports_nothing_heavy(graph):
     # annotations only: protocols.py must stay importable without redis, ray or torch
     direct = graph["ziya_batch.protocols"]
     assert not any(_under(m, "redis", "ray", "torch") for m in direct)
+
+
+def test_work_layer_may_not_import_redis():
+    # the worker reaches Redis only through queue/: a planted `import redis` (even a lazy one) is a violation
+    assert {rule for m, t, rule in violations({"ziya_batch.work.worker": {"redis"}})}
+    assert violations({"ziya_batch.work.worker": {"ziya_batch.queue.errors"}}) == set()

@@ -64,9 +64,15 @@ class _Store:
 
     def __init__(self, url: str):
         self.url = url.rstrip("/") or url
+        self._opened: Optional[tuple] = None      # (filesystem, root): opened at first use, kept after
 
     def _fs(self):
-        return io.open_output_fs(self.url)
+        """The store's (filesystem, root), opened once: every method needs it, and opening parses the URL and
+        may build a client (object stores). Lazily, so that a store that cannot be opened fails the request that
+        uses it, not the API's start. Two threads opening it at once both get a working one."""
+        if self._opened is None:
+            self._opened = io.open_output_fs(self.url)
+        return self._opened
 
     def path(self, *parts: str) -> str:
         fs, root = self._fs()

@@ -76,10 +76,11 @@ def _descendant_output(out: OutputDir) -> Optional[str]:
     return None
 
 
-def output_conflict(url: str, job_id: str, known: Iterable[tuple[str, str]] = ()) -> Optional[str]:
-    """A sentence naming another job's output that `url` lies inside or contains, or None. `known`: (job id,
+def output_conflict(output: "OutputDir | str", job_id: str, known: Iterable[tuple[str, str]] = ()) -> Optional[str]:
+    """A sentence naming another job's output that `output` lies inside or contains, or None. `known`: (job id,
     output URL) of the jobs the caller knows of (Redis); the storage is then searched above and below."""
-    here = _canonical(url)
+    out = OutputDir.of(output)
+    here = _canonical(out.url)
     if here is not None:
         for other_id, other_url in known:
             there = _canonical(other_url)
@@ -89,7 +90,6 @@ def output_conflict(url: str, job_id: str, known: Iterable[tuple[str, str]] = ()
                 return f"lies inside the output of job {other_id} ({other_url})"
             if location_within(there, here):
                 return f"contains the output of job {other_id} ({other_url})"
-    out = OutputDir(url)
     above = _ancestor_output(out)
     if above is not None:
         return f"lies inside another job's output ({_name(out, above)})"
@@ -105,9 +105,10 @@ def _name(out: OutputDir, path: str) -> str:
     return full_url(out.fs, path)
 
 
-def check_output_dir(url: str) -> None:
+def check_output_dir(output: "OutputDir | str") -> None:
     """An output path must be a directory (or not exist yet): InputError naming what it is otherwise."""
-    out = OutputDir(url)
+    out = OutputDir.of(output)
+    url = out.url
     try:
         if out.fs.isfile(out.root):
             raise InputError(f"{url} is a file, or lies under one; an output path names a directory (it "
@@ -116,18 +117,19 @@ def check_output_dir(url: str) -> None:
         raise SpecError(f"output.path {url}: permission denied; choose a directory this user can write") from None
 
 
-def claim_output(url: str, job_id: str, known: Iterable[tuple[str, str]] = ()) -> None:
-    """Make job_id the owner of output directory `url`, or raise SpecError (one line) saying why it cannot be:
-    another job owns it or claimed it a moment ago, it lies inside or contains another job's output, it is a
-    file, or it cannot be written. A directory job_id owns already is left as it is (a resume)."""
-    check_output_dir(url)
-    out = OutputDir(url)
+def claim_output(output: "OutputDir | str", job_id: str, known: Iterable[tuple[str, str]] = ()) -> None:
+    """Make job_id the owner of the output directory (an OutputDir, or its URL), or raise SpecError (one line)
+    saying why it cannot be: another job owns it or claimed it a moment ago, it lies inside or contains another
+    job's output, it is a file, or it cannot be written. A directory job_id owns already is left as it is (a resume)."""
+    out = OutputDir.of(output)
+    url = out.url
+    check_output_dir(out)
     owner = out.owner()
     if owner == job_id:
         return
     if owner is not None:
         raise _taken(url, owner)
-    conflict = output_conflict(url, job_id, known)
+    conflict = output_conflict(out, job_id, known)
     if conflict:
         raise SpecError(f"output.path {url} {conflict}: choose an output.path outside every other job's output")
     try:
@@ -139,7 +141,7 @@ def claim_output(url: str, job_id: str, known: Iterable[tuple[str, str]] = ()) -
         return
     if found is not None:
         raise _taken(url, found)
-    conflict = output_conflict(url, job_id, ())        # a nested claim made while we looked
+    conflict = output_conflict(out, job_id, ())        # a nested claim made while we looked
     if conflict:
         out.release_owner(job_id)
         raise SpecError(f"output.path {url} {conflict} (claimed at the same moment): choose an output.path "

@@ -56,26 +56,21 @@ def build_manifest(spec_json: str, summary: dict, markers: dict[int, CommitMarke
     }
 
 
-def _dir(output: "OutputDir | str") -> OutputDir:
-    """The output directory a caller holds, or one opened from its URL."""
-    return output if isinstance(output, OutputDir) else OutputDir(output)
-
-
 def write_manifest(output: "OutputDir | str", spec_json: str, summary: dict, markers: dict[int, CommitMarker]) -> dict:
     """Write {output}/manifest.json atomically and return it. Call once every shard is committed."""
     manifest = build_manifest(spec_json, summary, markers)
-    _dir(output).put(MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
+    OutputDir.of(output).put(MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1).encode("utf-8"))
     return manifest
 
 
-def output_owner(output_url: str) -> Optional[str]:
+def output_owner(output: "OutputDir | str") -> Optional[str]:
     """The job id that writes into this output directory (recorded at submit), or None."""
-    return OutputDir(output_url).owner()
+    return OutputDir.of(output).owner()
 
 
-def set_output_owner(output_url: str, job_id: str) -> None:
+def set_output_owner(output: "OutputDir | str", job_id: str) -> None:
     """Record that job_id writes into this output directory: parts and commit markers in it are its own."""
-    OutputDir(output_url).set_owner(job_id)
+    OutputDir.of(output).set_owner(job_id)
 
 
 def manifest_shards(manifest: dict) -> set[int]:
@@ -85,7 +80,7 @@ def manifest_shards(manifest: dict) -> set[int]:
 
 def read_manifest(output: "OutputDir | str") -> Optional[dict]:
     """The manifest, or None when the job has not written one (yet)."""
-    return _dir(output).read_json(MANIFEST)
+    return OutputDir.of(output).read_json(MANIFEST)
 
 
 def manifest_part_urls(output_url: str, kind: str, manifest: Optional[dict] = None) -> list[str]:

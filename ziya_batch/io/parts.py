@@ -154,6 +154,12 @@ class OutputDir:
         self.format = fmt
         self.fs, self.root = open_output_fs(url)
 
+    @classmethod
+    def of(cls, output: "OutputDir | str") -> "OutputDir":
+        """The output directory a caller holds, or one opened from its URL: functions that take either let a
+        caller that makes several calls (a submit) open the filesystem once."""
+        return output if isinstance(output, OutputDir) else cls(output)
+
     def __repr__(self) -> str:
         return f"OutputDir({self.url!r}, {self.format!r})"
 

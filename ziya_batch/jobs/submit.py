@@ -68,13 +68,18 @@ def _same_job(stored: JobSpec, job_id: str) -> bool:
     return stored.identity() == job_id or absolute_locations(stored).identity() == job_id
 
 
-def job_id_for(spec: JobSpec, broker: Optional["JobsBroker"] = None) -> str:
+def _output_dir(spec: JobSpec, out: Optional[io.OutputDir]) -> io.OutputDir:
+    return out if out is not None else io.OutputDir(spec.output.path, spec.output.format)
+
+
+def job_id_for(spec: JobSpec, broker: Optional["JobsBroker"] = None, out: Optional[io.OutputDir] = None) -> str:
     """The id `spec` runs under: its identity, or the id of the job its output path holds where that job is the
     same job under an id an earlier release gave it (which hashed every field, run settings too): its id is
     this spec's legacy identity, or its stored spec (in Redis, or in the manifest of a finished job) has this
-    spec's identity. So such a job resumes, with this spec's run settings."""
+    spec's identity. So such a job resumes, with this spec's run settings. `out`: the spec's output directory,
+    where the caller opened it already."""
     job_id = spec.identity()
-    out = spec.output.path
+    out = _output_dir(spec, out)
     manifest = io.read_manifest(out)
     recorded = (manifest or {}).get("job_id") or io.output_owner(out)
     if recorded in (None, job_id):
@@ -95,23 +100,24 @@ def job_id_for(spec: JobSpec, broker: Optional["JobsBroker"] = None) -> str:
     return job_id
 
 
-def check_output_owner(spec: JobSpec, job_id: Optional[str] = None) -> Optional[str]:
+def check_output_owner(spec: JobSpec, job_id: Optional[str] = None,
+                       out: Optional[io.OutputDir] = None) -> Optional[str]:
     """An output path belongs to one job: refuse to mix a different job's parts into it, finished (its
     manifest) or not (the owner recorded at its submit: a spec that writes something else, e.g. another
     shard_size or sampling, would otherwise take the other job's committed parts for its own shards). A spec
     that differs only in how the job runs (spec.RUN_FIELDS) is the same job. Returns the owner recorded
-    (`job_id`, by default job_id_for(spec)), or None if none is yet."""
-    out = spec.output.path
-    job_id = job_id or job_id_for(spec)
+    (`job_id`, by default job_id_for(spec)), or None if none is yet. `out`: as for job_id_for."""
+    out = _output_dir(spec, out)
+    job_id = job_id or job_id_for(spec, out=out)
     manifest = io.read_manifest(out)
     if manifest and manifest.get("job_id") not in (None, job_id):
         raise SpecError(
-            f"output.path {out} already holds the output of another job ({manifest.get('job_id')}); "
+            f"output.path {out.url} already holds the output of another job ({manifest.get('job_id')}); "
             "choose a new output.path or delete the old output")
     owner = io.output_owner(out)
     if owner not in (None, job_id):
         raise SpecError(
-            f"output.path {out} holds the parts of another job ({owner}) that has not finished (a spec that "
+            f"output.path {out.url} holds the parts of another job ({owner}) that has not finished (a spec that "
             "writes something else to the same path; only model.tensor_parallel/replicas, the engine's "
             "throughput settings, reliability and priority may change on a resume): resume that job with "
             "its own spec, or choose a new output.path, or delete the old output")
@@ -163,10 +169,11 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
     from ..queue import JobState
 
     spec = absolute_locations(spec)
-    job_id = job_id_for(spec, broker)
+    out = io.OutputDir(spec.output.path, spec.output.format)    # its filesystem opened once for the whole submit
+    job_id = job_id_for(spec, broker, out)
     existing = broker.find_job(job_id)
     if existing is not None and existing.state == JobState.COMPLETED:
-        if io.read_manifest(spec.output.path) is not None:
+        if io.read_manifest(out) is not None:
             return existing
         # completed, but its output has been deleted since: the same spec runs again from the start
         broker.delete_job(job_id)
@@ -180,9 +187,9 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
         files = list_inputs(spec)
     if check_model_dir:
         check_model(spec)
-    check_output_owner(spec, job_id)
-    claim_output(spec.output.path, job_id, _known_outputs(broker, job_id))
-    committed = {i: _stats_from_marker(m) for i, m in io.committed_shards(spec.output.path).items()}
+    check_output_owner(spec, job_id, out)
+    claim_output(out, job_id, _known_outputs(broker, job_id))
+    committed = {i: _stats_from_marker(m) for i, m in out.committed_shards().items()}
     status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size), committed=committed, job_id=job_id)
     return finish_empty_job(broker, status)
 

@@ -30,6 +30,12 @@ class LeaseLost(Exception):
     """The lease expired or the job was abandoned: stop working on this shard, commit nothing."""
 
 
+class SpecUnreadable(ZiyaBatchError):
+    """This worker cannot read a claimed shard's job spec: most likely a newer release wrote it during a rolling
+    upgrade (the spec forbids unknown keys). The worker's trouble, not the shard's: workers that can read it
+    should run it. Its message is one line: the reading error's type and first line."""
+
+
 class EngineOutOfMemory(ZiyaBatchError):
     """The engine ran out of device or host memory (raised at the engine boundary, from the allocator's error).
     No line causes it alone: the memory the settings left ran out."""
@@ -62,6 +68,7 @@ def engine_calls() -> Iterator[None]:
 
 
 class Stage(enum.Enum):
+    CLAIM = "claim"     # a shard just claimed, before anything runs (reading its job's spec)
     LOAD = "load"       # loading the engine a claimed shard needs
     READ = "read"       # reading and tokenizing a shard's lines
     ADMIT = "admit"     # adding a shard's lines to the engine the shards in flight share
@@ -116,6 +123,10 @@ def decide(err: BaseException, stage: Stage, worker_id: str = "this worker",
             return Decision(Action.GIVE_BACK, f"replica {worker_id} broke: {why}", why, replica_down=True,
                             quietly=True)
         return Decision(Action.ABANDON)
+    if isinstance(err, SpecUnreadable):
+        # no retry counted and no backoff on an engine: the job waits for a worker that reads its spec
+        why = f"cannot read the job's spec ({err})"
+        return Decision(Action.GIVE_BACK, f"{worker_id} {why}", why)
     if stage in (Stage.DRAIN, Stage.REDO) or not isinstance(err, Exception):
         # a waiting shard was not the one that failed; KeyboardInterrupt, SystemExit: the process is going down
         return Decision(Action.ABANDON)

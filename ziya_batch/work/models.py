@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from ..errors import ZiyaBatchError
 from ..spec import JobSpec
 from ..spec import engine_config as spec_engine_config
 
@@ -45,8 +46,15 @@ def engine_key(spec: JobSpec) -> tuple:
 def unserved_note(broker, job_id: str) -> Optional[str]:
     """A line saying why a job's shards may wait with nobody to claim them: no live worker serves its
     tensor_parallel (a replica claims only jobs of its own shape), or every one that does could not load the
-    job's engine. None when one can."""
-    tp = broker.get_spec(job_id).model.tensor_parallel
+    job's engine, or none can read its spec. None when one can."""
+    try:
+        tp = broker.get_spec(job_id).model.tensor_parallel
+    except ZiyaBatchError:                      # a newer release's spec, say: the workers that tried noted why
+        notes = [w.cannot_load[job_id] for w in broker.worker_infos() if job_id in w.cannot_load]
+        if not notes:
+            raise
+        return (f"{len(notes)} live worker(s) left this job ({notes[0]}): its shards wait for a worker that can "
+                f"read its spec (one of the release that submitted it)")
     serving = [w for w in broker.worker_infos() if int(w.info.get("tensor_parallel", 1)) == tp]
     failed = [w.cannot_load[job_id] for w in serving if job_id in w.cannot_load]
     if serving and len(failed) == len(serving):

@@ -20,10 +20,13 @@ import uuid
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .. import io
+from ..errors import JobNotFound
+from ..queue.errors import BROKER_ERRORS, BROKER_UNREACHABLE
 from ..records import LineFailure, LineResult
 from ..spec import JobSpec
 from .commit import ShardCommit
-from .failures import Action, LeaseLost, RunMode, Stage, decide, engine_calls, one_line, run_mode
+from .failures import (Action, LeaseLost, RunMode, SpecUnreadable, Stage, decide, engine_calls, one_line,
+                       run_mode)
 from .flight import Flight
 from .generation import ShardStream, dead_letter_failures, generate_lines, parse_shard
 from .models import ModelCache, ReplicaBroken, engine_key
@@ -104,6 +107,7 @@ class Worker:
         self._flights: dict[str, Flight] = {}           # flight.key -> shard whose lines are in the stream
         self._same_model_claims = 0                     # claims in a row that needed no model load
         self._backoff = LoadBackoff(broker, self.worker_id)
+        self._unreadable: dict[str, str] = {}           # job id -> why its spec could not be read (noted)
         self._commit = ShardCommit(broker, self.models)
         self.broker.register_worker(self.worker_id, self.host, {"device": self.models.device_name(), "pid": os.getpid(),
                                                                 "tensor_parallel": 1, **(extra_info or {})})
@@ -144,8 +148,6 @@ class Worker:
         """Serve until `stop` is set, then finish the shards in flight. A Redis outage (restart, failover) is
         waited out, not fatal: leases that expire meanwhile come back through the reaper and fencing keeps
         the output exactly-once."""
-        import redis
-
         backoff_s = idle_sleep_s
         try:
             self._watch_work()
@@ -153,7 +155,7 @@ class Worker:
                 try:
                     worked = self.run_once(claim=not stop.is_set())
                     backoff_s = idle_sleep_s
-                except (redis.ConnectionError, redis.TimeoutError) as err:
+                except BROKER_UNREACHABLE as err:
                     if stop.is_set():
                         break         # stopping: what is in flight is left to expire
                     log.warning("Redis unreachable (%s); retrying in %.1fs", err, backoff_s)
@@ -171,18 +173,14 @@ class Worker:
                 pass
 
     def _watch_work(self) -> None:
-        import redis
-
         try:
             self.broker.watch_work()
-        except redis.RedisError as err:      # Redis not up yet: the loop waits it out; _idle subscribes later
+        except BROKER_ERRORS as err:      # Redis not up yet: the loop waits it out; _idle subscribes later
             log.debug("cannot watch for work yet: %s", err)
 
     def _idle(self, stop: threading.Event, seconds: float) -> None:
         """Nothing to claim: wait `seconds` for a job to announce work (a submit, a shard given back), in slices
         short enough that `stop` is seen at once."""
-        import redis
-
         end = time.monotonic() + seconds
         while not stop.is_set():
             left = end - time.monotonic()
@@ -191,20 +189,40 @@ class Worker:
             try:
                 if self.broker.wait_for_work(min(left, IDLE_SLICE_S)):
                     return
-            except redis.RedisError:
+            except BROKER_ERRORS:
                 # the subscription broke (Redis restarted or away): the next slice subscribes again
                 self.broker.unwatch_work()
                 stop.wait(min(left, IDLE_SLICE_S))
 
     # -- shards -------------------------------------------------------------------------------------------
     def _serves(self, job_id: str) -> bool:
-        """Claim filter: skip jobs this worker's models cannot serve (a job whose spec cannot even be read is
-        claimed, so that its shards fail with the reason instead of waiting)."""
+        """Claim filter: skip jobs this worker's models cannot serve, and jobs whose spec it cannot read (noted on
+        its registration, so that status says why the job waits: workers of the release that wrote the spec
+        run it; failing its shards here would dead-letter lines that nothing was wrong with)."""
         try:
-            spec = self.spec_for(job_id)
+            spec = self._readable_spec(job_id)
+        except SpecUnreadable as err:
+            why = decide(err, Stage.CLAIM, self.worker_id).why
+            if self._unreadable.get(job_id) != why and not isinstance(err.__cause__, JobNotFound):
+                self._backoff.note(job_id, why)           # once per reason: the filter runs on every claim
+                self._unreadable[job_id] = why
+            return False
+        if self._unreadable.pop(job_id, None) is not None:
+            self._backoff.note(job_id, None)
+        try:
             return self.models.can_serve(spec) and not self._backoff.blocks(spec)
-        except Exception:  # noqa: BLE001 - see the docstring
+        except Exception:  # noqa: BLE001 - claimed: loading its engine then fails with the reason
             return True
+
+    def _readable_spec(self, job_id: str) -> JobSpec:
+        """spec_for, with every way of failing to read the spec (a newer release's keys, a corrupt record, the job
+        deleted) as SpecUnreadable; Redis being away still raises as it is, for the loop to wait out."""
+        try:
+            return self.spec_for(job_id)
+        except BROKER_UNREACHABLE:
+            raise
+        except Exception as err:  # noqa: BLE001 - see the docstring
+            raise SpecUnreadable(one_line(err)) from err
 
     def _engine_or_give_back(self, flight: Flight):
         """The flight's engine, or None after the failure policy dealt with a load that failed (an engine that will
@@ -262,7 +280,15 @@ class Worker:
 
     def _start(self, lease) -> None:
         """Begin a claimed shard: beside the shards in flight if it can share their engine, else after them."""
-        flight = Flight.begin(self.broker, lease, self.spec_for(lease.job_id))
+        try:
+            spec = self._readable_spec(lease.job_id)       # read again: it may have changed since the claim filter
+        except SpecUnreadable as err:
+            d = decide(err, Stage.CLAIM, self.worker_id)   # back untried; dead-letter shards too (they need its format)
+            log.error("shard %s/%d: %s; giving the shard back", lease.job_id, lease.shard.index, d.message)
+            self._give_back(lease, d.message, d.why)
+            self._unreadable[lease.job_id] = d.why
+            return
+        flight = Flight.begin(self.broker, lease, spec)
         mode = run_mode(lease)
         if mode is not RunMode.DEAD_LETTER and not self.models.can_serve(flight.spec):
             # the spec read again since the claim filter saw it asks for another shape (a resubmit changed it)
