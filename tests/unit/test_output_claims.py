@@ -86,3 +86,35 @@ def test_without_hard_links_the_claim_is_still_exclusive(tmp_path, monkeypatch):
     assert out.claim_owner("first") is None
     assert out.claim_owner("second") == "first"
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["_owner.json"]      # no temp file left
+
+
+@pytest.mark.parametrize("manifest", ['"str"', "[]", '{"parts": 5}', '{"parts": {"results": [5]}}',
+                                      '{"parts": {"results": [{"path": 7}]}}', '{"job_id": 5, "parts": {}}'])
+def test_a_manifest_of_the_wrong_shape_is_one_input_error(tmp_path, manifest):
+    """Valid JSON that is not the manifest ziya-batch writes is never trusted, nor taken for no manifest."""
+    from ziya_batch.io import read_manifest
+
+    (tmp_path / "manifest.json").write_text(manifest)
+    with pytest.raises(InputError, match="manifest.json is corrupt") as err:
+        read_manifest(str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+def test_a_long_owner_id_is_quoted_short(tmp_path):
+    from ziya_batch.jobs.submit import check_output_owner
+    from ziya_batch.spec import parse_spec
+
+    (tmp_path / "_owner.json").write_text(json.dumps({"job_id": "x" * 200_000}))
+    spec = parse_spec({"name": "t", "model": {"path": "/m"}, "input": ["/in.jsonl"], "output": {"path": str(tmp_path)}})
+    with pytest.raises(SpecError) as err:
+        check_output_owner(spec, "mine")
+    assert len(str(err.value)) < 1_000
+
+
+def test_a_memory_output_is_refused_at_submit():
+    from ziya_batch.jobs import submit_job
+    from ziya_batch.spec import parse_spec
+
+    spec = parse_spec({"name": "t", "model": {"path": "/m"}, "input": ["/in.jsonl"], "output": {"path": "memory://x/o"}})
+    with pytest.raises(SpecError, match="memory://"):
+        submit_job(spec, broker=None)

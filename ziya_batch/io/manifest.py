@@ -79,8 +79,21 @@ def manifest_shards(manifest: dict) -> set[int]:
 
 
 def read_manifest(output: "OutputDir | str") -> Optional[dict]:
-    """The manifest, or None when the job has not written one (yet)."""
-    return OutputDir.of(output).read_json(MANIFEST)
+    """The manifest, or None when the job has not written one (yet). One that is not of the shape this module
+    writes (an object whose parts are lists of rows with a path) is an InputError: nothing that reads it may
+    trust it, and nothing may take the directory for an empty one."""
+    out = OutputDir.of(output)
+    manifest = out.read_json(MANIFEST)
+    if manifest is None:
+        return None
+    parts = manifest.get("parts") if isinstance(manifest, dict) else None
+    job_id = manifest.get("job_id") if isinstance(manifest, dict) else None
+    if (not isinstance(parts, dict) or not isinstance(job_id, (str, type(None)))
+            or not all(isinstance(rows, list) and all(isinstance(row, dict) and isinstance(row.get("path"), str)
+                                                       for row in rows) for rows in parts.values())):
+        raise InputError(f"{out.url}: {MANIFEST} is corrupt (not the manifest ziya-batch writes); if no job "
+                         f"writes into this directory any more, delete it, or choose another output.path")
+    return manifest
 
 
 def manifest_part_urls(output_url: str, kind: str, manifest: Optional[dict] = None) -> list[str]:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Optional
 
 from .. import io
 from ..errors import JobNotFound
+from ..spec import show_text
 from .finalize import finalize_if_ready
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ class ManifestNotReady(JobNotFound):
 def job_status(broker: "JobsBroker", job_id: str, detail: bool = False, hint: str = CLI_HINT) -> "JobStatus":
     """The job's status; JobNotFound (ending in `hint`) when this Redis has no such job."""
     if broker.find_job(job_id) is None:
-        raise JobNotFound(f"no job {job_id}{hint}")
+        raise JobNotFound(f"no job {show_text(job_id)}{hint}")
     return broker.status(job_id, detail=detail)
 
 

@@ -12,7 +12,7 @@ from .. import io
 from ..errors import SpecError
 from ..io.claims import claim_output
 from ..records import ShardRef
-from ..spec import JobSpec
+from ..spec import JobSpec, show_text
 from .finalize import finish_empty_job
 
 if TYPE_CHECKING:
@@ -112,12 +112,14 @@ def check_output_owner(spec: JobSpec, job_id: Optional[str] = None,
     manifest = io.read_manifest(out)
     if manifest and manifest.get("job_id") not in (None, job_id):
         raise SpecError(
-            f"output.path {out.url} already holds the output of another job ({manifest.get('job_id')}); "
+            f"output.path {out.url} already holds the output of another job "
+            f"({show_text(str(manifest.get('job_id')))}); "
             "choose a new output.path or delete the old output")
     owner = io.output_owner(out)
     if owner not in (None, job_id):
         raise SpecError(
-            f"output.path {out.url} holds the parts of another job ({owner}) that has not finished (a spec that "
+            f"output.path {out.url} holds the parts of another job ({show_text(owner)}) that has not finished "
+            "(a spec that "
             "writes something else to the same path; only model.tensor_parallel/replicas, the engine's "
             "throughput settings, reliability and priority may change on a resume): resume that job with "
             "its own spec, or choose a new output.path, or delete the old output")
@@ -169,6 +171,10 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
     from ..queue import JobState
 
     spec = absolute_locations(spec)
+    if io.storage.protocol_of(spec.output.path) == "memory":
+        # fsspec's memory filesystem lives in one process: workers would write where nobody reads
+        raise SpecError(f"output.path {show_text(spec.output.path)}: memory:// is one process's memory, which "
+                        "workers cannot write back to; give a local path or object storage (s3://...)")
     out = io.OutputDir(spec.output.path, spec.output.format)    # its filesystem opened once for the whole submit
     job_id = job_id_for(spec, broker, out)
     existing = broker.find_job(job_id)

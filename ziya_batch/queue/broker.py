@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import redis
 
 from ..errors import JobNotFound
+from ..spec import show_text
 from ..records import ShardRef
 from ..spec import JobSpec, stored_spec
 from .keys import Keys
@@ -182,7 +183,7 @@ class Broker:
     def get_spec(self, job_id: str) -> JobSpec:
         raw = self.client.get(self.keys.spec(job_id))
         if raw is None:
-            raise JobNotFound(f"no job {job_id} in this Redis (list jobs with `ziya-batch status`)")
+            raise JobNotFound(f"no job {show_text(job_id)} in this Redis (list jobs with `ziya-batch status`)")
         return stored_spec(json.loads(raw), f"spec of job {job_id}")
 
     def find_job(self, job_id: str) -> Optional[JobStatus]:
@@ -349,7 +350,7 @@ class Broker:
         old = self.scripts.set_state(keys=[k.job(job_id), k.ready(), k.finalizer(job_id)],
                                      args=[job_id, state.value, message])
         if old is None:
-            raise JobNotFound(f"no job {job_id} in this Redis")
+            raise JobNotFound(f"no job {show_text(job_id)} in this Redis")
 
     def mark_completed(self, job_id: str) -> None:
         self._set_state(job_id, JobState.COMPLETED)
@@ -365,7 +366,7 @@ class Broker:
             keys=[k.job(job_id), k.shards(job_id), k.pending(job_id), k.leased(job_id), k.leases(), k.ready()],
             args=[job_id, "1" if abandon_running else "0"])
         if res is None:
-            raise JobNotFound(f"no job {job_id} in this Redis (list jobs with `ziya-batch status`)")
+            raise JobNotFound(f"no job {show_text(job_id)} in this Redis (list jobs with `ziya-batch status`)")
         return self.status(job_id)
 
     def commits(self, job_id: str) -> dict[int, tuple[int, ShardStats]]:

@@ -9,6 +9,7 @@ import json
 import redis
 
 from ..errors import JobNotFound
+from ..spec import show_text
 from .keys import Keys
 from .states import JobState, ShardState
 from .types import JobStatus
@@ -43,7 +44,7 @@ def build_status(client: redis.Redis, keys: Keys, job_id: str, detail: bool = Fa
         res = p.execute()
     h, progress, leased, dead_count = res[:4]
     if not h:
-        raise JobNotFound(f"no job {job_id} in this Redis (list jobs with `ziya-batch status`)")
+        raise JobNotFound(f"no job {show_text(job_id)} in this Redis (list jobs with `ziya-batch status`)")
     state = JobState(h["state"])
     created_ms = int(h.get("created_ms", 0))
     # a job younger than the window is measured over its age, not diluted over a full minute
