@@ -125,7 +125,7 @@ class SamplingSpec(_Strict):
     def _compiles(cls, v, info):
         # the grammar library's reason for a constraint it cannot enforce: a spec error, or the line's
         # invalid_sampling error
-        from .constraints import check
+        from .engine.constraints import check
         if info.field_name == "json_schema" and v is not None:
             size = len(json.dumps(v, ensure_ascii=False))
             if size > MAX_CONSTRAINT_CHARS:

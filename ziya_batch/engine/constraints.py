@@ -2,9 +2,10 @@
 text for llguidance, and checked there, without a tokenizer, when a spec or a line is parsed.
 
 The grammar text is the constraint's identity: the engine compiles each distinct text once per worker
-(engine/grammar.py) and two requests with the same text share the compiled grammar. No torch here, so the
-spec and prompt parsers (below the engine) can check a constraint and turn the library's reason into an
-invalid_sampling error line or a spec error.
+(grammar.py) and two requests with the same text share the compiled grammar. No torch here, so the spec and
+prompt parsers can check a constraint without loading torch and turn the library's reason into an
+invalid_sampling error line or a spec error. It lives in engine/ because grammar.py needs grammar_text and
+engine/ imports nothing above it.
 
 Why llguidance rather than xgrammar (measured 2026-12-06, README "Structured output"): no dependencies (one
 abi3 wheel; xgrammar pulls triton, apache-tvm-ffi and pins torch/transformers), it refuses schema keywords it
@@ -19,7 +20,7 @@ from typing import Optional
 
 import llguidance
 
-from .engine.types import SamplingParams
+from .types import SamplingParams
 
 WHITESPACE = ("compact", "flexible")
 
