@@ -20,9 +20,7 @@ from typing import Optional
 
 import llguidance
 
-from .types import SamplingParams
-
-WHITESPACE = ("compact", "flexible")
+from .types import JSON_WHITESPACE, SamplingParams
 
 
 def grammar_text(json_schema: Optional[object] = None, regex: Optional[str] = None,
@@ -70,8 +68,8 @@ def check(json_schema=None, regex=None, choice=None, json_whitespace: str = Samp
         raise ValueError("json_schema must be a JSON Schema object")
     if choice is not None and (not choice or not all(isinstance(c, str) and c for c in choice)):
         raise ValueError("choice must be a non-empty list of non-empty strings")
-    if json_whitespace not in WHITESPACE:
-        raise ValueError(f"json_whitespace must be one of {', '.join(WHITESPACE)}")
+    if json_whitespace not in JSON_WHITESPACE:
+        raise ValueError(f"json_whitespace must be one of {', '.join(JSON_WHITESPACE)}")
     if not given:
         return
     try:
