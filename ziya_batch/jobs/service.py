@@ -1,5 +1,5 @@
-"""Finding, listing, cancelling a job and reading its manifest: what the CLI, the HTTP API and OpenAI
-batches do to a job once it is submitted, done the same way on every surface."""
+"""Finding, listing, cancelling a job, reading its manifest and saying why it waits: what the CLI, the HTTP API
+and OpenAI batches do to a job once it is submitted, done the same way on every surface."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
@@ -26,6 +26,20 @@ def job_status(broker: "JobsBroker", job_id: str, detail: bool = False, hint: st
     if broker.find_job(job_id) is None:
         raise JobNotFound(f"no job {job_id}{hint}")
     return broker.status(job_id, detail=detail)
+
+
+def waiting_note(broker: "JobsBroker", status: "JobStatus") -> Optional[str]:
+    """Why a job's pending shards may wait with no worker to take them (no live worker, none of its
+    tensor_parallel shape, or every one failed to load its engine); None when some worker can, or the job has
+    nothing pending. Shown by `status` and GET /v1/jobs/{id}."""
+    if not status.state.is_claimable() or not status.shards.get("pending", 0) or status.shards.get("leased", 0):
+        return None
+    from ..work.models import unserved_note
+
+    try:
+        return unserved_note(broker, status.job_id)
+    except Exception:  # noqa: BLE001 - a hint that cannot be worked out (Redis hiccup) is left out
+        return None
 
 
 def list_jobs(broker: "JobsBroker") -> list["JobStatus"]:
