@@ -103,8 +103,9 @@ LAYER_RULES = [
     (_pkg("queue", "io"), ("torch",) + _pkg("runtime", "api", "cli", "jobs"),
      "queue/ and io/ never import torch, nor the layers above them"),
     (_pkg("io"), _pkg("queue"), "io/ sits below queue/"),
-    (_pkg("jobs"), ("ray", "torch") + _pkg("runtime", "api", "cli"),
-     "the jobs service has no Ray and no torch and sits below cli/, api/ and runtime/"),
+    (_pkg("jobs"), ("ray", "torch") + _pkg("runtime", "api", "cli", "work"),
+     "the jobs service has no Ray and no torch and sits below cli/, api/, runtime/ and work/ (the worker finalizes "
+     "through it)"),
     (_pkg("work"), ("ray",) + _pkg("runtime", "api", "cli"),
      "work/ (the worker, generation, models, failure policy, commit) has no Ray and sits below runtime/'s adapters"),
 ]
