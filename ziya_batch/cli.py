@@ -54,8 +54,7 @@ def submit(
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
 ):
     """Validate the spec, index the input into shards and queue it; prints the job id."""
-    from .jobs import submit_job
-    from .work.models import unserved_note
+    from .jobs import submit_job, unserved_note
     from .spec import load_spec
 
     spec = load_spec(job)

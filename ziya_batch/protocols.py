@@ -92,7 +92,7 @@ class WaitingQueue(Protocol):
 
 
 class GenerationEngine(Protocol):
-    """The engine as the worker drives it (runtime/generation.py): add requests, step until they finish,
+    """The engine as the worker drives it (work/generation.py): add requests, step until they finish,
     abort the ones of a shard given up on. `tokenizer` encodes prompts; `max_model_len` is the longest
     prompt + output in tokens a request may have."""
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-from . import io
+from . import io, jobs
 from .errors import ServiceError
 from .io.schema import decode_part
 
@@ -350,20 +350,18 @@ def report_main(job_id_or_output_url: str, out_path: str | Path, redis_url: Opti
             job_id = (manifest or {}).get("job_id")
             status = _status_dict(broker, job_id) if job_id else None
     else:
-        from .errors import JobNotFound
-
-        if broker.find_job(arg) is None:
-            raise JobNotFound(f"no job {arg} in the queue; list jobs with `ziya-batch status`, or pass the job's "
-                              "output path instead")
+        jobs.job_status(broker, arg, hint=REPORT_HINT)          # JobNotFound, one line, for an unknown id
         output_url = broker.get_spec(arg).output.path
         status = _status_dict(broker, arg)
     return write_report(output_url, out_path, status)
 
 
+# what follows "no job ID" when `report` is given an id this Redis does not know
+REPORT_HINT = " in the queue; list jobs with `ziya-batch status`, or pass the job's output path instead"
+
+
 def _status_dict(broker, job_id: str) -> Optional[dict[str, Any]]:
     try:
-        if broker.find_job(job_id) is None:
-            return None
-        return json.loads(json.dumps(broker.status(job_id).to_dict()))
-    except Exception:  # noqa: BLE001 - the report works without the live status
+        return json.loads(json.dumps(jobs.job_status(broker, job_id).to_dict()))
+    except Exception:  # noqa: BLE001 - the report works without the live status (a job Redis does not know)
         return None

@@ -22,7 +22,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .engine.types import EngineConfig, SamplingParams
+from .engine.types import (JSON_WHITESPACE, KV_CACHE_DTYPES, LOGPROBS_MODES, SCHEDULE_POLICIES, EngineConfig,
+                           SamplingParams)
 from .errors import SpecError
 
 _SP, _EC = SamplingParams, EngineConfig      # the homes of the sampling.* and engine.* defaults
@@ -117,7 +118,7 @@ class SamplingSpec(_Strict):
     choice: Optional[list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]]] = Field(
         _SP.choice, min_length=1, max_length=MAX_CHOICES)
     """Structured output: every response that finishes is exactly one of these strings."""
-    json_whitespace: Literal["compact", "flexible"] = _SP.json_whitespace
+    json_whitespace: Literal[JSON_WHITESPACE] = _SP.json_whitespace
     """With json_schema: 'compact' allows no whitespace between JSON tokens; 'flexible' lets the model add it."""
 
     @field_validator("json_schema", "regex", "choice")
@@ -125,7 +126,7 @@ class SamplingSpec(_Strict):
     def _compiles(cls, v, info):
         # the grammar library's reason for a constraint it cannot enforce: a spec error, or the line's
         # invalid_sampling error
-        from .constraints import check
+        from .engine.constraints import check
         if info.field_name == "json_schema" and v is not None:
             size = len(json.dumps(v, ensure_ascii=False))
             if size > MAX_CONSTRAINT_CHARS:
@@ -192,7 +193,7 @@ class OutputSpec(_Strict):
         return v
 
 
-LogprobsMode = Literal["temperature", "raw", "processed"]
+LogprobsMode = Literal[LOGPROBS_MODES]        # Literal of a tuple: Literal["temperature", "raw", ...]
 # a stored spec from before experience.logprobs_mode (2026-12-06) was produced with processed logprobs: it
 # resumes in that mode (stored_spec); with a reference model, where processed is refused, in temperature mode
 LEGACY_LOGPROBS_MODE: LogprobsMode = "processed"
@@ -274,10 +275,10 @@ class EngineSpec(_Strict):
     """Share of GPU memory the engine may use; the KV cache gets what is left after weights."""
     cuda_graphs: bool = _EC.cuda_graphs
     """Replay decode steps from CUDA graphs (GPU only)."""
-    kv_cache_dtype: Literal["auto", "fp8"] = _EC.kv_cache_dtype
+    kv_cache_dtype: Literal[KV_CACHE_DTYPES] = _EC.kv_cache_dtype
     """KV cache element type: the model's dtype, or float8 e4m3 (twice the tokens in the same memory and half
     the bytes a decode step reads; K/V are rounded to 3 mantissa bits, so outputs differ slightly)."""
-    schedule: Literal["fcfs", "longest-first", "tail-longest-first"] = _EC.schedule
+    schedule: Literal[SCHEDULE_POLICIES] = _EC.schedule
     """Which waiting prompt starts first. tail-longest-first: arrival order until the prompts left fit the batch's
     seats, then those with the most max_new_tokens first, so the end of the work is not one long prompt started
     last (W1 on an H200: +3.8%, half of it +8.9%; see docs/BENCHMARKS.md). fcfs: arrival order. longest-first:

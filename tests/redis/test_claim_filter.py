@@ -90,7 +90,7 @@ def test_a_worker_lets_go_of_one_model_before_loading_the_next(tmp_path, demo_mo
 
 
 def test_status_says_when_no_live_worker_serves_a_jobs_shape(tmp_path, demo_model, broker):
-    from ziya_batch.work.models import unserved_note
+    from ziya_batch.jobs import unserved_note
 
     _, job = _submit(tmp_path, demo_model, broker, "tp2", tensor_parallel=2)
     assert "tensor_parallel 2" in unserved_note(broker, job)                    # nobody registered at all

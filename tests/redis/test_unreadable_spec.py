@@ -10,7 +10,7 @@ from ziya_batch import io
 from ziya_batch.jobs import submit_job
 from ziya_batch.queue import JobState
 from ziya_batch.spec import parse_spec
-from ziya_batch.work.models import unserved_note
+from ziya_batch.jobs import unserved_note
 from ziya_batch.work.worker import Worker
 
 UNREADABLE = json.dumps({"name": 5})

@@ -1,8 +1,9 @@
 """The unit suite starts no service: no redis-server, Ray, S3 or HTTP server (those tests live in
-tests/redis, tests/s3 and tests/ray). A test here that tries to start one fails at once instead of passing
-on a machine that happens to have the service."""
+tests/redis, tests/s3 and tests/ray). A test here that tries to start one, or listens on any socket (every
+server does), fails at once instead of passing on a machine that happens to have the service or a free port."""
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
@@ -31,6 +32,12 @@ def _no_services(request, monkeypatch):
         real_init(self, args, *a, **kw)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", guarded_init)
+
+    def no_listen(self, *a, **kw):
+        raise AssertionError("a unit test listened on a socket (a server): fake the call the code makes, or move "
+                             "the test to the suite that provides the service")
+
+    monkeypatch.setattr(socket.socket, "listen", no_listen)
     try:
         import ray
     except ImportError:

@@ -74,8 +74,7 @@ def test_serve_main_names_a_busy_port(monkeypatch):
 
     monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", TOKEN)
     with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
+        busy.bind(("127.0.0.1", 0))         # bound is busy enough; listening is refused in unit tests (conftest)
         with pytest.raises(ServiceError, match="--port"):
             serve_main(host="127.0.0.1", port=busy.getsockname()[1])
 

@@ -1,17 +1,20 @@
 """Every default has one home and every environment variable one reader: the engine's SamplingParams and
 EngineConfig hold the sampling.* and engine.* defaults, the spec reads them from there and converts by field
-name, and only ziya_batch/settings.py reads the environment. These tests fail when a second definition or a
-field-by-field mapping creeps back in."""
+name, the spec's Literal types are engine/types.py's tuples of allowed values, and only ziya_batch/settings.py
+reads the environment. These tests fail when a second definition or a field-by-field mapping creeps back in."""
 from __future__ import annotations
 
 import ast
 import dataclasses
 import json
+import typing
 from pathlib import Path
 
 import pytest
 
 from ziya_batch import spec as spec_module
+from ziya_batch.engine import kv_cache, scheduler
+from ziya_batch.engine import types as engine_types
 from ziya_batch.engine.types import EngineConfig, SamplingParams
 from ziya_batch.spec import EngineSpec, ExperienceSpec, ModelSpec, SamplingSpec, engine_config, parse_spec, sampling_params
 
@@ -170,6 +173,59 @@ def test_the_scan_sees_each_kind_of_copy():
               "z = [0.85]\n"
               "ok = dict(max_num_seqs=255, n=1, dtype='float16')\n")
     assert sorted(line for line, _ in _copies(ast.parse(sample))) == [1, 2, 4, 5, 6, 7]
+
+
+# each string setting with a fixed set of values: (the spec model, its field, the engine's tuple of allowed values)
+ALLOWED_VALUES = [(SamplingSpec, "json_whitespace", "JSON_WHITESPACE"),
+                  (ExperienceSpec, "logprobs_mode", "LOGPROBS_MODES"),
+                  (EngineSpec, "schedule", "SCHEDULE_POLICIES"), (EngineSpec, "kv_cache_dtype", "KV_CACHE_DTYPES")]
+
+
+@pytest.mark.parametrize("model,name,home", ALLOWED_VALUES, ids=[n for _, n, _ in ALLOWED_VALUES])
+def test_each_spec_literal_is_the_engines_tuple(model, name, home):
+    allowed = getattr(engine_types, home)
+    assert typing.get_origin(model.model_fields[name].annotation) is typing.Literal
+    assert typing.get_args(model.model_fields[name].annotation) == allowed, f"{model.__name__}.{name}"
+    assert _default(model, name) in allowed
+
+
+def test_the_engine_modules_export_the_same_tuples():
+    # the modules that enforce them re-export the one tuple, not a copy (the bench and scripts import them there)
+    assert scheduler.POLICIES is engine_types.SCHEDULE_POLICIES
+    assert kv_cache.KV_CACHE_DTYPES is engine_types.KV_CACHE_DTYPES
+
+
+def _value_lists(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, home) for each tuple, list, set or dict keys in `tree` that spells two or more values of one home
+    tuple: a second list of allowed values (`Literal["auto", "fp8"]`, `mode in ("raw", "processed")`)."""
+    homes = {home: set(getattr(engine_types, home)) for _, _, home in ALLOWED_VALUES}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            items = node.elts
+        elif isinstance(node, ast.Dict):
+            items = [k for k in node.keys if k is not None]
+        else:
+            continue
+        strings = {e.value for e in items if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+        found += [(node.lineno, home) for home, values in homes.items() if len(strings & values) >= 2]
+    return found
+
+
+def test_allowed_values_are_spelled_only_in_their_home():
+    found = [f"{path.relative_to(PACKAGE.parent)}:{line}: values of {home}"
+             for path, tree in _sources() if path != HOME for line, home in _value_lists(tree)]
+    assert not found, "allowed values listed again outside engine/types.py:\n" + "\n".join(sorted(found))
+
+
+def test_the_value_scan_sees_each_kind_of_list():
+    sample = ("x: Literal['fcfs', 'longest-first'] = 'fcfs'\n"
+              "if m not in ('temperature', 'raw', 'processed'): pass\n"
+              "p.add_argument('--kv', choices=['auto', 'fp8'])\n"
+              "w = {'compact': 0, 'flexible': 1}\n"
+              "ok = ('auto', 'float16') if mode == 'raw' else {'fp8'}\n")
+    assert sorted(_value_lists(ast.parse(sample))) == [(1, "SCHEDULE_POLICIES"), (2, "LOGPROBS_MODES"),
+                                                         (3, "KV_CACHE_DTYPES"), (4, "JSON_WHITESPACE")]
 
 
 def test_only_the_settings_module_reads_the_environment():

@@ -1,8 +1,11 @@
 """Reward functions in a spawned process pool (errors, timeouts and crashes stay per sample), the reward URL
-over a local HTTP server (retries, bad answers), and the weighted sum of components."""
+against a fake of the HTTP call it makes (batches, retries, bad answers), and the weighted sum of components."""
+import io
 import json
-import threading
+import socket
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -69,64 +72,91 @@ def test_a_call_that_kills_its_process_fails_only_its_sample(pool):
     assert out[1][0] is None and "died" in out[1][1]
 
 
-class _Judge(BaseHTTPRequestHandler):
-    calls: list = []
-    fail_first = 0
+class _Judge:
+    """Stands in for urllib.request.urlopen, the one call UrlRewards makes (the unit suite starts no server):
+    records each request and answers like a reward service. `script` holds what the next calls do instead of
+    answering: an HTTP status to fail with, "hang" (the client's timeout fires) or "refused"."""
 
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).calls.append(body)
-        if type(self).fail_first > 0:
-            type(self).fail_first -= 1
-            self.send_response(503)
-            self.end_headers()
-            return
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.timeouts: list[float] = []
+        self.script: list = []
+
+    def __call__(self, req: urllib.request.Request, timeout: float):
+        assert req.get_method() == "POST" and req.get_header("Content-type") == "application/json"
+        body = json.loads(req.data)
+        self.calls.append(body)
+        self.timeouts.append(timeout)
+        action = self.script.pop(0) if self.script else None
+        if isinstance(action, int):
+            raise urllib.error.HTTPError(req.full_url, action, "scripted", None, io.BytesIO(b""))
+        if action == "hang":           # what urlopen raises when no answer comes within its timeout
+            raise TimeoutError("timed out")
+        if action == "refused":
+            raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
         items = body["items"]
         rewards = [None if it["metadata"].get("skip") else float(len(it["response"])) for it in items]
         if items and items[0]["metadata"].get("short"):
             rewards = rewards[:-1]
-        data = json.dumps({"rewards": rewards}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        return io.BytesIO(json.dumps({"rewards": rewards}).encode())
 
-    def log_message(self, *args):
-        pass
+
+URL = "http://judge.invalid/score"
 
 
 @pytest.fixture
-def judge():
-    _Judge.calls, _Judge.fail_first = [], 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/score", _Judge
-    server.shutdown()
+def judge(monkeypatch):
+    fake = _Judge()
+    monkeypatch.setattr(urllib.request, "urlopen", fake)
+    return fake
 
 
 def test_reward_url_batches_and_nulls(judge):
-    url, handler = judge
     items = [("p", "x" * i, {"skip": i == 3}) for i in range(7)]
-    out = UrlRewards(url, 5.0, batch_size=3, concurrency=2).score(items)
+    out = UrlRewards(URL, 5.0, batch_size=3, concurrency=2).score(items)
     assert [v for v, _ in out] == [0.0, 1.0, 2.0, None, 4.0, 5.0, 6.0]
     assert out[3][1] == "reward_url gave null"
-    assert sorted(len(c["items"]) for c in handler.calls) == [1, 3, 3]
-    assert handler.calls[0]["items"][0].keys() == {"prompt", "response", "metadata"}
+    assert sorted(len(c["items"]) for c in judge.calls) == [1, 3, 3]
+    assert judge.calls[0]["items"][0].keys() == {"prompt", "response", "metadata"}
+    assert judge.timeouts == [5.0] * 3
 
 
-def test_reward_url_retries_server_errors_then_gives_up(judge):
-    url, handler = judge
-    handler.fail_first = 1
-    assert UrlRewards(url, 5.0, backoff_s=0.01).score([("p", "ab", {})]) == [(2.0, None)]
-    handler.fail_first = 10
-    out = UrlRewards(url, 5.0, retries=2, backoff_s=0.01).score([("p", "ab", {})])
-    assert out == [(None, "reward_url answered HTTP 503")] and handler.fail_first == 7
-    handler.fail_first = 0
-    wrong = UrlRewards(url, 5.0).score([("p", "a", {"short": True}), ("p", "b", {})])
-    assert all(v is None and "2 values" in e for v, e in wrong)
-    down = UrlRewards("http://127.0.0.1:9/x", 1.0, retries=0).score([("p", "a", {})])
-    assert down[0][0] is None and down[0][1].startswith("reward_url:")
+@pytest.mark.parametrize("failure", [503, 429, "hang", "refused"])
+def test_reward_url_retries_a_passing_failure(judge, failure):
+    judge.script = [failure]
+    assert UrlRewards(URL, 5.0, backoff_s=0.01).score([("p", "ab", {})]) == [(2.0, None)]
+    assert len(judge.calls) == 2
+
+
+def test_reward_url_gives_up_after_its_retries(judge):
+    judge.script = [500] * 10
+    out = UrlRewards(URL, 5.0, retries=2, backoff_s=0.01).score([("p", "ab", {})])
+    assert out == [(None, "reward_url answered HTTP 500")] and len(judge.calls) == 3
+    judge.script = ["hang"] * 10
+    out = UrlRewards(URL, 1.5, retries=1, backoff_s=0.01).score([("p", "ab", {})])
+    assert out == [(None, "reward_url: TimeoutError: timed out")] and judge.timeouts[-2:] == [1.5, 1.5]
+    judge.script = ["refused"]
+    down = UrlRewards(URL, 1.0, retries=0).score([("p", "a", {})])
+    assert down == [(None, "reward_url: ConnectionRefusedError: [Errno 111] Connection refused")]
+
+
+def test_reward_url_does_not_retry_a_client_error_or_a_wrong_answer(judge):
+    judge.script = [400, 400]
+    assert UrlRewards(URL, 5.0, backoff_s=0.01).score([("p", "ab", {})]) == [(None, "reward_url answered HTTP 400")]
+    assert len(judge.calls) == 1 and judge.script == [400]
+    judge.script = []
+    wrong = UrlRewards(URL, 5.0).score([("p", "a", {"short": True}), ("p", "b", {})])
+    assert all(v is None and "2 values" in e for v, e in wrong) and len(judge.calls) == 2
+
+
+def test_the_unit_suite_refuses_a_listening_socket():
+    # tests/unit/conftest.py: a server in a unit test fails at once instead of passing where the port is free
+    with pytest.raises(AssertionError, match="listen"):
+        ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        with pytest.raises(AssertionError, match="listen"):
+            sock.listen()
 
 
 def test_combine_weights_components_and_nulls():

@@ -1,5 +1,5 @@
 """Structured output (json_schema, regex, choice): every finished response satisfies its constraint, whatever the
-weights (the random demo model), through the engine and through runtime/generation; bad constraints are one
+weights (the random demo model), through the engine and through work/generation; bad constraints are one
 invalid_sampling error line; OpenAI's response_format is honoured."""
 from __future__ import annotations
 

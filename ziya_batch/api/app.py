@@ -150,11 +150,9 @@ def _jobs_router(settings: ApiSettings, brokers: BrokerHolder) -> APIRouter:
 
     @router.get("/{job_id}", summary="A job's status (the fields of `ziya-batch status --json`)")
     def get_job(job_id: str) -> dict:
-        from ..runtime.services import waiting_note
-
         status = jobs.job_status(brokers.get(), job_id, detail=True, hint=jobs.API_HINT)
         # "note": why its shards wait with no worker to take them, or null
-        return {**status.to_dict(), "note": waiting_note(brokers.get(), status)}
+        return {**status.to_dict(), "note": jobs.waiting_note(brokers.get(), status)}
 
     @router.post("/{job_id}/cancel", summary="Stop handing out the job's shards; committed parts stay")
     def cancel(job_id: str, abandon_running: bool = False) -> dict:

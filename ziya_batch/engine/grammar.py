@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import llguidance
 import torch
 
-from ziya_batch.constraints import grammar_text
+from ziya_batch.engine.constraints import grammar_text
 from ziya_batch.engine.scheduler import PENDING_TOKEN, Sequence
 from ziya_batch.engine.types import SamplingParams
 

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from ziya_batch.engine.types import KV_CACHE_DTYPES   # written once, in types.py; exported from here as before
+
 
 class OutOfBlocks(Exception):
     """Raised by BlockPool.allocate when the pool is empty; the scheduler checks first, so this is a bug."""
@@ -90,9 +92,6 @@ class BlockPool:
                 break
             hits.append(b)
         return hits
-
-
-KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 def cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:

@@ -26,9 +26,8 @@ import numpy as np
 
 from ziya_batch.engine.kv_cache import BlockPool, hash_block
 from ziya_batch.engine.types import EngineConfig, SamplingParams
+from ziya_batch.engine.types import SCHEDULE_POLICIES as POLICIES      # written once, in types.py
 
-
-POLICIES = ("fcfs", "longest-first", "tail-longest-first")
 # The token of a launched step not yet read back (asynchronous scheduling: the engine schedules and launches the
 # next step while the GPU still samples this one). advance() appends it, fill() replaces it.
 PENDING_TOKEN = -1

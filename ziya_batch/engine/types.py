@@ -13,6 +13,13 @@ from typing import Optional
 # config names none, and the ids the demo model is written with
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 0
 
+# The allowed values of the string-valued settings below, written once: the engine checks against them, the
+# job spec builds its Literal types from them and the benchmark's command line offers them.
+LOGPROBS_MODES = ("temperature", "raw", "processed")              # SamplingParams.logprobs_mode
+JSON_WHITESPACE = ("compact", "flexible")                         # SamplingParams.json_whitespace
+SCHEDULE_POLICIES = ("fcfs", "longest-first", "tail-longest-first")  # EngineConfig.schedule (scheduler.py)
+KV_CACHE_DTYPES = ("auto", "fp8")                                 # EngineConfig.kv_cache_dtype (kv_cache.py)
+
 
 @dataclass(frozen=True)
 class SamplingParams:

@@ -1,16 +1,16 @@
-"""Finding, listing, cancelling a job and reading its manifest: what the CLI, the HTTP API and OpenAI
-batches do to a job once it is submitted, done the same way on every surface."""
+"""Finding, listing, cancelling a job, reading its manifest and saying why it waits: what the CLI, the HTTP API
+and OpenAI batches do to a job once it is submitted, done the same way on every surface."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
 from .. import io
-from ..errors import JobNotFound
+from ..errors import JobNotFound, ZiyaBatchError
 from ..spec import show_text
 from .finalize import finalize_if_ready
 
 if TYPE_CHECKING:
-    from ..protocols import JobsBroker
+    from ..protocols import JobsBroker, WorkerBroker
     from ..queue import JobStatus
 
 # how a user of each surface finds the ids there are; the text that follows "no job ID" in JobNotFound
@@ -27,6 +27,18 @@ def job_status(broker: "JobsBroker", job_id: str, detail: bool = False, hint: st
     if broker.find_job(job_id) is None:
         raise JobNotFound(f"no job {show_text(job_id)}{hint}")
     return broker.status(job_id, detail=detail)
+
+
+def waiting_note(broker: "WorkerBroker", status: "JobStatus") -> Optional[str]:
+    """Why a job's pending shards may wait with no worker to take them (no live worker, none of its
+    tensor_parallel shape, or every one failed to load its engine); None when some worker can, or the job has
+    nothing pending. Shown by `status` and GET /v1/jobs/{id}."""
+    if not status.state.is_claimable() or not status.shards.get("pending", 0) or status.shards.get("leased", 0):
+        return None
+    try:
+        return unserved_note(broker, status.job_id)
+    except Exception:  # noqa: BLE001 - a hint that cannot be worked out (Redis hiccup) is left out
+        return None
 
 
 def list_jobs(broker: "JobsBroker") -> list["JobStatus"]:
@@ -52,3 +64,28 @@ def get_manifest(broker: "JobsBroker", job_id: str, hint: str = CLI_HINT) -> dic
         raise ManifestNotReady(f"job {job_id} has no manifest yet (state {status.state.value}); it is written "
                                "when the job completes or is cancelled")
     return found
+
+
+def unserved_note(broker: "WorkerBroker", job_id: str) -> Optional[str]:
+    """A line saying why a job's shards may wait with nobody to claim them: no live worker serves its
+    tensor_parallel (a replica claims only jobs of its own shape), or every one that does could not load the
+    job's engine, or none can read its spec. None when one can."""
+    try:
+        tp = broker.get_spec(job_id).model.tensor_parallel
+    except ZiyaBatchError:                      # a newer release's spec, say: the workers that tried noted why
+        notes = [w.cannot_load[job_id] for w in broker.worker_infos() if job_id in w.cannot_load]
+        if not notes:
+            raise
+        return (f"{len(notes)} live worker(s) left this job ({notes[0]}): its shards wait for a worker that can "
+                f"read its spec (one of the release that submitted it)")
+    serving = [w for w in broker.worker_infos() if int(w.info.get("tensor_parallel", 1)) == tp]
+    failed = [w.cannot_load[job_id] for w in serving if job_id in w.cannot_load]
+    if serving and len(failed) == len(serving):
+        return (f"none of the {len(serving)} live worker(s) that serve tensor_parallel {tp} could load this job's "
+                f"engine ({failed[0]}): its shards wait. Out of memory: lower engine.gpu_memory_fraction or "
+                f"engine.max_num_seqs, or raise model.tensor_parallel, and submit the spec again (the job resumes)")
+    if serving:
+        return None
+    how = (f"`ziya-batch worker --tensor-parallel {tp}`" if tp > 1 else "`ziya-batch worker`")
+    return (f"no live worker serves tensor_parallel {tp} jobs: its shards wait until one does ({how} on GPU "
+            f"nodes, or `ziya-batch run` with this job's spec)")

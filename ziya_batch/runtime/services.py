@@ -67,16 +67,3 @@ def connect_broker(redis_url: Optional[str] = None, warn: bool = True):
         print(f"ziya-batch: warning: {w}", file=sys.stderr)
     return broker
 
-
-def waiting_note(broker, status) -> Optional[str]:
-    """Why a job's pending shards may wait with no worker to take them (no live worker, none of its
-    tensor_parallel shape, or every one failed to load its engine); None when some worker can, or the job has
-    nothing pending. Shown by `status` and GET /v1/jobs/{id}."""
-    if not status.state.is_claimable() or not status.shards.get("pending", 0) or status.shards.get("leased", 0):
-        return None
-    from ..work.models import unserved_note
-
-    try:
-        return unserved_note(broker, status.job_id)
-    except Exception:  # noqa: BLE001 - a hint that cannot be worked out (Redis hiccup) is left out
-        return None

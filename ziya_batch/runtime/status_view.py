@@ -11,7 +11,6 @@ from rich.table import Table
 
 from .. import jobs
 from ..queue import JobState
-from .services import waiting_note
 
 
 def _eta(seconds: Optional[float]) -> str:
@@ -72,10 +71,10 @@ def _render(broker, job_id: Optional[str]):
     if job_id is None:
         statuses = jobs.list_jobs(broker)
         notes = [f"[yellow]{st.job_id}: {note}[/yellow]" for st in statuses
-                 if st.state == JobState.QUEUED and (note := waiting_note(broker, st))]
+                 if st.state == JobState.QUEUED and (note := jobs.waiting_note(broker, st))]
         return Group(_jobs_table(statuses), *notes) if notes else _jobs_table(statuses)
     st = jobs.job_status(broker, job_id, detail=True)
-    return _job_detail(st, waiting_note(broker, st))
+    return _job_detail(st, jobs.waiting_note(broker, st))
 
 
 def show_status(broker, job_id: Optional[str], watch: bool = False, as_json: bool = False,
@@ -90,7 +89,7 @@ def show_status(broker, job_id: Optional[str], watch: bool = False, as_json: boo
                 data = [st.to_dict() for st in jobs.list_jobs(broker)]
             else:
                 st = jobs.job_status(broker, job_id, detail=True)
-                data = {**st.to_dict(), "note": waiting_note(broker, st)}
+                data = {**st.to_dict(), "note": jobs.waiting_note(broker, st)}
             print(json.dumps(data, ensure_ascii=False), flush=True)
             if not watch:
                 return

@@ -28,7 +28,7 @@ from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.kv_cache import KV_CACHE_DTYPES, kv_bytes_per_token
 from ziya_batch.engine.model import PRESETS, LlamaModel, ModelArgs
 from ziya_batch.engine.scheduler import POLICIES
-from ziya_batch.engine.types import PAD_ID, EngineConfig, Request, SamplingParams
+from ziya_batch.engine.types import LOGPROBS_MODES, PAD_ID, EngineConfig, Request, SamplingParams
 from ziya_batch.errors import ModelError
 
 METHODS = ("engine", "hf-generate", "hf-continuous", "roofline")
@@ -67,8 +67,8 @@ BENCH_ENGINE = EngineConfig(model_path="", max_model_len=1024, gpu_memory_fracti
 def parse_logprobs_variant(v: str) -> dict:
     """'temperature+top5' -> {logprobs_mode: 'temperature', top_logprobs: 5}."""
     mode, _, top = v.partition("+top")
-    if mode not in ("temperature", "raw", "processed") or (top and not (top.isdigit() and int(top) <= 20)):
-        raise ModelError(f"bench --logprobs: {v!r} is not MODE or MODE+topK (MODE temperature, raw or processed; "
+    if mode not in LOGPROBS_MODES or (top and not (top.isdigit() and int(top) <= 20)):
+        raise ModelError(f"bench --logprobs: {v!r} is not MODE or MODE+topK (MODE one of {', '.join(LOGPROBS_MODES)}; "
                          "K 0..20), e.g. temperature,processed,temperature+top5")
     return {"logprobs_mode": mode, "top_logprobs": int(top or 0)}
 

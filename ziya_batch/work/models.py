@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-from ..errors import ZiyaBatchError
 from ..spec import JobSpec
 from ..spec import engine_config as spec_engine_config
 
@@ -41,31 +40,6 @@ def engine_key(spec: JobSpec) -> tuple:
     m = spec.model
     return (m.path or f"{m.base} + {m.delta}", m.dtype, m.tensor_parallel, spec.engine.model_dump_json(),
             m.quantization)
-
-
-def unserved_note(broker, job_id: str) -> Optional[str]:
-    """A line saying why a job's shards may wait with nobody to claim them: no live worker serves its
-    tensor_parallel (a replica claims only jobs of its own shape), or every one that does could not load the
-    job's engine, or none can read its spec. None when one can."""
-    try:
-        tp = broker.get_spec(job_id).model.tensor_parallel
-    except ZiyaBatchError:                      # a newer release's spec, say: the workers that tried noted why
-        notes = [w.cannot_load[job_id] for w in broker.worker_infos() if job_id in w.cannot_load]
-        if not notes:
-            raise
-        return (f"{len(notes)} live worker(s) left this job ({notes[0]}): its shards wait for a worker that can "
-                f"read its spec (one of the release that submitted it)")
-    serving = [w for w in broker.worker_infos() if int(w.info.get("tensor_parallel", 1)) == tp]
-    failed = [w.cannot_load[job_id] for w in serving if job_id in w.cannot_load]
-    if serving and len(failed) == len(serving):
-        return (f"none of the {len(serving)} live worker(s) that serve tensor_parallel {tp} could load this job's "
-                f"engine ({failed[0]}): its shards wait. Out of memory: lower engine.gpu_memory_fraction or "
-                f"engine.max_num_seqs, or raise model.tensor_parallel, and submit the spec again (the job resumes)")
-    if serving:
-        return None
-    how = (f"`ziya-batch worker --tensor-parallel {tp}`" if tp > 1 else "`ziya-batch worker`")
-    return (f"no live worker serves tensor_parallel {tp} jobs: its shards wait until one does ({how} on GPU "
-            f"nodes, or `ziya-batch run` with this job's spec)")
 
 
 def check_remote_code(spec: JobSpec) -> None:

@@ -2,9 +2,10 @@
 text for llguidance, and checked there, without a tokenizer, when a spec or a line is parsed.
 
 The grammar text is the constraint's identity: the engine compiles each distinct text once per worker
-(engine/grammar.py) and two requests with the same text share the compiled grammar. No torch here, so the
-spec and prompt parsers (below the engine) can check a constraint and turn the library's reason into an
-invalid_sampling error line or a spec error.
+(grammar.py) and two requests with the same text share the compiled grammar. No torch here, so the spec and
+prompt parsers can check a constraint without loading torch and turn the library's reason into an
+invalid_sampling error line or a spec error. It lives in engine/ because grammar.py needs grammar_text and
+engine/ imports nothing above it.
 
 Why llguidance rather than xgrammar (measured 2026-12-06, README "Structured output"): no dependencies (one
 abi3 wheel; xgrammar pulls triton, apache-tvm-ffi and pins torch/transformers), it refuses schema keywords it
@@ -19,9 +20,7 @@ from typing import Optional
 
 import llguidance
 
-from .engine.types import SamplingParams
-
-WHITESPACE = ("compact", "flexible")
+from .types import JSON_WHITESPACE, SamplingParams
 
 
 def grammar_text(json_schema: Optional[object] = None, regex: Optional[str] = None,
@@ -69,8 +68,8 @@ def check(json_schema=None, regex=None, choice=None, json_whitespace: str = Samp
         raise ValueError("json_schema must be a JSON Schema object")
     if choice is not None and (not choice or not all(isinstance(c, str) and c for c in choice)):
         raise ValueError("choice must be a non-empty list of non-empty strings")
-    if json_whitespace not in WHITESPACE:
-        raise ValueError(f"json_whitespace must be one of {', '.join(WHITESPACE)}")
+    if json_whitespace not in JSON_WHITESPACE:
+        raise ValueError(f"json_whitespace must be one of {', '.join(JSON_WHITESPACE)}")
     if not given:
         return
     try:
