@@ -235,15 +235,15 @@ def redis_stop(force: bool = typer.Option(False, "--force", help="Stop it even w
     from .runtime.services import private_redis
 
     srv = private_redis()
-    if not srv.running():
-        typer.echo("not running")
-        return
-    leased = srv.usage()["leased_shards"]
+    leased = srv.usage()["leased_shards"] if srv.running() else 0
     if leased and not force:
         raise ServiceError(f"{leased} shard(s) are leased (a job is running on this server): stop its workers "
                            "first, or pass --force (their leases expire and are requeued at the next start)")
-    srv.shutdown()
-    typer.echo(f"stopped (data kept in {srv.data_dir})")
+    # shutdown() also stops a redis-server left on the data dir that does not answer (running() is False then)
+    if srv.shutdown():
+        typer.echo(f"stopped (data kept in {srv.data_dir})")
+    else:
+        typer.echo("not running")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
