@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 ZB := $(VENV)/bin/ziya-batch
 # torch's CPU build first: a bare `torch` requirement on a fresh venv pulls a multi-GB CUDA build
 TORCH_CPU ?= torch==2.13.0
-export ZIYA_BATCH_HOME ?= $(CURDIR)/.cache/ziya-batch
+# no ZIYA_BATCH_HOME of its own: the demo's job must be the one a plain shell's `ziya-batch status` lists
+# (both use ~/.cache/ziya-batch unless the user sets it); every test gives itself a home (tests/conftest.py)
 
 .PHONY: venv demo test test-unit redis-server chromium clean
 

@@ -13,6 +13,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 REDIS_HELP = ("Redis URL (default: $ZIYA_BATCH_REDIS_URL; without it, the private redis-server under "
               "$ZIYA_BATCH_HOME that every command shares, started when not running)")
+# Bounds of the numeric options: past them a value is a typo, and would fail later as a traceback (a port past
+# 65535 is an OverflowError deep in the HTTP server) or never (a sleep of nan seconds)
+MAX_PORT = 65_535
+MAX_TENSOR_PARALLEL = 64          # as the spec's model.tensor_parallel
+MAX_LOCAL_WORKERS = 1_024         # GPUs (or worker actors) on one host: far past any machine's
+MAX_INTERVAL_S = 3_600.0
 REMOTE_CODE_HELP = ("Let this command's workers load models with trust_remote_code (runs Python code from the model "
                     "directory); without it a job asking for it is refused. Also $ZIYA_BATCH_ALLOW_REMOTE_CODE=1")
 
@@ -22,6 +28,13 @@ def _allow_remote_code(given: bool) -> None:
 
     if given:
         settings.set_allow_remote_code()
+
+
+def _finite(value: float) -> float:
+    # a range check lets nan through (every comparison with it is false)
+    if value != value:
+        raise typer.BadParameter("not a number")
+    return value
 
 
 def _broker(redis_url: Optional[str]):
@@ -35,7 +48,7 @@ def run(
     job: str = typer.Argument(..., help="Job spec (YAML or JSON)"),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
     address: Optional[str] = typer.Option(None, "--address", help="Ray address (default: $RAY_ADDRESS, else a local Ray)"),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Worker actors to start (default: one per local GPU, or one on the CPU)"),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, max=MAX_LOCAL_WORKERS, help="Worker actors to start (default: one per local GPU, or one on the CPU)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar"),
     cpu: bool = typer.Option(False, "--cpu", help="Run replicas on CPUs even where GPUs exist"),
     allow_remote_code: bool = typer.Option(False, "--allow-remote-code", help=REMOTE_CODE_HELP),
@@ -78,7 +91,8 @@ def status(
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh live until Ctrl-C"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
-    interval_s: float = typer.Option(2.0, "--interval", help="Seconds between refreshes with --watch"),
+    interval_s: float = typer.Option(2.0, "--interval", min=0.1, max=MAX_INTERVAL_S, callback=_finite,
+                                     help="Seconds between refreshes with --watch"),
 ):
     """Jobs with state, prompts done/failed/total, tokens/s, ETA and workers."""
     from .runtime.status_view import show_status
@@ -105,10 +119,11 @@ def worker(
     address: Optional[str] = typer.Option(None, "--address", help="Ray address to join, or `auto` for the cluster "
                                           "with a node on this host (default: $RAY_ADDRESS, else `auto`)"),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
-    tensor_parallel: int = typer.Option(1, "--tensor-parallel", min=1, help="GPUs one replica is sharded over"),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", min=1, max=MAX_TENSOR_PARALLEL,
+                                        help="GPUs one replica is sharded over"),
     job: Optional[str] = typer.Option(None, "--job", help="With --tensor-parallel > 1: load this job's model at start "
                                       "(replicas otherwise load the model of the first shard they claim)"),
-    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", min=0,
+    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", min=0, max=MAX_LOCAL_WORKERS,
                                            help="GPUs the node offers when this command starts it (default: all)"),
     start_node: bool = typer.Option(False, "--start-node",
                                     help="Start a node even if this host already is one (e.g. a head offering no GPUs)"),
@@ -173,7 +188,7 @@ def demo_model(path: str = typer.Argument(..., help="Directory to write the tiny
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
+    port: int = typer.Option(8000, "--port", min=1, max=MAX_PORT),
     model: Optional[str] = typer.Option(None, "--model", help="Model for OpenAI-batch jobs (default: $ZIYA_BATCH_MODEL)"),
     storage: Optional[str] = typer.Option(None, "--storage", help="Where uploaded files and batch outputs go"),
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
@@ -181,7 +196,8 @@ def serve(
     insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help="Serve without a bearer token (local experiments only)"),
     no_workers: bool = typer.Option(False, "--no-workers", help="Only the API: run no replicas here (a front door "
                                     "for a cluster's workers); on a Ray cluster (--address) there are none anyway"),
-    tensor_parallel: int = typer.Option(1, "--tensor-parallel", min=1, help="GPUs each local replica is sharded over"),
+    tensor_parallel: int = typer.Option(1, "--tensor-parallel", min=1, max=MAX_TENSOR_PARALLEL,
+                                        help="GPUs each local replica is sharded over"),
     cpu: bool = typer.Option(False, "--cpu", help="Run the local replica on CPUs even where GPUs exist"),
     allow_remote_code: bool = typer.Option(False, "--allow-remote-code", help=REMOTE_CODE_HELP),
 ):
@@ -234,15 +250,15 @@ def redis_stop(force: bool = typer.Option(False, "--force", help="Stop it even w
     from .runtime.services import private_redis
 
     srv = private_redis()
-    if not srv.running():
-        typer.echo("not running")
-        return
-    leased = srv.usage()["leased_shards"]
+    leased = srv.usage()["leased_shards"] if srv.running() else 0
     if leased and not force:
         raise ServiceError(f"{leased} shard(s) are leased (a job is running on this server): stop its workers "
                            "first, or pass --force (their leases expire and are requeued at the next start)")
-    srv.shutdown()
-    typer.echo(f"stopped (data kept in {srv.data_dir})")
+    # shutdown() also stops a redis-server left on the data dir that does not answer (running() is False then)
+    if srv.shutdown():
+        typer.echo(f"stopped (data kept in {srv.data_dir})")
+    else:
+        typer.echo("not running")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
@@ -296,8 +312,22 @@ def _raised_in(err: BaseException, package: str, functions: tuple[str, ...]) -> 
 
 
 def main(argv: Optional[list] = None) -> None:
+    # the click typer parses with (a copy of its own in newer typers): its exceptions module
+    click_errors = sys.modules[typer.BadParameter.__module__]
     try:
-        app(args=argv, standalone_mode=True)
+        # not standalone: click's own errors (a bad option value) come here to be one line, not a usage panel
+        code = app(args=argv, standalone_mode=False)
+    except click_errors.UsageError as err:
+        if type(err).__name__ != "NoArgsIsHelpError":     # that one's help is printed already
+            where = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+            print(f"ziya-batch: error: {_one_line(err.format_message()).rstrip('.')}{where}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except click_errors.ClickException as err:
+        print(f"ziya-batch: error: {_one_line(err.format_message())}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        print("ziya-batch: interrupted", file=sys.stderr)
+        sys.exit(130)
     except ZiyaBatchError as err:
         print(f"ziya-batch: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
@@ -310,6 +340,7 @@ def main(argv: Optional[list] = None) -> None:
             raise
         print(f"ziya-batch: error: {known[0]}", file=sys.stderr)
         sys.exit(known[1])
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,27 @@
-"""The private redis-server commands share without a Redis URL: its password and the idle watchdog."""
+"""The private redis-server commands share without a Redis URL: its password, the idle watchdog, and one
+server per home whatever state its files are in."""
 import json
 import os
+import re
 import stat
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import redis
 
 from ziya_batch.queue import Keys, PrivateRedis
-from ziya_batch.queue.server import _pid_alive, mask_url
+from ziya_batch.queue.server import _free_port, _pid_alive, mask_url
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str) -> tuple[int, str, str]:
+    p = subprocess.run([sys.executable, "-m", "ziya_batch.cli", *args], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    return p.returncode, p.stdout, p.stderr
 
 
 def _wait(fn, timeout_s: float):
@@ -98,3 +111,134 @@ def test_a_server_left_without_a_password_is_replaced_by_one_with(tmp_path):
         old._proc.wait(5)
     finally:
         new.stop()
+
+
+def _servers_of(home) -> list[int]:
+    """Live redis-server processes whose working directory or command line points into `home`, found without
+    the code under test (a redis-server works in its `dir`)."""
+    root = os.path.realpath(home)
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if open(f"/proc/{name}/comm").read().strip() != "redis-server":
+                continue
+            if "Z" in open(f"/proc/{name}/stat").read().split(") ", 1)[1][:1]:
+                continue                                   # exited, not yet reaped by its test parent
+            cwd = os.readlink(f"/proc/{name}/cwd")
+            cmdline = open(f"/proc/{name}/cmdline").read()
+        except OSError:
+            continue
+        if cwd == root or cwd.startswith(root + "/") or root in cmdline:
+            found.append(int(name))
+    return found
+
+
+def _rogue(data_dir) -> subprocess.Popen:
+    """A second redis-server working in the data dir (as an older ziya-batch could leave one), unrelated to
+    redis.conf's port and password; no AOF and no snapshot, so it cannot damage the data it sits beside."""
+    port = _free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir",
+                             str(data_dir), "--appendonly", "no", "--save", ""],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def serving() -> bool:             # started up (in its dir, signal handlers set), not merely spawned
+        try:
+            return redis.Redis(port=port, socket_connect_timeout=1).ping()
+        except redis.ConnectionError:
+            return False
+
+    _wait(serving, 10)
+    return proc
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="counts processes through /proc")
+def test_one_server_per_home_whatever_server_json_says(tmp_path):
+    """Issue 19 review: commands between which server.json was deleted, pointed at a wrong port, or garbled
+    each started another redis-server on the same AOF; now they find and reuse the one running."""
+    home = Path(os.environ["ZIYA_BATCH_HOME"])
+    state = home / "redis" / "server.json"
+    (tmp_path / "model").mkdir()
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "hi"}\n')
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"name": "kept", "model": {"path": str(tmp_path / "model")},
+                                "input": [str(tmp_path / "in.jsonl")], "output": {"path": str(tmp_path / "out")}}))
+    rc, job_id, err = _cli("submit", str(spec))
+    assert rc == 0, err
+    job_id = job_id.strip()
+    try:
+        [pid] = _servers_of(home)
+        right = json.loads(state.read_text())["url"]
+        wrong_port = re.sub(r":\d+/0$", f":{_free_port()}/0", right)
+        for damage in (None, {"pid": pid, "url": wrong_port}, {"pid": 1, "url": "redis://127.0.0.1:1/0"}, [],
+                       {"pid": None, "url": "x"}, {"pid": 1, "url": "garbage"}, "{not json"):
+            if damage is None:
+                state.unlink()
+            else:
+                state.write_text(damage if isinstance(damage, str) else json.dumps(damage))
+            rc, out, err = _cli("status", "--json")
+            assert rc == 0 and "Traceback" not in err, (damage, err)
+            assert [j["job_id"] for j in json.loads(out)] == [job_id], damage     # the job data is intact
+            assert _servers_of(home) == [pid], damage                            # the same one server
+            assert json.loads(state.read_text())["url"] == right                 # and it is recorded again
+        state.unlink()
+        rc, out, err = _cli("redis", "stop")
+        assert rc == 0 and out.startswith("stopped"), err
+        assert _servers_of(home) == []
+    finally:
+        for left in _servers_of(home):
+            os.kill(left, 9)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="counts processes through /proc")
+def test_a_second_server_on_the_data_dir_is_stopped(tmp_path):
+    srv = PrivateRedis(tmp_path / "zb")
+    redis.Redis.from_url(srv.start()).set("kept", 1)
+    rogue = _rogue(srv.data_dir)
+    try:
+        again = PrivateRedis(tmp_path / "zb")          # server.json intact: the recorded one stays, the other goes
+        assert again.start() == srv.url and again.pid == srv.pid
+        assert rogue.wait(15) is not None and _servers_of(tmp_path / "zb") == [srv.pid]
+        rogue = _rogue(srv.data_dir)                   # and `redis stop` stops both, server.json or not
+        (tmp_path / "zb" / "server.json").unlink()
+        assert PrivateRedis(tmp_path / "zb").shutdown() is True
+        assert rogue.wait(15) is not None and srv._proc.wait(15) is not None
+        assert _servers_of(tmp_path / "zb") == [] and PrivateRedis(tmp_path / "zb").shutdown() is False
+        last = PrivateRedis(tmp_path / "zb")
+        assert redis.Redis.from_url(last.start()).get("kept") == b"1"
+        last.stop()
+    finally:
+        rogue.kill()
+        for left in _servers_of(tmp_path / "zb"):
+            os.kill(left, 9)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="counts processes through /proc")
+def test_a_server_that_does_not_answer_is_stopped_before_another_starts(tmp_path):
+    srv = PrivateRedis(tmp_path / "zb")
+    redis.Redis.from_url(srv.start()).set("kept", 1)
+    srv.stop()
+    rogue = _rogue(srv.data_dir)                       # on no port of ours: it cannot be reused
+    try:
+        again = PrivateRedis(tmp_path / "zb")
+        again.start()
+        assert not again.reused and rogue.wait(15) is not None
+        assert _servers_of(tmp_path / "zb") == [again.pid]
+        assert redis.Redis.from_url(again.url).get("kept") == b"1"
+        again.stop()
+    finally:
+        rogue.kill()
+
+
+@pytest.mark.parametrize("content", ["[]", '{"pid": null, "url": "x"}', '{"pid": 1, "url": "garbage"}',
+                                     '{"pid": "12", "url": 5}', '{"pid": 1e300}', '{"pid": 99999999999999}', "\x00"])
+def test_an_ill_typed_server_json_is_stale(tmp_path, content):
+    srv = PrivateRedis(tmp_path / "zb")
+    (tmp_path / "zb").mkdir()
+    (tmp_path / "zb" / "server.json").write_text(content)
+    assert not srv.running() and srv.shutdown() is False
+    try:
+        assert redis.Redis.from_url(srv.start()).ping() and not srv.reused
+    finally:
+        srv.stop()

@@ -6,6 +6,7 @@ with fastapi's TestClient. Every error is JSON in OpenAI's shape, `{"error": {"m
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Any, Callable, Optional
@@ -19,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import errors, jobs
 from ..errors import JobNotFound, ZiyaBatchError
-from ..spec import JobSpec, format_validation_error
+from ..spec import JobSpec, format_validation_error, show_text
 from .access import AccessDenied, check_expanded_inputs, check_job, token_matches
 from .http_errors import ApiError, error_response
 from .limits import BodyLimit
@@ -132,10 +133,39 @@ def _require_token_dependency(settings: ApiSettings):
     return require_token
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        self.key = key
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+async def _keys_given_once(request: Request) -> None:
+    """Refuse a spec body that gives a key twice: FastAPI's JSON parse keeps the last one without a word
+    (`{"name": "a", "name": "b"}` is "b"; a second `sampling` would drop the first), where `ziya-batch submit`'s
+    loader refuses it. The body bytes are the ones already read (through BodyLimit) and cached by Starlette."""
+    content_type = request.headers.get("content-type", "")
+    if content_type and "json" not in content_type:
+        return                      # not parsed as JSON: FastAPI's own answer (send JSON) stands
+    try:
+        json.loads(await request.body(), object_pairs_hook=_unique_pairs)
+    except _DuplicateKey as dup:
+        raise errors.SpecError(f"job spec: duplicate key '{show_text(str(dup.key))}': give each key once") from None
+    except (ValueError, RecursionError):
+        return                      # not valid JSON: FastAPI has answered that already
+
+
 def _jobs_router(settings: ApiSettings, brokers: BrokerHolder) -> APIRouter:
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-    @router.post("", summary="Submit a job (the job spec as JSON)")
+    @router.post("", summary="Submit a job (the job spec as JSON)", dependencies=[Depends(_keys_given_once)])
     def submit(spec: JobSpec) -> dict:
         spec = jobs.absolute_locations(spec)      # checked as stored: the locations fsspec opens
         check_job(spec, settings)
@@ -144,9 +174,12 @@ def _jobs_router(settings: ApiSettings, brokers: BrokerHolder) -> APIRouter:
         status = jobs.submit_job(spec, brokers.get(), files=files)
         return {"id": status.job_id, "state": status.state.value}
 
-    @router.get("", summary="Every job with its status")
+    @router.get("", summary="Every job with its status (the fields of GET /v1/jobs/{id}, note included)")
     def list_jobs() -> dict:
-        return {"jobs": [s.to_dict() for s in jobs.list_jobs(brokers.get())]}
+        from ..runtime.services import waiting_note
+
+        broker = brokers.get()
+        return {"jobs": [{**s.to_dict(), "note": waiting_note(broker, s)} for s in jobs.list_jobs(broker)]}
 
     @router.get("/{job_id}", summary="A job's status (the fields of `ziya-batch status --json`)")
     def get_job(job_id: str) -> dict:

@@ -8,8 +8,9 @@ The private server runs with `appendfsync everysec`, not `always`: `always` make
 wait for a disk sync, and the second `everysec` can lose is recoverable — a commit lost with it is found
 again from the commit markers in storage when the job is resubmitted, and a lease lost with it is run
 again under a new fencing token. Its data, log, pid and port files live under one directory; a server
-left running (by a command that ended, or crashed) is found through them and reused, so its AOF state carries
-over. Commands sharing the directory share the server: starting is serialized by a file lock, long-running
+left running (by a command that ended, or crashed) is found through them, or through its process when they
+are gone or wrong, and reused, so its AOF state carries over; a second server on the same AOF is stopped.
+Commands sharing the directory share the server: starting is serialized by a file lock, long-running
 commands (run, serve, worker) register under users/, and a small watchdog process stops the server once
 nothing has used it for `idle_s` (no client, no registered command, no leased shard).
 
@@ -28,6 +29,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -100,6 +102,45 @@ def _pid_alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def _redis_pids_in(data_dir: Path) -> list[int]:
+    """Live redis-server processes working in `data_dir` (a redis-server chdirs to its `dir`, and its argv is
+    rewritten to `redis-server HOST:PORT`, so the working directory is what ties it to a home): how a server
+    that server.json no longer names is found. Reads Linux's /proc; elsewhere none are found."""
+    target = os.path.realpath(data_dir)
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    found = []
+    for name in entries:
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            # the name as well as the directory: a shell cd'd into data/ must never be signalled
+            if os.readlink(f"/proc/{name}/cwd") != target or \
+                    Path(f"/proc/{name}/comm").read_text().strip() != "redis-server":
+                continue
+        except OSError:
+            continue                        # gone meanwhile, a zombie, or another user's process
+        if _pid_alive(int(name)):
+            found.append(int(name))
+    return sorted(found)
+
+
+def _stop_pid(pid: int, timeout_s: float) -> None:
+    """SIGTERM (a redis-server flushes its AOF on it), then SIGKILL if it has not exited within timeout_s."""
+    for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 2.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if not _pid_alive(pid):
+                return
+            time.sleep(0.05)
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -188,7 +229,10 @@ class PrivateRedis:
 
     def _start_locked(self) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        found = self._find_running()
+        found, recorded, others = self._survey()
+        for pid in others:
+            # a second server on one AOF would interleave writes with the first (lost or corrupt queue state)
+            _stop_pid(pid, 10.0)
         if found and "@" not in found[0].split("://", 1)[1]:
             # a server of an older ziya-batch, without a password: stopped (its AOF flushed), started again below
             self.url, self.pid = found
@@ -196,6 +240,12 @@ class PrivateRedis:
             found = None
         if found:
             self.url, self.pid, self.reused = found[0], found[1], True
+            if not recorded:
+                # found through its process, not server.json: record it again, and watch it (its watchdog
+                # gave up when server.json went away)
+                self._write_state()
+                if self.idle_s is not None:
+                    self._start_watchdog()
             return self.url
         binary = shutil.which("redis-server")
         if binary is None:
@@ -217,15 +267,21 @@ class PrivateRedis:
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                       start_new_session=True, close_fds=True)
         self.pid = self._proc.pid
-        secret = quote(password, safe="")
-        self.url = (f"unix://:{secret}@{self.socket_path.absolute()}?db=0" if self.unix_socket
-                    else f"redis://:{secret}@127.0.0.1:{port}/0")
+        self.url = self._url(password, None if self.unix_socket else port)
         self._wait_ready()
-        _write_private(self.state_path, json.dumps({"pid": self.pid, "url": self.url,
-                                                    "data_dir": str(self.data_dir.absolute())}))
+        self._write_state()
         if self.idle_s is not None:
             self._start_watchdog()
         return self.url
+
+    def _url(self, password: str, port: Optional[int]) -> str:
+        secret = quote(password, safe="")
+        return (f"unix://:{secret}@{self.socket_path.absolute()}?db=0" if port is None
+                else f"redis://:{secret}@127.0.0.1:{port}/0")
+
+    def _write_state(self) -> None:
+        _write_private(self.state_path, json.dumps({"pid": self.pid, "url": self.url,
+                                                    "data_dir": str(self.data_dir.absolute())}))
 
     def _start_watchdog(self) -> None:
         # a detached process: the commands that use the server come and go, the watchdog stays with the server
@@ -239,22 +295,78 @@ class PrivateRedis:
         return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True,
                                     client_name=_ADMIN_NAME)
 
-    def _find_running(self) -> Optional[tuple[str, int]]:
-        """The running server: its pid alive, answering PING, and serving our data dir."""
+    def _recorded(self) -> Optional[tuple[str, int]]:
+        """(url, pid) from server.json; None when it is missing or unreadable in any way (hand-edited, cut
+        short by a full disk): such a file is stale, and the server is then looked for by its process."""
         try:
             state = json.loads(self.state_path.read_text())
-            url, pid = state["url"], int(state["pid"])
-        except (OSError, ValueError, KeyError):
+            url, pid = state["url"], state["pid"]
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
             return None
-        if not _pid_alive(pid):
-            return None
-        try:
-            c = self._client(url)
-            if not c.ping() or c.config_get("dir").get("dir") != str(self.data_dir.absolute()):
-                return None
-        except redis.RedisError:
+        if not isinstance(url, str) or type(pid) is not int or not 0 < pid < 2**31:
             return None
         return url, pid
+
+    def _serves(self, url: str, pid: int) -> bool:
+        """Whether the redis-server at `url` is process `pid`, alive, answers with our password and serves
+        our data dir."""
+        if not _pid_alive(pid):
+            return False
+        try:
+            c = self._client(url)
+        except ValueError:                  # a URL redis-py cannot parse: stale
+            return False
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                return (bool(c.ping())
+                        and os.path.realpath(c.config_get("dir").get("dir", "")) == os.path.realpath(self.data_dir)
+                        and int(c.info("server").get("process_id", -1)) == pid)
+            except redis.BusyLoadingError:  # loading a large AOF: it is ours, wait for it
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.1)
+            except (redis.RedisError, ValueError):
+                return False
+            finally:
+                c.close()
+
+    def _conf_url(self) -> Optional[str]:
+        """The URL of a server started from our redis.conf (its port or unix socket, and our password)."""
+        try:
+            conf = self.conf_path.read_text()
+            password = self.password_path.read_text().strip()
+        except OSError:
+            return None
+        port = re.search(r"^port (\d+)$", conf, re.M)
+        if not password or port is None:
+            return None
+        return self._url(password, None if "\nunixsocket " in conf else int(port[1]))
+
+    def _survey(self, find_others: bool = True) -> tuple[Optional[tuple[str, int]], bool, list[int]]:
+        """(the server to use or None, whether server.json names it, other redis-servers on our data dir).
+        The one server.json names comes first; else one found by its process (the pid file, then every
+        redis-server working in data/) that answers at redis.conf's address with our password."""
+        found = recorded = self._recorded()
+        if found and not self._serves(*found):
+            found = recorded = None
+        pids = _redis_pids_in(self.data_dir) if find_others or not found else []
+        if found is None:
+            url = self._conf_url()
+            try:
+                pidfile = [int(self.pid_path.read_text().strip())]
+            except (OSError, ValueError):
+                pidfile = []
+            for pid in dict.fromkeys(pidfile + pids):
+                if url and 0 < pid < 2**31 and self._serves(url, pid):
+                    found = (url, pid)
+                    break
+        others = [pid for pid in pids if found is None or pid != found[1]]
+        return found, recorded is not None, others
+
+    def _find_running(self) -> Optional[tuple[str, int]]:
+        """The running server: its pid alive, answering PING with our password, and serving our data dir."""
+        return self._survey(find_others=False)[0]
 
     def running(self) -> bool:
         """Whether the server runs now (and then self.url and self.pid name it); starts nothing."""
@@ -314,11 +426,17 @@ class PrivateRedis:
                 return
             self._shutdown(timeout_s)
 
-    def shutdown(self, timeout_s: float = 10.0) -> None:
-        """Shut the running server down, whoever uses it (`ziya-batch redis stop`)."""
+    def shutdown(self, timeout_s: float = 10.0) -> bool:
+        """Shut the running server down, whoever uses it (`ziya-batch redis stop`), and any other
+        redis-server working in our data dir. Whether there was one to stop."""
         with self._locked():
-            if self.running():
+            found, _, others = self._survey()
+            for pid in others:
+                _stop_pid(pid, timeout_s)
+            if found:
+                self.url, self.pid = found
                 self._shutdown(timeout_s)
+            return bool(found or others)
 
     def _shutdown(self, timeout_s: float) -> None:
         try:

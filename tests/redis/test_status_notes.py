@@ -1,0 +1,31 @@
+"""The note saying why a queued job waits is in every machine-readable status: `status --json` for one job and
+for the list, GET /v1/jobs/{id} and GET /v1/jobs."""
+from __future__ import annotations
+
+import json
+
+from api_support import AUTH, job_spec
+
+from ziya_batch.runtime.status_view import show_status
+
+NO_WORKER = "no live worker serves tensor_parallel 1 jobs"
+
+
+def test_the_job_list_says_why_a_job_waits(api_env, capsys):
+    data, models, make_client = api_env
+    client = make_client()
+    job_id = client.post("/v1/jobs", json=job_spec(data, models), headers=AUTH).json()["id"]
+    broker = client.app.state.brokers.get()
+    show_status(broker, None, as_json=True)
+    [listed] = json.loads(capsys.readouterr().out)
+    show_status(broker, job_id, as_json=True)
+    one = json.loads(capsys.readouterr().out)
+    assert listed["job_id"] == job_id and listed["note"].startswith(NO_WORKER) and listed["note"] == one["note"]
+    [api_listed] = client.get("/v1/jobs", headers=AUTH).json()["jobs"]
+    assert api_listed["note"] == client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()["note"] == one["note"]
+    # a job that no longer waits has none
+    client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH)
+    show_status(broker, None, as_json=True)
+    [listed] = json.loads(capsys.readouterr().out)
+    assert listed["state"] == "cancelled" and listed["note"] is None
+    assert client.get("/v1/jobs", headers=AUTH).json()["jobs"][0]["note"] is None
