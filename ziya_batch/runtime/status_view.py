@@ -87,7 +87,7 @@ def show_status(broker, job_id: Optional[str], watch: bool = False, as_json: boo
         while True:
             if job_id is None:
                 # each job with the note `status JOB --json` gives it: a script reading the list learns why one waits
-                data = [{**st.to_dict(), "note": waiting_note(broker, st)} for st in jobs.list_jobs(broker)]
+                data = [{**st.to_dict(), "note": jobs.waiting_note(broker, st)} for st in jobs.list_jobs(broker)]
             else:
                 st = jobs.job_status(broker, job_id, detail=True)
                 data = {**st.to_dict(), "note": jobs.waiting_note(broker, st)}
