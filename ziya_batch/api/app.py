@@ -176,10 +176,8 @@ def _jobs_router(settings: ApiSettings, brokers: BrokerHolder) -> APIRouter:
 
     @router.get("", summary="Every job with its status (the fields of GET /v1/jobs/{id}, note included)")
     def list_jobs() -> dict:
-        from ..runtime.services import waiting_note
-
         broker = brokers.get()
-        return {"jobs": [{**s.to_dict(), "note": waiting_note(broker, s)} for s in jobs.list_jobs(broker)]}
+        return {"jobs": [{**s.to_dict(), "note": jobs.waiting_note(broker, s)} for s in jobs.list_jobs(broker)]}
 
     @router.get("/{job_id}", summary="A job's status (the fields of `ziya-batch status --json`)")
     def get_job(job_id: str) -> dict:
