@@ -53,9 +53,9 @@ def run_prefix_bench(opts: BenchOptions) -> list[dict]:
     make = {"W1": workload_w1, "W2": workload_w2, "W2g": workload_w2g}[opts.workload]
     work = make(opts.requests, a.vocab_size, opts.seed)
     bw = measure_copy_bandwidth_bytes_s(device)
-    settings = {"on": (True,), "off": (False,), "both": (True, False)}[opts.prefix_caching]
+    caching = {"on": (True,), "off": (False,), "both": (True, False)}[opts.prefix_caching]
     rows, prof = [], None
-    for on in settings:
+    for on in caching:
         row, p = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule,
                               kv_cache_dtype=opts.kv_cache_dtype, prefix_caching=on, quantization=opts.quantization,
                               max_model_len=2048 if opts.workload != "W1" else BENCH_ENGINE.max_model_len)
