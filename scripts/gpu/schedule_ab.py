@@ -42,8 +42,8 @@ def main() -> None:
     if a.max_num_seqs:
         import dataclasses
 
-        from ziya_batch.tools import bench
-        bench.BENCH_ENGINE = dataclasses.replace(bench.BENCH_ENGINE, max_num_seqs=a.max_num_seqs)
+        from ziya_batch.tools import bench_core      # the home _build_engine reads BENCH_ENGINE from
+        bench_core.BENCH_ENGINE = dataclasses.replace(bench_core.BENCH_ENGINE, max_num_seqs=a.max_num_seqs)
     eng, init_s = _build_engine(args, torch.device("cuda"), 0, kv_cache_dtype=a.kv_cache_dtype)
     eng.generate([Request("warm", list(range(3, 40)), _sampling(8))])
     work = workload_w1(max(n for n, _ in plan), args.vocab_size, 0)

@@ -1,0 +1,100 @@
+"""The transformers baselines of W1: the model card's method (`generate` on static left-padded batches) and
+transformers' own continuous batching, on a transformers LLaMA of the bench's shape with random weights. Both
+are slow, so each runs on the first requests of the workload for a bounded time and reports tokens/s over what
+it finished; its row's note says how much that was."""
+from __future__ import annotations
+
+import gc
+import inspect
+import time
+
+import torch
+
+from ziya_batch.engine.model import ModelArgs
+from ziya_batch.engine.types import PAD_ID
+from ziya_batch.tools.bench_core import CARD
+
+HF_GENERATE_BUDGET_S = 60.0      # wall-clock cap per transformers baseline
+HF_CONTINUOUS_BUDGET_S = 75.0
+HF_CONTINUOUS_REQUESTS = 256
+
+
+def _hf_model(a: ModelArgs, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=a.hidden_size, num_hidden_layers=a.num_layers, num_attention_heads=a.num_heads,
+                      num_key_value_heads=a.num_kv_heads, intermediate_size=a.intermediate_size,
+                      vocab_size=a.vocab_size, max_position_embeddings=a.max_position_embeddings,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device(device):
+            m = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return m.eval().requires_grad_(False)
+
+
+def bench_hf_generate(model, work, device) -> dict:
+    """The model card's method: static left-padded batches through `generate`; on OOM the batch halves."""
+    torch.cuda.reset_peak_memory_stats()
+    batch, done, useful, wall, note = 64, 0, 0, 0.0, []
+    t_start = time.perf_counter()
+    while done < len(work) and time.perf_counter() - t_start < HF_GENERATE_BUDGET_S and batch >= 1:
+        chunk = work[done:done + batch]
+        width = max(len(p) for p, _ in chunk)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in chunk], device=device)
+        mask = (torch.arange(width, device=device)[None, :] >= torch.tensor(
+            [width - len(p) for p, _ in chunk], device=device)[:, None]).long()
+        new = max(o for _, o in chunk)
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=True,
+                               top_p=CARD.top_p, temperature=CARD.temperature, pad_token_id=PAD_ID)
+        except torch.OutOfMemoryError:
+            note.append(f"OOM at batch {batch}")
+            batch //= 2
+            gc.collect(); torch.cuda.empty_cache()
+            continue
+        torch.cuda.synchronize()
+        wall += time.perf_counter() - t0          # failed (OOM) batches are not counted
+        done += len(chunk)
+        useful += sum(o for _, o in chunk)      # tokens past a request's own length are padding waste
+    note.append(f"batch {batch}, first {done} requests in {wall:.0f} s (capped at {HF_GENERATE_BUDGET_S:.0f} s); "
+                f"tokens beyond a request's own length not counted")
+    return dict(method="hf-generate", requests=done, output_tokens=useful, wall_s=wall,
+                output_tok_s=useful / wall if done else 0.0, prefill_tok_s=None, decode_tok_s=None,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30, note="; ".join(note))
+
+
+def bench_hf_continuous(model, work, device) -> dict:
+    """transformers' continuous batching manager (paged attention, its own scheduler)."""
+    from transformers import GenerationConfig
+    sub = work[:HF_CONTINUOUS_REQUESTS]
+    torch.cuda.reset_peak_memory_stats()
+    gc_cfg = GenerationConfig(max_new_tokens=512, do_sample=True, top_p=CARD.top_p, temperature=CARD.temperature,
+                              eos_token_id=-1, pad_token_id=PAD_ID)
+    manager = model.init_continuous_batching(generation_config=gc_cfg)
+    manager.start()
+    accepts_eos = "eos_token_id" in inspect.signature(manager.add_request).parameters
+    t0 = time.perf_counter()
+    for i, (p, o) in enumerate(sub):
+        kw = {"eos_token_id": -1} if accepts_eos else {}
+        manager.add_request(input_ids=p, request_id=f"r{i}", max_new_tokens=o, **kw)
+    got, tokens = 0, 0
+    while got < len(sub) and time.perf_counter() - t0 < HF_CONTINUOUS_BUDGET_S:
+        r = manager.get_result(timeout=1.0)
+        if r is not None:
+            got += 1
+            tokens += len(r.generated_tokens)
+    wall = time.perf_counter() - t0
+    try:
+        manager.stop(block=True, timeout=10)
+    except TypeError:
+        manager.stop()
+    return dict(method="hf-continuous", requests=got, output_tokens=tokens, wall_s=wall,
+                output_tok_s=tokens / wall, prefill_tok_s=None, decode_tok_s=None,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                note=f"{got} of the first {len(sub)} requests finished in {wall:.0f} s "
+                     f"(capped at {HF_CONTINUOUS_BUDGET_S:.0f} s); unfinished ones not counted")

@@ -1,0 +1,314 @@
+"""What every bench workload shares: the options of one run, the random-weight engine of LLaMA-13B's shape,
+one timed engine run over a workload (bench_engine, with its per-step profile and the decode-step breakdown),
+and the printed rows and table. tools/bench.py (the W1 command), tools/bench_workloads.py (W2, W2g, W3, the
+logprobs variants) and tools/bench_baselines.py (transformers) build on it."""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ziya_batch.engine.engine import LLMEngine
+from ziya_batch.engine.kv_cache import kv_bytes_per_token
+from ziya_batch.engine.model import PRESETS, LlamaModel, ModelArgs
+from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
+
+
+@dataclass
+class BenchOptions:
+    """What one run measures; `parser()` builds the command line (of `ziya-batch bench` too) from these."""
+    layers: int = PRESETS["13B"]["num_layers"]
+    requests: int = 1024
+    tensor_parallel: int = 1
+    markdown: Optional[str] = None
+    only: tuple[str, ...] = ()
+    seed: int = 0
+    schedule: str = EngineConfig.schedule
+    kv_cache_dtype: str = EngineConfig.kv_cache_dtype
+    workload: str = "W1"             # W1 | W2 | W2g (workload_w2, workload_w2g) | W3 (bench_w3: W1 under a JSON schema)
+    prefix_caching: str = "on"       # on | off | both (one engine row each)
+    quantization: Optional[str] = EngineConfig.quantization    # "fp8": float8 linear weights (engine/quant.py)
+    # extra engine runs of W1, one per variant: a logprobs mode, optionally with top logprobs ("processed",
+    # "temperature", "temperature+top5"), to measure what experience.logprobs_mode / top_logprobs cost
+    logprobs: tuple[str, ...] = ()
+
+
+# the engine the bench runs: the engine's defaults (float16 on the GPU) but W1's prompt + output within 1,024
+# positions, and a larger share of the GPU (nothing else runs on it)
+BENCH_ENGINE = EngineConfig(model_path="", max_model_len=1024, gpu_memory_fraction=0.95)
+
+
+def workload_w1(num_requests: int, vocab_size: int, seed: int) -> list[tuple[list[int], int]]:
+    """(prompt ids, output length) per request: both lengths uniform in 32..512, ids random (no EOS, id 2)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num_requests):
+        plen, olen = rng.randint(32, 512), rng.randint(32, 512)
+        out.append(([rng.randrange(3, vocab_size) for _ in range(plen)], olen))
+    return out
+
+
+def measure_copy_bandwidth_bytes_s(device: torch.device) -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written over the median time."""
+    a = torch.empty(1 << 29, dtype=torch.float16, device=device).normal_()
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); b.copy_(a); e.record(); e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * (1 << 30) / sorted(times[2:])[len(times[2:]) // 2]
+
+
+def _args(layers: int) -> ModelArgs:
+    return ModelArgs(**{**PRESETS["13B"], "num_layers": layers})
+
+
+def _weight_bytes(a: ModelArgs, quantization: Optional[str] = None) -> int:
+    per_layer = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim * a.hidden_size + a.hidden_size * a.num_heads * \
+        a.head_dim + 3 * a.hidden_size * a.intermediate_size
+    # fp8: 1 byte a linear weight plus a float32 scale per output row; embedding and lm_head stay float16
+    rows = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + 2 * a.hidden_size + 2 * a.intermediate_size
+    linear = a.num_layers * (per_layer + 4 * rows) if quantization == "fp8" else 2 * a.num_layers * per_layer
+    return linear + 2 * 2 * a.vocab_size * a.hidden_size
+
+
+def _sampling(out_len: int, n: int = 1, **logprobs) -> SamplingParams:
+    # the model card's sampling (SamplingParams' defaults), EOS ignored so every request runs to its own length
+    return SamplingParams(max_new_tokens=out_len, ignore_eos=True, n=n, **logprobs)
+
+
+CARD = SamplingParams()       # the model card's temperature and top_p, for the transformers baselines
+
+
+def _build_engine(a: ModelArgs, device, seed: int, rank: int = 0, world_size: int = 1,
+                  schedule: str = BenchOptions.schedule,
+                  kv_cache_dtype: str = BenchOptions.kv_cache_dtype, **config) -> tuple[LLMEngine, float]:
+    """The random-weight engine; with world_size > 1, this rank's tensor-parallel shard (every rank makes the
+    same weights from the seed, then keeps its share)."""
+    from ziya_batch.engine.tp import apply_tp
+    model = apply_tp(LlamaModel.random(a, device, torch.float16, seed, config.get("quantization")), rank,
+                     world_size)
+    t_init = time.perf_counter()
+    eng = LLMEngine.from_model(model, None, dataclasses.replace(BENCH_ENGINE, schedule=schedule,
+                                                                kv_cache_dtype=kv_cache_dtype, **config))
+    return eng, time.perf_counter() - t_init
+
+
+def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: int = 1,
+                 schedule: str = BenchOptions.schedule, kv_cache_dtype: str = BenchOptions.kv_cache_dtype,
+                 logprobs: Optional[dict] = None, **config) -> tuple[dict, dict]:
+    """Rank 0's side of the run (the only side when world_size is 1): with tensor parallelism the other
+    ranks follow each step (_tp_bench_rank). work: (prompt ids, output length[, samples]) per request; config:
+    EngineConfig fields to override."""
+    eng, init_s = _build_engine(a, device, seed, 0, world_size, schedule, kv_cache_dtype, **config)
+    model, cfg = eng.model, eng.config
+    driver = None
+    if world_size > 1:
+        from ziya_batch.engine.tp import enable_tp_driver
+        driver = enable_tp_driver(eng)
+    eng.generate([Request("warm", list(range(3, 40)), _sampling(8))])
+    eng.time_gpu = True
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    reqs = [Request(str(i), w[0], _sampling(*w[1:], **(logprobs or {}))) for i, w in enumerate(work)]
+    for r in reqs:
+        eng.add_request(r)
+    # per GPU: each rank reads 1/K of the weights and of the KV cache a step (the all-reduces are not counted)
+    kv_tok = kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, eng.kv_caches[0][0].dtype) / world_size
+    w_bytes = _weight_bytes(a, cfg.quantization) / world_size
+    pre_s = pre_tok = dec_s = dec_tok = floor_s = host_dec = mix_dec = 0.0
+    n_dec_steps = n_mix_steps = 0
+    mix_hosts: list[float] = []
+    gpu_dec = gpu_mix = 0.0
+    out_tokens = 0
+    t0 = time.perf_counter()
+    while eng.has_unfinished():
+        for o in eng.step():
+            out_tokens += sum(len(c.token_ids) for c in o.completions)
+        st = eng.last_step
+        if st is None:                 # the call only launched a step (asynchronous scheduling)
+            continue
+        if st.decode_only:
+            dec_s += st.wall_s; dec_tok += st.num_decode_tokens; n_dec_steps += 1; host_dec += st.host_s
+            floor_s += (w_bytes + st.context_tokens * kv_tok) / bw
+            gpu_dec += st.gpu_s or 0.0
+        else:
+            pre_s += st.wall_s; pre_tok += st.num_prefill_tokens; n_mix_steps += 1
+            mix_dec += st.num_decode_tokens; mix_hosts.append(st.host_s)
+            gpu_mix += st.gpu_s or 0.0
+    wall = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated()
+    row = dict(method="engine", requests=len(reqs), output_tokens=out_tokens, wall_s=wall,
+               output_tok_s=out_tokens / wall, prefill_tok_s=pre_tok / max(pre_s, 1e-9),
+               decode_tok_s=dec_tok / max(dec_s, 1e-9), peak_gib=peak / 2**30,
+               note=f"{eng.num_blocks} KV blocks of {cfg.block_size}; {eng.scheduler.num_preemptions} preemptions; "
+                    f"{n_dec_steps} decode-only steps ({dec_s:.1f} s), mixed steps {pre_s:.1f} s; init {init_s:.0f} s; "
+                    f"fused kernels {'on' if model.use_fused else 'off'}; schedule {schedule}"
+                    + (f"; KV cache {kv_cache_dtype}" if kv_cache_dtype != EngineConfig.kv_cache_dtype else "")
+                    + (f"; weights {cfg.quantization}" if cfg.quantization else "")
+                    + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else "")
+                    + f"; prefix caching {_hit_note(eng)}")
+    prof = dict(decode_steps=n_dec_steps, decode_step_ms=1e3 * dec_s / max(n_dec_steps, 1),
+                floor_step_ms=1e3 * floor_s / max(n_dec_steps, 1), host_ms=1e3 * host_dec / max(n_dec_steps, 1),
+                decode_batch=dec_tok / max(n_dec_steps, 1), floor_tok_s=dec_tok / max(floor_s, 1e-9),
+                mixed_steps=n_mix_steps, mixed_step_ms=1e3 * pre_s / max(n_mix_steps, 1),
+                mixed_prefill=pre_tok / max(n_mix_steps, 1), mixed_decode=mix_dec / max(n_mix_steps, 1),
+                mixed_host_ms=1e3 * sum(mix_hosts) / max(n_mix_steps, 1),
+                mixed_host_median_ms=1e3 * sorted(mix_hosts)[len(mix_hosts) // 2] if mix_hosts else 0.0,
+                mixed_host_max_ms=1e3 * max(mix_hosts, default=0.0),
+                decode_gpu_ms=1e3 * gpu_dec / max(n_dec_steps, 1), mixed_gpu_ms=1e3 * gpu_mix / max(n_mix_steps, 1))
+    prof["tuning"] = eng.runner.decode_tuning
+    if driver is not None:
+        driver.stop()     # the step profile replays rank 0's graphs alone: single GPU only
+    else:
+        prof["breakdown"] = profile_decode_step(eng, a, bw, batch=128, context=512)
+    del eng, model
+    gc.collect(); torch.cuda.empty_cache()
+    return row, prof
+
+
+def _hit_note(eng: LLMEngine) -> str:
+    if not eng.config.prefix_caching:
+        return "off"
+    q, h = eng.prefix_cache_query_tokens, eng.prefix_cache_hit_tokens
+    return (f"on ({h:,} of {q:,} prompt tokens cached, {h / max(q, 1):.0%}; "
+            f"{eng.scheduler.pool.num_evicted:,} evictions)")
+
+
+def _time_s(fn, reps: int = 10) -> float:
+    fn(); torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); fn(); e.record(); e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return sorted(times)[reps // 2]
+
+
+def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, context: int) -> dict:
+    """Where one decode step's time goes: the graph replayed at `batch` sequences of `context` tokens, the same
+    with 1-token contexts (weights only), the attention kernel alone, and sampling; each against bytes / bw."""
+    from ziya_batch.engine.attention import decode_attention_triton
+    from ziya_batch.engine.sampling import SamplingTensors, sample
+    r = eng.runner
+    b = next(x for x in r.graph_sizes if x >= batch)
+    dev = eng.device
+    per_seq = -(-context // r.block_size)
+    r.g_ids[:b].random_(3, a.vocab_size)
+    r.g_pos[:b].fill_(context - 1)
+    r.g_slots[:b].fill_(r.scratch_slot)
+    r.g_bt[:b, :per_seq].copy_(torch.randint(0, eng.num_blocks, (b, per_seq), device=dev, dtype=torch.int32))
+    r.g_ctx[:b].fill_(context)
+    full = _time_s(r.graphs[b].replay)
+    r.g_ctx[:b].fill_(1)
+    weights_only = _time_s(r.graphs[b].replay)
+    k, v = eng.kv_caches[0]
+    kf, vf = k.view(-1, k.shape[2], k.shape[3]), v.view(-1, v.shape[2], v.shape[3])
+    q = torch.randn(b, a.num_heads, a.head_dim, device=dev, dtype=eng.model.embed.dtype)
+    out = torch.empty_like(q)
+    lens = torch.full((b,), context, device=dev, dtype=torch.int32)
+    attn = _time_s(lambda: decode_attention_triton(q, kf, vf, r.g_bt[:b], lens, r.block_size, out)) * a.num_layers
+    logits = torch.randn(b, a.vocab_size, device=dev)
+    st = SamplingTensors(torch.ones(b, device=dev), torch.full((b,), CARD.top_p, device=dev),
+                         torch.zeros(b, dtype=torch.int64, device=dev), torch.arange(b, device=dev), None, None,
+                         None, any_top_k=False, any_top_p=True, all_greedy=False)
+    samp = _time_s(lambda: sample(logits, st))
+    kv_bytes = b * context * kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, k.dtype)
+    r.g_ctx[:b].fill_(context)
+    return dict(batch=b, context=context, step_ms=1e3 * full, weights_only_ms=1e3 * weights_only,
+                attention_ms=1e3 * attn, sampling_ms=1e3 * samp,
+                weights_floor_ms=1e3 * _weight_bytes(a, eng.config.quantization) / bw,
+                kv_floor_ms=1e3 * kv_bytes / bw, kernels=_kernel_profile(eng, b))
+
+
+def _kernel_profile(eng: LLMEngine, b: int, top: int = 10) -> list[tuple[str, float, int]]:
+    """The same step run eagerly under the torch profiler: (kernel, device ms per step, launches per step) for
+    the kernels with the most device time. A graph replay runs the same kernels without the launch gaps."""
+    from ziya_batch.engine.attention import AttentionMetadata
+    r = eng.runner
+    meta = AttentionMetadata(r.g_slots[:b], b, r.g_bt[:b], r.g_ctx[:b], r.block_size, None, r.use_triton)
+    return profile_kernels(lambda: eng.model(r.g_ids[:b], r.g_pos[:b], eng.kv_caches, meta, r.g_rows[:b]), top=top)
+
+
+def profile_kernels(run, reps: int = 3, top: int = 10) -> list[tuple[str, float, int]]:
+    """run() (after one warm-up call) `reps` times under the torch profiler: ("all kernels", ms, launches) and
+    then (kernel, device ms per call, launches per call) for the `top` kernels with the most device time."""
+    from torch.profiler import ProfilerActivity, profile
+    run(); torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(reps):
+            run()
+        torch.cuda.synchronize()
+    rows = []
+    for e in p.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        if t is None:
+            t = getattr(e, "self_cuda_time_total", 0.0)
+        if t > 0:
+            rows.append((e.key[:90], t / 1e3 / reps, e.count // reps))
+    rows.sort(key=lambda x: -x[1])
+    total = sum(t for _, t, _ in rows)
+    return [("all kernels", total, sum(c for _, _, c in rows))] + rows[:top]
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _fmt(v, spec=",.0f") -> str:
+    return "–" if v is None else format(v, spec)
+
+
+def _print_row(r: dict) -> None:
+    print(f"[bench] {r['method']}: {_fmt(r['output_tok_s'])} output tok/s; {r['note']}", flush=True)
+
+
+def _print_table(rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    tp = f", tensor parallel {meta['tensor_parallel']}" if meta.get("tensor_parallel", 1) > 1 else ""
+    t = Table(title=f"{meta.get('workload', 'W1')} on {meta['card']}{tp}, {meta['layers']} layers, {meta['requests']} requests "
+                    f"({meta['date']}, {meta['commit']})")
+    for c in ("method", "output tok/s", "prefill tok/s", "decode tok/s", "peak GiB", "requests", "note"):
+        t.add_column(c)
+    for r in rows:
+        t.add_row(r["method"], _fmt(r["output_tok_s"]), _fmt(r["prefill_tok_s"]), _fmt(r["decode_tok_s"]),
+                  _fmt(r["peak_gib"], ".1f"), str(r["requests"]), r["note"])
+    Console(width=200).print(t)
+    if prof:
+        print(f"[bench] decode step: {prof['decode_step_ms']:.2f} ms measured vs {prof['floor_step_ms']:.2f} ms "
+              f"byte floor at mean batch {prof['decode_batch']:.1f}; host (schedule + inputs + launch) "
+              f"{prof['host_ms']:.2f} ms; on the GPU, from the end of the step before (or its first launch, if "
+              f"the GPU was idle) to the end of its sampling {prof['decode_gpu_ms']:.2f} ms", flush=True)
+        print(f"[bench] mixed steps (prefill + decode, eager): {prof['mixed_steps']} steps, {prof['mixed_step_ms']:.2f} "
+              f"ms each, {prof['mixed_prefill']:.0f} prefill + {prof['mixed_decode']:.0f} decode tokens each; host "
+              f"{prof['mixed_host_ms']:.2f} ms (median {prof['mixed_host_median_ms']:.2f}, max "
+              f"{prof['mixed_host_max_ms']:.0f}); on the GPU {prof['mixed_gpu_ms']:.2f} ms", flush=True)
+        print("[bench] " + _breakdown_text(prof), flush=True)
+        for name, ms, n in (prof.get("breakdown") or {}).get("kernels", []):
+            print(f"[bench]   {ms:8.3f} ms {n:5d}x  {name}", flush=True)
+        print("[bench] decode kernel tuning (BLOCK_N, warps, stages, TAIL_N) -> us: " + ", ".join(
+            f"{c}: {t * 1e6:.0f}" for c, t in prof.get("tuning", [])), flush=True)
+
+
+def _breakdown_text(prof: dict) -> str:
+    d = prof.get("breakdown")
+    if not d:
+        return ""
+    return (f"Profile of one decode step (CUDA graph, {d['batch']} sequences of {d['context']} tokens): "
+            f"{d['step_ms']:.2f} ms in all; the same step with 1-token contexts (weights, norms, sampling excluded) "
+            f"{d['weights_only_ms']:.2f} ms against a weight-byte floor of {d['weights_floor_ms']:.2f} ms; "
+            f"paged attention over all layers {d['attention_ms']:.2f} ms against a KV-byte floor of "
+            f"{d['kv_floor_ms']:.2f} ms; sampling (top_p) {d['sampling_ms']:.2f} ms.")
