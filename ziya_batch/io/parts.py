@@ -39,7 +39,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ..errors import InputError, ZiyaBatchError
 from .schema import EXTENSIONS, KINDS, encode_part
 from .storage import (_fsync_dir, exists_fresh, join_url, list_fresh, move_atomic, open_output_fs, put_atomic,
-                      read_bytes)
+                      read_bytes, write_synced)
 
 STAGING = "_staging"
 COMMITTED = "_committed"
@@ -255,10 +255,7 @@ class OutputDir:
         os.makedirs(self.root, exist_ok=True)
         tmp = self.path(f".{self.OWNER}.{new_attempt()}.tmp")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            write_synced(tmp, data)
             os.link(tmp, path)
         except FileExistsError:
             return self.owner()

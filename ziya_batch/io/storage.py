@@ -176,10 +176,7 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         os.makedirs(parent, exist_ok=True)
         tmp = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            write_synced(tmp, data)
             os.replace(tmp, path)
             _fsync_dir(parent)
         finally:
@@ -188,6 +185,14 @@ def put_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         return
     fs.pipe_file(path, data)
     fs.invalidate_cache(path)
+
+
+def write_synced(path: str, data: bytes) -> None:
+    """Write a local file and fsync it: the first half of every atomic local write (rename or link it after)."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fsync_dir(path: str) -> None:
