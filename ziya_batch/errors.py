@@ -56,3 +56,18 @@ GENERATION_FAILED = "generation_failed"
 RETRIES_EXHAUSTED = "retries_exhausted"
 INVALID_LINE = "invalid_line"          # valid JSON that could not be prepared (whatever Python raised on it)
 LINE_TOO_LONG = "line_too_long"        # longer than io.inputs.MAX_LINE_BYTES: never read into memory
+
+
+MESSAGE_CHARS = 200       # an error line's message: one short line, whatever the input held
+
+
+def short_text(text: object, limit: int = MESSAGE_CHARS) -> str:
+    """`text` as one line of at most `limit` characters that encodes as UTF-8 (a lone surrogate from a JSON
+    escape is written as its escape). Never raises: it builds error messages from hostile values."""
+    try:
+        s = text if isinstance(text, str) else str(text)
+    except Exception:  # noqa: BLE001 - str() of a hostile value (a huge int, a deep structure) may raise
+        s = f"<{type(text).__name__} that cannot be shown>"
+    s = " ".join(s[:limit * 4].split())
+    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return s if len(s) <= limit else s[:limit - 3] + "..."

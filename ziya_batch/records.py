@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from .engine.types import SamplingParams
+from .errors import MESSAGE_CHARS, short_text  # noqa: F401 - re-exported: line records' message bound
 
 if TYPE_CHECKING:
     from .spec import SamplingSpec
@@ -79,21 +80,6 @@ class TooLongLine(bytes):
         self = super().__new__(cls, head)
         self.length, self.limit = length, limit
         return self
-
-
-MESSAGE_CHARS = 200       # an error line's message: one short line, whatever the input held
-
-
-def short_text(text: object, limit: int = MESSAGE_CHARS) -> str:
-    """`text` as one line of at most `limit` characters that encodes as UTF-8 (a lone surrogate from a JSON
-    escape is written as its escape). Never raises: it builds error messages from hostile values."""
-    try:
-        s = text if isinstance(text, str) else str(text)
-    except Exception:  # noqa: BLE001 - str() of a hostile value (a huge int, a deep structure) may raise
-        s = f"<{type(text).__name__} that cannot be shown>"
-    s = " ".join(s[:limit * 4].split())
-    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
-    return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
 def utf8_safe(s: str) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import SpecError
+from .errors import SpecError, short_text
 
 
 # How fast and where a job runs, not what it writes: a job submitted again with other values of these is the same
@@ -112,9 +112,9 @@ def show_value(value: Any) -> str:
 
 
 def show_text(text: str, limit: int = VALUE_CHARS) -> str:
-    """`text` as one line of at most `limit` characters that encodes as UTF-8."""
-    text = " ".join(text[:limit * 4].split()).encode("utf-8", "backslashreplace").decode("utf-8")
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    """`text` as one line of at most `limit` characters that encodes as UTF-8 (records.short_text, at the
+    length a spec error quotes a value)."""
+    return short_text(text, limit)
 
 
 def validation_error_line(err: ValidationError, root: type[BaseModel], source: str = "job spec") -> str:
