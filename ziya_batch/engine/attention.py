@@ -72,14 +72,17 @@ def prefill_batch(chunks: list[tuple[int, int, int]], block_tables: torch.Tensor
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens). Writes k/v to the cache, returns [T, Hq, D]."""
+                    v_cache: torch.Tensor, meta: AttentionMetadata, out: Optional[torch.Tensor] = None,
+                    kv_written: bool = False) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (this step's new tokens). Writes k/v to the cache (unless kv_written: the
+    caller did), returns [T, Hq, D] (out, when given: a contiguous [T, Hq, D])."""
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     k_flat = k_cache.view(-1, Hkv, D)        # [num_slots, Hkv, D]
     v_flat = v_cache.view(-1, Hkv, D)
-    write_kv(k_flat, v_flat, meta.slot_mapping, k, v)
-    out = torch.empty_like(q)
+    if not kv_written:
+        write_kv(k_flat, v_flat, meta.slot_mapping, k, v)
+    out = torch.empty_like(q) if out is None else out
     nd = meta.num_decode
     if nd:
         if meta.use_triton:

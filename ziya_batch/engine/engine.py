@@ -136,7 +136,9 @@ class LLMEngine:
         from ziya_batch.engine import attention
         self.runner = ModelRunner(model, self.kv_caches, bs, config.max_num_seqs, self.max_model_len, device,
                                   use_graphs=on_gpu and config.cuda_graphs,
-                                  use_triton=on_gpu and attention.triton is not None)
+                                  use_triton=on_gpu and attention.triton is not None,
+                                  mixed_graphs=config.mixed_step_graphs,
+                                  max_num_batched_tokens=config.max_num_batched_tokens)
         self._groups: dict[str, _Group] = {}
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self.last_step: Optional[StepStats] = StepStats()

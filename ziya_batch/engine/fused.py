@@ -6,7 +6,8 @@ parity (the residual sum is stored in the model dtype before it is normalised).
 
 The torch versions (rms_norm, apply_rope, here so that this module needs nothing from model.py, which imports
 it) stay the reference and the CPU path; `check_fused` compares the two once on the device and the model
-falls back to torch if they disagree."""
+falls back to torch if they disagree. Off the GPU each fused function computes its torch reference instead, so
+the fused layer's structure (which the pieces of a captured mixed step follow, piecewise.py) runs anywhere."""
 from __future__ import annotations
 
 import torch
@@ -79,10 +80,17 @@ if triton is not None:
         tl.store(OUT + row * stride_o + cols, (act * u).to(OUT.dtype.element_ty), mask=mask)
 
 
-def add_rms_norm(h: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """h: [T, H] residual, updated in place to h + x (when x is given); returns rms_norm(h) * weight."""
+def add_rms_norm(h: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """h: [T, H] residual, updated in place to h + x (when x is given); returns rms_norm(h) * weight (into out,
+    when given). Off the GPU, the torch reference with the same rounding (the residual stored first)."""
     T, N = h.shape
-    out = torch.empty_like(h)
+    if not _on_gpu(h):
+        if x is not None:
+            h.add_(x)
+        y = rms_norm(h, weight, eps)
+        return y if out is None else out.copy_(y)
+    out = torch.empty_like(h) if out is None else out
     _add_rms_norm_kernel[(T,)](h, x if x is not None else h, weight, out, h.stride(0),
                                x.stride(0) if x is not None else 0, out.stride(0), eps, N=N,
                                BLOCK=triton.next_power_of_2(N), HAS_X=x is not None, num_warps=8 if N >= 2048 else 4)
@@ -94,6 +102,11 @@ def rope_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: to
     """Rotates, in place, the first num_qk_heads heads (q then k) of each qkv row. qkv: [T, (hq+2hkv)*D];
     cos, sin: [max_pos, D] (rotate-half layout)."""
     T = qkv.shape[0]
+    if not _on_gpu(qkv):
+        n = num_qk_heads * head_dim
+        qk = qkv[:, :n].view(T, num_qk_heads, head_dim)
+        qk.copy_(apply_rope(qk, cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)))
+        return
     _rope_kernel[(T,)](qkv, positions, cos, sin, qkv.stride(0), cos.stride(0), HALF=head_dim // 2, D=head_dim,
                        NUM_HEADS=num_qk_heads, BLOCK_H=triton.next_power_of_2(num_qk_heads), num_warps=4)
 
@@ -102,11 +115,18 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up: [T, 2I] -> silu(gate) * up: [T, I]."""
     T, N2 = gate_up.shape
     N = N2 // 2
+    if not _on_gpu(gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
     out = torch.empty(T, N, dtype=gate_up.dtype, device=gate_up.device)
     BLOCK = 1024
     _silu_mul_kernel[(T, triton.cdiv(N, BLOCK))](gate_up, out, gate_up.stride(0), out.stride(0), N=N, BLOCK=BLOCK,
                                                  num_warps=4)
     return out
+
+
+def _on_gpu(t: torch.Tensor) -> bool:
+    return triton is not None and t.device.type == "cuda"
 
 
 def check_fused(device: torch.device, dtype: torch.dtype, hidden: int, heads: int, head_dim: int,

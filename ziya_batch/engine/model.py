@@ -89,9 +89,12 @@ def check_tp_split(a: ModelArgs, world_size: int) -> None:
             raise ValueError(f"{what} ({n}) do not split over tensor_parallel={world_size}")
 
 
-def _linear(x: torch.Tensor, w) -> torch.Tensor:
-    # w: a float Parameter [N, K], or a quant.Fp8Linear in its place (model.quantization fp8)
-    return w(x) if isinstance(w, nn.Module) else F.linear(x, w)
+def _linear(x: torch.Tensor, w, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # w: a float Parameter [N, K], or a quant.Fp8Linear in its place (model.quantization fp8); out: [T, N] to
+    # write the product into (a captured graph's static buffer), else a new tensor
+    if isinstance(w, nn.Module):
+        return w(x, out=out)
+    return F.linear(x, w) if out is None else torch.mm(x, w.t(), out=out)
 
 
 class Layer(nn.Module):
@@ -152,22 +155,47 @@ class Layer(nn.Module):
                       sin_t: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
                       next_norm: torch.Tensor) -> torch.Tensor:
         """The same layer through fused Triton kernels (GPU): h: [T, H] residual, updated in place; x: this
-        layer's normalised input. Returns the next layer's normalised input (next_norm applied)."""
-        a, T = self.a, h.shape[0]
-        nq, nkv = self.local_heads * a.head_dim, self.local_kv_heads * a.head_dim
-        qkv = _linear(x, self.qkv_proj)                                  # [T, (hq + 2 hkv) * D]
-        fused.rope_(qkv, positions, cos_t, sin_t, self.local_heads + self.local_kv_heads, a.head_dim)
-        q = qkv[:, :nq].view(T, self.local_heads, a.head_dim)
-        k = qkv[:, nq:nq + nkv].view(T, self.local_kv_heads, a.head_dim)
-        v = qkv[:, nq + nkv:].view(T, self.local_kv_heads, a.head_dim)
-        o = _linear(paged_attention(q, k, v, k_cache, v_cache, meta).reshape(T, nq), self.o_proj)
+        layer's normalised input. Returns the next layer's normalised input (next_norm applied). Its three
+        pieces are what a captured mixed step replays around the attention (piecewise.py)."""
+        qkv = self.qkv_rope(x, positions, cos_t, sin_t)
+        return self.mlp_block(h, self.attend(qkv, k_cache, v_cache, meta), next_norm)
+
+    def qkv_rope(self, x: torch.Tensor, positions: torch.Tensor, cos_t: torch.Tensor, sin_t: torch.Tensor,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [T, H] normalised input -> qkv [T, (hq + 2 hkv) * D] with RoPE applied to q and k (into out)."""
+        qkv = _linear(x, self.qkv_proj, out)
+        fused.rope_(qkv, positions, cos_t, sin_t, self.local_heads + self.local_kv_heads, self.a.head_dim)
+        return qkv
+
+    def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of q [T, hq, D], k and v [T, hkv, D] in a qkv row block."""
+        T, D = qkv.shape[0], self.a.head_dim
+        nq, nkv = self.local_heads * D, self.local_kv_heads * D
+        return (qkv[:, :nq].view(T, self.local_heads, D), qkv[:, nq:nq + nkv].view(T, self.local_kv_heads, D),
+                qkv[:, nq + nkv:].view(T, self.local_kv_heads, D))
+
+    def attend(self, qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+               out: Optional[torch.Tensor] = None, kv_written: bool = False) -> torch.Tensor:
+        """Paged attention of the step's queries -> [T, hq * D] (into out); writes the step's K/V to the cache
+        first unless kv_written (a captured piece wrote them)."""
+        q, k, v = self.split_qkv(qkv)
+        T = qkv.shape[0]
+        o = paged_attention(q, k, v, k_cache, v_cache, meta, out=None if out is None else out.view(q.shape),
+                            kv_written=kv_written)
+        return o.view(T, -1)
+
+    def mlp_block(self, h: torch.Tensor, attn: torch.Tensor, next_norm: torch.Tensor,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """o_proj of the attention output, the residual, the MLP and the residual again (h updated in place);
+        returns the next layer's normalised input (next_norm applied; into out)."""
+        o = _linear(attn, self.o_proj)
         if self.all_reduce is not None:
             self.all_reduce(o)
-        x = fused.add_rms_norm(h, o, self.post_norm, a.rms_norm_eps)
+        x = fused.add_rms_norm(h, o, self.post_norm, self.a.rms_norm_eps)
         m = _linear(fused.silu_mul(_linear(x, self.gate_up_proj)), self.down_proj)
         if self.all_reduce is not None:
             self.all_reduce(m)
-        return fused.add_rms_norm(h, m, next_norm, a.rms_norm_eps)
+        return fused.add_rms_norm(h, m, next_norm, self.a.rms_norm_eps, out=out)
 
 
 class LlamaModel(nn.Module):

@@ -164,16 +164,21 @@ class Fp8Linear(nn.Module):
     def shape(self) -> torch.Size:
         return self.weight.shape
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, K] float16/bfloat16 -> [T, N] in x's dtype
+    def forward(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x: [T, K] float16/bfloat16 -> [T, N] in x's dtype (written into out when given: a static buffer of a
+        # captured graph, contiguous [T, N])
         if x.device.type != "cuda":
-            return fp8_linear_reference(x, self.weight, self.scale)
+            y = fp8_linear_reference(x, self.weight, self.scale)
+            return y if out is None else out.copy_(y)
         x = x.contiguous()       # _scaled_mm wants a row-major first operand; the kernel reads rows of stride 1
         x8, sx = quantize_rows_fused(x) if self.fused else quantize_rows(x)
         # weight.t() is [K, N] column-major, as _scaled_mm wants its second operand; [N, 1] -> [1, N] is a view
-        y = torch._scaled_mm(x8, self.weight.t(), scale_a=sx, scale_b=self.scale.view(1, -1),
-                             out_dtype=self.mm_dtype or x.dtype)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        args = dict(scale_a=sx, scale_b=self.scale.view(1, -1), out_dtype=self.mm_dtype or x.dtype)
+        if out is not None and self.mm_dtype is None:
+            return torch._scaled_mm(x8, self.weight.t(), **args, out=out)
+        y = torch._scaled_mm(x8, self.weight.t(), **args)
+        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        return y if out is None else out.copy_(y)
 
 
 def require_fp8(device: torch.device, dtype: torch.dtype = torch.float16) -> Optional[torch.dtype]:

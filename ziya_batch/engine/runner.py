@@ -1,6 +1,7 @@
 """Turns a SchedulerOutput into the model's input tensors and runs the step: decode-only steps replay a CUDA
-graph captured for the next batch-size bucket; steps with prefill chunks run eagerly. All host data goes
-to the device in one copy per step (graph steps: one per static buffer)."""
+graph captured for the next batch-size bucket; steps with prefill chunks replay graphs captured in pieces
+around the attention for the next token-count bucket (piecewise.py), or run eagerly. All host data goes to the
+device in one copy per step (graph steps: one per static buffer)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -11,6 +12,7 @@ import torch
 from ziya_batch.engine.attention import (AttentionMetadata, PrefillBatch, prefill_q_blocks, tune_decode_kernel,
                                          tune_prefill_kernel)
 from ziya_batch.engine.model import LlamaModel
+from ziya_batch.engine.piecewise import MixedStepGraphs, mixed_buckets
 from ziya_batch.engine.scheduler import PENDING_TOKEN, ScheduledChunk, SchedulerOutput, Sequence
 
 # Decode batch sizes a CUDA graph is captured for; a batch runs in the first at or above it, padded. Every 8 rows
@@ -24,7 +26,8 @@ GRAPH_BATCH_SIZES = ((1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112) + tuple(range
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
-                 max_num_seqs: int, max_model_len: int, device: torch.device, use_graphs: bool, use_triton: bool):
+                 max_num_seqs: int, max_model_len: int, device: torch.device, use_graphs: bool, use_triton: bool,
+                 mixed_graphs: bool = False, max_num_batched_tokens: int = 0):
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.device, self.use_triton = device, use_triton
         self.max_blocks = -(-max_model_len // block_size)
@@ -33,6 +36,10 @@ class ModelRunner:
         if use_graphs and max_num_seqs not in self.graph_sizes and max_num_seqs < GRAPH_BATCH_SIZES[-1]:
             self.graph_sizes.append(max_num_seqs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graph_pool = None
+        # steps with prefill (and decode steps no decode graph takes): pieces captured per token-count bucket,
+        # on the fused layer (the pieces are its kernels)
+        self.mixed: Optional[MixedStepGraphs] = None
         self.decode_tuning: list = []
         self.prefill_tuning: list = []
         if use_triton:
@@ -50,6 +57,9 @@ class ModelRunner:
                                                       q_dtype=dt)
         if self.graph_sizes:
             self._capture_graphs()
+        if use_graphs and mixed_graphs and model.use_fused and max_num_batched_tokens > 0:
+            self.mixed = MixedStepGraphs(model, kv_caches, mixed_buckets(max_num_batched_tokens), self.scratch_slot,
+                                         device, capture=True, pool=self.graph_pool)
 
     # ---- inputs ---------------------------------------------------------------------------------------------
     def _slots(self, seq: Sequence, start: int, end: int) -> np.ndarray:
@@ -126,6 +136,8 @@ class ModelRunner:
                                    qbs_t.view(2, -1))
         meta = AttentionMetadata(slots_t, nd, bt_dec.view(-1, self.max_blocks), ctx_t, self.block_size, prefill,
                                  self.use_triton)
+        if self.mixed is not None and self.mixed.fits(ids_t.shape[0]):
+            return self.mixed.run(ids_t, pos_t, meta, rows_t)
         return self.model(ids_t, pos_t, self.kv_caches, meta, rows_t)
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------------
@@ -142,7 +154,7 @@ class ModelRunner:
         # LLaMA's vocabulary in float32, ~0.6 GB over all sizes); a step's logits are sampled before the next
         # step's graph runs on the same stream
         self.g_logits: Optional[torch.Tensor] = None
-        pool = torch.cuda.graph_pool_handle()
+        pool = self.graph_pool = torch.cuda.graph_pool_handle()
         for b in sorted(self.graph_sizes, reverse=True):     # largest first: smaller ones reuse its pool
             meta = AttentionMetadata(self.g_slots[:b], b, self.g_bt[:b], self.g_ctx[:b], self.block_size, None,
                                      self.use_triton)

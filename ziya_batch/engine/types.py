@@ -81,6 +81,9 @@ class EngineConfig:
     block_size: int = 16
     gpu_memory_fraction: float = 0.90
     cuda_graphs: bool = True
+    # with cuda_graphs, steps with prefill chunks replay graphs too: captured in pieces around each layer's
+    # attention, one set per bucket of token counts (piecewise.py); off, they run eagerly (A/B in the bench)
+    mixed_step_graphs: bool = True
     num_kv_blocks: Optional[int] = None  # override the memory-derived size (tests, preemption)
     max_model_len: Optional[int] = None  # default: the checkpoint's max_position_embeddings
     trust_remote_code: bool = False

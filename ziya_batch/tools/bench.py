@@ -37,6 +37,7 @@ from ziya_batch.tools.bench_workloads import (PREFIX_CACHING, WORKLOADS, bench_l
 from ziya_batch.tools.bench_workloads import w3_schema, workload_w2, workload_w2g  # noqa: F401
 
 METHODS = ("engine", "hf-generate", "hf-continuous", "roofline")
+MIXED_GRAPHS = {"on": (True,), "off": (False,), "both": (True, False)}
 SECTION = "## Engine (workload W1)"
 # the part of SECTION that --markdown rewrites; the section's other subsections are hand-written notes
 GENERATED = "### Last `ziya-batch bench --markdown` run"
@@ -45,7 +46,7 @@ GENERATED = "### Last `ziya-batch bench --markdown` run"
 def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requests: int, seed: int,
                    result_file: str, schedule: str = BenchOptions.schedule,
                    kv_cache_dtype: str = BenchOptions.kv_cache_dtype,
-                   quantization: Optional[str] = BenchOptions.quantization) -> None:
+                   quantization: Optional[str] = BenchOptions.quantization, mixed_graphs: bool = True) -> None:
     """One process of `bench --tensor-parallel K`: one GPU each, NCCL; rank 0 runs the workload and writes
     its row and profile as JSON, the others follow its steps."""
     import json
@@ -62,12 +63,13 @@ def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requ
         bw = measure_copy_bandwidth_bytes_s(device)
         if rank == 0:
             row, prof = bench_engine(a, workload_w1(requests, a.vocab_size, seed), device, bw, seed, world_size,
-                                     schedule, kv_cache_dtype, quantization=quantization)
+                                     schedule, kv_cache_dtype, quantization=quantization,
+                                     mixed_step_graphs=mixed_graphs)
             with open(result_file, "w") as fh:
                 json.dump({"row": row, "prof": prof, "bw": bw}, fh)
         else:
             eng, _ = _build_engine(a, device, seed, rank, world_size, schedule, kv_cache_dtype,
-                                   quantization=quantization)
+                                   quantization=quantization, mixed_step_graphs=mixed_graphs)
             serve_follower(eng)
     except BaseException:
         # no destroy_process_group (see below): report and leave, so mp.spawn sees the failure and stops the
@@ -94,7 +96,8 @@ def bench_engine_tp(opts: "BenchOptions") -> tuple[dict, dict, float]:
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "rank0.json")
         mp.spawn(_tp_bench_rank, args=(k, os.path.join(tmp, "init"), opts.layers, opts.requests, opts.seed, result,
-                                       opts.schedule, opts.kv_cache_dtype, opts.quantization), nprocs=k, join=True)
+                                       opts.schedule, opts.kv_cache_dtype, opts.quantization,
+                                       MIXED_GRAPHS[opts.mixed_graphs][0]), nprocs=k, join=True)
         with open(result) as fh:
             got = json.load(fh)
     return got["row"], got["prof"], got["bw"]
@@ -110,6 +113,10 @@ def run_bench(opts: BenchOptions) -> list[dict]:
                          f"not {opts.kv_cache_dtype!r}")
     for v in opts.logprobs:
         parse_logprobs_variant(v)          # a typo fails now, not after the first run
+    if opts.mixed_graphs not in MIXED_GRAPHS:
+        raise ModelError(f"bench --mixed-graphs must be one of {', '.join(MIXED_GRAPHS)}, not {opts.mixed_graphs!r}")
+    if opts.mixed_graphs == "both" and opts.tensor_parallel > 1:
+        raise ModelError("bench --mixed-graphs both runs on one GPU: leave out --tensor-parallel, or pick on or off")
     if opts.schedule not in POLICIES:
         raise ModelError(f"bench --schedule must be one of {', '.join(POLICIES)}, not {opts.schedule!r}")
     only = set(opts.only) or set(METHODS)
@@ -135,12 +142,23 @@ def run_bench(opts: BenchOptions) -> list[dict]:
     else:
         bw = measure_copy_bandwidth_bytes_s(device)
     if only & {"engine", "roofline"}:
+        engine_rows = []
         if opts.tensor_parallel == 1:
-            row, prof = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule,
-                                     kv_cache_dtype=opts.kv_cache_dtype, quantization=opts.quantization)
+            for mixed in MIXED_GRAPHS[opts.mixed_graphs]:        # the first variant's profile is the table's
+                r, p = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule,
+                                    kv_cache_dtype=opts.kv_cache_dtype, quantization=opts.quantization,
+                                    mixed_step_graphs=mixed)
+                engine_rows.append(r)
+                if prof is None:
+                    row, prof = r, p
+                if "engine" in only:
+                    _print_row(r)
+        else:
+            engine_rows.append(row)
+            if "engine" in only:
+                _print_row(row)
         if "engine" in only:
-            rows.append(row)
-            _print_row(row)
+            rows += engine_rows
         if "roofline" in only:
             rows.append(dict(method="roofline", requests=len(work), output_tokens=row["output_tokens"],
                              wall_s=None, output_tok_s=prof["floor_tok_s"], prefill_tok_s=None, decode_tok_s=None,
@@ -191,7 +209,8 @@ def render_markdown(rows: list[dict], meta: dict, prof: Optional[dict]) -> str:
                       f"measured against a byte floor of {prof['floor_step_ms']:.2f} ms (mean batch "
                       f"{prof['decode_batch']:.1f}); host time per step (schedule, inputs, launch) "
                       f"{prof['host_ms']:.2f} ms; on the GPU, from the end of the step before (or its first "
-                      f"launch, if the GPU was idle) to the end of its sampling {prof['decode_gpu_ms']:.2f} ms. Steps with prefill (eager): {prof['mixed_steps']}, "
+                      f"launch, if the GPU was idle) to the end of its sampling {prof['decode_gpu_ms']:.2f} ms. Steps with prefill "
+                      f"({'CUDA graphs in pieces' if prof.get('mixed_graphs') else 'eager'}): {prof['mixed_steps']}, "
                       f"{prof['mixed_step_ms']:.2f} ms each ({prof['mixed_gpu_ms']:.2f} ms on the GPU), "
                       f"{prof['mixed_prefill']:.0f} prefill and {prof['mixed_decode']:.0f} decode tokens each.", "",
                       _breakdown_text(prof)]
@@ -259,6 +278,9 @@ def parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--logprobs", action="append", default=[], metavar="VARIANTS",
                    help="extra W1 engine runs, one per logprobs variant (MODE or MODE+topK), comma-separated or "
                         "repeated, e.g. processed,temperature,temperature+top5")
+    p.add_argument("--mixed-graphs", choices=tuple(MIXED_GRAPHS), default=d.mixed_graphs,
+                   help="steps with prefill from CUDA graphs captured in pieces (on) or eager (off); both: one "
+                        "engine row each, in one process")
     return p
 
 
@@ -267,7 +289,7 @@ def parse_options(argv: Optional[list[str]] = None, prog: Optional[str] = None) 
     only = tuple(x for o in a.only for x in o.split(",") if x)
     return BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown, only, a.seed, a.schedule,
                         a.kv_cache_dtype, a.workload, a.prefix_caching, a.quantization,
-                        tuple(x for o in a.logprobs for x in o.split(",") if x))
+                        tuple(x for o in a.logprobs for x in o.split(",") if x), a.mixed_graphs)
 
 
 def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> None:

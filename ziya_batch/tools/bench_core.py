@@ -37,6 +37,9 @@ class BenchOptions:
     # extra engine runs of W1, one per variant: a logprobs mode, optionally with top logprobs ("processed",
     # "temperature", "temperature+top5"), to measure what experience.logprobs_mode / top_logprobs cost
     logprobs: tuple[str, ...] = ()
+    # steps with prefill from CUDA graphs captured in pieces (engine.piecewise) or eager: on | off | both (one
+    # engine row each, in that order, in one process: the A/B of one card)
+    mixed_graphs: str = "on"
 
 
 # the engine the bench runs: the engine's defaults (float16 on the GPU) but W1's prompt + output within 1,024
@@ -150,8 +153,10 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                output_tok_s=out_tokens / wall, prefill_tok_s=pre_tok / max(pre_s, 1e-9),
                decode_tok_s=dec_tok / max(dec_s, 1e-9), peak_gib=peak / 2**30,
                note=f"{eng.num_blocks} KV blocks of {cfg.block_size}; {eng.scheduler.num_preemptions} preemptions; "
-                    f"{n_dec_steps} decode-only steps ({dec_s:.1f} s), mixed steps {pre_s:.1f} s; init {init_s:.0f} s; "
-                    f"fused kernels {'on' if model.use_fused else 'off'}; schedule {schedule}"
+                    f"{n_dec_steps} decode-only steps ({dec_s:.1f} s), {n_mix_steps} mixed steps ({pre_s:.1f} s, host "
+                    f"{1e3 * sum(mix_hosts) / max(n_mix_steps, 1):.1f} ms each); init {init_s:.0f} s; "
+                    f"fused kernels {'on' if model.use_fused else 'off'}; mixed steps "
+                    f"{'from graphs' if eng.runner.mixed is not None else 'eager'}; schedule {schedule}"
                     + (f"; KV cache {kv_cache_dtype}" if kv_cache_dtype != EngineConfig.kv_cache_dtype else "")
                     + (f"; weights {cfg.quantization}" if cfg.quantization else "")
                     + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else "")
@@ -164,7 +169,8 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                 mixed_host_ms=1e3 * sum(mix_hosts) / max(n_mix_steps, 1),
                 mixed_host_median_ms=1e3 * sorted(mix_hosts)[len(mix_hosts) // 2] if mix_hosts else 0.0,
                 mixed_host_max_ms=1e3 * max(mix_hosts, default=0.0),
-                decode_gpu_ms=1e3 * gpu_dec / max(n_dec_steps, 1), mixed_gpu_ms=1e3 * gpu_mix / max(n_mix_steps, 1))
+                decode_gpu_ms=1e3 * gpu_dec / max(n_dec_steps, 1), mixed_gpu_ms=1e3 * gpu_mix / max(n_mix_steps, 1),
+                mixed_graphs=eng.runner.mixed is not None)
     prof["tuning"] = eng.runner.decode_tuning
     if driver is not None:
         driver.stop()     # the step profile replays rank 0's graphs alone: single GPU only
@@ -292,7 +298,8 @@ def _print_table(rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
               f"byte floor at mean batch {prof['decode_batch']:.1f}; host (schedule + inputs + launch) "
               f"{prof['host_ms']:.2f} ms; on the GPU, from the end of the step before (or its first launch, if "
               f"the GPU was idle) to the end of its sampling {prof['decode_gpu_ms']:.2f} ms", flush=True)
-        print(f"[bench] mixed steps (prefill + decode, eager): {prof['mixed_steps']} steps, {prof['mixed_step_ms']:.2f} "
+        print(f"[bench] mixed steps (prefill + decode, {'graphs in pieces' if prof.get('mixed_graphs') else 'eager'}): "
+              f"{prof['mixed_steps']} steps, {prof['mixed_step_ms']:.2f} "
               f"ms each, {prof['mixed_prefill']:.0f} prefill + {prof['mixed_decode']:.0f} decode tokens each; host "
               f"{prof['mixed_host_ms']:.2f} ms (median {prof['mixed_host_median_ms']:.2f}, max "
               f"{prof['mixed_host_max_ms']:.0f}); on the GPU {prof['mixed_gpu_ms']:.2f} ms", flush=True)

@@ -1,0 +1,91 @@
+"""Steps with prefill in pieces around the attention (engine/piecewise.py), run eagerly on the CPU: the pieces,
+their padding to a bucket and their static buffers must compute what the plain forward computes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ziya_batch.engine.engine import LLMEngine
+from ziya_batch.engine.piecewise import BUCKET_STEP, MAX_TOKENS, MixedStepGraphs, mixed_buckets
+from ziya_batch.engine.quant import quantize_model
+from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
+from ziya_batch.tools.testing import hf_greedy, tiny_llama
+
+from tests.unit.test_engine import check_against_hf, greedy, random_prompts
+
+
+@given(st.integers(1, 20000))
+def test_every_step_size_up_to_the_budget_has_a_bucket(max_tokens):
+    b = mixed_buckets(max_tokens)
+    assert b == sorted(set(b)) and all(x % BUCKET_STEP == 0 for x in b)
+    assert b[-1] >= min(max_tokens, MAX_TOKENS) and b[-1] - min(max_tokens, MAX_TOKENS) < BUCKET_STEP
+    assert len(b) <= 2048 // BUCKET_STEP + (MAX_TOKENS - 2048) // 256
+    gaps = [y - x for x, y in zip([0, *b], b)]
+    assert max(gaps) <= 256 and all(g <= BUCKET_STEP for x, g in zip(b, gaps) if x <= 2048)
+
+
+def pieces_engine(num_kv_heads=4, buckets=(8, 16, 24, 40), **kw) -> LLMEngine:
+    cfg = dict(model_path="", device="cpu", max_num_batched_tokens=64, block_size=4, **kw)
+    eng = LLMEngine.from_model(tiny_llama(num_kv_heads), None, EngineConfig(**cfg))
+    eng.runner.mixed = MixedStepGraphs(eng.model, eng.kv_caches, list(buckets), eng.runner.scratch_slot, eng.device,
+                                       capture=False)
+    return eng
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_pieces_padded_to_buckets_match_transformers(num_kv_heads):
+    # budget 64 > the largest bucket 40: steps above it take the plain forward, the others the pieces, padded
+    eng = pieces_engine(num_kv_heads)
+    used = []
+    run = eng.runner.mixed.run
+    eng.runner.mixed.run = lambda ids, *a: used.append(ids.shape[0]) or run(ids, *a)
+    prompts = random_prompts(10, seed=7 + num_kv_heads)
+    outs = eng.generate([Request(f"r{i}", p, greedy(12)) for i, p in enumerate(prompts)])
+    for p, o in zip(prompts, outs):
+        check_against_hf(tiny_llama(num_kv_heads), p, o.completions[0], 12)
+    assert any(t not in (8, 16, 24, 40) for t in used), "no step was padded"
+
+
+def test_padding_rows_write_only_the_scratch_slot():
+    prompts = random_prompts(3, seed=3, lo=5, hi=9)
+    caches = []
+    for pieces in (False, True):
+        eng = pieces_engine(buckets=(64,)) if pieces else LLMEngine.from_model(
+            tiny_llama(), None, EngineConfig(model_path="", device="cpu", max_num_batched_tokens=64, block_size=4))
+        for i, p in enumerate(prompts):
+            eng.add_request(Request(f"r{i}", p, greedy(1)))
+        eng.step()
+        slot = eng.runner.scratch_slot
+        caches.append([(k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])) for k, v in eng.kv_caches])
+    for (k0, v0), (k1, v1) in zip(*caches):
+        keep = torch.ones(k0.shape[0], dtype=torch.bool)
+        keep[slot] = False
+        assert torch.allclose(k0[keep], k1[keep], atol=1e-6) and torch.allclose(v0[keep], v1[keep], atol=1e-6)
+        assert k0[keep].abs().sum() > 0
+
+
+def test_pieces_with_fp8_weights_and_cache_equal_the_plain_forward():
+    # the CPU runs FP8 weights in float32 emulation; the same rounding in both paths, so the same tokens
+    prompts = random_prompts(6, seed=11)
+    outs = []
+    for pieces in (False, True):
+        eng = pieces_engine(kv_cache_dtype="fp8") if pieces else LLMEngine.from_model(
+            tiny_llama(), None, EngineConfig(model_path="", device="cpu", max_num_batched_tokens=64, block_size=4,
+                                             kv_cache_dtype="fp8"))
+        quantize_model(eng.model)
+        res = eng.generate([Request(f"r{i}", p, greedy(10)) for i, p in enumerate(prompts)])
+        outs.append([(o.completions[0].token_ids, o.completions[0].logprobs) for o in res])
+    for (ids0, lp0), (ids1, lp1) in zip(*outs):
+        assert ids0 == ids1
+        assert torch.allclose(torch.tensor(lp0), torch.tensor(lp1), atol=1e-4)
+
+
+def test_n_samples_and_decode_steps_with_children_go_through_the_pieces():
+    eng = pieces_engine(buckets=(16, 64))
+    prompt = random_prompts(1, seed=5, lo=20, hi=30)[0]
+    out = eng.generate([Request("r", prompt, SamplingParams(max_new_tokens=6, min_new_tokens=6, temperature=0.0,
+                                                            n=3, logprobs_mode="processed"))])[0]
+    ref, _ = hf_greedy(tiny_llama(), prompt, 6)
+    assert [c.token_ids for c in out.completions] == [ref] * 3
