@@ -3,7 +3,7 @@
 Prints, per row count, milliseconds for all 40 layers and the share of the weight-byte floor at the measured
 copy bandwidth. Numbers only; nothing is changed.
 
-Usage (GPU): PYTHONPATH=. python3 scripts/gpu/gemm_blas.py [--rows 128:1024:8] [--libs cublas]"""
+Usage (GPU): PYTHONPATH=. python3 scripts/gpu/gemm_blas.py [--rows 128:1024:8] [--libs cublas,cublaslt,tunable]"""
 from __future__ import annotations
 
 import argparse
@@ -41,7 +41,12 @@ def main() -> None:
         xs = {k: torch.randn(m, kk, device=dev, dtype=torch.float16) for k, (_, kk) in SHAPES.items()}
         res, per = [], []
         for lib in libs:
-            torch.backends.cuda.preferred_blas_library(lib)
+            # "tunable": PyTorch's TunableOp times every GEMM implementation it has for each shape and keeps the
+            # fastest (the first calls below tune)
+            torch.cuda.tunable.enable(lib == "tunable")
+            torch.cuda.tunable.tuning_enable(lib == "tunable")
+            if lib != "tunable":
+                torch.backends.cuda.preferred_blas_library(lib)
             one = {}
             for name in SHAPES:
                 for _ in range(3):
