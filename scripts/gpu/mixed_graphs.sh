@@ -4,6 +4,7 @@
 #   f16    W1 (1,024 requests) float16: the engine with mixed-step graphs on, then off, and transformers'
 #          continuous batching, in one bench run
 #   fp8    W1 with FP8 weights and the float8 KV cache: mixed-step graphs on, then off
+#   f16on, fp8on  the same with mixed-step graphs on only, without the baseline
 #   stack  W1 through Redis, Ray and one worker (bench_stack.py --configs 1x1) on random 13B-shape weights
 #   gemm   the four projections at decode row counts under cuBLAS, cuBLASLt and TunableOp
 # Ray, redis and the spec's packages come from .gpuwhl-b/install.sh (run beforehand: /tmp/site, /tmp/redis).
@@ -17,6 +18,8 @@ for st in ${STAGE:-tests f16}; do
   case $st in
     tests) timeout ${TESTS_S:-230} python3 -m pytest -q -rfE tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 ;;
     f16) timeout ${F16_S:-330} python3 -m ziya_batch.tools.bench --only engine,roofline,hf-continuous --mixed-graphs both 2>&1 | tee "$OUT/bench_f16.log" | grep '^\[bench\]' ;;
+    f16on) timeout ${F16_S:-130} python3 -m ziya_batch.tools.bench --only engine,roofline 2>&1 | tee "$OUT/bench_f16on.log" | grep '^\[bench\]' ;;
+    fp8on) timeout ${FP8_S:-130} python3 -m ziya_batch.tools.bench --only engine,roofline --quantization fp8 --kv-cache-dtype fp8 2>&1 | tee "$OUT/bench_fp8on.log" | grep '^\[bench\]' ;;
     fp8) timeout ${FP8_S:-230} python3 -m ziya_batch.tools.bench --only engine,roofline --quantization fp8 --kv-cache-dtype fp8 --mixed-graphs both 2>&1 | tee "$OUT/bench_fp8.log" | grep '^\[bench\]' ;;
     stack) timeout ${STACK_S:-330} python3 scripts/gpu/bench_stack.py --work /tmp/stack --out "$OUT" --configs 1x1 --skip-parity 2>&1 | tee "$OUT/stack.log" | grep '^\[stack\]' ;;
     gemm) timeout ${GEMM_S:-90} python3 scripts/gpu/gemm_blas.py --rows 64,128,192,256 --libs cublas,cublaslt,tunable 2>&1 | tee "$OUT/gemm.log" ;;

@@ -41,7 +41,9 @@ def test_serve_runs_replicas_on_every_local_gpu(tmp_path):
     (data / "in.jsonl").write_text("".join(json.dumps({"id": f"g{i}", "prompt": f"你好 {i}"}) + "\n"
                                            for i in range(64)))
     token, port, home = "gpu-one-machine-token-0123456789", _free_port(), tmp_path / "home"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ZIYA_BATCH_HOME": str(home), "ZIYA_BATCH_API_TOKEN": token,
+    # the repository first, and whatever else the caller's PYTHONPATH holds (packages installed beside the image)
+    path = os.pathsep.join([str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    env = {**os.environ, "PYTHONPATH": path, "ZIYA_BATCH_HOME": str(home), "ZIYA_BATCH_API_TOKEN": token,
            "ZIYA_BATCH_ALLOWED_PREFIXES": str(tmp_path)}
     for name in ("ZIYA_BATCH_REDIS_URL", "RAY_ADDRESS"):
         env.pop(name, None)

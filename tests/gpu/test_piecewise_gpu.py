@@ -78,3 +78,33 @@ def test_float16_and_fp8_pieces_keep_eager_greedy_output_on_a_trained_model(quan
         del eng
     same = sum(a == b for a, b in zip(*res))
     assert same >= 30, f"{same} of 32 prompts equal with and without mixed-step graphs"
+
+
+@pytest.mark.parametrize("cache", ["float16", "fp8"])
+def test_rope_with_kv_writes_equals_rope_then_write_kv_byte_for_byte(cache):
+    from ziya_batch.engine import fused
+    from ziya_batch.engine.attention import write_kv
+    if cache == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 conversions need compute capability 8.9+")
+    assert fused.check_fused(torch.device("cuda"), torch.float16, 512, 4, 128, 1024)
+    if cache == "fp8":
+        assert fused._FP8_KV_FUSED[torch.cuda.current_device()], "float8 caches fell back to the two-step path"
+    g = torch.Generator(device="cuda").manual_seed(3)
+    T, hq, hkv, D = 300, 8, 2, 128
+    qkv = torch.randn(T, (hq + 2 * hkv) * D, device="cuda", generator=g).mul(100).half()   # past +-448 too
+    pos = torch.randint(0, 2048, (T,), device="cuda", generator=g)
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    emb = torch.outer(torch.arange(2048, device="cuda").float(), inv)
+    cos, sin = torch.cat((emb, emb), -1).cos().half(), torch.cat((emb, emb), -1).sin().half()
+    slots = torch.randperm(4 * T, device="cuda", generator=g)[:T]
+    cdt = torch.float16 if cache == "float16" else torch.float8_e4m3fn
+    want = [torch.zeros(4 * T, hkv, D, device="cuda", dtype=cdt) for _ in range(2)]
+    ref = qkv.clone()
+    fused.rope_(ref, pos, cos, sin, hq + hkv, D)
+    write_kv(*want, slots, ref[:, hq * D:(hq + hkv) * D].view(T, hkv, D), ref[:, (hq + hkv) * D:].view(T, hkv, D))
+    got = [torch.zeros_like(w) for w in want]
+    out = qkv.clone()
+    fused.rope_write_kv_(out, pos, cos, sin, hq, hkv, D, slots, *got)
+    assert torch.equal(out, ref)
+    for a, b in zip(got, want):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ziya_batch.engine.attention import write_kv
+
 try:
     import triton
     import triton.language as tl
@@ -80,6 +82,52 @@ if triton is not None:
         tl.store(OUT + row * stride_o + cols, (act * u).to(OUT.dtype.element_ty), mask=mask)
 
 
+if triton is not None:
+    @triton.jit
+    def _rope_kv_kernel(QKV, POS, COS, SIN, SLOT, KC, VC, stride_t, stride_c, stride_s, HALF: tl.constexpr,
+                        D: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, BLOCK_Q: tl.constexpr,
+                        BLOCK_KV: tl.constexpr, CLAMP: tl.constexpr):
+        # one token: RoPE on its q heads (in place), on its k heads (in place and into the key cache at its
+        # slot), and its v heads into the value cache; values reach the cache rounded first to the model dtype,
+        # as write_kv stores them (float8 caches: clamped to +-448 first, as write_kv does)
+        t = tl.program_id(0)
+        pos = tl.load(POS + t)
+        slot = tl.load(SLOT + t)
+        d = tl.arange(0, HALF)
+        c = tl.load(COS + pos * stride_c + d).to(tl.float32)[None, :]
+        s = tl.load(SIN + pos * stride_c + d).to(tl.float32)[None, :]
+        row = QKV + t * stride_t
+        hq = tl.arange(0, BLOCK_Q)
+        qm = (hq < HQ)[:, None]
+        qb = row + hq[:, None] * D + d[None, :]
+        x1 = tl.load(qb, mask=qm, other=0.0).to(tl.float32)
+        x2 = tl.load(qb + HALF, mask=qm, other=0.0).to(tl.float32)
+        tl.store(qb, (x1 * c - x2 * s).to(QKV.dtype.element_ty), mask=qm)
+        tl.store(qb + HALF, (x2 * c + x1 * s).to(QKV.dtype.element_ty), mask=qm)
+        hk = tl.arange(0, BLOCK_KV)
+        km = (hk < HKV)[:, None]
+        kb = row + (HQ + hk[:, None]) * D + d[None, :]
+        k1 = tl.load(kb, mask=km, other=0.0).to(tl.float32)
+        k2 = tl.load(kb + HALF, mask=km, other=0.0).to(tl.float32)
+        r1 = (k1 * c - k2 * s).to(QKV.dtype.element_ty)
+        r2 = (k2 * c + k1 * s).to(QKV.dtype.element_ty)
+        tl.store(kb, r1, mask=km)
+        tl.store(kb + HALF, r2, mask=km)
+        vb = row + (HQ + HKV + hk[:, None]) * D + d[None, :]
+        v1 = tl.load(vb, mask=km, other=0.0)
+        v2 = tl.load(vb + HALF, mask=km, other=0.0)
+        cache = slot * stride_s + hk[:, None] * D + d[None, :]
+        if CLAMP:
+            r1 = tl.minimum(tl.maximum(r1.to(tl.float32), -448.0), 448.0)
+            r2 = tl.minimum(tl.maximum(r2.to(tl.float32), -448.0), 448.0)
+            v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -448.0), 448.0)
+            v2 = tl.minimum(tl.maximum(v2.to(tl.float32), -448.0), 448.0)
+        tl.store(KC + cache, r1.to(KC.dtype.element_ty), mask=km)
+        tl.store(KC + cache + HALF, r2.to(KC.dtype.element_ty), mask=km)
+        tl.store(VC + cache, v1.to(VC.dtype.element_ty), mask=km)
+        tl.store(VC + cache + HALF, v2.to(VC.dtype.element_ty), mask=km)
+
+
 def add_rms_norm(h: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """h: [T, H] residual, updated in place to h + x (when x is given); returns rms_norm(h) * weight (into out,
@@ -109,6 +157,27 @@ def rope_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: to
         return
     _rope_kernel[(T,)](qkv, positions, cos, sin, qkv.stride(0), cos.stride(0), HALF=head_dim // 2, D=head_dim,
                        NUM_HEADS=num_qk_heads, BLOCK_H=triton.next_power_of_2(num_qk_heads), num_warps=4)
+
+
+def rope_write_kv_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_q_heads: int,
+                   num_kv_heads: int, head_dim: int, slots: torch.Tensor, k_flat: torch.Tensor,
+                   v_flat: torch.Tensor) -> None:
+    """rope_ on the q and k heads of each qkv row, then the step's k and v heads written to the caches at their
+    slots (k_flat, v_flat: [num_slots, hkv, D]), as attention.write_kv writes them: one kernel a layer on the GPU
+    instead of three to seven. Elsewhere, and for float8 caches where check_fused did not find the kernel's bytes
+    equal to write_kv's (GPUs without float8 conversions), rope_ and write_kv."""
+    T = qkv.shape[0]
+    fp8 = k_flat.dtype == torch.float8_e4m3fn
+    if not _on_gpu(qkv) or (fp8 and not _FP8_KV_FUSED.get(_gpu_index(qkv.device), False)):
+        rope_(qkv, positions, cos, sin, num_q_heads + num_kv_heads, head_dim)
+        nq, nkv = num_q_heads * head_dim, num_kv_heads * head_dim
+        write_kv(k_flat, v_flat, slots, qkv[:, nq:nq + nkv].view(T, num_kv_heads, head_dim),
+                 qkv[:, nq + nkv:].view(T, num_kv_heads, head_dim))
+        return
+    _rope_kv_kernel[(T,)](qkv, positions, cos, sin, slots, k_flat, v_flat, qkv.stride(0), cos.stride(0),
+                          k_flat.stride(0), HALF=head_dim // 2, D=head_dim, HQ=num_q_heads, HKV=num_kv_heads,
+                          BLOCK_Q=triton.next_power_of_2(num_q_heads), BLOCK_KV=triton.next_power_of_2(num_kv_heads),
+                          CLAMP=fp8, num_warps=4)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -158,7 +227,39 @@ def check_fused(device: torch.device, dtype: torch.dtype, hidden: int, heads: in
     gu = torch.randn(T, 2 * intermediate, device=device, dtype=dtype, generator=g)
     gate, up = gu.chunk(2, dim=-1)
     ok = ok and _close(silu_mul(gu), torch.nn.functional.silu(gate) * up)
+    # RoPE with the K/V writes: exactly the rope_ kernel's rows, then write_kv's bytes (a float8 cache only on
+    # GPUs with float8 conversions; if those round otherwise, float8 caches keep the two-step path)
+    slots = torch.randperm(4 * T, device=device, generator=g)[:T]
+    kv = (slice(n // 2, n), slice(n, None))
+    for cdt in (dtype, torch.float8_e4m3fn):
+        if cdt == torch.float8_e4m3fn and torch.cuda.get_device_capability(device) < (8, 9):
+            continue
+        want = [torch.zeros(4 * T, heads, head_dim, device=device, dtype=cdt) for _ in range(2)]
+        write_kv(*want, slots, *(q2[:, c].reshape(T, heads, head_dim) for c in kv))
+        got = [torch.zeros_like(w) for w in want]
+        _FP8_KV_FUSED[_gpu_index(device)] = True        # this check runs the kernel on a float8 cache too
+        q3 = qkv.clone()
+        try:
+            rope_write_kv_(q3, pos, cos, sin, heads, heads, head_dim, slots, *got)
+            same = torch.equal(q3, q2) and all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+                                               for a, b in zip(got, want))
+        except Exception:  # noqa: BLE001 - a Triton that cannot convert to float8 here: the two-step path
+            if cdt != torch.float8_e4m3fn:
+                raise
+            same = False
+        if cdt == torch.float8_e4m3fn:
+            _FP8_KV_FUSED[_gpu_index(device)] = same
+        else:
+            ok = ok and same
     return bool(ok)
+
+
+# per GPU: whether _rope_kv_kernel stores float8 caches byte for byte as write_kv does (check_fused decides)
+_FP8_KV_FUSED: dict[int, bool] = {}
+
+
+def _gpu_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

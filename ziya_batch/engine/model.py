@@ -157,14 +157,18 @@ class Layer(nn.Module):
         """The same layer through fused Triton kernels (GPU): h: [T, H] residual, updated in place; x: this
         layer's normalised input. Returns the next layer's normalised input (next_norm applied). Its three
         pieces are what a captured mixed step replays around the attention (piecewise.py)."""
-        qkv = self.qkv_rope(x, positions, cos_t, sin_t)
-        return self.mlp_block(h, self.attend(qkv, k_cache, v_cache, meta), next_norm)
+        qkv = self.qkv_rope(x, positions, cos_t, sin_t, k_cache, v_cache, meta.slot_mapping)
+        return self.mlp_block(h, self.attend(qkv, k_cache, v_cache, meta, kv_written=True), next_norm)
 
     def qkv_rope(self, x: torch.Tensor, positions: torch.Tensor, cos_t: torch.Tensor, sin_t: torch.Tensor,
+                 k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: [T, H] normalised input -> qkv [T, (hq + 2 hkv) * D] with RoPE applied to q and k (into out)."""
+        """x: [T, H] normalised input -> qkv [T, (hq + 2 hkv) * D] with RoPE applied to q and k (into out); the
+        step's k and v are written to the layer's caches at `slots` in the same kernel."""
         qkv = _linear(x, self.qkv_proj, out)
-        fused.rope_(qkv, positions, cos_t, sin_t, self.local_heads + self.local_kv_heads, self.a.head_dim)
+        D = self.a.head_dim
+        fused.rope_write_kv_(qkv, positions, cos_t, sin_t, self.local_heads, self.local_kv_heads, D, slots,
+                             k_cache.view(-1, self.local_kv_heads, D), v_cache.view(-1, self.local_kv_heads, D))
         return qkv
 
     def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

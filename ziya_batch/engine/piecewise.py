@@ -5,7 +5,7 @@ chunks also depends on how its tokens split into chunks, which only the attentio
 a layer (the projections, norms, RoPE, SiLU, the K/V writes) depends only on the step's token count. So for each
 bucket of token counts the model is captured in num_layers + 1 pieces:
 
-    piece 0      embedding, layer 0's input norm, qkv projection, RoPE, K/V write
+    piece 0      embedding, layer 0's input norm, qkv projection, RoPE and K/V write (one kernel)
     piece i      layer i-1's o_proj, residual, norm, MLP, residual, layer i's input norm, qkv, RoPE, K/V write
     piece L      layer L-1's o_proj ... MLP, residual, the final norm
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ziya_batch.engine import fused
-from ziya_batch.engine.attention import AttentionMetadata, write_kv
+from ziya_batch.engine.attention import AttentionMetadata
 from ziya_batch.engine.model import LlamaModel
 
 # token-count buckets: every 64 tokens up to 2,048 (padding costs at most 63 rows of compute-bound GEMMs), then
@@ -76,10 +76,7 @@ class MixedStepGraphs:
         h, qkv, attn, pos, slots = self.h[:b], self.qkv[:b], self.attn[:b], self.pos[:b], self.slots[:b]
 
         def qkv_of(i: int, x: torch.Tensor) -> None:
-            layers[i].qkv_rope(x, pos, cos_t, sin_t, out=qkv)
-            _, k, v = layers[i].split_qkv(qkv)
-            kc, vc = self.kv_caches[i]
-            write_kv(kc.view(-1, *kc.shape[2:]), vc.view(-1, *vc.shape[2:]), slots, k, v)
+            layers[i].qkv_rope(x, pos, cos_t, sin_t, *self.kv_caches[i], slots, out=qkv)
 
         def first() -> None:
             torch.index_select(m.embed, 0, self.ids[:b], out=h)
