@@ -11,13 +11,15 @@ bucket of token counts the model is captured in num_layers + 1 pieces:
 
 and a step replays them with each layer's attention launched eagerly in between (two Triton launches a layer),
 reading the pieces' static qkv buffer and writing their static attention buffer. A step of T tokens runs in the
-first bucket of at least T tokens; the padding rows compute on whatever their buffers hold (every row of these
-pieces is independent of the others), take position 0 and write their K/V to the cache's scratch slot, and are
-never read. Without graphs (capture=False: the CPU, tests) the same pieces run eagerly, padding and all.
+first bucket of at least T tokens; the padding rows compute on whatever earlier steps left in their buffers (valid
+ids and positions; every row of these pieces is independent of the others), write their K/V to the cache's
+scratch slot, and are never read. Without graphs (capture=False: the CPU, tests) the same pieces run eagerly, padding and all.
 
-What this removes: launching a mixed step eagerly took the host 15-33 ms (~700 launches through PyTorch's and
-Triton's Python launchers), which the GPU waited for after short decode steps (float8 weights or cache,
-docs/BENCHMARKS.md). Replaying takes ~40 graph launches and ~80 attention launches."""
+What this removes (one H100, 2026-12-06, docs/BENCHMARKS.md): launching a step with prefill eagerly took the host
+24 ms (float16) to 46 ms (FP8 weights and cache) for ~600-800 launches through PyTorch's and Triton's Python
+launchers, which the GPU waited for after the short decode steps of FP8; replayed, 10-11 ms, and FP8's W1 ran
+6.4% faster. Float16's steps with prefill are GPU-bound either way (their GEMMs over ~800 rows), so there the
+pieces change nothing measurable."""
 from __future__ import annotations
 
 from typing import Callable, Optional

@@ -95,9 +95,9 @@ class ModelRunner:
             if bucket is not None and all(len(c.children) == 0 for c in chunks):
                 logits = self._replay(decodes, bucket, src, fix)
                 return logits[torch.tensor(row_idx, device=self.device)] if len(row_idx) != nd else logits[:nd], rows
-        return self._run_eager(chunks, nd, row_idx, src, fix), rows
+        return self._run_step(chunks, nd, row_idx, src, fix), rows
 
-    def _run_eager(self, chunks: list[ScheduledChunk], nd: int, row_idx: list[int], src: list[int],
+    def _run_step(self, chunks: list[ScheduledChunk], nd: int, row_idx: list[int], src: list[int],
                    prev_tokens: Optional[torch.Tensor]) -> torch.Tensor:
         bs = self.block_size
         # decode rows as plain ints (one token each: numpy per row costs more than it saves), then prefill chunks
