@@ -117,11 +117,12 @@ if triton is not None:
         v1 = tl.load(vb, mask=km, other=0.0)
         v2 = tl.load(vb + HALF, mask=km, other=0.0)
         cache = slot * stride_s + hk[:, None] * D + d[None, :]
-        if CLAMP:
-            r1 = tl.minimum(tl.maximum(r1.to(tl.float32), -448.0), 448.0)
-            r2 = tl.minimum(tl.maximum(r2.to(tl.float32), -448.0), 448.0)
-            v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -448.0), 448.0)
-            v2 = tl.minimum(tl.maximum(v2.to(tl.float32), -448.0), 448.0)
+        if CLAMP:      # as torch's clamp: a NaN stays NaN (overflowed activations must show, not become +-448)
+            nan = tl.PropagateNan.ALL
+            r1 = tl.minimum(tl.maximum(r1.to(tl.float32), -448.0, propagate_nan=nan), 448.0, propagate_nan=nan)
+            r2 = tl.minimum(tl.maximum(r2.to(tl.float32), -448.0, propagate_nan=nan), 448.0, propagate_nan=nan)
+            v1 = tl.minimum(tl.maximum(v1.to(tl.float32), -448.0, propagate_nan=nan), 448.0, propagate_nan=nan)
+            v2 = tl.minimum(tl.maximum(v2.to(tl.float32), -448.0, propagate_nan=nan), 448.0, propagate_nan=nan)
         tl.store(KC + cache, r1.to(KC.dtype.element_ty), mask=km)
         tl.store(KC + cache + HALF, r2.to(KC.dtype.element_ty), mask=km)
         tl.store(VC + cache, v1.to(VC.dtype.element_ty), mask=km)
@@ -168,7 +169,7 @@ def rope_write_kv_(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor
     equal to write_kv's (GPUs without float8 conversions), rope_ and write_kv."""
     T = qkv.shape[0]
     fp8 = k_flat.dtype == torch.float8_e4m3fn
-    if not _on_gpu(qkv) or (fp8 and not _FP8_KV_FUSED.get(_gpu_index(qkv.device), False)):
+    if not _on_gpu(qkv) or (fp8 and not _FP8_KV_FUSED.get((_gpu_index(qkv.device), qkv.dtype), False)):
         rope_(qkv, positions, cos, sin, num_q_heads + num_kv_heads, head_dim)
         nq, nkv = num_q_heads * head_dim, num_kv_heads * head_dim
         write_kv(k_flat, v_flat, slots, qkv[:, nq:nq + nkv].view(T, num_kv_heads, head_dim),
@@ -231,31 +232,36 @@ def check_fused(device: torch.device, dtype: torch.dtype, hidden: int, heads: in
     # GPUs with float8 conversions; if those round otherwise, float8 caches keep the two-step path)
     slots = torch.randperm(4 * T, device=device, generator=g)[:T]
     kv = (slice(n // 2, n), slice(n, None))
+    key = (_gpu_index(device), dtype)
     for cdt in (dtype, torch.float8_e4m3fn):
-        if cdt == torch.float8_e4m3fn and torch.cuda.get_device_capability(device) < (8, 9):
+        fp8 = cdt == torch.float8_e4m3fn
+        if fp8 and torch.cuda.get_device_capability(device) < (8, 9):
+            _FP8_KV_FUSED[key] = False
             continue
         want = [torch.zeros(4 * T, heads, head_dim, device=device, dtype=cdt) for _ in range(2)]
         write_kv(*want, slots, *(q2[:, c].reshape(T, heads, head_dim) for c in kv))
         got = [torch.zeros_like(w) for w in want]
-        _FP8_KV_FUSED[_gpu_index(device)] = True        # this check runs the kernel on a float8 cache too
+        if fp8:
+            _FP8_KV_FUSED[key] = True                   # so that the call below runs the kernel
         q3 = qkv.clone()
         try:
             rope_write_kv_(q3, pos, cos, sin, heads, heads, head_dim, slots, *got)
             same = torch.equal(q3, q2) and all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
                                                for a, b in zip(got, want))
         except Exception:  # noqa: BLE001 - a Triton that cannot convert to float8 here: the two-step path
-            if cdt != torch.float8_e4m3fn:
+            if not fp8:
                 raise
             same = False
-        if cdt == torch.float8_e4m3fn:
-            _FP8_KV_FUSED[_gpu_index(device)] = same
+        if fp8:
+            _FP8_KV_FUSED[key] = same
         else:
             ok = ok and same
     return bool(ok)
 
 
-# per GPU: whether _rope_kv_kernel stores float8 caches byte for byte as write_kv does (check_fused decides)
-_FP8_KV_FUSED: dict[int, bool] = {}
+# per (GPU, model dtype): whether _rope_kv_kernel stores float8 caches byte for byte as write_kv does (check_fused
+# decides; unchecked: no)
+_FP8_KV_FUSED: dict[tuple[int, torch.dtype], bool] = {}
 
 
 def _gpu_index(device: torch.device) -> int:

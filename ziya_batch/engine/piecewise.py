@@ -98,10 +98,14 @@ class MixedStepGraphs:
         s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
+            for b in self.buckets:                      # warm-up outside capture (Triton, cuBLAS heuristics)
+                for piece in self._pieces(b):
+                    piece()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()                        # the warm-ups' cached blocks: the pool allocates its own
+        with torch.cuda.stream(s):
             for b in reversed(self.buckets):            # largest first: smaller ones reuse its memory in the pool
                 pieces = self._pieces(b)
-                for piece in pieces:                    # warm-up outside capture (Triton, cuBLAS heuristics)
-                    piece()
                 graphs = []
                 for piece in pieces:
                     g = torch.cuda.CUDAGraph()
