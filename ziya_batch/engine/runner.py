@@ -98,7 +98,7 @@ class ModelRunner:
         return self._run_step(chunks, nd, row_idx, src, fix), rows
 
     def _run_step(self, chunks: list[ScheduledChunk], nd: int, row_idx: list[int], src: list[int],
-                   prev_tokens: Optional[torch.Tensor]) -> torch.Tensor:
+                  prev_tokens: Optional[torch.Tensor]) -> torch.Tensor:
         bs = self.block_size
         # decode rows as plain ints (one token each: numpy per row costs more than it saves), then prefill chunks
         one = [(c.seq.token_ids[c.start], c.start, c.seq.block_ids[c.start // bs] * bs + c.start % bs, i)
