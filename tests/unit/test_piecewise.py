@@ -89,3 +89,14 @@ def test_n_samples_and_decode_steps_with_children_go_through_the_pieces():
                                                             n=3, logprobs_mode="processed"))])[0]
     ref, _ = hf_greedy(tiny_llama(), prompt, 6)
     assert [c.token_ids for c in out.completions] == [ref] * 3
+
+
+def test_the_bench_s_synthetic_step_with_prefill_runs_the_same_through_the_pieces():
+    from ziya_batch.tools.bench_core import mixed_step_inputs
+    eng = pieces_engine(buckets=(64,), num_kv_blocks=64)
+    ids, pos, meta, rows = mixed_step_inputs(eng, decode=5, context=20, prefill=(16, 8))
+    assert ids.shape[0] == 29 and meta.num_decode == 5 and rows.tolist()[-2:] == [20, 28]
+    want = eng.model(ids, pos, eng.kv_caches, meta, rows)
+    got = eng.runner.mixed.run(ids, pos, meta, rows)
+    assert got.shape == want.shape == (7, eng.model.args.vocab_size)
+    assert torch.allclose(got, want, atol=1e-4)

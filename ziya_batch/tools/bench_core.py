@@ -176,6 +176,11 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
         driver.stop()     # the step profile replays rank 0's graphs alone: single GPU only
     else:
         prof["breakdown"] = profile_decode_step(eng, a, bw, batch=128, context=512)
+        if eng.runner.mixed is not None:
+            try:          # a profile that fails must not lose the run's numbers
+                prof["mixed_breakdown"] = profile_mixed_step(eng, decode=224, context=512, prefill=(256, 256))
+            except Exception as e:  # noqa: BLE001
+                prof["mixed_breakdown"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     del eng, model
     gc.collect(); torch.cuda.empty_cache()
     return row, prof
@@ -233,6 +238,47 @@ def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, con
                 attention_ms=1e3 * attn, sampling_ms=1e3 * samp,
                 weights_floor_ms=1e3 * _weight_bytes(a, eng.config.quantization) / bw,
                 kv_floor_ms=1e3 * kv_bytes / bw, kernels=_kernel_profile(eng, b))
+
+
+def mixed_step_inputs(eng: LLMEngine, decode: int, context: int, prefill: tuple[int, ...], seed: int = 0):
+    """A synthetic step with prefill on eng's cache: `decode` sequences of `context` tokens each taking one token,
+    then one chunk per entry of `prefill` (that many new tokens after as many cached ones), every sequence over
+    random blocks; every new token's K/V goes to the scratch slot. Returns (ids, positions, meta, logits rows)
+    as the runner hands them to the model or its pieces."""
+    from ziya_batch.engine.attention import AttentionMetadata, prefill_batch
+    r, dev, bs = eng.runner, eng.device, eng.runner.block_size
+    g = torch.Generator().manual_seed(seed)
+    T = decode + sum(prefill)
+    ids = torch.randint(3, eng.model.args.vocab_size, (T,), generator=g)
+    pos, chunks, tok = [context - 1] * decode, [], decode
+    for n in prefill:
+        chunks.append((tok, n, n))
+        pos += list(range(n, 2 * n))
+        tok += n
+    rows = list(range(decode)) + [start + n - 1 for start, n, _ in chunks]
+
+    def blocks(k: int, per: int) -> torch.Tensor:
+        return torch.randint(0, eng.num_blocks, (k, per), generator=g, dtype=torch.int32).to(dev)
+    pre_bt = torch.zeros(len(chunks), r.max_blocks, dtype=torch.int32, device=dev)
+    for i, (_, n, _) in enumerate(chunks):
+        pre_bt[i, :-(-2 * n // bs)] = blocks(1, -(-2 * n // bs))[0]
+    dec_bt = torch.zeros(decode, r.max_blocks, dtype=torch.int32, device=dev)
+    dec_bt[:, :-(-context // bs)] = blocks(decode, -(-context // bs))
+    meta = AttentionMetadata(torch.full((T,), r.scratch_slot, dtype=torch.int64, device=dev), decode, dec_bt,
+                             torch.full((decode,), context, dtype=torch.int32, device=dev), bs,
+                             prefill_batch(chunks, pre_bt) if chunks else None, r.use_triton)
+    return ids.to(dev), torch.tensor(pos, device=dev), meta, torch.tensor(rows, device=dev)
+
+
+def profile_mixed_step(eng: LLMEngine, decode: int, context: int, prefill: tuple[int, ...]) -> dict:
+    """Where a step with prefill goes through the runner's pieces: its time, and its kernels under the profiler
+    (the pieces' graph replays show their kernels too)."""
+    ids, pos, meta, rows = mixed_step_inputs(eng, decode, context, prefill)
+
+    def run():
+        return eng.runner.mixed.run(ids, pos, meta, rows)
+    return dict(decode=decode, context=context, prefill=list(prefill), step_ms=1e3 * _time_s(run),
+                kernels=profile_kernels(run))
 
 
 def _kernel_profile(eng: LLMEngine, b: int, top: int = 10) -> list[tuple[str, float, int]]:
@@ -306,6 +352,13 @@ def _print_table(rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
         print("[bench] " + _breakdown_text(prof), flush=True)
         for name, ms, n in (prof.get("breakdown") or {}).get("kernels", []):
             print(f"[bench]   {ms:8.3f} ms {n:5d}x  {name}", flush=True)
+        mb = prof.get("mixed_breakdown")
+        if mb:
+            print(f"[bench] a step with prefill through the pieces ({mb.get('decode')} decode rows of "
+                  f"{mb.get('context')} tokens, prefill chunks {mb.get('prefill')}): "
+                  + (f"{mb['step_ms']:.2f} ms" if "step_ms" in mb else mb.get("error", "")), flush=True)
+            for name, ms, n in mb.get("kernels", []):
+                print(f"[bench]   {ms:8.3f} ms {n:5d}x  {name}", flush=True)
         print("[bench] decode kernel tuning (BLOCK_N, warps, stages, TAIL_N) -> us: " + ", ".join(
             f"{c}: {t * 1e6:.0f}" for c, t in prof.get("tuning", [])), flush=True)
 
