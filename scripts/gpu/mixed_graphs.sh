@@ -7,6 +7,8 @@
 #   fp8    W1 with FP8 weights and the float8 KV cache: mixed-step graphs on, then off
 #   f16on, fp8on  the same with mixed-step graphs on only, without the baseline
 #   stack  W1 through Redis, Ray and one worker (bench_stack.py --configs 1x1) on random 13B-shape weights
+#   quality  the FP8 quality gate on a trained 13B-shape model (fp8_quality.py; its 40 layers need an H200's
+#          memory; on an H100 QUALITY_ARGS="--layers 20 --steps 600 --train-max-s 190")
 #   gemm   the four projections at decode row counts under cuBLAS, cuBLASLt and TunableOp
 # Ray, redis and the spec's packages come from .gpuwhl-b/install.sh (run beforehand: /tmp/site, /tmp/redis).
 # Logs go to $OUT.
@@ -24,6 +26,7 @@ for st in ${STAGE:-tests f16}; do
     fp8on) timeout ${FP8_S:-130} python3 -m ziya_batch.tools.bench --only engine,roofline --quantization fp8 --kv-cache-dtype fp8 2>&1 | tee "$OUT/bench_fp8on.log" | grep '^\[bench\]' ;;
     fp8) timeout ${FP8_S:-230} python3 -m ziya_batch.tools.bench --only engine,roofline --quantization fp8 --kv-cache-dtype fp8 --mixed-graphs both 2>&1 | tee "$OUT/bench_fp8.log" | grep '^\[bench\]' ;;
     stack) timeout ${STACK_S:-330} python3 scripts/gpu/bench_stack.py --work /tmp/stack --out "$OUT" --configs 1x1 --skip-parity 2>&1 | tee "$OUT/stack.log" | grep '^\[stack\]' ;;
+    quality) timeout ${QUALITY_S:-590} python3 scripts/gpu/fp8_quality.py --work /tmp/quality --out "$OUT" ${QUALITY_ARGS:-} 2>&1 | grep -v 'Writing model' | tee "$OUT/quality.log" | tail -12 ;;
     gemm) timeout ${GEMM_S:-90} python3 scripts/gpu/gemm_blas.py --rows 64,128,192,256 --libs cublas,cublaslt,tunable 2>&1 | tee "$OUT/gemm.log" ;;
   esac
 done

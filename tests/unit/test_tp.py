@@ -85,10 +85,11 @@ def test_a_sharded_load_refuses_a_split_that_does_not_divide(tmp_path):
                                    tp=(0, 4))
 
 
-@pytest.mark.parametrize("num_kv_heads,loaded", [(2, False), (2, True)])   # 4 heads, 2 kv heads: 2 + 1 per rank
-def test_two_gloo_ranks_match_one_process_token_for_token(tmp_path, num_kv_heads, loaded):
+@pytest.mark.parametrize("num_kv_heads,loaded,pieces", [(2, False, ()), (2, True, ()), (2, False, (16, 40))])
+def test_two_gloo_ranks_match_one_process_token_for_token(tmp_path, num_kv_heads, loaded, pieces):
     """Both ways a rank gets its shard: apply_tp on the whole model, and loading the saved checkpoint sharded
-    (as LLMEngine does for `model.tensor_parallel`)."""
+    (as LLMEngine does for `model.tensor_parallel`); and with the steps with prefill in pieces (their
+    all-reduces inside the pieces, as captured on GPUs; 4 heads, 2 kv heads: 2 + 1 per rank)."""
     rng = random.Random(num_kv_heads)
     prompts = [[rng.randrange(3, 300) for _ in range(rng.randint(3, 40))] for _ in range(6)]
     model_dir = ""
@@ -96,7 +97,7 @@ def test_two_gloo_ranks_match_one_process_token_for_token(tmp_path, num_kv_heads
         tiny_llama(num_kv_heads).save_pretrained(tmp_path / "m")
         model_dir = str(tmp_path / "m")
     # few blocks: the tensor-parallel run also preempts and recomputes, and n=2 forks share blocks
-    args = (2, str(tmp_path / "init"), num_kv_heads, prompts, 10, 2, 40, str(tmp_path / "out.json"), model_dir)
+    args = (2, str(tmp_path / "init"), num_kv_heads, prompts, 10, 2, 40, str(tmp_path / "out.json"), model_dir, pieces)
     mp.spawn(tp_generate_worker, args=args, nprocs=2, join=True)
     got = json.loads((tmp_path / "out.json").read_text())
     # the same path as the ranks (our model, no tokenizer, so no EOS id), unsharded

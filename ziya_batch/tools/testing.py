@@ -86,10 +86,12 @@ def load_sharded(model_dir: str, rank: int, world_size: int, device: torch.devic
 
 
 def tp_generate_worker(rank: int, world_size: int, init_file: str, num_kv_heads: int, prompts: list,
-                       max_new_tokens: int, n: int, num_kv_blocks: int, result_file: str, model_dir: str = "") -> None:
+                       max_new_tokens: int, n: int, num_kv_blocks: int, result_file: str, model_dir: str = "",
+                       pieces: tuple[int, ...] = ()) -> None:
     """One process of a CPU tensor-parallel run (gloo): rank 0 schedules and writes the greedy tokens of every
     completion as JSON to result_file; the other ranks follow. The model is tiny_llama(num_kv_heads), built
-    whole and sharded by apply_tp, or, with model_dir (that model saved there), loaded sharded."""
+    whole and sharded by apply_tp, or, with model_dir (that model saved there), loaded sharded. With pieces
+    (token-count buckets), every rank runs the steps that fit them through the mixed-step pieces, eagerly."""
     import json
 
     import torch.distributed as dist
@@ -110,6 +112,10 @@ def tp_generate_worker(rank: int, world_size: int, init_file: str, num_kv_heads:
         eng = LLMEngine.from_model(model, None, EngineConfig(model_path="", device="cpu", block_size=4,
                                                              max_num_batched_tokens=64, num_kv_blocks=num_kv_blocks,
                                                              admission_horizon_tokens=0))
+        if pieces:
+            from ziya_batch.engine.piecewise import MixedStepGraphs
+            eng.runner.mixed = MixedStepGraphs(eng.model, eng.kv_caches, list(pieces), eng.runner.scratch_slot,
+                                               eng.device, capture=False)
         if rank == 0:
             driver = enable_tp_driver(eng)
             params = SamplingParams(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, temperature=0.0,
