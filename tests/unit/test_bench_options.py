@@ -59,3 +59,20 @@ def test_workload_w3_refuses_options_it_would_ignore(monkeypatch):
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
     with pytest.raises(bench.ModelError, match="--workload W3"):
         bench.run_bench(BenchOptions(workload="W3", prefix_caching="both"))
+
+
+def test_seats_and_mixed_step_graphs_are_options():
+    assert parse_options(["--max-num-seqs", "384", "--mixed-graphs", "both"]) == \
+        BenchOptions(max_num_seqs=384, mixed_graphs="both")
+    assert BenchOptions.max_num_seqs == EngineConfig.max_num_seqs and BenchOptions.mixed_graphs == "on"
+
+
+@pytest.mark.parametrize("opts,match", [
+    (BenchOptions(workload="W2", max_num_seqs=384), "--max-num-seqs applies to workload W1"),
+    (BenchOptions(mixed_graphs="both", tensor_parallel=2), "--mixed-graphs both runs on one GPU"),
+    (BenchOptions(mixed_graphs="sometimes"), "--mixed-graphs must be one of"),
+])
+def test_options_a_run_would_ignore_or_cannot_take_are_refused_first(monkeypatch, opts, match):
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(bench.ModelError, match=match):
+        bench.run_bench(opts)

@@ -46,7 +46,8 @@ GENERATED = "### Last `ziya-batch bench --markdown` run"
 def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requests: int, seed: int,
                    result_file: str, schedule: str = BenchOptions.schedule,
                    kv_cache_dtype: str = BenchOptions.kv_cache_dtype,
-                   quantization: Optional[str] = BenchOptions.quantization, mixed_graphs: bool = True) -> None:
+                   quantization: Optional[str] = BenchOptions.quantization, mixed_graphs: bool = True,
+                   max_num_seqs: int = BenchOptions.max_num_seqs) -> None:
     """One process of `bench --tensor-parallel K`: one GPU each, NCCL; rank 0 runs the workload and writes
     its row and profile as JSON, the others follow its steps."""
     import json
@@ -64,12 +65,13 @@ def _tp_bench_rank(rank: int, world_size: int, init_file: str, layers: int, requ
         if rank == 0:
             row, prof = bench_engine(a, workload_w1(requests, a.vocab_size, seed), device, bw, seed, world_size,
                                      schedule, kv_cache_dtype, quantization=quantization,
-                                     mixed_step_graphs=mixed_graphs)
+                                     mixed_step_graphs=mixed_graphs, max_num_seqs=max_num_seqs)
             with open(result_file, "w") as fh:
                 json.dump({"row": row, "prof": prof, "bw": bw}, fh)
         else:
             eng, _ = _build_engine(a, device, seed, rank, world_size, schedule, kv_cache_dtype,
-                                   quantization=quantization, mixed_step_graphs=mixed_graphs)
+                                   quantization=quantization, mixed_step_graphs=mixed_graphs,
+                                   max_num_seqs=max_num_seqs)
             serve_follower(eng)
     except BaseException:
         # no destroy_process_group (see below): report and leave, so mp.spawn sees the failure and stops the
@@ -97,7 +99,7 @@ def bench_engine_tp(opts: "BenchOptions") -> tuple[dict, dict, float]:
         result = os.path.join(tmp, "rank0.json")
         mp.spawn(_tp_bench_rank, args=(k, os.path.join(tmp, "init"), opts.layers, opts.requests, opts.seed, result,
                                        opts.schedule, opts.kv_cache_dtype, opts.quantization,
-                                       MIXED_GRAPHS[opts.mixed_graphs][0]), nprocs=k, join=True)
+                                       MIXED_GRAPHS[opts.mixed_graphs][0], opts.max_num_seqs), nprocs=k, join=True)
         with open(result) as fh:
             got = json.load(fh)
     return got["row"], got["prof"], got["bw"]
@@ -117,6 +119,9 @@ def run_bench(opts: BenchOptions) -> list[dict]:
         raise ModelError(f"bench --mixed-graphs must be one of {', '.join(MIXED_GRAPHS)}, not {opts.mixed_graphs!r}")
     if opts.mixed_graphs == "both" and opts.tensor_parallel > 1:
         raise ModelError("bench --mixed-graphs both runs on one GPU: leave out --tensor-parallel, or pick on or off")
+    if opts.max_num_seqs != BenchOptions.max_num_seqs and (opts.workload != "W1" or opts.prefix_caching != "on"):
+        raise ModelError("bench --max-num-seqs applies to workload W1's engine rows: leave it out for "
+                         f"--workload {opts.workload} / --prefix-caching {opts.prefix_caching}")
     if opts.schedule not in POLICIES:
         raise ModelError(f"bench --schedule must be one of {', '.join(POLICIES)}, not {opts.schedule!r}")
     only = set(opts.only) or set(METHODS)
@@ -147,7 +152,7 @@ def run_bench(opts: BenchOptions) -> list[dict]:
             for mixed in MIXED_GRAPHS[opts.mixed_graphs]:        # the first variant's profile is the table's
                 r, p = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule,
                                     kv_cache_dtype=opts.kv_cache_dtype, quantization=opts.quantization,
-                                    mixed_step_graphs=mixed)
+                                    mixed_step_graphs=mixed, max_num_seqs=opts.max_num_seqs)
                 engine_rows.append(r)
                 if prof is None:
                     row, prof = r, p
@@ -278,6 +283,8 @@ def parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--logprobs", action="append", default=[], metavar="VARIANTS",
                    help="extra W1 engine runs, one per logprobs variant (MODE or MODE+topK), comma-separated or "
                         "repeated, e.g. processed,temperature,temperature+top5")
+    p.add_argument("--max-num-seqs", type=_positive, default=d.max_num_seqs,
+                   help="the engine's seats (engine.max_num_seqs of a job spec; CUDA graphs up to 512)")
     p.add_argument("--mixed-graphs", choices=tuple(MIXED_GRAPHS), default=d.mixed_graphs,
                    help="steps with prefill from CUDA graphs captured in pieces (on) or eager (off); both: one "
                         "engine row each, in one process")
@@ -289,7 +296,7 @@ def parse_options(argv: Optional[list[str]] = None, prog: Optional[str] = None) 
     only = tuple(x for o in a.only for x in o.split(",") if x)
     return BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown, only, a.seed, a.schedule,
                         a.kv_cache_dtype, a.workload, a.prefix_caching, a.quantization,
-                        tuple(x for o in a.logprobs for x in o.split(",") if x), a.mixed_graphs)
+                        tuple(x for o in a.logprobs for x in o.split(",") if x), a.mixed_graphs, a.max_num_seqs)
 
 
 def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> None:

@@ -40,6 +40,7 @@ class BenchOptions:
     # steps with prefill from CUDA graphs captured in pieces (engine.piecewise) or eager: on | off | both (one
     # engine row each, in that order, in one process: the A/B of one card)
     mixed_graphs: str = "on"
+    max_num_seqs: int = EngineConfig.max_num_seqs      # the engine's seats (engine.max_num_seqs of a job spec)
 
 
 # the engine the bench runs: the engine's defaults (float16 on the GPU) but W1's prompt + output within 1,024
@@ -159,6 +160,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                     f"{'from graphs' if eng.runner.mixed is not None else 'eager'}; schedule {schedule}"
                     + (f"; KV cache {kv_cache_dtype}" if kv_cache_dtype != EngineConfig.kv_cache_dtype else "")
                     + (f"; weights {cfg.quantization}" if cfg.quantization else "")
+                    + (f"; {cfg.max_num_seqs} seats" if cfg.max_num_seqs != EngineConfig.max_num_seqs else "")
                     + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else "")
                     + f"; prefix caching {_hit_note(eng)}")
     prof = dict(decode_steps=n_dec_steps, decode_step_ms=1e3 * dec_s / max(n_dec_steps, 1),

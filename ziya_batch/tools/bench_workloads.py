@@ -89,7 +89,7 @@ def bench_logprobs(a: ModelArgs, work, device, bw: float, opts: BenchOptions) ->
     for name, params in variants:
         row, _ = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule,
                               kv_cache_dtype=opts.kv_cache_dtype, logprobs=params,
-                              quantization=opts.quantization)
+                              quantization=opts.quantization, max_num_seqs=opts.max_num_seqs)
         row = {**row, "method": f"engine [{name}]", "note": f"logprobs {name}; " + row["note"]}
         rows.append(row)
         _print_row(row)
