@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ziya_batch.engine import fp8_checkpoint, quant
+from ziya_batch.engine import fused as fused_kernels
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.model import LlamaModel, ModelArgs, iter_checkpoint
 from ziya_batch.tools.testing import chain_sequences, markov_chain, trained_tiny_llama
@@ -82,6 +83,23 @@ def test_the_fused_activation_quantisation_matches_torch(rows, cols):
     assert torch.allclose(got_s, want_s, rtol=1e-6, atol=0)
     diff = (got_q.float() - want_q.float()).abs()
     assert (diff <= want_q.float().abs() * 2.0 ** -3 + 2.0 ** -9).all() and (diff > 0).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_norm_quantises_its_rows_as_the_two_kernels_do(dtype, model_dirs):
+    assert quant.check_fused_norm_quantize(torch.device("cuda"), dtype)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    h = torch.randn(300, 5120, device="cuda", dtype=dtype, generator=g) * 30
+    x, w = torch.randn_like(h), torch.rand(5120, device="cuda", dtype=dtype, generator=g) + 0.5
+    h1, h2 = h.clone(), h.clone()
+    want_q, want_s = quant.quantize_rows_fused(fused_kernels.add_rms_norm(h1, x, w, 1e-5))
+    got = fused_kernels.add_rms_norm(h2, x, w, 1e-5, quantize=True)
+    assert torch.equal(h1, h2) and torch.equal(got.scale, want_s) and got.dtype == dtype
+    assert torch.equal(got.q.view(torch.uint8), want_q.view(torch.uint8))
+    # a loaded FP8 model's projections take the rows so quantised
+    model = load(model_dirs[0], "fp8")
+    assert all(getattr(layer, n).takes_rows for layer in model.layers
+               for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
 
 
 def test_scaled_mm_matches_the_float32_emulation():

@@ -286,6 +286,19 @@ def test_the_fused_activation_quantisation_is_off_on_the_cpu():
         from_hf_model(tiny_llama(2), CPU, torch.float32)).layers for n in PROJ)
 
 
+def test_rows_quantised_by_the_norm_give_what_the_linear_quantising_them_gives():
+    # the CPU runs _scaled_mm too: an Fp8Linear handed fused.QuantizedRows skips its own quantisation
+    from ziya_batch.engine.fused import QuantizedRows
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(48, 64, generator=g) * 0.05, torch.randn(9, 64, generator=g)
+    lin = quant.Fp8Linear(*quant.quantize_weight(w))
+    got = lin(QuantizedRows(*quant.quantize_rows(x), torch.float32))
+    assert got.dtype == torch.float32 and torch.allclose(got, lin(x), rtol=1e-5, atol=1e-5)
+    assert quant.check_fused_norm_quantize(CPU, torch.float32) is False
+    assert not any(getattr(layer, n).takes_rows for layer in quant.quantize_model(
+        from_hf_model(tiny_llama(2), CPU, torch.float32)).layers for n in PROJ)
+
+
 def test_the_bench_roofline_counts_one_byte_a_float8_weight():
     from ziya_batch.tools.bench import _args, _weight_bytes
     a = _args(40)

@@ -10,6 +10,8 @@ falls back to torch if they disagree. Off the GPU each fused function computes i
 the fused layer's structure (which the pieces of a captured mixed step follow, piecewise.py) runs anywhere."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ziya_batch.engine.attention import write_kv
@@ -37,8 +39,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 if triton is not None:
     @triton.jit
-    def _add_rms_norm_kernel(H, X, W, OUT, stride_h, stride_x, stride_o, eps, N: tl.constexpr,
-                             BLOCK: tl.constexpr, HAS_X: tl.constexpr):
+    def _add_rms_norm_kernel(H, X, W, OUT, S, stride_h, stride_x, stride_o, eps, N: tl.constexpr,
+                             BLOCK: tl.constexpr, HAS_X: tl.constexpr, QUANT: tl.constexpr):
+        # QUANT: OUT is float8 and S gets each row's scale: the row, rounded to the model dtype as it would be
+        # stored, quantised as quant._quantize_rows_kernel does it (the same operations, so the same bytes)
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < N
@@ -51,8 +55,16 @@ if triton is not None:
         var = tl.sum(hf * hf, axis=0) / N
         normed = (hf * tl.rsqrt(var + eps)).to(H.dtype.element_ty)
         w = tl.load(W + cols, mask=mask, other=0.0)
-        tl.store(OUT + row * stride_o + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(OUT.dtype.element_ty),
-                 mask=mask)
+        y = (w.to(tl.float32) * normed.to(tl.float32)).to(H.dtype.element_ty)
+        if QUANT:
+            yf = y.to(tl.float32)
+            amax = tl.max(tl.maximum(tl.zeros([BLOCK], dtype=tl.float32), tl.abs(yf)), axis=0)
+            scale = tl.maximum(amax / 448.0, 1e-12)
+            tl.store(S + row, scale)
+            q = tl.minimum(tl.maximum(yf / scale, -448.0), 448.0)
+            tl.store(OUT + row * stride_o + cols, q.to(OUT.dtype.element_ty), mask=mask)
+        else:
+            tl.store(OUT + row * stride_o + cols, y.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rope_kernel(QK, POS, COS, SIN, stride_t, stride_c, HALF: tl.constexpr, D: tl.constexpr,
@@ -129,20 +141,41 @@ if triton is not None:
         tl.store(VC + cache + HALF, v2.to(VC.dtype.element_ty), mask=km)
 
 
+class QuantizedRows(NamedTuple):
+    """Rows in float8 e4m3 with one float32 scale each ([T, 1]), as quant.quantize_rows makes them, and the dtype
+    the rows had: what add_rms_norm(quantize=True) hands a quant.Fp8Linear instead of the float16 rows."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
 def add_rms_norm(h: torch.Tensor, x: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, quantize: bool = False):
     """h: [T, H] residual, updated in place to h + x (when x is given); returns rms_norm(h) * weight (into out,
-    when given). Off the GPU, the torch reference with the same rounding (the residual stored first)."""
+    when given). Off the GPU, the torch reference with the same rounding (the residual stored first).
+    quantize (GPU only): returns the normalised rows as QuantizedRows for an FP8 projection instead, in the same
+    kernel (quant.check_fused_norm_quantize decides whether a model may ask)."""
     T, N = h.shape
+    if quantize:
+        if not _on_gpu(h):
+            raise ValueError("add_rms_norm(quantize=True) runs on the GPU only")
+        q = torch.empty(T, N, dtype=torch.float8_e4m3fn, device=h.device)
+        scale = torch.empty(T, 1, dtype=torch.float32, device=h.device)
+        _add_rms_norm_kernel[(T,)](h, x if x is not None else h, weight, q, scale, h.stride(0),
+                                   x.stride(0) if x is not None else 0, q.stride(0), eps, N=N,
+                                   BLOCK=triton.next_power_of_2(N), HAS_X=x is not None, QUANT=True,
+                                   num_warps=8 if N >= 2048 else 4)
+        return QuantizedRows(q, scale, h.dtype)
     if not _on_gpu(h):
         if x is not None:
             h.add_(x)
         y = rms_norm(h, weight, eps)
         return y if out is None else out.copy_(y)
     out = torch.empty_like(h) if out is None else out
-    _add_rms_norm_kernel[(T,)](h, x if x is not None else h, weight, out, h.stride(0),
+    _add_rms_norm_kernel[(T,)](h, x if x is not None else h, weight, out, out, h.stride(0),
                                x.stride(0) if x is not None else 0, out.stride(0), eps, N=N,
-                               BLOCK=triton.next_power_of_2(N), HAS_X=x is not None, num_warps=8 if N >= 2048 else 4)
+                               BLOCK=triton.next_power_of_2(N), HAS_X=x is not None, QUANT=False,
+                               num_warps=8 if N >= 2048 else 4)
     return out
 
 

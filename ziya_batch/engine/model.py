@@ -97,6 +97,15 @@ def _linear(x: torch.Tensor, w, out: Optional[torch.Tensor] = None) -> torch.Ten
     return F.linear(x, w) if out is None else torch.mm(x, w.t(), out=out)
 
 
+def norm_for(proj, h: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
+             out: Optional[torch.Tensor] = None):
+    """fused.add_rms_norm for the projection `proj` that reads its output: for an FP8 projection that takes them,
+    the rows come quantised from the same kernel (fused.QuantizedRows); otherwise in the model dtype (into out)."""
+    if isinstance(proj, quant.Fp8Linear) and proj.takes_rows:
+        return fused.add_rms_norm(h, x, weight, eps, quantize=True)
+    return fused.add_rms_norm(h, x, weight, eps, out=out)
+
+
 class Layer(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -153,12 +162,14 @@ class Layer(nn.Module):
 
     def forward_fused(self, h: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, cos_t: torch.Tensor,
                       sin_t: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                      next_norm: torch.Tensor) -> torch.Tensor:
+                      next_norm: torch.Tensor, next_proj=None) -> torch.Tensor:
         """The same layer through fused Triton kernels (GPU): h: [T, H] residual, updated in place; x: this
-        layer's normalised input. Returns the next layer's normalised input (next_norm applied). Its three
-        pieces are what a captured mixed step replays around the attention (piecewise.py)."""
+        layer's normalised input. Returns the next layer's normalised input (next_norm applied; quantised for
+        next_proj where norm_for says so). Its three pieces are what a captured mixed step replays around the
+        attention (piecewise.py)."""
         qkv = self.qkv_rope(x, positions, cos_t, sin_t, k_cache, v_cache, meta.slot_mapping)
-        return self.mlp_block(h, self.attend(qkv, k_cache, v_cache, meta, kv_written=True), next_norm)
+        return self.mlp_block(h, self.attend(qkv, k_cache, v_cache, meta, kv_written=True), next_norm,
+                              next_proj=next_proj)
 
     def qkv_rope(self, x: torch.Tensor, positions: torch.Tensor, cos_t: torch.Tensor, sin_t: torch.Tensor,
                  k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
@@ -189,17 +200,18 @@ class Layer(nn.Module):
         return o.view(T, -1)
 
     def mlp_block(self, h: torch.Tensor, attn: torch.Tensor, next_norm: torch.Tensor,
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  out: Optional[torch.Tensor] = None, next_proj=None):
         """o_proj of the attention output, the residual, the MLP and the residual again (h updated in place);
-        returns the next layer's normalised input (next_norm applied; into out)."""
+        returns the next layer's normalised input (next_norm applied; into out, or quantised for next_proj, the
+        projection that reads it, where norm_for says so)."""
         o = _linear(attn, self.o_proj)
         if self.all_reduce is not None:
             self.all_reduce(o)
-        x = fused.add_rms_norm(h, o, self.post_norm, self.a.rms_norm_eps)
+        x = norm_for(self.gate_up_proj, h, o, self.post_norm, self.a.rms_norm_eps)
         m = _linear(fused.silu_mul(_linear(x, self.gate_up_proj)), self.down_proj)
         if self.all_reduce is not None:
             self.all_reduce(m)
-        return fused.add_rms_norm(h, m, next_norm, self.a.rms_norm_eps, out=out)
+        return norm_for(next_proj, h, m, next_norm, self.a.rms_norm_eps, out=out)
 
 
 class LlamaModel(nn.Module):
@@ -240,10 +252,12 @@ class LlamaModel(nn.Module):
 
     def _forward_fused(self, input_ids, positions, kv_caches, meta, logits_rows, cos_t, sin_t) -> torch.Tensor:
         h = F.embedding(input_ids, self.embed)                                     # [T, H]
-        x = fused.add_rms_norm(h, None, self.layers[0].input_norm, self.args.rms_norm_eps)
-        norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
-        for layer, (kc, vc), nxt in zip(self.layers, kv_caches, norms):
-            x = layer.forward_fused(h, x, positions, cos_t, sin_t, kc, vc, meta, nxt)
+        layers = self.layers
+        x = norm_for(layers[0].qkv_proj, h, None, layers[0].input_norm, self.args.rms_norm_eps)
+        norms = [layer.input_norm for layer in layers[1:]] + [self.norm]
+        projs = [layer.qkv_proj for layer in layers[1:]] + [None]       # the last feeds lm_head (float16)
+        for layer, (kc, vc), nxt, proj in zip(layers, kv_caches, norms, projs):
+            x = layer.forward_fused(h, x, positions, cos_t, sin_t, kc, vc, meta, nxt, proj)
         return F.linear(x[logits_rows], self.lm_head).float()                      # [R, V]
 
     # ---- building -------------------------------------------------------------------------------------------
@@ -282,8 +296,9 @@ class LlamaModel(nn.Module):
         if quantization == "fp8":             # after .to(dtype), which would widen float8 buffers
             mm_dtype = quant.require_fp8(device, dtype)
             fused = quant.check_fused_quantize(device, dtype)
+            takes_rows = fused and quant.check_fused_norm_quantize(device, dtype)
             for layer in m.layers:
-                quant.use_fp8_linears(layer, fused, mm_dtype)
+                quant.use_fp8_linears(layer, fused, mm_dtype, takes_rows)
         return m.to_empty(device=device)
 
     @classmethod

@@ -27,9 +27,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ziya_batch.engine import fused
 from ziya_batch.engine.attention import AttentionMetadata
-from ziya_batch.engine.model import LlamaModel
+from ziya_batch.engine.model import LlamaModel, norm_for
 
 # token-count buckets: every 64 tokens up to 2,048 (padding costs at most 63 rows of compute-bound GEMMs), then
 # every 256 up to the largest step (max_num_batched_tokens), at most 8,192 tokens
@@ -82,10 +81,11 @@ class MixedStepGraphs:
 
         def first() -> None:
             torch.index_select(m.embed, 0, self.ids[:b], out=h)
-            qkv_of(0, fused.add_rms_norm(h, None, layers[0].input_norm, a.rms_norm_eps))
+            qkv_of(0, norm_for(layers[0].qkv_proj, h, None, layers[0].input_norm, a.rms_norm_eps))
 
         def between(i: int) -> Callable[[], None]:
-            return lambda: qkv_of(i, layers[i - 1].mlp_block(h, attn, layers[i].input_norm))
+            return lambda: qkv_of(i, layers[i - 1].mlp_block(h, attn, layers[i].input_norm,
+                                                             next_proj=layers[i].qkv_proj))
 
         def last() -> None:
             layers[-1].mlp_block(h, attn, m.norm, out=self.x[:b])

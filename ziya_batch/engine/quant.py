@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ziya_batch.engine import fused as fused_kernels
+from ziya_batch.engine.fused import QuantizedRows
 from ziya_batch.errors import ModelError
 
 try:
@@ -102,6 +104,31 @@ def check_fused_quantize(device: torch.device, dtype: torch.dtype) -> bool:
     return ok
 
 
+def check_fused_norm_quantize(device: torch.device, dtype: torch.dtype) -> bool:
+    """True when fused.add_rms_norm(quantize=True) gives exactly the residual, float8 bytes and scales of
+    add_rms_norm followed by quantize_rows_fused (then a norm hands an Fp8Linear its rows quantised, one kernel
+    instead of two, for qkv_proj and gate_up_proj); False off the GPU, without Triton or if anything differs.
+    Synchronises: call at load."""
+    if triton is None or device.type != "cuda":
+        return False
+    try:
+        g = torch.Generator(device=device).manual_seed(1)
+        T, N = 37, 5120
+        h = torch.randn(T, N, device=device, dtype=dtype, generator=g) * torch.logspace(
+            -2, 2, T, device=device).to(dtype)[:, None]
+        x = torch.randn(T, N, device=device, dtype=dtype, generator=g)
+        w = torch.rand(N, device=device, dtype=dtype, generator=g) + 0.5
+        h1, h2 = h.clone(), h.clone()
+        want_q, want_s = quantize_rows_fused(fused_kernels.add_rms_norm(h1, x, w, 1e-6))
+        got = fused_kernels.add_rms_norm(h2, x, w, 1e-6, quantize=True)
+        ok = (torch.equal(h1, h2) and torch.equal(got.q.view(torch.uint8), want_q.view(torch.uint8))
+              and torch.equal(got.scale, want_s) and got.dtype == dtype)
+    except Exception as err:  # noqa: BLE001 - a Triton that cannot build it: the two kernels do the work
+        log.warning("the norm cannot quantise its rows for FP8 projections here (%s); quantising apart", err)
+        return False
+    return bool(ok)
+
+
 def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     """torch.cat along dim 0; float8 through its bytes (not every torch build concatenates float8 on every
     device, while a byte view of the same size always works)."""
@@ -143,41 +170,46 @@ class Fp8Linear(nn.Module):
     projection's float16 Parameter in model.Layer (model._linear calls it)."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, fused: bool = False,
-                 mm_dtype: Optional[torch.dtype] = None):
+                 mm_dtype: Optional[torch.dtype] = None, takes_rows: bool = False):
         super().__init__()
         self.register_buffer("weight", weight)     # [N, K] float8_e4m3fn
         self.register_buffer("scale", scale)       # [N, 1] float32
         self.fused = fused                         # activations through quantize_rows_fused (check_fused_quantize)
         self.mm_dtype = mm_dtype                   # _scaled_mm's output dtype if not x's (require_fp8)
+        # the norm before it may hand it rows it quantised itself (fused.QuantizedRows; check_fused_norm_quantize)
+        self.takes_rows = takes_rows
 
     @classmethod
     def empty(cls, rows: int, cols: int, device=None, fused: bool = False,
-              mm_dtype: Optional[torch.dtype] = None) -> "Fp8Linear":
+              mm_dtype: Optional[torch.dtype] = None, takes_rows: bool = False) -> "Fp8Linear":
         return cls(torch.empty(rows, cols, dtype=FP8, device=device),
-                   torch.empty(rows, 1, dtype=torch.float32, device=device), fused, mm_dtype)
+                   torch.empty(rows, 1, dtype=torch.float32, device=device), fused, mm_dtype, takes_rows)
 
     def like(self, weight: torch.Tensor, scale: torch.Tensor) -> "Fp8Linear":
         """Another weight (a tensor-parallel shard) with this one's kernel choices."""
-        return Fp8Linear(weight, scale, self.fused, self.mm_dtype)
+        return Fp8Linear(weight, scale, self.fused, self.mm_dtype, self.takes_rows)
 
     @property
     def shape(self) -> torch.Size:
         return self.weight.shape
 
-    def forward(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # x: [T, K] float16/bfloat16 -> [T, N] in x's dtype (written into out when given: a static buffer of a
-        # captured graph, contiguous [T, N])
-        if x.device.type != "cuda":
+    def forward(self, x, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # x: [T, K] float16/bfloat16, or those rows already quantised (fused.QuantizedRows) -> [T, N] in x's
+        # dtype (written into out when given: a static buffer of a captured graph, contiguous [T, N])
+        if isinstance(x, QuantizedRows):
+            x8, sx, dtype = x
+        elif x.device.type != "cuda":
             y = fp8_linear_reference(x, self.weight, self.scale)
             return y if out is None else out.copy_(y)
-        x = x.contiguous()       # _scaled_mm wants a row-major first operand; the kernel reads rows of stride 1
-        x8, sx = quantize_rows_fused(x) if self.fused else quantize_rows(x)
+        else:
+            x, dtype = x.contiguous(), x.dtype     # _scaled_mm wants a row-major first operand
+            x8, sx = quantize_rows_fused(x) if self.fused else quantize_rows(x)
         # weight.t() is [K, N] column-major, as _scaled_mm wants its second operand; [N, 1] -> [1, N] is a view
-        args = dict(scale_a=sx, scale_b=self.scale.view(1, -1), out_dtype=self.mm_dtype or x.dtype)
+        args = dict(scale_a=sx, scale_b=self.scale.view(1, -1), out_dtype=self.mm_dtype or dtype)
         if out is not None and self.mm_dtype is None:
             return torch._scaled_mm(x8, self.weight.t(), **args, out=out)
         y = torch._scaled_mm(x8, self.weight.t(), **args)
-        y = y if y.dtype == x.dtype else y.to(x.dtype)
+        y = y if y.dtype == dtype else y.to(dtype)
         return y if out is None else out.copy_(y)
 
 
@@ -212,12 +244,14 @@ def check_quantization(quantization: Optional[str]) -> None:
 
 
 def use_fp8_linears(layer: nn.Module, fused: bool = False, mm_dtype: Optional[torch.dtype] = None,
+                    takes_rows: bool = False,
                     names: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")) -> None:
     """Replaces each named 2-d Parameter of `layer` by an empty Fp8Linear of its shape on its device (the meta
     device before loading: the float16 weights are never allocated)."""
     for name in names:
         p = getattr(layer, name)
-        set_projection(layer, name, Fp8Linear.empty(*p.shape, device=p.device, fused=fused, mm_dtype=mm_dtype))
+        set_projection(layer, name, Fp8Linear.empty(*p.shape, device=p.device, fused=fused, mm_dtype=mm_dtype,
+                                                    takes_rows=takes_rows))
 
 
 def quantize_model(model: nn.Module) -> nn.Module:
@@ -225,12 +259,13 @@ def quantize_model(model: nn.Module) -> nn.Module:
     and without a hardware check: for models built in memory (tests; the CPU runs the float32 emulation)."""
     dev, dt = model.embed.device, model.embed.dtype
     fused, mm_dtype = check_fused_quantize(dev, dt), require_fp8(dev, dt) if dev.type == "cuda" else None
+    takes_rows = fused and check_fused_norm_quantize(dev, dt)
     with torch.no_grad():
         for layer in model.layers:
             for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
                 w = getattr(layer, name)
                 if not isinstance(w, Fp8Linear):
-                    set_projection(layer, name, Fp8Linear(*quantize_weight(w), fused, mm_dtype))
+                    set_projection(layer, name, Fp8Linear(*quantize_weight(w), fused, mm_dtype, takes_rows))
     return model
 
 
