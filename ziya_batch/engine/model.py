@@ -102,6 +102,8 @@ def norm_for(proj, h: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Ten
     """fused.add_rms_norm for the projection `proj` that reads its output: for an FP8 projection that takes them,
     the rows come quantised from the same kernel (fused.QuantizedRows); otherwise in the model dtype (into out)."""
     if isinstance(proj, quant.Fp8Linear) and proj.takes_rows:
+        if out is not None:
+            raise ValueError("norm_for: rows quantised for an FP8 projection are not written into a buffer")
         return fused.add_rms_norm(h, x, weight, eps, quantize=True)
     return fused.add_rms_norm(h, x, weight, eps, out=out)
 
@@ -296,7 +298,7 @@ class LlamaModel(nn.Module):
         if quantization == "fp8":             # after .to(dtype), which would widen float8 buffers
             mm_dtype = quant.require_fp8(device, dtype)
             fused = quant.check_fused_quantize(device, dtype)
-            takes_rows = fused and quant.check_fused_norm_quantize(device, dtype)
+            takes_rows = fused and quant.check_fused_norm_quantize(device, dtype, a.hidden_size)
             for layer in m.layers:
                 quant.use_fp8_linears(layer, fused, mm_dtype, takes_rows)
         return m.to_empty(device=device)

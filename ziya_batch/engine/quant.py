@@ -104,16 +104,16 @@ def check_fused_quantize(device: torch.device, dtype: torch.dtype) -> bool:
     return ok
 
 
-def check_fused_norm_quantize(device: torch.device, dtype: torch.dtype) -> bool:
+def check_fused_norm_quantize(device: torch.device, dtype: torch.dtype, hidden: int = 5120) -> bool:
     """True when fused.add_rms_norm(quantize=True) gives exactly the residual, float8 bytes and scales of
     add_rms_norm followed by quantize_rows_fused (then a norm hands an Fp8Linear its rows quantised, one kernel
-    instead of two, for qkv_proj and gate_up_proj); False off the GPU, without Triton or if anything differs.
-    Synchronises: call at load."""
+    instead of two, for qkv_proj and gate_up_proj), on rows of the model's hidden size; False off the GPU,
+    without Triton or if anything differs. Synchronises: call at load."""
     if triton is None or device.type != "cuda":
         return False
     try:
         g = torch.Generator(device=device).manual_seed(1)
-        T, N = 37, 5120
+        T, N = 37, hidden
         h = torch.randn(T, N, device=device, dtype=dtype, generator=g) * torch.logspace(
             -2, 2, T, device=device).to(dtype)[:, None]
         x = torch.randn(T, N, device=device, dtype=dtype, generator=g)
@@ -126,6 +126,8 @@ def check_fused_norm_quantize(device: torch.device, dtype: torch.dtype) -> bool:
     except Exception as err:  # noqa: BLE001 - a Triton that cannot build it: the two kernels do the work
         log.warning("the norm cannot quantise its rows for FP8 projections here (%s); quantising apart", err)
         return False
+    if not ok:
+        log.warning("the norm's quantised rows differ from the two kernels' here; quantising apart")
     return bool(ok)
 
 
@@ -259,7 +261,7 @@ def quantize_model(model: nn.Module) -> nn.Module:
     and without a hardware check: for models built in memory (tests; the CPU runs the float32 emulation)."""
     dev, dt = model.embed.device, model.embed.dtype
     fused, mm_dtype = check_fused_quantize(dev, dt), require_fp8(dev, dt) if dev.type == "cuda" else None
-    takes_rows = fused and check_fused_norm_quantize(dev, dt)
+    takes_rows = fused and check_fused_norm_quantize(dev, dt, model.args.hidden_size)
     with torch.no_grad():
         for layer in model.layers:
             for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
