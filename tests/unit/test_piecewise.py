@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.piecewise import BUCKET_STEP, MAX_TOKENS, MixedStepGraphs, mixed_buckets
 from ziya_batch.engine.quant import quantize_model
-from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
+from ziya_batch.engine.types import Request, SamplingParams
 from ziya_batch.tools.testing import hf_greedy, tiny_llama
 
-from tests.unit.test_engine import check_against_hf, greedy, random_prompts
+from tests.unit.test_engine import check_against_hf, greedy, make_engine, random_prompts
 
 
 @given(st.integers(1, 20000))
@@ -27,8 +27,8 @@ def test_every_step_size_up_to_the_budget_has_a_bucket(max_tokens):
 
 
 def pieces_engine(num_kv_heads=4, buckets=(8, 16, 24, 40), **kw) -> LLMEngine:
-    cfg = dict(model_path="", device="cpu", max_num_batched_tokens=64, block_size=4, **kw)
-    eng = LLMEngine.from_model(tiny_llama(num_kv_heads), None, EngineConfig(**cfg))
+    """test_engine's CPU engine (budget 64 tokens) with its steps run through the pieces of these buckets."""
+    eng = make_engine(num_kv_heads, **kw)
     eng.runner.mixed = MixedStepGraphs(eng.model, eng.kv_caches, list(buckets), eng.runner.scratch_slot, eng.device,
                                        capture=False)
     return eng
@@ -52,8 +52,7 @@ def test_padding_rows_write_only_the_scratch_slot():
     prompts = random_prompts(3, seed=3, lo=5, hi=9)
     caches = []
     for pieces in (False, True):
-        eng = pieces_engine(buckets=(64,)) if pieces else LLMEngine.from_model(
-            tiny_llama(), None, EngineConfig(model_path="", device="cpu", max_num_batched_tokens=64, block_size=4))
+        eng = pieces_engine(buckets=(64,)) if pieces else make_engine()
         for i, p in enumerate(prompts):
             eng.add_request(Request(f"r{i}", p, greedy(1)))
         eng.step()
@@ -71,9 +70,7 @@ def test_pieces_with_fp8_weights_and_cache_equal_the_plain_forward():
     prompts = random_prompts(6, seed=11)
     outs = []
     for pieces in (False, True):
-        eng = pieces_engine(kv_cache_dtype="fp8") if pieces else LLMEngine.from_model(
-            tiny_llama(), None, EngineConfig(model_path="", device="cpu", max_num_batched_tokens=64, block_size=4,
-                                             kv_cache_dtype="fp8"))
+        eng = pieces_engine(kv_cache_dtype="fp8") if pieces else make_engine(kv_cache_dtype="fp8")
         quantize_model(eng.model)
         res = eng.generate([Request(f"r{i}", p, greedy(10)) for i, p in enumerate(prompts)])
         outs.append([(o.completions[0].token_ids, o.completions[0].logprobs) for o in res])
