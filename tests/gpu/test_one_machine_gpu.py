@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import torch
+
+from tests.processes import answers_ok, stop_process, wait_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 REPO = Path(__file__).resolve().parents[2]
@@ -52,33 +52,20 @@ def test_serve_runs_replicas_on_every_local_gpu(tmp_path):
                                str(model)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base, auth = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {token}"}
     try:
-        deadline = time.monotonic() + 180
-        while True:
+        def up():
             assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                if requests.get(f"{base}/healthz", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.monotonic() < deadline, "serve never answered /healthz"
-            time.sleep(1)
+            return answers_ok(f"{base}/healthz")
+        wait_for(up, 180, 1, what="serve to answer /healthz")
         spec = {"name": "gpu", "model": {"path": str(model)}, "input": [str(data / "in.jsonl")],
                 "sampling": {"max_new_tokens": 16, "n": 2}, "output": {"path": str(data / "out")}, "shard_size": 4}
         job_id = requests.post(f"{base}/v1/jobs", json=spec, headers=auth).json()["id"]
-        deadline = time.monotonic() + 300
-        while (st := requests.get(f"{base}/v1/jobs/{job_id}", headers=auth).json())["state"] not in ("completed", "failed"):
-            assert time.monotonic() < deadline, st
-            time.sleep(1)
+        st = wait_for(lambda: (lambda s: s if s["state"] in ("completed", "failed") else None)(
+            requests.get(f"{base}/v1/jobs/{job_id}", headers=auth).json()), 300, 1, what="the job")
         assert st["state"] == "completed" and st["prompts_done"] == 64 and st["samples"] == 128
         url = json.loads((home / "redis" / "server.json").read_text())["url"]
         devices = [w.info.get("device", "") for w in Broker.from_url(url).worker_infos()]
         # one replica per GPU, each on its GPU (none on the CPU)
         assert len(devices) == torch.cuda.device_count() and all(d != "cpu" for d in devices), devices
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process(server, timeout_s=90)
         _cli(env, "redis", "stop", "--force")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from tests.processes import answers_ok, wait_for
 from ziya_batch.api.settings import ApiSettings
 from ziya_batch.queue import Broker, PrivateRedis
 
@@ -53,15 +54,7 @@ def api(tmp_path_factory, demo_model, ray_private):
     port = _free_port()
     start_serve(settings, redis_url, "127.0.0.1", port)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        assert time.monotonic() < deadline, "the Serve app did not come up"
-        time.sleep(0.2)
+    wait_for(lambda: answers_ok(f"{base}/healthz", timeout_s=2), 60, what="the Serve app to come up")
     yield base, data, Path(demo_model), redis_url
     serve.shutdown()
     redis.stop()

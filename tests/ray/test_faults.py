@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.processes import wait_for
 from ziya_batch import io
 from ziya_batch.jobs import submit_job
 from ziya_batch.queue import Broker, JobState, PrivateRedis
@@ -33,15 +34,6 @@ def make_job(tmp_path, model, n_lines=60, shard_size=10, lease_s=3.0, max_retrie
     p = tmp_path / "job.yaml"
     p.write_text(yaml.safe_dump(spec))
     return p, ids
-
-
-def wait_for(pred, timeout_s=120.0, interval_s=0.2, what="condition"):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if pred():
-            return
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def spawn(cmd, serve=False):

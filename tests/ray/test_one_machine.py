@@ -19,6 +19,8 @@ import redis
 import requests
 import yaml
 
+from tests.processes import answers_ok, stop_process, wait_for
+
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -63,16 +65,6 @@ def _job(tmp_path: Path, model, name: str, n: int) -> Path:
 
 def _state(home: Path) -> dict:
     return json.loads((home / "redis" / "server.json").read_text())
-
-
-def _wait(fn, timeout_s: float = 240.0, every_s: float = 0.5, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = fn()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every_s)
 
 
 @pytest.fixture
@@ -146,11 +138,8 @@ def test_serve_alone_runs_an_http_job_and_an_openai_batch(tmp_path, demo_model, 
     try:
         def up():
             assert server.poll() is None, _tail(logs)
-            try:
-                return requests.get(f"{base}/healthz", timeout=5).status_code == 200
-            except requests.RequestException:          # not listening yet, or busy starting
-                return False
-        _wait(up, 120, what="serve to answer /healthz")
+            return answers_ok(f"{base}/healthz")
+        wait_for(up, 120, 0.5, what="serve to answer /healthz")
         (data / "in.jsonl").write_text("".join(json.dumps({"id": f"h{i}", "prompt": "写诗"}) + "\n" for i in range(5)))
         spec = {"name": "http", "model": {"path": str(demo_model)}, "input": [str(data / "in.jsonl")],
                 "sampling": {"max_new_tokens": 3}, "output": {"path": str(data / "out")}, "shard_size": 2}
@@ -164,23 +153,18 @@ def test_serve_alone_runs_an_http_job_and_an_openai_batch(tmp_path, demo_model, 
         batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
                                       completion_window="24h")
         # nothing but `serve` runs: its own replica takes both
-        st = _wait(lambda: (lambda s: s if s["state"] in ("completed", "failed") else None)(
-            requests.get(f"{base}/v1/jobs/{job_id}", headers=auth).json()), what="the HTTP job")
+        st = wait_for(lambda: (lambda s: s if s["state"] in ("completed", "failed") else None)(
+            requests.get(f"{base}/v1/jobs/{job_id}", headers=auth).json()), 240, 0.5, what="the HTTP job")
         assert st["state"] == "completed" and st["prompts_done"] == 5 and st["note"] is None
-        done = _wait(lambda: (lambda b: b if b.status in ("completed", "failed", "expired") else None)(
-            client.batches.retrieve(batch.id)), what="the OpenAI batch")
+        done = wait_for(lambda: (lambda b: b if b.status in ("completed", "failed", "expired") else None)(
+            client.batches.retrieve(batch.id)), 240, 0.5, what="the OpenAI batch")
         assert done.status == "completed" and done.request_counts.completed == 3
         out = client.files.content(done.output_file_id).text.splitlines()
         assert sorted(json.loads(x)["custom_id"] for x in out) == ["r0", "r1", "r2"]
         # the same jobs, from the command line on the same home
         assert job_id in cli(env, "status").stdout
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        stop_process(server)
 
 
 def test_worker_address_auto_joins_the_local_head(tmp_path, demo_model, home):
@@ -195,7 +179,7 @@ def test_worker_address_auto_joins_the_local_head(tmp_path, demo_model, home):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     worker = None
     try:
-        _wait(lambda: os.path.exists(os.path.join(ray_tmp, "ray", "ray_current_cluster")), 90, what="the head")
+        wait_for(lambda: os.path.exists(os.path.join(ray_tmp, "ray", "ray_current_cluster")), 90, 0.5, what="the head")
         job_id = cli(env, "submit", str(_job(tmp_path, demo_model, "w", 5))).stdout.strip()
         note = json.loads(cli(env, "status", job_id, "--json").stdout)["note"]
         assert note.startswith("no live worker serves tensor_parallel 1 jobs")
@@ -205,12 +189,12 @@ def test_worker_address_auto_joins_the_local_head(tmp_path, demo_model, home):
         def finished():
             assert worker.poll() is None, _tail(logs)
             return json.loads(cli(env, "status", job_id, "--json").stdout)["state"] == "completed"
-        _wait(finished, 300, every_s=2, what="the worker to run the job")
+        wait_for(finished, 300, every_s=2, what="the worker to run the job")
         # a spec in Redis asking for remote model code: this worker was not started allowing it, so it refuses
         remote = _job(tmp_path, demo_model, "rc", 2)
         remote.write_text(remote.read_text().replace("model:\n", "model:\n  trust_remote_code: true\n"))
         rc_id = cli(env, "submit", str(remote)).stdout.strip()
-        note = _wait(lambda: json.loads(cli(env, "status", rc_id, "--json").stdout)["note"] or None, 120, every_s=2,
+        note = wait_for(lambda: json.loads(cli(env, "status", rc_id, "--json").stdout)["note"] or None, 120, every_s=2,
                      what="the refusal of remote code")
         assert "could load this job's engine" in note and "--allow-remote-code" in note
         assert json.loads(cli(env, "status", rc_id, "--json").stdout)["prompts_done"] == 0
@@ -218,13 +202,8 @@ def test_worker_address_auto_joins_the_local_head(tmp_path, demo_model, home):
         assert out.startswith("serving the queue at redis://:***@127.0.0.1:") and f":{port}; Ctrl-C stops" in out, out
     finally:
         for proc in (worker, head):
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGINT if proc is worker else signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            if proc is not None:
+                stop_process(proc, signal.SIGINT if proc is worker else signal.SIGTERM)
         subprocess.run(["rm", "-rf", ray_tmp])
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.processes import wait_for
 from ziya_batch.queue import Keys, PrivateRedis
 from ziya_batch.queue.server import _free_port, _pid_alive, mask_url
 
@@ -22,13 +23,6 @@ def _cli(*args: str) -> tuple[int, str, str]:
     p = subprocess.run([sys.executable, "-m", "ziya_batch.cli", *args], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     return p.returncode, p.stdout, p.stderr
-
-
-def _wait(fn, timeout_s: float):
-    deadline = time.monotonic() + timeout_s
-    while not fn():
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
 
 
 def test_password_is_required_kept_private_and_survives_a_restart(tmp_path):
@@ -83,7 +77,8 @@ def test_the_idle_server_stops_but_not_while_used(tmp_path):
         time.sleep(2.5)
         assert _pid_alive(pid)
         redis.Redis.from_url(url).delete(Keys().leases())
-        _wait(lambda: not _pid_alive(pid), 10)              # idle now: the watchdog shuts it down
+        # idle now: the watchdog shuts it down
+        wait_for(lambda: not _pid_alive(pid), 10, 0.1, what="the idle server to stop")
         assert not (tmp_path / "zb" / "server.json").exists()
         # and the next command starts it again with the data
         again = PrivateRedis(tmp_path / "zb")
@@ -149,7 +144,7 @@ def _rogue(data_dir) -> subprocess.Popen:
         except redis.ConnectionError:
             return False
 
-    _wait(serving, 10)
+    wait_for(serving, 10, 0.1, what="the server to answer")
     return proc
 
 
