@@ -11,12 +11,21 @@ import yaml
 from ziya_batch import io
 from ziya_batch.jobs import submit_job
 from ziya_batch.queue import Broker, JobState
-from ziya_batch.jobs import submit_job
 from ziya_batch.work.worker import Worker
 from ziya_batch.spec import load_spec
 from ziya_batch.tools.demo_model import write_demo_reference_model, write_demo_reward_model
 
 pytestmark = pytest.mark.slow
+
+
+def run_job(tmp_path, redis_url, spec: dict) -> None:
+    """Submits the spec (as a YAML file, as a user would) and runs a CPU worker until the job has completed."""
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(spec, allow_unicode=True))
+    broker = Broker.from_url(redis_url)
+    job_id = submit_job(load_spec(job), broker).job_id
+    Worker(broker, device="cpu").run_until_idle()
+    assert broker.status(job_id).state == JobState.COMPLETED
 
 
 def _run(tmp_path, redis_url, extra):
@@ -25,12 +34,7 @@ def _run(tmp_path, redis_url, extra):
     spec = {"name": "exp", "model": {"path": str(tmp_path / "policy")}, "input": [str(inp)],
             "sampling": {"max_new_tokens": 6, "n": 3, "seed": 5}, "output": {"path": str(tmp_path / "out")},
             "shard_size": 5, **extra}
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(spec, allow_unicode=True))
-    broker = Broker.from_url(redis_url)
-    job_id = submit_job(load_spec(job), broker).job_id
-    Worker(broker, device="cpu").run_until_idle()
-    assert broker.status(job_id).state == JobState.COMPLETED
+    run_job(tmp_path, redis_url, spec)
     return tmp_path / "out"
 
 

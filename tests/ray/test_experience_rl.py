@@ -10,14 +10,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
+from tests.ray.test_experience import run_job
 from ziya_batch import io
 from ziya_batch.tools.demo_model import write_demo_reward_model
-from ziya_batch.jobs import submit_job
-from ziya_batch.queue import Broker, JobState
-from ziya_batch.work.worker import Worker
-from ziya_batch.spec import load_spec
 
 pytestmark = pytest.mark.slow
 FIXTURES = Path(__file__).parent.parent / "unit" / "reward_fixtures.py"
@@ -28,12 +24,7 @@ def _run(tmp_path, redis_url, lines, extra, fmt="ziya"):
     inp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
     spec = {"name": "rl", "model": {"path": str(tmp_path / "policy")}, "input": [str(inp)], "format": fmt,
             "sampling": {"max_new_tokens": 6, "n": 3, "seed": 5, "temperature": 0.7}, "shard_size": 4, **extra}
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump(spec, allow_unicode=True))
-    broker = Broker.from_url(redis_url)
-    job_id = submit_job(load_spec(job), broker).job_id
-    Worker(broker, device="cpu").run_until_idle()
-    assert broker.status(job_id).state == JobState.COMPLETED
+    run_job(tmp_path, redis_url, spec)
     return Path(spec["output"]["path"])
 
 
