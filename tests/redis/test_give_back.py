@@ -9,7 +9,6 @@ from ziya_batch.jobs import submit_job
 from ziya_batch.queue import JobState
 from ziya_batch.work import worker as worker_mod
 from ziya_batch.work.models import ModelCache
-from ziya_batch.jobs import submit_job
 from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 

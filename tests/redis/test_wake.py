@@ -8,7 +8,6 @@ import time
 
 from ziya_batch.jobs import submit_job
 from ziya_batch.queue import Broker, JobState
-from ziya_batch.jobs import submit_job
 from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 

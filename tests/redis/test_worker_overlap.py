@@ -10,7 +10,6 @@ import pytest
 from ziya_batch import io
 from ziya_batch.jobs import submit_job
 from ziya_batch.queue import JobState
-from ziya_batch.jobs import submit_job
 from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 
