@@ -1,11 +1,12 @@
-"""What the suites that run real processes share: waiting for a condition, asking whether an HTTP endpoint
-answers, and stopping a process started in its own session (start_new_session=True)."""
+"""What the suites that run real processes share: their environment, waiting for a condition, asking whether an
+HTTP endpoint answers, and stopping a process started in its own session (start_new_session=True)."""
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 
 def wait_for(fn, timeout_s: float = 120.0, every_s: float = 0.2, what: str = "condition"):
@@ -38,3 +39,13 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, timeout_s: fl
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child that runs the repository's code: the repository first on
+    PYTHONPATH, then what the caller's PYTHONPATH held (packages installed beside the interpreter's), then extra."""
+    path = os.pathsep.join([str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+    return {**os.environ, "PYTHONPATH": path, **extra}

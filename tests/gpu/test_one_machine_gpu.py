@@ -4,20 +4,17 @@ temporary ZIYA_BATCH_HOME."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import requests
 import torch
 
-from tests.processes import answers_ok, stop_process, wait_for
+from tests.processes import answers_ok, child_env, stop_process, wait_for
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:
@@ -41,10 +38,7 @@ def test_serve_runs_replicas_on_every_local_gpu(tmp_path):
     (data / "in.jsonl").write_text("".join(json.dumps({"id": f"g{i}", "prompt": f"你好 {i}"}) + "\n"
                                            for i in range(64)))
     token, port, home = "gpu-one-machine-token-0123456789", _free_port(), tmp_path / "home"
-    # the repository first, and whatever else the caller's PYTHONPATH holds (packages installed beside the image)
-    path = os.pathsep.join([str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
-    env = {**os.environ, "PYTHONPATH": path, "ZIYA_BATCH_HOME": str(home), "ZIYA_BATCH_API_TOKEN": token,
-           "ZIYA_BATCH_ALLOWED_PREFIXES": str(tmp_path)}
+    env = child_env(ZIYA_BATCH_HOME=str(home), ZIYA_BATCH_API_TOKEN=token, ZIYA_BATCH_ALLOWED_PREFIXES=str(tmp_path))
     for name in ("ZIYA_BATCH_REDIS_URL", "RAY_ADDRESS"):
         env.pop(name, None)
     log = open(tmp_path / "serve.log", "w")

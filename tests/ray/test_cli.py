@@ -1,19 +1,16 @@
 """The ziya-batch command as a user runs it: submit, status --json, cancel, and one-line errors."""
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import yaml
 
+from tests.processes import child_env
 from ziya_batch import io
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args, env_extra=None):
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    env = child_env(**(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "ziya_batch.cli", *args], capture_output=True, text=True,
                            env=env, timeout=120)
 
@@ -81,8 +78,8 @@ def test_no_redis_configured_and_none_to_start_says_how(tmp_path):
     # without a URL the home's private redis-server is used (tests/ray/test_one_machine.py); here there is no
     # redis-server binary to start it with
     job = _job(tmp_path, ["x.jsonl"])
-    env = {k: v for k, v in os.environ.items() if k != "ZIYA_BATCH_REDIS_URL"}
-    env.update(PYTHONPATH=str(REPO), PATH=str(tmp_path / "empty"), ZIYA_BATCH_HOME=str(tmp_path / "home"))
+    env = child_env(PATH=str(tmp_path / "empty"), ZIYA_BATCH_HOME=str(tmp_path / "home"))
+    env.pop("ZIYA_BATCH_REDIS_URL", None)
     r = subprocess.run([sys.executable, "-m", "ziya_batch.cli", "submit", str(job)], capture_output=True,
                        text=True, env=env, timeout=60)
     assert r.returncode == 3 and r.stderr.count("\n") == 1, r.stderr

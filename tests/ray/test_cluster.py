@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.processes import child_env
 from ziya_batch import io
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 
 
 def _free_port():
@@ -45,9 +45,8 @@ def two_nodes(tmp_path):
     # a throwaway cluster on loopback, with a temp dir of its own so no other Ray user on this machine finds
     # it; no token; a dead node is noticed within seconds
     temp_dir = f"/tmp/zb-ray-{port}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled",
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3",
-           "RAY_health_check_initial_delay_ms": "1000"}
+    env = child_env(RAY_AUTH_MODE="disabled", RAY_health_check_period_ms="1000",
+                    RAY_health_check_failure_threshold="3", RAY_health_check_initial_delay_ms="1000")
     env.pop("RAY_ADDRESS", None)
     address = f"127.0.0.1:{port}"
     nodes = []
@@ -99,7 +98,7 @@ def test_replicas_on_both_nodes_and_a_node_dying(tmp_path, demo_model, redis_url
 def head_node():
     port = _free_port()
     temp_dir = f"/tmp/zb-ray-{port}"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_AUTH_MODE": "disabled"}
+    env = child_env(RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     address = f"127.0.0.1:{port}"
     head = subprocess.Popen(

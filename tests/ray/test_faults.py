@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.processes import wait_for
+from tests.processes import child_env, wait_for
 from ziya_batch import io
 from ziya_batch.jobs import submit_job
 from ziya_batch.queue import Broker, JobState, PrivateRedis
 from ziya_batch.spec import load_spec
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 
 
 def make_job(tmp_path, model, n_lines=60, shard_size=10, lease_s=3.0, max_retries=3, poison_text=None):
@@ -37,7 +36,7 @@ def make_job(tmp_path, model, n_lines=60, shard_size=10, lease_s=3.0, max_retrie
 
 
 def spawn(cmd, serve=False):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     if serve:
         env["FAULT_WORKER_SERVE"] = "1"
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -154,7 +153,7 @@ def test_sigkill_redis_mid_job_and_restart_from_aof(tmp_path, demo_model, redis_
 
 def test_sigkill_run_and_run_again(tmp_path, demo_model):
     job, ids = make_job(tmp_path, demo_model, n_lines=120, shard_size=10)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ZIYA_BATCH_HOME": str(tmp_path / "home")}
+    env = child_env(ZIYA_BATCH_HOME=str(tmp_path / "home"))
     env.pop("ZIYA_BATCH_REDIS_URL", None)
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "ziya_batch.cli", "run", str(job), "--quiet"]

@@ -19,15 +19,14 @@ import redis
 import requests
 import yaml
 
-from tests.processes import answers_ok, stop_process, wait_for
+from tests.processes import answers_ok, child_env, stop_process, wait_for
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 
 
 def _env(home: Path, **extra) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ZIYA_BATCH_HOME": str(home), **extra}
+    env = child_env(ZIYA_BATCH_HOME=str(home), **extra)
     for name in ("ZIYA_BATCH_REDIS_URL", "RAY_ADDRESS"):
         env.pop(name, None)
     return env

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import subprocess
 import sys
 import time
@@ -12,12 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import child_env
 from ziya_batch.errors import SpecError
 from ziya_batch.io.claims import claim_output
 from ziya_batch.jobs import absolute_locations, submit_job
 from ziya_batch.spec import parse_spec
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _write_spec(path: Path, name: str, data: Path, out: str) -> Path:
@@ -36,7 +34,7 @@ def data(tmp_path) -> Path:
 def test_racing_submit_processes_one_new_output_exactly_one_wins(data, redis_server):
     n = 5
     specs = [_write_spec(data / f"s{i}.json", f"racer-{i}", data, str(data / "shared-out")) for i in range(n)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     procs = [subprocess.Popen([sys.executable, "-m", "ziya_batch.cli", "submit", str(s),
                                "--redis-url", redis_server.url],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=data)

@@ -3,19 +3,18 @@ documented exit code (2 bad input, 3 a service that cannot be reached), never a 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.processes import child_env
 
 
 def _cli(*args: str, cwd: Path) -> tuple[int, str, str]:
     p = subprocess.run([sys.executable, "-m", "ziya_batch.cli", *args], capture_output=True, text=True, timeout=120,
-                       cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)})
+                       cwd=cwd, env=child_env())
     return p.returncode, p.stdout, p.stderr
 
 

@@ -10,18 +10,17 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.processes import child_env
 from ziya_batch import io
 from ziya_batch.queue import JobState
 from ziya_batch.jobs import submit_job
 from ziya_batch.work.worker import Worker
 from ziya_batch.spec import parse_spec
 
-REPO = Path(__file__).resolve().parents[2]
 HUGE = "9" * 5000
 
 
@@ -32,7 +31,7 @@ def _cli_submit(tmp_path, inputs, redis_url, timeout_s=60):
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "ziya_batch.cli", "submit", str(job), "--redis-url", redis_url],
                        capture_output=True, text=True, timeout=timeout_s,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+                       env=child_env())
     return r, time.monotonic() - t0
 
 

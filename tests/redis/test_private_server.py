@@ -12,16 +12,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.processes import wait_for
+from tests.processes import child_env, wait_for
 from ziya_batch.queue import Keys, PrivateRedis
 from ziya_batch.queue.server import _free_port, _pid_alive, mask_url
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
     p = subprocess.run([sys.executable, "-m", "ziya_batch.cli", *args], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
+                       env=child_env())
     return p.returncode, p.stdout, p.stderr
 
 
