@@ -76,3 +76,15 @@ def test_options_a_run_would_ignore_or_cannot_take_are_refused_first(monkeypatch
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
     with pytest.raises(bench.ModelError, match=match):
         bench.run_bench(opts)
+
+
+@pytest.mark.parametrize("value,message", [("0", "must be at least 1, not 0"),
+                                           ("4097", "must be at most 4096 (engine.max_num_seqs), not 4097"),
+                                           ("1" + "0" * 30, "must be at most 4096")])
+def test_seats_are_bounded_as_a_job_spec_bounds_them(capsys, value, message):
+    with pytest.raises(SystemExit) as exc:
+        parse_options(["--max-num-seqs", value], prog="ziya-batch bench")
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]                                   # after argparse's usage lines
+    assert exc.value.code == 2 and last.startswith("ziya-batch bench: error: argument --max-num-seqs: ")
+    assert message in last and err.count("error:") == 1

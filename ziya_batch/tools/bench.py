@@ -254,6 +254,16 @@ def _positive(text: str) -> int:
     return n
 
 
+def _seats(text: str) -> int:
+    """engine.max_num_seqs as a job spec bounds it."""
+    from ziya_batch.spec import EngineSpec
+    n = _positive(text)
+    top = next(m.le for m in EngineSpec.model_fields["max_num_seqs"].metadata if getattr(m, "le", None) is not None)
+    if n > top:
+        raise argparse.ArgumentTypeError(f"must be at most {top} (engine.max_num_seqs), not {n}")
+    return n
+
+
 def parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The bench's one command line: `ziya-batch bench` hands its arguments to it, and so does
     `python -m ziya_batch.tools.bench`. Defaults are BenchOptions'."""
@@ -283,7 +293,7 @@ def parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p.add_argument("--logprobs", action="append", default=[], metavar="VARIANTS",
                    help="extra W1 engine runs, one per logprobs variant (MODE or MODE+topK), comma-separated or "
                         "repeated, e.g. processed,temperature,temperature+top5")
-    p.add_argument("--max-num-seqs", type=_positive, default=d.max_num_seqs,
+    p.add_argument("--max-num-seqs", type=_seats, default=d.max_num_seqs,
                    help="the engine's seats (engine.max_num_seqs of a job spec; CUDA graphs up to 512)")
     p.add_argument("--mixed-graphs", choices=tuple(MIXED_GRAPHS), default=d.mixed_graphs,
                    help="steps with prefill from CUDA graphs captured in pieces (on) or eager (off); both: one "
