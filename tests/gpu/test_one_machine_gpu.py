@@ -4,7 +4,6 @@ temporary ZIYA_BATCH_HOME."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
@@ -13,14 +12,9 @@ import requests
 import torch
 
 from tests.processes import answers_ok, child_env, stop_process, wait_for
+from ziya_batch.queue.server import free_port
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(env, *args, **kw):
@@ -37,7 +31,7 @@ def test_serve_runs_replicas_on_every_local_gpu(tmp_path):
     data.mkdir()
     (data / "in.jsonl").write_text("".join(json.dumps({"id": f"g{i}", "prompt": f"你好 {i}"}) + "\n"
                                            for i in range(64)))
-    token, port, home = "gpu-one-machine-token-0123456789", _free_port(), tmp_path / "home"
+    token, port, home = "gpu-one-machine-token-0123456789", free_port(), tmp_path / "home"
     env = child_env(ZIYA_BATCH_HOME=str(home), ZIYA_BATCH_API_TOKEN=token, ZIYA_BATCH_ALLOWED_PREFIXES=str(tmp_path))
     for name in ("ZIYA_BATCH_REDIS_URL", "RAY_ADDRESS"):
         env.pop(name, None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from pathlib import Path
@@ -14,17 +13,12 @@ import requests
 from tests.processes import answers_ok, wait_for
 from ziya_batch.api.settings import ApiSettings
 from ziya_batch.queue import Broker, PrivateRedis
+from ziya_batch.queue.server import free_port
 
 pytestmark = pytest.mark.slow
 
 TOKEN = "e2e-token-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +45,7 @@ def api(tmp_path_factory, demo_model, ray_private):
     data.mkdir()
     settings = ApiSettings(token=TOKEN, allowed_prefixes=(str(data),), model=str(demo_model),
                            storage_url=str(root / "store"), batch_shard_size=2, batch_max_new_tokens=4)
-    port = _free_port()
+    port = free_port()
     start_serve(settings, redis_url, "127.0.0.1", port)
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: answers_ok(f"{base}/healthz", timeout_s=2), 60, what="the Serve app to come up")

@@ -4,7 +4,6 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,16 +14,11 @@ import yaml
 
 from tests.processes import child_env
 from ziya_batch import io
+from ziya_batch.queue.server import free_port
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
 HERE = Path(__file__).resolve().parent
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_nodes(address, env, n, timeout_s=90):
@@ -41,7 +35,7 @@ def _wait_nodes(address, env, n, timeout_s=90):
 
 @pytest.fixture
 def two_nodes(tmp_path):
-    port = _free_port()
+    port = free_port()
     # a throwaway cluster on loopback, with a temp dir of its own so no other Ray user on this machine finds
     # it; no token; a dead node is noticed within seconds
     temp_dir = f"/tmp/zb-ray-{port}"
@@ -96,7 +90,7 @@ def test_replicas_on_both_nodes_and_a_node_dying(tmp_path, demo_model, redis_url
 
 @pytest.fixture
 def head_node():
-    port = _free_port()
+    port = free_port()
     temp_dir = f"/tmp/zb-ray-{port}"
     env = child_env(RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)

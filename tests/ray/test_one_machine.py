@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import requests
 import yaml
 
 from tests.processes import answers_ok, child_env, stop_process, wait_for
+from ziya_batch.queue.server import free_port
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -116,17 +116,11 @@ def test_two_runs_share_one_server_and_status_finds_their_jobs_after_it_restarts
     assert cli(env, "redis", "status").stdout.startswith(f"running: pid {_state(home)['pid']} at redis://:***@")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_alone_runs_an_http_job_and_an_openai_batch(tmp_path, demo_model, home):
     import openai
 
     token = "one-machine-token-0123456789"
-    port = _free_port()
+    port = free_port()
     data = tmp_path / "data"
     data.mkdir()
     env = _env(home, ZIYA_BATCH_API_TOKEN=token, ZIYA_BATCH_ALLOWED_PREFIXES=str(data),
@@ -172,7 +166,7 @@ def test_worker_address_auto_joins_the_local_head(tmp_path, demo_model, home):
     ray_tmp = tempfile.mkdtemp(prefix="zbr", dir="/tmp")          # short: Ray's socket paths are length-limited
     env = _env(home, RAY_TMPDIR=ray_tmp)
     env.pop("RAY_AUTH_MODE", None)
-    port = _free_port()
+    port = free_port()
     head = subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
                              "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", "--block"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

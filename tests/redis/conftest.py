@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -20,6 +19,7 @@ import redis
 from api_support import TOKEN
 
 from ziya_batch.queue import Broker
+from ziya_batch.queue.server import free_port
 from ziya_batch.records import ShardRef
 from ziya_batch.spec import parse_spec
 
@@ -39,12 +39,6 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RedisProc:
     """A redis-server in `directory` on a fixed port, so a restart finds its AOF and its clients."""
 
@@ -53,7 +47,7 @@ class RedisProc:
         # tests would depend on timing (ziya-batch's private server uses everysec; see queue/server.py)
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         self.fsync = fsync
         self.proc: subprocess.Popen | None = None
 

@@ -14,7 +14,7 @@ import redis
 
 from tests.processes import child_env, wait_for
 from ziya_batch.queue import Keys, PrivateRedis
-from ziya_batch.queue.server import _free_port, _pid_alive, mask_url
+from ziya_batch.queue.server import _pid_alive, free_port, mask_url
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
@@ -131,7 +131,7 @@ def _servers_of(home) -> list[int]:
 def _rogue(data_dir) -> subprocess.Popen:
     """A second redis-server working in the data dir (as an older ziya-batch could leave one), unrelated to
     redis.conf's port and password; no AOF and no snapshot, so it cannot damage the data it sits beside."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir",
                              str(data_dir), "--appendonly", "no", "--save", ""],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -163,7 +163,7 @@ def test_one_server_per_home_whatever_server_json_says(tmp_path):
     try:
         [pid] = _servers_of(home)
         right = json.loads(state.read_text())["url"]
-        wrong_port = re.sub(r":\d+/0$", f":{_free_port()}/0", right)
+        wrong_port = re.sub(r":\d+/0$", f":{free_port()}/0", right)
         for damage in (None, {"pid": pid, "url": wrong_port}, {"pid": 1, "url": "redis://127.0.0.1:1/0"}, [],
                        {"pid": None, "url": "x"}, {"pid": 1, "url": "garbage"}, "{not json"):
             if damage is None:

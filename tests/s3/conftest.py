@@ -3,10 +3,11 @@ talks to S3 through aiobotocore, which moto's in-process mock does not intercept
 is. Every test here is marked `s3` (`pytest -m "not s3"` leaves them out)."""
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
+
+from ziya_batch.queue.server import free_port
 
 HERE = Path(__file__).parent
 
@@ -18,19 +19,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.s3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def moto_endpoint():
     """The URL of a moto S3 server for the session."""
     pytest.importorskip("moto.server")
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"

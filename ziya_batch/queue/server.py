@@ -84,7 +84,8 @@ def mask_url(url: Optional[str]) -> str:
     return _QUERY_PASSWORD.sub("password=***", shown)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the tests start servers on such ports too)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -252,7 +253,7 @@ class PrivateRedis:
             raise ServiceError(f"redis-server is not installed; {INSTALL_HINT}")
         for stale in (self.state_path, self.pid_path, self.socket_path):
             stale.unlink(missing_ok=True)
-        port = 0 if self.unix_socket else (self.port or _free_port())
+        port = 0 if self.unix_socket else (self.port or free_port())
         password = self._password()
         conf = [f"port {port}", "bind 127.0.0.1", f'dir "{self.data_dir.absolute()}"', "appendonly yes",
                 "appendfsync everysec", "maxmemory-policy noeviction", 'save ""', "daemonize no",
