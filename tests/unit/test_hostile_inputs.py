@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.unit.test_io_inputs import expected_lines
 from ziya_batch import errors
 from ziya_batch.errors import InputError, LineError
 from ziya_batch.io import expand_inputs, index_inputs, read_shard
@@ -101,25 +102,6 @@ def test_a_growing_file_is_indexed_as_it_was_when_opened(tmp_path):
     assert [s[4] for s in shards] == [1, 1, 1]
 
 
-def _expected(data: bytes, limit: int) -> list[tuple[int, bytes | int]]:
-    """Non-blank lines the simple way; a line over `limit` bytes as its length."""
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    out = []
-    for no, line in enumerate(lines, 1):
-        if len(line) > limit:
-            if not line.isspace():
-                out.append((no, len(line)))
-            continue
-        line = line[:-1] if line.endswith(b"\r") else line
-        if line.strip(b" \t\r\n\x0b\x0c"):
-            out.append((no, line))
-    return out
-
-
 _line = st.one_of(
     st.binary(min_size=0, max_size=12).filter(lambda b: b"\n" not in b),
     st.builds(lambda n, c: c * n, st.integers(13, 80), st.sampled_from([b"x", b" ", b"{", b"\r"])),
@@ -138,7 +120,7 @@ def test_long_lines_index_and_read_back_as_too_long(tmp_path, lines, trailing, b
         back = list(read_shard(ShardRef("j", index, file, start, end, first, num), max_line_bytes=limit))
         assert len(back) == num and back[0][0] == first
         got.extend(back)
-    assert [(no, raw.length if isinstance(raw, TooLongLine) else raw) for no, raw in got] == _expected(data, limit)
+    assert [(no, raw.length if isinstance(raw, TooLongLine) else raw) for no, raw in got] == expected_lines(data, limit)
 
 
 def test_too_long_line_is_its_own_error(tmp_path):
