@@ -238,19 +238,19 @@ def exists_fresh(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     return fs.exists(path)
 
 
-def list_fresh(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
-    """Names (full paths) under a directory, [] if it does not exist; bypasses the listing cache."""
+def _ls_fresh(fs: fsspec.AbstractFileSystem, path: str, detail: bool) -> list:
     fs.invalidate_cache(path)
     try:
-        return sorted(fs.ls(path, detail=False))
+        return list(fs.ls(path, detail=detail))
     except FileNotFoundError:
         return []
+
+
+def list_fresh(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Names (full paths) under a directory, [] if it does not exist; bypasses the listing cache."""
+    return sorted(_ls_fresh(fs, path, detail=False))
 
 
 def list_fresh_detail(fs: fsspec.AbstractFileSystem, path: str) -> list[dict]:
     """fs.ls(path, detail=True) bypassing the listing cache, [] if it does not exist."""
-    fs.invalidate_cache(path)
-    try:
-        return list(fs.ls(path, detail=True))
-    except FileNotFoundError:
-        return []
+    return _ls_fresh(fs, path, detail=True)
