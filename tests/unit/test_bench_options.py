@@ -3,6 +3,8 @@ EngineConfig); `ziya-batch bench` hands its arguments to that parser unchanged."
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ziya_batch import cli
 from ziya_batch.engine.types import EngineConfig
@@ -88,3 +90,61 @@ def test_seats_are_bounded_as_a_job_spec_bounds_them(capsys, value, message):
     last = err.strip().splitlines()[-1]                                   # after argparse's usage lines
     assert exc.value.code == 2 and last.startswith("ziya-batch bench: error: argument --max-num-seqs: ")
     assert message in last and err.count("error:") == 1
+
+
+def test_also_adds_engine_variants_in_order():
+    got = parse_options(["--also", "quantization=fp8,kv-cache-dtype=fp8", "--also", "max_num_seqs=512"])
+    assert got.also == ("quantization=fp8,kv-cache-dtype=fp8", "max_num_seqs=512")
+    assert bench.parse_variant("quantization=fp8, kv-cache-dtype=fp8 ,max-num-seqs=384,mixed-graphs=off") == dict(
+        quantization="fp8", kv_cache_dtype="fp8", max_num_seqs=384, mixed_step_graphs=False)
+    assert bench.parse_variant("quantization=none") == dict(quantization=None)
+
+
+@pytest.mark.parametrize("value,message", [
+    ("", "is not KEY=VALUE"), ("quantization", "is not KEY=VALUE"), ("dtype=float32", "is not KEY=VALUE"),
+    ("quantization=int4", "quantization must be none or fp8"), ("kv-cache-dtype=fp4", "kv-cache-dtype must be"),
+    ("max-num-seqs=0", "max-num-seqs must be a whole number in 1..4096"), ("max-num-seqs=-3", "1..4096"),
+    ("max-num-seqs=4097", "1..4096"), ("max-num-seqs=1e3", "1..4096"), ("max-num-seqs=" + "9" * 400, "1..4096"),
+    ("mixed-graphs=both", "mixed-graphs must be on or off"),
+    ("max-num-seqs=8,max_num_seqs=16", "max-num-seqs is given twice")])
+def test_a_bad_variant_is_one_line_and_exit_2(capsys, value, message):
+    with pytest.raises(SystemExit) as exc:
+        parse_options(["--also", value], prog="ziya-batch bench")
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert exc.value.code == 2 and last.startswith("ziya-batch bench: error: argument --also: ")
+    assert message in last and err.count("error:") == 1 and len(last) < 300
+
+
+@pytest.mark.parametrize("opts", [BenchOptions(also=("max-num-seqs=512",), workload="W2"),
+                                  BenchOptions(also=("max-num-seqs=512",), tensor_parallel=2),
+                                  BenchOptions(also=("max-num-seqs=512",), prefix_caching="both")])
+def test_variants_are_refused_where_the_run_has_no_w1_engine_on_one_gpu(monkeypatch, opts):
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(bench.ModelError, match="--also adds engine rows to workload W1 on one GPU"):
+        bench.run_bench(opts)
+
+
+def test_a_variant_given_in_code_is_checked_before_any_gpu_work(monkeypatch):
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(bench.ModelError, match="bench --also 'weights=fp8': .*is not KEY=VALUE"):
+        bench.run_bench(BenchOptions(also=("weights=fp8",)))
+
+
+def test_the_roofline_beside_a_variant_names_its_configuration():
+    row = dict(output_tokens=10, note="12 KV blocks of 16; 0 preemptions; schedule fcfs; KV cache fp8; weights fp8; "
+                                      "512 seats; prefix caching on")
+    got = bench._roofline_row(4, row, dict(floor_tok_s=123.0), 3e12, 1)
+    assert got["output_tok_s"] == 123.0
+    assert got["note"].endswith("(weights + KV bytes per step); KV cache fp8, weights fp8, 512 seats")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("=,_- 0123456789abcdefpqrstuvwxyzkin\x00\u00e9")), max_size=80))
+def test_any_variant_text_parses_or_is_one_clear_error(text):
+    try:
+        got = bench.parse_variant(text)
+    except ValueError as e:
+        assert "\n" not in str(e) and len(str(e)) < 300
+    else:
+        assert set(got) <= {"quantization", "kv_cache_dtype", "max_num_seqs", "mixed_step_graphs"} and got

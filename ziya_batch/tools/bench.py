@@ -26,9 +26,9 @@ from ziya_batch.engine.kv_cache import KV_CACHE_DTYPES
 from ziya_batch.engine.scheduler import POLICIES
 from ziya_batch.errors import ModelError
 from ziya_batch.tools.bench_baselines import _hf_model, bench_hf_continuous, bench_hf_generate
-from ziya_batch.tools.bench_core import (BenchOptions, _args, _breakdown_text, _build_engine, _fmt, _git_commit,
-                                         _print_row, _print_table, bench_engine, measure_copy_bandwidth_bytes_s,
-                                         workload_w1)
+from ziya_batch.tools.bench_core import (VARIANT_KEYS, BenchOptions, _args, _breakdown_text, _build_engine, _fmt,
+                                         _git_commit, _print_profile, _print_row, _print_table, bench_engine,
+                                         measure_copy_bandwidth_bytes_s, parse_variant, workload_w1)
 # names scripts/gpu/ and the tests import from here
 from ziya_batch.tools.bench_core import (BENCH_ENGINE, CARD, _kernel_profile, _sampling, _time_s,  # noqa: F401
                                          _weight_bytes, profile_decode_step, profile_kernels)
@@ -105,6 +105,22 @@ def bench_engine_tp(opts: "BenchOptions") -> tuple[dict, dict, float]:
     return got["row"], got["prof"], got["bw"]
 
 
+def _roofline_row(requests: int, row: dict, prof: dict, bw: float, tensor_parallel: int) -> dict:
+    """The decode roofline of one engine row: its decode-only steps' tokens over their weight + KV bytes at the
+    measured copy bandwidth."""
+    return dict(method="roofline", requests=requests, output_tokens=row["output_tokens"], wall_s=None,
+                output_tok_s=prof["floor_tok_s"], prefill_tok_s=None, decode_tok_s=None, peak_gib=None,
+                note=f"engine's decode steps at {bw / 1e12:.2f} TB/s copy bandwidth (weights + KV bytes per step"
+                     + (f", per GPU of {tensor_parallel})" if tensor_parallel > 1 else ")")
+                     + _config_note(row))
+
+
+def _config_note(row: dict) -> str:
+    """The engine row's configuration, from its note (KV cache, weights, seats), for the roofline beside it."""
+    parts = [p for p in row["note"].split("; ") if p.startswith(("KV cache ", "weights ")) or p.endswith(" seats")]
+    return f"; {', '.join(parts)}" if parts else ""
+
+
 def run_bench(opts: BenchOptions) -> list[dict]:
     if not torch.cuda.is_available():
         raise ModelError("ziya-batch bench needs a CUDA GPU: run it on a machine with one")
@@ -122,6 +138,14 @@ def run_bench(opts: BenchOptions) -> list[dict]:
     if opts.max_num_seqs != BenchOptions.max_num_seqs and (opts.workload != "W1" or opts.prefix_caching != "on"):
         raise ModelError("bench --max-num-seqs applies to workload W1's engine rows: leave it out for "
                          f"--workload {opts.workload} / --prefix-caching {opts.prefix_caching}")
+    if opts.also and (opts.workload != "W1" or opts.prefix_caching != "on" or opts.tensor_parallel > 1):
+        raise ModelError("bench --also adds engine rows to workload W1 on one GPU: leave out --workload, "
+                         "--prefix-caching and --tensor-parallel")
+    for text in opts.also:
+        try:
+            parse_variant(text)
+        except ValueError as e:
+            raise ModelError(f"bench --also {text[:80]!r}: {e}") from None
     if opts.schedule not in POLICIES:
         raise ModelError(f"bench --schedule must be one of {', '.join(POLICIES)}, not {opts.schedule!r}")
     only = set(opts.only) or set(METHODS)
@@ -165,13 +189,21 @@ def run_bench(opts: BenchOptions) -> list[dict]:
         if "engine" in only:
             rows += engine_rows
         if "roofline" in only:
-            rows.append(dict(method="roofline", requests=len(work), output_tokens=row["output_tokens"],
-                             wall_s=None, output_tok_s=prof["floor_tok_s"], prefill_tok_s=None, decode_tok_s=None,
-                             peak_gib=None, note=f"engine's decode steps at {bw / 1e12:.2f} TB/s copy bandwidth "
-                                                 f"(weights + KV bytes per step"
-                                                 + (f", per GPU of {opts.tensor_parallel})" if opts.tensor_parallel > 1
-                                                    else ")")))
+            rows.append(_roofline_row(len(work), row, prof, bw, opts.tensor_parallel))
             _print_row(rows[-1])
+        for text in opts.also:          # the variants, each with its roofline and profile
+            cfg = dict(quantization=opts.quantization, kv_cache_dtype=opts.kv_cache_dtype,
+                       mixed_step_graphs=MIXED_GRAPHS[opts.mixed_graphs][0], max_num_seqs=opts.max_num_seqs)
+            cfg.update(parse_variant(text))
+            r, p = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule, **cfg)
+            if "engine" in only:
+                rows.append(r)
+                _print_row(r)
+            if "roofline" in only:
+                rows.append(_roofline_row(len(work), r, p, bw, opts.tensor_parallel))
+                _print_row(rows[-1])
+            print(f"[bench] --also {text}:", flush=True)
+            _print_profile(p)
     if opts.logprobs:
         rows += bench_logprobs(a, work, device, bw, opts)
     if only & {"hf-generate", "hf-continuous"}:
@@ -264,6 +296,14 @@ def _seats(text: str) -> int:
     return n
 
 
+def _variant(text: str) -> str:
+    try:
+        parse_variant(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     """The bench's one command line: `ziya-batch bench` hands its arguments to it, and so does
     `python -m ziya_batch.tools.bench`. Defaults are BenchOptions'."""
@@ -295,6 +335,10 @@ def parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                         "repeated, e.g. processed,temperature,temperature+top5")
     p.add_argument("--max-num-seqs", type=_seats, default=d.max_num_seqs,
                    help="the engine's seats (engine.max_num_seqs of a job spec; CUDA graphs up to 512)")
+    p.add_argument("--also", action="append", type=_variant, default=[], metavar="CONFIG",
+                   help="one more W1 engine row in the same run (repeat for more), the first one's configuration "
+                        f"changed by comma-separated KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}, e.g. "
+                        "quantization=fp8,kv-cache-dtype=fp8,max-num-seqs=512; each gets its roofline")
     p.add_argument("--mixed-graphs", choices=tuple(MIXED_GRAPHS), default=d.mixed_graphs,
                    help="steps with prefill from CUDA graphs captured in pieces (on) or eager (off); both: one "
                         "engine row each, in one process")
@@ -306,7 +350,8 @@ def parse_options(argv: Optional[list[str]] = None, prog: Optional[str] = None) 
     only = tuple(x for o in a.only for x in o.split(",") if x)
     return BenchOptions(a.layers, a.requests, a.tensor_parallel, a.markdown, only, a.seed, a.schedule,
                         a.kv_cache_dtype, a.workload, a.prefix_caching, a.quantization,
-                        tuple(x for o in a.logprobs for x in o.split(",") if x), a.mixed_graphs, a.max_num_seqs)
+                        tuple(x for o in a.logprobs for x in o.split(",") if x), a.mixed_graphs, a.max_num_seqs,
+                        tuple(a.also))
 
 
 def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> None:

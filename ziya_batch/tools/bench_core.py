@@ -41,6 +41,48 @@ class BenchOptions:
     # engine row each, in that order, in one process: the A/B of one card)
     mixed_graphs: str = "on"
     max_num_seqs: int = EngineConfig.max_num_seqs      # the engine's seats (engine.max_num_seqs of a job spec)
+    # more engine rows on W1 in the same run, after the first, each a variant of it (parse_variant's text:
+    # "quantization=fp8,kv-cache-dtype=fp8,max-num-seqs=512"), each with its roofline
+    also: tuple[str, ...] = ()
+
+
+# what an --also variant may change in the first engine row, with how its value is read
+VARIANT_KEYS = ("quantization", "kv-cache-dtype", "max-num-seqs", "mixed-graphs")
+
+
+def parse_variant(text: str) -> dict:
+    """"key=value,key=value" over VARIANT_KEYS -> the bench_engine overrides {quantization, kv_cache_dtype,
+    max_num_seqs, mixed_step_graphs} it names; ValueError with one line for anything else."""
+    from ziya_batch.engine.kv_cache import KV_CACHE_DTYPES
+    from ziya_batch.spec import EngineSpec
+    top = next(m.le for m in EngineSpec.model_fields["max_num_seqs"].metadata if getattr(m, "le", None) is not None)
+    out: dict = {}
+    for part in text.split(","):
+        key, eq, value = part.strip().partition("=")
+        key, value = key.strip().replace("_", "-"), value.strip()
+        if not eq or key not in VARIANT_KEYS:
+            raise ValueError(f"{part.strip()!r} is not KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
+        name = key.replace("-", "_")
+        if name in out or (name == "mixed_graphs" and "mixed_step_graphs" in out):
+            raise ValueError(f"{key} is given twice")
+        if key == "quantization":
+            if value not in ("none", "fp8"):
+                raise ValueError(f"quantization must be none or fp8, not {value!r}")
+            out[name] = None if value == "none" else value
+        elif key == "kv-cache-dtype":
+            if value not in KV_CACHE_DTYPES:
+                raise ValueError(f"kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, not {value!r}")
+            out[name] = value
+        elif key == "max-num-seqs":
+            if not value.isdigit() or not 1 <= int(value) <= top:
+                raise ValueError(f"max-num-seqs must be a whole number in 1..{top} (engine.max_num_seqs), "
+                                 f"not {value[:40]!r}")
+            out[name] = int(value)
+        else:
+            if value not in ("on", "off"):
+                raise ValueError(f"mixed-graphs must be on or off, not {value!r}")
+            out["mixed_step_graphs"] = value == "on"
+    return out
 
 
 # the engine the bench runs: the engine's defaults (float16 on the GPU) but W1's prompt + output within 1,024
@@ -223,6 +265,9 @@ def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, con
     full = _time_s(r.graphs[b].replay)
     r.g_ctx[:b].fill_(1)
     weights_only = _time_s(r.graphs[b].replay)
+    # the kernels of that replay as the graph runs them: their sum against the replay's time is what the
+    # kernel boundaries cost
+    weights_kernels = profile_kernels(r.graphs[b].replay, top=16)
     k, v = eng.kv_caches[0]
     kf, vf = k.view(-1, k.shape[2], k.shape[3]), v.view(-1, v.shape[2], v.shape[3])
     q = torch.randn(b, a.num_heads, a.head_dim, device=dev, dtype=eng.model.embed.dtype)
@@ -239,7 +284,8 @@ def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, con
     return dict(batch=b, context=context, step_ms=1e3 * full, weights_only_ms=1e3 * weights_only,
                 attention_ms=1e3 * attn, sampling_ms=1e3 * samp,
                 weights_floor_ms=1e3 * _weight_bytes(a, eng.config.quantization) / bw,
-                kv_floor_ms=1e3 * kv_bytes / bw, kernels=_kernel_profile(eng, b))
+                kv_floor_ms=1e3 * kv_bytes / bw, kernels=_kernel_profile(eng, b, top=16),
+                weights_kernels=weights_kernels)
 
 
 def mixed_step_inputs(eng: LLMEngine, decode: int, context: int, prefill: tuple[int, ...], seed: int = 0):
@@ -280,7 +326,7 @@ def profile_mixed_step(eng: LLMEngine, decode: int, context: int, prefill: tuple
     def run():
         return eng.runner.mixed.run(ids, pos, meta, rows)
     return dict(decode=decode, context=context, prefill=list(prefill), step_ms=1e3 * _time_s(run),
-                kernels=profile_kernels(run))
+                kernels=profile_kernels(run, top=16))
 
 
 def _kernel_profile(eng: LLMEngine, b: int, top: int = 10) -> list[tuple[str, float, int]]:
@@ -342,27 +388,36 @@ def _print_table(rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
                   _fmt(r["peak_gib"], ".1f"), str(r["requests"]), r["note"])
     Console(width=200).print(t)
     if prof:
-        print(f"[bench] decode step: {prof['decode_step_ms']:.2f} ms measured vs {prof['floor_step_ms']:.2f} ms "
-              f"byte floor at mean batch {prof['decode_batch']:.1f}; host (schedule + inputs + launch) "
-              f"{prof['host_ms']:.2f} ms; on the GPU, from the end of the step before (or its first launch, if "
-              f"the GPU was idle) to the end of its sampling {prof['decode_gpu_ms']:.2f} ms", flush=True)
-        print(f"[bench] mixed steps (prefill + decode, {'graphs in pieces' if prof.get('mixed_graphs') else 'eager'}): "
-              f"{prof['mixed_steps']} steps, {prof['mixed_step_ms']:.2f} "
-              f"ms each, {prof['mixed_prefill']:.0f} prefill + {prof['mixed_decode']:.0f} decode tokens each; host "
-              f"{prof['mixed_host_ms']:.2f} ms (median {prof['mixed_host_median_ms']:.2f}, max "
-              f"{prof['mixed_host_max_ms']:.0f}); on the GPU {prof['mixed_gpu_ms']:.2f} ms", flush=True)
-        print("[bench] " + _breakdown_text(prof), flush=True)
-        for name, ms, n in (prof.get("breakdown") or {}).get("kernels", []):
+        _print_profile(prof)
+
+
+def _print_profile(prof: dict) -> None:
+    """One engine row's step times, its decode-step breakdown and kernels, and its decode kernel tuning."""
+    print(f"[bench] decode step: {prof['decode_step_ms']:.2f} ms measured vs {prof['floor_step_ms']:.2f} ms "
+          f"byte floor at mean batch {prof['decode_batch']:.1f}; host (schedule + inputs + launch) "
+          f"{prof['host_ms']:.2f} ms; on the GPU, from the end of the step before (or its first launch, if "
+          f"the GPU was idle) to the end of its sampling {prof['decode_gpu_ms']:.2f} ms", flush=True)
+    print(f"[bench] mixed steps (prefill + decode, {'graphs in pieces' if prof.get('mixed_graphs') else 'eager'}): "
+          f"{prof['mixed_steps']} steps, {prof['mixed_step_ms']:.2f} "
+          f"ms each, {prof['mixed_prefill']:.0f} prefill + {prof['mixed_decode']:.0f} decode tokens each; host "
+          f"{prof['mixed_host_ms']:.2f} ms (median {prof['mixed_host_median_ms']:.2f}, max "
+          f"{prof['mixed_host_max_ms']:.0f}); on the GPU {prof['mixed_gpu_ms']:.2f} ms", flush=True)
+    print("[bench] " + _breakdown_text(prof), flush=True)
+    for name, ms, n in (prof.get("breakdown") or {}).get("kernels", []):
+        print(f"[bench]   {ms:8.3f} ms {n:5d}x  {name}", flush=True)
+    if (prof.get("breakdown") or {}).get("weights_kernels"):
+        print("[bench] the 1-token-context replay's kernels, as the graph runs them:", flush=True)
+        for name, ms, n in prof["breakdown"]["weights_kernels"]:
             print(f"[bench]   {ms:8.3f} ms {n:5d}x  {name}", flush=True)
-        mb = prof.get("mixed_breakdown")
-        if mb:
-            print(f"[bench] a step with prefill through the pieces ({mb.get('decode')} decode rows of "
-                  f"{mb.get('context')} tokens, prefill chunks {mb.get('prefill')}): "
-                  + (f"{mb['step_ms']:.2f} ms" if "step_ms" in mb else mb.get("error", "")), flush=True)
-            for name, ms, n in mb.get("kernels", []):
-                print(f"[bench]   {ms:8.3f} ms {n:5d}x  {name}", flush=True)
-        print("[bench] decode kernel tuning (BLOCK_N, warps, stages, TAIL_N) -> us: " + ", ".join(
-            f"{c}: {t * 1e6:.0f}" for c, t in prof.get("tuning", [])), flush=True)
+    mb = prof.get("mixed_breakdown")
+    if mb:
+        print(f"[bench] a step with prefill through the pieces ({mb.get('decode')} decode rows of "
+              f"{mb.get('context')} tokens, prefill chunks {mb.get('prefill')}): "
+              + (f"{mb['step_ms']:.2f} ms" if "step_ms" in mb else mb.get("error", "")), flush=True)
+        for name, ms, n in mb.get("kernels", []):
+            print(f"[bench]   {ms:8.3f} ms {n:5d}x  {name}", flush=True)
+    print("[bench] decode kernel tuning (BLOCK_N, warps, stages, TAIL_N) -> us: " + ", ".join(
+        f"{c}: {t * 1e6:.0f}" for c, t in prof.get("tuning", [])), flush=True)
 
 
 def _breakdown_text(prof: dict) -> str:
