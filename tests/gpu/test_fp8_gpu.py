@@ -102,6 +102,20 @@ def test_the_norm_quantises_its_rows_as_the_two_kernels_do(dtype, model_dirs):
                for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_silu_up_quantises_its_rows_as_the_two_kernels_do(dtype):
+    # the intermediate sizes of 13B on one GPU and on two, and one that is no multiple of the kernel's block
+    for n in (13824, 6912, 1000):
+        assert quant.check_fused_silu_quantize(torch.device("cuda"), dtype, n)
+        g = torch.Generator(device="cuda").manual_seed(5)
+        gu = torch.randn(300, 2 * n, device="cuda", dtype=dtype, generator=g) * 8
+        gu[7] = 0                                   # a zero row: the smallest scale, zeros
+        want_q, want_s = quant.quantize_rows_fused(fused_kernels.silu_mul(gu))
+        got = fused_kernels.silu_mul(gu, quantize=True)
+        assert torch.equal(got.scale, want_s) and got.dtype == dtype
+        assert torch.equal(got.q.view(torch.uint8), want_q.view(torch.uint8))
+
+
 def test_scaled_mm_matches_the_float32_emulation():
     w = torch.randn(13824, 5120, device="cuda") * 0.02
     x = torch.randn(64, 5120, device="cuda", dtype=torch.float16)

@@ -295,6 +295,11 @@ def test_rows_quantised_by_the_norm_give_what_the_linear_quantising_them_gives()
     got = lin(QuantizedRows(*quant.quantize_rows(x), torch.float32))
     assert got.dtype == torch.float32 and torch.allclose(got, lin(x), rtol=1e-5, atol=1e-5)
     assert quant.check_fused_norm_quantize(CPU, torch.float32) is False
+    assert quant.check_fused_silu_quantize(CPU, torch.float32) is False
+    assert quant.check_fused_rows(CPU, torch.float32, 64, 128) is False
+    with pytest.raises(ValueError, match="GPU only"):
+        from ziya_batch.engine import fused
+        fused.silu_mul(torch.randn(3, 8), quantize=True)
     assert not any(getattr(layer, n).takes_rows for layer in quant.quantize_model(
         from_hf_model(tiny_llama(2), CPU, torch.float32)).layers for n in PROJ)
 

@@ -93,6 +93,34 @@ if triton is not None:
         act = (g / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty).to(tl.float32)   # silu rounded, as torch
         tl.store(OUT + row * stride_o + cols, (act * u).to(OUT.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _silu_mul_row(GU, row, stride_g, start, N: tl.constexpr, BLOCK: tl.constexpr, DTYPE: tl.constexpr):
+        # silu(gate) * up of one row's columns start..start+BLOCK as _silu_mul_kernel stores them (rounded to
+        # DTYPE twice), in float32; 0 past N
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < N
+        g = tl.load(GU + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(GU + row * stride_g + N + cols, mask=mask, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(DTYPE).to(tl.float32)
+        return (act * u).to(DTYPE).to(tl.float32)
+
+    @triton.jit
+    def _silu_mul_quant_kernel(GU, Q, S, stride_g, stride_q, N: tl.constexpr, BLOCK: tl.constexpr):
+        # one row: silu(gate) * up as _silu_mul_kernel rounds it, quantised as quant._quantize_rows_kernel does
+        # (its amax in a first pass, the float8 values in a second, recomputing the row instead of storing it)
+        row = tl.program_id(0)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, N, BLOCK):
+            acc = tl.maximum(acc, tl.abs(_silu_mul_row(GU, row, stride_g, start, N, BLOCK, GU.dtype.element_ty)))
+        amax = tl.max(acc, axis=0)
+        scale = tl.maximum(amax / 448.0, 1e-12)
+        tl.store(S + row, scale)
+        for start in range(0, N, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            y = _silu_mul_row(GU, row, stride_g, start, N, BLOCK, GU.dtype.element_ty)
+            q = tl.minimum(tl.maximum(y / scale, -448.0), 448.0)
+            tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=cols < N)
+
 
 if triton is not None:
     @triton.jit
@@ -215,10 +243,20 @@ def _launch_rope_kv(qkv, positions, cos, sin, num_q_heads, num_kv_heads, head_di
                                      CLAMP=k_flat.dtype == torch.float8_e4m3fn, num_warps=4)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gate_up: [T, 2I] -> silu(gate) * up: [T, I]."""
+def silu_mul(gate_up: torch.Tensor, quantize: bool = False):
+    """gate_up: [T, 2I] -> silu(gate) * up: [T, I]. quantize (GPU only): the product's rows quantised for an FP8
+    projection instead (QuantizedRows), in the same kernel: the bytes silu_mul and quant.quantize_rows_fused
+    give (quant.check_fused_silu_quantize decides whether a model may ask)."""
     T, N2 = gate_up.shape
     N = N2 // 2
+    if quantize:
+        if not _on_gpu(gate_up):
+            raise ValueError("silu_mul(quantize=True) runs on the GPU only")
+        q = torch.empty(T, N, dtype=torch.float8_e4m3fn, device=gate_up.device)
+        scale = torch.empty(T, 1, dtype=torch.float32, device=gate_up.device)
+        _silu_mul_quant_kernel[(T,)](gate_up, q, scale, gate_up.stride(0), q.stride(0), N=N, BLOCK=2048,
+                                     num_warps=8)
+        return QuantizedRows(q, scale, gate_up.dtype)
     if not _on_gpu(gate_up):
         gate, up = gate_up.chunk(2, dim=-1)
         return torch.nn.functional.silu(gate) * up

@@ -97,11 +97,16 @@ def _linear(x: torch.Tensor, w, out: Optional[torch.Tensor] = None) -> torch.Ten
     return F.linear(x, w) if out is None else torch.mm(x, w.t(), out=out)
 
 
+def takes_rows(proj) -> bool:
+    """Whether `proj` is an FP8 projection whose input kernel may hand it rows it quantised itself."""
+    return isinstance(proj, quant.Fp8Linear) and proj.takes_rows
+
+
 def norm_for(proj, h: torch.Tensor, x: Optional[torch.Tensor], weight: torch.Tensor, eps: float,
              out: Optional[torch.Tensor] = None):
     """fused.add_rms_norm for the projection `proj` that reads its output: for an FP8 projection that takes them,
     the rows come quantised from the same kernel (fused.QuantizedRows); otherwise in the model dtype (into out)."""
-    if isinstance(proj, quant.Fp8Linear) and proj.takes_rows:
+    if takes_rows(proj):
         if out is not None:
             raise ValueError("norm_for: rows quantised for an FP8 projection are not written into a buffer")
         return fused.add_rms_norm(h, x, weight, eps, quantize=True)
@@ -210,7 +215,8 @@ class Layer(nn.Module):
         if self.all_reduce is not None:
             self.all_reduce(o)
         x = norm_for(self.gate_up_proj, h, o, self.post_norm, self.a.rms_norm_eps)
-        m = _linear(fused.silu_mul(_linear(x, self.gate_up_proj)), self.down_proj)
+        m = _linear(fused.silu_mul(_linear(x, self.gate_up_proj), quantize=takes_rows(self.down_proj)),
+                    self.down_proj)
         if self.all_reduce is not None:
             self.all_reduce(m)
         return norm_for(next_proj, h, m, next_norm, self.a.rms_norm_eps, out=out)
@@ -298,7 +304,8 @@ class LlamaModel(nn.Module):
         if quantization == "fp8":             # after .to(dtype), which would widen float8 buffers
             mm_dtype = quant.require_fp8(device, dtype)
             fused = quant.check_fused_quantize(device, dtype)
-            takes_rows = fused and quant.check_fused_norm_quantize(device, dtype, a.hidden_size)
+            takes_rows = fused and quant.check_fused_rows(device, dtype, a.hidden_size,
+                                                          a.intermediate_size // world_size)
             for layer in m.layers:
                 quant.use_fp8_linears(layer, fused, mm_dtype, takes_rows)
         return m.to_empty(device=device)

@@ -131,6 +131,39 @@ def check_fused_norm_quantize(device: torch.device, dtype: torch.dtype, hidden: 
     return bool(ok)
 
 
+def check_fused_silu_quantize(device: torch.device, dtype: torch.dtype, intermediate: int = 13824) -> bool:
+    """True when fused.silu_mul(quantize=True) gives exactly the float8 bytes and scales of silu_mul followed by
+    quantize_rows_fused (then down_proj gets its rows quantised from the kernel that makes them) on rows of the
+    model's intermediate size; False off the GPU, without Triton or if anything differs. Synchronises: call at
+    load."""
+    if triton is None or device.type != "cuda":
+        return False
+    try:
+        g = torch.Generator(device=device).manual_seed(2)
+        T, N = 37, intermediate
+        gu = torch.randn(T, 2 * N, device=device, dtype=dtype, generator=g) * torch.logspace(
+            -2, 2, T, device=device).to(dtype)[:, None]
+        gu[3] = 0
+        want_q, want_s = quantize_rows_fused(fused_kernels.silu_mul(gu))
+        got = fused_kernels.silu_mul(gu, quantize=True)
+        ok = (torch.equal(got.q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(got.scale, want_s)
+              and got.dtype == dtype)
+    except Exception as err:  # noqa: BLE001 - a Triton that cannot build it: the two kernels do the work
+        log.warning("SiLU·up cannot quantise its rows for FP8 projections here (%s); quantising apart", err)
+        return False
+    if not ok:
+        log.warning("SiLU·up's quantised rows differ from the two kernels' here; quantising apart")
+    return bool(ok)
+
+
+def check_fused_rows(device: torch.device, dtype: torch.dtype, hidden: int, intermediate: int) -> bool:
+    """Whether the kernels before an FP8 projection may hand it their rows quantised (Fp8Linear.takes_rows): the
+    norms (check_fused_norm_quantize, for qkv_proj and gate_up_proj) and SiLU·up (check_fused_silu_quantize,
+    for down_proj; intermediate is this rank's share) both agree byte for byte with quantising apart."""
+    return (check_fused_norm_quantize(device, dtype, hidden)
+            and check_fused_silu_quantize(device, dtype, intermediate))
+
+
 def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     """torch.cat along dim 0; float8 through its bytes (not every torch build concatenates float8 on every
     device, while a byte view of the same size always works)."""
@@ -261,7 +294,7 @@ def quantize_model(model: nn.Module) -> nn.Module:
     and without a hardware check: for models built in memory (tests; the CPU runs the float32 emulation)."""
     dev, dt = model.embed.device, model.embed.dtype
     fused, mm_dtype = check_fused_quantize(dev, dt), require_fp8(dev, dt) if dev.type == "cuda" else None
-    takes_rows = fused and check_fused_norm_quantize(dev, dt, model.args.hidden_size)
+    takes_rows = fused and check_fused_rows(dev, dt, model.args.hidden_size, model.layers[0].down_proj.shape[1])
     with torch.no_grad():
         for layer in model.layers:
             for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
