@@ -148,3 +148,32 @@ def test_any_variant_text_parses_or_is_one_clear_error(text):
         assert "\n" not in str(e) and len(str(e)) < 300
     else:
         assert set(got) <= {"quantization", "kv_cache_dtype", "max_num_seqs", "mixed_step_graphs"} and got
+
+
+def test_variants_run_after_the_first_row_each_with_its_roofline(monkeypatch, capsys):
+    calls = []
+
+    def fake_engine(a, work, device, bw, seed, world_size=1, schedule=None, kv_cache_dtype="auto", **config):
+        calls.append(dict(kv_cache_dtype=kv_cache_dtype, **config))
+        note = "1 KV blocks of 16" + (f"; KV cache {kv_cache_dtype}" if kv_cache_dtype != "auto" else "") + \
+            (f"; {config['max_num_seqs']} seats" if config["max_num_seqs"] != 256 else "")
+        row = dict(method="engine", requests=len(work), output_tokens=5, wall_s=1.0, output_tok_s=100.0 * len(calls),
+                   prefill_tok_s=None, decode_tok_s=None, peak_gib=None, note=note)
+        prof = dict(floor_tok_s=1000.0 * len(calls), decode_step_ms=1.0, floor_step_ms=1.0, host_ms=0.1,
+                    decode_batch=2.0, decode_gpu_ms=1.0, mixed_steps=1, mixed_step_ms=2.0, mixed_prefill=3,
+                    mixed_decode=1, mixed_host_ms=0.2, mixed_host_median_ms=0.2, mixed_host_max_ms=0.2,
+                    mixed_gpu_ms=2.0)
+        return row, prof
+
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda d=None: "card")
+    monkeypatch.setattr(bench, "measure_copy_bandwidth_bytes_s", lambda d: 3e12)
+    monkeypatch.setattr(bench, "bench_engine", fake_engine)
+    rows = bench.run_bench(BenchOptions(layers=2, requests=4, only=("engine", "roofline"),
+                                        also=("kv-cache-dtype=fp8,max-num-seqs=512", "mixed-graphs=off")))
+    assert [r["method"] for r in rows] == ["engine", "roofline"] * 3
+    assert [r["output_tok_s"] for r in rows] == [100.0, 1000.0, 200.0, 2000.0, 300.0, 3000.0]
+    assert calls[1] == dict(kv_cache_dtype="fp8", quantization=None, mixed_step_graphs=True, max_num_seqs=512)
+    assert calls[2] == dict(kv_cache_dtype="auto", quantization=None, mixed_step_graphs=False, max_num_seqs=256)
+    assert rows[3]["note"].endswith("; KV cache fp8, 512 seats")
+    assert "[bench] --also kv-cache-dtype=fp8,max-num-seqs=512:" in capsys.readouterr().out
