@@ -6,7 +6,8 @@
    Training the 40-layer shape needs ~96 GiB (bfloat16 AdamW): an H200, not an H100.
 2. Builds `--prompts` prompts the way the workers do (Ziya's format around 8..64 tokens of the shipped corpus).
 3. Runs greedy generation of `--tokens` tokens (EOS ignored) with the engine on float16 weights, on FP8 weights
-   (quantised at load), and on FP8 weights with the float8 KV cache, one engine at a time, CUDA graphs on.
+   (quantised at load), on FP8 weights with the float8 KV cache, and on those with the FP8 GEMMs' fast
+   accumulation (EngineConfig.fp8_fast_accum), one engine at a time, CUDA graphs on.
 4. Per variant against float16: prompts whose tokens are all equal, and the mean absolute difference of the chosen
    tokens' raw logprobs over the tokens before a prompt's first divergence. The gate: >= 90% equal, mean < 0.05.
 
@@ -54,7 +55,8 @@ def make_prompts(model_dir: Path, n: int, seed: int = 1) -> list[list[int]]:
     return out
 
 
-def generate(model_dir: Path, prompts: list[list[int]], tokens: int, quantization, kv_cache_dtype: str) -> dict:
+def generate(model_dir: Path, prompts: list[list[int]], tokens: int, quantization, kv_cache_dtype: str,
+             fast_accum: bool = False) -> dict:
     from transformers import AutoConfig
 
     from ziya_batch.engine.engine import LLMEngine
@@ -68,7 +70,7 @@ def generate(model_dir: Path, prompts: list[list[int]], tokens: int, quantizatio
     model = LlamaModel.from_state_dict(args, iter_checkpoint(str(model_dir)), dev, dtype, quantization=quantization)
     eng = LLMEngine.from_model(model, None, EngineConfig(model_path=str(model_dir), dtype=str(dtype)[6:],
                                                          device=dev.type, kv_cache_dtype=kv_cache_dtype,
-                                                         gpu_memory_fraction=0.9))
+                                                         gpu_memory_fraction=0.9, fp8_fast_accum=fast_accum))
     load_s = time.time() - t0
     params = SamplingParams(max_new_tokens=tokens, min_new_tokens=tokens, temperature=0.0, ignore_eos=True,
                             logprobs_mode="raw")
@@ -79,7 +81,8 @@ def generate(model_dir: Path, prompts: list[list[int]], tokens: int, quantizatio
     del eng, model, outs
     gc.collect()
     torch.cuda.empty_cache()
-    print(f"[quality] {quantization or 'float16'} weights, KV {kv_cache_dtype}: loaded in {load_s:.0f} s, "
+    print(f"[quality] {quantization or 'float16'} weights{' (fast accumulation)' if fast_accum else ''}, KV "
+          f"{kv_cache_dtype}: loaded in {load_s:.0f} s, "
           f"generated in {gen_s:.1f} s", flush=True)
     return res
 
@@ -121,11 +124,12 @@ def main() -> None:
     ref = generate(model_dir, prompts, a.tokens, None, "auto")
     result = dict(card=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", commit=os.environ.get("ZIYA_BATCH_COMMIT", "unknown"),
                   trained=trained, prompts=a.prompts, tokens=a.tokens, variants={})
-    variants = (("fp8 weights", "fp8", "auto"), ("fp8 weights + fp8 KV cache", "fp8", "fp8"))
+    variants = (("fp8 weights", "fp8", "auto", False), ("fp8 weights + fp8 KV cache", "fp8", "fp8", False),
+                ("fp8 weights + fp8 KV cache, fast accumulation", "fp8", "fp8", True))
     if not torch.cuda.is_available():      # a check of the script: FP8 weights need an FP8 GPU
-        variants = (("float16 again", None, "auto"),)
-    for name, q, kv in variants:
-        result["variants"][name] = r = compare(ref, generate(model_dir, prompts, a.tokens, q, kv))
+        variants = (("float16 again", None, "auto", False),)
+    for name, q, kv, fast in variants:
+        result["variants"][name] = r = compare(ref, generate(model_dir, prompts, a.tokens, q, kv, fast))
         r["gate"] = bool(r["fraction"] >= 0.9 and r["mean_abs_dlogprob"] is not None and r["mean_abs_dlogprob"] < 0.05)
         print(f"[quality] {name}: {r}", flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -98,6 +98,7 @@ def test_also_adds_engine_variants_in_order():
     assert bench.parse_variant("quantization=fp8, kv-cache-dtype=fp8 ,max-num-seqs=384,mixed-graphs=off") == dict(
         quantization="fp8", kv_cache_dtype="fp8", max_num_seqs=384, mixed_step_graphs=False)
     assert bench.parse_variant("quantization=none") == dict(quantization=None)
+    assert bench.parse_variant("quantization=fp8,fp8-fast-accum=on") == dict(quantization="fp8", fp8_fast_accum=True)
 
 
 @pytest.mark.parametrize("value,message", [
@@ -105,7 +106,7 @@ def test_also_adds_engine_variants_in_order():
     ("quantization=int4", "quantization must be none or fp8"), ("kv-cache-dtype=fp4", "kv-cache-dtype must be"),
     ("max-num-seqs=0", "max-num-seqs must be a whole number in 1..4096"), ("max-num-seqs=-3", "1..4096"),
     ("max-num-seqs=4097", "1..4096"), ("max-num-seqs=1e3", "1..4096"), ("max-num-seqs=" + "9" * 400, "1..4096"),
-    ("mixed-graphs=both", "mixed-graphs must be on or off"),
+    ("mixed-graphs=both", "mixed-graphs must be on or off"), ("fp8-fast-accum=yes", "fp8-fast-accum must be on or off"),
     ("max-num-seqs=8,max_num_seqs=16", "max-num-seqs is given twice")])
 def test_a_bad_variant_is_one_line_and_exit_2(capsys, value, message):
     with pytest.raises(SystemExit) as exc:
@@ -147,7 +148,8 @@ def test_any_variant_text_parses_or_is_one_clear_error(text):
     except ValueError as e:
         assert "\n" not in str(e) and len(str(e)) < 300
     else:
-        assert set(got) <= {"quantization", "kv_cache_dtype", "max_num_seqs", "mixed_step_graphs"} and got
+        assert set(got) <= {"quantization", "kv_cache_dtype", "max_num_seqs", "mixed_step_graphs",
+                            "fp8_fast_accum"} and got
 
 
 def test_variants_run_after_the_first_row_each_with_its_roofline(monkeypatch, capsys):

@@ -358,3 +358,17 @@ def test_an_engine_over_a_transformers_model_honours_the_quantization_too(fp8_on
     gives Fp8Linear projections (the CPU refusal bypassed, as on an FP8 GPU), not a silent float copy."""
     eng = LLMEngine.from_model(tiny_llama(2), None, EngineConfig(model_path="", device="cpu", quantization="fp8"))
     assert all(isinstance(getattr(layer, n), quant.Fp8Linear) for layer in eng.model.layers for n in PROJ)
+
+
+def test_fast_accumulation_reaches_every_fp8_projection_and_its_shards():
+    model = quant.quantize_model(from_hf_model(tiny_llama(2), CPU, torch.float32))
+    lins = [getattr(layer, n) for layer in model.layers for n in PROJ]
+    assert not any(m.fast_accum for m in lins)
+    assert quant.set_fast_accum(model, True) == len(lins) == 8
+    assert all(m.fast_accum for m in lins) and lins[0].like(lins[0].weight, lins[0].scale).fast_accum
+    # the CPU's float32 emulation ignores it: the same output either way
+    x = torch.randn(3, lins[0].shape[1])
+    on = lins[0](x)
+    quant.set_fast_accum(model, False)
+    assert torch.equal(on, lins[0](x))
+    assert quant.set_fast_accum(from_hf_model(tiny_llama(2), CPU, torch.float32), True) == 0

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ziya_batch.engine import quant
 from ziya_batch.engine.kv_cache import (allocate_kv_cache, cache_dtype, copy_blocks, kv_bytes_per_token,
                                         num_blocks_from_memory)
 from ziya_batch.engine.model import LlamaModel, ModelArgs, from_hf_model, iter_checkpoint
@@ -109,6 +110,7 @@ class LLMEngine:
                eos_ids: list[int]) -> None:
         self.config, self.model, self.tokenizer, self.device = config, model, tokenizer, device
         self.eos_ids = eos_ids
+        quant.set_fast_accum(model, config.fp8_fast_accum)      # before any graph captures the projections
         a = model.args
         bs = config.block_size
         kv_heads = model.layers[0].local_kv_heads

@@ -213,6 +213,7 @@ class Fp8Linear(nn.Module):
         self.mm_dtype = mm_dtype                   # _scaled_mm's output dtype if not x's (require_fp8)
         # the norm before it may hand it rows it quantised itself (fused.QuantizedRows; check_fused_norm_quantize)
         self.takes_rows = takes_rows
+        self.fast_accum = False                    # _scaled_mm's use_fast_accum (set_fast_accum)
 
     @classmethod
     def empty(cls, rows: int, cols: int, device=None, fused: bool = False,
@@ -222,7 +223,9 @@ class Fp8Linear(nn.Module):
 
     def like(self, weight: torch.Tensor, scale: torch.Tensor) -> "Fp8Linear":
         """Another weight (a tensor-parallel shard) with this one's kernel choices."""
-        return Fp8Linear(weight, scale, self.fused, self.mm_dtype, self.takes_rows)
+        other = Fp8Linear(weight, scale, self.fused, self.mm_dtype, self.takes_rows)
+        other.fast_accum = self.fast_accum
+        return other
 
     @property
     def shape(self) -> torch.Size:
@@ -240,12 +243,23 @@ class Fp8Linear(nn.Module):
             x, dtype = x.contiguous(), x.dtype     # _scaled_mm wants a row-major first operand
             x8, sx = quantize_rows_fused(x) if self.fused else quantize_rows(x)
         # weight.t() is [K, N] column-major, as _scaled_mm wants its second operand; [N, 1] -> [1, N] is a view
-        args = dict(scale_a=sx, scale_b=self.scale.view(1, -1), out_dtype=self.mm_dtype or dtype)
+        args = dict(scale_a=sx, scale_b=self.scale.view(1, -1), out_dtype=self.mm_dtype or dtype,
+                    use_fast_accum=self.fast_accum)
         if out is not None and self.mm_dtype is None:
             return torch._scaled_mm(x8, self.weight.t(), **args, out=out)
         y = torch._scaled_mm(x8, self.weight.t(), **args)
         y = y if y.dtype == dtype else y.to(dtype)
         return y if out is None else out.copy_(y)
+
+
+def set_fast_accum(model: nn.Module, on: bool) -> int:
+    """Sets use_fast_accum on every Fp8Linear of model (EngineConfig.fp8_fast_accum); returns how many there are.
+    The CPU's float32 emulation has no such mode: it ignores the flag."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Fp8Linear):
+            m.fast_accum, n = bool(on), n + 1
+    return n
 
 
 def require_fp8(device: torch.device, dtype: torch.dtype = torch.float16) -> Optional[torch.dtype]:

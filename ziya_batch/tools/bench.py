@@ -117,7 +117,8 @@ def _roofline_row(requests: int, row: dict, prof: dict, bw: float, tensor_parall
 
 def _config_note(row: dict) -> str:
     """The engine row's configuration, from its note (KV cache, weights, seats), for the roofline beside it."""
-    parts = [p for p in row["note"].split("; ") if p.startswith(("KV cache ", "weights ")) or p.endswith(" seats")]
+    parts = [p for p in row["note"].split("; ") if p.startswith(("KV cache ", "weights ", "FP8 fast"))
+             or p.endswith(" seats")]
     return f"; {', '.join(parts)}" if parts else ""
 
 

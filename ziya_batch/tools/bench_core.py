@@ -47,12 +47,12 @@ class BenchOptions:
 
 
 # what an --also variant may change in the first engine row, with how its value is read
-VARIANT_KEYS = ("quantization", "kv-cache-dtype", "max-num-seqs", "mixed-graphs")
+VARIANT_KEYS = ("quantization", "kv-cache-dtype", "max-num-seqs", "mixed-graphs", "fp8-fast-accum")
 
 
 def parse_variant(text: str) -> dict:
     """"key=value,key=value" over VARIANT_KEYS -> the bench_engine overrides {quantization, kv_cache_dtype,
-    max_num_seqs, mixed_step_graphs} it names; ValueError with one line for anything else."""
+    max_num_seqs, mixed_step_graphs, fp8_fast_accum} it names; ValueError with one line for anything else."""
     from ziya_batch.engine.kv_cache import KV_CACHE_DTYPES
     from ziya_batch.spec import EngineSpec
     top = next(m.le for m in EngineSpec.model_fields["max_num_seqs"].metadata if getattr(m, "le", None) is not None)
@@ -80,8 +80,8 @@ def parse_variant(text: str) -> dict:
             out[name] = int(value)
         else:
             if value not in ("on", "off"):
-                raise ValueError(f"mixed-graphs must be on or off, not {value!r}")
-            out["mixed_step_graphs"] = value == "on"
+                raise ValueError(f"{key} must be on or off, not {value!r}")
+            out["mixed_step_graphs" if key == "mixed-graphs" else name] = value == "on"
     return out
 
 
@@ -203,6 +203,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                     + (f"; KV cache {kv_cache_dtype}" if kv_cache_dtype != EngineConfig.kv_cache_dtype else "")
                     + (f"; weights {cfg.quantization}" if cfg.quantization else "")
                     + (f"; {cfg.max_num_seqs} seats" if cfg.max_num_seqs != EngineConfig.max_num_seqs else "")
+                    + ("; FP8 fast accumulation" if cfg.fp8_fast_accum else "")
                     + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else "")
                     + f"; prefix caching {_hit_note(eng)}")
     prof = dict(decode_steps=n_dec_steps, decode_step_ms=1e3 * dec_s / max(n_dec_steps, 1),

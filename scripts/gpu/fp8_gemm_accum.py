@@ -1,0 +1,80 @@
+"""FP8 projections of LLaMA-13B's 40 layers through torch._scaled_mm with row-wise scales, as quant.Fp8Linear
+runs them, with and without use_fast_accum (Hopper's tensor cores then accumulate without the periodic
+promotion to float32), into float16 (cuBLASLt) and into bfloat16 (where torch may take another kernel): milliseconds for all 40 layers per row count, against the one-byte weight floor and
+the card's FP8 peak, and the relative error of each against a float32 product of the same float8 operands.
+Numbers only; nothing is changed.
+
+Usage (GPU): PYTHONPATH=. python3 scripts/gpu/fp8_gemm_accum.py [--rows 128,224,256,512,768,2048]"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ziya_batch.engine import quant
+
+SHAPES = {"qkv": (15360, 5120), "o": (5120, 5120), "gate_up": (27648, 5120), "down": (5120, 13824)}
+LAYERS = 40
+
+
+def measure_copy_bandwidth_bytes_s(device: torch.device) -> float:
+    """As the bench measures it (bench_core), without the engine's imports: a 1 GiB device copy."""
+    a = torch.empty(1 << 29, dtype=torch.float16, device=device).normal_()
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); b.copy_(a); e.record(); e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * (1 << 30) / sorted(times[2:])[len(times[2:]) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", default="128,224,256,512,768,2048")
+    o = p.parse_args()
+    dev = torch.device("cuda")
+    bw = measure_copy_bandwidth_bytes_s(dev)
+    g = torch.Generator(device=dev).manual_seed(0)
+    w = [{k: quant.quantize_weight(torch.randn(n, kk, device=dev, generator=g) * 0.02)
+          for k, (n, kk) in SHAPES.items()} for _ in range(LAYERS)]
+    wbytes = sum(n * kk for n, kk in SHAPES.values()) * LAYERS
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; float8 weight bytes {wbytes / 1e9:.1f} GB; "
+          f"floor {1e3 * wbytes / bw:.2f} ms", flush=True)
+    for m in (int(r) for r in o.rows.split(",")):
+        xs = {k: quant.quantize_rows(torch.randn(m, kk, device=dev, generator=g).half()) for k, (n, kk) in
+              SHAPES.items()}
+        res = {}
+        for out_dtype, fast in ((torch.float16, False), (torch.float16, True), (torch.bfloat16, False),
+                                (torch.bfloat16, True)):
+            def run():
+                for layer in w:
+                    for k, (w8, ws) in layer.items():
+                        x8, xs_ = xs[k]
+                        torch._scaled_mm(x8, w8.t(), scale_a=xs_, scale_b=ws.view(1, -1), out_dtype=out_dtype,
+                                         use_fast_accum=fast)
+            run(); torch.cuda.synchronize()
+            times = []
+            for _ in range(5):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record(); run(); e.record(); e.synchronize()
+                times.append(s.elapsed_time(e))
+            ms = sorted(times)[2]
+            errs = []
+            for k, (w8, ws) in w[0].items():
+                x8, xs_ = xs[k]
+                ref = (x8.float() * xs_) @ (w8.float() * ws).t()
+                got = torch._scaled_mm(x8, w8.t(), scale_a=xs_, scale_b=ws.view(1, -1), out_dtype=out_dtype,
+                                       use_fast_accum=fast).float()
+                errs.append(float((got - ref).norm() / ref.norm()))
+            flops = 2 * m * sum(n * kk for n, kk in SHAPES.values()) * LAYERS
+            res[(out_dtype, fast)] = ms
+            print(f"rows {m:5d} {str(out_dtype)[6:]:8s} fast_accum={fast!s:5s}: {ms:7.2f} ms ({1e3 * wbytes / bw / ms:4.0%} of the byte floor, "
+                  f"{flops / ms / 1e9:6.0f} TFLOP/s); rel. error vs float32 {max(errs):.2e}", flush=True)
+        base = res[(torch.float16, False)]
+        print(f"rows {m:5d}: against float16 out: " + ", ".join(
+            f"{str(d)[6:]}{' fast' if f else ''} {base / t:.3f}x" for (d, f), t in res.items()), flush=True)
+
+
+if __name__ == "__main__":
+    main()
