@@ -283,6 +283,10 @@ class EngineSpec(_Strict):
     last (W1 on an H200: +3.8%, half of it +8.9%; see docs/BENCHMARKS.md). fcfs: arrival order. longest-first:
     all by max_new_tokens (worse where the KV cache bounds the batch). It orders work only: a line's output does
     not depend on it (beyond the rounding of the batch it runs in)."""
+    fp8_fast_accum: bool = _EC.fp8_fast_accum
+    """With model.quantization fp8: the FP8 matrix multiplies accumulate without the tensor cores' periodic
+    promotion to float32 (W1 on an H100: +5%; about 1% fewer prompts keep float16's greedy output; see
+    docs/BENCHMARKS.md). Needs model.quantization fp8."""
     prefix_caching: bool = _EC.prefix_caching
     """Reuse the KV blocks of a prompt prefix computed before (a shared system prompt or few-shot examples, the
     same prompt again) instead of computing it for every line; cached blocks are evicted, least recently used
@@ -322,6 +326,13 @@ class JobSpec(_Strict):
         if self.output.filters.drop_constant_reward_groups and not self.experience.reward_names():
             raise ValueError("output.filters.drop_constant_reward_groups needs a reward: set experience.reward_model, "
                              "reward_function or reward_url")
+        return self
+
+    @model_validator(mode="after")
+    def _fast_accum_needs_fp8(self):
+        if self.engine.fp8_fast_accum and self.model.quantization != "fp8":
+            raise ValueError("engine.fp8_fast_accum applies to FP8 weights: set model.quantization: fp8, or leave "
+                             "fp8_fast_accum out")
         return self
 
     @model_validator(mode="after")

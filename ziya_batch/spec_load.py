@@ -57,7 +57,7 @@ NEW_FIELD_DEFAULTS: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("experience", "reward_timeout_s"), 30.0), (("experience", "reward_weights"), {}),
     (("output", "filters", "drop_constant_reward_groups"), False), (("model", "quantization"), None),
     (("sampling", "json_schema"), None), (("sampling", "regex"), None), (("sampling", "choice"), None),
-    (("sampling", "json_whitespace"), "compact"))
+    (("sampling", "json_whitespace"), "compact"), (("engine", "fp8_fast_accum"), False))
 
 
 def _without_new_defaults(d: dict) -> dict:

@@ -85,6 +85,18 @@ def test_settings_of_how_a_job_runs_keep_its_identity(section, name, value):
     assert parse_spec(changed).legacy_identity() != parse_spec(BASE).legacy_identity()
 
 
+def test_fp8_fast_accumulation_needs_fp8_weights_and_reaches_the_engine():
+    with pytest.raises(SpecError, match=r"engine.fp8_fast_accum applies to FP8 weights: set model.quantization: fp8"):
+        parse_spec({**BASE, "engine": {"fp8_fast_accum": True}})
+    spec = parse_spec({**BASE, "model": {"path": "m", "quantization": "fp8"}, "engine": {"fp8_fast_accum": True}})
+    from ziya_batch.spec import engine_config
+    assert engine_config(spec, "m", "cpu").fp8_fast_accum is True
+    assert engine_config(parse_spec(BASE), "m", "cpu").fp8_fast_accum is False
+    # left at its default, the key does not change a job's id (jobs submitted before it existed resume)
+    fp8 = {**BASE, "model": {"path": "m", "quantization": "fp8"}}
+    assert parse_spec({**fp8, "engine": {"fp8_fast_accum": False}}).identity() == parse_spec(fp8).identity()
+
+
 def test_more_samples_than_the_batch_has_seats_is_refused():
     with pytest.raises(SpecError, match=r"sampling.n \(8\) exceeds engine.max_num_seqs \(4\)"):
         parse_spec({**BASE, "sampling": {"n": 8}, "engine": {"max_num_seqs": 4}})
@@ -95,7 +107,7 @@ def test_more_samples_than_the_batch_has_seats_is_refused():
     {"name": "u"}, {"model": {"path": "m2"}}, {"model": {"path": "m", "dtype": "bfloat16"}}, {"input": ["b.jsonl"]},
     {"sampling": {"temperature": 0.5}}, {"sampling": {"seed": 3}}, {"output": {"path": "out", "format": "parquet"}},
     {"engine": {"kv_cache_dtype": "fp8"}}, {"shard_size": 100}, {"experience": {"logprobs": False}},
-    {"format": "openai-batch"}])
+    {"format": "openai-batch"}, {"model": {"path": "m", "quantization": "fp8"}, "engine": {"fp8_fast_accum": True}}])
 def test_what_decides_a_jobs_output_changes_its_identity(change):
     assert parse_spec({**BASE, **change}).identity() != parse_spec(BASE).identity()
 
