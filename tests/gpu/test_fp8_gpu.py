@@ -98,14 +98,15 @@ def test_the_norm_quantises_its_rows_as_the_two_kernels_do(dtype, model_dirs):
     assert torch.equal(got.q.view(torch.uint8), want_q.view(torch.uint8))
     # a loaded FP8 model's projections take the rows so quantised
     model = load(model_dirs[0], "fp8")
-    assert all(getattr(layer, n).takes_rows for layer in model.layers
+    assert all(getattr(layer, n).takes_rows == (n != "o_proj") for layer in model.layers
                for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_silu_up_quantises_its_rows_as_the_two_kernels_do(dtype):
-    # the intermediate sizes of 13B on one GPU and on two, and one that is no multiple of the kernel's block
-    for n in (13824, 6912, 1000):
+    # the intermediate sizes of 13B on one GPU and on two, one that is no multiple of the kernel's block, and
+    # two past 16,384 columns (the kernel's two-pass branch: LLaMA-30B's 17,920 and 70B's 28,672)
+    for n in (13824, 6912, 1000, 17920, 28672):
         assert quant.check_fused_silu_quantize(torch.device("cuda"), dtype, n)
         g = torch.Generator(device="cuda").manual_seed(5)
         gu = torch.randn(300, 2 * n, device="cuda", dtype=dtype, generator=g) * 8

@@ -126,6 +126,16 @@ def test_variants_are_refused_where_the_run_has_no_w1_engine_on_one_gpu(monkeypa
         bench.run_bench(opts)
 
 
+@pytest.mark.parametrize("opts,match", [
+    (BenchOptions(also=("fp8-fast-accum=on",)), "fp8-fast-accum=on needs FP8 weights"),
+    (BenchOptions(quantization="fp8", also=("quantization=none,fp8-fast-accum=on",)), "needs FP8 weights"),
+    (BenchOptions(also=("max-num-seqs=512",), only=("hf-continuous",)), "keep engine or roofline in --only")])
+def test_a_variant_the_run_could_not_honour_is_refused(monkeypatch, opts, match):
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(bench.ModelError, match=match):
+        bench.run_bench(opts)
+
+
 def test_a_variant_given_in_code_is_checked_before_any_gpu_work(monkeypatch):
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
     with pytest.raises(bench.ModelError, match="bench --also 'weights=fp8': .*is not KEY=VALUE"):

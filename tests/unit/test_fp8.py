@@ -296,7 +296,7 @@ def test_rows_quantised_by_the_norm_give_what_the_linear_quantising_them_gives()
     assert got.dtype == torch.float32 and torch.allclose(got, lin(x), rtol=1e-5, atol=1e-5)
     assert quant.check_fused_norm_quantize(CPU, torch.float32) is False
     assert quant.check_fused_silu_quantize(CPU, torch.float32) is False
-    assert quant.check_fused_rows(CPU, torch.float32, 64, 128) is False
+    assert not any(quant.check_fused_rows(CPU, torch.float32, 64, 128).values())
     with pytest.raises(ValueError, match="GPU only"):
         from ziya_batch.engine import fused
         fused.silu_mul(torch.randn(3, 8), quantize=True)
@@ -372,3 +372,26 @@ def test_fast_accumulation_reaches_every_fp8_projection_and_its_shards():
     quant.set_fast_accum(model, False)
     assert torch.equal(on, lins[0](x))
     assert quant.set_fast_accum(from_hf_model(tiny_llama(2), CPU, torch.float32), True) == 0
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_fast_accumulation_is_what_the_projection_asks_scaled_mm_for(monkeypatch, fast):
+    from ziya_batch.engine.fused import QuantizedRows
+    seen, real = [], torch._scaled_mm
+
+    def spy(*args, **kw):
+        seen.append(kw.get("use_fast_accum"))
+        return real(*args, **{k: v for k, v in kw.items() if k != "use_fast_accum"})
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    g = torch.Generator().manual_seed(3)
+    lin = quant.Fp8Linear(*quant.quantize_weight(torch.randn(16, 32, generator=g) * 0.05))
+    lin.fast_accum = fast
+    lin(QuantizedRows(*quant.quantize_rows(torch.randn(4, 32, generator=g)), torch.float32))
+    assert seen == [fast]
+
+
+def test_an_engine_asked_for_fast_accumulation_without_fp8_weights_refuses():
+    from ziya_batch.engine.types import EngineConfig
+    with pytest.raises(ValueError, match="fp8_fast_accum applies to FP8 weights"):
+        LLMEngine.from_model(from_hf_model(tiny_llama(2), CPU, torch.float32), None,
+                             EngineConfig(model_path="", device="cpu", fp8_fast_accum=True))

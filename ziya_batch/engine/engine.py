@@ -110,7 +110,9 @@ class LLMEngine:
                eos_ids: list[int]) -> None:
         self.config, self.model, self.tokenizer, self.device = config, model, tokenizer, device
         self.eos_ids = eos_ids
-        quant.set_fast_accum(model, config.fp8_fast_accum)      # before any graph captures the projections
+        # before any graph captures the projections
+        if quant.set_fast_accum(model, config.fp8_fast_accum) == 0 and config.fp8_fast_accum:
+            raise ValueError("fp8_fast_accum applies to FP8 weights: this model has none (quantization fp8)")
         a = model.args
         bs = config.block_size
         kv_heads = model.layers[0].local_kv_heads

@@ -304,8 +304,8 @@ class LlamaModel(nn.Module):
         if quantization == "fp8":             # after .to(dtype), which would widen float8 buffers
             mm_dtype = quant.require_fp8(device, dtype)
             fused = quant.check_fused_quantize(device, dtype)
-            takes_rows = fused and quant.check_fused_rows(device, dtype, a.hidden_size,
-                                                          a.intermediate_size // world_size)
+            takes_rows = quant.check_fused_rows(device, dtype, a.hidden_size,
+                                                a.intermediate_size // world_size) if fused else {}
             for layer in m.layers:
                 quant.use_fp8_linears(layer, fused, mm_dtype, takes_rows)
         return m.to_empty(device=device)

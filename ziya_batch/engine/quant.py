@@ -156,12 +156,15 @@ def check_fused_silu_quantize(device: torch.device, dtype: torch.dtype, intermed
     return bool(ok)
 
 
-def check_fused_rows(device: torch.device, dtype: torch.dtype, hidden: int, intermediate: int) -> bool:
-    """Whether the kernels before an FP8 projection may hand it their rows quantised (Fp8Linear.takes_rows): the
-    norms (check_fused_norm_quantize, for qkv_proj and gate_up_proj) and SiLU·up (check_fused_silu_quantize,
-    for down_proj; intermediate is this rank's share) both agree byte for byte with quantising apart."""
-    return (check_fused_norm_quantize(device, dtype, hidden)
-            and check_fused_silu_quantize(device, dtype, intermediate))
+def check_fused_rows(device: torch.device, dtype: torch.dtype, hidden: int, intermediate: int) -> dict[str, bool]:
+    """Per projection, whether the kernel before it may hand it its rows quantised (Fp8Linear.takes_rows):
+    qkv_proj and gate_up_proj where the norms agree byte for byte with quantising apart
+    (check_fused_norm_quantize), down_proj where SiLU·up does (check_fused_silu_quantize; intermediate: the
+    columns of its rows, a tensor-parallel rank's share where the loader shards). Each check stands alone, so
+    one failing leaves the other fusion on. o_proj is never handed rows (the attention's output is float)."""
+    norms = check_fused_norm_quantize(device, dtype, hidden)
+    return dict(qkv_proj=norms, o_proj=False, gate_up_proj=norms,
+                down_proj=check_fused_silu_quantize(device, dtype, intermediate))
 
 
 def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -293,14 +296,14 @@ def check_quantization(quantization: Optional[str]) -> None:
 
 
 def use_fp8_linears(layer: nn.Module, fused: bool = False, mm_dtype: Optional[torch.dtype] = None,
-                    takes_rows: bool = False,
+                    takes_rows: Optional[dict[str, bool]] = None,
                     names: tuple[str, ...] = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")) -> None:
     """Replaces each named 2-d Parameter of `layer` by an empty Fp8Linear of its shape on its device (the meta
-    device before loading: the float16 weights are never allocated)."""
+    device before loading: the float16 weights are never allocated); takes_rows: check_fused_rows' answer."""
     for name in names:
         p = getattr(layer, name)
         set_projection(layer, name, Fp8Linear.empty(*p.shape, device=p.device, fused=fused, mm_dtype=mm_dtype,
-                                                    takes_rows=takes_rows))
+                                                    takes_rows=bool((takes_rows or {}).get(name))))
 
 
 def quantize_model(model: nn.Module) -> nn.Module:
@@ -308,13 +311,15 @@ def quantize_model(model: nn.Module) -> nn.Module:
     and without a hardware check: for models built in memory (tests; the CPU runs the float32 emulation)."""
     dev, dt = model.embed.device, model.embed.dtype
     fused, mm_dtype = check_fused_quantize(dev, dt), require_fp8(dev, dt) if dev.type == "cuda" else None
-    takes_rows = fused and check_fused_rows(dev, dt, model.args.hidden_size, model.layers[0].down_proj.shape[1])
+    takes_rows = check_fused_rows(dev, dt, model.args.hidden_size, model.layers[0].down_proj.shape[1]) if fused \
+        else {}
     with torch.no_grad():
         for layer in model.layers:
             for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
                 w = getattr(layer, name)
                 if not isinstance(w, Fp8Linear):
-                    set_projection(layer, name, Fp8Linear(*quantize_weight(w), fused, mm_dtype, takes_rows))
+                    set_projection(layer, name, Fp8Linear(*quantize_weight(w), fused, mm_dtype,
+                                                          bool(takes_rows.get(name))))
     return model
 
 

@@ -85,9 +85,10 @@ class EngineConfig:
     # attention, one set per bucket of token counts (piecewise.py); off, they run eagerly (A/B in the bench)
     mixed_step_graphs: bool = True
     # FP8 weights: torch._scaled_mm with use_fast_accum (Hopper's tensor cores accumulate without the periodic
-    # promotion to float32: 6-17% faster FP8 GEMMs at 224-2,048 rows on an H100, about 10x the float32 rounding
-    # error of the product; scripts/gpu/fp8_gemm_accum.py, the quality gate's variant). Off by default (the job
-    # spec's engine.fp8_fast_accum)
+    # promotion to float32: on an H100 the FP8 GEMMs 13% faster at 224 rows and 6% at 768, where W1's steps run,
+    # but 1-4% slower at 128 and 384; about 10x the float32 rounding error of the product; W1 +5%;
+    # scripts/gpu/fp8_gemm_accum.py, the quality gate's variant). Off by default (the job spec's
+    # engine.fp8_fast_accum); needs quantization "fp8"
     fp8_fast_accum: bool = False
     num_kv_blocks: Optional[int] = None  # override the memory-derived size (tests, preemption)
     max_model_len: Optional[int] = None  # default: the checkpoint's max_position_embeddings

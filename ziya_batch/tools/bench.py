@@ -144,15 +144,20 @@ def run_bench(opts: BenchOptions) -> list[dict]:
                          "--prefix-caching and --tensor-parallel")
     for text in opts.also:
         try:
-            parse_variant(text)
+            v = parse_variant(text)
         except ValueError as e:
             raise ModelError(f"bench --also {text[:80]!r}: {e}") from None
+        if v.get("fp8_fast_accum") and v.get("quantization", opts.quantization) != "fp8":
+            raise ModelError(f"bench --also {text[:80]!r}: fp8-fast-accum=on needs FP8 weights: add "
+                             "quantization=fp8 (or run with --quantization fp8)")
     if opts.schedule not in POLICIES:
         raise ModelError(f"bench --schedule must be one of {', '.join(POLICIES)}, not {opts.schedule!r}")
     only = set(opts.only) or set(METHODS)
     unknown = only - set(METHODS)
     if unknown:
         raise ModelError(f"unknown bench method(s) {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if opts.also and not only & {"engine", "roofline"}:
+        raise ModelError("bench --also adds engine rows: keep engine or roofline in --only")
     if opts.workload == "W3":
         if (opts.tensor_parallel != 1 or opts.markdown or opts.prefix_caching != "on" or opts.quantization
                 or opts.logprobs):
