@@ -12,21 +12,10 @@ import argparse
 import torch
 
 from ziya_batch.engine import quant
+from ziya_batch.tools.bandwidth import measure_copy_bandwidth_bytes_s
 
 SHAPES = {"qkv": (15360, 5120), "o": (5120, 5120), "gate_up": (27648, 5120), "down": (5120, 13824)}
 LAYERS = 40
-
-
-def measure_copy_bandwidth_bytes_s(device: torch.device) -> float:
-    """As the bench measures it (bench_core), without the engine's imports: a 1 GiB device copy."""
-    a = torch.empty(1 << 29, dtype=torch.float16, device=device).normal_()
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(12):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); b.copy_(a); e.record(); e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return 2 * (1 << 30) / sorted(times[2:])[len(times[2:]) // 2]
 
 
 def main() -> None:

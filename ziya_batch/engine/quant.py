@@ -109,9 +109,7 @@ def check_fused_norm_quantize(device: torch.device, dtype: torch.dtype, hidden: 
     add_rms_norm followed by quantize_rows_fused (then a norm hands an Fp8Linear its rows quantised, one kernel
     instead of two, for qkv_proj and gate_up_proj), on rows of the model's hidden size; False off the GPU,
     without Triton or if anything differs. Synchronises: call at load."""
-    if triton is None or device.type != "cuda":
-        return False
-    try:
+    def same() -> bool:
         g = torch.Generator(device=device).manual_seed(1)
         T, N = 37, hidden
         h = torch.randn(T, N, device=device, dtype=dtype, generator=g) * torch.logspace(
@@ -121,14 +119,8 @@ def check_fused_norm_quantize(device: torch.device, dtype: torch.dtype, hidden: 
         h1, h2 = h.clone(), h.clone()
         want_q, want_s = quantize_rows_fused(fused_kernels.add_rms_norm(h1, x, w, 1e-6))
         got = fused_kernels.add_rms_norm(h2, x, w, 1e-6, quantize=True)
-        ok = (torch.equal(h1, h2) and torch.equal(got.q.view(torch.uint8), want_q.view(torch.uint8))
-              and torch.equal(got.scale, want_s) and got.dtype == dtype)
-    except Exception as err:  # noqa: BLE001 - a Triton that cannot build it: the two kernels do the work
-        log.warning("the norm cannot quantise its rows for FP8 projections here (%s); quantising apart", err)
-        return False
-    if not ok:
-        log.warning("the norm's quantised rows differ from the two kernels' here; quantising apart")
-    return bool(ok)
+        return torch.equal(h1, h2) and _same_rows(got, want_q, want_s, dtype)
+    return _fusion_agrees("the norm", device, same)
 
 
 def check_fused_silu_quantize(device: torch.device, dtype: torch.dtype, intermediate: int = 13824) -> bool:
@@ -136,24 +128,35 @@ def check_fused_silu_quantize(device: torch.device, dtype: torch.dtype, intermed
     quantize_rows_fused (then down_proj gets its rows quantised from the kernel that makes them) on rows of the
     model's intermediate size; False off the GPU, without Triton or if anything differs. Synchronises: call at
     load."""
-    if triton is None or device.type != "cuda":
-        return False
-    try:
+    def same() -> bool:
         g = torch.Generator(device=device).manual_seed(2)
         T, N = 37, intermediate
         gu = torch.randn(T, 2 * N, device=device, dtype=dtype, generator=g) * torch.logspace(
             -2, 2, T, device=device).to(dtype)[:, None]
         gu[3] = 0
         want_q, want_s = quantize_rows_fused(fused_kernels.silu_mul(gu))
-        got = fused_kernels.silu_mul(gu, quantize=True)
-        ok = (torch.equal(got.q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(got.scale, want_s)
-              and got.dtype == dtype)
+        return _same_rows(fused_kernels.silu_mul(gu, quantize=True), want_q, want_s, dtype)
+    return _fusion_agrees("SiLU·up", device, same)
+
+
+def _same_rows(got: QuantizedRows, want_q: torch.Tensor, want_s: torch.Tensor, dtype: torch.dtype) -> bool:
+    return (torch.equal(got.q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(got.scale, want_s)
+            and got.dtype == dtype)
+
+
+def _fusion_agrees(what: str, device: torch.device, same) -> bool:
+    """same() on the GPU: False off it, without Triton, if it raises (a Triton that cannot build the kernel) or
+    returns False; each logged once, with the two kernels doing the work instead."""
+    if triton is None or device.type != "cuda":
+        return False
+    try:
+        ok = bool(same())
     except Exception as err:  # noqa: BLE001 - a Triton that cannot build it: the two kernels do the work
-        log.warning("SiLU·up cannot quantise its rows for FP8 projections here (%s); quantising apart", err)
+        log.warning("%s cannot quantise its rows for FP8 projections here (%s); quantising apart", what, err)
         return False
     if not ok:
-        log.warning("SiLU·up's quantised rows differ from the two kernels' here; quantising apart")
-    return bool(ok)
+        log.warning("%s's quantised rows differ from the two kernels' here; quantising apart", what)
+    return ok
 
 
 def check_fused_rows(device: torch.device, dtype: torch.dtype, hidden: int, intermediate: int) -> dict[str, bool]:

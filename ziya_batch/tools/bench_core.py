@@ -18,6 +18,7 @@ from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.kv_cache import kv_bytes_per_token
 from ziya_batch.engine.model import PRESETS, LlamaModel, ModelArgs
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
+from ziya_batch.tools.bandwidth import measure_copy_bandwidth_bytes_s  # noqa: F401 - bench.py's and the scripts'
 
 
 @dataclass
@@ -98,19 +99,6 @@ def workload_w1(num_requests: int, vocab_size: int, seed: int) -> list[tuple[lis
         plen, olen = rng.randint(32, 512), rng.randint(32, 512)
         out.append(([rng.randrange(3, vocab_size) for _ in range(plen)], olen))
     return out
-
-
-def measure_copy_bandwidth_bytes_s(device: torch.device) -> float:
-    """Device-to-device copy of 1 GiB, bytes read + written over the median time."""
-    a = torch.empty(1 << 29, dtype=torch.float16, device=device).normal_()
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(12):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); b.copy_(a); e.record(); e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    del a, b
-    return 2 * (1 << 30) / sorted(times[2:])[len(times[2:]) // 2]
 
 
 def _args(layers: int) -> ModelArgs:
