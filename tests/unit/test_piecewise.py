@@ -97,3 +97,24 @@ def test_the_bench_s_synthetic_step_with_prefill_runs_the_same_through_the_piece
     got = eng.runner.mixed.run(ids, pos, meta, rows)
     assert got.shape == want.shape == (7, eng.model.args.vocab_size)
     assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_the_synthetic_steps_draw_blocks_without_repeats_while_the_cache_holds_them():
+    # a block read by two sequences could come from L2: the profile would look faster than HBM allows
+    from ziya_batch.tools.bench_core import distinct_blocks, mixed_step_inputs
+    g = torch.Generator().manual_seed(0)
+    ids = distinct_blocks(100, 8, 12, g)
+    assert ids.shape == (8, 12) and ids.dtype == torch.int32 and len(set(ids.flatten().tolist())) == 96
+    more = distinct_blocks(10, 3, 5, g)                 # more than the cache has: each block at most twice
+    assert sorted(more.flatten().tolist()).count(0) <= 2 and set(more.flatten().tolist()) == set(range(10))
+    eng = pieces_engine(buckets=(64,), num_kv_blocks=64)
+    bs = eng.runner.block_size
+    _, _, meta, _ = mixed_step_inputs(eng, decode=5, context=10_000, prefill=(16, 8))
+    # the chunks take their blocks (twice their tokens: as many cached before them); the 5 sequences share the rest
+    pre = -(-32 // bs) + -(-16 // bs)
+    per = (64 - pre) // 5
+    assert meta.context_lens.tolist() == [per * bs] * 5
+    used = meta.block_tables[:, :per].flatten().tolist()
+    for i, (_, n, _) in enumerate(meta.prefill.chunks):
+        used += meta.prefill.block_tables[i, :-(-2 * n // bs)].tolist()
+    assert len(used) == len(set(used)) == 5 * per + pre

@@ -245,11 +245,14 @@ def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, con
     r = eng.runner
     b = next(x for x in r.graph_sizes if x >= batch)
     dev = eng.device
-    per_seq = -(-context // r.block_size)
+    # every sequence on blocks of its own, as in a real batch (blocks read twice would come from L2 and look
+    # faster than HBM): the context shrinks to what the cache holds for b sequences
+    per_seq = max(min(-(-context // r.block_size), eng.num_blocks // b), 1)
+    context = min(context, per_seq * r.block_size)
     r.g_ids[:b].random_(3, a.vocab_size)
     r.g_pos[:b].fill_(context - 1)
     r.g_slots[:b].fill_(r.scratch_slot)
-    r.g_bt[:b, :per_seq].copy_(torch.randint(0, eng.num_blocks, (b, per_seq), device=dev, dtype=torch.int32))
+    r.g_bt[:b, :per_seq].copy_(distinct_blocks(eng.num_blocks, b, per_seq, torch.Generator().manual_seed(0)))
     r.g_ctx[:b].fill_(context)
     full = _time_s(r.graphs[b].replay)
     r.g_ctx[:b].fill_(1)
@@ -277,14 +280,27 @@ def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, con
                 weights_kernels=weights_kernels)
 
 
+def distinct_blocks(num_blocks: int, rows: int, per: int, generator: torch.Generator) -> torch.Tensor:
+    """[rows, per] int32 block ids drawn without repeats while rows * per <= num_blocks (a random permutation,
+    laid out again only when more are asked for than the cache has)."""
+    need = rows * per
+    perm = torch.randperm(num_blocks, generator=generator)
+    ids = perm.repeat(-(-need // num_blocks))[:need] if need > num_blocks else perm[:need]
+    return ids.view(rows, per).to(torch.int32)
+
+
 def mixed_step_inputs(eng: LLMEngine, decode: int, context: int, prefill: tuple[int, ...], seed: int = 0):
     """A synthetic step with prefill on eng's cache: `decode` sequences of `context` tokens each taking one token,
     then one chunk per entry of `prefill` (that many new tokens after as many cached ones), every sequence over
-    random blocks; every new token's K/V goes to the scratch slot. Returns (ids, positions, meta, logits rows)
-    as the runner hands them to the model or its pieces."""
+    blocks of its own (the decode context shrinks to what the cache holds beside the chunks); every new token's
+    K/V goes to the scratch slot. Returns (ids, positions, meta, logits rows) as the runner hands them to the
+    model or its pieces."""
     from ziya_batch.engine.attention import AttentionMetadata, prefill_batch
     r, dev, bs = eng.runner, eng.device, eng.runner.block_size
     g = torch.Generator().manual_seed(seed)
+    pre_blocks = sum(-(-2 * n // bs) for n in prefill)
+    context = max(min(context, (eng.num_blocks - pre_blocks) // max(decode, 1) * bs), 1)
+    pool = iter(distinct_blocks(eng.num_blocks, 1, pre_blocks + decode * -(-context // bs), g)[0].tolist())
     T = decode + sum(prefill)
     ids = torch.randint(3, eng.model.args.vocab_size, (T,), generator=g)
     pos, chunks, tok = [context - 1] * decode, [], decode
@@ -295,7 +311,7 @@ def mixed_step_inputs(eng: LLMEngine, decode: int, context: int, prefill: tuple[
     rows = list(range(decode)) + [start + n - 1 for start, n, _ in chunks]
 
     def blocks(k: int, per: int) -> torch.Tensor:
-        return torch.randint(0, eng.num_blocks, (k, per), generator=g, dtype=torch.int32).to(dev)
+        return torch.tensor([next(pool) for _ in range(k * per)], dtype=torch.int32, device=dev).view(k, per)
     pre_bt = torch.zeros(len(chunks), r.max_blocks, dtype=torch.int32, device=dev)
     for i, (_, n, _) in enumerate(chunks):
         pre_bt[i, :-(-2 * n // bs)] = blocks(1, -(-2 * n // bs))[0]
@@ -314,8 +330,8 @@ def profile_mixed_step(eng: LLMEngine, decode: int, context: int, prefill: tuple
 
     def run():
         return eng.runner.mixed.run(ids, pos, meta, rows)
-    return dict(decode=decode, context=context, prefill=list(prefill), step_ms=1e3 * _time_s(run),
-                kernels=profile_kernels(run, top=16))
+    return dict(decode=decode, context=int(meta.context_lens[0]) if decode else context, prefill=list(prefill),
+                step_ms=1e3 * _time_s(run), kernels=profile_kernels(run, top=16))
 
 
 def _kernel_profile(eng: LLMEngine, b: int, top: int = 10) -> list[tuple[str, float, int]]:
