@@ -4,7 +4,7 @@ promotion to float32), into float16 (cuBLASLt) and into bfloat16 (where torch ma
 the card's FP8 peak, and the relative error of each against a float32 product of the same float8 operands.
 Numbers only; nothing is changed.
 
-Usage (GPU): PYTHONPATH=. python3 scripts/gpu/fp8_gemm_accum.py [--rows 128,224,256,512,768,2048]"""
+Usage (GPU): PYTHONPATH=. python3 scripts/gpu/fp8_gemm_accum.py [--rows 128,224,256,512,768,2048] [--tunable]"""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +21,14 @@ LAYERS = 40
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", default="128,224,256,512,768,2048")
+    p.add_argument("--tunable", action="store_true",
+                   help="PyTorch's TunableOp on (torch.cuda.tunable: each shape's GEMM chosen by timing the "
+                        "library's candidates at its first call); whether it covers _scaled_mm depends on the build")
     o = p.parse_args()
+    if o.tunable:
+        torch.cuda.tunable.enable(True)
+        torch.cuda.tunable.tuning_enable(True)
+        torch.cuda.tunable.set_max_tuning_iterations(20)
     dev = torch.device("cuda")
     bw = measure_copy_bandwidth_bytes_s(dev)
     g = torch.Generator(device=dev).manual_seed(0)
