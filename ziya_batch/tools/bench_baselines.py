@@ -1,7 +1,8 @@
 """The transformers baselines of W1: the model card's method (`generate` on static left-padded batches) and
 transformers' own continuous batching, on a transformers LLaMA of the bench's shape with random weights. Both
 are slow, so each runs on the first requests of the workload for a bounded time and reports tokens/s over what
-it finished; its row's note says how much that was."""
+it generated in that time (the continuous batching manager's stream shows unfinished requests' tokens too); its
+row's note says how much that was."""
 from __future__ import annotations
 
 import gc
@@ -69,7 +70,9 @@ def bench_hf_generate(model, work, device) -> dict:
 
 
 def bench_hf_continuous(model, work, device) -> dict:
-    """transformers' continuous batching manager (paged attention, its own scheduler)."""
+    """transformers' continuous batching manager (paged attention, its own scheduler). Where the manager streams
+    (add_request(streaming=True)), every token it generated within the cap counts, finished request or not;
+    without streaming, only finished requests' tokens can be seen (fewer: a lower bound)."""
     from transformers import GenerationConfig
     sub = work[:HF_CONTINUOUS_REQUESTS]
     torch.cuda.reset_peak_memory_stats()
@@ -77,24 +80,64 @@ def bench_hf_continuous(model, work, device) -> dict:
                               eos_token_id=-1, pad_token_id=PAD_ID)
     manager = model.init_continuous_batching(generation_config=gc_cfg)
     manager.start()
-    accepts_eos = "eos_token_id" in inspect.signature(manager.add_request).parameters
+    params = inspect.signature(manager.add_request).parameters
+    kw = {"eos_token_id": -1} if "eos_token_id" in params else {}
+    if "streaming" in params:
+        kw["streaming"] = True
     t0 = time.perf_counter()
     for i, (p, o) in enumerate(sub):
-        kw = {"eos_token_id": -1} if accepts_eos else {}
         manager.add_request(input_ids=p, request_id=f"r{i}", max_new_tokens=o, **kw)
-    got, tokens = 0, 0
-    while got < len(sub) and time.perf_counter() - t0 < HF_CONTINUOUS_BUDGET_S:
+    tally = StreamTally()
+    while tally.finished < len(sub) and time.perf_counter() - t0 < HF_CONTINUOUS_BUDGET_S:
         r = manager.get_result(timeout=1.0)
         if r is not None:
-            got += 1
-            tokens += len(r.generated_tokens)
+            tally.add(r.request_id, len(r.generated_tokens), _finished(r) or not kw.get("streaming"))
     wall = time.perf_counter() - t0
     try:
         manager.stop(block=True, timeout=10)
     except TypeError:
         manager.stop()
-    return dict(method="hf-continuous", requests=got, output_tokens=tokens, wall_s=wall,
-                output_tok_s=tokens / wall, prefill_tok_s=None, decode_tok_s=None,
+    counted = ("every generated token counted (streamed), unfinished requests' too" if kw.get("streaming")
+               else "unfinished ones not counted")
+    return dict(method="hf-continuous", requests=len(sub), output_tokens=tally.tokens, wall_s=wall,
+                output_tok_s=tally.tokens / wall, prefill_tok_s=None, decode_tok_s=None,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30,
-                note=f"{got} of the first {len(sub)} requests finished in {wall:.0f} s "
-                     f"(capped at {HF_CONTINUOUS_BUDGET_S:.0f} s); unfinished ones not counted")
+                note=f"the first {len(sub)} requests for {wall:.0f} s (capped at {HF_CONTINUOUS_BUDGET_S:.0f} s): "
+                     f"{tally.finished} finished, {tally.tokens:,} tokens; {counted}")
+
+
+def _finished(result) -> bool:
+    done = getattr(result, "is_finished", None)
+    if callable(done):
+        return bool(done())
+    return str(getattr(result, "status", "")).upper().endswith("FINISHED")
+
+
+class StreamTally:
+    """Tokens generated per request from a stream of results. A result carries either all of its request's
+    tokens so far (cumulative: each longer than the last) or only the new ones (incremental); which, is told by
+    the stream itself: a request whose result is shorter than its previous one, or as long without finishing it,
+    streams increments (a cumulative stream may repeat its last length once, in the result that finishes it)."""
+
+    def __init__(self) -> None:
+        self.longest: dict[str, int] = {}
+        self.summed: dict[str, int] = {}
+        self.incremental = False
+        self.done: set[str] = set()
+
+    def add(self, request_id: str, n: int, finished: bool) -> None:
+        prev = self.longest.get(request_id)
+        if prev is not None and (n < prev or (n == prev and not finished)):
+            self.incremental = True
+        self.longest[request_id] = max(n, self.longest.get(request_id, 0))
+        self.summed[request_id] = self.summed.get(request_id, 0) + n
+        if finished:
+            self.done.add(request_id)
+
+    @property
+    def tokens(self) -> int:
+        return sum((self.summed if self.incremental else self.longest).values())
+
+    @property
+    def finished(self) -> int:
+        return len(self.done)
