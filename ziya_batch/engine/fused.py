@@ -41,6 +41,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 if triton is not None:
+    # The per-row float8 quantisation every kernel that quantises rows shares (quant._quantize_rows_kernel, the
+    # norm's and SiLU·up's): one definition of the arithmetic, so their bytes agree by construction.
+    @triton.jit
+    def fp8_abs_max(acc, x):
+        # acc (start: zeros) updated with |x| element by element; tl.max(acc) is then the row's amax
+        return tl.maximum(acc, tl.abs(x))
+
+    @triton.jit
+    def fp8_row_scale(amax):
+        # the scale that maps the row's largest magnitude to e4m3's 448 (a zero row: 1e-12)
+        return tl.maximum(amax / 448.0, 1e-12)
+
+    @triton.jit
+    def fp8_values(x, scale):
+        # x / scale within +-448, ready for the float8 store
+        return tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+
     @triton.jit
     def _add_rms_norm_kernel(H, X, W, OUT, S, stride_h, stride_x, stride_o, eps, N: tl.constexpr,
                              BLOCK: tl.constexpr, HAS_X: tl.constexpr, QUANT: tl.constexpr):
@@ -61,11 +78,9 @@ if triton is not None:
         y = (w.to(tl.float32) * normed.to(tl.float32)).to(H.dtype.element_ty)
         if QUANT:
             yf = y.to(tl.float32)
-            amax = tl.max(tl.maximum(tl.zeros([BLOCK], dtype=tl.float32), tl.abs(yf)), axis=0)
-            scale = tl.maximum(amax / 448.0, 1e-12)
+            scale = fp8_row_scale(tl.max(fp8_abs_max(tl.zeros([BLOCK], dtype=tl.float32), yf), axis=0))
             tl.store(S + row, scale)
-            q = tl.minimum(tl.maximum(yf / scale, -448.0), 448.0)
-            tl.store(OUT + row * stride_o + cols, q.to(OUT.dtype.element_ty), mask=mask)
+            tl.store(OUT + row * stride_o + cols, fp8_values(yf, scale).to(OUT.dtype.element_ty), mask=mask)
         else:
             tl.store(OUT + row * stride_o + cols, y.to(OUT.dtype.element_ty), mask=mask)
 
@@ -113,25 +128,22 @@ if triton is not None:
         # BLOCK >= N: the whole row in registers, read once; else its amax in a first pass and the float8
         # values in a second, recomputing the row instead of storing it
         row = tl.program_id(0)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
         if BLOCK >= N:
             y = _silu_mul_row(GU, row, stride_g, 0, N, BLOCK, GU.dtype.element_ty)
-            scale = tl.maximum(tl.max(tl.abs(y), axis=0) / 448.0, 1e-12)
+            scale = fp8_row_scale(tl.max(fp8_abs_max(acc, y), axis=0))
             tl.store(S + row, scale)
             cols = tl.arange(0, BLOCK)
-            q = tl.minimum(tl.maximum(y / scale, -448.0), 448.0)
-            tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=cols < N)
+            tl.store(Q + row * stride_q + cols, fp8_values(y, scale).to(Q.dtype.element_ty), mask=cols < N)
         else:
-            acc = tl.zeros([BLOCK], dtype=tl.float32)
             for start in range(0, N, BLOCK):
-                acc = tl.maximum(acc, tl.abs(_silu_mul_row(GU, row, stride_g, start, N, BLOCK,
-                                                           GU.dtype.element_ty)))
-            scale = tl.maximum(tl.max(acc, axis=0) / 448.0, 1e-12)
+                acc = fp8_abs_max(acc, _silu_mul_row(GU, row, stride_g, start, N, BLOCK, GU.dtype.element_ty))
+            scale = fp8_row_scale(tl.max(acc, axis=0))
             tl.store(S + row, scale)
             for start in range(0, N, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 y = _silu_mul_row(GU, row, stride_g, start, N, BLOCK, GU.dtype.element_ty)
-                q = tl.minimum(tl.maximum(y / scale, -448.0), 448.0)
-                tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=cols < N)
+                tl.store(Q + row * stride_q + cols, fp8_values(y, scale).to(Q.dtype.element_ty), mask=cols < N)
 
 if triton is not None:
     @triton.jit

@@ -49,6 +49,8 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 if triton is not None:
+    from ziya_batch.engine.fused import fp8_abs_max, fp8_row_scale, fp8_values
+
     @triton.jit
     def _quantize_rows_kernel(X, Q, S, stride_x, stride_q, K: tl.constexpr, BLOCK: tl.constexpr):
         # one row: its amax (first pass), then x / scale rounded to float8 (second pass); quantize_rows' math
@@ -57,15 +59,14 @@ if triton is not None:
         for start in range(0, K, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-            acc = tl.maximum(acc, tl.abs(x))
-        amax = tl.max(acc, axis=0)
-        scale = tl.maximum(amax / 448.0, 1e-12)
+            acc = fp8_abs_max(acc, x)
+        scale = fp8_row_scale(tl.max(acc, axis=0))
         tl.store(S + row, scale)
         for start in range(0, K, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-            q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
-            tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=cols < K)
+            tl.store(Q + row * stride_q + cols, fp8_values(x, scale).to(Q.dtype.element_ty),
+                     mask=cols < K)
 
 
 def quantize_rows_fused(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
