@@ -143,8 +143,10 @@ def test_a_variant_given_in_code_is_checked_before_any_gpu_work(monkeypatch):
 
 
 def test_the_roofline_beside_a_variant_names_its_configuration():
-    row = dict(output_tokens=10, note="12 KV blocks of 16; 0 preemptions; schedule fcfs; KV cache fp8; weights fp8; "
-                                      "512 seats; prefix caching on")
+    from ziya_batch.tools.bench_core import config_note_parts
+    parts = config_note_parts(EngineConfig(model_path="", kv_cache_dtype="fp8", quantization="fp8", max_num_seqs=512))
+    assert config_note_parts(EngineConfig(model_path="")) == []
+    row = dict(output_tokens=10, config=", ".join(parts))          # as bench_engine makes it
     got = bench._roofline_row(4, row, dict(floor_tok_s=123.0), 3e12, 1)
     assert got["output_tok_s"] == 123.0
     assert got["note"].endswith("(weights + KV bytes per step); KV cache fp8, weights fp8, 512 seats")
@@ -167,10 +169,11 @@ def test_variants_run_after_the_first_row_each_with_its_roofline(monkeypatch, ca
 
     def fake_engine(a, work, device, bw, seed, world_size=1, schedule=None, kv_cache_dtype="auto", **config):
         calls.append(dict(kv_cache_dtype=kv_cache_dtype, **config))
-        note = "1 KV blocks of 16" + (f"; KV cache {kv_cache_dtype}" if kv_cache_dtype != "auto" else "") + \
-            (f"; {config['max_num_seqs']} seats" if config["max_num_seqs"] != 256 else "")
+        parts = ([f"KV cache {kv_cache_dtype}"] if kv_cache_dtype != "auto" else []) + \
+            ([f"{config['max_num_seqs']} seats"] if config["max_num_seqs"] != 256 else [])
         row = dict(method="engine", requests=len(work), output_tokens=5, wall_s=1.0, output_tok_s=100.0 * len(calls),
-                   prefill_tok_s=None, decode_tok_s=None, peak_gib=None, note=note)
+                   prefill_tok_s=None, decode_tok_s=None, peak_gib=None,
+                   note="; ".join(["1 KV blocks of 16"] + parts), config=", ".join(parts))
         prof = dict(floor_tok_s=1000.0 * len(calls), decode_step_ms=1.0, floor_step_ms=1.0, host_ms=0.1,
                     decode_batch=2.0, decode_gpu_ms=1.0, mixed_steps=1, mixed_step_ms=2.0, mixed_prefill=3,
                     mixed_decode=1, mixed_host_ms=0.2, mixed_host_median_ms=0.2, mixed_host_max_ms=0.2,

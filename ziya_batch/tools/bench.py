@@ -28,7 +28,7 @@ from ziya_batch.errors import ModelError
 from ziya_batch.tools.bench_baselines import _hf_model, bench_hf_continuous, bench_hf_generate
 from ziya_batch.tools.bench_core import (VARIANT_KEYS, BenchOptions, _args, _breakdown_text, _build_engine, _fmt,
                                          _git_commit, _print_profile, _print_row, _print_table, bench_engine,
-                                         measure_copy_bandwidth_bytes_s, parse_variant, workload_w1)
+                                         max_seats, measure_copy_bandwidth_bytes_s, parse_variant, workload_w1)
 # names scripts/gpu/ and the tests import from here
 from ziya_batch.tools.bench_core import (BENCH_ENGINE, CARD, _kernel_profile, _sampling, _time_s,  # noqa: F401
                                          _weight_bytes, profile_decode_step, profile_kernels)
@@ -112,14 +112,7 @@ def _roofline_row(requests: int, row: dict, prof: dict, bw: float, tensor_parall
                 output_tok_s=prof["floor_tok_s"], prefill_tok_s=None, decode_tok_s=None, peak_gib=None,
                 note=f"engine's decode steps at {bw / 1e12:.2f} TB/s copy bandwidth (weights + KV bytes per step"
                      + (f", per GPU of {tensor_parallel})" if tensor_parallel > 1 else ")")
-                     + _config_note(row))
-
-
-def _config_note(row: dict) -> str:
-    """The engine row's configuration, from its note (KV cache, weights, seats), for the roofline beside it."""
-    parts = [p for p in row["note"].split("; ") if p.startswith(("KV cache ", "weights ", "FP8 fast"))
-             or p.endswith(" seats")]
-    return f"; {', '.join(parts)}" if parts else ""
+                     + (f"; {row['config']}" if row.get("config") else ""))
 
 
 def run_bench(opts: BenchOptions) -> list[dict]:
@@ -294,9 +287,8 @@ def _positive(text: str) -> int:
 
 def _seats(text: str) -> int:
     """engine.max_num_seqs as a job spec bounds it."""
-    from ziya_batch.spec import EngineSpec
     n = _positive(text)
-    top = next(m.le for m in EngineSpec.model_fields["max_num_seqs"].metadata if getattr(m, "le", None) is not None)
+    top = max_seats()
     if n > top:
         raise argparse.ArgumentTypeError(f"must be at most {top} (engine.max_num_seqs), not {n}")
     return n

@@ -51,12 +51,17 @@ class BenchOptions:
 VARIANT_KEYS = ("quantization", "kv-cache-dtype", "max-num-seqs", "mixed-graphs", "fp8-fast-accum")
 
 
+def max_seats() -> int:
+    """The most engine.max_num_seqs a job spec accepts: the bound the bench's seats keep too."""
+    from ziya_batch.spec import EngineSpec
+    return next(m.le for m in EngineSpec.model_fields["max_num_seqs"].metadata if getattr(m, "le", None) is not None)
+
+
 def parse_variant(text: str) -> dict:
     """"key=value,key=value" over VARIANT_KEYS -> the bench_engine overrides {quantization, kv_cache_dtype,
     max_num_seqs, mixed_step_graphs, fp8_fast_accum} it names; ValueError with one line for anything else."""
     from ziya_batch.engine.kv_cache import KV_CACHE_DTYPES
-    from ziya_batch.spec import EngineSpec
-    top = next(m.le for m in EngineSpec.model_fields["max_num_seqs"].metadata if getattr(m, "le", None) is not None)
+    top = max_seats()
     out: dict = {}
     for part in text.split(","):
         key, eq, value = part.strip().partition("=")
@@ -180,6 +185,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
             gpu_mix += st.gpu_s or 0.0
     wall = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated()
+    config_parts = config_note_parts(cfg)
     row = dict(method="engine", requests=len(reqs), output_tokens=out_tokens, wall_s=wall,
                output_tok_s=out_tokens / wall, prefill_tok_s=pre_tok / max(pre_s, 1e-9),
                decode_tok_s=dec_tok / max(dec_s, 1e-9), peak_gib=peak / 2**30,
@@ -188,12 +194,10 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                     f"{1e3 * sum(mix_hosts) / max(n_mix_steps, 1):.1f} ms each); init {init_s:.0f} s; "
                     f"fused kernels {'on' if model.use_fused else 'off'}; mixed steps "
                     f"{'from graphs' if eng.runner.mixed is not None else 'eager'}; schedule {schedule}"
-                    + (f"; KV cache {kv_cache_dtype}" if kv_cache_dtype != EngineConfig.kv_cache_dtype else "")
-                    + (f"; weights {cfg.quantization}" if cfg.quantization else "")
-                    + (f"; {cfg.max_num_seqs} seats" if cfg.max_num_seqs != EngineConfig.max_num_seqs else "")
-                    + ("; FP8 fast accumulation" if cfg.fp8_fast_accum else "")
+                    + "".join(f"; {p}" for p in config_parts)
                     + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else "")
-                    + f"; prefix caching {_hit_note(eng)}")
+                    + f"; prefix caching {_hit_note(eng)}",
+               config=", ".join(config_parts))
     prof = dict(decode_steps=n_dec_steps, decode_step_ms=1e3 * dec_s / max(n_dec_steps, 1),
                 floor_step_ms=1e3 * floor_s / max(n_dec_steps, 1), host_ms=1e3 * host_dec / max(n_dec_steps, 1),
                 decode_batch=dec_tok / max(n_dec_steps, 1), floor_tok_s=dec_tok / max(floor_s, 1e-9),
@@ -217,6 +221,15 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
     del eng, model
     gc.collect(); torch.cuda.empty_cache()
     return row, prof
+
+
+def config_note_parts(cfg: EngineConfig) -> list[str]:
+    """How an engine row's configuration differs from the engine's defaults, as its note and the roofline beside
+    it name it: KV cache dtype, weights, seats, FP8 fast accumulation."""
+    return ([f"KV cache {cfg.kv_cache_dtype}"] if cfg.kv_cache_dtype != EngineConfig.kv_cache_dtype else []) + \
+        ([f"weights {cfg.quantization}"] if cfg.quantization else []) + \
+        ([f"{cfg.max_num_seqs} seats"] if cfg.max_num_seqs != EngineConfig.max_num_seqs else []) + \
+        (["FP8 fast accumulation"] if cfg.fp8_fast_accum else [])
 
 
 def _hit_note(eng: LLMEngine) -> str:
