@@ -141,7 +141,8 @@ def test_a_wrong_value_is_quoted_short(tmp_path):
 _scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=30))
 _keys = st.one_of(st.sampled_from(["name", "model", "path", "input", "output", "sampling", "temperature", "top_p",
                                    "n", "seed", "stop", "engine", "reliability", "lease_s", "shard_size", "format",
-                                   "records", "filters", "experience", "dtype", "replicas"]), st.text(max_size=8))
+                                   "records", "filters", "experience", "dtype", "replicas", "quantization",
+                                   "fp8_fast_accum", "kv_cache_dtype"]), st.text(max_size=8))
 _tree = st.recursive(_scalar, lambda kids: st.one_of(st.lists(kids, max_size=4),
                                                      st.dictionaries(_keys, kids, max_size=6)), max_leaves=30)
 _yaml_bits = st.sampled_from(["&a ", "*a", "*b", "&b [*a, *a, *a]", "<<: ", "!!python/name:os.system", "!!binary ",
@@ -180,3 +181,18 @@ def test_many_wrong_fields_are_named_five_at_a_time():
     with pytest.raises(SpecError) as ei:
         parse_spec({**base, **{f"bad{i}": i for i in range(7)}})
     assert str(ei.value).count("unknown key") == 5 and str(ei.value).endswith("; and 2 more")
+
+
+@pytest.mark.parametrize("value", ["yes", 1, "true", None, [], {}, 2, 1.0, "on", "\x00" * 10_000, float("nan")])
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_fp8_fast_accum_takes_a_boolean_and_fp8_weights_or_says_why_in_one_line(quantization, value):
+    base = {"name": "t", "model": {"path": "m", "quantization": quantization}, "input": ["a.jsonl"],
+            "output": {"path": "o"}, "engine": {"fp8_fast_accum": value}}
+    try:
+        got = parse_spec(base)
+    except SpecError as e:
+        assert "\n" not in str(e) and len(str(e)) < 400 and "fp8_fast_accum" in str(e)
+    else:
+        # only a boolean's spellings pass, and only with FP8 weights when they mean true
+        assert got.engine.fp8_fast_accum in (True, False)
+        assert quantization == "fp8" or not got.engine.fp8_fast_accum
