@@ -15,6 +15,11 @@
 #          batching. Set ZIYA_BATCH_COMMIT: the machine's own checkout names another commit
 #   fp8tests  the FP8 and piecewise GPU tests and the one-machine test
 #   gemm   the four projections at decode row counts under cuBLAS, cuBLASLt and TunableOp
+#   kernels  the engine, FP8 and piecewise GPU tests (test_engine_gpu.py checks every decode-attention
+#          configuration on float16 and float8 caches)
+#   attn   every decode-attention configuration on W1-like batches, float16 and float8 caches, against the floor
+#   tgemm  FP8 projections: torch._scaled_mm against a Triton kernel autotuned per shape (fp8_gemm_triton.py)
+#   tunable  FP8 projections through _scaled_mm with PyTorch's TunableOp on (fp8_gemm_accum.py --tunable)
 # Ray, redis and the spec's packages come from .gpuwhl-b/install.sh (run beforehand: /tmp/site, /tmp/redis).
 # Logs go to $OUT.
 set -o pipefail
@@ -35,6 +40,10 @@ for st in ${STAGE:-tests f16}; do
     seats) timeout ${SEATS_S:-420} python3 -m ziya_batch.tools.bench --only engine,roofline --also quantization=fp8,kv-cache-dtype=fp8 --also quantization=fp8,kv-cache-dtype=fp8,max-num-seqs=384 --also quantization=fp8,kv-cache-dtype=fp8,max-num-seqs=512 2>&1 | tee "$OUT/bench_seats.log" | grep '^\[bench\]' ;;
     w1all) timeout ${W1_S:-480} python3 -m ziya_batch.tools.bench --only engine,roofline,hf-continuous --also quantization=fp8,kv-cache-dtype=fp8${FP8_SEATS:+,max-num-seqs=$FP8_SEATS} ${FP8_FAST:+--also quantization=fp8,kv-cache-dtype=fp8,fp8-fast-accum=on} --markdown "$OUT/BENCH.md" 2>&1 | tee "$OUT/bench_w1all.log" | grep '^\[bench\]' ;;
     fp8tests) timeout ${TESTS_S:-240} python3 -m pytest -q -rfE tests/gpu/test_fp8_gpu.py tests/gpu/test_piecewise_gpu.py tests/gpu/test_one_machine_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/fp8_tests.log" | tail -40 ;;
+    kernels) timeout ${TESTS_S:-300} python3 -m pytest -q -rfE tests/gpu/test_engine_gpu.py tests/gpu/test_fp8_gpu.py tests/gpu/test_piecewise_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -30 ;;
+    attn) timeout ${ATTN_S:-200} python3 scripts/gpu/decode_kernel_variants.py --kv float16,fp8 2>&1 | tee "$OUT/attn.log" ;;
+    tgemm) timeout ${TGEMM_S:-200} python3 scripts/gpu/fp8_gemm_triton.py 2>&1 | tee "$OUT/tgemm.log" ;;
+    tunable) timeout ${TUNABLE_S:-120} python3 scripts/gpu/fp8_gemm_accum.py --tunable --rows 128,224,768 2>&1 | tee "$OUT/tunable.log" ;;
     gemm) timeout ${GEMM_S:-90} python3 scripts/gpu/gemm_blas.py --rows 64,128,192,256 --libs cublas,cublaslt,tunable 2>&1 | tee "$OUT/gemm.log" ;;
   esac
 done

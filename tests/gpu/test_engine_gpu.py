@@ -39,12 +39,15 @@ def greedy(n_new: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n_new, min_new_tokens=n_new, temperature=0.0)
 
 
+@pytest.mark.parametrize("cache", [torch.float16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("heads,kv_heads", [(40, 40), (32, 8)])
-def test_triton_paged_decode_matches_torch_reference(heads, kv_heads):
+def test_triton_paged_decode_matches_torch_reference(heads, kv_heads, cache):
+    """Every configuration the tuner may pick (both kernels: CUDA-core and tensor-core) over float16 and float8
+    caches, MHA and GQA, against the float32 reference of the same cache values."""
     torch.manual_seed(0)
     B, D, bs, nblocks = 37, 128, 16, 1700
-    kc = torch.randn(nblocks * bs, kv_heads, D, device="cuda", dtype=torch.float16)
-    vc = torch.randn_like(kc)
+    kc = torch.randn(nblocks * bs, kv_heads, D, device="cuda").to(cache)
+    vc = torch.randn(nblocks * bs, kv_heads, D, device="cuda").to(cache)
     lens = torch.randint(1, 700, (B,), device="cuda", dtype=torch.int32)
     lens[0] = 1
     perm = torch.randperm(nblocks, device="cuda")

@@ -155,17 +155,23 @@ if triton is not None:
     @triton.jit
     def _paged_decode_kernel(Q, K, V, O, BT, CTX, scale, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
                              stride_btb, stride_ob, stride_oh, GROUP: tl.constexpr, BS: tl.constexpr,
-                             BLOCK_N: tl.constexpr, TAIL_N: tl.constexpr, D: tl.constexpr, NUM_STAGES: tl.constexpr):
-        # one program per (sequence, query head); online softmax over BLOCK_N tokens at a time. A token's K/V row
-        # is at page * stride_kb + offset * stride_ks + head * stride_kh. How a context's last, partly filled
-        # tile is read depends on TAIL_N:
-        # - TAIL_N > 0: full tiles unmasked, then the remainder in masked tiles of TAIL_N after the loop (masking
-        #   every tile cost ~10% of the bandwidth, one half-empty BLOCK_N tile per sequence as much again);
-        # - TAIL_N == 0: one pipelined loop over every tile, in which the positions past the context read the
-        #   context's last token again (the same cache lines: no extra DRAM bytes, no predicated loads) and only
-        #   their scores are masked, so the remainder's loads are issued inside the pipeline.
-        b = tl.program_id(0)
-        h = tl.program_id(1)
+                             BLOCK_N: tl.constexpr, D: tl.constexpr, NUM_STAGES: tl.constexpr,
+                             HEADS_FIRST: tl.constexpr):
+        # one program per (sequence, query head); online softmax over BLOCK_N tokens at a time on the CUDA cores.
+        # A token's K/V row is at page * stride_kb + offset * stride_ks + head * stride_kh. One pipelined loop over
+        # every tile: the positions past the context read the context's last token again (the same cache lines:
+        # no extra DRAM bytes, no predicated loads) and only their scores are masked, so a context's partly
+        # filled last tile is loaded inside the pipeline. (Masking every tile cost ~10% of the bandwidth; full
+        # tiles unmasked and the remainder in smaller masked tiles after the loop, 2-15% slower than this on
+        # W1-like batches on an H100.)
+        # programs side by side read, sequences first, one head of many sequences (rows of D elements a cache
+        # token apart); heads first, every head of one sequence (together, whole token rows of the cache)
+        if HEADS_FIRST:
+            b = tl.program_id(1)
+            h = tl.program_id(0)
+        else:
+            b = tl.program_id(0)
+            h = tl.program_id(1)
         kvh = h // GROUP
         ctx = tl.load(CTX + b)
         d = tl.arange(0, D)
@@ -173,48 +179,77 @@ if triton is not None:
         m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
         l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
         acc = tl.zeros([D], tl.float32)
-        if TAIL_N == 0:
-            for start in tl.range(0, ctx, BLOCK_N, num_stages=NUM_STAGES):
-                t = start + tl.arange(0, BLOCK_N)
-                tc = tl.minimum(t, ctx - 1)
-                page = tl.load(BT + b * stride_btb + tc // BS).to(tl.int64)
-                offs = (page * stride_kb + (tc % BS) * stride_ks)[:, None] + kvh * stride_kh + d[None, :]
-                k = tl.load(K + offs)
-                v = tl.load(V + offs)
-                m_i, l_i, acc = _online_softmax_step(q, k, v, t < ctx, m_i, l_i, acc, MASKED=True)
-        else:
-            full = ctx // BLOCK_N * BLOCK_N
-            for start in tl.range(0, full, BLOCK_N, num_stages=NUM_STAGES):
-                t = start + tl.arange(0, BLOCK_N)
-                page = tl.load(BT + b * stride_btb + t // BS).to(tl.int64)
-                offs = (page * stride_kb + (t % BS) * stride_ks)[:, None] + kvh * stride_kh + d[None, :]
-                # issue both loads before any arithmetic, so V's latency hides behind K's
-                k = tl.load(K + offs)
-                v = tl.load(V + offs)
-                m_i, l_i, acc = _online_softmax_step(q, k, v, t, m_i, l_i, acc, MASKED=False)
-            for start in tl.range(full, ctx, TAIL_N):
-                t = start + tl.arange(0, TAIL_N)
-                mask = t < ctx
-                page = tl.load(BT + b * stride_btb + t // BS, mask=mask, other=0).to(tl.int64)
-                offs = (page * stride_kb + (t % BS) * stride_ks)[:, None] + kvh * stride_kh + d[None, :]
-                k = tl.load(K + offs, mask=mask[:, None], other=0.0)
-                v = tl.load(V + offs, mask=mask[:, None], other=0.0)
-                m_i, l_i, acc = _online_softmax_step(q, k, v, mask, m_i, l_i, acc, MASKED=True)
+        for start in tl.range(0, ctx, BLOCK_N, num_stages=NUM_STAGES):
+            t = start + tl.arange(0, BLOCK_N)
+            tc = tl.minimum(t, ctx - 1)
+            page = tl.load(BT + b * stride_btb + tc // BS).to(tl.int64)
+            offs = (page * stride_kb + (tc % BS) * stride_ks)[:, None] + kvh * stride_kh + d[None, :]
+            # issue both loads before any arithmetic, so V's latency hides behind K's
+            k = tl.load(K + offs)
+            v = tl.load(V + offs)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, t < ctx, m_i, l_i, acc)
         out = acc / tl.maximum(l_i, 1e-20)
         tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty))
 
     @triton.jit
-    def _online_softmax_step(q, k, v, mask, m_i, l_i, acc, MASKED: tl.constexpr):
-        # one tile of keys/values [N, D] for the query q [D]; mask [N] is read only if MASKED
+    def _online_softmax_step(q, k, v, mask, m_i, l_i, acc):
+        # one tile of keys/values [N, D] for the query q [D]; positions where mask [N] is false get no weight
         s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
-        if MASKED:
-            s = tl.where(mask, s, float("-inf"))
+        s = tl.where(mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         p = tl.exp(s - m_new)
         alpha = tl.exp(m_i - m_new)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         return m_new, l_i, acc
+
+
+if triton is not None:
+    @triton.jit
+    def _paged_decode_dot_kernel(Q, K, V, O, BT, CTX, scale, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
+                                 stride_btb, stride_ob, stride_oh, GROUP: tl.constexpr, M: tl.constexpr,
+                                 BS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                                 NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr):
+        # one program per (sequence, KV head): the GROUP query heads that share the head's K/V are the rows of an
+        # [M, D] query tile (M >= 16, the tensor cores' least; rows past GROUP are zeros and never stored), so
+        # scores and the weighted sum of V are tensor-core dots and the CUDA cores only convert K/V (float8 to
+        # the model's dtype) and run the online softmax. With one query head a KV head (MHA) 15 of 16 rows are
+        # padding: the tensor cores idle most of the time, the point is what the CUDA cores no longer do (one
+        # multiply-add per K and V element and the reductions over D). Positions past the context re-read its
+        # last token (same cache lines) and only their scores are masked, as in _paged_decode_kernel.
+        if HEADS_FIRST:
+            b = tl.program_id(1)
+            kvh = tl.program_id(0)
+        else:
+            b = tl.program_id(0)
+            kvh = tl.program_id(1)
+        ctx = tl.load(CTX + b)
+        d = tl.arange(0, D)
+        r = tl.arange(0, M)
+        rows = r < GROUP
+        h = kvh * GROUP + r
+        q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + d[None, :], mask=rows[:, None], other=0.0)
+        m_i = tl.full([M], float("-inf"), tl.float32)
+        l_i = tl.zeros([M], tl.float32)
+        acc = tl.zeros([M, D], tl.float32)
+        for start in tl.range(0, ctx, BLOCK_N, num_stages=NUM_STAGES):
+            t = start + tl.arange(0, BLOCK_N)
+            tc = tl.minimum(t, ctx - 1)
+            page = tl.load(BT + b * stride_btb + tc // BS).to(tl.int64)
+            offs = (page * stride_kb + (tc % BS) * stride_ks)[:, None] + kvh * stride_kh + d[None, :]
+            k = tl.load(K + offs).to(q.dtype)                                              # [BLOCK_N, D]
+            v = tl.load(V + offs).to(q.dtype)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale                  # [M, BLOCK_N]
+            s = tl.where((t < ctx)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        out = acc / tl.maximum(l_i, 1e-20)[:, None]
+        tl.store(O + b * stride_ob + h[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty),
+                 mask=rows[:, None])
 
 
 if triton is not None:
@@ -286,28 +321,45 @@ def prefill_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torc
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
 
 
-# (BLOCK_N, num_warps, num_stages, TAIL_N); tune_decode_kernel picks one per head shape on the real GPU. On an
-# H200 (2026-11-29, scripts/gpu/decode_kernel_variants.py and profile_steps.py), over a real W1 batch of 223
-# sequences (contexts 52..899): TAIL_N 0 with small programs, (64, 2, 2|3, 0) and (32, 1, 3, 0), 21.0-21.1 ms
-# over 40 layers against a KV-byte floor of 20.2 (96%); the separate masked tail, (128, 4, 2, 64), 24.8 ms.
-DECODE_CONFIGS = [(128, 4, 1, 64), (128, 4, 2, 64), (64, 4, 1, 32), (64, 4, 2, 32), (128, 4, 2, 0), (64, 4, 2, 0),
-                  (64, 2, 2, 0), (64, 2, 3, 0), (64, 2, 1, 0), (32, 2, 3, 0), (32, 2, 2, 0), (32, 1, 2, 0),
-                  (32, 1, 3, 0), (16, 1, 3, 0)]
-_decode_config: dict[tuple, tuple[int, int, int, int]] = {}
+# A decode configuration: (BLOCK_N, num_warps, num_stages, kernel, order). kernel "fma": _paged_decode_kernel, one
+# query head a program on the CUDA cores; "dot": _paged_decode_dot_kernel, the query heads of a KV head as the
+# rows of a tensor-core tile. order "seqs": programs side by side are one head of many sequences; "heads": the
+# heads of one sequence. tune_decode_kernel picks one per head shape and cache dtype on the real GPU.
+# On one H100 (2026-12-06, scripts/gpu/decode_kernel_variants.py, 224 W1-like contexts, sequences first):
+# float16 cache 24.58 ms over 40 layers against a KV-byte floor of 24.08 (98%) with "dot" (128, 4, 2), 24.86 with
+# "fma" (32, 1, 3); float8 cache 13.95 ms against 12.04 (86%) with "fma" (32, 1, 3), "dot" 82% at best.
+DECODE_CONFIG_FIELDS = "(BLOCK_N, warps, stages, kernel, order)"
+DECODE_CONFIGS = [(bn, w, st, kind, order) for order in ("seqs", "heads") for bn, w, st, kind in (
+    (128, 4, 2, "fma"), (64, 4, 2, "fma"), (64, 2, 2, "fma"), (64, 2, 3, "fma"), (32, 2, 3, "fma"), (32, 2, 2, "fma"),
+    (32, 1, 2, "fma"), (32, 1, 3, "fma"), (16, 1, 3, "fma"),
+    (32, 2, 3, "dot"), (64, 2, 3, "dot"), (64, 4, 2, "dot"), (64, 4, 3, "dot"), (128, 4, 2, "dot"),
+    (128, 4, 3, "dot"), (128, 8, 3, "dot"))]
+DEFAULT_DECODE_CONFIG = (64, 2, 3, "fma", "seqs")
+_decode_config: dict[tuple, tuple[int, int, int, str, str]] = {}
 
 
 def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, block_tables: torch.Tensor,
                             context_lens: torch.Tensor, block_size: int, out: torch.Tensor,
-                            config: tuple[int, int, int, int] | None = None) -> None:
+                            config: tuple[int, int, int, str, str] | None = None) -> None:
     """q, out: [B, Hq, D]; rows with context_len 0 (CUDA-graph padding) produce zeros."""
     B, Hq, D = q.shape
     Hkv = k_flat.shape[1]
-    bn, warps, stages, tail = config or _decode_config.get((Hq, Hkv, D, q.dtype, k_flat.dtype), (64, 2, 3, 0))
-    _paged_decode_kernel[(B, Hq)](
-        q, k_flat, v_flat, out, block_tables, context_lens, 1.0 / math.sqrt(D),
-        q.stride(0), q.stride(1), block_size * k_flat.stride(0), k_flat.stride(0), k_flat.stride(1),
-        block_tables.stride(0), out.stride(0), out.stride(1), GROUP=Hq // Hkv, BS=block_size, BLOCK_N=bn,
-        TAIL_N=tail, D=D, NUM_STAGES=stages, num_warps=warps)
+    bn, warps, stages, kind, order = config or _decode_config.get((Hq, Hkv, D, q.dtype, k_flat.dtype),
+                                                                  DEFAULT_DECODE_CONFIG)
+    heads_first = order == "heads"
+    args = (q, k_flat, v_flat, out, block_tables, context_lens, 1.0 / math.sqrt(D), q.stride(0), q.stride(1),
+            block_size * k_flat.stride(0), k_flat.stride(0), k_flat.stride(1), block_tables.stride(0),
+            out.stride(0), out.stride(1))
+    group = Hq // Hkv
+    if kind == "dot":
+        _paged_decode_dot_kernel[(Hkv, B) if heads_first else (B, Hkv)](
+            *args, GROUP=group, M=max(16, triton.next_power_of_2(group)), BS=block_size, BLOCK_N=bn, D=D,
+            NUM_STAGES=stages, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEADS_FIRST=heads_first,
+            num_warps=warps)
+    else:
+        _paged_decode_kernel[(Hq, B) if heads_first else (B, Hq)](
+            *args, GROUP=group, BS=block_size, BLOCK_N=bn, D=D, NUM_STAGES=stages, HEADS_FIRST=heads_first,
+            num_warps=warps)
 
 
 def tune_decode_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: int, block_size: int,
@@ -327,9 +379,22 @@ def tune_decode_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: in
     out = torch.empty_like(q)
     bt = torch.randint(0, num_blocks, (batch, per_seq), generator=g, dtype=torch.int32).to(dev)
     lens = torch.randint(min(32, max_context), max_context + 1, (batch,), generator=g, dtype=torch.int32).to(dev)
+    # a configuration is a candidate only if it computes what the reference does, here, on random K/V of the
+    # cache's dtype (a kernel family this Triton or GPU miscompiles is never picked for being fast)
+    n = min(batch, 4)
+    ck = torch.randn(n * per_seq * block_size, Hkv, D, generator=g).to(dev, k_flat.dtype)
+    cv = torch.randn(n * per_seq * block_size, Hkv, D, generator=g).to(dev, v_flat.dtype)
+    cbt = torch.randperm(n * per_seq, generator=g).view(n, per_seq).to(dev, torch.int32)
+    ref = decode_attention_torch(q[:n].float(), ck, cv, cbt, lens[:n], block_size)
+    small = torch.empty_like(q[:n])
+
+    def agrees(cfg) -> bool:
+        decode_attention_triton(q[:n], ck, cv, cbt, lens[:n], block_size, small, cfg)
+        return bool(((small.float() - ref).norm() <= 1e-2 * ref.norm()).item())
+
     return _keep_fastest(DECODE_CONFIGS, lambda cfg: decode_attention_triton(q, k_flat, v_flat, bt, lens, block_size,
                                                                             out, cfg),
-                         _decode_config, (num_heads, Hkv, D, q.dtype, k_flat.dtype))
+                         _decode_config, (num_heads, Hkv, D, q.dtype, k_flat.dtype), agrees)
 
 
 def tune_prefill_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: int, block_size: int,
@@ -353,13 +418,16 @@ def tune_prefill_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: i
                          _prefill_config, (num_heads, Hkv, D, q.dtype, k_flat.dtype))
 
 
-def _keep_fastest(configs: list, run, chosen: dict, key: tuple) -> list[tuple[tuple, float]]:
+def _keep_fastest(configs: list, run, chosen: dict, key: tuple, agrees=None) -> list[tuple[tuple, float]]:
     """Times run(config) for every config (median of do_bench), records the fastest as chosen[key] and
-    returns [(config, seconds)]; a config the compiler rejects (resources) is skipped."""
+    returns [(config, seconds)]; a config the compiler rejects (resources), or for which agrees(config) is
+    false, is skipped."""
     from triton.testing import do_bench
     results = []
     for cfg in configs:
         try:
+            if agrees is not None and not agrees(cfg):
+                continue
             t = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median") / 1e3
         except Exception:  # noqa: BLE001 - see the docstring
             continue

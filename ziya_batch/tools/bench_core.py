@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+from ziya_batch.engine.attention import DECODE_CONFIG_FIELDS
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.kv_cache import kv_bytes_per_token
 from ziya_batch.engine.model import PRESETS, LlamaModel, ModelArgs
@@ -434,7 +435,7 @@ def _print_profile(prof: dict) -> None:
               + (f"{mb['step_ms']:.2f} ms" if "step_ms" in mb else mb.get("error", "")), flush=True)
         for name, ms, n in mb.get("kernels", []):
             print(f"[bench]   {ms:8.3f} ms {n:5d}x  {name}", flush=True)
-    print("[bench] decode kernel tuning (BLOCK_N, warps, stages, TAIL_N) -> us: " + ", ".join(
+    print(f"[bench] decode kernel tuning {DECODE_CONFIG_FIELDS} -> us: " + ", ".join(
         f"{c}: {t * 1e6:.0f}" for c, t in prof.get("tuning", [])), flush=True)
 
 
