@@ -1,0 +1,38 @@
+"""The decode-attention tuner's synthetic batch and its candidate configurations, without a GPU (the kernels and
+the timing run in tests/gpu)."""
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ziya_batch.engine.attention import DECODE_CONFIGS, DEFAULT_DECODE_CONFIG, synthetic_decode_batch
+
+
+@settings(max_examples=200, deadline=None)
+@given(num_blocks=st.integers(1, 3000), block_size=st.sampled_from([1, 8, 16, 32]), batch=st.integers(1, 300),
+       max_context=st.integers(1, 2048), seed=st.integers(0, 2 ** 31))
+def test_the_synthetic_batch_fits_the_cache_on_blocks_of_its_own(num_blocks, block_size, batch, max_context, seed):
+    per_seq = -(-max_context // block_size)
+    if per_seq > num_blocks:                    # the tuner does not tune a cache that holds no whole sequence
+        return
+    lens, bt = synthetic_decode_batch(num_blocks, block_size, batch, max_context, torch.Generator().manual_seed(seed))
+    n = lens.shape[0]
+    assert 1 <= n <= batch and bt.shape == (n, per_seq) and bt.dtype == lens.dtype == torch.int32
+    assert ((lens >= min(32, max_context)) & (lens <= max_context)).all()
+    need = (lens + block_size - 1) // block_size
+    used = torch.cat([bt[i, :int(need[i])] for i in range(n)])
+    assert used.unique().numel() == used.numel()               # no block read by two sequences (no L2 reuse)
+    assert ((used >= 0) & (used < num_blocks)).all()
+    if n < batch:                                              # stopped because the next one would not fit
+        lens_all = torch.randint(min(32, max_context), max_context + 1, (batch,),
+                                 generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
+        assert int(need.sum()) + -(-int(lens_all[n]) // block_size) > num_blocks
+
+
+def test_every_candidate_names_a_kernel_an_order_and_its_heads():
+    for bn, warps, stages, kind, order, heads in DECODE_CONFIGS + [DEFAULT_DECODE_CONFIG]:
+        assert kind in ("fma", "dot") and order in ("seqs", "heads")
+        assert bn & (bn - 1) == 0 and heads & (heads - 1) == 0 and warps in (1, 2, 4, 8) and stages >= 1
+        assert kind == "fma" or heads == 1                     # the tensor-core kernel takes a KV head's group
+    assert len(set(DECODE_CONFIGS)) == len(DECODE_CONFIGS)
