@@ -192,48 +192,6 @@ if triton is not None:
         tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty))
 
     @triton.jit
-    def _paged_decode_heads_kernel(Q, K, V, O, BT, CTX, scale, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
-                                   stride_btb, stride_ob, stride_oh, GROUP: tl.constexpr, HEADS: tl.constexpr,
-                                   BS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                                   NUM_STAGES: tl.constexpr, HEADS_FIRST: tl.constexpr):
-        # _paged_decode_kernel for HEADS adjacent query heads a program (a [BLOCK_N, HEADS, D] tile a step; in
-        # MHA their K/V rows are one contiguous run of HEADS * D elements a token): a program's fixed costs (the
-        # dependent loads of its context length, block table and first tile, the pipeline's fill and drain) are
-        # paid once for HEADS heads
-        if HEADS_FIRST:
-            b = tl.program_id(1)
-            h0 = tl.program_id(0) * HEADS
-        else:
-            b = tl.program_id(0)
-            h0 = tl.program_id(1) * HEADS
-        hh = h0 + tl.arange(0, HEADS)                                                      # [HEADS]
-        kvh = hh // GROUP
-        ctx = tl.load(CTX + b)
-        d = tl.arange(0, D)
-        q = tl.load(Q + b * stride_qb + hh[:, None] * stride_qh + d[None, :]).to(tl.float32) * scale  # [HEADS, D]
-        m_i = tl.full([HEADS], float("-inf"), tl.float32)
-        l_i = tl.zeros([HEADS], tl.float32)
-        acc = tl.zeros([HEADS, D], tl.float32)
-        for start in tl.range(0, ctx, BLOCK_N, num_stages=NUM_STAGES):
-            t = start + tl.arange(0, BLOCK_N)
-            tc = tl.minimum(t, ctx - 1)
-            page = tl.load(BT + b * stride_btb + tc // BS).to(tl.int64)
-            offs = ((page * stride_kb + (tc % BS) * stride_ks)[:, None, None] + (kvh * stride_kh)[None, :, None]
-                    + d[None, None, :])                                                    # [BLOCK_N, HEADS, D]
-            k = tl.load(K + offs)
-            v = tl.load(V + offs)
-            s = tl.sum(k.to(tl.float32) * q[None, :, :], axis=2)                           # [BLOCK_N, HEADS]
-            s = tl.where((t < ctx)[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            p = tl.exp(s - m_new[None, :])
-            alpha = tl.exp(m_i - m_new)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32), axis=0)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            m_i = m_new
-        out = acc / tl.maximum(l_i, 1e-20)[:, None]
-        tl.store(O + b * stride_ob + hh[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty))
-
-    @triton.jit
     def _online_softmax_step(q, k, v, mask, m_i, l_i, acc):
         # one tile of keys/values [N, D] for the query q [D]; positions where mask [N] is false get no weight
         s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
@@ -363,38 +321,35 @@ def prefill_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torc
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
 
 
-# A decode configuration: (BLOCK_N, num_warps, num_stages, kernel, order, heads). kernel "fma": one or `heads`
-# adjacent query heads a program on the CUDA cores (_paged_decode_kernel, _paged_decode_heads_kernel); "dot":
-# _paged_decode_dot_kernel, the query heads of a KV head as the rows of a tensor-core tile (heads 1). order
-# "seqs": programs side by side are one head of many sequences; "heads": the heads of one sequence, together
-# whole token rows of the cache. tune_decode_kernel picks one per head shape and cache dtype on the real GPU.
-# On one H100 (2026-12-06, scripts/gpu/decode_kernel_variants.py, 224 W1-like contexts): sequences first, float16
-# cache 24.58 ms over 40 layers against a KV-byte floor of 24.08 with "dot" (128, 4, 2), 24.86 with "fma"
-# (32, 1, 3); float8 cache 13.95 ms against 12.05 (86%) with "fma" (32, 1, 3), "dot" 82% at best. Heads first:
-# float16 23.33 ms ("dot" (128, 4, 2); the floor is at the copy bandwidth, reads alone run faster), float8
-# 13.12 ms (92%, "fma" (64, 2, 3)).
-DECODE_CONFIG_FIELDS = "(BLOCK_N, warps, stages, kernel, order, heads)"
-DECODE_CONFIGS = [(bn, w, st, kind, order, 1) for order in ("seqs", "heads") for bn, w, st, kind in (
+# A decode configuration: (BLOCK_N, num_warps, num_stages, kernel, order). kernel "fma": _paged_decode_kernel, one
+# query head a program on the CUDA cores; "dot": _paged_decode_dot_kernel, the query heads of a KV head as the
+# rows of a tensor-core tile. order "seqs": programs side by side are one head of many sequences; "heads": the
+# heads of one sequence, together whole token rows of the cache. tune_decode_kernel picks one per head shape and
+# cache dtype on the real GPU. On H100s (2026-12-06, scripts/gpu/decode_kernel_variants.py, 224 W1-like
+# contexts, 40 layers): sequences first, float16 cache 24.58 ms against a KV-byte floor of 24.08 with "dot"
+# (128, 4, 2), 24.86 with "fma" (32, 1, 3); float8 cache 13.95 ms against 12.04 (86%) with "fma" (32, 1, 3),
+# "dot" 82% at best. Heads first, on the same machine: float16 23.33 ms ("dot" (128, 4, 2); the floor is at the
+# copy bandwidth, reads alone run faster), float8 13.12 ms (92%, "fma" (64, 2, 3)). Two or four adjacent heads
+# a program (a [BLOCK_N, heads, D] tile, fixed costs paid once for several heads) were slower everywhere: 97% at
+# best in float16, 69% in float8.
+DECODE_CONFIG_FIELDS = "(BLOCK_N, warps, stages, kernel, order)"
+DECODE_CONFIGS = [(bn, w, st, kind, order) for order in ("seqs", "heads") for bn, w, st, kind in (
     (128, 4, 2, "fma"), (64, 4, 2, "fma"), (64, 2, 2, "fma"), (64, 2, 3, "fma"), (32, 2, 3, "fma"), (32, 2, 2, "fma"),
     (32, 1, 2, "fma"), (32, 1, 3, "fma"), (16, 1, 3, "fma"),
     (32, 2, 3, "dot"), (64, 2, 3, "dot"), (64, 4, 2, "dot"), (64, 4, 3, "dot"), (128, 4, 2, "dot"),
-    (128, 4, 3, "dot"), (128, 8, 3, "dot"))] + [
-    (bn, w, st, "fma", "heads", n) for bn, w, st, n in (
-        (32, 2, 2, 2), (32, 2, 3, 2), (64, 4, 2, 2), (16, 2, 3, 2), (32, 4, 2, 4), (32, 4, 3, 4), (16, 2, 3, 4),
-        (16, 4, 3, 4))]
-DEFAULT_DECODE_CONFIG = (64, 2, 3, "fma", "seqs", 1)
-_decode_config: dict[tuple, tuple[int, int, int, str, str, int]] = {}
+    (128, 4, 3, "dot"), (128, 8, 3, "dot"))]
+DEFAULT_DECODE_CONFIG = (64, 2, 3, "fma", "heads")
+_decode_config: dict[tuple, tuple[int, int, int, str, str]] = {}
 
 
 def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, block_tables: torch.Tensor,
                             context_lens: torch.Tensor, block_size: int, out: torch.Tensor,
-                            config: tuple[int, int, int, str, str, int] | None = None) -> None:
-    """q, out: [B, Hq, D]; rows with context_len 0 (CUDA-graph padding) produce zeros. A configuration of
-    several heads a program needs Hq to be a multiple of them (ValueError otherwise; the tuner skips it)."""
+                            config: tuple[int, int, int, str, str] | None = None) -> None:
+    """q, out: [B, Hq, D]; rows with context_len 0 (CUDA-graph padding) produce zeros."""
     B, Hq, D = q.shape
     Hkv = k_flat.shape[1]
-    bn, warps, stages, kind, order, heads = config or _decode_config.get((Hq, Hkv, D, q.dtype, k_flat.dtype),
-                                                                         DEFAULT_DECODE_CONFIG)
+    bn, warps, stages, kind, order = config or _decode_config.get((Hq, Hkv, D, q.dtype, k_flat.dtype),
+                                                                  DEFAULT_DECODE_CONFIG)
     heads_first = order == "heads"
     args = (q, k_flat, v_flat, out, block_tables, context_lens, 1.0 / math.sqrt(D), q.stride(0), q.stride(1),
             block_size * k_flat.stride(0), k_flat.stride(0), k_flat.stride(1), block_tables.stride(0),
@@ -405,13 +360,6 @@ def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch
             *args, GROUP=group, M=max(16, triton.next_power_of_2(group)), BS=block_size, BLOCK_N=bn, D=D,
             NUM_STAGES=stages, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEADS_FIRST=heads_first,
             num_warps=warps)
-    elif heads > 1:
-        if Hq % heads:
-            raise ValueError(f"{heads} heads a program do not divide {Hq} query heads")
-        n = Hq // heads
-        _paged_decode_heads_kernel[(n, B) if heads_first else (B, n)](
-            *args, GROUP=group, HEADS=heads, BS=block_size, BLOCK_N=bn, D=D, NUM_STAGES=stages,
-            HEADS_FIRST=heads_first, num_warps=warps)
     else:
         _paged_decode_kernel[(Hq, B) if heads_first else (B, Hq)](
             *args, GROUP=group, BS=block_size, BLOCK_N=bn, D=D, NUM_STAGES=stages, HEADS_FIRST=heads_first,
