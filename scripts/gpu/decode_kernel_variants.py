@@ -10,11 +10,13 @@ masked): over the 224 mixed contexts here (mean 391) 80% -> 96% with (64, 2, 2, 
 kernel at 3 programs an SM (157 registers, 68 KB of shared memory) and 72% of DRAM bandwidth. A cache laid out
 [block, head, offset, dim] (each head's block contiguous) instead of [block, offset, head, dim] gained ~1% at best.
 
-On one H100 (2026-12-06), sequences first: float16 cache 98% of the floor over the 224 mixed contexts with the
-tensor-core kernel ("dot": the query heads of a KV head as the rows of a 16-row tile, so the CUDA cores only
-convert K/V and run the softmax), 97% with the CUDA-core one; float8 cache 86% at best (CUDA cores), "dot" 82%:
-the float8 cache's shortfall is not the CUDA cores' arithmetic. The order field puts a sequence's heads side by
-side ("heads") instead of one head of many sequences ("seqs").
+On H100s (2026-12-06): the tensor-core kernel ("dot": the query heads of a KV head as the rows of a 16-row tile,
+so the CUDA cores only convert K/V and run the softmax) is the fastest over a float16 cache (~1% ahead of the
+CUDA-core one) and 4-6% behind it over a float8 cache: the float8 cache's shortfall (86-90% of the floor,
+sequences first) is not the CUDA cores' arithmetic. Heads first (the order field: programs side by side read
+every head of one sequence, whole token rows of the cache) gains 2-3% in both, on one machine: float16 23.33 ms
+(the floor is at the copy bandwidth: reads alone run above it), float8 13.12 ms (92%). 32-token blocks read as
+fast as 16-token ones. Two or four heads a program were slower everywhere (97% / 69% at best) and were removed.
 
 Checks every configuration against the torch reference first, then times each over 40 layers' worth of
 launches on: 224 sequences with W1-like mixed contexts (32..1024, mean ~460), 160 such, 128 x 512 uniform, and the

@@ -325,13 +325,13 @@ def prefill_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torc
 # query head a program on the CUDA cores; "dot": _paged_decode_dot_kernel, the query heads of a KV head as the
 # rows of a tensor-core tile. order "seqs": programs side by side are one head of many sequences; "heads": the
 # heads of one sequence, together whole token rows of the cache. tune_decode_kernel picks one per head shape and
-# cache dtype on the real GPU. On H100s (2026-12-06, scripts/gpu/decode_kernel_variants.py, 224 W1-like
-# contexts, 40 layers): sequences first, float16 cache 24.58 ms against a KV-byte floor of 24.08 with "dot"
-# (128, 4, 2), 24.86 with "fma" (32, 1, 3); float8 cache 13.95 ms against 12.04 (86%) with "fma" (32, 1, 3),
-# "dot" 82% at best. Heads first, on the same machine: float16 23.33 ms ("dot" (128, 4, 2); the floor is at the
-# copy bandwidth, reads alone run faster), float8 13.12 ms (92%, "fma" (64, 2, 3)). Two or four adjacent heads
-# a program (a [BLOCK_N, heads, D] tile, fixed costs paid once for several heads) were slower everywhere: 97% at
-# best in float16, 69% in float8.
+# cache dtype on the real GPU. On one H100 (2026-12-06, scripts/gpu/decode_kernel_variants.py, 224 W1-like
+# contexts, 40 layers; KV-byte floors at the copy bandwidth, float16 24.1 ms, float8 12.05): sequences first,
+# float16 23.87 ms with "dot" (128, 4, 2), 24.12 with "fma" (32, 1, 3); float8 13.38 ms (90%) with "fma"
+# (32, 1, 3), "dot" 84% at best. Heads first: float16 23.33 ms ("dot" (128, 4, 2); reads alone run above the
+# copy bandwidth), float8 13.12 ms (92%, "fma" (64, 2, 3)). Two or four adjacent heads a program (a
+# [BLOCK_N, heads, D] tile, fixed costs paid once for several heads) were slower everywhere on another H100:
+# 97% at best in float16, 69% in float8.
 DECODE_CONFIG_FIELDS = "(BLOCK_N, warps, stages, kernel, order)"
 DECODE_CONFIGS = [(bn, w, st, kind, order) for order in ("seqs", "heads") for bn, w, st, kind in (
     (128, 4, 2, "fma"), (64, 4, 2, "fma"), (64, 2, 2, "fma"), (64, 2, 3, "fma"), (32, 2, 3, "fma"), (32, 2, 2, "fma"),
