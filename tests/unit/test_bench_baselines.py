@@ -6,6 +6,8 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ziya_batch.tools import bench_baselines as B
 
@@ -16,7 +18,7 @@ def test_a_cumulative_stream_counts_each_request_s_longest_result():
         t.add("a", n, False)
     t.add("b", 1, False)
     t.add("a", 4, True)
-    assert (t.tokens, t.finished, t.incremental) == (5, 1, False)
+    assert (t.tokens, t.finished, t.incremental, t.finished_tokens) == (5, 1, False, 4)
 
 
 def test_an_incremental_stream_counts_the_sum():
@@ -25,7 +27,7 @@ def test_an_incremental_stream_counts_the_sum():
         t.add("a", 1, False)
     t.add("b", 2, False)
     t.add("b", 1, True)
-    assert (t.tokens, t.finished, t.incremental) == (7, 1, True)
+    assert (t.tokens, t.finished, t.incremental, t.finished_tokens) == (7, 1, True, 3)
 
 
 def test_a_cumulative_stream_may_repeat_its_last_length_when_it_finishes():
@@ -41,6 +43,34 @@ def test_finished_results_only_count_once_each():
     t.add("a", 7, True)
     t.add("b", 3, True)
     assert (t.tokens, t.finished) == (10, 2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.tuples(st.integers(1, 40), st.booleans()), min_size=1, max_size=12),
+       incremental=st.booleans(), order=st.randoms(use_true_random=False))
+def test_any_interleaving_of_streams_counts_what_was_generated(lengths, incremental, order):
+    """Requests stream 1..n tokens (cumulative: each result all so far; incremental: one new token each, the
+    first result two when n > 1, so that no stream is a run of equal lengths), finishing or not, interleaved in
+    any order: the tally counts every token once, and the finished requests' ones apart."""
+    streams = []
+    for i, (n, done) in enumerate(lengths):
+        if incremental:
+            sizes = [min(n, 2)] + [1] * (n - 2) if n > 1 else [1]
+        else:
+            sizes = list(range(1, n + 1))
+        streams.append([(f"r{i}", k, done and j == len(sizes) - 1) for j, k in enumerate(sizes)])
+    events = []
+    while any(streams):
+        s = order.choice([x for x in streams if x])
+        events.append(s.pop(0))
+    t = B.StreamTally()
+    for rid, k, fin in events:
+        t.add(rid, k, fin)
+    # (an incremental stream whose requests all send one result looks cumulative, and counts the same)
+    assert t.incremental == (incremental and any(n > 2 for n, _ in lengths))
+    assert t.tokens == sum(n for n, _ in lengths)
+    assert t.finished == sum(done for _, done in lengths)
+    assert t.finished_tokens == sum(n for n, done in lengths if done)
 
 
 class _Result:
@@ -94,6 +124,7 @@ def test_the_baseline_counts_unfinished_requests_tokens_within_its_cap(monkeypat
     # r0: 3 tokens, finished; r1 and r2: 5 streamed tokens each, unfinished at the cap
     assert (row["requests"], row["output_tokens"]) == (3, 13)
     assert "1 finished, 13 tokens" in row["note"] and "streamed" in row["note"]
+    assert "finished requests' alone: 3," in row["note"]          # the count a manager without streaming gives
     assert row["output_tok_s"] == pytest.approx(13 / row["wall_s"])
 
 

@@ -103,7 +103,9 @@ def bench_hf_continuous(model, work, device) -> dict:
                 output_tok_s=tally.tokens / wall, prefill_tok_s=None, decode_tok_s=None,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                 note=f"the first {len(sub)} requests for {wall:.0f} s (capped at {HF_CONTINUOUS_BUDGET_S:.0f} s): "
-                     f"{tally.finished} finished, {tally.tokens:,} tokens; {counted}")
+                     f"{tally.finished} finished, {tally.tokens:,} tokens; {counted}"
+                     + (f" (finished requests' alone: {tally.finished_tokens:,}, "
+                        f"{tally.finished_tokens / wall:,.0f} tok/s)" if kw.get("streaming") else ""))
 
 
 def _finished(result) -> bool:
@@ -141,3 +143,9 @@ class StreamTally:
     @property
     def finished(self) -> int:
         return len(self.done)
+
+    @property
+    def finished_tokens(self) -> int:
+        """Tokens of the requests that finished (what a count without streaming sees)."""
+        counts = self.summed if self.incremental else self.longest
+        return sum(counts[r] for r in self.done)
