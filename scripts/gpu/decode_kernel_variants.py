@@ -23,7 +23,8 @@ launches on: 224 sequences with W1-like mixed contexts (32..1024, mean ~460), 16
 224 over 32-token blocks,
 for each cache dtype asked (--kv float16,fp8), against the KV-byte floor at this GPU's measured copy bandwidth.
 
-Usage (GPU): PYTHONPATH=. python3 scripts/gpu/decode_kernel_variants.py [--kv float16,fp8]"""
+Usage (GPU): PYTHONPATH=. python3 scripts/gpu/decode_kernel_variants.py [--kv float16,fp8] [--config 64,2,3,fma,heads]
+[--cases "224 mixed"]"""
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,14 @@ def batch(num_blocks, bs, n, lens_list, dev, max_blocks=64):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kv", default="float16,fp8", help="cache dtypes, comma-separated: float16, fp8")
+    ap.add_argument("--config", help="one configuration alone, e.g. 64,2,3,fma,heads (for a profiler: "
+                                     "ncu --kernel-name regex:_paged_decode ... on this script)")
+    ap.add_argument("--cases", help="only these cases, comma-separated (e.g. '224 mixed')")
     args = ap.parse_args()
+    configs = DECODE_CONFIGS
+    if args.config:
+        bn, w, st, kind, order = args.config.split(",")
+        configs = [(int(bn), int(w), int(st), kind, order)]
     dev = torch.device("cuda")
     bw = measure_copy_bandwidth_bytes_s(dev)
     torch.manual_seed(0)
@@ -67,6 +75,8 @@ def main() -> None:
     # (contexts, block size): the engine's 16-token blocks, and 32 (engine.block_size) over the same contexts
     cases = {"224 mixed": (mixed, bs), "160 mixed": (mixed[:160], bs), "128 x 512": ([512] * 128, bs),
              "224 mixed, 32-token blocks": (mixed, 32)}
+    if args.cases:
+        cases = {c: cases[c] for c in args.cases.split(",")}
     for name in args.kv.split(","):
         dt = DTYPES[name]
         k = torch.randn(num_blocks * bs, Hkv, D, device=dev).to(dt)
@@ -75,12 +85,12 @@ def main() -> None:
         bt, lens = batch(num_blocks, bs, 24, mixed[:24], dev)
         q = torch.randn(24, Hq, D, device=dev, dtype=torch.float16)
         ref = decode_attention_torch(q.float(), k, v, bt, lens, bs).float()
-        for cfg in DECODE_CONFIGS:
+        for cfg in configs:
             out = torch.empty_like(q)
             decode_attention_triton(q, k, v, bt, lens, bs, out, cfg)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             assert err < 3e-3, (cfg, err)
-        print(f"{name} cache: {len(DECODE_CONFIGS)} configurations agree with the reference; ms over 40 layers "
+        print(f"{name} cache: {len(configs)} configurations agree with the reference; ms over 40 layers "
               f"(KV floor at the measured {bw / 1e12:.2f} TB/s)", flush=True)
         for case, (lens_list, case_bs) in cases.items():
             n = len(lens_list)
@@ -89,7 +99,7 @@ def main() -> None:
             out = torch.empty_like(q)
             floor = 40 * sum(lens_list) * kv_tok / bw * 1e3
             res = sorted((do_bench(lambda cfg=cfg: decode_attention_triton(q, k, v, bt, lens, case_bs, out, cfg),
-                                   warmup=10, rep=50, return_mode="median") * 40, cfg) for cfg in DECODE_CONFIGS)
+                                   warmup=10, rep=50, return_mode="median") * 40, cfg) for cfg in configs)
             print(f"{name} cache, {case}: floor {floor:.2f} ms", flush=True)
             for t, cfg in res:
                 print(f"   {t:7.2f} ms  {100 * floor / t:4.0f}%  {DECODE_CONFIG_FIELDS} = {cfg}", flush=True)
