@@ -18,6 +18,25 @@ SHAPES = {"qkv": (15360, 5120), "o": (5120, 5120), "gate_up": (27648, 5120), "do
 LAYERS = 40
 
 
+def projection_weights(dev: torch.device, g: torch.Generator, layers: int = LAYERS
+                       ) -> tuple[list[dict], int, float]:
+    """`layers` layers' projections as float8 weights with per-output-channel scales (quant.quantize_weight of
+    random float32 ones), their byte count and the copy bandwidth; prints the one-byte weight floor."""
+    bw = measure_copy_bandwidth_bytes_s(dev) if dev.type == "cuda" else float("nan")
+    w = [{k: quant.quantize_weight(torch.randn(n, kk, device=dev, generator=g) * 0.02)
+          for k, (n, kk) in SHAPES.items()} for _ in range(layers)]
+    wbytes = sum(n * kk for n, kk in SHAPES.values()) * layers
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; float8 weight bytes {wbytes / 1e9:.1f} GB; "
+          f"floor {1e3 * wbytes / bw:.2f} ms", flush=True)
+    return w, wbytes, bw
+
+
+def activations(m: int, dev: torch.device, g: torch.Generator) -> dict:
+    """Per projection, m rows of random float16 activations quantised per row: {name: (x8, scales)}."""
+    return {k: quant.quantize_rows(torch.randn(m, kk, device=dev, generator=g).half()) for k, (n, kk) in
+            SHAPES.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", default="128,224,256,512,768,2048")
@@ -30,16 +49,10 @@ def main() -> None:
         torch.cuda.tunable.tuning_enable(True)
         torch.cuda.tunable.set_max_tuning_iterations(20)
     dev = torch.device("cuda")
-    bw = measure_copy_bandwidth_bytes_s(dev)
     g = torch.Generator(device=dev).manual_seed(0)
-    w = [{k: quant.quantize_weight(torch.randn(n, kk, device=dev, generator=g) * 0.02)
-          for k, (n, kk) in SHAPES.items()} for _ in range(LAYERS)]
-    wbytes = sum(n * kk for n, kk in SHAPES.values()) * LAYERS
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; float8 weight bytes {wbytes / 1e9:.1f} GB; "
-          f"floor {1e3 * wbytes / bw:.2f} ms", flush=True)
+    w, wbytes, bw = projection_weights(dev, g)
     for m in (int(r) for r in o.rows.split(",")):
-        xs = {k: quant.quantize_rows(torch.randn(m, kk, device=dev, generator=g).half()) for k, (n, kk) in
-              SHAPES.items()}
+        xs = activations(m, dev, g)
         res = {}
         for out_dtype, fast in ((torch.float16, False), (torch.float16, True), (torch.bfloat16, False),
                                 (torch.bfloat16, True)):

@@ -14,11 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ziya_batch.engine import quant
-from ziya_batch.tools.bandwidth import measure_copy_bandwidth_bytes_s
-
-SHAPES = {"qkv": (15360, 5120), "o": (5120, 5120), "gate_up": (27648, 5120), "down": (5120, 13824)}
-LAYERS = 40
+from fp8_gemm_accum import LAYERS, SHAPES, activations, projection_weights  # this directory's script
 CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
            for bm, bn, bk, w, s in [(64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 128, 256, 4, 3),
                                      (64, 256, 128, 8, 3), (128, 64, 128, 4, 4), (128, 128, 128, 8, 4),
@@ -81,16 +77,10 @@ def main() -> None:
     p.add_argument("--rows", default="128,224,256,512,768")
     o = p.parse_args()
     dev = torch.device("cuda")
-    bw = measure_copy_bandwidth_bytes_s(dev)
     g = torch.Generator(device=dev).manual_seed(0)
-    w = [{k: quant.quantize_weight(torch.randn(n, kk, device=dev, generator=g) * 0.02)
-          for k, (n, kk) in SHAPES.items()} for _ in range(LAYERS)]
-    wbytes = sum(n * kk for n, kk in SHAPES.values()) * LAYERS
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s; float8 weight bytes {wbytes / 1e9:.1f} GB; "
-          f"floor {1e3 * wbytes / bw:.2f} ms", flush=True)
+    w, wbytes, bw = projection_weights(dev, g)
     for m in (int(r) for r in o.rows.split(",")):
-        xs = {k: quant.quantize_rows(torch.randn(m, kk, device=dev, generator=g).half()) for k, (n, kk) in
-              SHAPES.items()}
+        xs = activations(m, dev, g)
         outs = {k: torch.empty(m, n, device=dev, dtype=torch.float16) for k, (n, _) in SHAPES.items()}
         flops = 2 * m * sum(n * kk for n, kk in SHAPES.values()) * LAYERS
 
