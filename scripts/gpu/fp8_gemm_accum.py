@@ -37,6 +37,17 @@ def activations(m: int, dev: torch.device, g: torch.Generator) -> dict:
             SHAPES.items()}
 
 
+def timed(run) -> float:
+    """Milliseconds of run(), the median of five after one warm-up."""
+    run(); torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record(); run(); e.record(); e.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[2]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", default="128,224,256,512,768,2048")
@@ -62,13 +73,7 @@ def main() -> None:
                         x8, xs_ = xs[k]
                         torch._scaled_mm(x8, w8.t(), scale_a=xs_, scale_b=ws.view(1, -1), out_dtype=out_dtype,
                                          use_fast_accum=fast)
-            run(); torch.cuda.synchronize()
-            times = []
-            for _ in range(5):
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record(); run(); e.record(); e.synchronize()
-                times.append(s.elapsed_time(e))
-            ms = sorted(times)[2]
+            ms = timed(run)
             errs = []
             for k, (w8, ws) in w[0].items():
                 x8, xs_ = xs[k]

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8_gemm_accum import LAYERS, SHAPES, activations, projection_weights  # this directory's script
+from fp8_gemm_accum import LAYERS, SHAPES, activations, projection_weights, timed  # this directory's script
 CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
            for bm, bn, bk, w, s in [(64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 128, 256, 4, 3),
                                      (64, 256, 128, 8, 3), (128, 64, 128, 4, 4), (128, 128, 128, 8, 4),
@@ -60,16 +60,6 @@ def triton_mm(x8: torch.Tensor, xs: torch.Tensor, w8: torch.Tensor, ws: torch.Te
     N = w8.shape[0]
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     _fp8_rowwise_gemm[grid](x8, w8, out, xs, ws, M, N, K, x8.stride(0), w8.stride(0), out.stride(0))
-
-
-def timed(run) -> float:
-    run(); torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); run(); e.record(); e.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[2]
 
 
 def main() -> None:
