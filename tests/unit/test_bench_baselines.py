@@ -126,6 +126,7 @@ def test_the_baseline_counts_unfinished_requests_tokens_within_its_cap(monkeypat
     assert "1 finished, 13 tokens" in row["note"] and "streamed" in row["note"]
     assert "finished requests' alone: 3," in row["note"]          # the count a manager without streaming gives
     assert row["output_tok_s"] == pytest.approx(13 / row["wall_s"])
+    assert row["finished_tok_s"] == pytest.approx(3 / row["wall_s"])
 
 
 class _OldManager(_Manager):
@@ -144,3 +145,4 @@ def test_without_streaming_only_finished_requests_count(monkeypatch):
     model.manager = _OldManager()
     row = B.bench_hf_continuous(model, [([5, 6], 3), ([5, 6], 400)], torch.device("cpu"))
     assert row["output_tokens"] == 3 and "1 finished" in row["note"] and "not counted" in row["note"]
+    assert row["finished_tok_s"] is None                        # one count only: output_tok_s is it

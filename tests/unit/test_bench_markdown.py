@@ -32,3 +32,19 @@ def test_markdown_adds_the_section_to_a_file_without_it(tmp_path):
     fresh = tmp_path / "new.md"
     write_markdown(str(fresh), rows(5.0), META, None)
     assert fresh.read_text().startswith("# Benchmarks\n\n" + SECTION + "\n\n" + GENERATED)
+
+
+def test_the_run_states_each_engine_row_against_the_continuous_batching_baseline_of_the_same_run():
+    from ziya_batch.tools.bench import render_markdown
+    from ziya_batch.tools.bench_core import ratios_text
+    base = dict(method="hf-continuous", output_tok_s=400.0, finished_tok_s=250.0, prefill_tok_s=None,
+                decode_tok_s=None, peak_gib=None, requests=256, note="b")
+    fp8 = dict(rows(8000.0)[0], config="KV cache fp8, weights fp8")
+    text = ratios_text(rows(4000.0) + [fp8, base])
+    assert "400 tok/s, every streamed token; 250 tok/s counting finished requests alone" in text
+    assert "engine 10.0x (16.0x); engine (KV cache fp8, weights fp8) 20.0x (32.0x)." in text
+    assert text in render_markdown(rows(4000.0) + [fp8, base], META, None)
+    # without streaming there is one count; without the baseline (or if it failed) no line at all
+    assert "(16.0x)" not in ratios_text(rows(4000.0) + [dict(base, finished_tok_s=None)])
+    assert ratios_text(rows(4000.0)) == "" == ratios_text(rows(4000.0) + [dict(base, output_tok_s=None)])
+    assert ratios_text([base]) == ""

@@ -28,7 +28,8 @@ from ziya_batch.errors import ModelError
 from ziya_batch.tools.bench_baselines import _hf_model, bench_hf_continuous, bench_hf_generate
 from ziya_batch.tools.bench_core import (VARIANT_KEYS, BenchOptions, _args, _breakdown_text, _build_engine, _fmt,
                                          _git_commit, _print_profile, _print_row, _print_table, bench_engine,
-                                         max_seats, measure_copy_bandwidth_bytes_s, parse_variant, workload_w1)
+                                         max_seats, measure_copy_bandwidth_bytes_s, parse_variant, ratios_text,
+                                         workload_w1)
 # names scripts/gpu/ and the tests import from here
 from ziya_batch.tools.bench_core import (BENCH_ENGINE, CARD, _kernel_profile, _sampling, _time_s,  # noqa: F401
                                          _weight_bytes, profile_decode_step, profile_kernels)
@@ -240,6 +241,9 @@ def render_markdown(rows: list[dict], meta: dict, prof: Optional[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['method']} | {_fmt(r['output_tok_s'])} | {_fmt(r['prefill_tok_s'])} | "
                      f"{_fmt(r['decode_tok_s'])} | {_fmt(r['peak_gib'], '.1f')} | {r['requests']} | {r['note']} |")
+    ratios = ratios_text(rows)
+    if ratios:
+        lines += ["", ratios]
     if prof:
         lines += ["", f"One decode-only step, mean over {prof['decode_steps']} steps: {prof['decode_step_ms']:.2f} ms "
                       f"measured against a byte floor of {prof['floor_step_ms']:.2f} ms (mean batch "

@@ -101,6 +101,7 @@ def bench_hf_continuous(model, work, device) -> dict:
                else "unfinished ones not counted")
     return dict(method="hf-continuous", requests=len(sub), output_tokens=tally.tokens, wall_s=wall,
                 output_tok_s=tally.tokens / wall, prefill_tok_s=None, decode_tok_s=None,
+                finished_tok_s=tally.finished_tokens / wall if kw.get("streaming") else None,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30,
                 note=f"the first {len(sub)} requests for {wall:.0f} s (capped at {HF_CONTINUOUS_BUDGET_S:.0f} s): "
                      f"{tally.finished} finished, {tally.tokens:,} tokens; {counted}"

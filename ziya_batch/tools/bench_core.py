@@ -394,6 +394,24 @@ def _print_row(r: dict) -> None:
     print(f"[bench] {r['method']}: {_fmt(r['output_tok_s'])} output tok/s; {r['note']}", flush=True)
 
 
+def ratios_text(rows: list[dict]) -> str:
+    """Each engine row of the run against transformers' continuous batching of the same run: by its streamed
+    count and, where it streamed, by its finished requests alone. "" without that baseline's number."""
+    base = next((r for r in rows if r["method"] == "hf-continuous" and r.get("output_tok_s")), None)
+    engines = [r for r in rows if r["method"] == "engine" and r.get("output_tok_s")]
+    if base is None or not engines:
+        return ""
+    fin = base.get("finished_tok_s")
+    parts = []
+    for r in engines:
+        label = f"engine ({r['config']})" if r.get("config") else "engine"
+        parts.append(f"{label} {r['output_tok_s'] / base['output_tok_s']:.1f}x"
+                     + (f" ({r['output_tok_s'] / fin:.1f}x)" if fin else ""))
+    return (f"Against transformers' continuous batching in this run ({_fmt(base['output_tok_s'])} tok/s, every "
+            f"streamed token" + (f"; {_fmt(fin)} tok/s counting finished requests alone, in brackets" if fin else "")
+            + "): " + "; ".join(parts) + ".")
+
+
 def _print_table(rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -406,6 +424,9 @@ def _print_table(rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
         t.add_row(r["method"], _fmt(r["output_tok_s"]), _fmt(r["prefill_tok_s"]), _fmt(r["decode_tok_s"]),
                   _fmt(r["peak_gib"], ".1f"), str(r["requests"]), r["note"])
     Console(width=200).print(t)
+    ratios = ratios_text(rows)
+    if ratios:
+        print(f"[bench] {ratios}", flush=True)
     if prof:
         _print_profile(prof)
 
