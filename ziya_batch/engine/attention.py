@@ -153,6 +153,19 @@ def decode_attention_torch(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.
 
 if triton is not None:
     @triton.jit
+    def _decode_program(HEADS_FIRST: tl.constexpr):
+        # (sequence, head) of a decode program; the head is a query head or a KV head, as the kernel's grid has
+        # them. Programs side by side read, sequences first, one head of many sequences (rows of D elements a
+        # cache token apart); heads first, every head of one sequence (together, whole token rows of the cache)
+        if HEADS_FIRST:
+            b = tl.program_id(1)
+            h = tl.program_id(0)
+        else:
+            b = tl.program_id(0)
+            h = tl.program_id(1)
+        return b, h
+
+    @triton.jit
     def _paged_decode_kernel(Q, K, V, O, BT, CTX, scale, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
                              stride_btb, stride_ob, stride_oh, GROUP: tl.constexpr, BS: tl.constexpr,
                              BLOCK_N: tl.constexpr, D: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -164,14 +177,7 @@ if triton is not None:
         # filled last tile is loaded inside the pipeline. (Masking every tile cost ~10% of the bandwidth; full
         # tiles unmasked and the remainder in smaller masked tiles after the loop, 2-15% slower than this on
         # W1-like batches on an H100.)
-        # programs side by side read, sequences first, one head of many sequences (rows of D elements a cache
-        # token apart); heads first, every head of one sequence (together, whole token rows of the cache)
-        if HEADS_FIRST:
-            b = tl.program_id(1)
-            h = tl.program_id(0)
-        else:
-            b = tl.program_id(0)
-            h = tl.program_id(1)
+        b, h = _decode_program(HEADS_FIRST)
         kvh = h // GROUP
         ctx = tl.load(CTX + b)
         d = tl.arange(0, D)
@@ -245,12 +251,7 @@ if triton is not None:
         # WORDS (float8 caches): K and V come as int32 words of four float8 values (strides in words) and are
         # converted to float16 in registers, four at a time, before the dots; loaded as float8, Triton moves the
         # tile into the dot's layout through shared memory a byte at a time and converts afterwards.
-        if HEADS_FIRST:
-            b = tl.program_id(1)
-            kvh = tl.program_id(0)
-        else:
-            b = tl.program_id(0)
-            kvh = tl.program_id(1)
+        b, kvh = _decode_program(HEADS_FIRST)
         ctx = tl.load(CTX + b)
         d = tl.arange(0, D)
         r = tl.arange(0, M)
