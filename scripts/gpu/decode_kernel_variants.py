@@ -32,23 +32,16 @@ import argparse
 import torch
 from triton.testing import do_bench
 
-from ziya_batch.engine.attention import (DECODE_CONFIG_FIELDS, decode_attention_torch, decode_attention_triton,
-                                         decode_configs_for)
+from ziya_batch.engine.attention import (DECODE_CONFIG_FIELDS, block_tables_of, decode_attention_torch,
+                                         decode_attention_triton, decode_configs_for)
 from ziya_batch.tools.bandwidth import measure_copy_bandwidth_bytes_s
 
 DTYPES = {"float16": torch.float16, "fp8": torch.float8_e4m3fn}
 
 
-def batch(num_blocks, bs, n, lens_list, dev, max_blocks=64):
+def batch(num_blocks, bs, lens_list, dev, max_blocks=64):
     lens = torch.tensor(lens_list, dtype=torch.int32, device=dev)
-    bt = torch.zeros(n, max_blocks, dtype=torch.int32, device=dev)
-    perm = torch.randperm(num_blocks, device=dev).to(torch.int32)
-    at = 0
-    for i, L in enumerate(lens_list):
-        nb = -(-L // bs)
-        bt[i, :nb] = perm[at:at + nb]
-        at += nb
-    return bt, lens
+    return block_tables_of([-(-L // bs) for L in lens_list], num_blocks, max_blocks).to(dev), lens
 
 
 def main() -> None:
@@ -83,7 +76,7 @@ def main() -> None:
         k = torch.randn(num_blocks * bs, Hkv, D, device=dev).to(dt)
         v = torch.randn(num_blocks * bs, Hkv, D, device=dev).to(dt)
         kv_tok = 2 * Hkv * D * k.element_size()
-        bt, lens = batch(num_blocks, bs, 24, mixed[:24], dev)
+        bt, lens = batch(num_blocks, bs, mixed[:24], dev)
         q = torch.randn(24, Hq, D, device=dev, dtype=torch.float16)
         ref = decode_attention_torch(q.float(), k, v, bt, lens, bs).float()
         for cfg in cands:
@@ -95,7 +88,7 @@ def main() -> None:
               f"(KV floor at the measured {bw / 1e12:.2f} TB/s)", flush=True)
         for case, (lens_list, case_bs) in cases.items():
             n = len(lens_list)
-            bt, lens = batch(num_blocks * bs // case_bs, case_bs, n, lens_list, dev)
+            bt, lens = batch(num_blocks * bs // case_bs, case_bs, lens_list, dev)
             q = torch.randn(n, Hq, D, device=dev, dtype=torch.float16)
             out = torch.empty_like(q)
             floor = 40 * sum(lens_list) * kv_tok / bw * 1e3

@@ -421,17 +421,23 @@ def synthetic_decode_batch(num_blocks: int, block_size: int, batch: int, max_con
     running one looks: contexts uniform in min(32, max_context)..max_context, every sequence on blocks of its own
     out of num_blocks, and n <= batch sequences, as many as those blocks hold (at least one; the caller makes
     sure one fits)."""
-    per_seq = -(-max_context // block_size)
     lens = torch.randint(min(32, max_context), max_context + 1, (batch,), generator=generator, dtype=torch.int32)
     need = (lens + block_size - 1) // block_size
     n = max(int((need.cumsum(0) <= num_blocks).sum()), 1)
+    return lens[:n], block_tables_of(need[:n].tolist(), num_blocks, -(-max_context // block_size), generator)
+
+
+def block_tables_of(need: list[int], num_blocks: int, width: int,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """[len(need), width] int32 block tables: row i's first need[i] entries blocks of its own, laid out from one
+    random permutation of num_blocks (sum(need) <= num_blocks), the rest 0."""
     perm = torch.randperm(num_blocks, generator=generator).to(torch.int32)
-    bt = torch.zeros(n, per_seq, dtype=torch.int32)
+    bt = torch.zeros(len(need), width, dtype=torch.int32)
     at = 0
-    for i, nb in enumerate(need[:n].tolist()):
+    for i, nb in enumerate(need):
         bt[i, :nb] = perm[at:at + nb]
         at += nb
-    return lens[:n], bt
+    return bt
 
 
 def tune_decode_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: int, block_size: int,
