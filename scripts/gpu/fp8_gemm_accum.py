@@ -1,6 +1,7 @@
 """FP8 projections of LLaMA-13B's 40 layers through torch._scaled_mm with row-wise scales, as quant.Fp8Linear
 runs them, with and without use_fast_accum (Hopper's tensor cores then accumulate without the periodic
-promotion to float32), into float16 (cuBLASLt) and into bfloat16 (where torch may take another kernel): milliseconds for all 40 layers per row count, against the one-byte weight floor and
+promotion to float32), into float16 (cuBLASLt) and into bfloat16 (where torch may take another kernel):
+milliseconds for all 40 layers per row count, against the one-byte weight floor and
 the card's FP8 peak, and the relative error of each against a float32 product of the same float8 operands.
 Numbers only; nothing is changed.
 
@@ -37,6 +38,25 @@ def activations(m: int, dev: torch.device, g: torch.Generator) -> dict:
             SHAPES.items()}
 
 
+def scaled_mm(x8: torch.Tensor, sx: torch.Tensor, w8: torch.Tensor, ws: torch.Tensor,
+              out_dtype: torch.dtype = torch.float16, fast: bool = False, out: torch.Tensor | None = None):
+    """quant.Fp8Linear's product: x8 [M, K] with row scales sx [M, 1], weight w8 [N, K] with scales ws [N, 1]."""
+    extra = {} if out is None else {"out": out}
+    return torch._scaled_mm(x8, w8.t(), scale_a=sx, scale_b=ws.view(1, -1), out_dtype=out_dtype,
+                            use_fast_accum=fast, **extra)
+
+
+def max_rel_error(layer: dict, xs: dict, product) -> float:
+    """The largest relative error of product(name, x8, sx, w8, ws) over one layer's projections, against a
+    float32 product of the same float8 operands."""
+    errs = []
+    for k, (w8, ws) in layer.items():
+        x8, sx = xs[k]
+        ref = (x8.float() * sx) @ (w8.float() * ws).t()
+        errs.append(float((product(k, x8, sx, w8, ws).float() - ref).norm() / ref.norm()))
+    return max(errs)
+
+
 def timed(run) -> float:
     """Milliseconds of run(), the median of five after one warm-up."""
     run(); torch.cuda.synchronize()
@@ -70,21 +90,14 @@ def main() -> None:
             def run():
                 for layer in w:
                     for k, (w8, ws) in layer.items():
-                        x8, xs_ = xs[k]
-                        torch._scaled_mm(x8, w8.t(), scale_a=xs_, scale_b=ws.view(1, -1), out_dtype=out_dtype,
-                                         use_fast_accum=fast)
+                        scaled_mm(*xs[k], w8, ws, out_dtype, fast)
             ms = timed(run)
-            errs = []
-            for k, (w8, ws) in w[0].items():
-                x8, xs_ = xs[k]
-                ref = (x8.float() * xs_) @ (w8.float() * ws).t()
-                got = torch._scaled_mm(x8, w8.t(), scale_a=xs_, scale_b=ws.view(1, -1), out_dtype=out_dtype,
-                                       use_fast_accum=fast).float()
-                errs.append(float((got - ref).norm() / ref.norm()))
+            err = max_rel_error(w[0], xs, lambda k, x8, sx, w8, ws: scaled_mm(x8, sx, w8, ws, out_dtype, fast))
             flops = 2 * m * sum(n * kk for n, kk in SHAPES.values()) * LAYERS
             res[(out_dtype, fast)] = ms
-            print(f"rows {m:5d} {str(out_dtype)[6:]:8s} fast_accum={fast!s:5s}: {ms:7.2f} ms ({1e3 * wbytes / bw / ms:4.0%} of the byte floor, "
-                  f"{flops / ms / 1e9:6.0f} TFLOP/s); rel. error vs float32 {max(errs):.2e}", flush=True)
+            print(f"rows {m:5d} {str(out_dtype)[6:]:8s} fast_accum={fast!s:5s}: {ms:7.2f} ms "
+                  f"({1e3 * wbytes / bw / ms:4.0%} of the byte floor, "
+                  f"{flops / ms / 1e9:6.0f} TFLOP/s); rel. error vs float32 {err:.2e}", flush=True)
         base = res[(torch.float16, False)]
         print(f"rows {m:5d}: against float16 out: " + ", ".join(
             f"{str(d)[6:]}{' fast' if f else ''} {base / t:.3f}x" for (d, f), t in res.items()), flush=True)

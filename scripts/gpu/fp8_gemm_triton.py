@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from fp8_gemm_accum import LAYERS, SHAPES, activations, projection_weights, timed  # this directory's script
+# this directory's script
+from fp8_gemm_accum import LAYERS, SHAPES, activations, max_rel_error, projection_weights, scaled_mm, timed
+
 CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
            for bm, bn, bk, w, s in [(64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (64, 128, 256, 4, 3),
                                      (64, 256, 128, 8, 3), (128, 64, 128, 4, 4), (128, 128, 128, 8, 4),
@@ -78,32 +80,21 @@ def main() -> None:
             def run():
                 for layer in w:
                     for k, (w8, ws) in layer.items():
-                        x8, xs_ = xs[k]
-                        torch._scaled_mm(x8, w8.t(), scale_a=xs_, scale_b=ws.view(1, -1), out_dtype=torch.float16,
-                                         use_fast_accum=fast, out=outs[k])
+                        scaled_mm(*xs[k], w8, ws, fast=fast, out=outs[k])
             return run
+
+        def tri_one(k, x8, sx, w8, ws):
+            triton_mm(x8, sx.view(-1), w8, ws.view(-1), outs[k])
+            return outs[k]
 
         def tri():
             for layer in w:
                 for k, (w8, ws) in layer.items():
-                    x8, xs_ = xs[k]
-                    triton_mm(x8, xs_.view(-1), w8, ws.view(-1), outs[k])
+                    tri_one(k, *xs[k], w8, ws)
 
-        errs = {}
-        for name, fn in (("_scaled_mm", lambda k, x8, xs_, w8, ws: torch._scaled_mm(
-                x8, w8.t(), scale_a=xs_, scale_b=ws.view(1, -1), out_dtype=torch.float16)),
-                         ("_scaled_mm fast", lambda k, x8, xs_, w8, ws: torch._scaled_mm(
-                             x8, w8.t(), scale_a=xs_, scale_b=ws.view(1, -1), out_dtype=torch.float16,
-                             use_fast_accum=True)),
-                         ("triton", lambda k, x8, xs_, w8, ws: (triton_mm(x8, xs_.view(-1), w8, ws.view(-1), outs[k]),
-                                                                outs[k])[1])):
-            e = []
-            for k, (w8, ws) in w[0].items():
-                x8, xs_ = xs[k]
-                ref = (x8.float() * xs_) @ (w8.float() * ws).t()
-                got = fn(k, x8, xs_, w8, ws).float()
-                e.append(float((got - ref).norm() / ref.norm()))
-            errs[name] = max(e)
+        errs = {"_scaled_mm": max_rel_error(w[0], xs, lambda k, *a: scaled_mm(*a)),
+                "_scaled_mm fast": max_rel_error(w[0], xs, lambda k, *a: scaled_mm(*a, fast=True)),
+                "triton": max_rel_error(w[0], xs, tri_one)}
         res = {"_scaled_mm": timed(scaled(False)), "_scaled_mm fast": timed(scaled(True)), "triton": timed(tri)}
         for name, ms in res.items():
             print(f"rows {m:5d} {name:16s}: {ms:7.2f} ms ({1e3 * wbytes / bw / ms:4.0%} of the byte floor, "

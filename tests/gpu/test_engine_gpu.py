@@ -8,8 +8,9 @@ import random
 import pytest
 import torch
 
-from ziya_batch.engine.attention import (PrefillBatch, decode_attention_torch, decode_attention_triton, decode_configs_for,
-                                         prefill_attention_torch, prefill_attention_triton, prefill_batch)
+from ziya_batch.engine.attention import (PrefillBatch, decode_attention_torch, decode_attention_triton,
+                                         decode_configs_for, prefill_attention_torch, prefill_attention_triton,
+                                         prefill_batch)
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.sampling import build_sampling_tensors, sample_torch, sample_triton
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams

@@ -360,8 +360,8 @@ def prefill_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torc
 # query head a program on the CUDA cores; "dot": _paged_decode_dot_kernel, the query heads of a KV head as the
 # rows of a tensor-core tile; "dot8": the same for a float8 cache read as int32 words and converted in registers
 # (scripts/triton_sass.py: ~0.09 warp-instructions a byte in its loop on sm_90a, against 0.14 for "fma" and
-# 0.13 for "dot" over a float8 cache; not yet timed on a GPU). order "seqs": programs side by side are one head of many sequences; "heads": the
-# heads of one sequence, together whole token rows of the cache. tune_decode_kernel picks one per head shape and
+# 0.13 for "dot" over a float8 cache; not yet timed on a GPU). order "seqs": programs side by side are one head
+# of many sequences; "heads": the heads of one sequence, together whole token rows of the cache. tune_decode_kernel picks one per head shape and
 # cache dtype on the real GPU. On one H100 (2026-12-06, scripts/gpu/decode_kernel_variants.py, 224 W1-like
 # contexts, 40 layers; KV-byte floors at the copy bandwidth, float16 24.1 ms, float8 12.05): sequences first,
 # float16 23.87 ms with "dot" (128, 4, 2), 24.12 with "fma" (32, 1, 3); float8 13.38 ms (90%) with "fma"
@@ -397,8 +397,8 @@ def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch
     words = kind == "dot8"
     if words:
         if k_flat.dtype != torch.float8_e4m3fn or D % 4:
-            raise ValueError(f"decode kernel dot8 reads float8 caches with head_dim a multiple of 4, not {k_flat.dtype} "
-                             f"with {D}")
+            raise ValueError(f"decode kernel dot8 reads float8 caches with head_dim a multiple of 4, not "
+                             f"{k_flat.dtype} with {D}")
         k_flat, v_flat = k_flat.view(torch.int32), v_flat.view(torch.int32)   # [slots, Hkv, D // 4] words
     args = (q, k_flat, v_flat, out, block_tables, context_lens, 1.0 / math.sqrt(D), q.stride(0), q.stride(1),
             block_size * k_flat.stride(0), k_flat.stride(0), k_flat.stride(1), block_tables.stride(0),
