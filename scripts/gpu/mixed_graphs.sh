@@ -20,6 +20,8 @@
 #   attn   every decode-attention configuration on W1-like batches, float16 and float8 caches, against the floor
 #   ncuattn  Nsight Compute on one decode-attention launch over the float8 cache, 224 W1-like contexts
 #          (NCU_CONFIG, default 64,2,3,fma,heads): throughput, memory, occupancy, warp stalls
+#   prof   where W1's steps spend their GPU time (profile_steps.py; PROF_ARGS, default FP8 weights + FP8 KV with
+#          fast accumulation)
 #   tgemm  FP8 projections: torch._scaled_mm against a Triton kernel autotuned per shape (fp8_gemm_triton.py)
 #   tunable  FP8 projections through _scaled_mm with PyTorch's TunableOp on (fp8_gemm_accum.py --tunable)
 # Ray, redis and the spec's packages come from .gpuwhl-b/install.sh (run beforehand: /tmp/site, /tmp/redis).
@@ -45,6 +47,7 @@ for st in ${STAGE:-tests f16}; do
     kernels) timeout ${TESTS_S:-300} python3 -m pytest -q -rfE tests/gpu/test_engine_gpu.py tests/gpu/test_fp8_gpu.py tests/gpu/test_piecewise_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -30 ;;
     attn) timeout ${ATTN_S:-200} python3 scripts/gpu/decode_kernel_variants.py --kv float16,fp8 2>&1 | tee "$OUT/attn.log" ;;
     ncuattn) timeout ${NCU_S:-240} ncu --clock-control none --kernel-name regex:_paged_decode --launch-skip 30 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats python3 scripts/gpu/decode_kernel_variants.py --kv fp8 --config ${NCU_CONFIG:-64,2,3,fma,heads} --cases "224 mixed" 2>&1 | tee "$OUT/ncu_attn.log" | tail -120 ;;
+    prof) timeout ${PROF_S:-300} python3 scripts/gpu/profile_steps.py ${PROF_ARGS:---quantization fp8 --kv-cache-dtype fp8 --fp8-fast-accum} 2>&1 | tee "$OUT/profile_steps.log" | tail -90 ;;
     tgemm) timeout ${TGEMM_S:-200} python3 scripts/gpu/fp8_gemm_triton.py 2>&1 | tee "$OUT/tgemm.log" ;;
     tunable) timeout ${TUNABLE_S:-120} python3 scripts/gpu/fp8_gemm_accum.py --tunable --rows 128,224,768 2>&1 | tee "$OUT/tunable.log" ;;
     gemm) timeout ${GEMM_S:-90} python3 scripts/gpu/gemm_blas.py --rows 64,128,192,256 --libs cublas,cublaslt,tunable 2>&1 | tee "$OUT/gemm.log" ;;

@@ -11,7 +11,8 @@ steady state, then:
 - times the four GEMMs of a layer at the token counts these steps have.
 Numbers only; nothing is changed.
 
-Usage (GPU): PYTHONPATH=. python3 scripts/gpu/profile_steps.py [--warm-steps 400]"""
+Usage (GPU): PYTHONPATH=. python3 scripts/gpu/profile_steps.py [--warm-steps 400] [--kv-cache-dtype fp8]
+[--quantization fp8 [--fp8-fast-accum]]"""
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,8 @@ def decode_step(eng, a, bw: float) -> None:
     b = next(x for x in r.graph_sizes if x >= nd)
     ctx = r.g_ctx[:nd].float()
     kv_tok = kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, eng.kv_caches[0][0].dtype)
-    floor = (_weight_bytes(a) + st.context_tokens * kv_tok) / bw
+    wbytes = _weight_bytes(a, eng.config.quantization)
+    floor = (wbytes + st.context_tokens * kv_tok) / bw
     print(f"decode step: {nd} sequences (graph {b}), context mean {ctx.mean():.0f} min {ctx.min():.0f} "
           f"max {ctx.max():.0f}; its wall time in the run {1e3 * st.wall_s:.2f} ms, GPU span "
           f"{1e3 * (st.gpu_s or 0):.2f} ms, byte floor {1e3 * floor:.2f} ms")
@@ -102,7 +104,7 @@ def decode_step(eng, a, bw: float) -> None:
     r.g_ctx[:nd].fill_(1)
     w_only = _time_s(r.graphs[b].replay)
     print(f"  graph replay: real {1e3 * real:.2f} ms; uniform contexts {1e3 * uni:.2f} ms; weights only "
-          f"(1-token contexts) {1e3 * w_only:.2f} ms (weight floor {1e3 * _weight_bytes(a) / bw:.2f})")
+          f"(1-token contexts) {1e3 * w_only:.2f} ms (weight floor {1e3 * wbytes / bw:.2f})")
 
 
 def mixed_step(eng, a, out: SchedulerOutput) -> None:
@@ -163,11 +165,14 @@ def main() -> None:
     ap.add_argument("--warm-steps", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--quantization", default=None, choices=[None, "fp8"])
+    ap.add_argument("--fp8-fast-accum", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda")
     a = _args(40)
     bw = measure_copy_bandwidth_bytes_s(dev)
-    eng, _ = _build_engine(a, dev, args.seed, kv_cache_dtype=args.kv_cache_dtype)
+    eng, _ = _build_engine(a, dev, args.seed, kv_cache_dtype=args.kv_cache_dtype, quantization=args.quantization,
+                           fp8_fast_accum=args.fp8_fast_accum)
     print(f"{torch.cuda.get_device_name()}; copy bandwidth {bw / 1e12:.2f} TB/s; {eng.num_blocks} KV blocks; "
           f"decode tuning {sorted(eng.runner.decode_tuning, key=lambda x: x[1])[:3]}")
     # each step read back before the next is launched: the graph's input buffers then hold the step just done
@@ -182,6 +187,7 @@ def main() -> None:
     steps, done_decode, done_mixed = 0, False, False
     by_batch: dict[int, list[tuple[float, float, float]]] = {}
     kv_tok = kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, eng.kv_caches[0][0].dtype)
+    wbytes = _weight_bytes(a, eng.config.quantization)
     while eng.has_unfinished():
         plans.clear()
         eng.step()
@@ -190,7 +196,7 @@ def main() -> None:
         if st is None:
             continue
         if st.decode_only:
-            floor = (_weight_bytes(a) + st.context_tokens * kv_tok) / bw
+            floor = (wbytes + st.context_tokens * kv_tok) / bw
             by_batch.setdefault(st.num_decode_tokens // 32 * 32, []).append((st.wall_s, st.gpu_s or 0.0, floor))
         if steps < args.warm_steps:
             continue
