@@ -8,7 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ziya_batch.engine.engine import LLMEngine
-from ziya_batch.engine.piecewise import BUCKET_STEP, MAX_TOKENS, MixedStepGraphs, mixed_buckets
+from ziya_batch.engine.piecewise import (BUCKET_STEP, MAX_TOKENS, PRUNE_MARGIN, MixedStepGraphs, mixed_buckets,
+                                        prune_buckets)
 from ziya_batch.engine.quant import quantize_model
 from ziya_batch.engine.types import Request, SamplingParams
 from ziya_batch.tools.testing import hf_greedy, tiny_llama
@@ -24,6 +25,29 @@ def test_every_step_size_up_to_the_budget_has_a_bucket(max_tokens):
     assert len(b) <= 2048 // BUCKET_STEP + (MAX_TOKENS - 2048) // 256
     gaps = [y - x for x, y in zip([0, *b], b)]
     assert max(gaps) <= 256 and all(g <= BUCKET_STEP for x, g in zip(b, gaps) if x <= 2048)
+
+
+@given(st.lists(st.tuples(st.integers(1, 10000), st.floats(1e-6, 1.0)), min_size=1, max_size=40,
+                unique_by=lambda r: r[0]))
+def test_pruned_buckets_keep_the_largest_and_drop_only_sizes_a_larger_kept_one_beats(rows):
+    sizes, secs = [n for n, _ in rows], [t for _, t in rows]
+    t = dict(rows)
+    kept = prune_buckets(sizes, secs)
+    assert kept == sorted(set(kept)) and set(kept) <= set(sizes) and kept[-1] == max(sizes)
+    for n in set(sizes) - set(kept):            # dropped: a larger kept size is faster by more than the margin
+        assert any(k > n and t[k] < t[n] * (1 - PRUNE_MARGIN) for k in kept)
+    for i, a in enumerate(kept):                # kept: no larger kept size is faster by more than the margin
+        assert all(t[a] * (1 - PRUNE_MARGIN) <= t[b] for b in kept[i + 1:])
+
+
+def test_the_h100_s_slow_row_count_is_dropped_and_proportional_times_keep_every_size():
+    # one layer's float16 projections on an H100 (2026-12-06, ms over 40 layers): 832 rows slower than 1,024
+    assert prune_buckets([512, 800, 832, 1024], [21.00, 32.18, 47.05, 38.57]) == [512, 800, 1024]
+    sizes = mixed_buckets(2048)
+    assert prune_buckets(sizes, [n * 1e-6 for n in sizes]) == sizes
+    assert prune_buckets(sizes, [1e-3] * len(sizes)) == sizes        # equal times: nothing to gain by padding
+    with pytest.raises(ValueError):
+        prune_buckets([64, 128], [1.0])
 
 
 def pieces_engine(num_kv_heads=4, buckets=(8, 16, 24, 40), **kw) -> LLMEngine:

@@ -89,7 +89,7 @@ def check_tp_split(a: ModelArgs, world_size: int) -> None:
             raise ValueError(f"{what} ({n}) do not split over tensor_parallel={world_size}")
 
 
-def _linear(x: torch.Tensor, w, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     # w: a float Parameter [N, K], or a quant.Fp8Linear in its place (model.quantization fp8); out: [T, N] to
     # write the product into (a captured graph's static buffer), else a new tensor
     if isinstance(w, nn.Module):
@@ -149,20 +149,20 @@ class Layer(nn.Module):
         # h: [T, H]
         a, T = self.a, h.shape[0]
         x = rms_norm(h, self.input_norm, a.rms_norm_eps)
-        qkv = _linear(x, self.qkv_proj)                                  # [T, (hq + 2 hkv) * D]
+        qkv = linear(x, self.qkv_proj)                                   # [T, (hq + 2 hkv) * D]
         nq, nkv = self.local_heads * a.head_dim, self.local_kv_heads * a.head_dim
         q = qkv[:, :nq].view(T, self.local_heads, a.head_dim)
         k = qkv[:, nq:nq + nkv].view(T, self.local_kv_heads, a.head_dim)
         v = qkv[:, nq + nkv:].view(T, self.local_kv_heads, a.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o = paged_attention(q, k, v.contiguous(), k_cache, v_cache, meta)  # [T, hq, D]
-        o = _linear(o.reshape(T, nq), self.o_proj)
+        o = linear(o.reshape(T, nq), self.o_proj)
         if self.all_reduce is not None:
             self.all_reduce(o)
         h = h + o
         x = rms_norm(h, self.post_norm, a.rms_norm_eps)
-        gate, up = _linear(x, self.gate_up_proj).chunk(2, dim=-1)      # [T, I] each
-        m = _linear(F.silu(gate) * up, self.down_proj)
+        gate, up = linear(x, self.gate_up_proj).chunk(2, dim=-1)       # [T, I] each
+        m = linear(F.silu(gate) * up, self.down_proj)
         if self.all_reduce is not None:
             self.all_reduce(m)
         return h + m
@@ -183,7 +183,7 @@ class Layer(nn.Module):
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: [T, H] normalised input -> qkv [T, (hq + 2 hkv) * D] with RoPE applied to q and k (into out); the
         step's k and v are written to the layer's caches at `slots` in the same kernel."""
-        qkv = _linear(x, self.qkv_proj, out)
+        qkv = linear(x, self.qkv_proj, out)
         D = self.a.head_dim
         fused.rope_write_kv_(qkv, positions, cos_t, sin_t, self.local_heads, self.local_kv_heads, D, slots,
                              k_cache.view(-1, self.local_kv_heads, D), v_cache.view(-1, self.local_kv_heads, D))
@@ -211,11 +211,11 @@ class Layer(nn.Module):
         """o_proj of the attention output, the residual, the MLP and the residual again (h updated in place);
         returns the next layer's normalised input (next_norm applied; into out, or quantised for next_proj, the
         projection that reads it, where norm_for says so)."""
-        o = _linear(attn, self.o_proj)
+        o = linear(attn, self.o_proj)
         if self.all_reduce is not None:
             self.all_reduce(o)
         x = norm_for(self.gate_up_proj, h, o, self.post_norm, self.a.rms_norm_eps)
-        m = _linear(fused.silu_mul(_linear(x, self.gate_up_proj), quantize=takes_rows(self.down_proj)),
+        m = linear(fused.silu_mul(linear(x, self.gate_up_proj), quantize=takes_rows(self.down_proj)),
                     self.down_proj)
         if self.all_reduce is not None:
             self.all_reduce(m)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ziya_batch.engine.attention import AttentionMetadata
-from ziya_batch.engine.model import LlamaModel, norm_for
+from ziya_batch.engine.model import LlamaModel, linear, norm_for
 
 # token-count buckets: every 64 tokens up to 2,048 (padding costs at most 63 rows of compute-bound GEMMs), then
 # every 256 up to the largest step (max_num_batched_tokens), at most 8,192 tokens
@@ -42,6 +42,52 @@ def mixed_buckets(max_tokens: int) -> list[int]:
     out += list(range(WIDE_FROM + WIDE_STEP, top, WIDE_STEP)) if top > WIDE_FROM else []
     if not out or out[-1] < top:
         out.append(-(-top // BUCKET_STEP) * BUCKET_STEP)
+    return out
+
+
+# a bucket is dropped when a larger one's projections run at least this much faster (padding up to it is cheaper)
+PRUNE_MARGIN = 0.03
+
+
+def prune_buckets(sizes: list[int], seconds: list[float], margin: float = PRUNE_MARGIN) -> list[int]:
+    """The sizes (ascending) worth padding a step to: a size whose measured time (seconds[i]) is above a larger
+    kept size's by more than `margin` is dropped, since its steps then run faster padded to that one. cuBLAS's
+    heuristics pick much slower kernels at some row counts: on an H100 (2026-12-06) LLaMA-13B's four float16
+    projections at 832 rows took 47-48 ms over 40 layers against 31-32 at 800 and 808 and 39 at 1,024. The
+    largest size is always kept (it bounds what fits)."""
+    if len(sizes) != len(seconds):
+        raise ValueError(f"{len(sizes)} sizes but {len(seconds)} times")
+    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
+    kept, best = [], float("inf")
+    for i in reversed(order):
+        if not kept or seconds[i] * (1.0 - margin) <= best:
+            kept.append(sizes[i])
+            best = min(best, seconds[i])
+    return sorted(kept)
+
+
+def projection_seconds(model: LlamaModel, sizes: list[int], reps: int = 5) -> list[float]:
+    """For each row count, the median GPU time of one layer's four projections (the layer's own weights and
+    kernels: float16 or FP8, this rank's shard) over random rows."""
+    layer, dev = model.layers[0], model.embed.device
+    projs = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
+    top = max(sizes)
+    xs = [torch.randn(top, p.shape[1], device=dev, dtype=model.embed.dtype) for p in projs]
+    out = []
+    for n in sizes:
+        def run() -> None:
+            for p, x in zip(projs, xs):
+                linear(x[:n], p)
+        run()                                            # cuBLAS's heuristic and workspace, outside the timing
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        out.append(sorted(times)[len(times) // 2])
     return out
 
 

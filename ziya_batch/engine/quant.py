@@ -209,7 +209,7 @@ def fp8_linear_reference(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor)
 
 class Fp8Linear(nn.Module):
     """y = x @ (weight * scale).T: weight float8 e4m3 [out, in], scale float32 [out, 1]. Takes the place of a
-    projection's float16 Parameter in model.Layer (model._linear calls it)."""
+    projection's float16 Parameter in model.Layer (model.linear calls it)."""
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, fused: bool = False,
                  mm_dtype: Optional[torch.dtype] = None, takes_rows: bool = False):

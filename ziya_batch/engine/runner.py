@@ -12,7 +12,7 @@ import torch
 from ziya_batch.engine.attention import (AttentionMetadata, PrefillBatch, prefill_q_blocks, tune_decode_kernel,
                                          tune_prefill_kernel)
 from ziya_batch.engine.model import LlamaModel
-from ziya_batch.engine.piecewise import MixedStepGraphs, mixed_buckets
+from ziya_batch.engine.piecewise import MixedStepGraphs, mixed_buckets, projection_seconds, prune_buckets
 from ziya_batch.engine.scheduler import PENDING_TOKEN, ScheduledChunk, SchedulerOutput, Sequence
 
 # Decode batch sizes a CUDA graph is captured for; a batch runs in the first at or above it, padded. Every 8 rows
@@ -55,11 +55,28 @@ class ModelRunner:
                                                     max_context=min(max_model_len, 1024), q_dtype=dt)
             self.prefill_tuning = tune_prefill_kernel(k_flat, v_flat, model.layers[0].local_heads, block_size,
                                                       q_dtype=dt)
+        # the sizes graphs are captured for, without those at which the projections run slower than at a larger
+        # size (prune_buckets): {"decode" | "mixed": [(size, seconds of one layer's projections)]}
+        self.bucket_seconds: dict[str, list[tuple[int, float]]] = {}
         if self.graph_sizes:
+            self.graph_sizes = self._prune("decode", self.graph_sizes)
             self._capture_graphs()
         if use_graphs and mixed_graphs and model.use_fused and max_num_batched_tokens > 0:
-            self.mixed = MixedStepGraphs(model, kv_caches, mixed_buckets(max_num_batched_tokens), self.scratch_slot,
-                                         device, capture=True, pool=self.graph_pool)
+            buckets = self._prune("mixed", mixed_buckets(max_num_batched_tokens))
+            self.mixed = MixedStepGraphs(model, kv_caches, buckets, self.scratch_slot, device, capture=True,
+                                         pool=self.graph_pool)
+
+    def _prune(self, what: str, sizes: list[int]) -> list[int]:
+        seconds = projection_seconds(self.model, sizes)
+        if agree := getattr(self.model, "agree_seconds", None):
+            seconds = agree(seconds)        # tensor parallel: every rank must capture (and pad to) the same sizes
+        self.bucket_seconds[what] = list(zip(sizes, seconds))
+        return prune_buckets(sizes, seconds)
+
+    def dropped_buckets(self) -> dict[str, list[int]]:
+        """The sizes prune_buckets left out, by kind of graph."""
+        kept = {"decode": set(self.graph_sizes), "mixed": set(self.mixed.buckets if self.mixed else [])}
+        return {what: [n for n, _ in rows if n not in kept[what]] for what, rows in self.bucket_seconds.items()}
 
     # ---- inputs ---------------------------------------------------------------------------------------------
     def _slots(self, seq: Sequence, start: int, end: int) -> np.ndarray:

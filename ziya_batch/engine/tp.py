@@ -85,6 +85,14 @@ def attach_tp(model: LlamaModel, rank: int, world_size: int, group=None) -> Llam
         dist.all_reduce(x, op=dist.ReduceOp.MIN, group=group)
         return int(x.item())
     model.agree_num_blocks = agree_num_blocks
+
+    def agree_seconds(seconds: list[float]) -> list[float]:
+        # the runner prunes its graph sizes by these times: every rank must keep the same sizes, so all take the
+        # slowest rank's time at each size
+        x = torch.tensor(seconds, dtype=torch.float64, device=model.embed.device)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+        return x.tolist()
+    model.agree_seconds = agree_seconds
     return model
 
 

@@ -210,6 +210,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                 decode_gpu_ms=1e3 * gpu_dec / max(n_dec_steps, 1), mixed_gpu_ms=1e3 * gpu_mix / max(n_mix_steps, 1),
                 mixed_graphs=eng.runner.mixed is not None)
     prof["tuning"] = eng.runner.decode_tuning
+    prof["buckets"] = buckets_text(eng.runner.bucket_seconds, eng.runner.dropped_buckets())
     if driver is not None:
         driver.stop()     # the step profile replays rank 0's graphs alone: single GPU only
     else:
@@ -431,6 +432,21 @@ def _print_table(rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
         _print_profile(prof)
 
 
+def buckets_text(seconds: dict[str, list[tuple[int, float]]], dropped: dict[str, list[int]]) -> str:
+    """The graph sizes the runner dropped, each with its projections' time and the next size kept."""
+    parts = []
+    for what, rows in seconds.items():
+        t = dict(rows)
+        kept = sorted(n for n in t if n not in dropped.get(what, []))
+        gone = [f"{n} ({1e6 * t[n]:.0f} us; {k} kept at {1e6 * t[k]:.0f})" for n in dropped.get(what, [])
+                for k in [next(x for x in kept if x > n)]]
+        parts.append(f"{what} {', '.join(gone) if gone else 'none'}")
+    if not parts:
+        return ""
+    return ("graph sizes dropped (one layer's projections slower there than at a larger size, so steps pad to "
+            "it): " + "; ".join(parts))
+
+
 def _print_profile(prof: dict) -> None:
     """One engine row's step times, its decode-step breakdown and kernels, and its decode kernel tuning."""
     print(f"[bench] decode step: {prof['decode_step_ms']:.2f} ms measured vs {prof['floor_step_ms']:.2f} ms "
@@ -458,6 +474,8 @@ def _print_profile(prof: dict) -> None:
             print(f"[bench]   {ms:8.3f} ms {n:5d}x  {name}", flush=True)
     print(f"[bench] decode kernel tuning {DECODE_CONFIG_FIELDS} -> us: " + ", ".join(
         f"{c}: {t * 1e6:.0f}" for c, t in prof.get("tuning", [])), flush=True)
+    if prof.get("buckets"):
+        print(f"[bench] {prof['buckets']}", flush=True)
 
 
 def _breakdown_text(prof: dict) -> str:
