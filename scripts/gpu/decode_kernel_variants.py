@@ -17,6 +17,9 @@ sequences first) is not the CUDA cores' arithmetic. Heads first (the order field
 every head of one sequence, whole token rows of the cache) gains 2-3% in both, on one machine: float16 23.33 ms
 (the floor is at the copy bandwidth: reads alone run above it), float8 13.12 ms (92%). 32-token blocks read as
 fast as 16-token ones. Two or four heads a program were slower everywhere (97% / 69% at best) and were removed.
+A tensor-core kernel reading the float8 cache as int32 words (converted in registers, four values at a time:
+~30% fewer instructions a byte, scripts/triton_sass.py) ran at 80-86% of the floor against the CUDA-core
+kernel's 88% (0c13320) and was removed.
 
 Checks every configuration against the torch reference first, then times each over 40 layers' worth of
 launches on: 224 sequences with W1-like mixed contexts (32..1024, mean ~460), 160 such, 128 x 512 uniform, and the
@@ -32,8 +35,8 @@ import argparse
 import torch
 from triton.testing import do_bench
 
-from ziya_batch.engine.attention import (DECODE_CONFIG_FIELDS, block_tables_of, decode_attention_torch,
-                                         decode_attention_triton, decode_configs_for)
+from ziya_batch.engine.attention import (DECODE_CONFIG_FIELDS, DECODE_CONFIGS, block_tables_of,
+                                         decode_attention_torch, decode_attention_triton)
 from ziya_batch.tools.bandwidth import measure_copy_bandwidth_bytes_s
 
 DTYPES = {"float16": torch.float16, "fp8": torch.float8_e4m3fn}
@@ -51,7 +54,7 @@ def main() -> None:
                                      "ncu --kernel-name regex:_paged_decode ... on this script)")
     ap.add_argument("--cases", help="only these cases, comma-separated (e.g. '224 mixed')")
     args = ap.parse_args()
-    configs = None
+    configs = DECODE_CONFIGS
     if args.config:
         bn, w, st, kind, order = args.config.split(",")
         configs = [(int(bn), int(w), int(st), kind, order)]
@@ -72,19 +75,18 @@ def main() -> None:
         cases = {c: cases[c] for c in args.cases.split(",")}
     for name in args.kv.split(","):
         dt = DTYPES[name]
-        cands = configs if args.config else decode_configs_for(dt)
         k = torch.randn(num_blocks * bs, Hkv, D, device=dev).to(dt)
         v = torch.randn(num_blocks * bs, Hkv, D, device=dev).to(dt)
         kv_tok = 2 * Hkv * D * k.element_size()
         bt, lens = batch(num_blocks, bs, mixed[:24], dev)
         q = torch.randn(24, Hq, D, device=dev, dtype=torch.float16)
         ref = decode_attention_torch(q.float(), k, v, bt, lens, bs).float()
-        for cfg in cands:
+        for cfg in configs:
             out = torch.empty_like(q)
             decode_attention_triton(q, k, v, bt, lens, bs, out, cfg)
             err = ((out.float() - ref).norm() / ref.norm()).item()
             assert err < 3e-3, (cfg, err)
-        print(f"{name} cache: {len(cands)} configurations agree with the reference; ms over 40 layers "
+        print(f"{name} cache: {len(configs)} configurations agree with the reference; ms over 40 layers "
               f"(KV floor at the measured {bw / 1e12:.2f} TB/s)", flush=True)
         for case, (lens_list, case_bs) in cases.items():
             n = len(lens_list)
@@ -93,7 +95,7 @@ def main() -> None:
             out = torch.empty_like(q)
             floor = 40 * sum(lens_list) * kv_tok / bw * 1e3
             res = sorted((do_bench(lambda cfg=cfg: decode_attention_triton(q, k, v, bt, lens, case_bs, out, cfg),
-                                   warmup=10, rep=50, return_mode="median") * 40, cfg) for cfg in cands)
+                                   warmup=10, rep=50, return_mode="median") * 40, cfg) for cfg in configs)
             print(f"{name} cache, {case}: floor {floor:.2f} ms", flush=True)
             for t, cfg in res:
                 print(f"   {t:7.2f} ms  {100 * floor / t:4.0f}%  {DECODE_CONFIG_FIELDS} = {cfg}", flush=True)

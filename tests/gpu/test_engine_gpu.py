@@ -8,9 +8,8 @@ import random
 import pytest
 import torch
 
-from ziya_batch.engine.attention import (PrefillBatch, decode_attention_torch, decode_attention_triton,
-                                         decode_configs_for, prefill_attention_torch, prefill_attention_triton,
-                                         prefill_batch)
+from ziya_batch.engine.attention import (DECODE_CONFIGS, PrefillBatch, decode_attention_torch, decode_attention_triton,
+                                         prefill_attention_torch, prefill_attention_triton, prefill_batch)
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.sampling import build_sampling_tensors, sample_torch, sample_triton
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
@@ -43,9 +42,8 @@ def greedy(n_new: int) -> SamplingParams:
 @pytest.mark.parametrize("cache", [torch.float16, torch.float8_e4m3fn])
 @pytest.mark.parametrize("heads,kv_heads", [(40, 40), (32, 8)])
 def test_triton_paged_decode_matches_torch_reference(heads, kv_heads, cache):
-    """Every configuration the tuner may pick for the cache (CUDA-core, tensor-core, and for float8 the tensor-core
-    kernel reading int32 words) over float16 and float8 caches, MHA and GQA, against the float32 reference of the
-    same cache values."""
+    """Every configuration the tuner may pick (both kernels: CUDA-core and tensor-core) over float16 and float8
+    caches, MHA and GQA, against the float32 reference of the same cache values."""
     torch.manual_seed(0)
     B, D, bs, nblocks = 37, 128, 16, 1700
     kc = torch.randn(nblocks * bs, kv_heads, D, device="cuda").to(cache)
@@ -62,7 +60,7 @@ def test_triton_paged_decode_matches_torch_reference(heads, kv_heads, cache):
     used = (lens + bs - 1) // bs
     bad = torch.arange(bt.shape[1], device="cuda")[None, :] >= used[:, None]
     bt_poisoned = bt.masked_fill(bad, 2 ** 30)
-    for config in [None] + decode_configs_for(cache):        # the default and every one the tuner may pick
+    for config in [None] + DECODE_CONFIGS:        # the default and every one the tuner may pick
         out = torch.full_like(q, float("nan"))
         decode_attention_triton(q, kc, vc, bt_poisoned, lens, bs, out, config)
         torch.cuda.synchronize()

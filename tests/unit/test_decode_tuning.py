@@ -2,13 +2,11 @@
 the timing run in tests/gpu)."""
 from __future__ import annotations
 
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ziya_batch.engine.attention import (DECODE_CONFIGS, DEFAULT_DECODE_CONFIG, decode_configs_for,
-                                         synthetic_decode_batch)
+from ziya_batch.engine.attention import DECODE_CONFIGS, DEFAULT_DECODE_CONFIG, synthetic_decode_batch
 
 
 @settings(max_examples=200, deadline=None)
@@ -34,23 +32,6 @@ def test_the_synthetic_batch_fits_the_cache_on_blocks_of_its_own(num_blocks, blo
 
 def test_every_candidate_names_a_kernel_and_an_order():
     for bn, warps, stages, kind, order in DECODE_CONFIGS + [DEFAULT_DECODE_CONFIG]:
-        assert kind in ("fma", "dot", "dot8") and order in ("seqs", "heads")
+        assert kind in ("fma", "dot") and order in ("seqs", "heads")
         assert bn & (bn - 1) == 0 and warps in (1, 2, 4, 8) and stages >= 1
     assert len(set(DECODE_CONFIGS)) == len(DECODE_CONFIGS)
-
-
-def test_the_word_reading_kernel_is_a_candidate_for_float8_caches_only():
-    fp8, f16 = decode_configs_for(torch.float8_e4m3fn), decode_configs_for(torch.float16)
-    assert set(fp8) == set(DECODE_CONFIGS) and DEFAULT_DECODE_CONFIG[3] != "dot8"
-    assert {c[3] for c in f16} == {"fma", "dot"} and set(f16) < set(fp8)
-    assert decode_configs_for(torch.bfloat16) == f16 == decode_configs_for(torch.float32)
-
-
-def test_the_word_reading_kernel_refuses_other_caches():
-    from ziya_batch.engine.attention import decode_attention_triton
-    dot8 = next(c for c in DECODE_CONFIGS if c[3] == "dot8")
-    q = torch.zeros(1, 2, 128, dtype=torch.float16)
-    for cache in (torch.zeros(16, 2, 128, dtype=torch.float16), torch.zeros(16, 2, 6).to(torch.float8_e4m3fn)):
-        with pytest.raises(ValueError, match="dot8 reads float8 caches"):
-            decode_attention_triton(q[..., :cache.shape[-1]], cache, cache, torch.zeros(1, 1, dtype=torch.int32),
-                                    torch.ones(1, dtype=torch.int32), 16, q[..., :cache.shape[-1]].clone(), dot8)

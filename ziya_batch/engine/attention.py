@@ -212,35 +212,10 @@ if triton is not None:
 
 if triton is not None:
     @triton.jit
-    def _fp8x4_to_f16(w):
-        # an int32 word of four e4m3 values -> the four as float16 (the word's lowest byte first), two at a time
-        # by the hardware's paired conversion (sm_89+); a float8 value is exact in float16
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b16 lo, hi;
-            .reg .b32 a, b;
-            mov.b32 {lo, hi}, $4;
-            cvt.rn.f16x2.e4m3x2 a, lo;
-            cvt.rn.f16x2.e4m3x2 b, hi;
-            mov.b32 {$0, $1}, a;
-            mov.b32 {$2, $3}, b;
-            }""",
-            constraints="=h,=h,=h,=h,r", args=[w], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-            is_pure=True, pack=1)
-
-    @triton.jit
-    def _fp8_words_to_f16(w, BLOCK_N: tl.constexpr, D: tl.constexpr):
-        # [BLOCK_N, D // 4] int32 words of float8 -> [BLOCK_N, D] float16, element 4j + i from byte i of word j
-        e0, e1, e2, e3 = _fp8x4_to_f16(w)
-        x = tl.join(tl.join(e0, e2), tl.join(e1, e3))              # [BLOCK_N, D // 4, 2, 2]: [j, a, b] = 4j + 2a + b
-        return tl.reshape(x, [BLOCK_N, D])
-
-    @triton.jit
     def _paged_decode_dot_kernel(Q, K, V, O, BT, CTX, scale, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
                                  stride_btb, stride_ob, stride_oh, GROUP: tl.constexpr, M: tl.constexpr,
                                  BS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                                 NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr,
-                                 WORDS: tl.constexpr):
+                                 NUM_STAGES: tl.constexpr, PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr):
         # one program per (sequence, KV head): the GROUP query heads that share the head's K/V are the rows of an
         # [M, D] query tile (M >= 16, the tensor cores' least; rows past GROUP are zeros and never stored), so
         # scores and the weighted sum of V are tensor-core dots and the CUDA cores only convert K/V (float8 to
@@ -248,9 +223,11 @@ if triton is not None:
         # padding: the tensor cores idle most of the time, the point is what the CUDA cores no longer do (one
         # multiply-add per K and V element and the reductions over D). Positions past the context re-read its
         # last token (same cache lines) and only their scores are masked, as in _paged_decode_kernel.
-        # WORDS (float8 caches): K and V come as int32 words of four float8 values (strides in words) and are
-        # converted to float16 in registers, four at a time, before the dots; loaded as float8, Triton moves the
-        # tile into the dot's layout through shared memory a byte at a time and converts afterwards.
+        # (Reading a float8 cache as int32 words, four values converted in registers by the paired hardware
+        # conversion before the dots, compiles to ~30% fewer instructions a byte than loading float8 here, which
+        # Triton moves into the dot's layout through shared memory a byte at a time; on an H100 it was slower
+        # than both kernels on every batch, 80-86% of the floor against 88% for _paged_decode_kernel, and was
+        # removed: the float8 cache's shortfall is not instruction issue.)
         b, kvh = _decode_program(HEADS_FIRST)
         ctx = tl.load(CTX + b)
         d = tl.arange(0, D)
@@ -265,15 +242,9 @@ if triton is not None:
             t = start + tl.arange(0, BLOCK_N)
             tc = tl.minimum(t, ctx - 1)
             page = tl.load(BT + b * stride_btb + tc // BS).to(tl.int64)
-            row = (page * stride_kb + (tc % BS) * stride_ks)[:, None] + kvh * stride_kh
-            if WORDS:
-                offs = row + tl.arange(0, D // 4)[None, :]
-                k = _fp8_words_to_f16(tl.load(K + offs), BLOCK_N, D).to(q.dtype)           # [BLOCK_N, D]
-                v = _fp8_words_to_f16(tl.load(V + offs), BLOCK_N, D).to(q.dtype)
-            else:
-                offs = row + d[None, :]
-                k = tl.load(K + offs).to(q.dtype)                                          # [BLOCK_N, D]
-                v = tl.load(V + offs).to(q.dtype)
+            offs = (page * stride_kb + (tc % BS) * stride_ks)[:, None] + kvh * stride_kh + d[None, :]
+            k = tl.load(K + offs).to(q.dtype)                                              # [BLOCK_N, D]
+            v = tl.load(V + offs).to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale                  # [M, BLOCK_N]
             s = tl.where((t < ctx)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -358,31 +329,24 @@ def prefill_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torc
 
 # A decode configuration: (BLOCK_N, num_warps, num_stages, kernel, order). kernel "fma": _paged_decode_kernel, one
 # query head a program on the CUDA cores; "dot": _paged_decode_dot_kernel, the query heads of a KV head as the
-# rows of a tensor-core tile; "dot8": the same for a float8 cache read as int32 words and converted in registers
-# (scripts/triton_sass.py: ~0.09 warp-instructions a byte in its loop on sm_90a, against 0.14 for "fma" and
-# 0.13 for "dot" over a float8 cache; not yet timed on a GPU). order "seqs": programs side by side are one head
-# of many sequences; "heads": the heads of one sequence, together whole token rows of the cache. tune_decode_kernel picks one per head shape and
+# rows of a tensor-core tile. order "seqs": programs side by side are one head of many sequences; "heads": the
+# heads of one sequence, together whole token rows of the cache. tune_decode_kernel picks one per head shape and
 # cache dtype on the real GPU. On one H100 (2026-12-06, scripts/gpu/decode_kernel_variants.py, 224 W1-like
 # contexts, 40 layers; KV-byte floors at the copy bandwidth, float16 24.1 ms, float8 12.05): sequences first,
 # float16 23.87 ms with "dot" (128, 4, 2), 24.12 with "fma" (32, 1, 3); float8 13.38 ms (90%) with "fma"
 # (32, 1, 3), "dot" 84% at best. Heads first: float16 23.33 ms ("dot" (128, 4, 2); reads alone run above the
 # copy bandwidth), float8 13.12 ms (92%, "fma" (64, 2, 3)). Two or four adjacent heads a program (a
 # [BLOCK_N, heads, D] tile, fixed costs paid once for several heads) were slower everywhere on another H100:
-# 97% at best in float16, 69% in float8.
+# 97% at best in float16, 69% in float8; a tensor-core kernel reading a float8 cache as int32 words (fewer
+# instructions a byte) 80-86% against "fma"'s 88% on a third.
 DECODE_CONFIG_FIELDS = "(BLOCK_N, warps, stages, kernel, order)"
 DECODE_CONFIGS = [(bn, w, st, kind, order) for order in ("seqs", "heads") for bn, w, st, kind in (
     (128, 4, 2, "fma"), (64, 4, 2, "fma"), (64, 2, 2, "fma"), (64, 2, 3, "fma"), (32, 2, 3, "fma"), (32, 2, 2, "fma"),
     (32, 1, 2, "fma"), (32, 1, 3, "fma"), (16, 1, 3, "fma"),
     (32, 2, 3, "dot"), (64, 2, 3, "dot"), (64, 4, 2, "dot"), (64, 4, 3, "dot"), (128, 4, 2, "dot"),
-    (128, 4, 3, "dot"), (128, 8, 3, "dot"))] + [
-    (bn, w, st, "dot8", "heads") for bn, w, st in ((32, 1, 2), (32, 1, 3), (64, 2, 2), (64, 2, 3), (128, 4, 2))]
+    (128, 4, 3, "dot"), (128, 8, 3, "dot"))]
 DEFAULT_DECODE_CONFIG = (64, 2, 3, "fma", "heads")
 _decode_config: dict[tuple, tuple[int, int, int, str, str]] = {}
-
-
-def decode_configs_for(cache_dtype: torch.dtype) -> list[tuple[int, int, int, str, str]]:
-    """The candidates that apply to a cache of this dtype ("dot8" reads float8 caches only)."""
-    return [c for c in DECODE_CONFIGS if c[3] != "dot8" or cache_dtype == torch.float8_e4m3fn]
 
 
 def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, block_tables: torch.Tensor,
@@ -394,21 +358,15 @@ def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch
     bn, warps, stages, kind, order = config or _decode_config.get((Hq, Hkv, D, q.dtype, k_flat.dtype),
                                                                   DEFAULT_DECODE_CONFIG)
     heads_first = order == "heads"
-    words = kind == "dot8"
-    if words:
-        if k_flat.dtype != torch.float8_e4m3fn or D % 4:
-            raise ValueError(f"decode kernel dot8 reads float8 caches with head_dim a multiple of 4, not "
-                             f"{k_flat.dtype} with {D}")
-        k_flat, v_flat = k_flat.view(torch.int32), v_flat.view(torch.int32)   # [slots, Hkv, D // 4] words
     args = (q, k_flat, v_flat, out, block_tables, context_lens, 1.0 / math.sqrt(D), q.stride(0), q.stride(1),
             block_size * k_flat.stride(0), k_flat.stride(0), k_flat.stride(1), block_tables.stride(0),
             out.stride(0), out.stride(1))
     group = Hq // Hkv
-    if kind in ("dot", "dot8"):
+    if kind == "dot":
         _paged_decode_dot_kernel[(Hkv, B) if heads_first else (B, Hkv)](
             *args, GROUP=group, M=max(16, triton.next_power_of_2(group)), BS=block_size, BLOCK_N=bn, D=D,
             NUM_STAGES=stages, PRECISION="ieee" if q.dtype == torch.float32 else "tf32", HEADS_FIRST=heads_first,
-            WORDS=words, num_warps=warps)
+            num_warps=warps)
     else:
         _paged_decode_kernel[(Hq, B) if heads_first else (B, Hq)](
             *args, GROUP=group, BS=block_size, BLOCK_N=bn, D=D, NUM_STAGES=stages, HEADS_FIRST=heads_first,
@@ -472,7 +430,7 @@ def tune_decode_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: in
         decode_attention_triton(q[:n], ck, cv, cbt, lens[:n], block_size, small, cfg)
         return bool(((small.float() - ref).norm() <= 1e-2 * ref.norm()).item())
 
-    return _keep_fastest(decode_configs_for(k_flat.dtype),
+    return _keep_fastest(DECODE_CONFIGS,
                          lambda cfg: decode_attention_triton(q, k_flat, v_flat, bt, lens, block_size, out, cfg),
                          _decode_config, (num_heads, Hkv, D, q.dtype, k_flat.dtype), agrees)
 
