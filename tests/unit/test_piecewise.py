@@ -8,8 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ziya_batch.engine.engine import LLMEngine
+from ziya_batch.engine import piecewise
 from ziya_batch.engine.piecewise import (BUCKET_STEP, MAX_TOKENS, PRUNE_MARGIN, MixedStepGraphs, mixed_buckets,
-                                        prune_buckets)
+                                        projection_seconds, prune_buckets)
 from ziya_batch.engine.quant import quantize_model
 from ziya_batch.engine.types import Request, SamplingParams
 from ziya_batch.tools.testing import hf_greedy, tiny_llama
@@ -48,6 +49,41 @@ def test_the_h100_s_slow_row_count_is_dropped_and_proportional_times_keep_every_
     assert prune_buckets(sizes, [1e-3] * len(sizes)) == sizes        # equal times: nothing to gain by padding
     with pytest.raises(ValueError):
         prune_buckets([64, 128], [1.0])
+
+
+class _ClockEvent:
+    """torch.cuda.Event's interface over the host clock: projection_seconds runs on the CPU in these tests."""
+
+    def __init__(self, enable_timing: bool = False):
+        self.t = 0.0
+
+    def record(self) -> None:
+        import time
+        self.t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "_ClockEvent") -> float:
+        return 1e3 * (end.t - self.t)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_projection_times_run_each_projection_of_a_layer_at_every_size(monkeypatch, fp8):
+    monkeypatch.setattr(torch.cuda, "Event", _ClockEvent)
+    eng = make_engine(2)
+    if fp8:
+        quantize_model(eng.model)
+    layer = eng.model.layers[0]
+    calls = []
+    real = piecewise.linear
+    monkeypatch.setattr(piecewise, "linear", lambda x, w: calls.append((x.shape, id(w))) or real(x, w))
+    sizes = [1, 3, 16, 40]
+    secs = projection_seconds(eng.model, sizes, reps=3)
+    assert len(secs) == len(sizes) and all(t > 0 for t in secs)
+    projs = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
+    want = [((n, p.shape[1]), id(p)) for n in sizes for _ in range(1 + 3) for p in projs]   # a warm-up, then reps
+    assert calls == want
 
 
 def pieces_engine(num_kv_heads=4, buckets=(8, 16, 24, 40), **kw) -> LLMEngine:
@@ -142,3 +178,18 @@ def test_the_synthetic_steps_draw_blocks_without_repeats_while_the_cache_holds_t
     for i, (_, n, _) in enumerate(meta.prefill.chunks):
         used += meta.prefill.block_tables[i, :-(-2 * n // bs)].tolist()
     assert len(used) == len(set(used)) == 5 * per + pre
+
+
+def test_the_runner_keeps_the_sizes_every_tensor_parallel_rank_agrees_on(monkeypatch):
+    # the runner prunes by the times agree_seconds returns (tensor parallel: the slowest rank's), not its own
+    from ziya_batch.engine import runner as runner_mod
+    eng = make_engine(2)
+    sizes = [64, 128, 192, 256]
+    monkeypatch.setattr(runner_mod, "projection_seconds", lambda model, s: [1.0, 2.0, 3.0, 4.0])
+    assert eng.runner._prune("mixed", sizes) == sizes
+    eng.model.agree_seconds = lambda secs: [secs[0], 9.0, secs[2], secs[3]]      # another rank is slow at 128
+    eng.runner.mixed = MixedStepGraphs(eng.model, eng.kv_caches, eng.runner._prune("mixed", sizes),
+                                       eng.runner.scratch_slot, eng.device, capture=False)
+    assert eng.runner.mixed.buckets == [64, 192, 256]
+    assert eng.runner.bucket_seconds["mixed"] == [(64, 1.0), (128, 9.0), (192, 3.0), (256, 4.0)]
+    assert eng.runner.dropped_buckets() == {"mixed": [128]}

@@ -85,11 +85,13 @@ def test_a_sharded_load_refuses_a_split_that_does_not_divide(tmp_path):
                                    tp=(0, 4))
 
 
-@pytest.mark.parametrize("num_kv_heads,loaded,pieces", [(2, False, ()), (2, True, ()), (2, False, (16, 40))])
-def test_two_gloo_ranks_match_one_process_token_for_token(tmp_path, num_kv_heads, loaded, pieces):
+@pytest.mark.parametrize("num_kv_heads,loaded,pieces,slow_piece",
+                         [(2, False, (), 0), (2, True, (), 0), (2, False, (16, 40), 0), (2, False, (16, 24, 40), 24)])
+def test_two_gloo_ranks_match_one_process_token_for_token(tmp_path, num_kv_heads, loaded, pieces, slow_piece):
     """Both ways a rank gets its shard: apply_tp on the whole model, and loading the saved checkpoint sharded
     (as LLMEngine does for `model.tensor_parallel`); and with the steps with prefill in pieces (their
-    all-reduces inside the pieces, as captured on GPUs; 4 heads, 2 kv heads: 2 + 1 per rank)."""
+    all-reduces inside the pieces, as captured on GPUs; 4 heads, 2 kv heads: 2 + 1 per rank), also where one
+    rank alone times a bucket as slow (both must drop it, or their padded all-reduces would differ)."""
     rng = random.Random(num_kv_heads)
     prompts = [[rng.randrange(3, 300) for _ in range(rng.randint(3, 40))] for _ in range(6)]
     model_dir = ""
@@ -97,9 +99,13 @@ def test_two_gloo_ranks_match_one_process_token_for_token(tmp_path, num_kv_heads
         tiny_llama(num_kv_heads).save_pretrained(tmp_path / "m")
         model_dir = str(tmp_path / "m")
     # few blocks: the tensor-parallel run also preempts and recomputes, and n=2 forks share blocks
-    args = (2, str(tmp_path / "init"), num_kv_heads, prompts, 10, 2, 40, str(tmp_path / "out.json"), model_dir, pieces)
+    args = (2, str(tmp_path / "init"), num_kv_heads, prompts, 10, 2, 40, str(tmp_path / "out.json"), model_dir, pieces,
+            slow_piece)
     mp.spawn(tp_generate_worker, args=args, nprocs=2, join=True)
     got = json.loads((tmp_path / "out.json").read_text())
+    if slow_piece:
+        kept = [json.loads((tmp_path / f"out.json.rank{r}.buckets").read_text()) for r in (0, 1)]
+        assert kept[0] == kept[1] == [b for b in pieces if b != slow_piece]
     # the same path as the ranks (our model, no tokenizer, so no EOS id), unsharded
     whole = apply_tp(from_hf_model(tiny_llama(num_kv_heads), torch.device("cpu"), torch.float32), 0, 1)
     eng = LLMEngine.from_model(whole, None, EngineConfig(model_path="", device="cpu", block_size=4))

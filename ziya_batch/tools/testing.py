@@ -87,11 +87,13 @@ def load_sharded(model_dir: str, rank: int, world_size: int, device: torch.devic
 
 def tp_generate_worker(rank: int, world_size: int, init_file: str, num_kv_heads: int, prompts: list,
                        max_new_tokens: int, n: int, num_kv_blocks: int, result_file: str, model_dir: str = "",
-                       pieces: tuple[int, ...] = ()) -> None:
+                       pieces: tuple[int, ...] = (), slow_piece: int = 0) -> None:
     """One process of a CPU tensor-parallel run (gloo): rank 0 schedules and writes the greedy tokens of every
     completion as JSON to result_file; the other ranks follow. The model is tiny_llama(num_kv_heads), built
     whole and sharded by apply_tp, or, with model_dir (that model saved there), loaded sharded. With pieces
-    (token-count buckets), every rank runs the steps that fit them through the mixed-step pieces, eagerly."""
+    (token-count buckets), every rank runs the steps that fit them through the mixed-step pieces, eagerly. With
+    slow_piece, rank 1 alone times its projections as slow at that bucket: the ranks must still keep the same
+    buckets (each writes those it kept to result_file + ".rank<N>.buckets")."""
     import json
 
     import torch.distributed as dist
@@ -113,8 +115,16 @@ def tp_generate_worker(rank: int, world_size: int, init_file: str, num_kv_heads:
                                                              max_num_batched_tokens=64, num_kv_blocks=num_kv_blocks,
                                                              admission_horizon_tokens=0))
         if pieces:
+            from ziya_batch.engine import runner as runner_mod
             from ziya_batch.engine.piecewise import MixedStepGraphs
-            eng.runner.mixed = MixedStepGraphs(eng.model, eng.kv_caches, list(pieces), eng.runner.scratch_slot,
+            buckets = list(pieces)
+            if slow_piece:
+                runner_mod.projection_seconds = lambda model, sizes: [
+                    float(b) * (100.0 if rank == 1 and b == slow_piece else 1.0) for b in sizes]
+                buckets = eng.runner._prune("mixed", buckets)
+                with open(f"{result_file}.rank{rank}.buckets", "w") as fh:
+                    json.dump(buckets, fh)
+            eng.runner.mixed = MixedStepGraphs(eng.model, eng.kv_caches, buckets, eng.runner.scratch_slot,
                                                eng.device, capture=False)
         if rank == 0:
             driver = enable_tp_driver(eng)
