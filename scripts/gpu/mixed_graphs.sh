@@ -22,6 +22,8 @@
 #          (NCU_CONFIG, default 64,2,3,fma,heads): throughput, memory, occupancy, warp stalls
 #   prof   where W1's steps spend their GPU time (profile_steps.py; PROF_ARGS, default FP8 weights + FP8 KV with
 #          fast accumulation)
+#   buckets  one layer's projections at every graph size (decode batch sizes, mixed-step buckets), float16 and FP8
+#          with fast accumulation, and the sizes the runner drops (bucket_times.py)
 #   tgemm  FP8 projections: torch._scaled_mm against a Triton kernel autotuned per shape (fp8_gemm_triton.py)
 #   tunable  FP8 projections through _scaled_mm with PyTorch's TunableOp on (fp8_gemm_accum.py --tunable)
 # Ray, redis and the spec's packages come from .gpuwhl-b/install.sh (run beforehand: /tmp/site, /tmp/redis).
@@ -48,6 +50,7 @@ for st in ${STAGE:-tests f16}; do
     attn) timeout ${ATTN_S:-200} python3 scripts/gpu/decode_kernel_variants.py --kv float16,fp8 2>&1 | tee "$OUT/attn.log" ;;
     ncuattn) timeout ${NCU_S:-240} ncu --clock-control none --kernel-name regex:_paged_decode --launch-skip 30 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats python3 scripts/gpu/decode_kernel_variants.py --kv fp8 --config ${NCU_CONFIG:-64,2,3,fma,heads} --cases "224 mixed" 2>&1 | tee "$OUT/ncu_attn.log" | tail -120 ;;
     prof) timeout ${PROF_S:-300} python3 scripts/gpu/profile_steps.py ${PROF_ARGS:---quantization fp8 --kv-cache-dtype fp8 --fp8-fast-accum} 2>&1 | tee "$OUT/profile_steps.log" | tail -90 ;;
+    buckets) timeout ${BUCKETS_S:-120} python3 scripts/gpu/bucket_times.py --fast-accum 2>&1 | tee "$OUT/bucket_times.log" | tail -12 ;;
     tgemm) timeout ${TGEMM_S:-200} python3 scripts/gpu/fp8_gemm_triton.py 2>&1 | tee "$OUT/tgemm.log" ;;
     tunable) timeout ${TUNABLE_S:-120} python3 scripts/gpu/fp8_gemm_accum.py --tunable --rows 128,224,768 2>&1 | tee "$OUT/tunable.log" ;;
     gemm) timeout ${GEMM_S:-90} python3 scripts/gpu/gemm_blas.py --rows 64,128,192,256 --libs cublas,cublaslt,tunable 2>&1 | tee "$OUT/gemm.log" ;;
