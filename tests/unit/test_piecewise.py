@@ -71,6 +71,7 @@ class _ClockEvent:
 @pytest.mark.parametrize("fp8", [False, True])
 def test_projection_times_run_each_projection_of_a_layer_at_every_size(monkeypatch, fp8):
     monkeypatch.setattr(torch.cuda, "Event", _ClockEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     eng = make_engine(2)
     if fp8:
         quantize_model(eng.model)

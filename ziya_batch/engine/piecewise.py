@@ -66,6 +66,22 @@ def prune_buckets(sizes: list[int], seconds: list[float], margin: float = PRUNE_
     return sorted(kept)
 
 
+def gpu_seconds(fn: Callable[[], None], reps: int = 10) -> float:
+    """The median GPU time of fn() over reps calls, after one call outside the timing (compilation, cuBLAS's
+    heuristic and workspace)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[reps // 2]
+
+
 def projection_seconds(model: LlamaModel, sizes: list[int], reps: int = 5) -> list[float]:
     """For each row count, the median GPU time of one layer's four projections (the layer's own weights and
     kernels: float16 or FP8, this rank's shard) over random rows."""
@@ -73,21 +89,11 @@ def projection_seconds(model: LlamaModel, sizes: list[int], reps: int = 5) -> li
     projs = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
     top = max(sizes)
     xs = [torch.randn(top, p.shape[1], device=dev, dtype=model.embed.dtype) for p in projs]
-    out = []
-    for n in sizes:
-        def run() -> None:
-            for p, x in zip(projs, xs):
-                linear(x[:n], p)
-        run()                                            # cuBLAS's heuristic and workspace, outside the timing
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        out.append(sorted(times)[len(times) // 2])
+
+    def run(n: int) -> None:
+        for p, x in zip(projs, xs):
+            linear(x[:n], p)
+    out = [gpu_seconds(lambda n=n: run(n), reps) for n in sizes]
     del xs
     torch.cuda.empty_cache()          # the rows and products (~0.7 GB at 8,192 rows): graph pools allocate their own
     return out

@@ -18,6 +18,7 @@ from ziya_batch.engine.attention import DECODE_CONFIG_FIELDS
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.kv_cache import kv_bytes_per_token
 from ziya_batch.engine.model import PRESETS, LlamaModel, ModelArgs
+from ziya_batch.engine.piecewise import gpu_seconds as _time_s
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
 from ziya_batch.tools.bandwidth import measure_copy_bandwidth_bytes_s  # noqa: F401 - bench.py's and the scripts'
 
@@ -240,16 +241,6 @@ def _hit_note(eng: LLMEngine) -> str:
     q, h = eng.prefix_cache_query_tokens, eng.prefix_cache_hit_tokens
     return (f"on ({h:,} of {q:,} prompt tokens cached, {h / max(q, 1):.0%}; "
             f"{eng.scheduler.pool.num_evicted:,} evictions)")
-
-
-def _time_s(fn, reps: int = 10) -> float:
-    fn(); torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    return sorted(times)[reps // 2]
 
 
 def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, context: int) -> dict:
