@@ -13,7 +13,7 @@ import torch
 from ziya_batch.engine.model import LlamaModel
 from ziya_batch.engine.piecewise import mixed_buckets, projection_seconds, prune_buckets
 from ziya_batch.engine.quant import set_fast_accum
-from ziya_batch.engine.runner import GRAPH_BATCH_SIZES
+from ziya_batch.engine.runner import graph_batch_sizes
 from ziya_batch.tools.bench_core import _args
 
 
@@ -31,7 +31,7 @@ def main() -> None:
         model = LlamaModel.random(_args(1), dev, torch.float16, 0, None if q == "none" else q)
         if q == "fp8" and args.fast_accum:
             set_fast_accum(model, True)
-        for what, sizes in (("decode", [b for b in GRAPH_BATCH_SIZES if b <= args.max_seqs]),
+        for what, sizes in (("decode", graph_batch_sizes(args.max_seqs)),
                             ("mixed", mixed_buckets(args.max_tokens))):
             secs = projection_seconds(model, sizes)
             kept = prune_buckets(sizes, secs)

@@ -24,6 +24,15 @@ GRAPH_BATCH_SIZES = ((1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112) + tuple(range
                      + tuple(range(288, 513, 32)))
 
 
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The decode batch sizes graphs are captured for (before prune_buckets): GRAPH_BATCH_SIZES up to
+    max_num_seqs, and max_num_seqs itself where it lies between two of them."""
+    sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs]
+    if max_num_seqs not in sizes and max_num_seqs < GRAPH_BATCH_SIZES[-1]:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
                  max_num_seqs: int, max_model_len: int, device: torch.device, use_graphs: bool, use_triton: bool,
@@ -32,9 +41,7 @@ class ModelRunner:
         self.device, self.use_triton = device, use_triton
         self.max_blocks = -(-max_model_len // block_size)
         self.scratch_slot = (kv_caches[0][0].shape[0] - 1) * block_size   # the extra block (kv_cache.py)
-        self.graph_sizes = [b for b in GRAPH_BATCH_SIZES if b <= max_num_seqs] if use_graphs else []
-        if use_graphs and max_num_seqs not in self.graph_sizes and max_num_seqs < GRAPH_BATCH_SIZES[-1]:
-            self.graph_sizes.append(max_num_seqs)
+        self.graph_sizes = graph_batch_sizes(max_num_seqs) if use_graphs else []
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.graph_pool = None
         # steps with prefill (and decode steps no decode graph takes): pieces captured per token-count bucket,
