@@ -2,13 +2,15 @@
 their padding to a bucket and their static buffers must compute what the plain forward computes."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine import piecewise
+from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.piecewise import (BUCKET_STEP, MAX_TOKENS, PRUNE_MARGIN, MixedStepGraphs, mixed_buckets,
                                         projection_seconds, prune_buckets)
 from ziya_batch.engine.quant import quantize_model
@@ -58,7 +60,6 @@ class _ClockEvent:
         self.t = 0.0
 
     def record(self) -> None:
-        import time
         self.t = time.perf_counter()
 
     def synchronize(self) -> None:
