@@ -79,8 +79,8 @@ def decode_step(eng, a, bw: float) -> None:
             print(f"    {cfg}: {type(err).__name__}")
             continue
         print(f"    {cfg}: {1e3 * t * a.num_layers:.2f} ms")
-    # rows ordered longest context first
-    order = torch.argsort(lens[:nd], descending=True)
+    # the rows in the other order (the runner's: longest context first unless decode_longest_first is off)
+    order = torch.argsort(lens[:nd], descending=not r.decode_longest_first)
     bt_s, lens_s = bt.clone(), lens.clone()
     bt_s[:nd], lens_s[:nd] = bt[:nd][order], lens[:nd][order]
     t_sorted = _time_s(lambda: attention.decode_attention_triton(q, kf, vf, bt_s, lens_s, r.block_size, o))
@@ -95,7 +95,8 @@ def decode_step(eng, a, bw: float) -> None:
     # the real lengths over random (not the run's) blocks
     rbt = torch.randint(0, eng.num_blocks, bt.shape, device=eng.device, dtype=torch.int32)
     t_rand = _time_s(lambda: attention.decode_attention_triton(q, kf, vf, rbt, lens, r.block_size, o))
-    print(f"  attention x layers: real {1e3 * attn_real * a.num_layers:.2f} ms; rows longest first "
+    other = "shortest" if r.decode_longest_first else "longest"
+    print(f"  attention x layers: real {1e3 * attn_real * a.num_layers:.2f} ms; rows {other} first "
           f"{1e3 * t_sorted * a.num_layers:.2f}; uniform at the mean ({mean}) {1e3 * t_uni * a.num_layers:.2f}; "
           f"real lengths over random blocks {1e3 * t_rand * a.num_layers:.2f}; KV floor "
           f"{1e3 * st.context_tokens * kv_tok / bw:.2f} ms")

@@ -116,6 +116,30 @@ def test_seed_reproduces_samples_regardless_of_batch():
     assert other_seed.token_ids != alone.token_ids
 
 
+def test_decode_rows_run_longest_context_first_and_the_order_changes_no_output():
+    prompts = random_prompts(7, seed=21, lo=2, hi=40)
+    runs = {}
+    for longest in (True, False):
+        eng = make_engine(max_num_batched_tokens=32)
+        eng.runner.decode_longest_first = longest
+        run_step, orders = eng.runner._run_step, []
+
+        def spy(chunks, nd, *rest, run_step=run_step, orders=orders):
+            orders.append([c.start for c in chunks[:nd]])
+            return run_step(chunks, nd, *rest)
+        eng.runner._run_step = spy
+        reqs = [Request(f"r{i}", p, sampled(seed=40 + i, n=2 if i == 3 else 1) if i % 2 else greedy(10))
+                for i, p in enumerate(prompts)]
+        runs[longest] = ([[(c.token_ids, c.logprobs) for c in o.completions] for o in eng.generate(reqs)], orders)
+    (on, on_orders), (off, off_orders) = runs[True], runs[False]
+    assert all(o == sorted(o, reverse=True) for o in on_orders)
+    assert any(o != sorted(o, reverse=True) for o in off_orders)     # the scheduler's own order differs
+    assert [[t for t, _ in r] for r in on] == [[t for t, _ in r] for r in off]
+    for r_on, r_off in zip(on, off):
+        for (_, lp_on), (_, lp_off) in zip(r_on, r_off):
+            assert lp_on == pytest.approx(lp_off, abs=1e-5)
+
+
 def test_sample_i_of_n_uses_seed_plus_i():
     p = random_prompts(1, seed=8, lo=9, hi=9)[0]
     eng = make_engine()

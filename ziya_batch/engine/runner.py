@@ -39,6 +39,10 @@ class ModelRunner:
                  mixed_graphs: bool = False, max_num_batched_tokens: int = 0):
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.device, self.use_triton = device, use_triton
+        # decode rows longest context first: the attention kernel's programs start in row order, so the longest
+        # rows no longer start last and leave the GPU to a few programs at the end of the launch (row order
+        # changes nothing else: sampling is keyed by request and position, sampling.py)
+        self.decode_longest_first = True
         self.max_blocks = -(-max_model_len // block_size)
         self.scratch_slot = (kv_caches[0][0].shape[0] - 1) * block_size   # the extra block (kv_cache.py)
         self.graph_sizes = graph_batch_sizes(max_num_seqs) if use_graphs else []
@@ -96,7 +100,10 @@ class ModelRunner:
         """Runs the step; returns logits [R, V] float32 and the Sequence each row samples for. A chunk whose last
         token is still PENDING_TOKEN takes it on the device from prev_tokens[pending[seq_id]] (the step before,
         launched but not read back)."""
-        chunks = sorted(out.chunks, key=lambda c: c.num_tokens != 1)   # one-token chunks first (stable)
+        if self.decode_longest_first:        # one-token chunks first, longest context first; then the rest
+            chunks = sorted(out.chunks, key=lambda c: -c.start if c.num_tokens == 1 else 1)
+        else:                                # one-token chunks first (stable)
+            chunks = sorted(out.chunks, key=lambda c: c.num_tokens != 1)
         decodes = [c for c in chunks if c.num_tokens == 1]
         rows: list[Sequence] = []
         row_idx: list[int] = []
