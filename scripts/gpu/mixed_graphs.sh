@@ -24,8 +24,9 @@
 #          fast accumulation)
 #   buckets  one layer's projections at every graph size (decode batch sizes, mixed-step buckets), float16 and FP8
 #          with fast accumulation, and the sizes the runner drops (bucket_times.py)
-#   order  decode rows longest context first against the scheduler's order, alternated on one engine per
-#          configuration (decode_order_ab.py; ORDER_PLAN, default FP8 + FP8 KV + fast accumulation x4, float16 x2)
+#   stepab  the runner's and scheduler's step choices on and off (decode rows longest context first, steps cut
+#          back to a bucket), alternated on one engine per configuration (step_ab.py; AB_PLAN, default the cut
+#          with FP8 + FP8 KV + fast accumulation x4, float16 x2)
 #   tgemm  FP8 projections: torch._scaled_mm against a Triton kernel autotuned per shape (fp8_gemm_triton.py)
 #   tunable  FP8 projections through _scaled_mm with PyTorch's TunableOp on (fp8_gemm_accum.py --tunable)
 # Ray, redis and the spec's packages come from .gpuwhl-b/install.sh (run beforehand: /tmp/site, /tmp/redis).
@@ -53,7 +54,7 @@ for st in ${STAGE:-tests f16}; do
     ncuattn) timeout ${NCU_S:-240} ncu --clock-control none --kernel-name regex:_paged_decode --launch-skip 30 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats python3 scripts/gpu/decode_kernel_variants.py --kv fp8 --config ${NCU_CONFIG:-64,2,3,fma,heads} --cases "224 mixed" 2>&1 | tee "$OUT/ncu_attn.log" | tail -120 ;;
     prof) timeout ${PROF_S:-300} python3 scripts/gpu/profile_steps.py ${PROF_ARGS:---quantization fp8 --kv-cache-dtype fp8 --fp8-fast-accum} 2>&1 | tee "$OUT/profile_steps.log" | tail -90 ;;
     buckets) timeout ${BUCKETS_S:-120} python3 scripts/gpu/bucket_times.py --fast-accum 2>&1 | tee "$OUT/bucket_times.log" | tail -12 ;;
-    order) timeout ${ORDER_S:-560} python3 scripts/gpu/decode_order_ab.py ${ORDER_PLAN:+--plan $ORDER_PLAN} 2>&1 | tee "$OUT/decode_order_ab.log" | grep -v '^\[' | tail -20 ;;
+    stepab) timeout ${AB_S:-560} python3 scripts/gpu/step_ab.py ${AB_PLAN:+--plan $AB_PLAN} 2>&1 | tee "$OUT/step_ab.log" | grep -v '^\[' | tail -20 ;;
     tgemm) timeout ${TGEMM_S:-200} python3 scripts/gpu/fp8_gemm_triton.py 2>&1 | tee "$OUT/tgemm.log" ;;
     tunable) timeout ${TUNABLE_S:-120} python3 scripts/gpu/fp8_gemm_accum.py --tunable --rows 128,224,768 2>&1 | tee "$OUT/tunable.log" ;;
     gemm) timeout ${GEMM_S:-90} python3 scripts/gpu/gemm_blas.py --rows 64,128,192,256 --libs cublas,cublaslt,tunable 2>&1 | tee "$OUT/gemm.log" ;;

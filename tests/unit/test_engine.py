@@ -140,6 +140,38 @@ def test_decode_rows_run_longest_context_first_and_the_order_changes_no_output()
             assert lp_on == pytest.approx(lp_off, abs=1e-5)
 
 
+def test_steps_cut_back_to_a_bucket_give_the_same_output():
+    prompts = random_prompts(8, seed=23, lo=5, hi=50)
+
+    def reqs():
+        return [Request(f"r{i}", p, sampled(seed=60 + i, n=2 if i == 3 else 1) if i % 3 == 0 else greedy(9))
+                for i, p in enumerate(prompts)]
+    plain = make_engine(max_num_batched_tokens=48)
+    want = plain.generate(reqs())
+    eng = make_engine(max_num_batched_tokens=48)
+    # 16 -> 24 and 32 -> 48 are dear steps up: steps of 17-23 and 33-47 tokens are cut back where a chunk allows
+    s = eng.scheduler
+    s.step_buckets = [(8, 1.0), (16, 1.0), (24, 3.0), (32, 3.0), (48, 9.0)]
+    cut_totals, schedule = [], s.schedule
+
+    def spy():
+        before = s.num_cut_steps
+        out = schedule()
+        if s.num_cut_steps > before:
+            cut_totals.append(sum(c.num_tokens for c in out.chunks))
+        return out
+    s.schedule = spy
+    got = eng.generate(reqs())
+    assert cut_totals and set(cut_totals) <= {16, 32} and plain.scheduler.num_cut_steps == 0
+    for g, w in zip(got, want):
+        assert [c.token_ids for c in g.completions] == [c.token_ids for c in w.completions]
+        for cg, cw in zip(g.completions, w.completions):
+            assert cg.logprobs == pytest.approx(cw.logprobs, abs=1e-5)
+    for i, (p, o) in enumerate(zip(prompts, got)):
+        if i % 3:
+            check_against_hf(tiny_llama(), p, o.completions[0], 9)
+
+
 def test_sample_i_of_n_uses_seed_plus_i():
     p = random_prompts(1, seed=8, lo=9, hi=9)[0]
     eng = make_engine()

@@ -303,3 +303,77 @@ def _no_credit_col(self, seq, blocks, copies, copy_on_write):
 from ziya_batch.engine.scheduler import _GrowthPlan  # noqa: E402
 
 _ORIGINAL_COL = _GrowthPlan._col
+
+
+# ---- cutting a step back to the bucket below (fit_bucket) -----------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ziya_batch.engine.scheduler import TRIM_MARGIN, TRIM_MAX_TOKENS, ScheduledChunk, fit_bucket  # noqa: E402
+
+
+def _chunks(sizes: list[int], forked: frozenset = frozenset()) -> list[ScheduledChunk]:
+    s = Scheduler(num_blocks=10, block_size=4, max_num_seqs=8, max_num_batched_tokens=16)
+    out = []
+    for i, n in enumerate(sizes):
+        q = Sequence(s.new_seq_id(), f"r{i}", 0, list(range(3, 3 + n + 5)), n + 5, SamplingParams())
+        out.append(ScheduledChunk(q, 0, n, False, [q] if i in forked else []))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=12),
+       steps=st.lists(st.integers(1, 96), min_size=1, max_size=10),
+       times=st.lists(st.floats(0.1, 10.0), min_size=10, max_size=10),
+       forked=st.frozensets(st.integers(0, 11), max_size=3))
+def test_fit_bucket_only_ever_lands_a_step_exactly_on_the_bucket_below(sizes, steps, times, forked):
+    buckets, b = [], 0
+    for d, t in zip(steps, times):
+        b += d
+        buckets.append((b, t))
+    chunks = _chunks(sizes, forked)
+    total = sum(sizes)
+    cut = fit_bucket(chunks, buckets)
+    sizes_only = [n for n, _ in buckets]
+    if cut is None:
+        return
+    k, n = cut
+    assert total not in sizes_only and sizes_only[0] < total <= sizes_only[-1]
+    low = max(x for x in sizes_only if x < total)
+    up = min(x for x in sizes_only if x > total)
+    assert dict(buckets)[up] > dict(buckets)[low] * (1 + TRIM_MARGIN)
+    assert total - low <= TRIM_MAX_TOKENS
+    assert 2 <= n < sizes[k] and k not in forked
+    assert total - sizes[k] + n == low
+    # the chunk cut is the last one long enough
+    assert all(sizes[j] < total - low + 2 or j in forked for j in range(k + 1, len(sizes)))
+
+
+def test_fit_bucket_cuts_across_a_jump_and_not_where_the_next_bucket_is_about_as_dear():
+    buckets = [(64, 1.0), (128, 1.05), (192, 1.5), (256, 1.6)]
+    # 150 tokens: 192 is 43% dearer than 128, 22 over it: the last chunk (20 decode rows first, then 100 + 30)
+    assert fit_bucket(_chunks([1] * 20 + [100, 30]), buckets) == (21, 8)
+    # 100 tokens: 128 is within 10% of 64: padded as before
+    assert fit_bucket(_chunks([1] * 20 + [80]), buckets) is None
+    # exactly a bucket, below the smallest, above the largest: nothing to do
+    assert fit_bucket(_chunks([1] * 28 + [100]), buckets) is None
+    assert fit_bucket(_chunks([40]), buckets) is None
+    assert fit_bucket(_chunks([300]), buckets) is None
+    # too far past the bucket below (more than TRIM_MAX_TOKENS would wait)
+    assert fit_bucket(_chunks([120, 60 + TRIM_MAX_TOKENS]), [(60, 1.0), (600, 9.0)]) is None
+    # the last chunk too short or forked: the one before is cut; decode rows never are
+    assert fit_bucket(_chunks([120, 10, 20]), buckets) == (0, 98)
+    assert fit_bucket(_chunks([100, 50], forked=frozenset({1})), buckets) == (0, 78)
+    assert fit_bucket(_chunks([1] * 150), buckets) is None
+
+
+def test_a_cut_step_runs_the_rest_of_its_chunk_next_and_samples_only_then():
+    s = Scheduler(num_blocks=200, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    s.step_buckets = [(16, 1.0), (32, 1.0), (64, 2.0)]
+    a = seq(s, 40)
+    out = run_step(s)
+    assert [(c.start, c.num_tokens, c.samples) for c in out.chunks] == [(0, 32, False)]
+    assert s.num_cut_steps == 1 and a.num_computed == 32 and len(a.block_ids) == 10   # its blocks stay reserved
+    out = run_step(s)
+    assert [(c.start, c.num_tokens, c.samples) for c in out.chunks] == [(32, 8, True)]
+    assert a.output_ids == [7] and s.num_cut_steps == 1

@@ -84,6 +84,14 @@ class ModelRunner:
         self.bucket_seconds[what] = list(zip(sizes, seconds))
         return prune_buckets(sizes, seconds)
 
+    def step_buckets(self) -> Optional[list[tuple[int, float]]]:
+        """The token-count buckets steps with prefill replay graphs for, with their projections' measured time
+        (the scheduler cuts a step back to a bucket where the next one is much dearer); None without them."""
+        if self.mixed is None:
+            return None
+        kept = set(self.mixed.buckets)
+        return [(n, t) for n, t in self.bucket_seconds.get("mixed", []) if n in kept] or None
+
     def dropped_buckets(self) -> dict[str, list[int]]:
         """The sizes prune_buckets left out, by kind of graph."""
         kept = {"decode": set(self.graph_sizes), "mixed": set(self.mixed.buckets if self.mixed else [])}

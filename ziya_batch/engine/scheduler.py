@@ -32,6 +32,14 @@ from ziya_batch.engine.types import SCHEDULE_POLICIES as POLICIES      # written
 # next step while the GPU still samples this one). advance() appends it, fill() replaces it.
 PENDING_TOKEN = -1
 
+# Steps with prefill replay graphs captured for buckets of token counts (piecewise.py), padded up to the next
+# bucket. Where that bucket is much dearer than the one below (its projections' time jumps: FP8 on an H100,
+# 2026-12-06, 17.7 ms over 40 layers at 768 tokens against 22.3 at 832), a step a few tokens past the bucket
+# below is cut back to it: its last prefill chunk ends earlier and the rest runs in a later step, where a few
+# more rows cost next to nothing (Scheduler.step_buckets; fit_bucket)
+TRIM_MARGIN = 0.10           # the next bucket's time at least this much above the one below
+TRIM_MAX_TOKENS = 64         # and at most this many tokens wait
+
 
 def _queue_key(seq: "Sequence") -> tuple[int, int, int]:
     """longest-first order of the waiting queue (ascending)."""
@@ -102,6 +110,24 @@ class SchedulerOutput:
         return all(c.num_tokens == 1 for c in self.chunks)
 
 
+def fit_bucket(chunks: list[ScheduledChunk], buckets: list[tuple[int, float]]) -> Optional[tuple[int, int]]:
+    """(index, new token count) of the chunk to shorten so that the step's tokens fill the bucket below instead
+    of padding up to a much dearer one (TRIM_MARGIN, TRIM_MAX_TOKENS); None to leave the step as it is. Only a
+    chunk without forked samples is shortened, to two tokens at least (decode rows never are), the last first."""
+    total = sum(c.num_tokens for c in chunks)
+    up = bisect.bisect_left([b for b, _ in buckets], total)
+    if up == 0 or up == len(buckets) or buckets[up][0] == total:
+        return None
+    (low, t_low), t_up = buckets[up - 1], buckets[up][1]
+    excess = total - low
+    if excess > TRIM_MAX_TOKENS or t_up <= t_low * (1.0 + TRIM_MARGIN):
+        return None
+    for k in reversed(range(len(chunks))):
+        if chunks[k].num_tokens >= excess + 2 and not chunks[k].children:    # stays a prefill chunk
+            return k, chunks[k].num_tokens - excess
+    return None
+
+
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  admission_horizon_tokens: int = EngineConfig.admission_horizon_tokens, policy: str = "fcfs",
@@ -140,6 +166,10 @@ class Scheduler:
         # a recompute after preemption or a forked sample is not a new prompt)
         self.prefix_cache_query_tokens = 0
         self.prefix_cache_hit_tokens = 0
+        # [(token count, seconds)] ascending: the buckets steps with prefill run in and their measured projection
+        # times (the engine sets them from the runner's graphs; None: steps are not cut to fit, fit_bucket)
+        self.step_buckets: Optional[list[tuple[int, float]]] = None
+        self.num_cut_steps = 0
 
     def new_seq_id(self) -> int:
         self._next_seq_id += 1
@@ -325,6 +355,12 @@ class Scheduler:
                 plan.add(seq, copies=1 + len(chunks[-1].children) + seq.pending_forks)
             budget -= n
         self.running.extend(self._forked)
+        if self.step_buckets and (cut := fit_bucket(chunks, self.step_buckets)):
+            k, n = cut
+            c = chunks[k]
+            # its blocks stay reserved (the rest of the chunk runs next); it no longer reaches its last token
+            chunks[k] = ScheduledChunk(c.seq, c.start, n, False)
+            self.num_cut_steps += 1
         return SchedulerOutput(chunks, copies, preempted)
 
     def _chunk(self, seq: Sequence, n: int) -> ScheduledChunk:

@@ -192,6 +192,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                output_tok_s=out_tokens / wall, prefill_tok_s=pre_tok / max(pre_s, 1e-9),
                decode_tok_s=dec_tok / max(dec_s, 1e-9), peak_gib=peak / 2**30,
                note=f"{eng.num_blocks} KV blocks of {cfg.block_size}; {eng.scheduler.num_preemptions} preemptions; "
+                    f"{eng.scheduler.num_cut_steps} steps cut back to a bucket; "
                     f"{n_dec_steps} decode-only steps ({dec_s:.1f} s), {n_mix_steps} mixed steps ({pre_s:.1f} s, host "
                     f"{1e3 * sum(mix_hosts) / max(n_mix_steps, 1):.1f} ms each); init {init_s:.0f} s; "
                     f"fused kernels {'on' if model.use_fused else 'off'}; mixed steps "
