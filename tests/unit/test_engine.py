@@ -151,7 +151,7 @@ def test_steps_cut_back_to_a_bucket_give_the_same_output():
     eng = make_engine(max_num_batched_tokens=48)
     # 16 -> 24 and 32 -> 48 are dear steps up: steps of 17-23 and 33-47 tokens are cut back where a chunk allows
     s = eng.scheduler
-    s.step_buckets = [(8, 1.0), (16, 1.0), (24, 3.0), (32, 3.0), (48, 9.0)]
+    s.step_buckets = [(8, 1e-4), (16, 1e-4), (24, 3e-4), (32, 3e-4), (48, 9e-4)]
     cut_totals, schedule = [], s.schedule
 
     def spy():

@@ -84,8 +84,17 @@ def test_projection_times_run_each_projection_of_a_layer_at_every_size(monkeypat
     secs = projection_seconds(eng.model, sizes, reps=3)
     assert len(secs) == len(sizes) and all(t > 0 for t in secs)
     projs = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
-    want = [((n, p.shape[1]), id(p)) for n in sizes for _ in range(1 + 3) for p in projs]   # a warm-up, then reps
+    # two sweeps over the sizes; each size: a warm-up, then reps
+    want = [((n, p.shape[1]), id(p)) for _ in range(2) for n in sizes for _ in range(1 + 3) for p in projs]
     assert calls == want
+
+
+def test_projection_times_take_the_least_of_the_sweeps(monkeypatch):
+    eng = make_engine(2)
+    sweep = iter([[3.0, 9.0, 5.0, 7.0], [4.0, 2.0, 6.0, 1.0]])
+    times = iter(t for s in sweep for t in s)
+    monkeypatch.setattr(piecewise, "gpu_seconds", lambda fn, reps: next(times))
+    assert projection_seconds(eng.model, [1, 2, 3, 4], reps=3) == [3.0, 2.0, 5.0, 1.0]
 
 
 def pieces_engine(num_kv_heads=4, buckets=(8, 16, 24, 40), **kw) -> LLMEngine:

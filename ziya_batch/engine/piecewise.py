@@ -82,9 +82,11 @@ def gpu_seconds(fn: Callable[[], None], reps: int = 10) -> float:
     return sorted(times)[reps // 2]
 
 
-def projection_seconds(model: LlamaModel, sizes: list[int], reps: int = 5) -> list[float]:
+def projection_seconds(model: LlamaModel, sizes: list[int], reps: int = 5, passes: int = 2) -> list[float]:
     """For each row count, the median GPU time of one layer's four projections (the layer's own weights and
-    kernels: float16 or FP8, this rank's shard) over random rows."""
+    kernels: float16 or FP8, this rank's shard) over random rows; the least of `passes` sweeps over the sizes,
+    since what else the GPU is doing only ever makes a time longer (on an H100, 2026-12-06, one sweep inside a
+    starting engine timed 152 rows at 4x and the next ten sizes decreasingly slow, and pruned them all)."""
     layer, dev = model.layers[0], model.embed.device
     projs = [layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj]
     top = max(sizes)
@@ -93,7 +95,7 @@ def projection_seconds(model: LlamaModel, sizes: list[int], reps: int = 5) -> li
     def run(n: int) -> None:
         for p, x in zip(projs, xs):
             linear(x[:n], p)
-    out = [gpu_seconds(lambda n=n: run(n), reps) for n in sizes]
+    out = [min(t) for t in zip(*([gpu_seconds(lambda n=n: run(n), reps) for n in sizes] for _ in range(passes)))]
     del xs
     torch.cuda.empty_cache()          # the rows and products (~0.7 GB at 8,192 rows): graph pools allocate their own
     return out

@@ -38,6 +38,7 @@ PENDING_TOKEN = -1
 # below is cut back to it: its last prefill chunk ends earlier and the rest runs in a later step, where a few
 # more rows cost next to nothing (Scheduler.step_buckets; fit_bucket)
 TRIM_MARGIN = 0.10           # the next bucket's time at least this much above the one below
+TRIM_MIN_SECONDS = 20e-6     # and at least this much (one layer's projections): timing noise never cuts
 TRIM_MAX_TOKENS = 64         # and at most this many tokens wait
 
 
@@ -112,7 +113,7 @@ class SchedulerOutput:
 
 def fit_bucket(chunks: list[ScheduledChunk], buckets: list[tuple[int, float]]) -> Optional[tuple[int, int]]:
     """(index, new token count) of the chunk to shorten so that the step's tokens fill the bucket below instead
-    of padding up to a much dearer one (TRIM_MARGIN, TRIM_MAX_TOKENS); None to leave the step as it is. Only a
+    of padding up to a much dearer one (TRIM_MARGIN, TRIM_MIN_SECONDS, TRIM_MAX_TOKENS); None to leave the step as it is. Only a
     chunk without forked samples is shortened, to two tokens at least (decode rows never are), the last first."""
     total = sum(c.num_tokens for c in chunks)
     up = bisect.bisect_left([b for b, _ in buckets], total)
@@ -120,7 +121,7 @@ def fit_bucket(chunks: list[ScheduledChunk], buckets: list[tuple[int, float]]) -
         return None
     (low, t_low), t_up = buckets[up - 1], buckets[up][1]
     excess = total - low
-    if excess > TRIM_MAX_TOKENS or t_up <= t_low * (1.0 + TRIM_MARGIN):
+    if excess > TRIM_MAX_TOKENS or t_up <= t_low * (1.0 + TRIM_MARGIN) or t_up - t_low < TRIM_MIN_SECONDS:
         return None
     for k in reversed(range(len(chunks))):
         if chunks[k].num_tokens >= excess + 2 and not chunks[k].children:    # stays a prefill chunk
