@@ -113,8 +113,9 @@ class SchedulerOutput:
 
 def fit_bucket(chunks: list[ScheduledChunk], buckets: list[tuple[int, float]]) -> Optional[tuple[int, int]]:
     """(index, new token count) of the chunk to shorten so that the step's tokens fill the bucket below instead
-    of padding up to a much dearer one (TRIM_MARGIN, TRIM_MIN_SECONDS, TRIM_MAX_TOKENS); None to leave the step as it is. Only a
-    chunk without forked samples is shortened, to two tokens at least (decode rows never are), the last first."""
+    of padding up to a much dearer one (TRIM_MARGIN, TRIM_MIN_SECONDS, TRIM_MAX_TOKENS); None to leave the step
+    as it is. Only a chunk without forked samples is shortened, to two tokens at least (decode rows never are),
+    the last such first."""
     total = sum(c.num_tokens for c in chunks)
     up = bisect.bisect_left([b for b, _ in buckets], total)
     if up == 0 or up == len(buckets) or buckets[up][0] == total:
