@@ -1,0 +1,31 @@
+"""scripts/sim_schedule.py: the scheduler alone on W1, with an H100's measured bucket times."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("sim_schedule",
+                                               Path(__file__).parents[2] / "scripts" / "sim_schedule.py")
+sim = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sim)
+
+
+def test_the_kept_buckets_leave_out_the_h100s_slow_ones():
+    kept = dict(sim.kept_buckets("float16"))
+    assert 832 not in kept and 768 in kept and 896 in kept and max(kept) == 2048
+    assert 832 in dict(sim.kept_buckets("fp8")) and 704 not in dict(sim.kept_buckets("fp8"))
+
+
+@pytest.mark.parametrize("weights", ["float16", "fp8"])
+def test_cutting_steps_to_buckets_keeps_the_work_and_only_moves_prefill_tokens(weights):
+    plain = sim.simulate(3859 if weights == "float16" else 9440, policy="tail-longest-first", requests=256,
+                         bandwidth=2.98e12, weights=weights)
+    cut = sim.simulate(3859 if weights == "float16" else 9440, policy="tail-longest-first", requests=256,
+                       bandwidth=2.98e12, weights=weights, cut=True)
+    assert plain["cut_steps"] == 0 and cut["cut_steps"] > 0
+    # the same prompts computed (a cut that leaves one token makes it a one-token chunk, not counted as prefill;
+    # a preemption recomputes a sequence's tokens)
+    assert abs(cut["prefill_tokens"] - plain["prefill_tokens"]) <= 8 + 600 * (cut["preemptions"] + plain["preemptions"])
+    assert cut["mixed_steps"] > plain["mixed_steps"]
