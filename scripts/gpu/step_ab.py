@@ -3,7 +3,8 @@ engine (LLaMA-13B shape, random weights, its config and sampling, prefix caching
 every prompt again) is built once per configuration, then W1 runs with each setting in turn, so both see the same
 card, clocks and graphs. Knobs: `order` (ModelRunner.decode_longest_first: decode rows longest context first)
 and `cut` (Scheduler.step_buckets: steps with prefill cut back to the bucket below where the next is much
-dearer). Prints one JSON line a run and writes $OUT/step_ab.json.
+dearer; `cut=MARGIN/TOKENS`, e.g. cut=0.05/128, is on with scheduler.TRIM_MARGIN and TRIM_MAX_TOKENS set to
+those). Prints one JSON line a run and writes $OUT/step_ab.json.
 
 Usage (GPU machine, repo root): PYTHONPATH=. python3 scripts/gpu/step_ab.py
 [--plan fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off] [--budget-s 480]"""
@@ -17,6 +18,7 @@ import time
 
 import torch
 
+from ziya_batch.engine import scheduler
 from ziya_batch.engine.types import Request
 from ziya_batch.tools.bench import _args, _build_engine, _sampling, workload_w1
 
@@ -37,13 +39,18 @@ def main() -> None:
     for item in a.plan.split(","):
         name, setting = item.split(":")
         knob, value = setting.split("=")
+        limits = None
+        if knob == "cut" and "/" in value:
+            margin, tokens = value.split("/")
+            limits, value = (float(margin), int(tokens)), "on"
         if name not in CONFIGS or knob not in ("order", "cut") or value not in ("on", "off"):
-            raise SystemExit(f"--plan: {item!r} is not CONFIG:order|cut=on|off")
-        plan.append((name, knob, value == "on"))
+            raise SystemExit(f"--plan: {item!r} is not CONFIG:order|cut=on|off (or cut=MARGIN/TOKENS)")
+        plan.append((name, knob, value == "on", limits))
     args = _args(a.layers)
     work = workload_w1(a.requests, args.vocab_size, 0)
     rows, t_start, eng, built = [], time.time(), None, None
-    for k, (name, knob, on) in enumerate(plan):
+    defaults = (scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS)
+    for k, (name, knob, on, limits) in enumerate(plan):
         if time.time() - t_start > a.budget_s:
             break
         if built != name:
@@ -59,6 +66,7 @@ def main() -> None:
                   flush=True)
         eng.runner.decode_longest_first = on if knob == "order" else True
         eng.scheduler.step_buckets = (buckets if on else None) if knob == "cut" else buckets
+        scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS = limits or defaults
         cuts = eng.scheduler.num_cut_steps
         for i, (prompt, out_len) in enumerate(work):
             eng.add_request(Request(f"{k}-{i}", prompt, _sampling(out_len)))
@@ -75,7 +83,8 @@ def main() -> None:
                 else:
                     mix_s += st.wall_s
         wall = time.perf_counter() - t0
-        rows.append(dict(config=name, knob=knob, on=on, output_tok_s=round(tokens / wall), wall_s=round(wall, 2),
+        rows.append(dict(config=name, knob=knob, on=on, trim=[scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS],
+                         output_tok_s=round(tokens / wall), wall_s=round(wall, 2),
                          output_tokens=tokens, steps=steps, decode_only_steps=decode_only,
                          decode_step_ms=round(1e3 * dec_s / max(decode_only, 1), 2),
                          mixed_step_ms=round(1e3 * mix_s / max(steps - decode_only, 1), 2),
