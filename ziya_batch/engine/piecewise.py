@@ -95,7 +95,10 @@ def projection_seconds(model: LlamaModel, sizes: list[int], reps: int = 5, passe
     def run(n: int) -> None:
         for p, x in zip(projs, xs):
             linear(x[:n], p)
-    out = [min(t) for t in zip(*([gpu_seconds(lambda n=n: run(n), reps) for n in sizes] for _ in range(passes)))]
+    out = [float("inf")] * len(sizes)
+    for _ in range(passes):
+        for i, n in enumerate(sizes):
+            out[i] = min(out[i], gpu_seconds(lambda n=n: run(n), reps))
     del xs
     torch.cuda.empty_cache()          # the rows and products (~0.7 GB at 8,192 rows): graph pools allocate their own
     return out

@@ -117,7 +117,7 @@ def fit_bucket(chunks: list[ScheduledChunk], buckets: list[tuple[int, float]]) -
     as it is. Only a chunk without forked samples is shortened, to two tokens at least (decode rows never are),
     the last such first."""
     total = sum(c.num_tokens for c in chunks)
-    up = bisect.bisect_left([b for b, _ in buckets], total)
+    up = bisect.bisect_left(buckets, (total,))        # the first bucket of at least `total` tokens
     if up == 0 or up == len(buckets) or buckets[up][0] == total:
         return None
     (low, t_low), t_up = buckets[up - 1], buckets[up][1]
