@@ -37,12 +37,15 @@ def main() -> None:
     a = p.parse_args()
     plan = []
     for item in a.plan.split(","):
-        name, setting = item.split(":")
-        knob, value = setting.split("=")
-        limits = None
-        if knob == "cut" and "/" in value:
-            margin, tokens = value.split("/")
-            limits, value = (float(margin), int(tokens)), "on"
+        try:
+            name, setting = item.split(":")
+            knob, value = setting.split("=")
+            limits = None
+            if knob == "cut" and "/" in value:
+                margin, tokens = value.split("/")
+                limits, value = (float(margin), int(tokens)), "on"
+        except ValueError:
+            name = None
         if name not in CONFIGS or knob not in ("order", "cut") or value not in ("on", "off"):
             raise SystemExit(f"--plan: {item!r} is not CONFIG:order|cut=on|off (or cut=MARGIN/TOKENS)")
         plan.append((name, knob, value == "on", limits))
