@@ -13,7 +13,10 @@ cache as int32 words, converted in registers before the dots, compiled to ~0.09 
 "fma"'s 0.14, yet ran slower than both on an H100 (80-86% of the floor against 88%): the float8 kernel is not
 bound by instruction issue, and that kernel was removed.
 
-Usage: PYTHONPATH=. python scripts/triton_sass.py [--kv fp8e4nv|fp16] [--kernel fma|dot] [--config 32,1,2]"""
+"half" (products and tile sums in float16, a candidate over float8 caches since 2026-12-06): the same (32, 1, 2)
+loop over a float8 cache compiles to ~850 instructions (0.104 a byte), conversions on to float32 gone.
+
+Usage: PYTHONPATH=. python scripts/triton_sass.py [--kv fp8e4nv|fp16] [--kernel fma|dot|half] [--config 32,1,2]"""
 from __future__ import annotations
 
 import argparse
@@ -37,7 +40,9 @@ def compile_decode(kv: str, kernel: str, bn: int, warps: int, stages: int, heads
     sig = dict(zip(ARGS, ["*fp16", f"*{kv}", f"*{kv}", "*fp16", "*i32", "*i32", "fp32"] + ["i32"] * 8))
     consts = dict(GROUP=1, BS=16, BLOCK_N=bn, D=128, NUM_STAGES=stages, HEADS_FIRST=heads_first)
     fn = A._paged_decode_kernel
-    if kernel == "dot":
+    if kernel in ("fma", "half"):
+        consts.update(HALF=kernel == "half")
+    else:
         consts.update(M=16, PRECISION="tf32")
         fn = A._paged_decode_dot_kernel
     sig.update({k: "constexpr" for k in consts})

@@ -35,8 +35,8 @@ import argparse
 import torch
 from triton.testing import do_bench
 
-from ziya_batch.engine.attention import (DECODE_CONFIG_FIELDS, DECODE_CONFIGS, block_tables_of,
-                                         decode_attention_torch, decode_attention_triton)
+from ziya_batch.engine.attention import (DECODE_CONFIG_FIELDS, block_tables_of, decode_attention_torch,
+                                         decode_attention_triton, decode_candidates)
 from ziya_batch.tools.bandwidth import measure_copy_bandwidth_bytes_s
 
 DTYPES = {"float16": torch.float16, "fp8": torch.float8_e4m3fn}
@@ -53,11 +53,12 @@ def main() -> None:
     ap.add_argument("--config", help="one configuration alone, e.g. 64,2,3,fma,heads (for a profiler: "
                                      "ncu --kernel-name regex:_paged_decode ... on this script)")
     ap.add_argument("--cases", help="only these cases, comma-separated (e.g. '224 mixed')")
+    ap.add_argument("--kernels", help="only these kernels, comma-separated (fma, dot, half)")
     args = ap.parse_args()
-    configs = DECODE_CONFIGS
+    fixed = None
     if args.config:
         bn, w, st, kind, order = args.config.split(",")
-        configs = [(int(bn), int(w), int(st), kind, order)]
+        fixed = [(int(bn), int(w), int(st), kind, order)]
     dev = torch.device("cuda")
     bw = measure_copy_bandwidth_bytes_s(dev)
     torch.manual_seed(0)
@@ -75,6 +76,7 @@ def main() -> None:
         cases = {c: cases[c] for c in args.cases.split(",")}
     for name in args.kv.split(","):
         dt = DTYPES[name]
+        configs = fixed or [c for c in decode_candidates(dt) if not args.kernels or c[3] in args.kernels.split(",")]
         k = torch.randn(num_blocks * bs, Hkv, D, device=dev).to(dt)
         v = torch.randn(num_blocks * bs, Hkv, D, device=dev).to(dt)
         kv_tok = 2 * Hkv * D * k.element_size()

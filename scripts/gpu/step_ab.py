@@ -4,7 +4,9 @@ every prompt again) is built once per configuration, then W1 runs with each sett
 card, clocks and graphs. Knobs: `order` (ModelRunner.decode_longest_first: decode rows longest context first)
 and `cut` (Scheduler.step_buckets: steps with prefill cut back to the bucket below where the next is much
 dearer; `cut=MARGIN/TOKENS`, e.g. cut=0.05/128, is on with scheduler.TRIM_MARGIN and TRIM_MAX_TOKENS set to
-those). Prints one JSON line a run and writes $OUT/step_ab.json.
+those). Configuration fp8fast32 is fp8fast with the decode-attention tuner's "half" candidates (float16 tile math)
+left out, so the two compare the kernels the tuner picks with and without them. Prints one JSON line a run and
+writes $OUT/step_ab.json.
 
 Usage (GPU machine, repo root): PYTHONPATH=. python3 scripts/gpu/step_ab.py
 [--plan fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off] [--budget-s 480]"""
@@ -18,19 +20,22 @@ import time
 
 import torch
 
-from ziya_batch.engine import scheduler
+from ziya_batch.engine import attention, scheduler
 from ziya_batch.engine.types import Request
 from ziya_batch.tools.bench import _args, _build_engine, _sampling, workload_w1
 
 CONFIGS = {"f16": {}, "fp8": dict(quantization="fp8", kv_cache_dtype="fp8"),
-           "fp8fast": dict(quantization="fp8", kv_cache_dtype="fp8", fp8_fast_accum=True)}
+           "fp8fast": dict(quantization="fp8", kv_cache_dtype="fp8", fp8_fast_accum=True),
+           # fp8fast with the decode-attention tuner choosing among float32 tiles only (no "half" candidates)
+           "fp8fast32": dict(quantization="fp8", kv_cache_dtype="fp8", fp8_fast_accum=True, half_tiles=False)}
+HALF_CONFIGS = list(attention.HALF_DECODE_CONFIGS)
 DEFAULT_PLAN = "fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off,f16:cut=on,f16:cut=off"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--plan", default=DEFAULT_PLAN,
-                   help="CONFIG:KNOB=on|off,... in order (CONFIG: f16, fp8, fp8fast; KNOB: order, cut)")
+                   help="CONFIG:KNOB=on|off,... in order (CONFIG: f16, fp8, fp8fast, fp8fast32; KNOB: order, cut)")
     p.add_argument("--layers", type=int, default=40)
     p.add_argument("--requests", type=int, default=1024)
     p.add_argument("--budget-s", type=float, default=480.0, help="runs not started once this is spent")
@@ -61,12 +66,15 @@ def main() -> None:
             gc.collect(); torch.cuda.empty_cache()
             cfg = dict(CONFIGS[name])
             kv = cfg.pop("kv_cache_dtype", "auto")
+            attention.HALF_DECODE_CONFIGS = HALF_CONFIGS if cfg.pop("half_tiles", True) else []
+            attention._decode_config.clear()
             eng, init_s = _build_engine(args, torch.device("cuda"), 0, kv_cache_dtype=kv, prefix_caching=False,
                                         **cfg)
             eng.generate([Request("warm", list(range(3, 40)), _sampling(8))])
             built, buckets = name, eng.scheduler.step_buckets
-            print(json.dumps({"config": name, "step_buckets_us": [(n, round(1e6 * t)) for n, t in buckets or []]}),
-                  flush=True)
+            tuned = sorted(eng.runner.decode_tuning or [], key=lambda r: r[1])
+            print(json.dumps({"config": name, "step_buckets_us": [(n, round(1e6 * t)) for n, t in buckets or []],
+                              "decode_attention_us": [(c, round(1e6 * t, 1)) for c, t in tuned[:6]]}), flush=True)
         eng.runner.decode_longest_first = on if knob == "order" else True
         eng.scheduler.step_buckets = (buckets if on else None) if knob == "cut" else buckets
         scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS = limits or defaults

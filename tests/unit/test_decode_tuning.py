@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ziya_batch.engine.attention import DECODE_CONFIGS, DEFAULT_DECODE_CONFIG, synthetic_decode_batch
+from ziya_batch.engine.attention import (DECODE_CONFIGS, DEFAULT_DECODE_CONFIG, HALF_DECODE_CONFIGS, decode_candidates,
+                                         synthetic_decode_batch)
 
 
 @settings(max_examples=200, deadline=None)
@@ -31,7 +32,16 @@ def test_the_synthetic_batch_fits_the_cache_on_blocks_of_its_own(num_blocks, blo
 
 
 def test_every_candidate_names_a_kernel_and_an_order():
-    for bn, warps, stages, kind, order in DECODE_CONFIGS + [DEFAULT_DECODE_CONFIG]:
-        assert kind in ("fma", "dot") and order in ("seqs", "heads")
+    for bn, warps, stages, kind, order in DECODE_CONFIGS + HALF_DECODE_CONFIGS + [DEFAULT_DECODE_CONFIG]:
+        assert kind in ("fma", "dot", "half") and order in ("seqs", "heads")
         assert bn & (bn - 1) == 0 and warps in (1, 2, 4, 8) and stages >= 1
-    assert len(set(DECODE_CONFIGS)) == len(DECODE_CONFIGS)
+    fp8 = decode_candidates(torch.float8_e4m3fn)
+    assert len(set(fp8)) == len(fp8)
+
+
+def test_half_precision_tiles_are_candidates_over_float8_caches_only():
+    """Over a float16 (or float32) cache the tile math stays float32: 16-bit sums would cost accuracy a 16-bit
+    cache still has; a float8 cache's values have 4 significant bits."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        assert all(kind != "half" for *_, kind, _ in decode_candidates(dtype))
+    assert {c for c in decode_candidates(torch.float8_e4m3fn) if c[3] == "half"} == set(HALF_DECODE_CONFIGS) != set()

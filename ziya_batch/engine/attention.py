@@ -169,8 +169,12 @@ if triton is not None:
     def _paged_decode_kernel(Q, K, V, O, BT, CTX, scale, stride_qb, stride_qh, stride_kb, stride_ks, stride_kh,
                              stride_btb, stride_ob, stride_oh, GROUP: tl.constexpr, BS: tl.constexpr,
                              BLOCK_N: tl.constexpr, D: tl.constexpr, NUM_STAGES: tl.constexpr,
-                             HEADS_FIRST: tl.constexpr):
+                             HEADS_FIRST: tl.constexpr, HALF: tl.constexpr = False):
         # one program per (sequence, query head); online softmax over BLOCK_N tokens at a time on the CUDA cores.
+        # HALF (kernel "half", float8 caches): K/V converted to float16 only, not on to float32, and the tile's
+        # products and their sums over D (scores) and over the tile's tokens (its share of the output) taken in
+        # float16, two values an instruction; the running max, the softmax's sum and the output stay float32, as
+        # in flash attention, where P goes to the P.V product in 16 bits and its sum stays 32.
         # A token's K/V row is at page * stride_kb + offset * stride_ks + head * stride_kh. One pipelined loop over
         # every tile: the positions past the context read the context's last token again (the same cache lines:
         # no extra DRAM bytes, no predicated loads) and only their scores are masked, so a context's partly
@@ -182,6 +186,8 @@ if triton is not None:
         ctx = tl.load(CTX + b)
         d = tl.arange(0, D)
         q = tl.load(Q + b * stride_qb + h * stride_qh + d).to(tl.float32) * scale        # [D]
+        if HALF:
+            q = q.to(tl.float16)
         m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
         l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
         acc = tl.zeros([D], tl.float32)
@@ -193,19 +199,26 @@ if triton is not None:
             # issue both loads before any arithmetic, so V's latency hides behind K's
             k = tl.load(K + offs)
             v = tl.load(V + offs)
-            m_i, l_i, acc = _online_softmax_step(q, k, v, t < ctx, m_i, l_i, acc)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, t < ctx, m_i, l_i, acc, HALF)
         out = acc / tl.maximum(l_i, 1e-20)
         tl.store(O + b * stride_ob + h * stride_oh + d, out.to(O.dtype.element_ty))
 
     @triton.jit
-    def _online_softmax_step(q, k, v, mask, m_i, l_i, acc):
+    def _online_softmax_step(q, k, v, mask, m_i, l_i, acc, HALF: tl.constexpr = False):
         # one tile of keys/values [N, D] for the query q [D]; positions where mask [N] is false get no weight
-        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
+        if HALF:
+            s = tl.sum(k.to(tl.float16) * q[None, :], axis=1).to(tl.float32)
+        else:
+            s = tl.sum(k.to(tl.float32) * q[None, :], axis=1)
         s = tl.where(mask, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=0))
         p = tl.exp(s - m_new)
         alpha = tl.exp(m_i - m_new)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        if HALF:
+            pv = tl.sum(p.to(tl.float16)[:, None] * v.to(tl.float16), axis=0).to(tl.float32)
+        else:
+            pv = tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        acc = acc * alpha + pv
         l_i = l_i * alpha + tl.sum(p, axis=0)
         return m_new, l_i, acc
 
@@ -345,8 +358,19 @@ DECODE_CONFIGS = [(bn, w, st, kind, order) for order in ("seqs", "heads") for bn
     (32, 1, 2, "fma"), (32, 1, 3, "fma"), (16, 1, 3, "fma"),
     (32, 2, 3, "dot"), (64, 2, 3, "dot"), (64, 4, 2, "dot"), (64, 4, 3, "dot"), (128, 4, 2, "dot"),
     (128, 4, 3, "dot"), (128, 8, 3, "dot"))]
+# kernel "half": _paged_decode_kernel with its products and tile sums in float16 (HALF), a candidate over float8
+# caches only, whose values have 4 significant bits: the CUDA-core kernel's loop over a float8 cache compiles to
+# 0.136 warp-instructions a byte for its (32, 1, 2) tile, a third of them conversions on to float32, "half" to
+# 0.104 (scripts/triton_sass.py --kernel half).
+HALF_DECODE_CONFIGS = [(bn, w, st, "half", "heads") for bn, w, st in (
+    (16, 1, 3), (32, 1, 2), (32, 1, 3), (32, 2, 3), (64, 2, 2), (64, 2, 3), (128, 4, 2))]
 DEFAULT_DECODE_CONFIG = (64, 2, 3, "fma", "heads")
 _decode_config: dict[tuple, tuple[int, int, int, str, str]] = {}
+
+
+def decode_candidates(cache_dtype: torch.dtype) -> list[tuple[int, int, int, str, str]]:
+    """The decode configurations the tuner times over a cache of this dtype."""
+    return DECODE_CONFIGS + (HALF_DECODE_CONFIGS if cache_dtype == torch.float8_e4m3fn else [])
 
 
 def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, block_tables: torch.Tensor,
@@ -370,7 +394,7 @@ def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch
     else:
         _paged_decode_kernel[(Hq, B) if heads_first else (B, Hq)](
             *args, GROUP=group, BS=block_size, BLOCK_N=bn, D=D, NUM_STAGES=stages, HEADS_FIRST=heads_first,
-            num_warps=warps)
+            HALF=kind == "half", num_warps=warps)
 
 
 def synthetic_decode_batch(num_blocks: int, block_size: int, batch: int, max_context: int,
@@ -430,7 +454,7 @@ def tune_decode_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: in
         decode_attention_triton(q[:n], ck, cv, cbt, lens[:n], block_size, small, cfg)
         return bool(((small.float() - ref).norm() <= 1e-2 * ref.norm()).item())
 
-    return _keep_fastest(DECODE_CONFIGS,
+    return _keep_fastest(decode_candidates(k_flat.dtype),
                          lambda cfg: decode_attention_triton(q, k_flat, v_flat, bt, lens, block_size, out, cfg),
                          _decode_config, (num_heads, Hkv, D, q.dtype, k_flat.dtype), agrees)
 
