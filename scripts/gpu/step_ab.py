@@ -3,7 +3,7 @@ engine (LLaMA-13B shape, random weights, its config and sampling, prefix caching
 every prompt again) is built once per configuration, then W1 runs with each setting in turn, so both see the same
 card, clocks and graphs. Knobs: `order` (ModelRunner.decode_longest_first: decode rows longest context first)
 and `cut` (Scheduler.step_buckets: steps with prefill cut back to the bucket below where the next is much
-dearer; `cut=MARGIN/TOKENS`, e.g. cut=0.05/128, is on with scheduler.TRIM_MARGIN and TRIM_MAX_TOKENS set to
+dearer; `cut=MARGIN/TOKENS`, e.g. cut=0.1/64, is on with scheduler.TRIM_MARGIN and TRIM_MAX_TOKENS set to
 those). Configuration fp8fast32 is fp8fast with the decode-attention tuner's "half" candidates (float16 tile math)
 left out, so the two compare the kernels the tuner picks with and without them. Prints one JSON line a run and
 writes $OUT/step_ab.json.
