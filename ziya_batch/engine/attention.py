@@ -361,7 +361,9 @@ DECODE_CONFIGS = [(bn, w, st, kind, order) for order in ("seqs", "heads") for bn
 # kernel "half": _paged_decode_kernel with its products and tile sums in float16 (HALF), a candidate over float8
 # caches only, whose values have 4 significant bits: the CUDA-core kernel's loop over a float8 cache compiles to
 # 0.136 warp-instructions a byte for its (32, 1, 2) tile, a third of them conversions on to float32, "half" to
-# 0.104 (scripts/triton_sass.py --kernel half).
+# 0.104 (scripts/triton_sass.py --kernel half). On one H100 (2026-12-06, decode_kernel_variants.py): 12.80 ms (95% of
+# the floor) over 224 W1-like contexts against 13.07 (93%) for the best "fma", 9.63 (92%) against 9.89 (89%) over
+# 160; in W1 not yet separated from the other differences of two engines (BENCHMARKS.md).
 HALF_DECODE_CONFIGS = [(bn, w, st, "half", "heads") for bn, w, st in (
     (16, 1, 3), (32, 1, 2), (32, 1, 3), (32, 2, 3), (64, 2, 2), (64, 2, 3), (128, 4, 2))]
 DEFAULT_DECODE_CONFIG = (64, 2, 3, "fma", "heads")
