@@ -5,8 +5,9 @@ card, clocks and graphs. Knobs: `order` (ModelRunner.decode_longest_first: decod
 and `cut` (Scheduler.step_buckets: steps with prefill cut back to the bucket below where the next is much
 dearer; `cut=MARGIN/TOKENS`, e.g. cut=0.1/64, is on with scheduler.TRIM_MARGIN and TRIM_MAX_TOKENS set to
 those). Configuration fp8fast32 is fp8fast with the decode-attention tuner's "half" candidates (float16 tile math)
-left out, so the two compare the kernels the tuner picks with and without them. Prints one JSON line a run and
-writes $OUT/step_ab.json.
+left out, so the two compare the kernels the tuner picks with and without them; knob `attn=fma|half|dot` instead
+compares kernels on one engine: decode attention from that kernel's fastest configuration in the start-up tuning,
+the decode graphs captured again. Prints one JSON line a run and writes $OUT/step_ab.json.
 
 Usage (GPU machine, repo root): PYTHONPATH=. python3 scripts/gpu/step_ab.py
 [--plan fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off] [--budget-s 480]"""
@@ -32,10 +33,35 @@ HALF_CONFIGS = list(attention.HALF_DECODE_CONFIGS)
 DEFAULT_PLAN = "fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off,f16:cut=on,f16:cut=off"
 
 
+ATTN_KERNELS = ("fma", "half", "dot")
+
+
+def attn_key(eng) -> tuple:
+    """The tuner's key of the engine's decode attention: (query heads, KV heads, head dim, query and cache dtypes)."""
+    k = eng.kv_caches[0][0]
+    layer = eng.runner.model.layers[0]
+    return (layer.local_heads, k.shape[2], k.shape[3], eng.runner.model.embed.dtype, k.dtype)
+
+
+def use_attention_kernel(eng, kind: str) -> None:
+    """Decode attention from the fastest configuration of this kernel in the engine's start-up tuning, and the
+    decode graphs captured again with it (steps with prefill run attention between their graph pieces, so they
+    take the new configuration as they are)."""
+    runs = sorted((t, cfg) for cfg, t in eng.runner.decode_tuning if cfg[3] == kind)
+    if not runs:
+        raise SystemExit(f"attn={kind}: the tuner timed no configuration of that kernel here")
+    attention._decode_config[attn_key(eng)] = runs[0][1]
+    eng.runner.graphs = {}
+    gc.collect()
+    torch.cuda.empty_cache()
+    eng.runner._capture_graphs()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--plan", default=DEFAULT_PLAN,
-                   help="CONFIG:KNOB=on|off,... in order (CONFIG: f16, fp8, fp8fast, fp8fast32; KNOB: order, cut)")
+                   help="CONFIG:KNOB=on|off,... in order (CONFIG: f16, fp8, fp8fast, fp8fast32; KNOB: order, cut; "
+                        "or CONFIG:attn=fma|half|dot)")
     p.add_argument("--layers", type=int, default=40)
     p.add_argument("--requests", type=int, default=1024)
     p.add_argument("--budget-s", type=float, default=480.0, help="runs not started once this is spent")
@@ -51,8 +77,12 @@ def main() -> None:
                 limits, value = (float(margin), int(tokens)), "on"
         except ValueError:
             name = None
+        if knob == "attn" and value in ATTN_KERNELS and name in CONFIGS:
+            plan.append((name, knob, value, None))
+            continue
         if name not in CONFIGS or knob not in ("order", "cut") or value not in ("on", "off"):
-            raise SystemExit(f"--plan: {item!r} is not CONFIG:order|cut=on|off (or cut=MARGIN/TOKENS)")
+            raise SystemExit(f"--plan: {item!r} is not CONFIG:order|cut=on|off (or cut=MARGIN/TOKENS, or "
+                             f"attn={'|'.join(ATTN_KERNELS)})")
         plan.append((name, knob, value == "on", limits))
     args = _args(a.layers)
     work = workload_w1(a.requests, args.vocab_size, 0)
@@ -75,6 +105,9 @@ def main() -> None:
             tuned = sorted(eng.runner.decode_tuning or [], key=lambda r: r[1])
             print(json.dumps({"config": name, "step_buckets_us": [(n, round(1e6 * t)) for n, t in buckets or []],
                               "decode_attention_us": [(c, round(1e6 * t, 1)) for c, t in tuned[:6]]}), flush=True)
+        if knob == "attn":
+            use_attention_kernel(eng, on)
+            on = attention._decode_config.get(attn_key(eng))
         eng.runner.decode_longest_first = on if knob == "order" else True
         eng.scheduler.step_buckets = (buckets if on else None) if knob == "cut" else buckets
         scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS = limits or defaults
