@@ -36,7 +36,7 @@ import torch
 from triton.testing import do_bench
 
 from ziya_batch.engine.attention import (DECODE_CONFIG_FIELDS, block_tables_of, decode_attention_torch,
-                                         decode_attention_triton, decode_candidates)
+                                         decode_attention_triton, decode_variants)
 from ziya_batch.tools.bandwidth import measure_copy_bandwidth_bytes_s
 
 DTYPES = {"float16": torch.float16, "fp8": torch.float8_e4m3fn}
@@ -76,7 +76,7 @@ def main() -> None:
         cases = {c: cases[c] for c in args.cases.split(",")}
     for name in args.kv.split(","):
         dt = DTYPES[name]
-        configs = fixed or [c for c in decode_candidates(dt) if not args.kernels or c[3] in args.kernels.split(",")]
+        configs = fixed or [c for c in decode_variants(dt) if not args.kernels or c[3] in args.kernels.split(",")]
         k = torch.randn(num_blocks * bs, Hkv, D, device=dev).to(dt)
         v = torch.randn(num_blocks * bs, Hkv, D, device=dev).to(dt)
         kv_tok = 2 * Hkv * D * k.element_size()

@@ -72,7 +72,7 @@ def decode_step(eng, a, bw: float) -> None:
           f"{1e3 * attn_real * a.num_layers:.2f} ms (config {chosen})")
     show("kernels of the real batch run eagerly (ms per step)", _kernel_profile(eng, b, top=12)[:13])
     print("  every decode config on the real batch (attention x layers):")
-    for cfg in attention.decode_candidates(kf.dtype):
+    for cfg in attention.decode_variants(kf.dtype):
         try:
             t = _time_s(lambda: attention.decode_attention_triton(q, kf, vf, bt, lens, r.block_size, o, cfg))
         except Exception as err:  # noqa: BLE001 - a config the compiler rejects

@@ -4,10 +4,9 @@ every prompt again) is built once per configuration, then W1 runs with each sett
 card, clocks and graphs. Knobs: `order` (ModelRunner.decode_longest_first: decode rows longest context first)
 and `cut` (Scheduler.step_buckets: steps with prefill cut back to the bucket below where the next is much
 dearer; `cut=MARGIN/TOKENS`, e.g. cut=0.1/64, is on with scheduler.TRIM_MARGIN and TRIM_MAX_TOKENS set to
-those). Configuration fp8fast32 is fp8fast with the decode-attention tuner's "half" candidates (float16 tile math)
-left out, so the two compare the kernels the tuner picks with and without them; knob `attn=fma|half|dot` instead
-compares kernels on one engine: decode attention from that kernel's fastest configuration in the start-up tuning,
-the decode graphs captured again. Prints one JSON line a run and writes $OUT/step_ab.json.
+those); and `attn=fma|half|dot` (decode attention from that kernel's fastest configuration, as the start-up tuner
+times them, "half" timed the same way though not the tuner's candidate; the decode graphs captured again). Prints
+one JSON line a run and writes $OUT/step_ab.json.
 
 Usage (GPU machine, repo root): PYTHONPATH=. python3 scripts/gpu/step_ab.py
 [--plan fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off] [--budget-s 480]"""
@@ -26,10 +25,7 @@ from ziya_batch.engine.types import Request
 from ziya_batch.tools.bench import _args, _build_engine, _sampling, workload_w1
 
 CONFIGS = {"f16": {}, "fp8": dict(quantization="fp8", kv_cache_dtype="fp8"),
-           "fp8fast": dict(quantization="fp8", kv_cache_dtype="fp8", fp8_fast_accum=True),
-           # fp8fast with the decode-attention tuner choosing among float32 tiles only (no "half" candidates)
-           "fp8fast32": dict(quantization="fp8", kv_cache_dtype="fp8", fp8_fast_accum=True, half_tiles=False)}
-HALF_CONFIGS = list(attention.HALF_DECODE_CONFIGS)
+           "fp8fast": dict(quantization="fp8", kv_cache_dtype="fp8", fp8_fast_accum=True)}
 DEFAULT_PLAN = "fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off,f16:cut=on,f16:cut=off"
 
 
@@ -47,9 +43,20 @@ def use_attention_kernel(eng, kind: str) -> None:
     """Decode attention from the fastest configuration of this kernel in the engine's start-up tuning, and the
     decode graphs captured again with it (steps with prefill run attention between their graph pieces, so they
     take the new configuration as they are)."""
-    runs = sorted((t, cfg) for cfg, t in eng.runner.decode_tuning if cfg[3] == kind)
+    r = eng.runner
+    runs = sorted((t, cfg) for cfg, t in r.decode_tuning if cfg[3] == kind)
+    if not runs:            # not among the tuner's candidates ("half"): timed here as the tuner times its own
+        k, v = eng.kv_caches[0]
+        configs = [c for c in attention.decode_variants(k.dtype) if c[3] == kind]
+        timed = attention.tune_decode_kernel(k.view(-1, k.shape[2], k.shape[3]), v.view(-1, v.shape[2], v.shape[3]),
+                                             r.model.layers[0].local_heads, r.block_size,
+                                             batch=min(eng.config.max_num_seqs, 256),
+                                             max_context=min(eng.max_model_len, 1024), q_dtype=r.model.embed.dtype,
+                                             configs=configs)
+        r.decode_tuning = r.decode_tuning + timed
+        runs = sorted((t, cfg) for cfg, t in timed)
     if not runs:
-        raise SystemExit(f"attn={kind}: the tuner timed no configuration of that kernel here")
+        raise SystemExit(f"attn={kind}: no configuration of that kernel runs over this cache")
     attention._decode_config[attn_key(eng)] = runs[0][1]
     eng.runner.graphs = {}
     gc.collect()
@@ -60,7 +67,7 @@ def use_attention_kernel(eng, kind: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--plan", default=DEFAULT_PLAN,
-                   help="CONFIG:KNOB=on|off,... in order (CONFIG: f16, fp8, fp8fast, fp8fast32; KNOB: order, cut; "
+                   help="CONFIG:KNOB=on|off,... in order (CONFIG: f16, fp8, fp8fast; KNOB: order, cut; "
                         "or CONFIG:attn=fma|half|dot)")
     p.add_argument("--layers", type=int, default=40)
     p.add_argument("--requests", type=int, default=1024)
@@ -96,8 +103,6 @@ def main() -> None:
             gc.collect(); torch.cuda.empty_cache()
             cfg = dict(CONFIGS[name])
             kv = cfg.pop("kv_cache_dtype", "auto")
-            attention.HALF_DECODE_CONFIGS = HALF_CONFIGS if cfg.pop("half_tiles", True) else []
-            attention._decode_config.clear()
             eng, init_s = _build_engine(args, torch.device("cuda"), 0, kv_cache_dtype=kv, prefix_caching=False,
                                         **cfg)
             eng.generate([Request("warm", list(range(3, 40)), _sampling(8))])

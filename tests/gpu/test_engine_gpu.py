@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ziya_batch.engine.attention import (PrefillBatch, decode_attention_torch, decode_attention_triton,
-                                         decode_candidates, prefill_attention_torch, prefill_attention_triton,
+                                         decode_variants, prefill_attention_torch, prefill_attention_triton,
                                          prefill_batch)
 from ziya_batch.engine.engine import LLMEngine
 from ziya_batch.engine.sampling import build_sampling_tensors, sample_torch, sample_triton
@@ -61,7 +61,7 @@ def test_triton_paged_decode_matches_torch_reference(heads, kv_heads, cache):
     used = (lens + bs - 1) // bs
     bad = torch.arange(bt.shape[1], device="cuda")[None, :] >= used[:, None]
     bt_poisoned = bt.masked_fill(bad, 2 ** 30)
-    for config in [None] + decode_candidates(cache):        # the default and every one the tuner may pick
+    for config in [None] + decode_variants(cache):        # the default, the tuner's candidates, "half"
         out = torch.full_like(q, float("nan"))
         decode_attention_triton(q, kc, vc, bt_poisoned, lens, bs, out, config)
         torch.cuda.synchronize()

@@ -358,20 +358,23 @@ DECODE_CONFIGS = [(bn, w, st, kind, order) for order in ("seqs", "heads") for bn
     (32, 1, 2, "fma"), (32, 1, 3, "fma"), (16, 1, 3, "fma"),
     (32, 2, 3, "dot"), (64, 2, 3, "dot"), (64, 4, 2, "dot"), (64, 4, 3, "dot"), (128, 4, 2, "dot"),
     (128, 4, 3, "dot"), (128, 8, 3, "dot"))]
-# kernel "half": _paged_decode_kernel with its products and tile sums in float16 (HALF), a candidate over float8
-# caches only, whose values have 4 significant bits: the CUDA-core kernel's loop over a float8 cache compiles to
-# 0.136 warp-instructions a byte for its (32, 1, 2) tile, a third of them conversions on to float32, "half" to
-# 0.104 (scripts/triton_sass.py --kernel half). On one H100 (2026-12-06, decode_kernel_variants.py): 12.80 ms (95% of
-# the floor) over 224 W1-like contexts against 13.07 (93%) for the best "fma", 9.63 (92%) against 9.89 (89%) over
-# 160; in W1 not yet separated from the other differences of two engines (BENCHMARKS.md).
+# kernel "half": _paged_decode_kernel with its products and tile sums in float16 (HALF), correct over float8 caches
+# only (whose values have 4 significant bits), timed by the scripts but not a candidate of the tuner. Its loop over
+# a float8 cache compiles to 0.104 warp-instructions a byte for the (32, 1, 2) tile against "fma"'s 0.136 (a third
+# of those conversions on to float32; scripts/triton_sass.py --kernel half). On one H100 (2026-12-06,
+# decode_kernel_variants.py) it ran 2.0-2.6% faster than "fma" on unordered W1-like batches (12.80 ms, 95% of the
+# floor, against 13.07 over 224 contexts), and the tuner, given it, chose it; but W1 ran 0.4% slower with it than
+# with the tuner's best "fma" on one engine (scripts/gpu/step_ab.py attn=half|fma: 8,077 / 8,073 against 8,126 /
+# 8,084 tok/s), where decode rows run longest context first.
 HALF_DECODE_CONFIGS = [(bn, w, st, "half", "heads") for bn, w, st in (
     (16, 1, 3), (32, 1, 2), (32, 1, 3), (32, 2, 3), (64, 2, 2), (64, 2, 3), (128, 4, 2))]
 DEFAULT_DECODE_CONFIG = (64, 2, 3, "fma", "heads")
 _decode_config: dict[tuple, tuple[int, int, int, str, str]] = {}
 
 
-def decode_candidates(cache_dtype: torch.dtype) -> list[tuple[int, int, int, str, str]]:
-    """The decode configurations the tuner times over a cache of this dtype."""
+def decode_variants(cache_dtype: torch.dtype) -> list[tuple[int, int, int, str, str]]:
+    """Every decode configuration that computes attention over a cache of this dtype: the tuner's candidates
+    (DECODE_CONFIGS) and, over a float8 cache, the "half" ones."""
     return DECODE_CONFIGS + (HALF_DECODE_CONFIGS if cache_dtype == torch.float8_e4m3fn else [])
 
 
@@ -425,13 +428,13 @@ def block_tables_of(need: list[int], num_blocks: int, width: int,
 
 
 def tune_decode_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: int, block_size: int,
-                       batch: int = 128, max_context: int = 1024, q_dtype: torch.dtype | None = None
-                       ) -> list[tuple[tuple, float]]:
+                       batch: int = 128, max_context: int = 1024, q_dtype: torch.dtype | None = None,
+                       configs: list[tuple[int, int, int, str, str]] | None = None) -> list[tuple[tuple, float]]:
     """Times every config on a synthetic decode batch over the real cache tensors (read only) and keeps the
     fastest for this head shape. The batch is what a running one looks like: contexts of mixed lengths up to
     max_context, every sequence on blocks of its own (blocks shared between sequences would be read from L2 and
     favour launch orders that reuse them), and no more sequences than the cache holds (up to `batch`). Returns
-    [(config, seconds)] for the log. Run before graph capture."""
+    [(config, seconds)] for the log. Run before graph capture. configs: the candidates (DECODE_CONFIGS)."""
     Hkv, D = k_flat.shape[1], k_flat.shape[2]
     num_blocks = k_flat.shape[0] // block_size - 1
     per_seq = -(-max_context // block_size)
@@ -456,7 +459,7 @@ def tune_decode_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: in
         decode_attention_triton(q[:n], ck, cv, cbt, lens[:n], block_size, small, cfg)
         return bool(((small.float() - ref).norm() <= 1e-2 * ref.norm()).item())
 
-    return _keep_fastest(decode_candidates(k_flat.dtype),
+    return _keep_fastest(DECODE_CONFIGS if configs is None else configs,
                          lambda cfg: decode_attention_triton(q, k_flat, v_flat, bt, lens, block_size, out, cfg),
                          _decode_config, (num_heads, Hkv, D, q.dtype, k_flat.dtype), agrees)
 
