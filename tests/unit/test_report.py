@@ -147,6 +147,9 @@ def screenshot(html_path: Path, png_path: Path, tmp_path: Path, size: str = "128
     binary = _chromium()
     subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                     "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+                    # the screenshot after every compositor stage has drawn (once, in a full run of the suite, a
+                    # shot showed the page without its charts' bars)
+                    "--run-all-compositor-stages-before-draw", "--virtual-time-budget=2000",
                     f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--window-size={size}",
                     f"--screenshot={png_path}", html_path.resolve().as_uri()],
                    check=True, capture_output=True, timeout=120)
