@@ -22,12 +22,16 @@ A tensor-core kernel reading the float8 cache as int32 words (converted in regis
 kernel's 88% (0c13320) and was removed.
 
 Checks every configuration against the torch reference first, then times each over 40 layers' worth of
-launches on: 224 sequences with W1-like mixed contexts (32..1024, mean ~460), 160 such, 128 x 512 uniform, and the
-224 over 32-token blocks,
+launches on: 224 sequences with W1-like mixed contexts (32..1024, mean ~460), 160 such, each also longest context
+first (as the runner orders decode rows), 128 x 512 uniform, and the 224 over 32-token blocks,
 for each cache dtype asked (--kv float16,fp8), against the KV-byte floor at this GPU's measured copy bandwidth.
 
 Usage (GPU): PYTHONPATH=. python3 scripts/gpu/decode_kernel_variants.py [--kv float16,fp8] [--config 64,2,3,fma,heads]
-[--cases "224 mixed"]"""
+[--cases "224 mixed"] [--kernels fma,half]
+
+On one H100 (2026-12-06, e080694): "half" (float16 tile math, float8 caches) 12.80 ms (95%) over 224 mixed contexts
+against 13.07 (93%) for the best "fma", yet W1 ran 0.4% slower with it (BENCHMARKS.md): the longest-first cases are
+there to see whether the row order is where the two part."""
 from __future__ import annotations
 
 import argparse
@@ -70,8 +74,10 @@ def main() -> None:
     mixed = [int(torch.randint(32, 513, (1,), generator=g)) + int(torch.randint(0, 513, (1,), generator=g) *
              torch.rand(1, generator=g)) for _ in range(224)]
     # (contexts, block size): the engine's 16-token blocks, and 32 (engine.block_size) over the same contexts
-    cases = {"224 mixed": (mixed, bs), "160 mixed": (mixed[:160], bs), "128 x 512": ([512] * 128, bs),
-             "224 mixed, 32-token blocks": (mixed, 32)}
+    # and the same contexts longest first, the order the runner gives a step's decode rows (decode_longest_first)
+    cases = {"224 mixed": (mixed, bs), "224 mixed longest first": (sorted(mixed, reverse=True), bs),
+             "160 mixed": (mixed[:160], bs), "160 mixed longest first": (sorted(mixed[:160], reverse=True), bs),
+             "128 x 512": ([512] * 128, bs), "224 mixed in 32-token blocks": (mixed, 32)}
     if args.cases:
         cases = {c: cases[c] for c in args.cases.split(",")}
     for name in args.kv.split(","):
