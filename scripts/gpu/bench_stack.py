@@ -76,10 +76,22 @@ def write_checkpoint(path: Path, layers: int, shape: str = "13B", seed: int = 0)
     write_demo_tokenizer(path, model_max_length=2048)
 
 
+def adamw_in_backward(n_params: int, free_bytes: int) -> bool:
+    """Whether AdamW must step each parameter as soon as its gradient is complete (and free that gradient) instead
+    of once after the backward pass: bfloat16 weights, gradients and two moments, 8 bytes a parameter, do not fit
+    in free_bytes with 6 GiB to spare for activations, logits and the allocator; weights and moments alone do.
+    The 13B shape (12.7 billion parameters with the demo vocabulary: ~95 GiB against ~71) trains so on an H100."""
+    return 8 * n_params + 6 * 2 ** 30 > free_bytes
+
+
 def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int = 0, lr: float = 3e-4,
-                     embed_lr_mult: float = 1.0, batch: int = 8, seq: int = 256, max_s: float = 0) -> dict:
+                     embed_lr_mult: float = 1.0, batch: int = 8, seq: int = 256, max_s: float = 0,
+                     in_backward: bool | None = None) -> dict:
     """A checkpoint of the shape trained for `steps` on markov_chain() sequences (see the module's doc); saved
-    in float16 with the demo tokenizer. Returns the training's summary (loss, held-out accuracy)."""
+    in float16 with the demo tokenizer. Returns the training's summary (loss, held-out accuracy). in_backward:
+    AdamW steps each parameter inside the backward pass (adamw_in_backward; None: where memory asks for it), one
+    optimizer a parameter, gradients never all held at once; the same update except that gradients are not
+    clipped to a global norm (which needs them all)."""
     from transformers import LlamaForCausalLM
 
     from transformers import AutoTokenizer
@@ -111,8 +123,30 @@ def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int 
     # row's update moves only that row; at one rate for all, 100 steps at 3e-4 stayed at the unigram loss
     embed = model.model.embed_tokens.weight
     rest = [q for q in model.parameters() if q is not embed]
-    opt = torch.optim.AdamW([{"params": rest, "mult": 1.0}, {"params": [embed], "mult": embed_lr_mult}], lr=lr,
-                            betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+    if in_backward is None:
+        free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 1 << 62
+        in_backward = adamw_in_backward(sum(q.numel() for q in model.parameters()), free)
+    adamw = dict(lr=lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
+    if in_backward:
+        # one AdamW a parameter, stepped by a hook once the parameter's gradient is complete; its param_groups
+        # are what the schedule below sets, as for the one optimizer
+        def stepper(o: torch.optim.Optimizer):
+            def step(_: torch.Tensor) -> None:
+                o.step()
+                o.zero_grad(set_to_none=True)
+            return step
+
+        groups, hooks = [], []
+        for q in model.parameters():
+            o = torch.optim.AdamW([{"params": [q], "mult": embed_lr_mult if q is embed else 1.0}], **adamw)
+            hooks.append(q.register_post_accumulate_grad_hook(stepper(o)))
+            groups += o.param_groups
+        opt = None
+    else:
+        opt = torch.optim.AdamW([{"params": rest, "mult": 1.0}, {"params": [embed], "mult": embed_lr_mult}], **adamw)
+        groups, hooks = opt.param_groups, []
+    print(f"[stack] training: AdamW {'stepped inside the backward pass' if in_backward else 'after each backward'}",
+          flush=True)
     warmup = max(1, steps // 10)
     t0, losses = time.time(), []
     for step in range(steps):
@@ -122,7 +156,7 @@ def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int 
         # linear warm-up, then a cosine down to a tenth
         scale = (step + 1) / warmup if step < warmup else \
             0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-        for gr in opt.param_groups:
+        for gr in groups:
             gr["lr"] = lr * gr["mult"] * scale
         x, _, firsts = text_then_chain(batch, seq, tok, text, chain, seed * 100_000 + step)
         x = x.to(dev)
@@ -135,13 +169,16 @@ def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int 
             w[b, t] = FIRST_WEIGHT
         loss = (ce * w.reshape(-1)).sum() / w.sum()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=False)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=False)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % 20 == 0 or step == steps - 1:
             print(f"[stack] train step {step}: loss {losses[-1]:.3f} ({time.time() - t0:.0f} s)", flush=True)
-    del opt
+    for h in hooks:                 # they hold the per-parameter optimizers, and so their moments
+        h.remove()
+    del opt, groups, hooks
     model.eval()
     with torch.no_grad():
         x, in_chain, firsts = text_then_chain(8, seq, tok, text, chain, seed * 100_000 + 99_999)
@@ -157,6 +194,7 @@ def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int 
     model = model.to(torch.float16)
     model.save_pretrained(str(path), safe_serialization=True)
     summary = dict(steps=len(losses), lr=lr, embed_lr_mult=embed_lr_mult, batch=batch, seq=seq,
+                   adamw_in_backward=in_backward,
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
                    final_loss=sum(losses[-10:]) / len(losses[-10:]),
                    heldout_accuracy=acc, heldout_first_accuracy=first, heldout_first_logit_gap=first_gap,

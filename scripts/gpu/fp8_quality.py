@@ -3,7 +3,9 @@
 1. Trains (or reuses) the checkpoint of `bench_stack.py --trained-steps`: the 13B shape trained on prompts in
    Ziya's format, each followed by a Markov chain from the prompt text's last token, so that after a prompt its
    next-token distributions are peaked like a real model's (random weights make most greedy choices near-ties).
-   Training the 40-layer shape needs ~96 GiB (bfloat16 AdamW): an H200, not an H100.
+   Training the 40-layer shape with AdamW after each backward needs ~96 GiB (bfloat16): on an H200 it trains so;
+   on an H100 AdamW steps each parameter inside the backward pass instead (~74 GiB: weights and moments, never
+   all gradients; the same update, without clipping to a global norm; bench_stack.adamw_in_backward).
 2. Builds `--prompts` prompts the way the workers do (Ziya's format around 8..64 tokens of the shipped corpus).
 3. Runs greedy generation of `--tokens` tokens (EOS ignored) with the engine on float16 weights, on FP8 weights
    (quantised at load), on FP8 weights with the float8 KV cache, and on those with the FP8 GEMMs' fast
