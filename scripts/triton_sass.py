@@ -13,8 +13,9 @@ cache as int32 words, converted in registers before the dots, compiled to ~0.09 
 "fma"'s 0.14, yet ran slower than both on an H100 (80-86% of the floor against 88%): the float8 kernel is not
 bound by instruction issue, and that kernel was removed.
 
-"half" (products and tile sums in float16, a candidate over float8 caches since 2026-12-06): the same (32, 1, 2)
-loop over a float8 cache compiles to ~850 instructions (0.104 a byte), conversions on to float32 gone.
+"half" (products and tile sums in float16, a variant for float8 caches, 2026-12-06; not the tuner's candidate):
+the same (32, 1, 2) loop over a float8 cache compiles to ~850 instructions (0.104 a byte), conversions on to
+float32 gone.
 
 Usage: PYTHONPATH=. python scripts/triton_sass.py [--kv fp8e4nv|fp16] [--kernel fma|dot|half] [--config 32,1,2]"""
 from __future__ import annotations

@@ -108,6 +108,7 @@ def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int 
     text = tok(corpus_text(), add_special_tokens=False)["input_ids"]
     cfg = demo_config(num_layers=layers, max_position_embeddings=2048, dtype="float16", **SHAPES[shape])
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 1 << 62     # before the weights are on it
     torch.manual_seed(seed)
     with dev:
         model = LlamaForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16)
@@ -124,7 +125,6 @@ def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int 
     embed = model.model.embed_tokens.weight
     rest = [q for q in model.parameters() if q is not embed]
     if in_backward is None:
-        free = torch.cuda.mem_get_info(dev)[0] if dev.type == "cuda" else 1 << 62
         in_backward = adamw_in_backward(sum(q.numel() for q in model.parameters()), free)
     adamw = dict(lr=lr, betas=(0.9, 0.95), weight_decay=0.0, foreach=False)
     if in_backward:
@@ -141,7 +141,7 @@ def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int 
             o = torch.optim.AdamW([{"params": [q], "mult": embed_lr_mult if q is embed else 1.0}], **adamw)
             hooks.append(q.register_post_accumulate_grad_hook(stepper(o)))
             groups += o.param_groups
-        opt = None
+        opt = o = None          # the hooks hold the optimizers (the loop's last one would outlive them)
     else:
         opt = torch.optim.AdamW([{"params": rest, "mult": 1.0}, {"params": [embed], "mult": embed_lr_mult}], **adamw)
         groups, hooks = opt.param_groups, []

@@ -42,7 +42,8 @@ def attn_key(eng) -> tuple:
 def use_attention_kernel(eng, kind: str) -> None:
     """Decode attention from the fastest configuration of this kernel in the engine's start-up tuning, and the
     decode graphs captured again with it (steps with prefill run attention between their graph pieces, so they
-    take the new configuration as they are)."""
+    take the new configuration as they are; they also keep the first pool, so the new graphs' pool is memory on
+    top of it, out of the engine's reserve)."""
     r = eng.runner
     runs = sorted((t, cfg) for cfg, t in r.decode_tuning if cfg[3] == kind)
     if not runs:            # not among the tuner's candidates ("half"): timed here as the tuner times its own
@@ -75,6 +76,7 @@ def main() -> None:
     a = p.parse_args()
     plan = []
     for item in a.plan.split(","):
+        name = knob = value = None
         try:
             name, setting = item.split(":")
             knob, value = setting.split("=")
@@ -85,6 +87,8 @@ def main() -> None:
         except ValueError:
             name = None
         if knob == "attn" and value in ATTN_KERNELS and name in CONFIGS:
+            if value == "half" and CONFIGS[name].get("kv_cache_dtype") != "fp8":
+                raise SystemExit(f"--plan: {item!r}: kernel half runs over a float8 cache only")
             plan.append((name, knob, value, None))
             continue
         if name not in CONFIGS or knob not in ("order", "cut") or value not in ("on", "off"):

@@ -355,8 +355,12 @@ def test_fit_bucket_cuts_across_a_jump_and_not_where_the_next_bucket_is_about_as
     buckets = [(64, 300e-6), (128, 315e-6), (192, 450e-6), (256, 480e-6)]
     # 150 tokens: 192 is 43% dearer than 128, 22 over it: the last chunk (20 decode rows first, then 100 + 30)
     assert fit_bucket(_chunks([1] * 20 + [100, 30]), buckets) == (21, 8)
-    # 100 tokens: 128 is within 5% of 64: padded as before
+    # 100 tokens: 128 is within 5% (and 20 us) of 64: padded as before
     assert fit_bucket(_chunks([1] * 20 + [80]), buckets) is None
+    # within the margin, though 40 us a layer dearer: padded
+    assert fit_bucket(_chunks([1] * 20 + [80]), [(64, 1000e-6), (128, 1040e-6)]) is None
+    # past the margin (and 20 us): cut
+    assert fit_bucket(_chunks([1] * 20 + [80]), [(64, 1000e-6), (128, 1060e-6)]) == (20, 44)
     # exactly a bucket, below the smallest, above the largest: nothing to do
     assert fit_bucket(_chunks([1] * 28 + [100]), buckets) is None
     assert fit_bucket(_chunks([40]), buckets) is None

@@ -358,11 +358,13 @@ DECODE_CONFIGS = [(bn, w, st, kind, order) for order in ("seqs", "heads") for bn
     (32, 1, 2, "fma"), (32, 1, 3, "fma"), (16, 1, 3, "fma"),
     (32, 2, 3, "dot"), (64, 2, 3, "dot"), (64, 4, 2, "dot"), (64, 4, 3, "dot"), (128, 4, 2, "dot"),
     (128, 4, 3, "dot"), (128, 8, 3, "dot"))]
-# kernel "half": _paged_decode_kernel with its products and tile sums in float16 (HALF), correct over float8 caches
-# only (whose values have 4 significant bits), timed by the scripts but not a candidate of the tuner. Its loop over
+# kernel "half": _paged_decode_kernel with q, its products and tile sums in float16 (HALF), for float8 caches only,
+# timed by the scripts but not a candidate of the tuner: its scores lose precision as they grow (under Triton's
+# interpreter, relative error 2e-4 for "fma" at any score, for "half" 8e-4 at mean scores near 0, 6e-3 near 45,
+# 1.2e-2 near 100, past the tuner's 1e-2 agreement check, which random K/V never shows). Its loop over
 # a float8 cache compiles to 0.104 warp-instructions a byte for the (32, 1, 2) tile against "fma"'s 0.136 (a third
 # of those conversions on to float32; scripts/triton_sass.py --kernel half). On one H100 (2026-12-06,
-# decode_kernel_variants.py) it ran 2.0-2.6% faster than "fma" on unordered W1-like batches (12.80 ms, 95% of the
+# decode_kernel_variants.py) it ran 2.1-2.6% faster than "fma" on unordered W1-like batches (12.80 ms, 95% of the
 # floor, against 13.07 over 224 contexts), and the tuner, given it, chose it; but W1 ran 0.4% slower with it than
 # with the tuner's best "fma" on one engine (scripts/gpu/step_ab.py attn=half|fma: 8,077 / 8,073 against 8,126 /
 # 8,084 tok/s), where decode rows run longest context first.
