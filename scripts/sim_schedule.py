@@ -71,7 +71,7 @@ def simulate(blocks: int, horizon: int = 256, max_new: int = 0, policy: str = "f
             # the weight read, plus what the bucket's measured time adds to the flat time of the smallest ones
             # (launch gaps of the eager timing included there, not in a replayed graph)
             proj_s = WEIGHT_BYTES / shrink / bandwidth + \
-                buckets[bisect.bisect_left([n for n, _ in buckets], out.num_tokens)][1] - buckets[0][1]
+                buckets[bisect.bisect_left(buckets, (out.num_tokens,))][1] - buckets[0][1]
         est_s += proj_s + 1e-3 + kv_s
         rows = [c.seq for c in out.chunks if c.samples]
         s.advance(out, rows)
