@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import statistics
 
 import torch
 
@@ -61,13 +60,12 @@ def decode_step(eng, a, bw: float) -> None:
           f"max {ctx.max():.0f}; its wall time in the run {1e3 * st.wall_s:.2f} ms, GPU span "
           f"{1e3 * (st.gpu_s or 0):.2f} ms, byte floor {1e3 * floor:.2f} ms")
     real = _time_s(r.graphs[b].replay)
-    k, v = eng.kv_caches[0]
-    kf, vf = k.view(-1, k.shape[2], k.shape[3]), v.view(-1, v.shape[2], v.shape[3])
+    kf, vf = r.flat_cache()
     q = torch.randn(b, a.num_heads, a.head_dim, device=eng.device, dtype=eng.model.embed.dtype)
     o = torch.empty_like(q)
     bt, lens = r.g_bt[:b].clone(), r.g_ctx[:b].clone()
     attn_real = _time_s(lambda: attention.decode_attention_triton(q, kf, vf, bt, lens, r.block_size, o))
-    chosen = attention._decode_config.get((a.num_heads, a.num_kv_heads, a.head_dim, q.dtype, k.dtype))
+    chosen = attention._decode_config.get((a.num_heads, a.num_kv_heads, a.head_dim, q.dtype, kf.dtype))
     print(f"  graph replay, real batch: {1e3 * real:.2f} ms; attention kernel alone x{a.num_layers} layers: "
           f"{1e3 * attn_real * a.num_layers:.2f} ms (config {chosen})")
     show("kernels of the real batch run eagerly (ms per step)", _kernel_profile(eng, b, top=12)[:13])
@@ -116,13 +114,7 @@ def mixed_step(eng, a, out: SchedulerOutput) -> None:
     print(f"step with prefill: {nd} decode rows (context {ctx} tokens), {len(pre)} prefill chunks "
           f"{[(c.start, c.num_tokens) for c in pre]}")
     run = lambda: r.execute(out)  # noqa: E731
-    ts = []
-    for _ in range(6):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        s.record(); run(); e.record(); e.synchronize()
-        ts.append(s.elapsed_time(e))
-    print(f"  eager step (forward + logits), median of 6: {statistics.median(ts[1:]):.2f} ms")
+    print(f"  eager step (forward + logits), median of 5 after one: {1e3 * _time_s(run, reps=5):.2f} ms")
     show("its kernels (ms per step)", profile_kernels(run, top=14))
     if pre and r.use_triton:
         chunks = sorted(out.chunks, key=lambda c: c.num_tokens != 1)
@@ -134,8 +126,7 @@ def mixed_step(eng, a, out: SchedulerOutput) -> None:
         for i, c in enumerate(chunks[nd:]):
             bt[i, :len(c.seq.block_ids)] = torch.tensor(c.seq.block_ids, dtype=torch.int32)
         pb = attention.prefill_batch(pch, bt)
-        k, v = eng.kv_caches[0]
-        kf, vf = k.view(-1, k.shape[2], k.shape[3]), v.view(-1, v.shape[2], v.shape[3])
+        kf, vf = r.flat_cache()
         q = torch.randn(tok, a.num_heads, a.head_dim, device=eng.device, dtype=eng.model.embed.dtype)
         o = torch.empty_like(q)
         print("  every prefill config on this step's chunks (attention x layers):")

@@ -47,13 +47,8 @@ def use_attention_kernel(eng, kind: str) -> None:
     r = eng.runner
     runs = sorted((t, cfg) for cfg, t in r.decode_tuning if cfg[3] == kind)
     if not runs:            # not among the tuner's candidates ("half"): timed here as the tuner times its own
-        k, v = eng.kv_caches[0]
-        configs = [c for c in attention.decode_variants(k.dtype) if c[3] == kind]
-        timed = attention.tune_decode_kernel(k.view(-1, k.shape[2], k.shape[3]), v.view(-1, v.shape[2], v.shape[3]),
-                                             r.model.layers[0].local_heads, r.block_size,
-                                             batch=min(eng.config.max_num_seqs, 256),
-                                             max_context=min(eng.max_model_len, 1024), q_dtype=r.model.embed.dtype,
-                                             configs=configs)
+        configs = [c for c in attention.decode_variants(eng.kv_caches[0][0].dtype) if c[3] == kind]
+        timed = r.tune_decode(configs) if configs else []
         r.decode_tuning = r.decode_tuning + timed
         runs = sorted((t, cfg) for cfg, t in timed)
     if not runs:

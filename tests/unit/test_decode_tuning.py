@@ -47,3 +47,34 @@ def test_half_precision_tiles_run_over_float8_caches_only_and_are_not_the_tuners
         assert decode_variants(dtype) == DECODE_CONFIGS
     assert all(kind != "half" for *_, kind, _ in DECODE_CONFIGS)
     assert {c for c in decode_variants(torch.float8_e4m3fn) if c[3] == "half"} == set(HALF_DECODE_CONFIGS) != set()
+
+
+def test_the_runner_tunes_decode_on_its_own_cache_and_a_batch_like_its_own(monkeypatch):
+    """Start-up and a later retune (a script timing one kernel's configurations) call the tuner the same way: over
+    the first layer's cache as slots, as many rows as run (up to 256), contexts as long (up to 1,024)."""
+    from ziya_batch.engine import runner as runner_mod
+    from ziya_batch.engine.engine import LLMEngine
+    from ziya_batch.engine.types import EngineConfig
+    from ziya_batch.tools.testing import tiny_llama
+
+    eng = LLMEngine.from_model(tiny_llama(2), None, EngineConfig(model_path="", device="cpu", block_size=4,
+                                                                  max_num_batched_tokens=64))
+    calls = []
+    monkeypatch.setattr(runner_mod, "tune_decode_kernel",
+                        lambda *a, **kw: calls.append((a, kw)) or [(("cfg",), 1e-3)])
+    monkeypatch.setattr(runner_mod, "tune_prefill_kernel", lambda *a, **kw: [])
+    k, v = eng.kv_caches[0]
+    for max_num_seqs, max_model_len, batch, context in ((300, 2048, 256, 1024), (8, 100, 8, 100)):
+        calls.clear()
+        r = runner_mod.ModelRunner(eng.runner.model, eng.kv_caches, 4, max_num_seqs, max_model_len,
+                                   torch.device("cpu"), use_graphs=False, use_triton=True)
+        assert r.decode_tuning == [(("cfg",), 1e-3)]
+        assert r.tune_decode([DEFAULT_DECODE_CONFIG]) == [(("cfg",), 1e-3)]
+        assert len(calls) == 2
+        for (k_flat, v_flat, heads, block_size), kw, configs in zip([c[0] for c in calls], [c[1] for c in calls],
+                                                                    (None, [DEFAULT_DECODE_CONFIG])):
+            assert k_flat.data_ptr() == k.data_ptr() and v_flat.data_ptr() == v.data_ptr()
+            assert k_flat.shape == (k.shape[0] * k.shape[1], k.shape[2], k.shape[3]) == v_flat.shape
+            assert heads == eng.runner.model.layers[0].local_heads and block_size == 4
+            assert kw == dict(batch=batch, max_context=context, q_dtype=eng.runner.model.embed.dtype,
+                              configs=configs)

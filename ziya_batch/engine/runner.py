@@ -53,19 +53,17 @@ class ModelRunner:
         self.mixed: Optional[MixedStepGraphs] = None
         self.decode_tuning: list = []
         self.prefill_tuning: list = []
+        # the decode tuner's synthetic batch: as many rows as run (up to 256), contexts as long (up to 1,024)
+        self.tune_batch, self.tune_context = min(max_num_seqs, 256), min(max_model_len, 1024)
         if use_triton:
             from ziya_batch.engine.fused import check_fused
             a = model.args
             model.use_fused = check_fused(device, model.embed.dtype, a.hidden_size, model.layers[0].local_heads,
                                           a.head_dim, model.layers[0].gate_up_proj.shape[0] // 2, a.rope_theta)
-            k, v = kv_caches[0]
-            k_flat, v_flat = k.view(-1, k.shape[2], k.shape[3]), v.view(-1, v.shape[2], v.shape[3])
-            dt = model.embed.dtype
-            self.decode_tuning = tune_decode_kernel(k_flat, v_flat, model.layers[0].local_heads, block_size,
-                                                    batch=min(max_num_seqs, 256),
-                                                    max_context=min(max_model_len, 1024), q_dtype=dt)
+            self.decode_tuning = self.tune_decode()
+            k_flat, v_flat = self.flat_cache()
             self.prefill_tuning = tune_prefill_kernel(k_flat, v_flat, model.layers[0].local_heads, block_size,
-                                                      q_dtype=dt)
+                                                      q_dtype=model.embed.dtype)
         # the sizes graphs are captured for, without those at which the projections run slower than at a larger
         # size (prune_buckets): {"decode" | "mixed": [(size, seconds of one layer's projections)]}
         self.bucket_seconds: dict[str, list[tuple[int, float]]] = {}
@@ -76,6 +74,20 @@ class ModelRunner:
             buckets = self._prune("mixed", mixed_buckets(max_num_batched_tokens))
             self.mixed = MixedStepGraphs(model, kv_caches, buckets, self.scratch_slot, device, capture=True,
                                          pool=self.graph_pool)
+
+    def flat_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first layer's K and V caches as [slots, KV heads, head dim] (what the kernels index by slot)."""
+        k, v = self.kv_caches[0]
+        return k.view(-1, k.shape[2], k.shape[3]), v.view(-1, v.shape[2], v.shape[3])
+
+    def tune_decode(self, configs: Optional[list] = None) -> list[tuple[tuple, float]]:
+        """Times decode attention's configurations (configs: the tuner's own candidates when None) on a batch like
+        a running one over this runner's cache, makes the fastest the one decode uses, and returns [(config,
+        seconds)]. Run before graph capture: captured graphs keep the configuration they were captured with."""
+        k_flat, v_flat = self.flat_cache()
+        return tune_decode_kernel(k_flat, v_flat, self.model.layers[0].local_heads, self.block_size,
+                                  batch=self.tune_batch, max_context=self.tune_context, q_dtype=self.model.embed.dtype,
+                                  configs=configs)
 
     def _prune(self, what: str, sizes: list[int]) -> list[int]:
         seconds = projection_seconds(self.model, sizes)

@@ -267,8 +267,7 @@ def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, con
     # the kernels of that replay as the graph runs them: their sum against the replay's time is what the
     # kernel boundaries cost
     weights_kernels = profile_kernels(r.graphs[b].replay, top=16)
-    k, v = eng.kv_caches[0]
-    kf, vf = k.view(-1, k.shape[2], k.shape[3]), v.view(-1, v.shape[2], v.shape[3])
+    kf, vf = r.flat_cache()
     q = torch.randn(b, a.num_heads, a.head_dim, device=dev, dtype=eng.model.embed.dtype)
     out = torch.empty_like(q)
     lens = torch.full((b,), context, device=dev, dtype=torch.int32)
@@ -278,7 +277,7 @@ def profile_decode_step(eng: LLMEngine, a: ModelArgs, bw: float, batch: int, con
                          torch.zeros(b, dtype=torch.int64, device=dev), torch.arange(b, device=dev), None, None,
                          None, any_top_k=False, any_top_p=True, all_greedy=False)
     samp = _time_s(lambda: sample(logits, st))
-    kv_bytes = b * context * kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, k.dtype)
+    kv_bytes = b * context * kv_bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, kf.dtype)
     r.g_ctx[:b].fill_(context)
     return dict(batch=b, context=context, step_ms=1e3 * full, weights_only_ms=1e3 * weights_only,
                 attention_ms=1e3 * attn, sampling_ms=1e3 * samp,
