@@ -26,8 +26,8 @@
 #   buckets  one layer's projections at every graph size (decode batch sizes, mixed-step buckets), float16 and FP8
 #          with fast accumulation, and the sizes the runner drops (bucket_times.py)
 #   stepab  the runner's and scheduler's step choices on and off (decode rows longest context first, steps cut
-#          back to a bucket), alternated on one engine per configuration (step_ab.py; AB_PLAN, default the cut
-#          with FP8 + FP8 KV + fast accumulation x4, float16 x2)
+#          back to a bucket, the decode-attention kernel, the admission order), alternated on one engine per
+#          configuration (step_ab.py; AB_PLAN, default the cut with FP8 + FP8 KV + fast accumulation x4, float16 x2)
 #   tgemm  FP8 projections: torch._scaled_mm against a Triton kernel autotuned per shape (fp8_gemm_triton.py)
 #   tunable  FP8 projections through _scaled_mm with PyTorch's TunableOp on (fp8_gemm_accum.py --tunable)
 # Ray, redis and the spec's packages come from .gpuwhl-b/install.sh (run beforehand: /tmp/site, /tmp/redis).

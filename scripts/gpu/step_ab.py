@@ -1,35 +1,91 @@
-"""The runner's and scheduler's step choices on and off, alternated on one engine per configuration: the bench's
-engine (LLaMA-13B shape, random weights, its config and sampling, prefix caching off so a rerun of W1 computes
-every prompt again) is built once per configuration, then W1 runs with each setting in turn, so both see the same
-card, clocks and graphs. Knobs: `order` (ModelRunner.decode_longest_first: decode rows longest context first)
-and `cut` (Scheduler.step_buckets: steps with prefill cut back to the bucket below where the next is much
-dearer; `cut=MARGIN/TOKENS`, e.g. cut=0.1/64, is on with scheduler.TRIM_MARGIN and TRIM_MAX_TOKENS set to
-those); and `attn=fma|half|dot` (decode attention from that kernel's fastest configuration, as the start-up tuner
-times them, "half" timed the same way though not the tuner's candidate; the decode graphs captured again). Prints
-one JSON line a run and writes $OUT/step_ab.json.
+"""The runner's and scheduler's step choices, alternated on one engine per configuration: the bench's engine
+(LLaMA-13B shape, random weights, its config and sampling, prefix caching off so a rerun of W1 computes every
+prompt again) is built once per configuration, then W1 (or its first N requests) runs with each setting in turn,
+so all see the same card, clocks and graphs. Knobs (one a run; the others at their defaults):
+  order=on|off     ModelRunner.decode_longest_first: decode rows longest context first
+  cut=on|off|M/T   Scheduler.step_buckets: steps with prefill cut back to the bucket below where the next is much
+                   dearer; M/T (e.g. 0.1/64) is on with scheduler.TRIM_MARGIN and TRIM_MAX_TOKENS set to those
+  attn=fma|half|dot  decode attention from that kernel's fastest configuration, as the start-up tuner times them
+                   ("half" timed the same way though not the tuner's candidate), the decode graphs captured
+                   again; it stays so for the configuration's later runs
+  schedule=POLICY  the admission order (EngineConfig.schedule: fcfs, longest-first, tail-longest-first)
+A run is CONFIG:KNOB=VALUE[@N], N the number of W1's requests (default --requests). Prints one JSON line a run
+and writes $OUT/step_ab.json.
 
 Usage (GPU machine, repo root): PYTHONPATH=. python3 scripts/gpu/step_ab.py
-[--plan fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off] [--budget-s 480]"""
+[--plan fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off] [--budget-s 480] [--card-gib 79.1]
+[--max-num-seqs 384]"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
+import sys
 import time
+from typing import NamedTuple, Optional
 
 import torch
 
 from ziya_batch.engine import attention, scheduler
-from ziya_batch.engine.types import Request
+from ziya_batch.engine.types import SCHEDULE_POLICIES, Request
 from ziya_batch.tools.bench import _args, _build_engine, _sampling, workload_w1
 
 CONFIGS = {"f16": {}, "fp8": dict(quantization="fp8", kv_cache_dtype="fp8"),
            "fp8fast": dict(quantization="fp8", kv_cache_dtype="fp8", fp8_fast_accum=True)}
 DEFAULT_PLAN = "fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off,f16:cut=on,f16:cut=off"
-
-
 ATTN_KERNELS = ("fma", "half", "dot")
+KNOBS = ("order", "cut", "attn", "schedule")
+MAX_REQUESTS = 100_000
+
+
+class Run(NamedTuple):
+    config: str                 # a key of CONFIGS
+    knob: str                   # one of KNOBS
+    value: object               # order, cut: bool; attn: a kernel; schedule: a policy
+    limits: Optional[tuple[float, int]] = None     # cut=M/T: (TRIM_MARGIN, TRIM_MAX_TOKENS)
+    requests: Optional[int] = None                 # W1's first N requests (None: --requests)
+
+
+class PlanError(ValueError):
+    """A --plan item that names no run; its message is one line."""
+
+
+def parse_plan(text: str) -> list[Run]:
+    """The runs of a --plan (CONFIG:KNOB=VALUE[@N],...), in order; PlanError names the first item that is not one."""
+    usage = (f"is not CONFIG:KNOB=VALUE[@N] (CONFIG: {', '.join(CONFIGS)}; order=on|off, cut=on|off|MARGIN/TOKENS, "
+             f"attn={'|'.join(ATTN_KERNELS)}, schedule={'|'.join(SCHEDULE_POLICIES)}; N: 1..{MAX_REQUESTS})")
+    runs = []
+    for item in text.split(","):
+        shown = repr(item[:80])
+        try:
+            name, setting = item.split(":")
+            setting, _, count = setting.partition("@")
+            knob, value = setting.split("=")
+            requests = int(count) if count else None
+        except ValueError:
+            raise PlanError(f"{shown} {usage}") from None
+        if requests is not None and not 1 <= requests <= MAX_REQUESTS or name not in CONFIGS or knob not in KNOBS:
+            raise PlanError(f"{shown} {usage}")
+        limits = None
+        if knob in ("order", "cut") and value in ("on", "off"):
+            value = value == "on"
+        elif knob == "cut" and value.count("/") == 1:
+            margin, tokens = value.split("/")
+            try:
+                limits, value = (float(margin), int(tokens)), True
+            except ValueError:
+                raise PlanError(f"{shown} {usage}") from None
+            if not (0 <= limits[0] < 1 and 0 <= limits[1] <= 1 << 20):
+                raise PlanError(f"{shown}: cut's MARGIN is a fraction in [0, 1) and TOKENS a count")
+        elif knob == "attn" and value in ATTN_KERNELS:
+            if value == "half" and CONFIGS[name].get("kv_cache_dtype") != "fp8":
+                raise PlanError(f"{shown}: kernel half runs over a float8 cache only")
+        elif not (knob == "schedule" and value in SCHEDULE_POLICIES):
+            raise PlanError(f"{shown} {usage}")
+        runs.append(Run(name, knob, value, limits, requests))
+    return runs
 
 
 def attn_key(eng) -> tuple:
@@ -62,41 +118,34 @@ def use_attention_kernel(eng, kind: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--plan", default=DEFAULT_PLAN,
-                   help="CONFIG:KNOB=on|off,... in order (CONFIG: f16, fp8, fp8fast; KNOB: order, cut; "
-                        "or CONFIG:attn=fma|half|dot)")
+    p.add_argument("--plan", default=DEFAULT_PLAN, help="CONFIG:KNOB=VALUE[@N],... in order (see the module's doc)")
     p.add_argument("--layers", type=int, default=40)
-    p.add_argument("--requests", type=int, default=1024)
+    p.add_argument("--requests", type=int, default=1024, help="W1's requests a run takes unless it names N")
     p.add_argument("--budget-s", type=float, default=480.0, help="runs not started once this is spent")
+    p.add_argument("--card-gib", type=float, default=0.0,
+                   help="give the engines the KV cache of a card this size (card_like.py), e.g. 79.1 for an H100")
+    p.add_argument("--max-num-seqs", type=int, default=0, help="the engines' seats (default: the bench's)")
     a = p.parse_args()
-    plan = []
-    for item in a.plan.split(","):
-        name = knob = value = None
-        try:
-            name, setting = item.split(":")
-            knob, value = setting.split("=")
-            limits = None
-            if knob == "cut" and "/" in value:
-                margin, tokens = value.split("/")
-                limits, value = (float(margin), int(tokens)), "on"
-        except ValueError:
-            name = None
-        if knob == "attn" and value in ATTN_KERNELS and name in CONFIGS:
-            if value == "half" and CONFIGS[name].get("kv_cache_dtype") != "fp8":
-                raise SystemExit(f"--plan: {item!r}: kernel half runs over a float8 cache only")
-            plan.append((name, knob, value, None))
-            continue
-        if name not in CONFIGS or knob not in ("order", "cut") or value not in ("on", "off"):
-            raise SystemExit(f"--plan: {item!r} is not CONFIG:order|cut=on|off (or cut=MARGIN/TOKENS, or "
-                             f"attn={'|'.join(ATTN_KERNELS)})")
-        plan.append((name, knob, value == "on", limits))
+    try:
+        plan = parse_plan(a.plan)
+    except PlanError as e:
+        raise SystemExit(f"--plan: {e}") from None
+    weight = None
+    if a.card_gib:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from card_like import ballast
+        weight = ballast(a.card_gib)
+    if a.max_num_seqs:
+        from ziya_batch.tools import bench_core      # the home _build_engine reads BENCH_ENGINE from
+        bench_core.BENCH_ENGINE = dataclasses.replace(bench_core.BENCH_ENGINE, max_num_seqs=a.max_num_seqs)
     args = _args(a.layers)
-    work = workload_w1(a.requests, args.vocab_size, 0)
+    work = workload_w1(max(r.requests or a.requests for r in plan), args.vocab_size, 0)
     rows, t_start, eng, built = [], time.time(), None, None
     defaults = (scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS)
-    for k, (name, knob, on, limits) in enumerate(plan):
+    for k, run in enumerate(plan):
         if time.time() - t_start > a.budget_s:
             break
+        name, knob, value = run.config, run.knob, run.value
         if built != name:
             eng = None
             gc.collect(); torch.cuda.empty_cache()
@@ -105,18 +154,20 @@ def main() -> None:
             eng, init_s = _build_engine(args, torch.device("cuda"), 0, kv_cache_dtype=kv, prefix_caching=False,
                                         **cfg)
             eng.generate([Request("warm", list(range(3, 40)), _sampling(8))])
-            built, buckets = name, eng.scheduler.step_buckets
+            built, buckets, policy = name, eng.scheduler.step_buckets, eng.config.schedule
             tuned = sorted(eng.runner.decode_tuning or [], key=lambda r: r[1])
             print(json.dumps({"config": name, "step_buckets_us": [(n, round(1e6 * t)) for n, t in buckets or []],
                               "decode_attention_us": [(c, round(1e6 * t, 1)) for c, t in tuned[:6]]}), flush=True)
         if knob == "attn":
-            use_attention_kernel(eng, on)
-            on = attention._decode_config.get(attn_key(eng))
-        eng.runner.decode_longest_first = on if knob == "order" else True
-        eng.scheduler.step_buckets = (buckets if on else None) if knob == "cut" else buckets
-        scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS = limits or defaults
-        cuts = eng.scheduler.num_cut_steps
-        for i, (prompt, out_len) in enumerate(work):
+            use_attention_kernel(eng, value)
+            value = attention._decode_config.get(attn_key(eng))
+        s = eng.scheduler
+        eng.runner.decode_longest_first = value if knob == "order" else True
+        s.step_buckets = (buckets if value else None) if knob == "cut" else buckets
+        scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS = run.limits or defaults
+        s.policy, s._tail_sorted = (value if knob == "schedule" else policy), False
+        cuts, preempted, n = s.num_cut_steps, s.num_preemptions, run.requests or a.requests
+        for i, (prompt, out_len) in enumerate(work[:n]):
             eng.add_request(Request(f"{k}-{i}", prompt, _sampling(out_len)))
         torch.cuda.synchronize()
         t0, tokens, steps, decode_only, dec_s, mix_s = time.perf_counter(), 0, 0, 0, 0.0, 0.0
@@ -131,17 +182,20 @@ def main() -> None:
                 else:
                     mix_s += st.wall_s
         wall = time.perf_counter() - t0
-        rows.append(dict(config=name, knob=knob, on=on, trim=[scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS],
+        rows.append(dict(config=name, knob=knob, value=value, requests=n, schedule=s.policy,
+                         trim=[scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS],
                          output_tok_s=round(tokens / wall), wall_s=round(wall, 2),
                          output_tokens=tokens, steps=steps, decode_only_steps=decode_only,
                          decode_step_ms=round(1e3 * dec_s / max(decode_only, 1), 2),
                          mixed_step_ms=round(1e3 * mix_s / max(steps - decode_only, 1), 2),
-                         cut_steps=eng.scheduler.num_cut_steps - cuts, kv_blocks=eng.num_blocks,
-                         init_s=round(init_s, 1)))
+                         cut_steps=s.num_cut_steps - cuts, preemptions=s.num_preemptions - preempted,
+                         seats=eng.config.max_num_seqs, kv_blocks=eng.num_blocks, init_s=round(init_s, 1)))
         print(json.dumps(rows[-1]), flush=True)
-    meta = dict(card=torch.cuda.get_device_name(0), commit=os.environ.get("ZIYA_BATCH_COMMIT", "unknown"))
+    meta = dict(card=torch.cuda.get_device_name(0), card_gib=a.card_gib or None,
+                commit=os.environ.get("ZIYA_BATCH_COMMIT", "unknown"))
     with open(os.path.join(os.environ.get("OUT", "."), "step_ab.json"), "w") as fh:
         json.dump({"meta": meta, "runs": rows}, fh, indent=1)
+    del weight                  # the ballast, if any, held its memory for as long as the engines ran
 
 
 if __name__ == "__main__":
