@@ -113,7 +113,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=700)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--embed-lr-mult", type=float, default=10.0)
-    p.add_argument("--train-max-s", type=float, default=370)
+    p.add_argument("--train-max-s", type=float, default=370,
+                   help="training stops after this long, its learning rate annealed by then (bench_stack.lr_scale)")
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--tokens", type=int, default=32)
     a = p.parse_args()

@@ -4,6 +4,7 @@ the same updates as one optimizer stepped after it, clipping aside."""
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,23 @@ def test_adamw_in_backward_updates_as_one_optimizer_does(tmp_path, monkeypatch):
     stack.train_checkpoint(fresh, in_backward=False, **{**args, "steps": 1, "lr": 0.0})
     c = _weights(fresh)
     assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def test_the_schedule_by_steps_is_unchanged_without_a_time_limit():
+    steps, warmup = 700, 70
+    for step in (0, 1, 69, 70, 71, 350, 699):
+        old = (step + 1) / warmup if step < warmup else \
+            0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        assert stack.lr_scale(step, steps, elapsed_s=1e6) == old
+
+
+def test_a_run_the_clock_stops_has_annealed_by_then():
+    """With max_s, progress is the larger of steps and time: the rate warms up over the first tenth of either and
+    reaches its floor (a tenth) as the time runs out, however many steps that was."""
+    max_s, steps = 300.0, 2000
+    assert stack.lr_scale(0, steps, 0.0, max_s) < 0.01
+    assert stack.lr_scale(10, steps, 30.0, max_s) == pytest.approx(1.0)           # end of warm-up by time
+    assert stack.lr_scale(10, steps, max_s, max_s) == pytest.approx(0.1)          # 11 of 2,000 steps, time up
+    assert stack.lr_scale(1999, steps, 1.0, max_s) == pytest.approx(0.1)          # steps up first
+    after_warmup = [stack.lr_scale(s, steps, t, max_s) for s, t in zip(range(100, 600, 10), range(30, 300, 5))]
+    assert all(a >= b for a, b in zip(after_warmup, after_warmup[1:])) and after_warmup[-1] > 0.1
