@@ -128,7 +128,9 @@ def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int 
     with dev:
         model = LlamaForCausalLM._from_config(cfg, torch_dtype=torch.bfloat16)
     model.config.use_cache = False
-    model.gradient_checkpointing_enable()     # 13B: the activations of 40 layers would not fit beside Adam's state
+    # 13B: the activations of 40 layers would not fit beside Adam's state (newer transformers name the call
+    # activation_checkpointing_enable and warn on the old name, which older ones have only)
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.train()
     chain = markov_chain(cfg.vocab_size, seed)
     # bfloat16 parameters and moments (13B: 26 GB each of weights, gradients and the two moments) and no
