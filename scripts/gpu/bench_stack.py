@@ -85,18 +85,18 @@ def adamw_in_backward(n_params: int, free_bytes: int) -> bool:
 
 
 def lr_scale(step: int, steps: int, elapsed_s: float = 0.0, max_s: float = 0.0) -> float:
-    """The learning rate's factor at `step`: a linear warm-up over the first tenth, then a cosine down to a tenth
-    at the end. Where training also stops after max_s seconds, the end is whichever comes first, the last step or
-    max_s (its progress the larger of the steps' and the time's), so a run the clock stops has still annealed
-    (by steps alone, one stopped at 500 of 700 steps ended at 31% of the rate, its last steps' noise unsettled)."""
-    if not max_s:
-        warmup = max(1, steps // 10)
-        return (step + 1) / warmup if step < warmup else \
-            0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-    progress = min(1.0, max((step + 1) / max(1, steps), elapsed_s / max_s))
-    if progress < 0.1:
-        return progress / 0.1
-    return 0.1 + 0.45 * (1 + math.cos(math.pi * (progress - 0.1) / 0.9))
+    """The learning rate's factor at `step`: a linear warm-up over the first tenth of the steps, then a cosine down
+    to a tenth at the last. Where training also stops after max_s seconds, the clock runs the same schedule over
+    max_s (warm-up over its first tenth) and the one further on wins, so a run the clock stops has still annealed
+    (by steps alone, one stopped at 500 of 700 steps ended at 31% of the rate, its last steps' noise unsettled);
+    where the steps end first, it is the schedule by steps exactly."""
+    warmup = max(1, steps // 10)
+    by_time = elapsed_s / max_s if max_s else 0.0
+    if step < warmup and by_time < 0.1:
+        return max((step + 1) / warmup, by_time / 0.1)
+    angle = max(math.pi * (step - warmup) / max(1, steps - warmup) if step >= warmup else 0.0,
+                math.pi * (by_time - 0.1) / 0.9 if by_time >= 0.1 else 0.0)
+    return 0.1 + 0.45 * (1 + math.cos(min(math.pi, angle)))
 
 
 def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int = 0, lr: float = 3e-4,
@@ -164,9 +164,9 @@ def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int 
         groups, hooks = opt.param_groups, []
     print(f"[stack] training: AdamW {'stepped inside the backward pass' if in_backward else 'after each backward'}",
           flush=True)
-    t0, losses = time.time(), []
+    t0, losses = time.monotonic(), []
     for step in range(steps):
-        elapsed = time.time() - t0
+        elapsed = time.monotonic() - t0
         if max_s and elapsed > max_s:
             print(f"[stack] training stopped at step {step} of {steps}: {max_s:.0f} s spent", flush=True)
             break
@@ -190,7 +190,7 @@ def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int 
             opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % 20 == 0 or step == steps - 1:
-            print(f"[stack] train step {step}: loss {losses[-1]:.3f} ({time.time() - t0:.0f} s)", flush=True)
+            print(f"[stack] train step {step}: loss {losses[-1]:.3f} ({time.monotonic() - t0:.0f} s)", flush=True)
     for h in hooks:                 # they hold the per-parameter optimizers, and so their moments
         h.remove()
     del opt, groups, hooks
@@ -213,7 +213,7 @@ def train_checkpoint(path: Path, layers: int, shape: str, steps: int, seed: int 
                    peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None,
                    final_loss=sum(losses[-10:]) / len(losses[-10:]),
                    heldout_accuracy=acc, heldout_first_accuracy=first, heldout_first_logit_gap=first_gap,
-                   train_s=time.time() - t0)
+                   train_s=time.monotonic() - t0)
     summary_file.write_text(json.dumps(summary))
     print(f"[stack] trained: {summary}", flush=True)
     del model

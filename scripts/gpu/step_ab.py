@@ -1,7 +1,9 @@
 """The runner's and scheduler's step choices, alternated on one engine per configuration: the bench's engine
 (LLaMA-13B shape, random weights, its config and sampling, prefix caching off so a rerun of W1 computes every
 prompt again) is built once per configuration, then W1 (or its first N requests) runs with each setting in turn,
-so all see the same card, clocks and graphs. Knobs (one a run; the others at their defaults):
+so all see the same card, clocks and graphs. Configurations: f16 (float16 weights and KV cache), f16kv8 (float16
+weights, float8 KV cache), fp8 (FP8 weights, float8 KV cache), fp8fast (those with engine.fp8_fast_accum).
+Knobs (one a run; the others at their defaults):
   order=on|off     ModelRunner.decode_longest_first: decode rows longest context first
   cut=on|off|M/T   Scheduler.step_buckets: steps with prefill cut back to the bucket below where the next is much
                    dearer; M/T (e.g. 0.1/64) is on with scheduler.TRIM_MARGIN and TRIM_MAX_TOKENS set to those
@@ -22,6 +24,7 @@ import dataclasses
 import gc
 import json
 import os
+import re
 import sys
 import time
 from typing import NamedTuple, Optional
@@ -32,7 +35,7 @@ from ziya_batch.engine import attention, scheduler
 from ziya_batch.engine.types import SCHEDULE_POLICIES, Request
 from ziya_batch.tools.bench import _args, _build_engine, _sampling, workload_w1
 
-CONFIGS = {"f16": {}, "fp8": dict(quantization="fp8", kv_cache_dtype="fp8"),
+CONFIGS = {"f16": {}, "f16kv8": dict(kv_cache_dtype="fp8"), "fp8": dict(quantization="fp8", kv_cache_dtype="fp8"),
            "fp8fast": dict(quantization="fp8", kv_cache_dtype="fp8", fp8_fast_accum=True)}
 DEFAULT_PLAN = "fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off,f16:cut=on,f16:cut=off"
 ATTN_KERNELS = ("fma", "half", "dot")
@@ -59,24 +62,18 @@ def parse_plan(text: str) -> list[Run]:
     runs = []
     for item in text.split(","):
         shown = repr(item[:80])
-        try:
-            name, setting = item.split(":")
-            setting, _, count = setting.partition("@")
-            knob, value = setting.split("=")
-            requests = int(count) if count else None
-        except ValueError:
-            raise PlanError(f"{shown} {usage}") from None
+        m = re.fullmatch(r"([a-z0-9]+):([a-z]+)=([a-z0-9./-]+)(?:@([0-9]{1,6}))?", item, re.ASCII)
+        if m is None:
+            raise PlanError(f"{shown} {usage}")
+        name, knob, value, count = m.groups()
+        requests = int(count) if count else None
         if requests is not None and not 1 <= requests <= MAX_REQUESTS or name not in CONFIGS or knob not in KNOBS:
             raise PlanError(f"{shown} {usage}")
         limits = None
         if knob in ("order", "cut") and value in ("on", "off"):
             value = value == "on"
-        elif knob == "cut" and value.count("/") == 1:
-            margin, tokens = value.split("/")
-            try:
-                limits, value = (float(margin), int(tokens)), True
-            except ValueError:
-                raise PlanError(f"{shown} {usage}") from None
+        elif knob == "cut" and (cut := re.fullmatch(r"([0-9]*\.?[0-9]+)/([0-9]{1,7})", value)):
+            limits, value = (float(cut[1]), int(cut[2])), True
             if not (0 <= limits[0] < 1 and 0 <= limits[1] <= 1 << 20):
                 raise PlanError(f"{shown}: cut's MARGIN is a fraction in [0, 1) and TOKENS a count")
         elif knob == "attn" and value in ATTN_KERNELS:
