@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ziya_batch.errors import LineError
+from ziya_batch.errors import LineError, ModelError
 from ziya_batch.prompts import build_chat_prompt, build_prompt, parse_line
 from ziya_batch.spec import SamplingSpec
 from ziya_batch.tools import demo_model
@@ -168,3 +168,32 @@ def test_demo_prompt_files():
             parse_line(line, "ziya", "bad", i + 1, SamplingSpec())
         codes.append(err.value.code)
     assert {"invalid_json", "missing_prompt", "empty_prompt", "invalid_sampling"} <= set(codes)
+
+
+def test_a_demo_model_is_written_again_over_one_but_never_over_anything_else(tmp_path):
+    """`make demo` writes the demo model over the one it wrote before; a directory holding anything else (a real
+    checkpoint given by mistake, unrelated files) is refused before a file is touched, as is an empty path."""
+    first = write_demo_model(tmp_path / "m")
+    again = write_demo_model(tmp_path / "m")                      # over a demo model: fine
+    assert (again / "model.safetensors").is_file()
+    real = tmp_path / "real13b"
+    real.mkdir()
+    files = {"config.json": '{"hidden_size": 5120, "vocab_size": 39424}', "model.safetensors.index.json": "{}",
+             "model-00001-of-00003.safetensors": "SHARD", "tokenizer.model": "REAL"}
+    for name, text in files.items():
+        (real / name).write_text(text)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    mixed = tmp_path / "mixed"
+    write_demo_model(mixed)
+    (mixed / "results.jsonl").write_text("kept")
+    for target in (real, other, mixed):
+        before = {p.name: p.read_bytes() for p in target.iterdir()}
+        with pytest.raises(ModelError, match="not a demo model"):
+            write_demo_model(target)
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    for empty in ("", "  "):
+        with pytest.raises(ModelError, match="no directory"):
+            write_demo_model(empty)
+    assert first == again

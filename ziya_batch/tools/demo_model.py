@@ -184,9 +184,14 @@ def write_demo_model(path: str | Path, *, hidden_size: int = 64, num_layers: int
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
 
+    if not str(path).strip():
+        raise ModelError("no directory given for the demo model")
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise ModelError(f"{out} exists and is not a directory; give a new or existing directory for the demo model")
+    if out.is_dir() and not _holds_only_a_demo_model(out):
+        raise ModelError(f"{out} holds files that are not a demo model's (another checkpoint?); give a new or empty "
+                         "directory, or one an earlier demo-model wrote")
     torch_dtype = _torch_dtype(dtype)
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ModelError(f"hidden_size ({hidden_size}) must divide by num_heads ({num_heads}), "
@@ -206,6 +211,27 @@ def write_demo_model(path: str | Path, *, hidden_size: int = 64, num_layers: int
     model.save_pretrained(str(out), safe_serialization=True)
     write_demo_tokenizer(out, model_max_length=max_position_embeddings)
     return out
+
+
+# what write_demo_model writes (save_pretrained and the tokenizer's files): a directory holding only these, with a
+# config of the demo vocabulary, is a demo model that a new one may replace
+_DEMO_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja"}
+
+
+def _holds_only_a_demo_model(out: Path) -> bool:
+    """Whether directory `out` is empty or holds a demo model and nothing else (so writing one there loses nothing:
+    any other checkpoint, such as a merged 13B's shards, is refused rather than overwritten)."""
+    names = {p.name for p in out.iterdir()}
+    if not names:
+        return True
+    if not names <= _DEMO_FILES or "config.json" not in names:
+        return False
+    try:
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("vocab_size") == DEMO_VOCAB_SIZE
 
 
 def _torch_dtype(dtype: str):
