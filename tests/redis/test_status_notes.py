@@ -29,3 +29,17 @@ def test_the_job_list_says_why_a_job_waits(api_env, capsys):
     [listed] = json.loads(capsys.readouterr().out)
     assert listed["state"] == "cancelled" and listed["note"] is None
     assert client.get("/v1/jobs", headers=AUTH).json()["jobs"][0]["note"] is None
+
+
+def test_names_and_notes_print_as_written_not_as_rich_markup(api_env, capsys):
+    """A job name is anyone's text (the HTTP API takes it): `[/bold]` in one broke every `status` listing, and
+    `[draft]` vanished from it."""
+    data, models, make_client = api_env
+    client = make_client()
+    name = "[/bold] oops [draft] [red]x"
+    job_id = client.post("/v1/jobs", json=job_spec(data, models, name=name), headers=AUTH).json()["id"]
+    broker = client.app.state.brokers.get()
+    for which in (None, job_id):
+        show_status(broker, which)
+        out = " ".join(capsys.readouterr().out.split())
+        assert name in out and NO_WORKER in out

@@ -10,6 +10,7 @@ import time
 from typing import Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .. import settings
@@ -46,7 +47,8 @@ def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optiona
     url, private = redis_for(redis_url, register=True)
     try:
         if private is not None:
-            console.print(f"[dim]private redis-server at {private.masked_url} (data in {private.data_dir}; "
+            console.print(f"[dim]private redis-server at {escape(private.masked_url)} (data in "
+                          f"{escape(str(private.data_dir))}; "
                           "`ziya-batch status` from any shell shows this job)[/dim]")
             if settings.ray_address(ray_address):
                 console.print("[yellow]warning:[/yellow] the queue is this host's private redis-server (127.0.0.1 "
@@ -83,12 +85,13 @@ def _run(spec, url: str, private, ray_address, num_workers, progress: bool, poll
     broker = Broker.from_url(url)
     if private is None:
         for w in broker.check_server():
-            console.print(f"[yellow]warning:[/yellow] {w}")
+            console.print(f"[yellow]warning:[/yellow] {escape(w)}")
     changed: list[str] = []
     status = submit_job(spec, broker, check_model_dir=True, changes=changed)
     job_id = status.job_id
-    console.print(f"job [bold]{job_id}[/bold] ({spec.name}): {status.prompts_total} prompts in "
-                  f"{status.shards_total} shards -> {spec.output.path}")
+    # names and paths are the user's text, printed as it is (rich would take "[v2]" in a path for markup)
+    console.print(f"job [bold]{job_id}[/bold] ({escape(spec.name)}): {status.prompts_total} prompts in "
+                  f"{status.shards_total} shards -> {escape(spec.output.path)}")
     if changed:
         console.print(f"resumed with {'; '.join(changed)}", markup=False)
     started_ray = False

@@ -8,6 +8,7 @@ from typing import Optional
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from .. import jobs
 from ..queue import JobState
@@ -30,7 +31,8 @@ def _jobs_table(statuses) -> Table:
                      no_wrap=col in ("job", "state"))
     for st in statuses:
         d = st.to_dict()
-        t.add_row(d["job_id"], d.get("name", ""), d["state"], str(d["prompts_done"]), str(d["prompts_failed"]),
+        # job names, errors and notes are users' text: cells of plain Text, never parsed as rich markup
+        t.add_row(d["job_id"], Text(str(d.get("name", ""))), d["state"], str(d["prompts_done"]), str(d["prompts_failed"]),
                   str(d["prompts_total"]), str(d["samples"]), f"{d['tokens_per_s']:,.0f}", _eta(d.get("eta_s")),
                   str(len(d.get("workers", []))), str(d.get("retries", 0)), str(d.get("dead_shards", 0)))
     return t
@@ -43,7 +45,7 @@ def _job_detail(st, note: Optional[str] = None):
         parts.append(f"prefix cache: {d['prefix_cache_hit_rate']:.0%} of {d['prefix_cache_query_tokens']:,} prompt "
                      "tokens reused")
     if note:
-        parts.append(f"[yellow]{note}[/yellow]")
+        parts.append(Text(note, style="yellow"))
     shards = Table(title="shards by state")
     for k in d.get("shards", {}):
         shards.add_column(k, justify="right")
@@ -54,15 +56,15 @@ def _job_detail(st, note: Optional[str] = None):
         w.add_column("worker")
         w.add_column("host")
         for wk in d["workers"]:
-            w.add_row(str(wk.get("worker_id", wk)) if isinstance(wk, dict) else str(wk),
-                      str(wk.get("host", "")) if isinstance(wk, dict) else "")
+            w.add_row(Text(str(wk.get("worker_id", wk)) if isinstance(wk, dict) else str(wk)),
+                      Text(str(wk.get("host", "")) if isinstance(wk, dict) else ""))
         parts.append(w)
     if d.get("errors"):
         e = Table(title="latest errors")
         e.add_column("shard")
         e.add_column("error")
         for err in d["errors"][-10:]:
-            e.add_row(str(err.get("shard", "")), str(err.get("message", err)))
+            e.add_row(Text(str(err.get("shard", ""))), Text(str(err.get("message", err))))
         parts.append(e)
     return Group(*parts)
 
@@ -70,7 +72,7 @@ def _job_detail(st, note: Optional[str] = None):
 def _render(broker, job_id: Optional[str]):
     if job_id is None:
         statuses = jobs.list_jobs(broker)
-        notes = [f"[yellow]{st.job_id}: {note}[/yellow]" for st in statuses
+        notes = [Text(f"{st.job_id}: {note}", style="yellow") for st in statuses
                  if st.state == JobState.QUEUED and (note := jobs.waiting_note(broker, st))]
         return Group(_jobs_table(statuses), *notes) if notes else _jobs_table(statuses)
     st = jobs.job_status(broker, job_id, detail=True)
