@@ -18,6 +18,10 @@ def test_report_main_by_job_id_adds_the_redis_status(tmp_path, monkeypatch, redi
     out = job_output(tmp_path / "out", shards=4, per_shard=25, manifest=False)
     spec = parse_spec({"name": "by-id", "model": {"path": "/m"}, "input": [str(inp)],
                        "output": {"path": str(out)}, "shard_size": 25})
+    # as the job left it: its submit recorded it as the directory's owner before any part was written
+    from ziya_batch.io import set_output_owner
+
+    set_output_owner(str(out), spec.identity())
     monkeypatch.setenv("ZIYA_BATCH_REDIS_URL", redis_server.url)
     status = submit_job(spec, Broker.from_url(redis_server.url))
     assert status.shards_total == 5

@@ -118,3 +118,37 @@ def test_a_memory_output_is_refused_at_submit():
     spec = parse_spec({"name": "t", "model": {"path": "/m"}, "input": ["/in.jsonl"], "output": {"path": "memory://x/o"}})
     with pytest.raises(SpecError, match="memory://"):
         submit_job(spec, broker=None)
+
+
+def _put(fs, path: str, data: bytes) -> None:
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    fs.pipe(path, data)
+
+
+@pytest.mark.parametrize("name", ["results/part-00000.jsonl", "sft/part-00003.parquet", "errors/x.txt",
+                                  "_committed/00000.json", "experience/deep/er.jsonl"])
+def test_files_no_job_owns_are_never_taken_over(base, name):
+    """A directory holding parts (or commit markers) but no owner file was not written by a job of ours (one
+    records itself as the owner before it writes a part): a job would overwrite them, so it is refused and they
+    stay as they were."""
+    fs, _ = fsspec.core.url_to_fs(base)
+    _put(fs, f"{base}/u/{name}", b"PRECIOUS")
+    _put(fs, f"{base}/u/notes.txt", b"mine")
+    with pytest.raises(SpecError, match=f"already holds {name.split('/')[0]}/.* no job recorded as its own"):
+        claim_output(f"{base}/u", "job1")
+    assert fs.cat(f"{base}/u/{name}") == b"PRECIOUS" and OutputDir(f"{base}/u").owner() is None
+    # other files beside the job's directories are no obstacle: the job writes none of their names
+    claim_output(f"{base}/v", "job1")
+    _put(fs, f"{base}/w/notes.txt", b"mine")
+    claim_output(f"{base}/w", "job2")
+    assert OutputDir(f"{base}/w").owner() == "job2"
+
+
+def test_a_finished_jobs_parts_are_its_own_by_its_manifest(base):
+    fs, _ = fsspec.core.url_to_fs(base)
+    _put(fs, f"{base}/done/results/part-00000.jsonl", b"{}\n")
+    _put(fs, f"{base}/done/manifest.json", json.dumps({"job_id": "job1", "parts": {}}).encode())
+    with pytest.raises(SpecError, match="no job recorded as its own"):
+        claim_output(f"{base}/done", "job2")
+    claim_output(f"{base}/done", "job1")
+    assert OutputDir(f"{base}/done").owner() == "job1"

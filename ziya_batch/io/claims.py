@@ -132,6 +132,15 @@ def claim_output(output: "OutputDir | str", job_id: str, known: Iterable[tuple[s
     conflict = output_conflict(out, job_id, known)
     if conflict:
         raise SpecError(f"output.path {url} {conflict}: choose an output.path outside every other job's output")
+    # parts no job owns (files put there by hand, or a directory given by mistake) would be overwritten by this
+    # job's parts of the same names: refused, unless the directory's manifest says this job wrote them
+    written = out.first_written()
+    if written is not None:
+        manifest = out.read_json(MANIFEST)
+        if not (isinstance(manifest, dict) and manifest.get("job_id") == job_id):
+            raise SpecError(f"output.path {url} already holds {written} (and maybe more) that no job recorded as its "
+                            f"own (no {OutputDir.OWNER}): a job would overwrite such files; choose a new or empty "
+                            "output.path, or move them away")
     try:
         found = out.claim_owner(job_id)
     except OSError as err:

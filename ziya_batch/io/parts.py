@@ -31,6 +31,7 @@ import errno
 import hashlib
 import json
 import os
+import posixpath
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
@@ -396,6 +397,15 @@ class OutputDir:
         path = self.path(STAGING)
         if exists_fresh(self.fs, path):
             self.fs.rm(path, recursive=True)
+
+    def first_written(self) -> Optional[str]:
+        """A name under the directories a job writes (the record kinds', _committed/) that holds a file, or None:
+        what a directory no job owns must not hold before one claims it, or the job would overwrite it."""
+        for sub in (*KINDS, COMMITTED):
+            names = list_fresh(self.fs, self.path(sub))
+            if names:
+                return f"{sub}/{posixpath.basename(names[0].rstrip('/'))}"
+        return None
 
     def committed_shards(self) -> dict[int, CommitMarker]:
         """Every shard's commit marker, by shard index: what is done, even if Redis lost it."""
