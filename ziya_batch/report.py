@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
 from . import io, jobs
-from .errors import ServiceError
+from .errors import InputError, ServiceError
 from .io.schema import decode_part
 
 REWARD_RESERVOIR = 50_000
@@ -323,11 +323,35 @@ def _looks_like_location(arg: str) -> bool:
 
 
 def write_report(output_url: str, out_path: str | Path, status: Optional[dict] = None) -> Path:
-    stats = compute_stats(output_url, status)
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(stats), encoding="utf-8")
+    _check_report_target(out)
+    stats = compute_stats(output_url, status)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render_html(stats), encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"cannot write the report to {out}: {err.strerror or type(err).__name__}") from None
     return out
+
+
+def _check_report_target(out: Path) -> None:
+    """The report replaces an earlier report only: an existing file that is not an HTML page (a job's manifest, an
+    input file, anything typed after -o by mistake) is refused before a byte is written."""
+    if out.is_dir():
+        raise InputError(f"{out} is a directory; give the report's file name, e.g. {out / 'report.html'}")
+    if not out.exists():
+        return
+    if not out.is_file():
+        return              # a device or a pipe (-o /dev/stdout): a stream, nothing stored there is replaced
+    try:
+        with open(out, "rb") as fh:
+            head = fh.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    except OSError as err:
+        raise InputError(f"cannot read {out} ({err.strerror or type(err).__name__}); give another file name for "
+                         "the report") from None
+    if head and not head.startswith((b"<!doctype html", b"<html")):
+        raise InputError(f"{out} exists and is not an HTML report; the report replaces only an earlier report: give "
+                         "a new file name, or remove that file first")
 
 
 def report_main(job_id_or_output_url: str, out_path: str | Path, redis_url: Optional[str] = None) -> Path:

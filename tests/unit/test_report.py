@@ -97,6 +97,32 @@ def test_report_main_takes_an_output_path_without_redis(tmp_path, monkeypatch, j
         report_main("somejobid", tmp_path / "x.html")
 
 
+def test_the_report_replaces_only_an_earlier_report(tmp_path, job_output):
+    """-o names the file to write: an earlier report there is replaced, but the job's manifest, an input file or
+    any other file typed by mistake is refused untouched, as is a directory; a full disk is one line too."""
+    from ziya_batch.errors import InputError
+
+    out = job_output(tmp_path / "out")
+    page = tmp_path / "report.html"
+    write_report(str(out), page)
+    first = page.read_text()
+    write_report(str(out), page)                        # an earlier report: replaced
+    assert page.read_text() == first
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "q"}\n')
+    for victim in (out / "manifest.json", tmp_path / "in.jsonl"):
+        before = victim.read_bytes()
+        with pytest.raises(InputError, match="not an HTML report"):
+            write_report(str(out), victim)
+        assert victim.read_bytes() == before
+    with pytest.raises(InputError, match="is a directory"):
+        write_report(str(out), tmp_path)
+    (tmp_path / "empty.html").write_text("")
+    write_report(str(out), tmp_path / "empty.html")     # an empty file holds nothing to lose
+    if Path("/dev/full").exists():
+        with pytest.raises(InputError, match="cannot write the report to /dev/full"):
+            write_report(str(out), "/dev/full")
+
+
 # -- rendering in Chromium --------------------------------------------------------------------------------
 
 def _chromium() -> str | None:
