@@ -170,6 +170,13 @@ class FiltersSpec(_Strict):
     """Write no experience records for a prompt whose n samples all got the same reward (zero advantage: no
     gradient for GRPO-style trainers); counted in the manifest summary. results/ and sft/ are unaffected."""
 
+    @model_validator(mode="after")
+    def _lengths_leave_room(self):
+        if self.max_response_tokens is not None and self.min_response_tokens > self.max_response_tokens:
+            raise ValueError(f"output.filters.min_response_tokens ({self.min_response_tokens}) is above "
+                             f"max_response_tokens ({self.max_response_tokens}): no sample could be kept")
+        return self
+
 
 RecordKind = Literal["results", "sft", "experience"]
 
@@ -323,9 +330,13 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _filters_have_rewards(self):
-        if self.output.filters.drop_constant_reward_groups and not self.experience.reward_names():
-            raise ValueError("output.filters.drop_constant_reward_groups needs a reward: set experience.reward_model, "
-                             "reward_function or reward_url")
+        filters = self.output.filters
+        for name, wanted in (("drop_constant_reward_groups", filters.drop_constant_reward_groups),
+                             ("min_reward", filters.min_reward is not None)):
+            if wanted and not self.experience.reward_names():
+                # without one every sample has no reward: min_reward would drop every SFT record
+                raise ValueError(f"output.filters.{name} needs a reward: set experience.reward_model, "
+                                 "reward_function or reward_url")
         return self
 
     @model_validator(mode="after")

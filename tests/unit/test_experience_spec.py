@@ -107,3 +107,15 @@ def test_a_reward_function_file_is_made_absolute_at_submit(tmp_path, monkeypatch
     assert spec.experience.reward_function == f"{os.path.join(str(tmp_path), 'rw', 'score.py')}:check"
     spec = absolute_locations(parse_spec({**base, "experience": {"reward_function": "my_pkg.scoring:check"}}))
     assert spec.experience.reward_function == "my_pkg.scoring:check"
+
+
+def test_filters_that_would_keep_no_sft_record_are_refused():
+    """min_reward without a reward drops every sample (none has one); a minimum length above the maximum keeps
+    none: both are a mistake, said at submit rather than found in an empty sft/."""
+    with pytest.raises(SpecError, match="min_reward needs a reward"):
+        parse_spec({**BASE, "output": {"path": "out", "filters": {"min_reward": 0.0}}})
+    parse_spec({**BASE, "output": {"path": "out", "filters": {"min_reward": 0.0}},
+                "experience": {"reward_function": "exact_match"}})
+    with pytest.raises(SpecError, match="min_response_tokens \\(10\\) is above max_response_tokens \\(5\\)"):
+        parse_spec({**BASE, "output": {"path": "out", "filters": {"min_response_tokens": 10, "max_response_tokens": 5}}})
+    parse_spec({**BASE, "output": {"path": "out", "filters": {"min_response_tokens": 5, "max_response_tokens": 5}}})
