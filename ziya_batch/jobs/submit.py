@@ -9,7 +9,7 @@ import os
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from .. import io
-from ..errors import SpecError
+from ..errors import InputError, SpecError, ZiyaBatchError
 from ..io.claims import claim_output
 from ..records import ShardRef
 from ..spec import JobSpec, show_text
@@ -159,6 +159,22 @@ def _keep_logprobs_mode(spec: JobSpec, broker: "JobsBroker", job_id: str) -> Job
     return spec.model_copy(update={"experience": spec.experience.model_copy(update={"logprobs_mode": mode})})
 
 
+def open_output(spec: JobSpec) -> io.OutputDir:
+    """The spec's output directory, opened and its manifest read once: storage that cannot be reached (no
+    credentials, a host that does not answer, a bucket name the store rejects, a filesystem whose library is
+    missing) is one line here, as an input's is, not a storage backend's traceback."""
+    try:
+        out = io.OutputDir(spec.output.path, spec.output.format)
+        io.read_manifest(out)
+    except ZiyaBatchError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a storage backend may raise anything; name it
+        why = " ".join(str(err).split())[:300]
+        raise InputError(f"output.path {show_text(spec.output.path)} not usable ({type(err).__name__}: {why}; check "
+                         "the URL and its credentials)") from None
+    return out
+
+
 def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = False,
                changes: Optional[list[str]] = None, files: Optional[list[str]] = None) -> "JobStatus":
     """Queue `spec` (or find it again) and return its JobStatus. Idempotent: the same spec and output path
@@ -175,7 +191,7 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
         # fsspec's memory filesystem lives in one process: workers would write where nobody reads
         raise SpecError(f"output.path {show_text(spec.output.path)}: memory:// is one process's memory, which "
                         "workers cannot write back to; give a local path or object storage (s3://...)")
-    out = io.OutputDir(spec.output.path, spec.output.format)    # its filesystem opened once for the whole submit
+    out = open_output(spec)                 # its filesystem opened once for the whole submit
     job_id = job_id_for(spec, broker, out)
     existing = broker.find_job(job_id)
     if existing is not None and existing.state == JobState.COMPLETED:
