@@ -311,9 +311,26 @@ def _raised_in(err: BaseException, package: str, functions: tuple[str, ...]) -> 
     return False
 
 
+def _not_utf8(args: list) -> Optional[str]:
+    """The first argument that is not UTF-8 text (Python holds its undecodable bytes as lone surrogates, which no
+    Redis key, JSON spec or URL can carry), shown with those bytes escaped; None if all are."""
+    for arg in args:
+        try:
+            str(arg).encode("utf-8")
+        except UnicodeEncodeError:
+            return str(arg).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return None
+
+
 def main(argv: Optional[list] = None) -> None:
     # the click typer parses with (a copy of its own in newer typers): its exceptions module
     click_errors = sys.modules[typer.BadParameter.__module__]
+    bad = _not_utf8(sys.argv[1:] if argv is None else argv)
+    if bad is not None:
+        shown = bad.replace("\r", "\\r").replace("\n", "\\n")
+        print(f"ziya-batch: error: argument '{shown}' is not UTF-8 text; give names, ids and paths in UTF-8",
+              file=sys.stderr)
+        sys.exit(2)
     try:
         # not standalone: click's own errors (a bad option value) come here to be one line, not a usage panel
         code = app(args=argv, standalone_mode=False)

@@ -42,3 +42,18 @@ def test_main_prints_one_line_and_exits_with_the_code(monkeypatch, capsys):
     monkeypatch.setattr(cli, "app", lambda *a, **kw: [][1])
     with pytest.raises(IndexError):
         main(["status"])
+
+
+@pytest.mark.parametrize("args", [["status", "a\udcff"], ["cancel", "\udce9t\udce9"], ["report", "x", "-o", "r\udcff"],
+                                  ["demo-model", "/tmp/m\udcff\nx"], ["submit", "\udc80.yaml"]])
+def test_an_argument_that_is_not_utf8_is_one_line_before_anything_runs(monkeypatch, capsys, args):
+    """Undecodable bytes on the command line (Python keeps them as lone surrogates) fit no Redis key, spec or URL:
+    one line naming the argument, exit 2, before a command runs (demo-model had made its directory first)."""
+    from ziya_batch import cli
+
+    monkeypatch.setattr(cli, "app", lambda *a, **kw: pytest.fail("the command ran"))
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("ziya-batch: error: argument '") and "is not UTF-8 text" in line and "\\x" in line
