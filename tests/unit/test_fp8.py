@@ -278,6 +278,13 @@ def test_the_quantize_command_writes_a_checkpoint_and_fails_in_one_line(demo_dir
         main(["quantize", "--model", str(tmp_path / "missing"), "--target", str(tmp_path / "q2")])
     err = capsys.readouterr().err
     assert code.value.code == 2 and err.count("\n") == 1 and err.startswith("ziya-batch: error:")
+    # a device torch does not know, or a GPU this machine lacks: one line, and no target left behind
+    for device in ("banana", "cuda:99", "meta", "cuda:-1"):
+        with pytest.raises(SystemExit) as code:
+            main(["quantize", "--model", str(src), "--target", str(tmp_path / "q3"), "--device", device])
+        err = capsys.readouterr().err
+        assert code.value.code == 2 and err.count("\n") == 1 and f"--device '{device}'" in err, err
+        assert not (tmp_path / "q3").exists()
 
 
 def test_the_fused_activation_quantisation_is_off_on_the_cpu():

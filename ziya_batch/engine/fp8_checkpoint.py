@@ -72,8 +72,8 @@ def write_fp8_checkpoint(src: str | Path, target: str | Path, max_shard_size: in
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ModelError(f"target {target} is not an empty directory; give a new or empty one")
     limit = parse_size_bytes(max_shard_size)
+    dev = _quantize_device(device)              # before the target is made: a bad one leaves nothing behind
     target.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device)
     written: list[tuple[str, list[str]]] = []       # (temporary file, tensor names)
     shard: dict[str, torch.Tensor] = {}
     size = total = 0
@@ -115,6 +115,24 @@ def write_fp8_checkpoint(src: str | Path, target: str | Path, max_shard_size: in
     (target / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2, sort_keys=True) + "\n")
     return target
+
+
+def _quantize_device(device: str):
+    """torch.device(device) where this machine has it; ModelError (one line) for a name torch does not know or a
+    GPU that is not here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ModelError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelError(f"--device {device!r}: quantise on cpu or cuda[:N]")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index or 0) >= count:
+            raise ModelError(f"--device {device!r}: this machine has {count} CUDA GPU(s); use cpu or auto")
+    return dev
 
 
 def main(model: str, target: str, max_shard_size: str = DEFAULT_MAX_SHARD_SIZE, device: str = "auto") -> Path:
