@@ -105,6 +105,10 @@ def serve_main(host: str = "127.0.0.1", port: int = 8000, model: Optional[str] =
             print("ziya-batch: warning: the queue is this host's private redis-server (127.0.0.1 only): workers "
                   f"on other hosts cannot reach it; give a Redis they can reach with --redis-url or {env.REDIS_ENV}",
                   file=sys.stderr)
+        if address:
+            from ..runtime.services import check_ray_address
+
+            check_ray_address(address)
         try:
             # without an address, a Ray of our own: the API talks to workers only through Redis, so it never
             # needs to sit in their cluster, and joining one found by chance would put Serve into it

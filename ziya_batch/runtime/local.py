@@ -17,7 +17,7 @@ from .. import settings
 from ..errors import ModelError
 from ..jobs import finalize_if_ready, submit_job
 from ..spec import load_spec
-from .services import redis_for
+from .services import check_ray_address, redis_for
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -86,6 +86,9 @@ def _run(spec, url: str, private, ray_address, num_workers, progress: bool, poll
     if private is None:
         for w in broker.check_server():
             console.print(f"[yellow]warning:[/yellow] {escape(w)}")
+    address = settings.ray_address(ray_address)
+    if address and not ray.is_initialized():
+        check_ray_address(address)          # before the job is queued for a cluster that is not there
     changed: list[str] = []
     status = submit_job(spec, broker, check_model_dir=True, changes=changed)
     job_id = status.job_id

@@ -2,13 +2,14 @@
 redis-server under $ZIYA_BATCH_HOME that every command of this home shares (started when not running)."""
 from __future__ import annotations
 
+import socket
 import sys
 from typing import Optional
 
 import redis
 
 from .. import settings
-from ..errors import ServiceError
+from ..errors import ServiceError, SpecError
 
 
 def private_redis():
@@ -67,3 +68,24 @@ def connect_broker(redis_url: Optional[str] = None, warn: bool = True):
         print(f"ziya-batch: warning: {w}", file=sys.stderr)
     return broker
 
+
+
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """A Ray address given as host:port (a head's GCS) or ray://host:port must be one and answer a TCP connect
+    now: ray.init retries one that does not answer for many minutes, and takes a malformed one for a traceback.
+    SpecError (exit 2) for the form, ServiceError (exit 3) for silence. "auto" and "local" are Ray's own."""
+    if address in ("auto", "local"):
+        return
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host       # [IPv6]:port
+    if not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65_536) or "/" in target \
+            or any(c.isspace() for c in target):
+        raise SpecError(f"Ray address '{address}': expected host:port (the head's, e.g. 10.0.0.1:6379), "
+                        "ray://host:port, auto or local")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, UnicodeError) as err:
+        why = getattr(err, "strerror", None) or type(err).__name__
+        raise ServiceError(f"the Ray cluster at {address} does not answer ({why}): start its head (`ray start "
+                           "--head`), or give the right --address (or $RAY_ADDRESS)") from None
