@@ -12,7 +12,7 @@ from ziya_batch.queue import Broker
 
 
 def _routes(client) -> list[tuple[str, str]]:
-    schema = client.get("/openapi.json").json()
+    schema = client.get("/openapi.json", headers=AUTH).json()
     return [(m.upper(), re.sub(r"\{[^}]+\}", "x1", path)) for path, ops in schema["paths"].items() for m in ops]
 
 
@@ -25,8 +25,11 @@ def test_health_answers_without_a_token(api_env):
 def test_every_other_endpoint_needs_the_token(api_env):
     _, _, make_client = api_env
     client = make_client()
-    routes = [r for r in _routes(client) if r[1] != "/healthz"]
-    assert len(routes) >= 14
+    # the schema itself and FastAPI's pages too (the schema lists neither of them)
+    routes = [r for r in _routes(client) if r[1] != "/healthz"] + [("GET", "/openapi.json")]
+    assert len(routes) >= 15
+    for page in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert client.get(page).status_code == 404
     for method, path in routes:
         for headers in ({}, {"Authorization": "Bearer wrong-token-xxxxxxxx"}, {"Authorization": f"Basic {TOKEN}"}):
             r = client.request(method, path, headers=headers)

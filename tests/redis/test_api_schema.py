@@ -30,7 +30,7 @@ api_app = create_app(
     ApiSettings(token=TOKEN, allowed_prefixes=(str(_ROOT / "data"),), allowed_models=(str(_ROOT / "models"),),
                 model=str(_ROOT / "models" / "m"), storage_url=str(_ROOT / "store")),
     lambda: Broker.from_url(_REDIS["url"], prefix=_PREFIX))
-schema = schemathesis.openapi.from_asgi("/openapi.json", api_app)
+schema = schemathesis.openapi.from_asgi("/openapi.json", api_app, headers=AUTH)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,7 +51,8 @@ def test_no_server_error(case):
 def test_schema_names_every_endpoint():
     from fastapi.testclient import TestClient
 
-    paths = TestClient(api_app).get("/openapi.json").json()["paths"]
+    assert TestClient(api_app).get("/openapi.json").status_code == 401       # the schema is behind the token too
+    paths = TestClient(api_app).get("/openapi.json", headers=AUTH).json()["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/manifest", "/healthz",
             "/metrics", "/v1/files", "/v1/files/{file_id}", "/v1/files/{file_id}/content", "/v1/batches",
             "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel"} <= set(paths)
@@ -66,7 +67,7 @@ down_app = create_app(
     ApiSettings(token=TOKEN, allowed_prefixes=(str(_DOWN_ROOT / "data"),), allowed_models=(str(_DOWN_ROOT / "m"),),
                 model=str(_DOWN_ROOT / "m"), storage_url=str(_DOWN_ROOT / "store")),
     lambda: Broker.from_url("redis://127.0.0.1:1/0"))
-down_schema = schemathesis.openapi.from_asgi("/openapi.json", down_app)
+down_schema = schemathesis.openapi.from_asgi("/openapi.json", down_app, headers=AUTH)
 
 
 @down_schema.parametrize()

@@ -201,7 +201,8 @@ def create_app(settings: ApiSettings, broker_factory: Callable[[], Any]) -> Fast
     from .metrics import metrics_response
     from .openai_batch import Batches, batch_router
 
-    app = FastAPI(title="ziya-batch", version="0.1.0",
+    # the schema behind the token too (FastAPI's own /openapi.json, /docs and /redoc answer anyone)
+    app = FastAPI(title="ziya-batch", version="0.1.0", openapi_url=None, docs_url=None, redoc_url=None,
                   description="Batch generation jobs for Ziya-LLaMA-13B, and the OpenAI Batch API subset. "
                               "Every endpoint but /healthz needs 'Authorization: Bearer <token>'.")
     brokers = BrokerHolder(broker_factory)
@@ -232,4 +233,9 @@ def create_app(settings: ApiSettings, broker_factory: Callable[[], Any]) -> Fast
 
     app.include_router(_jobs_router(settings, brokers), dependencies=auth)
     app.include_router(batch_router(app.state.batches), dependencies=auth)
+
+    @app.get("/openapi.json", tags=["schema"], dependencies=auth, include_in_schema=False)
+    def openapi_schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
     return app
