@@ -82,6 +82,13 @@ def test_create_refusals(api_env):
     file_id = _upload(client).json()["id"]
     r = _create(make_client(model=None), file_id)
     assert r.status_code == 400 and "--model" in r.json()["error"]["message"]
+    # metadata within OpenAI's bounds (16 pairs, keys of 64 characters, values of 512), as anyone could fill the
+    # store with what every read of the batch returns
+    for metadata in ({f"k{i}": "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}):
+        r = _create(client, file_id, metadata=metadata)
+        assert r.status_code == 422 and "metadata" in r.json()["error"]["message"], r.text[:200]
+    r = _create(client, file_id, metadata={**{f"k{i}": "v" for i in range(15)}, "k" * 64: "v" * 512})
+    assert r.status_code == 200, r.text[:200]
 
 
 def test_an_empty_file_makes_an_empty_completed_batch(api_env):

@@ -21,11 +21,11 @@ import re
 import threading
 import time
 import uuid
-from typing import Iterator, Literal, Optional
+from typing import Annotated, Iterator, Literal, Optional
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from .. import io, jobs
 from ..errors import ZiyaBatchError
@@ -56,7 +56,10 @@ class BatchCreate(BaseModel):
     input_file_id: str = Field(..., min_length=1, max_length=100)
     endpoint: Literal["/v1/chat/completions", "/v1/completions"]
     completion_window: Literal["24h"]
-    metadata: Optional[dict[str, str]] = None
+    # OpenAI's own bounds: up to 16 pairs, keys up to 64 characters, values up to 512 (stored with the batch and
+    # returned by every read of it, so unbounded metadata would be anyone's way to fill Redis and storage)
+    metadata: Optional[dict[Annotated[str, StringConstraints(max_length=64)],
+                            Annotated[str, StringConstraints(max_length=512)]]] = Field(None, max_length=16)
 
 
 class _Store:
