@@ -170,3 +170,16 @@ def test_a_line_whose_tokenizer_raises_is_its_own_error():
     (f,) = work.failures
     assert f.code == errors.INVALID_LINE and "\n" not in f.message and len(f.message) <= MESSAGE_CHARS
     assert [pl.line for pl, _ in work.prompts] == [2]
+
+
+def test_a_lines_n_above_the_seats_is_its_invalid_sampling_error():
+    """The job's own n is checked at submit; a line's n above engine.max_num_seqs could never run either, and is
+    that line's invalid_sampling error, not a failure of generation."""
+    spec = parse_spec({"name": "n", "model": {"path": "/m"}, "input": ["in.jsonl"], "output": {"path": "o"},
+                       "engine": {"max_num_seqs": 2}})
+    lines = [(1, b'{"id": "a", "prompt": "p", "sampling": {"n": 3}}'),
+             (2, b'{"id": "b", "prompt": "p", "sampling": {"n": 2}}')]
+    work = parse_shard(lines, "in.jsonl", spec, CharTokenizer(), max_model_len=10**9)
+    [failure] = work.failures
+    assert failure.id == "a" and failure.code == errors.INVALID_SAMPLING and "engine.max_num_seqs (2)" in failure.message
+    assert [pl.id for pl, _ in work.prompts] == ["b"]

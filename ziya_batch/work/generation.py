@@ -55,6 +55,11 @@ def parse_shard(lines: Iterable[tuple[int, bytes]], file: str, spec: JobSpec, to
             pl = parse_line(raw, spec.format, file, line_no, spec.sampling)
             pl = replace(pl, logprobs_mode=spec.experience.logprobs_mode,
                          top_logprobs=max(pl.top_logprobs, spec.experience.top_logprobs))
+            if pl.sampling.n > spec.engine.max_num_seqs:
+                # a prompt's samples decode together: as the job's own n is checked at submit
+                raise LineError(errors.INVALID_SAMPLING, f"sampling.n is {pl.sampling.n}, above the job's "
+                                f"engine.max_num_seqs ({spec.engine.max_num_seqs}): its samples could never run "
+                                "together")
             ids = tokenizer(pl.text).input_ids
             if len(ids) >= max_model_len:
                 raise LineError(errors.PROMPT_TOO_LONG,
