@@ -159,6 +159,12 @@ def test_models_must_be_allowed(api_env, tmp_path):
     (b"[1, 2]", {"headers": {"Content-Type": "application/json"}}, 422, "job spec"),
     (None, {"json": {"name": "x"}}, 422, "missing required key 'model'"),
     (None, {"json": "a string"}, 422, "job spec"),
+    # what FastAPI's parser gives up on other than by a syntax error: said, not "an error parsing the body"
+    (b'{"name": "a\xff"}', {"headers": {"Content-Type": "application/json"}}, 400, "not valid JSON (UnicodeDecodeError"),
+    (b"[" * 100_000 + b"]" * 100_000, {"headers": {"Content-Type": "application/json"}}, 400,
+     "not valid JSON (nested too deeply)"),
+    (b'{"shard_size": ' + b"9" * 5000 + b"}", {"headers": {"Content-Type": "application/json"}}, 400,
+     "not valid JSON (ValueError"),
 ])
 def test_malformed_bodies_get_a_4xx_with_one_line(api_env, body, kwargs, status, fragment):
     _, _, make_client = api_env

@@ -86,7 +86,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = {401: "authentication_error", 404: "not_found", 405: "invalid_request_error"}.get(
             exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
-        return error_response(exc.status_code, str(exc.detail), kind, headers=getattr(exc, "headers", None))
+        detail = str(exc.detail)
+        cause = exc.__cause__
+        if exc.status_code == 400 and detail == "There was an error parsing the body" and cause is not None:
+            # FastAPI's words for a JSON body its parser gave up on other than by a syntax error: say why
+            why = "nested too deeply" if isinstance(cause, RecursionError) else \
+                f"{type(cause).__name__}: {' '.join(str(cause).split())[:200]}"
+            detail = f"request body is not valid JSON ({why})"
+        return error_response(exc.status_code, detail, kind, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(redis_errors.ConnectionError)
     @app.exception_handler(redis_errors.TimeoutError)
