@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from .engine.types import (JSON_WHITESPACE, KV_CACHE_DTYPES, LOGPROBS_MODES, SCHEDULE_POLICIES, EngineConfig,
                            SamplingParams)
@@ -171,8 +172,9 @@ class FiltersSpec(_Strict):
     gradient for GRPO-style trainers); counted in the manifest summary. results/ and sft/ are unaffected."""
 
     @model_validator(mode="after")
-    def _lengths_leave_room(self):
-        if self.max_response_tokens is not None and self.min_response_tokens > self.max_response_tokens:
+    def _lengths_leave_room(self, info: ValidationInfo):
+        if self.max_response_tokens is not None and self.min_response_tokens > self.max_response_tokens \
+                and _submitting(info):
             raise ValueError(f"output.filters.min_response_tokens ({self.min_response_tokens}) is above "
                              f"max_response_tokens ({self.max_response_tokens}): no sample could be kept")
         return self
@@ -329,10 +331,10 @@ class JobSpec(_Strict):
         return [v] if isinstance(v, str) else v
 
     @model_validator(mode="after")
-    def _filters_have_rewards(self):
+    def _filters_have_rewards(self, info: ValidationInfo):
         filters = self.output.filters
         for name, wanted in (("drop_constant_reward_groups", filters.drop_constant_reward_groups),
-                             ("min_reward", filters.min_reward is not None)):
+                             ("min_reward", filters.min_reward is not None and _submitting(info))):
             if wanted and not self.experience.reward_names():
                 # without one every sample has no reward: min_reward would drop every SFT record
                 raise ValueError(f"output.filters.{name} needs a reward: set experience.reward_model, "
@@ -377,7 +379,13 @@ def stored_spec(data: dict, source: str = "stored job spec") -> "JobSpec":
     exp = data.get("experience") if isinstance(data, dict) else None
     if isinstance(exp, dict) and "logprobs_mode" not in exp and not exp.get("reference_model"):
         data = {**data, "experience": {**exp, "logprobs_mode": LEGACY_LOGPROBS_MODE}}
-    return parse_spec(data, source)
+    return parse_spec(data, source, stored=True)
+
+
+def _submitting(info: ValidationInfo) -> bool:
+    """Whether a spec is being submitted, not read back as a job stored it: checks added since a release are
+    made at submit only, so a job an earlier release queued can still be read, run and finalized."""
+    return not (isinstance(info.context, dict) and info.context.get("stored"))
 
 
 _SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams))
@@ -407,11 +415,15 @@ def format_validation_error(err: ValidationError, source: str = "job spec") -> s
     return validation_error_line(err, JobSpec, source)
 
 
-def parse_spec(data: Any, source: str = "job spec") -> JobSpec:
+def parse_spec(data: Any, source: str = "job spec", stored: bool = False) -> JobSpec:
+    """A JobSpec from `data`, or SpecError (one line). stored: read back as a job stored it (checks added after
+    a job was queued do not apply to it: _submitting)."""
     if not isinstance(data, dict):
         raise SpecError(f"{source}: expected a mapping of keys (name, model, input, output, ...), got {type(data).__name__}")
     check_spec_data(data, source)
     try:
+        if stored:
+            return JobSpec.model_validate(data, context={"stored": True})
         return JobSpec(**data)
     except ValidationError as err:
         raise SpecError(format_validation_error(err, source)) from None

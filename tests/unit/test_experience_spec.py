@@ -119,3 +119,17 @@ def test_filters_that_would_keep_no_sft_record_are_refused():
     with pytest.raises(SpecError, match="min_response_tokens \\(10\\) is above max_response_tokens \\(5\\)"):
         parse_spec({**BASE, "output": {"path": "out", "filters": {"min_response_tokens": 10, "max_response_tokens": 5}}})
     parse_spec({**BASE, "output": {"path": "out", "filters": {"min_response_tokens": 5, "max_response_tokens": 5}}})
+
+
+def test_a_job_queued_before_those_checks_is_still_read_back():
+    """A stored spec (Redis, a manifest) is read with the checks its release made: workers, finalize and report of
+    a job an earlier release queued with such filters must still read it."""
+    from ziya_batch.spec import stored_spec
+
+    for filters in ({"min_reward": 0.0}, {"min_response_tokens": 10, "max_response_tokens": 5}):
+        data = {**BASE, "output": {"path": "out", "filters": filters}}
+        with pytest.raises(SpecError):
+            parse_spec(data)
+        assert stored_spec(data).output.filters.model_dump(exclude_defaults=True) == filters
+    with pytest.raises(SpecError, match="drop_constant_reward_groups needs a reward"):     # as it always was
+        stored_spec({**BASE, "output": {"path": "out", "filters": {"drop_constant_reward_groups": True}}})

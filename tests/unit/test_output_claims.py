@@ -125,8 +125,8 @@ def _put(fs, path: str, data: bytes) -> None:
     fs.pipe(path, data)
 
 
-@pytest.mark.parametrize("name", ["results/part-00000.jsonl", "sft/part-00003.parquet", "errors/x.txt",
-                                  "_committed/00000.json", "experience/deep/er.jsonl"])
+@pytest.mark.parametrize("name", ["results/part-00000.jsonl", "sft/part-00003.parquet", "errors/part-00001.jsonl",
+                                  "_committed/part-00000.json", "experience/part-123456.jsonl"])
 def test_files_no_job_owns_are_never_taken_over(base, name):
     """A directory holding parts (or commit markers) but no owner file was not written by a job of ours (one
     records itself as the owner before it writes a part): a job would overwrite them, so it is refused and they
@@ -142,6 +142,13 @@ def test_files_no_job_owns_are_never_taken_over(base, name):
     _put(fs, f"{base}/w/notes.txt", b"mine")
     claim_output(f"{base}/w", "job2")
     assert OutputDir(f"{base}/w").owner() == "job2"
+    # nor are files of names no job writes where it writes, or empty folders (an object store's folder keys)
+    for other in ("results/.gitkeep", "errors/x.txt", "sft/part-1.jsonl", "results/sub/part-00000.jsonl",
+                  "_committed/notes.json"):
+        _put(fs, f"{base}/z/{other}", b"x")
+    fs.makedirs(f"{base}/z/experience", exist_ok=True)
+    claim_output(f"{base}/z", "job3")
+    assert OutputDir(f"{base}/z").owner() == "job3"
 
 
 def test_a_finished_jobs_parts_are_its_own_by_its_manifest(base):

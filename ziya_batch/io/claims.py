@@ -17,6 +17,7 @@ import posixpath
 from typing import Iterable, Optional
 
 from ..errors import InputError, SpecError
+from ..spec_load import show_text
 from .manifest import MANIFEST
 from .parts import OutputDir
 from .storage import canonical_location, exists_fresh, list_fresh_detail, location_within
@@ -138,9 +139,9 @@ def claim_output(output: "OutputDir | str", job_id: str, known: Iterable[tuple[s
     if written is not None:
         manifest = out.read_json(MANIFEST)
         if not (isinstance(manifest, dict) and manifest.get("job_id") == job_id):
-            raise SpecError(f"output.path {url} already holds {written} (and maybe more) that no job recorded as its "
-                            f"own (no {OutputDir.OWNER}): a job would overwrite such files; choose a new or empty "
-                            "output.path, or move them away")
+            raise SpecError(f"output.path {url} already holds {show_text(written)} (and maybe more) that no job "
+                            f"recorded as its own (no {OutputDir.OWNER}): a job would overwrite such files; choose a "
+                            "new or empty output.path, or move them away")
     try:
         found = out.claim_owner(job_id)
     except OSError as err:

@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
@@ -39,8 +40,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import InputError, ZiyaBatchError
 from .schema import EXTENSIONS, KINDS, encode_part
-from .storage import (_fsync_dir, exists_fresh, join_url, list_fresh, move_atomic, open_output_fs, put_atomic,
-                      read_bytes, write_synced)
+from .storage import (_fsync_dir, exists_fresh, join_url, list_fresh, list_fresh_detail, move_atomic,
+                      open_output_fs, put_atomic, read_bytes, write_synced)
 
 STAGING = "_staging"
 COMMITTED = "_committed"
@@ -399,12 +400,17 @@ class OutputDir:
             self.fs.rm(path, recursive=True)
 
     def first_written(self) -> Optional[str]:
-        """A name under the directories a job writes (the record kinds', _committed/) that holds a file, or None:
-        what a directory no job owns must not hold before one claims it, or the job would overwrite it."""
-        for sub in (*KINDS, COMMITTED):
-            names = list_fresh(self.fs, self.path(sub))
-            if names:
-                return f"{sub}/{posixpath.basename(names[0].rstrip('/'))}"
+        """A file of a name a job writes (a part under a record kind's directory, a commit marker under
+        _committed/) that is here already, or None: what a directory no job owns must not hold before one claims
+        it, or the job would overwrite it. Anything else (an empty folder, a folder key an object store's console
+        made, .gitkeep) is no obstacle."""
+        exts = "|".join(re.escape(e) for e in EXTENSIONS.values())
+        for sub, pattern in [(kind, rf"{re.escape(_PREFIX)}\d{{5,}}\.({exts})") for kind in KINDS] + \
+                [(COMMITTED, rf"{re.escape(_PREFIX)}\d{{5,}}\.json")]:
+            for entry in list_fresh_detail(self.fs, self.path(sub)):
+                name = posixpath.basename(str(entry.get("name", "")).rstrip("/"))
+                if entry.get("type") == "file" and re.fullmatch(pattern, name):
+                    return f"{sub}/{name}"
         return None
 
     def committed_shards(self) -> dict[int, CommitMarker]:
