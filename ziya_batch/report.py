@@ -334,6 +334,10 @@ def write_report(output_url: str, out_path: str | Path, status: Optional[dict] =
     return out
 
 
+# what every report starts with (render_html), lower-cased as _check_report_target reads it
+REPORT_MARK = b"<title>ziya-batch report:"
+
+
 def _check_report_target(out: Path) -> None:
     """The report replaces an earlier report only: an existing file that is not an HTML page (a job's manifest, an
     input file, anything typed after -o by mistake) is refused before a byte is written."""
@@ -349,9 +353,9 @@ def _check_report_target(out: Path) -> None:
     except OSError as err:
         raise InputError(f"cannot read {out} ({err.strerror or type(err).__name__}); give another file name for "
                          "the report") from None
-    if head and not head.startswith((b"<!doctype html", b"<html")):
-        raise InputError(f"{out} exists and is not an HTML report; the report replaces only an earlier report: give "
-                         "a new file name, or remove that file first")
+    if head and REPORT_MARK not in head:
+        raise InputError(f"{out} exists and is not a ziya-batch report; the report replaces only an earlier one: "
+                         "give a new file name, or remove that file first")
 
 
 def report_main(job_id_or_output_url: str, out_path: str | Path, redis_url: Optional[str] = None) -> Path:

@@ -193,6 +193,9 @@ def test_a_demo_model_is_written_again_over_one_but_never_over_anything_else(tmp
         with pytest.raises(ModelError, match="not a demo model"):
             write_demo_model(target)
         assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    (first / ".gitkeep").write_text("")
+    write_demo_model(first)                               # a dot file beside a demo model: no obstacle, and kept
+    assert (first / ".gitkeep").exists()
     for empty in ("", "  "):
         with pytest.raises(ModelError, match="no directory"):
             write_demo_model(empty)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from ziya_batch.errors import InputError
+from ziya_batch.errors import InputError, ServiceError
 from ziya_batch.jobs import submit_job
 from ziya_batch.jobs.submit import open_output
 from ziya_batch.spec import parse_spec
 
 
 @pytest.mark.parametrize("url,why", [
-    ("http://127.0.0.1:1/out", "ClientConnectorError"),           # nothing listens there
     ("s3://bad bucket/out", ""),                                   # a name the store rejects (or no credentials)
     ("s3://no-such-bucket-zb/out", ""),
     ("/tmp/a\x00b", "embedded null byte"),
@@ -29,3 +28,13 @@ def test_an_unreachable_output_is_one_line(tmp_path, monkeypatch, url, why):
         with pytest.raises(InputError, match=f"output.path .* not usable \\(.*{why}.*check the URL") as e:
             attempt()
         assert "\n" not in str(e.value)
+
+
+def test_storage_that_does_not_answer_is_the_services_state(tmp_path):
+    """Nothing listening where the output is: exit 3 / HTTP 503 (try again), not a wrong location."""
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "q"}\n')
+    spec = parse_spec({"name": "t", "model": {"path": str(tmp_path)}, "input": [str(tmp_path / "in.jsonl")],
+                       "output": {"path": "http://127.0.0.1:1/out"}})
+    with pytest.raises(ServiceError, match="its storage does not answer \\(ClientConnectorError") as e:
+        open_output(spec)
+    assert "\n" not in str(e.value)

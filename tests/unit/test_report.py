@@ -109,9 +109,10 @@ def test_the_report_replaces_only_an_earlier_report(tmp_path, job_output):
     write_report(str(out), page)                        # an earlier report: replaced
     assert page.read_text() == first
     (tmp_path / "in.jsonl").write_text('{"id": "a", "prompt": "q"}\n')
-    for victim in (out / "manifest.json", tmp_path / "in.jsonl"):
+    (tmp_path / "index.html").write_text("<!DOCTYPE html><html><title>my page</title></html>")
+    for victim in (out / "manifest.json", tmp_path / "in.jsonl", tmp_path / "index.html"):
         before = victim.read_bytes()
-        with pytest.raises(InputError, match="not an HTML report"):
+        with pytest.raises(InputError, match="not a ziya-batch report"):
             write_report(str(out), victim)
         assert victim.read_bytes() == before
     with pytest.raises(InputError, match="is a directory"):

@@ -123,7 +123,7 @@ def serve_main(host: str = "127.0.0.1", port: int = 8000, model: Optional[str] =
             manager = start_local_replicas(url, None, tensor_parallel, cpu=cpu, worker_prefix="serve")
         where = ("replicas on this machine run the jobs" if manager else
                  "no workers here: `ziya-batch worker` on GPU nodes runs the jobs")
-        print(f"ziya-batch API on http://{host}:{port} (OpenAPI schema at /openapi.json, docs at /docs), queue "
+        print(f"ziya-batch API on http://{host}:{port} (OpenAPI schema at /openapi.json, with the token), queue "
               f"at {mask_url(url)}; {where}; Ctrl-C stops it", flush=True)
         _serve_until_interrupted(broker, manager, poll_s)
     finally:

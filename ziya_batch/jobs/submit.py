@@ -9,7 +9,7 @@ import os
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from .. import io
-from ..errors import InputError, SpecError, ZiyaBatchError
+from ..errors import InputError, ServiceError, SpecError, ZiyaBatchError
 from ..io.claims import claim_output
 from ..records import ShardRef
 from ..spec import JobSpec, show_text
@@ -169,10 +169,21 @@ def open_output(spec: JobSpec) -> io.OutputDir:
     except ZiyaBatchError:
         raise
     except Exception as err:  # noqa: BLE001 - a storage backend may raise anything; name it
-        why = " ".join(str(err).split())[:300]
-        raise InputError(f"output.path {show_text(spec.output.path)} not usable ({type(err).__name__}: {why}; check "
-                         "the URL and its credentials)") from None
+        why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        if _unreachable(err):
+            raise ServiceError(f"output.path {show_text(spec.output.path)}: its storage does not answer ({why}); "
+                               "try again once it does, or check the URL") from None
+        raise InputError(f"output.path {show_text(spec.output.path)} not usable ({why}; check the URL and its "
+                         "credentials)") from None
     return out
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether a storage backend's error says the store did not answer (a connection refused or cut, a time-out:
+    the service's state, exit 3 / HTTP 503) rather than that the location is wrong (credentials, a bucket name)."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    return any("Connect" in c.__name__ or "Timeout" in c.__name__ for c in type(err).__mro__)
 
 
 def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = False,

@@ -10,8 +10,8 @@ import time
 from typing import Optional
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from .. import settings
 from ..errors import ModelError
@@ -30,6 +30,8 @@ def _start_ray(address: Optional[str]):
     if ray.is_initialized():
         return False
     if address:
+        # a clear line now, not ray.init retrying for minutes (the job stays queued: `run` again resumes it)
+        check_ray_address(address)
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
                  runtime_env=settings.worker_runtime_env() or None)
         return True
@@ -47,9 +49,8 @@ def run_job(job_path: str, redis_url: Optional[str] = None, ray_address: Optiona
     url, private = redis_for(redis_url, register=True)
     try:
         if private is not None:
-            console.print(f"[dim]private redis-server at {escape(private.masked_url)} (data in "
-                          f"{escape(str(private.data_dir))}; "
-                          "`ziya-batch status` from any shell shows this job)[/dim]")
+            console.print(Text(f"private redis-server at {private.masked_url} (data in {private.data_dir}; "
+                               "`ziya-batch status` from any shell shows this job)", style="dim"))
             if settings.ray_address(ray_address):
                 console.print("[yellow]warning:[/yellow] the queue is this host's private redis-server (127.0.0.1 "
                               "only): replicas on other nodes cannot reach it; give a Redis they can reach with "
@@ -85,16 +86,13 @@ def _run(spec, url: str, private, ray_address, num_workers, progress: bool, poll
     broker = Broker.from_url(url)
     if private is None:
         for w in broker.check_server():
-            console.print(f"[yellow]warning:[/yellow] {escape(w)}")
-    address = settings.ray_address(ray_address)
-    if address and not ray.is_initialized():
-        check_ray_address(address)          # before the job is queued for a cluster that is not there
+            console.print(Text.assemble(("warning:", "yellow"), f" {w}"))
     changed: list[str] = []
     status = submit_job(spec, broker, check_model_dir=True, changes=changed)
     job_id = status.job_id
-    # names and paths are the user's text, printed as it is (rich would take "[v2]" in a path for markup)
-    console.print(f"job [bold]{job_id}[/bold] ({escape(spec.name)}): {status.prompts_total} prompts in "
-                  f"{status.shards_total} shards -> {escape(spec.output.path)}")
+    # names and paths are the user's text, printed as it is (rich would take "[v2]" for markup, ":x:" for an emoji)
+    console.print(Text.assemble("job ", (job_id, "bold"), f" ({spec.name}): {status.prompts_total} prompts in "
+                                f"{status.shards_total} shards -> {spec.output.path}"))
     if changed:
         console.print(f"resumed with {'; '.join(changed)}", markup=False)
     started_ray = False

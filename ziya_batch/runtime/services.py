@@ -74,18 +74,24 @@ def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
     """A Ray address given as host:port (a head's GCS) or ray://host:port must be one and answer a TCP connect
     now: ray.init retries one that does not answer for many minutes, and takes a malformed one for a traceback.
     SpecError (exit 2) for the form, ServiceError (exit 3) for silence. "auto" and "local" are Ray's own."""
+    from ..spec_load import show_text
+
     if address in ("auto", "local"):
         return
-    target = address[len("ray://"):] if address.startswith("ray://") else address
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme not in ("ray", "http", "https", "") and scheme.isidentifier():
+        return                      # a Ray client builder's own scheme (a module Ray imports): Ray's to judge
+    target = rest if sep and scheme == "ray" else address
     host, sep, port = target.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host       # [IPv6]:port
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host       # [IPv6]:port
     if not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65_536) or "/" in target \
-            or any(c.isspace() for c in target):
-        raise SpecError(f"Ray address '{address}': expected host:port (the head's, e.g. 10.0.0.1:6379), "
-                        "ray://host:port, auto or local")
+            or any(c.isspace() for c in target) or (":" in host and not bracketed) or "[" in host or "]" in host:
+        raise SpecError(f"Ray address '{show_text(address)}': expected host:port (the head's, e.g. 10.0.0.1:6379), "
+                        "[IPv6]:port, ray://host:port, auto or local")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except (OSError, UnicodeError) as err:
         why = getattr(err, "strerror", None) or type(err).__name__
-        raise ServiceError(f"the Ray cluster at {address} does not answer ({why}): start its head (`ray start "
-                           "--head`), or give the right --address (or $RAY_ADDRESS)") from None
+        raise ServiceError(f"the Ray cluster at {show_text(address)} does not answer ({why}): start its head "
+                           "(`ray start --head`), or give the right --address (or $RAY_ADDRESS)") from None

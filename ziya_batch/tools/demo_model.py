@@ -222,10 +222,12 @@ _DEMO_FILES = {"config.json", "generation_config.json", "model.safetensors", "to
 def _holds_only_a_demo_model(out: Path) -> bool:
     """Whether directory `out` is empty or holds a demo model and nothing else (so writing one there loses nothing:
     any other checkpoint, such as a merged 13B's shards, is refused rather than overwritten)."""
-    names = {p.name for p in out.iterdir()}
+    names = {p.name for p in out.iterdir() if not p.name.startswith(".")}     # .gitkeep and the like: kept
     if not names:
         return True
-    if not names <= _DEMO_FILES or "config.json" not in names:
+    # save_pretrained's names for a model in shards too (the stale ones are deleted before a new one is written)
+    shards = {n for n in names if re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json", n)}
+    if not names - shards <= _DEMO_FILES or "config.json" not in names:
         return False
     try:
         config = json.loads((out / "config.json").read_text(encoding="utf-8"))
