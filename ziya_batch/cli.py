@@ -30,10 +30,13 @@ def _allow_remote_code(given: bool) -> None:
         settings.set_allow_remote_code()
 
 
-def _finite(value: float) -> float:
-    # a range check lets nan through (every comparison with it is false)
+def _interval(value: float) -> float:
+    # the range checked here, not by typer's min/max: those let nan through (every comparison with it is false)
+    # or, in newer typers, refuse it as "should be <= 3600"
     if value != value:
         raise typer.BadParameter("not a number")
+    if not 0.1 <= value <= MAX_INTERVAL_S:
+        raise typer.BadParameter(f"{value:g} is outside 0.1..{MAX_INTERVAL_S:g} seconds")
     return value
 
 
@@ -91,7 +94,7 @@ def status(
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh live until Ctrl-C"),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output"),
-    interval_s: float = typer.Option(2.0, "--interval", min=0.1, max=MAX_INTERVAL_S, callback=_finite,
+    interval_s: float = typer.Option(2.0, "--interval", callback=_interval,
                                      help="Seconds between refreshes with --watch"),
 ):
     """Jobs with state, prompts done/failed/total, tokens/s, ETA and workers."""

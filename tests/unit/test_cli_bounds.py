@@ -30,6 +30,8 @@ def _nothing_runs(monkeypatch):
     (["run", "job.yaml", "--workers", "0"], "--workers"),
     (["status", "--interval", "-1"], "--interval"),
     (["status", "--interval", "nan"], "--interval"),
+    (["status", "--interval", "0.05"], "outside 0.1..3600"),
+    (["status", "--interval", "NaN"], "not a number"),
     (["status", "--interval", "1e309"], "--interval"),
     (["status", "--no-such-option"], "--no-such-option"),
     (["cancel"], "job_id"),
