@@ -22,6 +22,8 @@ from .errors import InputError, ServiceError
 from .io.schema import decode_part
 
 REWARD_RESERVOIR = 50_000
+# how every report's head begins (render_html; lower case, as _check_report_target compares it): what -o may replace
+REPORT_TITLE = "<title>ziya-batch report:"
 
 
 @dataclass
@@ -309,7 +311,7 @@ def render_html(s: JobStats) -> str:
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _summary_rows(s))
     cards = "".join(f'<div class="card"><h2>{html.escape(t)}</h2>{svg}</div>' for t, svg in charts)
     made = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>ziya-batch report: '
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{REPORT_TITLE} '
             f'{html.escape(s.name)}</title><style>{_CSS}</style></head><body>'
             f'<h1>{html.escape(s.name)} <span class="state">{html.escape(s.state)}</span></h1>'
             f'<div class="sub">job {html.escape(s.job_id)} · report written {made}</div>'
@@ -334,13 +336,10 @@ def write_report(output_url: str, out_path: str | Path, status: Optional[dict] =
     return out
 
 
-# what every report starts with (render_html), lower-cased as _check_report_target reads it
-REPORT_MARK = b"<title>ziya-batch report:"
-
-
 def _check_report_target(out: Path) -> None:
-    """The report replaces an earlier report only: an existing file that is not an HTML page (a job's manifest, an
-    input file, anything typed after -o by mistake) is refused before a byte is written."""
+    """The report replaces an earlier report only: an existing file without REPORT_TITLE in its first bytes (a
+    job's manifest, an input file, another page, anything typed after -o by mistake) is refused before a byte is
+    written."""
     if out.is_dir():
         raise InputError(f"{out} is a directory; give the report's file name, e.g. {out / 'report.html'}")
     if not out.exists():
@@ -353,7 +352,7 @@ def _check_report_target(out: Path) -> None:
     except OSError as err:
         raise InputError(f"cannot read {out} ({err.strerror or type(err).__name__}); give another file name for "
                          "the report") from None
-    if head and REPORT_MARK not in head:
+    if head and REPORT_TITLE.encode() not in head:
         raise InputError(f"{out} exists and is not a ziya-batch report; the report replaces only an earlier one: "
                          "give a new file name, or remove that file first")
 

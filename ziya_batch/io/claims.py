@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 
 from ..errors import InputError, SpecError
 from ..spec_load import show_text
-from .manifest import MANIFEST
+from .manifest import MANIFEST, read_manifest
 from .parts import OutputDir
 from .storage import canonical_location, exists_fresh, list_fresh_detail, location_within
 
@@ -137,8 +137,7 @@ def claim_output(output: "OutputDir | str", job_id: str, known: Iterable[tuple[s
     # job's parts of the same names: refused, unless the directory's manifest says this job wrote them
     written = out.first_written()
     if written is not None:
-        manifest = out.read_json(MANIFEST)
-        if not (isinstance(manifest, dict) and manifest.get("job_id") == job_id):
+        if (read_manifest(out) or {}).get("job_id") != job_id:
             raise SpecError(f"output.path {url} already holds {show_text(written)} (and maybe more) that no job "
                             f"recorded as its own (no {OutputDir.OWNER}): a job would overwrite such files; choose a "
                             "new or empty output.path, or move them away")

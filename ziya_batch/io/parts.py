@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import posixpath
-import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
@@ -404,12 +403,14 @@ class OutputDir:
         _committed/) that is here already, or None: what a directory no job owns must not hold before one claims
         it, or the job would overwrite it. Anything else (an empty folder, a folder key an object store's console
         made, .gitkeep) is no obstacle."""
-        exts = "|".join(re.escape(e) for e in EXTENSIONS.values())
-        for sub, pattern in [(kind, rf"{re.escape(_PREFIX)}\d{{5,}}\.({exts})") for kind in KINDS] + \
-                [(COMMITTED, rf"{re.escape(_PREFIX)}\d{{5,}}\.json")]:
+        for sub in (*KINDS, COMMITTED):
             for entry in list_fresh_detail(self.fs, self.path(sub)):
                 name = posixpath.basename(str(entry.get("name", "")).rstrip("/"))
-                if entry.get("type") == "file" and re.fullmatch(pattern, name):
+                index = _index_of(name)
+                if index is None or entry.get("type") != "file":
+                    continue
+                ours = {f"{_stem(index)}.json"} if sub == COMMITTED else {part_name(index, f) for f in EXTENSIONS}
+                if name in ours:
                     return f"{sub}/{name}"
         return None
 
