@@ -8,8 +8,8 @@
 #   f16on, fp8on  the same with mixed-step graphs on only, without the baseline
 #   stack  W1 through Redis, Ray and one worker (bench_stack.py --configs 1x1) on random 13B-shape weights
 #   quality  the FP8 quality gate on a trained 13B-shape model (fp8_quality.py; on an H100 its 40 layers train
-#          with AdamW stepped inside the backward pass, not yet run there; the schedule anneals by --train-max-s
-#          where that comes before --steps, e.g. QUALITY_ARGS="--steps 2000 --train-max-s 480"; a call the limit
+#          with AdamW stepped inside the backward pass, peak 73 GiB; the schedule anneals by --train-max-s
+#          where that comes before --steps, e.g. QUALITY_ARGS="--steps 2000 --train-max-s 450", which trains and generates within one 590 s call; a call the limit
 #          stops in generation leaves the checkpoint in /tmp/quality for the next call on that machine;
 #          QUALITY_ARGS="--layers 20 --steps 600 --train-max-s 190" for the 20-layer run of earlier sessions)
 #   seats  W1 in one bench run: float16, then FP8 weights + FP8 KV at 256, 384 and 512 seats (bench --also)
