@@ -142,7 +142,8 @@ class LLMEngine:
                                   use_graphs=on_gpu and config.cuda_graphs,
                                   use_triton=on_gpu and attention.triton is not None,
                                   mixed_graphs=config.mixed_step_graphs,
-                                  max_num_batched_tokens=config.max_num_batched_tokens)
+                                  max_num_batched_tokens=config.max_num_batched_tokens,
+                                  overlap_mixed=config.overlap_mixed_steps)
         self.scheduler.step_buckets = self.runner.step_buckets()
         self._groups: dict[str, _Group] = {}
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))

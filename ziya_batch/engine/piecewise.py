@@ -108,7 +108,7 @@ class MixedStepGraphs:
     """The pieces of a mixed step for every bucket, with the static buffers they read and write."""
 
     def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], buckets: list[int],
-                 scratch_slot: int, device: torch.device, capture: bool, pool=None):
+                 scratch_slot: int, device: torch.device, capture: bool, pool=None, stream=None):
         self.model, self.kv_caches, self.buckets = model, kv_caches, sorted(buckets)
         self.scratch_slot, self.device = scratch_slot, device
         a, layer0 = model.args, model.layers[0]
@@ -123,7 +123,7 @@ class MixedStepGraphs:
         self.x = torch.zeros(n, a.hidden_size, dtype=dt, device=device)           # the final norm's output
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         if capture:
-            self._capture(pool)
+            self._capture(pool, stream)
 
     def fits(self, num_tokens: int) -> bool:
         return num_tokens <= self.buckets[-1]
@@ -151,10 +151,12 @@ class MixedStepGraphs:
 
         return [first, *(between(i) for i in range(1, len(layers))), last]
 
-    def _capture(self, pool) -> None:
-        # one memory pool for every piece (and the runner's decode graphs): a piece's intermediates die with it
+    def _capture(self, pool, stream=None) -> None:
+        # one memory pool for every piece (and the runner's decode graphs): a piece's intermediates die with it.
+        # `stream`: the one to capture on (cuBLAS keeps a workspace per stream, and a graph replays the one of the
+        # stream it was captured on)
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        s = torch.cuda.Stream(self.device)
+        s = stream if stream is not None else torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             for b in self.buckets:                      # warm-up outside capture (Triton, cuBLAS heuristics)

@@ -36,7 +36,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
                  max_num_seqs: int, max_model_len: int, device: torch.device, use_graphs: bool, use_triton: bool,
-                 mixed_graphs: bool = False, max_num_batched_tokens: int = 0):
+                 mixed_graphs: bool = False, max_num_batched_tokens: int = 0, overlap_mixed: bool = False):
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.device, self.use_triton = device, use_triton
         # decode rows longest context first: the attention kernel's programs start in row order, so the longest
@@ -70,10 +70,22 @@ class ModelRunner:
         if self.graph_sizes:
             self.graph_sizes = self._prune("decode", self.graph_sizes)
             self._capture_graphs()
+        # steps with prefill as two forwards at once (EngineConfig.overlap_mixed_steps): the decode rows replay their
+        # decode graph on a second stream while the prefill chunks run on this one. Not under tensor parallelism
+        # (two streams' all-reduces could reach the ranks in different orders)
+        self.overlap_mixed = overlap_mixed and getattr(model, "agree_num_blocks", None) is None
+        self.side_stream = None
+        if self.overlap_mixed and self.graphs:
+            self.side_stream = _high_priority_stream(device)
         if use_graphs and mixed_graphs and model.use_fused and max_num_batched_tokens > 0:
             buckets = self._prune("mixed", mixed_buckets(max_num_batched_tokens))
+            # overlapped, a mixed step's pieces and a decode graph run at the same time: their intermediates must
+            # not share a memory pool, nor their GEMMs a cuBLAS workspace (one per stream captured on: the decode
+            # graphs were captured on torch.cuda.graph's stream, of the low-priority streams; these on a
+            # high-priority one)
             self.mixed = MixedStepGraphs(model, kv_caches, buckets, self.scratch_slot, device, capture=True,
-                                         pool=self.graph_pool)
+                                         pool=None if self.overlap_mixed else self.graph_pool,
+                                         stream=_high_priority_stream(device) if self.overlap_mixed else None)
 
     def flat_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first layer's K and V caches as [slots, KV heads, head dim] (what the kernels index by slot)."""
@@ -146,7 +158,37 @@ class ModelRunner:
             if bucket is not None and all(len(c.children) == 0 for c in chunks):
                 logits = self._replay(decodes, bucket, src, fix)
                 return logits[torch.tensor(row_idx, device=self.device)] if len(row_idx) != nd else logits[:nd], rows
+        if self.overlap_mixed and 0 < nd < len(chunks) and all(len(c.children) == 0 for c in decodes):
+            return self._run_split(chunks, nd, row_idx, src, fix), rows
         return self._run_step(chunks, nd, row_idx, src, fix), rows
+
+    def _run_split(self, chunks: list[ScheduledChunk], nd: int, row_idx: list[int], src: list[int],
+                   prev_tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        """A step with prefill as two forwards: the decode rows (their decode graph, on the side stream where
+        there is one, else the plain forward) and the prefill chunks (this stream). They write disjoint cache
+        slots and read only their own sequences' blocks (shared prefix blocks read only), so on a GPU the
+        decode rows' attention and weight reads (memory-bound) can run beside the prefill's GEMMs
+        (compute-bound). Logits in row_idx's order, as _run_step returns them."""
+        decodes = chunks[:nd]
+        split = next(i for i, r in enumerate(row_idx) if r >= nd) if row_idx and row_idx[-1] >= nd else len(row_idx)
+        dec_rows, pre_rows = row_idx[:split], [r - nd for r in row_idx[split:]]
+        bucket = next((b for b in self.graph_sizes if b >= nd), None) if self.graphs else None
+        dec = None
+        if bucket is not None and self.side_stream is not None:
+            main, side = torch.cuda.current_stream(self.device), self.side_stream
+            self._replay(decodes, bucket, src[:nd], prev_tokens, stream=side)
+            pre = self._run_step(chunks[nd:], 0, pre_rows, src[nd:], prev_tokens)
+            main.wait_stream(side)
+            dec = self.g_logits[:bucket]
+        else:
+            if dec_rows:
+                dec = self._run_step(decodes, nd, list(range(nd)), src[:nd], prev_tokens)
+            pre = self._run_step(chunks[nd:], 0, pre_rows, src[nd:], prev_tokens)
+        if not dec_rows:
+            return pre
+        dec = dec[torch.tensor(dec_rows, device=self.device)] if dec_rows != list(range(len(dec_rows))) \
+            else dec[:len(dec_rows)]
+        return torch.cat([dec, pre]) if pre_rows else dec
 
     def _run_step(self, chunks: list[ScheduledChunk], nd: int, row_idx: list[int], src: list[int],
                   prev_tokens: Optional[torch.Tensor]) -> torch.Tensor:
@@ -226,7 +268,10 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     def _replay(self, decodes: list[ScheduledChunk], bucket: int, src: list[int],
-                prev_tokens: Optional[torch.Tensor]) -> torch.Tensor:
+                prev_tokens: Optional[torch.Tensor], stream: Optional[torch.cuda.Stream] = None) -> torch.Tensor:
+        """Replays the decode graph of `bucket` rows: the inputs go to its static buffers on the current stream;
+        the graph runs there, or on `stream` once that has waited for it (the caller joins it back before reading
+        the logits)."""
         host = np.zeros((5, bucket), dtype=np.int64)
         host[2, :] = self.scratch_slot
         host[4, :] = -1                  # padding rows take no token from the step before
@@ -246,8 +291,21 @@ class ModelRunner:
         self.g_slots[:bucket].copy_(dev[2])
         self.g_ctx[:bucket].copy_(dev[3])
         self.g_bt[:bucket].copy_(torch.from_numpy(bt).to(self.device, non_blocking=True))
-        self.graphs[bucket].replay()
+        if stream is None:
+            self.graphs[bucket].replay()
+        else:
+            # after everything this stream has queued: the inputs above and the step before's sampling, which
+            # reads g_logits
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self.graphs[bucket].replay()
         return self.g_logits[:bucket]
+
+
+def _high_priority_stream(device: torch.device) -> "torch.cuda.Stream":
+    """A stream of the highest priority (its blocks are scheduled first where two streams' kernels wait for SMs)."""
+    least, greatest = torch.cuda.Stream.priority_range()      # numerically: the greatest priority is the lowest
+    return torch.cuda.Stream(device, priority=min(least, greatest))
 
 
 def _take_pending(ids: torch.Tensor, src: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:

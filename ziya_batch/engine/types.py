@@ -90,6 +90,12 @@ class EngineConfig:
     # scripts/gpu/fp8_gemm_accum.py, the quality gate's variant). Off by default (the job spec's
     # engine.fp8_fast_accum); needs quantization "fp8"
     fp8_fast_accum: bool = False
+    # with CUDA graphs, a step with prefill runs as two forwards at once: the decode rows replay their decode graph
+    # on a second, high-priority stream while the prefill chunks run on the first, so the decode rows' attention
+    # and weight reads (memory-bound) can fill what the prefill's GEMMs (compute-bound) leave. Costs a second read
+    # of the weights for the decode rows and the pieces' own graph memory pool. Not under tensor parallelism.
+    # Off by default: an experiment (bench --also overlap-mixed=on), not yet measured on a GPU
+    overlap_mixed_steps: bool = False
     num_kv_blocks: Optional[int] = None  # override the memory-derived size (tests, preemption)
     max_model_len: Optional[int] = None  # default: the checkpoint's max_position_embeddings
     trust_remote_code: bool = False

@@ -50,7 +50,7 @@ class BenchOptions:
 
 
 # what an --also variant may change in the first engine row, with how its value is read
-VARIANT_KEYS = ("quantization", "kv-cache-dtype", "max-num-seqs", "mixed-graphs", "fp8-fast-accum")
+VARIANT_KEYS = ("quantization", "kv-cache-dtype", "max-num-seqs", "mixed-graphs", "fp8-fast-accum", "overlap-mixed")
 
 
 def max_seats() -> int:
@@ -61,7 +61,8 @@ def max_seats() -> int:
 
 def parse_variant(text: str) -> dict:
     """"key=value,key=value" over VARIANT_KEYS -> the bench_engine overrides {quantization, kv_cache_dtype,
-    max_num_seqs, mixed_step_graphs, fp8_fast_accum} it names; ValueError with one line for anything else."""
+    max_num_seqs, mixed_step_graphs, fp8_fast_accum, overlap_mixed_steps} it names; ValueError with one line for
+    anything else."""
     from ziya_batch.engine.kv_cache import KV_CACHE_DTYPES
     top = max_seats()
     out: dict = {}
@@ -70,8 +71,8 @@ def parse_variant(text: str) -> dict:
         key, value = key.strip().replace("_", "-"), value.strip()
         if not eq or key not in VARIANT_KEYS:
             raise ValueError(f"{part.strip()!r} is not KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
-        name = key.replace("-", "_")
-        if name in out or (name == "mixed_graphs" and "mixed_step_graphs" in out):
+        name = {"mixed-graphs": "mixed_step_graphs", "overlap-mixed": "overlap_mixed_steps"}.get(key, key.replace("-", "_"))
+        if name in out:
             raise ValueError(f"{key} is given twice")
         if key == "quantization":
             if value not in ("none", "fp8"):
@@ -89,7 +90,7 @@ def parse_variant(text: str) -> dict:
         else:
             if value not in ("on", "off"):
                 raise ValueError(f"{key} must be on or off, not {value!r}")
-            out["mixed_step_graphs" if key == "mixed-graphs" else name] = value == "on"
+            out[name] = value == "on"
     return out
 
 
@@ -229,11 +230,12 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
 
 def config_note_parts(cfg: EngineConfig) -> list[str]:
     """How an engine row's configuration differs from the engine's defaults, as its note and the roofline beside
-    it name it: KV cache dtype, weights, seats, FP8 fast accumulation."""
+    it name it: KV cache dtype, weights, seats, FP8 fast accumulation, overlapped mixed steps."""
     return ([f"KV cache {cfg.kv_cache_dtype}"] if cfg.kv_cache_dtype != EngineConfig.kv_cache_dtype else []) + \
         ([f"weights {cfg.quantization}"] if cfg.quantization else []) + \
         ([f"{cfg.max_num_seqs} seats"] if cfg.max_num_seqs != EngineConfig.max_num_seqs else []) + \
-        (["FP8 fast accumulation"] if cfg.fp8_fast_accum else [])
+        (["FP8 fast accumulation"] if cfg.fp8_fast_accum else []) + \
+        (["mixed steps overlapped"] if cfg.overlap_mixed_steps else [])
 
 
 def _hit_note(eng: LLMEngine) -> str:

@@ -1,0 +1,110 @@
+"""Steps with prefill as two forwards (EngineConfig.overlap_mixed_steps, runner._run_split), run on the CPU: there
+the decode rows and the prefill chunks run one after the other (no graphs, no second stream), which checks what
+the GPU's overlap relies on: the split inputs, the rows' order, the tokens taken from the step before, and that
+each part computes what the joint step computes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ziya_batch.engine.runner import ModelRunner
+from ziya_batch.engine.types import Request, SamplingParams
+from ziya_batch.tools.testing import tiny_llama
+
+from tests.unit.test_engine import check_against_hf, greedy, make_engine, random_prompts
+from tests.unit.test_piecewise import pieces_engine
+
+
+def _spy_splits(eng, inside: list | None = None) -> list[tuple[int, int]]:
+    """(decode rows, prefill chunks) of every step _run_split ran; `inside`, where given, holds True while one
+    runs."""
+    seen: list[tuple[int, int]] = []
+    run = eng.runner._run_split
+
+    def spy(chunks, nd, *a):
+        seen.append((nd, len(chunks) - nd))
+        if inside is not None:
+            inside.append(True)
+        try:
+            return run(chunks, nd, *a)
+        finally:
+            if inside is not None:
+                inside.pop()
+    eng.runner._run_split = spy
+    return seen
+
+
+def _staggered(eng, prompts, params):
+    """Requests arriving a few steps apart, so steps mix decode rows and prefill chunks (some cut, so a step's
+    prefill part may sample nothing)."""
+    outs, pending = {}, list(enumerate(prompts))
+    step = 0
+    while pending or eng.has_unfinished():
+        if pending and step % 3 == 0:
+            i, p = pending.pop(0)
+            eng.add_request(Request(f"r{i}", p, params))
+        for o in eng.step():
+            outs[o.request_id] = o
+        step += 1
+    return [outs[f"r{i}"] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_split_steps_match_transformers_and_the_joint_step(num_kv_heads, async_scheduling):
+    prompts = random_prompts(8, seed=20 + num_kv_heads, lo=3, hi=60)
+    outs = []
+    for overlap in (False, True):
+        eng = make_engine(num_kv_heads, overlap_mixed_steps=overlap, async_scheduling=async_scheduling)
+        assert eng.runner.overlap_mixed is overlap
+        seen = _spy_splits(eng)
+        outs.append(_staggered(eng, prompts, greedy(10)))
+        if overlap:
+            assert any(nd > 0 and npre > 0 for nd, npre in seen), "no step mixed decode rows and prefill chunks"
+        else:
+            assert not seen
+    for p, joint, split in zip(prompts, *outs):
+        check_against_hf(tiny_llama(num_kv_heads), p, split.completions[0], 10)
+        assert split.completions[0].token_ids == joint.completions[0].token_ids
+        assert torch.allclose(torch.tensor(split.completions[0].logprobs),
+                              torch.tensor(joint.completions[0].logprobs), atol=1e-5)
+
+
+def test_split_steps_through_the_pieces_with_sampling_and_n():
+    # the prefill part through the mixed-step pieces; seeded sampling, n > 1 (a prefill chunk with children) and
+    # top logprobs give the same as the joint step
+    prompts = random_prompts(6, seed=3, lo=10, hi=50)
+    params = SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9, top_k=40, seed=7, n=2,
+                            logprobs_mode="processed", top_logprobs=3)
+    outs = []
+    for overlap in (False, True):
+        eng = pieces_engine(buckets=(16, 64), overlap_mixed_steps=overlap)
+        used, inside = [], []      # decode rows of each run of the pieces within a split step
+        run = eng.runner.mixed.run
+        eng.runner.mixed.run = lambda ids, pos, meta, *a: (inside and used.append(meta.num_decode)) or run(
+            ids, pos, meta, *a)
+        seen = _spy_splits(eng, inside)
+        outs.append(_staggered(eng, prompts, params))
+        if overlap:
+            assert any(nd > 0 and npre > 0 for nd, npre in seen)
+            # the prefill part in the pieces, alone; the decode part (no decode graph on the CPU) too, on its own
+            assert 0 in used and set(used) <= {0} | {d for d, _ in seen}
+    for joint, split in zip(*outs):
+        for a, b in zip(joint.completions, split.completions):
+            assert a.token_ids == b.token_ids
+            assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5)
+            assert [[t for t, _ in row] for row in a.top_logprobs] == [[t for t, _ in row] for row in b.top_logprobs]
+
+
+def test_no_split_under_tensor_parallelism():
+    # two streams' all-reduces could reach the ranks in different orders: a tensor-parallel model (the engine
+    # gives it agree_num_blocks) never splits
+    eng = make_engine(overlap_mixed_steps=True)
+    model = eng.model
+    model.agree_num_blocks = lambda n: n
+    try:
+        runner = ModelRunner(model, eng.kv_caches, eng.runner.block_size, 4, 64, eng.device, use_graphs=False,
+                             use_triton=False, overlap_mixed=True)
+    finally:
+        del model.agree_num_blocks
+    assert runner.overlap_mixed is False and runner.side_stream is None
