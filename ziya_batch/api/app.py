@@ -55,6 +55,21 @@ def format_request_errors(errs: list[dict], source: str) -> str:
     return format_validation_error(_BodyErrors(errs), source)  # type: ignore[arg-type]
 
 
+def _is_json(request: Request) -> bool:
+    """Whether FastAPI parses this request's body as JSON: media type application/json or application/*+json."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    kind, _, sub = media.partition("/")
+    return kind == "application" and (sub == "json" or sub.endswith("+json"))
+
+
+def _json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words."""
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array"}.get(
+        type(value), "an object")
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -63,12 +78,18 @@ def _install_error_handlers(app: FastAPI) -> None:
         if bad_json:
             reason = (bad_json[0].get("ctx") or {}).get("error", "JSON decode error")
             return error_response(400, f"request body is not valid JSON: {reason}", "invalid_request_error")
-        is_json = "json" in request.headers.get("content-type", "")
-        raw_body = [e for e in errs if tuple(e.get("loc", ())) == ("body",) and isinstance(e.get("input"), (bytes, str))]
-        if raw_body and not is_json:
+        source = "job spec" if request.url.path.rstrip("/") == "/v1/jobs" else "request"
+        whole = [e for e in errs if tuple(e.get("loc", ())) == ("body",)]      # the body itself, not a key in it
+        if whole and whole[0].get("type") == "missing":
+            return error_response(400, f"request body is empty: send the {source} as a JSON object with "
+                                       "'Content-Type: application/json'", "invalid_request_error")
+        if whole and isinstance(whole[0].get("input"), (bytes, str)) and not _is_json(request):
             return error_response(400, "request body must be a JSON object; send it with "
                                        "'Content-Type: application/json'", "invalid_request_error")
-        source = "job spec" if request.url.path.rstrip("/") == "/v1/jobs" else "request"
+        if whole and whole[0].get("type") in ("model_attributes_type", "dict_type", "model_type"):
+            kind = _json_kind(whole[0].get("input"))
+            return error_response(422, f"{source}: the request body must be a JSON object, not {kind}",
+                                  "invalid_request_error")
         return error_response(422, format_request_errors(errs, source), "invalid_request_error")
 
     @app.exception_handler(ZiyaBatchError)
