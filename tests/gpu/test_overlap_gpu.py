@@ -28,6 +28,7 @@ def engine(model, dtype: str, overlap: bool, **kw) -> LLMEngine:
                                                          overlap_mixed_steps=overlap, **kw))
     r = eng.runner
     assert r.overlap_mixed is overlap and (r.side_stream is not None) is overlap and r.mixed is not None
+    assert eng.scheduler.step_buckets_prefill_only is overlap       # steps cut to the pieces' own token counts
     return eng
 
 

@@ -113,12 +113,14 @@ class SchedulerOutput:
         return all(c.num_tokens == 1 for c in self.chunks)
 
 
-def fit_bucket(chunks: list[ScheduledChunk], buckets: list[tuple[int, float]]) -> Optional[tuple[int, int]]:
+def fit_bucket(chunks: list[ScheduledChunk], buckets: list[tuple[int, float]],
+               prefill_only: bool = False) -> Optional[tuple[int, int]]:
     """(index, new token count) of the chunk to shorten so that the step's tokens fill the bucket below instead
     of padding up to a much dearer one (TRIM_MARGIN, TRIM_MIN_SECONDS, TRIM_MAX_TOKENS); None to leave the step
     as it is. Only a chunk without forked samples is shortened, to two tokens at least (decode rows never are),
-    the last such first."""
-    total = sum(c.num_tokens for c in chunks)
+    the last such first. prefill_only: the buckets hold the chunks of more than one token alone (the runner's
+    overlapped steps run the one-token rows beside them, EngineConfig.overlap_mixed_steps)."""
+    total = sum(c.num_tokens for c in chunks if c.num_tokens > 1 or not prefill_only)
     up = bisect.bisect_left(buckets, (total,))        # the first bucket of at least `total` tokens
     if up == 0 or up == len(buckets) or buckets[up][0] == total:
         return None
@@ -173,6 +175,8 @@ class Scheduler:
         # [(token count, seconds)] ascending: the buckets steps with prefill run in and their measured projection
         # times (the engine sets them from the runner's graphs; None: steps are not cut to fit, fit_bucket)
         self.step_buckets: Optional[list[tuple[int, float]]] = None
+        # the buckets take a step's chunks of more than one token alone (overlapped steps; fit_bucket)
+        self.step_buckets_prefill_only = False
         self.num_cut_steps = 0
 
     def new_seq_id(self) -> int:
@@ -359,7 +363,7 @@ class Scheduler:
                 plan.add(seq, copies=1 + len(chunks[-1].children) + seq.pending_forks)
             budget -= n
         self.running.extend(self._forked)
-        if self.step_buckets and (cut := fit_bucket(chunks, self.step_buckets)):
+        if self.step_buckets and (cut := fit_bucket(chunks, self.step_buckets, self.step_buckets_prefill_only)):
             k, n = cut
             c = chunks[k]
             # its blocks stay reserved (the rest of the chunk runs next); it no longer reaches its last token
