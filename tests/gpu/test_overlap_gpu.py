@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ziya_batch.engine.engine import LLMEngine
-from ziya_batch.engine.model import from_hf_model
+from ziya_batch.engine.model import LlamaModel, from_hf_model
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
 from ziya_batch.tools.testing import chain_sequences, hf_greedy, markov_chain, tiny_llama, trained_tiny_llama
 
@@ -28,7 +28,8 @@ def engine(model, dtype: str, overlap: bool, **kw) -> LLMEngine:
                                                          overlap_mixed_steps=overlap, **kw))
     r = eng.runner
     assert r.overlap_mixed is overlap and (r.side_stream is not None) is overlap and r.mixed is not None
-    assert eng.scheduler.step_buckets_prefill_only is overlap       # steps cut to the pieces' own token counts
+    # steps cut to the pieces' own token counts where they split
+    assert eng.scheduler.split_rows == r.split_rows == (max(r.graph_sizes) if overlap else 0)
     return eng
 
 
@@ -82,3 +83,34 @@ def test_float16_and_fp8_overlapped_steps_keep_greedy_output_on_a_trained_model(
         del eng
     same = sum(a == b for a, b in zip(*res))
     assert same >= 30, f"{same} of 32 prompts equal with and without overlapped steps"
+
+
+@pytest.mark.parametrize("quantization", [None, "fp8"])
+def test_overlapped_steps_equal_the_same_steps_on_one_stream_bit_for_bit(quantization):
+    # LLaMA-13B-width layers and steps of up to 2,048 tokens: GEMMs long enough to overlap, with cuBLAS workspaces
+    # (FP8: fast accumulation, the float8 cache). One engine runs the work overlapped, then with its side stream
+    # made the current one (the same kernels, in order): every logprob must agree bit for bit, or the two streams
+    # raced over something they share
+    if quantization and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 weights need compute capability 8.9+")
+    from ziya_batch.tools.bench_core import _args
+    model = LlamaModel.random(_args(2), torch.device("cuda"), torch.float16, 0, quantization)
+    eng = LLMEngine.from_model(model, None, EngineConfig(
+        model_path="", device="cuda", max_model_len=1024, num_kv_blocks=3000, max_num_batched_tokens=2048,
+        prefix_caching=False, overlap_mixed_steps=True, kv_cache_dtype="fp8" if quantization else "auto",
+        fp8_fast_accum=quantization is not None))
+    rng = random.Random(3)
+    vocab = model.args.vocab_size
+    ps = [[rng.randrange(3, vocab) for _ in range(rng.randint(20, 900))] for _ in range(64)]
+    params = SamplingParams(max_new_tokens=24, min_new_tokens=24, temperature=0.0, ignore_eos=True,
+                            logprobs_mode="raw")
+    res = []
+    for serial in (False, True):
+        if serial:
+            eng.runner.side_stream = torch.cuda.current_stream()
+        side = count_side_replays(eng)
+        outs = eng.generate([Request(str(i), p, params) for i, p in enumerate(ps)])
+        res.append([(o.completions[0].token_ids, o.completions[0].logprobs) for o in outs])
+        assert len(side) >= 10, "too few steps split"
+    for (ids0, lp0), (ids1, lp1) in zip(*res):
+        assert ids0 == ids1 and lp0 == lp1

@@ -1,7 +1,8 @@
 """Steps with prefill as two forwards (EngineConfig.overlap_mixed_steps, runner._run_split), run on the CPU: there
-the decode rows and the prefill chunks run one after the other (no graphs, no second stream), which checks what
-the GPU's overlap relies on: the split inputs, the rows' order, the tokens taken from the step before, and that
-each part computes what the joint step computes."""
+nothing can overlap (no graphs, no second stream), so steps split only where a test asks (split_serially), the
+decode rows and the prefill chunks one after the other. That checks what the GPU's overlap relies on: the split
+inputs, the rows' order, the tokens taken from the step before, and that each part computes what the joint step
+computes."""
 from __future__ import annotations
 
 import pytest
@@ -56,7 +57,8 @@ def test_split_steps_match_transformers_and_the_joint_step(num_kv_heads, async_s
     outs = []
     for overlap in (False, True):
         eng = make_engine(num_kv_heads, overlap_mixed_steps=overlap, async_scheduling=async_scheduling)
-        assert eng.runner.overlap_mixed is overlap
+        assert eng.runner.overlap_mixed is overlap and eng.runner.split_rows == 0
+        eng.runner.split_serially = True
         seen = _spy_splits(eng)
         outs.append(_staggered(eng, prompts, greedy(10)))
         if overlap:
@@ -79,6 +81,7 @@ def test_split_steps_through_the_pieces_with_sampling_and_n():
     outs = []
     for overlap in (False, True):
         eng = pieces_engine(buckets=(16, 64), overlap_mixed_steps=overlap)
+        eng.runner.split_serially = True
         used, inside = [], []      # decode rows of each run of the pieces within a split step
         run = eng.runner.mixed.run
         eng.runner.mixed.run = lambda ids, pos, meta, *a: (inside and used.append(meta.num_decode)) or run(
@@ -108,3 +111,27 @@ def test_no_split_under_tensor_parallelism():
     finally:
         del model.agree_num_blocks
     assert runner.overlap_mixed is False and runner.side_stream is None
+
+
+def test_a_one_token_prompt_chunk_that_samples_nothing_still_writes_its_kv():
+    # 63 + 1 tokens fill the first step's budget of 64: the second prompt's first chunk is one token that samples
+    # nothing, sorted with the decode rows; it must still run (its K/V is read by every later step)
+    rng = __import__("random").Random(1)
+    a, b = [rng.randrange(3, 300) for _ in range(63)], [rng.randrange(3, 300) for _ in range(20)]
+    eng = make_engine(4, overlap_mixed_steps=True, max_num_batched_tokens=64, prefix_caching=False)
+    eng.runner.split_serially = True
+    seen = _spy_splits(eng)
+    outs = eng.generate([Request("a", a, greedy(8)), Request("b", b, greedy(8))])
+    assert seen and seen[0] == (1, 1)
+    for p, o in zip((a, b), outs):
+        check_against_hf(tiny_llama(4), p, o.completions[0], 8)
+
+
+def test_without_a_second_stream_steps_do_not_split():
+    # on the CPU (no graphs) a split would run two forwards one after the other for nothing: steps stay whole
+    eng = make_engine(overlap_mixed_steps=True)
+    seen = _spy_splits(eng)
+    prompts = random_prompts(6, seed=4, lo=3, hi=60)
+    for p, o in zip(prompts, _staggered(eng, prompts, greedy(6))):
+        check_against_hf(tiny_llama(4), p, o.completions[0], 6)
+    assert eng.runner.side_stream is None and not seen

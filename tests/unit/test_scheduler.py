@@ -378,12 +378,15 @@ def test_fit_bucket_cuts_across_a_jump_and_not_where_the_next_bucket_is_about_as
 def test_fit_bucket_counts_prefill_tokens_alone_where_the_decode_rows_run_beside_them():
     buckets = [(64, 300e-6), (128, 315e-6), (192, 450e-6), (256, 480e-6)]
     # 20 decode rows + 100 + 30: 130 prefill tokens alone, 2 past 128 (192 is 43% dearer): the last chunk cut by 2
-    assert fit_bucket(_chunks([1] * 20 + [100, 30]), buckets, prefill_only=True) == (21, 28)
+    assert fit_bucket(_chunks([1] * 20 + [100, 30]), buckets, split_rows=32) == (21, 28)
     # 20 decode rows + 100 + 28: 128 prefill tokens, exactly a bucket (counted whole, 148, it would be cut)
-    assert fit_bucket(_chunks([1] * 20 + [100, 28]), buckets, prefill_only=True) is None
+    assert fit_bucket(_chunks([1] * 20 + [100, 28]), buckets, split_rows=32) is None
     assert fit_bucket(_chunks([1] * 20 + [100, 28]), buckets) == (21, 8)
-    # decode rows alone: nothing to fit
-    assert fit_bucket(_chunks([1] * 150), buckets, prefill_only=True) is None
+    # steps the runner does not split are fitted whole: more one-token rows than it splits off, a one-token
+    # row with forked samples, one-token rows alone
+    assert fit_bucket(_chunks([1] * 20 + [100, 28]), buckets, split_rows=16) == (21, 8)
+    assert fit_bucket(_chunks([1] * 20 + [100, 28], forked=frozenset({3})), buckets, split_rows=32) == (21, 8)
+    assert fit_bucket(_chunks([1] * 150), buckets, split_rows=256) is None
 
 
 def test_a_cut_step_runs_the_rest_of_its_chunk_next_and_samples_only_then():

@@ -145,7 +145,7 @@ class LLMEngine:
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   overlap_mixed=config.overlap_mixed_steps)
         self.scheduler.step_buckets = self.runner.step_buckets()
-        self.scheduler.step_buckets_prefill_only = self.runner.side_stream is not None
+        self.scheduler.split_rows = self.runner.split_rows
         self._groups: dict[str, _Group] = {}
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self.last_step: Optional[StepStats] = StepStats()

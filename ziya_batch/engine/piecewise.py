@@ -122,6 +122,7 @@ class MixedStepGraphs:
         self.attn = torch.zeros(n, layer0.local_heads * a.head_dim, dtype=dt, device=device)   # its attention
         self.x = torch.zeros(n, a.hidden_size, dtype=dt, device=device)           # the final norm's output
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
+        self.capture_stream = None                  # the stream the pieces were captured on (their cuBLAS workspace)
         if capture:
             self._capture(pool, stream)
 
@@ -156,7 +157,7 @@ class MixedStepGraphs:
         # `stream`: the one to capture on (cuBLAS keeps a workspace per stream, and a graph replays the one of the
         # stream it was captured on)
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        s = stream if stream is not None else torch.cuda.Stream(self.device)
+        s = self.capture_stream = stream if stream is not None else torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             for b in self.buckets:                      # warm-up outside capture (Triton, cuBLAS heuristics)

@@ -75,17 +75,27 @@ class ModelRunner:
         # (two streams' all-reduces could reach the ranks in different orders)
         self.overlap_mixed = overlap_mixed and getattr(model, "agree_num_blocks", None) is None
         self.side_stream = None
+        # the most decode rows a step splits off (its decode graph's size; 0: no step splits); split_serially
+        # (tests): split steps where nothing can overlap too (no graphs), one part after the other
+        self.split_rows, self.split_serially = 0, False
         if self.overlap_mixed and self.graphs:
             self.side_stream = _high_priority_stream(device)
+            self.split_rows = max(self.graph_sizes)
         if use_graphs and mixed_graphs and model.use_fused and max_num_batched_tokens > 0:
             buckets = self._prune("mixed", mixed_buckets(max_num_batched_tokens))
-            # overlapped, a mixed step's pieces and a decode graph run at the same time: their intermediates must
-            # not share a memory pool, nor their GEMMs a cuBLAS workspace (one per stream captured on: the decode
-            # graphs were captured on torch.cuda.graph's stream, of the low-priority streams; these on a
-            # high-priority one)
-            self.mixed = MixedStepGraphs(model, kv_caches, buckets, self.scratch_slot, device, capture=True,
-                                         pool=None if self.overlap_mixed else self.graph_pool,
-                                         stream=_high_priority_stream(device) if self.overlap_mixed else None)
+            # overlapped, a step's pieces and a decode graph run at the same time: their intermediates must not
+            # share a memory pool, nor their GEMMs a cuBLAS workspace (PyTorch keeps one per stream, and a graph
+            # replays the one of the stream it was captured on: the pieces' own, the decode graphs'
+            # decode_capture_stream), nor their padding rows a scratch slot
+            overlap = self.side_stream is not None
+            self.mixed = MixedStepGraphs(model, kv_caches, buckets,
+                                         self.scratch_slot + (1 if overlap and block_size > 1 else 0), device,
+                                         capture=True, pool=None if overlap else self.graph_pool,
+                                         stream=_high_priority_stream(device) if overlap else None)
+            if overlap:
+                streams = {s.cuda_stream for s in (self.side_stream, self.mixed.capture_stream,
+                                                   self.decode_capture_stream)}
+                assert len(streams) == 3, "overlapped steps need three distinct streams"
 
     def flat_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first layer's K and V caches as [slots, KV heads, head dim] (what the kernels index by slot)."""
@@ -157,10 +167,19 @@ class ModelRunner:
             bucket = next((b for b in self.graph_sizes if b >= nd), None)
             if bucket is not None and all(len(c.children) == 0 for c in chunks):
                 logits = self._replay(decodes, bucket, src, fix)
-                return logits[torch.tensor(row_idx, device=self.device)] if len(row_idx) != nd else logits[:nd], rows
-        if self.overlap_mixed and 0 < nd < len(chunks) and all(len(c.children) == 0 for c in decodes):
+                return logits[self._index(row_idx)] if len(row_idx) != nd else logits[:nd], rows
+        if (self.overlap_mixed and 0 < nd < len(chunks) and (nd <= self.split_rows or self.split_serially)
+                and all(len(c.children) == 0 for c in decodes)):
             return self._run_split(chunks, nd, row_idx, src, fix), rows
         return self._run_step(chunks, nd, row_idx, src, fix), rows
+
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        """rows as an index on the device, copied without waiting for the stream (a pageable copy would block the
+        host until the step has run, and async scheduling with it)."""
+        host = torch.tensor(rows, dtype=torch.int64)
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host.to(self.device)
 
     def _run_split(self, chunks: list[ScheduledChunk], nd: int, row_idx: list[int], src: list[int],
                    prev_tokens: Optional[torch.Tensor]) -> torch.Tensor:
@@ -172,22 +191,22 @@ class ModelRunner:
         decodes = chunks[:nd]
         split = next(i for i, r in enumerate(row_idx) if r >= nd) if row_idx and row_idx[-1] >= nd else len(row_idx)
         dec_rows, pre_rows = row_idx[:split], [r - nd for r in row_idx[split:]]
-        bucket = next((b for b in self.graph_sizes if b >= nd), None) if self.graphs else None
-        dec = None
-        if bucket is not None and self.side_stream is not None:
+        bucket = next((b for b in self.graph_sizes if b >= nd), None) if self.side_stream is not None else None
+        if bucket is not None:
             main, side = torch.cuda.current_stream(self.device), self.side_stream
             self._replay(decodes, bucket, src[:nd], prev_tokens, stream=side)
-            pre = self._run_step(chunks[nd:], 0, pre_rows, src[nd:], prev_tokens)
-            main.wait_stream(side)
+            try:
+                pre = self._run_step(chunks[nd:], 0, pre_rows, src[nd:], prev_tokens)
+            finally:            # joined whatever happens: the next step writes what the decode graph reads
+                main.wait_stream(side)
             dec = self.g_logits[:bucket]
         else:
-            if dec_rows:
-                dec = self._run_step(decodes, nd, list(range(nd)), src[:nd], prev_tokens)
+            # every one-token chunk runs, sampled or not (a prompt's chunk of one token writes its K/V too)
+            dec = self._run_step(decodes, nd, list(range(nd)), src[:nd], prev_tokens)
             pre = self._run_step(chunks[nd:], 0, pre_rows, src[nd:], prev_tokens)
         if not dec_rows:
             return pre
-        dec = dec[torch.tensor(dec_rows, device=self.device)] if dec_rows != list(range(len(dec_rows))) \
-            else dec[:len(dec_rows)]
+        dec = dec[:len(dec_rows)] if dec_rows == list(range(len(dec_rows))) else dec[self._index(dec_rows)]
         return torch.cat([dec, pre]) if pre_rows else dec
 
     def _run_step(self, chunks: list[ScheduledChunk], nd: int, row_idx: list[int], src: list[int],
@@ -248,11 +267,14 @@ class ModelRunner:
         # step's graph runs on the same stream
         self.g_logits: Optional[torch.Tensor] = None
         pool = self.graph_pool = torch.cuda.graph_pool_handle()
+        # captured on a stream of the runner's own (not torch.cuda.graph's shared default): the stream whose cuBLAS
+        # workspace the graphs replay with, which nothing else may use while they run
+        self.decode_capture_stream = torch.cuda.Stream(dev)
         for b in sorted(self.graph_sizes, reverse=True):     # largest first: smaller ones reuse its pool
             meta = AttentionMetadata(self.g_slots[:b], b, self.g_bt[:b], self.g_ctx[:b], self.block_size, None,
                                      self.use_triton)
             args = (self.g_ids[:b], self.g_pos[:b], self.kv_caches, meta, self.g_rows[:b])
-            s = torch.cuda.Stream()
+            s = self.decode_capture_stream                # its cuBLAS workspace made here, not inside the capture
             s.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(s):
                 for _ in range(2):                       # warm-up: Triton compilation, rope tables, cuBLAS handles
@@ -262,7 +284,7 @@ class ModelRunner:
                 self.g_logits = torch.empty((n, *warm.shape[1:]), dtype=warm.dtype, device=dev)
             del warm
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
+            with torch.cuda.graph(g, pool=pool, stream=self.decode_capture_stream):
                 self.g_logits[:b].copy_(self.model(*args))
             self.graphs[b] = g
         torch.cuda.synchronize()

@@ -114,13 +114,16 @@ class SchedulerOutput:
 
 
 def fit_bucket(chunks: list[ScheduledChunk], buckets: list[tuple[int, float]],
-               prefill_only: bool = False) -> Optional[tuple[int, int]]:
+               split_rows: int = 0) -> Optional[tuple[int, int]]:
     """(index, new token count) of the chunk to shorten so that the step's tokens fill the bucket below instead
     of padding up to a much dearer one (TRIM_MARGIN, TRIM_MIN_SECONDS, TRIM_MAX_TOKENS); None to leave the step
     as it is. Only a chunk without forked samples is shortened, to two tokens at least (decode rows never are),
-    the last such first. prefill_only: the buckets hold the chunks of more than one token alone (the runner's
-    overlapped steps run the one-token rows beside them, EngineConfig.overlap_mixed_steps)."""
-    total = sum(c.num_tokens for c in chunks if c.num_tokens > 1 or not prefill_only)
+    the last such first. split_rows: the most one-token rows the runner runs beside the rest of a step
+    (EngineConfig.overlap_mixed_steps; ModelRunner.split_rows): a step it splits so is fitted by its chunks of more
+    than one token alone."""
+    ones = [c for c in chunks if c.num_tokens == 1]
+    split = 0 < len(ones) <= split_rows and len(ones) < len(chunks) and not any(c.children for c in ones)
+    total = sum(c.num_tokens for c in chunks if c.num_tokens > 1 or not split)
     up = bisect.bisect_left(buckets, (total,))        # the first bucket of at least `total` tokens
     if up == 0 or up == len(buckets) or buckets[up][0] == total:
         return None
@@ -175,8 +178,8 @@ class Scheduler:
         # [(token count, seconds)] ascending: the buckets steps with prefill run in and their measured projection
         # times (the engine sets them from the runner's graphs; None: steps are not cut to fit, fit_bucket)
         self.step_buckets: Optional[list[tuple[int, float]]] = None
-        # the buckets take a step's chunks of more than one token alone (overlapped steps; fit_bucket)
-        self.step_buckets_prefill_only = False
+        # the most one-token rows a step runs beside its other chunks (overlapped steps; fit_bucket); 0: none
+        self.split_rows = 0
         self.num_cut_steps = 0
 
     def new_seq_id(self) -> int:
@@ -363,7 +366,7 @@ class Scheduler:
                 plan.add(seq, copies=1 + len(chunks[-1].children) + seq.pending_forks)
             budget -= n
         self.running.extend(self._forked)
-        if self.step_buckets and (cut := fit_bucket(chunks, self.step_buckets, self.step_buckets_prefill_only)):
+        if self.step_buckets and (cut := fit_bucket(chunks, self.step_buckets, self.split_rows)):
             k, n = cut
             c = chunks[k]
             # its blocks stay reserved (the rest of the chunk runs next); it no longer reaches its last token
