@@ -11,15 +11,13 @@ import pytest
 import torch
 
 from ziya_batch.engine.engine import LLMEngine
-from ziya_batch.engine.model import LlamaModel, from_hf_model
+from ziya_batch.engine.model import LlamaModel
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
-from ziya_batch.tools.testing import chain_sequences, hf_greedy, markov_chain, tiny_llama, trained_tiny_llama
+from ziya_batch.tools.testing import hf_greedy, tiny_llama
+
+from tests.gpu.test_piecewise_gpu import greedy_ids, trained_model_and_prompts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def greedy(n_new: int) -> SamplingParams:
-    return SamplingParams(max_new_tokens=n_new, min_new_tokens=n_new, temperature=0.0)
 
 
 def engine(model, dtype: str, overlap: bool, **kw) -> LLMEngine:
@@ -54,8 +52,7 @@ def test_float32_overlapped_steps_match_transformers_and_the_joint_steps():
     for overlap in (True, False):
         eng = engine(hf, "float32", overlap)
         side = count_side_replays(eng)
-        res.append([o.completions[0].token_ids for o in
-                    eng.generate([Request(str(i), p, greedy(20)) for i, p in enumerate(ps)])])
+        res.append(greedy_ids(eng, ps, 20))
         assert bool(side) is overlap, side
     assert sum(a == b for a, b in zip(*res)) >= 23
     hf_cuda = copy.deepcopy(hf).cuda()
@@ -67,18 +64,13 @@ def test_float32_overlapped_steps_match_transformers_and_the_joint_steps():
 def test_float16_and_fp8_overlapped_steps_keep_greedy_output_on_a_trained_model(quantization):
     if quantization and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 weights need compute capability 8.9+")
-    hf = copy.deepcopy(trained_tiny_llama("cuda")).to(torch.float16)
-    model = from_hf_model(hf, torch.device("cuda"), torch.float16, quantization=quantization)
-    seqs = chain_sequences(32, 200, markov_chain(300, 0), seed=93)
-    rng = random.Random(11)
-    ps = [seqs[i, :rng.randint(4, 200)].tolist() for i in range(32)]
+    model, ps = trained_model_and_prompts(quantization, 93, 11)
     res = []
     for overlap in (True, False):
         eng = engine(model, "float16", overlap, kv_cache_dtype="fp8" if quantization else "auto",
                      fp8_fast_accum=quantization is not None)
         side = count_side_replays(eng)
-        res.append([o.completions[0].token_ids for o in
-                    eng.generate([Request(str(i), p, greedy(32)) for i, p in enumerate(ps)])])
+        res.append(greedy_ids(eng, ps, 32))
         assert bool(side) is overlap
         del eng
     same = sum(a == b for a, b in zip(*res))

@@ -37,6 +37,21 @@ def engine(model, dtype: str, mixed: bool, **kw) -> LLMEngine:
     return eng
 
 
+def greedy_ids(eng: LLMEngine, prompts: list[list[int]], n_new: int) -> list[list[int]]:
+    return [o.completions[0].token_ids for o in
+            eng.generate([Request(str(i), p, greedy(n_new)) for i, p in enumerate(prompts)])]
+
+
+def trained_model_and_prompts(quantization, chain_seed: int, prompt_seed: int):
+    """The trained tiny model in float16 (FP8 weights with quantization "fp8") and 32 prompts of 4..200 tokens of
+    its chains."""
+    hf = copy.deepcopy(trained_tiny_llama("cuda")).to(torch.float16)
+    model = from_hf_model(hf, torch.device("cuda"), torch.float16, quantization=quantization)
+    seqs = chain_sequences(32, 200, markov_chain(300, 0), seed=chain_seed)
+    rng = random.Random(prompt_seed)
+    return model, [seqs[i, :rng.randint(4, 200)].tolist() for i in range(32)]
+
+
 def count_pieces(eng: LLMEngine) -> list[int]:
     used: list[int] = []
     run = eng.runner.mixed.run
@@ -66,17 +81,12 @@ def test_float32_pieces_match_transformers_and_eager_steps():
 def test_float16_and_fp8_pieces_keep_eager_greedy_output_on_a_trained_model(quantization):
     if quantization and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 weights need compute capability 8.9+")
-    hf = copy.deepcopy(trained_tiny_llama("cuda")).to(torch.float16)
-    model = from_hf_model(hf, torch.device("cuda"), torch.float16, quantization=quantization)
-    seqs = chain_sequences(32, 200, markov_chain(300, 0), seed=91)
-    rng = random.Random(9)
-    ps = [seqs[i, :rng.randint(4, 200)].tolist() for i in range(32)]
+    model, ps = trained_model_and_prompts(quantization, 91, 9)
     res = []
     for mixed in (True, False):
         eng = engine(model, "float16", mixed, kv_cache_dtype="fp8" if quantization else "auto")
         used = count_pieces(eng) if mixed else []
-        res.append([o.completions[0].token_ids for o in
-                    eng.generate([Request(str(i), p, greedy(32)) for i, p in enumerate(ps)])])
+        res.append(greedy_ids(eng, ps, 32))
         assert not mixed or used
         del eng
     same = sum(a == b for a, b in zip(*res))
