@@ -17,8 +17,9 @@
 #          the engine's; FP8_FAST=1 adds a row with engine.fp8_fast_accum), and transformers' continuous
 #          batching. Set ZIYA_BATCH_COMMIT: the machine's own checkout names another commit
 #   fp8tests  the FP8 and piecewise GPU tests and the one-machine test
-#   overlap  tests/gpu/test_overlap_gpu.py, then W1 in one bench run: float16 and FP8 weights + FP8 KV with fast
-#          accumulation, each with steps with prefill as one forward and as two overlapped (overlap-mixed=on)
+#   overlaptests  tests/gpu/test_overlap_gpu.py (steps with prefill as two forwards at once; the bit-for-bit check)
+#   overlap  W1 in one bench run: float16 and FP8 weights + FP8 KV with fast accumulation, each with steps with
+#          prefill as one forward and as two overlapped (overlap-mixed=on); about 7 minutes
 #   gemm   the four projections at decode row counts under cuBLAS, cuBLASLt and TunableOp
 #   kernels  the engine, FP8 and piecewise GPU tests (test_engine_gpu.py checks every decode-attention
 #          configuration on float16 and float8 caches)
@@ -54,8 +55,8 @@ for st in ${STAGE:-tests f16}; do
     seats) timeout ${SEATS_S:-420} python3 -m ziya_batch.tools.bench --only engine,roofline --also quantization=fp8,kv-cache-dtype=fp8 --also quantization=fp8,kv-cache-dtype=fp8,max-num-seqs=384 --also quantization=fp8,kv-cache-dtype=fp8,max-num-seqs=512 2>&1 | tee "$OUT/bench_seats.log" | grep '^\[bench\]' ;;
     w1all) timeout ${W1_S:-480} python3 -m ziya_batch.tools.bench --only engine,roofline,hf-continuous --also quantization=fp8,kv-cache-dtype=fp8${FP8_SEATS:+,max-num-seqs=$FP8_SEATS} ${FP8_FAST:+--also quantization=fp8,kv-cache-dtype=fp8,fp8-fast-accum=on} --markdown "$OUT/BENCH.md" 2>&1 | tee "$OUT/bench_w1all.log" | grep '^\[bench\]' ;;
     fp8tests) timeout ${TESTS_S:-240} python3 -m pytest -q -rfE tests/gpu/test_fp8_gpu.py tests/gpu/test_piecewise_gpu.py tests/gpu/test_one_machine_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/fp8_tests.log" | tail -40 ;;
-    overlap) timeout ${OVTEST_S:-150} python3 -m pytest -q -rfE tests/gpu/test_overlap_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/overlap_tests.log" | tail -15
-             timeout ${OVERLAP_S:-420} python3 -m ziya_batch.tools.bench --only engine,roofline --also overlap-mixed=on --also quantization=fp8,kv-cache-dtype=fp8,fp8-fast-accum=on --also quantization=fp8,kv-cache-dtype=fp8,fp8-fast-accum=on,overlap-mixed=on --markdown "$OUT/BENCH.md" 2>&1 | tee "$OUT/bench_overlap.log" | grep '^\[bench\]' | grep -v '^\[bench\]  ' ;;
+    overlaptests) timeout ${OVTEST_S:-240} python3 -m pytest -q -rfE tests/gpu/test_overlap_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/overlap_tests.log" | tail -30 ;;
+    overlap) timeout ${OVERLAP_S:-480} python3 -m ziya_batch.tools.bench --only engine,roofline --also overlap-mixed=on --also quantization=fp8,kv-cache-dtype=fp8,fp8-fast-accum=on --also quantization=fp8,kv-cache-dtype=fp8,fp8-fast-accum=on,overlap-mixed=on --markdown "$OUT/BENCH.md" 2>&1 | tee "$OUT/bench_overlap.log" | grep '^\[bench\]' | grep -v '^\[bench\]  ' ;;
     kernels) timeout ${TESTS_S:-300} python3 -m pytest -q -rfE tests/gpu/test_engine_gpu.py tests/gpu/test_fp8_gpu.py tests/gpu/test_piecewise_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -30 ;;
     attn) timeout ${ATTN_S:-320} python3 scripts/gpu/decode_kernel_variants.py --kv float16,fp8 2>&1 | tee "$OUT/attn.log" ;;
     ncuattn) timeout ${NCU_S:-240} ncu --clock-control none --kernel-name regex:_paged_decode --launch-skip 30 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats python3 scripts/gpu/decode_kernel_variants.py --kv fp8 --config ${NCU_CONFIG:-64,2,3,fma,heads} --cases "224 mixed" 2>&1 | tee "$OUT/ncu_attn.log" | tail -120 ;;
