@@ -326,8 +326,8 @@ class ModelRunner:
 
 def _high_priority_stream(device: torch.device) -> "torch.cuda.Stream":
     """A stream of the highest priority (its blocks are scheduled first where two streams' kernels wait for SMs)."""
-    least, greatest = torch.cuda.Stream.priority_range()      # numerically: the greatest priority is the lowest
-    return torch.cuda.Stream(device, priority=min(least, greatest))
+    # lower numbers are higher priorities; one below the range is taken as its highest (torch.cuda.Stream)
+    return torch.cuda.Stream(device, priority=-64)
 
 
 def _take_pending(ids: torch.Tensor, src: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
