@@ -20,9 +20,28 @@ if TYPE_CHECKING:
     from ..queue import JobStatus
 
 
+# The most shards one job may have. Each is a record in Redis (296-318 bytes, docs/BENCHMARKS.md), so a spec cutting
+# a hundred million lines into shards of one would fill the queue's memory, every job's. 200,000 shards of the
+# default 512 lines hold 102 million prompts (about 64 MB of Redis).
+MAX_SHARDS = 200_000
+
+
 def _shard_refs(job_id: str, files: list[str], shard_size: int) -> Iterator[ShardRef]:
     for index, (file, start, end, first_line, num_lines) in enumerate(io.index_inputs(files, shard_size)):
         yield ShardRef(job_id, index, file, start, end, first_line, num_lines)
+
+
+def _within_max_shards(refs: Iterator[ShardRef], shard_size: int) -> list[ShardRef]:
+    """refs as a list, or SpecError where they number more than MAX_SHARDS: counted before the broker writes
+    any, so a refused job leaves nothing in Redis."""
+    out: list[ShardRef] = []
+    for ref in refs:
+        if len(out) == MAX_SHARDS:
+            raise SpecError(f"shard_size {shard_size}: the inputs make more than {MAX_SHARDS:,} shards, the most one "
+                            "job may have (each is a record in the job queue); raise shard_size, or split the "
+                            "inputs over several jobs")
+        out.append(ref)
+    return out
 
 
 def list_inputs(spec: JobSpec) -> list[str]:
@@ -223,7 +242,11 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
     check_output_owner(spec, job_id, out)
     claim_output(out, job_id, _known_outputs(broker, job_id))
     committed = {i: _stats_from_marker(m) for i, m in out.committed_shards().items()}
-    status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size), committed=committed, job_id=job_id)
+    refs = _shard_refs(job_id, files, spec.shard_size)
+    if existing is None:
+        # a new job's shards are counted first (a job Redis knows reads none, or completes its list)
+        refs = iter(_within_max_shards(refs, spec.shard_size))
+    status = broker.submit(spec, refs, committed=committed, job_id=job_id)
     return finish_empty_job(broker, status)
 
 
