@@ -61,6 +61,7 @@ def test_split_steps_match_transformers_and_the_joint_step(num_kv_heads, async_s
         eng.runner.split_serially = True
         seen = _spy_splits(eng)
         outs.append(_staggered(eng, prompts, greedy(10)))
+        assert eng.runner.num_split_steps == len(seen)
         if overlap:
             assert any(nd > 0 and npre > 0 for nd, npre in seen), "no step mixed decode rows and prefill chunks"
         else:

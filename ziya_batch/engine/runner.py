@@ -78,6 +78,7 @@ class ModelRunner:
         # the most decode rows a step splits off (its decode graph's size; 0: no step splits); split_serially
         # (tests): split steps where nothing can overlap too (no graphs), one part after the other
         self.split_rows, self.split_serially = 0, False
+        self.num_split_steps = 0                    # steps run as two forwards so far
         if self.overlap_mixed and self.graphs:
             self.side_stream = _high_priority_stream(device)
             self.split_rows = max(self.graph_sizes)
@@ -188,6 +189,7 @@ class ModelRunner:
         slots and read only their own sequences' blocks (shared prefix blocks read only), so on a GPU the
         decode rows' attention and weight reads (memory-bound) can run beside the prefill's GEMMs
         (compute-bound). Logits in row_idx's order, as _run_step returns them."""
+        self.num_split_steps += 1
         decodes = chunks[:nd]
         split = next(i for i, r in enumerate(row_idx) if r >= nd) if row_idx and row_idx[-1] >= nd else len(row_idx)
         dec_rows, pre_rows = row_idx[:split], [r - nd for r in row_idx[split:]]

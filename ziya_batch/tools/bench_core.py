@@ -198,6 +198,7 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                     f"{1e3 * sum(mix_hosts) / max(n_mix_steps, 1):.1f} ms each); init {init_s:.0f} s; "
                     f"fused kernels {'on' if model.use_fused else 'off'}; mixed steps "
                     f"{'from graphs' if eng.runner.mixed is not None else 'eager'}; schedule {schedule}"
+                    + (f"; {eng.runner.num_split_steps} mixed steps overlapped" if cfg.overlap_mixed_steps else "")
                     + "".join(f"; {p}" for p in config_parts)
                     + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else "")
                     + f"; prefix caching {_hit_note(eng)}",
