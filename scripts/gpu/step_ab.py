@@ -13,7 +13,9 @@ Knobs (one a run; the others at their defaults):
   schedule=POLICY  the admission order (EngineConfig.schedule: fcfs, longest-first, tail-longest-first)
   overlap=on|off   steps with prefill as two forwards at once (EngineConfig.overlap_mixed_steps): the
                    configuration's engine is built with it where the plan names this knob for it, and off splits
-                   no step (ModelRunner.split_rows 0); the other knobs' runs on that engine split none either
+                   no step (ModelRunner.split_rows 0); the other knobs' runs on that engine split none either, but
+                   it is not quite the engine built without it (the pieces' own memory pool and scratch slot, the
+                   decode graphs captured at high priority): compare its runs with each other
 A run is CONFIG:KNOB=VALUE[@N], N the number of W1's requests (default --requests). Prints one JSON line a run
 and writes $OUT/step_ab.json.
 

@@ -67,9 +67,6 @@ class ModelRunner:
         # the sizes graphs are captured for, without those at which the projections run slower than at a larger
         # size (prune_buckets): {"decode" | "mixed": [(size, seconds of one layer's projections)]}
         self.bucket_seconds: dict[str, list[tuple[int, float]]] = {}
-        if self.graph_sizes:
-            self.graph_sizes = self._prune("decode", self.graph_sizes)
-            self._capture_graphs()
         # steps with prefill as two forwards at once (EngineConfig.overlap_mixed_steps): the decode rows replay their
         # decode graph on a second stream while the prefill chunks run on this one. Not under tensor parallelism
         # (two streams' all-reduces could reach the ranks in different orders)
@@ -79,6 +76,9 @@ class ModelRunner:
         # (tests): split steps where nothing can overlap too (no graphs), one part after the other
         self.split_rows, self.split_serially = 0, False
         self.num_split_steps = 0                    # steps run as two forwards so far
+        if self.graph_sizes:
+            self.graph_sizes = self._prune("decode", self.graph_sizes)
+            self._capture_graphs()
         if self.overlap_mixed and self.graphs:
             self.side_stream = _high_priority_stream(device)
             self.split_rows = max(self.graph_sizes)
@@ -87,12 +87,14 @@ class ModelRunner:
             # overlapped, a step's pieces and a decode graph run at the same time: their intermediates must not
             # share a memory pool, nor their GEMMs a cuBLAS workspace (PyTorch keeps one per stream, and a graph
             # replays the one of the stream it was captured on: the pieces' own, the decode graphs'
-            # decode_capture_stream), nor their padding rows a scratch slot
+            # decode_capture_stream), nor their padding rows a scratch slot. The pieces capture on a stream of the
+            # default priority (a graph's kernels keep the priority of the stream they were captured on), the
+            # decode graphs on a high-priority one (_capture_graphs): the decode rows' blocks go first
             overlap = self.side_stream is not None
             self.mixed = MixedStepGraphs(model, kv_caches, buckets,
                                          self.scratch_slot + (1 if overlap and block_size > 1 else 0), device,
                                          capture=True, pool=None if overlap else self.graph_pool,
-                                         stream=_high_priority_stream(device) if overlap else None)
+                                         stream=torch.cuda.Stream(device) if overlap else None)
             if overlap:
                 streams = {s.cuda_stream for s in (self.side_stream, self.mixed.capture_stream,
                                                    self.decode_capture_stream)}
@@ -270,8 +272,10 @@ class ModelRunner:
         self.g_logits: Optional[torch.Tensor] = None
         pool = self.graph_pool = torch.cuda.graph_pool_handle()
         # captured on a stream of the runner's own (not torch.cuda.graph's shared default): the stream whose cuBLAS
-        # workspace the graphs replay with, which nothing else may use while they run
-        self.decode_capture_stream = torch.cuda.Stream(dev)
+        # workspace the graphs replay with, which nothing else may use while they run. Overlapped steps: of the
+        # highest priority, which the graphs' kernels keep wherever they replay (PyTorch instantiates graphs with
+        # their nodes' priorities), so the decode rows' blocks go before the prefill pieces'
+        self.decode_capture_stream = _high_priority_stream(dev) if self.overlap_mixed else torch.cuda.Stream(dev)
         for b in sorted(self.graph_sizes, reverse=True):     # largest first: smaller ones reuse its pool
             meta = AttentionMetadata(self.g_slots[:b], b, self.g_bt[:b], self.g_ctx[:b], self.block_size, None,
                                      self.use_triton)
