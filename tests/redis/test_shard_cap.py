@@ -39,3 +39,47 @@ def test_a_job_of_exactly_the_most_shards_is_queued_and_resubmitting_it_reads_no
     monkeypatch.setattr(submit, "MAX_SHARDS", 1)
     monkeypatch.setattr(submit.io, "index_inputs", lambda *a: (_ for _ in ()).throw(AssertionError("read")))
     assert submit_job(spec, broker).job_id == st.job_id
+
+
+def test_a_job_whose_shard_list_is_unfinished_is_capped_as_its_shards_come(tmp_path, broker, monkeypatch):
+    # a submit that died midway (or one of an earlier release) left the job without its whole list: the next
+    # submit completes it, shard by shard, and stops at the cap with the same line
+    from ziya_batch import io
+    from ziya_batch.records import ShardRef
+
+    spec = submit.absolute_locations(_spec(tmp_path, 9, 2))     # 5 shards
+    job_id = submit.job_id_for(spec, broker)
+    first = next(io.index_inputs(spec.input, 2))
+
+    def dies():
+        yield ShardRef(job_id, 0, *first)
+        raise RuntimeError("the submitter died")
+    with pytest.raises(RuntimeError):
+        broker.submit(spec, dies(), job_id=job_id)
+    assert broker.find_job(job_id) is not None
+    monkeypatch.setattr(submit, "MAX_SHARDS", 4)
+    with pytest.raises(SpecError, match="more than 4 shards"):
+        submit_job(spec, broker)
+    monkeypatch.setattr(submit, "MAX_SHARDS", 5)
+    assert submit_job(spec, broker).shards_total == 5
+
+
+def test_a_completed_job_whose_output_was_deleted_runs_again_under_the_cap(tmp_path, broker, monkeypatch):
+    import dataclasses
+    import shutil
+
+    from ziya_batch.queue import JobState
+
+    monkeypatch.setattr(submit, "MAX_SHARDS", 5)
+    spec = _spec(tmp_path, 9, 2)                                  # 5 shards
+    st = submit_job(spec, broker)
+    real_find = broker.find_job
+    # the job as Redis holds it once completed (its run is not what this test is about)
+    monkeypatch.setattr(broker, "find_job", lambda job_id: dataclasses.replace(st, state=JobState.COMPLETED)
+                        if job_id == st.job_id and real_find(job_id) is not None else real_find(job_id))
+    shutil.rmtree(tmp_path / "out")
+    with open(tmp_path / "in.jsonl", "a") as fh:                 # and the inputs grew since: 7 shards now
+        fh.write('{"id": "more", "prompt": "x"}\n' * 4)
+    with pytest.raises(SpecError, match="more than 5 shards"):
+        submit_job(spec, broker)
+    assert broker.list_jobs() == []          # the completed job deleted, the new run refused before Redis held it

@@ -1,9 +1,11 @@
-"""Submitting a job: validate inputs, index them into shards while streaming, resume from committed parts.
+"""Submitting a job: validate inputs, index them into shards (streamed; a new job's counted first), resume from
+committed parts.
 
 No Ray here: the CLI, `run`, the HTTP API and OpenAI batches all submit through `submit_job`.
 """
 from __future__ import annotations
 
+import itertools
 import os
 
 from typing import TYPE_CHECKING, Iterator, Optional
@@ -26,22 +28,30 @@ if TYPE_CHECKING:
 MAX_SHARDS = 200_000
 
 
-def _shard_refs(job_id: str, files: list[str], shard_size: int) -> Iterator[ShardRef]:
-    for index, (file, start, end, first_line, num_lines) in enumerate(io.index_inputs(files, shard_size)):
+def _shard_refs(job_id: str, files: list[str], shard_size: int,
+                rows: Optional[list] = None) -> Iterator[ShardRef]:
+    """The job's shards in order, from `rows` (index_inputs' tuples, counted already) or read as they come; past
+    MAX_SHARDS, SpecError (a job Redis knows and whose list is unfinished reads them here too)."""
+    for index, (file, start, end, first_line, num_lines) in enumerate(
+            rows if rows is not None else io.index_inputs(files, shard_size)):
+        if index == MAX_SHARDS:
+            raise _too_many_shards(shard_size)
         yield ShardRef(job_id, index, file, start, end, first_line, num_lines)
 
 
-def _within_max_shards(refs: Iterator[ShardRef], shard_size: int) -> list[ShardRef]:
-    """refs as a list, or SpecError where they number more than MAX_SHARDS: counted before the broker writes
-    any, so a refused job leaves nothing in Redis."""
-    out: list[ShardRef] = []
-    for ref in refs:
-        if len(out) == MAX_SHARDS:
-            raise SpecError(f"shard_size {shard_size}: the inputs make more than {MAX_SHARDS:,} shards, the most one "
-                            "job may have (each is a record in the job queue); raise shard_size, or split the "
-                            "inputs over several jobs")
-        out.append(ref)
-    return out
+def _too_many_shards(shard_size: int) -> SpecError:
+    return SpecError(f"shard_size {shard_size}: the inputs make more than {MAX_SHARDS:,} shards, the most one job may "
+                     "have (each is a record in the job queue); raise shard_size, or split the inputs over several "
+                     "jobs")
+
+
+def _counted_rows(files: list[str], shard_size: int) -> list[tuple]:
+    """index_inputs' rows for a new job, counted before the broker writes any (a refused job leaves nothing in
+    Redis): SpecError past MAX_SHARDS. Tuples, not ShardRefs: ~170 bytes a shard while they wait."""
+    rows = list(itertools.islice(io.index_inputs(files, shard_size), MAX_SHARDS + 1))
+    if len(rows) > MAX_SHARDS:
+        raise _too_many_shards(shard_size)
+    return rows
 
 
 def list_inputs(spec: JobSpec) -> list[str]:
@@ -227,8 +237,9 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
     if existing is not None and existing.state == JobState.COMPLETED:
         if io.read_manifest(out) is not None:
             return existing
-        # completed, but its output has been deleted since: the same spec runs again from the start
+        # completed, but its output has been deleted since: the same spec runs again from the start, a new job
         broker.delete_job(job_id)
+        existing = None
     elif existing is not None and changes is not None:
         changes.extend(_run_settings_changed(spec, broker, job_id))      # before submit stores the new spec
     if existing is not None:
@@ -242,11 +253,10 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
     check_output_owner(spec, job_id, out)
     claim_output(out, job_id, _known_outputs(broker, job_id))
     committed = {i: _stats_from_marker(m) for i, m in out.committed_shards().items()}
-    refs = _shard_refs(job_id, files, spec.shard_size)
-    if existing is None:
-        # a new job's shards are counted first (a job Redis knows reads none, or completes its list)
-        refs = iter(_within_max_shards(refs, spec.shard_size))
-    status = broker.submit(spec, refs, committed=committed, job_id=job_id)
+    # a new job's shards are counted first; a job Redis knows reads none, or completes its list as they come
+    rows = _counted_rows(files, spec.shard_size) if existing is None else None
+    status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size, rows), committed=committed,
+                           job_id=job_id)
     return finish_empty_job(broker, status)
 
 
