@@ -65,7 +65,7 @@ def decode_step(eng, a, bw: float) -> None:
     o = torch.empty_like(q)
     bt, lens = r.g_bt[:b].clone(), r.g_ctx[:b].clone()
     attn_real = _time_s(lambda: attention.decode_attention_triton(q, kf, vf, bt, lens, r.block_size, o))
-    chosen = attention._decode_config.get((a.num_heads, a.num_kv_heads, a.head_dim, q.dtype, kf.dtype))
+    chosen = attention._decode_config.get(attention.kernel_key(a.num_heads, q.dtype, kf))
     print(f"  graph replay, real batch: {1e3 * real:.2f} ms; attention kernel alone x{a.num_layers} layers: "
           f"{1e3 * attn_real * a.num_layers:.2f} ms (config {chosen})")
     show("kernels of the real batch run eagerly (ms per step)", _kernel_profile(eng, b, top=12)[:13])

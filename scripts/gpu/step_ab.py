@@ -93,9 +93,8 @@ def parse_plan(text: str) -> list[Run]:
 
 def attn_key(eng) -> tuple:
     """The tuner's key of the engine's decode attention: (query heads, KV heads, head dim, query and cache dtypes)."""
-    k = eng.kv_caches[0][0]
-    layer = eng.runner.model.layers[0]
-    return (layer.local_heads, k.shape[2], k.shape[3], eng.runner.model.embed.dtype, k.dtype)
+    r = eng.runner
+    return attention.kernel_key(r.model.layers[0].local_heads, r.model.embed.dtype, r.flat_cache()[0])
 
 
 def use_attention_kernel(eng, kind: str) -> None:

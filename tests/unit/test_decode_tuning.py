@@ -78,3 +78,15 @@ def test_the_runner_tunes_decode_on_its_own_cache_and_a_batch_like_its_own(monke
             assert heads == eng.runner.model.layers[0].local_heads and block_size == 4
             assert kw == dict(batch=batch, max_context=context, q_dtype=eng.runner.model.embed.dtype,
                               configs=configs)
+
+
+def test_the_tuners_keep_their_choice_under_the_key_the_kernels_look_up(monkeypatch):
+    # one key function for both sides: a choice kept under another key would never be used
+    from ziya_batch.engine import attention
+    keys = []
+    monkeypatch.setattr(attention, "_keep_fastest", lambda configs, run, chosen, key, agrees=None: keys.append(key)
+                        or [])
+    k_flat = torch.zeros(64 * 16, 2, 32, dtype=torch.float16)
+    attention.tune_decode_kernel(k_flat, k_flat.clone(), 8, 16, batch=4, max_context=64, q_dtype=torch.float32)
+    attention.tune_prefill_kernel(k_flat, k_flat.clone(), 8, 16, chunk=32, num_chunks=2, q_dtype=torch.float32)
+    assert keys == [attention.kernel_key(8, torch.float32, k_flat)] * 2 == [(8, 2, 32, torch.float32, torch.float16)] * 2

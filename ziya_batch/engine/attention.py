@@ -324,12 +324,18 @@ PREFILL_CONFIGS = [(bn, w, st) for bn in (32, 64) for w in (4, 8) for st in (2, 
 _prefill_config: dict[tuple, tuple[int, int, int]] = {}
 
 
+def kernel_key(q_heads: int, q_dtype: torch.dtype, k_flat: torch.Tensor) -> tuple:
+    """What a tuned kernel configuration is kept under (the tuners' and the kernels' key): query heads, KV heads,
+    head dim, query dtype, cache dtype; k_flat: a cache as [slots, KV heads, head dim]."""
+    return (q_heads, k_flat.shape[1], k_flat.shape[2], q_dtype, k_flat.dtype)
+
+
 def prefill_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor, pre: PrefillBatch,
                              block_size: int, out: torch.Tensor, config: tuple[int, int, int] | None = None) -> None:
     """One launch for every prefill chunk of the step. q, out: [T, Hq, D]."""
     Hq, D = q.shape[1], q.shape[2]
     Hkv = k_flat.shape[1]
-    bn, warps, stages = config or _prefill_config.get((Hq, Hkv, D, q.dtype, k_flat.dtype), (64, 4, 2))
+    bn, warps, stages = config or _prefill_config.get(kernel_key(Hq, q.dtype, k_flat), (64, 4, 2))
     nqb = pre.q_blocks.shape[1]
     _paged_prefill_kernel[(nqb, Hq)](
         q, k_flat, v_flat, out, pre.block_tables, pre.info, pre.q_blocks, 1.0 / math.sqrt(D),
@@ -386,7 +392,7 @@ def decode_attention_triton(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch
     """q, out: [B, Hq, D]; rows with context_len 0 (CUDA-graph padding) produce zeros."""
     B, Hq, D = q.shape
     Hkv = k_flat.shape[1]
-    bn, warps, stages, kind, order = config or _decode_config.get((Hq, Hkv, D, q.dtype, k_flat.dtype),
+    bn, warps, stages, kind, order = config or _decode_config.get(kernel_key(Hq, q.dtype, k_flat),
                                                                   DEFAULT_DECODE_CONFIG)
     heads_first = order == "heads"
     args = (q, k_flat, v_flat, out, block_tables, context_lens, 1.0 / math.sqrt(D), q.stride(0), q.stride(1),
@@ -463,7 +469,7 @@ def tune_decode_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: in
 
     return _keep_fastest(DECODE_CONFIGS if configs is None else configs,
                          lambda cfg: decode_attention_triton(q, k_flat, v_flat, bt, lens, block_size, out, cfg),
-                         _decode_config, (num_heads, Hkv, D, q.dtype, k_flat.dtype), agrees)
+                         _decode_config, kernel_key(num_heads, q.dtype, k_flat), agrees)
 
 
 def tune_prefill_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: int, block_size: int,
@@ -471,7 +477,7 @@ def tune_prefill_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: i
                         ) -> list[tuple[tuple[int, int, int], float]]:
     """Times every prefill config on chunks of `chunk` new tokens after as many cached ones, over the real
     cache tensors (read only), and keeps the fastest for this head shape. Returns [(config, seconds)]."""
-    Hkv, D = k_flat.shape[1], k_flat.shape[2]
+    D = k_flat.shape[2]
     per_seq = -(-2 * chunk // block_size)
     num_blocks = k_flat.shape[0] // block_size - 1
     if num_blocks < per_seq * num_chunks:
@@ -484,7 +490,7 @@ def tune_prefill_kernel(k_flat: torch.Tensor, v_flat: torch.Tensor, num_heads: i
     pre = prefill_batch([(i * chunk, chunk, chunk) for i in range(num_chunks)], bt)
     return _keep_fastest(PREFILL_CONFIGS, lambda cfg: prefill_attention_triton(q, k_flat, v_flat, pre, block_size,
                                                                               out, cfg),
-                         _prefill_config, (num_heads, Hkv, D, q.dtype, k_flat.dtype))
+                         _prefill_config, kernel_key(num_heads, q.dtype, k_flat))
 
 
 def _keep_fastest(configs: list, run, chosen: dict, key: tuple, agrees=None) -> list[tuple[tuple, float]]:
