@@ -89,4 +89,5 @@ def test_the_tuners_keep_their_choice_under_the_key_the_kernels_look_up(monkeypa
     k_flat = torch.zeros(64 * 16, 2, 32, dtype=torch.float16)
     attention.tune_decode_kernel(k_flat, k_flat.clone(), 8, 16, batch=4, max_context=64, q_dtype=torch.float32)
     attention.tune_prefill_kernel(k_flat, k_flat.clone(), 8, 16, chunk=32, num_chunks=2, q_dtype=torch.float32)
-    assert keys == [attention.kernel_key(8, torch.float32, k_flat)] * 2 == [(8, 2, 32, torch.float32, torch.float16)] * 2
+    want = attention.kernel_key(8, torch.float32, k_flat)
+    assert want == (8, 2, 32, torch.float32, torch.float16) and keys == [want, want]
