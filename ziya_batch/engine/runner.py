@@ -13,7 +13,7 @@ from ziya_batch.engine.attention import (AttentionMetadata, PrefillBatch, prefil
                                          tune_prefill_kernel)
 from ziya_batch.engine.model import LlamaModel
 from ziya_batch.engine.piecewise import MixedStepGraphs, mixed_buckets, projection_seconds, prune_buckets
-from ziya_batch.engine.scheduler import PENDING_TOKEN, ScheduledChunk, SchedulerOutput, Sequence
+from ziya_batch.engine.scheduler import PENDING_TOKEN, ScheduledChunk, SchedulerOutput, Sequence, splits
 
 # Decode batch sizes a CUDA graph is captured for; a batch runs in the first at or above it, padded. Every 8 rows
 # from 128: there the projections are no longer a plain read of the weights, and cuBLAS's time grows with the
@@ -167,14 +167,17 @@ class ModelRunner:
         fix = prev_tokens if any(i >= 0 for i in src) else None
         nd = len(decodes)
         if nd == len(chunks) and self.graphs:
-            bucket = next((b for b in self.graph_sizes if b >= nd), None)
+            bucket = self._decode_bucket(nd)
             if bucket is not None and all(len(c.children) == 0 for c in chunks):
                 logits = self._replay(decodes, bucket, src, fix)
                 return logits[self._index(row_idx)] if len(row_idx) != nd else logits[:nd], rows
-        if (self.overlap_mixed and 0 < nd < len(chunks) and (nd <= self.split_rows or self.split_serially)
-                and all(len(c.children) == 0 for c in decodes)):
+        if self.overlap_mixed and splits(chunks, len(chunks) if self.split_serially else self.split_rows):
             return self._run_split(chunks, nd, row_idx, src, fix), rows
         return self._run_step(chunks, nd, row_idx, src, fix), rows
+
+    def _decode_bucket(self, rows: int) -> Optional[int]:
+        """The smallest decode graph size that takes `rows` rows; None where none does."""
+        return next((b for b in self.graph_sizes if b >= rows), None)
 
     def _index(self, rows: list[int]) -> torch.Tensor:
         """rows as an index on the device, copied without waiting for the stream (a pageable copy would block the
@@ -195,7 +198,7 @@ class ModelRunner:
         decodes = chunks[:nd]
         split = next(i for i, r in enumerate(row_idx) if r >= nd) if row_idx and row_idx[-1] >= nd else len(row_idx)
         dec_rows, pre_rows = row_idx[:split], [r - nd for r in row_idx[split:]]
-        bucket = next((b for b in self.graph_sizes if b >= nd), None) if self.side_stream is not None else None
+        bucket = self._decode_bucket(nd) if self.side_stream is not None else None
         if bucket is not None:
             main, side = torch.cuda.current_stream(self.device), self.side_stream
             self._replay(decodes, bucket, src[:nd], prev_tokens, stream=side)

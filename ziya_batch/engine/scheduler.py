@@ -113,16 +113,22 @@ class SchedulerOutput:
         return all(c.num_tokens == 1 for c in self.chunks)
 
 
+def splits(chunks: list[ScheduledChunk], split_rows: int) -> bool:
+    """Whether the runner runs this step as two forwards (EngineConfig.overlap_mixed_steps; ModelRunner.split_rows,
+    0 where it splits none): its one-token rows, at most split_rows of them and none with forked samples, beside
+    at least one longer chunk."""
+    ones = [c for c in chunks if c.num_tokens == 1]
+    return 0 < len(ones) <= split_rows and len(ones) < len(chunks) and not any(c.children for c in ones)
+
+
 def fit_bucket(chunks: list[ScheduledChunk], buckets: list[tuple[int, float]],
                split_rows: int = 0) -> Optional[tuple[int, int]]:
     """(index, new token count) of the chunk to shorten so that the step's tokens fill the bucket below instead
     of padding up to a much dearer one (TRIM_MARGIN, TRIM_MIN_SECONDS, TRIM_MAX_TOKENS); None to leave the step
     as it is. Only a chunk without forked samples is shortened, to two tokens at least (decode rows never are),
-    the last such first. split_rows: the most one-token rows the runner runs beside the rest of a step
-    (EngineConfig.overlap_mixed_steps; ModelRunner.split_rows): a step it splits so is fitted by its chunks of more
-    than one token alone."""
-    ones = [c for c in chunks if c.num_tokens == 1]
-    split = 0 < len(ones) <= split_rows and len(ones) < len(chunks) and not any(c.children for c in ones)
+    the last such first. split_rows: a step the runner splits (splits) is fitted by its chunks of more than one
+    token alone."""
+    split = splits(chunks, split_rows)
     total = sum(c.num_tokens for c in chunks if c.num_tokens > 1 or not split)
     up = bisect.bisect_left(buckets, (total,))        # the first bucket of at least `total` tokens
     if up == 0 or up == len(buckets) or buckets[up][0] == total:
