@@ -23,7 +23,7 @@ from __future__ import annotations
 import glob as _glob
 import os
 import stat as _stat
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 from fsspec.implementations.local import LocalFileSystem
 
@@ -321,9 +321,11 @@ def index_inputs(files: list[str], shard_size: int, block_bytes: int = BLOCK_BYT
         yield from index_file(file, shard_size, block_bytes, max_line_bytes)
 
 
-def shard_refs(job_id: str, files: list[str], shard_size: int) -> Iterator[ShardRef]:
-    """index_inputs as ShardRefs numbered from 0."""
-    for index, (file, start, end, first, num) in enumerate(index_inputs(files, shard_size)):
+def shard_refs(job_id: str, files: list[str], shard_size: int,
+               rows: Optional[Iterable[tuple[str, int, int, int, int]]] = None) -> Iterator[ShardRef]:
+    """index_inputs (or its `rows`, read already) as ShardRefs numbered from 0."""
+    for index, (file, start, end, first, num) in enumerate(rows if rows is not None
+                                                           else index_inputs(files, shard_size)):
         yield ShardRef(job_id, index, file, start, end, first, num)
 
 

@@ -32,11 +32,10 @@ def _shard_refs(job_id: str, files: list[str], shard_size: int,
                 rows: Optional[list] = None) -> Iterator[ShardRef]:
     """The job's shards in order, from `rows` (index_inputs' tuples, counted already) or read as they come; past
     MAX_SHARDS, SpecError (a job Redis knows and whose list is unfinished reads them here too)."""
-    for index, (file, start, end, first_line, num_lines) in enumerate(
-            rows if rows is not None else io.index_inputs(files, shard_size)):
-        if index == MAX_SHARDS:
+    for ref in io.shard_refs(job_id, files, shard_size, rows):
+        if ref.index == MAX_SHARDS:
             raise _too_many_shards(shard_size)
-        yield ShardRef(job_id, index, file, start, end, first_line, num_lines)
+        yield ref
 
 
 def _too_many_shards(shard_size: int) -> SpecError:
