@@ -179,8 +179,7 @@ async def _keys_given_once(request: Request) -> None:
     """Refuse a spec body that gives a key twice: FastAPI's JSON parse keeps the last one without a word
     (`{"name": "a", "name": "b"}` is "b"; a second `sampling` would drop the first), where `ziya-batch submit`'s
     loader refuses it. The body bytes are the ones already read (through BodyLimit) and cached by Starlette."""
-    content_type = request.headers.get("content-type", "")
-    if content_type and "json" not in content_type:
+    if request.headers.get("content-type") and not _is_json(request):
         return                      # not parsed as JSON: FastAPI's own answer (send JSON) stands
     try:
         json.loads(await request.body(), object_pairs_hook=_unique_pairs)
