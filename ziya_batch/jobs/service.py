@@ -18,6 +18,12 @@ CLI_HINT = " in this Redis (list jobs with `ziya-batch status`)"
 API_HINT = ": list jobs with GET /v1/jobs"
 
 
+# a job whose submit has not written its whole shard list: none of its shards is handed out until one has
+UNSEALED_NOTE = ("its shard list is not all written, so no shard is handed out yet: a submit is writing it, or "
+                 "one stopped midway (then submit the same spec again, which finishes the list and keeps what "
+                 "is there)")
+
+
 class ManifestNotReady(JobNotFound):
     """The job exists but has not finished: its manifest.json is not written yet (HTTP 404)."""
 
@@ -32,7 +38,9 @@ def job_status(broker: "JobsBroker", job_id: str, detail: bool = False, hint: st
 def waiting_note(broker: "WorkerBroker", status: "JobStatus") -> Optional[str]:
     """Why a job's pending shards may wait with no worker to take them (no live worker, none of its
     tensor_parallel shape, or every one failed to load its engine); None when some worker can, or the job has
-    nothing pending. Shown by `status` and GET /v1/jobs/{id}."""
+    nothing pending; or that its shard list is not all written yet. Shown by `status` and GET /v1/jobs/{id}."""
+    if not status.sealed and not status.state.is_finished():
+        return UNSEALED_NOTE
     if not status.state.is_claimable() or not status.shards.get("pending", 0) or status.shards.get("leased", 0):
         return None
     try:

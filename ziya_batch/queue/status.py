@@ -104,7 +104,7 @@ def build_status(client: redis.Redis, keys: Keys, job_id: str, detail: bool = Fa
         retries=int(h.get("retries", 0)), lease_expiries=int(h.get("lease_expiries", 0)),
         dead_shards=int(dead_count), dead_lines=int(h.get("dead_lines", 0)),
         error=h.get("error"), prefix_cache_query_tokens=int(h.get("prefix_cache_query_tokens", 0)),
-        prefix_cache_hit_tokens=int(h.get("prefix_cache_hit_tokens", 0)), **extra)
+        prefix_cache_hit_tokens=int(h.get("prefix_cache_hit_tokens", 0)), sealed=h.get("sealed") == "1", **extra)
 
 
 def _error(e: dict) -> dict:

@@ -111,6 +111,7 @@ class JobStatus:
     error: Optional[str] = None      # why the job failed
     prefix_cache_query_tokens: int = 0   # prompt tokens of committed shards looked up in the prefix cache
     prefix_cache_hit_tokens: int = 0     # of those, found cached
+    sealed: bool = True              # its whole shard list is written (no shard is handed out before)
     detail: bool = False
     leases: tuple = ()               # detail: ({"shard", "worker_id", "attempt", "token", "expires_in_s"}, ...)
     shard_lists: dict = field(default_factory=dict)   # detail: state -> shard indices (capped)
@@ -140,7 +141,7 @@ class JobStatus:
             "dead_shards": self.dead_shards, "dead_lines": self.dead_lines, "error": self.error,
             "prefix_cache_query_tokens": self.prefix_cache_query_tokens,
             "prefix_cache_hit_tokens": self.prefix_cache_hit_tokens,
-            "prefix_cache_hit_rate": self.prefix_cache_hit_rate,
+            "prefix_cache_hit_rate": self.prefix_cache_hit_rate, "sealed": self.sealed,
         }
         if self.detail:
             d["leases"] = [dict(x) for x in self.leases]
