@@ -19,6 +19,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from . import io, jobs
 from .errors import InputError, ServiceError
+from .spec import show_text
 from .io.schema import decode_part
 
 REWARD_RESERVOIR = 50_000
@@ -372,14 +373,15 @@ def report_main(job_id_or_output_url: str, out_path: str | Path, redis_url: Opti
                                "instead: ziya-batch report s3://bucket/runs/x/") from None
     if _looks_like_location(arg):
         output_url = arg
-        if broker is not None:
-            manifest = io.read_manifest(output_url)
-            job_id = (manifest or {}).get("job_id")
-            status = _status_dict(broker, job_id) if job_id else None
     else:
         jobs.job_status(broker, arg, hint=REPORT_HINT)          # JobNotFound, one line, for an unknown id
         output_url = broker.get_spec(arg).output.path
         status = _status_dict(broker, arg)
+    # the first read of the output: storage that cannot be reached is one line, not a backend's traceback
+    with io.storage.storage_errors(f"output {show_text(output_url)}"):
+        manifest = io.read_manifest(output_url)
+    if broker is not None and status is None and isinstance(manifest, dict) and manifest.get("job_id"):
+        status = _status_dict(broker, manifest["job_id"])
     return write_report(output_url, out_path, status)
 
 

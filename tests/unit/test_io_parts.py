@@ -45,20 +45,20 @@ def test_stage_then_promote_writes_final_parts_and_marker_last(tmp_path, shard_p
 
 
 def test_a_commit_marker_that_cannot_be_read_is_an_error_not_a_shard_left_out(tmp_path, monkeypatch, shard_parts):
-    from fsspec.implementations.local import LocalFileSystem
+    from ziya_batch.io import storage
 
     out = str(tmp_path / "out")
     for index in (0, 1):
         staged = stage_shard(out, index, 3, shard_parts(), "jsonl")
         promote_shard(out, index, 3, {k: (p.lines, p.sha256) for k, p in staged.items()})
     assert sorted(committed_shards(out)) == [0, 1]
-    cat_file = LocalFileSystem.cat_file
+    read_local = storage._read_local
 
-    def flaky(self, path, *a, **kw):
+    def flaky(path, *a, **kw):
         if str(path).endswith("part-00001.json"):
             raise OSError("read failed")
-        return cat_file(self, path, *a, **kw)
-    monkeypatch.setattr(LocalFileSystem, "cat_file", flaky)
+        return read_local(path, *a, **kw)
+    monkeypatch.setattr(storage, "_read_local", flaky)
     with pytest.raises(OSError, match="read failed"):
         committed_shards(out)
 

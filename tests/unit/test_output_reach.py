@@ -38,3 +38,15 @@ def test_storage_that_does_not_answer_is_the_services_state(tmp_path):
     with pytest.raises(ServiceError, match="its storage does not answer \\(ClientConnectorError") as e:
         open_output(spec)
     assert "\n" not in str(e.value)
+
+
+def test_a_report_of_storage_that_cannot_be_reached_is_one_line(tmp_path, monkeypatch):
+    """`ziya-batch report URL`: the same one line as submit (it printed the backend's traceback, exit 1)."""
+    from ziya_batch.report import report_main
+
+    monkeypatch.setenv("ZIYA_BATCH_REDIS_URL", "redis://127.0.0.1:1/0")    # no Redis: the URL alone serves
+    with pytest.raises(ServiceError, match="output http://127.0.0.1:1/x: its storage does not answer") as e:
+        report_main("http://127.0.0.1:1/x", tmp_path / "r.html")
+    assert "\n" not in str(e.value)
+    with pytest.raises(InputError, match="output /tmp/a\x00b not usable") as e:
+        report_main("/tmp/a\x00b", tmp_path / "r.html")

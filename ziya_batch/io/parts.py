@@ -44,6 +44,10 @@ from .storage import (_fsync_dir, exists_fresh, join_url, list_fresh, list_fresh
 
 STAGING = "_staging"
 COMMITTED = "_committed"
+# the most a JSON file of ours holds: the manifest (~300 bytes a shard, at most 200,000 shards) at the top; a
+# commit marker or an attempt's intent (a few hundred bytes each) in _committed/ and _staging/
+MAX_TOP_JSON_BYTES = 256 << 20
+MAX_MARKER_BYTES = 4 << 20
 
 
 class CommitError(ZiyaBatchError):
@@ -154,6 +158,8 @@ class OutputDir:
         self.url = url
         self.format = fmt
         self.fs, self.root = open_output_fs(url)
+        # local: where the directory really is (it may be a link itself); nothing in it may lead out of there
+        self._real = os.path.realpath(self.root) if isinstance(self.fs, LocalFileSystem) else None
 
     @classmethod
     def of(cls, output: "OutputDir | str") -> "OutputDir":
@@ -166,8 +172,24 @@ class OutputDir:
 
     # -- names ------------------------------------------------------------------------------------------------
     def path(self, *rel: str) -> str:
-        """The path in the filesystem of a name relative to the directory."""
-        return join_url(self.root, *rel)
+        """The path in the filesystem of a name relative to the directory. Local: InputError where a folder
+        on the way (results/, _staging/, ...) is a symbolic link out of the directory, so nothing is read or
+        written outside it through one (an HTTP user may only write under the allowed prefixes)."""
+        path = join_url(self.root, *rel)
+        if self._real is not None and len(rel) and posixpath.dirname(posixpath.join(*rel)):
+            parent = os.path.realpath(posixpath.dirname(path))
+            if parent != self._real and not parent.startswith(self._real.rstrip(os.sep) + os.sep):
+                raise InputError(f"{self.url}: {posixpath.dirname(posixpath.join(*rel))}/ is a symbolic link out of "
+                                 "the output directory; remove it, or choose another output.path")
+        return path
+
+    def check_folders(self) -> None:
+        """InputError where one of the folders the job writes into is a symbolic link out of the directory
+        (checked again at every write; here so a submit is refused before anything is queued)."""
+        for kind in (*KINDS, COMMITTED, STAGING):
+            self.path(kind, "-")
+        for kind in KINDS:
+            self.path(STAGING, kind, "-")
 
     def part_url(self, kind: str, index: int, fmt: Optional[str] = None) -> str:
         """URL of a final part, e.g. s3://b/run/results/part-00005.jsonl."""
@@ -192,7 +214,7 @@ class OutputDir:
         path = self.path(name)
         self.fs.invalidate_cache(path)
         try:
-            data = read_bytes(self.fs, path)
+            data = read_bytes(self.fs, path, MAX_TOP_JSON_BYTES)
         except NotADirectoryError:
             raise InputError(f"{self.url} is a file, or lies under one; an output path names a directory (it "
                              "receives results/, sft/, ...)") from None
@@ -311,7 +333,7 @@ class OutputDir:
 
     def read_marker(self, index: int) -> Optional[CommitMarker]:
         self.fs.invalidate_cache(self.path(COMMITTED))
-        data = read_bytes(self.fs, self._marker(index))
+        data = read_bytes(self.fs, self._marker(index), MAX_MARKER_BYTES)
         return CommitMarker.from_json(data) if data is not None else None
 
     def promote(self, index: int, token: int, attempt: str = "",
@@ -329,7 +351,7 @@ class OutputDir:
         fs = self.fs
         marker_path, intent_path = self._marker(index), self._intent(index, token, attempt)
         fs.invalidate_cache(self.path(COMMITTED))
-        existing = read_bytes(fs, marker_path)
+        existing = read_bytes(fs, marker_path, MAX_MARKER_BYTES)
         old = CommitMarker.from_json(existing) if existing is not None else None
         if old is not None:
             if old.token == int(token) and old.stats.get("attempt", "") == attempt:
@@ -339,11 +361,11 @@ class OutputDir:
                 # run again because Redis lost its commit); its staged parts go, the committed ones stay
                 self.discard(index, token, attempt)
             return old
-        raw = read_bytes(fs, intent_path)
+        raw = read_bytes(fs, intent_path, MAX_MARKER_BYTES)
         if raw is None:
             # a concurrent promote of the same token (the worker's and a finalizer's recovery) may have just
             # finished and removed the intent: its marker is then the answer
-            now = read_bytes(fs, marker_path)
+            now = read_bytes(fs, marker_path, MAX_MARKER_BYTES)
             if now is not None and CommitMarker.from_json(now).token == int(token):
                 return CommitMarker.from_json(now)
             # (a marker of this token but another attempt is returned too: the caller compares tokens only)
@@ -421,9 +443,14 @@ class OutputDir:
             return {}
         # one concurrent batch on object stores; a marker that cannot be read is an error, not a shard left out
         # (a cancelled job's manifest would miss its part; a resubmit would run it again)
-        blobs = self.fs.cat(names, on_error="raise")
+        if self._real is not None:      # each through read_bytes: a FIFO named like a marker must not block
+            blobs = {n: read_bytes(self.fs, n, MAX_MARKER_BYTES) for n in names}
+        else:
+            blobs = self.fs.cat(names, on_error="raise")
         markers = {}
-        for data in blobs.values():
+        for name, data in blobs.items():
+            if data is None:
+                raise FileNotFoundError(errno.ENOENT, "commit marker removed while read", name)
             m = CommitMarker.from_json(data)
             markers[m.index] = m
         return markers

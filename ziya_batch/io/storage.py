@@ -19,19 +19,22 @@ Workers on other machines need the same variables; ``ziya-batch worker`` inherit
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import posixpath
 import re
+import stat
 import uuid
-from typing import Any
+from typing import Any, Iterator, Optional
 from urllib.parse import unquote
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .. import settings
-from ..errors import ServiceError
+from ..errors import InputError, ServiceError, ZiyaBatchError
 from ..settings import STORAGE_OPTIONS_ENV
 
 
@@ -224,12 +227,67 @@ def move_atomic(fs: fsspec.AbstractFileSystem, src: str, dst: str) -> None:
     fs.invalidate_cache(dst)
 
 
-def read_bytes(fs: fsspec.AbstractFileSystem, path: str) -> bytes | None:
-    """The object's bytes, or None when it does not exist (one request; no exists() race)."""
+@contextlib.contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Storage that cannot be reached (no credentials, a host that does not answer, a bucket name the store
+    rejects, a filesystem whose library is missing) as one line naming `what` (e.g. "output.path s3://b/x"):
+    ServiceError (exit 3, HTTP 503) where the store did not answer, else InputError; not a backend's traceback.
+    Wrap the first calls that reach a location, not work of ours that may have bugs of its own."""
     try:
-        return fs.cat_file(path)
+        yield
+    except ZiyaBatchError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a storage backend may raise anything; name it
+        why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        if _unreachable(err):
+            raise ServiceError(f"{what}: its storage does not answer ({why}); try again once it does, or check "
+                               "the URL") from None
+        raise InputError(f"{what} not usable ({why}; check the URL and its credentials)") from None
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether a storage backend's error says the store did not answer (a connection refused or cut, a time-out:
+    the service's state, exit 3 / HTTP 503) rather than that the location is wrong (credentials, a bucket name)."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    return any("Connect" in c.__name__ or "Timeout" in c.__name__ for c in type(err).__mro__)
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str, limit: Optional[int] = None) -> bytes | None:
+    """The object's bytes, or None when it does not exist (one request; no exists() race). InputError for more
+    than `limit` bytes (where given), and locally for anything but a regular file: a FIFO would block the
+    reader for good, a device (a link to /dev/zero) never end."""
+    if isinstance(fs, LocalFileSystem):
+        return _read_local(LocalFileSystem._strip_protocol(path), limit)
+    try:
+        data = fs.cat_file(path) if limit is None else fs.cat_file(path, start=0, end=limit + 1)
     except FileNotFoundError:
         return None
+    if limit is not None and len(data) > limit:
+        raise InputError(f"{path} is larger than {limit:,} bytes, more than this file ever holds: not read")
+    return data
+
+
+def _read_local(path: str, limit: Optional[int]) -> bytes | None:
+    try:
+        # non-blocking: opening a FIFO for reading otherwise waits for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        if err.errno != errno.ENXIO:            # a socket
+            raise
+        raise InputError(f"{path} is a socket, not a regular file: not read") from None
+    with os.fdopen(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(mode):
+            raise InputError(f"{path} is not a regular file (a FIFO or a device): not read; remove it")
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise InputError(f"{path} is larger than {limit:,} bytes, more than this file ever holds: not read")
+    return data
 
 
 def exists_fresh(fs: fsspec.AbstractFileSystem, path: str) -> bool:

@@ -11,7 +11,7 @@ import os
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from .. import io
-from ..errors import InputError, ServiceError, SpecError, ZiyaBatchError
+from ..errors import SpecError
 from ..io.claims import claim_output
 from ..records import ShardRef
 from ..spec import JobSpec, show_text
@@ -191,27 +191,11 @@ def open_output(spec: JobSpec) -> io.OutputDir:
     """The spec's output directory, opened and its manifest read once: storage that cannot be reached (no
     credentials, a host that does not answer, a bucket name the store rejects, a filesystem whose library is
     missing) is one line here, as an input's is, not a storage backend's traceback."""
-    try:
+    with io.storage.storage_errors(f"output.path {show_text(spec.output.path)}"):
         out = io.OutputDir(spec.output.path, spec.output.format)
+        out.check_folders()
         io.read_manifest(out)
-    except ZiyaBatchError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a storage backend may raise anything; name it
-        why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
-        if _unreachable(err):
-            raise ServiceError(f"output.path {show_text(spec.output.path)}: its storage does not answer ({why}); "
-                               "try again once it does, or check the URL") from None
-        raise InputError(f"output.path {show_text(spec.output.path)} not usable ({why}; check the URL and its "
-                         "credentials)") from None
     return out
-
-
-def _unreachable(err: BaseException) -> bool:
-    """Whether a storage backend's error says the store did not answer (a connection refused or cut, a time-out:
-    the service's state, exit 3 / HTTP 503) rather than that the location is wrong (credentials, a bucket name)."""
-    if isinstance(err, (ConnectionError, TimeoutError)):
-        return True
-    return any("Connect" in c.__name__ or "Timeout" in c.__name__ for c in type(err).__mro__)
 
 
 def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = False,
