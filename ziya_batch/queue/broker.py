@@ -187,7 +187,9 @@ class Broker:
         return stored_spec(json.loads(raw), f"spec of job {job_id}")
 
     def find_job(self, job_id: str) -> Optional[JobStatus]:
-        if not self.client.exists(self.keys.job(job_id)):
+        """The job's status, or None where this Redis has no such job: the id must be one the jobs index holds,
+        not merely name a key (an id ending in ':spec' names the spec of the job before it)."""
+        if self.client.zscore(self.keys.jobs(), job_id) is None or not self.client.exists(self.keys.job(job_id)):
             return None
         return self.status(job_id)
 
