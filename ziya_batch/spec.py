@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
 from .engine.types import (JSON_WHITESPACE, KV_CACHE_DTYPES, LOGPROBS_MODES, SCHEDULE_POLICIES, EngineConfig,
@@ -41,7 +41,17 @@ MAX_CONSTRAINT_CHARS = 100_000  # a regex, or a JSON schema as JSON text: gramma
 MAX_CHOICES = 1_000             # choice strings, each at most MAX_STOP_CHARS
 MAX_LEASE_S = 86_400.0          # a day: a shard that runs longer wants a smaller shard_size
 
-Location = Annotated[str, Field(min_length=1, max_length=MAX_LOCATION_CHARS)]
+MAX_LOCATION_DEPTH = 256        # slashes in a path or URL: deeper is a typo or an attack (os.makedirs recurses a level
+                                # at a time: ~1,000 levels, well within PATH_MAX, ended in a RecursionError)
+
+
+def _not_too_deep(value: str) -> str:
+    if value.count("/") > MAX_LOCATION_DEPTH:
+        raise ValueError(f"a path more than {MAX_LOCATION_DEPTH} folders deep")
+    return value
+
+
+Location = Annotated[str, Field(min_length=1, max_length=MAX_LOCATION_CHARS), AfterValidator(_not_too_deep)]
 
 
 class _Strict(BaseModel):

@@ -172,9 +172,17 @@ def check_spec_data(data: Any, source: str = "job spec") -> None:
         node, path, done = stack.pop()
         if isinstance(node, float) and not math.isfinite(node):
             raise SpecError(f"{source}: '{show_text(path) or '(top level)'}': {node} is not a finite number")
+        if isinstance(node, str) and not _utf8(node):
+            raise SpecError(f"{source}: '{show_text(path) or '(top level)'}': not UTF-8 text (a lone surrogate "
+                            "escape \\ud800-\\udfff)")
         if not isinstance(node, (dict, list, tuple)):
             continue
         items = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
+        bad_key = next((k for k, _ in items if isinstance(k, str) and not _utf8(k)), None) \
+            if isinstance(node, dict) and not done else None
+        if bad_key is not None:
+            raise SpecError(f"{source}: a key in '{show_text(path) or '(top level)'}' is not UTF-8 text "
+                            f"('{show_text(bad_key)}': a lone surrogate escape \\ud800-\\udfff)")
         if done:
             total = 1 + sum(_size(k) + sizes.get(id(v), _size(v)) for k, v in items)
             if total > MAX_SPEC_SIZE:
@@ -192,6 +200,14 @@ def check_spec_data(data: Any, source: str = "job spec") -> None:
         for k, v in items:
             if id(v) not in sizes:
                 stack.append((v, f"{path}.{k}" if path else str(k), False))
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _size(leaf: Any) -> int:

@@ -163,3 +163,64 @@ def test_a_redis_refusing_writes_is_503_json(api_env, tmp_path):
     client = TestClient(create_app(settings, ReadOnlyBroker), raise_server_exceptions=False)
     r = client.get("/v1/jobs", headers=AUTH)
     assert "READONLY" in _error(r, 503) and r.headers["Retry-After"] == "5"
+
+
+@pytest.mark.parametrize("extra,where", [
+    ({"experience": {"reward_function": "exact_match", "reward_weights": {"\ud800": 1.0}}}, "reward_weights"),
+    ({"sampling": {"json_schema": {"type": "object", "properties": {"\udc80x": {"type": "string"}}}}}, "properties"),
+    ({"name": "x-\ud800"}, "name"),
+])
+def test_text_that_is_not_utf8_in_a_key_or_value_is_a_422(api_env, extra, where):
+    """Lone surrogate escapes (JSON allows them; no storage, Redis key or log line can carry them): a 500 from
+    inside pydantic or the spec's identity, or silently stored as U+FFFD, before."""
+    data, models, make_client = api_env
+    body = json.dumps(job_spec(data, models, **extra))          # ensure_ascii: the escapes travel as \ud800
+    r = make_client().post("/v1/jobs", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    msg = _error(r, 422)
+    assert "not UTF-8 text" in msg and where in msg
+
+
+def test_a_path_too_deep_is_a_422(api_env):
+    data, models, make_client = api_env
+    spec = job_spec(data, models, output={"path": str(data) + "/a" * 2000})
+    msg = _error(make_client().post("/v1/jobs", json=spec, headers=AUTH), 422)
+    assert "more than 256 folders deep" in msg
+    assert not (data / "a").exists()
+
+
+def test_a_cancel_whose_manifest_cannot_be_written_says_so(api_env):
+    """The job is cancelled; its manifest cannot be written (its output directory became a file): a 400 that says
+    both (a 500 before), and cancelling again once the storage is fixed writes the manifest."""
+    data, models, make_client = api_env
+    client = make_client()
+    job_id = client.post("/v1/jobs", json=job_spec(data, models), headers=AUTH).json()["id"]
+    out = data / "out"
+    moved = data / "out.moved"
+    out.rename(moved)
+    out.write_text("not a directory")
+    msg = _error(client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH), 400)
+    assert f"job {job_id} is cancelled, but its manifest could not be written" in msg
+    assert client.get(f"/v1/jobs/{job_id}", headers=AUTH).json()["state"] == "cancelled"
+    out.unlink()
+    moved.rename(out)
+    assert client.post(f"/v1/jobs/{job_id}/cancel", headers=AUTH).status_code == 200
+    assert (out / "manifest.json").exists()
+
+
+def test_control_characters_in_a_name_do_not_reach_the_operators_terminal(api_env, monkeypatch, capsys):
+    from ziya_batch import cli
+    from ziya_batch.queue import Broker
+
+    data, models, make_client = api_env
+    client = make_client()
+    r = client.post("/v1/jobs", json=job_spec(data, models, name="\x1b[2J\x1b[31mRED\x9b0m\x07"), headers=AUTH)
+    assert r.status_code == 200, r.text
+    broker = client.app.state.brokers.get()
+    assert isinstance(broker, Broker)
+    monkeypatch.setattr(cli, "_broker", lambda url: broker)
+    for argv in (["status"], ["status", r.json()["id"]]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\x9b" not in out and "\x07" not in out
+        assert "\\x1b[2J\\x1b[31mRED\\x9b0m\\x07" in out.replace("\n", "")

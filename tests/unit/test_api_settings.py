@@ -29,6 +29,11 @@ def test_settings_refuse_to_start_without_a_token(monkeypatch):
     monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", "short")
     with pytest.raises(ServiceError, match="too short"):
         ApiSettings.from_env()
+    # HTTP reads header values as latin-1 bytes: these could never be matched
+    for token in ("pässwörd-long-enough", "token with spaces", "tab\tseparated-token"):
+        monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", token)
+        with pytest.raises(ServiceError, match="printable ASCII without spaces"):
+            ApiSettings.from_env()
     monkeypatch.delenv("ZIYA_BATCH_API_TOKEN")
     assert ApiSettings.from_env(insecure_no_auth=True).insecure_no_auth
 

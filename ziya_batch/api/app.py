@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import errors, jobs
 from ..errors import JobNotFound, ZiyaBatchError
-from ..spec import JobSpec, format_validation_error, show_text
+from ..spec import JobSpec, check_spec_data, format_validation_error, show_text
 from .access import AccessDenied, check_expanded_inputs, check_job, token_matches
 from .http_errors import ApiError, error_response
 from .limits import BodyLimit
@@ -182,11 +182,14 @@ async def _keys_given_once(request: Request) -> None:
     if request.headers.get("content-type") and not _is_json(request):
         return                      # not parsed as JSON: FastAPI's own answer (send JSON) stands
     try:
-        json.loads(await request.body(), object_pairs_hook=_unique_pairs)
+        data = json.loads(await request.body(), object_pairs_hook=_unique_pairs)
     except _DuplicateKey as dup:
         raise errors.SpecError(f"job spec: duplicate key '{show_text(str(dup.key))}': give each key once") from None
     except (ValueError, RecursionError):
         return                      # not valid JSON: FastAPI has answered that already
+    if isinstance(data, dict):
+        # the bounds a spec file gets (finite numbers, UTF-8 text in keys and values, size), before pydantic
+        check_spec_data(data, "job spec")
 
 
 def _jobs_router(settings: ApiSettings, brokers: BrokerHolder) -> APIRouter:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Optional
 
@@ -12,6 +13,16 @@ from rich.text import Text
 
 from .. import jobs
 from ..queue import JobState
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _plain(value: object) -> Text:
+    """Users' text (job names, workers' hosts, error messages) as a cell: never parsed as rich markup, and its
+    control characters written as escapes, so a name sent over HTTP cannot move, recolour or clear the
+    operator's terminal (rich keeps ESC)."""
+    return Text(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value)))
 
 
 def _eta(seconds: Optional[float]) -> str:
@@ -32,7 +43,7 @@ def _jobs_table(statuses) -> Table:
     for st in statuses:
         d = st.to_dict()
         # job names, errors and notes are users' text: cells of plain Text, never parsed as rich markup
-        t.add_row(d["job_id"], Text(str(d.get("name", ""))), d["state"], str(d["prompts_done"]), str(d["prompts_failed"]),
+        t.add_row(d["job_id"], _plain(d.get("name", "")), d["state"], str(d["prompts_done"]), str(d["prompts_failed"]),
                   str(d["prompts_total"]), str(d["samples"]), f"{d['tokens_per_s']:,.0f}", _eta(d.get("eta_s")),
                   str(len(d.get("workers", []))), str(d.get("retries", 0)), str(d.get("dead_shards", 0)))
     return t
@@ -45,7 +56,7 @@ def _job_detail(st, note: Optional[str] = None):
         parts.append(f"prefix cache: {d['prefix_cache_hit_rate']:.0%} of {d['prefix_cache_query_tokens']:,} prompt "
                      "tokens reused")
     if note:
-        parts.append(Text(note, style="yellow"))
+        parts.append(Text(_plain(note).plain, style="yellow"))
     shards = Table(title="shards by state")
     for k in d.get("shards", {}):
         shards.add_column(k, justify="right")
@@ -56,15 +67,15 @@ def _job_detail(st, note: Optional[str] = None):
         w.add_column("worker")
         w.add_column("host")
         for wk in d["workers"]:
-            w.add_row(Text(str(wk.get("worker_id", wk)) if isinstance(wk, dict) else str(wk)),
-                      Text(str(wk.get("host", "")) if isinstance(wk, dict) else ""))
+            w.add_row(_plain(wk.get("worker_id", wk) if isinstance(wk, dict) else wk),
+                      _plain(wk.get("host", "") if isinstance(wk, dict) else ""))
         parts.append(w)
     if d.get("errors"):
         e = Table(title="latest errors")
         e.add_column("shard")
         e.add_column("error")
         for err in d["errors"][-10:]:
-            e.add_row(Text(str(err.get("shard", ""))), Text(str(err.get("message", err))))
+            e.add_row(_plain(err.get("shard", "")), _plain(err.get("message", err)))
         parts.append(e)
     return Group(*parts)
 
@@ -72,7 +83,7 @@ def _job_detail(st, note: Optional[str] = None):
 def _render(broker, job_id: Optional[str]):
     if job_id is None:
         statuses = jobs.list_jobs(broker)
-        notes = [Text(f"{st.job_id}: {note}", style="yellow") for st in statuses
+        notes = [Text(_plain(f"{st.job_id}: {note}").plain, style="yellow") for st in statuses
                  if st.state == JobState.QUEUED and (note := jobs.waiting_note(broker, st))]
         return Group(_jobs_table(statuses), *notes) if notes else _jobs_table(statuses)
     st = jobs.job_status(broker, job_id, detail=True)
