@@ -196,3 +196,59 @@ def test_fp8_fast_accum_takes_a_boolean_and_fp8_weights_or_says_why_in_one_line(
         # only a boolean's spellings pass, and only with FP8 weights when they mean true
         assert got.engine.fp8_fast_accum in (True, False)
         assert quantization == "fp8" or not got.engine.fp8_fast_accum
+
+
+_wild_text = st.one_of(st.text(st.characters(exclude_categories=()), max_size=8),
+                       st.sampled_from(["\ud800", "a\udfff", "\udc80x"]))
+_wild_tree = st.recursive(st.one_of(_scalar, _wild_text), lambda kids: st.one_of(
+    st.lists(kids, max_size=4), st.dictionaries(st.one_of(_keys, _wild_text), kids, max_size=6)), max_leaves=30)
+
+
+def _strings(node):
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+@settings(max_examples=300, deadline=2000)
+@given(tree=st.fixed_dictionaries({"name": _wild_tree, "model": st.fixed_dictionaries({"path": _wild_tree}),
+                                   "input": _wild_tree, "output": st.fixed_dictionaries({"path": _wild_tree})},
+                                  optional={"sampling": _wild_tree, "experience": _wild_tree}))
+def test_specs_as_data_with_any_text_give_a_jobspec_or_one_line(tree):
+    """Data (an HTTP body, Redis) holding any text, lone surrogates in keys and values too: a JobSpec or one
+    SpecError, and never a JobSpec holding text no storage, Redis key or log line can carry."""
+    try:
+        spec = parse_spec(tree)
+    except SpecError as err:
+        assert "\n" not in str(err) and len(str(err)) < MESSAGE_BOUND
+        _utf8(str(err)) or pytest.fail(f"message not UTF-8: {err!r}")
+        return
+    assert all(_utf8(s) for s in _strings(tree))
+    spec.identity()
+
+
+@settings(max_examples=100, deadline=2000)
+@given(depth=st.integers(0, 600), where=st.sampled_from(["input", "output", "model"]))
+def test_a_location_is_at_most_256_folders_deep(depth, where):
+    deep = "/d" + "/x" * depth
+    spec = {"name": "x", "model": {"path": "/m"}, "input": ["/a.jsonl"], "output": {"path": "/o"}}
+    spec = {**spec, "input": [deep]} if where == "input" else {**spec, where: {"path": deep}}
+    if depth + 1 <= 256:
+        assert isinstance(parse_spec(spec), JobSpec)
+    else:
+        with pytest.raises(SpecError, match="more than 256 folders deep"):
+            parse_spec(spec)
