@@ -45,8 +45,9 @@ MAX_LOCATION_DEPTH = 256        # slashes in a path or URL: deeper is a typo or 
                                 # at a time: ~1,000 levels, well within PATH_MAX, ended in a RecursionError)
 
 
-def _not_too_deep(value: str) -> str:
-    if value.count("/") > MAX_LOCATION_DEPTH:
+def _not_too_deep(value: str, info: ValidationInfo) -> str:
+    # at submit only (_submitting): a job an earlier release queued with a deeper path stays readable
+    if value.count("/") > MAX_LOCATION_DEPTH and _submitting(info):
         raise ValueError(f"a path more than {MAX_LOCATION_DEPTH} folders deep")
     return value
 

@@ -163,3 +163,18 @@ def test_s3_endpoint_from_fsspec_config_env(bucket, moto_endpoint):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == f"[('s3://{bucket}/q.jsonl', 0, 32, 1, 2)]"
+
+
+def test_s3_small_files_are_read_under_a_cap(bucket, monkeypatch):
+    """Our JSON files are read with a cap (a ranged read): an empty object, which S3 answers 416 for a range of,
+    is read as empty (a corrupt file, said so), and one past the cap is refused without reading it whole."""
+    from ziya_batch.io import OutputDir
+    from ziya_batch.io import parts as parts_mod
+
+    _put(bucket, "out/_owner.json", b"")
+    with pytest.raises(InputError, match="_owner.json is corrupt"):
+        OutputDir(f"s3://{bucket}/out").owner()
+    _put(bucket, "out/manifest.json", b"{}" + b" " * 100)
+    monkeypatch.setattr(parts_mod, "MAX_TOP_JSON_BYTES", 64)
+    with pytest.raises(InputError, match="larger than 64 bytes"):
+        read_manifest(f"s3://{bucket}/out")

@@ -30,10 +30,12 @@ def test_settings_refuse_to_start_without_a_token(monkeypatch):
     with pytest.raises(ServiceError, match="too short"):
         ApiSettings.from_env()
     # HTTP reads header values as latin-1 bytes: these could never be matched
-    for token in ("pässwörd-long-enough", "token with spaces", "tab\tseparated-token"):
+    for token in ("pässwörd-long-enough", " leading-space-token", "trailing-space-token ", "tab\tseparated-token"):
         monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", token)
-        with pytest.raises(ServiceError, match="printable ASCII without spaces"):
+        with pytest.raises(ServiceError, match="printable ASCII with no space at either end"):
             ApiSettings.from_env()
+    monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", "correct horse battery staple")     # matched as sent: kept
+    assert ApiSettings.from_env().token == "correct horse battery staple"
     monkeypatch.delenv("ZIYA_BATCH_API_TOKEN")
     assert ApiSettings.from_env(insecure_no_auth=True).insecure_no_auth
 

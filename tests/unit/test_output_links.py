@@ -82,9 +82,15 @@ def test_a_device_or_an_oversized_file_is_not_read(tmp_path, monkeypatch):
     out = tmp_path / "o"
     out.mkdir()
     (out / "manifest.json").symlink_to("/dev/zero")
-    with pytest.raises(InputError, match="not a regular file"):
+    with pytest.raises(InputError, match="symbolic link out of the output directory"):
         io.read_manifest(str(out))
     (out / "manifest.json").unlink()
+    from fsspec.implementations.local import LocalFileSystem
+
+    from ziya_batch.io.storage import read_bytes
+    for limit in (None, 10):          # the read itself: a device is never read, capped or not
+        with pytest.raises(InputError, match="not a regular file"):
+            read_bytes(LocalFileSystem(), "/dev/zero", limit)
     with open(out / "manifest.json", "wb") as f:        # sparse: no disk used
         f.truncate(parts_mod.MAX_TOP_JSON_BYTES + 1)
     with pytest.raises(InputError, match="larger than"):
@@ -108,3 +114,30 @@ def test_a_submit_into_a_directory_with_a_linked_folder_is_refused(tmp_path):
                        "output": {"path": str(out)}})
     with pytest.raises(InputError, match="sft/ is a symbolic link"):
         open_output(spec)
+
+
+def test_a_linked_marker_folder_or_file_is_not_listed_or_read_either(tmp_path):
+    outside = tmp_path / "outside"
+    io.stage_shard(str(outside), 0, 1, PARTS)
+    marker = io.promote_shard(str(outside), 0, 1)
+    io.write_manifest(str(outside), '{"name": "x"}', {"job_id": "j", "state": "completed"}, {0: marker})
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "_committed").symlink_to(outside / "_committed")
+    d = io.OutputDir(str(out))
+    for read in (d.committed_shards, d.commit_times, lambda: d.read_marker(0)):
+        with pytest.raises(InputError, match="_committed/? is a symbolic link"):
+            read()
+    (out / "manifest.json").symlink_to(outside / "manifest.json")
+    with pytest.raises(InputError, match="manifest.json is a symbolic link"):
+        io.read_manifest(str(out))
+
+
+def test_a_job_stored_with_a_deeper_path_stays_readable():
+    from ziya_batch.errors import SpecError
+    from ziya_batch.spec import parse_spec
+
+    spec = {"name": "x", "model": {"path": "/m"}, "input": ["/d" + "/x" * 300], "output": {"path": "/o"}}
+    with pytest.raises(SpecError, match="more than 256 folders deep"):
+        parse_spec(spec)
+    assert parse_spec(spec, stored=True).input[0].count("/") == 301

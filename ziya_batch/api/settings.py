@@ -65,11 +65,12 @@ class ApiSettings:
         if self.token is not None and len(self.token) < 8:
             raise ServiceError(f"{TOKEN_ENV} is too short ({len(self.token)} characters); use at least 8, "
                                "e.g. the output of `openssl rand -hex 32`")
-        if self.token is not None and not all(" " < ch < "\x7f" for ch in self.token):
-            # HTTP carries header values as bytes read as latin-1: a token with other characters (or spaces,
-            # which split the header) could never be matched
-            raise ServiceError(f"{TOKEN_ENV} must be printable ASCII without spaces, e.g. the output of "
-                               "`openssl rand -hex 32`")
+        if self.token is not None and (not all(" " <= ch < "\x7f" for ch in self.token)
+                                       or self.token != self.token.strip()):
+            # HTTP carries header values as bytes read as latin-1 and strips the ends: a token with other
+            # characters, or spaces at its ends, could never be matched
+            raise ServiceError(f"{TOKEN_ENV} must be printable ASCII with no space at either end, e.g. the "
+                               "output of `openssl rand -hex 32`")
 
     def model_name(self) -> str:
         """The name batches report as their model: the model directory's last component."""

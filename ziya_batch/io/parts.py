@@ -172,16 +172,25 @@ class OutputDir:
 
     # -- names ------------------------------------------------------------------------------------------------
     def path(self, *rel: str) -> str:
-        """The path in the filesystem of a name relative to the directory. Local: InputError where a folder
-        on the way (results/, _staging/, ...) is a symbolic link out of the directory, so nothing is read or
-        written outside it through one (an HTTP user may only write under the allowed prefixes)."""
+        """The path in the filesystem of a name relative to the directory. Local: InputError where the name,
+        or a folder on the way (results/, _staging/, ...), is a symbolic link out of the directory, so nothing
+        is read or written outside it through one (an HTTP user may only write under the allowed prefixes)."""
         path = join_url(self.root, *rel)
-        if self._real is not None and len(rel) and posixpath.dirname(posixpath.join(*rel)):
-            parent = os.path.realpath(posixpath.dirname(path))
-            if parent != self._real and not parent.startswith(self._real.rstrip(os.sep) + os.sep):
-                raise InputError(f"{self.url}: {posixpath.dirname(posixpath.join(*rel))}/ is a symbolic link out of "
-                                 "the output directory; remove it, or choose another output.path")
+        if self._real is not None and rel:
+            real = os.path.realpath(path)
+            if real != self._real and not real.startswith(self._real.rstrip(os.sep) + os.sep):
+                raise InputError(f"{self.url}: {self._link_out(rel)} is a symbolic link out of the output "
+                                 "directory; remove it, or choose another output.path")
         return path
+
+    def _link_out(self, rel: tuple) -> str:
+        """The first name of `rel` that leads out of the directory (for the message)."""
+        names = posixpath.join(*rel).split("/")
+        for i in range(1, len(names) + 1):
+            real = os.path.realpath(join_url(self.root, *names[:i]))
+            if real != self._real and not real.startswith(self._real.rstrip(os.sep) + os.sep):
+                return "/".join(names[:i]) + ("/" if i < len(names) else "")
+        return posixpath.join(*rel)
 
     def check_folders(self) -> None:
         """InputError where one of the folders the job writes into is a symbolic link out of the directory

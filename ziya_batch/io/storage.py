@@ -260,7 +260,12 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str, limit: Optional[int] = 
     if isinstance(fs, LocalFileSystem):
         return _read_local(LocalFileSystem._strip_protocol(path), limit)
     try:
-        data = fs.cat_file(path) if limit is None else fs.cat_file(path, start=0, end=limit + 1)
+        try:
+            data = fs.cat_file(path) if limit is None else fs.cat_file(path, start=0, end=limit + 1)
+        except OSError as err:
+            if limit is None or isinstance(err, FileNotFoundError) or err.errno != errno.EINVAL:
+                raise
+            data = fs.cat_file(path)        # an empty object: a ranged read of it is "not satisfiable" (416)
     except FileNotFoundError:
         return None
     if limit is not None and len(data) > limit:
@@ -284,7 +289,9 @@ def _read_local(path: str, limit: Optional[int]) -> bytes | None:
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
         if not stat.S_ISREG(mode):
             raise InputError(f"{path} is not a regular file (a FIFO or a device): not read; remove it")
-        data = f.read() if limit is None else f.read(limit + 1)
+        if limit is not None and os.fstat(fd).st_size > limit:
+            raise InputError(f"{path} is larger than {limit:,} bytes, more than this file ever holds: not read")
+        data = f.read()
     if limit is not None and len(data) > limit:
         raise InputError(f"{path} is larger than {limit:,} bytes, more than this file ever holds: not read")
     return data

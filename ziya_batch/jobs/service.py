@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from .. import io
-from ..errors import InputError, JobNotFound, ZiyaBatchError, short_text
+from ..errors import InputError, JobNotFound, ServiceError, ZiyaBatchError, short_text
 from ..spec import show_text
 from .finalize import finalize_if_ready
 
@@ -64,10 +64,10 @@ def cancel_job(broker: "JobsBroker", job_id: str, abandon_running: bool = False,
         finalize_if_ready(broker, job_id)
     except OSError as err:
         # the cancel stands; only its manifest is not written (the output path turned into a file, a disk
-        # full): say so, and cancelling again writes it once the storage lets it
-        raise InputError(f"job {job_id} is cancelled, but its manifest could not be written "
-                         f"({type(err).__name__}: {short_text(err)}); cancel it again once its output path "
-                         "can be written") from None
+        # full, the store away): say so, and cancelling again writes it once the storage lets it
+        why = (f"job {job_id} is cancelled, but its manifest could not be written ({type(err).__name__}: "
+               f"{short_text(err)}); cancel it again once its output path can be written")
+        raise (ServiceError(why) if io.storage._unreachable(err) else InputError(why)) from None
     return status
 
 

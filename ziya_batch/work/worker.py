@@ -443,7 +443,13 @@ class Worker:
                 return False
         from ..jobs import finalize_if_ready
 
-        finalize_if_ready(self.broker, flight.lease.job_id)
+        try:
+            finalize_if_ready(self.broker, flight.lease.job_id)
+        except BROKER_UNREACHABLE:
+            raise                           # the serving loop waits for Redis
+        except Exception as err:  # noqa: BLE001 - the shard is committed; a job that cannot be finalized (its
+            # storage, its manifest) is marked failed by finalize with the reason, and the replica serves on
+            log.error("job %s: finalizing failed (%s: %s)", flight.lease.job_id, type(err).__name__, err)
         if self.on_shard_done:
             self.on_shard_done(flight.lease.job_id, flight.lease.shard.index)
         return True
