@@ -119,6 +119,10 @@ def test_cancel_and_expiry(api_env, tmp_path):
     b = _settled(client, _create(client, file_id).json()["id"])
     c = client.post(f"/v1/batches/{b['id']}/cancel", headers=AUTH).json()
     assert c["status"] == "cancelled" and c["cancelled_at"] is not None and c["output_file_id"] is None
+    # every request is in one of the two files: those not run in the error file, as OpenAI writes them
+    lines = [json.loads(x) for x in client.get(f"/v1/files/{c['error_file_id']}/content", headers=AUTH).text.splitlines()]
+    assert [(x["custom_id"], x["error"]["code"], x["error"]["line"]) for x in lines] == \
+        [(f"r{i}", "batch_cancelled", i + 1) for i in range(3)]
     assert client.post(f"/v1/batches/{b['id']}/cancel", headers=AUTH).json()["status"] == "cancelled"
     # a batch past its completion window is stopped and reported expired
     e = _settled(client, _create(client, file_id).json()["id"])
@@ -128,6 +132,9 @@ def test_cancel_and_expiry(api_env, tmp_path):
     record_path.write_text(json.dumps(record))
     got = client.get(f"/v1/batches/{e['id']}", headers=AUTH).json()
     assert got["status"] == "expired" and got["expired_at"] is not None
+    lines = client.get(f"/v1/files/{got['error_file_id']}/content", headers=AUTH).text.splitlines()
+    assert sorted((json.loads(x)["custom_id"], json.loads(x)["error"]["code"]) for x in lines) == \
+        [(f"r{i}", "batch_expired") for i in range(3)]
     job = [j for j in client.get("/v1/jobs", headers=AUTH).json()["jobs"] if j["name"] == f"openai-{e['id']}"]
     assert job[0]["state"] == "cancelled"
     r = client.post("/v1/batches/batch_nope/cancel", headers=AUTH)
@@ -212,3 +219,37 @@ def test_the_file_store_opens_its_filesystem_once(api_env, monkeypatch):
     assert [x["id"] for x in client.get("/v1/files", headers=AUTH).json()["data"]] == [f["id"]]
     assert client.get(f"/v1/files/{f['id']}", headers=AUTH).json() == f
     assert len(opened) == 1
+
+
+def _line(cid, **extra):
+    return {"custom_id": cid, "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}, **extra}
+
+
+def test_an_input_openai_would_refuse_fails_the_batch_naming_each_line(api_env):
+    """Before anything runs, as OpenAI's validation does: results are matched to requests by custom_id, so one
+    that is missing, not a string or given twice would lose a request's result (a missing one also became the
+    server's storage path in the output); a line for another endpoint or method; not JSON."""
+    _, _, make_client = api_env
+    client = make_client()
+    rows = [json.dumps(_line("a")), json.dumps(_line("a")), json.dumps({"method": "POST", "body": {"prompt": "x"}}),
+            json.dumps(_line(123)), json.dumps(_line("b", url="/v1/embeddings")),
+            json.dumps(_line("c", method="GET")), "{not json", "", json.dumps(["x"]), json.dumps(_line("x" * 513)),
+            json.dumps(_line("ok"))]
+    file_id = _upload(client, ("\n".join(rows) + "\n").encode()).json()["id"]
+    b = _settled(client, _create(client, file_id).json()["id"])
+    assert b["status"] == "failed" and b["output_file_id"] is None
+    got = [(e["code"], e["line"]) for e in b["errors"]["data"]]
+    assert got == [("duplicate_custom_id", 2), ("missing_required_parameter", 3), ("invalid_custom_id", 4),
+                   ("mismatched_url", 5), ("invalid_method", 6), ("invalid_json_line", 7), ("invalid_json_line", 9),
+                   ("invalid_custom_id", 10)]
+    assert client.get("/v1/jobs", headers=AUTH).json()["jobs"] == []          # nothing was queued
+
+
+def test_too_many_requests_fail_the_batch(api_env, monkeypatch):
+    from ziya_batch.api import openai_batch
+
+    monkeypatch.setattr(openai_batch, "MAX_BATCH_REQUESTS", 2)
+    _, _, make_client = api_env
+    client = make_client()
+    b = _settled(client, _create(client, _upload(client).json()["id"]).json()["id"])
+    assert b["status"] == "failed" and b["errors"]["data"][0]["code"] == "too_many_requests"

@@ -15,6 +15,7 @@ two readers racing to write them write the same thing.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -35,6 +36,9 @@ from .http_errors import ApiError
 from .settings import MODEL_ENV, ApiSettings
 
 MAX_UPLOAD_BYTES = 200 * 2**20          # OpenAI's own limit for batch input files
+MAX_BATCH_REQUESTS = 50_000             # OpenAI's own limit of requests in one batch
+MAX_CUSTOM_ID_CHARS = 512
+MAX_LISTED_ERRORS = 100                 # validation errors a failed batch lists (the first ones, by line)
 COMPLETION_WINDOW_S = 24 * 3600
 VALIDATE_TIMEOUT_S = 3600           # a batch validating longer than this lost its submitting thread
 log = logging.getLogger(__name__)
@@ -240,9 +244,68 @@ class Batches:
         threading.Thread(target=self._submit, args=(record,), name=f"validate-{batch_id}", daemon=True).start()
         return _public(record)
 
+    def _validate(self, record: dict) -> Optional[list[dict]]:
+        """What OpenAI checks of a batch's input before it runs, one error a line (1-based, the first
+        MAX_LISTED_ERRORS): every non-blank line a JSON object with a custom_id string of its own (no other line
+        has it: results are matched to requests by it), method POST and url the batch's endpoint where given,
+        at most MAX_BATCH_REQUESTS requests. None when the input passes. A request's body is checked as it
+        runs, and a bad one is that request's line in the error file."""
+        fs, _ = self.store._fs()
+        path = self.store.path("files", record["input_file_id"], "content")
+        seen: set[str] = set()
+        errors: list[dict] = []
+        requests = 0
+
+        def bad(code: str, message: str, line: int) -> None:
+            if len(errors) < MAX_LISTED_ERRORS:
+                errors.append({"code": code, "message": message, "param": None, "line": line})
+
+        with fs.open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                requests += 1
+                if len(raw) > io.inputs.MAX_LINE_BYTES:
+                    bad("line_too_long", f"this line is longer than {io.inputs.MAX_LINE_BYTES:,} bytes", line_no)
+                    continue
+                try:
+                    obj = json.loads(raw.decode("utf-8").lstrip("\ufeff"))
+                except (ValueError, RecursionError):
+                    bad("invalid_json_line", "this line is not parseable as valid JSON", line_no)
+                    continue
+                if not isinstance(obj, dict):
+                    bad("invalid_json_line", "this line is not a JSON object", line_no)
+                    continue
+                cid = obj.get("custom_id")
+                if not isinstance(cid, str) or not cid or len(cid) > MAX_CUSTOM_ID_CHARS:
+                    bad("missing_required_parameter" if cid is None else "invalid_custom_id",
+                        f"the custom_id of a request must be a non-empty string of at most {MAX_CUSTOM_ID_CHARS} "
+                        "characters", line_no)
+                elif cid in seen:
+                    bad("duplicate_custom_id", "the custom_id for this request is a duplicate of another request; "
+                        "the custom_id parameter must be unique for each request in a batch", line_no)
+                else:
+                    seen.add(cid)
+                if obj.get("method", "POST") != "POST":
+                    bad("invalid_method", "the method of a batch request must be POST", line_no)
+                if obj.get("url", record["endpoint"]) != record["endpoint"]:
+                    bad("mismatched_url", f"the url of this request is not the batch's endpoint "
+                        f"{record['endpoint']}", line_no)
+        if requests > MAX_BATCH_REQUESTS:
+            errors.insert(0, {"code": "too_many_requests", "message": f"the input holds {requests:,} requests, more "
+                              f"than the {MAX_BATCH_REQUESTS:,} a batch may hold", "param": None, "line": None})
+        return errors or None
+
     def _submit(self, record: dict) -> None:
-        """Index the input and queue the job; the record goes to in_progress, or failed with the reason."""
+        """Check and index the input and queue the job; the record goes to in_progress, or failed with the
+        reasons."""
         try:
+            invalid = self._validate(record)
+            if invalid is not None:
+                record.update(status="failed", failed_at=int(time.time()),
+                              errors={"object": "list", "data": invalid[:MAX_LISTED_ERRORS]})
+                self._save(record)
+                return
             status = jobs.submit_job(JobSpec(**record["_spec"]), self.brokers.get())
         except ZiyaBatchError as err:
             record.update(status="failed", failed_at=int(time.time()), errors=_fail_list("invalid_input", str(err)))
@@ -347,7 +410,7 @@ class Batches:
         else:
             new = state                        # completed | failed
         if new in _TERMINAL:
-            self._write_results(rec, broker)
+            self._write_results(rec, broker, new)
             if new == "failed" and error:
                 rec["errors"] = _fail_list("job_failed", error)
         self._move_to(rec, new, now)
@@ -364,9 +427,11 @@ class Batches:
         if stamp and rec.get(stamp) is None:
             rec[stamp] = now
 
-    def _write_results(self, rec: dict, broker) -> None:
+    def _write_results(self, rec: dict, broker, new: str = "completed") -> None:
         """Output and error files from the manifest's parts (the manifest is written when the job finishes;
-        a cancelled job gets one here if no worker wrote it)."""
+        a cancelled job gets one here if no worker wrote it). A batch that ends cancelled or expired also lists
+        each request it did not finish in its error file (code batch_cancelled / batch_expired), as OpenAI's
+        does: every request is then in one of the two files."""
         out = rec["_output"]
         manifest = io.read_manifest(out)
         if manifest is None and rec.get("_job_id"):
@@ -378,17 +443,43 @@ class Batches:
         if manifest is None:
             return
         hex_id = rec["id"].split("_", 1)[1]
+        counts = manifest.get("records", {})
+        parts = manifest.get("parts", {})
+        unfinished: list[dict] = []
+        if new in ("cancelled", "expired"):
+            done = {r.get("custom_id") for kind in ("results", "errors") if parts.get(kind)
+                    for r in io.read_parts(out, kind)}
+            unfinished = list(self._unfinished(rec, done, f"batch_{new}"))
         for kind, key, suffix in (("results", "output_file_id", "output"), ("errors", "error_file_id", "errors")):
-            if not manifest.get("parts", {}).get(kind):
-                continue
+            extra = unfinished if kind == "errors" else []
+            if (not parts.get(kind) or counts.get(kind) == 0) and not extra:
+                continue            # no lines of this kind: no file, as OpenAI gives none (null)
             file_id = f"file-{hex_id}-{suffix}"
             if self.store.get_json("files", file_id, "meta.json") is None:
-                self._write_lines(file_id, io.read_parts(out, kind), f"{rec['id']}_{suffix}.jsonl", "batch_output")
+                lines = itertools.chain(io.read_parts(out, kind) if parts.get(kind) else (), extra)
+                self._write_lines(file_id, lines, f"{rec['id']}_{suffix}.jsonl", "batch_output")
             rec[key] = file_id
-        counts = manifest.get("records", {})
         if rec["request_counts"].get("total", 0) == 0:
             done, failed = counts.get("results", 0), counts.get("errors", 0)
             rec["request_counts"] = {"total": done + failed, "completed": done, "failed": failed}
+
+    def _unfinished(self, rec: dict, done: set, code: str) -> Iterator[dict]:
+        """An error line for each request of the input whose custom_id has no line in `done`."""
+        fs, _ = self.store._fs()
+        why = "the batch was cancelled before this request ran" if code == "batch_cancelled" else \
+            "the batch expired before this request ran"
+        with fs.open(self.store.path("files", rec["input_file_id"], "content"), "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                if not raw.strip() or len(raw) > io.inputs.MAX_LINE_BYTES:
+                    continue
+                try:
+                    cid = json.loads(raw.decode("utf-8").lstrip("\ufeff")).get("custom_id")
+                except (ValueError, RecursionError, AttributeError):
+                    continue
+                if isinstance(cid, str) and cid not in done:
+                    done.add(cid)
+                    yield {"id": f"batch_req_{uuid.uuid4().hex[:24]}", "custom_id": cid, "response": None,
+                           "error": {"code": code, "message": why, "line": line_no}}
 
 
 def _client_line(rec: dict) -> dict:
