@@ -144,6 +144,9 @@ class Batches:
         self.store = _Store(settings.storage_url)
         # serialises the read-modify-write of a record between a cancel and the submitting thread
         self._record_lock = threading.Lock()
+        # one writer of a finished batch's files at a time in this process: polls that arrive while a large
+        # output is copied wait for it instead of each copying it again
+        self._results_locks: dict[str, threading.Lock] = {}
 
     # -- files ------------------------------------------------------------------------------------------
     def save_upload(self, stream, filename: str, purpose: str) -> dict:
@@ -455,9 +458,12 @@ class Batches:
             if (not parts.get(kind) or counts.get(kind) == 0) and not extra:
                 continue            # no lines of this kind: no file, as OpenAI gives none (null)
             file_id = f"file-{hex_id}-{suffix}"
-            if self.store.get_json("files", file_id, "meta.json") is None:
-                lines = itertools.chain(io.read_parts(out, kind) if parts.get(kind) else (), extra)
-                self._write_lines(file_id, lines, f"{rec['id']}_{suffix}.jsonl", "batch_output")
+            with self._record_lock:
+                lock = self._results_locks.setdefault(rec["id"], threading.Lock())
+            with lock:
+                if self.store.get_json("files", file_id, "meta.json") is None:
+                    lines = itertools.chain(io.read_parts(out, kind) if parts.get(kind) else (), extra)
+                    self._write_lines(file_id, lines, f"{rec['id']}_{suffix}.jsonl", "batch_output")
             rec[key] = file_id
         if rec["request_counts"].get("total", 0) == 0:
             done, failed = counts.get("results", 0), counts.get("errors", 0)
