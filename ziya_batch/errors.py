@@ -61,6 +61,15 @@ LINE_TOO_LONG = "line_too_long"        # longer than io.inputs.MAX_LINE_BYTES: n
 MESSAGE_CHARS = 200       # an error line's message: one short line, whatever the input held
 
 
+def utf8_safe(s: str) -> bool:
+    """Whether `s` encodes as UTF-8 (not when it holds a lone surrogate, as a JSON escape can make one)."""
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def short_text(text: object, limit: int = MESSAGE_CHARS) -> str:
     """`text` as one line of at most `limit` characters that encodes as UTF-8 (a lone surrogate from a JSON
     escape is written as its escape). Never raises: it builds error messages from hostile values."""

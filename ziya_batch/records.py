@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from .engine.types import SamplingParams
-from .errors import MESSAGE_CHARS, short_text  # noqa: F401 - re-exported: line records' message bound
+from .errors import MESSAGE_CHARS, short_text, utf8_safe  # noqa: F401 - re-exported: line records' message bound
 
 if TYPE_CHECKING:
     from .spec import SamplingSpec
@@ -80,14 +80,6 @@ class TooLongLine(bytes):
         self = super().__new__(cls, head)
         self.length, self.limit = length, limit
         return self
-
-
-def utf8_safe(s: str) -> bool:
-    try:
-        s.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 @dataclass

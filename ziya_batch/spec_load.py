@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .errors import SpecError, short_text
+from .errors import SpecError, short_text, utf8_safe
 
 
 # How fast and where a job runs, not what it writes: a job submitted again with other values of these is the same
@@ -172,13 +172,13 @@ def check_spec_data(data: Any, source: str = "job spec") -> None:
         node, path, done = stack.pop()
         if isinstance(node, float) and not math.isfinite(node):
             raise SpecError(f"{source}: '{show_text(path) or '(top level)'}': {node} is not a finite number")
-        if isinstance(node, str) and not _utf8(node):
+        if isinstance(node, str) and not utf8_safe(node):
             raise SpecError(f"{source}: '{show_text(path) or '(top level)'}': not UTF-8 text (a lone surrogate "
                             "escape \\ud800-\\udfff)")
         if not isinstance(node, (dict, list, tuple)):
             continue
         items = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
-        bad_key = next((k for k, _ in items if isinstance(k, str) and not _utf8(k)), None) \
+        bad_key = next((k for k, _ in items if isinstance(k, str) and not utf8_safe(k)), None) \
             if isinstance(node, dict) and not done else None
         if bad_key is not None:
             raise SpecError(f"{source}: a key in '{show_text(path) or '(top level)'}' is not UTF-8 text "
@@ -200,14 +200,6 @@ def check_spec_data(data: Any, source: str = "job spec") -> None:
         for k, v in items:
             if id(v) not in sizes:
                 stack.append((v, f"{path}.{k}" if path else str(k), False))
-
-
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 def _size(leaf: Any) -> int:

@@ -9,7 +9,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ziya_batch.errors import SpecError
+from ziya_batch.errors import SpecError, utf8_safe
 from ziya_batch.spec import MAX_SPEC_BYTES, JobSpec, load_spec, parse_spec
 
 MESSAGE_BOUND = 1200          # one line a person reads; format_validation_error names at most 5 fields
@@ -216,14 +216,6 @@ def _strings(node):
             yield from _strings(v)
 
 
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
 @settings(max_examples=300, deadline=2000)
 @given(tree=st.fixed_dictionaries({"name": _wild_tree, "model": st.fixed_dictionaries({"path": _wild_tree}),
                                    "input": _wild_tree, "output": st.fixed_dictionaries({"path": _wild_tree})},
@@ -235,9 +227,9 @@ def test_specs_as_data_with_any_text_give_a_jobspec_or_one_line(tree):
         spec = parse_spec(tree)
     except SpecError as err:
         assert "\n" not in str(err) and len(str(err)) < MESSAGE_BOUND
-        _utf8(str(err)) or pytest.fail(f"message not UTF-8: {err!r}")
+        utf8_safe(str(err)) or pytest.fail(f"message not UTF-8: {err!r}")
         return
-    assert all(_utf8(s) for s in _strings(tree))
+    assert all(utf8_safe(s) for s in _strings(tree))
     spec.identity()
 
 
