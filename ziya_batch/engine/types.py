@@ -94,7 +94,8 @@ class EngineConfig:
     # on a second, high-priority stream while the prefill chunks run on the first, so the decode rows' attention
     # and weight reads (memory-bound) can fill what the prefill's GEMMs (compute-bound) leave. Costs a second read
     # of the weights for the decode rows and the pieces' own graph memory pool. Not under tensor parallelism.
-    # Off by default: an experiment (bench --also overlap-mixed=on), not yet measured on a GPU
+    # Off by default: measured on an H200 given an H100's memory (step_ab.py, 2026-12-06) 2.2% slower in float16
+    # and 1.1% with FP8 (the steps that split took 54 ms where joint ones took 45: the prefill fills the card)
     overlap_mixed_steps: bool = False
     num_kv_blocks: Optional[int] = None  # override the memory-derived size (tests, preemption)
     max_model_len: Optional[int] = None  # default: the checkpoint's max_position_embeddings
