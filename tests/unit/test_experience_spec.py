@@ -83,6 +83,20 @@ def test_api_accepts_builtins_and_listed_functions_and_urls_only():
     check_job(_api_spec(reward_url="http://judge:8000/score"), ok)
     with pytest.raises(AccessDenied):
         check_job(_api_spec(reward_url="http://judge:8000@evil.example/"), ok)
+    # what a server or another parser could read as somewhere else than the allowed prefix
+    under = _settings(allowed_reward_urls=("http://judge:8000/score",))
+    check_job(_api_spec(reward_url="http://judge:8000/score/v2?x=1"), under)
+    check_job(_api_spec(reward_url="http://JUDGE:8000/score"), under)
+    for bad in ("http://judge:8000/score/../admin", "http://judge:8000/score/%2e%2e/admin",
+                "http://judge:8000/score/%2E%2E/admin", "http://judge:8000/score\\..\\admin",
+                "http://judge:8000/scores", "http://u:p@judge:8000/score", "http://judge:8001/score",
+                "https://judge:8000/score", "http://judge.evil:8000/score", "http://judge:8000/score/./x"):
+        with pytest.raises(AccessDenied, match="ZIYA_BATCH_ALLOWED_REWARD_URLS"):
+            check_job(_api_spec(reward_url=bad), under)
+    # a built-in only by its own name: anything else after the module is not one
+    for ref in ("ziya_batch.rewards:x:exact_match", "ziya_batch.rewards:os:exact_match"):
+        with pytest.raises(AccessDenied, match="ZIYA_BATCH_ALLOWED_REWARD_FUNCTIONS"):
+            check_job(_api_spec(reward_function=ref), _settings())
 
 
 def test_api_settings_read_the_allow_lists_from_the_environment(monkeypatch):

@@ -73,7 +73,7 @@ def test_a_call_that_kills_its_process_fails_only_its_sample(pool):
 
 
 class _Judge:
-    """Stands in for urllib.request.urlopen, the one call UrlRewards makes (the unit suite starts no server):
+    """Stands in for the opener's open (urlopen without redirects), the one call UrlRewards makes (the unit suite starts no server):
     records each request and answers like a reward service. `script` holds what the next calls do instead of
     answering: an HTTP status to fail with, "hang" (the client's timeout fires) or "refused"."""
 
@@ -94,11 +94,35 @@ class _Judge:
             raise TimeoutError("timed out")
         if action == "refused":
             raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+        if action == "html":
+            return _Answer(b"<html>busy</html>")
+        if action == "bigint":
+            return _Answer(b'{"rewards": [' + b"9" * 400 + b"]}")
+        if action == "huge":
+            return _Answer(b"{}", declared=10**9)
+        if action == "drip":
+            return _Answer(b'{"rewards": [1.0]}' + b" " * 100, delay_s=0.3)
         items = body["items"]
         rewards = [None if it["metadata"].get("skip") else float(len(it["response"])) for it in items]
         if items and items[0]["metadata"].get("short"):
             rewards = rewards[:-1]
-        return io.BytesIO(json.dumps({"rewards": rewards}).encode())
+        return _Answer(json.dumps({"rewards": rewards}).encode())
+
+
+class _Answer(io.BytesIO):
+    """An HTTP answer as UrlRewards reads it: headers, and read1 (one read off the socket: `delay_s` each, a
+    byte at a time when it drips)."""
+
+    def __init__(self, data: bytes, declared=None, delay_s: float = 0.0):
+        super().__init__(data)
+        self.headers = {"Content-Length": str(len(data) if declared is None else declared)}
+        self.delay_s = delay_s
+
+    def read1(self, n=-1):
+        if self.delay_s:
+            time.sleep(self.delay_s)
+            return super().read1(1)
+        return super().read1(n)
 
 
 URL = "http://judge.invalid/score"
@@ -106,8 +130,10 @@ URL = "http://judge.invalid/score"
 
 @pytest.fixture
 def judge(monkeypatch):
+    from ziya_batch.work import reward_runner
+
     fake = _Judge()
-    monkeypatch.setattr(urllib.request, "urlopen", fake)
+    monkeypatch.setattr(reward_runner._OPENER, "open", fake)
     return fake
 
 
@@ -173,3 +199,38 @@ def test_a_builtin_by_bare_name_runs_in_the_pool(pool):
     finally:
         runner.close()
     assert out[:2] == [(1.0, None), (0.0, None)] and "no 'answer' field" in out[2][1]
+
+
+def test_reward_url_answers_that_came_but_are_wrong_are_not_sent_again(judge):
+    """Not JSON, or a number no float holds: that batch's samples get the error, once (a scoring sandbox may
+    not be safe to call twice); before, the first was retried and the second failed the whole shard."""
+    judge.script = ["html"]
+    out = UrlRewards(URL, 5.0, backoff_s=0.01).score([("p", "a", {})])
+    assert out[0][0] is None and "not JSON" in out[0][1] and len(judge.calls) == 1
+    judge.script = ["bigint"]
+    out = UrlRewards(URL, 5.0, backoff_s=0.01).score([("p", "a", {})])
+    assert out[0][0] is None and "too large for a float" in out[0][1] and len(judge.calls) == 2
+
+
+def test_reward_url_answers_are_read_against_one_deadline_and_a_size_cap(judge):
+    judge.script = ["drip"]
+    t0 = time.monotonic()
+    out = UrlRewards(URL, 1.0, backoff_s=0.01).score([("p", "a", {})])
+    assert time.monotonic() - t0 < 5 and len(judge.calls) == 1
+    assert out[0][0] is None and "did not come whole within 1 s" in out[0][1]
+    judge.script = ["huge"]
+    out = UrlRewards(URL, 5.0, backoff_s=0.01).score([("p", "a", {})])
+    assert out[0][0] is None and "1,000,000,000 bytes" in out[0][1] and len(judge.calls) == 2
+
+
+def test_reward_function_pools_are_bounded(monkeypatch):
+    from ziya_batch.work import reward_runner
+
+    closed = []
+    monkeypatch.setattr(reward_runner, "_FUNCTIONS", {})
+    monkeypatch.setattr(reward_runner.FunctionRewards, "close", lambda self: closed.append(self.ref))
+    a = reward_runner.function_rewards("exact_match", 30.0)
+    assert reward_runner.function_rewards("exact_match", 30.1) is a and a.timeout_s == 30.1    # one pool a function
+    reward_runner.function_rewards("math_answer", 30.0)
+    reward_runner.function_rewards("ziya_batch.rewards:exact_match", 30.0)
+    assert closed == ["exact_match"] and len(reward_runner._FUNCTIONS) == reward_runner.MAX_POOLS

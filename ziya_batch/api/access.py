@@ -10,6 +10,7 @@ after glob expansion, file by file.
 from __future__ import annotations
 
 import hmac
+import urllib.parse
 from typing import Iterable, Optional
 
 from ..errors import ZiyaBatchError
@@ -105,17 +106,37 @@ def check_rewards(spec: JobSpec, settings: ApiSettings) -> None:
     from .settings import REWARD_FUNCTIONS_ENV, REWARD_URLS_ENV
 
     ref = spec.experience.reward_function
-    builtin = ref in BUILTINS or (ref or "").startswith("ziya_batch.rewards:") and ref.rpartition(":")[2] in BUILTINS
+    builtin = ref in BUILTINS or ref in {f"ziya_batch.rewards:{name}" for name in BUILTINS}
     if ref and not builtin and ref not in settings.allowed_reward_functions:
         raise AccessDenied(f"experience.reward_function {ref} is not allowed over the API (it would run code on the "
                            f"workers): use a built-in ({', '.join(BUILTINS)}) or add it to {REWARD_FUNCTIONS_ENV} "
                            "on the server")
     url = spec.experience.reward_url
-    if url and not any(url == p or url.startswith(p if p.endswith("/") else p + "/")
-                       for p in settings.allowed_reward_urls):
+    if url and not any(_url_under(url, p) for p in settings.allowed_reward_urls):
         names = ", ".join(settings.allowed_reward_urls) or "none"
         raise AccessDenied(f"experience.reward_url {url} is not an allowed reward endpoint (allowed: {names}); "
                            f"add its prefix to {REWARD_URLS_ENV} on the server")
+
+
+def _url_under(url: str, prefix: str) -> bool:
+    """Whether an http(s) URL lies under an allowed prefix: the same scheme, host and port, and a path that is the
+    prefix's or under it by whole segments, with no '.' or '..' segment (also percent-encoded), no backslash and no
+    user part, which a server or a parser could read otherwise than this comparison does."""
+    try:
+        u, p = urllib.parse.urlsplit(url), urllib.parse.urlsplit(prefix)
+        default = {"http": 80, "https": 443}
+        u_port, p_port = u.port or default.get(u.scheme.lower()), p.port or default.get(p.scheme.lower())
+    except ValueError:
+        return False
+    if "\\" in url or u.username is not None or u.password is not None or u.scheme.lower() not in ("http", "https"):
+        return False
+    if (u.scheme.lower(), (u.hostname or ""), u_port) != (p.scheme.lower(), (p.hostname or ""), p_port):
+        return False
+    segments = urllib.parse.unquote(u.path).split("/")
+    if any(seg in (".", "..") for seg in segments) or "\\" in urllib.parse.unquote(u.path):
+        return False
+    base = p.path.rstrip("/")
+    return u.path == p.path or u.path.startswith(base + "/")
 
 
 def check_expanded_inputs(files: Iterable[str], settings: ApiSettings) -> None:

@@ -70,7 +70,10 @@ def as_reward(value: Any) -> float:
     # numbers.Real takes numpy's scalars too (a reward computed with numpy returns np.float32, np.int64)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"a reward must be a number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except (OverflowError, ArithmeticError):        # an integer of hundreds of digits
+        raise ValueError("a reward must be finite, got an integer too large for a float") from None
     if not math.isfinite(value):
         raise ValueError(f"a reward must be finite, got {value}")
     return value
@@ -164,9 +167,30 @@ class FunctionRewards:
         return out
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A reward endpoint is answered where it was allowed: a redirect (to another host, an internal address, a
+    cloud metadata endpoint) is not followed but is that request's error."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+MAX_ANSWER_BYTES = 1 << 20            # a reward answer: {"rewards": [...]}, a few bytes a sample
+ANSWER_BYTES_PER_ITEM = 64
+
+
+class _Unanswered(Exception):
+    """The reward endpoint's answer did not come whole in time, or was too large: not sent again."""
+
+
 class UrlRewards:
     """experience.reward_url: POST {"items": [{prompt, response, metadata}...]} in batches, at most
-    `concurrency` requests at once, each retried on connection errors, timeouts and 5xx/429 answers."""
+    `concurrency` requests at once, each retried on connection errors, timeouts and 5xx/429 answers (not on an
+    answer that came but is wrong: sending it again would score it again). Each request has timeout_s for its
+    whole answer, not for each read (a service that sends a byte at a time held the worker's thread for good);
+    answers past MAX_ANSWER_BYTES (plus ANSWER_BYTES_PER_ITEM a sample) are not read; redirects are not
+    followed."""
 
     def __init__(self, url: str, timeout_s: float, *, batch_size: int = 32, concurrency: int = 4,
                  retries: int = 2, backoff_s: float = 0.5):
@@ -183,16 +207,25 @@ class UrlRewards:
             req = urllib.request.Request(self.url, data=body, method="POST",
                                          headers={"Content-Type": "application/json"})
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:   # noqa: S310 - http(s) only
-                    answer = json.loads(resp.read())
+                raw = self._answer(req, MAX_ANSWER_BYTES + ANSWER_BYTES_PER_ITEM * len(batch))
             except urllib.error.HTTPError as err:
                 error = f"reward_url answered HTTP {err.code}"
+                if 300 <= err.code < 400:
+                    error += " (a redirect, not followed: give the endpoint's own URL)"
                 if err.code < 500 and err.code != 429:
                     break                       # the request is wrong: sending it again will not help
                 continue
-            except (urllib.error.URLError, OSError, ValueError) as err:
+            except _Unanswered as err:
+                error = f"reward_url: {err}"
+                break
+            except (urllib.error.URLError, OSError) as err:
                 error = f"reward_url: {one_line(getattr(err, 'reason', None) or err)}"
                 continue
+            try:
+                answer = json.loads(raw)
+            except (ValueError, RecursionError) as err:
+                error = f"reward_url answered what is not JSON ({one_line(err)})"
+                break
             rewards = answer.get("rewards") if isinstance(answer, dict) else None
             if not isinstance(rewards, list) or len(rewards) != len(batch):
                 return [(None, f"reward_url must answer {{\"rewards\": [...]}} with {len(batch)} values")] * len(batch)
@@ -205,21 +238,44 @@ class UrlRewards:
             return out
         return [(None, error)] * len(batch)
 
+    def _answer(self, req: urllib.request.Request, limit: int) -> bytes:
+        """The answer's body, read against one deadline for the whole request and at most `limit` bytes."""
+        deadline = time.monotonic() + self.timeout_s
+        with _OPENER.open(req, timeout=self.timeout_s) as resp:     # noqa: S310 - http(s) only (spec-checked)
+            declared = resp.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise _Unanswered(f"the answer is {int(declared):,} bytes, more than the {limit:,} read")
+            chunks, size = [], 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise _Unanswered(f"the answer did not come whole within {self.timeout_s:g} s")
+                chunk = resp.read1(65536)
+                if not chunk:
+                    return b"".join(chunks)
+                size += len(chunk)
+                if size > limit:
+                    raise _Unanswered(f"the answer is more than the {limit:,} bytes read")
+                chunks.append(chunk)
+
     def score(self, items: list[Item]) -> list[Score]:
         batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
         with ThreadPoolExecutor(max(1, min(self.concurrency, len(batches) or 1))) as pool:
             return [s for part in pool.map(self._post, batches) for s in part]
 
 
-_FUNCTIONS: dict[tuple[str, float], FunctionRewards] = {}
+_FUNCTIONS: dict[str, FunctionRewards] = {}
+MAX_POOLS = 2           # reward-function pools a worker keeps (up to 8 processes each): the least recent closes
 
 
 def function_rewards(ref: str, timeout_s: float) -> FunctionRewards:
-    """One pool per (function, timeout) per worker process, kept between shards (spawning is slow)."""
-    key = (ref, timeout_s)
-    if key not in _FUNCTIONS:
-        _FUNCTIONS[key] = FunctionRewards(ref, timeout_s)
-    return _FUNCTIONS[key]
+    """A pool per function per worker process, kept between shards (spawning is slow), its timeout the current
+    job's; at most MAX_POOLS of them (jobs naming ever new functions or timeouts piled up processes)."""
+    pool = _FUNCTIONS.pop(ref, None) or FunctionRewards(ref, timeout_s)
+    pool.timeout_s = timeout_s
+    _FUNCTIONS[ref] = pool                  # the most recent last
+    while len(_FUNCTIONS) > MAX_POOLS:
+        _FUNCTIONS.pop(next(iter(_FUNCTIONS))).close()
+    return pool
 
 
 @atexit.register
