@@ -253,3 +253,12 @@ def test_too_many_requests_fail_the_batch(api_env, monkeypatch):
     client = make_client()
     b = _settled(client, _create(client, _upload(client).json()["id"]).json()["id"])
     assert b["status"] == "failed" and b["errors"]["data"][0]["code"] == "too_many_requests"
+
+
+def test_a_bom_and_blank_lines_are_read_as_the_job_reads_them(api_env):
+    """A UTF-8 BOM at the start of the file, then a blank line: not a bad line (the job's reader skips both)."""
+    _, _, make_client = api_env
+    client = make_client()
+    data = b"\xef\xbb\xbf\r\n" + DATA.replace(b"\n", b"\r\n\n")
+    b = _settled(client, _create(client, _upload(client, data).json()["id"]).json()["id"])
+    assert b["status"] == "in_progress" and b["errors"] is None and b["request_counts"]["total"] == 3

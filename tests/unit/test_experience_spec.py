@@ -93,6 +93,10 @@ def test_api_accepts_builtins_and_listed_functions_and_urls_only():
                 "https://judge:8000/score", "http://judge.evil:8000/score", "http://judge:8000/score/./x"):
         with pytest.raises(AccessDenied, match="ZIYA_BATCH_ALLOWED_REWARD_URLS"):
             check_job(_api_spec(reward_url=bad), under)
+    keyed = _settings(allowed_reward_urls=("http://judge:8000/score?key=1",))
+    check_job(_api_spec(reward_url="http://judge:8000/score?key=1"), keyed)
+    with pytest.raises(AccessDenied, match="ZIYA_BATCH_ALLOWED_REWARD_URLS"):
+        check_job(_api_spec(reward_url="http://judge:8000/score?key=2"), keyed)
     # a built-in only by its own name: anything else after the module is not one
     for ref in ("ziya_batch.rewards:x:exact_match", "ziya_batch.rewards:os:exact_match"):
         with pytest.raises(AccessDenied, match="ZIYA_BATCH_ALLOWED_REWARD_FUNCTIONS"):

@@ -135,6 +135,8 @@ def _url_under(url: str, prefix: str) -> bool:
     segments = urllib.parse.unquote(u.path).split("/")
     if any(seg in (".", "..") for seg in segments) or "\\" in urllib.parse.unquote(u.path):
         return False
+    if p.query and u.query != p.query:          # a prefix that names its query allows that query only
+        return False
     base = p.path.rstrip("/")
     return u.path == p.path or u.path.startswith(base + "/")
 

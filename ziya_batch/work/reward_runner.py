@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import http.client
 import importlib
 import importlib.util
 import json
 import math
 import numbers
 import os
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -175,7 +178,37 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+# per thread, the holder of the socket its request opens: the request's deadline watchdog (another thread) shuts it
+_SOCKETS = threading.local()
+
+
+def _opened(sock) -> None:
+    holder = getattr(_SOCKETS, "holder", None)
+    if holder is not None:
+        holder["sock"] = sock
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def connect(self):
+        super().connect()
+        _opened(self.sock)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def connect(self):
+        super().connect()
+        _opened(self.sock)
+
+
+class _Handler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req)
+
+    def https_open(self, req):
+        return self.do_open(_HTTPSConnection, req, context=self._context)
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect, _Handler)
 MAX_ANSWER_BYTES = 1 << 20            # a reward answer: {"rewards": [...]}, a few bytes a sample
 ANSWER_BYTES_PER_ITEM = 64
 
@@ -218,7 +251,7 @@ class UrlRewards:
             except _Unanswered as err:
                 error = f"reward_url: {err}"
                 break
-            except (urllib.error.URLError, OSError) as err:
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
                 error = f"reward_url: {one_line(getattr(err, 'reason', None) or err)}"
                 continue
             try:
@@ -239,23 +272,47 @@ class UrlRewards:
         return [(None, error)] * len(batch)
 
     def _answer(self, req: urllib.request.Request, limit: int) -> bytes:
-        """The answer's body, read against one deadline for the whole request and at most `limit` bytes."""
-        deadline = time.monotonic() + self.timeout_s
-        with _OPENER.open(req, timeout=self.timeout_s) as resp:     # noqa: S310 - http(s) only (spec-checked)
-            declared = resp.headers.get("Content-Length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise _Unanswered(f"the answer is {int(declared):,} bytes, more than the {limit:,} read")
-            chunks, size = [], 0
-            while True:
-                if time.monotonic() > deadline:
-                    raise _Unanswered(f"the answer did not come whole within {self.timeout_s:g} s")
-                chunk = resp.read1(65536)
-                if not chunk:
-                    return b"".join(chunks)
-                size += len(chunk)
-                if size > limit:
-                    raise _Unanswered(f"the answer is more than the {limit:,} bytes read")
-                chunks.append(chunk)
+        """The answer's body, within one deadline for the whole request (a watchdog shuts the socket at it: the
+        socket's own timeout bounds each read only, and a server can send its headers a byte at a time too) and
+        at most `limit` bytes."""
+        late, holder = threading.Event(), {}
+        _SOCKETS.holder = holder
+
+        def cut() -> None:
+            late.set()
+            sock = holder.get("sock")
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        watchdog = threading.Timer(self.timeout_s, cut)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            try:
+                with _OPENER.open(req, timeout=self.timeout_s) as resp:     # noqa: S310 - http(s), spec-checked
+                    declared = resp.headers.get("Content-Length")
+                    if declared is not None and declared.isdigit() and int(declared) > limit:
+                        raise _Unanswered(f"the answer is {int(declared):,} bytes, more than the {limit:,} read")
+                    chunks, size = [], 0
+                    while True:
+                        chunk = resp.read1(65536)
+                        if late.is_set():
+                            raise _Unanswered(f"the answer did not come whole within {self.timeout_s:g} s")
+                        if not chunk:
+                            return b"".join(chunks)
+                        size += len(chunk)
+                        if size > limit:
+                            raise _Unanswered(f"the answer is more than the {limit:,} bytes read")
+                        chunks.append(chunk)
+            except (OSError, http.client.HTTPException):
+                if late.is_set():
+                    raise _Unanswered(f"the answer did not come whole within {self.timeout_s:g} s") from None
+                raise
+        finally:
+            watchdog.cancel()
+            _SOCKETS.holder = None
 
     def score(self, items: list[Item]) -> list[Score]:
         batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
