@@ -99,6 +99,8 @@ URL = st.builds(lambda scheme, segs, absolute: scheme + ("{root}/" if absolute e
 @example(url="simplecache::file://{root}/in/x", where="root")
 @example(url="memory://bucket/in/../secret", where="root")
 @example(url="s3://bucket/in/%2e%2e/secret", where="root")
+@example(url="file://{root}/in/in://x", where="root")         # stored bare, '/…/in/in' read as a protocol
+@example(url="local://in://x", where="root")
 def test_an_accepted_location_opens_under_an_allowed_prefix(tree, url, where):
     _check(url.replace("{root}", str(tree)), tree, tree if where == "root" else tree / where)
 

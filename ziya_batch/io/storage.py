@@ -107,7 +107,9 @@ def absolute_url(url: str) -> str:
     if not issubclass(cls, LocalFileSystem):
         return url
     # fsspec leaves `~name` of an unknown user relative (expanduser keeps it): relative to here, as it opens it
-    return path if path.startswith("/") else f"{os.getcwd()}/{path}"
+    path = path if path.startswith("/") else f"{os.getcwd()}/{path}"
+    # a path fsspec would read otherwise when bare (`/d/in://x` is protocol '/d/in'): kept behind file://
+    return f"file://{path}" if "://" in path or "::" in path or path.startswith("data:") else path
 
 
 def canonical_location(url: str) -> str:
