@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from .. import io, jobs
 from ..errors import ZiyaBatchError
+from ..records import TooLongLine
 from ..io.storage import move_atomic, put_atomic, read_bytes
 from ..spec import JobSpec
 from .http_errors import ApiError
@@ -39,6 +40,7 @@ MAX_UPLOAD_BYTES = 200 * 2**20          # OpenAI's own limit for batch input fil
 MAX_BATCH_REQUESTS = 50_000             # OpenAI's own limit of requests in one batch
 MAX_CUSTOM_ID_CHARS = 512
 MAX_LISTED_ERRORS = 100                 # validation errors a failed batch lists (the first ones, by line)
+VALIDATE_SHARD_LINES = 4096             # lines a ranged read of the input takes while a batch is validated
 COMPLETION_WINDOW_S = 24 * 3600
 VALIDATE_TIMEOUT_S = 3600           # a batch validating longer than this lost its submitting thread
 log = logging.getLogger(__name__)
@@ -122,16 +124,12 @@ class _Store:
         return out
 
 
-def _request_lines(fs, path: str) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, line) of a batch input, blank lines skipped as the job's reader skips them (a
-    UTF-8 BOM only at the start of the file); read in 1 MiB blocks (iterating a file of an object store by
-    lines read a whole default block, 50 MiB on S3, for every line)."""
-    with fs.open(path, "rb", block_size=1 << 20) as f:
-        for line_no, raw in enumerate(f, 1):
-            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            if raw.strip():
-                yield line_no, raw
+def _request_lines(url: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, line) of a batch input's non-blank lines, as the job's reader gives them to the
+    workers (io.read_shard: a BOM at the start dropped, CRLF, a line past io.inputs.MAX_LINE_BYTES as a
+    TooLongLine, never held whole), so that validation and the job agree on every line and its number."""
+    for ref in io.shard_refs("", [url], VALIDATE_SHARD_LINES):
+        yield from io.read_shard(ref)
 
 
 def _file_object(file_id: str, size_bytes: int, filename: str, purpose: str, created_at: int) -> dict:
@@ -265,8 +263,7 @@ class Batches:
         has it: results are matched to requests by it), method POST and url the batch's endpoint where given,
         at most MAX_BATCH_REQUESTS requests. None when the input passes. A request's body is checked as it
         runs, and a bad one is that request's line in the error file."""
-        fs, _ = self.store._fs()
-        path = self.store.path("files", record["input_file_id"], "content")
+        url = self.store.url_of("files", record["input_file_id"], "content")
         seen: set[str] = set()
         errors: list[dict] = []
         requests = 0
@@ -275,9 +272,9 @@ class Batches:
             if len(errors) < MAX_LISTED_ERRORS:
                 errors.append({"code": code, "message": message, "param": None, "line": line})
 
-        for line_no, raw in _request_lines(fs, path):
+        for line_no, raw in _request_lines(url):
             requests += 1
-            if len(raw.rstrip(b"\r\n")) > io.inputs.MAX_LINE_BYTES:
+            if isinstance(raw, TooLongLine):
                 bad("line_too_long", f"this line is longer than {io.inputs.MAX_LINE_BYTES:,} bytes", line_no)
                 continue
             try:
@@ -457,36 +454,40 @@ class Batches:
         hex_id = rec["id"].split("_", 1)[1]
         counts = manifest.get("records", {})
         parts = manifest.get("parts", {})
-        unfinished: list[dict] = []
-        if new in ("cancelled", "expired"):
-            done = {r.get("custom_id") for kind in ("results", "errors") if parts.get(kind)
-                    for r in io.read_parts(out, kind)}
-            unfinished = list(self._unfinished(rec, done, f"batch_{new}"))
-        for kind, key, suffix in (("results", "output_file_id", "output"), ("errors", "error_file_id", "errors")):
-            extra = unfinished if kind == "errors" else []
-            if (not parts.get(kind) or counts.get(kind) == 0) and not extra:
-                continue            # no lines of this kind: no file, as OpenAI gives none (null)
-            file_id = f"file-{hex_id}-{suffix}"
-            with self._record_lock:
-                lock = self._results_locks.setdefault(rec["id"], threading.Lock())
-            with lock:
-                if self.store.get_json("files", file_id, "meta.json") is None:
+        with self._record_lock:
+            lock = self._results_locks.setdefault(rec["id"], threading.Lock())
+        with lock:          # polls arriving while the files are written wait, then find them written
+            unfinished: list[dict] = []
+            if new in ("cancelled", "expired") and not self._written(f"file-{hex_id}-errors"):
+                done = {r.get("custom_id") for kind in ("results", "errors") if parts.get(kind)
+                        for r in io.read_parts(out, kind)}
+                unfinished = list(self._unfinished(rec, done, f"batch_{new}"))
+            for kind, key, suffix in (("results", "output_file_id", "output"),
+                                      ("errors", "error_file_id", "errors")):
+                file_id = f"file-{hex_id}-{suffix}"
+                written = self._written(file_id)
+                extra = unfinished if kind == "errors" else []
+                if not written and (not parts.get(kind) or counts.get(kind) == 0) and not extra:
+                    continue            # no lines of this kind: no file, as OpenAI gives none (null)
+                if not written:
                     lines = itertools.chain(io.read_parts(out, kind) if parts.get(kind) else (), extra)
                     self._write_lines(file_id, lines, f"{rec['id']}_{suffix}.jsonl", "batch_output")
-            rec[key] = file_id
+                rec[key] = file_id
         with self._record_lock:
             self._results_locks.pop(rec["id"], None)      # written: later polls find the files
         if rec["request_counts"].get("total", 0) == 0:
             done, failed = counts.get("results", 0), counts.get("errors", 0)
             rec["request_counts"] = {"total": done + failed, "completed": done, "failed": failed}
 
+    def _written(self, file_id: str) -> bool:
+        return self.store.get_json("files", file_id, "meta.json") is not None
+
     def _unfinished(self, rec: dict, done: set, code: str) -> Iterator[dict]:
         """An error line for each request of the input whose custom_id has no line in `done`."""
-        fs, _ = self.store._fs()
         why = "the batch was cancelled before this request ran" if code == "batch_cancelled" else \
             "the batch expired before this request ran"
-        for line_no, raw in _request_lines(fs, self.store.path("files", rec["input_file_id"], "content")):
-            if len(raw.rstrip(b"\r\n")) > io.inputs.MAX_LINE_BYTES:
+        for line_no, raw in _request_lines(self.store.url_of("files", rec["input_file_id"], "content")):
+            if isinstance(raw, TooLongLine):
                 continue
             try:
                 cid = json.loads(raw.decode("utf-8")).get("custom_id")
