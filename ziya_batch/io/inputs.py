@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import glob as _glob
 import os
-import stat as _stat
 from typing import Iterable, Iterator, Optional
 
 from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import InputError
 from ..records import ShardRef, TooLongLine
-from .storage import full_url, normalize_url, url_to_fs
+from .storage import full_url, normalize_url, special_kind, url_to_fs
 
 BLOCK_BYTES = 8 * 2**20       # read size while indexing; peak memory is a small multiple of this
 MAX_LINE_BYTES = 16 * 2**20   # a longer line is that line's error (line_too_long), never read into memory
@@ -92,16 +91,6 @@ def expand_inputs(urls: list[str]) -> list[str]:
     return [f for f in files if not (f in seen or seen.add(f))]
 
 
-_KINDS = ((_stat.S_ISFIFO, "a named pipe"), (_stat.S_ISCHR, "a character device"),
-          (_stat.S_ISBLK, "a block device"), (_stat.S_ISSOCK, "a socket"), (_stat.S_ISDIR, "a directory"))
-
-
-def _special_kind(mode: int) -> Optional[str]:
-    if _stat.S_ISREG(mode):
-        return None
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
-
-
 def not_regular(fs, path: str) -> Optional[str]:
     """Why a local path (symlinks followed) cannot be an input, or None for a regular file; object stores hold
     only objects. Checked before anything opens it: opening a FIFO blocks until a writer comes."""
@@ -111,7 +100,7 @@ def not_regular(fs, path: str) -> Optional[str]:
         st = os.stat(path)
     except FileNotFoundError:
         return "a broken symlink, or removed while listed"
-    kind = _special_kind(st.st_mode)
+    kind = special_kind(st.st_mode)
     if kind:
         return f"{kind}, not a regular file: inputs are JSONL files"
     if st.st_size == 0 and _pseudo_file(path):
@@ -144,7 +133,7 @@ def _open_local(file: str, path: str):
     except OSError as err:
         raise InputError(f"input not usable: {file} ({err.strerror})") from None
     st = os.fstat(fd)
-    kind = _special_kind(st.st_mode)
+    kind = special_kind(st.st_mode)
     if kind:
         os.close(fd)
         raise InputError(f"input not usable: {file} ({kind}, not a regular file: inputs are JSONL files)")

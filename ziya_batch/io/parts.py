@@ -176,19 +176,21 @@ class OutputDir:
         or a folder on the way (results/, _staging/, ...), is a symbolic link out of the directory, so nothing
         is read or written outside it through one (an HTTP user may only write under the allowed prefixes)."""
         path = join_url(self.root, *rel)
-        if self._real is not None and rel:
-            real = os.path.realpath(path)
-            if real != self._real and not real.startswith(self._real.rstrip(os.sep) + os.sep):
-                raise InputError(f"{self.url}: {self._link_out(rel)} is a symbolic link out of the output "
-                                 "directory; remove it, or choose another output.path")
+        if self._real is not None and rel and self._leads_out(path):
+            raise InputError(f"{self.url}: {self._link_out(rel)} is a symbolic link out of the output "
+                             "directory; remove it, or choose another output.path")
         return path
+
+    def _leads_out(self, path: str) -> bool:
+        """Whether a local path, symlinks resolved, lies outside the directory's real path."""
+        real = os.path.realpath(path)
+        return real != self._real and not real.startswith(self._real.rstrip(os.sep) + os.sep)
 
     def _link_out(self, rel: tuple) -> str:
         """The first name of `rel` that leads out of the directory (for the message)."""
         names = posixpath.join(*rel).split("/")
         for i in range(1, len(names) + 1):
-            real = os.path.realpath(join_url(self.root, *names[:i]))
-            if real != self._real and not real.startswith(self._real.rstrip(os.sep) + os.sep):
+            if self._leads_out(join_url(self.root, *names[:i])):
                 return "/".join(names[:i]) + ("/" if i < len(names) else "")
         return posixpath.join(*rel)
 

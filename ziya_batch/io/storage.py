@@ -241,13 +241,13 @@ def storage_errors(what: str) -> Iterator[None]:
         raise
     except Exception as err:  # noqa: BLE001 - a storage backend may raise anything; name it
         why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
-        if _unreachable(err):
+        if unreachable(err):
             raise ServiceError(f"{what}: its storage does not answer ({why}); try again once it does, or check "
                                "the URL") from None
         raise InputError(f"{what} not usable ({why}; check the URL and its credentials)") from None
 
 
-def _unreachable(err: BaseException) -> bool:
+def unreachable(err: BaseException) -> bool:
     """Whether a storage backend's error says the store did not answer (a connection refused or cut, a time-out:
     the service's state, exit 3 / HTTP 503) rather than that the location is wrong (credentials, a bucket name)."""
     if isinstance(err, (ConnectionError, TimeoutError)):
@@ -271,8 +271,23 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str, limit: Optional[int] = 
     except FileNotFoundError:
         return None
     if limit is not None and len(data) > limit:
-        raise InputError(f"{path} is larger than {limit:,} bytes, more than this file ever holds: not read")
+        raise _too_large(path, limit)
     return data
+
+
+_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def special_kind(mode: int) -> Optional[str]:
+    """What a file of this st_mode is when not a regular file ("a named pipe", ...); None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+def _too_large(path: str, limit: int) -> InputError:
+    return InputError(f"{path} is larger than {limit:,} bytes, more than this file ever holds: not read")
 
 
 def _read_local(path: str, limit: Optional[int]) -> bytes | None:
@@ -286,16 +301,17 @@ def _read_local(path: str, limit: Optional[int]) -> bytes | None:
             raise
         raise InputError(f"{path} is a socket, not a regular file: not read") from None
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
-        if not stat.S_ISREG(mode):
-            raise InputError(f"{path} is not a regular file (a FIFO or a device): not read; remove it")
-        if limit is not None and os.fstat(fd).st_size > limit:
-            raise InputError(f"{path} is larger than {limit:,} bytes, more than this file ever holds: not read")
+        kind = special_kind(st.st_mode)
+        if kind:
+            raise InputError(f"{path} is {kind}, not a regular file: not read; remove it")
+        if limit is not None and st.st_size > limit:
+            raise _too_large(path, limit)
         data = f.read()
     if limit is not None and len(data) > limit:
-        raise InputError(f"{path} is larger than {limit:,} bytes, more than this file ever holds: not read")
+        raise _too_large(path, limit)
     return data
 
 

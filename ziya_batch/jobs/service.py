@@ -67,7 +67,7 @@ def cancel_job(broker: "JobsBroker", job_id: str, abandon_running: bool = False,
         # full, the store away): say so, and cancelling again writes it once the storage lets it
         why = (f"job {job_id} is cancelled, but its manifest could not be written ({type(err).__name__}: "
                f"{short_text(err)}); cancel it again once its output path can be written")
-        raise (ServiceError(why) if io.storage._unreachable(err) else InputError(why)) from None
+        raise (ServiceError(why) if io.storage.unreachable(err) else InputError(why)) from None
     return status
 
 
