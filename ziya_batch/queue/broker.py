@@ -189,7 +189,11 @@ class Broker:
     def find_job(self, job_id: str) -> Optional[JobStatus]:
         """The job's status, or None where this Redis has no such job: the id must be one the jobs index holds,
         not merely name a key (an id ending in ':spec' names the spec of the job before it)."""
-        if self.client.zscore(self.keys.jobs(), job_id) is None or not self.client.exists(self.keys.job(job_id)):
+        with self.client.pipeline(transaction=False) as p:       # one round trip
+            p.zscore(self.keys.jobs(), job_id)
+            p.exists(self.keys.job(job_id))
+            indexed, exists = p.execute()
+        if indexed is None or not exists:
             return None
         return self.status(job_id)
 

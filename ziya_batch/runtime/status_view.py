@@ -18,11 +18,11 @@ from ..queue import JobState
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def _plain(value: object) -> Text:
-    """Users' text (job names, workers' hosts, error messages) as a cell: never parsed as rich markup, and its
-    control characters written as escapes, so a name sent over HTTP cannot move, recolour or clear the
-    operator's terminal (rich keeps ESC)."""
-    return Text(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value)))
+def _plain(value: object, style: str = "") -> Text:
+    """Users' text (job names, workers' hosts, error messages, notes naming them) as a cell or a line: never
+    parsed as rich markup, and its control characters written as escapes, so a name sent over HTTP cannot move,
+    recolour or clear the operator's terminal (rich keeps ESC)."""
+    return Text(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value)), style=style)
 
 
 def _eta(seconds: Optional[float]) -> str:
@@ -56,7 +56,7 @@ def _job_detail(st, note: Optional[str] = None):
         parts.append(f"prefix cache: {d['prefix_cache_hit_rate']:.0%} of {d['prefix_cache_query_tokens']:,} prompt "
                      "tokens reused")
     if note:
-        parts.append(Text(_plain(note).plain, style="yellow"))
+        parts.append(_plain(note, "yellow"))
     shards = Table(title="shards by state")
     for k in d.get("shards", {}):
         shards.add_column(k, justify="right")
@@ -83,7 +83,7 @@ def _job_detail(st, note: Optional[str] = None):
 def _render(broker, job_id: Optional[str]):
     if job_id is None:
         statuses = jobs.list_jobs(broker)
-        notes = [Text(_plain(f"{st.job_id}: {note}").plain, style="yellow") for st in statuses
+        notes = [_plain(f"{st.job_id}: {note}", "yellow") for st in statuses
                  if st.state == JobState.QUEUED and (note := jobs.waiting_note(broker, st))]
         return Group(_jobs_table(statuses), *notes) if notes else _jobs_table(statuses)
     st = jobs.job_status(broker, job_id, detail=True)

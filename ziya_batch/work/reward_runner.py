@@ -277,6 +277,7 @@ class UrlRewards:
         at most `limit` bytes."""
         late, holder = threading.Event(), {}
         _SOCKETS.holder = holder
+        too_late = f"the answer did not come whole within {self.timeout_s:g} s"
 
         def cut() -> None:
             late.set()
@@ -299,7 +300,7 @@ class UrlRewards:
                     while True:
                         chunk = resp.read1(65536)
                         if late.is_set():
-                            raise _Unanswered(f"the answer did not come whole within {self.timeout_s:g} s")
+                            raise _Unanswered(too_late)
                         if not chunk:
                             return b"".join(chunks)
                         size += len(chunk)
@@ -308,7 +309,7 @@ class UrlRewards:
                         chunks.append(chunk)
             except (OSError, http.client.HTTPException):
                 if late.is_set():
-                    raise _Unanswered(f"the answer did not come whole within {self.timeout_s:g} s") from None
+                    raise _Unanswered(too_late) from None
                 raise
         finally:
             watchdog.cancel()
