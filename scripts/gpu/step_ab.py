@@ -127,6 +127,8 @@ def main() -> None:
     p.add_argument("--card-gib", type=float, default=0.0,
                    help="give the engines the KV cache of a card this size (card_like.py), e.g. 79.1 for an H100")
     p.add_argument("--max-num-seqs", type=int, default=0, help="the engines' seats (default: the bench's)")
+    p.add_argument("--carveout", type=int, default=0,
+                   help="engines built with overlap: the SMs their prefill GEMMs leave free (overlap_sm_carveout)")
     a = p.parse_args()
     try:
         plan = parse_plan(a.plan)
@@ -155,7 +157,8 @@ def main() -> None:
             kv = cfg.pop("kv_cache_dtype", "auto")
             overlap = any(r.config == name and r.knob == "overlap" for r in plan)
             eng, init_s = _build_engine(args, torch.device("cuda"), 0, kv_cache_dtype=kv, prefix_caching=False,
-                                        overlap_mixed_steps=overlap, **cfg)
+                                        overlap_mixed_steps=overlap,
+                                        overlap_sm_carveout=a.carveout if overlap else 0, **cfg)
             split_rows = eng.runner.split_rows
             eng.generate([Request("warm", list(range(3, 40)), _sampling(8))])
             built, buckets, policy = name, eng.scheduler.step_buckets, eng.config.schedule
@@ -196,7 +199,8 @@ def main() -> None:
                          mixed_step_ms=round(1e3 * mix_s / max(steps - decode_only, 1), 2),
                          cut_steps=s.num_cut_steps - cuts, preemptions=s.num_preemptions - preempted,
                          split_steps=eng.runner.num_split_steps - splits,
-                         seats=eng.config.max_num_seqs, kv_blocks=eng.num_blocks, init_s=round(init_s, 1)))
+                         seats=eng.config.max_num_seqs, kv_blocks=eng.num_blocks, init_s=round(init_s, 1),
+                         carveout=eng.config.overlap_sm_carveout))
         print(json.dumps(rows[-1]), flush=True)
     meta = dict(card=torch.cuda.get_device_name(0), card_gib=a.card_gib or None,
                 commit=os.environ.get("ZIYA_BATCH_COMMIT", "unknown"))

@@ -136,3 +136,22 @@ def test_without_a_second_stream_steps_do_not_split():
     for p, o in zip(prompts, _staggered(eng, prompts, greedy(6))):
         check_against_hf(tiny_llama(4), p, o.completions[0], 6)
     assert eng.runner.side_stream is None and not seen
+
+
+def test_a_negative_sm_carveout_is_refused():
+    with pytest.raises(ValueError, match="overlap_sm_carveout must be 0 up to"):
+        make_engine(overlap_mixed_steps=True, overlap_sm_carveout=-1)
+
+
+def test_the_sm_carveout_is_put_back_whatever_happens_inside():
+    from ziya_batch.engine.piecewise import gemm_sm_carveout
+    before = (torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library())
+    with gemm_sm_carveout(0):                   # nothing to leave free: nothing set
+        assert torch._C._get_sm_carveout_experimental() == before[0]
+    try:
+        with gemm_sm_carveout(8):
+            assert torch._C._get_sm_carveout_experimental() == 8
+            raise KeyError("inside")
+    except (KeyError, RuntimeError):            # RuntimeError: a build without cuBLASLt refuses the library
+        pass
+    assert (torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()) == before

@@ -22,7 +22,8 @@ launchers, which the GPU waited for after the short decode steps of FP8; replaye
 pieces change nothing measurable."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+import contextlib
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,24 @@ from ziya_batch.engine.model import LlamaModel, linear, norm_for
 # token-count buckets: every 64 tokens up to 2,048 (padding costs at most 63 rows of compute-bound GEMMs), then
 # every 256 up to the largest step (max_num_batched_tokens), at most 8,192 tokens
 BUCKET_STEP, WIDE_FROM, WIDE_STEP, MAX_TOKENS = 64, 2048, 256, 8192
+
+
+@contextlib.contextmanager
+def gemm_sm_carveout(sms: int) -> Iterator[None]:
+    """GEMMs launched (or captured) inside target all SMs but `sms` of them (cuBLASLt's SM count target, through
+    PyTorch's experimental carveout; cuBLASLt is made the preferred library meanwhile, the one the carveout is
+    documented for), so kernels of another stream can run on the rest. 0: nothing changes."""
+    if sms <= 0:
+        yield
+        return
+    before, backend = torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()
+    torch._C._set_sm_carveout_experimental(sms)
+    try:
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(before)
+        torch.backends.cuda.preferred_blas_library(backend)
 
 
 def mixed_buckets(max_tokens: int) -> list[int]:
@@ -108,7 +127,8 @@ class MixedStepGraphs:
     """The pieces of a mixed step for every bucket, with the static buffers they read and write."""
 
     def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], buckets: list[int],
-                 scratch_slot: int, device: torch.device, capture: bool, pool=None, stream=None):
+                 scratch_slot: int, device: torch.device, capture: bool, pool=None, stream=None,
+                 sm_carveout: int = 0):
         self.model, self.kv_caches, self.buckets = model, kv_caches, sorted(buckets)
         self.scratch_slot, self.device = scratch_slot, device
         a, layer0 = model.args, model.layers[0]
@@ -124,7 +144,8 @@ class MixedStepGraphs:
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         self.capture_stream = None                  # the stream the pieces were captured on (their cuBLAS workspace)
         if capture:
-            self._capture(pool, stream)
+            with gemm_sm_carveout(sm_carveout):      # the captured GEMMs keep their launch (overlapped steps)
+                self._capture(pool, stream)
 
     def fits(self, num_tokens: int) -> bool:
         return num_tokens <= self.buckets[-1]

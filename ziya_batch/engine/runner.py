@@ -36,7 +36,8 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
                  max_num_seqs: int, max_model_len: int, device: torch.device, use_graphs: bool, use_triton: bool,
-                 mixed_graphs: bool = False, max_num_batched_tokens: int = 0, overlap_mixed: bool = False):
+                 mixed_graphs: bool = False, max_num_batched_tokens: int = 0, overlap_mixed: bool = False,
+                 overlap_sm_carveout: int = 0):
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.device, self.use_triton = device, use_triton
         # decode rows longest context first: the attention kernel's programs start in row order, so the longest
@@ -72,6 +73,10 @@ class ModelRunner:
         # (two streams' all-reduces could reach the ranks in different orders)
         self.overlap_mixed = overlap_mixed and getattr(model, "agree_num_blocks", None) is None
         self.side_stream = None
+        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+        if overlap_sm_carveout < 0 or sms is not None and overlap_sm_carveout >= sms:
+            raise ValueError(f"overlap_sm_carveout must be 0 up to the GPU's SMs less one ({sms}), "
+                             f"not {overlap_sm_carveout}")
         # the most decode rows a step splits off (its decode graph's size; 0: no step splits); split_serially
         # (tests): split steps where nothing can overlap too (no graphs), one part after the other
         self.split_rows, self.split_serially = 0, False
@@ -94,7 +99,8 @@ class ModelRunner:
             self.mixed = MixedStepGraphs(model, kv_caches, buckets,
                                          self.scratch_slot + (1 if overlap and block_size > 1 else 0), device,
                                          capture=True, pool=None if overlap else self.graph_pool,
-                                         stream=torch.cuda.Stream(device) if overlap else None)
+                                         stream=torch.cuda.Stream(device) if overlap else None,
+                                         sm_carveout=overlap_sm_carveout if overlap else 0)
             if overlap:
                 streams = {s.cuda_stream for s in (self.side_stream, self.mixed.capture_stream,
                                                    self.decode_capture_stream)}

@@ -1,0 +1,99 @@
+"""Does cuBLAS's SM count target let a memory-bound kernel run beside a compute-bound GEMM? One float16 GEMM of a
+step with prefill's size (rows x 5120 x 27648: LLaMA-13B's gate_up over ~600 tokens) on one stream, a
+memory-bound copy (--copy-gib, the size of a step's decode attention reads) on a high-priority stream: each alone,
+then both at once, at several carveouts (SMs the GEMM leaves free), under the default BLAS library and cuBLASLt.
+`overlap` is the share of the shorter one hidden: (alone + alone - both) / min(alone, alone).
+
+Usage (GPU machine, repo root): PYTHONPATH=. python3 scripts/gpu/carveout_probe.py [--rows 608] [--copy-gib 1.0]
+[--carveouts 0,16,32,48,64]"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+
+
+def timed(fn, reps: int = 10) -> float:
+    """Median seconds of fn() on the GPU."""
+    for _ in range(3):
+        fn()
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b) / 1e3)
+    return sorted(out)[len(out) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=608)
+    p.add_argument("--copy-gib", type=float, default=1.0)
+    p.add_argument("--carveouts", default="0,16,32,48,64")
+    p.add_argument("--gemms", type=int, default=8, help="GEMMs in a row (one layer's time scale x this)")
+    a = p.parse_args()
+    dev = torch.device("cuda")
+    x = torch.randn(a.rows, 5120, dtype=torch.float16, device=dev)
+    w = torch.randn(27648, 5120, dtype=torch.float16, device=dev) / 64
+    y = torch.empty(a.rows, 27648, dtype=torch.float16, device=dev)
+    n = int(a.copy_gib * 2**30) // 2
+    src, dst = torch.empty(n, dtype=torch.float16, device=dev), torch.empty(n, dtype=torch.float16, device=dev)
+    main_s, side = torch.cuda.Stream(dev), torch.cuda.Stream(dev, priority=torch.cuda.Stream.priority_range()[1])
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    print(json.dumps({"gpu": torch.cuda.get_device_name(dev), "sms": sms, "rows": a.rows, "copy_gib": a.copy_gib}))
+
+    def gemms() -> None:
+        for _ in range(a.gemms):
+            torch.mm(x, w.t(), out=y)
+
+    def copy() -> None:
+        dst.copy_(src)
+
+    def both(g) -> None:
+        cur = torch.cuda.current_stream()
+        main_s.wait_stream(cur)
+        side.wait_stream(cur)
+        with torch.cuda.stream(side):
+            copy()
+        with torch.cuda.stream(main_s):
+            g()
+        cur.wait_stream(main_s)
+        cur.wait_stream(side)
+
+    t_copy = timed(copy)
+    for lib in ("default", "cublaslt"):
+        for c in (int(v) for v in a.carveouts.split(",")):
+            if c >= sms:
+                continue
+            # the carveout is read when a GEMM is launched: a graph keeps the launch it captured
+            torch.backends.cuda.preferred_blas_library(lib)
+            torch._C._set_sm_carveout_experimental(c or None)
+            try:
+                g = torch.cuda.CUDAGraph()
+                s = torch.cuda.Stream(dev)
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    gemms()
+                torch.cuda.current_stream().wait_stream(s)
+                with torch.cuda.graph(g, stream=s):
+                    gemms()
+            finally:
+                torch._C._set_sm_carveout_experimental(None)
+                torch.backends.cuda.preferred_blas_library("default")
+            t_g = timed(g.replay)
+            t_b = timed(lambda: both(g.replay))
+            hidden = (t_g + t_copy - t_b) / min(t_g, t_copy)
+            print(json.dumps({"lib": lib, "carveout": c, "gemm_ms": round(1e3 * t_g, 3),
+                              "copy_ms": round(1e3 * t_copy, 3), "both_ms": round(1e3 * t_b, 3),
+                              "serial_ms": round(1e3 * (t_g + t_copy), 3), "overlap": round(hidden, 3),
+                              "gemm_tflops": round(2 * a.rows * 5120 * 27648 * a.gemms / t_g / 1e12, 1)}),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
