@@ -33,6 +33,10 @@
 #   stepab  the runner's and scheduler's step choices on and off (decode rows longest context first, steps cut
 #          back to a bucket, the decode-attention kernel, the admission order), alternated on one engine per
 #          configuration (step_ab.py; AB_PLAN, default the cut with FP8 + FP8 KV + fast accumulation x4, float16 x2)
+#   probe  a float16 GEMM beside a memory-bound copy at several SM carveouts (carveout_probe.py)
+#   carveab  overlapped steps with prefill whose GEMMs leave SMs free, on and off on one engine per carveout
+#          (step_ab.py --carveout C for C in $CARVEOUTS, default "40 64 20"; AB_PLAN as for stepab, default
+#          float16 on W1's first 512 requests; STEP_ARGS e.g. "--card-gib 79.1" on an H200)
 #   tgemm  FP8 projections: torch._scaled_mm against a Triton kernel autotuned per shape (fp8_gemm_triton.py)
 #   tunable  FP8 projections through _scaled_mm with PyTorch's TunableOp on (fp8_gemm_accum.py --tunable)
 # Ray, redis and the spec's packages come from .gpuwhl-b/install.sh (run beforehand: /tmp/site, /tmp/redis).
@@ -63,6 +67,8 @@ for st in ${STAGE:-tests f16}; do
     prof) timeout ${PROF_S:-300} python3 scripts/gpu/profile_steps.py ${PROF_ARGS:---quantization fp8 --kv-cache-dtype fp8 --fp8-fast-accum} 2>&1 | tee "$OUT/profile_steps.log" | tail -90 ;;
     buckets) timeout ${BUCKETS_S:-120} python3 scripts/gpu/bucket_times.py --fast-accum 2>&1 | tee "$OUT/bucket_times.log" | tail -12 ;;
     stepab) timeout ${AB_S:-560} python3 scripts/gpu/step_ab.py ${AB_PLAN:+--plan $AB_PLAN} 2>&1 | tee "$OUT/step_ab.log" | grep -v '^\[' | tail -20 ;;
+    probe) timeout ${PROBE_S:-80} python3 scripts/gpu/carveout_probe.py 2>&1 | tee "$OUT/probe.log" ;;
+    carveab) for c in ${CARVEOUTS:-40 64 20}; do timeout ${AB_S:-200} python3 scripts/gpu/step_ab.py ${STEP_ARGS:-} --carveout $c --budget-s ${AB_BUDGET_S:-120} --plan ${AB_PLAN:-f16:overlap=off@512,f16:overlap=on@512,f16:overlap=on@512,f16:overlap=off@512} 2>&1 | tee "$OUT/ab_carveout$c.log" | grep '^{"config' | grep -v step_buckets | cut -c1-420; done ;;
     tgemm) timeout ${TGEMM_S:-200} python3 scripts/gpu/fp8_gemm_triton.py 2>&1 | tee "$OUT/tgemm.log" ;;
     tunable) timeout ${TUNABLE_S:-120} python3 scripts/gpu/fp8_gemm_accum.py --tunable --rows 128,224,768 2>&1 | tee "$OUT/tunable.log" ;;
     gemm) timeout ${GEMM_S:-90} python3 scripts/gpu/gemm_blas.py --rows 64,128,192,256 --libs cublas,cublaslt,tunable 2>&1 | tee "$OUT/gemm.log" ;;

@@ -102,6 +102,8 @@ def test_also_adds_engine_variants_in_order():
     assert bench.parse_variant("overlap-mixed=on") == dict(overlap_mixed_steps=True)
     assert bench.parse_variant("overlap_mixed=off,mixed_graphs=on") == dict(overlap_mixed_steps=False,
                                                                            mixed_step_graphs=True)
+    assert bench.parse_variant("overlap-mixed=on,overlap-carveout=40") == dict(overlap_mixed_steps=True,
+                                                                               overlap_sm_carveout=40)
 
 
 @pytest.mark.parametrize("value,message", [
@@ -113,7 +115,9 @@ def test_also_adds_engine_variants_in_order():
     ("max-num-seqs=8,max_num_seqs=16", "max-num-seqs is given twice"),
     ("overlap-mixed=1", "overlap-mixed must be on or off"),
     ("overlap-mixed=on,overlap_mixed=off", "overlap-mixed is given twice"),
-    ("mixed-graphs=on,mixed_graphs=off", "mixed-graphs is given twice")])
+    ("mixed-graphs=on,mixed_graphs=off", "mixed-graphs is given twice"),
+    ("overlap-carveout=-1", "overlap-carveout must be a whole number of SMs in 0..1024"),
+    ("overlap-carveout=1025", "0..1024"), ("overlap-carveout=" + "9" * 400, "0..1024")])
 def test_a_bad_variant_is_one_line_and_exit_2(capsys, value, message):
     with pytest.raises(SystemExit) as exc:
         parse_options(["--also", value], prog="ziya-batch bench")

@@ -50,7 +50,8 @@ class BenchOptions:
 
 
 # what an --also variant may change in the first engine row, with how its value is read
-VARIANT_KEYS = ("quantization", "kv-cache-dtype", "max-num-seqs", "mixed-graphs", "fp8-fast-accum", "overlap-mixed")
+VARIANT_KEYS = ("quantization", "kv-cache-dtype", "max-num-seqs", "mixed-graphs", "fp8-fast-accum", "overlap-mixed",
+                "overlap-carveout")
 
 
 def max_seats() -> int:
@@ -61,7 +62,7 @@ def max_seats() -> int:
 
 def parse_variant(text: str) -> dict:
     """"key=value,key=value" over VARIANT_KEYS -> the bench_engine overrides {quantization, kv_cache_dtype,
-    max_num_seqs, mixed_step_graphs, fp8_fast_accum, overlap_mixed_steps} it names; ValueError with one line for
+    max_num_seqs, mixed_step_graphs, fp8_fast_accum, overlap_mixed_steps, overlap_sm_carveout} it names; ValueError with one line for
     anything else."""
     from ziya_batch.engine.kv_cache import KV_CACHE_DTYPES
     top = max_seats()
@@ -71,7 +72,8 @@ def parse_variant(text: str) -> dict:
         key, value = key.strip().replace("_", "-"), value.strip()
         if not eq or key not in VARIANT_KEYS:
             raise ValueError(f"{part.strip()!r} is not KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
-        name = {"mixed-graphs": "mixed_step_graphs", "overlap-mixed": "overlap_mixed_steps"}.get(key, key.replace("-", "_"))
+        name = {"mixed-graphs": "mixed_step_graphs", "overlap-mixed": "overlap_mixed_steps",
+                "overlap-carveout": "overlap_sm_carveout"}.get(key, key.replace("-", "_"))
         if name in out:
             raise ValueError(f"{key} is given twice")
         if key == "quantization":
@@ -86,6 +88,10 @@ def parse_variant(text: str) -> dict:
             if not value.isdigit() or not 1 <= int(value) <= top:
                 raise ValueError(f"max-num-seqs must be a whole number in 1..{top} (engine.max_num_seqs), "
                                  f"not {value[:40]!r}")
+            out[name] = int(value)
+        elif key == "overlap-carveout":
+            if not value.isdigit() or int(value) > 1024:
+                raise ValueError(f"overlap-carveout must be a whole number of SMs in 0..1024, not {value[:40]!r}")
             out[name] = int(value)
         else:
             if value not in ("on", "off"):
@@ -236,7 +242,8 @@ def config_note_parts(cfg: EngineConfig) -> list[str]:
         ([f"weights {cfg.quantization}"] if cfg.quantization else []) + \
         ([f"{cfg.max_num_seqs} seats"] if cfg.max_num_seqs != EngineConfig.max_num_seqs else []) + \
         (["FP8 fast accumulation"] if cfg.fp8_fast_accum else []) + \
-        (["mixed steps overlapped"] if cfg.overlap_mixed_steps else [])
+        (["mixed steps overlapped" + (f" ({cfg.overlap_sm_carveout} SMs left to the decode rows)"
+                                        if cfg.overlap_sm_carveout else "")] if cfg.overlap_mixed_steps else [])
 
 
 def _hit_note(eng: LLMEngine) -> str:
