@@ -103,6 +103,20 @@ def test_api_accepts_builtins_and_listed_functions_and_urls_only():
             check_job(_api_spec(reward_function=ref), _settings())
 
 
+def test_a_relative_file_in_the_allow_list_matches_the_job_as_stored(tmp_path, monkeypatch):
+    """The server stores a job's 'file.py:f' with the file's absolute path from its own directory before it
+    checks it: a relative entry of the allow-list means the same file."""
+    from ziya_batch.jobs.submit import absolute_locations
+
+    monkeypatch.chdir(tmp_path)
+    listed = _settings(allowed_reward_functions=("rw/score.py:check",))
+    check_job(absolute_locations(_api_spec(reward_function="rw/score.py:check")), listed)
+    check_job(_api_spec(reward_function=f"{tmp_path}/rw/score.py:check"), listed)
+    for other in ("rw/score.py:other", "score.py:check", "/elsewhere/rw/score.py:check"):
+        with pytest.raises(AccessDenied, match="ZIYA_BATCH_ALLOWED_REWARD_FUNCTIONS"):
+            check_job(absolute_locations(_api_spec(reward_function=other)), listed)
+
+
 def test_api_settings_read_the_allow_lists_from_the_environment(monkeypatch):
     monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", "x" * 16)
     monkeypatch.setenv("ZIYA_BATCH_ALLOWED_REWARD_FUNCTIONS", "a.b:c, d.py:e")

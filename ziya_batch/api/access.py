@@ -102,12 +102,14 @@ def check_job(spec: JobSpec, settings: ApiSettings) -> None:
 def check_rewards(spec: JobSpec, settings: ApiSettings) -> None:
     """A reward function runs code on the workers and a reward URL receives the job's text: over HTTP only the
     built-ins and the functions the server lists, and URLs under the prefixes it lists."""
+    from ..jobs.submit import absolute_reward_function
     from ..rewards import BUILTINS
     from .settings import REWARD_FUNCTIONS_ENV, REWARD_URLS_ENV
 
     ref = spec.experience.reward_function
     builtin = ref in BUILTINS or ref in {f"ziya_batch.rewards:{name}" for name in BUILTINS}
-    if ref and not builtin and ref not in settings.allowed_reward_functions:
+    # the job's 'file.py:f' is judged as stored, absolute from the server's directory: so is the list's
+    if ref and not builtin and ref not in {absolute_reward_function(r) for r in settings.allowed_reward_functions}:
         raise AccessDenied(f"experience.reward_function {ref} is not allowed over the API (it would run code on the "
                            f"workers): use a built-in ({', '.join(BUILTINS)}) or add it to {REWARD_FUNCTIONS_ENV} "
                            "on the server")

@@ -81,13 +81,21 @@ def absolute_locations(spec: JobSpec) -> JobSpec:
             fields[name] = io.absolute_url(value)
     # a reward function given as 'file.py:function' runs on the workers, which do not share this directory
     fn = spec.experience.reward_function
-    target, sep, name = (fn or "").rpartition(":")
-    if sep and target.endswith(".py") and not os.path.isabs(target):
-        update.setdefault("experience", {})["reward_function"] = f"{os.path.abspath(target)}:{name}"
+    if fn and absolute_reward_function(fn) != fn:
+        update.setdefault("experience", {})["reward_function"] = absolute_reward_function(fn)
     if not update:
         return spec
     sections = {k: getattr(spec, k).model_copy(update=v) if isinstance(v, dict) else v for k, v in update.items()}
     return spec.model_copy(update=sections)
+
+
+def absolute_reward_function(ref: str) -> str:
+    """experience.reward_function as stored: 'file.py:function' with the file's absolute path from here; a module
+    reference or a built-in as given."""
+    target, sep, name = ref.rpartition(":")
+    if sep and target.endswith(".py") and not os.path.isabs(target):
+        return f"{os.path.abspath(target)}:{name}"
+    return ref
 
 
 def _same_job(stored: JobSpec, job_id: str) -> bool:
