@@ -15,7 +15,8 @@
 #   seats  W1 in one bench run: float16, then FP8 weights + FP8 KV at 256, 384 and 512 seats (bench --also)
 #   w1all  W1 in one bench run with the baseline: float16, FP8 weights + FP8 KV (at $FP8_SEATS seats, default
 #          the engine's; FP8_FAST=1 adds a row with engine.fp8_fast_accum), and transformers' continuous
-#          batching. Set ZIYA_BATCH_COMMIT: the machine's own checkout names another commit
+#          batching; EXTRA_ALSO: more rows, space-separated --also variants. Set ZIYA_BATCH_COMMIT: the machine's
+#          own checkout names another commit
 #   fp8tests  the FP8 and piecewise GPU tests and the one-machine test
 #   overlaptests  tests/gpu/test_overlap_gpu.py (steps with prefill as two forwards at once; the bit-for-bit check)
 #   overlap  W1 in one bench run: float16 and FP8 weights + FP8 KV with fast accumulation, each with steps with
@@ -57,7 +58,7 @@ for st in ${STAGE:-tests f16}; do
     stack) timeout ${STACK_S:-330} python3 scripts/gpu/bench_stack.py --work /tmp/stack --out "$OUT" --configs 1x1 --skip-parity 2>&1 | tee "$OUT/stack.log" | grep '^\[stack\]' ;;
     quality) timeout ${QUALITY_S:-590} python3 scripts/gpu/fp8_quality.py --work /tmp/quality --out "$OUT" ${QUALITY_ARGS:-} 2>&1 | grep -v 'Writing model' | tee "$OUT/quality.log" | tail -12 ;;
     seats) timeout ${SEATS_S:-420} python3 -m ziya_batch.tools.bench --only engine,roofline --also quantization=fp8,kv-cache-dtype=fp8 --also quantization=fp8,kv-cache-dtype=fp8,max-num-seqs=384 --also quantization=fp8,kv-cache-dtype=fp8,max-num-seqs=512 2>&1 | tee "$OUT/bench_seats.log" | grep '^\[bench\]' ;;
-    w1all) timeout ${W1_S:-480} python3 -m ziya_batch.tools.bench --only engine,roofline,hf-continuous --also quantization=fp8,kv-cache-dtype=fp8${FP8_SEATS:+,max-num-seqs=$FP8_SEATS} ${FP8_FAST:+--also quantization=fp8,kv-cache-dtype=fp8,fp8-fast-accum=on} --markdown "$OUT/BENCH.md" 2>&1 | tee "$OUT/bench_w1all.log" | grep '^\[bench\]' ;;
+    w1all) timeout ${W1_S:-480} python3 -m ziya_batch.tools.bench --only engine,roofline,hf-continuous --also quantization=fp8,kv-cache-dtype=fp8${FP8_SEATS:+,max-num-seqs=$FP8_SEATS} ${FP8_FAST:+--also quantization=fp8,kv-cache-dtype=fp8,fp8-fast-accum=on} $(for v in ${EXTRA_ALSO:-}; do printf -- '--also %s ' "$v"; done) --markdown "$OUT/BENCH.md" 2>&1 | tee "$OUT/bench_w1all.log" | grep '^\[bench\]' ;;
     fp8tests) timeout ${TESTS_S:-240} python3 -m pytest -q -rfE tests/gpu/test_fp8_gpu.py tests/gpu/test_piecewise_gpu.py tests/gpu/test_one_machine_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/fp8_tests.log" | tail -40 ;;
     overlaptests) timeout ${OVTEST_S:-240} python3 -m pytest -q -rfE tests/gpu/test_overlap_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/overlap_tests.log" | tail -30 ;;
     overlap) timeout ${OVERLAP_S:-480} python3 -m ziya_batch.tools.bench --only engine,roofline --also overlap-mixed=on --also quantization=fp8,kv-cache-dtype=fp8,fp8-fast-accum=on --also quantization=fp8,kv-cache-dtype=fp8,fp8-fast-accum=on,overlap-mixed=on --markdown "$OUT/BENCH.md" 2>&1 | tee "$OUT/bench_overlap.log" | grep '^\[bench\]' | grep -v '^\[bench\]  ' ;;
