@@ -60,15 +60,17 @@ def test_float32_overlapped_steps_match_transformers_and_the_joint_steps():
         assert got == hf_greedy(hf_cuda, p, 20)[0]
 
 
+@pytest.mark.parametrize("carveout", [0, 40])
 @pytest.mark.parametrize("quantization", [None, "fp8"])
-def test_float16_and_fp8_overlapped_steps_keep_greedy_output_on_a_trained_model(quantization):
+def test_float16_and_fp8_overlapped_steps_keep_greedy_output_on_a_trained_model(quantization, carveout):
+    """carveout: the pieces' GEMMs captured on all SMs but that many (EngineConfig.overlap_sm_carveout)."""
     if quantization and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 weights need compute capability 8.9+")
     model, ps = trained_model_and_prompts(quantization, 93, 11)
     res = []
     for overlap in (True, False):
         eng = engine(model, "float16", overlap, kv_cache_dtype="fp8" if quantization else "auto",
-                     fp8_fast_accum=quantization is not None)
+                     fp8_fast_accum=quantization is not None, overlap_sm_carveout=carveout)
         side = count_side_replays(eng)
         res.append(greedy_ids(eng, ps, 32))
         assert bool(side) is overlap
