@@ -18,9 +18,6 @@
 #          batching; EXTRA_ALSO: more rows, space-separated --also variants. Set ZIYA_BATCH_COMMIT: the machine's
 #          own checkout names another commit
 #   fp8tests  the FP8 and piecewise GPU tests and the one-machine test
-#   overlaptests  tests/gpu/test_overlap_gpu.py (steps with prefill as two forwards at once; the bit-for-bit check)
-#   overlap  W1 in one bench run: float16 and FP8 weights + FP8 KV with fast accumulation, each with steps with
-#          prefill as one forward and as two overlapped (overlap-mixed=on); about 7 minutes
 #   gemm   the four projections at decode row counts under cuBLAS, cuBLASLt and TunableOp
 #   kernels  the engine, FP8 and piecewise GPU tests (test_engine_gpu.py checks every decode-attention
 #          configuration on float16 and float8 caches)
@@ -35,9 +32,6 @@
 #          back to a bucket, the decode-attention kernel, the admission order), alternated on one engine per
 #          configuration (step_ab.py; AB_PLAN, default the cut with FP8 + FP8 KV + fast accumulation x4, float16 x2)
 #   probe  a float16 GEMM beside a memory-bound copy at several SM carveouts (carveout_probe.py)
-#   carveab  overlapped steps with prefill whose GEMMs leave SMs free, on and off on one engine per carveout
-#          (step_ab.py --carveout C for C in $CARVEOUTS, default "40 64 20"; AB_PLAN as for stepab, default
-#          float16 on W1's first 512 requests; STEP_ARGS e.g. "--card-gib 79.1" on an H200)
 #   tgemm  FP8 projections: torch._scaled_mm against a Triton kernel autotuned per shape (fp8_gemm_triton.py)
 #   tunable  FP8 projections through _scaled_mm with PyTorch's TunableOp on (fp8_gemm_accum.py --tunable)
 # Ray, redis and the spec's packages come from .gpuwhl-b/install.sh (run beforehand: /tmp/site, /tmp/redis).
@@ -60,8 +54,6 @@ for st in ${STAGE:-tests f16}; do
     seats) timeout ${SEATS_S:-420} python3 -m ziya_batch.tools.bench --only engine,roofline --also quantization=fp8,kv-cache-dtype=fp8 --also quantization=fp8,kv-cache-dtype=fp8,max-num-seqs=384 --also quantization=fp8,kv-cache-dtype=fp8,max-num-seqs=512 2>&1 | tee "$OUT/bench_seats.log" | grep '^\[bench\]' ;;
     w1all) timeout ${W1_S:-480} python3 -m ziya_batch.tools.bench --only engine,roofline,hf-continuous --also quantization=fp8,kv-cache-dtype=fp8${FP8_SEATS:+,max-num-seqs=$FP8_SEATS} ${FP8_FAST:+--also quantization=fp8,kv-cache-dtype=fp8,fp8-fast-accum=on} $(for v in ${EXTRA_ALSO:-}; do printf -- '--also %s ' "$v"; done) --markdown "$OUT/BENCH.md" 2>&1 | tee "$OUT/bench_w1all.log" | grep '^\[bench\]' ;;
     fp8tests) timeout ${TESTS_S:-240} python3 -m pytest -q -rfE tests/gpu/test_fp8_gpu.py tests/gpu/test_piecewise_gpu.py tests/gpu/test_one_machine_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/fp8_tests.log" | tail -40 ;;
-    overlaptests) timeout ${OVTEST_S:-240} python3 -m pytest -q -rfE tests/gpu/test_overlap_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/overlap_tests.log" | tail -30 ;;
-    overlap) timeout ${OVERLAP_S:-480} python3 -m ziya_batch.tools.bench --only engine,roofline --also overlap-mixed=on --also quantization=fp8,kv-cache-dtype=fp8,fp8-fast-accum=on --also quantization=fp8,kv-cache-dtype=fp8,fp8-fast-accum=on,overlap-mixed=on --markdown "$OUT/BENCH.md" 2>&1 | tee "$OUT/bench_overlap.log" | grep '^\[bench\]' | grep -v '^\[bench\]  ' ;;
     kernels) timeout ${TESTS_S:-300} python3 -m pytest -q -rfE tests/gpu/test_engine_gpu.py tests/gpu/test_fp8_gpu.py tests/gpu/test_piecewise_gpu.py -p no:cacheprovider 2>&1 | tee "$OUT/kernel_tests.log" | tail -30 ;;
     attn) timeout ${ATTN_S:-320} python3 scripts/gpu/decode_kernel_variants.py --kv float16,fp8 2>&1 | tee "$OUT/attn.log" ;;
     ncuattn) timeout ${NCU_S:-240} ncu --clock-control none --kernel-name regex:_paged_decode --launch-skip 30 --launch-count 1 --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats --section SchedulerStats --section LaunchStats python3 scripts/gpu/decode_kernel_variants.py --kv fp8 --config ${NCU_CONFIG:-64,2,3,fma,heads} --cases "224 mixed" 2>&1 | tee "$OUT/ncu_attn.log" | tail -120 ;;
@@ -69,7 +61,6 @@ for st in ${STAGE:-tests f16}; do
     buckets) timeout ${BUCKETS_S:-120} python3 scripts/gpu/bucket_times.py --fast-accum 2>&1 | tee "$OUT/bucket_times.log" | tail -12 ;;
     stepab) timeout ${AB_S:-560} python3 scripts/gpu/step_ab.py ${AB_PLAN:+--plan $AB_PLAN} 2>&1 | tee "$OUT/step_ab.log" | grep -v '^\[' | tail -20 ;;
     probe) timeout ${PROBE_S:-80} python3 scripts/gpu/carveout_probe.py 2>&1 | tee "$OUT/probe.log" ;;
-    carveab) for c in ${CARVEOUTS:-40 64 20}; do timeout ${AB_S:-200} python3 scripts/gpu/step_ab.py ${STEP_ARGS:-} --carveout $c --budget-s ${AB_BUDGET_S:-120} --plan ${AB_PLAN:-f16:overlap=off@512,f16:overlap=on@512,f16:overlap=on@512,f16:overlap=off@512} 2>&1 | tee "$OUT/ab_carveout$c.log" | grep '^{"config' | grep -v step_buckets | cut -c1-420; done ;;
     tgemm) timeout ${TGEMM_S:-200} python3 scripts/gpu/fp8_gemm_triton.py 2>&1 | tee "$OUT/tgemm.log" ;;
     tunable) timeout ${TUNABLE_S:-120} python3 scripts/gpu/fp8_gemm_accum.py --tunable --rows 128,224,768 2>&1 | tee "$OUT/tunable.log" ;;
     gemm) timeout ${GEMM_S:-90} python3 scripts/gpu/gemm_blas.py --rows 64,128,192,256 --libs cublas,cublaslt,tunable 2>&1 | tee "$OUT/gemm.log" ;;

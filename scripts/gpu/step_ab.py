@@ -11,11 +11,6 @@ Knobs (one a run; the others at their defaults):
                    ("half" timed the same way though not the tuner's candidate), the decode graphs captured
                    again; it stays so for the configuration's later runs
   schedule=POLICY  the admission order (EngineConfig.schedule: fcfs, longest-first, tail-longest-first)
-  overlap=on|off   steps with prefill as two forwards at once (EngineConfig.overlap_mixed_steps): the
-                   configuration's engine is built with it where the plan names this knob for it, and off splits
-                   no step (ModelRunner.split_rows 0); the other knobs' runs on that engine split none either, but
-                   it is not quite the engine built without it (the pieces' own memory pool and scratch slot, the
-                   decode graphs captured at high priority): compare its runs with each other
 A run is CONFIG:KNOB=VALUE[@N], N the number of W1's requests (default --requests). Prints one JSON line a run
 and writes $OUT/step_ab.json.
 
@@ -44,14 +39,14 @@ CONFIGS = {"f16": {}, "f16kv8": dict(kv_cache_dtype="fp8"), "fp8": dict(quantiza
            "fp8fast": dict(quantization="fp8", kv_cache_dtype="fp8", fp8_fast_accum=True)}
 DEFAULT_PLAN = "fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off,f16:cut=on,f16:cut=off"
 ATTN_KERNELS = ("fma", "half", "dot")
-KNOBS = ("order", "cut", "attn", "schedule", "overlap")
+KNOBS = ("order", "cut", "attn", "schedule")
 MAX_REQUESTS = 100_000
 
 
 class Run(NamedTuple):
     config: str                 # a key of CONFIGS
     knob: str                   # one of KNOBS
-    value: object               # order, cut, overlap: bool; attn: a kernel; schedule: a policy
+    value: object               # order, cut: bool; attn: a kernel; schedule: a policy
     limits: Optional[tuple[float, int]] = None     # cut=M/T: (TRIM_MARGIN, TRIM_MAX_TOKENS)
     requests: Optional[int] = None                 # W1's first N requests (None: --requests)
 
@@ -62,8 +57,7 @@ class PlanError(ValueError):
 
 def parse_plan(text: str) -> list[Run]:
     """The runs of a --plan (CONFIG:KNOB=VALUE[@N],...), in order; PlanError names the first item that is not one."""
-    usage = (f"is not CONFIG:KNOB=VALUE[@N] (CONFIG: {', '.join(CONFIGS)}; order=on|off, overlap=on|off, "
-             "cut=on|off|MARGIN/TOKENS, "
+    usage = (f"is not CONFIG:KNOB=VALUE[@N] (CONFIG: {', '.join(CONFIGS)}; order=on|off, cut=on|off|MARGIN/TOKENS, "
              f"attn={'|'.join(ATTN_KERNELS)}, schedule={'|'.join(SCHEDULE_POLICIES)}; N: 1..{MAX_REQUESTS})")
     runs = []
     for item in text.split(","):
@@ -76,7 +70,7 @@ def parse_plan(text: str) -> list[Run]:
         if requests is not None and not 1 <= requests <= MAX_REQUESTS or name not in CONFIGS or knob not in KNOBS:
             raise PlanError(f"{shown} {usage}")
         limits = None
-        if knob in ("order", "cut", "overlap") and value in ("on", "off"):
+        if knob in ("order", "cut") and value in ("on", "off"):
             value = value == "on"
         elif knob == "cut" and (cut := re.fullmatch(r"([0-9]*\.?[0-9]+)/([0-9]{1,7})", value)):
             limits, value = (float(cut[1]), int(cut[2])), True
@@ -127,8 +121,6 @@ def main() -> None:
     p.add_argument("--card-gib", type=float, default=0.0,
                    help="give the engines the KV cache of a card this size (card_like.py), e.g. 79.1 for an H100")
     p.add_argument("--max-num-seqs", type=int, default=0, help="the engines' seats (default: the bench's)")
-    p.add_argument("--carveout", type=int, default=0,
-                   help="engines built with overlap: the SMs their prefill GEMMs leave free (overlap_sm_carveout)")
     a = p.parse_args()
     try:
         plan = parse_plan(a.plan)
@@ -155,11 +147,8 @@ def main() -> None:
             gc.collect(); torch.cuda.empty_cache()
             cfg = dict(CONFIGS[name])
             kv = cfg.pop("kv_cache_dtype", "auto")
-            overlap = any(r.config == name and r.knob == "overlap" for r in plan)
             eng, init_s = _build_engine(args, torch.device("cuda"), 0, kv_cache_dtype=kv, prefix_caching=False,
-                                        overlap_mixed_steps=overlap,
-                                        overlap_sm_carveout=a.carveout if overlap else 0, **cfg)
-            split_rows = eng.runner.split_rows
+                                        **cfg)
             eng.generate([Request("warm", list(range(3, 40)), _sampling(8))])
             built, buckets, policy = name, eng.scheduler.step_buckets, eng.config.schedule
             tuned = sorted(eng.runner.decode_tuning or [], key=lambda r: r[1])
@@ -173,9 +162,7 @@ def main() -> None:
         s.step_buckets = (buckets if value else None) if knob == "cut" else buckets
         scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS = run.limits or defaults
         s.policy, s._tail_sorted = (value if knob == "schedule" else policy), False
-        eng.runner.split_rows = s.split_rows = split_rows if knob == "overlap" and value else 0
         cuts, preempted, n = s.num_cut_steps, s.num_preemptions, run.requests or a.requests
-        splits = eng.runner.num_split_steps
         for i, (prompt, out_len) in enumerate(work[:n]):
             eng.add_request(Request(f"{k}-{i}", prompt, _sampling(out_len)))
         torch.cuda.synchronize()
@@ -198,9 +185,7 @@ def main() -> None:
                          decode_step_ms=round(1e3 * dec_s / max(decode_only, 1), 2),
                          mixed_step_ms=round(1e3 * mix_s / max(steps - decode_only, 1), 2),
                          cut_steps=s.num_cut_steps - cuts, preemptions=s.num_preemptions - preempted,
-                         split_steps=eng.runner.num_split_steps - splits,
-                         seats=eng.config.max_num_seqs, kv_blocks=eng.num_blocks, init_s=round(init_s, 1),
-                         carveout=eng.config.overlap_sm_carveout))
+                         seats=eng.config.max_num_seqs, kv_blocks=eng.num_blocks, init_s=round(init_s, 1)))
         print(json.dumps(rows[-1]), flush=True)
     meta = dict(card=torch.cuda.get_device_name(0), card_gib=a.card_gib or None,
                 commit=os.environ.get("ZIYA_BATCH_COMMIT", "unknown"))

@@ -99,11 +99,7 @@ def test_also_adds_engine_variants_in_order():
         quantization="fp8", kv_cache_dtype="fp8", max_num_seqs=384, mixed_step_graphs=False)
     assert bench.parse_variant("quantization=none") == dict(quantization=None)
     assert bench.parse_variant("quantization=fp8,fp8-fast-accum=on") == dict(quantization="fp8", fp8_fast_accum=True)
-    assert bench.parse_variant("overlap-mixed=on") == dict(overlap_mixed_steps=True)
-    assert bench.parse_variant("overlap_mixed=off,mixed_graphs=on") == dict(overlap_mixed_steps=False,
-                                                                           mixed_step_graphs=True)
-    assert bench.parse_variant("overlap-mixed=on,overlap-carveout=40") == dict(overlap_mixed_steps=True,
-                                                                               overlap_sm_carveout=40)
+    assert bench.parse_variant("mixed_graphs=on") == dict(mixed_step_graphs=True)
 
 
 @pytest.mark.parametrize("value,message", [
@@ -113,11 +109,8 @@ def test_also_adds_engine_variants_in_order():
     ("max-num-seqs=4097", "1..4096"), ("max-num-seqs=1e3", "1..4096"), ("max-num-seqs=" + "9" * 400, "1..4096"),
     ("mixed-graphs=both", "mixed-graphs must be on or off"), ("fp8-fast-accum=yes", "fp8-fast-accum must be on or off"),
     ("max-num-seqs=8,max_num_seqs=16", "max-num-seqs is given twice"),
-    ("overlap-mixed=1", "overlap-mixed must be on or off"),
-    ("overlap-mixed=on,overlap_mixed=off", "overlap-mixed is given twice"),
-    ("mixed-graphs=on,mixed_graphs=off", "mixed-graphs is given twice"),
-    ("overlap-carveout=-1", "overlap-carveout must be a whole number of SMs in 0..1024"),
-    ("overlap-carveout=1025", "0..1024"), ("overlap-carveout=" + "9" * 400, "0..1024")])
+    ("overlap-mixed=on", "is not KEY=VALUE with KEY one of"),
+    ("mixed-graphs=on,mixed_graphs=off", "mixed-graphs is given twice")])
 def test_a_bad_variant_is_one_line_and_exit_2(capsys, value, message):
     with pytest.raises(SystemExit) as exc:
         parse_options(["--also", value], prog="ziya-batch bench")

@@ -375,20 +375,6 @@ def test_fit_bucket_cuts_across_a_jump_and_not_where_the_next_bucket_is_about_as
     assert fit_bucket(_chunks([1] * 150), buckets) is None
 
 
-def test_fit_bucket_counts_prefill_tokens_alone_where_the_decode_rows_run_beside_them():
-    buckets = [(64, 300e-6), (128, 315e-6), (192, 450e-6), (256, 480e-6)]
-    # 20 decode rows + 100 + 30: 130 prefill tokens alone, 2 past 128 (192 is 43% dearer): the last chunk cut by 2
-    assert fit_bucket(_chunks([1] * 20 + [100, 30]), buckets, split_rows=32) == (21, 28)
-    # 20 decode rows + 100 + 28: 128 prefill tokens, exactly a bucket (counted whole, 148, it would be cut)
-    assert fit_bucket(_chunks([1] * 20 + [100, 28]), buckets, split_rows=32) is None
-    assert fit_bucket(_chunks([1] * 20 + [100, 28]), buckets) == (21, 8)
-    # steps the runner does not split are fitted whole: more one-token rows than it splits off, a one-token
-    # row with forked samples, one-token rows alone
-    assert fit_bucket(_chunks([1] * 20 + [100, 28]), buckets, split_rows=16) == (21, 8)
-    assert fit_bucket(_chunks([1] * 20 + [100, 28], forked=frozenset({3})), buckets, split_rows=32) == (21, 8)
-    assert fit_bucket(_chunks([1] * 150), buckets, split_rows=256) is None
-
-
 def test_a_cut_step_runs_the_rest_of_its_chunk_next_and_samples_only_then():
     s = Scheduler(num_blocks=200, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
     s.step_buckets = [(16, 1e-4), (32, 1e-4), (64, 2e-4)]

@@ -142,11 +142,8 @@ class LLMEngine:
                                   use_graphs=on_gpu and config.cuda_graphs,
                                   use_triton=on_gpu and attention.triton is not None,
                                   mixed_graphs=config.mixed_step_graphs,
-                                  max_num_batched_tokens=config.max_num_batched_tokens,
-                                  overlap_mixed=config.overlap_mixed_steps,
-                                  overlap_sm_carveout=config.overlap_sm_carveout)
+                                  max_num_batched_tokens=config.max_num_batched_tokens)
         self.scheduler.step_buckets = self.runner.step_buckets()
-        self.scheduler.split_rows = self.runner.split_rows
         self._groups: dict[str, _Group] = {}
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self.last_step: Optional[StepStats] = StepStats()

@@ -22,8 +22,7 @@ launchers, which the GPU waited for after the short decode steps of FP8; replaye
 pieces change nothing measurable."""
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -34,24 +33,6 @@ from ziya_batch.engine.model import LlamaModel, linear, norm_for
 # token-count buckets: every 64 tokens up to 2,048 (padding costs at most 63 rows of compute-bound GEMMs), then
 # every 256 up to the largest step (max_num_batched_tokens), at most 8,192 tokens
 BUCKET_STEP, WIDE_FROM, WIDE_STEP, MAX_TOKENS = 64, 2048, 256, 8192
-
-
-@contextlib.contextmanager
-def gemm_sm_carveout(sms: int) -> Iterator[None]:
-    """GEMMs launched (or captured) inside target all SMs but `sms` of them (cuBLASLt's SM count target, through
-    PyTorch's experimental carveout; cuBLASLt is made the preferred library meanwhile, the one the carveout is
-    documented for), so kernels of another stream can run on the rest. 0: nothing changes."""
-    if sms <= 0:
-        yield
-        return
-    before, backend = torch._C._get_sm_carveout_experimental(), torch.backends.cuda.preferred_blas_library()
-    torch._C._set_sm_carveout_experimental(sms)
-    try:
-        torch.backends.cuda.preferred_blas_library("cublaslt")
-        yield
-    finally:
-        torch._C._set_sm_carveout_experimental(before)
-        torch.backends.cuda.preferred_blas_library(backend)
 
 
 def mixed_buckets(max_tokens: int) -> list[int]:
@@ -127,8 +108,7 @@ class MixedStepGraphs:
     """The pieces of a mixed step for every bucket, with the static buffers they read and write."""
 
     def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], buckets: list[int],
-                 scratch_slot: int, device: torch.device, capture: bool, pool=None, stream=None,
-                 sm_carveout: int = 0):
+                 scratch_slot: int, device: torch.device, capture: bool, pool=None):
         self.model, self.kv_caches, self.buckets = model, kv_caches, sorted(buckets)
         self.scratch_slot, self.device = scratch_slot, device
         a, layer0 = model.args, model.layers[0]
@@ -142,10 +122,8 @@ class MixedStepGraphs:
         self.attn = torch.zeros(n, layer0.local_heads * a.head_dim, dtype=dt, device=device)   # its attention
         self.x = torch.zeros(n, a.hidden_size, dtype=dt, device=device)           # the final norm's output
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
-        self.capture_stream = None                  # the stream the pieces were captured on (their cuBLAS workspace)
         if capture:
-            with gemm_sm_carveout(sm_carveout):      # the captured GEMMs keep their launch (overlapped steps)
-                self._capture(pool, stream)
+            self._capture(pool)
 
     def fits(self, num_tokens: int) -> bool:
         return num_tokens <= self.buckets[-1]
@@ -173,12 +151,10 @@ class MixedStepGraphs:
 
         return [first, *(between(i) for i in range(1, len(layers))), last]
 
-    def _capture(self, pool, stream=None) -> None:
-        # one memory pool for every piece (and the runner's decode graphs): a piece's intermediates die with it.
-        # `stream`: the one to capture on (cuBLAS keeps a workspace per stream, and a graph replays the one of the
-        # stream it was captured on)
+    def _capture(self, pool) -> None:
+        # one memory pool for every piece (and the runner's decode graphs): a piece's intermediates die with it
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        s = self.capture_stream = stream if stream is not None else torch.cuda.Stream(self.device)
+        s = torch.cuda.Stream(self.device)
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
             for b in self.buckets:                      # warm-up outside capture (Triton, cuBLAS heuristics)

@@ -13,7 +13,7 @@ from ziya_batch.engine.attention import (AttentionMetadata, PrefillBatch, prefil
                                          tune_prefill_kernel)
 from ziya_batch.engine.model import LlamaModel
 from ziya_batch.engine.piecewise import MixedStepGraphs, mixed_buckets, projection_seconds, prune_buckets
-from ziya_batch.engine.scheduler import PENDING_TOKEN, ScheduledChunk, SchedulerOutput, Sequence, splits
+from ziya_batch.engine.scheduler import PENDING_TOKEN, ScheduledChunk, SchedulerOutput, Sequence
 
 # Decode batch sizes a CUDA graph is captured for; a batch runs in the first at or above it, padded. Every 8 rows
 # from 128: there the projections are no longer a plain read of the weights, and cuBLAS's time grows with the
@@ -36,8 +36,7 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class ModelRunner:
     def __init__(self, model: LlamaModel, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], block_size: int,
                  max_num_seqs: int, max_model_len: int, device: torch.device, use_graphs: bool, use_triton: bool,
-                 mixed_graphs: bool = False, max_num_batched_tokens: int = 0, overlap_mixed: bool = False,
-                 overlap_sm_carveout: int = 0):
+                 mixed_graphs: bool = False, max_num_batched_tokens: int = 0):
         self.model, self.kv_caches, self.block_size = model, kv_caches, block_size
         self.device, self.use_triton = device, use_triton
         # decode rows longest context first: the attention kernel's programs start in row order, so the longest
@@ -68,43 +67,13 @@ class ModelRunner:
         # the sizes graphs are captured for, without those at which the projections run slower than at a larger
         # size (prune_buckets): {"decode" | "mixed": [(size, seconds of one layer's projections)]}
         self.bucket_seconds: dict[str, list[tuple[int, float]]] = {}
-        # steps with prefill as two forwards at once (EngineConfig.overlap_mixed_steps): the decode rows replay their
-        # decode graph on a second stream while the prefill chunks run on this one. Not under tensor parallelism
-        # (two streams' all-reduces could reach the ranks in different orders)
-        self.overlap_mixed = overlap_mixed and getattr(model, "agree_num_blocks", None) is None
-        self.side_stream = None
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
-        if overlap_sm_carveout < 0 or sms is not None and overlap_sm_carveout >= sms:
-            raise ValueError(f"overlap_sm_carveout must be 0 up to the GPU's SMs less one ({sms}), "
-                             f"not {overlap_sm_carveout}")
-        # the most decode rows a step splits off (its decode graph's size; 0: no step splits); split_serially
-        # (tests): split steps where nothing can overlap too (no graphs), one part after the other
-        self.split_rows, self.split_serially = 0, False
-        self.num_split_steps = 0                    # steps run as two forwards so far
         if self.graph_sizes:
             self.graph_sizes = self._prune("decode", self.graph_sizes)
             self._capture_graphs()
-        if self.overlap_mixed and self.graphs:
-            self.side_stream = _high_priority_stream(device)
-            self.split_rows = max(self.graph_sizes)
         if use_graphs and mixed_graphs and model.use_fused and max_num_batched_tokens > 0:
             buckets = self._prune("mixed", mixed_buckets(max_num_batched_tokens))
-            # overlapped, a step's pieces and a decode graph run at the same time: their intermediates must not
-            # share a memory pool, nor their GEMMs a cuBLAS workspace (PyTorch keeps one per stream, and a graph
-            # replays the one of the stream it was captured on: the pieces' own, the decode graphs'
-            # decode_capture_stream), nor their padding rows a scratch slot. The pieces capture on a stream of the
-            # default priority (a graph's kernels keep the priority of the stream they were captured on), the
-            # decode graphs on a high-priority one (_capture_graphs): the decode rows' blocks go first
-            overlap = self.side_stream is not None
-            self.mixed = MixedStepGraphs(model, kv_caches, buckets,
-                                         self.scratch_slot + (1 if overlap and block_size > 1 else 0), device,
-                                         capture=True, pool=None if overlap else self.graph_pool,
-                                         stream=torch.cuda.Stream(device) if overlap else None,
-                                         sm_carveout=overlap_sm_carveout if overlap else 0)
-            if overlap:
-                streams = {s.cuda_stream for s in (self.side_stream, self.mixed.capture_stream,
-                                                   self.decode_capture_stream)}
-                assert len(streams) == 3, "overlapped steps need three distinct streams"
+            self.mixed = MixedStepGraphs(model, kv_caches, buckets, self.scratch_slot, device, capture=True,
+                                         pool=self.graph_pool)
 
     def flat_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The first layer's K and V caches as [slots, KV heads, head dim] (what the kernels index by slot)."""
@@ -177,8 +146,6 @@ class ModelRunner:
             if bucket is not None and all(len(c.children) == 0 for c in chunks):
                 logits = self._replay(decodes, bucket, src, fix)
                 return logits[self._index(row_idx)] if len(row_idx) != nd else logits[:nd], rows
-        if self.overlap_mixed and splits(chunks, len(chunks) if self.split_serially else self.split_rows):
-            return self._run_split(chunks, nd, row_idx, src, fix), rows
         return self._run_step(chunks, nd, row_idx, src, fix), rows
 
     def _decode_bucket(self, rows: int) -> Optional[int]:
@@ -192,35 +159,6 @@ class ModelRunner:
         if self.device.type == "cuda":
             return host.pin_memory().to(self.device, non_blocking=True)
         return host.to(self.device)
-
-    def _run_split(self, chunks: list[ScheduledChunk], nd: int, row_idx: list[int], src: list[int],
-                   prev_tokens: Optional[torch.Tensor]) -> torch.Tensor:
-        """A step with prefill as two forwards: the decode rows (their decode graph, on the side stream where
-        there is one, else the plain forward) and the prefill chunks (this stream). They write disjoint cache
-        slots and read only their own sequences' blocks (shared prefix blocks read only), so on a GPU the
-        decode rows' attention and weight reads (memory-bound) can run beside the prefill's GEMMs
-        (compute-bound). Logits in row_idx's order, as _run_step returns them."""
-        self.num_split_steps += 1
-        decodes = chunks[:nd]
-        split = next(i for i, r in enumerate(row_idx) if r >= nd) if row_idx and row_idx[-1] >= nd else len(row_idx)
-        dec_rows, pre_rows = row_idx[:split], [r - nd for r in row_idx[split:]]
-        bucket = self._decode_bucket(nd) if self.side_stream is not None else None
-        if bucket is not None:
-            main, side = torch.cuda.current_stream(self.device), self.side_stream
-            self._replay(decodes, bucket, src[:nd], prev_tokens, stream=side)
-            try:
-                pre = self._run_step(chunks[nd:], 0, pre_rows, src[nd:], prev_tokens)
-            finally:            # joined whatever happens: the next step writes what the decode graph reads
-                main.wait_stream(side)
-            dec = self.g_logits[:bucket]
-        else:
-            # every one-token chunk runs, sampled or not (a prompt's chunk of one token writes its K/V too)
-            dec = self._run_step(decodes, nd, list(range(nd)), src[:nd], prev_tokens)
-            pre = self._run_step(chunks[nd:], 0, pre_rows, src[nd:], prev_tokens)
-        if not dec_rows:
-            return pre
-        dec = dec[:len(dec_rows)] if dec_rows == list(range(len(dec_rows))) else dec[self._index(dec_rows)]
-        return torch.cat([dec, pre]) if pre_rows else dec
 
     def _run_step(self, chunks: list[ScheduledChunk], nd: int, row_idx: list[int], src: list[int],
                   prev_tokens: Optional[torch.Tensor]) -> torch.Tensor:
@@ -281,10 +219,8 @@ class ModelRunner:
         self.g_logits: Optional[torch.Tensor] = None
         pool = self.graph_pool = torch.cuda.graph_pool_handle()
         # captured on a stream of the runner's own (not torch.cuda.graph's shared default): the stream whose cuBLAS
-        # workspace the graphs replay with, which nothing else may use while they run. Overlapped steps: of the
-        # highest priority, which the graphs' kernels keep wherever they replay (PyTorch instantiates graphs with
-        # their nodes' priorities), so the decode rows' blocks go before the prefill pieces'
-        self.decode_capture_stream = _high_priority_stream(dev) if self.overlap_mixed else torch.cuda.Stream(dev)
+        # workspace the graphs replay with, which nothing else may use while they run
+        self.decode_capture_stream = torch.cuda.Stream(dev)
         for b in sorted(self.graph_sizes, reverse=True):     # largest first: smaller ones reuse its pool
             meta = AttentionMetadata(self.g_slots[:b], b, self.g_bt[:b], self.g_ctx[:b], self.block_size, None,
                                      self.use_triton)
@@ -305,10 +241,9 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     def _replay(self, decodes: list[ScheduledChunk], bucket: int, src: list[int],
-                prev_tokens: Optional[torch.Tensor], stream: Optional[torch.cuda.Stream] = None) -> torch.Tensor:
-        """Replays the decode graph of `bucket` rows: the inputs go to its static buffers on the current stream;
-        the graph runs there, or on `stream` once that has waited for it (the caller joins it back before reading
-        the logits)."""
+                prev_tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        """Replays the decode graph of `bucket` rows: the inputs go to its static buffers and the graph runs, on
+        the current stream."""
         host = np.zeros((5, bucket), dtype=np.int64)
         host[2, :] = self.scratch_slot
         host[4, :] = -1                  # padding rows take no token from the step before
@@ -328,21 +263,8 @@ class ModelRunner:
         self.g_slots[:bucket].copy_(dev[2])
         self.g_ctx[:bucket].copy_(dev[3])
         self.g_bt[:bucket].copy_(torch.from_numpy(bt).to(self.device, non_blocking=True))
-        if stream is None:
-            self.graphs[bucket].replay()
-        else:
-            # after everything this stream has queued: the inputs above and the step before's sampling, which
-            # reads g_logits
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self.graphs[bucket].replay()
+        self.graphs[bucket].replay()
         return self.g_logits[:bucket]
-
-
-def _high_priority_stream(device: torch.device) -> "torch.cuda.Stream":
-    """A stream of the highest priority (its blocks are scheduled first where two streams' kernels wait for SMs)."""
-    # lower numbers are higher priorities; one below the range is taken as its highest (torch.cuda.Stream)
-    return torch.cuda.Stream(device, priority=-64)
 
 
 def _take_pending(ids: torch.Tensor, src: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:

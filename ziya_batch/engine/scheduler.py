@@ -113,23 +113,12 @@ class SchedulerOutput:
         return all(c.num_tokens == 1 for c in self.chunks)
 
 
-def splits(chunks: list[ScheduledChunk], split_rows: int) -> bool:
-    """Whether the runner runs this step as two forwards (EngineConfig.overlap_mixed_steps; ModelRunner.split_rows,
-    0 where it splits none): its one-token rows, at most split_rows of them and none with forked samples, beside
-    at least one longer chunk."""
-    ones = [c for c in chunks if c.num_tokens == 1]
-    return 0 < len(ones) <= split_rows and len(ones) < len(chunks) and not any(c.children for c in ones)
-
-
-def fit_bucket(chunks: list[ScheduledChunk], buckets: list[tuple[int, float]],
-               split_rows: int = 0) -> Optional[tuple[int, int]]:
+def fit_bucket(chunks: list[ScheduledChunk], buckets: list[tuple[int, float]]) -> Optional[tuple[int, int]]:
     """(index, new token count) of the chunk to shorten so that the step's tokens fill the bucket below instead
     of padding up to a much dearer one (TRIM_MARGIN, TRIM_MIN_SECONDS, TRIM_MAX_TOKENS); None to leave the step
     as it is. Only a chunk without forked samples is shortened, to two tokens at least (decode rows never are),
-    the last such first. split_rows: a step the runner splits (splits) is fitted by its chunks of more than one
-    token alone."""
-    split = splits(chunks, split_rows)
-    total = sum(c.num_tokens for c in chunks if c.num_tokens > 1 or not split)
+    the last such first."""
+    total = sum(c.num_tokens for c in chunks)
     up = bisect.bisect_left(buckets, (total,))        # the first bucket of at least `total` tokens
     if up == 0 or up == len(buckets) or buckets[up][0] == total:
         return None
@@ -184,8 +173,6 @@ class Scheduler:
         # [(token count, seconds)] ascending: the buckets steps with prefill run in and their measured projection
         # times (the engine sets them from the runner's graphs; None: steps are not cut to fit, fit_bucket)
         self.step_buckets: Optional[list[tuple[int, float]]] = None
-        # the most one-token rows a step runs beside its other chunks (overlapped steps; fit_bucket); 0: none
-        self.split_rows = 0
         self.num_cut_steps = 0
 
     def new_seq_id(self) -> int:
@@ -372,7 +359,7 @@ class Scheduler:
                 plan.add(seq, copies=1 + len(chunks[-1].children) + seq.pending_forks)
             budget -= n
         self.running.extend(self._forked)
-        if self.step_buckets and (cut := fit_bucket(chunks, self.step_buckets, self.split_rows)):
+        if self.step_buckets and (cut := fit_bucket(chunks, self.step_buckets)):
             k, n = cut
             c = chunks[k]
             # its blocks stay reserved (the rest of the chunk runs next); it no longer reaches its last token

@@ -90,16 +90,6 @@ class EngineConfig:
     # scripts/gpu/fp8_gemm_accum.py, the quality gate's variant). Off by default (the job spec's
     # engine.fp8_fast_accum); needs quantization "fp8"
     fp8_fast_accum: bool = False
-    # with CUDA graphs, a step with prefill runs as two forwards at once: the decode rows replay their decode graph
-    # on a second, high-priority stream while the prefill chunks run on the first, so the decode rows' attention
-    # and weight reads (memory-bound) can fill what the prefill's GEMMs (compute-bound) leave. Costs a second read
-    # of the weights for the decode rows and the pieces' own graph memory pool. Not under tensor parallelism.
-    # Off by default: measured on an H200 given an H100's memory (step_ab.py, 2026-12-06) 2.2% slower in float16
-    # and 1.1% with FP8 (the steps that split took 54 ms where joint ones took 45: the prefill fills the card)
-    overlap_mixed_steps: bool = False
-    # with overlap_mixed_steps: the SMs the prefill pieces' GEMMs leave free (cuBLAS's SM count target, set when
-    # they are captured), so the decode rows' forward has SMs of its own to run on beside them. 0: none
-    overlap_sm_carveout: int = 0
     num_kv_blocks: Optional[int] = None  # override the memory-derived size (tests, preemption)
     max_model_len: Optional[int] = None  # default: the checkpoint's max_position_embeddings
     trust_remote_code: bool = False

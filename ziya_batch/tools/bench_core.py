@@ -50,8 +50,7 @@ class BenchOptions:
 
 
 # what an --also variant may change in the first engine row, with how its value is read
-VARIANT_KEYS = ("quantization", "kv-cache-dtype", "max-num-seqs", "mixed-graphs", "fp8-fast-accum", "overlap-mixed",
-                "overlap-carveout")
+VARIANT_KEYS = ("quantization", "kv-cache-dtype", "max-num-seqs", "mixed-graphs", "fp8-fast-accum")
 
 
 def max_seats() -> int:
@@ -62,8 +61,7 @@ def max_seats() -> int:
 
 def parse_variant(text: str) -> dict:
     """"key=value,key=value" over VARIANT_KEYS -> the bench_engine overrides {quantization, kv_cache_dtype,
-    max_num_seqs, mixed_step_graphs, fp8_fast_accum, overlap_mixed_steps, overlap_sm_carveout} it names; ValueError with one line for
-    anything else."""
+    max_num_seqs, mixed_step_graphs, fp8_fast_accum} it names; ValueError with one line for anything else."""
     from ziya_batch.engine.kv_cache import KV_CACHE_DTYPES
     top = max_seats()
     out: dict = {}
@@ -72,8 +70,7 @@ def parse_variant(text: str) -> dict:
         key, value = key.strip().replace("_", "-"), value.strip()
         if not eq or key not in VARIANT_KEYS:
             raise ValueError(f"{part.strip()!r} is not KEY=VALUE with KEY one of {', '.join(VARIANT_KEYS)}")
-        name = {"mixed-graphs": "mixed_step_graphs", "overlap-mixed": "overlap_mixed_steps",
-                "overlap-carveout": "overlap_sm_carveout"}.get(key, key.replace("-", "_"))
+        name = {"mixed-graphs": "mixed_step_graphs"}.get(key, key.replace("-", "_"))
         if name in out:
             raise ValueError(f"{key} is given twice")
         if key == "quantization":
@@ -88,10 +85,6 @@ def parse_variant(text: str) -> dict:
             if not value.isdigit() or not 1 <= int(value) <= top:
                 raise ValueError(f"max-num-seqs must be a whole number in 1..{top} (engine.max_num_seqs), "
                                  f"not {value[:40]!r}")
-            out[name] = int(value)
-        elif key == "overlap-carveout":
-            if not value.isdigit() or int(value) > 1024:
-                raise ValueError(f"overlap-carveout must be a whole number of SMs in 0..1024, not {value[:40]!r}")
             out[name] = int(value)
         else:
             if value not in ("on", "off"):
@@ -204,7 +197,6 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
                     f"{1e3 * sum(mix_hosts) / max(n_mix_steps, 1):.1f} ms each); init {init_s:.0f} s; "
                     f"fused kernels {'on' if model.use_fused else 'off'}; mixed steps "
                     f"{'from graphs' if eng.runner.mixed is not None else 'eager'}; schedule {schedule}"
-                    + (f"; {eng.runner.num_split_steps} mixed steps overlapped" if cfg.overlap_mixed_steps else "")
                     + "".join(f"; {p}" for p in config_parts)
                     + (f"; tensor parallel {world_size} (NCCL)" if world_size > 1 else "")
                     + f"; prefix caching {_hit_note(eng)}",
@@ -237,13 +229,11 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
 
 def config_note_parts(cfg: EngineConfig) -> list[str]:
     """How an engine row's configuration differs from the engine's defaults, as its note and the roofline beside
-    it name it: KV cache dtype, weights, seats, FP8 fast accumulation, overlapped mixed steps."""
+    it name it: KV cache dtype, weights, seats, FP8 fast accumulation."""
     return ([f"KV cache {cfg.kv_cache_dtype}"] if cfg.kv_cache_dtype != EngineConfig.kv_cache_dtype else []) + \
         ([f"weights {cfg.quantization}"] if cfg.quantization else []) + \
         ([f"{cfg.max_num_seqs} seats"] if cfg.max_num_seqs != EngineConfig.max_num_seqs else []) + \
-        (["FP8 fast accumulation"] if cfg.fp8_fast_accum else []) + \
-        (["mixed steps overlapped" + (f" ({cfg.overlap_sm_carveout} SMs left to the decode rows)"
-                                        if cfg.overlap_sm_carveout else "")] if cfg.overlap_mixed_steps else [])
+        (["FP8 fast accumulation"] if cfg.fp8_fast_accum else [])
 
 
 def _hit_note(eng: LLMEngine) -> str:
