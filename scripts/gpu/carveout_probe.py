@@ -13,21 +13,8 @@ import json
 
 import torch
 
+from ziya_batch.engine.piecewise import gpu_seconds as timed
 
-
-def timed(fn, reps: int = 10) -> float:
-    """Median seconds of fn() on the GPU."""
-    for _ in range(3):
-        fn()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) / 1e3)
-    return sorted(out)[len(out) // 2]
 
 
 def main() -> None:
