@@ -16,7 +16,6 @@ import torch
 from ziya_batch.engine.piecewise import gpu_seconds as timed
 
 
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=608)
