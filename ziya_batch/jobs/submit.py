@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 
 from typing import TYPE_CHECKING, Iterator, Optional
 
@@ -108,6 +109,10 @@ def _output_dir(spec: JobSpec, out: Optional[io.OutputDir]) -> io.OutputDir:
     return out if out is not None else io.OutputDir(spec.output.path, spec.output.format)
 
 
+# what JobSpec.identity and legacy_identity give: 16 lowercase hex digits
+_JOB_ID = re.compile(r"[0-9a-f]{16}")
+
+
 def job_id_for(spec: JobSpec, broker: Optional["JobsBroker"] = None, out: Optional[io.OutputDir] = None) -> str:
     """The id `spec` runs under: its identity, or the id of the job its output path holds where that job is the
     same job under an id an earlier release gave it (which hashed every field, run settings too): its id is
@@ -118,7 +123,9 @@ def job_id_for(spec: JobSpec, broker: Optional["JobsBroker"] = None, out: Option
     out = _output_dir(spec, out)
     manifest = io.read_manifest(out)
     recorded = (manifest or {}).get("job_id") or io.output_owner(out)
-    if recorded in (None, job_id):
+    if recorded in (None, job_id) or not _JOB_ID.fullmatch(str(recorded)):
+        # an id this tool never gives (anyone can write a manifest) is not adopted: it would be shown, typed and
+        # stored as one
         return job_id
     if recorded == spec.legacy_identity():
         return recorded

@@ -15,14 +15,21 @@ from .. import jobs
 from ..queue import JobState
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# control characters, and the bidirectional overrides and isolates, which reorder what follows them on the line
+# (a name ending in U+202E 'gnp.exe' shows as 'exe.png', and the rest of the row reversed)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _plain(value: object, style: str = "") -> Text:
     """Users' text (job names, workers' hosts, error messages, notes naming them) as a cell or a line: never
     parsed as rich markup, and its control characters written as escapes, so a name sent over HTTP cannot move,
     recolour or clear the operator's terminal (rich keeps ESC)."""
-    return Text(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value)), style=style)
+    return Text(_CONTROL.sub(_escaped, str(value)), style=style)
+
+
+def _escaped(m: re.Match) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _eta(seconds: Optional[float]) -> str:
@@ -42,8 +49,9 @@ def _jobs_table(statuses) -> Table:
                      no_wrap=col in ("job", "state"))
     for st in statuses:
         d = st.to_dict()
-        # job names, errors and notes are users' text: cells of plain Text, never parsed as rich markup
-        t.add_row(d["job_id"], _plain(d.get("name", "")), d["state"], str(d["prompts_done"]), str(d["prompts_failed"]),
+        # job names, errors and notes are users' text (and a job id can be one, adopted from an output directory's
+        # manifest): cells of plain Text, never parsed as rich markup
+        t.add_row(_plain(d["job_id"]), _plain(d.get("name", "")), _plain(d["state"]), str(d["prompts_done"]), str(d["prompts_failed"]),
                   str(d["prompts_total"]), str(d["samples"]), f"{d['tokens_per_s']:,.0f}", _eta(d.get("eta_s")),
                   str(len(d.get("workers", []))), str(d.get("retries", 0)), str(d.get("dead_shards", 0)))
     return t
