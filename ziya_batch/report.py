@@ -2,15 +2,22 @@
 
 Computed from what storage holds (the manifest's parts, or, before the manifest exists, the committed
 parts their commit markers name) plus the job's Redis status when Redis is reachable. No JavaScript, no
-external resource: the file can be mailed, archived or opened offline. Memory is bounded: lengths are
-counted in Counters (one entry per distinct length) and rewards kept in a fixed-size reservoir.
+external resource: the file can be mailed, archived or opened offline. Memory: the largest part's bytes and one
+record (parts are read a record at a time), lengths counted in Counters (one entry per distinct length), rewards
+kept in a fixed-size reservoir. A record not of the shape ziya-batch writes is counted and shown, not used; a part
+or commit marker that cannot be read at all is one error line. The page is written aside and moved into place,
+so a failed run leaves an earlier report as it was.
 """
 from __future__ import annotations
 
+import errno
 import html
 import json
 import math
+import os
 import random
+import stat
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,11 +27,15 @@ from typing import Any, Iterable, Iterator, Optional
 from . import io, jobs
 from .errors import InputError, ServiceError
 from .spec import show_text
-from .io.schema import decode_part
+from .io.schema import iter_part
 
 REWARD_RESERVOIR = 50_000
-# how every report's head begins (render_html; lower case, as _check_report_target compares it): what -o may replace
-REPORT_TITLE = "<title>ziya-batch report:"
+# how every report begins (render_html writes it; every release has): a file -o may replace starts so
+REPORT_HEAD = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>ziya-batch report:'
+# a record longer than this is not one ziya-batch wrote (the longest generations with top logprobs are ~MBs)
+MAX_RECORD_BYTES = 64 << 20
+# token counts larger than this are not counts (and would not bin as floats)
+_MAX_COUNT = 1 << 40
 
 
 @dataclass
@@ -47,43 +58,79 @@ class JobStats:
     error_codes: Counter = field(default_factory=Counter)
     rewards: list[float] = field(default_factory=list)
     rewards_seen: int = 0
+    skipped: int = 0                              # records not of the shape ziya-batch writes (not counted)
     status: Optional[dict] = None                 # Redis status (JobStatus.to_dict()), when reachable
 
 
 # -- reading ---------------------------------------------------------------------------------------------
 
-def _parts(output_url: str, manifest: Optional[dict], markers: dict, kind: str) -> Iterator[dict]:
-    if manifest is not None:
-        yield from io.read_parts(output_url, kind)
-        return
+def _parts(output_url: str, manifest: Optional[dict], markers: dict, kind: str) -> Iterator[Any]:
     out = io.OutputDir(output_url)
-    for index in sorted(markers):
-        info = markers[index].parts.get(kind)
-        if info is None:
+    if manifest is not None:
+        paths = [entry["path"] for entry in manifest["parts"].get(kind, [])]
+    else:
+        paths = [markers[i].parts[kind].path for i in sorted(markers) if kind in markers[i].parts]
+    for path in paths:
+        data = out.read(path)
+        if data is None:
+            if manifest is not None:
+                raise InputError(f"{output_url}: {path} is listed in manifest.json but missing")
             continue
-        data = out.read(info.path)
-        if data is not None:
-            yield from decode_part(data, "parquet" if info.path.endswith(".parquet") else "jsonl")
+        yield from iter_part(data, "parquet" if path.endswith(".parquet") else "jsonl", f"{output_url}: {path}",
+                             MAX_RECORD_BYTES)
 
 
-def _add_result(stats: JobStats, rec: dict) -> None:
+def _count(value: Any) -> Optional[int]:
+    """A token count as records hold it (a whole number, 0..2^40), else None."""
+    if type(value) is int and 0 <= value <= _MAX_COUNT:
+        return value
+    if type(value) is float and value.is_integer() and 0 <= value <= _MAX_COUNT:
+        return int(value)
+    return None
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value: Any) -> str:
+    """A category's name (a finish reason, an error code) as shown: text, at most 200 characters."""
+    if isinstance(value, str):
+        return value[:200]
+    return str(value)[:200] if value is None or type(value) in (int, float, bool) else type(value).__name__
+
+
+def _add_result(stats: JobStats, rec: Any) -> None:
+    """Counts one results record; one of another shape (a field of another type) counts as skipped."""
+    if not isinstance(rec, dict):
+        stats.skipped += 1
+        return
     if isinstance(rec.get("response"), dict) or "custom_id" in rec:       # openai-batch line
-        body = (rec.get("response") or {}).get("body") or {}
-        usage = body.get("usage") or {}
-        choices = body.get("choices") or []
-        if "prompt_tokens" in usage:
-            stats.prompt_tokens[int(usage["prompt_tokens"])] += 1
-        per_choice = int(usage.get("completion_tokens", 0)) // max(1, len(choices))
+        body = _dict(_dict(rec.get("response")).get("body"))
+        usage = _dict(body.get("usage"))
+        choices = body.get("choices") if isinstance(body.get("choices"), list) else []
+        prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens", 0))
+        if completion is None or "prompt_tokens" in usage and prompt is None or \
+                not all(isinstance(c, dict) for c in choices):
+            stats.skipped += 1
+            return
+        if prompt is not None:
+            stats.prompt_tokens[prompt] += 1
+        per_choice = completion // max(1, len(choices))
         for c in choices:
             stats.response_tokens[per_choice] += 1
-            stats.finish_reasons[str(c.get("finish_reason"))] += 1
+            stats.finish_reasons[_text(c.get("finish_reason"))] += 1
         return
-    usage = rec.get("usage") or {}
-    if rec.get("sample_index", 0) == 0 and "prompt_tokens" in usage:
-        stats.prompt_tokens[int(usage["prompt_tokens"])] += 1
-    if "completion_tokens" in usage:
-        stats.response_tokens[int(usage["completion_tokens"])] += 1
-    stats.finish_reasons[str(rec.get("finish_reason"))] += 1
+    usage = _dict(rec.get("usage"))
+    prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+    if "prompt_tokens" in usage and prompt is None or "completion_tokens" in usage and completion is None:
+        stats.skipped += 1
+        return
+    if rec.get("sample_index", 0) == 0 and prompt is not None:
+        stats.prompt_tokens[prompt] += 1
+    if completion is not None:
+        stats.response_tokens[completion] += 1
+    stats.finish_reasons[_text(rec.get("finish_reason"))] += 1
 
 
 def _add_reward(stats: JobStats, value: float, rng: random.Random) -> None:
@@ -103,12 +150,12 @@ def compute_stats(output_url: str, status: Optional[dict] = None) -> JobStats:
     if manifest is None and not markers:
         raise ServiceError(f"{output_url} holds no manifest.json and no committed parts yet: nothing to report "
                            "(is this the job's output.path? has any shard finished?)")
-    spec = (manifest or {}).get("spec") or {}
+    spec = _dict((manifest or {}).get("spec"))
     status = status or {}
     stats = JobStats(
         job_id=str((manifest or {}).get("job_id") or status.get("job_id") or "?"),
         name=str(spec.get("name") or status.get("name") or "?"),
-        state=str(status.get("state") or ((manifest or {}).get("summary") or {}).get("state") or "running"),
+        state=str(status.get("state") or _dict((manifest or {}).get("summary")).get("state") or "running"),
         output_url=output_url, source="manifest" if manifest is not None else "commit markers",
         status=status or None, started_at=status.get("created_at"),
     )
@@ -125,16 +172,20 @@ def compute_stats(output_url: str, status: Optional[dict] = None) -> JobStats:
     for rec in _parts(output_url, manifest, markers, "results"):
         _add_result(stats, rec)
     for rec in _parts(output_url, manifest, markers, "errors"):
-        err = rec.get("error") or {}
-        stats.error_codes[str(err.get("code", "unknown"))] += 1
+        if not isinstance(rec, dict):
+            stats.skipped += 1
+            continue
+        stats.error_codes[_text(_dict(rec.get("error")).get("code", "unknown"))] += 1
     rng = random.Random(0)
     kinds = (manifest or {}).get("parts", {}) if manifest is not None else \
         {k for m in markers.values() for k in m.parts}
     if "experience" in kinds:
         for rec in _parts(output_url, manifest, markers, "experience"):
-            r = rec.get("reward")
-            if isinstance(r, (int, float)) and math.isfinite(r):
+            r = rec.get("reward") if isinstance(rec, dict) else None
+            if type(r) in (int, float) and -1e300 < r < 1e300:      # finite, and a float whatever its digits
                 _add_reward(stats, float(r), rng)
+            elif not isinstance(rec, dict):
+                stats.skipped += 1
     return stats
 
 
@@ -146,6 +197,8 @@ _ACCENT = "#d0602a"
 
 
 def _fmt(x: float) -> str:
+    if abs(x) >= 1e9:
+        return f"{x:.3g}"
     if abs(x) >= 1e6:
         return f"{x / 1e6:.1f}M"
     if abs(x) >= 1e4:
@@ -196,20 +249,25 @@ def histogram_svg(values: Counter | Iterable[float], xlabel: str, title: str, bi
     counts = values if isinstance(values, Counter) else Counter(values)
     if not counts:
         return _empty(f"{title}: no data")
-    lo, hi = min(counts), max(counts)
-    if hi == lo:
-        hi = lo + 1
+    lo, hi = float(min(counts)), float(max(counts))     # finite (the callers' values are)
+    if not hi > lo:
+        hi = lo + 1 if lo + 1 > lo else hi              # one value: a bin of width one (none past 2^53)
     nb = min(bins, max(1, len(counts))) if all(float(v).is_integer() for v in counts) else bins
-    width = (hi - lo) / nb
+
+    def edge(t: float) -> float:                        # lo..hi at t in 0..1, without overflowing at +-1e308
+        return lo * (1 - t) + hi * t
+
     heights = [0] * nb
     for v, c in counts.items():
-        heights[min(nb - 1, int((v - lo) / width))] += c
+        # halves: hi - lo may exceed the largest float where lo and hi do not
+        f = (v / 2 - lo / 2) / (hi / 2 - lo / 2) if hi > lo else 0.0
+        heights[max(0, min(nb - 1, int(f * nb)))] += c
     ymax = max(heights) or 1
     plot_w = W - PAD_L - PAD_R
-    bars = _bars(heights, ymax, [f"{_fmt(lo + i * width)}..{_fmt(lo + (i + 1) * width)}: {h}"
+    bars = _bars(heights, ymax, [f"{_fmt(edge(i / nb))}..{_fmt(edge((i + 1) / nb))}: {h}"
                                  for i, h in enumerate(heights)])
     ticks = "".join(f'<text x="{PAD_L + plot_w * i / 4:.1f}" y="{H - PAD_B + 14}" text-anchor="middle" font-size="10">'
-                    f'{_fmt(lo + (hi - lo) * i / 4)}</text>' for i in range(5))
+                    f'{_fmt(edge(i / 4))}</text>' for i in range(5))
     return _frame(_y_axis(ymax) + "".join(bars) + ticks, xlabel, "count", title)
 
 
@@ -226,7 +284,7 @@ def categories_svg(counts: Counter, title: str) -> str:
     for i, (name, c) in enumerate(items):
         y = PAD_T + i * row_h
         w = plot_w * c / vmax
-        rows.append(f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end" font-size="12">{html.escape(str(name))[:28]}</text>'
+        rows.append(f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end" font-size="12">{html.escape(str(name)[:28])}</text>'
                     f'<rect x="{label_w}" y="{y + 4}" width="{max(1.0, w):.1f}" height="{row_h - 8}" fill="{_ACCENT}"/>'
                     f'<text x="{label_w + w + 6:.1f}" y="{y + 16}" font-size="12">{c}</text>')
     return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {W} {height}" width="{W}" height="{height}" '
@@ -296,6 +354,9 @@ def _summary_rows(s: JobStats) -> list[tuple[str, str]]:
     if s.rewards:
         mean = sum(s.rewards) / len(s.rewards)
         rows.append(("mean reward", f"{mean:.4f} (of {s.rewards_seen:,} samples)"))
+    if s.skipped:
+        rows.append(("records not counted", f"{s.skipped:,} (not of the shape ziya-batch writes: a field of another "
+                                            "type)"))
     rows.append(("computed from", f"{s.source} under {s.output_url}"))
     return rows
 
@@ -312,7 +373,7 @@ def render_html(s: JobStats) -> str:
     rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in _summary_rows(s))
     cards = "".join(f'<div class="card"><h2>{html.escape(t)}</h2>{svg}</div>' for t, svg in charts)
     made = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{REPORT_TITLE} '
+    return (f'{REPORT_HEAD} '
             f'{html.escape(s.name)}</title><style>{_CSS}</style></head><body>'
             f'<h1>{html.escape(s.name)} <span class="state">{html.escape(s.state)}</span></h1>'
             f'<div class="sub">job {html.escape(s.job_id)} · report written {made}</div>'
@@ -327,35 +388,92 @@ def _looks_like_location(arg: str) -> bool:
 
 def write_report(output_url: str, out_path: str | Path, status: Optional[dict] = None) -> Path:
     out = Path(out_path)
-    _check_report_target(out)
+    stream = _check_report_target(out)
     stats = compute_stats(output_url, status)
+    # text that is not UTF-8 (a lone surrogate a JSON escape made) is written as its escape, not an error
+    page = render_html(stats).encode("utf-8", "backslashreplace")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render_html(stats), encoding="utf-8")
+        if stream:
+            _write_stream(out, page)
+        else:
+            _write_aside(out, page)
     except OSError as err:
         raise InputError(f"cannot write the report to {out}: {err.strerror or type(err).__name__}") from None
     return out
 
 
-def _check_report_target(out: Path) -> None:
-    """The report replaces an earlier report only: an existing file without REPORT_TITLE in its first bytes (a
-    job's manifest, an input file, another page, anything typed after -o by mistake) is refused before a byte is
-    written."""
-    if out.is_dir():
+def _write_aside(out: Path, page: bytes) -> None:
+    """The page in a new file beside `out`, then moved over it: an earlier report stays whole until then."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name[:100]}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(page)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_STD_STREAMS = {"/dev/stdout": 1, "/dev/stderr": 2}
+
+
+def _write_stream(out: Path, page: bytes) -> None:
+    """A device or a pipe (-o /dev/stdout): opened without waiting for a reader (a FIFO nobody reads is an
+    error, not a hang), then written. /dev/stdout and /dev/stderr are this process's own (also when the shell sent
+    them to a file)."""
+    try:
+        own = _STD_STREAMS.get(str(out))
+        fd = os.dup(own) if own is not None else os.open(out, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as err:
+        if err.errno == errno.ENXIO:
+            raise InputError(f"{out} is a named pipe that no process reads; start the reader first, or give a "
+                             "file name") from None
+        raise
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(page)
+
+
+def _check_report_target(out: Path) -> bool:
+    """Whether `out` is a stream (a device or a pipe: -o /dev/stdout) rather than a file. The report replaces an
+    earlier report only: an existing file that does not begin as every report does (a job's manifest or part, an
+    input file, another page, anything typed after -o by mistake) is refused before a byte is written, and so
+    is a symbolic link to a file or to nothing (the report would land wherever it points)."""
+    if str(out) in _STD_STREAMS:
+        return True
+    try:
+        st = os.stat(out)
+    except FileNotFoundError:
+        if out.is_symlink():
+            raise InputError(f"{out} is a symbolic link to nothing; give the report's own file name") from None
+        return False
+    except OSError as err:
+        raise InputError(f"cannot use {out} for the report ({err.strerror or type(err).__name__})") from None
+    if stat.S_ISDIR(st.st_mode):
         raise InputError(f"{out} is a directory; give the report's file name, e.g. {out / 'report.html'}")
-    if not out.exists():
-        return
-    if not out.is_file():
-        return              # a device or a pipe (-o /dev/stdout): a stream, nothing stored there is replaced
+    if not stat.S_ISREG(st.st_mode):
+        return True                 # a device or a pipe: a stream, nothing stored there is replaced
+    if out.is_symlink():
+        raise InputError(f"{out} is a symbolic link; give the file itself (the report is written aside and moved "
+                         "into place, which would replace the link)")
     try:
         with open(out, "rb") as fh:
-            head = fh.read(512).lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+            head = fh.read(len(REPORT_HEAD.encode()) + 8)
     except OSError as err:
         raise InputError(f"cannot read {out} ({err.strerror or type(err).__name__}); give another file name for "
                          "the report") from None
-    if head and REPORT_TITLE.encode() not in head:
+    if head and not head.startswith(REPORT_HEAD.encode()):
         raise InputError(f"{out} exists and is not a ziya-batch report; the report replaces only an earlier one: "
                          "give a new file name, or remove that file first")
+    return False
 
 
 def report_main(job_id_or_output_url: str, out_path: str | Path, redis_url: Optional[str] = None) -> Path:

@@ -26,7 +26,7 @@ from typing import Iterator, Optional
 
 from ..errors import InputError
 from .parts import CommitMarker, OutputDir
-from .schema import KINDS, decode_part
+from .schema import KINDS, decode_part, iter_part
 from .storage import join_url
 
 MANIFEST = "manifest.json"
@@ -113,8 +113,12 @@ def read_parts(output_url: str, kind: str, verify: bool = False) -> Iterator[dic
             raise InputError(f"{output_url}: {entry['path']} is listed in manifest.json but missing")
         if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise InputError(f"{output_url}: {entry['path']} does not match its sha256 in manifest.json")
-        records = decode_part(data, "parquet" if entry["path"].endswith(".parquet") else "jsonl")
-        if verify and len(records) != entry["lines"]:
+        fmt, where = "parquet" if entry["path"].endswith(".parquet") else "jsonl", f"{output_url}: {entry['path']}"
+        if not verify:
+            yield from iter_part(data, fmt, where)
+            continue
+        records = decode_part(data, fmt, where)
+        if len(records) != entry["lines"]:
             raise InputError(f"{output_url}: {entry['path']} holds {len(records)} records, "
                              f"manifest.json says {entry['lines']}")
         yield from records
@@ -134,7 +138,12 @@ def verify_output(output_url: str) -> list[str]:
             elif hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 problems.append(f"{entry['path']} does not match its sha256 in manifest.json")
             else:
-                n = len(decode_part(data, "parquet" if entry["path"].endswith(".parquet") else "jsonl"))
+                try:
+                    n = sum(1 for _ in iter_part(data, "parquet" if entry["path"].endswith(".parquet") else "jsonl",
+                                                 entry["path"]))
+                except InputError as err:
+                    problems.append(str(err))
+                    continue
                 if n != entry["lines"]:
                     problems.append(f"{entry['path']} holds {n} records, manifest.json says {entry['lines']}")
     return problems

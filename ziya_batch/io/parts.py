@@ -75,6 +75,10 @@ class PartInfo(NamedTuple):
     size_bytes: int = 0
 
 
+# the worker's counts a marker's stats hold (whole numbers; 0 where absent)
+MARKER_COUNTS = ("prompts_done", "prompts_failed", "samples", "output_tokens")
+
+
 @dataclass(frozen=True)
 class CommitMarker:
     """_committed/part-N.json: which token committed shard N, its parts, and the worker's counts."""
@@ -111,10 +115,23 @@ class CommitMarker:
                            "stats": self.stats}, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "CommitMarker":
-        d = json.loads(text)
-        return cls(index=int(d["index"]), token=int(d["token"]), format=d["format"],
-                   parts={k: PartInfo(**p) for k, p in d["parts"].items()}, stats=d.get("stats") or {})
+    def from_json(cls, text: str | bytes, where: str = "a commit marker") -> "CommitMarker":
+        """The marker to_json wrote; anything else (not JSON, fields missing or of other types, counts that are
+        not whole numbers) is an InputError naming `where`: every reader of a marker trusts its counts."""
+        try:
+            d = json.loads(text)
+            parts = {k: PartInfo(**p) for k, p in d["parts"].items()}
+            stats = d.get("stats") or {}
+            whole = (d["index"], d["token"], *(p.lines for p in parts.values()),
+                     *(p.size_bytes for p in parts.values()), *(stats.get(k, 0) for k in MARKER_COUNTS))
+            if (not all(type(n) is int for n in whole) or not isinstance(d["format"], str)
+                    or not all(isinstance(k, str) and isinstance(p.sha256, str) and isinstance(p.path, str)
+                               for k, p in parts.items())):
+                raise TypeError("a field of another type")
+            return cls(index=d["index"], token=d["token"], format=d["format"], parts=parts, stats=stats)
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+            raise InputError(f"{where} is not a commit marker ziya-batch wrote ({type(err).__name__}: "
+                             f"{str(err)[:120]}): damaged, or written by something else") from None
 
 
 def new_attempt() -> str:
@@ -345,7 +362,7 @@ class OutputDir:
     def read_marker(self, index: int) -> Optional[CommitMarker]:
         self.fs.invalidate_cache(self.path(COMMITTED))
         data = read_bytes(self.fs, self._marker(index), MAX_MARKER_BYTES)
-        return CommitMarker.from_json(data) if data is not None else None
+        return CommitMarker.from_json(data, self._marker(index)) if data is not None else None
 
     def promote(self, index: int, token: int, attempt: str = "",
                 staged_info: Optional[dict[str, tuple[int, str]]] = None,
@@ -462,7 +479,7 @@ class OutputDir:
         for name, data in blobs.items():
             if data is None:
                 raise FileNotFoundError(errno.ENOENT, "commit marker removed while read", name)
-            m = CommitMarker.from_json(data)
+            m = CommitMarker.from_json(data, name)
             markers[m.index] = m
         return markers
 

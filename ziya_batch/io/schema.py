@@ -77,7 +77,9 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Iterator, Optional
+
+from ..errors import InputError
 
 KINDS = ("results", "sft", "experience", "errors")
 EXTENSIONS = {"jsonl": "jsonl", "parquet": "parquet"}
@@ -256,11 +258,45 @@ def encode_part(kind: str, records: list[dict], fmt: str, input_format: str = "z
     raise ValueError(f"unknown output format {fmt!r}; expected jsonl or parquet")
 
 
-def decode_part(data: bytes, fmt: str) -> list[dict]:
+def decode_part(data: bytes, fmt: str, where: str = "part") -> list[dict]:
     """Records of a part's bytes (Parquet rows come back as dicts; nulls stay None)."""
-    if fmt == "jsonl":
-        return [json.loads(line) for line in data.split(b"\n") if line.strip()]
+    return list(iter_part(data, fmt, where))
+
+
+def iter_part(data: bytes, fmt: str, where: str = "part", max_record_bytes: Optional[int] = None) -> Iterator[Any]:
+    """The records of a part's bytes one at a time (JSONL a line at a time, Parquet a batch of rows at a time), so
+    no more than one record's objects exist besides the bytes. A part this module did not write (a line that is
+    not JSON or not UTF-8, nests too deeply, is longer than max_record_bytes; a file that is not Parquet) is an
+    InputError naming `where` and the line."""
+    if fmt != "jsonl":
+        yield from _parquet_rows(data, where)
+        return
+    view, start, line_no = memoryview(data), 0, 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        line_no += 1
+        if max_record_bytes is not None and end - start > max_record_bytes:
+            raise InputError(f"{where}: line {line_no} is longer than {max_record_bytes:,} bytes, more than a record "
+                             "ziya-batch writes: not a part of ours, or damaged")
+        line = bytes(view[start:end])
+        start = end + 1
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except (ValueError, RecursionError) as err:     # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            why = "nests too deeply" if isinstance(err, RecursionError) else \
+                ("is not UTF-8" if isinstance(err, UnicodeDecodeError) else "is not JSON")
+            raise InputError(f"{where}: line {line_no} {why}: not a part ziya-batch wrote, or damaged") from None
+
+
+def _parquet_rows(data: bytes, where: str) -> Iterator[Any]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(pa.BufferReader(data)).to_pylist()
+    try:
+        for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise InputError(f"{where}: not a Parquet file ziya-batch can read ({str(err)[:200]})") from None
