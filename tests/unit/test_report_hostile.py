@@ -177,3 +177,16 @@ def test_any_json_records_make_a_page_or_one_error_line(tmp_path_factory, record
         return
     page = render_html(s).encode("utf-8", "backslashreplace")
     assert page.startswith(report.REPORT_HEAD.encode())
+
+
+def test_a_part_path_that_is_a_directory_or_climbs_out_says_so(tmp_path):
+    out = crafted(tmp_path / "out", {"results": lines({"a": 1})})
+    (out / "results" / "part-00000.jsonl").unlink()
+    (out / "results" / "part-00000.jsonl").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        compute_stats(str(out))
+    assert e.value.filename.endswith("results/part-00000.jsonl")
+    (out / "manifest.json").write_text(json.dumps({"job_id": "j", "parts": {"results": [
+        {"path": "../../../../etc/hostname", "lines": 1, "sha256": "0" * 64}]}}))
+    with pytest.raises(InputError, match=r"'../../../../etc/hostname' names a place outside the output directory"):
+        compute_stats(str(out))

@@ -32,6 +32,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional
 
@@ -193,6 +194,9 @@ class OutputDir:
         or a folder on the way (results/, _staging/, ...), is a symbolic link out of the directory, so nothing
         is read or written outside it through one (an HTTP user may only write under the allowed prefixes)."""
         path = join_url(self.root, *rel)
+        if any(seg == ".." for r in rel for seg in re.split(r"[/\\]", r)):
+            raise InputError(f"{self.url}: {'/'.join(rel)[:200]!r} names a place outside the output "
+                             "directory ('..'): not a name ziya-batch writes")
         if self._real is not None and rel and self._leads_out(path):
             raise InputError(f"{self.url}: {self._link_out(rel)} is a symbolic link out of the output "
                              "directory; remove it, or choose another output.path")

@@ -300,7 +300,7 @@ def _read_local(path: str, limit: Optional[int]) -> bytes | None:
         if err.errno != errno.ENXIO:            # a socket
             raise
         raise InputError(f"{path} is a socket, not a regular file: not read") from None
-    with os.fdopen(fd, "rb") as f:
+    try:        # judged before a file object is made of it (one of a directory fails naming the fd number)
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
@@ -309,6 +309,10 @@ def _read_local(path: str, limit: Optional[int]) -> bytes | None:
             raise InputError(f"{path} is {kind}, not a regular file: not read; remove it")
         if limit is not None and st.st_size > limit:
             raise _too_large(path, limit)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
         data = f.read()
     if limit is not None and len(data) > limit:
         raise _too_large(path, limit)
