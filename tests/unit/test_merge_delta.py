@@ -162,8 +162,12 @@ def test_missing_tensor_and_bad_directories_are_model_errors(tmp_path):
         merge_delta(tmp_path, delta, tmp_path / "merged")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "something.txt").write_text("x")
-    with pytest.raises(ModelError, match="not empty"):
+    with pytest.raises(ModelError, match="--base and --delta are the same directory"):
         merge_delta(delta, delta, tmp_path / "busy")
+    (tmp_path / "two").mkdir()
+    _, base2, delta2 = _make(tmp_path / "two")
+    with pytest.raises(ModelError, match="not empty"):
+        merge_delta(base2, delta2, tmp_path / "busy")
 
 
 def test_bin_inputs(tmp_path):

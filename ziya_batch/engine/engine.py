@@ -83,8 +83,8 @@ class LLMEngine:
         tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=trc)
         device = resolve_device(config.device)
         args = ModelArgs.from_hf_config(hf_config)
-        model = LlamaModel.from_state_dict(args, iter_checkpoint(config.model_path, tp=tensor_parallel), device,
-                                           _dtype_for(config, device), tp=tensor_parallel,
+        tensors = iter_checkpoint(config.model_path, tp=tensor_parallel, args=args)
+        model = LlamaModel.from_state_dict(args, tensors, device, _dtype_for(config, device), tp=tensor_parallel,
                                            quantization=config.quantization)
         if tensor_parallel[1] > 1:
             from ziya_batch.engine.tp import attach_tp

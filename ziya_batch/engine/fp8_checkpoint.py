@@ -8,12 +8,13 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ziya_batch.engine.merge_delta import parse_size_bytes
+from ziya_batch.engine.merge_delta import checkpoint_errors, parse_size_bytes
 from ziya_batch.engine.model import checkpoint_files, iter_checkpoint
 from ziya_batch.engine.quant import is_quantized_weight, quantize_weight
 from ziya_batch.errors import ModelError
@@ -37,17 +38,23 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def checkpoint_quantization(config: dict) -> Optional[str]:
-    """'fp8' when a config.json says its linear weights are float8 (compressed-tensors or vLLM's fp8)."""
-    q = config.get("quantization_config") or {}
+    """'fp8' when a config.json says its linear weights are float8 (compressed-tensors or vLLM's fp8); the method
+    it names otherwise, None for none. A quantization_config of another shape is named as such, not a crash."""
+    q = config.get("quantization_config")
+    if not q:
+        return None
+    if not isinstance(q, dict):
+        return "a quantization_config that is not an object"
     method = q.get("quant_method")
     if method == "fp8":
         return "fp8"
-    if method == "compressed-tensors":
-        for group in (q.get("config_groups") or {}).values():
-            w = group.get("weights") or {}
-            if w.get("type") == "float" and w.get("num_bits") == 8:
+    groups = q.get("config_groups")
+    if method == "compressed-tensors" and isinstance(groups, dict):
+        for group in groups.values():
+            w = group.get("weights") if isinstance(group, dict) else None
+            if isinstance(w, dict) and w.get("type") == "float" and w.get("num_bits") == 8:
                 return "fp8"
-    return None if not method else str(method)
+    return None if not method else str(method)[:100]
 
 
 def write_fp8_checkpoint(src: str | Path, target: str | Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
@@ -56,24 +63,49 @@ def write_fp8_checkpoint(src: str | Path, target: str | Path, max_shard_size: in
     every linear weight as float8 + weight_scale, everything else as it was; the tokenizer and other side
     files copied; config.json with QUANTIZATION_CONFIG. Tensors are read, quantised (on `device`) and written
     one at a time, so host memory holds at most one output shard (max_shard_size) and one input tensor. The
-    index is written last: a target with one is complete. `on_shard(n)` after the n-th shard."""
-    from safetensors.torch import save_file
-
+    index is written last: a target with one is complete. Everything is written into a new hidden directory beside
+    the target, moved into place when whole: two runs into one target never mix (the second to finish is refused),
+    and an interrupted run leaves that directory, never a target that looks complete. `on_shard(n)` after the
+    n-th shard."""
     src, target = Path(src), Path(target)
     if not (src / "config.json").is_file():
         raise ModelError(f"{src}: no config.json; give a Hugging Face checkpoint directory")
-    config = json.loads((src / "config.json").read_text())
+    try:
+        config = json.loads((src / "config.json").read_bytes())
+    except (ValueError, RecursionError) as err:
+        raise ModelError(f"{src}/config.json is not JSON ({str(err)[:100]})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{src}/config.json is not a JSON object: not a Hugging Face config")
     if checkpoint_quantization(config):
         raise ModelError(f"{src} is already quantised ({checkpoint_quantization(config)}); give the float16 checkpoint")
     try:
         checkpoint_files(str(src))
     except FileNotFoundError as err:
         raise ModelError(str(err)) from None
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    if target.is_symlink() or target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ModelError(f"target {target} is not an empty directory; give a new or empty one")
     limit = parse_size_bytes(max_shard_size)
-    dev = _quantize_device(device)              # before the target is made: a bad one leaves nothing behind
-    target.mkdir(parents=True, exist_ok=True)
+    dev = _quantize_device(device)              # before anything is made: a bad one leaves nothing behind
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{target.name[:80]}.partial-", dir=target.parent))
+    try:
+        with checkpoint_errors(f"quantize {src}"):
+            _write_into(src, partial, config, limit, dev, on_shard)
+        try:
+            os.rename(partial, target)          # over a missing or empty directory only
+        except OSError as err:
+            raise ModelError(f"target {target} was filled by something else while this ran "
+                             f"({err.strerror}); nothing of this run was left there") from None
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_into(src: Path, target: Path, config: dict, limit: int, dev, on_shard) -> None:
+    from safetensors.torch import save_file
+
+    os.chmod(target, 0o777 & ~_umask())          # mkdtemp's 0700: the checkpoint is read by other users' workers
     written: list[tuple[str, list[str]]] = []       # (temporary file, tensor names)
     shard: dict[str, torch.Tensor] = {}
     size = total = 0
@@ -91,7 +123,11 @@ def write_fp8_checkpoint(src: str | Path, target: str | Path, max_shard_size: in
     with torch.no_grad():
         for name, t in iter_checkpoint(str(src)):
             if is_quantized_weight(name):
-                w8, scale = quantize_weight(t.to(dev))
+                t = t.to(dev)
+                if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                    raise ModelError(f"{src}: {name} holds values that are not finite numbers (inf or NaN) or are "
+                                     "not floating point: a damaged checkpoint, not one to quantise")
+                w8, scale = quantize_weight(t)
                 out = {name: w8.cpu(), name + "_scale": scale.cpu()}
             else:
                 out = {name: t.contiguous()}
@@ -106,6 +142,7 @@ def write_fp8_checkpoint(src: str | Path, target: str | Path, max_shard_size: in
     for i, (tmp, names) in enumerate(written):
         final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
         os.replace(target / tmp, target / final)
+        os.chmod(target / final, 0o666 & ~_umask())     # safetensors writes 0600
         weight_map.update({n: final for n in names})
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name != "config.json" and not _WEIGHT_FILE.search(f.name) and not f.name.startswith("."):
@@ -114,7 +151,12 @@ def write_fp8_checkpoint(src: str | Path, target: str | Path, max_shard_size: in
                                                    indent=2, sort_keys=True) + "\n")
     (target / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2, sort_keys=True) + "\n")
-    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _quantize_device(device: str):

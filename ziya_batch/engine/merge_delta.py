@@ -15,6 +15,7 @@ delta's tokenizer files, so a target with an index is a complete model.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -96,11 +97,7 @@ class CheckpointReader:
         for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
             index = self.path / index_name
             if index.is_file():
-                try:
-                    weight_map = json.loads(index.read_text())["weight_map"]
-                except (ValueError, KeyError) as err:
-                    raise ModelError(f"{self.role} {index}: not a valid weight index ({err})") from None
-                files = list(dict.fromkeys(weight_map.values()))
+                files = index_files(index, f"{self.role} {index}")
                 missing = [f for f in files if not (self.path / f).is_file()]
                 if missing:
                     raise ModelError(f"{self.role} {self.path}: the index names {missing[0]}, which is missing; "
@@ -113,6 +110,10 @@ class CheckpointReader:
                          "their sharded .index.json); is this a Hugging Face checkpoint directory?")
 
     def _scan(self, file: str) -> Iterator[TensorInfo]:
+        with checkpoint_errors(f"{self.role} {self.path / file}"):
+            yield from self._scan_file(file)
+
+    def _scan_file(self, file: str) -> Iterator[TensorInfo]:
         if file.endswith(".safetensors"):
             from safetensors import safe_open
 
@@ -234,9 +235,59 @@ def merged_tensor(name: str, base: CheckpointReader, delta: CheckpointReader) ->
     return (base.get(name).to(torch.float32) + d.to(torch.float32)).to(d.dtype)
 
 
+def index_files(index: Path, what: str) -> list[str]:
+    """The weight files a Hugging Face index (model.safetensors.index.json) names, in order, each a file name in
+    the index's own directory; ModelError for an index of another shape or one naming files elsewhere."""
+    try:
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
+        raise ModelError(f"{what}: not a valid weight index ({type(err).__name__}: {str(err)[:100]})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ModelError(f"{what}: not a valid weight index (weight_map is not an object of file names)")
+    files = list(dict.fromkeys(weight_map.values()))
+    outside = [f for f in files if not f or os.path.basename(f) != f or f in (".", "..")]
+    if outside:
+        raise ModelError(f"{what}: the index names {outside[0]!r}, which is not a file of that directory")
+    return files
+
+
+@contextlib.contextmanager
+def checkpoint_errors(what: str) -> Iterator[None]:
+    """A checkpoint file that cannot be read (a safetensors header that lies, a truncated file) or written (a
+    full disk) as one ModelError naming it, instead of the library's traceback."""
+    try:
+        yield
+    except ModelError:
+        raise
+    except OSError as err:
+        raise ModelError(f"{what}: {err.strerror or type(err).__name__}"
+                         + (f" ({err.filename})" if err.filename else "")) from None
+    except Exception as err:  # noqa: BLE001 - safetensors' own error type, whatever the version calls it
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise ModelError(f"{what}: not a readable safetensors file, or it could not be written ({str(err)[:160]})") \
+            from None
+
+
+def _create(path: Path):
+    """A new file at `path` for writing, never through a symbolic link (one left there is removed first, not
+    followed)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    return os.fdopen(fd, "wb")
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    with open(src, "rb") as fin, _create(tmp) as fout:
+        shutil.copyfileobj(fin, fout)
+    os.replace(tmp, dst)
+
+
 def _write_shard(path: Path, plan: ShardPlan, base: CheckpointReader, delta: CheckpointReader) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with _create(tmp) as f:
         f.write(_header_bytes(plan))
         for info in plan.tensors:
             t = merged_tensor(info.name, base, delta).contiguous()
@@ -251,7 +302,8 @@ def _write_shard(path: Path, plan: ShardPlan, base: CheckpointReader, delta: Che
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    with _create(tmp) as f:
+        f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
     os.replace(tmp, path)
 
 
@@ -276,6 +328,11 @@ def merge_delta(base_dir: str | Path, delta_dir: str | Path, target_dir: str | P
     base = CheckpointReader(base_dir, "base")
     delta = CheckpointReader(delta_dir, "delta")
     target = Path(target_dir)
+    if base.path.resolve() == delta.path.resolve():
+        raise ModelError(f"--base and --delta are the same directory ({base.path}); the delta is the Ziya delta "
+                         "checkpoint, the base the original LLaMA-13B")
+    if not (delta.path / "config.json").is_file():      # before any shard is written, not after all of them
+        raise ModelError(f"delta {delta.path} has no config.json; it is not a complete Ziya delta checkpoint")
     check_compatible(base, delta)
     max_bytes = parse_size_bytes(max_shard_size)
     plans = plan_shards(delta, max_bytes)
@@ -290,6 +347,10 @@ def merge_delta(base_dir: str | Path, delta_dir: str | Path, target_dir: str | P
         if progress.get("fingerprint") not in (None, fingerprint) or (not progress and any(target.iterdir())):
             raise ModelError(f"target {target} is not empty and holds no unfinished merge of these inputs; "
                              "give a new or empty directory")
+        links = [p.name for p in target.iterdir() if p.is_symlink()]
+        if links:
+            raise ModelError(f"target {target} holds a symbolic link ({links[0]}); a merge writes only its own "
+                             "files: remove it, or give a new directory")
     if progress.get("complete"):
         return target
     target.mkdir(parents=True, exist_ok=True)
@@ -309,9 +370,7 @@ def merge_delta(base_dir: str | Path, delta_dir: str | Path, target_dir: str | P
 
     for name in SIDE_FILES:
         if (delta.path / name).is_file():
-            shutil.copyfile(delta.path / name, target / name)
-    if not (target / "config.json").is_file():
-        raise ModelError(f"delta {delta.path} has no config.json; it is not a complete Ziya delta checkpoint")
+            _copy_atomic(delta.path / name, target / name)
     weight_map = {info.name: plan.file for plan in plans for info in plan.tensors}
     total = sum(_nbytes(info) for plan in plans for info in plan.tensors)
     _write_json_atomic(target / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
@@ -352,6 +411,7 @@ def main(base: str, delta: str, target: str, max_shard_size: str = DEFAULT_MAX_S
     def report(i: int, n: int, file: str) -> None:
         print(f"wrote shard {i + 1}/{n}: {file}", flush=True)
 
-    out = merge_delta(base, delta, target, max_shard_size=max_shard_size, on_shard_written=report)
+    with checkpoint_errors(f"merge into {target}"):
+        out = merge_delta(base, delta, target, max_shard_size=max_shard_size, on_shard_written=report)
     print(f"merged model written to {out}")
     return out

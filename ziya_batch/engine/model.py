@@ -5,11 +5,11 @@ lives in attention.py; this module only knows shapes."""
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -345,6 +345,7 @@ class LlamaModel(nn.Module):
                     elif t.shape[dim] != full // world_size:
                         raise ValueError(f"{name}: {t.shape[dim]} along dimension {dim} is neither the whole "
                                          f"{full} nor one rank's {full // world_size}")
+                _check_loaded(a, name, t, world_size)
                 # float8 weights, their scales and weights to quantise keep their dtype until _fuse_ready
                 keep = t.dtype == quant.FP8 or name.endswith("_scale") or (quantization and
                                                                            quant.is_quantized_weight(name))
@@ -369,7 +370,11 @@ class LlamaModel(nn.Module):
                         simple[rest].copy_(t); seen.add(f"{i}.{rest}")
                     elif kind in quant.QUANTIZED and rest.endswith((".weight", ".weight_scale")):
                         part = "scale" if rest.endswith("_scale") else "weight"
+                        if (i, kind, part) in pending:
+                            raise ValueError(f"{name} appears twice in the checkpoint")
                         if quantization and part == "weight" and t.dtype != quant.FP8:
+                            if (i, kind, "scale") in pending:
+                                raise ValueError(f"{name} is not float8 but the checkpoint gives it a weight_scale")
                             t, pending[(i, kind, "scale")] = quant.quantize_weight(t)
                         pending[(i, kind, part)] = t
                         _fuse_ready(layer, i, pending, seen, dtype)
@@ -384,7 +389,12 @@ class LlamaModel(nn.Module):
             seen.add("lm_head")
         expected = 3 + a.num_layers * 6
         if len(seen) != expected or pending:
-            raise ValueError(f"checkpoint is missing weights: loaded {len(seen)} of {expected} parameter groups")
+            # what arrived without its partner: a float8 weight without its weight_scale (or the reverse), q
+            # without k and v, gate without up
+            left = sorted(f"layers.{i}.{p}.{'weight_scale' if part == 'scale' else 'weight'}"
+                          for i, p, part in pending)
+            raise ValueError(f"checkpoint is missing weights: loaded {len(seen)} of {expected} parameter groups"
+                             + (f"; waiting for the rest of {', '.join(left[:3])}" if left else ""))
         return m.eval().requires_grad_(False)
 
 
@@ -404,6 +414,16 @@ def _fuse_ready(layer: Layer, i: int, pending: dict, seen: set, dtype: torch.dty
         if not all(ready(p) for p in parts):
             continue
         pieces = [(pending.pop((i, p, "weight")), pending.pop((i, p, "scale"), None)) for p in parts]
+        for p, (w, s) in zip(parts, pieces):
+            if s is None:
+                continue
+            if w.dtype != quant.FP8:        # a scale the checkpoint gives a float weight would scale it twice
+                raise ValueError(f"layers.{i}.{p}.weight is {str(w.dtype).replace('torch.', '')} but the checkpoint "
+                                 "gives it a weight_scale: only float8 weights have one")
+            if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+                raise ValueError(f"layers.{i}.{p}.weight_scale holds a scale that is not a positive finite number "
+                                 "(NaN, inf, 0 or negative): a damaged checkpoint, or one quantised from weights "
+                                 "that were")
         target = getattr(layer, name)
         if isinstance(target, quant.Fp8Linear):
             target.weight.copy_(quant.cat_rows([w for w, _ in pieces]))
@@ -411,6 +431,40 @@ def _fuse_ready(layer: Layer, i: int, pending: dict, seen: set, dtype: torch.dty
         else:
             target.copy_(torch.cat([w if s is None else quant.dequantize(w, s, dtype) for w, s in pieces]))
         seen.add(f"{i}.{name}")
+
+
+def _expected_shape(a: ModelArgs, name: str, world_size: int) -> Optional[tuple[int, ...]]:
+    """The shape a checkpoint tensor (this tensor-parallel rank's share of it) must have; None for names the
+    loader judges otherwise (scales, unknown names)."""
+    heads, kv = a.num_heads * a.head_dim // world_size, a.num_kv_heads * a.head_dim // world_size
+    inter, hidden = a.intermediate_size // world_size, a.hidden_size
+    if name in ("embed_tokens.weight", "lm_head.weight"):
+        return (a.vocab_size, hidden)
+    if name == "norm.weight" or name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+        return (hidden,)
+    if not name.startswith("layers.") or not name.endswith(".weight"):
+        return None
+    return {"q_proj": (heads, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, heads),
+            "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
+            "down_proj": (hidden, inter)}.get(name.split(".")[-2])
+
+
+def _check_loaded(a: ModelArgs, name: str, t: torch.Tensor, world_size: int) -> None:
+    """A checkpoint tensor of the shape and kind its parameter has, before anything is copied (copy_ broadcasts
+    and .to converts, so a tensor of one row or of integers would load as garbage): floating point, float8 only
+    as e4m3 linear weights, scales floating point."""
+    if name.startswith("layers.") and name.split(".")[1].isdigit() and int(name.split(".")[1]) >= a.num_layers:
+        raise ValueError(f"{name}: the config has {a.num_layers} layers")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} is {str(t.dtype).replace('torch.', '')}: weights are floating point")
+    is_fp8 = t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, getattr(torch, "float8_e4m3fnuz", None),
+                         getattr(torch, "float8_e5m2fnuz", None))
+    if is_fp8 and (t.dtype != quant.FP8 or not quant.is_quantized_weight(name)):
+        raise ValueError(f"{name} is {str(t.dtype).replace('torch.', '')}: float8 weights are e4m3 "
+                         "(float8_e4m3fn) linear weights with a weight_scale")
+    want = _expected_shape(a, name, world_size)
+    if want is not None and tuple(t.shape) != want:
+        raise ValueError(f"{name} has shape {list(t.shape)}, the config says {list(want)}")
 
 
 def _tp_dim(name: str) -> Optional[int]:
@@ -424,25 +478,37 @@ def _tp_dim(name: str) -> Optional[int]:
 
 
 def checkpoint_files(path: str) -> tuple[bool, list[str]]:
-    """(safetensors?, weight files) of a HF checkpoint folder: its *.safetensors, else its pytorch_model*.bin
-    (as its index lists them, if it has one). FileNotFoundError if it has neither."""
+    """(safetensors?, weight files) of a HF checkpoint folder: the safetensors its index names (all present), or
+    without an index its *.safetensors, else its pytorch_model*.bin (as its index lists them, if it has one).
+    FileNotFoundError if it has neither, or a file its index names is missing."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):       # the files the index names, all of them, and no other (a stray copy)
+        from ziya_batch.engine.merge_delta import index_files
+        files = [os.path.join(path, f) for f in index_files(Path(index), index)]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"{path}: the index names {os.path.basename(missing[0])}, which is missing; "
+                                    "the download is incomplete")
+        return True, files
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if files:
         return True, files
     files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
     index = os.path.join(path, "pytorch_model.bin.index.json")
     if os.path.exists(index):
-        with open(index) as fh:
-            files = sorted({os.path.join(path, f) for f in json.load(fh)["weight_map"].values()})
+        from ziya_batch.engine.merge_delta import index_files
+        files = sorted({os.path.join(path, f) for f in index_files(Path(index), index)})
     if not files:
         raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
     return False, files
 
 
-def iter_checkpoint(path: str, tp: tuple[int, int] = (0, 1)) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_checkpoint(path: str, tp: tuple[int, int] = (0, 1),
+                    args: Optional[ModelArgs] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs from a HF checkpoint folder: safetensors first; .bin only with weights_only=True.
     With tp = (rank, world_size), the projections tensor parallelism splits come as that rank's slice, read
-    alone from safetensors (a rank reads 1/world_size of those bytes)."""
+    alone from safetensors (a rank reads 1/world_size of those bytes); with `args`, a projection is first checked
+    to have the config's whole size there (a slice of a larger one would otherwise pass as a whole one)."""
     rank, world_size = tp
     safetensors, files = checkpoint_files(path)
     if safetensors:
@@ -455,7 +521,11 @@ def iter_checkpoint(path: str, tp: tuple[int, int] = (0, 1)) -> Iterator[tuple[s
                     if dim is None or math.prod(sl.get_shape()) <= 1:      # (a per-tensor scale stays whole)
                         yield name, st.get_tensor(name)
                         continue
-                    size = sl.get_shape()[dim] // world_size
+                    whole, kind = sl.get_shape()[dim], name.split(".")[-2]
+                    if args is not None and name.endswith(".weight") and whole != _full_size(args, kind):
+                        raise ValueError(f"{name} has {whole} along dimension {dim}, the config says "
+                                         f"{_full_size(args, kind)}")
+                    size = whole // world_size
                     part = slice(rank * size, (rank + 1) * size)
                     yield name, sl[part] if dim == 0 else sl[:, part]
         return
@@ -463,6 +533,10 @@ def iter_checkpoint(path: str, tp: tuple[int, int] = (0, 1)) -> Iterator[tuple[s
         sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         for name, t in sd.items():
             dim = _tp_dim(name) if world_size > 1 and t.numel() > 1 else None
+            if dim is not None and args is not None and name.endswith(".weight") and \
+                    t.shape[dim] != _full_size(args, name.split(".")[-2]):
+                raise ValueError(f"{name} has {t.shape[dim]} along dimension {dim}, the config says "
+                                 f"{_full_size(args, name.split('.')[-2])}")
             # a slice of the memory-mapped tensor: only its pages are read
             yield name, (t if dim is None else tp_slice(t, dim, rank, world_size))
         del sd

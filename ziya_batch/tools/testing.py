@@ -80,8 +80,8 @@ def load_sharded(model_dir: str, rank: int, world_size: int, device: torch.devic
     from ziya_batch.engine.tp import attach_tp
 
     args = ModelArgs.from_hf_config(AutoConfig.from_pretrained(model_dir))
-    model = LlamaModel.from_state_dict(args, iter_checkpoint(model_dir, tp=(rank, world_size)), device, dtype,
-                                       tp=(rank, world_size))
+    model = LlamaModel.from_state_dict(args, iter_checkpoint(model_dir, tp=(rank, world_size), args=args), device,
+                                       dtype, tp=(rank, world_size))
     return attach_tp(model, rank, world_size)
 
 
