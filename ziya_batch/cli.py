@@ -222,8 +222,9 @@ def report(
     """Write a self-contained HTML report of a job: throughput, lengths, finish reasons, rewards, errors."""
     from .report import report_main
 
-    report_main(job_id, out, redis_url=redis_url)
-    typer.echo(f"report written to {out}")
+    written = report_main(job_id, out, redis_url=redis_url)
+    # to stderr where the page itself went to a stream (-o /dev/stdout > r.html): the line must not follow it
+    typer.echo(f"report written to {out}", err=not written.is_file() or str(out).startswith(("/dev/", "/proc/")))
 
 
 redis_app = typer.Typer(no_args_is_help=True, help="The private redis-server under $ZIYA_BATCH_HOME that commands "

@@ -32,8 +32,6 @@ from .io.schema import iter_part
 REWARD_RESERVOIR = 50_000
 # how every report begins (render_html writes it; every release has): a file -o may replace starts so
 REPORT_HEAD = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>ziya-batch report:'
-# a record longer than this is not one ziya-batch wrote (the longest generations with top logprobs are ~MBs)
-MAX_RECORD_BYTES = 64 << 20
 # token counts larger than this are not counts (and would not bin as floats)
 _MAX_COUNT = 1 << 40
 
@@ -76,8 +74,7 @@ def _parts(output_url: str, manifest: Optional[dict], markers: dict, kind: str) 
             if manifest is not None:
                 raise InputError(f"{output_url}: {path} is listed in manifest.json but missing")
             continue
-        yield from iter_part(data, "parquet" if path.endswith(".parquet") else "jsonl", f"{output_url}: {path}",
-                             MAX_RECORD_BYTES)
+        yield from iter_part(data, "parquet" if path.endswith(".parquet") else "jsonl", f"{output_url}: {path}")
 
 
 def _count(value: Any) -> Optional[int]:

@@ -171,24 +171,49 @@ def test_a_truncated_safetensors_file_is_one_line(checkpoints, tmp_path):
 
 
 def test_two_quantize_runs_into_one_target_never_mix(checkpoints, tmp_path):
-    """The second run to finish is refused; the target holds the first's checkpoint whole."""
+    """A second run into a target another is writing is refused at once; the first finishes whole."""
     src, _ = checkpoints
     other = write_demo_model(tmp_path / "other", dtype="float16", hidden_size=64, num_heads=4, num_kv_heads=2,
                              intermediate_size=128, seed=5)
     target = tmp_path / "target"
-    started = []
+    refused = []
 
     def race(n):
-        if not started:
-            started.append(n)
-            fp8_checkpoint.write_fp8_checkpoint(other, target, max_shard_size="60KB")
-    with pytest.raises(ModelError, match="was filled by something else while this ran"):
-        fp8_checkpoint.write_fp8_checkpoint(src, target, max_shard_size="60KB", on_shard=race)
-    want = {n: t for n, t in iter_checkpoint(str(fp8_checkpoint.write_fp8_checkpoint(other, tmp_path / "again",
-                                                                                      max_shard_size="60KB")))}
+        if not refused:
+            with pytest.raises(ModelError, match="a quantize that is running, or was killed") as e:
+                fp8_checkpoint.write_fp8_checkpoint(other, target, max_shard_size="60KB")
+            refused.append(e.value)
+    fp8_checkpoint.write_fp8_checkpoint(src, target, max_shard_size="60KB", on_shard=race)
+    assert refused
+    want = dict(iter_checkpoint(str(fp8_checkpoint.write_fp8_checkpoint(src, tmp_path / "again",
+                                                                        max_shard_size="60KB"))))
     got = dict(iter_checkpoint(str(target)))
     assert got.keys() == want.keys() and all(torch.equal(got[n].float(), want[n].float()) for n in want)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "other", "target"]     # no partial left
+    assert sorted(p.name for p in target.iterdir() if p.name.startswith(".")) == []
+    # one killed outright leaves its claim: the next run says what it is
+    (target.parent / "killed").mkdir()
+    (target.parent / "killed" / fp8_checkpoint.CLAIM_FILE).write_text("")
+    (target.parent / "killed" / ".shard-00001.tmp").write_text("")
+    with pytest.raises(ModelError, match="holds what a quantize that is running, or was killed, wrote"):
+        fp8_checkpoint.write_fp8_checkpoint(src, target.parent / "killed")
+
+
+def test_quantize_into_an_existing_empty_directory_and_the_current_one(checkpoints, tmp_path, monkeypatch):
+    src, _ = checkpoints
+    (tmp_path / "empty").mkdir()
+    fp8_checkpoint.write_fp8_checkpoint(src, tmp_path / "empty")
+    assert (tmp_path / "empty" / fp8_checkpoint.INDEX_FILE).is_file()
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    fp8_checkpoint.write_fp8_checkpoint(src, ".")
+    assert (tmp_path / "here" / "config.json").is_file()
+    (tmp_path / "full").mkdir()
+
+    def fail(n):
+        raise OSError(28, "No space left on device")
+    with pytest.raises(ModelError, match="No space left on device"):
+        fp8_checkpoint.write_fp8_checkpoint(src, tmp_path / "full", max_shard_size="60KB", on_shard=fail)
+    assert (tmp_path / "full").is_dir() and list((tmp_path / "full").iterdir()) == []
 
 
 def test_an_interrupted_quantize_leaves_no_target(checkpoints, tmp_path):

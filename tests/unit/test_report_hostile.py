@@ -67,13 +67,6 @@ def test_a_part_that_cannot_be_read_is_one_line_naming_it(tmp_path, data, why):
         compute_stats(str(out))
 
 
-def test_a_record_longer_than_any_of_ours_is_refused_before_it_is_parsed(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "MAX_RECORD_BYTES", 1000)
-    out = crafted(tmp_path / "out", {"results": lines({"a": 1}) + b'{"x": "' + b"y" * 2000 + b'"}\n'})
-    with pytest.raises(InputError, match="line 2 is longer than 1,000 bytes"):
-        compute_stats(str(out))
-
-
 def test_a_parquet_part_that_is_not_parquet(tmp_path):
     out = crafted(tmp_path / "out", {})
     (out / "results").mkdir()

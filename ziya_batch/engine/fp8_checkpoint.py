@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -35,6 +34,8 @@ QUANTIZATION_CONFIG = {
 _WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.index\.json|\.pt|\.pth|\.msgpack|\.h5)$")
 DEFAULT_MAX_SHARD_SIZE = "2GB"
 INDEX_FILE = "model.safetensors.index.json"
+# created (only if absent) in the target while a quantize writes there
+CLAIM_FILE = ".ziya-quantize-claim"
 
 
 def checkpoint_quantization(config: dict) -> Optional[str]:
@@ -63,10 +64,10 @@ def write_fp8_checkpoint(src: str | Path, target: str | Path, max_shard_size: in
     every linear weight as float8 + weight_scale, everything else as it was; the tokenizer and other side
     files copied; config.json with QUANTIZATION_CONFIG. Tensors are read, quantised (on `device`) and written
     one at a time, so host memory holds at most one output shard (max_shard_size) and one input tensor. The
-    index is written last: a target with one is complete. Everything is written into a new hidden directory beside
-    the target, moved into place when whole: two runs into one target never mix (the second to finish is refused),
-    and an interrupted run leaves that directory, never a target that looks complete. `on_shard(n)` after the
-    n-th shard."""
+    index is written last: a target with one is complete. The run claims the target first (a file created only if
+    absent), so two runs into one target never mix their shards: the second is refused at once. What a failed
+    run wrote is removed; one killed outright leaves its claim and hidden files, which the next run names.
+    `on_shard(n)` after the n-th shard."""
     src, target = Path(src), Path(target)
     if not (src / "config.json").is_file():
         raise ModelError(f"{src}: no config.json; give a Hugging Face checkpoint directory")
@@ -82,30 +83,53 @@ def write_fp8_checkpoint(src: str | Path, target: str | Path, max_shard_size: in
         checkpoint_files(str(src))
     except FileNotFoundError as err:
         raise ModelError(str(err)) from None
-    if target.is_symlink() or target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ModelError(f"target {target} is not an empty directory; give a new or empty one")
+    _check_empty(target)
     limit = parse_size_bytes(max_shard_size)
     dev = _quantize_device(device)              # before anything is made: a bad one leaves nothing behind
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{target.name[:80]}.partial-", dir=target.parent))
+    made = not target.exists()
     try:
+        target.mkdir(parents=True, exist_ok=True)
+        claim = os.open(target / CLAIM_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        raise ModelError(f"target {target}: another quantize is writing into it ({CLAIM_FILE}); give another "
+                         "target, or remove that file if no quantize runs") from None
+    except OSError as err:
+        raise ModelError(f"target {target}: {err.strerror}") from None
+    os.close(claim)
+    try:
+        _check_empty(target, but=CLAIM_FILE)    # nothing else arrived between the first look and the claim
         with checkpoint_errors(f"quantize {src}"):
-            _write_into(src, partial, config, limit, dev, on_shard)
-        try:
-            os.rename(partial, target)          # over a missing or empty directory only
-        except OSError as err:
-            raise ModelError(f"target {target} was filled by something else while this ran "
-                             f"({err.strerror}); nothing of this run was left there") from None
+            _write_into(src, target, config, limit, dev, on_shard)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        if made:
+            shutil.rmtree(target, ignore_errors=True)
+        else:                                   # the user's own (empty) directory stays, emptied of ours only
+            for p in target.iterdir():
+                if p.name != CLAIM_FILE:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink()
+            (target / CLAIM_FILE).unlink(missing_ok=True)
         raise
+    (target / CLAIM_FILE).unlink()
     return target
+
+
+def _check_empty(target: Path, but: str = "") -> None:
+    if not target.exists() and not target.is_symlink():
+        return
+    if not target.is_dir():
+        raise ModelError(f"target {target} is not a directory; give a new or empty one")
+    names = sorted(p.name for p in target.iterdir() if p.name != but)
+    if names and all(n.startswith(".") for n in names) and (CLAIM_FILE in names or any(
+            n.startswith(".shard-") for n in names)):
+        raise ModelError(f"target {target} holds what a quantize that is running, or was killed, wrote "
+                         f"({', '.join(names[:3])}); if none runs, empty it, or give another target")
+    if names:
+        raise ModelError(f"target {target} is not an empty directory; give a new or empty one")
 
 
 def _write_into(src: Path, target: Path, config: dict, limit: int, dev, on_shard) -> None:
     from safetensors.torch import save_file
 
-    os.chmod(target, 0o777 & ~_umask())          # mkdtemp's 0700: the checkpoint is read by other users' workers
     written: list[tuple[str, list[str]]] = []       # (temporary file, tensor names)
     shard: dict[str, torch.Tensor] = {}
     size = total = 0

@@ -384,7 +384,7 @@ class OutputDir:
         marker_path, intent_path = self._marker(index), self._intent(index, token, attempt)
         fs.invalidate_cache(self.path(COMMITTED))
         existing = read_bytes(fs, marker_path, MAX_MARKER_BYTES)
-        old = CommitMarker.from_json(existing) if existing is not None else None
+        old = CommitMarker.from_json(existing, self._marker(index)) if existing is not None else None
         if old is not None:
             if old.token == int(token) and old.stats.get("attempt", "") == attempt:
                 _remove_quietly(fs, [intent_path])      # a crash after the marker left the intent behind
@@ -398,8 +398,8 @@ class OutputDir:
             # a concurrent promote of the same token (the worker's and a finalizer's recovery) may have just
             # finished and removed the intent: its marker is then the answer
             now = read_bytes(fs, marker_path, MAX_MARKER_BYTES)
-            if now is not None and CommitMarker.from_json(now).token == int(token):
-                return CommitMarker.from_json(now)
+            if now is not None and CommitMarker.from_json(now, self._marker(index)).token == int(token):
+                return CommitMarker.from_json(now, self._marker(index))
             # (a marker of this token but another attempt is returned too: the caller compares tokens only)
             raise CommitError(f"shard {index}: nothing staged under token {token} in {self.url} "
                               "(never staged, or discarded)")

@@ -77,7 +77,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 from ..errors import InputError
 
@@ -263,11 +263,11 @@ def decode_part(data: bytes, fmt: str, where: str = "part") -> list[dict]:
     return list(iter_part(data, fmt, where))
 
 
-def iter_part(data: bytes, fmt: str, where: str = "part", max_record_bytes: Optional[int] = None) -> Iterator[Any]:
+def iter_part(data: bytes, fmt: str, where: str = "part") -> Iterator[Any]:
     """The records of a part's bytes one at a time (JSONL a line at a time, Parquet a batch of rows at a time), so
     no more than one record's objects exist besides the bytes. A part this module did not write (a line that is
-    not JSON or not UTF-8, nests too deeply, is longer than max_record_bytes; a file that is not Parquet) is an
-    InputError naming `where` and the line."""
+    not JSON or not UTF-8, nests too deeply; a file that is not Parquet) is an InputError naming `where` and the
+    line. (No line is too long to be ours: one OpenAI-batch line holds all n choices with their logprobs.)"""
     if fmt != "jsonl":
         yield from _parquet_rows(data, where)
         return
@@ -276,9 +276,6 @@ def iter_part(data: bytes, fmt: str, where: str = "part", max_record_bytes: Opti
         end = data.find(b"\n", start)
         end = len(data) if end < 0 else end
         line_no += 1
-        if max_record_bytes is not None and end - start > max_record_bytes:
-            raise InputError(f"{where}: line {line_no} is longer than {max_record_bytes:,} bytes, more than a record "
-                             "ziya-batch writes: not a part of ours, or damaged")
         line = bytes(view[start:end])
         start = end + 1
         if not line.strip():
