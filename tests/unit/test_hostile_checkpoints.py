@@ -256,3 +256,19 @@ def test_a_float8_weight_without_its_scale_is_named(checkpoints, tmp_path):
     ck = _tampered(fp8, tmp_path / "c", O_PROJ + "_scale", None)
     with pytest.raises(ValueError, match=r"waiting for the rest of layers.1.o_proj.weight"):
         _load(ck)
+
+
+def test_a_config_describing_more_weights_than_the_files_hold_is_refused_before_allocating(checkpoints, tmp_path):
+    from ziya_batch.engine.engine import LLMEngine
+    from ziya_batch.engine.model import num_parameters
+    from ziya_batch.engine.types import EngineConfig
+
+    src, fp8 = checkpoints
+    for ck in (src, fp8):           # a true config fits its files, float16 or float8
+        args = ModelArgs.from_hf_config(AutoConfig.from_pretrained(ck))
+        assert num_parameters(args) == sum(t.numel() for n, t in iter_checkpoint(str(ck)) if not n.endswith("_scale"))
+    ck = Path(shutil.copytree(src, tmp_path / "c"))
+    config = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 100000}))
+    with pytest.raises(ValueError, match="config.json describes .* parameters, more than its weight files hold"):
+        LLMEngine(EngineConfig(model_path=str(ck), device="cpu"))

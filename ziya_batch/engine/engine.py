@@ -15,7 +15,7 @@ import torch
 from ziya_batch.engine import quant
 from ziya_batch.engine.kv_cache import (allocate_kv_cache, cache_dtype, copy_blocks, kv_bytes_per_token,
                                         num_blocks_from_memory)
-from ziya_batch.engine.model import LlamaModel, ModelArgs, from_hf_model, iter_checkpoint
+from ziya_batch.engine.model import LlamaModel, ModelArgs, check_weights_fit, from_hf_model, iter_checkpoint
 from ziya_batch.engine.runner import ModelRunner
 from ziya_batch.engine.grammar import Grammars, grammar_of
 from ziya_batch.engine.sampling import build_sampling_tensors, sample_full
@@ -83,6 +83,7 @@ class LLMEngine:
         tokenizer = AutoTokenizer.from_pretrained(config.model_path, trust_remote_code=trc)
         device = resolve_device(config.device)
         args = ModelArgs.from_hf_config(hf_config)
+        check_weights_fit(args, config.model_path)
         tensors = iter_checkpoint(config.model_path, tp=tensor_parallel, args=args)
         model = LlamaModel.from_state_dict(args, tensors, device, _dtype_for(config, device), tp=tensor_parallel,
                                            quantization=config.quantization)

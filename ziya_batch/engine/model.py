@@ -503,6 +503,26 @@ def checkpoint_files(path: str) -> tuple[bool, list[str]]:
     return False, files
 
 
+def num_parameters(a: ModelArgs) -> int:
+    """The parameters a checkpoint of this config holds (the engine's layout: norms, projections, embedding and,
+    unless tied, lm_head)."""
+    heads, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    layer = a.hidden_size * (2 * heads + 2 * kv) + 3 * a.hidden_size * a.intermediate_size + 2 * a.hidden_size
+    return a.num_layers * layer + a.vocab_size * a.hidden_size * (1 if a.tie_word_embeddings else 2) + a.hidden_size
+
+
+def check_weights_fit(a: ModelArgs, path: str) -> None:
+    """ValueError, before anything is allocated, where config.json describes more weights than the checkpoint's
+    files could hold at one byte a parameter (the smallest, float8): a config that does not belong to these
+    weights (num_hidden_layers 100000 filled the host's memory before any tensor was compared)."""
+    _, files = checkpoint_files(path)
+    on_disk = sum(os.path.getsize(f) for f in files)
+    need = num_parameters(a)
+    if need > on_disk:
+        raise ValueError(f"{path}: config.json describes {need:,} parameters, more than its weight files hold "
+                         f"({on_disk:,} bytes): the config does not belong to these weights")
+
+
 def iter_checkpoint(path: str, tp: tuple[int, int] = (0, 1),
                     args: Optional[ModelArgs] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs from a HF checkpoint folder: safetensors first; .bin only with weights_only=True.
