@@ -340,6 +340,20 @@ class Broker:
                 done.append((job_id, index, out))
         return done
 
+    def unfinished_finalizing(self) -> list[str]:
+        """Jobs in state finalizing that no finalizer holds: none began (the worker that committed the last shard
+        died before it finalized), or the one that began died and its election expired (FINALIZE_TTL_S). Every
+        shard of them is committed; only their manifest is missing. One pipelined round trip over the jobs."""
+        ids = self.client.zrange(self.keys.jobs(), 0, -1)
+        if not ids:
+            return []
+        with self.client.pipeline(transaction=False) as p:
+            for job_id in ids:
+                p.hget(self.keys.job(job_id), "state")
+                p.exists(self.keys.finalizer(job_id))
+            got = p.execute()
+        return [j for j, state, held in zip(ids, got[::2], got[1::2]) if state == "finalizing" and not held]
+
     def lease_expiries(self) -> int:
         """Leases that expired and were taken back by a reaper, over every job (the /metrics counter)."""
         return sum(st.lease_expiries for st in self.list_jobs())

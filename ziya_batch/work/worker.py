@@ -54,6 +54,9 @@ LOAD_RETRY_S = 60.0
 LOAD_RETRY_MAX_S = 3600.0
 # An idle worker waits for announced work in slices of this long, to see a stop at once
 IDLE_SLICE_S = 0.1
+# How often a worker looks for jobs whose shards are all committed but that nobody is finalizing (the worker that
+# committed the last shard died before it wrote the manifest, or a finalizer died): it finalizes them
+FINALIZE_SWEEP_S = 30.0
 
 
 class LoadBackoff:
@@ -109,6 +112,7 @@ class Worker:
         self._backoff = LoadBackoff(broker, self.worker_id)
         self._unreadable: dict[str, str] = {}           # job id -> why its spec could not be read (noted)
         self._commit = ShardCommit(broker, self.models)
+        self._next_sweep = 0.0                          # monotonic time of the next finalize sweep
         self.broker.register_worker(self.worker_id, self.host, {"device": self.models.device_name(), "pid": os.getpid(),
                                                                 "tensor_parallel": 1, **(extra_info or {})})
 
@@ -119,6 +123,7 @@ class Worker:
         flight. `claim=False` only carries on with the shards in flight."""
         self.broker.reap()
         self.broker.worker_heartbeat(self.worker_id)
+        self._sweep_finalizing()
         lease = None
         if claim and self._has_room():
             sticky = self._same_model_claims < STICKY_CLAIMS
@@ -428,6 +433,26 @@ class Worker:
                 log.warning("shard %s/%d: abandoned in flight", flight.lease.job_id, flight.lease.shard.index)
                 self._stream.abort(flight.key)
         self._flights.clear()
+
+    def _sweep_finalizing(self) -> None:
+        """Finalizes the jobs nobody finalizes (Broker.unfinished_finalizing), at most every FINALIZE_SWEEP_S:
+        without it, in a cluster (submit + workers) such a job stayed finalizing until someone resubmitted it.
+        finalize_if_ready elects one finalizer, so every worker may sweep."""
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + FINALIZE_SWEEP_S
+        from ..jobs import finalize_if_ready
+
+        for job_id in self.broker.unfinished_finalizing():
+            try:
+                if finalize_if_ready(self.broker, job_id):
+                    log.info("job %s: finalized by %s's sweep (its last committer did not)", job_id,
+                             self.worker_id)
+            except BROKER_UNREACHABLE:
+                raise
+            except Exception as err:  # noqa: BLE001 - finalize marked the job failed with the reason
+                log.error("job %s: finalizing failed (%s: %s)", job_id, type(err).__name__, err)
 
     # -- one shard ----------------------------------------------------------------------------------------
     def _finish(self, flight: Flight, produce: Callable[[], tuple[list[LineResult], list[LineFailure]]]) -> bool:
