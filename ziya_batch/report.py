@@ -17,12 +17,13 @@ import math
 import os
 import random
 import stat
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
+
+from fsspec.implementations.local import LocalFileSystem
 
 from . import io, jobs
 from .errors import InputError, ServiceError
@@ -63,18 +64,14 @@ class JobStats:
 # -- reading ---------------------------------------------------------------------------------------------
 
 def _parts(output_url: str, manifest: Optional[dict], markers: dict, kind: str) -> Iterator[Any]:
-    out = io.OutputDir(output_url)
     if manifest is not None:
-        paths = [entry["path"] for entry in manifest["parts"].get(kind, [])]
-    else:
-        paths = [markers[i].parts[kind].path for i in sorted(markers) if kind in markers[i].parts]
-    for path in paths:
+        yield from io.read_parts(output_url, kind)
+        return
+    out = io.OutputDir(output_url)
+    for path in (markers[i].parts[kind].path for i in sorted(markers) if kind in markers[i].parts):
         data = out.read(path)
-        if data is None:
-            if manifest is not None:
-                raise InputError(f"{output_url}: {path} is listed in manifest.json but missing")
-            continue
-        yield from iter_part(data, "parquet" if path.endswith(".parquet") else "jsonl", f"{output_url}: {path}")
+        if data is not None:
+            yield from iter_part(data, "parquet" if path.endswith(".parquet") else "jsonl", f"{output_url}: {path}")
 
 
 def _count(value: Any) -> Optional[int]:
@@ -393,30 +390,11 @@ def write_report(output_url: str, out_path: str | Path, status: Optional[dict] =
         if stream:
             _write_stream(out, page)
         else:
-            _write_aside(out, page)
+            # beside it, then moved over it: an earlier report stays whole until the new page is
+            io.storage.put_atomic(LocalFileSystem(), os.path.abspath(out), page)
     except OSError as err:
         raise InputError(f"cannot write the report to {out}: {err.strerror or type(err).__name__}") from None
     return out
-
-
-def _write_aside(out: Path, page: bytes) -> None:
-    """The page in a new file beside `out`, then moved over it: an earlier report stays whole until then."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name[:100]}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(page)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 _STD_STREAMS = {"/dev/stdout": 1, "/dev/stderr": 2}

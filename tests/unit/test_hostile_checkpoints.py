@@ -203,6 +203,9 @@ def test_quantize_into_an_existing_empty_directory_and_the_current_one(checkpoin
     (tmp_path / "empty").mkdir()
     fp8_checkpoint.write_fp8_checkpoint(src, tmp_path / "empty")
     assert (tmp_path / "empty" / fp8_checkpoint.INDEX_FILE).is_file()
+    # the shards get the mode a new file gets (safetensors writes 0600), as config.json has
+    mode = (tmp_path / "empty" / "config.json").stat().st_mode & 0o777
+    assert [p.stat().st_mode & 0o777 for p in (tmp_path / "empty").glob("*.safetensors")] == [mode]
     (tmp_path / "here").mkdir()
     monkeypatch.chdir(tmp_path / "here")
     fp8_checkpoint.write_fp8_checkpoint(src, ".")

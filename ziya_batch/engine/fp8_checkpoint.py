@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Optional
 
@@ -166,21 +167,18 @@ def _write_into(src: Path, target: Path, config: dict, limit: int, dev, on_shard
     for i, (tmp, names) in enumerate(written):
         final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
         os.replace(target / tmp, target / final)
-        os.chmod(target / final, 0o666 & ~_umask())     # safetensors writes 0600
         weight_map.update({n: final for n in names})
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name != "config.json" and not _WEIGHT_FILE.search(f.name) and not f.name.startswith("."):
             shutil.copyfile(f, target / f.name)
     (target / "config.json").write_text(json.dumps({**config, "quantization_config": QUANTIZATION_CONFIG},
                                                    indent=2, sort_keys=True) + "\n")
+    # safetensors writes its files 0600: the shards get the mode the umask gives a new file, as config.json has
+    mode = stat.S_IMODE((target / "config.json").stat().st_mode)
+    for final in set(weight_map.values()):
+        os.chmod(target / final, mode)
     (target / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                 indent=2, sort_keys=True) + "\n")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _quantize_device(device: str):

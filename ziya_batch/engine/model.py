@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ziya_batch.engine import fused, quant
 from ziya_batch.engine.attention import AttentionMetadata, paged_attention
 from ziya_batch.engine.fused import apply_rope, rms_norm
+from ziya_batch.engine.merge_delta import index_files
 
 log = logging.getLogger(__name__)
 
@@ -457,9 +458,8 @@ def _check_loaded(a: ModelArgs, name: str, t: torch.Tensor, world_size: int) -> 
         raise ValueError(f"{name}: the config has {a.num_layers} layers")
     if not t.is_floating_point():
         raise ValueError(f"{name} is {str(t.dtype).replace('torch.', '')}: weights are floating point")
-    is_fp8 = t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, getattr(torch, "float8_e4m3fnuz", None),
-                         getattr(torch, "float8_e5m2fnuz", None))
-    if is_fp8 and (t.dtype != quant.FP8 or not quant.is_quantized_weight(name)):
+    # (the floating-point dtypes of one byte are the float8 ones)
+    if t.element_size() == 1 and (t.dtype != quant.FP8 or not quant.is_quantized_weight(name)):
         raise ValueError(f"{name} is {str(t.dtype).replace('torch.', '')}: float8 weights are e4m3 "
                          "(float8_e4m3fn) linear weights with a weight_scale")
     want = _expected_shape(a, name, world_size)
@@ -483,7 +483,6 @@ def checkpoint_files(path: str) -> tuple[bool, list[str]]:
     FileNotFoundError if it has neither, or a file its index names is missing."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):       # the files the index names, all of them, and no other (a stray copy)
-        from ziya_batch.engine.merge_delta import index_files
         files = [os.path.join(path, f) for f in index_files(Path(index), index)]
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
@@ -496,7 +495,6 @@ def checkpoint_files(path: str) -> tuple[bool, list[str]]:
     files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
     index = os.path.join(path, "pytorch_model.bin.index.json")
     if os.path.exists(index):
-        from ziya_batch.engine.merge_delta import index_files
         files = sorted({os.path.join(path, f) for f in index_files(Path(index), index)})
     if not files:
         raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
@@ -541,10 +539,8 @@ def iter_checkpoint(path: str, tp: tuple[int, int] = (0, 1),
                     if dim is None or math.prod(sl.get_shape()) <= 1:      # (a per-tensor scale stays whole)
                         yield name, st.get_tensor(name)
                         continue
-                    whole, kind = sl.get_shape()[dim], name.split(".")[-2]
-                    if args is not None and name.endswith(".weight") and whole != _full_size(args, kind):
-                        raise ValueError(f"{name} has {whole} along dimension {dim}, the config says "
-                                         f"{_full_size(args, kind)}")
+                    whole = sl.get_shape()[dim]
+                    _check_whole(args, name, whole, dim)
                     size = whole // world_size
                     part = slice(rank * size, (rank + 1) * size)
                     yield name, sl[part] if dim == 0 else sl[:, part]
@@ -553,13 +549,18 @@ def iter_checkpoint(path: str, tp: tuple[int, int] = (0, 1),
         sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         for name, t in sd.items():
             dim = _tp_dim(name) if world_size > 1 and t.numel() > 1 else None
-            if dim is not None and args is not None and name.endswith(".weight") and \
-                    t.shape[dim] != _full_size(args, name.split(".")[-2]):
-                raise ValueError(f"{name} has {t.shape[dim]} along dimension {dim}, the config says "
-                                 f"{_full_size(args, name.split('.')[-2])}")
+            if dim is not None:
+                _check_whole(args, name, t.shape[dim], dim)
             # a slice of the memory-mapped tensor: only its pages are read
             yield name, (t if dim is None else tp_slice(t, dim, rank, world_size))
         del sd
+
+
+def _check_whole(args: Optional[ModelArgs], name: str, whole: int, dim: int) -> None:
+    """A projection the ranks split has the config's whole size along `dim` (with no args: nothing to check)."""
+    if args is not None and name.endswith(".weight") and whole != _full_size(args, name.split(".")[-2]):
+        raise ValueError(f"{name} has {whole} along dimension {dim}, the config says "
+                         f"{_full_size(args, name.split('.')[-2])}")
 
 
 def from_hf_model(hf_model, device: torch.device, dtype: torch.dtype,

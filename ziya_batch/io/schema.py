@@ -271,13 +271,12 @@ def iter_part(data: bytes, fmt: str, where: str = "part") -> Iterator[Any]:
     if fmt != "jsonl":
         yield from _parquet_rows(data, where)
         return
-    view, start, line_no = memoryview(data), 0, 0
+    start, line_no = 0, 0
     while start < len(data):
         end = data.find(b"\n", start)
         end = len(data) if end < 0 else end
         line_no += 1
-        line = bytes(view[start:end])
-        start = end + 1
+        line, start = data[start:end], end + 1
         if not line.strip():
             continue
         try:

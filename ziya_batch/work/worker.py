@@ -442,17 +442,22 @@ class Worker:
         if now < self._next_sweep:
             return
         self._next_sweep = now + FINALIZE_SWEEP_S
+        for job_id in self.broker.unfinished_finalizing():
+            if self._finalize(job_id):
+                log.info("job %s: finalized by %s's sweep (its last committer did not)", job_id, self.worker_id)
+
+    def _finalize(self, job_id: str) -> bool:
+        """finalize_if_ready, for a worker: Redis down is raised (the serving loop waits for it); any other failure
+        is logged, and finalize has marked the job failed with the reason, while the replica serves on."""
         from ..jobs import finalize_if_ready
 
-        for job_id in self.broker.unfinished_finalizing():
-            try:
-                if finalize_if_ready(self.broker, job_id):
-                    log.info("job %s: finalized by %s's sweep (its last committer did not)", job_id,
-                             self.worker_id)
-            except BROKER_UNREACHABLE:
-                raise
-            except Exception as err:  # noqa: BLE001 - finalize marked the job failed with the reason
-                log.error("job %s: finalizing failed (%s: %s)", job_id, type(err).__name__, err)
+        try:
+            return finalize_if_ready(self.broker, job_id)
+        except BROKER_UNREACHABLE:
+            raise
+        except Exception as err:  # noqa: BLE001 - see above
+            log.error("job %s: finalizing failed (%s: %s)", job_id, type(err).__name__, err)
+            return False
 
     # -- one shard ----------------------------------------------------------------------------------------
     def _finish(self, flight: Flight, produce: Callable[[], tuple[list[LineResult], list[LineFailure]]]) -> bool:
@@ -466,15 +471,7 @@ class Worker:
             except BaseException as err:
                 self._act(err, Stage.SHARD, [flight])
                 return False
-        from ..jobs import finalize_if_ready
-
-        try:
-            finalize_if_ready(self.broker, flight.lease.job_id)
-        except BROKER_UNREACHABLE:
-            raise                           # the serving loop waits for Redis
-        except Exception as err:  # noqa: BLE001 - the shard is committed; a job that cannot be finalized (its
-            # storage, its manifest) is marked failed by finalize with the reason, and the replica serves on
-            log.error("job %s: finalizing failed (%s: %s)", flight.lease.job_id, type(err).__name__, err)
+        self._finalize(flight.lease.job_id)      # the shard is committed whatever finalizing does
         if self.on_shard_done:
             self.on_shard_done(flight.lease.job_id, flight.lease.shard.index)
         return True
