@@ -11,6 +11,8 @@ Knobs (one a run; the others at their defaults):
                    ("half" timed the same way though not the tuner's candidate), the decode graphs captured
                    again; it stays so for the configuration's later runs
   schedule=POLICY  the admission order (EngineConfig.schedule: fcfs, longest-first, tail-longest-first)
+  budget=N         the step's token budget (Scheduler.max_num_batched_tokens: decode rows plus prefill chunks;
+                   EngineConfig.max_num_batched_tokens), N in 16..the engine's own (its graphs go no larger)
 A run is CONFIG:KNOB=VALUE[@N], N the number of W1's requests (default --requests). Prints one JSON line a run
 and writes $OUT/step_ab.json.
 
@@ -39,14 +41,14 @@ CONFIGS = {"f16": {}, "f16kv8": dict(kv_cache_dtype="fp8"), "fp8": dict(quantiza
            "fp8fast": dict(quantization="fp8", kv_cache_dtype="fp8", fp8_fast_accum=True)}
 DEFAULT_PLAN = "fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off,f16:cut=on,f16:cut=off"
 ATTN_KERNELS = ("fma", "half", "dot")
-KNOBS = ("order", "cut", "attn", "schedule")
+KNOBS = ("order", "cut", "attn", "schedule", "budget")
 MAX_REQUESTS = 100_000
 
 
 class Run(NamedTuple):
     config: str                 # a key of CONFIGS
     knob: str                   # one of KNOBS
-    value: object               # order, cut: bool; attn: a kernel; schedule: a policy
+    value: object               # order, cut: bool; attn: a kernel; schedule: a policy; budget: tokens
     limits: Optional[tuple[float, int]] = None     # cut=M/T: (TRIM_MARGIN, TRIM_MAX_TOKENS)
     requests: Optional[int] = None                 # W1's first N requests (None: --requests)
 
@@ -58,7 +60,8 @@ class PlanError(ValueError):
 def parse_plan(text: str) -> list[Run]:
     """The runs of a --plan (CONFIG:KNOB=VALUE[@N],...), in order; PlanError names the first item that is not one."""
     usage = (f"is not CONFIG:KNOB=VALUE[@N] (CONFIG: {', '.join(CONFIGS)}; order=on|off, cut=on|off|MARGIN/TOKENS, "
-             f"attn={'|'.join(ATTN_KERNELS)}, schedule={'|'.join(SCHEDULE_POLICIES)}; N: 1..{MAX_REQUESTS})")
+             f"attn={'|'.join(ATTN_KERNELS)}, schedule={'|'.join(SCHEDULE_POLICIES)}, budget=TOKENS; "
+             f"N: 1..{MAX_REQUESTS})")
     runs = []
     for item in text.split(","):
         shown = repr(item[:80])
@@ -79,6 +82,8 @@ def parse_plan(text: str) -> list[Run]:
         elif knob == "attn" and value in ATTN_KERNELS:
             if value == "half" and CONFIGS[name].get("kv_cache_dtype") != "fp8":
                 raise PlanError(f"{shown}: kernel half runs over a float8 cache only")
+        elif knob == "budget" and re.fullmatch(r"[0-9]{2,6}", value) and int(value) >= 16:
+            value = int(value)
         elif not (knob == "schedule" and value in SCHEDULE_POLICIES):
             raise PlanError(f"{shown} {usage}")
         runs.append(Run(name, knob, value, limits, requests))
@@ -151,6 +156,7 @@ def main() -> None:
                                         **cfg)
             eng.generate([Request("warm", list(range(3, 40)), _sampling(8))])
             built, buckets, policy = name, eng.scheduler.step_buckets, eng.config.schedule
+            budget = eng.scheduler.max_num_batched_tokens
             tuned = sorted(eng.runner.decode_tuning or [], key=lambda r: r[1])
             print(json.dumps({"config": name, "step_buckets_us": [(n, round(1e6 * t)) for n, t in buckets or []],
                               "decode_attention_us": [(c, round(1e6 * t, 1)) for c, t in tuned[:6]]}), flush=True)
@@ -162,6 +168,9 @@ def main() -> None:
         s.step_buckets = (buckets if value else None) if knob == "cut" else buckets
         scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS = run.limits or defaults
         s.policy, s._tail_sorted = (value if knob == "schedule" else policy), False
+        if knob == "budget" and value > budget:
+            raise SystemExit(f"budget={value}: above the engine's own {budget} (its graphs are captured up to it)")
+        s.max_num_batched_tokens = value if knob == "budget" else budget
         cuts, preempted, n = s.num_cut_steps, s.num_preemptions, run.requests or a.requests
         for i, (prompt, out_len) in enumerate(work[:n]):
             eng.add_request(Request(f"{k}-{i}", prompt, _sampling(out_len)))
@@ -179,6 +188,7 @@ def main() -> None:
                     mix_s += st.wall_s
         wall = time.perf_counter() - t0
         rows.append(dict(config=name, knob=knob, value=value, requests=n, schedule=s.policy,
+                         budget=s.max_num_batched_tokens,
                          trim=[scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS],
                          output_tok_s=round(tokens / wall), wall_s=round(wall, 2),
                          output_tokens=tokens, steps=steps, decode_only_steps=decode_only,

@@ -15,11 +15,13 @@ _spec.loader.exec_module(ab)
 
 def test_every_knob_and_a_request_count():
     runs = ab.parse_plan("fp8fast:cut=off,f16:cut=0.1/64@512,fp8:order=on,fp8fast:attn=half,f16:attn=dot,"
-                         "f16:schedule=fcfs@1,fp8:schedule=tail-longest-first,f16kv8:attn=half@100000")
+                         "f16:schedule=fcfs@1,fp8:schedule=tail-longest-first,f16kv8:attn=half@100000,f16:budget=384@512,"
+                         "fp8fast:budget=16")
     assert runs == [ab.Run("fp8fast", "cut", False), ab.Run("f16", "cut", True, (0.1, 64), 512),
                     ab.Run("fp8", "order", True), ab.Run("fp8fast", "attn", "half"), ab.Run("f16", "attn", "dot"),
                     ab.Run("f16", "schedule", "fcfs", None, 1), ab.Run("fp8", "schedule", "tail-longest-first"),
-                    ab.Run("f16kv8", "attn", "half", None, 100_000)]
+                    ab.Run("f16kv8", "attn", "half", None, 100_000),
+                    ab.Run("f16", "budget", 384, None, 512), ab.Run("fp8fast", "budget", 16)]
     assert len(ab.parse_plan(ab.DEFAULT_PLAN)) == 6
 
 
@@ -29,7 +31,9 @@ def test_every_knob_and_a_request_count():
     "f16:cut=1/2/3", "f16:cut=a/64", "f16:cut=0.1/b", "f16:cut=1.5/64", "f16:cut=nan/64", "f16:cut=0.1/-1",
     "f16:attn=half", "fp8fast:attn=flash", "f16:schedule=lifo", "f16:schedule=on", "f16:cut=on:x", "a=b:c",
     "f16:cut=on,", ",f16:cut=on", "f16:cut=on@", "f16:cut=on@ 5", "f16:cut=on@+5", "f16:cut=on@1_0",
-    "f16:overlap=on", "f16:cut=on@\u0663", "f16:cut= 0.1/ 64", "f16:cut=0.1/64\t", "f16:cut=0.1/6_4", "F16:cut=on", "f16:cut=ON"])
+    "f16:overlap=on", "f16:cut=on@\u0663", "f16:cut= 0.1/ 64", "f16:cut=0.1/64\t", "f16:cut=0.1/6_4", "F16:cut=on", "f16:cut=ON",
+    "f16:budget=15", "f16:budget=0", "f16:budget=on", "f16:budget=3.5", "f16:budget=-64", "f16:budget=1234567",
+    "f16:budget=1/2", "f16:order=384"])
 def test_a_bad_item_is_one_line_naming_it(item):
     with pytest.raises(ab.PlanError) as e:
         ab.parse_plan(f"fp8:cut=on,{item}" if item and not item.startswith(",") else item)
@@ -37,7 +41,7 @@ def test_a_bad_item_is_one_line_naming_it(item):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("f16p8ast:=,@/.-0123456789onfcutrdhlmyx \n\x00é")), max_size=40))
+@given(st.text(alphabet=st.sampled_from(list("f16p8ast:=,@/.-0123456789onfcutrdhlmybgex \n\x00é")), max_size=40))
 def test_any_plan_text_gives_runs_or_one_line(text):
     try:
         runs = ab.parse_plan(text)
@@ -48,3 +52,4 @@ def test_any_plan_text_gives_runs_or_one_line(text):
         assert r.config in ab.CONFIGS and r.knob in ab.KNOBS
         assert r.requests is None or 1 <= r.requests <= ab.MAX_REQUESTS
         assert r.limits is None or (0 <= r.limits[0] < 1 and r.limits[1] >= 0)
+        assert r.knob != "budget" or (type(r.value) is int and r.value >= 16)
