@@ -32,6 +32,8 @@
 #          back to a bucket, the decode-attention kernel, the admission order), alternated on one engine per
 #          configuration (step_ab.py; AB_PLAN, default the cut with FP8 + FP8 KV + fast accumulation x4, float16 x2)
 #   probe  a float16 GEMM beside a memory-bound copy at several SM carveouts (carveout_probe.py)
+#   smread  how much bandwidth a persistent reader gets from N SMs (plain loads, tensor descriptors), alone and
+#          beside cuBLASLt GEMMs leaving it those SMs (sm_reader_probe.py)
 #   tgemm  FP8 projections: torch._scaled_mm against a Triton kernel autotuned per shape (fp8_gemm_triton.py)
 #   tunable  FP8 projections through _scaled_mm with PyTorch's TunableOp on (fp8_gemm_accum.py --tunable)
 # Ray, redis and the spec's packages come from .gpuwhl-b/install.sh (run beforehand: /tmp/site, /tmp/redis).
@@ -61,6 +63,7 @@ for st in ${STAGE:-tests f16}; do
     buckets) timeout ${BUCKETS_S:-120} python3 scripts/gpu/bucket_times.py --fast-accum 2>&1 | tee "$OUT/bucket_times.log" | tail -12 ;;
     stepab) timeout ${AB_S:-560} python3 scripts/gpu/step_ab.py ${AB_PLAN:+--plan $AB_PLAN} 2>&1 | tee "$OUT/step_ab.log" | grep -v '^\[' | tail -20 ;;
     probe) timeout ${PROBE_S:-80} python3 scripts/gpu/carveout_probe.py 2>&1 | tee "$OUT/probe.log" ;;
+    smread) timeout ${SMREAD_S:-150} python3 scripts/gpu/sm_reader_probe.py 2>&1 | tee "$OUT/sm_reader.log" ;;
     tgemm) timeout ${TGEMM_S:-200} python3 scripts/gpu/fp8_gemm_triton.py 2>&1 | tee "$OUT/tgemm.log" ;;
     tunable) timeout ${TUNABLE_S:-120} python3 scripts/gpu/fp8_gemm_accum.py --tunable --rows 128,224,768 2>&1 | tee "$OUT/tunable.log" ;;
     gemm) timeout ${GEMM_S:-90} python3 scripts/gpu/gemm_blas.py --rows 64,128,192,256 --libs cublas,cublaslt,tunable 2>&1 | tee "$OUT/gemm.log" ;;
