@@ -13,7 +13,7 @@ prune_buckets keeps, as the runner's graphs do (fp8: FP8 weights and KV, fast ac
 KV bytes); --cut gives the scheduler those times, so it cuts steps back to a bucket (Scheduler.step_buckets).
 
 Usage: python scripts/sim_schedule.py --blocks 3853 [--horizon 256] [--max-new 512] [--policy longest-first]
-       [--requests 512] [--bandwidth-tbs 2.88] [--weights float16 [--cut]]
+       [--requests 512] [--bandwidth-tbs 2.88] [--weights float16 [--cut]] [--budget 384] [--mixed-overhead-ms 2]
 (3,853 blocks of 16: an H100's float16 cache for LLaMA-13B, copy bandwidth 2.88 TB/s; 8,577: an H200's, 4.14)"""
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def kept_buckets(weights: str) -> list[tuple[int, float]]:
 
 def simulate(blocks: int, horizon: int = 256, max_new: int = 0, policy: str = "fcfs", max_num_seqs: int = 256,
              budget: int = 2048, requests: int = 1024, seed: int = 0, bandwidth: float = 4.14e12,
-             weights: Optional[str] = None, cut: bool = False) -> dict:
+             weights: Optional[str] = None, cut: bool = False, mixed_overhead_s: float = 0.0) -> dict:
     s = Scheduler(blocks, 16, max_num_seqs, budget, horizon, policy)
     buckets = kept_buckets(weights) if weights else None
     if cut:
@@ -72,7 +72,7 @@ def simulate(blocks: int, horizon: int = 256, max_new: int = 0, policy: str = "f
             # (launch gaps of the eager timing included there, not in a replayed graph)
             proj_s = WEIGHT_BYTES / shrink / bandwidth + \
                 buckets[bisect.bisect_left(buckets, (out.num_tokens,))][1] - buckets[0][1]
-        est_s += proj_s + 1e-3 + kv_s
+        est_s += proj_s + 1e-3 + kv_s + (0.0 if out.is_decode_only else mixed_overhead_s)
         rows = [c.seq for c in out.chunks if c.samples]
         s.advance(out, rows)
         for q in rows:
@@ -104,12 +104,18 @@ def main() -> None:
     p.add_argument("--weights", choices=sorted(H100_BUCKET_MS),
                    help="steps with prefill at an H100's measured bucket times for these weights (and KV)")
     p.add_argument("--cut", action="store_true", help="cut steps back to a bucket (needs --weights)")
+    p.add_argument("--budget", type=int, default=2048, help="the step's token budget (engine.max_num_batched_tokens)")
+    p.add_argument("--mixed-overhead-ms", type=float, default=0.0,
+                   help="added to each step with prefill (what an H100 spent in them beyond this model: ~2 ms)")
     a = p.parse_args()
     if a.cut and not a.weights:
         p.error("--cut needs --weights")
     t0 = time.perf_counter()
-    r = simulate(a.blocks, a.horizon, a.max_new, a.policy, a.max_num_seqs, requests=a.requests,
-                 bandwidth=a.bandwidth_tbs * 1e12, weights=a.weights, cut=a.cut)
+    if a.budget < a.max_num_seqs:
+        p.error("--budget below --max-num-seqs would leave running sequences out of decode steps")
+    r = simulate(a.blocks, a.horizon, a.max_new, a.policy, a.max_num_seqs, budget=a.budget, requests=a.requests,
+                 bandwidth=a.bandwidth_tbs * 1e12, weights=a.weights, cut=a.cut,
+                 mixed_overhead_s=a.mixed_overhead_ms / 1e3)
     print({**r, "seconds": round(time.perf_counter() - t0, 1)})
 
 

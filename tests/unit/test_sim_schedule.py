@@ -29,3 +29,15 @@ def test_cutting_steps_to_buckets_keeps_the_work_and_only_moves_prefill_tokens(w
     # a preemption recomputes a sequence's tokens)
     assert abs(cut["prefill_tokens"] - plain["prefill_tokens"]) <= 8 + 600 * (cut["preemptions"] + plain["preemptions"])
     assert cut["mixed_steps"] > plain["mixed_steps"]
+
+
+def test_a_smaller_budget_spreads_the_same_prefill_over_more_steps_and_the_overhead_counts_per_mixed_step():
+    big = sim.simulate(3859, policy="tail-longest-first", requests=128, bandwidth=2.98e12, weights="float16",
+                       cut=True)
+    small = sim.simulate(3859, policy="tail-longest-first", requests=128, bandwidth=2.98e12, weights="float16",
+                         cut=True, budget=384)
+    assert small["prefill_tokens"] == big["prefill_tokens"] and small["preemptions"] == big["preemptions"] == 0
+    assert small["mixed_steps"] > big["mixed_steps"]
+    slow = sim.simulate(3859, policy="tail-longest-first", requests=128, bandwidth=2.98e12, weights="float16",
+                        cut=True, budget=384, mixed_overhead_s=0.002)
+    assert slow["est_s"] == pytest.approx(small["est_s"] + 0.002 * small["mixed_steps"], abs=0.11)
