@@ -50,10 +50,12 @@ def test_random_operations_keep_keys_consistent(redis_client, seed, expire, make
     job_id = broker.submit(spec, make_shards(spec, 16)).job_id
     live: list = []
     stale: list = []
+    committed: list = []        # leases whose commit Redis accepted and no uncommit took back
     tokens: dict = {}
     cancelled = False
     for step in range(150):
-        op = rng.choice(["claim", "claim", "commit", "commit", "fail", "expire", "heartbeat", "stale", "line"])
+        op = rng.choice(["claim", "claim", "commit", "commit", "fail", "expire", "heartbeat", "stale", "line",
+                         "uncommit"])
         if step > 30 and rng.random() < 0.03 * (seed % 3):   # seeds 0, 3: never cancelled
             op = "cancel"
         if op == "claim":
@@ -67,6 +69,7 @@ def test_random_operations_keep_keys_consistent(redis_client, seed, expire, make
             st = ShardStats(prompts_failed=n) if lease.dead_letter else ShardStats(prompts_done=n)
             assert broker.commit(lease, st)
             stale.append(lease)
+            committed.append(lease)
         elif op == "fail" and live:
             lease = live.pop(rng.randrange(len(live)))
             assert broker.fail(lease, "boom", bad_line=rng.choice([None, lease.shard.first_line])) in ("retry", "dead")
@@ -81,6 +84,11 @@ def test_random_operations_keep_keys_consistent(redis_client, seed, expire, make
         elif op == "line" and live:
             lease = rng.choice(live)
             assert broker.line_started(lease, lease.shard.first_line + rng.randrange(lease.shard.num_lines))
+        elif op == "uncommit" and committed:
+            # storage lost a committed shard's staged parts; its stale lease stays in `stale`
+            lease = committed.pop(rng.randrange(len(committed)))
+            assert broker.uncommit(job_id, lease.shard.index, lease.token, "lost")
+            assert not broker.uncommit(job_id, lease.shard.index, lease.token, "lost")
         elif op == "stale" and stale:
             lease = rng.choice(stale)
             assert not broker.commit(lease, ShardStats(prompts_done=1))

@@ -10,7 +10,10 @@ def test_tables_cover_every_state_and_finished_states_are_final_or_reopen_only()
     assert set(JOB_TRANSITIONS) == set(JobState)
     assert set(SHARD_TRANSITIONS) == set(ShardState)
     assert JOB_TRANSITIONS[JobState.COMPLETED] == frozenset()
-    assert SHARD_TRANSITIONS[ShardState.COMMITTED] == frozenset()
+    # a commit is taken back only where storage lost its staged parts before promotion (uncommit.lua): the
+    # shard runs again, and a job that was finalizing on the strength of it is running again
+    assert SHARD_TRANSITIONS[ShardState.COMMITTED] == {ShardState.PENDING, ShardState.DEAD}
+    assert JobState.RUNNING in JOB_TRANSITIONS[JobState.FINALIZING]
     # the only way out of failed/cancelled is a resubmission reopening the job
     for s in (JobState.FAILED, JobState.CANCELLED):
         assert JOB_TRANSITIONS[s] == {JobState.QUEUED, JobState.FINALIZING}
@@ -27,8 +30,9 @@ def test_python_checks_match_tables():
     check_shard_transition(ShardState.LEASED, ShardState.DEAD)
     with pytest.raises(TransitionError):
         check_job_transition(JobState.RUNNING, JobState.COMPLETED)
+    check_shard_transition(ShardState.COMMITTED, ShardState.PENDING)
     with pytest.raises(TransitionError):
-        check_shard_transition(ShardState.COMMITTED, ShardState.PENDING)
+        check_shard_transition(ShardState.COMMITTED, ShardState.LEASED)
     lua = lua_tables()
     assert '["completed"]={}' in lua and '["running"]={["finalizing"]=true' in lua
 

@@ -152,6 +152,28 @@ def test_promote_refuses_when_a_moved_part_was_lost(tmp_path, shard_parts):
     assert committed_shards(out) == {}
 
 
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_rerun_overwrites_the_parts_a_lost_attempt_moved(tmp_path, shard_parts, where):
+    """Storage lost an attempt's staged sft part after its results part was moved into place: that promote
+    fails with no marker written, the shard runs again (Broker.uncommit), and the new attempt's promote replaces
+    the final part the lost one left."""
+    from ziya_batch.io import OutputDir
+
+    out = OutputDir(str(tmp_path / "out") if where == "local" else f"memory://zb-{uuid.uuid4().hex[:8]}/out")
+    lost = out.stage(4, 1, "a1", shard_parts(2))
+    out.fs.rm_file(lost["sft"].path)          # promote moves kinds in name order: results first, sft last
+    with pytest.raises(CommitError, match="staged sft part is gone"):
+        out.promote(4, 1, "a1")
+    assert out.read_marker(4) is None
+    assert hashlib.sha256(out.read("results/part-00004.jsonl")).hexdigest() == lost["results"].sha256
+    rerun = out.stage(4, 2, "a2", shard_parts(3))
+    assert rerun["results"].sha256 != lost["results"].sha256
+    marker = out.promote(4, 2, "a2", {k: (p.lines, p.sha256) for k, p in rerun.items()})
+    assert marker.token == 2
+    for kind, part in rerun.items():
+        assert hashlib.sha256(out.read(f"{kind}/part-00004.jsonl")).hexdigest() == part.sha256
+
+
 def test_promote_checks_reported_staged_info(tmp_path, shard_parts):
     out = str(tmp_path / "out")
     stage_shard(out, 0, 1, shard_parts(1), "jsonl")

@@ -1,16 +1,17 @@
 """Finishing a job: when every shard is committed or dead-lettered, one caller promotes any parts whose
 commit Redis accepted but whose promotion a crash interrupted, writes manifest.json last, and marks the
-job completed. A job is completed only when storage holds a commit marker for every shard."""
+job completed. A job is completed only when storage holds a commit marker for every shard. A commit whose
+staged parts storage lost before they were promoted is taken back (broker.uncommit): the shard runs again."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from .. import io
 
 if TYPE_CHECKING:
     from ..protocols import JobsBroker
-    from ..queue import JobStatus
+    from ..queue import JobStatus, ShardStats
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,13 @@ def finalize_if_ready(broker: "JobsBroker", job_id: str) -> bool:
     if status.state != JobState.FINALIZING or not broker.begin_finalize(job_id):
         return False
     try:
-        markers = _committed(broker, job_id, out)
+        markers, lost = _committed(broker, job_id, out)
+        if lost:
+            return False            # those shards run again; the commit of the last of them finalizes the job
         missing = [i for i in range(status.shards_total) if i not in markers]
         if missing:
-            broker.mark_failed(job_id, f"{len(missing)} shard(s) have no committed parts in storage")
+            if not _left_finalizing(broker, status):
+                broker.mark_failed(job_id, f"{len(missing)} shard(s) have no committed parts in storage")
             return False
         io.write_manifest(out, spec.to_json(), {**_summary(status, markers), "state": "completed"}, markers)
         broker.mark_completed(job_id)
@@ -58,8 +62,19 @@ def finalize_if_ready(broker: "JobsBroker", job_id: str) -> bool:
         log.info("job %s completed: manifest written to %s", job_id, out)
         return True
     except Exception as err:
-        broker.mark_failed(job_id, f"finalizing failed: {type(err).__name__}: {err}")
+        if not _left_finalizing(broker, status):
+            broker.mark_failed(job_id, f"finalizing failed: {type(err).__name__}: {err}")
         raise
+
+
+def _left_finalizing(broker: "JobsBroker", status: "JobStatus") -> bool:
+    """Whether the job left `finalizing` since `status` was read: another caller took a commit back (uncommit),
+    and the job may be finalizing again since, that shard committed anew. What this finalizer saw is out of date
+    then, no reason to fail the job."""
+    from ..queue import JobState
+
+    now = broker.find_job(status.job_id)
+    return now is None or now.state != JobState.FINALIZING or now.updated_at != status.updated_at
 
 
 def finish_empty_job(broker: "JobsBroker", status: "JobStatus") -> "JobStatus":
@@ -74,31 +89,50 @@ def finish_empty_job(broker: "JobsBroker", status: "JobStatus") -> "JobStatus":
     return broker.status(status.job_id)
 
 
-def _committed(broker: "JobsBroker", job_id: str, out: "io.OutputDir", skip_lost: bool = False) -> dict:
+def promote_accepted(broker: "JobsBroker", out: "io.OutputDir", job_id: str, index: int, token: int,
+                     stats: "ShardStats", caller: str = "") -> Optional["io.CommitMarker"]:
+    """Promote the parts of a commit Redis accepted (OutputDir.promote) and return the shard's commit marker. Where
+    storage lost the staged parts first (promote raises CommitError and storage holds no marker for the shard),
+    the commit is taken back so that the shard runs again (broker.uncommit, a compare-and-set on `token`: a newer
+    commit is left alone), and None is returned."""
+    try:
+        return out.promote(index, token, stats.attempt, stats.parts, stats.to_dict())
+    except io.CommitError as err:
+        marker = out.read_marker(index)
+        if marker is not None:      # another promote of the shard finished meanwhile
+            return marker
+        if broker.uncommit(job_id, index, token, str(err), stats.attempt, caller):
+            log.warning("job %s shard %d: its parts were lost from storage before promotion (%s); it runs again",
+                        job_id, index, err)
+        return None
+
+
+def _committed(broker: "JobsBroker", job_id: str, out: "io.OutputDir") -> tuple[dict, list[int]]:
     """Every shard's commit marker, after promoting the parts of commits Redis accepted whose promotion a
-    crash (or a finalize call racing the worker) left undone. `skip_lost`: a shard whose staged parts are gone
-    is logged and left out instead of raising CommitError."""
+    crash (or a finalize call racing the worker) left undone; and the shards whose staged parts storage lost
+    before that, taken back to run again (promote_accepted)."""
     markers = out.committed_shards()
+    lost = []
     for index, (token, stats) in broker.commits(job_id).items():
         if index in markers:
             continue
-        try:
-            markers[index] = out.promote(index, token, stats.attempt, stats.parts, stats.to_dict())
-        except io.CommitError as err:
-            if not skip_lost:
-                raise
-            log.warning("job %s shard %s: %s", job_id, index, err)
-    return markers
+        marker = promote_accepted(broker, out, job_id, index, token, stats, caller="finalize")
+        if marker is None:
+            lost.append(index)
+        else:
+            markers[index] = marker
+    return markers, lost
 
 
 def _finalize_cancelled(broker: "JobsBroker", job_id: str, status, spec, out: "io.OutputDir") -> bool:
     """A cancelled job's manifest lists every shard committed before the cancel took hold: a commit can land
     (and move the job from cancelling to cancelled) before its parts are promoted, so parts Redis accepted
     are promoted here too, and a manifest written before a late promote is written again. Every caller
-    checks again after writing, so the last writer lists them all. True if this call wrote the manifest."""
+    checks again after writing, so the last writer lists them all. A shard whose staged parts were lost is left
+    out and goes back to pending, for a resubmit to run. True if this call wrote the manifest."""
     wrote = False
     for _ in range(3):
-        markers = _committed(broker, job_id, out, skip_lost=True)
+        markers, _ = _committed(broker, job_id, out)
         manifest = io.read_manifest(out)
         if manifest is not None and set(markers) <= io.manifest_shards(manifest):
             return wrote

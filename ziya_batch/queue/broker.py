@@ -6,7 +6,8 @@ key names come from keys.py. Times that decide anything (lease expiry, backoff) 
 Job hash fields: state, sealed ('1' once every shard is written), name, priority, lease_ms, max_retries,
 output_path, created_ms, updated_ms, finished_ms, error, total_shards, total_prompts, n_pending, n_leased,
 n_committed, n_dead (shards per state), prompts_done, prompts_failed, samples, output_tokens,
-prefix_cache_query_tokens, prefix_cache_hit_tokens (sums of committed stats), retries, dead_lines, progress_seq.
+prefix_cache_query_tokens, prefix_cache_hit_tokens (sums of committed stats: uncommit takes a shard's off
+again), retries, dead_lines, progress_seq.
 
 Shard records (JSON in the job's shards hash): file (position in the files list), start, end, first_line,
 num_lines, state, token, attempts, failures, isolate, lease_isolate, in_flight, bad_lines, dead, owner,
@@ -293,6 +294,26 @@ class Broker:
             args=[j, lease.shard.index, lease.token, _json(stats.to_dict()), lease.worker_id,
                   k.lease_member(j, lease.shard.index)])
         return ok == 1
+
+    def uncommit(self, job_id: str, index: int, token: int, reason: str, attempt: str = "",
+                 caller: str = "") -> bool:
+        """Put a committed shard back to pending (dead, if it was dead-lettered) because storage lost its staged
+        parts before they were promoted: the shard runs again. Acts only while the shard is committed under
+        `token` (and `attempt`, where given), so a caller with an old view never undoes a newer commit; True if
+        it acted. The shard's stats come off the job's; a finalizing job is running again; a failed, cancelling
+        or cancelled job keeps its state (a resubmit runs the shard); a completed job is refused. `reason` goes
+        to the job's errors (status shows it). Call only after checking that storage has no commit marker for
+        the shard."""
+        k, j = self.keys, job_id
+        ok, got = self.scripts.uncommit(
+            keys=[k.job(j), k.shards(j), k.pending(j), k.ready(), k.claim_seq(), k.finalizer(j), k.errors(j)],
+            args=[j, index, token, attempt, reason, self.errors_kept, caller])
+        if ok != 1:
+            log.info("shard %s/%d not put back to pending: %s", job_id, index, got)
+            return False
+        if JobState(got).is_claimable():
+            self.announce_work(job_id)
+        return True
 
     def fail(self, lease: Lease, message: str, bad_line: Optional[int] = None) -> str:
         """Give the shard back after a failure. Returns 'retry' (pending again after an exponential

@@ -62,13 +62,14 @@ local function hnum(key, field)
   return tonumber(redis.call('HGET', key, field) or '0') or 0
 end
 
-local function add_stats(job_key, st)
-  redis.call('HINCRBY', job_key, 'prompts_done', st.prompts_done or 0)
-  redis.call('HINCRBY', job_key, 'prompts_failed', st.prompts_failed or 0)
-  redis.call('HINCRBY', job_key, 'samples', st.samples or 0)
-  redis.call('HINCRBY', job_key, 'output_tokens', st.output_tokens or 0)
-  redis.call('HINCRBY', job_key, 'prefix_cache_query_tokens', st.prefix_cache_query_tokens or 0)
-  redis.call('HINCRBY', job_key, 'prefix_cache_hit_tokens', st.prefix_cache_hit_tokens or 0)
+-- adds a committed shard's stats to the job's sums; sign -1 takes them off again (uncommit)
+local function add_stats(job_key, st, sign)
+  sign = sign or 1
+  for _, f in ipairs({'prompts_done', 'prompts_failed', 'samples', 'output_tokens', 'prefix_cache_query_tokens',
+                      'prefix_cache_hit_tokens'}) do
+    local n = tonumber(st[f]) or 0
+    redis.call('HINCRBY', job_key, f, int(n == 0 and 0 or sign * n))    -- -1 * 0 is -0: not an integer to Redis
+  end
 end
 
 -- after a shard left `leased`: a cancelling job with no lease left is cancelled; a job whose shards are

@@ -11,8 +11,8 @@ import redis
 from .states import TransitionError, lua_tables
 
 _DIR = Path(__file__).parent
-NAMES = ("create_job", "add_shards", "seal", "claim", "heartbeat", "line", "commit", "requeue", "cancel",
-         "set_state", "reopen", "finalize", "progress", "worker")
+NAMES = ("create_job", "add_shards", "seal", "claim", "heartbeat", "line", "commit", "uncommit", "requeue",
+         "cancel", "set_state", "reopen", "finalize", "progress", "worker")
 
 
 @lru_cache(maxsize=None)

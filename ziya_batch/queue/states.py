@@ -60,7 +60,7 @@ class JobState(_Ordered):
 class ShardState(_Ordered):
     PENDING = "pending"          # waiting for a claim (maybe not before a backoff time)
     LEASED = "leased"            # a worker holds it under a fencing token until its lease expires
-    COMMITTED = "committed"      # its part is committed; terminal
+    COMMITTED = "committed"      # its part is committed (back to pending/dead only if storage lost it unpromoted)
     DEAD = "dead"                # retries exhausted: the next claim writes every line as a retries_exhausted error
 
 
@@ -69,7 +69,8 @@ J, S = JobState, ShardState
 JOB_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     J.QUEUED: frozenset({J.RUNNING, J.FINALIZING, J.CANCELLING, J.CANCELLED, J.FAILED}),
     J.RUNNING: frozenset({J.FINALIZING, J.CANCELLING, J.CANCELLED, J.FAILED}),
-    J.FINALIZING: frozenset({J.COMPLETED, J.FAILED}),
+    # running: a shard's staged parts were lost before promotion, so it runs again (uncommit.lua)
+    J.FINALIZING: frozenset({J.COMPLETED, J.FAILED, J.RUNNING}),
     J.COMPLETED: frozenset(),
     J.FAILED: frozenset({J.QUEUED, J.FINALIZING}),          # resubmitted: reopened
     J.CANCELLING: frozenset({J.CANCELLED, J.FAILED}),
@@ -80,7 +81,9 @@ SHARD_TRANSITIONS: dict[ShardState, frozenset[ShardState]] = {
     S.PENDING: frozenset({S.LEASED, S.COMMITTED}),          # committed: found committed in storage on resubmit
     S.LEASED: frozenset({S.COMMITTED, S.PENDING, S.DEAD}),  # commit; fail/expiry/abandon; retries exhausted
     S.DEAD: frozenset({S.LEASED, S.PENDING, S.COMMITTED}),  # claimed to write error lines; reopened; storage
-    S.COMMITTED: frozenset(),
+    # Redis accepted the commit but storage lost the staged parts before they were promoted (no commit marker):
+    # the shard runs again (uncommit.lua); a dead-lettered one goes back to dead, its error lines unwritten
+    S.COMMITTED: frozenset({S.PENDING, S.DEAD}),
 }
 
 

@@ -1,11 +1,13 @@
 """Committing one shard exactly once: score its results, build its parts, stage them under the lease's fencing
 token, commit in Redis (compare-and-set on the token), and promote them only if Redis took the commit; a stale
-owner discards what it staged (io/parts.py has the storage side of the protocol)."""
+owner discards what it staged (io/parts.py has the storage side of the protocol). Staged parts that storage lost
+between the commit and the promote take the commit back: the shard runs again (jobs.finalize.promote_accepted)."""
 from __future__ import annotations
 
 import logging
 
 from .. import filters, io
+from ..jobs.finalize import promote_accepted
 from ..records import LineFailure, LineResult
 from .failures import LeaseLost, engine_calls
 from .flight import Flight
@@ -22,7 +24,9 @@ class ShardCommit:
 
     def __call__(self, flight: Flight, results: list[LineResult], failures: list[LineFailure]) -> bool:
         """True if this worker's output became the shard's part; False if Redis refused the commit (the lease
-        was lost meanwhile). Raises LeaseLost when the heartbeat lost the lease before the commit was tried."""
+        was lost meanwhile), or took it back because storage lost the staged parts before they were promoted (the
+        shard is pending again: nothing failed, and the lease is spent). Raises LeaseLost when the heartbeat lost
+        the lease before the commit was tried."""
         from ..queue import ShardStats
 
         lease, spec, shard = flight.lease, flight.spec, flight.lease.shard
@@ -50,5 +54,5 @@ class ShardCommit:
             out.discard(shard.index, lease.token, stats.attempt)
             log.warning("shard %s/%d: lease lost before commit; output discarded", lease.job_id, shard.index)
             return False
-        out.promote(shard.index, lease.token, stats.attempt, stats.parts, stats=stats.to_dict())
-        return True
+        marker = promote_accepted(self.broker, out, lease.job_id, shard.index, lease.token, stats, lease.worker_id)
+        return marker is not None

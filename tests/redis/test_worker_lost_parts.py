@@ -1,0 +1,52 @@
+"""A worker whose staged parts storage loses between its Redis commit and its promote takes the commit back: the
+shard runs again (here on the same worker), nothing is marked failed, and the job completes with every input line
+exactly once."""
+import collections
+import json
+import logging
+
+from ziya_batch import io
+from ziya_batch.jobs import submit_job
+from ziya_batch.queue import JobState
+from ziya_batch.spec import parse_spec
+from ziya_batch.work.worker import Worker
+
+
+def test_staged_parts_lost_before_the_promote_are_generated_again(tmp_path, demo_model, broker, monkeypatch,
+                                                                   caplog):
+    inp = tmp_path / "in.jsonl"
+    lines = [json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) for i in range(6)] + ["{not json"]
+    inp.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    spec = parse_spec({"name": "lost", "model": {"path": str(demo_model)}, "input": [str(inp)],
+                       "sampling": {"max_new_tokens": 2, "seed": 1}, "output": {"path": str(out)},
+                       "shard_size": 3})
+    job_id = submit_job(spec, broker).job_id
+    commit, lost = broker.commit, []
+
+    def commit_then_lose_parts(lease, stats):
+        ok = commit(lease, stats)
+        if ok and lease.shard.index == 1 and not lost:
+            # the staged parts (not the intent) are gone between the Redis commit and the promote
+            lost.extend(out.glob(f"_staging/*/part-00001.{lease.token}-*"))
+            for path in lost:
+                path.unlink()
+        return ok
+    monkeypatch.setattr(broker, "commit", commit_then_lose_parts)
+    with caplog.at_level(logging.WARNING):
+        Worker(broker, worker_id="w", device="cpu").run_until_idle()
+    assert lost
+    st = broker.status(job_id, detail=True)
+    assert st.state == JobState.COMPLETED and st.error is None
+    assert (st.prompts_done, st.prompts_failed, st.retries) == (6, 1, 0)
+    assert [e["reason"] for e in st.errors] == ["parts lost"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    warned = [r.getMessage() for r in caplog.records if "lost from storage" in r.getMessage()]
+    assert len(warned) == 1 and "shard 1" in warned[0] and "part is gone" in warned[0]
+    manifest = io.read_manifest(str(out))
+    assert sorted(io.manifest_shards(manifest)) == [0, 1, 2]
+    assert json.loads((out / "_committed" / "part-00001.json").read_text())["token"] == 2
+    ids = collections.Counter(r["id"] for r in io.read_parts(str(out), "results"))
+    ids.update(r["id"] for r in io.read_parts(str(out), "errors"))
+    # one sample per line (n = 1): each input line once, in results/ or (the bad line, named by its place) in errors/
+    assert ids == collections.Counter([f"p{i}" for i in range(6)] + [f"{inp}:7"])

@@ -1,0 +1,42 @@
+-- Take back a commit whose parts storage lost before they were promoted (no commit marker), so the shard runs
+-- again: compare-and-set on the committed token (and attempt, where given), so a stale caller never undoes a
+-- newer commit. The shard goes back to pending (dead if it was dead-lettered: its error lines are unwritten),
+-- claimable at once; its stats come off the job's sums. A finalizing job is running again and loses its
+-- finalizer; a failed, cancelling or cancelled job keeps its state (a resubmit's reopen runs the shard); a
+-- completed one is refused (it has a marker for every shard). Returns {1, job state} or {0, reason}.
+-- KEYS[1] job hash   KEYS[2] job shards hash   KEYS[3] job pending zset   KEYS[4] ready zset
+-- KEYS[5] claim sequence counter   KEYS[6] job finalizer string   KEYS[7] job errors list
+-- ARGV[1] job_id   ARGV[2] shard index   ARGV[3] committed token   ARGV[4] attempt or ''   ARGV[5] reason
+-- ARGV[6] errors to keep   ARGV[7] caller (for the error record)
+local sh = get_shard(KEYS[2], ARGV[2])
+if not sh then return {0, 'unknown shard'} end
+if sh.state ~= 'committed' then return {0, 'shard is ' .. sh.state} end
+if sh.committed_token ~= tonumber(ARGV[3]) then
+  return {0, 'committed under token ' .. tostring(sh.committed_token) .. ', not ' .. ARGV[3]}
+end
+local stats = sh.stats or {}
+if ARGV[4] ~= '' and stats.attempt ~= ARGV[4] then
+  return {0, 'committed by attempt ' .. tostring(stats.attempt) .. ', not ' .. ARGV[4]}
+end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'completed' then return {0, 'job is completed'} end
+local now = now_ms()
+if sh.dead then shard_to(KEYS[1], sh, 'dead') else shard_to(KEYS[1], sh, 'pending') end
+add_stats(KEYS[1], stats, -1)
+local token = sh.committed_token
+sh.stats = nil
+sh.committed_token = nil
+put_shard(KEYS[2], ARGV[2], sh)
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[2])
+if state == 'finalizing' then
+  job_to(KEYS[1], state, 'running', now)
+  redis.call('DEL', KEYS[6])
+end
+if state == 'queued' or state == 'running' or state == 'finalizing' then
+  ready_add(KEYS[4], KEYS[5], KEYS[1], ARGV[1], true)
+end
+local entry = {ts_ms = now, shard = tonumber(ARGV[2]), token = token, attempt = sh.attempts, worker_id = ARGV[7],
+  reason = 'parts lost', message = string.sub(ARGV[5], 1, 2000), outcome = 'retry'}
+redis.call('LPUSH', KEYS[7], cjson.encode(entry))
+redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[6]) - 1)
+return {1, redis.call('HGET', KEYS[1], 'state')}
