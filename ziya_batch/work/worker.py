@@ -448,7 +448,8 @@ class Worker:
 
     def _finalize(self, job_id: str) -> bool:
         """finalize_if_ready, for a worker: Redis down is raised (the serving loop waits for it); any other failure
-        is logged, and finalize has marked the job failed with the reason, while the replica serves on."""
+        is logged, and finalize has marked the job failed with the reason (unless the job left finalizing
+        meanwhile), while the replica serves on."""
         from ..jobs import finalize_if_ready
 
         try:
