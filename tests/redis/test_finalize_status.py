@@ -37,6 +37,24 @@ def test_begin_finalize_only_in_finalizing_and_again_after_the_winner_died(broke
     assert not broker.begin_finalize(job_id)
 
 
+def test_end_finalize_gives_up_only_the_callers_election_at_once_or_after_a_while(broker, make_shards, make_spec):
+    spec = make_spec()
+    job_id = broker.submit(spec, make_shards(spec, 1)).job_id
+    broker.commit(broker.claim("w"), ShardStats(prompts_done=10))
+    assert broker.begin_finalize(job_id, "f1")
+    assert not broker.end_finalize(job_id, "f2")                 # not its election: it stands
+    assert not broker.begin_finalize(job_id, "f2")
+    assert broker.end_finalize(job_id, "f1", after_s=0.2)        # another caller may take it in 0.2 s
+    assert 0 < broker.client.pttl(broker.keys.finalizer(job_id)) <= 200
+    assert not broker.begin_finalize(job_id, "f2") and broker.unfinished_finalizing() == []
+    import time
+    time.sleep(0.25)
+    assert broker.unfinished_finalizing() == [job_id]
+    assert broker.begin_finalize(job_id, "f2")
+    assert broker.end_finalize(job_id, "f2")                     # at once
+    assert broker.begin_finalize(job_id, "f3")
+
+
 def test_status_counts_rate_eta_and_json(broker, make_shards, make_spec):
     spec = make_spec(max_retries=0)
     job_id = broker.submit(spec, make_shards(spec, 4)).job_id

@@ -386,6 +386,12 @@ class Broker:
         return self.scripts.finalize(keys=[k.job(job_id), k.finalizer(job_id)],
                                      args=[owner or uuid.uuid4().hex, int(ttl_s * 1000)]) == 1
 
+    def end_finalize(self, job_id: str, owner: str, after_s: float = 0.0) -> bool:
+        """Give up the election `owner` won with begin_finalize without finishing the job: another caller (the
+        workers' sweep) may finalize it `after_s` from now. True if `owner` held it."""
+        return self.scripts.end_finalize(keys=[self.keys.finalizer(job_id)],
+                                         args=[owner, max(0, int(after_s * 1000))]) == 1
+
     def _set_state(self, job_id: str, state: JobState, message: str = "") -> None:
         k = self.keys
         old = self.scripts.set_state(keys=[k.job(job_id), k.ready(), k.finalizer(job_id)],
