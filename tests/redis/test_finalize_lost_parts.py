@@ -7,6 +7,8 @@ import json
 import logging
 import shutil
 
+import pytest
+
 from ziya_batch import io
 from ziya_batch.jobs import finalize_if_ready, submit_job
 from ziya_batch.queue import JobState, ShardStats
@@ -105,6 +107,32 @@ def test_a_stale_finalizer_does_not_fail_a_job_that_left_finalizing(tmp_path, br
     assert not finalize_if_ready(broker, job_id)
     st = broker.status(job_id)
     assert st.state == JobState.RUNNING and st.error is None
+
+
+def test_a_finalizer_elected_after_a_take_back_and_a_rerun_fails_a_real_failure(tmp_path, broker, monkeypatch):
+    """The job went finalizing -> running -> finalizing (a take-back and the rerun's commit) just before this
+    finalizer's election: it is the current finalizer, and a real failure (write_manifest raising PermissionError)
+    fails the job, instead of leaving it finalizing, its election held for FINALIZE_TTL_S, with no error."""
+    spec, job_id, out = _job(tmp_path, broker)
+    _promote(out, *_stage_and_commit(broker, out, "w1"))
+    lease, st = _stage_and_commit(broker, out, "w2")
+    _promote(out, lease, st)
+    begin = broker.begin_finalize
+
+    def cycle_then_begin(j, *a, **kw):
+        assert broker.uncommit(j, 1, lease.token, "lost")
+        _promote(out, *_stage_and_commit(broker, out, "w3"))
+        return begin(j, *a, **kw)
+    monkeypatch.setattr(broker, "begin_finalize", cycle_then_begin)
+
+    def no_permission(*a, **kw):
+        raise PermissionError("write denied")
+    monkeypatch.setattr(io, "write_manifest", no_permission)
+    with pytest.raises(PermissionError):
+        finalize_if_ready(broker, job_id)
+    st = broker.status(job_id)
+    assert st.state == JobState.FAILED and "PermissionError: write denied" in st.error
+    assert broker.client.get(broker.keys.finalizer(job_id)) is None
 
 
 def test_a_cancelled_job_leaves_the_lost_shard_out_and_a_resubmit_runs_it(tmp_path, broker):

@@ -47,6 +47,9 @@ def finalize_if_ready(broker: "JobsBroker", job_id: str) -> bool:
         return _finalize_cancelled(broker, job_id, status, spec, out)
     if status.state != JobState.FINALIZING or not broker.begin_finalize(job_id):
         return False
+    status = broker.find_job(job_id)        # as this election found it: what _left_finalizing compares with
+    if status is None:
+        return False
     try:
         markers, lost = _committed(broker, job_id, out)
         if lost:
@@ -68,9 +71,11 @@ def finalize_if_ready(broker: "JobsBroker", job_id: str) -> bool:
 
 
 def _left_finalizing(broker: "JobsBroker", status: "JobStatus") -> bool:
-    """Whether the job left `finalizing` since `status` was read: another caller took a commit back (uncommit),
-    and the job may be finalizing again since, that shard committed anew. What this finalizer saw is out of date
-    then, no reason to fail the job."""
+    """Whether the job changed state since `status` was read, right after this finalizer's election: another caller
+    took a commit back (uncommit), and the job may be finalizing again since, that shard committed anew. What this
+    finalizer saw is out of date then, no reason to fail the job. (Compared with a status read before the election,
+    a job that went finalizing -> running -> finalizing in between looked changed, and this finalizer, the current
+    one, failed nothing: a real failure left the job finalizing with no error, its election held.)"""
     from ..queue import JobState
 
     now = broker.find_job(status.job_id)
