@@ -178,3 +178,21 @@ def test_s3_small_files_are_read_under_a_cap(bucket, monkeypatch):
     monkeypatch.setattr(parts_mod, "MAX_TOP_JSON_BYTES", 64)
     with pytest.raises(InputError, match="larger than 64 bytes"):
         read_manifest(f"s3://{bucket}/out")
+
+
+def test_s3_staged_loss_and_a_discarded_attempt(bucket, shard_parts):
+    """What storage says is gone of an attempt, through s3fs (HEAD answers 404, its listing cache bypassed); a
+    promote of an attempt discarded meanwhile writes no marker."""
+    from ziya_batch.io import CommitError, OutputDir
+
+    out = OutputDir(f"s3://{bucket}/runs/lost")
+    staged = out.stage(4, 7, "a1", shard_parts(1))
+    out.fs.ls(out.path("_staging", "sft"))                   # a listing s3fs caches
+    assert out.staged_loss(4, 7, "a1") is None
+    out.fs.rm_file(staged["sft"].path)
+    assert out.staged_loss(4, 7, "a1") == "its staged sft part is gone and sft/part-00004.jsonl does not hold it"
+    out.discard(4, 7, "a1")
+    assert out.staged_loss(4, 7, "a1") == "its intent _staging/part-00004.7-a1.json is gone"
+    with pytest.raises(CommitError, match="nothing staged"):
+        out.promote(4, 7, "a1")
+    assert out.read_marker(4) is None

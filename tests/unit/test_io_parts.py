@@ -155,8 +155,8 @@ def test_promote_refuses_when_a_moved_part_was_lost(tmp_path, shard_parts):
 @pytest.mark.parametrize("where", ["local", "memory"])
 def test_a_rerun_overwrites_the_parts_a_lost_attempt_moved(tmp_path, shard_parts, where):
     """Storage lost an attempt's staged sft part after its results part was moved into place: that promote
-    fails with no marker written, the shard runs again (Broker.uncommit), and the new attempt's promote replaces
-    the final part the lost one left."""
+    fails with no marker written, the shard runs again (its finalizer takes the commit back), and the new attempt's
+    promote replaces the final part the lost one left."""
     from ziya_batch.io import OutputDir
 
     out = OutputDir(str(tmp_path / "out") if where == "local" else f"memory://zb-{uuid.uuid4().hex[:8]}/out")
@@ -172,6 +172,67 @@ def test_a_rerun_overwrites_the_parts_a_lost_attempt_moved(tmp_path, shard_parts
     assert marker.token == 2
     for kind, part in rerun.items():
         assert hashlib.sha256(out.read(f"{kind}/part-00004.jsonl")).hexdigest() == part.sha256
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_staged_loss_says_what_storage_says_is_gone_and_nothing_else(tmp_path, shard_parts, monkeypatch, where):
+    from ziya_batch.io import OutputDir
+
+    out = OutputDir(str(tmp_path / "out") if where == "local" else f"memory://zb-{uuid.uuid4().hex[:8]}/out")
+    staged = out.stage(4, 1, "a1", shard_parts(2))
+    assert out.staged_loss(4, 1, "a1") is None
+    out.fs.makedirs(out.path("results"), exist_ok=True)
+    out.fs.mv(staged["results"].path, out.path("results", "part-00004.jsonl"))   # a promote moved it
+    assert out.staged_loss(4, 1, "a1") is None
+    out.fs.rm_file(staged["sft"].path)
+    assert out.staged_loss(4, 1, "a1") == "its staged sft part is gone and sft/part-00004.jsonl does not hold it"
+    real_info = type(out.fs).info
+
+    def denied(fs, path, **kw):
+        raise PermissionError(13, "Access Denied", path)
+    monkeypatch.setattr(type(out.fs), "info", denied)
+    with pytest.raises(PermissionError):             # not "gone": fsspec's exists() would have said False
+        out.staged_loss(4, 1, "a1")
+    monkeypatch.setattr(type(out.fs), "info", real_info)
+    out.fs.rm_file(out.path("_staging", "part-00004.1-a1.json"))
+    assert out.staged_loss(4, 1, "a1") == "its intent _staging/part-00004.1-a1.json is gone"
+    assert out.staged_loss(4, 2, "never") == "its intent _staging/part-00004.2-never.json is gone"
+
+
+def test_promote_writes_no_marker_once_the_attempt_is_discarded(tmp_path, shard_parts, monkeypatch):
+    """A finalizer taking the commit back discards the attempt (its intent first) while a promote of it is between
+    its last move and its marker: the promote raises instead of writing a marker that a re-run would contradict."""
+    from ziya_batch.io import OutputDir
+
+    out = OutputDir(str(tmp_path / "out"))
+    out.stage(4, 1, "a1", shard_parts(2))
+    intent, real_absent = out.path("_staging", "part-00004.1-a1.json"), OutputDir._absent
+
+    def discarded_first(od, path):
+        if path == intent:
+            od.discard(4, 1, "a1")
+        return real_absent(od, path)
+    monkeypatch.setattr(OutputDir, "_absent", discarded_first)
+    with pytest.raises(CommitError, match="intent was removed before its commit marker was written"):
+        out.promote(4, 1, "a1")
+    assert out.read_marker(4) is None
+
+
+def test_promote_returns_the_marker_a_concurrent_promote_of_the_attempt_wrote_meanwhile(tmp_path, shard_parts,
+                                                                                        monkeypatch):
+    from ziya_batch.io import OutputDir
+
+    out = OutputDir(str(tmp_path / "out"))
+    out.stage(4, 1, "a1", shard_parts(2))
+    intent, real_absent, other = out.path("_staging", "part-00004.1-a1.json"), OutputDir._absent, []
+
+    def other_finishes_first(od, path):
+        if path == intent and not other:
+            other.append(None)
+            other[0] = od.promote(4, 1, "a1", stats={"prompts_done": 3})     # writes the marker, removes the intent
+        return real_absent(od, path)
+    monkeypatch.setattr(OutputDir, "_absent", other_finishes_first)
+    assert out.promote(4, 1, "a1", stats={"prompts_done": 3}) == other[0] == out.read_marker(4)
 
 
 def test_promote_checks_reported_staged_info(tmp_path, shard_parts):

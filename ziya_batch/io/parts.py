@@ -19,7 +19,13 @@ any other token discards that token's staged parts and returns the existing mark
 worker cannot overwrite the winner's part, and a shard run twice because Redis lost a commit keeps its
 first output (exactly-once output without relying on token order surviving a Redis loss). The one
 window left is two tokens promoted at the same moment for one shard with no marker yet, which the Redis
-fencing rules out.
+fencing rules out, with one exception: a commit whose staged parts storage lost before they were promoted
+(staged_loss says so) is taken back by the job's finalizer and its shard runs again under a new token. The
+finalizer discards what is left of the old attempt first and takes the commit back only a grace period after it
+(queue.broker.PROMOTE_GRACE_S), and promote checks each staged part right before moving it and the intent right
+before writing the marker, so a late promoter of the old token finds nothing to move and writes no marker. Only a
+promoter stalled for longer than the grace between such a check and its write can still write over the re-run's
+part or marker: storage without conditional writes cannot rule that out.
 
 Crash safety. OutputDir.promote is idempotent: called again after a crash between any two steps (parts
 half moved, moved but no marker, marker written but intent not yet removed) it finishes the job and
@@ -227,6 +233,11 @@ class OutputDir:
         """URL of a final part, e.g. s3://b/run/results/part-00005.jsonl."""
         return join_url(self.url, kind, part_name(index, fmt or self.format))
 
+    @property
+    def staging_url(self) -> str:
+        """URL of the folder attempts are staged in, e.g. s3://b/run/_staging/ (for messages)."""
+        return join_url(self.url, STAGING) + "/"
+
     @staticmethod
     def part_rel(kind: str, index: int, fmt: str) -> str:
         return f"{kind}/{part_name(index, fmt)}"
@@ -378,7 +389,9 @@ class OutputDir:
         `token` with yours) and this token's staged parts are deleted. `staged_info` (kind -> (lines,
         sha256)), when given, is checked against what was staged. `stats` (JSON-able counts: prompts_done,
         prompts_failed, samples, output_tokens) is kept in the marker, so a lost Redis can be rebuilt from
-        storage. Raises CommitError when nothing is staged under this token or a moved part went missing.
+        storage. Raises CommitError when nothing is staged under this token, the intent differs from
+        `staged_info`, a staged part is gone and its final name does not hold it, or the intent was removed (the
+        attempt discarded) before the marker was written.
         """
         fs = self.fs
         marker_path, intent_path = self._marker(index), self._intent(index, token, attempt)
@@ -430,6 +443,15 @@ class OutputDir:
                     raise CommitError(f"shard {index} token {token}: staged {kind} part is gone and {rel} does "
                                       "not hold it; the shard must run again")
             parts[kind] = PartInfo(int(info["lines"]), info["sha256"], rel, int(info.get("size_bytes", 0)))
+        # a finalizer taking the commit back (its parts were lost) discards the intent first: no marker may name
+        # parts that the re-run replaces. A promoter stalled between this check and the put for longer than the
+        # grace before a take-back (queue.broker.PROMOTE_GRACE_S) can still write over the re-run's marker.
+        if self._absent(intent_path):
+            done = self.read_marker(index)      # a concurrent promote of this attempt removes the intent last
+            if done is not None and done.token == int(token) and done.stats.get("attempt", "") == attempt:
+                return done
+            raise CommitError(f"shard {index} token {token}: the attempt's intent was removed before its commit "
+                              "marker was written (discarded: its commit was taken back, or storage lost it)")
         clean_stats = {k: v for k, v in (stats or {}).items() if k not in ("parts", "attempt")}
         if attempt:
             clean_stats["attempt"] = attempt
@@ -437,6 +459,34 @@ class OutputDir:
         put_atomic(fs, marker_path, marker.to_json().encode())
         _remove_quietly(fs, [intent_path])
         return marker
+
+    def staged_loss(self, index: int, token: int, attempt: str = "") -> Optional[str]:
+        """What storage positively says is gone of one attempt's staging, so that it can never be promoted: its
+        intent, or a part that is neither staged nor moved into place already. None when storage holds all of it.
+        Only "not found" counts as gone: any other error propagates (fsspec's exists() answers False for every
+        error, a timeout or a refused permission included)."""
+        raw = read_bytes(self.fs, self._intent(index, token, attempt), MAX_MARKER_BYTES)
+        if raw is None:
+            return f"its intent {STAGING}/{_stem(index)}.{_attempt_key(token, attempt)}.json is gone"
+        intent = json.loads(raw)
+        fmt = intent["format"]
+        for kind, info in sorted(intent["parts"].items()):
+            if not self._absent(self._staged(kind, index, token, attempt, fmt)):
+                continue
+            rel = self.part_rel(kind, index, fmt)
+            data = read_bytes(self.fs, self.path(rel))
+            if data is None or hashlib.sha256(data).hexdigest() != info["sha256"]:
+                return f"its staged {kind} part is gone and {rel} does not hold it"
+        return None
+
+    def _absent(self, path: str) -> bool:
+        """Whether storage answers that the object does not exist; any other error propagates."""
+        self.fs.invalidate_cache(path)
+        try:
+            self.fs.info(path)
+        except FileNotFoundError:
+            return True
+        return False
 
     def discard(self, index: int, token: int, attempt: str = "") -> None:
         """Delete one attempt's staged parts and intent. Never touches final parts or markers."""
