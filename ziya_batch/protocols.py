@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Pr
 
 if TYPE_CHECKING:
     from .engine.types import Request, RequestOutput
-    from .queue.types import JobStatus, Lease, ShardStats, WorkerInfo
+    from .queue.types import JobStatus, Lease, ShardStats, UncommitResult, WorkerInfo
     from .records import ShardRef
     from .spec import JobSpec
 
@@ -43,9 +43,9 @@ class JobsBroker(Protocol):
 
     def commits(self, job_id: str) -> dict[int, tuple[int, "ShardStats"]]: ...
 
-    # a commit whose staged parts storage lost before they were promoted: the shard runs again
-    def uncommit(self, job_id: str, index: int, token: int, reason: str, attempt: str = "",
-                 caller: str = "") -> bool: ...
+    # the finalizer's: a commit whose staged parts storage lost before they were promoted; the shard runs again
+    def uncommit(self, job_id: str, index: int, token: int, reason: str, attempt: str = "", caller: str = "",
+                 staging: str = "") -> "UncommitResult": ...
 
     def mark_completed(self, job_id: str) -> None: ...
 

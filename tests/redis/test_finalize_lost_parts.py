@@ -15,6 +15,12 @@ from ziya_batch.queue import JobState, ShardStats
 from ziya_batch.spec import parse_spec
 
 
+@pytest.fixture(autouse=True)
+def _no_grace(broker):
+    """A lost commit is taken back at once."""
+    broker.promote_grace_s = 0.0
+
+
 def _job(tmp_path, broker, lines=4):
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"q{i}"}) + "\n"
                                                for i in range(lines)))
@@ -101,7 +107,7 @@ def test_a_stale_finalizer_does_not_fail_a_job_that_left_finalizing(tmp_path, br
 
     def taken_back_first(j):
         # the worker's own promote failed and took the commit back just after this finalizer was elected
-        assert broker.uncommit(j, lease.shard.index, lease.token, "staged results part is gone")
+        assert broker.uncommit(j, lease.shard.index, lease.token, "staged results part is gone").taken_back
         return commits(j)
     monkeypatch.setattr(broker, "commits", taken_back_first)
     assert not finalize_if_ready(broker, job_id)
@@ -120,7 +126,7 @@ def test_a_finalizer_elected_after_a_take_back_and_a_rerun_fails_a_real_failure(
     begin = broker.begin_finalize
 
     def cycle_then_begin(j, *a, **kw):
-        assert broker.uncommit(j, 1, lease.token, "lost")
+        assert broker.uncommit(j, 1, lease.token, "lost").taken_back
         _promote(out, *_stage_and_commit(broker, out, "w3"))
         return begin(j, *a, **kw)
     monkeypatch.setattr(broker, "begin_finalize", cycle_then_begin)

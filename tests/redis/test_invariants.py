@@ -45,12 +45,13 @@ def check_invariants(broker: Broker, job_id: str, tokens_seen: dict) -> None:
 @pytest.mark.parametrize("seed", range(6))
 def test_random_operations_keep_keys_consistent(redis_client, seed, expire, make_shards, make_spec):
     rng = random.Random(seed)
-    broker = Broker(redis_client, prefix="zbtest", backoff_base_s=0.0, backoff_max_s=0.0)
+    broker = Broker(redis_client, prefix="zbtest", backoff_base_s=0.0, backoff_max_s=0.0, promote_grace_s=0.0)
     spec = make_spec(f"rand{seed}", max_retries=rng.choice([0, 1, 3]))
     job_id = broker.submit(spec, make_shards(spec, 16)).job_id
     live: list = []
     stale: list = []
     committed: list = []        # leases whose commit Redis accepted and no uncommit took back
+    lost: dict = {}             # shard -> uncommits counted against max_retries
     tokens: dict = {}
     cancelled = False
     for step in range(150):
@@ -87,8 +88,16 @@ def test_random_operations_keep_keys_consistent(redis_client, seed, expire, make
         elif op == "uncommit" and committed:
             # storage lost a committed shard's staged parts; its stale lease stays in `stale`
             lease = committed.pop(rng.randrange(len(committed)))
-            assert broker.uncommit(job_id, lease.shard.index, lease.token, "lost")
-            assert not broker.uncommit(job_id, lease.shard.index, lease.token, "lost")
+            i = lease.shard.index
+            lost[i] = lost.get(i, 0) + 1
+            got = broker.uncommit(job_id, i, lease.token, "lost")
+            # past max_retries the shard is taken back but the job fails, and the shard's count starts again
+            assert got.outcome == ("failed" if lost[i] > spec.reliability.max_retries else "retry")
+            assert got.times_lost == lost[i]
+            if got.outcome == "failed":
+                lost[i] = 0
+                assert broker.status(job_id).state in (JobState.FAILED, JobState.CANCELLED)
+            assert broker.uncommit(job_id, i, lease.token, "lost").outcome == "refused"
         elif op == "stale" and stale:
             lease = rng.choice(stale)
             assert not broker.commit(lease, ShardStats(prompts_done=1))

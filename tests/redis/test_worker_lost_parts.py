@@ -22,6 +22,7 @@ def test_staged_parts_lost_before_the_promote_are_generated_again(tmp_path, demo
                        "sampling": {"max_new_tokens": 2, "seed": 1}, "output": {"path": str(out)},
                        "shard_size": 3})
     job_id = submit_job(spec, broker).job_id
+    broker.promote_grace_s = 0.0
     commit, lost = broker.commit, []
 
     def commit_then_lose_parts(lease, stats):
@@ -38,7 +39,7 @@ def test_staged_parts_lost_before_the_promote_are_generated_again(tmp_path, demo
     assert lost
     st = broker.status(job_id, detail=True)
     assert st.state == JobState.COMPLETED and st.error is None
-    assert (st.prompts_done, st.prompts_failed, st.retries) == (6, 1, 0)
+    assert (st.prompts_done, st.prompts_failed, st.retries) == (6, 1, 1)
     assert [e["reason"] for e in st.errors] == ["parts lost"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     warned = [r.getMessage() for r in caplog.records if "lost from storage" in r.getMessage()]

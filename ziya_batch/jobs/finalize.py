@@ -106,7 +106,7 @@ def promote_accepted(broker: "JobsBroker", out: "io.OutputDir", job_id: str, ind
         marker = out.read_marker(index)
         if marker is not None:      # another promote of the shard finished meanwhile
             return marker
-        if broker.uncommit(job_id, index, token, str(err), stats.attempt, caller):
+        if broker.uncommit(job_id, index, token, str(err), stats.attempt, caller, out.staging_url).taken_back:
             log.warning("job %s shard %d: its parts were lost from storage before promotion (%s); it runs again",
                         job_id, index, err)
         return None

@@ -22,6 +22,9 @@ Policies:
   the shard's limit (the shard made progress); the worker writes bad lines as `retries_exhausted` errors.
 - Fairness: claims take the highest-priority job with a claimable shard; among equal priorities, the
   job claimed from least recently (round robin per claim).
+- Lost staged parts: a commit whose staged parts storage lost before they were promoted is taken back by the
+  job's finalizer (uncommit), no sooner than PROMOTE_GRACE_S after the commit, and the shard runs again; each
+  re-run counts in the job's retries, and parts lost more than `max_retries` times fail the job instead.
 - Losing Redis: submit() with `committed` (from storage) records those shards committed; a job is only
   ever `completed` by a finalizer (mark_completed from finalizing), never by a rebuild.
 """
@@ -31,8 +34,8 @@ from .keys import Keys
 from .server import PrivateRedis, check_config
 from .states import (JOB_TRANSITIONS, SHARD_TRANSITIONS, JobState, ShardState, TransitionError,
                      check_job_transition, check_shard_transition)
-from .types import JobStatus, Lease, ShardStats, WorkerInfo
+from .types import JobStatus, Lease, ShardStats, UncommitResult, WorkerInfo
 
 __all__ = ["Broker", "BROKER_ERRORS", "BROKER_UNREACHABLE", "Keys", "PrivateRedis", "check_config", "JobState",
            "ShardState", "JOB_TRANSITIONS", "SHARD_TRANSITIONS", "TransitionError", "check_job_transition",
-           "check_shard_transition", "JobStatus", "Lease", "ShardStats", "WorkerInfo"]
+           "check_shard_transition", "JobStatus", "Lease", "ShardStats", "UncommitResult", "WorkerInfo"]

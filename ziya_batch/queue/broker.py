@@ -11,7 +11,8 @@ again), retries, dead_lines, progress_seq.
 
 Shard records (JSON in the job's shards hash): file (position in the files list), start, end, first_line,
 num_lines, state, token, attempts, failures, isolate, lease_isolate, in_flight, bad_lines, dead, owner,
-stats, committed_token. About 200 bytes a shard: a 10-million-line job of 512-line shards is ~4 MB.
+stats, committed_token, committed_ms (Redis time of the commit), lost (times its staged parts were lost before
+promotion and it ran again). About 200 bytes a shard: a 10-million-line job of 512-line shards is ~4 MB.
 """
 from __future__ import annotations
 
@@ -32,12 +33,16 @@ from .scripts import Scripts
 from .server import check_config
 from .states import JobState, ShardState
 from .status import build_status
-from .types import JobStatus, Lease, ShardStats, WorkerInfo
+from .types import JobStatus, Lease, ShardStats, UncommitResult, WorkerInfo
 
 log = logging.getLogger(__name__)
 
 SUBMIT_BATCH = 1000          # shards per add_shards call while the input streams
 FINALIZE_TTL_S = 600.0       # a finalizer that has not finished in this long is presumed dead
+# a commit is taken back (uncommit) no sooner than this after it: longer than any promote takes (a few moves and
+# one small put), so a promoter of it has finished or failed by then; shorter than FINALIZE_TTL_S, so a finalizer
+# still at work holds its election past it
+PROMOTE_GRACE_S = 300.0
 WORKER_FORGET_S = 86400.0    # registrations silent this long are deleted (worker ids are per process)
 
 
@@ -48,10 +53,11 @@ def _json(obj) -> str:
 class Broker:
     def __init__(self, client: redis.Redis, prefix: str = "zb", backoff_base_s: float = 2.0,
                  backoff_max_s: float = 300.0, errors_kept: int = 50, worker_ttl_s: float = 60.0,
-                 claim_scan: int = 64):
+                 claim_scan: int = 64, promote_grace_s: float = PROMOTE_GRACE_S):
         """`backoff_base_s`: delay before the first retry of a failed shard, doubled per failure up to
         `backoff_max_s`. `errors_kept`: failures remembered per job for `status JOB_ID`. `worker_ttl_s`:
-        a worker silent this long is no longer listed. `claim_scan`: jobs a claim looks through."""
+        a worker silent this long is no longer listed. `claim_scan`: jobs a claim looks through.
+        `promote_grace_s`: how long after its commit a commit may be taken back (uncommit)."""
         if not client.connection_pool.connection_kwargs.get("decode_responses"):
             pool = client.connection_pool
             client = redis.Redis(connection_pool=redis.ConnectionPool(
@@ -64,6 +70,7 @@ class Broker:
         self.errors_kept = errors_kept
         self.worker_ttl_s = worker_ttl_s
         self.claim_scan = claim_scan
+        self.promote_grace_s = promote_grace_s
         self._files: dict[tuple[str, str], list[str]] = {}   # (job_id, created_ms) -> input files
         self._work: Optional[redis.client.PubSub] = None     # watch_work's subscription
 
@@ -295,25 +302,35 @@ class Broker:
                   k.lease_member(j, lease.shard.index)])
         return ok == 1
 
-    def uncommit(self, job_id: str, index: int, token: int, reason: str, attempt: str = "",
-                 caller: str = "") -> bool:
-        """Put a committed shard back to pending (dead, if it was dead-lettered) because storage lost its staged
-        parts before they were promoted: the shard runs again. Acts only while the shard is committed under
-        `token` (and `attempt`, where given), so a caller with an old view never undoes a newer commit; True if
-        it acted. The shard's stats come off the job's; a finalizing job is running again; a failed, cancelling
-        or cancelled job keeps its state (a resubmit runs the shard); a completed job is refused. `reason` goes
-        to the job's errors (status shows it). Call only after checking that storage has no commit marker for
-        the shard."""
+    def uncommit(self, job_id: str, index: int, token: int, reason: str, attempt: str = "", caller: str = "",
+                 staging: str = "") -> UncommitResult:
+        """Take back a commit because storage lost its staged parts before they were promoted: the shard goes back
+        to pending (dead, if it was dead-lettered) and runs again. Call only as the job's finalizer, once storage
+        positively said the parts are gone, holds no commit marker for the shard, and what was left of the
+        attempt's staging is discarded (jobs.finalize does all three).
+
+        Acts only while the shard is committed under `token` (and `attempt`, where given), so a caller with an
+        old view never undoes a newer commit, and only `promote_grace_s` after the commit: a promoter of it still
+        at work would otherwise write over the re-run. The shard's stats come off the job's; each re-run counts in
+        the job's retries; a finalizing job is running again; a failed, cancelling or cancelled job keeps its
+        state (a resubmit runs the shard); a completed job is refused. Parts lost more times than the job's
+        max_retries: the shard is taken back but the job fails (unless cancelled), its error naming `staging`
+        (the URL of the output's staging folder), so a resubmit runs it once the cause is fixed. `reason` goes to
+        the job's errors (status shows it)."""
         k, j = self.keys, job_id
-        ok, got = self.scripts.uncommit(
+        got = self.scripts.uncommit(
             keys=[k.job(j), k.shards(j), k.pending(j), k.ready(), k.claim_seq(), k.finalizer(j), k.errors(j)],
-            args=[j, index, token, attempt, reason, self.errors_kept, caller])
-        if ok != 1:
-            log.info("shard %s/%d not put back to pending: %s", job_id, index, got)
-            return False
-        if JobState(got).is_claimable():
+            args=[j, index, token, attempt, reason, self.errors_kept, caller, int(self.promote_grace_s * 1000),
+                  staging or "its output's _staging/"])
+        if got[0] != 1:
+            log.info("shard %s/%d not taken back: %s", job_id, index, got[1])
+            if got[1] == "too recent":
+                return UncommitResult("too recent", got[1], wait_s=int(got[2]) / 1000)
+            return UncommitResult("refused", got[1])
+        outcome, state, times = got[1], got[2], int(got[3])
+        if JobState(state).is_claimable():
             self.announce_work(job_id)
-        return True
+        return UncommitResult(outcome, times_lost=times)
 
     def fail(self, lease: Lease, message: str, bad_line: Optional[int] = None) -> str:
         """Give the shard back after a failure. Returns 'retry' (pending again after an exponential

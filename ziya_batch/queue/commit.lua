@@ -13,6 +13,7 @@ local st = cjson.decode(ARGV[4])
 shard_to(KEYS[1], sh, 'committed')
 sh.stats = st
 sh.committed_token = sh.token
+sh.committed_ms = now           -- uncommit.lua waits out the promotes of this commit from here
 sh.owner = nil
 sh.in_flight = nil
 sh.lease_isolate = nil

@@ -67,6 +67,24 @@ class ShardStats:
 
 
 @dataclass(frozen=True)
+class UncommitResult:
+    """What Broker.uncommit did with a commit whose staged parts storage lost before they were promoted."""
+
+    # 'retry': taken back, the shard runs again; 'failed': taken back, but its parts were lost more times than the
+    # job's max_retries, so it does not run again and the job failed; 'too recent': refused, a promote of the
+    # commit may still be under way (wait_s); 'refused': the shard is not committed under that token and attempt
+    # (a newer view took over), or the job is completed
+    outcome: str
+    message: str = ""                # why it was refused
+    wait_s: float = 0.0              # 'too recent': seconds until it may be taken back
+    times_lost: int = 0              # taken back: how many times this shard's parts were lost, this one included
+
+    @property
+    def taken_back(self) -> bool:
+        return self.outcome in ("retry", "failed")
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
     worker_id: str
     host: str
@@ -104,7 +122,7 @@ class JobStatus:
     prompts_per_s: float
     eta_s: Optional[float]           # remaining prompts / prompts_per_s; None while nothing is moving
     workers: tuple                   # ({"worker_id", "host", "shards": [index, ...]}, ...) holding leases now
-    retries: int                     # failed or expired attempts, all shards together
+    retries: int                     # failed or expired attempts and re-runs of lost parts, all shards together
     lease_expiries: int              # of those, leases that expired (worker died, hung or lost Redis)
     dead_shards: int                 # shards that were dead-lettered
     dead_lines: int                  # lines given up on alone (they crashed generation in isolate mode)
