@@ -1,6 +1,7 @@
-"""A worker whose staged parts storage loses between its Redis commit and its promote takes the commit back: the
-shard runs again (here on the same worker), nothing is marked failed, and the job completes with every input line
-exactly once."""
+"""A worker whose staged parts storage loses between its Redis commit and its promote leaves the commit standing; the
+job's finalizer takes it back once the grace after the commit has passed (found by the workers' finalize sweep),
+the shard runs again (here on the same worker), nothing is marked failed, and the job completes with every input
+line exactly once."""
 import collections
 import json
 import logging
@@ -9,11 +10,13 @@ from ziya_batch import io
 from ziya_batch.jobs import submit_job
 from ziya_batch.queue import JobState
 from ziya_batch.spec import parse_spec
+from ziya_batch.work import worker as worker_module
 from ziya_batch.work.worker import Worker
 
 
 def test_staged_parts_lost_before_the_promote_are_generated_again(tmp_path, demo_model, broker, monkeypatch,
                                                                    caplog):
+    monkeypatch.setattr(worker_module, "FINALIZE_SWEEP_S", 0.0)
     inp = tmp_path / "in.jsonl"
     lines = [json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) for i in range(6)] + ["{not json"]
     inp.write_text("\n".join(lines) + "\n")
@@ -22,7 +25,6 @@ def test_staged_parts_lost_before_the_promote_are_generated_again(tmp_path, demo
                        "sampling": {"max_new_tokens": 2, "seed": 1}, "output": {"path": str(out)},
                        "shard_size": 3})
     job_id = submit_job(spec, broker).job_id
-    broker.promote_grace_s = 0.0
     commit, lost = broker.commit, []
 
     def commit_then_lose_parts(lease, stats):
@@ -34,16 +36,27 @@ def test_staged_parts_lost_before_the_promote_are_generated_again(tmp_path, demo
                 path.unlink()
         return ok
     monkeypatch.setattr(broker, "commit", commit_then_lose_parts)
+    w = Worker(broker, worker_id="w", device="cpu")
     with caplog.at_level(logging.WARNING):
-        Worker(broker, worker_id="w", device="cpu").run_until_idle()
-    assert lost
+        w.run_until_idle()
+        assert lost
+        # within the grace (PROMOTE_GRACE_S) a promote of the commit may still be under way: it stands
+        st = broker.status(job_id, detail=True)
+        assert st.state == JobState.FINALIZING and st.errors == ()
+        assert broker.commits(job_id)[1][0] == 1
+        # the grace passes (here: made 0), and with it the finalizer's election; the sweep takes the commit back
+        broker.promote_grace_s = 0.0
+        broker.client.delete(broker.keys.finalizer(job_id))
+        w.run_until_idle()
     st = broker.status(job_id, detail=True)
     assert st.state == JobState.COMPLETED and st.error is None
     assert (st.prompts_done, st.prompts_failed, st.retries) == (6, 1, 1)
     assert [e["reason"] for e in st.errors] == ["parts lost"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-    warned = [r.getMessage() for r in caplog.records if "lost from storage" in r.getMessage()]
-    assert len(warned) == 1 and "shard 1" in warned[0] and "part is gone" in warned[0]
+    warned = [r.getMessage() for r in caplog.records if "shard 1" in r.getMessage() or "/1:" in r.getMessage()]
+    assert len(warned) == 3, warned
+    assert "could not be moved into place" in warned[0] and "part is gone" in warned[0]        # the worker
+    assert "it runs again in" in warned[1] and warned[2].endswith("it runs again")             # the finalizer
     manifest = io.read_manifest(str(out))
     assert sorted(io.manifest_shards(manifest)) == [0, 1, 2]
     assert json.loads((out / "_committed" / "part-00001.json").read_text())["token"] == 2

@@ -1,17 +1,23 @@
 """Finishing a job: when every shard is committed or dead-lettered, one caller promotes any parts whose
 commit Redis accepted but whose promotion a crash interrupted, writes manifest.json last, and marks the
-job completed. A job is completed only when storage holds a commit marker for every shard. A commit whose
-staged parts storage lost before they were promoted is taken back (broker.uncommit): the shard runs again."""
+job completed. A job is completed only when storage holds a commit marker for every shard.
+
+The elected finalizer is also the only caller that takes a commit back (broker.uncommit), where storage positively
+says the staged parts are gone (OutputDir.staged_loss) and holds no marker for the shard: it discards what is left
+of the attempt, and once the grace after the commit has passed (queue.broker.PROMOTE_GRACE_S) the shard runs
+again. Until then the job stays finalizing and the election ends with the grace, for the workers' sweep to try
+again. Any other failure to promote fails the job."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Optional
+import uuid
+from typing import TYPE_CHECKING
 
 from .. import io
 
 if TYPE_CHECKING:
     from ..protocols import JobsBroker
-    from ..queue import JobStatus, ShardStats
+    from ..queue import JobStatus, ShardStats, UncommitResult
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +51,8 @@ def finalize_if_ready(broker: "JobsBroker", job_id: str) -> bool:
     out = io.OutputDir(spec.output.path, spec.output.format)
     if status.state == JobState.CANCELLED:
         return _finalize_cancelled(broker, job_id, status, spec, out)
-    if status.state != JobState.FINALIZING or not broker.begin_finalize(job_id):
+    owner = uuid.uuid4().hex
+    if status.state != JobState.FINALIZING or not broker.begin_finalize(job_id, owner):
         return False
     status = broker.find_job(job_id)        # as this election found it: what _left_finalizing compares with
     if status is None:
@@ -53,7 +60,10 @@ def finalize_if_ready(broker: "JobsBroker", job_id: str) -> bool:
     try:
         markers, lost = _committed(broker, job_id, out)
         if lost:
-            return False            # those shards run again; the commit of the last of them finalizes the job
+            # taken back (the job is running again, or failed), or not yet: then the sweep tries again after the wait
+            waits = [u.wait_s for u in lost.values() if not u.taken_back]
+            broker.end_finalize(job_id, owner, after_s=min(waits) if waits else 0.0)
+            return False
         missing = [i for i in range(status.shards_total) if i not in markers]
         if missing:
             if not _left_finalizing(broker, status):
@@ -71,11 +81,9 @@ def finalize_if_ready(broker: "JobsBroker", job_id: str) -> bool:
 
 
 def _left_finalizing(broker: "JobsBroker", status: "JobStatus") -> bool:
-    """Whether the job changed state since `status` was read, right after this finalizer's election: another caller
-    took a commit back (uncommit), and the job may be finalizing again since, that shard committed anew. What this
-    finalizer saw is out of date then, no reason to fail the job. (Compared with a status read before the election,
-    a job that went finalizing -> running -> finalizing in between looked changed, and this finalizer, the current
-    one, failed nothing: a real failure left the job finalizing with no error, its election held.)"""
+    """Whether the job changed state since `status` was read, right after this finalizer's election: a finalizer
+    elected after this one's election expired (FINALIZE_TTL_S) took a commit back or finished the job. What this
+    one saw is out of date then, no reason to fail the job."""
     from ..queue import JobState
 
     now = broker.find_job(status.job_id)
@@ -94,50 +102,86 @@ def finish_empty_job(broker: "JobsBroker", status: "JobStatus") -> "JobStatus":
     return broker.status(status.job_id)
 
 
-def promote_accepted(broker: "JobsBroker", out: "io.OutputDir", job_id: str, index: int, token: int,
-                     stats: "ShardStats", caller: str = "") -> Optional["io.CommitMarker"]:
-    """Promote the parts of a commit Redis accepted (OutputDir.promote) and return the shard's commit marker. Where
-    storage lost the staged parts first (promote raises CommitError and storage holds no marker for the shard),
-    the commit is taken back so that the shard runs again (broker.uncommit, a compare-and-set on `token`: a newer
-    commit is left alone), and None is returned."""
-    try:
-        return out.promote(index, token, stats.attempt, stats.parts, stats.to_dict())
-    except io.CommitError as err:
-        marker = out.read_marker(index)
-        if marker is not None:      # another promote of the shard finished meanwhile
-            return marker
-        if broker.uncommit(job_id, index, token, str(err), stats.attempt, caller, out.staging_url).taken_back:
-            log.warning("job %s shard %d: its parts were lost from storage before promotion (%s); it runs again",
-                        job_id, index, err)
-        return None
+class _Lost(Exception):
+    """Storage positively says a commit's staged parts are gone and holds no marker for the shard."""
 
 
-def _committed(broker: "JobsBroker", job_id: str, out: "io.OutputDir") -> tuple[dict, list[int]]:
-    """Every shard's commit marker, after promoting the parts of commits Redis accepted whose promotion a
-    crash (or a finalize call racing the worker) left undone; and the shards whose staged parts storage lost
-    before that, taken back to run again (promote_accepted)."""
+def _committed(broker: "JobsBroker", job_id: str, out: "io.OutputDir",
+               elected: bool = True) -> tuple[dict, dict[int, "UncommitResult"]]:
+    """Every shard's commit marker, after promoting the parts of commits Redis accepted whose promotion a crash
+    (or a worker's failed promote) left undone; and, by shard, what broker.uncommit did with the commits whose
+    staged parts storage lost (_take_back). Only the job's elected finalizer (`elected`) takes a commit back, and
+    it stops at the first it took back: that ended its election. A promote that fails otherwise raises its error;
+    where the caller is not elected (a cancelled job's manifest), every failed promote is logged and the shard left
+    out."""
     markers = out.committed_shards()
-    lost = []
+    lost = {}
     for index, (token, stats) in broker.commits(job_id).items():
         if index in markers:
             continue
-        marker = promote_accepted(broker, out, job_id, index, token, stats, caller="finalize")
-        if marker is None:
-            lost.append(index)
-        else:
-            markers[index] = marker
+        try:
+            markers[index] = _promote(out, index, token, stats)
+        except io.CommitError as err:
+            if elected:
+                raise
+            log.warning("job %s shard %d: %s", job_id, index, err)
+        except _Lost as err:
+            if not elected:
+                log.warning("job %s shard %d: %s; left out (a resubmit runs it again)", job_id, index, err)
+                continue
+            lost[index] = _take_back(broker, out, job_id, index, token, stats, str(err))
+            if lost[index].taken_back:
+                break
     return markers, lost
+
+
+def _promote(out: "io.OutputDir", index: int, token: int, stats: "ShardStats") -> "io.CommitMarker":
+    """OutputDir.promote of a commit Redis accepted. Where it fails, storage is asked what is gone: _Lost where it
+    says the attempt can never be promoted and no marker was written; the marker, where a concurrent promote wrote
+    one; else (storage holds the whole attempt: the promote met a passing error) a second promote, whose error, if
+    any, stands: a mismatch with what the worker reported fails the same way again."""
+    try:
+        return out.promote(index, token, stats.attempt, stats.parts, stats.to_dict())
+    except io.CommitError:
+        pass                                # what went wrong is asked of storage
+    gone = out.staged_loss(index, token, stats.attempt)
+    marker = out.read_marker(index)         # after the intent: a promoter writes the marker before removing it
+    if marker is not None:
+        return marker
+    if gone is not None:
+        raise _Lost(f"shard {index} token {token}: {gone}")
+    return out.promote(index, token, stats.attempt, stats.parts, stats.to_dict())
+
+
+def _take_back(broker: "JobsBroker", out: "io.OutputDir", job_id: str, index: int, token: int,
+               stats: "ShardStats", reason: str) -> "UncommitResult":
+    """Discard what is left of a lost commit's staging, so that a promoter of it still at work finds no part to move
+    and no intent (it then writes no marker), and take the commit back (broker.uncommit)."""
+    out.discard(index, token, stats.attempt)
+    got = broker.uncommit(job_id, index, token, reason, stats.attempt, caller="finalize",
+                          staging=out.staging_url)
+    if got.outcome == "retry":
+        log.warning("job %s shard %d: its staged parts were lost from storage before promotion (%s); it runs again",
+                    job_id, index, reason)
+    elif got.outcome == "failed":
+        log.error("job %s shard %d: its staged parts were lost from storage before promotion (%s), %s; the job "
+                  "failed", job_id, index, reason, "once" if got.times_lost == 1 else f"{got.times_lost} times")
+    elif got.outcome == "too recent":
+        log.warning("job %s shard %d: its staged parts were lost from storage before promotion (%s); it runs again "
+                    "in %.0f s, once no promote of them can be under way", job_id, index, reason, got.wait_s)
+    return got
 
 
 def _finalize_cancelled(broker: "JobsBroker", job_id: str, status, spec, out: "io.OutputDir") -> bool:
     """A cancelled job's manifest lists every shard committed before the cancel took hold: a commit can land
     (and move the job from cancelling to cancelled) before its parts are promoted, so parts Redis accepted
     are promoted here too, and a manifest written before a late promote is written again. Every caller
-    checks again after writing, so the last writer lists them all. A shard whose staged parts were lost is left
-    out and goes back to pending, for a resubmit to run. True if this call wrote the manifest."""
+    checks again after writing, so the last writer lists them all. A shard whose parts cannot be promoted is left
+    out, still committed in Redis: where storage lost them, the finalizer of the resubmitted job takes the commit
+    back. True if this call wrote the manifest."""
     wrote = False
     for _ in range(3):
-        markers, _ = _committed(broker, job_id, out)
+        markers, _ = _committed(broker, job_id, out, elected=False)
         manifest = io.read_manifest(out)
         if manifest is not None and set(markers) <= io.manifest_shards(manifest):
             return wrote

@@ -1,13 +1,13 @@
 """Committing one shard exactly once: score its results, build its parts, stage them under the lease's fencing
 token, commit in Redis (compare-and-set on the token), and promote them only if Redis took the commit; a stale
-owner discards what it staged (io/parts.py has the storage side of the protocol). Staged parts that storage lost
-between the commit and the promote take the commit back: the shard runs again (jobs.finalize.promote_accepted)."""
+owner discards what it staged (io/parts.py has the storage side of the protocol). A promote that fails after Redis
+took the commit leaves the commit to the job's finalizer (jobs/finalize.py): it promotes the parts, or takes the
+commit back where storage lost them."""
 from __future__ import annotations
 
 import logging
 
 from .. import filters, io
-from ..jobs.finalize import promote_accepted
 from ..records import LineFailure, LineResult
 from .failures import LeaseLost, engine_calls
 from .flight import Flight
@@ -24,9 +24,9 @@ class ShardCommit:
 
     def __call__(self, flight: Flight, results: list[LineResult], failures: list[LineFailure]) -> bool:
         """True if this worker's output became the shard's part; False if Redis refused the commit (the lease
-        was lost meanwhile), or took it back because storage lost the staged parts before they were promoted (the
-        shard is pending again: nothing failed, and the lease is spent). Raises LeaseLost when the heartbeat lost
-        the lease before the commit was tried."""
+        was lost meanwhile), or took it but the promote failed (the lease is spent, so nothing is failed or given
+        back: the shard stays committed for the job's finalizer). Raises LeaseLost when the heartbeat lost the
+        lease before the commit was tried."""
         from ..queue import ShardStats
 
         lease, spec, shard = flight.lease, flight.spec, flight.lease.shard
@@ -54,5 +54,13 @@ class ShardCommit:
             out.discard(shard.index, lease.token, stats.attempt)
             log.warning("shard %s/%d: lease lost before commit; output discarded", lease.job_id, shard.index)
             return False
-        marker = promote_accepted(self.broker, out, lease.job_id, shard.index, lease.token, stats, lease.worker_id)
-        return marker is not None
+        try:
+            out.promote(shard.index, lease.token, stats.attempt, stats.parts, stats=stats.to_dict())
+        except io.CommitError as err:
+            # only the elected finalizer takes a commit back, once every promote of it has had time to end; the
+            # workers' finalize sweep comes by within FINALIZE_SWEEP_S
+            log.warning("shard %s/%d: committed, but its parts could not be moved into place (%s); the job's "
+                        "finalizer promotes them, or runs the shard again if storage lost them",
+                        lease.job_id, shard.index, err)
+            return False
+        return True

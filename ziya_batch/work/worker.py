@@ -55,7 +55,8 @@ LOAD_RETRY_MAX_S = 3600.0
 # An idle worker waits for announced work in slices of this long, to see a stop at once
 IDLE_SLICE_S = 0.1
 # How often a worker looks for jobs whose shards are all committed but that nobody is finalizing (the worker that
-# committed the last shard died before it wrote the manifest, or a finalizer died): it finalizes them
+# committed the last shard died before it wrote the manifest or could not promote its parts, a finalizer died, or
+# one gave up until a lost commit may be taken back): it finalizes them
 FINALIZE_SWEEP_S = 30.0
 
 
