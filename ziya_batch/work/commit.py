@@ -56,11 +56,12 @@ class ShardCommit:
             return False
         try:
             out.promote(shard.index, lease.token, stats.attempt, stats.parts, stats=stats.to_dict())
-        except io.CommitError as err:
+        except Exception as err:  # noqa: BLE001 - storage down or parts lost: the commit stands either way
             # only the elected finalizer takes a commit back, once every promote of it has had time to end; the
-            # workers' finalize sweep comes by within FINALIZE_SWEEP_S
-            log.warning("shard %s/%d: committed, but its parts could not be moved into place (%s); the job's "
+            # workers' finalize sweep comes by within FINALIZE_SWEEP_S. The lease is spent: the failure policy has
+            # nothing to give back
+            log.warning("shard %s/%d: committed, but its parts could not be moved into place (%s: %s); the job's "
                         "finalizer promotes them, or runs the shard again if storage lost them",
-                        lease.job_id, shard.index, err)
+                        lease.job_id, shard.index, type(err).__name__, err)
             return False
         return True
