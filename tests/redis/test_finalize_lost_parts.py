@@ -281,7 +281,7 @@ def test_a_storage_error_fails_the_job_and_takes_nothing_back(tmp_path, broker, 
     with pytest.raises(PermissionError) as raised:
         finalize_if_ready(broker, job_id)
     # the check's error, not the promote's CommitError, where the promote got as far as the parts
-    assert any(f.name == ("promote" if where == "promote" else "_absent") for f in raised.traceback)
+    assert any(f.name == ("promote" if where == "promote" else "absent_fresh") for f in raised.traceback)
     s = broker.status(job_id, detail=True)
     assert s.state == JobState.FAILED and "PermissionError" in s.error
     assert broker.commits(job_id)[1][0] == lease.token and s.errors == ()

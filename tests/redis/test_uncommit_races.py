@@ -65,7 +65,7 @@ class PausedPromote:
         self.paused, self.go, self.result = threading.Event(), threading.Event(), None
         results = out._staged("results", 0, lease.token, st.attempt, "jsonl")
         intent, marker = out._intent(0, lease.token, st.attempt), out._marker(0)
-        real_move, real_absent, real_put = parts_mod.move_atomic, io.OutputDir._absent, parts_mod.put_atomic
+        real_move, real_absent, real_put = parts_mod.move_atomic, parts_mod.absent_fresh, parts_mod.put_atomic
 
         def gate(hit):
             if hit and threading.current_thread() is self.thread:
@@ -76,15 +76,15 @@ class PausedPromote:
             gate(at == "move" and src == results)
             return real_move(fs, src, dst)
 
-        def absent(od, path):
+        def absent(fs, path):
             gate(at == "intent_check" and path == intent)
-            return real_absent(od, path)
+            return real_absent(fs, path)
 
         def put(fs, path, data):
             gate(at == "marker_put" and path == marker)
             return real_put(fs, path, data)
         monkeypatch.setattr(parts_mod, "move_atomic", move)
-        monkeypatch.setattr(io.OutputDir, "_absent", absent)
+        monkeypatch.setattr(parts_mod, "absent_fresh", absent)
         monkeypatch.setattr(parts_mod, "put_atomic", put)
 
         def run():

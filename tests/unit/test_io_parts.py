@@ -12,6 +12,7 @@ import pytest
 from ziya_batch.io import (CommitError, clear_staging, committed_shards, discard_staged, expand_inputs, index_inputs,
                            part_path, promote_shard, read_manifest, read_parts, read_shard, stage_shard,
                            verify_output, write_manifest)
+from ziya_batch.io import parts as parts_mod
 from ziya_batch.io.storage import join_url, normalize_url
 from ziya_batch.records import ShardRef
 
@@ -206,13 +207,13 @@ def test_promote_writes_no_marker_once_the_attempt_is_discarded(tmp_path, shard_
 
     out = OutputDir(str(tmp_path / "out"))
     out.stage(4, 1, "a1", shard_parts(2))
-    intent, real_absent = out.path("_staging", "part-00004.1-a1.json"), OutputDir._absent
+    intent, real_absent = out.path("_staging", "part-00004.1-a1.json"), parts_mod.absent_fresh
 
-    def discarded_first(od, path):
+    def discarded_first(fs, path):
         if path == intent:
-            od.discard(4, 1, "a1")
-        return real_absent(od, path)
-    monkeypatch.setattr(OutputDir, "_absent", discarded_first)
+            out.discard(4, 1, "a1")
+        return real_absent(fs, path)
+    monkeypatch.setattr(parts_mod, "absent_fresh", discarded_first)
     with pytest.raises(CommitError, match="intent was removed before its commit marker was written"):
         out.promote(4, 1, "a1")
     assert out.read_marker(4) is None
@@ -224,14 +225,14 @@ def test_promote_returns_the_marker_a_concurrent_promote_of_the_attempt_wrote_me
 
     out = OutputDir(str(tmp_path / "out"))
     out.stage(4, 1, "a1", shard_parts(2))
-    intent, real_absent, other = out.path("_staging", "part-00004.1-a1.json"), OutputDir._absent, []
+    intent, real_absent, other = out.path("_staging", "part-00004.1-a1.json"), parts_mod.absent_fresh, []
 
-    def other_finishes_first(od, path):
+    def other_finishes_first(fs, path):
         if path == intent and not other:
             other.append(None)
-            other[0] = od.promote(4, 1, "a1", stats={"prompts_done": 3})     # writes the marker, removes the intent
-        return real_absent(od, path)
-    monkeypatch.setattr(OutputDir, "_absent", other_finishes_first)
+            other[0] = out.promote(4, 1, "a1", stats={"prompts_done": 3})    # writes the marker, removes the intent
+        return real_absent(fs, path)
+    monkeypatch.setattr(parts_mod, "absent_fresh", other_finishes_first)
     assert out.promote(4, 1, "a1", stats={"prompts_done": 3}) == other[0] == out.read_marker(4)
 
 

@@ -46,8 +46,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import InputError, ZiyaBatchError
 from .schema import EXTENSIONS, KINDS, encode_part
-from .storage import (_fsync_dir, exists_fresh, join_url, list_fresh, list_fresh_detail, move_atomic,
-                      open_output_fs, put_atomic, read_bytes, write_synced)
+from .storage import (_fsync_dir, absent_fresh, exists_fresh, join_url, list_fresh, list_fresh_detail,
+                      move_atomic, open_output_fs, put_atomic, read_bytes, write_synced)
 
 STAGING = "_staging"
 COMMITTED = "_committed"
@@ -446,7 +446,7 @@ class OutputDir:
         # a finalizer taking the commit back (its parts were lost) discards the intent first: no marker may name
         # parts that the re-run replaces. A promoter stalled between this check and the put for longer than the
         # grace before a take-back (queue.broker.PROMOTE_GRACE_S) can still write over the re-run's marker.
-        if self._absent(intent_path):
+        if absent_fresh(fs, intent_path):
             done = self.read_marker(index)      # a concurrent promote of this attempt removes the intent last
             if done is not None and done.token == int(token) and done.stats.get("attempt", "") == attempt:
                 return done
@@ -471,22 +471,13 @@ class OutputDir:
         intent = json.loads(raw)
         fmt = intent["format"]
         for kind, info in sorted(intent["parts"].items()):
-            if not self._absent(self._staged(kind, index, token, attempt, fmt)):
+            if not absent_fresh(self.fs, self._staged(kind, index, token, attempt, fmt)):
                 continue
             rel = self.part_rel(kind, index, fmt)
             data = read_bytes(self.fs, self.path(rel))
             if data is None or hashlib.sha256(data).hexdigest() != info["sha256"]:
                 return f"its staged {kind} part is gone and {rel} does not hold it"
         return None
-
-    def _absent(self, path: str) -> bool:
-        """Whether storage answers that the object does not exist; any other error propagates."""
-        self.fs.invalidate_cache(path)
-        try:
-            self.fs.info(path)
-        except FileNotFoundError:
-            return True
-        return False
 
     def discard(self, index: int, token: int, attempt: str = "") -> None:
         """Delete one attempt's staged parts and intent. Never touches final parts or markers."""

@@ -325,6 +325,18 @@ def exists_fresh(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     return fs.exists(path)
 
 
+def absent_fresh(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether storage answers that the object does not exist, ignoring fsspec's listing cache. Unlike
+    exists_fresh (fsspec's exists() answers False for every error, a timeout or a refused permission included),
+    only "not found" counts: any other error propagates."""
+    fs.invalidate_cache(path)
+    try:
+        fs.info(path)
+    except FileNotFoundError:
+        return True
+    return False
+
+
 def _ls_fresh(fs: fsspec.AbstractFileSystem, path: str, detail: bool) -> list:
     fs.invalidate_cache(path)
     try:
