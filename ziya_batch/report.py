@@ -28,7 +28,7 @@ from fsspec.implementations.local import LocalFileSystem
 from . import io, jobs
 from .errors import InputError, ServiceError
 from .spec import show_text
-from .io.schema import iter_part
+from .io.schema import iter_part, part_format
 
 REWARD_RESERVOIR = 50_000
 # how every report begins (render_html writes it; every release has): a file -o may replace starts so
@@ -71,7 +71,7 @@ def _parts(output_url: str, manifest: Optional[dict], markers: dict, kind: str) 
     for path in (markers[i].parts[kind].path for i in sorted(markers) if kind in markers[i].parts):
         data = out.read(path)
         if data is not None:
-            yield from iter_part(data, "parquet" if path.endswith(".parquet") else "jsonl", f"{output_url}: {path}")
+            yield from iter_part(data, part_format(path), f"{output_url}: {path}")
 
 
 def _count(value: Any) -> Optional[int]:

@@ -26,7 +26,7 @@ from typing import Iterator, Optional
 
 from ..errors import InputError
 from .parts import CommitMarker, OutputDir
-from .schema import KINDS, decode_part, iter_part
+from .schema import KINDS, decode_part, iter_part, part_format
 from .storage import join_url
 
 MANIFEST = "manifest.json"
@@ -113,7 +113,7 @@ def read_parts(output_url: str, kind: str, verify: bool = False) -> Iterator[dic
             raise InputError(f"{output_url}: {entry['path']} is listed in manifest.json but missing")
         if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise InputError(f"{output_url}: {entry['path']} does not match its sha256 in manifest.json")
-        fmt, where = "parquet" if entry["path"].endswith(".parquet") else "jsonl", f"{output_url}: {entry['path']}"
+        fmt, where = part_format(entry["path"]), f"{output_url}: {entry['path']}"
         if not verify:
             yield from iter_part(data, fmt, where)
             continue
@@ -139,8 +139,7 @@ def verify_output(output_url: str) -> list[str]:
                 problems.append(f"{entry['path']} does not match its sha256 in manifest.json")
             else:
                 try:
-                    n = sum(1 for _ in iter_part(data, "parquet" if entry["path"].endswith(".parquet") else "jsonl",
-                                                 entry["path"]))
+                    n = sum(1 for _ in iter_part(data, part_format(entry["path"]), entry["path"]))
                 except InputError as err:
                     problems.append(str(err))
                     continue

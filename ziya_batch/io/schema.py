@@ -258,6 +258,11 @@ def encode_part(kind: str, records: list[dict], fmt: str, input_format: str = "z
     raise ValueError(f"unknown output format {fmt!r}; expected jsonl or parquet")
 
 
+def part_format(path: str) -> str:
+    """The format a part at `path` was written in, told by its name (parts are part-N.jsonl or part-N.parquet)."""
+    return "parquet" if path.endswith(".parquet") else "jsonl"
+
+
 def decode_part(data: bytes, fmt: str, where: str = "part") -> list[dict]:
     """Records of a part's bytes (Parquet rows come back as dicts; nulls stay None)."""
     return list(iter_part(data, fmt, where))
