@@ -102,6 +102,23 @@ class PausedPromote:
         return self.result
 
 
+def _t1_stalled(tmp_path, broker, monkeypatch, at, grace_s, lost="intent"):
+    """Job of one shard whose T1 is staged and committed (p0 ok, p1 failed), its own promote paused `at`
+    (PausedPromote), and then part of its staging lost: the intent, or the results part. Returns (job_id, out,
+    lease, stats, stalled)."""
+    broker.promote_grace_s = grace_s
+    _, job_id, out = _job(tmp_path, broker)
+    w1 = broker.claim("w1")
+    st1 = _stage_commit(broker, out, w1, ["p0"], ["p1"], "T1")
+    stalled = PausedPromote(monkeypatch, out, w1, st1, at)
+    staging = tmp_path / "out" / "_staging"
+    if lost == "intent":
+        (staging / f"part-00000.{w1.token}-{st1.attempt}.json").unlink()
+    else:
+        (staging / "results" / f"part-00000.{w1.token}-{st1.attempt}.jsonl").unlink()
+    return job_id, out, w1, st1, stalled
+
+
 @pytest.mark.parametrize("at,fault", [("move", "intent_lost"), ("move", "part_lost"),
                                       ("intent_check", "intent_lost")])
 def test_a_promoter_of_the_taken_back_commit_that_resumes_after_the_rerun_changes_nothing(tmp_path, broker,
@@ -109,15 +126,8 @@ def test_a_promoter_of_the_taken_back_commit_that_resumes_after_the_rerun_change
     """The worker's promote of T1 stalls past the grace; storage lost part of T1's staging meanwhile; the finalizer
     discards the rest and takes the commit back; T2 runs and is promoted; then T1's promoter carries on. It finds
     nothing to move, or no intent, and writes nothing: the output is T2's, whole."""
-    broker.promote_grace_s = GRACE_S
-    spec, job_id, out = _job(tmp_path, broker)
-    w1 = broker.claim("w1")
-    st1 = _stage_commit(broker, out, w1, ["p0"], ["p1"], "T1")      # T1: p0 ok, p1 failed
-    stalled = PausedPromote(monkeypatch, out, w1, st1, at)
-    if fault == "intent_lost":
-        (tmp_path / "out" / "_staging" / f"part-00000.{w1.token}-{st1.attempt}.json").unlink()
-    else:
-        (tmp_path / "out" / "_staging" / "results" / f"part-00000.{w1.token}-{st1.attempt}.jsonl").unlink()
+    job_id, out, w1, _, stalled = _t1_stalled(tmp_path, broker, monkeypatch, at, GRACE_S,
+                                              "intent" if fault == "intent_lost" else "results")
     time.sleep(GRACE_S)
     assert not finalize_if_ready(broker, job_id)
     assert broker.status(job_id).state == JobState.RUNNING              # taken back
@@ -140,12 +150,7 @@ def test_a_promoter_of_the_taken_back_commit_that_resumes_after_the_rerun_change
 def test_a_promoter_paused_before_its_marker_write_is_waited_for(tmp_path, broker, monkeypatch):
     """Storage lost T1's intent after T1's promoter checked it and before it wrote the marker. Within the grace the
     finalizer takes nothing back: the promoter finishes, and the job completes with T1's output."""
-    broker.promote_grace_s = 300.0
-    spec, job_id, out = _job(tmp_path, broker)
-    w1 = broker.claim("w1")
-    st1 = _stage_commit(broker, out, w1, ["p0"], ["p1"], "T1")
-    stalled = PausedPromote(monkeypatch, out, w1, st1, "marker_put")
-    (tmp_path / "out" / "_staging" / f"part-00000.{w1.token}-{st1.attempt}.json").unlink()
+    job_id, out, w1, _, stalled = _t1_stalled(tmp_path, broker, monkeypatch, "marker_put", 300.0)
     assert not finalize_if_ready(broker, job_id)
     assert broker.status(job_id).state == JobState.FINALIZING and broker.commits(job_id)[0][0] == w1.token
     assert stalled.resume().token == w1.token
@@ -159,12 +164,7 @@ def test_a_promoter_paused_before_its_marker_write_is_waited_for(tmp_path, broke
 @pytest.mark.xfail(strict=True, reason="the window storage without conditional writes leaves: a promoter stalled "
                                        "longer than the grace between its intent check and its marker write")
 def test_a_promoter_stalled_past_the_grace_before_its_marker_write(tmp_path, broker, monkeypatch):
-    broker.promote_grace_s = 0.0
-    spec, job_id, out = _job(tmp_path, broker)
-    w1 = broker.claim("w1")
-    st1 = _stage_commit(broker, out, w1, ["p0"], ["p1"], "T1")
-    stalled = PausedPromote(monkeypatch, out, w1, st1, "marker_put")
-    (tmp_path / "out" / "_staging" / f"part-00000.{w1.token}-{st1.attempt}.json").unlink()
+    job_id, out, _, _, stalled = _t1_stalled(tmp_path, broker, monkeypatch, "marker_put", 0.0)
     assert not finalize_if_ready(broker, job_id)
     w2 = broker.claim("w2")
     _promote(out, w2, _stage_commit(broker, out, w2, ["p1"], ["p0"], "T2"))
