@@ -16,6 +16,38 @@ import torch
 from ziya_batch.engine.piecewise import gpu_seconds as timed
 
 
+def captured(fn, dev: torch.device, lib: str = "default", carveout: int = 0) -> torch.cuda.CUDAGraph:
+    """fn's kernels as one CUDA graph, its GEMMs launched under BLAS library `lib` told to leave `carveout` SMs
+    free (0: none). The carveout is read when a GEMM is launched: a graph keeps the launch it captured."""
+    torch.backends.cuda.preferred_blas_library(lib)
+    torch._C._set_sm_carveout_experimental(carveout or None)
+    try:
+        g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g, stream=s):
+            fn()
+        return g
+    finally:
+        torch._C._set_sm_carveout_experimental(None)
+        torch.backends.cuda.preferred_blas_library("default")
+
+
+def side_by_side(main_fn, side_fn, main_s: torch.cuda.Stream, side_s: torch.cuda.Stream) -> None:
+    """side_fn on `side_s` and main_fn on `main_s` at once, both ordered after and before the current stream."""
+    cur = torch.cuda.current_stream()
+    main_s.wait_stream(cur)
+    side_s.wait_stream(cur)
+    with torch.cuda.stream(side_s):
+        side_fn()
+    with torch.cuda.stream(main_s):
+        main_fn()
+    cur.wait_stream(main_s)
+    cur.wait_stream(side_s)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=608)
@@ -40,39 +72,14 @@ def main() -> None:
     def copy() -> None:
         dst.copy_(src)
 
-    def both(g) -> None:
-        cur = torch.cuda.current_stream()
-        main_s.wait_stream(cur)
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):
-            copy()
-        with torch.cuda.stream(main_s):
-            g()
-        cur.wait_stream(main_s)
-        cur.wait_stream(side)
-
     t_copy = timed(copy)
     for lib in ("default", "cublaslt"):
         for c in (int(v) for v in a.carveouts.split(",")):
             if c >= sms:
                 continue
-            # the carveout is read when a GEMM is launched: a graph keeps the launch it captured
-            torch.backends.cuda.preferred_blas_library(lib)
-            torch._C._set_sm_carveout_experimental(c or None)
-            try:
-                g = torch.cuda.CUDAGraph()
-                s = torch.cuda.Stream(dev)
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    gemms()
-                torch.cuda.current_stream().wait_stream(s)
-                with torch.cuda.graph(g, stream=s):
-                    gemms()
-            finally:
-                torch._C._set_sm_carveout_experimental(None)
-                torch.backends.cuda.preferred_blas_library("default")
+            g = captured(gemms, dev, lib, c)
             t_g = timed(g.replay)
-            t_b = timed(lambda: both(g.replay))
+            t_b = timed(lambda: side_by_side(g.replay, copy, main_s, side))
             hidden = (t_g + t_copy - t_b) / min(t_g, t_copy)
             print(json.dumps({"lib": lib, "carveout": c, "gemm_ms": round(1e3 * t_g, 3),
                               "copy_ms": round(1e3 * t_copy, 3), "both_ms": round(1e3 * t_b, 3),

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from carveout_probe import captured, side_by_side     # this folder is the script's first path entry
 from ziya_batch.engine.piecewise import gpu_seconds as timed
 from ziya_batch.tools.bench import measure_copy_bandwidth_bytes_s
 
@@ -79,37 +80,12 @@ def main() -> None:
             kern[(grid,)](buf, out, tiles, BM=bm, BC=COLS, STAGES=a.stages, num_warps=warps)
         return run, tiles * bm * COLS * 2
 
-    def gemm_graph(carveout: int) -> torch.cuda.CUDAGraph:
-        torch.backends.cuda.preferred_blas_library("cublaslt")
-        torch._C._set_sm_carveout_experimental(carveout or None)
-        try:
-            g, s = torch.cuda.CUDAGraph(), torch.cuda.Stream(dev)
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(a.gemms):
-                    torch.mm(x, w.t(), out=y)
-            torch.cuda.current_stream().wait_stream(s)
-            with torch.cuda.graph(g, stream=s):
-                for _ in range(a.gemms):
-                    torch.mm(x, w.t(), out=y)
-            return g
-        finally:
-            torch._C._set_sm_carveout_experimental(None)
-            torch.backends.cuda.preferred_blas_library("default")
-
-    def both(g, r) -> None:
-        cur = torch.cuda.current_stream()
-        main_s.wait_stream(cur)
-        side.wait_stream(cur)
-        with torch.cuda.stream(side):
-            r()
-        with torch.cuda.stream(main_s):
-            g.replay()
-        cur.wait_stream(main_s)
-        cur.wait_stream(side)
+    def gemms() -> None:
+        for _ in range(a.gemms):
+            torch.mm(x, w.t(), out=y)
 
     grids = [int(v) for v in a.sms.split(",") if 0 < int(v) <= nsm]
-    best: dict[tuple[str, int], tuple[float, int, int]] = {}
+    best: dict[tuple[str, int], tuple[float, int, int, int]] = {}      # (seconds, bm, warps, bytes read)
     for kind in a.kinds.split(","):
         for grid in grids:
             for bm, warps in ((8, 4), (16, 8), (32, 8)):
@@ -120,9 +96,9 @@ def main() -> None:
                     print(json.dumps({"kind": kind, "grid": grid, "bm": bm, "error": f"{type(e).__name__}: {e}"[:200]}))
                     continue
                 if (kind, grid) not in best or t < best[(kind, grid)][0]:
-                    best[(kind, grid)] = (t, bm, warps)
+                    best[(kind, grid)] = (t, bm, warps, nbytes)
             if (kind, grid) in best:
-                t, bm, warps = best[(kind, grid)]
+                t, bm, warps, nbytes = best[(kind, grid)]
                 print(json.dumps({"kind": kind, "grid": grid, "bm": bm, "warps": warps, "ms": round(1e3 * t, 3),
                                   "tb_s": round(nbytes / t / 1e12, 3), "of_copy": round(nbytes / t / bw, 3)}),
                       flush=True)
@@ -130,18 +106,18 @@ def main() -> None:
         for grid in grids:
             if (kind, grid) not in best or grid >= nsm:
                 continue
-            t_r, bm, warps = best[(kind, grid)]
+            t_r, bm, warps, _ = best[(kind, grid)]
             run, _ = reader(kind, grid, bm, warps)
-            g = gemm_graph(grid)
+            g = captured(gemms, dev, "cublaslt", grid)
             t_g = timed(g.replay)
-            t_b = timed(lambda: both(g, run))
+            t_b = timed(lambda: side_by_side(g.replay, run, main_s, side))
             print(json.dumps({"kind": kind, "carveout": grid, "gemm_ms": round(1e3 * t_g, 3),
                               "reader_ms": round(1e3 * t_r, 3), "both_ms": round(1e3 * t_b, 3),
                               "serial_ms": round(1e3 * (t_g + t_r), 3),
                               "hidden": round((t_g + t_r - t_b) / t_r, 3),
                               "gemm_tflops": round(2 * a.rows * 5120 * 27648 * a.gemms / t_g / 1e12, 1)}),
                   flush=True)
-    g0 = gemm_graph(0)
+    g0 = captured(gemms, dev, "cublaslt", 0)
     print(json.dumps({"kind": "none", "carveout": 0, "gemm_ms": round(1e3 * timed(g0.replay), 3)}), flush=True)
 
 
