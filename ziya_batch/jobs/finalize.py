@@ -6,7 +6,9 @@ The elected finalizer is also the only caller that takes a commit back (broker.u
 says the staged parts are gone (OutputDir.staged_loss) and holds no marker for the shard: it discards what is left
 of the attempt, and once the grace after the commit has passed (queue.broker.PROMOTE_GRACE_S) the shard runs
 again. Until then the job stays finalizing and the election ends with the grace, for the workers' sweep to try
-again. Any other failure to promote fails the job."""
+again. Storage that does not answer (a connection refused or cut, a time-out: io.storage.unreachable) ends the
+election too, and the sweep tries again FINALIZE_RETRY_S later, for as long as it does not answer: every shard is
+committed, so waiting loses nothing. Any other failure to promote fails the job."""
 from __future__ import annotations
 
 import logging
@@ -20,6 +22,8 @@ if TYPE_CHECKING:
     from ..queue import JobStatus, ShardStats, UncommitResult
 
 log = logging.getLogger(__name__)
+
+FINALIZE_RETRY_S = 30.0      # after storage did not answer, the next finalizer is elected no sooner than this
 
 
 def _summary(status, markers) -> dict:
@@ -43,6 +47,7 @@ def _summary(status, markers) -> dict:
 def finalize_if_ready(broker: "JobsBroker", job_id: str) -> bool:
     """True if this call wrote the manifest. Safe to call from every worker after every commit."""
     from ..queue import JobState
+    from ..queue.errors import BROKER_ERRORS
 
     status = broker.find_job(job_id)
     if status is None:
@@ -74,7 +79,14 @@ def finalize_if_ready(broker: "JobsBroker", job_id: str) -> bool:
         out.clear_staging()         # leftovers of lost attempts; the manifest no longer needs them
         log.info("job %s completed: manifest written to %s", job_id, out)
         return True
+    except BROKER_ERRORS:
+        raise                               # Redis itself: the caller waits it out (a worker) or reports it
     except Exception as err:
+        if io.storage.unreachable(err):
+            log.warning("job %s: finalizing waits for its output's storage, which did not answer (%s: %s); "
+                        "trying again in %.0f s", job_id, type(err).__name__, err, FINALIZE_RETRY_S)
+            broker.end_finalize(job_id, owner, after_s=FINALIZE_RETRY_S)
+            return False
         if not _left_finalizing(broker, status):
             broker.mark_failed(job_id, f"finalizing failed: {type(err).__name__}: {err}")
         raise
