@@ -2,15 +2,16 @@
 
 Works with any fsspec URL (local paths, file://, s3://, ...); see storage.py for passing credentials and
 endpoints, schema.py for the Parquet schemas, parts.py for the output directory (OutputDir: its names and the
-commit protocol), claims.py for claiming an output directory for one job (atomic, never inside or around
-another job's output). The URL functions (stage_shard, committed_shards, ...) are OutputDir's methods for
-callers that hold a URL.
+commit protocol), markers.py for what a commit leaves there (its marker, its parts, their names), claims.py for
+claiming an output directory for one job (atomic, never inside or around another job's output). The URL
+functions (stage_shard, committed_shards, ...) are OutputDir's methods for callers that hold a URL.
 """
 from .inputs import expand_inputs, index_inputs, read_shard, shard_refs
 from .manifest import (manifest_part_urls, manifest_shards, output_owner, read_manifest, read_parts,
                        set_output_owner, verify_output, write_manifest)
-from .parts import (CommitError, CommitMarker, OutputDir, PartInfo, StagedPart, clear_staging, committed_shards,
-                    discard_staged, new_attempt, part_path, promote_shard, read_marker, stage_shard)
+from .markers import CommitError, CommitMarker, PartInfo, StagedPart, new_attempt
+from .parts import (OutputDir, clear_staging, committed_shards, discard_staged, part_path, promote_shard,
+                    read_marker, stage_shard)
 from .schema import KINDS, parquet_schema
 from .storage import absolute_url, join_url, normalize_url, open_output_fs, url_to_fs
 

@@ -25,7 +25,8 @@ import time
 from typing import Iterator, Optional
 
 from ..errors import InputError
-from .parts import CommitMarker, OutputDir
+from .markers import CommitMarker
+from .parts import OutputDir
 from .schema import KINDS, decode_part, iter_part, part_format
 from .storage import join_url
 

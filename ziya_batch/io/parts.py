@@ -39,12 +39,13 @@ import json
 import os
 import posixpath
 import re
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 from fsspec.implementations.local import LocalFileSystem
 
-from ..errors import InputError, ZiyaBatchError
+from ..errors import InputError
+from .markers import (CommitError, CommitMarker, PartInfo, StagedPart, attempt_key, new_attempt, part_index, part_name,
+                      part_stem)
 from .schema import EXTENSIONS, KINDS, encode_part
 from .storage import (_fsync_dir, absent_fresh, exists_fresh, join_url, list_fresh, list_fresh_detail,
                       move_atomic, open_output_fs, put_atomic, read_bytes, write_synced)
@@ -55,120 +56,6 @@ COMMITTED = "_committed"
 # commit marker or an attempt's intent (a few hundred bytes each) in _committed/ and _staging/
 MAX_TOP_JSON_BYTES = 256 << 20
 MAX_MARKER_BYTES = 4 << 20
-
-
-class CommitError(ZiyaBatchError):
-    """A shard's commit cannot proceed: nothing staged under that token, a newer token already committed
-    it, or a promoted part went missing."""
-
-    exit_code = 3
-
-
-@dataclass(frozen=True)
-class StagedPart:
-    kind: str
-    lines: int
-    sha256: str
-    path: str                 # full URL or path of the staged object
-    size_bytes: int = 0
-
-
-class PartInfo(NamedTuple):
-    """A committed part. A tuple whose first two items are (lines, sha256), like staged_info's values."""
-
-    lines: int
-    sha256: str
-    path: str                 # relative to the output directory, e.g. "results/part-00005.jsonl"
-    size_bytes: int = 0
-
-
-# the worker's counts a marker's stats hold (whole numbers; 0 where absent)
-MARKER_COUNTS = ("prompts_done", "prompts_failed", "samples", "output_tokens")
-
-
-@dataclass(frozen=True)
-class CommitMarker:
-    """_committed/part-N.json: which token committed shard N, its parts, and the worker's counts."""
-
-    index: int
-    token: int
-    format: str
-    parts: dict[str, PartInfo] = field(default_factory=dict)
-    stats: dict[str, Any] = field(default_factory=dict)   # as the worker passed it (prompts_done, ...)
-
-    @property
-    def lines(self) -> dict[str, int]:
-        return {k: p.lines for k, p in self.parts.items()}
-
-    @property
-    def prompts_done(self) -> int:
-        return int(self.stats.get("prompts_done", 0))
-
-    @property
-    def prompts_failed(self) -> int:
-        return int(self.stats.get("prompts_failed", 0))
-
-    @property
-    def samples(self) -> int:
-        return int(self.stats.get("samples", 0))
-
-    @property
-    def output_tokens(self) -> int:
-        return int(self.stats.get("output_tokens", 0))
-
-    def to_json(self) -> str:
-        return json.dumps({"index": self.index, "token": self.token, "format": self.format,
-                           "parts": {k: p._asdict() for k, p in self.parts.items()},
-                           "stats": self.stats}, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | bytes, where: str = "a commit marker") -> "CommitMarker":
-        """The marker to_json wrote; anything else (not JSON, fields missing or of other types, counts that are
-        not whole numbers) is an InputError naming `where`: every reader of a marker trusts its counts."""
-        try:
-            d = json.loads(text)
-            parts = {k: PartInfo(**p) for k, p in d["parts"].items()}
-            stats = d.get("stats") or {}
-            whole = (d["index"], d["token"], *(p.lines for p in parts.values()),
-                     *(p.size_bytes for p in parts.values()), *(stats.get(k, 0) for k in MARKER_COUNTS))
-            if (not all(type(n) is int for n in whole) or not isinstance(d["format"], str)
-                    or not all(isinstance(k, str) and isinstance(p.sha256, str) and isinstance(p.path, str)
-                               for k, p in parts.items())):
-                raise TypeError("a field of another type")
-            return cls(index=d["index"], token=d["token"], format=d["format"], parts=parts, stats=stats)
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
-            raise InputError(f"{where} is not a commit marker ziya-batch wrote ({type(err).__name__}: "
-                             f"{str(err)[:120]}): damaged, or written by something else") from None
-
-
-def new_attempt() -> str:
-    """A random id for one attempt at a shard, for OutputDir.stage/promote/discard."""
-    import uuid
-
-    return uuid.uuid4().hex[:12]
-
-
-_PREFIX = "part-"
-
-
-def _stem(index: int) -> str:
-    """Every name of shard N's files starts so (the one place the part-name format is spelled)."""
-    return f"{_PREFIX}{index:05d}"
-
-
-def _index_of(name: str) -> Optional[int]:
-    """The shard index in a part, marker or intent name (`part-00005.json` -> 5), None for other names."""
-    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
-    digits = stem[len(_PREFIX):]
-    return int(digits) if stem.startswith(_PREFIX) and digits.isdigit() else None
-
-
-def part_name(index: int, fmt: str) -> str:
-    return f"{_stem(index)}.{EXTENSIONS[fmt]}"
-
-
-def _attempt_key(token: int, attempt: str) -> str:
-    return f"{int(token)}-{attempt}" if attempt else str(int(token))
 
 
 class OutputDir:
@@ -243,13 +130,13 @@ class OutputDir:
         return f"{kind}/{part_name(index, fmt)}"
 
     def _staged(self, kind: str, index: int, token: int, attempt: str, fmt: str) -> str:
-        return self.path(STAGING, kind, f"{_stem(index)}.{_attempt_key(token, attempt)}.{EXTENSIONS[fmt]}")
+        return self.path(STAGING, kind, f"{part_stem(index)}.{attempt_key(token, attempt)}.{EXTENSIONS[fmt]}")
 
     def _intent(self, index: int, token: int, attempt: str) -> str:
-        return self.path(STAGING, f"{_stem(index)}.{_attempt_key(token, attempt)}.json")
+        return self.path(STAGING, f"{part_stem(index)}.{attempt_key(token, attempt)}.json")
 
     def _marker(self, index: int) -> str:
-        return self.path(COMMITTED, f"{_stem(index)}.json")
+        return self.path(COMMITTED, f"{part_stem(index)}.json")
 
     # -- small files at the top -------------------------------------------------------------------------------
     def read_json(self, name: str) -> Optional[Any]:
@@ -467,7 +354,7 @@ class OutputDir:
         error, a timeout or a refused permission included)."""
         raw = read_bytes(self.fs, self._intent(index, token, attempt), MAX_MARKER_BYTES)
         if raw is None:
-            return f"its intent {STAGING}/{_stem(index)}.{_attempt_key(token, attempt)}.json is gone"
+            return f"its intent {STAGING}/{part_stem(index)}.{attempt_key(token, attempt)}.json is gone"
         intent = json.loads(raw)
         fmt = intent["format"]
         for kind, info in sorted(intent["parts"].items()):
@@ -501,10 +388,10 @@ class OutputDir:
         for sub in (*KINDS, COMMITTED):
             for entry in list_fresh_detail(self.fs, self.path(sub)):
                 name = posixpath.basename(str(entry.get("name", "")).rstrip("/"))
-                index = _index_of(name)
+                index = part_index(name)
                 if index is None or entry.get("type") != "file":
                     continue
-                ours = {f"{_stem(index)}.json"} if sub == COMMITTED else {part_name(index, f) for f in EXTENSIONS}
+                ours = {f"{part_stem(index)}.json"} if sub == COMMITTED else {part_name(index, f) for f in EXTENSIONS}
                 if name in ours:
                     return f"{sub}/{name}"
         return None
@@ -539,7 +426,7 @@ class OutputDir:
         out = {}
         for e in entries:
             name = str(e.get("name", ""))
-            index = _index_of(name) if name.endswith(".json") else None
+            index = part_index(name) if name.endswith(".json") else None
             if index is None:
                 continue
             t = e.get("mtime") or e.get("LastModified") or e.get("last_modified") or e.get("created")
