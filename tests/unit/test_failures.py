@@ -98,3 +98,44 @@ def test_run_mode():
     assert run_mode(_Lease()) is RunMode.SHARED
     assert run_mode(_Lease(isolate=True)) is RunMode.ISOLATE
     assert run_mode(_Lease(dead_letter=True, isolate=True)) is RunMode.DEAD_LETTER
+
+
+def test_storage_that_does_not_answer_gives_the_shard_back_and_pauses_claims(monkeypatch):
+    from ziya_batch.work import failures
+    from ziya_batch.work.failures import StorageAway, StoragePause, storage_calls
+
+    class EndpointConnectionError(Exception):      # botocore's, by name: io.storage.unreachable reads the type
+        pass
+    for err in (ConnectionResetError(104, "Connection reset by peer"), TimeoutError("timed out"),
+                EndpointConnectionError('Could not connect to the endpoint URL: "http://s3:9000/b"')):
+        with pytest.raises(StorageAway) as got:
+            with storage_calls():
+                raise err
+        assert type(err).__name__ in str(got.value)
+        for stage in (Stage.READ, Stage.SHARD):
+            d = decide(got.value, stage, "w1")
+            assert d.action is Action.GIVE_BACK and d.pause_claims and not d.back_off and not d.replica_down
+            assert d.message.startswith("storage did not answer on w1: ") and d.why == ""
+    # a store that answers with an error (a permission refused, a missing object) is the shard's failure as before
+    for err in (PermissionError(13, "Permission denied"), FileNotFoundError(2, "No such file")):
+        with pytest.raises(type(err)):
+            with storage_calls():
+                raise err
+        assert decide(err, Stage.READ).action is Action.FAIL
+    # the pause: 5 s, doubling with each failure in a row up to 120 s; a commit ends the series
+    now = [1000.0]
+    monkeypatch.setattr(failures.time, "monotonic", lambda: now[0])
+    p = StoragePause()
+    assert not p.active()
+    seen = []
+    for _ in range(7):
+        p.failed()
+        seen.append(p.seconds)
+    assert seen == [5.0, 10.0, 20.0, 40.0, 80.0, 120.0, 120.0] and p.active()
+    now[0] += 119.9
+    assert p.active()
+    now[0] += 0.2
+    assert not p.active()
+    p.answered()
+    p.failed()
+    assert p.seconds == 5.0

@@ -9,7 +9,7 @@ import logging
 
 from .. import filters, io
 from ..records import LineFailure, LineResult
-from .failures import LeaseLost, engine_calls
+from .failures import LeaseLost, engine_calls, storage_calls
 from .flight import Flight
 from .generation import build_parts, score_results
 
@@ -48,7 +48,8 @@ class ShardCommit:
             raise LeaseLost()
         out = io.OutputDir(spec.output.path, spec.output.format)
         stats.attempt = io.new_attempt()
-        staged = out.stage(shard.index, lease.token, stats.attempt, parts, spec.format)
+        with storage_calls():
+            staged = out.stage(shard.index, lease.token, stats.attempt, parts, spec.format)
         stats.parts = {k: (p.lines, p.sha256) for k, p in staged.items()}
         if not self.broker.commit(lease, stats):
             out.discard(shard.index, lease.token, stats.attempt)

@@ -4,7 +4,8 @@ A worker meets failures at a few stages of a shard (loading its engine, reading 
 shared engine, a shared step, producing and committing it alone, waiting for the shards in flight before it).
 `decide(err, stage, ...)` says what happens to the shard(s) involved:
 
-    GIVE_BACK  back to the queue untried (broker.give_back): not the shard's fault, so no retry is counted
+    GIVE_BACK  back to the queue untried (broker.give_back): not the shard's fault (out of memory, storage that
+               does not answer), so no retry is counted
     REDO_ALONE drop the shared step's requests and generate each shard in flight again alone, bisecting down
                to the line that raises (generation.generate_lines)
     FAIL       the shard's own failure (broker.fail): retried, then isolated, then dead-lettered by the queue
@@ -18,6 +19,7 @@ into EngineOutOfMemory, so nothing past it reads message text.
 from __future__ import annotations
 
 import enum
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -43,6 +45,52 @@ class EngineOutOfMemory(ZiyaBatchError):
     def __init__(self, why: str):
         super().__init__(why)
         self.why = why
+
+
+class StorageAway(ZiyaBatchError):
+    """A store the shard reads its input from or writes its parts to did not answer (a connection refused or cut,
+    a time-out: io.storage.unreachable): not the shard's fault, and no retry of it helps until the store answers.
+    Raised by `storage_calls`, so that a storage outage does not use up the shard's retries and dead-letter its
+    lines."""
+
+
+@contextmanager
+def storage_calls() -> Iterator[None]:
+    """Wrap a worker's reads of a shard's input and writes of its parts: storage that does not answer leaves as
+    StorageAway (anything else it raises, a permission refused or a changed input, is unchanged)."""
+    from ..io.storage import unreachable
+
+    try:
+        yield
+    except StorageAway:
+        raise
+    except Exception as err:
+        if unreachable(err):
+            raise StorageAway(one_line(err)) from err
+        raise
+
+
+STORAGE_RETRY_S = 5.0          # a worker's first pause in claiming after storage did not answer
+STORAGE_RETRY_MAX_S = 120.0    # ... doubling with each such failure in a row, up to this
+
+
+class StoragePause:
+    """After storage did not answer, a worker claims nothing for STORAGE_RETRY_S, twice as long after each such
+    failure in a row up to STORAGE_RETRY_MAX_S: claiming shard after shard into an outage would only give them all
+    back and press on a store that is struggling. A shard committed ends the series."""
+
+    def __init__(self):
+        self.until, self.seconds = 0.0, 0.0
+
+    def failed(self) -> None:
+        self.seconds = min(STORAGE_RETRY_MAX_S, max(STORAGE_RETRY_S, 2 * self.seconds))
+        self.until = time.monotonic() + self.seconds
+
+    def answered(self) -> None:
+        self.seconds = 0.0
+
+    def active(self) -> bool:
+        return time.monotonic() < self.until
 
 
 # cuBLAS and the CPU allocator report running out of memory as a plain RuntimeError: only their text tells.
@@ -95,6 +143,7 @@ class Decision:
     replica_down: bool = False      # then raise ReplicaBroken: only a new replica is in step again
     quietly: bool = False           # a Redis error while giving back must not replace the ReplicaBroken raised
     down_message: str = ""          # the ReplicaBroken's, when the replica goes down for a plain error
+    pause_claims: bool = False      # storage did not answer: this worker claims nothing for a while (StoragePause)
 
     def replica_broken(self, err: BaseException) -> Optional[ReplicaBroken]:
         """The ReplicaBroken to raise once the decision is carried out, if it takes the replica down."""
@@ -133,6 +182,10 @@ def decide(err: BaseException, stage: Stage, worker_id: str = "this worker",
     if stage is Stage.LOAD:
         # out of memory, or a checkpoint this node cannot read: this worker's trouble, not the shard's
         return Decision(Action.GIVE_BACK, f"engine would not load on {worker_id}: {why}", why, back_off=True)
+    if isinstance(err, StorageAway) and stage in (Stage.READ, Stage.SHARD):
+        # the queue keeps the shard for when the store answers again; this worker claims nothing for a while rather
+        # than shard after shard into the same outage. No note on its registration: the engine is fine
+        return Decision(Action.GIVE_BACK, f"storage did not answer on {worker_id}: {err}", pause_claims=True)
     if isinstance(err, EngineOutOfMemory) and stage in (Stage.STEP, Stage.SHARD):
         what, when = ("engine out of memory", " mid-step") if stage is Stage.STEP else ("out of memory", "")
         return Decision(Action.GIVE_BACK, f"{what} on {worker_id}: {why}", why, back_off=True,

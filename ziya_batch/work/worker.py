@@ -25,8 +25,8 @@ from ..queue.errors import BROKER_ERRORS, BROKER_UNREACHABLE
 from ..records import LineFailure, LineResult
 from ..spec import JobSpec
 from .commit import ShardCommit
-from .failures import (Action, LeaseLost, RunMode, SpecUnreadable, Stage, decide, engine_calls, one_line,
-                       run_mode)
+from .failures import (Action, LeaseLost, RunMode, SpecUnreadable, Stage, StoragePause, decide, engine_calls,
+                       one_line, run_mode, storage_calls)
 from .flight import Flight
 from .generation import ShardStream, dead_letter_failures, generate_lines, parse_shard
 from .models import ModelCache, ReplicaBroken, engine_key
@@ -94,6 +94,12 @@ class LoadBackoff:
         (self._noted.add if why else self._noted.discard)(job_id)
 
 
+def _read_shard(shard):
+    """io.read_shard, a store that does not answer raised as StorageAway (the shard goes back untried)."""
+    with storage_calls():
+        return io.read_shard(shard)
+
+
 class Worker:
     def __init__(self, broker: "WorkerBroker", worker_id: Optional[str] = None, device: str = "auto",
                  models: Optional[ModelCache] = None, host: Optional[str] = None,
@@ -111,6 +117,7 @@ class Worker:
         self._flights: dict[str, Flight] = {}           # flight.key -> shard whose lines are in the stream
         self._same_model_claims = 0                     # claims in a row that needed no model load
         self._backoff = LoadBackoff(broker, self.worker_id)
+        self._storage = StoragePause()                  # claims paused after storage did not answer
         self._unreadable: dict[str, str] = {}           # job id -> why its spec could not be read (noted)
         self._commit = ShardCommit(broker, self.models)
         self._next_sweep = 0.0                          # monotonic time of the next finalize sweep
@@ -126,7 +133,7 @@ class Worker:
         self.broker.worker_heartbeat(self.worker_id)
         self._sweep_finalizing()
         lease = None
-        if claim and self._has_room():
+        if claim and self._has_room() and not self._storage.active():
             sticky = self._same_model_claims < STICKY_CLAIMS
             lease = self.broker.claim(self.worker_id, accept=self._serves, prefer=self._loaded if sticky else None)
             if lease is not None:
@@ -251,7 +258,7 @@ class Worker:
         (the lease then expires and is requeued, as it would have anyway)."""
         try:
             self.broker.give_back(lease, message)
-            self._backoff.note(lease.job_id, why)
+            self._backoff.note(lease.job_id, why or None)
         except Exception as err:  # noqa: BLE001 - see the docstring
             if not quietly:
                 raise
@@ -329,7 +336,7 @@ class Worker:
         if engine is None:
             return
         try:
-            flight.work = parse_shard(io.read_shard(shard), shard.file, spec, engine.tokenizer, engine.max_model_len,
+            flight.work = parse_shard(_read_shard(shard), shard.file, spec, engine.tokenizer, engine.max_model_len,
                                       lease.bad_lines)
         except BaseException as err:
             self._act(err, Stage.READ, [flight])
@@ -382,6 +389,8 @@ class Worker:
             return
         if d.back_off and flights:
             self._backoff.failed(engine_key(flights[0].spec))
+        if d.pause_claims:
+            self._storage.failed()
         if stage is Stage.STEP and d.action is Action.GIVE_BACK:
             # out of memory mid-step: every request goes; the engine itself stays loaded (a tensor-parallel replica
             # goes down after giving its shards back, and its manager starts a new one)
@@ -473,6 +482,7 @@ class Worker:
             except BaseException as err:
                 self._act(err, Stage.SHARD, [flight])
                 return False
+        self._storage.answered()
         self._finalize(flight.lease.job_id)      # the shard is committed whatever finalizing does
         if self.on_shard_done:
             self.on_shard_done(flight.lease.job_id, flight.lease.shard.index)
@@ -488,7 +498,7 @@ class Worker:
         starts, so that a line that kills the process is known next time."""
         lease, spec, shard = flight.lease, flight.spec, flight.lease.shard
         engine = self._engine_for(spec)
-        work = parse_shard(io.read_shard(shard), shard.file, spec, engine.tokenizer, engine.max_model_len,
+        work = parse_shard(_read_shard(shard), shard.file, spec, engine.tokenizer, engine.max_model_len,
                            lease.bad_lines)
 
         def before_line(line_no: int) -> None:
@@ -504,4 +514,4 @@ class Worker:
         """A dead-letter shard's lines, every one a retries_exhausted error line."""
         lease, spec, shard = flight.lease, flight.spec, flight.lease.shard
         return [], dead_letter_failures(shard, spec.format, f"shard {shard.index} failed {lease.attempt - 1} times; "
-                                                            "giving up on its lines", io.read_shard)
+                                                            "giving up on its lines", _read_shard)

@@ -1,0 +1,61 @@
+"""Storage that does not answer while a worker reads a shard's input or writes its parts (an S3 endpoint down, a
+connection cut, a time-out) gives the shard back untried: no retry is counted, nothing is dead-lettered, and once the
+store answers again the job completes with every prompt generated. Before, each such failure counted against
+reliability.max_retries, and an outage of a few seconds turned whole shards into retries_exhausted error lines. The
+demo model on the CPU, a real Redis, local output with the outage injected; exact output ids."""
+import collections
+import json
+import time
+
+from ziya_batch import io
+from ziya_batch.jobs import submit_job
+from ziya_batch.queue import JobState
+from ziya_batch.spec import parse_spec
+from ziya_batch.work import failures
+from ziya_batch.work.worker import Worker
+
+
+def test_a_storage_outage_uses_no_retries_and_loses_no_prompt(tmp_path, demo_model, broker, monkeypatch):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) + "\n" for i in range(6)))
+    spec = parse_spec({"name": "outage", "model": {"path": str(demo_model)}, "input": [str(inp)],
+                       "sampling": {"max_new_tokens": 3, "ignore_eos": True, "seed": 1},
+                       "output": {"path": str(tmp_path / "out")}, "shard_size": 2,
+                       "reliability": {"max_retries": 1}})
+    job = submit_job(spec, broker).job_id
+    monkeypatch.setattr(failures, "STORAGE_RETRY_S", 0.01)
+    monkeypatch.setattr(failures, "STORAGE_RETRY_MAX_S", 0.05)
+    reads, stages = [], []
+    real_read, real_stage = io.read_shard, io.OutputDir.stage
+
+    def read_shard(ref, *a, **k):
+        reads.append(ref.index)
+        if len(reads) <= 4:               # more failures in a row than max_retries allows
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real_read(ref, *a, **k)
+
+    def stage(self, *a, **k):
+        stages.append(a[0])
+        if len(stages) <= 3:
+            raise type("ReadTimeoutError", (Exception,), {})('Read timeout on endpoint URL: "http://s3/b"')
+        return real_stage(self, *a, **k)
+    monkeypatch.setattr(io, "read_shard", read_shard)
+    monkeypatch.setattr(io.OutputDir, "stage", stage)
+    w = Worker(broker, worker_id="w", device="cpu")
+    deadline = time.monotonic() + 120
+    while broker.status(job).state != JobState.COMPLETED:
+        assert time.monotonic() < deadline, broker.status(job, detail=True)
+        if not w.run_once():
+            time.sleep(0.02)              # the pause after each failure, and the given-back shards' backoff
+    st = broker.status(job, detail=True)
+    assert st.retries == 0 and st.dead_shards == 0 and st.prompts_failed == 0 and st.prompts_done == 6
+    assert len(reads) >= 4 + 3 and len(stages) == 3 + 3
+    given = [e for e in st.errors if e["reason"] == "given back"]
+    assert given and all("storage did not answer on w: " in e["message"] for e in given)
+    assert any("ConnectionResetError" in e["message"] for e in given)
+    assert any("ReadTimeoutError" in e["message"] for e in given)
+    (info,) = [i for i in broker.worker_infos() if i.worker_id == "w"]
+    assert info.cannot_load == {}         # the engine was never the trouble: `ziya-batch run` does not stop
+    got = collections.Counter(r["id"] for r in io.read_parts(str(tmp_path / "out"), "results"))
+    assert got == collections.Counter(f"p{i}" for i in range(6))
+    assert list(io.read_parts(str(tmp_path / "out"), "errors")) == []
