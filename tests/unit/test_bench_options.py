@@ -100,6 +100,7 @@ def test_also_adds_engine_variants_in_order():
     assert bench.parse_variant("quantization=none") == dict(quantization=None)
     assert bench.parse_variant("quantization=fp8,fp8-fast-accum=on") == dict(quantization="fp8", fp8_fast_accum=True)
     assert bench.parse_variant("mixed_graphs=on") == dict(mixed_step_graphs=True)
+    assert bench.parse_variant("max-num-batched-tokens=384") == dict(max_num_batched_tokens=384)
 
 
 @pytest.mark.parametrize("value,message", [
@@ -107,6 +108,8 @@ def test_also_adds_engine_variants_in_order():
     ("quantization=int4", "quantization must be none or fp8"), ("kv-cache-dtype=fp4", "kv-cache-dtype must be"),
     ("max-num-seqs=0", "max-num-seqs must be a whole number in 1..4096"), ("max-num-seqs=-3", "1..4096"),
     ("max-num-seqs=4097", "1..4096"), ("max-num-seqs=1e3", "1..4096"), ("max-num-seqs=" + "9" * 400, "1..4096"),
+    ("max-num-batched-tokens=15", "max-num-batched-tokens must be a whole number in 16..1000000"),
+    ("max-num-batched-tokens=1000001", "16..1000000"), ("max-num-batched-tokens=3e2", "16..1000000"),
     ("mixed-graphs=both", "mixed-graphs must be on or off"), ("fp8-fast-accum=yes", "fp8-fast-accum must be on or off"),
     ("max-num-seqs=8,max_num_seqs=16", "max-num-seqs is given twice"),
     ("overlap-mixed=on", "is not KEY=VALUE with KEY one of"),
@@ -149,6 +152,7 @@ def test_the_roofline_beside_a_variant_names_its_configuration():
     from ziya_batch.tools.bench_core import config_note_parts
     parts = config_note_parts(EngineConfig(model_path="", kv_cache_dtype="fp8", quantization="fp8", max_num_seqs=512))
     assert config_note_parts(EngineConfig(model_path="")) == []
+    assert config_note_parts(EngineConfig(model_path="", max_num_batched_tokens=384)) == ["step budget 384 tokens"]
     row = dict(output_tokens=10, config=", ".join(parts))          # as bench_engine makes it
     got = bench._roofline_row(4, row, dict(floor_tok_s=123.0), 3e12, 1)
     assert got["output_tok_s"] == 123.0
@@ -163,8 +167,8 @@ def test_any_variant_text_parses_or_is_one_clear_error(text):
     except ValueError as e:
         assert "\n" not in str(e) and len(str(e)) < 300
     else:
-        assert set(got) <= {"quantization", "kv_cache_dtype", "max_num_seqs", "mixed_step_graphs",
-                            "fp8_fast_accum"} and got
+        assert set(got) <= {"quantization", "kv_cache_dtype", "max_num_seqs", "max_num_batched_tokens",
+                            "mixed_step_graphs", "fp8_fast_accum"} and got
 
 
 def test_variants_run_after_the_first_row_each_with_its_roofline(monkeypatch, capsys):

@@ -50,18 +50,27 @@ class BenchOptions:
 
 
 # what an --also variant may change in the first engine row, with how its value is read
-VARIANT_KEYS = ("quantization", "kv-cache-dtype", "max-num-seqs", "mixed-graphs", "fp8-fast-accum")
+VARIANT_KEYS = ("quantization", "kv-cache-dtype", "max-num-seqs", "max-num-batched-tokens", "mixed-graphs",
+                "fp8-fast-accum")
 
 
 def max_seats() -> int:
     """The most engine.max_num_seqs a job spec accepts: the bound the bench's seats keep too."""
+    return _spec_bounds("max_num_seqs")[1]
+
+
+def _spec_bounds(field: str) -> tuple[int, int]:
+    """(ge, le) of a whole-number field of a job spec's engine section."""
     from ziya_batch.spec import EngineSpec
-    return next(m.le for m in EngineSpec.model_fields["max_num_seqs"].metadata if getattr(m, "le", None) is not None)
+    meta = EngineSpec.model_fields[field].metadata
+    return (next(m.ge for m in meta if getattr(m, "ge", None) is not None),
+            next(m.le for m in meta if getattr(m, "le", None) is not None))
 
 
 def parse_variant(text: str) -> dict:
     """"key=value,key=value" over VARIANT_KEYS -> the bench_engine overrides {quantization, kv_cache_dtype,
-    max_num_seqs, mixed_step_graphs, fp8_fast_accum} it names; ValueError with one line for anything else."""
+    max_num_seqs, max_num_batched_tokens, mixed_step_graphs, fp8_fast_accum} it names; ValueError with one line for
+    anything else."""
     from ziya_batch.engine.kv_cache import KV_CACHE_DTYPES
     top = max_seats()
     out: dict = {}
@@ -85,6 +94,12 @@ def parse_variant(text: str) -> dict:
             if not value.isdigit() or not 1 <= int(value) <= top:
                 raise ValueError(f"max-num-seqs must be a whole number in 1..{top} (engine.max_num_seqs), "
                                  f"not {value[:40]!r}")
+            out[name] = int(value)
+        elif key == "max-num-batched-tokens":
+            low, high = _spec_bounds("max_num_batched_tokens")
+            if not value.isdigit() or not low <= int(value) <= high:
+                raise ValueError(f"max-num-batched-tokens must be a whole number in {low}..{high} "
+                                 f"(engine.max_num_batched_tokens), not {value[:40]!r}")
             out[name] = int(value)
         else:
             if value not in ("on", "off"):
@@ -229,10 +244,12 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
 
 def config_note_parts(cfg: EngineConfig) -> list[str]:
     """How an engine row's configuration differs from the engine's defaults, as its note and the roofline beside
-    it name it: KV cache dtype, weights, seats, FP8 fast accumulation."""
+    it name it: KV cache dtype, weights, seats, the step's token budget, FP8 fast accumulation."""
     return ([f"KV cache {cfg.kv_cache_dtype}"] if cfg.kv_cache_dtype != EngineConfig.kv_cache_dtype else []) + \
         ([f"weights {cfg.quantization}"] if cfg.quantization else []) + \
         ([f"{cfg.max_num_seqs} seats"] if cfg.max_num_seqs != EngineConfig.max_num_seqs else []) + \
+        ([f"step budget {cfg.max_num_batched_tokens} tokens"]
+         if cfg.max_num_batched_tokens != EngineConfig.max_num_batched_tokens else []) + \
         (["FP8 fast accumulation"] if cfg.fp8_fast_accum else [])
 
 
