@@ -59,3 +59,44 @@ def test_a_storage_outage_uses_no_retries_and_loses_no_prompt(tmp_path, demo_mod
     got = collections.Counter(r["id"] for r in io.read_parts(str(tmp_path / "out"), "results"))
     assert got == collections.Counter(f"p{i}" for i in range(6))
     assert list(io.read_parts(str(tmp_path / "out"), "errors")) == []
+
+
+def test_a_dead_lettered_shard_whose_input_store_does_not_answer_goes_back_instead_of_losing_its_ids(
+        tmp_path, demo_model, broker, monkeypatch):
+    """A dead-letter shard reads its input back for its lines' ids (dead_letter_failures). Where the input is gone
+    for good it writes made-up ids (file:line); storage that only did not answer is no such case: the shard goes
+    back untried, still dead, and its error lines carry the records' own ids once the store answers."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"rec-{i}", "prompt": f"question {i}"}) + "\n" for i in range(2)))
+    spec = parse_spec({"name": "outage-dead", "model": {"path": str(demo_model)}, "input": [str(inp)],
+                       "sampling": {"max_new_tokens": 3, "ignore_eos": True, "seed": 1},
+                       "output": {"path": str(tmp_path / "out")}, "shard_size": 2,
+                       "reliability": {"max_retries": 0}})
+    job = submit_job(spec, broker).job_id
+    assert broker.fail(broker.claim("doomed-worker"), "worker killed") == "dead"
+    monkeypatch.setattr(failures, "STORAGE_RETRY_S", 0.01)
+    monkeypatch.setattr(failures, "STORAGE_RETRY_MAX_S", 0.05)
+    real_read, reads = io.read_shard, []
+
+    def read_shard(ref, *a, **k):
+        reads.append(ref.index)
+        if len(reads) == 1:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real_read(ref, *a, **k)
+    monkeypatch.setattr(io, "read_shard", read_shard)
+    w = Worker(broker, worker_id="w", device="cpu")
+    deadline = time.monotonic() + 30
+    while not reads:
+        assert time.monotonic() < deadline
+        w.run_once()
+        time.sleep(0.02)
+    st = broker.status(job, detail=True)
+    assert st.state != JobState.COMPLETED and st.dead_shards == 1, st
+    assert any(e["reason"] == "given back" and "ConnectionResetError" in e["message"] for e in st.errors)
+    while broker.status(job).state != JobState.COMPLETED:
+        assert time.monotonic() < deadline, broker.status(job, detail=True)
+        if not w.run_once():
+            time.sleep(0.02)
+    errs = list(io.read_parts(str(tmp_path / "out"), "errors"))
+    assert sorted(r["id"] for r in errs) == ["rec-0", "rec-1"]
+    assert all("could not be read back" not in json.dumps(r) for r in errs)

@@ -20,7 +20,7 @@ from .rewarding import score_rewards
 
 if TYPE_CHECKING:
     from ..protocols import GenerationEngine
-from .failures import EngineOutOfMemory, engine_calls
+from .failures import EngineOutOfMemory, StorageAway, engine_calls
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +98,12 @@ def dead_letter_failures(shard, fmt: str, message: str, read_lines: Callable) ->
     """A dead-lettered shard's lines as retries_exhausted errors: the one thing left to do with it, so it cannot
     fail, or the shard would be dead-lettered again on every claim and its job never finish. `read_lines(shard)`
     gives its (line number, bytes); where the input cannot be read back (deleted, changed), each of the shard's
-    num_lines lines is still written, numbered from its first line (blank lines between would shift them)."""
+    num_lines lines is still written, numbered from its first line (blank lines between would shift them). A store
+    that did not answer (StorageAway) is raised: the shard goes back untried and its lines keep their ids."""
     try:
         lines = list(read_lines(shard))
+    except StorageAway:
+        raise
     except Exception as err:  # noqa: BLE001 - whatever storage says, the shard's lines are given up on
         why = f"{message}; its input could not be read back ({type(err).__name__}: {err})"
         return [LineFailure(default_id(shard.file, shard.first_line + i), shard.file, shard.first_line + i,
