@@ -90,3 +90,20 @@ def test_redis_errors_during_finalize_reach_the_caller_as_they_are(tmp_path, bro
     with pytest.raises(redis.ConnectionError):
         finalize_if_ready(broker, job_id)
     assert broker.status(job_id).state == JobState.FINALIZING      # not failed, not waiting on storage
+
+
+def test_storage_that_stops_answering_after_the_job_completed_does_not_promise_a_retry(tmp_path, broker, monkeypatch,
+                                                                                      caplog):
+    """Clearing _staging/ comes after the manifest is written and the job marked completed: storage that does not
+    answer then leaves leftovers behind, nothing to wait for. The call wrote the manifest (True), and its log does
+    not say finalizing waits and tries again: nothing will."""
+    job_id, _ = _committed_job(tmp_path, broker)
+
+    def clear_staging(self):
+        raise TimeoutError("read timed out")
+    monkeypatch.setattr(io.OutputDir, "clear_staging", clear_staging)
+    with caplog.at_level(logging.INFO, logger="ziya_batch.jobs.finalize"):
+        assert finalize_if_ready(broker, job_id)
+    assert broker.status(job_id).state == JobState.COMPLETED
+    assert not any("trying again" in r.getMessage() for r in caplog.records)
+    assert any("completed" in r.getMessage() for r in caplog.records)

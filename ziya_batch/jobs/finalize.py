@@ -76,9 +76,6 @@ def finalize_if_ready(broker: "JobsBroker", job_id: str) -> bool:
             return False
         io.write_manifest(out, spec.to_json(), {**_summary(status, markers), "state": "completed"}, markers)
         broker.mark_completed(job_id)
-        out.clear_staging()         # leftovers of lost attempts; the manifest no longer needs them
-        log.info("job %s completed: manifest written to %s", job_id, out)
-        return True
     except BROKER_ERRORS:
         raise                               # Redis itself: the caller waits it out (a worker) or reports it
     except Exception as err:
@@ -90,6 +87,13 @@ def finalize_if_ready(broker: "JobsBroker", job_id: str) -> bool:
         if not _left_finalizing(broker, status):
             broker.mark_failed(job_id, f"finalizing failed: {type(err).__name__}: {err}")
         raise
+    log.info("job %s completed: manifest written to %s", job_id, out)
+    try:
+        out.clear_staging()         # leftovers of lost attempts; the manifest no longer needs them
+    except Exception as err:  # noqa: BLE001 - the job is completed: nothing to wait for or fail, only leftovers
+        log.warning("job %s: its output's _staging/ (leftovers of lost attempts) could not be removed (%s: %s); "
+                    "the job is completed, its manifest written", job_id, type(err).__name__, err)
+    return True
 
 
 def _left_finalizing(broker: "JobsBroker", status: "JobStatus") -> bool:
