@@ -100,3 +100,38 @@ def test_a_dead_lettered_shard_whose_input_store_does_not_answer_goes_back_inste
     errs = list(io.read_parts(str(tmp_path / "out"), "errors"))
     assert sorted(r["id"] for r in errs) == ["rec-0", "rec-1"]
     assert all("could not be read back" not in json.dumps(r) for r in errs)
+
+
+def test_a_job_whose_store_is_away_pauses_alone_and_other_jobs_run_on(tmp_path, demo_model, broker, monkeypatch):
+    def job(name, priority):
+        inp = tmp_path / f"{name}.jsonl"
+        inp.write_text("".join(json.dumps({"id": f"{name}{i}", "prompt": f"question {i}"}) + "\n" for i in range(4)))
+        return submit_job(parse_spec({
+            "name": name, "model": {"path": str(demo_model)}, "input": [str(inp)], "priority": priority,
+            "sampling": {"max_new_tokens": 2, "ignore_eos": True, "seed": 1},
+            "output": {"path": str(tmp_path / f"out-{name}")}, "shard_size": 2,
+            "reliability": {"max_retries": 1}}), broker).job_id
+    away, fine = job("away", 5), job("fine", 0)      # the job whose store is away is claimed first
+    monkeypatch.setattr(failures, "STORAGE_RETRY_S", 30.0)
+    staged = collections.Counter()
+    real_stage = io.OutputDir.stage
+
+    def stage(self, *a, **k):
+        staged[self.url] += 1
+        if "out-away" in self.url:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return real_stage(self, *a, **k)
+    monkeypatch.setattr(io.OutputDir, "stage", stage)
+    w = Worker(broker, worker_id="w", device="cpu", max_in_flight=1)
+    deadline = time.monotonic() + 120
+    while broker.status(fine).state != JobState.COMPLETED:
+        assert time.monotonic() < deadline, broker.status(fine, detail=True)
+        if not w.run_once():
+            time.sleep(0.02)
+    # the away job's first shard was generated once and given back; within its pause none of its shards is claimed
+    assert sum(n for url, n in staged.items() if "out-away" in url) == 1
+    st = broker.status(away, detail=True)
+    assert st.state != JobState.COMPLETED and st.retries == 0 and st.dead_shards == 0 and st.prompts_failed == 0
+    assert broker.status(fine, detail=True).retries == 0
+    got = collections.Counter(r["id"] for r in io.read_parts(str(tmp_path / "out-fine"), "results"))
+    assert got == collections.Counter(f"fine{i}" for i in range(4))

@@ -122,20 +122,28 @@ def test_storage_that_does_not_answer_gives_the_shard_back_and_pauses_claims(mon
             with storage_calls():
                 raise err
         assert decide(err, Stage.READ).action is Action.FAIL
-    # the pause: 5 s, doubling with each failure in a row up to 120 s; a commit ends the series
+    # the pause, by job: 5 s, doubling with each failure in a row up to 120 s; a commit of the job's ends the series;
+    # other jobs (other stores) are not paused
     now = [1000.0]
     monkeypatch.setattr(failures.time, "monotonic", lambda: now[0])
     p = StoragePause()
-    assert not p.active()
+    assert not p.active("a")
     seen = []
     for _ in range(7):
-        p.failed()
-        seen.append(p.seconds)
-    assert seen == [5.0, 10.0, 20.0, 40.0, 80.0, 120.0, 120.0] and p.active()
+        p.failed("a")
+        seen.append(p.seconds("a"))
+    assert seen == [5.0, 10.0, 20.0, 40.0, 80.0, 120.0, 120.0] and p.active("a") and not p.active("b")
     now[0] += 119.9
-    assert p.active()
+    assert p.active("a")
     now[0] += 0.2
-    assert not p.active()
-    p.answered()
-    p.failed()
-    assert p.seconds == 5.0
+    assert not p.active("a")
+    p.failed("b")
+    p.answered("a")
+    p.failed("a")
+    assert p.seconds("a") == 5.0 and p.seconds("b") == 5.0
+    # Redis's own errors are named like a store's (redis.ConnectionError) but are never taken for storage
+    import redis
+    for err in (redis.ConnectionError("Error 111 connecting to localhost:6379"), redis.TimeoutError("timed out")):
+        with pytest.raises(type(err)):
+            with storage_calls():
+                raise err

@@ -59,11 +59,12 @@ def storage_calls() -> Iterator[None]:
     """Wrap a worker's reads of a shard's input and writes of its parts: storage that does not answer leaves as
     StorageAway (anything else it raises, a permission refused or a changed input, is unchanged)."""
     from ..io.storage import unreachable
+    from ..queue.errors import BROKER_ERRORS
 
     try:
         yield
-    except StorageAway:
-        raise
+    except (StorageAway, *BROKER_ERRORS):
+        raise                       # Redis's errors are named like a store's (redis.ConnectionError): not storage
     except Exception as err:
         if unreachable(err):
             raise StorageAway(one_line(err)) from err
@@ -75,22 +76,26 @@ STORAGE_RETRY_MAX_S = 120.0    # ... doubling with each such failure in a row, u
 
 
 class StoragePause:
-    """After storage did not answer, a worker claims nothing for STORAGE_RETRY_S, twice as long after each such
-    failure in a row up to STORAGE_RETRY_MAX_S: claiming shard after shard into an outage would only give them all
-    back and press on a store that is struggling. A shard committed ends the series."""
+    """After a job's storage did not answer, a worker claims none of that job's shards for STORAGE_RETRY_S, twice as
+    long after each such failure in a row up to STORAGE_RETRY_MAX_S: claiming shard after shard into an outage would
+    only give them all back (after generating them, where the parts' store is the one away) and press on a store that
+    is struggling. Other jobs (other stores) are claimed meanwhile. A commit of the job's ends its series."""
 
     def __init__(self):
-        self.until, self.seconds = 0.0, 0.0
+        self._jobs: dict[str, tuple[float, float]] = {}     # job id -> (claims again after, pause s)
 
-    def failed(self) -> None:
-        self.seconds = min(STORAGE_RETRY_MAX_S, max(STORAGE_RETRY_S, 2 * self.seconds))
-        self.until = time.monotonic() + self.seconds
+    def failed(self, job_id: str) -> None:
+        seconds = min(STORAGE_RETRY_MAX_S, max(STORAGE_RETRY_S, 2 * self.seconds(job_id)))
+        self._jobs[job_id] = (time.monotonic() + seconds, seconds)
 
-    def answered(self) -> None:
-        self.seconds = 0.0
+    def answered(self, job_id: str) -> None:
+        self._jobs.pop(job_id, None)
 
-    def active(self) -> bool:
-        return time.monotonic() < self.until
+    def seconds(self, job_id: str) -> float:
+        return self._jobs.get(job_id, (0.0, 0.0))[1]
+
+    def active(self, job_id: str) -> bool:
+        return time.monotonic() < self._jobs.get(job_id, (0.0, 0.0))[0]
 
 
 # cuBLAS and the CPU allocator report running out of memory as a plain RuntimeError: only their text tells.

@@ -117,7 +117,7 @@ class Worker:
         self._flights: dict[str, Flight] = {}           # flight.key -> shard whose lines are in the stream
         self._same_model_claims = 0                     # claims in a row that needed no model load
         self._backoff = LoadBackoff(broker, self.worker_id)
-        self._storage = StoragePause()                  # claims paused after storage did not answer
+        self._storage = StoragePause()                  # jobs whose claims pause: their storage did not answer
         self._unreadable: dict[str, str] = {}           # job id -> why its spec could not be read (noted)
         self._commit = ShardCommit(broker, self.models)
         self._next_sweep = 0.0                          # monotonic time of the next finalize sweep
@@ -133,7 +133,7 @@ class Worker:
         self.broker.worker_heartbeat(self.worker_id)
         self._sweep_finalizing()
         lease = None
-        if claim and self._has_room() and not self._storage.active():
+        if claim and self._has_room():
             sticky = self._same_model_claims < STICKY_CLAIMS
             lease = self.broker.claim(self.worker_id, accept=self._serves, prefer=self._loaded if sticky else None)
             if lease is not None:
@@ -223,7 +223,7 @@ class Worker:
         if self._unreadable.pop(job_id, None) is not None:
             self._backoff.note(job_id, None)
         try:
-            return self.models.can_serve(spec) and not self._backoff.blocks(spec)
+            return self.models.can_serve(spec) and not self._backoff.blocks(spec) and not self._storage.active(job_id)
         except Exception:  # noqa: BLE001 - claimed: loading its engine then fails with the reason
             return True
 
@@ -390,7 +390,8 @@ class Worker:
         if d.back_off and flights:
             self._backoff.failed(engine_key(flights[0].spec))
         if d.pause_claims:
-            self._storage.failed()
+            for job_id in {f.lease.job_id for f in flights}:
+                self._storage.failed(job_id)
         if stage is Stage.STEP and d.action is Action.GIVE_BACK:
             # out of memory mid-step: every request goes; the engine itself stays loaded (a tensor-parallel replica
             # goes down after giving its shards back, and its manager starts a new one)
@@ -482,7 +483,7 @@ class Worker:
             except BaseException as err:
                 self._act(err, Stage.SHARD, [flight])
                 return False
-        self._storage.answered()
+        self._storage.answered(flight.lease.job_id)
         self._finalize(flight.lease.job_id)      # the shard is committed whatever finalizing does
         if self.on_shard_done:
             self.on_shard_done(flight.lease.job_id, flight.lease.shard.index)
