@@ -24,6 +24,10 @@ class ShardRef:
     end: int            # last byte (exclusive); the range holds whole lines
     first_line: int     # 1-based line number of the line at `start`
     num_lines: int
+    # a local file's "st_dev:st_ino" as the indexer opened it: read_shard refuses any other file found at `file`
+    # later (a symlink swapped in after the HTTP API checked where it points; io.inputs.same_file). A string, so
+    # Redis's Lua never rounds it. None: nothing to compare (object storage; shards queued before 2026-12-07)
+    identity: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ prefix_cache_query_tokens, prefix_cache_hit_tokens (sums of committed stats: unc
 again), retries, dead_lines, progress_seq.
 
 Shard records (JSON in the job's shards hash): file (position in the files list), start, end, first_line,
-num_lines, state, token, attempts, failures, isolate, lease_isolate, in_flight, bad_lines, dead, owner,
+num_lines, identity (a local input's, ShardRef.identity; absent for object storage and in shards queued before
+2026-12-07), state, token, attempts, failures, isolate, lease_isolate, in_flight, bad_lines, dead, owner,
 stats, committed_token, committed_ms (Redis time of the commit), lost (times its staged parts were lost before
 promotion and it ran again). About 200 bytes a shard: a 10-million-line job of 512-line shards is ~4 MB.
 """
@@ -48,6 +49,23 @@ WORKER_FORGET_S = 86400.0    # registrations silent this long are deleted (worke
 
 def _json(obj) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def shard_record(ref: ShardRef, file_pos: int) -> dict:
+    """What the job's shards hash keeps of a shard when it is queued (its file as a position in the job's files
+    list); identity only where there is one, so a shard without it is stored as before."""
+    rec = {"file": file_pos, "start": ref.start, "end": ref.end, "first_line": ref.first_line,
+           "num_lines": ref.num_lines}
+    if ref.identity is not None:
+        rec["identity"] = ref.identity
+    return rec
+
+
+def shard_ref(job_id: str, index, rec: dict, files: list[str]) -> ShardRef:
+    """The ShardRef of a stored shard record (shard_record's fields; queue state fields are ignored). A record
+    without identity (queued by a release before 2026-12-07) is read as it was then: not checked."""
+    return ShardRef(job_id, int(index), files[rec["file"]], rec["start"], rec["end"], rec["first_line"],
+                    rec["num_lines"], rec.get("identity"))
 
 
 class Broker:
@@ -118,8 +136,7 @@ class Broker:
             if ref.file not in files:
                 # RPUSH's reply is the position, so two submitters racing on one job agree on it
                 files[ref.file] = self.client.rpush(k.files(job_id), ref.file) - 1
-            rec = {"file": files[ref.file], "start": ref.start, "end": ref.end, "first_line": ref.first_line,
-                   "num_lines": ref.num_lines}
+            rec = shard_record(ref, files[ref.file])
             st = committed.get(ref.index)
             batch += [ref.index, _json(rec), _json(st.to_dict()) if st is not None else ""]
             if len(batch) >= 3 * SUBMIT_BATCH:
@@ -266,8 +283,7 @@ class Broker:
         if files is None or sh["file"] >= len(files):
             files = self.client.lrange(self.keys.files(job_id), 0, -1)
             self._files[(job_id, created_ms)] = files
-        ref = ShardRef(job_id, int(index), files[sh["file"]], sh["start"], sh["end"], sh["first_line"],
-                       sh["num_lines"])
+        ref = shard_ref(job_id, index, sh, files)
         bad = sh.get("bad_lines") or []
         return Lease(job_id=job_id, shard=ref, token=int(sh["token"]), attempt=int(sh["attempts"]),
                      lease_s=int(lease_ms) / 1000.0, worker_id=worker_id, isolate=bool(sh.get("isolate")),
