@@ -91,8 +91,9 @@ def child(args) -> None:
     else:
         files = io.expand_inputs(spec.input)
         shards = lines = 0
-        for index, (file, start, end, first, num) in enumerate(io.index_inputs(files, spec.shard_size)):
-            ref = ShardRef(spec.identity(), index, file, start, end, first, num)
+        for index, row in enumerate(io.index_inputs(files, spec.shard_size)):
+            ref = ShardRef(spec.identity(), index, *row)
+            num = ref.num_lines
             json.dumps(ref.__dict__)            # what a queue would store per shard
             shards += 1
             lines += num

@@ -63,7 +63,8 @@ def test_s3_expand_index_and_read_byte_ranges(bucket, monkeypatch):
     monkeypatch.setattr(fs, "cat_file", counting_cat)
     seen = collections.Counter()
     shards = list(index_inputs(files, 2))
-    for index, (file, start, end, first, num) in enumerate(shards):
+    for index, (file, start, end, first, num, ident) in enumerate(shards):
+        assert ident is None
         calls.clear()
         lines = list(read_shard(ShardRef("j", index, file, start, end, first, num)))
         assert calls == [(file.removeprefix("s3://"), start, end)]       # one ranged read of just the shard
@@ -71,7 +72,7 @@ def test_s3_expand_index_and_read_byte_ranges(bucket, monkeypatch):
         seen.update((file, no) for no, _ in lines)
     assert seen == collections.Counter([(files[0], n) for n in (1, 3, 4, 5)] +
                                        [(files[1], n) for n in range(1, 6)])
-    assert [s[3:] for s in shards if s[0] == files[0]] == [(1, 2), (4, 2)]
+    assert [s[3:5] for s in shards if s[0] == files[0]] == [(1, 2), (4, 2)]
 
 
 def test_s3_index_streams_in_blocks(bucket):
@@ -82,8 +83,8 @@ def test_s3_index_streams_in_blocks(bucket):
     file = f"s3://{bucket}/big.jsonl"
     shards = list(index_inputs([file], 37, block_bytes=1000))
     got = []
-    for index, (f, start, end, first, num) in enumerate(shards):
-        got.extend(raw for _, raw in read_shard(ShardRef("j", index, f, start, end, first, num)))
+    for index, row in enumerate(shards):
+        got.extend(raw for _, raw in read_shard(ShardRef("j", index, *row)))
     assert got == lines
     assert [s[4] for s in shards] == [37] * 10 + [30]
 
@@ -145,7 +146,7 @@ def test_s3_endpoint_from_aws_endpoint_url(moto_endpoint, monkeypatch):
     fs.mkdir(name)
     fs.pipe_file(f"{name}/p.jsonl", b'{"prompt": "x"}\n')
     files = expand_inputs([f"s3://{name}/p.jsonl"])
-    assert [s[3:] for s in index_inputs(files, 8)] == [(1, 1)]
+    assert [s[3:] for s in index_inputs(files, 8)] == [(1, 1, None)]
     s3fs.S3FileSystem.clear_instance_cache()
 
 
@@ -162,7 +163,7 @@ def test_s3_endpoint_from_fsspec_config_env(bucket, moto_endpoint):
             f"print(list(index_inputs(expand_inputs(['s3://{bucket}/q*.jsonl']), 10)))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == f"[('s3://{bucket}/q.jsonl', 0, 32, 1, 2)]"
+    assert out.stdout.strip() == f"[('s3://{bucket}/q.jsonl', 0, 32, 1, 2, None)]"
 
 
 def test_s3_small_files_are_read_under_a_cap(bucket, monkeypatch):

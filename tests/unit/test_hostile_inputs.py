@@ -116,8 +116,9 @@ def test_long_lines_index_and_read_back_as_too_long(tmp_path, lines, trailing, b
     f = tmp_path / "in.jsonl"
     f.write_bytes(data)
     got = []
-    for index, (file, start, end, first, num) in enumerate(index_inputs([str(f)], shard_size, block, limit)):
-        back = list(read_shard(ShardRef("j", index, file, start, end, first, num), max_line_bytes=limit))
+    for index, row in enumerate(index_inputs([str(f)], shard_size, block, limit)):
+        first, num = row[3:5]
+        back = list(read_shard(ShardRef("j", index, *row), max_line_bytes=limit))
         assert len(back) == num and back[0][0] == first
         got.extend(back)
     assert [(no, raw.length if isinstance(raw, TooLongLine) else raw) for no, raw in got] == expected_lines(data, limit)
@@ -126,8 +127,9 @@ def test_long_lines_index_and_read_back_as_too_long(tmp_path, lines, trailing, b
 def test_too_long_line_is_its_own_error(tmp_path):
     f = tmp_path / "in.jsonl"
     f.write_bytes(b'{"id": "a", "prompt": "ok"}\n{"id": "big", "prompt": "' + b"y" * 100 + b'"}\n{"prompt": "ok"}\n')
-    (file, start, end, first, num), = index_inputs([str(f)], 10, 16, 64)
-    back = list(read_shard(ShardRef("j", 0, file, start, end, first, num), max_line_bytes=64))
+    row, = index_inputs([str(f)], 10, 16, 64)
+    file = row[0]
+    back = list(read_shard(ShardRef("j", 0, *row), max_line_bytes=64))
     assert [no for no, _ in back] == [1, 2, 3]
     with pytest.raises(LineError) as ei:
         parse_line(back[1][1], "ziya", file, 2, SamplingSpec())

@@ -38,8 +38,8 @@ def expected_lines(data: bytes, limit: int | None = None) -> list[tuple[int, byt
 
 def _read_all(files: list[str], shard_size: int, block_bytes: int = 2**20) -> list[tuple[str, int, bytes]]:
     got = []
-    for index, (file, start, end, first, num) in enumerate(index_inputs(files, shard_size, block_bytes)):
-        lines = list(read_shard(ShardRef("job", index, file, start, end, first, num)))
+    for index, (file, start, end, first, num, ident) in enumerate(index_inputs(files, shard_size, block_bytes)):
+        lines = list(read_shard(ShardRef("job", index, file, start, end, first, num, ident)))
         assert len(lines) == num
         assert 1 <= num <= shard_size
         assert lines[0][0] == first
@@ -72,7 +72,7 @@ def test_line_exactly_at_shard_boundary_and_utf8_bom(tmp_path):
     f.write_bytes(b"\xef\xbb\xbf" + b"".join(b'{"i": %d}\n' % i for i in range(6)))
     shards = list(index_inputs([str(f)], 3))
     assert len(shards) == 2
-    (_, s0, e0, f0, n0), (_, s1, e1, f1, n1) = shards
+    (_, s0, e0, f0, n0, _), (_, s1, e1, f1, n1, _) = shards
     assert (f0, n0, f1, n1) == (1, 3, 4, 3)
     assert e0 == s1                      # the boundary falls exactly between two lines
     assert e1 == f.stat().st_size
@@ -134,13 +134,13 @@ def test_expand_inputs_order_dedup_and_absolute_paths(tmp_path, monkeypatch):
 def test_read_shard_refuses_a_changed_input(tmp_path):
     f = tmp_path / "in.jsonl"
     f.write_bytes(b"".join(b'{"i": %d}\n' % i for i in range(4)))
-    (file, start, end, first, num), = index_inputs([str(f)], 10)
+    row, = index_inputs([str(f)], 10)
     f.write_bytes(b'{"i": 0}\n')
     with pytest.raises(InputError, match="changed after submit"):
-        read_shard(ShardRef("j", 0, file, start, end, first, num))
+        read_shard(ShardRef("j", 0, *row))
     f.unlink()
     with pytest.raises(InputError, match="disappeared"):
-        read_shard(ShardRef("j", 0, file, start, end, first, num))
+        read_shard(ShardRef("j", 0, *row))
 
 
 def test_empty_and_blank_only_files_yield_no_shards(tmp_path):
@@ -181,7 +181,7 @@ def test_indexing_memory_does_not_grow_with_file_size(tmp_path):
     try:
         shards = 0
         lines = 0
-        for *_, num in index_file(str(f), 512, block_bytes=2**20):
+        for *_, num, _ in index_file(str(f), 512, block_bytes=2**20):
             shards += 1
             lines += num
         _, peak = tracemalloc.get_traced_memory()

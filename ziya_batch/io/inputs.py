@@ -17,6 +17,11 @@ Line rules, shared by index and read so they agree exactly:
 Only regular files (or objects in object storage) are inputs: a device, FIFO, socket, directory or a
 pseudo-file of unknown size (/proc) could be endless or block forever, so it is refused before reading, and
 a local file is read only up to the size it had when opened.
+
+A local file's shards carry its identity (st_dev:st_ino of the descriptor the indexer read), and a worker reads
+a shard only from that same file (same_file): the HTTP API judged the file by where its path pointed at submit,
+and a path (or a folder on it) swapped for a symlink afterwards must not lead a worker to a file it never judged.
+A file written over in place keeps its identity and is held to the line count check, as before.
 """
 from __future__ import annotations
 
@@ -122,10 +127,24 @@ def _pseudo_file(path: str) -> bool:
         os.close(fd)
 
 
+def file_identity(st: os.stat_result) -> str:
+    """A local file's identity as ShardRef.identity keeps it: the same file whatever path or link leads to it."""
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def same_file(recorded: str, current: str) -> bool:
+    """Whether two file_identity values name one file. The inode numbers must be equal; the device numbers too,
+    unless both are of filesystems without a fixed device (major number 0: NFS, Lustre, CephFS, FUSE, overlay,
+    tmpfs, btrfs), which the kernel numbers per mount: one shared filesystem has another number on each host of a
+    cluster, and after a remount. Between two such filesystems only the inode number tells files apart."""
+    (dev_a, ino_a), (dev_b, ino_b) = (map(int, i.split(":")) for i in (recorded, current))
+    return ino_a == ino_b and (dev_a == dev_b or os.major(dev_a) == os.major(dev_b) == 0)
+
+
 def _open_local(file: str, path: str):
     """A regular file opened for reading, checked on the open descriptor (the path may have been swapped for a
     FIFO or device since it was listed; O_NONBLOCK keeps a FIFO's open from waiting for a writer), and read only
-    up to the size it has now."""
+    up to the size it has now. Its identity is taken from the same descriptor: the file read is the file named."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
@@ -137,7 +156,7 @@ def _open_local(file: str, path: str):
     if kind:
         os.close(fd)
         raise InputError(f"input not usable: {file} ({kind}, not a regular file: inputs are JSONL files)")
-    return _Bounded(os.fdopen(fd, "rb"), st.st_size)
+    return _Bounded(os.fdopen(fd, "rb"), st.st_size, file_identity(st))
 
 
 def _open_remote(file: str, f):
@@ -155,8 +174,8 @@ class _Bounded:
     """A binary stream that ends after `size` bytes: a file that grows while it is read (or never ends) is read
     as it was when opened."""
 
-    def __init__(self, f, size: int):
-        self.f, self.left = f, size
+    def __init__(self, f, size: int, identity: Optional[str] = None):
+        self.f, self.left, self.identity = f, size, identity      # identity: a local file's (file_identity)
 
     def read(self, n: int) -> bytes:
         data = self.f.read(min(n, self.left)) if self.left > 0 else b""
@@ -247,8 +266,9 @@ _NO_NEWLINE = object()
 
 
 def index_file(file: str, shard_size: int, block_bytes: int = BLOCK_BYTES, max_line_bytes: int = MAX_LINE_BYTES
-               ) -> Iterator[tuple[str, int, int, int, int]]:
-    """Shards of one file: (file, start, end, first_line, num_lines)."""
+               ) -> Iterator[tuple[str, int, int, int, int, Optional[str]]]:
+    """Shards of one file: (file, start, end, first_line, num_lines, identity); identity: the local file's
+    (file_identity), None for object storage."""
     fs, path = url_to_fs(file)
     pos = 0               # byte offset of the current line
     line_no = 0
@@ -260,6 +280,7 @@ def index_file(file: str, shard_size: int, block_bytes: int = BLOCK_BYTES, max_l
             _open_remote(file, fs.open(path, "rb", block_size=block_bytes, cache_type="readahead"))
     except FileNotFoundError:
         raise InputError(f"input not found: {file} (removed after it was listed?)") from None
+    identity = f.identity
     with f:
         pos, head = _skip_bom(f)     # the byte-order mark is not part of line 1: a BOM-only line is blank
         for lines in _line_lists(f, block_bytes, max_line_bytes, head):
@@ -273,7 +294,7 @@ def index_file(file: str, shard_size: int, block_bytes: int = BLOCK_BYTES, max_l
                         start, first = pos, line_no
                     count += 1
                     if count == shard_size:
-                        yield file, start, pos + length + long.newline, first, count
+                        yield file, start, pos + length + long.newline, first, count, identity
                         count = 0
                 pos += length + long.newline
                 continue
@@ -289,20 +310,20 @@ def index_file(file: str, shard_size: int, block_bytes: int = BLOCK_BYTES, max_l
                         start, first = pos, line_no
                     count += 1
                     if count == shard_size:
-                        yield file, start, pos + len(line) + newline, first, count
+                        yield file, start, pos + len(line) + newline, first, count, identity
                         count = 0
                 pos += len(line) + newline
     if count:
-        yield file, start, pos, first, count      # trailing blank lines may ride along: readers skip them
+        yield file, start, pos, first, count, identity   # trailing blank lines may ride along: readers skip them
 
 
 def index_inputs(files: list[str], shard_size: int, block_bytes: int = BLOCK_BYTES,
-                 max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, int, int, int, int]]:
-    """Stream (file, start, end, first_line, num_lines) for every shard of every file, in order.
+                 max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[str, int, int, int, int, Optional[str]]]:
+    """Stream (file, start, end, first_line, num_lines, identity) for every shard of every file, in order.
 
     Each shard holds `shard_size` non-blank lines (a file's last shard may hold fewer; shards never span
     files or split a line). The shard index is the running count over all files; the caller builds
-    ShardRef(job_id, index, file, start, end, first_line, num_lines). Memory is constant in file size.
+    ShardRef(job_id, index, *row). Memory is constant in file size.
     """
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
@@ -311,11 +332,10 @@ def index_inputs(files: list[str], shard_size: int, block_bytes: int = BLOCK_BYT
 
 
 def shard_refs(job_id: str, files: list[str], shard_size: int,
-               rows: Optional[Iterable[tuple[str, int, int, int, int]]] = None) -> Iterator[ShardRef]:
+               rows: Optional[Iterable[tuple[str, int, int, int, int, Optional[str]]]] = None) -> Iterator[ShardRef]:
     """index_inputs (or its `rows`, read already) as ShardRefs numbered from 0."""
-    for index, (file, start, end, first, num) in enumerate(rows if rows is not None
-                                                           else index_inputs(files, shard_size)):
-        yield ShardRef(job_id, index, file, start, end, first, num)
+    for index, row in enumerate(rows if rows is not None else index_inputs(files, shard_size)):
+        yield ShardRef(job_id, index, *row)
 
 
 def read_shard(ref: ShardRef, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes]]:
@@ -325,7 +345,8 @@ def read_shard(ref: ShardRef, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[
     One ranged read of [start, end), streamed in blocks where the range could hold a line too long to keep.
     Raises InputError (before yielding anything) when the file no longer holds what it held at submit (too
     short, or a different number of lines in the range): a changed input would otherwise silently produce
-    wrong ids.
+    wrong ids; and when a local file is no longer the file indexed (ref.identity), even one of the same bytes:
+    the identity is what the HTTP API's check of where the path pointed vouches for, not the content.
     """
     fs, path = url_to_fs(ref.file)
     try:
@@ -372,6 +393,10 @@ def _stream_range(ref: ShardRef, fs, path: str, max_line_bytes: int) -> tuple[li
     out: list[tuple[int, bytes]] = []
     line_no = ref.first_line
     with f:
+        if local and ref.identity is not None and not same_file(ref.identity, f.identity):
+            raise InputError(f"input {ref.file} was replaced after submit (shard {ref.index}): it is no longer the "
+                             "file that was checked and indexed; put the original back, or submit the job again "
+                             "with a new output.path")
         f.seek(ref.start)
         r = _Bounded(f, ref.end - ref.start)
         head = _skip_bom(r)[1] if ref.start == 0 else b""

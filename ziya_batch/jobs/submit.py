@@ -23,9 +23,9 @@ if TYPE_CHECKING:
     from ..queue import JobStatus
 
 
-# The most shards one job may have. Each is a record in Redis (296-318 bytes, docs/BENCHMARKS.md), so a spec cutting
-# a hundred million lines into shards of one would fill the queue's memory, every job's. 200,000 shards of the
-# default 512 lines hold 102 million prompts (about 64 MB of Redis).
+# The most shards one job may have. Each is a record in Redis (296-318 bytes, docs/BENCHMARKS.md; ~30 more with a
+# local input's identity), so a spec cutting a hundred million lines into shards of one would fill the queue's
+# memory, every job's. 200,000 shards of the default 512 lines hold 102 million prompts (about 64 MB of Redis).
 MAX_SHARDS = 200_000
 
 
@@ -47,7 +47,8 @@ def _too_many_shards(shard_size: int) -> SpecError:
 
 def _counted_rows(files: list[str], shard_size: int) -> list[tuple]:
     """index_inputs' rows for a new job, counted before the broker writes any (a refused job leaves nothing in
-    Redis): SpecError past MAX_SHARDS. Tuples, not ShardRefs: ~170 bytes a shard while they wait."""
+    Redis): SpecError past MAX_SHARDS. Tuples, not ShardRefs: ~180 bytes a shard while they wait (a file's identity
+    string is one object shared by its rows)."""
     rows = list(itertools.islice(io.index_inputs(files, shard_size), MAX_SHARDS + 1))
     if len(rows) > MAX_SHARDS:
         raise _too_many_shards(shard_size)
