@@ -13,7 +13,8 @@ prune_buckets keeps, as the runner's graphs do (fp8: FP8 weights and KV, fast ac
 KV bytes); --cut gives the scheduler those times, so it cuts steps back to a bucket (Scheduler.step_buckets).
 
 Usage: python scripts/sim_schedule.py --blocks 3853 [--horizon 256] [--max-new 512] [--policy longest-first]
-       [--requests 512] [--bandwidth-tbs 2.88] [--weights float16 [--cut]] [--budget 384] [--mixed-overhead-ms 2]
+       [--requests 512] [--bandwidth-tbs 2.88] [--weights float16 [--cut [--adaptive]]] [--budget 384]
+       [--mixed-overhead-ms 2]
 (3,853 blocks of 16: an H100's float16 cache for LLaMA-13B, copy bandwidth 2.88 TB/s; 8,577: an H200's, 4.14)"""
 from __future__ import annotations
 
@@ -49,8 +50,10 @@ def kept_buckets(weights: str) -> list[tuple[int, float]]:
 
 def simulate(blocks: int, horizon: int = 256, max_new: int = 0, policy: str = "fcfs", max_num_seqs: int = 256,
              budget: int = 2048, requests: int = 1024, seed: int = 0, bandwidth: float = 4.14e12,
-             weights: Optional[str] = None, cut: bool = False, mixed_overhead_s: float = 0.0) -> dict:
+             weights: Optional[str] = None, cut: bool = False, mixed_overhead_s: float = 0.0,
+             adaptive: bool = False) -> dict:
     s = Scheduler(blocks, 16, max_num_seqs, budget, horizon, policy)
+    s.adaptive_step_size = adaptive
     buckets = kept_buckets(weights) if weights else None
     if cut:
         # the scheduler compares one layer's times, as the runner measures them: the 20 us floor is a layer's
@@ -105,17 +108,21 @@ def main() -> None:
                    help="steps with prefill at an H100's measured bucket times for these weights (and KV)")
     p.add_argument("--cut", action="store_true", help="cut steps back to a bucket (needs --weights)")
     p.add_argument("--budget", type=int, default=2048, help="the step's token budget (engine.max_num_batched_tokens)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="size steps with prefill by scheduler.step_size (EngineConfig.adaptive_step_size; needs --cut)")
     p.add_argument("--mixed-overhead-ms", type=float, default=0.0,
                    help="added to each step with prefill (what an H100 spent in them beyond this model: ~2 ms)")
     a = p.parse_args()
     if a.cut and not a.weights:
         p.error("--cut needs --weights")
+    if a.adaptive and not a.cut:
+        p.error("--adaptive needs --cut (the bucket times it sizes steps by)")
     t0 = time.perf_counter()
     if a.budget < a.max_num_seqs:
         p.error("--budget below --max-num-seqs would leave running sequences out of decode steps")
     r = simulate(a.blocks, a.horizon, a.max_new, a.policy, a.max_num_seqs, budget=a.budget, requests=a.requests,
                  bandwidth=a.bandwidth_tbs * 1e12, weights=a.weights, cut=a.cut,
-                 mixed_overhead_s=a.mixed_overhead_ms / 1e3)
+                 mixed_overhead_s=a.mixed_overhead_ms / 1e3, adaptive=a.adaptive)
     print({**r, "seconds": round(time.perf_counter() - t0, 1)})
 
 

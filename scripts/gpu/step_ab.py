@@ -13,6 +13,8 @@ Knobs (one a run; the others at their defaults):
   schedule=POLICY  the admission order (EngineConfig.schedule: fcfs, longest-first, tail-longest-first)
   budget=N         the step's token budget (Scheduler.max_num_batched_tokens: decode rows plus prefill chunks;
                    EngineConfig.max_num_batched_tokens), N in 16..the engine's own (its graphs go no larger)
+  adaptive=on|off  Scheduler.adaptive_step_size: each step with prefill sized by scheduler.step_size from the
+                   runner's bucket times, up to the budget (EngineConfig.adaptive_step_size)
 A run is CONFIG:KNOB=VALUE[@N], N the number of W1's requests (default --requests). Prints one JSON line a run
 and writes $OUT/step_ab.json.
 
@@ -41,14 +43,14 @@ CONFIGS = {"f16": {}, "f16kv8": dict(kv_cache_dtype="fp8"), "fp8": dict(quantiza
            "fp8fast": dict(quantization="fp8", kv_cache_dtype="fp8", fp8_fast_accum=True)}
 DEFAULT_PLAN = "fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off,f16:cut=on,f16:cut=off"
 ATTN_KERNELS = ("fma", "half", "dot")
-KNOBS = ("order", "cut", "attn", "schedule", "budget")
+KNOBS = ("order", "cut", "attn", "schedule", "budget", "adaptive")
 MAX_REQUESTS = 100_000
 
 
 class Run(NamedTuple):
     config: str                 # a key of CONFIGS
     knob: str                   # one of KNOBS
-    value: object               # order, cut: bool; attn: a kernel; schedule: a policy; budget: tokens
+    value: object               # order, cut, adaptive: bool; attn: a kernel; schedule: a policy; budget: tokens
     limits: Optional[tuple[float, int]] = None     # cut=M/T: (TRIM_MARGIN, TRIM_MAX_TOKENS)
     requests: Optional[int] = None                 # W1's first N requests (None: --requests)
 
@@ -60,7 +62,7 @@ class PlanError(ValueError):
 def parse_plan(text: str) -> list[Run]:
     """The runs of a --plan (CONFIG:KNOB=VALUE[@N],...), in order; PlanError names the first item that is not one."""
     usage = (f"is not CONFIG:KNOB=VALUE[@N] (CONFIG: {', '.join(CONFIGS)}; order=on|off, cut=on|off|MARGIN/TOKENS, "
-             f"attn={'|'.join(ATTN_KERNELS)}, schedule={'|'.join(SCHEDULE_POLICIES)}, budget=TOKENS; "
+             f"attn={'|'.join(ATTN_KERNELS)}, schedule={'|'.join(SCHEDULE_POLICIES)}, budget=TOKENS, adaptive=on|off; "
              f"N: 1..{MAX_REQUESTS})")
     runs = []
     for item in text.split(","):
@@ -73,7 +75,7 @@ def parse_plan(text: str) -> list[Run]:
         if requests is not None and not 1 <= requests <= MAX_REQUESTS or name not in CONFIGS or knob not in KNOBS:
             raise PlanError(f"{shown} {usage}")
         limits = None
-        if knob in ("order", "cut") and value in ("on", "off"):
+        if knob in ("order", "cut", "adaptive") and value in ("on", "off"):
             value = value == "on"
         elif knob == "cut" and (cut := re.fullmatch(r"([0-9]*\.?[0-9]+)/([0-9]{1,7})", value)):
             limits, value = (float(cut[1]), int(cut[2])), True
@@ -171,6 +173,7 @@ def main() -> None:
         if knob == "budget" and value > budget:
             raise SystemExit(f"budget={value}: above the engine's own {budget} (its graphs are captured up to it)")
         s.max_num_batched_tokens = value if knob == "budget" else budget
+        s.adaptive_step_size = knob == "adaptive" and value
         cuts, preempted, n = s.num_cut_steps, s.num_preemptions, run.requests or a.requests
         for i, (prompt, out_len) in enumerate(work[:n]):
             eng.add_request(Request(f"{k}-{i}", prompt, _sampling(out_len)))
@@ -188,7 +191,7 @@ def main() -> None:
                     mix_s += st.wall_s
         wall = time.perf_counter() - t0
         rows.append(dict(config=name, knob=knob, value=value, requests=n, schedule=s.policy,
-                         budget=s.max_num_batched_tokens,
+                         budget=s.max_num_batched_tokens, adaptive=s.adaptive_step_size,
                          trim=[scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS],
                          output_tok_s=round(tokens / wall), wall_s=round(wall, 2),
                          output_tokens=tokens, steps=steps, decode_only_steps=decode_only,

@@ -101,6 +101,7 @@ def test_also_adds_engine_variants_in_order():
     assert bench.parse_variant("quantization=fp8,fp8-fast-accum=on") == dict(quantization="fp8", fp8_fast_accum=True)
     assert bench.parse_variant("mixed_graphs=on") == dict(mixed_step_graphs=True)
     assert bench.parse_variant("max-num-batched-tokens=384") == dict(max_num_batched_tokens=384)
+    assert bench.parse_variant("adaptive-step-size=on") == dict(adaptive_step_size=True)
 
 
 @pytest.mark.parametrize("value,message", [
@@ -153,6 +154,7 @@ def test_the_roofline_beside_a_variant_names_its_configuration():
     parts = config_note_parts(EngineConfig(model_path="", kv_cache_dtype="fp8", quantization="fp8", max_num_seqs=512))
     assert config_note_parts(EngineConfig(model_path="")) == []
     assert config_note_parts(EngineConfig(model_path="", max_num_batched_tokens=384)) == ["step budget 384 tokens"]
+    assert config_note_parts(EngineConfig(model_path="", adaptive_step_size=True)) == ["adaptive step size"]
     row = dict(output_tokens=10, config=", ".join(parts))          # as bench_engine makes it
     got = bench._roofline_row(4, row, dict(floor_tok_s=123.0), 3e12, 1)
     assert got["output_tok_s"] == 123.0
@@ -168,7 +170,7 @@ def test_any_variant_text_parses_or_is_one_clear_error(text):
         assert "\n" not in str(e) and len(str(e)) < 300
     else:
         assert set(got) <= {"quantization", "kv_cache_dtype", "max_num_seqs", "max_num_batched_tokens",
-                            "mixed_step_graphs", "fp8_fast_accum"} and got
+                            "mixed_step_graphs", "fp8_fast_accum", "adaptive_step_size"} and got
 
 
 def test_variants_run_after_the_first_row_each_with_its_roofline(monkeypatch, capsys):

@@ -385,3 +385,46 @@ def test_a_cut_step_runs_the_rest_of_its_chunk_next_and_samples_only_then():
     out = run_step(s)
     assert [(c.start, c.num_tokens, c.samples) for c in out.chunks] == [(32, 8, True)]
     assert a.output_ids == [7] and s.num_cut_steps == 1
+
+
+# an H100's float16 projections of one layer at each kept mixed-step bucket (seconds; 2026-12-07, 46e1e71), and
+# FP8's with fast accumulation (2026-12-06): scheduler.step_size's input as the runner measures it
+F16_BUCKETS = [(n, us * 1e-6) for n, us in [(64, 257), (128, 262), (192, 276), (256, 288), (320, 354), (384, 364),
+                                            (448, 452), (512, 470), (576, 539), (640, 624), (704, 676), (768, 682),
+                                            (896, 826), (1024, 893), (1536, 1305), (2048, 1981)]]
+FP8_BUCKETS = [(n, ms * 25e-6) for n, ms in [(128, 11.17), (256, 11.82), (384, 12.94), (512, 14.57), (768, 17.68),
+                                             (1024, 22.61), (1536, 30.61), (2048, 43.26)]]
+
+
+def test_step_size_lets_prefill_ride_along_where_the_projections_are_flat():
+    from ziya_batch.engine.scheduler import step_size
+
+    # W1's float16 decode batch on an H100 (~126 rows): a few hundred tokens in all, where the projections cost
+    # what reading the weights costs (384 measured 2.3% faster than 2,048); with no decode rows, the largest
+    # efficient bucket; FP8 (~214 rows) turns compute-bound later: larger steps
+    assert step_size(126, F16_BUCKETS, 2048) == 384
+    assert step_size(0, F16_BUCKETS, 2048) >= 1024
+    assert step_size(214, FP8_BUCKETS, 2048) >= 512
+    # never above the cap, and always room for a prefill token while a bucket is above the decode rows
+    assert step_size(126, F16_BUCKETS, 300) == 256
+    assert step_size(3000, F16_BUCKETS, 4096) == 4096 and step_size(50, [], 2048) == 2048
+    for rows in range(0, 2048, 7):
+        assert rows < step_size(rows, F16_BUCKETS, 2048) <= 2048
+
+
+def test_an_adaptive_scheduler_sizes_steps_with_prefill_by_its_decode_rows():
+    s = Scheduler(num_blocks=4000, block_size=16, max_num_seqs=256, max_num_batched_tokens=2048)
+    s.step_buckets, s.adaptive_step_size = F16_BUCKETS, True
+    for _ in range(130):
+        seq(s, 100, max_new=400)
+    out = run_step(s)                                   # nothing decodes yet: one large step of prompts
+    assert out.num_tokens >= 1024
+    while any(len(q.token_ids) - q.num_computed > 1 for q in s.running) or s.waiting:
+        out = run_step(s)
+        decoding = sum(1 for c in out.chunks if c.num_tokens == 1)
+        if decoding >= 100 and not out.is_decode_only:
+            assert out.num_tokens <= 384                # beside many decode rows, a few hundred tokens at most
+    s.adaptive_step_size = False                        # off: the budget as it is
+    for _ in range(20):
+        seq(s, 100, max_new=400)
+    assert run_step(s).num_tokens > 384

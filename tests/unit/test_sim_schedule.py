@@ -41,3 +41,11 @@ def test_a_smaller_budget_spreads_the_same_prefill_over_more_steps_and_the_overh
     slow = sim.simulate(3859, policy="tail-longest-first", requests=128, bandwidth=2.98e12, weights="float16",
                         cut=True, budget=384, mixed_overhead_s=0.002)
     assert slow["est_s"] == pytest.approx(small["est_s"] + 0.002 * small["mixed_steps"], abs=0.11)
+
+
+def test_adaptive_step_sizes_keep_the_work_and_run_more_smaller_steps_with_prefill_in_float16():
+    kw = dict(policy="tail-longest-first", requests=1024, bandwidth=2.95e12, weights="float16", cut=True,
+              mixed_overhead_s=2.5e-3)
+    fixed, adaptive = sim.simulate(3859, **kw), sim.simulate(3859, adaptive=True, **kw)
+    assert abs(adaptive["prefill_tokens"] - fixed["prefill_tokens"]) <= 8
+    assert adaptive["mixed_steps"] > fixed["mixed_steps"] and adaptive["preemptions"] == fixed["preemptions"] == 0

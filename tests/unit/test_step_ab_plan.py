@@ -16,17 +16,18 @@ _spec.loader.exec_module(ab)
 def test_every_knob_and_a_request_count():
     runs = ab.parse_plan("fp8fast:cut=off,f16:cut=0.1/64@512,fp8:order=on,fp8fast:attn=half,f16:attn=dot,"
                          "f16:schedule=fcfs@1,fp8:schedule=tail-longest-first,f16kv8:attn=half@100000,f16:budget=384@512,"
-                         "fp8fast:budget=16")
+                         "fp8fast:budget=16,f16:adaptive=on@512")
     assert runs == [ab.Run("fp8fast", "cut", False), ab.Run("f16", "cut", True, (0.1, 64), 512),
                     ab.Run("fp8", "order", True), ab.Run("fp8fast", "attn", "half"), ab.Run("f16", "attn", "dot"),
                     ab.Run("f16", "schedule", "fcfs", None, 1), ab.Run("fp8", "schedule", "tail-longest-first"),
                     ab.Run("f16kv8", "attn", "half", None, 100_000),
-                    ab.Run("f16", "budget", 384, None, 512), ab.Run("fp8fast", "budget", 16)]
+                    ab.Run("f16", "budget", 384, None, 512), ab.Run("fp8fast", "budget", 16),
+                    ab.Run("f16", "adaptive", True, None, 512)]
     assert len(ab.parse_plan(ab.DEFAULT_PLAN)) == 6
 
 
 @pytest.mark.parametrize("item", [
-    "", "f16", "f16:", "f16:cut", "f16:cut=", "f32:cut=on", "f16:speed=on", "f16:cut=maybe", "f16:order=1/2",
+    "", "f16", "f16:", "f16:cut", "f16:cut=", "f32:cut=on", "f16:speed=on", "f16:cut=maybe", "f16:order=1/2", "f16:adaptive=1/2", "f16:adaptive=yes",
     "f16:cut=on@0", "f16:cut=on@-3", "f16:cut=on@x", "f16:cut=on@1e3", "f16:cut=on@100001", "f16:cut=on@5@6",
     "f16:cut=1/2/3", "f16:cut=a/64", "f16:cut=0.1/b", "f16:cut=1.5/64", "f16:cut=nan/64", "f16:cut=0.1/-1",
     "f16:attn=half", "fp8fast:attn=flash", "f16:schedule=lifo", "f16:schedule=on", "f16:cut=on:x", "a=b:c",

@@ -145,6 +145,7 @@ class LLMEngine:
                                   mixed_graphs=config.mixed_step_graphs,
                                   max_num_batched_tokens=config.max_num_batched_tokens)
         self.scheduler.step_buckets = self.runner.step_buckets()
+        self.scheduler.adaptive_step_size = config.adaptive_step_size
         self._groups: dict[str, _Group] = {}
         self._rng = random.Random(int.from_bytes(os.urandom(8), "little"))
         self.last_step: Optional[StepStats] = StepStats()

@@ -132,6 +132,37 @@ def fit_bucket(chunks: list[ScheduledChunk], buckets: list[tuple[int, float]]) -
     return None
 
 
+# What a step with prefill costs beyond its projections, for one layer (the unit of the runner's bucket times): its
+# prefill attention and the launches between the pieces of its graphs (an H100's W1, 2026-12-07: ~2.5 ms in float16,
+# ~3.8 ms with FP8, over 40 layers), and that a smaller step admits new sequences more slowly, so the decode batch
+# runs smaller. 100 us is where scripts/sim_schedule.py --adaptive, calibrated on those runs, does best for both
+MIXED_STEP_OVERHEAD_S = 100e-6
+
+
+def step_size(decode_rows: int, buckets: list[tuple[int, float]], cap: int,
+              overhead_s: float = MIXED_STEP_OVERHEAD_S) -> int:
+    """The token count of a step beside `decode_rows` decode rows that costs least per prefill token it carries:
+    the step's projection time (`buckets`: one layer's measured time at each token count the runner keeps) above
+    what the decode rows alone would cost, plus `overhead_s`, over its prefill tokens; at most `cap`.
+
+    With many decode rows (an H100's float16 W1: ~126) the projections cost about what reading the weights costs up
+    to ~256-384 rows, so a few hundred prefill tokens ride along almost free, where larger steps pay their full
+    compute (384 instead of 2,048: W1's first 512 requests 2.3% faster, docs/BENCHMARKS.md); with none, a step is
+    all prefill and the largest efficient bucket wins. Always more than `decode_rows` while a bucket is."""
+    if not buckets:
+        return cap
+    sizes = [n for n, _ in buckets]
+    base = 0.0 if decode_rows <= 0 else buckets[min(bisect.bisect_left(sizes, decode_rows), len(buckets) - 1)][1]
+    best, best_cost = cap, float("inf")
+    for n, t in buckets:
+        if n <= decode_rows or n > cap:
+            continue
+        cost = (overhead_s + max(0.0, t - base)) / (n - decode_rows)
+        if cost < best_cost:
+            best, best_cost = n, cost
+    return best
+
+
 class Scheduler:
     def __init__(self, num_blocks: int, block_size: int, max_num_seqs: int, max_num_batched_tokens: int,
                  admission_horizon_tokens: int = EngineConfig.admission_horizon_tokens, policy: str = "fcfs",
@@ -174,6 +205,9 @@ class Scheduler:
         # times (the engine sets them from the runner's graphs; None: steps are not cut to fit, fit_bucket)
         self.step_buckets: Optional[list[tuple[int, float]]] = None
         self.num_cut_steps = 0
+        # size each step by step_size (from step_buckets) instead of filling max_num_batched_tokens
+        # (EngineConfig.adaptive_step_size)
+        self.adaptive_step_size = False
 
     def new_seq_id(self) -> int:
         self._next_seq_id += 1
@@ -291,6 +325,10 @@ class Scheduler:
     # ---- the step -------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
+        if self.adaptive_step_size and self.step_buckets and (self.waiting or any(
+                len(q.token_ids) - q.num_computed > 1 for q in self.running)):
+            decode_rows = sum(1 for q in self.running if len(q.token_ids) - q.num_computed == 1)
+            budget = step_size(decode_rows, self.step_buckets, budget)
         chunks: list[ScheduledChunk] = []
         copies: list[tuple[int, int]] = []
         preempted: list[Sequence] = []

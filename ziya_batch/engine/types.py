@@ -90,6 +90,10 @@ class EngineConfig:
     # scripts/gpu/fp8_gemm_accum.py, the quality gate's variant). Off by default (the job spec's
     # engine.fp8_fast_accum); needs quantization "fp8"
     fp8_fast_accum: bool = False
+    # size each step with prefill by what its projections cost at each bucket the runner measured
+    # (scheduler.step_size: a few hundred tokens beside many decode rows, up to max_num_batched_tokens with few)
+    # instead of always filling max_num_batched_tokens; needs the mixed-step graphs' bucket times (a GPU)
+    adaptive_step_size: bool = False
     num_kv_blocks: Optional[int] = None  # override the memory-derived size (tests, preemption)
     max_model_len: Optional[int] = None  # default: the checkpoint's max_position_embeddings
     trust_remote_code: bool = False

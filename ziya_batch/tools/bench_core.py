@@ -51,7 +51,7 @@ class BenchOptions:
 
 # what an --also variant may change in the first engine row, with how its value is read
 VARIANT_KEYS = ("quantization", "kv-cache-dtype", "max-num-seqs", "max-num-batched-tokens", "mixed-graphs",
-                "fp8-fast-accum")
+                "fp8-fast-accum", "adaptive-step-size")
 
 
 def max_seats() -> int:
@@ -69,8 +69,8 @@ def _spec_bounds(field: str) -> tuple[int, int]:
 
 def parse_variant(text: str) -> dict:
     """"key=value,key=value" over VARIANT_KEYS -> the bench_engine overrides {quantization, kv_cache_dtype,
-    max_num_seqs, max_num_batched_tokens, mixed_step_graphs, fp8_fast_accum} it names; ValueError with one line for
-    anything else."""
+    max_num_seqs, max_num_batched_tokens, mixed_step_graphs, fp8_fast_accum, adaptive_step_size} it names;
+    ValueError with one line for anything else."""
     from ziya_batch.engine.kv_cache import KV_CACHE_DTYPES
     top = max_seats()
     out: dict = {}
@@ -250,7 +250,8 @@ def config_note_parts(cfg: EngineConfig) -> list[str]:
         ([f"{cfg.max_num_seqs} seats"] if cfg.max_num_seqs != EngineConfig.max_num_seqs else []) + \
         ([f"step budget {cfg.max_num_batched_tokens} tokens"]
          if cfg.max_num_batched_tokens != EngineConfig.max_num_batched_tokens else []) + \
-        (["FP8 fast accumulation"] if cfg.fp8_fast_accum else [])
+        (["FP8 fast accumulation"] if cfg.fp8_fast_accum else []) + \
+        (["adaptive step size"] if cfg.adaptive_step_size else [])
 
 
 def _hit_note(eng: LLMEngine) -> str:
