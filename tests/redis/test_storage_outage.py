@@ -15,14 +15,20 @@ from ziya_batch.work import failures
 from ziya_batch.work.worker import Worker
 
 
+def _job(tmp_path, model, broker, name, ids, max_retries=1, priority=0, max_new_tokens=3):
+    """A job of one line a record id (`ids`), in shards of two, writing to tmp_path/out-NAME."""
+    inp = tmp_path / f"{name}.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "prompt": f"question {i}"}) + "\n" for i in ids))
+    return submit_job(parse_spec({
+        "name": name, "model": {"path": str(model)}, "input": [str(inp)], "priority": priority,
+        "sampling": {"max_new_tokens": max_new_tokens, "ignore_eos": True, "seed": 1},
+        "output": {"path": str(tmp_path / f"out-{name}")}, "shard_size": 2,
+        "reliability": {"max_retries": max_retries}}), broker).job_id
+
+
+
 def test_a_storage_outage_uses_no_retries_and_loses_no_prompt(tmp_path, demo_model, broker, monkeypatch):
-    inp = tmp_path / "in.jsonl"
-    inp.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"question {i}"}) + "\n" for i in range(6)))
-    spec = parse_spec({"name": "outage", "model": {"path": str(demo_model)}, "input": [str(inp)],
-                       "sampling": {"max_new_tokens": 3, "ignore_eos": True, "seed": 1},
-                       "output": {"path": str(tmp_path / "out")}, "shard_size": 2,
-                       "reliability": {"max_retries": 1}})
-    job = submit_job(spec, broker).job_id
+    job = _job(tmp_path, demo_model, broker, "outage", [f"p{i}" for i in range(6)])
     monkeypatch.setattr(failures, "STORAGE_RETRY_S", 0.01)
     monkeypatch.setattr(failures, "STORAGE_RETRY_MAX_S", 0.05)
     reads, stages = [], []
@@ -56,9 +62,9 @@ def test_a_storage_outage_uses_no_retries_and_loses_no_prompt(tmp_path, demo_mod
     assert any("ReadTimeoutError" in e["message"] for e in given)
     (info,) = [i for i in broker.worker_infos() if i.worker_id == "w"]
     assert info.cannot_load == {}         # the engine was never the trouble: `ziya-batch run` does not stop
-    got = collections.Counter(r["id"] for r in io.read_parts(str(tmp_path / "out"), "results"))
+    got = collections.Counter(r["id"] for r in io.read_parts(str(tmp_path / "out-outage"), "results"))
     assert got == collections.Counter(f"p{i}" for i in range(6))
-    assert list(io.read_parts(str(tmp_path / "out"), "errors")) == []
+    assert list(io.read_parts(str(tmp_path / "out-outage"), "errors")) == []
 
 
 def test_a_dead_lettered_shard_whose_input_store_does_not_answer_goes_back_instead_of_losing_its_ids(
@@ -66,13 +72,7 @@ def test_a_dead_lettered_shard_whose_input_store_does_not_answer_goes_back_inste
     """A dead-letter shard reads its input back for its lines' ids (dead_letter_failures). Where the input is gone
     for good it writes made-up ids (file:line); storage that only did not answer is no such case: the shard goes
     back untried, still dead, and its error lines carry the records' own ids once the store answers."""
-    inp = tmp_path / "in.jsonl"
-    inp.write_text("".join(json.dumps({"id": f"rec-{i}", "prompt": f"question {i}"}) + "\n" for i in range(2)))
-    spec = parse_spec({"name": "outage-dead", "model": {"path": str(demo_model)}, "input": [str(inp)],
-                       "sampling": {"max_new_tokens": 3, "ignore_eos": True, "seed": 1},
-                       "output": {"path": str(tmp_path / "out")}, "shard_size": 2,
-                       "reliability": {"max_retries": 0}})
-    job = submit_job(spec, broker).job_id
+    job = _job(tmp_path, demo_model, broker, "outage-dead", ["rec-0", "rec-1"], max_retries=0)
     assert broker.fail(broker.claim("doomed-worker"), "worker killed") == "dead"
     monkeypatch.setattr(failures, "STORAGE_RETRY_S", 0.01)
     monkeypatch.setattr(failures, "STORAGE_RETRY_MAX_S", 0.05)
@@ -97,21 +97,15 @@ def test_a_dead_lettered_shard_whose_input_store_does_not_answer_goes_back_inste
         assert time.monotonic() < deadline, broker.status(job, detail=True)
         if not w.run_once():
             time.sleep(0.02)
-    errs = list(io.read_parts(str(tmp_path / "out"), "errors"))
+    errs = list(io.read_parts(str(tmp_path / "out-outage-dead"), "errors"))
     assert sorted(r["id"] for r in errs) == ["rec-0", "rec-1"]
     assert all("could not be read back" not in json.dumps(r) for r in errs)
 
 
 def test_a_job_whose_store_is_away_pauses_alone_and_other_jobs_run_on(tmp_path, demo_model, broker, monkeypatch):
-    def job(name, priority):
-        inp = tmp_path / f"{name}.jsonl"
-        inp.write_text("".join(json.dumps({"id": f"{name}{i}", "prompt": f"question {i}"}) + "\n" for i in range(4)))
-        return submit_job(parse_spec({
-            "name": name, "model": {"path": str(demo_model)}, "input": [str(inp)], "priority": priority,
-            "sampling": {"max_new_tokens": 2, "ignore_eos": True, "seed": 1},
-            "output": {"path": str(tmp_path / f"out-{name}")}, "shard_size": 2,
-            "reliability": {"max_retries": 1}}), broker).job_id
-    away, fine = job("away", 5), job("fine", 0)      # the job whose store is away is claimed first
+    away = _job(tmp_path, demo_model, broker, "away", [f"away{i}" for i in range(4)], priority=5, max_new_tokens=2)
+    fine = _job(tmp_path, demo_model, broker, "fine", [f"fine{i}" for i in range(4)], max_new_tokens=2)
+    # the job whose store is away (higher priority) is claimed first
     monkeypatch.setattr(failures, "STORAGE_RETRY_S", 30.0)
     staged = collections.Counter()
     real_stage = io.OutputDir.stage
