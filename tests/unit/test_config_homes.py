@@ -29,7 +29,7 @@ SAMPLING_FROM_EXPERIENCE = frozenset({"logprobs_mode", "top_logprobs"})
 ENGINE_SPEC_ONLY: frozenset[str] = frozenset()
 # EngineConfig fields a job spec does not set: where they come from instead
 ENGINE_CONFIG_NOT_IN_SPEC = {"model_path", "device", "num_kv_blocks", "max_model_len", "admission_horizon_tokens",
-                             "async_scheduling", "mixed_step_graphs"}
+                             "async_scheduling", "mixed_step_graphs", "adaptive_step_size"}
 
 
 def _default(model, name):
