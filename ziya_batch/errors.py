@@ -31,6 +31,13 @@ class JobNotFound(ZiyaBatchError):
     exit_code = 4
 
 
+class AccessDenied(ZiyaBatchError):
+    """A job names a location (or option) the HTTP API's server does not allow, or an input that is no longer the
+    file it allowed; HTTP 403 (api/access.py)."""
+
+    exit_code = 5
+
+
 class ModelError(ZiyaBatchError):
     """A model directory is missing, incomplete or of the wrong shape."""
 

@@ -13,16 +13,10 @@ import hmac
 import urllib.parse
 from typing import Iterable, Optional
 
-from ..errors import ZiyaBatchError
+from ..errors import AccessDenied      # defined in errors since jobs.submit_job raises it too; named here as before
 from ..io.storage import canonical_location, location_within
 from ..spec import JobSpec, show_text
 from .settings import MODELS_ENV, PREFIXES_ENV, ApiSettings
-
-
-class AccessDenied(ZiyaBatchError):
-    """A job names a location (or option) this server does not allow; HTTP 403."""
-
-    exit_code = 5
 
 
 def token_matches(given: Optional[str], expected: str) -> bool:
@@ -143,7 +137,35 @@ def _url_under(url: str, prefix: str) -> bool:
     return u.path == p.path or u.path.startswith(base + "/")
 
 
-def check_expanded_inputs(files: Iterable[str], settings: ApiSettings) -> None:
-    """After glob expansion: every matched file, resolved, must still lie under an allowed prefix."""
+def check_expanded_inputs(files: Iterable[str], settings: ApiSettings) -> dict[str, str]:
+    """After glob expansion: every matched file, resolved, must still lie under an allowed prefix. Returns the
+    identity (io.inputs.file_identity) of each local file as judged, for submit_job's `vetted`: the path is judged
+    again by where a descriptor opened on it points (io.inputs.where_local_file_is), and that descriptor's file is
+    the one the indexer must find, so a symlink swapped in after this check is refused, not indexed."""
+    from ..io.inputs import where_local_file_is
+
+    vetted: dict[str, str] = {}
     for f in files:
         check_data_location(f, "input file", settings)
+        found = where_local_file_is(f)
+        if found is None:               # object storage: no links, nothing to compare
+            continue
+        identity, where = found
+        # as the kernel names it: compared as it is, not resolved again (a link could be swapped in meanwhile)
+        if not any(location_within(where, p) for p in _local_prefixes(settings)):
+            raise AccessDenied(f"input file {f} (it resolves to {show_text(where)}) is outside the allowed prefixes "
+                               f"({', '.join(settings.allowed_prefixes)}); move the data under one of them, or add "
+                               f"a prefix to {PREFIXES_ENV} on the server")
+        vetted[f] = identity
+    return vetted
+
+
+def _local_prefixes(settings: ApiSettings) -> list[str]:
+    """The allowed prefixes, normalised (those the check cannot read are left out, as is_under does)."""
+    out = []
+    for prefix in settings.allowed_prefixes:
+        try:
+            out.append(normalize_location(prefix))
+        except AccessDenied:
+            continue
+    return out

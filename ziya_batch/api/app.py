@@ -200,8 +200,8 @@ def _jobs_router(settings: ApiSettings, brokers: BrokerHolder) -> APIRouter:
         spec = jobs.absolute_locations(spec)      # checked as stored: the locations fsspec opens
         check_job(spec, settings)
         files = jobs.list_inputs(spec)
-        check_expanded_inputs(files, settings)
-        status = jobs.submit_job(spec, brokers.get(), files=files)
+        vetted = check_expanded_inputs(files, settings)      # each local file's identity as judged
+        status = jobs.submit_job(spec, brokers.get(), files=files, vetted=vetted)
         return {"id": status.job_id, "state": status.state.value}
 
     @router.get("", summary="Every job with its status (the fields of GET /v1/jobs/{id}, note included)")

@@ -141,6 +141,32 @@ def same_file(recorded: str, current: str) -> bool:
     return ino_a == ino_b and (dev_a == dev_b or os.major(dev_a) == os.major(dev_b) == 0)
 
 
+def where_local_file_is(file: str) -> Optional[tuple[str, str]]:
+    """(file_identity, absolute path) of the local file `file` names now, both read from one descriptor: the path is
+    the kernel's name for what was opened (/proc/self/fd), so a symlink swapped into the path between the two cannot
+    make them name different files, as a realpath then a stat could. None for object storage. The HTTP API judges
+    the path and hands the identity to submit_job, which refuses a file indexed under another identity."""
+    fs, path = url_to_fs(file)
+    if not isinstance(fs, LocalFileSystem):
+        return None
+    # O_PATH: neither read permission nor a FIFO's writer is needed; nothing is read through it
+    try:
+        fd = os.open(path, getattr(os, "O_PATH", os.O_RDONLY | os.O_NONBLOCK) | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InputError(f"input not found: {file} (removed after it was listed?)") from None
+    except OSError as err:
+        raise InputError(f"input not usable: {file} ({err.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        try:
+            where = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:                 # no /proc (not Linux): the path as resolved now, after the descriptor's stat
+            where = os.path.realpath(path)
+    finally:
+        os.close(fd)
+    return file_identity(st), where
+
+
 def _open_local(file: str, path: str):
     """A regular file opened for reading, checked on the open descriptor (the path may have been swapped for a
     FIFO or device since it was listed; O_NONBLOCK keeps a FIFO's open from waiting for a writer), and read only

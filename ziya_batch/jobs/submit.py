@@ -9,10 +9,10 @@ import itertools
 import os
 import re
 
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Optional
 
 from .. import io
-from ..errors import SpecError
+from ..errors import AccessDenied, SpecError
 from ..io.claims import claim_output
 from ..records import ShardRef
 from ..spec import JobSpec, show_text
@@ -30,9 +30,10 @@ MAX_SHARDS = 200_000
 
 
 def _shard_refs(job_id: str, files: list[str], shard_size: int,
-                rows: Optional[list] = None) -> Iterator[ShardRef]:
-    """The job's shards in order, from `rows` (index_inputs' tuples, counted already) or read as they come; past
-    MAX_SHARDS, SpecError (a job Redis knows and whose list is unfinished reads them here too)."""
+                rows: Optional[Iterable[tuple]] = None) -> Iterator[ShardRef]:
+    """The job's shards in order, from `rows` (index_inputs' tuples, counted already or read as they come) or read
+    here as they come; past MAX_SHARDS, SpecError (a job Redis knows and whose list is unfinished reads them here
+    too)."""
     for ref in io.shard_refs(job_id, files, shard_size, rows):
         if ref.index == MAX_SHARDS:
             raise _too_many_shards(shard_size)
@@ -45,14 +46,41 @@ def _too_many_shards(shard_size: int) -> SpecError:
                      "jobs")
 
 
-def _counted_rows(files: list[str], shard_size: int) -> list[tuple]:
+def _counted_rows(files: list[str], shard_size: int, vetted: Optional[Mapping[str, str]] = None) -> list[tuple]:
     """index_inputs' rows for a new job, counted before the broker writes any (a refused job leaves nothing in
-    Redis): SpecError past MAX_SHARDS. Tuples, not ShardRefs: ~180 bytes a shard while they wait (a file's identity
-    string is one object shared by its rows)."""
-    rows = list(itertools.islice(io.index_inputs(files, shard_size), MAX_SHARDS + 1))
+    Redis): SpecError past MAX_SHARDS, AccessDenied for a file not `vetted` (_vetted_rows). Tuples, not ShardRefs:
+    ~180 bytes a shard while they wait (a file's identity string is one object shared by its rows)."""
+    rows = list(itertools.islice(_index(files, shard_size, vetted), MAX_SHARDS + 1))
     if len(rows) > MAX_SHARDS:
         raise _too_many_shards(shard_size)
     return rows
+
+
+def _index(files: list[str], shard_size: int, vetted: Optional[Mapping[str, str]]) -> Iterator[tuple]:
+    """index_inputs' rows, through _vetted_rows where the caller vetted the files. A generator: nothing is read (or
+    called) before the first row is asked for, so a job whose shard list is complete reads no input."""
+    rows = io.index_inputs(files, shard_size)
+    yield from (rows if vetted is None else _vetted_rows(rows, vetted))
+
+
+def _vetted_rows(rows: Iterable[tuple], vetted: Mapping[str, str]) -> Iterator[tuple]:
+    """index_inputs' rows, each of a local file only if the file indexed is the one the caller judged: its identity
+    (the descriptor the indexer read) is `vetted[file]` (io.inputs.same_file); else AccessDenied, before the row goes
+    anywhere. The HTTP API judged each path by where it pointed; a symlink swapped in (the file, or a folder on its
+    path) between that check and the indexer's open would have the job read a file it never judged. Rows of object
+    storage carry no identity: nothing to compare."""
+    checked: Optional[tuple[str, str]] = None       # (file, identity) of the last row that passed: one file's rows
+    for row in rows:
+        file, identity = row[0], row[5]
+        if identity is not None and (file, identity) != checked:
+            judged = vetted.get(file)
+            if judged is None or not io.inputs.same_file(judged, identity):
+                raise AccessDenied(
+                    f"input file {show_text(file)} was replaced while the job was submitted (a symlink swapped in "
+                    "for it or a folder on its path, say): the file indexed is not the file checked against the "
+                    "allowed prefixes, and none of its shards was queued; put the file back and submit again")
+            checked = (file, identity)
+        yield row
 
 
 def list_inputs(spec: JobSpec) -> list[str]:
@@ -215,14 +243,18 @@ def open_output(spec: JobSpec) -> io.OutputDir:
 
 
 def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = False,
-               changes: Optional[list[str]] = None, files: Optional[list[str]] = None) -> "JobStatus":
+               changes: Optional[list[str]] = None, files: Optional[list[str]] = None,
+               vetted: Optional[Mapping[str, str]] = None) -> "JobStatus":
     """Queue `spec` (or find it again) and return its JobStatus. Idempotent: the same spec and output path
     is the same job; if Redis lost it, the shards committed in storage are recorded as done.
     `check_model_dir`: the model must be a local directory here (the CLI, where workers share the host's
     paths; the HTTP API's host may not hold the weights its workers load). `changes`: a list that receives
     what this submit changes in how the unfinished job it resumes runs ('engine.max_num_seqs: 256 -> 64'):
     nothing for a new job, a completed one or the same settings (a failed or cancelled one reopens).
-    `files`: the inputs as list_inputs(spec) gave them, where the caller listed them already."""
+    `files`: the inputs as list_inputs(spec) gave them, where the caller listed them already. `vetted`: where the
+    caller judged the local files (the HTTP API: api.access.check_expanded_inputs), each file's identity as judged;
+    a file indexed as another file (replaced since) is refused with AccessDenied before any of its shards is
+    written (a new job: before anything is written to Redis). Files must then be given too."""
     from ..queue import JobState
 
     spec = absolute_locations(spec)
@@ -246,6 +278,8 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
     # a job Redis knows is resubmitted too: the broker then reads no shard list, but records the parts
     # that storage holds and Redis lost (the last second of writes before a crash, under appendfsync everysec)
     if files is None:
+        if vetted is not None:
+            raise ValueError("submit_job: `vetted` judges the files given in `files`; pass both")
         files = list_inputs(spec)
     if check_model_dir:
         check_model(spec)
@@ -253,7 +287,9 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
     claim_output(out, job_id, _known_outputs(broker, job_id))
     committed = {i: _stats_from_marker(m) for i, m in out.committed_shards().items()}
     # a new job's shards are counted first; a job Redis knows reads none, or completes its list as they come
-    rows = _counted_rows(files, spec.shard_size) if existing is None else None
+    # (a sealed list reads no input; an unfinished one reads its rows as the broker takes them, each vetted too)
+    rows = _counted_rows(files, spec.shard_size, vetted) if existing is None else \
+        _index(files, spec.shard_size, vetted)
     status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size, rows), committed=committed,
                            job_id=job_id)
     return finish_empty_job(broker, status)
