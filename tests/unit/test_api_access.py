@@ -50,3 +50,27 @@ def test_remote_urls():
 
 def test_a_bad_prefix_matches_nothing():
     assert not is_under("s3://bucket/x", ["s3://bucket/../"])
+
+
+def test_expanded_inputs_are_judged_by_the_file_a_descriptor_finds(tmp_path, monkeypatch):
+    """check_expanded_inputs returns each local file's identity as judged (submit_job's `vetted`), and judges the
+    path a descriptor opened on it has too: a link out of the prefix that the path check missed (as it would, were
+    the link swapped in right after that check) is refused."""
+    from ziya_batch.api import access
+    from ziya_batch.api.settings import ApiSettings
+    from ziya_batch.io.inputs import file_identity
+
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    data.mkdir()
+    outside.mkdir()
+    (outside / "x.jsonl").write_text('{"prompt": "p"}\n')
+    (data / "x.jsonl").symlink_to(outside / "x.jsonl")
+    (data / "y.jsonl").write_text('{"prompt": "p"}\n')
+    settings = ApiSettings(token="t" * 16, allowed_prefixes=(str(data),))
+    assert access.check_expanded_inputs([str(data / "y.jsonl")], settings) == {
+        str(data / "y.jsonl"): file_identity(os.stat(data / "y.jsonl"))}
+    with pytest.raises(AccessDenied, match="outside the allowed prefixes"):
+        access.check_expanded_inputs([str(data / "x.jsonl")], settings)
+    monkeypatch.setattr(access, "check_data_location", lambda *a: None)
+    with pytest.raises(AccessDenied, match=f"it resolves to {outside / 'x.jsonl'}"):
+        access.check_expanded_inputs([str(data / "x.jsonl")], settings)
