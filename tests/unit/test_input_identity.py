@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from ziya_batch.errors import InputError
 from ziya_batch.io import read_shard, shard_refs
-from ziya_batch.io.inputs import same_file
+from ziya_batch.io.inputs import file_identity, same_file
 from ziya_batch.queue.broker import shard_record, shard_ref
 from ziya_batch.records import ShardRef
 
@@ -42,7 +42,8 @@ def indexed(tmp_path):
     inp.write_bytes(_jsonl("a"))
     secret.write_bytes(_jsonl("s"))
     refs = list(shard_refs("j", [str(inp)], 2))
-    assert [r.identity for r in refs] == [f"{inp.stat().st_dev}:{inp.stat().st_ino}"] * 2
+    assert [r.identity for r in refs] == [file_identity(inp.stat())] * 2
+    assert file_identity(inp.stat()).startswith(f"{inp.stat().st_dev}:{inp.stat().st_ino}")
     return inp, secret, refs
 
 
@@ -118,6 +119,11 @@ def test_device_numbers_count_except_between_filesystems_numbered_per_mount():
     assert same_file(f"{nfs_here}:12", f"{nfs_there}:12") and not same_file(f"{nfs_here}:12", f"{nfs_there}:13")
     big = 2**64 - 1
     assert same_file(f"{disk}:{big}", f"{disk}:{big}") and not same_file(f"{disk}:{big}", f"{disk}:{big - 1}")
+    # with boot ids: on one host in one boot as above; across hosts or boots device numbers mean nothing
+    boot, other = "00000000-0000-4000-8000-000000000001", "0d6e3c51-77f4-4b3e-9a43-0c2f1e6b9d10"
+    assert not same_file(f"{disk}:12:{boot}", f"{disk2}:12:{boot}") and same_file(f"{disk}:12:{boot}", f"{disk}:12")
+    assert same_file(f"{disk}:12:{boot}", f"{disk2}:12:{other}")
+    assert not same_file(f"{disk}:12:{boot}", f"{disk2}:13:{other}")
 
 
 def test_the_stored_record_of_an_older_release_reads_without_identity():
@@ -173,14 +179,20 @@ def test_a_symlink_to_a_file_of_the_same_inode_number_on_another_per_mount_files
     _refused(ref)
 
 
-@pytest.mark.xfail(strict=True, reason="a block device's number is where the kernel put the disk, not which "
-                   "filesystem it holds: a shared-disk filesystem (GFS2, OCFS2; a read-only LUN or a ReadOnlyMany "
-                   "block PVC on several nodes) has another number on each host, and one host numbers its NVMe "
-                   "namespaces, dm/LVM volumes and md arrays in another order after a reboot: every shard of a job "
-                   "resumed then fails as replaced, is dead-lettered, and its lines become retries_exhausted errors")
 def test_the_same_file_on_a_disk_numbered_otherwise_after_a_reboot_is_read(indexed, monkeypatch):
+    """A block device's number is where the kernel put the disk, not which filesystem it holds: a shared-disk
+    filesystem (GFS2, OCFS2; a read-only LUN or a ReadOnlyMany block PVC on several nodes) has another number on each
+    host, and one host numbers its NVMe namespaces, dm/LVM volumes and md arrays in another order after a reboot.
+    The identity carries the boot id, so across boots (and hosts) only the inode number is compared: a job resumed
+    after a reboot reads its inputs, instead of failing every shard as replaced and dead-lettering its lines."""
     inp, _, refs = indexed
     ino = inp.stat().st_ino
-    ref = dataclasses.replace(refs[0], identity=f"{os.makedev(259, 0)}:{ino}")     # nvme0n1 when it was indexed
-    _fstat_on(monkeypatch, ino, os.makedev(259, 1))                                 # nvme1n1 since the reboot
+    before = "00000000-0000-4000-8000-000000000001"
+    ref = dataclasses.replace(refs[0], identity=f"{os.makedev(259, 0)}:{ino}:{before}")   # nvme0n1 then
+    _fstat_on(monkeypatch, ino, os.makedev(259, 1))                                     # nvme1n1 since the reboot
+    from ziya_batch.io import inputs
+    monkeypatch.setattr(inputs, "_BOOT_ID", "00000000-0000-4000-8000-000000000002")     # this boot
     assert _ids(ref) == ["a0", "a1"]
+    # in the boot it was indexed in, another device's file of that inode number is another file
+    monkeypatch.setattr(inputs, "_BOOT_ID", before)
+    _refused(ref)

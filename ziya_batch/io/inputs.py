@@ -127,18 +127,47 @@ def _pseudo_file(path: str) -> bool:
         os.close(fd)
 
 
+_BOOT_ID: Optional[str] = None
+
+
+def boot_id() -> str:
+    """This host's boot id (Linux: a random UUID the kernel draws at each boot), "" where there is none."""
+    global _BOOT_ID
+    if _BOOT_ID is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                _BOOT_ID = f.read(64).strip()
+        except (OSError, ValueError):
+            _BOOT_ID = ""
+    return _BOOT_ID
+
+
 def file_identity(st: os.stat_result) -> str:
-    """A local file's identity as ShardRef.identity keeps it: the same file whatever path or link leads to it."""
-    return f"{st.st_dev}:{st.st_ino}"
+    """A local file's identity as ShardRef.identity keeps it: the same file whatever path or link leads to it.
+    "st_dev:st_ino:boot_id" (the boot id left out where the host has none)."""
+    boot = boot_id()
+    return f"{st.st_dev}:{st.st_ino}" + (f":{boot}" if boot else "")
 
 
 def same_file(recorded: str, current: str) -> bool:
-    """Whether two file_identity values name one file. The inode numbers must be equal; the device numbers too,
-    unless both are of filesystems without a fixed device (major number 0: NFS, Lustre, CephFS, FUSE, overlay,
-    tmpfs, btrfs), which the kernel numbers per mount: one shared filesystem has another number on each host of a
-    cluster, and after a remount. Between two such filesystems only the inode number tells files apart."""
-    (dev_a, ino_a), (dev_b, ino_b) = (map(int, i.split(":")) for i in (recorded, current))
-    return ino_a == ino_b and (dev_a == dev_b or os.major(dev_a) == os.major(dev_b) == 0)
+    """Whether two file_identity values name one file. The inode numbers must be equal. The device numbers too, but
+    only where both were taken on one host in one boot, and then not between filesystems without a fixed device
+    (major number 0: NFS, Lustre, CephFS, FUSE, overlay, tmpfs, btrfs), which the kernel numbers per mount (again
+    after a remount). Across hosts or boots a device number means nothing: a shared filesystem, or a disk of a
+    shared-disk filesystem, has another number on each host, and one host may number its disks and volumes in
+    another order after a reboot; there only the inode number tells files apart. (An identity without a boot id,
+    as an earlier build wrote, counts as this boot's.)"""
+    (dev_a, ino_a, boot_a), (dev_b, ino_b, boot_b) = (_identity_parts(i) for i in (recorded, current))
+    if ino_a != ino_b:
+        return False
+    if boot_a and boot_b and boot_a != boot_b:
+        return True
+    return dev_a == dev_b or os.major(dev_a) == os.major(dev_b) == 0
+
+
+def _identity_parts(identity: str) -> tuple[int, int, str]:
+    dev, ino, *boot = identity.split(":", 2)
+    return int(dev), int(ino), boot[0] if boot else ""
 
 
 def where_local_file_is(file: str) -> Optional[tuple[str, str]]:
