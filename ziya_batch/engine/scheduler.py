@@ -325,8 +325,8 @@ class Scheduler:
     # ---- the step -------------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        if self.adaptive_step_size and self.step_buckets and (self.waiting or any(
-                len(q.token_ids) - q.num_computed > 1 for q in self.running)):
+        if self.adaptive_step_size and self.step_buckets:
+            # only prefill chunks feel the size: step_size leaves room for every decode row
             decode_rows = sum(1 for q in self.running if len(q.token_ids) - q.num_computed == 1)
             budget = step_size(decode_rows, self.step_buckets, budget)
         chunks: list[ScheduledChunk] = []
