@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 import urllib.parse
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 from ..errors import AccessDenied      # defined in errors since jobs.submit_job raises it too; named here as before
 from ..io.storage import canonical_location, location_within
@@ -37,14 +37,16 @@ def is_under(location: str, prefixes: Iterable[str]) -> bool:
     """True when the normalised location equals an allowed prefix or lies below one, at a path-component
     boundary (`/data/in` admits `/data/in/x`, never `/data/input-secret`)."""
     loc = normalize_location(location)
+    return any(location_within(loc, p) for p in _normalized(prefixes))
+
+
+def _normalized(prefixes: Iterable[str]) -> Iterator[str]:
+    """The prefixes normalised as locations are; those the check cannot read are left out."""
     for prefix in prefixes:
         try:
-            p = normalize_location(prefix)
+            yield normalize_location(prefix)
         except AccessDenied:
             continue
-        if location_within(loc, p):
-            return True
-    return False
 
 
 def _no_prefixes_message() -> str:
@@ -62,8 +64,12 @@ def check_data_location(url: str, what: str, settings: ApiSettings) -> None:
         raise AccessDenied(f"{what} {err}") from None
     if not is_under(url, settings.allowed_prefixes):
         where = f" (it resolves to {resolved})" if resolved.rstrip("/") != url.rstrip("/") else ""
-        raise AccessDenied(f"{what} {url}{where} is outside the allowed prefixes ({', '.join(settings.allowed_prefixes)}); "
-                           f"move the data under one of them, or add a prefix to {PREFIXES_ENV} on the server")
+        raise _outside(f"{what} {url}{where}", settings)
+
+
+def _outside(named: str, settings: ApiSettings) -> AccessDenied:
+    return AccessDenied(f"{named} is outside the allowed prefixes ({', '.join(settings.allowed_prefixes)}); move the "
+                        f"data under one of them, or add a prefix to {PREFIXES_ENV} on the server")
 
 
 def model_locations(spec: JobSpec) -> list[tuple[str, str]]:
@@ -152,20 +158,7 @@ def check_expanded_inputs(files: Iterable[str], settings: ApiSettings) -> dict[s
             continue
         identity, where = found
         # as the kernel names it: compared as it is, not resolved again (a link could be swapped in meanwhile)
-        if not any(location_within(where, p) for p in _local_prefixes(settings)):
-            raise AccessDenied(f"input file {f} (it resolves to {show_text(where)}) is outside the allowed prefixes "
-                               f"({', '.join(settings.allowed_prefixes)}); move the data under one of them, or add "
-                               f"a prefix to {PREFIXES_ENV} on the server")
+        if not any(location_within(where, p) for p in _normalized(settings.allowed_prefixes)):
+            raise _outside(f"input file {f} (it resolves to {show_text(where)})", settings)
         vetted[f] = identity
     return vetted
-
-
-def _local_prefixes(settings: ApiSettings) -> list[str]:
-    """The allowed prefixes, normalised (those the check cannot read are left out, as is_under does)."""
-    out = []
-    for prefix in settings.allowed_prefixes:
-        try:
-            out.append(normalize_location(prefix))
-        except AccessDenied:
-            continue
-    return out
