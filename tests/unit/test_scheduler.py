@@ -428,3 +428,22 @@ def test_an_adaptive_scheduler_sizes_steps_with_prefill_by_its_decode_rows():
     for _ in range(20):
         seq(s, 100, max_new=400)
     assert run_step(s).num_tokens > 384
+
+
+def test_forked_samples_decode_right_behind_their_parent_not_behind_a_later_long_prompt():
+    # the parent's prompt completes in the step that also admits a long prompt; the small budget the steps after
+    # it have (adaptive step sizes beside few decode rows, or a small max_num_batched_tokens) must still reach
+    # every sample of the parent, not go to the long prompt for as many steps as its prefill takes
+    s = Scheduler(num_blocks=200, block_size=4, max_num_seqs=8, max_num_batched_tokens=16)
+    parent = seq(s, 4, n=3, max_new=50, rid="p")
+    seq(s, 200, max_new=4, rid="long")
+    out = run_step(s)
+    kids = out.chunks[0].children
+    assert len(kids) == 2 and [c.seq.request_id for c in out.chunks] == ["p", "long"]
+    assert [q.request_id for q in s.running] == ["p", "p", "p", "long"]
+    assert s.running[1:3] == kids
+    for _ in range(3):
+        out = run_step(s)
+        assert [(c.seq.seq_id, c.num_tokens) for c in out.chunks[:3]] == [(q.seq_id, 1) for q in (parent, *kids)]
+        assert out.chunks[3].seq.request_id == "long" and out.chunks[3].num_tokens == 13
+    assert all(len(q.output_ids) == 4 for q in (parent, *kids))

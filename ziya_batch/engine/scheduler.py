@@ -396,7 +396,17 @@ class Scheduler:
             if plan is not None:
                 plan.add(seq, copies=1 + len(chunks[-1].children) + seq.pending_forks)
             budget -= n
-        self.running.extend(self._forked)
+        if self._forked:
+            # each chunk's samples decode right behind their parent: at the end of the list, a long prompt
+            # admitted after the parent would take every step's budget before them until it is prefilled
+            kids = {c.seq.seq_id: c.children for c in chunks if c.children}
+            order: list[Sequence] = []
+            for q in self.running:
+                order.append(q)
+                order.extend(kids.pop(q.seq_id, ()))
+            for rest in kids.values():          # a parent no longer running (none today): its samples still run
+                order.extend(rest)
+            self.running = order
         if self.step_buckets and (cut := fit_bucket(chunks, self.step_buckets)):
             k, n = cut
             c = chunks[k]
