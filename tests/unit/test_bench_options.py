@@ -201,3 +201,33 @@ def test_variants_run_after_the_first_row_each_with_its_roofline(monkeypatch, ca
     assert calls[2] == dict(kv_cache_dtype="auto", quantization=None, mixed_step_graphs=False, max_num_seqs=256)
     assert rows[3]["note"].endswith("; KV cache fp8, 512 seats")
     assert "[bench] --also kv-cache-dtype=fp8,max-num-seqs=512:" in capsys.readouterr().out
+
+
+def test_a_variant_that_fails_leaves_a_failed_row_and_the_rest_of_the_run(monkeypatch, capsys):
+    calls = []
+
+    def fake_engine(a, work, device, bw, seed, schedule="x", kv_cache_dtype="auto", **config):
+        calls.append(config)
+        if config.get("adaptive_step_size"):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        row = dict(method="engine", requests=len(work), output_tokens=5, wall_s=1.0, output_tok_s=100.0 * len(calls),
+                   prefill_tok_s=None, decode_tok_s=None, peak_gib=None, note="ok", config="")
+        prof = dict(floor_tok_s=1000.0, decode_step_ms=1.0, floor_step_ms=1.0, host_ms=0.1, decode_batch=2.0,
+                    decode_gpu_ms=1.0, mixed_steps=1, mixed_step_ms=2.0, mixed_prefill=3, mixed_decode=1,
+                    mixed_host_ms=0.2, mixed_host_median_ms=0.2, mixed_host_max_ms=0.2, mixed_gpu_ms=2.0)
+        return row, prof
+
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda d=None: "card")
+    monkeypatch.setattr(bench.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench, "measure_copy_bandwidth_bytes_s", lambda d: 3e12)
+    monkeypatch.setattr(bench, "bench_engine", fake_engine)
+    rows = bench.run_bench(BenchOptions(layers=2, requests=4, only=("engine", "roofline"),
+                                        also=("adaptive-step-size=on", "max-num-seqs=128")))
+    assert len(calls) == 3
+    assert [(r["method"], r["output_tok_s"]) for r in rows] == [("engine", 100.0), ("roofline", 1000.0),
+                                                               ("engine", None), ("engine", 300.0),
+                                                               ("roofline", 1000.0)]
+    assert rows[2]["note"] == ("--also adaptive-step-size=on failed: RuntimeError: CUDA error: an illegal memory "
+                               "access was encountered")
+    assert "output tok/s; --also adaptive-step-size=on failed: RuntimeError" in capsys.readouterr().out

@@ -195,7 +195,17 @@ def run_bench(opts: BenchOptions) -> list[dict]:
             cfg = dict(quantization=opts.quantization, kv_cache_dtype=opts.kv_cache_dtype,
                        mixed_step_graphs=MIXED_GRAPHS[opts.mixed_graphs][0], max_num_seqs=opts.max_num_seqs)
             cfg.update(parse_variant(text))
-            r, p = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule, **cfg)
+            try:
+                r, p = bench_engine(a, work, device, bw, opts.seed, schedule=opts.schedule, **cfg)
+            except Exception as e:  # a variant failing must not lose the rows before it or the baselines after
+                rows.append(dict(method="engine", config=text, requests=0, output_tokens=0, wall_s=None,
+                                 output_tok_s=None, prefill_tok_s=None, decode_tok_s=None, peak_gib=None,
+                                 note=f"--also {text} failed: {type(e).__name__}: {str(e)[:160]}"))
+                _print_row(rows[-1])
+                r = None
+            if r is None:                       # out of the except block, so its traceback no longer holds the engine
+                gc.collect(); torch.cuda.empty_cache()
+                continue
             if "engine" in only:
                 rows.append(r)
                 _print_row(r)
