@@ -307,6 +307,13 @@ class EngineSpec(_Strict):
     """With model.quantization fp8: the FP8 matrix multiplies accumulate without the tensor cores' periodic
     promotion to float32 (W1 on an H100: +5%; about 1% fewer prompts keep float16's greedy output; see
     docs/BENCHMARKS.md). Needs model.quantization fp8."""
+    adaptive_step_size: bool = _EC.adaptive_step_size
+    """Size each step that carries prompt tokens by what the GPU's matrix multiplies were measured to cost at each
+    step size (a few hundred prompt tokens beside many decoding sequences, up to max_num_batched_tokens beside few)
+    instead of always filling max_num_batched_tokens (W1 on an H100: float16 +2.8%, FP8 the same; see
+    docs/BENCHMARKS.md). Off: every step fills the budget. It orders work only: since the sizes follow measured
+    timings, two runs may batch prompts differently, and a line's output depends on that no more than on the
+    rounding of the batch it runs in (as with schedule). GPU only (on the CPU every step fills the budget)."""
     prefix_caching: bool = _EC.prefix_caching
     """Reuse the KV blocks of a prompt prefix computed before (a shared system prompt or few-shot examples, the
     same prompt again) instead of computing it for every line; cached blocks are evicted, least recently used

@@ -33,7 +33,7 @@ RUN_FIELDS: tuple[tuple[str, ...], ...] = (
     ("model", "tensor_parallel"), ("model", "replicas"),
     ("engine", "max_num_seqs"), ("engine", "max_num_batched_tokens"), ("engine", "block_size"),
     ("engine", "gpu_memory_fraction"), ("engine", "cuda_graphs"), ("engine", "schedule"),
-    ("engine", "prefix_caching"),
+    ("engine", "prefix_caching"), ("engine", "adaptive_step_size"),
     ("reliability", "lease_s"), ("reliability", "max_retries"), ("priority",))
 
 
@@ -83,7 +83,8 @@ def identity_hash(dumped: dict) -> str:
 
 def legacy_identity_hash(dumped: dict) -> str:
     """JobSpec.legacy_identity of a spec's JSON dump: the hash of every field the releases until 2026-11-29 had."""
-    del dumped["engine"]["prefix_caching"]          # added since: not part of those ids
+    for name in ("prefix_caching", "adaptive_step_size"):   # added since: not part of those ids
+        dumped["engine"].pop(name, None)
     return _hash(_without_new_defaults(dumped))
 
 

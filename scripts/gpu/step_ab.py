@@ -173,7 +173,7 @@ def main() -> None:
         if knob == "budget" and value > budget:
             raise SystemExit(f"budget={value}: above the engine's own {budget} (its graphs are captured up to it)")
         s.max_num_batched_tokens = value if knob == "budget" else budget
-        s.adaptive_step_size = knob == "adaptive" and value
+        s.adaptive_step_size = value if knob == "adaptive" else eng.config.adaptive_step_size
         cuts, preempted, n = s.num_cut_steps, s.num_preemptions, run.requests or a.requests
         for i, (prompt, out_len) in enumerate(work[:n]):
             eng.add_request(Request(f"{k}-{i}", prompt, _sampling(out_len)))

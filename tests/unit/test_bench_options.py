@@ -154,7 +154,7 @@ def test_the_roofline_beside_a_variant_names_its_configuration():
     parts = config_note_parts(EngineConfig(model_path="", kv_cache_dtype="fp8", quantization="fp8", max_num_seqs=512))
     assert config_note_parts(EngineConfig(model_path="")) == []
     assert config_note_parts(EngineConfig(model_path="", max_num_batched_tokens=384)) == ["step budget 384 tokens"]
-    assert config_note_parts(EngineConfig(model_path="", adaptive_step_size=True)) == ["adaptive step size"]
+    assert config_note_parts(EngineConfig(model_path="", adaptive_step_size=False)) == ["fixed step size"]
     row = dict(output_tokens=10, config=", ".join(parts))          # as bench_engine makes it
     got = bench._roofline_row(4, row, dict(floor_tok_s=123.0), 3e12, 1)
     assert got["output_tok_s"] == 123.0

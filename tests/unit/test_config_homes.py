@@ -29,7 +29,7 @@ SAMPLING_FROM_EXPERIENCE = frozenset({"logprobs_mode", "top_logprobs"})
 ENGINE_SPEC_ONLY: frozenset[str] = frozenset()
 # EngineConfig fields a job spec does not set: where they come from instead
 ENGINE_CONFIG_NOT_IN_SPEC = {"model_path", "device", "num_kv_blocks", "max_model_len", "admission_horizon_tokens",
-                             "async_scheduling", "mixed_step_graphs", "adaptive_step_size"}
+                             "async_scheduling", "mixed_step_graphs"}
 
 
 def _default(model, name):
@@ -98,7 +98,8 @@ def test_engine_config_carries_every_field():
                                       "quantization": "fp8"},
                     "engine": {"max_num_seqs": 9, "max_num_batched_tokens": 99, "block_size": 8,
                                "gpu_memory_fraction": 0.5, "cuda_graphs": False, "kv_cache_dtype": "fp8",
-                               "schedule": "fcfs", "prefix_caching": False, "fp8_fast_accum": True}})
+                               "schedule": "fcfs", "prefix_caching": False, "fp8_fast_accum": True,
+                               "adaptive_step_size": False}})
     c = engine_config(s, "/models/x", "cpu")
     assert (c.model_path, c.device, c.dtype, c.trust_remote_code) == ("/models/x", "cpu", "bfloat16", True)
     for name in EngineSpec.model_fields:

@@ -85,6 +85,18 @@ def test_settings_of_how_a_job_runs_keep_its_identity(section, name, value):
     assert parse_spec(changed).legacy_identity() != parse_spec(BASE).legacy_identity()
 
 
+def test_adaptive_step_size_is_a_setting_of_how_a_job_runs_and_reaches_the_engine():
+    from ziya_batch.spec import RUN_FIELDS, engine_config
+    assert ("engine", "adaptive_step_size") in RUN_FIELDS
+    off = parse_spec({**BASE, "engine": {"adaptive_step_size": False}})
+    # a job started before the key existed (legacy id: it was not hashed then) or with it on resumes with it off
+    assert (off.identity(), off.legacy_identity()) == (parse_spec(BASE).identity(), parse_spec(BASE).legacy_identity())
+    assert engine_config(off, "m", "cpu").adaptive_step_size is False
+    assert engine_config(parse_spec(BASE), "m", "cpu").adaptive_step_size is True
+    with pytest.raises(SpecError, match="adaptive_step_size"):
+        parse_spec({**BASE, "engine": {"adaptive_step_size": "sometimes"}})
+
+
 def test_fp8_fast_accumulation_needs_fp8_weights_and_reaches_the_engine():
     with pytest.raises(SpecError, match=r"engine.fp8_fast_accum applies to FP8 weights: set model.quantization: fp8"):
         parse_spec({**BASE, "engine": {"fp8_fast_accum": True}})

@@ -92,8 +92,10 @@ class EngineConfig:
     fp8_fast_accum: bool = False
     # size each step with prefill by what its projections cost at each bucket the runner measured
     # (scheduler.step_size: a few hundred tokens beside many decode rows, up to max_num_batched_tokens with few)
-    # instead of always filling max_num_batched_tokens; needs the mixed-step graphs' bucket times (a GPU)
-    adaptive_step_size: bool = False
+    # instead of always filling max_num_batched_tokens; needs the mixed-step graphs' bucket times (a GPU; without
+    # them every step fills the budget). W1 on an H100: float16 +2.8%, FP8 within noise (docs/BENCHMARKS.md).
+    # The job spec's engine.adaptive_step_size
+    adaptive_step_size: bool = True
     num_kv_blocks: Optional[int] = None  # override the memory-derived size (tests, preemption)
     max_model_len: Optional[int] = None  # default: the checkpoint's max_position_embeddings
     trust_remote_code: bool = False

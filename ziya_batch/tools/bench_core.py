@@ -244,14 +244,14 @@ def bench_engine(a: ModelArgs, work, device, bw: float, seed: int, world_size: i
 
 def config_note_parts(cfg: EngineConfig) -> list[str]:
     """How an engine row's configuration differs from the engine's defaults, as its note and the roofline beside
-    it name it: KV cache dtype, weights, seats, the step's token budget, FP8 fast accumulation."""
+    it name it: KV cache dtype, weights, seats, the step's token budget, FP8 fast accumulation, fixed step sizes."""
     return ([f"KV cache {cfg.kv_cache_dtype}"] if cfg.kv_cache_dtype != EngineConfig.kv_cache_dtype else []) + \
         ([f"weights {cfg.quantization}"] if cfg.quantization else []) + \
         ([f"{cfg.max_num_seqs} seats"] if cfg.max_num_seqs != EngineConfig.max_num_seqs else []) + \
         ([f"step budget {cfg.max_num_batched_tokens} tokens"]
          if cfg.max_num_batched_tokens != EngineConfig.max_num_batched_tokens else []) + \
         (["FP8 fast accumulation"] if cfg.fp8_fast_accum else []) + \
-        (["adaptive step size"] if cfg.adaptive_step_size else [])
+        (["fixed step size"] if not cfg.adaptive_step_size else [])
 
 
 def _hit_note(eng: LLMEngine) -> str:
