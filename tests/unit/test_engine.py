@@ -140,6 +140,37 @@ def test_decode_rows_run_longest_context_first_and_the_order_changes_no_output()
             assert lp_on == pytest.approx(lp_off, abs=1e-5)
 
 
+def test_adaptive_step_sizes_give_the_same_output():
+    prompts = random_prompts(10, seed=29, lo=20, hi=60)
+
+    def reqs():
+        return [Request(f"r{i}", p, sampled(seed=80 + i, n=2 if i == 4 else 1) if i % 3 == 0 else greedy(9))
+                for i, p in enumerate(prompts)]
+    plain = make_engine(max_num_batched_tokens=64)
+    assert plain.config.adaptive_step_size and not plain.scheduler.step_buckets      # on, but no times on the CPU
+    want = plain.generate(reqs())
+    eng = make_engine(max_num_batched_tokens=64, max_num_seqs=4)
+    s = eng.scheduler
+    # step times a GPU's runner could measure: flat up to 16 tokens, dear above, so scheduler.step_size gives 16
+    # beside any decode row and 64 (the cap) beside none
+    s.step_buckets = [(8, 1e-3), (16, 1e-3), (32, 2.5e-3), (64, 4e-3)]
+    sizes, schedule = [], s.schedule
+
+    def spy():
+        out = schedule()
+        if not out.is_decode_only:
+            sizes.append((sum(c.num_tokens == 1 for c in out.chunks), out.num_tokens))
+        return out
+    s.schedule = spy
+    got = eng.generate(reqs())
+    assert sizes[0] == (0, 64) and all(total <= 16 for rows, total in sizes if rows)
+    assert sum(1 for rows, _ in sizes if rows) >= 5
+    for g, w in zip(got, want):
+        assert [c.token_ids for c in g.completions] == [c.token_ids for c in w.completions]
+        for cg, cw in zip(g.completions, w.completions):
+            assert cg.logprobs == pytest.approx(cw.logprobs, abs=1e-5)
+
+
 def test_steps_cut_back_to_a_bucket_give_the_same_output():
     prompts = random_prompts(8, seed=23, lo=5, hi=50)
 
@@ -152,6 +183,7 @@ def test_steps_cut_back_to_a_bucket_give_the_same_output():
     # 16 -> 24 and 32 -> 48 are dear steps up: steps of 17-23 and 33-47 tokens are cut back where a chunk allows
     s = eng.scheduler
     s.step_buckets = [(8, 1e-4), (16, 1e-4), (24, 3e-4), (32, 3e-4), (48, 9e-4)]
+    s.adaptive_step_size = False        # the cut alone (adaptive sizes: the test below)
     cut_totals, schedule = [], s.schedule
 
     def spy():
