@@ -6,8 +6,8 @@
 
 Modules: keys (every key name), states (the transition tables), scripts + *.lua (every state change, one
 atomic script each), broker (the API), status (what `status` shows), server (config checks and the
-private redis-server of `run`), types (Lease, ShardStats, JobStatus), errors (what callers catch when Redis
-is away, without importing redis).
+private redis-server of `run`), types (Lease, ShardStats, JobStatus, FinalizeWait), errors (what callers
+catch when Redis is away, without importing redis).
 
 Policies:
 - Retries: a shard is tried once and retried `reliability.max_retries` times; the failure after that
@@ -34,8 +34,9 @@ from .keys import Keys
 from .server import PrivateRedis, check_config
 from .states import (JOB_TRANSITIONS, SHARD_TRANSITIONS, JobState, ShardState, TransitionError,
                      check_job_transition, check_shard_transition)
-from .types import JobStatus, Lease, ShardStats, UncommitResult, WorkerInfo
+from .types import FinalizeWait, JobStatus, Lease, ShardStats, UncommitResult, WorkerInfo
 
 __all__ = ["Broker", "BROKER_ERRORS", "BROKER_UNREACHABLE", "Keys", "PrivateRedis", "check_config", "JobState",
            "ShardState", "JOB_TRANSITIONS", "SHARD_TRANSITIONS", "TransitionError", "check_job_transition",
-           "check_shard_transition", "JobStatus", "Lease", "ShardStats", "UncommitResult", "WorkerInfo"]
+           "check_shard_transition", "FinalizeWait", "JobStatus", "Lease", "ShardStats", "UncommitResult",
+           "WorkerInfo"]

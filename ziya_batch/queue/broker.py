@@ -7,7 +7,8 @@ Job hash fields: state, sealed ('1' once every shard is written), name, priority
 output_path, created_ms, updated_ms, finished_ms, error, total_shards, total_prompts, n_pending, n_leased,
 n_committed, n_dead (shards per state), prompts_done, prompts_failed, samples, output_tokens,
 prefix_cache_query_tokens, prefix_cache_hit_tokens (sums of committed stats: uncommit takes a shard's off
-again), retries, dead_lines, progress_seq.
+again), retries, dead_lines, progress_seq; finalize_wait (JSON, only while a finalizing job's last finalize try
+waited for storage: end_finalize.lua).
 
 Shard records (JSON in the job's shards hash): file (position in the files list), start, end, first_line,
 num_lines, identity (a local input's, ShardRef.identity; absent for object storage and in shards queued before
@@ -419,11 +420,14 @@ class Broker:
         return self.scripts.finalize(keys=[k.job(job_id), k.finalizer(job_id)],
                                      args=[owner or uuid.uuid4().hex, int(ttl_s * 1000)]) == 1
 
-    def end_finalize(self, job_id: str, owner: str, after_s: float = 0.0) -> bool:
+    def end_finalize(self, job_id: str, owner: str, after_s: float = 0.0, reason: str = "") -> bool:
         """Give up the election `owner` won with begin_finalize without finishing the job: another caller (the
-        workers' sweep) may finalize it `after_s` from now. True if `owner` held it."""
-        return self.scripts.end_finalize(keys=[self.keys.finalizer(job_id)],
-                                         args=[owner, max(0, int(after_s * 1000))]) == 1
+        workers' sweep) may finalize it `after_s` from now. `reason`: why this try waits (its storage did not
+        answer), kept in the job's finalize_wait for status, with the count of such tries in a row; none clears
+        it. True if `owner` held it."""
+        k = self.keys
+        return self.scripts.end_finalize(keys=[k.finalizer(job_id), k.job(job_id)],
+                                         args=[owner, max(0, int(after_s * 1000)), reason]) == 1
 
     def _set_state(self, job_id: str, state: JobState, message: str = "") -> None:
         k = self.keys

@@ -26,6 +26,8 @@ end
 local function job_to(job_key, src, dst, now)
   if not allowed(JOB_ALLOWED, src, dst) then refuse('job', src, dst) end
   redis.call('HSET', job_key, 'state', dst, 'updated_ms', int(now))
+  -- why the last finalize try waited (end_finalize.lua) holds only while the job stays finalizing
+  if src == 'finalizing' and dst ~= 'finalizing' then redis.call('HDEL', job_key, 'finalize_wait') end
 end
 
 local function get_shard(shards_key, idx)

@@ -5,6 +5,7 @@ other way round."""
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import redis
 
@@ -12,7 +13,7 @@ from ..errors import JobNotFound
 from ..spec import show_text
 from .keys import Keys
 from .states import JobState, ShardState
-from .types import JobStatus
+from .types import FinalizeWait, JobStatus
 
 RATE_WINDOW_S = 60.0
 LIST_CAP = 1000              # shard indices per state in `status JOB_ID`
@@ -104,7 +105,24 @@ def build_status(client: redis.Redis, keys: Keys, job_id: str, detail: bool = Fa
         retries=int(h.get("retries", 0)), lease_expiries=int(h.get("lease_expiries", 0)),
         dead_shards=int(dead_count), dead_lines=int(h.get("dead_lines", 0)),
         error=h.get("error"), prefix_cache_query_tokens=int(h.get("prefix_cache_query_tokens", 0)),
-        prefix_cache_hit_tokens=int(h.get("prefix_cache_hit_tokens", 0)), sealed=h.get("sealed") == "1", **extra)
+        prefix_cache_hit_tokens=int(h.get("prefix_cache_hit_tokens", 0)), sealed=h.get("sealed") == "1",
+        finalize_wait=_finalize_wait(h.get("finalize_wait"), now_ms) if state == JobState.FINALIZING else None,
+        **extra)
+
+
+def _finalize_wait(raw, now_ms: int) -> Optional[FinalizeWait]:
+    """The job hash's finalize_wait (end_finalize.lua), or None: absent (records before 2026-12-07 have none), or
+    not readable (then status goes without it rather than failing)."""
+    if not raw:
+        return None
+    try:
+        w = json.loads(raw)
+        next_ms = int(w["next_ms"])
+        return FinalizeWait(reason=str(w["reason"]), at=int(w["at_ms"]) / 1000.0, since=int(w["since_ms"]) / 1000.0,
+                            tries=int(w["tries"]), next_try_at=next_ms / 1000.0,
+                            next_try_in_s=max(0.0, (next_ms - now_ms) / 1000.0))
+    except (ValueError, TypeError, KeyError):
+        return None
 
 
 def _error(e: dict) -> dict:

@@ -100,6 +100,24 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True)
+class FinalizeWait:
+    """Why a finalizing job is not finished yet: its last finalize try found its storage not answering (jobs.finalize
+    leaves the job finalizing and tries again later). Kept in the job hash's finalize_wait (end_finalize.lua) until a
+    try gets past storage or the job leaves finalizing. Times are unix seconds, Redis server clock."""
+
+    reason: str                      # "<output url>: <error type>: <message>", one line
+    at: float                        # the last try that waited
+    since: float                     # the first of the tries in a row that waited
+    tries: int                       # tries in a row that waited, the last included
+    next_try_at: float               # from then on another caller may try (a worker's sweep, a submit)
+    next_try_in_s: float             # next_try_at as the status was read; 0 once it has passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"reason": self.reason, "at": self.at, "since": self.since, "tries": self.tries,
+                "next_try_at": self.next_try_at, "next_try_in_s": round(self.next_try_in_s, 1)}
+
+
+@dataclass(frozen=True)
 class JobStatus:
     """One job as `status` shows it. `to_dict()` is the `status --json` / HTTP API shape."""
 
@@ -130,6 +148,7 @@ class JobStatus:
     prefix_cache_query_tokens: int = 0   # prompt tokens of committed shards looked up in the prefix cache
     prefix_cache_hit_tokens: int = 0     # of those, found cached
     sealed: bool = True              # its whole shard list is written (no shard is handed out before)
+    finalize_wait: Optional[FinalizeWait] = None   # finalizing: why its last finalize try waits (storage away)
     detail: bool = False
     leases: tuple = ()               # detail: ({"shard", "worker_id", "attempt", "token", "expires_in_s"}, ...)
     shard_lists: dict = field(default_factory=dict)   # detail: state -> shard indices (capped)
@@ -160,6 +179,7 @@ class JobStatus:
             "prefix_cache_query_tokens": self.prefix_cache_query_tokens,
             "prefix_cache_hit_tokens": self.prefix_cache_hit_tokens,
             "prefix_cache_hit_rate": self.prefix_cache_hit_rate, "sealed": self.sealed,
+            "finalize_wait": None if self.finalize_wait is None else self.finalize_wait.to_dict(),
         }
         if self.detail:
             d["leases"] = [dict(x) for x in self.leases]
