@@ -8,7 +8,8 @@ of the attempt, and once the grace after the commit has passed (queue.broker.PRO
 again. Until then the job stays finalizing and the election ends with the grace, for the workers' sweep to try
 again. Storage that does not answer (a connection refused or cut, a time-out: io.storage.unreachable) ends the
 election too, and the sweep tries again FINALIZE_RETRY_S later, for as long as it does not answer: every shard is
-committed, so waiting loses nothing. Any other failure to promote fails the job."""
+committed, so waiting loses nothing; the job's status says why it waits (JobStatus.finalize_wait, kept until a
+try gets past storage or the job leaves finalizing). Any other failure to promote fails the job."""
 from __future__ import annotations
 
 import logging
@@ -16,6 +17,7 @@ import uuid
 from typing import TYPE_CHECKING
 
 from .. import io
+from ..errors import short_text
 
 if TYPE_CHECKING:
     from ..protocols import JobsBroker
@@ -82,7 +84,9 @@ def finalize_if_ready(broker: "JobsBroker", job_id: str) -> bool:
         if io.storage.unreachable(err):
             log.warning("job %s: finalizing waits for its output's storage, which did not answer (%s: %s); "
                         "trying again in %.0f s", job_id, type(err).__name__, err, FINALIZE_RETRY_S)
-            broker.end_finalize(job_id, owner, after_s=FINALIZE_RETRY_S)
+            # the reason goes to the job's status too: this log is one process's, status is everyone's
+            broker.end_finalize(job_id, owner, after_s=FINALIZE_RETRY_S,
+                                reason=f"{out.url}: {type(err).__name__}: {short_text(err)}")
             return False
         if not _left_finalizing(broker, status):
             broker.mark_failed(job_id, f"finalizing failed: {type(err).__name__}: {err}")

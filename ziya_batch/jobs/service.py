@@ -2,6 +2,7 @@
 and OpenAI batches do to a job once it is submitted, done the same way on every surface."""
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Optional
 
 from .. import io
@@ -38,15 +39,40 @@ def job_status(broker: "JobsBroker", job_id: str, detail: bool = False, hint: st
 def waiting_note(broker: "WorkerBroker", status: "JobStatus") -> Optional[str]:
     """Why a job's pending shards may wait with no worker to take them (no live worker, none of its
     tensor_parallel shape, or every one failed to load its engine); None when some worker can, or the job has
-    nothing pending; or that its shard list is not all written yet. Shown by `status` and GET /v1/jobs/{id}."""
+    nothing pending; or that its shard list is not all written yet; or, for a finalizing job, that its last
+    finalize try waits for storage (finalize_note). Shown by `status` and GET /v1/jobs/{id}."""
     if not status.sealed and not status.state.is_finished():
         return UNSEALED_NOTE
+    if status.finalize_wait is not None:
+        return finalize_note(status)
     if not status.state.is_claimable() or not status.shards.get("pending", 0) or status.shards.get("leased", 0):
         return None
     try:
         return unserved_note(broker, status.job_id)
     except Exception:  # noqa: BLE001 - a hint that cannot be worked out (Redis hiccup) is left out
         return None
+
+
+def finalize_note(status: "JobStatus") -> Optional[str]:
+    """The line saying why a finalizing job is not finished (JobStatus.finalize_wait), e.g. "finalize waits for
+    storage: s3://bucket/out: ConnectTimeoutError: ... (tried 4 times since 09:12:03 UTC, last at 09:13:36 UTC;
+    next try in 27 s)"; None when its last try did not wait."""
+    w = status.finalize_wait
+    if w is None:
+        return None
+    tried = f"tried at {_utc(w.at)}" if w.tries == 1 else \
+        f"tried {w.tries} times since {_utc(w.since)}, last at {_utc(w.at)}"
+    # once the wait is over, the next worker sweep (or a submit of the same spec) makes the try
+    then = (f"next try in {w.next_try_in_s:.0f} s" if w.next_try_in_s >= 1 else
+            "next try due now, by a running worker (or submit the job again)")
+    return f"finalize waits for storage: {w.reason} ({tried}; {then})"
+
+
+def _utc(at_s: float) -> str:
+    """A time of day in UTC, with its date where that is not today's."""
+    at, today = time.gmtime(at_s), time.gmtime()
+    same_day = (at.tm_year, at.tm_yday) == (today.tm_year, today.tm_yday)
+    return time.strftime("%H:%M:%S UTC" if same_day else "%Y-%m-%d %H:%M:%S UTC", at)
 
 
 def list_jobs(broker: "JobsBroker") -> list["JobStatus"]:
