@@ -136,8 +136,12 @@ def test_read_shard_refuses_a_changed_input(tmp_path):
     f.write_bytes(b"".join(b'{"i": %d}\n' % i for i in range(4)))
     row, = index_inputs([str(f)], 10)
     f.write_bytes(b'{"i": 0}\n')
-    with pytest.raises(InputError, match="changed after submit"):
+    with pytest.raises(InputError, match="changed after submit") as got:
         read_shard(ShardRef("j", 0, *row))
+    # what to do: a resubmit of the same spec resumes the job and indexes nothing again, so it is no way out
+    assert str(got.value).endswith("holds 1 lines, expected 4; put the original content back, or submit the job "
+                                   "again with a new output.path (the same spec resumes this job, whose inputs "
+                                   "stay indexed as they were at submit)")
     f.unlink()
     with pytest.raises(InputError, match="disappeared"):
         read_shard(ShardRef("j", 0, *row))

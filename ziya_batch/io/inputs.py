@@ -414,8 +414,9 @@ def read_shard(ref: ShardRef, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[
                          "restore it or cancel the job") from None
     if not complete or len(got) != ref.num_lines:
         raise InputError(f"input {ref.file} changed after submit: shard {ref.index} (bytes {ref.start}.."
-                         f"{ref.end}) now holds {len(got)} lines, expected {ref.num_lines}; "
-                         "resubmit the job with the new file")
+                         f"{ref.end}) now holds {len(got)} lines, expected {ref.num_lines}; put the original "
+                         "content back, or submit the job again with a new output.path (the same spec resumes "
+                         "this job, whose inputs stay indexed as they were at submit)")
     return iter(got)
 
 
