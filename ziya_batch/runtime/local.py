@@ -16,6 +16,7 @@ from rich.text import Text
 from .. import settings
 from ..errors import ModelError
 from ..jobs import finalize_if_ready, submit_job
+from ..jobs.service import finalize_note
 from ..spec import load_spec
 from .services import check_ray_address, redis_for
 
@@ -120,8 +121,11 @@ DEATHS_WITHOUT_PROGRESS = 3
 
 
 def _watch(broker, job_id: str, manager, progress: bool, poll_s: float):
+    from ..queue import JobState
+
     status = broker.status(job_id)
     loop = _CrashLoop(job_id)
+    waits: Optional[str] = None          # the reason finalizing last waited for storage, as printed
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
                   disable=not progress, transient=False) as bar:
@@ -136,6 +140,15 @@ def _watch(broker, job_id: str, manager, progress: bool, poll_s: float):
                        rate=f"{status.tokens_per_s:,.0f} tok/s  {len(manager.replicas)} replica(s)")
             if status.state.is_finished():
                 return status
+            # every prompt is done but the job is not: say why finalizing waits (its output's storage is away),
+            # once for each new reason and once when a try gets past it, not on every poll
+            reason = status.finalize_wait.reason if status.finalize_wait is not None else None
+            if reason != waits:
+                if reason is not None:
+                    bar.console.print(Text(finalize_note(status) or reason))
+                elif status.state == JobState.FINALIZING:
+                    bar.console.print("finalizing: the output's storage answers again")
+                waits = reason
             workers = {w.worker_id: w for w in broker.worker_infos()}
             why = loop.update(done, manager.deaths, workers) or _cannot_load(job_id, manager, workers)
             if why:
