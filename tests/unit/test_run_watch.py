@@ -45,7 +45,7 @@ def test_run_says_once_why_finalizing_waits_and_when_storage_answers_again(monke
     away = FinalizeWait(reason="/out: ConnectTimeoutError: timed out", at=100.0, since=100.0, tries=1,
                         next_try_at=130.0, next_try_in_s=30.0)
     again = dataclasses.replace(away, at=130.0, tries=2, next_try_at=160.0)
-    other = dataclasses.replace(away, reason="/out: EndpointConnectionError: refused", tries=3)
+    other = dataclasses.replace(away, reason="/out\x1b[2J: EndpointConnectionError: refused", tries=3)
     states = [_status(JobState.RUNNING), _status(JobState.FINALIZING, away), _status(JobState.FINALIZING, away),
               _status(JobState.FINALIZING, again), _status(JobState.FINALIZING, other),
               _status(JobState.FINALIZING), _status(JobState.COMPLETED)]
@@ -55,3 +55,4 @@ def test_run_says_once_why_finalizing_waits_and_when_storage_answers_again(monke
     assert out.count("ConnectTimeoutError") == 1 and out.count("EndpointConnectionError") == 1
     assert out.count("finalize waits for storage") == 2
     assert out.count("the output's storage answers again") == 1
+    assert "\x1b" not in out and "/out\\x1b[2J" in out          # a path's control characters as escapes

@@ -19,6 +19,7 @@ from ..jobs import finalize_if_ready, submit_job
 from ..jobs.service import finalize_note
 from ..spec import load_spec
 from .services import check_ray_address, redis_for
+from .status_view import _plain
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -145,7 +146,7 @@ def _watch(broker, job_id: str, manager, progress: bool, poll_s: float):
             reason = status.finalize_wait.reason if status.finalize_wait is not None else None
             if reason != waits:
                 if reason is not None:
-                    bar.console.print(Text(finalize_note(status) or reason))
+                    bar.console.print(_plain(finalize_note(status) or reason))     # users' text: escaped
                 elif status.state == JobState.FINALIZING:
                     bar.console.print("finalizing: the output's storage answers again")
                 waits = reason
