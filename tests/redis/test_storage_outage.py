@@ -2,14 +2,18 @@
 connection cut, a time-out) gives the shard back untried: no retry is counted, nothing is dead-lettered, and once the
 store answers again the job completes with every prompt generated. Before, each such failure counted against
 reliability.max_retries, and an outage of a few seconds turned whole shards into retries_exhausted error lines. The
-demo model on the CPU, a real Redis, local output with the outage injected; exact output ids."""
+demo model on the CPU, a real Redis, local output with the outage injected; exact output ids.
+
+A failure of one shard that only looks like an outage (a time-out on its huge range, an error of its one object) must
+not be given back for ever, though: once the job commits other shards after the shard's first storage give-back, the
+store evidently answers, and each further one counts as a failed try (retried, then dead-lettered)."""
 import collections
 import json
 import time
 
 from ziya_batch import io
 from ziya_batch.jobs import submit_job
-from ziya_batch.queue import JobState
+from ziya_batch.queue import JobState, ShardStats
 from ziya_batch.spec import parse_spec
 from ziya_batch.work import failures
 from ziya_batch.work.worker import Worker
@@ -25,6 +29,89 @@ def _job(tmp_path, model, broker, name, ids, max_retries=1, priority=0, max_new_
         "output": {"path": str(tmp_path / f"out-{name}")}, "shard_size": 2,
         "reliability": {"max_retries": max_retries}}), broker).job_id
 
+
+
+STORAGE = "storage did not answer on w: ReadTimeoutError: Read timeout on endpoint URL"
+
+
+def _record(broker, job_id, index):
+    return json.loads(broker.client.hget(broker.keys.shards(job_id), str(index)))
+
+
+def _commit(broker, lease):
+    assert broker.commit(lease, ShardStats(prompts_done=10, samples=10, parts={"results": (10, "r" * 64)}))
+
+
+def test_a_store_wide_outage_counts_no_storage_give_back_however_long(broker, make_spec, make_shards, wait_claim):
+    spec = make_spec(max_retries=0)
+    job = broker.submit(spec, make_shards(spec, 3)).job_id
+    _commit(broker, broker.claim("w"))                   # before the outage: a series starts at its first give-back
+    for _ in range(6):                                   # shards 1 and 2 in turn, no commit of the job in between
+        lease = wait_claim(broker, "w")
+        assert lease.shard.index in (1, 2) and not lease.isolate
+        assert broker.give_back(lease, STORAGE, storage=True) == "retry"
+    st = broker.status(job, detail=True)
+    assert st.retries == 0 and st.dead_shards == 0 and st.shards["pending"] == 2
+    assert [e["reason"] for e in st.errors] == ["given back"] * 6 and all(e["message"] == STORAGE for e in st.errors)
+    assert _record(broker, job, 1)["storage_commits"] == 1 and not _record(broker, job, 1).get("failures")
+    # the store is back for shard 1; shard 2 fails on: its next storage give-back counts (0 retries: dead-lettered)
+    lease = wait_claim(broker, "w")
+    if lease.shard.index == 2:
+        assert broker.give_back(lease, STORAGE, storage=True) == "retry"
+        lease = wait_claim(broker, "w")
+    assert lease.shard.index == 1
+    _commit(broker, lease)
+    assert "storage_commits" not in _record(broker, job, 1)         # a commit ends the shard's series
+    assert broker.give_back(wait_claim(broker, "w"), STORAGE, storage=True) == "dead"
+    st = broker.status(job, detail=True)
+    assert st.retries == 1 and st.dead_shards == 1
+    assert st.errors[0]["reason"] == "failed" and st.errors[0]["outcome"] == "dead"
+    assert st.errors[0]["message"] == (STORAGE + " (counted as a failed try: the job committed other shards since "
+                                                 "storage first did not answer for this one)")
+
+
+def test_storage_give_backs_of_one_shard_count_once_the_job_commits_others(broker, make_spec, make_shards,
+                                                                          wait_claim):
+    spec = make_spec(max_retries=1)
+    job = broker.submit(spec, make_shards(spec, 2)).job_id
+    assert broker.give_back(broker.claim("w"), STORAGE, storage=True) == "retry"     # shard 0: not counted
+    _commit(broker, broker.claim("w"))                                                # shard 1 commits meanwhile
+    outcomes = []
+    for _ in range(2):          # shard 0 is the only one left: no commit between these, yet both count
+        lease = wait_claim(broker, "w")
+        assert lease.shard.index == 0 and not lease.dead_letter
+        outcomes.append(broker.give_back(lease, STORAGE, storage=True))
+    assert outcomes == ["retry", "dead"]
+    assert lease.isolate                                 # a counted one is a failed try: the shard runs isolated
+    st = broker.status(job, detail=True)
+    assert st.retries == 2 and st.dead_shards == 1 and st.shards["dead"] == 1
+    assert [e["reason"] for e in st.errors] == ["failed", "failed", "given back"]
+    # dead-lettered: its input is read back for the ids once more; storage failing that too is bounded as well
+    lease = wait_claim(broker, "w")
+    assert lease.dead_letter and lease.read_back
+    assert broker.give_back(lease, STORAGE, storage=True) == "dead"
+    lease = wait_claim(broker, "w")
+    assert lease.dead_letter and not lease.read_back
+    # a resubmit of the job (cancelled here) gives the shard fresh retries and a fresh series
+    broker.cancel(job, abandon_running=True)
+    broker.submit(spec, make_shards(spec, 2))
+    rec = _record(broker, job, 0)
+    assert rec["state"] == "pending" and "storage_commits" not in rec and "no_read_back" not in rec
+    lease = wait_claim(broker, "w")
+    assert lease.read_back and broker.give_back(lease, STORAGE, storage=True) == "retry"
+    assert broker.status(job).retries == 3
+
+
+def test_a_shard_record_written_before_storage_give_backs_were_bounded_starts_its_series_at_the_next(
+        broker, make_spec, make_shards, wait_claim):
+    spec = make_spec(max_retries=0)
+    job = broker.submit(spec, make_shards(spec, 2)).job_id
+    _commit(broker, broker.claim("w"))
+    lease = broker.claim("w")
+    assert broker.give_back(lease, STORAGE) == "retry"          # given back by an earlier release: no field
+    assert "storage_commits" not in _record(broker, job, 1)
+    assert broker.give_back(wait_claim(broker, "w"), STORAGE, storage=True) == "retry"
+    assert broker.status(job).retries == 0 and _record(broker, job, 1)["storage_commits"] == 1
 
 
 def test_a_storage_outage_uses_no_retries_and_loses_no_prompt(tmp_path, demo_model, broker, monkeypatch):
@@ -129,3 +216,4 @@ def test_a_job_whose_store_is_away_pauses_alone_and_other_jobs_run_on(tmp_path, 
     assert broker.status(fine, detail=True).retries == 0
     got = collections.Counter(r["id"] for r in io.read_parts(str(tmp_path / "out-fine"), "results"))
     assert got == collections.Counter(f"fine{i}" for i in range(4))
+

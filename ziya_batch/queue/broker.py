@@ -14,7 +14,10 @@ Shard records (JSON in the job's shards hash): file (position in the files list)
 num_lines, identity (a local input's, ShardRef.identity; absent for object storage and in shards queued before
 2026-12-07), state, token, attempts, failures, isolate, lease_isolate, in_flight, bad_lines, dead, owner,
 stats, committed_token, committed_ms (Redis time of the commit), lost (times its staged parts were lost before
-promotion and it ran again). About 200 bytes a shard: a 10-million-line job of 512-line shards is ~4 MB.
+promotion and it ran again), storage_commits (the job's n_committed at the first of its storage give-backs since it
+last committed; absent: none), no_read_back (dead-lettered, and a storage give-back of it counted: its error lines
+are written without reading its input back). About 200 bytes a shard: a 10-million-line job of 512-line shards is
+~4 MB.
 """
 from __future__ import annotations
 
@@ -289,7 +292,7 @@ class Broker:
         return Lease(job_id=job_id, shard=ref, token=int(sh["token"]), attempt=int(sh["attempts"]),
                      lease_s=int(lease_ms) / 1000.0, worker_id=worker_id, isolate=bool(sh.get("isolate")),
                      bad_lines=frozenset(int(b) for b in bad) if isinstance(bad, list) else frozenset(),
-                     dead_letter=bool(sh.get("dead")))
+                     dead_letter=bool(sh.get("dead")), read_back=not sh.get("no_read_back"))
 
     def heartbeat(self, lease: Lease) -> bool:
         """Renew the lease. False if it was lost (expired and re-claimed, or its job abandoned it)."""
@@ -358,23 +361,30 @@ class Broker:
                             "" if bad_line is None else bad_line, lease.worker_id)
         return out or "lost"
 
-    def give_back(self, lease: Lease, message: str) -> str:
+    def give_back(self, lease: Lease, message: str, storage: bool = False) -> str:
         """Return the shard untried: this worker cannot run it (its engine would not load, or the job's spec
         changed to one it does not serve). Not a failure: no retry is counted and the shard is not isolated; it
         is claimable again after backoff_base_s. `message` goes to the job's errors (status shows it). Returns
-        'retry', or 'lost' if the lease was no longer this worker's."""
+        'retry', or 'lost' if the lease was no longer this worker's.
+
+        `storage`: the shard's store did not answer. Such give-backs are bounded where the store answers the job's
+        other shards: once the job has committed any shard since this shard's first storage give-back (the first
+        since the shard last committed), each later one counts as a failed try, as `fail` does (isolated,
+        retried, then 'dead'). An outage of the store, with no commit of the job meanwhile, counts none however
+        long it lasts."""
         out = self._requeue(lease.job_id, lease.shard.index, str(lease.token), message, "", lease.worker_id,
-                            given_back=True)
+                            "storage" if storage else "1")
         return out or "lost"
 
     def _requeue(self, job_id: str, index: int, token: str, message: str, bad_line, worker_id: str,
-                 given_back: bool = False):
+                 given_back: str = "0"):
+        """requeue.lua; `given_back`: '0' failed, '1' given back, 'storage' given back as its store did not answer."""
         k, j = self.keys, job_id
         out = self.scripts.requeue(
             keys=[k.job(j), k.shards(j), k.pending(j), k.leased(j), k.leases(), k.dead(j), k.errors(j),
                   k.ready(), k.claim_seq()],
             args=[j, index, token, message, bad_line, self.backoff_base_ms, self.backoff_max_ms,
-                  self.errors_kept, k.lease_member(j, index), worker_id, "1" if given_back else "0"])
+                  self.errors_kept, k.lease_member(j, index), worker_id, given_back])
         if out:
             self.announce_work(job_id)      # pending again (after its backoff) or dead-lettered: claimable
         return out

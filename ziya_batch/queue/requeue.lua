@@ -9,10 +9,17 @@
 -- KEYS[9] claim sequence counter
 -- ARGV[1] job_id  ARGV[2] shard index  ARGV[3] token or ''  ARGV[4] message  ARGV[5] bad line or ''
 -- ARGV[6] backoff_base_ms  ARGV[7] backoff_max_ms  ARGV[8] errors to keep  ARGV[9] leases member
--- ARGV[10] worker_id (for the error record)   ARGV[11] '1': given back, not failed (optional)
+-- ARGV[10] worker_id (for the error record)
+-- ARGV[11] '1': given back, not failed; 'storage': given back because its storage did not answer (optional)
 -- A shard given back (its worker could not load the job's engine, or no longer serves the job's spec) did not
 -- fail: its lines were not tried, so the attempt does not count, the shard is not isolated, and it waits only
 -- backoff_base_ms before another claim.
+-- A storage give-back is one too, unless the job committed shards since the first storage give-back of the shard's
+-- series (storage_commits: the job's n_committed then; a commit of the shard ends the series): the store answered
+-- for those, so what keeps failing is the shard's own (a time-out on its range, an error of its one object), and
+-- the give-back counts as a failed try, up to dead-letter. A counted give-back keeps the series open, so a shard
+-- that fails after every other shard has committed is bounded too. A dead-lettered shard's counted one sets
+-- no_read_back: its error lines are then written without reading its input back for their ids.
 local sh = get_shard(KEYS[2], ARGV[2])
 if not sh or sh.state ~= 'leased' then return false end
 local now = now_ms()
@@ -42,7 +49,19 @@ if bad then
     redis.call('HINCRBY', KEYS[1], 'dead_lines', 1)
   end
 end
-local given_back = ARGV[11] == '1'
+local given_back = ARGV[11] == '1' or ARGV[11] == 'storage'
+local message = string.sub(ARGV[4], 1, 2000)
+if ARGV[11] == 'storage' then
+  local committed = hnum(KEYS[1], 'n_committed')
+  if sh.storage_commits == nil then
+    sh.storage_commits = committed
+  elseif committed > sh.storage_commits then
+    given_back = false
+    if sh.dead then sh.no_read_back = true end
+    message = message .. ' (counted as a failed try: the job committed other shards since storage first did ' ..
+      'not answer for this one)'
+  end
+end
 if not new_bad and not given_back then sh.failures = (sh.failures or 0) + 1 end
 if not given_back then sh.isolate = true end
 local was_dead = sh.dead
@@ -76,7 +95,7 @@ local outcome = 'retry'
 if target == 'dead' then outcome = 'dead' end
 local entry = {ts_ms = now, shard = tonumber(ARGV[2]), token = token, attempt = attempt,
   worker_id = owner or ARGV[10], reason = expired and 'lease expired' or (given_back and 'given back' or 'failed'),
-  message = string.sub(ARGV[4], 1, 2000), outcome = outcome}
+  message = message, outcome = outcome}
 if bad then entry.bad_line = bad end
 redis.call('LPUSH', KEYS[7], cjson.encode(entry))
 redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[8]) - 1)

@@ -24,6 +24,8 @@ class Lease:
     isolate: bool = False            # the shard failed or expired before: run lines one by one
     bad_lines: frozenset[int] = frozenset()   # line numbers known to crash: write them as retries_exhausted
     dead_letter: bool = False        # retries exhausted: write every line as a retries_exhausted error
+    read_back: bool = True           # dead_letter: read the input back for the lines' ids (False once its storage
+                                     # failed it while answering the job's other shards: ids are FILE:LINE)
 
 
 @dataclass
