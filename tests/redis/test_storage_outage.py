@@ -217,3 +217,76 @@ def test_a_job_whose_store_is_away_pauses_alone_and_other_jobs_run_on(tmp_path, 
     got = collections.Counter(r["id"] for r in io.read_parts(str(tmp_path / "out-fine"), "results"))
     assert got == collections.Counter(f"fine{i}" for i in range(4))
 
+
+def _run_to_completion(broker, job, worker, limit_s=90):
+    deadline = time.monotonic() + limit_s
+    while broker.status(job).state != JobState.COMPLETED:
+        assert time.monotonic() < deadline, broker.status(job, detail=True)
+        if not worker.run_once():
+            time.sleep(0.02)
+
+
+def _one_shard_times_out(monkeypatch, broker, job, bad_index, until_dead):
+    """Reads of shard `bad_index` raise a time-out (a range too large for a slow server), the others' are answered;
+    with `until_dead`, the read of the dead-lettered shard's input for its ids is answered too."""
+    real_read, reads = io.read_shard, collections.Counter()
+
+    def read_shard(ref, *a, **k):
+        reads[ref.index] += 1
+        if ref.index == bad_index and not (until_dead and _record(broker, job, bad_index).get("dead")):
+            raise TimeoutError("The read operation timed out")
+        return real_read(ref, *a, **k)
+    monkeypatch.setattr(io, "read_shard", read_shard)
+    monkeypatch.setattr(failures, "STORAGE_RETRY_S", 0.01)
+    monkeypatch.setattr(failures, "STORAGE_RETRY_MAX_S", 0.05)
+    return reads
+
+
+def test_a_shard_whose_read_keeps_timing_out_while_the_others_commit_ends_as_error_lines(
+        tmp_path, demo_model, broker, monkeypatch):
+    """The job's last shard (nothing is claimed after it, so no commit comes between its later give-backs): counted
+    once the others committed, dead-lettered after max_retries, its lines written as retries_exhausted errors."""
+    ids = [f"p{i}" for i in range(6)]
+    job = _job(tmp_path, demo_model, broker, "slow-range", ids, max_retries=1)
+    reads = _one_shard_times_out(monkeypatch, broker, job, bad_index=2, until_dead=True)
+    _run_to_completion(broker, job, Worker(broker, worker_id="w", device="cpu"))
+    st = broker.status(job, detail=True)
+    assert st.dead_shards == 1 and st.retries == 2 and st.prompts_done == 4 and st.prompts_failed == 2
+    storage = [e for e in st.errors if e["shard"] == 2]          # newest first
+    # given back until the other shards committed (at least once), then two failed tries: dead-lettered
+    assert [e["reason"] for e in storage[:2]] == ["failed", "failed"] and [e["outcome"] for e in storage[:2]] == [
+        "dead", "retry"]
+    assert len(storage) > 2 and all(e["reason"] == "given back" for e in storage[2:])
+    assert all("storage did not answer on w: TimeoutError: The read operation timed out" in e["message"]
+               for e in storage)
+    assert reads[2] == len(storage) + 1           # and the read for the dead-lettered lines' ids
+    out = str(tmp_path / "out-slow-range")
+    results = [r["id"] for r in io.read_parts(out, "results")]
+    errors = [r["id"] for r in io.read_parts(out, "errors")]
+    assert collections.Counter(results + errors) == collections.Counter(ids)
+    assert collections.Counter(errors) == collections.Counter(["p4", "p5"])
+    assert all(r["error"]["code"] == "retries_exhausted" for r in io.read_parts(out, "errors"))
+
+
+def test_a_dead_lettered_shard_whose_read_back_keeps_timing_out_is_written_under_file_line_ids(
+        tmp_path, demo_model, broker, monkeypatch):
+    """Its lines' ids cannot be read: rather than the job waiting for ever, the lines are written numbered FILE:LINE
+    (as for an input that is gone), once storage failed the read-back while it answered the job's other shards."""
+    ids = [f"p{i}" for i in range(6)]
+    job = _job(tmp_path, demo_model, broker, "never", ids, max_retries=0)
+    reads = _one_shard_times_out(monkeypatch, broker, job, bad_index=1, until_dead=False)
+    _run_to_completion(broker, job, Worker(broker, worker_id="w", device="cpu"))
+    st = broker.status(job, detail=True)
+    assert st.dead_shards == 1 and st.prompts_done == 4 and st.prompts_failed == 2
+    storage = [e for e in st.errors if e["shard"] == 1]          # newest first
+    # given back until another shard committed, then counted: dead-lettered; its read-back counted too
+    assert [(e["reason"], e["outcome"]) for e in storage[:2]] == [("failed", "dead"), ("failed", "dead")]
+    assert len(storage) > 2 and all(e["reason"] == "given back" for e in storage[2:])
+    assert reads[1] == len(storage)               # not read after that
+    out, inp = str(tmp_path / "out-never"), str(tmp_path / "never.jsonl")
+    results = [r["id"] for r in io.read_parts(out, "results")]
+    errs = list(io.read_parts(out, "errors"))
+    assert collections.Counter(results) == collections.Counter(["p0", "p1", "p4", "p5"])
+    assert collections.Counter(r["id"] for r in errs) == collections.Counter([f"{inp}:3", f"{inp}:4"])
+    assert all(r["error"]["code"] == "retries_exhausted" and "storage kept failing shard 1" in r["error"]["message"]
+               for r in errs)

@@ -5,7 +5,8 @@ shared engine, a shared step, producing and committing it alone, waiting for the
 `decide(err, stage, ...)` says what happens to the shard(s) involved:
 
     GIVE_BACK  back to the queue untried (broker.give_back): not the shard's fault (out of memory, storage that
-               does not answer), so no retry is counted
+               does not answer), so no retry is counted; storage that keeps failing one shard while it answers the
+               job's others is the shard's own trouble, and the queue counts those give-backs as failed tries
     REDO_ALONE drop the shared step's requests and generate each shard in flight again alone, bisecting down
                to the line that raises (generation.generate_lines)
     FAIL       the shard's own failure (broker.fail): retried, then isolated, then dead-lettered by the queue
@@ -51,7 +52,8 @@ class StorageAway(ZiyaBatchError):
     """A store the shard reads its input from or writes its parts to did not answer (a connection refused or cut,
     a time-out: io.storage.unreachable): not the shard's fault, and no retry of it helps until the store answers.
     Raised by `storage_calls`, so that a storage outage does not use up the shard's retries and dead-letter its
-    lines."""
+    lines. Where the job commits other shards meanwhile, the failure is the shard's own after all (a time-out on its
+    range, an error of its one object): broker.give_back(storage=True) then counts it as a failed try."""
 
 
 @contextmanager
@@ -148,7 +150,8 @@ class Decision:
     replica_down: bool = False      # then raise ReplicaBroken: only a new replica is in step again
     quietly: bool = False           # a Redis error while giving back must not replace the ReplicaBroken raised
     down_message: str = ""          # the ReplicaBroken's, when the replica goes down for a plain error
-    pause_claims: bool = False      # storage did not answer: this worker claims nothing for a while (StoragePause)
+    pause_claims: bool = False      # storage did not answer: this worker claims nothing of the job for a while
+                                    # (StoragePause), and the give-back is a storage one (broker.give_back)
 
     def replica_broken(self, err: BaseException) -> Optional[ReplicaBroken]:
         """The ReplicaBroken to raise once the decision is carried out, if it takes the replica down."""

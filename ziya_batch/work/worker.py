@@ -20,13 +20,13 @@ import uuid
 from typing import TYPE_CHECKING, Callable, Optional
 
 from .. import io
-from ..errors import JobNotFound
+from ..errors import InputError, JobNotFound
 from ..queue.errors import BROKER_ERRORS, BROKER_UNREACHABLE
 from ..records import LineFailure, LineResult
 from ..spec import JobSpec
 from .commit import ShardCommit
-from .failures import (Action, LeaseLost, RunMode, SpecUnreadable, Stage, StoragePause, decide, engine_calls,
-                       one_line, run_mode, storage_calls)
+from .failures import (Action, Decision, LeaseLost, RunMode, SpecUnreadable, Stage, StoragePause, decide,
+                       engine_calls, one_line, run_mode, storage_calls)
 from .flight import Flight
 from .generation import ShardStream, dead_letter_failures, generate_lines, parse_shard
 from .models import ModelCache, ReplicaBroken, engine_key
@@ -98,6 +98,13 @@ def _read_shard(shard):
     """io.read_shard, a store that does not answer raised as StorageAway (the shard goes back untried)."""
     with storage_calls():
         return io.read_shard(shard)
+
+
+def _not_read_back(shard):
+    """A dead-lettered shard's input is not read back once its storage failed it while answering the job's other
+    shards (Lease.read_back): its error lines are numbered FILE:LINE (dead_letter_failures) rather than the shard
+    going back for ever."""
+    raise InputError(f"storage kept failing shard {shard.index} while it answered the job's other shards")
 
 
 class Worker:
@@ -252,12 +259,13 @@ class Worker:
             self._backoff.loaded(flight.spec, flight.lease.job_id)
         return engine
 
-    def _give_back(self, lease, message: str, why: str, quietly: bool = False) -> None:
+    def _give_back(self, lease, message: str, why: str, quietly: bool = False, storage: bool = False) -> None:
         """Give the shard back untried (broker.give_back) and note why on this worker's registration. `quietly`:
         on the way out of a broken replica, where a Redis error must not replace the ReplicaBroken being raised
-        (the lease then expires and is requeued, as it would have anyway)."""
+        (the lease then expires and is requeued, as it would have anyway). `storage`: its store did not answer (the
+        queue counts it as a failed try once the store answered the job's other shards meanwhile)."""
         try:
-            self.broker.give_back(lease, message)
+            self.broker.give_back(lease, message, storage=storage)
             self._backoff.note(lease.job_id, why or None)
         except Exception as err:  # noqa: BLE001 - see the docstring
             if not quietly:
@@ -402,23 +410,22 @@ class Worker:
             if self._flights.pop(flight.key, None) is not None and self._stream is not None:
                 self._stream.abort(flight.key)
             with flight:
-                self._settle(flight, d.action, err, d.message, d.why, d.quietly)
+                self._settle(flight, d, err)
         broken = d.replica_broken(err)
         if broken is err or d.action is Action.ABANDON:
             raise err
         if broken is not None:
             raise broken from err
 
-    def _settle(self, flight: Flight, action: Action, err: BaseException, message: str, why: str,
-                quietly: bool) -> None:
+    def _settle(self, flight: Flight, d: Decision, err: BaseException) -> None:
         job_id, index = flight.lease.job_id, flight.lease.shard.index
-        if action is Action.GIVE_BACK:
-            log.error("shard %s/%d: %s; giving the shard back", job_id, index, message)
-            self._give_back(flight.lease, message, why, quietly)
-        elif action is Action.FAIL:
+        if d.action is Action.GIVE_BACK:
+            log.error("shard %s/%d: %s; giving the shard back", job_id, index, d.message)
+            self._give_back(flight.lease, d.message, d.why, d.quietly, storage=d.pause_claims)
+        elif d.action is Action.FAIL:
             log.error("shard %s/%d failed", job_id, index, exc_info=err)
-            self.broker.fail(flight.lease, message)
-        elif action is Action.DROP:
+            self.broker.fail(flight.lease, d.message)
+        elif d.action is Action.DROP:
             log.warning("shard %s/%d: lease lost; stopped", job_id, index)
         else:
             log.warning("shard %s/%d: abandoned in flight (%s)", job_id, index, one_line(err))
@@ -515,4 +522,5 @@ class Worker:
         """A dead-letter shard's lines, every one a retries_exhausted error line."""
         lease, spec, shard = flight.lease, flight.spec, flight.lease.shard
         return [], dead_letter_failures(shard, spec.format, f"shard {shard.index} failed {lease.attempt - 1} times; "
-                                                            "giving up on its lines", _read_shard)
+                                                            "giving up on its lines",
+                                        _read_shard if lease.read_back else _not_read_back)
