@@ -43,6 +43,7 @@ def _commit(broker, lease):
 
 
 def test_a_store_wide_outage_counts_no_storage_give_back_however_long(broker, make_spec, make_shards, wait_claim):
+    broker.storage_grace_ms = 0             # the rule alone (the grace: the test after the next)
     spec = make_spec(max_retries=0)
     job = broker.submit(spec, make_shards(spec, 3)).job_id
     _commit(broker, broker.claim("w"))                   # before the outage: a series starts at its first give-back
@@ -72,6 +73,7 @@ def test_a_store_wide_outage_counts_no_storage_give_back_however_long(broker, ma
 
 def test_storage_give_backs_of_one_shard_count_once_the_job_commits_others(broker, make_spec, make_shards,
                                                                           wait_claim):
+    broker.storage_grace_ms = 0
     spec = make_spec(max_retries=1)
     job = broker.submit(spec, make_shards(spec, 2)).job_id
     assert broker.give_back(broker.claim("w"), STORAGE, storage=True) == "retry"     # shard 0: not counted
@@ -100,6 +102,24 @@ def test_storage_give_backs_of_one_shard_count_once_the_job_commits_others(broke
     lease = wait_claim(broker, "w")
     assert lease.read_back and broker.give_back(lease, STORAGE, storage=True) == "retry"
     assert broker.status(job).retries == 3
+
+
+def test_storage_give_backs_stay_free_for_the_grace_while_shards_past_their_reads_commit(
+        broker, make_spec, make_shards, wait_claim):
+    # only the input's store is down: shards that had read their input before commit meanwhile, and the shard the
+    # outage caught must not be dead-lettered for that (max_retries 0: one counted give-back would)
+    broker.storage_grace_ms = 400
+    spec = make_spec(max_retries=0)
+    job = broker.submit(spec, make_shards(spec, 3)).job_id
+    in_flight = [broker.claim("w"), broker.claim("w")]                  # shards 0 and 1 have read their input
+    caught = broker.claim("w")
+    assert caught.shard.index == 2 and broker.give_back(caught, STORAGE, storage=True) == "retry"
+    for lease in in_flight:
+        _commit(broker, lease)
+    assert broker.give_back(wait_claim(broker, "w"), STORAGE, storage=True) == "retry"     # within the grace
+    assert broker.status(job).retries == 0
+    time.sleep(0.45)                        # past it, the job having committed since: the shard's own failure
+    assert broker.give_back(wait_claim(broker, "w"), STORAGE, storage=True) == "dead"
 
 
 def test_a_shard_record_written_before_storage_give_backs_were_bounded_starts_its_series_at_the_next(
@@ -239,6 +259,7 @@ def _one_shard_times_out(monkeypatch, broker, job, bad_index, until_dead):
     monkeypatch.setattr(io, "read_shard", read_shard)
     monkeypatch.setattr(failures, "STORAGE_RETRY_S", 0.01)
     monkeypatch.setattr(failures, "STORAGE_RETRY_MAX_S", 0.05)
+    broker.storage_grace_ms = 0
     return reads
 
 

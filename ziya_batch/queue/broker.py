@@ -48,6 +48,11 @@ FINALIZE_TTL_S = 600.0       # a finalizer that has not finished in this long is
 # one small put), so a promoter of it has finished or failed by then; shorter than FINALIZE_TTL_S, so a finalizer
 # still at work holds its election past it
 PROMOTE_GRACE_S = 300.0
+# a shard's storage give-backs are free for this long after the first of them even while the job commits others:
+# where only the input's store is down, shards past their reads still commit, and an outage of a few minutes must not
+# dead-letter the shards that could not be read; after it, a shard that keeps failing while others commit is taken
+# for failing on its own (give_back)
+STORAGE_GRACE_S = 600.0
 WORKER_FORGET_S = 86400.0    # registrations silent this long are deleted (worker ids are per process)
 
 
@@ -75,11 +80,13 @@ def shard_ref(job_id: str, index, rec: dict, files: list[str]) -> ShardRef:
 class Broker:
     def __init__(self, client: redis.Redis, prefix: str = "zb", backoff_base_s: float = 2.0,
                  backoff_max_s: float = 300.0, errors_kept: int = 50, worker_ttl_s: float = 60.0,
-                 claim_scan: int = 64, promote_grace_s: float = PROMOTE_GRACE_S):
+                 claim_scan: int = 64, promote_grace_s: float = PROMOTE_GRACE_S,
+                 storage_grace_s: float = STORAGE_GRACE_S):
         """`backoff_base_s`: delay before the first retry of a failed shard, doubled per failure up to
         `backoff_max_s`. `errors_kept`: failures remembered per job for `status JOB_ID`. `worker_ttl_s`:
         a worker silent this long is no longer listed. `claim_scan`: jobs a claim looks through.
-        `promote_grace_s`: how long after its commit a commit may be taken back (uncommit)."""
+        `promote_grace_s`: how long after its commit a commit may be taken back (uncommit). `storage_grace_s`: how
+        long a shard's storage give-backs stay free while the job commits other shards (give_back)."""
         if not client.connection_pool.connection_kwargs.get("decode_responses"):
             pool = client.connection_pool
             client = redis.Redis(connection_pool=redis.ConnectionPool(
@@ -93,6 +100,7 @@ class Broker:
         self.worker_ttl_s = worker_ttl_s
         self.claim_scan = claim_scan
         self.promote_grace_s = promote_grace_s
+        self.storage_grace_ms = int(storage_grace_s * 1000)
         self._files: dict[tuple[str, str], list[str]] = {}   # (job_id, created_ms) -> input files
         self._work: Optional[redis.client.PubSub] = None     # watch_work's subscription
 
@@ -369,9 +377,10 @@ class Broker:
 
         `storage`: the shard's store did not answer. Such give-backs are bounded where the store answers the job's
         other shards: once the job has committed any shard since this shard's first storage give-back (the first
-        since the shard last committed), each later one counts as a failed try, as `fail` does (isolated,
-        retried, then 'dead'). An outage of the store, with no commit of the job meanwhile, counts none however
-        long it lasts."""
+        since the shard last committed) and storage_grace_s has passed since that one, each later one counts as a
+        failed try, as `fail` does (isolated, retried, then 'dead'). An outage of the store, with no commit of the
+        job meanwhile, counts none however long it lasts; nor does one shorter than the grace while shards already
+        past their reads commit (an input store down, the output's answering)."""
         out = self._requeue(lease.job_id, lease.shard.index, str(lease.token), message, "", lease.worker_id,
                             "storage" if storage else "1")
         return out or "lost"
@@ -384,7 +393,7 @@ class Broker:
             keys=[k.job(j), k.shards(j), k.pending(j), k.leased(j), k.leases(), k.dead(j), k.errors(j),
                   k.ready(), k.claim_seq()],
             args=[j, index, token, message, bad_line, self.backoff_base_ms, self.backoff_max_ms,
-                  self.errors_kept, k.lease_member(j, index), worker_id, given_back])
+                  self.errors_kept, k.lease_member(j, index), worker_id, given_back, self.storage_grace_ms])
         if out:
             self.announce_work(job_id)      # pending again (after its backoff) or dead-lettered: claimable
         return out

@@ -17,7 +17,8 @@ sh.committed_ms = now           -- uncommit.lua waits out the promotes of this c
 sh.owner = nil
 sh.in_flight = nil
 sh.lease_isolate = nil
-sh.storage_commits = nil     -- the shard's storage series ends (requeue.lua)
+sh.storage_commits = nil
+sh.storage_since = nil     -- the shard's storage series ends (requeue.lua)
 sh.no_read_back = nil
 put_shard(KEYS[2], ARGV[2], sh)
 redis.call('ZREM', KEYS[3], ARGV[2])

@@ -11,13 +11,16 @@
 -- ARGV[6] backoff_base_ms  ARGV[7] backoff_max_ms  ARGV[8] errors to keep  ARGV[9] leases member
 -- ARGV[10] worker_id (for the error record)
 -- ARGV[11] '1': given back, not failed; 'storage': given back because its storage did not answer (optional)
+-- ARGV[12] ms a shard's storage give-backs stay free after the first of its series (optional: 0)
 -- A shard given back (its worker could not load the job's engine, or no longer serves the job's spec) did not
 -- fail: its lines were not tried, so the attempt does not count, the shard is not isolated, and it waits only
 -- backoff_base_ms before another claim.
 -- A storage give-back is one too, unless the job committed shards since the first storage give-back of the shard's
--- series (storage_commits: the job's n_committed then; a commit of the shard ends the series): the store answered
--- for those, so what keeps failing is the shard's own (a time-out on its range, an error of its one object), and
--- the give-back counts as a failed try, up to dead-letter. A counted give-back keeps the series open, so a shard
+-- series (storage_commits: the job's n_committed then; a commit of the shard ends the series) and ARGV[12] ms have
+-- passed since that first one (storage_since): the store answered for those, so what keeps failing is the shard's
+-- own (a time-out on its range, an error of its one object), and the give-back counts as a failed try, up to
+-- dead-letter. The grace keeps an outage of the input's store alone (shards past their reads commit meanwhile)
+-- from dead-lettering the shards it caught. A counted give-back keeps the series open, so a shard
 -- that fails after every other shard has committed is bounded too. A dead-lettered shard's counted one sets
 -- no_read_back: its error lines are then written without reading its input back for their ids.
 local sh = get_shard(KEYS[2], ARGV[2])
@@ -55,7 +58,8 @@ if ARGV[11] == 'storage' then
   local committed = hnum(KEYS[1], 'n_committed')
   if sh.storage_commits == nil then
     sh.storage_commits = committed
-  elseif committed > sh.storage_commits then
+    sh.storage_since = now
+  elseif committed > sh.storage_commits and now - (sh.storage_since or 0) >= (tonumber(ARGV[12]) or 0) then
     given_back = false
     if sh.dead then sh.no_read_back = true end
     message = message .. ' (counted as a failed try: the job committed other shards since storage first did ' ..
