@@ -14,10 +14,10 @@ Shard records (JSON in the job's shards hash): file (position in the files list)
 num_lines, identity (a local input's, ShardRef.identity; absent for object storage and in shards queued before
 2026-12-07), state, token, attempts, failures, isolate, lease_isolate, in_flight, bad_lines, dead, owner,
 stats, committed_token, committed_ms (Redis time of the commit), lost (times its staged parts were lost before
-promotion and it ran again), storage_commits and storage_since (the job's n_committed at, and the Redis time of, the first
-of its storage give-backs since it last committed; absent: none), no_read_back (dead-lettered, and a storage give-back of it counted: its error lines
-are written without reading its input back). About 200 bytes a shard: a 10-million-line job of 512-line shards is
-~4 MB.
+promotion and it ran again), storage_commits and storage_since (the job's n_committed at, and the Redis time of,
+the first of its storage give-backs since it last committed; absent: none), no_read_back (dead-lettered, and a
+storage give-back of it counted: its error lines are written without reading its input back). About 200 bytes a
+shard: a 10-million-line job of 512-line shards is ~4 MB.
 """
 from __future__ import annotations
 
