@@ -311,3 +311,38 @@ def test_a_dead_lettered_shard_whose_read_back_keeps_timing_out_is_written_under
     assert collections.Counter(r["id"] for r in errs) == collections.Counter([f"{inp}:3", f"{inp}:4"])
     assert all(r["error"]["code"] == "retries_exhausted" and "storage kept failing shard 1" in r["error"]["message"]
                for r in errs)
+
+
+def test_a_dead_lettered_shard_committed_without_reading_its_input_is_no_sign_that_the_input_answers(
+        broker, make_spec, make_shards, wait_claim):
+    """Only the input's store is down, for longer than the grace. Shard 1, caught while shard 0 (past its read)
+    committed, is dead-lettered by the rule, and its lines are written without reading its input (no_read_back):
+    that commit read nothing, so shard 2, whose series began after every commit of a shard that read its input, must
+    not be counted for it. Otherwise each such commit counts the give-backs of every other shard the outage caught,
+    and the dead-letters cascade over the whole job (every line a retries_exhausted error numbered FILE:LINE)."""
+    broker.storage_grace_ms = 300
+    spec = make_spec(max_retries=0)
+    job = broker.submit(spec, make_shards(spec, 3)).job_id
+
+    def claim(index):
+        while True:
+            lease = wait_claim(broker, "w")
+            if lease.shard.index == index:
+                return lease
+            assert broker.give_back(lease, "not this one") == "retry"      # a plain give-back: no series
+
+    in_flight = claim(0)                                   # read its input before the outage
+    assert broker.give_back(claim(1), STORAGE, storage=True) == "retry"
+    _commit(broker, in_flight)
+    assert broker.give_back(claim(2), STORAGE, storage=True) == "retry"      # every commit came before this
+    time.sleep(0.35)
+    assert broker.give_back(claim(1), STORAGE, storage=True) == "dead"       # the rule: counted past the grace
+    lease = claim(1)
+    assert lease.dead_letter and lease.read_back
+    assert broker.give_back(lease, STORAGE, storage=True) == "dead"          # its read-back fails the same way
+    lease = claim(1)
+    assert lease.dead_letter and not lease.read_back
+    _commit(broker, lease)                                 # FILE:LINE error lines: no input read
+    assert broker.give_back(claim(2), STORAGE, storage=True) == "retry"
+    st = broker.status(job, detail=True)
+    assert st.dead_shards == 1 and _record(broker, job, 2).get("failures", 0) == 0
