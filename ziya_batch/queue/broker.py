@@ -7,14 +7,15 @@ Job hash fields: state, sealed ('1' once every shard is written), name, priority
 output_path, created_ms, updated_ms, finished_ms, error, total_shards, total_prompts, n_pending, n_leased,
 n_committed, n_dead (shards per state), prompts_done, prompts_failed, samples, output_tokens,
 prefix_cache_query_tokens, prefix_cache_hit_tokens (sums of committed stats: uncommit takes a shard's off
-again), retries, dead_lines, progress_seq; finalize_wait (JSON, only while a finalizing job's last finalize try
+again), retries, dead_lines, progress_seq, read_commits (commits of shards that read their input: commit.lua; the storage
+series of requeue.lua count these); finalize_wait (JSON, only while a finalizing job's last finalize try
 waited for storage: end_finalize.lua).
 
 Shard records (JSON in the job's shards hash): file (position in the files list), start, end, first_line,
 num_lines, identity (a local input's, ShardRef.identity; absent for object storage and in shards queued before
 2026-12-07), state, token, attempts, failures, isolate, lease_isolate, in_flight, bad_lines, dead, owner,
 stats, committed_token, committed_ms (Redis time of the commit), lost (times its staged parts were lost before
-promotion and it ran again), storage_commits and storage_since (the job's n_committed at, and the Redis time of,
+promotion and it ran again), storage_commits and storage_since (the job's read_commits at, and the Redis time of,
 the first of its storage give-backs since it last committed; absent: none), no_read_back (dead-lettered, and a
 storage give-back of it counted: its error lines are written without reading its input back). About 200 bytes a
 shard: a 10-million-line job of 512-line shards is ~4 MB.
@@ -376,8 +377,9 @@ class Broker:
         'retry', or 'lost' if the lease was no longer this worker's.
 
         `storage`: the shard's store did not answer. Such give-backs are bounded where the store answers the job's
-        other shards: once the job has committed any shard since this shard's first storage give-back (the first
-        since the shard last committed) and storage_grace_s has passed since that one, each later one counts as a
+        other shards: once the job has committed any shard that read its input (not a dead-lettered one written
+        without reading it back) since this shard's first storage give-back (the first since the shard last
+        committed) and storage_grace_s has passed since that one, each later one counts as a
         failed try, as `fail` does (isolated, retried, then 'dead'). An outage of the store, with no commit of the
         job meanwhile, counts none however long it lasts; nor does one shorter than the grace while shards already
         past their reads commit (an input store down, the output's answering)."""

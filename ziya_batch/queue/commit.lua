@@ -17,6 +17,9 @@ sh.committed_ms = now           -- uncommit.lua waits out the promotes of this c
 sh.owner = nil
 sh.in_flight = nil
 sh.lease_isolate = nil
+-- a commit of a shard that read its input: the job's stores answered it (requeue.lua's storage series count these;
+-- a dead-lettered shard's lines written without reading its input back are no such sign)
+if not sh.no_read_back then redis.call('HINCRBY', KEYS[1], 'read_commits', 1) end
 sh.storage_commits = nil
 sh.storage_since = nil     -- the shard's storage series ends (requeue.lua)
 sh.no_read_back = nil

@@ -16,7 +16,8 @@
 -- fail: its lines were not tried, so the attempt does not count, the shard is not isolated, and it waits only
 -- backoff_base_ms before another claim.
 -- A storage give-back is one too, unless the job committed shards since the first storage give-back of the shard's
--- series (storage_commits: the job's n_committed then; a commit of the shard ends the series) and ARGV[12] ms have
+-- series (storage_commits: the job's read_commits then, its commits of shards that read their input, which a
+-- dead-lettered shard written without reading its input back is not; a commit of the shard ends the series) and ARGV[12] ms have
 -- passed since that first one (storage_since): the store answered for those, so what keeps failing is the shard's
 -- own (a time-out on its range, an error of its one object), and the give-back counts as a failed try, up to
 -- dead-letter. The grace keeps an outage of the input's store alone (shards past their reads commit meanwhile)
@@ -55,7 +56,7 @@ end
 local given_back = ARGV[11] == '1' or ARGV[11] == 'storage'
 local message = string.sub(ARGV[4], 1, 2000)
 if ARGV[11] == 'storage' then
-  local committed = hnum(KEYS[1], 'n_committed')
+  local committed = hnum(KEYS[1], 'read_commits')
   if sh.storage_commits == nil then
     sh.storage_commits = committed
     sh.storage_since = now
