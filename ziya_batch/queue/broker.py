@@ -7,9 +7,9 @@ Job hash fields: state, sealed ('1' once every shard is written), name, priority
 output_path, created_ms, updated_ms, finished_ms, error, total_shards, total_prompts, n_pending, n_leased,
 n_committed, n_dead (shards per state), prompts_done, prompts_failed, samples, output_tokens,
 prefix_cache_query_tokens, prefix_cache_hit_tokens (sums of committed stats: uncommit takes a shard's off
-again), retries, dead_lines, progress_seq, read_commits (commits of shards that read their input: commit.lua; the storage
-series of requeue.lua count these); finalize_wait (JSON, only while a finalizing job's last finalize try
-waited for storage: end_finalize.lua).
+again), retries, dead_lines, progress_seq, read_commits (commits of shards that read their input: commit.lua;
+the storage series of requeue.lua count these); finalize_wait (JSON, only while a finalizing job's last finalize
+try waited for storage: end_finalize.lua).
 
 Shard records (JSON in the job's shards hash): file (position in the files list), start, end, first_line,
 num_lines, identity (a local input's, ShardRef.identity; absent for object storage and in shards queued before

@@ -17,8 +17,8 @@
 -- backoff_base_ms before another claim.
 -- A storage give-back is one too, unless the job committed shards since the first storage give-back of the shard's
 -- series (storage_commits: the job's read_commits then, its commits of shards that read their input, which a
--- dead-lettered shard written without reading its input back is not; a commit of the shard ends the series) and ARGV[12] ms have
--- passed since that first one (storage_since): the store answered for those, so what keeps failing is the shard's
+-- dead-lettered shard written without reading its input back is not; a commit of the shard ends the series) and
+-- ARGV[12] ms have passed since that first one (storage_since): the store answered for those, so what keeps failing is the shard's
 -- own (a time-out on its range, an error of its one object), and the give-back counts as a failed try, up to
 -- dead-letter. The grace keeps an outage of the input's store alone (shards past their reads commit meanwhile)
 -- from dead-lettering the shards it caught. A counted give-back keeps the series open, so a shard
