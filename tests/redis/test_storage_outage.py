@@ -73,7 +73,7 @@ def test_a_store_wide_outage_counts_no_storage_give_back_however_long(broker, ma
 
 def test_storage_give_backs_of_one_shard_count_once_the_job_commits_others(broker, make_spec, make_shards,
                                                                           wait_claim):
-    broker.storage_grace_ms = 0
+    broker.storage_grace_ms = broker.storage_read_back_grace_ms = 0
     spec = make_spec(max_retries=1)
     job = broker.submit(spec, make_shards(spec, 2)).job_id
     assert broker.give_back(broker.claim("w"), STORAGE, storage=True) == "retry"     # shard 0: not counted
@@ -259,7 +259,7 @@ def _one_shard_times_out(monkeypatch, broker, job, bad_index, until_dead):
     monkeypatch.setattr(io, "read_shard", read_shard)
     monkeypatch.setattr(failures, "STORAGE_RETRY_S", 0.01)
     monkeypatch.setattr(failures, "STORAGE_RETRY_MAX_S", 0.05)
-    broker.storage_grace_ms = 0
+    broker.storage_grace_ms = broker.storage_read_back_grace_ms = 0
     return reads
 
 
@@ -320,7 +320,7 @@ def test_a_dead_lettered_shard_committed_without_reading_its_input_is_no_sign_th
     that commit read nothing, so shard 2, whose series began after every commit of a shard that read its input, must
     not be counted for it. Otherwise each such commit counts the give-backs of every other shard the outage caught,
     and the dead-letters cascade over the whole job (every line a retries_exhausted error numbered FILE:LINE)."""
-    broker.storage_grace_ms = 300
+    broker.storage_grace_ms, broker.storage_read_back_grace_ms = 300, 0
     spec = make_spec(max_retries=0)
     job = broker.submit(spec, make_shards(spec, 3)).job_id
 
@@ -346,3 +346,26 @@ def test_a_dead_lettered_shard_committed_without_reading_its_input_is_no_sign_th
     assert broker.give_back(claim(2), STORAGE, storage=True) == "retry"
     st = broker.status(job, detail=True)
     assert st.dead_shards == 1 and _record(broker, job, 2).get("failures", 0) == 0
+
+
+def test_a_dead_lettered_shard_reads_its_input_back_for_the_ids_through_an_outage_shorter_than_the_read_back_grace(
+        broker, make_spec, make_shards, wait_claim):
+    """An input outage longer than the grace dead-letters the shard it caught, but its error lines keep their own
+    ids: the read-back that fails within the read-back grace is given back untried, and reads the ids once the
+    input answers."""
+    broker.storage_grace_ms, broker.storage_read_back_grace_ms = 0, 60_000
+    spec = make_spec(max_retries=0)
+    job = broker.submit(spec, make_shards(spec, 2)).job_id
+    assert broker.give_back(broker.claim("w"), STORAGE, storage=True) == "retry"     # shard 0 caught
+    _commit(broker, broker.claim("w"))                                                # shard 1 read before it
+    assert broker.give_back(wait_claim(broker, "w"), STORAGE, storage=True) == "dead"
+    for _ in range(3):                  # its read-back fails on: given back, the ids still to be read
+        lease = wait_claim(broker, "w")
+        assert lease.dead_letter and lease.read_back
+        assert broker.give_back(lease, STORAGE, storage=True) == "dead"
+    rec = _record(broker, job, 0)
+    assert "no_read_back" not in rec and broker.status(job).retries == 1
+    assert broker.status(job, detail=True).errors[0]["reason"] == "given back"
+    broker.storage_read_back_grace_ms = 0      # the read-back grace over: written without the ids
+    assert broker.give_back(wait_claim(broker, "w"), STORAGE, storage=True) == "dead"
+    assert not wait_claim(broker, "w").read_back

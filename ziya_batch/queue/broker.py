@@ -54,6 +54,9 @@ PROMOTE_GRACE_S = 300.0
 # dead-letter the shards that could not be read; after it, a shard that keeps failing while others commit is taken
 # for failing on its own (give_back)
 STORAGE_GRACE_S = 600.0
+# and a dead-lettered shard's read-back of its input (for its lines' ids) is given up, its lines written numbered
+# FILE:LINE, only this long after the first: an input outage of up to an hour keeps every error line's own id
+STORAGE_READ_BACK_GRACE_S = 3600.0
 WORKER_FORGET_S = 86400.0    # registrations silent this long are deleted (worker ids are per process)
 
 
@@ -82,12 +85,14 @@ class Broker:
     def __init__(self, client: redis.Redis, prefix: str = "zb", backoff_base_s: float = 2.0,
                  backoff_max_s: float = 300.0, errors_kept: int = 50, worker_ttl_s: float = 60.0,
                  claim_scan: int = 64, promote_grace_s: float = PROMOTE_GRACE_S,
-                 storage_grace_s: float = STORAGE_GRACE_S):
+                 storage_grace_s: float = STORAGE_GRACE_S,
+                 storage_read_back_grace_s: float = STORAGE_READ_BACK_GRACE_S):
         """`backoff_base_s`: delay before the first retry of a failed shard, doubled per failure up to
         `backoff_max_s`. `errors_kept`: failures remembered per job for `status JOB_ID`. `worker_ttl_s`:
         a worker silent this long is no longer listed. `claim_scan`: jobs a claim looks through.
         `promote_grace_s`: how long after its commit a commit may be taken back (uncommit). `storage_grace_s`: how
-        long a shard's storage give-backs stay free while the job commits other shards (give_back)."""
+        long a shard's storage give-backs stay free while the job commits other shards (give_back), and
+        `storage_read_back_grace_s` how long before a dead-lettered one's lines are written without their ids."""
         if not client.connection_pool.connection_kwargs.get("decode_responses"):
             pool = client.connection_pool
             client = redis.Redis(connection_pool=redis.ConnectionPool(
@@ -102,6 +107,7 @@ class Broker:
         self.claim_scan = claim_scan
         self.promote_grace_s = promote_grace_s
         self.storage_grace_ms = int(storage_grace_s * 1000)
+        self.storage_read_back_grace_ms = int(storage_read_back_grace_s * 1000)
         self._files: dict[tuple[str, str], list[str]] = {}   # (job_id, created_ms) -> input files
         self._work: Optional[redis.client.PubSub] = None     # watch_work's subscription
 
@@ -382,7 +388,9 @@ class Broker:
         committed) and storage_grace_s has passed since that one, each later one counts as a
         failed try, as `fail` does (isolated, retried, then 'dead'). An outage of the store, with no commit of the
         job meanwhile, counts none however long it lasts; nor does one shorter than the grace while shards already
-        past their reads commit (an input store down, the output's answering)."""
+        past their reads commit (an input store down, the output's answering). A dead-lettered shard's read-back of
+        its input for its lines' ids counts (its lines then written numbered FILE:LINE) only once
+        storage_read_back_grace_s has passed since the first."""
         out = self._requeue(lease.job_id, lease.shard.index, str(lease.token), message, "", lease.worker_id,
                             "storage" if storage else "1")
         return out or "lost"
@@ -395,7 +403,8 @@ class Broker:
             keys=[k.job(j), k.shards(j), k.pending(j), k.leased(j), k.leases(), k.dead(j), k.errors(j),
                   k.ready(), k.claim_seq()],
             args=[j, index, token, message, bad_line, self.backoff_base_ms, self.backoff_max_ms,
-                  self.errors_kept, k.lease_member(j, index), worker_id, given_back, self.storage_grace_ms])
+                  self.errors_kept, k.lease_member(j, index), worker_id, given_back, self.storage_grace_ms,
+                  self.storage_read_back_grace_ms])
         if out:
             self.announce_work(job_id)      # pending again (after its backoff) or dead-lettered: claimable
         return out

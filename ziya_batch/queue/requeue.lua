@@ -12,6 +12,8 @@
 -- ARGV[10] worker_id (for the error record)
 -- ARGV[11] '1': given back, not failed; 'storage': given back because its storage did not answer (optional)
 -- ARGV[12] ms a shard's storage give-backs stay free after the first of its series (optional: 0)
+-- ARGV[13] ms from the first of its series before a dead-lettered shard gives up reading its input back for its
+-- lines' ids (optional: 0)
 -- A shard given back (its worker could not load the job's engine, or no longer serves the job's spec) did not
 -- fail: its lines were not tried, so the attempt does not count, the shard is not isolated, and it waits only
 -- backoff_base_ms before another claim.
@@ -61,10 +63,14 @@ if ARGV[11] == 'storage' then
     sh.storage_commits = committed
     sh.storage_since = now
   elseif committed > sh.storage_commits and now - (sh.storage_since or 0) >= (tonumber(ARGV[12]) or 0) then
-    given_back = false
-    if sh.dead then sh.no_read_back = true end
-    message = message .. ' (counted as a failed try: the job committed other shards since storage first did ' ..
-      'not answer for this one)'
+    -- a dead-lettered shard's read-back for its lines' ids: given back (ids kept, once the store answers) until
+    -- ARGV[13] has passed too, then counted and written without it (FILE:LINE ids) rather than given back for ever
+    if not sh.dead or now - (sh.storage_since or 0) >= (tonumber(ARGV[13]) or 0) then
+      given_back = false
+      if sh.dead then sh.no_read_back = true end
+      message = message .. ' (counted as a failed try: the job committed other shards since storage first did ' ..
+        'not answer for this one)'
+    end
   end
 end
 if not new_bad and not given_back then sh.failures = (sh.failures or 0) + 1 end
