@@ -369,3 +369,18 @@ def test_a_dead_lettered_shard_reads_its_input_back_for_the_ids_through_an_outag
     broker.storage_read_back_grace_ms = 0      # the read-back grace over: written without the ids
     assert broker.give_back(wait_claim(broker, "w"), STORAGE, storage=True) == "dead"
     assert not wait_claim(broker, "w").read_back
+
+
+def test_a_failed_try_that_got_past_storage_ends_the_shards_storage_series(broker, make_spec, make_shards,
+                                                                          wait_claim):
+    """A blip, then a failure of the shard's own (it had read its input), then another blip: the second blip starts
+    a new series with its own grace instead of counting at once."""
+    broker.storage_grace_ms = 0
+    spec = make_spec(max_retries=3)
+    job = broker.submit(spec, make_shards(spec, 2)).job_id
+    assert broker.give_back(broker.claim("w"), STORAGE, storage=True) == "retry"     # shard 0: a series starts
+    _commit(broker, broker.claim("w"))                                                # shard 1 reads and commits
+    assert broker.fail(wait_claim(broker, "w"), "RuntimeError: CUDA error") == "retry"
+    assert "storage_commits" not in _record(broker, job, 0)
+    assert broker.give_back(wait_claim(broker, "w"), STORAGE, storage=True) == "retry"   # a new series: free
+    assert broker.status(job).retries == 1 and _record(broker, job, 0)["storage_commits"] == 1

@@ -57,6 +57,12 @@ if bad then
 end
 local given_back = ARGV[11] == '1' or ARGV[11] == 'storage'
 local message = string.sub(ARGV[4], 1, 2000)
+if not given_back and not expired then
+  -- a try that failed on its own (a line, the engine, an input that changed) got past its storage: a storage
+  -- give-back after it starts a new series (an expiry proves nothing: a worker stuck on its store expires too)
+  sh.storage_commits = nil
+  sh.storage_since = nil
+end
 if ARGV[11] == 'storage' then
   local committed = hnum(KEYS[1], 'read_commits')
   if sh.storage_commits == nil then
