@@ -48,3 +48,13 @@ def test_the_run_states_each_engine_row_against_the_continuous_batching_baseline
     assert "(16.0x)" not in ratios_text(rows(4000.0) + [dict(base, finished_tok_s=None)])
     assert ratios_text(rows(4000.0)) == "" == ratios_text(rows(4000.0) + [dict(base, output_tok_s=None)])
     assert ratios_text([base]) == ""
+
+
+def test_a_failed_rows_error_text_stays_in_its_table_cell():
+    from ziya_batch.tools.bench import render_markdown
+    failed = dict(method="engine", output_tok_s=None, prefill_tok_s=None, decode_tok_s=None, peak_gib=None,
+                  requests=0, note="--also x=1 failed: RuntimeError: a | b\n| engine | 9,999 |")
+    lines = render_markdown(rows(5.0) + [failed], META, None).splitlines()
+    row = [x for x in lines if "failed" in x]
+    assert len(row) == 1 and row[0].endswith("RuntimeError: a \\| b \\| engine \\| 9,999 \\| |")
+    assert not any(x.startswith("| engine | 9,999") for x in lines)

@@ -250,7 +250,7 @@ def render_markdown(rows: list[dict], meta: dict, prof: Optional[dict]) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         lines.append(f"| {r['method']} | {_fmt(r['output_tok_s'])} | {_fmt(r['prefill_tok_s'])} | "
-                     f"{_fmt(r['decode_tok_s'])} | {_fmt(r['peak_gib'], '.1f')} | {r['requests']} | {r['note']} |")
+                     f"{_fmt(r['decode_tok_s'])} | {_fmt(r['peak_gib'], '.1f')} | {r['requests']} | {_cell(r['note'])} |")
     ratios = ratios_text(rows)
     if ratios:
         lines += ["", ratios]
@@ -265,6 +265,11 @@ def render_markdown(rows: list[dict], meta: dict, prof: Optional[dict]) -> str:
                       f"{prof['mixed_prefill']:.0f} prefill and {prof['mixed_decode']:.0f} decode tokens each.", "",
                       _breakdown_text(prof)]
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """A note as one markdown table cell: a failed row's exception text may hold newlines or '|'."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def write_markdown(path: str, rows: list[dict], meta: dict, prof: Optional[dict]) -> None:
