@@ -12,7 +12,8 @@ Knobs (one a run; the others at their defaults):
                    again; it stays so for the configuration's later runs
   schedule=POLICY  the admission order (EngineConfig.schedule: fcfs, longest-first, tail-longest-first)
   budget=N         the step's token budget (Scheduler.max_num_batched_tokens: decode rows plus prefill chunks;
-                   EngineConfig.max_num_batched_tokens), N in 16..the engine's own (its graphs go no larger)
+                   EngineConfig.max_num_batched_tokens), N in 16..the engine's own (its graphs go no larger),
+                   every step with prefill filling it (adaptive step sizes off: a fixed budget's A/B)
   adaptive=on|off  Scheduler.adaptive_step_size: each step with prefill sized by scheduler.step_size from the
                    runner's bucket times, up to the budget (EngineConfig.adaptive_step_size)
 A run is CONFIG:KNOB=VALUE[@N], N the number of W1's requests (default --requests). Prints one JSON line a run
@@ -173,7 +174,8 @@ def main() -> None:
         if knob == "budget" and value > budget:
             raise SystemExit(f"budget={value}: above the engine's own {budget} (its graphs are captured up to it)")
         s.max_num_batched_tokens = value if knob == "budget" else budget
-        s.adaptive_step_size = value if knob == "adaptive" else eng.config.adaptive_step_size
+        # budget=N measures a fixed budget; other knobs run with the engine's own step sizing
+        s.adaptive_step_size = value if knob == "adaptive" else knob != "budget" and eng.config.adaptive_step_size
         cuts, preempted, n = s.num_cut_steps, s.num_preemptions, run.requests or a.requests
         for i, (prompt, out_len) in enumerate(work[:n]):
             eng.add_request(Request(f"{k}-{i}", prompt, _sampling(out_len)))
