@@ -247,10 +247,18 @@ def storage_errors(what: str) -> Iterator[None]:
         raise InputError(f"{what} not usable ({why}; check the URL and its credentials)") from None
 
 
+# what s3fs makes of an object store's "try again" answers once its client's retries are spent: 503 Slow Down and
+# Service Unavailable (and 409 OperationAborted) are EBUSY, 500 Internal Error is EREMOTEIO
+_BUSY_ERRNOS = frozenset({errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EBUSY)})
+
+
 def unreachable(err: BaseException) -> bool:
-    """Whether a storage backend's error says the store did not answer (a connection refused or cut, a time-out:
-    the service's state, exit 3 / HTTP 503) rather than that the location is wrong (credentials, a bucket name)."""
+    """Whether a storage backend's error says the store did not answer (a connection refused or cut, a time-out, a
+    "try again" such as S3's 503 Slow Down: the service's state, exit 3 / HTTP 503) rather than that the location is
+    wrong (credentials, a bucket name)."""
     if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(err, OSError) and err.errno in _BUSY_ERRNOS:
         return True
     return any("Connect" in c.__name__ or "Timeout" in c.__name__ for c in type(err).__mro__)
 
