@@ -32,6 +32,7 @@ def _a_blip_then_the_store_answers(broker, make_spec, make_shards, wait_claim, n
     shards, past the grace."""
     broker.storage_grace_ms = GRACE_MS
     broker.storage_read_back_grace_ms = GRACE_MS
+    broker.storage_series_gap_ms = GRACE_MS * 2 // 3      # the wait below is longer: shard 0 sits untried
     spec = make_spec(max_retries=0)
     job = broker.submit(spec, make_shards(spec, n)).job_id
     assert broker.give_back(_claim(broker, wait_claim, 0), STORAGE, storage=True) == "retry"     # the blip
@@ -84,3 +85,17 @@ def test_a_try_lost_to_a_lease_expiry_then_a_short_blip_keeps_the_lines_ids(brok
     assert lease.dead_letter
     assert lease.read_back, "a short blip after an old one writes the lines numbered FILE:LINE"
     assert "no_read_back" not in _record(broker, job, 0)
+
+
+def test_a_shard_that_sat_untried_and_then_keeps_failing_alone_is_still_bounded(broker, make_spec, make_shards,
+                                                                                wait_claim):
+    """The grace that starts again after shard 0 sat untried keeps the job's earlier commits as the store's answer:
+    the job's last shard, failing on its own storage try after try (nothing else to commit), is counted once the
+    grace has passed again, and dead-lettered, rather than given back for ever."""
+    job = _a_blip_then_the_store_answers(broker, make_spec, make_shards, wait_claim, n=3)
+    outcomes = []
+    deadline = time.monotonic() + 3 * GRACE_MS / 1000
+    while "dead" not in outcomes and time.monotonic() < deadline:
+        outcomes.append(broker.give_back(_claim(broker, wait_claim, 0), STORAGE, storage=True))
+    assert outcomes[0] == "retry" and outcomes[-1] == "dead", outcomes
+    assert broker.status(job).dead_shards == 1

@@ -16,7 +16,9 @@ num_lines, identity (a local input's, ShardRef.identity; absent for object stora
 2026-12-07), state, token, attempts, failures, isolate, lease_isolate, in_flight, bad_lines, dead, owner,
 stats, committed_token, committed_ms (Redis time of the commit), lost (times its staged parts were lost before
 promotion and it ran again), storage_commits and storage_since (the job's read_commits at, and the Redis time of,
-the first of its storage give-backs since it last committed; absent: none), no_read_back (dead-lettered, and a
+the first of its storage give-backs since it last committed; absent: none; storage_since moves to a give-back that
+came after the shard sat untried for storage_series_gap_s), storage_last (the time of the last), claimed_ms (the
+Redis time of its last claim), no_read_back (dead-lettered, and a
 storage give-back of it counted: its error lines are written without reading its input back). About 200 bytes a
 shard: a 10-million-line job of 512-line shards is ~4 MB.
 """
@@ -57,6 +59,10 @@ STORAGE_GRACE_S = 600.0
 # and a dead-lettered shard's read-back of its input (for its lines' ids) is given up, its lines written numbered
 # FILE:LINE, only this long after the first: an input outage of up to an hour keeps every error line's own id
 STORAGE_READ_BACK_GRACE_S = 3600.0
+# a shard claimed this long after its last storage give-back sat untried meanwhile (behind the job's fresh shards, or
+# its tries lost to lease expiries): its next storage give-back starts both graces again. Longer than a store that
+# keeps failing a shard makes it wait between tries (backoff_max_s, the workers' claim pause, a read's time-outs)
+STORAGE_SERIES_GAP_S = 1800.0
 WORKER_FORGET_S = 86400.0    # registrations silent this long are deleted (worker ids are per process)
 
 
@@ -86,13 +92,15 @@ class Broker:
                  backoff_max_s: float = 300.0, errors_kept: int = 50, worker_ttl_s: float = 60.0,
                  claim_scan: int = 64, promote_grace_s: float = PROMOTE_GRACE_S,
                  storage_grace_s: float = STORAGE_GRACE_S,
-                 storage_read_back_grace_s: float = STORAGE_READ_BACK_GRACE_S):
+                 storage_read_back_grace_s: float = STORAGE_READ_BACK_GRACE_S,
+                 storage_series_gap_s: float = STORAGE_SERIES_GAP_S):
         """`backoff_base_s`: delay before the first retry of a failed shard, doubled per failure up to
         `backoff_max_s`. `errors_kept`: failures remembered per job for `status JOB_ID`. `worker_ttl_s`:
         a worker silent this long is no longer listed. `claim_scan`: jobs a claim looks through.
         `promote_grace_s`: how long after its commit a commit may be taken back (uncommit). `storage_grace_s`: how
         long a shard's storage give-backs stay free while the job commits other shards (give_back), and
-        `storage_read_back_grace_s` how long before a dead-lettered one's lines are written without their ids."""
+        `storage_read_back_grace_s` how long before a dead-lettered one's lines are written without their ids;
+        `storage_series_gap_s`: a shard claimed this long after its last storage give-back starts both again."""
         if not client.connection_pool.connection_kwargs.get("decode_responses"):
             pool = client.connection_pool
             client = redis.Redis(connection_pool=redis.ConnectionPool(
@@ -108,6 +116,7 @@ class Broker:
         self.promote_grace_s = promote_grace_s
         self.storage_grace_ms = int(storage_grace_s * 1000)
         self.storage_read_back_grace_ms = int(storage_read_back_grace_s * 1000)
+        self.storage_series_gap_ms = int(storage_series_gap_s * 1000)
         self._files: dict[tuple[str, str], list[str]] = {}   # (job_id, created_ms) -> input files
         self._work: Optional[redis.client.PubSub] = None     # watch_work's subscription
 
@@ -390,7 +399,8 @@ class Broker:
         job meanwhile, counts none however long it lasts; nor does one shorter than the grace while shards already
         past their reads commit (an input store down, the output's answering). A dead-lettered shard's read-back of
         its input for its lines' ids counts (its lines then written numbered FILE:LINE) only once
-        storage_read_back_grace_s has passed since the first."""
+        storage_read_back_grace_s has passed since the first. A shard claimed more than storage_series_gap_s after its
+        last storage give-back (it sat untried meanwhile) starts both graces again at its next one."""
         out = self._requeue(lease.job_id, lease.shard.index, str(lease.token), message, "", lease.worker_id,
                             "storage" if storage else "1")
         return out or "lost"
@@ -404,7 +414,7 @@ class Broker:
                   k.ready(), k.claim_seq()],
             args=[j, index, token, message, bad_line, self.backoff_base_ms, self.backoff_max_ms,
                   self.errors_kept, k.lease_member(j, index), worker_id, given_back, self.storage_grace_ms,
-                  self.storage_read_back_grace_ms])
+                  self.storage_read_back_grace_ms, self.storage_series_gap_ms])
         if out:
             self.announce_work(job_id)      # pending again (after its backoff) or dead-lettered: claimable
         return out

@@ -24,6 +24,7 @@ shard_to(KEYS[1], sh, 'leased')
 sh.token = (sh.token or 0) + 1
 sh.attempts = (sh.attempts or 0) + 1
 sh.owner = ARGV[2]
+sh.claimed_ms = now             -- requeue.lua: how long the shard sat untried after a storage give-back
 sh.lease_isolate = sh.isolate
 sh.in_flight = nil
 put_shard(KEYS[2], idx, sh)

@@ -14,6 +14,8 @@
 -- ARGV[12] ms a shard's storage give-backs stay free after the first of its series (optional: 0)
 -- ARGV[13] ms from the first of its series before a dead-lettered shard gives up reading its input back for its
 -- lines' ids (optional: 0)
+-- ARGV[14] ms a shard may sit untried after a storage give-back and its next one still go on from it (optional: 0,
+-- no limit)
 -- A shard given back (its worker could not load the job's engine, or no longer serves the job's spec) did not
 -- fail: its lines were not tried, so the attempt does not count, the shard is not isolated, and it waits only
 -- backoff_base_ms before another claim.
@@ -26,6 +28,10 @@
 -- from dead-lettering the shards it caught. A counted give-back keeps the series open, so a shard
 -- that fails after every other shard has committed is bounded too. A dead-lettered shard's counted one sets
 -- no_read_back: its error lines are then written without reading its input back for their ids.
+-- A shard claimed more than ARGV[14] ms after its last storage give-back (storage_last; claimed_ms: claim.lua) sat
+-- untried meanwhile (behind the job's fresh shards, or its tries lost to a lease expiry or a plain give-back): its
+-- failure now is not known to go on from the last one, so the grace (and the read-back grace) starts again from it.
+-- The series' commits stay counted: a shard that keeps failing once tried often enough is bounded as before.
 local sh = get_shard(KEYS[2], ARGV[2])
 if not sh or sh.state ~= 'leased' then return false end
 local now = now_ms()
@@ -62,10 +68,18 @@ if not given_back and not expired then
   -- give-back after it starts a new series (an expiry proves nothing: a worker stuck on its store expires too)
   sh.storage_commits = nil
   sh.storage_since = nil
+  sh.storage_last = nil
 end
 if ARGV[11] == 'storage' then
   local committed = hnum(KEYS[1], 'read_commits')
-  if sh.storage_commits == nil then
+  local gap = tonumber(ARGV[14]) or 0
+  if sh.storage_commits ~= nil and gap > 0 and
+      (sh.claimed_ms or now) - (sh.storage_last or sh.storage_since or 0) > gap then
+    sh.storage_since = now          -- untried meanwhile: the grace starts again (the series' commits still count)
+  end
+  local first = sh.storage_commits == nil
+  sh.storage_last = now
+  if first then
     sh.storage_commits = committed
     sh.storage_since = now
   elseif committed > sh.storage_commits and now - (sh.storage_since or 0) >= (tonumber(ARGV[12]) or 0) then
