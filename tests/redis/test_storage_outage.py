@@ -334,16 +334,18 @@ def test_a_dead_lettered_shard_committed_without_reading_its_input_is_no_sign_th
     in_flight = claim(0)                                   # read its input before the outage
     assert broker.give_back(claim(1), STORAGE, storage=True) == "retry"
     _commit(broker, in_flight)
-    assert broker.give_back(claim(2), STORAGE, storage=True) == "retry"      # every commit came before this
     time.sleep(0.35)
-    assert broker.give_back(claim(1), STORAGE, storage=True) == "dead"       # the rule: counted past the grace
+    # the rule: counted past the grace (no other shard has failed since shard 0's commit, so nothing says outage)
+    assert broker.give_back(claim(1), STORAGE, storage=True) == "dead"
     lease = claim(1)
     assert lease.dead_letter and lease.read_back
     assert broker.give_back(lease, STORAGE, storage=True) == "dead"          # its read-back fails the same way
     lease = claim(1)
     assert lease.dead_letter and not lease.read_back
     _commit(broker, lease)                                 # FILE:LINE error lines: no input read
-    assert broker.give_back(claim(2), STORAGE, storage=True) == "retry"
+    assert broker.give_back(claim(2), STORAGE, storage=True) == "retry"      # every read commit came before this
+    time.sleep(0.35)
+    assert broker.give_back(claim(2), STORAGE, storage=True) == "retry"      # shard 1's commit read nothing
     st = broker.status(job, detail=True)
     assert st.dead_shards == 1 and _record(broker, job, 2).get("failures", 0) == 0
 
@@ -384,3 +386,26 @@ def test_a_failed_try_that_got_past_storage_ends_the_shards_storage_series(broke
     assert "storage_commits" not in _record(broker, job, 0)
     assert broker.give_back(wait_claim(broker, "w"), STORAGE, storage=True) == "retry"   # a new series: free
     assert broker.status(job).retries == 1 and _record(broker, job, 0)["storage_commits"] == 1
+
+
+def test_an_input_outage_longer_than_the_grace_costs_nothing_while_it_fails_other_shards_too(
+        broker, make_spec, make_shards, wait_claim):
+    """Only the input's store is down, far past the grace: shards past their reads commit early in it, and the shards
+    it caught keep failing in turn. Each give-back comes after another shard's storage failure that is newer than the
+    job's last commit of a shard that read its input: an outage's, none counted (max_retries 0: one would
+    dead-letter). Within the grace (the first tries after those commits) the grace alone keeps them free."""
+    broker.storage_grace_ms = 300
+    spec = make_spec(max_retries=0)
+    job = broker.submit(spec, make_shards(spec, 4)).job_id
+    in_flight = [broker.claim("w"), broker.claim("w")]                  # shards 0 and 1 have read their input
+    assert broker.give_back(broker.claim("w"), STORAGE, storage=True) == "retry"     # shard 2 caught
+    assert broker.give_back(broker.claim("w"), STORAGE, storage=True) == "retry"     # shard 3 caught
+    for lease in in_flight:
+        _commit(broker, lease)
+    deadline, tries = time.monotonic() + 1.0, 0
+    while time.monotonic() < deadline or tries < 8:     # 2 and 3 in turn, past the grace
+        lease = wait_claim(broker, "w")
+        assert lease.shard.index in (2, 3)
+        assert broker.give_back(lease, STORAGE, storage=True) == "retry"
+        tries += 1
+    assert broker.status(job).retries == 0

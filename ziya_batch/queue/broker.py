@@ -7,8 +7,9 @@ Job hash fields: state, sealed ('1' once every shard is written), name, priority
 output_path, created_ms, updated_ms, finished_ms, error, total_shards, total_prompts, n_pending, n_leased,
 n_committed, n_dead (shards per state), prompts_done, prompts_failed, samples, output_tokens,
 prefix_cache_query_tokens, prefix_cache_hit_tokens (sums of committed stats: uncommit takes a shard's off
-again), retries, dead_lines, progress_seq, read_commits (commits of shards that read their input: commit.lua;
-the storage series of requeue.lua count these); finalize_wait (JSON, only while a finalizing job's last finalize
+again), retries, dead_lines, progress_seq, read_commits and read_commit_ms (how many commits of shards that read
+their input, and the time of the last: commit.lua), storage_fail_ms, storage_fail_shard and storage_fail_other_ms
+(the job's last storage give-back, its shard, and the last of another shard: requeue.lua); finalize_wait (JSON, only while a finalizing job's last finalize
 try waited for storage: end_finalize.lua).
 
 Shard records (JSON in the job's shards hash): file (position in the files list), start, end, first_line,
@@ -400,7 +401,9 @@ class Broker:
         past their reads commit (an input store down, the output's answering). A dead-lettered shard's read-back of
         its input for its lines' ids counts (its lines then written numbered FILE:LINE) only once
         storage_read_back_grace_s has passed since the first. A shard claimed more than storage_series_gap_s after its
-        last storage give-back (it sat untried meanwhile) starts both graces again at its next one."""
+        last storage give-back (it sat untried meanwhile) starts both graces again at its next one. And none counts
+        while another shard of the job has failed on storage since its last commit of a shard that read its input:
+        the store is failing others too (an outage, of any length)."""
         out = self._requeue(lease.job_id, lease.shard.index, str(lease.token), message, "", lease.worker_id,
                             "storage" if storage else "1")
         return out or "lost"

@@ -19,7 +19,10 @@ sh.in_flight = nil
 sh.lease_isolate = nil
 -- a commit of a shard that read its input: the job's stores answered it (requeue.lua's storage series count these;
 -- a dead-lettered shard's lines written without reading its input back are no such sign)
-if not sh.no_read_back then redis.call('HINCRBY', KEYS[1], 'read_commits', 1) end
+if not sh.no_read_back then
+  redis.call('HINCRBY', KEYS[1], 'read_commits', 1)
+  redis.call('HSET', KEYS[1], 'read_commit_ms', int(now))
+end
 sh.storage_commits = nil
 sh.storage_since = nil     -- the shard's storage series ends (requeue.lua)
 sh.storage_last = nil

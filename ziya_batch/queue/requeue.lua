@@ -72,6 +72,17 @@ if not given_back and not expired then
 end
 if ARGV[11] == 'storage' then
   local committed = hnum(KEYS[1], 'read_commits')
+  -- the latest storage give-back of another shard of the job (storage_fail_ms / _shard: the latest of any;
+  -- storage_fail_other_ms: the latest of a shard other than that one): where it came after the job's last commit
+  -- of a shard that read its input, the store is failing others too, and this give-back is an outage's, not the
+  -- shard's own
+  local idx = tostring(ARGV[2])
+  local last_ms, last_shard = hnum(KEYS[1], 'storage_fail_ms'), redis.call('HGET', KEYS[1], 'storage_fail_shard')
+  local other_ms = last_ms
+  if last_shard == idx then other_ms = hnum(KEYS[1], 'storage_fail_other_ms') end
+  local others_fail = other_ms > 0 and other_ms >= hnum(KEYS[1], 'read_commit_ms')
+  if last_shard ~= idx then redis.call('HSET', KEYS[1], 'storage_fail_other_ms', int(last_ms)) end
+  redis.call('HSET', KEYS[1], 'storage_fail_ms', int(now), 'storage_fail_shard', idx)
   local gap = tonumber(ARGV[14]) or 0
   if sh.storage_commits ~= nil and gap > 0 and
       (sh.claimed_ms or now) - (sh.storage_last or sh.storage_since or 0) > gap then
@@ -82,7 +93,8 @@ if ARGV[11] == 'storage' then
   if first then
     sh.storage_commits = committed
     sh.storage_since = now
-  elseif committed > sh.storage_commits and now - (sh.storage_since or 0) >= (tonumber(ARGV[12]) or 0) then
+  elseif committed > sh.storage_commits and not others_fail and
+      now - (sh.storage_since or 0) >= (tonumber(ARGV[12]) or 0) then
     -- a dead-lettered shard's read-back for its lines' ids: given back (ids kept, once the store answers) until
     -- ARGV[13] has passed too, then counted and written without it (FILE:LINE ids) rather than given back for ever
     if not sh.dead or now - (sh.storage_since or 0) >= (tonumber(ARGV[13]) or 0) then
