@@ -293,15 +293,8 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
         # (a sealed list reads no input; an unfinished one reads its rows as the broker takes them, each vetted)
         rows = _counted_rows(files, spec.shard_size, vetted) if existing is None else \
             _index(files, spec.shard_size, vetted)
-        # a new job whose claim another submit of the same spec made: that submit may have been refused (or
-        # interrupted) while this one counted, and withdrawn the claim; the job must not be queued without it
-        keep = not claimed and existing is None
-        if keep:
-            _keep_claim(out, job_id)
         status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size, rows), committed=committed,
                                job_id=job_id)
-        if keep:
-            _keep_claim(out, job_id)        # withdrawn after the look above, before Redis knew the job
     except BaseException:
         if claimed:
             _withdraw_claim(out, job_id, broker)
@@ -320,17 +313,6 @@ def _withdraw_claim(out: io.OutputDir, job_id: str, broker: "JobsBroker") -> Non
     except Exception as err:                     # the refusal that got here is what the caller must see
         log.warning("output %s: the claim of job %s stays (%s: %s); remove %s there to give the path to another "
                     "job", out.url, job_id, type(err).__name__, err, io.OutputDir.OWNER)
-
-
-def _keep_claim(out: io.OutputDir, job_id: str) -> None:
-    """Make sure job_id still owns `out` (claiming it again, create-if-absent, where a concurrent submit of the same
-    spec withdrew the claim it made: _withdraw_claim), or raise SpecError if another job claimed it meanwhile."""
-    if out.owner() == job_id:
-        return
-    found = out.claim_owner(job_id)
-    if found not in (None, job_id):
-        raise SpecError(f"output.path {out.url} belongs to another job ({show_text(found)}), which claimed it while "
-                        "this job was submitted: resume that job with its own spec, or choose a new output.path")
 
 
 def _known_outputs(broker: "JobsBroker", job_id: str) -> Iterator[tuple[str, str]]:
