@@ -1,5 +1,5 @@
-"""A new job refused after claiming its output.path withdraws the claim (jobs/submit.py _withdraw_claim). Two submits
-of the same spec at once (a client retrying over HTTP, `ziya-batch run` started twice, a Ctrl-C'd submit beside
+"""A claim on an output.path stays with its job id when the submit that made it is refused (a withdrawal of it was
+tried, and removed for this race: jobs/submit.py makes no withdrawal). Two submits of the same spec at once (a client retrying over HTTP, `ziya-batch run` started twice, a Ctrl-C'd submit beside
 another) must not leave the job queued without its claim: the first to claim is refused (an input that could not be
 read while it was counted, an interrupt) while the second, which found the claim made, is still counting the input.
 Without the owner file the job's path is free for any other spec, whose parts would land beside the job's under

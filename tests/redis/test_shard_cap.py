@@ -29,49 +29,6 @@ def test_more_shards_than_a_job_may_have_are_refused_before_redis_holds_any(tmp_
     assert broker.list_jobs() == [] and not any(":shards" in k or "shard" in k for k in redis_client.keys("*"))
 
 
-def test_a_refused_new_job_leaves_its_output_path_free_for_a_corrected_spec(tmp_path, broker, monkeypatch):
-    from ziya_batch import io
-
-    monkeypatch.setattr(submit, "MAX_SHARDS", 4)
-    with pytest.raises(SpecError, match="more than 4 shards"):
-        submit_job(_spec(tmp_path, 9, 2), broker)                # 5 shards
-    assert io.OutputDir(str(tmp_path / "out")).owner() is None      # not claimed by a job that was never queued
-    st = submit_job(_spec(tmp_path, 9, 3), broker)                  # the fix: larger shards, another job id
-    assert st.shards_total == 3 and io.OutputDir(str(tmp_path / "out")).owner() == st.job_id
-    # a known job's claim stays whatever a later submit of it meets (here: a cap lowered below its list)
-    monkeypatch.setattr(submit, "MAX_SHARDS", 1)
-    monkeypatch.setattr(submit, "_index", lambda *a: (_ for _ in ()).throw(SpecError("refused")))
-    with pytest.raises(SpecError):
-        submit_job(_spec(tmp_path, 9, 3), broker)
-    assert io.OutputDir(str(tmp_path / "out")).owner() == st.job_id
-
-
-def test_a_refused_submit_keeps_a_claim_it_did_not_make_or_where_parts_are_written(tmp_path, broker, monkeypatch):
-    from ziya_batch import io
-
-    out = io.OutputDir(str(tmp_path / "out"))
-    spec = submit.absolute_locations(_spec(tmp_path, 9, 2))
-    job_id = submit.job_id_for(spec, broker)
-    (tmp_path / "out").mkdir()
-    assert out.claim_owner(job_id) is None                          # claimed by an earlier submit of this spec
-    monkeypatch.setattr(submit, "MAX_SHARDS", 4)
-    with pytest.raises(SpecError, match="more than 4 shards"):
-        submit_job(spec, broker)
-    assert out.owner() == job_id
-    # Redis cannot be asked while the claim is withdrawn: the claim stays, and the refusal is what the caller sees
-    out.release_owner(job_id)
-    asked = []
-
-    def find_job(j):                    # Redis answers the submit's first question, then goes away
-        asked.append(j)
-        if len(asked) > 1:
-            raise ConnectionError("redis went away")
-    monkeypatch.setattr(broker, "find_job", find_job)
-    with pytest.raises(SpecError, match="more than 4 shards"):
-        submit_job(spec, broker)
-    assert out.owner() == job_id
-
-
 def test_a_job_of_exactly_the_most_shards_is_queued_and_resubmitting_it_reads_no_input(tmp_path, broker,
                                                                                        monkeypatch):
     monkeypatch.setattr(submit, "MAX_SHARDS", 5)

@@ -118,17 +118,16 @@ def check_output_dir(output: "OutputDir | str") -> None:
         raise SpecError(f"output.path {url}: permission denied; choose a directory this user can write") from None
 
 
-def claim_output(output: "OutputDir | str", job_id: str, known: Iterable[tuple[str, str]] = ()) -> bool:
+def claim_output(output: "OutputDir | str", job_id: str, known: Iterable[tuple[str, str]] = ()) -> None:
     """Make job_id the owner of the output directory (an OutputDir, or its URL), or raise SpecError (one line)
     saying why it cannot be: another job owns it or claimed it a moment ago, it lies inside or contains another
-    job's output, it is a file, or it cannot be written. A directory job_id owns already is left as it is (a resume).
-    True if this call made the claim (the caller may withdraw it, OutputDir.release_owner, while nothing is written)."""
+    job's output, it is a file, or it cannot be written. A directory job_id owns already is left as it is (a resume)."""
     out = OutputDir.of(output)
     url = out.url
     check_output_dir(out)
     owner = out.owner()
     if owner == job_id:
-        return False
+        return
     if owner is not None:
         raise _taken(url, owner)
     conflict = output_conflict(out, job_id, known)
@@ -148,7 +147,7 @@ def claim_output(output: "OutputDir | str", job_id: str, known: Iterable[tuple[s
         raise SpecError(f"output.path {url} cannot be written ({err.strerror or type(err).__name__}); choose a "
                         "directory this user can write") from None
     if found == job_id:
-        return False
+        return
     if found is not None:
         raise _taken(url, found)
     conflict = output_conflict(out, job_id, ())        # a nested claim made while we looked
@@ -156,7 +155,6 @@ def claim_output(output: "OutputDir | str", job_id: str, known: Iterable[tuple[s
         out.release_owner(job_id)
         raise SpecError(f"output.path {url} {conflict} (claimed at the same moment): choose an output.path "
                         "outside every other job's output")
-    return True
 
 
 def _taken(url: str, owner: str) -> SpecError:

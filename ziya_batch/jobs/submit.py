@@ -6,7 +6,6 @@ No Ray here: the CLI, `run`, the HTTP API and OpenAI batches all submit through 
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import re
 
@@ -23,7 +22,6 @@ if TYPE_CHECKING:
     from ..protocols import JobsBroker
     from ..queue import JobStatus
 
-log = logging.getLogger(__name__)
 
 # The most shards one job may have. Each is a record in Redis (296-318 bytes, docs/BENCHMARKS.md; ~30 more with a
 # local input's identity), so a spec cutting a hundred million lines into shards of one would fill the queue's
@@ -286,33 +284,15 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
     if check_model_dir:
         check_model(spec)
     check_output_owner(spec, job_id, out)
-    claimed = claim_output(out, job_id, _known_outputs(broker, job_id))
-    try:
-        committed = {i: _stats_from_marker(m) for i, m in out.committed_shards().items()}
-        # a new job's shards are counted first; a job Redis knows reads none, or completes its list as they come
-        # (a sealed list reads no input; an unfinished one reads its rows as the broker takes them, each vetted)
-        rows = _counted_rows(files, spec.shard_size, vetted) if existing is None else \
-            _index(files, spec.shard_size, vetted)
-        status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size, rows), committed=committed,
-                               job_id=job_id)
-    except BaseException:
-        if claimed:
-            _withdraw_claim(out, job_id, broker)
-        raise
+    claim_output(out, job_id, _known_outputs(broker, job_id))
+    committed = {i: _stats_from_marker(m) for i, m in out.committed_shards().items()}
+    # a new job's shards are counted first; a job Redis knows reads none, or completes its list as they come
+    # (a sealed list reads no input; an unfinished one reads its rows as the broker takes them, each vetted too)
+    rows = _counted_rows(files, spec.shard_size, vetted) if existing is None else \
+        _index(files, spec.shard_size, vetted)
+    status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size, rows), committed=committed,
+                           job_id=job_id)
     return finish_empty_job(broker, status)
-
-
-def _withdraw_claim(out: io.OutputDir, job_id: str, broker: "JobsBroker") -> None:
-    """A new job refused before it was queued (an input replaced since the API's check, too many shards, an input
-    that cannot be read while it is counted): its output's owner file goes again, so that the output.path is free
-    for a corrected spec, as if this submit had not happened. Kept where Redis knows the job (queued after all, or
-    by a submit of the same spec meanwhile) or anything was written there, and where either cannot be told."""
-    try:
-        if broker.find_job(job_id) is None and out.first_written() is None:
-            out.release_owner(job_id)
-    except Exception as err:                     # the refusal that got here is what the caller must see
-        log.warning("output %s: the claim of job %s stays (%s: %s); remove %s there to give the path to another "
-                    "job", out.url, job_id, type(err).__name__, err, io.OutputDir.OWNER)
 
 
 def _known_outputs(broker: "JobsBroker", job_id: str) -> Iterator[tuple[str, str]]:
