@@ -29,6 +29,21 @@ def test_more_shards_than_a_job_may_have_are_refused_before_redis_holds_any(tmp_
     assert broker.list_jobs() == [] and not any(":shards" in k or "shard" in k for k in redis_client.keys("*"))
 
 
+def test_a_refused_new_jobs_claim_is_named_so_the_corrected_spec_knows_what_to_remove(tmp_path, broker, monkeypatch):
+    from ziya_batch import io
+
+    monkeypatch.setattr(submit, "MAX_SHARDS", 4)
+    with pytest.raises(SpecError, match="more than 4 shards"):
+        submit_job(_spec(tmp_path, 9, 2), broker)                # 5 shards: refused after the path was claimed
+    with pytest.raises(SpecError) as err:
+        submit_job(_spec(tmp_path, 9, 3), broker)                # the fix is another job id
+    msg = str(err.value)
+    assert "claimed by a job" in msg and "this queue does not know and that wrote nothing there" in msg
+    assert "_owner.json" in msg and "\n" not in msg
+    (tmp_path / "out" / io.OutputDir.OWNER).unlink()             # as the message says
+    assert submit_job(_spec(tmp_path, 9, 3), broker).shards_total == 3
+
+
 def test_a_job_of_exactly_the_most_shards_is_queued_and_resubmitting_it_reads_no_input(tmp_path, broker,
                                                                                        monkeypatch):
     monkeypatch.setattr(submit, "MAX_SHARDS", 5)

@@ -173,12 +173,13 @@ def job_id_for(spec: JobSpec, broker: Optional["JobsBroker"] = None, out: Option
 
 
 def check_output_owner(spec: JobSpec, job_id: Optional[str] = None,
-                       out: Optional[io.OutputDir] = None) -> Optional[str]:
+                       out: Optional[io.OutputDir] = None, broker: Optional["JobsBroker"] = None) -> Optional[str]:
     """An output path belongs to one job: refuse to mix a different job's parts into it, finished (its
     manifest) or not (the owner recorded at its submit: a spec that writes something else, e.g. another
     shard_size or sampling, would otherwise take the other job's committed parts for its own shards). A spec
     that differs only in how the job runs (spec.RUN_FIELDS) is the same job. Returns the owner recorded
-    (`job_id`, by default job_id_for(spec)), or None if none is yet. `out`: as for job_id_for."""
+    (`job_id`, by default job_id_for(spec)), or None if none is yet. `out`: as for job_id_for. `broker`: given, an
+    owner it does not know whose directory holds nothing is named as a submit refused before its job was queued."""
     out = _output_dir(spec, out)
     job_id = job_id or job_id_for(spec, out=out)
     manifest = io.read_manifest(out)
@@ -188,6 +189,11 @@ def check_output_owner(spec: JobSpec, job_id: Optional[str] = None,
             f"({show_text(str(manifest.get('job_id')))}); "
             "choose a new output.path or delete the old output")
     owner = io.output_owner(out)
+    if owner not in (None, job_id) and broker is not None and _never_queued(out, owner, broker):
+        raise SpecError(
+            f"output.path {out.url} is claimed by a job ({show_text(owner)}) this queue does not know and that "
+            f"wrote nothing there (a submit refused before its job was queued?): choose a new output.path, or if "
+            f"so remove {io.OutputDir.OWNER} there and submit again")
     if owner not in (None, job_id):
         raise SpecError(
             f"output.path {out.url} holds the parts of another job ({show_text(owner)}) that has not finished "
@@ -283,7 +289,7 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
         files = list_inputs(spec)
     if check_model_dir:
         check_model(spec)
-    check_output_owner(spec, job_id, out)
+    check_output_owner(spec, job_id, out, broker)
     claim_output(out, job_id, _known_outputs(broker, job_id))
     committed = {i: _stats_from_marker(m) for i, m in out.committed_shards().items()}
     # a new job's shards are counted first; a job Redis knows reads none, or completes its list as they come
@@ -293,6 +299,14 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
     status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size, rows), committed=committed,
                            job_id=job_id)
     return finish_empty_job(broker, status)
+
+
+def _never_queued(out: io.OutputDir, owner: str, broker: "JobsBroker") -> bool:
+    """Whether the job named in out's owner file is one the queue does not know that has written nothing there."""
+    try:
+        return broker.find_job(owner) is None and out.first_written() is None and not out.committed_shards()
+    except Exception:  # noqa: BLE001 - only which message is given depends on it
+        return False
 
 
 def _known_outputs(broker: "JobsBroker", job_id: str) -> Iterator[tuple[str, str]]:
