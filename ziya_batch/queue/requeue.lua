@@ -19,19 +19,20 @@
 -- A shard given back (its worker could not load the job's engine, or no longer serves the job's spec) did not
 -- fail: its lines were not tried, so the attempt does not count, the shard is not isolated, and it waits only
 -- backoff_base_ms before another claim.
--- A storage give-back is one too, unless the job committed shards since the first storage give-back of the shard's
--- series (storage_commits: the job's read_commits then, its commits of shards that read their input, which a
--- dead-lettered shard written without reading its input back is not; a commit of the shard ends the series) and
--- ARGV[12] ms have passed since that first one (storage_since): the store answered for those, so what keeps failing is the shard's
--- own (a time-out on its range, an error of its one object), and the give-back counts as a failed try, up to
--- dead-letter. The grace keeps an outage of the input's store alone (shards past their reads commit meanwhile)
--- from dead-lettering the shards it caught. A counted give-back keeps the series open, so a shard
--- that fails after every other shard has committed is bounded too. A dead-lettered shard's counted one sets
--- no_read_back: its error lines are then written without reading its input back for their ids.
--- A shard claimed more than ARGV[14] ms after its last storage give-back (storage_last; claimed_ms: claim.lua) sat
--- untried meanwhile (behind the job's fresh shards, or its tries lost to a lease expiry or a plain give-back): its
--- failure now is not known to go on from the last one, so the grace (and the read-back grace) starts again from it.
--- The series' commits stay counted: a shard that keeps failing once tried often enough is bounded as before.
+-- A storage give-back ('storage': the shard's store did not answer) is one too, unless all of these hold, and then
+-- it counts as a failed try (up to dead-letter), the store evidently answering and the failure the shard's own (a
+-- time-out on its one huge range, an error of its one object):
+--   * the job committed shards that read their input (read_commits) since the first storage give-back of the
+--     shard's series (storage_commits: read_commits then; a dead-lettered shard written without reading its input
+--     back is no such commit); a commit of the shard, or a try of it that fails on its own, ends the series;
+--   * ARGV[12] ms have passed since that first one (storage_since; moved to now where the shard sat untried for
+--     ARGV[14] ms since its last one, storage_last): an outage of the input's store alone, while shards past their
+--     reads commit, costs nothing for that long;
+--   * no other shard of the job has had a storage give-back since the job's last such commit (storage_fail_*,
+--     read_commit_ms): the store is not failing others too (an outage, of any length).
+-- A counted give-back keeps the series open, so a shard that fails after every other shard has committed is bounded
+-- too. A dead-lettered shard's one (its input read back for its lines' ids) counts only once ARGV[13] ms have passed
+-- since storage_since as well, and then sets no_read_back: its error lines are written numbered FILE:LINE.
 local sh = get_shard(KEYS[2], ARGV[2])
 if not sh or sh.state ~= 'leased' then return false end
 local now = now_ms()
