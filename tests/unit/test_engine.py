@@ -140,12 +140,25 @@ def test_decode_rows_run_longest_context_first_and_the_order_changes_no_output()
             assert lp_on == pytest.approx(lp_off, abs=1e-5)
 
 
+def mixed_requests(prompts, seed: int, forked: int) -> list[Request]:
+    """Every third prompt sampled (seeded from `seed`; prompt `forked` with n=2), the others greedy for 9 tokens."""
+    return [Request(f"r{i}", p, sampled(seed=seed + i, n=2 if i == forked else 1) if i % 3 == 0 else greedy(9))
+            for i, p in enumerate(prompts)]
+
+
+def assert_same_output(got, want) -> None:
+    """The same tokens for every completion, and their logprobs within float32 rounding."""
+    for g, w in zip(got, want):
+        assert [c.token_ids for c in g.completions] == [c.token_ids for c in w.completions]
+        for cg, cw in zip(g.completions, w.completions):
+            assert cg.logprobs == pytest.approx(cw.logprobs, abs=1e-5)
+
+
 def test_adaptive_step_sizes_give_the_same_output():
     prompts = random_prompts(10, seed=29, lo=20, hi=60)
 
     def reqs():
-        return [Request(f"r{i}", p, sampled(seed=80 + i, n=2 if i == 4 else 1) if i % 3 == 0 else greedy(9))
-                for i, p in enumerate(prompts)]
+        return mixed_requests(prompts, 80, forked=4)
     plain = make_engine(max_num_batched_tokens=64)
     assert plain.config.adaptive_step_size and not plain.scheduler.step_buckets      # on, but no times on the CPU
     want = plain.generate(reqs())
@@ -165,18 +178,14 @@ def test_adaptive_step_sizes_give_the_same_output():
     got = eng.generate(reqs())
     assert sizes[0] == (0, 64) and all(total <= 16 for rows, total in sizes if rows)
     assert sum(1 for rows, _ in sizes if rows) >= 5
-    for g, w in zip(got, want):
-        assert [c.token_ids for c in g.completions] == [c.token_ids for c in w.completions]
-        for cg, cw in zip(g.completions, w.completions):
-            assert cg.logprobs == pytest.approx(cw.logprobs, abs=1e-5)
+    assert_same_output(got, want)
 
 
 def test_steps_cut_back_to_a_bucket_give_the_same_output():
     prompts = random_prompts(8, seed=23, lo=5, hi=50)
 
     def reqs():
-        return [Request(f"r{i}", p, sampled(seed=60 + i, n=2 if i == 3 else 1) if i % 3 == 0 else greedy(9))
-                for i, p in enumerate(prompts)]
+        return mixed_requests(prompts, 60, forked=3)
     plain = make_engine(max_num_batched_tokens=48)
     want = plain.generate(reqs())
     eng = make_engine(max_num_batched_tokens=48)
@@ -195,10 +204,7 @@ def test_steps_cut_back_to_a_bucket_give_the_same_output():
     s.schedule = spy
     got = eng.generate(reqs())
     assert cut_totals and set(cut_totals) <= {16, 32} and plain.scheduler.num_cut_steps == 0
-    for g, w in zip(got, want):
-        assert [c.token_ids for c in g.completions] == [c.token_ids for c in w.completions]
-        for cg, cw in zip(g.completions, w.completions):
-            assert cg.logprobs == pytest.approx(cw.logprobs, abs=1e-5)
+    assert_same_output(got, want)
     for i, (p, o) in enumerate(zip(prompts, got)):
         if i % 3:
             check_against_hf(tiny_llama(), p, o.completions[0], 9)
