@@ -23,9 +23,7 @@ if not sh.no_read_back then
   redis.call('HINCRBY', KEYS[1], 'read_commits', 1)
   redis.call('HSET', KEYS[1], 'read_commit_ms', int(now))
 end
-sh.storage_commits = nil
-sh.storage_since = nil     -- the shard's storage series ends (requeue.lua)
-sh.storage_last = nil
+end_storage_series(sh)
 sh.no_read_back = nil
 put_shard(KEYS[2], ARGV[2], sh)
 redis.call('ZREM', KEYS[3], ARGV[2])

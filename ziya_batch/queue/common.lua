@@ -40,6 +40,13 @@ local function put_shard(shards_key, idx, sh)
   redis.call('HSET', shards_key, idx, cjson.encode(sh))
 end
 
+-- a shard's storage series (requeue.lua) ends: its next storage give-back starts a new one
+local function end_storage_series(sh)
+  sh.storage_commits = nil
+  sh.storage_since = nil
+  sh.storage_last = nil
+end
+
 -- moves a shard between states and keeps the job's per-state counters (n_pending, n_leased, ...) in step
 local function shard_to(job_key, sh, dst)
   if not allowed(SHARD_ALLOWED, sh.state, dst) then refuse('shard', sh.state, dst) end

@@ -13,9 +13,7 @@ for _, idx in ipairs(redis.call('SMEMBERS', KEYS[4])) do
     shard_to(KEYS[1], sh, 'pending')
     sh.dead = nil
     sh.failures = 0
-    sh.storage_commits = nil
-    sh.storage_since = nil     -- and a fresh storage series (requeue.lua)
-    sh.storage_last = nil
+    end_storage_series(sh)
     sh.no_read_back = nil
     put_shard(KEYS[2], idx, sh)
     redis.call('ZADD', KEYS[3], idx, idx)

@@ -67,9 +67,7 @@ local message = string.sub(ARGV[4], 1, 2000)
 if not given_back and not expired then
   -- a try that failed on its own (a line, the engine, an input that changed) got past its storage: a storage
   -- give-back after it starts a new series (an expiry proves nothing: a worker stuck on its store expires too)
-  sh.storage_commits = nil
-  sh.storage_since = nil
-  sh.storage_last = nil
+  end_storage_series(sh)
 end
 if ARGV[11] == 'storage' then
   local committed = hnum(KEYS[1], 'read_commits')
