@@ -189,12 +189,12 @@ def check_output_owner(spec: JobSpec, job_id: Optional[str] = None,
             f"({show_text(str(manifest.get('job_id')))}); "
             "choose a new output.path or delete the old output")
     owner = io.output_owner(out)
-    if owner not in (None, job_id) and broker is not None and _never_queued(out, owner, broker):
-        raise SpecError(
-            f"output.path {out.url} is claimed by a job ({show_text(owner)}) this queue does not know and that "
-            f"wrote nothing there (a submit refused before its job was queued?): choose a new output.path, or if "
-            f"so remove {io.OutputDir.OWNER} there and submit again")
     if owner not in (None, job_id):
+        if broker is not None and _never_queued(out, owner, broker):
+            raise SpecError(
+                f"output.path {out.url} is claimed by a job ({show_text(owner)}) this queue does not know and that "
+                f"wrote nothing there (a submit refused before its job was queued?): choose a new output.path, or "
+                f"if so remove {io.OutputDir.OWNER} there and submit again")
         raise SpecError(
             f"output.path {out.url} holds the parts of another job ({show_text(owner)}) that has not finished "
             "(a spec that "

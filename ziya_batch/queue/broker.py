@@ -9,8 +9,8 @@ n_committed, n_dead (shards per state), prompts_done, prompts_failed, samples, o
 prefix_cache_query_tokens, prefix_cache_hit_tokens (sums of committed stats: uncommit takes a shard's off
 again), retries, dead_lines, progress_seq, read_commits and read_commit_ms (how many commits of shards that read
 their input, and the time of the last: commit.lua), storage_fail_ms, storage_fail_shard and storage_fail_other_ms
-(the job's last storage give-back, its shard, and the last of another shard: requeue.lua); finalize_wait (JSON, only while a finalizing job's last finalize
-try waited for storage: end_finalize.lua).
+(the job's last storage give-back, its shard, and the last of another shard: requeue.lua); finalize_wait (JSON,
+only while a finalizing job's last finalize try waited for storage: end_finalize.lua).
 
 Shard records (JSON in the job's shards hash): file (position in the files list), start, end, first_line,
 num_lines, identity (a local input's, ShardRef.identity; absent for object storage and in shards queued before
@@ -19,9 +19,9 @@ stats, committed_token, committed_ms (Redis time of the commit), lost (times its
 promotion and it ran again), storage_commits and storage_since (the job's read_commits at, and the Redis time of,
 the first of its storage give-backs since it last committed; absent: none; storage_since moves to a give-back that
 came after the shard sat untried for storage_series_gap_s), storage_last (the time of the last), claimed_ms (the
-Redis time of its last claim), no_read_back (dead-lettered, and a
-storage give-back of it counted: its error lines are written without reading its input back). About 200 bytes a
-shard: a 10-million-line job of 512-line shards is ~4 MB.
+Redis time of its last claim), no_read_back (dead-lettered, and a storage give-back of it counted: its error lines
+are written without reading its input back). About 200 bytes a shard: a 10-million-line job of 512-line shards is
+~4 MB.
 """
 from __future__ import annotations
 
@@ -395,8 +395,8 @@ class Broker:
         `storage`: the shard's store did not answer. Such give-backs are bounded where the store answers the job's
         other shards: once the job has committed any shard that read its input (not a dead-lettered one written
         without reading it back) since this shard's first storage give-back (the first since the shard last
-        committed) and storage_grace_s has passed since that one, each later one counts as a
-        failed try, as `fail` does (isolated, retried, then 'dead'). An outage of the store, with no commit of the
+        committed) and storage_grace_s has passed since that one, each later one counts as a failed try, as `fail`
+        does (isolated, retried, then 'dead'). An outage of the store, with no commit of the
         job meanwhile, counts none however long it lasts; nor does one shorter than the grace while shards already
         past their reads commit (an input store down, the output's answering). A dead-lettered shard's read-back of
         its input for its lines' ids counts (its lines then written numbered FILE:LINE) only once

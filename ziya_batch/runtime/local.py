@@ -146,7 +146,7 @@ def _watch(broker, job_id: str, manager, progress: bool, poll_s: float):
             reason = status.finalize_wait.reason if status.finalize_wait is not None else None
             if reason != waits:
                 if reason is not None:
-                    bar.console.print(_plain(finalize_note(status) or reason))     # users' text: escaped
+                    bar.console.print(_plain(finalize_note(status)))     # users' text: escaped
                 elif status.state == JobState.FINALIZING:
                     bar.console.print("finalizing: the output's storage answers again")
                 waits = reason
