@@ -11,7 +11,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from ziya_batch.tools.bench import measure_copy_bandwidth_bytes_s
+from ziya_batch.tools.bandwidth import measure_copy_bandwidth_bytes_s
 
 SHAPES = {"qkv": (15360, 5120), "o": (5120, 5120), "gate_up": (27648, 5120), "down": (5120, 13824)}
 ROWS = (16, 32, 64, 96, 128, 160, 192, 224, 256, 384, 512, 768, 1024)
