@@ -157,6 +157,8 @@ def test_status_says_why_finalizing_waits_until_the_store_answers_again(tmp_path
     st = broker.status(job_id)
     w = st.finalize_wait
     assert st.state == JobState.FINALIZING and st.error is None and w is not None
+    # every prompt is done: no time to completion is known (status showed ETA 0m00s for as long as it waited)
+    assert st.prompts_per_s > 0 and st.eta_s is None and st.to_dict()["eta_s"] is None
     assert w.reason == f'{out.url}: ConnectTimeoutError: Connect timeout on endpoint URL: "{out.url}/_markers/"'
     assert w.tries == 1 and w.since == w.at and before - 1 <= w.at <= broker.server_time_s() + 1
     assert w.next_try_at == pytest.approx(w.at + fin.FINALIZE_RETRY_S) and 25 < w.next_try_in_s <= 30

@@ -95,7 +95,7 @@ class QueueCollector:
             "total": GaugeMetricFamily("ziya_batch_job_prompts", "Prompts in the job", labels=labels),
             "tps": GaugeMetricFamily("ziya_batch_job_tokens_per_second", "Output tokens/s over the last minute", labels=labels),
             "pps": GaugeMetricFamily("ziya_batch_job_prompts_per_second", "Prompts/s over the last minute", labels=labels),
-            "eta": GaugeMetricFamily("ziya_batch_job_eta_seconds", "Estimated seconds to completion (absent while idle)", labels=labels),
+            "eta": GaugeMetricFamily("ziya_batch_job_eta_seconds", "Estimated seconds until every prompt is done (absent while idle and once none remains)", labels=labels),
             "dead": GaugeMetricFamily("ziya_batch_job_dead_letter_shards", "Shards whose retries are exhausted", labels=labels),
             "dead_lines": GaugeMetricFamily("ziya_batch_job_dead_letter_lines", "Lines given up on alone", labels=labels),
             "pc_hit": CounterMetricFamily("ziya_batch_job_prefix_cache_hit_tokens",

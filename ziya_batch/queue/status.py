@@ -55,7 +55,8 @@ def build_status(client: redis.Redis, keys: Keys, job_id: str, detail: bool = Fa
     done, failed = int(h.get("prompts_done", 0)), int(h.get("prompts_failed", 0))
     remaining = max(0, total - done - failed)
     eta_s = None
-    if not state.is_finished() and prompts_per_s > 0:
+    # none once every prompt is done: what is left is finalizing, whose time nothing measures (it waits for storage)
+    if not state.is_finished() and remaining > 0 and prompts_per_s > 0:
         eta_s = remaining / prompts_per_s
 
     holders: dict[str, list[int]] = {}

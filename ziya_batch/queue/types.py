@@ -140,7 +140,7 @@ class JobStatus:
     output_tokens: int
     tokens_per_s: float              # output tokens/s over the last minute
     prompts_per_s: float
-    eta_s: Optional[float]           # remaining prompts / prompts_per_s; None while nothing is moving
+    eta_s: Optional[float]           # remaining prompts / prompts_per_s; None while nothing is moving or none remains
     workers: tuple                   # ({"worker_id", "host", "shards": [index, ...]}, ...) holding leases now
     retries: int                     # failed or expired attempts and re-runs of lost parts, all shards together
     lease_expiries: int              # of those, leases that expired (worker died, hung or lost Redis)
