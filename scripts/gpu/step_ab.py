@@ -16,6 +16,8 @@ Knobs (one a run; the others at their defaults):
                    every step with prefill filling it (adaptive step sizes off: a fixed budget's A/B)
   adaptive=on|off  Scheduler.adaptive_step_size: each step with prefill sized by scheduler.step_size from the
                    runner's bucket times, up to the budget (EngineConfig.adaptive_step_size)
+  overhead=US      adaptive step sizes with step_size's overhead of a step with prefill set to US microseconds a
+                   layer (scheduler.MIXED_STEP_OVERHEAD_S: 100), US in 0..10000: smaller values choose smaller steps
 A run is CONFIG:KNOB=VALUE[@N], N the number of W1's requests (default --requests). Prints one JSON line a run
 and writes $OUT/step_ab.json.
 
@@ -44,14 +46,15 @@ CONFIGS = {"f16": {}, "f16kv8": dict(kv_cache_dtype="fp8"), "fp8": dict(quantiza
            "fp8fast": dict(quantization="fp8", kv_cache_dtype="fp8", fp8_fast_accum=True)}
 DEFAULT_PLAN = "fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off,f16:cut=on,f16:cut=off"
 ATTN_KERNELS = ("fma", "half", "dot")
-KNOBS = ("order", "cut", "attn", "schedule", "budget", "adaptive")
+KNOBS = ("order", "cut", "attn", "schedule", "budget", "adaptive", "overhead")
 MAX_REQUESTS = 100_000
 
 
 class Run(NamedTuple):
     config: str                 # a key of CONFIGS
     knob: str                   # one of KNOBS
-    value: object               # order, cut, adaptive: bool; attn: a kernel; schedule: a policy; budget: tokens
+    value: object               # order, cut, adaptive: bool; attn: a kernel; schedule: a policy; budget: tokens;
+                                # overhead: microseconds a layer
     limits: Optional[tuple[float, int]] = None     # cut=M/T: (TRIM_MARGIN, TRIM_MAX_TOKENS)
     requests: Optional[int] = None                 # W1's first N requests (None: --requests)
 
@@ -63,7 +66,7 @@ class PlanError(ValueError):
 def parse_plan(text: str) -> list[Run]:
     """The runs of a --plan (CONFIG:KNOB=VALUE[@N],...), in order; PlanError names the first item that is not one."""
     usage = (f"is not CONFIG:KNOB=VALUE[@N] (CONFIG: {', '.join(CONFIGS)}; order=on|off, cut=on|off|MARGIN/TOKENS, "
-             f"attn={'|'.join(ATTN_KERNELS)}, schedule={'|'.join(SCHEDULE_POLICIES)}, budget=TOKENS, adaptive=on|off; "
+             f"attn={'|'.join(ATTN_KERNELS)}, schedule={'|'.join(SCHEDULE_POLICIES)}, budget=TOKENS, adaptive=on|off, overhead=US; "
              f"N: 1..{MAX_REQUESTS})")
     runs = []
     for item in text.split(","):
@@ -87,6 +90,8 @@ def parse_plan(text: str) -> list[Run]:
                 raise PlanError(f"{shown}: kernel half runs over a float8 cache only")
         elif knob == "budget" and re.fullmatch(r"[0-9]{2,6}", value) and int(value) >= 16:
             value = int(value)
+        elif knob == "overhead" and re.fullmatch(r"[0-9]{1,5}(\.[0-9]{1,3})?", value) and float(value) <= 10_000:
+            value = float(value)
         elif not (knob == "schedule" and value in SCHEDULE_POLICIES):
             raise PlanError(f"{shown} {usage}")
         runs.append(Run(name, knob, value, limits, requests))
@@ -174,8 +179,10 @@ def main() -> None:
         if knob == "budget" and value > budget:
             raise SystemExit(f"budget={value}: above the engine's own {budget} (its graphs are captured up to it)")
         s.max_num_batched_tokens = value if knob == "budget" else budget
-        # budget=N measures a fixed budget; other knobs run with the engine's own step sizing
-        s.adaptive_step_size = value if knob == "adaptive" else knob != "budget" and eng.config.adaptive_step_size
+        # budget=N measures a fixed budget; overhead=US adaptive sizes; other knobs the engine's own step sizing
+        s.adaptive_step_size = (value if knob == "adaptive" else knob == "overhead"
+                                or knob != "budget" and eng.config.adaptive_step_size)
+        s.step_overhead_s = value * 1e-6 if knob == "overhead" else scheduler.MIXED_STEP_OVERHEAD_S
         cuts, preempted, n = s.num_cut_steps, s.num_preemptions, run.requests or a.requests
         for i, (prompt, out_len) in enumerate(work[:n]):
             eng.add_request(Request(f"{k}-{i}", prompt, _sampling(out_len)))
@@ -194,6 +201,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         rows.append(dict(config=name, knob=knob, value=value, requests=n, schedule=s.policy,
                          budget=s.max_num_batched_tokens, adaptive=s.adaptive_step_size,
+                         overhead_us=round(1e6 * s.step_overhead_s, 3),
                          trim=[scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS],
                          output_tok_s=round(tokens / wall), wall_s=round(wall, 2),
                          output_tokens=tokens, steps=steps, decode_only_steps=decode_only,

@@ -208,6 +208,7 @@ class Scheduler:
         # size each step by step_size (from step_buckets) instead of filling max_num_batched_tokens
         # (EngineConfig.adaptive_step_size)
         self.adaptive_step_size = False
+        self.step_overhead_s = MIXED_STEP_OVERHEAD_S       # step_size's overhead_s (scripts/gpu/step_ab.py varies it)
 
     def new_seq_id(self) -> int:
         self._next_seq_id += 1
@@ -328,7 +329,7 @@ class Scheduler:
         if self.adaptive_step_size and self.step_buckets:
             # only prefill chunks feel the size: step_size leaves room for every decode row
             decode_rows = sum(1 for q in self.running if len(q.token_ids) - q.num_computed == 1)
-            budget = step_size(decode_rows, self.step_buckets, budget)
+            budget = step_size(decode_rows, self.step_buckets, budget, self.step_overhead_s)
         chunks: list[ScheduledChunk] = []
         copies: list[tuple[int, int]] = []
         preempted: list[Sequence] = []
