@@ -135,7 +135,9 @@ def fit_bucket(chunks: list[ScheduledChunk], buckets: list[tuple[int, float]]) -
 # What a step with prefill costs beyond its projections, for one layer (the unit of the runner's bucket times): its
 # prefill attention and the launches between the pieces of its graphs (an H100's W1, 2026-12-07: ~2.5 ms in float16,
 # ~3.8 ms with FP8, over 40 layers), and that a smaller step admits new sequences more slowly, so the decode batch
-# runs smaller. 100 us is where scripts/sim_schedule.py --adaptive, calibrated on those runs, does best for both
+# runs smaller. 100 us is where scripts/sim_schedule.py --adaptive, calibrated on those runs, does best for both;
+# on an H100 (2026-12-07, step_ab.py overhead=US) 40 and 15 us chose smaller steps and ran float16's W1 as fast: the
+# cheaper prefill tokens were paid back by 9% more steps (docs/BENCHMARKS.md)
 MIXED_STEP_OVERHEAD_S = 100e-6
 
 
