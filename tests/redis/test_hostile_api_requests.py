@@ -224,3 +224,32 @@ def test_control_characters_in_a_name_do_not_reach_the_operators_terminal(api_en
         out = capsys.readouterr().out
         assert "\x1b" not in out and "\x9b" not in out and "\x07" not in out
         assert "\\x1b[2J\\x1b[31mRED\\x9b0m\\x07" in out.replace("\n", "")
+
+
+@pytest.mark.parametrize("path, content, ctype", [
+    ("/v1/jobs", b"{", "application/json"),
+    ("/v1/jobs", b"[" * 100_000, "application/json"),
+    ("/v1/batches", b"{", "application/json"),
+    ("/v1/files", b"garbage", "multipart/form-data; boundary=xx"),
+])
+def test_a_request_without_a_token_is_401_before_its_body_is_parsed(api_env, path, content, ctype):
+    """Every endpoint but /healthz needs the token: a caller without one gets 401 before anything reads its body
+    (the routes' token dependency ran only after FastAPI had parsed it: an anonymous caller heard the parser's
+    verdict, and its upload was spooled first)."""
+    _, _, make_client = api_env
+    client = make_client()
+    r = client.post(path, content=content, headers={"Content-Type": ctype})
+    assert r.status_code == 401, (r.status_code, r.text[:200])
+
+
+def test_behind_a_mount_prefix_only_healthz_answers_without_the_token(api_env):
+    """The token gate judges the path the routes see: under a prefix (an ASGI server's root_path) /healthz is still
+    open, and a path made to look like it under the prefix is not."""
+    from fastapi.testclient import TestClient
+
+    _, _, make_client = api_env
+    client = TestClient(make_client().app, root_path="/api", raise_server_exceptions=False)
+    assert client.get("/api/healthz").status_code == 200
+    assert client.get("/api/v1/jobs").status_code == 401
+    assert client.get("/api/v1/jobs", headers=AUTH).status_code == 200
+    assert client.get("/api/healthz/../v1/jobs").status_code == 401

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import errors, jobs
@@ -146,17 +147,50 @@ class BrokerHolder:
         return self._broker
 
 
+_NO_TOKEN = ("missing or wrong bearer token: send 'Authorization: Bearer <token>' with the server's "
+             "ZIYA_BATCH_API_TOKEN")
+# the only path that answers without the token
+_OPEN_PATHS = frozenset({"/healthz"})
+
+
+def _authorized(settings: ApiSettings, authorization: Optional[str]) -> bool:
+    if settings.insecure_no_auth and not settings.token:
+        return True
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and token_matches(given, settings.token or "")
+
+
+def _route_path(scope) -> str:
+    # the path the app's routes see: without the prefix it is mounted under (ASGI servers keep it in both)
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return (path[len(root):] or "/") if root and path.startswith(root) else path
+
+
+class TokenGate:
+    """ASGI middleware: 401 for a request without the token before anything reads its body. The routes' token
+    dependency runs only after FastAPI has parsed the body, so an anonymous caller had its JSON parsed (or its
+    upload spooled, up to the body limit) and heard the parser's verdict before its 401."""
+
+    def __init__(self, app, settings: ApiSettings):
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and _route_path(scope) not in _OPEN_PATHS and \
+                not _authorized(self.settings, Headers(scope=scope).get("authorization")):
+            response = error_response(401, _NO_TOKEN, "authentication_error", headers={"WWW-Authenticate": "Bearer"})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def _require_token_dependency(settings: ApiSettings):
+    # the same check as TokenGate's, where the schema shows it (and for an app mounted without the gate)
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer $ZIYA_BATCH_API_TOKEN")
 
     def require_token(creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
-        if settings.insecure_no_auth and not settings.token:
-            return
-        given = creds.credentials if creds is not None and creds.scheme.lower() == "bearer" else None
-        if not token_matches(given, settings.token or ""):
-            raise StarletteHTTPException(
-                401, "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the server's "
-                     "ZIYA_BATCH_API_TOKEN", headers={"WWW-Authenticate": "Bearer"})
+        given = None if creds is None else f"{creds.scheme} {creds.credentials}"
+        if not _authorized(settings, given):
+            raise StarletteHTTPException(401, _NO_TOKEN, headers={"WWW-Authenticate": "Bearer"})
 
     return require_token
 
@@ -240,6 +274,7 @@ def create_app(settings: ApiSettings, broker_factory: Callable[[], Any]) -> Fast
     app.state.batches = Batches(settings, brokers)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit)
+    app.add_middleware(TokenGate, settings=settings)       # added last, so it runs first: 401 before any body
     auth = [Depends(_require_token_dependency(settings))]
 
     @app.get("/healthz", tags=["health"], summary="Liveness and Redis reachability (no token needed)")
