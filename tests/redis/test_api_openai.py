@@ -262,3 +262,31 @@ def test_a_bom_and_blank_lines_are_read_as_the_job_reads_them(api_env):
     data = b"\xef\xbb\xbf\r\n" + DATA.replace(b"\n", b"\r\n\n")
     b = _settled(client, _create(client, _upload(client, data).json()["id"]).json()["id"])
     assert b["status"] == "in_progress" and b["errors"] is None and b["request_counts"]["total"] == 3
+
+
+def test_a_cancel_while_validating_is_not_overwritten_when_validation_fails(api_env, tmp_path):
+    """POST /v1/batches/{id}/cancel answered 'cancelling' with a cancelling_at while the batch validated; the
+    submitting thread, finding the input invalid, saved its own copy of the record (taken before the cancel,
+    without the record lock), and the cancel was lost: cancelling_at back to null, the batch failed. Now the
+    batch ends cancelled, the cancel's stamp and the validation's errors both kept."""
+    _, _, make_client = api_env
+    client = make_client()
+    batches = client.app.state.batches
+    file_id = _upload(client, b'{"custom_id": 1}\n').json()["id"]       # an input validation refuses
+    settled = _settled(client, _create(client, file_id).json()["id"])
+    # the record as create() hands it to its submitting thread, before validation
+    record = json.loads((tmp_path / "store" / "batches" / f"{settled['id']}.json").read_text())
+    new_id = "batch_" + "e" * 24
+    record.update(id=new_id, status="validating", _job_id=None, in_progress_at=None, failed_at=None, errors=None,
+                  _output=record["_output"].replace(settled["id"], new_id))
+    batches._save(dict(record))
+    c = client.post(f"/v1/batches/{new_id}/cancel", headers=AUTH).json()
+    assert c["status"] == "cancelling" and c["cancelling_at"] is not None
+    batches._submit(dict(record))                      # the submitter's copy predates the cancel
+    final = client.get(f"/v1/batches/{new_id}", headers=AUTH).json()
+    assert final["cancelling_at"] == c["cancelling_at"], final
+    assert final["status"] == "cancelled" and final["cancelled_at"] >= c["cancelling_at"] and final["failed_at"] is None
+    assert final["errors"]["data"] and final["errors"]["data"][0]["line"] == 1
+    # a submitter that finds the batch already ended (or queued) leaves it as it is
+    batches._submit(dict(record))
+    assert client.get(f"/v1/batches/{new_id}", headers=AUTH).json() == final

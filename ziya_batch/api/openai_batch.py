@@ -311,20 +311,15 @@ class Batches:
         try:
             invalid = self._validate(record)
             if invalid is not None:
-                record.update(status="failed", failed_at=int(time.time()),
-                              errors={"object": "list", "data": invalid[:MAX_LISTED_ERRORS]})
-                self._save(record)
+                self._end_unqueued(record, {"object": "list", "data": invalid[:MAX_LISTED_ERRORS]})
                 return
             status = jobs.submit_job(JobSpec(**record["_spec"]), self.brokers.get())
         except ZiyaBatchError as err:
-            record.update(status="failed", failed_at=int(time.time()), errors=_fail_list("invalid_input", str(err)))
-            self._save(record)
+            self._end_unqueued(record, _fail_list("invalid_input", str(err)))
             return
         except Exception as err:  # noqa: BLE001 - the batch must end, not stay validating
             log.exception("batch %s: submitting failed", record["id"])
-            record.update(status="failed", failed_at=int(time.time()),
-                          errors=_fail_list("server_error", f"{type(err).__name__}: {err}; see the server log"))
-            self._save(record)
+            self._end_unqueued(record, _fail_list("server_error", f"{type(err).__name__}: {err}; see the server log"))
             return
         with self._record_lock:
             latest = self.store.get_json("batches", f"{record['id']}.json") or record
@@ -334,6 +329,23 @@ class Batches:
                 jobs.cancel_job(self.brokers.get(), status.job_id, hint=jobs.API_HINT)
                 latest["status"] = "cancelling"
             self._save(latest)
+
+    def _end_unqueued(self, record: dict, errors: dict) -> dict:
+        """A batch whose job was not queued ends: failed with `errors`, or cancelled (the errors kept) where a
+        cancel came while it validated. The record is read again under the lock, as cancel() writes it too: saving
+        the submitter's own copy lost the cancel (cancelling_at back to null). One that meanwhile got its job or
+        ended is left as it is. Returns the record as saved."""
+        with self._record_lock:
+            latest = self.store.get_json("batches", f"{record['id']}.json") or record
+            if latest.get("_job_id") or latest["status"] in _TERMINAL:
+                return latest
+            now = int(time.time())
+            if latest.get("_cancel_requested"):
+                latest.update(status="cancelled", cancelled_at=now, errors=errors)
+            else:
+                latest.update(status="failed", failed_at=now, errors=errors)
+            self._save(latest)
+            return latest
 
     def job_spec(self, record: dict) -> JobSpec:
         return JobSpec(
@@ -388,9 +400,8 @@ class Batches:
             return rec
         if not rec.get("_job_id"):
             if time.time() - rec["created_at"] > VALIDATE_TIMEOUT_S:     # its submitter died with its process
-                rec.update(status="failed", failed_at=int(time.time()), errors=_fail_list(
+                return self._end_unqueued(rec, _fail_list(
                     "validation_interrupted", "the server stopped while validating this batch; create it again"))
-                self._save(rec)
             return rec
         before = json.dumps(rec, sort_keys=True)
         broker = self.brokers.get()
