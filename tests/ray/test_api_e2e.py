@@ -100,7 +100,8 @@ def test_serve_guards_the_api(api):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     assert requests.get(f"{base}/openapi.json").status_code == 401             # the schema is behind the token
     assert requests.get(f"{base}/openapi.json", headers=AUTH).json()["info"]["title"] == "ziya-batch"
-    assert requests.get(f"{base}/docs").status_code == 404
+    assert requests.get(f"{base}/docs").status_code == 401              # nothing but /healthz answers without it
+    assert requests.get(f"{base}/docs", headers=AUTH).status_code == 404  # and FastAPI's pages are off
     # through Serve's proxy too: a body over the limit is refused while read, declared or streamed
     big = b'{"name": "' + b"x" * (2 * 2**20) + b'"}'
     r = requests.post(f"{base}/v1/jobs", data=big, headers={**AUTH, "Content-Type": "application/json"})
