@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from . import errors
 from .errors import LineError
-from .records import PromptLine, TooLongLine, short_text
+from .records import CHAT_COMPLETIONS, COMPLETIONS, OPENAI_ENDPOINTS, PromptLine, TooLongLine, short_text
 from .spec import SamplingSpec, format_validation_error
 
 HUMAN = "<human>:"
@@ -239,35 +239,67 @@ def _parse_ziya(obj: dict, file: str, line_no: int, sampling: SamplingSpec) -> P
     )
 
 
+def _openai_endpoint(obj: dict, body: dict) -> str:
+    """The endpoint an openai-batch request goes to: its url, which must be one this server answers (the HTTP API
+    also checks that it is the batch's before the batch runs). A line without a url (format openai-batch outside
+    the API, where a line may be just custom_id and body) goes where its body is written for."""
+    method = obj.get("method", "POST")
+    if method != "POST":
+        raise LineError(errors.INVALID_LINE, f"'method' must be POST, got {short_text(repr(method), 40)}")
+    if "url" not in obj:
+        return CHAT_COMPLETIONS if body.get("messages") is not None else COMPLETIONS
+    url = obj["url"]
+    if not isinstance(url, str) or url not in OPENAI_ENDPOINTS:
+        raise LineError(errors.INVALID_LINE, f"'url' must be {CHAT_COMPLETIONS} or {COMPLETIONS}, the endpoints "
+                                             f"this server answers; got {short_text(repr(url), 60)}")
+    return url
+
+
+def _openai_prompt(body: dict, endpoint: str) -> tuple[str, Optional[str], Optional[list]]:
+    """(Ziya prompt, query, messages) of a request's body, which must be written for its endpoint: a chat request
+    gives `messages` and no `prompt`, a completion `prompt` and no `messages` (a null field counts as absent). A
+    body for the other endpoint was answered as that one's, whatever the url or the batch said."""
+    own, other = ("messages", "prompt") if endpoint == CHAT_COMPLETIONS else ("prompt", "messages")
+    others = COMPLETIONS if endpoint == CHAT_COMPLETIONS else CHAT_COMPLETIONS
+    if body.get(own) is None:
+        if body.get(other) is None:
+            raise LineError(errors.MISSING_PROMPT, f"openai-batch body has neither 'prompt' nor 'messages' (a "
+                                                   f"{endpoint} request gives 'body.{own}')")
+        raise LineError(errors.MISSING_PROMPT, f"a {endpoint} request gives 'body.{own}'; this body has "
+                                               f"'body.{other}', which is for {others}")
+    if body.get(other) is not None:
+        raise LineError(errors.INVALID_LINE, f"'body.{other}' is a {others} parameter, not a {endpoint} one: give "
+                                             f"'body.{own}' only")
+    if endpoint == CHAT_COMPLETIONS:
+        messages = body["messages"]
+        if not isinstance(messages, list):
+            raise LineError(errors.MISSING_PROMPT, "'body.messages' must be a list of {role, content}")
+        return build_chat_prompt(messages), None, messages
+    prompt = body["prompt"]
+    if not isinstance(prompt, str):
+        raise LineError(errors.MISSING_PROMPT, "'body.prompt' must be a string (one prompt a request: a list of "
+                                               "prompts or of token ids is not read)")
+    if not prompt.strip():
+        raise LineError(errors.EMPTY_PROMPT, "'body.prompt' is empty")
+    return build_prompt(prompt), prompt, None
+
+
 def _parse_openai(obj: dict, file: str, line_no: int, sampling: SamplingSpec) -> PromptLine:
     line_id = line_id_of(obj.get("custom_id"), file, line_no)
     body = obj.get("body")
     if not isinstance(body, dict):
         raise LineError(errors.MISSING_PROMPT, "openai-batch line has no 'body' object")
+    endpoint = _openai_endpoint(obj, body)
+    text, query, messages = _openai_prompt(body, endpoint)
     override = {ours: body[theirs] for theirs, ours in _OPENAI_SAMPLING.items() if body.get(theirs) is not None}
     want_logprobs, top_logprobs = _openai_logprobs(body)
     if isinstance(override.get("stop"), str):
         override["stop"] = [override["stop"]]
     if body.get("response_format") is not None:
         override.update(_response_format(body["response_format"]))
-    messages = None
-    if "messages" in body:
-        messages = body["messages"]
-        if not isinstance(messages, list):
-            raise LineError(errors.MISSING_PROMPT, "'body.messages' must be a list of {role, content}")
-        text = build_chat_prompt(messages)
-        endpoint = "/v1/chat/completions"
-    elif "prompt" in body:
-        if not isinstance(body["prompt"], str) or not body["prompt"].strip():
-            raise LineError(errors.EMPTY_PROMPT, "'body.prompt' must be a non-empty string")
-        text = build_prompt(body["prompt"])
-        endpoint = "/v1/completions"
-    else:
-        raise LineError(errors.MISSING_PROMPT, "openai-batch body has neither 'prompt' nor 'messages'")
     return PromptLine(
-        id=line_id, file=file, line=line_no, text=text,
-        query=body.get("prompt") if messages is None else None, messages=messages,
-        sampling=_sampling(sampling, override or None),
-        endpoint=short_text(obj.get("url") or endpoint), model_name=short_text(body.get("model") or "ziya-llama-13b"),
+        id=line_id, file=file, line=line_no, text=text, query=query, messages=messages,
+        sampling=_sampling(sampling, override or None), endpoint=endpoint,
+        model_name=short_text(body.get("model") or "ziya-llama-13b"),
         metadata=_metadata(obj, _OPENAI_FIELDS), want_logprobs=want_logprobs, top_logprobs=top_logprobs,
     )
