@@ -266,6 +266,22 @@ def test_a_request_without_a_url_fails_the_batch(api_env):
     assert client.get("/v1/jobs", headers=AUTH).json()["jobs"] == []          # nothing was queued
 
 
+def test_a_custom_id_that_is_no_unicode_text_fails_the_batch(api_env):
+    """A custom_id holding a lone surrogate escape passed validation; the job refused the line (no writer can echo
+    it) and named its error line by its place: the server's storage path of the input became the custom_id the
+    client saw, matching no request."""
+    _, _, make_client = api_env
+    client = make_client()
+    data = (b'{"custom_id": "ok", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}\n'
+            b'{"custom_id": "x\\ud800", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}\n'
+            b'{"custom_id": "\\udfff", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}\n'
+            b'{"custom_id": "\\ud83d\\ude00", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}\n')
+    b = _settled(client, _create(client, _upload(client, data).json()["id"]).json()["id"])
+    assert b["status"] == "failed", b
+    assert [(e["code"], e["line"], e["param"]) for e in b["errors"]["data"]] == [
+        ("invalid_custom_id", 2, "custom_id"), ("invalid_custom_id", 3, "custom_id")]   # a surrogate pair is text
+
+
 def test_too_many_requests_fail_the_batch(api_env, monkeypatch):
     from ziya_batch.api import openai_batch
 

@@ -29,7 +29,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from .. import io, jobs
-from ..errors import ZiyaBatchError
+from ..errors import ZiyaBatchError, utf8_safe
 from ..records import TooLongLine
 from ..io.storage import move_atomic, put_atomic, read_bytes
 from ..spec import JobSpec
@@ -290,10 +290,12 @@ class Batches:
                 bad("invalid_json_line", "this line is not a JSON object", line_no)
                 continue
             cid = obj.get("custom_id")
-            if not isinstance(cid, str) or not cid or len(cid) > MAX_CUSTOM_ID_CHARS:
+            # a lone surrogate (a JSON escape) cannot be written back: the job named such a line's error by its
+            # place, the server's storage path of the input, which became the custom_id a client saw
+            if not isinstance(cid, str) or not cid or len(cid) > MAX_CUSTOM_ID_CHARS or not utf8_safe(cid):
                 bad("missing_required_parameter" if cid is None else "invalid_custom_id",
                     f"the custom_id of a request must be a non-empty string of at most {MAX_CUSTOM_ID_CHARS} "
-                    "characters", line_no, "custom_id")
+                    "Unicode characters", line_no, "custom_id")
             elif cid in seen:
                 bad("duplicate_custom_id", "the custom_id for this request is a duplicate of another request; "
                     "the custom_id parameter must be unique for each request in a batch", line_no, "custom_id")
