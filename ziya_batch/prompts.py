@@ -21,15 +21,16 @@ HUMAN = "<human>:"
 BOT = "\n<bot>:"
 EOS_TEXT = "</s>"
 
-# OpenAI body fields we map onto our sampling; others (model, logit_bias...) are accepted and ignored
+# OpenAI body fields we map onto our sampling, with the JSON type OpenAI takes for each (str: a string or a list
+# of strings); others (model, logit_bias...) are accepted and ignored
 _OPENAI_SAMPLING = {
-    "max_tokens": "max_new_tokens",
-    "max_completion_tokens": "max_new_tokens",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "n": "n",
-    "seed": "seed",
-    "stop": "stop",
+    "max_tokens": ("max_new_tokens", int),
+    "max_completion_tokens": ("max_new_tokens", int),
+    "temperature": ("temperature", float),
+    "top_p": ("top_p", float),
+    "n": ("n", int),
+    "seed": ("seed", int),
+    "stop": ("stop", str),
 }
 
 
@@ -92,6 +93,32 @@ _OPENAI_FIELDS = ("custom_id", "method", "url", "body")
 
 def _metadata(obj: dict, known: tuple[str, ...]) -> dict:
     return {k: v for k, v in obj.items() if k not in known}
+
+
+def _openai_sampling(body: dict) -> dict:
+    """The sampling fields a request's body sets, each of the JSON type OpenAI takes: the spec's lax parsing read
+    "9" or 9.0 as 9 and true as 1 (max_tokens: true gave one token), where OpenAI answers 400. Like OpenAI, a body
+    may set max_tokens or max_completion_tokens, not both (one of them was dropped without a word)."""
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise LineError(errors.INVALID_SAMPLING, "give one of 'body.max_tokens' and 'body.max_completion_tokens', "
+                                                 "not both")
+    override = {}
+    for theirs, (ours, kind) in _OPENAI_SAMPLING.items():
+        value = body.get(theirs)
+        if value is None:
+            continue
+        if kind is str:
+            value = [value] if isinstance(value, str) else value
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            want = "a string or a list of strings"
+        else:
+            ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+            want = "an integer" if kind is int else "a number"
+        if not ok:
+            raise LineError(errors.INVALID_SAMPLING,
+                            f"'body.{theirs}' must be {want}, got {short_text(repr(body[theirs]), 40)}")
+        override[ours] = value
+    return override
 
 
 def _openai_logprobs(body: dict) -> tuple[bool, int]:
@@ -291,10 +318,8 @@ def _parse_openai(obj: dict, file: str, line_no: int, sampling: SamplingSpec) ->
         raise LineError(errors.MISSING_PROMPT, "openai-batch line has no 'body' object")
     endpoint = _openai_endpoint(obj, body)
     text, query, messages = _openai_prompt(body, endpoint)
-    override = {ours: body[theirs] for theirs, ours in _OPENAI_SAMPLING.items() if body.get(theirs) is not None}
+    override = _openai_sampling(body)
     want_logprobs, top_logprobs = _openai_logprobs(body)
-    if isinstance(override.get("stop"), str):
-        override["stop"] = [override["stop"]]
     if body.get("response_format") is not None:
         override.update(_response_format(body["response_format"]))
     return PromptLine(

@@ -102,3 +102,58 @@ def test_every_request_is_refused_or_answered_as_the_endpoint_it_names(url, has_
     # the body is written for that endpoint alone: its field given, the other one's absent
     assert (body.get("messages") is not None, body.get("prompt") is not None) == (chat, not chat)
     assert _answer(line)["object"] == ("chat.completion" if chat else "text_completion")
+
+
+_INTEGER_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "n": "n", "seed": "seed"}
+_NUMBER_FIELDS = {"temperature": "temperature", "top_p": "top_p"}
+_not_integers = st.one_of(st.booleans(), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=6),
+                          st.lists(st.integers(1, 9), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(),
+                                                                                   max_size=1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(field=st.sampled_from(sorted(_INTEGER_FIELDS)), value=_not_integers)
+def test_a_body_integer_of_another_json_type_is_refused(field, value):
+    """The spec's lax parsing read "9" or 9.0 as 9 and true as 1 (max_tokens: true gave one token), where OpenAI
+    answers 400: each is now the line's invalid_sampling error, naming the body field."""
+    with pytest.raises(LineError) as err:
+        _parse({"custom_id": "c", "body": {"prompt": "p", field: value}})
+    assert err.value.code == errors.INVALID_SAMPLING and f"'body.{field}' must be an integer" in err.value.message
+
+
+@settings(max_examples=200, deadline=None)
+@given(field=st.sampled_from(sorted(_NUMBER_FIELDS)),
+       value=st.one_of(st.booleans(), st.text(max_size=6), st.lists(st.floats(0, 1), max_size=2)))
+def test_a_body_number_of_another_json_type_is_refused(field, value):
+    with pytest.raises(LineError) as err:
+        _parse({"custom_id": "c", "body": {"prompt": "p", field: value}})
+    assert err.value.code == errors.INVALID_SAMPLING and f"'body.{field}' must be a number" in err.value.message
+
+
+@pytest.mark.parametrize("field,value", [("max_tokens", 7), ("max_completion_tokens", 7), ("n", 3), ("seed", 0),
+                                         ("temperature", 0), ("temperature", 0.5), ("top_p", 1), ("top_p", 0.25)])
+def test_a_body_field_of_its_type_is_read(field, value):
+    ours = {**_INTEGER_FIELDS, **_NUMBER_FIELDS}[field]
+    assert getattr(_parse({"custom_id": "c", "body": {"prompt": "p", field: value}}).sampling, ours) == value
+
+
+@pytest.mark.parametrize("stop,ok", [("\n", ["\n"]), (["a", "b"], ["a", "b"]), ([], []), (5, None), ([1], None),
+                                     (["a", None], None), ({"a": "b"}, None), (True, None)])
+def test_stop_is_a_string_or_a_list_of_strings(stop, ok):
+    line = {"custom_id": "c", "body": {"prompt": "p", "stop": stop}}
+    if ok is None:
+        with pytest.raises(LineError, match="stop") as err:
+            _parse(line)
+        assert err.value.code == errors.INVALID_SAMPLING
+    else:
+        assert _parse(line).sampling.stop == ok
+
+
+def test_max_tokens_and_max_completion_tokens_together_are_refused():
+    """As OpenAI refuses them together; one of the two was dropped without a word (max_completion_tokens won)."""
+    with pytest.raises(LineError, match="not both") as err:
+        _parse({"custom_id": "c", "body": {"messages": MESSAGES, "max_tokens": 5, "max_completion_tokens": 7}})
+    assert err.value.code == errors.INVALID_SAMPLING
+    for field in ("max_tokens", "max_completion_tokens"):
+        body = {"messages": MESSAGES, field: 7, "max_tokens" if field != "max_tokens" else "max_completion_tokens": None}
+        assert _parse({"custom_id": "c", "body": body}).sampling.max_new_tokens == 7
