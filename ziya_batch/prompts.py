@@ -121,17 +121,31 @@ def _openai_sampling(body: dict) -> dict:
     return override
 
 
-def _openai_logprobs(body: dict) -> tuple[bool, int]:
-    """(logprobs asked, top_logprobs k) of an OpenAI request: chat has logprobs: bool + top_logprobs: int,
-    the legacy completions endpoint logprobs: int (the k)."""
+def _openai_logprobs(body: dict, endpoint: str) -> tuple[bool, int]:
+    """(logprobs asked, top_logprobs k) of an OpenAI request, as its endpoint takes them: a chat request has
+    logprobs: bool and top_logprobs: int, which asks for nothing without logprobs: true (OpenAI refuses it; it was
+    dropped without a word); a completion has logprobs: int, the k (up to 20 here, 5 at OpenAI), and no
+    top_logprobs. Either one's logprobs given the other's way (a chat request's logprobs: 3) is refused too."""
     want, k = body.get("logprobs"), body.get("top_logprobs")
-    if isinstance(want, int) and not isinstance(want, bool):
-        want, k = True, want if k is None else k
+    if endpoint == COMPLETIONS:
+        if want is None:
+            return False, 0
+        if not isinstance(want, int) or isinstance(want, bool) or not 0 <= want <= 20:
+            raise LineError(errors.INVALID_SAMPLING, f"'body.logprobs' of a {COMPLETIONS} request is how many most "
+                            "likely tokens to list at each position, an integer 0..20; got "
+                            f"{short_text(repr(want), 40)}")
+        return True, want
     if want is not None and not isinstance(want, bool):
-        raise LineError(errors.INVALID_SAMPLING, "'body.logprobs' must be true/false (or an integer 0..20)")
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20):
-        raise LineError(errors.INVALID_SAMPLING, f"'body.top_logprobs' must be an integer 0..20, got {k!r}")
-    return bool(want), int(k or 0) if want else 0
+        raise LineError(errors.INVALID_SAMPLING, f"'body.logprobs' of a {CHAT_COMPLETIONS} request must be true or "
+                        f"false (top_logprobs gives how many tokens to list); got {short_text(repr(want), 40)}")
+    if k is None:
+        return bool(want), 0
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20:
+        raise LineError(errors.INVALID_SAMPLING, f"'body.top_logprobs' must be an integer 0..20, got "
+                                                 f"{short_text(repr(k), 40)}")
+    if not want:
+        raise LineError(errors.INVALID_SAMPLING, "'body.top_logprobs' needs 'body.logprobs': true")
+    return True, k
 
 
 def _response_format(fmt: Any) -> dict:
@@ -319,7 +333,7 @@ def _parse_openai(obj: dict, file: str, line_no: int, sampling: SamplingSpec) ->
     endpoint = _openai_endpoint(obj, body)
     text, query, messages = _openai_prompt(body, endpoint)
     override = _openai_sampling(body)
-    want_logprobs, top_logprobs = _openai_logprobs(body)
+    want_logprobs, top_logprobs = _openai_logprobs(body, endpoint)
     if body.get("response_format") is not None:
         override.update(_response_format(body["response_format"]))
     return PromptLine(

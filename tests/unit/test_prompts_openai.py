@@ -157,3 +157,32 @@ def test_max_tokens_and_max_completion_tokens_together_are_refused():
     for field in ("max_tokens", "max_completion_tokens"):
         body = {"messages": MESSAGES, field: 7, "max_tokens" if field != "max_tokens" else "max_completion_tokens": None}
         assert _parse({"custom_id": "c", "body": body}).sampling.max_new_tokens == 7
+
+
+@pytest.mark.parametrize("url,body,asked", [
+    (CHAT, {"logprobs": True, "top_logprobs": 4}, (True, 4)),
+    (CHAT, {"logprobs": True}, (True, 0)),
+    (CHAT, {"logprobs": False}, (False, 0)),
+    (CHAT, {"logprobs": False, "top_logprobs": None}, (False, 0)),
+    (COMP, {"logprobs": 3}, (True, 3)),
+    (COMP, {"logprobs": 0}, (True, 0)),
+    (COMP, {"top_logprobs": 3}, (False, 0)),                 # not a /v1/completions parameter: ignored
+    # a chat request's top_logprobs without logprobs: true asked for nothing, and got nothing without a word
+    (CHAT, {"top_logprobs": 3}, "needs 'body.logprobs': true"),
+    (CHAT, {"logprobs": False, "top_logprobs": 3}, "needs 'body.logprobs': true"),
+    # each endpoint's logprobs given the other's way, as OpenAI refuses it
+    (CHAT, {"logprobs": 3}, "must be true or false"),
+    (COMP, {"logprobs": True}, "an integer 0..20"),
+    (COMP, {"logprobs": 21}, "an integer 0..20"),
+    (CHAT, {"logprobs": True, "top_logprobs": 21}, "an integer 0..20"),
+])
+def test_logprobs_are_read_as_the_endpoint_takes_them(url, body, asked):
+    messages = {"messages": MESSAGES} if url == CHAT else {"prompt": "p"}
+    line = {"custom_id": "c", "url": url, "body": {**messages, **body}}
+    if isinstance(asked, str):
+        with pytest.raises(LineError, match=asked) as err:
+            _parse(line)
+        assert err.value.code == errors.INVALID_SAMPLING
+    else:
+        pl = _parse(line)
+        assert (pl.want_logprobs, pl.top_logprobs) == asked
