@@ -14,22 +14,23 @@ from pydantic import ValidationError
 
 from . import errors
 from .errors import LineError
-from .records import PromptLine, TooLongLine, short_text
+from .records import CHAT_COMPLETIONS, COMPLETIONS, OPENAI_ENDPOINTS, PromptLine, TooLongLine, short_text
 from .spec import SamplingSpec, format_validation_error
 
 HUMAN = "<human>:"
 BOT = "\n<bot>:"
 EOS_TEXT = "</s>"
 
-# OpenAI body fields we map onto our sampling; others (model, logit_bias...) are accepted and ignored
+# OpenAI body fields we map onto our sampling, with the JSON type OpenAI takes for each (str: a string or a list
+# of strings); others (model, logit_bias...) are accepted and ignored
 _OPENAI_SAMPLING = {
-    "max_tokens": "max_new_tokens",
-    "max_completion_tokens": "max_new_tokens",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "n": "n",
-    "seed": "seed",
-    "stop": "stop",
+    "max_tokens": ("max_new_tokens", int),
+    "max_completion_tokens": ("max_new_tokens", int),
+    "temperature": ("temperature", float),
+    "top_p": ("top_p", float),
+    "n": ("n", int),
+    "seed": ("seed", int),
+    "stop": ("stop", str),
 }
 
 
@@ -94,17 +95,57 @@ def _metadata(obj: dict, known: tuple[str, ...]) -> dict:
     return {k: v for k, v in obj.items() if k not in known}
 
 
-def _openai_logprobs(body: dict) -> tuple[bool, int]:
-    """(logprobs asked, top_logprobs k) of an OpenAI request: chat has logprobs: bool + top_logprobs: int,
-    the legacy completions endpoint logprobs: int (the k)."""
+def _openai_sampling(body: dict) -> dict:
+    """The sampling fields a request's body sets, each of the JSON type OpenAI takes: the spec's lax parsing read
+    "9" or 9.0 as 9 and true as 1 (max_tokens: true gave one token), where OpenAI answers 400. Like OpenAI, a body
+    may set max_tokens or max_completion_tokens, not both (one of them was dropped without a word)."""
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise LineError(errors.INVALID_SAMPLING, "give one of 'body.max_tokens' and 'body.max_completion_tokens', "
+                                                 "not both")
+    override = {}
+    for theirs, (ours, kind) in _OPENAI_SAMPLING.items():
+        value = body.get(theirs)
+        if value is None:
+            continue
+        if kind is str:
+            value = [value] if isinstance(value, str) else value
+            ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            want = "a string or a list of strings"
+        else:
+            ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+            want = "an integer" if kind is int else "a number"
+        if not ok:
+            raise LineError(errors.INVALID_SAMPLING,
+                            f"'body.{theirs}' must be {want}, got {short_text(repr(body[theirs]), 40)}")
+        override[ours] = value
+    return override
+
+
+def _openai_logprobs(body: dict, endpoint: str) -> tuple[bool, int]:
+    """(logprobs asked, top_logprobs k) of an OpenAI request, as its endpoint takes them: a chat request has
+    logprobs: bool and top_logprobs: int, which asks for nothing without logprobs: true (OpenAI refuses it; it was
+    dropped without a word); a completion has logprobs: int, the k (up to 20 here, 5 at OpenAI), and no
+    top_logprobs. Either one's logprobs given the other's way (a chat request's logprobs: 3) is refused too."""
     want, k = body.get("logprobs"), body.get("top_logprobs")
-    if isinstance(want, int) and not isinstance(want, bool):
-        want, k = True, want if k is None else k
+    if endpoint == COMPLETIONS:
+        if want is None:
+            return False, 0
+        if not isinstance(want, int) or isinstance(want, bool) or not 0 <= want <= 20:
+            raise LineError(errors.INVALID_SAMPLING, f"'body.logprobs' of a {COMPLETIONS} request is how many most "
+                            "likely tokens to list at each position, an integer 0..20; got "
+                            f"{short_text(repr(want), 40)}")
+        return True, want
     if want is not None and not isinstance(want, bool):
-        raise LineError(errors.INVALID_SAMPLING, "'body.logprobs' must be true/false (or an integer 0..20)")
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20):
-        raise LineError(errors.INVALID_SAMPLING, f"'body.top_logprobs' must be an integer 0..20, got {k!r}")
-    return bool(want), int(k or 0) if want else 0
+        raise LineError(errors.INVALID_SAMPLING, f"'body.logprobs' of a {CHAT_COMPLETIONS} request must be true or "
+                        f"false (top_logprobs gives how many tokens to list); got {short_text(repr(want), 40)}")
+    if k is None:
+        return bool(want), 0
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= 20:
+        raise LineError(errors.INVALID_SAMPLING, f"'body.top_logprobs' must be an integer 0..20, got "
+                                                 f"{short_text(repr(k), 40)}")
+    if not want:
+        raise LineError(errors.INVALID_SAMPLING, "'body.top_logprobs' needs 'body.logprobs': true")
+    return True, k
 
 
 def _response_format(fmt: Any) -> dict:
@@ -239,35 +280,65 @@ def _parse_ziya(obj: dict, file: str, line_no: int, sampling: SamplingSpec) -> P
     )
 
 
+def _openai_endpoint(obj: dict, body: dict) -> str:
+    """The endpoint an openai-batch request goes to: its url, which must be one this server answers (the HTTP API
+    also checks that it is the batch's before the batch runs). A line without a url (format openai-batch outside
+    the API, where a line may be just custom_id and body) goes where its body is written for."""
+    method = obj.get("method", "POST")
+    if method != "POST":
+        raise LineError(errors.INVALID_LINE, f"'method' must be POST, got {short_text(repr(method), 40)}")
+    if "url" not in obj:
+        return CHAT_COMPLETIONS if body.get("messages") is not None else COMPLETIONS
+    url = obj["url"]
+    if not isinstance(url, str) or url not in OPENAI_ENDPOINTS:
+        raise LineError(errors.INVALID_LINE, f"'url' must be {CHAT_COMPLETIONS} or {COMPLETIONS}, the endpoints "
+                                             f"this server answers; got {short_text(repr(url), 60)}")
+    return url
+
+
+def _openai_prompt(body: dict, endpoint: str) -> tuple[str, Optional[str], Optional[list]]:
+    """(Ziya prompt, query, messages) of a request's body, which must be written for its endpoint: a chat request
+    gives `messages` and no `prompt`, a completion `prompt` and no `messages` (a null field counts as absent). A
+    body for the other endpoint was answered as that one's, whatever the url or the batch said."""
+    own, other = ("messages", "prompt") if endpoint == CHAT_COMPLETIONS else ("prompt", "messages")
+    others = COMPLETIONS if endpoint == CHAT_COMPLETIONS else CHAT_COMPLETIONS
+    if body.get(own) is None:
+        if body.get(other) is None:
+            raise LineError(errors.MISSING_PROMPT, f"openai-batch body has neither 'prompt' nor 'messages' (a "
+                                                   f"{endpoint} request gives 'body.{own}')")
+        raise LineError(errors.MISSING_PROMPT, f"a {endpoint} request gives 'body.{own}'; this body has "
+                                               f"'body.{other}', which is for {others}")
+    if body.get(other) is not None:
+        raise LineError(errors.INVALID_LINE, f"'body.{other}' is a {others} parameter, not a {endpoint} one: give "
+                                             f"'body.{own}' only")
+    if endpoint == CHAT_COMPLETIONS:
+        messages = body["messages"]
+        if not isinstance(messages, list):
+            raise LineError(errors.MISSING_PROMPT, "'body.messages' must be a list of {role, content}")
+        return build_chat_prompt(messages), None, messages
+    prompt = body["prompt"]
+    if not isinstance(prompt, str):
+        raise LineError(errors.MISSING_PROMPT, "'body.prompt' must be a string (one prompt a request: a list of "
+                                               "prompts or of token ids is not read)")
+    if not prompt.strip():
+        raise LineError(errors.EMPTY_PROMPT, "'body.prompt' is empty")
+    return build_prompt(prompt), prompt, None
+
+
 def _parse_openai(obj: dict, file: str, line_no: int, sampling: SamplingSpec) -> PromptLine:
     line_id = line_id_of(obj.get("custom_id"), file, line_no)
     body = obj.get("body")
     if not isinstance(body, dict):
         raise LineError(errors.MISSING_PROMPT, "openai-batch line has no 'body' object")
-    override = {ours: body[theirs] for theirs, ours in _OPENAI_SAMPLING.items() if body.get(theirs) is not None}
-    want_logprobs, top_logprobs = _openai_logprobs(body)
-    if isinstance(override.get("stop"), str):
-        override["stop"] = [override["stop"]]
+    endpoint = _openai_endpoint(obj, body)
+    text, query, messages = _openai_prompt(body, endpoint)
+    override = _openai_sampling(body)
+    want_logprobs, top_logprobs = _openai_logprobs(body, endpoint)
     if body.get("response_format") is not None:
         override.update(_response_format(body["response_format"]))
-    messages = None
-    if "messages" in body:
-        messages = body["messages"]
-        if not isinstance(messages, list):
-            raise LineError(errors.MISSING_PROMPT, "'body.messages' must be a list of {role, content}")
-        text = build_chat_prompt(messages)
-        endpoint = "/v1/chat/completions"
-    elif "prompt" in body:
-        if not isinstance(body["prompt"], str) or not body["prompt"].strip():
-            raise LineError(errors.EMPTY_PROMPT, "'body.prompt' must be a non-empty string")
-        text = build_prompt(body["prompt"])
-        endpoint = "/v1/completions"
-    else:
-        raise LineError(errors.MISSING_PROMPT, "openai-batch body has neither 'prompt' nor 'messages'")
     return PromptLine(
-        id=line_id, file=file, line=line_no, text=text,
-        query=body.get("prompt") if messages is None else None, messages=messages,
-        sampling=_sampling(sampling, override or None),
-        endpoint=short_text(obj.get("url") or endpoint), model_name=short_text(body.get("model") or "ziya-llama-13b"),
+        id=line_id, file=file, line=line_no, text=text, query=query, messages=messages,
+        sampling=_sampling(sampling, override or None), endpoint=endpoint,
+        model_name=short_text(body.get("model") or "ziya-llama-13b"),
         metadata=_metadata(obj, _OPENAI_FIELDS), want_logprobs=want_logprobs, top_logprobs=top_logprobs,
     )

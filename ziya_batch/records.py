@@ -30,6 +30,12 @@ class ShardRef:
     identity: Optional[str] = None
 
 
+# the OpenAI endpoints this server answers: an openai-batch line's url is one of them (a batch's endpoint too)
+CHAT_COMPLETIONS = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+OPENAI_ENDPOINTS = (CHAT_COMPLETIONS, COMPLETIONS)
+
+
 @dataclass(frozen=True)
 class PromptLine:
     """One valid input line, ready to generate."""
@@ -41,12 +47,18 @@ class PromptLine:
     sampling: "SamplingSpec"
     query: Optional[str] = None                 # single-turn prompt as given
     messages: Optional[list] = None             # multi-turn conversation as given
-    endpoint: Optional[str] = None              # openai-batch: the request's url
+    endpoint: Optional[str] = None              # openai-batch: the request's endpoint, one of OPENAI_ENDPOINTS
     model_name: Optional[str] = None            # openai-batch: body.model, echoed back
     metadata: Optional[dict] = None             # the line's other fields (labels: an answer, a schema), as given
     logprobs_mode: str = SamplingParams.logprobs_mode    # experience.logprobs_mode of the job
     top_logprobs: int = SamplingParams.top_logprobs      # per token (the job's, or an OpenAI request's)
     want_logprobs: bool = False                 # openai-batch: the request asked for logprobs
+
+    @property
+    def openai_chat(self) -> bool:
+        """An openai-batch request to /v1/chat/completions: answered as a chat.completion (the endpoint alone
+        decides; the parser refused a body written for the other one)."""
+        return self.endpoint == CHAT_COMPLETIONS
 
 
 @dataclass
@@ -176,7 +188,7 @@ def openai_batch_record(r: LineResult) -> dict:
     created = int(time.time())
     prompt_tokens = len(r.prompt_ids)
     completion_tokens = sum(len(s.token_ids) for s in r.samples)
-    chat = r.line.endpoint == "/v1/chat/completions" or r.line.messages is not None
+    chat = r.line.openai_chat
     if chat:
         choices = [{"index": s.index, "message": {"role": "assistant", "content": s.text},
                     "finish_reason": s.finish_reason, "logprobs": s.openai_logprobs} for s in r.samples]

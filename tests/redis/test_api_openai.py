@@ -238,11 +238,48 @@ def test_an_input_openai_would_refuse_fails_the_batch_naming_each_line(api_env):
     file_id = _upload(client, ("\n".join(rows) + "\n").encode()).json()["id"]
     b = _settled(client, _create(client, file_id).json()["id"])
     assert b["status"] == "failed" and b["output_file_id"] is None
-    got = [(e["code"], e["line"]) for e in b["errors"]["data"]]
-    assert got == [("duplicate_custom_id", 2), ("missing_required_parameter", 3), ("invalid_custom_id", 4),
-                   ("mismatched_url", 5), ("invalid_method", 6), ("invalid_json_line", 7), ("invalid_json_line", 9),
-                   ("invalid_custom_id", 10)]
+    got = [(e["code"], e["line"], e["param"]) for e in b["errors"]["data"]]
+    assert got == [("duplicate_custom_id", 2, "custom_id"), ("missing_required_parameter", 3, "custom_id"),
+                   ("missing_required_parameter", 3, "url"), ("invalid_custom_id", 4, "custom_id"),
+                   ("mismatched_url", 5, "url"), ("invalid_method", 6, "method"), ("invalid_json_line", 7, None),
+                   ("invalid_json_line", 9, None), ("invalid_custom_id", 10, "custom_id")]
     assert client.get("/v1/jobs", headers=AUTH).json()["jobs"] == []          # nothing was queued
+
+
+def test_a_request_without_a_url_fails_the_batch(api_env):
+    """OpenAI requires each request's url. Without one the job's reader sent a request where its body pointed: a
+    chat batch's line with a completion body (prompt, no messages) passed validation and was answered as a
+    text_completion. Now such a line fails the batch, naming the line and the parameter."""
+    _, _, make_client = api_env
+    client = make_client()
+    chat = {"custom_id": "chat", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"messages": [{"role": "user", "content": "hi"}]}}
+    rows = [chat, {"custom_id": "no-url", "method": "POST", "body": {"prompt": "hi"}},
+            {"custom_id": "null-url", "url": None, "body": {"messages": [{"role": "user", "content": "hi"}]}}]
+    file_id = _upload(client, ("\n".join(json.dumps(r) for r in rows) + "\n").encode()).json()["id"]
+    body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    b = _settled(client, client.post("/v1/batches", json=body, headers=AUTH).json()["id"])
+    assert b["status"] == "failed" and b["output_file_id"] is None, b
+    assert [(e["code"], e["line"], e["param"]) for e in b["errors"]["data"]] == [
+        ("missing_required_parameter", 2, "url"), ("mismatched_url", 3, "url")]
+    assert "/v1/chat/completions" in b["errors"]["data"][0]["message"]
+    assert client.get("/v1/jobs", headers=AUTH).json()["jobs"] == []          # nothing was queued
+
+
+def test_a_custom_id_that_is_no_unicode_text_fails_the_batch(api_env):
+    """A custom_id holding a lone surrogate escape passed validation; the job refused the line (no writer can echo
+    it) and named its error line by its place: the server's storage path of the input became the custom_id the
+    client saw, matching no request."""
+    _, _, make_client = api_env
+    client = make_client()
+    data = (b'{"custom_id": "ok", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}\n'
+            b'{"custom_id": "x\\ud800", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}\n'
+            b'{"custom_id": "\\udfff", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}\n'
+            b'{"custom_id": "\\ud83d\\ude00", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}\n')
+    b = _settled(client, _create(client, _upload(client, data).json()["id"]).json()["id"])
+    assert b["status"] == "failed", b
+    assert [(e["code"], e["line"], e["param"]) for e in b["errors"]["data"]] == [
+        ("invalid_custom_id", 2, "custom_id"), ("invalid_custom_id", 3, "custom_id")]   # a surrogate pair is text
 
 
 def test_too_many_requests_fail_the_batch(api_env, monkeypatch):

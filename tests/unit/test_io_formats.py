@@ -1,6 +1,7 @@
 """Both part formats load with pyarrow and `datasets` without custom code, with the documented schemas."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pyarrow as pa
@@ -108,6 +109,7 @@ def test_jsonl_parts_load_with_datasets_and_pyarrow(tmp_path, hf_offline, shard_
 def test_openai_batch_results_and_errors_in_parquet(tmp_path, line_result):
     out = str(tmp_path / "out")
     chat = line_result(1, multi_turn=True)
+    chat = dataclasses.replace(chat, line=dataclasses.replace(chat.line, endpoint="/v1/chat/completions"))
     line = PromptLine(id="c1", file="in.jsonl", line=1, text="t", sampling=SamplingSpec(), query="hi",
                       endpoint="/v1/completions", model_name="ziya")
     completion = LineResult(line=line, prompt_ids=[1, 2], samples=[SampleOutput(0, [3], "ok", "length")])

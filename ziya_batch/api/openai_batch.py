@@ -29,7 +29,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from .. import io, jobs
-from ..errors import ZiyaBatchError
+from ..errors import ZiyaBatchError, utf8_safe
 from ..records import TooLongLine
 from ..io.storage import move_atomic, put_atomic, read_bytes
 from ..spec import JobSpec
@@ -259,18 +259,22 @@ class Batches:
 
     def _validate(self, record: dict) -> Optional[list[dict]]:
         """What OpenAI checks of a batch's input before it runs, one error a line (1-based, the first
-        MAX_LISTED_ERRORS): every non-blank line a JSON object with a custom_id string of its own (no other line
-        has it: results are matched to requests by it), method POST and url the batch's endpoint where given,
-        at most MAX_BATCH_REQUESTS requests. None when the input passes. A request's body is checked as it
-        runs, and a bad one is that request's line in the error file."""
+        MAX_LISTED_ERRORS), naming the parameter at fault: every non-blank line a JSON object with a custom_id
+        string of its own (no other line has it: results are matched to requests by it), method POST where given,
+        a url that is the batch's endpoint, at most MAX_BATCH_REQUESTS requests. None when the input passes. A
+        request's body is checked as it runs, and a bad one is that request's line in the error file.
+
+        The url is required, as OpenAI requires it: the job's reader sends a request to its url, and a line without
+        one to the endpoint its body is written for, which in a chat batch answered a completion body as a
+        text_completion."""
         url = self.store.url_of("files", record["input_file_id"], "content")
         seen: set[str] = set()
         errors: list[dict] = []
         requests = 0
 
-        def bad(code: str, message: str, line: int) -> None:
+        def bad(code: str, message: str, line: int, param: Optional[str] = None) -> None:
             if len(errors) < MAX_LISTED_ERRORS:
-                errors.append({"code": code, "message": message, "param": None, "line": line})
+                errors.append({"code": code, "message": message, "param": param, "line": line})
 
         for line_no, raw in _request_lines(url):
             requests += 1
@@ -286,20 +290,25 @@ class Batches:
                 bad("invalid_json_line", "this line is not a JSON object", line_no)
                 continue
             cid = obj.get("custom_id")
-            if not isinstance(cid, str) or not cid or len(cid) > MAX_CUSTOM_ID_CHARS:
+            # a lone surrogate (a JSON escape) cannot be written back: the job named such a line's error by its
+            # place, the server's storage path of the input, which became the custom_id a client saw
+            if not isinstance(cid, str) or not cid or len(cid) > MAX_CUSTOM_ID_CHARS or not utf8_safe(cid):
                 bad("missing_required_parameter" if cid is None else "invalid_custom_id",
                     f"the custom_id of a request must be a non-empty string of at most {MAX_CUSTOM_ID_CHARS} "
-                    "characters", line_no)
+                    "Unicode characters", line_no, "custom_id")
             elif cid in seen:
                 bad("duplicate_custom_id", "the custom_id for this request is a duplicate of another request; "
-                    "the custom_id parameter must be unique for each request in a batch", line_no)
+                    "the custom_id parameter must be unique for each request in a batch", line_no, "custom_id")
             elif requests <= MAX_BATCH_REQUESTS:    # past it the batch fails anyway: no more memory for ids
                 seen.add(cid)
             if obj.get("method", "POST") != "POST":
-                bad("invalid_method", "the method of a batch request must be POST", line_no)
-            if obj.get("url", record["endpoint"]) != record["endpoint"]:
+                bad("invalid_method", "the method of a batch request must be POST", line_no, "method")
+            if "url" not in obj:
+                bad("missing_required_parameter", f"the url of a request is required: the batch's endpoint "
+                    f"{record['endpoint']}", line_no, "url")
+            elif obj["url"] != record["endpoint"]:
                 bad("mismatched_url", f"the url of this request is not the batch's endpoint "
-                    f"{record['endpoint']}", line_no)
+                    f"{record['endpoint']}", line_no, "url")
         if requests > MAX_BATCH_REQUESTS:
             errors.insert(0, {"code": "too_many_requests", "message": f"the input holds {requests:,} requests, more "
                               f"than the {MAX_BATCH_REQUESTS:,} a batch may hold", "param": None, "line": None})

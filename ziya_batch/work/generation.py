@@ -152,10 +152,9 @@ class ShardStream:
             samples = [SampleOutput(c.index, c.token_ids, c.text, c.finish_reason, c.logprobs,
                                     top_logprobs=c.top_logprobs) for c in out.completions]
             if pl.want_logprobs:
-                chat = pl.endpoint == "/v1/chat/completions" or pl.messages is not None
                 for smp in samples:
                     smp.openai_logprobs = openai_logprobs(smp.token_ids, smp.logprobs, smp.top_logprobs,
-                                                          self._pieces, chat)
+                                                          self._pieces, pl.openai_chat)
             self._results[key].append(LineResult(pl, ids, samples, cached_tokens=out.num_cached_tokens))
             self._left[key] -= 1
         done = [key for key, left in self._left.items() if left == 0]
