@@ -427,10 +427,18 @@ def engine_config(spec: JobSpec, model_path: str, device: str) -> EngineConfig:
     return EngineConfig(model_path=model_path, device=device, **values)
 
 
+# the spec's models by class name, for format_validation_error
+_SPEC_MODELS: dict[str, type[BaseModel]] = {m.__name__: m for m in (
+    JobSpec, ModelSpec, SamplingSpec, FiltersSpec, OutputSpec, ExperienceSpec, EngineSpec, ReliabilitySpec)}
+
+
 def format_validation_error(err: ValidationError, source: str = "job spec") -> str:
     """One line naming each wrong field of a job spec (or a part of one), what is allowed, and the closest key for
-    unknown ones; a wrong value is quoted by at most its first VALUE_CHARS characters."""
-    return validation_error_line(err, JobSpec, source)
+    unknown ones; a wrong value is quoted by at most its first VALUE_CHARS characters. Unknown keys are matched
+    against the part that was validated (pydantic names it in err.title: a line's `sampling` object is a
+    SamplingSpec, whose keys are the ones to suggest), a whole JobSpec otherwise."""
+    root = _SPEC_MODELS.get(getattr(err, "title", None), JobSpec)
+    return validation_error_line(err, root, source)
 
 
 def parse_spec(data: Any, source: str = "job spec", stored: bool = False) -> JobSpec:

@@ -55,3 +55,27 @@ def test_openai_batch_lines():
     assert parse_line(json.dumps(comp), "openai-batch", "f", 2, S).text == "<human>:写诗\n<bot>:"
     with pytest.raises(LineError):
         parse_line(json.dumps({"custom_id": "x"}), "openai-batch", "f", 3, S)
+
+
+def test_a_lines_unknown_sampling_key_is_matched_against_the_sampling_keys():
+    """A line's `sampling` object is validated on its own: its unknown key was matched against a whole spec's keys,
+    so `temprature` got no suggestion and the message listed the spec's top-level keys (name, model, input...)."""
+    with pytest.raises(LineError) as ei:
+        parse_line(b'{"id": "x", "prompt": "q", "sampling": {"temprature": 0.5}}', "ziya", "f.jsonl", 1, S)
+    assert ei.value.code == errors.INVALID_SAMPLING
+    assert ei.value.message == "sampling: unknown key 'temprature' (did you mean 'temperature'?)"
+    with pytest.raises(LineError) as ei:
+        parse_line(b'{"id": "x", "prompt": "q", "sampling": {"zzz": 1}}', "ziya", "f.jsonl", 1, S)
+    assert "(allowed: max_new_tokens, min_new_tokens, temperature" in ei.value.message
+    assert "shard_size" not in ei.value.message
+
+
+def test_a_specs_unknown_keys_are_still_matched_where_they_sit():
+    from ziya_batch.errors import SpecError
+    from ziya_batch.spec import parse_spec
+
+    with pytest.raises(SpecError) as ei:
+        parse_spec({"name": "a", "model": {"path": "m"}, "input": ["i"], "output": {"path": "o"},
+                    "sampling": {"temprature": 1}, "modle": {}})
+    assert "unknown key 'sampling.temprature' (did you mean 'temperature'?)" in str(ei.value)
+    assert "unknown key 'modle' (did you mean 'model'?)" in str(ei.value)
