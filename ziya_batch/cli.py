@@ -248,16 +248,24 @@ def redis_status():
 
 
 @redis_app.command("stop")
-def redis_stop(force: bool = typer.Option(False, "--force", help="Stop it even while shards are leased")):
+def redis_stop(force: bool = typer.Option(False, "--force", help="Stop it even while shards are leased or "
+                                                                      "commands (run, serve, worker) use it")):
     """Shut it down (its AOF keeps every job for the next start)."""
     from .errors import ServiceError
     from .runtime.services import private_redis
 
     srv = private_redis()
-    leased = srv.usage()["leased_shards"] if srv.running() else 0
+    usage = srv.usage() if srv.running() else {}
+    leased, commands = usage.get("leased_shards", 0), usage.get("commands", 0)
     if leased and not force:
         raise ServiceError(f"{leased} shard(s) are leased (a job is running on this server): stop its workers "
                            "first, or pass --force (their leases expire and are requeued at the next start)")
+    if commands and not force:
+        # a running `serve` or `worker` keeps the URL it started with: a server started again later has
+        # another port, so it would answer 503 / stop serving until it is restarted
+        raise ServiceError(f"{commands} command(s) use this server (`run`, `serve` or `worker` started without a "
+                           "Redis URL; `ziya-batch redis status` counts them): stop them first (Ctrl-C), or pass "
+                           "--force (they cannot reach Redis again until they are restarted)")
     # shutdown() also stops a redis-server left on the data dir that does not answer (running() is False then)
     if srv.shutdown():
         typer.echo(f"stopped (data kept in {srv.data_dir})")

@@ -236,3 +236,20 @@ def test_an_ill_typed_server_json_is_stale(tmp_path, content):
         assert redis.Redis.from_url(srv.start()).ping() and not srv.reused
     finally:
         srv.stop()
+
+
+def test_redis_stop_refuses_while_a_command_uses_the_server():
+    """`redis stop` under a running `serve` (or `worker`, or `run` between shards) left that command on a dead
+    URL: the next server starts on another port, so the API answered 503 until it was restarted. Now it refuses
+    while a registered command runs, and --force stops it anyway."""
+    srv = PrivateRedis(Path(os.environ["ZIYA_BATCH_HOME"]) / "redis")
+    srv.start(register=True)                   # this test's process stands for the running command
+    try:
+        rc, out, err = _cli("redis", "stop")
+        assert rc == 3 and "1 command(s) use this server" in err and "--force" in err, (rc, out, err)
+        assert srv.running()
+        rc, out, err = _cli("redis", "stop", "--force")
+        assert rc == 0 and out.startswith("stopped"), err
+        assert not srv.running()
+    finally:
+        srv.stop()
