@@ -85,3 +85,21 @@ def test_serve_main_names_a_busy_port(monkeypatch):
         with pytest.raises(ServiceError, match="--port"):
             serve_main(host="127.0.0.1", port=busy.getsockname()[1])
 
+
+
+def test_serve_main_refuses_a_model_that_its_own_replicas_cannot_find(monkeypatch, tmp_path):
+    """`serve --model DIR` with DIR missing started, accepted every OpenAI batch, and left each in_progress while
+    its replicas failed to load the model; now it stops at once, before it starts Redis or Ray."""
+    from ziya_batch.api.serve import serve_main
+    from ziya_batch.errors import ModelError
+
+    monkeypatch.setenv("ZIYA_BATCH_API_TOKEN", TOKEN)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ModelError, match="--model .*missing is not a directory"):
+        serve_main(port=0, model=str(tmp_path / "missing"), redis_url="redis://:pw@127.0.0.1:1/0")
+    monkeypatch.setenv("ZIYA_BATCH_MODEL", str(tmp_path / "missing"))
+    with pytest.raises(ModelError):
+        serve_main(port=0, redis_url="redis://:pw@127.0.0.1:1/0")
+    # no replicas here (a front door, or a cluster's workers): their hosts read the model, so it is not judged here
+    with pytest.raises(ServiceError, match="cannot reach Redis"):
+        serve_main(port=0, redis_url="redis://:pw@127.0.0.1:1/0", workers=False)

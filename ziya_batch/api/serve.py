@@ -15,7 +15,7 @@ import time
 from typing import Optional
 
 from .. import settings as env
-from ..errors import ServiceError
+from ..errors import ModelError, ServiceError
 from .settings import ApiSettings
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,18 @@ def _check_port_free(host: str, port: int) -> None:
                                "or stop what holds it") from None
 
 
+def _check_local_model(model: Optional[str], local_replicas: bool) -> None:
+    """The model OpenAI batches run on (--model / ZIYA_BATCH_MODEL) must be a directory here when this command's
+    own replicas are to load it; a wrong one otherwise left every batch in_progress, its shards waiting on
+    replicas that cannot load it. On a cluster (or with --no-workers) the workers' hosts read it: not checked."""
+    import os
+
+    if local_replicas and model and "://" not in model and not os.path.isdir(model):
+        raise ModelError(f"--model {model} is not a directory (the model OpenAI batches run on, loaded by this "
+                         "command's replicas: a merged Hugging Face checkpoint; `ziya-batch demo-model DIR` writes "
+                         "a tiny one to try things with)")
+
+
 def serve_main(host: str = "127.0.0.1", port: int = 8000, model: Optional[str] = None,
                storage: Optional[str] = None, redis_url: Optional[str] = None, ray_address: Optional[str] = None,
                insecure_no_auth: bool = False, num_replicas: int = 1, workers: bool = True,
@@ -90,6 +102,7 @@ def serve_main(host: str = "127.0.0.1", port: int = 8000, model: Optional[str] =
     from ..runtime.services import connect_broker, redis_for
 
     settings = ApiSettings.from_env(model=model, storage=storage, insecure_no_auth=insecure_no_auth)
+    _check_local_model(settings.model, local_replicas=workers and not env.ray_address(ray_address))
     _check_port_free(host, port)
     url, private = redis_for(redis_url, register=True)
     manager = None
