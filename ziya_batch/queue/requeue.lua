@@ -16,6 +16,10 @@
 -- lines' ids (optional: 0)
 -- ARGV[14] ms a shard may sit untried after a storage give-back and its next one still go on from it (optional: 0,
 -- no limit)
+-- ARGV[15] the Redis time (ms) this server started (optional: 0, unknown): an expired lease is taken back only once
+-- the server has been up for the job's lease_ms. While it was down (killed, restarted from an AOF that may have lost
+-- the last renewals too) no owner could renew, so a lease that ran out meanwhile says nothing about its owner: each
+-- gets one whole lease from the start to renew before its shard counts as failed.
 -- A shard given back (its worker could not load the job's engine, or no longer serves the job's spec) did not
 -- fail: its lines were not tried, so the attempt does not count, the shard is not isolated, and it waits only
 -- backoff_base_ms before another claim.
@@ -40,6 +44,8 @@ local expired = ARGV[3] == ''
 if expired then
   local expiry = redis.call('ZSCORE', KEYS[4], ARGV[2])
   if expiry and tonumber(expiry) > now then return false end
+  local started = tonumber(ARGV[15] or '') or 0
+  if started > 0 and now < started + hnum(KEYS[1], 'lease_ms') then return false end
 elseif sh.token ~= tonumber(ARGV[3]) then
   return false
 end
