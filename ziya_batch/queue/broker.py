@@ -342,7 +342,9 @@ class Broker:
                                       args=[lease.shard.index, lease.token, ""]))
 
     def commit(self, lease: Lease, stats: ShardStats) -> bool:
-        """Record the shard committed with `stats`, only if `lease` is still the shard's current lease."""
+        """Record the shard committed with `stats`, only if `lease` is still the shard's current lease. True again
+        for the same commit sent again (its token and `stats.attempt`), so a caller that got no reply (Redis killed or
+        the connection cut after the commit ran) may send it again and learn that it stands."""
         k, j = self.keys, lease.job_id
         ok, _ = self.scripts.commit(
             keys=[k.job(j), k.shards(j), k.leased(j), k.leases(), k.progress(j), k.credit(j), k.ready()],
