@@ -76,16 +76,18 @@ if not given_back and not expired then
   end_storage_series(sh)
 end
 if ARGV[11] == 'storage' then
-  local committed = hnum(KEYS[1], 'read_commits')
+  local job = redis.call('HMGET', KEYS[1], 'read_commits', 'read_commit_ms', 'storage_fail_ms', 'storage_fail_shard',
+                         'storage_fail_other_ms')
+  local committed = tonumber(job[1] or '0') or 0
   -- the latest storage give-back of another shard of the job (storage_fail_ms / _shard: the latest of any;
   -- storage_fail_other_ms: the latest of a shard other than that one): where it came after the job's last commit
   -- of a shard that read its input, the store is failing others too, and this give-back is an outage's, not the
   -- shard's own
   local idx = tostring(ARGV[2])
-  local last_ms, last_shard = hnum(KEYS[1], 'storage_fail_ms'), redis.call('HGET', KEYS[1], 'storage_fail_shard')
+  local last_ms, last_shard = tonumber(job[3] or '0') or 0, job[4]
   local other_ms = last_ms
-  if last_shard == idx then other_ms = hnum(KEYS[1], 'storage_fail_other_ms') end
-  local others_fail = other_ms > 0 and other_ms >= hnum(KEYS[1], 'read_commit_ms')
+  if last_shard == idx then other_ms = tonumber(job[5] or '0') or 0 end
+  local others_fail = other_ms > 0 and other_ms >= (tonumber(job[2] or '0') or 0)
   if last_shard ~= idx then redis.call('HSET', KEYS[1], 'storage_fail_other_ms', int(last_ms)) end
   redis.call('HSET', KEYS[1], 'storage_fail_ms', int(now), 'storage_fail_shard', idx)
   local gap = tonumber(ARGV[14]) or 0
