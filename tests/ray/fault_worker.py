@@ -1,8 +1,10 @@
 """A real worker process for fault tests: the production Worker with a fault injected by name.
 
 usage: python fault_worker.py REDIS_URL FAULT [POISON_LINES]
-FAULT: none | die_after_stage | die_after_commit | exit_on_poison
+FAULT: none | die_after_stage | die_after_commit | exit_on_poison | stop_after_stage
 Runs until the queue has nothing left to claim (none, exit_on_poison) or until the fault fires.
+stop_after_stage: the process stops itself (SIGSTOP) once, after staging its first shard's parts and before
+committing them, for the test to change the world (kill Redis) before it goes on (SIGCONT).
 """
 import logging
 import os
@@ -33,6 +35,17 @@ def main():
             orig_stage(self, *a, **kw)
             _die()
         io.OutputDir.stage = stage_then_die
+    elif fault == "stop_after_stage":
+        orig_stage = io.OutputDir.stage
+        stopped = []
+
+        def stage_then_stop(self, *a, **kw):
+            staged = orig_stage(self, *a, **kw)
+            if not stopped:
+                stopped.append(True)
+                os.kill(os.getpid(), signal.SIGSTOP)
+            return staged
+        io.OutputDir.stage = stage_then_stop
     elif fault == "die_after_commit":
         orig_commit = broker.commit
 

@@ -151,6 +151,36 @@ def test_sigkill_redis_mid_job_and_restart_from_aof(tmp_path, demo_model, redis_
     assert_exact_output(tmp_path / "out", ids)
 
 
+def _stopped(proc) -> bool:
+    with open(f"/proc/{proc.pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_redis_away_when_a_worker_commits_is_waited_out(tmp_path, demo_model, redis_server, fault_worker_cmd):
+    # max_retries 0: a shard counted as failed once is dead-lettered, its prompts written as error lines
+    job, ids = make_job(tmp_path, demo_model, n_lines=20, shard_size=10, lease_s=5.0, max_retries=0)
+    broker = Broker.from_url(redis_server.url)
+    job_id = submit_job(load_spec(job), broker).job_id
+    w = spawn(fault_worker_cmd(redis_server.url, "stop_after_stage"), serve=True)
+    try:
+        wait_for(lambda: _stopped(w), 120, every_s=0.05, what="the worker stopped between staging and committing")
+        port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+        os.kill(redis_server.pid, signal.SIGKILL)
+        w.send_signal(signal.SIGCONT)               # its commit meets a Redis that does not answer
+        time.sleep(2)
+        restarted = PrivateRedis(redis_server.base_dir, port=port)
+        assert restarted.start() == redis_server.url and not restarted.reused
+        redis_server.pid = restarted.pid
+        wait_for(lambda: broker.status(job_id).state.is_finished(), 120, what="the job's end")
+    finally:
+        stop(w)
+    # the same worker committed both shards once Redis answered: nothing counted as failed, nothing run twice
+    st = broker.status(job_id)
+    assert st.state == JobState.COMPLETED and st.retries == 0 and st.lease_expiries == 0 and st.dead_shards == 0
+    assert_exact_output(tmp_path / "out", ids, n=2)
+    assert {m.token for m in io.committed_shards(str(tmp_path / "out")).values()} == {1}
+
+
 def test_sigkill_run_and_run_again(tmp_path, demo_model):
     job, ids = make_job(tmp_path, demo_model, n_lines=120, shard_size=10)
     env = child_env(ZIYA_BATCH_HOME=str(tmp_path / "home"))

@@ -1,8 +1,10 @@
-"""redis-server SIGKILLed mid-sequence and restarted from its AOF: committed state and leases survive."""
+"""redis-server SIGKILLed mid-sequence and restarted from its AOF: committed state and leases survive, and leases that
+ran out while it was down are not taken from owners that renew them after the restart."""
 import time
 
 import redis
 
+from tests.processes import wait_for
 from ziya_batch.queue import Broker, JobState, ShardStats
 
 
@@ -66,3 +68,31 @@ def test_submit_interrupted_by_a_redis_crash_completes_on_resubmit(restartable_r
     st = broker.submit(spec, make_shards(spec, 3000))
     assert st.shards_total == 3000 and st.prompts_total == 15000 and st.state == JobState.QUEUED
     assert broker.claim("w").shard.index == 0
+
+
+def test_leases_that_ran_out_while_redis_was_down_are_their_owners_for_one_lease_after_the_restart(
+        restartable_redis, make_shards, make_spec):
+    broker = Broker.from_url(restartable_redis.url, prefix="zb")
+    spec = make_spec(lease_s=2.0, max_retries=0)
+    job_id = broker.submit(spec, make_shards(spec, 2)).job_id
+    alive, gone = broker.claim("alive"), broker.claim("gone")
+
+    restartable_redis.kill()
+    time.sleep(2.5)                 # both leases run out on the server's clock while nobody can renew them
+    restartable_redis.start()
+    _wait_up(broker)
+
+    # a reaper right after the restart takes neither (with max_retries=0 it dead-lettered both, lines never tried)
+    assert broker.reap() == []
+    assert broker.heartbeat(alive)
+
+    def reaped():
+        broker.heartbeat(alive)     # its owner renews as a live worker does
+        return broker.reap()
+
+    # the owner that stayed silent for a whole lease after the restart is taken back, as any expired lease is
+    assert wait_for(reaped, timeout_s=10, every_s=0.3, what="the silent lease reaped") == [(job_id, gone.shard.index,
+                                                                                              "dead")]
+    assert broker.commit(alive, ShardStats(prompts_done=10))
+    st = broker.status(job_id)
+    assert st.lease_expiries == 1 and st.shards["committed"] == 1 and st.shards["dead"] == 1

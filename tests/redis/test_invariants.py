@@ -45,7 +45,8 @@ def check_invariants(broker: Broker, job_id: str, tokens_seen: dict) -> None:
 @pytest.mark.parametrize("seed", range(6))
 def test_random_operations_keep_keys_consistent(redis_client, seed, expire, make_shards, make_spec):
     rng = random.Random(seed)
-    broker = Broker(redis_client, prefix="zbtest", backoff_base_s=0.0, backoff_max_s=0.0, promote_grace_s=0.0)
+    broker = Broker(redis_client, prefix="zbtest", backoff_base_s=0.0, backoff_max_s=0.0, promote_grace_s=0.0,
+                    restart_grace=False)
     spec = make_spec(f"rand{seed}", max_retries=rng.choice([0, 1, 3]))
     job_id = broker.submit(spec, make_shards(spec, 16)).job_id
     live: list = []

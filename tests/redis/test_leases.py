@@ -38,6 +38,26 @@ def test_heartbeat_renews_and_commit_records_stats(broker, make_shards, make_spe
     assert broker.client.zcard(k.leases()) == 0
 
 
+def test_the_same_commit_sent_again_after_a_lost_reply_is_answered_as_the_one_that_ran(broker, make_shards,
+                                                                                        make_spec):
+    spec = make_spec()
+    job_id = broker.submit(spec, make_shards(spec, 1)).job_id
+    lease = broker.claim("w1")
+    stats = ShardStats(prompts_done=10, samples=10, output_tokens=50, parts={"results": (10, "ab" * 32)},
+                       attempt="a1b2c3d4e5f6")
+    assert broker.commit(lease, stats)
+    # the worker never got the reply (Redis killed, the connection cut) and sends it again: refused, it would discard
+    # the parts that Redis holds committed
+    assert broker.commit(lease, stats)
+    st = broker.status(job_id)
+    assert (st.prompts_done, st.output_tokens, st.shards["committed"]) == (10, 50, 1)     # counted once
+    # another attempt under the same token (a Redis that lost writes granted it twice) is still refused
+    other = ShardStats(prompts_done=10, samples=10, output_tokens=50, parts={"results": (10, "cd" * 32)},
+                       attempt="0f9e8d7c6b5a")
+    assert not broker.commit(lease, other)
+    assert broker.commits(job_id) == {0: (1, stats)}
+
+
 def test_expired_and_reclaimed_lease_cannot_heartbeat_or_commit(broker, expire, make_shards, make_spec):
     spec = make_spec()
     job_id = broker.submit(spec, make_shards(spec, 1)).job_id

@@ -147,3 +147,36 @@ def test_storage_that_does_not_answer_gives_the_shard_back_and_pauses_claims(mon
         with pytest.raises(type(err)):
             with storage_calls():
                 raise err
+
+
+def test_redis_away_is_no_shards_failure_and_is_waited_out_until_the_worker_stops(monkeypatch):
+    import threading
+
+    import redis
+
+    from ziya_batch.work import failures
+    from ziya_batch.work.failures import RedisPatience
+
+    monkeypatch.setattr(failures, "REDIS_RETRY_S", 0.01)
+
+    # a shard whose commit meets no Redis did not fail: abandoned (its lease expires), never failed or given back
+    for stage in (Stage.SHARD, Stage.READ, Stage.STEP):
+        assert decide(redis.ConnectionError("Connection refused"), stage).action is Action.ABANDON
+    calls = []
+
+    def commit():
+        calls.append(1)
+        if len(calls) < 3:
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return True
+
+    stop = threading.Event()
+    patience = RedisPatience(stop)
+    assert patience(commit, "shard 0's commit") is True and len(calls) == 3     # Redis answered the third time
+    with pytest.raises(ValueError):                 # anything but Redis being away is the caller's to handle
+        patience(lambda: (_ for _ in ()).throw(ValueError("bad stats")), "shard 0's commit")
+    stop.set()                                      # a stopping worker leaves what is in flight to expire
+    calls.clear()
+    with pytest.raises(redis.ConnectionError):
+        patience(commit, "shard 0's commit")
+    assert len(calls) == 1

@@ -12,7 +12,8 @@ catch when Redis is away, without importing redis).
 Policies:
 - Retries: a shard is tried once and retried `reliability.max_retries` times; the failure after that
   dead-letters it (max_retries=0: the first failure does). Each retry waits backoff_base_s * 2^(n-1),
-  capped. An expired lease counts as a failure, like `fail()`.
+  capped. An expired lease counts as a failure, like `fail()`, except that a server that (re)started less than
+  a job's lease ago takes none of its leases back: no owner could renew while it was down.
 - Dead letters: a dead-lettered shard is claimed once more with `dead_letter=True`; the worker writes
   every line as a `retries_exhausted` error and commits, so the job still ends with one part per shard.
 - Poison lines: after a shard's first failure its claims have `isolate=True`: lines run one by one and

@@ -94,14 +94,16 @@ class Broker:
                  claim_scan: int = 64, promote_grace_s: float = PROMOTE_GRACE_S,
                  storage_grace_s: float = STORAGE_GRACE_S,
                  storage_read_back_grace_s: float = STORAGE_READ_BACK_GRACE_S,
-                 storage_series_gap_s: float = STORAGE_SERIES_GAP_S):
+                 storage_series_gap_s: float = STORAGE_SERIES_GAP_S, restart_grace: bool = True):
         """`backoff_base_s`: delay before the first retry of a failed shard, doubled per failure up to
         `backoff_max_s`. `errors_kept`: failures remembered per job for `status JOB_ID`. `worker_ttl_s`:
         a worker silent this long is no longer listed. `claim_scan`: jobs a claim looks through.
         `promote_grace_s`: how long after its commit a commit may be taken back (uncommit). `storage_grace_s`: how
         long a shard's storage give-backs stay free while the job commits other shards (give_back), and
         `storage_read_back_grace_s` how long before a dead-lettered one's lines are written without their ids;
-        `storage_series_gap_s`: a shard claimed this long after its last storage give-back starts both again."""
+        `storage_series_gap_s`: a shard claimed this long after its last storage give-back starts both again.
+        `restart_grace`: a server that started less than a job's lease ago takes none of its expired leases back yet
+        (reap); off, they are taken at once (tests that fake an expiry on a server they have just started)."""
         if not client.connection_pool.connection_kwargs.get("decode_responses"):
             pool = client.connection_pool
             client = redis.Redis(connection_pool=redis.ConnectionPool(
@@ -118,6 +120,7 @@ class Broker:
         self.storage_grace_ms = int(storage_grace_s * 1000)
         self.storage_read_back_grace_ms = int(storage_read_back_grace_s * 1000)
         self.storage_series_gap_ms = int(storage_series_gap_s * 1000)
+        self.restart_grace = restart_grace
         self._files: dict[tuple[str, str], list[str]] = {}   # (job_id, created_ms) -> input files
         self._work: Optional[redis.client.PubSub] = None     # watch_work's subscription
 
@@ -339,7 +342,9 @@ class Broker:
                                       args=[lease.shard.index, lease.token, ""]))
 
     def commit(self, lease: Lease, stats: ShardStats) -> bool:
-        """Record the shard committed with `stats`, only if `lease` is still the shard's current lease."""
+        """Record the shard committed with `stats`, only if `lease` is still the shard's current lease. True again
+        for the same commit sent again (its token and `stats.attempt`), so a caller that got no reply (Redis killed or
+        the connection cut after the commit ran) may send it again and learn that it stands."""
         k, j = self.keys, lease.job_id
         ok, _ = self.scripts.commit(
             keys=[k.job(j), k.shards(j), k.leased(j), k.leases(), k.progress(j), k.credit(j), k.ready()],
@@ -409,34 +414,49 @@ class Broker:
         return out or "lost"
 
     def _requeue(self, job_id: str, index: int, token: str, message: str, bad_line, worker_id: str,
-                 given_back: str = "0"):
-        """requeue.lua; `given_back`: '0' failed, '1' given back, 'storage' given back as its store did not answer."""
+                 given_back: str = "0", started_ms: int = 0):
+        """requeue.lua; `given_back`: '0' failed, '1' given back, 'storage' given back as its store did not answer;
+        `started_ms` (an expired lease's): when the server started, on its clock (0: unknown)."""
         k, j = self.keys, job_id
         out = self.scripts.requeue(
             keys=[k.job(j), k.shards(j), k.pending(j), k.leased(j), k.leases(), k.dead(j), k.errors(j),
                   k.ready(), k.claim_seq()],
             args=[j, index, token, message, bad_line, self.backoff_base_ms, self.backoff_max_ms,
                   self.errors_kept, k.lease_member(j, index), worker_id, given_back, self.storage_grace_ms,
-                  self.storage_read_back_grace_ms, self.storage_series_gap_ms])
+                  self.storage_read_back_grace_ms, self.storage_series_gap_ms, started_ms])
         if out:
             self.announce_work(job_id)      # pending again (after its backoff) or dead-lettered: claimable
         return out
 
     def reap(self, limit: int = 1000) -> list[tuple[str, int, str]]:
         """Requeue shards whose lease expired (a failed attempt each). Returns (job_id, index, outcome)
-        for each shard taken back. Cheap when nothing expired: one range query on the leases zset."""
+        for each shard taken back. Cheap when nothing expired: one range query on the leases zset. A server
+        that started less than a job's lease ago (restarted) takes none of its leases back yet: no owner could
+        renew while it was down (requeue.lua)."""
         sec, usec = self.client.time()
         now_ms = sec * 1000 + usec // 1000
         done = []
-        for member in self.client.zrangebyscore(self.keys.leases(), "-inf", now_ms, start=0, num=limit):
+        expired = self.client.zrangebyscore(self.keys.leases(), "-inf", now_ms, start=0, num=limit)
+        started_ms = self._started_ms(now_ms) if expired and self.restart_grace else 0
+        for member in expired:
             job_id, index = self.keys.parse_lease_member(member)
             if not self.client.exists(self.keys.job(job_id)):
                 self.client.zrem(self.keys.leases(), member)      # job deleted under its lease
                 continue
-            out = self._requeue(job_id, index, "", "lease expired (worker died, hung or lost Redis)", "", "")
+            out = self._requeue(job_id, index, "", "lease expired (worker died, hung or lost Redis)", "", "",
+                                started_ms=started_ms)
             if out:
                 done.append((job_id, index, out))
         return done
+
+    def _started_ms(self, now_ms: int) -> int:
+        """When this Redis server started, on its own clock in ms (its uptime back from `now_ms`); 0 where it does not
+        say (INFO refused, as some managed services do): expired leases are then taken back at once, as before."""
+        try:
+            uptime_s = int(self.client.info("server")["uptime_in_seconds"])
+        except (redis.ResponseError, KeyError, ValueError, TypeError):
+            return 0
+        return max(1, now_ms - uptime_s * 1000)      # whole seconds: up to 1 s late, a lease's grace that much longer
 
     def unfinished_finalizing(self) -> list[str]:
         """Jobs in state finalizing that no finalizer holds: none began (the worker that committed the last shard

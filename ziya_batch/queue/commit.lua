@@ -1,15 +1,21 @@
 -- Commit a shard: compare-and-set on the fencing token, so only the current owner's output counts.
--- Returns {1, job state} or {0, reason}.
+-- Returns {1, job state} or {0, reason}. Idempotent: the same commit again (its token and attempt, as a worker sends
+-- it after a reply it never got: Redis killed or the connection cut after the commit ran) answers {1, job state}
+-- and changes nothing; refusing it would have the worker discard the parts Redis holds committed.
 -- KEYS[1] job hash   KEYS[2] job shards hash   KEYS[3] job leased zset   KEYS[4] global leases zset
 -- KEYS[5] job progress zset   KEYS[6] job credit hash   KEYS[7] ready zset
 -- ARGV[1] job_id   ARGV[2] shard index   ARGV[3] token   ARGV[4] stats JSON   ARGV[5] worker_id
 -- ARGV[6] leases member
 local sh = get_shard(KEYS[2], ARGV[2])
 if not sh then return {0, 'unknown shard'} end
+local st = cjson.decode(ARGV[4])
+if sh.state == 'committed' and sh.committed_token == tonumber(ARGV[3]) and type(st.attempt) == 'string'
+    and st.attempt ~= '' and type(sh.stats) == 'table' and sh.stats.attempt == st.attempt then
+  return {1, redis.call('HGET', KEYS[1], 'state')}
+end
 if sh.state ~= 'leased' then return {0, 'shard is ' .. sh.state} end
 if sh.token ~= tonumber(ARGV[3]) then return {0, 'token ' .. ARGV[3] .. ' superseded by ' .. sh.token} end
 local now = now_ms()
-local st = cjson.decode(ARGV[4])
 shard_to(KEYS[1], sh, 'committed')
 sh.stats = st
 sh.committed_token = sh.token

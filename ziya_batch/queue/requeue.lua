@@ -16,6 +16,10 @@
 -- lines' ids (optional: 0)
 -- ARGV[14] ms a shard may sit untried after a storage give-back and its next one still go on from it (optional: 0,
 -- no limit)
+-- ARGV[15] the Redis time (ms) this server started (optional: 0, unknown): an expired lease is taken back only once
+-- the server has been up for the job's lease_ms. While it was down (killed, restarted from an AOF that may have lost
+-- the last renewals too) no owner could renew, so a lease that ran out meanwhile says nothing about its owner: each
+-- gets one whole lease from the start to renew before its shard counts as failed.
 -- A shard given back (its worker could not load the job's engine, or no longer serves the job's spec) did not
 -- fail: its lines were not tried, so the attempt does not count, the shard is not isolated, and it waits only
 -- backoff_base_ms before another claim.
@@ -40,6 +44,8 @@ local expired = ARGV[3] == ''
 if expired then
   local expiry = redis.call('ZSCORE', KEYS[4], ARGV[2])
   if expiry and tonumber(expiry) > now then return false end
+  local started = tonumber(ARGV[15] or '') or 0
+  if started > 0 and now < started + hnum(KEYS[1], 'lease_ms') then return false end
 elseif sh.token ~= tonumber(ARGV[3]) then
   return false
 end
@@ -70,16 +76,18 @@ if not given_back and not expired then
   end_storage_series(sh)
 end
 if ARGV[11] == 'storage' then
-  local committed = hnum(KEYS[1], 'read_commits')
+  local job = redis.call('HMGET', KEYS[1], 'read_commits', 'read_commit_ms', 'storage_fail_ms', 'storage_fail_shard',
+                         'storage_fail_other_ms')
+  local committed = tonumber(job[1] or '0') or 0
   -- the latest storage give-back of another shard of the job (storage_fail_ms / _shard: the latest of any;
   -- storage_fail_other_ms: the latest of a shard other than that one): where it came after the job's last commit
   -- of a shard that read its input, the store is failing others too, and this give-back is an outage's, not the
   -- shard's own
   local idx = tostring(ARGV[2])
-  local last_ms, last_shard = hnum(KEYS[1], 'storage_fail_ms'), redis.call('HGET', KEYS[1], 'storage_fail_shard')
+  local last_ms, last_shard = tonumber(job[3] or '0') or 0, job[4]
   local other_ms = last_ms
-  if last_shard == idx then other_ms = hnum(KEYS[1], 'storage_fail_other_ms') end
-  local others_fail = other_ms > 0 and other_ms >= hnum(KEYS[1], 'read_commit_ms')
+  if last_shard == idx then other_ms = tonumber(job[5] or '0') or 0 end
+  local others_fail = other_ms > 0 and other_ms >= (tonumber(job[2] or '0') or 0)
   if last_shard ~= idx then redis.call('HSET', KEYS[1], 'storage_fail_other_ms', int(last_ms)) end
   redis.call('HSET', KEYS[1], 'storage_fail_ms', int(now), 'storage_fail_shard', idx)
   local gap = tonumber(ARGV[14]) or 0

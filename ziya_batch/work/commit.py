@@ -1,15 +1,16 @@
 """Committing one shard exactly once: score its results, build its parts, stage them under the lease's fencing
 token, commit in Redis (compare-and-set on the token), and promote them only if Redis took the commit; a stale
-owner discards what it staged (io/parts.py has the storage side of the protocol). A promote that fails after Redis
-took the commit leaves the commit to the job's finalizer (jobs/finalize.py): it promotes the parts, or takes the
-commit back where storage lost them."""
+owner discards what it staged (io/parts.py has the storage side of the protocol). A Redis that does not answer the
+commit is waited for (failures.RedisPatience; a commit sent again after a lost reply is answered as the one that
+ran). A promote that fails after Redis took the commit leaves the commit to the job's finalizer (jobs/finalize.py):
+it promotes the parts, or takes the commit back where storage lost them."""
 from __future__ import annotations
 
 import logging
 
 from .. import filters, io
 from ..records import LineFailure, LineResult
-from .failures import LeaseLost, engine_calls, storage_calls
+from .failures import LeaseLost, RedisPatience, engine_calls, storage_calls
 from .flight import Flight
 from .generation import build_parts, score_results
 
@@ -19,8 +20,9 @@ log = logging.getLogger(__name__)
 class ShardCommit:
     """The one commit path of a worker's shards."""
 
-    def __init__(self, broker, models):
+    def __init__(self, broker, models, patience: RedisPatience | None = None):
         self.broker, self.models = broker, models
+        self.patience = patience or RedisPatience()
 
     def __call__(self, flight: Flight, results: list[LineResult], failures: list[LineFailure]) -> bool:
         """True if this worker's output became the shard's part; False if Redis refused the commit (the lease
@@ -51,7 +53,7 @@ class ShardCommit:
         with storage_calls():
             staged = out.stage(shard.index, lease.token, stats.attempt, parts, spec.format)
         stats.parts = {k: (p.lines, p.sha256) for k, p in staged.items()}
-        if not self.broker.commit(lease, stats):
+        if not self.patience(lambda: self.broker.commit(lease, stats), f"shard {lease.job_id}/{shard.index}'s commit"):
             out.discard(shard.index, lease.token, stats.attempt)
             log.warning("shard %s/%d: lease lost before commit; output discarded", lease.job_id, shard.index)
             return False

@@ -20,13 +20,19 @@ into EngineOutOfMemory, so nothing past it reads message text.
 from __future__ import annotations
 
 import enum
+import logging
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 from ..errors import ZiyaBatchError
+from ..queue.errors import BROKER_UNREACHABLE
 from .models import ReplicaBroken
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class LeaseLost(Exception):
@@ -100,6 +106,37 @@ class StoragePause:
         return time.monotonic() < self._jobs.get(job_id, (0.0, 0.0))[0]
 
 
+REDIS_RETRY_S = 0.5           # a shard's call that met a Redis that did not answer is made again after this long
+REDIS_RETRY_MAX_S = 5.0       # ... doubling with each try, up to this
+
+
+class RedisPatience:
+    """Makes the broker calls that settle a shard in flight (its commit, its failure or give-back, an isolated line's
+    note) wait out a Redis that does not answer (killed and restarting, failing over, the network cut) rather than
+    give the shard up: given up, its lease would expire and the reaper count a failed try (isolating the shard, and
+    dead-lettering it past max_retries) of work that was done. The shard's heartbeat keeps trying meanwhile, and the
+    call decides once Redis answers (a commit whose lease was taken back meanwhile is refused then). Only a worker
+    that is stopping (`stop` set) gives up: what it has in flight is left to expire."""
+
+    def __init__(self, stop: Optional[threading.Event] = None):
+        self.stop = stop
+
+    def __call__(self, call: Callable[[], T], what: str) -> T:
+        delay = REDIS_RETRY_S
+        while True:
+            try:
+                return call()
+            except BROKER_UNREACHABLE as err:
+                if self.stop is not None and self.stop.is_set():
+                    raise
+                log.warning("%s: Redis does not answer (%s); trying again in %.1f s", what, one_line(err), delay)
+                if self.stop is None:
+                    time.sleep(delay)
+                elif self.stop.wait(delay):
+                    raise
+                delay = min(REDIS_RETRY_MAX_S, 2 * delay)
+
+
 # cuBLAS and the CPU allocator report running out of memory as a plain RuntimeError: only their text tells.
 # Read here, once, where the engine is called; everything after this boundary goes by type.
 _ALLOCATOR_TEXTS = ("out of memory", "cublas_status_alloc_failed", "can't allocate memory")
@@ -167,6 +204,10 @@ def decide(err: BaseException, stage: Stage, worker_id: str = "this worker",
     why = describe(err)
     if isinstance(err, LeaseLost):
         return Decision(Action.DROP)
+    if isinstance(err, BROKER_UNREACHABLE):
+        # Redis is away and the worker stops (RedisPatience waits until then): nothing can be recorded, and the shard
+        # did not fail; its lease expires and the reaper requeues it
+        return Decision(Action.ABANDON)
     if isinstance(err, ReplicaBroken):
         if stage is Stage.LOAD:
             # rank 0 could not load after the other ranks started: the replica goes, the shard back untried now

@@ -25,8 +25,8 @@ from ..queue.errors import BROKER_ERRORS, BROKER_UNREACHABLE
 from ..records import LineFailure, LineResult
 from ..spec import JobSpec
 from .commit import ShardCommit
-from .failures import (Action, Decision, LeaseLost, RunMode, SpecUnreadable, Stage, StoragePause, decide,
-                       engine_calls, one_line, run_mode, storage_calls)
+from .failures import (Action, Decision, LeaseLost, RedisPatience, RunMode, SpecUnreadable, Stage, StoragePause,
+                       decide, engine_calls, one_line, run_mode, storage_calls)
 from .flight import Flight
 from .generation import ShardStream, dead_letter_failures, generate_lines, parse_shard
 from .models import ModelCache, ReplicaBroken, engine_key
@@ -126,7 +126,8 @@ class Worker:
         self._backoff = LoadBackoff(broker, self.worker_id)
         self._storage = StoragePause()                  # jobs whose claims pause: their storage did not answer
         self._unreadable: dict[str, str] = {}           # job id -> why its spec could not be read (noted)
-        self._commit = ShardCommit(broker, self.models)
+        self._patience = RedisPatience()               # a shard's commit, failure or line note waits out Redis
+        self._commit = ShardCommit(broker, self.models, self._patience)
         self._next_sweep = 0.0                          # monotonic time of the next finalize sweep
         self.broker.register_worker(self.worker_id, self.host, {"device": self.models.device_name(), "pid": os.getpid(),
                                                                 "tensor_parallel": 1, **(extra_info or {})})
@@ -169,6 +170,7 @@ class Worker:
         waited out, not fatal: leases that expire meanwhile come back through the reaper and fencing keeps
         the output exactly-once."""
         backoff_s = idle_sleep_s
+        self._patience.stop = stop
         try:
             self._watch_work()
             while not stop.is_set() or self._flights:
@@ -265,7 +267,11 @@ class Worker:
         (the lease then expires and is requeued, as it would have anyway). `storage`: its store did not answer (the
         queue counts it as a failed try once the store answered the job's other shards meanwhile)."""
         try:
-            self.broker.give_back(lease, message, storage=storage)
+            if quietly:
+                self.broker.give_back(lease, message, storage=storage)
+            else:
+                self._patience(lambda: self.broker.give_back(lease, message, storage=storage),
+                               f"shard {lease.job_id}/{lease.shard.index}'s give-back")
             self._backoff.note(lease.job_id, why or None)
         except Exception as err:  # noqa: BLE001 - see the docstring
             if not quietly:
@@ -424,7 +430,7 @@ class Worker:
             self._give_back(flight.lease, d.message, d.why, d.quietly, storage=d.pause_claims)
         elif d.action is Action.FAIL:
             log.error("shard %s/%d failed", job_id, index, exc_info=err)
-            self.broker.fail(flight.lease, d.message)
+            self._patience(lambda: self.broker.fail(flight.lease, d.message), f"shard {job_id}/{index}'s failure")
         elif d.action is Action.DROP:
             log.warning("shard %s/%d: lease lost; stopped", job_id, index)
         else:
@@ -491,7 +497,11 @@ class Worker:
                 self._act(err, Stage.SHARD, [flight])
                 return False
         self._storage.answered(flight.lease.job_id)
-        self._finalize(flight.lease.job_id)      # the shard is committed whatever finalizing does
+        try:
+            self._finalize(flight.lease.job_id)      # the shard is committed whatever finalizing does
+        except BROKER_UNREACHABLE as err:
+            # the shards still in flight go on (raised, the loop would abandon them); a sweep finalizes the job
+            log.warning("job %s: not finalized now, Redis does not answer (%s)", flight.lease.job_id, one_line(err))
         if self.on_shard_done:
             self.on_shard_done(flight.lease.job_id, flight.lease.shard.index)
         return True
@@ -509,13 +519,16 @@ class Worker:
         work = parse_shard(_read_shard(shard), shard.file, spec, engine.tokenizer, engine.max_model_len,
                            lease.bad_lines)
 
+        what = f"shard {lease.job_id}/{shard.index}'s line note"
+
         def before_line(line_no: int) -> None:
             if flight.lost:
                 raise LeaseLost()
-            self.broker.line_started(lease, line_no)
+            # given up, the lease would expire with the line noted in flight: a bad line, though it crashed nothing
+            self._patience(lambda: self.broker.line_started(lease, line_no), what)
 
         results, gen_failures = generate_lines(engine, work.prompts, before_line=before_line, one_by_one=True)
-        self.broker.line_finished(lease)
+        self._patience(lambda: self.broker.line_finished(lease), what)
         return results, work.failures + gen_failures
 
     def _dead_lettered(self, flight: Flight) -> tuple[list[LineResult], list[LineFailure]]:
