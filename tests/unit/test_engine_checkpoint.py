@@ -57,6 +57,7 @@ def test_stop_string_with_the_real_tokenizer(demo_dir):
     cut = text.find(stop)
     out = eng.generate([Request("b", prompt, SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True,
                                                             stop=(stop,)))])[0].completions[0]
-    assert out.finish_reason == "stop" and out.text == text[:cut] and stop not in out.text
+    assert out.finish_reason == "stop" and text[:cut].startswith(out.text) and stop not in out.text
     assert out.token_ids == free.token_ids[:len(out.token_ids)]
-    assert len(eng.tokenizer.decode(out.token_ids, skip_special_tokens=True)) <= cut
+    # the text is that of the tokens returned (a token that also makes part of the stop string is dropped)
+    assert out.text == eng.tokenizer.decode(out.token_ids, skip_special_tokens=True)

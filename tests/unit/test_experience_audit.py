@@ -1,22 +1,29 @@
 """An independent audit of the numbers an RL trainer reads from experience records: the engine's logprobs and
 top_logprobs, for random prompts and sampling settings, against a transformers forward (CPU, float32) of the
 prompt and response in one pass and transformers' own logits processors; where a response ends (EOS, a stop
-id) against a run that did not stop."""
+id, a stop string) against a run that did not stop; and a job's records (ids, text, logprobs, reference
+logprobs, KL) against forwards of the policy and the reference model."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from transformers import LlamaForCausalLM
 from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 from ziya_batch.engine.engine import LLMEngine
+from ziya_batch.engine.scoring import ReferenceScorer
 from ziya_batch.engine.types import EngineConfig, Request, SamplingParams
+from ziya_batch.spec import engine_config, parse_spec
+from ziya_batch.tools.demo_model import write_demo_model, write_demo_reference_model
 from ziya_batch.tools.testing import tiny_llama
+from ziya_batch.work.generation import build_parts, generate_lines, parse_shard, score_results
 
 EOS = 2
 ATOL = 1e-4          # float32 on the CPU: the engine's forward and transformers' differ by ~1e-6 here
@@ -145,3 +152,89 @@ def test_a_response_ended_by_eos_or_a_stop_id_lacks_exactly_that_token(temperatu
         assert [[i for i, _ in pos] for pos in s.top_logprobs] == [[i for i, _ in pos] for pos in f.top_logprobs[:k]]
         check_completion(model, prompt, s, SamplingParams(**common))
     assert ends >= 2          # the settings end several samples early (checked: the test would say nothing else)
+
+
+# ---- stop strings with the real (sentencepiece) tokenizer --------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return write_demo_model(tmp_path_factory.mktemp("demo") / "model")
+
+
+def test_a_stop_string_cuts_text_and_tokens_at_the_same_place(demo_dir):
+    """Wherever the stop string starts (mid-token, after a word's leading space, after byte tokens), the text is
+    the decode of the returned tokens: every token wholly before the stop string, none that makes any of it."""
+    eng = LLMEngine(EngineConfig(model_path=str(demo_dir), device="cpu", max_num_batched_tokens=256))
+    tok = eng.tokenizer
+    prompt = tok("<human>:介绍一下西安的历史 hello world\n<bot>:").input_ids
+    params = dict(max_new_tokens=24, temperature=1.0, seed=4, ignore_eos=True, logprobs_mode="temperature")
+    free = eng.generate([Request("free", prompt, SamplingParams(**params))])[0].completions[0]
+    text = free.text
+    assert text == tok.decode(free.token_ids, skip_special_tokens=True)
+    stops = sorted({text[a:a + 2] for a in range(1, len(text) - 2) if text[a:a + 2].strip()})
+    reqs = [Request(f"s{i}", prompt, SamplingParams(stop=(stop,), **params)) for i, stop in enumerate(stops)]
+    for stop, out in zip(stops, eng.generate(reqs)):
+        c = out.completions[0]
+        before = text[:text.find(stop)]
+        k = len(c.token_ids)
+        assert c.finish_reason == "stop" and stop not in c.text
+        assert c.token_ids == free.token_ids[:k] and c.logprobs == pytest.approx(free.logprobs[:k], abs=ATOL)
+        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True)
+        assert before.startswith(c.text)
+        # the next token reaches into the stop string
+        assert not before.startswith(tok.decode(free.token_ids[:k + 1], skip_special_tokens=True))
+
+
+# ---- a job's experience records ----------------------------------------------------------------------------------
+def test_experience_records_equal_forwards_of_the_policy_and_the_reference(demo_dir, tmp_path):
+    """Through the worker's path (parse, generate, score, build the parts): per-line temperatures reach the
+    logprobs, the reference logprobs and the KL; results, sft and experience describe the same response."""
+    ref_dir = write_demo_reference_model(tmp_path / "ref")
+    spec = parse_spec({
+        "name": "audit", "model": {"path": str(demo_dir)}, "input": ["a.jsonl"], "output": {"path": "o"},
+        "sampling": {"max_new_tokens": 10, "n": 2, "seed": 3, "temperature": 0.7, "top_p": 0.9,
+                     "repetition_penalty": 1.2},
+        "experience": {"reference_model": str(ref_dir), "top_logprobs": 3}})
+    lines = [{"id": "a", "prompt": "介绍西安"},
+             {"id": "b", "prompt": "介绍西安", "sampling": {"temperature": 1.3, "stop": ["e", "的"]}},
+             {"id": "c", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                                      {"role": "user", "content": "again"}], "sampling": {"temperature": 0}},
+             {"id": "d", "prompt": "介绍西安的历史", "sampling": {"temperature": 1.0, "top_k": 5, "min_new_tokens": 4}}]
+    temperature = {"a": 0.7, "b": 1.3, "c": 1.0, "d": 1.0}       # c is greedy: T = 1
+
+    def run():
+        eng = LLMEngine(engine_config(spec, str(demo_dir), "cpu"))
+        raw = [(i + 1, json.dumps(x, ensure_ascii=False).encode()) for i, x in enumerate(lines)]
+        work = parse_shard(raw, "a.jsonl", spec, eng.tokenizer, eng.max_model_len)
+        results, failures = generate_lines(eng, work.prompts)
+        assert not work.failures and not failures
+        score_results(results, ReferenceScorer(ref_dir), None, spec.experience)
+        return eng.tokenizer, build_parts(spec, results, [])
+
+    tok, parts = run()
+    policy = LlamaForCausalLM.from_pretrained(str(demo_dir), dtype=torch.float32).eval()
+    ref = LlamaForCausalLM.from_pretrained(str(ref_dir), dtype=torch.float32).eval()
+    assert len(parts["experience"]) == len(parts["results"]) == len(parts["sft"]) == 8
+    for e, res, sft in zip(parts["experience"], parts["results"], parts["sft"]):
+        assert (e["id"], e["sample_index"]) == (res["id"], res["sample_index"]) == (sft["id"], sft["sample_index"])
+        prompt, response = e["prompt_ids"], e["response_ids"]
+        assert prompt[0] == 1 and EOS not in response
+        assert e["response_length"] == len(response) == res["usage"]["completion_tokens"]
+        assert e["total_length"] == len(prompt) + len(response) and res["usage"]["prompt_tokens"] == len(prompt)
+        text = sft["response"] if "response" in sft else sft["conversations"][-1]["value"]
+        assert res["response"] == text == tok.decode(response, skip_special_tokens=True)
+        T = temperature[e["id"]]
+        lp = (forward_logits(policy, prompt, response) / T).log_softmax(-1)
+        rlp = (forward_logits(ref, prompt, response) / T).log_softmax(-1)
+        target = torch.tensor(response)[:, None]
+        want, want_ref = lp.gather(1, target)[:, 0], rlp.gather(1, target)[:, 0]
+        assert e["logprobs"] == pytest.approx(want.tolist(), abs=ATOL)
+        assert e["ref_logprobs"] == pytest.approx(want_ref.tolist(), abs=ATOL)
+        assert e["kl"] == pytest.approx((want - want_ref).tolist(), abs=2 * ATOL)
+        assert e["kl_k3"] == pytest.approx(torch.expm1(want_ref - want).sub(want_ref - want).tolist(), abs=2 * ATOL)
+        for pos, top in enumerate(e["top_logprobs"]):
+            values, ids = torch.topk(lp[pos], 3)
+            assert [i for i, _ in top] == ids.tolist()
+            assert [v for _, v in top] == pytest.approx(values.tolist(), abs=ATOL)
+    assert {e["finish_reason"] for e in parts["experience"] if e["id"] == "b"} == {"stop"}
+    # the same seed gives the same records
+    assert run()[1]["experience"] == parts["experience"]

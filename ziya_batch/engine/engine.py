@@ -443,17 +443,21 @@ class LLMEngine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _find_stop(self, ids: list[int], stops: tuple[str, ...]) -> Optional[tuple[int, str]]:
-        """If a stop string appears in the decoded output: (tokens to keep, text cut before the stop)."""
+        """If a stop string appears in the decoded output: (tokens to keep, their text). The kept tokens are the
+        longest prefix whose text lies wholly before the stop string, and the text is theirs: a token that also
+        makes part of the stop string (its first characters, or a word's leading space) is dropped with its
+        characters, so the response text is the decode of the response ids that experience records carry."""
         text = self._decode(ids)
         hits = [i for i in (text.find(st) for st in stops if st) if i >= 0]
         if not hits:
             return None
-        cut = min(hits)
-        keep = len(ids)
-        # drop the tokens that produced the stop string: keep the longest prefix whose text ends before it
-        while keep > 0 and len(self._decode(ids[:keep])) > cut:
+        before = text[:min(hits)]
+        keep, kept = len(ids), text
+        # a prefix ending inside a character's byte tokens decodes to U+FFFD, not a prefix of the text: dropped too
+        while not before.startswith(kept):
             keep -= 1
-        return keep, text[:cut]
+            kept = self._decode(ids[:keep])
+        return keep, kept
 
 
 def _dtype_for(config: EngineConfig, device: torch.device) -> torch.dtype:

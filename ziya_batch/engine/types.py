@@ -57,7 +57,7 @@ class Request:
 class Completion:
     index: int                       # sample index in 0..n-1
     token_ids: list[int]             # generated ids; a stop string's tokens and EOS are not included
-    text: str                        # decoded text, cut before a stop string
+    text: str                        # the decode of token_ids (so it ends before a stop string)
     finish_reason: str               # "stop" | "length"
     logprobs: list[float]            # logprob of each returned token under params.logprobs_mode
     top_logprobs: Optional[list[list[tuple[int, float]]]] = None   # per token [(id, logprob)...] if asked
