@@ -112,7 +112,8 @@ class SamplingSpec(_Strict):
     n: int = Field(_SP.n, ge=1, le=1024)
     """Samples per prompt; they share the prompt's KV blocks."""
     seed: Optional[int] = Field(_SP.seed, ge=0, le=MAX_SEED)
-    """Per-request seed; a line's seed is seed + its line number, so a job is reproducible."""
+    """Per-request seed; each line samples with its own seed made from it, the input file's path and the line
+    number, so a job is reproducible."""
     stop: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]] = Field(
         default_factory=lambda: list(_SP.stop), max_length=MAX_STOPS)
     """Stop strings; generation ends before the first one and finish_reason is 'stop'."""
