@@ -14,7 +14,8 @@ import redis
 
 from tests.processes import child_env, wait_for
 from ziya_batch.queue import Keys, PrivateRedis
-from ziya_batch.queue.server import _pid_alive, free_port, mask_url
+from ziya_batch.queue.server import _pid_alive, free_port
+from ziya_batch.redact import mask_url
 
 
 def _cli(*args: str) -> tuple[int, str, str]:

@@ -98,7 +98,7 @@ def serve_main(host: str = "127.0.0.1", port: int = 8000, model: Optional[str] =
     import ray
     from ray import serve
 
-    from ..queue.server import mask_url
+    from ..redact import mask_url
     from ..runtime.services import connect_broker, redis_for
 
     settings = ApiSettings.from_env(model=model, storage=storage, insecure_no_auth=insecure_no_auth)

@@ -41,6 +41,7 @@ from urllib.parse import quote
 import redis
 
 from ..errors import ServiceError
+from ..redact import mask_url
 
 INSTALL_HINT = ("install it with `apt-get install redis-server` (Debian/Ubuntu) or `brew install redis` "
                 "(macOS), or point ziya-batch at a running Redis with --redis-url or ZIYA_BATCH_REDIS_URL")
@@ -70,18 +71,6 @@ def check_config(client: redis.Redis) -> list[str]:
 
 
 _ADMIN_NAME = "ziya-batch-admin"
-
-
-_USERINFO = re.compile(r"^(?P<scheme>[a-z+]+://)(?:(?P<user>[^:@/]*):[^@]*@)?")
-_QUERY_PASSWORD = re.compile(r"(?<=[?&])password=[^&#]*")
-
-
-def mask_url(url: Optional[str]) -> str:
-    """The URL as it may be shown: its password (in the userinfo or a `password=` query) as ***."""
-    if not url:
-        return str(url)
-    shown = _USERINFO.sub(lambda m: m["scheme"] + (f"{m['user']}:***@" if m["user"] is not None else ""), url, 1)
-    return _QUERY_PASSWORD.sub("password=***", shown)
 
 
 def free_port() -> int:

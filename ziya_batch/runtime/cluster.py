@@ -300,7 +300,7 @@ def _serve_node(url: str, address: str, tensor_parallel: int, job_id: Optional[s
                 num_gpus: Optional[int], start_node: bool) -> None:
     import ray
 
-    from ..queue.server import mask_url
+    from ..redact import mask_url
     from .replicas import ReplicaManager
 
     stop = threading.Event()

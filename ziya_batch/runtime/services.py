@@ -47,7 +47,7 @@ def connect_broker(redis_url: Optional[str] = None, warn: bool = True):
     """A Broker on the given URL or $ZIYA_BATCH_REDIS_URL, else on this home's private redis-server; a Redis
     that cannot be reached is one line (with the URL's password masked); unsafe settings are named on stderr."""
     from ..queue import Broker
-    from ..queue.server import mask_url
+    from ..redact import mask_url
 
     url, _ = redis_for(redis_url)
     broker = Broker.from_url(url)
