@@ -304,7 +304,11 @@ def user_error(err: BaseException) -> Optional[tuple[str, int]]:
         return (f"Redis refused the write ({_one_line(err)}): point --redis-url at the primary, or give it "
                 "memory", 3)
     if isinstance(err, ValueError) and _raised_in(err, "redis", ("from_url", "parse_url")):
-        return (f"bad Redis URL ({_one_line(err)}): expected redis://[:password@]host:port/db, rediss://... or "
+        why = _one_line(err)
+        if why.startswith("Port could not be cast"):
+            # redis-py quotes what it took for the port: with a '/' in the password, the password's first part
+            why = "its port is not a number; write a '/', '?' or '#' in the password as %2F, %3F, %23"
+        return (f"bad Redis URL ({why}): expected redis://[:password@]host:port/db, rediss://... or "
                 "unix:///path/to/redis.sock", 2)
     if isinstance(err, OSError) and err.filename is not None:
         return f"{err.filename}: {err.strerror or _one_line(err)}", 2
@@ -334,14 +338,21 @@ def _not_utf8(args: list) -> Optional[str]:
     return None
 
 
+def _error(message: str) -> None:
+    """The one line an error ends in. Every URL in it is shown masked (redact.mask_text): a message may quote a
+    --redis-url, a storage URL or a library's text holding one, with the password the user gave."""
+    from .redact import mask_text
+
+    print(f"ziya-batch: error: {mask_text(message)}", file=sys.stderr)
+
+
 def main(argv: Optional[list] = None) -> None:
     # the click typer parses with (a copy of its own in newer typers): its exceptions module
     click_errors = sys.modules[typer.BadParameter.__module__]
     bad = _not_utf8(sys.argv[1:] if argv is None else argv)
     if bad is not None:
         shown = bad.replace("\r", "\\r").replace("\n", "\\n")
-        print(f"ziya-batch: error: argument '{shown}' is not UTF-8 text; give names, ids and paths in UTF-8",
-              file=sys.stderr)
+        _error(f"argument '{shown}' is not UTF-8 text; give names, ids and paths in UTF-8")
         sys.exit(2)
     try:
         # not standalone: click's own errors (a bad option value) come here to be one line, not a usage panel
@@ -349,16 +360,16 @@ def main(argv: Optional[list] = None) -> None:
     except click_errors.UsageError as err:
         if type(err).__name__ != "NoArgsIsHelpError":     # that one's help is printed already
             where = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
-            print(f"ziya-batch: error: {_one_line(err.format_message()).rstrip('.')}{where}", file=sys.stderr)
+            _error(f"{_one_line(err.format_message()).rstrip('.')}{where}")
         sys.exit(err.exit_code)
     except click_errors.ClickException as err:
-        print(f"ziya-batch: error: {_one_line(err.format_message())}", file=sys.stderr)
+        _error(_one_line(err.format_message()))
         sys.exit(err.exit_code)
     except typer.Abort:
         print("ziya-batch: interrupted", file=sys.stderr)
         sys.exit(130)
     except ZiyaBatchError as err:
-        print(f"ziya-batch: error: {err}", file=sys.stderr)
+        _error(str(err))
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print("ziya-batch: interrupted", file=sys.stderr)
@@ -367,7 +378,7 @@ def main(argv: Optional[list] = None) -> None:
         known = user_error(err)
         if known is None:
             raise
-        print(f"ziya-batch: error: {known[0]}", file=sys.stderr)
+        _error(known[0])
         sys.exit(known[1])
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -2,6 +2,8 @@
 what to do; the CLI prints it as one line and exits with `exit_code`, never with a traceback."""
 from __future__ import annotations
 
+from .redact import mask_text
+
 
 class ZiyaBatchError(Exception):
     """Base of every error the user can cause or fix."""
@@ -79,11 +81,12 @@ def utf8_safe(s: str) -> bool:
 
 def short_text(text: object, limit: int = MESSAGE_CHARS) -> str:
     """`text` as one line of at most `limit` characters that encodes as UTF-8 (a lone surrogate from a JSON
-    escape is written as its escape). Never raises: it builds error messages from hostile values."""
+    escape is written as its escape), every URL in it masked (redact.mask_text: before it is cut, so no cut
+    leaves part of a password unmasked). Never raises: it builds error messages from hostile values."""
     try:
         s = text if isinstance(text, str) else str(text)
     except Exception:  # noqa: BLE001 - str() of a hostile value (a huge int, a deep structure) may raise
         s = f"<{type(text).__name__} that cannot be shown>"
-    s = " ".join(s[:limit * 4].split())
+    s = " ".join(mask_text(s[:limit * 4]).split())
     s = s.encode("utf-8", "backslashreplace").decode("utf-8")
     return s if len(s) <= limit else s[:limit - 3] + "..."

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .errors import SpecError, short_text, utf8_safe
+from .redact import mask_text
 
 
 # How fast and where a job runs, not what it writes: a job submitted again with other values of these is the same
@@ -106,7 +107,8 @@ def show_value(value: Any) -> str:
     """A short repr of a value from a spec or a line: never longer than VALUE_CHARS, never built in full (an
     aliased YAML tree's full repr can be gigabytes), never raising (a repr of a huge int does)."""
     try:
-        text = _SHOW.repr(value)
+        # a string masked before repr cuts it (its middle may be a password's end): show_text masks the rest
+        text = _SHOW.repr(mask_text(value) if isinstance(value, str) else value)
     except Exception:  # noqa: BLE001 - repr of any value a user can write
         text = f"<{type(value).__name__}>"
     return show_text(text)

@@ -7,6 +7,8 @@ from typing import Optional
 
 from fastapi.responses import JSONResponse
 
+from ..redact import mask_text
+
 
 class ApiError(Exception):
     """An HTTP error with a one-line message (raised by route code for cases with no ZiyaBatchError)."""
@@ -17,7 +19,8 @@ class ApiError(Exception):
 
 
 def error_response(status: int, message: str, kind: str, headers: Optional[dict] = None) -> JSONResponse:
-    # one line, whatever a client put into the ids and values we echo back
-    message = message.replace("\r", "\\r").replace("\n", "\\n")
+    # one line, whatever a client put into the ids and values we echo back; every URL in it masked (a message may
+    # quote a URL with a password, or a library's text naming the server's own storage endpoint with one)
+    message = mask_text(message.replace("\r", "\\r").replace("\n", "\\n"))
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status,
                         headers=headers)

@@ -29,6 +29,7 @@ from typing import Callable, Iterator, Optional, TypeVar
 
 from ..errors import ZiyaBatchError
 from ..queue.errors import BROKER_UNREACHABLE
+from ..redact import mask_text
 from .models import ReplicaBroken
 
 log = logging.getLogger(__name__)
@@ -266,5 +267,6 @@ def describe(err: BaseException) -> str:
 
 
 def one_line(err: BaseException) -> str:
-    text = str(err).strip()
+    # kept in Redis and shown by status and the API: a storage library's text may name an endpoint with its password
+    text = mask_text(str(err).strip())
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"

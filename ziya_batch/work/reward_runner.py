@@ -27,6 +27,8 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Optional
 
+from ..redact import mask_text
+
 Score = tuple[Optional[float], Optional[str]]     # (value, why it is None)
 Item = tuple[Any, str, Optional[dict]]            # (prompt or messages, response, metadata)
 
@@ -65,7 +67,8 @@ def resolve(ref: str) -> Callable:
 
 
 def one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
+    # written to the records' reward_error: an endpoint's URL quoted by http.client may hold a password
+    text = " ".join(mask_text(str(err)).split())
     return f"{type(err).__name__}: {text}"[:500] if text else type(err).__name__
 
 
