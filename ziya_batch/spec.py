@@ -20,6 +20,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 from .engine.types import (JSON_WHITESPACE, KV_CACHE_DTYPES, LOGPROBS_MODES, SCHEDULE_POLICIES, EngineConfig,
                            SamplingParams)
 from .errors import SpecError
+from .redact import has_userinfo
 from .spec_load import (check_spec_data, identity_hash, legacy_identity_hash, read_spec_file, show_text,
                         validation_error_line)
 # where callers (jobs/, queue/, api/, tests) import them from: spec_load.py's names they use
@@ -52,7 +53,16 @@ def _not_too_deep(value: str, info: ValidationInfo) -> str:
     return value
 
 
-Location = Annotated[str, Field(min_length=1, max_length=MAX_LOCATION_CHARS), AfterValidator(_not_too_deep)]
+def _no_credentials(value: str, info: ValidationInfo) -> str:
+    # at submit only (_submitting): a job an earlier release queued with one stays readable (shown masked)
+    if has_userinfo(value) and _submitting(info):
+        raise ValueError("no user or password in a URL (user:password@host): specs are kept in Redis and manifest.json "
+                         "and shown by status and the API; give credentials through the environment (README)")
+    return value
+
+
+Location = Annotated[str, Field(min_length=1, max_length=MAX_LOCATION_CHARS), AfterValidator(_not_too_deep),
+                     AfterValidator(_no_credentials)]
 
 
 class _Strict(BaseModel):

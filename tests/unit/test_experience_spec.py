@@ -66,9 +66,9 @@ def _settings(**kw):
     return ApiSettings(token="t" * 16, allowed_prefixes=("/data/",), model="/models/m", **kw)
 
 
-def _api_spec(**exp):
+def _api_spec(stored: bool = False, **exp):
     return parse_spec({**BASE, "model": {"path": "/models/m"}, "input": ["/data/a.jsonl"],
-                       "output": {"path": "/data/out"}, "experience": exp})
+                       "output": {"path": "/data/out"}, "experience": exp}, stored=stored)
 
 
 def test_api_accepts_builtins_and_listed_functions_and_urls_only():
@@ -81,8 +81,11 @@ def test_api_accepts_builtins_and_listed_functions_and_urls_only():
         check_job(_api_spec(reward_url="http://169.254.169.254/latest"), _settings())
     ok = _settings(allowed_reward_urls=("http://judge:8000",))
     check_job(_api_spec(reward_url="http://judge:8000/score"), ok)
+    # a user part is refused by the spec itself since 2026-12-07; one of a job stored before by the API's check
+    with pytest.raises(SpecError, match="no user or password"):
+        _api_spec(reward_url="http://judge:8000@evil.example/")
     with pytest.raises(AccessDenied):
-        check_job(_api_spec(reward_url="http://judge:8000@evil.example/"), ok)
+        check_job(_api_spec(stored=True, reward_url="http://judge:8000@evil.example/"), ok)
     # what a server or another parser could read as somewhere else than the allowed prefix
     under = _settings(allowed_reward_urls=("http://judge:8000/score",))
     check_job(_api_spec(reward_url="http://judge:8000/score/v2?x=1"), under)
@@ -92,7 +95,7 @@ def test_api_accepts_builtins_and_listed_functions_and_urls_only():
                 "http://judge:8000/scores", "http://u:p@judge:8000/score", "http://judge:8001/score",
                 "https://judge:8000/score", "http://judge.evil:8000/score", "http://judge:8000/score/./x"):
         with pytest.raises(AccessDenied, match="ZIYA_BATCH_ALLOWED_REWARD_URLS"):
-            check_job(_api_spec(reward_url=bad), under)
+            check_job(_api_spec(stored=True, reward_url=bad), under)
     keyed = _settings(allowed_reward_urls=("http://judge:8000/score?key=1",))
     check_job(_api_spec(reward_url="http://judge:8000/score?key=1"), keyed)
     with pytest.raises(AccessDenied, match="ZIYA_BATCH_ALLOWED_REWARD_URLS"):
