@@ -15,7 +15,6 @@ import redis
 from tests.processes import child_env, wait_for
 from ziya_batch.queue import Keys, PrivateRedis
 from ziya_batch.queue.server import _pid_alive, free_port
-from ziya_batch.redact import mask_url
 
 
 def _cli(*args: str) -> tuple[int, str, str]:
@@ -47,18 +46,6 @@ def test_password_is_required_kept_private_and_survives_a_restart(tmp_path):
         assert not again.reused and password in again.url       # a new server, the same password
     finally:
         again.stop()
-
-
-@pytest.mark.parametrize("url,shown", [
-    ("redis://:s3cret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
-    ("redis://user:s3cret@host:1/2", "redis://user:***@host:1/2"),
-    ("rediss://:a%40b@h:1/0", "rediss://:***@h:1/0"),
-    ("unix://:s3cret@/tmp/r.sock?db=0", "unix://:***@/tmp/r.sock?db=0"),
-    ("unix:///tmp/r.sock?db=0&password=s3cret", "unix:///tmp/r.sock?db=0&password=***"),
-    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
-])
-def test_mask_url(url, shown):
-    assert mask_url(url) == shown
 
 
 def test_the_idle_server_stops_but_not_while_used(tmp_path):
