@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import socket
 import sys
 import time
@@ -78,8 +79,6 @@ def _check_local_model(model: Optional[str], local_replicas: bool) -> None:
     """The model OpenAI batches run on (--model / ZIYA_BATCH_MODEL) must be a directory here when this command's
     own replicas are to load it; a wrong one otherwise left every batch in_progress, its shards waiting on
     replicas that cannot load it. On a cluster (or with --no-workers) the workers' hosts read it: not checked."""
-    import os
-
     if local_replicas and model and "://" not in model and not os.path.isdir(model):
         raise ModelError(f"--model {model} is not a directory (the model OpenAI batches run on, loaded by this "
                          "command's replicas: a merged Hugging Face checkpoint; `ziya-batch demo-model DIR` writes "
