@@ -180,3 +180,30 @@ def test_redis_away_is_no_shards_failure_and_is_waited_out_until_the_worker_stop
     with pytest.raises(redis.ConnectionError):
         patience(commit, "shard 0's commit")
     assert len(calls) == 1
+
+
+def test_a_replica_answering_readonly_mid_failover_is_waited_out_like_redis_away(monkeypatch):
+    import threading
+
+    import redis
+
+    from ziya_batch.work import failures
+    from ziya_batch.work.failures import RedisPatience
+
+    monkeypatch.setattr(failures, "REDIS_RETRY_S", 0.01)
+    # a failover's old primary, demoted, refuses writes until the client reaches the new one: the shard's work is
+    # done, so its commit waits (given up, the reaper would count a failed try of finished work)
+    for stage in (Stage.SHARD, Stage.READ, Stage.STEP):
+        assert decide(redis.ReadOnlyError("You can't write against a read only replica."), stage).action \
+            is Action.ABANDON
+    calls = []
+
+    def commit():
+        calls.append(1)
+        if len(calls) < 2:
+            raise redis.ReadOnlyError("You can't write against a read only replica.")
+        return True
+
+    assert RedisPatience(threading.Event())(commit, "shard 0's commit") is True and len(calls) == 2
+    with pytest.raises(redis.ResponseError):        # other refusals are not waited out
+        RedisPatience(threading.Event())(lambda: (_ for _ in ()).throw(redis.ResponseError("WRONGTYPE")), "x")
