@@ -181,6 +181,35 @@ def test_redis_away_when_a_worker_commits_is_waited_out(tmp_path, demo_model, re
     assert {m.token for m in io.committed_shards(str(tmp_path / "out")).values()} == {1}
 
 
+def test_redis_failing_over_when_a_worker_commits_is_waited_out(tmp_path, demo_model, redis_server,
+                                                                fault_worker_cmd):
+    # the worker's Redis is demoted to a replica (as a failover does to the old primary) while its commit is due:
+    # writes answer READONLY until it is primary again. max_retries 0: a shard counted as failed is dead-lettered
+    import redis
+
+    from ziya_batch.queue.server import free_port
+
+    job, ids = make_job(tmp_path, demo_model, n_lines=20, shard_size=10, lease_s=5.0, max_retries=0)
+    broker = Broker.from_url(redis_server.url)
+    admin = redis.Redis.from_url(redis_server.url)
+    job_id = submit_job(load_spec(job), broker).job_id
+    w = spawn(fault_worker_cmd(redis_server.url, "stop_after_stage"), serve=True)
+    try:
+        wait_for(lambda: _stopped(w), 120, every_s=0.05, what="the worker stopped between staging and committing")
+        admin.replicaof("127.0.0.1", free_port())   # a primary nobody answers at: writes refused, data kept
+        w.send_signal(signal.SIGCONT)               # its commit meets READONLY
+        time.sleep(2)
+        admin.replicaof("NO", "ONE")
+        wait_for(lambda: broker.status(job_id).state.is_finished(), 120, what="the job's end")
+    finally:
+        stop(w)
+        admin.replicaof("NO", "ONE")
+    st = broker.status(job_id)
+    assert st.state == JobState.COMPLETED and st.retries == 0 and st.lease_expiries == 0 and st.dead_shards == 0
+    assert_exact_output(tmp_path / "out", ids, n=2)
+    assert {m.token for m in io.committed_shards(str(tmp_path / "out")).values()} == {1}
+
+
 def test_sigkill_run_and_run_again(tmp_path, demo_model):
     job, ids = make_job(tmp_path, demo_model, n_lines=120, shard_size=10)
     env = child_env(ZIYA_BATCH_HOME=str(tmp_path / "home"))

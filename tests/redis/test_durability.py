@@ -2,6 +2,7 @@
 ran out while it was down are not taken from owners that renew them after the restart."""
 import time
 
+import pytest
 import redis
 
 from tests.processes import wait_for
@@ -96,3 +97,22 @@ def test_leases_that_ran_out_while_redis_was_down_are_their_owners_for_one_lease
     assert broker.commit(alive, ShardStats(prompts_done=10))
     st = broker.status(job_id)
     assert st.lease_expiries == 1 and st.shards["committed"] == 1 and st.shards["dead"] == 1
+
+
+def test_a_readonly_answer_closes_its_connection_so_the_next_try_reaches_the_new_primary(restartable_redis):
+    # behind a name that a failover moves, only a new connection reaches the new primary: a READONLY answer must
+    # not leave the broker's pooled connection talking to the demoted one; nothing is retried inside redis-py
+    from ziya_batch.queue.server import free_port
+
+    broker = Broker.from_url(restartable_redis.url, prefix="zb")
+    admin = redis.Redis.from_url(restartable_redis.url)
+    first = broker.client.client_id()
+    admin.replicaof("127.0.0.1", free_port())
+    try:
+        with pytest.raises(redis.ReadOnlyError):
+            broker.client.set("zb:failover-probe", "1")
+        listed = {c["id"] for c in admin.client_list()}
+        assert first not in listed                  # the connection that heard READONLY is gone
+    finally:
+        admin.replicaof("NO", "ONE")
+    assert broker.client.set("zb:failover-probe", "1") and broker.client.client_id() != first

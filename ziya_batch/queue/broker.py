@@ -32,6 +32,8 @@ import uuid
 from typing import Callable, Iterable, Mapping, Optional
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ..errors import JobNotFound
 from ..spec import show_text
@@ -126,7 +128,13 @@ class Broker:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "zb", **kwargs) -> "Broker":
-        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30), prefix, **kwargs)
+        # A READONLY answer (a demoted primary, mid-failover) closes the connection it came on, so the caller's
+        # next try connects again and reaches the new primary behind the same name; redis-py retries nothing
+        # itself (retries=0): callers wait it out (BROKER_UNREACHABLE), and no script runs twice on a retry.
+        readonly = (redis.ReadOnlyError,)
+        return cls(redis.Redis.from_url(url, decode_responses=True, health_check_interval=30,
+                                        retry=Retry(NoBackoff(), 0, supported_errors=readonly),
+                                        retry_on_error=list(readonly)), prefix, **kwargs)
 
     def check_server(self) -> list[str]:
         """Unsafe settings of this Redis, one sentence each (empty when it is safe to trust)."""
