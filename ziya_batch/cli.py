@@ -347,6 +347,9 @@ def _error(message: str) -> None:
 
 
 def main(argv: Optional[list] = None) -> None:
+    from .redact import mask_logs, mask_text
+
+    mask_logs()
     # the click typer parses with (a copy of its own in newer typers): its exceptions module
     click_errors = sys.modules[typer.BadParameter.__module__]
     bad = _not_utf8(sys.argv[1:] if argv is None else argv)
@@ -377,7 +380,11 @@ def main(argv: Optional[list] = None) -> None:
     except Exception as err:
         known = user_error(err)
         if known is None:
-            raise
+            # a bug: its traceback, as Python would print it, with URLs' passwords and signatures masked
+            import traceback
+
+            print(mask_text("".join(traceback.format_exception(err))).rstrip("\n"), file=sys.stderr)
+            sys.exit(1)
         _error(known[0])
         sys.exit(known[1])
     sys.exit(code if isinstance(code, int) else 0)

@@ -11,7 +11,9 @@ where a message shortened it) the part after its ':' is masked.
 """
 from __future__ import annotations
 
+import logging
 import re
+import traceback
 from typing import Optional
 
 MASK = "***"
@@ -83,3 +85,39 @@ def _mask_found(found: re.Match) -> str:
     url = found.group(0)
     core = url.rstrip(_PROSE_END)
     return mask_url(core) + url[len(core):]
+
+
+_masking_logs = False
+
+
+def mask_logs() -> None:
+    """From now on every log record this process makes is shown masked (mask_text): its message, or the string
+    and exception values it is formatted with, and its traceback, so a password or a pre-signed URL's signature in
+    an exception's text reaches no log. A record's arguments keep their number and kinds where they are no
+    exceptions (formatters such as uvicorn's access log unpack them). Installed once; later calls do nothing."""
+    global _masking_logs
+    if _masking_logs:
+        return
+    _masking_logs = True
+    make = logging.getLogRecordFactory()
+
+    def masked(*args, **kwargs) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        if isinstance(record.msg, str) and not record.args:
+            record.msg = mask_text(record.msg)
+        elif isinstance(record.args, tuple):
+            record.args = tuple(_masked_arg(a) for a in record.args)
+        if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
+            text = "".join(traceback.format_exception(*record.exc_info))
+            record.exc_text = mask_text(text[:-1] if text.endswith("\n") else text)
+        return record
+
+    logging.setLogRecordFactory(masked)
+
+
+def _masked_arg(value):
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, BaseException):
+        return mask_text(str(value))
+    return value

@@ -40,8 +40,10 @@ def test_main_prints_one_line_and_exits_with_the_code(monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ziya-batch: error: cannot reach Redis")
     monkeypatch.setattr(cli, "app", lambda *a, **kw: [][1])
-    with pytest.raises(IndexError):
+    with pytest.raises(SystemExit) as exit_:        # a bug: its traceback, as Python prints one (masked), exit 1
         main(["status"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("Traceback") and "IndexError: list index out of range" in err
 
 
 @pytest.mark.parametrize("args", [["status", "a\udcff"], ["cancel", "\udce9t\udce9"], ["report", "x", "-o", "r\udcff"],

@@ -176,3 +176,49 @@ def test_an_http_error_masks_the_servers_own_urls():
     assert r.status_code == 403, r.text
     assert "JudgeSecret" not in r.text and "https://judge:***@judge.example/" in r.text
     assert "https://elsewhere.example/s" in r.text
+
+
+def test_logs_and_a_crash_traceback_mask_urls(capsys, monkeypatch):
+    # a 500's traceback (the API logs it), a worker's warning quoting an exception, and a bug's traceback at the
+    # CLI's end: each shows the URL's host and path, not its password or a pre-signed URL's signature
+    import io
+    import logging
+
+    from ziya_batch import cli
+    from ziya_batch.redact import mask_logs
+
+    mask_logs()
+    mask_logs()                                     # installed once, whoever calls it
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger("ziya_batch.test_redact")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        err = OSError("GET https://b.s3.amazonaws.com/in.jsonl?X-Amz-Signature=SigSecret&X-Amz-Date=1 failed")
+        try:
+            raise RuntimeError("wrapped") from err
+        except RuntimeError:
+            log.exception("unhandled error on %s %s", "POST", "/v1/jobs")
+        log.warning("storage away (%s)", OSError("at s3://AKIA:KeySecret@bucket/out"))
+        log.error("plain https://u:PlainSecret@host/x")
+        # uvicorn's access log unpacks its record's five arguments: they stay five, of the same kinds
+        record = log.makeRecord(log.name, logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
+                                ("1.2.3.4:5", "GET", "/v1/files", "1.1", 200), None)
+        assert record.args == ("1.2.3.4:5", "GET", "/v1/files", "1.1", 200)
+    finally:
+        log.removeHandler(handler)
+    text = stream.getvalue()
+    assert "Secret" not in text, text
+    assert "X-Amz-Signature=***" in text and "s3://AKIA:***@bucket/out" in text and "Traceback" in text
+    assert "b.s3.amazonaws.com/in.jsonl" in text and "unhandled error on POST /v1/jobs" in text
+
+    def bug(*a, **kw):
+        raise KeyError("redis://:CrashSecret@10.0.0.1:6379/0")
+
+    monkeypatch.setattr(cli, "app", bug)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["status"])
+    err_text = capsys.readouterr().err
+    assert exit_.value.code == 1 and "Traceback" in err_text and "KeyError" in err_text, err_text
+    assert "CrashSecret" not in err_text and "redis://:***@10.0.0.1:6379/0" in err_text

@@ -32,9 +32,11 @@ def _forwarded_env() -> dict[str, str]:
 
 def build_asgi_app(settings: ApiSettings, redis_url: str):
     """The FastAPI app for one replica (Ray Serve calls this on the replica)."""
+    from ..redact import mask_logs
     from ..runtime.services import connect_broker
     from .app import create_app
 
+    mask_logs()                    # the replica's own process: its 500s' tracebacks are logged there
     return create_app(settings, functools.partial(connect_broker, redis_url, warn=False))
 
 

@@ -15,6 +15,9 @@ class WorkerActor:
 
     def __init__(self, redis_url: str, device: str, worker_id: str, cpu_threads: Optional[int] = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from ..redact import mask_logs
+
+        mask_logs()
         if cpu_threads:
             import torch
 

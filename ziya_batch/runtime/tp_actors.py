@@ -30,6 +30,9 @@ class TPRankActor:
     def __init__(self, rank: int, world_size: int, init_method: str, redis_url: str, job_id: Optional[str],
                  worker_id: str, cpu_threads: Optional[int] = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from ..redact import mask_logs
+
+        mask_logs()
         import torch
         import torch.distributed as dist
 
