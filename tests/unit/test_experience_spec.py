@@ -168,3 +168,24 @@ def test_a_job_queued_before_those_checks_is_still_read_back():
         assert stored_spec(data).output.filters.model_dump(exclude_defaults=True) == filters
     with pytest.raises(SpecError, match="drop_constant_reward_groups needs a reward"):     # as it always was
         stored_spec({**BASE, "output": {"path": "out", "filters": {"drop_constant_reward_groups": True}}})
+
+
+@pytest.mark.parametrize("logprobs", [True, False])
+def test_experience_logprobs_false_writes_no_logprobs_and_no_kl_made_of_them(line_result, logprobs):
+    """kl is logprobs - ref_logprobs (k3 is made of the same two): with `experience.logprobs: false` the records
+    held a null `logprobs` beside the kl lists, from which `logprobs` were recovered exactly (kl + ref_logprobs),
+    and which no check of kl against logprobs could read. ref_logprobs stay: the reference model was asked for."""
+    from ziya_batch.work.generation import build_parts
+
+    spec = parse_spec({**BASE, "output": {"path": "out", "records": ["results", "experience"]},
+                       "experience": {"logprobs": logprobs, "reference_model": "ref"}})
+    records = build_parts(spec, [line_result(1, ref=True)], [])["experience"]
+    assert len(records) == 2
+    for rec in records:
+        n = rec["response_length"]
+        assert rec["ref_logprobs"] is not None and len(rec["ref_logprobs"]) == n
+        if logprobs:
+            assert len(rec["logprobs"]) == len(rec["kl"]) == len(rec["kl_k3"]) == n
+            assert rec["kl"] == [lp - rp for lp, rp in zip(rec["logprobs"], rec["ref_logprobs"])]
+        else:
+            assert rec["logprobs"] is None and rec["kl"] is None and rec["kl_k3"] is None

@@ -159,3 +159,30 @@ def test_parquet_schema_types():
     assert exp.field("logprobs").type == pa.list_(pa.float32())
     assert exp.field("reward").type == pa.float64() and exp.field("reward").nullable
     assert parquet_schema("results").field("usage").type.num_fields == 2
+
+
+def test_jsonl_parts_hold_one_record_per_line_for_every_line_splitter(tmp_path, line_result):
+    """A response (or prompt, or label) holding U+2028, U+2029 or U+0085 is valid JSON written raw, but Python's
+    str.splitlines() and JavaScript readers break a line there: such a part held more "lines" than the manifest
+    says. They are written as \\u escapes, which every JSON reader turns back into the same text."""
+    import json
+
+    from ziya_batch.io.schema import encode_jsonl
+    from ziya_batch.records import result_record
+
+    text = "a\u2028b\u2029c\x85d 😀 中文"
+    r = line_result(1)
+    r = dataclasses.replace(r, line=dataclasses.replace(r.line, query=text, metadata={"label": text}))
+    r.samples[0].text = text
+    records = [result_record(r, s) for s in r.samples]
+    data = encode_jsonl(records)
+    assert len(data.decode("utf-8").splitlines()) == data.count(b"\n") == len(records)
+    assert [json.loads(line) for line in data.decode("utf-8").splitlines()] == records
+    assert "😀 中文".encode() in data                                   # other text stays UTF-8, unescaped
+    out = str(tmp_path / "out")
+    stage_shard(out, 0, 1, {"results": records}, "jsonl")
+    manifest = write_manifest(out, "{}", {}, {0: promote_shard(out, 0, 1)})
+    path = os.path.join(out, manifest["parts"]["results"][0]["path"])
+    with open(path, encoding="utf-8") as f:
+        assert len(f.read().splitlines()) == manifest["parts"]["results"][0]["lines"] == len(records)
+    assert list(read_parts(out, "results", verify=True)) == records

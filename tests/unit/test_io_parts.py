@@ -298,6 +298,24 @@ def test_manifest_lists_exactly_the_committed_parts(tmp_path, shard_parts):
     assert ids == [r["id"] for i in (0, 2) for r in shard_parts(2, start=i * 2)["results"]]
 
 
+def test_manifest_counts_add_up_to_the_parts_and_the_summary(tmp_path, shard_parts):
+    """DESIGN names the manifest's contents "spec, counts, and every committed part": `counts` is a key of its own,
+    the job's totals beside the records each kind's parts hold (0 for a kind the job does not write)."""
+    out = str(tmp_path / "out")
+    parts = shard_parts(3)
+    del parts["sft"]
+    stage_shard(out, 0, 1, parts, "jsonl")
+    promote_shard(out, 0, 1)
+    summary = {"job_id": "abc", "state": "completed", "shards": 1, "prompts": 3, "prompts_failed": 1, "samples": 6,
+               "output_tokens": 18, "prefix_cache_hit_tokens": 0}
+    manifest = write_manifest(out, json.dumps({"name": "t"}), summary, committed_shards(out))
+    assert read_manifest(out)["counts"] == manifest["counts"] == {
+        "prompts": 3, "prompts_failed": 1, "samples": 6, "output_tokens": 18,
+        "results": 6, "sft": 0, "experience": 6, "errors": 1}
+    assert all(type(v) is int for v in manifest["counts"].values())
+    assert manifest["counts"]["results"] == sum(1 for _ in read_parts(out, "results", verify=True))
+
+
 def test_read_parts_without_manifest_refuses(tmp_path, shard_parts):
     out = str(tmp_path / "out")
     stage_shard(out, 0, 1, shard_parts(1), "jsonl")

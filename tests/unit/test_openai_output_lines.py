@@ -85,3 +85,28 @@ def test_every_output_and_error_line_has_openais_fields_and_types(requests):
     for rec, (pl, _) in zip(parts["results"], sorted(work.prompts, key=lambda p: p[0].line)):
         chat = rec["response"]["body"]["object"] == "chat.completion"
         assert chat == (pl.endpoint == CHAT) and len(rec["response"]["body"]["choices"]) == pl.sampling.n
+
+
+def test_a_batch_output_file_holds_one_line_per_request_for_every_line_splitter(tmp_path):
+    """The output and error files a client downloads are written line by line as the parts are: U+2028, U+2029 and
+    U+0085 in a custom_id or a response are \\u escapes there too, not raw characters that str.splitlines() (and
+    JavaScript) take for the end of a line."""
+    from ziya_batch.api.openai_batch import Batches
+    from ziya_batch.api.settings import ApiSettings
+
+    batches = Batches(ApiSettings(token="t" * 20, storage_url=str(tmp_path / "store")), brokers=None)
+    text = "a\u2028b\u2029c\x85d 中文"
+    body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+                         "logprobs": None}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+    records = [{"id": "batch_req_1", "custom_id": f"c{text}", "error": None,
+                "response": {"status_code": 200, "request_id": "r", "body": body}},
+               {"id": "batch_req_2", "custom_id": "c2", "response": None,
+                "error": {"code": "invalid_json", "message": text, "line": 2, "file": "/srv/in.jsonl"}}]
+    batches._write_lines("file-x-output", iter(records), "x.jsonl", "batch_output")
+    data = b"".join(batches.content_stream("file-x-output"))
+    lines = data.decode("utf-8").splitlines()
+    assert len(lines) == data.count(b"\n") == 2
+    assert [json.loads(line) for line in lines] == [_client_line(r) for r in records]
+    assert "中文".encode() in data

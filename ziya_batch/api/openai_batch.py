@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from .. import io, jobs
 from ..errors import ZiyaBatchError, utf8_safe
 from ..records import TooLongLine
+from ..io.schema import jsonl_line
 from ..io.storage import move_atomic, put_atomic, read_bytes
 from ..spec import JobSpec
 from .http_errors import ApiError
@@ -194,7 +195,7 @@ class Batches:
         return meta
 
     def _write_lines(self, file_id: str, records: Iterator[dict], filename: str, purpose: str) -> dict:
-        lines = ((json.dumps(_client_line(r), ensure_ascii=False) + "\n").encode("utf-8") for r in records)
+        lines = ((jsonl_line(_client_line(r)) + "\n").encode("utf-8") for r in records)
         return self._write_file(file_id, lines, filename, purpose)
 
     def file(self, file_id: str) -> dict:

@@ -6,7 +6,11 @@ Shape (format_version 1)::
       "format_version": 1,
       "job_id": "...",                       summary["job_id"], when given
       "spec": {...},                         the job spec as submitted
-      "summary": {"prompts": .., "samples": .., "failed": .., "tokens": .., "state": ..},
+      "summary": {"job_id": .., "state": .., "shards": .., "prompts": .., "prompts_failed": .., "samples": ..,
+                  "output_tokens": .., "prefix_cache_hit_tokens": .., ...},
+      "counts": {"prompts": 512, "prompts_failed": 2, "samples": 1024, "output_tokens": 90000,
+                 "results": 1024, "sft": 1024, "experience": 0, "errors": 2},
+                                             the summary's totals, and the records of every kind (0: none)
       "format": "jsonl" | "parquet",
       "num_shards": 3,
       "records": {"results": 1024, "sft": 1024, "errors": 2},     lines per kind over all parts
@@ -32,6 +36,8 @@ from .storage import join_url
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+# the summary's totals that "counts" repeats (DESIGN: the manifest holds "spec, counts, and every committed part")
+COUNT_KEYS = ("prompts", "prompts_failed", "samples", "output_tokens")
 
 
 def build_manifest(spec_json: str, summary: dict, markers: dict[int, CommitMarker]) -> dict:
@@ -44,14 +50,17 @@ def build_manifest(spec_json: str, summary: dict, markers: dict[int, CommitMarke
                 for m in ordered for k, p in m.parts.items() if k == kind]
         if rows:
             parts[kind] = rows
+    records = {kind: sum(r["lines"] for r in rows) for kind, rows in parts.items()}
     return {
         "format_version": FORMAT_VERSION,
         "job_id": summary.get("job_id"),
         "spec": json.loads(spec_json) if spec_json else None,
         "summary": dict(summary),
+        "counts": {**{k: summary[k] for k in COUNT_KEYS if k in summary},
+                   **{kind: records.get(kind, 0) for kind in KINDS}},
         "format": formats[0] if len(formats) == 1 else formats,
         "num_shards": len(ordered),
-        "records": {kind: sum(r["lines"] for r in rows) for kind, rows in parts.items()},
+        "records": records,
         "parts": parts,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -1,7 +1,8 @@
 """Part encodings: JSONL, and Parquet with one explicit Arrow schema per record kind.
 
 JSONL parts hold the records exactly as records.py builds them, one JSON object per line, UTF-8
-(``ensure_ascii=False``). A non-finite float (NaN, ±inf) is written as ``null``, because strict JSON
+(``ensure_ascii=False``; only U+2028, U+2029 and U+0085, which str.splitlines() and JavaScript take for line ends,
+are written as ``\\u`` escapes). A non-finite float (NaN, ±inf) is written as ``null``, because strict JSON
 readers (pyarrow, ``datasets``) reject ``NaN``/``Infinity``; Parquet parts do the same, so both formats
 hold the same values.
 
@@ -186,13 +187,26 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+# characters JSON allows raw in a string that str.splitlines() (and JavaScript) take for line ends: written raw, a
+# record holding one spans two "lines" for such readers, and a part more lines than the manifest says
+_LINE_BREAKS = {"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"}
+
+
+def jsonl_line(rec: Any) -> str:
+    """One JSONL line (without its newline): UTF-8 text as is, except U+2028, U+2029 and U+0085 as \\u escapes,
+    which every JSON reader turns back into the same characters. A non-finite float is written as null."""
+    try:
+        line = json.dumps(rec, ensure_ascii=False, allow_nan=False)
+    except ValueError:     # NaN or inf somewhere: strict readers would reject the whole part
+        line = json.dumps(_finite(rec), ensure_ascii=False, allow_nan=False)
+    for ch, esc in _LINE_BREAKS.items():
+        if ch in line:
+            line = line.replace(ch, esc)
+    return line
+
+
 def encode_jsonl(records: list[dict]) -> bytes:
-    out = []
-    for rec in records:
-        try:
-            out.append(json.dumps(rec, ensure_ascii=False, allow_nan=False))
-        except ValueError:     # NaN or inf somewhere: strict readers would reject the whole part
-            out.append(json.dumps(_finite(rec), ensure_ascii=False, allow_nan=False))
+    out = [jsonl_line(rec) for rec in records]
     return ("\n".join(out) + "\n").encode("utf-8") if out else b""
 
 

@@ -239,8 +239,9 @@ def build_parts(spec: JobSpec, results: list[LineResult], failures: list[LineFai
         parts["experience"] = [rec for r in kept for rec in filters.add_group_fields(
             [experience_record(r, s) for s in r.samples])]
         if not spec.experience.logprobs:
+            # kl and kl_k3 are made of the logprobs (kl + ref_logprobs gives them back): none of the three is written
             for rec in parts["experience"]:
-                rec["logprobs"] = None
+                rec["logprobs"] = rec["kl"] = rec["kl_k3"] = None
     parts["errors"] = [f.record() for f in failures]
     return parts
 
