@@ -340,10 +340,13 @@ def _not_utf8(args: list) -> Optional[str]:
 
 def _error(message: str) -> None:
     """The one line an error ends in. Every URL in it is shown masked (redact.mask_text): a message may quote a
-    --redis-url, a storage URL or a library's text holding one, with the password the user gave."""
+    --redis-url, a storage URL or a library's text holding one, with the password the user gave. Its control
+    characters and bidirectional overrides are escapes: a message may quote text others wrote (a file name a glob
+    matched, a path or owner a manifest names), which must not drive the terminal or break the line."""
+    from .errors import escape_controls
     from .redact import mask_text
 
-    print(f"ziya-batch: error: {mask_text(message)}", file=sys.stderr)
+    print(f"ziya-batch: error: {escape_controls(mask_text(message))}", file=sys.stderr)
 
 
 def main(argv: Optional[list] = None) -> None:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Optional
 
@@ -12,24 +11,15 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import jobs
+from ..errors import escape_controls
 from ..queue import JobState
-
-
-# control characters, and the bidirectional overrides and isolates, which reorder what follows them on the line
-# (a name ending in U+202E 'gnp.exe' shows as 'exe.png', and the rest of the row reversed)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _plain(value: object, style: str = "") -> Text:
     """Users' text (job names, workers' hosts, error messages, notes naming them) as a cell or a line: never
     parsed as rich markup, and its control characters written as escapes, so a name sent over HTTP cannot move,
     recolour or clear the operator's terminal (rich keeps ESC)."""
-    return Text(_CONTROL.sub(_escaped, str(value)), style=style)
-
-
-def _escaped(m: re.Match) -> str:
-    code = ord(m.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return Text(escape_controls(str(value)), style=style)
 
 
 def _eta(seconds: Optional[float]) -> str:

@@ -1,0 +1,70 @@
+"""What the CLI writes to the terminal outside `status`'s tables: users' text in it (a file name a glob matched, a
+part path or an owner a foreign manifest names, a job name, a worker's note) never reaches the terminal as control
+characters or bidirectional overrides. An error line stays one line; ESC, OSC, CR, backspace and U+202E are
+written as escapes (`\\x1b`, `\\u202e`), and the rest of the text as it is."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ziya_batch.cli import main
+from ziya_batch.errors import InputError, escape_controls
+from ziya_batch.redact import mask_text
+
+# what a terminal acts on or reorders by: C0, DEL, C1, bidirectional marks, overrides and isolates
+RAW = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+HOSTILE = ("\x1b]8;;https://evil.example\x07click\x1b]8;;\x07", "\x1b[2J\x1b[H", "ok\rFAKE", "ab\x08\x08XY",
+           "report\u202egnp.exe", "\x9b31m", "\x1b]0;title\x07", "[red]x[/red] [link=https://e.example]y[/link]")
+hostile_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=60) | st.sampled_from(HOSTILE)
+
+
+def _error_line(err: BaseException) -> str:
+    """The stderr `main` leaves for a command that raised `err`."""
+    from ziya_batch import cli
+
+    def raise_it(*a, **kw):
+        raise err
+
+    stderr = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(stderr):
+        mp.setattr(cli, "app", raise_it)
+        with pytest.raises(SystemExit):
+            main(["status"])
+    return stderr.getvalue()
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=hostile_text)
+def test_an_error_line_never_carries_control_characters(text):
+    message = f"input not usable: {text}.jsonl (compressed: shards are byte ranges of plain JSONL)"
+    err = _error_line(InputError(message))
+    assert err.endswith("\n") and err.count("\n") == 1
+    assert RAW.search(err[:-1]) is None
+    assert err == f"ziya-batch: error: {escape_controls(mask_text(message))}\n"
+
+
+def test_a_part_path_a_foreign_manifest_names_is_shown_escaped(monkeypatch, capsys, tmp_path):
+    """`report` on an output directory someone else wrote: the missing part's path comes from its manifest."""
+    out = tmp_path / "out"
+    out.mkdir()
+    path = "results/part-\x1b]8;;https://evil.example\x07x\x1b]8;;\x07\x1b[2K\r\u202elmth.jsonl"
+    (out / "manifest.json").write_text(json.dumps({"job_id": "0123456789abcdef", "spec": {"name": "x"},
+                                                   "parts": {"results": [{"path": path, "lines": 1,
+                                                                          "sha256": "0" * 64}]}}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", str(out), "-o", str(tmp_path / "r.html"), "--redis-url", "redis://127.0.0.1:1/0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and RAW.search(err[:-1]) is None
+    assert "part-\\x1b]8;;https://evil.example\\x07x\\x1b]8;;\\x07\\x1b[2K\\x0d\\u202elmth.jsonl is listed" in err
+
+
+def test_escape_controls_keeps_other_text():
+    assert escape_controls("写一首诗 [v2] café 🙂 a\tb") == "写一首诗 [v2] café 🙂 a\\x09b"
+    assert escape_controls("\x1b[2J\x9b\u202e\u2066") == "\\x1b[2J\\x9b\\u202e\\u2066"
