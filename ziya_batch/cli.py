@@ -70,6 +70,7 @@ def submit(
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
 ):
     """Validate the spec, index the input into shards and queue it; prints the job id."""
+    from .errors import escape_controls
     from .jobs import submit_job, unserved_note
     from .spec import load_spec
 
@@ -78,14 +79,16 @@ def submit(
     changed: list[str] = []
     st = submit_job(spec, broker, check_model_dir=True, changes=changed)
     typer.echo(st.job_id)
+    # the notes quote text others wrote (a worker's note: a model's load error, which may quote its config): escaped
     if changed:
-        typer.echo(f"resumed with {'; '.join(changed)} (workers that start from now on use them)", err=True)
+        typer.echo(escape_controls(f"resumed with {'; '.join(changed)} (workers that start from now on use them)"),
+                   err=True)
     try:
         note = None if st.state.is_finished() else unserved_note(broker, st.job_id)
     except Exception:  # noqa: BLE001 - the job is queued; a hint that cannot be worked out is left out
         note = None
     if note:
-        typer.echo(f"note: {note}", err=True)
+        typer.echo(escape_controls(f"note: {note}"), err=True)
 
 
 @app.command()

@@ -68,3 +68,66 @@ def test_a_part_path_a_foreign_manifest_names_is_shown_escaped(monkeypatch, caps
 def test_escape_controls_keeps_other_text():
     assert escape_controls("写一首诗 [v2] café 🙂 a\tb") == "写一首诗 [v2] café 🙂 a\\x09b"
     assert escape_controls("\x1b[2J\x9b\u202e\u2066") == "\\x1b[2J\\x9b\\u202e\\u2066"
+
+
+@settings(max_examples=100, deadline=None)
+@given(note=hostile_text, change=hostile_text)
+def test_submit_notes_are_escaped(note, change):
+    """`submit`'s notes quote workers' notes (a model's load error, which may quote its config) and the settings a
+    resubmit changed."""
+    from ziya_batch import cli, jobs, spec
+    from ziya_batch.queue import JobState
+
+    class Status:
+        job_id, state = "0123456789abcdef", JobState.QUEUED
+
+    def submitted(spec_, broker, check_model_dir, changes):
+        changes.append(change)
+        return Status()
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        mp.setattr(spec, "load_spec", lambda path: object())
+        mp.setattr(cli, "_broker", lambda url: object())
+        mp.setattr(jobs, "submit_job", submitted)
+        mp.setattr(jobs, "unserved_note", lambda broker, job_id: f"none could load it ({note})")
+        with pytest.raises(SystemExit) as exit_:
+            main(["submit", "job.yaml"])
+    assert exit_.value.code == 0 and stdout.getvalue() == "0123456789abcdef\n"
+    err = stderr.getvalue().splitlines()
+    assert len(err) == 2 and not any(RAW.search(line) for line in err)
+    assert escape_controls(change) in err[0] and f"note: none could load it ({escape_controls(note)})" == err[1]
+
+
+@settings(max_examples=100, deadline=None)
+@given(name=hostile_text, path=hostile_text)
+def test_run_prints_the_spec_s_text_escaped(name, path):
+    from rich.console import Console
+
+    from ziya_batch.runtime import local
+
+    class Spec:
+        pass
+
+    class Status:
+        job_id, prompts_total, shards_total = "0123456789abcdef", 3, 1
+        prompts_done = prompts_failed = samples = output_tokens = 0
+
+    class State:
+        value = "completed"
+
+    spec, status = Spec(), Status()
+    spec.name = name or "x"
+    spec.output = Spec()
+    spec.output.path = f"/out/{path}"
+    status.state = State()
+    console = Console(record=True, width=1000, color_system=None)
+    console.print(local._job_line(status, spec))
+    line = console.export_text()
+    assert RAW.search(line.rstrip("\n")) is None
+    assert f"({escape_controls(spec.name)})" in line and escape_controls(spec.output.path) in line
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        local._print_summary(spec, status, 1.0)
+    assert not any(RAW.search(line) for line in stdout.getvalue().splitlines())
+    assert f"  output    {escape_controls(spec.output.path)} (manifest" in stdout.getvalue()
