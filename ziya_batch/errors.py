@@ -94,16 +94,17 @@ def short_text(text: object, limit: int = MESSAGE_CHARS) -> str:
     return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
-# control characters (C0, DEL, C1), and the bidirectional overrides and isolates, which reorder what follows them
-# on the line (a name ending in U+202E 'gnp.exe' shows as 'exe.png', and the rest of the row reversed)
-_TERMINAL_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# control characters (C0, DEL, C1), the line and paragraph separators (lines to Python's splitlines), and the
+# bidirectional overrides and isolates, which reorder what follows them on the line (a name ending in U+202E
+# 'gnp.exe' shows as 'exe.png', and the rest of the row reversed)
+TERMINAL_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def escape_controls(text: str) -> str:
     """`text` as it may reach a terminal or a log line: every control character and bidirectional override written
     as its escape (`\\x1b`, `\\u202e`), so that users' text (a job name, a file name, a path a manifest lists)
     cannot move, recolour, retitle or clear the screen, forge a line or reorder it."""
-    return _TERMINAL_CONTROL.sub(_escaped, text)
+    return TERMINAL_CONTROL.sub(_escaped, text)
 
 
 def _escaped(m: re.Match) -> str:

@@ -17,10 +17,12 @@ from ziya_batch.cli import main
 from ziya_batch.errors import InputError, escape_controls
 from ziya_batch.redact import mask_text
 
-# what a terminal acts on or reorders by: C0, DEL, C1, bidirectional marks, overrides and isolates
-RAW = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# what a terminal acts on or reorders by: C0, DEL, C1, bidirectional marks, overrides and isolates; and the line
+# and paragraph separators, where Python's splitlines ends a line
+RAW = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 HOSTILE = ("\x1b]8;;https://evil.example\x07click\x1b]8;;\x07", "\x1b[2J\x1b[H", "ok\rFAKE", "ab\x08\x08XY",
-           "report\u202egnp.exe", "\x9b31m", "\x1b]0;title\x07", "[red]x[/red] [link=https://e.example]y[/link]")
+           "report\u202egnp.exe", "\x9b31m", "a\u2028b\x85c", "\x1b]0;title\x07",
+           "[red]x[/red] [link=https://e.example]y[/link]")
 hostile_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=60) | st.sampled_from(HOSTILE)
 
 
@@ -131,3 +133,25 @@ def test_run_prints_the_spec_s_text_escaped(name, path):
         local._print_summary(spec, status, 1.0)
     assert not any(RAW.search(line) for line in stdout.getvalue().splitlines())
     assert f"  output    {escape_controls(spec.output.path)} (manifest" in stdout.getvalue()
+
+
+@settings(max_examples=100, deadline=None)
+@given(name=hostile_text, note=hostile_text)
+def test_status_json_is_the_same_json_without_raw_controls(name, note):
+    """`status --json` is one JSON document a line: JSON escapes C0 itself, the rest (DEL, C1 such as U+009B, the
+    bidirectional overrides) are written as \\u escapes too; the document read back is the same."""
+    from ziya_batch import jobs
+    from ziya_batch.runtime.status_view import show_status
+
+    class Status:
+        def to_dict(self):
+            return {"job_id": "0123456789abcdef", "name": name, "error": name[::-1]}
+
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+        mp.setattr(jobs, "list_jobs", lambda broker: [Status()])
+        mp.setattr(jobs, "waiting_note", lambda broker, st: note)
+        show_status(object(), None, as_json=True)
+    [line] = stdout.getvalue().splitlines()
+    assert RAW.search(line) is None
+    assert json.loads(line) == [{"job_id": "0123456789abcdef", "name": name, "error": name[::-1], "note": note}]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Optional
 
@@ -11,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import jobs
-from ..errors import escape_controls
+from ..errors import TERMINAL_CONTROL, escape_controls
 from ..queue import JobState
 
 
@@ -20,6 +21,10 @@ def _plain(value: object, style: str = "") -> Text:
     parsed as rich markup, and its control characters written as escapes, so a name sent over HTTP cannot move,
     recolour or clear the operator's terminal (rich keeps ESC)."""
     return Text(escape_controls(str(value)), style=style)
+
+
+def _json_escape(m: re.Match) -> str:
+    return f"\\u{ord(m.group()):04x}"
 
 
 def _eta(seconds: Optional[float]) -> str:
@@ -103,7 +108,9 @@ def show_status(broker, job_id: Optional[str], watch: bool = False, as_json: boo
             else:
                 st = jobs.job_status(broker, job_id, detail=True)
                 data = {**st.to_dict(), "note": jobs.waiting_note(broker, st)}
-            print(json.dumps(data, ensure_ascii=False), flush=True)
+            # JSON escapes C0 itself; the other characters escape_controls escapes are \u escapes too (JSON holds
+            # them only inside strings, where that is the same document), so a terminal shows it as written
+            print(TERMINAL_CONTROL.sub(_json_escape, json.dumps(data, ensure_ascii=False)), flush=True)
             if not watch:
                 return
             time.sleep(interval_s)
