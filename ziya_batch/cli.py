@@ -352,6 +352,18 @@ def _error(message: str) -> None:
     print(f"ziya-batch: error: {escape_controls(mask_text(message))}", file=sys.stderr)
 
 
+def _escape_last_resort_logs() -> None:
+    """A command's own warnings (`run`: a replica that died, a finalize waiting for storage) reach stderr through
+    logging's last resort, which wrote users' text in them (an error quoting a path) as it was: one line now, with
+    its control characters as escapes (errors.OneLineLogFormatter), the same text otherwise."""
+    import logging
+
+    from .errors import OneLineLogFormatter
+
+    if logging.lastResort is not None:
+        logging.lastResort.setFormatter(OneLineLogFormatter())
+
+
 def main(argv: Optional[list] = None) -> None:
     # the click typer parses with (a copy of its own in newer typers): its exceptions module
     click_errors = sys.modules[typer.BadParameter.__module__]
@@ -360,6 +372,7 @@ def main(argv: Optional[list] = None) -> None:
         shown = bad.replace("\r", "\\r").replace("\n", "\\n")
         _error(f"argument '{shown}' is not UTF-8 text; give names, ids and paths in UTF-8")
         sys.exit(2)
+    _escape_last_resort_logs()
     try:
         # not standalone: click's own errors (a bad option value) come here to be one line, not a usage panel
         code = app(args=argv, standalone_mode=False)

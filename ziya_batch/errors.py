@@ -2,6 +2,7 @@
 what to do; the CLI prints it as one line and exits with `exit_code`, never with a traceback."""
 from __future__ import annotations
 
+import logging
 import re
 
 from .redact import mask_text
@@ -110,3 +111,26 @@ def escape_controls(text: str) -> str:
 def _escaped(m: re.Match) -> str:
     code = ord(m.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+class OneLineLogFormatter(logging.Formatter):
+    """Log records whose message (users' text in its arguments: a file name, an error quoting a line) is one line
+    with escape_controls' escapes: no record can end early and forge the next, or drive the terminal that shows the
+    log. A traceback keeps its lines, their other control characters escaped."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei) -> str:
+        return "\n".join(escape_controls(line) for line in super().formatException(ei).split("\n"))
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join(escape_controls(line) for line in stack_info.split("\n"))
+
+
+def log_one_line(level: int = logging.INFO) -> None:
+    """logging.basicConfig for a worker process: records to stderr through OneLineLogFormatter."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineLogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])

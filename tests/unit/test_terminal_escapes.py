@@ -155,3 +155,49 @@ def test_status_json_is_the_same_json_without_raw_controls(name, note):
     [line] = stdout.getvalue().splitlines()
     assert RAW.search(line) is None
     assert json.loads(line) == [{"job_id": "0123456789abcdef", "name": name, "error": name[::-1], "note": note}]
+
+
+@settings(max_examples=100, deadline=None)
+@given(file=hostile_text, why=hostile_text)
+def test_worker_log_lines_are_one_line_without_raw_controls(file, why):
+    """Workers log users' text (an input file's name a glob matched, an error quoting a line): each record stays
+    one line, which no text in it can end early (a forged record after it) or fill with escape sequences. A
+    traceback keeps its lines (the message's own newlines among them), their other control characters escaped."""
+    import logging
+
+    from ziya_batch.errors import OneLineLogFormatter
+
+    fmt = OneLineLogFormatter("%(levelname)s %(name)s: %(message)s")
+    record = logging.LogRecord("ziya_batch.work.generation", logging.WARNING, __file__, 1,
+                               "line %s:%d failed generation: %s", (file, 7, why), None)
+    line = fmt.format(record)
+    assert "\n" not in line and RAW.search(line) is None
+    assert line == f"WARNING ziya_batch.work.generation: line {escape_controls(file)}:7 failed generation: " \
+                   f"{escape_controls(why)}"
+    try:
+        raise ValueError(why)
+    except ValueError as err:
+        record = logging.LogRecord("ziya_batch.work.worker", logging.ERROR, __file__, 1, "shard %s/%d failed",
+                                   (file, 3), (type(err), err, err.__traceback__))
+    text = fmt.format(record)
+    lines = text.split("\n")
+    assert lines[0] == f"ERROR ziya_batch.work.worker: shard {escape_controls(file)}/3 failed"
+    assert lines[1] == "Traceback (most recent call last):" and len(lines) >= 4
+    assert not any(RAW.search(x) for x in lines)
+    shown = "\n".join(escape_controls(part) for part in why.split("\n"))
+    assert text.endswith(f"ValueError: {shown}" if why else "ValueError")
+
+
+def test_warnings_a_command_logs_are_escaped(monkeypatch):
+    """`run` logs warnings in its own process (a replica that died with its error, a finalize waiting on storage,
+    a part that cannot be read) through logging's last resort, which writes the message as it is."""
+    import logging
+
+    from ziya_batch import cli
+
+    monkeypatch.setattr(cli, "app", lambda *a, **kw: 0)
+    with pytest.raises(SystemExit):
+        main(["status"])
+    record = logging.LogRecord("ziya_batch.runtime.replicas", logging.WARNING, __file__, 1, "replica %s died: %s",
+                               ("run-0", "\x1b]0;owned\x07\rRuntimeError: \u202ex"), None)
+    assert logging.lastResort.format(record) == "replica run-0 died: \\x1b]0;owned\\x07\\x0dRuntimeError: \\u202ex"

@@ -29,7 +29,9 @@ class TPRankActor:
 
     def __init__(self, rank: int, world_size: int, init_method: str, redis_url: str, job_id: Optional[str],
                  worker_id: str, cpu_threads: Optional[int] = None):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from ..errors import log_one_line
+
+        log_one_line(logging.INFO)      # users' text in a record (a file name, an error) stays on its line, escaped
         import torch
         import torch.distributed as dist
 
