@@ -70,6 +70,7 @@ def submit(
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
 ):
     """Validate the spec, index the input into shards and queue it; prints the job id."""
+    from .errors import escape_controls
     from .jobs import submit_job, unserved_note
     from .spec import load_spec
 
@@ -78,14 +79,16 @@ def submit(
     changed: list[str] = []
     st = submit_job(spec, broker, check_model_dir=True, changes=changed)
     typer.echo(st.job_id)
+    # the notes quote text others wrote (a worker's note: a model's load error, which may quote its config): escaped
     if changed:
-        typer.echo(f"resumed with {'; '.join(changed)} (workers that start from now on use them)", err=True)
+        typer.echo(escape_controls(f"resumed with {'; '.join(changed)} (workers that start from now on use them)"),
+                   err=True)
     try:
         note = None if st.state.is_finished() else unserved_note(broker, st.job_id)
     except Exception:  # noqa: BLE001 - the job is queued; a hint that cannot be worked out is left out
         note = None
     if note:
-        typer.echo(f"note: {note}", err=True)
+        typer.echo(escape_controls(f"note: {note}"), err=True)
 
 
 @app.command()
@@ -340,10 +343,25 @@ def _not_utf8(args: list) -> Optional[str]:
 
 def _error(message: str) -> None:
     """The one line an error ends in. Every URL in it is shown masked (redact.mask_text): a message may quote a
-    --redis-url, a storage URL or a library's text holding one, with the password the user gave."""
+    --redis-url, a storage URL or a library's text holding one, with the password the user gave. Its control
+    characters and bidirectional overrides are escapes: a message may quote text others wrote (a file name a glob
+    matched, a path or owner a manifest names), which must not drive the terminal or break the line."""
+    from .errors import escape_controls
     from .redact import mask_text
 
-    print(f"ziya-batch: error: {mask_text(message)}", file=sys.stderr)
+    print(f"ziya-batch: error: {escape_controls(mask_text(message))}", file=sys.stderr)
+
+
+def _escape_last_resort_logs() -> None:
+    """A command's own warnings (`run`: a replica that died, a finalize waiting for storage) reach stderr through
+    logging's last resort, which wrote users' text in them (an error quoting a path) as it was: one line now, with
+    its control characters as escapes (errors.OneLineLogFormatter), the same text otherwise."""
+    import logging
+
+    from .errors import OneLineLogFormatter
+
+    if logging.lastResort is not None:
+        logging.lastResort.setFormatter(OneLineLogFormatter())
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -357,6 +375,7 @@ def main(argv: Optional[list] = None) -> None:
         shown = bad.replace("\r", "\\r").replace("\n", "\\n")
         _error(f"argument '{shown}' is not UTF-8 text; give names, ids and paths in UTF-8")
         sys.exit(2)
+    _escape_last_resort_logs()
     try:
         # not standalone: click's own errors (a bad option value) come here to be one line, not a usage panel
         code = app(args=argv, standalone_mode=False)

@@ -2,6 +2,9 @@
 what to do; the CLI prints it as one line and exits with `exit_code`, never with a traceback."""
 from __future__ import annotations
 
+import logging
+import re
+
 from .redact import mask_text
 
 
@@ -90,3 +93,43 @@ def short_text(text: object, limit: int = MESSAGE_CHARS) -> str:
     s = " ".join(mask_text(s[:limit * 4]).split())
     s = s.encode("utf-8", "backslashreplace").decode("utf-8")
     return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+# control characters (C0, DEL, C1), the line and paragraph separators (lines to Python's splitlines), and the
+# bidirectional overrides and isolates, which reorder what follows them on the line (a name ending in U+202E
+# 'gnp.exe' shows as 'exe.png', and the rest of the row reversed)
+TERMINAL_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def escape_controls(text: str) -> str:
+    """`text` as it may reach a terminal or a log line: every control character and bidirectional override written
+    as its escape (`\\x1b`, `\\u202e`), so that users' text (a job name, a file name, a path a manifest lists)
+    cannot move, recolour, retitle or clear the screen, forge a line or reorder it."""
+    return TERMINAL_CONTROL.sub(_escaped, text)
+
+
+def _escaped(m: re.Match) -> str:
+    code = ord(m.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+class OneLineLogFormatter(logging.Formatter):
+    """Log records whose message (users' text in its arguments: a file name, an error quoting a line) is one line
+    with escape_controls' escapes: no record can end early and forge the next, or drive the terminal that shows the
+    log. A traceback keeps its lines, their other control characters escaped."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        # the traceback and stack lines after the message, however they were made (redact.mask_logs formats a
+        # record's traceback when it is made, so formatException is not always called)
+        return "\n".join(escape_controls(line) for line in super().format(record).split("\n"))
+
+
+def log_one_line(level: int = logging.INFO) -> None:
+    """logging.basicConfig for a worker process: records to stderr through OneLineLogFormatter."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(OneLineLogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])

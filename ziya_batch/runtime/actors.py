@@ -14,10 +14,11 @@ class WorkerActor:
     """One model replica (tensor_parallel 1) on one GPU, or on the CPU; serves the queue until stopped."""
 
     def __init__(self, redis_url: str, device: str, worker_id: str, cpu_threads: Optional[int] = None):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from ..errors import log_one_line
         from ..redact import mask_logs
 
-        mask_logs()
+        log_one_line(logging.INFO)      # users' text in a record (a file name, an error) stays on its line, escaped
+        mask_logs()                     # and URLs' passwords and signatures are ***
         if cpu_threads:
             import torch
 

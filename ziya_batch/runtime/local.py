@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from .. import settings
-from ..errors import ModelError
+from ..errors import ModelError, escape_controls
 from ..jobs import finalize_if_ready, submit_job
 from ..jobs.service import finalize_note
 from ..spec import load_spec
@@ -92,11 +92,9 @@ def _run(spec, url: str, private, ray_address, num_workers, progress: bool, poll
     changed: list[str] = []
     status = submit_job(spec, broker, check_model_dir=True, changes=changed)
     job_id = status.job_id
-    # names and paths are the user's text, printed as it is (rich would take "[v2]" for markup, ":x:" for an emoji)
-    console.print(Text.assemble("job ", (job_id, "bold"), f" ({spec.name}): {status.prompts_total} prompts in "
-                                f"{status.shards_total} shards -> {spec.output.path}"))
+    console.print(_job_line(status, spec))
     if changed:
-        console.print(f"resumed with {'; '.join(changed)}", markup=False)
+        console.print(_plain(f"resumed with {'; '.join(changed)}"))
     started_ray = False
     manager = None
     try:
@@ -199,6 +197,13 @@ def _cannot_load(job_id: str, manager, workers: dict) -> Optional[str]:
     return None
 
 
+def _job_line(status, spec) -> Text:
+    # names and paths are the user's text, printed as it is (rich would take "[v2]" for markup, ":x:" for an
+    # emoji), their control characters as escapes
+    return Text.assemble("job ", (status.job_id, "bold"), _plain(f" ({spec.name}): {status.prompts_total} prompts in "
+                                                                 f"{status.shards_total} shards -> {spec.output.path}"))
+
+
 def _print_summary(spec, status, seconds: float) -> None:
     out = sys.stdout
     print(f"job {status.job_id}: {status.state.value}", file=out)
@@ -206,4 +211,4 @@ def _print_summary(spec, status, seconds: float) -> None:
     print(f"  samples   {status.samples}", file=out)
     print(f"  tokens    {status.output_tokens} generated", file=out)
     print(f"  seconds   {seconds:.1f}", file=out)
-    print(f"  output    {spec.output.path} (manifest.json lists the committed parts)", file=out)
+    print(f"  output    {escape_controls(spec.output.path)} (manifest.json lists the committed parts)", file=out)

@@ -12,24 +12,19 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import jobs
+from ..errors import TERMINAL_CONTROL, escape_controls
 from ..queue import JobState
-
-
-# control characters, and the bidirectional overrides and isolates, which reorder what follows them on the line
-# (a name ending in U+202E 'gnp.exe' shows as 'exe.png', and the rest of the row reversed)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def _plain(value: object, style: str = "") -> Text:
     """Users' text (job names, workers' hosts, error messages, notes naming them) as a cell or a line: never
     parsed as rich markup, and its control characters written as escapes, so a name sent over HTTP cannot move,
     recolour or clear the operator's terminal (rich keeps ESC)."""
-    return Text(_CONTROL.sub(_escaped, str(value)), style=style)
+    return Text(escape_controls(str(value)), style=style)
 
 
-def _escaped(m: re.Match) -> str:
-    code = ord(m.group())
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+def _json_escape(m: re.Match) -> str:
+    return f"\\u{ord(m.group()):04x}"
 
 
 def _eta(seconds: Optional[float]) -> str:
@@ -113,7 +108,9 @@ def show_status(broker, job_id: Optional[str], watch: bool = False, as_json: boo
             else:
                 st = jobs.job_status(broker, job_id, detail=True)
                 data = {**st.to_dict(), "note": jobs.waiting_note(broker, st)}
-            print(json.dumps(data, ensure_ascii=False), flush=True)
+            # JSON escapes C0 itself; the other characters escape_controls escapes are \u escapes too (JSON holds
+            # them only inside strings, where that is the same document), so a terminal shows it as written
+            print(TERMINAL_CONTROL.sub(_json_escape, json.dumps(data, ensure_ascii=False)), flush=True)
             if not watch:
                 return
             time.sleep(interval_s)

@@ -29,10 +29,11 @@ class TPRankActor:
 
     def __init__(self, rank: int, world_size: int, init_method: str, redis_url: str, job_id: Optional[str],
                  worker_id: str, cpu_threads: Optional[int] = None):
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from ..errors import log_one_line
         from ..redact import mask_logs
 
-        mask_logs()
+        log_one_line(logging.INFO)      # users' text in a record (a file name, an error) stays on its line, escaped
+        mask_logs()                     # and URLs' passwords and signatures are ***
         import torch
         import torch.distributed as dist
 
