@@ -6,16 +6,20 @@ and turns them into metric families. Nothing is counted in the API process itsel
 the API reports the same numbers and a restart loses nothing.
 
 Per job (labels job_id, name): prompts done/failed, samples, output tokens (counters); prompts total,
-tokens/s, prompts/s, ETA, state, shards by state, retries, dead-lettered shards and lines. Over the
-queue: queue depth (pending shards of jobs that can be claimed), leased shards, dead-lettered shards,
-lease expiries (when the broker counts them). Workers (each worker process is one model replica):
-count, GPUs, and one info series per worker.
+tokens/s, prompts/s, ETA, state, shards by state, retries, dead-lettered shards and lines; for every job
+not finished and every job finished in the last FINISHED_SERIES_S (a dashboard sees each job end), not for
+older ones, so the series do not grow with every job the queue has ever run. Over the queue (every job,
+however old): jobs by state, prompts done and failed, samples and output tokens (counters: jobs are never
+forgotten, so their sums only grow), queue depth (pending shards of jobs that can be claimed), leased shards,
+dead-lettered shards, lease expiries (when the broker counts them). Workers (each worker process is one
+model replica): count, GPUs, and one info series per worker.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+import time
+from typing import Any, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -23,7 +27,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 log = logging.getLogger(__name__)
 
 JOB_STATES = ("queued", "running", "finalizing", "completed", "failed", "cancelling", "cancelled")
+FINISHED_STATES = ("completed", "failed", "cancelled")
 SHARD_STATES = ("pending", "leased", "committed", "dead")
+# a finished job's own series are exported this long after it finished (then only the queue's totals count it)
+FINISHED_SERIES_S = 3600.0
 
 
 def _as_dict(obj: Any) -> dict:
@@ -82,7 +89,8 @@ class QueueCollector:
             return None
 
     @staticmethod
-    def _job_families(jobs: list[dict]):
+    def _job_families(jobs: list[dict], now: Optional[float] = None):
+        now = time.time() if now is None else now
         labels = ["job_id", "name"]
         fam = {
             "done": CounterMetricFamily("ziya_batch_job_prompts_done", "Prompts generated", labels=labels),
@@ -109,7 +117,21 @@ class QueueCollector:
         state = GaugeMetricFamily("ziya_batch_job_state", "1 for the job's current state", labels=labels + ["state"])
         shards = GaugeMetricFamily("ziya_batch_job_shards", "Shards by state", labels=labels + ["state"])
         depth = leased = dead = 0
+        by_state = dict.fromkeys(JOB_STATES, 0)
+        totals = dict.fromkeys(("prompts_done", "prompts_failed", "samples", "output_tokens"), 0)
         for j in jobs:
+            counts = j.get("shards") or {}
+            if j.get("state") in ("queued", "running"):
+                depth += counts.get("pending", 0)
+            leased += counts.get("leased", 0)
+            dead += j.get("dead_shards", 0)
+            if j.get("state") in by_state:
+                by_state[j["state"]] += 1
+            for key in totals:
+                totals[key] += j.get(key, 0) or 0
+            finished_at = j.get("finished_at")
+            if j.get("state") in FINISHED_STATES and finished_at is not None and now - finished_at > FINISHED_SERIES_S:
+                continue
             lv = [str(j.get("job_id")), str(j.get("name", ""))]
             fam["done"].add_metric(lv, j.get("prompts_done", 0))
             fam["failed"].add_metric(lv, j.get("prompts_failed", 0))
@@ -131,16 +153,25 @@ class QueueCollector:
                 fam["pc_rate"].add_metric(lv, j["prefix_cache_hit_rate"])
             for s in JOB_STATES:
                 state.add_metric(lv + [s], 1 if j.get("state") == s else 0)
-            counts = j.get("shards") or {}
             for s in SHARD_STATES:
                 shards.add_metric(lv + [s], counts.get(s, 0))
-            if j.get("state") in ("queued", "running"):
-                depth += counts.get("pending", 0)
-            leased += counts.get("leased", 0)
-            dead += j.get("dead_shards", 0)
         yield from fam.values()
         yield state
         yield shards
+        jobs_by_state = GaugeMetricFamily("ziya_batch_jobs_by_state", "Jobs the queue knows, by state",
+                                          labels=["state"])
+        for s, n in by_state.items():
+            jobs_by_state.add_metric([s], n)
+        yield jobs_by_state
+        for key, name, doc in (
+            ("prompts_done", "ziya_batch_prompts_done", "Prompts generated, over every job the queue knows"),
+            ("prompts_failed", "ziya_batch_prompts_failed", "Prompts that became error lines, over every job"),
+            ("samples", "ziya_batch_samples", "Samples generated, over every job"),
+            ("output_tokens", "ziya_batch_output_tokens", "Output tokens generated, over every job"),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], totals[key])
+            yield c
         for name, doc, value in (
             ("ziya_batch_queue_depth", "Pending shards of jobs that can be claimed", depth),
             ("ziya_batch_leased_shards", "Shards held by workers under a lease now", leased),
