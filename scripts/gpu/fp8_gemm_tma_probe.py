@@ -28,12 +28,12 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+# this directory's float16 probe: the same shapes, layer count, shared-memory limit and graph timing
+from gemm_tma_probe import LAYERS, SHAPES, SMEM_BYTES, graph_ms
+
 from ziya_batch.engine import quant
 
-SHAPES = {"qkv": (15360, 5120), "o": (5120, 5120), "gate_up": (27648, 5120), "down": (5120, 13824)}
 ROWS = (128, 224, 256, 384, 640)
-LAYERS = 40
-SMEM_BYTES = 227 * 1024
 
 
 @triton.jit
@@ -141,31 +141,6 @@ class Launcher:
             _fp8_swap_splitk[self.grid](self.xd, wd, self.y32, self.sx, sb, m, n, k, BM=bm, BN=bn, BK=bk,
                                         STAGES=st, PER=triton.cdiv(triton.cdiv(k, bk), split), num_warps=warps)
             self.y.copy_(self.y32)
-
-
-def graph_ms(run_all, reps: int = 5) -> float:
-    """Milliseconds of one replay of a graph of run_all's launches (the least of reps)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run_all()                                          # compile / warm outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run_all()
-    g.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        best = min(best, a.elapsed_time(b))
-    del g
-    return best
 
 
 def main() -> None:
