@@ -241,7 +241,9 @@ def _jobs_router(settings: ApiSettings, brokers: BrokerHolder) -> APIRouter:
     @router.get("", summary="Every job with its status (the fields of GET /v1/jobs/{id}, note included)")
     def list_jobs() -> dict:
         broker = brokers.get()
-        return {"jobs": [{**s.to_dict(), "note": jobs.waiting_note(broker, s)} for s in jobs.list_jobs(broker)]}
+        statuses = jobs.list_jobs(broker)
+        notes = jobs.waiting_notes(broker, statuses)       # the live workers read once for every job
+        return {"jobs": [{**s.to_dict(), "note": note} for s, note in zip(statuses, notes)]}
 
     @router.get("/{job_id}", summary="A job's status (the fields of `ziya-batch status --json`)")
     def get_job(job_id: str) -> dict:

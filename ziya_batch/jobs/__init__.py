@@ -11,10 +11,10 @@ test_import_graph.py checks it); the broker is anything with the JobsBroker prot
 """
 from .finalize import finalize_if_ready, finish_empty_job
 from .service import (API_HINT, CLI_HINT, ManifestNotReady, cancel_job, get_manifest, job_status,
-                      list_jobs, unserved_note, waiting_note)
+                      list_jobs, unserved_note, waiting_note, waiting_notes)
 from .submit import absolute_locations, check_model, check_output_owner, job_id_for, list_inputs, submit_job
 
 __all__ = ["absolute_locations", "API_HINT", "CLI_HINT", "ManifestNotReady", "cancel_job", "check_model",
            "check_output_owner",
            "finalize_if_ready", "finish_empty_job", "get_manifest", "job_id_for", "job_status", "list_inputs",
-           "list_jobs", "submit_job", "unserved_note", "waiting_note"]
+           "list_jobs", "submit_job", "unserved_note", "waiting_note", "waiting_notes"]

@@ -53,6 +53,29 @@ def waiting_note(broker: "WorkerBroker", status: "JobStatus") -> Optional[str]:
         return None
 
 
+def waiting_notes(broker: "WorkerBroker", statuses: list["JobStatus"]) -> list[Optional[str]]:
+    """waiting_note of each of `statuses` (a listing), the live workers read once for them all: a listing of many
+    queued jobs is not several round trips a job."""
+    once = _WorkersOnce(broker)
+    return [waiting_note(once, st) for st in statuses]
+
+
+class _WorkersOnce:
+    """The broker, with worker_infos read on the first call only (what waiting_notes' notes are worked out from)."""
+
+    def __init__(self, broker: "WorkerBroker"):
+        self._broker = broker
+        self._workers = None
+
+    def worker_infos(self):
+        if self._workers is None:
+            self._workers = self._broker.worker_infos()
+        return self._workers
+
+    def __getattr__(self, name: str):
+        return getattr(self._broker, name)
+
+
 def finalize_note(status: "JobStatus") -> Optional[str]:
     """The line saying why a finalizing job is not finished (JobStatus.finalize_wait), e.g. "finalize waits for
     storage: s3://bucket/out: ConnectTimeoutError: ... (tried 4 times since 09:12:03 UTC, last at 09:13:36 UTC;

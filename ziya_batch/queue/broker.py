@@ -43,7 +43,7 @@ from .keys import Keys
 from .scripts import Scripts
 from .server import check_config
 from .states import JobState, ShardState
-from .status import build_status
+from .status import build_status, build_statuses
 from .types import JobStatus, Lease, ShardStats, UncommitResult, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -169,24 +169,38 @@ class Broker:
                 self._add_shards(job_id, [x for i, st in items[at:at + SUBMIT_BATCH] for x in (i, "", _json(st.to_dict()))])
             return self.status(job_id)
         files = {f: i for i, f in enumerate(self.client.lrange(k.files(job_id), 0, -1))}
-        batch: list = []
+        refs: list[ShardRef] = []
         for ref in shards:
             if ref.job_id != job_id:
                 raise ValueError(f"shard {ref.index} belongs to job {ref.job_id}, not {job_id}")
-            if ref.file not in files:
-                # RPUSH's reply is the position, so two submitters racing on one job agree on it
-                files[ref.file] = self.client.rpush(k.files(job_id), ref.file) - 1
-            rec = shard_record(ref, files[ref.file])
-            st = committed.get(ref.index)
-            batch += [ref.index, _json(rec), _json(st.to_dict()) if st is not None else ""]
-            if len(batch) >= 3 * SUBMIT_BATCH:
-                self._add_shards(job_id, batch)
-                batch = []
-        if batch:
-            self._add_shards(job_id, batch)
+            refs.append(ref)
+            if len(refs) >= SUBMIT_BATCH:
+                self._add_refs(job_id, refs, files, committed)
+                refs = []
+        if refs:
+            self._add_refs(job_id, refs, files, committed)
         self.scripts.seal(keys=[k.job(job_id), k.ready(), k.claim_seq()], args=[job_id])
         self.announce_work(job_id)
         return self.status(job_id)
+
+    def _add_refs(self, job_id: str, refs: list[ShardRef], files: dict[str, int],
+                  committed: Mapping[int, ShardStats]) -> None:
+        """One batch of submit's shards: their files not yet in the job's files list appended in one pipeline (an
+        input of many small files is not a round trip a file), then the shards in one add_shards call. `files`: file
+        -> its position in the list, updated here."""
+        new = [f for f in dict.fromkeys(ref.file for ref in refs) if f not in files]
+        if new:
+            with self.client.pipeline(transaction=False) as p:
+                for f in new:
+                    p.rpush(self.keys.files(job_id), f)
+                # RPUSH's reply is the position, so two submitters racing on one job agree on it
+                files.update((f, n - 1) for f, n in zip(new, p.execute()))
+        batch: list = []
+        for ref in refs:
+            st = committed.get(ref.index)
+            rec = shard_record(ref, files[ref.file])
+            batch += [ref.index, _json(rec), _json(st.to_dict()) if st is not None else ""]
+        self._add_shards(job_id, batch)
 
     def _add_shards(self, job_id: str, triples: list) -> int:
         k = self.keys
@@ -263,13 +277,9 @@ class Broker:
         return self.status(job_id)
 
     def list_jobs(self) -> list[JobStatus]:
-        """Every job, oldest first."""
-        out = []
-        for job_id in self.client.zrange(self.keys.jobs(), 0, -1):
-            st = self.find_job(job_id)
-            if st is not None:
-                out.append(st)
-        return out
+        """Every job, oldest first. A round trip per 250 jobs (status.build_statuses), not three a job: a /metrics
+        scrape, a listing and a new job's submit each read every job."""
+        return build_statuses(self.client, self.keys, self.client.zrange(self.keys.jobs(), 0, -1), self.scripts)
 
     def delete_job(self, job_id: str) -> None:
         """Forget a job (its output stays). Its leases are dropped: owners' commits then fail."""
@@ -482,7 +492,13 @@ class Broker:
 
     def lease_expiries(self) -> int:
         """Leases that expired and were taken back by a reaper, over every job (the /metrics counter)."""
-        return sum(st.lease_expiries for st in self.list_jobs())
+        ids = self.client.zrange(self.keys.jobs(), 0, -1)
+        if not ids:
+            return 0
+        with self.client.pipeline(transaction=False) as p:      # one round trip over the jobs
+            for job_id in ids:
+                p.hget(self.keys.job(job_id), "lease_expiries")
+            return sum(int(n or 0) for n in p.execute())
 
     # -- job life -----------------------------------------------------------------------------------------
     def begin_finalize(self, job_id: str, owner: Optional[str] = None, ttl_s: float = FINALIZE_TTL_S) -> bool:
