@@ -86,9 +86,11 @@ def _job_detail(st, note: Optional[str] = None):
 def _render(broker, job_id: Optional[str]):
     if job_id is None:
         statuses = jobs.list_jobs(broker)
-        # a queued job's note says why nothing runs; a finalizing one's, why it is not finished (storage away)
+        # a queued or running job's note says why nothing runs (no live worker: a running one's may all have
+        # died); a finalizing one's, why it is not finished (storage away)
         notes = [_plain(f"{st.job_id}: {note}", "yellow") for st in statuses
-                 if st.state in (JobState.QUEUED, JobState.FINALIZING) and (note := jobs.waiting_note(broker, st))]
+                 if st.state in (JobState.QUEUED, JobState.RUNNING, JobState.FINALIZING)
+                 and (note := jobs.waiting_note(broker, st))]
         return Group(_jobs_table(statuses), *notes) if notes else _jobs_table(statuses)
     st = jobs.job_status(broker, job_id, detail=True)
     return _job_detail(st, jobs.waiting_note(broker, st))
