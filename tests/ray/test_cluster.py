@@ -205,3 +205,42 @@ def test_a_killed_worker_takes_the_node_it_started_with_it(redis_url, head_node)
         worker.kill()
         worker.wait()
     _wait_nodes(address, env, 1, timeout_s=90)
+
+
+def test_run_against_a_head_that_requires_rays_token(tmp_path, demo_model, redis_url):
+    """README's cluster path from the head's host: `ray start --head` where ~/.ray/auth_token exists (any earlier
+    `ziya-batch run` writes one) requires the token, and `run --address` must send it as `worker` does: it
+    connected without it and ended in a traceback after Ray's retries."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("z" * 32)
+    port = free_port()
+    temp_dir = f"/tmp/zb-ray-{port}"
+    env = child_env(HOME=str(home))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        env.pop(name, None)
+    address = f"127.0.0.1:{port}"
+    head = subprocess.Popen(
+        [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+         "--num-cpus=2", "--num-gpus=1", "--include-dashboard=false", "--disable-usage-stats", "--block"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_nodes(address, {**env, "RAY_AUTH_MODE": "token"}, 1)
+        ids = [f"t{i}" for i in range(20)]
+        inp = tmp_path / "in.jsonl"
+        inp.write_text("".join(json.dumps({"id": i, "prompt": f"say {i}"}) + "\n" for i in ids))
+        out = tmp_path / "out"
+        job = tmp_path / "job.yaml"
+        job.write_text(yaml.safe_dump({"name": "token", "model": {"path": str(demo_model)}, "input": [str(inp)],
+                                       "sampling": {"max_new_tokens": 3, "seed": 1}, "output": {"path": str(out)},
+                                       "shard_size": 8}))
+        zb = str(Path(sys.executable).with_name("ziya-batch"))
+        run = subprocess.run([zb, "run", str(job), "--address", address, "--redis-url", redis_url, "--quiet"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+        subprocess.run(["rm", "-rf", temp_dir])
+    results = list(io.read_parts(str(out), "results"))
+    assert collections.Counter(r["id"] for r in results) == collections.Counter(ids)

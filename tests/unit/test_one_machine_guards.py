@@ -85,3 +85,39 @@ def test_a_failed_join_is_one_line_and_names_the_token_when_none_was_sent(monkey
     assert str(auth).startswith("the Ray cluster at h:1 requires token authentication")
     monkeypatch.setenv(settings.RAY_AUTH_MODE_ENV, "token")
     assert "RAY_AUTH_TOKEN" not in str(cluster._join_error("h:1", ConnectionError("refused")))
+
+
+def _token_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in (settings.RAY_AUTH_MODE_ENV, *settings.RAY_AUTH_TOKEN_ENVS):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("x" * 32)
+
+
+def test_run_and_serve_on_a_cluster_send_rays_token_and_fail_in_one_line(monkeypatch, tmp_path):
+    """`run` and `serve` given a Ray address connect as `worker` does: with the token at hand (a head started by
+    `ray start --head` where ~/.ray/auth_token exists requires it) in token mode, and a refusal is one line.
+    They connected without it, and `run` ended in ConnectionError's traceback after ~25 lines of Ray's retries."""
+    import ray
+
+    from ziya_batch.runtime import local, services
+
+    _token_home(monkeypatch, tmp_path)
+    modes = []
+
+    def refused(*args, **kwargs):
+        modes.append(settings.ray_auth_mode())
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379\nTraceback ...")
+
+    monkeypatch.setattr(services, "check_ray_address", lambda address: None)     # something answers there
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    with pytest.raises(ServiceError) as err:
+        local._start_ray("10.0.0.1:6379")                                          # run
+    assert modes == ["token"] and "\n" not in str(err.value) and "10.0.0.1:6379" in str(err.value)
+    monkeypatch.delenv(settings.RAY_AUTH_MODE_ENV)
+    with pytest.raises(ServiceError) as err:
+        cluster.connect_cluster("10.0.0.1:6379", namespace="ziya-batch")          # serve
+    assert modes == ["token", "token"] and "\n" not in str(err.value)

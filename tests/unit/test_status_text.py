@@ -33,3 +33,15 @@ def test_bidirectional_overrides_are_escapes_not_reordering():
     assert "\u202e" not in out and "\u2066" not in out and "\u200f" not in out
     assert "report\\u202egnp.exe \\u2066x\\u2069 \\u200f" in out
     assert _plain("\x1b[2J\x9b").plain == "\\x1b[2J\\x9b"
+
+
+def test_a_shard_committed_between_the_lease_read_and_its_record_is_no_lease_and_no_worker():
+    # status reads a job's leased set, then the shards' records: a shard committed in between has no owner left,
+    # and was listed as a lease held by a worker named ''
+    from ziya_batch.queue.status import _assemble
+
+    h = {"state": "running", "name": "j", "created_ms": "1000", "total_shards": "2", "n_leased": "1",
+         "n_committed": "1", "total_prompts": "4", "sealed": "1"}
+    recs = [(0, 90_000.0, {"owner": "w-1", "attempts": 1, "token": 3}), (1, 90_000.0, {"attempts": 1, "token": 2})]
+    st = _assemble("0123456789abcdef", [h, [], [], 0], recs, {"w-1": "host-a"}, 60_000, None)
+    assert [w["worker_id"] for w in st.workers] == ["w-1"] and [w["shards"] for w in st.workers] == [[0]]

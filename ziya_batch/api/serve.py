@@ -120,16 +120,14 @@ def serve_main(host: str = "127.0.0.1", port: int = 8000, model: Optional[str] =
                   f"on other hosts cannot reach it; give a Redis they can reach with --redis-url or {env.REDIS_ENV}",
                   file=sys.stderr)
         if address:
-            from ..runtime.services import check_ray_address
+            from ..runtime.cluster import connect_cluster
 
-            check_ray_address(address)
-        try:
+            # with Ray's token when one is at hand, as `ziya-batch worker` joins; one line when refused
+            connect_cluster(address, namespace=APP_NAME, include_dashboard=False, log_to_driver=False)
+        else:
             # without an address, a Ray of our own: the API talks to workers only through Redis, so it never
             # needs to sit in their cluster, and joining one found by chance would put Serve into it
-            ray.init(address=address or "local", namespace=APP_NAME,
-                     include_dashboard=False, log_to_driver=False)
-        except ConnectionError as err:
-            raise ServiceError(f"cannot reach Ray at {address}: {err}") from None
+            ray.init(address="local", namespace=APP_NAME, include_dashboard=False, log_to_driver=False)
         start_serve(settings, url, host, port, num_replicas)
         if workers and not address:
             from ..runtime.local import start_local_replicas

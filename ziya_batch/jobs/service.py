@@ -38,17 +38,30 @@ def job_status(broker: "JobsBroker", job_id: str, detail: bool = False, hint: st
 
 def waiting_note(broker: "WorkerBroker", status: "JobStatus") -> Optional[str]:
     """Why a job's pending shards may wait with no worker to take them (no live worker, none of its
-    tensor_parallel shape, or every one failed to load its engine); None when some worker can, or the job has
-    nothing pending; or that its shard list is not all written yet; or, for a finalizing job, that its last
+    tensor_parallel shape, or every one failed to load its engine; leased shards whose leases all expired count
+    as waiting, their workers gone); None when some worker can, or the job has nothing pending or leased to a
+    live worker; or that its shard list is not all written yet; or, for a finalizing job, that its last
     finalize try waits for storage (finalize_note). Shown by `status` and GET /v1/jobs/{id}."""
     if not status.sealed and not status.state.is_finished():
         return UNSEALED_NOTE
     if status.finalize_wait is not None:
         return finalize_note(status)
-    if not status.state.is_claimable() or not status.shards.get("pending", 0) or status.shards.get("leased", 0):
+    leased = status.shards.get("leased", 0)
+    if not status.state.is_claimable() or not (status.shards.get("pending", 0) or leased):
         return None
     try:
-        return unserved_note(broker, status.job_id)
+        stale = ""
+        if leased:
+            # leases still renewed: their workers run. All expired with nobody to take them back (every worker
+            # gone: its `run` killed, its node lost; a live worker's loop reaps them): say so
+            leases = (status if status.detail else broker.status(status.job_id, detail=True)).leases
+            if not leases or any(x["expires_in_s"] > 0 for x in leases):
+                return None
+            holders = sorted({x["worker_id"] for x in leases if x["worker_id"]})
+            stale = (f"the {len(leases)} leased shard(s) are held by workers whose leases expired "
+                     f"({', '.join(holders[:3])}{', ...' if len(holders) > 3 else ''}); ")
+        note = unserved_note(broker, status.job_id)
+        return stale + note if note else None
     except Exception:  # noqa: BLE001 - a hint that cannot be worked out (Redis hiccup) is left out
         return None
 

@@ -140,6 +140,8 @@ def _assemble(job_id: str, res: list, lease_recs: list, hosts: dict[str, str], n
     lease_rows = []
     for idx, expiry_ms, sh in lease_recs:
         owner = sh.get("owner", "")
+        if not owner:       # committed or given back between the lease read and the shard's: no longer leased
+            continue
         holders.setdefault(owner, []).append(idx)
         lease_rows.append({"shard": idx, "worker_id": owner, "attempt": sh.get("attempts"),
                            "token": sh.get("token"), "isolate": bool(sh.get("lease_isolate")),

@@ -226,6 +226,22 @@ def _join_error(address: str, err: BaseException) -> ServiceError:
     return ServiceError(f"could not join the Ray cluster at {address}: {first[:300]}{hint}")
 
 
+def connect_cluster(address: str, **init_kwargs) -> None:
+    """Connect this process to the running cluster at `address` as a driver (`run --address`, `serve` on a
+    cluster), with Ray's token when one is at hand, as the worker joins (a head started by `ray start --head`
+    where a token exists requires it); one line when nothing answers there or Ray refuses."""
+    import ray
+
+    from .services import check_ray_address
+
+    check_ray_address(address)
+    _use_ray_token()
+    try:
+        ray.init(address=address, **init_kwargs)
+    except Exception as err:  # noqa: BLE001 - Ray's own errors, made one line
+        raise _join_error(address, err) from None
+
+
 def _latest_local_cluster() -> Optional[str]:
     try:
         from ray._private.utils import read_ray_address

@@ -18,7 +18,7 @@ from ..errors import ModelError, escape_controls
 from ..jobs import finalize_if_ready, submit_job
 from ..jobs.service import finalize_note
 from ..spec import load_spec
-from .services import check_ray_address, redis_for
+from .services import redis_for
 from .status_view import _plain
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,10 @@ def _start_ray(address: Optional[str]):
         return False
     if address:
         # a clear line now, not ray.init retrying for minutes (the job stays queued: `run` again resumes it)
-        check_ray_address(address)
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
-                 runtime_env=settings.worker_runtime_env() or None)
+        from .cluster import connect_cluster
+
+        connect_cluster(address, log_to_driver=False, logging_level=logging.WARNING,
+                        runtime_env=settings.worker_runtime_env() or None)
         return True
     # address="local": a fresh local Ray, never another cluster that happens to run on this machine
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,

@@ -86,9 +86,12 @@ def _job_detail(st, note: Optional[str] = None):
 def _render(broker, job_id: Optional[str]):
     if job_id is None:
         statuses = jobs.list_jobs(broker)
-        # a queued job's note says why nothing runs; a finalizing one's, why it is not finished (storage away)
-        notes = [_plain(f"{st.job_id}: {note}", "yellow") for st in statuses
-                 if st.state in (JobState.QUEUED, JobState.FINALIZING) and (note := jobs.waiting_note(broker, st))]
+        # a queued or running job's note says why nothing runs (no live worker: a running one's may all have
+        # died); a finalizing one's, why it is not finished (storage away)
+        shown = [st for st in statuses if st.state in (JobState.QUEUED, JobState.RUNNING, JobState.FINALIZING)]
+        # the live workers read once for all of them (jobs.waiting_notes), not once a job
+        notes = [_plain(f"{st.job_id}: {note}", "yellow")
+                 for st, note in zip(shown, jobs.waiting_notes(broker, shown)) if note]
         return Group(_jobs_table(statuses), *notes) if notes else _jobs_table(statuses)
     st = jobs.job_status(broker, job_id, detail=True)
     return _job_detail(st, jobs.waiting_note(broker, st))
@@ -104,7 +107,8 @@ def show_status(broker, job_id: Optional[str], watch: bool = False, as_json: boo
         while True:
             if job_id is None:
                 # each job with the note `status JOB --json` gives it: a script reading the list learns why one waits
-                data = [{**st.to_dict(), "note": jobs.waiting_note(broker, st)} for st in jobs.list_jobs(broker)]
+                statuses = jobs.list_jobs(broker)
+                data = [{**st.to_dict(), "note": note} for st, note in zip(statuses, jobs.waiting_notes(broker, statuses))]
             else:
                 st = jobs.job_status(broker, job_id, detail=True)
                 data = {**st.to_dict(), "note": jobs.waiting_note(broker, st)}
