@@ -80,7 +80,9 @@ def test_what_redis_reads_as_the_password_is_never_shown(scheme, user, secret, h
     except ValueError:
         return                                      # redis-py refuses it: never connected with, nothing to hide
     shown = mask_url(url).partition("://")[2]
-    assert not parsed.get("password") or parsed["password"] not in shown, shown
+    password = parsed.get("password") or ""
+    # a password of separators only (':' where the user part is '::') is in any masked URL as a separator
+    assert set(password) <= set(":@/") or password not in shown, shown
     if "/" not in secret:
         # with a '/' (not written %2F) where the password ends is ambiguous: the parser's reading is judged above
         assert not any(c.isupper() for c in shown), shown
