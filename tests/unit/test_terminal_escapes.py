@@ -150,7 +150,7 @@ def test_status_json_is_the_same_json_without_raw_controls(name, note):
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
         mp.setattr(jobs, "list_jobs", lambda broker: [Status()])
-        mp.setattr(jobs, "waiting_note", lambda broker, st: note)
+        mp.setattr(jobs, "waiting_notes", lambda broker, statuses: [note for _ in statuses])
         show_status(object(), None, as_json=True)
     [line] = stdout.getvalue().splitlines()
     assert RAW.search(line) is None
