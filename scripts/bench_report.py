@@ -27,6 +27,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from fsspec.implementations.local import LocalFileSystem
+
 from ziya_batch import io
 from ziya_batch.io.manifest import build_manifest
 from ziya_batch.io.schema import encode_part
@@ -99,10 +101,23 @@ class Calls:
 
 
 @contextlib.contextmanager
-def counting(s3: bool):
+def counting(url: str, latency_s: float = 0.0):
+    """Local: every file read and listing. S3: every HTTP request the client sends (by operation, listing pages
+    included), with `latency_s` added to each; in flight: the s3fs calls (a GET, a HEAD) under way at once."""
     calls = Calls()
-    if s3:
+    fs, _ = io.url_to_fs(url)
+    if not isinstance(fs, LocalFileSystem):
         import s3fs
+        from fsspec.asyn import sync
+
+        client = sync(fs.loop, fs.set_session)
+        requests: dict[str, int] = {}
+
+        async def before_send(event_name: str = "", **kw):
+            op = event_name.rsplit(".", 1)[-1]
+            requests[op] = requests.get(op, 0) + 1
+            if latency_s:
+                await asyncio.sleep(latency_s)
 
         orig = s3fs.S3FileSystem._call_s3
 
@@ -113,14 +128,15 @@ def counting(s3: bool):
             finally:
                 calls.leave()
 
+        client.meta.events.register("before-send.s3", before_send)
         s3fs.S3FileSystem._call_s3 = call
         try:
             yield calls
         finally:
             s3fs.S3FileSystem._call_s3 = orig
+            client.meta.events.unregister("before-send.s3", before_send)
+            calls.by = requests
         return
-    from fsspec.implementations.local import LocalFileSystem
-
     from ziya_batch.io import storage
 
     read, ls = storage._read_local, LocalFileSystem.ls
@@ -142,18 +158,22 @@ def counting(s3: bool):
         storage._read_local, LocalFileSystem.ls = read, ls
 
 
-def page_digest(page: str) -> str:
-    return hashlib.sha256(re.sub(r"report written [^<]*", "", page).encode()).hexdigest()[:16]
+def page_digest(page: str, url: str) -> str:
+    """The page's sha256 less its "report written" time and the output's URL (a temp dir's name)."""
+    page = re.sub(r"report written [^<]*", "", page).replace(url, "URL")
+    return hashlib.sha256(page.encode()).hexdigest()[:16]
 
 
-def moto(stack: contextlib.ExitStack) -> str:
-    from ziya_batch.queue.server import free_port
+def moto(stack: contextlib.ExitStack, endpoint: str | None, shards: int) -> str:
+    """The output's URL on a moto server: `endpoint`'s (one running already), else a new one's, stopped at the end."""
+    if endpoint is None:
+        from ziya_batch.queue.server import free_port
 
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    stack.callback(lambda: (proc.terminate(), proc.wait(10)))
-    endpoint = f"http://127.0.0.1:{port}"
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stack.callback(lambda: (proc.terminate(), proc.wait(10)))
+        endpoint = f"http://127.0.0.1:{port}"
     os.environ.update(AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1")
     for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
         os.environ.pop(var, None)
@@ -167,8 +187,9 @@ def moto(stack: contextlib.ExitStack) -> str:
         except Exception:  # noqa: BLE001 - not up yet
             time.sleep(0.1)
     fs, _ = io.url_to_fs("s3://bench-report")
-    fs.mkdir("bench-report")
-    return "s3://bench-report/out"
+    if not fs.exists("bench-report"):
+        fs.mkdir("bench-report")
+    return f"s3://bench-report/out-{shards}"
 
 
 def main(argv=None) -> int:
@@ -178,28 +199,45 @@ def main(argv=None) -> int:
     ap.add_argument("--s3", action="store_true", help="on a moto S3 server instead of a local directory")
     ap.add_argument("--no-manifest", action="store_true", help="a running job: the report reads the markers' parts")
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--endpoint", help="a moto server running already (with --s3): its output is written once and "
+                                       "kept, so that two versions can report the same one")
+    ap.add_argument("--dir", type=Path, help="a local output directory to use (written once and kept)")
+    ap.add_argument("--readers", type=int, help="parts read at once, local or remote (report.PART_READERS and "
+                                                "LOCAL_PART_READERS; where the version has them)")
+    ap.add_argument("--latency-ms", type=float, default=0.0,
+                    help="with --s3: add this to every request (moto on this machine answers in a few ms; S3 takes "
+                         "~10-30 ms for a small GET)")
     ap.add_argument("--json", type=Path, help="write the numbers here")
     args = ap.parse_args(argv)
-    out: dict = {"shards": args.shards, "per_shard": args.per_shard, "s3": args.s3,
-                 "manifest": not args.no_manifest, "runs": []}
+    out: dict = {"shards": args.shards, "per_shard": args.per_shard, "s3": args.s3, "latency_ms": args.latency_ms,
+                 "readers": args.readers, "manifest": not args.no_manifest, "runs": []}
     with contextlib.ExitStack() as stack:
         if args.s3:
-            url = moto(stack)
+            url = moto(stack, args.endpoint, args.shards)
+        elif args.dir:
+            url = str(args.dir.absolute())
         else:
             root = tempfile.mkdtemp(prefix="zb-bench-report-")
             stack.callback(shutil.rmtree, root, True)
             url = f"{root}/out"
-        t0 = time.perf_counter()
-        build_output(url, args.shards, args.per_shard, not args.no_manifest)
-        print(f"wrote {args.shards} shards to {url} in {time.perf_counter() - t0:.1f} s", flush=True)
+        if args.readers is not None:
+            import ziya_batch.report as report
+
+            report.PART_READERS = report.LOCAL_PART_READERS = args.readers
+        if io.OutputDir(url).committed_shards():
+            print(f"reporting {url} as it is", flush=True)
+        else:
+            t0 = time.perf_counter()
+            build_output(url, args.shards, args.per_shard, not args.no_manifest)
+            print(f"wrote {args.shards} shards to {url} in {time.perf_counter() - t0:.1f} s", flush=True)
         for _ in range(args.runs):
-            with counting(args.s3) as calls:
+            with counting(url, args.latency_ms / 1000) as calls:
                 t0 = time.perf_counter()
                 stats = compute_stats(url)
                 wall = time.perf_counter() - t0
             page = render_html(stats)
             run = {"wall_s": round(wall, 3), "calls": calls.by, "total_calls": sum(calls.by.values()),
-                   "peak_in_flight": calls.peak, "page": page_digest(page)}
+                   "peak_in_flight": calls.peak, "page": page_digest(page, url)}
             out["runs"].append(run)
             print(f"  compute_stats {wall:8.2f} s  calls {sum(calls.by.values()):6d} {calls.by}  "
                   f"peak in flight {calls.peak}  page {run['page']}", flush=True)
