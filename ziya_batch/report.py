@@ -2,14 +2,16 @@
 
 Computed from what storage holds (the manifest's parts, or, before the manifest exists, the committed
 parts their commit markers name) plus the job's Redis status when Redis is reachable. No JavaScript, no
-external resource: the file can be mailed, archived or opened offline. Memory: the largest part's bytes and one
-record (parts are read a record at a time), lengths counted in Counters (one entry per distinct length), rewards
-kept in a fixed-size reservoir. A record not of the shape ziya-batch writes is counted and shown, not used; a part
-or commit marker that cannot be read at all is one error line. The page is written aside and moved into place,
-so a failed run leaves an earlier report as it was.
+external resource: the file can be mailed, archived or opened offline. Memory: the bytes of at most PART_READERS
+parts (a few are read ahead of the one being decoded, which is decoded a record at a time; records are used in
+shard order, as a read of one part after another gives them), lengths counted in Counters (one entry per distinct
+length), rewards kept in a fixed-size reservoir. A record not of the shape ziya-batch writes is counted and shown,
+not used; a part or commit marker that cannot be read at all is one error line. The page is written aside and
+moved into place, so a failed run leaves an earlier report as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import html
 import json
@@ -18,7 +20,8 @@ import os
 import random
 import stat
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -31,6 +34,7 @@ from .spec import show_text
 from .io.schema import iter_part, part_format
 
 REWARD_RESERVOIR = 50_000
+_UNREAD: Any = object()       # compute_stats reads the manifest itself
 # how every report begins (render_html writes it; every release has): a file -o may replace starts so
 REPORT_HEAD = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>ziya-batch report:'
 # token counts larger than this are not counts (and would not bin as floats)
@@ -63,15 +67,90 @@ class JobStats:
 
 # -- reading ---------------------------------------------------------------------------------------------
 
-def _parts(output_url: str, manifest: Optional[dict], markers: dict, kind: str) -> Iterator[Any]:
+# Parts on a remote store are read ahead of the one being decoded, by this many threads: its latency (a GET, and
+# s3fs's HEAD before it) is paid once for every PART_READERS parts, not once a part. What is read ahead is held until
+# its turn, so at most PART_READERS parts' bytes exist at once, and fewer where the sizes the manifest or the markers
+# give add up to more than READ_AHEAD_BYTES (a part is always read, whatever its size). Records are used in the order
+# of a read of one part after another, so the page is the same. A local directory is read one part after another:
+# its page cache answers faster than a thread hands a part over (threads made the report slower there, BENCHMARKS).
+PART_READERS = 8
+LOCAL_PART_READERS = 1
+READ_AHEAD_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class _Part:
+    kind: str
+    path: str                 # relative to the output directory
+    size: Optional[int]       # as the manifest or the marker gives it (None: not given); paces the reads
+    listed: bool              # named by manifest.json: missing from storage is an error, not a part skipped
+
+
+def _part_list(manifest: Optional[dict], markers: dict, kinds: Iterable[str]) -> list[_Part]:
+    """Every part to read, in the order the report uses their records: kind by kind, shard by shard."""
     if manifest is not None:
-        yield from io.read_parts(output_url, kind)
+        parts = [_Part(kind, row["path"], row.get("size_bytes"), True)
+                 for kind in kinds for row in manifest["parts"].get(kind, [])]
+    else:
+        parts = [_Part(kind, m.parts[kind].path, m.parts[kind].size_bytes, False)
+                 for kind in kinds for m in (markers[i] for i in sorted(markers)) if kind in m.parts]
+    sized = any(type(p.size) is int and p.size > 0 for p in parts)
+    # markers (and manifests) written before parts had their size say 0 for every part: no size is given then
+    return [p if sized and type(p.size) is int and p.size >= 0 else _Part(p.kind, p.path, None, p.listed)
+            for p in parts]
+
+
+def _read_ahead(parts: list[_Part], read, readers: int, budget: int) -> Iterator[tuple[_Part, Optional[bytes]]]:
+    """(part, read(part)) for each part, in order, with up to `readers` reads running ahead of the consumer in
+    threads. At most `readers` parts' bytes are held, the one being consumed included, and parts after the first
+    held are read ahead only while their sizes add up to `budget`. An error of a read is raised at that part's
+    turn, as a read of one part after another raises it; reads not yet started are then cancelled."""
+    if readers <= 1:
+        for part in parts:
+            yield part, read(part)
         return
+    with ThreadPoolExecutor(readers, thread_name_prefix="report-read") as pool:
+        pending: deque = deque()
+        held, nxt = 0, 0
+        try:
+            while True:
+                while nxt < len(parts) and (not pending or len(pending) < readers and
+                                            held + (parts[nxt].size or 0) <= budget):
+                    pending.append((parts[nxt], pool.submit(read, parts[nxt])))
+                    held += parts[nxt].size or 0
+                    nxt += 1
+                if not pending:
+                    return
+                part, future = pending.popleft()
+                data = future.result()
+                del future              # it holds the bytes too
+                yield part, data
+                del data
+                held -= part.size or 0
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _records(output_url: str, manifest: Optional[dict], markers: dict, kinds: Iterable[str],
+             readers: Optional[int] = None) -> Iterator[tuple[str, Any]]:
+    """(kind, record) of every part of `kinds` (the manifest's parts, or without it, the committed parts the
+    markers name), kind by kind in shard order, as a read of one part after another gives them."""
     out = io.OutputDir(output_url)
-    for path in (markers[i].parts[kind].path for i in sorted(markers) if kind in markers[i].parts):
-        data = out.read(path)
-        if data is not None:
-            yield from iter_part(data, part_format(path), f"{output_url}: {path}")
+    parts = _part_list(manifest, markers, kinds)
+    if readers is None:
+        readers = LOCAL_PART_READERS if isinstance(out.fs, LocalFileSystem) else PART_READERS
+    # closed on the way out, an error's included: the reads still running are waited for, the others cancelled
+    with contextlib.closing(_read_ahead(parts, lambda p: out.read(p.path, p.size), readers,
+                                        READ_AHEAD_BYTES)) as reads:
+        for part, data in reads:
+            if data is None:
+                if part.listed:
+                    raise InputError(f"{output_url}: {part.path} is listed in manifest.json but missing")
+                continue        # a committed part gone before the manifest names it: nothing of it to count
+            for rec in iter_part(data, part_format(part.path), f"{output_url}: {part.path}"):
+                yield part.kind, rec
+            del data            # before the next part's turn: the parts read ahead are all that is held then
 
 
 def _count(value: Any) -> Optional[int]:
@@ -137,10 +216,12 @@ def _add_reward(stats: JobStats, value: float, rng: random.Random) -> None:
             stats.rewards[j] = value
 
 
-def compute_stats(output_url: str, status: Optional[dict] = None) -> JobStats:
-    """Everything the report shows, from storage (and the Redis status, if given)."""
-    manifest = io.read_manifest(output_url)
-    markers = io.committed_shards(output_url)
+def compute_stats(output_url: str, status: Optional[dict] = None, *, manifest: Any = _UNREAD) -> JobStats:
+    """Everything the report shows, from storage (and the Redis status, if given). `manifest`, where given, is
+    what io.read_manifest just returned for this output (None: it has none), so that it is not read again."""
+    if manifest is _UNREAD:
+        manifest = io.read_manifest(output_url)
+    markers, times = io.OutputDir(output_url).committed_with_times()
     if manifest is None and not markers:
         raise ServiceError(f"{output_url} holds no manifest.json and no committed parts yet: nothing to report "
                            "(is this the job's output.path? has any shard finished?)")
@@ -153,7 +234,6 @@ def compute_stats(output_url: str, status: Optional[dict] = None) -> JobStats:
         output_url=output_url, source="manifest" if manifest is not None else "commit markers",
         status=status or None, started_at=status.get("created_at"),
     )
-    times = io.OutputDir(output_url).commit_times()
     for index, m in sorted(markers.items()):
         stats.shards_committed += 1
         stats.prompts_done += m.prompts_done
@@ -163,18 +243,17 @@ def compute_stats(output_url: str, status: Optional[dict] = None) -> JobStats:
         if index in times:
             stats.commits.append((times[index], m.output_tokens, m.prompts_done))
     stats.commits.sort()
-    for rec in _parts(output_url, manifest, markers, "results"):
-        _add_result(stats, rec)
-    for rec in _parts(output_url, manifest, markers, "errors"):
-        if not isinstance(rec, dict):
-            stats.skipped += 1
-            continue
-        stats.error_codes[_text(_dict(rec.get("error")).get("code", "unknown"))] += 1
     rng = random.Random(0)
-    kinds = (manifest or {}).get("parts", {}) if manifest is not None else \
-        {k for m in markers.values() for k in m.parts}
-    if "experience" in kinds:
-        for rec in _parts(output_url, manifest, markers, "experience"):
+    # one stream of parts, results then errors then experience (the order of one pass a kind): reads run ahead
+    for kind, rec in _records(output_url, manifest, markers, ("results", "errors", "experience")):
+        if kind == "results":
+            _add_result(stats, rec)
+        elif kind == "errors":
+            if not isinstance(rec, dict):
+                stats.skipped += 1
+                continue
+            stats.error_codes[_text(_dict(rec.get("error")).get("code", "unknown"))] += 1
+        else:
             r = rec.get("reward") if isinstance(rec, dict) else None
             if type(r) in (int, float) and -1e300 < r < 1e300:      # finite, and a float whatever its digits
                 _add_reward(stats, float(r), rng)
@@ -380,10 +459,11 @@ def _looks_like_location(arg: str) -> bool:
     return "://" in arg or "/" in arg or Path(arg).exists()
 
 
-def write_report(output_url: str, out_path: str | Path, status: Optional[dict] = None) -> Path:
+def write_report(output_url: str, out_path: str | Path, status: Optional[dict] = None, *,
+                 manifest: Any = _UNREAD) -> Path:
     out = Path(out_path)
     stream = _check_report_target(out)
-    stats = compute_stats(output_url, status)
+    stats = compute_stats(output_url, status, manifest=manifest)
     # text that is not UTF-8 (a lone surrogate a JSON escape made) is written as its escape, not an error
     page = render_html(stats).encode("utf-8", "backslashreplace")
     try:
@@ -475,7 +555,7 @@ def report_main(job_id_or_output_url: str, out_path: str | Path, redis_url: Opti
         manifest = io.read_manifest(output_url)
     if broker is not None and status is None and isinstance(manifest, dict) and manifest.get("job_id"):
         status = _status_dict(broker, manifest["job_id"])
-    return write_report(output_url, out_path, status)
+    return write_report(output_url, out_path, status, manifest=manifest)
 
 
 # what follows "no job ID" when `report` is given an id this Redis does not know

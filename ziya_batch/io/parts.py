@@ -162,9 +162,10 @@ class OutputDir:
     def put(self, name: str, data: bytes) -> None:
         put_atomic(self.fs, self.path(name), data)
 
-    def read(self, rel: str) -> Optional[bytes]:
-        """The bytes of a file in the directory (e.g. a part's path from its marker), None if absent."""
-        return read_bytes(self.fs, self.path(rel))
+    def read(self, rel: str, expect_size: Optional[int] = None) -> Optional[bytes]:
+        """The bytes of a file in the directory (e.g. a part's path from its marker), None if absent. `expect_size`:
+        the size its marker or the manifest gives (one request instead of two on S3: read_bytes)."""
+        return read_bytes(self.fs, self.path(rel), expect_size=expect_size)
 
     def owner(self) -> Optional[str]:
         """The job id that writes into this directory (recorded at submit), or None."""
@@ -398,7 +399,26 @@ class OutputDir:
 
     def committed_shards(self) -> dict[int, CommitMarker]:
         """Every shard's commit marker, by shard index: what is done, even if Redis lost it."""
-        names = [p for p in list_fresh(self.fs, self.path(COMMITTED)) if p.endswith(".json")]
+        return self._read_markers(list_fresh(self.fs, self.path(COMMITTED)))
+
+    def commit_times(self) -> dict[int, float]:
+        """Shard index -> when its commit marker was written (the storage's modification time)."""
+        path = self.path(COMMITTED)
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        return _commit_times(entries)
+
+    def committed_with_times(self) -> tuple[dict[int, CommitMarker], dict[int, float]]:
+        """committed_shards() and commit_times() from one listing of _committed/ (a page a thousand markers on an
+        object store, read one after another): every marker, and when each was written."""
+        entries = list_fresh_detail(self.fs, self.path(COMMITTED))
+        return self._read_markers(sorted(str(e.get("name", "")) for e in entries)), _commit_times(entries)
+
+    def _read_markers(self, listed: list[str]) -> dict[int, CommitMarker]:
+        names = [p for p in listed if p.endswith(".json")]
         if not names:
             return {}
         # one concurrent batch on object stores; a marker that cannot be read is an error, not a shard left out
@@ -415,28 +435,23 @@ class OutputDir:
             markers[m.index] = m
         return markers
 
-    def commit_times(self) -> dict[int, float]:
-        """Shard index -> when its commit marker was written (the storage's modification time)."""
-        path = self.path(COMMITTED)
-        self.fs.invalidate_cache(path)
+
+def _commit_times(entries: list[dict]) -> dict[int, float]:
+    """Shard index -> the modification time of its commit marker, from a detailed listing of _committed/."""
+    out = {}
+    for e in entries:
+        name = str(e.get("name", ""))
+        index = part_index(name) if name.endswith(".json") else None
+        if index is None:
+            continue
+        t = e.get("mtime") or e.get("LastModified") or e.get("last_modified") or e.get("created")
+        if hasattr(t, "timestamp"):
+            t = t.timestamp()
         try:
-            entries = self.fs.ls(path, detail=True)
-        except FileNotFoundError:
-            return {}
-        out = {}
-        for e in entries:
-            name = str(e.get("name", ""))
-            index = part_index(name) if name.endswith(".json") else None
-            if index is None:
-                continue
-            t = e.get("mtime") or e.get("LastModified") or e.get("last_modified") or e.get("created")
-            if hasattr(t, "timestamp"):
-                t = t.timestamp()
-            try:
-                out[index] = float(t)
-            except (TypeError, ValueError):
-                continue
-        return out
+            out[index] = float(t)
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 # The same, one call each, for callers holding a URL (each opens the directory again).

@@ -263,17 +263,33 @@ def unreachable(err: BaseException) -> bool:
     return any("Connect" in c.__name__ or "Timeout" in c.__name__ for c in type(err).__mro__)
 
 
-def read_bytes(fs: fsspec.AbstractFileSystem, path: str, limit: Optional[int] = None) -> bytes | None:
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str, limit: Optional[int] = None,
+               expect_size: Optional[int] = None) -> bytes | None:
     """The object's bytes, or None when it does not exist (one request; no exists() race). InputError for more
     than `limit` bytes (where given), and locally for anything but a regular file: a FIFO would block the
-    reader for good, a device (a link to /dev/zero) never end."""
+    reader for good, a device (a link to /dev/zero) never end.
+
+    `expect_size`: the size the caller was told the object has (a part's, by its marker or the manifest), to save a
+    request on an object store: s3fs asks for an object's size (a HEAD) before a GET without a range, to choose to
+    download it in pieces. So a part said to hold bytes is asked for as the range 0- (a GET alone), and one said to
+    be empty is asked for its size alone (a HEAD; its bytes are none). What is read is the same either way: an
+    object of another size than said costs one request more."""
     if isinstance(fs, LocalFileSystem):
         return _read_local(LocalFileSystem._strip_protocol(path), limit)
     try:
+        if limit is None and expect_size == 0:
+            info = fs.info(path)
+            if info.get("type") == "file" and info.get("size") == 0:
+                return b""
+            expect_size = info.get("size") if info.get("type") == "file" else None
         try:
-            data = fs.cat_file(path) if limit is None else fs.cat_file(path, start=0, end=limit + 1)
+            if limit is not None:
+                data = fs.cat_file(path, start=0, end=limit + 1)
+            else:
+                data = fs.cat_file(path, start=0) if expect_size else fs.cat_file(path)
         except OSError as err:
-            if limit is None or isinstance(err, FileNotFoundError) or err.errno != errno.EINVAL:
+            if (limit is None and not expect_size) or isinstance(err, FileNotFoundError) or \
+                    err.errno != errno.EINVAL:
                 raise
             data = fs.cat_file(path)        # an empty object: a ranged read of it is "not satisfiable" (416)
     except FileNotFoundError:
