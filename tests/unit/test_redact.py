@@ -79,10 +79,12 @@ def test_what_redis_reads_as_the_password_is_never_shown(scheme, user, secret, h
         parsed = redis.connection.parse_url(url)
     except ValueError:
         return                                      # redis-py refuses it: never connected with, nothing to hide
-    shown = mask_url(url).partition("://")[2]
-    password = parsed.get("password") or ""
-    # a password of separators only (':' where the user part is '::') is in any masked URL as a separator
-    assert set(password) <= set(":@/") or password not in shown, shown
+    masked = mask_url(url)
+    shown = masked.partition("://")[2]
+    if parsed.get("password"):
+        # what redis-py reads as the password of the URL shown is the mask (a text search misleads where the
+        # password's characters are a separator or, after an '@' and '/' in it, the host: `redis://:A@A/@a:1/0`)
+        assert redis.connection.parse_url(masked).get("password") == "***", masked
     if "/" not in secret:
         # with a '/' (not written %2F) where the password ends is ambiguous: the parser's reading is judged above
         assert not any(c.isupper() for c in shown), shown
