@@ -3,6 +3,8 @@ talks to S3 through aiobotocore, which moto's in-process mock does not intercept
 is. Every test here is marked `s3` (`pytest -m "not s3"` leaves them out)."""
 from __future__ import annotations
 
+import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,22 @@ def moto_endpoint():
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture()
+def bucket(moto_endpoint, monkeypatch):
+    """A fresh bucket; the endpoint reaches s3fs the documented way, through ZIYA_BATCH_STORAGE_OPTIONS."""
+    pytest.importorskip("s3fs")
+    from ziya_batch.io import url_to_fs
+
+    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("ZIYA_BATCH_STORAGE_OPTIONS",
+                       json.dumps({"s3": {"client_kwargs": {"endpoint_url": moto_endpoint}}}))
+    name = f"zb-{uuid.uuid4().hex[:12]}"
+    fs, _ = url_to_fs(f"s3://{name}")
+    fs.mkdir(name)
+    return name

@@ -3,14 +3,13 @@ of the same prefix is refused, and nesting is seen through the objects above and
 from __future__ import annotations
 
 import pytest
-from test_io_s3 import bucket  # noqa: F401 - the fixture
 
 from ziya_batch.errors import SpecError
 from ziya_batch.io import OutputDir
 from ziya_batch.io.claims import claim_output
 
 
-def test_s3_claim_is_create_if_absent(bucket):  # noqa: F811
+def test_s3_claim_is_create_if_absent(bucket):
     url = f"s3://{bucket}/runs/a"
     claim_output(url, "job1")
     claim_output(url, "job1")
@@ -25,7 +24,7 @@ def test_s3_claim_is_create_if_absent(bucket):  # noqa: F811
     assert OutputDir(url).owner() == "job1"
 
 
-def test_s3_folder_keys_are_no_obstacle_but_parts_no_job_owns_are(bucket):  # noqa: F811
+def test_s3_folder_keys_are_no_obstacle_but_parts_no_job_owns_are(bucket):
     """A zero-byte "folder" key (an S3 console's "Create folder", rclone) under results/ is not a file a job would
     overwrite; a part of the job's naming that no job owns is."""
     from ziya_batch.io.storage import url_to_fs

@@ -18,21 +18,6 @@ from ziya_batch.io import (committed_shards, expand_inputs, index_inputs,  # noq
 from ziya_batch.records import ShardRef  # noqa: E402
 
 
-@pytest.fixture()
-def bucket(moto_endpoint, monkeypatch):
-    """A fresh bucket; the endpoint reaches s3fs the documented way, through ZIYA_BATCH_STORAGE_OPTIONS."""
-    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("ZIYA_BATCH_STORAGE_OPTIONS",
-                       json.dumps({"s3": {"client_kwargs": {"endpoint_url": moto_endpoint}}}))
-    name = f"zb-{uuid.uuid4().hex[:12]}"
-    fs, _ = url_to_fs(f"s3://{name}")
-    fs.mkdir(name)
-    return name
-
 
 def _put(bucket: str, key: str, data: bytes) -> None:
     fs, path = url_to_fs(f"s3://{bucket}/{key}")

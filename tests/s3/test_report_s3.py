@@ -4,8 +4,6 @@ sends a HEAD before a GET without a range), a HEAD alone for one it says is empt
 markers' folder listed once."""
 from __future__ import annotations
 
-import json
-import uuid
 
 import pytest
 
@@ -15,20 +13,6 @@ s3fs = pytest.importorskip("s3fs")
 from ziya_batch import io, report  # noqa: E402
 from ziya_batch.report import compute_stats  # noqa: E402
 
-
-@pytest.fixture()
-def bucket(moto_endpoint, monkeypatch):
-    for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("ZIYA_BATCH_STORAGE_OPTIONS",
-                       json.dumps({"s3": {"client_kwargs": {"endpoint_url": moto_endpoint}}}))
-    name = f"zb-{uuid.uuid4().hex[:12]}"
-    fs, _ = io.url_to_fs(f"s3://{name}")
-    fs.mkdir(name)
-    return name
 
 
 def _job(url: str, shards: int) -> None:
