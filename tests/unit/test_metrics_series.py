@@ -61,10 +61,10 @@ def test_old_finished_jobs_leave_their_series_and_stay_in_the_totals(monkeypatch
     assert m[("ziya_batch_jobs_by_state", (("state", "failed"),))] == 1
     assert m[("ziya_batch_jobs_by_state", (("state", "running"),))] == 1
     assert m[("ziya_batch_jobs_by_state", (("state", "queued"),))] == 0
-    assert m[("ziya_batch_prompts_done_total", ())] == 503 * 10
-    assert m[("ziya_batch_prompts_failed_total", ())] == 503
-    assert m[("ziya_batch_samples_total", ())] == 503 * 20
-    assert m[("ziya_batch_output_tokens_total", ())] == 503 * 100
+    assert m[("ziya_batch_prompts_done", ())] == 503 * 10
+    assert m[("ziya_batch_prompts_failed", ())] == 503
+    assert m[("ziya_batch_samples", ())] == 503 * 20
+    assert m[("ziya_batch_output_tokens", ())] == 503 * 100
     # a scrape's size no longer grows with the jobs run long ago
     assert len(m) < 200, len(m)
 

@@ -9,8 +9,8 @@ Per job (labels job_id, name): prompts done/failed, samples, output tokens (coun
 tokens/s, prompts/s, ETA, state, shards by state, retries, dead-lettered shards and lines; for every job
 not finished and every job finished in the last FINISHED_SERIES_S (a dashboard sees each job end), not for
 older ones, so the series do not grow with every job the queue has ever run. Over the queue (every job,
-however old): jobs by state, prompts done and failed, samples and output tokens (counters: jobs are never
-forgotten, so their sums only grow), queue depth (pending shards of jobs that can be claimed), leased shards,
+however old): jobs by state, prompts done and failed, samples and output tokens (gauges: a completed job whose
+output was deleted runs again from 0 under its id, so a sum may drop), queue depth (pending shards of jobs that can be claimed), leased shards,
 dead-lettered shards, lease expiries (when the broker counts them). Workers (each worker process is one
 model replica): count, GPUs, and one info series per worker.
 """
@@ -163,15 +163,17 @@ class QueueCollector:
         for s, n in by_state.items():
             jobs_by_state.add_metric([s], n)
         yield jobs_by_state
+        # gauges, not counters: a completed job whose output was deleted runs again under its id from 0, and the sum
+        # drops (rates come from the per-job counters: sum(rate(ziya_batch_job_output_tokens_total[5m])))
         for key, name, doc in (
             ("prompts_done", "ziya_batch_prompts_done", "Prompts generated, over every job the queue knows"),
             ("prompts_failed", "ziya_batch_prompts_failed", "Prompts that became error lines, over every job"),
             ("samples", "ziya_batch_samples", "Samples generated, over every job"),
             ("output_tokens", "ziya_batch_output_tokens", "Output tokens generated, over every job"),
         ):
-            c = CounterMetricFamily(name, doc)
-            c.add_metric([], totals[key])
-            yield c
+            g = GaugeMetricFamily(name, doc)
+            g.add_metric([], totals[key])
+            yield g
         for name, doc, value in (
             ("ziya_batch_queue_depth", "Pending shards of jobs that can be claimed", depth),
             ("ziya_batch_leased_shards", "Shards held by workers under a lease now", leased),
