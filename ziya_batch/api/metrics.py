@@ -65,7 +65,6 @@ class QueueCollector:
             broker = self.brokers.get()
             jobs = [_as_dict(j) for j in broker.list_jobs()]
             workers = [_as_dict(w) for w in broker.workers()]
-            expiries = self._lease_expiries(broker)
         except Exception as err:  # noqa: BLE001 - a scrape reports Redis down instead of failing
             log.warning("metrics: queue unreachable: %s", err)
             up.add_metric([], 0)
@@ -75,18 +74,6 @@ class QueueCollector:
         yield up
         yield from self._job_families(jobs)
         yield from self._worker_families(workers)
-        if expiries is not None:
-            c = CounterMetricFamily("ziya_batch_lease_expiries", "Leases that expired and were requeued by the reaper")
-            c.add_metric([], expiries)
-            yield c
-
-    @staticmethod
-    def _lease_expiries(broker):
-        fn = getattr(broker, "lease_expiries", None)
-        try:
-            return int(fn()) if callable(fn) else None
-        except Exception:  # noqa: BLE001 - optional counter
-            return None
 
     @staticmethod
     def _job_families(jobs: list[dict], now: Optional[float] = None):
@@ -116,7 +103,7 @@ class QueueCollector:
         }
         state = GaugeMetricFamily("ziya_batch_job_state", "1 for the job's current state", labels=labels + ["state"])
         shards = GaugeMetricFamily("ziya_batch_job_shards", "Shards by state", labels=labels + ["state"])
-        depth = leased = dead = 0
+        depth = leased = dead = expiries = 0
         by_state = dict.fromkeys(JOB_STATES, 0)
         totals = dict.fromkeys(("prompts_done", "prompts_failed", "samples", "output_tokens"), 0)
         for j in jobs:
@@ -125,6 +112,7 @@ class QueueCollector:
                 depth += counts.get("pending", 0)
             leased += counts.get("leased", 0)
             dead += j.get("dead_shards", 0)
+            expiries += j.get("lease_expiries") or 0
             if j.get("state") in by_state:
                 by_state[j["state"]] += 1
             for key in totals:
@@ -183,6 +171,10 @@ class QueueCollector:
             g = GaugeMetricFamily(name, doc)
             g.add_metric([], value)
             yield g
+        # over the statuses just listed (each job's counter), not a second read of every job
+        c = CounterMetricFamily("ziya_batch_lease_expiries", "Leases that expired and were requeued by the reaper")
+        c.add_metric([], expiries)
+        yield c
 
     @staticmethod
     def _worker_families(workers: list[dict]):
