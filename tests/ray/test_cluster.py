@@ -1,6 +1,7 @@
 """Two Ray nodes on one machine (`ray start --head`, then `ray start --address` with its own logical GPU):
 replicas run on both; killing the second node mid-job still completes it with the exact output."""
 import collections
+import contextlib
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -88,24 +90,32 @@ def test_replicas_on_both_nodes_and_a_node_dying(tmp_path, demo_model, redis_url
     assert collections.Counter(r["id"] for r in results) == collections.Counter(ids)
 
 
-@pytest.fixture
-def head_node():
+@contextlib.contextmanager
+def _ray_head(env: dict, num_gpus: int, wait_env: Optional[dict] = None):
+    """A `ray start --head --block` on a free port of 127.0.0.1 with its own temp dir, up once its node is listed
+    (asked with wait_env, else env); yields its address; SIGKILLed with its children and its dir removed after."""
     port = free_port()
     temp_dir = f"/tmp/zb-ray-{port}"
-    env = child_env(RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)
     address = f"127.0.0.1:{port}"
     head = subprocess.Popen(
         [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
-         "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false", "--disable-usage-stats", "--block"],
+         "--num-cpus=2", f"--num-gpus={num_gpus}", "--include-dashboard=false", "--disable-usage-stats", "--block"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_nodes(address, env, 1)
-        yield address, env
+        _wait_nodes(address, wait_env or env, 1)
+        yield address
     finally:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
         subprocess.run(["rm", "-rf", temp_dir])
+
+
+@pytest.fixture
+def head_node():
+    env = child_env(RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    with _ray_head(env, num_gpus=0) as address:
+        yield address, env
 
 
 def _submit(tmp_path, zb, demo_model, redis_url, env, name, ids, prompt, sampling):
@@ -214,18 +224,10 @@ def test_run_against_a_head_that_requires_rays_token(tmp_path, demo_model, redis
     home = tmp_path / "home"
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text("z" * 32)
-    port = free_port()
-    temp_dir = f"/tmp/zb-ray-{port}"
     env = child_env(HOME=str(home))
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
         env.pop(name, None)
-    address = f"127.0.0.1:{port}"
-    head = subprocess.Popen(
-        [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
-         "--num-cpus=2", "--num-gpus=1", "--include-dashboard=false", "--disable-usage-stats", "--block"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        _wait_nodes(address, {**env, "RAY_AUTH_MODE": "token"}, 1)
+    with _ray_head(env, num_gpus=1, wait_env={**env, "RAY_AUTH_MODE": "token"}) as address:
         ids = [f"t{i}" for i in range(20)]
         inp = tmp_path / "in.jsonl"
         inp.write_text("".join(json.dumps({"id": i, "prompt": f"say {i}"}) + "\n" for i in ids))
@@ -238,9 +240,5 @@ def test_run_against_a_head_that_requires_rays_token(tmp_path, demo_model, redis
         run = subprocess.run([zb, "run", str(job), "--address", address, "--redis-url", redis_url, "--quiet"],
                              env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
-    finally:
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait()
-        subprocess.run(["rm", "-rf", temp_dir])
     results = list(io.read_parts(str(out), "results"))
     assert collections.Counter(r["id"] for r in results) == collections.Counter(ids)
