@@ -63,7 +63,6 @@ def test_labels_rewards_filters_top_logprobs_and_zero_kl(tmp_path, redis_url, de
                        "reward_weights": {"model": 0.0, "url": 2.0}, "top_logprobs": 3}})
     manifest = io.read_manifest(str(out))
     assert manifest["spec"]["experience"]["logprobs_mode"] == "temperature"
-    assert manifest["summary"]["dropped_constant_reward_groups"] == 3            # q0, q3, q6
     if fmt == "jsonl":
         exp = list(io.read_parts(str(out), "experience"))
         results = list(io.read_parts(str(out), "results"))
@@ -76,10 +75,15 @@ def test_labels_rewards_filters_top_logprobs_and_zero_kl(tmp_path, redis_url, de
             e["top_logprobs"] = [[[t["id"], t["logprob"]] for t in pos] for pos in e["top_logprobs"]]
             e["rewards"] = {"model": e["rewards"]["model"], "url": e["rewards"]["url"],
                             "length_unless_constant": e["rewards"]["function"]}
-    assert sorted({e["id"] for e in exp}) == [f"q{i}" for i in range(8) if i % 3]
     assert len(results) == 24 and {r["id"]: r["metadata"] for r in results}["q4"] == {
         "bonus": 4, "constant": False, "tags": ["a", {"b": 4}]}
     response = {(r["id"], r["sample_index"]): r["response"] for r in results}
+    # q0, q3 and q6 have a constant reward by their label; another group is dropped too when its three samples
+    # happen to have responses of one length (the line seeds come from the seed and the input's path, which is
+    # pytest's tmp_path and so differs between runs)
+    same_length = {f"q{i}" for i in range(8) if i % 3 and len({len(response[f"q{i}", k]) for k in range(3)}) == 1}
+    assert sorted({e["id"] for e in exp}) == [f"q{i}" for i in range(8) if i % 3 and f"q{i}" not in same_length]
+    assert manifest["summary"]["dropped_constant_reward_groups"] == 3 + len(same_length)
     for e in exp:
         i = int(e["id"][1:])
         assert e["metadata"] == {"bonus": i, "constant": False, "tags": ["a", {"b": i}]}
@@ -91,9 +95,10 @@ def test_labels_rewards_filters_top_logprobs_and_zero_kl(tmp_path, redis_url, de
         for pos, lp in zip(e["top_logprobs"], e["logprobs"]):
             assert pos[0][1] >= lp - 1e-5 and pos[0][1] >= pos[1][1] >= pos[2][1]
         assert max(abs(k) for k in e["kl"]) < 2e-3 and max(abs(k) for k in e["kl_k3"]) < 1e-5
-    rewards = [e["reward"] for e in exp if e["id"] == "q1"]
-    mean = sum(rewards) / 3
-    assert all(math.isclose(e["group_reward_mean"], mean) for e in exp if e["id"] == "q1")
+    kept = exp[0]["id"]
+    rewards = [e["reward"] for e in exp if e["id"] == kept]
+    assert len(rewards) == 3
+    assert all(math.isclose(e["group_reward_mean"], sum(rewards) / 3) for e in exp if e["id"] == kept)
 
 
 def test_openai_batch_lines_get_the_logprobs_they_ask_for(tmp_path, redis_url, demo_model):
