@@ -18,6 +18,8 @@ Knobs (one a run; the others at their defaults):
                    runner's bucket times, up to the budget (EngineConfig.adaptive_step_size)
   overhead=US      adaptive step sizes with step_size's overhead of a step with prefill set to US microseconds a
                    layer (scheduler.MIXED_STEP_OVERHEAD_S: 100), US in 0..10000: smaller values choose smaller steps
+  side=on|off      attention.PREFILL_ON_SIDE_STREAM: a step's prefill attention on a side stream beside its decode
+                   attention, instead of after it
 A run is CONFIG:KNOB=VALUE[@N], N the number of W1's requests (default --requests). Prints one JSON line a run
 and writes $OUT/step_ab.json.
 
@@ -46,7 +48,7 @@ CONFIGS = {"f16": {}, "f16kv8": dict(kv_cache_dtype="fp8"), "fp8": dict(quantiza
            "fp8fast": dict(quantization="fp8", kv_cache_dtype="fp8", fp8_fast_accum=True)}
 DEFAULT_PLAN = "fp8fast:cut=off,fp8fast:cut=on,fp8fast:cut=on,fp8fast:cut=off,f16:cut=on,f16:cut=off"
 ATTN_KERNELS = ("fma", "half", "dot")
-KNOBS = ("order", "cut", "attn", "schedule", "budget", "adaptive", "overhead")
+KNOBS = ("order", "cut", "attn", "schedule", "budget", "adaptive", "overhead", "side")
 MAX_REQUESTS = 100_000
 
 
@@ -54,7 +56,7 @@ class Run(NamedTuple):
     config: str                 # a key of CONFIGS
     knob: str                   # one of KNOBS
     value: object               # order, cut, adaptive: bool; attn: a kernel; schedule: a policy; budget: tokens;
-                                # overhead: microseconds a layer
+                                # overhead: microseconds a layer; side: bool
     limits: Optional[tuple[float, int]] = None     # cut=M/T: (TRIM_MARGIN, TRIM_MAX_TOKENS)
     requests: Optional[int] = None                 # W1's first N requests (None: --requests)
 
@@ -66,7 +68,7 @@ class PlanError(ValueError):
 def parse_plan(text: str) -> list[Run]:
     """The runs of a --plan (CONFIG:KNOB=VALUE[@N],...), in order; PlanError names the first item that is not one."""
     usage = (f"is not CONFIG:KNOB=VALUE[@N] (CONFIG: {', '.join(CONFIGS)}; order=on|off, cut=on|off|MARGIN/TOKENS, "
-             f"attn={'|'.join(ATTN_KERNELS)}, schedule={'|'.join(SCHEDULE_POLICIES)}, budget=TOKENS, adaptive=on|off, overhead=US; "
+             f"attn={'|'.join(ATTN_KERNELS)}, schedule={'|'.join(SCHEDULE_POLICIES)}, budget=TOKENS, adaptive=on|off, overhead=US, side=on|off; "
              f"N: 1..{MAX_REQUESTS})")
     runs = []
     for item in text.split(","):
@@ -79,7 +81,7 @@ def parse_plan(text: str) -> list[Run]:
         if requests is not None and not 1 <= requests <= MAX_REQUESTS or name not in CONFIGS or knob not in KNOBS:
             raise PlanError(f"{shown} {usage}")
         limits = None
-        if knob in ("order", "cut", "adaptive") and value in ("on", "off"):
+        if knob in ("order", "cut", "adaptive", "side") and value in ("on", "off"):
             value = value == "on"
         elif knob == "cut" and (cut := re.fullmatch(r"([0-9]*\.?[0-9]+)/([0-9]{1,7})", value)):
             limits, value = (float(cut[1]), int(cut[2])), True
@@ -151,6 +153,7 @@ def main() -> None:
     work = workload_w1(max(r.requests or a.requests for r in plan), args.vocab_size, 0)
     rows, t_start, eng, built = [], time.time(), None, None
     defaults = (scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS)
+    side_default = attention.PREFILL_ON_SIDE_STREAM
     for k, run in enumerate(plan):
         if time.time() - t_start > a.budget_s:
             break
@@ -183,6 +186,7 @@ def main() -> None:
         s.adaptive_step_size = (value if knob == "adaptive" else knob == "overhead"
                                 or knob != "budget" and eng.config.adaptive_step_size)
         s.step_overhead_s = value * 1e-6 if knob == "overhead" else scheduler.MIXED_STEP_OVERHEAD_S
+        attention.PREFILL_ON_SIDE_STREAM = value if knob == "side" else side_default
         cuts, preempted, n = s.num_cut_steps, s.num_preemptions, run.requests or a.requests
         for i, (prompt, out_len) in enumerate(work[:n]):
             eng.add_request(Request(f"{k}-{i}", prompt, _sampling(out_len)))
@@ -201,7 +205,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         rows.append(dict(config=name, knob=knob, value=value, requests=n, schedule=s.policy,
                          budget=s.max_num_batched_tokens, adaptive=s.adaptive_step_size,
-                         overhead_us=round(1e6 * s.step_overhead_s, 3),
+                         overhead_us=round(1e6 * s.step_overhead_s, 3), side=attention.PREFILL_ON_SIDE_STREAM,
                          trim=[scheduler.TRIM_MARGIN, scheduler.TRIM_MAX_TOKENS],
                          output_tok_s=round(tokens / wall), wall_s=round(wall, 2),
                          output_tokens=tokens, steps=steps, decode_only_steps=decode_only,

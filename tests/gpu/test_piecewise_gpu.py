@@ -151,3 +151,22 @@ def test_graph_sizes_slower_than_a_larger_one_are_dropped_and_steps_pad_past_the
     want = [o.completions[0].token_ids for o in
             engine(hf, "float32", False).generate([Request(str(i), p, greedy(16)) for i, p in enumerate(ps)])]
     assert sum(a == b for a, b in zip(got, want)) >= 11
+
+
+def test_prefill_attention_on_a_side_stream_gives_the_same_output_bit_for_bit(monkeypatch):
+    from ziya_batch.engine import attention
+    model, ps = trained_model_and_prompts(None, 91, 9)
+    # one engine (its kernels tuned once), no prefix cache (every run prefills every prompt again)
+    eng = engine(model, "float16", True, prefix_caching=False)
+    used = count_pieces(eng)
+    side_stream, sides, res = attention._side_stream, [], []
+    monkeypatch.setattr(attention, "_side_stream", lambda device: sides.append(1) or side_stream(device))
+    sampling = SamplingParams(max_new_tokens=24, min_new_tokens=24, temperature=0.8, seed=3)
+    for on in (False, True, False):
+        monkeypatch.setattr(attention, "PREFILL_ON_SIDE_STREAM", on)
+        outs = eng.generate([Request(str(i), p, sampling) for i, p in enumerate(ps)])
+        res.append([(o.completions[0].token_ids, o.completions[0].logprobs) for o in outs])
+        assert bool(sides) == on and used, "the side stream is used exactly when switched on, in pieced steps"
+        sides.clear()
+    assert res[0] == res[2], "two runs without the side stream agree (the comparison means something)"
+    assert res[1] == res[0]

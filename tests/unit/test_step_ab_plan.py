@@ -17,14 +17,15 @@ def test_every_knob_and_a_request_count():
     runs = ab.parse_plan("fp8fast:cut=off,f16:cut=0.1/64@512,fp8:order=on,fp8fast:attn=half,f16:attn=dot,"
                          "f16:schedule=fcfs@1,fp8:schedule=tail-longest-first,f16kv8:attn=half@100000,f16:budget=384@512,"
                          "fp8fast:budget=16,f16:adaptive=on@512,f16:overhead=40@512,fp8:overhead=0,f16:overhead=12.5,"
-                         "f16:overhead=10000")
+                         "f16:overhead=10000,f16:side=on@512,fp8fast:side=off")
     assert runs == [ab.Run("fp8fast", "cut", False), ab.Run("f16", "cut", True, (0.1, 64), 512),
                     ab.Run("fp8", "order", True), ab.Run("fp8fast", "attn", "half"), ab.Run("f16", "attn", "dot"),
                     ab.Run("f16", "schedule", "fcfs", None, 1), ab.Run("fp8", "schedule", "tail-longest-first"),
                     ab.Run("f16kv8", "attn", "half", None, 100_000),
                     ab.Run("f16", "budget", 384, None, 512), ab.Run("fp8fast", "budget", 16),
                     ab.Run("f16", "adaptive", True, None, 512), ab.Run("f16", "overhead", 40.0, None, 512),
-                    ab.Run("fp8", "overhead", 0.0), ab.Run("f16", "overhead", 12.5), ab.Run("f16", "overhead", 10000.0)]
+                    ab.Run("fp8", "overhead", 0.0), ab.Run("f16", "overhead", 12.5), ab.Run("f16", "overhead", 10000.0),
+                    ab.Run("f16", "side", True, None, 512), ab.Run("fp8fast", "side", False)]
     assert len(ab.parse_plan(ab.DEFAULT_PLAN)) == 6
 
 
@@ -37,7 +38,7 @@ def test_every_knob_and_a_request_count():
     "f16:overlap=on", "f16:cut=on@\u0663", "f16:cut= 0.1/ 64", "f16:cut=0.1/64\t", "f16:cut=0.1/6_4", "F16:cut=on", "f16:cut=ON",
     "f16:budget=15", "f16:budget=0", "f16:budget=on", "f16:budget=3.5", "f16:budget=-64", "f16:budget=1234567",
     "f16:budget=1/2", "f16:order=384", "f16:overhead=on", "f16:overhead=-1", "f16:overhead=10001", "f16:overhead=1e3",
-    "f16:overhead=.5", "f16:overhead=5.", "f16:overhead=1.2345", "f16:overhead=nan", "f16:overhead=inf", "f16:overhead=99999"])
+    "f16:overhead=.5", "f16:overhead=5.", "f16:overhead=1.2345", "f16:overhead=nan", "f16:overhead=inf", "f16:overhead=99999", "f16:side=1", "f16:side=yes"])
 def test_a_bad_item_is_one_line_naming_it(item):
     with pytest.raises(ab.PlanError) as e:
         ab.parse_plan(f"fp8:cut=on,{item}" if item and not item.startswith(",") else item)

@@ -31,6 +31,19 @@ except ImportError:  # pragma: no cover - depends on the install
 # query rows per program of the Triton prefill kernel; the runner splits chunks into blocks of this size
 PREFILL_BLOCK_M = 64
 
+# A step with both decode rows and prefill chunks launches the prefill kernel on a side stream before the decode
+# kernel, so its few programs (query blocks x heads) run on SMs the memory-bound decode kernel does not need,
+# instead of after it. Off until measured on a GPU (scripts/gpu/step_ab.py side=on|off).
+PREFILL_ON_SIDE_STREAM = False
+_side_streams: dict[int, "torch.cuda.Stream"] = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(device=index)
+    return _side_streams[index]
+
 
 @dataclass
 class PrefillBatch:
@@ -84,6 +97,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         write_kv(k_flat, v_flat, meta.slot_mapping, k, v)
     out = torch.empty_like(q) if out is None else out
     nd = meta.num_decode
+    prefill = meta.prefill is not None and bool(meta.prefill.chunks)
+    if nd and prefill and meta.use_triton and PREFILL_ON_SIDE_STREAM and q.is_cuda:
+        # both write disjoint rows of out; the main stream waits for the side one before anything reads out
+        main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            prefill_attention_triton(q, k_flat, v_flat, meta.prefill, meta.block_size, out)
+        decode_attention_triton(q[:nd], k_flat, v_flat, meta.block_tables, meta.context_lens, meta.block_size,
+                                out[:nd])
+        main.wait_stream(side)
+        return out
     if nd:
         if meta.use_triton:
             decode_attention_triton(q[:nd], k_flat, v_flat, meta.block_tables, meta.context_lens, meta.block_size,
@@ -91,7 +115,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         else:
             out[:nd] = decode_attention_torch(q[:nd], k_flat, v_flat, meta.block_tables, meta.context_lens,
                                               meta.block_size)
-    if meta.prefill is not None and meta.prefill.chunks:
+    if prefill:
         if meta.use_triton:
             prefill_attention_triton(q, k_flat, v_flat, meta.prefill, meta.block_size, out)
         else:
