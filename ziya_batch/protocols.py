@@ -33,6 +33,10 @@ class JobsBroker(Protocol):
 
     def delete_job(self, job_id: str) -> None: ...
 
+    # a completed job this Redis does not know (lost, say) is recorded completed from its manifest
+    def restore_completed(self, spec: "JobSpec", job_id: str, shards: int, totals: "ShardStats",
+                          finished_ms: Optional[int] = None) -> Optional["JobStatus"]: ...
+
     def cancel(self, job_id: str, abandon_running: bool = False) -> "JobStatus": ...
 
     # finishing: exactly one caller wins begin_finalize, then marks the job completed or failed, or gives the

@@ -27,7 +27,8 @@ Policies:
   job's finalizer (uncommit), no sooner than PROMOTE_GRACE_S after the commit, and the shard runs again; each
   re-run counts in the job's retries, and parts lost more than `max_retries` times fail the job instead.
 - Losing Redis: submit() with `committed` (from storage) records those shards committed; a job is only
-  ever `completed` by a finalizer (mark_completed from finalizing), never by a rebuild.
+  ever `completed` by a finalizer (mark_completed from finalizing), never by a rebuild of its shards; a job Redis
+  does not know whose finalizer wrote its completed manifest is recorded completed from it (restore_completed).
 """
 from .broker import Broker
 from .errors import BROKER_ERRORS, BROKER_UNREACHABLE

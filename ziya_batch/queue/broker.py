@@ -10,7 +10,8 @@ prefix_cache_query_tokens, prefix_cache_hit_tokens (sums of committed stats: unc
 again), retries, dead_lines, progress_seq, read_commits and read_commit_ms (how many commits of shards that read
 their input, and the time of the last: commit.lua), storage_fail_ms, storage_fail_shard and storage_fail_other_ms
 (the job's last storage give-back, its shard, and the last of another shard: requeue.lua); finalize_wait (JSON,
-only while a finalizing job's last finalize try waited for storage: end_finalize.lua).
+only while a finalizing job's last finalize try waited for storage: end_finalize.lua); restored ('1': recorded
+completed from its manifest, with no shard records: restore.lua).
 
 Shard records (JSON in the job's shards hash): file (position in the files list), start, end, first_line,
 num_lines, identity (a local input's, ShardRef.identity; absent for object storage and in shards queued before
@@ -292,6 +293,23 @@ class Broker:
             p.zrem(k.jobs(), job_id)
             p.delete(*k.job_keys(job_id))
             p.execute()
+
+    def restore_completed(self, spec: JobSpec, job_id: str, shards: int, totals: ShardStats,
+                          finished_ms: Optional[int] = None) -> Optional[JobStatus]:
+        """Record a job this Redis does not know as completed, from what the completed manifest its finalizer wrote
+        says (restore.lua): `shards` and the sums `totals`, finished at `finished_ms` (Redis ms; None: now). For a job
+        forgotten, or lost with Redis's data, whose spec is submitted again (jobs.submit_job): nothing runs again and
+        no input is read. No shard records are written: a completed job is never claimed, reopened or taken back (its
+        output deleted, submit_job deletes it and it runs anew). None, writing nothing, where the job exists in
+        another state (a submit of it got there first)."""
+        k = self.keys
+        state = self.scripts.restore(
+            keys=[k.job(job_id), k.spec(job_id), k.jobs()],
+            args=[job_id, spec.to_json(), spec.name, spec.priority, int(spec.reliability.lease_s * 1000),
+                  spec.reliability.max_retries, spec.output.path, int(shards), totals.prompts_done,
+                  totals.prompts_failed, totals.samples, totals.output_tokens, totals.prefix_cache_query_tokens,
+                  totals.prefix_cache_hit_tokens, "" if finished_ms is None else int(finished_ms)])
+        return self.status(job_id) if state == JobState.COMPLETED.value else None
 
     # -- leases -----------------------------------------------------------------------------------------
     def claim(self, worker_id: str, accept: Optional[Callable[[str], bool]] = None,
