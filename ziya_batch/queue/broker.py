@@ -45,7 +45,7 @@ from .scripts import Scripts
 from .server import check_config
 from .states import JobState, ShardState
 from .status import build_status, build_statuses
-from .types import JobStatus, Lease, ShardStats, UncommitResult, WorkerInfo
+from .types import ForgetResult, JobStatus, Lease, ShardStats, UncommitResult, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +293,31 @@ class Broker:
             p.zrem(k.jobs(), job_id)
             p.delete(*k.job_keys(job_id))
             p.execute()
+
+    def forget_job(self, job_id: str, finished_before_ms: Optional[int] = None,
+                   dry_run: bool = False) -> ForgetResult:
+        """Drop a finished job's records in one step (forget.lua): every key of it (keys.job_keys), its members of the
+        jobs, ready and leases indexes, and workers' cannot_load notes about it; its output stays. Refused, changing
+        nothing, for a job that is not finished or holds a lease that has not expired, and, given
+        `finished_before_ms` (Redis ms), for one that finished at or after it. `dry_run`: the verdict only."""
+        k = self.keys
+        job_keys = k.job_keys(job_id)
+        workers = self.client.zrange(k.workers(), 0, -1)
+        got = self.scripts.forget(
+            keys=[k.jobs(), k.ready(), k.leases(), k.job(job_id), k.leased(job_id), *job_keys,
+                  *(k.worker(w) for w in workers)],
+            args=[job_id, k.lease_prefix(job_id), "" if finished_before_ms is None else int(finished_before_ms),
+                  "1" if dry_run else "0", len(job_keys), *(s.value for s in JobState if s.is_finished())])
+        outcome = got[0]
+        state = JobState(got[1]) if len(got) > 1 else None
+        if outcome in ("forgotten", "would forget"):
+            return ForgetResult(outcome, state, shards=int(got[2]), keys_deleted=int(got[3]),
+                                notes_removed=int(got[4]))
+        if outcome == "leased":
+            return ForgetResult(outcome, state, live_leases=int(got[2]), leases_expire_in_s=int(got[3]) / 1000)
+        if outcome == "too recent":
+            return ForgetResult(outcome, state, finished_at=int(got[2]) / 1000)
+        return ForgetResult(outcome, state)
 
     def restore_completed(self, spec: JobSpec, job_id: str, shards: int, totals: ShardStats,
                           finished_ms: Optional[int] = None) -> Optional[JobStatus]:
