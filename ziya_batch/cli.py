@@ -120,6 +120,58 @@ def cancel(
     typer.echo(f"{job_id}: {st.state.value} ({how})")
 
 
+def _duration(value: Optional[str]) -> Optional[str]:
+    from .jobs import parse_duration
+
+    if value is not None:
+        try:
+            parse_duration(value)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+    return value
+
+
+@app.command()
+def forget(
+    job_ids: Optional[list[str]] = typer.Argument(None, metavar="JOB_ID", show_default=False,
+                                                  help="Finished jobs to forget"),
+    finished_before: Optional[str] = typer.Option(None, "--finished-before", metavar="DURATION", callback=_duration,
+                                                  help="Forget every job that finished more than DURATION ago "
+                                                       "(30m, 12h, 7d, 2w; 1d12h), instead of naming them"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List what would be forgotten; change nothing"),
+    redis_url: Optional[str] = typer.Option(None, "--redis-url", help=REDIS_HELP),
+):
+    """Drop finished jobs (completed, failed, cancelled) from Redis; their output (parts, manifest.json) stays.
+    Submitting a completed job's spec again finds its manifest and runs nothing."""
+    from .errors import escape_controls
+    from .jobs import describe_forgotten, forget_finished_before, forget_job, parse_duration
+
+    if not job_ids and finished_before is None:
+        raise typer.BadParameter("give the JOB_IDs to forget, or --finished-before DURATION")
+    if job_ids and finished_before is not None:
+        raise typer.BadParameter("give JOB_IDs or --finished-before, not both")
+    broker = _broker(redis_url)
+    failed: list[ZiyaBatchError] = []
+    if finished_before is not None:
+        done, failed = forget_finished_before(broker, parse_duration(finished_before), dry_run=dry_run)
+        if not done and not failed:
+            typer.echo(f"no job finished more than {finished_before} ago; nothing to forget")
+    else:
+        done = []
+        for job_id in dict.fromkeys(job_ids):           # each once, in the order given
+            try:
+                done.append(forget_job(broker, job_id, dry_run=dry_run))
+            except ZiyaBatchError as err:
+                failed.append(err)
+    for job in done:
+        typer.echo(escape_controls(describe_forgotten(job)))
+    # each refusal is a line of its own (the jobs named besides it are forgotten); the exit code is the first one's
+    for err in failed:
+        _error(str(err))
+    if failed:
+        raise typer.Exit(failed[0].exit_code)
+
+
 @app.command()
 def worker(
     address: Optional[str] = typer.Option(None, "--address", help="Ray address to join, or `auto` for the cluster "

@@ -36,6 +36,13 @@ class JobNotFound(ZiyaBatchError):
     exit_code = 4
 
 
+class JobNotFinished(ZiyaBatchError):
+    """An action that needs a finished job (forgetting it) asked of one that still runs, waits, or has shards leased
+    to workers; HTTP 409."""
+
+    exit_code = 6
+
+
 class AccessDenied(ZiyaBatchError):
     """A job names a location (or option) the HTTP API's server does not allow, or an input that is no longer the
     file it allowed; HTTP 403 (api/access.py)."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Pr
 
 if TYPE_CHECKING:
     from .engine.types import Request, RequestOutput
-    from .queue.types import JobStatus, Lease, ShardStats, UncommitResult, WorkerInfo
+    from .queue.types import ForgetResult, JobStatus, Lease, ShardStats, UncommitResult, WorkerInfo
     from .records import ShardRef
     from .spec import JobSpec
 
@@ -32,6 +32,15 @@ class JobsBroker(Protocol):
     def list_jobs(self) -> list["JobStatus"]: ...
 
     def delete_job(self, job_id: str) -> None: ...
+
+    # retention: a finished job's records leave Redis (its output stays); a completed one comes back from its manifest
+    def forget_job(self, job_id: str, finished_before_ms: Optional[int] = None,
+                   dry_run: bool = False) -> "ForgetResult": ...
+
+    def restore_completed(self, spec: "JobSpec", job_id: str, shards: int, totals: "ShardStats",
+                          finished_ms: Optional[int] = None) -> Optional["JobStatus"]: ...
+
+    def server_time_s(self) -> float: ...
 
     def cancel(self, job_id: str, abandon_running: bool = False) -> "JobStatus": ...
 

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 _STATUS_OF = [  # most specific first
     (AccessDenied, 403, "permission_denied"),
     (JobNotFound, 404, "not_found"),
+    (errors.JobNotFinished, 409, "conflict"),
     (errors.SpecError, 422, "invalid_request_error"),
     (errors.InputError, 400, "invalid_request_error"),
     (errors.ModelError, 400, "invalid_request_error"),
@@ -254,6 +255,11 @@ def _jobs_router(settings: ApiSettings, brokers: BrokerHolder) -> APIRouter:
     @router.post("/{job_id}/cancel", summary="Stop handing out the job's shards; committed parts stay")
     def cancel(job_id: str, abandon_running: bool = False) -> dict:
         return jobs.cancel_job(brokers.get(), job_id, abandon_running=abandon_running, hint=jobs.API_HINT).to_dict()
+
+    @router.delete("/{job_id}", summary="Forget a finished job: its records leave the queue, its output stays "
+                   "(409 while it runs or a worker holds one of its shards)")
+    def forget(job_id: str, dry_run: bool = False) -> dict:
+        return jobs.forget_job(brokers.get(), job_id, dry_run=dry_run, hint=jobs.API_HINT).to_dict()
 
     @router.get("/{job_id}/manifest", summary="The job's manifest.json, once written")
     def manifest(job_id: str) -> dict:

@@ -5,9 +5,11 @@ No Ray here: the CLI, `run`, the HTTP API and OpenAI batches all submit through 
 """
 from __future__ import annotations
 
+import calendar
 import itertools
 import os
 import re
+import time
 
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Optional
 
@@ -271,6 +273,12 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
     out = open_output(spec)                 # its filesystem opened once for the whole submit
     job_id = job_id_for(spec, broker, out)
     existing = broker.find_job(job_id)
+    if existing is None:
+        # forgotten, or lost with Redis's data, after its finalizer wrote its completed manifest: that is the truth,
+        # so it is recorded completed from it, and nothing runs again, nor is any input read (they may be gone)
+        restored = _restore_completed(spec, broker, job_id, out)
+        if restored is not None:
+            return restored
     if existing is not None and existing.state == JobState.COMPLETED:
         if io.read_manifest(out) is not None:
             return existing
@@ -299,6 +307,39 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
     status = broker.submit(spec, _shard_refs(job_id, files, spec.shard_size, rows), committed=committed,
                            job_id=job_id)
     return finish_empty_job(broker, status)
+
+
+def _restore_completed(spec: JobSpec, broker: "JobsBroker", job_id: str,
+                       out: io.OutputDir) -> Optional["JobStatus"]:
+    """The job's status once recorded completed from its output's manifest (broker.restore_completed), where that is
+    the completed manifest of this job id; None where it is not (none, another job's, or a cancelled or failed job's
+    list of the parts it committed so far, which a resubmit resumes from), or where a submit of the job got there
+    first."""
+    from ..queue import ShardStats
+
+    manifest = io.read_manifest(out)
+    summary = (manifest or {}).get("summary")
+    if not manifest or manifest.get("job_id") != job_id or not isinstance(summary, dict) \
+            or summary.get("state") != "completed":
+        return None
+    try:
+        shards = int(summary.get("shards", manifest.get("num_shards")))
+        totals = ShardStats(**{k: int(summary.get(k) or 0) for k in (
+            "prompts_failed", "samples", "output_tokens", "prefix_cache_query_tokens", "prefix_cache_hit_tokens")},
+            prompts_done=int(summary.get("prompts") or 0))
+    except (TypeError, ValueError):
+        return None                     # not the numbers a finalizer writes: the job is rebuilt from its parts instead
+    if shards < 0 or min(totals.prompts_done, totals.prompts_failed, totals.samples, totals.output_tokens) < 0:
+        return None
+    return broker.restore_completed(spec, job_id, shards, totals, _written_ms(manifest.get("written_at")))
+
+
+def _written_ms(written_at) -> Optional[int]:
+    """A manifest's written_at ('2026-12-07T09:12:03Z') in unix ms; None where it is not that."""
+    try:
+        return calendar.timegm(time.strptime(str(written_at), "%Y-%m-%dT%H:%M:%SZ")) * 1000
+    except ValueError:
+        return None
 
 
 def _never_queued(out: io.OutputDir, owner: str, broker: "JobsBroker") -> bool:

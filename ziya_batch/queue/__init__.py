@@ -27,7 +27,10 @@ Policies:
   job's finalizer (uncommit), no sooner than PROMOTE_GRACE_S after the commit, and the shard runs again; each
   re-run counts in the job's retries, and parts lost more than `max_retries` times fail the job instead.
 - Losing Redis: submit() with `committed` (from storage) records those shards committed; a job is only
-  ever `completed` by a finalizer (mark_completed from finalizing), never by a rebuild.
+  ever `completed` by a finalizer (mark_completed from finalizing), never by a rebuild of its shards; a job Redis
+  does not know whose finalizer wrote its completed manifest is recorded completed from it (restore_completed).
+- Forgetting: forget_job drops a finished job's keys and index entries in one script (forget.lua); a job with a
+  lease not yet expired, or not finished, is refused. Its output stays.
 """
 from .broker import Broker
 from .errors import BROKER_ERRORS, BROKER_UNREACHABLE
@@ -35,9 +38,9 @@ from .keys import Keys
 from .server import PrivateRedis, check_config
 from .states import (JOB_TRANSITIONS, SHARD_TRANSITIONS, JobState, ShardState, TransitionError,
                      check_job_transition, check_shard_transition)
-from .types import FinalizeWait, JobStatus, Lease, ShardStats, UncommitResult, WorkerInfo
+from .types import FinalizeWait, ForgetResult, JobStatus, Lease, ShardStats, UncommitResult, WorkerInfo
 
 __all__ = ["Broker", "BROKER_ERRORS", "BROKER_UNREACHABLE", "Keys", "PrivateRedis", "check_config", "JobState",
            "ShardState", "JOB_TRANSITIONS", "SHARD_TRANSITIONS", "TransitionError", "check_job_transition",
-           "check_shard_transition", "FinalizeWait", "JobStatus", "Lease", "ShardStats", "UncommitResult",
-           "WorkerInfo"]
+           "check_shard_transition", "FinalizeWait", "ForgetResult", "JobStatus", "Lease", "ShardStats",
+           "UncommitResult", "WorkerInfo"]

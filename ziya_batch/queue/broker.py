@@ -10,7 +10,8 @@ prefix_cache_query_tokens, prefix_cache_hit_tokens (sums of committed stats: unc
 again), retries, dead_lines, progress_seq, read_commits and read_commit_ms (how many commits of shards that read
 their input, and the time of the last: commit.lua), storage_fail_ms, storage_fail_shard and storage_fail_other_ms
 (the job's last storage give-back, its shard, and the last of another shard: requeue.lua); finalize_wait (JSON,
-only while a finalizing job's last finalize try waited for storage: end_finalize.lua).
+only while a finalizing job's last finalize try waited for storage: end_finalize.lua); restored ('1': recorded
+completed from its manifest, with no shard records: restore.lua).
 
 Shard records (JSON in the job's shards hash): file (position in the files list), start, end, first_line,
 num_lines, identity (a local input's, ShardRef.identity; absent for object storage and in shards queued before
@@ -44,7 +45,7 @@ from .scripts import Scripts
 from .server import check_config
 from .states import JobState, ShardState
 from .status import build_status, build_statuses
-from .types import JobStatus, Lease, ShardStats, UncommitResult, WorkerInfo
+from .types import ForgetResult, JobStatus, Lease, ShardStats, UncommitResult, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -292,6 +293,48 @@ class Broker:
             p.zrem(k.jobs(), job_id)
             p.delete(*k.job_keys(job_id))
             p.execute()
+
+    def forget_job(self, job_id: str, finished_before_ms: Optional[int] = None,
+                   dry_run: bool = False) -> ForgetResult:
+        """Drop a finished job's records in one step (forget.lua): every key of it (keys.job_keys), its members of the
+        jobs, ready and leases indexes, and workers' cannot_load notes about it; its output stays. Refused, changing
+        nothing, for a job that is not finished or holds a lease that has not expired, and, given
+        `finished_before_ms` (Redis ms), for one that finished at or after it. `dry_run`: the verdict only."""
+        k = self.keys
+        job_keys = k.job_keys(job_id)
+        workers = self.client.zrange(k.workers(), 0, -1)
+        got = self.scripts.forget(
+            keys=[k.jobs(), k.ready(), k.leases(), k.job(job_id), k.leased(job_id), *job_keys,
+                  *(k.worker(w) for w in workers)],
+            args=[job_id, k.lease_prefix(job_id), "" if finished_before_ms is None else int(finished_before_ms),
+                  "1" if dry_run else "0", len(job_keys), *(s.value for s in JobState if s.is_finished())])
+        outcome = got[0]
+        state = JobState(got[1]) if len(got) > 1 else None
+        if outcome in ("forgotten", "would forget"):
+            return ForgetResult(outcome, state, shards=int(got[2]), keys_deleted=int(got[3]),
+                                notes_removed=int(got[4]))
+        if outcome == "leased":
+            return ForgetResult(outcome, state, live_leases=int(got[2]), leases_expire_in_s=int(got[3]) / 1000)
+        if outcome == "too recent":
+            return ForgetResult(outcome, state, finished_at=int(got[2]) / 1000)
+        return ForgetResult(outcome, state)
+
+    def restore_completed(self, spec: JobSpec, job_id: str, shards: int, totals: ShardStats,
+                          finished_ms: Optional[int] = None) -> Optional[JobStatus]:
+        """Record a job this Redis does not know as completed, from what the completed manifest its finalizer wrote
+        says (restore.lua): `shards` and the sums `totals`, finished at `finished_ms` (Redis ms; None: now). For a job
+        forgotten, or lost with Redis's data, whose spec is submitted again (jobs.submit_job): nothing runs again and
+        no input is read. No shard records are written: a completed job is never claimed, reopened or taken back (its
+        output deleted, submit_job deletes it and it runs anew). None, writing nothing, where the job exists in
+        another state (a submit of it got there first)."""
+        k = self.keys
+        state = self.scripts.restore(
+            keys=[k.job(job_id), k.spec(job_id), k.jobs()],
+            args=[job_id, spec.to_json(), spec.name, spec.priority, int(spec.reliability.lease_s * 1000),
+                  spec.reliability.max_retries, spec.output.path, int(shards), totals.prompts_done,
+                  totals.prompts_failed, totals.samples, totals.output_tokens, totals.prefix_cache_query_tokens,
+                  totals.prefix_cache_hit_tokens, "" if finished_ms is None else int(finished_ms)])
+        return self.status(job_id) if state == JobState.COMPLETED.value else None
 
     # -- leases -----------------------------------------------------------------------------------------
     def claim(self, worker_id: str, accept: Optional[Callable[[str], bool]] = None,

@@ -21,7 +21,8 @@ Layout (prefix `zb` by default; `<job>` is JobSpec.identity(), 16 hex digits):
     zb:job:<job>:credit     hash   worker id -> tokens/prompts reported mid-shard, not yet committed
     zb:job:<job>:finalizer  string the one caller finalizing the job (expires)
 
-Redis holds shard descriptors only, never prompts: memory grows with shards, not lines.
+Redis holds shard descriptors only, never prompts: memory grows with shards, not lines. A job's records stay until
+`ziya-batch forget` drops them (forget.lua: the keys above of the job, and its members of jobs, ready and leases).
 """
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ class Keys:
         return self._k("job", job_id, "finalizer")
 
     def job_keys(self, job_id: str) -> list[str]:
-        """Every key of one job (for deleting it)."""
+        """Every key of one job (for deleting it: Broker.delete_job and forget.lua delete these). Besides them a job is
+        named in the indexes jobs, ready and leases (members "<job>|<index>"), and in workers' cannot_load notes."""
         return [self.job(job_id), self.spec(job_id), self.files(job_id), self.shards(job_id),
                 self.pending(job_id), self.leased(job_id), self.dead(job_id), self.errors(job_id),
                 self.progress(job_id), self.credit(job_id), self.finalizer(job_id)]
@@ -108,6 +110,11 @@ class Keys:
     @staticmethod
     def lease_member(job_id: str, index: int) -> str:
         return f"{job_id}{JOB_ID_SEP}{index}"
+
+    @staticmethod
+    def lease_prefix(job_id: str) -> str:
+        """What every zb:leases member of the job starts with (forget.lua appends the shard index)."""
+        return f"{job_id}{JOB_ID_SEP}"
 
     @staticmethod
     def parse_lease_member(member: str) -> tuple[str, int]:

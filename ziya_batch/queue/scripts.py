@@ -12,7 +12,8 @@ from .states import TransitionError, lua_tables
 
 _DIR = Path(__file__).parent
 NAMES = ("create_job", "add_shards", "seal", "claim", "heartbeat", "line", "commit", "uncommit", "requeue",
-         "cancel", "set_state", "reopen", "finalize", "end_finalize", "progress", "worker", "statuses")
+         "cancel", "set_state", "reopen", "finalize", "end_finalize", "progress", "worker", "statuses", "forget",
+         "restore")
 
 
 @lru_cache(maxsize=None)

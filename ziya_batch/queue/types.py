@@ -87,6 +87,27 @@ class UncommitResult:
 
 
 @dataclass(frozen=True)
+class ForgetResult:
+    """What Broker.forget_job did (or, on a dry run, would do) with a job's records."""
+
+    # 'forgotten' (its keys and index entries are gone), 'would forget' (a dry run's yes), 'unknown' (no such job),
+    # 'not finished' (queued, running, finalizing or cancelling), 'leased' (a lease on one of its shards has not
+    # expired), 'too recent' (it finished after the cut-off given)
+    outcome: str
+    state: Optional[JobState] = None
+    shards: int = 0                  # forgotten: its shards' records that went with it
+    keys_deleted: int = 0
+    notes_removed: int = 0           # workers' cannot_load notes about it
+    live_leases: int = 0             # 'leased': leases not yet expired
+    leases_expire_in_s: float = 0.0  # 'leased': until the last of them expires, unless renewed
+    finished_at: Optional[float] = None   # 'too recent': when it finished (unix seconds, Redis clock)
+
+    @property
+    def done(self) -> bool:
+        return self.outcome in ("forgotten", "would forget")
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
     worker_id: str
     host: str
