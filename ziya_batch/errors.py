@@ -90,9 +90,32 @@ def short_text(text: object, limit: int = MESSAGE_CHARS) -> str:
         s = text if isinstance(text, str) else str(text)
     except Exception:  # noqa: BLE001 - str() of a hostile value (a huge int, a deep structure) may raise
         s = f"<{type(text).__name__} that cannot be shown>"
-    s = " ".join(mask_text(s[:limit * 4]).split())
+    s = " ".join(mask_text(_head(s, limit * 4)).split())
     s = s.encode("utf-8", "backslashreplace").decode("utf-8")
     return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+_LAST_WORD = re.compile(r"\S+\Z")
+_WORD = re.compile(r"\S*")
+URL_READ_ON_CHARS = 1 << 16      # how far past short_text's window a URL the window cuts is read to its end
+
+
+def _head(s: str, window: int) -> str:
+    """The first `window` characters of `s` to mask and show, read on to the end of a URL the cut falls in (up to
+    URL_READ_ON_CHARS more). Cut inside its user part, a URL no longer says where that ends (`https://TOKEN` of
+    `https://TOKEN@host` reads as a host, `redis://u:12` of a numeric password as a port, `redis://:pa@ss` of a
+    password holding '@' as a password and a host), and a run of whitespace or a long password masked before it
+    can bring it into the characters shown. A URL longer than that is shown up to its `scheme://`."""
+    if len(s) <= window or s[window].isspace():
+        return s[:window]
+    head = s[:window]
+    word = _LAST_WORD.search(head)
+    if word is None or "://" not in word.group():
+        return head
+    end = _WORD.match(s, window, window + URL_READ_ON_CHARS).end()
+    if end < len(s) and not s[end].isspace():
+        return head[:word.start() + word.group().rindex("://") + 3]
+    return s[:end]
 
 
 # control characters (C0, DEL, C1), the line and paragraph separators (lines to Python's splitlines), and the
