@@ -31,7 +31,7 @@ from typing import Iterable, Iterator, Optional
 
 from fsspec.implementations.local import LocalFileSystem
 
-from ..errors import InputError
+from ..errors import InputError, utf8_safe
 from ..records import ShardRef, TooLongLine
 from .storage import full_url, normalize_url, special_kind, url_to_fs
 
@@ -67,7 +67,12 @@ def expand_inputs(urls: list[str]) -> list[str]:
                     missing.append(f"{url} (no match)")
                 for m in matches:
                     why = not_regular(fs, m)
-                    if why:
+                    if not utf8_safe(m):
+                        # undecodable bytes of a local name, held as lone surrogates: no Redis key, spec or record
+                        # can carry the name
+                        shown = os.fsencode(full_url(fs, m)).decode("utf-8", "backslashreplace")
+                        unusable.append(f"{shown} (its name is not UTF-8: rename the file)")
+                    elif why:
                         unusable.append(f"{full_url(fs, m)} ({why})")
                     else:
                         files.append(full_url(fs, m))
