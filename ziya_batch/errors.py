@@ -82,6 +82,12 @@ def utf8_safe(s: str) -> bool:
         return False
 
 
+def utf8_text(s: str) -> str:
+    """`s` with every lone surrogate written as its escape (`\\udcff`): text that Redis, a JSONL part or an HTTP
+    answer can carry (a value decoded with surrogateescape, a JSON escape, holds them)."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def short_text(text: object, limit: int = MESSAGE_CHARS) -> str:
     """`text` as one line of at most `limit` characters that encodes as UTF-8 (a lone surrogate from a JSON
     escape is written as its escape), every URL in it masked (redact.mask_text: before it is cut, so no cut
@@ -90,8 +96,7 @@ def short_text(text: object, limit: int = MESSAGE_CHARS) -> str:
         s = text if isinstance(text, str) else str(text)
     except Exception:  # noqa: BLE001 - str() of a hostile value (a huge int, a deep structure) may raise
         s = f"<{type(text).__name__} that cannot be shown>"
-    s = " ".join(mask_text(_head(s, limit * 4)).split())
-    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    s = utf8_text(" ".join(mask_text(_head(s, limit * 4)).split()))
     return s if len(s) <= limit else s[:limit - 3] + "..."
 
 
