@@ -144,7 +144,8 @@ def _escaped(m: re.Match) -> str:
 class OneLineLogFormatter(logging.Formatter):
     """Log records whose message (users' text in its arguments: a file name, an error quoting a line) is one line
     with escape_controls' escapes: no record can end early and forge the next, or drive the terminal that shows the
-    log. A traceback keeps its lines, their other control characters escaped."""
+    log. A traceback keeps its lines, their other control characters escaped. A lone surrogate is written as its
+    escape (utf8_text): a Ray worker's stderr encodes strictly, and the record would be lost to a logging error."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_controls(record.message)
@@ -153,7 +154,7 @@ class OneLineLogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         # the traceback and stack lines after the message, however they were made (redact.mask_logs formats a
         # record's traceback when it is made, so formatException is not always called)
-        return "\n".join(escape_controls(line) for line in super().format(record).split("\n"))
+        return "\n".join(escape_controls(line) for line in utf8_text(super().format(record)).split("\n"))
 
 
 def log_one_line(level: int = logging.INFO) -> None:
