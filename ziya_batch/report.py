@@ -30,6 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from . import io, jobs
 from .errors import InputError, ServiceError
+from .redact import mask_url
 from .spec import show_text
 from .io.schema import iter_part, part_format
 
@@ -430,7 +431,8 @@ def _summary_rows(s: JobStats) -> list[tuple[str, str]]:
     if s.skipped:
         rows.append(("records not counted", f"{s.skipped:,} (not of the shape ziya-batch writes: a field of another "
                                             "type)"))
-    rows.append(("computed from", f"{s.source} under {s.output_url}"))
+    # the page is mailed and archived: a password the command line gave in the URL stays off it
+    rows.append(("computed from", f"{s.source} under {mask_url(s.output_url)}"))
     return rows
 
 
