@@ -557,7 +557,9 @@ def report_main(job_id_or_output_url: str, out_path: str | Path, redis_url: Opti
         manifest = io.read_manifest(output_url)
     if broker is not None and status is None and isinstance(manifest, dict) and manifest.get("job_id"):
         status = _status_dict(broker, manifest["job_id"])
-    return write_report(output_url, out_path, status, manifest=manifest)
+    # the markers and parts after it: storage that stops answering midway is one line too
+    with io.storage.storage_away(f"output {show_text(output_url)}"):
+        return write_report(output_url, out_path, status, manifest=manifest)
 
 
 # what follows "no job ID" when `report` is given an id this Redis does not know
