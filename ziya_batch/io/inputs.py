@@ -33,7 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..errors import InputError, utf8_safe
 from ..records import ShardRef, TooLongLine
-from .storage import full_url, normalize_url, special_kind, url_to_fs
+from .storage import full_url, normalize_url, special_kind, storage_away, url_to_fs
 
 BLOCK_BYTES = 8 * 2**20       # read size while indexing; peak memory is a small multiple of this
 MAX_LINE_BYTES = 16 * 2**20   # a longer line is that line's error (line_too_long), never read into memory
@@ -388,7 +388,9 @@ def index_inputs(files: list[str], shard_size: int, block_bytes: int = BLOCK_BYT
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
     for file in files:
-        yield from index_file(file, shard_size, block_bytes, max_line_bytes)
+        # listed a moment ago: a store that stops answering now is one line, as at the listing
+        with storage_away(f"input {file}"):
+            yield from index_file(file, shard_size, block_bytes, max_line_bytes)
 
 
 def shard_refs(job_id: str, files: list[str], shard_size: int,
