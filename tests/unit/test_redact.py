@@ -211,6 +211,30 @@ def test_an_http_error_masks_the_servers_own_urls():
     assert "https://elsewhere.example/s" in r.text
 
 
+def test_a_log_record_of_an_exception_or_a_mapping_is_masked():
+    # logging takes an exception as the message (`log.error(err)`) and one mapping as the arguments
+    # (`log.info("%(where)s", {...})`): both reached the log as given
+    import io
+    import logging
+
+    from ziya_batch.redact import mask_logs
+
+    mask_logs()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger("ziya_batch.test_redact_kinds")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.error(OSError("cannot reach s3://AKIA:MsgSecret@bucket/out"))
+        log.warning("at %(where)s (%(tries)d tries)", {"where": "redis://:MapSecret@10.0.0.1:6379/0", "tries": 3})
+    finally:
+        log.removeHandler(handler)
+    text = stream.getvalue()
+    assert "Secret" not in text, text
+    assert text == "cannot reach s3://AKIA:***@bucket/out\nat redis://:***@10.0.0.1:6379/0 (3 tries)\n"
+
+
 def test_logs_and_a_crash_traceback_mask_urls(capsys, monkeypatch):
     # a 500's traceback (the API logs it), a worker's warning quoting an exception, and a bug's traceback at the
     # CLI's end: each shows the URL's host and path, not its password or a pre-signed URL's signature
