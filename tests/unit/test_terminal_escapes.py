@@ -255,3 +255,20 @@ def test_a_worker_log_record_with_a_lone_surrogate_is_written(monkeypatch):
     text = raw.getvalue().decode("utf-8")
     assert text.startswith("WARNING: line in-\\udcff.jsonl:3 failed generation: cannot read in-\\udcff.jsonl\n")
     assert "ERROR: shard in-\\udcff.jsonl failed\nTraceback" in text and text.endswith("ValueError: in-\\udcff.jsonl\n")
+
+
+def test_a_crash_traceback_at_the_cli_s_end_is_escaped(monkeypatch, capsys):
+    """A bug's traceback (exit 1) keeps its lines, but the text it quotes (an exception naming a file a glob matched,
+    a value from a manifest) is shown with its control characters as escapes, as error lines and logs are."""
+    from ziya_batch import cli
+
+    def bug(*a, **kw):
+        raise ValueError("results/part-\x1b]0;owned\x07\x1b[2K\r\u202elmth.jsonl")
+
+    monkeypatch.setattr(cli, "app", bug)
+    with pytest.raises(SystemExit) as exit_:
+        main(["status"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("Traceback (most recent call last):"), err
+    assert not any(RAW.search(line) for line in err.split("\n")), err
+    assert err.endswith("ValueError: results/part-\\x1b]0;owned\\x07\\x1b[2K\\x0d\\u202elmth.jsonl\n"), err
