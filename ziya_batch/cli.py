@@ -451,8 +451,11 @@ def main(argv: Optional[list] = None) -> None:
     except Exception as err:
         known = user_error(err)
         if known is None:
-            # a bug: its traceback, as Python would print it, with URLs' passwords and signatures masked
-            print(masked_traceback(err), file=sys.stderr)
+            # a bug: its traceback, as Python would print it, with URLs' passwords and signatures masked and the
+            # control characters of the text it quotes (a file name, a manifest's value) as escapes, line by line
+            from .errors import escape_controls
+
+            print("\n".join(escape_controls(line) for line in masked_traceback(err).split("\n")), file=sys.stderr)
             sys.exit(1)
         _error(known[0])
         sys.exit(known[1])

@@ -89,6 +89,12 @@ def utf8_safe(s: str) -> bool:
         return False
 
 
+def utf8_text(s: str) -> str:
+    """`s` with every lone surrogate written as its escape (`\\udcff`): text that Redis, a JSONL part or an HTTP
+    answer can carry (a value decoded with surrogateescape, a JSON escape, holds them)."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def short_text(text: object, limit: int = MESSAGE_CHARS) -> str:
     """`text` as one line of at most `limit` characters that encodes as UTF-8 (a lone surrogate from a JSON
     escape is written as its escape), every URL in it masked (redact.mask_text: before it is cut, so no cut
@@ -97,9 +103,31 @@ def short_text(text: object, limit: int = MESSAGE_CHARS) -> str:
         s = text if isinstance(text, str) else str(text)
     except Exception:  # noqa: BLE001 - str() of a hostile value (a huge int, a deep structure) may raise
         s = f"<{type(text).__name__} that cannot be shown>"
-    s = " ".join(mask_text(s[:limit * 4]).split())
-    s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    s = utf8_text(" ".join(mask_text(_head(s, limit * 4)).split()))
     return s if len(s) <= limit else s[:limit - 3] + "..."
+
+
+_LAST_WORD = re.compile(r"\S+\Z")
+_WORD = re.compile(r"\S*")
+URL_READ_ON_CHARS = 1 << 16      # how far past short_text's window a URL the window cuts is read to its end
+
+
+def _head(s: str, window: int) -> str:
+    """The first `window` characters of `s` to mask and show, read on to the end of a URL the cut falls in (up to
+    URL_READ_ON_CHARS more). Cut inside its user part, a URL no longer says where that ends (`https://TOKEN` of
+    `https://TOKEN@host` reads as a host, `redis://u:12` of a numeric password as a port, `redis://:pa@ss` of a
+    password holding '@' as a password and a host), and a run of whitespace or a long password masked before it
+    can bring it into the characters shown. A URL longer than that is shown up to its `scheme://`."""
+    if len(s) <= window or s[window].isspace():
+        return s[:window]
+    head = s[:window]
+    word = _LAST_WORD.search(head)
+    if word is None or "://" not in word.group():
+        return head
+    end = _WORD.match(s, window, window + URL_READ_ON_CHARS).end()
+    if end < len(s) and not s[end].isspace():
+        return head[:word.start() + word.group().rindex("://") + 3]
+    return s[:end]
 
 
 # control characters (C0, DEL, C1), the line and paragraph separators (lines to Python's splitlines), and the
@@ -123,7 +151,8 @@ def _escaped(m: re.Match) -> str:
 class OneLineLogFormatter(logging.Formatter):
     """Log records whose message (users' text in its arguments: a file name, an error quoting a line) is one line
     with escape_controls' escapes: no record can end early and forge the next, or drive the terminal that shows the
-    log. A traceback keeps its lines, their other control characters escaped."""
+    log. A traceback keeps its lines, their other control characters escaped. A lone surrogate is written as its
+    escape (utf8_text): a Ray worker's stderr encodes strictly, and the record would be lost to a logging error."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = escape_controls(record.message)
@@ -132,7 +161,7 @@ class OneLineLogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         # the traceback and stack lines after the message, however they were made (redact.mask_logs formats a
         # record's traceback when it is made, so formatException is not always called)
-        return "\n".join(escape_controls(line) for line in super().format(record).split("\n"))
+        return "\n".join(escape_controls(line) for line in utf8_text(super().format(record)).split("\n"))
 
 
 def log_one_line(level: int = logging.INFO) -> None:

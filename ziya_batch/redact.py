@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import traceback
+from collections.abc import Mapping
 from typing import Optional
 
 MASK = "***"
@@ -91,10 +92,11 @@ _masking_logs = False
 
 
 def mask_logs() -> None:
-    """From now on every log record this process makes is shown masked (mask_text): its message, or the string
-    and exception values it is formatted with, and its traceback, so a password or a pre-signed URL's signature in
-    an exception's text reaches no log. A record's arguments keep their number and kinds where they are no
-    exceptions (formatters such as uvicorn's access log unpack them). Installed once; later calls do nothing."""
+    """From now on every log record this process makes is shown masked (mask_text): its message (an exception given
+    as one too), or the string and exception values it is formatted with (in a tuple or a mapping), and its
+    traceback, so a password or a pre-signed URL's signature in an exception's text reaches no log. A record's
+    arguments keep their number and kinds where they are no exceptions (formatters such as uvicorn's access log
+    unpack them). Installed once; later calls do nothing."""
     global _masking_logs
     if _masking_logs:
         return
@@ -103,10 +105,13 @@ def mask_logs() -> None:
 
     def masked(*args, **kwargs) -> logging.LogRecord:
         record = make(*args, **kwargs)
-        if isinstance(record.msg, str) and not record.args:
-            record.msg = mask_text(record.msg)
+        if not record.args:
+            # a message of another kind (`log.error(err)`) is shown as its str()
+            record.msg = _masked_arg(record.msg) if isinstance(record.msg, (str, BaseException)) else record.msg
         elif isinstance(record.args, tuple):
             record.args = tuple(_masked_arg(a) for a in record.args)
+        elif isinstance(record.args, Mapping):      # one mapping: `log.info("%(where)s", {"where": ...})`
+            record.args = {k: _masked_arg(v) for k, v in record.args.items()}
         if record.exc_info and record.exc_info[0] is not None and not record.exc_text:
             record.exc_text = masked_traceback(record.exc_info[1])
         return record

@@ -30,6 +30,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from . import io, jobs
 from .errors import InputError, ServiceError
+from .redact import mask_url
 from .spec import show_text
 from .io.schema import iter_part, part_format
 
@@ -430,7 +431,8 @@ def _summary_rows(s: JobStats) -> list[tuple[str, str]]:
     if s.skipped:
         rows.append(("records not counted", f"{s.skipped:,} (not of the shape ziya-batch writes: a field of another "
                                             "type)"))
-    rows.append(("computed from", f"{s.source} under {s.output_url}"))
+    # the page is mailed and archived: a password the command line gave in the URL stays off it
+    rows.append(("computed from", f"{s.source} under {mask_url(s.output_url)}"))
     return rows
 
 
@@ -555,7 +557,9 @@ def report_main(job_id_or_output_url: str, out_path: str | Path, redis_url: Opti
         manifest = io.read_manifest(output_url)
     if broker is not None and status is None and isinstance(manifest, dict) and manifest.get("job_id"):
         status = _status_dict(broker, manifest["job_id"])
-    return write_report(output_url, out_path, status, manifest=manifest)
+    # the markers and parts after it: storage that stops answering midway is one line too
+    with io.storage.storage_away(f"output {show_text(output_url)}"):
+        return write_report(output_url, out_path, status, manifest=manifest)
 
 
 # what follows "no job ID" when `report` is given an id this Redis does not know

@@ -51,3 +51,25 @@ def bucket(moto_endpoint, monkeypatch):
     fs, _ = url_to_fs(f"s3://{name}")
     fs.mkdir(name)
     return name
+
+
+@pytest.fixture()
+def store_to_stop(bucket, monkeypatch):
+    """stop() -> None: a moto server of the test's own that ziya-batch's S3 calls go to from now on (moto's servers in
+    one process share one store, so it holds `bucket`), for a test to stop midway: a store that goes away."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    monkeypatch.setenv("ZIYA_BATCH_STORAGE_OPTIONS", json.dumps(
+        {"s3": {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}}))
+    stopped: list = []
+
+    def stop() -> None:
+        if not stopped:
+            server.stop()
+            stopped.append(True)
+
+    yield stop
+    stop()

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
 
-from ziya_batch.errors import InputError  # noqa: E402
+from ziya_batch.errors import InputError, ServiceError  # noqa: E402
 from ziya_batch.io import (committed_shards, expand_inputs, index_inputs,  # noqa: E402
                            part_path, promote_shard, read_manifest, read_parts, read_shard, stage_shard,
                            url_to_fs, write_manifest)
@@ -182,3 +182,13 @@ def test_s3_staged_loss_and_a_discarded_attempt(bucket, shard_parts):
     with pytest.raises(CommitError, match="nothing staged"):
         out.promote(4, 7, "a1")
     assert out.read_marker(4) is None
+
+
+def test_s3_input_that_stops_answering_while_indexed_is_one_line(bucket, store_to_stop):
+    # submit lists the inputs (answered), then indexes them: a store gone meanwhile was a botocore traceback
+    _put(bucket, "in/prompts.jsonl", b"".join(b'{"prompt": "p%d"}\n' % i for i in range(30)))
+    url = f"s3://{bucket}/in/prompts.jsonl"
+    files = expand_inputs([url])
+    store_to_stop()
+    with pytest.raises(ServiceError, match=rf"^input {url}: its storage does not answer \(EndpointConnectionError"):
+        list(index_inputs(files, 10))

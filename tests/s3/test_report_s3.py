@@ -57,3 +57,26 @@ def test_the_report_on_s3_reads_each_part_in_one_request(bucket, monkeypatch):
     assert [c[0] for c in calls if c[1].endswith("manifest.json")] == ["get_object"]
     assert sum(1 for c in calls if "/_committed/" in c[1]) == 6           # the markers, listed with their folder
     assert 1 < peak[0] <= 4                      # parts' reads overlapped
+
+
+def test_storage_that_stops_answering_midway_is_one_line(bucket, store_to_stop, monkeypatch, capsys, tmp_path):
+    # the first read (manifest.json) is answered, then the store goes away: the report's later reads (the commit
+    # markers' listing, the parts) met it as a botocore traceback where the first read's is one line (exit 3)
+    from ziya_batch.cli import main
+
+    url = f"s3://{bucket}/out"
+    _job(url, 3)
+    read_manifest = report.io.read_manifest
+
+    def then_away(output):
+        manifest = read_manifest(output)
+        store_to_stop()
+        return manifest
+
+    monkeypatch.setattr(report.io, "read_manifest", then_away)
+    with pytest.raises(SystemExit) as exit_:
+        main(["report", url, "-o", str(tmp_path / "report.html"), "--redis-url", "redis://127.0.0.1:1/0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 3 and err.count("\n") == 1, err
+    assert err.startswith(f"ziya-batch: error: output {url}: its storage does not answer (EndpointConnectionError"), err
+    assert not (tmp_path / "report.html").exists()

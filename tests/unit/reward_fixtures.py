@@ -47,3 +47,8 @@ def numpy_reward(prompt, response, metadata):
     import numpy as np
 
     return np.float32(1.5) if response == "f" else np.int64(2)
+
+
+def raise_undecodable(prompt, response, metadata):
+    # a label read as bytes that are not UTF-8 (os.fsdecode, errors="surrogateescape") holds lone surrogates
+    raise ValueError("no label in " + b"labels-\xff.txt".decode("utf-8", "surrogateescape"))

@@ -207,3 +207,13 @@ def test_a_replica_answering_readonly_mid_failover_is_waited_out_like_redis_away
     assert RedisPatience(threading.Event())(commit, "shard 0's commit") is True and len(calls) == 2
     with pytest.raises(redis.ResponseError):        # other refusals are not waited out
         RedisPatience(threading.Event())(lambda: (_ for _ in ()).throw(redis.ResponseError("WRONGTYPE")), "x")
+
+
+def test_a_message_kept_in_redis_is_utf8_text():
+    # a failure's text goes to Redis (the job's errors), which takes UTF-8 only: a lone surrogate in an exception (a
+    # value decoded with surrogateescape, a JSON escape in a model's config) made the worker's broker.fail raise
+    from ziya_batch.work.failures import one_line
+
+    err = ValueError("unknown model_type '" + b"llama\xff".decode("utf-8", "surrogateescape") + "'\nsecond line")
+    assert one_line(err) == "ValueError: unknown model_type 'llama\\udcff'"
+    one_line(err).encode("utf-8")

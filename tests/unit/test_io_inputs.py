@@ -122,6 +122,20 @@ def test_expand_inputs_refuses_compressed_files(tmp_path):
         expand_inputs([str(tmp_path / "*.gz")])
 
 
+def test_expand_inputs_refuses_a_match_whose_name_is_not_utf8(tmp_path):
+    # a glob's match named in bytes that are not UTF-8 (Python holds them as lone surrogates) cannot be a Redis key's
+    # text, a JSON spec's or a record's `file`: refused by name before anything is written, where the submit met a
+    # UnicodeEncodeError writing the job's files to Redis (a traceback, the job left half written)
+    (tmp_path / "ok.jsonl").write_text('{"prompt": "x"}\n')
+    os.close(os.open(os.fsencode(tmp_path) + b"/bad\xff\xfe.jsonl", os.O_CREAT | os.O_WRONLY))
+    with pytest.raises(InputError) as exc:
+        expand_inputs([str(tmp_path / "*.jsonl")])
+    msg = str(exc.value)
+    msg.encode("utf-8")
+    assert msg == f"input not usable: {tmp_path}/bad\\xff\\xfe.jsonl (its name is not UTF-8: rename the file)"
+    assert expand_inputs([str(tmp_path / "ok*.jsonl")]) == [str(tmp_path / "ok.jsonl")]
+
+
 def test_expand_inputs_order_dedup_and_absolute_paths(tmp_path, monkeypatch):
     for name in ("b.jsonl", "a.jsonl", "c.jsonl"):
         (tmp_path / name).write_text("{}\n")

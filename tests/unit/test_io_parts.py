@@ -15,6 +15,7 @@ from ziya_batch.io import (CommitError, clear_staging, committed_shards, discard
 from ziya_batch.io import parts as parts_mod
 from ziya_batch.io.storage import join_url, normalize_url
 from ziya_batch.records import ShardRef
+from ziya_batch.spec import parse_spec
 
 
 def _sha(path: str) -> str:
@@ -314,6 +315,17 @@ def test_manifest_counts_add_up_to_the_parts_and_the_summary(tmp_path, shard_par
         "results": 6, "sft": 0, "experience": 6, "errors": 1}
     assert all(type(v) is int for v in manifest["counts"].values())
     assert manifest["counts"]["results"] == sum(1 for _ in read_parts(out, "results", verify=True))
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_the_manifest_of_a_job_of_no_lines_names_its_format(tmp_path, fmt):
+    # a job whose input holds no line commits no part: its manifest's format was [] (the formats of no parts), where
+    # a reader expects "jsonl" or "parquet"
+    spec = parse_spec({"name": "t", "model": {"path": "/m"}, "input": ["/in.jsonl"],
+                       "output": {"path": str(tmp_path / "out"), "format": fmt}})
+    manifest = write_manifest(str(tmp_path / "out"), spec.to_json(), {"job_id": "abc", "prompts": 0}, {})
+    assert manifest["format"] == read_manifest(str(tmp_path / "out"))["format"] == fmt
+    assert manifest["num_shards"] == 0 and manifest["parts"] == {} and manifest["counts"]["results"] == 0
 
 
 def test_read_parts_without_manifest_refuses(tmp_path, shard_parts):

@@ -17,8 +17,12 @@ def _job(i: int, state: str, finished_ago_s=None, done=10, tokens=100) -> dict:
 
 
 class _Broker:
-    def __init__(self, jobs):
+    def __init__(self, jobs, now=NOW):
         self.jobs = jobs
+        self.now = now
+
+    def server_time_s(self):
+        return self.now
 
     def list_jobs(self):
         return self.jobs
@@ -35,10 +39,10 @@ class _Holder:
         return self.broker
 
 
-def _scrape(jobs, monkeypatch) -> dict:
+def _scrape(jobs, monkeypatch, local_clock_s=NOW) -> dict:
     import ziya_batch.api.metrics as metrics
 
-    monkeypatch.setattr(metrics.time, "time", lambda: NOW)
+    monkeypatch.setattr(metrics.time, "time", lambda: local_clock_s)
     reg = CollectorRegistry(auto_describe=False)
     reg.register(QueueCollector(_Holder(_Broker(jobs))))
     out = {}
@@ -74,3 +78,14 @@ def test_a_finished_job_without_an_end_time_keeps_its_series(monkeypatch):
     job = _job(1, "completed")
     m = _scrape([job], monkeypatch)
     assert m[("ziya_batch_job_prompts_done_total", (("job_id", job["job_id"]), ("name", "job-1")))] == 10
+
+
+def test_a_finished_jobs_age_is_read_on_the_redis_clock(monkeypatch):
+    # finished_at is the Redis server's time: the API host's clock, hours off, neither hides a job that ended a
+    # minute ago nor keeps one that ended a day ago
+    recent = _job(1, "completed", finished_ago_s=60)
+    old = _job(2, "completed", finished_ago_s=FINISHED_SERIES_S * 24)
+    for skew_s in (-2 * FINISHED_SERIES_S, 0.0, 3 * FINISHED_SERIES_S, -48 * FINISHED_SERIES_S):
+        m = _scrape([recent, old], monkeypatch, local_clock_s=NOW + skew_s)
+        per_job = {dict(lv)["job_id"] for (name, lv) in m if name == "ziya_batch_job_prompts"}
+        assert per_job == {recent["job_id"]}, skew_s

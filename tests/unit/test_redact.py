@@ -108,6 +108,35 @@ def test_a_message_cut_short_shows_no_part_of_a_password(scheme, user, secret, h
     assert not any(c.isupper() for c in text.replace("...", "")), text
 
 
+CUT_URLS = ("https://GHPTOKENVALUE0SECRET@github.com/o/r", "redis://u:1234567890123@h:1/0",
+            "s3://akiakey:SECRETVALUE@bucket/runs/x", "redis://:PA/SSWORD@h:1/0")
+CUT_SECRETS = ("GHPTOKENVALUE0SECRET", "1234567890123", "SECRETVALUE", "PA/SSWORD")
+
+
+@pytest.mark.parametrize("url,secret", zip(CUT_URLS, CUT_SECRETS))
+@pytest.mark.parametrize("limit", [200, 80])
+def test_a_cut_inside_a_url_shows_no_part_of_its_password(url, secret, limit):
+    # short_text masks a window of the message (4 x limit characters) and then collapses its whitespace: a cut
+    # inside a URL's user part (`https://GHPTOK` of `https://GHPTOKEN...@github.com`, `redis://u:12` of a numeric
+    # password) reads as a host, and the collapse of the whitespace before it brings it into what is shown
+    window = 4 * limit
+    for at in range(1, len(url)):
+        text = short_text("x" + " " * (window - 1 - at) + url + " refused", limit)
+        shown = text.replace("...", "")
+        assert not any(secret[i:i + 3] in shown for i in range(len(secret) - 2)), (at, text)
+
+
+@given(st.sampled_from(["s3", "redis", "https"]), users, secrets_, hosts, paths, st.integers(1, 200), st.booleans(),
+       st.data())
+def test_a_message_cut_anywhere_in_a_url_shows_no_part_of_its_password(scheme, user, secret, host, path, limit, token,
+                                                                       data):
+    url = f"{scheme}://{secret.replace(':', '') or 'TOKEN'}@{host}{path}" if token else \
+        f"{scheme}://{user}:{secret}@{host}{path}"
+    at = data.draw(st.integers(0, len(url)), label="cut at")
+    text = short_text("x" + " " * max(0, 4 * limit - 1 - at) + url + " refused", limit)
+    assert not any(c.isupper() for c in text.replace("...", "")), text
+
+
 def test_the_cli_error_line_masks_a_redis_password_in_any_case(capsys, tmp_path, monkeypatch):
     from ziya_batch.cli import main
 
@@ -180,6 +209,30 @@ def test_an_http_error_masks_the_servers_own_urls():
     assert r.status_code == 403, r.text
     assert "JudgeSecret" not in r.text and "https://judge:***@judge.example/" in r.text
     assert "https://elsewhere.example/s" in r.text
+
+
+def test_a_log_record_of_an_exception_or_a_mapping_is_masked():
+    # logging takes an exception as the message (`log.error(err)`) and one mapping as the arguments
+    # (`log.info("%(where)s", {...})`): both reached the log as given
+    import io
+    import logging
+
+    from ziya_batch.redact import mask_logs
+
+    mask_logs()
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger("ziya_batch.test_redact_kinds")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        log.error(OSError("cannot reach s3://AKIA:MsgSecret@bucket/out"))
+        log.warning("at %(where)s (%(tries)d tries)", {"where": "redis://:MapSecret@10.0.0.1:6379/0", "tries": 3})
+    finally:
+        log.removeHandler(handler)
+    text = stream.getvalue()
+    assert "Secret" not in text, text
+    assert text == "cannot reach s3://AKIA:***@bucket/out\nat redis://:***@10.0.0.1:6379/0 (3 tries)\n"
 
 
 def test_logs_and_a_crash_traceback_mask_urls(capsys, monkeypatch):

@@ -198,3 +198,13 @@ def test_report_renders_in_headless_chromium(tmp_path, job_output):
     assert len(colours) > 20, colours.most_common(5)
     assert colours[bytes.fromhex("3b6ea8")] > 50
     assert colours.most_common(1)[0][1] < 0.9 * sum(colours.values())
+
+
+def test_the_page_shows_an_output_urls_password_masked():
+    # `ziya-batch report sftp://user:PASSWORD@host/runs/x/`: the page, made to be mailed and archived, names where it
+    # was computed from, without the password the command line held
+    from ziya_batch.report import JobStats
+
+    page = render_html(JobStats(job_id="j", name="n", state="completed", source="manifest",
+                                output_url="sftp://reader:PageSecret@files.example/runs/x/"))
+    assert "PageSecret" not in page and "sftp://reader:***@files.example/runs/x/" in page

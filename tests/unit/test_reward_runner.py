@@ -56,6 +56,16 @@ def test_values_and_per_sample_errors(pool):
     assert [v for v, _ in kinds] == [1.0, 0.0]
 
 
+def test_an_error_holding_a_lone_surrogate_is_written_as_its_escape(pool):
+    # reward_error is written into the experience part: a lone surrogate there failed the part's UTF-8 encoding, and
+    # with it every line of the shard
+    from ziya_batch.io.schema import encode_jsonl
+
+    out = pool("raise_undecodable").score([("p", "r", {})])
+    assert out == [(None, "ValueError: no label in labels-\\udcff.txt")]
+    assert json.loads(encode_jsonl([{"reward_error": out[0][1]}]))["reward_error"] == out[0][1]
+
+
 def test_a_hung_call_times_out_alone_and_the_pool_is_rebuilt(pool):
     runner = pool("hang_on", timeout_s=2.0)
     t0 = time.monotonic()

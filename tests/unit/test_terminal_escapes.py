@@ -222,3 +222,53 @@ def test_a_worker_log_record_is_masked_and_escaped_together():
     assert "TopSecret" not in text and not any(RAW.search(line) for line in text.split("\n")), text
     assert text.splitlines()[0] == "ERROR: read s3://AKIA:***@bucket/\\x1b[2Kin\\u202e.jsonl unreadable"
     assert text.endswith("OSError: s3://AKIA:***@bucket/\\x1b[2Kin\\u202e.jsonl unreadable")
+
+
+def test_a_worker_log_record_with_a_lone_surrogate_is_written(monkeypatch):
+    """Ray gives a worker process a stderr that encodes UTF-8 strictly: a record quoting a lone surrogate (an error
+    about a value decoded with surrogateescape) raised in the handler, which printed a 'Logging error' traceback in
+    its place. It is one line, the surrogate as its escape."""
+    import io
+    import logging
+
+    from ziya_batch.errors import OneLineLogFormatter
+
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", errors="strict", write_through=True)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(OneLineLogFormatter("%(levelname)s: %(message)s"))
+    failed = []
+    monkeypatch.setattr(handler, "handleError", lambda record: failed.append(record))
+    log = logging.getLogger("ziya_batch.test_surrogate")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        bad = b"in-\xff.jsonl".decode("utf-8", "surrogateescape")
+        log.warning("line %s:%d failed generation: %s", bad, 3, ValueError(f"cannot read {bad}"))
+        try:
+            raise ValueError(bad)
+        except ValueError:
+            log.exception("shard %s failed", bad)
+    finally:
+        log.removeHandler(handler)
+    assert not failed
+    text = raw.getvalue().decode("utf-8")
+    assert text.startswith("WARNING: line in-\\udcff.jsonl:3 failed generation: cannot read in-\\udcff.jsonl\n")
+    assert "ERROR: shard in-\\udcff.jsonl failed\nTraceback" in text and text.endswith("ValueError: in-\\udcff.jsonl\n")
+
+
+def test_a_crash_traceback_at_the_cli_s_end_is_escaped(monkeypatch, capsys):
+    """A bug's traceback (exit 1) keeps its lines, but the text it quotes (an exception naming a file a glob matched,
+    a value from a manifest) is shown with its control characters as escapes, as error lines and logs are."""
+    from ziya_batch import cli
+
+    def bug(*a, **kw):
+        raise ValueError("results/part-\x1b]0;owned\x07\x1b[2K\r\u202elmth.jsonl")
+
+    monkeypatch.setattr(cli, "app", bug)
+    with pytest.raises(SystemExit) as exit_:
+        main(["status"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and err.startswith("Traceback (most recent call last):"), err
+    assert not any(RAW.search(line) for line in err.split("\n")), err
+    assert err.endswith("ValueError: results/part-\\x1b]0;owned\\x07\\x1b[2K\\x0d\\u202elmth.jsonl\n"), err

@@ -7,8 +7,8 @@ the API reports the same numbers and a restart loses nothing.
 
 Per job (labels job_id, name): prompts done/failed, samples, output tokens (counters); prompts total,
 tokens/s, prompts/s, ETA, state, shards by state, retries, dead-lettered shards and lines; for every job
-not finished and every job finished in the last FINISHED_SERIES_S (a dashboard sees each job end), not for
-older ones, so the series do not grow with every job the queue has ever run. Over the queue (every job,
+not finished and every job finished in the last FINISHED_SERIES_S on the Redis clock (a dashboard sees each job
+end), not for older ones, so the series do not grow with every job the queue has ever run. Over the queue (every job,
 however old): jobs by state, prompts done and failed, samples and output tokens (gauges: a completed job whose
 output was deleted runs again from 0 under its id, so a sum may drop), queue depth (pending shards of jobs that can be claimed), leased shards,
 dead-lettered shards, lease expiries (when the broker counts them). Workers (each worker process is one
@@ -65,6 +65,8 @@ class QueueCollector:
             broker = self.brokers.get()
             jobs = [_as_dict(j) for j in broker.list_jobs()]
             workers = [_as_dict(w) for w in broker.workers()]
+            # the clock jobs' end times are on: this host's may be hours off (a job ended a minute ago, left out)
+            now = broker.server_time_s()
         except Exception as err:  # noqa: BLE001 - a scrape reports Redis down instead of failing
             log.warning("metrics: queue unreachable: %s", err)
             up.add_metric([], 0)
@@ -72,7 +74,7 @@ class QueueCollector:
             return
         up.add_metric([], 1)
         yield up
-        yield from self._job_families(jobs)
+        yield from self._job_families(jobs, now)
         yield from self._worker_families(workers)
 
     @staticmethod

@@ -31,9 +31,9 @@ from typing import Iterable, Iterator, Optional
 
 from fsspec.implementations.local import LocalFileSystem
 
-from ..errors import InputError
+from ..errors import InputError, utf8_safe
 from ..records import ShardRef, TooLongLine
-from .storage import full_url, normalize_url, special_kind, url_to_fs
+from .storage import full_url, normalize_url, special_kind, storage_away, url_to_fs
 
 BLOCK_BYTES = 8 * 2**20       # read size while indexing; peak memory is a small multiple of this
 MAX_LINE_BYTES = 16 * 2**20   # a longer line is that line's error (line_too_long), never read into memory
@@ -67,7 +67,12 @@ def expand_inputs(urls: list[str]) -> list[str]:
                     missing.append(f"{url} (no match)")
                 for m in matches:
                     why = not_regular(fs, m)
-                    if why:
+                    if not utf8_safe(m):
+                        # undecodable bytes of a local name, held as lone surrogates: no Redis key, spec or record
+                        # can carry the name
+                        shown = os.fsencode(full_url(fs, m)).decode("utf-8", "backslashreplace")
+                        unusable.append(f"{shown} (its name is not UTF-8: rename the file)")
+                    elif why:
                         unusable.append(f"{full_url(fs, m)} ({why})")
                     else:
                         files.append(full_url(fs, m))
@@ -383,7 +388,9 @@ def index_inputs(files: list[str], shard_size: int, block_bytes: int = BLOCK_BYT
     if shard_size < 1:
         raise ValueError("shard_size must be >= 1")
     for file in files:
-        yield from index_file(file, shard_size, block_bytes, max_line_bytes)
+        # listed a moment ago: a store that stops answering now is one line, as at the listing
+        with storage_away(f"input {file}"):
+            yield from index_file(file, shard_size, block_bytes, max_line_bytes)
 
 
 def shard_refs(job_id: str, files: list[str], shard_size: int,

@@ -51,10 +51,15 @@ def build_manifest(spec_json: str, summary: dict, markers: dict[int, CommitMarke
         if rows:
             parts[kind] = rows
     records = {kind: sum(r["lines"] for r in rows) for kind, rows in parts.items()}
+    spec = json.loads(spec_json) if spec_json else None
+    if not formats:
+        # no part (a job of no lines): the format its parts would have, as the spec names it
+        output = spec.get("output") if isinstance(spec, dict) else None
+        formats = [output.get("format", "jsonl") if isinstance(output, dict) else "jsonl"]
     return {
         "format_version": FORMAT_VERSION,
         "job_id": summary.get("job_id"),
-        "spec": json.loads(spec_json) if spec_json else None,
+        "spec": spec,
         "summary": dict(summary),
         "counts": {**{k: summary[k] for k in COUNT_KEYS if k in summary},
                    **{kind: records.get(kind, 0) for kind in KINDS}},

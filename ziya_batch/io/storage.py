@@ -247,6 +247,22 @@ def storage_errors(what: str) -> Iterator[None]:
         raise InputError(f"{what} not usable ({why}; check the URL and its credentials)") from None
 
 
+@contextlib.contextmanager
+def storage_away(what: str) -> Iterator[None]:
+    """Storage that stops answering after storage_errors' first calls reached it (a connection refused or cut, a
+    time-out, midway through a command's reads) as one line naming `what` (ServiceError, exit 3 / HTTP 503); any
+    other error passes unchanged, ours included. Wrap a command's later calls to a location it reached."""
+    try:
+        yield
+    except ZiyaBatchError:
+        raise
+    except Exception as err:
+        if not unreachable(err):
+            raise
+        why = f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        raise ServiceError(f"{what}: its storage does not answer ({why}); try again once it does") from None
+
+
 # what s3fs makes of an object store's "try again" answers once its client's retries are spent: 503 Slow Down and
 # Service Unavailable (and 409 OperationAborted) are EBUSY, 500 Internal Error is EREMOTEIO
 _BUSY_ERRNOS = frozenset({errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EBUSY)})

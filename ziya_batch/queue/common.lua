@@ -15,6 +15,18 @@ local function int(x)
   return string.format('%.0f', x)
 end
 
+-- at most n bytes of the UTF-8 text s, cut between characters: cut inside one, the text kept is not UTF-8, and a
+-- client that decodes replies (every read of the job's errors) fails on it
+local function utf8_head(s, n)
+  if #s <= n then return s end
+  local b = string.byte(s, n + 1)
+  while n > 0 and b >= 128 and b < 192 do      -- the byte after the cut continues a character: cut before it
+    n = n - 1
+    b = string.byte(s, n + 1)
+  end
+  return string.sub(s, 1, n)
+end
+
 local function allowed(tbl, src, dst)
   return tbl[src] ~= nil and tbl[src][dst] == true
 end

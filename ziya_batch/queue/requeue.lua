@@ -69,7 +69,7 @@ if bad then
   end
 end
 local given_back = ARGV[11] == '1' or ARGV[11] == 'storage'
-local message = string.sub(ARGV[4], 1, 2000)
+local message = utf8_head(ARGV[4], 2000)
 if not given_back and not expired then
   -- a try that failed on its own (a line, the engine, an input that changed) got past its storage: a storage
   -- give-back after it starts a new series (an expiry proves nothing: a worker stuck on its store expires too)

@@ -69,7 +69,7 @@ else
   end
 end
 local entry = {ts_ms = now, shard = tonumber(ARGV[2]), token = token, attempt = sh.attempts, worker_id = ARGV[7],
-  reason = 'parts lost', message = string.sub(ARGV[5], 1, 2000), outcome = outcome}
+  reason = 'parts lost', message = utf8_head(ARGV[5], 2000), outcome = outcome}
 redis.call('LPUSH', KEYS[7], cjson.encode(entry))
 redis.call('LTRIM', KEYS[7], 0, tonumber(ARGV[6]) - 1)
 return {1, outcome, redis.call('HGET', KEYS[1], 'state'), lost}

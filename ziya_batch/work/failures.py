@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, TypeVar
 
-from ..errors import ZiyaBatchError
+from ..errors import ZiyaBatchError, utf8_text
 from ..queue.errors import BROKER_UNREACHABLE
 from ..redact import mask_text
 from .models import ReplicaBroken
@@ -268,5 +268,6 @@ def describe(err: BaseException) -> str:
 
 def one_line(err: BaseException) -> str:
     # kept in Redis and shown by status and the API: a storage library's text may name an endpoint with its password
-    text = mask_text(str(err).strip())
+    # (UTF-8 text: Redis takes no lone surrogate, which an exception may quote)
+    text = utf8_text(mask_text(str(err).strip()))
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"

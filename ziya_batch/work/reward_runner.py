@@ -27,6 +27,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Optional
 
+from ..errors import utf8_text
 from ..redact import mask_text
 
 Score = tuple[Optional[float], Optional[str]]     # (value, why it is None)
@@ -67,8 +68,9 @@ def resolve(ref: str) -> Callable:
 
 
 def one_line(err: BaseException) -> str:
-    # written to the records' reward_error: an endpoint's URL quoted by http.client may hold a password
-    text = " ".join(mask_text(str(err)).split())
+    # written to the records' reward_error: an endpoint's URL quoted by http.client may hold a password, and a reward
+    # function's error a lone surrogate (no part could be encoded with it)
+    text = utf8_text(" ".join(mask_text(str(err)).split()))
     return f"{type(err).__name__}: {text}"[:500] if text else type(err).__name__
 
 
