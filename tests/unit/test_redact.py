@@ -2,6 +2,10 @@
 scheme, host, bucket and path that say which location failed stay."""
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+
 import pytest
 import redis
 from hypothesis import given
@@ -211,25 +215,29 @@ def test_an_http_error_masks_the_servers_own_urls():
     assert "https://elsewhere.example/s" in r.text
 
 
-def test_a_log_record_of_an_exception_or_a_mapping_is_masked():
-    # logging takes an exception as the message (`log.error(err)`) and one mapping as the arguments
-    # (`log.info("%(where)s", {...})`): both reached the log as given
-    import io
-    import logging
-
-    from ziya_batch.redact import mask_logs
-
-    mask_logs()
+@contextlib.contextmanager
+def _captured_log(name: str):
+    """The logger `name` writing only to a StringIO, for the block."""
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    log = logging.getLogger("ziya_batch.test_redact_kinds")
+    log = logging.getLogger(name)
     log.addHandler(handler)
     log.propagate = False
     try:
-        log.error(OSError("cannot reach s3://AKIA:MsgSecret@bucket/out"))
-        log.warning("at %(where)s (%(tries)d tries)", {"where": "redis://:MapSecret@10.0.0.1:6379/0", "tries": 3})
+        yield log, stream
     finally:
         log.removeHandler(handler)
+
+
+def test_a_log_record_of_an_exception_or_a_mapping_is_masked():
+    # logging takes an exception as the message (`log.error(err)`) and one mapping as the arguments
+    # (`log.info("%(where)s", {...})`): both reached the log as given
+    from ziya_batch.redact import mask_logs
+
+    mask_logs()
+    with _captured_log("ziya_batch.test_redact_kinds") as (log, stream):
+        log.error(OSError("cannot reach s3://AKIA:MsgSecret@bucket/out"))
+        log.warning("at %(where)s (%(tries)d tries)", {"where": "redis://:MapSecret@10.0.0.1:6379/0", "tries": 3})
     text = stream.getvalue()
     assert "Secret" not in text, text
     assert text == "cannot reach s3://AKIA:***@bucket/out\nat redis://:***@10.0.0.1:6379/0 (3 tries)\n"
@@ -238,20 +246,12 @@ def test_a_log_record_of_an_exception_or_a_mapping_is_masked():
 def test_logs_and_a_crash_traceback_mask_urls(capsys, monkeypatch):
     # a 500's traceback (the API logs it), a worker's warning quoting an exception, and a bug's traceback at the
     # CLI's end: each shows the URL's host and path, not its password or a pre-signed URL's signature
-    import io
-    import logging
-
     from ziya_batch import cli
     from ziya_batch.redact import mask_logs
 
     mask_logs()
     mask_logs()                                     # installed once, whoever calls it
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    log = logging.getLogger("ziya_batch.test_redact")
-    log.addHandler(handler)
-    log.propagate = False
-    try:
+    with _captured_log("ziya_batch.test_redact") as (log, stream):
         err = OSError("GET https://b.s3.amazonaws.com/in.jsonl?X-Amz-Signature=SigSecret&X-Amz-Date=1 failed")
         try:
             raise RuntimeError("wrapped") from err
@@ -263,8 +263,6 @@ def test_logs_and_a_crash_traceback_mask_urls(capsys, monkeypatch):
         record = log.makeRecord(log.name, logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
                                 ("1.2.3.4:5", "GET", "/v1/files", "1.1", 200), None)
         assert record.args == ("1.2.3.4:5", "GET", "/v1/files", "1.1", 200)
-    finally:
-        log.removeHandler(handler)
     text = stream.getvalue()
     assert "Secret" not in text, text
     assert "X-Amz-Signature=***" in text and "s3://AKIA:***@bucket/out" in text and "Traceback" in text
