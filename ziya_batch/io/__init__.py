@@ -7,8 +7,8 @@ claiming an output directory for one job (atomic, never inside or around another
 functions (stage_shard, committed_shards, ...) are OutputDir's methods for callers that hold a URL.
 """
 from .inputs import expand_inputs, index_inputs, read_shard, shard_refs
-from .manifest import (manifest_part_urls, manifest_shards, output_owner, read_manifest, read_parts,
-                       set_output_owner, verify_output, write_manifest)
+from .manifest import (manifest_part_urls, manifest_shards, output_owner, parts_not_there, read_manifest,
+                       read_parts, set_output_owner, verify_output, write_manifest)
 from .markers import CommitError, CommitMarker, PartInfo, StagedPart, new_attempt
 from .parts import (OutputDir, clear_staging, committed_shards, discard_staged, part_path, promote_shard,
                     read_marker, stage_shard)
@@ -21,6 +21,7 @@ __all__ = [
     "read_marker",
     "part_path", "StagedPart", "CommitMarker", "PartInfo", "CommitError",
     "write_manifest", "read_manifest", "read_parts", "manifest_part_urls", "verify_output", "manifest_shards",
+    "parts_not_there",
     "output_owner", "set_output_owner",
     "KINDS", "parquet_schema", "open_output_fs", "url_to_fs", "join_url", "normalize_url", "absolute_url",
 ]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import time
 from typing import Iterator, Optional
 
@@ -32,7 +33,7 @@ from ..errors import InputError
 from .markers import CommitMarker
 from .parts import OutputDir
 from .schema import KINDS, decode_part, iter_part, part_format
-from .storage import join_url
+from .storage import join_url, list_fresh_detail
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -91,6 +92,27 @@ def set_output_owner(output: "OutputDir | str", job_id: str) -> None:
 def manifest_shards(manifest: dict) -> set[int]:
     """The shards a manifest lists (each committed shard has at least its errors part)."""
     return {row["shard"] for rows in manifest.get("parts", {}).values() for row in rows}
+
+
+def parts_not_there(output: "OutputDir | str", manifest: dict) -> list[str]:
+    """The parts a manifest lists that its directory does not hold as listed: absent, or of another size than its
+    size_bytes (where given), one sentence each. One listing of each folder the parts lie in (one per record kind),
+    no part read: cheap enough to check before trusting a manifest without reading every part (verify_output)."""
+    out = OutputDir.of(output)
+    sizes: dict[str, dict[str, int]] = {}
+    problems = []
+    for rows in manifest["parts"].values():
+        for row in rows:
+            folder, name = posixpath.split(row["path"])
+            if folder not in sizes:
+                sizes[folder] = {posixpath.basename(str(e.get("name", "")).rstrip("/")): e.get("size")
+                                 for e in list_fresh_detail(out.fs, out.path(folder)) if e.get("type") == "file"}
+            size, expect = sizes[folder].get(name), row.get("size_bytes")
+            if size is None:
+                problems.append(f"{row['path']} is missing")
+            elif type(expect) is int and size != expect:
+                problems.append(f"{row['path']} holds {size} bytes, not the {expect} of its size in {MANIFEST}")
+    return problems
 
 
 def read_manifest(output: "OutputDir | str") -> Optional[dict]:

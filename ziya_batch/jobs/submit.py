@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Optional
 
 from .. import io
-from ..errors import AccessDenied, SpecError
+from ..errors import AccessDenied, InputError, SpecError
 from ..io.claims import claim_output
 from ..records import ShardRef
 from ..spec import JobSpec, show_text
@@ -312,26 +312,51 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
 def _restore_completed(spec: JobSpec, broker: "JobsBroker", job_id: str,
                        out: io.OutputDir) -> Optional["JobStatus"]:
     """The job's status once recorded completed from its output's manifest (broker.restore_completed), where that is
-    the completed manifest of this job id; None where it is not (none, another job's, or a cancelled or failed job's
-    list of the parts it committed so far, which a resubmit resumes from), or where a submit of the job got there
-    first."""
+    the completed manifest of this job id as its finalizer writes it; None where it is not (none, another job's, or a
+    cancelled or failed job's list of the parts it committed so far, which a resubmit resumes from; one of another
+    format_version, or numbers no finalizer writes), or where a submit of the job got there first. InputError, writing
+    nothing, where it is, but a part it lists is gone or of another size: the output was damaged since it completed,
+    and a job is never recorded completed without its parts."""
     from ..queue import ShardStats
 
     manifest = io.read_manifest(out)
     summary = (manifest or {}).get("summary")
     if not manifest or manifest.get("job_id") != job_id or not isinstance(summary, dict) \
-            or summary.get("state") != "completed":
+            or summary.get("state") != "completed" or manifest.get("format_version") != io.manifest.FORMAT_VERSION:
         return None
-    try:
-        shards = int(summary.get("shards", manifest.get("num_shards")))
-        totals = ShardStats(**{k: int(summary.get(k) or 0) for k in (
-            "prompts_failed", "samples", "output_tokens", "prefix_cache_query_tokens", "prefix_cache_hit_tokens")},
-            prompts_done=int(summary.get("prompts") or 0))
-    except (TypeError, ValueError):
+    counts = {k: _count(summary.get(k, 0)) for k in _SUMMARY_COUNTS}
+    shards = _count(summary.get("shards", manifest.get("num_shards")))
+    if shards is None or None in counts.values() or _listed_shards(manifest) != set(range(shards)):
         return None                     # not the numbers a finalizer writes: the job is rebuilt from its parts instead
-    if shards < 0 or min(totals.prompts_done, totals.prompts_failed, totals.samples, totals.output_tokens) < 0:
-        return None
+    with io.storage.storage_errors(f"output.path {show_text(spec.output.path)}"):
+        gone = io.parts_not_there(out, manifest)
+    if gone:
+        raise InputError(
+            f"output.path {show_text(out.url)} holds the completed manifest.json of job {job_id}, but {len(gone)} of "
+            f"the parts it lists are not there as it lists them ({show_text('; '.join(gone[:3]))}"
+            f"{'; ...' if len(gone) > 3 else ''}): the output was damaged after the job completed, and the job is "
+            "not recorded completed without its parts; put them back, or delete the output (manifest.json, "
+            "_committed/ and the parts) to run the job again")
+    totals = ShardStats(prompts_done=counts["prompts"], **{k: v for k, v in counts.items() if k != "prompts"})
     return broker.restore_completed(spec, job_id, shards, totals, _written_ms(manifest.get("written_at")))
+
+
+# the summary's totals restore_completed records (absent in an older finalizer's manifest: 0)
+_SUMMARY_COUNTS = ("prompts", "prompts_failed", "samples", "output_tokens", "prefix_cache_query_tokens",
+                   "prefix_cache_hit_tokens")
+
+
+def _count(value) -> Optional[int]:
+    """A count as a finalizer writes it: a whole JSON number from 0 below 2**53 (what Redis's Lua, whose numbers are
+    doubles, adds exactly); None for anything else (a float, a bool, a numeric string, a negative, a huge number)."""
+    return value if type(value) is int and 0 <= value < 2**53 else None
+
+
+def _listed_shards(manifest: dict) -> Optional[set]:
+    """The shards the manifest lists parts of (a finalizer lists at least an errors part of every one); None where a
+    row names no whole shard number."""
+    listed = {row.get("shard") for rows in manifest["parts"].values() for row in rows}
+    return listed if all(type(i) is int for i in listed) else None
 
 
 def _written_ms(written_at) -> Optional[int]:
