@@ -1,8 +1,16 @@
 -- Add a batch of shards (idempotent: a shard already present is kept), and record shards that storage
--- says are committed. Returns the number of shards added.
+-- says are committed. Returns the number of shards added, or -1 for a job this Redis does not know.
 -- KEYS[1] job hash   KEYS[2] job shards hash   KEYS[3] job pending zset   KEYS[4] ready zset
+-- KEYS[5] job input files list
 -- ARGV[1] job_id, then triples: shard index, shard record JSON ('' = only reconcile an existing shard),
 --         committed stats JSON ('' = not committed)
+-- A job forgotten (cancelled, then forgotten) while its submit streamed its shards: nothing of it is written again,
+-- and the files the submit appended since (Broker._add_refs, before this) go too. Every job has a state from
+-- create_job on, so a files list without one is the submit's alone.
+if not redis.call('HGET', KEYS[1], 'state') then
+  redis.call('UNLINK', KEYS[5])
+  return -1
+end
 local now = now_ms()
 local added = 0
 for i = 2, #ARGV, 3 do

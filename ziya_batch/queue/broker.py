@@ -205,8 +205,12 @@ class Broker:
 
     def _add_shards(self, job_id: str, triples: list) -> int:
         k = self.keys
-        return self.scripts.add_shards(keys=[k.job(job_id), k.shards(job_id), k.pending(job_id), k.ready()],
-                                       args=[job_id, *triples])
+        added = self.scripts.add_shards(keys=[k.job(job_id), k.shards(job_id), k.pending(job_id), k.ready(),
+                                              k.files(job_id)], args=[job_id, *triples])
+        if added < 0:
+            raise JobNotFound(f"job {job_id} was forgotten while this submit wrote its shards (cancelled and "
+                              "forgotten meanwhile): nothing of it is left in Redis; submit it again to run it")
+        return added
 
     def _reopen(self, job_id: str) -> str:
         k = self.keys
