@@ -417,13 +417,18 @@ class Batches:
         broker = self.brokers.get()
         status = broker.find_job(rec["_job_id"])
         now = int(time.time())
-        if status is None:
-            # Redis lost the job: submit it again, which resumes from the parts storage holds
+        stopped = bool(rec.get("_cancel_requested") or rec.get("_expired"))
+        if status is None and not stopped:
+            # Redis lost the job (or it was forgotten): submit it again, which resumes from the parts storage holds
             try:
                 status = jobs.submit_job(JobSpec(**rec["_spec"]), broker)
             except ZiyaBatchError as err:
                 log.warning("batch %s: resubmitting its lost job failed: %s", rec["id"], err)
-        if status is None:
+        if status is None and stopped:
+            # cancelled (or expired), and its job forgotten or lost before this record caught up: it ends so; submitted
+            # again, the job would reopen and run what the cancel stopped
+            state, error = "cancelled", None
+        elif status is None:
             state, error = "failed", "the job is gone from the queue and could not be resubmitted; create the batch again"
         else:
             status = jobs.finish_empty_job(broker, status)
