@@ -11,7 +11,7 @@ import hashlib
 import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ziya_batch import io
@@ -122,6 +122,8 @@ _ANY_VALUE = st.one_of(st.integers(-2, 10**20), st.floats(allow_nan=True), st.bo
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(field=st.sampled_from(_COUNT_FIELDS), value=_ANY_VALUE)
+@example(field="shards", value=2**52)               # no range of that many shards is built to compare with
+@example(field="shards", value=2)                   # fewer than the 3 listed
 def test_a_summary_number_is_restored_only_as_the_whole_number_a_finalizer_writes(tmp_path, broker, field, value):
     """A hand-written or foreign manifest's numbers: a float, a bool, a numeric string, a negative, or a number past
     what Redis and Lua hold exactly (2**53) is not a finalizer's; the job then takes the usual path. A whole number

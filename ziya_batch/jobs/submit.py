@@ -326,7 +326,7 @@ def _restore_completed(spec: JobSpec, broker: "JobsBroker", job_id: str,
         return None
     counts = {k: _count(summary.get(k, 0)) for k in _SUMMARY_COUNTS}
     shards = _count(summary.get("shards", manifest.get("num_shards")))
-    if shards is None or None in counts.values() or _listed_shards(manifest) != set(range(shards)):
+    if shards is None or None in counts.values() or not _lists_every_shard(manifest, shards):
         return None                     # not the numbers a finalizer writes: the job is rebuilt from its parts instead
     with io.storage.storage_errors(f"output.path {show_text(spec.output.path)}"):
         gone = io.parts_not_there(out, manifest)
@@ -352,11 +352,11 @@ def _count(value) -> Optional[int]:
     return value if type(value) is int and 0 <= value < 2**53 else None
 
 
-def _listed_shards(manifest: dict) -> Optional[set]:
-    """The shards the manifest lists parts of (a finalizer lists at least an errors part of every one); None where a
-    row names no whole shard number."""
+def _lists_every_shard(manifest: dict, shards: int) -> bool:
+    """Whether the manifest lists parts of shards 0 .. shards - 1 and of no other (a finalizer lists at least an
+    errors part of every one). Compared by count and bounds: a hand-written 2**52 builds no range."""
     listed = {row.get("shard") for rows in manifest["parts"].values() for row in rows}
-    return listed if all(type(i) is int for i in listed) else None
+    return len(listed) == shards and all(type(i) is int and 0 <= i < shards for i in listed)
 
 
 def _written_ms(written_at) -> Optional[int]:
