@@ -114,6 +114,25 @@ def test_a_completed_manifest_whose_parts_are_not_all_there_marks_nothing_comple
     assert broker.find_job(job_id) is None and list(broker.client.scan_iter("*")) == []
 
 
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_completed_job_redis_knows_is_not_answered_completed_once_its_parts_are_damaged(tmp_path, broker, damage):
+    """The same rule where Redis still knows the job: resubmitting a completed job whose output lost or changed a part
+    the manifest lists is refused naming it (Redis unchanged); with the parts put back it answers completed again."""
+    spec = _spec(tmp_path)
+    job_id = spec.identity()
+    _manifest(spec, job_id)
+    assert submit_job(spec, broker).state == JobState.COMPLETED                # restored: Redis knows it now
+    before = {key: broker.client.dump(key) for key in broker.client.scan_iter("*")}
+    part = tmp_path / "out" / "results" / "part-00002.jsonl"
+    kept = part.read_bytes()
+    part.unlink() if damage == "deleted" else part.write_bytes(kept + b"{}\n")
+    with pytest.raises(InputError, match=r"results/part-00002.jsonl .*(missing|size)"):
+        submit_job(spec, broker)
+    assert {key: broker.client.dump(key) for key in broker.client.scan_iter("*")} == before
+    part.write_bytes(kept)
+    assert submit_job(spec, broker).state == JobState.COMPLETED
+
+
 _COUNT_FIELDS = ("shards", "prompts", "prompts_failed", "samples", "output_tokens", "prefix_cache_hit_tokens",
                  "prefix_cache_query_tokens")
 _ANY_VALUE = st.one_of(st.integers(-2, 10**20), st.floats(allow_nan=True), st.booleans(), st.none(),

@@ -280,7 +280,10 @@ def submit_job(spec: JobSpec, broker: "JobsBroker", check_model_dir: bool = Fals
         if restored is not None:
             return restored
     if existing is not None and existing.state == JobState.COMPLETED:
-        if io.read_manifest(out) is not None:
+        manifest = io.read_manifest(out)
+        if manifest is not None:
+            # its parts still there as the manifest lists them (a resubmit of a completed job answers "completed")
+            check_parts_there(spec, out, manifest, job_id)
             return existing
         # completed, but its output has been deleted since: the same spec runs again from the start, a new job
         broker.delete_job(job_id)
@@ -328,6 +331,15 @@ def _restore_completed(spec: JobSpec, broker: "JobsBroker", job_id: str,
     shards = _count(summary.get("shards", manifest.get("num_shards")))
     if shards is None or None in counts.values() or not _lists_every_shard(manifest, shards):
         return None                     # not the numbers a finalizer writes: the job is rebuilt from its parts instead
+    check_parts_there(spec, out, manifest, job_id)
+    totals = ShardStats(prompts_done=counts["prompts"], **{k: v for k, v in counts.items() if k != "prompts"})
+    return broker.restore_completed(spec, job_id, shards, totals, _written_ms(manifest.get("written_at")))
+
+
+def check_parts_there(spec: JobSpec, out: io.OutputDir, manifest: dict, job_id: str) -> None:
+    """InputError naming them where parts the completed `manifest` lists are gone or of another size (one listing a
+    kind, no part read): the output was damaged after the job completed, and a job is never taken for completed
+    without its parts."""
     with io.storage.storage_errors(f"output.path {show_text(spec.output.path)}"):
         gone = io.parts_not_there(out, manifest)
     if gone:
@@ -335,10 +347,8 @@ def _restore_completed(spec: JobSpec, broker: "JobsBroker", job_id: str,
             f"output.path {show_text(out.url)} holds the completed manifest.json of job {job_id}, but {len(gone)} of "
             f"the parts it lists are not there as it lists them ({show_text('; '.join(gone[:3]))}"
             f"{'; ...' if len(gone) > 3 else ''}): the output was damaged after the job completed, and the job is "
-            "not recorded completed without its parts; put them back, or delete the output (manifest.json, "
+            "not taken for completed without its parts; put them back, or delete the output (manifest.json, "
             "_committed/ and the parts) to run the job again")
-    totals = ShardStats(prompts_done=counts["prompts"], **{k: v for k, v in counts.items() if k != "prompts"})
-    return broker.restore_completed(spec, job_id, shards, totals, _written_ms(manifest.get("written_at")))
 
 
 # the summary's totals restore_completed records (absent in an older finalizer's manifest: 0)
