@@ -453,9 +453,9 @@ def main(argv: Optional[list] = None) -> None:
         if known is None:
             # a bug: its traceback, as Python would print it, with URLs' passwords and signatures masked and the
             # control characters of the text it quotes (a file name, a manifest's value) as escapes, line by line
-            from .errors import escape_controls
+            from .errors import escape_lines
 
-            print("\n".join(escape_controls(line) for line in masked_traceback(err).split("\n")), file=sys.stderr)
+            print(escape_lines(masked_traceback(err)), file=sys.stderr)
             sys.exit(1)
         _error(known[0])
         sys.exit(known[1])

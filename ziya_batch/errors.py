@@ -143,6 +143,12 @@ def escape_controls(text: str) -> str:
     return TERMINAL_CONTROL.sub(_escaped, text)
 
 
+def escape_lines(text: str) -> str:
+    """`text` (a traceback, a formatted log record) with escape_controls' escapes inside each of its lines: its line
+    breaks stay, and nothing else in it can drive the terminal or forge a line."""
+    return "\n".join(escape_controls(line) for line in text.split("\n"))
+
+
 def _escaped(m: re.Match) -> str:
     code = ord(m.group())
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
@@ -161,7 +167,7 @@ class OneLineLogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         # the traceback and stack lines after the message, however they were made (redact.mask_logs formats a
         # record's traceback when it is made, so formatException is not always called)
-        return "\n".join(escape_controls(line) for line in utf8_text(super().format(record)).split("\n"))
+        return escape_lines(utf8_text(super().format(record)))
 
 
 def log_one_line(level: int = logging.INFO) -> None:
