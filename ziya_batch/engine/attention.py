@@ -98,16 +98,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     out = torch.empty_like(q) if out is None else out
     nd = meta.num_decode
     prefill = meta.prefill is not None and bool(meta.prefill.chunks)
+    side = None
     if nd and prefill and meta.use_triton and PREFILL_ON_SIDE_STREAM and q.is_cuda:
-        # both write disjoint rows of out; the main stream waits for the side one before anything reads out
+        # the prefill kernel first, on the side stream; both write disjoint rows of out, and the main stream waits
+        # for the side one before anything reads out
         main, side = torch.cuda.current_stream(q.device), _side_stream(q.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
             prefill_attention_triton(q, k_flat, v_flat, meta.prefill, meta.block_size, out)
-        decode_attention_triton(q[:nd], k_flat, v_flat, meta.block_tables, meta.context_lens, meta.block_size,
-                                out[:nd])
-        main.wait_stream(side)
-        return out
     if nd:
         if meta.use_triton:
             decode_attention_triton(q[:nd], k_flat, v_flat, meta.block_tables, meta.context_lens, meta.block_size,
@@ -115,7 +113,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         else:
             out[:nd] = decode_attention_torch(q[:nd], k_flat, v_flat, meta.block_tables, meta.context_lens,
                                               meta.block_size)
-    if prefill:
+    if side is not None:
+        main.wait_stream(side)
+    elif prefill:
         if meta.use_triton:
             prefill_attention_triton(q, k_flat, v_flat, meta.prefill, meta.block_size, out)
         else:
